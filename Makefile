@@ -1,0 +1,65 @@
+# The mesh's commands. Every target installs what it needs first; nothing is done by hand.
+SHELL := /bin/bash
+PY_SYS ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PROTO_SRC := $(shell find protos -name '*.proto')
+PROTO_OUT := src
+
+.PHONY: up test proto lint bench eval load k8s-check install clean fmt
+
+$(VENV)/bin/python:
+	$(PY_SYS) -m venv $(VENV)
+
+# Pinned Python dependencies plus the project in editable mode; redone when the lock changes.
+.stamp-install: requirements.lock pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+# buf (proto lint) comes from npm, pinned in package.json / package-lock.json.
+.stamp-npm: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+install: .stamp-install
+
+# Generated code lives in src/mesh/{common,file,image,inference,queue}: one package, with .pyi stubs.
+.stamp-proto: .stamp-install $(PROTO_SRC) scripts/gen_protos.py
+	$(PY) scripts/gen_protos.py
+	touch $@
+
+proto: .stamp-proto
+
+up: .stamp-proto
+	$(PY) -m mesh.up
+
+lint: .stamp-proto .stamp-npm
+	node_modules/.bin/buf lint
+	$(PY) -m ruff check src tests scripts bench
+	$(PY) -m ruff format --check src tests scripts bench
+	$(PY) -m mypy
+
+fmt: .stamp-install
+	$(PY) -m ruff format src tests scripts bench
+	$(PY) -m ruff check --fix src tests scripts bench
+
+test: .stamp-proto .stamp-npm
+	$(MAKE) lint
+	$(MAKE) k8s-check
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: .stamp-proto
+	$(PY) -m bench
+
+eval: .stamp-proto
+	$(PY) -m mesh.services.inference.evaluate
+
+load: .stamp-proto
+	$(PY) -m mesh.load
+
+k8s-check: .stamp-install
+	$(PY) -m mesh.k8s_check
+
+clean:
+	rm -rf .stamp-* $(VENV) node_modules src/mesh/common src/mesh/file src/mesh/image src/mesh/inference src/mesh/queue

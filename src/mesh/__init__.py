@@ -1,0 +1,1 @@
+"""The image-analysis mesh: shared kit, services and generated protocol code."""
