@@ -1,0 +1,137 @@
+"""PostgreSQL: connection pools, creating the database, migrations, and the health check.
+
+Migrations are plain SQL files named ``NNNN_description.sql`` in a service's ``migrations`` package,
+applied once each, in order, under an advisory lock, and recorded in ``schema_migrations`` per service.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from importlib import resources
+
+import psycopg
+import stamina
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool import AsyncConnectionPool
+
+from mesh.kit.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def create_pool(url: str, *, name: str, min_size: int = 1, max_size: int = 10) -> AsyncConnectionPool:
+    """A pool that validates connections on checkout, so it recovers by itself after PostgreSQL restarts.
+
+    Open it with ``async with pool:`` (or ``await pool.open()``); it does not wait for PostgreSQL.
+    """
+    return AsyncConnectionPool(
+        url,
+        name=name,
+        min_size=min_size,
+        max_size=max_size,
+        open=False,
+        timeout=5.0,
+        check=AsyncConnectionPool.check_connection,
+        kwargs={"autocommit": False},
+    )
+
+
+async def ensure_database(url: str) -> bool:
+    """Create the database named in ``url`` when it does not exist; returns True when it was created."""
+    params = conninfo_to_dict(url)
+    dbname = str(params.get("dbname") or "")
+    if not dbname:
+        return False
+    admin = make_conninfo(url, dbname="postgres")
+    async with await psycopg.AsyncConnection.connect(admin, autocommit=True) as conn:
+        row = await (await conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,))).fetchone()
+        if row is not None:
+            return False
+        try:
+            await conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+        except psycopg.errors.DuplicateDatabase:
+            return False
+    log.info("database created", database=dbname)
+    return True
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One SQL migration file."""
+
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def load_migrations(package: str) -> list[Migration]:
+    """The ``NNNN_*.sql`` files of ``package``, in version order."""
+    found = []
+    for entry in resources.files(package).iterdir():
+        if entry.name.endswith(".sql") and entry.name[:4].isdigit():
+            found.append(Migration(int(entry.name[:4]), entry.name, entry.read_text()))
+    return sorted(found, key=lambda m: m.version)
+
+
+async def migrate(url: str, component: str, package: str) -> list[str]:
+    """Apply ``package``'s pending migrations for ``component``; returns the names applied."""
+    migrations = load_migrations(package)
+    lock_key = int.from_bytes(
+        hashlib.sha256(f"mesh-migrate:{component}".encode()).digest()[:8], "big", signed=True
+    )
+    applied: list[str] = []
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await conn.execute("SELECT pg_advisory_lock(%s)", (lock_key,))
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " component text NOT NULL, version integer NOT NULL, name text NOT NULL,"
+                " checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now(),"
+                " PRIMARY KEY (component, version))"
+            )
+            rows = await (
+                await conn.execute("SELECT version FROM schema_migrations WHERE component = %s", (component,))
+            ).fetchall()
+            done = {r[0] for r in rows}
+            for migration in migrations:
+                if migration.version in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(migration.sql.encode())
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (component, version, name, checksum) VALUES (%s, %s, %s, %s)",
+                        (component, migration.version, migration.name, migration.checksum),
+                    )
+                applied.append(migration.name)
+                log.info("migration applied", component=component, migration=migration.name)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(%s)", (lock_key,))
+    return applied
+
+
+async def prepare_database(url: str, component: str, package: str, *, timeout: float = 60.0) -> None:
+    """Create the database if absent and migrate, retrying while PostgreSQL is starting."""
+    async for attempt in stamina.retry_context(on=psycopg.OperationalError, timeout=timeout, attempts=None):
+        with attempt:
+            await ensure_database(url)
+            await migrate(url, component, package)
+
+
+@dataclass
+class PostgresCheck:
+    """PostgreSQL answers a query through the service's own pool."""
+
+    pool: AsyncConnectionPool
+    name: str = "postgresql"
+
+    async def check(self) -> str:
+        async with self.pool.connection(timeout=2.0) as conn:
+            await conn.execute("SELECT 1")
+        stats = self.pool.get_stats()
+        return f"pool {stats.get('pool_size', 0)} connections"

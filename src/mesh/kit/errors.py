@@ -1,0 +1,354 @@
+"""One error type for the whole mesh, carrying its gRPC status, and one mapping to HTTP.
+
+Domain code raises a :class:`MeshError` subclass; the server interceptor turns it into a gRPC status with
+``google.rpc`` rich details (ErrorInfo, BadRequest, RetryInfo); clients turn an ``AioRpcError`` back into
+the same type with :func:`from_rpc_error`; the gateway maps it to HTTP with :func:`http_status`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, ClassVar, TypeAlias
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from mesh.common.v1 import errors_pb2
+
+ErrorCategory: TypeAlias = errors_pb2.ErrorCategory.ValueType
+DOMAIN = "mesh"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+# Reasons that pick a more precise HTTP status than the gRPC code alone.
+REASON_UNSUPPORTED_MEDIA_TYPE = "UNSUPPORTED_MEDIA_TYPE"
+REASON_PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """A bad field of a request: which one, and what to fix."""
+
+    field: str
+    description: str
+
+
+class MeshError(Exception):
+    """Base of every expected error; carries its gRPC status code and error category."""
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    default_category: ClassVar[ErrorCategory] = errors_pb2.ERROR_CATEGORY_SYSTEM
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str = "",
+        category: ErrorCategory | None = None,
+        field_violations: Sequence[FieldViolation] = (),
+        metadata: Mapping[str, str] | None = None,
+        retry_after_seconds: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.code.name
+        self.category: ErrorCategory = self.default_category if category is None else category
+        self.field_violations = tuple(field_violations)
+        self.metadata = dict(metadata or {})
+        self.retry_after_seconds = retry_after_seconds
+
+    def to_status(self) -> status_pb2.Status:
+        """The ``google.rpc.Status`` with ErrorInfo and, where known, BadRequest and RetryInfo."""
+        info = error_details_pb2.ErrorInfo(
+            reason=self.reason,
+            domain=DOMAIN,
+            metadata={
+                "category": errors_pb2.ErrorCategory.Name(self.category),
+                **self.metadata,
+            },
+        )
+        details = [_pack(info)]
+        if self.field_violations:
+            bad = error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                    for v in self.field_violations
+                ]
+            )
+            details.append(_pack(bad))
+        if self.retry_after_seconds is not None:
+            delay = duration_pb2.Duration()
+            delay.FromTimedelta(timedelta(seconds=self.retry_after_seconds))
+            details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+        return status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
+
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        """Trailing metadata that carries the rich status to gRPC clients."""
+        return ((STATUS_DETAILS_KEY, self.to_status().SerializeToString()),)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r}, reason={self.reason!r})"
+
+
+class InvalidArgument(MeshError):
+    """The request is malformed; it can never succeed as given."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    default_category = errors_pb2.ERROR_CATEGORY_PERMANENT
+
+
+class InvalidData(InvalidArgument):
+    """The data (an image) is unusable: undecodable, truncated, of an absurd shape."""
+
+    default_category = errors_pb2.ERROR_CATEGORY_DATA
+
+
+class UnsupportedMediaType(InvalidArgument):
+    """The bytes are not an image type the mesh accepts (HTTP 415)."""
+
+    default_category = errors_pb2.ERROR_CATEGORY_DATA
+
+    def __init__(self, message: str, **kwargs: object) -> None:
+        kwargs.setdefault("reason", REASON_UNSUPPORTED_MEDIA_TYPE)
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+
+
+class NotFound(MeshError):
+    """The named entity does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    default_category = errors_pb2.ERROR_CATEGORY_PERMANENT
+
+
+class AlreadyExists(MeshError):
+    """The entity exists already."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+    default_category = errors_pb2.ERROR_CATEGORY_PERMANENT
+
+
+class FailedPrecondition(MeshError):
+    """The system is not in a state that allows the operation (e.g. cancel of a finished job)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_category = errors_pb2.ERROR_CATEGORY_PERMANENT
+
+
+class Aborted(MeshError):
+    """A concurrency conflict; the caller may retry the whole operation."""
+
+    code = grpc.StatusCode.ABORTED
+    default_category = errors_pb2.ERROR_CATEGORY_TRANSIENT
+
+
+class ResourceExhausted(MeshError):
+    """A limit was hit: a rate limit, a queue bound, GPU memory."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_category = errors_pb2.ERROR_CATEGORY_TRANSIENT
+
+
+class PayloadTooLarge(ResourceExhausted):
+    """The payload exceeds a size or pixel limit (HTTP 413); sending it again will not help."""
+
+    default_category = errors_pb2.ERROR_CATEGORY_PERMANENT
+
+    def __init__(self, message: str, **kwargs: object) -> None:
+        kwargs.setdefault("reason", REASON_PAYLOAD_TOO_LARGE)
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+
+
+class Unauthenticated(MeshError):
+    """No valid credentials."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_category = errors_pb2.ERROR_CATEGORY_PERMANENT
+
+
+class PermissionDenied(MeshError):
+    """Credentials are valid but not allowed to do this."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    default_category = errors_pb2.ERROR_CATEGORY_PERMANENT
+
+
+class Unimplemented(MeshError):
+    """The operation is not offered by this server."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    default_category = errors_pb2.ERROR_CATEGORY_PERMANENT
+
+
+class Unavailable(MeshError):
+    """A dependency is down or the service is draining; retrying later may succeed."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    default_category = errors_pb2.ERROR_CATEGORY_TRANSIENT
+
+
+class DeadlineExceeded(MeshError):
+    """The call ran out of time."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_category = errors_pb2.ERROR_CATEGORY_TRANSIENT
+
+
+class Cancelled(MeshError):
+    """The caller went away or cancelled."""
+
+    code = grpc.StatusCode.CANCELLED
+    default_category = errors_pb2.ERROR_CATEGORY_TRANSIENT
+
+
+class Internal(MeshError):
+    """A bug or an unexpected failure of the mesh itself."""
+
+    code = grpc.StatusCode.INTERNAL
+    default_category = errors_pb2.ERROR_CATEGORY_SYSTEM
+
+
+_BY_CODE: dict[grpc.StatusCode, type[MeshError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        Aborted,
+        ResourceExhausted,
+        Unauthenticated,
+        PermissionDenied,
+        Unimplemented,
+        Unavailable,
+        DeadlineExceeded,
+        Cancelled,
+        Internal,
+    )
+}
+
+_HTTP_BY_CODE: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.FAILED_PRECONDITION: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+_HTTP_BY_REASON: dict[str, int] = {
+    REASON_UNSUPPORTED_MEDIA_TYPE: 415,
+    REASON_PAYLOAD_TOO_LARGE: 413,
+}
+
+
+def http_status(error: MeshError) -> int:
+    """The HTTP status for an error: the reason decides where it is more precise than the code."""
+    return _HTTP_BY_REASON.get(error.reason, _HTTP_BY_CODE.get(error.code, 500))
+
+
+def error_body(error: MeshError) -> dict[str, object]:
+    """The REST error body of the contract: ``{"error": {"code", "message", "details"}}``."""
+    details: list[dict[str, object]] = [
+        {
+            "type": "ErrorInfo",
+            "reason": error.reason,
+            "domain": DOMAIN,
+            "category": errors_pb2.ErrorCategory.Name(error.category).removeprefix("ERROR_CATEGORY_"),
+            "metadata": error.metadata,
+        }
+    ]
+    if error.field_violations:
+        details.append(
+            {
+                "type": "BadRequest",
+                "field_violations": [
+                    {"field": v.field, "description": v.description} for v in error.field_violations
+                ],
+            }
+        )
+    if error.retry_after_seconds is not None:
+        details.append({"type": "RetryInfo", "retry_delay_seconds": error.retry_after_seconds})
+    return {"error": {"code": error.code.name, "message": error.message, "details": details}}
+
+
+def from_status(status: status_pb2.Status) -> MeshError:
+    """Rebuild a :class:`MeshError` from a ``google.rpc.Status`` (for example a stream item's error)."""
+    code = _code_from_int(status.code)
+    cls = _BY_CODE.get(code, Internal)
+    reason = ""
+    category: ErrorCategory | None = None
+    metadata: dict[str, str] = {}
+    violations: list[FieldViolation] = []
+    retry_after: float | None = None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+            metadata = {k: v for k, v in info.metadata.items() if k != "category"}
+            if "category" in info.metadata:
+                category = errors_pb2.ErrorCategory.Value(info.metadata["category"])
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations = [FieldViolation(v.field, v.description) for v in bad.field_violations]
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_after = retry.retry_delay.ToTimedelta().total_seconds()
+    error = cls(
+        status.message,
+        reason=reason,
+        category=category,
+        field_violations=violations,
+        metadata=metadata,
+        retry_after_seconds=retry_after,
+    )
+    return error
+
+
+def from_rpc_error(error: grpc.RpcError) -> MeshError:
+    """Turn a failed call's status (with rich details when the server sent them) into a MeshError."""
+    call: Any = error  # AioRpcError and the sync Call both have code(), details(), trailing_metadata()
+    code: grpc.StatusCode = call.code()
+    message: str = call.details() or code.name
+    trailing: Sequence[tuple[str, str | bytes]] = tuple(call.trailing_metadata() or ())
+    for key, value in trailing:
+        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            if status.code == code.value[0]:
+                return from_status(status)
+    return _BY_CODE.get(code, Internal)(message)
+
+
+def to_status_code(status: status_pb2.Status) -> grpc.StatusCode:
+    """The grpc.StatusCode of a google.rpc.Status."""
+    return _code_from_int(status.code)
+
+
+def _code_from_int(value: int) -> grpc.StatusCode:
+    for code in grpc.StatusCode:
+        if code.value[0] == value:
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+def internal_status(message: str) -> status_pb2.Status:
+    """A plain INTERNAL status for unexpected failures."""
+    return status_pb2.Status(code=code_pb2.INTERNAL, message=message)
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed

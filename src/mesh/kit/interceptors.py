@@ -1,0 +1,149 @@
+"""The server interceptor every service uses: RED metrics per RPC and the one error-to-status mapping.
+
+Servicers raise :class:`~mesh.kit.errors.MeshError`; here it becomes a gRPC status with rich details.
+Anything else is logged with its traceback and answered INTERNAL without leaking internals.
+Servicer streaming methods must be async generators (they ``yield`` responses).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from prometheus_client import Counter, Histogram
+
+from mesh.kit.errors import Internal, MeshError
+from mesh.kit.logging import get_logger
+
+log = get_logger(__name__)
+
+RPC_STARTED = Counter(
+    "grpc_server_started_total", "RPCs started on the server.", ["grpc_service", "grpc_method", "grpc_type"]
+)
+RPC_HANDLED = Counter(
+    "grpc_server_handled_total",
+    "RPCs completed on the server, by status code.",
+    ["grpc_service", "grpc_method", "grpc_type", "grpc_code"],
+)
+RPC_SECONDS = Histogram(
+    "grpc_server_handling_seconds",
+    "Time to complete an RPC on the server.",
+    ["grpc_service", "grpc_method", "grpc_type"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+_HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """RED metrics and MeshError -> status for every handler kind."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method.startswith(_HEALTH_PREFIX):
+            return handler
+        service, _, name = method.lstrip("/").rpartition("/")
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, service, name, "unary"),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary, service, name, "client_stream"),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, service, name, "server_stream"),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap_stream(handler.stream_stream, service, name, "bidi_stream"),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _wrap_unary(behavior: Any, service: str, method: str, kind: str) -> Any:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        started = _start(service, method, kind)
+        try:
+            response = await behavior(request, context)
+        except BaseException as exc:
+            await _fail(exc, context, service, method, kind, started)
+            raise
+        _finish(context, service, method, kind, started)
+        return response
+
+    return wrapper
+
+
+def _wrap_stream(behavior: Any, service: str, method: str, kind: str) -> Any:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        started = _start(service, method, kind)
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except BaseException as exc:
+            await _fail(exc, context, service, method, kind, started)
+            raise
+        _finish(context, service, method, kind, started)
+
+    return wrapper
+
+
+def _start(service: str, method: str, kind: str) -> float:
+    RPC_STARTED.labels(service, method, kind).inc()
+    return time.perf_counter()
+
+
+def _finish(
+    context: grpc.aio.ServicerContext[Any, Any], service: str, method: str, kind: str, started: float
+) -> None:
+    code = context.code() or grpc.StatusCode.OK
+    name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+    RPC_HANDLED.labels(service, method, kind, name).inc()
+    RPC_SECONDS.labels(service, method, kind).observe(time.perf_counter() - started)
+
+
+async def _fail(
+    exc: BaseException,
+    context: grpc.aio.ServicerContext[Any, Any],
+    service: str,
+    method: str,
+    kind: str,
+    started: float,
+) -> None:
+    """Record the failure and abort with the mapped status (abort raises; the caller re-raises otherwise)."""
+    if isinstance(exc, MeshError):
+        error = exc
+        log.info(
+            "rpc failed",
+            rpc=f"{service}/{method}",
+            code=error.code.name,
+            reason=error.reason,
+            error=str(error),
+        )
+    elif isinstance(exc, grpc.aio.AbortError | GeneratorExit) or not isinstance(exc, Exception):
+        # Already aborted by the servicer, or cancelled: record what the context says.
+        code = context.code() or grpc.StatusCode.CANCELLED
+        RPC_HANDLED.labels(service, method, kind, getattr(code, "name", str(code))).inc()
+        RPC_SECONDS.labels(service, method, kind).observe(time.perf_counter() - started)
+        return
+    else:
+        log.exception("rpc crashed", rpc=f"{service}/{method}")
+        error = Internal(f"internal error in {method}; the server logged the cause")
+    RPC_HANDLED.labels(service, method, kind, error.code.name).inc()
+    RPC_SECONDS.labels(service, method, kind).observe(time.perf_counter() - started)
+    await context.abort(error.code, error.message, trailing_metadata=error.trailing_metadata())

@@ -1,0 +1,78 @@
+"""One logging setup: structlog JSON lines carrying the current ``trace_id`` and ``span_id``.
+
+Standard-library loggers (grpc, uvicorn, aio-pika, psycopg) are routed through the same processors, so
+every line a process writes has the same shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+from opentelemetry import trace
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def add_trace_context(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    """Add the active span's W3C ids (hex) so log lines join their trace."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event.setdefault("trace_id", format(context.trace_id, "032x"))
+        event.setdefault("span_id", format(context.span_id, "016x"))
+    return event
+
+
+def configure_logging(service: str, *, level: str = "info", fmt: str = "json") -> None:
+    """Configure structlog and the standard library for this process; call once at start."""
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        add_trace_context,
+        _add_service(service),
+        structlog.processors.StackInfoRenderer(),
+    ]
+    renderer: Processor
+    if fmt == "console":
+        renderer = structlog.dev.ConsoleRenderer()
+    else:
+        renderer = structlog.processors.JSONRenderer()
+        shared.append(structlog.processors.format_exc_info)
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(_LEVELS.get(level, logging.INFO))
+    # Chatty libraries stay at warning unless we debug.
+    for name in ("aiormq", "aio_pika", "pika", "psycopg.pool", "uvicorn.access", "httpx"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+
+
+def _add_service(service: str) -> Processor:
+    def processor(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+        event.setdefault("service", service)
+        return event
+
+    return processor
+
+
+def get_logger(name: str, **initial: Any) -> structlog.stdlib.BoundLogger:
+    """A bound logger for a module."""
+    logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(name, **initial)
+    return logger

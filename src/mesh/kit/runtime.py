@@ -1,0 +1,178 @@
+"""The one server bootstrap: gRPC server, health, reflection, metrics/health HTTP port, graceful drain.
+
+Usage, in a service's ``__main__``::
+
+    runtime = ServiceRuntime("file", settings, service_names=[...], checks=[...])
+    add_FileServiceServicer_to_server(servicer, runtime.server)
+    await runtime.run()          # returns after SIGTERM/SIGINT and a graceful drain
+
+On SIGTERM: every health name goes NOT_SERVING (so load balancers stop sending), ``stopping`` is set (so
+workers stop taking jobs), in-flight RPCs get ``grace_seconds`` to finish, then the server stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+import grpc
+import uvicorn
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import make_asgi_app
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Mount, Route
+
+from mesh.kit import tracing
+from mesh.kit.health import DependencyCheck, HealthMonitor
+from mesh.kit.interceptors import ServerInterceptor
+from mesh.kit.logging import configure_logging, get_logger
+from mesh.kit.settings import ServerSettings
+from mesh.kit.tls import server_credentials
+
+log = get_logger(__name__)
+
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.max_connection_age_grace_ms", 30_000),
+]
+
+
+def message_limit_options(max_bytes: int) -> list[tuple[str, int]]:
+    """Receive and send limits large enough for 4K frames."""
+    return [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)]
+
+
+def configure_observability(service: str, settings: ServerSettings | None = None) -> None:
+    """Logging and tracing for a process; call once at start, before anything logs."""
+    level = settings.log_level if settings else "info"
+    fmt = settings.log_format if settings else "json"
+    configure_logging(service, level=level, fmt=fmt)
+    tracing.configure_tracing(service)
+
+
+class ServiceRuntime:
+    """A gRPC service process: server, health monitor, HTTP port and signal-driven drain."""
+
+    def __init__(
+        self,
+        name: str,
+        settings: ServerSettings,
+        *,
+        service_names: Sequence[str],
+        checks: Sequence[DependencyCheck] = (),
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),  # type: ignore[type-arg]
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.stopping = asyncio.Event()
+        self.health = health_aio.HealthServicer()
+        self.server = grpc.aio.server(
+            interceptors=[tracing.server_interceptor(), ServerInterceptor(), *interceptors],
+            options=[*message_limit_options(settings.max_message_bytes), *KEEPALIVE_OPTIONS],
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._service_names = list(service_names)
+        self.monitor = HealthMonitor(
+            self.health,
+            self._service_names,
+            checks,
+            interval=settings.health_interval_seconds,
+            timeout=settings.health_timeout_seconds,
+        )
+        self._background: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self.grpc_port = 0
+        self.http_port = 0
+
+    def add_background(self, task: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run ``task`` while serving; it should watch ``stopping`` and return, or it is cancelled."""
+        self._background.append(task)
+
+    def _bind(self) -> int:
+        address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
+        credentials = server_credentials(self.settings)
+        if credentials is None:
+            return self.server.add_insecure_port(address)
+        return self.server.add_secure_port(address, credentials)
+
+    def http_app(self) -> Starlette:
+        """/metrics (Prometheus) and /healthz (dependency results, 503 when not serving)."""
+
+        async def healthz(_: Request) -> JSONResponse:
+            body = {
+                "service": self.name,
+                "status": "SERVING" if self.monitor.serving and not self.stopping.is_set() else "NOT_SERVING",
+                "checks": [r.as_dict() for r in self.monitor.results],
+            }
+            return JSONResponse(body, status_code=200 if body["status"] == "SERVING" else 503)
+
+        return Starlette(routes=[Route("/healthz", healthz), Mount("/metrics", app=make_asgi_app())])
+
+    async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT, then drain and stop."""
+        names = [
+            *self._service_names,
+            reflection.SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        ]
+        reflection.enable_server_reflection(names, self.server)
+        for name in ["", *self._service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.grpc_port = self._bind()
+        await self.server.start()
+        http = uvicorn.Server(
+            uvicorn.Config(
+                self.http_app(),
+                host=self.settings.http_host,
+                port=self.settings.http_port,
+                log_config=None,
+                access_log=False,
+                lifespan="off",
+            )
+        )
+        http_task = asyncio.create_task(http.serve(), name="http")
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        monitor_task = asyncio.create_task(self.monitor.run(), name="health-monitor")
+        await self.monitor.check_now()
+        tasks = [
+            asyncio.create_task(task(), name=f"background-{i}") for i, task in enumerate(self._background)
+        ]
+        log.info(
+            "service started",
+            grpc_port=self.grpc_port,
+            http_port=self.settings.http_port,
+            serving=self.monitor.serving,
+        )
+        await self.stopping.wait()
+        log.info("draining", grace_seconds=self.settings.grace_seconds)
+        monitor_task.cancel()
+        await self.health.enter_graceful_shutdown()
+        await _finish(tasks, self.settings.grace_seconds)
+        await self.server.stop(self.settings.grace_seconds)
+        http.should_exit = True
+        await _finish([http_task, monitor_task], 5)
+        tracing.shutdown_tracing()
+        log.info("stopped")
+
+
+async def _finish(tasks: Sequence[asyncio.Task[None]], timeout: float) -> None:
+    """Wait for tasks to end by themselves, cancel what is left."""
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    for task in pending:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task

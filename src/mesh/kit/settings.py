@@ -1,0 +1,115 @@
+"""Settings from the environment: one pattern for every process.
+
+Each process has a frozen settings class derived from :class:`CommonSettings`; every field is read from
+``MESH_<FIELD>`` (upper case). :func:`load_settings` validates at start and exits with a message naming the
+bad variable, instead of failing later with a stack trace.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "MESH_"
+
+
+class CommonSettings(BaseSettings):
+    """Settings every process understands."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+
+    database_url: str = "postgresql://localhost/mesh"
+    """PostgreSQL connection URL; the database is created on first start when absent."""
+
+    amqp_url: str = "amqp://guest:guest@localhost:5672/%2F"
+    """RabbitMQ connection URL."""
+
+    blob_dir: Path = Path("var/blobs")
+    """Root of the content-addressed blob store (files named by SHA-256)."""
+
+    device: Literal["auto", "gpu", "cpu"] = "auto"
+    """Compute backend: ``auto`` uses the GPU when CuPy sees one, else the CPU."""
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Minimum level of log lines."""
+
+    log_format: Literal["json", "console"] = "json"
+    """``json`` lines for machines, ``console`` for people at a terminal."""
+
+    file_service_address: str = "localhost:50051"
+    """host:port of the file service."""
+
+    image_service_address: str = "localhost:50052"
+    """host:port of the image processing service."""
+
+    inference_service_address: str = "localhost:50053"
+    """host:port of the inference service."""
+
+    queue_service_address: str = "localhost:50054"
+    """host:port of the queue service."""
+
+    rpc_timeout_seconds: float = Field(default=30.0, gt=0)
+    """Default deadline of every outgoing unary gRPC call."""
+
+    tls_ca_file: Path | None = None
+    """CA bundle for verifying gRPC peers; setting it turns TLS on for outgoing channels."""
+
+    tls_cert_file: Path | None = None
+    """This process's certificate (server side, and client side for mutual TLS)."""
+
+    tls_key_file: Path | None = None
+    """Private key for ``tls_cert_file``."""
+
+
+class ServerSettings(CommonSettings):
+    """Settings of a process that serves gRPC (every service but the gateway)."""
+
+    grpc_host: str = "0.0.0.0"
+    """Interface the gRPC server binds."""
+
+    grpc_port: int = Field(default=0, ge=0, le=65535)
+    """gRPC port; each service class sets its own default (see CONTRACT.md)."""
+
+    http_host: str = "0.0.0.0"
+    """Interface of the HTTP port that serves /metrics and /healthz."""
+
+    http_port: int = Field(default=0, ge=0, le=65535)
+    """HTTP port for /metrics and /healthz; each service class sets its own default."""
+
+    grace_seconds: float = Field(default=10.0, ge=0)
+    """How long in-flight RPCs may run after SIGTERM before they are cancelled."""
+
+    health_interval_seconds: float = Field(default=2.0, gt=0)
+    """How often dependency checks run."""
+
+    health_timeout_seconds: float = Field(default=2.0, gt=0)
+    """How long one dependency check may take before it counts as failed."""
+
+    max_message_bytes: int = Field(default=96 * 1024 * 1024, ge=64 * 1024 * 1024)
+    """gRPC receive/send limit; at least 64 MiB so that a 4K RGBA frame fits."""
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """One line per bad variable, naming the environment variable and what is wrong."""
+    lines = ["invalid settings:"]
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else "?"
+        value = item.get("input")
+        lines.append(f"  {ENV_PREFIX}{field.upper()}={value!r}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(cls: type[SettingsT]) -> SettingsT:
+    """Read and validate ``cls`` from the environment, or exit with status 2 naming each bad variable."""
+    try:
+        return cls()
+    except ValidationError as error:
+        print(format_validation_error(error), file=sys.stderr)
+        raise SystemExit(2) from None
