@@ -32,7 +32,7 @@ install: .stamp-install
 proto: .stamp-proto
 
 up: .stamp-proto
-	$(PY) -m mesh.up
+	$(PY) -m mesh.tools.up
 
 lint: .stamp-proto .stamp-npm
 	node_modules/.bin/buf lint
@@ -56,10 +56,10 @@ eval: .stamp-proto
 	$(PY) -m mesh.services.inference.evaluate
 
 load: .stamp-proto
-	$(PY) -m mesh.load
+	$(PY) -m mesh.tools.load
 
 k8s-check: .stamp-install
-	$(PY) -m mesh.k8s_check
+	$(PY) -m mesh.tools.k8s_check
 
 clean:
 	rm -rf .stamp-* $(VENV) node_modules src/mesh/common src/mesh/file src/mesh/image src/mesh/inference src/mesh/queue

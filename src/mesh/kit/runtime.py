@@ -75,6 +75,7 @@ class ServiceRuntime:
         self.name = name
         self.settings = settings
         self.stopping = asyncio.Event()
+        self.started = asyncio.Event()
         self.health = health_aio.HealthServicer()
         self.server = grpc.aio.server(
             interceptors=[tracing.server_interceptor(), ServerInterceptor(), *interceptors],
@@ -140,6 +141,12 @@ class ServiceRuntime:
             )
         )
         http_task = asyncio.create_task(http.serve(), name="http")
+        while not http.started and not http_task.done():
+            await asyncio.sleep(0.01)
+        if http_task.done():
+            await http_task  # raises the bind error
+            raise RuntimeError(f"HTTP port {self.settings.http_port} could not be served")
+        self.http_port = http.servers[0].sockets[0].getsockname()[1]
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
@@ -151,9 +158,10 @@ class ServiceRuntime:
         log.info(
             "service started",
             grpc_port=self.grpc_port,
-            http_port=self.settings.http_port,
+            http_port=self.http_port,
             serving=self.monitor.serving,
         )
+        self.started.set()
         await self.stopping.wait()
         log.info("draining", grace_seconds=self.settings.grace_seconds)
         monitor_task.cancel()

@@ -1,0 +1,1 @@
+"""Performance benchmarks (`make bench`): one module per area, each printing one JSON object per benchmark."""

@@ -1,0 +1,1 @@
+"""Operator tools: the local supervisor, manifest checks, load generation."""

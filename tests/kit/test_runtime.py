@@ -1,0 +1,159 @@
+"""The server bootstrap: health, reflection, error mapping, metrics and graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mesh.kit import errors
+from mesh.kit.channels import open_channel
+from mesh.kit.runtime import ServiceRuntime
+from mesh.kit.settings import ServerSettings
+
+SERVICE = "test.v1.EchoService"
+
+
+@dataclass
+class SwitchCheck:
+    """A dependency check the test turns on and off."""
+
+    up: bool = True
+    name: str = "switch"
+
+    async def check(self) -> str:
+        if not self.up:
+            raise ConnectionError("switch is off")
+        return "on"
+
+
+async def _echo(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    if request == b"bad":
+        raise errors.InvalidArgument(
+            "payload is bad", field_violations=[errors.FieldViolation("payload", "must not be 'bad'")]
+        )
+    if request == b"crash":
+        raise RuntimeError("secret internals")
+    if request == b"slow":
+        await asyncio.sleep(0.5)
+    return request
+
+
+async def _stream(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+    for i in range(3):
+        yield request + bytes([i])
+    raise errors.NotFound("no more")
+
+
+def _identity(x: bytes) -> bytes:
+    return x
+
+
+@pytest.fixture
+async def runtime() -> AsyncIterator[tuple[ServiceRuntime, SwitchCheck, asyncio.Task[None]]]:
+    settings = ServerSettings(grpc_port=0, http_port=0, grace_seconds=2, health_interval_seconds=0.05)
+    switch = SwitchCheck()
+    rt = ServiceRuntime("echo", settings, service_names=[SERVICE], checks=[switch])
+    handlers = {
+        "Echo": grpc.unary_unary_rpc_method_handler(_echo, _identity, _identity),
+        "Stream": grpc.unary_stream_rpc_method_handler(_stream, _identity, _identity),
+    }
+    rt.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
+    task = asyncio.create_task(rt.run())
+    await asyncio.wait_for(rt.started.wait(), 10)
+    yield rt, switch, task
+    rt.stopping.set()
+    await asyncio.wait_for(task, 10)
+
+
+async def _health(port: int, service: str) -> int:
+    async with grpc.aio.insecure_channel(f"localhost:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        response = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+        return int(response.status)
+
+
+async def test_health_follows_dependency_checks(runtime: Any) -> None:
+    """A failing dependency turns every service name NOT_SERVING; recovery turns it back, no restart."""
+    rt, switch, _ = runtime
+    assert await _health(rt.grpc_port, SERVICE) == health_pb2.HealthCheckResponse.SERVING
+    switch.up = False
+    await asyncio.sleep(0.2)
+    assert await _health(rt.grpc_port, SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert await _health(rt.grpc_port, "") == health_pb2.HealthCheckResponse.NOT_SERVING
+    switch.up = True
+    await asyncio.sleep(0.2)
+    assert await _health(rt.grpc_port, SERVICE) == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_mesh_error_becomes_rich_status(runtime: Any) -> None:
+    """A MeshError reaches the client with its code, message and field violations."""
+    rt, _, _ = runtime
+    channel = open_channel(f"localhost:{rt.grpc_port}", ServerSettings(), service=SERVICE)
+    call = channel.unary_unary(f"/{SERVICE}/Echo")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call(b"bad")
+    error = errors.from_rpc_error(info.value)
+    assert isinstance(error, errors.InvalidArgument)
+    assert error.message == "payload is bad"
+    assert error.field_violations == (errors.FieldViolation("payload", "must not be 'bad'"),)
+    assert errors.http_status(error) == 400
+    await channel.close()
+
+
+async def test_unexpected_exception_is_internal_without_internals(runtime: Any) -> None:
+    """A crash answers INTERNAL and does not leak the exception text."""
+    rt, _, _ = runtime
+    async with grpc.aio.insecure_channel(f"localhost:{rt.grpc_port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await channel.unary_unary(f"/{SERVICE}/Echo")(b"crash")
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert "secret" not in (info.value.details() or "")
+
+
+async def test_stream_error_after_items(runtime: Any) -> None:
+    """A server stream delivers its items, then the mapped error."""
+    rt, _, _ = runtime
+    async with grpc.aio.insecure_channel(f"localhost:{rt.grpc_port}") as channel:
+        call = channel.unary_stream(f"/{SERVICE}/Stream")(b"x")
+        items = []
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for item in call:
+                items.append(item)
+    assert items == [b"x\x00", b"x\x01", b"x\x02"]
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_metrics_and_healthz_on_http_port(runtime: Any) -> None:
+    """The HTTP port serves Prometheus metrics with per-RPC counts and a JSON /healthz."""
+    rt, _, _ = runtime
+    async with grpc.aio.insecure_channel(f"localhost:{rt.grpc_port}") as channel:
+        await channel.unary_unary(f"/{SERVICE}/Echo")(b"ok")
+    port = _http_port(rt)
+    async with httpx.AsyncClient(base_url=f"http://localhost:{port}") as client:
+        metrics = (await client.get("/metrics/")).text
+        health = await client.get("/healthz")
+    assert 'grpc_server_handled_total{grpc_code="OK",grpc_method="Echo"' in metrics
+    assert health.status_code == 200
+    assert health.json()["checks"][0]["name"] == "switch"
+
+
+async def test_sigterm_drains_in_flight_calls(runtime: Any) -> None:
+    """Stopping lets an in-flight call finish and turns health NOT_SERVING first."""
+    rt, _, task = runtime
+    async with grpc.aio.insecure_channel(f"localhost:{rt.grpc_port}") as channel:
+        slow = asyncio.ensure_future(channel.unary_unary(f"/{SERVICE}/Echo")(b"slow"))
+        await asyncio.sleep(0.1)
+        rt.stopping.set()
+        assert await slow == b"slow"
+    await asyncio.wait_for(task, 10)
+
+
+def _http_port(rt: ServiceRuntime) -> int:
+    return rt.http_port
