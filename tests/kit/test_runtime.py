@@ -96,7 +96,7 @@ async def test_mesh_error_becomes_rich_status(runtime: Any) -> None:
     """A MeshError reaches the client with its code, message and field violations."""
     rt, _, _ = runtime
     channel = open_channel(f"localhost:{rt.grpc_port}", ServerSettings(), service=SERVICE)
-    call = channel.unary_unary(f"/{SERVICE}/Echo")
+    call = channel.unary_unary(f"/{SERVICE}/Echo", None, None)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call(b"bad")
     error = errors.from_rpc_error(info.value)
@@ -104,7 +104,7 @@ async def test_mesh_error_becomes_rich_status(runtime: Any) -> None:
     assert error.message == "payload is bad"
     assert error.field_violations == (errors.FieldViolation("payload", "must not be 'bad'"),)
     assert errors.http_status(error) == 400
-    await channel.close()
+    await channel.close(None)
 
 
 async def test_unexpected_exception_is_internal_without_internals(runtime: Any) -> None:
@@ -112,7 +112,7 @@ async def test_unexpected_exception_is_internal_without_internals(runtime: Any) 
     rt, _, _ = runtime
     async with grpc.aio.insecure_channel(f"localhost:{rt.grpc_port}") as channel:
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await channel.unary_unary(f"/{SERVICE}/Echo")(b"crash")
+            await channel.unary_unary(f"/{SERVICE}/Echo", None, None)(b"crash")
     assert info.value.code() == grpc.StatusCode.INTERNAL
     assert "secret" not in (info.value.details() or "")
 
@@ -121,7 +121,7 @@ async def test_stream_error_after_items(runtime: Any) -> None:
     """A server stream delivers its items, then the mapped error."""
     rt, _, _ = runtime
     async with grpc.aio.insecure_channel(f"localhost:{rt.grpc_port}") as channel:
-        call = channel.unary_stream(f"/{SERVICE}/Stream")(b"x")
+        call = channel.unary_stream(f"/{SERVICE}/Stream", None, None)(b"x")
         items = []
         with pytest.raises(grpc.aio.AioRpcError) as info:
             async for item in call:
@@ -134,7 +134,7 @@ async def test_metrics_and_healthz_on_http_port(runtime: Any) -> None:
     """The HTTP port serves Prometheus metrics with per-RPC counts and a JSON /healthz."""
     rt, _, _ = runtime
     async with grpc.aio.insecure_channel(f"localhost:{rt.grpc_port}") as channel:
-        await channel.unary_unary(f"/{SERVICE}/Echo")(b"ok")
+        await channel.unary_unary(f"/{SERVICE}/Echo", None, None)(b"ok")
     port = _http_port(rt)
     async with httpx.AsyncClient(base_url=f"http://localhost:{port}") as client:
         metrics = (await client.get("/metrics/")).text
@@ -148,7 +148,7 @@ async def test_sigterm_drains_in_flight_calls(runtime: Any) -> None:
     """Stopping lets an in-flight call finish and turns health NOT_SERVING first."""
     rt, _, task = runtime
     async with grpc.aio.insecure_channel(f"localhost:{rt.grpc_port}") as channel:
-        slow = asyncio.ensure_future(channel.unary_unary(f"/{SERVICE}/Echo")(b"slow"))
+        slow = asyncio.ensure_future(channel.unary_unary(f"/{SERVICE}/Echo", None, None)(b"slow"))
         await asyncio.sleep(0.1)
         rt.stopping.set()
         assert await slow == b"slow"
