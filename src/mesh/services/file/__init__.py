@@ -1,0 +1,1 @@
+"""File service: validated uploads, a content-addressed blob store, metadata in PostgreSQL."""

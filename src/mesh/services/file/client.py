@@ -1,0 +1,109 @@
+"""A typed client of the file service for other services (workers, gateway, image and inference).
+
+Errors come back as :class:`~mesh.kit.errors.MeshError` subclasses, never as raw ``AioRpcError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+
+import grpc
+
+from mesh.file.v1 import file_service_pb2, file_service_pb2_grpc
+from mesh.kit import errors
+from mesh.kit.channels import open_channel
+from mesh.kit.settings import CommonSettings
+
+SERVICE_NAME = "mesh.file.v1.FileService"
+UPLOAD_CHUNK_BYTES = 1024 * 1024
+
+
+class FileClient:
+    """Upload, download and look up images in the file service."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._channel = channel
+        self._stub = file_service_pb2_grpc.FileServiceStub(channel)
+
+    @classmethod
+    def connect(cls, settings: CommonSettings) -> FileClient:
+        """A client on a new channel to ``settings.file_service_address``."""
+        channel = open_channel(
+            settings.file_service_address,
+            settings,
+            service=SERVICE_NAME,
+            streaming_methods=("UploadImage", "DownloadImage"),
+        )
+        return cls(channel)
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self._channel.close(None)
+
+    async def upload(
+        self,
+        data: bytes,
+        *,
+        filename: str,
+        content_type: str = "",
+        labels: Mapping[str, str] | None = None,
+        idempotency_key: str = "",
+        sha256: str = "",
+        timeout: float | None = None,
+    ) -> file_service_pb2.UploadImageResponse:
+        """Upload ``data`` as a client stream of 1 MiB chunks."""
+        metadata = file_service_pb2.UploadMetadata(
+            filename=filename,
+            content_type=content_type,
+            sha256=sha256,
+            labels=dict(labels or {}),
+            idempotency_key=idempotency_key,
+        )
+
+        async def parts() -> AsyncIterator[file_service_pb2.UploadImageRequest]:
+            yield file_service_pb2.UploadImageRequest(metadata=metadata)
+            for start in range(0, len(data), UPLOAD_CHUNK_BYTES):
+                yield file_service_pb2.UploadImageRequest(chunk=data[start : start + UPLOAD_CHUNK_BYTES])
+
+        try:
+            response: file_service_pb2.UploadImageResponse = await self._stub.UploadImage(
+                parts(), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            raise errors.from_rpc_error(error) from None
+        return response
+
+    async def download(
+        self,
+        image_id: str,
+        *,
+        variant: file_service_pb2.ImageVariant.ValueType = file_service_pb2.IMAGE_VARIANT_ORIGINAL,
+        timeout: float | None = None,
+    ) -> tuple[file_service_pb2.Image, str, bytes]:
+        """The image's metadata, the content type of the bytes, and the bytes."""
+        image = file_service_pb2.Image()
+        content_type = ""
+        chunks: list[bytes] = []
+        try:
+            call = self._stub.DownloadImage(
+                file_service_pb2.DownloadImageRequest(image_id=image_id, variant=variant), timeout=timeout
+            )
+            async for part in call:
+                if part.HasField("image"):
+                    image.CopyFrom(part.image)
+                    content_type = part.content_type
+                else:
+                    chunks.append(part.chunk)
+        except grpc.aio.AioRpcError as error:
+            raise errors.from_rpc_error(error) from None
+        return image, content_type, b"".join(chunks)
+
+    async def get(self, image_id: str, *, timeout: float | None = None) -> file_service_pb2.Image:
+        """One image's metadata."""
+        try:
+            response: file_service_pb2.GetImageResponse = await self._stub.GetImage(
+                file_service_pb2.GetImageRequest(image_id=image_id), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            raise errors.from_rpc_error(error) from None
+        return response.image
