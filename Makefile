@@ -22,6 +22,14 @@ $(VENV)/bin/python:
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
+# Headless Chromium for the web page's browser tests, from Debian's packages (Playwright drives it).
+.stamp-chromium:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	  else echo "chromium is missing: install Debian's chromium package (sudo apt-get install chromium)"; exit 1; fi; \
+	fi
+	touch $@
+
 install: .stamp-install
 
 # Generated code lives in src/mesh/{common,file,image,inference,queue}: one package, with .pyi stubs.
@@ -44,7 +52,7 @@ fmt: .stamp-install
 	$(PY) -m ruff format src tests scripts bench
 	$(PY) -m ruff check --fix src tests scripts bench
 
-test: .stamp-proto .stamp-npm
+test: .stamp-proto .stamp-npm .stamp-chromium
 	$(MAKE) lint
 	$(MAKE) k8s-check
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -1,0 +1,192 @@
+"""`make up`: run the whole mesh on localhost in the foreground.
+
+Checks that PostgreSQL and RabbitMQ answer (and says how to start them when they do not), creates the
+database, starts every service, worker and the gateway as child processes, waits until each says it is
+healthy, prints the web page's address, and on Ctrl-C / SIGTERM stops them all gracefully (SIGTERM, the
+drain grace, then SIGKILL for stragglers). If one process dies, the others are stopped too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import httpx
+import psycopg
+from psycopg.conninfo import make_conninfo
+
+from mesh.kit.db import ensure_database
+from mesh.kit.settings import CommonSettings, load_settings
+
+
+@dataclass(frozen=True)
+class Process:
+    """One child process of the local mesh."""
+
+    name: str
+    module: str
+    health_url: str
+
+
+PROCESSES = (
+    Process("file", "mesh.services.file", "http://127.0.0.1:9101/healthz"),
+    Process("image", "mesh.services.image_processing", "http://127.0.0.1:9102/healthz"),
+    Process("inference", "mesh.services.inference", "http://127.0.0.1:9103/healthz"),
+    Process("queue", "mesh.services.queue", "http://127.0.0.1:9104/healthz"),
+    Process("gateway", "mesh.services.gateway", "http://127.0.0.1:8080/healthz"),
+)
+
+HOW_TO_START = {
+    "PostgreSQL": "start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` "
+    "(Debian) or `sudo systemctl start postgresql`, or point MESH_DATABASE_URL at a running server",
+    "RabbitMQ": "start it with `rabbitmq-server -detached` or `sudo systemctl start rabbitmq-server`, "
+    "or point MESH_AMQP_URL at a running broker",
+}
+
+
+def say(message: str) -> None:
+    """A line for the person at the terminal (logs of the services are JSON on stderr)."""
+    print(f"[mesh] {message}", flush=True)
+
+
+def check_postgres(url: str) -> str | None:
+    """None when the server answers, else why not."""
+    try:
+        with psycopg.connect(make_conninfo(url, dbname="postgres"), connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.OperationalError as error:
+        return str(error).strip().splitlines()[0]
+    return None
+
+
+def check_rabbitmq(url: str) -> str | None:
+    """None when the broker's port accepts connections, else why not."""
+    parsed = urlparse(url)
+    host, port = parsed.hostname or "localhost", parsed.port or 5672
+    try:
+        with socket.create_connection((host, port), timeout=3):
+            return None
+    except OSError as error:
+        return f"{host}:{port}: {error}"
+
+
+def available(process: Process) -> bool:
+    """Whether the service's package exists in this checkout."""
+    return importlib.util.find_spec(f"{process.module}.__main__") is not None
+
+
+async def wait_healthy(client: httpx.AsyncClient, process: Process, deadline: float) -> bool:
+    """Poll the process's /healthz until it answers 200 or the deadline passes."""
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if (await client.get(process.health_url, timeout=1.0)).status_code == 200:
+                return True
+        await asyncio.sleep(0.25)
+    return False
+
+
+async def stop_all(children: dict[str, asyncio.subprocess.Process], grace: float) -> None:
+    """SIGTERM every child, wait for the drain, then SIGKILL what is left."""
+    for child in children.values():
+        if child.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signal.SIGTERM)
+    waits = [asyncio.create_task(c.wait()) for c in children.values()]
+    if waits:
+        _, pending = await asyncio.wait(waits, timeout=grace)
+        for name, child in children.items():
+            if child.returncode is None:
+                say(f"{name} did not stop within {grace:g}s; killing it")
+                with contextlib.suppress(ProcessLookupError):
+                    child.kill()
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+
+
+async def run(settings: CommonSettings, startup_timeout: float, grace: float) -> int:
+    for what, problem in (
+        ("PostgreSQL", check_postgres(settings.database_url)),
+        ("RabbitMQ", check_rabbitmq(settings.amqp_url)),
+    ):
+        if problem is not None:
+            say(f"{what} is not reachable ({problem}).")
+            say(f"  -> {HOW_TO_START[what]}.")
+            return 1
+    if await ensure_database(settings.database_url):
+        say(f"created database {urlparse(settings.database_url).path.lstrip('/') or settings.database_url}")
+    settings.blob_dir.mkdir(parents=True, exist_ok=True)
+
+    wanted = [p for p in PROCESSES if available(p)]
+    missing = [p.name for p in PROCESSES if not available(p)]
+    if missing:
+        say(f"not in this checkout, so not started: {', '.join(missing)}")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    children: dict[str, asyncio.subprocess.Process] = {}
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    for process in wanted:
+        # Each child gets its own process group so a terminal's Ctrl-C reaches only the supervisor,
+        # which then stops the children in order with SIGTERM.
+        children[process.name] = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", process.module, env=env, start_new_session=True
+        )
+        say(f"started {process.name} (pid {children[process.name].pid})")
+
+    exit_code = 0
+    async with httpx.AsyncClient() as client:
+        deadline = time.monotonic() + startup_timeout
+        ready = await asyncio.gather(*(wait_healthy(client, p, deadline) for p in wanted))
+    not_ready = [p.name for p, ok in zip(wanted, ready, strict=True) if not ok]
+    if not_ready:
+        say(f"not healthy after {startup_timeout:g}s: {', '.join(not_ready)} (see their logs above)")
+    else:
+        say("every process is healthy")
+    say("web page: http://localhost:8080/   API docs: http://localhost:8080/docs   Ctrl-C stops the mesh")
+
+    died = asyncio.Event()
+    watchers = []
+    for name, child in children.items():
+
+        async def watch(name: str = name, child: asyncio.subprocess.Process = child) -> None:
+            code = await child.wait()
+            if not stopping.is_set():
+                say(f"{name} exited with status {code}; stopping the mesh")
+                died.set()
+
+        watchers.append(asyncio.create_task(watch()))
+    stop_wait = asyncio.create_task(stopping.wait())
+    died_wait = asyncio.create_task(died.wait())
+    await asyncio.wait([stop_wait, died_wait], return_when=asyncio.FIRST_COMPLETED)
+    if died.is_set():
+        exit_code = 1
+    stopping.set()
+    say("stopping every process")
+    await stop_all(children, grace)
+    for task in [*watchers, stop_wait, died_wait]:
+        task.cancel()
+    say("stopped")
+    return exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="make up", description=__doc__)
+    parser.add_argument("--startup-timeout", type=float, default=90.0, help="seconds to wait for health")
+    parser.add_argument("--grace", type=float, default=20.0, help="seconds each process may take to drain")
+    args = parser.parse_args(argv)
+    settings = load_settings(CommonSettings)
+    return asyncio.run(run(settings, args.startup_timeout, args.grace))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""The whole mesh as `make up` runs it: one supervisor process per test module."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import IN_CI
+
+MESH_PORTS = (8080, 50051, 50052, 50053, 50054, 9101, 9102, 9103, 9104)
+GATEWAY = "http://127.0.0.1:8080"
+
+
+@dataclass
+class Mesh:
+    """A running mesh started by `python -m mesh.tools.up`."""
+
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    env: dict[str, str]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def children(self) -> list[psutil.Process]:
+        return [p for p in psutil.process_iter(["cmdline"]) if _is_mesh_child(p)]
+
+
+def _is_mesh_child(process: psutil.Process) -> bool:
+    try:
+        cmdline = process.info["cmdline"] or []
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return len(cmdline) >= 3 and cmdline[1] == "-m" and cmdline[2].startswith("mesh.services.")
+
+
+def _port_busy(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def start_mesh(tmp: Path, database_url: str, extra_env: dict[str, str] | None = None) -> Mesh:
+    """Start the supervisor and wait until /readyz answers 200 (or fail with its log)."""
+    busy = [p for p in MESH_PORTS if _port_busy(p)]
+    if busy:
+        message = f"mesh ports already in use: {busy} (is `make up` running?)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    env = {
+        **os.environ,
+        "MESH_DATABASE_URL": database_url,
+        "MESH_BLOB_DIR": str(tmp / "blobs"),
+        "MESH_DEVICE": "cpu",
+        "MESH_GRACE_SECONDS": "3",
+        **(extra_env or {}),
+    }
+    log_path = tmp / "mesh.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mesh.tools.up", "--grace", "10"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    mesh = Mesh(process, log_path, env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"make up exited with {process.returncode}:\n{mesh.log()[-5000:]}")
+        try:
+            if httpx.get(f"{GATEWAY}/readyz", timeout=2).status_code == 200:
+                return mesh
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_mesh(mesh)
+    pytest.fail(f"the mesh did not become ready within 120 s:\n{mesh.log()[-5000:]}")
+
+
+def stop_mesh(mesh: Mesh) -> int:
+    """SIGTERM the supervisor and wait for it; returns its exit status."""
+    if mesh.process.poll() is None:
+        mesh.process.send_signal(signal.SIGTERM)
+    try:
+        return mesh.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        mesh.process.kill()
+        for child in mesh.children():
+            child.kill()
+        raise
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterator[Mesh]:
+    """The whole mesh, started once for this module and stopped after it."""
+    running = start_mesh(tmp_path_factory.mktemp("mesh"), database_url)
+    yield running
+    stop_mesh(running)
