@@ -1,0 +1,162 @@
+"""``make k8s-check``: the committed overlays pass, and broken manifests are caught."""
+
+from __future__ import annotations
+
+import copy
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mesh.tools.k8s_check import check_directory, main
+from mesh.tools.k8s_check.policy import Overlay, check_overlay
+from mesh.tools.k8s_check.render import Manifest
+from mesh.tools.k8s_check.schema import validate_all
+
+from .conftest import K8S
+
+VERSION = "1.31.0"
+
+
+def _messages(objects: list[Manifest], *, gpu: bool = False) -> list[str]:
+    return [str(v) for v in check_overlay(Overlay("test", objects, gpu=gpu))]
+
+
+def _deployment(objects: list[Manifest], name: str) -> Manifest:
+    return next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == name)
+
+
+def _container(objects: list[Manifest], name: str) -> Any:
+    return _deployment(objects, name)["spec"]["template"]["spec"]["containers"][0]
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod-gpu"])
+def test_committed_overlays_pass(overlay: str) -> None:
+    """Every committed overlay renders, validates against Kubernetes 1.31 and meets every policy."""
+    assert check_directory(K8S / "overlays" / overlay, kubernetes_version=VERSION) == []
+
+
+def test_missing_probe_is_caught(dev: list[Manifest]) -> None:
+    """A service without a readiness probe is reported by name."""
+    del _container(dev, "queue")["readinessProbe"]
+    assert "Deployment/queue container queue: no readinessProbe" in _messages(dev)
+
+
+def test_probe_on_wrong_health_name_is_caught(dev: list[Manifest]) -> None:
+    """A gRPC probe must ask for the service's own health name, not the server-wide one."""
+    _container(dev, "file")["livenessProbe"]["grpc"]["service"] = ""
+    assert any("livenessProbe asks for health name ''" in m for m in _messages(dev))
+
+
+def test_latest_and_untagged_images_are_caught(dev: list[Manifest]) -> None:
+    """:latest and tagless images are rejected; a digest pin is accepted."""
+    _container(dev, "gateway")["image"] = "ghcr.io/mesh-project/mesh-gateway:latest"
+    _container(dev, "queue")["image"] = "ghcr.io/mesh-project/mesh-queue"
+    _container(dev, "file")["image"] = "ghcr.io/mesh-project/mesh-file@sha256:" + "a" * 64
+    messages = _messages(dev)
+    assert any("Deployment/gateway: image" in m and ":latest" in m for m in messages)
+    assert any("Deployment/queue: image" in m and "not pinned" in m for m in messages)
+    assert not any("Deployment/file: image" in m for m in messages)
+
+
+def test_insecure_container_is_caught(dev: list[Manifest]) -> None:
+    """Root, a writable root filesystem, escalation and kept capabilities are each reported."""
+    deployment = _deployment(dev, "inference")
+    deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] = False
+    container = _container(dev, "inference")
+    del container["securityContext"]["runAsNonRoot"]
+    container["securityContext"].update(
+        readOnlyRootFilesystem=False, allowPrivilegeEscalation=True, capabilities={"add": ["NET_ADMIN"]}
+    )
+    messages = [m for m in _messages(dev) if m.startswith("Deployment/inference")]
+    for expected in (
+        "runAsNonRoot must be true",
+        "readOnlyRootFilesystem must be true",
+        "allowPrivilegeEscalation must be false",
+        "capabilities must drop ALL",
+        "capabilities added",
+    ):
+        assert any(expected in m for m in messages), expected
+
+
+def test_missing_limits_and_short_grace_are_caught(dev: list[Manifest]) -> None:
+    """Containers need CPU and memory limits; termination grace must outlast MESH_GRACE_SECONDS."""
+    del _container(dev, "file")["resources"]["limits"]["memory"]
+    _deployment(dev, "file")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 10
+    messages = _messages(dev)
+    assert "Deployment/file container file: no memory in resources.limits" in messages
+    assert any("Deployment/file: terminationGracePeriodSeconds 10 is not longer" in m for m in messages)
+
+
+def test_gpu_overlay_without_gpu_is_caught(prod_gpu: list[Manifest]) -> None:
+    """In the GPU overlay the GPU services need a GPU limit, GPU nodes, MESH_DEVICE=gpu and a CUDA image."""
+    deployment = _deployment(prod_gpu, "image-processing")
+    spec = deployment["spec"]["template"]["spec"]
+    del spec["nodeSelector"], spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    spec["containers"][0]["image"] = "ghcr.io/mesh-project/mesh-image-processing:0.1.0"
+    messages = _messages(prod_gpu, gpu=True)
+    assert any("needs a nvidia.com/gpu limit" in m for m in messages)
+    assert any("no nodeSelector" in m for m in messages)
+    assert any("not a CUDA variant" in m for m in messages)
+    assert _messages(copy.deepcopy(prod_gpu), gpu=False), "GPU limits outside a GPU overlay are reported"
+
+
+def test_second_exposed_service_is_caught(dev: list[Manifest]) -> None:
+    """Routing the Ingress or an outside NetworkPolicy rule to anything but the gateway is reported."""
+    ingress = next(o for o in dev if o["kind"] == "Ingress")
+    ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] = "queue"
+    policy = next(
+        o for o in dev if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "allow-queue-grpc"
+    )
+    policy["spec"]["ingress"][0]["from"].append({"namespaceSelector": {}})
+    messages = _messages(dev)
+    assert any("routes to Service/queue" in m for m in messages)
+    assert any("NetworkPolicy/allow-queue-grpc: lets traffic from outside" in m for m in messages)
+
+
+def test_missing_default_deny_and_plain_secret_are_caught(dev: list[Manifest]) -> None:
+    """Without a default-deny policy, or with a database URL as a literal, the check fails."""
+    objects = [o for o in dev if o["metadata"]["name"] != "default-deny-all"]
+    env = _container(objects, "queue")["env"]
+    url = next(e for e in env if e["name"] == "MESH_DATABASE_URL")
+    url.pop("valueFrom")
+    url["value"] = "postgresql://mesh:hunter2@db/mesh"
+    messages = _messages(objects)
+    assert any("no default-deny policy" in m for m in messages)
+    assert "Deployment/queue: MESH_DATABASE_URL must come from a secretKeyRef" in messages
+
+
+def test_shared_blob_volume_needs_rwx_for_replicas(dev: list[Manifest]) -> None:
+    """The file service on a ReadWriteOnce claim must run one replica with the Recreate strategy."""
+    _deployment(dev, "file")["spec"]["replicas"] = 2
+    assert "Deployment/file: mesh-blobs is not ReadWriteMany: run one replica" in _messages(dev)
+
+
+def test_schema_errors_are_reported_offline(dev: list[Manifest], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Strict schema validation runs from the bundled schemas with the network cut, and names the bad field."""
+
+    def no_network(*_: object, **__: object) -> None:
+        raise AssertionError("schema validation tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    _container(dev, "gateway")["readinessProbe"]["grpcc"] = {}
+    _deployment(dev, "file")["spec"]["replicas"] = "two"
+    messages = [str(v) for v in validate_all(dev, VERSION)]
+    assert len(messages) == 2
+    assert any("Deployment/gateway" in m and "'grpcc' was unexpected" in m for m in messages)
+    assert any("Deployment/file" in m and "spec.replicas" in m for m in messages)
+
+
+def test_cli_exits_non_zero_and_lists_violations(k8s_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A committed manifest edited to use :latest makes the command exit 1 and name the object."""
+    overlay = k8s_copy / "overlays" / "dev" / "kustomization.yaml"
+    kustomization = yaml.safe_load(overlay.read_text())
+    kustomization["images"] = [{"name": "ghcr.io/mesh-project/mesh-gateway", "newTag": "latest"}]
+    overlay.write_text(yaml.safe_dump(kustomization))
+    assert main(["--root", str(k8s_copy), "--renderer", "builtin"]) == 1
+    err = capsys.readouterr().err
+    assert "overlay dev: 1 violation(s)" in err
+    assert "Deployment/gateway: image ghcr.io/mesh-project/mesh-gateway:latest uses :latest" in err
+    assert "prod-gpu" not in err
