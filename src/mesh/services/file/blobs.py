@@ -1,0 +1,108 @@
+"""The content-addressed blob store on the local filesystem.
+
+A blob lives at ``<root>/<sha[0:2]>/<sha[2:4]>/<sha>`` (fan-out keeps directories small). Writes are atomic:
+a temporary file in the same directory, fsync, ``os.replace``, fsync of the directory, so a reader sees the
+whole blob or none. Same bytes, same name: storing them again writes nothing. Which blobs may be removed is
+decided by the repository (reference counting in SQL); this module only moves bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+class BlobStore:
+    """Blobs named by the lower-case hex SHA-256 of their bytes, under ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, sha256: str) -> Path:
+        """Where the blob with this digest lives (the digest is checked, so no path can escape root)."""
+        if not _SHA256_HEX.fullmatch(sha256):
+            raise ValueError(f"not a lower-case hex SHA-256: {sha256!r}")
+        return self.root / sha256[:2] / sha256[2:4] / sha256
+
+    def exists(self, sha256: str) -> bool:
+        """Whether the blob is stored."""
+        return self.path(sha256).is_file()
+
+    def write(self, sha256: str, data: bytes) -> bool:
+        """Store ``data`` (whose digest the caller computed) unless present; True when it was written."""
+        target = self.path(sha256)
+        if target.is_file():
+            return False
+        fd, temporary = _temporary_file(target.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            raise
+        _fsync_directory(target.parent)
+        return True
+
+    def open(self, sha256: str) -> BinaryIO:
+        """The blob for reading; raises FileNotFoundError when it is missing."""
+        return self.path(sha256).open("rb")
+
+    def read(self, sha256: str) -> bytes:
+        """The blob's bytes."""
+        return self.path(sha256).read_bytes()
+
+    def remove(self, sha256: str) -> bool:
+        """Delete the blob (and its emptied fan-out directories); True when it existed."""
+        target = self.path(sha256)
+        try:
+            target.unlink()
+        except FileNotFoundError:
+            return False
+        for directory in (target.parent, target.parent.parent):
+            try:
+                directory.rmdir()
+            except OSError:  # not empty, or already gone
+                break
+        return True
+
+    def count(self) -> int:
+        """How many blobs are stored (for tests and diagnostics; walks the tree)."""
+        if not self.root.is_dir():
+            return 0
+        return sum(1 for p in self.root.glob("*/*/*") if _SHA256_HEX.fullmatch(p.name))
+
+
+def _temporary_file(directory: Path) -> tuple[int, str]:
+    """A new temporary file in ``directory``, created if needed.
+
+    Retried because removing another blob may prune the (shared) fan-out directory between our mkdir
+    and the file's creation.
+    """
+    failures = 0
+    while True:
+        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            return tempfile.mkstemp(prefix=".tmp-", dir=directory)
+        except FileNotFoundError:
+            failures += 1
+            if failures >= 3:
+                raise
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

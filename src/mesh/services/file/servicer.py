@@ -1,0 +1,149 @@
+"""The gRPC face of the file service: protobuf in and out, everything else in :mod:`store`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+import grpc
+from typing_extensions import override
+
+from mesh.common.v1 import image_pb2
+from mesh.file.v1 import file_service_pb2 as pb
+from mesh.file.v1 import file_service_pb2_grpc
+from mesh.kit import errors
+from mesh.services.file.models import ImageRecord
+from mesh.services.file.store import ImageStore, UploadRequest, Variant
+from mesh.services.file.validation import UploadSizeGuard, too_large
+
+SERVICE_NAME: Final = "mesh.file.v1.FileService"
+MAX_CHUNK_BYTES: Final = 4 * 1024 * 1024
+MIN_CHUNK_BYTES: Final = 1024
+
+_FORMATS: Final = {
+    "PNG": image_pb2.IMAGE_FORMAT_PNG,
+    "JPEG": image_pb2.IMAGE_FORMAT_JPEG,
+    "WEBP": image_pb2.IMAGE_FORMAT_WEBP,
+}
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def image_to_proto(record: ImageRecord) -> pb.Image:
+    """The protobuf view of a stored image."""
+    image = pb.Image(
+        id=str(record.id),
+        filename=record.filename,
+        content_type=record.content_type,
+        format=_FORMATS.get(record.format, image_pb2.IMAGE_FORMAT_UNSPECIFIED),
+        width=record.width,
+        height=record.height,
+        channels=record.channels,
+        bit_depth=record.bit_depth,
+        size_bytes=record.size_bytes,
+        sha256=record.sha256,
+        has_thumbnail=record.has_thumbnail,
+        labels=record.labels,
+    )
+    image.create_time.FromDatetime(record.created_at)
+    return image
+
+
+def _upload_request(metadata: pb.UploadMetadata) -> UploadRequest:
+    return UploadRequest(
+        filename=metadata.filename,
+        content_type=metadata.content_type,
+        sha256=metadata.sha256,
+        labels=dict(metadata.labels),
+        idempotency_key=metadata.idempotency_key,
+    )
+
+
+def chunk_size(requested: int, default: int) -> int:
+    """The download chunk size: the default when unset, otherwise within 1 KiB..4 MiB."""
+    if requested == 0:
+        return default
+    return max(MIN_CHUNK_BYTES, min(requested, MAX_CHUNK_BYTES))
+
+
+class FileServicer(file_service_pb2_grpc.FileServiceServicer):
+    """Implements ``mesh.file.v1.FileService`` on an :class:`ImageStore`."""
+
+    def __init__(self, store: ImageStore, *, default_chunk_bytes: int = 1024 * 1024) -> None:
+        self.store = store
+        self.default_chunk_bytes = default_chunk_bytes
+
+    @override
+    async def UploadImage(
+        self, request_iterator: AsyncIterator[pb.UploadImageRequest], context: Context
+    ) -> pb.UploadImageResponse:
+        metadata: pb.UploadMetadata | None = None
+        guard = UploadSizeGuard(self.store.limits.max_bytes)
+        chunks: list[bytes] = []
+        async for part in request_iterator:
+            kind = part.WhichOneof("part")
+            if metadata is None:
+                if kind != "metadata":
+                    raise errors.InvalidArgument(
+                        "the first message of an upload stream must carry metadata (filename, content type); "
+                        "send metadata first, then the chunks",
+                        field_violations=[
+                            errors.FieldViolation("metadata", "missing from the first message")
+                        ],
+                    )
+                metadata = part.metadata
+            elif kind == "metadata":
+                raise errors.InvalidArgument(
+                    "metadata was sent twice; only the first message of an upload may carry it",
+                    field_violations=[errors.FieldViolation("metadata", "only allowed in the first message")],
+                )
+            elif kind == "chunk":
+                # Counted as it arrives, so an oversized upload is refused without buffering it all.
+                guard.add(len(part.chunk))
+                chunks.append(part.chunk)
+        if metadata is None:
+            raise errors.InvalidArgument(
+                "the upload stream was empty; send a metadata message and then the file's bytes",
+                field_violations=[errors.FieldViolation("metadata", "missing")],
+            )
+        result = await self.store.upload(b"".join(chunks), _upload_request(metadata))
+        return pb.UploadImageResponse(image=image_to_proto(result.image), deduplicated=result.deduplicated)
+
+    @override
+    async def CreateImage(self, request: pb.CreateImageRequest, context: Context) -> pb.CreateImageResponse:
+        if len(request.data) > self.store.limits.max_bytes:
+            raise too_large(len(request.data), self.store.limits.max_bytes)
+        result = await self.store.upload(request.data, _upload_request(request.metadata))
+        return pb.CreateImageResponse(image=image_to_proto(result.image), deduplicated=result.deduplicated)
+
+    @override
+    async def DownloadImage(
+        self, request: pb.DownloadImageRequest, context: Context
+    ) -> AsyncIterator[pb.DownloadImageResponse]:
+        variant: Variant = "thumbnail" if request.variant == pb.IMAGE_VARIANT_THUMBNAIL else "original"
+        size = chunk_size(request.chunk_size, self.default_chunk_bytes)
+        opened = await self.store.open(request.image_id, variant)
+        try:
+            yield pb.DownloadImageResponse(
+                image=image_to_proto(opened.image), content_type=opened.content_type
+            )
+            while data := await asyncio.to_thread(opened.file.read, size):
+                yield pb.DownloadImageResponse(chunk=data)
+        finally:
+            opened.file.close()
+
+    @override
+    async def GetImage(self, request: pb.GetImageRequest, context: Context) -> pb.GetImageResponse:
+        return pb.GetImageResponse(image=image_to_proto(await self.store.get(request.image_id)))
+
+    @override
+    async def ListImages(self, request: pb.ListImagesRequest, context: Context) -> pb.ListImagesResponse:
+        page = await self.store.list(request.page_size, request.page_token)
+        return pb.ListImagesResponse(
+            images=[image_to_proto(r) for r in page.images], next_page_token=page.next_page_token
+        )
+
+    @override
+    async def DeleteImage(self, request: pb.DeleteImageRequest, context: Context) -> pb.DeleteImageResponse:
+        return pb.DeleteImageResponse(blob_removed=await self.store.delete(request.image_id))

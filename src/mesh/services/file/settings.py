@@ -1,0 +1,35 @@
+"""The file service's settings (``MESH_*`` environment variables)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from mesh.kit.settings import ServerSettings
+
+
+class FileSettings(ServerSettings):
+    """Settings of the file service process."""
+
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
+    """gRPC port of the file service."""
+
+    http_port: int = Field(default=9101, ge=0, le=65535)
+    """HTTP port for /metrics and /healthz."""
+
+    max_upload_bytes: int = Field(default=25 * 1024 * 1024, gt=0)
+    """Largest accepted upload; a stream is cut off as soon as it passes this."""
+
+    max_image_pixels: int = Field(default=50_000_000, gt=0)
+    """Largest accepted width x height; larger images (and decompression bombs) are refused unread."""
+
+    max_aspect_ratio: float = Field(default=100.0, ge=1.0)
+    """Largest accepted ratio of the longer side to the shorter one (refuses shapes like 1 x 100000)."""
+
+    thumbnail_size: int = Field(default=256, ge=16, le=4096)
+    """Longest side of the thumbnail made at upload, in pixels."""
+
+    download_chunk_bytes: int = Field(default=1024 * 1024, ge=1024, le=4 * 1024 * 1024)
+    """Chunk size of a download stream when the request names none."""
+
+    db_pool_max_size: int = Field(default=10, ge=1)
+    """Most PostgreSQL connections the service holds."""

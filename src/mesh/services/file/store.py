@@ -1,0 +1,309 @@
+"""The file service's use cases: upload, look up, list, open and delete images.
+
+:class:`ImageStore` ties validation, thumbnails, the blob store and a repository together; it knows
+nothing of gRPC or PostgreSQL. The repository owns the consistency between rows and blobs: blob files are
+written and removed only while it holds a per-digest lock (see ``postgres.py``), so a concurrent upload and
+delete of the same bytes can never leave a row whose blob is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import BinaryIO, Literal, Protocol
+
+from prometheus_client import Counter
+
+from mesh.kit import errors
+from mesh.kit.logging import get_logger
+from mesh.services.file import pagination
+from mesh.services.file.blobs import BlobStore
+from mesh.services.file.models import ImageRecord, NewImage, Page
+from mesh.services.file.thumbnails import make_thumbnail
+from mesh.services.file.validation import DEFAULT_LIMITS, Limits, sanitise_filename, validate_image
+
+log = get_logger(__name__)
+
+UPLOADS = Counter(
+    "mesh_file_uploads_total", "Accepted uploads, by whether the bytes were already stored.", ["deduplicated"]
+)
+UPLOAD_BYTES = Counter("mesh_file_upload_bytes_total", "Bytes of accepted uploads.")
+BLOBS_REMOVED = Counter("mesh_file_blobs_removed_total", "Blobs removed because no image referred to them.")
+
+MAX_LABELS = 64
+MAX_LABEL_KEY_CHARS = 128
+MAX_LABEL_VALUE_CHARS = 1024
+MAX_IDEMPOTENCY_KEY_CHARS = 256
+
+Variant = Literal["original", "thumbnail"]
+
+
+class ImageRepository(Protocol):
+    """Where image records live, and the lock that keeps rows and blob files consistent."""
+
+    async def insert(
+        self, image: NewImage, *, store_blobs: Callable[[], Awaitable[bool]]
+    ) -> tuple[ImageRecord, bool]:
+        """Record ``image``; returns (record, deduplicated).
+
+        ``store_blobs`` is awaited while the image's digests are locked, right before the row is written,
+        and returns True when the original's bytes were already stored. When ``image.idempotency_key`` is
+        already recorded, that image is returned (deduplicated) and ``store_blobs`` is not called.
+        """
+        ...
+
+    async def get(self, image_id: uuid.UUID) -> ImageRecord | None:
+        """The image, or None."""
+        ...
+
+    async def find_by_idempotency_key(self, key: str) -> ImageRecord | None:
+        """The image uploaded with ``key``, or None."""
+        ...
+
+    async def list_page(self, limit: int, after: pagination.Cursor | None) -> list[ImageRecord]:
+        """Up to ``limit`` images older than ``after`` (all when None), newest first."""
+        ...
+
+    async def delete(self, image_id: uuid.UUID) -> ImageRecord | None:
+        """Delete and commit the row; returns it, or None when there was none."""
+        ...
+
+    async def release_blobs(
+        self, digests: Sequence[str], *, remove: Callable[[str], Awaitable[bool]]
+    ) -> list[str]:
+        """Under the digests' locks, call ``remove`` for each digest no row refers to; returns those removed."""
+        ...
+
+
+@dataclass(frozen=True)
+class UploadRequest:
+    """What a client says about an upload."""
+
+    filename: str = ""
+    content_type: str = ""
+    sha256: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    idempotency_key: str = ""
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """The stored image and whether its bytes were stored already."""
+
+    image: ImageRecord
+    deduplicated: bool
+
+
+@dataclass(frozen=True)
+class OpenedBlob:
+    """An image's bytes, opened for reading."""
+
+    image: ImageRecord
+    content_type: str
+    size_bytes: int
+    file: BinaryIO
+
+
+def parse_image_id(value: str, field_name: str = "image_id") -> uuid.UUID:
+    """The UUID in ``value``; InvalidArgument naming the field when it is not one."""
+    try:
+        return uuid.UUID(value)
+    except (ValueError, AttributeError):
+        raise errors.InvalidArgument(
+            f"{field_name} {value[:80]!r} is not an image id; image ids are UUIDs "
+            "such as 0b6f1d2e-6c1a-4c55-9d0e-3f2a1b4c5d6e",
+            field_violations=[errors.FieldViolation(field_name, "must be a UUID")],
+        ) from None
+
+
+class ImageStore:
+    """Validated, deduplicated, content-addressed image storage."""
+
+    def __init__(
+        self,
+        repository: ImageRepository,
+        blobs: BlobStore,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        thumbnail_size: int = 256,
+    ) -> None:
+        self.repository = repository
+        self.blobs = blobs
+        self.limits = limits
+        self.thumbnail_size = thumbnail_size
+
+    async def upload(self, data: bytes, request: UploadRequest) -> UploadResult:
+        """Validate and store ``data``; the same idempotency key returns the first image."""
+        labels = _check_labels(request.labels)
+        key = _check_idempotency_key(request.idempotency_key)
+        if key:
+            existing = await self.repository.find_by_idempotency_key(key)
+            if existing is not None:
+                return UploadResult(existing, True)
+        decoded = await asyncio.to_thread(
+            validate_image,
+            data,
+            declared_content_type=request.content_type,
+            declared_sha256=request.sha256,
+            limits=self.limits,
+        )
+        info = decoded.info
+        thumbnail = await asyncio.to_thread(make_thumbnail, decoded.image, self.thumbnail_size)
+        thumbnail_sha256 = hashlib.sha256(thumbnail.data).hexdigest()
+        new = NewImage(
+            id=uuid.uuid4(),
+            filename=sanitise_filename(request.filename, info.format),
+            content_type=info.content_type,
+            format=info.format,
+            width=info.width,
+            height=info.height,
+            channels=info.channels,
+            bit_depth=info.bit_depth,
+            size_bytes=info.size_bytes,
+            sha256=info.sha256,
+            thumbnail_sha256=thumbnail_sha256,
+            thumbnail_content_type=thumbnail.content_type,
+            labels=labels,
+            idempotency_key=key or None,
+        )
+
+        async def store_blobs() -> bool:
+            try:
+                written = await asyncio.to_thread(self.blobs.write, info.sha256, data)
+                await asyncio.to_thread(self.blobs.write, thumbnail_sha256, thumbnail.data)
+            except OSError as error:
+                raise _blob_store_unavailable(error) from error
+            return not written
+
+        record, deduplicated = await self.repository.insert(new, store_blobs=store_blobs)
+        UPLOADS.labels(str(deduplicated).lower()).inc()
+        UPLOAD_BYTES.inc(info.size_bytes)
+        log.info(
+            "image stored",
+            image_id=str(record.id),
+            sha256=record.sha256,
+            size_bytes=record.size_bytes,
+            deduplicated=deduplicated,
+        )
+        return UploadResult(record, deduplicated)
+
+    async def get(self, image_id: str) -> ImageRecord:
+        """The image's record; NotFound when there is none."""
+        parsed = parse_image_id(image_id)
+        record = await self.repository.get(parsed)
+        if record is None:
+            raise _not_found(parsed)
+        return record
+
+    async def list(self, page_size: int, page_token: str) -> Page:
+        """One page, newest first; ``next_page_token`` is empty on the last page."""
+        size = pagination.page_size(page_size)
+        cursor = pagination.decode_page_token(page_token)
+        rows = await self.repository.list_page(size + 1, cursor)
+        images = rows[:size]
+        token = ""
+        if len(rows) > size:
+            last = images[-1]
+            token = pagination.encode_page_token(pagination.Cursor(last.created_at, last.id))
+        return Page(images, token)
+
+    async def open(self, image_id: str, variant: Variant = "original") -> OpenedBlob:
+        """The bytes of an image or of its thumbnail, opened for streaming."""
+        record = await self.get(image_id)
+        if variant == "thumbnail":
+            if record.thumbnail_sha256 is None:
+                raise errors.NotFound(f"image {record.id} has no thumbnail; download the original instead")
+            digest, content_type = record.thumbnail_sha256, record.thumbnail_content_type
+        else:
+            digest, content_type = record.sha256, record.content_type
+        try:
+            handle = await asyncio.to_thread(self.blobs.open, digest)
+        except FileNotFoundError:
+            if await self.repository.get(record.id) is None:  # deleted meanwhile
+                raise _not_found(record.id) from None
+            log.error("blob missing", image_id=str(record.id), sha256=digest)
+            raise errors.Internal(
+                f"the stored bytes of image {record.id} are missing from the blob store; "
+                "upload the image again to restore them"
+            ) from None
+        except OSError as error:
+            raise _blob_store_unavailable(error) from error
+        size = await asyncio.to_thread(_file_size, handle)
+        return OpenedBlob(record, content_type, size, handle)
+
+    async def delete(self, image_id: str) -> bool:
+        """Delete the image; True when its original's blob was removed (no other image used it)."""
+        parsed = parse_image_id(image_id)
+        record = await self.repository.delete(parsed)
+        if record is None:
+            raise _not_found(parsed)
+        digests = [record.sha256]
+        if record.thumbnail_sha256 is not None and record.thumbnail_sha256 != record.sha256:
+            digests.append(record.thumbnail_sha256)
+
+        async def remove(digest: str) -> bool:
+            try:
+                return await asyncio.to_thread(self.blobs.remove, digest)
+            except OSError as error:
+                # The row is gone already; the blob stays behind as unreferenced space.
+                log.warning("blob not removed", sha256=digest, error=str(error))
+                return False
+
+        removed = await self.repository.release_blobs(digests, remove=remove)
+        BLOBS_REMOVED.inc(len(removed))
+        log.info("image deleted", image_id=str(parsed), blobs_removed=len(removed))
+        return record.sha256 in removed
+
+
+def _file_size(handle: BinaryIO) -> int:
+    return os.fstat(handle.fileno()).st_size
+
+
+def _blob_store_unavailable(error: OSError) -> errors.Unavailable:
+    return errors.Unavailable(
+        f"the blob store is unusable ({type(error).__name__}: {error.strerror or error}); retry shortly",
+        retry_after_seconds=1.0,
+    )
+
+
+def _not_found(image_id: uuid.UUID) -> errors.NotFound:
+    return errors.NotFound(
+        f"image {image_id} does not exist (it was never uploaded or has been deleted)",
+        metadata={"image_id": str(image_id)},
+    )
+
+
+def _check_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    if len(labels) > MAX_LABELS:
+        raise errors.InvalidArgument(
+            f"{len(labels)} labels given; at most {MAX_LABELS} are allowed",
+            field_violations=[errors.FieldViolation("metadata.labels", f"at most {MAX_LABELS} entries")],
+        )
+    for key, value in labels.items():
+        if (
+            not key
+            or len(key) > MAX_LABEL_KEY_CHARS
+            or len(value) > MAX_LABEL_VALUE_CHARS
+            or "\x00" in key + value
+        ):
+            raise errors.InvalidArgument(
+                f"label {key[:40]!r} is invalid: keys must be 1 to {MAX_LABEL_KEY_CHARS} characters, "
+                f"values at most {MAX_LABEL_VALUE_CHARS}, neither may contain NUL",
+                field_violations=[
+                    errors.FieldViolation(f"metadata.labels[{key[:40]!r}]", "too long or empty")
+                ],
+            )
+    return dict(labels)
+
+
+def _check_idempotency_key(key: str) -> str:
+    if len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
+        raise errors.InvalidArgument(
+            f"idempotency_key is {len(key)} characters; at most {MAX_IDEMPOTENCY_KEY_CHARS} are allowed",
+            field_violations=[errors.FieldViolation("metadata.idempotency_key", "too long")],
+        )
+    return key

@@ -1,0 +1,304 @@
+"""Upload validation: what the bytes really are, whether they are whole, and whether they are too big.
+
+The order matters: cheap checks first (size, emptiness, checksum, magic bytes, declared type), then a walk
+of the container (truncation, trailing polyglot data, the declared pixel size, so bombs are refused before
+any decoder allocates), and only then a full decode with Pillow restricted to the accepted formats.
+Every error says what is wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from PIL import Image
+
+from mesh.kit import errors
+from mesh.services.file.containers import (
+    JPEG_SIGNATURE,
+    PNG_SIGNATURE,
+    ContainerError,
+    ContainerInfo,
+    inspect_jpeg,
+    inspect_png,
+    inspect_webp,
+)
+
+Format = Literal["PNG", "JPEG", "WEBP"]
+FORMATS: Final[tuple[Format, ...]] = ("PNG", "JPEG", "WEBP")
+CONTENT_TYPES: Final[dict[Format, str]] = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+EXTENSIONS: Final[dict[Format, str]] = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
+# Declared types that mean "I don't know"; they are not compared with the real type.
+_UNDECLARED = {"", "application/octet-stream", "binary/octet-stream"}
+_ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "image/x-png": "image/png"}
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+MAX_FILENAME_CHARS: Final = 200
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What an upload may be."""
+
+    max_bytes: int = 25 * 1024 * 1024
+    """Largest file, in bytes."""
+
+    max_pixels: int = 50_000_000
+    """Largest width x height."""
+
+    max_aspect_ratio: float = 100.0
+    """Largest ratio of the longer side to the shorter one."""
+
+
+DEFAULT_LIMITS: Final = Limits()
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What an accepted image is."""
+
+    format: Format
+    content_type: str
+    width: int
+    height: int
+    channels: int
+    bit_depth: int
+    size_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An accepted image: its facts and its decoded pixels (for the thumbnail)."""
+
+    info: ImageInfo
+    image: Image.Image
+
+
+class UploadSizeGuard:
+    """Counts the bytes of a streamed upload and stops it as soon as it passes the limit."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.received = 0
+
+    def add(self, count: int) -> None:
+        """Account for ``count`` more bytes; raises PayloadTooLarge once over the limit."""
+        self.received += count
+        if self.received > self.max_bytes:
+            raise too_large(self.received, self.max_bytes, complete=False)
+
+
+def too_large(size: int, max_bytes: int, *, complete: bool = True) -> errors.PayloadTooLarge:
+    """The error for an upload over the size limit."""
+    amount = f"{size} bytes" if complete else f"more than {max_bytes} bytes (stopped after {size})"
+    return errors.PayloadTooLarge(
+        f"the upload is {amount}, over the limit of {max_bytes} bytes ({max_bytes / 2**20:g} MiB); "
+        "send a smaller or more compressed image",
+        metadata={"limit_bytes": str(max_bytes)},
+    )
+
+
+def sniff_format(data: bytes) -> Format | None:
+    """The format the magic bytes announce, or None when they are not PNG, JPEG or WebP."""
+    if data.startswith(PNG_SIGNATURE):
+        return "PNG"
+    if data.startswith(JPEG_SIGNATURE):
+        return "JPEG"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+_OTHER_MAGIC: Final = (
+    (b"GIF8", "a GIF image"),
+    (b"BM", "a BMP image"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+    (b"%PDF", "a PDF document"),
+    (b"PK\x03\x04", "a ZIP archive"),
+    (b"\x00\x00\x01\x00", "an ICO icon"),
+)
+
+
+def describe_bytes(data: bytes) -> str:
+    """What unaccepted bytes look like, for error messages."""
+    for magic, name in _OTHER_MAGIC:
+        if data.startswith(magic):
+            return f"they look like {name}"
+    if data[4:8] == b"ftyp":
+        return f"they look like an ISO media file ({data[8:12].decode('latin-1')!r}, e.g. HEIC or AVIF)"
+    head = data[:64]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = ""
+    if text and all(ch.isprintable() or ch in "\r\n\t" for ch in text):
+        return f"they look like text: {text[:24]!r}"
+    return f"they start with {data[:8]!r}"
+
+
+def normalise_content_type(declared: str) -> str:
+    """Lower case, parameters dropped, common aliases resolved; ``""`` when nothing useful was declared."""
+    value = declared.split(";", 1)[0].strip().lower()
+    value = _ALIASES.get(value, value)
+    return "" if value in _UNDECLARED else value
+
+
+def check_sha256_syntax(value: str) -> str:
+    """The declared SHA-256 in lower case; InvalidArgument unless it is 64 hex digits (or empty)."""
+    normal = value.strip().lower()
+    if normal and not _SHA256_HEX.fullmatch(normal):
+        raise errors.InvalidArgument(
+            f"sha256 {value[:80]!r} is not a SHA-256 digest; send 64 hexadecimal digits or leave it empty",
+            field_violations=[errors.FieldViolation("metadata.sha256", "must be 64 hexadecimal digits")],
+        )
+    return normal
+
+
+def validate_image(
+    data: bytes,
+    *,
+    declared_content_type: str = "",
+    declared_sha256: str = "",
+    limits: Limits = DEFAULT_LIMITS,
+) -> DecodedImage:
+    """Accept ``data`` as a PNG, JPEG or WebP image or raise the MeshError that says why not."""
+    size = len(data)
+    if size > limits.max_bytes:
+        raise too_large(size, limits.max_bytes)
+    if size == 0:
+        raise errors.InvalidData("the file is empty (0 bytes); send the image's bytes")
+    expected_sha = check_sha256_syntax(declared_sha256)
+    sha256 = hashlib.sha256(data).hexdigest()
+    if expected_sha and expected_sha != sha256:
+        raise errors.InvalidData(
+            f"sha256 mismatch: declared {expected_sha} but the {size} bytes received hash to {sha256}; "
+            "the upload was corrupted or the checksum is of another file, send it again",
+            field_violations=[errors.FieldViolation("metadata.sha256", "does not match the bytes received")],
+        )
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise errors.UnsupportedMediaType(
+            f"the bytes are not a PNG, JPEG or WebP image ({describe_bytes(data)}), whatever the "
+            "filename or declared type says; upload a PNG, JPEG or WebP file",
+            metadata={"accepted": ",".join(CONTENT_TYPES.values())},
+        )
+    real_type = CONTENT_TYPES[fmt]
+    declared = normalise_content_type(declared_content_type)
+    if declared and declared != real_type:
+        raise errors.InvalidArgument(
+            f"declared content type {declared!r} does not match the bytes, which are a {fmt} image "
+            f"({real_type}); declare {real_type} or leave the type empty",
+            field_violations=[errors.FieldViolation("metadata.content_type", f"the bytes are {real_type}")],
+        )
+    container = _inspect_container(fmt, data)
+    _check_shape(fmt, container, limits)
+    image = _decode(fmt, data)
+    if image.size != (container.width, container.height):
+        raise errors.InvalidData(
+            f"the {fmt} is corrupted: its header says {container.width}x{container.height} but it decodes "
+            f"as {image.width}x{image.height}; re-export the image"
+        )
+    channels, bit_depth = _channels_and_depth(image, container)
+    info = ImageInfo(fmt, real_type, image.width, image.height, channels, bit_depth, size, sha256)
+    return DecodedImage(info, image)
+
+
+def _inspect_container(fmt: Format, data: bytes) -> ContainerInfo:
+    inspect = {"PNG": inspect_png, "JPEG": inspect_jpeg, "WEBP": inspect_webp}[fmt]
+    try:
+        return inspect(data)
+    except ContainerError as error:
+        advice = {
+            "truncated": "the upload was cut off; send the complete file",
+            "trailing": "the file carries other data after the image (a polyglot or a corrupted file); "
+            "re-save it as a plain image",
+            "corrupt": "re-export the image from its source",
+        }[error.problem]
+        raise errors.InvalidData(f"{error}; {advice}", metadata={"problem": error.problem}) from None
+
+
+def _check_shape(fmt: Format, container: ContainerInfo, limits: Limits) -> None:
+    width, height = container.width, container.height
+    if width == 0 or height == 0:
+        raise errors.InvalidData(f"the {fmt} declares a size of {width}x{height} pixels; it has no pixels")
+    pixels = width * height
+    if pixels > limits.max_pixels:
+        # Refused from the header alone: a decompression bomb never reaches the decoder.
+        raise errors.PayloadTooLarge(
+            f"the {fmt} is {width}x{height} = {pixels / 1e6:.1f} megapixels, over the limit of "
+            f"{limits.max_pixels / 1e6:g} megapixels (a decompression bomb, or simply too large); "
+            "downscale the image before uploading",
+            metadata={"limit_pixels": str(limits.max_pixels)},
+        )
+    ratio = max(width, height) / min(width, height)
+    if ratio > limits.max_aspect_ratio:
+        raise errors.InvalidData(
+            f"the {fmt} is {width}x{height} pixels, an aspect ratio of {ratio:g}:1, over the limit of "
+            f"{limits.max_aspect_ratio:g}:1; crop it to the region of interest",
+            metadata={"limit_aspect_ratio": f"{limits.max_aspect_ratio:g}"},
+        )
+    if container.animated:
+        raise errors.InvalidData(f"the {fmt} is animated; upload a single still image")
+
+
+def _decode(fmt: Format, data: bytes) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data), formats=[fmt])
+        image.load()
+    except Image.DecompressionBombError as error:  # only when max_pixels is set above Pillow's own limit
+        raise errors.PayloadTooLarge(f"the {fmt} is too large to decode safely: {error}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        text = str(error) or type(error).__name__
+        if "truncated" in text.lower():
+            raise errors.InvalidData(
+                f"the {fmt} is truncated ({text}); the upload was cut off, send the complete file",
+                metadata={"problem": "truncated"},
+            ) from None
+        raise errors.InvalidData(
+            f"the {fmt} could not be decoded ({text}); it is corrupted, re-export the image from its source",
+            metadata={"problem": "corrupt"},
+        ) from None
+    return image
+
+
+def _channels_and_depth(image: Image.Image, container: ContainerInfo) -> tuple[int, int]:
+    """Channels and bits per sample; the PNG header knows 16-bit colour that Pillow reduces to 8 bits."""
+    if container.channels is not None and container.bit_depth is not None and image.format == "PNG":
+        return container.channels, container.bit_depth
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
+        return 1, 16
+    if mode == "P":
+        return (4 if "transparency" in image.info else 3), 8
+    if mode in ("1", "L"):
+        return 1, 8
+    if mode in ("LA", "La"):
+        return 2, 8
+    return len(image.getbands()), 8
+
+
+def sanitise_filename(name: str, fmt: Format) -> str:
+    """A safe display name: the base name only, no control or path characters, bounded length.
+
+    Falls back to ``image`` plus the real format's extension when nothing usable is left, and adds that
+    extension when the name has none.
+    """
+    text = unicodedata.normalize("NFC", name)
+    text = text.replace("\\", "/").rsplit("/", 1)[-1]
+    # Whitespace of any kind becomes one space below; every other unprintable character goes.
+    text = "".join(ch for ch in text if ch.isprintable() or ch.isspace())
+    text = re.sub(r'[<>:"|?*]', "_", text)
+    text = re.sub(r"\s+", " ", text).strip().lstrip(".").strip()
+    extension = EXTENSIONS[fmt]
+    if not text or set(text) <= {".", " "}:
+        return f"image{extension}"
+    stem, dot, suffix = text.rpartition(".")
+    if not dot or not stem or not suffix.isalnum() or len(suffix) > 5:
+        stem, suffix = text, extension.removeprefix(".")
+    stem = stem[: MAX_FILENAME_CHARS - len(suffix) - 1].rstrip()
+    return f"{stem}.{suffix}"
