@@ -155,7 +155,8 @@ def test_cli_exits_non_zero_and_lists_violations(k8s_copy: Path, capsys: pytest.
     kustomization = yaml.safe_load(overlay.read_text())
     kustomization["images"] = [{"name": "ghcr.io/mesh-project/mesh-gateway", "newTag": "latest"}]
     overlay.write_text(yaml.safe_dump(kustomization))
-    assert main(["--root", str(k8s_copy), "--renderer", "builtin"]) == 1
+    dockerfile = str(K8S.parent / "docker" / "Dockerfile")
+    assert main(["--root", str(k8s_copy), "--renderer", "builtin", "--dockerfile", dockerfile]) == 1
     err = capsys.readouterr().err
     assert "overlay dev: 1 violation(s)" in err
     assert "Deployment/gateway: image ghcr.io/mesh-project/mesh-gateway:latest uses :latest" in err

@@ -1,5 +1,5 @@
 """``make k8s-check``: render every overlay in deploy/k8s, validate it against a pinned Kubernetes version and
-check the mesh's deployment policies. Exits 1 with one line per violation.
+check the mesh's deployment policies, then lint deploy/docker/Dockerfile. Exits 1 with one line per violation.
 
 kustomize renders when it is installed (``--renderer auto``); otherwise the project's renderer does, for the
 subset of kustomize the manifests use (:mod:`mesh.tools.k8s_check.render`).
@@ -17,12 +17,13 @@ from pathlib import Path
 
 import yaml
 
-from mesh.tools.k8s_check import schema
+from mesh.tools.k8s_check import dockerfile, schema
 from mesh.tools.k8s_check.policy import Overlay, Violation, check_overlay
 from mesh.tools.k8s_check.render import Manifest, RenderError, render
 
 KUBERNETES_VERSION = "1.31.0"
 DEFAULT_ROOT = Path("deploy/k8s")
+DEFAULT_DOCKERFILE = Path("deploy/docker/Dockerfile")
 # Overlays whose GPU-capable workloads must be scheduled on GPUs.
 GPU_OVERLAYS = frozenset({"prod-gpu"})
 
@@ -61,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overlay", action="append", help="check only this overlay (repeatable)")
     parser.add_argument("--kubernetes-version", default=KUBERNETES_VERSION)
     parser.add_argument("--renderer", choices=["auto", "builtin", "kustomize"], default="auto")
+    parser.add_argument("--dockerfile", type=Path, default=DEFAULT_DOCKERFILE)
     args = parser.parse_args(argv)
 
     overlays_dir = args.root / "overlays"
@@ -83,5 +85,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"  - {violation}", file=sys.stderr)
         else:
             print(f"k8s-check: overlay {name}: ok (Kubernetes {args.kubernetes_version})")
+    docker_violations = dockerfile.check(args.dockerfile, args.dockerfile.parent / "requirements-cuda.txt")
+    if docker_violations:
+        failed = True
+        print(f"k8s-check: {args.dockerfile}: {len(docker_violations)} violation(s)", file=sys.stderr)
+        for violation in docker_violations:
+            print(f"  - {violation}", file=sys.stderr)
+    else:
+        print(f"k8s-check: {args.dockerfile}: ok")
     print(f"k8s-check: {len(names)} overlay(s) in {time.perf_counter() - started:.1f}s")
     return 1 if failed else 0
