@@ -1,0 +1,165 @@
+"""The pixel-heavy steps, on the CPU (OpenCV) or on the GPU (CuPy): downscaling and the rectified crop.
+
+Everything after these two steps works on small arrays (a 512-pixel overview, a crop of a few hundred
+thousand pixels, 1-D profiles) and runs on the CPU in both cases, so CPU and GPU give the same verdicts: both
+backends compute the same box-filter downscale (an integer factor) and the same bilinear rectification.
+
+:class:`ArrayBackend` is written against the NumPy API; with ``xp=cupy`` and ``cupyx.scipy.ndimage`` it is
+the GPU path, with ``xp=numpy`` and ``scipy.ndimage`` it runs the very same code on the CPU, which is how the
+GPU logic is tested on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+FloatImage = npt.NDArray[np.float32]
+ByteImage = npt.NDArray[np.uint8]
+
+
+@dataclass(frozen=True)
+class CropGeometry:
+    """A rotated rectangle of the input image, resampled to ``size`` pixels at ``scale`` crop px per image px."""
+
+    center_x: float
+    center_y: float
+    angle_rad: float
+    scale: float
+    size_x: int
+    size_y: int
+
+    def to_image(self, u: float, v: float) -> tuple[float, float]:
+        """Crop pixel (u, v) -> input image pixel (x, y)."""
+        du = (u - (self.size_x - 1) / 2) / self.scale
+        dv = (v - (self.size_y - 1) / 2) / self.scale
+        cos, sin = math.cos(self.angle_rad), math.sin(self.angle_rad)
+        return self.center_x + cos * du - sin * dv, self.center_y + sin * du + cos * dv
+
+
+class Backend(Protocol):
+    """Downscale and rectify; ``name`` is "cpu" or "gpu"."""
+
+    name: str
+
+    def downscale(self, image: ByteImage, factor: int) -> FloatImage:
+        """Box-filter downscale by an integer factor, to float 0..1."""
+        ...
+
+    def rectify(self, image: ByteImage, geometry: CropGeometry) -> FloatImage:
+        """The rotated rectangle ``geometry`` resampled (bilinear), float 0..1, replicated borders."""
+        ...
+
+
+class CpuBackend:
+    """OpenCV on the CPU."""
+
+    name = "cpu"
+
+    def downscale(self, image: ByteImage, factor: int) -> FloatImage:
+        height, width = image.shape[:2]
+        if factor > 1:
+            h, w = height // factor, width // factor
+            image = cv2.resize(image[: h * factor, : w * factor], (w, h), interpolation=cv2.INTER_AREA)
+        return np.asarray(image, dtype=np.float32) * np.float32(1 / 255)
+
+    def rectify(self, image: ByteImage, geometry: CropGeometry) -> FloatImage:
+        g = geometry
+        cos, sin = math.cos(g.angle_rad), math.sin(g.angle_rad)
+        cu, cv = (g.size_x - 1) / 2, (g.size_y - 1) / 2
+        # Inverse map: crop (u, v) -> image (x, y).
+        matrix = np.array(
+            [
+                [cos / g.scale, -sin / g.scale, g.center_x - (cos * cu - sin * cv) / g.scale],
+                [sin / g.scale, cos / g.scale, g.center_y - (sin * cu + cos * cv) / g.scale],
+            ],
+            dtype=np.float64,
+        )
+        crop = cv2.warpAffine(
+            image,
+            matrix,
+            (g.size_x, g.size_y),
+            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_REPLICATE,
+        )
+        return np.asarray(crop, dtype=np.float32) * np.float32(1 / 255)
+
+
+class ArrayBackend:
+    """The same two steps written against an array module (CuPy on the GPU, NumPy to test that code)."""
+
+    def __init__(self, xp: ModuleType, ndimage: ModuleType, name: str) -> None:
+        self.xp = xp
+        self.ndimage = ndimage
+        self.name = name
+
+    def _to_host(self, array: Any) -> FloatImage:
+        if self.xp is np:
+            return np.asarray(array, dtype=np.float32)
+        return np.asarray(self.xp.asnumpy(array), dtype=np.float32)
+
+    def downscale(self, image: ByteImage, factor: int) -> FloatImage:
+        xp = self.xp
+        height, width = image.shape[:2]
+        h, w = height // factor, width // factor
+        device = xp.asarray(image[: h * factor, : w * factor])
+        if factor > 1:
+            shape = (h, factor, w, factor) + tuple(image.shape[2:])
+            # Mean of each block, rounded to 8 bits as OpenCV's INTER_AREA does.
+            device = xp.floor(device.reshape(shape).astype(xp.float32).mean(axis=(1, 3)) + 0.5)
+        return self._to_host(device.astype(xp.float32) * (1 / 255))
+
+    def rectify(self, image: ByteImage, geometry: CropGeometry) -> FloatImage:
+        xp = self.xp
+        g = geometry
+        cos, sin = math.cos(g.angle_rad), math.sin(g.angle_rad)
+        vv, uu = xp.mgrid[0 : g.size_y, 0 : g.size_x].astype(xp.float32)
+        du = (uu - (g.size_x - 1) / 2) / g.scale
+        dv = (vv - (g.size_y - 1) / 2) / g.scale
+        xs = g.center_x + cos * du - sin * dv
+        ys = g.center_y + sin * du + cos * dv
+        device = xp.asarray(image).astype(xp.float32)
+        coords = xp.stack([ys, xs])
+        if device.ndim == 2:
+            out = self.ndimage.map_coordinates(device, coords, order=1, mode="nearest")
+        else:
+            out = xp.stack(
+                [
+                    self.ndimage.map_coordinates(device[:, :, c], coords, order=1, mode="nearest")
+                    for c in range(device.shape[2])
+                ],
+                axis=-1,
+            )
+        # Round to 8 bits like the OpenCV path, so both see the same pixel values.
+        return self._to_host(xp.floor(out + 0.5) * (1 / 255))
+
+
+def gpu_available() -> bool:
+    """True when CuPy imports and sees a CUDA device."""
+    try:
+        cupy = importlib.import_module("cupy")
+        return int(cupy.cuda.runtime.getDeviceCount()) > 0
+    except Exception:
+        return False
+
+
+def gpu_backend() -> ArrayBackend:
+    """The CuPy backend; raises RuntimeError without CuPy or a CUDA device."""
+    if not gpu_available():
+        raise RuntimeError("the GPU strip reader needs CuPy and a CUDA device")
+    cupy = importlib.import_module("cupy")
+    ndimage = importlib.import_module("cupyx.scipy.ndimage")
+    return ArrayBackend(cupy, ndimage, "gpu")
+
+
+def numpy_array_backend() -> ArrayBackend:
+    """The GPU code path run by NumPy and SciPy on the CPU."""
+    ndimage = importlib.import_module("scipy.ndimage")
+    return ArrayBackend(np, ndimage, "cpu")

@@ -1,0 +1,46 @@
+"""The reader's tunable parameters; the detection thresholds come from the train split (see ``calibrate``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    """Parameters of :class:`~mesh.services.inference.strip.reader.StripReader`."""
+
+    work_size: int = 512
+    """Longest side of the downscaled image in which the strip is searched."""
+
+    crop_length: int = 720
+    """Longest length, in pixels, of the rectified strip crop the lines are read from."""
+
+    precheck_crop_length: int = 320
+    """Crop length of the fast pre-check."""
+
+    min_object_fraction: float = 0.004
+    """Smallest strip, as a fraction of the (working) image area."""
+
+    c_min_intensity: float = 0.03
+    """A control line must reach this contrast against the membrane."""
+
+    c_min_snr: float = 8.0
+    """... and this many noise deviations of the line profile."""
+
+    t_min_intensity: float = 0.008
+    """A test line must reach this contrast (calibrated on the train split)."""
+
+    t_min_snr: float = 4.5
+    """... and this signal-to-noise ratio (calibrated on the train split)."""
+
+    blur_flag_sigma: float = 4.0
+    """Flag BLUR when the estimated defocus exceeds this sigma, in pixels at 1000 px image width."""
+
+    underexposed_level: float = 0.18
+    """Flag UNDEREXPOSED when the strip's median brightness lies below this (0..1)."""
+
+    overexposed_fraction: float = 0.25
+    """Flag OVEREXPOSED when more than this share of the strip's pixels is clipped."""
+
+    uneven_ratio: float = 1.35
+    """Flag UNEVEN_LIGHTING when the membrane's brightest part exceeds its darkest by this factor."""

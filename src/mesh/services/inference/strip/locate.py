@@ -1,0 +1,129 @@
+"""Finding the strip (cassette or bare strip) in a downscaled image.
+
+The strip is the brightest, least saturated, rectangular and elongated object in the picture. Brightness is
+judged against the local maximum of a wide neighbourhood, which cancels gradients and vignettes; several
+thresholds are tried, because a shadow across the strip or a light background moves the best one, and the
+candidate that looks most like a strip wins: filled (a rectangle), elongated, roughly horizontal and clearly
+brighter than its surroundings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+FloatImage = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the object lies in working-image pixels; the long axis points to the sample end's opposite."""
+
+    center_x: float
+    center_y: float
+    length: float
+    width: float
+    angle_rad: float
+    """Angle of the long axis in image coordinates (y down); 0 is horizontal, positive turns clockwise."""
+
+    score: float
+
+
+def brightness(small: FloatImage) -> FloatImage:
+    """Bright and grey scores high: max channel damped by saturation (white plastic and membrane)."""
+    if small.ndim == 2:
+        return small
+    vmax = small.max(axis=2)
+    vmin = small.min(axis=2)
+    sat = (vmax - vmin) / np.maximum(vmax, 1e-3)
+    return np.asarray(vmax * (1.0 - 0.6 * sat), dtype=np.float32)
+
+
+def _local_max(feature: FloatImage, fraction: float) -> FloatImage:
+    height, width = feature.shape
+    factor = 4
+    tiny = cv2.resize(
+        feature, (max(1, width // factor), max(1, height // factor)), interpolation=cv2.INTER_AREA
+    )
+    size = max(3, int(fraction * max(width, height) / factor) | 1)
+    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (size, size))
+    tiny = cv2.dilate(tiny, kernel)
+    tiny = cv2.blur(tiny, (max(1, size // 2), max(1, size // 2)))
+    return cv2.resize(tiny, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def find_object(small: FloatImage, min_area_fraction: float) -> Placement | None:
+    """The most strip-like object in ``small`` (float 0..1, grey or RGB), or None."""
+    feature = brightness(small)
+    height, width = feature.shape
+    area_img = float(height * width)
+    best: Placement | None = None
+    close_w = max(3, int(0.025 * max(width, height)) | 1)
+    close_kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (close_w, 3))
+    open_kernel = np.ones((3, 3), np.uint8)
+    seen: list[tuple[float, float, float]] = []
+    for spread in (0.35, 0.15):
+        relative = feature / np.maximum(_local_max(feature, spread), 1e-3)
+        for level in (0.82, 0.72, 0.62):
+            mask = (relative >= level).astype(np.uint8)
+            mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, close_kernel)
+            mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, open_kernel)
+            contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            for contour in contours:
+                area = float(cv2.contourArea(contour))
+                if area < min_area_fraction * area_img:
+                    continue
+                candidate = _judge(contour, area, feature, area_img)
+                if candidate is None:
+                    continue
+                key = (round(candidate.center_x), round(candidate.center_y), round(candidate.length))
+                if key in seen:
+                    continue
+                seen.append(key)
+                if best is None or candidate.score > best.score:
+                    best = candidate
+    return best
+
+
+def _judge(
+    contour: npt.NDArray[np.int32], area: float, feature: FloatImage, area_img: float
+) -> Placement | None:
+    (cx, cy), (w, h), angle_deg = cv2.minAreaRect(contour)
+    if w < 3 or h < 3:
+        return None
+    if w >= h:
+        length, across, angle = w, h, angle_deg
+    else:
+        length, across, angle = h, w, angle_deg + 90.0
+    # Bring the long axis into (-90, 90]; the strip lies roughly horizontal.
+    while angle > 90:
+        angle -= 180
+    while angle <= -90:
+        angle += 180
+    if abs(angle) > 30:
+        return None
+    aspect = length / across
+    if not 1.8 <= aspect <= 25:
+        return None
+    fill = area / (length * across)
+    if fill < 0.78:
+        return None
+    # Contrast against a ring around the object.
+    inside = np.zeros(feature.shape, np.uint8)
+    cv2.drawContours(inside, [contour], -1, 1, -1)
+    ring_w = max(2, int(0.15 * across))
+    ring = cv2.dilate(inside, np.ones((ring_w * 2 + 1, ring_w * 2 + 1), np.uint8)) - inside
+    if not ring.any():
+        return None
+    inner_v = float(np.median(feature[inside > 0]))
+    ring_v = float(np.median(feature[ring > 0]))
+    contrast = inner_v / max(ring_v, 1e-3)
+    if contrast < 1.12:
+        return None
+    size_term = math.sqrt(area / area_img)
+    score = size_term * fill**2 * min(contrast, 2.0) * (1.0 if aspect >= 2.2 else 0.7)
+    return Placement(float(cx), float(cy), float(length), float(across), math.radians(angle), score)

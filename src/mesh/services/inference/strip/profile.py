@@ -1,0 +1,229 @@
+"""From the rectified strip crop to line candidates: read window, background-corrected profile, peaks.
+
+The crop has the flow axis horizontal, sample end left. A cassette's read window is found from its recessed
+edge: the window's top and bottom borders are the strongest horizontal edges in the crop, and lines (vertical)
+add nothing to them; the columns over which both borders are strong give the window's length. A bare strip
+has no such borders; its membrane lies between the sample pad and the wick, found as the sharpest steps of
+the profile's upper envelope.
+
+The profile averages the window's central rows per channel. Its background is the upper envelope (a
+morphological closing wider than any line, which keeps steps such as shadow edges but fills dips), so each
+channel's absorbance ``1 - profile / envelope`` is 0 on the membrane whatever its colour, light or cast, and a
+line's peak absorbance is its contrast against the membrane.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class WindowBox:
+    """The read window in crop pixels."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    framed: bool
+    """True when a recessed frame (a cassette's window) was found, False for a bare strip's membrane."""
+
+
+@dataclass(frozen=True)
+class Peak:
+    """A dip of the profile: a line candidate."""
+
+    index: float
+    """Sub-pixel position along the window's profile."""
+
+    height: float
+    """Peak absorbance in the most affected channel: the contrast against the membrane."""
+
+    snr: float
+    """Height over the profile's noise."""
+
+    chroma: float
+    """How coloured the dip is: 0 for grey (a shadow, a crease), about 0.5-0.9 for red or blue lines."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The background-corrected profile of a window."""
+
+    signal: FloatArray
+    """Absorbance, max over channels, per column of the window."""
+
+    noise: float
+    """Robust standard deviation of ``signal`` away from lines."""
+
+    level_ratio: float
+    """Brightest over darkest envelope value (uneven light across the window)."""
+
+    peaks: tuple[Peak, ...]
+
+
+def _smooth_rows(grey: FloatArray) -> FloatArray:
+    return cv2.GaussianBlur(grey, (0, 0), 1.0)
+
+
+def find_window(grey: FloatArray, across_margin: float) -> WindowBox:
+    """The read window of a crop whose object spans rows ``margin .. height - margin``."""
+    height, width = grey.shape
+    top_obj = across_margin
+    bottom_obj = height - across_margin
+    obj_h = bottom_obj - top_obj
+    framed = _framed_window(grey, top_obj, bottom_obj)
+    if framed is not None:
+        return framed
+    # Bare strip: the membrane between pad and wick, over the central rows.
+    y0 = top_obj + 0.2 * obj_h
+    y1 = bottom_obj - 0.2 * obj_h
+    band = grey[int(y0) : int(np.ceil(y1)), :]
+    x0, x1 = _membrane_span(band.mean(axis=0))
+    return WindowBox(x0, top_obj, x1, bottom_obj, framed=False)
+
+
+def _framed_window(grey: FloatArray, top_obj: float, bottom_obj: float) -> WindowBox | None:
+    height, width = grey.shape
+    obj_h = bottom_obj - top_obj
+    smooth = _smooth_rows(grey)
+    grad = np.abs(smooth[2:, :] - smooth[:-2, :])  # row y+1 of the crop
+    # Only the object's inner columns and rows, away from its own outline.
+    cols = slice(int(0.03 * width), int(0.97 * width))
+    rows_strength = np.percentile(grad[:, cols], 80, axis=1)
+    first = int(top_obj + 0.12 * obj_h)
+    last = int(bottom_obj - 0.12 * obj_h)
+    centre = (top_obj + bottom_obj) / 2
+    if last - first < 6:
+        return None
+    inner = rows_strength[first - 1 : last - 1]
+    floor = float(np.median(inner)) + 1e-4
+    upper = inner[: int(centre - first)]
+    lower = inner[int(centre - first) :]
+    if upper.size < 2 or lower.size < 2:
+        return None
+    top = int(np.argmax(upper)) + first
+    bottom = int(np.argmax(lower)) + int(centre)
+    if min(float(upper.max()), float(lower.max())) < 3.0 * floor:
+        return None
+    # The window's columns: where both borders are strong.
+    band_t = grad[max(0, top - 3) : top + 2, :].max(axis=0)
+    band_b = grad[max(0, bottom - 3) : bottom + 2, :].max(axis=0)
+    both = cv2.blur(np.minimum(band_t, band_b).reshape(1, -1), (5, 1)).ravel()
+    both[: int(0.03 * width)] = 0
+    both[int(0.97 * width) :] = 0
+    threshold = 0.35 * float(np.percentile(both, 97))
+    run = _longest_run(both > threshold)
+    if run is None:
+        return None
+    x0, x1 = run
+    win_h = bottom - top
+    if x1 - x0 < 0.12 * width or win_h < 0.12 * obj_h or (x1 - x0) < 1.2 * win_h:
+        return None
+    return WindowBox(float(x0), float(top), float(x1), float(bottom), framed=True)
+
+
+def _longest_run(flags: npt.NDArray[np.bool_]) -> tuple[int, int] | None:
+    if not flags.any():
+        return None
+    padded = np.concatenate([[False], flags, [False]]).astype(np.int8)
+    diff = np.diff(padded)
+    starts = np.flatnonzero(diff == 1)
+    ends = np.flatnonzero(diff == -1)
+    lengths = ends - starts
+    i = int(np.argmax(lengths))
+    return int(starts[i]), int(ends[i])
+
+
+def _membrane_span(mean_profile: FloatArray) -> tuple[float, float]:
+    """Sample pad / membrane and membrane / wick borders of a bare strip: the sharpest envelope steps."""
+    n = mean_profile.size
+    k = max(3, int(0.06 * n) | 1)
+    envelope = _closing(mean_profile, k)
+    sigma = max(1.0, 0.004 * n)
+    env = cv2.GaussianBlur(envelope.reshape(1, -1), (0, 0), sigma).ravel()
+    slope = np.gradient(env)
+    level = float(np.percentile(env, 90)) + 1e-4
+    left_zone = slice(int(0.08 * n), int(0.42 * n))
+    right_zone = slice(int(0.58 * n), int(0.95 * n))
+    x0, x1 = 0.0, float(n)
+    ls = slope[left_zone]
+    if ls.size and ls.max() * sigma * 2.5 > 0.03 * level:
+        x0 = float(int(np.argmax(ls)) + left_zone.start)
+    rs = slope[right_zone]
+    if rs.size and -rs.min() * sigma * 2.5 > 0.03 * level:
+        x1 = float(int(np.argmin(rs)) + right_zone.start)
+    return x0, x1
+
+
+def _closing(values: FloatArray, size: int) -> FloatArray:
+    row = values.reshape(1, -1).astype(np.float32)
+    kernel = np.ones((1, size), np.uint8)
+    dilated = cv2.dilate(row, kernel, borderType=cv2.BORDER_REPLICATE)
+    closed = cv2.erode(dilated, kernel, borderType=cv2.BORDER_REPLICATE)
+    return np.asarray(closed.ravel(), dtype=np.float32)
+
+
+def window_profile(crop: FloatArray, box: WindowBox, margin: float = 0.04) -> Profile:
+    """Background-corrected line profile of the window's central rows; peaks sorted by position."""
+    h = box.y1 - box.y0
+    y0 = int(round(box.y0 + 0.25 * h))
+    y1 = int(round(box.y1 - 0.25 * h))
+    if y1 <= y0:
+        y1 = y0 + 1
+    x0, x1 = int(round(box.x0)), int(round(box.x1))
+    band = crop[y0:y1, x0:x1]
+    means = band.mean(axis=0)
+    if means.ndim == 1:
+        means = means[:, None]
+    n = means.shape[0]
+    sigma = max(0.6, 0.003 * n)
+    means = _blur_columns(means.astype(np.float32), sigma)
+    k = max(5, int(0.1 * n) | 1)
+    absorb = np.empty_like(means)
+    level_ratio = 1.0
+    for c in range(means.shape[1]):
+        env = _closing(means[:, c], k)
+        env = cv2.blur(env.reshape(1, -1), (max(1, k // 3), 1), borderType=cv2.BORDER_REPLICATE).ravel()
+        env = np.maximum(env, means[:, c])
+        absorb[:, c] = 1.0 - means[:, c] / np.maximum(env, 1e-3)
+        inner = env[int(margin * n) : max(int(margin * n) + 1, int((1 - margin) * n))]
+        level_ratio = max(level_ratio, float(inner.max() / max(inner.min(), 1e-3)))
+    signal = absorb.max(axis=1).astype(np.float32)
+    lo, hi = int(margin * n), int((1 - margin) * n)
+    core = signal[lo:hi] if hi - lo > 8 else signal
+    med = float(np.median(core))
+    noise = 1.4826 * float(np.median(np.abs(core - med))) + 1e-4
+    peaks = _peaks(signal, absorb, noise, lo, hi)
+    return Profile(signal=signal, noise=noise, level_ratio=level_ratio, peaks=peaks)
+
+
+def _blur_columns(values: FloatArray, sigma: float) -> FloatArray:
+    """Gaussian smoothing along axis 0 of an (n, channels) array."""
+    size = 2 * int(3 * sigma) + 1
+    blurred = cv2.GaussianBlur(values, (1, size), sigmaX=0, sigmaY=sigma, borderType=cv2.BORDER_REPLICATE)
+    return np.asarray(blurred, dtype=np.float32).reshape(values.shape)
+
+
+def _peaks(signal: FloatArray, absorb: FloatArray, noise: float, lo: int, hi: int) -> tuple[Peak, ...]:
+    found: list[Peak] = []
+    n = signal.size
+    for i in range(max(lo, 1), min(hi, n - 1)):
+        v = signal[i]
+        if v <= 0 or v < signal[i - 1] or v <= signal[i + 1]:
+            continue
+        # Sub-pixel vertex of the parabola through the three samples.
+        a, b, c = float(signal[i - 1]), float(v), float(signal[i + 1])
+        denom = a - 2 * b + c
+        offset = 0.5 * (a - c) / denom if denom < 0 else 0.0
+        colour = absorb[i]
+        top = float(colour.max())
+        chroma = float((colour.max() - colour.min()) / top) if top > 1e-4 and colour.size > 1 else 0.0
+        found.append(Peak(index=i + offset, height=float(v), snr=float(v) / noise, chroma=chroma))
+    return tuple(found)

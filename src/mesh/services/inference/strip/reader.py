@@ -1,0 +1,286 @@
+"""The lateral-flow strip reader: strip -> read window -> line profile -> C and T -> verdict.
+
+1. Downscale by an integer factor to about ``work_size`` pixels and find the strip (``locate``).
+2. Resample a rotated crop of the strip from the full image, flow axis horizontal (``backend``).
+3. Find the read window in it and build the background-corrected profile (``profile``).
+4. C is the strongest line in the window's right half (flow runs left to right); T is the strongest line
+   at the expected spacing left of C. A line counts when its contrast and its signal-to-noise ratio pass
+   thresholds calibrated on the train split. No strip, or no C, is INVALID: the reader never says POSITIVE or
+   NEGATIVE without having found a strip.
+
+The pre-check runs the same steps on a smaller crop and stops at the quality verdict; its answer carries
+``precheck_only=True``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from mesh.services.inference.strip.backend import Backend, CpuBackend, CropGeometry, gpu_backend
+from mesh.services.inference.strip.config import ReaderConfig
+from mesh.services.inference.strip.locate import Placement, find_object
+from mesh.services.inference.strip.profile import Peak, Profile, WindowBox, find_window, window_profile
+from mesh.services.inference.strip.types import (
+    ABSENT_LINE,
+    LineReading,
+    QualityFlag,
+    StripReading,
+    Verdict,
+    Window,
+)
+
+ByteImage = npt.NDArray[np.uint8]
+FloatImage = npt.NDArray[np.float32]
+
+# Across the strip, the crop keeps this much of the strip's width as margin on each side.
+ACROSS_MARGIN = 0.12
+
+
+@dataclass(frozen=True)
+class _Lines:
+    control: Peak | None
+    test: Peak | None
+    strongest_c_candidate: Peak | None
+
+
+def to_uint8(image: npt.NDArray[np.generic]) -> ByteImage:
+    """HxW, HxWx3 (RGB) or HxWx4 (RGBA) in uint8 or uint16 -> uint8 grey or RGB; alpha is dropped."""
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ValueError(f"expected HxW, HxWx3 or HxWx4 pixels, got shape {array.shape}")
+    if array.shape[0] < 16 or array.shape[1] < 16:
+        raise ValueError(f"image too small: {array.shape[1]}x{array.shape[0]}")
+    if array.ndim == 3 and array.shape[2] == 4:
+        array = array[:, :, :3]
+    if array.dtype == np.uint16:
+        array = (array >> 8).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise ValueError(f"expected uint8 or uint16 pixels, got {array.dtype}")
+    return np.ascontiguousarray(array)
+
+
+class StripReader:
+    """Reads lateral-flow test photos; thread-safe (no state changes after construction)."""
+
+    def __init__(self, config: ReaderConfig | None = None, device: Literal["cpu", "gpu"] = "cpu") -> None:
+        self.config = config or ReaderConfig()
+        self.device = device
+        self.backend: Backend = gpu_backend() if device == "gpu" else CpuBackend()
+
+    def read(self, image: np.ndarray) -> StripReading:  # type: ignore[type-arg]
+        """The full reading of one image."""
+        return self._run(to_uint8(image), self.config.crop_length, precheck=False)
+
+    def precheck(self, image: np.ndarray) -> StripReading:  # type: ignore[type-arg]
+        """The fast quality pre-check: strip found, blur, exposure, control line."""
+        return self._run(to_uint8(image), self.config.precheck_crop_length, precheck=True)
+
+    def read_batch(self, images: Sequence[np.ndarray]) -> list[StripReading]:  # type: ignore[type-arg]
+        """Readings of several images, in order."""
+        return [self.read(image) for image in images]
+
+    # --- pipeline ----------------------------------------------------------------------------------------
+
+    def _run(self, image: ByteImage, crop_length: int, precheck: bool) -> StripReading:
+        cfg = self.config
+        height, width = image.shape[:2]
+        factor = max(1, math.ceil(max(height, width) / cfg.work_size))
+        small = self.backend.downscale(image, factor)
+        placement = find_object(small, cfg.min_object_fraction)
+        if placement is None:
+            return _not_found(precheck)
+        geometry = _crop_geometry(placement, factor, crop_length)
+        crop = self.backend.rectify(image, geometry)
+        grey = crop if crop.ndim == 2 else crop.mean(axis=2)
+        margin = ACROSS_MARGIN * placement.width * factor * geometry.scale
+        box = find_window(grey, margin)
+        profile = window_profile(crop, box)
+        lines = self._lines(profile)
+        flags = self._quality(grey, margin, geometry, width, profile)
+        return self._reading(lines, profile, box, geometry, flags, precheck)
+
+    def _lines(self, profile: Profile) -> _Lines:
+        cfg = self.config
+        n = float(profile.signal.size)
+        right = [p for p in profile.peaks if p.index / n >= 0.5]
+        c_candidate = max(right, key=lambda p: p.height, default=None)
+        control = None
+        if (
+            c_candidate is not None
+            and c_candidate.height >= cfg.c_min_intensity
+            and c_candidate.snr >= cfg.c_min_snr
+        ):
+            control = c_candidate
+        if control is not None:
+            c_pos = control.index / n
+            zone = [p for p in profile.peaks if c_pos - 0.45 <= p.index / n <= c_pos - 0.12]
+        else:
+            zone = [p for p in profile.peaks if p.index / n < 0.5]
+        t_candidate = max(zone, key=lambda p: p.snr, default=None)
+        test = None
+        if (
+            t_candidate is not None
+            and t_candidate.height >= cfg.t_min_intensity
+            and t_candidate.snr >= cfg.t_min_snr
+        ):
+            test = t_candidate
+        return _Lines(control=control, test=test, strongest_c_candidate=c_candidate)
+
+    def _quality(
+        self, grey: FloatImage, margin: float, geometry: CropGeometry, image_width: int, profile: Profile
+    ) -> list[QualityFlag]:
+        cfg = self.config
+        flags: list[QualityFlag] = []
+        top, bottom = int(margin), max(int(margin) + 1, grey.shape[0] - int(margin))
+        body = grey[top:bottom]
+        level = float(np.median(body))
+        if level < cfg.underexposed_level:
+            flags.append(QualityFlag.UNDEREXPOSED)
+        if float(np.mean(body >= 0.985)) > cfg.overexposed_fraction:
+            flags.append(QualityFlag.OVEREXPOSED)
+        if profile.level_ratio > cfg.uneven_ratio:
+            flags.append(QualityFlag.UNEVEN_LIGHTING)
+        sigma = _edge_blur(grey, margin)
+        if sigma is not None:
+            sigma_at_1000 = sigma / geometry.scale * 1000.0 / max(image_width, 1)
+            if sigma_at_1000 > cfg.blur_flag_sigma:
+                flags.append(QualityFlag.BLUR)
+        return flags
+
+    def _reading(
+        self,
+        lines: _Lines,
+        profile: Profile,
+        box: WindowBox,
+        geometry: CropGeometry,
+        flags: list[QualityFlag],
+        precheck: bool,
+    ) -> StripReading:
+        cfg = self.config
+        n = profile.signal.size
+        y_mid = (box.y0 + box.y1) / 2
+
+        def line(peak: Peak | None) -> LineReading:
+            if peak is None:
+                return ABSENT_LINE
+            u = box.x0 + peak.index
+            x, y = geometry.to_image(u, y_mid)
+            # Along the strip in image pixels, from the window's sample end.
+            return LineReading(
+                present=True,
+                position_px=peak.index / geometry.scale,
+                position=peak.index / max(n - 1, 1),
+                intensity=min(1.0, max(0.0, peak.height)),
+                center_x=x,
+                center_y=y,
+            )
+
+        wx, wy = geometry.to_image((box.x0 + box.x1) / 2, y_mid)
+        window = Window(
+            center_x=wx,
+            center_y=wy,
+            length=(box.x1 - box.x0) / geometry.scale,
+            width=(box.y1 - box.y0) / geometry.scale,
+            angle_degrees=-math.degrees(geometry.angle_rad),
+        )
+        control = line(lines.control)
+        if lines.control is None:
+            flags.append(QualityFlag.NO_CONTROL_LINE)
+            verdict = Verdict.INVALID
+            c = lines.strongest_c_candidate
+            # Sure it is invalid when no candidate comes near the control thresholds.
+            closeness = 0.0 if c is None else max(c.snr / cfg.c_min_snr, c.height / cfg.c_min_intensity * 0.5)
+            confidence = _clamp(1.0 - 0.5 * closeness**2)
+            test = line(lines.test)
+            ratio = 0.0
+        else:
+            test = line(lines.test)
+            verdict = Verdict.POSITIVE if lines.test is not None else Verdict.NEGATIVE
+            c_conf = _sigmoid((lines.control.snr - cfg.c_min_snr) / 2.0)
+            t_snr = lines.test.snr if lines.test is not None else _best_t_snr(profile, lines.control)
+            t_conf = _sigmoid(abs(t_snr - cfg.t_min_snr) / 1.0 + 0.5)
+            confidence = _clamp(c_conf * t_conf)
+            ratio = (
+                test.intensity / control.intensity
+                if lines.test is not None and control.intensity > 0
+                else 0.0
+            )
+        return StripReading(
+            verdict=verdict,
+            control_line=control,
+            test_line=test,
+            t_to_c_ratio=float(ratio),
+            confidence=float(confidence),
+            quality_flags=tuple(dict.fromkeys(flags)),
+            window=window,
+            precheck_only=precheck,
+        )
+
+
+def _best_t_snr(profile: Profile, control: Peak) -> float:
+    n = float(profile.signal.size)
+    c_pos = control.index / n
+    zone = [p.snr for p in profile.peaks if c_pos - 0.45 <= p.index / n <= c_pos - 0.12]
+    return max(zone, default=0.0)
+
+
+def _crop_geometry(placement: Placement, factor: int, crop_length: int) -> CropGeometry:
+    # Working-image pixel centres map to the middle of each factor x factor block.
+    cx = (placement.center_x + 0.5) * factor - 0.5
+    cy = (placement.center_y + 0.5) * factor - 0.5
+    length = placement.length * factor
+    width = placement.width * factor
+    scale = min(1.0, crop_length / max(length, 1.0))
+    size_x = max(16, int(round(length * 0.98 * scale)))
+    size_y = max(8, int(round(width * (1 + 2 * ACROSS_MARGIN) * scale)))
+    return CropGeometry(cx, cy, placement.angle_rad, scale, size_x, size_y)
+
+
+def _edge_blur(grey: FloatImage, margin: float) -> float | None:
+    """Defocus sigma (crop pixels) estimated from the strip's long edges: step height over peak slope."""
+    height, width = grey.shape
+    band = grey[:, int(0.3 * width) : int(0.7 * width)]
+    if band.size == 0 or margin < 3:
+        return None
+    across = band.mean(axis=1)
+    slope = np.abs(np.gradient(across))
+    estimates = []
+    for edge in (int(margin), height - 1 - int(margin)):
+        lo, hi = max(0, edge - int(margin)), min(height, edge + int(margin) + 1)
+        if hi - lo < 4:
+            continue
+        window = across[lo:hi]
+        step = float(window.max() - window.min())
+        peak = float(slope[lo:hi].max())
+        if step > 0.08 and peak > 1e-4:
+            estimates.append(step / (peak * math.sqrt(2 * math.pi)))
+    return min(estimates) if estimates else None
+
+
+def _not_found(precheck: bool) -> StripReading:
+    return StripReading(
+        verdict=Verdict.INVALID,
+        control_line=ABSENT_LINE,
+        test_line=ABSENT_LINE,
+        t_to_c_ratio=0.0,
+        confidence=0.9,
+        quality_flags=(QualityFlag.STRIP_NOT_FOUND,),
+        window=None,
+        precheck_only=precheck,
+    )
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, x))))
+
+
+def _clamp(x: float) -> float:
+    return max(0.0, min(1.0, x))
