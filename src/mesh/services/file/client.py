@@ -79,6 +79,7 @@ class FileClient:
         *,
         variant: file_service_pb2.ImageVariant.ValueType = file_service_pb2.IMAGE_VARIANT_ORIGINAL,
         timeout: float | None = None,
+        chunk_size: int = 0,
     ) -> tuple[file_service_pb2.Image, str, bytes]:
         """The image's metadata, the content type of the bytes, and the bytes."""
         image = file_service_pb2.Image()
@@ -86,7 +87,10 @@ class FileClient:
         chunks: list[bytes] = []
         try:
             call = self._stub.DownloadImage(
-                file_service_pb2.DownloadImageRequest(image_id=image_id, variant=variant), timeout=timeout
+                file_service_pb2.DownloadImageRequest(
+                    image_id=image_id, variant=variant, chunk_size=chunk_size
+                ),
+                timeout=timeout,
             )
             async for part in call:
                 if part.HasField("image"):
@@ -107,3 +111,56 @@ class FileClient:
         except grpc.aio.AioRpcError as error:
             raise errors.from_rpc_error(error) from None
         return response.image
+
+    async def create(
+        self,
+        data: bytes,
+        *,
+        filename: str,
+        content_type: str = "",
+        labels: Mapping[str, str] | None = None,
+        idempotency_key: str = "",
+        sha256: str = "",
+        timeout: float | None = None,
+    ) -> file_service_pb2.CreateImageResponse:
+        """Upload a small image in one unary call."""
+        request = file_service_pb2.CreateImageRequest(
+            metadata=file_service_pb2.UploadMetadata(
+                filename=filename,
+                content_type=content_type,
+                sha256=sha256,
+                labels=dict(labels or {}),
+                idempotency_key=idempotency_key,
+            ),
+            data=data,
+        )
+        try:
+            response: file_service_pb2.CreateImageResponse = await self._stub.CreateImage(
+                request, timeout=timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            raise errors.from_rpc_error(error) from None
+        return response
+
+    async def list(
+        self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None
+    ) -> file_service_pb2.ListImagesResponse:
+        """One page of images, newest first; pass ``next_page_token`` back for the next."""
+        try:
+            response: file_service_pb2.ListImagesResponse = await self._stub.ListImages(
+                file_service_pb2.ListImagesRequest(page_size=page_size, page_token=page_token),
+                timeout=timeout,
+            )
+        except grpc.aio.AioRpcError as error:
+            raise errors.from_rpc_error(error) from None
+        return response
+
+    async def delete(self, image_id: str, *, timeout: float | None = None) -> bool:
+        """Delete an image; True when its blob was removed (no other image used the same bytes)."""
+        try:
+            response: file_service_pb2.DeleteImageResponse = await self._stub.DeleteImage(
+                file_service_pb2.DeleteImageRequest(image_id=image_id), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            raise errors.from_rpc_error(error) from None
+        return response.blob_removed

@@ -18,7 +18,9 @@ from mesh.services.file.store import ImageStore, UploadRequest, Variant
 from mesh.services.file.validation import UploadSizeGuard, too_large
 
 SERVICE_NAME: Final = "mesh.file.v1.FileService"
-MAX_CHUNK_BYTES: Final = 4 * 1024 * 1024
+# "At most 4 MiB" per message including its framing, so a client with gRPC's default 4 MiB receive limit
+# can take the largest chunk.
+MAX_CHUNK_BYTES: Final = 4 * 1024 * 1024 - 1024
 MIN_CHUNK_BYTES: Final = 1024
 
 _FORMATS: Final = {
@@ -61,7 +63,7 @@ def _upload_request(metadata: pb.UploadMetadata) -> UploadRequest:
 
 
 def chunk_size(requested: int, default: int) -> int:
-    """The download chunk size: the default when unset, otherwise within 1 KiB..4 MiB."""
+    """The download chunk size: the default when unset, otherwise within 1 KiB and just under 4 MiB."""
     if requested == 0:
         return default
     return max(MIN_CHUNK_BYTES, min(requested, MAX_CHUNK_BYTES))

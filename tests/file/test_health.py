@@ -1,0 +1,130 @@
+"""Health tells the truth: NOT_SERVING while PostgreSQL or the blob store is unusable, and back by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import httpx
+import psycopg
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+
+from mesh.kit import errors
+from mesh.kit.runtime import ServiceRuntime
+from mesh.services.file.client import FileClient
+from mesh.services.file.server import file_service
+from tests.file import corpus
+from tests.file.conftest import make_settings
+
+pytestmark = pytest.mark.integration
+
+SERVICE = "mesh.file.v1.FileService"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture(scope="module")
+async def server(
+    database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[ServiceRuntime]:
+    """A file service of its own (its database and blob dir get broken on purpose)."""
+    settings = make_settings(database_url, tmp_path_factory.mktemp("health") / "blobs")
+    async with file_service(settings) as runtime:
+        task = asyncio.create_task(runtime.run())
+        await asyncio.wait_for(runtime.started.wait(), 30)
+        yield runtime
+        runtime.stopping.set()
+        await asyncio.wait_for(task, 15)
+
+
+async def wait_for_status(runtime: ServiceRuntime, wanted: int, timeout: float) -> float:
+    """Poll gRPC health until the service's status is ``wanted``; returns the seconds it took."""
+    started = time.monotonic()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc_port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            answer = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE))
+            if answer.status == wanted:
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout:
+                name = health_pb2.HealthCheckResponse.ServingStatus.Name(wanted)
+                raise AssertionError(f"still {answer.status} after {timeout}s, wanted {name}")
+            await asyncio.sleep(0.1)
+
+
+async def _healthz(runtime: ServiceRuntime) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{runtime.http_port}") as http:
+        return await http.get("/healthz")
+
+
+async def _set_connections(admin_url: str, database: str, *, allowed: bool) -> None:
+    """Refuse (and cut) or allow again every connection to ``database``."""
+    async with await psycopg.AsyncConnection.connect(admin_url, autocommit=True) as admin:
+        await admin.execute(
+            sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
+                sql.Identifier(database), sql.Literal(allowed)
+            )
+        )
+        if not allowed:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,)
+            )
+
+
+def _replace_with_file(directory: Path, aside: Path) -> None:
+    """Move the directory aside and put a plain file in its place, so it can be neither used nor made."""
+    directory.rename(aside)
+    directory.write_bytes(b"a file where the blob directory should be")
+
+
+def _restore(directory: Path, aside: Path) -> None:
+    directory.unlink()
+    aside.rename(directory)
+
+
+async def test_postgres_outage_and_recovery(
+    server: ServiceRuntime, database_url: str, postgres_admin_url: str
+) -> None:
+    """With PostgreSQL refusing connections the service is NOT_SERVING and says why; it recovers alone."""
+    await wait_for_status(server, SERVING, 10)
+    database = str(conninfo_to_dict(database_url)["dbname"])
+    client = FileClient(grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}"))
+    try:
+        await _set_connections(postgres_admin_url, database, allowed=False)
+        try:
+            await wait_for_status(server, NOT_SERVING, 15)
+            response = await _healthz(server)
+            assert response.status_code == 503
+            failing = {c["name"] for c in response.json()["checks"] if c["status"] == "failing"}
+            assert failing == {"postgresql"}
+            with pytest.raises(errors.Unavailable, match="database is unavailable"):
+                await client.upload(corpus.png(), filename="during-outage.png")
+        finally:
+            await _set_connections(postgres_admin_url, database, allowed=True)
+        await wait_for_status(server, SERVING, 30)
+        assert (await _healthz(server)).status_code == 200
+        stored = await client.upload(corpus.png(), filename="after-outage.png")
+        assert stored.image.width == 64
+    finally:
+        await client.close()
+
+
+async def test_blob_store_outage_and_recovery(server: ServiceRuntime) -> None:
+    """With the blob directory unusable the service is NOT_SERVING naming blob_store; it recovers alone."""
+    await wait_for_status(server, SERVING, 30)
+    blob_dir: Path = server.settings.blob_dir
+    aside = blob_dir.with_name("blobs.aside")
+    await asyncio.to_thread(_replace_with_file, blob_dir, aside)
+    try:
+        await wait_for_status(server, NOT_SERVING, 10)
+        failing = {c["name"] for c in (await _healthz(server)).json()["checks"] if c["status"] == "failing"}
+        assert failing == {"blob_store"}
+    finally:
+        await asyncio.to_thread(_restore, blob_dir, aside)
+    await wait_for_status(server, SERVING, 10)

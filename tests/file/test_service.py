@@ -1,0 +1,275 @@
+"""The file service end to end: gRPC against a server in this process on the real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import itertools
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from mesh.file.v1 import file_service_pb2 as pb
+from mesh.file.v1 import file_service_pb2_grpc
+from mesh.kit import errors
+from mesh.kit.runtime import ServiceRuntime
+from mesh.services.file.blobs import BlobStore
+from mesh.services.file.client import FileClient
+from mesh.services.file.servicer import MAX_CHUNK_BYTES
+from tests.file import corpus
+
+pytestmark = pytest.mark.integration
+
+
+def unique_png(width: int = 48, height: int = 32) -> bytes:
+    """A PNG no other test uploads."""
+    return corpus.noise_png(width, height, seed=uuid.uuid4().int % 2**32)
+
+
+async def test_upload_returns_the_image_metadata(file_client: FileClient) -> None:
+    """An upload answers with the real format, size, channels, digest, clean filename and labels."""
+    data = unique_png(48, 32)
+    response = await file_client.upload(
+        data, filename="../../etc/strip.png", content_type="image/png", labels={"batch": "7"}
+    )
+    image = response.image
+    assert response.deduplicated is False
+    uuid.UUID(image.id)
+    assert image.filename == "strip.png"
+    assert (image.content_type, image.width, image.height, image.channels, image.bit_depth) == (
+        "image/png",
+        48,
+        32,
+        3,
+        8,
+    )
+    assert image.size_bytes == len(data)
+    assert image.sha256 == hashlib.sha256(data).hexdigest()
+    assert image.has_thumbnail
+    assert dict(image.labels) == {"batch": "7"}
+    assert image.create_time.seconds > 0
+    assert (await file_client.get(image.id)) == image
+
+
+async def test_same_bytes_are_stored_once(file_client: FileClient, blob_dir: Path) -> None:
+    """Uploading the same bytes again gives a new image with the same sha256 and no new blob on disk."""
+    data = unique_png()
+    blobs = BlobStore(blob_dir)
+    first = await file_client.upload(data, filename="a.png")
+    count = blobs.count()
+    second = await file_client.upload(data, filename="b.png")
+    assert second.deduplicated is True
+    assert second.image.sha256 == first.image.sha256
+    assert second.image.id != first.image.id
+    assert blobs.count() == count
+
+
+async def test_unary_create_and_idempotency_key(file_client: FileClient) -> None:
+    """CreateImage stores a small image; a repeated idempotency key returns the first image."""
+    data = unique_png()
+    key = f"key-{uuid.uuid4()}"
+    first = await file_client.create(data, filename="one.png", idempotency_key=key)
+    again = await file_client.create(unique_png(), filename="two.png", idempotency_key=key)
+    streamed = await file_client.upload(data, filename="three.png", idempotency_key=key)
+    assert first.deduplicated is False
+    assert again.image == first.image == streamed.image
+    assert again.deduplicated
+    assert streamed.deduplicated
+
+
+async def test_download_streams_the_original_in_chunks(
+    file_client: FileClient, file_server: ServiceRuntime
+) -> None:
+    """The original comes back byte for byte: metadata first, then 1 MiB chunks (4 MiB at most)."""
+    data = corpus.noise_png(1400, 1100)  # about 4.6 MB
+    image = (await file_client.upload(data, filename="big.png")).image
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{file_server.grpc_port}") as channel:
+        stub = file_service_pb2_grpc.FileServiceStub(channel)
+        for requested, expected in ((0, 1024 * 1024), (64 * 1024 * 1024, MAX_CHUNK_BYTES), (10, 1024)):
+            parts = [
+                p
+                async for p in stub.DownloadImage(
+                    pb.DownloadImageRequest(image_id=image.id, chunk_size=requested)
+                )
+            ]
+            assert parts[0].image == image
+            assert parts[0].content_type == "image/png"
+            chunks = [p.chunk for p in parts[1:]]
+            if expected > 1024:
+                assert {len(c) for c in chunks[:-1]} == {expected}
+            else:
+                assert len(chunks[0]) == expected
+            assert b"".join(chunks) == data
+
+
+async def test_download_thumbnail(file_client: FileClient) -> None:
+    """The thumbnail is at most 256 px, JPEG for an opaque image and PNG for one with alpha."""
+    opaque = (await file_client.upload(corpus.noise_png(600, 400), filename="o.png")).image
+    alpha = (await file_client.upload(corpus.png("RGBA", 300, 600), filename="a.png")).image
+    for image, content_type, size in ((opaque, "image/jpeg", (256, 171)), (alpha, "image/png", (128, 256))):
+        meta, received_type, data = await file_client.download(image.id, variant=pb.IMAGE_VARIANT_THUMBNAIL)
+        assert meta.id == image.id
+        assert received_type == content_type
+        assert Image.open(io.BytesIO(data)).size == size
+
+
+async def test_lookups_of_missing_and_malformed_ids(file_client: FileClient) -> None:
+    """A missing id is NOT_FOUND; a malformed one is INVALID_ARGUMENT naming image_id."""
+    missing = str(uuid.uuid4())
+    with pytest.raises(errors.NotFound, match=missing):
+        await file_client.get(missing)
+    with pytest.raises(errors.NotFound):
+        await file_client.download(missing)
+    with pytest.raises(errors.NotFound):
+        await file_client.delete(missing)
+    for call in (file_client.get, file_client.download, file_client.delete):
+        with pytest.raises(errors.InvalidArgument) as caught:
+            await call("not-a-uuid")
+        assert [v.field for v in caught.value.field_violations] == ["image_id"]
+
+
+async def test_bad_uploads_get_their_status_over_grpc(file_client: FileClient) -> None:
+    """Validation errors cross gRPC with their code, reason (for 415/413) and message."""
+    with pytest.raises(errors.InvalidArgument) as caught:
+        await file_client.upload(b"plain text, not a picture\n", filename="fake.png")
+    assert errors.http_status(caught.value) == 415
+    truncated = unique_png(200, 200)[:500]
+    with pytest.raises(errors.InvalidArgument, match="truncated") as caught:
+        await file_client.upload(truncated, filename="cut.png")
+    assert errors.http_status(caught.value) == 400
+    with pytest.raises(errors.InvalidArgument, match="image/jpeg"):
+        await file_client.create(unique_png(), filename="x.jpg", content_type="image/jpeg")
+    with pytest.raises(errors.ResourceExhausted, match="megapixels") as too_big:
+        await file_client.upload(corpus.png_declaring(30000, 30000), filename="bomb.png")
+    assert errors.http_status(too_big.value) == 413
+
+
+async def test_oversized_stream_is_cut_off_early(file_server: ServiceRuntime) -> None:
+    """An endless upload stream ends with RESOURCE_EXHAUSTED soon after the 25 MiB limit."""
+    pulled = 0
+
+    async def endless() -> AsyncIterator[pb.UploadImageRequest]:
+        nonlocal pulled
+        yield pb.UploadImageRequest(metadata=pb.UploadMetadata(filename="huge.png"))
+        chunk = b"\x00" * (1024 * 1024)
+        for _ in itertools.count():
+            pulled += 1
+            yield pb.UploadImageRequest(chunk=chunk)
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{file_server.grpc_port}") as channel:
+        stub = file_service_pb2_grpc.FileServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(stub.UploadImage(endless()), 30)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "limit of 26214400 bytes" in (caught.value.details() or "")
+    assert pulled < 64
+
+
+async def test_stream_must_open_with_metadata(file_server: ServiceRuntime) -> None:
+    """A stream whose first message is a chunk, or that repeats metadata, is INVALID_ARGUMENT."""
+
+    async def chunk_first() -> AsyncIterator[pb.UploadImageRequest]:
+        yield pb.UploadImageRequest(chunk=b"\x89PNG")
+
+    async def metadata_twice() -> AsyncIterator[pb.UploadImageRequest]:
+        yield pb.UploadImageRequest(metadata=pb.UploadMetadata(filename="a.png"))
+        yield pb.UploadImageRequest(metadata=pb.UploadMetadata(filename="b.png"))
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{file_server.grpc_port}") as channel:
+        stub = file_service_pb2_grpc.FileServiceStub(channel)
+        for stream, words in ((chunk_first, "must carry metadata"), (metadata_twice, "sent twice")):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.UploadImage(stream())
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert words in (caught.value.details() or "")
+
+
+async def test_list_pages_newest_first(file_client: FileClient) -> None:
+    """Listing walks every image once, newest first, in pages of the requested size."""
+    ids = [(await file_client.upload(unique_png(), filename=f"{i}.png")).image.id for i in range(5)]
+    seen: list[pb.Image] = []
+    token = ""
+    while True:
+        page = await file_client.list(page_size=2, page_token=token)
+        assert len(page.images) <= 2
+        seen.extend(page.images)
+        token = page.next_page_token
+        if not token:
+            break
+    seen_ids = [i.id for i in seen]
+    assert len(seen_ids) == len(set(seen_ids))
+    assert seen_ids[:5] == list(reversed(ids))
+    stamps = [(i.create_time.ToDatetime(), uuid.UUID(i.id)) for i in seen]
+    assert stamps == sorted(stamps, reverse=True)
+    with pytest.raises(errors.InvalidArgument) as caught:
+        await file_client.list(page_token="bogus")
+    assert [v.field for v in caught.value.field_violations] == ["page_token"]
+
+
+async def test_delete_removes_the_blob_with_its_last_image(file_client: FileClient, blob_dir: Path) -> None:
+    """Deleting one of two images of the same bytes keeps the blob; deleting the last removes it."""
+    data = unique_png()
+    blobs = BlobStore(blob_dir)
+    first = (await file_client.upload(data, filename="1.png")).image
+    second = (await file_client.upload(data, filename="2.png")).image
+    assert blobs.exists(first.sha256)
+    before = blobs.count()
+    assert await file_client.delete(first.id) is False
+    assert blobs.exists(first.sha256)
+    assert (await file_client.download(second.id))[2] == data
+    assert await file_client.delete(second.id) is True
+    assert not blobs.exists(first.sha256)
+    assert blobs.count() == before - 2  # the original and its thumbnail
+    with pytest.raises(errors.NotFound):
+        await file_client.get(second.id)
+
+
+async def test_missing_blob_is_written_again_on_upload(file_client: FileClient, blob_dir: Path) -> None:
+    """When an image's blob file was lost, uploading the same bytes restores it."""
+    data = unique_png()
+    blobs = BlobStore(blob_dir)
+    image = (await file_client.upload(data, filename="lost.png")).image
+    blobs.remove(image.sha256)
+    with pytest.raises(errors.Internal, match="missing from the blob store"):
+        await file_client.download(image.id)
+    again = await file_client.upload(data, filename="lost-again.png")
+    assert again.deduplicated is False
+    assert (await file_client.download(image.id))[2] == data
+
+
+async def test_concurrent_upload_and_delete_never_lose_a_referenced_blob(
+    file_client: FileClient, blob_dir: Path
+) -> None:
+    """Racing a delete of the last image against an upload of the same bytes leaves the blob iff a row uses it."""
+    blobs = BlobStore(blob_dir)
+    for _ in range(6):
+        data = unique_png(24, 24)
+        first = (await file_client.upload(data, filename="race.png")).image
+        _, uploaded = await asyncio.gather(
+            file_client.delete(first.id), file_client.upload(data, filename="race.png")
+        )
+        assert blobs.exists(uploaded.image.sha256)
+        assert (await file_client.download(uploaded.image.id))[2] == data
+        assert await file_client.delete(uploaded.image.id) is True
+        assert not blobs.exists(uploaded.image.sha256)
+
+
+async def test_health_reflection_and_metrics(file_server: ServiceRuntime) -> None:
+    """The service reports SERVING under its name and exposes upload metrics on its HTTP port."""
+    import httpx
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{file_server.grpc_port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        answer = await health.Check(health_pb2.HealthCheckRequest(service="mesh.file.v1.FileService"))
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{file_server.http_port}") as http:
+        healthz = (await http.get("/healthz")).json()
+        metrics = (await http.get("/metrics/")).text
+    assert {c["name"] for c in healthz["checks"]} == {"postgresql", "blob_store"}
+    assert "mesh_file_uploads_total" in metrics
