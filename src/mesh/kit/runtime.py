@@ -33,7 +33,7 @@ from mesh.kit import tracing
 from mesh.kit.health import DependencyCheck, HealthMonitor
 from mesh.kit.interceptors import ServerInterceptor
 from mesh.kit.logging import configure_logging, get_logger
-from mesh.kit.settings import ServerSettings
+from mesh.kit.settings import CommonSettings, ServerSettings
 from mesh.kit.tls import server_credentials
 
 log = get_logger(__name__)
@@ -52,7 +52,7 @@ def message_limit_options(max_bytes: int) -> list[tuple[str, int]]:
     return [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)]
 
 
-def configure_observability(service: str, settings: ServerSettings | None = None) -> None:
+def configure_observability(service: str, settings: CommonSettings | None = None) -> None:
     """Logging and tracing for a process; call once at start, before anything logs."""
     level = settings.log_level if settings else "info"
     fmt = settings.log_format if settings else "json"

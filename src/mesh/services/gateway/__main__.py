@@ -1,0 +1,86 @@
+"""``python -m mesh.services.gateway``: the REST gateway on HTTP port 8080 (no gRPC server of its own).
+
+Wiring only: settings, observability, backends, the API key store when auth uses keys, the app, uvicorn.
+uvicorn drains in-flight requests on SIGTERM for ``grace_seconds``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import uvicorn
+
+from mesh.kit.db import PostgresCheck, create_pool
+from mesh.kit.health import DependencyCheck
+from mesh.kit.logging import get_logger
+from mesh.kit.runtime import configure_observability
+from mesh.kit.settings import load_settings
+from mesh.services.gateway.app import create_app
+from mesh.services.gateway.auth import Authenticator
+from mesh.services.gateway.backends import Backends
+from mesh.services.gateway.context import GatewayContext
+from mesh.services.gateway.health import HealthProbe
+from mesh.services.gateway.key_store import KeyStore, migrate
+from mesh.services.gateway.ratelimit import RateLimiter
+from mesh.services.gateway.settings import GatewaySettings
+
+log = get_logger("mesh.services.gateway")
+
+
+async def serve(settings: GatewaySettings) -> None:
+    """Run the gateway until SIGTERM/SIGINT."""
+    checks: list[DependencyCheck] = []
+    keys: KeyStore | None = None
+    pool = None
+    if settings.auth_mode in ("api_key", "any"):
+        await migrate(settings.database_url)
+        pool = create_pool(settings.database_url, name="gateway", min_size=1, max_size=8)
+        await pool.open(wait=False)
+        keys = KeyStore(pool)
+        checks.append(PostgresCheck(pool, name="postgresql (api keys)"))
+    authenticator = Authenticator(settings, keys)
+    backends = Backends(settings)
+    http = httpx.AsyncClient(timeout=settings.health_timeout_seconds)
+    ctx = GatewayContext(
+        settings=settings,
+        backends=backends,
+        authenticator=authenticator,
+        limiter=RateLimiter(settings.rate_limit) if settings.rate_limit_enabled else None,
+        health=HealthProbe(settings, backends, http, checks),
+        http=http,
+    )
+    log.info(authenticator.describe(), auth_mode=settings.auth_mode)
+    log.info(
+        "gateway starting",
+        address=f"http://localhost:{settings.http_port}/",
+        rate_limit=settings.rate_limit if settings.rate_limit_enabled else "off",
+        cors_origins=settings.cors_origins,
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(ctx),
+            host=settings.http_host,
+            port=settings.http_port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=int(settings.grace_seconds),
+        )
+    )
+    try:
+        await server.serve()
+    finally:
+        if pool is not None:
+            await pool.close()
+        log.info("gateway stopped")
+
+
+def main() -> None:
+    """Entry point."""
+    settings = load_settings(GatewaySettings)
+    configure_observability("gateway", settings)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""The gRPC services behind the gateway: one instrumented channel per service, typed stubs on it.
+
+Every outgoing call goes through :func:`mesh.kit.channels.open_channel` (deadlines, retries, trace context);
+:func:`rpc` turns a failed call into the mesh's :class:`~mesh.kit.errors.MeshError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+
+from mesh.file.v1 import file_service_pb2_grpc
+from mesh.image.v1 import image_processing_service_pb2_grpc
+from mesh.inference.v1 import inference_service_pb2_grpc
+from mesh.kit import errors
+from mesh.kit.channels import open_channel
+from mesh.queue.v1 import queue_service_pb2_grpc
+from mesh.services.file.client import FileClient
+from mesh.services.gateway.settings import GatewaySettings
+
+FILE_SERVICE = "mesh.file.v1.FileService"
+IMAGE_SERVICE = "mesh.image.v1.ImageProcessingService"
+INFERENCE_SERVICE = "mesh.inference.v1.InferenceService"
+QUEUE_SERVICE = "mesh.queue.v1.QueueService"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ServiceEndpoint:
+    """One backend service: its short name, gRPC service name, channel and HTTP health address."""
+
+    key: str
+    service: str
+    channel: grpc.aio.Channel
+    http_address: str
+
+    @property
+    def health(self) -> health_pb2_grpc.HealthStub:
+        """A grpc.health.v1 stub on this service's channel."""
+        return health_pb2_grpc.HealthStub(self.channel)
+
+
+class Backends:
+    """The stubs of the four services the gateway fronts."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        file_channel = open_channel(
+            settings.file_service_address,
+            settings,
+            service=FILE_SERVICE,
+            streaming_methods=("UploadImage", "DownloadImage"),
+        )
+        image_channel = open_channel(settings.image_service_address, settings, service=IMAGE_SERVICE)
+        inference_channel = open_channel(
+            settings.inference_service_address, settings, service=INFERENCE_SERVICE
+        )
+        queue_channel = open_channel(
+            settings.queue_service_address, settings, service=QUEUE_SERVICE, streaming_methods=("WatchJob",)
+        )
+        self.endpoints = [
+            ServiceEndpoint("file", FILE_SERVICE, file_channel, settings.file_service_http),
+            ServiceEndpoint("image", IMAGE_SERVICE, image_channel, settings.image_service_http),
+            ServiceEndpoint(
+                "inference", INFERENCE_SERVICE, inference_channel, settings.inference_service_http
+            ),
+            ServiceEndpoint("queue", QUEUE_SERVICE, queue_channel, settings.queue_service_http),
+        ]
+        self.files = FileClient(file_channel)
+        self.file_stub = file_service_pb2_grpc.FileServiceStub(file_channel)
+        self.image_stub = image_processing_service_pb2_grpc.ImageProcessingServiceStub(image_channel)
+        self.inference_stub = inference_service_pb2_grpc.InferenceServiceStub(inference_channel)
+        self.queue_stub = queue_service_pb2_grpc.QueueServiceStub(queue_channel)
+
+    async def close(self) -> None:
+        """Close every channel."""
+        for endpoint in self.endpoints:
+            await endpoint.channel.close(None)
+
+
+async def rpc(call: Awaitable[T]) -> T:
+    """Await a unary call, turning its failure into a :class:`~mesh.kit.errors.MeshError`."""
+    try:
+        return await call
+    except grpc.aio.AioRpcError as error:
+        raise errors.from_rpc_error(error) from None

@@ -1,0 +1,64 @@
+"""What every route needs (settings, backends, auth, rate limits), and the guard that protects /v1 routes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated
+
+import httpx
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from mesh.services.gateway import metrics
+from mesh.services.gateway.auth import API_KEY_HEADER, Authenticator, Principal
+from mesh.services.gateway.backends import Backends
+from mesh.services.gateway.health import HealthProbe
+from mesh.services.gateway.middleware import add_response_headers, route_template
+from mesh.services.gateway.ratelimit import RateLimiter
+from mesh.services.gateway.settings import GatewaySettings
+
+
+@dataclass
+class GatewayContext:
+    """The gateway's collaborators, built once by ``create_app``'s caller and shared by every request."""
+
+    settings: GatewaySettings
+    backends: Backends
+    authenticator: Authenticator
+    limiter: RateLimiter | None
+    health: HealthProbe
+    http: httpx.AsyncClient = field(default_factory=lambda: httpx.AsyncClient(timeout=2.0))
+
+
+def get_context(request: Request) -> GatewayContext:
+    """The context stored on the app."""
+    ctx: GatewayContext = request.app.state.gateway
+    return ctx
+
+
+Context = Annotated[GatewayContext, Depends(get_context)]
+
+# Declared for the OpenAPI document (security schemes); the Authenticator does the checking.
+_api_key_scheme = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="An API key.")
+_bearer_scheme = HTTPBearer(auto_error=False, description="A JWT (issuer, audience and expiry checked).")
+
+
+async def guard(
+    request: Request,
+    ctx: Context,
+    _key: Annotated[str | None, Security(_api_key_scheme)] = None,
+    _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer_scheme)] = None,
+) -> Principal:
+    """Authenticate the caller, then count the request against its rate limit for this route."""
+    principal = await ctx.authenticator.authenticate(request)
+    if ctx.limiter is not None:
+        route = route_template(request.scope)
+        headers, refused = await ctx.limiter.check(principal.rate_key, route)
+        add_response_headers(request.scope, headers)
+        if refused is not None:
+            metrics.RATE_LIMITED.labels(route).inc()
+            raise refused
+    return principal
+
+
+Caller = Annotated[Principal, Depends(guard)]

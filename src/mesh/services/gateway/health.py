@@ -1,0 +1,224 @@
+"""The health dashboard's data and readiness: every service and dependency, probed concurrently, with latency.
+
+Sources: each service's ``grpc.health.v1`` Check (the gateway's own view), each service's HTTP ``/healthz``
+(its dependency checks: PostgreSQL, RabbitMQ, blob store, GPU...), the queue service's statistics (depths),
+the image service's device (GPU or CPU backend), and the gateway's own checks (its key store, the blob store
+when it is on this host).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+
+import grpc
+import httpx
+from grpc_health.v1 import health_pb2
+
+from mesh.image.v1 import image_processing_service_pb2 as image_pb
+from mesh.kit.health import DependencyCheck, run_check
+from mesh.queue.v1 import queue_service_pb2 as queue_pb
+from mesh.services.gateway import convert
+from mesh.services.gateway.backends import Backends, ServiceEndpoint
+from mesh.services.gateway.schemas import ComponentHealth, HealthOut, QueueHealth, ReadyOut
+from mesh.services.gateway.settings import GatewaySettings
+
+GATEWAY = "gateway"
+
+
+def _service_component(key: str) -> str:
+    return f"{key} service"
+
+
+class HealthProbe:
+    """Collects the dashboard and decides readiness."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        backends: Backends,
+        http: httpx.AsyncClient,
+        own_checks: Sequence[DependencyCheck] = (),
+    ) -> None:
+        self._settings = settings
+        self._backends = backends
+        self._http = http
+        self._own_checks = list(own_checks)
+        self._timeout = settings.health_timeout_seconds
+
+    async def collect(self) -> HealthOut:
+        """Probe everything at once; never raises."""
+        probes: list[Awaitable[list[ComponentHealth]]] = []
+        for endpoint in self._backends.endpoints:
+            probes.append(self._grpc_health(endpoint))
+            probes.append(self._http_health(endpoint))
+        probes.append(self._device())
+        probes.append(self._gateway_checks())
+        groups, queue = await asyncio.gather(asyncio.gather(*probes), self._queue_stats())
+        components = [c for group in groups for c in group]
+        degraded = any(c.status == "failing" for c in components)
+        return HealthOut(
+            status="degraded" if degraded else "ok",
+            checked_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            components=components,
+            queue=queue,
+        )
+
+    async def readiness(self) -> ReadyOut:
+        """Ready when every required service and every dependency they and the gateway report answer."""
+        health = await self.collect()
+        required = {_service_component(k) for k in self._settings.required_services} | {GATEWAY}
+        failing = [
+            c
+            for c in health.components
+            if c.status == "failing" and (c.name in required or c.source in required)
+        ]
+        return ReadyOut(status="not ready" if failing else "ready", failing=failing)
+
+    async def _timed(self, probe: Callable[[], Awaitable[str]]) -> tuple[bool | None, float, str]:
+        started = time.perf_counter()
+        try:
+            detail = await asyncio.wait_for(probe(), self._timeout)
+            ok: bool | None = True
+        except TimeoutError:
+            ok, detail = False, f"no answer within {self._timeout:g}s"
+        except _Failing as failing:
+            ok, detail = False, str(failing)
+        except grpc.aio.AioRpcError as error:
+            ok, detail = False, f"{error.code().name}: {error.details()}"
+        except Exception as error:
+            ok, detail = False, f"{type(error).__name__}: {error}"
+        return ok, (time.perf_counter() - started) * 1000, detail
+
+    async def _grpc_health(self, endpoint: ServiceEndpoint) -> list[ComponentHealth]:
+        async def probe() -> str:
+            response = await endpoint.health.Check(
+                health_pb2.HealthCheckRequest(service=endpoint.service), timeout=self._timeout
+            )
+            name = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+            if response.status != health_pb2.HealthCheckResponse.SERVING:
+                raise _Failing(f"{endpoint.service} is {name}")
+            return f"{endpoint.service} is {name}"
+
+        ok, latency, detail = await self._timed(probe)
+        return [
+            ComponentHealth(
+                name=_service_component(endpoint.key),
+                kind="service",
+                status="ok" if ok else "failing",
+                latency_ms=round(latency, 3),
+                detail=detail,
+                source=GATEWAY,
+            )
+        ]
+
+    async def _http_health(self, endpoint: ServiceEndpoint) -> list[ComponentHealth]:
+        source = _service_component(endpoint.key)
+        try:
+            response = await self._http.get(f"http://{endpoint.http_address}/healthz", timeout=self._timeout)
+            checks = response.json().get("checks", [])
+        except (httpx.HTTPError, ValueError, AttributeError) as error:
+            # The gRPC check above already says whether the service answers; this only adds detail.
+            return [
+                ComponentHealth(
+                    name=f"{endpoint.key} /healthz",
+                    kind="dependency",
+                    status="unknown",
+                    latency_ms=None,
+                    detail=f"dependency report unavailable: {type(error).__name__}",
+                    source=source,
+                )
+            ]
+        return [
+            ComponentHealth(
+                name=str(check.get("name", "?")),
+                kind="dependency",
+                status="ok" if check.get("status") == "ok" else "failing",
+                latency_ms=check.get("latency_ms"),
+                detail=str(check.get("detail", "")),
+                source=source,
+            )
+            for check in checks
+            if isinstance(check, dict)
+        ]
+
+    async def _device(self) -> list[ComponentHealth]:
+        device = ""
+
+        async def probe() -> str:
+            nonlocal device
+            response = await self._backends.image_stub.ListFilters(
+                image_pb.ListFiltersRequest(), timeout=self._timeout
+            )
+            device = convert.device(response.device)
+            return "image processing runs on the GPU" if device == "gpu" else "no GPU in use: CPU backend"
+
+        ok, latency, detail = await self._timed(probe)
+        return [
+            ComponentHealth(
+                name="gpu",
+                kind="dependency",
+                status="ok" if ok else "unknown",
+                latency_ms=round(latency, 3),
+                detail=detail,
+                source=_service_component("image"),
+            )
+        ]
+
+    async def _gateway_checks(self) -> list[ComponentHealth]:
+        results = await asyncio.gather(*(run_check(c, self._timeout) for c in self._own_checks))
+        components = [
+            ComponentHealth(
+                name=r.name,
+                kind="gateway",
+                status="ok" if r.ok else "failing",
+                latency_ms=round(r.latency_seconds * 1000, 3),
+                detail=r.detail,
+                source=GATEWAY,
+            )
+            for r in results
+        ]
+        blob_dir = self._settings.blob_dir
+        if blob_dir.is_dir():
+            started = time.perf_counter()
+            usage = await asyncio.to_thread(shutil.disk_usage, blob_dir)
+            components.append(
+                ComponentHealth(
+                    name="blob store",
+                    kind="dependency",
+                    status="ok" if usage.free >= 64 * 1024 * 1024 else "failing",
+                    latency_ms=round((time.perf_counter() - started) * 1000, 3),
+                    detail=f"{usage.free / 2**30:.1f} GiB free of {usage.total / 2**30:.1f} GiB in {blob_dir}",
+                    source=GATEWAY,
+                )
+            )
+        return components
+
+    async def _queue_stats(self) -> QueueHealth | None:
+        try:
+            stats = await self._backends.queue_stub.GetQueueStats(
+                queue_pb.GetQueueStatsRequest(), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError:
+            return None
+        return QueueHealth(
+            jobs_by_state={k.removeprefix("JOB_STATE_"): v for k, v in stats.jobs_by_state.items()},
+            queues=[
+                {
+                    "queue": q.queue,
+                    "jobs_by_state": {k.removeprefix("JOB_STATE_"): v for k, v in q.jobs_by_state.items()},
+                    "broker_ready": q.broker_ready,
+                }
+                for q in stats.queues
+            ],
+            oldest_queued_age_seconds=stats.oldest_queued_age_seconds,
+            recent_throughput_per_second=stats.recent_throughput_per_second,
+            dead_letters=stats.dead_letters,
+        )
+
+
+class _Failing(Exception):
+    """A probe answered, and the answer is bad."""

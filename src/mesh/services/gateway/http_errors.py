@@ -1,0 +1,99 @@
+"""Every error leaves the gateway as ``{"error": {"code", "message", "details"}}`` with the contract's status.
+
+gRPC failures arrive as :class:`~mesh.kit.errors.MeshError` (see :func:`backends.rpc`) and are mapped by the
+kit (:func:`~mesh.kit.errors.http_status`); FastAPI's request validation errors become 400 INVALID_ARGUMENT
+with one field violation per bad field; unknown routes and methods keep their 404/405 in the same shape.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response
+
+from mesh.kit import errors
+from mesh.kit.logging import get_logger
+
+log = get_logger(__name__)
+
+_CODES_BY_HTTP = {
+    400: errors.InvalidArgument,
+    401: errors.Unauthenticated,
+    403: errors.PermissionDenied,
+    404: errors.NotFound,
+    409: errors.Aborted,
+    413: errors.PayloadTooLarge,
+    415: errors.UnsupportedMediaType,
+    429: errors.ResourceExhausted,
+    501: errors.Unimplemented,
+    503: errors.Unavailable,
+    504: errors.DeadlineExceeded,
+}
+
+
+def error_response(error: errors.MeshError, *, status: int | None = None) -> JSONResponse:
+    """The JSON response for ``error``; adds Retry-After and WWW-Authenticate where they apply."""
+    headers: dict[str, str] = {}
+    if error.retry_after_seconds is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_seconds)))
+    if isinstance(error, errors.Unauthenticated):
+        headers["WWW-Authenticate"] = 'Bearer realm="mesh", ApiKey realm="mesh"'
+    return JSONResponse(
+        errors.error_body(error), status_code=status or errors.http_status(error), headers=headers
+    )
+
+
+def _validation_error(exc: RequestValidationError) -> errors.InvalidArgument:
+    violations = []
+    for item in exc.errors():
+        location = [str(part) for part in item.get("loc", ()) if part not in ("body",)]
+        violations.append(
+            errors.FieldViolation(".".join(location) or "body", str(item.get("msg", "invalid")))
+        )
+    summary = "; ".join(f"{v.field}: {v.description}" for v in violations[:5])
+    return errors.InvalidArgument(f"invalid request: {summary}", field_violations=violations)
+
+
+def _http_exception(exc: HTTPException) -> tuple[errors.MeshError, int]:
+    status = exc.status_code
+    if status == 404:
+        return errors.NotFound(str(exc.detail) if exc.detail != "Not Found" else "no such route"), 404
+    if status == 405:
+        return errors.Unimplemented(f"method not allowed: {exc.detail}", reason="METHOD_NOT_ALLOWED"), 405
+    cls = _CODES_BY_HTTP.get(status, errors.Internal if status >= 500 else errors.InvalidArgument)
+    return cls(str(exc.detail)), status
+
+
+async def _on_mesh_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, errors.MeshError)
+    return error_response(exc)
+
+
+async def _on_validation_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(_validation_error(exc), status=400)
+
+
+async def _on_http_exception(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error, status = _http_exception(exc)
+    response = error_response(error, status=status)
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+def internal_error_response(exc: BaseException) -> JSONResponse:
+    """The 500 for an unexpected exception (logged with its stack; the body says nothing internal)."""
+    log.error("unhandled error", exc_info=exc)
+    return error_response(errors.Internal("internal error"))
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers on ``app``."""
+    app.add_exception_handler(errors.MeshError, _on_mesh_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(HTTPException, _on_http_exception)

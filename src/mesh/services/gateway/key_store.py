@@ -1,0 +1,94 @@
+"""API keys in PostgreSQL, stored as SHA-256 hashes; created, listed and revoked by the ``keys`` command."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from psycopg_pool import AsyncConnectionPool
+
+from mesh.kit.db import prepare_database
+
+COMPONENT = "gateway"
+MIGRATIONS = "mesh.services.gateway.migrations"
+KEY_PREFIX = "mesh_"
+
+
+def hash_key(key: str) -> str:
+    """The stored form of a key: lower-case hex SHA-256 (keys are random, so no salt is needed)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    """A fresh random key: ``mesh_`` and 256 bits of URL-safe randomness."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One key's record (never the key itself)."""
+
+    id: str
+    name: str
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+async def migrate(url: str) -> None:
+    """Create the database if needed and apply the gateway's migrations."""
+    await prepare_database(url, COMPONENT, MIGRATIONS)
+
+
+class KeyStore:
+    """Lookups and administration of API keys through a connection pool."""
+
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self._pool = pool
+
+    async def create(self, name: str) -> tuple[ApiKey, str]:
+        """Store a new key named ``name``; returns its record and the key (shown once)."""
+        key = new_key()
+        key_id = str(uuid.uuid4())
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute(
+                "INSERT INTO gateway_api_keys (id, name, key_hash, prefix) VALUES (%s, %s, %s, %s)"
+                " RETURNING created_at",
+                (key_id, name, hash_key(key), key[: len(KEY_PREFIX) + 6]),
+            )
+            row = await cursor.fetchone()
+        assert row is not None
+        return ApiKey(key_id, name, key[: len(KEY_PREFIX) + 6], row[0], None), key
+
+    async def revoke(self, id_or_name: str) -> int:
+        """Revoke the key with this id, or every active key with this name; returns how many."""
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute(
+                "UPDATE gateway_api_keys SET revoked_at = now()"
+                " WHERE revoked_at IS NULL AND (id::text = %s OR name = %s)",
+                (id_or_name, id_or_name),
+            )
+            return cursor.rowcount
+
+    async def list(self) -> list[ApiKey]:
+        """Every key, newest first."""
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT id::text, name, prefix, created_at, revoked_at FROM gateway_api_keys"
+                " ORDER BY created_at DESC, id"
+            )
+            rows = await cursor.fetchall()
+        return [ApiKey(*row) for row in rows]
+
+    async def lookup(self, key: str) -> str | None:
+        """The id of the active key ``key``, or None."""
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT id::text FROM gateway_api_keys WHERE key_hash = %s AND revoked_at IS NULL",
+                (hash_key(key),),
+            )
+            row = await cursor.fetchone()
+        return None if row is None else str(row[0])

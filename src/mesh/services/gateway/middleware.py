@@ -1,0 +1,168 @@
+"""Pure ASGI middleware: one span and RED metrics per request, ``traceparent`` on every response, body limits.
+
+Pure ASGI (not ``BaseHTTPMiddleware``) so that streaming responses are not buffered and the span stays the
+current context inside the endpoint, which makes outgoing gRPC calls children of it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, MutableMapping
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mesh.kit import errors, tracing
+from mesh.services.gateway import metrics
+from mesh.services.gateway.http_errors import error_response, internal_error_response
+
+_tracer = tracing.tracer(__name__)
+EXTRA_HEADERS_KEY = "mesh.response_headers"
+
+
+def traceparent(span: trace.Span) -> str:
+    """The W3C traceparent of ``span``."""
+    ctx = span.get_span_context()
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's path template (``/v1/images/{image_id}``), or ``unmatched``."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return str(path) if path else "unmatched"
+
+
+def add_response_headers(scope: Scope, headers: dict[str, str]) -> None:
+    """Ask the middleware to add ``headers`` to this request's response (rate limits, for example)."""
+    state: MutableMapping[str, Any] = scope.setdefault("state", {})
+    state.setdefault(EXTRA_HEADERS_KEY, {}).update(headers)
+
+
+class ObservedRequests:
+    """A server span per request (honouring an incoming traceparent), metrics, and a safety net for 500s."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        carrier = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        method: str = scope["method"]
+        started = time.perf_counter()
+        status = 500
+        bytes_in = 0
+        bytes_out = 0
+        response_started = False
+        metrics.IN_FLIGHT.inc()
+        with _tracer.start_as_current_span(
+            method,
+            context=tracing.extract(carrier),
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": method, "url.path": scope["path"]},
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            # Without an SDK tracer provider the span is a no-op with an invalid context; send nothing then.
+            parent_header = traceparent(span).encode() if span.get_span_context().is_valid else b""
+
+            async def counting_receive() -> Message:
+                nonlocal bytes_in
+                message = await receive()
+                if message["type"] == "http.request":
+                    bytes_in += len(message.get("body", b""))
+                return message
+
+            async def observing_send(message: Message) -> None:
+                nonlocal status, bytes_out, response_started
+                if message["type"] == "http.response.start":
+                    response_started = True
+                    status = message["status"]
+                    headers = list(message.get("headers", []))
+                    if parent_header:
+                        headers.append((b"traceparent", parent_header))
+                    extra: dict[str, str] = scope.get("state", {}).get(EXTRA_HEADERS_KEY, {})
+                    headers.extend((k.lower().encode(), v.encode()) for k, v in extra.items())
+                    message = {**message, "headers": headers}
+                elif message["type"] == "http.response.body":
+                    bytes_out += len(message.get("body", b""))
+                await send(message)
+
+            try:
+                await self.app(scope, counting_receive, observing_send)
+            except Exception as exc:
+                span.record_exception(exc)
+                if response_started:
+                    raise
+                await internal_error_response(exc)(scope, counting_receive, observing_send)
+            finally:
+                route = route_template(scope)
+                span.update_name(f"{method} {route}")
+                span.set_attribute("http.route", route)
+                span.set_attribute("http.response.status_code", status)
+                if status >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
+                elapsed = time.perf_counter() - started
+                metrics.IN_FLIGHT.dec()
+                metrics.REQUESTS.labels(route, method, str(status)).inc()
+                metrics.DURATION.labels(route, method).observe(elapsed)
+                metrics.BYTES_IN.labels(route).inc(bytes_in)
+                metrics.BYTES_OUT.labels(route).inc(bytes_out)
+
+
+class BodyLimit:
+    """Refuses bodies over the limit with 413 before reading them: by Content-Length, then by counting.
+
+    When a chunked body grows past the limit, reading stops, whatever the app answered is discarded and a 413
+    goes out instead (the app sees a disconnect).
+    """
+
+    def __init__(self, app: ASGIApp, limit_for: Callable[[Scope], int]) -> None:
+        self.app = app
+        self.limit_for = limit_for
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope)
+        too_large = errors.PayloadTooLarge(f"the request body is larger than the limit of {limit} bytes")
+        for key, value in scope["headers"]:
+            if key == b"content-length" and value.isdigit() and int(value) > limit:
+                await error_response(too_large)(scope, receive, send)
+                return
+        received = 0
+        overflowed = False
+        sent_start = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, overflowed
+            if overflowed:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    overflowed = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal sent_start
+            if overflowed and not sent_start:
+                return
+            if message["type"] == "http.response.start":
+                sent_start = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not overflowed:
+                raise
+        if overflowed and not sent_start:
+            await error_response(too_large)(scope, receive, send)

@@ -1,0 +1,189 @@
+"""``/v1/images``: upload (multipart or raw body), list, metadata, bytes (streamed), delete."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Request, Response
+from starlette.datastructures import UploadFile
+from starlette.responses import StreamingResponse
+
+from mesh.file.v1 import file_service_pb2
+from mesh.kit import errors
+from mesh.services.gateway import convert, schemas
+from mesh.services.gateway.backends import rpc
+from mesh.services.gateway.context import Caller, Context
+
+router = APIRouter(prefix="/v1/images", tags=["images"])
+
+ACCEPTED_TYPES = ("image/png", "image/jpeg", "image/webp")
+# Declared types that say nothing: the file service sniffs the real type from the bytes.
+UNDECLARED_TYPES = ("", "application/octet-stream")
+_EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "A multipart form with the image in the field `file`, or the raw image bytes.",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "required": ["file"],
+                }
+            },
+            **{t: _BINARY for t in ACCEPTED_TYPES},
+        },
+    }
+}
+ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": schemas.ErrorResponse} for code in (400, 401, 404, 413, 415, 429, 503)
+}
+
+
+def media_type(request: Request) -> str:
+    """The request's Content-Type without parameters, lower case."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def _read_upload(request: Request) -> tuple[bytes, str, str]:
+    kind = media_type(request)
+    if kind == "multipart/form-data":
+        async with request.form(max_files=1, max_fields=8) as form:
+            part = form.get("file")
+            if not isinstance(part, UploadFile):
+                raise errors.InvalidArgument(
+                    "the multipart form has no file in the field `file`",
+                    field_violations=[errors.FieldViolation("file", "required: the image file")],
+                )
+            data = await part.read()
+            declared = (part.content_type or "").split(";")[0].strip().lower()
+            filename = part.filename or "upload"
+    elif kind in ACCEPTED_TYPES:
+        data = await request.body()
+        declared = kind
+        filename = request.query_params.get("filename") or f"upload{_EXTENSIONS[kind]}"
+    else:
+        raise errors.UnsupportedMediaType(
+            f"unsupported Content-Type {kind or '(none)'!r}: send multipart/form-data with a field `file`,"
+            f" or the raw bytes as one of {', '.join(ACCEPTED_TYPES)}"
+        )
+    if declared not in ACCEPTED_TYPES and declared not in UNDECLARED_TYPES:
+        raise errors.UnsupportedMediaType(
+            f"unsupported image type {declared!r}; accepted: {', '.join(ACCEPTED_TYPES)}"
+        )
+    if not data:
+        raise errors.InvalidData(
+            "the file is empty", field_violations=[errors.FieldViolation("file", "empty")]
+        )
+    return data, filename, declared if declared in ACCEPTED_TYPES else ""
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=schemas.ImageOut,
+    openapi_extra=UPLOAD_BODY,
+    responses=ERRORS,
+    summary="Upload an image",
+)
+async def upload_image(request: Request, response: Response, ctx: Context, _: Caller) -> schemas.ImageOut:
+    """Store a PNG, JPEG or WebP image; the same bytes again give the same sha256 and no second blob.
+
+    Send ``Idempotency-Key`` to make a retried upload return the first image.
+    """
+    data, filename, declared = await _read_upload(request)
+    result = await ctx.backends.files.upload(
+        data,
+        filename=filename,
+        content_type=declared,
+        idempotency_key=request.headers.get("idempotency-key", ""),
+    )
+    response.headers["Location"] = f"/v1/images/{result.image.id}"
+    return convert.image(result.image, deduplicated=result.deduplicated)
+
+
+@router.get("", response_model=schemas.ImageList, responses=ERRORS, summary="List images")
+async def list_images(
+    ctx: Context,
+    _: Caller,
+    page_size: Annotated[int, Query(ge=1, le=500)] = 50,
+    page_token: Annotated[str, Query(max_length=1000)] = "",
+) -> schemas.ImageList:
+    """Images, newest first; pass ``next_page_token`` back as ``page_token`` for the next page."""
+    page = await rpc(
+        ctx.backends.file_stub.ListImages(
+            file_service_pb2.ListImagesRequest(page_size=page_size, page_token=page_token)
+        )
+    )
+    return schemas.ImageList(
+        images=[convert.image(i) for i in page.images], next_page_token=page.next_page_token
+    )
+
+
+@router.get("/{image_id}", response_model=schemas.ImageOut, responses=ERRORS, summary="An image's metadata")
+async def get_image(image_id: str, ctx: Context, _: Caller) -> schemas.ImageOut:
+    """One image's metadata."""
+    return convert.image(await ctx.backends.files.get(image_id))
+
+
+@router.get(
+    "/{image_id}/content",
+    response_class=StreamingResponse,
+    responses={200: {"content": {t: _BINARY for t in ACCEPTED_TYPES}}, **ERRORS},
+    summary="An image's bytes",
+)
+async def get_image_content(
+    image_id: str,
+    ctx: Context,
+    _: Caller,
+    variant: Literal["original", "thumbnail"] = "original",
+) -> StreamingResponse:
+    """The stored bytes (streamed as they arrive from the file service), or its 256 px thumbnail."""
+    wanted = (
+        file_service_pb2.IMAGE_VARIANT_THUMBNAIL
+        if variant == "thumbnail"
+        else file_service_pb2.IMAGE_VARIANT_ORIGINAL
+    )
+    call = ctx.backends.file_stub.DownloadImage(
+        file_service_pb2.DownloadImageRequest(image_id=image_id, variant=wanted)
+    )
+    first = await rpc(call.read())
+    if not isinstance(first, file_service_pb2.DownloadImageResponse) or not first.HasField("image"):
+        call.cancel()
+        raise errors.Internal("the file service's download did not start with the image's metadata")
+    image = first.image
+
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            async for part in call:
+                if part.chunk:
+                    yield part.chunk
+        finally:
+            call.cancel()
+
+    headers = {
+        "Cache-Control": "private, max-age=3600",
+        "ETag": f'"{image.sha256}-{variant}"',
+        "Content-Disposition": f'inline; filename="{_ascii_filename(image.filename)}"',
+    }
+    if variant == "original" and image.size_bytes:
+        headers["Content-Length"] = str(image.size_bytes)
+    return StreamingResponse(
+        chunks(),
+        media_type=first.content_type or image.content_type or "application/octet-stream",
+        headers=headers,
+    )
+
+
+def _ascii_filename(name: str) -> str:
+    return "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in name) or "image"
+
+
+@router.delete("/{image_id}", status_code=204, responses=ERRORS, summary="Delete an image")
+async def delete_image(image_id: str, ctx: Context, _: Caller) -> Response:
+    """Delete an image; its blob goes when no other image uses it."""
+    await rpc(ctx.backends.file_stub.DeleteImage(file_service_pb2.DeleteImageRequest(image_id=image_id)))
+    return Response(status_code=204)

@@ -1,0 +1,177 @@
+"""``/v1/jobs``: submit, list, get, cancel, retry, and a job's events as Server-Sent Events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import grpc
+from fastapi import APIRouter, Header, Query, Request, Response
+from starlette.responses import StreamingResponse
+
+from mesh.kit import errors
+from mesh.queue.v1 import job_pb2
+from mesh.queue.v1 import queue_service_pb2 as queue_pb
+from mesh.services.gateway import convert, metrics, schemas
+from mesh.services.gateway.backends import rpc
+from mesh.services.gateway.context import Caller, Context
+from mesh.services.gateway.routes.images import ERRORS
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+SSE_RETRY_MS = 2000
+_END = object()
+
+
+@router.post("", status_code=202, response_model=schemas.JobOut, responses=ERRORS, summary="Submit a job")
+async def submit_job(body: schemas.JobIn, response: Response, ctx: Context, _: Caller) -> schemas.JobOut:
+    """Queue a job (pipeline and/or model on a stored image); the same idempotency key returns the same job."""
+    result = await rpc(
+        ctx.backends.queue_stub.SubmitJob(
+            queue_pb.SubmitJobRequest(
+                image_id=body.image_id,
+                pipeline=convert.to_pipeline(body.pipeline),
+                model=body.model,
+                priority=body.priority,
+                idempotency_key=body.idempotency_key,
+                max_attempts=body.max_attempts or 0,
+            )
+        )
+    )
+    response.headers["Location"] = f"/v1/jobs/{result.job.id}"
+    return convert.job(result.job)
+
+
+@router.get("", response_model=schemas.JobList, responses=ERRORS, summary="List jobs")
+async def list_jobs(
+    ctx: Context,
+    _: Caller,
+    state: schemas.JobStateName | None = None,
+    page_size: Annotated[int, Query(ge=1, le=500)] = 50,
+    page_token: Annotated[str, Query(max_length=1000)] = "",
+) -> schemas.JobList:
+    """Jobs, newest first, optionally only those in ``state``; paginated like images."""
+    page = await rpc(
+        ctx.backends.queue_stub.ListJobs(
+            queue_pb.ListJobsRequest(
+                state=convert.to_job_state(state) if state else job_pb2.JOB_STATE_UNSPECIFIED,
+                page_size=page_size,
+                page_token=page_token,
+            )
+        )
+    )
+    return schemas.JobList(jobs=[convert.job(j) for j in page.jobs], next_page_token=page.next_page_token)
+
+
+@router.post("/{job_id}:cancel", response_model=schemas.JobOut, responses=ERRORS, summary="Cancel a job")
+async def cancel_job(job_id: str, ctx: Context, _: Caller) -> schemas.JobOut:
+    """Cancel a queued job at once, or a running one at its next progress beat."""
+    result = await rpc(ctx.backends.queue_stub.CancelJob(queue_pb.CancelJobRequest(job_id=job_id)))
+    return convert.job(result.job)
+
+
+@router.post("/{job_id}:retry", response_model=schemas.JobOut, responses=ERRORS, summary="Retry a job")
+async def retry_job(job_id: str, ctx: Context, _: Caller) -> schemas.JobOut:
+    """Start a new attempt of a failed, dead or cancelled job."""
+    result = await rpc(ctx.backends.queue_stub.RetryJob(queue_pb.RetryJobRequest(job_id=job_id)))
+    return convert.job(result.job)
+
+
+@router.get("/{job_id}", response_model=schemas.JobOut, responses=ERRORS, summary="A job")
+async def get_job(job_id: str, ctx: Context, _: Caller) -> schemas.JobOut:
+    """State, progress, queue position, attempts, error category and result of one job."""
+    result = await rpc(ctx.backends.queue_stub.GetJob(queue_pb.GetJobRequest(job_id=job_id)))
+    return convert.job(result.job)
+
+
+def sse_event(event: str, data: object, event_id: int | None = None) -> bytes:
+    """One Server-Sent Event (data is one JSON line)."""
+    lines = [f"event: {event}"]
+    if event_id is not None:
+        lines.append(f"id: {event_id}")
+    lines.append(f"data: {json.dumps(data, separators=(',', ':'))}")
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+def _last_event_id(header: str | None, query: str | None) -> int:
+    for value in (header, query):
+        if value is not None and value.strip().isdigit():
+            return int(value.strip())
+    return 0
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}, **ERRORS},
+    summary="A job's events (Server-Sent Events)",
+)
+async def job_events(
+    job_id: str,
+    request: Request,
+    ctx: Context,
+    _: Caller,
+    last_event_id: Annotated[str | None, Header()] = None,
+    after: Annotated[
+        str | None, Query(description="Like Last-Event-ID, for clients that cannot set it.")
+    ] = None,
+) -> StreamingResponse:
+    """Every state, position and progress change as ``event: job`` with ``id:`` = the change's sequence.
+
+    The stream ends with ``event: end`` when the job reaches a final state. A reconnecting client sends
+    ``Last-Event-ID`` and gets only newer changes. Idle streams get a comment line every 15 s.
+    """
+    stub = ctx.backends.queue_stub
+    await rpc(stub.GetJob(queue_pb.GetJobRequest(job_id=job_id)))  # 404 before the stream starts
+    seen = _last_event_id(last_event_id, after)
+    keepalive = ctx.settings.sse_keepalive_seconds
+
+    async def events() -> AsyncIterator[bytes]:
+        metrics.SSE_STREAMS.inc()
+        call = stub.WatchJob(queue_pb.WatchJobRequest(job_id=job_id))
+        inbox: asyncio.Queue[object] = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                async for change in call:
+                    await inbox.put(change)
+                await inbox.put(_END)
+            except grpc.aio.AioRpcError as error:
+                await inbox.put(errors.from_rpc_error(error))
+
+        reader = asyncio.create_task(pump())
+        try:
+            yield f"retry: {SSE_RETRY_MS}\n\n".encode()
+            while True:
+                try:
+                    item = await asyncio.wait_for(inbox.get(), keepalive)
+                except TimeoutError:
+                    yield b": keepalive\n\n"
+                    continue
+                if item is _END:
+                    yield sse_event("end", {"job_id": job_id})
+                    return
+                if isinstance(item, errors.MeshError):
+                    if item.code == grpc.StatusCode.CANCELLED and await request.is_disconnected():
+                        return
+                    yield sse_event("error", errors.error_body(item))
+                    return
+                assert isinstance(item, queue_pb.WatchJobResponse)
+                if item.sequence and item.sequence <= seen:
+                    continue
+                yield sse_event("job", convert.job(item.job).model_dump(mode="json"), item.sequence or None)
+        finally:
+            call.cancel()
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            metrics.SSE_STREAMS.dec()
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -1,0 +1,109 @@
+"""``/v1/filters`` and ``/v1/process``: the filter catalogue and synchronous processing."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from fastapi import APIRouter, Request, Response
+
+from mesh.common.v1 import image_pb2
+from mesh.image.v1 import image_processing_service_pb2 as image_pb
+from mesh.kit import errors
+from mesh.services.gateway import convert, schemas
+from mesh.services.gateway.backends import rpc
+from mesh.services.gateway.context import Caller, Context
+from mesh.services.gateway.routes.images import ERRORS
+
+router = APIRouter(prefix="/v1", tags=["processing"])
+
+_IMAGE_RESPONSES = {
+    "image/png": {"schema": {"type": "string", "format": "binary"}},
+    "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+    "image/webp": {"schema": {"type": "string", "format": "binary"}},
+}
+
+
+def image_input(image_id: str | None, inline: str | None) -> image_pb2.ImageInput:
+    """An ImageInput from exactly one of an image id and base64 file bytes."""
+    if (image_id is None) == (inline is None):
+        raise errors.InvalidArgument(
+            "give exactly one of image_id and image",
+            field_violations=[errors.FieldViolation("image_id", "exactly one of image_id and image")],
+        )
+    if image_id is not None:
+        return image_pb2.ImageInput(image_id=image_id)
+    assert inline is not None
+    try:
+        data = base64.b64decode(inline, validate=True)
+    except (binascii.Error, ValueError):
+        raise errors.InvalidArgument(
+            "image is not valid base64",
+            field_violations=[errors.FieldViolation("image", "base64-encoded PNG, JPEG or WebP bytes")],
+        ) from None
+    if not data:
+        raise errors.InvalidData("image is empty", field_violations=[errors.FieldViolation("image", "empty")])
+    return image_pb2.ImageInput(encoded=image_pb2.EncodedImage(data=data))
+
+
+def wants_image(request: Request) -> bool:
+    """True when the client asks for raw image bytes (``Accept: image/*``) rather than JSON."""
+    accept = request.headers.get("accept", "")
+    return any(part.split(";")[0].strip().startswith("image/") for part in accept.split(","))
+
+
+@router.get("/filters", response_model=schemas.FilterList, responses=ERRORS, summary="The filter catalogue")
+async def list_filters(ctx: Context, _: Caller) -> schemas.FilterList:
+    """Every filter with its parameters (name, type, default, min, max, options) and devices."""
+    response = await rpc(ctx.backends.image_stub.ListFilters(image_pb.ListFiltersRequest()))
+    return schemas.FilterList(
+        filters=[convert.filter_spec(f) for f in response.filters], device=convert.device(response.device)
+    )
+
+
+@router.post(
+    "/process",
+    response_model=schemas.ProcessOut,
+    responses={200: {"content": _IMAGE_RESPONSES}, **ERRORS},
+    summary="Process an image synchronously",
+)
+async def process(
+    request: Request, body: schemas.ProcessIn, ctx: Context, _: Caller
+) -> schemas.ProcessOut | Response:
+    """Run a pipeline on a stored (``image_id``) or inline (``image``, base64) image.
+
+    Returns JSON with the output as base64 by default; with ``Accept: image/png`` (or any ``image/*``) the
+    body is the output image's bytes, and its size and device come in ``X-Image-Width``,
+    ``X-Image-Height`` and ``X-Device`` headers.
+    """
+    request_message = image_pb.ProcessImageRequest(
+        input=image_input(body.image_id, body.image),
+        pipeline=convert.to_pipeline(body.pipeline),
+        output=image_pb.OutputSpec(
+            format=convert.OUTPUT_FORMATS[body.output_format], quality=body.quality or 0
+        ),
+    )
+    result = await rpc(ctx.backends.image_stub.ProcessImage(request_message))
+    if result.WhichOneof("result") != "encoded":
+        raise errors.Internal("the image service returned no encoded image")
+    content_type = convert.CONTENT_TYPES.get(result.encoded.format, f"image/{body.output_format}")
+    device = convert.device(result.device)
+    if wants_image(request):
+        return Response(
+            result.encoded.data,
+            media_type=content_type,
+            headers={
+                "X-Image-Width": str(result.width),
+                "X-Image-Height": str(result.height),
+                "X-Device": device,
+            },
+        )
+    return schemas.ProcessOut(
+        image=base64.b64encode(result.encoded.data).decode(),
+        content_type=content_type,
+        width=result.width,
+        height=result.height,
+        channels=result.channels,
+        device=device,
+        timings=[schemas.StepTimingOut(filter=t.filter, seconds=t.seconds) for t in result.timings],
+    )

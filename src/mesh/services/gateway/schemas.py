@@ -1,0 +1,333 @@
+"""The REST API's JSON shapes (request bodies and responses); the OpenAPI document is built from them."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ParamScalar = bool | int | float | str
+JobStateName = Literal["QUEUED", "RUNNING", "RETRY_WAIT", "SUCCEEDED", "FAILED", "DEAD", "CANCELLED"]
+
+
+class Strict(BaseModel):
+    """Request bodies refuse unknown fields, so a typo is a 400 instead of being ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(BaseModel):
+    """The error object of every non-2xx response."""
+
+    code: str = Field(description="gRPC status code name, e.g. INVALID_ARGUMENT.")
+    message: str = Field(description="What went wrong, for people.")
+    details: list[dict[str, Any]] = Field(description="google.rpc-style details: ErrorInfo, BadRequest, ...")
+
+
+class ErrorResponse(BaseModel):
+    """``{"error": {"code", "message", "details"}}``."""
+
+    error: ErrorDetail
+
+
+class ImageOut(BaseModel):
+    """A stored image's metadata."""
+
+    id: str
+    filename: str
+    content_type: str
+    format: str = Field(description="PNG, JPEG or WEBP.")
+    width: int
+    height: int
+    channels: int
+    bit_depth: int
+    size_bytes: int
+    sha256: str
+    created_at: str | None = Field(description="RFC 3339 UTC time of the upload.")
+    has_thumbnail: bool
+    labels: dict[str, str]
+    deduplicated: bool | None = Field(
+        default=None, description="On upload: true when the bytes were already stored."
+    )
+
+
+class ImageList(BaseModel):
+    """A page of images, newest first."""
+
+    images: list[ImageOut]
+    next_page_token: str = Field(description="Pass as page_token for the next page; empty on the last.")
+
+
+class ParamSpecOut(BaseModel):
+    """One parameter of a filter."""
+
+    name: str
+    type: Literal["int", "float", "bool", "enum", "unspecified"]
+    description: str
+    default: ParamScalar | None
+    min: float | None
+    max: float | None
+    step: float
+    options: list[str]
+
+
+class FilterOut(BaseModel):
+    """One filter of the image processing service."""
+
+    name: str
+    description: str
+    params: list[ParamSpecOut]
+    devices: list[str] = Field(description="cpu and/or gpu.")
+    output_channels: str
+
+
+class FilterList(BaseModel):
+    """The filter catalogue and the device the image service runs on."""
+
+    filters: list[FilterOut]
+    device: str
+
+
+class PipelineStepIn(Strict):
+    """One step of a pipeline."""
+
+    filter: str = Field(min_length=1, max_length=200)
+    params: dict[str, ParamScalar] = Field(default_factory=dict)
+
+
+class PipelineStepOut(BaseModel):
+    """One step of a job's pipeline."""
+
+    filter: str
+    params: dict[str, ParamScalar | None]
+
+
+class ProcessIn(Strict):
+    """Synchronous processing: exactly one of ``image_id`` and ``image`` (base64 file bytes)."""
+
+    image_id: str | None = Field(default=None, max_length=200)
+    image: str | None = Field(default=None, description="Base64 PNG, JPEG or WebP bytes.")
+    pipeline: list[PipelineStepIn] = Field(default_factory=list, max_length=64)
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    quality: int | None = Field(default=None, ge=1, le=100, description="JPEG/WebP quality.")
+
+
+class StepTimingOut(BaseModel):
+    """Time spent in one step."""
+
+    filter: str
+    seconds: float
+
+
+class ProcessOut(BaseModel):
+    """The processed image (send ``Accept: image/*`` to get the raw bytes instead)."""
+
+    image: str = Field(description="Base64 bytes of the output image.")
+    content_type: str
+    width: int
+    height: int
+    channels: int
+    device: str
+    timings: list[StepTimingOut]
+
+
+class ModelOut(BaseModel):
+    """A model's versions and readiness."""
+
+    name: str
+    versions: list[str]
+    default_version: str
+    ready: bool
+    description: str
+
+
+class ModelList(BaseModel):
+    """Every model."""
+
+    models: list[ModelOut]
+
+
+class TensorSpecOut(BaseModel):
+    """One input or output of a model."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    description: str
+
+
+class ModelDetail(BaseModel):
+    """A model's metadata and readiness."""
+
+    name: str
+    versions: list[str]
+    version: str
+    platform: str
+    inputs: list[TensorSpecOut]
+    outputs: list[TensorSpecOut]
+    parameters: dict[str, ParamScalar | None]
+    max_batch_size: int
+    device: str
+    ready: bool
+
+
+class PredictIn(Strict):
+    """Synchronous inference: exactly one of ``image_id`` and ``image`` (base64 file bytes)."""
+
+    image_id: str | None = Field(default=None, max_length=200)
+    image: str | None = Field(default=None, description="Base64 PNG, JPEG or WebP bytes.")
+    version: str = Field(default="", max_length=100)
+    parameters: dict[str, ParamScalar] = Field(default_factory=dict)
+    precheck_only: bool = False
+
+
+class LineOut(BaseModel):
+    """A control or test line."""
+
+    present: bool
+    position_px: float
+    position: float
+    intensity: float
+    center_x: float
+    center_y: float
+
+
+class WindowOut(BaseModel):
+    """Where the strip's read window lies in the image."""
+
+    center_x: float
+    center_y: float
+    length: float
+    width: float
+    angle_degrees: float
+
+
+class StripReadingOut(BaseModel):
+    """The strip reader's verdict."""
+
+    verdict: str = Field(description="POSITIVE, NEGATIVE or INVALID.")
+    control_line: LineOut
+    test_line: LineOut
+    t_to_c_ratio: float
+    confidence: float
+    quality_flags: list[str]
+    window: WindowOut | None
+    precheck_only: bool
+
+
+class PredictionOut(BaseModel):
+    """One prediction."""
+
+    model_name: str
+    model_version: str
+    request_id: str
+    device: str
+    queue_seconds: float
+    compute_seconds: float
+    strip_reading: StripReadingOut | None
+
+
+class JobIn(Strict):
+    """A job to submit."""
+
+    image_id: str = Field(min_length=1, max_length=200)
+    pipeline: list[PipelineStepIn] = Field(default_factory=list, max_length=64)
+    model: str = Field(default="", max_length=200)
+    priority: int = Field(default=0, ge=0, le=9)
+    idempotency_key: str = Field(default="", max_length=200)
+    max_attempts: int | None = Field(default=None, ge=1, le=100)
+
+
+class JobErrorOut(BaseModel):
+    """Why a job failed."""
+
+    category: str = Field(description="TRANSIENT, SYSTEM, PERMANENT or DATA.")
+    message: str
+    code: str
+
+
+class JobResultOut(BaseModel):
+    """What a job produced."""
+
+    output_image_id: str
+    prediction: PredictionOut | None
+
+
+class JobTransitionOut(BaseModel):
+    """One state change."""
+
+    from_state: str
+    to_state: str
+    attempt: int
+    time: str | None
+    reason: str
+
+
+class JobOut(BaseModel):
+    """A job."""
+
+    id: str
+    state: str
+    image_id: str
+    pipeline: list[PipelineStepOut]
+    model: str
+    priority: int
+    idempotency_key: str
+    attempt: int
+    max_attempts: int
+    progress: float
+    stage: str
+    queue_position: int = Field(description="1-based position among queued jobs; 0 when not queued.")
+    error: JobErrorOut | None
+    result: JobResultOut | None
+    created_at: str | None
+    updated_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    next_run_at: str | None
+    history: list[JobTransitionOut]
+    cancel_requested: bool
+
+
+class JobList(BaseModel):
+    """A page of jobs, newest first."""
+
+    jobs: list[JobOut]
+    next_page_token: str
+
+
+class ComponentHealth(BaseModel):
+    """One service or dependency on the health dashboard."""
+
+    name: str
+    kind: Literal["service", "dependency", "gateway"]
+    status: Literal["ok", "failing", "unknown"]
+    latency_ms: float | None
+    detail: str
+    source: str = Field(description="Who reported it: the gateway or a service's /healthz.")
+
+
+class QueueHealth(BaseModel):
+    """Queue depths from the queue service."""
+
+    jobs_by_state: dict[str, int]
+    queues: list[dict[str, Any]]
+    oldest_queued_age_seconds: float
+    recent_throughput_per_second: float
+    dead_letters: int
+
+
+class HealthOut(BaseModel):
+    """The health dashboard's data."""
+
+    status: Literal["ok", "degraded"]
+    checked_at: str
+    components: list[ComponentHealth]
+    queue: QueueHealth | None
+
+
+class ReadyOut(BaseModel):
+    """Readiness: what is failing, if anything."""
+
+    status: Literal["ready", "not ready"]
+    failing: list[ComponentHealth]

@@ -1,0 +1,78 @@
+"""The gateway's settings (``MESH_*`` variables); it serves HTTP only, no gRPC of its own."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from mesh.kit.settings import CommonSettings
+
+AuthMode = Literal["off", "api_key", "jwt", "any"]
+
+
+class GatewaySettings(CommonSettings):
+    """Settings of the REST gateway."""
+
+    http_host: str = "0.0.0.0"
+    """Interface the HTTP server binds."""
+
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    """HTTP port of the REST API, the web page, /metrics and the health endpoints."""
+
+    max_upload_bytes: int = Field(default=26 * 1024 * 1024, gt=0)
+    """Largest request body accepted by ``POST /v1/images`` (multipart overhead included); larger -> 413."""
+
+    max_json_bytes: int = Field(default=36 * 1024 * 1024, gt=0)
+    """Largest body of every other request (inline base64 images are 4/3 of their size); larger -> 413."""
+
+    auth_mode: AuthMode = "off"
+    """``off`` (local use), ``api_key`` (X-API-Key header), ``jwt`` (Bearer token) or ``any`` of the two."""
+
+    jwt_secret: str = ""
+    """HS256 secret for bearer tokens (used when ``jwt_public_key`` is empty)."""
+
+    jwt_public_key: str = ""
+    """PEM public key for RS256/ES256 bearer tokens; takes precedence over ``jwt_secret``."""
+
+    jwt_issuer: str = "mesh"
+    """Required ``iss`` claim of bearer tokens."""
+
+    jwt_audience: str = "mesh-gateway"
+    """Required ``aud`` claim of bearer tokens."""
+
+    jwt_leeway_seconds: float = Field(default=30.0, ge=0)
+    """Clock skew tolerated when checking ``exp``/``nbf``/``iat``."""
+
+    cors_origins: list[str] = Field(default_factory=list)
+    """Origins allowed to call the API from a browser (JSON list); empty allows none but the page itself."""
+
+    rate_limit: str = "600/minute"
+    """Requests allowed per caller (API key, token subject or client IP) and route, in ``limits`` notation."""
+
+    rate_limit_enabled: bool = True
+    """Whether rate limits are enforced at all."""
+
+    health_timeout_seconds: float = Field(default=1.5, gt=0)
+    """How long one probe of the health dashboard may take before it counts as failing."""
+
+    required_services: list[str] = Field(default_factory=lambda: ["file", "image", "inference", "queue"])
+    """Services that must answer SERVING for /readyz to be 200 (JSON list of file, image, inference, queue)."""
+
+    file_service_http: str = "localhost:9101"
+    """host:port of the file service's HTTP port (its /healthz feeds the dashboard)."""
+
+    image_service_http: str = "localhost:9102"
+    """host:port of the image processing service's HTTP port."""
+
+    inference_service_http: str = "localhost:9103"
+    """host:port of the inference service's HTTP port."""
+
+    queue_service_http: str = "localhost:9104"
+    """host:port of the queue service's HTTP port."""
+
+    sse_keepalive_seconds: float = Field(default=15.0, gt=0)
+    """Interval of SSE comment lines that keep idle event streams open through proxies."""
+
+    grace_seconds: float = Field(default=10.0, ge=0)
+    """How long in-flight requests may run after SIGTERM."""

@@ -1,0 +1,109 @@
+"""The contract's status mapping and error body shape, end to end from a gRPC status to the HTTP response."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.gateway.harness import GatewayFactory
+
+EXPECTED_STATUS = {
+    "INVALID_ARGUMENT": (400, "INVALID_ARGUMENT"),
+    "UNAUTHENTICATED": (401, "UNAUTHENTICATED"),
+    "PERMISSION_DENIED": (403, "PERMISSION_DENIED"),
+    "NOT_FOUND": (404, "NOT_FOUND"),
+    "ALREADY_EXISTS": (409, "ALREADY_EXISTS"),
+    "ABORTED": (409, "ABORTED"),
+    "FAILED_PRECONDITION": (409, "FAILED_PRECONDITION"),
+    "RESOURCE_EXHAUSTED": (429, "RESOURCE_EXHAUSTED"),
+    "PAYLOAD_TOO_LARGE": (413, "RESOURCE_EXHAUSTED"),
+    "UNSUPPORTED_MEDIA_TYPE": (415, "INVALID_ARGUMENT"),
+    "UNIMPLEMENTED": (501, "UNIMPLEMENTED"),
+    "UNAVAILABLE": (503, "UNAVAILABLE"),
+    "DEADLINE_EXCEEDED": (504, "DEADLINE_EXCEEDED"),
+    "INTERNAL": (500, "INTERNAL"),
+}
+
+
+def assert_error_shape(body: object, code: str) -> dict[str, Any]:
+    """The body is exactly ``{"error": {"code", "message", "details"}}`` with an ErrorInfo detail."""
+    assert isinstance(body, dict)
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"code", "message", "details"}
+    assert error["code"] == code
+    assert isinstance(error["message"], str)
+    assert error["message"]
+    assert any(d.get("type") == "ErrorInfo" for d in error["details"])
+    return error  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(("raised", "expected"), EXPECTED_STATUS.items())
+async def test_grpc_status_maps_to_contract_http_status(
+    client: httpx.AsyncClient, raised: str, expected: tuple[int, str]
+) -> None:
+    """Each gRPC status a service returns becomes the contract's HTTP status with the error body shape."""
+    image = await client.post(
+        "/v1/process", json={"image": "aGVsbG8=", "pipeline": [{"filter": f"raise:{raised}"}]}
+    )
+    status, code = expected
+    assert image.status_code == status, image.text
+    error = assert_error_shape(image.json(), code)
+    assert "fake failure" in str(error["message"])
+    violations = [d for d in error["details"] if d["type"] == "BadRequest"]
+    assert violations
+    assert violations[0]["field_violations"][0]["field"] == "pipeline"
+
+
+async def test_resource_exhausted_with_retry_info_sets_retry_after(client: httpx.AsyncClient) -> None:
+    """A 429 from a service carries Retry-After when the service sent RetryInfo (rate limit is per route)."""
+    response = await client.post(
+        "/v1/process", json={"image": "aGVsbG8=", "pipeline": [{"filter": "raise:RESOURCE_EXHAUSTED"}]}
+    )
+    assert response.status_code == 429
+    # The fake sends no RetryInfo, so no Retry-After: the header only appears when there is a delay to state.
+    assert "retry-after" not in response.headers
+
+
+async def test_unknown_route_is_404_in_error_shape(client: httpx.AsyncClient) -> None:
+    """An unknown path is 404 with the same JSON error shape, not Starlette's plain text."""
+    response = await client.get("/v1/nothing-here")
+    assert response.status_code == 404
+    assert_error_shape(response.json(), "NOT_FOUND")
+
+
+async def test_wrong_method_is_405_in_error_shape(client: httpx.AsyncClient) -> None:
+    """A known path with an unsupported method is 405 in the error shape."""
+    response = await client.put("/v1/images")
+    assert response.status_code == 405
+    assert_error_shape(response.json(), "UNIMPLEMENTED")
+
+
+async def test_validation_error_is_400_with_field_violations(client: httpx.AsyncClient) -> None:
+    """FastAPI's 422 becomes 400 INVALID_ARGUMENT naming each bad field."""
+    response = await client.post("/v1/jobs", json={"image_id": "x", "priority": 42, "typo": 1})
+    assert response.status_code == 400
+    error = assert_error_shape(response.json(), "INVALID_ARGUMENT")
+    fields = {
+        v["field"] for d in error["details"] if d["type"] == "BadRequest" for v in d["field_violations"]
+    }
+    assert {"priority", "typo"} <= fields
+
+
+async def test_malformed_json_is_400(client: httpx.AsyncClient) -> None:
+    """A body that is not JSON is a 400, not a 500."""
+    response = await client.post(
+        "/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert_error_shape(response.json(), "INVALID_ARGUMENT")
+
+
+async def test_backend_down_is_503(make_client: GatewayFactory) -> None:
+    """A service that does not answer gives 503 UNAVAILABLE (after the channel's retries)."""
+    client = await make_client(image_service_address="127.0.0.1:1", rpc_timeout_seconds=6.0)
+    response = await client.get("/v1/filters")
+    assert response.status_code == 503
+    assert_error_shape(response.json(), "UNAVAILABLE")

@@ -1,0 +1,171 @@
+"""``/v1/images``: multipart and raw uploads, 413/415/400, pagination passthrough, streamed content, delete."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+
+import httpx
+
+from tests.gateway.fakes import strip_png
+from tests.gateway.harness import FakeMesh, GatewayFactory
+from tests.gateway.test_errors import assert_error_shape
+
+
+async def test_multipart_upload_returns_201_with_metadata(client: httpx.AsyncClient) -> None:
+    """A multipart upload in the field ``file`` gives 201, a Location and the image's metadata."""
+    data = strip_png()
+    response = await client.post("/v1/images", files={"file": ("strip.png", data, "image/png")})
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["sha256"] == hashlib.sha256(data).hexdigest()
+    assert (body["width"], body["height"], body["format"]) == (320, 80, "PNG")
+    assert body["filename"] == "strip.png"
+    assert response.headers["location"] == f"/v1/images/{body['id']}"
+
+
+async def test_raw_upload_with_image_content_type(client: httpx.AsyncClient, mesh: FakeMesh) -> None:
+    """A raw body with an image Content-Type is uploaded with that declared type and the given filename."""
+    response = await client.post(
+        "/v1/images?filename=raw.png",
+        content=strip_png(64, 32),
+        headers={"content-type": "image/png", "idempotency-key": "k-raw-1"},
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["filename"] == "raw.png"
+    sent = mesh.fakes.files.upload_metadata[-1]
+    assert (sent.content_type, sent.idempotency_key) == ("image/png", "k-raw-1")
+
+
+async def test_same_bytes_again_are_deduplicated(client: httpx.AsyncClient) -> None:
+    """Uploading the same bytes twice gives the same sha256 and says deduplicated the second time."""
+    data = strip_png(100, 40)
+    first = (await client.post("/v1/images", files={"file": ("a.png", data, "image/png")})).json()
+    second = (await client.post("/v1/images", files={"file": ("b.png", data, "image/png")})).json()
+    assert first["sha256"] == second["sha256"]
+    assert second["deduplicated"] is True
+
+
+async def test_octet_stream_part_is_sniffed_by_the_service(client: httpx.AsyncClient, mesh: FakeMesh) -> None:
+    """A part declared application/octet-stream is passed on undeclared, so the service sniffs it."""
+    response = await client.post(
+        "/v1/images", files={"file": ("x.bin", strip_png(), "application/octet-stream")}
+    )
+    assert response.status_code == 201
+    assert mesh.fakes.files.upload_metadata[-1].content_type == ""
+
+
+async def test_unsupported_raw_content_type_is_415(client: httpx.AsyncClient) -> None:
+    """A raw body that is not an accepted image type is 415 before anything is sent on."""
+    response = await client.post("/v1/images", content=b"hello", headers={"content-type": "text/plain"})
+    assert response.status_code == 415
+    assert_error_shape(response.json(), "INVALID_ARGUMENT")
+
+
+async def test_text_part_is_415(client: httpx.AsyncClient) -> None:
+    """A multipart part declared text/plain is 415."""
+    response = await client.post("/v1/images", files={"file": ("notes.txt", b"hello", "text/plain")})
+    assert response.status_code == 415
+
+
+async def test_text_file_named_png_is_415_from_the_service(client: httpx.AsyncClient) -> None:
+    """A text file claiming to be PNG passes the gateway and is refused by the file service's sniffing: 415."""
+    response = await client.post("/v1/images", files={"file": ("fake.png", b"just text", "image/png")})
+    assert response.status_code == 415
+    assert "PNG, JPEG or WebP" in response.json()["error"]["message"]
+
+
+async def test_truncated_image_is_400(client: httpx.AsyncClient) -> None:
+    """A truncated PNG is 400 with a message saying so."""
+    response = await client.post("/v1/images", files={"file": ("cut.png", strip_png()[:60], "image/png")})
+    assert response.status_code == 400
+    assert "truncated" in response.json()["error"]["message"]
+
+
+async def test_missing_file_field_is_400(client: httpx.AsyncClient) -> None:
+    """A multipart form without ``file`` is 400 naming the field."""
+    response = await client.post("/v1/images", files={"other": ("a.png", strip_png(), "image/png")})
+    assert response.status_code == 400
+    assert response.json()["error"]["details"][1]["field_violations"][0]["field"] == "file"
+
+
+async def test_empty_body_is_400(client: httpx.AsyncClient) -> None:
+    """An empty raw body is 400."""
+    response = await client.post("/v1/images", content=b"", headers={"content-type": "image/png"})
+    assert response.status_code == 400
+
+
+async def test_too_large_by_content_length_is_413(make_client: GatewayFactory, mesh: FakeMesh) -> None:
+    """A declared Content-Length over the limit is refused with 413 before the body is read."""
+    client = await make_client(max_upload_bytes=1000)
+    before = len(mesh.fakes.files.upload_metadata)
+    response = await client.post(
+        "/v1/images", content=b"\x89PNG" + b"0" * 5000, headers={"content-type": "image/png"}
+    )
+    assert response.status_code == 413
+    assert_error_shape(response.json(), "RESOURCE_EXHAUSTED")
+    assert len(mesh.fakes.files.upload_metadata) == before
+    assert "traceparent" in response.headers
+
+
+async def test_too_large_streamed_body_is_413(make_client: GatewayFactory, mesh: FakeMesh) -> None:
+    """A chunked body without Content-Length is counted as it arrives and refused past the limit."""
+    client = await make_client(max_upload_bytes=10_000)
+    before = len(mesh.fakes.files.upload_metadata)
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b"x" * 4000
+
+    response = await client.post("/v1/images", content=body(), headers={"content-type": "image/png"})
+    assert response.status_code == 413
+    assert len(mesh.fakes.files.upload_metadata) == before
+
+
+async def test_pagination_passes_through(client: httpx.AsyncClient) -> None:
+    """page_size and page_token go to the file service; next_page_token comes back and walks every image."""
+    for i in range(3):
+        await client.post("/v1/images", files={"file": (f"p{i}.png", strip_png(50 + i, 20), "image/png")})
+    seen: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        response = await client.get("/v1/images", params={"page_size": 2, "page_token": token})
+        assert response.status_code == 200
+        page = response.json()
+        assert len(page["images"]) <= 2
+        seen.extend(i["id"] for i in page["images"])
+        pages += 1
+        token = page["next_page_token"]
+        if not token:
+            break
+    assert pages >= 2
+    assert len(seen) == len(set(seen)) >= 3
+
+
+async def test_page_size_out_of_range_is_400(client: httpx.AsyncClient) -> None:
+    """page_size 0 or above 500 is a 400 naming page_size."""
+    for size in (0, 501):
+        response = await client.get("/v1/images", params={"page_size": size})
+        assert response.status_code == 400
+        assert "page_size" in response.json()["error"]["message"]
+
+
+async def test_metadata_content_thumbnail_and_delete(client: httpx.AsyncClient) -> None:
+    """Metadata, streamed original bytes with their type, a PNG thumbnail; delete gives 204 then 404."""
+    data = strip_png(400, 100)
+    image = (await client.post("/v1/images", files={"file": ("s.png", data, "image/png")})).json()
+    meta = await client.get(f"/v1/images/{image['id']}")
+    assert meta.json()["sha256"] == image["sha256"]
+    content = await client.get(f"/v1/images/{image['id']}/content")
+    assert content.status_code == 200
+    assert content.headers["content-type"] == "image/png"
+    assert content.content == data
+    thumb = await client.get(f"/v1/images/{image['id']}/content", params={"variant": "thumbnail"})
+    assert thumb.status_code == 200
+    assert thumb.content.startswith(b"\x89PNG")
+    assert thumb.content != data
+    deleted = await client.delete(f"/v1/images/{image['id']}")
+    assert deleted.status_code == 204
+    assert (await client.get(f"/v1/images/{image['id']}")).status_code == 404
+    assert (await client.get(f"/v1/images/{image['id']}/content")).status_code == 404
