@@ -1,0 +1,1 @@
+"""The image processing service: a filter registry, CPU (OpenCV) and GPU (CuPy) backends, pipelines."""

@@ -1,0 +1,57 @@
+"""``python -m mesh.services.image_processing``: wiring only."""
+
+from __future__ import annotations
+
+import asyncio
+
+from mesh.image.v1 import image_processing_service_pb2_grpc as pb_grpc
+from mesh.kit.health import FunctionCheck
+from mesh.kit.logging import get_logger
+from mesh.kit.runtime import ServiceRuntime, configure_observability
+from mesh.kit.settings import load_settings
+from mesh.services.file.client import FileClient
+from mesh.services.image_processing.backend import select_backend
+from mesh.services.image_processing.codec import Limits
+from mesh.services.image_processing.processor import Processor
+from mesh.services.image_processing.servicer import SERVICE_NAME, ImageProcessingServicer
+from mesh.services.image_processing.settings import ImageSettings
+
+log = get_logger("mesh.services.image_processing")
+
+
+async def main() -> None:
+    settings = load_settings(ImageSettings)
+    configure_observability("image-processing", settings)
+    backend = select_backend(settings.device, gpu_memory_limit_bytes=settings.gpu_memory_limit_bytes)
+    # Kernels compile here, before the port opens, so no request pays for compilation.
+    await asyncio.to_thread(backend.warm_up)
+    log.info("compute backend ready", device=backend.device.value, detail=backend.check())
+    files = FileClient.connect(settings)
+    processor = Processor(
+        backend,
+        store=files,
+        limits=Limits(max_pixels=settings.image_max_pixels, max_bytes=settings.image_max_bytes),
+        workers=settings.cpu_workers,
+    )
+
+    async def compute() -> str:
+        return await asyncio.to_thread(backend.check)
+
+    runtime = ServiceRuntime(
+        "image-processing",
+        settings,
+        service_names=[SERVICE_NAME],
+        checks=[FunctionCheck(f"compute-{backend.device.value}", compute)],
+    )
+    pb_grpc.add_ImageProcessingServiceServicer_to_server(
+        ImageProcessingServicer(processor, stream_queue_frames=settings.stream_queue_frames), runtime.server
+    )
+    try:
+        await runtime.run()
+    finally:
+        processor.close()
+        await files.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,182 @@
+"""Decoding and encoding of images, with the limits checked before any pixel is decoded.
+
+Pillow reads only the header (format and size, against ``max_pixels``); OpenCV then decodes, because it
+keeps 16-bit RGB(A) PNGs that Pillow would reduce. Pixels come back as RGB(A), (height, width, channels).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from enum import Enum
+
+import cv2
+import numpy as np
+from PIL import Image as PilImage
+from PIL import UnidentifiedImageError
+
+from mesh.kit import errors
+from mesh.services.image_processing.filter_math import Image, as_image
+
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+class Format(str, Enum):
+    """Output formats (mirrors ``mesh.common.v1.ImageFormat``)."""
+
+    PNG = "png"
+    JPEG = "jpeg"
+    WEBP = "webp"
+    RAW = "raw"
+
+
+CONTENT_TYPES = {Format.PNG: "image/png", Format.JPEG: "image/jpeg", Format.WEBP: "image/webp"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on the images a request may carry."""
+
+    max_pixels: int = 50_000_000
+    """Largest width x height accepted (and produced)."""
+    max_bytes: int = 64 * 1024 * 1024
+    """Largest encoded or raw input in bytes."""
+
+
+def check_size(width: int, height: int, limits: Limits, where: str) -> None:
+    """PayloadTooLarge when an image has more pixels than allowed."""
+    if width * height > limits.max_pixels:
+        raise errors.PayloadTooLarge(
+            f"{where} is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}",
+            field_violations=[errors.FieldViolation(where, f"at most {limits.max_pixels} pixels")],
+        )
+
+
+def check_bytes(size: int, limits: Limits, where: str) -> None:
+    """PayloadTooLarge when an input has more bytes than allowed."""
+    if size > limits.max_bytes:
+        raise errors.PayloadTooLarge(
+            f"{where} has {size} bytes; the limit is {limits.max_bytes}",
+            field_violations=[errors.FieldViolation(where, f"at most {limits.max_bytes} bytes")],
+        )
+
+
+def sniff(data: bytes) -> str | None:
+    """The container format from magic bytes, or None."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def decode(data: bytes, limits: Limits, where: str = "input.encoded.data") -> Image:
+    """PNG, JPEG or WebP bytes to RGB(A) or grey pixels (8 or 16 bit)."""
+    check_bytes(len(data), limits, where)
+    kind = sniff(data)
+    if kind is None:
+        raise errors.UnsupportedMediaType(
+            "the image is not PNG, JPEG or WebP",
+            field_violations=[errors.FieldViolation(where, "must be PNG, JPEG or WebP bytes")],
+        )
+    try:
+        # Header only: size is known before decoding, so a decompression bomb is refused early.
+        with PilImage.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS)) as header:
+            width, height = header.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise _undecodable(where, error) from None
+    except PilImage.DecompressionBombError:
+        width, height = limits.max_pixels + 1, 1
+    check_size(width, height, limits, where)
+    pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None or pixels.size == 0:
+        raise _undecodable(where, ValueError(f"{kind} data could not be decoded"))
+    if pixels.dtype not in (np.uint8, np.uint16):
+        raise errors.InvalidData(
+            f"{kind} samples of type {pixels.dtype} are not supported (8 or 16 bit only)",
+            field_violations=[errors.FieldViolation(where, "must hold 8- or 16-bit samples")],
+        )
+    image = as_image(pixels)
+    channels = image.shape[2]
+    if channels == 3:
+        image = as_image(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+    elif channels == 4:
+        image = as_image(cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA))
+    elif channels == 2:
+        image = np.ascontiguousarray(image[:, :, [0, 0, 0, 1]])
+    return image
+
+
+def _undecodable(where: str, error: BaseException) -> errors.InvalidData:
+    return errors.InvalidData(
+        f"the image cannot be decoded: {error}",
+        field_violations=[errors.FieldViolation(where, "undecodable or truncated image")],
+    )
+
+
+def from_raw(
+    pixels: bytes,
+    width: int,
+    height: int,
+    channels: int,
+    sixteen_bit: bool,
+    limits: Limits,
+    where: str = "input.raw",
+) -> Image:
+    """Raw interleaved samples (little-endian for 16 bit) to an image, with its shape checked."""
+    if channels not in (1, 3, 4):
+        raise errors.InvalidData(
+            f"raw images have 1, 3 or 4 channels, got {channels}",
+            field_violations=[errors.FieldViolation(f"{where}.channels", "must be 1, 3 or 4")],
+        )
+    if width < 1 or height < 1:
+        raise errors.InvalidData(
+            f"raw image size {width}x{height} is empty",
+            field_violations=[errors.FieldViolation(f"{where}.width", "width and height must be >= 1")],
+        )
+    check_size(width, height, limits, where)
+    check_bytes(len(pixels), limits, f"{where}.pixels")
+    dtype = np.dtype("<u2") if sixteen_bit else np.dtype(np.uint8)
+    expected = width * height * channels * dtype.itemsize
+    if len(pixels) != expected:
+        raise errors.InvalidData(
+            f"raw image {width}x{height}x{channels} ({dtype.itemsize * 8}-bit) needs {expected} bytes, got {len(pixels)}",
+            field_violations=[errors.FieldViolation(f"{where}.pixels", f"must be {expected} bytes")],
+        )
+    array = np.frombuffer(pixels, dtype=dtype).reshape(height, width, channels)
+    return array.astype(np.uint16) if sixteen_bit else array
+
+
+def to_raw(image: Image) -> bytes:
+    """Interleaved samples, little-endian."""
+    if image.dtype == np.uint16:
+        return np.ascontiguousarray(image, dtype="<u2").tobytes()
+    return np.ascontiguousarray(image).tobytes()
+
+
+def encode(image: Image, fmt: Format, quality: int = 90) -> bytes:
+    """PNG keeps 16 bits; JPEG and WebP are 8-bit (16-bit images are reduced)."""
+    if fmt is Format.RAW:
+        return to_raw(image)
+    channels = image.shape[2]
+    pixels = image
+    if fmt is not Format.PNG and image.dtype == np.uint16:
+        pixels = (image >> 8).astype(np.uint8)
+    if channels == 3:
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)
+    elif channels == 4:
+        if fmt is Format.JPEG:
+            pixels = cv2.cvtColor(pixels, cv2.COLOR_RGBA2BGR)
+        else:
+            pixels = cv2.cvtColor(pixels, cv2.COLOR_RGBA2BGRA)
+    if fmt is Format.PNG:
+        ok, buffer = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    elif fmt is Format.JPEG:
+        ok, buffer = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    else:
+        ok, buffer = cv2.imencode(".webp", pixels, [cv2.IMWRITE_WEBP_QUALITY, quality])
+    if not ok:
+        raise errors.Internal(f"encoding a {image.shape} image as {fmt.value} failed")
+    return buffer.tobytes()

@@ -1,0 +1,150 @@
+"""Host-side maths shared by both backends, so that they agree by construction.
+
+Lookup tables (adjust, equalisation), Otsu's threshold from a histogram, fixed-point grey weights, Gaussian
+coefficients, and the output geometry of resize and rotate are computed here once, in NumPy, and handed to
+the CPU or the GPU code.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from mesh.services.image_processing.registry import Step
+
+Image = npt.NDArray[Any]
+"""Pixels as (height, width, channels), channels 1, 3 or 4, RGB(A) order, uint8 or uint16."""
+
+GRAY_SHIFT = 14
+# 14-bit fixed-point weights (R, G, B), each set summing to 1 << 14. bt601 matches OpenCV's cvtColor.
+GRAY_WEIGHTS: dict[str, tuple[int, int, int]] = {
+    "bt601": (4899, 9617, 1868),
+    "bt709": (3483, 11718, 1183),
+    "luminosity": (3441, 11796, 1147),
+}
+MAX_RESULT_PIXELS = 100_000_000
+"""Upper bound on the pixels a resize or rotate may produce."""
+
+
+def max_value(dtype: npt.DTypeLike) -> int:
+    """The largest sample value of an image dtype."""
+    return int(np.iinfo(np.dtype(dtype)).max)
+
+
+def as_image(array: npt.NDArray[Any]) -> Image:
+    """A (H, W, C) view of an OpenCV result that may have dropped the channel axis."""
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return array
+
+
+def gaussian_ksize(sigma: float, ksize: int) -> int:
+    """The kernel size used for ``sigma`` when the request leaves it 0."""
+    return ksize if ksize else 2 * math.ceil(3 * sigma) + 1
+
+
+def gaussian_kernel(ksize: int, sigma: float) -> npt.NDArray[Any]:
+    """Normalised 1-D Gaussian coefficients (OpenCV's formula)."""
+    return cv2.getGaussianKernel(ksize, sigma, cv2.CV_64F).ravel()
+
+
+def adjust_lut(dtype: npt.DTypeLike, brightness: float, contrast: float, gamma: float) -> Image:
+    """The lookup table of brightness, contrast and gamma for every sample value."""
+    top = max_value(dtype)
+    x = np.arange(top + 1, dtype=np.float64) / top
+    y = np.clip((x - 0.5) * contrast + 0.5 + brightness, 0.0, 1.0)
+    if gamma != 1.0:
+        y = np.power(y, 1.0 / gamma)
+    return np.rint(y * top).astype(dtype)
+
+
+def otsu_threshold(hist: npt.NDArray[np.integer]) -> int:
+    """Otsu's threshold: the t maximising between-class variance of classes <= t and > t."""
+    hist = hist.astype(np.float64)
+    total = hist.sum()
+    if total == 0:
+        return 0
+    levels = np.arange(hist.size, dtype=np.float64)
+    weight0 = np.cumsum(hist)
+    sum0 = np.cumsum(hist * levels)
+    weight1 = total - weight0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mu0 = sum0 / weight0
+        mu1 = (sum0[-1] - sum0) / weight1
+        between = weight0 * weight1 * (mu0 - mu1) ** 2
+    between[~np.isfinite(between)] = -1.0
+    best = float(between.max())
+    if best <= 0:
+        return 0
+    # Near-equal maxima (float noise) resolve to the lowest level, as OpenCV's strict '>' scan does.
+    return int(np.flatnonzero(between >= best * (1 - 1e-12))[0])
+
+
+def equalize_lut(hist: npt.NDArray[np.integer], dtype: npt.DTypeLike) -> Image:
+    """OpenCV's equalizeHist mapping generalised to any sample range."""
+    top = max_value(dtype)
+    hist = hist.astype(np.int64)
+    nonzero = np.flatnonzero(hist)
+    lut = np.zeros(top + 1, dtype=np.float64)
+    if nonzero.size == 0:
+        return lut.astype(dtype)
+    first = int(nonzero[0])
+    total = int(hist.sum())
+    if hist[first] == total:
+        return np.full(top + 1, first, dtype=dtype)
+    scale = top / (total - int(hist[first]))
+    cumulative = np.cumsum(hist[first + 1 :], dtype=np.int64)
+    lut[first + 1 :] = cumulative * scale
+    return np.clip(np.rint(lut), 0, top).astype(dtype)
+
+
+def resize_shape(height: int, width: int, step: Step) -> tuple[int, int]:
+    """The (height, width) a resize step produces from an image of the given size."""
+    scale = step.as_float("scale")
+    target_w, target_h = step.as_int("width"), step.as_int("height")
+    if scale > 0:
+        new_w, new_h = round(width * scale), round(height * scale)
+    elif target_w and target_h:
+        if step.as_bool("keep_aspect"):
+            factor = min(target_w / width, target_h / height)
+            new_w, new_h = round(width * factor), round(height * factor)
+        else:
+            new_w, new_h = target_w, target_h
+    elif target_w:
+        new_w, new_h = target_w, round(height * target_w / width)
+    else:
+        new_w, new_h = round(width * target_h / height), target_h
+    if new_w < 1 or new_h < 1:
+        raise step.invalid("scale" if scale > 0 else "width", f"gives an empty image ({new_w}x{new_h})")
+    if new_w * new_h > MAX_RESULT_PIXELS:
+        raise step.invalid(
+            "scale" if scale > 0 else "width",
+            f"gives {new_w}x{new_h}, more than {MAX_RESULT_PIXELS} pixels",
+        )
+    return new_h, new_w
+
+
+def rotation(height: int, width: int, angle: float, expand: bool) -> tuple[npt.NDArray[Any], int, int]:
+    """The 2x3 affine matrix (destination <- source, OpenCV convention) and output width and height."""
+    centre = ((width - 1) / 2.0, (height - 1) / 2.0)
+    matrix = cv2.getRotationMatrix2D(centre, angle, 1.0)
+    out_w, out_h = width, height
+    if expand:
+        cos, sin = abs(matrix[0, 0]), abs(matrix[0, 1])
+        out_w = round(height * sin + width * cos)
+        out_h = round(height * cos + width * sin)
+        matrix[0, 2] += (out_w - 1) / 2.0 - centre[0]
+        matrix[1, 2] += (out_h - 1) / 2.0 - centre[1]
+    return matrix, out_w, out_h
+
+
+def right_angle_turns(angle: float) -> int | None:
+    """Quarter turns counter-clockwise when ``angle`` is a multiple of 90 degrees, else None."""
+    quarters = angle / 90.0
+    if abs(quarters - round(quarters)) > 1e-9:
+        return None
+    return round(quarters) % 4

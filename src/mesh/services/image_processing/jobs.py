@@ -1,0 +1,142 @@
+"""The queue's job handler for image jobs: fetch, run the pipeline, store, then (optionally) predict.
+
+Built by constructor injection: an :class:`~mesh.services.image_processing.processor.ImageStore` (the file
+service client), a :class:`Predictor` (the inference service) and a
+:class:`~mesh.services.image_processing.processor.Processor` (the pipeline runner). The queue's worker
+runtime calls it with a :class:`~mesh.kit.jobs.JobContext` per attempt.
+
+Error categories follow the kit: an undecodable image is DATA, a bad pipeline PERMANENT, an unreachable
+service TRANSIENT (from the gRPC status), anything unexpected SYSTEM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+import grpc
+
+from mesh.common.v1 import image_pb2
+from mesh.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
+from mesh.kit import errors
+from mesh.kit.channels import open_channel
+from mesh.kit.jobs import JobCancelled, JobContext
+from mesh.kit.logging import get_logger
+from mesh.kit.settings import CommonSettings
+from mesh.queue.v1 import job_pb2
+from mesh.services.image_processing import codec
+from mesh.services.image_processing.processor import ImageStore, Processor, steps_from_proto
+from mesh.services.image_processing.registry import Step
+
+log = get_logger(__name__)
+
+INFERENCE_SERVICE = "mesh.inference.v1.InferenceService"
+OUTPUT_FORMAT = codec.Format.PNG
+
+
+class Predictor(Protocol):
+    """The part of the inference service a job uses."""
+
+    async def predict(
+        self, request: inference_service_pb2.PredictRequest
+    ) -> inference_service_pb2.PredictResponse:
+        """One prediction; raises MeshError on failure."""
+        ...
+
+
+class StubPredictor:
+    """A :class:`Predictor` over the generated InferenceService stub."""
+
+    def __init__(
+        self, stub: inference_service_pb2_grpc.InferenceServiceAsyncStub, timeout: float | None = None
+    ) -> None:
+        self._stub = stub
+        self._timeout = timeout
+
+    @classmethod
+    def connect(cls, settings: CommonSettings) -> tuple[StubPredictor, grpc.aio.Channel]:
+        """A predictor on a new channel to ``settings.inference_service_address`` (close the channel)."""
+        channel = open_channel(settings.inference_service_address, settings, service=INFERENCE_SERVICE)
+        return cls(inference_service_pb2_grpc.InferenceServiceStub(channel)), channel
+
+    async def predict(
+        self, request: inference_service_pb2.PredictRequest
+    ) -> inference_service_pb2.PredictResponse:
+        try:
+            response: inference_service_pb2.PredictResponse = await self._stub.Predict(
+                request, timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            raise errors.from_rpc_error(error) from None
+        return response
+
+
+# Progress: fetch and decode 0..0.1, pipeline 0.1..0.8, store 0.8..0.9, model 0.9..1.
+FETCHED, PIPELINE_END, STORED = 0.1, 0.8, 0.9
+
+
+class ImageJobHandler:
+    """Runs one attempt of an image job (a :class:`mesh.kit.jobs.JobHandler`)."""
+
+    def __init__(self, files: ImageStore, processor: Processor, predictor: Predictor | None) -> None:
+        self._files = files
+        self._processor = processor
+        self._predictor = predictor
+
+    async def __call__(self, context: JobContext) -> job_pb2.JobResult:
+        try:
+            return await self._run(context)
+        except (errors.MeshError, JobCancelled, asyncio.CancelledError):
+            raise
+        except Exception as error:
+            log.exception("image job failed unexpectedly", job_id=context.job.id)
+            raise errors.Internal(f"image job failed: {type(error).__name__}: {error}") from error
+
+    async def _run(self, context: JobContext) -> job_pb2.JobResult:
+        job = context.job
+        steps = steps_from_proto(job.pipeline)
+        if job.model and self._predictor is None:
+            raise errors.FailedPrecondition(
+                f"job {job.id} names model {job.model!r} but no inference service is set"
+            )
+        output_id = job.image_id
+        if steps:
+            output_id = await self._process(context, steps)
+        result = job_pb2.JobResult(output_image_id=output_id)
+        if job.model:
+            assert self._predictor is not None
+            await context.progress(STORED, "model")
+            prediction = await self._predictor.predict(
+                inference_service_pb2.PredictRequest(
+                    model_name=job.model,
+                    input=image_pb2.ImageInput(image_id=output_id),
+                    request_id=context.result_key,
+                )
+            )
+            result.prediction.CopyFrom(prediction)
+        await context.progress(1.0, "model" if job.model else "store")
+        return result
+
+    async def _process(self, context: JobContext, steps: list[Step]) -> str:
+        job = context.job
+        await context.progress(0.0, "fetch")
+        _, _, data = await self._files.download(job.image_id)
+        image = await asyncio.to_thread(codec.decode, data, self._processor.limits, "job.image_id")
+        await context.progress(FETCHED, "pipeline")
+
+        async def beat(index: int, step: Step, seconds: float) -> None:
+            fraction = FETCHED + (PIPELINE_END - FETCHED) * (index + 1) / len(steps)
+            await context.progress(fraction, "pipeline")
+
+        output = await self._processor.run_steps(image, steps, beat)
+        await context.progress(PIPELINE_END, "store")
+        encoded = await asyncio.to_thread(codec.encode, output, OUTPUT_FORMAT)
+        stored = await self._files.upload(
+            encoded,
+            filename=f"job-{job.id}.png",
+            content_type=codec.CONTENT_TYPES[OUTPUT_FORMAT],
+            labels={"job_id": job.id, "attempt": str(job.attempt)},
+            # The same key for the same attempt: a redelivered attempt finds its stored output again.
+            idempotency_key=context.result_key,
+        )
+        return stored.image.id

@@ -1,0 +1,283 @@
+"""The service core behind ProcessImage, StreamProcess and jobs: load, run on the backend, deliver.
+
+It speaks the protobuf messages of the contract but no gRPC: the file service is reached through the small
+:class:`ImageStore` port (the real one is :class:`mesh.services.file.client.FileClient`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+from prometheus_client import Counter, Histogram
+
+from mesh.common.v1 import image_pb2, params_pb2
+from mesh.file.v1 import file_service_pb2
+from mesh.image.v1 import image_processing_service_pb2 as pb
+from mesh.kit import errors
+from mesh.services.image_processing import codec
+from mesh.services.image_processing.backend import Backend, PipelineOutput, run_pipeline
+from mesh.services.image_processing.filter_math import Image
+from mesh.services.image_processing.params import ParamScalar, ParamType
+from mesh.services.image_processing.registry import FILTERS, Device, Step, validate_pipeline
+
+STEP_SECONDS = Histogram(
+    "mesh_image_step_seconds",
+    "Time of one pipeline step (device time on the GPU).",
+    ["filter", "device"],
+    buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+PIXELS = Counter("mesh_image_pixels_total", "Input pixels processed by pipelines.", ["device"])
+
+DEVICES = {Device.CPU: image_pb2.DEVICE_CPU, Device.GPU: image_pb2.DEVICE_GPU}
+PARAM_TYPES = {
+    ParamType.INT: pb.PARAM_TYPE_INT,
+    ParamType.FLOAT: pb.PARAM_TYPE_FLOAT,
+    ParamType.BOOL: pb.PARAM_TYPE_BOOL,
+    ParamType.ENUM: pb.PARAM_TYPE_ENUM,
+}
+FORMATS = {
+    image_pb2.IMAGE_FORMAT_UNSPECIFIED: codec.Format.PNG,
+    image_pb2.IMAGE_FORMAT_PNG: codec.Format.PNG,
+    image_pb2.IMAGE_FORMAT_JPEG: codec.Format.JPEG,
+    image_pb2.IMAGE_FORMAT_WEBP: codec.Format.WEBP,
+    image_pb2.IMAGE_FORMAT_RAW: codec.Format.RAW,
+}
+FORMAT_ENUMS = {
+    codec.Format.PNG: image_pb2.IMAGE_FORMAT_PNG,
+    codec.Format.JPEG: image_pb2.IMAGE_FORMAT_JPEG,
+    codec.Format.WEBP: image_pb2.IMAGE_FORMAT_WEBP,
+}
+
+
+class ImageStore(Protocol):
+    """The part of the file service the processor uses."""
+
+    async def download(self, image_id: str) -> tuple[file_service_pb2.Image, str, bytes]:
+        """Metadata, content type and bytes of a stored image."""
+        ...
+
+    async def upload(
+        self,
+        data: bytes,
+        *,
+        filename: str,
+        content_type: str = "",
+        labels: Mapping[str, str] | None = None,
+        idempotency_key: str = "",
+    ) -> file_service_pb2.UploadImageResponse:
+        """Store bytes as a new image."""
+        ...
+
+
+def param_value(value: params_pb2.ParamValue) -> ParamScalar | None:
+    """A ParamValue as a Python value, None when no kind is set."""
+    kind = value.WhichOneof("kind")
+    if kind is None:
+        return None
+    result: ParamScalar = getattr(value, kind)
+    return result
+
+
+def to_param_value(value: ParamScalar) -> params_pb2.ParamValue:
+    """A Python value as a ParamValue."""
+    if isinstance(value, bool):
+        return params_pb2.ParamValue(bool_value=value)
+    if isinstance(value, int):
+        return params_pb2.ParamValue(int_value=value)
+    if isinstance(value, float):
+        return params_pb2.ParamValue(number_value=value)
+    return params_pb2.ParamValue(string_value=value)
+
+
+def steps_from_proto(pipeline: Sequence[params_pb2.PipelineStep], prefix: str = "pipeline") -> list[Step]:
+    """Validated steps from the request's pipeline."""
+    raw: list[tuple[str, dict[str, ParamScalar]]] = []
+    empty: list[errors.FieldViolation] = []
+    for index, step in enumerate(pipeline):
+        params: dict[str, ParamScalar] = {}
+        for name, value in step.params.items():
+            converted = param_value(value)
+            if converted is None:
+                empty.append(errors.FieldViolation(f"{prefix}[{index}].params.{name}", "has no value"))
+            else:
+                params[name] = converted
+        raw.append((step.filter, params))
+    if empty:
+        raise errors.InvalidArgument("pipeline parameters without a value", field_violations=empty)
+    return validate_pipeline(raw, prefix)
+
+
+def filter_catalogue(device: Device) -> pb.ListFiltersResponse:
+    """Every filter as a FilterSpec."""
+    response = pb.ListFiltersResponse(device=DEVICES[device])
+    for definition in FILTERS.values():
+        spec = response.filters.add(
+            name=definition.name,
+            description=f"{definition.description} CPU/GPU agreement: {definition.tolerance.describe()}.",
+            devices=[DEVICES[d] for d in definition.devices],
+            output_channels=definition.output_channels,
+        )
+        for param in definition.params:
+            item = spec.params.add(
+                name=param.name,
+                type=PARAM_TYPES[param.type],
+                description=param.description,
+                default_value=to_param_value(param.default),
+                step=param.step,
+                options=list(param.options),
+            )
+            if param.min is not None:
+                item.min = param.min
+            if param.max is not None:
+                item.max = param.max
+    return response
+
+
+class Processor:
+    """Loads images, runs pipelines on the backend off the event loop, and delivers the output."""
+
+    def __init__(
+        self, backend: Backend, *, store: ImageStore | None, limits: codec.Limits, workers: int = 2
+    ) -> None:
+        self.backend = backend
+        self.store = store
+        self.limits = limits
+        # The GPU backend owns one stream and its staging buffers: one pipeline at a time keeps them safe.
+        size = 1 if backend.device is Device.GPU else workers
+        self._executor = ThreadPoolExecutor(
+            max_workers=size, thread_name_prefix=f"{backend.device.value}-pipeline"
+        )
+
+    @property
+    def device_enum(self) -> image_pb2.Device.ValueType:
+        return DEVICES[self.backend.device]
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _require_store(self, where: str) -> ImageStore:
+        if self.store is None:
+            raise errors.FailedPrecondition(
+                "this server has no file service configured",
+                field_violations=[errors.FieldViolation(where, "needs the file service")],
+            )
+        return self.store
+
+    async def load(self, source: image_pb2.ImageInput, where: str = "input") -> Image:
+        """The input's pixels, by reference or by value."""
+        kind = source.WhichOneof("source")
+        if kind == "image_id":
+            _, _, data = await self._require_store(f"{where}.image_id").download(source.image_id)
+            return await asyncio.to_thread(codec.decode, data, self.limits, f"{where}.image_id")
+        if kind == "encoded":
+            return await asyncio.to_thread(
+                codec.decode, source.encoded.data, self.limits, f"{where}.encoded.data"
+            )
+        if kind == "raw":
+            raw = source.raw
+            return codec.from_raw(
+                raw.pixels,
+                raw.width,
+                raw.height,
+                raw.channels,
+                raw.pixel_type == image_pb2.PIXEL_TYPE_UINT16,
+                self.limits,
+                f"{where}.raw",
+            )
+        raise errors.InvalidArgument(
+            "no input image", field_violations=[errors.FieldViolation(where, "set image_id, encoded or raw")]
+        )
+
+    async def run(self, image: Image, steps: Sequence[Step]) -> PipelineOutput:
+        """Run a pipeline on the backend in its worker thread."""
+        loop = asyncio.get_running_loop()
+        output = await loop.run_in_executor(self._executor, run_pipeline, self.backend, image, steps)
+        device = self.backend.device.value
+        PIXELS.labels(device).inc(image.shape[0] * image.shape[1])
+        for name, seconds in output.timings:
+            STEP_SECONDS.labels(name, device).observe(seconds)
+        return output
+
+    async def run_steps(
+        self, image: Image, steps: Sequence[Step], on_step: Callable[[int, Step, float], Awaitable[None]]
+    ) -> Image:
+        """Run a pipeline step by step (the image stays on the device), awaiting ``on_step`` after each."""
+        loop = asyncio.get_running_loop()
+        session = await loop.run_in_executor(self._executor, self.backend.start, image)
+        device = self.backend.device.value
+        PIXELS.labels(device).inc(image.shape[0] * image.shape[1])
+        for index, step in enumerate(steps):
+            seconds = await loop.run_in_executor(self._executor, session.apply, step)
+            STEP_SECONDS.labels(step.filter, device).observe(seconds)
+            await on_step(index, step, seconds)
+        return await loop.run_in_executor(self._executor, session.result)
+
+    async def deliver(
+        self, output: PipelineOutput, spec: pb.OutputSpec, where: str = "output"
+    ) -> pb.ProcessImageResponse:
+        """The response for a finished pipeline: encoded, raw or stored."""
+        image = output.image
+        height, width, channels = image.shape
+        codec.check_size(width, height, self.limits, "pipeline output")
+        fmt = FORMATS.get(spec.format)
+        if fmt is None:
+            raise errors.InvalidArgument(
+                f"unknown output format {spec.format}",
+                field_violations=[errors.FieldViolation(f"{where}.format", "PNG, JPEG, WebP or RAW")],
+            )
+        if spec.quality > 100:
+            raise errors.InvalidArgument(
+                f"{where}.quality must be 1..100, got {spec.quality}",
+                field_violations=[errors.FieldViolation(f"{where}.quality", "must be between 1 and 100")],
+            )
+        quality = spec.quality or 90
+        response = pb.ProcessImageResponse(
+            device=self.device_enum,
+            width=width,
+            height=height,
+            channels=channels,
+            timings=[pb.StepTiming(filter=name, seconds=seconds) for name, seconds in output.timings],
+        )
+        if fmt is codec.Format.RAW:
+            if spec.store:
+                raise errors.InvalidArgument(
+                    "raw output cannot be stored",
+                    field_violations=[
+                        errors.FieldViolation(f"{where}.format", "stored outputs are PNG, JPEG or WebP")
+                    ],
+                )
+            response.raw.CopyFrom(
+                image_pb2.RawImage(
+                    pixels=codec.to_raw(image),
+                    width=width,
+                    height=height,
+                    channels=channels,
+                    pixel_type=image_pb2.PIXEL_TYPE_UINT16
+                    if image.dtype.itemsize == 2
+                    else image_pb2.PIXEL_TYPE_UINT8,
+                )
+            )
+            return response
+        data = await asyncio.to_thread(codec.encode, image, fmt, quality)
+        if spec.store:
+            stored = await self._require_store(f"{where}.store").upload(
+                data,
+                filename=f"processed.{fmt.value}",
+                content_type=codec.CONTENT_TYPES[fmt],
+                labels=dict(spec.labels),
+            )
+            response.image_id = stored.image.id
+        else:
+            response.encoded.CopyFrom(image_pb2.EncodedImage(data=data, format=FORMAT_ENUMS[fmt]))
+        return response
+
+    async def process(
+        self, source: image_pb2.ImageInput, steps: Sequence[Step], spec: pb.OutputSpec, where: str = "input"
+    ) -> pb.ProcessImageResponse:
+        """Load, run and deliver one image."""
+        image = await self.load(source, where)
+        output = await self.run(image, steps)
+        return await self.deliver(output, spec)

@@ -1,0 +1,32 @@
+"""Settings of the image processing service (environment ``MESH_*``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from mesh.kit.settings import ServerSettings
+
+
+class ImageSettings(ServerSettings):
+    """The image processing service's settings."""
+
+    grpc_port: int = Field(default=50052, ge=0, le=65535)
+    """gRPC port (CONTRACT.md: 50052)."""
+
+    http_port: int = Field(default=9102, ge=0, le=65535)
+    """HTTP port for /metrics and /healthz (CONTRACT.md: 9102)."""
+
+    image_max_pixels: int = Field(default=50_000_000, gt=0)
+    """Largest width x height of an input or output image."""
+
+    image_max_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    """Largest encoded or raw input image in bytes."""
+
+    cpu_workers: int = Field(default=2, ge=1, le=64)
+    """Pipelines run at once on the CPU backend (OpenCV also threads inside each)."""
+
+    gpu_memory_limit_bytes: int = Field(default=8 * 1024**3, ge=0)
+    """Bound of CuPy's device memory pool; 0 leaves it unbounded."""
+
+    stream_queue_frames: int = Field(default=2, ge=1, le=64)
+    """Frames of a StreamProcess call read ahead of the one being processed (backpressure beyond)."""

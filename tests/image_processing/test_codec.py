@@ -1,0 +1,82 @@
+"""Decoding and encoding, with limits and the errors for bad inputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mesh.kit import errors
+from mesh.services.image_processing import codec
+from tests.image_processing.images import LAYOUTS, noise, smooth
+
+LIMITS = codec.Limits(max_pixels=10_000, max_bytes=200_000)
+
+
+@pytest.mark.parametrize(("dtype", "channels"), LAYOUTS)
+def test_png_and_raw_round_trip_every_layout(dtype: Any, channels: int) -> None:
+    """PNG keeps grey/RGB/RGBA at 8 and 16 bits exactly; raw bytes do too."""
+    image = noise(12, 17, channels, dtype)
+    assert np.array_equal(codec.decode(codec.encode(image, codec.Format.PNG), LIMITS), image)
+    sixteen = dtype == np.uint16
+    raw = codec.from_raw(codec.to_raw(image), 17, 12, channels, sixteen, LIMITS)
+    assert np.array_equal(raw, image)
+
+
+@pytest.mark.parametrize("fmt", [codec.Format.JPEG, codec.Format.WEBP])
+def test_lossy_formats_round_trip_closely(fmt: codec.Format) -> None:
+    """JPEG and WebP decode to the same size and roughly the same pixels, in RGB order."""
+    image = smooth(32, 48, 3)
+    image[:, :, 2] = 0
+    decoded = codec.decode(codec.encode(image, fmt, quality=95), LIMITS)
+    assert decoded.shape == image.shape
+    assert np.abs(decoded.astype(int) - image.astype(int)).mean() < 4
+
+
+def test_unknown_bytes_are_unsupported_media() -> None:
+    """Bytes that are no PNG, JPEG or WebP are UNSUPPORTED_MEDIA_TYPE (HTTP 415)."""
+    with pytest.raises(errors.UnsupportedMediaType) as caught:
+        codec.decode(b"GIF89a....", LIMITS)
+    assert errors.http_status(caught.value) == 415
+
+
+def test_truncated_png_is_invalid_data() -> None:
+    """A truncated PNG is INVALID_ARGUMENT with the DATA category."""
+    data = codec.encode(noise(20, 20, 3), codec.Format.PNG)
+    with pytest.raises(errors.InvalidData) as caught:
+        codec.decode(data[:60], LIMITS)
+    assert caught.value.code.name == "INVALID_ARGUMENT"
+    assert caught.value.field_violations[0].field == "input.encoded.data"
+
+
+def test_too_many_pixels_is_refused_before_decoding() -> None:
+    """An image over the pixel limit is RESOURCE_EXHAUSTED (HTTP 413), checked from the header."""
+    data = codec.encode(np.zeros((200, 200, 1), np.uint8), codec.Format.PNG)
+    with pytest.raises(errors.PayloadTooLarge) as caught:
+        codec.decode(data, LIMITS)
+    assert caught.value.code.name == "RESOURCE_EXHAUSTED"
+    assert errors.http_status(caught.value) == 413
+
+
+def test_too_many_bytes_is_refused() -> None:
+    """Input bytes over the limit are refused."""
+    with pytest.raises(errors.PayloadTooLarge):
+        codec.decode(b"\x89PNG\r\n\x1a\n" + bytes(300_000), LIMITS)
+
+
+def test_raw_with_wrong_length_or_channels_is_invalid_data() -> None:
+    """Raw pixels must match width x height x channels x sample size; channels are 1, 3 or 4."""
+    with pytest.raises(errors.InvalidData) as caught:
+        codec.from_raw(bytes(10), 3, 3, 1, False, LIMITS)
+    assert caught.value.field_violations[0].field == "input.raw.pixels"
+    with pytest.raises(errors.InvalidData):
+        codec.from_raw(bytes(18), 3, 3, 2, False, LIMITS)
+
+
+def test_sixteen_bit_jpeg_output_is_reduced_to_eight() -> None:
+    """JPEG output of a 16-bit image carries the high byte."""
+    image = np.full((8, 8, 1), 0xAB00, np.uint16)
+    decoded = codec.decode(codec.encode(image, codec.Format.JPEG, 100), LIMITS)
+    assert decoded.dtype == np.uint8
+    assert abs(int(decoded[4, 4, 0]) - 0xAB) <= 1

@@ -1,0 +1,131 @@
+"""The queue job handler: fetch, pipeline with progress beats, idempotent store, predict by reference."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from mesh.common.v1 import errors_pb2, params_pb2
+from mesh.kit import errors
+from mesh.kit.jobs import JobCancelled, JobHandler
+from mesh.queue.v1 import job_pb2
+from mesh.services.image_processing import codec
+from mesh.services.image_processing.cpu_backend import CpuBackend
+from mesh.services.image_processing.jobs import ImageJobHandler
+from mesh.services.image_processing.processor import Processor
+from tests.image_processing.fakes import MemoryStore, RecordingPredictor
+from tests.image_processing.images import smooth
+
+LIMITS = codec.Limits()
+
+
+@dataclass
+class FakeContext:
+    """A JobContext that records progress beats and can cancel at a given beat."""
+
+    job: job_pb2.Job
+    cancel_at: int | None = None
+    beats: list[tuple[float, str]] = field(default_factory=list)
+
+    @property
+    def result_key(self) -> str:
+        return f"{self.job.id}:{self.job.attempt}"
+
+    async def progress(self, fraction: float, stage: str) -> None:
+        self.beats.append((fraction, stage))
+        if self.cancel_at is not None and len(self.beats) >= self.cancel_at:
+            raise JobCancelled()
+
+
+@pytest.fixture
+async def processor() -> AsyncIterator[Processor]:
+    runner = Processor(CpuBackend(), store=None, limits=LIMITS)
+    yield runner
+    runner.close()
+
+
+def _job(image_id: str, model: str = "", steps: int = 2) -> job_pb2.Job:
+    pipeline = [
+        params_pb2.PipelineStep(filter="grayscale"),
+        params_pb2.PipelineStep(
+            filter="gaussian_blur", params={"sigma": params_pb2.ParamValue(number_value=2.0)}
+        ),
+    ][:steps]
+    return job_pb2.Job(id="job-1", attempt=2, image_id=image_id, pipeline=pipeline, model=model)
+
+
+async def test_job_runs_pipeline_stores_and_predicts(processor: Processor) -> None:
+    """Progress beats per step, output stored with job labels, prediction by reference to the output."""
+    store = MemoryStore()
+    predictor = RecordingPredictor()
+    handler: JobHandler = ImageJobHandler(store, processor, predictor)
+    image_id = store.put(codec.encode(smooth(30, 40, 3), codec.Format.PNG))
+    context = FakeContext(_job(image_id, model="strip-reader"))
+    result = await handler(context)
+    data, labels = store.images[result.output_image_id]
+    assert labels == {"job_id": "job-1", "attempt": "2"}
+    assert codec.decode(data, LIMITS).shape == (30, 40, 1)
+    assert predictor.requests[0].input.image_id == result.output_image_id
+    assert predictor.requests[0].model_name == "strip-reader"
+    assert result.prediction.model_name == "strip-reader"
+    stages = [stage for _, stage in context.beats]
+    assert stages.count("pipeline") == 3
+    assert stages[0] == "fetch"
+    assert "store" in stages
+    assert "model" in stages
+    fractions = [f for f, _ in context.beats]
+    assert fractions == sorted(fractions)
+    assert fractions[-1] == 1.0
+
+
+async def test_repeated_attempt_does_not_store_twice(processor: Processor) -> None:
+    """The same attempt run twice stores one output (idempotency key = result_key)."""
+    store = MemoryStore()
+    handler = ImageJobHandler(store, processor, None)
+    image_id = store.put(codec.encode(smooth(10, 10, 3), codec.Format.PNG))
+    first = await handler(FakeContext(_job(image_id)))
+    second = await handler(FakeContext(_job(image_id)))
+    assert first.output_image_id == second.output_image_id
+    assert store.uploads == 1
+
+
+async def test_error_categories(processor: Processor) -> None:
+    """Undecodable -> DATA, bad pipeline -> PERMANENT, inference UNAVAILABLE -> TRANSIENT."""
+    store = MemoryStore()
+    broken = store.put(b"\x89PNG\r\n\x1a\ngarbage")
+    handler = ImageJobHandler(store, processor, RecordingPredictor(errors.Unavailable("inference is down")))
+    with pytest.raises(errors.InvalidData) as data_error:
+        await handler(FakeContext(_job(broken)))
+    assert data_error.value.category == errors_pb2.ERROR_CATEGORY_DATA
+    bad = _job(broken)
+    bad.pipeline[1].params["sigma"].number_value = 500.0
+    with pytest.raises(errors.InvalidArgument) as param_error:
+        await handler(FakeContext(bad))
+    assert param_error.value.category == errors_pb2.ERROR_CATEGORY_PERMANENT
+    good = store.put(codec.encode(smooth(10, 10, 3), codec.Format.PNG))
+    with pytest.raises(errors.Unavailable) as down:
+        await handler(FakeContext(_job(good, model="strip-reader")))
+    assert down.value.category == errors_pb2.ERROR_CATEGORY_TRANSIENT
+
+
+async def test_cancel_at_a_beat_stops_the_job(processor: Processor) -> None:
+    """JobCancelled from a progress beat propagates and nothing is stored."""
+    store = MemoryStore()
+    handler = ImageJobHandler(store, processor, None)
+    image_id = store.put(codec.encode(smooth(10, 10, 3), codec.Format.PNG))
+    with pytest.raises(JobCancelled):
+        await handler(FakeContext(_job(image_id), cancel_at=3))
+    assert store.uploads == 0
+
+
+async def test_model_only_job_predicts_on_the_input(processor: Processor) -> None:
+    """Without a pipeline the input image itself goes to the model and nothing is stored."""
+    store = MemoryStore()
+    predictor = RecordingPredictor()
+    handler = ImageJobHandler(store, processor, predictor)
+    result = await handler(FakeContext(_job("img-9", model="strip-reader", steps=0)))
+    assert result.output_image_id == "img-9"
+    assert predictor.requests[0].input.image_id == "img-9"
+    assert store.uploads == 0

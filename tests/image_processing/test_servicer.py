@@ -1,0 +1,241 @@
+"""The gRPC service in process, over a real server on port 0 (ServiceRuntime)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from google.rpc import status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mesh.common.v1 import image_pb2, params_pb2
+from mesh.image.v1 import image_processing_service_pb2 as pb
+from mesh.image.v1 import image_processing_service_pb2_grpc as pb_grpc
+from mesh.kit import errors
+from mesh.kit.channels import open_channel
+from mesh.kit.health import FunctionCheck
+from mesh.kit.runtime import ServiceRuntime
+from mesh.services.image_processing import codec
+from mesh.services.image_processing.cpu_backend import CpuBackend
+from mesh.services.image_processing.processor import Processor
+from mesh.services.image_processing.servicer import SERVICE_NAME, ImageProcessingServicer
+from mesh.services.image_processing.settings import ImageSettings
+from tests.image_processing.fakes import MemoryStore
+from tests.image_processing.images import noise, smooth
+
+LIMITS = codec.Limits(max_pixels=1_000_000, max_bytes=8 * 1024 * 1024)
+
+
+@dataclass
+class Served:
+    stub: Any
+    store: MemoryStore
+    runtime: ServiceRuntime
+    channel: grpc.aio.Channel
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[Served]:
+    settings = ImageSettings(grpc_port=0, http_port=0, grace_seconds=1, health_interval_seconds=0.05)
+    backend = CpuBackend()
+    store = MemoryStore()
+    processor = Processor(backend, store=store, limits=LIMITS)
+
+    async def compute() -> str:
+        return backend.check()
+
+    runtime = ServiceRuntime(
+        "image-processing", settings, service_names=[SERVICE_NAME], checks=[FunctionCheck("compute", compute)]
+    )
+    pb_grpc.add_ImageProcessingServiceServicer_to_server(ImageProcessingServicer(processor), runtime.server)
+    task = asyncio.create_task(runtime.run())
+    await asyncio.wait_for(runtime.started.wait(), 10)
+    channel = open_channel(
+        f"localhost:{runtime.grpc_port}", settings, service=SERVICE_NAME, streaming_methods=["StreamProcess"]
+    )
+    yield Served(pb_grpc.ImageProcessingServiceStub(channel), store, runtime, channel)
+    await channel.close()
+    runtime.stopping.set()
+    await asyncio.wait_for(task, 10)
+    processor.close()
+
+
+def _step(name: str, **params: Any) -> params_pb2.PipelineStep:
+    values = {}
+    for key, value in params.items():
+        if isinstance(value, bool):
+            values[key] = params_pb2.ParamValue(bool_value=value)
+        elif isinstance(value, int):
+            values[key] = params_pb2.ParamValue(int_value=value)
+        elif isinstance(value, float):
+            values[key] = params_pb2.ParamValue(number_value=value)
+        else:
+            values[key] = params_pb2.ParamValue(string_value=value)
+    return params_pb2.PipelineStep(filter=name, params=values)
+
+
+def _png(image: Any) -> image_pb2.ImageInput:
+    return image_pb2.ImageInput(encoded=image_pb2.EncodedImage(data=codec.encode(image, codec.Format.PNG)))
+
+
+async def test_health_and_list_filters(served: Served) -> None:
+    """The service name is SERVING; ListFilters lists every filter with typed params and the CPU device."""
+    health = health_pb2_grpc.HealthStub(served.channel)
+    reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    catalogue = await served.stub.ListFilters(pb.ListFiltersRequest())
+    assert catalogue.device == image_pb2.DEVICE_CPU
+    blur = next(f for f in catalogue.filters if f.name == "gaussian_blur")
+    sigma = next(p for p in blur.params if p.name == "sigma")
+    assert sigma.type == pb.PARAM_TYPE_FLOAT
+    assert (sigma.min, sigma.max, sigma.default_value.number_value) == (0.1, 20.0, 1.0)
+    border = next(p for p in blur.params if p.name == "border")
+    assert list(border.options) == ["reflect", "clamp", "wrap", "constant"]
+    assert image_pb2.DEVICE_GPU in blur.devices
+    canny = next(f for f in catalogue.filters if f.name == "canny")
+    assert list(canny.devices) == [image_pb2.DEVICE_CPU]
+    assert "within 1 LSB" in blur.description
+
+
+async def test_process_image_inline_png_to_png(served: Served) -> None:
+    """An inline PNG through grayscale -> blur comes back as a one-channel PNG with step timings."""
+    image = smooth(40, 60, 3)
+    response = await served.stub.ProcessImage(
+        pb.ProcessImageRequest(
+            input=_png(image), pipeline=[_step("grayscale"), _step("gaussian_blur", sigma=1.5)]
+        )
+    )
+    assert response.WhichOneof("result") == "encoded"
+    assert response.encoded.format == image_pb2.IMAGE_FORMAT_PNG
+    out = codec.decode(response.encoded.data, LIMITS)
+    assert out.shape == (40, 60, 1)
+    assert (response.width, response.height, response.channels) == (60, 40, 1)
+    assert [t.filter for t in response.timings] == ["grayscale", "gaussian_blur"]
+    assert response.device == image_pb2.DEVICE_CPU
+
+
+async def test_process_image_raw_in_raw_out_16_bit(served: Served) -> None:
+    """Raw 16-bit pixels in, raw out: invert is exact."""
+    image = noise(9, 7, 3, np.uint16)
+    raw = image_pb2.RawImage(
+        pixels=codec.to_raw(image), width=7, height=9, channels=3, pixel_type=image_pb2.PIXEL_TYPE_UINT16
+    )
+    response = await served.stub.ProcessImage(
+        pb.ProcessImageRequest(
+            input=image_pb2.ImageInput(raw=raw),
+            pipeline=[_step("invert")],
+            output=pb.OutputSpec(format=image_pb2.IMAGE_FORMAT_RAW),
+        )
+    )
+    out = codec.from_raw(response.raw.pixels, 7, 9, 3, True, LIMITS)
+    assert np.array_equal(out, 65535 - image)
+
+
+async def test_process_image_by_reference_and_stored(served: Served) -> None:
+    """An image_id input is fetched from the file service; store=True returns the stored output's id."""
+    image_id = served.store.put(codec.encode(noise(10, 10, 3), codec.Format.PNG))
+    response = await served.stub.ProcessImage(
+        pb.ProcessImageRequest(
+            input=image_pb2.ImageInput(image_id=image_id),
+            pipeline=[_step("flip", direction="vertical")],
+            output=pb.OutputSpec(
+                format=image_pb2.IMAGE_FORMAT_JPEG, quality=80, store=True, labels={"a": "b"}
+            ),
+        )
+    )
+    assert response.WhichOneof("result") == "image_id"
+    data, labels = served.store.images[response.image_id]
+    assert codec.sniff(data) == "JPEG"
+    assert labels == {"a": "b"}
+
+
+async def _call_error(served: Served, request: pb.ProcessImageRequest) -> errors.MeshError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await served.stub.ProcessImage(request)
+    return errors.from_rpc_error(caught.value)
+
+
+async def test_bad_parameter_is_invalid_argument_with_field(served: Served) -> None:
+    """A bad parameter is INVALID_ARGUMENT with a BadRequest naming the field and the range."""
+    error = await _call_error(
+        served,
+        pb.ProcessImageRequest(
+            input=_png(noise(4, 4, 1)), pipeline=[_step("invert"), _step("median", ksize=9)]
+        ),
+    )
+    assert isinstance(error, errors.InvalidArgument)
+    assert error.field_violations[0].field == "pipeline[1].params.ksize"
+    assert "between 3 and 5" in error.field_violations[0].description
+
+
+async def test_unknown_filter_and_undecodable_and_too_large(served: Served) -> None:
+    """Unknown filter and undecodable image are INVALID_ARGUMENT; an oversized image RESOURCE_EXHAUSTED."""
+    unknown = await _call_error(
+        served, pb.ProcessImageRequest(input=_png(noise(4, 4, 1)), pipeline=[_step("nope")])
+    )
+    assert "valid filters" in unknown.field_violations[0].description
+    broken = image_pb2.ImageInput(encoded=image_pb2.EncodedImage(data=b"\x89PNG\r\n\x1a\nbroken"))
+    undecodable = await _call_error(served, pb.ProcessImageRequest(input=broken))
+    assert undecodable.code == grpc.StatusCode.INVALID_ARGUMENT
+    big = image_pb2.RawImage(pixels=bytes(2000 * 1000), width=2000, height=1000, channels=1)
+    too_large = await _call_error(served, pb.ProcessImageRequest(input=image_pb2.ImageInput(raw=big)))
+    assert too_large.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def _frames(
+    config: pb.StreamConfig | None, frames: list[image_pb2.ImageInput]
+) -> list[pb.StreamProcessRequest]:
+    messages = [] if config is None else [pb.StreamProcessRequest(config=config)]
+    for sequence, frame in enumerate(frames, start=1):
+        messages.append(pb.StreamProcessRequest(frame=pb.Frame(sequence=sequence, image=frame)))
+    return messages
+
+
+async def test_stream_keeps_order_and_survives_a_bad_frame(served: Served) -> None:
+    """Frames come back in order; a bad frame in the middle yields an error response and the stream goes on."""
+    good = _png(smooth(16, 16, 3))
+    bad = image_pb2.ImageInput(encoded=image_pb2.EncodedImage(data=b"not an image"))
+    config = pb.StreamConfig(
+        pipeline=[_step("grayscale")], output=pb.OutputSpec(format=image_pb2.IMAGE_FORMAT_RAW)
+    )
+    messages = _frames(config, [good, good, bad, good, good])
+
+    async def requests() -> AsyncIterator[pb.StreamProcessRequest]:
+        for message in messages:
+            yield message
+
+    responses = [r async for r in served.stub.StreamProcess(requests())]
+    assert [r.sequence for r in responses] == [1, 2, 3, 4, 5]
+    assert [r.HasField("error") for r in responses] == [False, False, True, False, False]
+    status: status_pb2.Status = responses[2].error
+    assert errors.from_status(status).code == grpc.StatusCode.INVALID_ARGUMENT
+    assert all(r.result.channels == 1 for r in responses if not r.HasField("error"))
+
+
+async def test_stream_without_config_fails(served: Served) -> None:
+    """A stream whose first message is a frame ends with INVALID_ARGUMENT."""
+
+    async def requests() -> AsyncIterator[pb.StreamProcessRequest]:
+        for message in _frames(None, [_png(noise(4, 4, 1))]):
+            yield message
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        _ = [r async for r in served.stub.StreamProcess(requests())]
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_stream_with_bad_pipeline_fails(served: Served) -> None:
+    """A config with an invalid pipeline ends the stream with INVALID_ARGUMENT naming config.pipeline."""
+
+    async def requests() -> AsyncIterator[pb.StreamProcessRequest]:
+        yield pb.StreamProcessRequest(config=pb.StreamConfig(pipeline=[_step("median", ksize=2)]))
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        _ = [r async for r in served.stub.StreamProcess(requests())]
+    error = errors.from_rpc_error(caught.value)
+    assert error.field_violations[0].field == "config.pipeline[0].params.ksize"
