@@ -1,0 +1,98 @@
+"""``make load``: a bounded load test of the running mesh on loopback, one scenario per RPC.
+
+Checks the mesh answers first (gRPC health of every service a scenario needs) and says clearly when it
+does not; seeds an image and a job; then runs each scenario for ``--duration`` seconds or ``--count`` calls,
+whichever comes first, with ``--concurrency`` callers, and prints one ghz-style JSON object per scenario.
+The same scenarios, for ghz, are the configs in deploy/load/ (``--write-payloads`` writes their data files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mesh.kit.settings import CommonSettings, load_settings
+from mesh.tools.load import payloads
+from mesh.tools.load.mesh import Mesh, MeshNotUp, address_of, is_loopback
+from mesh.tools.load.runner import run_scenario
+from mesh.tools.load.scenarios import SCENARIOS
+
+PAYLOAD_DIR = Path("deploy/load/payloads")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mesh.tools.load", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--scenario", action="append", choices=sorted(SCENARIOS), help="repeatable; default all"
+    )
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per scenario (default 5)")
+    parser.add_argument("--count", type=int, default=2000, help="most calls per scenario (default 2000)")
+    parser.add_argument("--concurrency", type=int, default=8, help="concurrent callers (default 8)")
+    parser.add_argument("--output", type=Path, help="also write the reports as a JSON array here")
+    parser.add_argument("--payload-dir", type=Path, default=PAYLOAD_DIR, help="where ghz data files go")
+    parser.add_argument(
+        "--write-payloads", action="store_true", help="only seed the mesh and write the ghz data files"
+    )
+    args = parser.parse_args(argv)
+    if args.duration <= 0 or args.count <= 0 or args.concurrency <= 0:
+        parser.error("--duration, --count and --concurrency must be positive")
+    return args
+
+
+async def run(args: argparse.Namespace, settings: CommonSettings) -> int:
+    chosen = [SCENARIOS[name] for name in (args.scenario or SCENARIOS)]
+    services = set().union(*(s.services for s in chosen)) | (
+        {"file", "queue"} if args.write_payloads else set()
+    )
+    remote = [
+        f"{s}={address_of(settings, s)}" for s in sorted(services) if not is_loopback(address_of(settings, s))
+    ]
+    if remote:
+        print(
+            f"load: refusing non-loopback targets ({', '.join(remote)}); this tool loads a local mesh only",
+            file=sys.stderr,
+        )
+        return 2
+    mesh = Mesh(settings)
+    try:
+        try:
+            await mesh.check_up(services)
+        except MeshNotUp as error:
+            print(f"load: {error}", file=sys.stderr)
+            return 2
+        await mesh.seed(services)
+        payloads.write_payloads(args.payload_dir, mesh.ids)
+        print(f"load: seeded {mesh.ids}; ghz data files in {args.payload_dir}", file=sys.stderr)
+        if args.write_payloads:
+            return 0
+        reports: list[dict[str, Any]] = []
+        for scenario in chosen:
+            recorder, total_ns = await run_scenario(
+                scenario, mesh, concurrency=args.concurrency, duration=args.duration, count=args.count
+            )
+            options = {
+                "concurrency": args.concurrency,
+                "duration": f"{args.duration:g}s",
+                "total": args.count,
+            }
+            report = recorder.report(total_ns, options)
+            reports.append(report)
+            print(json.dumps(report), flush=True)
+        deleted = await mesh.delete_uploaded()
+        print(f"load: deleted {deleted} uploaded image(s)", file=sys.stderr)
+        if args.output:
+            args.output.write_text(json.dumps(reports, indent=2), encoding="utf-8")
+        return 1 if any(r["errors"] for r in reports) else 0
+    finally:
+        await mesh.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = load_settings(CommonSettings)
+    return asyncio.run(run(args, settings))
