@@ -74,7 +74,7 @@ class HealthProbe:
         failing = [
             c
             for c in health.components
-            if c.status == "failing" and (c.name in required or c.source in required)
+            if c.status == "failing" and (c.name if c.kind == "service" else c.source) in required
         ]
         return ReadyOut(status="not ready" if failing else "ready", failing=failing)
 

@@ -1,0 +1,202 @@
+"""``/v1/jobs``: submit, list, get, the colon routes ``:cancel``/``:retry``, and the SSE event stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+
+from tests.gateway.fakes import strip_png
+from tests.gateway.harness import FakeMesh, build_gateway, close_gateway, serve_app
+
+
+async def _image(client: httpx.AsyncClient) -> str:
+    response = await client.post("/v1/images", files={"file": ("j.png", strip_png(), "image/png")})
+    image_id: str = response.json()["id"]
+    return image_id
+
+
+async def _wait_state(client: httpx.AsyncClient, job_id: str, state: str) -> dict[str, Any]:
+    for _ in range(200):
+        job: dict[str, Any] = (await client.get(f"/v1/jobs/{job_id}")).json()
+        if job["state"] == state:
+            return job
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"job {job_id} never reached {state}")
+
+
+def parse_sse(text: str) -> list[dict[str, Any]]:
+    """Server-Sent Events as dicts of their fields (data parsed as JSON)."""
+    events = []
+    for block in text.split("\n\n"):
+        fields: dict[str, Any] = {}
+        for line in block.splitlines():
+            if not line or line.startswith(":"):
+                continue
+            name, _, value = line.partition(": ")
+            fields[name] = json.loads(value) if name == "data" else value
+        if "event" in fields:
+            events.append(fields)
+    return events
+
+
+async def test_submit_is_202_with_location_and_job(client: httpx.AsyncClient) -> None:
+    """POST /v1/jobs answers 202 with the queued job, its pipeline as sent, and a Location."""
+    image_id = await _image(client)
+    response = await client.post(
+        "/v1/jobs",
+        json={
+            "image_id": image_id,
+            "pipeline": [{"filter": "gaussian_blur", "params": {"sigma": 2.5, "border": "reflect"}}],
+            "model": "strip-reader",
+            "priority": 5,
+        },
+    )
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["state"] == "QUEUED"
+    assert job["priority"] == 5
+    assert job["pipeline"] == [{"filter": "gaussian_blur", "params": {"sigma": 2.5, "border": "reflect"}}]
+    assert response.headers["location"] == f"/v1/jobs/{job['id']}"
+    done = await _wait_state(client, job["id"], "SUCCEEDED")
+    assert done["result"]["prediction"]["strip_reading"]["verdict"] == "POSITIVE"
+
+
+async def test_idempotency_key_returns_the_same_job(client: httpx.AsyncClient) -> None:
+    """Submitting twice with one idempotency key gives one job."""
+    image_id = await _image(client)
+    body = {"image_id": image_id, "idempotency_key": "same-key-1"}
+    first = (await client.post("/v1/jobs", json=body)).json()
+    second = (await client.post("/v1/jobs", json=body)).json()
+    assert first["id"] == second["id"]
+
+
+async def test_list_filters_by_state_and_paginates(client: httpx.AsyncClient) -> None:
+    """GET /v1/jobs passes state and pagination through; every listed job is in the asked state."""
+    image_id = await _image(client)
+    ids = [(await client.post("/v1/jobs", json={"image_id": image_id})).json()["id"] for _ in range(3)]
+    for job_id in ids:
+        await _wait_state(client, job_id, "SUCCEEDED")
+    page = (await client.get("/v1/jobs", params={"state": "SUCCEEDED", "page_size": 2})).json()
+    assert len(page["jobs"]) == 2
+    assert page["next_page_token"]
+    assert all(j["state"] == "SUCCEEDED" for j in page["jobs"])
+    bad = await client.get("/v1/jobs", params={"state": "SLEEPING"})
+    assert bad.status_code == 400
+
+
+async def test_cancel_colon_route_and_cancel_of_finished_job(
+    client: httpx.AsyncClient, mesh: FakeMesh
+) -> None:
+    """POST /v1/jobs/{id}:cancel cancels a queued job; cancelling it again is 409 (failed precondition)."""
+    mesh.fakes.queue.hold = True
+    try:
+        image_id = await _image(client)
+        job = (await client.post("/v1/jobs", json={"image_id": image_id})).json()
+        cancelled = await client.post(f"/v1/jobs/{job['id']}:cancel")
+        assert cancelled.status_code == 200, cancelled.text
+        assert cancelled.json()["state"] == "CANCELLED"
+        again = await client.post(f"/v1/jobs/{job['id']}:cancel")
+        assert again.status_code == 409
+        assert again.json()["error"]["code"] == "FAILED_PRECONDITION"
+    finally:
+        mesh.fakes.queue.release()
+
+
+async def test_retry_colon_route_restarts_a_failed_job(client: httpx.AsyncClient, mesh: FakeMesh) -> None:
+    """POST /v1/jobs/{id}:retry starts attempt 2 of a failed job, which then succeeds."""
+    mesh.fakes.queue.fail_next = True
+    image_id = await _image(client)
+    job = (await client.post("/v1/jobs", json={"image_id": image_id})).json()
+    failed = await _wait_state(client, job["id"], "FAILED")
+    assert failed["error"]["category"] == "DATA"
+    retried = await client.post(f"/v1/jobs/{job['id']}:retry")
+    assert retried.status_code == 200
+    assert retried.json()["attempt"] == 2
+    await _wait_state(client, job["id"], "SUCCEEDED")
+
+
+async def test_unknown_colon_action_and_unknown_job(client: httpx.AsyncClient) -> None:
+    """An unknown action is not routed to cancel/retry, and an unknown job is 404."""
+    assert (await client.post("/v1/jobs/abc:explode")).status_code in (404, 405)
+    assert (await client.get("/v1/jobs/no-such-job")).status_code == 404
+    assert (await client.post("/v1/jobs/no-such-job:cancel")).status_code == 404
+
+
+async def test_events_stream_every_change_with_sequence_ids(client: httpx.AsyncClient) -> None:
+    """The SSE stream sends each change as ``event: job`` with ``id:`` = sequence, then ``event: end``."""
+    image_id = await _image(client)
+    job = (await client.post("/v1/jobs", json={"image_id": image_id, "model": "strip-reader"})).json()
+    response = await client.get(f"/v1/jobs/{job['id']}/events")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = parse_sse(response.text)
+    assert events[-1]["event"] == "end"
+    changes = [e for e in events if e["event"] == "job"]
+    ids = [int(e["id"]) for e in changes]
+    assert ids == sorted(ids)
+    assert ids[0] == 1
+    states = [e["data"]["state"] for e in changes]
+    assert states[0] == "QUEUED"
+    assert "RUNNING" in states
+    assert states[-1] == "SUCCEEDED"
+    progress = [e["data"]["progress"] for e in changes if e["data"]["state"] == "RUNNING"]
+    assert progress == sorted(progress)
+    assert len(progress) >= 2
+
+
+async def test_events_resume_after_last_event_id(client: httpx.AsyncClient) -> None:
+    """A reconnect with Last-Event-ID gets only the changes after that sequence."""
+    image_id = await _image(client)
+    job = (await client.post("/v1/jobs", json={"image_id": image_id})).json()
+    await _wait_state(client, job["id"], "SUCCEEDED")
+    full = [
+        e for e in parse_sse((await client.get(f"/v1/jobs/{job['id']}/events")).text) if e["event"] == "job"
+    ]
+    resumed_response = await client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "3"})
+    resumed = [e for e in parse_sse(resumed_response.text) if e["event"] == "job"]
+    assert [e["id"] for e in resumed] == [e["id"] for e in full if int(e["id"]) > 3]
+    assert resumed
+    by_query = await client.get(f"/v1/jobs/{job['id']}/events", params={"after": "3"})
+    assert [e["id"] for e in parse_sse(by_query.text) if e["event"] == "job"] == [e["id"] for e in resumed]
+
+
+async def test_events_of_unknown_job_is_404_before_streaming(client: httpx.AsyncClient) -> None:
+    """The stream of an unknown job is a plain 404 error, not an event stream."""
+    response = await client.get("/v1/jobs/missing/events")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "NOT_FOUND"
+
+
+async def test_events_stream_live_changes(mesh: FakeMesh) -> None:
+    """Over real HTTP, a client connected while a job is held sees QUEUED at once, then changes as they happen."""
+    app, ctx = build_gateway(mesh.gateway_settings())
+    mesh.fakes.queue.hold = True
+    seen: list[str] = []
+    try:
+        async with serve_app(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+            image_id = await _image(client)
+            job = (await client.post("/v1/jobs", json={"image_id": image_id})).json()
+            seen = await _follow(client, job["id"], mesh)
+    finally:
+        mesh.fakes.queue.release()
+        await close_gateway(ctx)
+    assert seen[0] == "QUEUED"
+    assert seen[-1] == "SUCCEEDED"
+
+
+async def _follow(client: httpx.AsyncClient, job_id: str, mesh: FakeMesh) -> list[str]:
+    seen: list[str] = []
+    async with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+        buffer = ""
+        async for text in response.aiter_text():
+            buffer += text
+            events = parse_sse(buffer)
+            seen = [e["data"]["state"] for e in events if e["event"] == "job"]
+            if seen == ["QUEUED"]:
+                mesh.fakes.queue.release()
+            if events and events[-1]["event"] == "end":
+                break
+    return seen

@@ -1,0 +1,124 @@
+"""Trace context in and out, Prometheus metrics after traffic, the health dashboard and readiness."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+
+from tests.gateway.fakes import strip_png
+from tests.gateway.harness import FakeMesh, GatewayFactory
+
+TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
+INCOMING = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+async def test_every_response_carries_a_traceparent(client: httpx.AsyncClient) -> None:
+    """Successes, errors and open routes all carry a valid traceparent; each request is its own trace."""
+    ids = set()
+    for path in ("/healthz", "/v1/filters", "/v1/images/missing", "/nope"):
+        header = (await client.get(path)).headers["traceparent"]
+        match = TRACEPARENT.match(header)
+        assert match, header
+        ids.add(match.group(1))
+    assert len(ids) == 4
+
+
+async def test_incoming_traceparent_is_honoured_and_propagated(
+    client: httpx.AsyncClient, mesh: FakeMesh
+) -> None:
+    """The response continues the caller's trace, and the outgoing gRPC call carries the same trace id."""
+    response = await client.post(
+        "/v1/process",
+        json={"image": "aGVsbG8=", "pipeline": [{"filter": "raise:NOT_FOUND"}]},
+        headers={"traceparent": INCOMING},
+    )
+    match = TRACEPARENT.match(response.headers["traceparent"])
+    assert match
+    assert match.group(1) == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert match.group(2) != "00f067aa0ba902b7"
+    outgoing = mesh.fakes.image.last_metadata.get("traceparent", "")
+    assert outgoing.split("-")[1] == "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.rsplit(" ", 1)[0]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_red_metrics_per_route_after_traffic(client: httpx.AsyncClient) -> None:
+    """Requests are counted by route template, method and status; durations and bytes are recorded."""
+    before = (await client.get("/metrics")).text
+    data = strip_png()
+    await client.post("/v1/images", files={"file": ("m.png", data, "image/png")})
+    for _ in range(3):
+        await client.get("/v1/images/does-not-exist")
+    after = (await client.get("/metrics")).text
+    route = "/v1/images/{image_id}"
+    counted = _sample(after, "http_requests_total", route=route, method="GET", status="404")
+    assert counted - _sample(before, "http_requests_total", route=route, method="GET", status="404") == 3
+    created = _sample(after, "http_requests_total", route="/v1/images", method="POST", status="201")
+    assert (
+        created - _sample(before, "http_requests_total", route="/v1/images", method="POST", status="201") == 1
+    )
+    duration = _sample(after, "http_request_duration_seconds_count", route=route, method="GET")
+    assert duration - _sample(before, "http_request_duration_seconds_count", route=route, method="GET") == 3
+    received = _sample(after, "http_request_bytes_total", route="/v1/images")
+    assert received - _sample(before, "http_request_bytes_total", route="/v1/images") > len(data)
+
+
+async def test_health_dashboard_lists_services_dependencies_and_queue(client: httpx.AsyncClient) -> None:
+    """/v1/health has each service (gRPC health, latency), the services' dependencies, GPU and queue depths."""
+    body = (await client.get("/v1/health")).json()
+    assert body["status"] == "ok"
+    by_name = {(c["name"], c["source"]): c for c in body["components"]}
+    for key in ("file", "image", "inference", "queue"):
+        service = by_name[(f"{key} service", "gateway")]
+        assert service["status"] == "ok"
+        assert service["latency_ms"] > 0
+        assert by_name[("postgresql", f"{key} service")]["status"] == "ok"
+    assert by_name[("gpu", "image service")]["detail"] == "no GPU in use: CPU backend"
+    assert body["queue"]["queues"][0]["queue"] == "jobs"
+
+
+async def test_readyz_is_503_naming_a_failing_dependency_and_recovers(
+    client: httpx.AsyncClient, mesh: FakeMesh
+) -> None:
+    """When the services' PostgreSQL fails, /readyz is 503 naming it (and the services); then 200 again."""
+    assert (await client.get("/readyz")).status_code == 200
+    mesh.switch.up = False
+    try:
+        await mesh.runtime.monitor.check_now()
+        response = await client.get("/readyz")
+        assert response.status_code == 503
+        failing = {c["name"] for c in response.json()["failing"]}
+        assert "postgresql" in failing
+        assert "file service" in failing
+        dashboard = (await client.get("/v1/health")).json()
+        assert dashboard["status"] == "degraded"
+    finally:
+        mesh.switch.up = True
+        await mesh.runtime.monitor.check_now()
+    assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_readyz_ignores_services_that_are_not_required(make_client: GatewayFactory) -> None:
+    """A service left out of required_services does not block readiness when it is down."""
+    client: httpx.AsyncClient = await make_client(
+        inference_service_address="127.0.0.1:1",
+        required_services=["file", "image", "queue"],
+        health_timeout_seconds=0.5,
+    )
+    relaxed = await client.get("/readyz")
+    assert relaxed.status_code == 200, relaxed.text
+    strict: httpx.AsyncClient = await make_client(
+        inference_service_address="127.0.0.1:1", health_timeout_seconds=0.5
+    )
+    response = await strict.get("/readyz")
+    assert response.status_code == 503
+    assert [c["name"] for c in response.json()["failing"]] == ["inference service"]

@@ -1,0 +1,117 @@
+"""``/v1/filters``, ``/v1/process`` and ``/v1/models`` (including the ``:predict`` colon route)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+from PIL import Image
+
+from mesh.common.v1 import image_pb2
+from tests.gateway.fakes import strip_png
+from tests.gateway.harness import FakeMesh
+
+
+async def test_filters_list_params_and_devices(client: httpx.AsyncClient) -> None:
+    """Filters come with typed parameters (type, default, min, max, options) and devices."""
+    body = (await client.get("/v1/filters")).json()
+    assert body["device"] == "cpu"
+    blur = next(f for f in body["filters"] if f["name"] == "gaussian_blur")
+    sigma = next(p for p in blur["params"] if p["name"] == "sigma")
+    assert (sigma["type"], sigma["default"], sigma["min"], sigma["max"]) == ("float", 1.0, 0.1, 10.0)
+    border = next(p for p in blur["params"] if p["name"] == "border")
+    assert (border["type"], border["options"], border["min"]) == ("enum", ["reflect", "constant"], None)
+    gray = next(f for f in body["filters"] if f["name"] == "grayscale")
+    assert gray["devices"] == ["cpu", "gpu"]
+
+
+async def test_process_inline_image_returns_json_with_base64(
+    client: httpx.AsyncClient, mesh: FakeMesh
+) -> None:
+    """An inline base64 image is processed; JSON carries the output as base64 with its size and type."""
+    payload = {
+        "image": base64.b64encode(strip_png()).decode(),
+        "pipeline": [
+            {"filter": "grayscale"},
+            {"filter": "gaussian_blur", "params": {"sigma": 2, "border": "reflect"}},
+        ],
+        "output_format": "jpeg",
+        "quality": 80,
+    }
+    response = await client.post("/v1/process", json=payload)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["content_type"], body["width"], body["height"], body["channels"]) == (
+        "image/jpeg",
+        320,
+        80,
+        1,
+    )
+    assert [t["filter"] for t in body["timings"]] == ["grayscale", "gaussian_blur"]
+    with Image.open(io.BytesIO(base64.b64decode(body["image"]))) as out:
+        assert out.format == "JPEG"
+    sent = mesh.fakes.image.last_request
+    assert sent is not None
+    assert sent.output.format == image_pb2.IMAGE_FORMAT_JPEG
+    assert sent.output.quality == 80
+    assert sent.pipeline[1].params["sigma"].int_value == 2
+    assert sent.pipeline[1].params["border"].string_value == "reflect"
+
+
+async def test_process_stored_image_returns_raw_bytes_for_image_accept(client: httpx.AsyncClient) -> None:
+    """With ``Accept: image/png`` the body is the PNG itself, with size and device headers."""
+    image = (await client.post("/v1/images", files={"file": ("p.png", strip_png(), "image/png")})).json()
+    response = await client.post(
+        "/v1/process",
+        json={"image_id": image["id"], "pipeline": [{"filter": "grayscale"}]},
+        headers={"accept": "image/png"},
+    )
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/png"
+    assert response.content.startswith(b"\x89PNG")
+    assert (response.headers["x-image-width"], response.headers["x-device"]) == ("320", "cpu")
+
+
+async def test_process_input_rules(client: httpx.AsyncClient) -> None:
+    """Neither or both of image_id and image is 400; invalid base64 is 400; an unknown filter is 400."""
+    inline = base64.b64encode(strip_png()).decode()
+    assert (await client.post("/v1/process", json={"pipeline": []})).status_code == 400
+    both = await client.post("/v1/process", json={"image_id": "x", "image": inline})
+    assert both.status_code == 400
+    bad = await client.post("/v1/process", json={"image": "%%% not base64"})
+    assert bad.status_code == 400
+    assert bad.json()["error"]["details"][1]["field_violations"][0]["field"] == "image"
+    unknown = await client.post(
+        "/v1/process", json={"image": inline, "pipeline": [{"filter": "sharpen9000"}]}
+    )
+    assert unknown.status_code == 400
+    assert "sharpen9000" in unknown.json()["error"]["message"]
+
+
+async def test_models_list_and_detail(client: httpx.AsyncClient) -> None:
+    """Models with versions and readiness; one model's inputs, outputs and parameters; unknown is 404."""
+    models = (await client.get("/v1/models")).json()["models"]
+    assert [m["name"] for m in models] == ["strip-reader"]
+    assert models[0]["ready"] is True
+    detail = (await client.get("/v1/models/strip-reader")).json()
+    assert detail["ready"] is True
+    assert detail["inputs"][0]["shape"] == [-1, -1, 3]
+    assert detail["parameters"] == {"min_confidence": 0.5}
+    assert (await client.get("/v1/models/nope")).status_code == 404
+
+
+async def test_predict_colon_route(client: httpx.AsyncClient) -> None:
+    """POST /v1/models/{name}:predict runs the model on a stored or inline image; GET of it is not predict."""
+    image = (await client.post("/v1/images", files={"file": ("p.png", strip_png(), "image/png")})).json()
+    by_id = await client.post("/v1/models/strip-reader:predict", json={"image_id": image["id"]})
+    assert by_id.status_code == 200, by_id.text
+    reading = by_id.json()["strip_reading"]
+    assert reading["verdict"] == "POSITIVE"
+    assert reading["control_line"]["center_x"] > reading["test_line"]["center_x"]
+    inline = await client.post(
+        "/v1/models/strip-reader:predict", json={"image": base64.b64encode(strip_png(200, 50)).decode()}
+    )
+    assert inline.json()["strip_reading"]["window"]["length"] == 200
+    assert (await client.post("/v1/models/other:predict", json={"image_id": image["id"]})).status_code == 404
+    assert (await client.get("/v1/models/strip-reader:predict")).status_code == 404
