@@ -1,0 +1,353 @@
+// The mesh's web page: plain JavaScript against the REST API, no build step.
+"use strict";
+
+const $ = (selector) => document.querySelector(selector);
+const state = { imageId: null, imageUrl: null, jobs: new Map(), streams: new Map(), selectedJob: null };
+const TERMINAL = new Set(["SUCCEEDED", "FAILED", "DEAD", "CANCELLED"]);
+const RETRYABLE = new Set(["FAILED", "DEAD", "CANCELLED"]);
+
+function apiKey() { return localStorage.getItem("mesh.apiKey") || ""; }
+
+function authHeaders(extra = {}) {
+  const headers = { ...extra };
+  if (apiKey()) headers["X-API-Key"] = apiKey();
+  return headers;
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, { ...options, headers: authHeaders(options.headers || {}) });
+  const body = response.status === 204 ? null : await response.json().catch(() => null);
+  if (!response.ok) {
+    const message = body && body.error ? `${body.error.code}: ${body.error.message}` : `HTTP ${response.status}`;
+    throw new Error(message);
+  }
+  return body;
+}
+
+function el(tag, attributes = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) {
+    if (name === "class") node.className = value;
+    else if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+    else if (value !== undefined && value !== null && value !== false) node.setAttribute(name, value === true ? "" : value);
+  }
+  for (const child of children) node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  return node;
+}
+
+// ---- Upload (drag and drop, XHR for progress) ----
+function setupUpload() {
+  const zone = $("#drop-zone");
+  const input = $("#file-input");
+  zone.addEventListener("click", () => input.click());
+  zone.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") { event.preventDefault(); input.click(); }
+  });
+  zone.addEventListener("dragover", (event) => { event.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("over");
+    if (event.dataTransfer.files.length) upload(event.dataTransfer.files[0]);
+  });
+  input.addEventListener("change", () => { if (input.files.length) upload(input.files[0]); });
+}
+
+function upload(file) {
+  const progress = $("#upload-progress");
+  const status = $("#upload-status");
+  progress.hidden = false;
+  progress.value = 0;
+  status.textContent = `Uploading ${file.name}…`;
+  const form = new FormData();
+  form.append("file", file, file.name);
+  const xhr = new XMLHttpRequest();
+  xhr.open("POST", "/v1/images");
+  for (const [name, value] of Object.entries(authHeaders())) xhr.setRequestHeader(name, value);
+  xhr.upload.addEventListener("progress", (event) => {
+    if (event.lengthComputable) progress.value = Math.round((event.loaded / event.total) * 100);
+  });
+  xhr.addEventListener("load", () => {
+    let body = null;
+    try { body = JSON.parse(xhr.responseText); } catch (_) { body = null; }
+    if (xhr.status !== 201) {
+      status.textContent = `Upload failed: ${body && body.error ? body.error.message : "HTTP " + xhr.status}`;
+      return;
+    }
+    progress.value = 100;
+    state.imageId = body.id;
+    if (state.imageUrl) URL.revokeObjectURL(state.imageUrl);
+    state.imageUrl = URL.createObjectURL(file);
+    $("#preview-image").src = state.imageUrl;
+    $("#preview-caption").textContent = `${body.filename} · ${body.width}×${body.height} · ${body.format} · id ${body.id}`;
+    $("#upload-preview").hidden = false;
+    status.textContent = body.deduplicated ? "Uploaded (already stored: same bytes)." : "Uploaded.";
+    $("#submit-job").disabled = false;
+  });
+  xhr.addEventListener("error", () => { status.textContent = "Upload failed: the network request failed."; });
+  xhr.send(form);
+}
+
+// ---- Filters and models ----
+function paramInput(filter, param) {
+  const id = `param-${filter.name}-${param.name}`;
+  let input;
+  if (param.type === "enum") {
+    input = el("select", { id, "data-param": param.name, "data-type": "enum" },
+      ...param.options.map((option) => el("option", { value: option, selected: option === param.default }, option)));
+  } else if (param.type === "bool") {
+    input = el("input", { id, type: "checkbox", "data-param": param.name, "data-type": "bool", checked: param.default === true });
+  } else {
+    input = el("input", {
+      id, type: "number", "data-param": param.name, "data-type": param.type,
+      min: param.min ?? undefined, max: param.max ?? undefined,
+      step: param.step || (param.type === "int" ? 1 : "any"), value: param.default ?? "",
+    });
+  }
+  return el("label", { for: id, title: param.description }, `${param.name} `, input);
+}
+
+async function loadFilters() {
+  const container = $("#filters");
+  try {
+    const body = await api("/v1/filters");
+    container.replaceChildren(...body.filters.map((filter) => {
+      const id = `filter-${filter.name}`;
+      return el("div", { class: "filter", "data-filter": filter.name },
+        el("input", { type: "checkbox", id, value: filter.name }),
+        el("label", { for: id }, ` ${filter.name} `),
+        el("span", { class: "muted" }, `${filter.description} (${filter.devices.join(", ")})`),
+        el("div", { class: "params" }, ...filter.params.map((param) => paramInput(filter, param))));
+    }));
+    if (!body.filters.length) container.replaceChildren(el("p", { class: "muted" }, "No filters."));
+  } catch (error) {
+    container.replaceChildren(el("p", { class: "status-failing" }, `Filters unavailable: ${error.message}`));
+  }
+}
+
+async function loadModels() {
+  const select = $("#model-select");
+  try {
+    const body = await api("/v1/models");
+    for (const model of body.models) {
+      const label = `${model.name} (v${model.default_version}${model.ready ? "" : ", not ready"})`;
+      select.append(el("option", { value: model.name, selected: model.name === "strip-reader" }, label));
+    }
+  } catch (error) {
+    $("#submit-status").textContent = `Models unavailable: ${error.message}`;
+  }
+}
+
+function pipeline() {
+  const steps = [];
+  for (const row of document.querySelectorAll("#filters .filter")) {
+    if (!row.querySelector("input[type=checkbox][value]").checked) continue;
+    const params = {};
+    for (const input of row.querySelectorAll("[data-param]")) {
+      const type = input.dataset.type;
+      if (type === "bool") params[input.dataset.param] = input.checked;
+      else if (type === "enum") params[input.dataset.param] = input.value;
+      else if (input.value !== "") params[input.dataset.param] = type === "int" ? parseInt(input.value, 10) : parseFloat(input.value);
+    }
+    steps.push({ filter: row.dataset.filter, params });
+  }
+  return steps;
+}
+
+async function submitJob(event) {
+  event.preventDefault();
+  const status = $("#submit-status");
+  if (!state.imageId) { status.textContent = "Upload an image first."; return; }
+  const body = {
+    image_id: state.imageId,
+    pipeline: pipeline(),
+    model: $("#model-select").value,
+    priority: parseInt($("#priority").value || "0", 10),
+  };
+  try {
+    const job = await api("/v1/jobs", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+    });
+    status.textContent = `Submitted job ${job.id.slice(0, 8)}.`;
+    state.selectedJob = job.id;
+    showJob(job);
+    watch(job.id);
+  } catch (error) {
+    status.textContent = `Submit failed: ${error.message}`;
+  }
+}
+
+// ---- Live queue over Server-Sent Events ----
+function watch(jobId) {
+  if (state.streams.has(jobId)) return;
+  const params = apiKey() ? `?api_key=${encodeURIComponent(apiKey())}` : "";
+  const source = new EventSource(`/v1/jobs/${jobId}/events${params}`);
+  state.streams.set(jobId, source);
+  source.addEventListener("job", (event) => showJob(JSON.parse(event.data)));
+  const stop = () => { source.close(); state.streams.delete(jobId); };
+  source.addEventListener("end", stop);
+  source.addEventListener("error", (event) => {
+    // A server-sent "error" event carries a body; a connection error has none and EventSource reconnects
+    // by itself with Last-Event-ID.
+    if (event.data) { stop(); }
+  });
+}
+
+function actionButton(label, jobId, action) {
+  return el("button", {
+    type: "button", class: "secondary", "data-action": action,
+    "aria-label": `${label} job ${jobId.slice(0, 8)}`,
+    onclick: async () => {
+      try {
+        const job = await api(`/v1/jobs/${jobId}:${action}`, { method: "POST" });
+        showJob(job);
+        if (!TERMINAL.has(job.state)) watch(jobId);
+      } catch (error) {
+        $("#submit-status").textContent = `${label} failed: ${error.message}`;
+      }
+    },
+  }, label);
+}
+
+function showJob(job) {
+  state.jobs.set(job.id, job);
+  const tbody = $("#queue tbody");
+  let row = tbody.querySelector(`tr[data-job="${job.id}"]`);
+  const cells = [
+    el("td", {}, el("code", { title: job.id }, job.id.slice(0, 8))),
+    el("td", { class: `state state-${job.state}` }, job.state + (job.error ? ` (${job.error.category})` : "")),
+    el("td", { class: "position" }, job.queue_position ? String(job.queue_position) : "–"),
+    el("td", {}, el("progress", { max: "1", value: String(job.progress), "aria-label": `Progress of job ${job.id.slice(0, 8)}` })),
+    el("td", {}, `${job.attempt}/${job.max_attempts}`),
+    el("td", {},
+      TERMINAL.has(job.state) ? "" : actionButton("Cancel", job.id, "cancel"),
+      RETRYABLE.has(job.state) ? actionButton("Retry", job.id, "retry") : "",
+      job.state === "SUCCEEDED" ? el("button", { type: "button", class: "secondary", onclick: () => showResult(job) }, "Show") : ""),
+  ];
+  if (!row) {
+    row = el("tr", { "data-job": job.id });
+    tbody.prepend(row);
+  }
+  row.dataset.state = job.state;
+  row.replaceChildren(...cells);
+  if (job.state === "SUCCEEDED" && state.selectedJob === job.id) showResult(job);
+}
+
+async function loadJobs() {
+  try {
+    const body = await api("/v1/jobs?page_size=20");
+    for (const job of body.jobs.reverse()) {
+      showJob(job);
+      if (!TERMINAL.has(job.state)) watch(job.id);
+    }
+  } catch (_) { /* the queue may be down; the health panel says so */ }
+}
+
+// ---- Results: the processed image and the strip verdict drawn on the photo ----
+async function imageUrlOf(imageId) {
+  const response = await fetch(`/v1/images/${imageId}/content`, { headers: authHeaders() });
+  if (!response.ok) throw new Error(`HTTP ${response.status}`);
+  return URL.createObjectURL(await response.blob());
+}
+
+function drawLines(canvas, image, reading) {
+  canvas.width = image.naturalWidth;
+  canvas.height = image.naturalHeight;
+  const context = canvas.getContext("2d");
+  context.drawImage(image, 0, 0);
+  if (!reading) return;
+  const strip = reading.window;
+  const angle = ((strip ? strip.angle_degrees : 0) * Math.PI) / 180;
+  const half = (strip && strip.width ? strip.width : canvas.height * 0.8) / 2;
+  const scale = Math.max(1, canvas.width / 400);
+  for (const [name, line, colour] of [["C", reading.control_line, "#1f7a3f"], ["T", reading.test_line, "#b3261e"]]) {
+    if (!line || !line.present) continue;
+    // Lines run across the strip: perpendicular to its axis, through the line's centre.
+    const dx = Math.sin(angle) * half;
+    const dy = Math.cos(angle) * half;
+    context.strokeStyle = colour;
+    context.lineWidth = 2 * scale;
+    context.beginPath();
+    context.moveTo(line.center_x - dx, line.center_y - dy);
+    context.lineTo(line.center_x + dx, line.center_y + dy);
+    context.stroke();
+    context.fillStyle = colour;
+    context.font = `bold ${14 * scale}px system-ui, sans-serif`;
+    context.fillText(name, line.center_x + 4 * scale, Math.max(14 * scale, line.center_y - dy - 4 * scale));
+  }
+}
+
+async function showResult(job) {
+  $("#result-empty").hidden = true;
+  $("#result").hidden = false;
+  const prediction = job.result ? job.result.prediction : null;
+  const reading = prediction ? prediction.strip_reading : null;
+  const verdict = $("#verdict");
+  verdict.className = `verdict ${reading ? reading.verdict : ""}`;
+  verdict.textContent = reading ? `Verdict: ${reading.verdict}` : `Job ${job.id.slice(0, 8)} succeeded (no model)`;
+  const facts = reading ? [
+    ["T/C ratio", reading.t_to_c_ratio.toFixed(2)],
+    ["Confidence", `${Math.round(reading.confidence * 100)} %`],
+    ["Control line", reading.control_line.present ? `at ${reading.control_line.position.toFixed(2)}, intensity ${reading.control_line.intensity.toFixed(2)}` : "absent"],
+    ["Test line", reading.test_line.present ? `at ${reading.test_line.position.toFixed(2)}, intensity ${reading.test_line.intensity.toFixed(2)}` : "absent"],
+    ["Quality", reading.quality_flags.length ? reading.quality_flags.join(", ") : "no problems found"],
+  ] : [];
+  $("#reading").replaceChildren(...facts.flatMap(([term, value]) => [el("dt", {}, term), el("dd", {}, value)]));
+  const canvas = $("#strip-canvas");
+  try {
+    const photo = new Image();
+    photo.alt = "";
+    photo.src = job.image_id === state.imageId && state.imageUrl ? state.imageUrl : await imageUrlOf(job.image_id);
+    await photo.decode();
+    drawLines(canvas, photo, reading);
+    canvas.dataset.lines = reading ? [reading.control_line, reading.test_line].filter((l) => l.present).length : 0;
+  } catch (error) {
+    canvas.dataset.lines = "0";
+  }
+  const output = job.result ? job.result.output_image_id : "";
+  $("#processed-figure").hidden = !output;
+  if (output) $("#processed-image").src = await imageUrlOf(output).catch(() => "");
+}
+
+// ---- Health panel ----
+async function loadHealth() {
+  try {
+    const response = await fetch("/v1/health");
+    const body = await response.json();
+    const badge = $("#health-status");
+    badge.textContent = body.status;
+    badge.className = `badge status-${body.status === "ok" ? "ok" : "failing"}`;
+    $("#health tbody").replaceChildren(...body.components.map((c) => el("tr", { "data-component": c.name },
+      el("td", {}, c.name), el("td", {}, c.source),
+      el("td", { class: `status-${c.status}` }, c.status),
+      el("td", {}, c.latency_ms === null ? "–" : `${c.latency_ms.toFixed(1)} ms`),
+      el("td", {}, c.detail))));
+    const queue = body.queue;
+    $("#queue-depth").textContent = queue
+      ? `Jobs by state: ${Object.entries(queue.jobs_by_state).map(([k, v]) => `${k} ${v}`).join(", ") || "none"}; dead letters ${queue.dead_letters}`
+      : "Queue statistics unavailable.";
+  } catch (error) {
+    $("#health-status").textContent = "unreachable";
+  }
+}
+
+function setupCredentials() {
+  const input = $("#api-key");
+  input.value = apiKey();
+  input.addEventListener("change", () => {
+    localStorage.setItem("mesh.apiKey", input.value.trim());
+    loadFilters();
+    loadModels();
+  });
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  setupCredentials();
+  setupUpload();
+  $("#job-form").addEventListener("submit", submitJob);
+  loadFilters();
+  loadModels();
+  loadJobs();
+  loadHealth();
+  setInterval(loadHealth, 5000);
+});

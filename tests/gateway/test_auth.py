@@ -1,0 +1,179 @@
+"""Authentication (off, API keys, JWT, either), open routes, CORS, and the key CLI on the real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+
+from mesh.kit.db import create_pool
+from mesh.services.gateway.key_store import KeyStore, hash_key
+from tests.gateway.harness import GatewayFactory
+
+SECRET = "test-secret-that-is-long-enough-for-hs256"
+OPEN_ROUTES = ("/healthz", "/readyz", "/v1/health", "/metrics", "/openapi.json", "/docs", "/")
+
+
+class MemoryKeys:
+    """An in-memory key lookup for the auth-mode tests (the PostgreSQL store is tested below)."""
+
+    def __init__(self, keys: dict[str, str]) -> None:
+        self.hashes = {hash_key(k): key_id for k, key_id in keys.items()}
+
+    async def lookup(self, key: str) -> str | None:
+        return self.hashes.get(hash_key(key))
+
+
+def token(**overrides: Any) -> str:
+    """An HS256 token valid for the test gateway unless ``overrides`` break it."""
+    claims: dict[str, Any] = {
+        "sub": "alice",
+        "iss": "mesh",
+        "aud": "mesh-gateway",
+        "exp": int(time.time()) + 300,
+    }
+    secret = overrides.pop("secret", SECRET)
+    claims.update(overrides)
+    return jwt.encode({k: v for k, v in claims.items() if v is not None}, secret, algorithm="HS256")
+
+
+async def test_auth_is_off_by_default(client: httpx.AsyncClient) -> None:
+    """With the default settings no credentials are needed."""
+    assert (await client.get("/v1/models")).status_code == 200
+
+
+async def test_api_key_mode(make_client: GatewayFactory) -> None:
+    """api_key mode: no key or a wrong key is 401 with WWW-Authenticate; a known key passes."""
+    client = await make_client(keys=MemoryKeys({"good-key": "k1"}), auth_mode="api_key")
+    missing = await client.get("/v1/models")
+    assert missing.status_code == 401
+    assert missing.json()["error"]["code"] == "UNAUTHENTICATED"
+    assert "www-authenticate" in missing.headers
+    assert (await client.get("/v1/models", headers={"X-API-Key": "bad"})).status_code == 401
+    assert (await client.get("/v1/models", headers={"X-API-Key": "good-key"})).status_code == 200
+    bearer_only = await client.get("/v1/models", headers={"Authorization": f"Bearer {token()}"})
+    assert bearer_only.status_code == 401
+
+
+@pytest.mark.parametrize("mode", ["api_key", "jwt"])
+async def test_open_routes_stay_open(make_client: GatewayFactory, mode: str) -> None:
+    """Health, readiness, metrics, docs, the OpenAPI document and the page need no credentials."""
+    client = await make_client(keys=MemoryKeys({}), auth_mode=mode, jwt_secret=SECRET)
+    for path in OPEN_ROUTES:
+        response = await client.get(path)
+        assert response.status_code == 200, (path, response.status_code)
+
+
+@pytest.mark.parametrize(
+    ("claims", "reason"),
+    [
+        ({"exp": int(time.time()) - 3600}, "TOKEN_EXPIRED"),
+        ({"aud": "someone-else"}, "TOKEN_INVALID"),
+        ({"iss": "evil"}, "TOKEN_INVALID"),
+        ({"secret": "another-secret-that-is-long-enough-xx"}, "TOKEN_INVALID"),
+        ({"exp": None}, "TOKEN_INVALID"),
+    ],
+)
+async def test_jwt_checks_issuer_audience_expiry_and_signature(
+    make_client: GatewayFactory, claims: dict[str, Any], reason: str
+) -> None:
+    """jwt mode: an expired, foreign-audience, foreign-issuer, badly signed or exp-less token is 401."""
+    client = await make_client(auth_mode="jwt", jwt_secret=SECRET)
+    assert (await client.get("/v1/models", headers={"Authorization": f"Bearer {token()}"})).status_code == 200
+    response = await client.get("/v1/models", headers={"Authorization": f"Bearer {token(**claims)}"})
+    assert response.status_code == 401
+    assert response.json()["error"]["details"][0]["reason"] == reason
+
+
+async def test_any_mode_takes_either_credential(make_client: GatewayFactory) -> None:
+    """any mode accepts an API key or a token, and still refuses no credentials."""
+    client = await make_client(keys=MemoryKeys({"k": "k1"}), auth_mode="any", jwt_secret=SECRET)
+    assert (await client.get("/v1/filters", headers={"X-API-Key": "k"})).status_code == 200
+    assert (
+        await client.get("/v1/filters", headers={"Authorization": f"Bearer {token()}"})
+    ).status_code == 200
+    assert (await client.get("/v1/filters")).status_code == 401
+
+
+async def test_event_stream_accepts_credentials_in_the_query(make_client: GatewayFactory) -> None:
+    """EventSource cannot send headers, so /events takes ?api_key= (and only /events does)."""
+    client = await make_client(keys=MemoryKeys({"k": "k1"}), auth_mode="api_key")
+    assert (await client.get("/v1/jobs/missing/events", params={"api_key": "k"})).status_code == 404
+    assert (await client.get("/v1/jobs/missing/events")).status_code == 401
+    assert (await client.get("/v1/jobs/missing", params={"api_key": "k"})).status_code == 401
+
+
+async def test_cors_allowlist(make_client: GatewayFactory) -> None:
+    """Only allowlisted origins get CORS headers; a preflight from one is answered."""
+    client = await make_client(cors_origins=["https://app.example"])
+    allowed = await client.get("/v1/models", headers={"Origin": "https://app.example"})
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    assert "traceparent" in allowed.headers["access-control-expose-headers"]
+    other = await client.get("/v1/models", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+    preflight = await client.options(
+        "/v1/jobs",
+        headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert preflight.status_code == 200
+
+
+async def _cli(database_url: str, *args: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mesh.services.gateway.keys",
+        *args,
+        env={**os.environ, "MESH_DATABASE_URL": database_url},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, _ = await process.communicate()
+    return process.returncode or 0, out.decode()
+
+
+@pytest.fixture
+async def key_store(database_url: str) -> AsyncIterator[KeyStore]:
+    """The gateway's key store on the test database (migrated by the CLI's first call)."""
+    code, _ = await _cli(database_url, "list")
+    assert code == 0
+    async with create_pool(database_url, name="test-keys", min_size=1, max_size=2) as pool:
+        yield KeyStore(pool)
+
+
+@pytest.mark.integration
+async def test_key_cli_create_use_revoke(
+    make_client: GatewayFactory, database_url: str, key_store: KeyStore
+) -> None:
+    """A key made by the CLI works at once, is stored only hashed, and is refused after the CLI revokes it."""
+    code, out = await _cli(database_url, "create", "ci-robot")
+    assert code == 0
+    created = json.loads(out)
+    key = created["key"]
+    client = await make_client(keys=key_store, auth_mode="api_key")
+    assert (await client.get("/v1/models", headers={"X-API-Key": key})).status_code == 200
+    async with (
+        create_pool(database_url, name="peek", min_size=1, max_size=1) as pool,
+        pool.connection() as conn,
+    ):
+        stored = await (
+            await conn.execute("SELECT key_hash FROM gateway_api_keys WHERE id = %s", (created["id"],))
+        ).fetchone()
+        assert stored is not None
+        assert stored[0] == hash_key(key)
+        assert key not in stored[0]
+    listed = [json.loads(line) for line in (await _cli(database_url, "list"))[1].splitlines()]
+    assert any(k["id"] == created["id"] and k["revoked_at"] is None and "key" not in k for k in listed)
+    code, out = await _cli(database_url, "revoke", created["id"])
+    assert (code, json.loads(out)) == (0, {"revoked": 1})
+    assert (await client.get("/v1/models", headers={"X-API-Key": key})).status_code == 401
+    code, _ = await _cli(database_url, "revoke", created["id"])
+    assert code == 1
