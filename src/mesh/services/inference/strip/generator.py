@@ -110,6 +110,9 @@ class GeneratorOptions:
     weak_c_fraction: float = 0.15
     """Share of tests with C between 6 % and 20 % contrast."""
 
+    size: tuple[int, int] | None = None
+    """Fixed (width, height), e.g. 1920x1080 for latency runs; None draws a size."""
+
 
 def split_seeds(split: Split, count: int, start: int = 0) -> range:
     """Seeds ``start .. start+count`` of a split."""
@@ -199,6 +202,8 @@ class _Renderer:
         return Sample(encoded=encoded, image=image, truth=truth)
 
     def _image_size(self) -> tuple[int, int]:
+        if self.options.size is not None:
+            return self.options.size
         if self.rng.random() < self.options.large_fraction:
             width = int(self.rng.choice([1920, 2592, 3264, 4000]))
         else:
@@ -235,7 +240,7 @@ class _Renderer:
         rng = self.rng
         hue = self.u(0, 180)
         sat = self.u(0.0, 0.85) if rng.random() < 0.7 else self.u(0.0, 0.15)
-        val = self.u(0.08, 0.68)
+        val = self.u(0.06, 0.55)
         base = _hsv_to_rgb(hue, sat, val)
         canvas = np.empty((height, width, 3), np.float32)
         canvas[:] = base
@@ -264,8 +269,10 @@ class _Renderer:
     def _random_object(self, canvas: FloatImage) -> None:
         rng = self.rng
         height, width = canvas.shape[:2]
-        colour = _hsv_to_rgb(self.u(0, 180), self.u(0.2, 1.0), self.u(0.1, 0.85))
-        if rng.random() < 0.15:  # a light object: paper, a cup
+        # Clutter around a test is darker than the white plastic; pictures without a test may hold light
+        # objects too (paper, a cup), which the reader must not take for a strip.
+        colour = _hsv_to_rgb(self.u(0, 180), self.u(0.2, 1.0), self.u(0.1, 0.55))
+        if self.cls == "none" and rng.random() < 0.3:
             colour = (np.ones(3, np.float32) * self.u(0.6, 0.9)).astype(np.float32)
         cx, cy = self.u(0, width), self.u(0, height)
         size = self.u(0.05, 0.3) * width

@@ -60,6 +60,7 @@ def find_object(small: FloatImage, min_area_fraction: float) -> Placement | None
     """The most strip-like object in ``small`` (float 0..1, grey or RGB), or None."""
     feature = brightness(small)
     height, width = feature.shape
+    bright = float(np.percentile(feature, 99.5))
     area_img = float(height * width)
     best: Placement | None = None
     close_w = max(3, int(0.025 * max(width, height)) | 1)
@@ -77,7 +78,7 @@ def find_object(small: FloatImage, min_area_fraction: float) -> Placement | None
                 area = float(cv2.contourArea(contour))
                 if area < min_area_fraction * area_img:
                     continue
-                candidate = _judge(contour, area, feature, area_img)
+                candidate = _judge(contour, area, feature, area_img, bright)
                 if candidate is None:
                     continue
                 key = (round(candidate.center_x), round(candidate.center_y), round(candidate.length))
@@ -86,12 +87,78 @@ def find_object(small: FloatImage, min_area_fraction: float) -> Placement | None
                 seen.append(key)
                 if best is None or candidate.score > best.score:
                     best = candidate
-    return best
+    return None if best is None else _extend(feature, best)
+
+
+def _extend(feature: FloatImage, found: Placement) -> Placement:
+    """Follows the object along its axis while it stays brighter than both sides of it.
+
+    A threshold may cut a strip where a shadow or a darker wick lies; its long edges go on, though, so the
+    columns where the inside is still clearly brighter than the outside give the real extent.
+    """
+    reach = 1.2 * found.length
+    size_x = max(8, int(round(2 * reach)))
+    size_y = max(6, int(round(3 * found.width)))
+    cos, sin = math.cos(found.angle_rad), math.sin(found.angle_rad)
+    cu, cv = (size_x - 1) / 2, (size_y - 1) / 2
+    matrix = np.array(
+        [
+            [cos, -sin, found.center_x - (cos * cu - sin * cv)],
+            [sin, cos, found.center_y - (sin * cu + cos * cv)],
+        ]
+    )
+    strip = cv2.warpAffine(
+        feature,
+        matrix,
+        (size_x, size_y),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0.0,
+    )
+    w = found.width
+    mid = cv
+    inside = strip[int(mid - 0.3 * w) : int(mid + 0.3 * w) + 1].mean(axis=0)
+    above = strip[max(0, int(mid - 1.0 * w)) : max(1, int(mid - 0.72 * w))].mean(axis=0)
+    below = strip[int(mid + 0.72 * w) + 1 : int(mid + 1.0 * w) + 1].mean(axis=0)
+    outside = np.maximum(above, below)
+    core = slice(int(cu - 0.4 * found.length), int(cu + 0.4 * found.length) + 1)
+    reference = float(np.median(inside[core]))
+    good = (inside >= 1.05 * outside) & (inside >= 0.5 * reference)
+    good = cv2.morphologyEx(good.astype(np.uint8).reshape(1, -1), cv2.MORPH_CLOSE, np.ones((1, 3), np.uint8))
+    flags = good.ravel() > 0
+    centre = int(cu)
+    if not flags[centre]:
+        return found
+    left = centre
+    while left > 0 and flags[left - 1]:
+        left -= 1
+    right = centre
+    while right < size_x - 1 and flags[right + 1]:
+        right += 1
+    start = min(float(left), cu - found.length / 2)
+    end = max(float(right + 1), cu + found.length / 2)
+    length = end - start
+    if length > 1.6 * found.length:  # ran into something along the axis: keep what was found
+        return found
+    shift = (start + end) / 2 - cu
+    return Placement(
+        center_x=found.center_x + cos * shift,
+        center_y=found.center_y + sin * shift,
+        length=length,
+        width=found.width,
+        angle_rad=found.angle_rad,
+        score=found.score,
+    )
 
 
 def _judge(
-    contour: npt.NDArray[np.int32], area: float, feature: FloatImage, area_img: float
+    contour: npt.NDArray[np.int32], area: float, feature: FloatImage, area_img: float, bright: float
 ) -> Placement | None:
+    height, width = feature.shape
+    bx, by, bw, bh = cv2.boundingRect(contour)
+    touching = (bx <= 0) + (by <= 0) + (bx + bw >= width) + (by + bh >= height)
+    if touching >= 2:  # the background seen between other things, not an object inside the frame
+        return None
     (cx, cy), (w, h), angle_deg = cv2.minAreaRect(contour)
     if w < 3 or h < 3:
         return None
@@ -122,7 +189,7 @@ def _judge(
     inner_v = float(np.median(feature[inside > 0]))
     ring_v = float(np.median(feature[ring > 0]))
     contrast = inner_v / max(ring_v, 1e-3)
-    if contrast < 1.12:
+    if contrast < 1.12 or inner_v < 0.45 * bright:
         return None
     size_term = math.sqrt(area / area_img)
     score = size_term * fill**2 * min(contrast, 2.0) * (1.0 if aspect >= 2.2 else 0.7)

@@ -67,6 +67,78 @@ class Profile:
 
     peaks: tuple[Peak, ...]
 
+    absorb: FloatArray
+    """Absorbance per column and channel, shape (n, channels)."""
+
+
+@dataclass(frozen=True)
+class MatchedLine:
+    """The best test-line candidate found with the control line as template."""
+
+    index: float
+    height: float
+    """Contrast of the candidate in C's most affected channel, from the matched filter."""
+
+    snr: float
+
+
+def line_width(signal: FloatArray, index: float) -> float:
+    """Full width at half maximum of the dip at ``index``, in samples."""
+    i = int(round(index))
+    half = float(signal[i]) / 2
+    left = i
+    while left > 0 and signal[left] > half:
+        left -= 1
+    right = i
+    while right < signal.size - 1 and signal[right] > half:
+        right += 1
+    return float(max(1, right - left))
+
+
+def matched_test_line(profile: Profile, control: Peak, zone: tuple[float, float]) -> MatchedLine | None:
+    """Searches ``zone`` (fractions of the window) for a line of C's colour and shape.
+
+    T and C are made of the same particles and striped alike, so C is the best template for T: the channel
+    absorbances are projected on C's colour, then correlated with C's own profile. Both raise the faint
+    line's signal over the noise far more than a per-channel maximum does.
+    """
+    absorb = profile.absorb
+    n = absorb.shape[0]
+    ci = int(round(control.index))
+    colour = absorb[ci].astype(np.float64)
+    top = float(colour.max())
+    if top <= 0:
+        return None
+    weights = np.clip(colour / top, 0.0, None)
+    # Projection scaled so that a line of C's colour with contrast k reads k.
+    projected = (absorb.astype(np.float64) @ weights) / float(weights @ weights)
+    fwhm = line_width(profile.signal, control.index)
+    half = max(1, int(round(1.2 * fwhm)))
+    lo, hi = max(0, ci - half), min(n, ci + half + 1)
+    template = projected[lo:hi].copy()
+    template -= min(0.0, float(template.min()))
+    peak = float(template.max())
+    if peak <= 0 or template.size < 2:
+        return None
+    template /= peak
+    response = np.correlate(projected, template, mode="same") / float(template @ template)
+    # Noise of the filtered profile away from C.
+    keep = np.ones(n, bool)
+    keep[max(0, ci - 3 * half) : ci + 3 * half + 1] = False
+    margin = max(1, int(0.04 * n))
+    keep[:margin] = False
+    keep[n - margin :] = False
+    rest = response[keep] if keep.sum() > 8 else response
+    centre = float(np.median(rest))
+    noise = 1.4826 * float(np.median(np.abs(rest - centre))) + 1e-5
+    a, b = int(zone[0] * n), int(zone[1] * n) + 1
+    a, b = max(a, margin), min(b, n - margin)
+    if b - a < 1:
+        return None
+    j = a + int(np.argmax(response[a:b]))
+    height = float(response[j]) - centre
+    return MatchedLine(index=float(j), height=height, snr=height / noise)
+
 
 def _smooth_rows(grey: FloatArray) -> FloatArray:
     return cv2.GaussianBlur(grey, (0, 0), 1.0)
@@ -97,8 +169,8 @@ def _framed_window(grey: FloatArray, top_obj: float, bottom_obj: float) -> Windo
     # Only the object's inner columns and rows, away from its own outline.
     cols = slice(int(0.03 * width), int(0.97 * width))
     rows_strength = np.percentile(grad[:, cols], 80, axis=1)
-    first = int(top_obj + 0.12 * obj_h)
-    last = int(bottom_obj - 0.12 * obj_h)
+    first = int(top_obj + 0.15 * obj_h)
+    last = int(bottom_obj - 0.15 * obj_h)
     centre = (top_obj + bottom_obj) / 2
     if last - first < 6:
         return None
@@ -124,7 +196,7 @@ def _framed_window(grey: FloatArray, top_obj: float, bottom_obj: float) -> Windo
         return None
     x0, x1 = run
     win_h = bottom - top
-    if x1 - x0 < 0.12 * width or win_h < 0.12 * obj_h or (x1 - x0) < 1.2 * win_h:
+    if x1 - x0 < 0.12 * width or not 0.12 * obj_h <= win_h <= 0.65 * obj_h or (x1 - x0) < 1.2 * win_h:
         return None
     return WindowBox(float(x0), float(top), float(x1), float(bottom), framed=True)
 
@@ -201,7 +273,7 @@ def window_profile(crop: FloatArray, box: WindowBox, margin: float = 0.04) -> Pr
     med = float(np.median(core))
     noise = 1.4826 * float(np.median(np.abs(core - med))) + 1e-4
     peaks = _peaks(signal, absorb, noise, lo, hi)
-    return Profile(signal=signal, noise=noise, level_ratio=level_ratio, peaks=peaks)
+    return Profile(signal=signal, noise=noise, level_ratio=level_ratio, peaks=peaks, absorb=absorb)
 
 
 def _blur_columns(values: FloatArray, sigma: float) -> FloatArray:

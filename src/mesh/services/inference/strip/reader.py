@@ -25,7 +25,15 @@ import numpy.typing as npt
 from mesh.services.inference.strip.backend import Backend, CpuBackend, CropGeometry, gpu_backend
 from mesh.services.inference.strip.config import ReaderConfig
 from mesh.services.inference.strip.locate import Placement, find_object
-from mesh.services.inference.strip.profile import Peak, Profile, WindowBox, find_window, window_profile
+from mesh.services.inference.strip.profile import (
+    MatchedLine,
+    Peak,
+    Profile,
+    WindowBox,
+    find_window,
+    matched_test_line,
+    window_profile,
+)
 from mesh.services.inference.strip.types import (
     ABSENT_LINE,
     LineReading,
@@ -42,10 +50,27 @@ FloatImage = npt.NDArray[np.float32]
 ACROSS_MARGIN = 0.12
 
 
+# T is searched this far left of C, as fractions of the window (the spacing is 20-35 %, plus slack).
+T_ZONE = (0.13, 0.43)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Raw scores of the best C and T candidates, whether or not they passed."""
+
+    found: bool
+    c_height: float = 0.0
+    c_snr: float = 0.0
+    t_height: float = 0.0
+    t_snr: float = 0.0
+    framed: bool = False
+
+
 @dataclass(frozen=True)
 class _Lines:
     control: Peak | None
-    test: Peak | None
+    test: MatchedLine | None
+    test_candidate: MatchedLine | None
     strongest_c_candidate: Peak | None
 
 
@@ -77,11 +102,15 @@ class StripReader:
 
     def read(self, image: np.ndarray) -> StripReading:  # type: ignore[type-arg]
         """The full reading of one image."""
+        return self._run(to_uint8(image), self.config.crop_length, precheck=False)[0]
+
+    def read_with_scores(self, image: np.ndarray) -> tuple[StripReading, Scores]:  # type: ignore[type-arg]
+        """The reading plus the raw line scores behind it (for calibration and diagnosis)."""
         return self._run(to_uint8(image), self.config.crop_length, precheck=False)
 
     def precheck(self, image: np.ndarray) -> StripReading:  # type: ignore[type-arg]
         """The fast quality pre-check: strip found, blur, exposure, control line."""
-        return self._run(to_uint8(image), self.config.precheck_crop_length, precheck=True)
+        return self._run(to_uint8(image), self.config.precheck_crop_length, precheck=True)[0]
 
     def read_batch(self, images: Sequence[np.ndarray]) -> list[StripReading]:  # type: ignore[type-arg]
         """Readings of several images, in order."""
@@ -89,14 +118,14 @@ class StripReader:
 
     # --- pipeline ----------------------------------------------------------------------------------------
 
-    def _run(self, image: ByteImage, crop_length: int, precheck: bool) -> StripReading:
+    def _run(self, image: ByteImage, crop_length: int, precheck: bool) -> tuple[StripReading, Scores]:
         cfg = self.config
         height, width = image.shape[:2]
         factor = max(1, math.ceil(max(height, width) / cfg.work_size))
         small = self.backend.downscale(image, factor)
         placement = find_object(small, cfg.min_object_fraction)
         if placement is None:
-            return _not_found(precheck)
+            return _not_found(precheck), Scores(found=False)
         geometry = _crop_geometry(placement, factor, crop_length)
         crop = self.backend.rectify(image, geometry)
         grey = crop if crop.ndim == 2 else crop.mean(axis=2)
@@ -105,7 +134,16 @@ class StripReader:
         profile = window_profile(crop, box)
         lines = self._lines(profile)
         flags = self._quality(grey, margin, geometry, width, profile)
-        return self._reading(lines, profile, box, geometry, flags, precheck)
+        c, t = lines.strongest_c_candidate, lines.test_candidate
+        scores = Scores(
+            found=True,
+            c_height=0.0 if c is None else c.height,
+            c_snr=0.0 if c is None else c.snr,
+            t_height=0.0 if t is None else t.height,
+            t_snr=0.0 if t is None else t.snr,
+            framed=box.framed,
+        )
+        return self._reading(lines, profile, box, geometry, flags, precheck), scores
 
     def _lines(self, profile: Profile) -> _Lines:
         cfg = self.config
@@ -119,12 +157,14 @@ class StripReader:
             and c_candidate.snr >= cfg.c_min_snr
         ):
             control = c_candidate
+        t_candidate: MatchedLine | None
         if control is not None:
             c_pos = control.index / n
-            zone = [p for p in profile.peaks if c_pos - 0.45 <= p.index / n <= c_pos - 0.12]
+            t_candidate = matched_test_line(profile, control, (c_pos - T_ZONE[1], c_pos - T_ZONE[0]))
         else:
-            zone = [p for p in profile.peaks if p.index / n < 0.5]
-        t_candidate = max(zone, key=lambda p: p.snr, default=None)
+            left = [p for p in profile.peaks if p.index / n < 0.5]
+            best = max(left, key=lambda p: p.snr, default=None)
+            t_candidate = None if best is None else MatchedLine(best.index, best.height, best.snr)
         test = None
         if (
             t_candidate is not None
@@ -132,7 +172,9 @@ class StripReader:
             and t_candidate.snr >= cfg.t_min_snr
         ):
             test = t_candidate
-        return _Lines(control=control, test=test, strongest_c_candidate=c_candidate)
+        return _Lines(
+            control=control, test=test, test_candidate=t_candidate, strongest_c_candidate=c_candidate
+        )
 
     def _quality(
         self, grey: FloatImage, margin: float, geometry: CropGeometry, image_width: int, profile: Profile
@@ -168,7 +210,7 @@ class StripReader:
         n = profile.signal.size
         y_mid = (box.y0 + box.y1) / 2
 
-        def line(peak: Peak | None) -> LineReading:
+        def line(peak: Peak | MatchedLine | None) -> LineReading:
             if peak is None:
                 return ABSENT_LINE
             u = box.x0 + peak.index
@@ -205,7 +247,7 @@ class StripReader:
             test = line(lines.test)
             verdict = Verdict.POSITIVE if lines.test is not None else Verdict.NEGATIVE
             c_conf = _sigmoid((lines.control.snr - cfg.c_min_snr) / 2.0)
-            t_snr = lines.test.snr if lines.test is not None else _best_t_snr(profile, lines.control)
+            t_snr = lines.test_candidate.snr if lines.test_candidate is not None else 0.0
             t_conf = _sigmoid(abs(t_snr - cfg.t_min_snr) / 1.0 + 0.5)
             confidence = _clamp(c_conf * t_conf)
             ratio = (
@@ -223,13 +265,6 @@ class StripReader:
             window=window,
             precheck_only=precheck,
         )
-
-
-def _best_t_snr(profile: Profile, control: Peak) -> float:
-    n = float(profile.signal.size)
-    c_pos = control.index / n
-    zone = [p.snr for p in profile.peaks if c_pos - 0.45 <= p.index / n <= c_pos - 0.12]
-    return max(zone, default=0.0)
 
 
 def _crop_geometry(placement: Placement, factor: int, crop_length: int) -> CropGeometry:
