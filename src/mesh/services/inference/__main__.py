@@ -1,0 +1,60 @@
+"""``python -m mesh.services.inference``: load the model repository, then serve InferenceService."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from mesh.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from mesh.kit.logging import get_logger
+from mesh.kit.runtime import ServiceRuntime, configure_observability
+from mesh.kit.settings import load_settings
+from mesh.services.file.client import FileClient
+from mesh.services.inference.checks import models_check
+from mesh.services.inference.images import FileServiceFetcher, ImageDecoder
+from mesh.services.inference.models import DeviceUnavailable, select_device
+from mesh.services.inference.predictor import Predictor
+from mesh.services.inference.repository import ModelConfigError, ModelRepository
+from mesh.services.inference.servicer import InferenceServicer
+from mesh.services.inference.settings import SERVICE_NAME, InferenceSettings
+
+log = get_logger(__name__)
+
+
+async def serve(settings: InferenceSettings) -> None:
+    """Load every model, then serve until SIGTERM."""
+    try:
+        device = select_device(settings.device)
+        repository = ModelRepository(settings.resolved_model_dir(), device=device)
+    except (ModelConfigError, DeviceUnavailable) as error:
+        print(f"inference: cannot start: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    log.info("loading models", directory=str(repository.directory), device=device)
+    await repository.load()
+    file_client = FileClient.connect(settings)
+    predictor = Predictor(
+        repository,
+        ImageDecoder(max_pixels=settings.max_image_pixels),
+        FileServiceFetcher(file_client, timeout=settings.rpc_timeout_seconds),
+    )
+    runtime = ServiceRuntime(
+        "inference", settings, service_names=[SERVICE_NAME], checks=[models_check(repository)]
+    )
+    pb_grpc.add_InferenceServiceServicer_to_server(
+        InferenceServicer(predictor, stream_max_in_flight=settings.stream_max_in_flight), runtime.server
+    )
+    try:
+        await runtime.run()
+    finally:
+        await repository.close()
+        await file_client.close()
+
+
+def main() -> None:
+    settings = load_settings(InferenceSettings)
+    configure_observability("inference", settings)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

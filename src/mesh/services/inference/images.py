@@ -1,0 +1,145 @@
+"""Model inputs as pixels: an ``ImageInput`` (file service reference, encoded bytes or raw pixels) -> ndarray.
+
+Decoding uses Pillow restricted to PNG, JPEG and WebP, refuses images above a pixel limit before decoding
+their pixels, applies the EXIF orientation (phones store portrait photos sideways), and yields 8-bit
+``HxW`` (grey), ``HxWx3`` (RGB) or ``HxWx4`` (RGBA) arrays: the strip reader's input contract.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mesh.common.v1 import image_pb2
+from mesh.kit.errors import (
+    FieldViolation,
+    InvalidArgument,
+    InvalidData,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from mesh.services.file.client import FileClient
+
+Pixels = npt.NDArray[np.uint8]
+
+_PILLOW_FORMATS = {
+    image_pb2.IMAGE_FORMAT_PNG: "PNG",
+    image_pb2.IMAGE_FORMAT_JPEG: "JPEG",
+    image_pb2.IMAGE_FORMAT_WEBP: "WEBP",
+}
+_ACCEPTED = ("PNG", "JPEG", "WEBP")
+
+
+class ImageFetcher(Protocol):
+    """Gets a stored image's encoded bytes by id."""
+
+    async def fetch(self, image_id: str) -> bytes:
+        """The image's bytes; raises NotFound (or another MeshError) when it cannot."""
+        ...
+
+
+class FileServiceFetcher:
+    """Fetches originals from the file service."""
+
+    def __init__(self, client: FileClient, *, timeout: float | None = None) -> None:
+        self._client = client
+        self._timeout = timeout
+
+    async def fetch(self, image_id: str) -> bytes:
+        _, _, data = await self._client.download(image_id, timeout=self._timeout)
+        return data
+
+
+class ImageDecoder:
+    """Decodes encoded and raw inputs within a pixel limit."""
+
+    def __init__(self, *, max_pixels: int) -> None:
+        self.max_pixels = max_pixels
+
+    def _check_size(self, width: int, height: int, field: str) -> None:
+        if width * height > self.max_pixels:
+            raise PayloadTooLarge(
+                f"image of {width}x{height} pixels exceeds the limit of {self.max_pixels} pixels",
+                field_violations=[FieldViolation(field, f"at most {self.max_pixels} pixels")],
+            )
+
+    def decode_encoded(
+        self,
+        data: bytes,
+        declared: image_pb2.ImageFormat.ValueType = image_pb2.IMAGE_FORMAT_UNSPECIFIED,
+        *,
+        field: str = "input.encoded",
+    ) -> Pixels:
+        """PNG/JPEG/WebP bytes -> pixels; the declared format, when given, must match the bytes."""
+        if not data:
+            raise InvalidArgument("the image is empty", field_violations=[FieldViolation(field, "no bytes")])
+        if declared == image_pb2.IMAGE_FORMAT_RAW:
+            raise InvalidArgument(
+                "format RAW needs input.raw, not encoded bytes",
+                field_violations=[FieldViolation(f"{field}.format", "use input.raw for raw pixels")],
+            )
+        formats = [_PILLOW_FORMATS[declared]] if declared in _PILLOW_FORMATS else list(_ACCEPTED)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data), formats=formats)
+        except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            if isinstance(exc, UnidentifiedImageError):
+                raise UnsupportedMediaType(
+                    f"the bytes are not a {' / '.join(formats)} image",
+                    field_violations=[FieldViolation(field, f"send {', '.join(_ACCEPTED)}")],
+                ) from None
+            raise PayloadTooLarge(f"image exceeds the limit of {self.max_pixels} pixels") from None
+        with image:
+            self._check_size(image.width, image.height, field)
+            try:
+                image.load()
+                oriented = ImageOps.exif_transpose(image)
+            except (OSError, ValueError, SyntaxError) as exc:
+                raise InvalidData(f"the {image.format} image cannot be decoded: {exc}") from None
+            return _to_pixels(oriented)
+
+    def decode_raw(self, raw: image_pb2.RawImage, *, field: str = "input.raw") -> Pixels:
+        """Raw interleaved pixels -> an array of the contract's shape (16-bit samples keep their top byte)."""
+        violations = []
+        if raw.width == 0 or raw.height == 0:
+            violations.append(FieldViolation(f"{field}.width", "width and height must be > 0"))
+        if raw.channels not in (1, 3, 4):
+            violations.append(FieldViolation(f"{field}.channels", "must be 1, 3 or 4"))
+        if violations:
+            raise InvalidArgument("invalid raw image", field_violations=violations)
+        self._check_size(raw.width, raw.height, field)
+        sixteen = raw.pixel_type == image_pb2.PIXEL_TYPE_UINT16
+        expected = raw.width * raw.height * raw.channels * (2 if sixteen else 1)
+        if len(raw.pixels) != expected:
+            raise InvalidArgument(
+                f"raw image holds {len(raw.pixels)} bytes, its shape needs {expected}",
+                field_violations=[FieldViolation(f"{field}.pixels", f"must be {expected} bytes")],
+            )
+        shape: tuple[int, ...] = (raw.height, raw.width)
+        if raw.channels != 1:
+            shape = (*shape, raw.channels)
+        if sixteen:
+            samples = np.frombuffer(raw.pixels, dtype="<u2").reshape(shape)
+            return (samples >> 8).astype(np.uint8)
+        # A copy: the request's bytes are immutable and a model may work in place.
+        return np.frombuffer(raw.pixels, dtype=np.uint8).reshape(shape).copy()
+
+
+def _to_pixels(image: Image.Image) -> Pixels:
+    mode = image.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I"):
+        # 16-bit grey: keep the top byte (8-bit is what the reader sees).
+        wide = np.asarray(image).astype(np.uint32)
+        return (wide >> 8 if mode != "I" else np.clip(wide, 0, 65535) >> 8).astype(np.uint8)
+    if mode in ("L", "RGB", "RGBA"):
+        return np.array(image, dtype=np.uint8)
+    if mode == "1":
+        return np.array(image.convert("L"), dtype=np.uint8)
+    has_alpha = mode in ("LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info)
+    return np.array(image.convert("RGBA" if has_alpha else "RGB"), dtype=np.uint8)

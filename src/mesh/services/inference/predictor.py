@@ -1,0 +1,120 @@
+"""One prediction, from request to response: shared by the gRPC servicer and the queue's job handler.
+
+It resolves the model version, validates parameters, fetches and decodes the input (decoding runs in a
+thread), hands the pixels to the version's batcher and writes the model's output into the response. It
+records each request's outcome in the version's statistics. It knows protobuf messages but not gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+from mesh.common.v1 import image_pb2
+from mesh.inference.v1 import inference_service_pb2 as pb
+from mesh.kit.errors import FieldViolation, Internal, InvalidArgument, MeshError, Unavailable
+from mesh.kit.jobs import JobCancelled
+from mesh.kit.logging import get_logger
+from mesh.services.inference.images import ImageDecoder, ImageFetcher, Pixels
+from mesh.services.inference.models import Operation
+from mesh.services.inference.parameters import resolve_parameters
+from mesh.services.inference.repository import ModelRepository
+
+log = get_logger(__name__)
+
+# Called with the fraction done as each stage ("fetch", "model") starts: the job handler's progress beat
+# (the signature of JobContext.progress).
+StageHook = Callable[[float, str], Awaitable[None]]
+
+DEVICES = {"cpu": image_pb2.DEVICE_CPU, "gpu": image_pb2.DEVICE_GPU}
+
+
+def assign_request_id(request: pb.PredictRequest) -> str:
+    """The request's id, generated (and set on the request) when the client sent none."""
+    if not request.request_id:
+        request.request_id = uuid.uuid4().hex
+    return request.request_id
+
+
+class Predictor:
+    """Runs predictions against a model repository."""
+
+    def __init__(
+        self, repository: ModelRepository, decoder: ImageDecoder, fetcher: ImageFetcher | None = None
+    ) -> None:
+        self.repository = repository
+        self._decoder = decoder
+        self._fetcher = fetcher
+
+    async def predict(
+        self,
+        request: pb.PredictRequest,
+        *,
+        deadline: float | None = None,
+        on_stage: StageHook | None = None,
+    ) -> pb.PredictResponse:
+        """Answer ``request``; ``deadline`` is a ``time.monotonic()`` instant. Raises MeshError."""
+        started = time.perf_counter()
+        request_id = assign_request_id(request)
+        if not request.model_name:
+            raise InvalidArgument(
+                "model_name is required", field_violations=[FieldViolation("model_name", "must not be empty")]
+            )
+        version = self.repository.get(request.model_name, request.model_version)
+        version.stats.request_received()
+        operation: Operation = "precheck" if request.precheck_only else "predict"
+        try:
+            model, scheduler = version.require_ready()
+            if operation not in model.operations:
+                raise InvalidArgument(
+                    f"model {version.name} has no fast pre-check",
+                    field_violations=[FieldViolation("precheck_only", "not supported by this model")],
+                )
+            parameters = resolve_parameters(version.config.parameters, request.parameters)
+            if on_stage is not None:
+                await on_stage(0.0, "fetch")
+            image = await self._load(request.input)
+            if on_stage is not None:
+                await on_stage(0.5, "model")
+            result = await scheduler.submit((operation, parameters), image, deadline=deadline)
+            response = pb.PredictResponse(
+                model_name=version.name,
+                model_version=version.version,
+                request_id=request_id,
+                device=DEVICES[model.device],
+                queue_seconds=result.queue_seconds,
+                compute_seconds=result.compute_seconds,
+            )
+            model.fill_response(result.output, response)
+        except MeshError as error:
+            version.stats.request_failed(error.code.name)
+            raise
+        except (asyncio.CancelledError, JobCancelled):
+            version.stats.request_failed("CANCELLED")
+            raise
+        except Exception as exc:
+            version.stats.request_failed("INTERNAL")
+            log.exception("prediction crashed", model=version.name, version=version.version)
+            raise Internal(f"model {version.name} failed; the server logged the cause") from exc
+        version.stats.request_succeeded(operation, result.queue_seconds, time.perf_counter() - started)
+        return response
+
+    async def _load(self, source: image_pb2.ImageInput) -> Pixels:
+        kind = source.WhichOneof("source")
+        if kind == "raw":
+            return self._decoder.decode_raw(source.raw)
+        if kind == "encoded":
+            return await asyncio.to_thread(
+                self._decoder.decode_encoded, source.encoded.data, source.encoded.format
+            )
+        if kind == "image_id":
+            if self._fetcher is None:
+                raise Unavailable("this server cannot fetch images by id (no file service configured)")
+            data = await self._fetcher.fetch(source.image_id)
+            return await asyncio.to_thread(self._decoder.decode_encoded, data, field="input.image_id")
+        raise InvalidArgument(
+            "an input image is required",
+            field_violations=[FieldViolation("input", "set image_id, encoded or raw")],
+        )

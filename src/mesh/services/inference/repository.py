@@ -1,0 +1,352 @@
+"""The model repository: ``<dir>/<name>/<version>/config.yaml`` (or ``.yml`` / ``.json``), loaded at start.
+
+Layout and rules (Triton's, simplified):
+
+- ``<name>`` is the model's name and must equal the config's ``name``; ``<version>`` is a positive integer.
+- The config names its ``implementation`` (see :mod:`.models`), describes inputs, outputs and request
+  parameters (with defaults), and sets the batching limits of that version.
+- ``default_version`` is ``latest`` (the highest ready version) or a version number; every version of a
+  model that states it must agree.
+
+A config that cannot be read or validated is a :class:`ModelConfigError` at start-up, naming the file and
+the field. A version whose implementation fails to load or warm up stays in the repository, not ready,
+with the reason, so that the other models still serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeAlias
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mesh.kit.errors import FieldViolation, NotFound, Unavailable
+from mesh.kit.logging import get_logger
+from mesh.services.inference.batching import ModelScheduler
+from mesh.services.inference.images import Pixels
+from mesh.services.inference.models import DeviceName, Model, ModelFactory, Operation, default_factories
+from mesh.services.inference.parameters import ParameterSpec, ResolvedParameters
+from mesh.services.inference.stats import VersionStats
+
+log = get_logger(__name__)
+
+CONFIG_NAMES = ("config.yaml", "config.yml", "config.json")
+LATEST = "latest"
+
+# Only requests with equal keys share a batch: the same operation with the same parameters.
+BatchKey: TypeAlias = tuple[Operation, ResolvedParameters]
+
+
+class ModelConfigError(Exception):
+    """The model repository cannot be used as it is on disk."""
+
+
+class TensorConfig(BaseModel):
+    """One input or output of a model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    """Name."""
+
+    datatype: str = Field(min_length=1)
+    """Data type ("image", "StripReading", "float", ...)."""
+
+    shape: tuple[int, ...] = ()
+    """Shape; -1 for variable dimensions."""
+
+    description: str = ""
+    """What it holds."""
+
+
+class ModelConfig(BaseModel):
+    """One model version's ``config.yaml``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    """The model's name; equals its directory's name."""
+
+    implementation: str = Field(min_length=1)
+    """The implementation that serves it (a key of :func:`~.models.default_factories`)."""
+
+    description: str = ""
+    """What the model does."""
+
+    inputs: tuple[TensorConfig, ...] = Field(min_length=1)
+    """Inputs."""
+
+    outputs: tuple[TensorConfig, ...] = Field(min_length=1)
+    """Outputs."""
+
+    parameters: dict[str, ParameterSpec] = Field(default_factory=dict)
+    """Parameters a request may set, with their types and defaults."""
+
+    max_batch_size: int = Field(default=8, ge=1, le=1024)
+    """Largest dynamic batch."""
+
+    max_queue_delay_ms: float = Field(default=2.0, ge=0, le=60_000)
+    """How long the oldest queued request may wait for others to join its batch."""
+
+    max_queue_size: int = Field(default=256, ge=1)
+    """Requests that may wait per batch queue before new ones get RESOURCE_EXHAUSTED."""
+
+    instance_count: int = Field(default=1, ge=1, le=64)
+    """Batches computed concurrently (worker threads); one per CPU model keeps cores for decoding."""
+
+    default_version: str = LATEST
+    """``latest`` (the highest ready version) or a version number."""
+
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Implementation-specific settings."""
+
+    @field_validator("default_version")
+    @classmethod
+    def _policy(cls, value: str) -> str:
+        if value != LATEST and not (value.isdigit() and int(value) > 0):
+            raise ValueError("must be 'latest' or a positive version number")
+        return value
+
+
+VersionState = Literal["LOADING", "READY", "UNAVAILABLE"]
+
+
+@dataclass
+class ModelVersion:
+    """One version of a model: its config, the loaded model, its batching and its statistics."""
+
+    name: str
+    version: str
+    config: ModelConfig
+    directory: Path
+    state: VersionState = "LOADING"
+    reason: str = "not loaded yet"
+    model: Model | None = None
+    scheduler: ModelScheduler[BatchKey, Pixels, object] | None = None
+    stats: VersionStats = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stats = VersionStats(self.name, self.version)
+
+    @property
+    def ready(self) -> bool:
+        """True when it can serve."""
+        return self.state == "READY"
+
+    def require_ready(self) -> tuple[Model, ModelScheduler[BatchKey, Pixels, object]]:
+        """The model and scheduler, or UNAVAILABLE with the reason."""
+        if self.state != "READY" or self.model is None or self.scheduler is None:
+            raise Unavailable(
+                f"model {self.name} version {self.version} is not ready: {self.reason}",
+                metadata={"model": self.name, "version": self.version},
+            )
+        return self.model, self.scheduler
+
+
+@dataclass
+class ModelEntry:
+    """A model and its versions (ascending)."""
+
+    name: str
+    versions: dict[str, ModelVersion]
+    default_policy: str
+
+    @property
+    def description(self) -> str:
+        """The description of the default version."""
+        return self.default().config.description
+
+    def default(self) -> ModelVersion:
+        """The version used when a request names none."""
+        if self.default_policy != LATEST:
+            return self.versions[self.default_policy]
+        ready = [v for v in self.versions.values() if v.ready]
+        return (ready or list(self.versions.values()))[-1]
+
+
+def read_config(path: Path) -> ModelConfig:
+    """Parse and validate one config file; ModelConfigError names the file and every bad field."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ModelConfigError(f"{path}: cannot be read: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ModelConfigError(f"{path}: must hold a mapping of settings")
+    try:
+        return ModelConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ModelConfigError(f"{path}: {problems}") from None
+
+
+def _config_file(directory: Path) -> Path:
+    found = [directory / name for name in CONFIG_NAMES if (directory / name).is_file()]
+    if len(found) != 1:
+        what = "no config file" if not found else f"several config files ({', '.join(p.name for p in found)})"
+        raise ModelConfigError(f"{directory}: {what}; expected exactly one of {', '.join(CONFIG_NAMES)}")
+    return found[0]
+
+
+def scan(directory: Path, factories: Mapping[str, ModelFactory]) -> dict[str, ModelEntry]:
+    """Read every model and version under ``directory`` (nothing is loaded yet)."""
+    if not directory.is_dir():
+        raise ModelConfigError(f"model repository {directory} is not a directory (set MESH_MODEL_DIR)")
+    entries: dict[str, ModelEntry] = {}
+    for model_dir in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        versions: dict[str, ModelVersion] = {}
+        version_dirs = [p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        for version_dir in version_dirs:
+            if not (version_dir.name.isdigit() and int(version_dir.name) > 0):
+                raise ModelConfigError(f"{version_dir}: a version directory must be a positive integer")
+        for version_dir in sorted(version_dirs, key=lambda p: int(p.name)):
+            config = read_config(_config_file(version_dir))
+            if config.name != model_dir.name:
+                raise ModelConfigError(
+                    f"{version_dir}: config name {config.name!r} differs from its directory {model_dir.name!r}"
+                )
+            if config.implementation not in factories:
+                known = ", ".join(sorted(factories))
+                raise ModelConfigError(
+                    f"{version_dir}: unknown implementation {config.implementation!r}; known: {known}"
+                )
+            version = str(int(version_dir.name))
+            versions[version] = ModelVersion(model_dir.name, version, config, version_dir)
+        if not versions:
+            raise ModelConfigError(f"{model_dir}: no versions (expected {model_dir}/1/config.yaml)")
+        entries[model_dir.name] = ModelEntry(model_dir.name, versions, _default_policy(model_dir, versions))
+    if not entries:
+        raise ModelConfigError(f"model repository {directory} holds no models")
+    return entries
+
+
+def _default_policy(model_dir: Path, versions: Mapping[str, ModelVersion]) -> str:
+    stated = {
+        v.config.default_version for v in versions.values() if "default_version" in v.config.model_fields_set
+    }
+    if len(stated) > 1:
+        raise ModelConfigError(
+            f"{model_dir}: versions disagree on default_version: {', '.join(sorted(stated))}"
+        )
+    policy = stated.pop() if stated else LATEST
+    if policy != LATEST and policy not in versions:
+        raise ModelConfigError(f"{model_dir}: default_version {policy} does not exist")
+    return policy
+
+
+class ModelRepository:
+    """Every model and version of a directory; loads them and resolves requests to versions."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        device: DeviceName = "cpu",
+        factories: Mapping[str, ModelFactory] | None = None,
+    ) -> None:
+        self.directory = directory
+        self.device: DeviceName = device
+        self._factories = dict(default_factories() if factories is None else factories)
+        self._entries = scan(directory, self._factories)
+
+    def __iter__(self) -> Iterator[ModelEntry]:
+        return iter(self._entries.values())
+
+    def versions(self) -> Iterator[ModelVersion]:
+        """Every version of every model."""
+        for entry in self._entries.values():
+            yield from entry.versions.values()
+
+    @property
+    def any_ready(self) -> bool:
+        """True when at least one version can serve."""
+        return any(v.ready for v in self.versions())
+
+    async def load(self) -> None:
+        """Load and warm up every version, one at a time, off the event loop."""
+        for version in self.versions():
+            await self._load(version)
+
+    async def _load(self, version: ModelVersion) -> None:
+        config = version.config
+        started = time.perf_counter()
+        try:
+            model = await asyncio.to_thread(self._build, version)
+        except Exception as exc:
+            version.state, version.reason = "UNAVAILABLE", f"load failed: {type(exc).__name__}: {exc}"
+            version.stats.set_ready(False)
+            log.error("model load failed", model=version.name, version=version.version, reason=version.reason)
+            return
+
+        def run(key: BatchKey, images: Sequence[Pixels]) -> Sequence[object]:
+            operation, parameters = key
+            return model.run_batch(operation, parameters, images)
+
+        version.model = model
+        version.scheduler = ModelScheduler(
+            run,
+            max_batch_size=config.max_batch_size,
+            max_queue_delay_seconds=config.max_queue_delay_ms / 1000.0,
+            max_queue_size=config.max_queue_size,
+            instance_count=config.instance_count,
+            observer=version.stats,
+            name=f"{version.name}-v{version.version}",
+        )
+        version.state, version.reason = "READY", "ready"
+        version.stats.set_ready(True)
+        log.info(
+            "model ready",
+            model=version.name,
+            version=version.version,
+            device=model.device,
+            seconds=round(time.perf_counter() - started, 3),
+        )
+
+    def _build(self, version: ModelVersion) -> Model:
+        model = self._factories[version.config.implementation](version.config, self.device)
+        model.warm_up()
+        return model
+
+    async def close(self) -> None:
+        """Stop every version's batching (queued requests get UNAVAILABLE)."""
+        for version in self.versions():
+            if version.scheduler is not None:
+                await version.scheduler.close()
+            version.state, version.reason = "UNAVAILABLE", "unloaded"
+            version.stats.set_ready(False)
+
+    def entry(self, name: str) -> ModelEntry:
+        """A model by name; NotFound lists the models there are."""
+        entry = self._entries.get(name)
+        if entry is None:
+            known = ", ".join(self._entries)
+            raise NotFound(
+                f"model {name!r} does not exist; models: {known}",
+                field_violations=[FieldViolation("model_name", f"one of: {known}")],
+                metadata={"model": name},
+            )
+        return entry
+
+    def get(self, name: str, version: str = "") -> ModelVersion:
+        """A version of a model (the default one when ``version`` is empty); NotFound lists what exists."""
+        entry = self.entry(name)
+        if not version:
+            return entry.default()
+        key = str(int(version)) if version.isdigit() else version
+        found = entry.versions.get(key)
+        if found is None:
+            known = ", ".join(entry.versions)
+            raise NotFound(
+                f"model {name!r} has no version {version!r}; versions: {known}",
+                field_violations=[FieldViolation("model_version", f"one of: {known}")],
+                metadata={"model": name, "version": version},
+            )
+        return found

@@ -1,0 +1,159 @@
+"""``mesh.inference.v1.InferenceService`` over the model repository and the predictor."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Any
+
+import grpc
+from typing_extensions import override
+
+from mesh.common.v1 import image_pb2
+from mesh.inference.v1 import inference_service_pb2 as pb
+from mesh.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from mesh.kit.errors import Internal, MeshError
+from mesh.kit.logging import get_logger
+from mesh.services.inference.predictor import DEVICES, Predictor, assign_request_id
+from mesh.services.inference.repository import ModelEntry, ModelRepository, ModelVersion
+
+log = get_logger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _deadline(context: Context) -> float | None:
+    """The call's deadline as a ``time.monotonic()`` instant."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def version_status(version: ModelVersion) -> pb.ModelVersionStatus:
+    """A version's load state."""
+    return pb.ModelVersionStatus(
+        version=version.version, ready=version.ready, state=version.state, reason=version.reason
+    )
+
+
+def model_summary(entry: ModelEntry) -> pb.ModelSummary:
+    """A model's versions and readiness."""
+    default = entry.default()
+    return pb.ModelSummary(
+        name=entry.name,
+        versions=list(entry.versions),
+        default_version=default.version,
+        ready=default.ready,
+        description=entry.description,
+        version_status=[version_status(v) for v in entry.versions.values()],
+    )
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    """The gRPC face of the predictor."""
+
+    def __init__(self, predictor: Predictor, *, stream_max_in_flight: int = 32) -> None:
+        self._predictor = predictor
+        self._repository: ModelRepository = predictor.repository
+        self._stream_max_in_flight = stream_max_in_flight
+
+    @override
+    async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[model_summary(entry) for entry in self._repository])
+
+    @override
+    async def GetModelMetadata(
+        self, request: pb.GetModelMetadataRequest, context: Context
+    ) -> pb.GetModelMetadataResponse:
+        entry = self._repository.entry(request.name)
+        version = self._repository.get(request.name, request.version)
+        config = version.config
+        model = version.model
+        return pb.GetModelMetadataResponse(
+            name=entry.name,
+            versions=list(entry.versions),
+            version=version.version,
+            platform=model.platform if model is not None else "",
+            inputs=[
+                pb.TensorSpec(name=t.name, datatype=t.datatype, shape=t.shape, description=t.description)
+                for t in config.inputs
+            ],
+            outputs=[
+                pb.TensorSpec(name=t.name, datatype=t.datatype, shape=t.shape, description=t.description)
+                for t in config.outputs
+            ],
+            parameters={name: spec.to_proto() for name, spec in config.parameters.items()},
+            max_batch_size=config.max_batch_size,
+            device=DEVICES[model.device] if model is not None else image_pb2.DEVICE_UNSPECIFIED,
+            description=config.description,
+            status=version_status(version),
+            max_queue_delay_seconds=config.max_queue_delay_ms / 1000.0,
+        )
+
+    @override
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
+        version = self._repository.get(request.name, request.version)
+        return pb.ModelReadyResponse(ready=version.ready, version=version.version, reason=version.reason)
+
+    @override
+    async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
+        return await self._predictor.predict(request, deadline=_deadline(context))
+
+    @override
+    async def StreamInference(
+        self, request_iterator: AsyncIterable[pb.StreamInferenceRequest], context: Context
+    ) -> AsyncIterator[pb.StreamInferenceResponse]:
+        """Requests run concurrently (so they can share batches); responses keep the requests' order."""
+        deadline = _deadline(context)
+        answers: asyncio.Queue[asyncio.Task[pb.StreamInferenceResponse] | None] = asyncio.Queue(
+            maxsize=self._stream_max_in_flight
+        )
+
+        async def read() -> None:
+            try:
+                async for item in request_iterator:
+                    task = asyncio.create_task(self._answer(item.request, deadline))
+                    await answers.put(task)
+            finally:
+                await answers.put(None)
+
+        reader = asyncio.create_task(read(), name="stream-reader")
+        started: list[asyncio.Task[pb.StreamInferenceResponse]] = []
+        try:
+            while (task := await answers.get()) is not None:
+                started.append(task)
+                yield await task
+                started.remove(task)
+            await reader  # surfaces a broken request stream
+        finally:
+            reader.cancel()
+            while not answers.empty():
+                leftover = answers.get_nowait()
+                if leftover is not None:
+                    started.append(leftover)
+            for task in started:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    async def _answer(self, request: pb.PredictRequest, deadline: float | None) -> pb.StreamInferenceResponse:
+        request_id = assign_request_id(request)
+        try:
+            response = await self._predictor.predict(request, deadline=deadline)
+        except MeshError as error:
+            return pb.StreamInferenceResponse(error=error.to_status(), request_id=request_id)
+        except Exception:
+            log.exception("stream prediction crashed", request_id=request_id)
+            crash = Internal("prediction failed; the server logged the cause")
+            return pb.StreamInferenceResponse(error=crash.to_status(), request_id=request_id)
+        return pb.StreamInferenceResponse(response=response, request_id=request_id)
+
+    @override
+    async def GetModelStatistics(
+        self, request: pb.GetModelStatisticsRequest, context: Context
+    ) -> pb.GetModelStatisticsResponse:
+        entries = [self._repository.entry(request.name)] if request.name else list(self._repository)
+        return pb.GetModelStatisticsResponse(
+            statistics=[v.stats.to_proto() for entry in entries for v in entry.versions.values()]
+        )

@@ -1,0 +1,206 @@
+"""Dynamic batching: grouping, the queue delay, deadlines and cancellation while queued, failure isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from mesh.kit.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from mesh.services.inference.batching import DynamicBatcher, ModelScheduler
+
+
+class Recorder:
+    """A batch function that doubles numbers, records its batches and can be held or made to fail."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.sizes: list[int] = []
+
+    def __call__(self, items: Sequence[int]) -> list[int]:
+        self.batches.append(list(items))
+        self.gate.wait(5)
+        if -1 in items:
+            raise ValueError("negative one is poison")
+        return [2 * item for item in items]
+
+    def batch_executed(self, size: int, compute_seconds: float) -> None:
+        self.sizes.append(size)
+
+
+@pytest.fixture
+async def executor() -> AsyncIterator[ThreadPoolExecutor]:
+    pool = ThreadPoolExecutor(max_workers=1)
+    yield pool
+    pool.shutdown(wait=False)
+
+
+def _batcher(
+    recorder: Recorder, executor: ThreadPoolExecutor, *, size: int = 4, delay: float = 0.05, queue: int = 100
+) -> DynamicBatcher[int, int]:
+    return DynamicBatcher(
+        recorder,
+        max_batch_size=size,
+        max_queue_delay_seconds=delay,
+        max_queue_size=queue,
+        executor=executor,
+        instances=asyncio.Semaphore(1),
+        observer=recorder,
+        name="test",
+    )
+
+
+async def test_concurrent_requests_are_grouped_up_to_the_maximum(executor: ThreadPoolExecutor) -> None:
+    """Ten concurrent items make batches of 4, 4 and 2; each caller gets its own output."""
+    recorder = Recorder()
+    batcher = _batcher(recorder, executor)
+    results = await asyncio.gather(*(batcher.submit(i) for i in range(10)))
+    assert [r.output for r in results] == [2 * i for i in range(10)]
+    assert [len(b) for b in recorder.batches] == [4, 4, 2]
+    assert recorder.sizes == [4, 4, 2]
+    assert [r.batch_size for r in results] == [4] * 8 + [2] * 2
+    await batcher.close()
+
+
+async def test_a_lone_request_waits_at_most_the_queue_delay(executor: ThreadPoolExecutor) -> None:
+    """A single item is computed once the delay has passed, not held for a full batch."""
+    recorder = Recorder()
+    batcher = _batcher(recorder, executor, delay=0.05)
+    started = time.monotonic()
+    result = await batcher.submit(3)
+    elapsed = time.monotonic() - started
+    assert result.output == 6
+    assert 0.045 <= elapsed < 0.5
+    assert result.queue_seconds >= 0.045
+    immediate = _batcher(recorder, executor, delay=0.0)
+    started = time.monotonic()
+    await immediate.submit(1)
+    assert time.monotonic() - started < 0.04
+    await batcher.close()
+    await immediate.close()
+
+
+async def test_a_request_arriving_within_the_delay_joins_the_batch(executor: ThreadPoolExecutor) -> None:
+    """An item submitted while the oldest one waits shares its batch."""
+    recorder = Recorder()
+    batcher = _batcher(recorder, executor, delay=0.2)
+    first = asyncio.ensure_future(batcher.submit(1))
+    await asyncio.sleep(0.02)
+    second = await batcher.submit(2)
+    assert (await first).batch_size == second.batch_size == 2
+    assert recorder.batches == [[1, 2]]
+    await batcher.close()
+
+
+async def test_requests_queued_behind_a_busy_instance_form_the_next_batch(
+    executor: ThreadPoolExecutor,
+) -> None:
+    """While the only instance computes, arriving items pile up and go together next."""
+    recorder = Recorder()
+    recorder.gate.clear()
+    batcher = _batcher(recorder, executor, size=8, delay=0.0)
+    first = asyncio.ensure_future(batcher.submit(0))
+    await asyncio.sleep(0.05)
+    rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 6)]
+    await asyncio.sleep(0.05)
+    recorder.gate.set()
+    await asyncio.gather(first, *rest)
+    assert recorder.batches == [[0], [1, 2, 3, 4, 5]]
+    await batcher.close()
+
+
+async def test_deadline_passing_while_queued_drops_the_request(executor: ThreadPoolExecutor) -> None:
+    """An item whose deadline passes while it waits gets DEADLINE_EXCEEDED and is never computed."""
+    recorder = Recorder()
+    recorder.gate.clear()
+    batcher = _batcher(recorder, executor, delay=0.0)
+    busy = asyncio.ensure_future(batcher.submit(1))
+    await asyncio.sleep(0.05)
+    with pytest.raises(DeadlineExceeded):
+        await batcher.submit(2, deadline=time.monotonic() + 0.05)
+    recorder.gate.set()
+    await busy
+    assert await batcher.submit(3) is not None
+    assert recorder.batches == [[1], [3]]
+    with pytest.raises(DeadlineExceeded):
+        await batcher.submit(4, deadline=time.monotonic() - 1)
+    await batcher.close()
+
+
+async def test_cancelled_request_is_dropped_before_compute(executor: ThreadPoolExecutor) -> None:
+    """A caller that goes away while queued does not cost a computation."""
+    recorder = Recorder()
+    recorder.gate.clear()
+    batcher = _batcher(recorder, executor, delay=0.0)
+    busy = asyncio.ensure_future(batcher.submit(1))
+    await asyncio.sleep(0.05)
+    doomed = asyncio.ensure_future(batcher.submit(2))
+    await asyncio.sleep(0.02)
+    doomed.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    recorder.gate.set()
+    await busy
+    await batcher.submit(3)
+    assert recorder.batches == [[1], [3]]
+    await batcher.close()
+
+
+async def test_a_failing_item_does_not_fail_its_batch(executor: ThreadPoolExecutor) -> None:
+    """When a batch fails, its items are retried alone: only the bad one fails."""
+    recorder = Recorder()
+    batcher = _batcher(recorder, executor)
+    results = await asyncio.gather(*(batcher.submit(i) for i in (1, -1, 3)), return_exceptions=True)
+    assert results[0].output == 2  # type: ignore[union-attr]
+    assert isinstance(results[1], ValueError)
+    assert results[2].output == 6  # type: ignore[union-attr]
+    assert recorder.batches[0] == [1, -1, 3]
+    await batcher.close()
+
+
+async def test_full_queue_is_resource_exhausted_and_close_fails_the_rest(
+    executor: ThreadPoolExecutor,
+) -> None:
+    """Past max_queue_size a submit is refused at once; closing fails queued items with UNAVAILABLE."""
+    recorder = Recorder()
+    recorder.gate.clear()
+    batcher = _batcher(recorder, executor, size=1, delay=0.0, queue=2)
+    busy = asyncio.ensure_future(batcher.submit(0))
+    await asyncio.sleep(0.05)
+    # The oldest item waits for the instance outside the queue; two more fill it.
+    queued = [asyncio.ensure_future(batcher.submit(1))]
+    await asyncio.sleep(0.02)
+    queued += [asyncio.ensure_future(batcher.submit(i)) for i in (2, 3)]
+    await asyncio.sleep(0.01)
+    with pytest.raises(ResourceExhausted):
+        await batcher.submit(4)
+    recorder.gate.set()
+    await busy
+    closing = asyncio.ensure_future(batcher.close())
+    outcomes = await asyncio.gather(*queued, return_exceptions=True)
+    await closing
+    assert all(isinstance(o, Unavailable) or o.output in (2, 4, 6) for o in outcomes)  # type: ignore[union-attr]
+    with pytest.raises(Unavailable):
+        await batcher.submit(5)
+
+
+async def test_scheduler_batches_only_equal_keys_together() -> None:
+    """Requests with different keys (operation, parameters) never share a batch."""
+    seen: list[tuple[str, list[int]]] = []
+
+    def run(key: str, items: Sequence[int]) -> list[int]:
+        seen.append((key, list(items)))
+        return list(items)
+
+    scheduler: ModelScheduler[str, int, int] = ModelScheduler(
+        run, max_batch_size=8, max_queue_delay_seconds=0.02, max_queue_size=10, instance_count=1
+    )
+    await asyncio.gather(*(scheduler.submit("a" if i % 2 else "b", i) for i in range(6)))
+    assert sorted(seen) == [("a", [1, 3, 5]), ("b", [0, 2, 4])]
+    await scheduler.close()

@@ -1,0 +1,118 @@
+"""Decoding model inputs: accepted formats, the pixel limit, orientation, raw pixels and clear errors."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mesh.common.v1 import image_pb2
+from mesh.kit.errors import InvalidArgument, InvalidData, PayloadTooLarge, UnsupportedMediaType, http_status
+from mesh.services.inference.images import ImageDecoder
+
+DECODER = ImageDecoder(max_pixels=200 * 200)
+
+
+def _encode(image: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def _gradient(mode: str = "RGB", size: tuple[int, int] = (40, 30)) -> Image.Image:
+    array = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+    array[..., 0] = np.arange(size[0], dtype=np.uint8)[None, :] * 5
+    return Image.fromarray(array, "RGB").convert(mode)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mode", "shape"),
+    [
+        ("PNG", "RGB", (30, 40, 3)),
+        ("PNG", "RGBA", (30, 40, 4)),
+        ("PNG", "L", (30, 40)),
+        ("PNG", "P", (30, 40, 3)),
+        ("JPEG", "RGB", (30, 40, 3)),
+        ("WEBP", "RGB", (30, 40, 3)),
+    ],
+)
+def test_accepted_formats_decode_to_the_readers_shapes(fmt: str, mode: str, shape: tuple[int, ...]) -> None:
+    """PNG, JPEG and WebP decode to 8-bit grey, RGB or RGBA arrays."""
+    pixels = DECODER.decode_encoded(_encode(_gradient(mode), fmt))
+    assert pixels.dtype == np.uint8
+    assert pixels.shape == shape
+
+
+def test_pixels_survive_a_lossless_round_trip() -> None:
+    """PNG pixels come back exactly, in RGB order."""
+    image = _gradient()
+    assert np.array_equal(DECODER.decode_encoded(_encode(image, "PNG")), np.asarray(image))
+
+
+def test_sixteen_bit_grey_keeps_its_top_byte() -> None:
+    """A 16-bit PNG becomes 8-bit by its most significant byte."""
+    array = np.full((10, 10), 0xABCD, dtype=np.uint16)
+    pixels = DECODER.decode_encoded(_encode(Image.fromarray(array), "PNG"))
+    assert pixels.dtype == np.uint8
+    assert int(pixels[0, 0]) == 0xAB
+
+
+def test_exif_orientation_is_applied() -> None:
+    """A JPEG stored sideways with an EXIF rotation comes out upright."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    data = _encode(_gradient(size=(40, 30)), "JPEG", exif=exif)
+    assert DECODER.decode_encoded(data).shape == (40, 30, 3)
+
+
+def test_other_formats_are_unsupported_media_type() -> None:
+    """A GIF (or anything else) is refused with 415, as is a format that contradicts the bytes."""
+    with pytest.raises(UnsupportedMediaType) as info:
+        DECODER.decode_encoded(_encode(_gradient(), "GIF"))
+    assert http_status(info.value) == 415
+    with pytest.raises(UnsupportedMediaType):
+        DECODER.decode_encoded(_encode(_gradient(), "PNG"), image_pb2.IMAGE_FORMAT_JPEG)
+
+
+def test_truncated_and_empty_images_are_invalid() -> None:
+    """Bytes cut short are InvalidData; no bytes at all are InvalidArgument."""
+    data = _encode(_gradient(size=(120, 120)), "PNG")
+    with pytest.raises(InvalidData):
+        DECODER.decode_encoded(data[: len(data) // 2])
+    with pytest.raises(InvalidArgument, match="empty"):
+        DECODER.decode_encoded(b"")
+
+
+def test_images_above_the_pixel_limit_are_refused() -> None:
+    """An image above max_pixels is refused (413) before its pixels are decoded."""
+    data = _encode(Image.new("L", (300, 300)), "PNG")
+    with pytest.raises(PayloadTooLarge) as info:
+        DECODER.decode_encoded(data)
+    assert http_status(info.value) == 413
+    raw = image_pb2.RawImage(pixels=bytes(300 * 300), width=300, height=300, channels=1)
+    with pytest.raises(PayloadTooLarge):
+        DECODER.decode_raw(raw)
+
+
+def test_raw_pixels() -> None:
+    """Raw grey, RGB, RGBA and 16-bit pixels take the reader's shapes; a wrong size names the field."""
+    rgb = np.arange(4 * 3 * 3, dtype=np.uint8).reshape(4, 3, 3)
+    raw = image_pb2.RawImage(pixels=rgb.tobytes(), width=3, height=4, channels=3)
+    decoded = DECODER.decode_raw(raw)
+    assert np.array_equal(decoded, rgb)
+    assert decoded.flags.writeable
+    grey = image_pb2.RawImage(pixels=bytes(12), width=3, height=4, channels=1)
+    assert DECODER.decode_raw(grey).shape == (4, 3)
+    wide = np.full((2, 2), 0x1234, dtype="<u2")
+    sixteen = image_pb2.RawImage(
+        pixels=wide.tobytes(), width=2, height=2, channels=1, pixel_type=image_pb2.PIXEL_TYPE_UINT16
+    )
+    assert int(DECODER.decode_raw(sixteen)[0, 0]) == 0x12
+    with pytest.raises(InvalidArgument) as info:
+        DECODER.decode_raw(image_pb2.RawImage(pixels=bytes(5), width=3, height=4, channels=1))
+    assert info.value.field_violations[0].field == "input.raw.pixels"
+    with pytest.raises(InvalidArgument) as info:
+        DECODER.decode_raw(image_pb2.RawImage(pixels=bytes(24), width=3, height=4, channels=2))
+    assert info.value.field_violations[0].field == "input.raw.channels"

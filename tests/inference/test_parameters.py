@@ -1,0 +1,55 @@
+"""Request parameters: validated against the model's declaration and merged with its defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from mesh.common.v1 import params_pb2
+from mesh.kit.errors import FieldViolation, InvalidArgument
+from mesh.services.inference.parameters import ParameterSpec, resolve_parameters
+
+SPECS = {
+    "threshold": ParameterSpec(type="number", default=0.5, minimum=0, maximum=1),
+    "mode": ParameterSpec(type="string", default="fast", options=("fast", "exact")),
+    "steps": ParameterSpec(type="int", default=3),
+    "debug": ParameterSpec(type="bool", default=False),
+}
+
+
+def test_defaults_fill_what_the_request_leaves_out() -> None:
+    """Unset parameters take their defaults; the result is sorted and hashable."""
+    resolved = resolve_parameters(SPECS, {"steps": params_pb2.ParamValue(int_value=7)})
+    assert resolved == (("debug", False), ("mode", "fast"), ("steps", 7), ("threshold", 0.5))
+    assert hash(resolved)
+
+
+def test_an_integer_is_accepted_for_a_number() -> None:
+    """JSON clients may send 1 for 1.0."""
+    resolved = dict(resolve_parameters(SPECS, {"threshold": params_pb2.ParamValue(int_value=1)}))
+    assert resolved["threshold"] == 1.0
+
+
+def test_every_bad_parameter_is_named() -> None:
+    """Unknown names, wrong types, out-of-range values and unknown options each get a field violation."""
+    given = {
+        "colour": params_pb2.ParamValue(string_value="red"),
+        "threshold": params_pb2.ParamValue(number_value=2.0),
+        "mode": params_pb2.ParamValue(string_value="slow"),
+        "steps": params_pb2.ParamValue(number_value=1.5),
+        "debug": params_pb2.ParamValue(),
+    }
+    with pytest.raises(InvalidArgument) as info:
+        resolve_parameters(SPECS, given)
+    violations = {v.field: v.description for v in info.value.field_violations}
+    assert violations["parameters[colour]"].startswith("unknown parameter; this model takes: debug, mode")
+    assert violations["parameters[threshold]"] == "must be <= 1"
+    assert violations["parameters[mode]"] == "must be one of fast, exact"
+    assert violations["parameters[steps]"] == "must be an int"
+    assert violations["parameters[debug]"] == "no value set"
+    assert FieldViolation("parameters[threshold]", "must be <= 1") in info.value.field_violations
+
+
+def test_a_bad_default_is_refused_at_declaration() -> None:
+    """A declaration whose default breaks its own rules does not validate."""
+    with pytest.raises(ValueError, match="must be >= 1"):
+        ParameterSpec(type="int", default=0, minimum=1)

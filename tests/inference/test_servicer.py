@@ -1,0 +1,320 @@
+"""InferenceService over real gRPC (ServiceRuntime on port 0) with the fake model."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from mesh.common.v1 import image_pb2, params_pb2
+from mesh.inference.v1 import inference_service_pb2 as pb
+from mesh.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from mesh.kit import errors
+from mesh.kit.runtime import ServiceRuntime
+from mesh.services.inference.checks import models_check
+from mesh.services.inference.images import ImageDecoder
+from mesh.services.inference.predictor import Predictor
+from mesh.services.inference.repository import ModelRepository
+from mesh.services.inference.servicer import InferenceServicer
+from mesh.services.inference.settings import SERVICE_NAME, InferenceSettings
+from tests.inference.fakes import POISON, FakeFactory, FakeModel, MemoryFetcher, write_model
+
+
+@dataclass
+class Served:
+    """A running inference server and a stub on it."""
+
+    stub: pb_grpc.InferenceServiceAsyncStub
+    channel: grpc.aio.Channel
+    runtime: ServiceRuntime
+    repository: ModelRepository
+
+
+def raw(value: int, *, width: int = 8, height: int = 6) -> image_pb2.ImageInput:
+    """A uniform RGB image sent as raw pixels."""
+    pixels = bytes([value]) * (width * height * 3)
+    return image_pb2.ImageInput(raw=image_pb2.RawImage(pixels=pixels, width=width, height=height, channels=3))
+
+
+def png(value: int) -> bytes:
+    """A uniform grey PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((6, 8), value, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def start(
+    root: Path, factory: FakeFactory
+) -> tuple[ServiceRuntime, asyncio.Task[None], ModelRepository]:
+    repository = ModelRepository(root, factories={"fake": factory})
+    await repository.load()
+    predictor = Predictor(repository, ImageDecoder(max_pixels=1_000_000), MemoryFetcher({"img-1": png(200)}))
+    settings = InferenceSettings(grpc_port=0, http_port=0, grace_seconds=1, health_interval_seconds=0.05)
+    runtime = ServiceRuntime(
+        "inference", settings, service_names=[SERVICE_NAME], checks=[models_check(repository)]
+    )
+    pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(predictor), runtime.server)
+    task = asyncio.create_task(runtime.run())
+    await asyncio.wait_for(runtime.started.wait(), 10)
+    return runtime, task, repository
+
+
+@pytest.fixture(scope="module")
+async def served(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Served]:
+    root = tmp_path_factory.mktemp("models")
+    write_model(root, version=1)
+    write_model(root, version=2)
+    write_model(root, name="counted", max_queue_delay_ms=0)
+    write_model(root, name="broken", options={"fail_warm_up": True})
+    factory = FakeFactory()
+    runtime, task, repository = await start(root, factory)
+    channel = grpc.aio.insecure_channel(f"localhost:{runtime.grpc_port}")
+    yield Served(pb_grpc.InferenceServiceStub(channel), channel, runtime, repository)
+    await channel.close(None)
+    runtime.stopping.set()
+    await asyncio.wait_for(task, 10)
+    await repository.close()
+
+
+async def _error(call: object) -> errors.MeshError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call  # type: ignore[misc]
+    return errors.from_rpc_error(info.value)
+
+
+async def test_list_models_shows_versions_and_readiness(served: Served) -> None:
+    """Every model with its versions, default version, readiness and each version's state."""
+    response = await served.stub.ListModels(pb.ListModelsRequest())
+    models = {m.name: m for m in response.models}
+    assert sorted(models) == ["broken", "counted", "fake"]
+    assert list(models["fake"].versions) == ["1", "2"]
+    assert models["fake"].default_version == "2"
+    assert models["fake"].ready
+    assert models["fake"].description == "a fake model for tests"
+    broken = models["broken"]
+    assert not broken.ready
+    assert broken.version_status[0].state == "UNAVAILABLE"
+    assert "weights are corrupt" in broken.version_status[0].reason
+
+
+async def test_metadata_describes_a_version(served: Served) -> None:
+    """Inputs, outputs, parameter defaults, batch limits and device of a version."""
+    meta = await served.stub.GetModelMetadata(pb.GetModelMetadataRequest(name="fake", version="1"))
+    assert meta.version == "1"
+    assert list(meta.versions) == ["1", "2"]
+    assert [t.name for t in meta.inputs] == ["image"]
+    assert list(meta.inputs[0].shape) == [-1, -1, -1]
+    assert meta.outputs[0].datatype == "StripReading"
+    assert meta.parameters["threshold"].number_value == 128.0
+    assert meta.max_batch_size == 4
+    assert meta.max_queue_delay_seconds == pytest.approx(0.02)
+    assert meta.device == image_pb2.DEVICE_CPU
+    assert meta.platform == "python"
+    assert meta.status.ready
+
+
+async def test_unknown_model_and_version_are_not_found(served: Served) -> None:
+    """NOT_FOUND lists what exists, for metadata, readiness and prediction alike."""
+    error = await _error(served.stub.GetModelMetadata(pb.GetModelMetadataRequest(name="nope")))
+    assert isinstance(error, errors.NotFound)
+    assert "models: broken, counted, fake" in error.message
+    error = await _error(served.stub.ModelReady(pb.ModelReadyRequest(name="fake", version="9")))
+    assert isinstance(error, errors.NotFound)
+    assert "versions: 1, 2" in error.message
+    error = await _error(served.stub.Predict(pb.PredictRequest(model_name="nope", input=raw(1))))
+    assert isinstance(error, errors.NotFound)
+    assert errors.http_status(error) == 404
+
+
+async def test_model_ready_per_version(served: Served) -> None:
+    """A loaded version is ready; one that failed to load is not, and says why."""
+    ready = await served.stub.ModelReady(pb.ModelReadyRequest(name="fake"))
+    assert ready.ready
+    assert ready.version == "2"
+    broken = await served.stub.ModelReady(pb.ModelReadyRequest(name="broken"))
+    assert not broken.ready
+    assert "weights are corrupt" in broken.reason
+
+
+async def test_predict_inputs_and_request_ids(served: Served) -> None:
+    """Raw, encoded and stored inputs give the model's reading; request ids are echoed or generated."""
+    bright = await served.stub.Predict(
+        pb.PredictRequest(model_name="fake", model_version="1", input=raw(200), request_id="r-1")
+    )
+    assert bright.request_id == "r-1"
+    assert bright.model_name == "fake"
+    assert bright.model_version == "1"
+    assert bright.device == image_pb2.DEVICE_CPU
+    assert bright.strip_reading.verdict == pb.VERDICT_POSITIVE
+    assert bright.compute_seconds > 0
+    dark = await served.stub.Predict(pb.PredictRequest(model_name="fake", input=raw(20)))
+    assert dark.strip_reading.verdict == pb.VERDICT_NEGATIVE
+    assert dark.model_version == "2"
+    assert len(dark.request_id) == 32
+    encoded = image_pb2.ImageInput(encoded=image_pb2.EncodedImage(data=png(200)))
+    from_png = await served.stub.Predict(pb.PredictRequest(model_name="fake", input=encoded))
+    assert from_png.strip_reading.verdict == pb.VERDICT_POSITIVE
+    stored = await served.stub.Predict(
+        pb.PredictRequest(model_name="fake", input=image_pb2.ImageInput(image_id="img-1"))
+    )
+    assert stored.strip_reading.verdict == pb.VERDICT_POSITIVE
+
+
+async def test_parameters_and_precheck(served: Served) -> None:
+    """A request's parameters reach the model; precheck_only runs the pre-check."""
+    strict = pb.PredictRequest(
+        model_name="fake", input=raw(200), parameters={"threshold": params_pb2.ParamValue(number_value=250)}
+    )
+    assert (await served.stub.Predict(strict)).strip_reading.verdict == pb.VERDICT_NEGATIVE
+    precheck = await served.stub.Predict(
+        pb.PredictRequest(model_name="fake", input=raw(200), precheck_only=True)
+    )
+    assert precheck.strip_reading.precheck_only
+    assert list(precheck.strip_reading.quality_flags) == [pb.QUALITY_FLAG_BLUR]
+
+
+async def test_bad_requests_map_to_precise_statuses(served: Served) -> None:
+    """Missing input, bad parameter, unsupported bytes, unknown image and an unready model each map clearly."""
+    cases: list[tuple[pb.PredictRequest, type[errors.MeshError], str]] = [
+        (pb.PredictRequest(model_name="fake"), errors.InvalidArgument, "input"),
+        (pb.PredictRequest(input=raw(1)), errors.InvalidArgument, "model_name"),
+        (
+            pb.PredictRequest(
+                model_name="fake", input=raw(1), parameters={"size": params_pb2.ParamValue(int_value=1)}
+            ),
+            errors.InvalidArgument,
+            "parameters[size]",
+        ),
+        (
+            pb.PredictRequest(
+                model_name="fake",
+                input=image_pb2.ImageInput(encoded=image_pb2.EncodedImage(data=b"GIF89a....")),
+            ),
+            errors.InvalidArgument,
+            "input.encoded",
+        ),
+        (
+            pb.PredictRequest(model_name="fake", input=image_pb2.ImageInput(image_id="missing")),
+            errors.NotFound,
+            "",
+        ),
+        (pb.PredictRequest(model_name="broken", input=raw(1)), errors.Unavailable, ""),
+    ]
+    for request, kind, field in cases:
+        error = await _error(served.stub.Predict(request))
+        assert isinstance(error, kind), (request, error)
+        if request.input.HasField("encoded"):
+            assert errors.http_status(error) == 415
+        if field:
+            assert field in [v.field for v in error.field_violations]
+
+
+async def test_concurrent_predictions_share_batches(served: Served) -> None:
+    """Concurrent requests to one version are computed in batches larger than one."""
+    model = served.repository.get("fake", "1").model
+    assert isinstance(model, FakeModel)
+    before = len(model.batches)
+    await asyncio.gather(
+        *(
+            served.stub.Predict(pb.PredictRequest(model_name="fake", model_version="1", input=raw(i)))
+            for i in range(8)
+        )
+    )
+    sizes = [size for _, size in model.batches[before:]]
+    assert sum(sizes) == 8
+    assert max(sizes) > 1
+
+
+async def test_stream_answers_each_request_and_survives_a_bad_one(served: Served) -> None:
+    """A bad request in the middle gets its error in its own response; the others, before and after, succeed."""
+    requests = [
+        pb.PredictRequest(model_name="fake", input=raw(200), request_id="a"),
+        pb.PredictRequest(model_name="fake", input=raw(20), request_id="b"),
+        pb.PredictRequest(model_name="nope", input=raw(20), request_id="c"),
+        pb.PredictRequest(model_name="fake", input=raw(200), request_id="d"),
+        pb.PredictRequest(model_name="fake", input=raw(20)),
+    ]
+
+    async def produce() -> AsyncIterator[pb.StreamInferenceRequest]:
+        for request in requests:
+            yield pb.StreamInferenceRequest(request=request)
+
+    responses = [r async for r in served.stub.StreamInference(produce())]
+    assert [r.request_id for r in responses[:4]] == ["a", "b", "c", "d"]
+    assert len(responses[4].request_id) == 32
+    assert responses[0].response.strip_reading.verdict == pb.VERDICT_POSITIVE
+    assert responses[1].response.strip_reading.verdict == pb.VERDICT_NEGATIVE
+    assert not responses[2].HasField("response")
+    error = errors.from_status(responses[2].error)
+    assert isinstance(error, errors.NotFound)
+    assert "models:" in error.message
+    assert responses[3].response.strip_reading.verdict == pb.VERDICT_POSITIVE
+    assert responses[4].response.request_id == responses[4].request_id
+
+
+async def test_statistics_count_requests_outcomes_and_batches(served: Served) -> None:
+    """Requests, successes, failures by reason, queue and compute time and batch sizes are counted."""
+    stub = served.stub
+    for value in (50, 150, 250):
+        await stub.Predict(pb.PredictRequest(model_name="counted", input=raw(value)))
+    bad = pb.PredictRequest(
+        model_name="counted", input=raw(1), parameters={"threshold": params_pb2.ParamValue(number_value=-1)}
+    )
+    await _error(stub.Predict(bad))
+    await _error(stub.Predict(pb.PredictRequest(model_name="counted", input=raw(POISON))))
+    response = await stub.GetModelStatistics(pb.GetModelStatisticsRequest(name="counted"))
+    [stats] = response.statistics
+    assert (stats.name, stats.version) == ("counted", "1")
+    assert stats.request_count == 5
+    assert stats.success_count == 3
+    assert dict(stats.failures_by_reason) == {"INVALID_ARGUMENT": 1, "INTERNAL": 1}
+    assert dict(stats.batch_size_counts) == {1: 4}
+    assert stats.compute_seconds_total > 0
+    assert stats.queue_seconds_total >= 0
+    everything = await stub.GetModelStatistics(pb.GetModelStatisticsRequest())
+    assert {(s.name, s.version) for s in everything.statistics} >= {
+        ("fake", "1"),
+        ("fake", "2"),
+        ("broken", "1"),
+    }
+    assert isinstance(
+        await _error(stub.GetModelStatistics(pb.GetModelStatisticsRequest(name="x"))), errors.NotFound
+    )
+
+
+async def test_health_is_serving_and_metrics_export_batches(served: Served) -> None:
+    """Health is SERVING with a ready model; /metrics carries batch size and latency histograms."""
+    health = health_pb2_grpc.HealthStub(served.channel)
+    status = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
+    import httpx
+
+    async with httpx.AsyncClient(base_url=f"http://localhost:{served.runtime.http_port}") as client:
+        metrics = (await client.get("/metrics/")).text
+    assert 'mesh_inference_batch_size_count{model="fake",version="1"}' in metrics
+    assert "mesh_inference_request_seconds_bucket" in metrics
+    assert 'mesh_inference_model_ready{model="broken",version="1"} 0.0' in metrics
+
+
+async def test_health_is_not_serving_without_a_ready_model(tmp_path: Path) -> None:
+    """A server whose every model failed to load reports NOT_SERVING (and why, on /healthz)."""
+    write_model(tmp_path, name="broken", options={"fail_warm_up": True})
+    runtime, task, repository = await start(tmp_path, FakeFactory())
+    try:
+        async with grpc.aio.insecure_channel(f"localhost:{runtime.grpc_port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            status = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+        assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert "no model is ready" in runtime.monitor.results[0].detail
+    finally:
+        runtime.stopping.set()
+        await asyncio.wait_for(task, 10)
+        await repository.close()
