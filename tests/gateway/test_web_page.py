@@ -1,0 +1,124 @@
+"""The web page in real headless Chromium (Debian's, driven by Playwright) against the fake services.
+
+Skips locally when /usr/bin/chromium is missing; under CI=true that is a failure (``apt-get install chromium``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from tests.conftest import require
+from tests.gateway.fakes import strip_png
+from tests.gateway.harness import FakeMesh, build_gateway, close_gateway, serve_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TIMEOUT_MS = 10_000
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    """Debian's headless Chromium."""
+    require(CHROMIUM.exists(), f"Chromium at {CHROMIUM}")
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield launched
+        await launched.close()
+
+
+@pytest.fixture
+async def page(browser: Browser, mesh: FakeMesh) -> AsyncIterator[Page]:
+    """The page served by a gateway over real HTTP, with browser errors collected."""
+    mesh.fakes.queue.hold = False
+    mesh.fakes.queue.fail_next = False
+    app, ctx = build_gateway(mesh.gateway_settings())
+    errors: list[str] = []
+    async with serve_app(app) as url:
+        opened = await browser.new_page()
+        opened.set_default_timeout(TIMEOUT_MS)
+        opened.on("pageerror", lambda error: errors.append(str(error)))
+        await opened.goto(url + "/")
+        yield opened
+        await opened.close()
+    await close_gateway(ctx)
+    assert not errors, errors
+
+
+async def _upload(page: Page) -> None:
+    await page.set_input_files(
+        "#file-input", files=[{"name": "strip.png", "mimeType": "image/png", "buffer": strip_png()}]
+    )
+    await expect(page.locator("#upload-status")).to_have_text(re.compile("^Uploaded"))
+    await expect(page.locator("#upload-progress")).to_have_attribute("value", "100")
+
+
+async def _submit(page: Page) -> str:
+    """Submit the form; returns the new job's row selector."""
+    await page.click("#submit-job")
+    status = page.locator("#submit-status")
+    await expect(status).to_have_text(re.compile(r"^Submitted job [0-9a-f]{8}\."))
+    short = (await status.inner_text()).removeprefix("Submitted job ").removesuffix(".")
+    return f'#queue tr[data-job^="{short}"]'
+
+
+async def test_upload_submit_and_verdict_on_screen(page: Page) -> None:
+    """Upload -> choose a filter and the strip reader -> submit -> the live queue ends SUCCEEDED and the
+    verdict shows with both lines drawn on the photo."""
+    await expect(page.locator("#filter-grayscale")).to_be_visible()
+    await expect(page.locator("#param-gaussian_blur-sigma")).to_have_value("1")
+    await expect(page.locator("#model-select")).to_have_value("strip-reader")
+    await _upload(page)
+    await page.check("#filter-grayscale")
+    row = await _submit(page)
+    await expect(page.locator(row)).to_have_attribute("data-state", "SUCCEEDED")
+    await expect(page.locator("#verdict")).to_have_text("Verdict: POSITIVE")
+    await expect(page.locator("#strip-canvas")).to_have_attribute("data-lines", "2")
+    await expect(page.locator("#reading")).to_contain_text("T/C ratio")
+
+
+async def test_cancel_a_queued_job(page: Page, mesh: FakeMesh) -> None:
+    """A job held in the queue shows QUEUED with its position, and its Cancel button cancels it."""
+    mesh.fakes.queue.hold = True
+    try:
+        await _upload(page)
+        row = await _submit(page)
+        await expect(page.locator(row)).to_have_attribute("data-state", "QUEUED")
+        await expect(page.locator(f"{row} .position")).not_to_have_text("–")
+        await page.click(f'{row} button[data-action="cancel"]')
+        await expect(page.locator(row)).to_have_attribute("data-state", "CANCELLED")
+    finally:
+        mesh.fakes.queue.release()
+
+
+async def test_retry_a_failed_job(page: Page, mesh: FakeMesh) -> None:
+    """A failed job shows its error category and a Retry button, which runs it again to SUCCEEDED."""
+    mesh.fakes.queue.fail_next = True
+    await _upload(page)
+    row = await _submit(page)
+    await expect(page.locator(row)).to_have_attribute("data-state", "FAILED")
+    await expect(page.locator(row)).to_contain_text("DATA")
+    await page.click(f'{row} button[data-action="retry"]')
+    await expect(page.locator(row)).to_have_attribute("data-state", "SUCCEEDED")
+    await expect(page.locator(row)).to_contain_text("2/3")
+
+
+async def test_health_panel(page: Page) -> None:
+    """The health panel lists every service and its dependencies from /v1/health, with the overall status."""
+    await expect(page.locator("#health-status")).to_have_text("ok")
+    for name in ("file service", "image service", "inference service", "queue service", "gpu"):
+        await expect(page.locator(f'#health tr[data-component="{name}"]').first).to_be_visible()
+    await expect(page.locator('#health tr[data-component="file service"] .status-ok')).to_have_text("ok")
+    await expect(page.locator("#queue-depth")).to_contain_text("Jobs by state")
