@@ -59,7 +59,7 @@ async def served() -> AsyncIterator[Served]:
         f"localhost:{runtime.grpc_port}", settings, service=SERVICE_NAME, streaming_methods=["StreamProcess"]
     )
     yield Served(pb_grpc.ImageProcessingServiceStub(channel), store, runtime, channel)
-    await channel.close()
+    await channel.close(None)
     runtime.stopping.set()
     await asyncio.wait_for(task, 10)
     processor.close()

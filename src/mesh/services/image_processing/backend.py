@@ -25,6 +25,10 @@ class Session(Protocol):
         """Run one step; returns its time in seconds (device time on the GPU)."""
         ...
 
+    def run(self, steps: Sequence[Step]) -> list[float]:
+        """Run several steps (a backend may fuse neighbours); returns each step's time in seconds."""
+        ...
+
     def result(self) -> Image:
         """The current image, on the host."""
         ...
@@ -64,7 +68,7 @@ def run_pipeline(backend: Backend, image: Image, steps: Sequence[Step]) -> Pipel
     """Run every step on the backend; the image stays on the device until the end."""
     started = time.perf_counter()
     session = backend.start(image)
-    timings = tuple((step.filter, session.apply(step)) for step in steps)
+    timings = tuple(zip((step.filter for step in steps), session.run(steps), strict=True))
     result = session.result()
     return PipelineOutput(result, timings, time.perf_counter() - started)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import cv2
 import numpy as np
@@ -21,7 +21,7 @@ from mesh.services.image_processing.filter_math import Image, as_image
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
-class Format(str, Enum):
+class Format(StrEnum):
     """Output formats (mirrors ``mesh.common.v1.ImageFormat``)."""
 
     PNG = "png"

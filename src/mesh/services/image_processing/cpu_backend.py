@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import cv2
 
@@ -21,6 +22,9 @@ class CpuSession:
         started = time.perf_counter()
         self._image = cpu_filters.apply(self._image, step)
         return time.perf_counter() - started
+
+    def run(self, steps: Sequence[Step]) -> list[float]:
+        return [self.apply(step) for step in steps]
 
     def result(self) -> Image:
         return self._image

@@ -96,8 +96,9 @@ def equalize_lut(hist: npt.NDArray[np.integer], dtype: npt.DTypeLike) -> Image:
     total = int(hist.sum())
     if hist[first] == total:
         return np.full(top + 1, first, dtype=dtype)
-    scale = top / (total - int(hist[first]))
-    cumulative = np.cumsum(hist[first + 1 :], dtype=np.int64)
+    # float32 arithmetic, as OpenCV's equalizeHist does it, so that both agree to the last bit.
+    scale = np.float32(top) / np.float32(total - int(hist[first]))
+    cumulative = np.cumsum(hist[first + 1 :], dtype=np.int64).astype(np.float32)
     lut[first + 1 :] = cumulative * scale
     return np.clip(np.rint(lut), 0, top).astype(dtype)
 
@@ -148,3 +149,73 @@ def right_angle_turns(angle: float) -> int | None:
     if abs(quarters - round(quarters)) > 1e-9:
         return None
     return round(quarters) % 4
+
+
+def hsv_tables() -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:
+    """OpenCV's 8-bit RGB->HSV division tables (12-bit fixed point, full 0..255 hue range)."""
+    i = np.arange(256, dtype=np.float64)
+    sdiv = np.zeros(256, dtype=np.int32)
+    hdiv = np.zeros(256, dtype=np.int32)
+    sdiv[1:] = np.rint((255 << 12) / i[1:])
+    hdiv[1:] = np.rint((256 << 12) / (6.0 * i[1:]))
+    return sdiv, hdiv
+
+
+def two_tap_table(in_n: int, out_n: int, mode: str) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
+    """Per output index: two source indices and the weight of the second, as OpenCV's resize computes them.
+
+    ``mode`` is nearest, bilinear or area (area here is OpenCV's rule for enlarging).
+    """
+    inv = out_n / in_n
+    scale = 1.0 / inv
+    d = np.arange(out_n, dtype=np.float64)
+    if mode == "nearest":
+        first = np.minimum(np.floor(d * scale), in_n - 1).astype(np.int64)
+        return np.repeat(first, 2).astype(np.int32), np.zeros(out_n, dtype=np.float32)
+    if mode == "area":
+        start = np.floor(d * scale)
+        frac = (d + 1) - (start + 1) * inv
+        frac = np.where(frac <= 0, 0.0, frac - np.floor(frac))
+    else:
+        position = (d + 0.5) * scale - 0.5
+        start = np.floor(position)
+        frac = position - start
+    first = start.astype(np.int64)
+    frac = np.where(first < 0, 0.0, frac)
+    first = np.maximum(first, 0)
+    frac = np.where(first >= in_n - 1, 0.0, frac)
+    first = np.minimum(first, in_n - 1)
+    second = np.minimum(first + 1, in_n - 1)
+    return np.stack([first, second], axis=1).ravel().astype(np.int32), frac.astype(np.float32)
+
+
+def area_table(
+    in_n: int, out_n: int
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.float32]]:
+    """Overlap weights of area downscaling (OpenCV's computeResizeAreaTab) as CSR: starts, indices, weights."""
+    scale = in_n / out_n
+    starts = [0]
+    indices: list[int] = []
+    weights: list[float] = []
+    for dx in range(out_n):
+        fsx1 = dx * scale
+        fsx2 = fsx1 + scale
+        cell = min(scale, in_n - fsx1)
+        sx1 = math.ceil(fsx1)
+        sx2 = min(math.floor(fsx2), in_n - 1)
+        sx1 = min(sx1, sx2)
+        if sx1 - fsx1 > 1e-3:
+            indices.append(sx1 - 1)
+            weights.append((sx1 - fsx1) / cell)
+        for sx in range(sx1, sx2):
+            indices.append(sx)
+            weights.append(1.0 / cell)
+        if fsx2 - sx2 > 1e-3:
+            indices.append(sx2)
+            weights.append(min(min(fsx2 - sx2, 1.0), cell) / cell)
+        starts.append(len(indices))
+    return (
+        np.asarray(starts, dtype=np.int32),
+        np.asarray(indices, dtype=np.int32),
+        np.asarray(weights, dtype=np.float32),
+    )

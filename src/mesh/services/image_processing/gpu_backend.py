@@ -1,0 +1,572 @@
+"""The GPU backend on CuPy: RawKernels compiled at start-up, one stream, pinned staging, a bounded pool.
+
+Only this module imports CuPy, and only when the GPU backend is selected. A pipeline uploads the image once
+through a pinned host buffer, runs every step on the device (consecutive point-wise steps fused into one
+lookup-table kernel) and downloads once. Device out-of-memory becomes ``RESOURCE_EXHAUSTED``; any other CUDA
+error marks the backend faulted, which turns health NOT_SERVING.
+
+Filters whose catalogue entry says ``gpu=False`` (Canny, and CLAHE inside ``equalize``) run the CPU code
+on a host copy inside the same session; everything else runs in the kernels below or in CuPy/cupyx.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import cupy as cp
+import numpy as np
+from cupyx.scipy import ndimage as cnd
+
+from mesh.kit import errors
+from mesh.kit.logging import get_logger
+from mesh.services.image_processing import cpu_filters
+from mesh.services.image_processing import filter_math as fm
+from mesh.services.image_processing.filter_math import Image
+from mesh.services.image_processing.gpu_kernels import SOURCE
+from mesh.services.image_processing.registry import FILTERS, Device, Step, validate_pipeline
+
+log = get_logger(__name__)
+
+BORDER_CODES = {"reflect": 0, "clamp": 1, "wrap": 2, "constant": 3}
+GREY_METHOD = {"bt601": 0, "bt709": 0, "luminosity": 0, "average": 1, "lightness": 2}
+ROW_TILE, ROW_THREADS, ROW_LINES = 128, 128, 4
+COL_W, COL_H, COL_LINES = 32, 64, 8
+ELEMENT_THREADS = 256
+FUSABLE = {"invert", "adjust"}
+
+
+def gpu_available() -> tuple[bool, str]:
+    """Whether CuPy sees a CUDA device, and why not."""
+    try:
+        count = int(cp.cuda.runtime.getDeviceCount())
+    except Exception as error:
+        return False, f"no CUDA device: {error}"
+    if count < 1:
+        return False, "no CUDA device"
+    return True, f"{count} CUDA device(s)"
+
+
+class Kernels:
+    """The compiled kernels for one sample type."""
+
+    NAMES = (
+        "lut_apply",
+        "grayscale",
+        "conv_rows",
+        "conv_cols",
+        "gradient_out",
+        "unsharp",
+        "adaptive_compare",
+        "resample2",
+        "resample_area",
+        "warp_affine",
+        "rgb_to_hsv",
+        "hsv_to_rgb",
+    )
+
+    def __init__(self, dtype: np.dtype[Any]) -> None:
+        sample = "unsigned char" if dtype == np.uint8 else "unsigned short"
+        top = fm.max_value(dtype)
+        self.module = cp.RawModule(
+            code=SOURCE, options=("--std=c++14", f"-DSAMPLE={sample}", f"-DSAMPLE_MAX={top}")
+        )
+        # get_function compiles the module now (start-up), not on the first request.
+        self.functions: dict[str, Any] = {name: self.module.get_function(name) for name in self.NAMES}
+
+    def __getitem__(self, name: str) -> Any:
+        return self.functions[name]
+
+
+def _grid(n: int, threads: int = ELEMENT_THREADS) -> tuple[int]:
+    # Enough blocks to fill the device; grid-stride loops cover the rest.
+    return (max(1, min((n + threads - 1) // threads, 65535)),)
+
+
+class GpuBackend:
+    """Runs pipelines on one CUDA device."""
+
+    def __init__(self, *, memory_limit_bytes: int = 0) -> None:
+        self._device = cp.cuda.Device()
+        self._device.use()
+        self.pool = cp.get_default_memory_pool()
+        if memory_limit_bytes:
+            self.pool.set_limit(size=memory_limit_bytes)
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self.kernels = {
+            np.dtype(np.uint8): Kernels(np.dtype(np.uint8)),
+            np.dtype(np.uint16): Kernels(np.dtype(np.uint16)),
+        }
+        self.hsv_sdiv, self.hsv_hdiv = (cp.asarray(t) for t in fm.hsv_tables())
+        self._pinned: dict[str, tuple[Any, int]] = {}
+        self.faulted: str | None = None
+        props = cp.cuda.runtime.getDeviceProperties(self._device.id)
+        self.name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+
+    @property
+    def device(self) -> Device:
+        return Device.GPU
+
+    def check(self) -> str:
+        if self.faulted is not None:
+            raise RuntimeError(f"GPU faulted: {self.faulted}")
+        with self.guard():
+            free, total = cp.cuda.runtime.memGetInfo()
+        return f"{self.name}: {free} of {total} bytes free, pool {self.pool.used_bytes()} used"
+
+    @contextmanager
+    def guard(self) -> Iterator[None]:
+        """CUDA errors to mesh errors: out of memory is RESOURCE_EXHAUSTED, anything else a fault."""
+        if self.faulted is not None:
+            raise errors.Unavailable(f"the GPU is faulted: {self.faulted}")
+        try:
+            with self._device, self.stream:
+                yield
+        except cp.cuda.memory.OutOfMemoryError as error:
+            self.pool.free_all_blocks()
+            raise errors.ResourceExhausted(f"GPU out of memory: {error}", retry_after_seconds=1.0) from None
+        except (cp.cuda.runtime.CUDARuntimeError, cp.cuda.driver.CUDADriverError) as error:
+            self.faulted = str(error)
+            log.error("GPU fault; health goes NOT_SERVING", error=str(error))
+            raise errors.Unavailable(f"GPU fault: {error}") from None
+
+    def staging(self, key: str, nbytes: int) -> Any:
+        """A pinned host buffer of at least ``nbytes``, grown and reused (one per direction)."""
+        held = self._pinned.get(key)
+        if held is None or held[1] < nbytes:
+            size = max(nbytes, 1 << 20)
+            held = (cp.cuda.alloc_pinned_memory(size), size)
+            self._pinned[key] = held
+        return held[0]
+
+    def start(self, image: Image) -> GpuSession:
+        return GpuSession(self, image)
+
+    def warm_up(self) -> None:
+        """Run every GPU filter once on small images of both sample types (CuPy's own kernels compile too)."""
+        for dtype in (np.uint8, np.uint16):
+            for channels in (1, 3, 4):
+                image = np.zeros((24, 32, channels), dtype=dtype)
+                for name, definition in FILTERS.items():
+                    if not definition.gpu or (name == "convert_color" and channels == 1):
+                        continue
+                    for params in warm_up_params(name):
+                        steps = validate_pipeline([(name, params)])
+                        session = self.start(image)
+                        session.run(steps)
+                        session.result()
+        log.info("GPU kernels compiled and warmed up", device=self.name)
+
+
+def warm_up_params(name: str) -> list[dict[str, Any]]:
+    """Parameter sets that reach every code path of a filter during warm-up."""
+    variants: dict[str, list[dict[str, Any]]] = {
+        "resize": [{"scale": 0.5, "interpolation": m} for m in ("nearest", "bilinear", "area")]
+        + [{"scale": 2.0, "interpolation": "area"}],
+        "threshold": [{"method": m} for m in ("binary", "otsu", "adaptive")],
+        "sobel": [{"direction": "x"}, {"direction": "magnitude"}],
+        "rotate": [{"angle": 90.0}, {"angle": 30.0}],
+        "convert_color": [{"conversion": c} for c in ("rgb_to_hsv", "hsv_to_rgb", "rgb_to_bgr")],
+        "median": [{"ksize": 3}, {"ksize": 5}],
+    }
+    return variants.get(name, [{}])
+
+
+GpuFilter = Callable[["GpuSession", Any, Step], Any]
+
+
+class GpuSession:
+    """One image on the device while a pipeline runs."""
+
+    def __init__(self, backend: GpuBackend, image: Image) -> None:
+        self.backend = backend
+        self.dtype = np.dtype(image.dtype)
+        self.kernels = backend.kernels[self.dtype]
+        self.top = fm.max_value(self.dtype)
+        with backend.guard():
+            host = backend.staging("up", image.nbytes)
+            staged = np.frombuffer(host, dtype=self.dtype, count=image.size).reshape(image.shape)
+            np.copyto(staged, image)
+            self.image = cp.empty(image.shape, dtype=self.dtype)
+            self.image.set(staged, stream=backend.stream)
+
+    # --- pipeline -----------------------------------------------------------------------------------
+    def apply(self, step: Step) -> float:
+        return self.run([step])[0]
+
+    def run(self, steps: Sequence[Step]) -> list[float]:
+        """Run steps; consecutive point-wise steps share one fused kernel whose time they split."""
+        timings: list[float] = []
+        index = 0
+        while index < len(steps):
+            group = [steps[index]]
+            if steps[index].filter in FUSABLE:
+                while index + len(group) < len(steps) and steps[index + len(group)].filter in FUSABLE:
+                    group.append(steps[index + len(group)])
+            seconds = self._timed(functools.partial(self._run_group, group))
+            timings.extend([seconds / len(group)] * len(group))
+            index += len(group)
+        return timings
+
+    def _timed(self, work: Callable[[], None]) -> float:
+        with self.backend.guard():
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record(self.backend.stream)
+            work()
+            end.record(self.backend.stream)
+            end.synchronize()
+            return float(cp.cuda.get_elapsed_time(start, end)) / 1000.0
+
+    def _run_group(self, group: Sequence[Step]) -> None:
+        if len(group) == 1 and group[0].filter not in FUSABLE:
+            step = group[0]
+            definition = FILTERS[step.filter]
+            if definition.gpu and not (step.filter == "equalize" and step.as_str("method") == "clahe"):
+                self.image = GPU_FILTERS[step.filter](self, self.image, step)
+            else:
+                self.image = cp.asarray(
+                    cpu_filters.apply(cp.asnumpy(self.image, stream=self.backend.stream), step)
+                )
+            return
+        channels = self.image.shape[2]
+        table = np.tile(np.arange(self.top + 1, dtype=np.int64), (channels, 1))
+        for step in group:
+            lut = point_lut(step, self.dtype).astype(np.int64)
+            colour = min(channels, 3)
+            table[:colour] = lut[table[:colour]]
+        self.image = self.lut(self.image, table.astype(self.dtype))
+
+    def result(self) -> Image:
+        with self.backend.guard():
+            image = cp.ascontiguousarray(self.image)
+            host = self.backend.staging("down", image.nbytes)
+            staged = np.frombuffer(host, dtype=self.dtype, count=image.size).reshape(image.shape)
+            image.get(stream=self.backend.stream, out=staged)
+            self.backend.stream.synchronize()
+            return staged.copy()
+
+    # --- building blocks ------------------------------------------------------------------------------
+    def empty(self, shape: tuple[int, ...], dtype: Any = None) -> Any:
+        return cp.empty(shape, dtype=self.dtype if dtype is None else dtype)
+
+    def lut(self, image: Any, table: Image) -> Any:
+        """Apply a per-channel table (channels x (max + 1))."""
+        out = self.empty(image.shape)
+        n = image.size
+        self.kernels["lut_apply"](
+            _grid(n // 4 if self.dtype == np.uint8 else n),
+            (ELEMENT_THREADS,),
+            (image, out, cp.asarray(np.ascontiguousarray(table)), np.int64(n), np.int32(image.shape[2])),
+        )
+        return out
+
+    def grey(self, image: Any, method: str = "bt601") -> Any:
+        h, w, c = image.shape
+        if c == 1:
+            return image
+        out = self.empty((h, w, 1))
+        wr, wg, wb = fm.GRAY_WEIGHTS.get(method, (0, 0, 0))
+        self.kernels["grayscale"](
+            _grid(h * w),
+            (ELEMENT_THREADS,),
+            (
+                image,
+                out,
+                np.int64(h * w),
+                np.int32(c),
+                np.int32(wr),
+                np.int32(wg),
+                np.int32(wb),
+                np.int32(GREY_METHOD[method]),
+            ),
+        )
+        return out
+
+    def separable(
+        self, image: Any, kx: Any, ky: Any, border: str, *, scale: float = 1.0, raw: bool = False
+    ) -> Any:
+        """Row pass then column pass, both through shared-memory tiles; ``raw`` keeps float output."""
+        h, w, c = image.shape
+        rx, ry = (len(kx) - 1) // 2, (len(ky) - 1) // 2
+        code = np.int32(BORDER_CODES[border])
+        rows = cp.empty((h, w, c), dtype=cp.float32)
+        kx_dev = cp.asarray(np.asarray(kx, dtype=np.float32))
+        ky_dev = cp.asarray(np.asarray(ky, dtype=np.float32))
+        self.kernels["conv_rows"](
+            ((w + ROW_TILE - 1) // ROW_TILE, (h + ROW_LINES - 1) // ROW_LINES),
+            (ROW_THREADS, ROW_LINES),
+            (image, rows, np.int32(h), np.int32(w), np.int32(c), kx_dev, np.int32(rx), code),
+            shared_mem=ROW_LINES * (ROW_TILE + 2 * rx) * c * 4,
+        )
+        out = cp.empty((h, w, c), dtype=cp.float32 if raw else self.dtype)
+        self.kernels["conv_cols"](
+            ((w * c + COL_W - 1) // COL_W, (h + COL_H - 1) // COL_H),
+            (COL_W, COL_LINES),
+            (
+                rows,
+                out,
+                np.int32(h),
+                np.int32(w),
+                np.int32(c),
+                ky_dev,
+                np.int32(ry),
+                code,
+                np.float64(scale),
+                np.int32(raw),
+            ),
+            shared_mem=(COL_H + 2 * ry) * COL_W * 4,
+        )
+        return out
+
+    def gaussian(self, image: Any, sigma: float, ksize: int, border: str) -> Any:
+        kernel = fm.gaussian_kernel(fm.gaussian_ksize(sigma, ksize), sigma)
+        return self.separable(image, kernel, kernel, border)
+
+
+def point_lut(step: Step, dtype: np.dtype[Any]) -> Image:
+    """The lookup table of a fusable point-wise step."""
+    top = fm.max_value(dtype)
+    if step.filter == "invert":
+        return (top - np.arange(top + 1)).astype(dtype)
+    return fm.adjust_lut(
+        dtype, step.as_float("brightness"), step.as_float("contrast"), step.as_float("gamma")
+    )
+
+
+# --- filters ------------------------------------------------------------------------------------------
+def _grayscale(s: GpuSession, image: Any, step: Step) -> Any:
+    if image.shape[2] == 1:
+        return image.copy()
+    return s.grey(image, step.as_str("method"))
+
+
+def _gaussian_blur(s: GpuSession, image: Any, step: Step) -> Any:
+    return s.gaussian(image, step.as_float("sigma"), step.as_int("ksize"), step.as_str("border"))
+
+
+def _box_blur(s: GpuSession, image: Any, step: Step) -> Any:
+    k = step.as_int("ksize")
+    ones = np.ones(k, dtype=np.float32)
+    # Integer window sums, divided once in double: the same rounding as OpenCV's box filter.
+    return s.separable(image, ones, ones, step.as_str("border"), scale=1.0 / (k * k))
+
+
+def _median(s: GpuSession, image: Any, step: Step) -> Any:
+    k = step.as_int("ksize")
+    return cnd.median_filter(image, size=(k, k, 1), mode="nearest")
+
+
+def _unsharp_mask(s: GpuSession, image: Any, step: Step) -> Any:
+    blurred = s.gaussian(image, step.as_float("sigma"), 0, "reflect")
+    out = s.empty(image.shape)
+    n = image.size
+    s.kernels["unsharp"](
+        _grid(n),
+        (ELEMENT_THREADS,),
+        (
+            image,
+            blurred,
+            out,
+            np.int64(n),
+            np.float32(step.as_float("amount")),
+            np.int32(step.as_int("threshold")),
+        ),
+    )
+    return out
+
+
+def _sobel(s: GpuSession, image: Any, step: Step) -> Any:
+    import cv2
+
+    ksize = step.as_int("ksize")
+    direction = step.as_str("direction")
+    n = image.size
+
+    def derivative(dx: int, dy: int) -> Any:
+        kx, ky = cv2.getDerivKernels(dx, dy, ksize)
+        return s.separable(image, kx.ravel(), ky.ravel(), "reflect", raw=True)
+
+    out = s.empty(image.shape)
+    if direction == "magnitude":
+        gx, gy = derivative(1, 0), derivative(0, 1)
+        s.kernels["gradient_out"](_grid(n), (ELEMENT_THREADS,), (gx, gy, out, np.int64(n), np.int32(1)))
+    else:
+        g = derivative(1, 0) if direction == "x" else derivative(0, 1)
+        s.kernels["gradient_out"](_grid(n), (ELEMENT_THREADS,), (g, g, out, np.int64(n), np.int32(0)))
+    return out
+
+
+def _histogram(channel: Any, top: int) -> Any:
+    return cp.asnumpy(cp.bincount(channel.ravel(), minlength=top + 1))
+
+
+def _threshold(s: GpuSession, image: Any, step: Step) -> Any:
+    grey = s.grey(image)
+    method = step.as_str("method")
+    invert = step.as_bool("invert")
+    if method == "adaptive":
+        block = step.as_int("block_size")
+        ones = np.ones(block, dtype=np.float32)
+        mean = s.separable(grey, ones, ones, "clamp", scale=1.0 / (block * block))
+        out = s.empty(grey.shape)
+        n = grey.size
+        s.kernels["adaptive_compare"](
+            _grid(n),
+            (ELEMENT_THREADS,),
+            (grey, mean, out, np.int64(n), np.int32(step.as_int("c")), np.int32(invert)),
+        )
+        return out
+    otsu = method == "otsu"
+    level = float(fm.otsu_threshold(_histogram(grey, s.top))) if otsu else step.as_float("value")
+    values = np.arange(s.top + 1)
+    above = values > level
+    table = np.where(above != invert, s.top, 0).astype(s.dtype)[None, :]
+    return s.lut(grey, table)
+
+
+def _resize(s: GpuSession, image: Any, step: Step) -> Any:
+    h, w, c = image.shape
+    out_h, out_w = fm.resize_shape(h, w, step)
+    mode = step.as_str("interpolation")
+    out = s.empty((out_h, out_w, c))
+    n = out.size
+    if mode == "area" and out_h <= h and out_w <= w:
+        ys, yi, yw = (cp.asarray(t) for t in fm.area_table(h, out_h))
+        xs, xi, xw = (cp.asarray(t) for t in fm.area_table(w, out_w))
+        s.kernels["resample_area"](
+            _grid(n),
+            (ELEMENT_THREADS,),
+            (image, out, np.int32(w), np.int32(out_h), np.int32(out_w), np.int32(c), ys, yi, yw, xs, xi, xw),
+        )
+        return out
+    yi, yw = (cp.asarray(t) for t in fm.two_tap_table(h, out_h, mode))
+    xi, xw = (cp.asarray(t) for t in fm.two_tap_table(w, out_w, mode))
+    s.kernels["resample2"](
+        _grid(n),
+        (ELEMENT_THREADS,),
+        (image, out, np.int32(w), np.int32(out_h), np.int32(out_w), np.int32(c), yi, yw, xi, xw),
+    )
+    return out
+
+
+def _crop(s: GpuSession, image: Any, step: Step) -> Any:
+    top, bottom, left, right = cpu_filters.crop_bounds(image.shape[0], image.shape[1], step)
+    return cp.ascontiguousarray(image[top:bottom, left:right])
+
+
+def _rotate(s: GpuSession, image: Any, step: Step) -> Any:
+    import cv2
+
+    angle = step.as_float("angle")
+    turns = fm.right_angle_turns(angle)
+    if turns is not None:
+        return cp.ascontiguousarray(cp.rot90(image, turns, axes=(0, 1)))
+    h, w, c = image.shape
+    matrix, out_w, out_h = fm.rotation(h, w, angle, step.as_bool("expand"))
+    if out_w * out_h > fm.MAX_RESULT_PIXELS:
+        raise step.invalid("angle", f"gives {out_w}x{out_h}, more than {fm.MAX_RESULT_PIXELS} pixels")
+    inverse = cv2.invertAffineTransform(matrix).ravel()
+    out = s.empty((out_h, out_w, c))
+    s.kernels["warp_affine"](
+        _grid(out_h * out_w),
+        (ELEMENT_THREADS,),
+        (
+            image,
+            out,
+            np.int32(h),
+            np.int32(w),
+            np.int32(out_h),
+            np.int32(out_w),
+            np.int32(c),
+            *(np.float64(v) for v in inverse),
+            np.int32(step.as_str("interpolation") == "bilinear"),
+        ),
+    )
+    return out
+
+
+def _flip(s: GpuSession, image: Any, step: Step) -> Any:
+    axes = {"horizontal": (1,), "vertical": (0,), "both": (0, 1)}[step.as_str("direction")]
+    return cp.ascontiguousarray(cp.flip(image, axes))
+
+
+def _equalize(s: GpuSession, image: Any, step: Step) -> Any:
+    channels = image.shape[2]
+    table = np.tile(np.arange(s.top + 1, dtype=s.dtype), (channels, 1))
+    for c in range(min(channels, 3)):
+        table[c] = fm.equalize_lut(_histogram(image[:, :, c], s.top), s.dtype)
+    return s.lut(image, table)
+
+
+def _convert_color(s: GpuSession, image: Any, step: Step) -> Any:
+    h, w, c = image.shape
+    if c == 1:
+        raise step.invalid("conversion", "needs an RGB or RGBA image, got one channel")
+    conversion = step.as_str("conversion")
+    if conversion == "rgb_to_bgr":
+        order = [2, 1, 0, 3][:c]
+        return cp.ascontiguousarray(image[:, :, order])
+    out = s.empty(image.shape)
+    if conversion == "rgb_to_hsv":
+        s.kernels["rgb_to_hsv"](
+            _grid(h * w),
+            (ELEMENT_THREADS,),
+            (image, out, np.int64(h * w), np.int32(c), s.backend.hsv_sdiv, s.backend.hsv_hdiv),
+        )
+    else:
+        s.kernels["hsv_to_rgb"](_grid(h * w), (ELEMENT_THREADS,), (image, out, np.int64(h * w), np.int32(c)))
+    return out
+
+
+def _point(s: GpuSession, image: Any, step: Step) -> Any:
+    channels = image.shape[2]
+    table = np.tile(np.arange(s.top + 1, dtype=s.dtype), (channels, 1))
+    table[: min(channels, 3)] = point_lut(step, s.dtype)
+    return s.lut(image, table)
+
+
+GPU_FILTERS: dict[str, GpuFilter] = {
+    "grayscale": _grayscale,
+    "gaussian_blur": _gaussian_blur,
+    "box_blur": _box_blur,
+    "median": _median,
+    "unsharp_mask": _unsharp_mask,
+    "sobel": _sobel,
+    "threshold": _threshold,
+    "resize": _resize,
+    "crop": _crop,
+    "rotate": _rotate,
+    "flip": _flip,
+    "adjust": _point,
+    "invert": _point,
+    "equalize": _equalize,
+    "convert_color": _convert_color,
+}
+
+
+def device_copy_seconds(nbytes: int, repeats: int = 20) -> float:
+    """Time of one device-to-device copy of ``nbytes`` (the bandwidth reference of the benchmarks)."""
+    src = cp.empty(nbytes, dtype=cp.uint8)
+    dst = cp.empty_like(src)
+    dst[...] = src
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    start.record()
+    for _ in range(repeats):
+        dst[...] = src
+    end.record()
+    end.synchronize()
+    return float(cp.cuda.get_elapsed_time(start, end)) / 1000.0 / repeats
+
+
+def timed_kernel(work: Callable[[], Any], repeats: int = 10) -> float:
+    """Mean device time of ``work`` over ``repeats`` runs (after one warm run)."""
+    work()
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    start.record()
+    for _ in range(repeats):
+        work()
+    end.record()
+    end.synchronize()
+    return float(cp.cuda.get_elapsed_time(start, end)) / 1000.0 / repeats

@@ -1,0 +1,151 @@
+"""GPU (CuPy) backend against the CPU backend, filter by filter, within each filter's stated tolerance.
+
+Skipped cleanly where CuPy or a CUDA device is missing (this machine and CI have none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from mesh.kit import errors
+from mesh.services.image_processing.backend import run_pipeline
+from mesh.services.image_processing.cpu_backend import CpuBackend
+from mesh.services.image_processing.registry import FILTERS, validate_pipeline
+from tests.image_processing.images import LAYOUTS, noise, smooth
+
+pytestmark = pytest.mark.gpu
+
+cupy = pytest.importorskip("cupy")
+try:
+    _DEVICES = int(cupy.cuda.runtime.getDeviceCount())
+except Exception:
+    _DEVICES = 0
+if _DEVICES < 1:
+    pytest.skip("no CUDA device", allow_module_level=True)
+
+from mesh.services.image_processing.gpu_backend import GpuBackend  # noqa: E402
+
+# Every filter with parameter sets that cover its code paths.
+CASES: list[tuple[str, dict[str, Any]]] = [
+    *[("grayscale", {"method": m}) for m in ("bt601", "bt709", "average", "lightness", "luminosity")],
+    *[("gaussian_blur", {"sigma": 2.0, "border": b}) for b in ("reflect", "clamp", "wrap", "constant")],
+    ("gaussian_blur", {"sigma": 3.0, "ksize": 7}),
+    *[("box_blur", {"ksize": 5, "border": b}) for b in ("reflect", "clamp", "wrap", "constant")],
+    ("median", {"ksize": 3}),
+    ("median", {"ksize": 5}),
+    ("unsharp_mask", {"sigma": 1.5, "amount": 1.0}),
+    ("unsharp_mask", {"sigma": 1.0, "amount": 0.5, "threshold": 4}),
+    *[("sobel", {"direction": d, "ksize": k}) for d in ("x", "y", "magnitude") for k in (1, 3, 5)],
+    ("canny", {}),
+    ("threshold", {"method": "binary", "value": 100.0}),
+    ("threshold", {"method": "binary", "value": 100.0, "invert": True}),
+    ("threshold", {"method": "otsu"}),
+    ("threshold", {"method": "adaptive", "block_size": 15, "c": 3}),
+    *[
+        ("resize", {"scale": s, "interpolation": m})
+        for s in (0.5, 0.37, 1.7)
+        for m in ("nearest", "bilinear", "area")
+    ],
+    ("resize", {"width": 40, "height": 90, "keep_aspect": False, "interpolation": "area"}),
+    ("crop", {"x": 5, "y": 3, "width": 20, "height": 11}),
+    *[("rotate", {"angle": a}) for a in (90.0, 180.0, -90.0, 30.0)],
+    ("rotate", {"angle": 17.0, "interpolation": "nearest", "expand": False}),
+    *[("flip", {"direction": d}) for d in ("horizontal", "vertical", "both")],
+    ("adjust", {"brightness": 0.1, "contrast": 1.3, "gamma": 2.2}),
+    ("invert", {}),
+    ("equalize", {"method": "global"}),
+    ("equalize", {"method": "clahe"}),
+    *[("convert_color", {"conversion": c}) for c in ("rgb_to_hsv", "hsv_to_rgb", "rgb_to_bgr")],
+]
+
+
+@pytest.fixture(scope="module")
+def gpu() -> Iterator[GpuBackend]:
+    backend = GpuBackend(memory_limit_bytes=2 * 1024**3)
+    backend.warm_up()
+    yield backend
+    backend.pool.set_limit(size=0)
+
+
+def _within(name: str, cpu: npt.NDArray[Any], gpu: npt.NDArray[Any]) -> None:
+    tolerance = FILTERS[name].tolerance
+    assert cpu.shape == gpu.shape
+    assert cpu.dtype == gpu.dtype
+    diff = np.abs(cpu.astype(np.int64) - gpu.astype(np.int64))
+    share = float((diff <= tolerance.max_abs_diff).mean())
+    assert share >= tolerance.fraction, (
+        f"{name}: {share:.4%} within {tolerance.max_abs_diff}, max {diff.max()}"
+    )
+
+
+def test_every_gpu_filter_is_covered() -> None:
+    """The case list reaches every filter of the catalogue."""
+    assert {name for name, _ in CASES} == set(FILTERS)
+
+
+@pytest.mark.parametrize(("dtype", "channels"), LAYOUTS)
+@pytest.mark.parametrize(("name", "params"), CASES)
+def test_gpu_matches_cpu(
+    gpu: GpuBackend, name: str, params: dict[str, Any], dtype: Any, channels: int
+) -> None:
+    """Each filter on the GPU equals the CPU result within the tolerance its catalogue entry states."""
+    if name == "convert_color" and channels == 1:
+        pytest.skip("colour conversion needs colour")
+    image = smooth(67, 93, channels, dtype) if name == "rotate" else noise(67, 93, channels, dtype, seed=21)
+    steps = validate_pipeline([(name, params)])
+    expected = run_pipeline(CpuBackend(), image, steps).image
+    actual = run_pipeline(gpu, image, steps).image
+    _within(name, expected, actual)
+
+
+def test_fused_point_wise_pipeline_is_exact(gpu: GpuBackend) -> None:
+    """invert -> adjust -> invert runs as one fused kernel and equals the CPU exactly, with a timing per step."""
+    image = noise(120, 160, 4, seed=22)
+    steps = validate_pipeline([("invert", {}), ("adjust", {"contrast": 1.4, "gamma": 0.8}), ("invert", {})])
+    expected = run_pipeline(CpuBackend(), image, steps)
+    actual = run_pipeline(gpu, image, steps)
+    assert np.array_equal(expected.image, actual.image)
+    assert len(actual.timings) == 3
+
+
+def test_mixed_pipeline_stays_close(gpu: GpuBackend) -> None:
+    """grayscale -> gaussian -> otsu threshold on a 1080p frame agrees with the CPU on almost every pixel."""
+    image = smooth(1080, 1920, 3)
+    steps = validate_pipeline(
+        [("grayscale", {}), ("gaussian_blur", {"sigma": 3.0}), ("threshold", {"method": "otsu"})]
+    )
+    expected = run_pipeline(CpuBackend(), image, steps).image
+    actual = run_pipeline(gpu, image, steps).image
+    assert (expected == actual).mean() > 0.999
+
+
+def test_out_of_memory_is_resource_exhausted(gpu: GpuBackend) -> None:
+    """A pool limit below the image's size gives RESOURCE_EXHAUSTED, and the backend stays usable."""
+    gpu.pool.free_all_blocks()
+    gpu.pool.set_limit(size=1024 * 1024)
+    try:
+        with pytest.raises(errors.ResourceExhausted):
+            session = gpu.start(noise(2048, 2048, 3))
+            session.run(validate_pipeline([("gaussian_blur", {"sigma": 2.0})]))
+    finally:
+        gpu.pool.set_limit(size=2 * 1024**3)
+    assert gpu.faulted is None
+    assert "bytes free" in gpu.check()
+
+
+def test_cuda_fault_marks_backend_unhealthy(gpu: GpuBackend) -> None:
+    """A CUDA error other than out-of-memory makes check() fail (health NOT_SERVING) and requests UNAVAILABLE."""
+    try:
+        with pytest.raises(errors.Unavailable), gpu.guard():
+            raise cupy.cuda.runtime.CUDARuntimeError(700)
+        with pytest.raises(RuntimeError, match="faulted"):
+            gpu.check()
+        with pytest.raises(errors.Unavailable):
+            gpu.start(noise(4, 4, 1))
+    finally:
+        gpu.faulted = None
