@@ -1,0 +1,95 @@
+"""The inference job handler: fetch by image id, progress beats, predict, result; errors keep their category."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from mesh.common.v1 import errors_pb2
+from mesh.inference.v1 import inference_service_pb2 as pb
+from mesh.kit.errors import InvalidArgument, NotFound
+from mesh.kit.jobs import JobCancelled, JobHandler
+from mesh.queue.v1 import job_pb2
+from mesh.services.inference.images import ImageDecoder
+from mesh.services.inference.jobs import InferenceJobHandler, parse_model_reference
+from mesh.services.inference.predictor import Predictor
+from mesh.services.inference.repository import ModelRepository
+from tests.inference.fakes import FakeFactory, MemoryFetcher, write_model
+from tests.inference.test_servicer import png
+
+
+class Context:
+    """A JobContext that records progress and can cancel at a chosen stage."""
+
+    def __init__(self, job: job_pb2.Job, cancel_at: str = "") -> None:
+        self._job = job
+        self.beats: list[tuple[float, str]] = []
+        self.cancel_at = cancel_at
+
+    @property
+    def job(self) -> job_pb2.Job:
+        return self._job
+
+    @property
+    def result_key(self) -> str:
+        return f"{self._job.id}/{self._job.attempt}"
+
+    async def progress(self, fraction: float, stage: str) -> None:
+        self.beats.append((fraction, stage))
+        if stage == self.cancel_at:
+            raise JobCancelled(self._job.id)
+
+
+@pytest.fixture(scope="module")
+async def handler(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[InferenceJobHandler]:
+    root: Path = tmp_path_factory.mktemp("models")
+    write_model(root, version=1)
+    write_model(root, version=2)
+    repository = ModelRepository(root, factories={"fake": FakeFactory()})
+    await repository.load()
+    predictor = Predictor(repository, ImageDecoder(max_pixels=1_000_000), MemoryFetcher({"img": png(220)}))
+    yield InferenceJobHandler(predictor)
+    await repository.close()
+
+
+def _job(model: str = "fake", image_id: str = "img") -> job_pb2.Job:
+    return job_pb2.Job(id="job-1", attempt=2, image_id=image_id, model=model)
+
+
+async def test_job_returns_the_prediction_with_progress(handler: InferenceJobHandler) -> None:
+    """The job's image is read by id and predicted; progress goes fetch -> model -> done."""
+    typed: JobHandler = handler
+    context = Context(_job())
+    result = await typed(context)
+    assert result.prediction.strip_reading.verdict == pb.VERDICT_POSITIVE
+    assert result.prediction.model_version == "2"
+    assert result.prediction.request_id == "job-1/2"
+    assert context.beats == [(0.0, "fetch"), (0.5, "model"), (1.0, "model")]
+
+
+async def test_job_can_name_a_version(handler: InferenceJobHandler) -> None:
+    """``name/version`` picks that version."""
+    result = await handler(Context(_job(model="fake/1")))
+    assert result.prediction.model_version == "1"
+    assert parse_model_reference("strip-reader") == ("strip-reader", "")
+
+
+async def test_cancel_is_seen_before_the_model_runs(handler: InferenceJobHandler) -> None:
+    """A cancel seen at the model stage's beat stops the job with JobCancelled."""
+    with pytest.raises(JobCancelled):
+        await handler(Context(_job(), cancel_at="model"))
+
+
+async def test_errors_carry_their_category(handler: InferenceJobHandler) -> None:
+    """A missing image or model fails PERMANENT; a job without a model or image is refused."""
+    with pytest.raises(NotFound) as info:
+        await handler(Context(_job(image_id="gone")))
+    assert info.value.category == errors_pb2.ERROR_CATEGORY_PERMANENT
+    with pytest.raises(NotFound):
+        await handler(Context(_job(model="unknown")))
+    with pytest.raises(InvalidArgument):
+        await handler(Context(_job(model="")))
+    with pytest.raises(InvalidArgument):
+        await handler(Context(_job(image_id="")))
