@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from mesh.kit import errors
 from mesh.kit.runtime import ServiceRuntime
@@ -128,3 +129,37 @@ async def test_blob_store_outage_and_recovery(server: ServiceRuntime) -> None:
     finally:
         await asyncio.to_thread(_restore, blob_dir, aside)
     await wait_for_status(server, SERVING, 10)
+
+
+async def test_starts_without_postgres_and_migrates_when_it_comes(
+    postgres_admin_url: str, tmp_path: Path
+) -> None:
+    """A service started while its database refuses connections is NOT_SERVING (naming the schema), and
+    migrates and turns SERVING by itself once the database answers."""
+    database = f"mesh_test_late_{uuid.uuid4().hex[:8]}"
+    async with await psycopg.AsyncConnection.connect(postgres_admin_url, autocommit=True) as admin:
+        await admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+    await _set_connections(postgres_admin_url, database, allowed=False)
+    url = make_conninfo(postgres_admin_url, dbname=database)
+    try:
+        settings = make_settings(url, tmp_path / "blobs", startup_migration_seconds=0.2)
+        async with file_service(settings) as runtime:
+            task = asyncio.create_task(runtime.run())
+            try:
+                await asyncio.wait_for(runtime.started.wait(), 30)
+                await wait_for_status(runtime, NOT_SERVING, 5)
+                checks = {c["name"]: c for c in (await _healthz(runtime)).json()["checks"]}
+                assert checks["migrations"]["status"] == "failing"
+                assert "not migrated yet" in checks["migrations"]["detail"]
+                await _set_connections(postgres_admin_url, database, allowed=True)
+                await wait_for_status(runtime, SERVING, 20)
+                async with FileClient(grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc_port}")) as client:
+                    assert (await client.upload(corpus.png(), filename="late.png")).image.width == 64
+            finally:
+                runtime.stopping.set()
+                await asyncio.wait_for(task, 15)
+    finally:
+        async with await psycopg.AsyncConnection.connect(postgres_admin_url, autocommit=True) as admin:
+            await admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database))
+            )

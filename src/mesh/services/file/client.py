@@ -40,6 +40,12 @@ class FileClient:
         """Close the channel."""
         await self._channel.close(None)
 
+    async def __aenter__(self) -> FileClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
     async def upload(
         self,
         data: bytes,

@@ -152,7 +152,7 @@ class PostgresImageRepository:
                 conn.cursor(row_factory=dict_row) as cursor,
             ):
                 yield cursor
-        except (PoolTimeout, psycopg.OperationalError) as error:
+        except (PoolTimeout, psycopg.OperationalError, psycopg.errors.UndefinedTable) as error:
             raise errors.Unavailable(
                 f"the image database is unavailable ({type(error).__name__}); retry shortly",
                 retry_after_seconds=1.0,

@@ -6,10 +6,11 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from mesh.file.v1 import file_service_pb2_grpc
-from mesh.kit.db import PostgresCheck, create_pool, prepare_database
+from mesh.kit.db import PostgresCheck, create_pool
 from mesh.kit.health import DirectoryCheck
 from mesh.kit.runtime import ServiceRuntime
 from mesh.services.file.blobs import BlobStore
+from mesh.services.file.migrations_check import SchemaMigrations
 from mesh.services.file.postgres import PostgresImageRepository
 from mesh.services.file.servicer import SERVICE_NAME, FileServicer
 from mesh.services.file.settings import FileSettings
@@ -30,12 +31,21 @@ def limits_from(settings: FileSettings) -> Limits:
 
 @contextlib.asynccontextmanager
 async def file_service(settings: FileSettings) -> AsyncIterator[ServiceRuntime]:
-    """A ready-to-run file service: migrated database, open pool, servicer and health checks registered.
+    """A ready-to-run file service: open pool, servicer and health checks registered.
+
+    The schema is migrated before this returns when PostgreSQL answers within
+    ``startup_migration_seconds``; otherwise the service starts NOT_SERVING and migrates in the background.
 
     ``await runtime.run()`` inside the block serves until SIGTERM (or ``runtime.stopping`` is set).
     """
-    await prepare_database(settings.database_url, "file", MIGRATIONS)
+    migrations = SchemaMigrations(settings.database_url, "file", MIGRATIONS)
+    migrated = await migrations.try_once(timeout=settings.startup_migration_seconds)
     pool = create_pool(settings.database_url, name="file", max_size=settings.db_pool_max_size)
+    # psycopg_pool backs off exponentially (1, 2, 4, ... s) while reconnecting, for up to 5 minutes by
+    # default: after a one-minute outage the next attempt could be a minute away. Giving up an attempt
+    # after a few seconds lets the next request (a health check at the latest) start a fresh one, so
+    # the service recovers within seconds of PostgreSQL's return.
+    pool.reconnect_timeout = settings.db_reconnect_seconds
     async with pool:
         blobs = BlobStore(settings.blob_dir)
         store = ImageStore(
@@ -48,8 +58,10 @@ async def file_service(settings: FileSettings) -> AsyncIterator[ServiceRuntime]:
             "file",
             settings,
             service_names=[SERVICE_NAME],
-            checks=[PostgresCheck(pool), DirectoryCheck("blob_store", settings.blob_dir)],
+            checks=[PostgresCheck(pool), DirectoryCheck("blob_store", settings.blob_dir), migrations],
         )
+        if not migrated:
+            runtime.add_background(lambda: migrations.run_until_applied(runtime.stopping))
         servicer = FileServicer(store, default_chunk_bytes=settings.download_chunk_bytes)
         file_service_pb2_grpc.add_FileServiceServicer_to_server(servicer, runtime.server)
         yield runtime

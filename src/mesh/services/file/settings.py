@@ -33,3 +33,9 @@ class FileSettings(ServerSettings):
 
     db_pool_max_size: int = Field(default=10, ge=1)
     """Most PostgreSQL connections the service holds."""
+
+    db_reconnect_seconds: float = Field(default=8.0, gt=0)
+    """How long one PostgreSQL reconnection attempt backs off before a new one starts afresh."""
+
+    startup_migration_seconds: float = Field(default=10.0, ge=0)
+    """How long start-up waits for PostgreSQL to migrate; after that it serves NOT_SERVING and keeps trying."""
