@@ -7,7 +7,9 @@ import base64
 import hashlib
 import io
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import cast
 
 import grpc
 import pytest
@@ -24,6 +26,8 @@ from mesh.tools.load.stats import Recorder, percentile
 from .conftest import REPO
 
 LOAD_DIR = REPO / "deploy" / "load"
+# The runner only hands the mesh to the scenario; these scenarios do not touch it.
+NO_MESH = cast("Mesh", object())
 
 
 def test_photo_is_a_1080p_jpeg_and_strip_photo_is_deterministic() -> None:
@@ -69,8 +73,8 @@ def test_percentiles_and_report_shape() -> None:
     assert {"percentage": 90, "latency": 4_000_000} in report["latencyDistribution"]
 
 
-def _scenario(run: object) -> Scenario:
-    return Scenario("test", "pkg.Service.Method", frozenset(), run)  # type: ignore[arg-type]
+def _scenario(run: Callable[[Mesh], Awaitable[None]]) -> Scenario:
+    return Scenario("test", "pkg.Service.Method", frozenset(), run)
 
 
 async def test_runner_stops_at_count_and_records_status_codes() -> None:
@@ -85,7 +89,7 @@ async def test_runner_stops_at_count_and_records_status_codes() -> None:
                 grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(), "busy", None
             )
 
-    recorder, _ = await run_scenario(_scenario(flaky), None, concurrency=3, duration=30, count=10)  # type: ignore[arg-type]
+    recorder, _ = await run_scenario(_scenario(flaky), NO_MESH, concurrency=3, duration=30, count=10)
     assert calls == 10
     assert recorder.statuses == {"OK": 5, "RESOURCE_EXHAUSTED": 5}
 
@@ -96,7 +100,9 @@ async def test_runner_stops_at_duration() -> None:
     async def slow(_: Mesh) -> None:
         await asyncio.sleep(0.05)
 
-    recorder, total_ns = await run_scenario(_scenario(slow), None, concurrency=2, duration=0.3, count=10**6)  # type: ignore[arg-type]
+    recorder, total_ns = await run_scenario(
+        _scenario(slow), NO_MESH, concurrency=2, duration=0.3, count=10**6
+    )
     assert 4 <= recorder.count <= 20
     assert total_ns < 1_000_000_000
 
@@ -175,3 +181,16 @@ def test_ghz_configs_cover_every_scenario_and_name_real_methods() -> None:
         else:
             body = config["data"]
         assert isinstance(body, list) == method.client_streaming, name
+
+
+async def test_calls_in_flight_at_the_end_are_cut_off_after_the_grace() -> None:
+    """A call that outlives the run's end by more than the grace is cancelled and recorded as CLIENT_TIMEOUT."""
+
+    async def hangs(_: Mesh) -> None:
+        await asyncio.sleep(60)
+
+    recorder, total_ns = await run_scenario(
+        _scenario(hangs), NO_MESH, concurrency=2, duration=0.1, count=10, grace=0.2
+    )
+    assert recorder.statuses == {"CLIENT_TIMEOUT": 2}
+    assert total_ns < 2_000_000_000

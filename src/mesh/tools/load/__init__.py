@@ -68,6 +68,8 @@ async def run(args: argparse.Namespace, settings: CommonSettings) -> int:
         await mesh.seed(services)
         payloads.write_payloads(args.payload_dir, mesh.ids)
         print(f"load: seeded {mesh.ids}; ghz data files in {args.payload_dir}", file=sys.stderr)
+        for warning in mesh.warnings:
+            print(f"load: warning: {warning}", file=sys.stderr)
         if args.write_payloads:
             return 0
         reports: list[dict[str, Any]] = []

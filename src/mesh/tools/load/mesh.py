@@ -40,6 +40,9 @@ TERMINAL_STATES = frozenset(
 )
 
 
+SEED_JOB_TIMEOUT_SECONDS = 30.0
+
+
 class MeshNotUp(Exception):
     """A service the run needs does not answer SERVING; the message names each one and why."""
 
@@ -77,6 +80,8 @@ class Mesh:
     """Images created by the run, deleted at its end."""
     submitted: list[str] = field(default_factory=list)
     """Jobs submitted by the run."""
+    warnings: list[str] = field(default_factory=list)
+    """Things the seeding noticed that will make some scenarios fail."""
 
     def __post_init__(self) -> None:
         for service, name in SERVICES.items():
@@ -166,4 +171,15 @@ class Mesh:
         if "queue" in services:
             job = (await self.submit(self.ids["strip_image_id"], key="load-seed-job")).job
             self.ids["job_id"] = job.id
-            await self.wait_terminal(job.id, timeout=60)
+            try:
+                last = await self.wait_terminal(job.id, timeout=SEED_JOB_TIMEOUT_SECONDS)
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise
+                last = (await self.queue.GetJob(queue_service_pb2.GetJobRequest(job_id=job.id))).job
+            if last.state != job_pb2.JOB_STATE_SUCCEEDED:
+                state = job_pb2.JobState.Name(last.state)
+                self.warnings.append(
+                    f"seed job {job.id} is {state} after {SEED_JOB_TIMEOUT_SECONDS:g}s: are the job workers "
+                    "(image-processing and inference services) consuming?"
+                )
