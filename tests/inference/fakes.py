@@ -73,8 +73,9 @@ class FakeModel:
         self.batches.append((operation, len(images)))
         if self.release is not None:
             self.release.wait(5)
-        if self.delay_seconds:
-            time.sleep(self.delay_seconds)
+        delay = self.delay_seconds or float(self.config.options.get("delay_seconds", 0.0))
+        if delay:
+            time.sleep(delay)
         if any(int(image.flat[0]) == POISON for image in images):
             raise ValueError("poisoned image")
         threshold = float(dict(parameters).get("threshold", 128.0))

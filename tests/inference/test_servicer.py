@@ -74,6 +74,7 @@ async def served(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Serv
     write_model(root, version=2)
     write_model(root, name="counted", max_queue_delay_ms=0)
     write_model(root, name="broken", options={"fail_warm_up": True})
+    write_model(root, name="slow", max_batch_size=1, max_queue_delay_ms=0, options={"delay_seconds": 0.3})
     factory = FakeFactory()
     runtime, task, repository = await start(root, factory)
     channel = grpc.aio.insecure_channel(f"localhost:{runtime.grpc_port}")
@@ -94,7 +95,7 @@ async def test_list_models_shows_versions_and_readiness(served: Served) -> None:
     """Every model with its versions, default version, readiness and each version's state."""
     response = await served.stub.ListModels(pb.ListModelsRequest())
     models = {m.name: m for m in response.models}
-    assert sorted(models) == ["broken", "counted", "fake"]
+    assert sorted(models) == ["broken", "counted", "fake", "slow"]
     assert list(models["fake"].versions) == ["1", "2"]
     assert models["fake"].default_version == "2"
     assert models["fake"].ready
@@ -125,7 +126,7 @@ async def test_unknown_model_and_version_are_not_found(served: Served) -> None:
     """NOT_FOUND lists what exists, for metadata, readiness and prediction alike."""
     error = await _error(served.stub.GetModelMetadata(pb.GetModelMetadataRequest(name="nope")))
     assert isinstance(error, errors.NotFound)
-    assert "models: broken, counted, fake" in error.message
+    assert "models: broken, counted, fake, slow" in error.message
     error = await _error(served.stub.ModelReady(pb.ModelReadyRequest(name="fake", version="9")))
     assert isinstance(error, errors.NotFound)
     assert "versions: 1, 2" in error.message
@@ -231,6 +232,26 @@ async def test_concurrent_predictions_share_batches(served: Served) -> None:
     sizes = [size for _, size in model.batches[before:]]
     assert sum(sizes) == 8
     assert max(sizes) > 1
+
+
+async def test_client_deadline_drops_a_queued_request(served: Served) -> None:
+    """A request whose deadline passes while it waits behind a busy instance is answered DEADLINE_EXCEEDED
+    and never computed."""
+    model = served.repository.get("slow").model
+    assert isinstance(model, FakeModel)
+    busy = asyncio.ensure_future(served.stub.Predict(pb.PredictRequest(model_name="slow", input=raw(200))))
+    await asyncio.sleep(0.05)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await served.stub.Predict(pb.PredictRequest(model_name="slow", input=raw(100)), timeout=0.1)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await busy
+    await asyncio.sleep(0.05)
+    assert model.batches == [("predict", 1)]
+    [stats] = (await served.stub.GetModelStatistics(pb.GetModelStatisticsRequest(name="slow"))).statistics
+    assert stats.success_count == 1
+    assert sum(stats.failures_by_reason.values()) == 1
+    # Our queue deadline and gRPC's own cancellation race at the same instant; either is an honest reason.
+    assert set(stats.failures_by_reason) <= {"DEADLINE_EXCEEDED", "CANCELLED"}
 
 
 async def test_stream_answers_each_request_and_survives_a_bad_one(served: Served) -> None:
