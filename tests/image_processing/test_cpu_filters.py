@@ -65,7 +65,16 @@ def test_every_filter_handles_every_layout(name: str, dtype: Any, channels: int)
     assert out.shape[2] == expected
 
 
-@pytest.mark.parametrize("method", ["bt601", "bt709", "luminosity"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_grayscale_bt601_is_15_bit_fixed_point(dtype: Any) -> None:
+    """bt601 = (9798 R + 19235 G + 3735 B + 2^14) >> 15 exactly, at 8 and 16 bits (OpenCV's cvtColor)."""
+    image = noise(31, 29, 4, dtype)
+    rgb = image.astype(np.int64)
+    expected = (rgb[:, :, 0] * 9798 + rgb[:, :, 1] * 19235 + rgb[:, :, 2] * 3735 + 16384) >> 15
+    assert np.array_equal(_run("grayscale", image)[:, :, 0], expected)
+
+
+@pytest.mark.parametrize("method", ["bt709", "luminosity"])
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 def test_grayscale_weighted_matches_fixed_point_formula(method: str, dtype: Any) -> None:
     """Weighted grey = 14-bit fixed-point sum of R, G, B, rounded half to even (exact at 8 bits)."""
@@ -199,8 +208,7 @@ def test_threshold_binary_and_invert() -> None:
     inverted = _run("threshold", image, value=30000.5, invert=True)[:, :, 0]
     assert np.array_equal(inverted, 65535 - out)
     rgb = noise(15, 17, 3, seed=9)
-    weights = np.array(filter_math.GRAY_WEIGHTS["bt601"]) / 16384.0
-    grey = np.rint(rgb.astype(np.float64) @ weights)
+    grey = (rgb.astype(np.int64) @ np.array(filter_math.BT601_WEIGHTS) + 16384) >> 15
     assert np.array_equal(_run("threshold", rgb, value=100.0)[:, :, 0], np.where(grey > 100, 255, 0))
 
 
@@ -223,6 +231,17 @@ def test_threshold_adaptive_matches_opencv() -> None:
     image = noise(40, 36, 1, seed=11)
     expected = cv2.adaptiveThreshold(image, 255, cv2.ADAPTIVE_THRESH_MEAN_C, cv2.THRESH_BINARY, 11, 3)
     out = _run("threshold", image, method="adaptive", block_size=11, c=3)[:, :, 0]
+    assert np.array_equal(out, expected)
+    inverted = _run("threshold", image, method="adaptive", block_size=11, c=3, invert=True)[:, :, 0]
+    assert np.array_equal(inverted, 255 - expected)
+
+
+def test_threshold_adaptive_16_bit_formula() -> None:
+    """16-bit adaptive: x > rounded window mean (edges repeated) - c."""
+    image = noise(30, 26, 1, np.uint16, seed=14)
+    mean = cv2.blur(image, (7, 7), borderType=cv2.BORDER_REPLICATE)
+    expected = np.where(image[:, :, 0].astype(np.int64) > mean.astype(np.int64) - 100, 65535, 0)
+    out = _run("threshold", image, method="adaptive", block_size=7, c=100)[:, :, 0]
     assert np.array_equal(out, expected)
 
 

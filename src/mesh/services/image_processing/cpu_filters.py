@@ -47,8 +47,11 @@ def grayscale(image: Image, step: Step) -> Image:
 
 
 def grey_of(image: Image, method: str) -> Image:
-    """Grey from RGB(A): weighted sums round half to even, like ``cv2.transform``."""
+    """Grey from RGB(A): BT.601 by cvtColor; other weighted sums round half to even, like ``cv2.transform``."""
     channels = image.shape[2]
+    if method == "bt601":
+        code = cv2.COLOR_RGBA2GRAY if channels == 4 else cv2.COLOR_RGB2GRAY
+        return as_image(cv2.cvtColor(image, code))
     if method == "lightness":
         rgb = image[:, :, :3]
         high = np.max(rgb, axis=2)
@@ -191,6 +194,10 @@ def threshold(image: Image, step: Step) -> Image:
     method = step.as_str("method")
     if method == "adaptive":
         block = step.as_int("block_size")
+        if grey.dtype == np.uint8:
+            kind = cv2.THRESH_BINARY_INV if invert_out else cv2.THRESH_BINARY
+            mean_c = cv2.ADAPTIVE_THRESH_MEAN_C
+            return as_image(cv2.adaptiveThreshold(grey, top, mean_c, kind, block, step.as_int("c")))
         mean = as_image(cv2.blur(grey, (block, block), borderType=cv2.BORDER_REPLICATE | cv2.BORDER_ISOLATED))
         above = grey.astype(np.int32) > mean.astype(np.int32) - step.as_int("c")
         if invert_out:

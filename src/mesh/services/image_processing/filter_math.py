@@ -20,12 +20,14 @@ Image = npt.NDArray[Any]
 """Pixels as (height, width, channels), channels 1, 3 or 4, RGB(A) order, uint8 or uint16."""
 
 GRAY_SHIFT = 14
-# 14-bit fixed-point weights (R, G, B), each set summing to 1 << 14. bt601 matches OpenCV's cvtColor.
+# 14-bit fixed-point weights (R, G, B), each set summing to 1 << 14, rounded half to even (cv2.transform).
 GRAY_WEIGHTS: dict[str, tuple[int, int, int]] = {
-    "bt601": (4899, 9617, 1868),
     "bt709": (3483, 11718, 1183),
     "luminosity": (3441, 11796, 1147),
 }
+# BT.601 is OpenCV's cvtColor: 15-bit weights summing to 1 << 15, rounded half up, at 8 and 16 bits.
+BT601_WEIGHTS = (9798, 19235, 3735)
+BT601_SHIFT = 15
 MAX_RESULT_PIXELS = 100_000_000
 """Upper bound on the pixels a resize or rotate may produce."""
 

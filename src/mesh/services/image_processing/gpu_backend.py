@@ -31,7 +31,7 @@ from mesh.services.image_processing.registry import FILTERS, Device, Step, valid
 log = get_logger(__name__)
 
 BORDER_CODES = {"reflect": 0, "clamp": 1, "wrap": 2, "constant": 3}
-GREY_METHOD = {"bt601": 0, "bt709": 0, "luminosity": 0, "average": 1, "lightness": 2}
+GREY_METHOD = {"bt601": 3, "bt709": 0, "luminosity": 0, "average": 1, "lightness": 2}
 ROW_TILE, ROW_THREADS, ROW_LINES = 128, 128, 4
 COL_W, COL_H, COL_LINES = 32, 64, 8
 ELEMENT_THREADS = 256
@@ -267,7 +267,7 @@ class GpuSession:
         if c == 1:
             return image
         out = self.empty((h, w, 1))
-        wr, wg, wb = fm.GRAY_WEIGHTS.get(method, (0, 0, 0))
+        wr, wg, wb = fm.BT601_WEIGHTS if method == "bt601" else fm.GRAY_WEIGHTS.get(method, (0, 0, 0))
         self.kernels["grayscale"](
             _grid(h * w),
             (ELEMENT_THREADS,),

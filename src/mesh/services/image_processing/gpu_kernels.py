@@ -67,7 +67,8 @@ extern "C" __global__ void lut_apply(const sample_t* __restrict__ src, sample_t*
 #endif
 }
 
-// Grey from RGB(A). method 0: 14-bit fixed-point weights, rounded half to even; 1: average; 2: lightness.
+// Grey from RGB(A). method 0: 14-bit fixed-point weights, rounded half to even; 1: average; 2: lightness;
+// 3: 15-bit weights rounded half up (BT.601 exactly as OpenCV's cvtColor).
 extern "C" __global__ void grayscale(const sample_t* __restrict__ src, sample_t* __restrict__ dst, long long pixels,
                                      int channels, int wr, int wg, int wb, int method) {
     for (long long p = blockIdx.x * (long long)blockDim.x + threadIdx.x; p < pixels; p += (long long)gridDim.x * blockDim.x) {
@@ -78,6 +79,8 @@ extern "C" __global__ void grayscale(const sample_t* __restrict__ src, sample_t*
             long long s = r * wr + g * wg + b * wb;
             long long q = s >> 14, rem = s & 16383;
             out = q + ((rem > 8192 || (rem == 8192 && (q & 1))) ? 1 : 0);
+        } else if (method == 3) {
+            out = (r * wr + g * wg + b * wb + 16384) >> 15;
         } else if (method == 1) {
             out = (r + g + b + 1) / 3;
         } else {

@@ -150,8 +150,8 @@ FILTERS: dict[str, FilterDefinition] = {
     for f in (
         FilterDefinition(
             "grayscale",
-            "Converts to one grey channel (alpha is dropped). Weighted sums use 14-bit fixed-point weights, "
-            "rounded half to even.",
+            "Converts to one grey channel (alpha is dropped). bt601 is OpenCV's cvtColor (15-bit fixed point, "
+            "half up); bt709 and luminosity use 14-bit fixed-point weights rounded half to even.",
             (
                 enum_param(
                     "method",
