@@ -20,6 +20,7 @@ from mesh.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from mesh.kit import errors
 from mesh.kit.runtime import ServiceRuntime
 from mesh.services.inference.checks import models_check
+from mesh.services.inference.client import InferenceClient
 from mesh.services.inference.images import ImageDecoder
 from mesh.services.inference.predictor import Predictor
 from mesh.services.inference.repository import ModelRepository
@@ -339,3 +340,24 @@ async def test_health_is_not_serving_without_a_ready_model(tmp_path: Path) -> No
         runtime.stopping.set()
         await asyncio.wait_for(task, 10)
         await repository.close()
+
+
+async def test_client_maps_errors_and_streams(served: Served) -> None:
+    """The typed client returns messages and raises MeshErrors; its stream wraps requests for the caller."""
+    client = InferenceClient(served.channel)
+    assert [m.name for m in await client.list_models()][:2] == ["broken", "counted"]
+    assert (await client.metadata("fake", "1")).version == "1"
+    assert (await client.ready("fake")).ready
+    assert await client.statistics("fake")
+    response = await client.predict_image("fake", "img-1", version="1", request_id="x")
+    assert (response.request_id, response.model_version) == ("x", "1")
+    with pytest.raises(errors.NotFound):
+        await client.predict_image("fake", "missing")
+
+    async def requests() -> AsyncIterator[pb.PredictRequest]:
+        yield pb.PredictRequest(model_name="fake", input=raw(200), request_id="s1")
+        yield pb.PredictRequest(model_name="fake", input=raw(1), precheck_only=True, request_id="s2")
+
+    answers = [r async for r in client.stream(requests())]
+    assert [a.request_id for a in answers] == ["s1", "s2"]
+    assert answers[1].response.strip_reading.precheck_only

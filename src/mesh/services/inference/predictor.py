@@ -12,17 +12,21 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
+from opentelemetry import trace
+
 from mesh.common.v1 import image_pb2
 from mesh.inference.v1 import inference_service_pb2 as pb
 from mesh.kit.errors import FieldViolation, Internal, InvalidArgument, MeshError, Unavailable
 from mesh.kit.jobs import JobCancelled
 from mesh.kit.logging import get_logger
+from mesh.kit.tracing import tracer
 from mesh.services.inference.images import ImageDecoder, ImageFetcher, Pixels
 from mesh.services.inference.models import Operation
 from mesh.services.inference.parameters import resolve_parameters
-from mesh.services.inference.repository import ModelRepository
+from mesh.services.inference.repository import ModelRepository, ModelVersion
 
 log = get_logger(__name__)
+_tracer = tracer(__name__)
 
 # Called with the fraction done as each stage ("fetch", "model") starts: the job handler's progress beat
 # (the signature of JobContext.progress).
@@ -57,7 +61,7 @@ class Predictor:
     ) -> pb.PredictResponse:
         """Answer ``request``; ``deadline`` is a ``time.monotonic()`` instant. Raises MeshError."""
         started = time.perf_counter()
-        request_id = assign_request_id(request)
+        assign_request_id(request)
         if not request.model_name:
             raise InvalidArgument(
                 "model_name is required", field_violations=[FieldViolation("model_name", "must not be empty")]
@@ -65,40 +69,60 @@ class Predictor:
         version = self.repository.get(request.model_name, request.model_version)
         version.stats.request_received()
         operation: Operation = "precheck" if request.precheck_only else "predict"
-        try:
-            model, scheduler = version.require_ready()
-            if operation not in model.operations:
-                raise InvalidArgument(
-                    f"model {version.name} has no fast pre-check",
-                    field_violations=[FieldViolation("precheck_only", "not supported by this model")],
-                )
-            parameters = resolve_parameters(version.config.parameters, request.parameters)
-            if on_stage is not None:
-                await on_stage(0.0, "fetch")
-            image = await self._load(request.input)
-            if on_stage is not None:
-                await on_stage(0.5, "model")
-            result = await scheduler.submit((operation, parameters), image, deadline=deadline)
-            response = pb.PredictResponse(
-                model_name=version.name,
-                model_version=version.version,
-                request_id=request_id,
-                device=DEVICES[model.device],
-                queue_seconds=result.queue_seconds,
-                compute_seconds=result.compute_seconds,
+        attributes = {
+            "mesh.model": version.name,
+            "mesh.model_version": version.version,
+            "mesh.operation": operation,
+        }
+        with _tracer.start_as_current_span("inference.predict", attributes=attributes) as span:
+            try:
+                response = await self._run(version, operation, request, deadline, on_stage)
+            except MeshError as error:
+                version.stats.request_failed(error.code.name)
+                raise
+            except (asyncio.CancelledError, JobCancelled):
+                version.stats.request_failed("CANCELLED")
+                raise
+            except Exception as exc:
+                version.stats.request_failed("INTERNAL")
+                log.exception("prediction crashed", model=version.name, version=version.version)
+                raise Internal(f"model {version.name} failed; the server logged the cause") from exc
+            span.set_attribute("mesh.queue_seconds", response.queue_seconds)
+            span.set_attribute("mesh.compute_seconds", response.compute_seconds)
+        version.stats.request_succeeded(operation, response.queue_seconds, time.perf_counter() - started)
+        return response
+
+    async def _run(
+        self,
+        version: ModelVersion,
+        operation: Operation,
+        request: pb.PredictRequest,
+        deadline: float | None,
+        on_stage: StageHook | None,
+    ) -> pb.PredictResponse:
+        model, scheduler = version.require_ready()
+        if operation not in model.operations:
+            raise InvalidArgument(
+                f"model {version.name} has no fast pre-check",
+                field_violations=[FieldViolation("precheck_only", "not supported by this model")],
             )
-            model.fill_response(result.output, response)
-        except MeshError as error:
-            version.stats.request_failed(error.code.name)
-            raise
-        except (asyncio.CancelledError, JobCancelled):
-            version.stats.request_failed("CANCELLED")
-            raise
-        except Exception as exc:
-            version.stats.request_failed("INTERNAL")
-            log.exception("prediction crashed", model=version.name, version=version.version)
-            raise Internal(f"model {version.name} failed; the server logged the cause") from exc
-        version.stats.request_succeeded(operation, result.queue_seconds, time.perf_counter() - started)
+        parameters = resolve_parameters(version.config.parameters, request.parameters)
+        if on_stage is not None:
+            await on_stage(0.0, "fetch")
+        image = await self._load(request.input)
+        if on_stage is not None:
+            await on_stage(0.5, "model")
+        result = await scheduler.submit((operation, parameters), image, deadline=deadline)
+        trace.get_current_span().set_attribute("mesh.batch_size", result.batch_size)
+        response = pb.PredictResponse(
+            model_name=version.name,
+            model_version=version.version,
+            request_id=request.request_id,
+            device=DEVICES[model.device],
+            queue_seconds=result.queue_seconds,
+            compute_seconds=result.compute_seconds,
+        )
+        model.fill_response(result.output, response)
         return response
 
     async def _load(self, source: image_pb2.ImageInput) -> Pixels:
