@@ -49,9 +49,9 @@ def _free_port() -> int:
         return port
 
 
-def _images(count: int) -> list[pb.PredictRequest]:
-    """1080p strip photos of every class, as raw-pixel requests."""
-    requests = []
+def _images(count: int) -> tuple[list[pb.PredictRequest], list[pb.PredictRequest]]:
+    """1080p strip photos of every class, as raw-pixel requests and as JPEG (quality 90) requests."""
+    requests, jpegs = [], []
     kinds = ("positive", "negative", "invalid", "positive", "negative")
     for i in range(count):
         sample = generate_class(500 + i, kinds[i % len(kinds)])
@@ -61,7 +61,11 @@ def _images(count: int) -> list[pb.PredictRequest]:
         rgb = np.ascontiguousarray(cv2.resize(image[:, :, :3], SIZE_1080P, interpolation=cv2.INTER_AREA))
         raw = image_pb2.RawImage(pixels=rgb.tobytes(), width=rgb.shape[1], height=rgb.shape[0], channels=3)
         requests.append(pb.PredictRequest(model_name=MODEL, input=image_pb2.ImageInput(raw=raw)))
-    return requests
+        ok, jpeg = cv2.imencode(".jpg", np.ascontiguousarray(rgb[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        assert ok
+        encoded = image_pb2.EncodedImage(data=jpeg.tobytes(), format=image_pb2.IMAGE_FORMAT_JPEG)
+        jpegs.append(pb.PredictRequest(model_name=MODEL, input=image_pb2.ImageInput(encoded=encoded)))
+    return requests, jpegs
 
 
 @contextmanager
@@ -172,7 +176,9 @@ async def _statistics(stub: pb_grpc.InferenceServiceAsyncStub) -> pb.ModelStatis
     return response.statistics[0]
 
 
-async def _measure(device: str, requests: list[pb.PredictRequest]) -> list[dict[str, Any]]:
+async def _measure(
+    device: str, requests: list[pb.PredictRequest], jpegs: list[pb.PredictRequest]
+) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     with _server(device) as address:
         async with grpc.aio.insecure_channel(
@@ -190,6 +196,11 @@ async def _measure(device: str, requests: list[pb.PredictRequest]) -> list[dict[
                 2,
             )
             results.append(batch1)
+
+            latencies, seconds, responses = await _sequential(stub, jpegs, BATCH1_REQUESTS, precheck=False)
+            jpeg = _summary(f"inference.predict.batch1_jpeg.{device}", latencies, seconds, responses)
+            jpeg["image"] = "1920x1080 JPEG q90, decoded by the server"
+            results.append(jpeg)
 
             before = await _statistics(stub)
             latencies, seconds, responses = await _concurrent(stub, requests)
@@ -210,10 +221,10 @@ async def _measure(device: str, requests: list[pb.PredictRequest]) -> list[dict[
 
 def run() -> list[dict[str, Any]]:
     """Every inference benchmark, CPU first; GPU when CuPy sees a device."""
-    requests = _images(10)
-    results = asyncio.run(_measure("cpu", requests))
+    requests, jpegs = _images(10)
+    results = asyncio.run(_measure("cpu", requests, jpegs))
     if gpu_available():
-        results.extend(asyncio.run(_measure("gpu", requests)))
+        results.extend(asyncio.run(_measure("gpu", requests, jpegs)))
     else:
         results.append({"benchmark": "inference.predict.gpu", "skipped": "no GPU"})
     results.append({"benchmark": "inference.environment", "cpu_cores": os.cpu_count()})
