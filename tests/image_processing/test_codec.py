@@ -80,3 +80,12 @@ def test_sixteen_bit_jpeg_output_is_reduced_to_eight() -> None:
     decoded = codec.decode(codec.encode(image, codec.Format.JPEG, 100), LIMITS)
     assert decoded.dtype == np.uint8
     assert abs(int(decoded[4, 4, 0]) - 0xAB) <= 1
+
+
+def test_raw_output_of_untouched_raw_input_is_not_copied() -> None:
+    """Raw pixels that come back unchanged are the same bytes object (pixels travel once)."""
+    data = bytes(range(256)) * 3
+    image = codec.from_raw(data, 16, 16, 3, False, LIMITS)
+    assert codec.to_raw(image) is data
+    assert codec.to_raw(image[:, ::-1]) != data
+    assert codec.to_raw(image[1:]) == data[48:]

@@ -12,6 +12,7 @@ from mesh.kit.settings import load_settings
 from mesh.services.file.client import FileClient
 from mesh.services.image_processing.backend import select_backend
 from mesh.services.image_processing.codec import Limits
+from mesh.services.image_processing.memory import tune_allocator
 from mesh.services.image_processing.processor import Processor
 from mesh.services.image_processing.servicer import SERVICE_NAME, ImageProcessingServicer
 from mesh.services.image_processing.settings import ImageSettings
@@ -22,6 +23,7 @@ log = get_logger("mesh.services.image_processing")
 async def main() -> None:
     settings = load_settings(ImageSettings)
     configure_observability("image-processing", settings)
+    tune_allocator()
     backend = select_backend(settings.device, gpu_memory_limit_bytes=settings.gpu_memory_limit_bytes)
     # Kernels compile here, before the port opens, so no request pays for compilation.
     await asyncio.to_thread(backend.warm_up)

@@ -150,7 +150,18 @@ def from_raw(
 
 
 def to_raw(image: Image) -> bytes:
-    """Interleaved samples, little-endian."""
+    """Interleaved samples, little-endian (without a copy when the image is a view of whole bytes)."""
+    base: object = image
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    if (
+        isinstance(base, bytes)
+        and image.flags.c_contiguous
+        and image.dtype == np.uint8
+        and len(base) == image.nbytes
+        and image.ctypes.data == np.frombuffer(base, dtype=np.uint8).ctypes.data
+    ):
+        return base
     if image.dtype == np.uint16:
         return np.ascontiguousarray(image, dtype="<u2").tobytes()
     return np.ascontiguousarray(image).tobytes()

@@ -192,7 +192,9 @@ class Processor:
         )
 
     async def run(self, image: Image, steps: Sequence[Step]) -> PipelineOutput:
-        """Run a pipeline on the backend in its worker thread."""
+        """Run a pipeline on the backend in its worker thread (no hop at all for an empty pipeline)."""
+        if not steps:
+            return PipelineOutput(image, (), 0.0)
         loop = asyncio.get_running_loop()
         output = await loop.run_in_executor(self._executor, run_pipeline, self.backend, image, steps)
         device = self.backend.device.value
@@ -249,16 +251,13 @@ class Processor:
                         errors.FieldViolation(f"{where}.format", "stored outputs are PNG, JPEG or WebP")
                     ],
                 )
-            response.raw.CopyFrom(
-                image_pb2.RawImage(
-                    pixels=codec.to_raw(image),
-                    width=width,
-                    height=height,
-                    channels=channels,
-                    pixel_type=image_pb2.PIXEL_TYPE_UINT16
-                    if image.dtype.itemsize == 2
-                    else image_pb2.PIXEL_TYPE_UINT8,
-                )
+            # Field by field: CopyFrom of a nested message re-serialises megabytes of pixels.
+            response.raw.pixels = codec.to_raw(image)
+            response.raw.width = width
+            response.raw.height = height
+            response.raw.channels = channels
+            response.raw.pixel_type = (
+                image_pb2.PIXEL_TYPE_UINT16 if image.dtype.itemsize == 2 else image_pb2.PIXEL_TYPE_UINT8
             )
             return response
         data = await asyncio.to_thread(codec.encode, image, fmt, quality)
@@ -271,7 +270,8 @@ class Processor:
             )
             response.image_id = stored.image.id
         else:
-            response.encoded.CopyFrom(image_pb2.EncodedImage(data=data, format=FORMAT_ENUMS[fmt]))
+            response.encoded.data = data
+            response.encoded.format = FORMAT_ENUMS[fmt]
         return response
 
     async def process(
