@@ -27,6 +27,11 @@ def fake_service() -> Iterator[subprocess.Popen[bytes]]:
     process.wait()
 
 
+def test_discovery_by_port_keeps_only_the_mesh_under_test(fake_service: subprocess.Popen[bytes]) -> None:
+    """Restricted to the mesh's ports, a matching process that listens on none of them is left out."""
+    assert soak.discover_processes("mesh.services.fake_for_soak", ports={1}) == {}
+
+
 def test_discovers_mesh_processes_and_notices_an_exit(fake_service: subprocess.Popen[bytes]) -> None:
     """Processes are found by `mesh.services.` on their command line; one that exits is marked, not sampled."""
     found = soak.discover_processes("mesh.services.fake_for_soak")

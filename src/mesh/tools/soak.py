@@ -24,7 +24,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ from mesh.tools.load.stats import Recorder
 
 PROCESS_MARKER = "mesh.services."
 MIB = 1024 * 1024
+GATEWAY_PORT = 8080
 # Scenario -> weight in the mix.
 MIX = {
     "file.upload": 1,
@@ -61,15 +62,34 @@ class MemorySeries:
     exited_at: float | None = None
 
 
-def discover_processes(marker: str = PROCESS_MARKER) -> dict[int, str]:
-    """pid -> label (``module[pid]``) of every process whose command line mentions ``marker``."""
-    found = {}
-    for process in psutil.process_iter(["pid", "cmdline"]):
+def discover_processes(marker: str = PROCESS_MARKER, ports: Collection[int] = ()) -> dict[int, str]:
+    """pid -> label (``module[pid]``) of every process whose command line mentions ``marker``.
+
+    With ``ports``, only the processes listening on one of them, and their children that also match
+    ``marker`` (workers), count: other copies of the services on this machine (tests) are left out.
+    """
+    candidates = {}
+    for process in psutil.process_iter(["pid", "ppid", "cmdline"]):
         cmdline = process.info.get("cmdline") or []
         module = next((part for part in cmdline if part.startswith(marker)), None)
         if module is not None:
-            found[process.info["pid"]] = f"{module}[{process.info['pid']}]"
-    return found
+            candidates[process.info["pid"]] = (f"{module}[{process.info['pid']}]", process.info["ppid"])
+    if not ports:
+        return {pid: label for pid, (label, _) in candidates.items()}
+    listening = {
+        conn.pid
+        for conn in psutil.net_connections(kind="tcp")
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port in ports and conn.pid
+    }
+    chosen = {pid for pid in candidates if pid in listening}
+    chosen |= {pid for pid, (_, parent) in candidates.items() if parent in chosen}
+    return {pid: candidates[pid][0] for pid in sorted(chosen)}
+
+
+def mesh_ports(settings: CommonSettings) -> set[int]:
+    """The gRPC ports of the services under test, and the gateway's HTTP port."""
+    ports = {int(address_of(settings, service).rsplit(":", 1)[1]) for service in SERVICES}
+    return ports | {GATEWAY_PORT}
 
 
 def sample_memory(series: dict[int, MemorySeries], elapsed: float) -> None:
@@ -161,7 +181,11 @@ async def soak(args: argparse.Namespace, settings: CommonSettings) -> dict[str, 
     try:
         await mesh.check_up(set(SERVICES))
         await mesh.seed(set(SERVICES))
-        processes = discover_processes()
+        processes = discover_processes(ports=mesh_ports(settings))
+        if not processes:
+            raise MeshNotUp(
+                "no process listening on the mesh's ports has `mesh.services.` on its command line"
+            )
         series = {pid: MemorySeries(label) for pid, label in processes.items()}
         recorders = {name: Recorder(name, SCENARIOS[name].call) for name in MIX}
         rng = random.Random(args.seed)
