@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mesh.kit.errors import NotFound, Unavailable
+from mesh.services.inference.__main__ import serve
+from mesh.services.inference.models import DeviceUnavailable, gpu_available, select_device
 from mesh.services.inference.repository import ModelConfigError, ModelRepository
-from tests.inference.fakes import FakeFactory, write_model
+from mesh.services.inference.settings import InferenceSettings
+from tests.inference.fakes import FakeFactory, fake_config, write_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -133,3 +137,31 @@ def test_shipped_repository_is_valid() -> None:
     assert version.version == "1"
     assert version.config.implementation == "strip_reader"
     assert version.config.max_batch_size >= 2
+
+
+def test_json_config_is_read(tmp_path: Path) -> None:
+    """``config.json`` is as good as ``config.yaml``."""
+    directory = tmp_path / "fake" / "3"
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps(fake_config(max_batch_size=32)))
+    assert _repository(tmp_path).get("fake").config.max_batch_size == 32
+
+
+async def test_bad_repository_stops_the_process_with_a_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m mesh.services.inference`` exits with status 2 and names the problem."""
+    settings = InferenceSettings(model_dir=tmp_path / "absent", grpc_port=0, http_port=0)
+    with pytest.raises(SystemExit) as info:
+        await serve(settings)
+    assert info.value.code == 2
+    assert "is not a directory (set MESH_MODEL_DIR)" in capsys.readouterr().err
+
+
+def test_device_choice() -> None:
+    """cpu is always cpu; auto follows CuPy; gpu without a GPU is a start-up error."""
+    assert select_device("cpu") == "cpu"
+    assert select_device("auto") == ("gpu" if gpu_available() else "cpu")
+    if not gpu_available():
+        with pytest.raises(DeviceUnavailable, match="MESH_DEVICE=gpu"):
+            select_device("gpu")
