@@ -10,6 +10,7 @@ from mesh.kit.logging import get_logger
 from mesh.kit.runtime import ServiceRuntime, configure_observability
 from mesh.kit.settings import load_settings
 from mesh.services.file.client import FileClient
+from mesh.services.image_processing.memory import tune_allocator
 from mesh.services.inference.checks import models_check
 from mesh.services.inference.images import FileServiceFetcher, ImageDecoder
 from mesh.services.inference.models import DeviceUnavailable, select_device
@@ -53,6 +54,8 @@ async def serve(settings: InferenceSettings) -> None:
 def main() -> None:
     settings = load_settings(InferenceSettings)
     configure_observability("inference", settings)
+    # Requests carry frames of many megabytes: keep those buffers in the heap instead of fresh mmap pages.
+    tune_allocator()
     asyncio.run(serve(settings))
 
 
