@@ -480,7 +480,7 @@ def _rotate(s: GpuSession, image: Any, step: Step) -> Any:
             np.int32(out_h),
             np.int32(out_w),
             np.int32(c),
-            *(np.float64(v) for v in inverse),
+            *(np.float32(v) for v in inverse),
             np.int32(step.as_str("interpolation") == "bilinear"),
         ),
     )

@@ -14,6 +14,9 @@ SOURCE = r"""
 
 typedef SAMPLE sample_t;
 
+__device__ __forceinline__ long long lmax(long long a, long long b) { return a > b ? a : b; }
+__device__ __forceinline__ long long lmin(long long a, long long b) { return a < b ? a : b; }
+
 // Border modes: 0 reflect (101, no edge repeat), 1 clamp, 2 wrap, 3 constant (-1 = outside).
 __device__ __forceinline__ int map_index(int i, int n, int border) {
     if (i >= 0 && i < n) return i;
@@ -84,7 +87,7 @@ extern "C" __global__ void grayscale(const sample_t* __restrict__ src, sample_t*
         } else if (method == 1) {
             out = (r + g + b + 1) / 3;
         } else {
-            long long hi = max(r, max(g, b)), lo = min(r, min(g, b));
+            long long hi = lmax(r, lmax(g, b)), lo = lmin(r, lmin(g, b));
             long long s = hi + lo, q = s >> 1;
             out = q + (((s & 1) && (q & 1)) ? 1 : 0);
         }
@@ -216,25 +219,25 @@ extern "C" __global__ void resample_area(const sample_t* __restrict__ src, sampl
     }
 }
 
-// Affine warp with zero fill (rotate); m maps destination to source. Source coordinates are quantised to
-// 1/32 pixel like OpenCV's bilinear warp.
+// Affine warp with zero fill (rotate); m maps destination to source. Like OpenCV 5's warpAffine, source
+// coordinates are float32 and unquantised: nearest rounds to even, bilinear weights are the fractions.
 extern "C" __global__ void warp_affine(const sample_t* __restrict__ src, sample_t* __restrict__ dst, int in_h, int in_w,
-                                       int out_h, int out_w, int c, double m0, double m1, double m2, double m3,
-                                       double m4, double m5, int bilinear) {
+                                       int out_h, int out_w, int c, float m0, float m1, float m2, float m3,
+                                       float m4, float m5, int bilinear) {
     long long total = (long long)out_h * out_w;
     for (long long p = blockIdx.x * (long long)blockDim.x + threadIdx.x; p < total; p += (long long)gridDim.x * blockDim.x) {
         int x = (int)(p % out_w), y = (int)(p / out_w);
-        double sx = m0 * x + m1 * y + m2, sy = m3 * x + m4 * y + m5;
+        float sx = __fadd_rn(__fadd_rn(__fmul_rn(m0, (float)x), __fmul_rn(m1, (float)y)), m2);
+        float sy = __fadd_rn(__fadd_rn(__fmul_rn(m3, (float)x), __fmul_rn(m4, (float)y)), m5);
         sample_t* out = dst + p * c;
         if (!bilinear) {
-            int ix = (int)floor(sx + 0.5), iy = (int)floor(sy + 0.5);
+            int ix = (int)rintf(sx), iy = (int)rintf(sy);
             bool inside = ix >= 0 && iy >= 0 && ix < in_w && iy < in_h;
             for (int ch = 0; ch < c; ++ch) out[ch] = inside ? src[((long long)iy * in_w + ix) * c + ch] : (sample_t)0;
             continue;
         }
-        long long qx = llrint(sx * 32.0), qy = llrint(sy * 32.0);
-        int ix = (int)(qx >> 5), iy = (int)(qy >> 5);
-        float fx = (float)(qx & 31) / 32.f, fy = (float)(qy & 31) / 32.f;
+        int ix = (int)floorf(sx), iy = (int)floorf(sy);
+        float fx = sx - (float)ix, fy = sy - (float)iy;
         for (int ch = 0; ch < c; ++ch) {
             float v[4];
             for (int t = 0; t < 4; ++t) {
@@ -256,13 +259,13 @@ extern "C" __global__ void rgb_to_hsv(const sample_t* __restrict__ src, sample_t
         sample_t* out = dst + p * channels;
 #if SAMPLE_MAX == 255
         int r = in[0], g = in[1], b = in[2];
-        int v = max(r, max(g, b)), vmin = min(r, min(g, b)), diff = v - vmin;
+        int v = (int)lmax(r, lmax(g, b)), vmin = (int)lmin(r, lmin(g, b)), diff = v - vmin;
         int vr = v == r ? -1 : 0, vg = v == g ? -1 : 0;
         int s = (diff * sdiv[v] + (1 << 11)) >> 12;
         int h = (vr & (g - b)) + (~vr & ((vg & (b - r + 2 * diff)) + ((~vg) & (r - g + 4 * diff))));
         h = (h * hdiv[diff] + (1 << 11)) >> 12;
         h += h < 0 ? 256 : 0;
-        out[0] = (sample_t)min(max(h, 0), 255);
+        out[0] = (sample_t)(h < 0 ? 0 : (h > 255 ? 255 : h));
         out[1] = (sample_t)s;
         out[2] = (sample_t)v;
 #else

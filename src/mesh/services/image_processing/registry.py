@@ -292,7 +292,7 @@ FILTERS: dict[str, FilterDefinition] = {
                 bool_param("expand", True, "Grow the canvas to hold the whole rotated image."),
             ),
             "same",
-            Tolerance(1, 0.99, "right angles exact; other angles differ at edges by OpenCV's 1/32 px grid"),
+            Tolerance(1, 0.999, "right angles exact; nearest may take the other pixel at half-pixel ties"),
         ),
         FilterDefinition(
             "flip",
