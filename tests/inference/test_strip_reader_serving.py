@@ -18,6 +18,7 @@ from mesh.kit.runtime import ServiceRuntime
 from mesh.services.inference.checks import models_check
 from mesh.services.inference.convert import strip_reading_to_proto
 from mesh.services.inference.images import ImageDecoder
+from mesh.services.inference.models import gpu_available
 from mesh.services.inference.predictor import Predictor
 from mesh.services.inference.repository import ModelRepository
 from mesh.services.inference.servicer import InferenceServicer
@@ -99,3 +100,27 @@ async def test_stream_of_real_photos(stub: pb_grpc.InferenceServiceAsyncStub) ->
     responses = [r async for r in stub.StreamInference(produce())]
     assert [r.request_id for r in responses] == ["0", "1", "2", "3"]
     assert all(r.HasField("response") for r in responses)
+
+
+@pytest.mark.gpu
+async def test_gpu_and_cpu_models_give_the_same_verdicts() -> None:
+    """With CuPy and a CUDA device, the GPU-loaded model answers the CPU model's verdicts."""
+    if not gpu_available():
+        pytest.skip("CuPy with a CUDA device is not available")
+    readings = {}
+    for device in ("cpu", "gpu"):
+        repository = ModelRepository(REPO_ROOT / "models", device=device)
+        await repository.load()
+        predictor = Predictor(repository, ImageDecoder(max_pixels=40_000_000))
+        responses = [
+            await predictor.predict(
+                pb.PredictRequest(model_name="strip-reader", input=_raw(generator.generate(seed).image))
+            )
+            for seed in range(1_000_000, 1_000_020)
+        ]
+        assert all(
+            r.device == (image_pb2.DEVICE_GPU if device == "gpu" else image_pb2.DEVICE_CPU) for r in responses
+        )
+        readings[device] = [r.strip_reading.verdict for r in responses]
+        await repository.close()
+    assert readings["gpu"] == readings["cpu"]
