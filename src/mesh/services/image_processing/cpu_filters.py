@@ -276,22 +276,18 @@ def flip(image: Image, step: Step) -> Image:
 
 
 def equalize(image: Image, step: Step) -> Image:
-    """Global histogram equalisation or CLAHE, per colour channel."""
-    colours = min(image.shape[2], 3)
-    out = image.copy()
+    """Global histogram equalisation or CLAHE, per colour channel (alpha kept)."""
+    planes: list[Image] = list(cv2.split(image))
+    colours = min(len(planes), 3)
     if step.as_str("method") == "clahe":
         tiles = step.as_int("tiles")
         clahe = cv2.createCLAHE(clipLimit=step.as_float("clip_limit"), tileGridSize=(tiles, tiles))
-        for c in range(colours):
-            out[:, :, c] = clahe.apply(np.ascontiguousarray(image[:, :, c]))
-        return out
-    for c in range(colours):
-        channel = np.ascontiguousarray(image[:, :, c])
-        if image.dtype == np.uint8:
-            out[:, :, c] = cv2.equalizeHist(channel)
-        else:
-            out[:, :, c] = np.take(fm.equalize_lut(histogram(channel), image.dtype), channel)
-    return out
+        planes[:colours] = [clahe.apply(plane) for plane in planes[:colours]]
+    elif image.dtype == np.uint8:
+        planes[:colours] = [cv2.equalizeHist(plane) for plane in planes[:colours]]
+    else:
+        planes[:colours] = [np.take(fm.equalize_lut(histogram(p), image.dtype), p) for p in planes[:colours]]
+    return as_image(cv2.merge(planes))
 
 
 def convert_color(image: Image, step: Step) -> Image:

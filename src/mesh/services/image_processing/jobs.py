@@ -12,6 +12,8 @@ service TRANSIENT (from the gRPC status), anything unexpected SYSTEM.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Protocol
 
 import grpc
@@ -24,6 +26,7 @@ from mesh.kit.jobs import JobCancelled, JobContext
 from mesh.kit.logging import get_logger
 from mesh.kit.settings import CommonSettings
 from mesh.queue.v1 import job_pb2
+from mesh.services.file.client import FileClient
 from mesh.services.image_processing import codec
 from mesh.services.image_processing.processor import ImageStore, Processor, steps_from_proto
 from mesh.services.image_processing.registry import Step
@@ -140,3 +143,21 @@ class ImageJobHandler:
             idempotency_key=context.result_key,
         )
         return stored.image.id
+
+
+@asynccontextmanager
+async def connect_job_handler(
+    settings: CommonSettings, processor: Processor
+) -> AsyncIterator[ImageJobHandler]:
+    """A handler on real channels to the file and inference services (closed on exit), for worker wiring::
+
+    async with connect_job_handler(settings, processor) as handler:
+        ...  # hand ``handler`` to the queue's worker runtime
+    """
+    files = FileClient.connect(settings)
+    predictor, channel = StubPredictor.connect(settings)
+    try:
+        yield ImageJobHandler(files, processor, predictor)
+    finally:
+        await channel.close(None)
+        await files.close()
