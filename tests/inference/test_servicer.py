@@ -255,6 +255,28 @@ async def test_client_deadline_drops_a_queued_request(served: Served) -> None:
     assert set(stats.failures_by_reason) <= {"DEADLINE_EXCEEDED", "CANCELLED"}
 
 
+async def test_cancelled_stream_drops_its_queued_requests(served: Served) -> None:
+    """When a client abandons a stream, its requests still queued are never computed."""
+    model = served.repository.get("slow").model
+    assert isinstance(model, FakeModel)
+    before = len(model.batches)
+
+    async def produce() -> AsyncIterator[pb.StreamInferenceRequest]:
+        for i in range(4):
+            yield pb.StreamInferenceRequest(request=pb.PredictRequest(model_name="slow", input=raw(200 - i)))
+        await asyncio.sleep(10)
+
+    call = served.stub.StreamInference(produce())
+    first = await call.read()
+    assert isinstance(first, pb.StreamInferenceResponse)
+    assert first.HasField("response")
+    call.cancel()
+    await asyncio.sleep(0.8)
+    # The first was answered and at most the one then computing finished; the other two were dropped.
+    assert len(model.batches) - before <= 2
+    assert (await served.stub.ModelReady(pb.ModelReadyRequest(name="slow"))).ready
+
+
 async def test_stream_answers_each_request_and_survives_a_bad_one(served: Served) -> None:
     """A bad request in the middle gets its error in its own response; the others, before and after, succeed."""
     requests = [
