@@ -99,7 +99,8 @@ async def test_health_and_list_filters(served: Served) -> None:
     assert image_pb2.DEVICE_GPU in blur.devices
     canny = next(f for f in catalogue.filters if f.name == "canny")
     assert list(canny.devices) == [image_pb2.DEVICE_CPU]
-    assert "within 1 LSB" in blur.description
+    assert blur.tolerance == "within 1 LSB"
+    assert next(f for f in catalogue.filters if f.name == "invert").tolerance == "exact"
 
 
 async def test_process_image_inline_png_to_png(served: Served) -> None:

@@ -116,9 +116,10 @@ def filter_catalogue(device: Device) -> pb.ListFiltersResponse:
     for definition in FILTERS.values():
         spec = response.filters.add(
             name=definition.name,
-            description=f"{definition.description} CPU/GPU agreement: {definition.tolerance.describe()}.",
+            description=definition.description,
             devices=[DEVICES[d] for d in definition.devices],
             output_channels=definition.output_channels,
+            tolerance=definition.tolerance.describe(),
         )
         for param in definition.params:
             item = spec.params.add(
