@@ -11,9 +11,10 @@ def models_check(repository: ModelRepository) -> FunctionCheck:
 
     async def probe() -> str:
         ready = [f"{v.name}/{v.version}" for v in repository.versions() if v.ready]
+        # The device is chosen once per process; health says which, as every response does.
         if not ready:
             states = {f"{v.name}/{v.version}": v.reason for v in repository.versions()}
             raise RuntimeError(f"no model is ready: {states}")
-        return f"ready: {', '.join(ready)}"
+        return f"ready on {repository.device}: {', '.join(ready)}"
 
     return FunctionCheck("models", probe)
