@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -339,7 +340,7 @@ async def test_health_is_serving_and_metrics_export_batches(served: Served) -> N
     health = health_pb2_grpc.HealthStub(served.channel)
     status = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
     assert status.status == health_pb2.HealthCheckResponse.SERVING
-    import httpx
+    assert served.runtime.monitor.results[0].detail.startswith("ready on cpu: counted/1, fake/1")
 
     async with httpx.AsyncClient(base_url=f"http://localhost:{served.runtime.http_port}") as client:
         metrics = (await client.get("/metrics/")).text
