@@ -249,7 +249,7 @@ FILTERS: dict[str, FilterDefinition] = {
                 int_param("c", 2, "Offset subtracted from the adaptive mean.", min=-65535, max=65535),
             ),
             "1",
-            EXACT,
+            Tolerance(0, note="16-bit adaptive with block_size > 15 may differ where a window sum exceeds 2^24"),
         ),
         FilterDefinition(
             "resize",
