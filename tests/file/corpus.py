@@ -113,3 +113,16 @@ def png_with_bad_crc() -> bytes:
     index = good.index(b"IDAT") + 10
     good[index] ^= 0x01
     return bytes(good)
+
+
+def jpeg_with_embedded_thumbnail() -> bytes:
+    """A JPEG whose APP1 (EXIF) segment carries another JPEG, end marker included (as cameras write)."""
+    main = jpeg("RGB", 200, 100)
+    payload = b"Exif\x00\x00" + jpeg("RGB", 32, 16)
+    app1 = b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+    return main[:2] + app1 + main[2:]
+
+
+def png_with_colour_key(mode: str) -> bytes:
+    """A grey or RGB PNG with a tRNS colour key (black is transparent)."""
+    return encode(pixels(mode), "PNG", transparency=0 if mode == "L" else (0, 0, 0))

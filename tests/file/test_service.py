@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import io
 import itertools
+import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,10 +19,13 @@ from PIL import Image
 from mesh.file.v1 import file_service_pb2 as pb
 from mesh.file.v1 import file_service_pb2_grpc
 from mesh.kit import errors
+from mesh.kit.db import create_pool
 from mesh.kit.runtime import ServiceRuntime
 from mesh.services.file.blobs import BlobStore
 from mesh.services.file.client import FileClient
+from mesh.services.file.postgres import PostgresImageRepository
 from mesh.services.file.servicer import MAX_CHUNK_BYTES
+from mesh.services.file.store import ImageStore
 from tests.file import corpus
 
 pytestmark = pytest.mark.integration
@@ -166,7 +170,7 @@ async def test_oversized_stream_is_cut_off_early(file_server: ServiceRuntime) ->
         stub = file_service_pb2_grpc.FileServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await asyncio.wait_for(stub.UploadImage(endless()), 30)
-    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value
     assert "limit of 26214400 bytes" in (caught.value.details() or "")
     assert pulled < 64
 
@@ -271,5 +275,37 @@ async def test_health_reflection_and_metrics(file_server: ServiceRuntime) -> Non
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{file_server.http_port}") as http:
         healthz = (await http.get("/healthz")).json()
         metrics = (await http.get("/metrics/")).text
-    assert {c["name"] for c in healthz["checks"]} == {"postgresql", "blob_store"}
+    assert {c["name"] for c in healthz["checks"]} == {"postgresql", "blob_store", "migrations"}
     assert "mesh_file_uploads_total" in metrics
+
+
+async def test_orphaned_blobs_are_swept(file_client: FileClient, blob_dir: Path, database_url: str) -> None:
+    """The sweep removes blobs no image refers to and stale temporary files, and keeps referenced blobs."""
+    blobs = BlobStore(blob_dir)
+    kept = (await file_client.upload(unique_png(), filename="kept.png")).image
+    orphan = f"orphan {uuid.uuid4()}".encode()
+    orphan_digest = hashlib.sha256(orphan).hexdigest()
+    await asyncio.to_thread(blobs.write, orphan_digest, orphan)
+    stale = blobs.path(orphan_digest).with_name(".tmp-crashed")
+    await asyncio.to_thread(_old_file, stale)
+    async with create_pool(database_url, name="sweep-test", max_size=2) as pool:
+        store = ImageStore(PostgresImageRepository(pool), blobs)
+        assert await store.sweep_orphans() >= 1
+    assert not blobs.exists(orphan_digest)
+    assert not await asyncio.to_thread(stale.exists)
+    assert blobs.exists(kept.sha256)
+    assert (await file_client.download(kept.id))[2]
+
+
+def _old_file(path: Path) -> None:
+    path.write_bytes(b"half a blob")
+    os.utime(path, (1_000_000_000, 1_000_000_000))
+
+
+async def test_a_30_mib_upload_is_refused_as_too_large(file_client: FileClient) -> None:
+    """A 30 MiB upload reliably gets RESOURCE_EXHAUSTED (413), not a transport error, through the client."""
+    data = b"\x89PNG\r\n\x1a\n" + b"\x00" * (30 * 1024 * 1024)
+    for _ in range(4):
+        with pytest.raises(errors.ResourceExhausted, match="over the limit") as caught:
+            await file_client.upload(data, filename="huge.png")
+        assert errors.http_status(caught.value) == 413

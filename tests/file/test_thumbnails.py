@@ -22,6 +22,8 @@ from tests.file import corpus
         (corpus.png("RGB", 600, 300), "image/jpeg", "RGB"),
         (corpus.jpeg("L", 600, 300), "image/jpeg", "L"),
         (corpus.png("P", 600, 300), "image/jpeg", "RGB"),
+        (corpus.encode(corpus.pixels("RGB", 600, 300).convert("CMYK"), "JPEG"), "image/jpeg", "RGB"),
+        (corpus.encode(corpus.pixels("L", 600, 300), "PNG", transparency=0), "image/png", "LA"),
     ],
 )
 def test_thumbnail_is_png_with_alpha_else_jpeg_and_fits_256(

@@ -34,7 +34,20 @@ GOOD: dict[str, tuple[Callable[[], bytes], str, int, int]] = {
     "webp-rgb": (lambda: corpus.webp("RGB"), "WEBP", 3, 8),
     "webp-rgba": (lambda: corpus.webp("RGBA"), "WEBP", 4, 8),
     "webp-lossless-rgba": (lambda: corpus.webp("RGBA", lossless=True), "WEBP", 4, 8),
+    "png-grey-colour-key": (lambda: corpus.png_with_colour_key("L"), "PNG", 2, 8),
+    "png-rgb-colour-key": (lambda: corpus.png_with_colour_key("RGB"), "PNG", 4, 8),
+    "jpeg-progressive": (lambda: corpus.encode(corpus.pixels("RGB"), "JPEG", progressive=True), "JPEG", 3, 8),
+    "jpeg-restart-markers": (
+        lambda: corpus.encode(corpus.pixels("RGB"), "JPEG", restart_marker_blocks=2),
+        "JPEG",
+        3,
+        8,
+    ),
+    "jpeg-cmyk": (lambda: corpus.encode(corpus.pixels("RGB").convert("CMYK"), "JPEG"), "JPEG", 3, 8),
+    "jpeg-zero-padding": (lambda: corpus.jpeg() + b"\x00" * 32, "JPEG", 3, 8),
+    "jpeg-embedded-thumbnail": (corpus.jpeg_with_embedded_thumbnail, "JPEG", 3, 8),
 }
+SIZES = {"png-rgb-16bit": (32, 16), "jpeg-embedded-thumbnail": (200, 100)}
 
 
 @pytest.mark.parametrize("name", sorted(GOOD))
@@ -47,7 +60,7 @@ def test_good_files_are_accepted_with_their_facts(name: str) -> None:
     assert info.format == fmt
     assert info.content_type == {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}[fmt]
     assert (info.channels, info.bit_depth) == (channels, bit_depth)
-    assert (info.width, info.height) == ((32, 16) if name == "png-rgb-16bit" else (64, 48))
+    assert (info.width, info.height) == SIZES.get(name, (64, 48))
     assert info.size_bytes == len(data)
     assert info.sha256 == hashlib.sha256(data).hexdigest()
 

@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -74,6 +75,25 @@ class BlobStore:
             except OSError:  # not empty, or already gone
                 break
         return True
+
+    def digests(self) -> list[str]:
+        """Every stored blob's digest (walks the tree)."""
+        if not self.root.is_dir():
+            return []
+        return [p.name for p in self.root.glob("*/*/*") if _SHA256_HEX.fullmatch(p.name)]
+
+    def remove_stale_temporaries(self, older_than_seconds: float) -> int:
+        """Delete temporary files left by writes that crashed; returns how many."""
+        if not self.root.is_dir():
+            return 0
+        cutoff = time.time() - older_than_seconds
+        removed = 0
+        for path in self.root.glob("*/*/.tmp-*"):
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+        return removed
 
     def count(self) -> int:
         """How many blobs are stored (for tests and diagnostics; walks the tree)."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
 from mesh.file.v1 import file_service_pb2_grpc
 from mesh.kit.db import PostgresCheck, create_pool
 from mesh.kit.health import DirectoryCheck
+from mesh.kit.logging import get_logger
 from mesh.kit.runtime import ServiceRuntime
 from mesh.services.file.blobs import BlobStore
 from mesh.services.file.migrations_check import SchemaMigrations
@@ -19,6 +21,8 @@ from mesh.services.file.validation import Limits
 
 MIGRATIONS = "mesh.services.file.migrations"
 
+log = get_logger(__name__)
+
 
 def limits_from(settings: FileSettings) -> Limits:
     """Upload limits from settings."""
@@ -27,6 +31,20 @@ def limits_from(settings: FileSettings) -> Limits:
         max_pixels=settings.max_image_pixels,
         max_aspect_ratio=settings.max_aspect_ratio,
     )
+
+
+async def sweep_periodically(
+    store: ImageStore, migrations: SchemaMigrations, stopping: asyncio.Event, interval: float
+) -> None:
+    """Remove orphaned blobs now and every ``interval`` seconds until ``stopping`` is set."""
+    while not stopping.is_set():
+        if migrations.applied.is_set():
+            try:
+                await store.sweep_orphans()
+            except Exception as error:  # a failed sweep is retried at the next interval
+                log.warning("blob sweep failed", error=f"{type(error).__name__}: {error}")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), interval if migrations.applied.is_set() else 5.0)
 
 
 @contextlib.asynccontextmanager
@@ -62,6 +80,12 @@ async def file_service(settings: FileSettings) -> AsyncIterator[ServiceRuntime]:
         )
         if not migrated:
             runtime.add_background(lambda: migrations.run_until_applied(runtime.stopping))
+        if settings.blob_sweep_interval_seconds > 0:
+            runtime.add_background(
+                lambda: sweep_periodically(
+                    store, migrations, runtime.stopping, settings.blob_sweep_interval_seconds
+                )
+            )
         servicer = FileServicer(store, default_chunk_bytes=settings.download_chunk_bytes)
         file_service_pb2_grpc.add_FileServiceServicer_to_server(servicer, runtime.server)
         yield runtime

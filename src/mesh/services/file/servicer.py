@@ -22,6 +22,8 @@ SERVICE_NAME: Final = "mesh.file.v1.FileService"
 # can take the largest chunk.
 MAX_CHUNK_BYTES: Final = 4 * 1024 * 1024 - 1024
 MIN_CHUNK_BYTES: Final = 1024
+# How much of a refused upload is still read (and dropped) so that the client hears why; see _drain.
+DRAIN_BYTES: Final = 16 * 1024 * 1024
 
 _FORMATS: Final = {
     "PNG": image_pb2.IMAGE_FORMAT_PNG,
@@ -60,6 +62,21 @@ def _upload_request(metadata: pb.UploadMetadata) -> UploadRequest:
         labels=dict(metadata.labels),
         idempotency_key=metadata.idempotency_key,
     )
+
+
+async def _drain(request_iterator: AsyncIterator[pb.UploadImageRequest], limit: int) -> None:
+    """Read and drop up to ``limit`` more bytes of a refused upload before answering.
+
+    grpcio's asyncio client can report a server's early answer as ``INTERNAL: Internal error from Core``
+    when the answer arrives while it is still writing (grpc/grpc#36066). Reading a moderately oversized
+    upload to its end lets such a client see RESOURCE_EXHAUSTED; a much larger or endless one is still cut
+    off after ``limit`` bytes.
+    """
+    drained = 0
+    async for part in request_iterator:
+        drained += len(part.chunk)
+        if drained > limit:
+            return
 
 
 def chunk_size(requested: int, default: int) -> int:
@@ -102,7 +119,11 @@ class FileServicer(file_service_pb2_grpc.FileServiceServicer):
                 )
             elif kind == "chunk":
                 # Counted as it arrives, so an oversized upload is refused without buffering it all.
-                guard.add(len(part.chunk))
+                try:
+                    guard.add(len(part.chunk))
+                except errors.PayloadTooLarge:
+                    await _drain(request_iterator, DRAIN_BYTES)
+                    raise
                 chunks.append(part.chunk)
         if metadata is None:
             raise errors.InvalidArgument(

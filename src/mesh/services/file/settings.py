@@ -39,3 +39,6 @@ class FileSettings(ServerSettings):
 
     startup_migration_seconds: float = Field(default=10.0, ge=0)
     """How long start-up waits for PostgreSQL to migrate; after that it serves NOT_SERVING and keeps trying."""
+
+    blob_sweep_interval_seconds: float = Field(default=3600.0, ge=0)
+    """How often unreferenced blobs (left by crashes) are looked for and removed; 0 turns it off."""

@@ -258,6 +258,27 @@ class ImageStore:
         log.info("image deleted", image_id=str(parsed), blobs_removed=len(removed))
         return record.sha256 in removed
 
+    async def sweep_orphans(self, *, batch: int = 200, temporary_age_seconds: float = 3600.0) -> int:
+        """Remove blobs no image refers to (left by a crash between a delete and its blob removal, or
+        by an upload whose row was never committed) and stale temporary files; returns blobs removed.
+
+        Each digest is checked under the same lock uploads take, so a blob being uploaded is never
+        taken for an orphan.
+        """
+        await asyncio.to_thread(self.blobs.remove_stale_temporaries, temporary_age_seconds)
+        digests = await asyncio.to_thread(self.blobs.digests)
+
+        async def remove(digest: str) -> bool:
+            return await asyncio.to_thread(self.blobs.remove, digest)
+
+        removed = 0
+        for start in range(0, len(digests), batch):
+            removed += len(await self.repository.release_blobs(digests[start : start + batch], remove=remove))
+        if removed:
+            BLOBS_REMOVED.inc(removed)
+            log.info("orphaned blobs removed", count=removed, scanned=len(digests))
+        return removed
+
 
 def _file_size(handle: BinaryIO) -> int:
     return os.fstat(handle.fileno()).st_size

@@ -55,6 +55,8 @@ def _to_8bit(image: Image.Image) -> Image.Image:
         return Image.fromarray((pixels >> 8).clip(0, 255).astype(np.uint8))
     if image.mode == "P":
         return image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("L", "RGB") and "transparency" in image.info:  # a tRNS colour key is alpha too
+        return image.convert("LA" if image.mode == "L" else "RGBA")
     if image.mode == "1":
         return image.convert("L")
     return image

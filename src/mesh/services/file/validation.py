@@ -279,6 +279,8 @@ def _channels_and_depth(image: Image.Image, container: ContainerInfo) -> tuple[i
         return 1, 8
     if mode in ("LA", "La"):
         return 2, 8
+    if mode == "CMYK":  # print-oriented JPEGs; every consumer decodes them to RGB
+        return 3, 8
     return len(image.getbands()), 8
 
 
