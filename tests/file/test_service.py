@@ -309,3 +309,22 @@ async def test_a_30_mib_upload_is_refused_as_too_large(file_client: FileClient) 
         with pytest.raises(errors.ResourceExhausted, match="over the limit") as caught:
             await file_client.upload(data, filename="huge.png")
         assert errors.http_status(caught.value) == 413
+
+
+async def test_concurrent_uploads_with_one_idempotency_key_store_one_image(
+    file_client: FileClient, blob_dir: Path
+) -> None:
+    """Two racing uploads of different bytes under one key give one image, and the loser leaves no blob."""
+    blobs = BlobStore(blob_dir)
+    key = f"race-{uuid.uuid4()}"
+    first, second = unique_png(), unique_png()
+    a, b = await asyncio.gather(
+        file_client.upload(first, filename="a.png", idempotency_key=key),
+        file_client.upload(second, filename="b.png", idempotency_key=key),
+    )
+    assert a.image == b.image
+    assert sorted([a.deduplicated, b.deduplicated]) == [False, True]
+    winner = a.image.sha256
+    loser = hashlib.sha256(second if winner == hashlib.sha256(first).hexdigest() else first).hexdigest()
+    assert blobs.exists(winner)
+    assert not blobs.exists(loser)

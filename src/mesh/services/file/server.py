@@ -71,6 +71,7 @@ async def file_service(settings: FileSettings) -> AsyncIterator[ServiceRuntime]:
             blobs,
             limits=limits_from(settings),
             thumbnail_size=settings.thumbnail_size,
+            max_concurrent_decodes=settings.max_concurrent_decodes,
         )
         runtime = ServiceRuntime(
             "file",

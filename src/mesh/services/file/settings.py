@@ -42,3 +42,6 @@ class FileSettings(ServerSettings):
 
     blob_sweep_interval_seconds: float = Field(default=3600.0, ge=0)
     """How often unreferenced blobs (left by crashes) are looked for and removed; 0 turns it off."""
+
+    max_concurrent_decodes: int = Field(default=4, ge=1)
+    """How many uploads may be decoded at once (a 50-megapixel decode holds about 200 MB)."""

@@ -130,11 +130,14 @@ class ImageStore:
         *,
         limits: Limits = DEFAULT_LIMITS,
         thumbnail_size: int = 256,
+        max_concurrent_decodes: int = 4,
     ) -> None:
         self.repository = repository
         self.blobs = blobs
         self.limits = limits
         self.thumbnail_size = thumbnail_size
+        # A full decode of a 50-megapixel image holds about 200 MB; bound how many run at once.
+        self._decodes = asyncio.Semaphore(max_concurrent_decodes)
 
     async def upload(self, data: bytes, request: UploadRequest) -> UploadResult:
         """Validate and store ``data``; the same idempotency key returns the first image."""
@@ -144,15 +147,17 @@ class ImageStore:
             existing = await self.repository.find_by_idempotency_key(key)
             if existing is not None:
                 return UploadResult(existing, True)
-        decoded = await asyncio.to_thread(
-            validate_image,
-            data,
-            declared_content_type=request.content_type,
-            declared_sha256=request.sha256,
-            limits=self.limits,
-        )
+        async with self._decodes:
+            decoded = await asyncio.to_thread(
+                validate_image,
+                data,
+                declared_content_type=request.content_type,
+                declared_sha256=request.sha256,
+                limits=self.limits,
+            )
+            thumbnail = await asyncio.to_thread(make_thumbnail, decoded.image, self.thumbnail_size)
         info = decoded.info
-        thumbnail = await asyncio.to_thread(make_thumbnail, decoded.image, self.thumbnail_size)
+        del decoded  # the decoded pixels are not kept while the blobs and the row are written
         thumbnail_sha256 = hashlib.sha256(thumbnail.data).hexdigest()
         new = NewImage(
             id=uuid.uuid4(),
