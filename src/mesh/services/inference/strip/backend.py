@@ -49,8 +49,8 @@ class Backend(Protocol):
 
     name: str
 
-    def downscale(self, image: ByteImage, factor: int) -> FloatImage:
-        """Box-filter downscale by an integer factor, to float 0..1."""
+    def downscale(self, image: ByteImage, factor: int) -> ByteImage:
+        """Box-filter downscale by an integer factor (rounded to 8 bits)."""
         ...
 
     def rectify(self, image: ByteImage, geometry: CropGeometry) -> FloatImage:
@@ -63,12 +63,12 @@ class CpuBackend:
 
     name = "cpu"
 
-    def downscale(self, image: ByteImage, factor: int) -> FloatImage:
+    def downscale(self, image: ByteImage, factor: int) -> ByteImage:
         height, width = image.shape[:2]
         if factor > 1:
             h, w = height // factor, width // factor
             image = cv2.resize(image[: h * factor, : w * factor], (w, h), interpolation=cv2.INTER_AREA)
-        return np.asarray(image, dtype=np.float32) * np.float32(1 / 255)
+        return np.asarray(image, dtype=np.uint8)
 
     def rectify(self, image: ByteImage, geometry: CropGeometry) -> FloatImage:
         g = geometry
@@ -105,7 +105,7 @@ class ArrayBackend:
             return np.asarray(array, dtype=np.float32)
         return np.asarray(self.xp.asnumpy(array), dtype=np.float32)
 
-    def downscale(self, image: ByteImage, factor: int) -> FloatImage:
+    def downscale(self, image: ByteImage, factor: int) -> ByteImage:
         xp = self.xp
         height, width = image.shape[:2]
         h, w = height // factor, width // factor
@@ -114,7 +114,8 @@ class ArrayBackend:
             shape = (h, factor, w, factor) + tuple(image.shape[2:])
             # Mean of each block, rounded to 8 bits as OpenCV's INTER_AREA does.
             device = xp.floor(device.reshape(shape).astype(xp.float32).mean(axis=(1, 3)) + 0.5)
-        return self._to_host(device.astype(xp.float32) * (1 / 255))
+        host = device if xp is np else xp.asnumpy(device)
+        return np.asarray(host, dtype=np.uint8)
 
     def rectify(self, image: ByteImage, geometry: CropGeometry) -> FloatImage:
         xp = self.xp

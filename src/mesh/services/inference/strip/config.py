@@ -21,16 +21,19 @@ class ReaderConfig:
     min_object_fraction: float = 0.004
     """Smallest strip, as a fraction of the (working) image area."""
 
+    noise_floor: float = 0.002
+    """Smallest profile noise assumed (contrast units): clean PNGs would otherwise make any ripple 'significant'."""
+
     c_min_intensity: float = 0.03
     """A control line must reach this contrast against the membrane."""
 
     c_min_snr: float = 8.0
     """... and this many noise deviations of the line profile."""
 
-    t_min_intensity: float = 0.008
+    t_min_intensity: float = 0.006
     """A test line must reach this contrast (calibrated on the train split)."""
 
-    t_min_snr: float = 4.5
+    t_min_snr: float = 5.0
     """... and this signal-to-noise ratio (calibrated on the train split)."""
 
     blur_flag_sigma: float = 4.0

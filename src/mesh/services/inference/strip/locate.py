@@ -33,14 +33,14 @@ class Placement:
     score: float
 
 
-def brightness(small: FloatImage) -> FloatImage:
-    """Bright and grey scores high: max channel damped by saturation (white plastic and membrane)."""
+def brightness(small: npt.NDArray[np.uint8]) -> FloatImage:
+    """Bright and grey scores high: max channel damped by saturation (white plastic and membrane), 0..1."""
     if small.ndim == 2:
-        return small
-    vmax = small.max(axis=2)
-    vmin = small.min(axis=2)
-    sat = (vmax - vmin) / np.maximum(vmax, 1e-3)
-    return np.asarray(vmax * (1.0 - 0.6 * sat), dtype=np.float32)
+        return np.asarray(small, dtype=np.float32) * np.float32(1 / 255)
+    hsv = cv2.cvtColor(small, cv2.COLOR_RGB2HSV)
+    sat = hsv[:, :, 1].astype(np.float32)
+    value = hsv[:, :, 2].astype(np.float32)
+    return np.asarray(value * (1 / 255) - value * sat * (0.6 / 65025), dtype=np.float32)
 
 
 def _local_max(feature: FloatImage, fraction: float) -> FloatImage:
@@ -56,11 +56,12 @@ def _local_max(feature: FloatImage, fraction: float) -> FloatImage:
     return cv2.resize(tiny, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
-def find_object(small: FloatImage, min_area_fraction: float) -> Placement | None:
-    """The most strip-like object in ``small`` (float 0..1, grey or RGB), or None."""
+def find_object(small: npt.NDArray[np.uint8], min_area_fraction: float) -> Placement | None:
+    """The most strip-like object in ``small`` (8-bit grey or RGB), or None."""
     feature = brightness(small)
     height, width = feature.shape
-    bright = float(np.percentile(feature, 99.5))
+    tiny = cv2.resize(feature, (max(1, width // 4), max(1, height // 4)), interpolation=cv2.INTER_AREA)
+    bright = float(np.percentile(tiny, 99.5))
     area_img = float(height * width)
     best: Placement | None = None
     close_w = max(3, int(0.025 * max(width, height)) | 1)
@@ -179,15 +180,19 @@ def _judge(
     fill = area / (length * across)
     if fill < 0.78:
         return None
-    # Contrast against a ring around the object.
-    inside = np.zeros(feature.shape, np.uint8)
-    cv2.drawContours(inside, [contour], -1, 1, -1)
+    # Contrast against a ring around the object, within its bounding box only (cheap).
     ring_w = max(2, int(0.15 * across))
+    x0, y0 = max(0, bx - ring_w), max(0, by - ring_w)
+    x1, y1 = min(width, bx + bw + ring_w), min(height, by + bh + ring_w)
+    inside = np.zeros((y1 - y0, x1 - x0), np.uint8)
+    cv2.drawContours(inside, [contour], -1, 1, -1, offset=(-x0, -y0))
     ring = cv2.dilate(inside, np.ones((ring_w * 2 + 1, ring_w * 2 + 1), np.uint8)) - inside
-    if not ring.any():
+    roi = feature[y0:y1, x0:x1]
+    ring_n = int(ring.sum())
+    if ring_n == 0:
         return None
-    inner_v = float(np.median(feature[inside > 0]))
-    ring_v = float(np.median(feature[ring > 0]))
+    inner_v = float(cv2.mean(roi, mask=inside)[0])
+    ring_v = float(cv2.mean(roi, mask=ring)[0])
     contrast = inner_v / max(ring_v, 1e-3)
     if contrast < 1.12 or inner_v < 0.45 * bright:
         return None

@@ -95,7 +95,9 @@ def line_width(signal: FloatArray, index: float) -> float:
     return float(max(1, right - left))
 
 
-def matched_test_line(profile: Profile, control: Peak, zone: tuple[float, float]) -> MatchedLine | None:
+def matched_test_line(
+    profile: Profile, control: Peak, zone: tuple[float, float], noise_floor: float
+) -> MatchedLine | None:
     """Searches ``zone`` (fractions of the window) for a line of C's colour and shape.
 
     T and C are made of the same particles and striped alike, so C is the best template for T: the channel
@@ -130,7 +132,7 @@ def matched_test_line(profile: Profile, control: Peak, zone: tuple[float, float]
     keep[n - margin :] = False
     rest = response[keep] if keep.sum() > 8 else response
     centre = float(np.median(rest))
-    noise = 1.4826 * float(np.median(np.abs(rest - centre))) + 1e-5
+    noise = max(noise_floor, 1.4826 * float(np.median(np.abs(rest - centre))))
     a, b = int(zone[0] * n), int(zone[1] * n) + 1
     a, b = max(a, margin), min(b, n - margin)
     if b - a < 1:
@@ -168,21 +170,21 @@ def _framed_window(grey: FloatArray, top_obj: float, bottom_obj: float) -> Windo
     grad = np.abs(smooth[2:, :] - smooth[:-2, :])  # row y+1 of the crop
     # Only the object's inner columns and rows, away from its own outline.
     cols = slice(int(0.03 * width), int(0.97 * width))
-    rows_strength = np.percentile(grad[:, cols], 80, axis=1)
-    first = int(top_obj + 0.15 * obj_h)
-    last = int(bottom_obj - 0.15 * obj_h)
+    rows_strength = np.percentile(grad[:, cols], 90, axis=1)
+    first = int(top_obj + 0.2 * obj_h)
+    last = int(bottom_obj - 0.2 * obj_h)
     centre = (top_obj + bottom_obj) / 2
     if last - first < 6:
         return None
     inner = rows_strength[first - 1 : last - 1]
-    floor = float(np.median(inner)) + 1e-4
+    floor = float(np.percentile(inner, 25)) + 1e-3
     upper = inner[: int(centre - first)]
     lower = inner[int(centre - first) :]
     if upper.size < 2 or lower.size < 2:
         return None
     top = int(np.argmax(upper)) + first
     bottom = int(np.argmax(lower)) + int(centre)
-    if min(float(upper.max()), float(lower.max())) < 3.0 * floor:
+    if min(float(upper.max()), float(lower.max())) < 2.5 * floor:
         return None
     # The window's columns: where both borders are strong.
     band_t = grad[max(0, top - 3) : top + 2, :].max(axis=0)
@@ -196,7 +198,10 @@ def _framed_window(grey: FloatArray, top_obj: float, bottom_obj: float) -> Windo
         return None
     x0, x1 = run
     win_h = bottom - top
-    if x1 - x0 < 0.12 * width or not 0.12 * obj_h <= win_h <= 0.65 * obj_h or (x1 - x0) < 1.2 * win_h:
+    # A cassette's window is a fraction of its length and height; the strip's own outline is not a window.
+    if not 0.12 * width <= x1 - x0 <= 0.75 * width or not 0.12 * obj_h <= win_h <= 0.6 * obj_h:
+        return None
+    if (x1 - x0) < 1.2 * win_h:
         return None
     return WindowBox(float(x0), float(top), float(x1), float(bottom), framed=True)
 
@@ -242,7 +247,7 @@ def _closing(values: FloatArray, size: int) -> FloatArray:
     return np.asarray(closed.ravel(), dtype=np.float32)
 
 
-def window_profile(crop: FloatArray, box: WindowBox, margin: float = 0.04) -> Profile:
+def window_profile(crop: FloatArray, box: WindowBox, noise_floor: float, margin: float = 0.04) -> Profile:
     """Background-corrected line profile of the window's central rows; peaks sorted by position."""
     h = box.y1 - box.y0
     y0 = int(round(box.y0 + 0.25 * h))
@@ -271,7 +276,7 @@ def window_profile(crop: FloatArray, box: WindowBox, margin: float = 0.04) -> Pr
     lo, hi = int(margin * n), int((1 - margin) * n)
     core = signal[lo:hi] if hi - lo > 8 else signal
     med = float(np.median(core))
-    noise = 1.4826 * float(np.median(np.abs(core - med))) + 1e-4
+    noise = max(noise_floor, 1.4826 * float(np.median(np.abs(core - med))))
     peaks = _peaks(signal, absorb, noise, lo, hi)
     return Profile(signal=signal, noise=noise, level_ratio=level_ratio, peaks=peaks, absorb=absorb)
 

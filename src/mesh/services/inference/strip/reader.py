@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 
@@ -128,10 +129,10 @@ class StripReader:
             return _not_found(precheck), Scores(found=False)
         geometry = _crop_geometry(placement, factor, crop_length)
         crop = self.backend.rectify(image, geometry)
-        grey = crop if crop.ndim == 2 else crop.mean(axis=2)
+        grey = crop if crop.ndim == 2 else cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)
         margin = ACROSS_MARGIN * placement.width * factor * geometry.scale
         box = find_window(grey, margin)
-        profile = window_profile(crop, box)
+        profile = window_profile(crop, box, self.config.noise_floor)
         lines = self._lines(profile)
         flags = self._quality(grey, margin, geometry, width, profile)
         c, t = lines.strongest_c_candidate, lines.test_candidate
@@ -160,7 +161,9 @@ class StripReader:
         t_candidate: MatchedLine | None
         if control is not None:
             c_pos = control.index / n
-            t_candidate = matched_test_line(profile, control, (c_pos - T_ZONE[1], c_pos - T_ZONE[0]))
+            t_candidate = matched_test_line(
+                profile, control, (c_pos - T_ZONE[1], c_pos - T_ZONE[0]), cfg.noise_floor
+            )
         else:
             left = [p for p in profile.peaks if p.index / n < 0.5]
             best = max(left, key=lambda p: p.snr, default=None)

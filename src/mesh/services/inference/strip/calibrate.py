@@ -1,0 +1,79 @@
+"""Derives the line thresholds of :class:`ReaderConfig` from the TRAIN split only.
+
+``python -m mesh.services.inference.strip.calibrate [--count N]`` reads train images with thresholds opened
+wide, then picks, for T, the lowest signal-to-noise ratio that keeps false test lines on negatives under the
+target rate (with a margin) and, for C, the lowest one that keeps false control lines on invalid tests under
+it. It prints one JSON object with the proposed values and the score distributions; the values are then
+written into ``ReaderConfig``'s defaults by hand, so the shipped reader never depends on held-out data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from typing import Any
+
+import cv2
+import numpy as np
+
+from mesh.services.inference.strip.config import ReaderConfig
+from mesh.services.inference.strip.evaluate import run_split
+from mesh.services.inference.strip.generator import split_seeds
+from mesh.services.inference.strip.reader import StripReader
+from mesh.services.inference.strip.types import Verdict
+
+# A false line may appear at most this often in train (half the held-out target, for a margin).
+FALSE_LINE_RATE = 0.0025
+
+
+def calibrate(count: int) -> dict[str, Any]:
+    """Proposed thresholds and the score distributions behind them."""
+    cv2.setNumThreads(1)
+    wide = replace(ReaderConfig(), t_min_snr=0.0, t_min_intensity=0.0)
+    records = run_split(StripReader(wide), split_seeds("train", count))
+    negatives = [r for r in records if r.truth.verdict is Verdict.NEGATIVE and r.reading.control_line.present]
+    positives = [r for r in records if r.truth.verdict is Verdict.POSITIVE and r.reading.control_line.present]
+    neg_t = np.array([r.scores.t_snr for r in negatives])
+    # The T threshold: above nearly every negative's best T candidate, with one noise unit to spare.
+    t_snr = float(np.quantile(neg_t, 1 - FALSE_LINE_RATE)) + 1.0 if neg_t.size else ReaderConfig().t_min_snr
+    invalid = [r for r in records if r.truth.verdict is Verdict.INVALID and r.truth.kind != "none"]
+    inv_c = np.array([r.scores.c_snr for r in invalid if r.scores.found])
+    valid_c = np.array([r.scores.c_snr for r in records if r.truth.control_line.present and r.scores.found])
+    c_snr = float(np.quantile(inv_c, 1 - FALSE_LINE_RATE)) + 1.0 if inv_c.size else ReaderConfig().c_min_snr
+    found_at = {}
+    for lo, hi in ((0.01, 0.02), (0.02, 0.03), (0.03, 0.04), (0.04, 0.06), (0.06, 1.0)):
+        group = [r.scores.t_snr for r in positives if lo <= r.truth.test_line.contrast < hi]
+        found_at[f"{lo}-{hi}"] = (
+            {"count": len(group), "found": int(sum(1 for v in group if v >= t_snr))} if group else None
+        )
+    return {
+        "split": "train",
+        "images": len(records),
+        "proposed": {"t_min_snr": round(t_snr, 2), "c_min_snr": round(max(c_snr, 6.0), 2)},
+        "negative_t_snr_quantiles": _quantiles(neg_t),
+        "invalid_c_snr_quantiles": _quantiles(inv_c),
+        "valid_c_snr_quantiles": _quantiles(valid_c),
+        "positives_found_with_proposal": found_at,
+    }
+
+
+def _quantiles(values: np.ndarray) -> dict[str, float] | None:  # type: ignore[type-arg]
+    if values.size == 0:
+        return None
+    return {
+        f"q{int(q * 1000)}": round(float(np.quantile(values, q)), 2) for q in (0.01, 0.5, 0.9, 0.99, 0.998)
+    }
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--count", type=int, default=800)
+    args = parser.parse_args(argv)
+    print(json.dumps(calibrate(args.count)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
