@@ -9,7 +9,6 @@ health, error details and trace propagation; only the services' insides are fake
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import io
 import uuid
@@ -516,7 +515,13 @@ class FakeQueueService(queue_grpc.QueueServiceServicer):
                 ),
             )
             return
-        stored = self.files._get(entry.job.image_id)
+        stored = self.files.images.get(entry.job.image_id)
+        if stored is None:
+            fail_error = job_pb2.JobError(
+                category=errors_pb2.ERROR_CATEGORY_DATA, message="the image was deleted", code="NOT_FOUND"
+            )
+            self._change(entry, state=job_pb2.JOB_STATE_FAILED, error=fail_error)
+            return
         prediction = inference_pb.PredictResponse(
             model_name=entry.job.model or "strip-reader",
             model_version="1",
@@ -577,6 +582,8 @@ class FakeQueueService(queue_grpc.QueueServiceServicer):
         self, request: queue_pb.ListJobsRequest, context: Context
     ) -> queue_pb.ListJobsResponse:
         ids = [i for i in self.order if not request.state or self.jobs[i].job.state == request.state]
+        if not (request.page_token or "0").isdigit():
+            raise errors.InvalidArgument("page_token is not valid")
         offset = int(request.page_token or "0")
         size = request.page_size or 50
         more = offset + size < len(ids)
@@ -643,11 +650,10 @@ class FakeQueueService(queue_grpc.QueueServiceServicer):
 
     async def stop(self) -> None:
         """Cancel every running job task."""
-        for entry in self.jobs.values():
-            if entry.runner is not None:
-                entry.runner.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await entry.runner
+        runners = [entry.runner for entry in self.jobs.values() if entry.runner is not None]
+        for runner in runners:
+            runner.cancel()
+        await asyncio.gather(*runners, return_exceptions=True)
 
 
 @dataclass

@@ -10,13 +10,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, FilePayload, Page, async_playwright, expect
 
 from tests.conftest import require
 from tests.gateway.fakes import strip_png
 from tests.gateway.harness import FakeMesh, build_gateway, close_gateway, serve_app
 
 CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_PRESENT = CHROMIUM.exists()
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -32,7 +33,7 @@ TIMEOUT_MS = 10_000
 @pytest.fixture(scope="module")
 async def browser() -> AsyncIterator[Browser]:
     """Debian's headless Chromium."""
-    require(CHROMIUM.exists(), f"Chromium at {CHROMIUM}")
+    require(CHROMIUM_PRESENT, f"Chromium at {CHROMIUM}")
     async with async_playwright() as playwright:
         launched = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield launched
@@ -59,7 +60,7 @@ async def page(browser: Browser, mesh: FakeMesh) -> AsyncIterator[Page]:
 
 async def _upload(page: Page) -> None:
     await page.set_input_files(
-        "#file-input", files=[{"name": "strip.png", "mimeType": "image/png", "buffer": strip_png()}]
+        "#file-input", files=[FilePayload(name="strip.png", mimeType="image/png", buffer=strip_png())]
     )
     await expect(page.locator("#upload-status")).to_have_text(re.compile("^Uploaded"))
     await expect(page.locator("#upload-progress")).to_have_attribute("value", "100")
@@ -96,7 +97,9 @@ async def test_cancel_a_queued_job(page: Page, mesh: FakeMesh) -> None:
         await _upload(page)
         row = await _submit(page)
         await expect(page.locator(row)).to_have_attribute("data-state", "QUEUED")
-        await expect(page.locator(f"{row} .position")).not_to_have_text("–")
+        await expect(page.locator(f"{row} .position")).not_to_have_text(
+            "\u2013"
+        )  # the page's dash for "not queued"
         await page.click(f'{row} button[data-action="cancel"]')
         await expect(page.locator(row)).to_have_attribute("data-state", "CANCELLED")
     finally:

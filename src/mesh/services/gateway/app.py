@@ -6,9 +6,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.staticfiles import StaticFiles
 from starlette.types import Scope
 
@@ -17,6 +19,7 @@ from mesh.services.gateway.auth import API_KEY_HEADER
 from mesh.services.gateway.context import GatewayContext
 from mesh.services.gateway.middleware import BodyLimit, ObservedRequests
 from mesh.services.gateway.routes import images, jobs, models, processing, system
+from mesh.services.gateway.settings import AuthMode
 
 DESCRIPTION = """REST and JSON in front of the image analysis mesh's gRPC services.
 
@@ -43,6 +46,7 @@ def create_app(ctx: GatewayContext) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.gateway = ctx
+    app.openapi = lambda: exact_openapi(app, ctx.settings.auth_mode)  # type: ignore[method-assign]
     http_errors.install(app)
     for router in (system.router, images.router, processing.router, models.router, jobs.router):
         app.include_router(router)
@@ -82,3 +86,39 @@ def create_app(ctx: GatewayContext) -> FastAPI:
         )
     app.add_middleware(ObservedRequests)
     return app
+
+
+_SCHEMES_BY_MODE: dict[str, set[str]] = {
+    "off": set(),
+    "api_key": {"APIKeyHeader"},
+    "jwt": {"HTTPBearer"},
+    "any": {"APIKeyHeader", "HTTPBearer"},
+}
+
+
+def exact_openapi(app: FastAPI, auth_mode: AuthMode) -> dict[str, Any]:
+    """FastAPI's document, made to say what the gateway really does.
+
+    Validation errors are 400 with the mesh's error body, never FastAPI's 422; security requirements are
+    listed only for the schemes the configured auth mode accepts (none when authentication is off).
+    """
+    if app.openapi_schema:
+        return app.openapi_schema
+    document = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    allowed = _SCHEMES_BY_MODE[auth_mode]
+    for path_item in document.get("paths", {}).values():
+        for operation in path_item.values():
+            operation.get("responses", {}).pop("422", None)
+            security = [s for s in operation.pop("security", []) if set(s) <= allowed]
+            if security:
+                operation["security"] = security
+    components = document.get("components", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.get("schemas", {}).pop(unused, None)
+    schemes = {k: v for k, v in components.pop("securitySchemes", {}).items() if k in allowed}
+    if schemes:
+        components["securitySchemes"] = schemes
+    app.openapi_schema = document
+    return document

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from mesh.kit import errors
 from mesh.kit.logging import get_logger
@@ -77,13 +78,25 @@ async def _on_validation_error(_: Request, exc: Exception) -> Response:
     return error_response(_validation_error(exc), status=400)
 
 
-async def _on_http_exception(_: Request, exc: Exception) -> Response:
+async def _on_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     error, status = _http_exception(exc)
     response = error_response(error, status=status)
     if exc.headers:
         response.headers.update(exc.headers)
+    if status == 405:
+        # Starlette names only the first route that matched the path; list every route's methods.
+        response.headers["Allow"] = ", ".join(allowed_methods(request))
     return response
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route offers for this request's path."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.path_regex.match(request.url.path):
+            methods.update(route.methods or ())
+    return sorted(methods - {"HEAD"})
 
 
 def internal_error_response(exc: BaseException) -> JSONResponse:

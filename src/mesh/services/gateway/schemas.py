@@ -11,9 +11,9 @@ JobStateName = Literal["QUEUED", "RUNNING", "RETRY_WAIT", "SUCCEEDED", "FAILED",
 
 
 class Strict(BaseModel):
-    """Request bodies refuse unknown fields, so a typo is a 400 instead of being ignored."""
+    """Request bodies refuse unknown fields and wrong types (no ``false`` -> 0), so a typo is a 400."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ErrorDetail(BaseModel):
@@ -102,11 +102,20 @@ class PipelineStepOut(BaseModel):
     params: dict[str, ParamScalar | None]
 
 
+EXACTLY_ONE_IMAGE: dict[str, Any] = {"oneOf": [{"required": ["image_id"]}, {"required": ["image"]}]}
+BASE64: dict[str, Any] = {"contentEncoding": "base64"}
+
+
 class ProcessIn(Strict):
     """Synchronous processing: exactly one of ``image_id`` and ``image`` (base64 file bytes)."""
 
-    image_id: str | None = Field(default=None, max_length=200)
-    image: str | None = Field(default=None, description="Base64 PNG, JPEG or WebP bytes.")
+    model_config = ConfigDict(json_schema_extra=EXACTLY_ONE_IMAGE)
+
+    # Absent is "" (never null), so the document's oneOf says exactly what is accepted.
+    image_id: str = Field(default="", min_length=1, max_length=200)
+    image: str = Field(
+        default="", min_length=1, description="Base64 PNG, JPEG or WebP bytes.", json_schema_extra=BASE64
+    )
     pipeline: list[PipelineStepIn] = Field(default_factory=list, max_length=64)
     output_format: Literal["png", "jpeg", "webp"] = "png"
     quality: int | None = Field(default=None, ge=1, le=100, description="JPEG/WebP quality.")
@@ -174,8 +183,13 @@ class ModelDetail(BaseModel):
 class PredictIn(Strict):
     """Synchronous inference: exactly one of ``image_id`` and ``image`` (base64 file bytes)."""
 
-    image_id: str | None = Field(default=None, max_length=200)
-    image: str | None = Field(default=None, description="Base64 PNG, JPEG or WebP bytes.")
+    model_config = ConfigDict(json_schema_extra=EXACTLY_ONE_IMAGE)
+
+    # Absent is "" (never null), so the document's oneOf says exactly what is accepted.
+    image_id: str = Field(default="", min_length=1, max_length=200)
+    image: str = Field(
+        default="", min_length=1, description="Base64 PNG, JPEG or WebP bytes.", json_schema_extra=BASE64
+    )
     version: str = Field(default="", max_length=100)
     parameters: dict[str, ParamScalar] = Field(default_factory=dict)
     precheck_only: bool = False

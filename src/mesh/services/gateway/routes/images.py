@@ -39,7 +39,7 @@ UPLOAD_BODY = {
     }
 }
 ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": schemas.ErrorResponse} for code in (400, 401, 404, 413, 415, 429, 503)
+    code: {"model": schemas.ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 429, 500, 503, 504)
 }
 
 

@@ -106,7 +106,13 @@ def _last_event_id(header: str | None, query: str | None) -> int:
 @router.get(
     "/{job_id}/events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}, **ERRORS},
+    responses={
+        200: {
+            "description": "Events: `job` (data: the job), `end` (data: its id), `error` (data: an error body).",
+            "content": {"text/event-stream": {"schema": {"type": "object"}}},
+        },
+        **ERRORS,
+    },
     summary="A job's events (Server-Sent Events)",
 )
 async def job_events(

@@ -28,7 +28,7 @@ async def predict(name: str, body: schemas.PredictIn, ctx: Context, _: Caller) -
             inference_pb.PredictRequest(
                 model_name=name,
                 model_version=body.version,
-                input=image_input(body.image_id, body.image),
+                input=image_input(body.image_id or None, body.image or None),
                 request_id=str(uuid.uuid4()),
                 parameters=convert.to_params(body.parameters),
                 precheck_only=body.precheck_only,

@@ -77,7 +77,7 @@ async def process(
     ``X-Image-Height`` and ``X-Device`` headers.
     """
     request_message = image_pb.ProcessImageRequest(
-        input=image_input(body.image_id, body.image),
+        input=image_input(body.image_id or None, body.image or None),
         pipeline=convert.to_pipeline(body.pipeline),
         output=image_pb.OutputSpec(
             format=convert.OUTPUT_FORMATS[body.output_format], quality=body.quality or 0
