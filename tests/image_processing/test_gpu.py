@@ -9,13 +9,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import pytest
 
 from mesh.kit import errors
 from mesh.services.image_processing.backend import run_pipeline
 from mesh.services.image_processing.cpu_backend import CpuBackend
 from mesh.services.image_processing.registry import FILTERS, validate_pipeline
+from tests.image_processing.gpu_cases import CASES, within
 from tests.image_processing.images import LAYOUTS, noise, smooth
 
 pytestmark = pytest.mark.gpu
@@ -30,39 +30,6 @@ if _DEVICES < 1:
 
 from mesh.services.image_processing.gpu_backend import GpuBackend  # noqa: E402
 
-# Every filter with parameter sets that cover its code paths.
-CASES: list[tuple[str, dict[str, Any]]] = [
-    *[("grayscale", {"method": m}) for m in ("bt601", "bt709", "average", "lightness", "luminosity")],
-    *[("gaussian_blur", {"sigma": 2.0, "border": b}) for b in ("reflect", "clamp", "wrap", "constant")],
-    ("gaussian_blur", {"sigma": 3.0, "ksize": 7}),
-    *[("box_blur", {"ksize": 5, "border": b}) for b in ("reflect", "clamp", "wrap", "constant")],
-    ("median", {"ksize": 3}),
-    ("median", {"ksize": 5}),
-    ("unsharp_mask", {"sigma": 1.5, "amount": 1.0}),
-    ("unsharp_mask", {"sigma": 1.0, "amount": 0.5, "threshold": 4}),
-    *[("sobel", {"direction": d, "ksize": k}) for d in ("x", "y", "magnitude") for k in (1, 3, 5)],
-    ("canny", {}),
-    ("threshold", {"method": "binary", "value": 100.0}),
-    ("threshold", {"method": "binary", "value": 100.0, "invert": True}),
-    ("threshold", {"method": "otsu"}),
-    ("threshold", {"method": "adaptive", "block_size": 15, "c": 3}),
-    *[
-        ("resize", {"scale": s, "interpolation": m})
-        for s in (0.5, 0.37, 1.7)
-        for m in ("nearest", "bilinear", "area")
-    ],
-    ("resize", {"width": 40, "height": 90, "keep_aspect": False, "interpolation": "area"}),
-    ("crop", {"x": 5, "y": 3, "width": 20, "height": 11}),
-    *[("rotate", {"angle": a}) for a in (90.0, 180.0, -90.0, 30.0)],
-    ("rotate", {"angle": 17.0, "interpolation": "nearest", "expand": False}),
-    *[("flip", {"direction": d}) for d in ("horizontal", "vertical", "both")],
-    ("adjust", {"brightness": 0.1, "contrast": 1.3, "gamma": 2.2}),
-    ("invert", {}),
-    ("equalize", {"method": "global"}),
-    ("equalize", {"method": "clahe"}),
-    *[("convert_color", {"conversion": c}) for c in ("rgb_to_hsv", "hsv_to_rgb", "rgb_to_bgr")],
-]
-
 
 @pytest.fixture(scope="module")
 def gpu() -> Iterator[GpuBackend]:
@@ -70,17 +37,6 @@ def gpu() -> Iterator[GpuBackend]:
     backend.warm_up()
     yield backend
     backend.pool.set_limit(size=0)
-
-
-def _within(name: str, cpu: npt.NDArray[Any], gpu: npt.NDArray[Any]) -> None:
-    tolerance = FILTERS[name].tolerance
-    assert cpu.shape == gpu.shape
-    assert cpu.dtype == gpu.dtype
-    diff = np.abs(cpu.astype(np.int64) - gpu.astype(np.int64))
-    share = float((diff <= tolerance.max_abs_diff).mean())
-    assert share >= tolerance.fraction, (
-        f"{name}: {share:.4%} within {tolerance.max_abs_diff}, max {diff.max()}"
-    )
 
 
 def test_every_gpu_filter_is_covered() -> None:
@@ -100,7 +56,7 @@ def test_gpu_matches_cpu(
     steps = validate_pipeline([(name, params)])
     expected = run_pipeline(CpuBackend(), image, steps).image
     actual = run_pipeline(gpu, image, steps).image
-    _within(name, expected, actual)
+    within(name, expected, actual)
 
 
 def test_fused_point_wise_pipeline_is_exact(gpu: GpuBackend) -> None:

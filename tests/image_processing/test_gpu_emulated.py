@@ -1,0 +1,143 @@
+"""The GPU backend's host code on emulated kernels (``fake_cupy``): launches, tables, fusion and errors.
+
+Runs everywhere. The emulated kernels follow the CUDA source, so agreement with the CPU backend within each
+filter's tolerance pins the GPU algorithms and the way the backend drives them; the CUDA code itself is
+checked against the CPU on real hardware by ``test_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mesh.kit import errors
+from mesh.services.image_processing import backend as backend_module
+from mesh.services.image_processing.backend import run_pipeline
+from mesh.services.image_processing.cpu_backend import CpuBackend
+from mesh.services.image_processing.registry import Device, validate_pipeline
+from tests.image_processing import fake_cupy
+from tests.image_processing.gpu_cases import CASES, within
+from tests.image_processing.images import noise, smooth
+
+GPU_MODULE = "mesh.services.image_processing.gpu_backend"
+FAKE_MODULES = ("cupy", "cupyx", "cupyx.scipy", "cupyx.scipy.ndimage")
+
+
+@pytest.fixture(scope="module")
+def emulated() -> Iterator[Any]:
+    """The gpu_backend module imported against fake CuPy, removed again afterwards."""
+    fakes = fake_cupy.build()
+    saved = {name: sys.modules.get(name) for name in (*FAKE_MODULES, GPU_MODULE)}
+    sys.modules.update(fakes)
+    sys.modules.pop(GPU_MODULE, None)
+    try:
+        yield importlib.import_module(GPU_MODULE)
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+        package = sys.modules["mesh.services.image_processing"]
+        if hasattr(package, "gpu_backend"):
+            delattr(package, "gpu_backend")
+
+
+@pytest.fixture(scope="module")
+def gpu(emulated: Any) -> Any:
+    backend = emulated.GpuBackend(memory_limit_bytes=1 << 30)
+    backend.warm_up()
+    return backend
+
+
+def test_warm_up_launches_every_kernel(gpu: Any) -> None:
+    """Start-up compiles both sample types and runs every kernel at least once."""
+    for kernels in gpu.kernels.values():
+        unused = [name for name, kernel in kernels.functions.items() if kernel.launches == 0]
+        assert not unused
+
+
+@pytest.mark.parametrize(
+    ("dtype", "channels"), [(np.uint8, 3), (np.uint8, 4), (np.uint16, 1), (np.uint16, 3)]
+)
+@pytest.mark.parametrize(("name", "params"), CASES)
+def test_emulated_gpu_matches_cpu(
+    gpu: Any, name: str, params: dict[str, Any], dtype: Any, channels: int
+) -> None:
+    """Every filter through the GPU backend's host code agrees with the CPU within its stated tolerance."""
+    if name == "convert_color" and channels == 1:
+        pytest.skip("colour conversion needs colour")
+    image = smooth(37, 53, channels, dtype) if name == "rotate" else noise(37, 53, channels, dtype, seed=40)
+    steps = validate_pipeline([(name, params)])
+    expected = run_pipeline(CpuBackend(), image, steps).image
+    actual = run_pipeline(gpu, image, steps)
+    within(name, expected, actual.image)
+    assert len(actual.timings) == 1
+
+
+def test_point_wise_steps_are_fused_into_one_launch(gpu: Any) -> None:
+    """invert -> adjust -> invert is one lookup-table launch, exact, with a share of its time per step."""
+    kernel = gpu.kernels[np.dtype(np.uint8)]["lut_apply"]
+    before = kernel.launches
+    image = noise(20, 30, 4, seed=41)
+    steps = validate_pipeline([("invert", {}), ("adjust", {"contrast": 1.4, "gamma": 0.8}), ("invert", {})])
+    output = run_pipeline(gpu, image, steps)
+    assert kernel.launches == before + 1
+    assert np.array_equal(output.image, run_pipeline(CpuBackend(), image, steps).image)
+    assert len(output.timings) == 3
+    assert output.timings[0][1] == output.timings[2][1]
+
+
+def test_mixed_pipeline_matches_cpu(gpu: Any) -> None:
+    """A pipeline mixing kernels, a host fallback (canny) and fused steps stays within tolerance."""
+    image = smooth(60, 80, 3)
+    steps = validate_pipeline(
+        [
+            ("gaussian_blur", {"sigma": 1.0}),
+            ("invert", {}),
+            ("adjust", {"gamma": 1.2}),
+            ("resize", {"scale": 0.5}),
+            ("canny", {}),
+        ]
+    )
+    expected = run_pipeline(CpuBackend(), image, steps).image
+    actual = run_pipeline(gpu, image, steps).image
+    assert actual.shape == expected.shape == (30, 40, 1)
+    assert (actual == expected).mean() > 0.95
+
+
+def test_out_of_memory_is_resource_exhausted(gpu: Any) -> None:
+    """An allocation beyond the pool limit is RESOURCE_EXHAUSTED and does not fault the backend."""
+    gpu.pool.set_limit(size=1024)
+    try:
+        with pytest.raises(errors.ResourceExhausted):
+            gpu.start(noise(64, 64, 3))
+    finally:
+        gpu.pool.set_limit(size=1 << 30)
+    assert gpu.faulted is None
+
+
+def test_cuda_fault_makes_health_fail(gpu: Any, emulated: Any) -> None:
+    """Any other CUDA error marks the backend faulted: check() raises and new work is UNAVAILABLE."""
+    try:
+        with pytest.raises(errors.Unavailable), gpu.guard():
+            raise fake_cupy.CUDARuntimeError("an illegal memory access was encountered")
+        with pytest.raises(RuntimeError, match="faulted"):
+            gpu.check()
+        with pytest.raises(errors.Unavailable):
+            gpu.start(noise(4, 4, 1))
+    finally:
+        gpu.faulted = None
+    assert "Emulated GPU" in gpu.check()
+
+
+def test_auto_selects_the_gpu_when_cupy_sees_one(emulated: Any) -> None:
+    """MESH_DEVICE=auto picks the GPU backend when CuPy imports and reports a device."""
+    chosen = backend_module.select_backend("auto")
+    assert chosen.device is Device.GPU
+    assert backend_module.select_backend("cpu").device is Device.CPU
