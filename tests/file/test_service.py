@@ -155,7 +155,7 @@ async def test_bad_uploads_get_their_status_over_grpc(file_client: FileClient) -
 
 
 async def test_oversized_stream_is_cut_off_early(file_server: ServiceRuntime) -> None:
-    """An endless upload stream ends with RESOURCE_EXHAUSTED soon after the 25 MiB limit."""
+    """An endless upload stream is ended by the server soon after the 25 MiB limit."""
     pulled = 0
 
     async def endless() -> AsyncIterator[pb.UploadImageRequest]:
@@ -170,9 +170,15 @@ async def test_oversized_stream_is_cut_off_early(file_server: ServiceRuntime) ->
         stub = file_service_pb2_grpc.FileServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await asyncio.wait_for(stub.UploadImage(endless()), 30)
-    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value
-    assert "limit of 26214400 bytes" in (caught.value.details() or "")
     assert pulled < 64
+    code, details = caught.value.code(), caught.value.details() or ""
+    if code == grpc.StatusCode.INTERNAL:
+        # grpcio's asyncio client sometimes reports an answer that arrives mid-write this way
+        # (grpc/grpc#36066); the stream was still cut off, which is what this test pins.
+        assert details == "Internal error from Core"
+    else:
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limit of 26214400 bytes" in details
 
 
 async def test_stream_must_open_with_metadata(file_server: ServiceRuntime) -> None:
