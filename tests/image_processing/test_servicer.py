@@ -240,3 +240,41 @@ async def test_stream_with_bad_pipeline_fails(served: Served) -> None:
         _ = [r async for r in served.stub.StreamProcess(requests())]
     error = errors.from_rpc_error(caught.value)
     assert error.field_violations[0].field == "config.pipeline[0].params.ksize"
+
+
+class _BlockedProcessor:
+    """A processor whose every frame waits until released, to observe read-ahead."""
+
+    def __init__(self) -> None:
+        self.backend = CpuBackend()
+        self.release = asyncio.Event()
+
+    async def process(self, *args: Any, **kwargs: Any) -> pb.ProcessImageResponse:
+        await self.release.wait()
+        return pb.ProcessImageResponse(width=1)
+
+
+async def test_stream_reads_ahead_only_a_bounded_number_of_frames() -> None:
+    """While a frame is being processed the servicer reads at most stream_queue_frames (+1 waiting) ahead."""
+    processor = _BlockedProcessor()
+    servicer = ImageProcessingServicer(processor, stream_queue_frames=2)  # type: ignore[arg-type]
+    pulled = 0
+
+    async def requests() -> AsyncIterator[pb.StreamProcessRequest]:
+        nonlocal pulled
+        pulled += 1
+        yield pb.StreamProcessRequest(config=pb.StreamConfig())
+        for sequence in range(100):
+            pulled += 1
+            yield pb.StreamProcessRequest(frame=pb.Frame(sequence=sequence, image=_png(noise(2, 2, 1))))
+
+    stream = servicer.StreamProcess(requests(), None)  # type: ignore[arg-type]
+    first = asyncio.ensure_future(anext(stream))
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert not first.done()
+    assert pulled <= 1 + 1 + 2 + 1
+    processor.release.set()
+    assert (await first).result.width == 1
+    responses = [first.result(), *[r async for r in stream]]
+    assert [r.sequence for r in responses] == list(range(100))
