@@ -55,11 +55,15 @@ extern "C" __global__ void lut_apply(const sample_t* __restrict__ src, sample_t*
     uchar4* dst4 = reinterpret_cast<uchar4*>(dst);
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n4; i += (long long)gridDim.x * blockDim.x) {
         uchar4 v = src4[i];
-        long long base = i * 4;
-        v.x = table[(int)((base + 0) % channels) * 256 + v.x];
-        v.y = table[(int)((base + 1) % channels) * 256 + v.y];
-        v.z = table[(int)((base + 2) % channels) * 256 + v.z];
-        v.w = table[(int)((base + 3) % channels) * 256 + v.w];
+        // One 64-bit modulo per four samples; the channel then steps with a compare.
+        int ch = (int)((i * 4) % channels);
+        v.x = table[ch * 256 + v.x];
+        ch = ch + 1 == channels ? 0 : ch + 1;
+        v.y = table[ch * 256 + v.y];
+        ch = ch + 1 == channels ? 0 : ch + 1;
+        v.z = table[ch * 256 + v.z];
+        ch = ch + 1 == channels ? 0 : ch + 1;
+        v.w = table[ch * 256 + v.w];
         dst4[i] = v;
     }
     for (long long i = n4 * 4 + blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
