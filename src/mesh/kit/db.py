@@ -21,10 +21,16 @@ from mesh.kit.logging import get_logger
 log = get_logger(__name__)
 
 
-def create_pool(url: str, *, name: str, min_size: int = 1, max_size: int = 10) -> AsyncConnectionPool:
+def create_pool(
+    url: str, *, name: str, min_size: int = 1, max_size: int = 10, reconnect_timeout: float = 8.0
+) -> AsyncConnectionPool:
     """A pool that validates connections on checkout, so it recovers by itself after PostgreSQL restarts.
 
     Open it with ``async with pool:`` (or ``await pool.open()``); it does not wait for PostgreSQL.
+    psycopg_pool backs off exponentially (1, 2, 4, ... s) while reconnecting, for up to 5 minutes by
+    default, so after a one-minute outage the next attempt could be a minute away. Giving an attempt up
+    after ``reconnect_timeout`` lets the next request (a health check at the latest) start a fresh one:
+    services recover within seconds of PostgreSQL's return.
     """
     return AsyncConnectionPool(
         url,
@@ -33,6 +39,7 @@ def create_pool(url: str, *, name: str, min_size: int = 1, max_size: int = 10) -
         max_size=max_size,
         open=False,
         timeout=5.0,
+        reconnect_timeout=reconnect_timeout,
         check=AsyncConnectionPool.check_connection,
         kwargs={"autocommit": False},
     )

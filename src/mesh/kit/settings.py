@@ -93,6 +93,13 @@ class ServerSettings(CommonSettings):
     """gRPC receive/send limit; at least 64 MiB so that a 4K RGBA frame fits."""
 
 
+class WorkerSettings(ServerSettings):
+    """Settings of a service that also runs a job worker (image processing, inference)."""
+
+    job_concurrency: int = Field(default=4, ge=0, le=256)
+    """Jobs this process runs at once from its queue; 0 turns the worker off (the service still serves)."""
+
+
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)
 
 

@@ -58,12 +58,12 @@ async def file_service(settings: FileSettings) -> AsyncIterator[ServiceRuntime]:
     """
     migrations = SchemaMigrations(settings.database_url, "file", MIGRATIONS)
     migrated = await migrations.try_once(timeout=settings.startup_migration_seconds)
-    pool = create_pool(settings.database_url, name="file", max_size=settings.db_pool_max_size)
-    # psycopg_pool backs off exponentially (1, 2, 4, ... s) while reconnecting, for up to 5 minutes by
-    # default: after a one-minute outage the next attempt could be a minute away. Giving up an attempt
-    # after a few seconds lets the next request (a health check at the latest) start a fresh one, so
-    # the service recovers within seconds of PostgreSQL's return.
-    pool.reconnect_timeout = settings.db_reconnect_seconds
+    pool = create_pool(
+        settings.database_url,
+        name="file",
+        max_size=settings.db_pool_max_size,
+        reconnect_timeout=settings.db_reconnect_seconds,
+    )
     async with pool:
         blobs = BlobStore(settings.blob_dir)
         store = ImageStore(

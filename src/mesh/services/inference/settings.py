@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from mesh.kit.settings import ServerSettings
+from mesh.kit.settings import WorkerSettings
 
 SERVICE_NAME = "mesh.inference.v1.InferenceService"
 
@@ -14,7 +14,7 @@ SERVICE_NAME = "mesh.inference.v1.InferenceService"
 _CHECKOUT_ROOT = Path(__file__).resolve().parents[4]
 
 
-class InferenceSettings(ServerSettings):
+class InferenceSettings(WorkerSettings):
     """Settings of ``python -m mesh.services.inference``."""
 
     grpc_port: int = Field(default=50053, ge=0, le=65535)
