@@ -205,6 +205,29 @@ def k_conv_cols(
         dst.reshape(h, w * c)[...] = _saturate(acc.astype(np.float64) * float(scale), dst.dtype)
 
 
+def k_conv_fused(
+    src: Array,
+    dst: Array,
+    h: Any,
+    w: Any,
+    c: Any,
+    kx: Array,
+    rx: Any,
+    ky: Array,
+    ry: Any,
+    border: Any,
+    scale: Any,
+    raw_out: Any,
+    tile_w: Any,
+    tile_h: Any,
+) -> None:
+    assert int(tile_w) >= 1
+    assert int(tile_h) >= 1
+    rows = np.empty((int(h), int(w), int(c)), dtype=np.float32)
+    k_conv_rows(src, rows, h, w, c, kx, rx, border)
+    k_conv_cols(rows, dst, h, w, c, ky, ry, border, scale, raw_out)
+
+
 def k_gradient_out(dx: Array, dy: Array, dst: Array, n: Any, magnitude: Any) -> None:
     a, b = _flat(dx).astype(np.float32), _flat(dy).astype(np.float32)
     values = np.sqrt(a * a + b * b) if magnitude else np.abs(a)

@@ -154,6 +154,48 @@ extern "C" __global__ void conv_cols(const float* __restrict__ src, void* __rest
     }
 }
 
+// Both passes of a separable filter in one kernel: the block loads its input tile with the apron into shared
+// memory once, runs the row pass into a second shared tile (apron rows included) and the column pass from it,
+// so the image is read and written once. Same arithmetic, in the same order, as conv_rows + conv_cols.
+extern "C" __global__ void conv_fused(const sample_t* __restrict__ src, void* __restrict__ dst, int h, int w, int c,
+                                      const float* __restrict__ kx, int rx, const float* __restrict__ ky, int ry,
+                                      int border, double scale, int raw_out, int tile_w, int tile_h) {
+    extern __shared__ float smem[];
+    int in_w = (tile_w + 2 * rx) * c;
+    int in_h = tile_h + 2 * ry;
+    int mid_w = tile_w * c;
+    float* in = smem;
+    float* mid = smem + in_h * in_w;
+    int x0 = blockIdx.x * tile_w, y0 = blockIdx.y * tile_h;
+    int tid = threadIdx.y * blockDim.x + threadIdx.x, threads = blockDim.x * blockDim.y;
+    for (int i = tid; i < in_h * in_w; i += threads) {
+        int ty = i / in_w, tx = i - ty * in_w;
+        int sy = map_index(y0 - ry + ty, h, border);
+        int sx = map_index(x0 - rx + tx / c, w, border);
+        in[i] = (sy < 0 || sx < 0) ? 0.f : (float)src[((long long)sy * w + sx) * c + tx % c];
+    }
+    __syncthreads();
+    int xtaps = 2 * rx + 1, ytaps = 2 * ry + 1;
+    for (int i = tid; i < in_h * mid_w; i += threads) {
+        int ty = i / mid_w, tx = i - ty * mid_w;
+        const float* base = in + ty * in_w + tx;
+        float acc = 0.f;
+        for (int t = 0; t < xtaps; ++t) acc = fmaf(__ldg(kx + t), base[t * c], acc);
+        mid[i] = acc;
+    }
+    __syncthreads();
+    for (int i = tid; i < tile_h * mid_w; i += threads) {
+        int oy = i / mid_w, tx = i - oy * mid_w;
+        int y = y0 + oy, x = x0 + tx / c;
+        if (y >= h || x >= w) continue;
+        float acc = 0.f;
+        for (int t = 0; t < ytaps; ++t) acc = fmaf(__ldg(ky + t), mid[(oy + t) * mid_w + tx], acc);
+        long long at = ((long long)y * w + x) * c + tx % c;
+        if (raw_out) ((float*)dst)[at] = acc;
+        else ((sample_t*)dst)[at] = saturate((double)acc * scale);
+    }
+}
+
 // Sobel output: |dx|, |dy| or sqrt(dx^2 + dy^2), rounded and saturated.
 extern "C" __global__ void gradient_out(const float* __restrict__ dx, const float* __restrict__ dy,
                                         sample_t* __restrict__ dst, long long n, int magnitude) {
