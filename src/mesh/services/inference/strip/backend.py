@@ -111,7 +111,7 @@ class ArrayBackend:
         h, w = height // factor, width // factor
         device = xp.asarray(image[: h * factor, : w * factor])
         if factor > 1:
-            shape = (h, factor, w, factor) + tuple(image.shape[2:])
+            shape = (h, factor, w, factor, *tuple(image.shape[2:]))
             # Mean of each block, rounded to 8 bits as OpenCV's INTER_AREA does.
             device = xp.floor(device.reshape(shape).astype(xp.float32).mean(axis=(1, 3)) + 0.5)
         host = device if xp is np else xp.asnumpy(device)

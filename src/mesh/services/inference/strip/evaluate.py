@@ -8,6 +8,7 @@ and latencies per 1080p image (one CPU thread; GPU when CuPy sees a device).
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from collections import Counter
@@ -64,7 +65,7 @@ def run_split(reader: StripReader, seeds: Iterable[int]) -> list[Record]:
 def limit_of_detection(records: list[Record]) -> tuple[float | None, list[dict[str, Any]]]:
     """Lowest bin edge from which on every populated bin finds T in >= 95 % of positives, and the bins."""
     bins: list[dict[str, Any]] = []
-    for lo, hi in zip(LOD_EDGES[:-1], LOD_EDGES[1:], strict=True):
+    for lo, hi in itertools.pairwise(LOD_EDGES):
         inside = [
             r
             for r in records

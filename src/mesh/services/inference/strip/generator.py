@@ -114,6 +114,29 @@ class GeneratorOptions:
     """Fixed (width, height), e.g. 1920x1080 for latency runs; None draws a size."""
 
 
+@dataclass(frozen=True)
+class Overrides:
+    """Fixes chosen draws of one sample (for hand-picked case sets); None keeps the random draw."""
+
+    cls: str | None = None
+    """positive, negative, invalid or none."""
+
+    kind: Literal["cassette", "strip"] | None = None
+    t_contrast: float | None = None
+    c_contrast: float | None = None
+    angle: float | None = None
+    colour: Literal["red", "blue"] | None = None
+    shadow: float | None = None
+    """Strength of a shadow edge across the read window (0 for none)."""
+
+    blur_at_1000: float | None = None
+    """Defocus sigma in pixels at 1000 px width."""
+
+    image_format: Literal["png", "jpeg"] | None = None
+    jpeg_quality: int | None = None
+    colour_mode: Literal["rgb", "rgba", "grey"] | None = None
+
+
 def split_seeds(split: Split, count: int, start: int = 0) -> range:
     """Seeds ``start .. start+count`` of a split."""
     base = SPLIT_BASE[split]
@@ -138,19 +161,20 @@ def generate(seed: int, options: GeneratorOptions | None = None) -> Sample:
     return _Renderer(seed, options or GeneratorOptions()).render()
 
 
-def generate_class(seed: int, wanted: str, options: GeneratorOptions | None = None) -> Sample:
-    """Renders ``seed`` forced to one class (positive, negative, invalid, none); for hand-made case sets."""
-    return _Renderer(seed, options or GeneratorOptions(), forced_class=wanted).render()
+def generate_with(seed: int, overrides: Overrides, options: GeneratorOptions | None = None) -> Sample:
+    """Renders ``seed`` with some draws fixed; for hand-picked case sets."""
+    return _Renderer(seed, options or GeneratorOptions(), overrides).render()
 
 
 class _Renderer:
     """One sample's random draws and drawing; all randomness comes from one seeded generator."""
 
-    def __init__(self, seed: int, options: GeneratorOptions, forced_class: str | None = None) -> None:
+    def __init__(self, seed: int, options: GeneratorOptions, overrides: Overrides | None = None) -> None:
         self.seed = seed
         self.options = options
+        self.fixed = overrides or Overrides()
         self.rng = np.random.default_rng(seed)
-        self.cls = forced_class or CLASS_PATTERN[seed % len(CLASS_PATTERN)]
+        self.cls = self.fixed.cls or CLASS_PATTERN[seed % len(CLASS_PATTERN)]
 
     def u(self, low: float, high: float) -> float:
         return float(self.rng.uniform(low, high))
@@ -168,8 +192,14 @@ class _Renderer:
         verdict = Verdict.INVALID
         if self.cls != "none":
             kind = "cassette" if self.rng.random() < 0.6 else "strip"
+            kind = self.fixed.kind or kind
             c_contrast, t_contrast = self._line_strengths()
+            if self.fixed.c_contrast is not None:
+                c_contrast = self.fixed.c_contrast
+            if self.fixed.t_contrast is not None:
+                t_contrast = self.fixed.t_contrast
             colour = "red" if self.rng.random() < 0.65 else "blue"
+            colour = self.fixed.colour or colour
             canvas, t_truth, c_truth, window, angle = self._place_object(
                 canvas, kind, t_contrast, c_contrast, colour
             )
@@ -209,7 +239,7 @@ class _Renderer:
         else:
             width = int(self.rng.integers(320, 1281))
         aspect = float(self.rng.choice([0.75, 0.5625, 0.75, 0.667, 1.0]))
-        height = max(240, int(round(width * aspect)))
+        height = max(240, round(width * aspect))
         if self.rng.random() < 0.15:  # portrait orientation
             width, height = height, width
             width = max(width, 320)
@@ -218,10 +248,7 @@ class _Renderer:
     def _line_strengths(self) -> tuple[float, float]:
         """Returns (C contrast, T contrast); 0 means the line is absent."""
         o = self.options
-        if self.rng.random() < o.weak_c_fraction:
-            c = self.u(0.06, 0.2)
-        else:
-            c = self.u(0.2, 0.85)
+        c = self.u(0.06, 0.2) if self.rng.random() < o.weak_c_fraction else self.u(0.2, 0.85)
         t = 0.0
         if self.cls == "positive":
             if self.rng.random() < o.faint_t_fraction:
@@ -312,13 +339,14 @@ class _Renderer:
         # Keep the object inside the frame after rotation; a portrait image limits by height too.
         aspect = self.u(0.26, 0.34) if kind == "cassette" else self.u(0.06, 0.11)
         angle = self.u(-15, 15)
+        angle = angle if self.fixed.angle is None else self.fixed.angle
         rad = math.radians(angle)
         bound_w = length * abs(math.cos(rad)) + length * aspect * abs(math.sin(rad))
         bound_h = length * abs(math.sin(rad)) + length * aspect * abs(math.cos(rad))
         shrink = min(1.0, 0.96 * width / bound_w, 0.9 * height / bound_h)
         length *= shrink
-        sprite_len = int(round(length))
-        sprite_h = max(8, int(round(length * aspect)))
+        sprite_len = round(length)
+        sprite_h = max(8, round(length * aspect))
         if kind == "cassette":
             sprite, alpha, win_box, win_len = self._cassette(sprite_len, sprite_h)
         else:
@@ -392,8 +420,8 @@ class _Renderer:
         win_len = self.u(0.3, 0.4) * length
         win_h = self.u(0.3, 0.42) * height
         win_cx = self.u(0.56, 0.64) * length
-        x0, x1 = int(round(win_cx - win_len / 2)), int(round(win_cx + win_len / 2))
-        y0, y1 = int(round(height / 2 - win_h / 2)), int(round(height / 2 + win_h / 2))
+        x0, x1 = round(win_cx - win_len / 2), round(win_cx + win_len / 2)
+        y0, y1 = round(height / 2 - win_h / 2), round(height / 2 + win_h / 2)
         self._fill_membrane(sprite, x0, y0, x1, y1)
         bevel = max(1.5, self.u(0.05, 0.09) * win_h)
         self._bevel(sprite, x0, y0, x1, y1, bevel, self.u(0.45, 0.75))
@@ -468,7 +496,7 @@ class _Renderer:
         top = np.clip(1 - (yy + 0.5) / (width * 1.8), 0, 1)
         factor = 1 - (1 - darkness) * np.maximum(rim, top)
         sprite[y0:y1, x0:x1] *= factor[:, :, None]
-        outer = max(1, int(round(width / 2)))
+        outer = max(1, round(width / 2))
         cv2.rectangle(
             sprite, (x0 - outer, y0 - outer), (x1 + outer - 1, y1 + outer - 1), (0.55, 0.55, 0.57), outer
         )
@@ -516,22 +544,28 @@ class _Renderer:
         else:  # vignette
             r2 = ((xx - width / 2) / (width / 2)) ** 2 + ((yy - height / 2) / (height / 2)) ** 2
             light *= 1 - strength * np.clip(r2 / 2, 0, 1)
-        if rng.random() < 0.3:  # a soft-edged shadow across the scene, often across the window
+        shadow_draw = rng.random() < 0.3
+        if self.fixed.shadow is not None:
+            shadow_draw = self.fixed.shadow > 0
+        if shadow_draw:  # a soft-edged shadow across the scene, often across the window
             theta = self.u(0, 2 * math.pi)
-            if window is not None and rng.random() < 0.7:
+            if window is not None and (rng.random() < 0.7 or self.fixed.shadow is not None):
                 px = window.center_x + self.u(-0.5, 0.5) * window.length
                 py = window.center_y + self.u(-0.5, 0.5) * window.width
             else:
                 px, py = self.u(0, width), self.u(0, height)
             side = (xx - px) * math.cos(theta) + (yy - py) * math.sin(theta)
             soft = max(2.0, self.u(0.02, 0.08) * width)
-            light *= 1 - self.u(0.15, 0.4) * (0.5 + 0.5 * np.tanh(side / soft))
+            depth = self.u(0.15, 0.4) if self.fixed.shadow is None else self.fixed.shadow
+            light *= 1 - depth * (0.5 + 0.5 * np.tanh(side / soft))
         cast = np.float32([self.u(0.85, 1.1), self.u(0.9, 1.05), self.u(0.82, 1.12)])
         gain = self.u(0.75, 1.08)
         out = canvas * light[:, :, None] * (cast * gain)[None, None, :]
         return np.clip(out, 0, 1).astype(np.float32)
 
     def _blur_sigma(self, width: int) -> float:
+        if self.fixed.blur_at_1000 is not None:
+            return self.fixed.blur_at_1000 * max(width, 320) / 1000.0
         if self.rng.random() < 0.35:
             return 0.0
         return self.u(0.3, 2.5) * max(width, 320) / 1000.0
@@ -554,6 +588,10 @@ class _Renderer:
         )
         fmt: Literal["png", "jpeg"] = "jpeg" if self.rng.random() < 0.65 else "png"
         quality = int(self.rng.integers(40, 96)) if fmt == "jpeg" else 0
+        mode = self.fixed.colour_mode or mode
+        fmt = self.fixed.image_format or fmt
+        if fmt == "jpeg":
+            quality = self.fixed.jpeg_quality or quality or 75
         if fmt == "jpeg" and mode == "rgba":
             mode = "rgb"
         bgr = pixels[:, :, ::-1]

@@ -98,8 +98,8 @@ def _extend(feature: FloatImage, found: Placement) -> Placement:
     columns where the inside is still clearly brighter than the outside give the real extent.
     """
     reach = 1.2 * found.length
-    size_x = max(8, int(round(2 * reach)))
-    size_y = max(6, int(round(3 * found.width)))
+    size_x = max(8, round(2 * reach))
+    size_y = max(6, round(3 * found.width))
     cos, sin = math.cos(found.angle_rad), math.sin(found.angle_rad)
     cu, cv = (size_x - 1) / 2, (size_y - 1) / 2
     matrix = np.array(

@@ -84,7 +84,7 @@ class MatchedLine:
 
 def line_width(signal: FloatArray, index: float) -> float:
     """Full width at half maximum of the dip at ``index``, in samples."""
-    i = int(round(index))
+    i = round(index)
     half = float(signal[i]) / 2
     left = i
     while left > 0 and signal[left] > half:
@@ -106,7 +106,7 @@ def matched_test_line(
     """
     absorb = profile.absorb
     n = absorb.shape[0]
-    ci = int(round(control.index))
+    ci = round(control.index)
     colour = absorb[ci].astype(np.float64)
     top = float(colour.max())
     if top <= 0:
@@ -115,7 +115,7 @@ def matched_test_line(
     # Projection scaled so that a line of C's colour with contrast k reads k.
     projected = (absorb.astype(np.float64) @ weights) / float(weights @ weights)
     fwhm = line_width(profile.signal, control.index)
-    half = max(1, int(round(1.2 * fwhm)))
+    half = max(1, round(1.2 * fwhm))
     lo, hi = max(0, ci - half), min(n, ci + half + 1)
     template = projected[lo:hi].copy()
     template -= min(0.0, float(template.min()))
@@ -148,7 +148,7 @@ def _smooth_rows(grey: FloatArray) -> FloatArray:
 
 def find_window(grey: FloatArray, across_margin: float) -> WindowBox:
     """The read window of a crop whose object spans rows ``margin .. height - margin``."""
-    height, width = grey.shape
+    height, _width = grey.shape
     top_obj = across_margin
     bottom_obj = height - across_margin
     obj_h = bottom_obj - top_obj
@@ -164,7 +164,7 @@ def find_window(grey: FloatArray, across_margin: float) -> WindowBox:
 
 
 def _framed_window(grey: FloatArray, top_obj: float, bottom_obj: float) -> WindowBox | None:
-    height, width = grey.shape
+    _height, width = grey.shape
     obj_h = bottom_obj - top_obj
     smooth = _smooth_rows(grey)
     grad = np.abs(smooth[2:, :] - smooth[:-2, :])  # row y+1 of the crop
@@ -250,11 +250,11 @@ def _closing(values: FloatArray, size: int) -> FloatArray:
 def window_profile(crop: FloatArray, box: WindowBox, noise_floor: float, margin: float = 0.04) -> Profile:
     """Background-corrected line profile of the window's central rows; peaks sorted by position."""
     h = box.y1 - box.y0
-    y0 = int(round(box.y0 + 0.25 * h))
-    y1 = int(round(box.y1 - 0.25 * h))
+    y0 = round(box.y0 + 0.25 * h)
+    y1 = round(box.y1 - 0.25 * h)
     if y1 <= y0:
         y1 = y0 + 1
-    x0, x1 = int(round(box.x0)), int(round(box.x1))
+    x0, x1 = round(box.x0), round(box.x1)
     band = crop[y0:y1, x0:x1]
     means = band.mean(axis=0)
     if means.ndim == 1:

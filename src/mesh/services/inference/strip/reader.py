@@ -277,8 +277,8 @@ def _crop_geometry(placement: Placement, factor: int, crop_length: int) -> CropG
     length = placement.length * factor
     width = placement.width * factor
     scale = min(1.0, crop_length / max(length, 1.0))
-    size_x = max(16, int(round(length * 0.98 * scale)))
-    size_y = max(8, int(round(width * (1 + 2 * ACROSS_MARGIN) * scale)))
+    size_x = max(16, round(length * 0.98 * scale))
+    size_y = max(8, round(width * (1 + 2 * ACROSS_MARGIN) * scale))
     return CropGeometry(cx, cy, placement.angle_rad, scale, size_x, size_y)
 
 

@@ -1,0 +1,57 @@
+"""The evaluation's metrics, and a small held-out slice meeting conservative bounds."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from mesh.services.inference.strip.evaluate import Record, limit_of_detection, metrics, run_split
+from mesh.services.inference.strip.generator import GeneratorOptions, generate, split_seeds
+from mesh.services.inference.strip.reader import Scores, StripReader
+from mesh.services.inference.strip.types import ABSENT_LINE, LineReading, QualityFlag, StripReading, Verdict
+
+BASE_TRUTH = generate(0, GeneratorOptions(size=(320, 240))).truth
+
+
+def _record(seed: int, t_contrast: float, found: bool) -> Record:
+    truth = replace(
+        BASE_TRUTH,
+        seed=seed,
+        verdict=Verdict.POSITIVE,
+        test_line=replace(BASE_TRUTH.test_line, present=True, contrast=t_contrast),
+    )
+    line = LineReading(True, 1.0, 0.4, t_contrast, 1.0, 1.0) if found else ABSENT_LINE
+    reading = StripReading(
+        Verdict.POSITIVE if found else Verdict.NEGATIVE, line, line, 0.5, 0.9, (), None, False
+    )
+    return Record(truth, reading, Scores(found=True))
+
+
+def test_limit_of_detection_is_the_lowest_bin_from_which_all_pass() -> None:
+    """LoD is the lower edge of the lowest bin from which on every populated bin finds T in >= 95 %."""
+    records = [_record(0, 0.012, i < 2) for i in range(10)]  # 20 % found
+    records += [_record(0, 0.035, True) for _ in range(10)]  # 3-4 %: all found
+    records += [_record(0, 0.045, i < 9) for i in range(10)]  # 4-5 %: 90 %
+    records += [_record(0, 0.3, True) for _ in range(10)]
+    lod, bins = limit_of_detection(records)
+    assert lod == 0.2  # the 4-5 % bin fails, so neither it nor 3-4 % counts; 5-20 % holds too few images
+    assert sum(b["count"] for b in bins) == 40
+    records[20:30] = [_record(0, 0.045, True) for _ in range(10)]
+    assert limit_of_detection(records)[0] == 0.03
+
+
+def test_limit_of_detection_none_when_the_top_bin_fails() -> None:
+    """When even the strongest lines are missed, there is no limit of detection."""
+    lod, _ = limit_of_detection([_record(0, 0.3, False) for _ in range(10)])
+    assert lod is None
+
+
+def test_heldout_slice_meets_conservative_bounds() -> None:
+    """On 60 held-out images: accuracy >= 90 %, INVALID recall >= 95 %, no verdict without a strip."""
+    records = run_split(StripReader(), split_seeds("heldout", 60))
+    result = metrics(records)
+    assert result["accuracy"] >= 0.9
+    assert result["invalid_recall"] >= 0.95
+    assert result["never_verdict_without_strip"]
+    for record in records:
+        if QualityFlag.STRIP_NOT_FOUND in record.reading.quality_flags:
+            assert record.reading.verdict is Verdict.INVALID

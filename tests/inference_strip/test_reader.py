@@ -1,0 +1,175 @@
+"""Reader invariants: no strip is never POSITIVE/NEGATIVE, input forms, geometry, pre-check, batching."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from mesh.services.inference.strip import StripReader
+from mesh.services.inference.strip.backend import CpuBackend, gpu_available, numpy_array_backend
+from mesh.services.inference.strip.generator import GeneratorOptions, Overrides, generate, generate_with
+from mesh.services.inference.strip.types import QualityFlag, Verdict
+
+READER = StripReader()
+
+
+def _positive(seed: int = 101, **fixed: object) -> np.ndarray:  # type: ignore[type-arg]
+    overrides = Overrides(cls="positive", kind="cassette", t_contrast=0.3, c_contrast=0.6, image_format="png")
+    for key, value in fixed.items():
+        overrides = Overrides(**{**overrides.__dict__, key: value})
+    return generate_with(seed, overrides, GeneratorOptions(size=(640, 480))).image
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.full((480, 640, 3), 200, np.uint8),
+        np.zeros((240, 320), np.uint8),
+        np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8),
+        np.full((300, 400, 4), 255, np.uint8),
+    ],
+    ids=["uniform_grey", "black", "noise", "white_rgba"],
+)
+def test_no_strip_is_invalid_with_strip_not_found(image: np.ndarray) -> None:  # type: ignore[type-arg]
+    """Pictures without any strip are INVALID, flagged STRIP_NOT_FOUND, with no window and no lines."""
+    reading = READER.read(image)
+    assert reading.verdict is Verdict.INVALID
+    assert QualityFlag.STRIP_NOT_FOUND in reading.quality_flags
+    assert reading.window is None
+    assert not reading.control_line.present
+    assert not reading.test_line.present
+
+
+def test_never_a_verdict_without_a_strip_on_generated_images() -> None:
+    """Over generated images, every reading flagged STRIP_NOT_FOUND is INVALID."""
+    for seed in range(1_000_000, 1_000_030):
+        reading = READER.read(generate(seed).image)
+        if QualityFlag.STRIP_NOT_FOUND in reading.quality_flags:
+            assert reading.verdict is Verdict.INVALID
+
+
+def test_input_forms_agree() -> None:
+    """RGB, RGBA (alpha dropped), uint16 and a trailing single channel give the same reading."""
+    rgb = _positive()
+    rgba = np.concatenate([rgb, np.full((*rgb.shape[:2], 1), 255, np.uint8)], axis=2)
+    wide = rgb.astype(np.uint16) * 257
+    base = READER.read(rgb)
+    assert base.verdict is Verdict.POSITIVE
+    assert READER.read(rgba) == base
+    assert READER.read(wide) == base
+    grey = (rgb.astype(np.float32) @ np.float32([0.299, 0.587, 0.114])).astype(np.uint8)
+    assert READER.read(grey).verdict is Verdict.POSITIVE
+    assert READER.read(grey[:, :, None]).verdict is Verdict.POSITIVE
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [np.zeros((10, 10, 3), np.uint8), np.zeros((100, 100, 2), np.uint8), np.zeros((100, 100), np.float32)],
+    ids=["tiny", "two_channels", "float"],
+)
+def test_unreadable_inputs_raise_value_error(bad: np.ndarray) -> None:  # type: ignore[type-arg]
+    """Shapes and types the reader cannot take are refused with ValueError (the service maps it to 400)."""
+    with pytest.raises(ValueError, match=r"."):
+        READER.read(bad)
+
+
+def test_geometry_matches_the_truth() -> None:
+    """Window angle, C and T centres land near the generator's truth, in input-image pixels."""
+    sample = generate_with(
+        202,
+        Overrides(
+            cls="positive", kind="cassette", t_contrast=0.4, c_contrast=0.6, angle=10.0, image_format="png"
+        ),
+        GeneratorOptions(size=(800, 600)),
+    )
+    truth = sample.truth
+    reading = READER.read(sample.image)
+    assert reading.verdict is Verdict.POSITIVE
+    assert reading.window is not None
+    assert truth.window is not None
+    assert abs(reading.window.angle_degrees - truth.window.angle_degrees) < 2.0
+    tolerance = 0.05 * truth.window.length + 2
+    for found, true in ((reading.control_line, truth.control_line), (reading.test_line, truth.test_line)):
+        assert math.hypot(found.center_x - true.center_x, found.center_y - true.center_y) < tolerance
+        assert abs(found.position - true.position) < 0.06
+    assert reading.test_line.position < reading.control_line.position
+
+
+def test_ratio_follows_test_line_strength() -> None:
+    """A stronger T (same scene) gives a higher t_to_c_ratio."""
+    ratios = [READER.read(_positive(seed=303, t_contrast=t)).t_to_c_ratio for t in (0.08, 0.2, 0.5)]
+    assert ratios[0] < ratios[1] < ratios[2]
+
+
+def test_negative_and_invalid_readings() -> None:
+    """C only is NEGATIVE with ratio 0; no C is INVALID with NO_CONTROL_LINE, even with a strong T."""
+    negative = READER.read(_positive(seed=404, cls="negative", t_contrast=0.0))
+    assert negative.verdict is Verdict.NEGATIVE
+    assert negative.t_to_c_ratio == 0.0
+    invalid = READER.read(_positive(seed=405, cls="invalid", c_contrast=0.0, t_contrast=0.5))
+    assert invalid.verdict is Verdict.INVALID
+    assert QualityFlag.NO_CONTROL_LINE in invalid.quality_flags
+    assert invalid.window is not None
+
+
+def test_confidence_is_a_probability() -> None:
+    """Confidence lies in [0, 1]; a clear positive is confident."""
+    reading = READER.read(_positive())
+    assert 0.0 <= reading.confidence <= 1.0
+    assert reading.confidence > 0.8
+
+
+def test_precheck_is_marked_and_quick_to_judge() -> None:
+    """The pre-check answers precheck_only=True and sees the control line of a clear test."""
+    reading = READER.precheck(_positive())
+    assert reading.precheck_only
+    assert reading.control_line.present
+    assert QualityFlag.NO_CONTROL_LINE not in reading.quality_flags
+
+
+def test_underexposed_image_is_flagged() -> None:
+    """A very dark photo of a strip is flagged UNDEREXPOSED."""
+    dark = (_positive().astype(np.float32) * 0.15).astype(np.uint8)
+    reading = READER.read(dark)
+    if QualityFlag.STRIP_NOT_FOUND not in reading.quality_flags:
+        assert QualityFlag.UNDEREXPOSED in reading.quality_flags
+
+
+def test_heavy_blur_is_flagged() -> None:
+    """Defocus far beyond the specification is flagged BLUR."""
+    import cv2
+
+    blurred = cv2.GaussianBlur(_positive(), (0, 0), 9.0)
+    reading = READER.read(blurred)
+    assert QualityFlag.BLUR in reading.quality_flags or QualityFlag.STRIP_NOT_FOUND in reading.quality_flags
+
+
+def test_read_batch_equals_single_reads() -> None:
+    """read_batch returns one reading per image, in order, equal to read()."""
+    images = [_positive(seed=s) for s in (1, 2)] + [np.full((240, 320, 3), 90, np.uint8)]
+    assert READER.read_batch(images) == [READER.read(image) for image in images]
+    assert READER.read_batch([]) == []
+
+
+def test_array_backend_matches_opencv_backend() -> None:
+    """The GPU code path (run here by NumPy/SciPy) gives the same verdicts as the OpenCV path."""
+    array_reader = StripReader()
+    array_reader.backend = numpy_array_backend()
+    for seed in range(1_000_000, 1_000_012):
+        image = generate(seed).image
+        assert array_reader.read(image).verdict is READER.read(image).verdict
+
+
+def test_array_backend_downscale_equals_opencv() -> None:
+    """Box downscaling by an integer factor is bit-identical between the two backends."""
+    image = np.random.default_rng(5).integers(0, 256, (123, 157, 3), dtype=np.uint8)
+    assert np.array_equal(CpuBackend().downscale(image, 3), numpy_array_backend().downscale(image, 3))
+
+
+@pytest.mark.skipif(gpu_available(), reason="a GPU is present")
+def test_gpu_device_without_cupy_is_refused() -> None:
+    """Asking for the GPU reader where CuPy sees no device raises RuntimeError at construction."""
+    with pytest.raises(RuntimeError, match="CuPy"):
+        StripReader(device="gpu")
