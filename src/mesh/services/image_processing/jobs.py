@@ -20,7 +20,7 @@ import grpc
 
 from mesh.common.v1 import image_pb2
 from mesh.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
-from mesh.kit import errors
+from mesh.kit import errors, tracing
 from mesh.kit.channels import open_channel
 from mesh.kit.jobs import JobCancelled, JobContext
 from mesh.kit.logging import get_logger
@@ -32,6 +32,7 @@ from mesh.services.image_processing.processor import ImageStore, Processor, step
 from mesh.services.image_processing.registry import Step
 
 log = get_logger(__name__)
+_tracer = tracing.tracer(__name__)
 
 INFERENCE_SERVICE = "mesh.inference.v1.InferenceService"
 OUTPUT_FORMAT = codec.Format.PNG
@@ -87,8 +88,15 @@ class ImageJobHandler:
         self._predictor = predictor
 
     async def __call__(self, context: JobContext) -> job_pb2.JobResult:
+        job = context.job
+        attributes: dict[str, str | int] = {
+            "job.id": job.id,
+            "job.attempt": int(job.attempt),
+            "job.model": job.model,
+        }
         try:
-            return await self._run(context)
+            with _tracer.start_as_current_span("image.job", attributes=attributes):
+                return await self._run(context)
         except (errors.MeshError, JobCancelled, asyncio.CancelledError):
             raise
         except Exception as error:

@@ -16,7 +16,7 @@ from prometheus_client import Counter, Histogram
 from mesh.common.v1 import image_pb2, params_pb2
 from mesh.file.v1 import file_service_pb2
 from mesh.image.v1 import image_processing_service_pb2 as pb
-from mesh.kit import errors
+from mesh.kit import errors, tracing
 from mesh.services.image_processing import codec
 from mesh.services.image_processing.backend import Backend, PipelineOutput, run_pipeline
 from mesh.services.image_processing.filter_math import Image
@@ -30,6 +30,7 @@ STEP_SECONDS = Histogram(
     buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 PIXELS = Counter("mesh_image_pixels_total", "Input pixels processed by pipelines.", ["device"])
+_tracer = tracing.tracer(__name__)
 
 DEVICES = {Device.CPU: image_pb2.DEVICE_CPU, Device.GPU: image_pb2.DEVICE_GPU}
 PARAM_TYPES = {
@@ -278,7 +279,17 @@ class Processor:
     async def process(
         self, source: image_pb2.ImageInput, steps: Sequence[Step], spec: pb.OutputSpec, where: str = "input"
     ) -> pb.ProcessImageResponse:
-        """Load, run and deliver one image."""
-        image = await self.load(source, where)
-        output = await self.run(image, steps)
-        return await self.deliver(output, spec)
+        """Load, run and deliver one image, each stage in a span of its own."""
+        with _tracer.start_as_current_span(
+            "image.load", attributes={"image.source": source.WhichOneof("source") or ""}
+        ):
+            image = await self.load(source, where)
+        attributes = {
+            "image.device": self.backend.device.value,
+            "image.steps": ",".join(step.filter for step in steps),
+            "image.pixels": int(image.shape[0] * image.shape[1]),
+        }
+        with _tracer.start_as_current_span("image.pipeline", attributes=attributes):
+            output = await self.run(image, steps)
+        with _tracer.start_as_current_span("image.deliver", attributes={"image.store": spec.store}):
+            return await self.deliver(output, spec)
