@@ -22,7 +22,7 @@ from mesh.kit.health import FunctionCheck
 from mesh.kit.runtime import ServiceRuntime
 from mesh.services.image_processing import codec
 from mesh.services.image_processing.cpu_backend import CpuBackend
-from mesh.services.image_processing.processor import Processor
+from mesh.services.image_processing.processor import Processor, steps_from_proto
 from mesh.services.image_processing.servicer import SERVICE_NAME, ImageProcessingServicer
 from mesh.services.image_processing.settings import ImageSettings
 from tests.image_processing.fakes import MemoryStore
@@ -278,3 +278,19 @@ async def test_stream_reads_ahead_only_a_bounded_number_of_frames() -> None:
     assert (await first).result.width == 1
     responses = [first.result(), *[r async for r in stream]]
     assert [r.sequence for r in responses] == list(range(100))
+
+
+async def test_too_many_queued_pipelines_are_resource_exhausted() -> None:
+    """Beyond max_pending pipelines waiting for the backend, a call is refused with RESOURCE_EXHAUSTED."""
+    processor = Processor(CpuBackend(), store=None, limits=LIMITS, workers=1, max_pending=2)
+    image = noise(600, 600, 3)
+    steps = [step for step in steps_from_proto([_step("median", ksize=5)] * 8)]
+    try:
+        results = await asyncio.gather(
+            *(processor.run(image, steps) for _ in range(6)), return_exceptions=True
+        )
+    finally:
+        processor.close()
+    refused = [r for r in results if isinstance(r, errors.ResourceExhausted)]
+    assert len(refused) == 4
+    assert all(r.retry_after_seconds for r in refused)

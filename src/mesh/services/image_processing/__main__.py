@@ -34,6 +34,7 @@ async def main() -> None:
         store=files,
         limits=Limits(max_pixels=settings.image_max_pixels, max_bytes=settings.image_max_bytes),
         workers=settings.cpu_workers,
+        max_pending=settings.max_pending_pipelines,
     )
 
     async def compute() -> str:

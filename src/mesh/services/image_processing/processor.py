@@ -7,7 +7,8 @@ It speaks the protobuf messages of the contract but no gRPC: the file service is
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -30,6 +31,9 @@ STEP_SECONDS = Histogram(
     buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 PIXELS = Counter("mesh_image_pixels_total", "Input pixels processed by pipelines.", ["device"])
+PIPELINES_REJECTED = Counter(
+    "mesh_image_pipelines_rejected_total", "Pipelines refused because too many were queued.", ["device"]
+)
 _tracer = tracing.tracer(__name__)
 
 DEVICES = {Device.CPU: image_pb2.DEVICE_CPU, Device.GPU: image_pb2.DEVICE_GPU}
@@ -142,11 +146,19 @@ class Processor:
     """Loads images, runs pipelines on the backend off the event loop, and delivers the output."""
 
     def __init__(
-        self, backend: Backend, *, store: ImageStore | None, limits: codec.Limits, workers: int = 2
+        self,
+        backend: Backend,
+        *,
+        store: ImageStore | None,
+        limits: codec.Limits,
+        workers: int = 2,
+        max_pending: int = 32,
     ) -> None:
         self.backend = backend
         self.store = store
         self.limits = limits
+        self._max_pending = max_pending
+        self._pending = 0
         # The GPU backend owns one stream and its staging buffers: one pipeline at a time keeps them safe.
         size = 1 if backend.device is Device.GPU else workers
         self._executor = ThreadPoolExecutor(
@@ -198,7 +210,8 @@ class Processor:
         if not steps:
             return PipelineOutput(image, (), 0.0)
         loop = asyncio.get_running_loop()
-        output = await loop.run_in_executor(self._executor, run_pipeline, self.backend, image, steps)
+        with self._admitted():
+            output = await loop.run_in_executor(self._executor, run_pipeline, self.backend, image, steps)
         device = self.backend.device.value
         PIXELS.labels(device).inc(image.shape[0] * image.shape[1])
         for name, seconds in output.timings:
@@ -210,14 +223,30 @@ class Processor:
     ) -> Image:
         """Run a pipeline step by step (the image stays on the device), awaiting ``on_step`` after each."""
         loop = asyncio.get_running_loop()
-        session = await loop.run_in_executor(self._executor, self.backend.start, image)
-        device = self.backend.device.value
-        PIXELS.labels(device).inc(image.shape[0] * image.shape[1])
-        for index, step in enumerate(steps):
-            seconds = await loop.run_in_executor(self._executor, session.apply, step)
-            STEP_SECONDS.labels(step.filter, device).observe(seconds)
-            await on_step(index, step, seconds)
-        return await loop.run_in_executor(self._executor, session.result)
+        with self._admitted():
+            session = await loop.run_in_executor(self._executor, self.backend.start, image)
+            device = self.backend.device.value
+            PIXELS.labels(device).inc(image.shape[0] * image.shape[1])
+            for index, step in enumerate(steps):
+                seconds = await loop.run_in_executor(self._executor, session.apply, step)
+                STEP_SECONDS.labels(step.filter, device).observe(seconds)
+                await on_step(index, step, seconds)
+            return await loop.run_in_executor(self._executor, session.result)
+
+    @contextlib.contextmanager
+    def _admitted(self) -> Iterator[None]:
+        """Bound the pipelines waiting for or on the backend; beyond it callers get RESOURCE_EXHAUSTED."""
+        if self._pending >= self._max_pending:
+            PIPELINES_REJECTED.labels(self.backend.device.value).inc()
+            raise errors.ResourceExhausted(
+                f"{self._pending} pipelines are already queued on the {self.backend.device.value} backend",
+                retry_after_seconds=0.5,
+            )
+        self._pending += 1
+        try:
+            yield
+        finally:
+            self._pending -= 1
 
     async def deliver(
         self, output: PipelineOutput, spec: pb.OutputSpec, where: str = "output"

@@ -28,5 +28,8 @@ class ImageSettings(ServerSettings):
     gpu_memory_limit_bytes: int = Field(default=8 * 1024**3, ge=0)
     """Bound of CuPy's device memory pool; 0 leaves it unbounded."""
 
+    max_pending_pipelines: int = Field(default=32, ge=1, le=10_000)
+    """Pipelines that may wait for the backend at once; more are refused with RESOURCE_EXHAUSTED."""
+
     stream_queue_frames: int = Field(default=2, ge=1, le=64)
     """Frames of a StreamProcess call read ahead of the one being processed (backpressure beyond)."""
