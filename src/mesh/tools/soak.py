@@ -33,14 +33,22 @@ import psutil
 
 from mesh.kit.settings import CommonSettings, load_settings
 from mesh.queue.v1 import job_pb2, queue_service_pb2
-from mesh.tools.load.mesh import SERVICES, TERMINAL_STATES, Mesh, MeshNotUp, address_of, is_loopback
+from mesh.tools.load.mesh import (
+    DEFAULT_GATEWAY_URL,
+    SERVICES,
+    TERMINAL_STATES,
+    Mesh,
+    MeshNotUp,
+    address_of,
+    is_loopback,
+    url_address,
+)
 from mesh.tools.load.runner import call_once
 from mesh.tools.load.scenarios import SCENARIOS, Scenario
 from mesh.tools.load.stats import Recorder
 
 PROCESS_MARKER = "mesh.services."
 MIB = 1024 * 1024
-GATEWAY_PORT = 8080
 # Scenario -> weight in the mix.
 MIX = {
     "file.upload": 1,
@@ -49,6 +57,8 @@ MIX = {
     "inference.predict": 3,
     "queue.submit": 3,
     "queue.get": 1,
+    "gateway.predict": 1,
+    "gateway.get_image": 1,
 }
 
 
@@ -86,10 +96,10 @@ def discover_processes(marker: str = PROCESS_MARKER, ports: Collection[int] = ()
     return {pid: candidates[pid][0] for pid in sorted(chosen)}
 
 
-def mesh_ports(settings: CommonSettings) -> set[int]:
+def mesh_ports(settings: CommonSettings, gateway_url: str = DEFAULT_GATEWAY_URL) -> set[int]:
     """The gRPC ports of the services under test, and the gateway's HTTP port."""
     ports = {int(address_of(settings, service).rsplit(":", 1)[1]) for service in SERVICES}
-    return ports | {GATEWAY_PORT}
+    return ports | {int(url_address(gateway_url).rsplit(":", 1)[1])}
 
 
 def sample_memory(series: dict[int, MemorySeries], elapsed: float) -> None:
@@ -177,11 +187,11 @@ async def final_states(mesh: Mesh, job_ids: list[str], drain_seconds: float) -> 
 
 async def soak(args: argparse.Namespace, settings: CommonSettings) -> dict[str, Any]:
     duration = args.minutes * 60
-    mesh = Mesh(settings)
+    mesh = Mesh(settings, gateway_url=args.gateway_url)
     try:
-        await mesh.check_up(set(SERVICES))
+        await mesh.check_up({*SERVICES, "gateway"})
         await mesh.seed(set(SERVICES))
-        processes = discover_processes(ports=mesh_ports(settings))
+        processes = discover_processes(ports=mesh_ports(settings, args.gateway_url))
         if not processes:
             raise MeshNotUp(
                 "no process listening on the mesh's ports has `mesh.services.` on its command line"
@@ -253,6 +263,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--drain-seconds", type=float, default=120.0, help="how long jobs may take to end after the load"
     )
     parser.add_argument("--memory-bound-mib", type=float, default=64.0, help="allowed RSS growth per process")
+    parser.add_argument("--gateway-url", default=DEFAULT_GATEWAY_URL)
     parser.add_argument("--seed", type=int, default=6, help="seed of the scenario mix")
     args = parser.parse_args(argv)
     if args.minutes <= 0 or args.concurrency <= 0 or args.sample_seconds <= 0:
@@ -264,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     settings = load_settings(CommonSettings)
     remote = [s for s in SERVICES if not is_loopback(address_of(settings, s))]
+    if not is_loopback(url_address(args.gateway_url)):
+        remote.append("gateway")
     if remote:
         print(f"soak: refusing non-loopback targets: {', '.join(remote)}", file=sys.stderr)
         return 2

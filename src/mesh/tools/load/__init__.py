@@ -18,7 +18,7 @@ from typing import Any
 
 from mesh.kit.settings import CommonSettings, load_settings
 from mesh.tools.load import payloads
-from mesh.tools.load.mesh import Mesh, MeshNotUp, address_of, is_loopback
+from mesh.tools.load.mesh import DEFAULT_GATEWAY_URL, Mesh, MeshNotUp, address_of, is_loopback, url_address
 from mesh.tools.load.runner import run_scenario
 from mesh.tools.load.scenarios import SCENARIOS
 
@@ -33,6 +33,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per scenario (default 5)")
     parser.add_argument("--count", type=int, default=2000, help="most calls per scenario (default 2000)")
     parser.add_argument("--concurrency", type=int, default=8, help="concurrent callers (default 8)")
+    parser.add_argument(
+        "--gateway-url", default=DEFAULT_GATEWAY_URL, help="the gateway, for the REST scenarios"
+    )
     parser.add_argument("--output", type=Path, help="also write the reports as a JSON array here")
     parser.add_argument("--payload-dir", type=Path, default=PAYLOAD_DIR, help="where ghz data files go")
     parser.add_argument(
@@ -49,16 +52,17 @@ async def run(args: argparse.Namespace, settings: CommonSettings) -> int:
     services = set().union(*(s.services for s in chosen)) | (
         {"file", "queue"} if args.write_payloads else set()
     )
-    remote = [
-        f"{s}={address_of(settings, s)}" for s in sorted(services) if not is_loopback(address_of(settings, s))
-    ]
+    targets = {s: address_of(settings, s) for s in services - {"gateway"}}
+    if "gateway" in services:
+        targets["gateway"] = url_address(args.gateway_url)
+    remote = [f"{s}={address}" for s, address in sorted(targets.items()) if not is_loopback(address)]
     if remote:
         print(
             f"load: refusing non-loopback targets ({', '.join(remote)}); this tool loads a local mesh only",
             file=sys.stderr,
         )
         return 2
-    mesh = Mesh(settings)
+    mesh = Mesh(settings, gateway_url=args.gateway_url)
     try:
         try:
             await mesh.check_up(services)

@@ -8,6 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 
 import grpc
+import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh.file.v1 import file_service_pb2, file_service_pb2_grpc
@@ -56,6 +57,12 @@ def address_of(settings: CommonSettings, service: str) -> str:
     }[service]
 
 
+def url_address(url: str) -> str:
+    """host:port of an http(s) URL."""
+    parsed = httpx.URL(url)
+    return f"{parsed.host}:{parsed.port or (443 if parsed.scheme == 'https' else 80)}"
+
+
 def is_loopback(address: str) -> bool:
     """Whether host:port names this machine (localhost, 127.0.0.0/8, ::1)."""
     host = address.rsplit(":", 1)[0].strip("[]")
@@ -67,11 +74,15 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+DEFAULT_GATEWAY_URL = "http://127.0.0.1:8080"
+
+
 @dataclass
 class Mesh:
-    """Channels and stubs to every service, plus the ids of seeded objects."""
+    """Channels and stubs to every service, an HTTP client of the gateway, and the ids of seeded objects."""
 
     settings: CommonSettings
+    gateway_url: str = DEFAULT_GATEWAY_URL
     channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
     photo: bytes = b""
     strip: bytes = b""
@@ -95,14 +106,22 @@ class Mesh:
         self.image = image_processing_service_pb2_grpc.ImageProcessingServiceStub(self.channels["image"])
         self.inference = inference_service_pb2_grpc.InferenceServiceStub(self.channels["inference"])
         self.queue = queue_service_pb2_grpc.QueueServiceStub(self.channels["queue"])
+        self.http = httpx.AsyncClient(base_url=self.gateway_url, timeout=self.settings.rpc_timeout_seconds)
 
     async def close(self) -> None:
-        await asyncio.gather(*(channel.close(None) for channel in self.channels.values()))
+        await asyncio.gather(*(channel.close(None) for channel in self.channels.values()), self.http.aclose())
 
     async def check_up(self, services: set[str], timeout: float = 3.0) -> None:
         """Raise :class:`MeshNotUp` unless every one of ``services`` answers SERVING on its health name."""
         problems = []
-        for service in sorted(services):
+        if "gateway" in services:
+            try:
+                ready = await self.http.get("/readyz", timeout=timeout)
+                if ready.status_code != 200:
+                    problems.append(f"gateway at {self.gateway_url}: /readyz answered {ready.status_code}")
+            except httpx.HTTPError as error:
+                problems.append(f"gateway at {self.gateway_url}: {type(error).__name__} ({error})")
+        for service in sorted(services - {"gateway"}):
             address = address_of(self.settings, service)
             stub = health_pb2_grpc.HealthStub(self.channels[service])
             try:

@@ -6,9 +6,10 @@ import asyncio
 import time
 
 import grpc
+import httpx
 
 from mesh.tools.load.mesh import Mesh
-from mesh.tools.load.scenarios import ItemError, JobNotSucceeded, Scenario
+from mesh.tools.load.scenarios import HttpStatusError, ItemError, JobNotSucceeded, Scenario
 from mesh.tools.load.stats import Recorder
 
 
@@ -22,11 +23,13 @@ async def call_once(scenario: Scenario, mesh: Mesh, recorder: Recorder, timeout:
     try:
         async with asyncio.timeout(timeout):
             await scenario.run(mesh)
+    except httpx.HTTPError as error:
+        status, detail = "HTTP_" + type(error).__name__, str(error)
     except TimeoutError:
         status, detail = "CLIENT_TIMEOUT", f"still running {timeout:.1f}s after it started, at the run's end"
     except grpc.aio.AioRpcError as error:
         status, detail = error.code().name, error.details() or ""
-    except (ItemError, JobNotSucceeded) as error:
+    except (ItemError, JobNotSucceeded, HttpStatusError) as error:
         status, detail = error.code, str(error)
     recorder.add(time.perf_counter_ns() - started, status, detail)
 

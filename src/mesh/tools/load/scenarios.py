@@ -52,6 +52,14 @@ class Scenario:
     run: Callable[[Mesh], Awaitable[None]]
 
 
+class HttpStatusError(Exception):
+    """The gateway answered with a status other than the expected one."""
+
+    def __init__(self, status: int, body: str) -> None:
+        self.code = f"HTTP_{status}"
+        super().__init__(body[:200])
+
+
 def _pipeline() -> list[params_pb2.PipelineStep]:
     return [params_pb2.PipelineStep(filter=step["filter"]) for step in payloads.PIPELINE]
 
@@ -186,6 +194,22 @@ async def watch_job(mesh: Mesh) -> None:
         raise JobNotSucceeded(last)
 
 
+async def gateway_predict(mesh: Mesh) -> None:
+    """REST prediction through the gateway on a stored strip photo (the web page's path)."""
+    response = await mesh.http.post(
+        f"/v1/models/{payloads.MODEL}:predict", json={"image_id": mesh.ids["strip_image_id"]}
+    )
+    if response.status_code != 200:
+        raise HttpStatusError(response.status_code, response.text)
+
+
+async def gateway_get_image(mesh: Mesh) -> None:
+    """REST image metadata through the gateway."""
+    response = await mesh.http.get(f"/v1/images/{mesh.ids['photo_image_id']}")
+    if response.status_code != 200:
+        raise HttpStatusError(response.status_code, response.text)
+
+
 def _scenario(name: str, call: str, services: set[str], run: Callable[[Mesh], Awaitable[None]]) -> Scenario:
     return Scenario(name, call, frozenset(services), run)
 
@@ -232,5 +256,9 @@ SCENARIOS: dict[str, Scenario] = {
             {"file", "queue", "image", "inference"},
             watch_job,
         ),
+        _scenario(
+            "gateway.predict", "POST /v1/models/strip-reader:predict", {"gateway", "file"}, gateway_predict
+        ),
+        _scenario("gateway.get_image", "GET /v1/images/{id}", {"gateway", "file"}, gateway_get_image),
     )
 }
