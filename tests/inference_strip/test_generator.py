@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 
 from mesh.services.inference.strip.generator import (
@@ -99,12 +101,12 @@ def test_overrides_fix_the_chosen_draws() -> None:
 
 def test_decoded_forms_match_the_colour_mode() -> None:
     """RGB decodes to HxWx3, RGBA to HxWx4, grey to HxW; the decoded pixels are what ``image`` holds."""
-    shapes = {"rgb": 3, "rgba": 4, "grey": None}
+    shapes: dict[Literal["rgb", "rgba", "grey"], int | None] = {"rgb": 3, "rgba": 4, "grey": None}
     for mode, channels in shapes.items():
         sample = generate_with(
             7,
             Overrides(cls="negative", colour_mode=mode, image_format="png"),
-            GeneratorOptions(size=(320, 240)),  # type: ignore[arg-type]
+            GeneratorOptions(size=(320, 240)),
         )
         image = decode(sample.encoded)
         assert np.array_equal(image, sample.image)

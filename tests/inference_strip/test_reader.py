@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from mesh.services.inference.strip import StripReader
@@ -15,7 +17,7 @@ from mesh.services.inference.strip.types import QualityFlag, Verdict
 READER = StripReader()
 
 
-def _positive(seed: int = 101, **fixed: object) -> np.ndarray:  # type: ignore[type-arg]
+def _positive(seed: int = 101, **fixed: object) -> npt.NDArray[Any]:
     overrides = Overrides(cls="positive", kind="cassette", t_contrast=0.3, c_contrast=0.6, image_format="png")
     for key, value in fixed.items():
         overrides = Overrides(**{**overrides.__dict__, key: value})
@@ -32,7 +34,7 @@ def _positive(seed: int = 101, **fixed: object) -> np.ndarray:  # type: ignore[t
     ],
     ids=["uniform_grey", "black", "noise", "white_rgba"],
 )
-def test_no_strip_is_invalid_with_strip_not_found(image: np.ndarray) -> None:  # type: ignore[type-arg]
+def test_no_strip_is_invalid_with_strip_not_found(image: npt.NDArray[Any]) -> None:
     """Pictures without any strip are INVALID, flagged STRIP_NOT_FOUND, with no window and no lines."""
     reading = READER.read(image)
     assert reading.verdict is Verdict.INVALID
@@ -59,7 +61,7 @@ def test_input_forms_agree() -> None:
     assert base.verdict is Verdict.POSITIVE
     assert READER.read(rgba) == base
     assert READER.read(wide) == base
-    grey = (rgb.astype(np.float32) @ np.float32([0.299, 0.587, 0.114])).astype(np.uint8)
+    grey = (rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.uint8)
     assert READER.read(grey).verdict is Verdict.POSITIVE
     assert READER.read(grey[:, :, None]).verdict is Verdict.POSITIVE
 
@@ -69,7 +71,7 @@ def test_input_forms_agree() -> None:
     [np.zeros((10, 10, 3), np.uint8), np.zeros((100, 100, 2), np.uint8), np.zeros((100, 100), np.float32)],
     ids=["tiny", "two_channels", "float"],
 )
-def test_unreadable_inputs_raise_value_error(bad: np.ndarray) -> None:  # type: ignore[type-arg]
+def test_unreadable_inputs_raise_value_error(bad: npt.NDArray[Any]) -> None:
     """Shapes and types the reader cannot take are refused with ValueError (the service maps it to 400)."""
     with pytest.raises(ValueError, match=r"."):
         READER.read(bad)

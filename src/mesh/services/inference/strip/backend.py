@@ -21,8 +21,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-FloatImage = npt.NDArray[np.float32]
-ByteImage = npt.NDArray[np.uint8]
+FloatImage = npt.NDArray[Any]  # OpenCV returns loosely typed arrays
+ByteImage = npt.NDArray[Any]  # OpenCV returns loosely typed arrays
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 from mesh.services.inference.strip.config import ReaderConfig
 from mesh.services.inference.strip.evaluate import run_split
@@ -59,7 +60,7 @@ def calibrate(count: int) -> dict[str, Any]:
     }
 
 
-def _quantiles(values: np.ndarray) -> dict[str, float] | None:  # type: ignore[type-arg]
+def _quantiles(values: npt.NDArray[Any]) -> dict[str, float] | None:
     if values.size == 0:
         return None
     return {

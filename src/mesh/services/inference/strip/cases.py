@@ -187,9 +187,11 @@ def build(directory: Path) -> list[dict[str, object]]:
         filename = f"{case.name}.{suffix}"
         data = sample.encoded
         if suffix == "png":  # same pixels, smaller file
+            pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+            assert pixels is not None
             ok, buffer = cv2.imencode(
                 ".png",
-                cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED),
+                pixels,
                 [cv2.IMWRITE_PNG_COMPRESSION, 9],
             )
             if ok:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -29,7 +29,7 @@ import numpy.typing as npt
 
 from mesh.services.inference.strip.types import Verdict, Window
 
-FloatImage = npt.NDArray[np.float32]
+FloatImage = npt.NDArray[Any]  # OpenCV returns loosely typed arrays
 Split = Literal["train", "heldout"]
 SceneKind = Literal["cassette", "strip", "none"]
 
@@ -274,7 +274,9 @@ class _Renderer:
         style = int(rng.integers(0, 4))
         small_w, small_h = max(4, width // 16), max(4, height // 16)
         if style == 0:  # smooth blotches
-            field = rng.normal(0, 1, (small_h // 4 + 2, small_w // 4 + 2)).astype(np.float32)
+            field: npt.NDArray[Any] = rng.normal(0, 1, (small_h // 4 + 2, small_w // 4 + 2)).astype(
+                np.float32
+            )
             field = cv2.resize(field, (width, height), interpolation=cv2.INTER_CUBIC)
             canvas *= (1 + 0.12 * field)[:, :, None]
         elif style == 1:  # wood-like stripes
@@ -285,7 +287,9 @@ class _Renderer:
             wobble = np.sin(phase * 2 * math.pi + 2 * np.sin(yy / (period * 3)))
             canvas *= (1 + 0.1 * wobble)[:, :, None]
         elif style == 2:  # fabric: fine noise
-            grain = rng.normal(0, 0.05, (height // 2 + 1, width // 2 + 1)).astype(np.float32)
+            grain: npt.NDArray[Any] = rng.normal(0, 0.05, (height // 2 + 1, width // 2 + 1)).astype(
+                np.float32
+            )
             grain = cv2.resize(grain, (width, height), interpolation=cv2.INTER_LINEAR)
             canvas *= (1 + grain)[:, :, None]
         # style 3: plain
@@ -368,7 +372,7 @@ class _Renderer:
         homography = self._homography(sprite_len, sprite_h, angle, cx, cy)
         # Drop shadow, then the object.
         shadow = cv2.warpPerspective(alpha, homography, (width, height), flags=cv2.INTER_LINEAR)
-        offset = np.float32([[1, 0, self.u(-0.01, 0.02) * length], [0, 1, self.u(0, 0.03) * length]])
+        offset = _f32([[1, 0, self.u(-0.01, 0.02) * length], [0, 1, self.u(0, 0.03) * length]])
         shadow = cv2.warpAffine(shadow, offset, (width, height))
         shadow = cv2.GaussianBlur(shadow, (0, 0), max(1.0, 0.015 * length))
         canvas = canvas * (1 - self.u(0.2, 0.5) * shadow)[:, :, None]
@@ -391,15 +395,15 @@ class _Renderer:
 
     def _homography(
         self, sprite_len: int, sprite_h: int, angle: float, cx: float, cy: float
-    ) -> npt.NDArray[np.float64]:
-        src = np.float32([[0, 0], [sprite_len, 0], [sprite_len, sprite_h], [0, sprite_h]])
+    ) -> npt.NDArray[Any]:
+        src = _f32([[0, 0], [sprite_len, 0], [sprite_len, sprite_h], [0, sprite_h]])
         # Slight perspective: move the corners by up to ~3 % of the length (a few degrees of tilt).
         jitter = self.rng.uniform(-0.015, 0.015, (4, 2)).astype(np.float32) * sprite_len
-        centred = src - np.float32([sprite_len / 2, sprite_h / 2]) + jitter
+        centred = src - _f32([sprite_len / 2, sprite_h / 2]) + jitter
         rad = math.radians(angle)
         # Image y points down; a positive angle turns the strip counter-clockwise on screen.
-        rot = np.float32([[math.cos(rad), math.sin(rad)], [-math.sin(rad), math.cos(rad)]])
-        dst = centred @ rot.T + np.float32([cx, cy])
+        rot = _f32([[math.cos(rad), math.sin(rad)], [-math.sin(rad), math.cos(rad)]])
+        dst = centred @ rot.T + _f32([cx, cy])
         return cv2.getPerspectiveTransform(src, dst.astype(np.float32))
 
     def _cassette(
@@ -428,7 +432,7 @@ class _Renderer:
         # Sample well: a round opening on the left showing the sample pad.
         well_c = (int(0.2 * length), height // 2)
         well_r = int(self.u(0.22, 0.3) * height)
-        pad = self._membrane_colour() * np.float32([1.0, 0.93, 0.9]) * self.u(0.85, 0.95)
+        pad = self._membrane_colour() * _f32([1.0, 0.93, 0.9]) * self.u(0.85, 0.95)
         cv2.circle(sprite, well_c, well_r, tuple(float(v) for v in pad), -1, cv2.LINE_AA)
         cv2.circle(
             sprite, well_c, well_r, tuple(float(v) * 0.55 for v in body), max(1, int(bevel)), cv2.LINE_AA
@@ -452,13 +456,13 @@ class _Renderer:
         a = int(self.u(0.2, 0.28) * length)
         b = int(a + self.u(0.42, 0.5) * length)
         membrane = self._membrane_colour()
-        pad = membrane * np.float32([1.0, 0.96, 0.88]) * self.u(0.8, 0.9)
+        pad = membrane * _f32([1.0, 0.96, 0.88]) * self.u(0.8, 0.9)
         wick = membrane * self.u(0.84, 0.93)
         sprite[:, :a] = pad
         sprite[:, b:] = wick
         self._fill_membrane(sprite, a, 0, b, height, base=membrane)
         # Fibrous pads: streaks along the flow axis.
-        fibres = self.rng.normal(0, 0.025, (height, max(2, length // 6))).astype(np.float32)
+        fibres: npt.NDArray[Any] = self.rng.normal(0, 0.025, (height, max(2, length // 6))).astype(np.float32)
         fibres = cv2.resize(fibres, (length, height), interpolation=cv2.INTER_LINEAR)
         sprite[:, :a] *= (1 + fibres[:, :a])[:, :, None]
         sprite[:, b:] *= (1 + fibres[:, b:])[:, :, None]
@@ -558,7 +562,7 @@ class _Renderer:
             soft = max(2.0, self.u(0.02, 0.08) * width)
             depth = self.u(0.15, 0.4) if self.fixed.shadow is None else self.fixed.shadow
             light *= 1 - depth * (0.5 + 0.5 * np.tanh(side / soft))
-        cast = np.float32([self.u(0.85, 1.1), self.u(0.9, 1.05), self.u(0.82, 1.12)])
+        cast = _f32([self.u(0.85, 1.1), self.u(0.9, 1.05), self.u(0.82, 1.12)])
         gain = self.u(0.75, 1.08)
         out = canvas * light[:, :, None] * (cast * gain)[None, None, :]
         return np.clip(out, 0, 1).astype(np.float32)
@@ -576,7 +580,8 @@ class _Renderer:
         noise = self.rng.standard_normal((height, width, 3), dtype=np.float32)
         # Shot noise grows with brightness.
         out = canvas + noise * (sigma * np.sqrt(np.clip(canvas, 0.02, 1)))
-        return np.clip(out, 0, 1).astype(np.float32)
+        clipped: FloatImage = np.clip(out, 0, 1).astype(np.float32)
+        return clipped
 
     def _encode(
         self, canvas: FloatImage
@@ -611,10 +616,10 @@ class _Renderer:
         return mode, fmt, quality, encoded, decode(encoded)
 
 
-def _hsv_to_rgb(hue: float, sat: float, val: float) -> npt.NDArray[np.float32]:
-    pixel = np.uint8([[[int(hue) % 180, int(sat * 255), int(val * 255)]]])
-    rgb = cv2.cvtColor(pixel, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float32) / 255.0
-    return rgb.astype(np.float32)
+def _hsv_to_rgb(hue: float, sat: float, val: float) -> npt.NDArray[Any]:
+    pixel = np.array([[[int(hue) % 180, int(sat * 255), int(val * 255)]]], dtype=np.uint8)
+    rgb: npt.NDArray[Any] = cv2.cvtColor(pixel, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float32) / 255.0
+    return rgb
 
 
 def _rounded_rect(mask: FloatImage, x0: int, y0: int, x1: int, y1: int, radius: int) -> None:
@@ -629,10 +634,15 @@ def _rounded_rect(mask: FloatImage, x0: int, y0: int, x1: int, y1: int, radius: 
         cv2.circle(mask, (cx, cy), radius, 1.0, -1, cv2.LINE_AA)
 
 
-def _erf(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+def _erf(x: npt.NDArray[Any]) -> npt.NDArray[Any]:
     # Abramowitz-Stegun 7.1.26; enough for a soft line edge and free of a scipy import here.
     sign = np.sign(x)
     ax = np.abs(x)
     t = 1.0 / (1.0 + 0.3275911 * ax)
     poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
-    return (sign * (1 - poly * np.exp(-ax * ax))).astype(np.float32)
+    result: npt.NDArray[Any] = (sign * (1 - poly * np.exp(-ax * ax))).astype(np.float32)
+    return result
+
+
+def _f32(values: Any) -> npt.NDArray[Any]:
+    return np.array(values, dtype=np.float32)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 
-FloatImage = npt.NDArray[np.float32]
+FloatImage = npt.NDArray[Any]  # OpenCV returns loosely typed arrays
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def find_object(small: npt.NDArray[np.uint8], min_area_fraction: float) -> Place
     for spread in (0.35, 0.15):
         relative = feature / np.maximum(_local_max(feature, spread), 1e-3)
         for level in (0.82, 0.72, 0.62):
-            mask = (relative >= level).astype(np.uint8)
+            mask: npt.NDArray[Any] = (relative >= level).astype(np.uint8)
             mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, close_kernel)
             mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, open_kernel)
             contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -79,7 +80,7 @@ def find_object(small: npt.NDArray[np.uint8], min_area_fraction: float) -> Place
                 area = float(cv2.contourArea(contour))
                 if area < min_area_fraction * area_img:
                     continue
-                candidate = _judge(contour, area, feature, area_img, bright)
+                candidate = _judge(np.asarray(contour), area, feature, area_img, bright)
                 if candidate is None:
                     continue
                 key = (round(candidate.center_x), round(candidate.center_y), round(candidate.length))
@@ -153,7 +154,7 @@ def _extend(feature: FloatImage, found: Placement) -> Placement:
 
 
 def _judge(
-    contour: npt.NDArray[np.int32], area: float, feature: FloatImage, area_img: float, bright: float
+    contour: npt.NDArray[Any], area: float, feature: FloatImage, area_img: float, bright: float
 ) -> Placement | None:
     height, width = feature.shape
     bx, by, bw, bh = cv2.boundingRect(contour)

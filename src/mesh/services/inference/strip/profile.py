@@ -15,12 +15,13 @@ line's peak absorbance is its contrast against the membrane.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 
-FloatArray = npt.NDArray[np.float32]
+FloatArray = npt.NDArray[Any]  # OpenCV returns loosely typed arrays
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -44,8 +44,8 @@ from mesh.services.inference.strip.types import (
     Window,
 )
 
-ByteImage = npt.NDArray[np.uint8]
-FloatImage = npt.NDArray[np.float32]
+ByteImage = npt.NDArray[Any]  # OpenCV returns loosely typed arrays
+FloatImage = npt.NDArray[Any]  # OpenCV returns loosely typed arrays
 
 # Across the strip, the crop keeps this much of the strip's width as margin on each side.
 ACROSS_MARGIN = 0.12
@@ -101,19 +101,19 @@ class StripReader:
         self.device = device
         self.backend: Backend = gpu_backend() if device == "gpu" else CpuBackend()
 
-    def read(self, image: np.ndarray) -> StripReading:  # type: ignore[type-arg]
+    def read(self, image: npt.NDArray[Any]) -> StripReading:
         """The full reading of one image."""
         return self._run(to_uint8(image), self.config.crop_length, precheck=False)[0]
 
-    def read_with_scores(self, image: np.ndarray) -> tuple[StripReading, Scores]:  # type: ignore[type-arg]
+    def read_with_scores(self, image: npt.NDArray[Any]) -> tuple[StripReading, Scores]:
         """The reading plus the raw line scores behind it (for calibration and diagnosis)."""
         return self._run(to_uint8(image), self.config.crop_length, precheck=False)
 
-    def precheck(self, image: np.ndarray) -> StripReading:  # type: ignore[type-arg]
+    def precheck(self, image: npt.NDArray[Any]) -> StripReading:
         """The fast quality pre-check: strip found, blur, exposure, control line."""
         return self._run(to_uint8(image), self.config.precheck_crop_length, precheck=True)[0]
 
-    def read_batch(self, images: Sequence[np.ndarray]) -> list[StripReading]:  # type: ignore[type-arg]
+    def read_batch(self, images: Sequence[npt.NDArray[Any]]) -> list[StripReading]:
         """Readings of several images, in order."""
         return [self.read(image) for image in images]
 
