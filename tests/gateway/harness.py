@@ -148,3 +148,10 @@ async def serve_app(app: FastAPI) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await task
+
+
+async def serve_fakes_forever() -> None:
+    """Serve the fakes until SIGTERM, printing ``PORTS <grpc> <http>`` (for the benchmark's subprocess)."""
+    fake_mesh = await start_fake_mesh()
+    print(f"PORTS {fake_mesh.runtime.grpc_port} {fake_mesh.runtime.http_port}", flush=True)
+    await fake_mesh.task

@@ -1,0 +1,450 @@
+"""The gateway's cost: REST upload, process and predict against direct gRPC to the same services, and the
+cost of tracing (the same REST load with tracing off, on without export, and on with every span exported).
+
+Every process is separate, as in production: the gateway (``python -m mesh.services.gateway``) and the real
+file, image processing and inference services as subprocesses on free ports. A service that cannot start
+here (no PostgreSQL for the file service, say) is replaced by the test suite's in-process fakes, served from
+their own subprocess, and every result names its backend (``real`` or ``fake``). The client is this process
+(httpx for REST, grpc.aio for direct calls). Images are ~1 MB PNGs sent inline (base64 in JSON for REST,
+bytes for gRPC); process asks for raw bytes back (``Accept: image/png``).
+
+Latency (p50, p90) comes from sequential requests, REST and gRPC interleaved so that drift hits both;
+throughput from 8 concurrent callers for a fixed time. On a small shared machine the client, the gateway and
+the service compete for the same cores, so ratios matter more than absolute numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psycopg
+from PIL import Image, ImageDraw
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from mesh.common.v1 import image_pb2
+from mesh.image.v1 import image_processing_service_pb2 as image_pb
+from mesh.image.v1 import image_processing_service_pb2_grpc as image_grpc
+from mesh.inference.v1 import inference_service_pb2 as inference_pb
+from mesh.inference.v1 import inference_service_pb2_grpc as inference_grpc
+from mesh.kit.channels import open_channel
+from mesh.kit.settings import CommonSettings
+from mesh.services.file.client import FileClient
+
+ROOT = Path(__file__).resolve().parent.parent
+SEQUENTIAL = int(os.environ.get("MESH_BENCH_GATEWAY_REQUESTS", "40"))
+CONCURRENCY = 8
+THROUGHPUT_SECONDS = float(os.environ.get("MESH_BENCH_GATEWAY_SECONDS", "3"))
+START_TIMEOUT = 60.0
+DATABASE_URL = os.environ.get("MESH_BENCH_GATEWAY_DATABASE_URL", "postgresql://localhost/mesh_bench_gateway")
+
+Call = Callable[[], Awaitable[None]]
+
+
+def strip_photo(target_bytes: int = 1024 * 1024) -> bytes:
+    """A noisy photo of a lateral-flow strip (T and C lines) encoded as a PNG of about ``target_bytes``."""
+    rng = np.random.default_rng(7)
+    width, height = 1200, 400
+    image = Image.new("RGB", (width, height), (236, 232, 226))
+    draw = ImageDraw.Draw(image)
+    for x, strength in ((int(width * 0.42), 90), (int(width * 0.68), 150)):
+        draw.rectangle(
+            (x - 6, 40, x + 6, height - 40), fill=(236 - strength // 2, 232 - strength, 226 - strength // 2)
+        )
+    pixels = np.asarray(image, dtype=np.int16)
+    sigma = 4.0
+    while True:
+        noisy = np.clip(pixels + rng.normal(0, sigma, pixels.shape), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(noisy).save(buffer, "PNG", compress_level=1)
+        if buffer.tell() >= target_bytes or sigma > 64:
+            return buffer.getvalue()
+        sigma *= 1.5
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Process:
+    """A child process of the benchmark."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def _spawn(
+    name: str, args: list[str], env: dict[str, str], stdout: int | None = subprocess.DEVNULL
+) -> Process:
+    full_env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'src'}", "MESH_LOG_LEVEL": "warning", **env}
+    popen = subprocess.Popen(
+        [sys.executable, *args], cwd=ROOT, env=full_env, stdout=stdout, stderr=subprocess.DEVNULL
+    )
+    return Process(name, popen)
+
+
+async def _serving(address: str, service: str, process: Process, timeout: float = START_TIMEOUT) -> bool:
+    """Wait until ``service`` at ``address`` answers SERVING (False when the process dies or time runs out)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline and process.popen.poll() is None:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                answer = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            await asyncio.sleep(0.3)
+    return False
+
+
+@dataclass
+class Backends:
+    """Where each service runs, and whether it is the real one."""
+
+    addresses: dict[str, str]
+    kinds: dict[str, str]
+    processes: list[Process]
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.stop()
+
+
+REAL_SERVICES = {
+    "file": ("mesh.services.file", "mesh.file.v1.FileService"),
+    "image": ("mesh.services.image_processing", "mesh.image.v1.ImageProcessingService"),
+    "inference": ("mesh.services.inference", "mesh.inference.v1.InferenceService"),
+}
+
+
+async def start_backends(blob_dir: Path) -> Backends:
+    """The real services where they start, the fakes for the rest."""
+    addresses: dict[str, str] = {}
+    kinds: dict[str, str] = {}
+    processes: list[Process] = []
+    starting = {}
+    for key, (module, service) in REAL_SERVICES.items():
+        grpc_port = _free_port()
+        env = {
+            "MESH_GRPC_PORT": str(grpc_port),
+            "MESH_HTTP_PORT": str(_free_port()),
+            "MESH_DATABASE_URL": DATABASE_URL,
+            "MESH_BLOB_DIR": str(blob_dir),
+            "OTEL_SDK_DISABLED": "true",
+        }
+        process = _spawn(key, ["-m", module], env)
+        starting[key] = (f"127.0.0.1:{grpc_port}", service, process)
+    results = await asyncio.gather(*(_serving(a, s, p) for a, s, p in starting.values()))
+    missing = []
+    for (key, (address, _, process)), ok in zip(starting.items(), results, strict=True):
+        if ok:
+            addresses[key], kinds[key] = address, "real"
+            processes.append(process)
+        else:
+            process.stop()
+            missing.append(key)
+    if missing:
+        fakes = _spawn(
+            "fakes",
+            [
+                "-c",
+                "import asyncio; from tests.gateway.harness import serve_fakes_forever as s; asyncio.run(s())",
+            ],
+            {"OTEL_SDK_DISABLED": "true"},
+            stdout=subprocess.PIPE,
+        )
+        assert fakes.popen.stdout is not None
+        line = await asyncio.to_thread(fakes.popen.stdout.readline)
+        port = int(line.split()[1])
+        processes.append(fakes)
+        for key in missing:
+            addresses[key], kinds[key] = f"127.0.0.1:{port}", "fake"
+    return Backends(addresses, kinds, processes)
+
+
+@contextlib.contextmanager
+def gateway(backends: Backends, tracing: str) -> Iterator[str]:
+    """A gateway process in front of ``backends``; ``tracing`` is off, on (no export) or exported."""
+    port = _free_port()
+    env = {
+        "MESH_HTTP_PORT": str(port),
+        "MESH_HTTP_HOST": "127.0.0.1",
+        "MESH_FILE_SERVICE_ADDRESS": backends.addresses["file"],
+        "MESH_IMAGE_SERVICE_ADDRESS": backends.addresses["image"],
+        "MESH_INFERENCE_SERVICE_ADDRESS": backends.addresses["inference"],
+        "MESH_QUEUE_SERVICE_ADDRESS": backends.addresses["file"],
+        "MESH_RATE_LIMIT_ENABLED": "false",
+        "MESH_AUTH_MODE": "off",
+    }
+    if tracing == "off":
+        env["OTEL_SDK_DISABLED"] = "true"
+    elif tracing == "exported":
+        # Every span serialised and written out (to /dev/null): the full cost short of a network hop.
+        env["OTEL_TRACES_EXPORTER"] = "console"
+        env["OTEL_BSP_SCHEDULE_DELAY"] = "200"
+    process = _spawn("gateway", ["-m", "mesh.services.gateway"], env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + START_TIMEOUT
+    try:
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            if process.popen.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the gateway did not start")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.stop()
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def latencies(calls: dict[str, Call], count: int) -> dict[str, list[float]]:
+    """Sequential timings of each call, interleaved round-robin (after a warm-up of each)."""
+    for call in calls.values():
+        for _ in range(3):
+            await call()
+    timings: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(count):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            await call()
+            timings[name].append(time.perf_counter() - started)
+    return timings
+
+
+async def throughputs(calls: dict[str, Call], seconds: float, rounds: int = 4) -> dict[str, float]:
+    """Completed calls per second of each call with CONCURRENCY callers, in alternating short windows
+    (``rounds`` windows each) so that load from elsewhere on the machine hits every call alike."""
+    done = dict.fromkeys(calls, 0)
+    spent = dict.fromkeys(calls, 0.0)
+    window = seconds / rounds
+    for _ in range(rounds):
+        for name, call in calls.items():
+            deadline = time.perf_counter() + window
+
+            async def worker(name: str = name, call: Call = call, deadline: float = deadline) -> None:
+                while time.perf_counter() < deadline:
+                    await call()
+                    done[name] += 1
+
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+            spent[name] += time.perf_counter() - started
+    return {name: done[name] / spent[name] for name in calls}
+
+
+def _check(response: httpx.Response, status: int = 200) -> None:
+    if response.status_code != status:
+        raise RuntimeError(
+            f"{response.request.method} {response.request.url.path}: {response.status_code} {response.text[:300]}"
+        )
+
+
+@dataclass
+class Clients:
+    """The REST and direct gRPC callables of every operation."""
+
+    rest: dict[str, Call]
+    grpc: dict[str, Call]
+
+
+def make_calls(
+    http: httpx.AsyncClient, backends: Backends, settings: CommonSettings, photo: bytes
+) -> tuple[Clients, list[Any]]:
+    """Upload, process and predict by REST and by direct gRPC, with the same image."""
+    inline = base64.b64encode(photo).decode()
+    # Bodies encoded once: the client's JSON encoding is not the gateway's cost.
+    process_body = json.dumps({"image": inline, "output_format": "png"}).encode()
+    predict_body = json.dumps({"image": inline}).encode()
+    json_headers = {"content-type": "application/json"}
+    files = FileClient.connect(settings)
+    image_channel = open_channel(
+        backends.addresses["image"], settings, service="mesh.image.v1.ImageProcessingService"
+    )
+    inference_channel = open_channel(
+        backends.addresses["inference"], settings, service="mesh.inference.v1.InferenceService"
+    )
+    image_stub = image_grpc.ImageProcessingServiceStub(image_channel)
+    inference_stub = inference_grpc.InferenceServiceStub(inference_channel)
+    encoded = image_pb2.ImageInput(encoded=image_pb2.EncodedImage(data=photo))
+
+    async def rest_upload() -> None:
+        _check(await http.post("/v1/images", files={"file": ("strip.png", photo, "image/png")}), 201)
+
+    async def rest_process() -> None:
+        response = await http.post(
+            "/v1/process", content=process_body, headers={**json_headers, "accept": "image/png"}
+        )
+        _check(response)
+
+    async def rest_predict() -> None:
+        _check(await http.post("/v1/models/strip-reader:predict", content=predict_body, headers=json_headers))
+
+    async def grpc_upload() -> None:
+        await files.upload(photo, filename="strip.png", content_type="image/png")
+
+    async def grpc_process() -> None:
+        await image_stub.ProcessImage(
+            image_pb.ProcessImageRequest(
+                input=encoded, output=image_pb.OutputSpec(format=image_pb2.IMAGE_FORMAT_PNG)
+            )
+        )
+
+    async def grpc_predict() -> None:
+        await inference_stub.Predict(inference_pb.PredictRequest(model_name="strip-reader", input=encoded))
+
+    clients = Clients(
+        rest={"upload": rest_upload, "process": rest_process, "predict": rest_predict},
+        grpc={"upload": grpc_upload, "process": grpc_process, "predict": grpc_predict},
+    )
+    return clients, [files, image_channel, inference_channel]
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+async def _run(backends: Backends, photo: bytes) -> list[dict[str, Any]]:
+    settings = CommonSettings(file_service_address=backends.addresses["file"], rpc_timeout_seconds=60.0)
+    common = {"image_bytes": len(photo), "concurrency": CONCURRENCY}
+    limits = httpx.Limits(max_connections=CONCURRENCY * 2, max_keepalive_connections=CONCURRENCY * 2)
+    with contextlib.ExitStack() as stack:
+        # Three gateways at once (tracing on, off, exported), so their requests can be interleaved.
+        urls = {
+            tracing: stack.enter_context(gateway(backends, tracing)) for tracing in ("on", "off", "exported")
+        }
+        async with contextlib.AsyncExitStack() as closing:
+            clients: dict[str, Clients] = {}
+            for tracing, url in urls.items():
+                http = await closing.enter_async_context(
+                    httpx.AsyncClient(base_url=url, timeout=60, limits=limits)
+                )
+                clients[tracing], closables = make_calls(http, backends, settings, photo)
+                for closable in closables:
+                    closing.push_async_callback(closable.close)
+            return await _measure(clients, backends, common)
+    raise AssertionError("unreachable")
+
+
+def _backend_of(operation: str) -> str:
+    return {"upload": "file", "process": "image", "predict": "inference"}[operation]
+
+
+async def _measure(
+    clients: dict[str, Clients], backends: Backends, common: dict[str, Any]
+) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    for operation in ("upload", "process", "predict"):
+        calls = {"grpc": clients["on"].grpc[operation], "rest": clients["on"].rest[operation]}
+        if operation != "upload":
+            calls["rest_tracing_off"] = clients["off"].rest[operation]
+            calls["rest_tracing_exported"] = clients["exported"].rest[operation]
+        timings = await latencies(calls, SEQUENTIAL)
+        rates = await throughputs(calls, THROUGHPUT_SECONDS)
+        p50 = {name: statistics.median(values) for name, values in timings.items()}
+        results.append(
+            {
+                "benchmark": f"gateway_{operation}_rest_vs_grpc",
+                "backend": backends.kinds[_backend_of(operation)],
+                **common,
+                "rest_rps": round(rates["rest"], 2),
+                "grpc_rps": round(rates["grpc"], 2),
+                "rest_fraction_of_grpc_throughput": round(rates["rest"] / rates["grpc"], 3),
+                "rest_p50_ms": _ms(p50["rest"]),
+                "grpc_p50_ms": _ms(p50["grpc"]),
+                "added_p50_ms": _ms(p50["rest"] - p50["grpc"]),
+                "rest_p90_ms": _ms(_percentile(timings["rest"], 0.9)),
+                "grpc_p90_ms": _ms(_percentile(timings["grpc"], 0.9)),
+                "target": ">= 0.6 of gRPC throughput, <= 2 ms added p50",
+            }
+        )
+        if operation == "upload":
+            continue
+        off, on, exported = rates["rest_tracing_off"], rates["rest"], rates["rest_tracing_exported"]
+        results.append(
+            {
+                "benchmark": f"gateway_{operation}_tracing_cost",
+                "backend": backends.kinds[_backend_of(operation)],
+                **common,
+                "tracing_off_rps": round(off, 2),
+                "tracing_on_rps": round(on, 2),
+                "tracing_exported_rps": round(exported, 2),
+                "throughput_cost_on": round(1 - on / off, 3),
+                "throughput_cost_exported": round(1 - exported / off, 3),
+                "tracing_off_p50_ms": _ms(p50["rest_tracing_off"]),
+                "tracing_on_p50_ms": _ms(p50["rest"]),
+                "tracing_exported_p50_ms": _ms(p50["rest_tracing_exported"]),
+                "note": "the gateway's tracing only; on = spans made and sampled, not exported;"
+                " exported = every span through the batch processor to a console exporter on /dev/null",
+                "target": "<= 5 % of throughput",
+            }
+        )
+    return results
+
+
+def run() -> list[dict[str, Any]]:
+    """Start the services and the gateway, measure, stop everything."""
+    photo = strip_photo()
+    with tempfile.TemporaryDirectory(prefix="bench-gateway-") as blob_dir:
+
+        async def main() -> list[dict[str, Any]]:
+            backends = await start_backends(Path(blob_dir))
+            try:
+                return await _run(backends, photo)
+            finally:
+                backends.stop()
+                _drop_scratch_database()
+
+        return asyncio.run(main())
+
+
+def _drop_scratch_database() -> None:
+    """Drop the file service's scratch database (when it was created)."""
+    params = conninfo_to_dict(DATABASE_URL)
+    admin = make_conninfo(DATABASE_URL, dbname="postgres")
+    with (
+        contextlib.suppress(psycopg.Error),
+        psycopg.connect(admin, autocommit=True, connect_timeout=3) as conn,
+    ):
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(str(params["dbname"])))
+        )
