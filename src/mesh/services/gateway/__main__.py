@@ -7,6 +7,8 @@ uvicorn drains in-flight requests on SIGTERM for ``grace_seconds``.
 from __future__ import annotations
 
 import asyncio
+import signal
+from types import FrameType
 
 import httpx
 import uvicorn
@@ -67,12 +69,20 @@ async def serve(settings: GatewaySettings) -> None:
             timeout_graceful_shutdown=int(settings.grace_seconds),
         )
     )
+    # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal under the handlers it found at start.
+    # Handlers that do nothing make that a no-op, so a drained gateway exits 0 like the other services.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _already_drained)
     try:
         await server.serve()
     finally:
         if pool is not None:
             await pool.close()
         log.info("gateway stopped")
+
+
+def _already_drained(signum: int, frame: FrameType | None) -> None:
+    """The re-raised signal after uvicorn's graceful shutdown: nothing is left to do."""
 
 
 def main() -> None:
