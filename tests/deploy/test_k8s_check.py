@@ -128,6 +128,13 @@ def test_missing_default_deny_and_plain_secret_are_caught(dev: list[Manifest]) -
     assert "Deployment/queue: MESH_DATABASE_URL must come from a secretKeyRef" in messages
 
 
+def test_budget_that_blocks_node_drains_is_caught(dev: list[Manifest]) -> None:
+    """A PodDisruptionBudget that allows no eviction (minAvailable >= replicas) is reported."""
+    budget = next(o for o in dev if o["kind"] == "PodDisruptionBudget" and o["metadata"]["name"] == "file")
+    budget["spec"] = {"minAvailable": 1, "selector": budget["spec"]["selector"]}
+    assert any("PodDisruptionBudget/file: blocks every voluntary eviction" in m for m in _messages(dev))
+
+
 def test_shared_blob_volume_needs_rwx_for_replicas(dev: list[Manifest]) -> None:
     """The file service on a ReadWriteOnce claim must run one replica with the Recreate strategy."""
     _deployment(dev, "file")["spec"]["replicas"] = 2

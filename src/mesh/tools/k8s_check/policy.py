@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from mesh.tools.k8s_check.render import Manifest, containers_of, split_image
+from mesh.tools.k8s_check.render import CLUSTER_SCOPED_KINDS, Manifest, containers_of, split_image
 
 
 @dataclass(frozen=True)
@@ -150,16 +150,26 @@ def check_inventory(overlay: Overlay) -> Iterator[Violation]:
             for s in overlay.of_kind("Service")
         ):
             yield Violation(ref(deployment), "no Service selects its pods")
-        if not any(
-            selects(p["spec"].get("selector"), labels) for p in overlay.of_kind("PodDisruptionBudget")
-        ):
+        budgets = [
+            p for p in overlay.of_kind("PodDisruptionBudget") if selects(p["spec"].get("selector"), labels)
+        ]
+        if not budgets:
             yield Violation(ref(deployment), "no PodDisruptionBudget selects its pods")
+        replicas = deployment["spec"].get("replicas", 1)
+        for budget in budgets:
+            min_available = budget["spec"].get("minAvailable")
+            if budget["spec"].get("maxUnavailable") == 0 or (
+                isinstance(min_available, int) and min_available >= replicas
+            ):
+                yield Violation(
+                    ref(budget), f"blocks every voluntary eviction of {ref(deployment)} (node drains hang)"
+                )
     for obj in overlay.objects:
         if obj["kind"] == "Secret":
             yield Violation(
                 ref(obj), "Secrets are created by the operator, never committed (use secretKeyRef)"
             )
-        if obj["kind"] not in ("Namespace",) and not obj["metadata"].get("namespace"):
+        if obj["kind"] not in CLUSTER_SCOPED_KINDS and not obj["metadata"].get("namespace"):
             yield Violation(ref(obj), "no namespace (the overlay must set one)")
 
 
