@@ -11,6 +11,7 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mesh.common.v1 import params_pb2
 from mesh.file.v1 import file_service_pb2, file_service_pb2_grpc
 from mesh.image.v1 import image_processing_service_pb2_grpc
 from mesh.inference.v1 import inference_service_pb2_grpc
@@ -161,11 +162,20 @@ class Mesh:
         )
         return str(response.image.id)
 
-    async def submit(self, image_id: str, key: str | None = None) -> queue_service_pb2.SubmitJobResponse:
-        """SubmitJob of the strip reader on ``image_id``."""
+    async def submit(
+        self, image_id: str, key: str | None = None, *, pipeline: bool = False
+    ) -> queue_service_pb2.SubmitJobResponse:
+        """SubmitJob of the strip reader on ``image_id``; with ``pipeline``, the image pipeline runs first
+        (the job goes to the image-processing workers, then the model)."""
+        steps = (
+            [params_pb2.PipelineStep(filter=step["filter"]) for step in payloads.PIPELINE] if pipeline else []
+        )
         return await self.queue.SubmitJob(
             queue_service_pb2.SubmitJobRequest(
-                image_id=image_id, model=payloads.MODEL, idempotency_key=key or f"load-{uuid.uuid4()}"
+                image_id=image_id,
+                pipeline=steps,
+                model=payloads.MODEL,
+                idempotency_key=key or f"load-{uuid.uuid4()}",
             )
         )
 

@@ -133,6 +133,12 @@ def ghz_requests(photo: bytes, strip: bytes, ids: dict[str, str]) -> dict[str, A
             "model": MODEL,
             "idempotencyKey": "ghz-{{.UUID}}",
         },
+        "submit-pipeline-job.json": {
+            "imageId": strip_id,
+            "pipeline": PIPELINE,
+            "model": MODEL,
+            "idempotencyKey": "ghz-{{.UUID}}",
+        },
         "get-job.json": {"jobId": job_id},
         "watch-job.json": {"jobId": job_id},
     }

@@ -177,6 +177,11 @@ async def submit_job(mesh: Mesh) -> None:
     mesh.submitted.append(response.job.id)
 
 
+async def submit_pipeline_job(mesh: Mesh) -> None:
+    response = await mesh.submit(mesh.ids["strip_image_id"], pipeline=True)
+    mesh.submitted.append(response.job.id)
+
+
 async def get_job(mesh: Mesh) -> None:
     await mesh.queue.GetJob(queue_service_pb2.GetJobRequest(job_id=mesh.ids["job_id"]))
 
@@ -248,6 +253,12 @@ SCENARIOS: dict[str, Scenario] = {
             stream_inference,
         ),
         _scenario("queue.submit", "mesh.queue.v1.QueueService.SubmitJob", {"file", "queue"}, submit_job),
+        _scenario(
+            "queue.submit_pipeline",
+            "mesh.queue.v1.QueueService.SubmitJob",
+            {"file", "queue"},
+            submit_pipeline_job,
+        ),
         _scenario("queue.get", "mesh.queue.v1.QueueService.GetJob", {"file", "queue"}, get_job),
         _scenario("queue.list", "mesh.queue.v1.QueueService.ListJobs", {"queue"}, list_jobs),
         _scenario(
