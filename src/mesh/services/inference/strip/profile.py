@@ -228,12 +228,13 @@ def _membrane_span(mean_profile: FloatArray) -> tuple[float, float]:
     env = cv2.GaussianBlur(envelope.reshape(1, -1), (0, 0), sigma).ravel()
     slope = np.gradient(env)
     level = float(np.percentile(env, 90)) + 1e-4
-    left_zone = slice(int(0.08 * n), int(0.42 * n))
-    right_zone = slice(int(0.58 * n), int(0.95 * n))
+    left_zone = slice(int(0.04 * n), int(0.42 * n))
     x0, x1 = 0.0, float(n)
     ls = slope[left_zone]
     if ls.size and ls.max() * sigma * 2.5 > 0.03 * level:
         x0 = float(int(np.argmax(ls)) + left_zone.start)
+    # The membrane is at least a quarter of the strip long.
+    right_zone = slice(int(x0 + 0.25 * n), int(0.97 * n))
     rs = slope[right_zone]
     if rs.size and -rs.min() * sigma * 2.5 > 0.03 * level:
         x1 = float(int(np.argmin(rs)) + right_zone.start)
@@ -267,9 +268,13 @@ def window_profile(crop: FloatArray, box: WindowBox, noise_floor: float, margin:
     absorb = np.empty_like(means)
     level_ratio = 1.0
     for c in range(means.shape[1]):
-        env = _closing(means[:, c], k)
-        env = cv2.blur(env.reshape(1, -1), (max(1, k // 3), 1), borderType=cv2.BORDER_REPLICATE).ravel()
-        env = np.maximum(env, means[:, c])
+        closed = _closing(means[:, c], k)
+        # Smoothing lowers the max filter's noise bias; taking the minimum keeps it from spilling over a
+        # step (a shadow edge, a pad border) onto the darker side, where it would fake half a line.
+        smoothed = cv2.blur(
+            closed.reshape(1, -1), (max(1, k // 3), 1), borderType=cv2.BORDER_REPLICATE
+        ).ravel()
+        env = np.minimum(closed, smoothed)
         absorb[:, c] = 1.0 - means[:, c] / np.maximum(env, 1e-3)
         inner = env[int(margin * n) : max(int(margin * n) + 1, int((1 - margin) * n))]
         level_ratio = max(level_ratio, float(inner.max() / max(inner.min(), 1e-3)))
