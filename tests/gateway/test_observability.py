@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import httpx
+import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
+from mesh.kit import tracing
 from tests.gateway.fakes import strip_png
 from tests.gateway.harness import FakeMesh, GatewayFactory
 
@@ -122,3 +128,61 @@ async def test_readyz_ignores_services_that_are_not_required(make_client: Gatewa
     response = await strict.get("/readyz")
     assert response.status_code == 503
     assert [c["name"] for c in response.json()["failing"]] == ["inference service"]
+
+
+@pytest.fixture(scope="module")
+def spans() -> InMemorySpanExporter:
+    """Every span this process finishes, kept in memory."""
+    exporter = InMemorySpanExporter()
+    tracing.configure_tracing("gateway-tests").add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+async def test_request_span_has_attributes_and_parents_the_grpc_call(
+    client: httpx.AsyncClient, spans: InMemorySpanExporter
+) -> None:
+    """The gateway's span continues the caller's trace, names the route, carries job and image attributes,
+    and is the parent of the outgoing gRPC client span."""
+    image = (await client.post("/v1/images", files={"file": ("t.png", strip_png(), "image/png")})).json()
+    spans.clear()
+    response = await client.post(
+        "/v1/jobs",
+        json={"image_id": image["id"], "pipeline": [{"filter": "grayscale"}], "model": "strip-reader"},
+        headers={"traceparent": INCOMING},
+    )
+    assert response.status_code == 202
+    finished = spans.get_finished_spans()
+    servers = [s for s in finished if s.name == "POST /v1/jobs"]
+    assert len(servers) == 1
+    server = servers[0]
+    assert format(server.context.trace_id, "032x") == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert server.parent is not None
+    assert format(server.parent.span_id, "016x") == "00f067aa0ba902b7"
+    attributes = dict(server.attributes or {})
+    assert attributes["http.route"] == "/v1/jobs"
+    assert attributes["http.response.status_code"] == 202
+    assert attributes["mesh.job.id"] == response.json()["id"]
+    assert attributes["mesh.job.attempt"] == 1
+    assert attributes["mesh.model"] == "strip-reader"
+    assert tuple(attributes["mesh.filters"]) == ("grayscale",)  # type: ignore[arg-type]
+    client_spans = [
+        s for s in finished if s.name == "/mesh.queue.v1.QueueService/SubmitJob" and s.kind == SpanKind.CLIENT
+    ]
+    assert client_spans
+    assert client_spans[0].parent is not None
+    assert client_spans[0].parent.span_id == server.context.span_id
+
+
+async def test_access_log_line_carries_the_trace_id(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each API request logs one line with its route, status and the trace id of its span."""
+    with caplog.at_level(logging.INFO, logger="mesh.services.gateway.access"):
+        response = await client.get("/v1/models", headers={"traceparent": INCOMING})
+    assert response.status_code == 200
+    lines = [r.msg for r in caplog.records if r.name == "mesh.services.gateway.access"]
+    assert lines
+    line = lines[-1]
+    assert isinstance(line, dict)
+    assert (line["route"], line["status"]) == ("/v1/models", 200)
+    assert line["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"

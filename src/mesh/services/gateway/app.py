@@ -44,6 +44,9 @@ def create_app(ctx: GatewayContext) -> FastAPI:
         version="1.0.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        # The gateway makes its own server span (ObservedRequests), which also returns the traceparent;
+        # FastAPI's native one would be a second server span per request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.gateway = ctx
     app.openapi = lambda: exact_openapi(app, ctx.settings.auth_mode)  # type: ignore[method-assign]

@@ -15,10 +15,14 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mesh.kit import errors, tracing
+from mesh.kit.logging import get_logger
 from mesh.services.gateway import metrics
 from mesh.services.gateway.http_errors import error_response, internal_error_response
 
 _tracer = tracing.tracer(__name__)
+log = get_logger("mesh.services.gateway.access")
+# Probes and scrapes arrive every few seconds; their successes are not worth a log line each.
+QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics", "/v1/health", "/static"})
 EXTRA_HEADERS_KEY = "mesh.response_headers"
 
 
@@ -112,6 +116,18 @@ class ObservedRequests:
                 metrics.DURATION.labels(route, method).observe(elapsed)
                 metrics.BYTES_IN.labels(route).inc(bytes_in)
                 metrics.BYTES_OUT.labels(route).inc(bytes_out)
+                if route not in QUIET_ROUTES or status >= 400:
+                    # Inside the span, so the line carries this request's trace_id and span_id.
+                    log.info(
+                        "request",
+                        method=method,
+                        route=route,
+                        path=scope["path"],
+                        status=status,
+                        duration_ms=round(elapsed * 1000, 3),
+                        bytes_in=bytes_in,
+                        bytes_out=bytes_out,
+                    )
 
 
 class BodyLimit:

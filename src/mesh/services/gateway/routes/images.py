@@ -14,6 +14,7 @@ from mesh.kit import errors
 from mesh.services.gateway import convert, schemas
 from mesh.services.gateway.backends import rpc
 from mesh.services.gateway.context import Caller, Context
+from mesh.services.gateway.spans import annotate
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 
@@ -95,6 +96,7 @@ async def upload_image(request: Request, response: Response, ctx: Context, _: Ca
     Send ``Idempotency-Key`` to make a retried upload return the first image.
     """
     data, filename, declared = await _read_upload(request)
+    annotate({"mesh.image.bytes": len(data), "mesh.image.declared_type": declared or "undeclared"})
     result = await ctx.backends.files.upload(
         data,
         filename=filename,
@@ -102,6 +104,14 @@ async def upload_image(request: Request, response: Response, ctx: Context, _: Ca
         idempotency_key=request.headers.get("idempotency-key", ""),
     )
     response.headers["Location"] = f"/v1/images/{result.image.id}"
+    annotate(
+        {
+            "mesh.image.id": result.image.id,
+            "mesh.image.width": result.image.width,
+            "mesh.image.height": result.image.height,
+            "mesh.image.deduplicated": result.deduplicated,
+        }
+    )
     return convert.image(result.image, deduplicated=result.deduplicated)
 
 
@@ -142,6 +152,7 @@ async def get_image_content(
     variant: Literal["original", "thumbnail"] = "original",
 ) -> StreamingResponse:
     """The stored bytes (streamed as they arrive from the file service), or its 256 px thumbnail."""
+    annotate({"mesh.image.id": image_id, "mesh.image.variant": variant})
     wanted = (
         file_service_pb2.IMAGE_VARIANT_THUMBNAIL
         if variant == "thumbnail"

@@ -19,6 +19,7 @@ from mesh.services.gateway import convert, metrics, schemas
 from mesh.services.gateway.backends import rpc
 from mesh.services.gateway.context import Caller, Context
 from mesh.services.gateway.routes.images import ERRORS
+from mesh.services.gateway.spans import annotate
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -42,7 +43,20 @@ async def submit_job(body: schemas.JobIn, response: Response, ctx: Context, _: C
         )
     )
     response.headers["Location"] = f"/v1/jobs/{result.job.id}"
+    _annotate_job(result.job)
+    annotate({"mesh.filters": [step.filter for step in body.pipeline], "mesh.model": body.model})
     return convert.job(result.job)
+
+
+def _annotate_job(job: job_pb2.Job) -> None:
+    annotate(
+        {
+            "mesh.job.id": job.id,
+            "mesh.job.attempt": job.attempt,
+            "mesh.job.state": convert.job_state(job.state),
+            "mesh.image.id": job.image_id,
+        }
+    )
 
 
 @router.get("", response_model=schemas.JobList, responses=ERRORS, summary="List jobs")
@@ -70,6 +84,7 @@ async def list_jobs(
 async def cancel_job(job_id: str, ctx: Context, _: Caller) -> schemas.JobOut:
     """Cancel a queued job at once, or a running one at its next progress beat."""
     result = await rpc(ctx.backends.queue_stub.CancelJob(queue_pb.CancelJobRequest(job_id=job_id)))
+    _annotate_job(result.job)
     return convert.job(result.job)
 
 
@@ -77,6 +92,7 @@ async def cancel_job(job_id: str, ctx: Context, _: Caller) -> schemas.JobOut:
 async def retry_job(job_id: str, ctx: Context, _: Caller) -> schemas.JobOut:
     """Start a new attempt of a failed, dead or cancelled job."""
     result = await rpc(ctx.backends.queue_stub.RetryJob(queue_pb.RetryJobRequest(job_id=job_id)))
+    _annotate_job(result.job)
     return convert.job(result.job)
 
 
@@ -131,7 +147,8 @@ async def job_events(
     ``Last-Event-ID`` and gets only newer changes. Idle streams get a comment line every 15 s.
     """
     stub = ctx.backends.queue_stub
-    await rpc(stub.GetJob(queue_pb.GetJobRequest(job_id=job_id)))  # 404 before the stream starts
+    current = await rpc(stub.GetJob(queue_pb.GetJobRequest(job_id=job_id)))  # 404 before the stream starts
+    _annotate_job(current.job)
     seen = _last_event_id(last_event_id, after)
     keepalive = ctx.settings.sse_keepalive_seconds
 

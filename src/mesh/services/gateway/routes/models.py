@@ -13,6 +13,7 @@ from mesh.services.gateway.backends import rpc
 from mesh.services.gateway.context import Caller, Context
 from mesh.services.gateway.routes.images import ERRORS
 from mesh.services.gateway.routes.processing import image_input
+from mesh.services.gateway.spans import annotate
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -23,12 +24,23 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 )
 async def predict(name: str, body: schemas.PredictIn, ctx: Context, _: Caller) -> schemas.PredictionOut:
     """Run the model on a stored (``image_id``) or inline (``image``, base64) image."""
+    source = image_input(body.image_id or None, body.image or None)
+    annotate(
+        {
+            "mesh.model": name,
+            **(
+                {"mesh.image.id": source.image_id}
+                if source.image_id
+                else {"mesh.image.bytes": len(source.encoded.data)}
+            ),
+        }
+    )
     response = await rpc(
         ctx.backends.inference_stub.Predict(
             inference_pb.PredictRequest(
                 model_name=name,
                 model_version=body.version,
-                input=image_input(body.image_id or None, body.image or None),
+                input=source,
                 request_id=str(uuid.uuid4()),
                 parameters=convert.to_params(body.parameters),
                 precheck_only=body.precheck_only,

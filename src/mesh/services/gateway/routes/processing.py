@@ -14,6 +14,7 @@ from mesh.services.gateway import convert, schemas
 from mesh.services.gateway.backends import rpc
 from mesh.services.gateway.context import Caller, Context
 from mesh.services.gateway.routes.images import ERRORS
+from mesh.services.gateway.spans import annotate
 
 router = APIRouter(prefix="/v1", tags=["processing"])
 
@@ -78,8 +79,20 @@ async def process(
     body is the output image's bytes, and its size and device come in ``X-Image-Width``,
     ``X-Image-Height`` and ``X-Device`` headers.
     """
+    source = image_input(body.image_id or None, body.image or None)
+    annotate(
+        {
+            "mesh.filters": [step.filter for step in body.pipeline],
+            "mesh.output_format": body.output_format,
+            **(
+                {"mesh.image.id": source.image_id}
+                if source.image_id
+                else {"mesh.image.bytes": len(source.encoded.data)}
+            ),
+        }
+    )
     request_message = image_pb.ProcessImageRequest(
-        input=image_input(body.image_id or None, body.image or None),
+        input=source,
         pipeline=convert.to_pipeline(body.pipeline),
         output=image_pb.OutputSpec(
             format=convert.OUTPUT_FORMATS[body.output_format], quality=body.quality or 0
