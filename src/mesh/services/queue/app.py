@@ -1,0 +1,127 @@
+"""The queue service assembled: repository, broker, relay, reconciler, dead-letter consumer and the API.
+
+``__main__`` runs it under the kit's :class:`~mesh.kit.runtime.ServiceRuntime`; tests build it the same
+way with their own settings::
+
+    app = QueueApp(settings)
+    await app.start()                      # migrate, open the pool, connect the broker
+    app.install(runtime)                   # servicer, health checks, background tasks
+    ...
+    await app.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from prometheus_client import Gauge
+
+from mesh.kit.db import PostgresCheck, prepare_database
+from mesh.kit.health import DependencyCheck, FunctionCheck
+from mesh.kit.logging import get_logger
+from mesh.kit.runtime import ServiceRuntime
+from mesh.queue.v1 import queue_service_pb2, queue_service_pb2_grpc
+from mesh.services.queue.broker import Broker
+from mesh.services.queue.dead_letters import DeadLetterConsumer
+from mesh.services.queue.reconciler import Reconciler
+from mesh.services.queue.relay import OUTBOX_BACKLOG, OutboxRelay
+from mesh.services.queue.repository import JobRepository, open_pool
+from mesh.services.queue.servicer import QueueServicer
+from mesh.services.queue.settings import QueueSettings
+
+log = get_logger(__name__)
+
+SERVICE_NAME = queue_service_pb2.DESCRIPTOR.services_by_name["QueueService"].full_name
+MIGRATIONS = "mesh.services.queue.migrations"
+
+QUEUE_DEPTH = Gauge("mesh_queue_jobs", "Jobs per queue and state.", ["queue", "state"])
+OLDEST_QUEUED = Gauge(
+    "mesh_queue_oldest_queued_age_seconds", "Age of the oldest queued job per queue.", ["queue"]
+)
+OUTBOX_OLDEST = Gauge("mesh_queue_outbox_oldest_age_seconds", "Age of the oldest unconfirmed dispatch.")
+
+
+class QueueApp:
+    """Everything the queue service process runs."""
+
+    def __init__(self, settings: QueueSettings) -> None:
+        self.settings = settings
+        self.pool = open_pool(settings.database_url, name="queue", max_size=settings.db_pool_max_size)
+        self.repository = JobRepository(self.pool)
+        self.broker = Broker(
+            settings.amqp_url,
+            delivery_limit=settings.delivery_limit,
+            reconnect_seconds=settings.amqp_reconnect_seconds,
+            name="queue-service",
+        )
+        self.relay = OutboxRelay(
+            self.repository,
+            self.broker,
+            batch_size=settings.relay_batch_size,
+            poll_seconds=settings.relay_poll_seconds,
+            lock_seconds=settings.relay_lock_seconds,
+            publish_timeout=settings.publish_timeout_seconds,
+        )
+        self.servicer = QueueServicer(
+            self.repository,
+            queue_prefix=settings.queue_prefix,
+            default_max_attempts=settings.default_max_attempts,
+            backoff_base_seconds=settings.backoff_base_seconds,
+            backoff_cap_seconds=settings.backoff_cap_seconds,
+            watch_poll_seconds=settings.watch_poll_seconds,
+            on_dispatch=self.relay.wake,
+            broker=self.broker,
+        )
+        self.reconciler = Reconciler(
+            self.repository,
+            interval_seconds=settings.reconcile_interval_seconds,
+            stale_queued_seconds=settings.stale_queued_seconds,
+            on_dispatch=self.relay.wake,
+        )
+        self.dead_letters = DeadLetterConsumer(self.repository, self.broker, self.servicer.queues)
+
+    def checks(self) -> list[DependencyCheck]:
+        """PostgreSQL through the service's pool, and the RabbitMQ connection."""
+        return [PostgresCheck(self.pool), FunctionCheck("rabbitmq", self.broker.check)]
+
+    async def start(self) -> None:
+        """Migrate, open the pool, connect to RabbitMQ and declare the job queues."""
+        await prepare_database(self.settings.database_url, "queue", MIGRATIONS)
+        await self.pool.open(wait=False)
+        await self.broker.connect()
+        for queue in self.servicer.queues:
+            await self.broker.declare(queue)
+
+    def install(self, runtime: ServiceRuntime) -> None:
+        """Add the API to the runtime's server and the background loops to its tasks."""
+        queue_service_pb2_grpc.add_QueueServiceServicer_to_server(self.servicer, runtime.server)
+        stopping = runtime.stopping
+        runtime.add_background(lambda: self.relay.run(stopping))
+        runtime.add_background(lambda: self.reconciler.run(stopping))
+        runtime.add_background(lambda: self.dead_letters.run(stopping))
+        runtime.add_background(lambda: self.refresh_gauges(stopping))
+
+    async def refresh_gauges(self, stopping: asyncio.Event) -> None:
+        """Keep the depth and age gauges current."""
+        while not stopping.is_set():
+            try:
+                counts = await self.repository.counts()
+                for (queue, state), n in counts.by_queue_state.items():
+                    QUEUE_DEPTH.labels(queue, state).set(n)
+                for queue in {q for q, _ in counts.by_queue_state}:
+                    oldest = counts.oldest_queued_at.get(queue)
+                    age = (counts.now - oldest).total_seconds() if oldest else 0.0
+                    OLDEST_QUEUED.labels(queue).set(max(0.0, age))
+                backlog, age = await self.repository.outbox_backlog()
+                OUTBOX_BACKLOG.set(backlog)
+                OUTBOX_OLDEST.set(age)
+            except Exception as exc:
+                log.warning("queue gauges not refreshed", error=f"{type(exc).__name__}: {exc}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), self.settings.stats_interval_seconds)
+
+    async def close(self) -> None:
+        """Disconnect from RabbitMQ and close the pool."""
+        await self.broker.close()
+        await self.pool.close()

@@ -1,0 +1,174 @@
+"""RabbitMQ through aio-pika: a robust connection, the job queues' topology, confirmed publishing, consuming.
+
+The connection reconnects by itself (``connect_robust``) and restores its channels, declarations and
+consumers. Publishing uses a channel with publisher confirms and ``on_return_raises``, persistent delivery
+and ``mandatory``: ``publish`` returns only once the broker has taken responsibility for the message, and
+raises when it did not (a nack, a return because no queue is bound, a closed connection, a timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+from mesh.services.queue.topology import dead_letter_exchange, dead_letter_queue, queue_arguments
+
+MessageHandler = Callable[[AbstractIncomingMessage], Awaitable[None]]
+CONTENT_TYPE = "application/x-protobuf"
+
+
+class Broker:
+    """One robust AMQP connection with a confirmed publishing channel and consumer channels."""
+
+    def __init__(
+        self, url: str, *, delivery_limit: int, reconnect_seconds: float = 1.0, name: str = "mesh"
+    ) -> None:
+        self.url = url
+        self.delivery_limit = delivery_limit
+        self.reconnect_seconds = reconnect_seconds
+        self.name = name
+        self._connection: AbstractRobustConnection | None = None
+        self._publisher: AbstractChannel | None = None
+        self._declared: set[str] = set()
+        self._declare_lock = asyncio.Lock()
+        self._consumer_channels: list[AbstractChannel] = []
+
+    @property
+    def connected(self) -> bool:
+        """True while the connection is open."""
+        return self._connection is not None and not self._connection.is_closed
+
+    async def connect(self) -> None:
+        """Open the connection and the publishing channel (retrying until RabbitMQ answers)."""
+        while self._connection is None:
+            try:
+                self._connection = await aio_pika.connect_robust(
+                    self.url,
+                    reconnect_interval=self.reconnect_seconds,
+                    client_properties={"connection_name": self.name},
+                )
+            except (ConnectionError, OSError, aio_pika.exceptions.AMQPError):
+                await asyncio.sleep(self.reconnect_seconds)
+        self._publisher = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+
+    async def close(self) -> None:
+        """Close channels and the connection."""
+        if self._connection is not None:
+            await self._connection.close()
+        self._connection = None
+        self._publisher = None
+        self._declared.clear()
+
+    def _channel(self) -> AbstractChannel:
+        if self._publisher is None:
+            raise ConnectionError("the broker is not connected")
+        return self._publisher
+
+    async def declare(self, queue: str) -> None:
+        """Declare ``queue`` (quorum, delivery limit, dead-lettering) with its dead-letter exchange and queue."""
+        if queue in self._declared:
+            return
+        async with self._declare_lock:
+            if queue in self._declared:
+                return
+            channel = self._channel()
+            dlx = await channel.declare_exchange(
+                dead_letter_exchange(queue), aio_pika.ExchangeType.DIRECT, durable=True
+            )
+            dead = await channel.declare_queue(
+                dead_letter_queue(queue), durable=True, arguments={"x-queue-type": "quorum"}
+            )
+            await dead.bind(dlx, routing_key=queue)
+            await channel.declare_queue(
+                queue, durable=True, arguments=queue_arguments(queue, self.delivery_limit)
+            )
+            self._declared.add(queue)
+
+    async def publish(
+        self,
+        queue: str,
+        body: bytes,
+        *,
+        headers: Mapping[str, str],
+        message_id: str,
+        message_type: str,
+        timeout: float,
+    ) -> None:
+        """Publish persistently and mandatorily to ``queue``; returns after the broker's confirm."""
+        message = aio_pika.Message(
+            body,
+            headers=dict(headers),
+            content_type=CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message_id,
+            type=message_type,
+        )
+        confirmation = await self._channel().default_exchange.publish(
+            message, routing_key=queue, mandatory=True, timeout=timeout
+        )
+        # Nacks raise DeliveryError; a return (no queue bound) comes back as the message instead of an Ack.
+        if not isinstance(confirmation, aiormq.spec.Basic.Ack):
+            raise ConnectionError(f"the broker did not confirm {message_id}: {confirmation!r}")
+
+    async def consume(self, queue: str, handler: MessageHandler, *, prefetch: int) -> AbstractQueue:
+        """Consume ``queue`` on a channel of its own with ``prefetch`` unacknowledged messages at most."""
+        if self._connection is None:
+            raise ConnectionError("the broker is not connected")
+        await self.declare(queue)
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        self._consumer_channels.append(channel)
+        declared = await channel.declare_queue(
+            queue, durable=True, arguments=queue_arguments(queue, self.delivery_limit)
+        )
+        await declared.consume(handler, no_ack=False)
+        return declared
+
+    async def consume_dead_letters(self, queue: str, handler: MessageHandler, *, prefetch: int) -> None:
+        """Consume ``queue``'s dead-letter queue."""
+        if self._connection is None:
+            raise ConnectionError("the broker is not connected")
+        await self.declare(queue)
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        self._consumer_channels.append(channel)
+        dead = await channel.declare_queue(
+            dead_letter_queue(queue), durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await dead.consume(handler, no_ack=False)
+
+    async def ready_count(self, queue: str) -> int:
+        """Messages ready in ``queue`` (-1 when the broker cannot say).
+
+        A passive declare of a missing queue closes its channel, so it runs on a throwaway channel, never on
+        the publishing one."""
+        if self._connection is None or self._connection.is_closed:
+            return -1
+        try:
+            channel = await self._connection.channel(publisher_confirms=False)
+        except Exception:
+            return -1
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+            count = declared.declaration_result.message_count
+            return -1 if count is None else int(count)
+        except Exception:
+            return -1
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    async def check(self) -> str:
+        """Health: the connection is open (raises otherwise)."""
+        if not self.connected:
+            raise ConnectionError("RabbitMQ connection is closed (reconnecting)")
+        return "connected"

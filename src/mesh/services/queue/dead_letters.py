@@ -1,0 +1,84 @@
+"""The dead-letter consumer: a dispatch that reached ``<queue>.dead`` ends its job as DEAD.
+
+Dispatches get there when a worker rejected them (undecodable) or when RabbitMQ delivered them more often
+than the queue's delivery limit (a job that crashes its worker every time). The job is marked DEAD only when
+it is still at that attempt and not finished, so a stale dead letter changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+
+from aio_pika.abc import AbstractIncomingMessage
+from google.protobuf.message import DecodeError
+from prometheus_client import Counter
+
+from mesh.kit.logging import get_logger
+from mesh.queue.v1 import job_pb2
+from mesh.services.queue.broker import Broker, MessageHandler
+from mesh.services.queue.repository import JobRepository
+
+log = get_logger(__name__)
+
+DEAD_LETTERS = Counter(
+    "mesh_queue_dead_letters_total",
+    "Dead-lettered dispatches, by what they did to their job.",
+    ["queue", "effect"],
+)
+
+
+class DeadLetterConsumer:
+    """Consumes the dead-letter queues of ``queues``."""
+
+    def __init__(self, repository: JobRepository, broker: Broker, queues: Sequence[str]) -> None:
+        self.repository = repository
+        self.broker = broker
+        self.queues = list(queues)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Consume until ``stopping`` is set (the broker's connection restores the consumers)."""
+        for queue in self.queues:
+            await self.broker.consume_dead_letters(queue, self._handler(queue), prefetch=32)
+        await stopping.wait()
+
+    def _handler(self, queue: str) -> MessageHandler:
+        async def handle(message: AbstractIncomingMessage) -> None:
+            await self.handle(queue, message)
+
+        return handle
+
+    async def handle(self, queue: str, message: AbstractIncomingMessage) -> None:
+        """Mark the dispatch's job DEAD, then ack (a failure to write leaves it for a redelivery)."""
+        try:
+            dispatch = job_pb2.JobDispatch.FromString(message.body)
+            job_id = uuid.UUID(dispatch.job_id)
+        except (DecodeError, ValueError):
+            DEAD_LETTERS.labels(queue, "undecodable").inc()
+            log.warning("undecodable dead letter dropped", queue=queue, size=len(message.body))
+            await message.ack()
+            return
+        reason = _death_reason(message)
+        try:
+            marked = await self.repository.mark_dead(job_id, dispatch.attempt, reason)
+        except Exception as exc:
+            log.warning("dead letter not recorded; will retry", job_id=str(job_id), error=str(exc))
+            await message.reject(requeue=True)
+            return
+        DEAD_LETTERS.labels(queue, "marked_dead" if marked else "stale").inc()
+        if marked:
+            log.warning("job dead-lettered", job_id=str(job_id), attempt=dispatch.attempt, reason=reason)
+        await message.ack()
+
+
+def _death_reason(message: AbstractIncomingMessage) -> str:
+    """Why RabbitMQ dead-lettered the message, from its ``x-death`` header."""
+    deaths = (message.headers or {}).get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        why = deaths[0].get("reason", "unknown")
+        why = why.decode() if isinstance(why, bytes) else str(why)
+        if why == "delivery_limit":
+            return "dead-lettered: delivered too often without an ack (the job crashes its worker)"
+        return f"dead-lettered: {why}"
+    return "dead-lettered"

@@ -1,0 +1,72 @@
+"""The reconciler: nothing accepted stays non-terminal forever.
+
+Every interval it moves RETRY_WAIT jobs whose backoff elapsed back to QUEUED (next attempt, new dispatch),
+re-dispatches RUNNING jobs whose lease ran out (their worker died or hung) as the next attempt, or fails
+them when their attempts are spent, and dispatches again QUEUED jobs nobody claimed for a long time with no
+dispatch pending (a message lost outside the guarantees, e.g. a purged queue). Unconfirmed outbox rows are
+taken again by the relay once their lock runs out. Several reconcilers may run: rows are taken with
+``FOR UPDATE SKIP LOCKED``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+from prometheus_client import Counter
+
+from mesh.kit.logging import get_logger
+from mesh.services.queue.repository import JobRepository
+
+log = get_logger(__name__)
+
+RECONCILED = Counter(
+    "mesh_queue_reconciled_total", "Jobs moved by the reconciler, by reason.", ["reason", "to_state"]
+)
+
+
+class Reconciler:
+    """Periodic sweeps over the jobs table."""
+
+    def __init__(
+        self,
+        repository: JobRepository,
+        *,
+        interval_seconds: float = 1.0,
+        stale_queued_seconds: float = 300.0,
+        on_dispatch: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.repository = repository
+        self.interval_seconds = interval_seconds
+        self.stale_queued_seconds = stale_queued_seconds
+        self.on_dispatch = on_dispatch
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Sweep until ``stopping`` is set."""
+        while not stopping.is_set():
+            try:
+                await self.sweep()
+            except Exception as exc:
+                log.warning("reconciler sweep failed", error=f"{type(exc).__name__}: {exc}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), self.interval_seconds)
+
+    async def sweep(self) -> int:
+        """One sweep; returns how many jobs moved."""
+        due = await self.repository.requeue_due_retries()
+        if due:
+            RECONCILED.labels("backoff_elapsed", "QUEUED").inc(len(due))
+        expired = await self.repository.expire_leases()
+        for _, state in expired:
+            RECONCILED.labels("lease_expired", state.value).inc()
+        if expired:
+            log.warning("stalled leases reconciled", jobs=[(str(i), s.value) for i, s in expired])
+        stale = await self.repository.redispatch_stale(self.stale_queued_seconds)
+        if stale:
+            RECONCILED.labels("stale_queued", "QUEUED").inc(len(stale))
+            log.warning("stale queued jobs re-dispatched", count=len(stale))
+        moved = len(due) + len(expired) + len(stale)
+        if moved:
+            self.on_dispatch()
+        return moved

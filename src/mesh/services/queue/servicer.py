@@ -1,0 +1,169 @@
+"""``mesh.queue.v1.QueueService`` over the repository (the gRPC adapter)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from prometheus_client import Counter
+
+from mesh.kit import tracing
+from mesh.kit.jobs import IMAGE_JOBS_QUEUE, INFERENCE_JOBS_QUEUE
+from mesh.queue.v1 import job_pb2, queue_service_pb2, queue_service_pb2_grpc
+from mesh.services.queue import validation
+from mesh.services.queue.broker import Broker
+from mesh.services.queue.convert import encode_pipeline, row_to_job, state_from_proto, timestamp
+from mesh.services.queue.repository import JobRepository, NewJob, PageToken, Row
+from mesh.services.queue.states import JobState
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+SUBMITTED = Counter("mesh_queue_jobs_submitted_total", "Accepted submits.", ["queue", "existing"])
+
+
+class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
+    """The queue's API."""
+
+    def __init__(
+        self,
+        repository: JobRepository,
+        *,
+        queue_prefix: str = "",
+        default_max_attempts: int = 5,
+        backoff_base_seconds: float = 1.0,
+        backoff_cap_seconds: float = 300.0,
+        watch_poll_seconds: float = 0.2,
+        on_dispatch: Callable[[], None] = lambda: None,
+        broker: Broker | None = None,
+    ) -> None:
+        self.repository = repository
+        self.queue_prefix = queue_prefix
+        self.default_max_attempts = default_max_attempts
+        self.backoff_base_seconds = backoff_base_seconds
+        self.backoff_cap_seconds = backoff_cap_seconds
+        self.watch_poll_seconds = watch_poll_seconds
+        self.on_dispatch = on_dispatch
+        self.broker = broker
+
+    @property
+    def queues(self) -> list[str]:
+        """The RabbitMQ queues jobs go to."""
+        return [self.queue_for(True), self.queue_for(False)]
+
+    def queue_for(self, has_pipeline: bool) -> str:
+        """Jobs with a pipeline go to the image workers (which then run the model); the rest to inference."""
+        return self.queue_prefix + (IMAGE_JOBS_QUEUE if has_pipeline else INFERENCE_JOBS_QUEUE)
+
+    async def _job(self, row: Row, *, with_history: bool = True) -> job_pb2.Job:
+        position = await self.repository.position(row)
+        history = await self.repository.history(row["id"]) if with_history else []
+        return row_to_job(row, position=position, history=history)
+
+    async def SubmitJob(  # noqa: N802
+        self, request: queue_service_pb2.SubmitJobRequest, context: Context
+    ) -> queue_service_pb2.SubmitJobResponse:
+        validation.check_submit(request)
+        carrier: dict[str, str] = {}
+        tracing.inject(carrier)
+        new = NewJob(
+            queue=self.queue_for(bool(request.pipeline)),
+            image_id=request.image_id,
+            pipeline=encode_pipeline(request.pipeline) if request.pipeline else b"",
+            model=request.model,
+            priority=request.priority,
+            idempotency_key=request.idempotency_key or None,
+            max_attempts=request.max_attempts or self.default_max_attempts,
+            backoff_base_seconds=self.backoff_base_seconds,
+            backoff_cap_seconds=self.backoff_cap_seconds,
+            traceparent=carrier.get("traceparent", ""),
+            tracestate=carrier.get("tracestate", ""),
+        )
+        submitted = await self.repository.submit(new)
+        if not submitted.existing:
+            self.on_dispatch()
+        SUBMITTED.labels(new.queue, str(submitted.existing).lower()).inc()
+        job = row_to_job(submitted.row, position=submitted.position)
+        return queue_service_pb2.SubmitJobResponse(job=job, existing=submitted.existing)
+
+    async def GetJob(  # noqa: N802
+        self, request: queue_service_pb2.GetJobRequest, context: Context
+    ) -> queue_service_pb2.GetJobResponse:
+        job_id = validation.parse_uuid(request.job_id, "job_id")
+        return queue_service_pb2.GetJobResponse(job=await self._job(await self.repository.require(job_id)))
+
+    async def ListJobs(  # noqa: N802
+        self, request: queue_service_pb2.ListJobsRequest, context: Context
+    ) -> queue_service_pb2.ListJobsResponse:
+        size = validation.page_size(request.page_size)
+        after = PageToken.decode(request.page_token) if request.page_token else None
+        rows = await self.repository.page(state_from_proto(request.state), size, after)
+        page, more = rows[:size], len(rows) > size
+        jobs = [row_to_job(r, position=await self.repository.position(r)) for r in page]
+        token = PageToken(page[-1]["created_at"], page[-1]["id"]).encode() if more else ""
+        return queue_service_pb2.ListJobsResponse(jobs=jobs, next_page_token=token)
+
+    async def CancelJob(  # noqa: N802
+        self, request: queue_service_pb2.CancelJobRequest, context: Context
+    ) -> queue_service_pb2.CancelJobResponse:
+        job_id = validation.parse_uuid(request.job_id, "job_id")
+        row = await self.repository.cancel(job_id)
+        return queue_service_pb2.CancelJobResponse(job=await self._job(row))
+
+    async def RetryJob(  # noqa: N802
+        self, request: queue_service_pb2.RetryJobRequest, context: Context
+    ) -> queue_service_pb2.RetryJobResponse:
+        job_id = validation.parse_uuid(request.job_id, "job_id")
+        row = await self.repository.retry(job_id)
+        self.on_dispatch()
+        return queue_service_pb2.RetryJobResponse(job=await self._job(row))
+
+    async def WatchJob(  # noqa: N802
+        self, request: queue_service_pb2.WatchJobRequest, context: Context
+    ) -> AsyncIterator[queue_service_pb2.WatchJobResponse]:
+        """Every change of state, position or progress, by polling the job's row (one primary-key read
+        and, while queued, one indexed count per poll), until the job is terminal."""
+        job_id = validation.parse_uuid(request.job_id, "job_id")
+        row = await self.repository.require(job_id)
+        sequence = 0
+        last: tuple[int, int] | None = None
+        while True:
+            position = await self.repository.position(row)
+            seen = (int(row["version"]), position)
+            if seen != last:
+                last = seen
+                sequence += 1
+                history = await self.repository.history(job_id)
+                job = row_to_job(row, position=position, history=history)
+                yield queue_service_pb2.WatchJobResponse(job=job, sequence=sequence)
+            if JobState(row["state"]).terminal:
+                return
+            await asyncio.sleep(self.watch_poll_seconds)
+            row = await self.repository.require(job_id)
+
+    async def GetQueueStats(  # noqa: N802
+        self, request: queue_service_pb2.GetQueueStatsRequest, context: Context
+    ) -> queue_service_pb2.GetQueueStatsResponse:
+        counts = await self.repository.counts()
+        response = queue_service_pb2.GetQueueStatsResponse()
+        per_queue: dict[str, queue_service_pb2.QueueDepth] = {}
+        for queue in sorted({q for q, _ in counts.by_queue_state} | set(self.queues)):
+            depth = queue_service_pb2.QueueDepth(queue=queue, broker_ready=-1)
+            if self.broker is not None and self.broker.connected:
+                depth.broker_ready = await self.broker.ready_count(queue)
+            per_queue[queue] = depth
+        for (queue, state), n in counts.by_queue_state.items():
+            per_queue[queue].jobs_by_state[state] = n
+            response.jobs_by_state[state] = response.jobs_by_state[state] + n
+        response.queues.extend(per_queue.values())
+        if counts.oldest_queued_at:
+            oldest = min(counts.oldest_queued_at.values())
+            response.oldest_queued_age_seconds = max(0.0, (counts.now - oldest).total_seconds())
+        response.recent_throughput_per_second = counts.finished_last_minute / 60.0
+        response.dead_letters = response.jobs_by_state.get(JobState.DEAD.value, 0)
+        stamp = timestamp(datetime.now(UTC))
+        assert stamp is not None
+        response.time.CopyFrom(stamp)
+        return response

@@ -1,0 +1,64 @@
+"""The queue service's settings (``MESH_*`` environment variables)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from mesh.kit.settings import ServerSettings
+from mesh.services.queue.topology import DEFAULT_DELIVERY_LIMIT
+
+
+class QueueSettings(ServerSettings):
+    """Settings of the queue service process (API, outbox relay, reconciler, dead-letter consumer)."""
+
+    grpc_port: int = Field(default=50054, ge=0, le=65535)
+    """gRPC port of the queue service."""
+
+    http_port: int = Field(default=9104, ge=0, le=65535)
+    """HTTP port for /metrics and /healthz."""
+
+    queue_prefix: str = ""
+    """Prefix of every RabbitMQ queue name (``<prefix>mesh.jobs.image``); isolates deployments and tests."""
+
+    default_max_attempts: int = Field(default=5, ge=1, le=100)
+    """Attempts a job gets when its submit names none."""
+
+    backoff_base_seconds: float = Field(default=1.0, gt=0)
+    """Backoff ceiling before the first retry; it doubles per retry (full jitter below it)."""
+
+    backoff_cap_seconds: float = Field(default=300.0, gt=0)
+    """Largest backoff ceiling."""
+
+    delivery_limit: int = Field(default=DEFAULT_DELIVERY_LIMIT, ge=1)
+    """Quorum-queue ``x-delivery-limit``: deliveries of one dispatch before it is dead-lettered (workers
+    must declare the same value)."""
+
+    relay_batch_size: int = Field(default=256, ge=1, le=10_000)
+    """Outbox rows the relay publishes per round."""
+
+    relay_poll_seconds: float = Field(default=0.5, gt=0)
+    """How often the relay looks at the outbox when nothing woke it."""
+
+    relay_lock_seconds: float = Field(default=30.0, gt=0)
+    """How long a relay holds outbox rows it is publishing; unconfirmed rows are published again after."""
+
+    publish_timeout_seconds: float = Field(default=10.0, gt=0)
+    """How long one publish waits for the broker's confirm."""
+
+    reconcile_interval_seconds: float = Field(default=1.0, gt=0)
+    """How often the reconciler re-queues due retries and stalled leases."""
+
+    stale_queued_seconds: float = Field(default=300.0, gt=0)
+    """A queued job no worker has claimed for this long is dispatched again (a lost message)."""
+
+    watch_poll_seconds: float = Field(default=0.2, gt=0)
+    """How often WatchJob reads the watched job's row."""
+
+    stats_interval_seconds: float = Field(default=5.0, gt=0)
+    """How often the queue gauges (depth, oldest age) are refreshed."""
+
+    amqp_reconnect_seconds: float = Field(default=1.0, gt=0)
+    """Pause between reconnection attempts to RabbitMQ."""
+
+    db_pool_max_size: int = Field(default=10, ge=2)
+    """Most PostgreSQL connections the service holds."""

@@ -1,0 +1,408 @@
+"""The worker runtime: consumes a job queue and runs a :class:`~mesh.kit.jobs.JobHandler` per dispatch.
+
+Embedding it in a service (the image processing and inference services do)::
+
+    worker = JobWorker(settings, queue=IMAGE_JOBS_QUEUE, handler=handler, concurrency=4)
+    runtime = ServiceRuntime(..., checks=[*other_checks, *worker.checks()])
+    runtime.add_background(lambda: worker.run(runtime.stopping))
+
+``settings`` is any :class:`~mesh.kit.settings.CommonSettings` (``database_url`` of the queue's database,
+``amqp_url``); ``options`` (:class:`WorkerOptions`) tunes leases, beats and retries. ``run(stopping)``
+connects (waiting for PostgreSQL and RabbitMQ), consumes with ``prefetch = concurrency`` until ``stopping``
+is set, then stops taking dispatches and gives running jobs ``options.drain_seconds`` to finish.
+
+For each dispatch (a ``JobDispatch``: job id and attempt, the fencing token):
+
+1. an undecodable message is rejected without requeue, so it is dead-lettered;
+2. the job is claimed with fencing: ``UPDATE ... WHERE id AND attempt AND state = 'QUEUED'`` under a fresh
+   claim token (a redelivered dispatch may take over its RUNNING attempt: the earlier holder crashed or
+   lost its connection, and is fenced out by the new token); no row -> duplicate, stale or cancelled ->
+   ack and drop;
+3. the handler runs as a task while a beat task extends the lease and reads ``cancel_requested``;
+   ``JobContext.progress`` records progress (throttled) and raises ``JobCancelled`` once cancel was seen;
+4. the outcome (SUCCEEDED with the result; RETRY_WAIT with ``next_run_at`` by backoff; FAILED; CANCELLED)
+   is committed, fenced by the token, and only then is the message acked.
+
+A worker that dies mid-job leaves its message unacked: RabbitMQ redelivers it (the quorum queue counts
+deliveries) and the next worker takes over; a job that kills every worker ends in the dead-letter queue,
+whose consumer marks it DEAD. The consumer span of each job is the child of the producer's context and
+links to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage
+from google.protobuf.message import DecodeError
+from opentelemetry import trace
+from prometheus_client import Counter, Histogram
+from psycopg_pool import AsyncConnectionPool
+
+from mesh.kit import errors, tracing
+from mesh.kit.db import PostgresCheck
+from mesh.kit.health import DependencyCheck, FunctionCheck
+from mesh.kit.jobs import JobCancelled, JobHandler
+from mesh.kit.logging import get_logger
+from mesh.kit.settings import CommonSettings
+from mesh.queue.v1 import job_pb2
+from mesh.services.queue.broker import Broker
+from mesh.services.queue.convert import category_from_proto, row_to_job
+from mesh.services.queue.repository import RETRY_ON, ClaimStore, Outcome, Row, open_pool
+from mesh.services.queue.states import Attempts, Backoff, ErrorCategory, JobState, decide_failure
+from mesh.services.queue.topology import DEFAULT_DELIVERY_LIMIT
+
+log = get_logger(__name__)
+tracer = tracing.tracer(__name__)
+
+OUTCOMES = Counter(
+    "mesh_queue_job_outcomes_total",
+    "Job attempts by outcome (state written) and error category.",
+    ["queue", "outcome", "category"],
+)
+RETRIES = Counter("mesh_queue_job_retries_total", "Attempts that failed and will be retried.", ["queue"])
+DROPPED = Counter(
+    "mesh_queue_dispatches_dropped_total",
+    "Dispatches acked without running: duplicate, stale, cancelled, or fenced out.",
+    ["queue", "reason"],
+)
+UNDECODABLE = Counter(
+    "mesh_queue_undecodable_dispatches_total",
+    "Messages that were not a JobDispatch (dead-lettered).",
+    ["queue"],
+)
+ATTEMPT_SECONDS = Histogram(
+    "mesh_queue_job_attempt_seconds",
+    "Duration of one job attempt, claim to committed outcome.",
+    ["queue", "outcome"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How a worker holds and reports its jobs."""
+
+    lease_seconds: float = 30.0
+    """How long a claim holds without a beat; a stalled job is re-dispatched by the reconciler after it."""
+
+    heartbeat_seconds: float = 5.0
+    """How often the lease is extended and cancel requests are read (well under ``lease_seconds``)."""
+
+    progress_interval_seconds: float = 0.5
+    """Least time between two progress writes (a new stage is written at once)."""
+
+    delivery_limit: int = DEFAULT_DELIVERY_LIMIT
+    """The job queue's ``x-delivery-limit`` (must match the queue service's)."""
+
+    commit_timeout_seconds: float = 60.0
+    """How long a claim or an outcome is retried while PostgreSQL drops connections."""
+
+    drain_seconds: float = 10.0
+    """On stop, how long running jobs may take to finish before they are abandoned (and redelivered)."""
+
+    reconnect_seconds: float = 1.0
+    """Pause between reconnection attempts to RabbitMQ."""
+
+    db_pool_max_size: int | None = None
+    """PostgreSQL connections (default: concurrency + 2)."""
+
+
+class LeaseLost(Exception):
+    """The worker no longer holds the job (another worker took it over, or the reconciler re-queued it)."""
+
+
+class RunningJob:
+    """The :class:`~mesh.kit.jobs.JobContext` of one attempt."""
+
+    def __init__(self, store: ClaimStore, row: Row, token: uuid.UUID, options: WorkerOptions) -> None:
+        self._store = store
+        self._row = row
+        self._job = row_to_job(row)
+        self._token = token
+        self._options = options
+        self.cancel_seen = bool(row["cancel_requested"])
+        self.lease_lost = False
+        self._fraction = 0.0
+        self._stage = ""
+        self._written_at = 0.0
+        self._dirty = False
+
+    @property
+    def job(self) -> job_pb2.Job:
+        """The job as claimed."""
+        return self._job
+
+    @property
+    def job_id(self) -> uuid.UUID:
+        """The job's id."""
+        return uuid.UUID(self._job.id)
+
+    @property
+    def result_key(self) -> str:
+        """Unique to this job and attempt: results written under it are idempotent across redeliveries."""
+        return f"job-{self._job.id}-attempt-{self._job.attempt}"
+
+    async def progress(self, fraction: float, stage: str) -> None:
+        """Record progress; raises JobCancelled once a cancel request was seen (here or by the beat)."""
+        self._check()
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        new_stage = stage != self._stage
+        self._fraction, self._stage, self._dirty = fraction, stage, True
+        now = time.monotonic()
+        if new_stage or now - self._written_at >= self._options.progress_interval_seconds:
+            await self.beat()
+        self._check()
+
+    def _check(self) -> None:
+        if self.lease_lost:
+            raise LeaseLost(f"job {self._job.id} was taken over")
+        if self.cancel_seen:
+            raise JobCancelled(f"job {self._job.id} was cancelled")
+
+    async def beat(self) -> None:
+        """Extend the lease, write pending progress, read the cancel flag."""
+        dirty = self._dirty
+        self._dirty = False
+        self._written_at = time.monotonic()
+        cancel = await self._store.beat(
+            self.job_id,
+            self._token,
+            lease_seconds=self._options.lease_seconds,
+            progress=self._fraction if dirty else None,
+            stage=self._stage if dirty else None,
+        )
+        if cancel is None:
+            self.lease_lost = True
+        elif cancel:
+            self.cancel_seen = True
+
+
+class JobWorker:
+    """Consumes one job queue and runs a handler for each dispatch (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: CommonSettings,
+        *,
+        queue: str,
+        handler: JobHandler,
+        concurrency: int = 4,
+        options: WorkerOptions | None = None,
+        name: str = "worker",
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.queue = queue
+        self.handler = handler
+        self.concurrency = concurrency
+        self.options = options or WorkerOptions()
+        self.name = name
+        self.pool: AsyncConnectionPool = open_pool(
+            settings.database_url,
+            name=f"{name}-jobs",
+            max_size=self.options.db_pool_max_size or concurrency + 2,
+        )
+        self.store = ClaimStore(self.pool, retry_timeout=self.options.commit_timeout_seconds)
+        self.broker = Broker(
+            settings.amqp_url,
+            delivery_limit=self.options.delivery_limit,
+            reconnect_seconds=self.options.reconnect_seconds,
+            name=f"{name}:{queue}",
+        )
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._accepting = False
+        self.ready = asyncio.Event()
+
+    def checks(self) -> Sequence[DependencyCheck]:
+        """Health checks of the worker's own PostgreSQL pool and RabbitMQ connection."""
+        return [
+            PostgresCheck(self.pool, name="postgresql-jobs"),
+            FunctionCheck("rabbitmq", self.broker.check),
+        ]
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Consume until ``stopping`` is set, then drain."""
+        await self.pool.open(wait=False)
+        try:
+            await self.broker.connect()
+            self._accepting = True
+            await self.broker.consume(self.queue, self._on_message, prefetch=self.concurrency)
+            log.info("worker consuming", queue=self.queue, concurrency=self.concurrency)
+            self.ready.set()
+            await stopping.wait()
+        finally:
+            self._accepting = False
+            await self._drain()
+            await self.broker.close()
+            await self.pool.close()
+            log.info("worker stopped", queue=self.queue)
+
+    async def _drain(self) -> None:
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=self.options.drain_seconds)
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        if not self._accepting:
+            # Stopping: hand the dispatch back at once (RabbitMQ counts it as a delivery).
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
+            return
+        task = asyncio.create_task(self._process(message), name=f"job-{message.message_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _process(self, message: AbstractIncomingMessage) -> None:
+        try:
+            dispatch = job_pb2.JobDispatch.FromString(message.body)
+            job_id = uuid.UUID(dispatch.job_id)
+            if dispatch.attempt < 1:
+                raise ValueError("attempt must be at least 1")
+        except (DecodeError, ValueError) as exc:
+            UNDECODABLE.labels(self.queue).inc()
+            log.warning("undecodable dispatch dead-lettered", queue=self.queue, error=str(exc))
+            await _settle(message, ack=False)
+            return
+        headers = {k: v for k, v in (message.headers or {}).items() if isinstance(v, str)}
+        parent = tracing.extract(headers)
+        producer = trace.get_current_span(parent).get_span_context()
+        links = [trace.Link(producer)] if producer.is_valid else []
+        with tracer.start_as_current_span(
+            f"{self.queue} process",
+            context=parent,
+            kind=trace.SpanKind.CONSUMER,
+            links=links,
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.destination.name": self.queue,
+                "messaging.operation": "process",
+                "mesh.job.id": str(job_id),
+                "mesh.job.attempt": dispatch.attempt,
+                "messaging.rabbitmq.redelivered": bool(message.redelivered),
+            },
+        ):
+            await self._run_attempt(message, job_id, dispatch.attempt)
+
+    async def _run_attempt(self, message: AbstractIncomingMessage, job_id: uuid.UUID, attempt: int) -> None:
+        token = uuid.uuid4()
+        try:
+            row = await self.store.claim(
+                job_id,
+                attempt,
+                token,
+                redelivered=bool(message.redelivered),
+                lease_seconds=self.options.lease_seconds,
+            )
+        except RETRY_ON as exc:
+            # PostgreSQL stayed away: give the dispatch back; a redelivery takes the job over.
+            log.warning("claim failed; dispatch requeued", job_id=str(job_id), error=str(exc))
+            await _settle(message, ack=False, requeue=True)
+            return
+        if row is None:
+            DROPPED.labels(self.queue, "not_claimable").inc()
+            await _settle(message, ack=True)
+            return
+        started = time.perf_counter()
+        running = RunningJob(self.store, row, token, self.options)
+        outcome = await self._execute(running, row)
+        if outcome is None:  # lease lost: another worker owns the job now
+            DROPPED.labels(self.queue, "lease_lost").inc()
+            await _settle(message, ack=True)
+            return
+        try:
+            written = await self.store.finish(job_id, token, outcome)
+        except RETRY_ON as exc:
+            log.warning("outcome not committed; dispatch requeued", job_id=str(job_id), error=str(exc))
+            await _settle(message, ack=False, requeue=True)
+            return
+        if written is None:
+            DROPPED.labels(self.queue, "fenced_out").inc()
+        else:
+            category = outcome.category.value if outcome.category else ""
+            OUTCOMES.labels(self.queue, written, category).inc()
+            ATTEMPT_SECONDS.labels(self.queue, written).observe(time.perf_counter() - started)
+            if written == JobState.RETRY_WAIT:
+                RETRIES.labels(self.queue).inc()
+        await _settle(message, ack=True)
+
+    async def _execute(self, running: RunningJob, row: Row) -> Outcome | None:
+        """Run the handler under a lease beat; the outcome to commit, or None when the lease was lost."""
+        handler_task: asyncio.Task[job_pb2.JobResult] = asyncio.create_task(self.handler(running))
+        beat_task = asyncio.create_task(self._beat(running, handler_task))
+        try:
+            result = await handler_task
+        except LeaseLost:
+            return None
+        except asyncio.CancelledError:
+            if running.lease_lost:
+                return None
+            raise
+        except JobCancelled:
+            return Outcome(JobState.CANCELLED, "cancelled by user (seen by the worker)")
+        except errors.MeshError as exc:
+            return self._failure(row, category_from_proto(exc.category), exc.message, exc.code.name)
+        except Exception as exc:
+            log.exception("job handler crashed", job_id=str(row["id"]))
+            return self._failure(row, ErrorCategory.SYSTEM, f"{type(exc).__name__}: {exc}", "INTERNAL")
+        finally:
+            beat_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await beat_task
+        if running.lease_lost:
+            return None
+        return Outcome(JobState.SUCCEEDED, "succeeded", result=result.SerializeToString())
+
+    def _failure(self, row: Row, category: ErrorCategory, message: str, code: str) -> Outcome:
+        decision = decide_failure(
+            category,
+            message,
+            Attempts(row["attempt"], row["run_first_attempt"], row["max_attempts"]),
+            Backoff(row["backoff_base_s"], row["backoff_cap_s"]),
+        )
+        return Outcome(
+            decision.state,
+            decision.reason,
+            category=category,
+            message=message,
+            code=code,
+            delay_seconds=decision.delay_seconds,
+        )
+
+    async def _beat(self, running: RunningJob, handler_task: asyncio.Task[Any]) -> None:
+        """Extend the lease every beat; cancel the handler when the lease is lost."""
+        while not handler_task.done():
+            await asyncio.sleep(self.options.heartbeat_seconds)
+            try:
+                await running.beat()
+            except Exception as exc:
+                # The lease may run out while PostgreSQL is away; the reconciler then re-dispatches the job
+                # and our outcome is fenced out.
+                log.warning("lease beat failed", job_id=running.job.id, error=str(exc))
+                continue
+            if running.lease_lost:
+                log.warning("lease lost; abandoning the job", job_id=running.job.id)
+                handler_task.cancel()
+                return
+
+
+async def _settle(message: AbstractIncomingMessage, *, ack: bool, requeue: bool = False) -> None:
+    """Ack or reject; a closed channel means RabbitMQ redelivers, which fencing makes harmless."""
+    try:
+        if ack:
+            await message.ack()
+        else:
+            await message.reject(requeue=requeue)
+    except Exception as exc:
+        log.info("could not settle a dispatch (channel closed); it will be redelivered", error=str(exc))

@@ -1,0 +1,168 @@
+"""QueueService's API on the real PostgreSQL and RabbitMQ, without workers (jobs stay queued)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from mesh.common.v1 import params_pb2
+from mesh.kit import errors
+from mesh.queue.v1 import job_pb2, queue_service_pb2
+from tests.queue.harness import IMAGE_ID, Harness
+
+pytestmark = pytest.mark.integration
+
+
+async def _error(call: object) -> errors.MeshError:
+    try:
+        await call  # type: ignore[misc]
+    except grpc.aio.AioRpcError as exc:
+        return errors.from_rpc_error(exc)
+    raise AssertionError("the call succeeded")
+
+
+async def test_submit_returns_a_queued_job_with_its_position(queue: Harness) -> None:
+    """A submit answers with the QUEUED job, attempt 1, its 1-based position, and a dispatch in the history."""
+    first = await queue.submit()
+    second = await queue.submit()
+    assert first.state == job_pb2.JOB_STATE_QUEUED
+    assert first.attempt == 1
+    assert first.max_attempts == 5
+    assert (first.queue_position, second.queue_position) == (1, 2)
+    fetched = await queue.get(second.id)
+    assert fetched.queue_position == 2
+    assert [t.to_state for t in fetched.history] == [job_pb2.JOB_STATE_QUEUED]
+
+
+async def test_priority_orders_the_queue(queue: Harness) -> None:
+    """A higher priority job stands before lower ones submitted earlier; equal priorities keep submit order."""
+    low = [await queue.submit(priority=1) for _ in range(3)]
+    high = await queue.submit(priority=7)
+    assert high.queue_position == 1
+    positions = [(await queue.get(j.id)).queue_position for j in low]
+    assert positions == [2, 3, 4]
+
+
+async def test_pipeline_jobs_go_to_the_image_queue(queue: Harness) -> None:
+    """A job with a pipeline is dispatched to the image queue and keeps its steps and parameters."""
+    step = params_pb2.PipelineStep(filter="blur", params={"sigma": params_pb2.ParamValue(number_value=1.5)})
+    response = await queue.stub.SubmitJob(
+        queue_service_pb2.SubmitJobRequest(image_id=IMAGE_ID, pipeline=[step], model="strip-reader")
+    )
+    rows = await queue.sql("SELECT queue FROM jobs WHERE id = %s", response.job.id)
+    assert rows[0]["queue"] == queue.image_queue
+    job = await queue.get(response.job.id)
+    assert job.pipeline[0].filter == "blur"
+    assert job.pipeline[0].params["sigma"].number_value == 1.5
+
+
+async def test_idempotency_key_returns_the_same_job(queue: Harness) -> None:
+    """Submitting twice with one key returns the first job, flagged existing, and creates nothing."""
+    key = f"key-{queue.settings.queue_prefix}"
+    request = queue_service_pb2.SubmitJobRequest(image_id=IMAGE_ID, model="script:noop", idempotency_key=key)
+    first, again = await asyncio.gather(queue.stub.SubmitJob(request), queue.stub.SubmitJob(request))
+    assert first.job.id == again.job.id
+    assert sorted([first.existing, again.existing]) == [False, True]
+    rows = await queue.sql("SELECT count(*) AS n FROM jobs WHERE idempotency_key = %s", key)
+    assert rows[0]["n"] == 1
+    outbox = await queue.sql(
+        "SELECT count(*) AS n FROM job_history WHERE job_id = %s AND to_state = 'QUEUED'", first.job.id
+    )
+    assert outbox[0]["n"] == 1
+
+
+async def test_invalid_submit_names_every_bad_field(queue: Harness) -> None:
+    """A bad submit is INVALID_ARGUMENT with a violation for the image id, the missing work and the priority."""
+    error = await _error(
+        queue.stub.SubmitJob(queue_service_pb2.SubmitJobRequest(image_id="nope", priority=12))
+    )
+    assert isinstance(error, errors.InvalidArgument)
+    assert {v.field for v in error.field_violations} == {"image_id", "pipeline", "priority"}
+
+
+async def test_unknown_job_is_not_found(queue: Harness) -> None:
+    """GetJob of an unknown id is NOT_FOUND; a malformed id is INVALID_ARGUMENT."""
+    missing = await _error(queue.stub.GetJob(queue_service_pb2.GetJobRequest(job_id=IMAGE_ID)))
+    assert isinstance(missing, errors.NotFound)
+    bad = await _error(queue.stub.GetJob(queue_service_pb2.GetJobRequest(job_id="x")))
+    assert isinstance(bad, errors.InvalidArgument)
+
+
+async def test_list_is_newest_first_stable_and_filtered(queue: Harness) -> None:
+    """Pages walk every job once, newest first, and a state filter returns only that state."""
+    ids = [(await queue.submit()).id for _ in range(7)]
+    await queue.stub.CancelJob(queue_service_pb2.CancelJobRequest(job_id=ids[0]))
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await queue.stub.ListJobs(queue_service_pb2.ListJobsRequest(page_size=3, page_token=token))
+        seen.extend(j.id for j in page.jobs)
+        token = page.next_page_token
+        if not token:
+            break
+    mine = [i for i in seen if i in set(ids)]
+    assert mine == list(reversed(ids))
+    assert len(seen) == len(set(seen))
+    cancelled = await queue.stub.ListJobs(
+        queue_service_pb2.ListJobsRequest(state=job_pb2.JOB_STATE_CANCELLED, page_size=500)
+    )
+    assert ids[0] in {j.id for j in cancelled.jobs}
+    assert all(j.state == job_pb2.JOB_STATE_CANCELLED for j in cancelled.jobs)
+    bad = await _error(queue.stub.ListJobs(queue_service_pb2.ListJobsRequest(page_token="!!")))
+    assert isinstance(bad, errors.InvalidArgument)
+
+
+async def test_cancel_queued_then_retry(queue: Harness) -> None:
+    """A queued job cancels at once; cancel again is FAILED_PRECONDITION; retry queues attempt 2."""
+    job = await queue.submit()
+    cancelled = (await queue.stub.CancelJob(queue_service_pb2.CancelJobRequest(job_id=job.id))).job
+    assert cancelled.state == job_pb2.JOB_STATE_CANCELLED
+    assert cancelled.HasField("finish_time")
+    again = await _error(queue.stub.CancelJob(queue_service_pb2.CancelJobRequest(job_id=job.id)))
+    assert isinstance(again, errors.FailedPrecondition)
+    retried = (await queue.stub.RetryJob(queue_service_pb2.RetryJobRequest(job_id=job.id))).job
+    assert retried.state == job_pb2.JOB_STATE_QUEUED
+    assert retried.attempt == 2
+    assert [t.to_state for t in retried.history] == [
+        job_pb2.JOB_STATE_QUEUED,
+        job_pb2.JOB_STATE_CANCELLED,
+        job_pb2.JOB_STATE_QUEUED,
+    ]
+    not_retryable = await _error(queue.stub.RetryJob(queue_service_pb2.RetryJobRequest(job_id=job.id)))
+    assert isinstance(not_retryable, errors.FailedPrecondition)
+
+
+async def test_dispatches_are_confirmed_and_reach_rabbitmq(queue: Harness) -> None:
+    """The relay empties the outbox, and each queued job's dispatch waits in its RabbitMQ queue."""
+    for _ in range(5):
+        await queue.submit()
+    for _ in range(100):
+        stats = await queue.stub.GetQueueStats(queue_service_pb2.GetQueueStatsRequest())
+        depth = next(q for q in stats.queues if q.queue == queue.inference_queue)
+        if depth.broker_ready == 5:
+            break
+        await asyncio.sleep(0.05)
+    assert depth.broker_ready == 5
+    assert depth.jobs_by_state["QUEUED"] == 5
+    assert stats.oldest_queued_age_seconds > 0
+    pending = await queue.sql("SELECT count(*) AS n FROM outbox WHERE queue = %s", queue.inference_queue)
+    assert pending[0]["n"] == 0
+
+
+async def test_watch_streams_changes_until_the_end(queue: Harness) -> None:
+    """WatchJob sends the current job, then each change with rising sequence numbers, and ends when terminal."""
+    job = await queue.submit()
+    stream = queue.stub.WatchJob(queue_service_pb2.WatchJobRequest(job_id=job.id))
+    first = await stream.read()
+    assert isinstance(first, queue_service_pb2.WatchJobResponse)
+    assert first.sequence == 1
+    assert first.job.state == job_pb2.JOB_STATE_QUEUED
+    await queue.stub.CancelJob(queue_service_pb2.CancelJobRequest(job_id=job.id))
+    rest: list[queue_service_pb2.WatchJobResponse] = []
+    while (item := await stream.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
+        assert isinstance(item, queue_service_pb2.WatchJobResponse)
+        rest.append(item)
+    assert rest[-1].job.state == job_pb2.JOB_STATE_CANCELLED
+    assert [r.sequence for r in rest] == list(range(2, 2 + len(rest)))

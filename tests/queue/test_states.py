@@ -1,0 +1,125 @@
+"""The job state machine, backoff and retry decision (domain core, no I/O)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from mesh.services.queue.states import (
+    ALLOWED,
+    TERMINAL_STATES,
+    Attempts,
+    Backoff,
+    ErrorCategory,
+    IllegalTransition,
+    JobState,
+    can_move,
+    cancel_target,
+    check_move,
+    decide_failure,
+    stalled_lease_outcome,
+)
+
+
+def test_contract_moves_are_allowed() -> None:
+    """Every move CONTRACT.md names is allowed, including a user's retry of FAILED, DEAD and CANCELLED."""
+    for current, target in [
+        (JobState.QUEUED, JobState.RUNNING),
+        (JobState.RUNNING, JobState.SUCCEEDED),
+        (JobState.RUNNING, JobState.RETRY_WAIT),
+        (JobState.RETRY_WAIT, JobState.QUEUED),
+        (JobState.RUNNING, JobState.FAILED),
+        (JobState.RUNNING, JobState.DEAD),
+        (JobState.QUEUED, JobState.CANCELLED),
+        (JobState.RUNNING, JobState.CANCELLED),
+        (JobState.FAILED, JobState.QUEUED),
+        (JobState.DEAD, JobState.QUEUED),
+        (JobState.CANCELLED, JobState.QUEUED),
+    ]:
+        check_move(current, target)
+
+
+def test_succeeded_is_final_and_skips_are_refused() -> None:
+    """SUCCEEDED has no way out, and a queued job cannot jump to SUCCEEDED or RETRY_WAIT."""
+    assert ALLOWED[JobState.SUCCEEDED] == frozenset()
+    assert not can_move(JobState.QUEUED, JobState.SUCCEEDED)
+    with pytest.raises(IllegalTransition):
+        check_move(JobState.QUEUED, JobState.RETRY_WAIT)
+    with pytest.raises(IllegalTransition):
+        check_move(JobState.SUCCEEDED, JobState.QUEUED)
+
+
+def test_terminal_states() -> None:
+    """Exactly SUCCEEDED, FAILED, DEAD and CANCELLED are terminal."""
+    assert {s for s in JobState if s.terminal} == set(TERMINAL_STATES)
+    assert {JobState.SUCCEEDED, JobState.FAILED, JobState.DEAD, JobState.CANCELLED} == TERMINAL_STATES
+
+
+def test_cancel_targets() -> None:
+    """Queued and waiting jobs cancel at once, running ones cooperatively, finished ones not at all."""
+    assert cancel_target(JobState.QUEUED) is JobState.CANCELLED
+    assert cancel_target(JobState.RETRY_WAIT) is JobState.CANCELLED
+    assert cancel_target(JobState.RUNNING) is None
+    for state in TERMINAL_STATES:
+        with pytest.raises(IllegalTransition):
+            cancel_target(state)
+
+
+def test_backoff_ceiling_doubles_up_to_the_cap() -> None:
+    """The ceiling is base * 2**(n-1), capped."""
+    backoff = Backoff(base_seconds=0.5, cap_seconds=3.0)
+    assert [backoff.ceiling(n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    assert Backoff(1.0, 1e9).ceiling(10_000) == 1e9  # no overflow for absurd retry counts
+
+
+def test_backoff_full_jitter_spreads_below_the_ceiling() -> None:
+    """Delays are uniform in [0, ceiling]: all below it, and not bunched at one value."""
+    backoff = Backoff(base_seconds=1.0, cap_seconds=60.0)
+    rng = random.Random(7)
+    delays = [backoff.delay(3, rng) for _ in range(2000)]
+    assert all(0.0 <= d <= 4.0 for d in delays)
+    assert min(delays) < 0.2
+    assert max(delays) > 3.8
+    assert 1.8 < sum(delays) / len(delays) < 2.2
+
+
+@pytest.mark.parametrize("category", [ErrorCategory.TRANSIENT, ErrorCategory.SYSTEM])
+def test_retryable_errors_wait_then_fail_at_the_limit(category: ErrorCategory) -> None:
+    """TRANSIENT and SYSTEM errors go to RETRY_WAIT with a delay until attempts are spent, then FAILED."""
+    backoff = Backoff(1.0, 10.0)
+    first = decide_failure(category, "boom", Attempts(1, 1, 3), backoff, random.Random(1))
+    assert first.state is JobState.RETRY_WAIT
+    assert first.delay_seconds is not None
+    assert 0 <= first.delay_seconds <= 1.0
+    second = decide_failure(category, "boom", Attempts(2, 1, 3), backoff, random.Random(1))
+    assert second.state is JobState.RETRY_WAIT
+    assert second.delay_seconds is not None
+    assert second.delay_seconds <= 2.0
+    last = decide_failure(category, "boom", Attempts(3, 1, 3), backoff)
+    assert last.state is JobState.FAILED
+    assert last.delay_seconds is None
+    assert "after 3 attempts" in last.reason
+
+
+@pytest.mark.parametrize("category", [ErrorCategory.PERMANENT, ErrorCategory.DATA])
+def test_permanent_and_data_errors_fail_at_once(category: ErrorCategory) -> None:
+    """PERMANENT and DATA errors fail on the first attempt whatever the budget."""
+    outcome = decide_failure(category, "bad", Attempts(1, 1, 10), Backoff())
+    assert outcome.state is JobState.FAILED
+    assert outcome.delay_seconds is None
+
+
+def test_a_user_retry_starts_a_fresh_budget() -> None:
+    """Attempts count from the run's first attempt, so a retried job gets its whole budget again."""
+    assert Attempts(attempt=6, first=6, max_attempts=3).used == 1
+    assert not Attempts(attempt=7, first=6, max_attempts=3).exhausted
+    assert Attempts(attempt=8, first=6, max_attempts=3).exhausted
+
+
+def test_stalled_lease_requeues_until_the_budget_is_spent() -> None:
+    """A lost lease re-dispatches as the next attempt, or fails as a SYSTEM error when none is left."""
+    assert stalled_lease_outcome(Attempts(1, 1, 2)).state is JobState.QUEUED
+    failed = stalled_lease_outcome(Attempts(2, 1, 2))
+    assert failed.state is JobState.FAILED
+    assert failed.reason.startswith("SYSTEM")

@@ -1,0 +1,185 @@
+"""The worker runtime end to end: claim, progress, outcome, retries with backoff, cancel, trace context."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from datetime import timedelta
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from mesh.common.v1 import errors_pb2
+from mesh.kit import tracing
+from mesh.kit.jobs import JobContext
+from mesh.queue.v1 import job_pb2, queue_service_pb2
+from mesh.services.queue.scripted import scripted_handler
+from tests.queue.harness import Harness
+
+pytestmark = pytest.mark.integration
+
+
+async def test_job_runs_once_and_keeps_its_result(queue: Harness) -> None:
+    """A job is claimed, run once, SUCCEEDED with the attempt's result, progress 1, and the message acked."""
+    await queue.start_worker(scripted_handler)
+    job = await queue.submit("script:sleep=0.1")
+    done = await queue.wait_for(job.id)
+    assert done.state == job_pb2.JOB_STATE_SUCCEEDED
+    assert done.result.output_image_id == f"job-{job.id}-attempt-1"
+    assert done.progress == 1.0
+    assert [t.to_state for t in done.history] == [
+        job_pb2.JOB_STATE_QUEUED,
+        job_pb2.JOB_STATE_RUNNING,
+        job_pb2.JOB_STATE_SUCCEEDED,
+    ]
+    rows = await queue.sql("SELECT executions FROM jobs WHERE id = %s", job.id)
+    assert rows[0]["executions"] == 1
+    await asyncio.sleep(0.2)
+    ready = await queue.app.broker.ready_count(queue.inference_queue)
+    assert ready == 0
+
+
+async def test_progress_is_visible_while_running(queue: Harness) -> None:
+    """Progress and stage written by the handler show in GetJob while the job runs."""
+    release = asyncio.Event()
+
+    async def handler(context: JobContext) -> job_pb2.JobResult:
+        await context.progress(0.4, "pipeline")
+        await release.wait()
+        return job_pb2.JobResult()
+
+    await queue.start_worker(handler)
+    job = await queue.submit()
+    for _ in range(100):
+        running = await queue.get(job.id)
+        if running.stage == "pipeline":
+            break
+        await asyncio.sleep(0.05)
+    assert running.state == job_pb2.JOB_STATE_RUNNING
+    assert running.progress == pytest.approx(0.4)
+    assert running.queue_position == 0
+    release.set()
+    assert (await queue.wait_for(job.id)).state == job_pb2.JOB_STATE_SUCCEEDED
+
+
+async def test_transient_failures_retry_with_growing_backoff_then_succeed(queue: Harness) -> None:
+    """Two TRANSIENT failures go through RETRY_WAIT with backoff ceilings 0.1 s and 0.2 s, then SUCCEEDED."""
+    await queue.start_worker(scripted_handler)
+    job = await queue.submit("script:fail=TRANSIENT:2")
+    done = await queue.wait_for(job.id)
+    assert done.state == job_pb2.JOB_STATE_SUCCEEDED
+    assert done.attempt == 3
+    waits = [t for t in done.history if t.to_state == job_pb2.JOB_STATE_RETRY_WAIT]
+    assert len(waits) == 2
+    delays = [(t.next_run_time.ToDatetime() - t.time.ToDatetime()) for t in waits]
+    ceilings = [timedelta(seconds=0.1), timedelta(seconds=0.2)]
+    for delay, ceiling in zip(delays, ceilings, strict=True):
+        assert timedelta(0) <= delay <= ceiling + timedelta(milliseconds=5)
+    assert "ceiling 0.1s" in waits[0].reason
+    assert "ceiling 0.2s" in waits[1].reason
+    requeues = [t for t in done.history if t.from_state == job_pb2.JOB_STATE_RETRY_WAIT]
+    for wait, requeue in zip(waits, requeues, strict=True):
+        assert requeue.time.ToDatetime() >= wait.next_run_time.ToDatetime()
+
+
+async def test_transient_failures_end_failed_at_the_limit(queue: Harness) -> None:
+    """A job that always fails transiently is FAILED after max_attempts, with the category kept."""
+    await queue.start_worker(scripted_handler)
+    job = await queue.submit("script:fail=TRANSIENT", max_attempts=3)
+    done = await queue.wait_for(job.id)
+    assert done.state == job_pb2.JOB_STATE_FAILED
+    assert done.attempt == 3
+    assert done.error.category == errors_pb2.ERROR_CATEGORY_TRANSIENT
+    assert done.error.code == "UNAVAILABLE"
+    states = Counter(t.to_state for t in done.history)
+    assert states[job_pb2.JOB_STATE_RETRY_WAIT] == 2
+    assert states[job_pb2.JOB_STATE_RUNNING] == 3
+
+
+@pytest.mark.parametrize(("category", "expected"), [("PERMANENT", 3), ("DATA", 4)])
+async def test_permanent_and_data_errors_fail_at_once(queue: Harness, category: str, expected: int) -> None:
+    """PERMANENT and DATA errors fail on the first attempt, no retry."""
+    await queue.start_worker(scripted_handler)
+    job = await queue.submit(f"script:fail={category}")
+    done = await queue.wait_for(job.id)
+    assert done.state == job_pb2.JOB_STATE_FAILED
+    assert done.attempt == 1
+    assert int(done.error.category) == expected
+
+
+async def test_unexpected_exception_is_a_system_error_and_retries(queue: Harness) -> None:
+    """A handler bug (any exception) counts as SYSTEM: retried, then FAILED at the limit."""
+
+    async def handler(context: JobContext) -> job_pb2.JobResult:
+        raise KeyError("bug")
+
+    await queue.start_worker(handler)
+    job = await queue.submit(max_attempts=2)
+    done = await queue.wait_for(job.id)
+    assert done.state == job_pb2.JOB_STATE_FAILED
+    assert done.attempt == 2
+    assert done.error.category == errors_pb2.ERROR_CATEGORY_SYSTEM
+
+
+async def test_cancel_of_a_running_job_is_seen_at_the_next_beat(queue: Harness) -> None:
+    """Cancel of a running job sets cancel_requested; the handler's next progress raises and it ends CANCELLED."""
+    await queue.start_worker(scripted_handler)
+    job = await queue.submit("script:sleep=30")
+    await queue.wait_for(job.id, {job_pb2.JOB_STATE_RUNNING})
+    response = await queue.stub.CancelJob(queue_service_pb2.CancelJobRequest(job_id=job.id))
+    assert response.job.state == job_pb2.JOB_STATE_RUNNING
+    assert response.job.cancel_requested
+    done = await queue.wait_for(job.id, timeout=5)
+    assert done.state == job_pb2.JOB_STATE_CANCELLED
+    assert done.history[-1].reason.startswith("cancelled by user")
+
+
+async def test_cancelled_queued_job_is_never_run(queue: Harness) -> None:
+    """A job cancelled while queued has its dispatch dropped by the worker's fenced claim."""
+    job = await queue.submit("script:noop")
+    await queue.stub.CancelJob(queue_service_pb2.CancelJobRequest(job_id=job.id))
+    await queue.start_worker(scripted_handler)
+    follower = await queue.submit("script:noop")
+    await queue.wait_for(follower.id)
+    rows = await queue.sql("SELECT executions, state FROM jobs WHERE id = %s", job.id)
+    assert rows[0] == {"executions": 0, "state": "CANCELLED"}
+
+
+async def test_retry_of_a_failed_job_runs_a_new_attempt(queue: Harness) -> None:
+    """RetryJob of a FAILED job queues attempt n+1 with a fresh budget; its result is that attempt's."""
+    await queue.start_worker(scripted_handler)
+    job = await queue.submit("script:fail=PERMANENT:1")
+    assert (await queue.wait_for(job.id)).state == job_pb2.JOB_STATE_FAILED
+    await queue.stub.RetryJob(queue_service_pb2.RetryJobRequest(job_id=job.id))
+    done = await queue.wait_for(job.id)
+    assert done.state == job_pb2.JOB_STATE_SUCCEEDED
+    assert done.result.output_image_id == f"job-{job.id}-attempt-2"
+    assert not done.HasField("error")
+
+
+async def test_consumer_span_is_child_of_and_linked_to_the_producer(queue: Harness) -> None:
+    """The worker's span continues the trace stored at submit: child of the publish span, and linked to it."""
+    exporter = InMemorySpanExporter()
+    provider = tracing.configure_tracing("tests")  # the process's provider (idempotent)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    await queue.start_worker(scripted_handler)
+    tracer = trace.get_tracer("test")
+    with tracer.start_as_current_span("client") as client:
+        job = await queue.submit()
+    trace_id = client.get_span_context().trace_id
+    await queue.wait_for(job.id)
+    spans: list[ReadableSpan] = []
+    for _ in range(50):
+        spans = [s for s in exporter.get_finished_spans() if s.context and s.context.trace_id == trace_id]
+        if any(s.name.endswith(" process") for s in spans):
+            break
+        await asyncio.sleep(0.05)
+    publish = next(s for s in spans if s.name.endswith(" publish"))
+    process = next(s for s in spans if s.name.endswith(" process"))
+    assert publish.context is not None
+    assert process.parent is not None
+    assert process.parent.span_id == publish.context.span_id
+    assert [link.context.span_id for link in process.links] == [publish.context.span_id]
