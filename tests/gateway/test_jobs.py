@@ -7,7 +7,10 @@ import json
 from typing import Any
 
 import httpx
+from google.protobuf import timestamp_pb2
 
+from mesh.queue.v1 import job_pb2
+from mesh.services.gateway.routes.jobs import EventId
 from tests.gateway.fakes import strip_png
 from tests.gateway.harness import FakeMesh, build_gateway, close_gateway, serve_app
 
@@ -125,8 +128,8 @@ async def test_unknown_colon_action_and_unknown_job(client: httpx.AsyncClient) -
     assert (await client.post("/v1/jobs/no-such-job:cancel")).status_code == 404
 
 
-async def test_events_stream_every_change_with_sequence_ids(client: httpx.AsyncClient) -> None:
-    """The SSE stream sends each change as ``event: job`` with ``id:`` = sequence, then ``event: end``."""
+async def test_events_stream_every_change_with_ids(client: httpx.AsyncClient) -> None:
+    """The SSE stream sends each change as ``event: job`` with a distinct id, in order, then ``event: end``."""
     image_id = await _image(client)
     job = (await client.post("/v1/jobs", json={"image_id": image_id, "model": "strip-reader"})).json()
     response = await client.get(f"/v1/jobs/{job['id']}/events")
@@ -135,9 +138,10 @@ async def test_events_stream_every_change_with_sequence_ids(client: httpx.AsyncC
     events = parse_sse(response.text)
     assert events[-1]["event"] == "end"
     changes = [e for e in events if e["event"] == "job"]
-    ids = [int(e["id"]) for e in changes]
-    assert ids == sorted(ids)
-    assert ids[0] == 1
+    ids = [e["id"] for e in changes]
+    assert len(set(ids)) == len(ids)
+    times = [int(i.split("-")[0]) for i in ids]
+    assert times == sorted(times)
     states = [e["data"]["state"] for e in changes]
     assert states[0] == "QUEUED"
     assert "RUNNING" in states
@@ -147,20 +151,55 @@ async def test_events_stream_every_change_with_sequence_ids(client: httpx.AsyncC
     assert len(progress) >= 2
 
 
-async def test_events_resume_after_last_event_id(client: httpx.AsyncClient) -> None:
-    """A reconnect with Last-Event-ID gets only the changes after that sequence."""
+async def test_events_resume_after_last_event_id(client: httpx.AsyncClient, mesh: FakeMesh) -> None:
+    """A reconnect with Last-Event-ID gets only the changes after that one, although the new WatchJob
+    stream starts over (the fake replays the whole history, as a stream restart would)."""
     image_id = await _image(client)
     job = (await client.post("/v1/jobs", json={"image_id": image_id})).json()
     await _wait_state(client, job["id"], "SUCCEEDED")
     full = [
         e for e in parse_sse((await client.get(f"/v1/jobs/{job['id']}/events")).text) if e["event"] == "job"
     ]
-    resumed_response = await client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "3"})
+    assert len(full) >= 4
+    resumed_response = await client.get(
+        f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": full[2]["id"]}
+    )
     resumed = [e for e in parse_sse(resumed_response.text) if e["event"] == "job"]
-    assert [e["id"] for e in resumed] == [e["id"] for e in full if int(e["id"]) > 3]
-    assert resumed
-    by_query = await client.get(f"/v1/jobs/{job['id']}/events", params={"after": "3"})
-    assert [e["id"] for e in parse_sse(by_query.text) if e["event"] == "job"] == [e["id"] for e in resumed]
+    assert [e["id"] for e in resumed] == [e["id"] for e in full[3:]]
+    by_query = await client.get(f"/v1/jobs/{job['id']}/events", params={"after": full[2]["id"]})
+    assert [e["id"] for e in parse_sse(by_query.text) if e["event"] == "job"] == [e["id"] for e in full[3:]]
+    up_to_date = await client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": full[-1]["id"]})
+    assert [e["event"] for e in parse_sse(up_to_date.text)] == ["end"]
+    garbage = await client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "not-an-id"})
+    assert len([e for e in parse_sse(garbage.text) if e["event"] == "job"]) == len(full)
+
+
+async def test_event_ids_compare_across_streams_that_restart_numbering() -> None:
+    """Ids come from the job snapshot, not the stream's sequence: equal snapshots are skipped, newer sent."""
+    stamp = timestamp_pb2.Timestamp(seconds=100, nanos=5000)
+    running = job_pb2.Job(state=job_pb2.JOB_STATE_RUNNING, progress=0.5, attempt=1, update_time=stamp)
+    seen = EventId.of(running)
+    assert str(seen) == "100000005-RUNNING.0.500.1"
+    assert EventId.parse(str(seen)) == seen
+    assert not EventId.of(running).is_after(seen)
+    later = job_pb2.Job(
+        state=job_pb2.JOB_STATE_SUCCEEDED,
+        progress=1.0,
+        attempt=1,
+        update_time=timestamp_pb2.Timestamp(seconds=101),
+    )
+    assert EventId.of(later).is_after(seen)
+    earlier = job_pb2.Job(
+        state=job_pb2.JOB_STATE_QUEUED, queue_position=2, update_time=timestamp_pb2.Timestamp(seconds=99)
+    )
+    assert not EventId.of(earlier).is_after(seen)
+    moved = job_pb2.Job(
+        state=job_pb2.JOB_STATE_RUNNING, progress=0.5, attempt=1, update_time=stamp, queue_position=0
+    )
+    moved.progress = 0.6
+    assert EventId.of(moved).is_after(seen)
+    assert EventId.parse("12") is None
+    assert EventId.parse(None) is None
 
 
 async def test_events_of_unknown_job_is_404_before_streaming(client: httpx.AsyncClient) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated
 
 import grpc
@@ -103,7 +104,7 @@ async def get_job(job_id: str, ctx: Context, _: Caller) -> schemas.JobOut:
     return convert.job(result.job)
 
 
-def sse_event(event: str, data: object, event_id: int | None = None) -> bytes:
+def sse_event(event: str, data: object, event_id: str | None = None) -> bytes:
     """One Server-Sent Event (data is one JSON line)."""
     lines = [f"event: {event}"]
     if event_id is not None:
@@ -112,11 +113,47 @@ def sse_event(event: str, data: object, event_id: int | None = None) -> bytes:
     return ("\n".join(lines) + "\n\n").encode()
 
 
-def _last_event_id(header: str | None, query: str | None) -> int:
-    for value in (header, query):
-        if value is not None and value.strip().isdigit():
-            return int(value.strip())
-    return 0
+@dataclass(frozen=True)
+class EventId:
+    """The SSE id of one job snapshot: its update time (µs) and what a client sees change.
+
+    WatchJob's ``sequence`` cannot be the id: a reconnect opens a new WatchJob stream, and the queue service
+    numbers each stream from 1 (or replays history), so sequences of two streams do not compare. Snapshots
+    do: a reconnecting client is sent only those newer than its Last-Event-ID, or different at the same time.
+    """
+
+    time_us: int
+    fingerprint: str
+
+    def __str__(self) -> str:
+        return f"{self.time_us}-{self.fingerprint}"
+
+    @classmethod
+    def of(cls, job: job_pb2.Job) -> EventId:
+        """The id of ``job``'s current snapshot."""
+        time_us = job.update_time.seconds * 1_000_000 + job.update_time.nanos // 1000
+        fingerprint = (
+            f"{convert.job_state(job.state)}.{job.queue_position}.{round(job.progress * 1000)}.{job.attempt}"
+        )
+        return cls(time_us, fingerprint)
+
+    @classmethod
+    def parse(cls, text: str | None) -> EventId | None:
+        """An id sent back by a client, or None when absent or not one of ours."""
+        if not text:
+            return None
+        time_part, _, fingerprint = text.strip().partition("-")
+        if not time_part.isdigit() or not fingerprint:
+            return None
+        return cls(int(time_part), fingerprint)
+
+    def is_after(self, last: EventId | None) -> bool:
+        """Whether a client that last saw ``last`` still needs this snapshot."""
+        if last is None:
+            return True
+        return self.time_us > last.time_us or (
+            self.time_us == last.time_us and self.fingerprint != last.fingerprint
+        )
 
 
 @router.get(
@@ -141,18 +178,20 @@ async def job_events(
         str | None, Query(description="Like Last-Event-ID, for clients that cannot set it.")
     ] = None,
 ) -> StreamingResponse:
-    """Every state, position and progress change as ``event: job`` with ``id:`` = the change's sequence.
+    """Every state, position and progress change as ``event: job`` (data: the job) with an opaque ``id:``.
 
     The stream ends with ``event: end`` when the job reaches a final state. A reconnecting client sends
-    ``Last-Event-ID`` and gets only newer changes. Idle streams get a comment line every 15 s.
+    ``Last-Event-ID`` (browsers' EventSource does) and gets only newer changes. Idle streams get a comment
+    line every 15 s.
     """
     stub = ctx.backends.queue_stub
     current = await rpc(stub.GetJob(queue_pb.GetJobRequest(job_id=job_id)))  # 404 before the stream starts
     _annotate_job(current.job)
-    seen = _last_event_id(last_event_id, after)
+    seen = EventId.parse(last_event_id) or EventId.parse(after)
     keepalive = ctx.settings.sse_keepalive_seconds
 
     async def events() -> AsyncIterator[bytes]:
+        nonlocal seen
         metrics.SSE_STREAMS.inc()
         call = stub.WatchJob(queue_pb.WatchJobRequest(job_id=job_id))
         inbox: asyncio.Queue[object] = asyncio.Queue()
@@ -183,9 +222,11 @@ async def job_events(
                     yield sse_event("error", errors.error_body(item))
                     return
                 assert isinstance(item, queue_pb.WatchJobResponse)
-                if item.sequence and item.sequence <= seen:
+                event_id = EventId.of(item.job)
+                if not event_id.is_after(seen):
                     continue
-                yield sse_event("job", convert.job(item.job).model_dump(mode="json"), item.sequence or None)
+                seen = event_id
+                yield sse_event("job", convert.job(item.job).model_dump(mode="json"), str(event_id))
         finally:
             call.cancel()
             reader.cancel()
