@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 
 from mesh.image.v1 import image_processing_service_pb2_grpc as pb_grpc
-from mesh.kit.health import FunctionCheck
+from mesh.kit.health import DependencyCheck, FunctionCheck
+from mesh.kit.jobs import IMAGE_JOBS_QUEUE
 from mesh.kit.logging import get_logger
 from mesh.kit.runtime import ServiceRuntime, configure_observability
 from mesh.kit.settings import load_settings
 from mesh.services.file.client import FileClient
 from mesh.services.image_processing.backend import select_backend
 from mesh.services.image_processing.codec import Limits
+from mesh.services.image_processing.jobs import ImageJobHandler, StubPredictor
 from mesh.services.image_processing.memory import tune_allocator
 from mesh.services.image_processing.processor import Processor
 from mesh.services.image_processing.servicer import SERVICE_NAME, ImageProcessingServicer
 from mesh.services.image_processing.settings import ImageSettings
+from mesh.services.queue.worker import JobWorker
 
 log = get_logger("mesh.services.image_processing")
 
@@ -40,12 +43,23 @@ async def main() -> None:
     async def compute() -> str:
         return await asyncio.to_thread(backend.check)
 
-    runtime = ServiceRuntime(
-        "image-processing",
-        settings,
-        service_names=[SERVICE_NAME],
-        checks=[FunctionCheck(f"compute-{backend.device.value}", compute)],
-    )
+    checks: list[DependencyCheck] = [FunctionCheck(f"compute-{backend.device.value}", compute)]
+    predictor, inference_channel = StubPredictor.connect(settings)
+    worker: JobWorker | None = None
+    if settings.job_concurrency:
+        # Jobs with a pipeline come here; the handler calls the inference service for the model, if any.
+        worker = JobWorker(
+            settings,
+            queue=IMAGE_JOBS_QUEUE,
+            handler=ImageJobHandler(files, processor, predictor),
+            concurrency=settings.job_concurrency,
+            name="image-processing",
+        )
+        checks.extend(worker.checks())
+    runtime = ServiceRuntime("image-processing", settings, service_names=[SERVICE_NAME], checks=checks)
+    if worker is not None:
+        job_worker = worker
+        runtime.add_background(lambda: job_worker.run(runtime.stopping))
     pb_grpc.add_ImageProcessingServiceServicer_to_server(
         ImageProcessingServicer(processor, stream_queue_frames=settings.stream_queue_frames), runtime.server
     )
@@ -53,6 +67,7 @@ async def main() -> None:
         await runtime.run()
     finally:
         processor.close()
+        await inference_channel.close(None)
         await files.close()
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from mesh.kit.settings import ServerSettings
+from mesh.kit.settings import WorkerSettings
 
 
-class ImageSettings(ServerSettings):
+class ImageSettings(WorkerSettings):
     """The image processing service's settings."""
 
     grpc_port: int = Field(default=50052, ge=0, le=65535)
