@@ -239,3 +239,25 @@ async def _follow(client: httpx.AsyncClient, job_id: str, mesh: FakeMesh) -> lis
             if events and events[-1]["event"] == "end":
                 break
     return seen
+
+
+async def test_draining_ends_open_event_streams(mesh: FakeMesh) -> None:
+    """On SIGTERM (``draining``) an open stream closes at once, without ``end``, so the client reconnects."""
+    app, ctx = build_gateway(mesh.gateway_settings())
+    mesh.fakes.queue.hold = True
+    events: list[dict[str, Any]] = []
+    try:
+        async with serve_app(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+            image_id = await _image(client)
+            job = (await client.post("/v1/jobs", json={"image_id": image_id})).json()
+            async with client.stream("GET", f"/v1/jobs/{job['id']}/events") as response:
+                buffer = ""
+                async for text in response.aiter_text():
+                    buffer += text
+                    events = parse_sse(buffer)
+                    if events and not ctx.draining.is_set():
+                        ctx.draining.set()
+    finally:
+        mesh.fakes.queue.release()
+        await close_gateway(ctx)
+    assert [e["event"] for e in events] == ["job"]

@@ -59,7 +59,8 @@ async def serve(settings: GatewaySettings) -> None:
         rate_limit=settings.rate_limit if settings.rate_limit_enabled else "off",
         cors_origins=settings.cors_origins,
     )
-    server = uvicorn.Server(
+    server = DrainingServer(
+        ctx,
         uvicorn.Config(
             create_app(ctx),
             host=settings.http_host,
@@ -67,7 +68,7 @@ async def serve(settings: GatewaySettings) -> None:
             log_config=None,
             access_log=False,
             timeout_graceful_shutdown=int(settings.grace_seconds),
-        )
+        ),
     )
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal under the handlers it found at start.
     # Handlers that do nothing make that a no-op, so a drained gateway exits 0 like the other services.
@@ -79,6 +80,20 @@ async def serve(settings: GatewaySettings) -> None:
         if pool is not None:
             await pool.close()
         log.info("gateway stopped")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server that also ends open event streams when a stop signal arrives."""
+
+    def __init__(self, ctx: GatewayContext, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self._ctx = ctx
+        self._loop = asyncio.get_running_loop()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Called by a signal handler, outside the event loop's callbacks.
+        self._loop.call_soon_threadsafe(self._ctx.draining.set)
+        super().handle_exit(sig, frame)
 
 
 def _already_drained(signum: int, frame: FrameType | None) -> None:

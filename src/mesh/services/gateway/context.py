@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -28,6 +29,8 @@ class GatewayContext:
     limiter: RateLimiter | None
     health: HealthProbe
     http: httpx.AsyncClient = field(default_factory=lambda: httpx.AsyncClient(timeout=2.0))
+    draining: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set on SIGTERM: event streams end at once (clients reconnect elsewhere) instead of holding the drain."""
 
 
 def get_context(request: Request) -> GatewayContext:

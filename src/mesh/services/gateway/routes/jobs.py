@@ -26,6 +26,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 SSE_RETRY_MS = 2000
 _END = object()
+_DRAINING = object()
 
 
 @router.post("", status_code=202, response_model=schemas.JobOut, responses=ERRORS, summary="Submit a job")
@@ -204,7 +205,12 @@ async def job_events(
             except grpc.aio.AioRpcError as error:
                 await inbox.put(errors.from_rpc_error(error))
 
+        async def drain() -> None:
+            await ctx.draining.wait()
+            await inbox.put(_DRAINING)
+
         reader = asyncio.create_task(pump())
+        drainer = asyncio.create_task(drain())
         try:
             yield f"retry: {SSE_RETRY_MS}\n\n".encode()
             while True:
@@ -216,6 +222,8 @@ async def job_events(
                 if item is _END:
                     yield sse_event("end", {"job_id": job_id})
                     return
+                if item is _DRAINING:
+                    return  # the client reconnects (to another instance) with Last-Event-ID
                 if isinstance(item, errors.MeshError):
                     if item.code == grpc.StatusCode.CANCELLED and await request.is_disconnected():
                         return
@@ -230,8 +238,11 @@ async def job_events(
         finally:
             call.cancel()
             reader.cancel()
+            drainer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
+            with contextlib.suppress(asyncio.CancelledError):
+                await drainer
             metrics.SSE_STREAMS.dec()
 
     return StreamingResponse(
