@@ -12,7 +12,7 @@ class ReaderConfig:
     work_size: int = 512
     """Longest side of the downscaled image in which the strip is searched."""
 
-    crop_length: int = 720
+    crop_length: int = 960
     """Longest length, in pixels, of the rectified strip crop the lines are read from."""
 
     precheck_crop_length: int = 320
@@ -24,7 +24,7 @@ class ReaderConfig:
     noise_floor: float = 0.002
     """Smallest profile noise assumed (contrast units): clean PNGs would otherwise make any ripple 'significant'."""
 
-    c_min_intensity: float = 0.03
+    c_min_intensity: float = 0.02
     """A control line must reach this contrast against the membrane."""
 
     c_min_snr: float = 8.0

@@ -172,35 +172,56 @@ def _framed_window(grey: FloatArray, top_obj: float, bottom_obj: float) -> Windo
     # Only the object's inner columns and rows, away from its own outline.
     cols = slice(int(0.03 * width), int(0.97 * width))
     rows_strength = np.percentile(grad[:, cols], 90, axis=1)
-    first = int(top_obj + 0.2 * obj_h)
-    last = int(bottom_obj - 0.2 * obj_h)
-    centre = (top_obj + bottom_obj) / 2
+    first = int(top_obj + 0.24 * obj_h)
+    last = int(bottom_obj - 0.24 * obj_h)
+    centre = int((top_obj + bottom_obj) / 2)
     if last - first < 6:
         return None
-    inner = rows_strength[first - 1 : last - 1]
-    floor = float(np.percentile(inner, 25)) + 1e-3
-    upper = inner[: int(centre - first)]
-    lower = inner[int(centre - first) :]
-    if upper.size < 2 or lower.size < 2:
-        return None
-    top = int(np.argmax(upper)) + first
-    bottom = int(np.argmax(lower)) + int(centre)
-    if min(float(upper.max()), float(lower.max())) < 2.5 * floor:
-        return None
-    # The window's columns: where both borders are strong.
+    body = rows_strength[max(0, int(top_obj) + 1) : max(int(top_obj) + 2, int(bottom_obj) - 2)]
+    floor = float(np.percentile(body, 25)) + 1e-3
+    tops = _row_peaks(rows_strength, first, centre, 2.0 * floor)
+    bottoms = _row_peaks(rows_strength, centre, last, 2.0 * floor)
+    # Several horizontal edges compete (the window's borders, the sample well's rim): the window is the
+    # pair of borders that stays strong over the longest run of columns.
+    best: WindowBox | None = None
+    for top in tops:
+        for bottom in bottoms:
+            box = _frame_between(grad, top, bottom, width, obj_h)
+            if box is not None and (best is None or box.x1 - box.x0 > best.x1 - best.x0):
+                best = box
+    return best
+
+
+def _row_peaks(strength: FloatArray, lo: int, hi: int, minimum: float) -> list[int]:
+    """Rows (indices into the crop) of the three strongest local maxima of ``strength[lo-1 : hi-1]``."""
+    rows = []
+    for y in range(max(lo, 1), min(hi, strength.size)):
+        v = float(strength[y - 1])
+        left = float(strength[y - 2]) if y >= 2 else -1.0
+        right = float(strength[y]) if y < strength.size else -1.0
+        if v >= minimum and v >= left and v >= right:
+            rows.append((v, y))
+    return [y for _, y in sorted(rows, reverse=True)[:3]]
+
+
+def _frame_between(grad: FloatArray, top: int, bottom: int, width: int, obj_h: float) -> WindowBox | None:
     band_t = grad[max(0, top - 3) : top + 2, :].max(axis=0)
     band_b = grad[max(0, bottom - 3) : bottom + 2, :].max(axis=0)
     both = cv2.blur(np.minimum(band_t, band_b).reshape(1, -1), (5, 1)).ravel()
     both[: int(0.03 * width)] = 0
     both[int(0.97 * width) :] = 0
     threshold = 0.35 * float(np.percentile(both, 97))
-    run = _longest_run(both > threshold)
+    strong = (both > threshold).astype(np.uint8).reshape(1, -1)
+    # A dark line under the border weakens its edge; bridge gaps up to a line's width.
+    gap = max(3, int(0.03 * width) | 1)
+    strong = cv2.morphologyEx(strong, cv2.MORPH_CLOSE, np.ones((1, gap), np.uint8))
+    run = _longest_run(strong.ravel() > 0)
     if run is None:
         return None
     x0, x1 = run
     win_h = bottom - top
     # A cassette's window is a fraction of its length and height; the strip's own outline is not a window.
-    if not 0.12 * width <= x1 - x0 <= 0.75 * width or not 0.12 * obj_h <= win_h <= 0.6 * obj_h:
+    if not 0.12 * width <= x1 - x0 <= 0.62 * width or not 0.12 * obj_h <= win_h <= 0.6 * obj_h:
         return None
     if (x1 - x0) < 1.2 * win_h:
         return None
@@ -226,17 +247,18 @@ def _membrane_span(mean_profile: FloatArray) -> tuple[float, float]:
     envelope = _closing(mean_profile, k)
     sigma = max(1.0, 0.004 * n)
     env = cv2.GaussianBlur(envelope.reshape(1, -1), (0, 0), sigma).ravel()
-    slope = np.gradient(env)
-    level = float(np.percentile(env, 90)) + 1e-4
+    # Steps relative to the local level, so that a light gradient along the strip does not hide them.
+    slope = np.gradient(np.log(np.maximum(env, 1e-3)))
+    level = 1.0
     left_zone = slice(int(0.04 * n), int(0.42 * n))
     x0, x1 = 0.0, float(n)
     ls = slope[left_zone]
-    if ls.size and ls.max() * sigma * 2.5 > 0.03 * level:
+    if ls.size and ls.max() * sigma * 2.5 > 0.025 * level:
         x0 = float(int(np.argmax(ls)) + left_zone.start)
     # The membrane is at least a quarter of the strip long.
-    right_zone = slice(int(x0 + 0.25 * n), int(0.97 * n))
+    right_zone = slice(int(x0 + 0.25 * n), int(0.92 * n))
     rs = slope[right_zone]
-    if rs.size and -rs.min() * sigma * 2.5 > 0.03 * level:
+    if rs.size and -rs.min() * sigma * 2.5 > 0.025 * level:
         x1 = float(int(np.argmin(rs)) + right_zone.start)
     return x0, x1
 
@@ -252,8 +274,8 @@ def _closing(values: FloatArray, size: int) -> FloatArray:
 def window_profile(crop: FloatArray, box: WindowBox, noise_floor: float, margin: float = 0.04) -> Profile:
     """Background-corrected line profile of the window's central rows; peaks sorted by position."""
     h = box.y1 - box.y0
-    y0 = round(box.y0 + 0.25 * h)
-    y1 = round(box.y1 - 0.25 * h)
+    y0 = round(box.y0 + 0.17 * h)
+    y1 = round(box.y1 - 0.17 * h)
     if y1 <= y0:
         y1 = y0 + 1
     x0, x1 = round(box.x0), round(box.x1)
