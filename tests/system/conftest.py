@@ -18,8 +18,12 @@ import pytest
 
 from tests.conftest import IN_CI
 
-MESH_PORTS = (8080, 50051, 50052, 50053, 50054, 9101, 9102, 9103, 9104)
-GATEWAY = "http://127.0.0.1:8080"
+# The system tests run their mesh on moved ports, so they work beside a developer's `make up`.
+PORT_OFFSET = 200
+MESH_PORTS = tuple(p + PORT_OFFSET for p in (8080, 50051, 50052, 50053, 50054, 9101, 9102, 9103, 9104))
+GATEWAY = f"http://127.0.0.1:{8080 + PORT_OFFSET}"
+FILE_GRPC = f"127.0.0.1:{50051 + PORT_OFFSET}"
+FILE_METRICS = f"http://127.0.0.1:{9101 + PORT_OFFSET}/metrics/"
 
 
 @dataclass
@@ -54,7 +58,7 @@ def start_mesh(tmp: Path, database_url: str, extra_env: dict[str, str] | None = 
     """Start the supervisor and wait until /readyz answers 200 (or fail with its log)."""
     busy = [p for p in MESH_PORTS if _port_busy(p)]
     if busy:
-        message = f"mesh ports already in use: {busy} (is `make up` running?)"
+        message = f"ports of the test mesh already in use: {busy}"
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
@@ -69,7 +73,7 @@ def start_mesh(tmp: Path, database_url: str, extra_env: dict[str, str] | None = 
     log_path = tmp / "mesh.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "mesh.tools.up", "--grace", "10"],
+            [sys.executable, "-m", "mesh.tools.up", "--grace", "10", "--port-offset", str(PORT_OFFSET)],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

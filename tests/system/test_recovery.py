@@ -12,11 +12,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from tests.system.conftest import GATEWAY, Mesh
+from tests.system.conftest import FILE_GRPC, GATEWAY, Mesh
 
 
 def _file_service_status() -> int:
-    with grpc.insecure_channel("127.0.0.1:50051") as channel:
+    with grpc.insecure_channel(FILE_GRPC) as channel:
         response = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="mesh.file.v1.FileService"), timeout=5
         )

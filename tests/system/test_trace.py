@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.system.collector import Collector
-from tests.system.conftest import GATEWAY, Mesh, start_mesh, stop_mesh
+from tests.system.collector import CollectedSpan, Collector
+from tests.system.conftest import FILE_METRICS, GATEWAY, Mesh, start_mesh, stop_mesh
 
 TERMINAL = {"SUCCEEDED", "FAILED", "DEAD", "CANCELLED"}
 
@@ -73,16 +73,21 @@ def test_job_forms_one_connected_trace(traced_mesh: tuple[Mesh, Collector]) -> N
             time.sleep(0.2)
     assert state == "SUCCEEDED", state
 
-    wanted = {"gateway", "queue", "image_processing", "file", "inference"}
+    wanted = {"gateway", "queue", "image-processing", "file", "inference"}
+
+    def orphans_of(spans: list[CollectedSpan]) -> list[CollectedSpan]:
+        ids = {s.span_id for s in spans}
+        return [s for s in spans if s.parent_span_id not in ids and s.parent_span_id != root_span]
+
+    # Parents end (and are exported) after their children: wait until the tree is complete.
     deadline = time.monotonic() + 20
     spans = collector.trace(trace_id)
-    while time.monotonic() < deadline and not wanted <= {s.service for s in spans}:
+    while time.monotonic() < deadline and (not wanted <= {s.service for s in spans} or orphans_of(spans)):
         time.sleep(0.3)
         spans = collector.trace(trace_id)
     services = {s.service for s in spans}
     assert wanted <= services, f"services in the trace: {sorted(services)}"
-    ids = {s.span_id for s in spans}
-    orphans = [s for s in spans if s.parent_span_id not in ids and s.parent_span_id != root_span]
+    orphans = orphans_of(spans)
     assert not orphans, f"orphan spans: {[(s.service, s.name, s.parent_span_id) for s in orphans]}"
     names = " ".join(s.name.lower() for s in spans)
     assert "publish" in names or "send" in names, "no RabbitMQ publish span"
@@ -103,7 +108,7 @@ def test_metrics_count_traffic(traced_mesh: tuple[Mesh, Collector], tmp_path: Pa
         for _ in range(3):
             assert client.get("/v1/images", params={"page_size": 1}).status_code == 200
         after = client.get("/metrics").text
-        file_metrics = httpx.get("http://127.0.0.1:9101/metrics/", timeout=5, follow_redirects=True).text
+        file_metrics = httpx.get(FILE_METRICS, timeout=5, follow_redirects=True).text
 
     def count(text: str, needle: str) -> float:
         return sum(

@@ -12,7 +12,7 @@ import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from tests.system.conftest import GATEWAY, start_mesh, stop_mesh
+from tests.system.conftest import FILE_GRPC, GATEWAY, start_mesh, stop_mesh
 
 
 def _png(width: int = 64, height: int = 48) -> bytes:
@@ -37,7 +37,7 @@ def test_up_serves_and_sigterm_stops_every_process(tmp_path: Path, database_url:
             p for p in (tmp_path / "blobs").rglob("*") if p.is_file() and p.name == response.json()["sha256"]
         ]
         assert len(blobs) == 1, "the same bytes must be stored once"
-        with grpc.insecure_channel("127.0.0.1:50051") as channel:
+        with grpc.insecure_channel(FILE_GRPC) as channel:
             status = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service="mesh.file.v1.FileService"), timeout=5
             )

@@ -30,20 +30,45 @@ from mesh.kit.settings import CommonSettings, load_settings
 
 @dataclass(frozen=True)
 class Process:
-    """One child process of the local mesh."""
+    """One child process of the local mesh, with its default ports (CONTRACT.md)."""
 
     name: str
     module: str
-    health_url: str
+    http_port: int
+    grpc_port: int | None
+
+    def health_url(self, offset: int) -> str:
+        return f"http://127.0.0.1:{self.http_port + offset}/healthz"
 
 
 PROCESSES = (
-    Process("file", "mesh.services.file", "http://127.0.0.1:9101/healthz"),
-    Process("image", "mesh.services.image_processing", "http://127.0.0.1:9102/healthz"),
-    Process("inference", "mesh.services.inference", "http://127.0.0.1:9103/healthz"),
-    Process("queue", "mesh.services.queue", "http://127.0.0.1:9104/healthz"),
-    Process("gateway", "mesh.services.gateway", "http://127.0.0.1:8080/healthz"),
+    Process("file", "mesh.services.file", 9101, 50051),
+    Process("image", "mesh.services.image_processing", 9102, 50052),
+    Process("inference", "mesh.services.inference", 9103, 50053),
+    Process("queue", "mesh.services.queue", 9104, 50054),
+    Process("gateway", "mesh.services.gateway", 8080, None),
 )
+
+
+def port_env(offset: int) -> dict[str, dict[str, str]]:
+    """Per-process environment that moves every port by ``offset`` (so a second mesh can run beside
+    the first, as the system tests do); empty when the offset is 0, so the defaults and the user's own
+    MESH_* variables apply."""
+    if offset == 0:
+        return {p.name: {} for p in PROCESSES}
+    shared: dict[str, str] = {}
+    for process in PROCESSES:
+        if process.grpc_port is not None:
+            shared[f"MESH_{process.name.upper()}_SERVICE_ADDRESS"] = f"localhost:{process.grpc_port + offset}"
+            shared[f"MESH_{process.name.upper()}_SERVICE_HTTP"] = f"localhost:{process.http_port + offset}"
+    env = {}
+    for process in PROCESSES:
+        own = {**shared, "MESH_HTTP_PORT": str(process.http_port + offset)}
+        if process.grpc_port is not None:
+            own["MESH_GRPC_PORT"] = str(process.grpc_port + offset)
+        env[process.name] = own
+    return env
+
 
 HOW_TO_START = {
     "PostgreSQL": "start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` "
@@ -84,11 +109,11 @@ def available(process: Process) -> bool:
     return importlib.util.find_spec(f"{process.module}.__main__") is not None
 
 
-async def wait_healthy(client: httpx.AsyncClient, process: Process, deadline: float) -> bool:
+async def wait_healthy(client: httpx.AsyncClient, url: str, deadline: float) -> bool:
     """Poll the process's /healthz until it answers 200 or the deadline passes."""
     while time.monotonic() < deadline:
         with contextlib.suppress(httpx.HTTPError):
-            if (await client.get(process.health_url, timeout=1.0)).status_code == 200:
+            if (await client.get(url, timeout=1.0)).status_code == 200:
                 return True
         await asyncio.sleep(0.25)
     return False
@@ -112,7 +137,7 @@ async def stop_all(children: dict[str, asyncio.subprocess.Process], grace: float
             await asyncio.wait(pending, timeout=5)
 
 
-async def run(settings: CommonSettings, startup_timeout: float, grace: float) -> int:
+async def run(settings: CommonSettings, startup_timeout: float, grace: float, port_offset: int = 0) -> int:
     for what, problem in (
         ("PostgreSQL", check_postgres(settings.database_url)),
         ("RabbitMQ", check_rabbitmq(settings.amqp_url)),
@@ -130,6 +155,7 @@ async def run(settings: CommonSettings, startup_timeout: float, grace: float) ->
     if missing:
         say(f"not in this checkout, so not started: {', '.join(missing)}")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ports = port_env(port_offset)
     children: dict[str, asyncio.subprocess.Process] = {}
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -139,20 +165,23 @@ async def run(settings: CommonSettings, startup_timeout: float, grace: float) ->
         # Each child gets its own process group so a terminal's Ctrl-C reaches only the supervisor,
         # which then stops the children in order with SIGTERM.
         children[process.name] = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", process.module, env=env, start_new_session=True
+            sys.executable, "-m", process.module, env={**env, **ports[process.name]}, start_new_session=True
         )
         say(f"started {process.name} (pid {children[process.name].pid})")
 
     exit_code = 0
     async with httpx.AsyncClient() as client:
         deadline = time.monotonic() + startup_timeout
-        ready = await asyncio.gather(*(wait_healthy(client, p, deadline) for p in wanted))
+        ready = await asyncio.gather(
+            *(wait_healthy(client, p.health_url(port_offset), deadline) for p in wanted)
+        )
     not_ready = [p.name for p, ok in zip(wanted, ready, strict=True) if not ok]
     if not_ready:
         say(f"not healthy after {startup_timeout:g}s: {', '.join(not_ready)} (see their logs above)")
     else:
         say("every process is healthy")
-    say("web page: http://localhost:8080/   API docs: http://localhost:8080/docs   Ctrl-C stops the mesh")
+    base = f"http://localhost:{8080 + port_offset}"
+    say(f"web page: {base}/   API docs: {base}/docs   Ctrl-C stops the mesh")
 
     died = asyncio.Event()
     watchers = []
@@ -183,9 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make up", description=__doc__)
     parser.add_argument("--startup-timeout", type=float, default=90.0, help="seconds to wait for health")
     parser.add_argument("--grace", type=float, default=20.0, help="seconds each process may take to drain")
+    parser.add_argument(
+        "--port-offset",
+        type=int,
+        default=0,
+        help="move every port by this much (run a second mesh beside one)",
+    )
     args = parser.parse_args(argv)
     settings = load_settings(CommonSettings)
-    return asyncio.run(run(settings, args.startup_timeout, args.grace))
+    return asyncio.run(run(settings, args.startup_timeout, args.grace, args.port_offset))
 
 
 if __name__ == "__main__":
