@@ -6,7 +6,8 @@ file, image processing and inference services as subprocesses on free ports. A s
 here (no PostgreSQL for the file service, say) is replaced by the test suite's in-process fakes, served from
 their own subprocess, and every result names its backend (``real`` or ``fake``). The client is this process
 (httpx for REST, grpc.aio for direct calls). Images are ~1 MB PNGs sent inline (base64 in JSON for REST,
-bytes for gRPC); process asks for raw bytes back (``Accept: image/png``).
+bytes for gRPC); process asks for raw bytes back (``Accept: image/png``); predict is also measured with
+the raw image as the body (``Content-Type: image/png``), which skips base64 and JSON.
 
 Latency (p50, p90) comes from sequential requests, REST and gRPC interleaved so that drift hits both;
 throughput from 8 concurrent callers for a fixed time. On a small shared machine the client, the gateway and
@@ -78,6 +79,21 @@ def strip_photo(target_bytes: int = 1024 * 1024) -> bytes:
         if buffer.tell() >= target_bytes or sigma > 64:
             return buffer.getvalue()
         sigma *= 1.5
+
+
+ECHO_SERVER = """
+import sys, uvicorn
+from starlette.applications import Starlette
+from starlette.responses import Response
+from starlette.routing import Route
+
+async def echo(request):
+    await request.body()
+    return Response(b"{}", media_type="application/json")
+
+app = Starlette(routes=[Route("/echo", echo, methods=["POST"])])
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
 
 
 def _free_port() -> int:
@@ -319,6 +335,12 @@ def make_calls(
     async def rest_predict() -> None:
         _check(await http.post("/v1/models/strip-reader:predict", content=predict_body, headers=json_headers))
 
+    async def rest_predict_raw() -> None:
+        response = await http.post(
+            "/v1/models/strip-reader:predict", content=photo, headers={"content-type": "image/png"}
+        )
+        _check(response)
+
     async def grpc_upload() -> None:
         await files.upload(photo, filename="strip.png", content_type="image/png")
 
@@ -333,7 +355,12 @@ def make_calls(
         await inference_stub.Predict(inference_pb.PredictRequest(model_name="strip-reader", input=encoded))
 
     clients = Clients(
-        rest={"upload": rest_upload, "process": rest_process, "predict": rest_predict},
+        rest={
+            "upload": rest_upload,
+            "process": rest_process,
+            "predict": rest_predict,
+            "predict_raw": rest_predict_raw,
+        },
         grpc={"upload": grpc_upload, "process": grpc_process, "predict": grpc_predict},
     )
     return clients, [files, image_channel, inference_channel]
@@ -365,6 +392,37 @@ async def _run(backends: Backends, photo: bytes) -> list[dict[str, Any]]:
     raise AssertionError("unreachable")
 
 
+async def _transport_floor(common: dict[str, Any]) -> dict[str, Any]:
+    """The bare HTTP hop the gateway adds: the same client posting a predict-sized JSON body to a Starlette
+    app on uvicorn that only reads it. Part of every REST call's added latency that no gateway code causes."""
+    port = _free_port()
+    process = _spawn("echo", ["-c", ECHO_SERVER, str(port)], {})
+    body = json.dumps({"image": base64.b64encode(bytes(common["image_bytes"])).decode()}).encode()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            for _ in range(100):
+                with contextlib.suppress(httpx.TransportError):
+                    await http.post("/echo", content=b"{}")
+                    break
+                await asyncio.sleep(0.1)
+
+            async def post() -> None:
+                _check(await http.post("/echo", content=body, headers={"content-type": "application/json"}))
+
+            timings = await latencies({"echo": post}, SEQUENTIAL)
+    finally:
+        process.stop()
+    return {
+        "benchmark": "gateway_http_transport_floor",
+        "backend": "none",
+        **common,
+        "body_bytes": len(body),
+        "p50_ms": _ms(statistics.median(timings["echo"])),
+        "p90_ms": _ms(_percentile(timings["echo"], 0.9)),
+        "note": "httpx -> uvicorn (httptools) on loopback, a body read and dropped: the HTTP hop alone",
+    }
+
+
 def _backend_of(operation: str) -> str:
     return {"upload": "file", "process": "image", "predict": "inference"}[operation]
 
@@ -373,8 +431,11 @@ async def _measure(
     clients: dict[str, Clients], backends: Backends, common: dict[str, Any]
 ) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
+    results.append(await _transport_floor(common))
     for operation in ("upload", "process", "predict"):
         calls = {"grpc": clients["on"].grpc[operation], "rest": clients["on"].rest[operation]}
+        if operation == "predict":
+            calls["rest_raw"] = clients["on"].rest["predict_raw"]
         if operation != "upload":
             calls["rest_tracing_off"] = clients["off"].rest[operation]
             calls["rest_tracing_exported"] = clients["exported"].rest[operation]
@@ -395,6 +456,17 @@ async def _measure(
                 "rest_p90_ms": _ms(_percentile(timings["rest"], 0.9)),
                 "grpc_p90_ms": _ms(_percentile(timings["grpc"], 0.9)),
                 "target": ">= 0.6 of gRPC throughput, <= 2 ms added p50",
+                **(
+                    {
+                        "rest_raw_body_rps": round(rates["rest_raw"], 2),
+                        "rest_raw_body_fraction_of_grpc_throughput": round(
+                            rates["rest_raw"] / rates["grpc"], 3
+                        ),
+                        "rest_raw_body_added_p50_ms": _ms(p50["rest_raw"] - p50["grpc"]),
+                    }
+                    if "rest_raw" in rates
+                    else {}
+                ),
             }
         )
         if operation == "upload":

@@ -115,3 +115,22 @@ async def test_predict_colon_route(client: httpx.AsyncClient) -> None:
     assert inline.json()["strip_reading"]["window"]["length"] == 200
     assert (await client.post("/v1/models/other:predict", json={"image_id": image["id"]})).status_code == 404
     assert (await client.get("/v1/models/strip-reader:predict")).status_code == 404
+
+
+async def test_predict_takes_raw_image_bytes(client: httpx.AsyncClient, mesh: FakeMesh) -> None:
+    """:predict also takes the raw image (no base64), with version from the query; other types are 415
+    and a bad JSON body is still a 400 naming the field."""
+    response = await client.post(
+        "/v1/models/strip-reader:predict?precheck_only=true",
+        content=strip_png(240, 60),
+        headers={"content-type": "image/png"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["strip_reading"]["window"]["length"] == 240
+    text = await client.post(
+        "/v1/models/strip-reader:predict", content=b"hi", headers={"content-type": "text/plain"}
+    )
+    assert text.status_code == 415
+    bad = await client.post("/v1/models/strip-reader:predict", json={"image_id": "x", "precheck_only": "yes"})
+    assert bad.status_code == 400
+    assert "precheck_only" in bad.json()["error"]["message"]

@@ -19,6 +19,7 @@ from mesh.services.gateway.auth import API_KEY_HEADER
 from mesh.services.gateway.context import GatewayContext
 from mesh.services.gateway.middleware import BodyLimit, ObservedRequests
 from mesh.services.gateway.routes import images, jobs, models, processing, system
+from mesh.services.gateway.schemas import PredictIn
 from mesh.services.gateway.settings import AuthMode
 
 DESCRIPTION = """REST and JSON in front of the image analysis mesh's gRPC services.
@@ -117,7 +118,11 @@ def exact_openapi(app: FastAPI, auth_mode: AuthMode) -> dict[str, Any]:
             security = [s for s in operation.pop("security", []) if set(s) <= allowed]
             if security:
                 operation["security"] = security
-    components = document.get("components", {})
+    components = document.setdefault("components", {})
+    # :predict parses its body itself (JSON or raw bytes), so FastAPI does not register the JSON schema.
+    components.setdefault("schemas", {})["PredictIn"] = PredictIn.model_json_schema(
+        ref_template="#/components/schemas/{model}"
+    )
     for unused in ("HTTPValidationError", "ValidationError"):
         components.get("schemas", {}).pop(unused, None)
     schemes = {k: v for k, v in components.pop("securitySchemes", {}).items() if k in allowed}

@@ -3,28 +3,85 @@
 from __future__ import annotations
 
 import uuid
+from typing import Annotated
 
 import grpc
-from fastapi import APIRouter
+from fastapi import APIRouter, Query, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
+from mesh.common.v1 import image_pb2
 from mesh.inference.v1 import inference_service_pb2 as inference_pb
+from mesh.kit import errors
 from mesh.services.gateway import convert, schemas
 from mesh.services.gateway.backends import rpc
 from mesh.services.gateway.context import Caller, Context
-from mesh.services.gateway.routes.images import ERRORS
+from mesh.services.gateway.routes.images import ACCEPTED_TYPES, ERRORS, media_type
 from mesh.services.gateway.routes.processing import image_input
 from mesh.services.gateway.spans import annotate
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "JSON naming a stored image or carrying one in base64, or the raw image bytes"
+        " (then `version` and `precheck_only` come from the query).",
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/PredictIn"}},
+            **{t: _BINARY for t in ACCEPTED_TYPES},
+        },
+    }
+}
+
+
+async def _predict_input(request: Request) -> schemas.PredictIn | bytes:
+    """The JSON body, or the raw image bytes (no base64 and JSON to pay for on a large image)."""
+    kind = media_type(request)
+    if kind in ACCEPTED_TYPES:
+        data = await request.body()
+        if not data:
+            raise errors.InvalidData(
+                "the image is empty", field_violations=[errors.FieldViolation("body", "empty")]
+            )
+        return data
+    if kind != "application/json":
+        raise errors.UnsupportedMediaType(
+            f"unsupported Content-Type {kind or '(none)'!r}: send application/json or the raw image as one of"
+            f" {', '.join(ACCEPTED_TYPES)}"
+        )
+    try:
+        return schemas.PredictIn.model_validate_json(await request.body())
+    except ValidationError as error:
+        raise RequestValidationError(error.errors()) from None
+
+
 # Declared before "/{name}" so the colon route wins; Starlette would otherwise still match it by method.
 @router.post(
-    "/{name}:predict", response_model=schemas.PredictionOut, responses=ERRORS, summary="Run a prediction"
+    "/{name}:predict",
+    response_model=schemas.PredictionOut,
+    responses=ERRORS,
+    openapi_extra=PREDICT_BODY,
+    summary="Run a prediction",
 )
-async def predict(name: str, body: schemas.PredictIn, ctx: Context, _: Caller) -> schemas.PredictionOut:
-    """Run the model on a stored (``image_id``) or inline (``image``, base64) image."""
-    source = image_input(body.image_id or None, body.image or None)
+async def predict(
+    name: str,
+    request: Request,
+    ctx: Context,
+    _: Caller,
+    version: Annotated[str, Query(max_length=100, description="For a raw image body.")] = "",
+    precheck_only: Annotated[bool, Query(description="For a raw image body.")] = False,
+) -> schemas.PredictionOut:
+    """Run the model on a stored (``image_id``) or inline (``image``, base64) image, or on raw image bytes."""
+    given = await _predict_input(request)
+    if isinstance(given, bytes):
+        source = image_pb2.ImageInput(encoded=image_pb2.EncodedImage(data=given))
+        parameters: dict[str, schemas.ParamScalar] = {}
+    else:
+        source = image_input(given.image_id or None, given.image or None)
+        version, precheck_only, parameters = given.version, given.precheck_only, given.parameters
     annotate(
         {
             "mesh.model": name,
@@ -39,11 +96,11 @@ async def predict(name: str, body: schemas.PredictIn, ctx: Context, _: Caller) -
         ctx.backends.inference_stub.Predict(
             inference_pb.PredictRequest(
                 model_name=name,
-                model_version=body.version,
+                model_version=version,
                 input=source,
                 request_id=str(uuid.uuid4()),
-                parameters=convert.to_params(body.parameters),
-                precheck_only=body.precheck_only,
+                parameters=convert.to_params(parameters),
+                precheck_only=precheck_only,
             )
         )
     )
