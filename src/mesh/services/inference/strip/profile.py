@@ -35,6 +35,9 @@ class WindowBox:
     framed: bool
     """True when a recessed frame (a cassette's window) was found, False for a bare strip's membrane."""
 
+    strength: float = 0.0
+    """Summed edge strength of a frame's borders (to choose among candidate frames)."""
+
 
 @dataclass(frozen=True)
 class Peak:
@@ -182,12 +185,12 @@ def _framed_window(grey: FloatArray, top_obj: float, bottom_obj: float) -> Windo
     tops = _row_peaks(rows_strength, first, centre, 2.0 * floor)
     bottoms = _row_peaks(rows_strength, centre, last, 2.0 * floor)
     # Several horizontal edges compete (the window's borders, the sample well's rim): the window is the
-    # pair of borders that stays strong over the longest run of columns.
+    # pair of borders that is strongest summed over the run of columns where both are strong.
     best: WindowBox | None = None
     for top in tops:
         for bottom in bottoms:
             box = _frame_between(grad, top, bottom, width, obj_h)
-            if box is not None and (best is None or box.x1 - box.x0 > best.x1 - best.x0):
+            if box is not None and (best is None or box.strength > best.strength):
                 best = box
     return best
 
@@ -220,12 +223,13 @@ def _frame_between(grad: FloatArray, top: int, bottom: int, width: int, obj_h: f
         return None
     x0, x1 = run
     win_h = bottom - top
+    strength = float(both[x0:x1].sum())
     # A cassette's window is a fraction of its length and height; the strip's own outline is not a window.
     if not 0.12 * width <= x1 - x0 <= 0.62 * width or not 0.12 * obj_h <= win_h <= 0.6 * obj_h:
         return None
     if (x1 - x0) < 1.2 * win_h:
         return None
-    return WindowBox(float(x0), float(top), float(x1), float(bottom), framed=True)
+    return WindowBox(float(x0), float(top), float(x1), float(bottom), framed=True, strength=strength)
 
 
 def _longest_run(flags: npt.NDArray[np.bool_]) -> tuple[int, int] | None:
@@ -301,7 +305,9 @@ def window_profile(crop: FloatArray, box: WindowBox, noise_floor: float, margin:
         inner = env[int(margin * n) : max(int(margin * n) + 1, int((1 - margin) * n))]
         level_ratio = max(level_ratio, float(inner.max() / max(inner.min(), 1e-3)))
     signal = absorb.max(axis=1).astype(np.float32)
-    lo, hi = int(margin * n), int((1 - margin) * n)
+    # The window's own rim must not count as a line: skip a few pixels more than the margin at each end.
+    edge = max(int(margin * n), int(0.04 * n + 2))
+    lo, hi = edge, n - edge
     core = signal[lo:hi] if hi - lo > 8 else signal
     med = float(np.median(core))
     noise = max(noise_floor, 1.4826 * float(np.median(np.abs(core - med))))
