@@ -125,3 +125,13 @@ async def test_schemathesis_finds_no_server_error(mesh: FakeMesh, tmp_path: Path
     text = output.decode(errors="replace")
     assert process.returncode == 0, text[-6000:]
     assert "Tested: 19" in text, text[-3000:]
+
+
+async def test_docs_viewer_works_offline(client: httpx.AsyncClient) -> None:
+    """/docs loads Swagger UI from the gateway's own vendored files, never from a CDN."""
+    page = (await client.get("/docs")).text
+    assert "/static/vendor/swagger-ui/swagger-ui-bundle.js" in page
+    assert "cdn" not in page.lower()
+    script = await client.get("/static/vendor/swagger-ui/swagger-ui-bundle.js")
+    assert script.status_code == 200
+    assert len(script.content) > 100_000

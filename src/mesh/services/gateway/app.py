@@ -10,7 +10,9 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import Scope
 
@@ -22,6 +24,7 @@ from mesh.services.gateway.routes import images, jobs, models, processing, syste
 from mesh.services.gateway.schemas import PredictIn
 from mesh.services.gateway.settings import AuthMode
 
+SWAGGER_UI = "/static/vendor/swagger-ui"
 DESCRIPTION = """REST and JSON in front of the image analysis mesh's gRPC services.
 
 Errors are `{"error": {"code", "message", "details"}}` with the gRPC status code name in `code`.
@@ -48,6 +51,10 @@ def create_app(ctx: GatewayContext) -> FastAPI:
         # The gateway makes its own server span (ObservedRequests), which also returns the traceparent;
         # FastAPI's native one would be a second server span per request.
         telemetry={"tracing": False, "metrics": False, "logs": False},
+        # FastAPI's viewers load their scripts from a CDN; /docs is served from vendored files instead,
+        # so it works on machines without internet access.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.gateway = ctx
     app.openapi = lambda: exact_openapi(app, ctx.settings.auth_mode)  # type: ignore[method-assign]
@@ -56,6 +63,16 @@ def create_app(ctx: GatewayContext) -> FastAPI:
         app.include_router(router)
     static = Path(str(resources.files("mesh.services.gateway").joinpath("static")))
     app.mount("/static", StaticFiles(directory=static), name="static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="Image analysis mesh - API",
+            swagger_js_url=f"{SWAGGER_UI}/swagger-ui-bundle.js",
+            swagger_css_url=f"{SWAGGER_UI}/swagger-ui.css",
+            swagger_favicon_url=f"{SWAGGER_UI}/favicon-32x32.png",
+        )
 
     settings = ctx.settings
 
