@@ -291,7 +291,7 @@ def k_resample_area(
         rows[j, yidx[ystart[j] : ystart[j + 1]]] += yw[ystart[j] : ystart[j + 1]]
     for j in range(int(out_w)):
         cols[j, xidx[xstart[j] : xstart[j + 1]]] += xw[xstart[j] : xstart[j + 1]]
-    mixed = np.einsum("ay,yxc,bx->abc", rows, image, cols)
+    mixed = np.einsum("ay,yxc,bx->abc", rows, image, cols, optimize=True)
     dst[...] = _saturate(mixed, dst.dtype).reshape(dst.shape)
 
 

@@ -37,6 +37,7 @@ COL_W, COL_H, COL_LINES = 32, 64, 8
 FUSED_TILES = ((32, 32), (32, 16), (16, 16), (16, 8))
 FUSED_THREADS = (32, 8)
 SHARED_LIMIT = 48 * 1024
+CONSTANT_CACHE_SIZE = 256
 ELEMENT_THREADS = 256
 FUSABLE = {"invert", "adjust"}
 
@@ -105,6 +106,7 @@ class GpuBackend:
         }
         self.hsv_sdiv, self.hsv_hdiv = (cp.asarray(t) for t in fm.hsv_tables())
         self._pinned: dict[str, tuple[Any, int]] = {}
+        self._constants: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         self.faulted: str | None = None
         props = cp.cuda.runtime.getDeviceProperties(self._device.id)
         self.name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
@@ -135,6 +137,19 @@ class GpuBackend:
             self.faulted = str(error)
             log.error("GPU fault; health goes NOT_SERVING", error=str(error))
             raise errors.Unavailable(f"GPU fault: {error}") from None
+
+    def constant(self, key: tuple[Any, ...], build: Callable[[], tuple[Any, ...]]) -> tuple[Any, ...]:
+        """Device copies of host-built tables (kernels, resize tables), built once per key.
+
+        A video stream or a batch of same-sized images then launches kernels without host work or uploads.
+        """
+        cached = self._constants.get(key)
+        if cached is None:
+            cached = tuple(cp.asarray(np.ascontiguousarray(t)) for t in build())
+            if len(self._constants) >= CONSTANT_CACHE_SIZE:
+                self._constants.pop(next(iter(self._constants)))
+            self._constants[key] = cached
+        return cached
 
     def staging(self, key: str, nbytes: int) -> Any:
         """A pinned host buffer of at least ``nbytes``, grown and reused (one per direction)."""
@@ -237,12 +252,23 @@ class GpuSession:
                 )
             return
         channels = self.image.shape[2]
-        table = np.tile(np.arange(self.top + 1, dtype=np.int64), (channels, 1))
-        for step in group:
-            lut = point_lut(step, self.dtype).astype(np.int64)
-            colour = min(channels, 3)
-            table[:colour] = lut[table[:colour]]
-        self.image = self.lut(self.image, table.astype(self.dtype))
+
+        def compose() -> tuple[Image]:
+            table = np.tile(np.arange(self.top + 1, dtype=np.int64), (channels, 1))
+            for step in group:
+                lut = point_lut(step, self.dtype).astype(np.int64)
+                colour = min(channels, 3)
+                table[:colour] = lut[table[:colour]]
+            return (table.astype(self.dtype),)
+
+        key = (
+            "lut",
+            self.dtype.str,
+            channels,
+            *((step.filter, *sorted(step.params.items())) for step in group),
+        )
+        (table,) = self.backend.constant(key, compose)
+        self.image = self.lut(self.image, table)
 
     def result(self) -> Image:
         with self.backend.guard():
@@ -257,14 +283,16 @@ class GpuSession:
     def empty(self, shape: tuple[int, ...], dtype: Any = None) -> Any:
         return cp.empty(shape, dtype=self.dtype if dtype is None else dtype)
 
-    def lut(self, image: Any, table: Image) -> Any:
-        """Apply a per-channel table (channels x (max + 1))."""
+    def lut(self, image: Any, table: Any) -> Any:
+        """Apply a per-channel table (channels x (max + 1)), given on the host or already on the device."""
         out = self.empty(image.shape)
         n = image.size
+        if isinstance(table, np.ndarray):  # a host table (cupy.ndarray is no numpy subclass)
+            table = cp.asarray(np.ascontiguousarray(table))
         self.kernels["lut_apply"](
             _grid(n // 4 if self.dtype == np.uint8 else n),
             (ELEMENT_THREADS,),
-            (image, out, cp.asarray(np.ascontiguousarray(table)), np.int64(n), np.int32(image.shape[2])),
+            (image, out, table, np.int64(n), np.int32(image.shape[2])),
         )
         return out
 
@@ -301,8 +329,14 @@ class GpuSession:
         h, w, c = image.shape
         rx, ry = (len(kx) - 1) // 2, (len(ky) - 1) // 2
         code = np.int32(BORDER_CODES[border])
-        kx_dev = cp.asarray(np.asarray(kx, dtype=np.float32))
-        ky_dev = cp.asarray(np.asarray(ky, dtype=np.float32))
+        kx_dev, ky_dev = self.backend.constant(
+            (
+                "taps",
+                tuple(np.asarray(kx, dtype=np.float32).tolist()),
+                tuple(np.asarray(ky, dtype=np.float32).tolist()),
+            ),
+            lambda: (np.asarray(kx, dtype=np.float32), np.asarray(ky, dtype=np.float32)),
+        )
         out = cp.empty((h, w, c), dtype=cp.float32 if raw else self.dtype)
         tile = fused_tile(c, rx, ry)
         if tile is not None:
@@ -478,16 +512,16 @@ def _resize(s: GpuSession, image: Any, step: Step) -> Any:
     out = s.empty((out_h, out_w, c))
     n = out.size
     if mode == "area" and out_h <= h and out_w <= w:
-        ys, yi, yw = (cp.asarray(t) for t in fm.area_table(h, out_h))
-        xs, xi, xw = (cp.asarray(t) for t in fm.area_table(w, out_w))
+        ys, yi, yw = s.backend.constant(("area", h, out_h), lambda: fm.area_table(h, out_h))
+        xs, xi, xw = s.backend.constant(("area", w, out_w), lambda: fm.area_table(w, out_w))
         s.kernels["resample_area"](
             _grid(n),
             (ELEMENT_THREADS,),
             (image, out, np.int32(w), np.int32(out_h), np.int32(out_w), np.int32(c), ys, yi, yw, xs, xi, xw),
         )
         return out
-    yi, yw = (cp.asarray(t) for t in fm.two_tap_table(h, out_h, mode))
-    xi, xw = (cp.asarray(t) for t in fm.two_tap_table(w, out_w, mode))
+    yi, yw = s.backend.constant(("two_tap", h, out_h, mode), lambda: fm.two_tap_table(h, out_h, mode))
+    xi, xw = s.backend.constant(("two_tap", w, out_w, mode), lambda: fm.two_tap_table(w, out_w, mode))
     s.kernels["resample2"](
         _grid(n),
         (ELEMENT_THREADS,),
