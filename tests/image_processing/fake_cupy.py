@@ -8,6 +8,7 @@ CUDA source itself is compiled only on a GPU machine (``test_gpu.py``).
 
 from __future__ import annotations
 
+import re
 import types
 from collections.abc import Callable
 from typing import Any
@@ -391,11 +392,31 @@ EMULATED: dict[str, Callable[..., None]] = {
 }
 
 
-class RawKernel:
-    """An emulated kernel: checks the launch shape and runs the NumPy twin."""
+SCALARS = {"int": np.int32, "long long": np.int64, "float": np.float32, "double": np.float64}
 
-    def __init__(self, name: str) -> None:
+
+def parse_signature(code: str, name: str, sample: Any) -> list[Any]:
+    """Each parameter of a kernel as the numpy type its argument must have ('ptr:<dtype>' for pointers)."""
+    match = re.search(rf'extern "C" __global__ void {name}\((.*?)\)\s*\{{', code, re.DOTALL)
+    assert match is not None, name
+    kinds: list[Any] = []
+    for raw in match.group(1).split(","):
+        words = raw.replace("__restrict__", "").replace("const", "").replace("*", " * ").split()
+        base = " ".join(w for w in words[:-1] if w != "*")
+        if "*" in words:
+            pointee = {"sample_t": np.dtype(sample), "float": np.dtype(np.float32), "int": np.dtype(np.int32)}
+            kinds.append(("ptr", pointee.get(base)))
+        else:
+            kinds.append(SCALARS[base])
+    return kinds
+
+
+class RawKernel:
+    """An emulated kernel: checks the launch shape and argument types, then runs the NumPy twin."""
+
+    def __init__(self, name: str, signature: list[Any]) -> None:
         self.name = name
+        self.signature = signature
         self.launches = 0
 
     def __call__(
@@ -404,6 +425,16 @@ class RawKernel:
         assert all(isinstance(g, int) and g >= 1 for g in grid), (self.name, grid)
         assert int(np.prod(block)) <= 1024, (self.name, block)
         assert shared_mem <= 48 * 1024, (self.name, shared_mem)
+        assert len(args) == len(self.signature), (self.name, len(args), len(self.signature))
+        for position, (arg, kind) in enumerate(zip(args, self.signature, strict=True)):
+            where = (self.name, position)
+            if isinstance(kind, tuple):
+                # Host arrays cannot be kernel arguments: every array must have come through the fake device.
+                assert isinstance(arg, FakeArray), (*where, "needs a device array")
+                assert kind[1] is None or arg.dtype == kind[1], (*where, arg.dtype, kind[1])
+                assert arg.flags.c_contiguous, (*where, "needs a contiguous array")
+            else:
+                assert type(arg) is kind, (*where, type(arg), kind)
         self.launches += 1
         EMULATED[self.name](*args)
 
@@ -414,10 +445,11 @@ class RawModule:
     def __init__(self, code: str, options: tuple[str, ...] = ()) -> None:
         assert "--std=c++14" in options
         self.code = code
+        self.sample = np.uint8 if "-DSAMPLE=unsigned char" in options else np.uint16
+        assert "-DSAMPLE=unsigned char" in options or "-DSAMPLE=unsigned short" in options
 
     def get_function(self, name: str) -> RawKernel:
-        assert f'extern "C" __global__ void {name}(' in self.code, name
-        return RawKernel(name)
+        return RawKernel(name, parse_signature(self.code, name, self.sample))
 
 
 def _median_filter(image: Array, size: Any, mode: str) -> FakeArray:
