@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -72,6 +71,10 @@ def fast_settings(database_url: str, amqp_url: str, prefix: str, **overrides: An
     return QueueSettings(**values)
 
 
+class WorkerDidNotStart(Exception):
+    """A scripted worker process ended before it consumed."""
+
+
 @dataclass
 class RunningWorker:
     """An in-process worker and the event that stops it."""
@@ -95,7 +98,7 @@ class Harness:
     channel: grpc.aio.Channel
     stub: queue_service_pb2_grpc.QueueServiceAsyncStub
     workers: list[RunningWorker] = field(default_factory=list)
-    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    processes: list[asyncio.subprocess.Process] = field(default_factory=list)
 
     @property
     def image_queue(self) -> str:
@@ -171,48 +174,68 @@ class Harness:
         self.workers.append(running)
         return running
 
-    def spawn_worker(self, *, concurrency: int = 4, queue: str | None = None) -> subprocess.Popen[bytes]:
+    async def spawn_worker(
+        self, *, concurrency: int = 4, queue: str | None = None
+    ) -> asyncio.subprocess.Process:
         """A scripted worker in a subprocess (to be killed); returns once it consumes."""
         env = {
             **os.environ,
             "MESH_DATABASE_URL": self.settings.database_url,
             "MESH_AMQP_URL": self.settings.amqp_url,
         }
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mesh.services.queue.scripted",
-                "--queue",
-                queue or self.inference_queue,
-                "--concurrency",
-                str(concurrency),
-                "--lease",
-                str(FAST_OPTIONS.lease_seconds),
-                "--heartbeat",
-                str(FAST_OPTIONS.heartbeat_seconds),
-                "--progress-interval",
-                str(FAST_OPTIONS.progress_interval_seconds),
-                "--delivery-limit",
-                str(DELIVERY_LIMIT),
-                "--drain",
-                "1",
-            ],
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "mesh.services.queue.scripted",
+            "--queue",
+            queue or self.inference_queue,
+            "--concurrency",
+            str(concurrency),
+            "--lease",
+            str(FAST_OPTIONS.lease_seconds),
+            "--heartbeat",
+            str(FAST_OPTIONS.heartbeat_seconds),
+            "--progress-interval",
+            str(FAST_OPTIONS.progress_interval_seconds),
+            "--delivery-limit",
+            str(DELIVERY_LIMIT),
+            "--drain",
+            "1",
             env=env,
-            stdout=subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
         )
         self.processes.append(process)
         assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.strip() == b"ready", f"scripted worker did not start: {line!r}"
+        line = await asyncio.wait_for(process.stdout.readline(), 30)
+        if line.strip() != b"ready":
+            raise WorkerDidNotStart(f"scripted worker did not start: {line!r}")
         return process
+
+    async def keep_workers(self, count: int, stop: asyncio.Event, *, concurrency: int = 4) -> int:
+        """Keep ``count`` scripted worker processes alive until ``stop`` (respawning the dead); returns how
+        many died."""
+        alive: list[asyncio.subprocess.Process] = []
+        deaths = 0
+        while not stop.is_set():
+            for process in [p for p in alive if p.returncode is not None]:
+                alive.remove(process)
+                deaths += 1
+            while len(alive) < count and not stop.is_set():
+                try:
+                    alive.append(await self.spawn_worker(concurrency=concurrency))
+                except WorkerDidNotStart:
+                    deaths += 1  # killed while starting (the chaos does not wait for readiness)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.1)
+        return deaths
 
     async def stop_workers(self) -> None:
         """Kill worker processes and stop in-process workers."""
         for process in self.processes:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+            await process.wait()
         for worker in self.workers:
             with contextlib.suppress(Exception):
                 await worker.stop()

@@ -11,12 +11,14 @@ from mesh.services.queue.states import (
     TERMINAL_STATES,
     Attempts,
     Backoff,
+    DeadLetterFacts,
     ErrorCategory,
     IllegalTransition,
     JobState,
     can_move,
     cancel_target,
     check_move,
+    dead_letter_outcome,
     decide_failure,
     stalled_lease_outcome,
 )
@@ -123,3 +125,18 @@ def test_stalled_lease_requeues_until_the_budget_is_spent() -> None:
     failed = stalled_lease_outcome(Attempts(2, 1, 2))
     assert failed.state is JobState.FAILED
     assert failed.reason.startswith("SYSTEM")
+
+
+def test_dead_letter_outcome_tells_the_crasher_from_its_collateral() -> None:
+    """A job claimed on every delivery is DEAD; one that sat queued or was claimed less is dispatched again,
+    up to the dead-letter cap; a job that moved on is left alone."""
+    crasher = DeadLetterFacts(JobState.RUNNING, attempt_claims=3, dead_letters=0)
+    assert dead_letter_outcome(crasher, delivery_limit=3) is JobState.DEAD
+    bystander = DeadLetterFacts(JobState.QUEUED, attempt_claims=0, dead_letters=0)
+    assert dead_letter_outcome(bystander, delivery_limit=3) is JobState.QUEUED
+    unlucky = DeadLetterFacts(JobState.RUNNING, attempt_claims=1, dead_letters=1)
+    assert dead_letter_outcome(unlucky, delivery_limit=3) is JobState.QUEUED
+    cursed = DeadLetterFacts(JobState.QUEUED, attempt_claims=0, dead_letters=2)
+    assert dead_letter_outcome(cursed, delivery_limit=3) is JobState.DEAD
+    finished = DeadLetterFacts(JobState.SUCCEEDED, attempt_claims=1, dead_letters=0)
+    assert dead_letter_outcome(finished, delivery_limit=3) is None

@@ -17,7 +17,7 @@ import contextlib
 
 from prometheus_client import Gauge
 
-from mesh.kit.db import PostgresCheck, prepare_database
+from mesh.kit.db import prepare_database
 from mesh.kit.health import DependencyCheck, FunctionCheck
 from mesh.kit.logging import get_logger
 from mesh.kit.runtime import ServiceRuntime
@@ -26,7 +26,7 @@ from mesh.services.queue.broker import Broker
 from mesh.services.queue.dead_letters import DeadLetterConsumer
 from mesh.services.queue.reconciler import Reconciler
 from mesh.services.queue.relay import OUTBOX_BACKLOG, OutboxRelay
-from mesh.services.queue.repository import JobRepository, open_pool
+from mesh.services.queue.repository import JobRepository, PoolCheck, open_pool
 from mesh.services.queue.servicer import QueueServicer
 from mesh.services.queue.settings import QueueSettings
 
@@ -79,11 +79,17 @@ class QueueApp:
             stale_queued_seconds=settings.stale_queued_seconds,
             on_dispatch=self.relay.wake,
         )
-        self.dead_letters = DeadLetterConsumer(self.repository, self.broker, self.servicer.queues)
+        self.dead_letters = DeadLetterConsumer(
+            self.repository,
+            self.broker,
+            self.servicer.queues,
+            delivery_limit=settings.delivery_limit,
+            on_dispatch=self.relay.wake,
+        )
 
     def checks(self) -> list[DependencyCheck]:
         """PostgreSQL through the service's pool, and the RabbitMQ connection."""
-        return [PostgresCheck(self.pool), FunctionCheck("rabbitmq", self.broker.check)]
+        return [PoolCheck(self.pool), FunctionCheck("rabbitmq", self.broker.check)]
 
     async def start(self) -> None:
         """Migrate, open the pool, connect to RabbitMQ and declare the job queues."""

@@ -2,14 +2,16 @@
 
 Dispatches get there when a worker rejected them (undecodable) or when RabbitMQ delivered them more often
 than the queue's delivery limit (a job that crashes its worker every time). The job is marked DEAD only when
-it is still at that attempt and not finished, so a stale dead letter changes nothing.
+it is still at that attempt and not finished, so a stale dead letter changes nothing; and only when it was
+claimed on every delivery: a job whose dispatch merely sat in the prefetch of workers that other jobs
+killed is dispatched again instead (``states.dead_letter_outcome``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from aio_pika.abc import AbstractIncomingMessage
 from google.protobuf.message import DecodeError
@@ -19,6 +21,7 @@ from mesh.kit.logging import get_logger
 from mesh.queue.v1 import job_pb2
 from mesh.services.queue.broker import Broker, MessageHandler
 from mesh.services.queue.repository import JobRepository
+from mesh.services.queue.states import JobState
 
 log = get_logger(__name__)
 
@@ -32,10 +35,20 @@ DEAD_LETTERS = Counter(
 class DeadLetterConsumer:
     """Consumes the dead-letter queues of ``queues``."""
 
-    def __init__(self, repository: JobRepository, broker: Broker, queues: Sequence[str]) -> None:
+    def __init__(
+        self,
+        repository: JobRepository,
+        broker: Broker,
+        queues: Sequence[str],
+        *,
+        delivery_limit: int,
+        on_dispatch: Callable[[], None] = lambda: None,
+    ) -> None:
         self.repository = repository
         self.broker = broker
         self.queues = list(queues)
+        self.delivery_limit = delivery_limit
+        self.on_dispatch = on_dispatch
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Consume until ``stopping`` is set (the broker's connection restores the consumers)."""
@@ -61,14 +74,20 @@ class DeadLetterConsumer:
             return
         reason = _death_reason(message)
         try:
-            marked = await self.repository.mark_dead(job_id, dispatch.attempt, reason)
+            target = await self.repository.dead_letter(
+                job_id, dispatch.attempt, reason, delivery_limit=self.delivery_limit
+            )
         except Exception as exc:
             log.warning("dead letter not recorded; will retry", job_id=str(job_id), error=str(exc))
             await message.reject(requeue=True)
             return
-        DEAD_LETTERS.labels(queue, "marked_dead" if marked else "stale").inc()
-        if marked:
+        effect = {JobState.DEAD: "marked_dead", JobState.QUEUED: "dispatched_again", None: "stale"}[target]
+        DEAD_LETTERS.labels(queue, effect).inc()
+        if target is JobState.DEAD:
             log.warning("job dead-lettered", job_id=str(job_id), attempt=dispatch.attempt, reason=reason)
+        elif target is JobState.QUEUED:
+            log.info("collateral dead letter dispatched again", job_id=str(job_id), attempt=dispatch.attempt)
+            self.on_dispatch()
         await message.ack()
 
 

@@ -29,10 +29,12 @@ from mesh.kit import errors
 from mesh.services.queue.states import (
     RETRYABLE_BY_USER,
     Attempts,
+    DeadLetterFacts,
     ErrorCategory,
     IllegalTransition,
     JobState,
     cancel_target,
+    dead_letter_outcome,
     stalled_lease_outcome,
 )
 
@@ -44,7 +46,12 @@ RETRY_ON = (psycopg.OperationalError, psycopg.errors.AdminShutdown)
 
 
 def open_pool(url: str, *, name: str, max_size: int, min_size: int = 1) -> AsyncConnectionPool:
-    """An autocommit pool that checks connections on checkout (open it with ``await pool.open()``)."""
+    """An autocommit pool (open it with ``await pool.open()``).
+
+    Connections are not checked on checkout: every operation runs under :func:`retrying`, which takes a
+    fresh connection at once when one turns out dead. (The pool's own check backs off for a second and more
+    after each dead connection, which stalls every caller while PostgreSQL drops connections repeatedly.)
+    """
     return AsyncConnectionPool(
         url,
         name=name,
@@ -52,7 +59,6 @@ def open_pool(url: str, *, name: str, max_size: int, min_size: int = 1) -> Async
         max_size=max_size,
         open=False,
         timeout=10.0,
-        check=AsyncConnectionPool.check_connection,
         kwargs={"autocommit": True, "row_factory": dict_row},
     )
 
@@ -60,7 +66,7 @@ def open_pool(url: str, *, name: str, max_size: int, min_size: int = 1) -> Async
 async def retrying(operation: Callable[[], Awaitable[T]], *, timeout: float = 30.0) -> T:
     """Run ``operation`` again on a fresh connection while PostgreSQL drops connections."""
     async for attempt in stamina.retry_context(
-        on=RETRY_ON, attempts=None, timeout=timeout, wait_initial=0.02, wait_max=1.0
+        on=RETRY_ON, attempts=None, timeout=timeout, wait_initial=0.01, wait_max=0.25
     ):
         with attempt:
             return await operation()
@@ -173,6 +179,22 @@ UPDATE outbox SET locked_until = clock_timestamp() + make_interval(secs => %(loc
                ORDER BY priority DESC, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
 RETURNING *
 """
+
+
+@dataclass
+class PoolCheck:
+    """Health: PostgreSQL answers through ``pool`` (a dead connection is replaced, not reported)."""
+
+    pool: AsyncConnectionPool
+    name: str = "postgresql"
+
+    async def check(self) -> str:
+        async def probe() -> None:
+            async with self.pool.connection(timeout=2.0) as conn:
+                await conn.execute("SELECT 1")
+
+        await retrying(probe, timeout=2.0)
+        return f"pool {self.pool.get_stats().get('pool_size', 0)} connections"
 
 
 class JobRepository:
@@ -436,15 +458,46 @@ class JobRepository:
 
     # --- dead letters --------------------------------------------------------------------------------
 
-    async def mark_dead(self, job_id: uuid.UUID, attempt: int, reason: str) -> bool:
-        """The dispatch of this attempt reached the dead-letter queue: the job is DEAD (unless it moved on)."""
-        row = await self._fetchone(
-            "UPDATE jobs SET state = 'DEAD', finished_at = now(), lease_expires_at = NULL,"
-            " error_category = 'SYSTEM', error_message = %(reason)s, state_reason = %(reason)s"
-            " WHERE id = %(id)s AND attempt = %(attempt)s AND state IN ('QUEUED', 'RUNNING') RETURNING id",
-            {"id": job_id, "attempt": attempt, "reason": reason},
-        )
-        return row is not None
+    async def dead_letter(
+        self, job_id: uuid.UUID, attempt: int, reason: str, *, delivery_limit: int
+    ) -> JobState | None:
+        """A dispatch of this attempt reached the dead-letter queue: DEAD, or dispatched again when the job
+        was collateral (see :func:`~mesh.services.queue.states.dead_letter_outcome`); None when it moved on."""
+
+        async def run() -> JobState | None:
+            async with self.pool.connection() as conn, conn.transaction():
+                cursor = await conn.execute(
+                    "SELECT state, attempt_claims, dead_letters FROM jobs"
+                    " WHERE id = %s AND attempt = %s FOR UPDATE",
+                    (job_id, attempt),
+                )
+                row: Row | None = await cursor.fetchone()  # type: ignore[assignment]
+                if row is None:
+                    return None
+                target = dead_letter_outcome(
+                    DeadLetterFacts(JobState(row["state"]), row["attempt_claims"], row["dead_letters"]),
+                    delivery_limit=delivery_limit,
+                )
+                if target is JobState.DEAD:
+                    await conn.execute(
+                        "UPDATE jobs SET state = 'DEAD', finished_at = now(), lease_expires_at = NULL,"
+                        " dead_letters = dead_letters + 1, error_category = 'SYSTEM', error_message = %(reason)s,"
+                        " state_reason = %(reason)s WHERE id = %(id)s",
+                        {"id": job_id, "reason": reason},
+                    )
+                elif target is JobState.QUEUED:
+                    await conn.execute(
+                        "UPDATE jobs SET state = 'QUEUED', dispatched_at = clock_timestamp(), lease_owner = NULL,"
+                        " lease_expires_at = NULL, dead_letters = dead_letters + 1, progress = 0, stage = '',"
+                        " state_reason = %(reason)s WHERE id = %(id)s",
+                        {
+                            "id": job_id,
+                            "reason": f"{reason}; collateral of another job's crashes, dispatched again",
+                        },
+                    )
+                return target
+
+        return await retrying(run)
 
 
 # --- the worker's side -------------------------------------------------------------------------------
@@ -455,6 +508,7 @@ UPDATE jobs
        lease_expires_at = clock_timestamp() + make_interval(secs => %(lease)s),
        started_at = CASE WHEN lease_owner = %(token)s THEN started_at ELSE now() END,
        executions = CASE WHEN lease_owner = %(token)s THEN executions ELSE executions + 1 END,
+       attempt_claims = CASE WHEN lease_owner = %(token)s THEN attempt_claims ELSE attempt_claims + 1 END,
        progress = 0, stage = '',
        state_reason = CASE WHEN state = 'RUNNING' THEN 'redelivered: taken over by another worker'
                            ELSE 'claimed by a worker' END

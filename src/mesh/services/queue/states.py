@@ -168,3 +168,31 @@ def stalled_lease_outcome(attempts: Attempts) -> FailureOutcome:
             JobState.FAILED, None, f"SYSTEM error: lease expired, {attempts.used} attempts used"
         )
     return FailureOutcome(JobState.QUEUED, None, "lease expired: dispatched as the next attempt")
+
+
+@dataclass(frozen=True)
+class DeadLetterFacts:
+    """What is known about a job when one of its dispatches reaches the dead-letter queue."""
+
+    state: JobState
+    attempt_claims: int
+    dead_letters: int
+
+
+def dead_letter_outcome(
+    facts: DeadLetterFacts, *, delivery_limit: int, max_dead_letters: int = 3
+) -> JobState | None:
+    """DEAD for a job that was claimed on (nearly) every delivery of its attempt: it crashes its workers.
+
+    A job dead-lettered while QUEUED, or claimed on fewer deliveries, was collateral of workers killed by
+    other jobs (the dispatches a worker holds unacked all count a delivery when it dies): it is dispatched
+    again (QUEUED), up to ``max_dead_letters`` times, after which it is DEAD too. A job that moved on
+    (finished, waiting for a retry) is left alone (None).
+    """
+    if facts.state not in (JobState.QUEUED, JobState.RUNNING):
+        return None
+    if facts.dead_letters + 1 >= max_dead_letters:
+        return JobState.DEAD
+    if facts.state is JobState.RUNNING and facts.attempt_claims >= delivery_limit:
+        return JobState.DEAD
+    return JobState.QUEUED

@@ -46,7 +46,6 @@ from prometheus_client import Counter, Histogram
 from psycopg_pool import AsyncConnectionPool
 
 from mesh.kit import errors, tracing
-from mesh.kit.db import PostgresCheck
 from mesh.kit.health import DependencyCheck, FunctionCheck
 from mesh.kit.jobs import JobCancelled, JobHandler
 from mesh.kit.logging import get_logger
@@ -54,7 +53,7 @@ from mesh.kit.settings import CommonSettings
 from mesh.queue.v1 import job_pb2
 from mesh.services.queue.broker import Broker
 from mesh.services.queue.convert import category_from_proto, row_to_job
-from mesh.services.queue.repository import RETRY_ON, ClaimStore, Outcome, Row, open_pool
+from mesh.services.queue.repository import RETRY_ON, ClaimStore, Outcome, PoolCheck, Row, open_pool
 from mesh.services.queue.states import Attempts, Backoff, ErrorCategory, JobState, decide_failure
 from mesh.services.queue.topology import DEFAULT_DELIVERY_LIMIT
 
@@ -223,7 +222,7 @@ class JobWorker:
     def checks(self) -> Sequence[DependencyCheck]:
         """Health checks of the worker's own PostgreSQL pool and RabbitMQ connection."""
         return [
-            PostgresCheck(self.pool, name="postgresql-jobs"),
+            PoolCheck(self.pool, name="postgresql-jobs"),
             FunctionCheck("rabbitmq", self.broker.check),
         ]
 
