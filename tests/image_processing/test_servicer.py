@@ -249,9 +249,13 @@ class _BlockedProcessor:
         self.backend = CpuBackend()
         self.release = asyncio.Event()
 
-    async def process(self, *args: Any, **kwargs: Any) -> pb.ProcessImageResponse:
+    async def process(
+        self, *args: Any, into: pb.ProcessImageResponse | None = None, **kwargs: Any
+    ) -> pb.ProcessImageResponse:
         await self.release.wait()
-        return pb.ProcessImageResponse(width=1)
+        response = pb.ProcessImageResponse() if into is None else into
+        response.width = 1
+        return response
 
 
 async def test_stream_reads_ahead_only_a_bounded_number_of_frames() -> None:

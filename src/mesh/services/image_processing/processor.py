@@ -249,9 +249,17 @@ class Processor:
             self._pending -= 1
 
     async def deliver(
-        self, output: PipelineOutput, spec: pb.OutputSpec, where: str = "output"
+        self,
+        output: PipelineOutput,
+        spec: pb.OutputSpec,
+        where: str = "output",
+        into: pb.ProcessImageResponse | None = None,
     ) -> pb.ProcessImageResponse:
-        """The response for a finished pipeline: encoded, raw or stored."""
+        """The response for a finished pipeline: encoded, raw or stored.
+
+        ``into`` is filled in place when given (a message nested in a stream response), because copying a
+        nested message of megabytes re-serialises it.
+        """
         image = output.image
         height, width, channels = image.shape
         codec.check_size(width, height, self.limits, "pipeline output")
@@ -267,12 +275,11 @@ class Processor:
                 field_violations=[errors.FieldViolation(f"{where}.quality", "must be between 1 and 100")],
             )
         quality = spec.quality or 90
-        response = pb.ProcessImageResponse(
-            device=self.device_enum,
-            width=width,
-            height=height,
-            channels=channels,
-            timings=[pb.StepTiming(filter=name, seconds=seconds) for name, seconds in output.timings],
+        response = pb.ProcessImageResponse() if into is None else into
+        response.device = self.device_enum
+        response.width, response.height, response.channels = width, height, channels
+        response.timings.extend(
+            pb.StepTiming(filter=name, seconds=seconds) for name, seconds in output.timings
         )
         if fmt is codec.Format.RAW:
             if spec.store:
@@ -306,9 +313,14 @@ class Processor:
         return response
 
     async def process(
-        self, source: image_pb2.ImageInput, steps: Sequence[Step], spec: pb.OutputSpec, where: str = "input"
+        self,
+        source: image_pb2.ImageInput,
+        steps: Sequence[Step],
+        spec: pb.OutputSpec,
+        where: str = "input",
+        into: pb.ProcessImageResponse | None = None,
     ) -> pb.ProcessImageResponse:
-        """Load, run and deliver one image, each stage in a span of its own."""
+        """Load, run and deliver one image, each stage in a span of its own (``into``: see deliver)."""
         with _tracer.start_as_current_span(
             "image.load", attributes={"image.source": source.WhichOneof("source") or ""}
         ):
@@ -321,4 +333,4 @@ class Processor:
         with _tracer.start_as_current_span("image.pipeline", attributes=attributes):
             output = await self.run(image, steps)
         with _tracer.start_as_current_span("image.deliver", attributes={"image.store": spec.store}):
-            return await self.deliver(output, spec)
+            return await self.deliver(output, spec, into=into)

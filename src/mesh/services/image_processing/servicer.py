@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -14,6 +14,7 @@ from mesh.image.v1 import image_processing_service_pb2_grpc as pb_grpc
 from mesh.kit import errors
 from mesh.kit.logging import get_logger
 from mesh.services.image_processing.processor import Processor, filter_catalogue, steps_from_proto
+from mesh.services.image_processing.registry import Step
 
 log = get_logger(__name__)
 
@@ -86,7 +87,7 @@ class ImageProcessingServicer(pb_grpc.ImageProcessingServiceServicer):
             log.warning("stream ended by a read failure", error=repr(failures[0]))
 
     async def _frame(
-        self, message: pb.StreamProcessRequest, steps: list[Any], output: pb.OutputSpec
+        self, message: pb.StreamProcessRequest, steps: Sequence[Step], output: pb.OutputSpec
     ) -> pb.StreamProcessResponse:
         if message.WhichOneof("part") != "frame":
             error = errors.InvalidArgument(
@@ -95,8 +96,13 @@ class ImageProcessingServicer(pb_grpc.ImageProcessingServiceServicer):
             )
             return pb.StreamProcessResponse(error=error.to_status())
         frame = message.frame
+        response = pb.StreamProcessResponse(sequence=frame.sequence)
         try:
-            result = await self._processor.process(frame.image, steps, output, where="frame.image")
+            # Filled in place: the frame's pixels are not copied into the response a second time.
+            await self._processor.process(
+                frame.image, steps, output, where="frame.image", into=response.result
+            )
         except errors.MeshError as error:
-            return pb.StreamProcessResponse(sequence=frame.sequence, error=error.to_status())
-        return pb.StreamProcessResponse(sequence=frame.sequence, result=result)
+            response.ClearField("result")
+            response.error.CopyFrom(error.to_status())
+        return response
