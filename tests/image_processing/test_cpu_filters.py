@@ -52,8 +52,12 @@ SAMPLE_PARAMS: dict[str, dict[str, Any]] = {
 @pytest.mark.parametrize(("dtype", "channels"), LAYOUTS)
 @pytest.mark.parametrize("name", sorted(FILTERS))
 def test_every_filter_handles_every_layout(name: str, dtype: Any, channels: int) -> None:
-    """Grey, RGB and RGBA at 8 and 16 bits: same dtype out, channel count as the catalogue states."""
+    """Grey, RGB and RGBA at 8 and 16 bits: same dtype out, channel count as the catalogue states.
+
+    The input is read-only, as raw pixels straight from a request are.
+    """
     image = smooth(24, 32, channels, dtype)
+    image.setflags(write=False)
     if name == "convert_color" and channels == 1:
         with pytest.raises(errors.InvalidArgument):
             _run(name, image)
