@@ -141,3 +141,17 @@ def test_auto_selects_the_gpu_when_cupy_sees_one(emulated: Any) -> None:
     chosen = backend_module.select_backend("auto")
     assert chosen.device is Device.GPU
     assert backend_module.select_backend("cpu").device is Device.CPU
+
+
+def test_grey_binary_threshold_fuses_with_its_neighbours(gpu: Any) -> None:
+    """grayscale -> adjust -> threshold(binary) -> invert: one grey kernel and one fused table, exact."""
+    tables = gpu.kernels[np.dtype(np.uint16)]["lut_apply"]
+    grey = gpu.kernels[np.dtype(np.uint16)]["grayscale"]
+    before = (tables.launches, grey.launches)
+    image = noise(30, 40, 3, np.uint16, seed=42)
+    steps = validate_pipeline(
+        [("grayscale", {}), ("adjust", {"gamma": 1.5}), ("threshold", {"value": 30000.0}), ("invert", {})]
+    )
+    output = run_pipeline(gpu, image, steps)
+    assert (tables.launches, grey.launches) == (before[0] + 1, before[1] + 1)
+    assert np.array_equal(output.image, run_pipeline(CpuBackend(), image, steps).image)

@@ -223,8 +223,10 @@ class GpuSession:
         index = 0
         while index < len(steps):
             group = [steps[index]]
-            if steps[index].filter in FUSABLE:
-                while index + len(group) < len(steps) and steps[index + len(group)].filter in FUSABLE:
+            # Point-wise steps keep the channel count, so the whole run is decided on the current image.
+            channels = int(self.image.shape[2])
+            if point_wise(steps[index], channels):
+                while index + len(group) < len(steps) and point_wise(steps[index + len(group)], channels):
                     group.append(steps[index + len(group)])
             seconds = self._timed(functools.partial(self._run_group, group))
             timings.extend([seconds / len(group)] * len(group))
@@ -241,7 +243,7 @@ class GpuSession:
             return float(cp.cuda.get_elapsed_time(start, end)) / 1000.0
 
     def _run_group(self, group: Sequence[Step]) -> None:
-        if len(group) == 1 and group[0].filter not in FUSABLE:
+        if len(group) == 1 and not point_wise(group[0], int(self.image.shape[2])):
             step = group[0]
             definition = FILTERS[step.filter]
             if definition.gpu and not (step.filter == "equalize" and step.as_str("method") == "clahe"):
@@ -404,11 +406,21 @@ def fused_tile(channels: int, rx: int, ry: int) -> tuple[int, int, int] | None:
     return None
 
 
+def point_wise(step: Step, channels: int) -> bool:
+    """Whether a step is a lookup table on this image (binary threshold only on grey: colour needs grey first)."""
+    if step.filter in FUSABLE:
+        return True
+    return step.filter == "threshold" and step.as_str("method") == "binary" and channels == 1
+
+
 def point_lut(step: Step, dtype: np.dtype[Any]) -> Image:
     """The lookup table of a fusable point-wise step."""
     top = fm.max_value(dtype)
     if step.filter == "invert":
         return (top - np.arange(top + 1)).astype(dtype)
+    if step.filter == "threshold":
+        above = np.arange(top + 1) > step.as_float("value")
+        return np.where(above != step.as_bool("invert"), top, 0).astype(dtype)
     return fm.adjust_lut(
         dtype, step.as_float("brightness"), step.as_float("contrast"), step.as_float("gamma")
     )
