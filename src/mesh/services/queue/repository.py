@@ -65,6 +65,10 @@ def open_pool(url: str, *, name: str, max_size: int, min_size: int = 1) -> Async
 
 async def retrying(operation: Callable[[], Awaitable[T]], *, timeout: float = 30.0) -> T:
     """Run ``operation`` again on a fresh connection while PostgreSQL drops connections."""
+    try:
+        return await operation()  # the common case, without the retry machinery's cost
+    except RETRY_ON:
+        pass
     async for attempt in stamina.retry_context(
         on=RETRY_ON, attempts=None, timeout=timeout, wait_initial=0.01, wait_max=0.25
     ):

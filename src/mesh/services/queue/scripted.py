@@ -10,7 +10,8 @@
 - ``crash``: end the worker process at once (``os._exit``), like a segfault or an OOM kill.
 
 The result names the attempt's ``result_key``, so a test can tell which attempt's result was kept.
-``python -m mesh.services.queue.scripted --queue Q`` runs a worker process with this handler.
+``python -m mesh.services.queue.scripted --queue Q`` runs a worker process with this handler (``--noop``:
+with :func:`noop_handler` instead, for benchmarks).
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ async def scripted_handler(context: JobContext) -> job_pb2.JobResult:
     return job_pb2.JobResult(output_image_id=context.result_key)
 
 
+async def noop_handler(context: JobContext) -> job_pb2.JobResult:
+    """Does nothing at all (no progress write): the cost of the queue itself, for benchmarks."""
+    return job_pb2.JobResult(output_image_id=context.result_key)
+
+
 async def _sleep(context: JobContext, seconds: float) -> None:
     loop = asyncio.get_running_loop()
     end = loop.time() + seconds
@@ -85,8 +91,9 @@ async def _main(args: argparse.Namespace) -> None:
         drain_seconds=args.drain,
         reconnect_seconds=0.5,
     )
+    handler = noop_handler if args.noop else scripted_handler
     worker = JobWorker(
-        settings, queue=args.queue, handler=scripted_handler, concurrency=args.concurrency, options=options
+        settings, queue=args.queue, handler=handler, concurrency=args.concurrency, options=options
     )
     task = asyncio.create_task(worker.run(stopping))
     await worker.ready.wait()
@@ -105,6 +112,7 @@ def main() -> None:
     parser.add_argument("--progress-interval", type=float, default=0.5)
     parser.add_argument("--delivery-limit", type=int, default=WorkerOptions().delivery_limit)
     parser.add_argument("--drain", type=float, default=10.0)
+    parser.add_argument("--noop", action="store_true", help="run every job as a no-op, ignoring its script")
     asyncio.run(_main(parser.parse_args()))
 
 
