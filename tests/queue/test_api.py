@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import httpx
 import pytest
 
 from mesh.common.v1 import params_pb2
@@ -166,3 +167,20 @@ async def test_watch_streams_changes_until_the_end(queue: Harness) -> None:
         rest.append(item)
     assert rest[-1].job.state == job_pb2.JOB_STATE_CANCELLED
     assert [r.sequence for r in rest] == list(range(2, 2 + len(rest)))
+
+
+async def test_metrics_expose_depth_and_oldest_age(queue: Harness) -> None:
+    """/metrics carries the queue's depth per state and the oldest queued job's age, refreshed by itself."""
+    await queue.submit()
+    url = f"http://127.0.0.1:{queue.runtime.http_port}/metrics/"
+    depth = f'mesh_queue_jobs{{queue="{queue.inference_queue}",state="QUEUED"}} 1.0'
+    age = f'mesh_queue_oldest_queued_age_seconds{{queue="{queue.inference_queue}"}}'
+    async with httpx.AsyncClient() as client:
+        for _ in range(40):
+            text = (await client.get(url)).text
+            if depth in text and age in text:
+                break
+            await asyncio.sleep(0.1)
+    assert depth in text
+    assert age in text
+    assert "mesh_queue_dispatches_published_total" in text

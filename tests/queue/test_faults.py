@@ -58,6 +58,30 @@ async def test_worker_killed_mid_job_completes_once(queue: Harness) -> None:
     assert rows[0]["executions"] == 2  # the killed run and the one that finished
 
 
+async def test_hung_worker_loses_its_lease_and_is_fenced_out(queue: Harness) -> None:
+    """A worker frozen mid-job (SIGSTOP: its connection stays open, so RabbitMQ redelivers nothing) loses its
+    lease; the reconciler dispatches attempt 2, another worker finishes it, and the frozen worker, once
+    resumed, cannot overwrite the outcome."""
+    frozen = await queue.spawn_worker(concurrency=1)
+    job = await queue.submit("script:sleep=1")
+    await queue.wait_for(job.id, {job_pb2.JOB_STATE_RUNNING})
+    frozen.send_signal(signal.SIGSTOP)
+    try:
+        await queue.spawn_worker(concurrency=1)
+        done = await queue.wait_for(job.id, timeout=20)
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    assert done.state == job_pb2.JOB_STATE_SUCCEEDED
+    assert done.attempt == 2
+    assert done.result.output_image_id == f"job-{job.id}-attempt-2"
+    assert any(t.reason.startswith("lease expired") for t in done.history)
+    await asyncio.sleep(1.5)  # the resumed worker finishes its sleep and tries to commit
+    after = await queue.get(job.id)
+    assert after.state == job_pb2.JOB_STATE_SUCCEEDED
+    assert after.result.output_image_id == f"job-{job.id}-attempt-2"
+    assert Counter(t.to_state for t in after.history)[job_pb2.JOB_STATE_SUCCEEDED] == 1
+
+
 async def test_crash_loop_and_undecodable_message_end_dead_without_blocking_others(queue: Harness) -> None:
     """A job that kills every worker ends DEAD through the delivery limit; an undecodable message is
     dead-lettered; jobs around them succeed."""

@@ -223,7 +223,7 @@ class JobWorker:
         """Health checks of the worker's own PostgreSQL pool and RabbitMQ connection."""
         return [
             PoolCheck(self.pool, name="postgresql-jobs"),
-            FunctionCheck("rabbitmq", self.broker.check),
+            FunctionCheck("rabbitmq-jobs", self.broker.check),
         ]
 
     async def run(self, stopping: asyncio.Event) -> None:
