@@ -206,13 +206,16 @@ async def soak(args: argparse.Namespace, settings: CommonSettings) -> dict[str, 
         async def sampler() -> None:
             while not stop.is_set():
                 sample_memory(series, time.monotonic() - started)
+                if any(entry.exited_at is not None for entry in series.values()):
+                    stop.set()  # a mesh process died: the run has failed, stop loading a broken mesh
+                    return
                 try:
                     await asyncio.wait_for(stop.wait(), args.sample_seconds)
                 except TimeoutError:
                     continue
 
         async def caller() -> None:
-            while time.monotonic() - started < duration:
+            while time.monotonic() - started < duration and not stop.is_set():
                 name = pick(rng, MIX)
                 scenario: Scenario = SCENARIOS[name]
                 await call_once(scenario, mesh, recorders[name])
