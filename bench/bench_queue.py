@@ -45,8 +45,8 @@ from mesh.queue.v1 import queue_service_pb2, queue_service_pb2_grpc
 ADMIN_URL = os.environ.get("MESH_BENCH_ADMIN_DATABASE_URL", "postgresql://localhost/postgres")
 AMQP_URL = os.environ.get("MESH_AMQP_URL", "amqp://guest:guest@localhost:5672/%2F")
 JOBS = int(os.environ.get("MESH_BENCH_QUEUE_JOBS", "3000"))
-SUBMITTERS = 64
-WORKER_CONCURRENCY = 64
+SUBMITTERS = int(os.environ.get("MESH_BENCH_QUEUE_SUBMITTERS", "64"))
+WORKER_CONCURRENCY = int(os.environ.get("MESH_BENCH_QUEUE_WORKER_CONCURRENCY", "64"))
 IDLE_SAMPLES = 60
 IMAGE_ID = "5f0c7d52-8b0e-4a3e-9d51-6c1f2b7a9e10"
 
@@ -280,6 +280,8 @@ async def _aio_pika_roundtrip(count: int) -> dict[str, object]:
 
 
 def _celery_benchmark(count: int) -> dict[str, object]:
+    from bench import celery_noop  # imported here: only this benchmark needs Celery
+
     queue = f"bench-celery-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "MESH_BENCH_CELERY_QUEUE": queue}
     worker = subprocess.Popen(
@@ -305,10 +307,6 @@ def _celery_benchmark(count: int) -> dict[str, object]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        os.environ["MESH_BENCH_CELERY_QUEUE"] = queue
-        from bench import celery_noop
-
-        app = celery_noop.app
         # Warm up: the worker is consuming once a task comes back.
         celery_noop.noop.apply_async(queue=queue).get(timeout=60)
         started = time.perf_counter()
@@ -316,11 +314,11 @@ def _celery_benchmark(count: int) -> dict[str, object]:
         for result in results:
             result.get(timeout=120)
         seconds = time.perf_counter() - started
-        with app.connection_for_write() as connection:
+    finally:
+        with celery_noop.app.connection_for_write() as connection:
             channel = connection.channel()
             with contextlib.suppress(Exception):
                 channel.queue_delete(queue)
-    finally:
         worker.send_signal(signal.SIGTERM)
         try:
             worker.wait(20)

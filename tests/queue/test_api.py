@@ -139,7 +139,7 @@ async def test_dispatches_are_confirmed_and_reach_rabbitmq(queue: Harness) -> No
     """The relay empties the outbox, and each queued job's dispatch waits in its RabbitMQ queue."""
     for _ in range(5):
         await queue.submit()
-    for _ in range(100):
+    for _ in range(200):
         stats = await queue.stub.GetQueueStats(queue_service_pb2.GetQueueStatsRequest())
         depth = next(q for q in stats.queues if q.queue == queue.inference_queue)
         if depth.broker_ready == 5:
@@ -176,7 +176,7 @@ async def test_metrics_expose_depth_and_oldest_age(queue: Harness) -> None:
     depth = f'mesh_queue_jobs{{queue="{queue.inference_queue}",state="QUEUED"}} 1.0'
     age = f'mesh_queue_oldest_queued_age_seconds{{queue="{queue.inference_queue}"}}'
     async with httpx.AsyncClient() as client:
-        for _ in range(40):
+        for _ in range(100):
             text = (await client.get(url)).text
             if depth in text and age in text:
                 break
