@@ -183,3 +183,16 @@ async def test_consumer_span_is_child_of_and_linked_to_the_producer(queue: Harne
     assert process.parent is not None
     assert process.parent.span_id == submit.context.span_id
     assert [link.context.span_id for link in process.links] == [submit.context.span_id]
+
+
+async def test_stopping_worker_finishes_its_running_job(queue: Harness) -> None:
+    """A worker asked to stop takes no new dispatch but lets its running job finish and commit."""
+    worker = await queue.start_worker(scripted_handler)
+    job = await queue.submit("script:sleep=0.5")
+    await queue.wait_for(job.id, {job_pb2.JOB_STATE_RUNNING})
+    await worker.stop()
+    done = await queue.get(job.id)
+    assert done.state == job_pb2.JOB_STATE_SUCCEEDED
+    later = await queue.submit("script:noop")
+    await asyncio.sleep(0.5)
+    assert (await queue.get(later.id)).state == job_pb2.JOB_STATE_QUEUED

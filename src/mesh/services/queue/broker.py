@@ -119,8 +119,11 @@ class Broker:
         if not isinstance(confirmation, aiormq.spec.Basic.Ack):
             raise ConnectionError(f"the broker did not confirm {message_id}: {confirmation!r}")
 
-    async def consume(self, queue: str, handler: MessageHandler, *, prefetch: int) -> AbstractQueue:
-        """Consume ``queue`` on a channel of its own with ``prefetch`` unacknowledged messages at most."""
+    async def consume(
+        self, queue: str, handler: MessageHandler, *, prefetch: int
+    ) -> tuple[AbstractQueue, str]:
+        """Consume ``queue`` on a channel of its own with ``prefetch`` unacknowledged messages at most;
+        returns the queue and the consumer tag (to stop consuming with ``queue.cancel(tag)``)."""
         if self._connection is None:
             raise ConnectionError("the broker is not connected")
         await self.declare(queue)
@@ -130,8 +133,8 @@ class Broker:
         declared = await channel.declare_queue(
             queue, durable=True, arguments=queue_arguments(queue, self.delivery_limit)
         )
-        await declared.consume(handler, no_ack=False)
-        return declared
+        tag = await declared.consume(handler, no_ack=False)
+        return declared, tag
 
     async def consume_dead_letters(self, queue: str, handler: MessageHandler, *, prefetch: int) -> None:
         """Consume ``queue``'s dead-letter queue."""

@@ -232,10 +232,14 @@ class JobWorker:
         try:
             await self.broker.connect()
             self._accepting = True
-            await self.broker.consume(self.queue, self._on_message, prefetch=self.concurrency)
+            consumed, tag = await self.broker.consume(self.queue, self._on_message, prefetch=self.concurrency)
             log.info("worker consuming", queue=self.queue, concurrency=self.concurrency)
             self.ready.set()
             await stopping.wait()
+            # Stop deliveries first, so that no new dispatch is handed back (each hand-back counts as a
+            # delivery towards the dead-letter limit).
+            with contextlib.suppress(Exception):
+                await consumed.cancel(tag)
         finally:
             self._accepting = False
             await self._drain()
