@@ -175,7 +175,7 @@ class Harness:
         return running
 
     async def spawn_worker(
-        self, *, concurrency: int = 4, queue: str | None = None
+        self, *, concurrency: int = 4, queue: str | None = None, lease_seconds: float | None = None
     ) -> asyncio.subprocess.Process:
         """A scripted worker in a subprocess (to be killed); returns once it consumes."""
         env = {
@@ -192,7 +192,7 @@ class Harness:
             "--concurrency",
             str(concurrency),
             "--lease",
-            str(FAST_OPTIONS.lease_seconds),
+            str(lease_seconds or FAST_OPTIONS.lease_seconds),
             "--heartbeat",
             str(FAST_OPTIONS.heartbeat_seconds),
             "--progress-interval",
@@ -211,7 +211,9 @@ class Harness:
             raise WorkerDidNotStart(f"scripted worker did not start: {line!r}")
         return process
 
-    async def keep_workers(self, count: int, stop: asyncio.Event, *, concurrency: int = 4) -> int:
+    async def keep_workers(
+        self, count: int, stop: asyncio.Event, *, concurrency: int = 4, lease_seconds: float | None = None
+    ) -> int:
         """Keep ``count`` scripted worker processes alive until ``stop`` (respawning the dead); returns how
         many died."""
         alive: list[asyncio.subprocess.Process] = []
@@ -222,7 +224,9 @@ class Harness:
                 deaths += 1
             while len(alive) < count and not stop.is_set():
                 try:
-                    alive.append(await self.spawn_worker(concurrency=concurrency))
+                    alive.append(
+                        await self.spawn_worker(concurrency=concurrency, lease_seconds=lease_seconds)
+                    )
                 except WorkerDidNotStart:
                     deaths += 1  # killed while starting (the chaos does not wait for readiness)
             with contextlib.suppress(TimeoutError):
