@@ -38,12 +38,16 @@ class Mesh:
         return self.log_path.read_text(errors="replace")
 
     def children(self) -> list[psutil.Process]:
-        return [p for p in psutil.process_iter(["cmdline"]) if _is_mesh_child(p)]
+        """The service processes this supervisor started (not those of any other mesh)."""
+        try:
+            return [p for p in psutil.Process(self.process.pid).children() if _is_service(p)]
+        except psutil.NoSuchProcess:
+            return []
 
 
-def _is_mesh_child(process: psutil.Process) -> bool:
+def _is_service(process: psutil.Process) -> bool:
     try:
-        cmdline = process.info["cmdline"] or []
+        cmdline = process.cmdline()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
     return len(cmdline) >= 3 and cmdline[1] == "-m" and cmdline[2].startswith("mesh.services.")

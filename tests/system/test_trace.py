@@ -98,7 +98,9 @@ def test_job_forms_one_connected_trace(traced_mesh: tuple[Mesh, Collector]) -> N
     for line in mesh.log().splitlines():
         if trace_id in line and line.startswith("{"):
             log_services.add(json.loads(line).get("service"))
-    assert {"gateway", "queue", "file"} <= log_services, f"services logging the trace id: {log_services}"
+    assert {"gateway", "queue", "file", "image-processing", "inference"} <= log_services, (
+        f"services logging the trace id: {log_services}"
+    )
 
 
 def test_metrics_count_traffic(traced_mesh: tuple[Mesh, Collector], tmp_path: Path) -> None:

@@ -113,8 +113,11 @@ def _finish(
 ) -> None:
     code = context.code() or grpc.StatusCode.OK
     name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+    elapsed = time.perf_counter() - started
     RPC_HANDLED.labels(service, method, kind, name).inc()
-    RPC_SECONDS.labels(service, method, kind).observe(time.perf_counter() - started)
+    RPC_SECONDS.labels(service, method, kind).observe(elapsed)
+    # One access line per RPC, inside its span, so every hop's logs carry the trace id.
+    log.info("rpc", rpc=f"{service}/{method}", code=name, duration_ms=round(elapsed * 1000, 3))
 
 
 async def _fail(

@@ -5,10 +5,9 @@ publisher confirms, and deletes exactly the rows the broker confirmed; rows that
 later round. Rows whose lock ran out without a confirm (a relay that died mid-round) are taken again by any
 relay, so a dispatch is published at least once; workers drop duplicates by fencing.
 
-The trace context stored with the job at submit travels in the message headers (W3C ``traceparent``/
-``tracestate``), so the worker's span joins the submitter's trace. (No span per publish: at hundreds of
-dispatches a second a span each costs more CPU than the publish itself; the relay's work shows in its
-metrics.)
+Each publish is a PRODUCER span, the child of the trace context stored with the job at submit, and its
+context travels in the message headers (W3C ``traceparent``/``tracestate``): the worker's consumer span is
+its child and links to it, so a job, and a retry dispatched hours later, stays in the submitter's trace.
 """
 
 from __future__ import annotations
@@ -17,14 +16,17 @@ import asyncio
 import contextlib
 from typing import Any
 
+from opentelemetry import trace
 from prometheus_client import Counter, Gauge
 
+from mesh.kit import tracing
 from mesh.kit.logging import get_logger
 from mesh.queue.v1 import job_pb2
 from mesh.services.queue.broker import Broker
 from mesh.services.queue.repository import JobRepository
 
 log = get_logger(__name__)
+tracer = tracing.tracer(__name__)
 
 PUBLISHED = Counter("mesh_queue_dispatches_published_total", "Dispatches confirmed by RabbitMQ.", ["queue"])
 PUBLISH_FAILURES = Counter(
@@ -95,21 +97,34 @@ class OutboxRelay:
 
     async def _publish(self, row: dict[str, Any]) -> None:
         queue = row["queue"]
-        # The producer's context is the submitter's, stored with the job: the worker's span becomes its child
-        # (and links to it), even for a retry dispatched hours later by the reconciler.
-        headers = {"traceparent": row["traceparent"]} if row["traceparent"] else {}
+        stored = {"traceparent": row["traceparent"]} if row["traceparent"] else {}
         if row["tracestate"]:
-            headers["tracestate"] = row["tracestate"]
+            stored["tracestate"] = row["tracestate"]
         body = job_pb2.JobDispatch(
             job_id=str(row["job_id"]), attempt=row["attempt"], queue=queue
         ).SerializeToString()
+        with tracer.start_as_current_span(
+            f"{queue} publish",
+            context=tracing.extract(stored),
+            kind=trace.SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.destination.name": queue,
+                "messaging.operation": "publish",
+                "mesh.job.id": str(row["job_id"]),
+                "mesh.job.attempt": row["attempt"],
+            },
+        ):
+            await self._send(queue, body, dict(tracing.inject({})), f"{row['job_id']}:{row['attempt']}")
+
+    async def _send(self, queue: str, body: bytes, headers: dict[str, str], message_id: str) -> None:
         try:
             await self.broker.declare(queue)
             await self.broker.publish(
                 queue,
                 body,
                 headers=headers,
-                message_id=f"{row['job_id']}:{row['attempt']}",
+                message_id=message_id,
                 message_type=DISPATCH_TYPE,
                 timeout=self.publish_timeout,
             )

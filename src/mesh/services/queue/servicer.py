@@ -12,12 +12,15 @@ from prometheus_client import Counter
 
 from mesh.kit import tracing
 from mesh.kit.jobs import IMAGE_JOBS_QUEUE, INFERENCE_JOBS_QUEUE
+from mesh.kit.logging import get_logger
 from mesh.queue.v1 import job_pb2, queue_service_pb2, queue_service_pb2_grpc
 from mesh.services.queue import validation
 from mesh.services.queue.broker import Broker
 from mesh.services.queue.convert import encode_pipeline, row_to_job, state_from_proto, timestamp
 from mesh.services.queue.repository import JobRepository, NewJob, PageToken, Row
 from mesh.services.queue.states import JobState
+
+log = get_logger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -86,6 +89,7 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
             self.on_dispatch()
         SUBMITTED.labels(new.queue, str(submitted.existing).lower()).inc()
         job = row_to_job(submitted.row, position=submitted.position)
+        log.info("job submitted", job_id=job.id, queue=new.queue, existing=submitted.existing)
         return queue_service_pb2.SubmitJobResponse(job=job, existing=submitted.existing)
 
     async def GetJob(  # noqa: N802

@@ -296,7 +296,12 @@ class JobWorker:
                 "messaging.rabbitmq.redelivered": bool(message.redelivered),
             },
         ):
-            await self._run_attempt(message, job_id, dispatch.attempt)
+            try:
+                await self._run_attempt(message, job_id, dispatch.attempt)
+            except Exception:
+                # A bug of the runtime itself: hand the dispatch back rather than leave it unsettled.
+                log.exception("dispatch not processed; requeued", job_id=str(job_id))
+                await _settle(message, ack=False, requeue=True)
 
     async def _run_attempt(self, message: AbstractIncomingMessage, job_id: uuid.UUID, attempt: int) -> None:
         token = uuid.uuid4()
@@ -334,6 +339,13 @@ class JobWorker:
             DROPPED.labels(self.queue, "fenced_out").inc()
         else:
             category = outcome.category.value if outcome.category else ""
+            log.info(
+                "job attempt finished",
+                job_id=str(job_id),
+                attempt=attempt,
+                state=str(written),
+                category=category,
+            )
             OUTCOMES.labels(self.queue, written, category).inc()
             ATTEMPT_SECONDS.labels(self.queue, written).observe(time.perf_counter() - started)
             if written == JobState.RETRY_WAIT:
