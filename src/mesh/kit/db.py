@@ -122,8 +122,9 @@ async def migrate(url: str, component: str, package: str) -> list[str]:
     return applied
 
 
-async def prepare_database(url: str, component: str, package: str, *, timeout: float = 60.0) -> None:
-    """Create the database if absent and migrate, retrying while PostgreSQL is starting."""
+async def prepare_database(url: str, component: str, package: str, *, timeout: float | None = 60.0) -> None:
+    """Create the database if absent and migrate, retrying while PostgreSQL is starting (forever when
+    ``timeout`` is None)."""
     async for attempt in stamina.retry_context(on=psycopg.OperationalError, timeout=timeout, attempts=None):
         with attempt:
             await ensure_database(url)

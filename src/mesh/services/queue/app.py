@@ -22,6 +22,7 @@ from mesh.kit.health import DependencyCheck, FunctionCheck
 from mesh.kit.logging import get_logger
 from mesh.kit.runtime import ServiceRuntime
 from mesh.queue.v1 import queue_service_pb2, queue_service_pb2_grpc
+from mesh.services.queue import repository
 from mesh.services.queue.broker import Broker
 from mesh.services.queue.dead_letters import DeadLetterConsumer
 from mesh.services.queue.reconciler import Reconciler
@@ -33,7 +34,7 @@ from mesh.services.queue.settings import QueueSettings
 log = get_logger(__name__)
 
 SERVICE_NAME = queue_service_pb2.DESCRIPTOR.services_by_name["QueueService"].full_name
-MIGRATIONS = "mesh.services.queue.migrations"
+MIGRATIONS = repository.MIGRATIONS
 
 QUEUE_DEPTH = Gauge("mesh_queue_jobs", "Jobs per queue and state.", ["queue", "state"])
 OLDEST_QUEUED = Gauge(

@@ -38,6 +38,9 @@ from mesh.services.queue.states import (
     stalled_lease_outcome,
 )
 
+MIGRATIONS = "mesh.services.queue.migrations"
+"""The package of the queue schema's SQL migrations (applied by the service and by every worker)."""
+
 Row = dict[str, Any]
 T = TypeVar("T")
 

@@ -46,6 +46,7 @@ from prometheus_client import Counter, Histogram
 from psycopg_pool import AsyncConnectionPool
 
 from mesh.kit import errors, tracing
+from mesh.kit.db import prepare_database
 from mesh.kit.health import DependencyCheck, FunctionCheck
 from mesh.kit.jobs import JobCancelled, JobHandler
 from mesh.kit.logging import get_logger
@@ -53,7 +54,15 @@ from mesh.kit.settings import CommonSettings
 from mesh.queue.v1 import job_pb2
 from mesh.services.queue.broker import Broker
 from mesh.services.queue.convert import category_from_proto, row_to_job
-from mesh.services.queue.repository import RETRY_ON, ClaimStore, Outcome, PoolCheck, Row, open_pool
+from mesh.services.queue.repository import (
+    MIGRATIONS,
+    RETRY_ON,
+    ClaimStore,
+    Outcome,
+    PoolCheck,
+    Row,
+    open_pool,
+)
 from mesh.services.queue.states import Attempts, Backoff, ErrorCategory, JobState, decide_failure
 from mesh.services.queue.topology import DEFAULT_DELIVERY_LIMIT
 
@@ -199,6 +208,7 @@ class JobWorker:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.queue = queue
+        self._database_url = settings.database_url
         self.handler = handler
         self.concurrency = concurrency
         self.options = options or WorkerOptions()
@@ -230,6 +240,9 @@ class JobWorker:
         """Consume until ``stopping`` is set, then drain."""
         await self.pool.open(wait=False)
         try:
+            # Workers may start before the queue service on a fresh database: the schema comes first
+            # (idempotent, under the migration lock), so no dispatch meets a missing table.
+            await prepare_database(self._database_url, "queue", MIGRATIONS, timeout=None)
             await self.broker.connect()
             self._accepting = True
             consumed, tag = await self.broker.consume(self.queue, self._on_message, prefetch=self.concurrency)
