@@ -161,7 +161,8 @@ async def test_retry_of_a_failed_job_runs_a_new_attempt(queue: Harness) -> None:
 
 
 async def test_consumer_span_is_child_of_and_linked_to_the_producer(queue: Harness) -> None:
-    """The worker's span continues the trace stored at submit: child of the submit's span, and linked to it."""
+    """The worker's span continues the trace stored at submit: child of the relay's PRODUCER span (itself in
+    the submitter's trace), and linked to it."""
     exporter = InMemorySpanExporter()
     provider = tracing.configure_tracing("tests")  # the process's provider (idempotent)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -177,12 +178,12 @@ async def test_consumer_span_is_child_of_and_linked_to_the_producer(queue: Harne
         if any(s.name.endswith(" process") for s in spans):
             break
         await asyncio.sleep(0.05)
-    submit = next(s for s in spans if s.name.endswith("/SubmitJob") and s.kind == trace.SpanKind.SERVER)
+    publish = next(s for s in spans if s.name.endswith(" publish") and s.kind == trace.SpanKind.PRODUCER)
     process = next(s for s in spans if s.name.endswith(" process"))
-    assert submit.context is not None
+    assert publish.context is not None
     assert process.parent is not None
-    assert process.parent.span_id == submit.context.span_id
-    assert [link.context.span_id for link in process.links] == [submit.context.span_id]
+    assert process.parent.span_id == publish.context.span_id
+    assert [link.context.span_id for link in process.links] == [publish.context.span_id]
 
 
 async def test_stopping_worker_finishes_its_running_job(queue: Harness) -> None:
