@@ -19,7 +19,8 @@ $(VENV)/bin/python:
 
 # buf (proto lint) comes from npm, pinned in package.json / package-lock.json.
 .stamp-npm: package.json package-lock.json
-	npm ci --no-audit --no-fund --loglevel=error
+	# `npm install` honours the lock; `npm ci` trips over buf's per-platform optional packages that this registry lacks.
+	npm install --no-audit --no-fund --loglevel=error
 	touch $@
 
 # Headless Chromium for the web page's browser tests, from Debian's packages (Playwright drives it).
