@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh.kit import errors
 from mesh.kit.channels import open_channel
-from mesh.kit.runtime import ServiceRuntime
+from mesh.kit.runtime import LIVENESS_SERVICE, ServiceRuntime
 from mesh.kit.settings import ServerSettings
 
 SERVICE = "test.v1.EchoService"
@@ -90,6 +90,15 @@ async def test_health_follows_dependency_checks(runtime: Any) -> None:
     switch.up = True
     await asyncio.sleep(0.2)
     assert await _health(rt.grpc_port, SERVICE) == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_liveness_ignores_dependencies(runtime: Any) -> None:
+    """The liveness name stays SERVING while a dependency is down, so probes do not restart the pod."""
+    rt, switch, _ = runtime
+    switch.up = False
+    await asyncio.sleep(0.2)
+    assert await _health(rt.grpc_port, SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert await _health(rt.grpc_port, LIVENESS_SERVICE) == health_pb2.HealthCheckResponse.SERVING
 
 
 async def test_mesh_error_becomes_rich_status(runtime: Any) -> None:

@@ -38,6 +38,11 @@ from mesh.kit.tls import server_credentials
 
 log = get_logger(__name__)
 
+LIVENESS_SERVICE = "liveness"
+"""A health name that is SERVING while the process serves, whatever its dependencies say: liveness probes
+ask it, so an outage of PostgreSQL makes pods unready (NOT_SERVING on the service names) but never
+restarts them."""
+
 KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
@@ -130,6 +135,7 @@ class ServiceRuntime:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.grpc_port = self._bind()
         await self.server.start()
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         http = uvicorn.Server(
             uvicorn.Config(
                 self.http_app(),

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from mesh.kit.runtime import LIVENESS_SERVICE
 from mesh.tools.k8s_check.render import CLUSTER_SCOPED_KINDS, Manifest, containers_of, split_image
 
 
@@ -174,7 +175,8 @@ def check_inventory(overlay: Overlay) -> Iterator[Violation]:
 
 
 def check_probes(overlay: Overlay) -> Iterator[Violation]:
-    """gRPC services: native gRPC readiness and liveness probes on their health name; the gateway: HTTP."""
+    """gRPC services: native gRPC probes, readiness on the service's health name and liveness on the kit's
+    dependency-blind ``liveness`` name (a database outage must not restart pods); the gateway: HTTP."""
     for deployment in overlay.of_kind("Deployment"):
         expected = WORKLOADS.get(deployment["metadata"]["name"])
         for container in pod_spec(deployment).get("containers", []):
@@ -195,10 +197,12 @@ def check_probes(overlay: Overlay) -> Iterator[Violation]:
                             where,
                             f"{probe_name} probes port {grpc_probe.get('port')}, not {expected.grpc_port}",
                         )
-                    elif grpc_probe.get("service") != expected.health_name:
+                    elif grpc_probe.get("service") != (
+                        wanted := LIVENESS_SERVICE if probe_name == "livenessProbe" else expected.health_name
+                    ):
                         yield Violation(
                             where,
-                            f"{probe_name} asks for health name {grpc_probe.get('service')!r}, not {expected.health_name!r}",
+                            f"{probe_name} asks for health name {grpc_probe.get('service')!r}, not {wanted!r}",
                         )
                 elif probe.get("httpGet", {}).get("path") != http_path:
                     yield Violation(where, f"{probe_name} must be an HTTP GET of {http_path}")
