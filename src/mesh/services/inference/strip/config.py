@@ -1,4 +1,9 @@
-"""The reader's tunable parameters; the detection thresholds come from the train split (see ``calibrate``)."""
+"""The reader's tunable parameters; the detection thresholds come from the train split (see ``calibrate``).
+
+``t_min_snr`` and ``c_min_snr`` are the values ``python -m mesh.services.inference.strip.calibrate --count 800``
+proposed (train seeds 0-799): the 99.75th percentile of the best false candidate's signal-to-noise ratio on
+negatives (for T) and on invalid strips (for C), plus a quarter.
+"""
 
 from __future__ import annotations
 
@@ -27,13 +32,13 @@ class ReaderConfig:
     c_min_intensity: float = 0.02
     """A control line must reach this contrast against the membrane."""
 
-    c_min_snr: float = 8.0
-    """... and this many noise deviations of the line profile."""
+    c_min_snr: float = 8.15
+    """... and this many noise deviations of the line profile (calibrated on the train split)."""
 
     t_min_intensity: float = 0.006
     """A test line must reach this contrast (calibrated on the train split)."""
 
-    t_min_snr: float = 5.0
+    t_min_snr: float = 5.76
     """... and this signal-to-noise ratio (calibrated on the train split)."""
 
     blur_flag_sigma: float = 4.0

@@ -128,20 +128,27 @@ def matched_test_line(
         return None
     template /= peak
     response = np.correlate(projected, template, mode="same") / float(template @ template)
-    # Noise of the filtered profile away from C.
-    keep = np.ones(n, bool)
-    keep[max(0, ci - 3 * half) : ci + 3 * half + 1] = False
-    margin = max(1, int(0.04 * n))
-    keep[:margin] = False
-    keep[n - margin :] = False
-    rest = response[keep] if keep.sum() > 8 else response
-    centre = float(np.median(rest))
-    noise = max(noise_floor, 1.4826 * float(np.median(np.abs(rest - centre))))
+    # The window's rim, smeared by the filter, stays out of both the search and the noise estimate.
+    margin = int(0.04 * n + 2) + half
     a, b = int(zone[0] * n), int(zone[1] * n) + 1
     a, b = max(a, margin), min(b, n - margin)
     if b - a < 1:
         return None
     j = a + int(np.argmax(response[a:b]))
+    # Noise of the filtered profile away from C and from the candidate itself (in a small window a strong
+    # T would otherwise inflate the noise it is judged against).
+    rest = response
+    for reach in (3 * half, 2 * half, half):  # narrower exclusions where the window is short
+        keep = np.ones(n, bool)
+        for centre_index in (ci, j):
+            keep[max(0, centre_index - reach) : centre_index + reach + 1] = False
+        keep[:margin] = False
+        keep[n - margin :] = False
+        if keep.sum() >= 10:
+            rest = response[keep]
+            break
+    centre = float(np.median(rest))
+    noise = max(noise_floor, 1.4826 * float(np.median(np.abs(rest - centre))))
     height = float(response[j]) - centre
     return MatchedLine(index=float(j), height=height, snr=height / noise)
 
