@@ -38,7 +38,7 @@ class ReaderConfig:
     t_min_intensity: float = 0.006
     """A test line must reach this contrast (calibrated on the train split)."""
 
-    t_min_snr: float = 5.76
+    t_min_snr: float = 6.29
     """... and this signal-to-noise ratio (calibrated on the train split)."""
 
     blur_flag_sigma: float = 4.0
