@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -52,3 +55,22 @@ def test_up_serves_and_sigterm_stops_every_process(tmp_path: Path, database_url:
         time.sleep(0.2)
     assert not [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert "stopped" in mesh.log()
+
+
+def test_up_names_an_unreachable_dependency_and_how_to_start_it(tmp_path: Path) -> None:
+    """With PostgreSQL or RabbitMQ unreachable, `make up` exits 1 naming it and how to start it."""
+    cases = {
+        "PostgreSQL": {"MESH_DATABASE_URL": "postgresql://127.0.0.1:1/mesh"},
+        "RabbitMQ": {"MESH_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/%2F"},
+    }
+    for name, env in cases.items():
+        result = subprocess.run(
+            [sys.executable, "-m", "mesh.tools.up"],
+            env={**os.environ, "MESH_BLOB_DIR": str(tmp_path), **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 1
+        assert f"{name} is not reachable" in result.stdout
+        assert "start it with" in result.stdout
