@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable
 
@@ -9,6 +10,7 @@ import grpc
 import httpx
 import psycopg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
@@ -52,3 +54,30 @@ def test_database_outage_is_reported_and_recovers(mesh: Mesh, postgres_admin_url
     assert _until(lambda: _file_service_status() == health_pb2.HealthCheckResponse.SERVING, 30)
     assert _until(lambda: httpx.get(f"{GATEWAY}/readyz", timeout=5).status_code == 200, 30)
     assert httpx.get(f"{GATEWAY}/v1/images", timeout=5).status_code == 200
+
+
+def _png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (300, 200), (10, 120, 200)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_acceptance_errors_through_the_gateway(mesh: Mesh) -> None:
+    """As a new user sees it: text named .png -> 415, truncated PNG -> 400 saying so, 30 MiB -> 413."""
+    png = _png_bytes()
+    text = httpx.post(
+        f"{GATEWAY}/v1/images", files={"file": ("a.png", b"hello world\n", "image/png")}, timeout=10
+    )
+    assert text.status_code == 415, text.text
+    cut = httpx.post(
+        f"{GATEWAY}/v1/images", files={"file": ("b.png", png[: len(png) // 2], "image/png")}, timeout=10
+    )
+    assert cut.status_code == 400, cut.text
+    assert "truncated" in cut.json()["error"]["message"]
+    big = httpx.post(
+        f"{GATEWAY}/v1/images",
+        files={"file": ("c.png", png + b"\0" * (30 * 1024 * 1024), "image/png")},
+        timeout=30,
+    )
+    assert big.status_code == 413, big.text
+    assert big.json()["error"]["code"] == "RESOURCE_EXHAUSTED"
