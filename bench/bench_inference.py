@@ -32,7 +32,7 @@ from mesh.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from mesh.kit.runtime import message_limit_options
 from mesh.services.inference.models import gpu_available
 from mesh.services.inference.settings import SERVICE_NAME
-from mesh.services.inference.strip.generator import generate_class
+from mesh.services.inference.strip.generator import Overrides, generate_with
 
 MODEL = "strip-reader"
 SIZE_1080P = (1920, 1080)
@@ -54,7 +54,7 @@ def _images(count: int) -> tuple[list[pb.PredictRequest], list[pb.PredictRequest
     requests, jpegs = [], []
     kinds = ("positive", "negative", "invalid", "positive", "negative")
     for i in range(count):
-        sample = generate_class(500 + i, kinds[i % len(kinds)])
+        sample = generate_with(500 + i, Overrides(cls=kinds[i % len(kinds)]))
         image: npt.NDArray[np.uint8] = sample.image
         if image.ndim == 2:
             image = np.dstack([image] * 3)

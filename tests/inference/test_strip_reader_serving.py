@@ -65,7 +65,7 @@ async def test_served_reading_equals_the_readers_own(stub: pb_grpc.InferenceServ
     """Over gRPC, raw pixels give exactly what StripReader.read gives for them, for each class."""
     reader = reader_module.StripReader(device="cpu")
     for kind in ("positive", "negative", "invalid", "none"):
-        sample = generator.generate_class(11, kind)
+        sample = generator.generate_with(11, generator.Overrides(cls=kind))
         expected = strip_reading_to_proto(reader.read(sample.image))
         response = await stub.Predict(pb.PredictRequest(model_name="strip-reader", input=_raw(sample.image)))
         assert response.strip_reading == expected, kind
@@ -74,7 +74,7 @@ async def test_served_reading_equals_the_readers_own(stub: pb_grpc.InferenceServ
 
 async def test_no_strip_is_never_a_verdict(stub: pb_grpc.InferenceServiceAsyncStub) -> None:
     """An encoded photo without a strip reads INVALID with STRIP_NOT_FOUND, in the full read and the pre-check."""
-    sample = generator.generate_class(3, "none")
+    sample = generator.generate_with(3, generator.Overrides(cls="none"))
     encoded = image_pb2.ImageInput(encoded=image_pb2.EncodedImage(data=sample.encoded))
     for precheck in (False, True):
         response = await stub.Predict(
@@ -88,7 +88,7 @@ async def test_no_strip_is_never_a_verdict(stub: pb_grpc.InferenceServiceAsyncSt
 
 async def test_stream_of_real_photos(stub: pb_grpc.InferenceServiceAsyncStub) -> None:
     """A stream of photos is answered in order, one response each."""
-    samples = [generator.generate_class(seed, "negative") for seed in range(20, 24)]
+    samples = [generator.generate_with(seed, generator.Overrides(cls="negative")) for seed in range(20, 24)]
 
     async def produce() -> AsyncIterator[pb.StreamInferenceRequest]:
         for i, sample in enumerate(samples):
