@@ -72,6 +72,7 @@ def create_app(ctx: GatewayContext) -> FastAPI:
             swagger_js_url=f"{SWAGGER_UI}/swagger-ui-bundle.js",
             swagger_css_url=f"{SWAGGER_UI}/swagger-ui.css",
             swagger_favicon_url=f"{SWAGGER_UI}/favicon-32x32.png",
+            swagger_ui_parameters={"validatorUrl": None},
         )
 
     settings = ctx.settings
