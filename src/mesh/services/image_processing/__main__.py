@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from mesh.image.v1 import image_processing_service_pb2_grpc as pb_grpc
-from mesh.kit.health import DependencyCheck, FunctionCheck
+from mesh.kit.health import FunctionCheck
 from mesh.kit.jobs import IMAGE_JOBS_QUEUE
 from mesh.kit.logging import get_logger
 from mesh.kit.runtime import ServiceRuntime, configure_observability
@@ -18,7 +18,7 @@ from mesh.services.image_processing.memory import tune_allocator
 from mesh.services.image_processing.processor import Processor
 from mesh.services.image_processing.servicer import SERVICE_NAME, ImageProcessingServicer
 from mesh.services.image_processing.settings import ImageSettings
-from mesh.services.queue.worker import JobWorker
+from mesh.services.queue.worker import attach_worker
 
 log = get_logger("mesh.services.image_processing")
 
@@ -43,23 +43,16 @@ async def main() -> None:
     async def compute() -> str:
         return await asyncio.to_thread(backend.check)
 
-    checks: list[DependencyCheck] = [FunctionCheck(f"compute-{backend.device.value}", compute)]
+    runtime = ServiceRuntime(
+        "image-processing",
+        settings,
+        service_names=[SERVICE_NAME],
+        checks=[FunctionCheck(f"compute-{backend.device.value}", compute)],
+    )
+    # Jobs with a pipeline come here; the handler calls the inference service for the model, if any.
     predictor, inference_channel = StubPredictor.connect(settings)
-    worker: JobWorker | None = None
-    if settings.job_concurrency:
-        # Jobs with a pipeline come here; the handler calls the inference service for the model, if any.
-        worker = JobWorker(
-            settings,
-            queue=IMAGE_JOBS_QUEUE,
-            handler=ImageJobHandler(files, processor, predictor),
-            concurrency=settings.job_concurrency,
-            name="image-processing",
-        )
-        checks.extend(worker.checks())
-    runtime = ServiceRuntime("image-processing", settings, service_names=[SERVICE_NAME], checks=checks)
-    if worker is not None:
-        job_worker = worker
-        runtime.add_background(lambda: job_worker.run(runtime.stopping))
+    handler = ImageJobHandler(files, processor, predictor)
+    attach_worker(runtime, settings, queue=IMAGE_JOBS_QUEUE, handler=handler, name="image-processing")
     pb_grpc.add_ImageProcessingServiceServicer_to_server(
         ImageProcessingServicer(processor, stream_queue_frames=settings.stream_queue_frames), runtime.server
     )

@@ -6,7 +6,6 @@ import asyncio
 import sys
 
 from mesh.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from mesh.kit.health import DependencyCheck
 from mesh.kit.jobs import INFERENCE_JOBS_QUEUE
 from mesh.kit.logging import get_logger
 from mesh.kit.runtime import ServiceRuntime, configure_observability
@@ -21,7 +20,7 @@ from mesh.services.inference.predictor import Predictor
 from mesh.services.inference.repository import ModelConfigError, ModelRepository
 from mesh.services.inference.servicer import InferenceServicer
 from mesh.services.inference.settings import SERVICE_NAME, InferenceSettings
-from mesh.services.queue.worker import JobWorker
+from mesh.services.queue.worker import attach_worker
 
 log = get_logger(__name__)
 
@@ -42,21 +41,11 @@ async def serve(settings: InferenceSettings) -> None:
         ImageDecoder(max_pixels=settings.max_image_pixels),
         FileServiceFetcher(file_client, timeout=settings.rpc_timeout_seconds),
     )
-    checks: list[DependencyCheck] = [models_check(repository)]
-    worker: JobWorker | None = None
-    if settings.job_concurrency:
-        worker = JobWorker(
-            settings,
-            queue=INFERENCE_JOBS_QUEUE,
-            handler=InferenceJobHandler(predictor),
-            concurrency=settings.job_concurrency,
-            name="inference",
-        )
-        checks.extend(worker.checks())
-    runtime = ServiceRuntime("inference", settings, service_names=[SERVICE_NAME], checks=checks)
-    if worker is not None:
-        job_worker = worker
-        runtime.add_background(lambda: job_worker.run(runtime.stopping))
+    runtime = ServiceRuntime(
+        "inference", settings, service_names=[SERVICE_NAME], checks=[models_check(repository)]
+    )
+    handler = InferenceJobHandler(predictor)
+    attach_worker(runtime, settings, queue=INFERENCE_JOBS_QUEUE, handler=handler, name="inference")
     pb_grpc.add_InferenceServiceServicer_to_server(
         InferenceServicer(predictor, stream_max_in_flight=settings.stream_max_in_flight), runtime.server
     )

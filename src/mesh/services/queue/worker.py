@@ -50,7 +50,8 @@ from mesh.kit.db import prepare_database
 from mesh.kit.health import DependencyCheck, FunctionCheck
 from mesh.kit.jobs import JobCancelled, JobHandler
 from mesh.kit.logging import get_logger
-from mesh.kit.settings import CommonSettings
+from mesh.kit.runtime import ServiceRuntime
+from mesh.kit.settings import CommonSettings, WorkerSettings
 from mesh.queue.v1 import job_pb2
 from mesh.services.queue.broker import Broker
 from mesh.services.queue.convert import category_from_proto, row_to_job
@@ -434,3 +435,19 @@ async def _settle(message: AbstractIncomingMessage, *, ack: bool, requeue: bool 
             await message.reject(requeue=requeue)
     except Exception as exc:
         log.info("could not settle a dispatch (channel closed); it will be redelivered", error=str(exc))
+
+
+def attach_worker(
+    runtime: ServiceRuntime, settings: WorkerSettings, *, queue: str, handler: JobHandler, name: str
+) -> JobWorker | None:
+    """Run a worker for ``queue`` inside a service process: its checks join the service's health and it
+    stops with the runtime. None when ``settings.job_concurrency`` is 0 (the service only serves)."""
+    if not settings.job_concurrency:
+        return None
+    worker = JobWorker(
+        settings, queue=queue, handler=handler, concurrency=settings.job_concurrency, name=name
+    )
+    for check in worker.checks():
+        runtime.monitor.add_check(check)
+    runtime.add_background(lambda: worker.run(runtime.stopping))
+    return worker
