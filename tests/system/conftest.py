@@ -19,7 +19,9 @@ import pytest
 from tests.conftest import IN_CI
 
 # The system tests run their mesh on moved ports, so they work beside a developer's `make up`.
-PORT_OFFSET = 200
+# The offset keeps every gRPC port (61051-61054) above Linux's ephemeral range (32768-60999), where an
+# outgoing connection's local port could collide with a listener.
+PORT_OFFSET = 11000
 MESH_PORTS = tuple(p + PORT_OFFSET for p in (8080, 50051, 50052, 50053, 50054, 9101, 9102, 9103, 9104))
 GATEWAY = f"http://127.0.0.1:{8080 + PORT_OFFSET}"
 FILE_GRPC = f"127.0.0.1:{50051 + PORT_OFFSET}"

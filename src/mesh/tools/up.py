@@ -170,19 +170,7 @@ async def run(settings: CommonSettings, startup_timeout: float, grace: float, po
         say(f"started {process.name} (pid {children[process.name].pid})")
 
     exit_code = 0
-    async with httpx.AsyncClient() as client:
-        deadline = time.monotonic() + startup_timeout
-        ready = await asyncio.gather(
-            *(wait_healthy(client, p.health_url(port_offset), deadline) for p in wanted)
-        )
-    not_ready = [p.name for p, ok in zip(wanted, ready, strict=True) if not ok]
-    if not_ready:
-        say(f"not healthy after {startup_timeout:g}s: {', '.join(not_ready)} (see their logs above)")
-    else:
-        say("every process is healthy")
-    base = f"http://localhost:{8080 + port_offset}"
-    say(f"web page: {base}/   API docs: {base}/docs   Ctrl-C stops the mesh")
-
+    # Watch the children from the start, so one that dies while the others start up ends the mesh at once.
     died = asyncio.Event()
     watchers = []
     for name, child in children.items():
@@ -196,6 +184,24 @@ async def run(settings: CommonSettings, startup_timeout: float, grace: float, po
         watchers.append(asyncio.create_task(watch()))
     stop_wait = asyncio.create_task(stopping.wait())
     died_wait = asyncio.create_task(died.wait())
+
+    async def start_up() -> None:
+        async with httpx.AsyncClient() as client:
+            deadline = time.monotonic() + startup_timeout
+            ready = await asyncio.gather(
+                *(wait_healthy(client, p.health_url(port_offset), deadline) for p in wanted)
+            )
+        not_ready = [p.name for p, ok in zip(wanted, ready, strict=True) if not ok]
+        if not_ready:
+            say(f"not healthy after {startup_timeout:g}s: {', '.join(not_ready)} (see their logs above)")
+        else:
+            say("every process is healthy")
+        base = f"http://localhost:{8080 + port_offset}"
+        say(f"web page: {base}/   API docs: {base}/docs   Ctrl-C stops the mesh")
+
+    starting = asyncio.create_task(start_up())
+    await asyncio.wait([starting, stop_wait, died_wait], return_when=asyncio.FIRST_COMPLETED)
+    starting.cancel()
     await asyncio.wait([stop_wait, died_wait], return_when=asyncio.FIRST_COMPLETED)
     if died.is_set():
         exit_code = 1

@@ -52,7 +52,7 @@ async def main() -> None:
     # Jobs with a pipeline come here; the handler calls the inference service for the model, if any.
     predictor, inference_channel = StubPredictor.connect(settings)
     handler = ImageJobHandler(files, processor, predictor)
-    attach_worker(runtime, settings, queue=IMAGE_JOBS_QUEUE, handler=handler, name="image-processing")
+    await attach_worker(runtime, settings, queue=IMAGE_JOBS_QUEUE, handler=handler, name="image-processing")
     pb_grpc.add_ImageProcessingServiceServicer_to_server(
         ImageProcessingServicer(processor, stream_queue_frames=settings.stream_queue_frames), runtime.server
     )

@@ -45,7 +45,7 @@ async def serve(settings: InferenceSettings) -> None:
         "inference", settings, service_names=[SERVICE_NAME], checks=[models_check(repository)]
     )
     handler = InferenceJobHandler(predictor)
-    attach_worker(runtime, settings, queue=INFERENCE_JOBS_QUEUE, handler=handler, name="inference")
+    await attach_worker(runtime, settings, queue=INFERENCE_JOBS_QUEUE, handler=handler, name="inference")
     pb_grpc.add_InferenceServiceServicer_to_server(
         InferenceServicer(predictor, stream_max_in_flight=settings.stream_max_in_flight), runtime.server
     )

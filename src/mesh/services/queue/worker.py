@@ -437,7 +437,7 @@ async def _settle(message: AbstractIncomingMessage, *, ack: bool, requeue: bool 
         log.info("could not settle a dispatch (channel closed); it will be redelivered", error=str(exc))
 
 
-def attach_worker(
+async def attach_worker(
     runtime: ServiceRuntime, settings: WorkerSettings, *, queue: str, handler: JobHandler, name: str
 ) -> JobWorker | None:
     """Run a worker for ``queue`` inside a service process: its checks join the service's health and it
@@ -447,6 +447,8 @@ def attach_worker(
     worker = JobWorker(
         settings, queue=queue, handler=handler, concurrency=settings.job_concurrency, name=name
     )
+    # Open the pool now (without waiting for PostgreSQL): the health checks run before the worker does.
+    await worker.pool.open(wait=False)
     for check in worker.checks():
         runtime.monitor.add_check(check)
     runtime.add_background(lambda: worker.run(runtime.stopping))
