@@ -166,3 +166,12 @@ async def test_sigterm_drains_in_flight_calls(runtime: Any) -> None:
 
 def _http_port(rt: ServiceRuntime) -> int:
     return rt.http_port
+
+
+async def test_rpc_errors_raise_mesh_errors(runtime: Any) -> None:
+    """Around a call, rpc_errors() turns the failure into the server's MeshError with its details."""
+    rt, _, _ = runtime
+    async with grpc.aio.insecure_channel(f"localhost:{rt.grpc_port}") as channel:
+        with pytest.raises(errors.InvalidArgument) as info, errors.rpc_errors():
+            await channel.unary_unary(f"/{SERVICE}/Echo", None, None)(b"bad")
+    assert info.value.field_violations[0].field == "payload"

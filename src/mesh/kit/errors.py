@@ -7,7 +7,8 @@ the same type with :func:`from_rpc_error`; the gateway maps it to HTTP with :fun
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, ClassVar, TypeAlias
@@ -329,6 +330,16 @@ def from_rpc_error(error: grpc.RpcError) -> MeshError:
             if status.code == code.value[0]:
                 return from_status(status)
     return _BY_CODE.get(code, Internal)(message)
+
+
+@contextmanager
+def rpc_errors() -> Iterator[None]:
+    """Around an outgoing gRPC call (or the iteration of its stream): a failure is raised as the
+    matching :class:`MeshError`, with the server's rich details, never as a raw ``RpcError``."""
+    try:
+        yield
+    except grpc.RpcError as error:
+        raise from_rpc_error(error) from None
 
 
 def to_status_code(status: status_pb2.Status) -> grpc.StatusCode:

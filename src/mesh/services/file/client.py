@@ -71,12 +71,10 @@ class FileClient:
             for start in range(0, len(data), UPLOAD_CHUNK_BYTES):
                 yield file_service_pb2.UploadImageRequest(chunk=data[start : start + UPLOAD_CHUNK_BYTES])
 
-        try:
+        with errors.rpc_errors():
             response: file_service_pb2.UploadImageResponse = await self._stub.UploadImage(
                 parts(), timeout=timeout
             )
-        except grpc.aio.AioRpcError as error:
-            raise errors.from_rpc_error(error) from None
         return response
 
     async def download(
@@ -91,7 +89,7 @@ class FileClient:
         image = file_service_pb2.Image()
         content_type = ""
         chunks: list[bytes] = []
-        try:
+        with errors.rpc_errors():
             call = self._stub.DownloadImage(
                 file_service_pb2.DownloadImageRequest(
                     image_id=image_id, variant=variant, chunk_size=chunk_size
@@ -104,18 +102,14 @@ class FileClient:
                     content_type = part.content_type
                 else:
                     chunks.append(part.chunk)
-        except grpc.aio.AioRpcError as error:
-            raise errors.from_rpc_error(error) from None
         return image, content_type, b"".join(chunks)
 
     async def get(self, image_id: str, *, timeout: float | None = None) -> file_service_pb2.Image:
         """One image's metadata."""
-        try:
+        with errors.rpc_errors():
             response: file_service_pb2.GetImageResponse = await self._stub.GetImage(
                 file_service_pb2.GetImageRequest(image_id=image_id), timeout=timeout
             )
-        except grpc.aio.AioRpcError as error:
-            raise errors.from_rpc_error(error) from None
         return response.image
 
     async def create(
@@ -140,33 +134,27 @@ class FileClient:
             ),
             data=data,
         )
-        try:
+        with errors.rpc_errors():
             response: file_service_pb2.CreateImageResponse = await self._stub.CreateImage(
                 request, timeout=timeout
             )
-        except grpc.aio.AioRpcError as error:
-            raise errors.from_rpc_error(error) from None
         return response
 
     async def list(
         self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None
     ) -> file_service_pb2.ListImagesResponse:
         """One page of images, newest first; pass ``next_page_token`` back for the next."""
-        try:
+        with errors.rpc_errors():
             response: file_service_pb2.ListImagesResponse = await self._stub.ListImages(
                 file_service_pb2.ListImagesRequest(page_size=page_size, page_token=page_token),
                 timeout=timeout,
             )
-        except grpc.aio.AioRpcError as error:
-            raise errors.from_rpc_error(error) from None
         return response
 
     async def delete(self, image_id: str, *, timeout: float | None = None) -> bool:
         """Delete an image; True when its blob was removed (no other image used the same bytes)."""
-        try:
+        with errors.rpc_errors():
             response: file_service_pb2.DeleteImageResponse = await self._stub.DeleteImage(
                 file_service_pb2.DeleteImageRequest(image_id=image_id), timeout=timeout
             )
-        except grpc.aio.AioRpcError as error:
-            raise errors.from_rpc_error(error) from None
         return response.blob_removed

@@ -84,7 +84,5 @@ class Backends:
 
 async def rpc(call: Awaitable[T]) -> T:
     """Await a unary call, turning its failure into a :class:`~mesh.kit.errors.MeshError`."""
-    try:
+    with errors.rpc_errors():
         return await call
-    except grpc.aio.AioRpcError as error:
-        raise errors.from_rpc_error(error) from None

@@ -66,12 +66,10 @@ class StubPredictor:
     async def predict(
         self, request: inference_service_pb2.PredictRequest
     ) -> inference_service_pb2.PredictResponse:
-        try:
+        with errors.rpc_errors():
             response: inference_service_pb2.PredictResponse = await self._stub.Predict(
                 request, timeout=self._timeout
             )
-        except grpc.aio.AioRpcError as error:
-            raise errors.from_rpc_error(error) from None
         return response
 
 

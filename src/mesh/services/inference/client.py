@@ -44,10 +44,8 @@ class InferenceClient:
         self, request: pb.PredictRequest, *, timeout: float | None = None
     ) -> pb.PredictResponse:
         """One prediction."""
-        try:
+        with errors.rpc_errors():
             response: pb.PredictResponse = await self._stub.Predict(request, timeout=timeout)
-        except grpc.aio.AioRpcError as error:
-            raise errors.from_rpc_error(error) from None
         return response
 
     async def predict_image(
@@ -72,46 +70,38 @@ class InferenceClient:
 
     async def list_models(self, *, timeout: float | None = None) -> list[pb.ModelSummary]:
         """Every model with its versions and readiness."""
-        try:
+        with errors.rpc_errors():
             response: pb.ListModelsResponse = await self._stub.ListModels(
                 pb.ListModelsRequest(), timeout=timeout
             )
-        except grpc.aio.AioRpcError as error:
-            raise errors.from_rpc_error(error) from None
         return list(response.models)
 
     async def metadata(
         self, name: str, version: str = "", *, timeout: float | None = None
     ) -> pb.GetModelMetadataResponse:
         """A model version's metadata."""
-        try:
+        with errors.rpc_errors():
             response: pb.GetModelMetadataResponse = await self._stub.GetModelMetadata(
                 pb.GetModelMetadataRequest(name=name, version=version), timeout=timeout
             )
-        except grpc.aio.AioRpcError as error:
-            raise errors.from_rpc_error(error) from None
         return response
 
     async def ready(
         self, name: str, version: str = "", *, timeout: float | None = None
     ) -> pb.ModelReadyResponse:
         """Whether a model version is ready, and why not."""
-        try:
+        with errors.rpc_errors():
             response: pb.ModelReadyResponse = await self._stub.ModelReady(
                 pb.ModelReadyRequest(name=name, version=version), timeout=timeout
             )
-        except grpc.aio.AioRpcError as error:
-            raise errors.from_rpc_error(error) from None
         return response
 
     async def statistics(self, name: str = "", *, timeout: float | None = None) -> list[pb.ModelStatistics]:
         """Serving statistics of one model's versions (all models when ``name`` is empty)."""
-        try:
+        with errors.rpc_errors():
             response: pb.GetModelStatisticsResponse = await self._stub.GetModelStatistics(
                 pb.GetModelStatisticsRequest(name=name), timeout=timeout
             )
-        except grpc.aio.AioRpcError as error:
-            raise errors.from_rpc_error(error) from None
         return list(response.statistics)
 
     async def stream(
@@ -123,8 +113,6 @@ class InferenceClient:
             async for request in requests:
                 yield pb.StreamInferenceRequest(request=request)
 
-        try:
+        with errors.rpc_errors():
             async for response in self._stub.StreamInference(wrapped()):
                 yield response
-        except grpc.aio.AioRpcError as error:
-            raise errors.from_rpc_error(error) from None
