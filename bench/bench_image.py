@@ -30,11 +30,11 @@ from mesh.image.v1 import image_processing_service_pb2 as pb
 from mesh.image.v1 import image_processing_service_pb2_grpc as pb_grpc
 from mesh.kit.channels import open_channel
 from mesh.kit.logging import configure_logging
+from mesh.kit.memory import tune_allocator
 from mesh.kit.runtime import ServiceRuntime
 from mesh.services.image_processing import codec, cpu_filters
 from mesh.services.image_processing.backend import Backend, run_pipeline, select_backend
 from mesh.services.image_processing.cpu_backend import CpuBackend
-from mesh.services.image_processing.memory import tune_allocator
 from mesh.services.image_processing.processor import Processor
 from mesh.services.image_processing.registry import Device, validate_pipeline
 from mesh.services.image_processing.servicer import SERVICE_NAME, ImageProcessingServicer

@@ -8,13 +8,13 @@ from mesh.image.v1 import image_processing_service_pb2_grpc as pb_grpc
 from mesh.kit.health import FunctionCheck
 from mesh.kit.jobs import IMAGE_JOBS_QUEUE
 from mesh.kit.logging import get_logger
+from mesh.kit.memory import tune_allocator
 from mesh.kit.runtime import ServiceRuntime, configure_observability
 from mesh.kit.settings import load_settings
 from mesh.services.file.client import FileClient
 from mesh.services.image_processing.backend import select_backend
 from mesh.services.image_processing.codec import Limits
 from mesh.services.image_processing.jobs import ImageJobHandler, StubPredictor
-from mesh.services.image_processing.memory import tune_allocator
 from mesh.services.image_processing.processor import Processor
 from mesh.services.image_processing.servicer import SERVICE_NAME, ImageProcessingServicer
 from mesh.services.image_processing.settings import ImageSettings

@@ -8,10 +8,10 @@ import sys
 from mesh.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from mesh.kit.jobs import INFERENCE_JOBS_QUEUE
 from mesh.kit.logging import get_logger
+from mesh.kit.memory import tune_allocator
 from mesh.kit.runtime import ServiceRuntime, configure_observability
 from mesh.kit.settings import load_settings
 from mesh.services.file.client import FileClient
-from mesh.services.image_processing.memory import tune_allocator
 from mesh.services.inference.checks import models_check
 from mesh.services.inference.images import FileServiceFetcher, ImageDecoder
 from mesh.services.inference.jobs import InferenceJobHandler

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from mesh.services.image_processing.memory import tune_allocator
+from mesh.kit.memory import tune_allocator
 
 
 def test_tune_allocator_applies_on_glibc_linux() -> None:
