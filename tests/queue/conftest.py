@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import re
+import subprocess
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from tests.queue.harness import Harness, fast_settings, running_queue
+from tests.conftest import AMQP_URL
+from tests.queue.harness import Harness, delete_queues, fast_settings, running_queue
+
+TEST_QUEUE = re.compile(r"t[0-9a-f]{10}\..+")
 
 
 @pytest.fixture
@@ -14,3 +20,16 @@ async def queue(database_url: str, amqp_url: str, unique_name: str) -> AsyncIter
     """A queue service with its own RabbitMQ queues (``<unique>.mesh.jobs.*``) and short timings."""
     async with running_queue(fast_settings(database_url, amqp_url, unique_name)) as harness:
         yield harness
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_leftover_test_queues() -> Iterator[None]:
+    """After the queue tests, delete every queue a test left on the shared broker (names start with the
+    ``unique_name`` prefix, ``t`` and ten hex digits), so repeated runs do not pile quorum queues up."""
+    yield
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "name"], capture_output=True, text=True, timeout=60, check=False
+    )
+    names = [n for n in listed.stdout.split() if TEST_QUEUE.fullmatch(n) and not n.endswith(".dead")]
+    if names:
+        asyncio.run(delete_queues(AMQP_URL, names))
