@@ -58,13 +58,7 @@ class FileClient:
         timeout: float | None = None,
     ) -> file_service_pb2.UploadImageResponse:
         """Upload ``data`` as a client stream of 1 MiB chunks."""
-        metadata = file_service_pb2.UploadMetadata(
-            filename=filename,
-            content_type=content_type,
-            sha256=sha256,
-            labels=dict(labels or {}),
-            idempotency_key=idempotency_key,
-        )
+        metadata = _metadata(filename, content_type, labels, idempotency_key, sha256)
 
         async def parts() -> AsyncIterator[file_service_pb2.UploadImageRequest]:
             yield file_service_pb2.UploadImageRequest(metadata=metadata)
@@ -125,14 +119,7 @@ class FileClient:
     ) -> file_service_pb2.CreateImageResponse:
         """Upload a small image in one unary call."""
         request = file_service_pb2.CreateImageRequest(
-            metadata=file_service_pb2.UploadMetadata(
-                filename=filename,
-                content_type=content_type,
-                sha256=sha256,
-                labels=dict(labels or {}),
-                idempotency_key=idempotency_key,
-            ),
-            data=data,
+            metadata=_metadata(filename, content_type, labels, idempotency_key, sha256), data=data
         )
         with errors.rpc_errors():
             response: file_service_pb2.CreateImageResponse = await self._stub.CreateImage(
@@ -158,3 +145,16 @@ class FileClient:
                 file_service_pb2.DeleteImageRequest(image_id=image_id), timeout=timeout
             )
         return response.blob_removed
+
+
+def _metadata(
+    filename: str, content_type: str, labels: Mapping[str, str] | None, idempotency_key: str, sha256: str
+) -> file_service_pb2.UploadMetadata:
+    """The metadata that opens an upload, streamed or unary."""
+    return file_service_pb2.UploadMetadata(
+        filename=filename,
+        content_type=content_type,
+        sha256=sha256,
+        labels=dict(labels or {}),
+        idempotency_key=idempotency_key,
+    )
