@@ -89,6 +89,32 @@ async def test_process_input_rules(client: httpx.AsyncClient) -> None:
     assert "sharpen9000" in unknown.json()["error"]["message"]
 
 
+async def test_process_body_is_json_only_and_takes_either_base64_alphabet(
+    client: httpx.AsyncClient, mesh: FakeMesh
+) -> None:
+    """A non-JSON body is 415 naming what to send; standard and URL-safe base64 decode to the same image,
+    which reaches the image service byte for byte."""
+    png = strip_png()
+    wrong = await client.post("/v1/process", content=b"{}", headers={"content-type": "text/plain"})
+    assert wrong.status_code == 415
+    assert "application/json" in wrong.json()["error"]["message"]
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        response = await client.post("/v1/process", json={"image": encode(png).decode()})
+        assert response.status_code == 200, response.text
+        assert mesh.fakes.image.last_request is not None
+        assert mesh.fakes.image.last_request.input.encoded.data == png
+
+
+async def test_process_request_body_is_documented(client: httpx.AsyncClient) -> None:
+    """/v1/process documents its JSON body (parsed by the route itself) as ProcessIn, whose inline image
+    is a base64 string."""
+    document = (await client.get("/openapi.json")).json()
+    body = document["paths"]["/v1/process"]["post"]["requestBody"]
+    assert body["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ProcessIn"}
+    image = document["components"]["schemas"]["ProcessIn"]["properties"]["image"]
+    assert (image["type"], image["contentEncoding"]) == ("string", "base64")
+
+
 async def test_models_list_and_detail(client: httpx.AsyncClient) -> None:
     """Models with versions and readiness; one model's inputs, outputs and parameters; unknown is 404."""
     models = (await client.get("/v1/models")).json()["models"]

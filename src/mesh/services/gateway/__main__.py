@@ -16,6 +16,7 @@ import uvicorn
 from mesh.kit.db import PostgresCheck, create_pool
 from mesh.kit.health import DependencyCheck
 from mesh.kit.logging import get_logger
+from mesh.kit.memory import tune_allocator
 from mesh.kit.runtime import configure_observability
 from mesh.kit.settings import load_settings
 from mesh.services.gateway.app import create_app
@@ -104,6 +105,8 @@ def main() -> None:
     """Entry point."""
     settings = load_settings(GatewaySettings)
     configure_observability("gateway", settings)
+    # Every image request moves a body and a gRPC message of megabytes through this process.
+    tune_allocator()
     asyncio.run(serve(settings))
 
 

@@ -21,7 +21,7 @@ from mesh.services.gateway.auth import API_KEY_HEADER
 from mesh.services.gateway.context import GatewayContext
 from mesh.services.gateway.middleware import BodyLimit, ObservedRequests
 from mesh.services.gateway.routes import images, jobs, models, processing, system
-from mesh.services.gateway.schemas import PredictIn
+from mesh.services.gateway.schemas import PredictIn, ProcessIn
 from mesh.services.gateway.settings import AuthMode
 
 SWAGGER_UI = "/static/vendor/swagger-ui"
@@ -137,10 +137,13 @@ def exact_openapi(app: FastAPI, auth_mode: AuthMode) -> dict[str, Any]:
             if security:
                 operation["security"] = security
     components = document.setdefault("components", {})
-    # :predict parses its body itself (JSON or raw bytes), so FastAPI does not register the JSON schema.
-    components.setdefault("schemas", {})["PredictIn"] = PredictIn.model_json_schema(
-        ref_template="#/components/schemas/{model}"
-    )
+    # Routes that parse their body themselves (bodies.py) name its schema, which FastAPI does not register.
+    registered = components.setdefault("schemas", {})
+    for model in (PredictIn, ProcessIn):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, nested in schema.pop("$defs", {}).items():
+            registered.setdefault(name, nested)
+        registered[model.__name__] = schema
     for unused in ("HTTPValidationError", "ValidationError"):
         components.get("schemas", {}).pop(unused, None)
     schemes = {k: v for k, v in components.pop("securitySchemes", {}).items() if k in allowed}

@@ -13,6 +13,7 @@ from mesh.file.v1 import file_service_pb2
 from mesh.kit import errors
 from mesh.services.gateway import convert, schemas
 from mesh.services.gateway.backends import rpc
+from mesh.services.gateway.bodies import media_type
 from mesh.services.gateway.context import Caller, Context
 from mesh.services.gateway.spans import annotate
 
@@ -42,11 +43,6 @@ UPLOAD_BODY = {
 ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": schemas.ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 429, 500, 503, 504)
 }
-
-
-def media_type(request: Request) -> str:
-    """The request's Content-Type without parameters, lower case."""
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
 async def _read_upload(request: Request) -> tuple[bytes, str, str]:

@@ -7,16 +7,15 @@ from typing import Annotated
 
 import grpc
 from fastapi import APIRouter, Query, Request
-from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 
 from mesh.common.v1 import image_pb2
 from mesh.inference.v1 import inference_service_pb2 as inference_pb
 from mesh.kit import errors
 from mesh.services.gateway import convert, schemas
 from mesh.services.gateway.backends import rpc
+from mesh.services.gateway.bodies import json_request_body, media_type, parse_json
 from mesh.services.gateway.context import Caller, Context
-from mesh.services.gateway.routes.images import ACCEPTED_TYPES, ERRORS, media_type
+from mesh.services.gateway.routes.images import ACCEPTED_TYPES, ERRORS
 from mesh.services.gateway.routes.processing import image_input
 from mesh.services.gateway.spans import annotate
 
@@ -24,17 +23,11 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
-PREDICT_BODY = {
-    "requestBody": {
-        "required": True,
-        "description": "JSON naming a stored image or carrying one in base64, or the raw image bytes"
-        " (then `version` and `precheck_only` come from the query).",
-        "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/PredictIn"}},
-            **{t: _BINARY for t in ACCEPTED_TYPES},
-        },
-    }
-}
+PREDICT_BODY = json_request_body(schemas.PredictIn, **{t: _BINARY for t in ACCEPTED_TYPES})
+PREDICT_BODY["requestBody"]["description"] = (
+    "JSON naming a stored image or carrying one in base64, or the raw image bytes"
+    " (then `version` and `precheck_only` come from the query)."
+)
 
 
 async def _predict_input(request: Request) -> schemas.PredictIn | bytes:
@@ -52,10 +45,7 @@ async def _predict_input(request: Request) -> schemas.PredictIn | bytes:
             f"unsupported Content-Type {kind or '(none)'!r}: send application/json or the raw image as one of"
             f" {', '.join(ACCEPTED_TYPES)}"
         )
-    try:
-        return schemas.PredictIn.model_validate_json(await request.body())
-    except ValidationError as error:
-        raise RequestValidationError(error.errors()) from None
+    return await parse_json(request, schemas.PredictIn)
 
 
 # Declared before "/{name}" so the colon route wins; Starlette would otherwise still match it by method.
@@ -80,7 +70,7 @@ async def predict(
         source = image_pb2.ImageInput(encoded=image_pb2.EncodedImage(data=given))
         parameters: dict[str, schemas.ParamScalar] = {}
     else:
-        source = image_input(given.image_id or None, given.image or None)
+        source = image_input(given.image_id, given.image)
         version, precheck_only, parameters = given.version, given.precheck_only, given.parameters
     annotate(
         {
