@@ -26,6 +26,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from mesh.kit import errors
+from mesh.services.queue.batching import GroupCommit
 from mesh.services.queue.states import (
     RETRYABLE_BY_USER,
     Attempts,
@@ -66,14 +67,19 @@ def open_pool(url: str, *, name: str, max_size: int, min_size: int = 1) -> Async
     )
 
 
-async def retrying(operation: Callable[[], Awaitable[T]], *, timeout: float = 30.0) -> T:
-    """Run ``operation`` again on a fresh connection while PostgreSQL drops connections."""
+async def retrying(
+    operation: Callable[[], Awaitable[T]],
+    *,
+    timeout: float = 30.0,
+    on: tuple[type[Exception], ...] = RETRY_ON,
+) -> T:
+    """Run ``operation`` again on a fresh connection while PostgreSQL drops connections (errors ``on``)."""
     try:
         return await operation()  # the common case, without the retry machinery's cost
-    except RETRY_ON:
+    except on:
         pass
     async for attempt in stamina.retry_context(
-        on=RETRY_ON, attempts=None, timeout=timeout, wait_initial=0.01, wait_max=0.25
+        on=on, attempts=None, timeout=timeout, wait_initial=0.01, wait_max=0.25
     ):
         with attempt:
             return await operation()
@@ -141,26 +147,57 @@ class QueueCounts:
     now: datetime
 
 
-_SUBMIT = """
-WITH ins AS (
+# Many submits in one statement (see GroupCommit): the jobs, and through the triggers their history and
+# outbox rows, commit together. Rows are inserted in the callers' order with increasing enqueue times, so
+# that positions and dispatches follow it. A row that conflicts (an idempotency key seen before, or an id
+# already committed by an earlier try) is left out of the result; its caller looks it up.
+# Position, exact at commit: the queued jobs of higher or equal priority that were there before (counted
+# once per queue and priority of the batch), plus those of this batch ahead of the row or level with it.
+_SUBMIT_MANY = """
+WITH v AS (
+    SELECT * FROM unnest(%(id)s::uuid[], %(queue)s::text[], %(image_id)s::text[], %(pipeline)s::bytea[],
+                         %(model)s::text[], %(priority)s::smallint[], %(idempotency_key)s::text[],
+                         %(max_attempts)s::integer[], %(base)s::float8[], %(cap)s::float8[],
+                         %(traceparent)s::text[], %(tracestate)s::text[])
+           WITH ORDINALITY AS v(id, queue, image_id, pipeline, model, priority, idempotency_key, max_attempts,
+                                base, cap, traceparent, tracestate, ord)
+), before AS (
+    SELECT b.queue, b.priority,
+           (SELECT count(*) FROM jobs j
+             WHERE j.state = 'QUEUED' AND j.queue = b.queue AND j.priority >= b.priority) AS n
+      FROM (SELECT DISTINCT queue, priority FROM v) b
+), ins AS (
     INSERT INTO jobs (id, queue, state, image_id, pipeline, model, priority, idempotency_key, max_attempts,
-                      backoff_base_s, backoff_cap_s, traceparent, tracestate, state_reason)
-    VALUES (%(id)s, %(queue)s, 'QUEUED', %(image_id)s, %(pipeline)s, %(model)s, %(priority)s,
-            %(idempotency_key)s, %(max_attempts)s, %(base)s, %(cap)s, %(traceparent)s, %(tracestate)s,
-            'submitted')
+                      backoff_base_s, backoff_cap_s, traceparent, tracestate, state_reason, enqueued_at)
+    SELECT id, queue, 'QUEUED', image_id, pipeline, model, priority, idempotency_key, max_attempts,
+           base, cap, traceparent, tracestate, 'submitted', clock_timestamp()
+      FROM v ORDER BY ord
     ON CONFLICT DO NOTHING
     RETURNING *
 )
 SELECT ins.*,
-       (SELECT count(*) FROM jobs j
-         WHERE j.state = 'QUEUED' AND j.queue = ins.queue AND j.priority >= ins.priority) + 1 AS position
-  FROM ins
+       before.n + (SELECT count(*) FROM ins mate
+                    WHERE mate.queue = ins.queue
+                      AND (mate.priority > ins.priority
+                           OR (mate.priority = ins.priority
+                               AND (mate.enqueued_at, mate.id) <= (ins.enqueued_at, ins.id)))) AS position
+  FROM ins JOIN before ON before.queue = ins.queue AND before.priority = ins.priority
 """
 
 _POSITION = """
 SELECT count(*) + 1 AS position FROM jobs
  WHERE state = 'QUEUED' AND queue = %(queue)s
    AND (priority > %(priority)s OR (priority = %(priority)s AND (enqueued_at, id) < (%(enqueued_at)s, %(id)s)))
+"""
+
+# Positions of several queued jobs at once (a listing page): one ordered pass over the queued jobs of
+# their queues (the jobs_queued_order index), rather than one count per job.
+_POSITIONS = """
+SELECT id, position FROM (
+    SELECT id, row_number() OVER (PARTITION BY queue ORDER BY priority DESC, enqueued_at, id) AS position
+      FROM jobs WHERE state = 'QUEUED' AND queue = ANY(%(queues)s::text[])
+) ranked
+ WHERE id = ANY(%(ids)s::uuid[])
 """
 
 _REQUEUE_DUE = """
@@ -207,8 +244,11 @@ class PoolCheck:
 class JobRepository:
     """The queue service's access to jobs and the outbox."""
 
-    def __init__(self, pool: AsyncConnectionPool) -> None:
+    def __init__(self, pool: AsyncConnectionPool, *, submit_batch: int = 128) -> None:
         self.pool = pool
+        self._submits: GroupCommit[NewJob, Row | None] = GroupCommit(
+            self._submit_many, max_batch=submit_batch
+        )
 
     async def _fetchone(self, query: str, params: dict[str, Any] | Sequence[Any]) -> Row | None:
         async def run() -> Row | None:
@@ -231,33 +271,40 @@ class JobRepository:
     # --- the API -------------------------------------------------------------------------------------
 
     async def submit(self, new: NewJob) -> Submitted:
-        """Insert the job (its history and outbox rows come with it) or return the one with the same key."""
-        params = {
-            "id": new.id,
-            "queue": new.queue,
-            "image_id": new.image_id,
-            "pipeline": new.pipeline,
-            "model": new.model,
-            "priority": new.priority,
-            "idempotency_key": new.idempotency_key,
-            "max_attempts": new.max_attempts,
-            "base": new.backoff_base_seconds,
-            "cap": new.backoff_cap_seconds,
-            "traceparent": new.traceparent,
-            "tracestate": new.tracestate,
-        }
-        row = await self._fetchone(_SUBMIT, params)
+        """Insert the job (its history and outbox rows come with it) or return the one with the same key.
+
+        Concurrent submits share one statement and one commit (:class:`GroupCommit`); each returns once
+        the transaction holding its job committed."""
+        row = await self._submits.run(new)
         if row is not None:
             return Submitted(row, existing=False, position=int(row.pop("position")))
         # A conflict: our own earlier try (an ambiguous commit) or another job with the same key.
         found = await self._fetchone(
             "SELECT * FROM jobs WHERE id = %(id)s OR idempotency_key = %(idempotency_key)s "
             "ORDER BY (id = %(id)s) DESC LIMIT 1",
-            params,
+            {"id": new.id, "idempotency_key": new.idempotency_key},
         )
         if found is None:
             raise errors.Aborted("the job conflicted with another submit that vanished; submit again")
         return Submitted(found, existing=found["id"] != new.id, position=await self.position(found))
+
+    async def _submit_many(self, batch: Sequence[NewJob]) -> list[Row | None]:
+        params = {
+            "id": [n.id for n in batch],
+            "queue": [n.queue for n in batch],
+            "image_id": [n.image_id for n in batch],
+            "pipeline": [n.pipeline for n in batch],
+            "model": [n.model for n in batch],
+            "priority": [n.priority for n in batch],
+            "idempotency_key": [n.idempotency_key for n in batch],
+            "max_attempts": [n.max_attempts for n in batch],
+            "base": [n.backoff_base_seconds for n in batch],
+            "cap": [n.backoff_cap_seconds for n in batch],
+            "traceparent": [n.traceparent for n in batch],
+            "tracestate": [n.tracestate for n in batch],
+        }
+        inserted = {row["id"]: row for row in await self._fetchall(_SUBMIT_MANY, params)}
+        return [inserted.get(n.id) for n in batch]
 
     async def get(self, job_id: uuid.UUID) -> Row | None:
         """One job row."""
@@ -280,6 +327,19 @@ class JobRepository:
             return 0
         found = await self._fetchone(_POSITION, row)
         return int(found["position"]) if found else 0
+
+    async def positions(self, rows: Sequence[Row]) -> dict[uuid.UUID, int]:
+        """1-based positions of the queued ones among ``rows`` (by job id), in one statement."""
+        queued = [r for r in rows if r["state"] == JobState.QUEUED]
+        if not queued:
+            return {}
+        if len(queued) == 1:
+            return {queued[0]["id"]: await self.position(queued[0])}
+        found = await self._fetchall(
+            _POSITIONS,
+            {"queues": sorted({r["queue"] for r in queued}), "ids": [r["id"] for r in queued]},
+        )
+        return {r["id"]: int(r["position"]) for r in found}
 
     async def page(self, state: JobState | None, page_size: int, after: PageToken | None) -> list[Row]:
         """A page of jobs, newest first; ``page_size + 1`` rows are read to know whether more follow."""
@@ -509,21 +569,27 @@ class JobRepository:
 
 # --- the worker's side -------------------------------------------------------------------------------
 
-_CLAIM = """
+# Claims of several dispatches in one statement (see GroupCommit); each row is still fenced by its own
+# id, attempt and claim token. The same job twice in a batch (a duplicate dispatch) is claimed by one
+# token only; the other finds no row with its token and drops its dispatch.
+_CLAIM_MANY = """
 UPDATE jobs
-   SET state = 'RUNNING', lease_owner = %(token)s,
-       lease_expires_at = clock_timestamp() + make_interval(secs => %(lease)s),
-       started_at = CASE WHEN lease_owner = %(token)s THEN started_at ELSE now() END,
-       executions = CASE WHEN lease_owner = %(token)s THEN executions ELSE executions + 1 END,
-       attempt_claims = CASE WHEN lease_owner = %(token)s THEN attempt_claims ELSE attempt_claims + 1 END,
+   SET state = 'RUNNING', lease_owner = v.token,
+       lease_expires_at = clock_timestamp() + make_interval(secs => v.lease),
+       started_at = CASE WHEN jobs.lease_owner = v.token THEN jobs.started_at ELSE now() END,
+       executions = CASE WHEN jobs.lease_owner = v.token THEN jobs.executions ELSE jobs.executions + 1 END,
+       attempt_claims = CASE WHEN jobs.lease_owner = v.token THEN jobs.attempt_claims
+                             ELSE jobs.attempt_claims + 1 END,
        progress = 0, stage = '',
-       state_reason = CASE WHEN state = 'RUNNING' THEN 'redelivered: taken over by another worker'
+       state_reason = CASE WHEN jobs.state = 'RUNNING' THEN 'redelivered: taken over by another worker'
                            ELSE 'claimed by a worker' END
- WHERE id = %(id)s AND attempt = %(attempt)s
-   AND (state = 'QUEUED'
-        OR (state = 'RUNNING' AND lease_owner = %(token)s)
-        OR (state = 'RUNNING' AND %(redelivered)s AND NOT cancel_requested))
-RETURNING *
+  FROM unnest(%(id)s::uuid[], %(attempt)s::integer[], %(token)s::uuid[], %(redelivered)s::boolean[],
+              %(lease)s::float8[]) AS v(id, attempt, token, redelivered, lease)
+ WHERE jobs.id = v.id AND jobs.attempt = v.attempt
+   AND (jobs.state = 'QUEUED'
+        OR (jobs.state = 'RUNNING' AND jobs.lease_owner = v.token)
+        OR (jobs.state = 'RUNNING' AND v.redelivered AND NOT jobs.cancel_requested))
+RETURNING jobs.*
 """
 
 _BEAT = """
@@ -533,20 +599,53 @@ UPDATE jobs SET lease_expires_at = clock_timestamp() + make_interval(secs => %(l
 RETURNING cancel_requested
 """
 
-_FINISH = """
+# Outcomes of several attempts in one statement (see GroupCommit), each fenced by its own claim token.
+_FINISH_MANY = """
 UPDATE jobs
-   SET state = CASE WHEN cancel_requested AND %(state)s = 'RETRY_WAIT' THEN 'CANCELLED' ELSE %(state)s END,
-       result = %(result)s, error_category = %(category)s, error_message = %(message)s, error_code = %(code)s,
-       progress = CASE WHEN %(state)s = 'SUCCEEDED' THEN 1 ELSE progress END,
-       next_run_at = CASE WHEN cancel_requested OR %(delay)s::float8 IS NULL THEN NULL
-                          ELSE clock_timestamp() + make_interval(secs => %(delay)s::float8) END,
-       finished_at = CASE WHEN %(state)s = 'RETRY_WAIT' AND NOT cancel_requested THEN NULL ELSE now() END,
+   SET state = CASE WHEN jobs.cancel_requested AND v.state = 'RETRY_WAIT' THEN 'CANCELLED' ELSE v.state END,
+       result = v.result, error_category = v.category, error_message = v.message, error_code = v.code,
+       progress = CASE WHEN v.state = 'SUCCEEDED' THEN 1 ELSE jobs.progress END,
+       next_run_at = CASE WHEN jobs.cancel_requested OR v.delay IS NULL THEN NULL
+                          ELSE clock_timestamp() + make_interval(secs => v.delay) END,
+       finished_at = CASE WHEN v.state = 'RETRY_WAIT' AND NOT jobs.cancel_requested THEN NULL ELSE now() END,
        lease_expires_at = NULL,
-       state_reason = CASE WHEN cancel_requested AND %(state)s = 'RETRY_WAIT'
-                           THEN 'cancelled by user after a failed attempt' ELSE %(reason)s END
- WHERE id = %(id)s AND lease_owner = %(token)s AND state = 'RUNNING'
-RETURNING state
+       state_reason = CASE WHEN jobs.cancel_requested AND v.state = 'RETRY_WAIT'
+                           THEN 'cancelled by user after a failed attempt' ELSE v.reason END
+  FROM unnest(%(id)s::uuid[], %(token)s::uuid[], %(state)s::text[], %(result)s::bytea[],
+              %(category)s::text[], %(message)s::text[], %(code)s::text[], %(delay)s::float8[],
+              %(reason)s::text[]) AS v(id, token, state, result, category, message, code, delay, reason)
+ WHERE jobs.id = v.id AND jobs.lease_owner = v.token AND jobs.state = 'RUNNING'
+RETURNING jobs.lease_owner AS token, jobs.state
 """
+
+# After a retried batch: outcomes an earlier try committed before its connection dropped (our token on a
+# row that moved on).
+_FINISHED_BEFORE = """
+SELECT jobs.lease_owner AS token, jobs.state FROM jobs
+  JOIN unnest(%(id)s::uuid[], %(token)s::uuid[]) AS v(id, token)
+    ON jobs.id = v.id AND jobs.lease_owner = v.token
+ WHERE jobs.state <> 'RUNNING'
+"""
+
+# A batch that deadlocks with another (two workers holding duplicate dispatches of the same jobs) rolled
+# back as a whole: it is simply run again.
+BATCH_RETRY_ON = (*RETRY_ON, psycopg.errors.DeadlockDetected)
+
+
+@dataclass(frozen=True)
+class _Claim:
+    id: uuid.UUID
+    attempt: int
+    token: uuid.UUID
+    redelivered: bool
+    lease: float
+
+
+@dataclass(frozen=True)
+class _Finish:
+    id: uuid.UUID
+    token: uuid.UUID
+    outcome: Outcome
 
 
 @dataclass(frozen=True)
@@ -563,11 +662,18 @@ class Outcome:
 
 
 class ClaimStore:
-    """The worker's access to jobs: every write is fenced by the claim token."""
+    """The worker's access to jobs: every write is fenced by the claim token.
 
-    def __init__(self, pool: AsyncConnectionPool, *, retry_timeout: float = 30.0) -> None:
+    Claims and outcomes of concurrent jobs are grouped into one statement each (:class:`GroupCommit`),
+    so a busy worker commits many per round trip; each caller still gets its own fenced answer."""
+
+    def __init__(
+        self, pool: AsyncConnectionPool, *, retry_timeout: float = 30.0, max_batch: int = 128
+    ) -> None:
         self.pool = pool
         self.retry_timeout = retry_timeout
+        self._claims: GroupCommit[_Claim, Row | None] = GroupCommit(self._claim_many, max_batch=max_batch)
+        self._finishes: GroupCommit[_Finish, str | None] = GroupCommit(self._finish_many, max_batch=max_batch)
 
     async def _fetchone(self, query: str, params: dict[str, Any]) -> Row | None:
         async def run() -> Row | None:
@@ -578,20 +684,34 @@ class ClaimStore:
 
         return await retrying(run, timeout=self.retry_timeout)
 
+    async def _fetchall(self, query: str, params: dict[str, Any]) -> list[Row]:
+        async def run() -> list[Row]:
+            async with self.pool.connection() as conn:
+                cursor = await conn.execute(query, params)
+                rows: list[Row] = await cursor.fetchall()  # type: ignore[assignment]
+                return rows
+
+        return await retrying(run, timeout=self.retry_timeout, on=BATCH_RETRY_ON)
+
     async def claim(
         self, job_id: uuid.UUID, attempt: int, token: uuid.UUID, *, redelivered: bool, lease_seconds: float
     ) -> Row | None:
         """QUEUED -> RUNNING for this attempt (or take over a redelivered RUNNING one); None: drop it."""
-        return await self._fetchone(
-            _CLAIM,
+        return await self._claims.run(_Claim(job_id, attempt, token, redelivered, lease_seconds))
+
+    async def _claim_many(self, batch: Sequence[_Claim]) -> list[Row | None]:
+        rows = await self._fetchall(
+            _CLAIM_MANY,
             {
-                "id": job_id,
-                "attempt": attempt,
-                "token": token,
-                "redelivered": redelivered,
-                "lease": lease_seconds,
+                "id": [c.id for c in batch],
+                "attempt": [c.attempt for c in batch],
+                "token": [c.token for c in batch],
+                "redelivered": [c.redelivered for c in batch],
+                "lease": [c.lease for c in batch],
             },
         )
+        claimed = {row["lease_owner"]: row for row in rows}
+        return [claimed.get(c.token) for c in batch]
 
     async def beat(
         self,
@@ -611,23 +731,27 @@ class ClaimStore:
 
     async def finish(self, job_id: uuid.UUID, token: uuid.UUID, outcome: Outcome) -> str | None:
         """Commit the attempt's outcome; returns the state written, or None when fenced out."""
+        return await self._finishes.run(_Finish(job_id, token, outcome))
+
+    async def _finish_many(self, batch: Sequence[_Finish]) -> list[str | None]:
+        outcomes = [f.outcome for f in batch]
         params = {
-            "id": job_id,
-            "token": token,
-            "state": outcome.state.value,
-            "result": outcome.result,
-            "category": outcome.category.value if outcome.category else None,
-            "message": outcome.message,
-            "code": outcome.code,
-            "delay": outcome.delay_seconds,
-            "reason": outcome.reason,
+            "id": [f.id for f in batch],
+            "token": [f.token for f in batch],
+            "state": [o.state.value for o in outcomes],
+            "result": [o.result for o in outcomes],
+            "category": [o.category.value if o.category else None for o in outcomes],
+            "message": [o.message for o in outcomes],
+            "code": [o.code for o in outcomes],
+            "delay": [o.delay_seconds for o in outcomes],
+            "reason": [o.reason for o in outcomes],
         }
-        row = await self._fetchone(_FINISH, params)
-        if row is not None:
-            return str(row["state"])
-        # An earlier try may have committed before its connection dropped: our token on a moved-on row.
-        again = await self._fetchone(
-            "SELECT state FROM jobs WHERE id = %(id)s AND lease_owner = %(token)s AND state <> 'RUNNING'",
-            params,
-        )
-        return None if again is None else str(again["state"])
+        written = {row["token"]: str(row["state"]) for row in await self._fetchall(_FINISH_MANY, params)}
+        missing = [f for f in batch if f.token not in written]
+        if missing:
+            # Fenced out, or an earlier try of this batch committed before its connection dropped.
+            again = await self._fetchall(
+                _FINISHED_BEFORE, {"id": [f.id for f in missing], "token": [f.token for f in missing]}
+            )
+            written.update({row["token"]: str(row["state"]) for row in again})
+        return [written.get(f.token) for f in batch]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -89,7 +90,8 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
             self.on_dispatch()
         SUBMITTED.labels(new.queue, str(submitted.existing).lower()).inc()
         job = row_to_job(submitted.row, position=submitted.position)
-        log.info("job submitted", job_id=job.id, queue=new.queue, existing=submitted.existing)
+        if log.isEnabledFor(logging.DEBUG):  # per job: the RPC's access line already says it at INFO
+            log.debug("job submitted", job_id=job.id, queue=new.queue, existing=submitted.existing)
         return queue_service_pb2.SubmitJobResponse(job=job, existing=submitted.existing)
 
     async def GetJob(  # noqa: N802
@@ -105,7 +107,8 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
         after = PageToken.decode(request.page_token) if request.page_token else None
         rows = await self.repository.page(state_from_proto(request.state), size, after)
         page, more = rows[:size], len(rows) > size
-        jobs = [row_to_job(r, position=await self.repository.position(r)) for r in page]
+        positions = await self.repository.positions(page)
+        jobs = [row_to_job(r, position=positions.get(r["id"], 0)) for r in page]
         token = PageToken(page[-1]["created_at"], page[-1]["id"]).encode() if more else ""
         return queue_service_pb2.ListJobsResponse(jobs=jobs, next_page_token=token)
 
