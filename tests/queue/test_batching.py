@@ -130,7 +130,7 @@ async def test_batched_claims_and_outcomes_stay_fenced(queue: Harness) -> None:
         store.finish(ids[0], winner, done),
         store.finish(ids[2], tokens[3], done),
     )
-    assert written == [None, "SUCCEEDED", None]
+    assert list(written) == [None, "SUCCEEDED", None]
     assert (await queue.get(first.id)).state == job_pb2.JOB_STATE_SUCCEEDED
     assert (await queue.get(second.id)).state == job_pb2.JOB_STATE_RUNNING
     rows = await queue.sql("SELECT executions FROM jobs WHERE id = %s", first.id)
