@@ -54,6 +54,7 @@ from mesh.kit.logging import get_logger
 from mesh.kit.runtime import ServiceRuntime
 from mesh.kit.settings import CommonSettings, WorkerSettings
 from mesh.queue.v1 import job_pb2
+from mesh.services.queue.acks import Acks
 from mesh.services.queue.broker import Broker
 from mesh.services.queue.convert import category_from_proto, row_to_job
 from mesh.services.queue.repository import (
@@ -228,6 +229,7 @@ class JobWorker:
             name=f"{name}:{queue}",
         )
         self._tasks: set[asyncio.Task[None]] = set()
+        self._acks = Acks()
         self._accepting = False
         self.ready = asyncio.Event()
 
@@ -258,6 +260,7 @@ class JobWorker:
         finally:
             self._accepting = False
             await self._drain()
+            await self._acks.drain()
             await self.broker.close()
             await self.pool.close()
             log.info("worker stopped", queue=self.queue)
@@ -275,8 +278,7 @@ class JobWorker:
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         if not self._accepting:
             # Stopping: hand the dispatch back at once (RabbitMQ counts it as a delivery).
-            with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
+            await self._acks.reject(message, requeue=True)
             return
         task = asyncio.create_task(self._process(message), name=f"job-{message.message_id}")
         self._tasks.add(task)
@@ -291,7 +293,7 @@ class JobWorker:
         except (DecodeError, ValueError) as exc:
             UNDECODABLE.labels(self.queue).inc()
             log.warning("undecodable dispatch dead-lettered", queue=self.queue, error=str(exc))
-            await _settle(message, ack=False)
+            await self._acks.reject(message, requeue=False)
             return
         headers = {k: v for k, v in (message.headers or {}).items() if isinstance(v, str)}
         parent = tracing.extract(headers)
@@ -316,7 +318,7 @@ class JobWorker:
             except Exception:
                 # A bug of the runtime itself: hand the dispatch back rather than leave it unsettled.
                 log.exception("dispatch not processed; requeued", job_id=str(job_id))
-                await _settle(message, ack=False, requeue=True)
+                await self._acks.reject(message, requeue=True)
 
     async def _run_attempt(self, message: AbstractIncomingMessage, job_id: uuid.UUID, attempt: int) -> None:
         token = uuid.uuid4()
@@ -331,24 +333,24 @@ class JobWorker:
         except RETRY_ON as exc:
             # PostgreSQL stayed away: give the dispatch back; a redelivery takes the job over.
             log.warning("claim failed; dispatch requeued", job_id=str(job_id), error=str(exc))
-            await _settle(message, ack=False, requeue=True)
+            await self._acks.reject(message, requeue=True)
             return
         if row is None:
             DROPPED.labels(self.queue, "not_claimable").inc()
-            await _settle(message, ack=True)
+            self._acks.ack(message)
             return
         started = time.perf_counter()
         running = RunningJob(self.store, row, token, self.options)
         outcome = await self._execute(running, row)
         if outcome is None:  # lease lost: another worker owns the job now
             DROPPED.labels(self.queue, "lease_lost").inc()
-            await _settle(message, ack=True)
+            self._acks.ack(message)
             return
         try:
             written = await self.store.finish(job_id, token, outcome)
         except RETRY_ON as exc:
             log.warning("outcome not committed; dispatch requeued", job_id=str(job_id), error=str(exc))
-            await _settle(message, ack=False, requeue=True)
+            await self._acks.reject(message, requeue=True)
             return
         if written is None:
             DROPPED.labels(self.queue, "fenced_out").inc()
@@ -366,12 +368,20 @@ class JobWorker:
             ATTEMPT_SECONDS.labels(self.queue, written).observe(time.perf_counter() - started)
             if written == JobState.RETRY_WAIT:
                 RETRIES.labels(self.queue).inc()
-        await _settle(message, ack=True)
+        self._acks.ack(message)
 
     async def _execute(self, running: RunningJob, row: Row) -> Outcome | None:
         """Run the handler under a lease beat; the outcome to commit, or None when the lease was lost."""
         handler_task: asyncio.Task[job_pb2.JobResult] = asyncio.create_task(self.handler(running))
-        beat_task = asyncio.create_task(self._beat(running, handler_task))
+        # The beat starts with the first heartbeat: most jobs end before it, and need no task for it.
+        beat_task: asyncio.Task[None] | None = None
+
+        def start_beat() -> None:
+            nonlocal beat_task
+            if not handler_task.done():
+                beat_task = asyncio.create_task(self._beat(running, handler_task))
+
+        timer = asyncio.get_running_loop().call_later(self.options.heartbeat_seconds, start_beat)
         try:
             result = await handler_task
         except LeaseLost:
@@ -388,9 +398,11 @@ class JobWorker:
             log.exception("job handler crashed", job_id=str(row["id"]))
             return self._failure(row, ErrorCategory.SYSTEM, f"{type(exc).__name__}: {exc}", "INTERNAL")
         finally:
-            beat_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await beat_task
+            timer.cancel()
+            if beat_task is not None:
+                beat_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await beat_task
         if running.lease_lost:
             return None
         return Outcome(JobState.SUCCEEDED, "succeeded", result=result.SerializeToString())
@@ -412,31 +424,20 @@ class JobWorker:
         )
 
     async def _beat(self, running: RunningJob, handler_task: asyncio.Task[Any]) -> None:
-        """Extend the lease every beat; cancel the handler when the lease is lost."""
+        """Extend the lease now and every beat after; cancel the handler when the lease is lost."""
         while not handler_task.done():
-            await asyncio.sleep(self.options.heartbeat_seconds)
             try:
                 await running.beat()
             except Exception as exc:
                 # The lease may run out while PostgreSQL is away; the reconciler then re-dispatches the job
                 # and our outcome is fenced out.
                 log.warning("lease beat failed", job_id=running.job.id, error=str(exc))
-                continue
-            if running.lease_lost:
-                log.warning("lease lost; abandoning the job", job_id=running.job.id)
-                handler_task.cancel()
-                return
-
-
-async def _settle(message: AbstractIncomingMessage, *, ack: bool, requeue: bool = False) -> None:
-    """Ack or reject; a closed channel means RabbitMQ redelivers, which fencing makes harmless."""
-    try:
-        if ack:
-            await message.ack()
-        else:
-            await message.reject(requeue=requeue)
-    except Exception as exc:
-        log.info("could not settle a dispatch (channel closed); it will be redelivered", error=str(exc))
+            else:
+                if running.lease_lost:
+                    log.warning("lease lost; abandoning the job", job_id=running.job.id)
+                    handler_task.cancel()
+                    return
+            await asyncio.sleep(self.options.heartbeat_seconds)
 
 
 async def attach_worker(
