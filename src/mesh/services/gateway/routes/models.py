@@ -8,7 +8,6 @@ from typing import Annotated
 import grpc
 from fastapi import APIRouter, Query, Request
 
-from mesh.common.v1 import image_pb2
 from mesh.inference.v1 import inference_service_pb2 as inference_pb
 from mesh.kit import errors
 from mesh.services.gateway import convert, schemas
@@ -16,7 +15,7 @@ from mesh.services.gateway.backends import rpc
 from mesh.services.gateway.bodies import json_request_body, media_type, parse_json
 from mesh.services.gateway.context import Caller, Context
 from mesh.services.gateway.routes.images import ACCEPTED_TYPES, ERRORS
-from mesh.services.gateway.routes.processing import image_input
+from mesh.services.gateway.routes.processing import set_image_input
 from mesh.services.gateway.spans import annotate
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -66,34 +65,17 @@ async def predict(
 ) -> schemas.PredictionOut:
     """Run the model on a stored (``image_id``) or inline (``image``, base64) image, or on raw image bytes."""
     given = await _predict_input(request)
+    message = inference_pb.PredictRequest(model_name=name, request_id=str(uuid.uuid4()))
     if isinstance(given, bytes):
-        source = image_pb2.ImageInput(encoded=image_pb2.EncodedImage(data=given))
-        parameters: dict[str, schemas.ParamScalar] = {}
+        image = set_image_input(message.input, "", given)
     else:
-        source = image_input(given.image_id, given.image)
-        version, precheck_only, parameters = given.version, given.precheck_only, given.parameters
-    annotate(
-        {
-            "mesh.model": name,
-            **(
-                {"mesh.image.id": source.image_id}
-                if source.image_id
-                else {"mesh.image.bytes": len(source.encoded.data)}
-            ),
-        }
-    )
-    response = await rpc(
-        ctx.backends.inference_stub.Predict(
-            inference_pb.PredictRequest(
-                model_name=name,
-                model_version=version,
-                input=source,
-                request_id=str(uuid.uuid4()),
-                parameters=convert.to_params(parameters),
-                precheck_only=precheck_only,
-            )
-        )
-    )
+        image = set_image_input(message.input, given.image_id, given.image)
+        version, precheck_only = given.version, given.precheck_only
+        for key, value in convert.to_params(given.parameters).items():
+            message.parameters[key].CopyFrom(value)
+    message.model_version, message.precheck_only = version, precheck_only
+    annotate({"mesh.model": name, **image})
+    response = await rpc(ctx.backends.inference_stub.Predict(message))
     return convert.prediction(response)
 
 
