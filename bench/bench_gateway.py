@@ -6,8 +6,9 @@ file, image processing and inference services as subprocesses on free ports. A s
 here (no PostgreSQL for the file service, say) is replaced by the test suite's in-process fakes, served from
 their own subprocess, and every result names its backend (``real`` or ``fake``). The client is this process
 (httpx for REST, grpc.aio for direct calls). Images are ~1 MB PNGs sent inline (base64 in JSON for REST,
-bytes for gRPC); process asks for raw bytes back (``Accept: image/png``); predict is also measured with
-the raw image as the body (``Content-Type: image/png``), which skips base64 and JSON.
+bytes for gRPC); process asks for raw bytes back (``Accept: image/png``); upload (multipart) and predict are
+also measured with the raw image as the body (``Content-Type: image/png``), which skips multipart, base64
+and JSON.
 
 Latency (p50, p90) comes from sequential requests, REST and gRPC interleaved so that drift hits both;
 throughput from 8 concurrent callers for a fixed time. On a small shared machine the client, the gateway and
@@ -326,6 +327,15 @@ def make_calls(
     async def rest_upload() -> None:
         _check(await http.post("/v1/images", files={"file": ("strip.png", photo, "image/png")}), 201)
 
+    async def rest_upload_raw() -> None:
+        response = await http.post(
+            "/v1/images",
+            params={"filename": "strip.png"},
+            content=photo,
+            headers={"content-type": "image/png"},
+        )
+        _check(response, 201)
+
     async def rest_process() -> None:
         response = await http.post(
             "/v1/process", content=process_body, headers={**json_headers, "accept": "image/png"}
@@ -357,6 +367,7 @@ def make_calls(
     clients = Clients(
         rest={
             "upload": rest_upload,
+            "upload_raw": rest_upload_raw,
             "process": rest_process,
             "predict": rest_predict,
             "predict_raw": rest_predict_raw,
@@ -434,8 +445,8 @@ async def _measure(
     results.append(await _transport_floor(common))
     for operation in ("upload", "process", "predict"):
         calls = {"grpc": clients["on"].grpc[operation], "rest": clients["on"].rest[operation]}
-        if operation == "predict":
-            calls["rest_raw"] = clients["on"].rest["predict_raw"]
+        if operation in ("upload", "predict"):
+            calls["rest_raw"] = clients["on"].rest[f"{operation}_raw"]
         if operation != "upload":
             calls["rest_tracing_off"] = clients["off"].rest[operation]
             calls["rest_tracing_exported"] = clients["exported"].rest[operation]

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import AsyncIterator
 
 import httpx
+import numpy as np
+from PIL import Image
 
 from tests.gateway.fakes import strip_png
 from tests.gateway.harness import FakeMesh, GatewayFactory
 from tests.gateway.test_errors import assert_error_shape
+
+
+def noisy_png(at_least: int) -> bytes:
+    """A PNG of random pixels (incompressible) of at least ``at_least`` bytes."""
+    side = int((at_least / 3) ** 0.5) + 8
+    pixels = np.random.default_rng(3).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG", compress_level=1)
+    assert buffer.tell() >= at_least
+    return buffer.getvalue()
 
 
 async def test_multipart_upload_returns_201_with_metadata(client: httpx.AsyncClient) -> None:
@@ -22,6 +35,16 @@ async def test_multipart_upload_returns_201_with_metadata(client: httpx.AsyncCli
     assert (body["width"], body["height"], body["format"]) == (320, 80, "PNG")
     assert body["filename"] == "strip.png"
     assert response.headers["location"] == f"/v1/images/{body['id']}"
+
+
+async def test_multipart_upload_over_one_mib_arrives_whole(client: httpx.AsyncClient, mesh: FakeMesh) -> None:
+    """A multipart part larger than Starlette's 1 MiB spool (kept in memory here) reaches the file service
+    byte for byte."""
+    data = noisy_png(1_300_000)
+    response = await client.post("/v1/images", files={"file": ("big.png", data, "image/png")})
+    assert response.status_code == 201, response.text
+    assert response.json()["sha256"] == hashlib.sha256(data).hexdigest()
+    assert mesh.fakes.files.images[response.json()["id"]].data == data
 
 
 async def test_raw_upload_with_image_content_type(client: httpx.AsyncClient, mesh: FakeMesh) -> None:

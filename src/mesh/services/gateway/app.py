@@ -14,6 +14,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.formparsers import MultiPartParser
 from starlette.types import Scope
 
 from mesh.services.gateway import http_errors
@@ -83,6 +84,10 @@ def create_app(ctx: GatewayContext) -> FastAPI:
         return settings.max_json_bytes
 
     app.add_middleware(BodyLimit, limit_for=limit_for)
+    # An uploaded file is read into memory whole (it goes on to the file service), so a multipart part
+    # up to the upload limit stays in memory: Starlette's default spools parts over 1 MiB to a temporary
+    # file, written through a worker thread chunk by chunk, which made a 1 MB upload ~10 ms slower.
+    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, settings.max_upload_bytes)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
