@@ -174,10 +174,13 @@ async def start_backends(blob_dir: Path) -> Backends:
     kinds: dict[str, str] = {}
     processes: list[Process] = []
     starting = {}
+    grpc_ports = {key: _free_port() for key in REAL_SERVICES}
     for key, (module, service) in REAL_SERVICES.items():
-        grpc_port = _free_port()
+        grpc_port = grpc_ports[key]
         env = {
             "MESH_GRPC_PORT": str(grpc_port),
+            # Image processing and inference fetch stored images (``image_id``) from the file service.
+            "MESH_FILE_SERVICE_ADDRESS": f"127.0.0.1:{grpc_ports['file']}",
             "MESH_HTTP_PORT": str(_free_port()),
             "MESH_DATABASE_URL": DATABASE_URL,
             "MESH_BLOB_DIR": str(blob_dir),
@@ -305,9 +308,10 @@ class Clients:
 
 
 def make_calls(
-    http: httpx.AsyncClient, backends: Backends, settings: CommonSettings, photo: bytes
+    http: httpx.AsyncClient, backends: Backends, settings: CommonSettings, photo: bytes, image_id: str
 ) -> tuple[Clients, list[Any]]:
-    """Upload, process and predict by REST and by direct gRPC, with the same image."""
+    """Upload, process and predict by REST and by direct gRPC, with the same image: inline, and stored
+    (``image_id``: the service fetches the bytes from the file service, so no image crosses the gateway)."""
     inline = base64.b64encode(photo).decode()
     # Bodies encoded once: the client's JSON encoding is not the gateway's cost.
     process_body = json.dumps({"image": inline, "output_format": "png"}).encode()
@@ -323,6 +327,9 @@ def make_calls(
     image_stub = image_grpc.ImageProcessingServiceStub(image_channel)
     inference_stub = inference_grpc.InferenceServiceStub(inference_channel)
     encoded = image_pb2.ImageInput(encoded=image_pb2.EncodedImage(data=photo))
+    stored = image_pb2.ImageInput(image_id=image_id)
+    process_ref_body = json.dumps({"image_id": image_id, "output_format": "png"}).encode()
+    predict_ref_body = json.dumps({"image_id": image_id}).encode()
 
     async def rest_upload() -> None:
         _check(await http.post("/v1/images", files={"file": ("strip.png", photo, "image/png")}), 201)
@@ -351,6 +358,28 @@ def make_calls(
         )
         _check(response)
 
+    async def rest_process_ref() -> None:
+        response = await http.post(
+            "/v1/process", content=process_ref_body, headers={**json_headers, "accept": "image/png"}
+        )
+        _check(response)
+
+    async def rest_predict_ref() -> None:
+        response = await http.post(
+            "/v1/models/strip-reader:predict", content=predict_ref_body, headers=json_headers
+        )
+        _check(response)
+
+    async def grpc_process_ref() -> None:
+        await image_stub.ProcessImage(
+            image_pb.ProcessImageRequest(
+                input=stored, output=image_pb.OutputSpec(format=image_pb2.IMAGE_FORMAT_PNG)
+            )
+        )
+
+    async def grpc_predict_ref() -> None:
+        await inference_stub.Predict(inference_pb.PredictRequest(model_name="strip-reader", input=stored))
+
     async def grpc_upload() -> None:
         await files.upload(photo, filename="strip.png", content_type="image/png")
 
@@ -371,8 +400,16 @@ def make_calls(
             "process": rest_process,
             "predict": rest_predict,
             "predict_raw": rest_predict_raw,
+            "process_by_id": rest_process_ref,
+            "predict_by_id": rest_predict_ref,
         },
-        grpc={"upload": grpc_upload, "process": grpc_process, "predict": grpc_predict},
+        grpc={
+            "upload": grpc_upload,
+            "process": grpc_process,
+            "predict": grpc_predict,
+            "process_by_id": grpc_process_ref,
+            "predict_by_id": grpc_predict_ref,
+        },
     )
     return clients, [files, image_channel, inference_channel]
 
@@ -385,6 +422,11 @@ async def _run(backends: Backends, photo: bytes) -> list[dict[str, Any]]:
     settings = CommonSettings(file_service_address=backends.addresses["file"], rpc_timeout_seconds=60.0)
     common = {"image_bytes": len(photo), "concurrency": CONCURRENCY}
     limits = httpx.Limits(max_connections=CONCURRENCY * 2, max_keepalive_connections=CONCURRENCY * 2)
+    files = FileClient.connect(settings)
+    try:
+        image_id = (await files.upload(photo, filename="strip.png", content_type="image/png")).image.id
+    finally:
+        await files.close()
     with contextlib.ExitStack() as stack:
         # Three gateways at once (tracing on, off, exported), so their requests can be interleaved.
         urls = {
@@ -396,7 +438,7 @@ async def _run(backends: Backends, photo: bytes) -> list[dict[str, Any]]:
                 http = await closing.enter_async_context(
                     httpx.AsyncClient(base_url=url, timeout=60, limits=limits)
                 )
-                clients[tracing], closables = make_calls(http, backends, settings, photo)
+                clients[tracing], closables = make_calls(http, backends, settings, photo, image_id)
                 for closable in closables:
                     closing.push_async_callback(closable.close)
             return await _measure(clients, backends, common)
@@ -435,7 +477,7 @@ async def _transport_floor(common: dict[str, Any]) -> dict[str, Any]:
 
 
 def _backend_of(operation: str) -> str:
-    return {"upload": "file", "process": "image", "predict": "inference"}[operation]
+    return {"upload": "file", "process": "image", "predict": "inference"}[operation.removesuffix("_by_id")]
 
 
 async def _measure(
@@ -443,11 +485,12 @@ async def _measure(
 ) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     results.append(await _transport_floor(common))
-    for operation in ("upload", "process", "predict"):
+    for operation in ("upload", "process", "predict", "process_by_id", "predict_by_id"):
         calls = {"grpc": clients["on"].grpc[operation], "rest": clients["on"].rest[operation]}
         if operation in ("upload", "predict"):
             calls["rest_raw"] = clients["on"].rest[f"{operation}_raw"]
-        if operation != "upload":
+        with_tracing_cost = operation in ("process", "predict")
+        if with_tracing_cost:
             calls["rest_tracing_off"] = clients["off"].rest[operation]
             calls["rest_tracing_exported"] = clients["exported"].rest[operation]
         timings = await latencies(calls, SEQUENTIAL)
@@ -480,7 +523,7 @@ async def _measure(
                 ),
             }
         )
-        if operation == "upload":
+        if not with_tracing_cost:
             continue
         off, on, exported = rates["rest_tracing_off"], rates["rest"], rates["rest_tracing_exported"]
         results.append(
