@@ -86,12 +86,16 @@ def load_migrations(package: str) -> list[Migration]:
     return sorted(found, key=lambda m: m.version)
 
 
+MIGRATION_LOCK_KEY = int.from_bytes(hashlib.sha256(b"mesh-migrate").digest()[:8], "big", signed=True)
+
+
 async def migrate(url: str, component: str, package: str) -> list[str]:
     """Apply ``package``'s pending migrations for ``component``; returns the names applied."""
     migrations = load_migrations(package)
-    lock_key = int.from_bytes(
-        hashlib.sha256(f"mesh-migrate:{component}".encode()).digest()[:8], "big", signed=True
-    )
+    # One lock for every component's migrations, not one per component: the components share the
+    # schema_migrations table, and two concurrent CREATE TABLE IF NOT EXISTS of it on a fresh database
+    # collide (a unique violation in pg_type) however the statement is phrased.
+    lock_key = MIGRATION_LOCK_KEY
     applied: list[str] = []
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         await conn.execute("SELECT pg_advisory_lock(%s)", (lock_key,))
