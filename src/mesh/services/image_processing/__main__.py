@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from mesh.image.v1 import image_processing_service_pb2_grpc as pb_grpc
+from mesh.kit.gpu_metrics import cupy_pool_bytes, register_gpu_metrics
 from mesh.kit.health import FunctionCheck
 from mesh.kit.jobs import IMAGE_JOBS_QUEUE
 from mesh.kit.logging import get_logger
@@ -31,6 +32,7 @@ async def main() -> None:
     # Kernels compile here, before the port opens, so no request pays for compilation.
     await asyncio.to_thread(backend.warm_up)
     log.info("compute backend ready", device=backend.device.value, detail=backend.check())
+    register_gpu_metrics(cupy_pool_bytes if backend.device.value == "gpu" else None)
     files = FileClient.connect(settings)
     processor = Processor(
         backend,

@@ -6,6 +6,7 @@ import asyncio
 import sys
 
 from mesh.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from mesh.kit.gpu_metrics import cupy_pool_bytes, register_gpu_metrics
 from mesh.kit.jobs import INFERENCE_JOBS_QUEUE
 from mesh.kit.logging import get_logger
 from mesh.kit.memory import tune_allocator
@@ -35,6 +36,7 @@ async def serve(settings: InferenceSettings) -> None:
         raise SystemExit(2) from None
     log.info("loading models", directory=str(repository.directory), device=device)
     await repository.load()
+    register_gpu_metrics(cupy_pool_bytes if device == "gpu" else None)
     file_client = FileClient.connect(settings)
     predictor = Predictor(
         repository,
