@@ -13,13 +13,14 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.formparsers import MultiPartParser
 from starlette.types import Scope
 
 from mesh.services.gateway import http_errors
 from mesh.services.gateway.auth import API_KEY_HEADER
-from mesh.services.gateway.context import GatewayContext
+from mesh.services.gateway.context import SECURITY_SCHEMES, GatewayContext, guard
 from mesh.services.gateway.middleware import BodyLimit, ObservedRequests
 from mesh.services.gateway.routes import images, jobs, models, processing, system
 from mesh.services.gateway.schemas import PredictIn, ProcessIn
@@ -33,6 +34,9 @@ Every response carries the W3C `traceparent` of its trace. Authentication (when 
 `X-API-Key` header or a JWT bearer token; rate-limited routes send `RateLimit-Limit`,
 `RateLimit-Remaining` and `RateLimit-Reset`, and a 429 carries `Retry-After`.
 """
+
+
+ROUTERS = (system.router, images.router, processing.router, models.router, jobs.router)
 
 
 def create_app(ctx: GatewayContext) -> FastAPI:
@@ -60,7 +64,7 @@ def create_app(ctx: GatewayContext) -> FastAPI:
     app.state.gateway = ctx
     app.openapi = lambda: exact_openapi(app, ctx.settings.auth_mode)  # type: ignore[method-assign]
     http_errors.install(app)
-    for router in (system.router, images.router, processing.router, models.router, jobs.router):
+    for router in ROUTERS:
         app.include_router(router)
     static = Path(str(resources.files("mesh.services.gateway").joinpath("static")))
     app.mount("/static", StaticFiles(directory=static), name="static")
@@ -134,13 +138,19 @@ def exact_openapi(app: FastAPI, auth_mode: AuthMode) -> dict[str, Any]:
     document = get_openapi(
         title=app.title, version=app.version, description=app.description, routes=app.routes
     )
-    allowed = _SCHEMES_BY_MODE[auth_mode]
-    for path_item in document.get("paths", {}).values():
-        for operation in path_item.values():
+    allowed = sorted(_SCHEMES_BY_MODE[auth_mode])
+    guarded = {
+        (method.lower(), route.path)
+        for router in ROUTERS
+        for route in router.routes
+        if isinstance(route, APIRoute) and any(d.call is guard for d in route.dependant.dependencies)
+        for method in route.methods or ()
+    }
+    for path, path_item in document.get("paths", {}).items():
+        for method, operation in path_item.items():
             operation.get("responses", {}).pop("422", None)
-            security = [s for s in operation.pop("security", []) if set(s) <= allowed]
-            if security:
-                operation["security"] = security
+            if allowed and (method, path) in guarded:
+                operation["security"] = [{scheme: []} for scheme in allowed]
     components = document.setdefault("components", {})
     # Routes that parse their body themselves (bodies.py) name its schema, which FastAPI does not register.
     registered = components.setdefault("schemas", {})
@@ -151,8 +161,7 @@ def exact_openapi(app: FastAPI, auth_mode: AuthMode) -> dict[str, Any]:
         registered[model.__name__] = schema
     for unused in ("HTTPValidationError", "ValidationError"):
         components.get("schemas", {}).pop(unused, None)
-    schemes = {k: v for k, v in components.pop("securitySchemes", {}).items() if k in allowed}
-    if schemes:
-        components["securitySchemes"] = schemes
+    if allowed:
+        components["securitySchemes"] = {scheme: SECURITY_SCHEMES[scheme] for scheme in allowed}
     app.openapi_schema = document
     return document
