@@ -58,6 +58,22 @@ async def test_a_failed_batch_fails_only_its_own_callers_and_batches_are_bounded
     assert results[4] == 15
 
 
+async def test_an_item_right_after_a_batch_ends_gets_a_flusher() -> None:
+    """A caller that submits again as soon as its batch answered (the flusher just ran out of work) is
+    not left waiting: a batch that completes without suspending still lets the next item run."""
+
+    async def echo(items: Sequence[int]) -> list[int]:
+        return list(items)
+
+    group: GroupCommit[int, int] = GroupCommit(echo)
+
+    async def twice() -> tuple[int, int]:
+        first = await group.run(1)
+        return first, await group.run(2)  # in the same turn as the answer to the first
+
+    assert await asyncio.wait_for(twice(), 2) == (1, 2)
+
+
 @pytest.mark.integration
 async def test_concurrent_submits_get_exact_positions_and_one_job_per_key(queue: Harness) -> None:
     """Submits that share a statement each get the position GetJob and ListJobs report (priority first,

@@ -35,19 +35,29 @@ class GroupCommit(Generic[Item, Result]):
         self.max_batch = max_batch
         self.concurrency = concurrency
         self._pending: list[tuple[Item, asyncio.Future[Result]]] = []
-        self._flushers: set[asyncio.Task[None]] = set()
+        self._flushing = 0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, item: Item) -> Result:
         """Run ``item`` in the next batch; returns its result once the batch is done."""
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
-        if len(self._flushers) < self.concurrency:
+        if self._flushing < self.concurrency:
+            # Counted here and uncounted by the flusher itself as it runs out of work (not by a done
+            # callback, which runs a turn later: an item arriving in between would wait forever).
+            self._flushing += 1
             flusher = asyncio.create_task(self._flush())
-            self._flushers.add(flusher)
-            flusher.add_done_callback(self._flushers.discard)
+            self._tasks.add(flusher)
+            flusher.add_done_callback(self._tasks.discard)
         return await future
 
     async def _flush(self) -> None:
+        try:
+            await self._flush_pending()
+        finally:
+            self._flushing -= 1
+
+    async def _flush_pending(self) -> None:
         while self._pending:
             batch = self._pending[: self.max_batch]
             del self._pending[: self.max_batch]

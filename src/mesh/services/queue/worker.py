@@ -23,6 +23,10 @@ For each dispatch (a ``JobDispatch``: job id and attempt, the fencing token):
 4. the outcome (SUCCEEDED with the result; RETRY_WAIT with ``next_run_at`` by backoff; FAILED; CANCELLED)
    is committed, fenced by the token, and only then is the message acked.
 
+Claims and outcomes of jobs running at the same time share statements (``batching.GroupCommit``: one round
+trip and one commit per batch, each row fenced on its own), and acks of consecutive deliveries share one
+``basic.ack`` (``acks.Acks``), so a busy worker pays per batch what an idle one pays per job.
+
 A worker that dies mid-job leaves its message unacked: RabbitMQ redelivers it (the quorum queue counts
 deliveries) and the next worker takes over; a job that kills every worker ends in the dead-letter queue,
 whose consumer marks it DEAD. The consumer span of each job is the child of the producer's context and
@@ -123,6 +127,12 @@ class WorkerOptions:
 
     db_pool_max_size: int | None = None
     """PostgreSQL connections (default: concurrency + 2)."""
+
+    suspect_grace_seconds: float = 5.0
+    """Redelivered dispatches (a worker holding them died, maybe killed by one of them) run one at a time:
+    the next is claimed when the previous ended or after this long. Jobs claimed together in one batch
+    would otherwise all count a claim when one of them crashes the worker, and the dead-letter consumer
+    would take the bystanders for crashers too (see ``states.dead_letter_outcome``)."""
 
 
 class LeaseLost(Exception):
@@ -230,6 +240,7 @@ class JobWorker:
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._acks = Acks()
+        self._suspects = asyncio.Lock()
         self._accepting = False
         self.ready = asyncio.Event()
 
@@ -321,6 +332,26 @@ class JobWorker:
                 await self._acks.reject(message, requeue=True)
 
     async def _run_attempt(self, message: AbstractIncomingMessage, job_id: uuid.UUID, attempt: int) -> None:
+        if not message.redelivered:
+            await self._attempt(message, job_id, attempt)
+            return
+        await self._suspects.acquire()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._suspects.release()
+
+        timer = asyncio.get_running_loop().call_later(self.options.suspect_grace_seconds, release)
+        try:
+            await self._attempt(message, job_id, attempt)
+        finally:
+            timer.cancel()
+            release()
+
+    async def _attempt(self, message: AbstractIncomingMessage, job_id: uuid.UUID, attempt: int) -> None:
         token = uuid.uuid4()
         try:
             row = await self.store.claim(
