@@ -1,6 +1,6 @@
 """Derives the line thresholds of :class:`ReaderConfig` from the TRAIN split only.
 
-``python -m mesh.services.inference.strip.calibrate [--count N]`` reads train images with thresholds opened
+``python -m mesh.services.inference.strip.calibrate [--count N]`` (default 2000) reads train images with thresholds opened
 wide, then picks, for T, the lowest signal-to-noise ratio that keeps false test lines on train negatives under
 0.25 % and, for C, the one that keeps false control lines on train invalid strips under 0.25 %, each plus a
 quarter noise unit. It prints one JSON object with the proposed values and the score distributions; the values are then
@@ -77,7 +77,7 @@ def _quantiles(values: npt.NDArray[Any]) -> dict[str, float] | None:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--count", type=int, default=800)
+    parser.add_argument("--count", type=int, default=2000)
     args = parser.parse_args(argv)
     print(json.dumps(calibrate(args.count)))
     return 0

@@ -6,10 +6,14 @@ add nothing to them; the columns over which both borders are strong give the win
 has no such borders; its membrane lies between the sample pad and the wick, found as the sharpest steps of
 the profile's upper envelope.
 
-The profile averages the window's central rows per channel. Its background is the upper envelope (a
-morphological closing wider than any line, which keeps steps such as shadow edges but fills dips), so each
-channel's absorbance ``1 - profile / envelope`` is 0 on the membrane whatever its colour, light or cast, and a
-line's peak absorbance is its contrast against the membrane.
+The profile averages the window's rows (all but a tenth at each border) per channel, after shearing the rows
+so that the strongest line stands upright (perspective and a slightly wrong angle tilt lines by up to several
+pixels over the window's height). Its background is the upper envelope (a morphological closing wider than
+any line, which keeps steps such as shadow edges but fills dips), so each channel's absorbance
+``1 - profile / envelope`` is 0 on the membrane whatever its colour, light or cast, and a line's peak
+absorbance is its contrast against the membrane. T is then searched with C as a zero-mean matched filter
+(``matched_test_line``), its noise taken from the filter's output away from the lines and from the
+difference of the even and odd rows (pixel noise without any line).
 """
 
 from __future__ import annotations
@@ -74,6 +78,10 @@ class Profile:
     absorb: FloatArray
     """Absorbance per column and channel, shape (n, channels)."""
 
+    split_noise: FloatArray
+    """Half the difference of the even rows' and the odd rows' absorbance, shape (n, channels): the same
+    pixel noise as ``absorb`` but no line, so it measures how noisy the profile is even where lines are."""
+
 
 @dataclass(frozen=True)
 class MatchedLine:
@@ -106,7 +114,10 @@ def matched_test_line(
 
     T and C are made of the same particles and striped alike, so C is the best template for T: the channel
     absorbances are projected on C's colour, then correlated with C's own profile. Both raise the faint
-    line's signal over the noise far more than a per-channel maximum does.
+    line's signal over the noise far more than a per-channel maximum does. The template is made zero-mean
+    over flanks as wide as the line on each side, so a slope or a step of the background (a shadow edge, a
+    lighting gradient) does not read as a line, and T and C are measured by the very same filter: T's height
+    is its amplitude relative to C's, in C's contrast, so ``t_to_c_ratio`` compares like with like.
     """
     absorb = profile.absorb
     n = absorb.shape[0]
@@ -121,15 +132,31 @@ def matched_test_line(
     fwhm = line_width(profile.signal, control.index)
     half = max(1, round(1.2 * fwhm))
     lo, hi = max(0, ci - half), min(n, ci + half + 1)
-    template = projected[lo:hi].copy()
-    template -= min(0.0, float(template.min()))
-    peak = float(template.max())
-    if peak <= 0 or template.size < 2:
+    core = projected[lo:hi].copy()
+    core -= min(0.0, float(core.min()))
+    peak = float(core.max())
+    if peak <= 0 or core.size < 2:
         return None
-    template /= peak
-    response = np.correlate(projected, template, mode="same") / float(template @ template)
+    core /= peak
+    flank = max(2, half)
+    template = np.concatenate([np.zeros(flank), core, np.zeros(flank)])
+    zero_mean = template - float(template.mean())
+    gain = float(template @ zero_mean)
+    if gain <= 0:
+        return None
+    response = np.correlate(projected, zero_mean, mode="same") / gain
+    reach_c = half + flank
+    c_amp = _refined_max(response, ci, max(1, half // 2))
+    # For T, C is bridged over by a straight line between its sides: in a short window C would otherwise
+    # sit in the flanks of a T candidate and take away from its response.
+    bridged = projected.copy()
+    left, right = max(0, lo - 1), min(n - 1, hi)
+    bridged[left : right + 1] = np.linspace(projected[left], projected[right], right - left + 1)
+    response = np.correlate(bridged, zero_mean, mode="same") / gain
+    if c_amp <= 0:
+        return None
     # The window's rim, smeared by the filter, stays out of both the search and the noise estimate.
-    margin = int(0.04 * n + 2) + half
+    margin = int(0.04 * n + 2) + reach_c
     a, b = int(zone[0] * n), int(zone[1] * n) + 1
     a, b = max(a, margin), min(b, n - margin)
     if b - a < 1:
@@ -137,20 +164,38 @@ def matched_test_line(
     j = a + int(np.argmax(response[a:b]))
     # Noise of the filtered profile away from C and from the candidate itself (in a small window a strong
     # T would otherwise inflate the noise it is judged against).
-    rest = response
-    for reach in (3 * half, 2 * half, half):  # narrower exclusions where the window is short
-        keep = np.ones(n, bool)
-        for centre_index in (ci, j):
-            keep[max(0, centre_index - reach) : centre_index + reach + 1] = False
-        keep[:margin] = False
-        keep[n - margin :] = False
-        if keep.sum() >= 10:
-            rest = response[keep]
-            break
-    centre = float(np.median(rest))
-    noise = max(noise_floor, 1.4826 * float(np.median(np.abs(rest - centre))))
-    height = float(response[j]) - centre
-    return MatchedLine(index=float(j), height=height, snr=height / noise)
+    # Beside them, the noise of the same filter run on the split-half difference, which holds the pixel
+    # noise but no line (a short window may leave too few samples away from both lines); lines still leak
+    # into it a little (a slight tilt left), so it is read away from them too where the window allows.
+    split = (profile.split_noise.astype(np.float64) @ weights) / float(weights @ weights)
+    split_response = np.correlate(split, zero_mean, mode="same") / gain
+    keep = np.ones(n, bool)
+    for centre_index in (ci, j):
+        keep[max(0, centre_index - reach_c) : centre_index + reach_c + 1] = False
+    keep[:margin] = False
+    keep[n - margin :] = False
+    inner = split_response[keep] if keep.sum() >= 8 else split_response[margin : max(margin + 1, n - margin)]
+    noise = max(noise_floor, 1.4826 * float(np.median(np.abs(inner - np.median(inner)))))
+    centre = 0.0
+    if keep.sum() >= 8:
+        rest = response[keep]
+        centre = float(np.median(rest))
+        noise = max(noise, 1.4826 * float(np.median(np.abs(rest - centre))))
+    amplitude = _refined_max(response, j, 1) - centre
+    snr = amplitude / noise
+    # T's strength in C's contrast: both come out of the same filter, so their ratio compares like with like.
+    return MatchedLine(index=float(j), height=amplitude / (c_amp - centre) * control.height, snr=snr)
+
+
+def _refined_max(values: FloatArray, index: int, reach: int) -> float:
+    """The largest value within ``reach`` of ``index``, refined by the parabola through its neighbours."""
+    lo, hi = max(0, index - reach), min(values.size, index + reach + 1)
+    i = lo + int(np.argmax(values[lo:hi]))
+    if i <= 0 or i >= values.size - 1:
+        return float(values[i])
+    a, b, c = float(values[i - 1]), float(values[i]), float(values[i + 1])
+    denom = a - 2 * b + c
+    return b - 0.125 * (a - c) ** 2 / denom if denom < 0 else b
 
 
 def _smooth_rows(grey: FloatArray) -> FloatArray:
@@ -282,23 +327,69 @@ def _closing(values: FloatArray, size: int) -> FloatArray:
     return np.asarray(closed.ravel(), dtype=np.float32)
 
 
+# Rows trimmed off the window's top and bottom (its bevel and shaded rim); the rest is averaged.
+ROW_TRIM = 0.1
+
+
 def window_profile(crop: FloatArray, box: WindowBox, noise_floor: float, margin: float = 0.04) -> Profile:
-    """Background-corrected line profile of the window's central rows; peaks sorted by position."""
+    """Background-corrected line profile of the window's rows, de-skewed; peaks sorted by position."""
     h = box.y1 - box.y0
-    y0 = round(box.y0 + 0.17 * h)
-    y1 = round(box.y1 - 0.17 * h)
+    y0 = round(box.y0 + ROW_TRIM * h)
+    y1 = round(box.y1 - ROW_TRIM * h)
     if y1 <= y0:
         y1 = y0 + 1
     x0, x1 = round(box.x0), round(box.x1)
     band = crop[y0:y1, x0:x1]
+    if band.ndim == 2:
+        band = band[:, :, None]
+    band = np.ascontiguousarray(band, dtype=np.float32)
+    n = band.shape[1]
+    edge = max(int(margin * n), int(0.04 * n + 2))
+    absorb, env, level_ratio = _absorbance(band, margin)
+    # Perspective and a slightly wrong angle tilt the lines by up to several pixels over the window's
+    # height, which smears a narrow line; the strongest line's tilt is measured and sheared away.
+    slope = _line_slope(band, absorb, env, edge)
+    if slope != 0.0:
+        band = _shear_rows(band, slope)
+        absorb, env, level_ratio = _absorbance(band, margin)
+    signal = absorb.max(axis=1).astype(np.float32)
+    # The window's own rim must not count as a line: skip a few pixels more than the margin at each end.
+    lo, hi = edge, n - edge
+    core = signal[lo:hi] if hi - lo > 8 else signal
+    med = float(np.median(core))
+    noise = max(noise_floor, 1.4826 * float(np.median(np.abs(core - med))))
+    peaks = _peaks(signal, absorb, noise, lo, hi)
+    split = _split_difference(band, env)
+    return Profile(
+        signal=signal,
+        noise=noise,
+        level_ratio=level_ratio,
+        peaks=peaks,
+        absorb=absorb,
+        split_noise=split,
+    )
+
+
+def _split_difference(band: FloatArray, env: FloatArray) -> FloatArray:
+    if band.shape[0] < 2:
+        return np.zeros_like(env)
+    rows = 2 * (band.shape[0] // 2)
+    n = band.shape[1]
+    sigma = max(0.6, 0.003 * n)
+    even = _blur_columns(band[0:rows:2].mean(axis=0).astype(np.float32), sigma)
+    odd = _blur_columns(band[1:rows:2].mean(axis=0).astype(np.float32), sigma)
+    return np.asarray(0.5 * (odd - even) / env, dtype=np.float32)
+
+
+def _absorbance(band: FloatArray, margin: float) -> tuple[FloatArray, FloatArray, float]:
+    """Per-column absorbance (n, channels), its background envelope, and the envelope's max/min ratio."""
     means = band.mean(axis=0)
-    if means.ndim == 1:
-        means = means[:, None]
     n = means.shape[0]
     sigma = max(0.6, 0.003 * n)
     means = _blur_columns(means.astype(np.float32), sigma)
     k = max(5, int(0.1 * n) | 1)
     absorb = np.empty_like(means)
+    envelope = np.empty_like(means)
     level_ratio = 1.0
     for c in range(means.shape[1]):
         closed = _closing(means[:, c], k)
@@ -307,19 +398,63 @@ def window_profile(crop: FloatArray, box: WindowBox, noise_floor: float, margin:
         smoothed = cv2.blur(
             closed.reshape(1, -1), (max(1, k // 3), 1), borderType=cv2.BORDER_REPLICATE
         ).ravel()
-        env = np.minimum(closed, smoothed)
-        absorb[:, c] = 1.0 - means[:, c] / np.maximum(env, 1e-3)
+        env = np.maximum(np.minimum(closed, smoothed), 1e-3)
+        envelope[:, c] = env
+        absorb[:, c] = 1.0 - means[:, c] / env
         inner = env[int(margin * n) : max(int(margin * n) + 1, int((1 - margin) * n))]
         level_ratio = max(level_ratio, float(inner.max() / max(inner.min(), 1e-3)))
-    signal = absorb.max(axis=1).astype(np.float32)
-    # The window's own rim must not count as a line: skip a few pixels more than the margin at each end.
-    edge = max(int(margin * n), int(0.04 * n + 2))
-    lo, hi = edge, n - edge
-    core = signal[lo:hi] if hi - lo > 8 else signal
-    med = float(np.median(core))
-    noise = max(noise_floor, 1.4826 * float(np.median(np.abs(core - med))))
-    peaks = _peaks(signal, absorb, noise, lo, hi)
-    return Profile(signal=signal, noise=noise, level_ratio=level_ratio, peaks=peaks, absorb=absorb)
+    return absorb, envelope, level_ratio
+
+
+def _line_slope(band: FloatArray, absorb: FloatArray, env: FloatArray, edge: int) -> float:
+    """Columns per row by which the strongest line drifts down the window (0 when it cannot be told)."""
+    rows, n = band.shape[0], band.shape[1]
+    signal = absorb.max(axis=1)
+    if rows < 8 or n - 2 * edge < 8:
+        return 0.0
+    i = edge + int(np.argmax(signal[edge : n - edge]))
+    top = float(signal[i])
+    core = signal[edge : n - edge]
+    spread = 1.4826 * float(np.median(np.abs(core - np.median(core)))) + 1e-4
+    if top < 0.03 or top < 15 * spread:
+        return 0.0
+    channel = int(np.argmax(absorb[i]))
+    reach = max(3, round(2.0 * line_width(signal, float(i))))
+    lo, hi = max(0, i - reach), min(n, i + reach + 1)
+    bands = max(3, min(8, rows // 4))
+    xs = np.arange(lo, hi, dtype=np.float64)
+    centres, weights, ys = [], [], []
+    for k in range(bands):
+        a, b = k * rows // bands, (k + 1) * rows // bands
+        values = band[a:b, lo:hi, channel].mean(axis=0)
+        dip = 1.0 - values / env[lo:hi, channel]
+        w = np.clip(dip - 0.4 * float(dip.max()), 0.0, None)
+        total = float(w.sum())
+        if total <= 0:
+            continue
+        centres.append(float((xs * w).sum() / total))
+        weights.append(total)
+        ys.append((a + b - 1) / 2)
+    if len(centres) < 3:
+        return 0.0
+    slope, _ = np.polyfit(np.array(ys), np.array(centres), 1, w=np.sqrt(np.array(weights)))
+    # Under a third of a pixel over the whole height is not worth resampling for.
+    return float(slope) if abs(slope) * rows >= 0.33 else 0.0
+
+
+def _shear_rows(band: FloatArray, slope: float) -> FloatArray:
+    """Row y shifted by ``slope * (y - middle)`` columns, so that a line drifting by ``slope`` stands upright."""
+    rows, n = band.shape[0], band.shape[1]
+    middle = (rows - 1) / 2
+    matrix = np.array([[1.0, slope, -slope * middle], [0.0, 1.0, 0.0]], dtype=np.float64)
+    sheared = cv2.warpAffine(
+        band,
+        matrix,
+        (n, rows),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+    return np.asarray(sheared, dtype=np.float32).reshape(band.shape)
 
 
 def _blur_columns(values: FloatArray, sigma: float) -> FloatArray:

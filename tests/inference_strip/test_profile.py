@@ -1,0 +1,101 @@
+"""The line profile on synthetic windows: de-skew, the matched T filter, and the T/C ratio it measures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from mesh.services.inference.strip.config import ReaderConfig
+from mesh.services.inference.strip.profile import (
+    Peak,
+    Profile,
+    WindowBox,
+    matched_test_line,
+    window_profile,
+)
+from mesh.services.inference.strip.reader import StripReader
+
+MEMBRANE = np.array([0.93, 0.91, 0.86], np.float32)
+RED = np.array([0.35, 1.0, 0.6], np.float32)
+LENGTH, HEIGHT = 300, 60
+C_AT, T_AT = 0.65, 0.37
+ZONE = (C_AT - 0.4, C_AT - 0.16)
+
+
+def _window(
+    lines: list[tuple[float, float]],
+    slope: float = 0.0,
+    width: float = 6.0,
+    noise: float = 0.0,
+    step_at: float | None = None,
+    length: int = LENGTH,
+) -> npt.NDArray[Any]:
+    """A membrane-coloured window; each line (position as a fraction, contrast) drifts ``slope`` px per row."""
+    rows = np.arange(HEIGHT, dtype=np.float32)[:, None]
+    xs = np.arange(length, dtype=np.float32)[None, :]
+    image = np.ones((HEIGHT, length, 3), np.float32) * MEMBRANE
+    for position, contrast in lines:
+        centre = position * length + slope * (rows - (HEIGHT - 1) / 2)
+        shape = np.exp(-0.5 * ((xs - centre) / (width / 2.355)) ** 2)
+        image *= (1 - contrast * shape)[:, :, None] * RED + (1 - RED)
+    if step_at is not None:
+        # A shadow edge across the window: everything right of it 6 % darker, with a soft edge.
+        image *= (1 - 0.06 / (1 + np.exp(-(xs - step_at * length) / 1.5)))[:, :, None]
+    if noise > 0:
+        image += np.random.default_rng(7).normal(0, noise, image.shape).astype(np.float32)
+    clipped: npt.NDArray[Any] = np.clip(image, 0, 1)
+    return clipped
+
+
+def _profile(image: npt.NDArray[Any]) -> Profile:
+    box = WindowBox(0.0, 0.0, float(image.shape[1]), float(image.shape[0]), framed=True)
+    return window_profile(image, box, noise_floor=0.002)
+
+
+def _control(profile: Profile) -> Peak:
+    return max((p for p in profile.peaks if p.index / profile.signal.size > 0.5), key=lambda p: p.height)
+
+
+def test_a_tilted_line_is_stood_upright() -> None:
+    """A line drifting 0.15 px per row (9 px over the window) reads as tall and narrow as an upright one."""
+    upright = _control(_profile(_window([(C_AT, 0.5)])))
+    tilted = _control(_profile(_window([(C_AT, 0.5)], slope=0.15)))
+    assert abs(tilted.index - upright.index) < 1.0
+    assert tilted.height > 0.9 * upright.height
+
+
+def test_matched_filter_finds_a_faint_line_and_measures_its_ratio() -> None:
+    """A 1.5 % T beside a 50 % C in 1 % pixel noise is found far above the noise, at about 0.03 of C."""
+    profile = _profile(_window([(C_AT, 0.5), (T_AT, 0.015)], noise=0.01))
+    control = _control(profile)
+    test = matched_test_line(profile, control, ZONE, noise_floor=0.002)
+    assert test is not None
+    assert abs(test.index / LENGTH - T_AT) < 0.01
+    assert test.snr > 6
+    assert 0.02 < test.height / control.height < 0.04
+
+
+def test_matched_filter_ignores_a_shadow_edge() -> None:
+    """A 6 % brightness step inside the T zone (no T line) gives no candidate anywhere near threshold."""
+    profile = _profile(_window([(C_AT, 0.5)], noise=0.004, step_at=T_AT))
+    test = matched_test_line(profile, _control(profile), ZONE, noise_floor=0.002)
+    assert test is not None
+    assert test.snr < 3
+
+
+def test_ratio_is_right_when_t_sits_close_to_c_in_a_short_window() -> None:
+    """In a 60 px window with wide lines, C does not pull T's strength down: T/C reads near its true 0.4."""
+    profile = _profile(_window([(C_AT, 0.5), (C_AT - 0.2, 0.2)], width=4.0, length=60))
+    control = _control(profile)
+    test = matched_test_line(profile, control, ZONE, noise_floor=0.002)
+    assert test is not None
+    assert 0.36 < test.height / control.height < 0.44
+
+
+def test_control_line_is_not_taken_from_the_window_rim() -> None:
+    """A dark line hugging the window's right end (its rim) is no C; the same line at 65 % is one."""
+    reader = StripReader(ReaderConfig())
+    assert reader._lines(_profile(_window([(0.9, 0.3)], noise=0.004))).control is None
+    assert reader._lines(_profile(_window([(C_AT, 0.3)], noise=0.004))).control is not None
