@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 
 import grpc
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 
 from mesh.common.v1 import params_pb2
 from mesh.kit import errors
 from mesh.queue.v1 import job_pb2, queue_service_pb2
+from mesh.services.queue.relay_process import RelayProcess
 from tests.queue.harness import IMAGE_ID, Harness
 
 pytestmark = pytest.mark.integration
@@ -184,3 +187,29 @@ async def test_metrics_expose_depth_and_oldest_age(queue: Harness) -> None:
     assert depth in text
     assert age in text
     assert "mesh_queue_dispatches_published_total" in text
+
+
+async def test_relay_process_reports_its_counts_and_is_restarted(queue: Harness) -> None:
+    """The relay publishes from a child process: its confirmed dispatches are counted in the service's own
+    metrics, and a child that is killed is started again and publishes what was written meanwhile."""
+    labels = {"queue": queue.inference_queue}
+    assert isinstance(queue.app.relay, RelayProcess)
+    await queue.submit()
+    for _ in range(100):
+        if REGISTRY.get_sample_value("mesh_queue_dispatches_published_total", labels) == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert REGISTRY.get_sample_value("mesh_queue_dispatches_published_total", labels) == 1
+
+    child = queue.app.relay.process
+    assert child is not None
+    child.send_signal(signal.SIGKILL)
+    await child.wait()
+    await queue.submit()
+    for _ in range(200):
+        if REGISTRY.get_sample_value("mesh_queue_dispatches_published_total", labels) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert REGISTRY.get_sample_value("mesh_queue_dispatches_published_total", labels) == 2
+    assert queue.app.relay.process is not None
+    assert queue.app.relay.process.pid != child.pid

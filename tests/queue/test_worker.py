@@ -17,7 +17,7 @@ from mesh.kit import tracing
 from mesh.kit.jobs import JobContext
 from mesh.queue.v1 import job_pb2, queue_service_pb2
 from mesh.services.queue.scripted import scripted_handler
-from tests.queue.harness import Harness
+from tests.queue.harness import Harness, fast_settings, running_queue
 
 pytestmark = pytest.mark.integration
 
@@ -160,12 +160,21 @@ async def test_retry_of_a_failed_job_runs_a_new_attempt(queue: Harness) -> None:
     assert not done.HasField("error")
 
 
-async def test_consumer_span_is_child_of_and_linked_to_the_producer(queue: Harness) -> None:
+async def test_consumer_span_is_child_of_and_linked_to_the_producer(
+    database_url: str, amqp_url: str, unique_name: str
+) -> None:
     """The worker's span continues the trace stored at submit: child of the relay's PRODUCER span (itself in
-    the submitter's trace), and linked to it."""
+    the submitter's trace), and linked to it. (The relay runs in this process here, not in its child
+    process, so that this process's exporter sees its span.)"""
     exporter = InMemorySpanExporter()
     provider = tracing.configure_tracing("tests")  # the process's provider (idempotent)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
+    settings = fast_settings(database_url, amqp_url, unique_name, relay_process=False)
+    async with running_queue(settings) as queue:
+        await _consumer_span_is_child_of_the_producer(queue, exporter)
+
+
+async def _consumer_span_is_child_of_the_producer(queue: Harness, exporter: InMemorySpanExporter) -> None:
     await queue.start_worker(scripted_handler)
     tracer = trace.get_tracer("test")
     with tracer.start_as_current_span("client") as client:

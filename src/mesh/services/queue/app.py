@@ -27,6 +27,7 @@ from mesh.services.queue.broker import Broker
 from mesh.services.queue.dead_letters import DeadLetterConsumer
 from mesh.services.queue.reconciler import Reconciler
 from mesh.services.queue.relay import OUTBOX_BACKLOG, OutboxRelay
+from mesh.services.queue.relay_process import RelayProcess
 from mesh.services.queue.repository import JobRepository, PoolCheck, open_pool
 from mesh.services.queue.servicer import QueueServicer
 from mesh.services.queue.settings import QueueSettings
@@ -56,13 +57,17 @@ class QueueApp:
             reconnect_seconds=settings.amqp_reconnect_seconds,
             name="queue-service",
         )
-        self.relay = OutboxRelay(
-            self.repository,
-            self.broker,
-            batch_size=settings.relay_batch_size,
-            poll_seconds=settings.relay_poll_seconds,
-            lock_seconds=settings.relay_lock_seconds,
-            publish_timeout=settings.publish_timeout_seconds,
+        self.relay: OutboxRelay | RelayProcess = (
+            RelayProcess(settings)
+            if settings.relay_process
+            else OutboxRelay(
+                self.repository,
+                self.broker,
+                batch_size=settings.relay_batch_size,
+                poll_seconds=settings.relay_poll_seconds,
+                lock_seconds=settings.relay_lock_seconds,
+                publish_timeout=settings.publish_timeout_seconds,
+            )
         )
         self.servicer = QueueServicer(
             self.repository,

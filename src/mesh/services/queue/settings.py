@@ -36,6 +36,10 @@ class QueueSettings(ServerSettings):
     relay_batch_size: int = Field(default=256, ge=1, le=10_000)
     """Outbox rows the relay publishes per round."""
 
+    relay_process: bool = True
+    """Run the outbox relay in a child process (``relay_process``), beside the API, rather than on the
+    API's event loop."""
+
     relay_poll_seconds: float = Field(default=0.5, gt=0)
     """How often the relay looks at the outbox when nothing woke it."""
 
