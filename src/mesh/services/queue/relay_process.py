@@ -74,17 +74,17 @@ class RelayProcess:
             )
             self._process = process
             reports = asyncio.create_task(_replay(process))
+            ended = asyncio.ensure_future(process.wait())
+            stop = asyncio.ensure_future(stopping.wait())
             try:
-                ended = asyncio.ensure_future(process.wait())
-                stop = asyncio.ensure_future(stopping.wait())
                 await asyncio.wait([ended, stop], return_when=asyncio.FIRST_COMPLETED)
-                stop.cancel()
                 if not ended.done():
-                    ended.cancel()
                     return
                 log.warning("outbox relay process ended; starting another", returncode=process.returncode)
             finally:
                 self._process = None
+                stop.cancel()
+                ended.cancel()
                 await _stop(process)
                 await reports
             with contextlib.suppress(TimeoutError):
