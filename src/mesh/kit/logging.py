@@ -44,7 +44,12 @@ def configure_logging(service: str, *, level: str = "info", fmt: str = "json") -
         renderer = structlog.processors.JSONRenderer()
         shared.append(structlog.processors.format_exc_info)
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        # Lines below the level are dropped first, before any processor has done work on them.
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,

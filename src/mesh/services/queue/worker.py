@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 import uuid
 from collections.abc import Sequence
@@ -387,14 +386,14 @@ class JobWorker:
             DROPPED.labels(self.queue, "fenced_out").inc()
         else:
             category = outcome.category.value if outcome.category else ""
-            if log.isEnabledFor(logging.DEBUG):  # per job: the outcome counters say it at INFO
-                log.debug(
-                    "job attempt finished",
-                    job_id=str(job_id),
-                    attempt=attempt,
-                    state=str(written),
-                    category=category,
-                )
+            # One line per attempt, inside the job's span: the worker's hop in the job's trace.
+            log.info(
+                "job attempt finished",
+                job_id=str(job_id),
+                attempt=attempt,
+                state=str(written),
+                category=category,
+            )
             OUTCOMES.labels(self.queue, written, category).inc()
             ATTEMPT_SECONDS.labels(self.queue, written).observe(time.perf_counter() - started)
             if written == JobState.RETRY_WAIT:
