@@ -184,6 +184,8 @@ async def start_backends(blob_dir: Path) -> Backends:
             "MESH_HTTP_PORT": str(_free_port()),
             "MESH_DATABASE_URL": DATABASE_URL,
             "MESH_BLOB_DIR": str(blob_dir),
+            # Serving only: a job worker here could take the jobs of a mesh running beside the benchmark.
+            "MESH_JOB_CONCURRENCY": "0",
             "OTEL_SDK_DISABLED": "true",
         }
         process = _spawn(key, ["-m", module], env)

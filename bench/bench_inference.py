@@ -79,6 +79,8 @@ def _server(device: str) -> Iterator[str]:
         "MESH_HTTP_PORT": str(_free_port()),
         "MESH_DEVICE": device,
         "MESH_LOG_LEVEL": "warning",
+        # Serving only: no job worker (it would need a database and could take a running mesh's jobs).
+        "MESH_JOB_CONCURRENCY": "0",
     }
     process = subprocess.Popen([sys.executable, "-m", "mesh.services.inference"], env=env)
     try:
