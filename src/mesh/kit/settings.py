@@ -28,6 +28,10 @@ class CommonSettings(BaseSettings):
     amqp_url: str = "amqp://guest:guest@localhost:5672/%2F"
     """RabbitMQ connection URL."""
 
+    queue_prefix: str = ""
+    """Prefix of every RabbitMQ queue name (``<prefix>mesh.jobs.image``), the same for the queue service and
+    its workers: it isolates deployments (and test meshes) that share one RabbitMQ vhost."""
+
     blob_dir: Path = Path("var/blobs")
     """Root of the content-addressed blob store (files named by SHA-256)."""
 

@@ -155,6 +155,10 @@ async def run(settings: CommonSettings, startup_timeout: float, grace: float, po
     if missing:
         say(f"not in this checkout, so not started: {', '.join(missing)}")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if port_offset and not settings.queue_prefix:
+        # A second mesh on the same RabbitMQ vhost would otherwise take the first one's jobs.
+        env["MESH_QUEUE_PREFIX"] = f"offset{port_offset}."
+        say(f"RabbitMQ queues of this mesh: {env['MESH_QUEUE_PREFIX']}mesh.jobs.*")
     ports = port_env(port_offset)
     children: dict[str, asyncio.subprocess.Process] = {}
     stopping = asyncio.Event()

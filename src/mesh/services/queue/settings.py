@@ -17,9 +17,6 @@ class QueueSettings(ServerSettings):
     http_port: int = Field(default=9104, ge=0, le=65535)
     """HTTP port for /metrics and /healthz."""
 
-    queue_prefix: str = ""
-    """Prefix of every RabbitMQ queue name (``<prefix>mesh.jobs.image``); isolates deployments and tests."""
-
     default_max_attempts: int = Field(default=5, ge=1, le=100)
     """Attempts a job gets when its submit names none."""
 

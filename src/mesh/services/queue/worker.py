@@ -473,12 +473,17 @@ class JobWorker:
 async def attach_worker(
     runtime: ServiceRuntime, settings: WorkerSettings, *, queue: str, handler: JobHandler, name: str
 ) -> JobWorker | None:
-    """Run a worker for ``queue`` inside a service process: its checks join the service's health and it
-    stops with the runtime. None when ``settings.job_concurrency`` is 0 (the service only serves)."""
+    """Run a worker for ``queue`` (prefixed with ``settings.queue_prefix``, as the queue service names it)
+    inside a service process: its checks join the service's health and it stops with the runtime. None
+    when ``settings.job_concurrency`` is 0 (the service only serves)."""
     if not settings.job_concurrency:
         return None
     worker = JobWorker(
-        settings, queue=queue, handler=handler, concurrency=settings.job_concurrency, name=name
+        settings,
+        queue=settings.queue_prefix + queue,
+        handler=handler,
+        concurrency=settings.job_concurrency,
+        name=name,
     )
     # Open the pool now (without waiting for PostgreSQL): the health checks run before the worker does.
     await worker.pool.open(wait=False)
