@@ -14,9 +14,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from mesh.common.v1 import errors_pb2
 from mesh.kit import tracing
-from mesh.kit.jobs import JobContext
+from mesh.kit.jobs import INFERENCE_JOBS_QUEUE, JobContext
+from mesh.kit.runtime import ServiceRuntime
+from mesh.kit.settings import WorkerSettings
 from mesh.queue.v1 import job_pb2, queue_service_pb2
 from mesh.services.queue.scripted import scripted_handler
+from mesh.services.queue.worker import attach_worker
 from tests.queue.harness import Harness, fast_settings, running_queue
 
 pytestmark = pytest.mark.integration
@@ -206,3 +209,33 @@ async def test_stopping_worker_finishes_its_running_job(queue: Harness) -> None:
     later = await queue.submit("script:noop")
     await asyncio.sleep(0.5)
     assert (await queue.get(later.id)).state == job_pb2.JOB_STATE_QUEUED
+
+
+async def test_attached_worker_consumes_the_prefixed_queue_the_service_submits_to(queue: Harness) -> None:
+    """A service's worker (``attach_worker``, as image processing and inference wire it) takes the queue's
+    name with the deployment's ``MESH_QUEUE_PREFIX`` and declares it with its ``MESH_DELIVERY_LIMIT``, as
+    the queue service does, so a prefixed queue service's jobs do run."""
+    assert queue.settings.queue_prefix, "the harness isolates its queues with a prefix"
+    settings = WorkerSettings(
+        database_url=queue.settings.database_url,
+        amqp_url=queue.settings.amqp_url,
+        queue_prefix=queue.settings.queue_prefix,
+        delivery_limit=queue.settings.delivery_limit,
+        grpc_port=0,
+        http_port=0,
+        job_concurrency=2,
+    )
+    runtime = ServiceRuntime("worker-service", settings, service_names=["test.Worker"])
+    worker = await attach_worker(
+        runtime, settings, queue=INFERENCE_JOBS_QUEUE, handler=scripted_handler, name="worker-service"
+    )
+    assert worker is not None
+    assert worker.queue == queue.inference_queue
+    serving = asyncio.create_task(runtime.run())
+    try:
+        job = await queue.submit("script:noop")
+        done = await queue.wait_for(job.id)
+        assert done.state == job_pb2.JOB_STATE_SUCCEEDED
+    finally:
+        runtime.stopping.set()
+        await asyncio.wait_for(serving, 20)

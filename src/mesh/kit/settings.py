@@ -17,6 +17,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 ENV_PREFIX = "MESH_"
 
 
+DEFAULT_DELIVERY_LIMIT = 5
+
+
 class CommonSettings(BaseSettings):
     """Settings every process understands."""
 
@@ -31,6 +34,10 @@ class CommonSettings(BaseSettings):
     queue_prefix: str = ""
     """Prefix of every RabbitMQ queue name (``<prefix>mesh.jobs.image``), the same for the queue service and
     its workers: it isolates deployments (and test meshes) that share one RabbitMQ vhost."""
+
+    delivery_limit: int = Field(default=DEFAULT_DELIVERY_LIMIT, ge=1)
+    """Quorum-queue ``x-delivery-limit`` of the job queues: deliveries of one dispatch before it is
+    dead-lettered. The queue service and its workers declare the queues alike, so they must agree."""
 
     blob_dir: Path = Path("var/blobs")
     """Root of the content-addressed blob store (files named by SHA-256)."""

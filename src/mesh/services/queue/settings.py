@@ -5,7 +5,6 @@ from __future__ import annotations
 from pydantic import Field
 
 from mesh.kit.settings import ServerSettings
-from mesh.services.queue.topology import DEFAULT_DELIVERY_LIMIT
 
 
 class QueueSettings(ServerSettings):
@@ -25,10 +24,6 @@ class QueueSettings(ServerSettings):
 
     backoff_cap_seconds: float = Field(default=300.0, gt=0)
     """Largest backoff ceiling."""
-
-    delivery_limit: int = Field(default=DEFAULT_DELIVERY_LIMIT, ge=1)
-    """Quorum-queue ``x-delivery-limit``: deliveries of one dispatch before it is dead-lettered (workers
-    must declare the same value)."""
 
     relay_batch_size: int = Field(default=256, ge=1, le=10_000)
     """Outbox rows the relay publishes per round."""

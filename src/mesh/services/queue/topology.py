@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from aiormq.abc import FieldTable
 
-DEFAULT_DELIVERY_LIMIT = 5
-
 
 def dead_letter_exchange(queue: str) -> str:
     """The dead-letter exchange of ``queue``."""

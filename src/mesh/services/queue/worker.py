@@ -55,7 +55,7 @@ from mesh.kit.health import DependencyCheck, FunctionCheck
 from mesh.kit.jobs import JobCancelled, JobHandler
 from mesh.kit.logging import get_logger
 from mesh.kit.runtime import ServiceRuntime
-from mesh.kit.settings import CommonSettings, WorkerSettings
+from mesh.kit.settings import DEFAULT_DELIVERY_LIMIT, CommonSettings, WorkerSettings
 from mesh.queue.v1 import job_pb2
 from mesh.services.queue.acks import Acks
 from mesh.services.queue.broker import Broker
@@ -70,7 +70,6 @@ from mesh.services.queue.repository import (
     open_pool,
 )
 from mesh.services.queue.states import Attempts, Backoff, ErrorCategory, JobState, decide_failure
-from mesh.services.queue.topology import DEFAULT_DELIVERY_LIMIT
 
 log = get_logger(__name__)
 tracer = tracing.tracer(__name__)
@@ -473,8 +472,8 @@ class JobWorker:
 async def attach_worker(
     runtime: ServiceRuntime, settings: WorkerSettings, *, queue: str, handler: JobHandler, name: str
 ) -> JobWorker | None:
-    """Run a worker for ``queue`` (prefixed with ``settings.queue_prefix``, as the queue service names it)
-    inside a service process: its checks join the service's health and it stops with the runtime. None
+    """Run a worker for ``queue`` (prefixed with ``settings.queue_prefix`` and declared with
+    ``settings.delivery_limit``, as the queue service does) inside a service process: its checks join the service's health and it stops with the runtime. None
     when ``settings.job_concurrency`` is 0 (the service only serves)."""
     if not settings.job_concurrency:
         return None
@@ -483,6 +482,7 @@ async def attach_worker(
         queue=settings.queue_prefix + queue,
         handler=handler,
         concurrency=settings.job_concurrency,
+        options=WorkerOptions(delivery_limit=settings.delivery_limit),
         name=name,
     )
     # Open the pool now (without waiting for PostgreSQL): the health checks run before the worker does.
