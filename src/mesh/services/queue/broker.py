@@ -135,17 +135,22 @@ class Broker:
         if not isinstance(confirmation, spec.Basic.Ack):
             raise ConnectionError(f"the broker did not confirm {message_id}: {confirmation!r}")
 
-    async def consume(
-        self, queue: str, handler: MessageHandler, *, prefetch: int
-    ) -> tuple[AbstractQueue, str]:
-        """Consume ``queue`` on a channel of its own with ``prefetch`` unacknowledged messages at most;
-        returns the queue and the consumer tag (to stop consuming with ``queue.cancel(tag)``)."""
+    async def _consumer_channel(self, queue: str, prefetch: int) -> AbstractChannel:
+        """A channel of its own for consuming ``queue`` (declared first), kept to be closed with the broker."""
         if self._connection is None:
             raise ConnectionError("the broker is not connected")
         await self.declare(queue)
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
         self._consumer_channels.append(channel)
+        return channel
+
+    async def consume(
+        self, queue: str, handler: MessageHandler, *, prefetch: int
+    ) -> tuple[AbstractQueue, str]:
+        """Consume ``queue`` on a channel of its own with ``prefetch`` unacknowledged messages at most;
+        returns the queue and the consumer tag (to stop consuming with ``queue.cancel(tag)``)."""
+        channel = await self._consumer_channel(queue, prefetch)
         declared = await channel.declare_queue(
             queue, durable=True, arguments=queue_arguments(queue, self.delivery_limit)
         )
@@ -154,12 +159,7 @@ class Broker:
 
     async def consume_dead_letters(self, queue: str, handler: MessageHandler, *, prefetch: int) -> None:
         """Consume ``queue``'s dead-letter queue."""
-        if self._connection is None:
-            raise ConnectionError("the broker is not connected")
-        await self.declare(queue)
-        channel = await self._connection.channel()
-        await channel.set_qos(prefetch_count=prefetch)
-        self._consumer_channels.append(channel)
+        channel = await self._consumer_channel(queue, prefetch)
         dead = await channel.declare_queue(
             dead_letter_queue(queue), durable=True, arguments={"x-queue-type": "quorum"}
         )

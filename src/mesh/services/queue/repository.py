@@ -49,6 +49,15 @@ T = TypeVar("T")
 RETRY_ON = (psycopg.OperationalError, psycopg.errors.AdminShutdown)
 
 
+async def _lock_job(conn: psycopg.AsyncConnection[Any], job_id: uuid.UUID) -> Row:
+    """The job's row, locked for this transaction; NOT_FOUND when there is no such job."""
+    cursor = await conn.execute("SELECT * FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
+    row: Row | None = await cursor.fetchone()
+    if row is None:
+        raise errors.NotFound(f"job {job_id} does not exist", metadata={"job_id": str(job_id)})
+    return row
+
+
 def open_pool(url: str, *, name: str, max_size: int, min_size: int = 1) -> AsyncConnectionPool:
     """An autocommit pool (open it with ``await pool.open()``).
 
@@ -360,10 +369,7 @@ class JobRepository:
 
         async def run() -> Row:
             async with self.pool.connection() as conn, conn.transaction():
-                cursor = await conn.execute("SELECT * FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
-                row: Row | None = await cursor.fetchone()  # type: ignore[assignment]
-                if row is None:
-                    raise errors.NotFound(f"job {job_id} does not exist", metadata={"job_id": str(job_id)})
+                row = await _lock_job(conn, job_id)
                 try:
                     target = cancel_target(JobState(row["state"]))
                 except IllegalTransition as exc:
@@ -389,10 +395,7 @@ class JobRepository:
 
         async def run() -> Row:
             async with self.pool.connection() as conn, conn.transaction():
-                cursor = await conn.execute("SELECT * FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
-                row: Row | None = await cursor.fetchone()  # type: ignore[assignment]
-                if row is None:
-                    raise errors.NotFound(f"job {job_id} does not exist", metadata={"job_id": str(job_id)})
+                row = await _lock_job(conn, job_id)
                 if JobState(row["state"]) not in RETRYABLE_BY_USER:
                     raise errors.FailedPrecondition(
                         f"a {row['state']} job cannot be retried; only FAILED, DEAD or CANCELLED ones",
