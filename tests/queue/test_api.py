@@ -142,7 +142,8 @@ async def test_dispatches_are_confirmed_and_reach_rabbitmq(queue: Harness) -> No
     """The relay empties the outbox, and each queued job's dispatch waits in its RabbitMQ queue."""
     for _ in range(5):
         await queue.submit()
-    for _ in range(200):
+    # Patient: the relay runs in a child process, which a loaded machine may take seconds to start.
+    for _ in range(600):
         stats = await queue.stub.GetQueueStats(queue_service_pb2.GetQueueStatsRequest())
         depth = next(q for q in stats.queues if q.queue == queue.inference_queue)
         if depth.broker_ready == 5:
