@@ -142,18 +142,20 @@ async def test_dispatches_are_confirmed_and_reach_rabbitmq(queue: Harness) -> No
     """The relay empties the outbox, and each queued job's dispatch waits in its RabbitMQ queue."""
     for _ in range(5):
         await queue.submit()
-    # Patient: the relay runs in a child process, which a loaded machine may take seconds to start.
+    # Patient: the relay runs in a child process, which a loaded machine may take seconds to start, and
+    # it deletes outbox rows only after the broker's confirms, so a message can be in the queue before
+    # its row is gone.
     for _ in range(600):
         stats = await queue.stub.GetQueueStats(queue_service_pb2.GetQueueStatsRequest())
         depth = next(q for q in stats.queues if q.queue == queue.inference_queue)
-        if depth.broker_ready == 5:
+        pending = await queue.sql("SELECT count(*) AS n FROM outbox WHERE queue = %s", queue.inference_queue)
+        if depth.broker_ready == 5 and pending[0]["n"] == 0:
             break
         await asyncio.sleep(0.05)
     assert depth.broker_ready == 5
+    assert pending[0]["n"] == 0
     assert depth.jobs_by_state["QUEUED"] == 5
     assert stats.oldest_queued_age_seconds > 0
-    pending = await queue.sql("SELECT count(*) AS n FROM outbox WHERE queue = %s", queue.inference_queue)
-    assert pending[0]["n"] == 0
 
 
 async def test_watch_streams_changes_until_the_end(queue: Harness) -> None:
