@@ -1,9 +1,11 @@
 """RabbitMQ through aio-pika: a robust connection, the job queues' topology, confirmed publishing, consuming.
 
 The connection reconnects by itself (``connect_robust``) and restores its channels, declarations and
-consumers. Publishing uses a channel with publisher confirms and ``on_return_raises``, persistent delivery
-and ``mandatory``: ``publish`` returns only once the broker has taken responsibility for the message, and
-raises when it did not (a nack, a return because no queue is bound, a closed connection, a timeout).
+consumers. A job queue is two RabbitMQ queues, its lanes (``topology``): ``declare`` and ``ready_count``
+take the job queue and cover both lanes, ``publish`` takes a lane, ``consume`` consumes both lanes.
+Publishing uses a channel with publisher confirms and ``on_return_raises``, persistent delivery and
+``mandatory``: ``publish`` returns only once the broker has taken responsibility for the message, and raises
+when it did not (a nack, a return because no queue is bound, a closed connection, a timeout).
 """
 
 from __future__ import annotations
@@ -22,7 +24,12 @@ from aio_pika.abc import (
 )
 from pamqp import commands as spec
 
-from mesh.services.queue.topology import dead_letter_exchange, dead_letter_queue, queue_arguments
+from mesh.services.queue.topology import (
+    dead_letter_exchange,
+    dead_letter_queue,
+    lanes,
+    queue_arguments,
+)
 
 MessageHandler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 CONTENT_TYPE = "application/x-protobuf"
@@ -77,7 +84,8 @@ class Broker:
         return self._publisher
 
     async def declare(self, queue: str) -> None:
-        """Declare ``queue`` (quorum, delivery limit, dead-lettering) with its dead-letter exchange and queue."""
+        """Declare job queue ``queue``: both lanes (quorum, delivery limit, dead-lettering, the same
+        arguments) with their dead-letter exchange and queue."""
         if queue in self._declared:
             return
         async with self._declare_lock:
@@ -91,9 +99,10 @@ class Broker:
                 dead_letter_queue(queue), durable=True, arguments={"x-queue-type": "quorum"}
             )
             await dead.bind(dlx, routing_key=queue)
-            await channel.declare_queue(
-                queue, durable=True, arguments=queue_arguments(queue, self.delivery_limit)
-            )
+            for lane in lanes(queue):
+                await channel.declare_queue(
+                    lane, durable=True, arguments=queue_arguments(queue, self.delivery_limit)
+                )
             self._declared.add(queue)
 
     async def publish(
@@ -105,8 +114,10 @@ class Broker:
         message_id: str,
         message_type: str,
         timeout: float,
+        priority: int = 0,
     ) -> None:
-        """Publish persistently and mandatorily to ``queue``; returns after the broker's confirm.
+        """Publish persistently and mandatorily to ``queue`` (a lane); returns after the broker's confirm.
+        ``priority`` goes in the AMQP ``priority`` property (workers order what they hold by it).
 
         Straight on the channel's aiormq channel (aio-pika's ``Message`` adds nothing here), and without
         waiting for the socket to drain first: the confirm that is awaited comes later anyway, and the
@@ -120,6 +131,7 @@ class Broker:
             delivery_mode=PERSISTENT,
             message_id=message_id,
             message_type=message_type,
+            priority=priority,
         )
         # A nack raises DeliveryError and a return (no queue bound) PublishError (the channel is opened with
         # on_return_raises); anything but an Ack is a failure too.
@@ -136,7 +148,8 @@ class Broker:
             raise ConnectionError(f"the broker did not confirm {message_id}: {confirmation!r}")
 
     async def _consumer_channel(self, queue: str, prefetch: int) -> AbstractChannel:
-        """A channel of its own for consuming ``queue`` (declared first), kept to be closed with the broker."""
+        """A channel of its own for consuming from job queue ``queue`` (declared first) with a per-consumer
+        ``prefetch``, kept to be closed with the broker."""
         if self._connection is None:
             raise ConnectionError("the broker is not connected")
         await self.declare(queue)
@@ -147,15 +160,19 @@ class Broker:
 
     async def consume(
         self, queue: str, handler: MessageHandler, *, prefetch: int
-    ) -> tuple[AbstractQueue, str]:
-        """Consume ``queue`` on a channel of its own with ``prefetch`` unacknowledged messages at most;
-        returns the queue and the consumer tag (to stop consuming with ``queue.cancel(tag)``)."""
-        channel = await self._consumer_channel(queue, prefetch)
-        declared = await channel.declare_queue(
-            queue, durable=True, arguments=queue_arguments(queue, self.delivery_limit)
-        )
-        tag = await declared.consume(handler, no_ack=False)
-        return declared, tag
+    ) -> list[tuple[AbstractQueue, str]]:
+        """Consume both lanes of job queue ``queue``, each on a channel of its own with ``prefetch``
+        unacknowledged messages at most (so up to twice ``prefetch`` in all); returns each lane's queue and
+        consumer tag (to stop consuming with ``queue.cancel(tag)``), the normal lane first."""
+        consumers = []
+        for lane in lanes(queue):
+            channel = await self._consumer_channel(queue, prefetch)
+            declared = await channel.declare_queue(
+                lane, durable=True, arguments=queue_arguments(queue, self.delivery_limit)
+            )
+            tag = await declared.consume(handler, no_ack=False)
+            consumers.append((declared, tag))
+        return consumers
 
     async def consume_dead_letters(self, queue: str, handler: MessageHandler, *, prefetch: int) -> None:
         """Consume ``queue``'s dead-letter queue."""
@@ -166,7 +183,12 @@ class Broker:
         await dead.consume(handler, no_ack=False)
 
     async def ready_count(self, queue: str) -> int:
-        """Messages ready in ``queue`` (-1 when the broker cannot say).
+        """Messages ready in job queue ``queue``, both lanes (-1 when the broker cannot say)."""
+        counts = [await self.lane_ready_count(lane) for lane in lanes(queue)]
+        return -1 if -1 in counts else sum(counts)
+
+    async def lane_ready_count(self, lane: str) -> int:
+        """Messages ready in the RabbitMQ queue ``lane`` (-1 when the broker cannot say).
 
         A passive declare of a missing queue closes its channel, so it runs on a throwaway channel, never on
         the publishing one."""
@@ -177,7 +199,7 @@ class Broker:
         except Exception:
             return -1
         try:
-            declared = await channel.declare_queue(queue, passive=True)
+            declared = await channel.declare_queue(lane, passive=True)
             count = declared.declaration_result.message_count
             return -1 if count is None else int(count)
         except Exception:

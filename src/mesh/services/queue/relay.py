@@ -1,9 +1,12 @@
 """The outbox relay: publishes dispatches written by PostgreSQL transactions to RabbitMQ.
 
 A round locks a batch of outbox rows (highest priority first), publishes each as a ``JobDispatch`` with
-publisher confirms, and deletes exactly the rows the broker confirmed; rows that failed are released for a
-later round. Rows whose lock ran out without a confirm (a relay that died mid-round) are taken again by any
-relay, so a dispatch is published at least once; workers drop duplicates by fencing.
+publisher confirms to the lane of its job queue that its priority selects (``topology.lane_for``: 5-9 to
+``<queue>.high``, 0-4 to ``<queue>``) with the priority in the AMQP ``priority`` property, and deletes
+exactly the rows the broker confirmed; rows that failed are released for a later round. Rows whose lock ran
+out without a confirm (a relay that died mid-round) are taken again by any relay, so a dispatch is published
+at least once; workers drop duplicates by fencing. The metrics' ``queue`` label is the job queue, not the
+lane.
 
 Each publish is a PRODUCER span, the child of the trace context stored with the job at submit, and its
 context travels in the message headers (W3C ``traceparent``/``tracestate``): the worker's consumer span is
@@ -24,6 +27,7 @@ from mesh.kit.logging import get_logger
 from mesh.queue.v1 import job_pb2
 from mesh.services.queue.broker import Broker
 from mesh.services.queue.repository import JobRepository
+from mesh.services.queue.topology import lane_for
 
 log = get_logger(__name__)
 tracer = tracing.tracer(__name__)
@@ -97,6 +101,7 @@ class OutboxRelay:
 
     async def _publish(self, row: dict[str, Any]) -> None:
         queue = row["queue"]
+        priority = int(row["priority"])
         stored = {"traceparent": row["traceparent"]} if row["traceparent"] else {}
         if row["tracestate"]:
             stored["tracestate"] = row["tracestate"]
@@ -109,24 +114,30 @@ class OutboxRelay:
             kind=trace.SpanKind.PRODUCER,
             attributes={
                 "messaging.system": "rabbitmq",
-                "messaging.destination.name": queue,
+                "messaging.destination.name": lane_for(queue, priority),
                 "messaging.operation": "publish",
                 "mesh.job.id": str(row["job_id"]),
                 "mesh.job.attempt": row["attempt"],
+                "mesh.job.priority": priority,
             },
         ):
-            await self._send(queue, body, dict(tracing.inject({})), f"{row['job_id']}:{row['attempt']}")
+            message_id = f"{row['job_id']}:{row['attempt']}"
+            await self._send(queue, priority, body, dict(tracing.inject({})), message_id)
 
-    async def _send(self, queue: str, body: bytes, headers: dict[str, str], message_id: str) -> None:
+    async def _send(
+        self, queue: str, priority: int, body: bytes, headers: dict[str, str], message_id: str
+    ) -> None:
+        """Publish to ``queue``'s lane for ``priority``; the counters are labelled with the job queue."""
         try:
             await self.broker.declare(queue)
             await self.broker.publish(
-                queue,
+                lane_for(queue, priority),
                 body,
                 headers=headers,
                 message_id=message_id,
                 message_type=DISPATCH_TYPE,
                 timeout=self.publish_timeout,
+                priority=priority,
             )
         except Exception:
             PUBLISH_FAILURES.labels(queue).inc()

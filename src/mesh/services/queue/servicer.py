@@ -159,6 +159,7 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
         for queue in sorted({q for q, _ in counts.by_queue_state} | set(self.queues)):
             depth = queue_service_pb2.QueueDepth(queue=queue, broker_ready=-1)
             if self.broker is not None and self.broker.connected:
+                # Both lanes of the job queue (normal and high priority).
                 depth.broker_ready = await self.broker.ready_count(queue)
             per_queue[queue] = depth
         for (queue, state), n in counts.by_queue_state.items():

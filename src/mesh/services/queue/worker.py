@@ -8,8 +8,21 @@ Embedding it in a service (the image processing and inference services do)::
 
 ``settings`` is any :class:`~mesh.kit.settings.CommonSettings` (``database_url`` of the queue's database,
 ``amqp_url``); ``options`` (:class:`WorkerOptions`) tunes leases, beats and retries. ``run(stopping)``
-connects (waiting for PostgreSQL and RabbitMQ), consumes with ``prefetch = concurrency`` until ``stopping``
-is set, then stops taking dispatches and gives running jobs ``options.drain_seconds`` to finish.
+connects (waiting for PostgreSQL and RabbitMQ), consumes until ``stopping`` is set, then stops taking
+dispatches, hands back those it holds but has not started, and gives running jobs ``options.drain_seconds``
+to finish.
+
+Priorities: the job queue is two RabbitMQ lanes (``topology``: ``<queue>`` for priority 0-4,
+``<queue>.high`` for 5-9), and the worker consumes both, each on its own channel with a prefetch of
+``concurrency``. It runs at most ``concurrency`` jobs at once; the deliveries it holds beyond that wait in
+the worker (:class:`WaitingDeliveries`), and each slot that frees goes to the waiting delivery with the
+highest priority (the AMQP ``priority`` property the relay sets; 0 when absent), then the earliest
+arrived. A high-priority dispatch published behind a backlog of normal ones is therefore delivered at once
+on its lane and starts as soon as a slot frees. Waiting happens outside the consumer callbacks (which
+return at once), so nothing waits in a task that a closing channel cancels; a waiting delivery whose
+channel closed (RabbitMQ requeued it) is dropped rather than run, and on stop the consumers are cancelled
+first, then the waiting deliveries are rejected with requeue (each counts as a delivery towards the
+delivery limit; the dead-letter consumer tells such bystanders from crashers).
 
 For each dispatch (a ``JobDispatch``: job id and attempt, the fencing token):
 
@@ -37,11 +50,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage
 from google.protobuf.message import DecodeError
@@ -70,6 +85,7 @@ from mesh.services.queue.repository import (
     open_pool,
 )
 from mesh.services.queue.states import Attempts, Backoff, ErrorCategory, JobState, decide_failure
+from mesh.services.queue.topology import MAX_PRIORITY
 
 log = get_logger(__name__)
 tracer = tracing.tracer(__name__)
@@ -131,6 +147,49 @@ class WorkerOptions:
     the next is claimed when the previous ended or after this long. Jobs claimed together in one batch
     would otherwise all count a claim when one of them crashes the worker, and the dead-letter consumer
     would take the bystanders for crashers too (see ``states.dead_letter_outcome``)."""
+
+
+Held = TypeVar("Held")
+
+
+class WaitingDeliveries(Generic[Held]):
+    """Deliveries a worker holds but has not started: taken highest priority first, then in arrival order
+    (across both lanes)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, int, Held]] = []
+        self._arrivals = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def push(self, delivery: Held, priority: int) -> None:
+        """Hold ``delivery`` until a slot frees."""
+        heapq.heappush(self._heap, (-priority, next(self._arrivals), delivery))
+
+    def pop(self) -> Held:
+        """The delivery to start next (raises IndexError when none waits)."""
+        return heapq.heappop(self._heap)[2]
+
+    def take_all(self) -> list[Held]:
+        """Every waiting delivery, in the order they would have started; none waits after."""
+        taken = [entry[2] for entry in sorted(self._heap)]
+        self._heap.clear()
+        return taken
+
+
+def delivery_priority(message: AbstractIncomingMessage) -> int:
+    """A dispatch's priority: its AMQP ``priority`` property, 0 when absent (published before the relay set
+    it), clamped to 0-9."""
+    return min(max(int(message.priority or 0), 0), MAX_PRIORITY)
+
+
+def _channel_closed(message: AbstractIncomingMessage) -> bool:
+    """True when ``message`` can no longer be settled: its channel closed, and RabbitMQ requeued it."""
+    try:
+        return bool(message.channel.is_closed)
+    except Exception:  # aio-pika raises once the channel is closed
+        return True
 
 
 class LeaseLost(Exception):
@@ -237,10 +296,21 @@ class JobWorker:
             name=f"{name}:{queue}",
         )
         self._tasks: set[asyncio.Task[None]] = set()
+        self._waiting: WaitingDeliveries[AbstractIncomingMessage] = WaitingDeliveries()
         self._acks = Acks()
         self._suspects = asyncio.Lock()
         self._accepting = False
         self.ready = asyncio.Event()
+
+    @property
+    def running(self) -> int:
+        """Dispatches being processed now (at most ``concurrency``)."""
+        return len(self._tasks)
+
+    @property
+    def waiting(self) -> int:
+        """Deliveries held but not started (waiting for a slot)."""
+        return len(self._waiting)
 
     def checks(self) -> Sequence[DependencyCheck]:
         """Health checks of the worker's own PostgreSQL pool and RabbitMQ connection."""
@@ -258,21 +328,31 @@ class JobWorker:
             await prepare_database(self._database_url, "queue", MIGRATIONS, timeout=None)
             await self.broker.connect()
             self._accepting = True
-            consumed, tag = await self.broker.consume(self.queue, self._on_message, prefetch=self.concurrency)
+            consumers = await self.broker.consume(self.queue, self._on_message, prefetch=self.concurrency)
             log.info("worker consuming", queue=self.queue, concurrency=self.concurrency)
             self.ready.set()
             await stopping.wait()
             # Stop deliveries first, so that no new dispatch is handed back (each hand-back counts as a
             # delivery towards the dead-letter limit).
-            with contextlib.suppress(Exception):
-                await consumed.cancel(tag)
+            for consumed, tag in consumers:
+                with contextlib.suppress(Exception):
+                    await consumed.cancel(tag)
         finally:
             self._accepting = False
+            await self._hand_back()
             await self._drain()
             await self._acks.drain()
             await self.broker.close()
             await self.pool.close()
             log.info("worker stopped", queue=self.queue)
+
+    async def _hand_back(self) -> None:
+        """Stopping: give back what waits for a slot (at once, for other workers to run)."""
+        waiting = self._waiting.take_all()
+        if waiting:
+            log.info("waiting dispatches handed back", queue=self.queue, count=len(waiting))
+        for message in waiting:
+            await self._acks.reject(message, requeue=True)
 
     async def _drain(self) -> None:
         if not self._tasks:
@@ -289,9 +369,25 @@ class JobWorker:
             # Stopping: hand the dispatch back at once (RabbitMQ counts it as a delivery).
             await self._acks.reject(message, requeue=True)
             return
-        task = asyncio.create_task(self._process(message), name=f"job-{message.message_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._waiting.push(message, delivery_priority(message))
+        self._start_waiting()
+
+    def _start_waiting(self) -> None:
+        """Give each free slot to the waiting delivery with the highest priority (then the earliest)."""
+        while self._accepting and len(self._tasks) < self.concurrency and self._waiting:
+            message = self._waiting.pop()
+            if _channel_closed(message):
+                # RabbitMQ requeued it with its channel, and delivers it again (here, after a reconnect, or
+                # to another worker): running it now could not even be acked.
+                log.info("waiting dispatch dropped: its channel closed", message_id=message.message_id)
+                continue
+            task = asyncio.create_task(self._process(message), name=f"job-{message.message_id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._start_waiting()
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -315,10 +411,11 @@ class JobWorker:
             links=links,
             attributes={
                 "messaging.system": "rabbitmq",
-                "messaging.destination.name": self.queue,
+                "messaging.destination.name": message.routing_key or self.queue,
                 "messaging.operation": "process",
                 "mesh.job.id": str(job_id),
                 "mesh.job.attempt": dispatch.attempt,
+                "mesh.job.priority": delivery_priority(message),
                 "messaging.rabbitmq.redelivered": bool(message.redelivered),
             },
         ):
