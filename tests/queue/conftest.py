@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from mesh.services.queue.topology import HIGH_LANE_SUFFIX
 from tests.conftest import AMQP_URL
 from tests.queue.harness import Harness, delete_queues, fast_settings, running_queue
 
@@ -30,6 +31,13 @@ def remove_leftover_test_queues() -> Iterator[None]:
     listed = subprocess.run(
         ["rabbitmqctl", "-q", "list_queues", "name"], capture_output=True, text=True, timeout=60, check=False
     )
-    names = [n for n in listed.stdout.split() if TEST_QUEUE.fullmatch(n) and not n.endswith(".dead")]
+    # By job queue: deleting one deletes its two lanes and its dead-letter queue.
+    names = sorted(
+        {
+            n.removesuffix(HIGH_LANE_SUFFIX)
+            for n in listed.stdout.split()
+            if TEST_QUEUE.fullmatch(n) and not n.endswith(".dead")
+        }
+    )
     if names:
         asyncio.run(delete_queues(AMQP_URL, names))

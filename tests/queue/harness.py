@@ -20,7 +20,7 @@ from mesh.kit.runtime import ServiceRuntime
 from mesh.queue.v1 import job_pb2, queue_service_pb2, queue_service_pb2_grpc
 from mesh.services.queue.app import SERVICE_NAME, QueueApp
 from mesh.services.queue.settings import QueueSettings
-from mesh.services.queue.topology import dead_letter_exchange, dead_letter_queue
+from mesh.services.queue.topology import dead_letter_exchange, dead_letter_queue, lanes
 from mesh.services.queue.worker import JobWorker, WorkerOptions
 
 DELIVERY_LIMIT = 3
@@ -285,11 +285,12 @@ async def running_queue(settings: QueueSettings) -> AsyncIterator[Harness]:
 
 
 async def delete_queues(amqp_url: str, queues: Iterable[str]) -> None:
-    """Remove a test's queues and dead-letter exchanges so the broker does not collect them."""
+    """Remove a test's job queues (both lanes) and their dead-letter exchanges and queues, so the broker does
+    not collect them."""
     connection = await aio_pika.connect(amqp_url)
     try:
         for queue in queues:
-            for name in (queue, dead_letter_queue(queue)):
+            for name in (*lanes(queue), dead_letter_queue(queue)):
                 channel = await connection.channel()
                 with contextlib.suppress(Exception):
                     await channel.queue_delete(name)
