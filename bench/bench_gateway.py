@@ -4,11 +4,12 @@ cost of tracing (the same REST load with tracing off, on without export, and on 
 Every process is separate, as in production: the gateway (``python -m mesh.services.gateway``) and the real
 file, image processing and inference services as subprocesses on free ports. A service that cannot start
 here (no PostgreSQL for the file service, say) is replaced by the test suite's in-process fakes, served from
-their own subprocess, and every result names its backend (``real`` or ``fake``). The client is this process
-(httpx for REST, grpc.aio for direct calls). Images are ~1 MB PNGs sent inline (base64 in JSON for REST,
-bytes for gRPC); process asks for raw bytes back (``Accept: image/png``); upload (multipart) and predict are
-also measured with the raw image as the body (``Content-Type: image/png``), which skips multipart, base64
-and JSON.
+their own subprocess, and every result names its backend (``real`` or ``fake``). The client is this process:
+aiohttp for REST and grpc.aio for direct calls, both doing their per-request work in native code, so that the
+difference is the gateway's (httpx, pure Python, adds about 1 ms of its own to every request here). Images
+are ~1 MB PNGs sent inline (base64 in JSON for REST, bytes for gRPC); process asks for raw bytes back
+(``Accept: image/png``); upload (multipart) and predict are also measured with the raw image as the body
+(``Content-Type: image/png``), which skips multipart, base64 and JSON.
 
 Latency (p50, p90) comes from sequential requests, REST and gRPC interleaved so that drift hits both;
 throughput from 8 concurrent callers for a fixed time. On a small shared machine the client, the gateway and
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import numpy as np
 import psycopg
@@ -294,11 +296,20 @@ async def throughputs(calls: dict[str, Call], seconds: float, rounds: int = 4) -
     return {name: done[name] / spent[name] for name in calls}
 
 
-def _check(response: httpx.Response, status: int = 200) -> None:
-    if response.status_code != status:
-        raise RuntimeError(
-            f"{response.request.method} {response.request.url.path}: {response.status_code} {response.text[:300]}"
-        )
+async def _post(
+    http: aiohttp.ClientSession,
+    path: str,
+    data: bytes | aiohttp.FormData,
+    *,
+    headers: dict[str, str] | None = None,
+    params: dict[str, str] | None = None,
+    status: int = 200,
+) -> None:
+    """POST and read the whole response; a status other than ``status`` fails the benchmark."""
+    async with http.post(path, data=data, headers=headers, params=params) as response:
+        body = await response.read()
+        if response.status != status:
+            raise RuntimeError(f"POST {path}: {response.status} {body[:300]!r}")
 
 
 @dataclass
@@ -310,7 +321,7 @@ class Clients:
 
 
 def make_calls(
-    http: httpx.AsyncClient, backends: Backends, settings: CommonSettings, photo: bytes, image_id: str
+    http: aiohttp.ClientSession, backends: Backends, settings: CommonSettings, photo: bytes, image_id: str
 ) -> tuple[Clients, list[Any]]:
     """Upload, process and predict by REST and by direct gRPC, with the same image: inline, and stored
     (``image_id``: the service fetches the bytes from the file service, so no image crosses the gateway)."""
@@ -319,6 +330,7 @@ def make_calls(
     process_body = json.dumps({"image": inline, "output_format": "png"}).encode()
     predict_body = json.dumps({"image": inline}).encode()
     json_headers = {"content-type": "application/json"}
+    png_headers = {"content-type": "image/png"}
     files = FileClient.connect(settings)
     image_channel = open_channel(
         backends.addresses["image"], settings, service="mesh.image.v1.ImageProcessingService"
@@ -334,43 +346,29 @@ def make_calls(
     predict_ref_body = json.dumps({"image_id": image_id}).encode()
 
     async def rest_upload() -> None:
-        _check(await http.post("/v1/images", files={"file": ("strip.png", photo, "image/png")}), 201)
+        form = aiohttp.FormData()
+        form.add_field("file", photo, filename="strip.png", content_type="image/png")
+        await _post(http, "/v1/images", form, status=201)
 
     async def rest_upload_raw() -> None:
-        response = await http.post(
-            "/v1/images",
-            params={"filename": "strip.png"},
-            content=photo,
-            headers={"content-type": "image/png"},
+        await _post(
+            http, "/v1/images", photo, params={"filename": "strip.png"}, headers=png_headers, status=201
         )
-        _check(response, 201)
 
     async def rest_process() -> None:
-        response = await http.post(
-            "/v1/process", content=process_body, headers={**json_headers, "accept": "image/png"}
-        )
-        _check(response)
+        await _post(http, "/v1/process", process_body, headers={**json_headers, "accept": "image/png"})
 
     async def rest_predict() -> None:
-        _check(await http.post("/v1/models/strip-reader:predict", content=predict_body, headers=json_headers))
+        await _post(http, "/v1/models/strip-reader:predict", predict_body, headers=json_headers)
 
     async def rest_predict_raw() -> None:
-        response = await http.post(
-            "/v1/models/strip-reader:predict", content=photo, headers={"content-type": "image/png"}
-        )
-        _check(response)
+        await _post(http, "/v1/models/strip-reader:predict", photo, headers=png_headers)
 
     async def rest_process_ref() -> None:
-        response = await http.post(
-            "/v1/process", content=process_ref_body, headers={**json_headers, "accept": "image/png"}
-        )
-        _check(response)
+        await _post(http, "/v1/process", process_ref_body, headers={**json_headers, "accept": "image/png"})
 
     async def rest_predict_ref() -> None:
-        response = await http.post(
-            "/v1/models/strip-reader:predict", content=predict_ref_body, headers=json_headers
-        )
-        _check(response)
+        await _post(http, "/v1/models/strip-reader:predict", predict_ref_body, headers=json_headers)
 
     async def grpc_process_ref() -> None:
         await image_stub.ProcessImage(
@@ -423,7 +421,6 @@ def _ms(seconds: float) -> float:
 async def _run(backends: Backends, photo: bytes) -> list[dict[str, Any]]:
     settings = CommonSettings(file_service_address=backends.addresses["file"], rpc_timeout_seconds=60.0)
     common = {"image_bytes": len(photo), "concurrency": CONCURRENCY}
-    limits = httpx.Limits(max_connections=CONCURRENCY * 2, max_keepalive_connections=CONCURRENCY * 2)
     files = FileClient.connect(settings)
     try:
         image_id = (await files.upload(photo, filename="strip.png", content_type="image/png")).image.id
@@ -438,7 +435,11 @@ async def _run(backends: Backends, photo: bytes) -> list[dict[str, Any]]:
             clients: dict[str, Clients] = {}
             for tracing, url in urls.items():
                 http = await closing.enter_async_context(
-                    httpx.AsyncClient(base_url=url, timeout=60, limits=limits)
+                    aiohttp.ClientSession(
+                        url,
+                        timeout=aiohttp.ClientTimeout(total=60),
+                        connector=aiohttp.TCPConnector(limit=CONCURRENCY * 2),
+                    )
                 )
                 clients[tracing], closables = make_calls(http, backends, settings, photo, image_id)
                 for closable in closables:
@@ -454,18 +455,19 @@ async def _transport_floor(common: dict[str, Any]) -> dict[str, Any]:
     process = _spawn("echo", ["-c", ECHO_SERVER, str(port)], {})
     body = json.dumps({"image": base64.b64encode(bytes(common["image_bytes"])).decode()}).encode()
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
             for _ in range(100):
-                with contextlib.suppress(httpx.TransportError):
-                    await http.post("/echo", content=b"{}")
+                with contextlib.suppress(aiohttp.ClientError):
+                    await _post(http, "/echo", b"{}")
                     break
                 await asyncio.sleep(0.1)
+            json_headers = {"content-type": "application/json"}
 
             async def post() -> None:
-                _check(await http.post("/echo", content=body, headers={"content-type": "application/json"}))
+                await _post(http, "/echo", body, headers=json_headers)
 
             async def post_empty() -> None:
-                _check(await http.post("/echo", content=b"{}", headers={"content-type": "application/json"}))
+                await _post(http, "/echo", b"{}", headers=json_headers)
 
             timings = await latencies({"echo": post, "empty": post_empty}, SEQUENTIAL)
     finally:
@@ -478,7 +480,7 @@ async def _transport_floor(common: dict[str, Any]) -> dict[str, Any]:
         "p50_ms": _ms(statistics.median(timings["echo"])),
         "p90_ms": _ms(_percentile(timings["echo"], 0.9)),
         "empty_body_p50_ms": _ms(statistics.median(timings["empty"])),
-        "note": "httpx -> uvicorn (httptools) on loopback, a body read and dropped: the HTTP hop alone;"
+        "note": "aiohttp -> uvicorn (httptools) on loopback, a body read and dropped: the HTTP hop alone;"
         " empty_body: the same hop with a 2-byte body (the floor under requests by image_id)",
     }
 
