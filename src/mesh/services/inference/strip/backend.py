@@ -50,12 +50,28 @@ class Backend(Protocol):
     name: str
 
     def downscale(self, image: ByteImage, factor: int) -> ByteImage:
-        """Box-filter downscale by an integer factor (rounded to 8 bits)."""
+        """Box-filter downscale by an integer factor, in the steps of :func:`downscale_steps`, each rounded
+        to 8 bits."""
         ...
 
     def rectify(self, image: ByteImage, geometry: CropGeometry) -> FloatImage:
         """The rotated rectangle ``geometry`` resampled (bilinear), float 0..1, replicated borders."""
         ...
+
+
+def downscale_steps(factor: int) -> list[int]:
+    """The integer steps a downscale by ``factor`` is made in: halvings first, then the odd rest.
+
+    OpenCV halves an 8-bit image several times faster than it shrinks it by any other factor (4x for 1080p
+    by 4), so both backends halve first, rounding to 8 bits after every step, and give the same pixels.
+    """
+    steps = []
+    while factor % 2 == 0 and factor > 1:
+        steps.append(2)
+        factor //= 2
+    if factor > 1:
+        steps.append(factor)
+    return steps
 
 
 class CpuBackend:
@@ -67,7 +83,10 @@ class CpuBackend:
         height, width = image.shape[:2]
         if factor > 1:
             h, w = height // factor, width // factor
-            image = cv2.resize(image[: h * factor, : w * factor], (w, h), interpolation=cv2.INTER_AREA)
+            image = image[: h * factor, : w * factor]
+            for step in downscale_steps(factor):
+                h, w = image.shape[0] // step, image.shape[1] // step
+                image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
         return np.asarray(image, dtype=np.uint8)
 
     def rectify(self, image: ByteImage, geometry: CropGeometry) -> FloatImage:
@@ -111,9 +130,11 @@ class ArrayBackend:
         h, w = height // factor, width // factor
         device = xp.asarray(image[: h * factor, : w * factor])
         if factor > 1:
-            shape = (h, factor, w, factor, *tuple(image.shape[2:]))
-            # Mean of each block, rounded to 8 bits as OpenCV's INTER_AREA does.
-            device = xp.floor(device.reshape(shape).astype(xp.float32).mean(axis=(1, 3)) + 0.5)
+            for step in downscale_steps(factor):
+                h, w = device.shape[0] // step, device.shape[1] // step
+                shape = (h, step, w, step, *tuple(image.shape[2:]))
+                # Mean of each block, rounded to 8 bits as OpenCV's INTER_AREA does.
+                device = xp.floor(device.reshape(shape).astype(xp.float32).mean(axis=(1, 3)) + 0.5)
         host = device if xp is np else xp.asnumpy(device)
         return np.asarray(host, dtype=np.uint8)
 

@@ -197,7 +197,9 @@ class StripReader:
         cfg = self.config
         flags: list[QualityFlag] = []
         top, bottom = int(margin), max(int(margin) + 1, grey.shape[0] - int(margin))
-        body = grey[top:bottom]
+        # Every other row and column: the exposure of a strip does not need every pixel (a full median is
+        # a few milliseconds on a 1080p picture's crop).
+        body = grey[top:bottom:2, ::2]
         level = float(np.median(body))
         if level < cfg.underexposed_level:
             flags.append(QualityFlag.UNDEREXPOSED)
