@@ -201,7 +201,9 @@ async def test_waiting_deliveries_start_in_priority_order_across_lanes(queue: Ha
 @pytest.mark.integration
 async def test_priority_selects_the_lane_and_travels_in_the_message(queue: Harness) -> None:
     """Priority 5 is published to ``<queue>.high``, priority 4 to ``<queue>``, each with its priority in the
-    message's AMQP ``priority`` property."""
+    message's AMQP ``priority`` property; the relay counts both under the job queue, never the lane."""
+    published = {"queue": queue.inference_queue}
+    before = REGISTRY.get_sample_value("mesh_queue_dispatches_published_total", published) or 0
     high = await queue.submit(priority=5)
     normal = await queue.submit(priority=4)
 
@@ -220,6 +222,19 @@ async def test_priority_selects_the_lane_and_travels_in_the_message(queue: Harne
             assert message is not None
             found[lane] = (job_pb2.JobDispatch.FromString(message.body).job_id, message.priority)
     assert found == {queue.inference_queue: (normal.id, 4), high_lane(queue.inference_queue): (high.id, 5)}
+
+    async def counted() -> bool:  # the relay's child process reports its counts every 0.25 s
+        return REGISTRY.get_sample_value("mesh_queue_dispatches_published_total", published) == before + 2
+
+    await _until(counted, "both dispatches counted under the job queue", timeout=10)
+    lane_labels = [
+        (metric.name, sample.labels["queue"])
+        for metric in REGISTRY.collect()
+        if metric.name.startswith("mesh_queue")
+        for sample in metric.samples
+        if sample.labels.get("queue", "").endswith(".high")
+    ]
+    assert lane_labels == []
 
 
 @pytest.mark.integration

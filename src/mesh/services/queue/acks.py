@@ -8,8 +8,11 @@ outcome is not committed yet is never acked on its behalf. Acks that do not exte
 delivery is still running) go out one by one at once, so a long job never holds later acks back.
 
 Delivery tags count per channel from 1, and a robust connection replaces its channels after a reconnect, so
-the bookkeeping is per underlying channel; deliveries of a lost channel cannot be settled (RabbitMQ
-redelivers them, which fencing makes harmless).
+the bookkeeping is per underlying channel (a worker consumes a job queue's two lanes on two channels: two
+independent runs of tags, and a multiple ack never covers the other lane's deliveries); deliveries of a
+lost channel cannot be settled (RabbitMQ redelivers them, which fencing makes harmless). A worker starts
+the deliveries it holds by priority, not by tag, so acks often arrive out of tag order: those that do not
+extend the run go out alone, and the run catches up over them once the gap below is settled.
 """
 
 from __future__ import annotations

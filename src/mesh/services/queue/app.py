@@ -98,7 +98,8 @@ class QueueApp:
         return [PoolCheck(self.pool), FunctionCheck("rabbitmq", self.broker.check)]
 
     async def start(self) -> None:
-        """Migrate, open the pool, connect to RabbitMQ and declare the job queues."""
+        """Migrate, open the pool, connect to RabbitMQ and declare the job queues (both lanes of each, with
+        their dead-letter exchange and queue)."""
         await prepare_database(self.settings.database_url, "queue", MIGRATIONS)
         await self.pool.open(wait=False)
         await self.broker.connect()

@@ -1,7 +1,8 @@
 """The dead-letter consumer: a dispatch that reached ``<queue>.dead`` ends its job as DEAD.
 
-Dispatches get there when a worker rejected them (undecodable) or when RabbitMQ delivered them more often
-than the queue's delivery limit (a job that crashes its worker every time). The job is marked DEAD only when
+Dispatches get there, from either lane of the job queue (both dead-letter through ``<queue>.dlx`` with the
+job queue's name as routing key), when a worker rejected them (undecodable) or when RabbitMQ delivered them
+more often than the lane's delivery limit (a job that crashes its worker every time). The job is marked DEAD only when
 it is still at that attempt and not finished, so a stale dead letter changes nothing; and only when it was
 claimed on every delivery: a job whose dispatch merely sat in the prefetch of workers that other jobs
 killed is dispatched again instead (``states.dead_letter_outcome``).
