@@ -54,7 +54,7 @@ from mesh.kit.settings import CommonSettings
 from mesh.services.file.client import FileClient
 
 ROOT = Path(__file__).resolve().parent.parent
-SEQUENTIAL = int(os.environ.get("MESH_BENCH_GATEWAY_REQUESTS", "40"))
+SEQUENTIAL = int(os.environ.get("MESH_BENCH_GATEWAY_REQUESTS", "60"))
 CONCURRENCY = 8
 THROUGHPUT_SECONDS = float(os.environ.get("MESH_BENCH_GATEWAY_SECONDS", "3"))
 START_TIMEOUT = 60.0
