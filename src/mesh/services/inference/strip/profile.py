@@ -180,7 +180,10 @@ def matched_test_line(
     if keep.sum() >= 8:
         rest = response[keep]
         centre = float(np.median(rest))
-        noise = max(noise, 1.4826 * float(np.median(np.abs(rest - centre))))
+        # The root mean square, not a robust spread: the structure that makes false lines (a JPEG's
+        # 8-pixel blocks, whose levels all rows share) is sparse bumps of a line's width, which a median
+        # of deviations passes over and the split-half difference does not hold.
+        noise = max(noise, float(np.sqrt(np.mean((rest - centre) ** 2))))
     amplitude = _refined_max(response, j, 1) - centre
     snr = amplitude / noise
     # T's strength in C's contrast: both come out of the same filter, so their ratio compares like with like.
@@ -226,7 +229,12 @@ def _framed_window(grey: FloatArray, top_obj: float, bottom_obj: float) -> Windo
     grad = np.abs(smooth[2:, :] - smooth[:-2, :])  # row y+1 of the crop
     # Only the object's inner columns and rows, away from its own outline.
     cols = slice(int(0.03 * width), int(0.97 * width))
-    rows_strength = np.percentile(grad[:, cols], 90, axis=1)
+    # The 90th percentile of each row (the order statistic: a partition is several times quicker than
+    # np.percentile's interpolation along an axis).
+    inner = grad[:, cols]
+    rows_strength = np.partition(inner, int(0.9 * (inner.shape[1] - 1)), axis=1)[
+        :, int(0.9 * (inner.shape[1] - 1))
+    ]
     first = int(top_obj + 0.24 * obj_h)
     last = int(bottom_obj - 0.24 * obj_h)
     centre = int((top_obj + bottom_obj) / 2)
@@ -329,13 +337,17 @@ def _closing(values: FloatArray, size: int) -> FloatArray:
 
 # Rows trimmed off the window's top and bottom (its bevel and shaded rim); the rest is averaged.
 ROW_TRIM = 0.1
+# A bare strip's window is the whole strip across: its edges catch the background (blur and perspective
+# bleed it in), so more of its rows are left out.
+BARE_ROW_TRIM = 0.22
 
 
 def window_profile(crop: FloatArray, box: WindowBox, noise_floor: float, margin: float = 0.04) -> Profile:
     """Background-corrected line profile of the window's rows, de-skewed; peaks sorted by position."""
     h = box.y1 - box.y0
-    y0 = round(box.y0 + ROW_TRIM * h)
-    y1 = round(box.y1 - ROW_TRIM * h)
+    trim = ROW_TRIM if box.framed else BARE_ROW_TRIM
+    y0 = round(box.y0 + trim * h)
+    y1 = round(box.y1 - trim * h)
     if y1 <= y0:
         y1 = y0 + 1
     x0, x1 = round(box.x0), round(box.x1)
