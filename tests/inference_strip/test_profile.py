@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 
@@ -12,6 +13,7 @@ from mesh.services.inference.strip.profile import (
     Peak,
     Profile,
     WindowBox,
+    find_window,
     matched_test_line,
     window_profile,
 )
@@ -134,3 +136,20 @@ def test_a_bare_strips_edge_rows_are_left_out() -> None:
     profile = window_profile(image, box, noise_floor=0.002)
     test = matched_test_line(profile, _control(profile), ZONE, noise_floor=0.002)
     assert test is None or test.snr < ReaderConfig().t_min_snr
+
+
+def test_a_bare_strips_membrane_is_found_by_texture_where_no_step_shows() -> None:
+    """Pad and wick as bright as the membrane (a shadow can even them out) but fibrous: the window still
+    spans the smooth membrane between them, not the whole strip."""
+    rng = np.random.default_rng(3)
+    rows, length = 40, 400
+    grey = np.full((rows, length), 0.8, np.float32)
+    fibres = cv2.resize(rng.normal(0, 0.025, (rows, length // 6)).astype(np.float32), (length, rows))
+    pad, wick = slice(0, 100), slice(290, length)
+    grey[:, pad] *= 1 + fibres[:, pad]
+    grey[:, wick] *= 1 + fibres[:, wick]
+    grey += rng.normal(0, 0.004, grey.shape).astype(np.float32)
+    box = find_window(grey, across_margin=0.0)
+    assert not box.framed
+    assert abs(box.x0 - 100) < 15
+    assert abs(box.x1 - 290) < 15

@@ -219,7 +219,57 @@ def find_window(grey: FloatArray, across_margin: float) -> WindowBox:
     y1 = bottom_obj - 0.2 * obj_h
     band = grey[int(y0) : int(np.ceil(y1)), :]
     x0, x1 = _membrane_span(band.mean(axis=0))
+    n = band.shape[1]
+    if x0 <= 0.0 or x1 >= n:
+        # A shadow or a light gradient can hide a brightness step; the pads' fibres still show.
+        x0, x1 = _fibre_span(band, x0, x1)
     return WindowBox(x0, top_obj, x1, bottom_obj, framed=False)
+
+
+# Texture steps: the fibrous pad and wick must vary across the rows this many times more than the membrane.
+FIBRE_RATIO = 1.6
+
+
+def _fibre_span(band: FloatArray, x0: float, x1: float) -> tuple[float, float]:
+    """The membrane's ends where its brightness steps were not found, from texture: the sample pad and the
+    wick are fibrous (streaks along the strip, so their columns vary across the rows), the membrane is smooth.
+
+    Each column's spread across the rows is taken after smoothing along the strip (pixel noise averages out,
+    streaks do not), then a running median wider than any line (a line's own unevenness must not count)."""
+    rows, n = band.shape
+    if rows < 4 or n < 40:
+        return x0, x1
+    smooth = cv2.blur(np.ascontiguousarray(band, dtype=np.float32), (5, 1), borderType=cv2.BORDER_REPLICATE)
+    level = np.maximum(smooth.mean(axis=0), 1e-3)
+    spread = smooth.std(axis=0) / level
+    reach = max(3, int(0.04 * n))
+    texture = _running_median(spread, 2 * reach + 1)
+    log_tex = np.log(np.maximum(texture, 1e-5))
+    # Step strength at x: texture just beyond x over texture just before it.
+    padded = np.concatenate([np.full(reach, log_tex[0]), log_tex, np.full(reach, log_tex[-1])])
+    before = padded[:n]
+    after = padded[2 * reach : 2 * reach + n]
+    rise = after - before
+    threshold = float(np.log(FIBRE_RATIO))
+    if x0 <= 0.0:
+        left = slice(int(0.04 * n), int(0.42 * n))
+        fall = -rise[left]
+        if fall.size and float(fall.max()) > threshold:
+            x0 = float(int(np.argmax(fall)) + left.start)
+    if x1 >= n:
+        right = slice(int(x0 + 0.25 * n), int(0.96 * n))
+        up = rise[right]
+        if up.size and float(up.max()) > threshold:
+            x1 = float(int(np.argmax(up)) + right.start)
+    return x0, x1
+
+
+def _running_median(values: FloatArray, size: int) -> FloatArray:
+    """Median of each ``size``-sample neighbourhood (edges replicated)."""
+    half = size // 2
+    padded = np.concatenate([np.full(half, values[0]), values, np.full(half, values[-1])])
+    windows = np.lib.stride_tricks.sliding_window_view(padded, size)
+    return np.asarray(np.median(windows, axis=1), dtype=np.float32)
 
 
 def _framed_window(grey: FloatArray, top_obj: float, bottom_obj: float) -> WindowBox | None:
