@@ -24,7 +24,6 @@ import contextlib
 import io
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -44,6 +43,7 @@ from PIL import Image, ImageDraw
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from bench import processes
 from mesh.common.v1 import image_pb2
 from mesh.image.v1 import image_processing_service_pb2 as image_pb
 from mesh.image.v1 import image_processing_service_pb2_grpc as image_grpc
@@ -114,13 +114,7 @@ class Process:
     popen: subprocess.Popen[bytes]
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+        processes.stop(self.popen)
 
 
 def _spawn(

@@ -43,6 +43,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from bench import processes
 from mesh.kit.jobs import INFERENCE_JOBS_QUEUE
 from mesh.queue.v1 import queue_service_pb2, queue_service_pb2_grpc
 
@@ -84,15 +85,12 @@ class _Processes:
         return child
 
     def stop(self) -> None:
+        # Signalled together, so that they drain side by side.
         for child in self.children:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
         for child in self.children:
-            try:
-                child.wait(15)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+            processes.stop(child)
 
 
 async def _wait_serving(http_port: int) -> None:
@@ -324,12 +322,7 @@ class _Celery:
             with contextlib.suppress(Exception):
                 channel.queue_delete(self.queue)
         if self.worker is not None:
-            self.worker.send_signal(signal.SIGTERM)
-            try:
-                self.worker.wait(20)
-            except subprocess.TimeoutExpired:
-                self.worker.kill()
-                self.worker.wait()
+            processes.stop(self.worker, grace_seconds=20)
 
     def throughput_round(self, count: int) -> float:
         """Tasks per second, from the first publish to the last result."""
