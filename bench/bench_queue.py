@@ -46,6 +46,7 @@ from psycopg.conninfo import make_conninfo
 from bench import processes
 from mesh.kit.jobs import INFERENCE_JOBS_QUEUE
 from mesh.queue.v1 import queue_service_pb2, queue_service_pb2_grpc
+from mesh.services.queue.topology import dead_letter_exchange, dead_letter_queue, lanes
 
 ADMIN_URL = os.environ.get("MESH_BENCH_ADMIN_DATABASE_URL", "postgresql://localhost/postgres")
 AMQP_URL = os.environ.get("MESH_AMQP_URL", "amqp://guest:guest@localhost:5672/%2F")
@@ -228,14 +229,16 @@ class _MeshQueue:
 
 
 async def _delete_queues(names: Sequence[str]) -> None:
+    """Delete job queues with both their priority lanes, their dead-letter queues and exchanges."""
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
-        for name in [*names, *(f"{n}.dead" for n in names)]:
+        for name in names:
             channel = await connection.channel()
+            for queue in (*lanes(name), dead_letter_queue(name)):
+                with contextlib.suppress(Exception):
+                    await channel.queue_delete(queue)
             with contextlib.suppress(Exception):
-                await channel.queue_delete(name)
-            with contextlib.suppress(Exception):
-                await channel.exchange_delete(f"{name.removesuffix('.dead')}.dlx")
+                await channel.exchange_delete(dead_letter_exchange(name))
             with contextlib.suppress(Exception):
                 await channel.close()
 
