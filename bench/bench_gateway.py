@@ -11,6 +11,9 @@ are ~1 MB PNGs sent inline (base64 in JSON for REST, bytes for gRPC); process as
 (``Accept: image/png``); upload (multipart) and predict are also measured with the raw image as the body
 (``Content-Type: image/png``), which skips multipart, base64 and JSON.
 
+A minimal proxy (``PROXY_SERVER``: uvicorn, Starlette, one route, the kit's channel, nothing else) answers the
+predict calls beside the gateway: its added latency is the floor of this Python stack on this machine.
+
 Latency (p50, p90) comes from sequential requests, REST and gRPC interleaved so that drift hits both;
 throughput from 8 concurrent callers for a fixed time. On a small shared machine the client, the gateway and
 the service compete for the same cores, so ratios matter more than absolute numbers.
@@ -54,7 +57,7 @@ from mesh.kit.settings import CommonSettings
 from mesh.services.file.client import FileClient
 
 ROOT = Path(__file__).resolve().parent.parent
-SEQUENTIAL = int(os.environ.get("MESH_BENCH_GATEWAY_REQUESTS", "60"))
+SEQUENTIAL = int(os.environ.get("MESH_BENCH_GATEWAY_REQUESTS", "100"))
 CONCURRENCY = 8
 THROUGHPUT_SECONDS = float(os.environ.get("MESH_BENCH_GATEWAY_SECONDS", "3"))
 START_TIMEOUT = 60.0
@@ -125,6 +128,70 @@ def _spawn(
         [sys.executable, *args], cwd=ROOT, env=full_env, stdout=stdout, stderr=subprocess.DEVNULL
     )
     return Process(name, popen)
+
+
+# The least a Python REST proxy can do for a predict: uvicorn and Starlette, one route, no middleware, auth,
+# tracing, metrics or validation; the kit's channel and allocator tuning, as the gateway has. Its added latency
+# is the floor of this stack on this machine, measured beside the gateway's.
+PROXY_SERVER = """
+import sys, uvicorn
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from mesh.common.v1 import image_pb2
+from mesh.inference.v1 import inference_service_pb2 as pb, inference_service_pb2_grpc as pb_grpc
+from mesh.kit.channels import open_channel
+from mesh.kit.memory import tune_allocator
+from mesh.kit.settings import CommonSettings
+
+stubs = []
+
+async def predict(request):
+    if not stubs:
+        channel = open_channel(sys.argv[2], CommonSettings(), service="mesh.inference.v1.InferenceService")
+        stubs.append(pb_grpc.InferenceServiceStub(channel))
+    message = pb.PredictRequest(model_name="strip-reader")
+    if request.headers.get("content-type") == "application/json":
+        message.input.image_id = (await request.json())["image_id"]
+    else:
+        message.input.encoded.data = await request.body()
+    reading = (await stubs[0].Predict(message)).strip_reading
+    return JSONResponse({"verdict": reading.verdict, "t_to_c_ratio": reading.t_to_c_ratio})
+
+tune_allocator()
+async def healthz(request):
+    return JSONResponse({})
+
+app = Starlette(
+    routes=[Route("/v1/models/strip-reader:predict", predict, methods=["POST"]), Route("/healthz", healthz)]
+)
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+
+
+@contextlib.contextmanager
+def minimal_proxy(backends: Backends) -> Iterator[str]:
+    """PROXY_SERVER in front of the inference service."""
+    port = _free_port()
+    process = _spawn("proxy", ["-c", PROXY_SERVER, str(port), backends.addresses["inference"]], {})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, process)
+        yield url
+    finally:
+        process.stop()
+
+
+def _wait_healthy(url: str, process: Process) -> None:
+    """Wait until ``url``/healthz answers 200 (RuntimeError when the process dies or time runs out)."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        if process.popen.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{process.name} did not start")
+        time.sleep(0.2)
 
 
 async def _serving(address: str, service: str, process: Process, timeout: float = START_TIMEOUT) -> bool:
@@ -236,15 +303,8 @@ def gateway(backends: Backends, tracing: str) -> Iterator[str]:
         env["OTEL_BSP_SCHEDULE_DELAY"] = "200"
     process = _spawn("gateway", ["-m", "mesh.services.gateway"], env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT
     try:
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            if process.popen.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the gateway did not start")
-            time.sleep(0.2)
+        _wait_healthy(url, process)
         yield url
     finally:
         process.stop()
@@ -425,6 +485,8 @@ async def _run(backends: Backends, photo: bytes) -> list[dict[str, Any]]:
         urls = {
             tracing: stack.enter_context(gateway(backends, tracing)) for tracing in ("on", "off", "exported")
         }
+        # Only its predict routes are called.
+        urls["minimal_proxy"] = stack.enter_context(minimal_proxy(backends))
         async with contextlib.AsyncExitStack() as closing:
             clients: dict[str, Clients] = {}
             for tracing, url in urls.items():
@@ -479,6 +541,10 @@ async def _transport_floor(common: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+MINIMAL_PROXY_CALLS = {"predict": "predict_raw", "predict_by_id": "predict_by_id"}
+"""The REST call the minimal proxy answers for an operation (the gateway's own is ``rest`` or ``rest_raw``)."""
+
+
 def _backend_of(operation: str) -> str:
     return {"upload": "file", "process": "image", "predict": "inference"}[operation.removesuffix("_by_id")]
 
@@ -492,6 +558,8 @@ async def _measure(
         calls = {"grpc": clients["on"].grpc[operation], "rest": clients["on"].rest[operation]}
         if operation in ("upload", "predict"):
             calls["rest_raw"] = clients["on"].rest[f"{operation}_raw"]
+        if operation in MINIMAL_PROXY_CALLS:
+            calls["minimal_proxy"] = clients["minimal_proxy"].rest[MINIMAL_PROXY_CALLS[operation]]
         with_tracing_cost = operation in ("process", "predict")
         if with_tracing_cost:
             calls["rest_tracing_off"] = clients["off"].rest[operation]
@@ -522,6 +590,17 @@ async def _measure(
                         "rest_raw_body_added_p50_ms": _ms(p50["rest_raw"] - p50["grpc"]),
                     }
                     if "rest_raw" in rates
+                    else {}
+                ),
+                **(
+                    {
+                        "minimal_proxy_call": MINIMAL_PROXY_CALLS[operation],
+                        "minimal_proxy_fraction_of_grpc_throughput": round(
+                            rates["minimal_proxy"] / rates["grpc"], 3
+                        ),
+                        "minimal_proxy_added_p50_ms": _ms(p50["minimal_proxy"] - p50["grpc"]),
+                    }
+                    if "minimal_proxy" in rates
                     else {}
                 ),
             }
