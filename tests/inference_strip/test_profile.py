@@ -153,3 +153,24 @@ def test_a_bare_strips_membrane_is_found_by_texture_where_no_step_shows() -> Non
     assert not box.framed
     assert abs(box.x0 - 100) < 15
     assert abs(box.x1 - 290) < 15
+
+
+def test_a_slanted_shadow_edge_on_a_bare_strip_is_not_taken_for_the_wick() -> None:
+    """A shadow edge crossing the membrane at a slant (its columns ramp smoothly across the rows) hides
+    the wick's brightness step; the window still ends at the fibrous wick, not at the shadow."""
+    rng = np.random.default_rng(5)
+    rows, length = 40, 400
+    grey = np.full((rows, length), 0.8, np.float32)
+    fibres = cv2.resize(rng.normal(0, 0.025, (rows, length // 6)).astype(np.float32), (length, rows))
+    pad, wick = slice(0, 100), slice(290, length)
+    grey[:, pad] *= 0.8  # the pad's brightness step shows; the wick's is hidden by the light beyond
+    grey[:, pad] *= 1 + fibres[:, pad]
+    grey[:, wick] *= 1 + fibres[:, wick]
+    # Shadow over the left part of the membrane, its edge running from x=200 (top row) to x=240 (bottom).
+    xs = np.arange(length, dtype=np.float32)[None, :]
+    edge = 200 + 40 * np.arange(rows, dtype=np.float32)[:, None] / (rows - 1)
+    grey *= np.where(xs < edge, 0.6, 1.0).astype(np.float32)
+    grey += rng.normal(0, 0.004, grey.shape).astype(np.float32)
+    box = find_window(grey, across_margin=0.0)
+    assert not box.framed
+    assert abs(box.x1 - 290) < 15

@@ -235,13 +235,15 @@ def _fibre_span(band: FloatArray, x0: float, x1: float) -> tuple[float, float]:
     wick are fibrous (streaks along the strip, so their columns vary across the rows), the membrane is smooth.
 
     Each column's spread across the rows is taken after smoothing along the strip (pixel noise averages out,
-    streaks do not), then a running median wider than any line (a line's own unevenness must not count)."""
+    streaks do not), as the spread of its row-to-row steps: a shadow edge that crosses the strip at a slant
+    ramps smoothly across the rows and would otherwise pass for fibres. Then a running median wider than any
+    line (a line's own unevenness must not count)."""
     rows, n = band.shape
     if rows < 4 or n < 40:
         return x0, x1
     smooth = cv2.blur(np.ascontiguousarray(band, dtype=np.float32), (5, 1), borderType=cv2.BORDER_REPLICATE)
     level = np.maximum(smooth.mean(axis=0), 1e-3)
-    spread = smooth.std(axis=0) / level
+    spread = np.diff(smooth, axis=0).std(axis=0) / level
     reach = max(3, int(0.04 * n))
     texture = _running_median(spread, 2 * reach + 1)
     log_tex = np.log(np.maximum(texture, 1e-5))
