@@ -59,7 +59,7 @@ from mesh.services.file.client import FileClient
 ROOT = Path(__file__).resolve().parent.parent
 SEQUENTIAL = int(os.environ.get("MESH_BENCH_GATEWAY_REQUESTS", "100"))
 CONCURRENCY = 8
-THROUGHPUT_SECONDS = float(os.environ.get("MESH_BENCH_GATEWAY_SECONDS", "3"))
+THROUGHPUT_SECONDS = float(os.environ.get("MESH_BENCH_GATEWAY_SECONDS", "4"))
 START_TIMEOUT = 60.0
 DATABASE_URL = os.environ.get("MESH_BENCH_GATEWAY_DATABASE_URL", "postgresql://localhost/mesh_bench_gateway")
 
@@ -329,7 +329,7 @@ async def latencies(calls: dict[str, Call], count: int) -> dict[str, list[float]
     return timings
 
 
-async def throughputs(calls: dict[str, Call], seconds: float, rounds: int = 4) -> dict[str, float]:
+async def throughputs(calls: dict[str, Call], seconds: float, rounds: int = 8) -> dict[str, float]:
     """Completed calls per second of each call with CONCURRENCY callers, in alternating short windows
     (``rounds`` windows each) so that load from elsewhere on the machine hits every call alike."""
     done = dict.fromkeys(calls, 0)
