@@ -138,7 +138,6 @@ import sys, uvicorn
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from mesh.common.v1 import image_pb2
 from mesh.inference.v1 import inference_service_pb2 as pb, inference_service_pb2_grpc as pb_grpc
 from mesh.kit.channels import open_channel
 from mesh.kit.memory import tune_allocator
@@ -158,10 +157,10 @@ async def predict(request):
     reading = (await stubs[0].Predict(message)).strip_reading
     return JSONResponse({"verdict": reading.verdict, "t_to_c_ratio": reading.t_to_c_ratio})
 
-tune_allocator()
 async def healthz(request):
     return JSONResponse({})
 
+tune_allocator()
 app = Starlette(
     routes=[Route("/v1/models/strip-reader:predict", predict, methods=["POST"]), Route("/healthz", healthz)]
 )
