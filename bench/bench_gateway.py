@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -271,13 +272,23 @@ async def start_backends(blob_dir: Path) -> Backends:
             {"OTEL_SDK_DISABLED": "true"},
             stdout=subprocess.PIPE,
         )
-        assert fakes.popen.stdout is not None
-        line = await asyncio.to_thread(fakes.popen.stdout.readline)
-        port = int(line.split()[1])
+        port = await asyncio.to_thread(_fakes_port, fakes)
         processes.append(fakes)
         for key in missing:
             addresses[key], kinds[key] = f"127.0.0.1:{port}", "fake"
     return Backends(addresses, kinds, processes)
+
+
+def _fakes_port(fakes: Process) -> int:
+    """The gRPC port the fakes print (``PORTS <grpc> <http>``); their later output is drained in the background,
+    since a full pipe would block them mid-request."""
+    stdout = fakes.popen.stdout
+    assert stdout is not None
+    for line in stdout:
+        if line.startswith(b"PORTS "):
+            threading.Thread(target=stdout.read, daemon=True).start()
+            return int(line.split()[1])
+    raise RuntimeError("the fakes exited before printing their ports")
 
 
 @contextlib.contextmanager

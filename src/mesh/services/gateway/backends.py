@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2_grpc
 
 from mesh.file.v1 import file_service_pb2_grpc
-from mesh.image.v1 import image_processing_service_pb2_grpc
-from mesh.inference.v1 import inference_service_pb2_grpc
+from mesh.image.v1 import image_processing_service_pb2, image_processing_service_pb2_grpc
+from mesh.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 from mesh.kit import errors
 from mesh.kit.channels import open_channel
 from mesh.queue.v1 import queue_service_pb2_grpc
@@ -28,6 +29,7 @@ INFERENCE_SERVICE = "mesh.inference.v1.InferenceService"
 QUEUE_SERVICE = "mesh.queue.v1.QueueService"
 
 T = TypeVar("T")
+R = TypeVar("R", bound=Message)
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,18 @@ class ServiceEndpoint:
     def health(self) -> health_pb2_grpc.HealthStub:
         """A grpc.health.v1 stub on this service's channel."""
         return health_pb2_grpc.HealthStub(self.channel)
+
+
+def serialized_unary(
+    channel: grpc.aio.Channel, method: str, response_type: type[R]
+) -> grpc.aio.UnaryUnaryMultiCallable[bytes, R]:
+    """A unary method of ``channel`` whose requests are given already serialised."""
+    call: grpc.aio.UnaryUnaryMultiCallable[bytes, R] = channel.unary_unary(
+        method,
+        request_serializer=None,  # the bytes go out as they are
+        response_deserializer=response_type.FromString,
+    )
+    return call
 
 
 class Backends:
@@ -74,6 +88,14 @@ class Backends:
         self.file_stub = file_service_pb2_grpc.FileServiceStub(file_channel)
         self.image_stub = image_processing_service_pb2_grpc.ImageProcessingServiceStub(image_channel)
         self.inference_stub = inference_service_pb2_grpc.InferenceServiceStub(inference_channel)
+        # Predict and ProcessImage take requests the routes serialised themselves (image_input.py), so that
+        # an inline image reaches the wire in one copy.
+        self.predict = serialized_unary(
+            inference_channel, f"/{INFERENCE_SERVICE}/Predict", inference_service_pb2.PredictResponse
+        )
+        self.process_image = serialized_unary(
+            image_channel, f"/{IMAGE_SERVICE}/ProcessImage", image_processing_service_pb2.ProcessImageResponse
+        )
         self.queue_stub = queue_service_pb2_grpc.QueueServiceStub(queue_channel)
 
     async def close(self) -> None:

@@ -14,8 +14,8 @@ from mesh.services.gateway import convert, schemas
 from mesh.services.gateway.backends import rpc
 from mesh.services.gateway.bodies import json_request_body, media_type, parse_json
 from mesh.services.gateway.context import Caller, Context
+from mesh.services.gateway.image_input import serialize_with_image
 from mesh.services.gateway.routes.images import ACCEPTED_TYPES, ERRORS
-from mesh.services.gateway.routes.processing import set_image_input
 from mesh.services.gateway.spans import annotate
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -29,16 +29,17 @@ PREDICT_BODY["requestBody"]["description"] = (
 )
 
 
-async def _predict_input(request: Request) -> schemas.PredictIn | bytes:
-    """The JSON body, or the raw image bytes (no base64 and JSON to pay for on a large image)."""
+async def _predict_input(request: Request) -> schemas.PredictIn | list[bytes]:
+    """The JSON body, or the raw image's chunks as they arrived (no base64 and JSON to pay for, and no copy
+    before the one into the outgoing request)."""
     kind = media_type(request)
     if kind in ACCEPTED_TYPES:
-        data = await request.body()
-        if not data:
+        chunks = [chunk async for chunk in request.stream() if chunk]
+        if not chunks:
             raise errors.InvalidData(
                 "the image is empty", field_violations=[errors.FieldViolation("body", "empty")]
             )
-        return data
+        return chunks
     if kind != "application/json":
         raise errors.UnsupportedMediaType(
             f"unsupported Content-Type {kind or '(none)'!r}: send application/json or the raw image as one of"
@@ -66,17 +67,17 @@ async def predict(
     """Run the model on a stored (``image_id``) or inline (``image``, base64) image, or on raw image bytes."""
     given = await _predict_input(request)
     message = inference_pb.PredictRequest(model_name=name, request_id=str(uuid.uuid4()))
-    if isinstance(given, bytes):
-        image = set_image_input(message.input, "", given)
+    if isinstance(given, list):
+        image_id, inline = "", given
+        message.model_version, message.precheck_only = version, precheck_only
     else:
-        image = set_image_input(message.input, given.image_id, given.image)
-        version, precheck_only = given.version, given.precheck_only
+        image_id, inline = given.image_id, [given.image]
+        message.model_version, message.precheck_only = given.version, given.precheck_only
         for key, value in convert.to_params(given.parameters).items():
             message.parameters[key].CopyFrom(value)
-    message.model_version, message.precheck_only = version, precheck_only
+    serialized, image = serialize_with_image(message, image_id, inline)
     annotate({"mesh.model": name, **image})
-    response = await rpc(ctx.backends.inference_stub.Predict(message))
-    return convert.prediction(response)
+    return convert.prediction(await rpc(ctx.backends.predict(serialized)))
 
 
 @router.get("", response_model=schemas.ModelList, responses=ERRORS, summary="List models")

@@ -6,13 +6,13 @@ import base64
 
 from fastapi import APIRouter, Request, Response
 
-from mesh.common.v1 import image_pb2
 from mesh.image.v1 import image_processing_service_pb2 as image_pb
 from mesh.kit import errors
 from mesh.services.gateway import convert, schemas
 from mesh.services.gateway.backends import rpc
 from mesh.services.gateway.bodies import json_body, json_request_body
 from mesh.services.gateway.context import Caller, Context
+from mesh.services.gateway.image_input import serialize_with_image
 from mesh.services.gateway.routes.images import ERRORS
 from mesh.services.gateway.spans import annotate
 
@@ -23,25 +23,6 @@ _IMAGE_RESPONSES = {
     "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
     "image/webp": {"schema": {"type": "string", "format": "binary"}},
 }
-
-
-def set_image_input(target: image_pb2.ImageInput, image_id: str, inline: bytes) -> dict[str, str | int]:
-    """Fill ``target`` (a field of the outgoing request) from exactly one of an image id and inline file
-    bytes; returns the span attributes that describe the image.
-
-    Filled in place because protobuf copies a submessage passed to a constructor: building the image
-    apart and handing it to the request would copy a 1 MB image twice more.
-    """
-    if bool(image_id) == bool(inline):
-        raise errors.InvalidArgument(
-            "give exactly one of image_id and image",
-            field_violations=[errors.FieldViolation("image_id", "exactly one of image_id and image")],
-        )
-    if image_id:
-        target.image_id = image_id
-        return {"mesh.image.id": image_id}
-    target.encoded.data = inline
-    return {"mesh.image.bytes": len(inline)}
 
 
 def wants_image(request: Request) -> bool:
@@ -80,7 +61,7 @@ async def process(request: Request, ctx: Context, _: Caller) -> Response:
             format=convert.OUTPUT_FORMATS[body.output_format], quality=body.quality or 0
         ),
     )
-    image = set_image_input(request_message.input, body.image_id, body.image)
+    serialized, image = serialize_with_image(request_message, body.image_id, [body.image])
     annotate(
         {
             "mesh.filters": [step.filter for step in body.pipeline],
@@ -88,7 +69,7 @@ async def process(request: Request, ctx: Context, _: Caller) -> Response:
             **image,
         }
     )
-    result = await rpc(ctx.backends.image_stub.ProcessImage(request_message))
+    result = await rpc(ctx.backends.process_image(serialized))
     if result.WhichOneof("result") != "encoded":
         raise errors.Internal("the image service returned no encoded image")
     content_type = convert.CONTENT_TYPES.get(result.encoded.format, f"image/{body.output_format}")

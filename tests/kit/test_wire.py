@@ -1,0 +1,114 @@
+"""mesh.kit.wire: a request serialised around a large bytes field parses as protobuf's own message."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mesh.common.v1 import image_pb2
+from mesh.image.v1 import image_processing_service_pb2 as image_pb
+from mesh.inference.v1 import inference_service_pb2 as inference_pb
+from mesh.kit.wire import NestedBytesField, varint
+
+IMAGE_DATA = NestedBytesField.of(inference_pb.PredictRequest, "input.encoded.data")
+
+
+@pytest.mark.parametrize(
+    ("value", "encoded"),
+    [
+        (0, b"\x00"),
+        (1, b"\x01"),
+        (127, b"\x7f"),
+        (128, b"\x80\x01"),
+        (300, b"\xac\x02"),
+        (2**21, b"\x80\x80\x80\x01"),
+    ],
+)
+def test_varint_is_base_128_little_endian(value: int, encoded: bytes) -> None:
+    """Lengths and tags are encoded as protobuf's varints."""
+    assert varint(value) == encoded
+
+
+def test_varint_refuses_a_negative_length() -> None:
+    """A negative length is a bug in the caller, not something to encode."""
+    with pytest.raises(ValueError, match="negative"):
+        varint(-1)
+
+
+def test_the_path_is_read_from_the_descriptors() -> None:
+    """Field numbers come from the generated descriptors: input = 3, encoded = 2, data = 1."""
+    assert IMAGE_DATA.numbers == (3, 2, 1)
+    assert NestedBytesField.of(image_pb.ProcessImageRequest, "input.encoded.data").names == (
+        "input",
+        "encoded",
+        "data",
+    )
+
+
+@pytest.mark.parametrize(
+    ("dotted", "why"),
+    [
+        ("input.encoded.nope", "no singular bytes field 'nope'"),
+        ("model_name", "no singular bytes field 'model_name'"),
+        ("input.image_id.data", "no singular message field 'image_id'"),
+        ("parameters.data", "no singular message field 'parameters'"),
+    ],
+)
+def test_a_path_that_does_not_end_in_a_bytes_field_is_refused(dotted: str, why: str) -> None:
+    """Only singular messages down to a singular bytes field can be spliced."""
+    with pytest.raises(ValueError, match=why):
+        NestedBytesField.of(inference_pb.PredictRequest, dotted)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.binary(max_size=70_000),
+    cuts=st.lists(st.integers(min_value=0, max_value=70_000), max_size=4),
+    model=st.text(max_size=20),
+    precheck=st.booleans(),
+)
+def test_spliced_request_parses_as_the_filled_message(
+    data: bytes, cuts: list[int], model: str, precheck: bool
+) -> None:
+    """Whatever the image and however it is chunked, the receiver parses the message it would have got
+    had the field been filled and the message serialised by protobuf."""
+    bounds = sorted({0, len(data), *(min(cut, len(data)) for cut in cuts)})
+    chunks = [data[a:b] for a, b in itertools.pairwise(bounds)]
+    message = inference_pb.PredictRequest(model_name=model, request_id="r-1", precheck_only=precheck)
+    message.parameters["min_confidence"].number_value = 0.5
+    expected = inference_pb.PredictRequest()
+    expected.CopyFrom(message)
+    expected.input.encoded.data = data
+
+    parsed = inference_pb.PredictRequest.FromString(IMAGE_DATA.serialize(message, chunks))
+
+    assert parsed == expected
+    assert parsed.input.WhichOneof("source") == "encoded"
+
+
+def test_a_megabyte_image_crosses_the_two_byte_and_three_byte_length_boundaries() -> None:
+    """Lengths of 1 MB need multi-byte varints at every level of nesting."""
+    data = bytes(range(256)) * 4096
+    message = image_pb.ProcessImageRequest(output=image_pb.OutputSpec(format=image_pb2.IMAGE_FORMAT_PNG))
+    field = NestedBytesField.of(image_pb.ProcessImageRequest, "input.encoded.data")
+
+    parsed = image_pb.ProcessImageRequest.FromString(field.serialize(message, [data[:1000], data[1000:]]))
+
+    assert parsed.input.encoded.data == data
+    assert parsed.output.format == image_pb2.IMAGE_FORMAT_PNG
+
+
+def test_a_message_that_already_names_an_image_is_refused() -> None:
+    """Splicing an inline image after an image_id would leave the receiver to pick one silently."""
+    message = inference_pb.PredictRequest(input=image_pb2.ImageInput(image_id="abc"))
+    with pytest.raises(ValueError, match="'input' is already set"):
+        IMAGE_DATA.serialize(message, [b"png"])
+
+
+def test_a_message_of_another_type_is_refused() -> None:
+    """The field numbers belong to one message type; another type would be corrupted silently."""
+    with pytest.raises(TypeError, match="expected PredictRequest"):
+        IMAGE_DATA.serialize(image_pb.ProcessImageRequest(), [b"png"])
