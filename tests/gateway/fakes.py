@@ -373,6 +373,7 @@ class FakeInferenceService(inference_grpc.InferenceServiceServicer):
 
     def __init__(self, files: FakeFileService) -> None:
         self.files = files
+        self.last_request: inference_pb.PredictRequest | None = None
 
     def _check(self, name: str) -> None:
         if name != "strip-reader":
@@ -419,6 +420,7 @@ class FakeInferenceService(inference_grpc.InferenceServiceServicer):
         self, request: inference_pb.PredictRequest, context: Context
     ) -> inference_pb.PredictResponse:
         self._check(request.model_name)
+        self.last_request = request
         source = request.input.WhichOneof("source")
         if source == "image_id":
             image = self.files._get(request.input.image_id).image

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import AsyncIterator
 
 import httpx
 from PIL import Image
@@ -160,3 +161,61 @@ async def test_predict_takes_raw_image_bytes(client: httpx.AsyncClient, mesh: Fa
     bad = await client.post("/v1/models/strip-reader:predict", json={"image_id": "x", "precheck_only": "yes"})
     assert bad.status_code == 400
     assert "precheck_only" in bad.json()["error"]["message"]
+
+
+async def test_predict_forwards_a_chunked_raw_body_byte_for_byte(
+    client: httpx.AsyncClient, mesh: FakeMesh
+) -> None:
+    """A raw image sent in pieces (chunked transfer) reaches the model as the same bytes, with the model,
+    version, pre-check flag and a request id: the gateway splices the chunks into the serialised request."""
+    png = strip_png(300, 80)
+    pieces = [png[:7], png[7:1000], png[1000:]]
+
+    async def body() -> AsyncIterator[bytes]:
+        for piece in pieces:
+            yield piece
+
+    response = await client.post(
+        "/v1/models/strip-reader:predict?version=1&precheck_only=true",
+        content=body(),
+        headers={"content-type": "image/png"},
+    )
+    assert response.status_code == 200, response.text
+    sent = mesh.fakes.inference.last_request
+    assert sent is not None
+    assert sent.input.encoded.data == png
+    assert (sent.model_name, sent.model_version, sent.precheck_only) == ("strip-reader", "1", True)
+    assert sent.request_id
+
+
+async def test_predict_forwards_an_inline_json_image_with_its_parameters(
+    client: httpx.AsyncClient, mesh: FakeMesh
+) -> None:
+    """A base64 image in JSON reaches the model decoded, beside the parameters and version of the body."""
+    png = strip_png(200, 50)
+    response = await client.post(
+        "/v1/models/strip-reader:predict",
+        json={"image": base64.b64encode(png).decode(), "version": "1", "parameters": {"min_confidence": 0.7}},
+    )
+    assert response.status_code == 200, response.text
+    sent = mesh.fakes.inference.last_request
+    assert sent is not None
+    assert sent.input.encoded.data == png
+    assert sent.model_version == "1"
+    assert sent.parameters["min_confidence"].number_value == 0.7
+
+
+async def test_predict_needs_exactly_one_image_source(client: httpx.AsyncClient) -> None:
+    """Both an image id and inline bytes, or neither, is a 400 naming image_id; an empty raw body is a 400."""
+    both = await client.post(
+        "/v1/models/strip-reader:predict", json={"image_id": "abc", "image": base64.b64encode(b"x").decode()}
+    )
+    neither = await client.post("/v1/models/strip-reader:predict", json={})
+    empty = await client.post(
+        "/v1/models/strip-reader:predict", content=b"", headers={"content-type": "image/png"}
+    )
+    for response in (both, neither, empty):
+        assert response.status_code == 400, response.text
+    assert "image_id" in both.json()["error"]["message"]
+    assert "image_id" in neither.json()["error"]["message"]
+    assert "empty" in empty.json()["error"]["message"]
