@@ -154,6 +154,43 @@ async def test_bad_uploads_get_their_status_over_grpc(file_client: FileClient) -
     assert errors.http_status(too_big.value) == 413
 
 
+async def test_upload_stream_passes_chunks_on_as_they_come(file_client: FileClient) -> None:
+    """Chunks of any size, one over 1 MiB among them, are stored as the one file they make up."""
+    data = corpus.noise_png(900, 700)  # about 1.9 MB
+    cuts = [0, 5, 70_000, 70_001, 1_500_000, len(data)]
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start, end in itertools.pairwise(cuts):
+            yield data[start:end]
+
+    image = (await file_client.upload_stream(chunks(), filename="streamed.png")).image
+    assert image.sha256 == hashlib.sha256(data).hexdigest()
+    assert (await file_client.download(image.id))[2] == data
+
+
+async def test_a_failing_upload_stream_stores_nothing_and_raises_its_own_error(
+    file_client: FileClient, file_server: ServiceRuntime
+) -> None:
+    """When the source of an upload fails (an HTTP client that went away), the call is cancelled, nothing
+    is stored, and the caller gets the source's error rather than a bare cancellation."""
+    data = unique_png(64, 64)
+
+    async def broken() -> AsyncIterator[bytes]:
+        yield data[:100]
+        await asyncio.sleep(0.05)  # the call is under way on the server
+        raise ConnectionResetError("the client went away")
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{file_server.grpc_port}") as channel:
+        stub = file_service_pb2_grpc.FileServiceStub(channel)
+        newest_before = (await stub.ListImages(pb.ListImagesRequest(page_size=1))).images
+        with pytest.raises(ConnectionResetError, match="went away"):
+            await file_client.upload_stream(broken(), filename="broken.png")
+        newest_after = (await stub.ListImages(pb.ListImagesRequest(page_size=1))).images
+    assert newest_after == newest_before
+    stored = await file_client.upload(data, filename="whole.png")
+    assert stored.deduplicated is False
+
+
 async def test_oversized_stream_is_cut_off_early(file_server: ServiceRuntime) -> None:
     """An endless upload stream is ended by the server soon after the 25 MiB limit."""
     pulled = 0

@@ -140,9 +140,27 @@ async def test_too_large_streamed_body_is_413(make_client: GatewayFactory, mesh:
         for _ in range(10):
             yield b"x" * 4000
 
+    stored = len(mesh.fakes.files.images)
     response = await client.post("/v1/images", content=body(), headers={"content-type": "image/png"})
     assert response.status_code == 413
+    # The upload was already streaming to the file service when the limit was passed: it was cancelled.
     assert len(mesh.fakes.files.upload_metadata) == before
+    assert len(mesh.fakes.files.images) == stored
+
+
+async def test_raw_upload_is_streamed_on_byte_for_byte(client: httpx.AsyncClient, mesh: FakeMesh) -> None:
+    """A raw body sent in pieces (chunked transfer) is passed to the file service as it arrives and stored
+    whole."""
+    data = noisy_png(300_000)
+
+    async def body() -> AsyncIterator[bytes]:
+        for start in range(0, len(data), 65_536):
+            yield data[start : start + 65_536]
+
+    response = await client.post("/v1/images", content=body(), headers={"content-type": "image/png"})
+    assert response.status_code == 201, response.text
+    assert response.json()["size_bytes"] == len(data)
+    assert mesh.fakes.files.images[response.json()["id"]].data == data
 
 
 async def test_pagination_passes_through(client: httpx.AsyncClient) -> None:

@@ -5,7 +5,8 @@ Errors come back as :class:`~mesh.kit.errors.MeshError` subclasses, never as raw
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 
 import grpc
 
@@ -58,17 +59,56 @@ class FileClient:
         timeout: float | None = None,
     ) -> file_service_pb2.UploadImageResponse:
         """Upload ``data`` as a client stream of 1 MiB chunks."""
+        return await self.upload_stream(
+            _one(data),
+            filename=filename,
+            content_type=content_type,
+            labels=labels,
+            idempotency_key=idempotency_key,
+            sha256=sha256,
+            timeout=timeout,
+        )
+
+    async def upload_stream(
+        self,
+        chunks: AsyncIterable[bytes],
+        *,
+        filename: str,
+        content_type: str = "",
+        labels: Mapping[str, str] | None = None,
+        idempotency_key: str = "",
+        sha256: str = "",
+        timeout: float | None = None,
+    ) -> file_service_pb2.UploadImageResponse:
+        """Upload the bytes of ``chunks`` while they arrive: each goes out as it is (one over 1 MiB in 1 MiB
+        pieces). When ``chunks`` fails, the upload is cancelled and nothing is stored."""
         metadata = _metadata(filename, content_type, labels, idempotency_key, sha256)
+        failed: list[Exception] = []
 
         async def parts() -> AsyncIterator[file_service_pb2.UploadImageRequest]:
             yield file_service_pb2.UploadImageRequest(metadata=metadata)
-            for start in range(0, len(data), UPLOAD_CHUNK_BYTES):
-                yield file_service_pb2.UploadImageRequest(chunk=data[start : start + UPLOAD_CHUNK_BYTES])
+            try:
+                async for chunk in chunks:
+                    # A slice of a whole bytes object is the object itself: no copy up to 1 MiB.
+                    for start in range(0, len(chunk), UPLOAD_CHUNK_BYTES):
+                        yield file_service_pb2.UploadImageRequest(
+                            chunk=chunk[start : start + UPLOAD_CHUNK_BYTES]
+                        )
+            except Exception as exc:
+                failed.append(exc)
+                raise
 
-        with errors.rpc_errors():
-            response: file_service_pb2.UploadImageResponse = await self._stub.UploadImage(
-                parts(), timeout=timeout
-            )
+        try:
+            with errors.rpc_errors():
+                response: file_service_pb2.UploadImageResponse = await self._stub.UploadImage(
+                    parts(), timeout=timeout
+                )
+        except (asyncio.CancelledError, errors.MeshError):
+            # gRPC cancels the call when the request iterator fails and reports only the cancellation:
+            # the caller gets the iterator's own error (a client that went away, a body over the limit).
+            if failed:
+                raise failed[0] from None
+            raise
         return response
 
     async def download(
@@ -158,3 +198,7 @@ def _metadata(
         labels=dict(labels or {}),
         idempotency_key=idempotency_key,
     )
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response
@@ -45,7 +46,26 @@ ERRORS: dict[int | str, dict[str, object]] = {
 }
 
 
-async def _read_upload(request: Request) -> tuple[bytes, str, str]:
+@dataclass
+class Upload:
+    """An uploaded file on its way to the file service: its bytes as they arrive, its name, its declared type."""
+
+    chunks: AsyncIterator[bytes]
+    filename: str
+    declared: str
+    size: int = 0
+    """Bytes passed on so far."""
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        """The chunks, counted."""
+        async for chunk in self.chunks:
+            self.size += len(chunk)
+            yield chunk
+
+
+async def _read_upload(request: Request) -> Upload:
+    """A multipart form's file (read whole: the form parser holds it anyway), or a raw body streamed on as it
+    arrives; refused before anything is forwarded when its type is wrong or it is empty."""
     kind = media_type(request)
     if kind == "multipart/form-data":
         async with request.form(max_files=1, max_fields=8) as form:
@@ -58,10 +78,11 @@ async def _read_upload(request: Request) -> tuple[bytes, str, str]:
             data = await part.read()
             declared = (part.content_type or "").split(";")[0].strip().lower()
             filename = part.filename or "upload"
+        chunks = _chunks(data)
     elif kind in ACCEPTED_TYPES:
-        data = await request.body()
         declared = kind
         filename = request.query_params.get("filename") or f"upload{_EXTENSIONS[kind]}"
+        chunks = _non_empty(request.stream())
     else:
         raise errors.UnsupportedMediaType(
             f"unsupported Content-Type {kind or '(none)'!r}: send multipart/form-data with a field `file`,"
@@ -71,11 +92,29 @@ async def _read_upload(request: Request) -> tuple[bytes, str, str]:
         raise errors.UnsupportedMediaType(
             f"unsupported image type {declared!r}; accepted: {', '.join(ACCEPTED_TYPES)}"
         )
-    if not data:
+    first = await anext(chunks, b"")
+    if not first:
         raise errors.InvalidData(
             "the file is empty", field_violations=[errors.FieldViolation("file", "empty")]
         )
-    return data, filename, declared if declared in ACCEPTED_TYPES else ""
+    return Upload(_chain(first, chunks), filename, declared if declared in ACCEPTED_TYPES else "")
+
+
+async def _chunks(data: bytes) -> AsyncIterator[bytes]:
+    if data:
+        yield data
+
+
+async def _non_empty(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async for chunk in chunks:
+        if chunk:
+            yield chunk
+
+
+async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for chunk in rest:
+        yield chunk
 
 
 @router.post(
@@ -91,17 +130,18 @@ async def upload_image(request: Request, response: Response, ctx: Context, _: Ca
 
     Send ``Idempotency-Key`` to make a retried upload return the first image.
     """
-    data, filename, declared = await _read_upload(request)
-    annotate({"mesh.image.bytes": len(data), "mesh.image.declared_type": declared or "undeclared"})
-    result = await ctx.backends.files.upload(
-        data,
-        filename=filename,
-        content_type=declared,
+    upload = await _read_upload(request)
+    annotate({"mesh.image.declared_type": upload.declared or "undeclared"})
+    result = await ctx.backends.files.upload_stream(
+        upload.stream(),
+        filename=upload.filename,
+        content_type=upload.declared,
         idempotency_key=request.headers.get("idempotency-key", ""),
     )
     response.headers["Location"] = f"/v1/images/{result.image.id}"
     annotate(
         {
+            "mesh.image.bytes": upload.size,
             "mesh.image.id": result.image.id,
             "mesh.image.width": result.image.width,
             "mesh.image.height": result.image.height,
