@@ -163,7 +163,7 @@ async def test_upload_stream_passes_chunks_on_as_they_come(file_client: FileClie
         for start, end in itertools.pairwise(cuts):
             yield data[start:end]
 
-    image = (await file_client.upload_stream(chunks(), filename="streamed.png")).image
+    image = (await file_client.upload(chunks(), filename="streamed.png")).image
     assert image.sha256 == hashlib.sha256(data).hexdigest()
     assert (await file_client.download(image.id))[2] == data
 
@@ -184,7 +184,7 @@ async def test_a_failing_upload_stream_stores_nothing_and_raises_its_own_error(
         stub = file_service_pb2_grpc.FileServiceStub(channel)
         newest_before = (await stub.ListImages(pb.ListImagesRequest(page_size=1))).images
         with pytest.raises(ConnectionResetError, match="went away"):
-            await file_client.upload_stream(broken(), filename="broken.png")
+            await file_client.upload(broken(), filename="broken.png")
         newest_after = (await stub.ListImages(pb.ListImagesRequest(page_size=1))).images
     assert newest_after == newest_before
     stored = await file_client.upload(data, filename="whole.png")

@@ -49,7 +49,7 @@ class FileClient:
 
     async def upload(
         self,
-        data: bytes,
+        data: bytes | AsyncIterable[bytes],
         *,
         filename: str,
         content_type: str = "",
@@ -58,30 +58,10 @@ class FileClient:
         sha256: str = "",
         timeout: float | None = None,
     ) -> file_service_pb2.UploadImageResponse:
-        """Upload ``data`` as a client stream of 1 MiB chunks."""
-        return await self.upload_stream(
-            _one(data),
-            filename=filename,
-            content_type=content_type,
-            labels=labels,
-            idempotency_key=idempotency_key,
-            sha256=sha256,
-            timeout=timeout,
-        )
-
-    async def upload_stream(
-        self,
-        chunks: AsyncIterable[bytes],
-        *,
-        filename: str,
-        content_type: str = "",
-        labels: Mapping[str, str] | None = None,
-        idempotency_key: str = "",
-        sha256: str = "",
-        timeout: float | None = None,
-    ) -> file_service_pb2.UploadImageResponse:
-        """Upload the bytes of ``chunks`` while they arrive: each goes out as it is (one over 1 MiB in 1 MiB
-        pieces). When ``chunks`` fails, the upload is cancelled and nothing is stored."""
+        """Upload ``data``: the file's bytes, or its chunks passed on while they arrive (each as it is, one over
+        1 MiB in 1 MiB pieces). When the chunks' source fails, the upload is cancelled, nothing is stored and
+        the source's error is raised."""
+        chunks = _one(data) if isinstance(data, bytes) else data
         metadata = _metadata(filename, content_type, labels, idempotency_key, sha256)
         failed: list[Exception] = []
 

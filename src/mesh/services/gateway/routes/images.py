@@ -132,7 +132,7 @@ async def upload_image(request: Request, response: Response, ctx: Context, _: Ca
     """
     upload = await _read_upload(request)
     annotate({"mesh.image.declared_type": upload.declared or "undeclared"})
-    result = await ctx.backends.files.upload_stream(
+    result = await ctx.backends.files.upload(
         upload.stream(),
         filename=upload.filename,
         content_type=upload.declared,
