@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import httpx
+import numpy as np
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
@@ -24,8 +25,17 @@ def _png(width: int = 64, height: int = 48) -> bytes:
     return buffer.getvalue()
 
 
+def _noisy_png(width: int, height: int) -> bytes:
+    """A PNG of random pixels: about 3 bytes a pixel, so its upload spans many HTTP chunks."""
+    pixels = np.random.default_rng(5).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
 def test_up_serves_and_sigterm_stops_every_process(tmp_path: Path, database_url: str) -> None:
-    """The supervisor brings the mesh to ready, uploads work end to end, and SIGTERM stops every child."""
+    """The supervisor brings the mesh to ready, uploads (multipart, and a raw body in pieces) work end to end,
+    and SIGTERM stops every child."""
     mesh = start_mesh(tmp_path, database_url)
     try:
         children = mesh.children()
@@ -40,6 +50,18 @@ def test_up_serves_and_sigterm_stops_every_process(tmp_path: Path, database_url:
             p for p in (tmp_path / "blobs").rglob("*") if p.is_file() and p.name == response.json()["sha256"]
         ]
         assert len(blobs) == 1, "the same bytes must be stored once"
+        # A raw body sent in pieces is streamed through the gateway to the file service and stored whole.
+        photo = _noisy_png(700, 600)
+        pieces = (photo[start : start + 100_000] for start in range(0, len(photo), 100_000))
+        raw = httpx.post(
+            f"{GATEWAY}/v1/images?filename=raw.png",
+            content=pieces,
+            headers={"content-type": "image/png"},
+            timeout=10,
+        )
+        assert raw.status_code == 201, raw.text
+        stored = httpx.get(f"{GATEWAY}/v1/images/{raw.json()['id']}/content", timeout=10)
+        assert stored.content == photo
         with grpc.insecure_channel(FILE_GRPC) as channel:
             status = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service="mesh.file.v1.FileService"), timeout=5
