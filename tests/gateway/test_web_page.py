@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Browser, FilePayload, Page, async_playwright, expect
+from playwright.async_api import Browser, FilePayload, Page, Request, async_playwright, expect
 
 from tests.conftest import require
 from tests.gateway.fakes import strip_png
@@ -64,6 +64,28 @@ async def _upload(page: Page) -> None:
     )
     await expect(page.locator("#upload-status")).to_have_text(re.compile("^Uploaded"))
     await expect(page.locator("#upload-progress")).to_have_attribute("value", "100")
+
+
+def _is_upload(request: Request) -> bool:
+    return request.method == "POST" and "/v1/images" in request.url
+
+
+async def test_upload_sends_an_image_raw_and_anything_else_as_a_form(page: Page, mesh: FakeMesh) -> None:
+    """The page sends a PNG as the raw body (streamed on by the gateway) with its name in the query, and a file
+    of no declared type as a multipart form, which the file service sniffs."""
+    async with page.expect_request(_is_upload) as raw_info:
+        await _upload(page)
+    raw = await raw_info.value
+    assert (await raw.all_headers())["content-type"] == "image/png"
+    assert raw.url.endswith("/v1/images?filename=strip.png")
+    async with page.expect_request(_is_upload) as form_info:
+        await page.set_input_files(
+            "#file-input", files=[FilePayload(name="strip", mimeType="", buffer=strip_png(100, 30))]
+        )
+    form = await form_info.value
+    assert (await form.all_headers())["content-type"].startswith("multipart/form-data")
+    await expect(page.locator("#upload-status")).to_have_text(re.compile("^Uploaded"))
+    assert mesh.fakes.files.upload_metadata[-1].filename == "strip"
 
 
 async def _submit(page: Page) -> str:

@@ -53,16 +53,20 @@ function setupUpload() {
   input.addEventListener("change", () => { if (input.files.length) upload(input.files[0]); });
 }
 
+const RAW_UPLOAD_TYPES = ["image/png", "image/jpeg", "image/webp"];
+
 function upload(file) {
   const progress = $("#upload-progress");
   const status = $("#upload-status");
   progress.hidden = false;
   progress.value = 0;
   status.textContent = `Uploading ${file.name}…`;
-  const form = new FormData();
-  form.append("file", file, file.name);
+  // A PNG, JPEG or WebP goes as the raw body, which the gateway streams on to the file service as it
+  // arrives; anything else as a form, so that the file service can sniff it or name what is wrong with it.
+  const raw = RAW_UPLOAD_TYPES.includes(file.type);
   const xhr = new XMLHttpRequest();
-  xhr.open("POST", "/v1/images");
+  xhr.open("POST", raw ? `/v1/images?filename=${encodeURIComponent(file.name)}` : "/v1/images");
+  if (raw) xhr.setRequestHeader("Content-Type", file.type);
   for (const [name, value] of Object.entries(authHeaders())) xhr.setRequestHeader(name, value);
   xhr.upload.addEventListener("progress", (event) => {
     if (event.lengthComputable) progress.value = Math.round((event.loaded / event.total) * 100);
@@ -85,7 +89,13 @@ function upload(file) {
     $("#submit-job").disabled = false;
   });
   xhr.addEventListener("error", () => { status.textContent = "Upload failed: the network request failed."; });
-  xhr.send(form);
+  if (raw) {
+    xhr.send(file);
+  } else {
+    const form = new FormData();
+    form.append("file", file, file.name);
+    xhr.send(form);
+  }
 }
 
 // ---- Filters and models ----
