@@ -48,25 +48,32 @@ ERRORS: dict[int | str, dict[str, object]] = {
 
 @dataclass
 class Upload:
-    """An uploaded file on its way to the file service: its bytes as they arrive, its name, its declared type."""
+    """An uploaded file on its way to the file service: its first bytes, the rest as it arrives (none for a
+    form's file), its name and its declared type."""
 
-    chunks: AsyncIterator[bytes]
+    first: bytes
+    rest: AsyncIterator[bytes] | None
     filename: str
     declared: str
     size: int = 0
     """Bytes passed on so far."""
 
     async def stream(self) -> AsyncIterator[bytes]:
-        """The chunks, counted."""
-        async for chunk in self.chunks:
-            self.size += len(chunk)
-            yield chunk
+        """Every non-empty chunk, counted."""
+        self.size = len(self.first)
+        yield self.first
+        if self.rest is not None:
+            async for chunk in self.rest:
+                if chunk:
+                    self.size += len(chunk)
+                    yield chunk
 
 
 async def _read_upload(request: Request) -> Upload:
     """A multipart form's file (read whole: the form parser holds it anyway), or a raw body streamed on as it
     arrives; refused before anything is forwarded when its type is wrong or it is empty."""
     kind = media_type(request)
+    rest: AsyncIterator[bytes] | None = None
     if kind == "multipart/form-data":
         async with request.form(max_files=1, max_fields=8) as form:
             part = form.get("file")
@@ -75,14 +82,18 @@ async def _read_upload(request: Request) -> Upload:
                     "the multipart form has no file in the field `file`",
                     field_violations=[errors.FieldViolation("file", "required: the image file")],
                 )
-            data = await part.read()
+            first = await part.read()
             declared = (part.content_type or "").split(";")[0].strip().lower()
             filename = part.filename or "upload"
-        chunks = _chunks(data)
     elif kind in ACCEPTED_TYPES:
         declared = kind
         filename = request.query_params.get("filename") or f"upload{_EXTENSIONS[kind]}"
-        chunks = _non_empty(request.stream())
+        rest = request.stream()
+        first = b""
+        async for chunk in rest:
+            if chunk:
+                first = chunk
+                break
     else:
         raise errors.UnsupportedMediaType(
             f"unsupported Content-Type {kind or '(none)'!r}: send multipart/form-data with a field `file`,"
@@ -92,29 +103,11 @@ async def _read_upload(request: Request) -> Upload:
         raise errors.UnsupportedMediaType(
             f"unsupported image type {declared!r}; accepted: {', '.join(ACCEPTED_TYPES)}"
         )
-    first = await anext(chunks, b"")
     if not first:
         raise errors.InvalidData(
             "the file is empty", field_violations=[errors.FieldViolation("file", "empty")]
         )
-    return Upload(_chain(first, chunks), filename, declared if declared in ACCEPTED_TYPES else "")
-
-
-async def _chunks(data: bytes) -> AsyncIterator[bytes]:
-    if data:
-        yield data
-
-
-async def _non_empty(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    async for chunk in chunks:
-        if chunk:
-            yield chunk
-
-
-async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    yield first
-    async for chunk in rest:
-        yield chunk
+    return Upload(first, rest, filename, declared if declared in ACCEPTED_TYPES else "")
 
 
 @router.post(
