@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from mesh.services.inference.strip.calibrate import calibrate
 from mesh.services.inference.strip.evaluate import Record, limit_of_detection, metrics, run_split
 from mesh.services.inference.strip.generator import GeneratorOptions, generate, split_seeds
 from mesh.services.inference.strip.reader import Scores, StripReader
@@ -55,3 +56,17 @@ def test_heldout_slice_meets_conservative_bounds() -> None:
     for record in records:
         if QualityFlag.STRIP_NOT_FOUND in record.reading.quality_flags:
             assert record.reading.verdict is Verdict.INVALID
+
+
+def test_calibrate_takes_each_threshold_from_its_own_class_draws() -> None:
+    """``calibrate(N)`` reads N train seeds drawn as negatives and as invalid strips, and N/2 as positives; T's
+    threshold is the negatives' 99.75th percentile plus a quarter, so it lies between their 99th and 99.8th
+    percentiles plus a quarter."""
+    result = calibrate(6, workers=1)
+    assert result["images"] == {"negative": 6, "invalid": 6, "positive": 3}
+    negative = result["negative_t_snr_quantiles"]
+    assert negative is not None
+    assert result["invalid_c_snr_quantiles"] is not None
+    proposed = result["proposed"]["t_min_snr"]
+    assert negative["q990"] + 0.25 - 0.01 <= proposed <= negative["q998"] + 0.25 + 0.01
+    assert result["proposed"]["c_min_snr"] >= 6.0

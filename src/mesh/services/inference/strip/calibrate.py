@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -43,7 +44,12 @@ C_MARGIN = 0.25
 def calibrate(count: int, workers: int | None = None) -> dict[str, Any]:
     """Proposed thresholds and the score distributions behind them."""
     seeds = split_seeds("train", count)
-    with ProcessPoolExecutor(workers or os.cpu_count(), initializer=cv2.setNumThreads, initargs=(1,)) as pool:
+    # Spawned, not forked: a fork of a process whose libraries already run threads (OpenCV's, a test
+    # runner's) can hang in the child.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        workers or os.cpu_count(), mp_context=context, initializer=cv2.setNumThreads, initargs=(1,)
+    ) as pool:
         negatives = [r for r in _read_as("negative", seeds, pool) if r.reading.control_line.present]
         invalid = [r for r in _read_as("invalid", seeds, pool) if r.scores.found]
         positives = _read_as("positive", seeds[: count // 2], pool)
