@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from mesh.services.inference.strip.config import ReaderConfig
-from mesh.services.inference.strip.evaluate import Record
+from mesh.services.inference.strip.evaluate import Record, read_sample
 from mesh.services.inference.strip.generator import Overrides, generate_with, split_seeds
 from mesh.services.inference.strip.reader import StripReader
 
@@ -77,13 +77,11 @@ def calibrate(count: int, workers: int | None = None) -> dict[str, Any]:
     }
 
 
-_WIDE = replace(ReaderConfig(), t_min_snr=0.0, t_min_intensity=0.0)
+_WIDE_READER = StripReader(replace(ReaderConfig(), t_min_snr=0.0, t_min_intensity=0.0))
 
 
 def _read_one(seed: int, cls: str) -> Record:
-    sample = generate_with(seed, Overrides(cls=cls))
-    reading, scores = StripReader(_WIDE).read_with_scores(sample.image)
-    return Record(sample.truth, reading, scores)
+    return read_sample(_WIDE_READER, generate_with(seed, Overrides(cls=cls)))
 
 
 def _read_as(cls: str, seeds: range, pool: ProcessPoolExecutor) -> list[Record]:

@@ -22,7 +22,14 @@ from scipy import stats
 
 from mesh.services.inference.strip.backend import gpu_available
 from mesh.services.inference.strip.config import ReaderConfig
-from mesh.services.inference.strip.generator import GeneratorOptions, Split, Truth, generate, split_seeds
+from mesh.services.inference.strip.generator import (
+    GeneratorOptions,
+    Sample,
+    Split,
+    Truth,
+    generate,
+    split_seeds,
+)
 from mesh.services.inference.strip.reader import Scores, StripReader
 from mesh.services.inference.strip.types import QualityFlag, StripReading, Verdict
 
@@ -52,14 +59,15 @@ class Record:
     scores: Scores
 
 
+def read_sample(reader: StripReader, sample: Sample) -> Record:
+    """Reads one generated sample; the record keeps its truth and the raw scores."""
+    reading, scores = reader.read_with_scores(sample.image)
+    return Record(sample.truth, reading, scores)
+
+
 def run_split(reader: StripReader, seeds: Iterable[int]) -> list[Record]:
     """Generates and reads every seed."""
-    records = []
-    for seed in seeds:
-        sample = generate(seed)
-        reading, scores = reader.read_with_scores(sample.image)
-        records.append(Record(sample.truth, reading, scores))
-    return records
+    return [read_sample(reader, generate(seed)) for seed in seeds]
 
 
 def limit_of_detection(records: list[Record]) -> tuple[float | None, list[dict[str, Any]]]:

@@ -500,13 +500,13 @@ def _membrane_background(means: FloatArray, size: int) -> FloatArray:
     sigma = TREND_SIGMA * size
     weight = _blur_rows(membrane, sigma)
     total = _blur_rows(rows * membrane, sigma)
-    trend = np.where(weight > 1e-3, total / np.maximum(weight, 1e-3), closed)
-    trend = np.maximum(trend, 1e-3)
-    flattened = _closing(rows / trend, size) * trend
+    trend = np.maximum(np.where(weight > 1e-3, total / np.maximum(weight, 1e-3), closed), 1e-3)
+    quotient = rows / trend
+    flattened = _closing(quotient, size) * trend
     # A trend smooths a sharp step (a hard shadow edge) over, and the closing of the quotient then lifts the
     # darker side into a broad false dip; beside such a step the plain closing, which follows it, is kept.
     # Such a step shows as the quotient rising well above 1 on its bright side (lines only dip).
-    steep = ((rows / trend).max(axis=0, keepdims=True) > 1.0 + STEP_JUMP).astype(np.float32)
+    steep = (quotient.max(axis=0, keepdims=True) > 1.0 + STEP_JUMP).astype(np.float32)
     near = cv2.dilate(steep, np.ones((1, 2 * math.ceil(3 * sigma) + 1), np.uint8))
     plain_weight = np.clip(_blur_rows(near, sigma) * 2.0, 0.0, 1.0)
     return np.ascontiguousarray((plain_weight * closed + (1.0 - plain_weight) * flattened).T)
