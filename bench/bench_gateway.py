@@ -63,6 +63,9 @@ SEQUENTIAL = int(os.environ.get("MESH_BENCH_GATEWAY_REQUESTS", "100"))
 CONCURRENCY = 8
 THROUGHPUT_SECONDS = float(os.environ.get("MESH_BENCH_GATEWAY_SECONDS", "4"))
 START_TIMEOUT = 60.0
+# Services to serve from the fakes without trying the real one (comma-separated keys of REAL_SERVICES): "file"
+# on a machine without PostgreSQL, where the real file service would retry its database for a minute first.
+FAKED = {key for key in os.environ.get("MESH_BENCH_GATEWAY_FAKES", "").split(",") if key}
 DATABASE_URL = os.environ.get("MESH_BENCH_GATEWAY_DATABASE_URL", "postgresql://localhost/mesh_bench_gateway")
 
 Call = Callable[[], Awaitable[None]]
@@ -125,10 +128,10 @@ class Process:
 def _spawn(
     name: str, args: list[str], env: dict[str, str], stdout: int | None = subprocess.DEVNULL
 ) -> Process:
-    full_env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'src'}", "MESH_LOG_LEVEL": "warning", **env}
-    popen = subprocess.Popen(
-        [sys.executable, *args], cwd=ROOT, env=full_env, stdout=stdout, stderr=subprocess.DEVNULL
-    )
+    # The caller's own path stays after ours (the device check installs its wheels into a --target folder).
+    path = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
+    full_env = {**os.environ, "PYTHONPATH": path, "MESH_LOG_LEVEL": "warning", **env}
+    popen = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=full_env, stdout=stdout)
     return Process(name, popen)
 
 
@@ -233,37 +236,14 @@ REAL_SERVICES = {
 
 
 async def start_backends(blob_dir: Path) -> Backends:
-    """The real services where they start, the fakes for the rest."""
+    """The real services where they start, the fakes for the rest (and for those in ``FAKED`` from the start,
+    in which case the fakes' file service is the one the real services fetch stored images from)."""
     addresses: dict[str, str] = {}
     kinds: dict[str, str] = {}
     processes: list[Process] = []
-    starting = {}
-    grpc_ports = {key: _free_port() for key in REAL_SERVICES}
-    for key, (module, service) in REAL_SERVICES.items():
-        grpc_port = grpc_ports[key]
-        env = {
-            "MESH_GRPC_PORT": str(grpc_port),
-            # Image processing and inference fetch stored images (``image_id``) from the file service.
-            "MESH_FILE_SERVICE_ADDRESS": f"127.0.0.1:{grpc_ports['file']}",
-            "MESH_HTTP_PORT": str(_free_port()),
-            "MESH_DATABASE_URL": DATABASE_URL,
-            "MESH_BLOB_DIR": str(blob_dir),
-            # Serving only: a job worker here could take the jobs of a mesh running beside the benchmark.
-            "MESH_JOB_CONCURRENCY": "0",
-            "OTEL_SDK_DISABLED": "true",
-        }
-        process = _spawn(key, ["-m", module], env)
-        starting[key] = (f"127.0.0.1:{grpc_port}", service, process)
-    results = await asyncio.gather(*(_serving(a, s, p) for a, s, p in starting.values()))
-    missing = []
-    for (key, (address, _, process)), ok in zip(starting.items(), results, strict=True):
-        if ok:
-            addresses[key], kinds[key] = address, "real"
-            processes.append(process)
-        else:
-            process.stop()
-            missing.append(key)
-    if missing:
+    fakes_address: str | None = None
+
+    async def start_fakes() -> str:
         fakes = _spawn(
             "fakes",
             [
@@ -275,8 +255,44 @@ async def start_backends(blob_dir: Path) -> Backends:
         )
         port = await asyncio.to_thread(_fakes_port, fakes)
         processes.append(fakes)
-        for key in missing:
-            addresses[key], kinds[key] = f"127.0.0.1:{port}", "fake"
+        return f"127.0.0.1:{port}"
+
+    missing = sorted(FAKED & REAL_SERVICES.keys())
+    if missing:
+        fakes_address = await start_fakes()
+    grpc_ports = {key: _free_port() for key in REAL_SERVICES}
+    file_address = fakes_address if "file" in missing else f"127.0.0.1:{grpc_ports['file']}"
+    starting = {}
+    for key, (module, service) in REAL_SERVICES.items():
+        if key in missing:
+            continue
+        grpc_port = grpc_ports[key]
+        env = {
+            "MESH_GRPC_PORT": str(grpc_port),
+            # Image processing and inference fetch stored images (``image_id``) from the file service.
+            "MESH_FILE_SERVICE_ADDRESS": str(file_address),
+            "MESH_HTTP_PORT": str(_free_port()),
+            "MESH_DATABASE_URL": DATABASE_URL,
+            "MESH_BLOB_DIR": str(blob_dir),
+            # Serving only: a job worker here could take the jobs of a mesh running beside the benchmark.
+            "MESH_JOB_CONCURRENCY": "0",
+            "OTEL_SDK_DISABLED": "true",
+        }
+        process = _spawn(key, ["-m", module], env)
+        starting[key] = (f"127.0.0.1:{grpc_port}", service, process)
+    results = await asyncio.gather(*(_serving(a, s, p) for a, s, p in starting.values()))
+    failed = []
+    for (key, (address, _, process)), ok in zip(starting.items(), results, strict=True):
+        if ok:
+            addresses[key], kinds[key] = address, "real"
+            processes.append(process)
+        else:
+            process.stop()
+            failed.append(key)
+    if failed and fakes_address is None:
+        fakes_address = await start_fakes()
+    for key in (*missing, *failed):
+        addresses[key], kinds[key] = str(fakes_address), "fake"
     return Backends(addresses, kinds, processes)
 
 

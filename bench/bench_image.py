@@ -208,7 +208,7 @@ def gpu_results(backend: Backend | None) -> list[dict[str, object]]:
     """Kernel times and bandwidth against a device copy; the pipeline against OpenCV on all cores."""
     if backend is None or backend.device is not Device.GPU:
         return [{"benchmark": "image.gpu", "skipped": "no GPU"}]
-    from mesh.services.image_processing.gpu_backend import GpuBackend, device_copy_seconds
+    from mesh.services.image_processing.gpu_backend import GpuBackend, device_copy_seconds, device_seconds
 
     assert isinstance(backend, GpuBackend)
     results: list[dict[str, object]] = []
@@ -227,11 +227,12 @@ def gpu_results(backend: Backend | None) -> list[dict[str, object]]:
             step = validate_pipeline([(name, params)])[0]
             session = backend.start(image)
             original = session.image
-            times = []
-            for _ in range(6):
+
+            def queue(session: Any = session, original: Any = original, step: Any = step) -> None:
                 session.image = original
-                times.append(session.apply(step))
-            kernel = min(times[1:])
+                session.queue([step])
+
+            kernel = device_seconds(queue, stream=backend.stream)
             out = session.result()
             moved = image.nbytes + out.nbytes
             copy_bandwidth = 2 * image.nbytes / copy_seconds[image.nbytes]
@@ -247,14 +248,31 @@ def gpu_results(backend: Backend | None) -> list[dict[str, object]]:
                 }
             )
         steps = validate_pipeline(PIPELINE)
-        end_to_end = _best(functools.partial(run_pipeline, backend, frame, steps), 5)
-        kernels = min(sum(t for _, t in run_pipeline(backend, frame, steps).timings) for _ in range(5))
-        opencv = _best(functools.partial(_opencv_pipeline, frame), 5)
+        end_to_end = _best(functools.partial(run_pipeline, backend, frame, steps), 7)
+        session = backend.start(frame)
+        original = session.image
+
+        def queue_pipeline(session: Any = session, original: Any = original, steps: Any = steps) -> None:
+            session.image = original
+            session.queue(steps)
+
+        kernels = device_seconds(queue_pipeline, stream=backend.stream)
+
+        def upload(frame: Array = frame) -> None:
+            backend.start(frame)
+            backend.stream.synchronize()
+
+        session.queue(steps)
+        upload_s = _best(upload, 7)
+        download_s = _best(session.result, 7)
+        opencv = _best(functools.partial(_opencv_pipeline, frame), 7)
         results.append(
             {
                 "benchmark": f"image.gpu.pipeline.grayscale-gaussian3-otsu.{size}",
                 "end_to_end_seconds": round(end_to_end, 6),
                 "kernels_seconds": round(kernels, 7),
+                "upload_seconds": round(upload_s, 6),
+                "download_seconds": round(download_s, 6),
                 "opencv_seconds": round(opencv, 6),
                 "opencv_threads": cv2.getNumThreads(),
                 "speedup_end_to_end": round(opencv / end_to_end, 2),

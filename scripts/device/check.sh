@@ -2,7 +2,7 @@
 # The GPU checks in one pass, for the lent device machine (its image has CuPy, NumPy and OpenCV; the rest
 # travels as wheels). Results land in $OUT. From this machine, after `make proto` and
 # `scripts/device/wheels.sh`, call the device tool's run with
-#   command: bash scripts/device/check.sh      timeout_s: 480
+#   command: bash scripts/device/check.sh      timeout_s: 470
 #   carry:   [".whl", "src/mesh/common", "src/mesh/file", "src/mesh/image", "src/mesh/inference", "src/mesh/queue"]
 # Every step has its own time limit, most important first, so that a slow step cannot starve the others
 # (the device time of a session is 15 minutes, the machine's start included).
@@ -13,9 +13,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   || { echo "wheel install failed"; exit 1; }
 export PYTHONPATH="/tmp/site:$PWD/src:$PWD" PYTHONUNBUFFERED=1 MESH_LOG_LEVEL=warning
 
+# STEPS (optional): the names of the steps to run, space-separated; all of them by default.
 step() {  # step NAME SECONDS COMMAND...: run with a limit, output to $OUT/NAME.txt, a summary line here
   local name=$1 limit=$2
   shift 2
+  if [[ -n "${STEPS:-}" && " $STEPS " != *" $name "* ]]; then return 0; fi
   local started=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
   local rc=$?
@@ -28,14 +30,18 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, output to $OUT/NAME.
 } > "$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
 # 1. Correctness: the CuPy paths against the CPU paths (filters, pipelines, strip reader verdicts, serving).
-step pytest-gpu 120 python3 -m pytest -q -m gpu -p no:cacheprovider \
+step pytest-gpu 100 python3 -m pytest -q -rfE --tb=short -m gpu -p no:cacheprovider \
   tests/image_processing/test_gpu.py tests/inference_strip/test_gpu.py tests/inference/test_strip_reader_serving.py
 # 2. The image benchmarks on the GPU (kernels vs device copy, pipeline vs OpenCV, ProcessImage vs echo); the
 #    CPU filters against OpenCV are measured on the development machine instead.
-MESH_BENCH_IMAGE_SKIP_CPU=1 step bench-image 120 python3 -m bench image
+MESH_BENCH_IMAGE_SKIP_CPU=1 step bench-image 100 python3 -m bench image
 # 3. The strip reader: one 1080p read and batches, on CPU and GPU.
-step bench-strip 45 python3 -m bench strip
+step bench-strip 40 python3 -m bench strip
 # 4. Serving: Predict at batch 1 and with dynamic batching, CPU and GPU.
-step bench-inference 90 python3 -m bench inference
+step bench-inference 70 python3 -m bench inference
 # 5. Held-out accuracy and latency with the GPU reader beside the CPU one (a small split: the time is short).
-step eval 60 python3 -m mesh.services.inference.evaluate --count 100
+step eval 45 python3 -m mesh.services.inference.evaluate --count 100
+# 6. The gateway's added latency with cores to spare (the development machine has two); no PostgreSQL there,
+#    so the file service is the test suite's fake, which the results name.
+MESH_BENCH_GATEWAY_FAKES=file MESH_BENCH_GATEWAY_REQUESTS=60 MESH_BENCH_GATEWAY_SECONDS=1 \
+  step bench-gateway 100 python3 -m bench gateway

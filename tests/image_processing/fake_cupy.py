@@ -23,6 +23,11 @@ Array = npt.NDArray[Any]
 class FakeArray(np.ndarray):
     """A host array with CuPy's transfer methods."""
 
+    @property  # type: ignore[misc]
+    def data(self) -> types.SimpleNamespace:  # type: ignore[override]
+        """CuPy's MemoryPointer, as far as the backend reads it (the address, for alignment checks)."""
+        return types.SimpleNamespace(ptr=self.ctypes.data)
+
     def set(self, array: Array, stream: object = None) -> None:
         self[...] = array
 
@@ -229,6 +234,38 @@ def k_conv_fused(
     k_conv_cols(rows, dst, h, w, c, ky, ry, border, scale, raw_out)
 
 
+def k_sep_fused(
+    src: Array,
+    dst: Array,
+    h: Any,
+    w: Any,
+    c: Any,
+    kx: Array,
+    ky: Array,
+    border: Any,
+    scale: Any,
+    raw_out: Any,
+    tile_h: Any,
+) -> None:
+    assert int(tile_h) >= 8
+    assert int(tile_h) % 8 == 0  # SF_YB rows per thread in the column pass
+    assert kx.size == ky.size
+    r = np.int32((kx.size - 1) // 2)
+    k_conv_fused(src, dst, h, w, c, kx, r, ky, r, border, scale, raw_out, np.int32(32), tile_h)
+
+
+def k_histogram(src: Array, hist: Array, n: Any) -> None:
+    hist += np.bincount(_flat(src)[: int(n)], minlength=hist.size).astype(hist.dtype)
+
+
+def k_otsu_lut(hist: Array, lut: Array, invert: Any) -> None:
+    from mesh.services.image_processing.filter_math import otsu_threshold
+
+    level = otsu_threshold(np.asarray(hist))
+    above = np.arange(hist.size) > level
+    _flat(lut)[...] = np.where(above != bool(invert), _top(lut), 0)
+
+
 def k_gradient_out(dx: Array, dy: Array, dst: Array, n: Any, magnitude: Any) -> None:
     a, b = _flat(dx).astype(np.float32), _flat(dy).astype(np.float32)
     values = np.sqrt(a * a + b * b) if magnitude else np.abs(a)
@@ -390,6 +427,8 @@ def k_hsv_to_rgb(src: Array, dst: Array, pixels: Any, channels: Any) -> None:
 EMULATED: dict[str, Callable[..., None]] = {
     name.removeprefix("k_"): function for name, function in globals().items() if name.startswith("k_")
 }
+# One emulation for every radius of the register-blocked kernel.
+EMULATED.update({f"sep_fused_r{r}": k_sep_fused for r in range(1, 33)})
 
 
 SCALARS = {"int": np.int32, "long long": np.int64, "float": np.float32, "double": np.float64}
@@ -397,7 +436,9 @@ SCALARS = {"int": np.int32, "long long": np.int64, "float": np.float32, "double"
 
 def parse_signature(code: str, name: str, sample: Any) -> list[Any]:
     """Each parameter of a kernel as the numpy type its argument must have ('ptr:<dtype>' for pointers)."""
-    match = re.search(rf'extern "C" __global__ void {name}\((.*?)\)\s*\{{', code, re.DOTALL)
+    match = re.search(
+        rf'extern "C" __global__ void (?:__launch_bounds__\(\w+\) )?{name}\((.*?)\)\s*\{{', code, re.DOTALL
+    )
     assert match is not None, name
     kinds: list[Any] = []
     for raw in match.group(1).split(","):
@@ -486,8 +527,10 @@ def build() -> dict[str, types.ModuleType]:
         "rot90": np.rot90,
         "flip": np.flip,
         "bincount": lambda a, minlength=0: _fake(np.bincount(np.asarray(a), minlength=minlength)),
+        "zeros": lambda shape, dtype=np.float64: _fake(np.zeros(shape, dtype=dtype)),
         "float32": np.float32,
         "uint8": np.uint8,
+        "uint64": np.uint64,
     }.items():
         setattr(cupy, name, value)
     cupyx = types.ModuleType("cupyx")

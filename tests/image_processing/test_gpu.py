@@ -105,3 +105,42 @@ def test_cuda_fault_marks_backend_unhealthy(gpu: GpuBackend) -> None:
             gpu.start(noise(4, 4, 1))
     finally:
         gpu.faulted = None
+
+
+@pytest.mark.parametrize("radius", range(1, 15))
+@pytest.mark.parametrize(("dtype", "channels"), LAYOUTS)
+def test_every_separable_radius_matches_cpu(gpu: GpuBackend, radius: int, dtype: Any, channels: int) -> None:
+    """Gaussian blurs of every radius (register-blocked kernels 1-12, conv_fused beyond) on odd-sized images
+    that leave partial tiles at the right and bottom edges agree with the CPU within the stated tolerance."""
+    image = noise(75, 101, channels, dtype, seed=radius)
+    steps = validate_pipeline([("gaussian_blur", {"sigma": radius / 2.5, "ksize": 2 * radius + 1})])
+    within(
+        "gaussian_blur", run_pipeline(CpuBackend(), image, steps).image, run_pipeline(gpu, image, steps).image
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("pixels", [1, 15, 17, 4099])
+def test_point_wise_and_histogram_tails(gpu: GpuBackend, dtype: Any, pixels: int) -> None:
+    """Sizes that are no multiple of the 16-byte vector: invert, grayscale and Otsu equal the CPU exactly."""
+    for channels in (1, 3, 4):
+        image = noise(1, pixels, channels, dtype, seed=pixels)
+        for pipeline in (
+            [("invert", {})],
+            [("grayscale", {})],
+            [("threshold", {"method": "otsu"})],
+            [("adjust", {"contrast": 1.3, "gamma": 0.7}), ("threshold", {"method": "otsu", "invert": True})],
+        ):
+            steps = validate_pipeline(pipeline)
+            expected = run_pipeline(CpuBackend(), image, steps).image
+            assert np.array_equal(expected, run_pipeline(gpu, image, steps).image), (pipeline, channels)
+
+
+def test_device_otsu_equals_host_otsu_on_hard_histograms(gpu: GpuBackend) -> None:
+    """The threshold computed on the device equals filter_math.otsu_threshold for flat, two-valued and
+    single-valued images (the tie-break and the empty-class cases)."""
+    for values in ([7], [0, 255], [10, 10, 200], list(range(256))):
+        image = np.resize(np.array(values, dtype=np.uint8), (64, 64, 1))
+        steps = validate_pipeline([("threshold", {"method": "otsu"})])
+        expected = run_pipeline(CpuBackend(), image, steps).image
+        assert np.array_equal(expected, run_pipeline(gpu, image, steps).image), values

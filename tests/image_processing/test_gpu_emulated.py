@@ -155,3 +155,13 @@ def test_grey_binary_threshold_fuses_with_its_neighbours(gpu: Any) -> None:
     output = run_pipeline(gpu, image, steps)
     assert (tables.launches, grey.launches) == (before[0] + 1, before[1] + 1)
     assert np.array_equal(output.image, run_pipeline(CpuBackend(), image, steps).image)
+
+
+def test_large_upload_goes_through_chunked_staging_intact(gpu: Any) -> None:
+    """An image over the chunking size (1 MB) arrives on the device byte for byte, whatever its chunk edges,
+    and the pipeline over it equals the CPU's."""
+    image = noise(601, 907, 3, seed=5)  # 1.6 MB: four chunks, none aligned to a pixel or a row
+    steps = validate_pipeline([("invert", {})])
+    session = gpu.start(image)
+    assert np.array_equal(np.asarray(session.image), image)
+    assert np.array_equal(run_pipeline(gpu, image, steps).image, run_pipeline(CpuBackend(), image, steps).image)

@@ -43,60 +43,215 @@ __device__ __forceinline__ sample_t saturatef(float v) {
 
 // Per-channel lookup table (channels x (SAMPLE_MAX + 1)); 8-bit tables live in shared memory.
 // Fused point-wise steps (invert, adjust, binary threshold, equalisation) arrive here composed into one table.
+// Each thread moves 16 bytes per load and store (buffers from the pool are 256-byte aligned; the host checks):
+// a point-wise kernel is bound by memory, and 128-bit accesses are what reach the copy rate.
+__device__ __forceinline__ int first_channel(unsigned long long vector, int per_vector, int channels) {
+    // The channel of a vector's first sample; per_vector is 16 or 8, so 1, 2 and 4 channels start at 0.
+    if (channels == 1 || channels == 2 || channels == 4) return 0;
+    return (int)((vector * (unsigned long long)per_vector) % (unsigned long long)channels);
+}
+
 extern "C" __global__ void lut_apply(const sample_t* __restrict__ src, sample_t* __restrict__ dst,
                                      const sample_t* __restrict__ lut, long long n, int channels) {
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    const unsigned long long first = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+    const uint4* src16 = reinterpret_cast<const uint4*>(src);
+    uint4* dst16 = reinterpret_cast<uint4*>(dst);
 #if SAMPLE_MAX == 255
-    __shared__ sample_t table[4 * 256];
+    __shared__ unsigned char table[4 * 256];
     for (int i = threadIdx.x; i < channels * 256; i += blockDim.x) table[i] = lut[i];
     __syncthreads();
-    // Four samples per thread through 32-bit loads when the buffer allows it.
-    long long n4 = n / 4;
-    const uchar4* src4 = reinterpret_cast<const uchar4*>(src);
-    uchar4* dst4 = reinterpret_cast<uchar4*>(dst);
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n4; i += (long long)gridDim.x * blockDim.x) {
-        uchar4 v = src4[i];
-        // One 64-bit modulo per four samples; the channel then steps with a compare.
-        int ch = (int)((i * 4) % channels);
-        v.x = table[ch * 256 + v.x];
-        ch = ch + 1 == channels ? 0 : ch + 1;
-        v.y = table[ch * 256 + v.y];
-        ch = ch + 1 == channels ? 0 : ch + 1;
-        v.z = table[ch * 256 + v.z];
-        ch = ch + 1 == channels ? 0 : ch + 1;
-        v.w = table[ch * 256 + v.w];
-        dst4[i] = v;
+    const unsigned long long vectors = (unsigned long long)n / 16;
+    for (unsigned long long i = first; i < vectors; i += stride) {
+        uint4 v = __ldcs(src16 + i);
+        unsigned int words[4] = {v.x, v.y, v.z, v.w};
+        int ch = first_channel(i, 16, channels);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            unsigned int word = words[k], out = 0;
+#pragma unroll
+            for (int b = 0; b < 4; ++b) {
+                out |= (unsigned int)table[ch * 256 + ((word >> (8 * b)) & 255u)] << (8 * b);
+                ch = ch + 1 == channels ? 0 : ch + 1;
+            }
+            words[k] = out;
+        }
+        __stcs(dst16 + i, make_uint4(words[0], words[1], words[2], words[3]));
     }
-    for (long long i = n4 * 4 + blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+    for (unsigned long long i = vectors * 16 + first; i < (unsigned long long)n; i += stride)
         dst[i] = table[(int)(i % channels) * 256 + src[i]];
 #else
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-        dst[i] = lut[(long long)(i % channels) * (SAMPLE_MAX + 1) + src[i]];
+    const unsigned long long vectors = (unsigned long long)n / 8;
+    for (unsigned long long i = first; i < vectors; i += stride) {
+        uint4 v = __ldcs(src16 + i);
+        unsigned int words[4] = {v.x, v.y, v.z, v.w};
+        int ch = first_channel(i, 8, channels);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            unsigned int lo = words[k] & 0xffffu, hi = words[k] >> 16;
+            lo = __ldg(lut + (long long)ch * 65536 + lo);
+            ch = ch + 1 == channels ? 0 : ch + 1;
+            hi = __ldg(lut + (long long)ch * 65536 + hi);
+            ch = ch + 1 == channels ? 0 : ch + 1;
+            words[k] = lo | (hi << 16);
+        }
+        __stcs(dst16 + i, make_uint4(words[0], words[1], words[2], words[3]));
+    }
+    for (unsigned long long i = vectors * 8 + first; i < (unsigned long long)n; i += stride)
+        dst[i] = lut[(long long)(i % channels) * 65536 + src[i]];
 #endif
 }
 
-// Grey from RGB(A). method 0: 14-bit fixed-point weights, rounded half to even; 1: average; 2: lightness;
-// 3: 15-bit weights rounded half up (BT.601 exactly as OpenCV's cvtColor).
+// One grey value. method 0: 14-bit fixed-point weights, rounded half to even; 1: average; 2: lightness;
+// 3: 15-bit weights rounded half up (BT.601 exactly as OpenCV's cvtColor). 32-bit unsigned arithmetic is
+// enough for 16-bit samples too (65535 * 32768 + 16384 < 2^32).
+__device__ __forceinline__ unsigned int grey_value(unsigned int r, unsigned int g, unsigned int b, unsigned int wr,
+                                                   unsigned int wg, unsigned int wb, int method) {
+    if (method == 0) {
+        unsigned int s = r * wr + g * wg + b * wb;
+        unsigned int q = s >> 14, rem = s & 16383u;
+        return q + ((rem > 8192u || (rem == 8192u && (q & 1u))) ? 1u : 0u);
+    }
+    if (method == 3) return (r * wr + g * wg + b * wb + 16384u) >> 15;
+    if (method == 1) return (r + g + b + 1u) / 3u;
+    unsigned int hi = max(r, max(g, b)), lo = min(r, min(g, b));
+    unsigned int s = hi + lo, q = s >> 1;
+    return q + (((s & 1u) && (q & 1u)) ? 1u : 0u);
+}
+
+// Four 8-bit pixels of C channels per thread: C 32-bit loads (4 * C bytes, 4-byte aligned) and one 32-bit store.
+template <int C>
+__device__ __forceinline__ void grayscale_quads(const unsigned char* __restrict__ src, unsigned char* __restrict__ dst,
+                                                long long quads, unsigned int wr, unsigned int wg, unsigned int wb,
+                                                int method) {
+    const unsigned int* src32 = reinterpret_cast<const unsigned int*>(src);
+    unsigned int* dst32 = reinterpret_cast<unsigned int*>(dst);
+    for (long long q = blockIdx.x * (long long)blockDim.x + threadIdx.x; q < quads; q += (long long)gridDim.x * blockDim.x) {
+        unsigned int words[C];
+#pragma unroll
+        for (int k = 0; k < C; ++k) words[k] = __ldcs(src32 + q * C + k);
+        unsigned int out = 0;
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {
+            unsigned int rgb[3];
+#pragma unroll
+            for (int ch = 0; ch < 3; ++ch) {
+                const int at = p * C + ch;
+                rgb[ch] = (words[at >> 2] >> ((at & 3) * 8)) & 255u;
+            }
+            out |= grey_value(rgb[0], rgb[1], rgb[2], wr, wg, wb, method) << (8 * p);
+        }
+        __stcs(dst32 + q, out);
+    }
+}
+
+// Grey from RGB(A).
 extern "C" __global__ void grayscale(const sample_t* __restrict__ src, sample_t* __restrict__ dst, long long pixels,
                                      int channels, int wr, int wg, int wb, int method) {
-    for (long long p = blockIdx.x * (long long)blockDim.x + threadIdx.x; p < pixels; p += (long long)gridDim.x * blockDim.x) {
-        const sample_t* px = src + p * channels;
-        long long r = px[0], g = px[1], b = px[2];
-        long long out;
-        if (method == 0) {
-            long long s = r * wr + g * wg + b * wb;
-            long long q = s >> 14, rem = s & 16383;
-            out = q + ((rem > 8192 || (rem == 8192 && (q & 1))) ? 1 : 0);
-        } else if (method == 3) {
-            out = (r * wr + g * wg + b * wb + 16384) >> 15;
-        } else if (method == 1) {
-            out = (r + g + b + 1) / 3;
-        } else {
-            long long hi = lmax(r, lmax(g, b)), lo = lmin(r, lmin(g, b));
-            long long s = hi + lo, q = s >> 1;
-            out = q + (((s & 1) && (q & 1)) ? 1 : 0);
-        }
-        dst[p] = (sample_t)out;
+    long long done = 0;
+#if SAMPLE_MAX == 255
+    if (channels == 3 || channels == 4) {
+        done = pixels / 4 * 4;
+        if (channels == 3) grayscale_quads<3>(src, dst, pixels / 4, wr, wg, wb, method);
+        else grayscale_quads<4>(src, dst, pixels / 4, wr, wg, wb, method);
     }
+#endif
+    for (long long p = done + blockIdx.x * (long long)blockDim.x + threadIdx.x; p < pixels; p += (long long)gridDim.x * blockDim.x) {
+        const sample_t* px = src + p * channels;
+        dst[p] = (sample_t)grey_value(px[0], px[1], px[2], wr, wg, wb, method);
+    }
+}
+
+// Histogram of every sample into hist (SAMPLE_MAX + 1 counters, zeroed by the caller). 8-bit: one
+// sub-histogram per warp in shared memory (a flat image would otherwise serialise a whole block on one counter),
+// 16 samples per 128-bit load, then one global atomic per non-empty bin and block.
+extern "C" __global__ void histogram(const sample_t* __restrict__ src, unsigned long long* __restrict__ hist,
+                                     long long n) {
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    const unsigned long long first = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+#if SAMPLE_MAX == 255
+    __shared__ unsigned int local[8][256];
+    for (int i = threadIdx.x; i < 8 * 256; i += blockDim.x) local[i / 256][i % 256] = 0;
+    __syncthreads();
+    unsigned int* mine = local[(threadIdx.x / 32) % 8];
+    const unsigned long long vectors = (unsigned long long)n / 16;
+    const uint4* src16 = reinterpret_cast<const uint4*>(src);
+    for (unsigned long long i = first; i < vectors; i += stride) {
+        uint4 v = __ldcs(src16 + i);
+        unsigned int words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+#pragma unroll
+            for (int b = 0; b < 4; ++b) atomicAdd(mine + ((words[k] >> (8 * b)) & 255u), 1u);
+    }
+    for (unsigned long long i = vectors * 16 + first; i < (unsigned long long)n; i += stride) atomicAdd(mine + src[i], 1u);
+    __syncthreads();
+    for (int bin = threadIdx.x; bin < 256; bin += blockDim.x) {
+        unsigned int count = 0;
+        for (int wp = 0; wp < 8; ++wp) count += local[wp][bin];
+        if (count) atomicAdd(hist + bin, (unsigned long long)count);
+    }
+#else
+    for (unsigned long long i = first; i < (unsigned long long)n; i += stride) atomicAdd(hist + src[i], 1ULL);
+#endif
+}
+
+// Otsu's threshold of a histogram (bins = SAMPLE_MAX + 1), straight into the binary lookup table, in one block
+// of 1024 threads so that the threshold never travels to the host. The same float64 arithmetic as
+// filter_math.otsu_threshold: the cumulative sums are of integers, exact in any order, so the two agree.
+extern "C" __global__ void otsu_lut(const unsigned long long* __restrict__ hist, sample_t* __restrict__ lut, int invert) {
+    const int bins = SAMPLE_MAX + 1, threads = 1024;
+    const int chunk = bins / threads > 0 ? bins / threads : 1;
+    const int t = threadIdx.x, lo = t * chunk, hi = min(lo + chunk, bins);
+    __shared__ double weights[1024], sums[1024], best_of[1024];
+    __shared__ int first_of[1024];
+    __shared__ double totals[2];
+    double weight = 0.0, sum = 0.0;
+    for (int i = lo; i < hi; ++i) { weight += (double)hist[i]; sum += (double)hist[i] * (double)i; }
+    weights[t] = weight; sums[t] = sum;
+    __syncthreads();
+    if (t == 0) {  // exclusive prefix sums of the thread totals (1024 additions, once)
+        double w = 0.0, s = 0.0;
+        for (int i = 0; i < threads; ++i) {
+            double tw = weights[i], ts = sums[i];
+            weights[i] = w; sums[i] = s;
+            w += tw; s += ts;
+        }
+        totals[0] = w; totals[1] = s;
+    }
+    __syncthreads();
+    const double total = totals[0], grand = totals[1];
+    double w0 = weights[t], s0 = sums[t], best = -1.0;
+    double between[64];
+    for (int i = lo; i < hi; ++i) {
+        w0 += (double)hist[i];
+        s0 += (double)hist[i] * (double)i;
+        double w1 = total - w0;
+        double mu0 = s0 / w0, mu1 = (grand - s0) / w1;
+        double d = mu0 - mu1;
+        double b = w0 * w1 * (d * d);  // grouped as NumPy's weight0 * weight1 * (mu0 - mu1) ** 2
+        if (!isfinite(b)) b = -1.0;
+        between[i - lo] = b;
+        best = fmax(best, b);
+    }
+    best_of[t] = best;
+    __syncthreads();
+    for (int step = threads / 2; step > 0; step >>= 1) {
+        if (t < step) best_of[t] = fmax(best_of[t], best_of[t + step]);
+        __syncthreads();
+    }
+    const double top = best_of[0];
+    int first = bins;
+    for (int i = lo; i < hi; ++i)
+        if (between[i - lo] >= top * (1.0 - 1e-12)) { first = i; break; }
+    first_of[t] = first;
+    __syncthreads();
+    for (int step = threads / 2; step > 0; step >>= 1) {
+        if (t < step) first_of[t] = min(first_of[t], first_of[t + step]);
+        __syncthreads();
+    }
+    const int level = (total == 0.0 || top <= 0.0) ? 0 : first_of[0];
+    for (int i = lo; i < hi; ++i) lut[i] = ((i > level) != (invert != 0)) ? (sample_t)SAMPLE_MAX : (sample_t)0;
 }
 
 // Row pass of a separable filter: shared-memory tile of ROW_TILE + 2r pixels per row, float output.
@@ -193,6 +348,102 @@ extern "C" __global__ void conv_fused(const sample_t* __restrict__ src, void* __
         long long at = ((long long)y * w + x) * c + tx % c;
         if (raw_out) ((float*)dst)[at] = acc;
         else ((sample_t*)dst)[at] = saturate((double)acc * scale);
+    }
+}
+
+// Both passes of a separable filter of radius R (rx = ry = R, known at compile time), register-blocked: a block
+// of 256 threads owns an output tile SF_TP pixels wide and tile_h rows high. It loads the input tile with its
+// apron into shared memory once (as samples), runs the row pass into a float tile (apron rows included), each
+// thread SF_XB outputs of one channel from a window of SF_XB + 2R registers, then the column pass, each thread
+// SF_YB outputs down one sample column. A tap is then one FMA on registers instead of a shared-memory load per
+// FMA, which is what bounds the plain fused kernel. Same arithmetic, in the same order, as conv_fused.
+#define SF_TP 32
+#define SF_XB 8
+#define SF_YB 8
+#define SF_THREADS 256
+
+template <int R>
+__device__ __forceinline__ void sep_fused_body(const sample_t* __restrict__ src, void* __restrict__ dst, int h, int w,
+                                               int c, const float* __restrict__ kx, const float* __restrict__ ky,
+                                               int border, double scale, int raw_out, int tile_h) {
+    constexpr int TAPS = 2 * R + 1;
+    extern __shared__ float sf_smem[];
+    const int in_w = (SF_TP + 2 * R) * c;  // samples per input row
+    const int in_h = tile_h + 2 * R;
+    const int mid_w = SF_TP * c;
+    const int mid_stride = mid_w + 1;      // odd: row-pass stores from several rows hit distinct banks
+    float* mid = sf_smem;
+    sample_t* in = reinterpret_cast<sample_t*>(sf_smem + in_h * mid_stride);
+    const int x0 = blockIdx.x * SF_TP, y0 = blockIdx.y * tile_h;
+    const int tid = threadIdx.x;
+    // 1. The input tile: each thread one column (its border mapping once), several rows per pass, eight
+    //    loads in flight before the stores (one at a time, the block would wait out a memory latency each).
+    const int rows_per_pass = SF_THREADS / in_w;
+    if (tid < rows_per_pass * in_w) {
+        const int col = tid % in_w, row0 = tid / in_w;
+        const int px = col / c, ch = col - px * c;
+        const int sx = map_index(x0 - R + px, w, border);
+        for (int ty0 = row0; ty0 < in_h; ty0 += 8 * rows_per_pass) {
+            sample_t v[8];
+#pragma unroll
+            for (int b = 0; b < 8; ++b) {
+                const int ty = ty0 + b * rows_per_pass;
+                const int sy = ty < in_h ? map_index(y0 - R + ty, h, border) : -1;
+                v[b] = (sx < 0 || sy < 0) ? (sample_t)0 : __ldg(src + ((long long)sy * w + sx) * c + ch);
+            }
+#pragma unroll
+            for (int b = 0; b < 8; ++b) {
+                const int ty = ty0 + b * rows_per_pass;
+                if (ty < in_h) in[ty * in_w + col] = v[b];
+            }
+        }
+    }
+    __syncthreads();
+    // 2. Row pass, every tile row.
+    float k[TAPS];
+#pragma unroll
+    for (int t = 0; t < TAPS; ++t) k[t] = __ldg(kx + t);
+    const int runs_per_row = (SF_TP / SF_XB) * c;
+    for (int item = tid; item < in_h * runs_per_row; item += SF_THREADS) {
+        const int ty = item / runs_per_row, rest = item - ty * runs_per_row;
+        const int run = rest / c, ch = rest - run * c;
+        const sample_t* line = in + ty * in_w + run * SF_XB * c + ch;
+        float win[SF_XB + 2 * R];
+#pragma unroll
+        for (int j = 0; j < SF_XB + 2 * R; ++j) win[j] = (float)line[j * c];
+        float* out = mid + ty * mid_stride + run * SF_XB * c + ch;
+#pragma unroll
+        for (int o = 0; o < SF_XB; ++o) {
+            float acc = 0.f;
+#pragma unroll
+            for (int t = 0; t < TAPS; ++t) acc = fmaf(k[t], win[o + t], acc);
+            out[o * c] = acc;
+        }
+    }
+    __syncthreads();
+    // 3. Column pass.
+#pragma unroll
+    for (int t = 0; t < TAPS; ++t) k[t] = __ldg(ky + t);
+    const int valid = min(SF_TP, w - x0) * c;
+    for (int item = tid; item < (tile_h / SF_YB) * mid_w; item += SF_THREADS) {
+        const int down = item / mid_w, col = item - down * mid_w;
+        if (col >= valid) continue;
+        const int ty0 = down * SF_YB;
+        float win[SF_YB + 2 * R];
+#pragma unroll
+        for (int j = 0; j < SF_YB + 2 * R; ++j) win[j] = mid[(ty0 + j) * mid_stride + col];
+#pragma unroll
+        for (int o = 0; o < SF_YB; ++o) {
+            const int y = y0 + ty0 + o;
+            if (y < h) {
+                float acc = 0.f;
+#pragma unroll
+                for (int t = 0; t < TAPS; ++t) acc = fmaf(k[t], win[o + t], acc);
+                const long long at = ((long long)y * w + x0) * c + col;
+                if (raw_out) ((float*)dst)[at] = acc;
+                else ((sample_t*)dst)[at] = saturate((double)acc * scale);
+            }
+        }
     }
 }
 
@@ -359,5 +610,28 @@ extern "C" __global__ void hsv_to_rgb(const sample_t* __restrict__ src, sample_t
         for (int ch = 0; ch < 3; ++ch) out[ch] = saturatef(rgb[ch] * (float)SAMPLE_MAX);
         if (channels == 4) out[3] = in[3];
     }
+}
+"""
+
+# Radii with a register-blocked fused kernel (Gaussian sigma up to 4, box and adaptive windows up to 25 wide);
+# wider kernels use conv_fused or the two-pass path.
+SEPARABLE_RADII = tuple(range(1, 13))
+
+SEP_FUSED_WRAPPER = r"""
+extern "C" __global__ void __launch_bounds__(SF_THREADS) sep_fused_r{r}(const sample_t* __restrict__ src, void* __restrict__ dst,
+        int h, int w, int c, const float* __restrict__ kx, const float* __restrict__ ky, int border, double scale,
+        int raw_out, int tile_h) {{
+    sep_fused_body<{r}>(src, dst, h, w, c, kx, ky, border, scale, raw_out, tile_h);
+}}
+"""
+
+SOURCE += "".join(SEP_FUSED_WRAPPER.format(r=r) for r in SEPARABLE_RADII)
+
+# A one-thread kernel that keeps the device busy for a number of clock cycles: the benchmarks queue it before
+# the work they time, so that the host's launch overhead is hidden and events measure the device alone.
+SPIN_SOURCE = r"""
+extern "C" __global__ void spin(long long cycles) {
+    long long start = clock64();
+    while (clock64() - start < cycles) { }
 }
 """

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import threading
+import weakref
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Protocol
@@ -118,6 +120,29 @@ class ArrayBackend:
         self.xp = xp
         self.ndimage = ndimage
         self.name = name
+        # Per thread: the last image uploaded (downscale and rectify read the same one) and a pinned staging
+        # buffer, grown as needed. A pageable upload goes through the driver's own staging at a fraction of
+        # the rate, and uploading twice would double it.
+        self._local = threading.local()
+
+    def _device_image(self, image: ByteImage) -> Any:
+        """``image`` on the device, uploaded once per image and thread."""
+        if self.xp is np:
+            return image
+        last = getattr(self._local, "last", None)
+        if last is not None and last[0]() is image:
+            return last[1]
+        image = np.ascontiguousarray(image)
+        staging = getattr(self._local, "staging", None)
+        if staging is None or staging[1] < image.nbytes:
+            staging = (self.xp.cuda.alloc_pinned_memory(image.nbytes), image.nbytes)
+            self._local.staging = staging
+        staged = np.frombuffer(staging[0], dtype=image.dtype, count=image.size).reshape(image.shape)
+        np.copyto(staged, image)
+        device = self.xp.empty(image.shape, dtype=image.dtype)
+        device.set(staged)
+        self._local.last = (weakref.ref(image), device)
+        return device
 
     def _to_host(self, array: Any) -> FloatImage:
         if self.xp is np:
@@ -128,7 +153,7 @@ class ArrayBackend:
         xp = self.xp
         height, width = image.shape[:2]
         h, w = height // factor, width // factor
-        device = xp.asarray(image[: h * factor, : w * factor])
+        device = self._device_image(image)[: h * factor, : w * factor]
         if factor > 1:
             for step in downscale_steps(factor):
                 h, w = device.shape[0] // step, device.shape[1] // step
@@ -145,9 +170,20 @@ class ArrayBackend:
         vv, uu = xp.mgrid[0 : g.size_y, 0 : g.size_x].astype(xp.float32)
         du = (uu - (g.size_x - 1) / 2) / g.scale
         dv = (vv - (g.size_y - 1) / 2) / g.scale
-        xs = g.center_x + cos * du - sin * dv
-        ys = g.center_y + sin * du + cos * dv
-        device = xp.asarray(image).astype(xp.float32)
+        # Only the source region the crop samples (its corners' bounding box, one pixel more for bilinear
+        # taps) becomes float: where that box meets the image's edge the edge stays the edge, so the
+        # replicated border is the same.
+        height, width = image.shape[:2]
+        corners = [g.to_image(u, v) for u in (0, g.size_x - 1) for v in (0, g.size_y - 1)]
+        x0 = max(0, math.floor(min(x for x, _ in corners)) - 1)
+        x1 = min(width, math.ceil(max(x for x, _ in corners)) + 2)
+        y0 = max(0, math.floor(min(y for _, y in corners)) - 1)
+        y1 = min(height, math.ceil(max(y for _, y in corners)) + 2)
+        x0, y0 = min(x0, width - 1), min(y0, height - 1)
+        x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
+        xs = g.center_x - x0 + cos * du - sin * dv
+        ys = g.center_y - y0 + sin * du + cos * dv
+        device = self._device_image(image)[y0:y1, x0:x1].astype(xp.float32)
         coords = xp.stack([ys, xs])
         if device.ndim == 2:
             out = self.ndimage.map_coordinates(device, coords, order=1, mode="nearest")
