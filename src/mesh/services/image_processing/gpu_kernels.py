@@ -51,6 +51,21 @@ __device__ __forceinline__ int first_channel(unsigned long long vector, int per_
     return (int)((vector * (unsigned long long)per_vector) % (unsigned long long)channels);
 }
 
+__device__ __forceinline__ uint4 lut_vector16(uint4 v, int ch, const unsigned char* table, int channels) {
+    unsigned int words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        unsigned int word = words[k], out = 0;
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+            out |= (unsigned int)table[ch * 256 + ((word >> (8 * b)) & 255u)] << (8 * b);
+            ch = ch + 1 == channels ? 0 : ch + 1;
+        }
+        words[k] = out;
+    }
+    return make_uint4(words[0], words[1], words[2], words[3]);
+}
+
 extern "C" __global__ void lut_apply(const sample_t* __restrict__ src, sample_t* __restrict__ dst,
                                      const sample_t* __restrict__ lut, long long n, int channels) {
     const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
@@ -62,21 +77,13 @@ extern "C" __global__ void lut_apply(const sample_t* __restrict__ src, sample_t*
     for (int i = threadIdx.x; i < channels * 256; i += blockDim.x) table[i] = lut[i];
     __syncthreads();
     const unsigned long long vectors = (unsigned long long)n / 16;
-    for (unsigned long long i = first; i < vectors; i += stride) {
-        uint4 v = __ldcs(src16 + i);
-        unsigned int words[4] = {v.x, v.y, v.z, v.w};
-        int ch = first_channel(i, 16, channels);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            unsigned int word = words[k], out = 0;
-#pragma unroll
-            for (int b = 0; b < 4; ++b) {
-                out |= (unsigned int)table[ch * 256 + ((word >> (8 * b)) & 255u)] << (8 * b);
-                ch = ch + 1 == channels ? 0 : ch + 1;
-            }
-            words[k] = out;
-        }
-        __stcs(dst16 + i, make_uint4(words[0], words[1], words[2], words[3]));
+    // Two vectors per iteration, both loads issued before the lookups: twice the bytes in flight per thread.
+    for (unsigned long long i = first; i < vectors; i += 2 * stride) {
+        const unsigned long long j = i + stride;
+        const uint4 a = __ldcs(src16 + i);
+        const uint4 b = j < vectors ? __ldcs(src16 + j) : make_uint4(0u, 0u, 0u, 0u);
+        __stcs(dst16 + i, lut_vector16(a, first_channel(i, 16, channels), table, channels));
+        if (j < vectors) __stcs(dst16 + j, lut_vector16(b, first_channel(j, 16, channels), table, channels));
     }
     for (unsigned long long i = vectors * 16 + first; i < (unsigned long long)n; i += stride)
         dst[i] = table[(int)(i % channels) * 256 + src[i]];
@@ -361,6 +368,7 @@ extern "C" __global__ void conv_fused(const sample_t* __restrict__ src, void* __
 #define SF_XB 8
 #define SF_YB 8
 #define SF_THREADS 256
+#define SF_LOADS 16     // global loads in flight per thread while the input tile is filled
 
 template <int R>
 __device__ __forceinline__ void sep_fused_body(const sample_t* __restrict__ src, void* __restrict__ dst, int h, int w,
@@ -376,23 +384,23 @@ __device__ __forceinline__ void sep_fused_body(const sample_t* __restrict__ src,
     sample_t* in = reinterpret_cast<sample_t*>(sf_smem + in_h * mid_stride);
     const int x0 = blockIdx.x * SF_TP, y0 = blockIdx.y * tile_h;
     const int tid = threadIdx.x;
-    // 1. The input tile: each thread one column (its border mapping once), several rows per pass, eight
+    // 1. The input tile: each thread one column (its border mapping once), several rows per pass, sixteen
     //    loads in flight before the stores (one at a time, the block would wait out a memory latency each).
     const int rows_per_pass = SF_THREADS / in_w;
     if (tid < rows_per_pass * in_w) {
         const int col = tid % in_w, row0 = tid / in_w;
         const int px = col / c, ch = col - px * c;
         const int sx = map_index(x0 - R + px, w, border);
-        for (int ty0 = row0; ty0 < in_h; ty0 += 8 * rows_per_pass) {
-            sample_t v[8];
+        for (int ty0 = row0; ty0 < in_h; ty0 += SF_LOADS * rows_per_pass) {
+            sample_t v[SF_LOADS];
 #pragma unroll
-            for (int b = 0; b < 8; ++b) {
+            for (int b = 0; b < SF_LOADS; ++b) {
                 const int ty = ty0 + b * rows_per_pass;
                 const int sy = ty < in_h ? map_index(y0 - R + ty, h, border) : -1;
                 v[b] = (sx < 0 || sy < 0) ? (sample_t)0 : __ldg(src + ((long long)sy * w + sx) * c + ch);
             }
 #pragma unroll
-            for (int b = 0; b < 8; ++b) {
+            for (int b = 0; b < SF_LOADS; ++b) {
                 const int ty = ty0 + b * rows_per_pass;
                 if (ty < in_h) in[ty * in_w + col] = v[b];
             }
@@ -425,6 +433,7 @@ __device__ __forceinline__ void sep_fused_body(const sample_t* __restrict__ src,
 #pragma unroll
     for (int t = 0; t < TAPS; ++t) k[t] = __ldg(ky + t);
     const int valid = min(SF_TP, w - x0) * c;
+    const bool unit_scale = scale == 1.0;
     for (int item = tid; item < (tile_h / SF_YB) * mid_w; item += SF_THREADS) {
         const int down = item / mid_w, col = item - down * mid_w;
         if (col >= valid) continue;
@@ -440,7 +449,10 @@ __device__ __forceinline__ void sep_fused_body(const sample_t* __restrict__ src,
 #pragma unroll
                 for (int t = 0; t < TAPS; ++t) acc = fmaf(k[t], win[o + t], acc);
                 const long long at = ((long long)y * w + x0) * c + col;
+                // At scale 1 (a Gaussian) rounding the float equals rounding it as a double: the slow
+                // double conversions are only needed for the box filters' exact division.
                 if (raw_out) ((float*)dst)[at] = acc;
+                else if (unit_scale) ((sample_t*)dst)[at] = saturatef(acc);
                 else ((sample_t*)dst)[at] = saturate((double)acc * scale);
             }
         }
