@@ -23,7 +23,7 @@ Array = npt.NDArray[Any]
 class FakeArray(np.ndarray):
     """A host array with CuPy's transfer methods."""
 
-    @property  # type: ignore[misc]
+    @property
     def data(self) -> types.SimpleNamespace:  # type: ignore[override]
         """CuPy's MemoryPointer, as far as the backend reads it (the address, for alignment checks)."""
         return types.SimpleNamespace(ptr=self.ctypes.data)

@@ -125,12 +125,13 @@ def test_point_wise_and_histogram_tails(gpu: GpuBackend, dtype: Any, pixels: int
     """Sizes that are no multiple of the 16-byte vector: invert, grayscale and Otsu equal the CPU exactly."""
     for channels in (1, 3, 4):
         image = noise(1, pixels, channels, dtype, seed=pixels)
-        for pipeline in (
+        pipelines: list[list[tuple[str, dict[str, float | str | bool]]]] = [
             [("invert", {})],
             [("grayscale", {})],
             [("threshold", {"method": "otsu"})],
             [("adjust", {"contrast": 1.3, "gamma": 0.7}), ("threshold", {"method": "otsu", "invert": True})],
-        ):
+        ]
+        for pipeline in pipelines:
             steps = validate_pipeline(pipeline)
             expected = run_pipeline(CpuBackend(), image, steps).image
             assert np.array_equal(expected, run_pipeline(gpu, image, steps).image), (pipeline, channels)

@@ -164,4 +164,6 @@ def test_large_upload_goes_through_chunked_staging_intact(gpu: Any) -> None:
     steps = validate_pipeline([("invert", {})])
     session = gpu.start(image)
     assert np.array_equal(np.asarray(session.image), image)
-    assert np.array_equal(run_pipeline(gpu, image, steps).image, run_pipeline(CpuBackend(), image, steps).image)
+    assert np.array_equal(
+        run_pipeline(gpu, image, steps).image, run_pipeline(CpuBackend(), image, steps).image
+    )

@@ -401,25 +401,16 @@ class GpuSession:
             lambda: (np.asarray(kx, dtype=np.float32), np.asarray(ky, dtype=np.float32)),
         )
         out = cp.empty((h, w, c), dtype=cp.float32 if raw else self.dtype)
+        # The arguments both fused kernels begin with, and those they end with before their tile sizes.
+        shape = (image, out, np.int32(h), np.int32(w), np.int32(c))
+        output = (code, np.float64(scale), np.int32(raw))
         blocked = register_blocked_tile(c, rx, ry, self.dtype.itemsize)
         if blocked is not None:
             tile_h, shared = blocked
             self.kernels[f"sep_fused_r{rx}"](
                 ((w + SEP_TILE_W - 1) // SEP_TILE_W, (h + tile_h - 1) // tile_h),
                 (SEP_THREADS,),
-                (
-                    image,
-                    out,
-                    np.int32(h),
-                    np.int32(w),
-                    np.int32(c),
-                    kx_dev,
-                    ky_dev,
-                    code,
-                    np.float64(scale),
-                    np.int32(raw),
-                    np.int32(tile_h),
-                ),
+                (*shape, kx_dev, ky_dev, *output, np.int32(tile_h)),
                 shared_mem=shared,
             )
             return out
@@ -430,18 +421,12 @@ class GpuSession:
                 ((w + tile_w - 1) // tile_w, (h + tile_h - 1) // tile_h),
                 FUSED_THREADS,
                 (
-                    image,
-                    out,
-                    np.int32(h),
-                    np.int32(w),
-                    np.int32(c),
+                    *shape,
                     kx_dev,
                     np.int32(rx),
                     ky_dev,
                     np.int32(ry),
-                    code,
-                    np.float64(scale),
-                    np.int32(raw),
+                    *output,
                     np.int32(tile_w),
                     np.int32(tile_h),
                 ),
