@@ -179,3 +179,21 @@ def test_gpu_device_without_cupy_is_refused() -> None:
     """Asking for the GPU reader where CuPy sees no device raises RuntimeError at construction."""
     with pytest.raises(RuntimeError, match="CuPy"):
         StripReader(device="gpu")
+
+
+def test_gpu_backend_uploads_each_image_once_per_thread() -> None:
+    """The GPU path (here on emulated CuPy) uploads an image once for its downscale and its crop, and a new
+    image again; what lands on the device is the image."""
+    from scipy import ndimage
+
+    from mesh.services.inference.strip.backend import ArrayBackend
+    from tests.image_processing import fake_cupy
+
+    cupy = fake_cupy.build()["cupy"]
+    backend = ArrayBackend(cupy, ndimage, "gpu")
+    first = np.random.default_rng(3).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    second = first.copy()
+    on_device = backend._device_image(first)
+    assert backend._device_image(first) is on_device
+    assert np.array_equal(np.asarray(on_device), first)
+    assert backend._device_image(second) is not on_device

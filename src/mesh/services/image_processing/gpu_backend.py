@@ -2,8 +2,9 @@
 
 Only this module imports CuPy, and only when the GPU backend is selected. A pipeline uploads the image once
 (through a pinned host buffer, in chunks staged by parallel threads), runs every step on the device
-(consecutive point-wise steps fused into one lookup-table kernel) and downloads once. Device out-of-memory becomes ``RESOURCE_EXHAUSTED``; any other CUDA
-error marks the backend faulted, which turns health NOT_SERVING.
+(consecutive point-wise steps fused into one lookup-table kernel) and downloads once. Device out-of-memory
+becomes ``RESOURCE_EXHAUSTED``; any other CUDA error marks the backend faulted, which turns health
+NOT_SERVING.
 
 Filters whose catalogue entry says ``gpu=False`` (Canny, and CLAHE inside ``equalize``) run the CPU code
 on a host copy inside the same session; everything else runs in the kernels below or in CuPy/cupyx.
@@ -24,6 +25,7 @@ from cupyx.scipy import ndimage as cnd
 
 from mesh.kit import errors
 from mesh.kit.logging import get_logger
+from mesh.kit.pinned import PinnedBuffer
 from mesh.services.image_processing import cpu_filters
 from mesh.services.image_processing import filter_math as fm
 from mesh.services.image_processing.filter_math import Image
@@ -118,7 +120,7 @@ class GpuBackend:
             np.dtype(np.uint16): Kernels(np.dtype(np.uint16)),
         }
         self.hsv_sdiv, self.hsv_hdiv = (cp.asarray(t) for t in fm.hsv_tables())
-        self._pinned: dict[str, tuple[Any, int]] = {}
+        self._staging = PinnedBuffer(cp)
         self._copiers = ThreadPoolExecutor(max_workers=UPLOAD_CHUNKS, thread_name_prefix="gpu-staging")
         self._constants: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         self.faulted: str | None = None
@@ -166,15 +168,6 @@ class GpuBackend:
             self._constants[key] = cached
         return cached
 
-    def staging(self, key: str, nbytes: int) -> Any:
-        """A pinned host buffer of at least ``nbytes``, grown and reused."""
-        held = self._pinned.get(key)
-        if held is None or held[1] < nbytes:
-            size = max(nbytes, 1 << 20)
-            held = (cp.cuda.alloc_pinned_memory(size), size)
-            self._pinned[key] = held
-        return held[0]
-
     def upload(self, image: Image) -> Any:
         """``image`` on the device. Large images go through the pinned buffer in chunks that host threads
         copy in parallel, each chunk's DMA queued as soon as it is staged: measured on an H200 host, 4K RGB
@@ -185,7 +178,7 @@ class GpuBackend:
             device.set(image, stream=self.stream)
             return device
         self.stream.synchronize()  # the staging buffer is free once earlier uploads have landed
-        host = np.frombuffer(self.staging("up", image.nbytes), dtype=np.uint8, count=image.nbytes)
+        host = self._staging.array(image.nbytes)
         source = image.reshape(-1).view(np.uint8)
         target = device.reshape(-1).view(cp.uint8)
         step = -(-image.nbytes // UPLOAD_CHUNKS)
@@ -755,7 +748,7 @@ def device_seconds(work: Callable[[], Any], repeats: int = 20, stream: Any = Non
 
     A spin kernel holds the device while the host queues every run, so the events time the device alone,
     not the host's launch overhead (which, for a 20-microsecond kernel, would be most of the figure). Work that
-    waits for the host inside (a CPU-only filter) is timed with that wait, as before.
+    waits for the host inside (a filter that runs CPU code) is timed with that wait.
     """
     stream = stream or cp.cuda.get_current_stream()
     with stream:

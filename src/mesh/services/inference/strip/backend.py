@@ -23,6 +23,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from mesh.kit.pinned import PinnedBuffer
+
 FloatImage = npt.NDArray[Any]  # OpenCV returns loosely typed arrays
 ByteImage = npt.NDArray[Any]  # OpenCV returns loosely typed arrays
 
@@ -134,10 +136,9 @@ class ArrayBackend:
             return last[1]
         image = np.ascontiguousarray(image)
         staging = getattr(self._local, "staging", None)
-        if staging is None or staging[1] < image.nbytes:
-            staging = (self.xp.cuda.alloc_pinned_memory(image.nbytes), image.nbytes)
-            self._local.staging = staging
-        staged = np.frombuffer(staging[0], dtype=image.dtype, count=image.size).reshape(image.shape)
+        if staging is None:
+            staging = self._local.staging = PinnedBuffer(self.xp)
+        staged = staging.array(image.nbytes).view(image.dtype).reshape(image.shape)
         np.copyto(staged, image)
         device = self.xp.empty(image.shape, dtype=image.dtype)
         device.set(staged)
