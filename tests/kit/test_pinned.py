@@ -6,7 +6,7 @@ import types
 
 import numpy as np
 
-from mesh.kit.pinned import MIN_BYTES, PinnedBuffer
+from mesh.kit.pinned import MAX_BYTES, MIN_BYTES, PinnedBuffer
 
 
 def _fake_cupy(allocations: list[int]) -> types.ModuleType:
@@ -26,16 +26,31 @@ def test_buffer_is_reused_until_a_request_outgrows_it() -> None:
     first = buffer.array(100)
     second = buffer.array(MIN_BYTES)
     assert allocations == [MIN_BYTES]
+    assert first is not None
+    assert second is not None
     assert (first.size, second.size) == (100, MIN_BYTES)
     big = buffer.array(3 * MIN_BYTES + 7)
     assert allocations == [MIN_BYTES, 3 * MIN_BYTES + 7]
+    assert big is not None
     assert big.size == 3 * MIN_BYTES + 7
+
+
+def test_nothing_is_pinned_beyond_the_cap() -> None:
+    """A request over MAX_BYTES gets None (the caller copies from pageable memory) and pins nothing."""
+    allocations: list[int] = []
+    buffer = PinnedBuffer(_fake_cupy(allocations))
+    assert buffer.array(MAX_BYTES + 1) is None
+    assert allocations == []
+    assert buffer.array(MAX_BYTES) is not None
 
 
 def test_buffer_is_writable_bytes() -> None:
     """The array is uint8 and writable, so an image can be copied into it."""
     buffer = PinnedBuffer(_fake_cupy([]))
     staged = buffer.array(12)
+    assert staged is not None
     np.copyto(staged, np.arange(12, dtype=np.uint8))
     assert staged.dtype == np.uint8
-    assert buffer.array(12).tolist() == list(range(12))
+    again = buffer.array(12)
+    assert again is not None
+    assert again.tolist() == list(range(12))

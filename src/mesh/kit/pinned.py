@@ -14,6 +14,9 @@ import numpy as np
 import numpy.typing as npt
 
 MIN_BYTES = 1 << 20
+# Pinned memory is taken from the host for good; an image larger than this goes through pageable memory
+# (slower, but a rare 400 MB input does not pin 400 MB for the life of the process).
+MAX_BYTES = 64 << 20
 
 
 class PinnedBuffer:
@@ -24,8 +27,11 @@ class PinnedBuffer:
         self._memory: Any = None
         self._size = 0
 
-    def array(self, nbytes: int) -> npt.NDArray[np.uint8]:
-        """The buffer's first ``nbytes`` bytes, writable; the caller's until the next call."""
+    def array(self, nbytes: int) -> npt.NDArray[np.uint8] | None:
+        """The buffer's first ``nbytes`` bytes, writable, the caller's until the next call; None above
+        MAX_BYTES (copy from pageable memory then)."""
+        if nbytes > MAX_BYTES:
+            return None
         if self._memory is None or self._size < nbytes:
             self._size = max(nbytes, MIN_BYTES)
             self._memory = self._cupy.cuda.alloc_pinned_memory(self._size)

@@ -138,10 +138,14 @@ class ArrayBackend:
         staging = getattr(self._local, "staging", None)
         if staging is None:
             staging = self._local.staging = PinnedBuffer(self.xp)
-        staged = staging.array(image.nbytes).view(image.dtype).reshape(image.shape)
-        np.copyto(staged, image)
+        host = staging.array(image.nbytes)
         device = self.xp.empty(image.shape, dtype=image.dtype)
-        device.set(staged)
+        if host is None:  # too large to pin
+            device.set(image)
+        else:
+            staged = host.view(image.dtype).reshape(image.shape)
+            np.copyto(staged, image)
+            device.set(staged)
         self._local.last = (weakref.ref(image), device)
         return device
 
