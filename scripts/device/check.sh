@@ -9,12 +9,7 @@
 # runs only the steps named. On 2026-12-04 an H200 machine started in about 30 s; pytest-gpu took 40-70 s,
 # bench-image 7-11 s, bench-strip 23 s, bench-inference 25-36 s, eval 37 s; bench-gateway with every
 # operation did not finish in 100 s (its results print only at the end), so it now measures predict alone.
-set -uo pipefail
-OUT="${OUT:-/tmp/device-out}"
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH="/tmp/site:$PWD/src:$PWD" PYTHONUNBUFFERED=1 MESH_LOG_LEVEL=warning
+source "$(dirname "$0")/setup.sh"
 
 # STEPS (optional): the names of the steps to run, space-separated; all of them by default.
 step() {  # step NAME SECONDS COMMAND...: run with a limit, output to $OUT/NAME.txt, a summary line here

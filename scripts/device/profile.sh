@@ -4,12 +4,7 @@
 #   command: bash scripts/device/profile.sh      timeout_s: 240
 #   carry:   as for scripts/device/check.sh
 # KERNELS (optional): an ncu kernel-name regex, default the three above.
-set -uo pipefail
-OUT="${OUT:-/tmp/device-out}"
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH="/tmp/site:$PWD/src:$PWD" PYTHONUNBUFFERED=1 MESH_LOG_LEVEL=warning
+source "$(dirname "$0")/setup.sh"
 cat > /tmp/profile_kernels.py <<'PY'
 """One launch of each kernel under study on 4K frames (after a warm-up that compiles everything)."""
 import cupy
