@@ -62,7 +62,6 @@ class FakeModel:
     operations: frozenset[Operation] = frozenset({"predict", "precheck"})
     batches: list[tuple[Operation, int]] = field(default_factory=list)
     release: threading.Event | None = None
-    closed: bool = False
 
     def warm_up(self) -> None:
         if self.config.options.get("fail_warm_up"):
@@ -101,9 +100,6 @@ class FakeModel:
     def fill_response(self, output: object, response: pb.PredictResponse) -> None:
         assert isinstance(output, StripReading)
         response.strip_reading.CopyFrom(strip_reading_to_proto(output))
-
-    def close(self) -> None:
-        self.closed = True
 
 
 @dataclass

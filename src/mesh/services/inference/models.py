@@ -61,10 +61,6 @@ class Model(Protocol):
         """Write one output into the response's ``output``."""
         ...
 
-    def close(self) -> None:
-        """Release what the model holds beyond memory (worker processes); called once, on unload."""
-        ...
-
 
 ModelFactory: TypeAlias = Callable[["ModelConfig", DeviceName], Model]
 
@@ -98,9 +94,7 @@ def select_device(setting: str) -> DeviceName:
 class StripReaderModel:
     """The lateral-flow strip reader (``strip.reader.StripReader``) behind the model port.
 
-    It declares no request parameters (the reader's thresholds are calibrated, not per request). With the
-    option ``worker_processes: N`` (N >= 1), batches of two or more images are read by N reader processes
-    (:mod:`mesh.services.inference.reader_pool`); a lone image is read in the calling thread, with no hop.
+    It declares no request parameters (the reader's thresholds are calibrated, not per request).
     """
 
     operations: frozenset[Operation] = frozenset({"predict", "precheck"})
@@ -113,14 +107,6 @@ class StripReaderModel:
         self._reader = StripReader(config=None, device=device)
         self._device: DeviceName = device
         self._warm_up_shape = tuple(int(v) for v in config.options.get("warm_up_shape", (480, 640, 3)))
-        workers = int(config.options.get("worker_processes", 0))
-        if workers < 0:
-            raise ValueError(f"options.worker_processes must be 0 or more, got {workers}")
-        self._pool = None
-        if workers:
-            from mesh.services.inference.reader_pool import ReaderPool
-
-            self._pool = ReaderPool(workers, device)
 
     @property
     def platform(self) -> str:
@@ -134,22 +120,13 @@ class StripReaderModel:
         image = np.full(self._warm_up_shape, 200, dtype=np.uint8)
         self._reader.read_batch([image])
         self._reader.precheck(image)
-        if self._pool is not None:
-            self._pool.warm_up(image)
 
     def run_batch(
         self, operation: Operation, parameters: ResolvedParameters, images: Sequence[Pixels]
     ) -> Sequence[object]:
-        precheck = operation == "precheck"
-        if self._pool is not None and len(images) > 1:
-            return self._pool.read(images, precheck=precheck)
-        if precheck:
+        if operation == "precheck":
             return [self._reader.precheck(image) for image in images]
         return list(self._reader.read_batch(images))
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
 
     def fill_response(self, output: object, response: pb.PredictResponse) -> None:
         response.strip_reading.CopyFrom(strip_reading_to_proto(cast(ReadingLike, output)))

@@ -316,12 +316,10 @@ class ModelRepository:
         return model
 
     async def close(self) -> None:
-        """Stop every version's batching (queued requests get UNAVAILABLE), then release its model."""
+        """Stop every version's batching (queued requests get UNAVAILABLE)."""
         for version in self.versions():
             if version.scheduler is not None:
                 await version.scheduler.close()
-            if version.model is not None:
-                await asyncio.to_thread(version.model.close)
             version.state, version.reason = "UNAVAILABLE", "unloaded"
             version.stats.set_ready(False)
 
