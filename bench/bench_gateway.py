@@ -587,9 +587,6 @@ async def _measure(
 ) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     results.append(await _transport_floor(common))
-    unknown = sorted(set(MEASURED) - set(OPERATIONS))
-    if unknown:
-        raise ValueError(f"MESH_BENCH_GATEWAY_OPERATIONS: unknown {unknown}; the operations are {OPERATIONS}")
     for operation in MEASURED:
         calls = {"grpc": clients["on"].grpc[operation], "rest": clients["on"].rest[operation]}
         if operation in ("upload", "predict"):
@@ -667,6 +664,9 @@ async def _measure(
 
 def run() -> list[dict[str, Any]]:
     """Start the services and the gateway, measure, stop everything."""
+    unknown = sorted(set(MEASURED) - set(OPERATIONS))
+    if unknown:  # before any process starts
+        raise ValueError(f"MESH_BENCH_GATEWAY_OPERATIONS: unknown {unknown}; the operations are {OPERATIONS}")
     # The client gets the allocator tuning that the services and the gateway have: serialising a 1 MB gRPC
     # request would otherwise pay page faults that the REST client, which sends the bytes as they are, does
     # not, and the direct path would look slower than it is.
