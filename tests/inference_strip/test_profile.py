@@ -235,8 +235,9 @@ def test_a_strong_test_line_in_a_short_window_is_not_judged_against_its_own_side
     n = 80
     xs = np.arange(n, dtype=np.float32)
 
-    def line(centre: float, contrast: float) -> npt.NDArray[Any]:
-        return contrast * np.exp(-0.5 * ((xs - centre) / (4 / 2.355)) ** 2)
+    def line(centre: float, contrast: float) -> npt.NDArray[np.float32]:
+        shape: npt.NDArray[np.float32] = np.exp(-0.5 * ((xs - centre) / np.float32(4 / 2.355)) ** 2)
+        return np.float32(contrast) * shape
 
     snrs = []
     for seed in range(10):
