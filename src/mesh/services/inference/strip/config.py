@@ -25,8 +25,11 @@ class ReaderConfig:
     precheck_crop_length: int = 320
     """Crop length of the fast pre-check."""
 
-    min_object_fraction: float = 0.004
-    """Smallest strip, as a fraction of the (working) image area."""
+    min_object_area: float = 0.0025
+    """Smallest strip area, as a fraction of the (working) image's width squared: STRIP_READER.md puts a strip at
+    30 % of the width or more, so the least it covers does not shrink with a portrait picture's height (a bare
+    strip of aspect 0.06 at 30 % covers 0.0054 of it; as a fraction of the image area, 0.004 lost thin strips in
+    portrait pictures)."""
 
     noise_floor: float = 0.002
     """Smallest profile noise assumed (contrast units): clean PNGs would otherwise make any ripple 'significant'."""

@@ -55,13 +55,15 @@ def _local_max(feature: FloatImage, tiny: FloatImage, fraction: float) -> FloatI
     return cv2.resize(tiny, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
-def find_object(small: npt.NDArray[np.uint8], min_area_fraction: float) -> Placement | None:
-    """The most strip-like object in ``small`` (8-bit grey or RGB), or None."""
+def find_object(small: npt.NDArray[np.uint8], min_area: float) -> Placement | None:
+    """The most strip-like object in ``small`` (8-bit grey or RGB) covering at least ``min_area`` times the
+    image's width squared, or None."""
     feature = brightness(small)
     height, width = feature.shape
     tiny = cv2.resize(feature, (max(1, width // 4), max(1, height // 4)), interpolation=cv2.INTER_AREA)
     bright = float(np.percentile(tiny, 99.5))
     area_img = float(height * width)
+    least = min_area * width * width
     best: Placement | None = None
     close_w = max(3, int(0.025 * max(width, height)) | 1)
     close_kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (close_w, 3))
@@ -73,10 +75,15 @@ def find_object(small: npt.NDArray[np.uint8], min_area_fraction: float) -> Place
             mask: npt.NDArray[Any] = (relative >= level).astype(np.uint8)
             mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, close_kernel)
             mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, open_kernel)
-            contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-            for contour in contours:
+            # Every component's outer boundary, also of those inside another's hole: on an even background
+            # the whole frame passes a level, except a darker ring around the strip, which is then an
+            # island in that hole (only the outermost boundaries missed it).
+            contours, hierarchy = cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+            for contour, links in zip(contours, hierarchy[0] if hierarchy is not None else (), strict=True):
+                if links[3] >= 0:  # a hole's boundary, not an object's
+                    continue
                 area = float(cv2.contourArea(contour))
-                if area < min_area_fraction * area_img:
+                if area < least:
                     continue
                 candidate = _judge(np.asarray(contour), area, feature, area_img, bright)
                 if candidate is None:

@@ -133,7 +133,7 @@ class StripReader:
         height, width = image.shape[:2]
         factor = max(1, math.ceil(max(height, width) / cfg.work_size))
         small = self.backend.downscale(image, factor)
-        placement = find_object(small, cfg.min_object_fraction)
+        placement = find_object(small, cfg.min_object_area)
         if placement is None:
             return _not_found(precheck), Scores(found=False)
         geometry = _crop_geometry(placement, factor, crop_length)
