@@ -53,8 +53,8 @@ ACROSS_MARGIN = 0.12
 
 # T is searched this far left of C, as fractions of the window: the spacing is 20-35 %; on the train split
 # the measured spacing of clear positives spans 0.194-0.359. The near side keeps only 1.4 points of slack:
-# right beside C a JPEG smears C's colour over its 16-pixel chroma blocks, and of the 26 strongest false
-# test lines on 5926 train negatives, 6 lay at 0.16-0.175 (no T found on 2688 train positives did).
+# right beside C a JPEG smears C's colour over its 16-pixel chroma blocks, and of the 26 false test lines
+# over SNR 3.5 on 1975 train negatives, 6 lay at 0.16-0.175 (no T found on 1493 train positives did).
 T_ZONE = (0.18, 0.40)
 
 # C is searched here, as fractions of the window: the right half (flow runs left to right), but not the
