@@ -20,7 +20,8 @@ $(VENV)/bin/python:
 # buf (proto lint) comes from npm, pinned in package.json / package-lock.json.
 .stamp-npm: package.json package-lock.json
 	# `npm install` honours the lock; `npm ci` trips over buf's per-platform optional packages that this registry lacks.
-	npm install --no-audit --no-fund --loglevel=error
+	# --no-save keeps the lock as committed (without it, npm rewrites it with those packages on every fresh run).
+	npm install --no-save --no-audit --no-fund --loglevel=error
 	touch $@
 
 # Headless Chromium for the web page's browser tests, from Debian's packages (Playwright drives it).
