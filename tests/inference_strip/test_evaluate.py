@@ -59,14 +59,24 @@ def test_heldout_slice_meets_conservative_bounds() -> None:
 
 
 def test_calibrate_takes_each_threshold_from_its_own_class_draws() -> None:
-    """``calibrate(N)`` reads 3N train seeds drawn as negatives, N as invalid strips and N/2 as positives; T's
-    threshold is the negatives' 99.75th percentile plus a quarter, so it lies between their 99th and 99.8th
-    percentiles plus a quarter."""
+    """``calibrate(N)`` reads 3N train seeds drawn as negatives (half cassettes, half bare strips), N as invalid
+    strips and N/2 as positives; each T threshold (cassette window, bare strip) is its own negatives' 99.75th
+    percentile plus a quarter, so it lies between their 99th and 99.8th percentiles plus a quarter."""
     result = calibrate(6, workers=1)
-    assert result["images"] == {"negative": 18, "invalid": 6, "positive": 3}
-    negative = result["negative_t_snr_quantiles"]
-    assert negative is not None
+    images = result["images"]
+    assert images["negative"] == 18
+    assert (images["invalid"], images["positive"]) == (6, 3)
+    # Each negative with a C found is read either through a window or as a bare strip.
+    assert images["negative_framed"] >= 6
+    assert images["negative_bare"] >= 6
+    assert images["negative_framed"] + images["negative_bare"] <= 18
     assert result["invalid_c_snr_quantiles"] is not None
-    proposed = result["proposed"]["t_min_snr"]
-    assert negative["q990"] + 0.25 - 0.01 <= proposed <= negative["q998"] + 0.25 + 0.01
+    for key, name in (
+        ("negative_t_snr_quantiles", "t_min_snr"),
+        ("bare_negative_t_snr_quantiles", "t_min_snr_bare"),
+    ):
+        negative = result[key]
+        assert negative is not None
+        proposed = result["proposed"][name]
+        assert negative["q990"] + 0.25 - 0.01 <= proposed <= negative["q998"] + 0.25 + 0.01
     assert result["proposed"]["c_min_snr"] >= 6.0

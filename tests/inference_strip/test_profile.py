@@ -115,8 +115,36 @@ def test_ratio_is_right_when_t_sits_close_to_c_in_a_short_window() -> None:
 def test_control_line_is_not_taken_from_the_window_rim() -> None:
     """A dark line hugging the window's right end (its rim) is no C; the same line at 65 % is one."""
     reader = StripReader(ReaderConfig())
-    assert reader._lines(_profile(_window([(0.9, 0.3)], noise=0.004))).control is None
-    assert reader._lines(_profile(_window([(C_AT, 0.3)], noise=0.004))).control is not None
+    assert reader._lines(_profile(_window([(0.9, 0.3)], noise=0.004)), framed=True).control is None
+    assert reader._lines(_profile(_window([(C_AT, 0.3)], noise=0.004)), framed=True).control is not None
+
+
+def test_a_test_candidate_of_another_colour_than_c_is_discounted() -> None:
+    """A 3 % dip of the red channel alone where T belongs (a JPEG's chroma block shifts one colour; C absorbs
+    green most) counts for nothing; a T of C's colour and the same depth keeps its whole signal-to-noise ratio."""
+    off_colour = _window([(C_AT, 0.5)], noise=0.002)
+    xs = np.arange(LENGTH, dtype=np.float32)
+    off_colour[:, :, 0] *= 1 - 0.03 * np.exp(-0.5 * ((xs - T_AT * LENGTH) / (6.0 / 2.355)) ** 2)
+    profile = _profile(off_colour)
+    other = matched_test_line(profile, _control(profile), ZONE, noise_floor=0.002)
+    profile = _profile(_window([(C_AT, 0.5), (T_AT, 0.03)], noise=0.002))
+    alike = matched_test_line(profile, _control(profile), ZONE, noise_floor=0.002)
+    assert other is not None
+    assert alike is not None
+    assert other.colour_match == 0.0
+    assert other.snr == 0.0
+    assert abs(alike.index / LENGTH - T_AT) < 0.01
+    assert alike.colour_match > 0.95
+    assert alike.snr > 2 * ReaderConfig().t_min_snr
+
+
+def test_a_bare_strip_has_its_own_test_line_threshold() -> None:
+    """The same profile passes T through a cassette's window and not on a bare strip when only the bare
+    strip's threshold is out of reach."""
+    reader = StripReader(ReaderConfig(t_min_snr=1.0, t_min_snr_bare=1000.0))
+    profile = _profile(_window([(C_AT, 0.5), (T_AT, 0.03)], noise=0.002))
+    assert reader._lines(profile, framed=True).test is not None
+    assert reader._lines(profile, framed=False).test is None
 
 
 def _blocky(image: npt.NDArray[Any], bumps: list[tuple[int, float]]) -> npt.NDArray[Any]:
@@ -129,11 +157,11 @@ def _blocky(image: npt.NDArray[Any], bumps: list[tuple[int, float]]) -> npt.NDAr
 
 
 def test_heavy_tailed_block_levels_stay_under_the_threshold() -> None:
-    """Over 20 windows whose 8-px block columns have heavy-tailed levels (a JPEG's, shared by all rows, 0.15 %
-    typical), 19 make no false test line over the T threshold. The one that does (SNR 7.4 against 4.81) is a
-    block column 1 % darker between two 0.35 % brighter ones: as deep as a faint T, which a reader that
-    finds 1-2 % lines cannot tell from one; such rare strong blocks are why T's noise is the filter's RMS
-    output, which they raise."""
+    """Over 20 cassette windows whose 8-px block columns have heavy-tailed levels (a JPEG's, shared by all rows,
+    0.15 % typical), 18 make no false test line over the T threshold. The two that do (SNR 6.7 and 4.2 against
+    3.77) are single block columns 0.96 % and 0.81 % darker than their neighbours: as deep as a faint T, which a
+    reader that finds 1-2 % lines cannot tell from one (grey, they keep 0.9 of their ratio on a red C's
+    colour); such rare strong blocks are why T's noise is the filter's RMS output, which they raise."""
     snrs = []
     for seed in range(20):
         rng = np.random.default_rng(seed)
@@ -142,8 +170,8 @@ def test_heavy_tailed_block_levels_stay_under_the_threshold() -> None:
         test = matched_test_line(profile, _control(profile), ZONE, noise_floor=0.002)
         assert test is not None
         snrs.append(test.snr)
-    assert sum(snr >= ReaderConfig().t_min_snr for snr in snrs) == 1
-    assert max(snrs) < 1.6 * ReaderConfig().t_min_snr
+    assert sum(snr >= ReaderConfig().t_min_snr for snr in snrs) == 2
+    assert max(snrs) < 2 * ReaderConfig().t_min_snr
 
 
 def test_a_bare_strips_edge_rows_are_left_out() -> None:

@@ -1,9 +1,10 @@
 """Derives the line thresholds of :class:`ReaderConfig` from the TRAIN split only.
 
-``python -m mesh.services.inference.strip.calibrate [--count N]`` (default 2000) reads 3N train negatives, N train
-invalid strips and N/2 train positives (train seeds from 0, each drawn as that class) with thresholds opened wide,
-then picks, for T, the lowest signal-to-noise ratio that keeps false test lines on the negatives under 0.25 % and,
-for C, the one that keeps false control lines on the invalid strips under 0.25 %, each plus a quarter noise
+``python -m mesh.services.inference.strip.calibrate [--count N]`` (default 2000) reads 3N train negatives (half
+cassettes, half bare strips), N train invalid strips and N/2 train positives (train seeds from 0, each drawn as
+that class) with thresholds opened wide, then picks, for T, the lowest signal-to-noise ratio that keeps false test
+lines under 0.25 % of the negatives read through a cassette's window, and another for those read as bare strips,
+and, for C, the one that keeps false control lines on the invalid strips under 0.25 %, each plus a quarter noise
 unit. Drawing each class on its own puts five images above each tail quantile instead of the one or two that a
 split's natural mix (three tenths negatives) gives: thresholds from the mix moved by up to 0.7 between seed
 ranges. Negatives are drawn three times as many: even on 2000 of them, the T threshold moved from 4.56 to 6.05
@@ -21,7 +22,7 @@ import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -44,6 +45,8 @@ NEGATIVES_PER_COUNT = 3
 FALSE_C_RATE = 0.0025
 C_MARGIN = 0.25
 
+TestKind = Literal["cassette", "strip"]
+
 
 def calibrate(count: int, workers: int | None = None) -> dict[str, Any]:
     """Proposed thresholds and the score distributions behind them."""
@@ -54,44 +57,70 @@ def calibrate(count: int, workers: int | None = None) -> dict[str, Any]:
     with ProcessPoolExecutor(
         workers or os.cpu_count(), mp_context=context, initializer=cv2.setNumThreads, initargs=(1,)
     ) as pool:
-        negative_seeds = split_seeds("train", NEGATIVES_PER_COUNT * count)
-        negatives = [r for r in _read_as("negative", negative_seeds, pool) if r.reading.control_line.present]
+        negative_seeds = split_seeds("train", NEGATIVES_PER_COUNT * count // 2)
+        negatives = [
+            r
+            for kind in ("cassette", "strip")
+            for r in _read_as("negative", negative_seeds, pool, kind)
+            if r.reading.control_line.present
+        ]
         invalid = [r for r in _read_as("invalid", seeds, pool) if r.scores.found]
         positives = _read_as("positive", seeds[: count // 2], pool)
-    neg_t = np.array([r.scores.t_snr for r in negatives])
-    # The T threshold: above all but FALSE_T_RATE of the negatives' best T candidates, plus the margin.
-    t_snr = float(np.quantile(neg_t, 1 - FALSE_T_RATE)) + T_MARGIN if neg_t.size else ReaderConfig().t_min_snr
+    # The T thresholds: above all but FALSE_T_RATE of the negatives' best T candidates, plus the margin; one
+    # for a cassette's window and one for a bare strip, as the reader saw each (``framed``).
+    neg_t = np.array([r.scores.t_snr for r in negatives if r.scores.framed])
+    bare_t = np.array([r.scores.t_snr for r in negatives if not r.scores.framed])
+    t_snr = _tail(neg_t, FALSE_T_RATE, T_MARGIN, ReaderConfig().t_min_snr)
+    t_snr_bare = _tail(bare_t, FALSE_T_RATE, T_MARGIN, ReaderConfig().t_min_snr_bare)
     inv_c = np.array([r.scores.c_snr for r in invalid])
     valid_c = np.array([r.scores.c_snr for r in positives if r.scores.found])
-    c_snr = float(np.quantile(inv_c, 1 - FALSE_C_RATE)) + C_MARGIN if inv_c.size else ReaderConfig().c_min_snr
+    c_snr = _tail(inv_c, FALSE_C_RATE, C_MARGIN, ReaderConfig().c_min_snr)
     positives = [r for r in positives if r.reading.control_line.present]
     found_at = {}
     for lo, hi in ((0.01, 0.02), (0.02, 0.03), (0.03, 0.04), (0.04, 0.06), (0.06, 1.0)):
-        group = [r.scores.t_snr for r in positives if lo <= r.truth.test_line.contrast < hi]
-        found_at[f"{lo}-{hi}"] = (
-            {"count": len(group), "found": int(sum(1 for v in group if v >= t_snr))} if group else None
-        )
+        group = [
+            r.scores.t_snr >= (t_snr if r.scores.framed else t_snr_bare)
+            for r in positives
+            if lo <= r.truth.test_line.contrast < hi
+        ]
+        found_at[f"{lo}-{hi}"] = {"count": len(group), "found": sum(group)} if group else None
     return {
         "split": "train",
-        "images": {"negative": len(negative_seeds), "invalid": len(seeds), "positive": count // 2},
-        "proposed": {"t_min_snr": round(t_snr, 2), "c_min_snr": round(max(c_snr, 6.0), 2)},
+        "images": {
+            "negative": 2 * len(negative_seeds),
+            "negative_framed": int(neg_t.size),
+            "negative_bare": int(bare_t.size),
+            "invalid": len(seeds),
+            "positive": count // 2,
+        },
+        "proposed": {
+            "t_min_snr": round(t_snr, 2),
+            "t_min_snr_bare": round(t_snr_bare, 2),
+            "c_min_snr": round(max(c_snr, 6.0), 2),
+        },
         "negative_t_snr_quantiles": _quantiles(neg_t),
+        "bare_negative_t_snr_quantiles": _quantiles(bare_t),
         "invalid_c_snr_quantiles": _quantiles(inv_c),
         "valid_c_snr_quantiles": _quantiles(valid_c),
         "positives_found_with_proposal": found_at,
     }
 
 
-_WIDE_READER = StripReader(replace(ReaderConfig(), t_min_snr=0.0, t_min_intensity=0.0))
+def _tail(values: npt.NDArray[Any], rate: float, margin: float, default: float) -> float:
+    """The value that all but ``rate`` of ``values`` stay under, plus ``margin``."""
+    return float(np.quantile(values, 1 - rate)) + margin if values.size else default
 
 
-def _read_one(seed: int, cls: str) -> Record:
-    return read_sample(_WIDE_READER, generate_with(seed, Overrides(cls=cls)))
+_WIDE_READER = StripReader(replace(ReaderConfig(), t_min_snr=0.0, t_min_snr_bare=0.0, t_min_intensity=0.0))
 
 
-def _read_as(cls: str, seeds: range, pool: ProcessPoolExecutor) -> list[Record]:
-    """Every seed drawn as ``cls`` and read with the thresholds opened wide."""
-    return list(pool.map(_read_one, seeds, [cls] * len(seeds), chunksize=16))
+def _read_one(seed: int, cls: str, kind: TestKind | None) -> Record:
+    return read_sample(_WIDE_READER, generate_with(seed, Overrides(cls=cls, kind=kind)))
+
+
+def _read_as(cls: str, seeds: range, pool: ProcessPoolExecutor, kind: TestKind | None = None) -> list[Record]:
+    """Every seed drawn as ``cls`` (and as ``kind`` of test, where given), read with the thresholds opened wide."""
+    return list(pool.map(_read_one, seeds, [cls] * len(seeds), [kind] * len(seeds), chunksize=16))
 
 
 def _quantiles(values: npt.NDArray[Any]) -> dict[str, float] | None:

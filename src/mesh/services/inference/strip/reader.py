@@ -4,8 +4,10 @@
 2. Resample a rotated crop of the strip from the full image, flow axis horizontal (``backend``).
 3. Find the read window in it and build the background-corrected profile (``profile``).
 4. C is the strongest line in the window's right half, short of its rim (flow runs left to right); T is the
-   strongest response of a C-shaped, C-coloured matched filter at the expected spacing left of C. A line counts when its contrast and its signal-to-noise ratio pass
-   thresholds calibrated on the train split. No strip, or no C, is INVALID: the reader never says POSITIVE or
+   strongest response of a C-shaped, C-coloured matched filter at the expected spacing left of C, its
+   signal-to-noise ratio discounted where its own colour differs from C's. A line counts when its contrast and
+   its signal-to-noise ratio pass thresholds calibrated on the train split (T's has one value for a
+   cassette's window and one for a bare strip, whose false lines run higher). No strip, or no C, is INVALID: the reader never says POSITIVE or
    NEGATIVE without having found a strip.
 
 The pre-check runs the same steps on a smaller crop and stops at the quality verdict; its answer carries
@@ -148,7 +150,7 @@ class StripReader:
         grey = crop if crop.ndim == 2 else cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)
         box = find_window(grey, margin)
         profile = window_profile(crop, box, self.config.noise_floor)
-        lines = self._lines(profile)
+        lines = self._lines(profile, box.framed)
         flags = self._quality(grey, margin, geometry, image_width, profile)
         c, t = lines.strongest_c_candidate, lines.test_candidate
         scores = Scores(
@@ -161,7 +163,7 @@ class StripReader:
         )
         return self._reading(lines, profile, box, geometry, flags, precheck), scores
 
-    def _lines(self, profile: Profile) -> _Lines:
+    def _lines(self, profile: Profile, framed: bool) -> _Lines:
         cfg = self.config
         n = float(profile.signal.size)
         right = [p for p in profile.peaks if C_ZONE[0] <= p.index / n <= C_ZONE[1]]
@@ -187,7 +189,7 @@ class StripReader:
         if (
             t_candidate is not None
             and t_candidate.height >= cfg.t_min_intensity
-            and t_candidate.snr >= cfg.t_min_snr
+            and t_candidate.snr >= cfg.t_snr_threshold(framed)
         ):
             test = t_candidate
         return _Lines(
@@ -268,7 +270,7 @@ class StripReader:
             verdict = Verdict.POSITIVE if lines.test is not None else Verdict.NEGATIVE
             c_conf = _sigmoid((lines.control.snr - cfg.c_min_snr) / 2.0)
             t_snr = lines.test_candidate.snr if lines.test_candidate is not None else 0.0
-            t_conf = _sigmoid(abs(t_snr - cfg.t_min_snr) / 1.0 + 0.5)
+            t_conf = _sigmoid(abs(t_snr - cfg.t_snr_threshold(box.framed)) / 1.0 + 0.5)
             confidence = _clamp(c_conf * t_conf)
             ratio = (
                 test.intensity / control.intensity
