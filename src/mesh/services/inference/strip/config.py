@@ -54,9 +54,10 @@ class ReaderConfig:
 
     t_min_snr_bare: float = 5.18
     """... or this one on a bare strip, whose false test lines run higher (calibrated on the train split): its
-    window is the strip's whole width, a few rows across in a small picture, and its edges catch the
-    background, so the noise measured beside the lines understates what makes false lines there. On train
-    negatives the best false candidate's 99.5th percentile was 5.07 on bare strips and 3.36 in windows."""
+    window is the strip's whole width, a few rows across in a small picture, and JPEG blocks and the curvature
+    of shadows and light across it make false lines that the noise measured beside the lines does not show. On
+    train negatives (seeds 0-3999, before the colour match) the best false candidate's 99.5th percentile was
+    5.07 on bare strips and 3.36 in windows."""
 
     def t_snr_threshold(self, framed: bool) -> float:
         """The test line's signal-to-noise threshold for a cassette's window (``framed``) or a bare strip."""
