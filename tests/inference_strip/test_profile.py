@@ -21,6 +21,7 @@ from mesh.services.inference.strip.reader import StripReader
 
 MEMBRANE = np.array([0.93, 0.91, 0.86], np.float32)
 RED = np.array([0.35, 1.0, 0.6], np.float32)
+BLUE_LINE = np.array([1.0, 0.7, 0.2], np.float32)
 LENGTH, HEIGHT = 300, 60
 C_AT, T_AT = 0.65, 0.37
 ZONE = (C_AT - 0.4, C_AT - 0.16)
@@ -34,6 +35,7 @@ def _window(
     step_at: float | None = None,
     length: int = LENGTH,
     penumbra_at: float | None = None,
+    colour: npt.NDArray[np.float32] = RED,
 ) -> npt.NDArray[Any]:
     """A membrane-coloured window; each line (position as a fraction, contrast) drifts ``slope`` px per row."""
     rows = np.arange(HEIGHT, dtype=np.float32)[:, None]
@@ -42,7 +44,7 @@ def _window(
     for position, contrast in lines:
         centre = position * length + slope * (rows - (HEIGHT - 1) / 2)
         shape = np.exp(-0.5 * ((xs - centre) / (width / 2.355)) ** 2)
-        image *= (1 - contrast * shape)[:, :, None] * RED + (1 - RED)
+        image *= (1 - contrast * shape)[:, :, None] * colour + (1 - colour)
     if step_at is not None:
         # A shadow edge across the window: everything right of it 6 % darker, with a soft edge.
         image *= (1 - 0.06 / (1 + np.exp(-(xs - step_at * length) / 1.5)))[:, :, None]
@@ -136,6 +138,21 @@ def test_a_test_candidate_of_another_colour_than_c_is_discounted() -> None:
     assert abs(alike.index / LENGTH - T_AT) < 0.01
     assert alike.colour_match > 0.95
     assert alike.snr > 2 * ReaderConfig().t_min_snr
+
+
+def test_a_clipped_channel_does_not_spoil_the_colour_match() -> None:
+    """Red clipped on a bright membrane: a 50 % blue C still darkens red, a 4 % T hardly does, so over all
+    channels T's colour differs from C's (its ratio fell to 0); over the unclipped ones it matches, and T passes
+    both thresholds."""
+    image = _window([(C_AT, 0.5), (T_AT, 0.04)], noise=0.002, colour=BLUE_LINE)
+    image[:, :, 0] = np.clip(image[:, :, 0] * 1.12, 0, 1)
+    profile = _profile(image)
+    assert profile.membrane_level[0] >= 0.99
+    test = matched_test_line(profile, _control(profile), ZONE, noise_floor=0.002)
+    assert test is not None
+    assert abs(test.index / LENGTH - T_AT) < 0.01
+    assert test.colour_match > 0.95
+    assert test.snr > ReaderConfig().t_min_snr_bare
 
 
 def test_a_bare_strip_has_its_own_test_line_threshold() -> None:
@@ -279,6 +296,7 @@ def test_a_strong_test_line_in_a_short_window_is_not_judged_against_its_own_side
             peaks=(control,),
             absorb=np.outer(signal, RED).astype(np.float32),
             split_noise=np.zeros((n, 3), np.float32),
+            membrane_level=MEMBRANE,
         )
         test = matched_test_line(profile, control, (0.65 - 0.4, 0.65 - 0.16), noise_floor=0.002)
         assert test is not None

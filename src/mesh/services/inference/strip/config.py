@@ -5,8 +5,8 @@ mesh.services.inference.strip.calibrate --count 2000`` proposed (train seeds 0-2
 cassettes and once as bare strips, and 0-1999 as invalid strips): the 99.75th percentile of the best false
 candidate's signal-to-noise ratio on the negatives read through a cassette's window, on those read as bare strips
 (for T) and on the invalid strips (for C), plus a quarter. They were last derived (2026-12-04, third session) for
-the reader that discounts a test line of another colour than C's (before: one T threshold, 5.11, from 6000
-negatives in the natural mix of kinds, and C 10.25)."""
+the reader that discounts a test line of another colour than C's over the unclipped channels (before: one T
+threshold, 5.11, from 6000 negatives in the natural mix of kinds, and C 10.25)."""
 
 from __future__ import annotations
 
