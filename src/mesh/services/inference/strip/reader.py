@@ -7,8 +7,8 @@
    strongest response of a C-shaped, C-coloured matched filter at the expected spacing left of C, its
    signal-to-noise ratio discounted where its own colour differs from C's. A line counts when its contrast and
    its signal-to-noise ratio pass thresholds calibrated on the train split (T's has one value for a
-   cassette's window and one for a bare strip, whose false lines run higher). No strip, or no C, is INVALID: the reader never says POSITIVE or
-   NEGATIVE without having found a strip.
+   cassette's window and one for a bare strip, whose false lines run higher). No strip, or no C, is INVALID:
+   the reader never says POSITIVE or NEGATIVE without having found a strip.
 
 The pre-check runs the same steps on a smaller crop and stops at the quality verdict; its answer carries
 ``precheck_only=True``.
