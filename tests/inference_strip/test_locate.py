@@ -46,3 +46,19 @@ def test_a_thin_strip_in_a_portrait_picture_is_found() -> None:
     assert abs(placement.center_x - 124) < 3
     assert abs(placement.center_y - 221) < 3
     assert 65 < placement.length < 85
+
+
+def test_a_grey_box_larger_than_the_strip_does_not_win() -> None:
+    """A grey box on a dark table, larger than a thin bare strip and as filled and contrasted against its own
+    surroundings, lost to the strip only through brightness: the box is half as bright as the strip. (Before
+    brightness counted in the score, the box won: train seeds 807 and 848 read INVALID that way.)"""
+    image = _scene(400, 300, 150, 10, background=0.12).astype(np.float32) / 255
+    # The strip lies at the centre; the box up and to the left of it.
+    box = cv2.boxPoints(((95, 70), (100, 40), 20.0))
+    cv2.fillConvexPoly(image, np.round(box).astype(np.int32), 0.42, cv2.LINE_AA)
+    placement = find_object(
+        np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8), ReaderConfig().min_object_area
+    )
+    assert placement is not None
+    assert abs(placement.center_x - 200) < 3
+    assert abs(placement.center_y - 150) < 3

