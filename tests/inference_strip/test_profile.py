@@ -275,6 +275,23 @@ def test_a_bare_strip_whose_wick_does_not_show_takes_its_window_from_the_strips_
     assert 0.5 < (230 - box.x0) / (box.x1 - box.x0) < 0.82
 
 
+def test_a_shadow_edge_at_c_is_not_taken_for_the_wick() -> None:
+    """The light falls off right at C (a shadow's edge): the closing fills C only up to its lower shoulder, so
+    the envelope steps down at C's left edge, more than at the wick's border. The window still ends at the
+    wick, and C lies inside it."""
+    rng = np.random.default_rng(14)
+    rows, length = 40, 400
+    grey = np.full((rows, length), 0.8, np.float32)
+    grey[:, :100] *= 0.8  # the sample pad
+    grey[:, 234:] *= 0.75  # the shadow, from C's right edge on
+    grey[:, 300:] *= 0.85  # the wick
+    grey[:, 226:234] *= 0.6  # C
+    grey += rng.normal(0, 0.004, grey.shape).astype(np.float32)
+    box = find_window(grey, across_margin=0.0)
+    assert abs(box.x0 - 100) < 5
+    assert abs(box.x1 - 300) < 8
+
+
 def test_a_membrane_step_just_past_the_search_zone_is_still_found() -> None:
     """When the pad is long for its crop (its step to the membrane lies at 44 % of the strip, past the zone
     the step is searched in), the step is still found at its peak, not at the zone's edge nor at the

@@ -5,8 +5,9 @@ mesh.services.inference.strip.calibrate --count 2000`` proposed (train seeds 0-2
 cassettes and once as bare strips, and 0-1999 as invalid strips): the 99.75th percentile of the best false
 candidate's signal-to-noise ratio on the negatives read through a cassette's window, on those read as bare strips
 (for T) and on the invalid strips (for C), plus a quarter. They were last derived (2026-12-04, fourth session) for
-the reader whose locator weighs brightness and whose bare-strip window falls back on the strip's proportions
-(before: 3.77, 5.18 and 10.24, for the reader that first discounted a test line of another colour than C's)."""
+the reader whose locator weighs brightness and whose bare-strip window falls back on the strip's proportions and
+passes over a step just before a line; the run before the last of these changes proposed the same values (before:
+3.77, 5.18 and 10.24, for the reader that first discounted a test line of another colour than C's)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ The crop has the flow axis horizontal, sample end left. A cassette's read window
 edge: the window's top and bottom borders are the strongest horizontal edges in the crop, and lines (vertical)
 add nothing to them; the columns over which both borders are strong give the window's length. A bare strip
 has no such borders; its membrane lies between the sample pad and the wick, found as the sharpest steps of
-the profile's upper envelope.
+the profile's upper envelope (or, where a step does not show, from the pads' fibres or the strip's usual
+proportions).
 
 The profile averages the window's rows (all but a tenth at each border) per channel, after shearing the rows
 so that the strongest line stands upright (perspective and a slightly wrong angle tilt lines by up to several
@@ -470,6 +471,12 @@ def _longest_run(flags: npt.NDArray[np.bool_]) -> tuple[int, int] | None:
     return int(starts[i]), int(ends[i])
 
 
+# A line this deep under the envelope (and six times the profile's spread) is a line, not a step's noise: C,
+# whose edge a falling light made look like the wick's border (0.04 passed over one or two true borders more on
+# train bare strips).
+LINE_DEPTH = 0.08
+
+
 def _membrane_span(mean_profile: FloatArray, lo: int, hi: int) -> tuple[float, float]:
     """Sample pad / membrane and membrane / wick borders of a bare strip whose columns ``lo .. hi`` show the
     strip: the sharpest envelope steps (``lo`` and ``hi`` where none shows)."""
@@ -491,10 +498,30 @@ def _membrane_span(mean_profile: FloatArray, lo: int, hi: int) -> tuple[float, f
     if left is not None:
         x0 = float(left)
     # The membrane is at least a quarter of the strip long.
-    right = _strongest_step(-slope, int(x0 + 0.25 * length) - slack, min(n, lo + int(0.92 * length)), least)
+    stop = min(n, lo + int(0.92 * length))
+    # Where the light falls off across C (a shadow's edge, a gradient), the closing fills C only up to its
+    # lower, right shoulder, so the envelope steps down at C's left edge, and C was taken for the wick's border.
+    # The wick never begins just before a line, so such a step is passed over.
+    slope_down = np.where(_line_ahead(mean_profile, envelope, lo, hi, int(0.05 * length) + 1), 0.0, -slope)
+    right = _strongest_step(slope_down, int(x0 + 0.25 * length) - slack, stop, least)
     if right is not None:
         x1 = float(right)
     return x0, x1
+
+
+def _line_ahead(
+    profile: FloatArray, envelope: FloatArray, lo: int, hi: int, reach: int
+) -> npt.NDArray[np.bool_]:
+    """Whether a strong line (a dip under the envelope of LINE_DEPTH, or six times the profile's spread
+    beneath it if that is more) lies within ``reach`` samples after each sample."""
+    ratio = profile / np.maximum(envelope, 1e-3)
+    inner = ratio[lo:hi] if hi - lo > 8 else ratio
+    spread = 1.4826 * float(np.median(np.abs(inner - np.median(inner))))
+    deep = (1.0 - ratio > max(LINE_DEPTH, 6.0 * spread)).astype(np.uint8)
+    ahead = np.concatenate([deep[1:], np.zeros(reach, np.uint8)]).reshape(1, -1)
+    # A dilation anchored at the kernel's start: the maximum over the ``reach`` samples from each one on.
+    found = cv2.dilate(ahead, np.ones((1, reach), np.uint8), anchor=(0, 0)).ravel()[: profile.size]
+    return np.asarray(found > 0)
 
 
 def _strongest_step(slope: FloatArray, start: int, stop: int, least: float) -> int | None:
