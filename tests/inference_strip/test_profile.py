@@ -290,6 +290,7 @@ def test_a_shadow_edge_at_c_is_not_taken_for_the_wick() -> None:
     box = find_window(grey, across_margin=0.0)
     assert abs(box.x0 - 100) < 5
     assert abs(box.x1 - 300) < 8
+    assert 0.5 < (230 - box.x0) / (box.x1 - box.x0) < 0.82
 
 
 def test_a_membrane_step_just_past_the_search_zone_is_still_found() -> None:

@@ -294,7 +294,7 @@ def find_window(grey: FloatArray, across_margin: float) -> WindowBox:
         # A shadow or a light gradient can hide a brightness step; the pads' fibres still show.
         x0, x1 = _fibre_span(band, x0, x1, lo, hi)
     # Where neither brightness nor texture shows an end, the strip's proportions place it: the whole strip as
-    # the window put the wick's edge in C's place and C in T's (false test lines of SNR 30-60 on train negatives).
+    # the window put the wick's edge in C's place and C in T's (false test lines of SNR 14-63 on train negatives).
     length = hi - lo
     if x1 >= hi:
         x1 = min(float(hi), x0 + (MEMBRANE_SHARE if x0 > lo else MEMBRANE_SHARE + PAD_SHARE) * length)
