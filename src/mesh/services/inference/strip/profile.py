@@ -161,9 +161,18 @@ def matched_test_line(
     reach_c = half + flank
     c_amp = _refined_max(response, ci, max(1, half // 2))
     # For T, C is bridged over by a straight line between its sides: in a short window C would otherwise
-    # sit in the flanks of a T candidate and take away from its response.
+    # sit in the flanks of a T candidate and take away from its response. The filter runs once per channel:
+    # the projection's response is their weighted sum (filter and bridge are linear), and the colour check
+    # reads the channels' own.
+    channels = np.stack(
+        [
+            np.correlate(_bridge(absorb[:, c].astype(np.float64), lo, hi), zero_mean, mode="same") / gain
+            for c in range(absorb.shape[1])
+        ],
+        axis=1,
+    )
+    response = (channels @ weights) / float(weights @ weights)
     bridged = _bridge(projected, lo, hi)
-    response = np.correlate(bridged, zero_mean, mode="same") / gain
     if c_amp <= 0:
         return None
     # The window's rim, smeared by the filter, stays out of both the search and the noise estimate.
@@ -200,7 +209,7 @@ def matched_test_line(
         # of deviations passes over and the split-half difference does not hold.
         noise = max(noise, float(np.sqrt(np.mean((rest - float(np.median(rest))) ** 2))))
     amplitude = _refined_max(response, j, 1) - centre
-    match = _colour_match(profile, colour, (lo, hi), zero_mean, gain, j, keep)
+    match = _colour_match(profile, colour, channels, j, keep)
     snr = amplitude / noise * match
     # T's strength in C's contrast: both come out of the same filter, so their ratio compares like with like.
     return MatchedLine(
@@ -223,26 +232,21 @@ CLIPPED_LEVEL = 0.96
 def _colour_match(
     profile: Profile,
     colour: FloatArray,
-    control: tuple[int, int],
-    zero_mean: FloatArray,
-    gain: float,
+    channels: FloatArray,
     j: int,
     keep: npt.NDArray[np.bool_],
 ) -> float:
-    """How well the test candidate at ``j`` has C's colour, 0..1, over the channels that are not clipped (1 where
-    fewer than two remain: one channel, grey, says nothing about colour)."""
+    """How well the test candidate at ``j`` has C's colour, 0..1, from the filter's response per channel
+    (``channels``, (n, channels)) over the channels that are not clipped (1 where fewer than two remain: one
+    channel, grey, says nothing about colour)."""
     levels = profile.membrane_level
     usable = [c for c in range(levels.size) if levels[c] < CLIPPED_LEVEL]
     if len(usable) < 2:
         return 1.0
-    lo, hi = control
+    filtered = channels[:, usable]
+    centre = np.median(filtered[keep], axis=0) if keep.sum() >= 8 else np.zeros(len(usable))
+    response = filtered[j] - centre
     colour = colour[usable]
-    response = np.empty(len(usable))
-    for i, c in enumerate(usable):
-        bridged = _bridge(profile.absorb[:, c].astype(np.float64), lo, hi)
-        filtered = np.correlate(bridged, zero_mean, mode="same") / gain
-        centre = float(np.median(filtered[keep])) if keep.sum() >= 8 else 0.0
-        response[i] = float(filtered[j]) - centre
     norm = float(np.linalg.norm(response) * np.linalg.norm(colour))
     if norm <= 0:
         return 0.0
