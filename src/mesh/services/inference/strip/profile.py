@@ -198,7 +198,7 @@ def matched_test_line(
     keep[:margin] = False
     keep[n - margin :] = False
     inner = split_response[keep] if keep.sum() >= 8 else split_response[margin : max(margin + 1, n - margin)]
-    noise = max(noise_floor, 1.4826 * float(np.median(np.abs(inner - np.median(inner)))))
+    noise = max(noise_floor, _robust_sigma(inner))
     centre = 0.0
     if keep.sum() >= 8:
         centre = float(np.median(response[keep]))
@@ -252,6 +252,12 @@ def _colour_match(
         return 0.0
     cosine = max(0.0, float(response @ colour)) / norm
     return min(1.0, max(0.0, (cosine - COLOUR_NONE) / (COLOUR_FULL - COLOUR_NONE)))
+
+
+def _robust_sigma(values: FloatArray) -> float:
+    """The standard deviation that the median absolute deviation implies for Gaussian noise: lines and steps,
+    a few samples among many, do not raise it."""
+    return 1.4826 * float(np.median(np.abs(values - np.median(values))))
 
 
 def _bridge(values: FloatArray, lo: int, hi: int) -> FloatArray:
@@ -520,7 +526,7 @@ def _line_ahead(
     beneath it if that is more) lies within ``reach`` samples after each sample."""
     ratio = profile / np.maximum(envelope, 1e-3)
     inner = ratio[lo:hi] if hi - lo > 8 else ratio
-    spread = 1.4826 * float(np.median(np.abs(inner - np.median(inner))))
+    spread = _robust_sigma(inner)
     deep = (1.0 - ratio > max(LINE_DEPTH, 6.0 * spread)).astype(np.uint8)
     ahead = np.concatenate([deep[1:], np.zeros(reach, np.uint8)]).reshape(1, -1)
     # A dilation anchored at the kernel's start: the maximum over the ``reach`` samples from each one on.
@@ -595,8 +601,7 @@ def window_profile(crop: FloatArray, box: WindowBox, noise_floor: float, margin:
     # The window's own rim must not count as a line: skip a few pixels more than the margin at each end.
     lo, hi = edge, n - edge
     core = signal[lo:hi] if hi - lo > 8 else signal
-    med = float(np.median(core))
-    noise = max(noise_floor, 1.4826 * float(np.median(np.abs(core - med))))
+    noise = max(noise_floor, _robust_sigma(core))
     peaks = _peaks(signal, absorb, noise, lo, hi)
     split = _split_difference(band, env)
     return Profile(
@@ -694,7 +699,7 @@ def _line_slope(band: FloatArray, absorb: FloatArray, env: FloatArray, edge: int
     i = edge + int(np.argmax(signal[edge : n - edge]))
     top = float(signal[i])
     core = signal[edge : n - edge]
-    spread = 1.4826 * float(np.median(np.abs(core - np.median(core)))) + 1e-4
+    spread = _robust_sigma(core) + 1e-4
     if top < 0.03 or top < 15 * spread:
         return 0.0
     channel = int(np.argmax(absorb[i]))
