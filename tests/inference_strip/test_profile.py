@@ -14,6 +14,7 @@ from mesh.services.inference.strip.profile import (
     Peak,
     Profile,
     WindowBox,
+    _refined_max,
     find_window,
     matched_test_line,
     window_profile,
@@ -338,3 +339,48 @@ def test_a_strong_test_line_in_a_short_window_is_not_judged_against_its_own_side
         assert abs(test.index - 32) <= 1
         snrs.append(test.snr)
     assert min(snrs) > 35
+
+
+def test_a_slanted_rim_beside_c_does_not_shear_the_window() -> None:
+    """In a small window (10 rows, 35 px) a shaded rim just inside its end, darker than C and slanting 0.3 to
+    0.5 px per row, neither is the line the rows are stood upright by nor pulls C's measured slant its way:
+    C keeps its depth (before, it read 0.64 of it at 0.3, a third at 0.5, or was lost)."""
+    rows, length = 10, 35
+    ys = np.arange(rows, dtype=np.float32)[:, None] - (rows - 1) / 2
+    xs = np.arange(length, dtype=np.float32)[None, :]
+    line = np.exp(-0.5 * ((xs - 0.6 * length) / 0.8) ** 2)
+    plain = np.ones((rows, length, 3), np.float32) * MEMBRANE * (1 - 0.1 * line)[:, :, None]
+    reader = StripReader(ReaderConfig())
+    box = WindowBox(0.0, 0.0, float(length), float(rows), framed=True)
+    upright = reader._lines(window_profile(plain, box, 0.002), framed=True).control
+    assert upright is not None
+    for centre, slant in ((31.0, 0.3), (31.0, 0.5), (29.0, 0.4)):
+        rim = np.exp(-0.5 * ((xs - (centre + slant * ys)) / 0.8) ** 2)
+        control = reader._lines(
+            window_profile(plain * (1 - 0.25 * rim)[:, :, None], box, 0.002), True
+        ).control
+        assert control is not None
+        assert abs(control.index - upright.index) < 0.5
+        assert control.height > 0.95 * upright.height
+
+
+def test_the_peak_refinement_does_not_extrapolate_off_a_slope() -> None:
+    """Where the largest sample within reach is no local maximum (a slope that bends down), it is the answer:
+    the parabola through 0.55, 0.45, 0.34 has its vertex beyond the samples, at 1.0."""
+    values = np.array([0.55, 0.45, 0.34, 0.2])
+    assert _refined_max(values, 2, 1) == 0.45
+    peaked = np.array([0.1, 0.5, 0.6, 0.5, 0.1])
+    assert _refined_max(peaked, 2, 1) == 0.6
+
+
+def test_a_third_clear_line_does_not_bury_t_in_noise() -> None:
+    """A strong band far left of the T zone (a pad's edge in a window that runs too far) stays out of T's
+    noise: a 3 % T beside it is found as clearly as without it."""
+    alone = _profile(_window([(C_AT, 0.5), (T_AT, 0.03)], noise=0.004))
+    crowded = _profile(_window([(C_AT, 0.5), (T_AT, 0.03), (0.1, 0.2)], noise=0.004))
+    test_alone = matched_test_line(alone, _control(alone), ZONE, noise_floor=0.002)
+    test_crowded = matched_test_line(crowded, _control(crowded), ZONE, noise_floor=0.002)
+    assert test_alone is not None
+    assert test_crowded is not None
+    assert abs(test_crowded.index / LENGTH - T_AT) < 0.01
+    assert test_crowded.snr > 0.8 * test_alone.snr

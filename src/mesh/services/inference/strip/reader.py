@@ -29,6 +29,8 @@ from mesh.services.inference.strip.backend import Backend, CpuBackend, CropGeome
 from mesh.services.inference.strip.config import ReaderConfig
 from mesh.services.inference.strip.locate import Placement, find_object
 from mesh.services.inference.strip.profile import (
+    C_ZONE,
+    T_ZONE,
     MatchedLine,
     Peak,
     Profile,
@@ -51,18 +53,6 @@ FloatImage = npt.NDArray[Any]  # OpenCV returns loosely typed arrays
 
 # Across the strip, the crop keeps this much of the strip's width as margin on each side.
 ACROSS_MARGIN = 0.12
-
-
-# T is searched this far left of C, as fractions of the window: the spacing is 20-35 %; on the train split
-# the measured spacing of clear positives spans 0.194-0.359. The near side keeps only 1.4 points of slack:
-# right beside C a JPEG smears C's colour over its 16-pixel chroma blocks, and of the 26 false test lines
-# over SNR 3.5 on 1975 train negatives, 6 lay at 0.16-0.175 (no T found on 1493 train positives did).
-T_ZONE = (0.18, 0.40)
-
-# C is searched here, as fractions of the window: the right half (flow runs left to right), but not the
-# window's right rim, whose shading made the strongest false control lines on invalid strips. On the train
-# split, 99.9 % of clear control lines lie at 0.53-0.79.
-C_ZONE = (0.5, 0.82)
 
 
 @dataclass(frozen=True)
