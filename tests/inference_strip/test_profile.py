@@ -14,6 +14,7 @@ from mesh.services.inference.strip.profile import (
     Peak,
     Profile,
     WindowBox,
+    _membrane_rows,
     _refined_max,
     find_window,
     matched_test_line,
@@ -178,7 +179,7 @@ def _blocky(image: npt.NDArray[Any], bumps: list[tuple[int, float]]) -> npt.NDAr
 def test_heavy_tailed_block_levels_stay_under_the_threshold() -> None:
     """Over 20 cassette windows whose 8-px block columns have heavy-tailed levels (a JPEG's, shared by all rows,
     0.15 % typical), 18 make no false test line over the T threshold. The two that do (SNR 6.7 and 4.2 against
-    3.74) are single block columns 0.96 % and 0.81 % darker than their neighbours: as deep as a faint T, which a
+    3.70) are single block columns 0.96 % and 0.81 % darker than their neighbours: as deep as a faint T, which a
     reader that finds 1-2 % lines cannot tell from one (grey, they keep 0.9 of their ratio on a red C's
     colour); such rare strong blocks are why T's noise is the filter's RMS output, which they raise."""
     snrs = []
@@ -384,3 +385,23 @@ def test_a_third_clear_line_does_not_bury_t_in_noise() -> None:
     assert test_crowded is not None
     assert abs(test_crowded.index / LENGTH - T_AT) < 0.01
     assert test_crowded.snr > 0.8 * test_alone.snr
+
+
+def test_a_bare_strips_rows_are_chosen_by_brightness() -> None:
+    """A bare strip's box that runs onto the background above the strip: the rows averaged are the strip's
+    own, all but one at each end, where a fixed trim both took in background and left out membrane."""
+    image = _window([(C_AT, 0.5)], noise=0.003)
+    image[:15] = 0.25  # background: the box's top quarter
+    box = WindowBox(0.0, 0.0, float(LENGTH), float(HEIGHT), framed=False)
+    first, stop = _membrane_rows(image, box)
+    assert (first, stop) == (16, HEIGHT - 1)
+
+
+def test_rows_with_a_dark_patch_are_left_out() -> None:
+    """Rows of which a stretch is darker than their column's median (background bled in along part of an
+    edge) are left out, however bright the rest of them; lines, dark in every row, leave all rows in."""
+    image = _window([(C_AT, 0.5), (T_AT, 0.1)], noise=0.003)
+    box = WindowBox(0.0, 0.0, float(LENGTH), float(HEIGHT), framed=False)
+    assert _membrane_rows(image, box) == (1, HEIGHT - 1)
+    image[:8, 100:112] *= 0.6
+    assert _membrane_rows(image, box) == (8, HEIGHT - 1)
