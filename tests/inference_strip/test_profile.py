@@ -179,7 +179,7 @@ def _blocky(image: npt.NDArray[Any], bumps: list[tuple[int, float]]) -> npt.NDAr
 def test_heavy_tailed_block_levels_stay_under_the_threshold() -> None:
     """Over 20 cassette windows whose 8-px block columns have heavy-tailed levels (a JPEG's, shared by all rows,
     0.15 % typical), 18 make no false test line over the T threshold. The two that do (SNR 6.7 and 4.2 against
-    3.70) are single block columns 0.96 % and 0.81 % darker than their neighbours: as deep as a faint T, which a
+    3.65) are single block columns 0.96 % and 0.81 % darker than their neighbours: as deep as a faint T, which a
     reader that finds 1-2 % lines cannot tell from one (grey, they keep 0.9 of their ratio on a red C's
     colour); such rare strong blocks are why T's noise is the filter's RMS output, which they raise."""
     snrs = []

@@ -605,7 +605,7 @@ ROW_TRIM = 0.1
 BARE_ROW_TRIM = 0.22
 ROW_LEVEL = 0.9
 PATCH_SHARE = 0.02
-PATCH_WIDTH = 7
+PATCH_WIDTH = 4  # columns of the half-width grid: 7-8 pixels
 
 
 def _membrane_rows(crop: FloatArray, box: WindowBox) -> tuple[int, int]:
@@ -628,8 +628,10 @@ def _membrane_rows(crop: FloatArray, box: WindowBox) -> tuple[int, int]:
         return t0, t0 + 1
     top, bottom = max(0, round(box.y0)), min(crop.shape[0], round(box.y1))
     x0, x1 = round(box.x0), round(box.x1)
-    window = crop[top:bottom, x0:x1]
-    grey = np.asarray(window.mean(axis=2) if window.ndim == 3 else window, dtype=np.float32)
+    window = crop[top:bottom, x0:x1:2]  # every other column tells the rows' levels as well, at half the cost
+    if window.ndim == 3:
+        window = cv2.cvtColor(np.ascontiguousarray(window), cv2.COLOR_RGB2GRAY)
+    grey = np.asarray(window, dtype=np.float32)
     level = np.median(grey, axis=1)
     inner = level[t0 - top : t1 - top]
     if inner.size == 0:
