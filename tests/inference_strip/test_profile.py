@@ -405,3 +405,12 @@ def test_rows_with_a_dark_patch_are_left_out() -> None:
     assert _membrane_rows(image, box) == (1, HEIGHT - 1)
     image[:8, 100:112] *= 0.6
     assert _membrane_rows(image, box) == (8, HEIGHT - 1)
+
+
+def test_a_box_that_runs_past_the_crop_keeps_to_its_rows() -> None:
+    """A window box taller than the crop (rows -10 to 50 of 40) judges the rows by the crop's own: the dark
+    background along the crop's bottom stays out (a negative row once indexed from the bottom instead)."""
+    image = np.full((40, 200, 3), 0.9, np.float32)
+    image[36:] = 0.2
+    box = WindowBox(0.0, -10.0, 200.0, 50.0, framed=True)
+    assert _membrane_rows(image, box) == (1, 35)

@@ -623,10 +623,10 @@ def _membrane_rows(crop: FloatArray, box: WindowBox) -> tuple[int, int]:
     """
     h = box.y1 - box.y0
     trim = ROW_TRIM if box.framed else BARE_ROW_TRIM
-    t0, t1 = round(box.y0 + trim * h), round(box.y1 - trim * h)
-    if t1 <= t0:
-        return t0, t0 + 1
     top, bottom = max(0, round(box.y0)), min(crop.shape[0], round(box.y1))
+    # A box that runs past the crop keeps to its rows (a negative row would index from the bottom).
+    t0 = min(max(round(box.y0 + trim * h), top), bottom - 1)
+    t1 = min(max(round(box.y1 - trim * h), t0 + 1), bottom)
     x0, x1 = round(box.x0), round(box.x1)
     window = crop[top:bottom, x0:x1:2]  # every other column tells the rows' levels as well, at half the cost
     if window.ndim == 3:
