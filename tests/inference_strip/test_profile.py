@@ -414,3 +414,27 @@ def test_a_box_that_runs_past_the_crop_keeps_to_its_rows() -> None:
     image[36:] = 0.2
     box = WindowBox(0.0, -10.0, 200.0, 50.0, framed=True)
     assert _membrane_rows(image, box) == (1, 35)
+
+
+def test_a_weak_control_line_is_found_with_a_clear_test_line_as_template() -> None:
+    """A 2 % C beside a 40 % T in 1 % pixel noise, which the plain peak threshold (out of reach here) does not
+    pass, is found with T as the matched filter's template at the lines' spacing: POSITIVE, not INVALID."""
+    profile = _profile(_window([(C_AT, 0.02), (T_AT, 0.4)], noise=0.01))
+    reader = StripReader(ReaderConfig(c_min_intensity=0.01, c_min_snr=1000.0, c_min_snr_beside_test=6.0))
+    plain = reader._lines(profile, framed=True)
+    assert plain.control is not None
+    assert abs(plain.control.index / LENGTH - C_AT) < 0.01
+    assert plain.test is not None
+    assert abs(plain.test.index / LENGTH - T_AT) < 0.01
+    assert plain.matched_c_snr > 6.0
+    # Without that path (its threshold out of reach), the same profile has no control line.
+    strict = StripReader(ReaderConfig(c_min_intensity=0.01, c_min_snr=1000.0, c_min_snr_beside_test=1000.0))
+    assert strict._lines(profile, framed=True).control is None
+
+
+def test_a_clear_test_line_alone_finds_no_control_line_in_noise() -> None:
+    """Where there is no C at all, the search with T as template finds nothing near the threshold."""
+    profile = _profile(_window([(T_AT, 0.4)], noise=0.01))
+    lines = StripReader()._lines(profile, framed=True)
+    assert lines.control is None
+    assert 0.0 < lines.matched_c_snr < 4.0

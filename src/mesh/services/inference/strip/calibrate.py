@@ -4,13 +4,14 @@
 cassettes, half bare strips), N train invalid strips and N/2 train positives (train seeds from 0, each drawn as
 that class) with thresholds opened wide, then picks, for T, the lowest signal-to-noise ratio that keeps false test
 lines under 0.25 % of the negatives read through a cassette's window, and another for those read as bare strips,
-and, for C, the one that keeps false control lines on the invalid strips under 0.25 %, each plus a quarter noise
-unit. Drawing each class on its own puts five images above each tail quantile instead of the one or two that a
-split's natural mix (three tenths negatives) gives: thresholds from the mix moved by up to 0.7 between seed
-ranges. Negatives are drawn three times as many: even on 2000 of them, the T threshold moved from 4.56 to 6.05
-to 4.70 between three consecutive seed ranges. It prints one JSON object with the proposed values and the score
-distributions; the values are then written into ``ReaderConfig``'s defaults by hand, so the shipped reader
-never depends on held-out data.
+and, for C, the one that keeps false control lines on the invalid strips under 0.25 % (and another for C found
+with a clear T as the template, on the invalid strips that show one), each plus a quarter noise unit. Drawing
+each class on its own puts five images above each tail quantile instead of the one or two that a split's
+natural mix (three tenths negatives) gives: thresholds from the mix moved by up to 0.7 between seed ranges.
+Negatives are drawn three times as many: even on 2000 of them, the T threshold moved from 4.56 to 6.05 to 4.70
+between three consecutive seed ranges. It prints one JSON object with the proposed values and the score
+distributions; the values are then written into ``ReaderConfig``'s defaults by hand, so the shipped reader never
+depends on held-out data.
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ def calibrate(count: int, workers: int | None = None) -> dict[str, Any]:
     inv_c = np.array([r.scores.c_snr for r in invalid])
     valid_c = np.array([r.scores.c_snr for r in positives if r.scores.found])
     c_snr = _tail(inv_c, FALSE_C_RATE, C_MARGIN, ReaderConfig().c_min_snr)
+    # C found with a clear T as the template: on the invalid strips that show a clear T (about half).
+    inv_c_beside = np.array([r.scores.c_beside_test_snr for r in invalid if r.scores.c_beside_test_snr > 0])
+    c_snr_beside = _tail(inv_c_beside, FALSE_C_RATE, C_MARGIN, ReaderConfig().c_min_snr_beside_test)
     positives = [r for r in positives if r.reading.control_line.present]
     found_at = {}
     for lo, hi in ((0.01, 0.02), (0.02, 0.03), (0.03, 0.04), (0.04, 0.06), (0.06, 1.0)):
@@ -97,10 +101,12 @@ def calibrate(count: int, workers: int | None = None) -> dict[str, Any]:
             "t_min_snr": round(t_snr, 2),
             "t_min_snr_bare": round(t_snr_bare, 2),
             "c_min_snr": round(max(c_snr, 6.0), 2),
+            "c_min_snr_beside_test": round(c_snr_beside, 2),
         },
         "negative_t_snr_quantiles": _quantiles(neg_t),
         "bare_negative_t_snr_quantiles": _quantiles(bare_t),
         "invalid_c_snr_quantiles": _quantiles(inv_c),
+        "invalid_c_beside_test_snr_quantiles": _quantiles(inv_c_beside),
         "valid_c_snr_quantiles": _quantiles(valid_c),
         "positives_found_with_proposal": found_at,
     }

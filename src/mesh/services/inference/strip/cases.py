@@ -168,6 +168,18 @@ CASES: tuple[Case, ...] = (
         size=(1280, 720),
     ),
     Case(
+        "weak_c_6pct_beside_strong_t_jpeg",
+        21,
+        Overrides(
+            cls="positive",
+            kind="cassette",
+            c_contrast=0.06,
+            t_contrast=0.3,
+            image_format="jpeg",
+            jpeg_quality=70,
+        ),
+    ),
+    Case(
         "small_320_negative",
         20,
         Overrides(cls="negative", kind="cassette", c_contrast=0.6, image_format="png"),

@@ -48,6 +48,11 @@ class ReaderConfig:
     c_min_snr: float = 9.03
     """... and this many noise deviations of the line profile (calibrated on the train split)."""
 
+    c_min_snr_beside_test: float = 4.05
+    """... or this one where no C passed and C is found with a clear T as the template, right of T at the lines'
+    spacing (calibrated on the train split's invalid strips that show a T); such a C must reach
+    ``t_min_intensity``, as any line the matched filter finds."""
+
     t_min_intensity: float = 0.006
     """A test line must reach this contrast (calibrated on the train split)."""
 

@@ -7,8 +7,10 @@
    strongest response of a C-shaped, C-coloured matched filter at the expected spacing left of C, its
    signal-to-noise ratio discounted where its own colour differs from C's. A line counts when its contrast and
    its signal-to-noise ratio pass thresholds calibrated on the train split (T's has one value for a
-   cassette's window and one for a bare strip, whose false lines run higher). No strip, or no C, is INVALID:
-   the reader never says POSITIVE or NEGATIVE without having found a strip.
+   cassette's window and one for a bare strip, whose false lines run higher). Where no C passes but a clear
+   line shows left of the middle, that line is the template the other way round: a weak C is searched at the
+   lines' spacing right of it, against its own calibrated threshold. No strip, or no C, is INVALID: the
+   reader never says POSITIVE or NEGATIVE without having found a strip.
 
 The pre-check runs the same steps on a smaller crop and stops at the quality verdict; its answer carries
 ``precheck_only=True``.
@@ -30,6 +32,7 @@ from mesh.services.inference.strip.config import ReaderConfig
 from mesh.services.inference.strip.locate import Placement, find_object
 from mesh.services.inference.strip.profile import (
     C_ZONE,
+    CLEAR_LINE_SNR,
     T_ZONE,
     MatchedLine,
     Peak,
@@ -65,6 +68,8 @@ class Scores:
     t_height: float = 0.0
     t_snr: float = 0.0
     framed: bool = False
+    c_beside_test_snr: float = 0.0
+    """Where no C passed but a clear T showed: the best C found with T as the template (0 otherwise)."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,9 @@ class _Lines:
     test: MatchedLine | None
     test_candidate: MatchedLine | None
     strongest_c_candidate: Peak | None
+    matched_c_snr: float = 0.0
+    c_threshold: float = 0.0
+    """The signal-to-noise threshold that ``control`` passed."""
 
 
 def to_uint8(image: npt.NDArray[np.generic]) -> ByteImage:
@@ -150,6 +158,7 @@ class StripReader:
             t_height=0.0 if t is None else t.height,
             t_snr=0.0 if t is None else t.snr,
             framed=box.framed,
+            c_beside_test_snr=lines.matched_c_snr,
         )
         return self._reading(lines, profile, box, geometry, flags, precheck), scores
 
@@ -165,16 +174,35 @@ class StripReader:
             and c_candidate.snr >= cfg.c_min_snr
         ):
             control = c_candidate
+        c_threshold = cfg.c_min_snr
         t_candidate: MatchedLine | None
+        matched_c: MatchedLine | None = None
         if control is not None:
             c_pos = control.index / n
             t_candidate = matched_test_line(
                 profile, control, (c_pos - T_ZONE[1], c_pos - T_ZONE[0]), cfg.t_noise_floor
             )
         else:
-            left = [p for p in profile.peaks if p.index / n < 0.5]
+            left = [p for p in profile.peaks if p.index / n < C_ZONE[0]]
             best = max(left, key=lambda p: p.snr, default=None)
             t_candidate = None if best is None else MatchedLine(best.index, best.height, best.snr)
+            if best is not None and best.snr >= CLEAR_LINE_SNR:
+                # A clear T is as good a template for a weak C as C is for a faint T (same particles, same
+                # striping), and it says where C may lie. A line the matched filter finds must reach a matched
+                # line's contrast, not a plain peak's: a thin C of 6-11 % read 0.9-2 % in windows of 50-120
+                # pixels, at SNR 4.4-9.
+                t_pos = best.index / n
+                matched_c = matched_test_line(
+                    profile, best, (t_pos + T_ZONE[0], t_pos + T_ZONE[1]), cfg.t_noise_floor
+                )
+                if (
+                    matched_c is not None
+                    and matched_c.height >= cfg.t_min_intensity
+                    and matched_c.snr >= cfg.c_min_snr_beside_test
+                    and matched_c.index / n <= C_ZONE[1]
+                ):
+                    control = Peak(matched_c.index, matched_c.height, matched_c.snr, chroma=best.chroma)
+                    c_threshold = cfg.c_min_snr_beside_test
         test = None
         if (
             t_candidate is not None
@@ -183,7 +211,12 @@ class StripReader:
         ):
             test = t_candidate
         return _Lines(
-            control=control, test=test, test_candidate=t_candidate, strongest_c_candidate=c_candidate
+            control=control,
+            test=test,
+            test_candidate=t_candidate,
+            strongest_c_candidate=c_candidate,
+            matched_c_snr=0.0 if matched_c is None else matched_c.snr,
+            c_threshold=c_threshold,
         )
 
     def _quality(
@@ -258,7 +291,7 @@ class StripReader:
         else:
             test = line(lines.test)
             verdict = Verdict.POSITIVE if lines.test is not None else Verdict.NEGATIVE
-            c_conf = _sigmoid((lines.control.snr - cfg.c_min_snr) / 2.0)
+            c_conf = _sigmoid((lines.control.snr - lines.c_threshold) / 2.0)
             t_snr = lines.test_candidate.snr if lines.test_candidate is not None else 0.0
             t_conf = _sigmoid(abs(t_snr - cfg.t_snr_threshold(box.framed)) / 1.0 + 0.5)
             confidence = _clamp(c_conf * t_conf)
