@@ -62,3 +62,19 @@ def test_a_grey_box_larger_than_the_strip_does_not_win() -> None:
     assert placement is not None
     assert abs(placement.center_x - 200) < 3
     assert abs(placement.center_y - 150) < 3
+
+
+def test_a_strip_whose_bright_membrane_alone_passes_the_levels_is_found_whole() -> None:
+    """A bare strip 300 px long whose pad and wick (0.5) are much darker than its membrane (0.85, the middle
+    120 px) but still brighter than the table (0.3): the levels take in the membrane alone, and following the
+    strip along its axis must reach both ends, though they lie 2.5 times the membrane's length apart."""
+    image = np.full((384, 512), 0.3, np.float32)
+    cv2.rectangle(image, (106, 184), (405, 199), 0.5, -1)
+    cv2.rectangle(image, (196, 184), (315, 199), 0.85, -1)
+    image += np.random.default_rng(1).normal(0, 0.01, image.shape).astype(np.float32)
+    pixels = np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)
+    placement = find_object(pixels, ReaderConfig().min_object_area)
+    assert placement is not None
+    assert abs(placement.center_y - 191.5) < 3
+    assert 285 < placement.length < 315
+    assert abs(placement.center_x - 255.5) < 8
