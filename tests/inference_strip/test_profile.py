@@ -7,7 +7,9 @@ from typing import Any
 import cv2
 import numpy as np
 import numpy.typing as npt
+import pytest
 
+from mesh.services.inference.strip import reader as reader_module
 from mesh.services.inference.strip.config import ReaderConfig
 from mesh.services.inference.strip.profile import (
     MEMBRANE_SHARE,
@@ -438,3 +440,17 @@ def test_a_clear_test_line_alone_finds_no_control_line_in_noise() -> None:
     lines = StripReader()._lines(profile, framed=True)
     assert lines.control is None
     assert 0.0 < lines.matched_c_snr < 4.0
+
+
+def test_a_moderate_test_line_is_template_enough(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1.6 % T (SNR about 8, under the bar of a clear line) still finds a 1.2 % C beside it in 1 % noise; with
+    the template's bar raised to SNR 10, the same profile has no control line."""
+    profile = _profile(_window([(C_AT, 0.012), (T_AT, 0.016)], noise=0.01))
+    reader = StripReader(ReaderConfig(c_min_intensity=0.01, c_min_snr=1000.0, t_min_intensity=0.001))
+    lines = reader._lines(profile, framed=True)
+    assert lines.test_candidate is not None
+    assert 6.0 <= lines.test_candidate.snr < 10.0
+    assert lines.control is not None
+    assert abs(lines.control.index / LENGTH - C_AT) < 0.01
+    monkeypatch.setattr(reader_module, "TEMPLATE_LINE_SNR", 10.0)
+    assert reader._lines(profile, framed=True).control is None

@@ -5,7 +5,7 @@ cassettes, half bare strips), N train invalid strips and N/2 train positives (tr
 that class) with thresholds opened wide, then picks, for T, the lowest signal-to-noise ratio that keeps false test
 lines under 0.25 % of the negatives read through a cassette's window, and another for those read as bare strips,
 and, for C, the one that keeps false control lines on the invalid strips under 0.25 % (and another for C found
-with a clear T as the template, on the invalid strips that show one), each plus a quarter noise unit. Drawing
+with T as the template, on the invalid strips that show a line fit to be one), each plus a quarter noise unit. Drawing
 each class on its own puts five images above each tail quantile instead of the one or two that a split's
 natural mix (three tenths negatives) gives: thresholds from the mix moved by up to 0.7 between seed ranges.
 Negatives are drawn three times as many: even on 2000 of them, the T threshold moved from 4.56 to 6.05 to 4.70
@@ -76,7 +76,7 @@ def calibrate(count: int, workers: int | None = None) -> dict[str, Any]:
     inv_c = np.array([r.scores.c_snr for r in invalid])
     valid_c = np.array([r.scores.c_snr for r in positives if r.scores.found])
     c_snr = _tail(inv_c, FALSE_C_RATE, C_MARGIN, ReaderConfig().c_min_snr)
-    # C found with a clear T as the template: on the invalid strips that show a clear T (about half).
+    # C found with T as the template: on the invalid strips that show a line fit to be one (about 40 %).
     inv_c_beside = np.array([r.scores.c_beside_test_snr for r in invalid if r.scores.c_beside_test_snr > 0])
     c_snr_beside = _tail(inv_c_beside, FALSE_C_RATE, C_MARGIN, ReaderConfig().c_min_snr_beside_test)
     positives = [r for r in positives if r.reading.control_line.present]

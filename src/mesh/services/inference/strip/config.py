@@ -9,8 +9,8 @@ the reader that averages the window's rows chosen by brightness, measures the li
 18-37 % of the window left of C and leaves other clear lines out of T's noise (before: 3.74, 5.01 and 10.24).
 With ``t_noise_floor`` at 0.0015 an earlier run on these changes proposed 4.37, 4.66 and 9.03, and the train
 split read 0.974 against 0.9755 with 0.002. ``c_min_snr_beside_test`` (2026-12-05, sixth session) is the same
-tail of the best false C found with a clear T as the template, on the 761 train invalid strips (of seeds
-0-1999) that show one."""
+tail of the best false C found with a line left of the middle as the template, on the 798 train invalid strips
+(of seeds 0-1999) that show one (``reader.TEMPLATE_LINE_SNR``)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ class ReaderConfig:
     """... and this many noise deviations of the line profile (calibrated on the train split)."""
 
     c_min_snr_beside_test: float = 4.05
-    """... or this one where no C passed and C is found with a clear T as the template, right of T at the lines'
+    """... or this one where no C passed and C is found with T as the template, right of T at the lines'
     spacing (calibrated on the train split's invalid strips that show a T); such a C must reach
     ``t_min_intensity``, as any line the matched filter finds."""
 

@@ -143,7 +143,7 @@ def matched_test_line(
 ) -> MatchedLine | None:
     """Searches ``zone`` (fractions of the window) for a line of C's colour and shape.
 
-    The filter does not care which line is the template: with a clear T as ``control``, it looks for a weak C
+    The filter does not care which line is the template: with T as ``control``, it looks for a weak C
     (see :meth:`~mesh.services.inference.strip.reader.StripReader`'s ``_lines``).
 
     T and C are made of the same particles and striped alike, so C is the best template for T: the channel

@@ -7,8 +7,8 @@
    strongest response of a C-shaped, C-coloured matched filter at the expected spacing left of C, its
    signal-to-noise ratio discounted where its own colour differs from C's. A line counts when its contrast and
    its signal-to-noise ratio pass thresholds calibrated on the train split (T's has one value for a
-   cassette's window and one for a bare strip, whose false lines run higher). Where no C passes but a clear
-   line shows left of the middle, that line is the template the other way round: a weak C is searched at the
+   cassette's window and one for a bare strip, whose false lines run higher). Where no C passes but a line
+   shows left of the middle (SNR 6 or more), it is the template the other way round: a weak C is searched at the
    lines' spacing right of it, against its own calibrated threshold. No strip, or no C, is INVALID: the
    reader never says POSITIVE or NEGATIVE without having found a strip.
 
@@ -32,7 +32,6 @@ from mesh.services.inference.strip.config import ReaderConfig
 from mesh.services.inference.strip.locate import Placement, find_object
 from mesh.services.inference.strip.profile import (
     C_ZONE,
-    CLEAR_LINE_SNR,
     T_ZONE,
     MatchedLine,
     Peak,
@@ -57,6 +56,10 @@ FloatImage = npt.NDArray[Any]  # OpenCV returns loosely typed arrays
 # Across the strip, the crop keeps this much of the strip's width as margin on each side.
 ACROSS_MARGIN = 0.12
 
+# Where no C passes, a line left of the middle this many noise deviations above the profile is template enough
+# to search for a weak C beside it.
+TEMPLATE_LINE_SNR = 6.0
+
 
 @dataclass(frozen=True)
 class Scores:
@@ -69,7 +72,7 @@ class Scores:
     t_snr: float = 0.0
     framed: bool = False
     c_beside_test_snr: float = 0.0
-    """Where no C passed but a clear T showed: the best C found with T as the template (0 otherwise)."""
+    """Where no C passed but a T fit to be a template showed: the best C found with it (0 otherwise)."""
 
 
 @dataclass(frozen=True)
@@ -186,8 +189,8 @@ class StripReader:
             left = [p for p in profile.peaks if p.index / n < C_ZONE[0]]
             best = max(left, key=lambda p: p.snr, default=None)
             t_candidate = None if best is None else MatchedLine(best.index, best.height, best.snr)
-            if best is not None and best.snr >= CLEAR_LINE_SNR:
-                # A clear T is as good a template for a weak C as C is for a faint T (same particles, same
+            if best is not None and best.snr >= TEMPLATE_LINE_SNR:
+                # A T is as good a template for a weak C as C is for a faint T (same particles, same
                 # striping), and it says where C may lie. A line the matched filter finds must reach a matched
                 # line's contrast, not a plain peak's: a thin C of 6-11 % read 0.9-2 % in windows of 50-120
                 # pixels, at SNR 4.4-9.
