@@ -190,21 +190,8 @@ class StripReader:
             best = max(left, key=lambda p: p.snr, default=None)
             t_candidate = None if best is None else MatchedLine(best.index, best.height, best.snr)
             if best is not None and best.snr >= TEMPLATE_LINE_SNR:
-                # A T is as good a template for a weak C as C is for a faint T (same particles, same
-                # striping), and it says where C may lie. A line the matched filter finds must reach a matched
-                # line's contrast, not a plain peak's: a thin C of 6-11 % read 0.9-2 % in windows of 50-120
-                # pixels, at SNR 4.4-9.
-                t_pos = best.index / n
-                matched_c = matched_test_line(
-                    profile, best, (t_pos + T_ZONE[0], t_pos + T_ZONE[1]), cfg.t_noise_floor
-                )
-                if (
-                    matched_c is not None
-                    and matched_c.height >= cfg.t_min_intensity
-                    and matched_c.snr >= cfg.c_min_snr_beside_test
-                    and matched_c.index / n <= C_ZONE[1]
-                ):
-                    control = Peak(matched_c.index, matched_c.height, matched_c.snr, chroma=best.chroma)
+                control, matched_c = self._control_beside(profile, best)
+                if control is not None:
                     c_threshold = cfg.c_min_snr_beside_test
         test = None
         if (
@@ -221,6 +208,28 @@ class StripReader:
             matched_c_snr=0.0 if matched_c is None else matched_c.snr,
             c_threshold=c_threshold,
         )
+
+    def _control_beside(self, profile: Profile, test: Peak) -> tuple[Peak | None, MatchedLine | None]:
+        """A weak C searched with ``test`` as the template, at the lines' spacing right of it: (C where it
+        passes, else None; the best candidate).
+
+        T is as good a template for a weak C as C is for a faint T (same particles, same striping), and it says
+        where C may lie. A line the matched filter finds must reach a matched line's contrast, not a plain
+        peak's: a thin C of 6-11 % read 0.9-2 % in windows of 50-120 pixels, at SNR 4.4-9.
+        """
+        cfg = self.config
+        n = float(profile.signal.size)
+        t_pos = test.index / n
+        found = matched_test_line(profile, test, (t_pos + T_ZONE[0], t_pos + T_ZONE[1]), cfg.t_noise_floor)
+        if (
+            found is None
+            or found.height < cfg.t_min_intensity
+            or found.snr < cfg.c_min_snr_beside_test
+            or found.index / n > C_ZONE[1]
+        ):
+            return None, found
+        # The filter matched it to T's colour and shape, so it has T's chroma.
+        return Peak(found.index, found.height, found.snr, chroma=test.chroma), found
 
     def _quality(
         self, grey: FloatImage, margin: float, geometry: CropGeometry, image_width: int, profile: Profile
