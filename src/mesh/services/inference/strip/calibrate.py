@@ -8,11 +8,10 @@ and, for C, the one that keeps false control lines on the invalid strips under 0
 with T as the template, on the invalid strips that show a line fit to be one), each plus a quarter noise unit.
 Drawing each class on its own puts five images above each tail quantile instead of the one or two that a
 split's natural mix (three tenths negatives) gives: thresholds from the mix moved by up to 0.7 between seed
-ranges.
-Negatives are drawn three times as many: even on 2000 of them, the T threshold moved from 4.56 to 6.05 to 4.70
-between three consecutive seed ranges. It prints one JSON object with the proposed values and the score
-distributions; the values are then written into ``ReaderConfig``'s defaults by hand, so the shipped reader never
-depends on held-out data.
+ranges. Negatives are drawn three times as many: even on 2000 of them, the T threshold moved from 4.56 to 6.05
+to 4.70 between three consecutive seed ranges. It prints one JSON object with the proposed values and the score
+distributions; the values are then written into ``ReaderConfig``'s defaults by hand, so the shipped reader
+never depends on held-out data.
 """
 
 from __future__ import annotations

@@ -144,7 +144,7 @@ def matched_test_line(
     """Searches ``zone`` (fractions of the window) for a line of C's colour and shape.
 
     The filter does not care which line is the template: with T as ``control``, it looks for a weak C
-    (see :meth:`~mesh.services.inference.strip.reader.StripReader`'s ``_lines``).
+    (``StripReader._control_beside`` in ``reader``).
 
     T and C are made of the same particles and striped alike, so C is the best template for T: the channel
     absorbances are projected on C's colour, then correlated with C's own profile. Both raise the faint

@@ -82,6 +82,8 @@ class _Lines:
     test_candidate: MatchedLine | None
     strongest_c_candidate: Peak | None
     matched_c_snr: float = 0.0
+    """The best C found with T as the template, where that search ran (0 otherwise)."""
+
     c_threshold: float = 0.0
     """The signal-to-noise threshold that ``control`` passed."""
 
