@@ -279,6 +279,24 @@ def test_a_bare_strip_whose_wick_does_not_show_takes_its_window_from_the_strips_
     assert 0.5 < (230 - box.x0) / (box.x1 - box.x0) < 0.82
 
 
+def test_texture_that_rises_just_before_c_is_not_taken_for_the_wick() -> None:
+    """A JPEG rings around a strong C, so the membrane's texture rises just before it; where the wick shows
+    neither a step nor fibres, that rise was taken for the wick and the window ended at C. The window ends
+    where a membrane of usual length would, with C inside it."""
+    rng = np.random.default_rng(17)
+    rows, length = 40, 400
+    grey = np.full((rows, length), 0.8, np.float32)
+    grey[:, :100] *= 0.8  # the sample pad's step shows
+    grey[:, 226:234] *= 0.6  # C
+    noise = np.full(length, 0.004, np.float32)
+    noise[214:246] = 0.012  # ringing around C
+    grey += rng.normal(0, 1, grey.shape).astype(np.float32) * noise
+    box = find_window(grey, across_margin=0.0)
+    assert abs(box.x0 - 100) < 5
+    assert abs(box.x1 - (box.x0 + MEMBRANE_SHARE * length)) < 2
+    assert 0.5 < (230 - box.x0) / (box.x1 - box.x0) < 0.82
+
+
 def test_a_shadow_edge_at_c_is_not_taken_for_the_wick() -> None:
     """The light falls off right at C (a shadow's edge): the closing fills C only up to its lower shoulder, so
     the envelope steps down at C's left edge, more than at the wick's border. The window still ends at the

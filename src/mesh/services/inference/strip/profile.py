@@ -332,10 +332,12 @@ def find_window(grey: FloatArray, across_margin: float) -> WindowBox:
     band = grey[int(y0) : int(np.ceil(y1)), :]
     profile = band.mean(axis=0)
     lo, hi = _strip_extent(grey, top_obj, bottom_obj, profile)
-    x0, x1 = _membrane_span(profile, lo, hi)
+    # The wick never begins just before a line, whether its border is seen in brightness or in texture.
+    before_line = _line_ahead(profile, lo, hi)
+    x0, x1 = _membrane_span(profile, lo, hi, before_line)
     if x0 <= lo or x1 >= hi:
         # A shadow or a light gradient can hide a brightness step; the pads' fibres still show.
-        x0, x1 = _fibre_span(band, x0, x1, lo, hi)
+        x0, x1 = _fibre_span(band, x0, x1, lo, hi, before_line)
     # Where neither brightness nor texture shows an end, the strip's proportions place it: the whole strip as
     # the window put the wick's edge in C's place and C in T's (false test lines of SNR 14-63 on train negatives).
     length = hi - lo
@@ -389,14 +391,18 @@ def _strip_extent(
 FIBRE_RATIO = 1.6
 
 
-def _fibre_span(band: FloatArray, x0: float, x1: float, lo: int, hi: int) -> tuple[float, float]:
+def _fibre_span(
+    band: FloatArray, x0: float, x1: float, lo: int, hi: int, before_line: npt.NDArray[np.bool_]
+) -> tuple[float, float]:
     """The membrane's ends where its brightness steps were not found, from texture: the sample pad and the
     wick are fibrous (streaks along the strip, so their columns vary across the rows), the membrane is smooth.
 
     Each column's spread across the rows is taken after smoothing along the strip (pixel noise averages out,
     streaks do not), as the spread of its row-to-row steps: a shadow edge that crosses the strip at a slant
     ramps smoothly across the rows and would otherwise pass for fibres. Then a running median wider than any
-    line (a line's own unevenness must not count)."""
+    line (a line's own unevenness must not count). As in brightness, the wick is not looked for just before a
+    line (``before_line``): where JPEG noise grows with the light along the strip, texture rises slowly over the
+    whole membrane, and a 1224-pixel strip's window ended at C."""
     rows, n = band.shape
     if rows < 4 or n < 40:
         return x0, x1
@@ -419,7 +425,10 @@ def _fibre_span(band: FloatArray, x0: float, x1: float, lo: int, hi: int) -> tup
         step = _strongest_step(-rise, lo + int(0.04 * length), lo + int(0.42 * length), threshold)
         x0 = x0 if step is None else float(step)
     if x1 >= hi:
-        step = _strongest_step(rise, int(x0 + 0.25 * length), lo + int(0.96 * length), threshold)
+        # The running median places a texture step only to within its reach, so a line that far further on
+        # counts too.
+        near_line = _any_within(before_line, reach)
+        step = _strongest_step(rise, int(x0 + 0.25 * length), lo + int(0.96 * length), threshold, near_line)
         x1 = x1 if step is None else float(step)
     return x0, x1
 
@@ -520,13 +529,15 @@ def _longest_run(flags: npt.NDArray[np.bool_]) -> tuple[int, int] | None:
 LINE_DEPTH = 0.08
 
 
-def _membrane_span(mean_profile: FloatArray, lo: int, hi: int) -> tuple[float, float]:
+def _membrane_span(
+    mean_profile: FloatArray, lo: int, hi: int, before_line: npt.NDArray[np.bool_]
+) -> tuple[float, float]:
     """Sample pad / membrane and membrane / wick borders of a bare strip whose columns ``lo .. hi`` show the
-    strip: the sharpest envelope steps (``lo`` and ``hi`` where none shows)."""
+    strip: the sharpest envelope steps (``lo`` and ``hi`` where none shows); the wick's border is not looked
+    for where ``before_line``."""
     n = mean_profile.size
     length = hi - lo
-    k = max(3, int(0.06 * length) | 1)
-    envelope = _closing(mean_profile, k)
+    envelope = _closing(mean_profile, _envelope_width(length))
     sigma = max(1.0, 0.004 * length)
     env = cv2.GaussianBlur(envelope.reshape(1, -1), (0, 0), sigma).ravel()
     # Steps relative to the local level, so that a light gradient along the strip does not hide them.
@@ -545,31 +556,44 @@ def _membrane_span(mean_profile: FloatArray, lo: int, hi: int) -> tuple[float, f
     # Where the light falls off across C (a shadow's edge, a gradient), the closing fills C only up to its
     # lower, right shoulder, so the envelope steps down at C's left edge, and C was taken for the wick's border.
     # The wick never begins just before a line, so such a step is passed over.
-    slope_down = np.where(_line_ahead(mean_profile, envelope, lo, hi, int(0.05 * length) + 1), 0.0, -slope)
-    right = _strongest_step(slope_down, int(x0 + 0.25 * length) - slack, stop, least)
+    right = _strongest_step(-slope, int(x0 + 0.25 * length) - slack, stop, least, before_line)
     if right is not None:
         x1 = float(right)
     return x0, x1
 
 
-def _line_ahead(
-    profile: FloatArray, envelope: FloatArray, lo: int, hi: int, reach: int
-) -> npt.NDArray[np.bool_]:
+def _envelope_width(length: int) -> int:
+    """The closing width that spans any line of a bare strip ``length`` samples long."""
+    return max(3, int(0.06 * length) | 1)
+
+
+def _line_ahead(profile: FloatArray, lo: int, hi: int) -> npt.NDArray[np.bool_]:
     """Whether a strong line (a dip under the envelope of LINE_DEPTH, or six times the profile's spread
-    beneath it if that is more) lies within ``reach`` samples after each sample."""
+    beneath it if that is more) lies within a twentieth of the strip (columns ``lo .. hi``) after each
+    sample."""
+    reach = int(0.05 * (hi - lo)) + 1
+    envelope = _closing(profile, _envelope_width(hi - lo))
     ratio = profile / np.maximum(envelope, 1e-3)
     inner = ratio[lo:hi] if hi - lo > 8 else ratio
     spread = _robust_sigma(inner)
     deep = (1.0 - ratio > max(LINE_DEPTH, 6.0 * spread)).astype(np.uint8)
-    ahead = np.concatenate([deep[1:], np.zeros(reach, np.uint8)]).reshape(1, -1)
+    return _any_within(np.concatenate([deep[1:] > 0, [False]]), reach)
+
+
+def _any_within(flags: npt.NDArray[np.bool_], reach: int) -> npt.NDArray[np.bool_]:
+    """Whether any of the ``reach`` samples from each one on is set in ``flags``."""
+    padded = np.concatenate([flags, np.zeros(reach, bool)]).astype(np.uint8).reshape(1, -1)
     # A dilation anchored at the kernel's start: the maximum over the ``reach`` samples from each one on.
-    found = cv2.dilate(ahead, np.ones((1, reach), np.uint8), anchor=(0, 0)).ravel()[: profile.size]
+    found = cv2.dilate(padded, np.ones((1, reach), np.uint8), anchor=(0, 0)).ravel()[: flags.size]
     return np.asarray(found > 0)
 
 
-def _strongest_step(slope: FloatArray, start: int, stop: int, least: float) -> int | None:
-    """The largest local maximum of ``slope`` in ``start .. stop`` over ``least``: a value at the zone's
-    edge that only continues a larger step outside it is no step."""
+def _strongest_step(
+    slope: FloatArray, start: int, stop: int, least: float, excluded: npt.NDArray[np.bool_] | None = None
+) -> int | None:
+    """The largest local maximum of ``slope`` in ``start .. stop`` over ``least``, except where ``excluded``:
+    a value at the zone's edge that only continues a larger step outside it is no step, and neither is the
+    flank of an excluded one."""
     n = slope.size
     start, stop = max(1, start), min(n - 1, stop)
     if stop <= start:
@@ -578,6 +602,8 @@ def _strongest_step(slope: FloatArray, start: int, stop: int, least: float) -> i
     peaks = (
         (values >= slope[start - 1 : stop - 1]) & (values >= slope[start + 1 : stop + 1]) & (values > least)
     )
+    if excluded is not None:
+        peaks &= ~excluded[start:stop]
     if not peaks.any():
         return None
     return start + int(np.argmax(np.where(peaks, values, -np.inf)))
