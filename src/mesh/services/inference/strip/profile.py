@@ -332,9 +332,10 @@ def find_window(grey: FloatArray, across_margin: float) -> WindowBox:
     band = grey[int(y0) : int(np.ceil(y1)), :]
     profile = band.mean(axis=0)
     lo, hi = _strip_extent(grey, top_obj, bottom_obj, profile)
+    envelope = _closing(profile, max(3, int(0.06 * (hi - lo)) | 1))  # wider than any line
     # The wick never begins just before a line, whether its border is seen in brightness or in texture.
-    before_line = _line_ahead(profile, lo, hi)
-    x0, x1 = _membrane_span(profile, lo, hi, before_line)
+    before_line = _line_ahead(profile, envelope, lo, hi)
+    x0, x1 = _membrane_span(envelope, lo, hi, before_line)
     if x0 <= lo or x1 >= hi:
         # A shadow or a light gradient can hide a brightness step; the pads' fibres still show.
         x0, x1 = _fibre_span(band, x0, x1, lo, hi, before_line)
@@ -530,14 +531,13 @@ LINE_DEPTH = 0.08
 
 
 def _membrane_span(
-    mean_profile: FloatArray, lo: int, hi: int, before_line: npt.NDArray[np.bool_]
+    envelope: FloatArray, lo: int, hi: int, before_line: npt.NDArray[np.bool_]
 ) -> tuple[float, float]:
     """Sample pad / membrane and membrane / wick borders of a bare strip whose columns ``lo .. hi`` show the
-    strip: the sharpest envelope steps (``lo`` and ``hi`` where none shows); the wick's border is not looked
-    for where ``before_line``."""
-    n = mean_profile.size
+    strip: the sharpest steps of the profile's ``envelope`` (a closing wider than any line; ``lo`` and ``hi``
+    where none shows); the wick's border is not looked for where ``before_line``."""
+    n = envelope.size
     length = hi - lo
-    envelope = _closing(mean_profile, _envelope_width(length))
     sigma = max(1.0, 0.004 * length)
     env = cv2.GaussianBlur(envelope.reshape(1, -1), (0, 0), sigma).ravel()
     # Steps relative to the local level, so that a light gradient along the strip does not hide them.
@@ -562,17 +562,11 @@ def _membrane_span(
     return x0, x1
 
 
-def _envelope_width(length: int) -> int:
-    """The closing width that spans any line of a bare strip ``length`` samples long."""
-    return max(3, int(0.06 * length) | 1)
-
-
-def _line_ahead(profile: FloatArray, lo: int, hi: int) -> npt.NDArray[np.bool_]:
-    """Whether a strong line (a dip under the envelope of LINE_DEPTH, or six times the profile's spread
+def _line_ahead(profile: FloatArray, envelope: FloatArray, lo: int, hi: int) -> npt.NDArray[np.bool_]:
+    """Whether a strong line (a dip under the ``envelope`` of LINE_DEPTH, or six times the profile's spread
     beneath it if that is more) lies within a twentieth of the strip (columns ``lo .. hi``) after each
     sample."""
     reach = int(0.05 * (hi - lo)) + 1
-    envelope = _closing(profile, _envelope_width(hi - lo))
     ratio = profile / np.maximum(envelope, 1e-3)
     inner = ratio[lo:hi] if hi - lo > 8 else ratio
     spread = _robust_sigma(inner)
