@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -62,6 +63,7 @@ class FakeModel:
     operations: frozenset[Operation] = frozenset({"predict", "precheck"})
     batches: list[tuple[Operation, int]] = field(default_factory=list)
     release: threading.Event | None = None
+    closed: bool = False
 
     def warm_up(self) -> None:
         if self.config.options.get("fail_warm_up"):
@@ -78,8 +80,27 @@ class FakeModel:
             time.sleep(delay)
         if any(int(image.flat[0]) == POISON for image in images):
             raise ValueError("poisoned image")
+        if any(int(image.flat[0]) == self.config.options.get("exit_on_pixel", -1) for image in images):
+            os._exit(17)  # a crash that skips every cleanup, as a segfault would
+        self._meet_others()
         threshold = float(dict(parameters).get("threshold", 128.0))
         return [self._read(image, threshold, operation == "precheck") for image in images]
+
+    def _meet_others(self) -> None:
+        """With option ``rendezvous_dir``: wait until ``rendezvous_count`` batches (this one included) compute
+        at once, each leaving a file named by its process id; raise when they do not within 10 s."""
+        directory = self.config.options.get("rendezvous_dir")
+        if directory is None:
+            return
+        (Path(directory) / f"{os.getpid()}-{threading.get_ident()}").touch()
+        deadline = time.monotonic() + 10
+        while len(list(Path(directory).iterdir())) < int(self.config.options["rendezvous_count"]):
+            if time.monotonic() > deadline:
+                raise TimeoutError("no other batch computed at the same time")
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.closed = True
 
     @staticmethod
     def _read(image: Pixels, threshold: float, precheck: bool) -> StripReading:

@@ -175,3 +175,15 @@ async def test_rpc_errors_raise_mesh_errors(runtime: Any) -> None:
         with pytest.raises(errors.InvalidArgument) as info, errors.rpc_errors():
             await channel.unary_unary(f"/{SERVICE}/Echo", None, None)(b"bad")
     assert info.value.field_violations[0].field == "payload"
+
+
+def test_configure_logging_is_remembered_for_child_processes() -> None:
+    """A worker process replays the server's logging setup (service, level, format) from current_logging()."""
+    from mesh.kit.logging import LoggingSetup, configure_logging, current_logging
+
+    previous = current_logging()
+    configure_logging("inference", level="warning", fmt="console")
+    try:
+        assert current_logging() == LoggingSetup("inference", "warning", "console")
+    finally:
+        (previous or LoggingSetup("tests", "info", "json")).apply()

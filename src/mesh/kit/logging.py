@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -26,8 +27,31 @@ def add_trace_context(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     return event
 
 
+@dataclass(frozen=True)
+class LoggingSetup:
+    """The arguments a process configured its logging with, so that its child processes can do the same."""
+
+    service: str
+    level: str
+    fmt: str
+
+    def apply(self) -> None:
+        """Configure this process's logging the same way."""
+        configure_logging(self.service, level=self.level, fmt=self.fmt)
+
+
+_current: LoggingSetup | None = None
+
+
+def current_logging() -> LoggingSetup | None:
+    """How this process configured its logging; None when it has not (a library or test run)."""
+    return _current
+
+
 def configure_logging(service: str, *, level: str = "info", fmt: str = "json") -> None:
     """Configure structlog and the standard library for this process; call once at start."""
+    global _current
+    _current = LoggingSetup(service, level, fmt)
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,

@@ -36,7 +36,8 @@ async def serve(settings: InferenceSettings) -> None:
         raise SystemExit(2) from None
     log.info("loading models", directory=str(repository.directory), device=device)
     await repository.load()
-    register_gpu_metrics(cupy_pool_bytes if device == "gpu" else None)
+    # Worker processes hold their own pools; this process's would read zero, which is not the GPU's state.
+    register_gpu_metrics(cupy_pool_bytes if device == "gpu" and repository.computes_here else None)
     file_client = FileClient.connect(settings)
     predictor = Predictor(
         repository,

@@ -61,6 +61,10 @@ class Model(Protocol):
         """Write one output into the response's ``output``."""
         ...
 
+    def close(self) -> None:
+        """Release what the model holds (worker processes, device memory); called once, after its last batch."""
+        ...
+
 
 ModelFactory: TypeAlias = Callable[["ModelConfig", DeviceName], Model]
 
@@ -130,6 +134,9 @@ class StripReaderModel:
 
     def fill_response(self, output: object, response: pb.PredictResponse) -> None:
         response.strip_reading.CopyFrom(strip_reading_to_proto(cast(ReadingLike, output)))
+
+    def close(self) -> None:
+        """Nothing to release: the reader holds only memory (and CuPy's pool, freed with the process)."""
 
 
 def default_factories() -> Mapping[str, ModelFactory]:

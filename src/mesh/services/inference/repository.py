@@ -26,6 +26,7 @@ from typing import Any, Literal, TypeAlias
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mesh.kit.cpus import usable_cpus
 from mesh.kit.errors import FieldViolation, NotFound, Unavailable
 from mesh.kit.logging import get_logger
 from mesh.services.inference.batching import ModelScheduler
@@ -33,11 +34,13 @@ from mesh.services.inference.images import Pixels
 from mesh.services.inference.models import DeviceName, Model, ModelFactory, Operation, default_factories
 from mesh.services.inference.parameters import ParameterSpec, ResolvedParameters
 from mesh.services.inference.stats import VersionStats
+from mesh.services.inference.workers import WorkerModel
 
 log = get_logger(__name__)
 
 CONFIG_NAMES = ("config.yaml", "config.yml", "config.json")
 LATEST = "latest"
+MAX_INSTANCES = 64
 
 # Only requests with equal keys share a batch: the same operation with the same parameters.
 BatchKey: TypeAlias = tuple[Operation, ResolvedParameters]
@@ -97,14 +100,31 @@ class ModelConfig(BaseModel):
     max_queue_size: int = Field(default=256, ge=1)
     """Requests that may wait per batch queue before new ones get RESOURCE_EXHAUSTED."""
 
-    instance_count: int = Field(default=1, ge=1, le=64)
-    """Batches computed concurrently (worker threads); one per CPU model keeps cores for decoding."""
+    instance_count: int | Literal["auto"] = Field(default=1)
+    """Batches computed concurrently; ``auto``: one per core this process may use (its container's quota)."""
+
+    instance_kind: Literal["thread", "process"] = "thread"
+    """Where an instance computes: a thread of the server, or a worker process with its own copy of the model
+    (for a model bound by Python, whose threads would take turns on the GIL); see :mod:`.workers`."""
 
     default_version: str = LATEST
     """``latest`` (the highest ready version) or a version number."""
 
     options: dict[str, Any] = Field(default_factory=dict)
     """Implementation-specific settings."""
+
+    @field_validator("instance_count")
+    @classmethod
+    def _count(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= MAX_INSTANCES:
+            raise ValueError(f"must be 'auto' or 1 to {MAX_INSTANCES}")
+        return value
+
+    def instances(self) -> int:
+        """``instance_count`` as a number: ``auto`` is the cores this process may use, at most MAX_INSTANCES."""
+        if self.instance_count == "auto":
+            return min(MAX_INSTANCES, usable_cpus())
+        return self.instance_count
 
     @field_validator("default_version")
     @classmethod
@@ -266,6 +286,11 @@ class ModelRepository:
             yield from entry.versions.values()
 
     @property
+    def computes_here(self) -> bool:
+        """True when some version computes in this process rather than in worker processes."""
+        return any(v.config.instance_kind == "thread" for v in self.versions())
+
+    @property
     def any_ready(self) -> bool:
         """True when at least one version can serve."""
         return any(v.ready for v in self.versions())
@@ -296,7 +321,7 @@ class ModelRepository:
             max_batch_size=config.max_batch_size,
             max_queue_delay_seconds=config.max_queue_delay_ms / 1000.0,
             max_queue_size=config.max_queue_size,
-            instance_count=config.instance_count,
+            instance_count=config.instances(),
             observer=version.stats,
             name=f"{version.name}-v{version.version}",
         )
@@ -311,8 +336,16 @@ class ModelRepository:
         )
 
     def _build(self, version: ModelVersion) -> Model:
-        model = self._factories[version.config.implementation](version.config, self.device)
-        model.warm_up()
+        config = version.config
+        factory = self._factories[config.implementation]
+        if config.instance_kind == "process":
+            return WorkerModel(factory, config, self.device, config.instances())
+        model = factory(config, self.device)
+        try:
+            model.warm_up()
+        except BaseException:
+            model.close()
+            raise
         return model
 
     async def close(self) -> None:
@@ -320,6 +353,8 @@ class ModelRepository:
         for version in self.versions():
             if version.scheduler is not None:
                 await version.scheduler.close()
+            if version.model is not None:
+                await asyncio.to_thread(version.model.close)
             version.state, version.reason = "UNAVAILABLE", "unloaded"
             version.stats.set_ready(False)
 

@@ -1,0 +1,378 @@
+"""Model instances in worker processes, for a model whose work holds the GIL.
+
+The strip reader spends most of a reading in Python between small NumPy and OpenCV calls, so two threads do
+not read two photos at once, on the CPU or on the GPU (whose path is bound by the same Python). With
+``instance_kind: process``, each of a model's instances is a worker process holding its own copy of the model
+(and on a GPU its own CUDA context), as Triton runs its Python backend's instances. The batcher does not
+change: it computes at most ``instance_count`` batches at once, each from one of its executor threads, and that
+thread hands its batch to a free worker and waits for the outputs without holding the GIL.
+
+Pixels travel through a buffer that the server and the worker both map: the server copies a batch's images
+into it, and the worker reads them where they lie. It is a memfd (an unlinked temporary file where there is
+none), handed to the worker over its pipe, because a container's /dev/shm holds 64 MiB unless the deployment
+enlarges it, less than one batch of 12-megapixel photos. The outputs come back written into a serialised
+``PredictResponse``, so the server process never loads the model itself. A worker that dies fails the batch it
+held with UNAVAILABLE and is started again for the next batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import multiprocessing
+import os
+import pickle
+import queue
+import signal
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing import reduction
+from multiprocessing.connection import Connection
+from multiprocessing.context import SpawnContext, SpawnProcess
+from typing import TYPE_CHECKING, Any, cast
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from mesh.inference.v1 import inference_service_pb2 as pb
+from mesh.kit.cpus import usable_cpus
+from mesh.kit.errors import Internal, MeshError, Unavailable
+from mesh.kit.logging import LoggingSetup, current_logging, get_logger
+from mesh.services.inference.models import DeviceName, ModelFactory, Operation
+from mesh.services.inference.parameters import ResolvedParameters
+
+if TYPE_CHECKING:
+    from mesh.services.inference.images import Pixels
+    from mesh.services.inference.repository import ModelConfig
+
+log = get_logger(__name__)
+
+# A worker loads and warms up its model within this many seconds (a first CUDA start compiles kernels).
+START_TIMEOUT_SECONDS = 300.0
+# A worker asked to stop exits within this many seconds, or it is terminated.
+STOP_TIMEOUT_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """A worker's first message: its model loaded and warmed up."""
+
+    platform: str
+    device: DeviceName
+    operations: frozenset[Operation]
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """A batch: its images lie one after another in the shared buffer, from offset 0."""
+
+    operation: Operation
+    parameters: ResolvedParameters
+    images: tuple[tuple[tuple[int, ...], str], ...]
+    """Each image's shape and NumPy dtype."""
+
+    buffer_size: int
+    """The shared buffer's size when the batch was written (it only grows)."""
+
+
+@dataclass(frozen=True)
+class _WorkerSpec:
+    """What a worker process needs to build its model."""
+
+    factory: ModelFactory
+    config: ModelConfig
+    device: DeviceName
+    opencv_threads: int
+    logging: LoggingSetup | None
+
+
+class WorkerModel:
+    """The model port over ``count`` worker processes, each with its own instance of ``factory``'s model.
+
+    The workers start (load and warm up) in parallel; the constructor returns when all are ready and raises
+    when one fails, with that worker's error.
+    """
+
+    def __init__(self, factory: ModelFactory, config: ModelConfig, device: DeviceName, count: int) -> None:
+        # Each worker computes one batch on its share of the cores: OpenCV would otherwise start a thread per
+        # core in every worker.
+        spec = _WorkerSpec(factory, config, device, max(1, usable_cpus() // count), current_logging())
+        context = multiprocessing.get_context("spawn")  # a forked child would inherit CUDA and locks mid-use
+        self._workers = [_Worker(context, spec, f"{config.name}-worker-{i}") for i in range(count)]
+        try:
+            for worker in self._workers:
+                worker.start()
+            ready = [worker.wait_ready() for worker in self._workers]
+        except BaseException:
+            self.close()
+            raise
+        self.platform = ready[0].platform
+        self.device: DeviceName = ready[0].device
+        self.operations: frozenset[Operation] = ready[0].operations
+        self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
+        for worker in self._workers:
+            self._idle.put(worker)
+
+    def warm_up(self) -> None:
+        """Nothing more to do: every worker warmed its copy up before it said it was ready."""
+
+    def run_batch(
+        self, operation: Operation, parameters: ResolvedParameters, images: Sequence[Pixels]
+    ) -> Sequence[object]:
+        # The batcher computes at most as many batches at once as there are workers, so one is free or about to be.
+        worker = self._idle.get()
+        try:
+            return worker.run(operation, parameters, images)
+        finally:
+            self._idle.put(worker)
+
+    def fill_response(self, output: object, response: pb.PredictResponse) -> None:
+        response.MergeFromString(cast(bytes, output))
+
+    def close(self) -> None:
+        """Stop every worker (after its current batch, or by force after STOP_TIMEOUT_SECONDS)."""
+        for worker in self._workers:
+            worker.stop()
+
+
+class _Worker:
+    """One worker process and the server's end of its pipe; one batch thread uses it at a time."""
+
+    def __init__(self, context: SpawnContext, spec: _WorkerSpec, name: str) -> None:
+        self._context = context
+        self._spec = spec
+        self._name = name
+        self._process: SpawnProcess | None = None
+        self._conn: Connection | None = None
+        self._buffer = SharedBuffer.closed()
+
+    def start(self) -> None:
+        """Start the process; it loads its model meanwhile (see :meth:`wait_ready`)."""
+        server_end, worker_end = self._context.Pipe()
+        process = self._context.Process(
+            target=_serve, args=(worker_end, self._spec), name=self._name, daemon=True
+        )
+        process.start()
+        worker_end.close()
+        self._process, self._conn = process, server_end
+        self._buffer.close()
+        self._buffer = SharedBuffer.create()
+        reduction.send_handle(server_end, self._buffer.fileno, process.pid)
+
+    def wait_ready(self) -> _Ready:
+        """Wait until the model is loaded and warmed up; raises the worker's error when it could not be."""
+        conn = self._connection()
+        try:
+            if not conn.poll(START_TIMEOUT_SECONDS):
+                raise RuntimeError(
+                    f"{self._name} did not load its model within {START_TIMEOUT_SECONDS:.0f} s"
+                )
+            kind, payload = conn.recv()
+        except EOFError:
+            raise RuntimeError(f"{self._name} exited (code {self._reap()}) while loading its model") from None
+        except BaseException:
+            self.stop()
+            raise
+        if kind != "ready":
+            self.stop()
+            raise cast(BaseException, payload)
+        return cast(_Ready, payload)
+
+    def run(
+        self, operation: Operation, parameters: ResolvedParameters, images: Sequence[Pixels]
+    ) -> list[bytes]:
+        """One batch's serialised responses; raises what the model raised for it."""
+        if self._process is None or not self._process.is_alive():
+            self._restart()
+        conn = self._connection()
+        self._buffer.reserve(sum(image.nbytes for image in images))
+        layouts = []
+        offset = 0
+        for image in images:
+            np.copyto(self._buffer.view(offset, image.shape, image.dtype), image)
+            layouts.append((image.shape, image.dtype.str))
+            offset += image.nbytes
+        try:
+            conn.send(_Batch(operation, parameters, tuple(layouts), self._buffer.size))
+            kind, payload = conn.recv()
+        except (EOFError, OSError):
+            code = self._reap()
+            raise Unavailable(
+                f"the model's worker process exited (code {code}) while computing this batch; "
+                "it is started again for the next one",
+                retry_after_seconds=1.0,
+            ) from None
+        if kind != "ok":
+            raise cast(BaseException, payload)
+        return cast(list[bytes], payload)
+
+    def stop(self) -> None:
+        """Ask the worker to exit; terminate it if it does not."""
+        process, conn = self._process, self._conn
+        self._process = self._conn = None
+        self._buffer.close()
+        if conn is not None:
+            with contextlib.suppress(OSError):  # already gone
+                conn.send(None)
+            conn.close()
+        if process is not None:
+            process.join(STOP_TIMEOUT_SECONDS)
+            if process.is_alive():
+                process.terminate()
+                process.join(STOP_TIMEOUT_SECONDS)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+    def _restart(self) -> None:
+        code = self._reap()
+        log.warning("model worker restarting", worker=self._name, exit_code=code)
+        self.start()
+        try:
+            self.wait_ready()
+        except Exception as exc:
+            raise Unavailable(f"{self._name} could not be restarted: {exc}", retry_after_seconds=5.0) from exc
+
+    def _reap(self) -> int | None:
+        """The dead worker's exit code; its pipe closed."""
+        process, conn = self._process, self._conn
+        self._process = self._conn = None
+        if conn is not None:
+            conn.close()
+        if process is None:
+            return None
+        process.join(STOP_TIMEOUT_SECONDS)
+        if process.is_alive():
+            process.kill()
+            process.join()
+        return process.exitcode
+
+    def _connection(self) -> Connection:
+        if self._conn is None:
+            raise Unavailable(f"{self._name} is not running", retry_after_seconds=1.0)
+        return self._conn
+
+
+def _serve(conn: Connection, spec: _WorkerSpec) -> None:
+    """A worker process's main loop: build the model, then compute batches until told to stop."""
+    # Ctrl-C in a terminal reaches the whole process group; the server stops its workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if spec.logging is not None:
+        spec.logging.apply()
+    cv2.setNumThreads(spec.opencv_threads)
+    buffer = SharedBuffer.attach(reduction.recv_handle(conn))
+    try:
+        model = spec.factory(spec.config, spec.device)
+        model.warm_up()
+    except Exception as exc:
+        conn.send(("error", _portable(exc)))
+        return
+    try:
+        conn.send(("ready", _Ready(model.platform, model.device, frozenset(model.operations))))
+        while True:
+            try:
+                batch = conn.recv()
+            except EOFError:  # the server is gone
+                return
+            if batch is None:
+                return
+            buffer.follow(batch.buffer_size)
+            images = buffer.images(batch.images)
+            try:
+                outputs = model.run_batch(batch.operation, batch.parameters, images)
+                conn.send(("ok", [_serialised(model.fill_response, output) for output in outputs]))
+            except Exception as exc:
+                if not isinstance(exc, MeshError):
+                    log.warning(
+                        "model batch failed", worker=multiprocessing.current_process().name, exc_info=True
+                    )
+                conn.send(("error", _portable(exc)))
+    finally:
+        model.close()
+        buffer.close()
+
+
+class SharedBuffer:
+    """Memory that a server and its worker both map, through one file descriptor; it only grows."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fileno = fd
+        self.size = 0
+        self._map: mmap.mmap | None = None
+        self.follow(size)
+
+    @classmethod
+    def create(cls) -> SharedBuffer:
+        """A new, empty buffer: a memfd where the system has them, else an unlinked temporary file."""
+        if hasattr(os, "memfd_create"):
+            return cls(os.memfd_create("mesh-model-batch", os.MFD_CLOEXEC), 0)
+        fd, path = tempfile.mkstemp(prefix="mesh-model-batch-")
+        os.unlink(path)
+        return cls(fd, 0)
+
+    @classmethod
+    def attach(cls, fd: int) -> SharedBuffer:
+        """The worker's side of a buffer received over its pipe (mapped when the first batch says its size)."""
+        return cls(fd, 0)
+
+    @classmethod
+    def closed(cls) -> SharedBuffer:
+        """A placeholder before the first worker starts."""
+        return cls(-1, 0)
+
+    def reserve(self, size: int) -> None:
+        """Grow (the server's side) to hold at least ``size`` bytes; doubling keeps remaps rare."""
+        if size > self.size:
+            os.ftruncate(self.fileno, max(size, 2 * self.size))
+            self.follow(os.fstat(self.fileno).st_size)
+
+    def follow(self, size: int) -> None:
+        """Map ``size`` bytes, as the server grew the file to."""
+        if size == self.size:
+            return
+        if self._map is not None:
+            self._map.close()
+        self._map = mmap.mmap(self.fileno, size) if size else None
+        self.size = size
+
+    def view(self, offset: int, shape: tuple[int, ...], dtype: np.dtype[Any]) -> npt.NDArray[Any]:
+        """An array over the buffer's bytes from ``offset``."""
+        if self._map is None:
+            raise Internal("a model batch buffer was used before it was sized")
+        return np.ndarray(shape, dtype=dtype, buffer=self._map, offset=offset)
+
+    def images(self, layouts: Sequence[tuple[tuple[int, ...], str]]) -> list[Pixels]:
+        """A batch's images, one after another from offset 0 (views: valid until the next batch)."""
+        images: list[Pixels] = []
+        offset = 0
+        for shape, dtype in layouts:
+            image = self.view(offset, shape, np.dtype(dtype))
+            images.append(image)
+            offset += image.nbytes
+        return images
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self.fileno >= 0:
+            os.close(self.fileno)
+            self.fileno = -1
+        self.size = 0
+
+
+def _serialised(fill: Callable[[object, pb.PredictResponse], None], output: object) -> bytes:
+    response = pb.PredictResponse()
+    fill(output, response)
+    return response.SerializeToString()
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """``exc`` if it survives the trip to the server process, else an Internal error that names it."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return Internal(f"the model failed: {type(exc).__name__}: {exc}")
+    return exc

@@ -1,0 +1,180 @@
+"""Model instances in worker processes (``instance_kind: process``): same answers, parallel, crash-proof."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mesh.common.v1 import image_pb2
+from mesh.inference.v1 import inference_service_pb2 as pb
+from mesh.kit.errors import InvalidArgument, Unavailable
+from mesh.services.inference.images import ImageDecoder
+from mesh.services.inference.predictor import Predictor
+from mesh.services.inference.repository import ModelConfigError, ModelRepository, read_config
+from mesh.services.inference.workers import _portable
+from tests.inference.fakes import POISON, FakeFactory, write_model
+
+CRASH = 66
+
+
+def request(model: str, value: int, *, precheck: bool = False) -> pb.PredictRequest:
+    """A uniform 8x6 RGB image of ``value`` as raw pixels."""
+    raw = image_pb2.RawImage(pixels=bytes([value]) * (8 * 6 * 3), width=8, height=6, channels=3)
+    return pb.PredictRequest(model_name=model, input=image_pb2.ImageInput(raw=raw), precheck_only=precheck)
+
+
+async def loaded(root: Path) -> ModelRepository:
+    repository = ModelRepository(root, factories={"fake": FakeFactory()})
+    await repository.load()
+    return repository
+
+
+@pytest.fixture
+async def workers(tmp_path: Path) -> AsyncIterator[Predictor]:
+    """ "threads" and "processes": the same fake model in the server's threads and in two worker processes."""
+    write_model(tmp_path / "models", name="threads")
+    write_model(
+        tmp_path / "models",
+        name="processes",
+        instance_kind="process",
+        instance_count=2,
+        options={"exit_on_pixel": CRASH},
+    )
+    repository = await loaded(tmp_path / "models")
+    yield Predictor(repository, ImageDecoder(max_pixels=1_000_000))
+    await repository.close()
+
+
+def _worker_processes() -> list[multiprocessing.process.BaseProcess]:
+    return [p for p in multiprocessing.active_children() if "-worker-" in (p.name or "")]
+
+
+async def test_worker_processes_answer_as_the_model_does_in_the_server(workers: Predictor) -> None:
+    """Outputs, parameters and the pre-check come back from a worker process exactly as computed in-process."""
+    for value, precheck, threshold in (
+        (200, False, None),
+        (50, False, None),
+        (200, True, None),
+        (100, False, 40.0),
+    ):
+        answers = []
+        for model in ("threads", "processes"):
+            message = request(model, value, precheck=precheck)
+            if threshold is not None:
+                message.parameters["threshold"].number_value = threshold
+            response = await workers.predict(message)
+            answers.append(response.strip_reading)
+        assert answers[0] == answers[1]
+        assert answers[1].verdict != 0
+    served, _ = workers.repository.get("processes").require_ready()
+    assert served.platform == "python"
+    assert workers.repository.computes_here  # "threads" does
+
+
+async def test_an_error_raised_in_a_worker_reaches_the_caller_with_its_type(workers: Predictor) -> None:
+    """A model's exception crosses the process boundary as itself; the server maps it as it would in-process."""
+    version = workers.repository.get("processes")
+    _, scheduler = version.require_ready()
+    image = np.full((6, 8, 3), POISON, dtype=np.uint8)
+    with pytest.raises(ValueError, match="poisoned image"):
+        await scheduler.submit(("predict", ()), image)
+    assert (await workers.predict(request("processes", 200))).strip_reading.verdict != 0
+
+
+async def test_a_crashed_worker_fails_its_batch_unavailable_and_is_started_again(workers: Predictor) -> None:
+    """A worker that dies mid-batch answers UNAVAILABLE (retry); the next request is served by a new process."""
+    before = {p.pid for p in _worker_processes()}
+    assert len(before) == 2
+    with pytest.raises(Unavailable, match=r"exited \(code 17\)"):
+        await workers.predict(request("processes", CRASH))
+    response = await workers.predict(request("processes", 200))
+    response_again = await workers.predict(request("processes", 200))
+    assert response.strip_reading.verdict == response_again.strip_reading.verdict != 0
+    after = {p.pid for p in _worker_processes()}
+    assert len(after) == 2
+    assert len(after - before) == 1
+
+
+async def test_process_instances_compute_batches_at_once_outside_the_server(tmp_path: Path) -> None:
+    """Two batches compute at the same time in two worker processes (each waits until the other has started)."""
+    meeting = tmp_path / "meeting"
+    meeting.mkdir()
+    write_model(
+        tmp_path / "models",
+        name="parallel",
+        instance_kind="process",
+        instance_count=2,
+        max_batch_size=1,
+        max_queue_delay_ms=0,
+        options={"rendezvous_dir": str(meeting), "rendezvous_count": 2},
+    )
+    repository = await loaded(tmp_path / "models")
+    assert not repository.computes_here  # so the server leaves its own (empty) GPU pool out of its metrics
+    try:
+        predictor = Predictor(repository, ImageDecoder(max_pixels=1_000_000))
+        responses = await asyncio.gather(*(predictor.predict(request("parallel", 200)) for _ in range(2)))
+        assert all(r.strip_reading.verdict != 0 for r in responses)
+        pids = {int(name.name.split("-")[0]) for name in meeting.iterdir()}
+        assert len(pids) == 2
+        assert os.getpid() not in pids
+    finally:
+        await repository.close()
+
+
+async def test_closing_the_repository_stops_its_worker_processes(tmp_path: Path) -> None:
+    """No worker process outlives the repository that started it."""
+    write_model(tmp_path, name="closing", instance_kind="process", instance_count=2)
+    repository = await loaded(tmp_path)
+    workers = [p for p in _worker_processes() if p.name and p.name.startswith("closing-")]
+    assert len(workers) == 2
+    await repository.close()
+    assert not any(p.is_alive() for p in workers)
+
+
+async def test_a_model_that_cannot_load_in_its_worker_leaves_the_version_unavailable(tmp_path: Path) -> None:
+    """The worker's load error becomes the version's reason, and its worker processes are gone."""
+    write_model(
+        tmp_path, name="broken", instance_kind="process", instance_count=2, options={"fail_warm_up": True}
+    )
+    repository = await loaded(tmp_path)
+    version = repository.get("broken")
+    assert version.state == "UNAVAILABLE"
+    assert "weights are corrupt" in version.reason
+    assert not [p for p in _worker_processes() if p.name and p.name.startswith("broken-")]
+    await repository.close()
+
+
+@pytest.mark.parametrize("count", ["many", 0, 65])
+def test_instance_count_is_auto_or_a_number_in_range(tmp_path: Path, count: Any) -> None:
+    """A bad instance_count names the field and what it may be."""
+    config = write_model(tmp_path, instance_count=count) / "config.yaml"
+    with pytest.raises(ModelConfigError, match="instance_count"):
+        read_config(config)
+
+
+def test_auto_instance_count_is_the_usable_cores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` asks the kit how many cores this process may use."""
+    config = read_config(write_model(tmp_path, instance_count="auto") / "config.yaml")
+    monkeypatch.setattr("mesh.services.inference.repository.usable_cpus", lambda: 3)
+    assert config.instances() == 3
+    assert read_config(write_model(tmp_path, name="two", instance_count=2) / "config.yaml").instances() == 2
+
+
+class _NeedsTwoArguments(Exception):
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a} {b}")
+
+
+def test_an_exception_that_cannot_cross_processes_becomes_internal_naming_it() -> None:
+    """An exception the server could not unpickle is replaced by one that says what it was."""
+    error = InvalidArgument("bad image")
+    assert _portable(error) is error
+    replaced = _portable(_NeedsTwoArguments("x", "y"))
+    assert "_NeedsTwoArguments: x y" in str(replaced)
