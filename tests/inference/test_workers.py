@@ -18,7 +18,7 @@ from mesh.kit.errors import InvalidArgument, Unavailable
 from mesh.services.inference.images import ImageDecoder
 from mesh.services.inference.predictor import Predictor
 from mesh.services.inference.repository import ModelConfigError, ModelRepository, read_config
-from mesh.services.inference.workers import _portable
+from mesh.services.inference.workers import WorkerModel, _portable
 from tests.inference.fakes import POISON, FakeFactory, write_model
 
 CRASH = 66
@@ -178,3 +178,21 @@ def test_an_exception_that_cannot_cross_processes_becomes_internal_naming_it() -
     assert _portable(error) is error
     replaced = _portable(_NeedsTwoArguments("x", "y"))
     assert "_NeedsTwoArguments: x y" in str(replaced)
+
+
+def test_a_large_batch_gives_its_buffer_back_and_later_batches_still_read_right(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over KEEP_BYTES the shared buffer is released after the batch; the next batch maps it afresh."""
+    monkeypatch.setattr("mesh.services.inference.workers.KEEP_BYTES", 100)
+    config = read_config(write_model(tmp_path) / "config.yaml")
+    model = WorkerModel(FakeFactory(), config, "cpu", 1)
+    try:
+        for value, verdict in ((200, "POSITIVE"), (50, "NEGATIVE"), (220, "POSITIVE")):
+            outputs = model.run_batch("predict", (), [np.full((6, 8, 3), value, dtype=np.uint8)])
+            response = pb.PredictResponse()
+            model.fill_response(outputs[0], response)
+            assert pb.Verdict.Name(response.strip_reading.verdict) == f"VERDICT_{verdict}"
+            assert model._workers[0]._buffer.size == 0
+    finally:
+        model.close()

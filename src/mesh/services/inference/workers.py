@@ -53,6 +53,9 @@ log = get_logger(__name__)
 START_TIMEOUT_SECONDS = 300.0
 # A worker asked to stop exits within this many seconds, or it is terminated.
 STOP_TIMEOUT_SECONDS = 10.0
+# Between batches a worker's buffer keeps at most this much memory: one large batch (16 photos of 12
+# megapixels take 576 MiB) must not hold its memory for good, in every worker.
+KEEP_BYTES = 128 * 2**20
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,8 @@ class _Worker:
                 "it is started again for the next one",
                 retry_after_seconds=1.0,
             ) from None
+        finally:
+            self._buffer.shrink(KEEP_BYTES)
         if kind != "ok":
             raise cast(BaseException, payload)
         return cast(list[bytes], payload)
@@ -327,6 +332,12 @@ class SharedBuffer:
         if size > self.size:
             os.ftruncate(self.fileno, max(size, 2 * self.size))
             self.follow(os.fstat(self.fileno).st_size)
+
+    def shrink(self, keep: int) -> None:
+        """Give the memory back (the server's side, between batches) when it holds more than ``keep`` bytes."""
+        if self.size > keep and self.fileno >= 0:
+            os.ftruncate(self.fileno, 0)
+            self.follow(0)
 
     def follow(self, size: int) -> None:
         """Map ``size`` bytes, as the server grew the file to."""
