@@ -119,6 +119,7 @@ async def test_metadata_describes_a_version(served: Served) -> None:
     assert meta.parameters["threshold"].number_value == 128.0
     assert meta.max_batch_size == 4
     assert meta.max_queue_delay_seconds == pytest.approx(0.02)
+    assert (meta.instance_count, meta.instance_kind) == (1, "thread")
     assert meta.device == image_pb2.DEVICE_CPU
     assert meta.platform == "python"
     assert meta.status.ready

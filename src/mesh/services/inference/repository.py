@@ -332,6 +332,8 @@ class ModelRepository:
             model=version.name,
             version=version.version,
             device=model.device,
+            instances=config.instances(),
+            instance_kind=config.instance_kind,
             seconds=round(time.perf_counter() - started, 3),
         )
 
