@@ -160,10 +160,12 @@ def test_instance_count_is_auto_or_a_number_in_range(tmp_path: Path, count: Any)
 
 
 def test_auto_instance_count_is_the_usable_cores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``auto`` asks the kit how many cores this process may use."""
+    """``auto`` asks the kit how many cores this process may use, and stops at 8."""
     config = read_config(write_model(tmp_path, instance_count="auto") / "config.yaml")
     monkeypatch.setattr("mesh.services.inference.repository.usable_cpus", lambda: 3)
     assert config.instances() == 3
+    monkeypatch.setattr("mesh.services.inference.repository.usable_cpus", lambda: 64)
+    assert config.instances() == 8  # each worker holds a copy of the model
     assert read_config(write_model(tmp_path, name="two", instance_count=2) / "config.yaml").instances() == 2
 
 

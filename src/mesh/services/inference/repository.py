@@ -41,6 +41,9 @@ log = get_logger(__name__)
 CONFIG_NAMES = ("config.yaml", "config.yml", "config.json")
 LATEST = "latest"
 MAX_INSTANCES = 64
+# ``instance_count: auto`` stops here: every worker process holds its own copy of the model (110-160 MB for the
+# strip reader, and a CUDA context on a GPU), and the server process that decodes and feeds them needs cores too.
+AUTO_INSTANCES = 8
 
 # Only requests with equal keys share a batch: the same operation with the same parameters.
 BatchKey: TypeAlias = tuple[Operation, ResolvedParameters]
@@ -101,7 +104,8 @@ class ModelConfig(BaseModel):
     """Requests that may wait per batch queue before new ones get RESOURCE_EXHAUSTED."""
 
     instance_count: int | Literal["auto"] = Field(default=1)
-    """Batches computed concurrently; ``auto``: one per core this process may use (its container's quota)."""
+    """Batches computed concurrently; ``auto``: one per core this process may use (its container's quota), at most
+    AUTO_INSTANCES."""
 
     instance_kind: Literal["thread", "process"] = "thread"
     """Where an instance computes: a thread of the server, or a worker process with its own copy of the model
@@ -121,9 +125,9 @@ class ModelConfig(BaseModel):
         return value
 
     def instances(self) -> int:
-        """``instance_count`` as a number: ``auto`` is the cores this process may use, at most MAX_INSTANCES."""
+        """``instance_count`` as a number: ``auto`` is the cores this process may use, at most AUTO_INSTANCES."""
         if self.instance_count == "auto":
-            return min(MAX_INSTANCES, usable_cpus())
+            return min(AUTO_INSTANCES, usable_cpus())
         return self.instance_count
 
     @field_validator("default_version")
