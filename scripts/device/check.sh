@@ -35,8 +35,15 @@ step pytest-gpu 100 python3 -m pytest -q -rfE --tb=short -m gpu -p no:cacheprovi
 MESH_BENCH_IMAGE_SKIP_CPU=1 step bench-image 100 python3 -m bench image
 # 3. The strip reader: one 1080p read and batches, on CPU and GPU.
 step bench-strip 40 python3 -m bench strip
-# 4. Serving: Predict at batch 1 and with dynamic batching, CPU and GPU.
+# 4. Serving: Predict at batch 1 and with dynamic batching, CPU and GPU; the strip reader's instances are
+#    worker processes (models/strip-reader). Then the same with them as one thread of the server, for the
+#    comparison (a copy of the model repository with instance_kind: thread).
 step bench-inference 70 python3 -m bench inference
+threads_models="$(mktemp -d)/models"
+cp -r models "$threads_models"
+sed -i 's/^instance_kind: process/instance_kind: thread/; s/^instance_count: auto/instance_count: 1/' \
+  "$threads_models/strip-reader/1/config.yaml"
+MESH_MODEL_DIR="$threads_models" step bench-inference-threads 70 python3 -m bench inference
 # 5. Held-out accuracy and latency with the GPU reader beside the CPU one (a small split: the time is short).
 step eval 45 python3 -m mesh.services.inference.evaluate --count 100
 # 6. The gateway's added latency with cores to spare (the development machine has two); no PostgreSQL there,
