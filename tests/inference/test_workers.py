@@ -186,12 +186,14 @@ def test_a_large_batch_gives_its_buffer_back_and_later_batches_still_read_right(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Over KEEP_BYTES the shared buffer is released after the batch; the next batch maps it afresh."""
-    monkeypatch.setattr("mesh.services.inference.workers.KEEP_BYTES", 100)
+    monkeypatch.setattr("mesh.services.inference.workers.KEEP_BYTES", 50)
     config = read_config(write_model(tmp_path) / "config.yaml")
     model = WorkerModel(FakeFactory(), config, "cpu", 1)
     try:
-        for value, verdict in ((200, "POSITIVE"), (50, "NEGATIVE"), (220, "POSITIVE")):
-            outputs = model.run_batch("predict", (), [np.full((6, 8, 3), value, dtype=np.uint8)])
+        # Sizes change from batch to batch, so the worker maps the buffer anew each time while the previous
+        # batch's images may still be referenced.
+        for value, verdict, width in ((200, "POSITIVE", 8), (50, "NEGATIVE", 16), (220, "POSITIVE", 4)):
+            outputs = model.run_batch("predict", (), [np.full((6, width, 3), value, dtype=np.uint8)])
             response = pb.PredictResponse()
             model.fill_response(outputs[0], response)
             assert pb.Verdict.Name(response.strip_reading.verdict) == f"VERDICT_{verdict}"

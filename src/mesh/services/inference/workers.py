@@ -343,8 +343,8 @@ class SharedBuffer:
         """Map ``size`` bytes, as the server grew the file to."""
         if size == self.size:
             return
-        if self._map is not None:
-            self._map.close()
+        # The old map is dropped, not closed: arrays over it (the last batch's images) keep it mapped until they
+        # go, where closing it would leave them pointing at unmapped memory.
         self._map = mmap.mmap(self.fileno, size) if size else None
         self.size = size
 
@@ -365,9 +365,7 @@ class SharedBuffer:
         return images
 
     def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
-            self._map = None
+        self._map = None  # unmapped when the last array over it goes (see follow)
         if self.fileno >= 0:
             os.close(self.fileno)
             self.fileno = -1
