@@ -68,6 +68,9 @@ class FakeModel:
     def warm_up(self) -> None:
         if self.config.options.get("fail_warm_up"):
             raise RuntimeError("weights are corrupt")
+        flag = self.config.options.get("fail_warm_up_while")
+        if flag is not None and Path(flag).exists():
+            raise RuntimeError(f"weights unreadable while {flag} exists")
 
     def run_batch(
         self, operation: Operation, parameters: ResolvedParameters, images: Sequence[Pixels]
@@ -98,6 +101,9 @@ class FakeModel:
             if time.monotonic() > deadline:
                 raise TimeoutError("no other batch computed at the same time")
             time.sleep(0.01)
+
+    def fault(self) -> str | None:
+        return None
 
     def close(self) -> None:
         self.closed = True

@@ -15,6 +15,7 @@ import pytest
 from mesh.common.v1 import image_pb2
 from mesh.inference.v1 import inference_service_pb2 as pb
 from mesh.kit.errors import InvalidArgument, Unavailable
+from mesh.services.inference.checks import models_check
 from mesh.services.inference.images import ImageDecoder
 from mesh.services.inference.predictor import Predictor
 from mesh.services.inference.repository import ModelConfigError, ModelRepository, read_config
@@ -200,3 +201,48 @@ def test_a_large_batch_gives_its_buffer_back_and_later_batches_still_read_right(
             assert model._workers[0]._buffer.size == 0
     finally:
         model.close()
+
+
+async def test_a_worker_that_cannot_start_again_makes_the_version_unavailable_until_it_can(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Health tells the truth: while no worker process runs, the version is UNAVAILABLE with the reason, health
+    fails, requests get UNAVAILABLE; a background thread starts the worker again once its model loads."""
+    monkeypatch.setattr("mesh.services.inference.workers.RETRY_FIRST_SECONDS", 0.1)
+    broken_weights = tmp_path / "broken-weights"
+    write_model(
+        tmp_path / "models",
+        name="fragile",
+        instance_kind="process",
+        instance_count=1,
+        options={"exit_on_pixel": CRASH, "fail_warm_up_while": str(broken_weights)},
+    )
+    repository = await loaded(tmp_path / "models")
+    try:
+        predictor = Predictor(repository, ImageDecoder(max_pixels=1_000_000))
+        health = models_check(repository)
+        version = repository.get("fragile")
+        broken_weights.touch()
+        with pytest.raises(Unavailable, match="exited"):
+            await predictor.predict(request("fragile", CRASH))
+        with pytest.raises(Unavailable, match="could not be started again"):
+            await predictor.predict(request("fragile", 200))
+        assert not version.ready
+        state, reason = version.status()
+        assert state == "UNAVAILABLE"
+        assert "weights unreadable" in reason
+        with pytest.raises(RuntimeError, match="no model is ready"):
+            await health.probe()
+        with pytest.raises(Unavailable, match="no worker process of this model runs"):
+            await predictor.predict(request("fragile", 200))
+
+        broken_weights.unlink()
+        for _ in range(300):
+            if version.ready:
+                break
+            await asyncio.sleep(0.1)
+        assert version.status() == ("READY", "ready")
+        assert (await predictor.predict(request("fragile", 200))).strip_reading.verdict != 0
+        await health.probe()
+    finally:
+        await repository.close()

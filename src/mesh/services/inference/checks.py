@@ -13,7 +13,7 @@ def models_check(repository: ModelRepository) -> FunctionCheck:
         ready = [f"{v.name}/{v.version}" for v in repository.versions() if v.ready]
         # The device is chosen once per process; health says which, as every response does.
         if not ready:
-            states = {f"{v.name}/{v.version}": v.reason for v in repository.versions()}
+            states = {f"{v.name}/{v.version}": v.status()[1] for v in repository.versions()}
             raise RuntimeError(f"no model is ready: {states}")
         return f"ready on {repository.device}: {', '.join(ready)}"
 

@@ -61,6 +61,10 @@ class Model(Protocol):
         """Write one output into the response's ``output``."""
         ...
 
+    def fault(self) -> str | None:
+        """Why the loaded model cannot compute now (its worker processes no longer start), or None."""
+        ...
+
     def close(self) -> None:
         """Release what the model holds (worker processes, device memory); called once, after its last batch."""
         ...
@@ -134,6 +138,10 @@ class StripReaderModel:
 
     def fill_response(self, output: object, response: pb.PredictResponse) -> None:
         response.strip_reading.CopyFrom(strip_reading_to_proto(cast(ReadingLike, output)))
+
+    def fault(self) -> str | None:
+        """None: in the server's own threads, the reader has nothing that can break after it loaded."""
+        return None
 
     def close(self) -> None:
         """Nothing to release: the reader holds only memory (and CuPy's pool, freed with the process)."""

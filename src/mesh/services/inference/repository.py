@@ -160,8 +160,16 @@ class ModelVersion:
 
     @property
     def ready(self) -> bool:
-        """True when it can serve."""
-        return self.state == "READY"
+        """True when it can serve: loaded, and its model has no fault (see :meth:`Model.fault`)."""
+        return self.status()[0] == "READY"
+
+    def status(self) -> tuple[VersionState, str]:
+        """The state and its reason as clients and health see them: a loaded model with a fault (its worker
+        processes no longer start) is UNAVAILABLE, with that fault as the reason, until it recovers."""
+        fault = None if self.model is None or self.state != "READY" else self.model.fault()
+        if fault is not None:
+            return "UNAVAILABLE", fault
+        return self.state, self.reason
 
     def require_ready(self) -> tuple[Model, ModelScheduler[BatchKey, Pixels, object]]:
         """The model and scheduler, or UNAVAILABLE with the reason."""

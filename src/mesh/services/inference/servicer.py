@@ -32,9 +32,8 @@ def _deadline(context: Context) -> float | None:
 
 def version_status(version: ModelVersion) -> pb.ModelVersionStatus:
     """A version's load state."""
-    return pb.ModelVersionStatus(
-        version=version.version, ready=version.ready, state=version.state, reason=version.reason
-    )
+    state, reason = version.status()
+    return pb.ModelVersionStatus(version=version.version, ready=state == "READY", state=state, reason=reason)
 
 
 def model_summary(entry: ModelEntry) -> pb.ModelSummary:
@@ -96,7 +95,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     @override
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
         version = self._repository.get(request.name, request.version)
-        return pb.ModelReadyResponse(ready=version.ready, version=version.version, reason=version.reason)
+        state, reason = version.status()
+        return pb.ModelReadyResponse(ready=state == "READY", version=version.version, reason=reason)
 
     @override
     async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:

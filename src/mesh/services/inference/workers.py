@@ -11,8 +11,12 @@ Pixels travel through a buffer that the server and the worker both map: the serv
 into it, and the worker reads them where they lie. It is a memfd (an unlinked temporary file where there is
 none), handed to the worker over its pipe, because a container's /dev/shm holds 64 MiB unless the deployment
 enlarges it, less than one batch of 12-megapixel photos. The outputs come back written into a serialised
-``PredictResponse``, so the server process never loads the model itself. A worker that dies fails the batch it
-held with UNAVAILABLE and is started again for the next batch.
+``PredictResponse``, so the server process never loads the model itself.
+
+A worker that dies fails the batch it held with UNAVAILABLE and is started again for the next batch. One that
+cannot be started again (its model no longer loads: a GPU gone bad, memory short) leaves the rotation, and a
+background thread tries again with a growing pause; while no worker runs, :meth:`WorkerModel.fault` says why,
+so that the version reads not ready and the service's health says so.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import pickle
 import queue
 import signal
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing import reduction
@@ -53,6 +58,9 @@ log = get_logger(__name__)
 START_TIMEOUT_SECONDS = 300.0
 # A worker asked to stop exits within this many seconds, or it is terminated.
 STOP_TIMEOUT_SECONDS = 10.0
+# Pauses between attempts to start a worker again after a failed start: the first, and the longest.
+RETRY_FIRST_SECONDS = 2.0
+RETRY_MAX_SECONDS = 60.0
 # Between batches a worker's buffer keeps at most this much memory: one large batch (16 photos of 12
 # megapixels take 576 MiB) must not hold its memory for good, in every worker.
 KEEP_BYTES = 128 * 2**20
@@ -104,6 +112,10 @@ class WorkerModel:
         spec = _WorkerSpec(factory, config, device, max(1, usable_cpus() // count), current_logging())
         context = multiprocessing.get_context("spawn")  # a forked child would inherit CUDA and locks mid-use
         self._workers = [_Worker(context, spec, f"{config.name}-worker-{i}") for i in range(count)]
+        self._broken: dict[str, _Worker] = {}  # by name; out of the rotation until started again
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._restarter: threading.Thread | None = None
         try:
             for worker in self._workers:
                 worker.start()
@@ -124,20 +136,72 @@ class WorkerModel:
     def run_batch(
         self, operation: Operation, parameters: ResolvedParameters, images: Sequence[Pixels]
     ) -> Sequence[object]:
-        # The batcher computes at most as many batches at once as there are workers, so one is free or about to be.
-        worker = self._idle.get()
+        worker = self._take()
         try:
             return worker.run(operation, parameters, images)
         finally:
-            self._idle.put(worker)
+            self._give_back(worker)
 
     def fill_response(self, output: object, response: pb.PredictResponse) -> None:
         response.MergeFromString(cast(bytes, output))
 
+    def fault(self) -> str | None:
+        """Why no worker can compute (each failed to start again), or None while at least one runs."""
+        with self._lock:
+            if len(self._broken) < len(self._workers):
+                return None
+            return "; ".join(worker.failure or "" for worker in self._broken.values())
+
     def close(self) -> None:
         """Stop every worker (after its current batch, or by force after STOP_TIMEOUT_SECONDS)."""
+        self._closing.set()
+        restarter = self._restarter
+        if restarter is not None:
+            restarter.join()
         for worker in self._workers:
             worker.stop()
+
+    def _take(self) -> _Worker:
+        # The batcher computes at most as many batches at once as there are workers, so a worker is free or
+        # about to be, unless some are out of the rotation: then wait, and give up while none runs at all.
+        while True:
+            try:
+                return self._idle.get(timeout=1.0)
+            except queue.Empty:
+                problem = self.fault()
+                if problem is not None:
+                    raise Unavailable(
+                        f"no worker process of this model runs: {problem}", retry_after_seconds=5.0
+                    ) from None
+
+    def _give_back(self, worker: _Worker) -> None:
+        if worker.failure is None:
+            self._idle.put(worker)
+            return
+        with self._lock:
+            self._broken[worker.name] = worker
+            if self._restarter is None:
+                self._restarter = threading.Thread(
+                    target=self._restart_broken, name=f"{worker.name}-restarter", daemon=True
+                )
+                self._restarter.start()
+
+    def _restart_broken(self) -> None:
+        """Start the broken workers again, pausing longer after each round that leaves one broken."""
+        pause = RETRY_FIRST_SECONDS
+        while not self._closing.wait(pause):
+            with self._lock:
+                broken = list(self._broken.values())
+            for worker in broken:
+                if worker.try_restart():
+                    with self._lock:
+                        del self._broken[worker.name]
+                    self._idle.put(worker)
+            with self._lock:
+                if not self._broken:
+                    self._restarter = None  # under the lock: a worker that breaks now starts a new thread
+                    return
+            pause = min(RETRY_MAX_SECONDS, 2 * pause)
 
 
 class _Worker:
@@ -146,7 +210,9 @@ class _Worker:
     def __init__(self, context: SpawnContext, spec: _WorkerSpec, name: str) -> None:
         self._context = context
         self._spec = spec
-        self._name = name
+        self.name = name
+        self.failure: str | None = None
+        """Why the last attempt to start it again failed; None while it runs (or will start with its batch)."""
         self._process: SpawnProcess | None = None
         self._conn: Connection | None = None
         self._buffer = SharedBuffer.closed()
@@ -155,7 +221,7 @@ class _Worker:
         """Start the process; it loads its model meanwhile (see :meth:`wait_ready`)."""
         server_end, worker_end = self._context.Pipe()
         process = self._context.Process(
-            target=_serve, args=(worker_end, self._spec), name=self._name, daemon=True
+            target=_serve, args=(worker_end, self._spec), name=self.name, daemon=True
         )
         process.start()
         worker_end.close()
@@ -169,12 +235,10 @@ class _Worker:
         conn = self._connection()
         try:
             if not conn.poll(START_TIMEOUT_SECONDS):
-                raise RuntimeError(
-                    f"{self._name} did not load its model within {START_TIMEOUT_SECONDS:.0f} s"
-                )
+                raise RuntimeError(f"{self.name} did not load its model within {START_TIMEOUT_SECONDS:.0f} s")
             kind, payload = conn.recv()
         except EOFError:
-            raise RuntimeError(f"{self._name} exited (code {self._reap()}) while loading its model") from None
+            raise RuntimeError(f"{self.name} exited (code {self._reap()}) while loading its model") from None
         except BaseException:
             self.stop()
             raise
@@ -233,12 +297,26 @@ class _Worker:
 
     def _restart(self) -> None:
         code = self._reap()
-        log.warning("model worker restarting", worker=self._name, exit_code=code)
-        self.start()
+        log.warning("model worker restarting", worker=self.name, exit_code=code)
+        if not self.try_restart():
+            raise Unavailable(
+                f"{self.name} could not be started again: {self.failure}", retry_after_seconds=5.0
+            )
+
+    def try_restart(self) -> bool:
+        """Start the worker (again); False, with the reason in ``failure``, when its model does not load."""
+        self._reap()
         try:
+            self.start()
             self.wait_ready()
         except Exception as exc:
-            raise Unavailable(f"{self._name} could not be restarted: {exc}", retry_after_seconds=5.0) from exc
+            self.failure = f"{type(exc).__name__}: {exc}"
+            log.error("model worker could not be started", worker=self.name, error=self.failure)
+            return False
+        if self.failure is not None:
+            log.info("model worker running again", worker=self.name)
+        self.failure = None
+        return True
 
     def _reap(self) -> int | None:
         """The dead worker's exit code; its pipe closed."""
@@ -256,7 +334,7 @@ class _Worker:
 
     def _connection(self) -> Connection:
         if self._conn is None:
-            raise Unavailable(f"{self._name} is not running", retry_after_seconds=1.0)
+            raise Unavailable(f"{self.name} is not running", retry_after_seconds=1.0)
         return self._conn
 
 
