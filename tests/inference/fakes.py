@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import yaml
 
@@ -87,7 +89,12 @@ class FakeModel:
             os._exit(17)  # a crash that skips every cleanup, as a segfault would
         self._meet_others()
         threshold = float(dict(parameters).get("threshold", 128.0))
-        return [self._read(image, threshold, operation == "precheck") for image in images]
+        readings = [self._read(image, threshold, operation == "precheck") for image in images]
+        if self.config.options.get("report_opencv_threads"):
+            # The threads OpenCV may use in this process, where the control line's x would be.
+            line = dataclasses.replace(readings[0].control_line, center_x=float(cv2.getNumThreads()))
+            readings = [dataclasses.replace(r, control_line=line) for r in readings]
+        return readings
 
     def _meet_others(self) -> None:
         """With option ``rendezvous_dir``: wait until ``rendezvous_count`` batches (this one included) compute

@@ -246,3 +246,17 @@ async def test_a_worker_that_cannot_start_again_makes_the_version_unavailable_un
         await health.probe()
     finally:
         await repository.close()
+
+
+def test_a_lone_batch_may_use_every_core_for_opencv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers start with their share of the cores; a batch computed while the others idle gets them all."""
+    monkeypatch.setattr("mesh.services.inference.workers.usable_cpus", lambda: 6)
+    config = read_config(write_model(tmp_path, options={"report_opencv_threads": True}) / "config.yaml")
+    model = WorkerModel(FakeFactory(), config, "cpu", 3)
+    try:
+        outputs = model.run_batch("predict", (), [np.full((6, 8, 3), 200, dtype=np.uint8)])
+        response = pb.PredictResponse()
+        model.fill_response(outputs[0], response)
+        assert response.strip_reading.control_line.center_x == 6
+    finally:
+        model.close()

@@ -85,7 +85,10 @@ class _Batch:
     """Each image's shape and NumPy dtype."""
 
     buffer_size: int
-    """The shared buffer's size when the batch was written (it only grows)."""
+    """The shared buffer's size when the batch was written."""
+
+    opencv_threads: int
+    """Threads OpenCV may use for this batch: the cores shared among the batches computing now."""
 
 
 @dataclass(frozen=True)
@@ -107,9 +110,10 @@ class WorkerModel:
     """
 
     def __init__(self, factory: ModelFactory, config: ModelConfig, device: DeviceName, count: int) -> None:
-        # Each worker computes one batch on its share of the cores: OpenCV would otherwise start a thread per
-        # core in every worker.
-        spec = _WorkerSpec(factory, config, device, max(1, usable_cpus() // count), current_logging())
+        # A worker starts with its share of the cores for OpenCV, which would otherwise start a thread per core in
+        # every worker; each batch then says how many it may use (see run_batch).
+        self._cores = usable_cpus()
+        spec = _WorkerSpec(factory, config, device, max(1, self._cores // count), current_logging())
         context = multiprocessing.get_context("spawn")  # a forked child would inherit CUDA and locks mid-use
         self._workers = [_Worker(context, spec, f"{config.name}-worker-{i}") for i in range(count)]
         self._broken: dict[str, _Worker] = {}  # by name; out of the rotation until started again
@@ -137,8 +141,10 @@ class WorkerModel:
         self, operation: Operation, parameters: ResolvedParameters, images: Sequence[Pixels]
     ) -> Sequence[object]:
         worker = self._take()
+        # A lone batch may use every core; while all workers compute, each gets its share.
+        busy = max(1, len(self._workers) - self._idle.qsize())
         try:
-            return worker.run(operation, parameters, images)
+            return worker.run(operation, parameters, images, max(1, self._cores // busy))
         finally:
             self._give_back(worker)
 
@@ -248,7 +254,7 @@ class _Worker:
         return cast(_Ready, payload)
 
     def run(
-        self, operation: Operation, parameters: ResolvedParameters, images: Sequence[Pixels]
+        self, operation: Operation, parameters: ResolvedParameters, images: Sequence[Pixels], threads: int
     ) -> list[bytes]:
         """One batch's serialised responses; raises what the model raised for it."""
         if self._process is None or not self._process.is_alive():
@@ -262,7 +268,7 @@ class _Worker:
             layouts.append((image.shape, image.dtype.str))
             offset += image.nbytes
         try:
-            conn.send(_Batch(operation, parameters, tuple(layouts), self._buffer.size))
+            conn.send(_Batch(operation, parameters, tuple(layouts), self._buffer.size, threads))
             kind, payload = conn.recv()
         except (EOFError, OSError):
             code = self._reap()
@@ -362,6 +368,8 @@ def _serve(conn: Connection, spec: _WorkerSpec) -> None:
             if batch is None:
                 return
             buffer.follow(batch.buffer_size)
+            if batch.opencv_threads != cv2.getNumThreads():
+                cv2.setNumThreads(batch.opencv_threads)
             images = buffer.images(batch.images)
             try:
                 outputs = model.run_batch(batch.operation, batch.parameters, images)
