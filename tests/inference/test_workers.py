@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from mesh.common.v1 import image_pb2
 from mesh.inference.v1 import inference_service_pb2 as pb
@@ -51,6 +52,10 @@ async def workers(tmp_path: Path) -> AsyncIterator[Predictor]:
     repository = await loaded(tmp_path / "models")
     yield Predictor(repository, ImageDecoder(max_pixels=1_000_000))
     await repository.close()
+
+
+def _ready_gauge(model: str) -> float | None:
+    return REGISTRY.get_sample_value("mesh_inference_model_ready", {"model": model, "version": "1"})
 
 
 def _worker_processes() -> list[multiprocessing.process.BaseProcess]:
@@ -228,6 +233,7 @@ async def test_a_worker_that_cannot_start_again_makes_the_version_unavailable_un
         with pytest.raises(Unavailable, match="could not be started again"):
             await predictor.predict(request("fragile", 200))
         assert not version.ready
+        assert _ready_gauge("fragile") == 0
         state, reason = version.status()
         assert state == "UNAVAILABLE"
         assert "weights unreadable" in reason
@@ -242,6 +248,7 @@ async def test_a_worker_that_cannot_start_again_makes_the_version_unavailable_un
                 break
             await asyncio.sleep(0.1)
         assert version.status() == ("READY", "ready")
+        assert _ready_gauge("fragile") == 1
         assert (await predictor.predict(request("fragile", 200))).strip_reading.verdict != 0
         await health.probe()
     finally:

@@ -338,7 +338,7 @@ class ModelRepository:
             name=f"{version.name}-v{version.version}",
         )
         version.state, version.reason = "READY", "ready"
-        version.stats.set_ready(True)
+        version.stats.track_ready(lambda: version.ready)
         log.info(
             "model ready",
             model=version.name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -87,6 +88,10 @@ class VersionStats:
     def set_ready(self, ready: bool) -> None:
         """Export readiness."""
         MODEL_READY.labels(self.name, self.version).set(1 if ready else 0)
+
+    def track_ready(self, ready: Callable[[], bool]) -> None:
+        """Export readiness as ``ready()`` says at each scrape: a loaded model can lose it (its workers)."""
+        MODEL_READY.labels(self.name, self.version).set_function(lambda: 1.0 if ready() else 0.0)
 
     def to_proto(self) -> pb.ModelStatistics:
         """A consistent snapshot as ``ModelStatistics``."""
