@@ -40,7 +40,7 @@ async def loaded(root: Path) -> ModelRepository:
 
 @pytest.fixture
 async def workers(tmp_path: Path) -> AsyncIterator[Predictor]:
-    """ "threads" and "processes": the same fake model in the server's threads and in two worker processes."""
+    """Two models: the same fake one in the server's threads ("threads") and in two worker processes ("processes")."""
     write_model(tmp_path / "models", name="threads")
     write_model(
         tmp_path / "models",
