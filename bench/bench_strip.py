@@ -1,4 +1,5 @@
-"""Strip reader latency and throughput: 1080p read and pre-check on one CPU thread, read_batch; GPU with CuPy.
+"""Strip reader latency and throughput: 1080p read and pre-check on one CPU thread, read_batch, and the served
+model's worker processes; GPU with CuPy.
 
 Images are decoded before timing (the figures are "after decoding", as the targets state).
 """
@@ -8,18 +9,24 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 
+from mesh.services.inference.models import StripReaderModel
+from mesh.services.inference.repository import read_config
 from mesh.services.inference.strip.backend import gpu_available
 from mesh.services.inference.strip.generator import GeneratorOptions, generate, split_seeds
 from mesh.services.inference.strip.reader import StripReader
+from mesh.services.inference.workers import WorkerModel
 
 IMAGES = 12
 REPEATS = 3
+MODEL_CONFIG = Path(__file__).resolve().parents[1] / "models" / "strip-reader" / "1" / "config.yaml"
 
 
 def _images(size: tuple[int, int]) -> list[npt.NDArray[Any]]:
@@ -55,6 +62,29 @@ def _batch_throughput(reader: StripReader, images: list[npt.NDArray[Any]], batch
         reader.read_batch(chunk)
         done += len(chunk)
     return done / (time.perf_counter() - started)
+
+
+def _workers_throughput(device: Literal["cpu", "gpu"], images: list[npt.NDArray[Any]]) -> dict[str, object]:
+    """Images per second through the served model's worker processes (``instance_count`` of them, as
+    ``models/strip-reader`` resolves it here), each fed batches of 8 from its own thread as the batcher would."""
+    config = read_config(MODEL_CONFIG)
+    count = config.instances()
+    model = WorkerModel(StripReaderModel, config, device, count)
+    try:
+        batches = [images[i : i + 8] for i in range(0, len(images), 8)]
+        model.run_batch("predict", (), batches[0])
+        with ThreadPoolExecutor(count) as pool:
+            started = time.perf_counter()
+            for _ in range(2):
+                list(pool.map(lambda batch: model.run_batch("predict", (), batch), batches * count))
+            seconds = time.perf_counter() - started
+        return {
+            "benchmark": f"strip_read_workers_1080p_{device}",
+            "workers": count,
+            "images_per_second": round(2 * count * len(images) / seconds, 1),
+        }
+    finally:
+        model.close()
 
 
 def run() -> list[dict[str, object]]:
@@ -95,6 +125,7 @@ def run() -> list[dict[str, object]]:
                     "images_per_second": round(_batch_throughput(cpu, hd, batch), 1),
                 }
             )
+        results.append(_workers_throughput("cpu", hd))
         if gpu_available():
             gpu = StripReader(device="gpu")
             results.append(
@@ -112,6 +143,7 @@ def run() -> list[dict[str, object]]:
                         "images_per_second": round(_batch_throughput(gpu, hd, batch), 1),
                     }
                 )
+            results.append(_workers_throughput("gpu", hd))
         return results
     finally:
         cv2.setNumThreads(threads)

@@ -33,8 +33,8 @@ step pytest-gpu 100 python3 -m pytest -q -rfE --tb=short -m gpu -p no:cacheprovi
 # 2. The image benchmarks on the GPU (kernels vs device copy, pipeline vs OpenCV, ProcessImage vs echo); the
 #    CPU filters against OpenCV are measured on the development machine instead.
 MESH_BENCH_IMAGE_SKIP_CPU=1 step bench-image 100 python3 -m bench image
-# 3. The strip reader: one 1080p read and batches, on CPU and GPU.
-step bench-strip 40 python3 -m bench strip
+# 3. The strip reader: one 1080p read, batches, and the served model's worker processes, on CPU and GPU.
+step bench-strip 60 python3 -m bench strip
 # 4. Serving: Predict at batch 1 and with dynamic batching, CPU and GPU; the strip reader's instances are
 #    worker processes (models/strip-reader). Then the same with them as one thread of the server, for the
 #    comparison (a copy of the model repository with instance_kind: thread).
