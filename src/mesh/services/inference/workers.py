@@ -45,6 +45,7 @@ from mesh.inference.v1 import inference_service_pb2 as pb
 from mesh.kit.cpus import usable_cpus
 from mesh.kit.errors import Internal, MeshError, Unavailable
 from mesh.kit.logging import LoggingSetup, current_logging, get_logger
+from mesh.kit.memory import tune_allocator
 from mesh.services.inference.models import DeviceName, ModelFactory, Operation
 from mesh.services.inference.parameters import ResolvedParameters
 
@@ -351,6 +352,9 @@ def _serve(conn: Connection, spec: _WorkerSpec) -> None:
     if spec.logging is not None:
         spec.logging.apply()
     cv2.setNumThreads(spec.opencv_threads)
+    # Large buffers stay in the heap, as in the server (mesh.kit.memory): the worker now holds the frames and
+    # their float copies.
+    tune_allocator()
     buffer = SharedBuffer.attach(reduction.recv_handle(conn))
     try:
         model = spec.factory(spec.config, spec.device)
