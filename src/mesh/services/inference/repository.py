@@ -153,6 +153,8 @@ class ModelVersion:
     reason: str = "not loaded yet"
     model: Model | None = None
     scheduler: ModelScheduler[BatchKey, Pixels, object] | None = None
+    instances: int = 0
+    """Batches it computes at once: ``config.instance_count`` resolved once, at load (0 before)."""
     stats: VersionStats = field(init=False)
 
     def __post_init__(self) -> None:
@@ -315,6 +317,8 @@ class ModelRepository:
     async def _load(self, version: ModelVersion) -> None:
         config = version.config
         started = time.perf_counter()
+        # Resolved once: the scheduler's slots and the worker processes must agree, and metadata reads it often.
+        version.instances = config.instances()
         try:
             model = await asyncio.to_thread(self._build, version)
         except Exception as exc:
@@ -333,7 +337,7 @@ class ModelRepository:
             max_batch_size=config.max_batch_size,
             max_queue_delay_seconds=config.max_queue_delay_ms / 1000.0,
             max_queue_size=config.max_queue_size,
-            instance_count=config.instances(),
+            instance_count=version.instances,
             observer=version.stats,
             name=f"{version.name}-v{version.version}",
         )
@@ -344,7 +348,7 @@ class ModelRepository:
             model=version.name,
             version=version.version,
             device=model.device,
-            instances=config.instances(),
+            instances=version.instances,
             instance_kind=config.instance_kind,
             seconds=round(time.perf_counter() - started, 3),
         )
@@ -353,7 +357,7 @@ class ModelRepository:
         config = version.config
         factory = self._factories[config.implementation]
         if config.instance_kind == "process":
-            return WorkerModel(factory, config, self.device, config.instances())
+            return WorkerModel(factory, config, self.device, version.instances)
         model = factory(config, self.device)
         try:
             model.warm_up()

@@ -88,7 +88,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             description=config.description,
             status=version_status(version),
             max_queue_delay_seconds=config.max_queue_delay_ms / 1000.0,
-            instance_count=config.instances(),
+            instance_count=version.instances,
             instance_kind=config.instance_kind,
         )
 
