@@ -16,7 +16,8 @@ from mesh.services.inference.strip.profile import (
     Peak,
     Profile,
     WindowBox,
-    _membrane_rows,
+    _bright_rows,
+    _clean_rows,
     _refined_max,
     find_window,
     matched_test_line,
@@ -413,18 +414,26 @@ def test_a_bare_strips_rows_are_chosen_by_brightness() -> None:
     image = _window([(C_AT, 0.5)], noise=0.003)
     image[:15] = 0.25  # background: the box's top quarter
     box = WindowBox(0.0, 0.0, float(LENGTH), float(HEIGHT), framed=False)
-    first, stop = _membrane_rows(image, box)
-    assert (first, stop) == (16, HEIGHT - 1)
+    assert _bright_rows(image, box) == (16, HEIGHT - 1)
 
 
 def test_rows_with_a_dark_patch_are_left_out() -> None:
     """Rows of which a stretch is darker than their column's median (background bled in along part of an
     edge) are left out, however bright the rest of them; lines, dark in every row, leave all rows in."""
     image = _window([(C_AT, 0.5), (T_AT, 0.1)], noise=0.003)
-    box = WindowBox(0.0, 0.0, float(LENGTH), float(HEIGHT), framed=False)
-    assert _membrane_rows(image, box) == (1, HEIGHT - 1)
+    assert _clean_rows(image) == (0, HEIGHT)
     image[:8, 100:112] *= 0.6
-    assert _membrane_rows(image, box) == (8, HEIGHT - 1)
+    assert _clean_rows(image) == (8, HEIGHT)
+
+
+def test_a_slanting_strong_line_keeps_every_membrane_row() -> None:
+    """A strong C that drifts 0.15 columns per row (9 columns over the window) darkens a stretch of every row
+    away from its column's median; with the line stood upright first, no row reads as holding a dark patch,
+    and the profile averages all of them but the outermost (it once kept 3 of a bare strip's 52)."""
+    image = _window([(C_AT, 0.8), (T_AT, 0.05)], slope=0.15, width=10.0, noise=0.003)
+    box = WindowBox(0.0, 0.0, float(LENGTH), float(HEIGHT), framed=False)
+    assert _clean_rows(image) != (0, HEIGHT)  # as it stands, the slanting line looks like a patch
+    assert window_profile(image, box, noise_floor=0.002).rows == (1, HEIGHT - 1)
 
 
 def test_a_box_that_runs_past_the_crop_keeps_to_its_rows() -> None:
@@ -433,7 +442,7 @@ def test_a_box_that_runs_past_the_crop_keeps_to_its_rows() -> None:
     image = np.full((40, 200, 3), 0.9, np.float32)
     image[36:] = 0.2
     box = WindowBox(0.0, -10.0, 200.0, 50.0, framed=True)
-    assert _membrane_rows(image, box) == (1, 35)
+    assert _bright_rows(image, box) == (1, 35)
 
 
 def test_a_weak_control_line_is_found_with_a_clear_test_line_as_template() -> None:

@@ -104,6 +104,9 @@ class Profile:
     """The membrane's brightness per channel (median of its background), shape (channels,); a channel near 1
     is clipped, and hides a faint line that a strong one still shows."""
 
+    rows: tuple[int, int] = (0, 0)
+    """The crop's rows averaged, as (first, stop)."""
+
 
 @dataclass(frozen=True)
 class MatchedLine:
@@ -623,7 +626,7 @@ STEP_JUMP = 0.015
 
 # The rows inside these trims, off the window's top and bottom (a cassette's bevel and shaded rim; a bare
 # strip's edges, which catch the background that blur and perspective bleed in), surely show the membrane;
-# the brightest of them sets the level that the rows averaged must keep (``_membrane_rows``).
+# the brightest of them sets the level that the rows averaged must keep (``_bright_rows``).
 ROW_TRIM = 0.1
 BARE_ROW_TRIM = 0.22
 ROW_LEVEL = 0.9
@@ -631,12 +634,10 @@ PATCH_SHARE = 0.02
 PATCH_WIDTH = 4  # columns of the half-width grid: 7-8 pixels
 
 
-def _membrane_rows(crop: FloatArray, box: WindowBox) -> tuple[int, int]:
-    """The window's rows that show the membrane, as (first, stop): the unbroken run around the middle whose
-    median brightness stays within ``ROW_LEVEL`` of the brightest row inside the trims (less its outermost
-    row at each end), and within that, of rows in which at most ``PATCH_SHARE`` of the columns fall below
-    ``ROW_LEVEL`` of their column's median (background bled in along part of an edge; lines, the same in
-    every row, cancel out).
+def _bright_rows(crop: FloatArray, box: WindowBox) -> tuple[int, int]:
+    """The window's rows that show the membrane by their brightness, as (first, stop) in the crop: the unbroken
+    run around the middle whose median brightness stays within ``ROW_LEVEL`` of the brightest row inside the
+    trims, less its outermost row at each end (``_clean_rows`` then leaves out rows with a dark patch).
 
     A fixed trim was either too wide or too narrow: a bare strip's window was off-centre on it, or its edges
     blurred in unevenly. Chosen by brightness, its rows went from 56 % to a median 83 % of its height, and its
@@ -651,11 +652,7 @@ def _membrane_rows(crop: FloatArray, box: WindowBox) -> tuple[int, int]:
     t0 = min(max(round(box.y0 + trim * h), top), bottom - 1)
     t1 = min(max(round(box.y1 - trim * h), t0 + 1), bottom)
     x0, x1 = round(box.x0), round(box.x1)
-    window = crop[top:bottom, x0:x1:2]  # every other column tells the rows' levels as well, at half the cost
-    if window.ndim == 3:
-        window = cv2.cvtColor(np.ascontiguousarray(window), cv2.COLOR_RGB2GRAY)
-    grey = np.asarray(window, dtype=np.float32)
-    level = np.median(grey, axis=1)
+    level = np.median(_grey_columns(crop[top:bottom, x0:x1]), axis=1)
     inner = level[t0 - top : t1 - top]
     if inner.size == 0:
         return t0, t1
@@ -663,13 +660,35 @@ def _membrane_rows(crop: FloatArray, box: WindowBox) -> tuple[int, int]:
     a, b = a + 1, b - 1
     if b - a < 2:
         return t0, t1
-    rows = grey[a:b]
-    ratio = cv2.blur(rows / np.maximum(np.median(rows, axis=0), 1e-3), (PATCH_WIDTH, 1))
+    return top + a, top + b
+
+
+def _clean_rows(band: FloatArray) -> tuple[int, int]:
+    """Of ``band``'s rows, the unbroken run around the middle in which at most ``PATCH_SHARE`` of the columns
+    fall below ``ROW_LEVEL`` of their column's median (background bled in along part of an edge), as (first,
+    stop); all rows where fewer than two pass.
+
+    A line, dark in every row, cancels out only where it stands upright: the band's lines must have been
+    sheared upright first. A strong C slanting by a few columns over the rows darkened a stretch of every
+    row, and a bare strip's 52 membrane rows came down to 3 (train negative seed 1).
+    """
+    grey = _grey_columns(band)
+    ratio = cv2.blur(grey / np.maximum(np.median(grey, axis=0), 1e-3), (PATCH_WIDTH, 1))
     clean = (ratio < ROW_LEVEL).mean(axis=1) <= PATCH_SHARE
-    c, d = _run_around(clean, (b - a) // 2)
-    if d - c < 2:
-        return top + a, top + b
-    return top + a + c, top + a + d
+    first, stop = _run_around(clean, grey.shape[0] // 2)
+    if stop - first < 2:
+        return 0, grey.shape[0]
+    return first, stop
+
+
+def _grey_columns(window: FloatArray) -> FloatArray:
+    """Every other column of ``window`` in grey: enough to tell rows' levels, at half the cost."""
+    half = window[:, ::2]
+    if half.ndim == 3 and half.shape[2] == 3:
+        half = cv2.cvtColor(np.ascontiguousarray(half), cv2.COLOR_RGB2GRAY)
+    elif half.ndim == 3:
+        half = half[:, :, 0]
+    return np.asarray(half, dtype=np.float32)
 
 
 def _run_around(flags: npt.NDArray[np.bool_], middle: int) -> tuple[int, int]:
@@ -684,7 +703,7 @@ def _run_around(flags: npt.NDArray[np.bool_], middle: int) -> tuple[int, int]:
 
 def window_profile(crop: FloatArray, box: WindowBox, noise_floor: float, margin: float = 0.04) -> Profile:
     """Background-corrected line profile of the window's rows, de-skewed; peaks sorted by position."""
-    y0, y1 = _membrane_rows(crop, box)
+    y0, y1 = _bright_rows(crop, box)
     x0, x1 = round(box.x0), round(box.x1)
     band = crop[y0:y1, x0:x1]
     if band.ndim == 2:
@@ -694,8 +713,15 @@ def window_profile(crop: FloatArray, box: WindowBox, noise_floor: float, margin:
     edge = max(int(margin * n), int(0.04 * n + 2))
     absorb, env, level_ratio = _absorbance(band, margin)
     # Perspective and a slightly wrong angle tilt the lines by up to several pixels over the window's
-    # height, which smears a narrow line; the strongest line's tilt is measured and sheared away.
+    # height, which smears a narrow line; the strongest line's tilt is measured and sheared away. Rows with
+    # a dark patch are told with the lines upright, and the tilt is measured again without them.
     slope = _line_slope(band, absorb, env, edge)
+    first, stop = _clean_rows(_shear_rows(band, slope) if slope != 0.0 else band)
+    if (first, stop) != (0, band.shape[0]):
+        y0, y1 = y0 + first, y0 + stop
+        band = band[first:stop]
+        absorb, env, level_ratio = _absorbance(band, margin)
+        slope = _line_slope(band, absorb, env, edge)
     if slope != 0.0:
         band = _shear_rows(band, slope)
         absorb, env, level_ratio = _absorbance(band, margin)
@@ -714,6 +740,7 @@ def window_profile(crop: FloatArray, box: WindowBox, noise_floor: float, margin:
         absorb=absorb,
         split_noise=split,
         membrane_level=np.median(env, axis=0).astype(np.float32),
+        rows=(y0, y1),
     )
 
 
