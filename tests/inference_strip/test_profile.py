@@ -424,6 +424,8 @@ def test_rows_with_a_dark_patch_are_left_out() -> None:
     assert _clean_rows(image) == (0, HEIGHT)
     image[:8, 100:112] *= 0.6
     assert _clean_rows(image) == (8, HEIGHT)
+    box = WindowBox(0.0, 0.0, float(LENGTH), float(HEIGHT), framed=False)
+    assert window_profile(image, box, noise_floor=0.002).rows == (8, HEIGHT - 1)
 
 
 def test_a_slanting_strong_line_keeps_every_membrane_row() -> None:
