@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import replace
 
 from mesh.services.inference.strip.calibrate import calibrate
-from mesh.services.inference.strip.evaluate import Record, limit_of_detection, metrics, run_split
+from mesh.services.inference.strip.evaluate import (
+    Record,
+    limit_of_detection,
+    metrics,
+    run_split,
+    wilson_interval,
+)
 from mesh.services.inference.strip.generator import GeneratorOptions, generate, split_seeds
 from mesh.services.inference.strip.reader import Scores, StripReader
 from mesh.services.inference.strip.types import ABSENT_LINE, LineReading, QualityFlag, StripReading, Verdict
@@ -19,10 +25,18 @@ def _record(seed: int, t_contrast: float, found: bool) -> Record:
         seed=seed,
         verdict=Verdict.POSITIVE,
         test_line=replace(BASE_TRUTH.test_line, present=True, contrast=t_contrast),
+        t_to_c=2 * t_contrast,
     )
     line = LineReading(True, 1.0, 0.4, t_contrast, 1.0, 1.0) if found else ABSENT_LINE
     reading = StripReading(
-        Verdict.POSITIVE if found else Verdict.NEGATIVE, line, line, 0.5, 0.9, (), None, False
+        Verdict.POSITIVE if found else Verdict.NEGATIVE,
+        line,
+        line,
+        2 * t_contrast if found else 0.0,
+        0.9,
+        (),
+        None,
+        False,
     )
     return Record(truth, reading, Scores(found=True))
 
@@ -44,6 +58,35 @@ def test_limit_of_detection_none_when_the_top_bin_fails() -> None:
     """When even the strongest lines are missed, there is no limit of detection."""
     lod, _ = limit_of_detection([_record(0, 0.3, False) for _ in range(10)])
     assert lod is None
+
+
+def test_wilson_interval_matches_known_values_and_stays_inside_zero_one() -> None:
+    """95 % Wilson intervals: 39 of 43 is 0.784-0.963, 1963 of 2000 is 0.9746-0.9865; all or none found keeps
+    a width (600 of 600 is 0.9936-1, 0 of 600 is 0-0.0064); no trials, no interval."""
+    assert wilson_interval(39, 43) == (0.784, 0.9632)
+    assert wilson_interval(1963, 2000) == (0.9746, 0.9865)
+    assert wilson_interval(600, 600) == (0.9936, 1.0)
+    assert wilson_interval(0, 600) == (0.0, 0.0064)
+    assert wilson_interval(0, 0) is None
+
+
+def test_metrics_give_each_share_and_bin_its_interval() -> None:
+    """Every share the targets name, and every limit-of-detection bin, carries an interval around its value;
+    an empty class has neither."""
+    records = [_record(0, 0.035, i < 9) for i in range(10)] + [_record(0, 0.3, True) for _ in range(10)]
+    result = metrics(records)
+    intervals = result["intervals_95"]
+    assert intervals["accuracy"] == wilson_interval(19, 20)
+    assert intervals["positive_recall"] == wilson_interval(19, 20)
+    assert result["accuracy"] == result["positive_recall"] == 0.95
+    assert result["invalid_recall"] is None
+    assert intervals["invalid_recall"] is None
+    bins = {b["from"]: b for b in result["lod_bins"]}
+    assert bins[0.03]["rate_95"] == wilson_interval(9, 10)
+    assert bins[0.2]["rate_95"] == wilson_interval(10, 10)
+    assert bins[0.01]["rate_95"] is None
+    low, high = bins[0.03]["rate_95"]
+    assert low < bins[0.03]["rate"] < high
 
 
 def test_heldout_slice_meets_conservative_bounds() -> None:

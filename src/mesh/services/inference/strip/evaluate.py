@@ -3,7 +3,9 @@
 ``evaluate`` reads a split of the generator and returns one JSON-ready dict: verdict accuracy, INVALID recall,
 the false POSITIVE rate on negatives, the limit of detection (the lowest T contrast bin from which on T is
 found in at least 95 % of positives), the Spearman correlation of ``t_to_c_ratio`` with the true T/C strength,
-and latencies per 1080p image (one CPU thread; GPU when CuPy sees a device).
+and latencies per 1080p image (one CPU thread; GPU when CuPy sees a device). Each share comes with its 95 % Wilson
+interval: 43 positives in a contrast bin, or 600 negatives, pin a rate down only so far, and the interval says
+whether a miss of a target is the reader's or the sample's.
 """
 
 from __future__ import annotations
@@ -81,7 +83,16 @@ def limit_of_detection(records: list[Record]) -> tuple[float | None, list[dict[s
         ]
         found = sum(1 for r in inside if r.reading.test_line.present)
         rate = found / len(inside) if inside else None
-        bins.append({"from": lo, "to": hi, "count": len(inside), "found": found, "rate": rate})
+        bins.append(
+            {
+                "from": lo,
+                "to": hi,
+                "count": len(inside),
+                "found": found,
+                "rate": rate,
+                "rate_95": wilson_interval(found, len(inside)),
+            }
+        )
     lod: float | None = None
     for entry in reversed(bins):
         if entry["count"] < LOD_MIN_COUNT:
@@ -107,12 +118,17 @@ def metrics(records: list[Record]) -> dict[str, Any]:
     spearman = float(stats.spearmanr(truth_ratio, read_ratio).statistic) if len(positive) > 2 else None
     confusion = Counter(f"{r.truth.verdict.name}->{r.reading.verdict.name}" for r in records)
     found_strips = [r for r in records if r.truth.kind != "none"]
+    # The shares the targets name: (hits, trials) each.
+    counts = {
+        "accuracy": (correct, total),
+        "invalid_recall": _hits(invalid, lambda r: r.reading.verdict is Verdict.INVALID),
+        "false_positive_rate": _hits(negative, lambda r: r.reading.verdict is Verdict.POSITIVE),
+        "positive_recall": _hits(positive, lambda r: r.reading.verdict is Verdict.POSITIVE),
+    }
     return {
         "images": total,
-        "accuracy": correct / total if total else None,
-        "invalid_recall": _share(invalid, lambda r: r.reading.verdict is Verdict.INVALID),
-        "false_positive_rate": _share(negative, lambda r: r.reading.verdict is Verdict.POSITIVE),
-        "positive_recall": _share(positive, lambda r: r.reading.verdict is Verdict.POSITIVE),
+        **{name: hits / trials if trials else None for name, (hits, trials) in counts.items()},
+        "intervals_95": {name: wilson_interval(hits, trials) for name, (hits, trials) in counts.items()},
         "no_strip_flagged": _share(
             no_strip, lambda r: QualityFlag.STRIP_NOT_FOUND in r.reading.quality_flags
         ),
@@ -143,8 +159,23 @@ def metrics(records: list[Record]) -> dict[str, Any]:
     }
 
 
+def _hits(records: list[Record], predicate: Any) -> tuple[int, int]:
+    return sum(1 for r in records if predicate(r)), len(records)
+
+
 def _share(records: list[Record], predicate: Any) -> float | None:
-    return sum(1 for r in records if predicate(r)) / len(records) if records else None
+    hits, trials = _hits(records, predicate)
+    return hits / trials if trials else None
+
+
+def wilson_interval(successes: int, total: int) -> tuple[float, float] | None:
+    """The 95 % Wilson score interval of ``successes`` out of ``total`` (None for no trials), rounded to 4
+    places. Unlike the normal approximation it stays inside [0, 1] and does not shrink to a point at 0 or
+    ``total`` successes: 600 of 600 INVALID tests read right still leaves 0.9936-1."""
+    if total == 0:
+        return None
+    interval = stats.binomtest(successes, total).proportion_ci(confidence_level=0.95, method="wilson")
+    return round(float(interval.low), 4), round(float(interval.high), 4)
 
 
 def latency_ms(reader: StripReader, count: int = 12, repeats: int = 3, precheck: bool = False) -> float:
