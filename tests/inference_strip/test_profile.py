@@ -298,6 +298,25 @@ def test_texture_that_rises_just_before_c_is_not_taken_for_the_wick() -> None:
     assert 0.5 < (230 - box.x0) / (box.x1 - box.x0) < 0.82
 
 
+def test_texture_that_falls_just_after_c_is_not_taken_for_the_pads_end() -> None:
+    """The crop starts on the membrane (the pad runs off the picture, or is too dark to count as strip), so no
+    brightness step shows the pad's end and texture is searched for it; JPEG noise that is higher up to C
+    and lower after it makes texture fall just past C, and the window began there, with C outside it. The pad
+    never ends just after a line: the window keeps C inside it."""
+    rng = np.random.default_rng(5)
+    rows, length = 40, 500
+    grey = np.full((rows, length), 0.8, np.float32)
+    grey[:, 250:] *= 0.85  # the wick's step shows
+    grey[:, 146:154] *= 0.6  # C
+    noise = np.full(length, 0.004, np.float32)
+    noise[:160] = 0.012
+    grey += rng.normal(0, 1, grey.shape).astype(np.float32) * noise
+    box = find_window(grey, across_margin=0.0)
+    assert abs(box.x1 - 250) < 5
+    assert box.x0 < 100
+    assert 0.5 < (150 - box.x0) / (box.x1 - box.x0) < 0.82
+
+
 def test_a_shadow_edge_at_c_is_not_taken_for_the_wick() -> None:
     """The light falls off right at C (a shadow's edge): the closing fills C only up to its lower shoulder, so
     the envelope steps down at C's left edge, more than at the wick's border. The window still ends at the
@@ -314,6 +333,23 @@ def test_a_shadow_edge_at_c_is_not_taken_for_the_wick() -> None:
     assert abs(box.x0 - 100) < 5
     assert abs(box.x1 - 300) < 8
     assert 0.5 < (230 - box.x0) / (box.x1 - box.x0) < 0.82
+
+
+def test_a_shadow_that_ends_at_c_is_not_taken_for_the_pads_end() -> None:
+    """A shadow over the pad and the membrane up to C's right edge: the light rises there more sharply than at
+    the pad's own step, and the window began just after C (at 233, and ran on to 575). The pad never ends just
+    after a line, so the window is the membrane, pad to wick."""
+    rng = np.random.default_rng(14)
+    rows, length = 40, 600
+    grey = np.full((rows, length), 0.8, np.float32)
+    grey[:, :100] *= 0.8  # the sample pad
+    grey[:, :234] *= 0.75  # the shadow, up to C's right edge
+    grey[:, 300:] *= 0.85  # the wick
+    grey[:, 226:234] *= 0.6  # C
+    grey += rng.normal(0, 0.004, grey.shape).astype(np.float32)
+    box = find_window(grey, across_margin=0.0)
+    assert abs(box.x0 - 100) < 5
+    assert abs(box.x1 - 300) < 5
 
 
 def test_a_membrane_step_just_past_the_search_zone_is_still_found() -> None:

@@ -336,12 +336,13 @@ def find_window(grey: FloatArray, across_margin: float) -> WindowBox:
     profile = band.mean(axis=0)
     lo, hi = _strip_extent(grey, top_obj, bottom_obj, profile)
     envelope = _closing(profile, max(3, int(0.06 * (hi - lo)) | 1))  # wider than any line
-    # The wick never begins just before a line, whether its border is seen in brightness or in texture.
-    before_line = _line_ahead(profile, envelope, lo, hi)
-    x0, x1 = _membrane_span(envelope, lo, hi, before_line)
+    # The lines lie on the membrane, well inside it: the wick never begins just before a line, nor does the
+    # sample pad end just after one, whether a border is seen in brightness or in texture.
+    lines = _near_lines(profile, envelope, lo, hi)
+    x0, x1 = _membrane_span(envelope, lo, hi, lines)
     if x0 <= lo or x1 >= hi:
         # A shadow or a light gradient can hide a brightness step; the pads' fibres still show.
-        x0, x1 = _fibre_span(band, x0, x1, lo, hi, before_line)
+        x0, x1 = _fibre_span(band, x0, x1, lo, hi, lines)
     # Where neither brightness nor texture shows an end, the strip's proportions place it: the whole strip as
     # the window put the wick's edge in C's place and C in T's (false test lines of SNR 14-63 on train negatives).
     length = hi - lo
@@ -396,7 +397,7 @@ FIBRE_RATIO = 1.6
 
 
 def _fibre_span(
-    band: FloatArray, x0: float, x1: float, lo: int, hi: int, before_line: npt.NDArray[np.bool_]
+    band: FloatArray, x0: float, x1: float, lo: int, hi: int, lines: NearLines
 ) -> tuple[float, float]:
     """The membrane's ends where its brightness steps were not found, from texture: the sample pad and the
     wick are fibrous (streaks along the strip, so their columns vary across the rows), the membrane is smooth.
@@ -405,8 +406,9 @@ def _fibre_span(
     streaks do not), as the spread of its row-to-row steps: a shadow edge that crosses the strip at a slant
     ramps smoothly across the rows and would otherwise pass for fibres. Then a running median wider than any
     line (a line's own unevenness must not count). As in brightness, the wick is not looked for just before a
-    line (``before_line``): where JPEG noise grows with the light along the strip, texture rises slowly over the
-    whole membrane, and a 1224-pixel strip's window ended at C."""
+    line, nor the pad's end just after one (``lines``): where JPEG noise grows with the light along the strip,
+    texture rises slowly over the whole membrane, and a 1224-pixel strip's window ended at C; where it falls
+    along the strip, a 795-pixel strip's window began past C."""
     rows, n = band.shape
     if rows < 4 or n < 40:
         return x0, x1
@@ -425,13 +427,14 @@ def _fibre_span(
     length = hi - lo
     # As for brightness, a step must peak inside its zone: the strip's own end, smeared into the zone's edge by
     # the running median, was taken for the wick.
+    # The running median places a texture step only to within its reach, so a line that much further off
+    # counts too.
     if x0 <= lo:
-        step = _strongest_step(-rise, lo + int(0.04 * length), lo + int(0.42 * length), threshold)
+        near_line = _any_within(lines.behind, reach, backward=True)
+        step = _strongest_step(-rise, lo + int(0.04 * length), lo + int(0.42 * length), threshold, near_line)
         x0 = x0 if step is None else float(step)
     if x1 >= hi:
-        # The running median places a texture step only to within its reach, so a line that far further on
-        # counts too.
-        near_line = _any_within(before_line, reach)
+        near_line = _any_within(lines.ahead, reach)
         step = _strongest_step(rise, int(x0 + 0.25 * length), lo + int(0.96 * length), threshold, near_line)
         x1 = x1 if step is None else float(step)
     return x0, x1
@@ -533,12 +536,10 @@ def _longest_run(flags: npt.NDArray[np.bool_]) -> tuple[int, int] | None:
 LINE_DEPTH = 0.08
 
 
-def _membrane_span(
-    envelope: FloatArray, lo: int, hi: int, before_line: npt.NDArray[np.bool_]
-) -> tuple[float, float]:
+def _membrane_span(envelope: FloatArray, lo: int, hi: int, lines: NearLines) -> tuple[float, float]:
     """Sample pad / membrane and membrane / wick borders of a bare strip whose columns ``lo .. hi`` show the
     strip: the sharpest steps of the profile's ``envelope`` (a closing wider than any line; ``lo`` and ``hi``
-    where none shows); the wick's border is not looked for where ``before_line``."""
+    where none shows); neither border is looked for right beside a line (``lines``)."""
     n = envelope.size
     length = hi - lo
     sigma = max(1.0, 0.004 * length)
@@ -551,7 +552,9 @@ def _membrane_span(
     # is no peak.
     slack = int(0.06 * length)
     x0, x1 = float(lo), float(hi)
-    left = _strongest_step(slope, lo + int(0.04 * length), lo + int(0.42 * length) + slack, least)
+    left = _strongest_step(
+        slope, lo + int(0.04 * length), lo + int(0.42 * length) + slack, least, lines.behind
+    )
     if left is not None:
         x0 = float(left)
     # The membrane is at least a quarter of the strip long.
@@ -559,26 +562,39 @@ def _membrane_span(
     # Where the light falls off across C (a shadow's edge, a gradient), the closing fills C only up to its
     # lower, right shoulder, so the envelope steps down at C's left edge, and C was taken for the wick's border.
     # The wick never begins just before a line, so such a step is passed over.
-    right = _strongest_step(-slope, int(x0 + 0.25 * length) - slack, stop, least, before_line)
+    right = _strongest_step(-slope, int(x0 + 0.25 * length) - slack, stop, least, lines.ahead)
     if right is not None:
         x1 = float(right)
     return x0, x1
 
 
-def _line_ahead(profile: FloatArray, envelope: FloatArray, lo: int, hi: int) -> npt.NDArray[np.bool_]:
+@dataclass(frozen=True)
+class NearLines:
+    """Per sample of a bare strip's profile: whether a strong line lies close after it or close before it."""
+
+    ahead: npt.NDArray[np.bool_]
+    behind: npt.NDArray[np.bool_]
+
+
+def _near_lines(profile: FloatArray, envelope: FloatArray, lo: int, hi: int) -> NearLines:
     """Whether a strong line (a dip under the ``envelope`` of LINE_DEPTH, or six times the profile's spread
-    beneath it if that is more) lies within a twentieth of the strip (columns ``lo .. hi``) after each
-    sample."""
+    beneath it if that is more) lies within a twentieth of the strip (columns ``lo .. hi``) after each sample,
+    and before it."""
     reach = int(0.05 * (hi - lo)) + 1
     ratio = profile / np.maximum(envelope, 1e-3)
     inner = ratio[lo:hi] if hi - lo > 8 else ratio
     spread = _robust_sigma(inner)
-    deep = (1.0 - ratio > max(LINE_DEPTH, 6.0 * spread)).astype(np.uint8)
-    return _any_within(np.concatenate([deep[1:] > 0, [False]]), reach)
+    deep = 1.0 - ratio > max(LINE_DEPTH, 6.0 * spread)
+    ahead = _any_within(np.concatenate([deep[1:], [False]]), reach)
+    behind = _any_within(np.concatenate([[False], deep[:-1]]), reach, backward=True)
+    return NearLines(ahead=ahead, behind=behind)
 
 
-def _any_within(flags: npt.NDArray[np.bool_], reach: int) -> npt.NDArray[np.bool_]:
-    """Whether any of the ``reach`` samples from each one on is set in ``flags``."""
+def _any_within(flags: npt.NDArray[np.bool_], reach: int, backward: bool = False) -> npt.NDArray[np.bool_]:
+    """Whether any of the ``reach`` samples from each one on (``backward``: up to each one) is set in
+    ``flags``."""
+    if backward:
+        return _any_within(flags[::-1], reach)[::-1]
     padded = np.concatenate([flags, np.zeros(reach, bool)]).astype(np.uint8).reshape(1, -1)
     # A dilation anchored at the kernel's start: the maximum over the ``reach`` samples from each one on.
     found = cv2.dilate(padded, np.ones((1, reach), np.uint8), anchor=(0, 0)).ravel()[: flags.size]
