@@ -317,39 +317,32 @@ def test_texture_that_falls_just_after_c_is_not_taken_for_the_pads_end() -> None
     assert 0.5 < (150 - box.x0) / (box.x1 - box.x0) < 0.82
 
 
-def test_a_shadow_edge_at_c_is_not_taken_for_the_wick() -> None:
-    """The light falls off right at C (a shadow's edge): the closing fills C only up to its lower shoulder, so
-    the envelope steps down at C's left edge, more than at the wick's border. The window still ends at the
-    wick, and C lies inside it."""
+@pytest.mark.parametrize(
+    ("length", "shadow", "wick_tolerance"),
+    [(400, slice(234, None), 8), (600, slice(None, 234), 5)],
+    ids=["light-falls-at-c-not-the-wick", "light-rises-after-c-not-the-pads-end"],
+)
+def test_a_shadow_edge_at_c_is_taken_for_neither_border(
+    length: int, shadow: slice, wick_tolerance: int
+) -> None:
+    """A shadow's edge right at C steps the light more sharply than the pad's or the wick's own border. Where
+    the light falls off from C's right edge on, the closing fills C only up to its lower shoulder, so the
+    envelope steps down at C's left edge, and that was taken for the wick; where a shadow over the pad and the
+    membrane ends at C's right edge, the step up was taken for the pad's end (the window began at 233 and ran on
+    to 575). The wick never begins just before a line, nor does the pad end just after one: the window is the
+    membrane, pad to wick, with C inside it."""
     rng = np.random.default_rng(14)
-    rows, length = 40, 400
+    rows = 40
     grey = np.full((rows, length), 0.8, np.float32)
     grey[:, :100] *= 0.8  # the sample pad
-    grey[:, 234:] *= 0.75  # the shadow, from C's right edge on
+    grey[:, shadow] *= 0.75
     grey[:, 300:] *= 0.85  # the wick
     grey[:, 226:234] *= 0.6  # C
     grey += rng.normal(0, 0.004, grey.shape).astype(np.float32)
     box = find_window(grey, across_margin=0.0)
     assert abs(box.x0 - 100) < 5
-    assert abs(box.x1 - 300) < 8
+    assert abs(box.x1 - 300) < wick_tolerance
     assert 0.5 < (230 - box.x0) / (box.x1 - box.x0) < 0.82
-
-
-def test_a_shadow_that_ends_at_c_is_not_taken_for_the_pads_end() -> None:
-    """A shadow over the pad and the membrane up to C's right edge: the light rises there more sharply than at
-    the pad's own step, and the window began just after C (at 233, and ran on to 575). The pad never ends just
-    after a line, so the window is the membrane, pad to wick."""
-    rng = np.random.default_rng(14)
-    rows, length = 40, 600
-    grey = np.full((rows, length), 0.8, np.float32)
-    grey[:, :100] *= 0.8  # the sample pad
-    grey[:, :234] *= 0.75  # the shadow, up to C's right edge
-    grey[:, 300:] *= 0.85  # the wick
-    grey[:, 226:234] *= 0.6  # C
-    grey += rng.normal(0, 0.004, grey.shape).astype(np.float32)
-    box = find_window(grey, across_margin=0.0)
-    assert abs(box.x0 - 100) < 5
-    assert abs(box.x1 - 300) < 5
 
 
 def test_a_membrane_step_just_past_the_search_zone_is_still_found() -> None:
