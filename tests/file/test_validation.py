@@ -10,12 +10,12 @@ import grpc
 import pytest
 
 from mesh.kit import errors
+from mesh.kit.image_bytes import sniff_format
 from mesh.services.file.validation import (
     DEFAULT_LIMITS,
     Limits,
     UploadSizeGuard,
     normalise_content_type,
-    sniff_format,
     validate_image,
 )
 from tests.file import corpus

@@ -29,6 +29,7 @@ from mesh.image.v1 import image_processing_service_pb2_grpc as image_grpc
 from mesh.inference.v1 import inference_service_pb2 as inference_pb
 from mesh.inference.v1 import inference_service_pb2_grpc as inference_grpc
 from mesh.kit import errors
+from mesh.kit.image_bytes import sniff_format
 from mesh.queue.v1 import job_pb2
 from mesh.queue.v1 import queue_service_pb2 as queue_pb
 from mesh.queue.v1 import queue_service_pb2_grpc as queue_grpc
@@ -40,9 +41,10 @@ SERVICE_NAMES = (
     "mesh.inference.v1.InferenceService",
     "mesh.queue.v1.QueueService",
 )
-_MAGIC = {
-    b"\x89PNG\r\n\x1a\n": ("image/png", image_pb2.IMAGE_FORMAT_PNG),
-    b"\xff\xd8\xff": ("image/jpeg", image_pb2.IMAGE_FORMAT_JPEG),
+_SNIFFED = {
+    "PNG": ("image/png", image_pb2.IMAGE_FORMAT_PNG),
+    "JPEG": ("image/jpeg", image_pb2.IMAGE_FORMAT_JPEG),
+    "WEBP": ("image/webp", image_pb2.IMAGE_FORMAT_WEBP),
 }
 _PIL_FORMATS = {
     image_pb2.IMAGE_FORMAT_PNG: "PNG",
@@ -88,12 +90,10 @@ def strip_png(width: int = 320, height: int = 80) -> bytes:
 
 def sniff(data: bytes) -> tuple[str, image_pb2.ImageFormat.ValueType]:
     """The content type and format of PNG, JPEG or WebP bytes, or UnsupportedMediaType."""
-    for magic, found in _MAGIC.items():
-        if data.startswith(magic):
-            return found
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp", image_pb2.IMAGE_FORMAT_WEBP
-    raise errors.UnsupportedMediaType("the bytes are not a PNG, JPEG or WebP image")
+    found = sniff_format(data)
+    if found is None:
+        raise errors.UnsupportedMediaType("the bytes are not a PNG, JPEG or WebP image")
+    return _SNIFFED[found]
 
 
 def _now() -> timestamp_pb2.Timestamp:

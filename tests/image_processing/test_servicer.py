@@ -19,6 +19,7 @@ from mesh.image.v1 import image_processing_service_pb2_grpc as pb_grpc
 from mesh.kit import errors
 from mesh.kit.channels import open_channel
 from mesh.kit.health import FunctionCheck
+from mesh.kit.image_bytes import sniff_format
 from mesh.kit.runtime import ServiceRuntime
 from mesh.services.image_processing import codec
 from mesh.services.image_processing.cpu_backend import CpuBackend
@@ -151,7 +152,7 @@ async def test_process_image_by_reference_and_stored(served: Served) -> None:
     )
     assert response.WhichOneof("result") == "image_id"
     data, labels = served.store.images[response.image_id]
-    assert codec.sniff(data) == "JPEG"
+    assert sniff_format(data) == "JPEG"
     assert labels == {"a": "b"}
 
 

@@ -85,6 +85,25 @@ def test_truncated_and_empty_images_are_invalid() -> None:
         DECODER.decode_encoded(b"")
 
 
+@pytest.mark.parametrize("keep", [8, 12, 20], ids=["signature-only", "cut-in-length", "cut-in-header"])
+def test_a_png_cut_within_its_header_is_invalid_data_not_another_format(keep: int) -> None:
+    """A PNG cut off before Pillow can read its header is still a PNG: 400 InvalidData saying it is truncated
+    or damaged (send the whole file), not 415 "not a PNG / JPEG / WEBP image", which told a client to send
+    another format."""
+    data = _encode(_gradient(size=(120, 120)), "PNG")
+    with pytest.raises(InvalidData, match="PNG image is truncated or damaged") as info:
+        DECODER.decode_encoded(data[:keep])
+    assert http_status(info.value) == 400
+
+
+def test_unsupported_bytes_are_described() -> None:
+    """The 415 for bytes of another kind says what they look like."""
+    with pytest.raises(UnsupportedMediaType, match="look like a GIF image"):
+        DECODER.decode_encoded(_encode(_gradient(), "GIF"))
+    with pytest.raises(UnsupportedMediaType, match="look like text: '<html>"):
+        DECODER.decode_encoded(b"<html><body>sign in</body></html>")
+
+
 def test_images_above_the_pixel_limit_are_refused() -> None:
     """An image above max_pixels is refused (413) before its pixels are decoded."""
     data = _encode(Image.new("L", (300, 300)), "PNG")

@@ -13,10 +13,10 @@ import zlib
 from dataclasses import dataclass
 from typing import Literal
 
+from mesh.kit.image_bytes import PNG_SIGNATURE
+
 Problem = Literal["truncated", "trailing", "corrupt"]
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-JPEG_SIGNATURE = b"\xff\xd8\xff"
 
 # PNG colour type -> channels (palette images are reported as RGB, or RGBA with a tRNS chunk).
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}

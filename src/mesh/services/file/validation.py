@@ -13,14 +13,13 @@ import io
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final
 
 from PIL import Image
 
 from mesh.kit import errors
+from mesh.kit.image_bytes import Format, describe_bytes, sniff_format
 from mesh.services.file.containers import (
-    JPEG_SIGNATURE,
-    PNG_SIGNATURE,
     ContainerError,
     ContainerInfo,
     inspect_jpeg,
@@ -28,7 +27,6 @@ from mesh.services.file.containers import (
     inspect_webp,
 )
 
-Format = Literal["PNG", "JPEG", "WEBP"]
 FORMATS: Final[tuple[Format, ...]] = ("PNG", "JPEG", "WEBP")
 CONTENT_TYPES: Final[dict[Format, str]] = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 EXTENSIONS: Final[dict[Format, str]] = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
@@ -100,45 +98,6 @@ def too_large(size: int, max_bytes: int, *, complete: bool = True) -> errors.Pay
         "send a smaller or more compressed image",
         metadata={"limit_bytes": str(max_bytes)},
     )
-
-
-def sniff_format(data: bytes) -> Format | None:
-    """The format the magic bytes announce, or None when they are not PNG, JPEG or WebP."""
-    if data.startswith(PNG_SIGNATURE):
-        return "PNG"
-    if data.startswith(JPEG_SIGNATURE):
-        return "JPEG"
-    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    return None
-
-
-_OTHER_MAGIC: Final = (
-    (b"GIF8", "a GIF image"),
-    (b"BM", "a BMP image"),
-    (b"II*\x00", "a TIFF image"),
-    (b"MM\x00*", "a TIFF image"),
-    (b"%PDF", "a PDF document"),
-    (b"PK\x03\x04", "a ZIP archive"),
-    (b"\x00\x00\x01\x00", "an ICO icon"),
-)
-
-
-def describe_bytes(data: bytes) -> str:
-    """What unaccepted bytes look like, for error messages."""
-    for magic, name in _OTHER_MAGIC:
-        if data.startswith(magic):
-            return f"they look like {name}"
-    if data[4:8] == b"ftyp":
-        return f"they look like an ISO media file ({data[8:12].decode('latin-1')!r}, e.g. HEIC or AVIF)"
-    head = data[:64]
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        text = ""
-    if text and all(ch.isprintable() or ch in "\r\n\t" for ch in text):
-        return f"they look like text: {text[:24]!r}"
-    return f"they start with {data[:8]!r}"
 
 
 def normalise_content_type(declared: str) -> str:

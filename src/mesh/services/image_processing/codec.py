@@ -16,6 +16,7 @@ from PIL import Image as PilImage
 from PIL import UnidentifiedImageError
 
 from mesh.kit import errors
+from mesh.kit.image_bytes import describe_bytes, sniff_format
 from mesh.services.image_processing.filter_math import Image, as_image
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -61,24 +62,13 @@ def check_bytes(size: int, limits: Limits, where: str) -> None:
         )
 
 
-def sniff(data: bytes) -> str | None:
-    """The container format from magic bytes, or None."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    return None
-
-
 def decode(data: bytes, limits: Limits, where: str = "input.encoded.data") -> Image:
     """PNG, JPEG or WebP bytes to RGB(A) or grey pixels (8 or 16 bit)."""
     check_bytes(len(data), limits, where)
-    kind = sniff(data)
+    kind = sniff_format(data)
     if kind is None:
         raise errors.UnsupportedMediaType(
-            "the image is not PNG, JPEG or WebP",
+            f"the image is not PNG, JPEG or WebP ({describe_bytes(data)})",
             field_violations=[errors.FieldViolation(where, "must be PNG, JPEG or WebP bytes")],
         )
     try:

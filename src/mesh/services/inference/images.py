@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from mesh.common.v1 import image_pb2
 from mesh.kit.errors import (
@@ -23,6 +23,7 @@ from mesh.kit.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
+from mesh.kit.image_bytes import describe_bytes, sniff_format
 from mesh.services.file.client import FileClient
 
 Pixels = npt.NDArray[np.uint8]
@@ -33,6 +34,22 @@ _PILLOW_FORMATS = {
     image_pb2.IMAGE_FORMAT_WEBP: "WEBP",
 }
 _ACCEPTED = ("PNG", "JPEG", "WEBP")
+
+
+def _unidentified(data: bytes, formats: list[str], field: str) -> InvalidData | UnsupportedMediaType:
+    """Why Pillow could not tell what ``data`` is: a file of an accepted format whose header is cut off or
+    damaged (the client should send the whole file again), or bytes of another kind (it should send another)."""
+    found = sniff_format(data)
+    if found is not None and found in formats:
+        return InvalidData(
+            f"the {found} image is truncated or damaged: its header cannot be read ({len(data)} bytes); "
+            "send the whole file",
+            field_violations=[FieldViolation(field, f"a complete {found} file")],
+        )
+    return UnsupportedMediaType(
+        f"the bytes are not a {' / '.join(formats)} image ({describe_bytes(data)})",
+        field_violations=[FieldViolation(field, f"send {', '.join(_ACCEPTED)}")],
+    )
 
 
 class ImageFetcher(Protocol):
@@ -88,13 +105,12 @@ class ImageDecoder:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(io.BytesIO(data), formats=formats)
-        except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-            if isinstance(exc, UnidentifiedImageError):
-                raise UnsupportedMediaType(
-                    f"the bytes are not a {' / '.join(formats)} image",
-                    field_violations=[FieldViolation(field, f"send {', '.join(_ACCEPTED)}")],
-                ) from None
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
             raise PayloadTooLarge(f"image exceeds the limit of {self.max_pixels} pixels") from None
+        except (OSError, SyntaxError, ValueError):
+            # Pillow says UnidentifiedImageError (an OSError) when no format matches, and a bare OSError when
+            # the header it started on is cut off ("Truncated File Read").
+            raise _unidentified(data, formats, field) from None
         with image:
             self._check_size(image.width, image.height, field)
             try:
