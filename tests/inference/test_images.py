@@ -72,7 +72,7 @@ def test_other_formats_are_unsupported_media_type() -> None:
     with pytest.raises(UnsupportedMediaType) as info:
         DECODER.decode_encoded(_encode(_gradient(), "GIF"))
     assert http_status(info.value) == 415
-    with pytest.raises(UnsupportedMediaType):
+    with pytest.raises(UnsupportedMediaType, match=r"not a JPEG image \(they are a PNG image\)"):
         DECODER.decode_encoded(_encode(_gradient(), "PNG"), image_pb2.IMAGE_FORMAT_JPEG)
 
 

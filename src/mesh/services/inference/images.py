@@ -46,8 +46,9 @@ def _unidentified(data: bytes, formats: list[str], field: str) -> InvalidData | 
             "send the whole file",
             field_violations=[FieldViolation(field, f"a complete {found} file")],
         )
+    looks = f"they are a {found} image" if found is not None else describe_bytes(data)
     return UnsupportedMediaType(
-        f"the bytes are not a {' / '.join(formats)} image ({describe_bytes(data)})",
+        f"the bytes are not a {' / '.join(formats)} image ({looks})",
         field_violations=[FieldViolation(field, f"send {', '.join(_ACCEPTED)}")],
     )
 
