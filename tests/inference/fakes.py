@@ -63,6 +63,7 @@ class FakeModel:
     delay_seconds: float = 0.0
     platform: str = "python"
     operations: frozenset[Operation] = frozenset({"predict", "precheck"})
+    min_image_size: tuple[int, int] = (4, 4)
     batches: list[tuple[Operation, int]] = field(default_factory=list)
     release: threading.Event | None = None
     closed: bool = False

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from mesh.common.v1 import errors_pb2
 from mesh.inference.v1 import inference_service_pb2 as pb
@@ -49,7 +52,10 @@ async def handler(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Inf
     write_model(root, version=2)
     repository = ModelRepository(root, factories={"fake": FakeFactory()})
     await repository.load()
-    predictor = Predictor(repository, ImageDecoder(max_pixels=1_000_000), MemoryFetcher({"img": png(220)}))
+    tiny = io.BytesIO()
+    Image.fromarray(np.full((3, 3), 220, np.uint8)).save(tiny, format="PNG")
+    images = {"img": png(220), "tiny": tiny.getvalue()}
+    predictor = Predictor(repository, ImageDecoder(max_pixels=1_000_000), MemoryFetcher(images))
     yield InferenceJobHandler(predictor)
     await repository.close()
 
@@ -83,12 +89,16 @@ async def test_cancel_is_seen_before_the_model_runs(handler: InferenceJobHandler
 
 
 async def test_errors_carry_their_category(handler: InferenceJobHandler) -> None:
-    """A missing image or model fails PERMANENT; a job without a model or image is refused."""
+    """A missing image or model fails PERMANENT, an image smaller than the model reads DATA (neither is
+    retried); a job without a model or image is refused."""
     with pytest.raises(NotFound) as info:
         await handler(Context(_job(image_id="gone")))
     assert info.value.category == errors_pb2.ERROR_CATEGORY_PERMANENT
     with pytest.raises(NotFound):
         await handler(Context(_job(model="unknown")))
+    with pytest.raises(InvalidArgument) as too_small:
+        await handler(Context(_job(image_id="tiny")))
+    assert too_small.value.category == errors_pb2.ERROR_CATEGORY_DATA
     with pytest.raises(InvalidArgument):
         await handler(Context(_job(model="")))
     with pytest.raises(InvalidArgument):

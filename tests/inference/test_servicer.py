@@ -221,6 +221,28 @@ async def test_bad_requests_map_to_precise_statuses(served: Served) -> None:
             assert field in [v.field for v in error.field_violations]
 
 
+async def test_an_image_smaller_than_the_model_reads_is_refused_before_any_batch(served: Served) -> None:
+    """An image under the model's ``min_image_size`` is INVALID_ARGUMENT (DATA, HTTP 400) that says the least
+    size, and never reaches a batch, where its failure would fail the other requests' batch."""
+    model = served.repository.get("fake", "1").model
+    assert isinstance(model, FakeModel)
+    before = len(model.batches)
+    error = await _error(
+        served.stub.Predict(pb.PredictRequest(model_name="fake", model_version="1", input=raw(200, width=3)))
+    )
+    assert isinstance(error, errors.InvalidArgument)
+    assert error.category == errors.InvalidData.default_category
+    assert errors.http_status(error) == 400
+    assert "3x6 pixels" in error.message
+    assert "at least 4x4" in error.message
+    assert [v.field for v in error.field_violations] == ["input"]
+    assert len(model.batches) == before
+    fits = await served.stub.Predict(
+        pb.PredictRequest(model_name="fake", model_version="1", input=raw(200, width=4, height=4))
+    )
+    assert fits.strip_reading.verdict == pb.VERDICT_POSITIVE
+
+
 async def test_concurrent_predictions_share_batches(served: Served) -> None:
     """Concurrent requests to one version are computed in batches larger than one."""
     model = served.repository.get("fake", "1").model

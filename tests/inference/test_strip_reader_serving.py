@@ -86,6 +86,26 @@ async def test_no_strip_is_never_a_verdict(stub: pb_grpc.InferenceServiceAsyncSt
         assert reading.precheck_only == precheck
 
 
+async def test_a_photo_under_the_readers_least_size_is_invalid_argument(
+    stub: pb_grpc.InferenceServiceAsyncStub,
+) -> None:
+    """A 15-pixel-high photo is refused with the reader's least size (the worker process's own limit, which it
+    reports when it starts), not an internal error; 16x16 is read."""
+    side = reader_module.MIN_IMAGE_SIDE
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Predict(
+            pb.PredictRequest(
+                model_name="strip-reader", input=_raw(np.full((side - 1, 400, 3), 200, np.uint8))
+            )
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"at least {side}x{side} pixels" in str(info.value.details())
+    response = await stub.Predict(
+        pb.PredictRequest(model_name="strip-reader", input=_raw(np.full((side, side, 3), 200, np.uint8)))
+    )
+    assert response.strip_reading.verdict == pb.VERDICT_INVALID
+
+
 async def test_stream_of_real_photos(stub: pb_grpc.InferenceServiceAsyncStub) -> None:
     """A stream of photos is answered in order, one response each."""
     samples = [generator.generate_with(seed, generator.Overrides(cls="negative")) for seed in range(20, 24)]

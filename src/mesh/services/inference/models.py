@@ -47,6 +47,11 @@ class Model(Protocol):
         """What it can do; every model can ``predict``."""
         ...
 
+    @property
+    def min_image_size(self) -> tuple[int, int]:
+        """The smallest (width, height) it reads: a smaller image is refused before it joins a batch."""
+        ...
+
     def warm_up(self) -> None:
         """Run once on a synthetic input (compile kernels, fault in memory); raises when the model is unusable."""
         ...
@@ -110,9 +115,10 @@ class StripReaderModel:
     def __init__(self, config: ModelConfig, device: DeviceName) -> None:
         # Imported here: the serving side loads without the reader, and a broken reader fails this model's
         # load (the version is then not ready, with the reason) instead of the whole process.
-        from mesh.services.inference.strip.reader import StripReader
+        from mesh.services.inference.strip.reader import MIN_IMAGE_SIDE, StripReader
 
         self._reader = StripReader(config=None, device=device)
+        self.min_image_size = (MIN_IMAGE_SIDE, MIN_IMAGE_SIDE)
         self._device: DeviceName = device
         self._warm_up_shape = tuple(int(v) for v in config.options.get("warm_up_shape", (480, 640, 3)))
 

@@ -16,7 +16,7 @@ from opentelemetry import trace
 
 from mesh.common.v1 import image_pb2
 from mesh.inference.v1 import inference_service_pb2 as pb
-from mesh.kit.errors import FieldViolation, Internal, InvalidArgument, MeshError, Unavailable
+from mesh.kit.errors import FieldViolation, Internal, InvalidArgument, InvalidData, MeshError, Unavailable
 from mesh.kit.jobs import JobCancelled
 from mesh.kit.logging import get_logger
 from mesh.kit.tracing import tracer
@@ -110,6 +110,7 @@ class Predictor:
         if on_stage is not None:
             await on_stage(0.0, "fetch")
         image = await self._load(request.input)
+        _check_size(image, model.min_image_size, version.name)
         if on_stage is not None:
             await on_stage(0.5, "model")
         result = await scheduler.submit((operation, parameters), image, deadline=deadline)
@@ -141,4 +142,16 @@ class Predictor:
         raise InvalidArgument(
             "an input image is required",
             field_violations=[FieldViolation("input", "set image_id, encoded or raw")],
+        )
+
+
+def _check_size(image: Pixels, least: tuple[int, int], model: str) -> None:
+    """Refuses an image smaller than ``model`` reads before it is queued: in a batch, its failure would fail
+    the batch, whose other images would then be computed again one by one."""
+    height, width = image.shape[:2]
+    if width < least[0] or height < least[1]:
+        raise InvalidData(
+            f"the image is {width}x{height} pixels; model {model} reads images of at least "
+            f"{least[0]}x{least[1]} pixels",
+            field_violations=[FieldViolation("input", f"at least {least[0]}x{least[1]} pixels")],
         )

@@ -74,6 +74,7 @@ class _Ready:
     platform: str
     device: DeviceName
     operations: frozenset[Operation]
+    min_image_size: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ class WorkerModel:
         self.platform = ready[0].platform
         self.device: DeviceName = ready[0].device
         self.operations: frozenset[Operation] = ready[0].operations
+        self.min_image_size = ready[0].min_image_size
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
         for worker in self._workers:
             self._idle.put(worker)
@@ -363,7 +365,9 @@ def _serve(conn: Connection, spec: _WorkerSpec) -> None:
         conn.send(("error", _portable(exc)))
         return
     try:
-        conn.send(("ready", _Ready(model.platform, model.device, frozenset(model.operations))))
+        conn.send(
+            ("ready", _Ready(model.platform, model.device, frozenset(model.operations), model.min_image_size))
+        )
         while True:
             try:
                 batch = conn.recv()

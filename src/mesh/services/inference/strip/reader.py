@@ -56,6 +56,9 @@ FloatImage = npt.NDArray[Any]  # OpenCV returns loosely typed arrays
 # Across the strip, the crop keeps this much of the strip's width as margin on each side.
 ACROSS_MARGIN = 0.12
 
+# The smallest side of an image the reader takes (a strip at 30 % of such a width is 5 pixels long).
+MIN_IMAGE_SIDE = 16
+
 # Where no C passes, a line left of the middle this many noise deviations above the profile is template enough
 # to search for a weak C beside it.
 TEMPLATE_LINE_SNR = 6.0
@@ -95,7 +98,7 @@ def to_uint8(image: npt.NDArray[np.generic]) -> ByteImage:
         array = array[:, :, 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
         raise ValueError(f"expected HxW, HxWx3 or HxWx4 pixels, got shape {array.shape}")
-    if array.shape[0] < 16 or array.shape[1] < 16:
+    if array.shape[0] < MIN_IMAGE_SIDE or array.shape[1] < MIN_IMAGE_SIDE:
         raise ValueError(f"image too small: {array.shape[1]}x{array.shape[0]}")
     if array.dtype == np.uint16:
         array = (array >> 8).astype(np.uint8)
