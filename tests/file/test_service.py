@@ -75,16 +75,23 @@ async def test_same_bytes_are_stored_once(file_client: FileClient, blob_dir: Pat
 
 
 async def test_unary_create_and_idempotency_key(file_client: FileClient) -> None:
-    """CreateImage stores a small image; a repeated idempotency key returns the first image."""
+    """CreateImage stores a small image; the same bytes again under its idempotency key (unary or streamed)
+    return the first image; other bytes under the key are ALREADY_EXISTS naming that image, and are not stored."""
     data = unique_png()
     key = f"key-{uuid.uuid4()}"
     first = await file_client.create(data, filename="one.png", idempotency_key=key)
-    again = await file_client.create(unique_png(), filename="two.png", idempotency_key=key)
+    again = await file_client.create(data, filename="two.png", idempotency_key=key)
     streamed = await file_client.upload(data, filename="three.png", idempotency_key=key)
     assert first.deduplicated is False
     assert again.image == first.image == streamed.image
     assert again.deduplicated
     assert streamed.deduplicated
+    other = unique_png()
+    for send in (file_client.create, file_client.upload):
+        with pytest.raises(errors.AlreadyExists) as info:
+            await send(other, filename="other.png", idempotency_key=key)
+        assert str(first.image.id) in info.value.message
+        assert [v.field for v in info.value.field_violations] == ["metadata.idempotency_key"]
 
 
 async def test_download_streams_the_original_in_chunks(
@@ -357,17 +364,21 @@ async def test_a_30_mib_upload_is_refused_as_too_large(file_client: FileClient) 
 async def test_concurrent_uploads_with_one_idempotency_key_store_one_image(
     file_client: FileClient, blob_dir: Path
 ) -> None:
-    """Two racing uploads of different bytes under one key give one image, and the loser leaves no blob."""
+    """Two racing uploads of different bytes under one key store one image; the other is ALREADY_EXISTS and
+    leaves no blob."""
     blobs = BlobStore(blob_dir)
     key = f"race-{uuid.uuid4()}"
     first, second = unique_png(), unique_png()
-    a, b = await asyncio.gather(
+    outcomes = await asyncio.gather(
         file_client.upload(first, filename="a.png", idempotency_key=key),
         file_client.upload(second, filename="b.png", idempotency_key=key),
+        return_exceptions=True,
     )
-    assert a.image == b.image
-    assert sorted([a.deduplicated, b.deduplicated]) == [False, True]
-    winner = a.image.sha256
+    stored = [o for o in outcomes if not isinstance(o, BaseException)]
+    refused = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(stored) == 1
+    assert [type(e) for e in refused] == [errors.AlreadyExists]
+    winner = stored[0].image.sha256
     loser = hashlib.sha256(second if winner == hashlib.sha256(first).hexdigest() else first).hexdigest()
     assert blobs.exists(winner)
     assert not blobs.exists(loser)

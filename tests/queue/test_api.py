@@ -77,6 +77,41 @@ async def test_idempotency_key_returns_the_same_job(queue: Harness) -> None:
     assert outbox[0]["n"] == 1
 
 
+async def test_a_reused_idempotency_key_for_another_job_is_already_exists(queue: Harness) -> None:
+    """A resubmit under a key whose job has another model, priority or pipeline is ALREADY_EXISTS (409) naming
+    the fields that differ and the key's job, and creates nothing; the same request again still returns it."""
+    key = f"reused-{queue.settings.queue_prefix}"
+    blur = params_pb2.PipelineStep(filter="blur", params={"sigma": params_pb2.ParamValue(number_value=1.5)})
+    first = await queue.stub.SubmitJob(
+        queue_service_pb2.SubmitJobRequest(image_id=IMAGE_ID, pipeline=[blur], idempotency_key=key)
+    )
+    sharper = params_pb2.PipelineStep(
+        filter="blur", params={"sigma": params_pb2.ParamValue(number_value=3.0)}
+    )
+    others = [
+        queue_service_pb2.SubmitJobRequest(
+            image_id=IMAGE_ID, pipeline=[blur], model="script:noop", idempotency_key=key
+        ),
+        queue_service_pb2.SubmitJobRequest(image_id=IMAGE_ID, pipeline=[sharper], idempotency_key=key),
+        queue_service_pb2.SubmitJobRequest(
+            image_id=IMAGE_ID, pipeline=[blur], priority=5, idempotency_key=key
+        ),
+    ]
+    for request, field in zip(others, ["model", "pipeline", "priority"], strict=True):
+        error = await _error(queue.stub.SubmitJob(request))
+        assert isinstance(error, errors.AlreadyExists), field
+        assert errors.http_status(error) == 409
+        assert [v.field for v in error.field_violations] == ["idempotency_key", field]
+        assert first.job.id in error.message
+    again = await queue.stub.SubmitJob(
+        queue_service_pb2.SubmitJobRequest(image_id=IMAGE_ID, pipeline=[blur], idempotency_key=key)
+    )
+    assert again.existing
+    assert again.job.id == first.job.id
+    rows = await queue.sql("SELECT count(*) AS n FROM jobs WHERE idempotency_key = %s", key)
+    assert rows[0]["n"] == 1
+
+
 async def test_invalid_submit_names_every_bad_field(queue: Harness) -> None:
     """A bad submit is INVALID_ARGUMENT with a violation for the image id, the missing work and the priority."""
     error = await _error(

@@ -140,13 +140,15 @@ class ImageStore:
         self._decodes = asyncio.Semaphore(max_concurrent_decodes)
 
     async def upload(self, data: bytes, request: UploadRequest) -> UploadResult:
-        """Validate and store ``data``; the same idempotency key returns the first image."""
+        """Validate and store ``data``; the same idempotency key with the same bytes returns the first image
+        (with other bytes, ALREADY_EXISTS)."""
         labels = _check_labels(request.labels)
         key = _check_idempotency_key(request.idempotency_key)
         if key:
             existing = await self.repository.find_by_idempotency_key(key)
             if existing is not None:
-                return UploadResult(existing, True)
+                sha256 = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+                return UploadResult(_same_upload(existing, sha256, key), True)
         async with self._decodes:
             decoded = await asyncio.to_thread(
                 validate_image,
@@ -185,6 +187,8 @@ class ImageStore:
             return not written
 
         record, deduplicated = await self.repository.insert(new, store_blobs=store_blobs)
+        if record.id != new.id:  # a racing upload with the same key was recorded first
+            _same_upload(record, info.sha256, key)
         UPLOADS.labels(str(deduplicated).lower()).inc()
         UPLOAD_BYTES.inc(info.size_bytes)
         log.info(
@@ -324,6 +328,20 @@ def _check_labels(labels: Mapping[str, str]) -> dict[str, str]:
                 ],
             )
     return dict(labels)
+
+
+def _same_upload(existing: ImageRecord, sha256: str, key: str) -> ImageRecord:
+    """``existing``, the image ``key`` names, when this upload holds its bytes: a retry after a lost answer.
+    Other bytes are another image under a reused key, which would otherwise be lost while its client holds the
+    first image's id as its own: ALREADY_EXISTS."""
+    if existing.sha256 != sha256:
+        raise errors.AlreadyExists(
+            f"idempotency_key {key!r} already names image {existing.id}, whose bytes differ from these "
+            f"(sha256 {existing.sha256[:12]}..., these {sha256[:12]}...); upload another image with a new key",
+            field_violations=[errors.FieldViolation("metadata.idempotency_key", "names another image")],
+            metadata={"image_id": str(existing.id)},
+        )
+    return existing
 
 
 def _check_idempotency_key(key: str) -> str:

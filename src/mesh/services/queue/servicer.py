@@ -86,7 +86,9 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
             tracestate=carrier.get("tracestate", ""),
         )
         submitted = await self.repository.submit(new)
-        if not submitted.existing:
+        if submitted.existing:
+            validation.check_same_job(submitted.row, new)
+        else:
             self.on_dispatch()
         SUBMITTED.labels(new.queue, str(submitted.existing).lower()).inc()
         job = row_to_job(submitted.row, position=submitted.position)

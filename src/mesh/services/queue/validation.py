@@ -5,7 +5,8 @@ from __future__ import annotations
 import uuid
 
 from mesh.kit import errors
-from mesh.queue.v1 import queue_service_pb2
+from mesh.queue.v1 import job_pb2, queue_service_pb2
+from mesh.services.queue.repository import NewJob, Row
 
 MAX_PRIORITY = 9
 MAX_ATTEMPTS = 100
@@ -59,3 +60,23 @@ def page_size(requested: int) -> int:
             field_violations=[errors.FieldViolation("page_size", f"at most {MAX_PAGE_SIZE}")],
         )
     return requested or DEFAULT_PAGE_SIZE
+
+
+def check_same_job(row: Row, new: NewJob) -> None:
+    """A resubmit with an idempotency key must ask for the job that the key already names: a retry after a
+    lost answer does. Other fields mean another job under a reused key, which would otherwise never run while
+    its client holds the first job's id as its own: ALREADY_EXISTS, naming the fields that differ."""
+    differ = [
+        errors.FieldViolation(name, f"the key's job has {row[name]!r}")
+        for name in ("image_id", "model", "priority")
+        if row[name] != getattr(new, name)
+    ]
+    if job_pb2.Job.FromString(row["pipeline"] or b"") != job_pb2.Job.FromString(new.pipeline):
+        differ.append(errors.FieldViolation("pipeline", "the key's job has another pipeline"))
+    if differ:
+        raise errors.AlreadyExists(
+            f"idempotency_key {new.idempotency_key!r} already names job {row['id']}, which differs in "
+            f"{', '.join(v.field for v in differ)}; submit another job with a new key",
+            field_violations=[errors.FieldViolation("idempotency_key", "names another job"), *differ],
+            metadata={"job_id": str(row["id"])},
+        )

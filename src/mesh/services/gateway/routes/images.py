@@ -121,7 +121,7 @@ async def _read_upload(request: Request) -> Upload:
 async def upload_image(request: Request, response: Response, ctx: Context, _: Caller) -> schemas.ImageOut:
     """Store a PNG, JPEG or WebP image; the same bytes again give the same sha256 and no second blob.
 
-    Send ``Idempotency-Key`` to make a retried upload return the first image.
+    Send ``Idempotency-Key`` to make a retried upload return the first image (409 for other bytes under it).
     """
     upload = await _read_upload(request)
     annotate({"mesh.image.declared_type": upload.declared or "undeclared"})

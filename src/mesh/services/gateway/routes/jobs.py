@@ -31,7 +31,8 @@ _DRAINING = object()
 
 @router.post("", status_code=202, response_model=schemas.JobOut, responses=ERRORS, summary="Submit a job")
 async def submit_job(body: schemas.JobIn, response: Response, ctx: Context, _: Caller) -> schemas.JobOut:
-    """Queue a job (pipeline and/or model on a stored image); the same idempotency key returns the same job."""
+    """Queue a job (pipeline and/or model on a stored image); the same idempotency key returns the same job
+    (409 when the body asks for another job)."""
     result = await rpc(
         ctx.backends.queue_stub.SubmitJob(
             queue_pb.SubmitJobRequest(
