@@ -10,6 +10,7 @@ brighter than its surroundings and bright against the whole picture.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +69,7 @@ def find_object(small: npt.NDArray[np.uint8], min_area: float) -> Placement | No
     close_w = max(3, int(0.025 * max(width, height)) | 1)
     close_kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (close_w, 3))
     open_kernel = np.ones((3, 3), np.uint8)
-    seen: list[tuple[float, float, float]] = []
+    seen: set[tuple[int, int, int]] = set()
     for spread in (0.35, 0.15):
         relative = feature / np.maximum(_local_max(feature, tiny, spread), 1e-3)
         for level in (0.82, 0.72, 0.62):
@@ -85,13 +86,17 @@ def find_object(small: npt.NDArray[np.uint8], min_area: float) -> Placement | No
                 area = float(cv2.contourArea(contour))
                 if area < least:
                     continue
-                candidate = _judge(np.asarray(contour), area, feature, area_img, bright)
-                if candidate is None:
-                    continue
-                key = (round(candidate.center_x), round(candidate.center_y), round(candidate.length))
+                # The same object passes several levels: once one of them was judged a strip, its copies are
+                # not judged again (the ring around a large object is most of the search's time).
+                rect = cv2.minAreaRect(contour)
+                (cx, cy), (w, h), _ = rect
+                key = (round(cx), round(cy), round(max(w, h)))
                 if key in seen:
                     continue
-                seen.append(key)
+                candidate = _judge(np.asarray(contour), rect, area, feature, area_img, bright)
+                if candidate is None:
+                    continue
+                seen.add(key)
                 if best is None or candidate.score > best.score:
                     best = candidate
     return None if best is None else _extend(feature, best)
@@ -167,14 +172,20 @@ def _extend(feature: FloatImage, found: Placement) -> Placement:
 
 
 def _judge(
-    contour: npt.NDArray[Any], area: float, feature: FloatImage, area_img: float, bright: float
+    contour: npt.NDArray[Any],
+    rect: tuple[Sequence[float], Sequence[float], float],
+    area: float,
+    feature: FloatImage,
+    area_img: float,
+    bright: float,
 ) -> Placement | None:
+    """The contour as a strip candidate (``rect`` is its ``minAreaRect``), or None when it is not one."""
     height, width = feature.shape
     bx, by, bw, bh = cv2.boundingRect(contour)
     touching = (bx <= 0) + (by <= 0) + (bx + bw >= width) + (by + bh >= height)
     if touching >= 2:  # the background seen between other things, not an object inside the frame
         return None
-    (cx, cy), (w, h), angle_deg = cv2.minAreaRect(contour)
+    (cx, cy), (w, h), angle_deg = rect
     if w < 3 or h < 3:
         return None
     if w >= h:
