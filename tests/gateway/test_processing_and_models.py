@@ -205,6 +205,28 @@ async def test_predict_forwards_an_inline_json_image_with_its_parameters(
     assert sent.parameters["min_confidence"].number_value == 0.7
 
 
+async def test_predict_takes_version_and_precheck_from_the_query_with_a_json_body_too(
+    client: httpx.AsyncClient, mesh: FakeMesh
+) -> None:
+    """With a JSON body, ``?version=`` and ``?precheck_only=`` are honoured, not dropped; a version given in the
+    query and another in the body is a 400 naming ``version``."""
+    body = {"image": base64.b64encode(strip_png(200, 50)).decode()}
+    response = await client.post("/v1/models/strip-reader:predict?version=1&precheck_only=true", json=body)
+    assert response.status_code == 200, response.text
+    sent = mesh.fakes.inference.last_request
+    assert sent is not None
+    assert (sent.model_version, sent.precheck_only) == ("1", True)
+    agreeing = await client.post("/v1/models/strip-reader:predict?version=1", json={**body, "version": "1"})
+    assert agreeing.status_code == 200, agreeing.text
+    clash = await client.post("/v1/models/strip-reader:predict?version=2", json={**body, "version": "1"})
+    assert clash.status_code == 400
+    error = clash.json()["error"]
+    assert "'2'" in error["message"]
+    assert "'1'" in error["message"]
+    violations = next(d for d in error["details"] if d["type"] == "BadRequest")["field_violations"]
+    assert [v["field"] for v in violations] == ["version"]
+
+
 async def test_predict_needs_exactly_one_image_source(client: httpx.AsyncClient) -> None:
     """Both an image id and inline bytes, or neither, is a 400 naming image_id; an empty raw body is a 400."""
     both = await client.post(

@@ -24,8 +24,9 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 PREDICT_BODY = json_request_body(schemas.PredictIn, **{t: _BINARY for t in ACCEPTED_TYPES})
 PREDICT_BODY["requestBody"]["description"] = (
-    "JSON naming a stored image or carrying one in base64, or the raw image bytes"
-    " (then `version` and `precheck_only` come from the query)."
+    "JSON naming a stored image or carrying one in base64, or the raw image bytes. `version` and"
+    " `precheck_only` may come from the query with either body; with JSON, also from the body (a version given"
+    " in both must be the same)."
 )
 
 
@@ -61,8 +62,10 @@ async def predict(
     request: Request,
     ctx: Context,
     _: Caller,
-    version: Annotated[str, Query(max_length=100, description="For a raw image body.")] = "",
-    precheck_only: Annotated[bool, Query(description="For a raw image body.")] = False,
+    version: Annotated[
+        str, Query(max_length=100, description="The model version; the default's if empty.")
+    ] = "",
+    precheck_only: Annotated[bool, Query(description="Only the fast quality pre-check.")] = False,
 ) -> schemas.PredictionOut:
     """Run the model on a stored (``image_id``) or inline (``image``, base64) image, or on raw image bytes."""
     given = await _predict_input(request)
@@ -71,8 +74,16 @@ async def predict(
         image_id, inline = "", given
         message.model_version, message.precheck_only = version, precheck_only
     else:
+        # The query's values hold for a JSON body too: a client that put them there must not get another
+        # version, or a full reading, without a word.
+        if version and given.version and version != given.version:
+            raise errors.InvalidArgument(
+                f"the query asks for version {version!r} and the body for {given.version!r}; give it once",
+                field_violations=[errors.FieldViolation("version", "the query and the body disagree")],
+            )
         image_id, inline = given.image_id, [given.image]
-        message.model_version, message.precheck_only = given.version, given.precheck_only
+        message.model_version = given.version or version
+        message.precheck_only = given.precheck_only or precheck_only
         for key, value in convert.to_params(given.parameters).items():
             message.parameters[key].CopyFrom(value)
     serialized, image = serialize_with_image(message, image_id, inline)
