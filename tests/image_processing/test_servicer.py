@@ -20,6 +20,7 @@ from mesh.kit import errors
 from mesh.kit.channels import open_channel
 from mesh.kit.health import FunctionCheck
 from mesh.kit.image_bytes import sniff_format
+from mesh.kit.raw_pixels import read_raw
 from mesh.kit.runtime import ServiceRuntime
 from mesh.services.image_processing import codec
 from mesh.services.image_processing.cpu_backend import CpuBackend
@@ -134,7 +135,7 @@ async def test_process_image_raw_in_raw_out_16_bit(served: Served) -> None:
             output=pb.OutputSpec(format=image_pb2.IMAGE_FORMAT_RAW),
         )
     )
-    out = codec.from_raw(response.raw.pixels, 7, 9, 3, True, LIMITS)
+    out = read_raw(response.raw, max_pixels=LIMITS.max_pixels)
     assert np.array_equal(out, 65535 - image)
 
 

@@ -106,39 +106,6 @@ def _undecodable(where: str, error: BaseException) -> errors.InvalidData:
     )
 
 
-def from_raw(
-    pixels: bytes,
-    width: int,
-    height: int,
-    channels: int,
-    sixteen_bit: bool,
-    limits: Limits,
-    where: str = "input.raw",
-) -> Image:
-    """Raw interleaved samples (little-endian for 16 bit) to an image, with its shape checked."""
-    if channels not in (1, 3, 4):
-        raise errors.InvalidData(
-            f"raw images have 1, 3 or 4 channels, got {channels}",
-            field_violations=[errors.FieldViolation(f"{where}.channels", "must be 1, 3 or 4")],
-        )
-    if width < 1 or height < 1:
-        raise errors.InvalidData(
-            f"raw image size {width}x{height} is empty",
-            field_violations=[errors.FieldViolation(f"{where}.width", "width and height must be >= 1")],
-        )
-    check_size(width, height, limits, where)
-    check_bytes(len(pixels), limits, f"{where}.pixels")
-    dtype = np.dtype("<u2") if sixteen_bit else np.dtype(np.uint8)
-    expected = width * height * channels * dtype.itemsize
-    if len(pixels) != expected:
-        raise errors.InvalidData(
-            f"raw image {width}x{height}x{channels} ({dtype.itemsize * 8}-bit) needs {expected} bytes, got {len(pixels)}",
-            field_violations=[errors.FieldViolation(f"{where}.pixels", f"must be {expected} bytes")],
-        )
-    array = np.frombuffer(pixels, dtype=dtype).reshape(height, width, channels)
-    return array.astype(np.uint16) if sixteen_bit else array
-
-
 def to_raw(image: Image) -> bytes:
     """Interleaved samples, little-endian (without a copy when the image is a view of whole bytes)."""
     base: object = image

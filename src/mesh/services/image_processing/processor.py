@@ -18,6 +18,7 @@ from mesh.common.v1 import image_pb2, params_pb2
 from mesh.file.v1 import file_service_pb2
 from mesh.image.v1 import image_processing_service_pb2 as pb
 from mesh.kit import errors, tracing
+from mesh.kit.raw_pixels import read_raw
 from mesh.services.image_processing import codec
 from mesh.services.image_processing.backend import Backend, PipelineOutput, run_pipeline
 from mesh.services.image_processing.filter_math import Image
@@ -191,15 +192,11 @@ class Processor:
                 codec.decode, source.encoded.data, self.limits, f"{where}.encoded.data"
             )
         if kind == "raw":
-            raw = source.raw
-            return codec.from_raw(
-                raw.pixels,
-                raw.width,
-                raw.height,
-                raw.channels,
-                raw.pixel_type == image_pb2.PIXEL_TYPE_UINT16,
-                self.limits,
-                f"{where}.raw",
+            return read_raw(
+                source.raw,
+                max_pixels=self.limits.max_pixels,
+                max_bytes=self.limits.max_bytes,
+                field=f"{where}.raw",
             )
         raise errors.InvalidArgument(
             "no input image", field_violations=[errors.FieldViolation(where, "set image_id, encoded or raw")]

@@ -24,6 +24,7 @@ from mesh.kit.errors import (
     UnsupportedMediaType,
 )
 from mesh.kit.image_bytes import describe_bytes, sniff_format
+from mesh.kit.raw_pixels import read_raw
 from mesh.services.file.client import FileClient
 
 Pixels = npt.NDArray[np.uint8]
@@ -123,29 +124,10 @@ class ImageDecoder:
 
     def decode_raw(self, raw: image_pb2.RawImage, *, field: str = "input.raw") -> Pixels:
         """Raw interleaved pixels -> an array of the contract's shape (16-bit samples keep their top byte)."""
-        violations = []
-        if raw.width == 0 or raw.height == 0:
-            violations.append(FieldViolation(f"{field}.width", "width and height must be > 0"))
-        if raw.channels not in (1, 3, 4):
-            violations.append(FieldViolation(f"{field}.channels", "must be 1, 3 or 4"))
-        if violations:
-            raise InvalidArgument("invalid raw image", field_violations=violations)
-        self._check_size(raw.width, raw.height, field)
-        sixteen = raw.pixel_type == image_pb2.PIXEL_TYPE_UINT16
-        expected = raw.width * raw.height * raw.channels * (2 if sixteen else 1)
-        if len(raw.pixels) != expected:
-            raise InvalidArgument(
-                f"raw image holds {len(raw.pixels)} bytes, its shape needs {expected}",
-                field_violations=[FieldViolation(f"{field}.pixels", f"must be {expected} bytes")],
-            )
-        shape: tuple[int, ...] = (raw.height, raw.width)
-        if raw.channels != 1:
-            shape = (*shape, raw.channels)
-        if sixteen:
-            samples = np.frombuffer(raw.pixels, dtype="<u2").reshape(shape)
-            return (samples >> 8).astype(np.uint8)
-        # A copy: the request's bytes are immutable and a model may work in place.
-        return np.frombuffer(raw.pixels, dtype=np.uint8).reshape(shape).copy()
+        samples = read_raw(raw, max_pixels=self.max_pixels, field=field)
+        # 8-bit samples are copied: they view the request's immutable bytes, and a model may work in place.
+        pixels = (samples >> 8).astype(np.uint8) if samples.dtype == np.uint16 else samples.copy()
+        return pixels.reshape(pixels.shape[:2]) if pixels.shape[2] == 1 else pixels
 
 
 def _to_pixels(image: Image.Image) -> Pixels:
