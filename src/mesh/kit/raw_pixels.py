@@ -50,7 +50,7 @@ def read_raw(
         )
     if problems:
         raise errors.InvalidData(
-            "invalid raw image: " + "; ".join(f"{is_} ({field_} {must})" for field_, must, is_ in problems),
+            "invalid raw image: " + "; ".join(f"{is_} ({field_}: {must})" for field_, must, is_ in problems),
             field_violations=[errors.FieldViolation(field_, must) for field_, must, _ in problems],
         )
     assert dtype is not None  # told above
