@@ -14,6 +14,7 @@ import numpy.typing as npt
 
 from mesh.common.v1 import image_pb2
 from mesh.kit import errors
+from mesh.kit.image_limits import check_bytes, check_pixels
 
 CHANNELS = (1, 3, 4)
 _SAMPLE_TYPES: dict[int, np.dtype[Any]] = {
@@ -54,17 +55,10 @@ def read_raw(
             field_violations=[errors.FieldViolation(field_, must) for field_, must, _ in problems],
         )
     assert dtype is not None  # told above
-    if raw.width * raw.height > max_pixels:
-        raise errors.PayloadTooLarge(
-            f"{field} is {raw.width}x{raw.height} = {raw.width * raw.height} pixels; the limit is {max_pixels}",
-            field_violations=[errors.FieldViolation(field, f"at most {max_pixels} pixels")],
-        )
+    check_pixels(raw.width, raw.height, max_pixels, field)
     pixels = raw.pixels  # one access: each copies the bytes, and the array views this very object
-    if max_bytes is not None and len(pixels) > max_bytes:
-        raise errors.PayloadTooLarge(
-            f"{field}.pixels has {len(pixels)} bytes; the limit is {max_bytes}",
-            field_violations=[errors.FieldViolation(f"{field}.pixels", f"at most {max_bytes} bytes")],
-        )
+    if max_bytes is not None:
+        check_bytes(len(pixels), max_bytes, f"{field}.pixels")
     expected = raw.width * raw.height * raw.channels * dtype.itemsize
     if len(pixels) != expected:
         raise errors.InvalidData(

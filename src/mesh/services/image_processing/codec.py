@@ -17,6 +17,7 @@ from PIL import UnidentifiedImageError
 
 from mesh.kit import errors
 from mesh.kit.image_bytes import describe_bytes, sniff_format
+from mesh.kit.image_limits import check_bytes, check_pixels
 from mesh.services.image_processing.filter_math import Image, as_image
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -44,27 +45,9 @@ class Limits:
     """Largest encoded or raw input in bytes."""
 
 
-def check_size(width: int, height: int, limits: Limits, where: str) -> None:
-    """PayloadTooLarge when an image has more pixels than allowed."""
-    if width * height > limits.max_pixels:
-        raise errors.PayloadTooLarge(
-            f"{where} is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}",
-            field_violations=[errors.FieldViolation(where, f"at most {limits.max_pixels} pixels")],
-        )
-
-
-def check_bytes(size: int, limits: Limits, where: str) -> None:
-    """PayloadTooLarge when an input has more bytes than allowed."""
-    if size > limits.max_bytes:
-        raise errors.PayloadTooLarge(
-            f"{where} has {size} bytes; the limit is {limits.max_bytes}",
-            field_violations=[errors.FieldViolation(where, f"at most {limits.max_bytes} bytes")],
-        )
-
-
 def decode(data: bytes, limits: Limits, where: str = "input.encoded.data") -> Image:
     """PNG, JPEG or WebP bytes to RGB(A) or grey pixels (8 or 16 bit)."""
-    check_bytes(len(data), limits, where)
+    check_bytes(len(data), limits.max_bytes, where)
     kind = sniff_format(data)
     if kind is None:
         raise errors.UnsupportedMediaType(
@@ -79,7 +62,7 @@ def decode(data: bytes, limits: Limits, where: str = "input.encoded.data") -> Im
         raise _undecodable(where, error) from None
     except PilImage.DecompressionBombError:
         width, height = limits.max_pixels + 1, 1
-    check_size(width, height, limits, where)
+    check_pixels(width, height, limits.max_pixels, where)
     pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if pixels is None or pixels.size == 0:
         raise _undecodable(where, ValueError(f"{kind} data could not be decoded"))

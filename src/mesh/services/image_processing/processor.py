@@ -18,6 +18,7 @@ from mesh.common.v1 import image_pb2, params_pb2
 from mesh.file.v1 import file_service_pb2
 from mesh.image.v1 import image_processing_service_pb2 as pb
 from mesh.kit import errors, tracing
+from mesh.kit.image_limits import check_pixels
 from mesh.kit.raw_pixels import read_raw
 from mesh.services.image_processing import codec
 from mesh.services.image_processing.backend import Backend, PipelineOutput, run_pipeline
@@ -259,7 +260,7 @@ class Processor:
         """
         image = output.image
         height, width, channels = image.shape
-        codec.check_size(width, height, self.limits, "pipeline output")
+        check_pixels(width, height, self.limits.max_pixels, "pipeline output")
         fmt = FORMATS.get(spec.format)
         if fmt is None:
             raise errors.InvalidArgument(

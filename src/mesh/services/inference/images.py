@@ -24,6 +24,7 @@ from mesh.kit.errors import (
     UnsupportedMediaType,
 )
 from mesh.kit.image_bytes import describe_bytes, sniff_format
+from mesh.kit.image_limits import check_pixels
 from mesh.kit.raw_pixels import read_raw
 from mesh.services.file.client import FileClient
 
@@ -80,13 +81,6 @@ class ImageDecoder:
     def __init__(self, *, max_pixels: int) -> None:
         self.max_pixels = max_pixels
 
-    def _check_size(self, width: int, height: int, field: str) -> None:
-        if width * height > self.max_pixels:
-            raise PayloadTooLarge(
-                f"image of {width}x{height} pixels exceeds the limit of {self.max_pixels} pixels",
-                field_violations=[FieldViolation(field, f"at most {self.max_pixels} pixels")],
-            )
-
     def decode_encoded(
         self,
         data: bytes,
@@ -114,7 +108,7 @@ class ImageDecoder:
             # the header it started on is cut off ("Truncated File Read").
             raise _unidentified(data, formats, field) from None
         with image:
-            self._check_size(image.width, image.height, field)
+            check_pixels(image.width, image.height, self.max_pixels, field)
             try:
                 image.load()
                 oriented = ImageOps.exif_transpose(image)
