@@ -210,3 +210,29 @@ async def test_metadata_content_thumbnail_and_delete(client: httpx.AsyncClient) 
     assert deleted.status_code == 204
     assert (await client.get(f"/v1/images/{image['id']}")).status_code == 404
     assert (await client.get(f"/v1/images/{image['id']}/content")).status_code == 404
+
+
+async def test_content_with_a_matching_etag_is_304_without_a_body(client: httpx.AsyncClient) -> None:
+    """If-None-Match holding the ETag (alone, in a list, weak, or *) is 304 with no body; another tag is 200."""
+    image = (
+        await client.post("/v1/images", files={"file": ("s.png", strip_png(64, 32), "image/png")})
+    ).json()
+    url = f"/v1/images/{image['id']}/content"
+    etag = (await client.get(url)).headers["etag"]
+    for held in (etag, f'"other", {etag}', f"W/{etag}", "*"):
+        again = await client.get(url, headers={"If-None-Match": held})
+        assert again.status_code == 304, held
+        assert again.content == b""
+        assert again.headers["etag"] == etag
+    thumb = await client.get(url, params={"variant": "thumbnail"}, headers={"If-None-Match": etag})
+    assert thumb.status_code == 200
+    assert thumb.headers["etag"] != etag
+
+
+async def test_a_non_ascii_filename_is_kept_in_filename_star(client: httpx.AsyncClient) -> None:
+    """Content-Disposition keeps an ASCII filename for every client and the real name as RFC 6266 filename*."""
+    image = (
+        await client.post("/v1/images", files={"file": ("Test ü.png", strip_png(64, 32), "image/png")})
+    ).json()
+    disposition = (await client.get(f"/v1/images/{image['id']}/content")).headers["content-disposition"]
+    assert disposition == "inline; filename=\"Test _.png\"; filename*=UTF-8''Test%20%C3%BC.png"

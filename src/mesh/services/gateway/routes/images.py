@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request, Response
 from starlette.datastructures import UploadFile
@@ -171,16 +172,25 @@ async def get_image(image_id: str, ctx: Context, _: Caller) -> schemas.ImageOut:
 @router.get(
     "/{image_id}/content",
     response_class=StreamingResponse,
-    responses={200: {"content": {t: _BINARY for t in ACCEPTED_TYPES}}, **ERRORS},
+    responses={
+        200: {"content": {t: _BINARY for t in ACCEPTED_TYPES}},
+        304: {"description": "Not Modified: `If-None-Match` holds the ETag"},
+        **ERRORS,
+    },
     summary="An image's bytes",
 )
 async def get_image_content(
     image_id: str,
+    request: Request,
     ctx: Context,
     _: Caller,
     variant: Literal["original", "thumbnail"] = "original",
-) -> StreamingResponse:
-    """The stored bytes (streamed as they arrive from the file service), or its 256 px thumbnail."""
+) -> Response:
+    """The stored bytes (streamed as they arrive from the file service), or its 256 px thumbnail.
+
+    An image's bytes never change, so a request whose ``If-None-Match`` holds the ETag is answered 304 without
+    a body.
+    """
     annotate({"mesh.image.id": image_id, "mesh.image.variant": variant})
     wanted = (
         file_service_pb2.IMAGE_VARIANT_THUMBNAIL
@@ -195,6 +205,10 @@ async def get_image_content(
         call.cancel()
         raise errors.Internal("the file service's download did not start with the image's metadata")
     image = first.image
+    headers = {"Cache-Control": "private, max-age=3600", "ETag": f'"{image.sha256}-{variant}"'}
+    if _etag_matches(request.headers.get("if-none-match", ""), headers["ETag"]):
+        call.cancel()
+        return Response(status_code=304, headers=headers)
 
     async def chunks() -> AsyncIterator[bytes]:
         try:
@@ -204,11 +218,7 @@ async def get_image_content(
         finally:
             call.cancel()
 
-    headers = {
-        "Cache-Control": "private, max-age=3600",
-        "ETag": f'"{image.sha256}-{variant}"',
-        "Content-Disposition": f'inline; filename="{_ascii_filename(image.filename)}"',
-    }
+    headers["Content-Disposition"] = _content_disposition(image.filename)
     if variant == "original" and image.size_bytes:
         headers["Content-Length"] = str(image.size_bytes)
     return StreamingResponse(
@@ -218,8 +228,19 @@ async def get_image_content(
     )
 
 
-def _ascii_filename(name: str) -> str:
-    return "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in name) or "image"
+def _etag_matches(if_none_match: str, etag: str) -> bool:
+    """RFC 9110's weak comparison of ``If-None-Match`` (a list of tags, or ``*``) with our strong ETag."""
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags
+
+
+def _content_disposition(name: str) -> str:
+    """An ASCII ``filename`` for every client, and RFC 6266's ``filename*`` when the name is not ASCII."""
+    plain = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in name) or "image"
+    header = f'inline; filename="{plain}"'
+    if name and plain != name:
+        header += f"; filename*=UTF-8''{quote(name, safe='')}"
+    return header
 
 
 @router.delete("/{image_id}", status_code=204, responses=ERRORS, summary="Delete an image")
