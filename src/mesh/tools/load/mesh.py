@@ -153,7 +153,7 @@ class Mesh:
         return deleted
 
     async def upload(self, data: bytes, filename: str) -> str:
-        """CreateImage; returns the image id (content-addressed, so a repeat returns the same id)."""
+        """CreateImage; returns the new image's id (the bytes are stored once, but each upload is an image)."""
         response = await self.file.CreateImage(
             file_service_pb2.CreateImageRequest(
                 metadata=file_service_pb2.UploadMetadata(filename=filename, content_type="image/jpeg"),
@@ -198,7 +198,9 @@ class Mesh:
         self.ids["photo_image_id"] = await self.upload(self.photo, payloads.PHOTO_NAME)
         self.ids["strip_image_id"] = await self.upload(self.strip, payloads.STRIP_NAME)
         if "queue" in services:
-            job = (await self.submit(self.ids["strip_image_id"], key="load-seed-job")).job
+            # A key per image: each run uploads a new image, and a used key asking for another job is 409.
+            strip_id = self.ids["strip_image_id"]
+            job = (await self.submit(strip_id, key=f"load-seed-job-{strip_id}")).job
             self.ids["job_id"] = job.id
             try:
                 last = await self.wait_terminal(job.id, timeout=SEED_JOB_TIMEOUT_SECONDS)
