@@ -170,6 +170,8 @@ class _MeshQueue:
             "MESH_HTTP_PORT": str(http_port),
             "MESH_LOG_LEVEL": "warning",
             "MESH_DB_POOL_MAX_SIZE": "16",
+            # The scripted model and the made-up image exist in no service; nothing to look up.
+            "MESH_REFERENCE_CHECK_SECONDS": "0",
             "OTEL_TRACES_EXPORTER": "none",
         }
         try:

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from mesh.services.image_processing.params import ParamScalar
+from mesh.kit.param_values import ParamScalar
 from mesh.services.image_processing.registry import Step, validate_pipeline
 
 LAYOUTS = [(np.uint8, 1), (np.uint8, 3), (np.uint8, 4), (np.uint16, 1), (np.uint16, 3), (np.uint16, 4)]

@@ -24,7 +24,8 @@ from mesh.kit.raw_pixels import read_raw
 from mesh.kit.runtime import ServiceRuntime
 from mesh.services.image_processing import codec
 from mesh.services.image_processing.cpu_backend import CpuBackend
-from mesh.services.image_processing.processor import Processor, steps_from_proto
+from mesh.services.image_processing.processor import Processor
+from mesh.services.image_processing.registry import steps_from_proto
 from mesh.services.image_processing.servicer import SERVICE_NAME, ImageProcessingServicer
 from mesh.services.image_processing.settings import ImageSettings
 from tests.image_processing.fakes import MemoryStore

@@ -66,6 +66,8 @@ def fast_settings(database_url: str, amqp_url: str, prefix: str, **overrides: An
         "amqp_reconnect_seconds": 0.3,
         "health_interval_seconds": 0.5,
         "grace_seconds": 2.0,
+        # The scripted models and the made-up image exist in no service.
+        "reference_check_seconds": 0.0,
     }
     values.update(overrides)
     return QueueSettings(**values)

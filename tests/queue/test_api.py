@@ -51,14 +51,16 @@ async def test_priority_orders_the_queue(queue: Harness) -> None:
 
 async def test_pipeline_jobs_go_to_the_image_queue(queue: Harness) -> None:
     """A job with a pipeline is dispatched to the image queue and keeps its steps and parameters."""
-    step = params_pb2.PipelineStep(filter="blur", params={"sigma": params_pb2.ParamValue(number_value=1.5)})
+    step = params_pb2.PipelineStep(
+        filter="gaussian_blur", params={"sigma": params_pb2.ParamValue(number_value=1.5)}
+    )
     response = await queue.stub.SubmitJob(
         queue_service_pb2.SubmitJobRequest(image_id=IMAGE_ID, pipeline=[step], model="strip-reader")
     )
     rows = await queue.sql("SELECT queue FROM jobs WHERE id = %s", response.job.id)
     assert rows[0]["queue"] == queue.image_queue
     job = await queue.get(response.job.id)
-    assert job.pipeline[0].filter == "blur"
+    assert job.pipeline[0].filter == "gaussian_blur"
     assert job.pipeline[0].params["sigma"].number_value == 1.5
 
 
@@ -81,12 +83,14 @@ async def test_a_reused_idempotency_key_for_another_job_is_already_exists(queue:
     """A resubmit under a key whose job has another model, priority or pipeline is ALREADY_EXISTS (409) naming
     the fields that differ and the key's job, and creates nothing; the same request again still returns it."""
     key = f"reused-{queue.settings.queue_prefix}"
-    blur = params_pb2.PipelineStep(filter="blur", params={"sigma": params_pb2.ParamValue(number_value=1.5)})
+    blur = params_pb2.PipelineStep(
+        filter="gaussian_blur", params={"sigma": params_pb2.ParamValue(number_value=1.5)}
+    )
     first = await queue.stub.SubmitJob(
         queue_service_pb2.SubmitJobRequest(image_id=IMAGE_ID, pipeline=[blur], idempotency_key=key)
     )
     sharper = params_pb2.PipelineStep(
-        filter="blur", params={"sigma": params_pb2.ParamValue(number_value=3.0)}
+        filter="gaussian_blur", params={"sigma": params_pb2.ParamValue(number_value=3.0)}
     )
     others = [
         queue_service_pb2.SubmitJobRequest(
@@ -119,6 +123,82 @@ async def test_invalid_submit_names_every_bad_field(queue: Harness) -> None:
     )
     assert isinstance(error, errors.InvalidArgument)
     assert {v.field for v in error.field_violations} == {"image_id", "pipeline", "priority"}
+
+
+async def test_a_pipeline_the_image_service_would_refuse_is_refused_at_submit(queue: Harness) -> None:
+    """Unknown filters and bad parameters are INVALID_ARGUMENT at submit (the image service's own catalogue),
+    every problem named in the message and as a violation, and no job is created."""
+    steps = [
+        params_pb2.PipelineStep(filter="nope"),
+        params_pb2.PipelineStep(
+            filter="gaussian_blur", params={"sigma": params_pb2.ParamValue(string_value="abc")}
+        ),
+        params_pb2.PipelineStep(filter="resize", params={"colour": params_pb2.ParamValue(int_value=1)}),
+    ]
+    key = f"bad-pipeline-{queue.settings.queue_prefix}"
+    error = await _error(
+        queue.stub.SubmitJob(
+            queue_service_pb2.SubmitJobRequest(
+                image_id=IMAGE_ID, pipeline=steps, priority=12, idempotency_key=key
+            )
+        )
+    )
+    assert isinstance(error, errors.InvalidArgument)
+    assert [v.field for v in error.field_violations] == [
+        "pipeline[0].filter",
+        "pipeline[1].params.sigma",
+        "pipeline[2].params.colour",
+        "priority",
+    ]
+    assert "unknown filter 'nope'" in error.message
+    assert "pipeline[1].params.sigma: must be a number between" in error.message
+    rows = await queue.sql("SELECT count(*) AS n FROM jobs WHERE idempotency_key = %s", key)
+    assert rows[0]["n"] == 0
+
+
+class _Missing:
+    """Lookups that find nothing."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, str]] = []
+
+    async def check(self, image_id: str, model: str) -> None:
+        self.asked.append((image_id, model))
+        raise errors.NotFound(
+            f"image {image_id} does not exist",
+            field_violations=[errors.FieldViolation("image_id", "does not exist")],
+        )
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_job_naming_what_does_not_exist_is_not_found_but_a_keyed_retry_gets_its_job(
+    queue: Harness,
+) -> None:
+    """When the lookups say the image is missing, the submit is NOT_FOUND (404) and creates nothing; a retry
+    under the key of a job already accepted gets that job back, though its image has gone since."""
+    key = f"gone-{queue.settings.queue_prefix}"
+    first = await queue.submit(idempotency_key=key)
+    missing = _Missing()
+    queue.app.servicer.references = missing
+    error = await _error(
+        queue.stub.SubmitJob(queue_service_pb2.SubmitJobRequest(image_id=IMAGE_ID, model="m"))
+    )
+    assert isinstance(error, errors.NotFound)
+    assert errors.http_status(error) == 404
+    assert [v.field for v in error.field_violations] == ["image_id"]
+    again = await queue.submit(idempotency_key=key)
+    assert again.id == first.id
+    other_key = await _error(
+        queue.stub.SubmitJob(
+            queue_service_pb2.SubmitJobRequest(image_id=IMAGE_ID, model="m", idempotency_key=key + "-new")
+        )
+    )
+    assert isinstance(other_key, errors.NotFound)
+    assert missing.asked == [(IMAGE_ID, "m"), (IMAGE_ID, "script:noop"), (IMAGE_ID, "m")]
+    rows = await queue.sql("SELECT count(*) AS n FROM jobs WHERE idempotency_key LIKE %s", key + "%")
+    assert rows[0]["n"] == 1
 
 
 async def test_unknown_job_is_not_found(queue: Harness) -> None:

@@ -1,10 +1,14 @@
-"""Health tells the truth about PostgreSQL and recovers by itself, without restarting anything."""
+"""Health tells the truth about PostgreSQL and recovers by itself, without restarting anything; what a new
+user sees of bad input, across the real services."""
 
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import httpx
@@ -14,7 +18,7 @@ from PIL import Image
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from tests.system.conftest import FILE_GRPC, GATEWAY, Mesh
+from tests.system.conftest import FILE_GRPC, GATEWAY, PORT_OFFSET, Mesh
 
 
 def _file_service_status() -> int:
@@ -81,3 +85,45 @@ def test_acceptance_errors_through_the_gateway(mesh: Mesh) -> None:
     )
     assert big.status_code == 413, big.text
     assert big.json()["error"]["code"] == "RESOURCE_EXHAUSTED"
+
+
+def test_a_job_that_could_never_run_is_refused_at_submit(mesh: Mesh) -> None:
+    """Through the gateway, with the queue asking the real file and inference services: an unknown filter is
+    400, an image or a model that does not exist 404 naming it, and a good job is still 202."""
+    image = httpx.post(
+        f"{GATEWAY}/v1/images", files={"file": ("a.png", _png_bytes(), "image/png")}, timeout=10
+    )
+    image_id = image.json()["id"]
+
+    def submit(body: dict[str, object]) -> httpx.Response:
+        return httpx.post(f"{GATEWAY}/v1/jobs", json=body, timeout=10)
+
+    bad_filter = submit({"image_id": image_id, "pipeline": [{"filter": "blurr"}]})
+    assert bad_filter.status_code == 400, bad_filter.text
+    assert "unknown filter 'blurr'" in bad_filter.json()["error"]["message"]
+    no_image = submit({"image_id": "00000000-0000-4000-8000-000000000000", "model": "strip-reader"})
+    assert no_image.status_code == 404, no_image.text
+    assert "image 00000000-0000-4000-8000-000000000000 does not exist" in no_image.json()["error"]["message"]
+    no_model = submit({"image_id": image_id, "model": "strip-raeder"})
+    assert no_model.status_code == 404, no_model.text
+    assert "model 'strip-raeder' does not exist" in no_model.json()["error"]["message"]
+    good = submit({"image_id": image_id, "pipeline": [{"filter": "grayscale"}], "model": "strip-reader"})
+    assert good.status_code == 202, good.text
+
+
+def test_the_load_tool_seeds_the_same_mesh_twice(mesh: Mesh, tmp_path: Path) -> None:
+    """``make load`` seeds a new image and a job under a key each run; a second run against the same database
+    must not reuse the first run's key for another image (it did: 409 and no load test)."""
+    addresses = {
+        f"MESH_{name}_SERVICE_ADDRESS": f"127.0.0.1:{port + PORT_OFFSET}"
+        for name, port in (("FILE", 50051), ("IMAGE", 50052), ("INFERENCE", 50053), ("QUEUE", 50054))
+    }
+    for run in range(2):
+        seeded = subprocess.run(
+            [sys.executable, "-m", "mesh.tools.load", "--write-payloads", "--payload-dir", str(tmp_path)],
+            env={**mesh.env, **addresses},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert seeded.returncode == 0, f"run {run}: {seeded.stderr}"

@@ -10,6 +10,7 @@ from mesh.common.v1 import errors_pb2, image_pb2, params_pb2
 from mesh.file.v1 import file_service_pb2
 from mesh.image.v1 import image_processing_service_pb2 as image_pb
 from mesh.inference.v1 import inference_service_pb2 as inference_pb
+from mesh.kit.param_values import ParamScalar, param_value, to_param_value
 from mesh.queue.v1 import job_pb2
 from mesh.services.gateway import schemas
 
@@ -42,27 +43,7 @@ def device(value: int) -> str:
     return enum_name(image_pb2.Device.Name(value), "DEVICE_").lower()  # type: ignore[arg-type]
 
 
-def param_value(value: params_pb2.ParamValue) -> schemas.ParamScalar | None:
-    """The Python value of a ParamValue (None when unset)."""
-    kind = value.WhichOneof("kind")
-    if kind is None:
-        return None
-    result: schemas.ParamScalar = getattr(value, kind)
-    return result
-
-
-def to_param_value(value: schemas.ParamScalar) -> params_pb2.ParamValue:
-    """A ParamValue from JSON (bool before int: ``True`` is an int in Python)."""
-    if isinstance(value, bool):
-        return params_pb2.ParamValue(bool_value=value)
-    if isinstance(value, int):
-        return params_pb2.ParamValue(int_value=value)
-    if isinstance(value, float):
-        return params_pb2.ParamValue(number_value=value)
-    return params_pb2.ParamValue(string_value=value)
-
-
-def to_params(values: Mapping[str, schemas.ParamScalar]) -> dict[str, params_pb2.ParamValue]:
+def to_params(values: Mapping[str, ParamScalar]) -> dict[str, params_pb2.ParamValue]:
     """A proto params map from JSON."""
     return {name: to_param_value(v) for name, v in values.items()}
 

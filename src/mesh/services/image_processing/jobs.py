@@ -28,8 +28,8 @@ from mesh.kit.settings import CommonSettings
 from mesh.queue.v1 import job_pb2
 from mesh.services.file.client import FileClient
 from mesh.services.image_processing import codec
-from mesh.services.image_processing.processor import ImageStore, Processor, steps_from_proto
-from mesh.services.image_processing.registry import Step
+from mesh.services.image_processing.processor import ImageStore, Processor
+from mesh.services.image_processing.registry import Step, steps_from_proto
 
 log = get_logger(__name__)
 _tracer = tracing.tracer(__name__)

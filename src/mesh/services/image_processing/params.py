@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-ParamScalar = int | float | bool | str
+from mesh.kit.param_values import ParamScalar
 
 
 class ParamType(StrEnum):

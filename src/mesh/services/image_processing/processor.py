@@ -14,17 +14,18 @@ from typing import Protocol
 
 from prometheus_client import Counter, Histogram
 
-from mesh.common.v1 import image_pb2, params_pb2
+from mesh.common.v1 import image_pb2
 from mesh.file.v1 import file_service_pb2
 from mesh.image.v1 import image_processing_service_pb2 as pb
 from mesh.kit import errors, tracing
 from mesh.kit.image_limits import check_pixels
+from mesh.kit.param_values import to_param_value
 from mesh.kit.raw_pixels import read_raw
 from mesh.services.image_processing import codec
 from mesh.services.image_processing.backend import Backend, PipelineOutput, run_pipeline
 from mesh.services.image_processing.filter_math import Image
-from mesh.services.image_processing.params import ParamScalar, ParamType
-from mesh.services.image_processing.registry import FILTERS, Device, Step, validate_pipeline
+from mesh.services.image_processing.params import ParamType
+from mesh.services.image_processing.registry import FILTERS, Device, Step
 
 STEP_SECONDS = Histogram(
     "mesh_image_step_seconds",
@@ -77,44 +78,6 @@ class ImageStore(Protocol):
     ) -> file_service_pb2.UploadImageResponse:
         """Store bytes as a new image."""
         ...
-
-
-def param_value(value: params_pb2.ParamValue) -> ParamScalar | None:
-    """A ParamValue as a Python value, None when no kind is set."""
-    kind = value.WhichOneof("kind")
-    if kind is None:
-        return None
-    result: ParamScalar = getattr(value, kind)
-    return result
-
-
-def to_param_value(value: ParamScalar) -> params_pb2.ParamValue:
-    """A Python value as a ParamValue."""
-    if isinstance(value, bool):
-        return params_pb2.ParamValue(bool_value=value)
-    if isinstance(value, int):
-        return params_pb2.ParamValue(int_value=value)
-    if isinstance(value, float):
-        return params_pb2.ParamValue(number_value=value)
-    return params_pb2.ParamValue(string_value=value)
-
-
-def steps_from_proto(pipeline: Sequence[params_pb2.PipelineStep], prefix: str = "pipeline") -> list[Step]:
-    """Validated steps from the request's pipeline."""
-    raw: list[tuple[str, dict[str, ParamScalar]]] = []
-    empty: list[errors.FieldViolation] = []
-    for index, step in enumerate(pipeline):
-        params: dict[str, ParamScalar] = {}
-        for name, value in step.params.items():
-            converted = param_value(value)
-            if converted is None:
-                empty.append(errors.FieldViolation(f"{prefix}[{index}].params.{name}", "has no value"))
-            else:
-                params[name] = converted
-        raw.append((step.filter, params))
-    if empty:
-        raise errors.InvalidArgument("pipeline parameters without a value", field_violations=empty)
-    return validate_pipeline(raw, prefix)
 
 
 def filter_catalogue(device: Device) -> pb.ListFiltersResponse:

@@ -11,9 +11,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from mesh.common.v1 import params_pb2
 from mesh.kit import errors
+from mesh.kit.param_values import ParamScalar, param_value
 from mesh.services.image_processing.params import (
-    ParamScalar,
     ParamSpec,
     Violation,
     bool_param,
@@ -435,3 +436,22 @@ def validate_pipeline(
         summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
         raise errors.InvalidArgument(f"invalid pipeline: {summary}", field_violations=violations)
     return resolved
+
+
+def steps_from_proto(pipeline: Sequence[params_pb2.PipelineStep], prefix: str = "pipeline") -> list[Step]:
+    """A request's pipeline as validated steps: the one reading for the service, its worker and the queue's
+    check at submit."""
+    raw: list[tuple[str, dict[str, ParamScalar]]] = []
+    empty: list[errors.FieldViolation] = []
+    for index, step in enumerate(pipeline):
+        params: dict[str, ParamScalar] = {}
+        for name, value in step.params.items():
+            converted = param_value(value)
+            if converted is None:
+                empty.append(errors.FieldViolation(f"{prefix}[{index}].params.{name}", "has no value"))
+            else:
+                params[name] = converted
+        raw.append((step.filter, params))
+    if empty:
+        raise errors.InvalidArgument("pipeline parameters without a value", field_violations=empty)
+    return validate_pipeline(raw, prefix)

@@ -13,8 +13,8 @@ from mesh.image.v1 import image_processing_service_pb2 as pb
 from mesh.image.v1 import image_processing_service_pb2_grpc as pb_grpc
 from mesh.kit import errors
 from mesh.kit.logging import get_logger
-from mesh.services.image_processing.processor import Processor, filter_catalogue, steps_from_proto
-from mesh.services.image_processing.registry import Step
+from mesh.services.image_processing.processor import Processor, filter_catalogue
+from mesh.services.image_processing.registry import Step, steps_from_proto
 
 log = get_logger(__name__)
 

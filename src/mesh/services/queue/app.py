@@ -26,6 +26,7 @@ from mesh.services.queue import repository
 from mesh.services.queue.broker import Broker
 from mesh.services.queue.dead_letters import DeadLetterConsumer
 from mesh.services.queue.reconciler import Reconciler
+from mesh.services.queue.references import ServiceReferences
 from mesh.services.queue.relay import OUTBOX_BACKLOG, OutboxRelay
 from mesh.services.queue.relay_process import RelayProcess
 from mesh.services.queue.repository import JobRepository, PoolCheck, open_pool
@@ -102,6 +103,10 @@ class QueueApp:
         their dead-letter exchange and queue)."""
         await prepare_database(self.settings.database_url, "queue", MIGRATIONS)
         await self.pool.open(wait=False)
+        if self.settings.reference_check_seconds > 0:
+            self.servicer.references = ServiceReferences.connect(
+                self.settings, self.settings.reference_check_seconds
+            )
         await self.broker.connect()
         for queue in self.servicer.queues:
             await self.broker.declare(queue)
@@ -135,6 +140,7 @@ class QueueApp:
                 await asyncio.wait_for(stopping.wait(), self.settings.stats_interval_seconds)
 
     async def close(self) -> None:
-        """Disconnect from RabbitMQ and close the pool."""
+        """Close the lookup channels, disconnect from RabbitMQ and close the pool."""
+        await self.servicer.references.close()
         await self.broker.close()
         await self.pool.close()

@@ -315,6 +315,10 @@ class JobRepository:
         inserted = {row["id"]: row for row in await self._fetchall(_SUBMIT_MANY, params)}
         return [inserted.get(n.id) for n in batch]
 
+    async def by_key(self, idempotency_key: str) -> Row | None:
+        """The job submitted with this idempotency key, if any."""
+        return await self._fetchone("SELECT * FROM jobs WHERE idempotency_key = %s", (idempotency_key,))
+
     async def get(self, job_id: uuid.UUID) -> Row | None:
         """One job row."""
         return await self._fetchone("SELECT * FROM jobs WHERE id = %s", (job_id,))

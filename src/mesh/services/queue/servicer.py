@@ -11,13 +11,14 @@ from typing import Any
 import grpc
 from prometheus_client import Counter
 
-from mesh.kit import tracing
+from mesh.kit import errors, tracing
 from mesh.kit.jobs import IMAGE_JOBS_QUEUE, INFERENCE_JOBS_QUEUE
 from mesh.kit.logging import get_logger
 from mesh.queue.v1 import job_pb2, queue_service_pb2, queue_service_pb2_grpc
 from mesh.services.queue import validation
 from mesh.services.queue.broker import Broker
 from mesh.services.queue.convert import encode_pipeline, row_to_job, state_from_proto, timestamp
+from mesh.services.queue.references import NoReferences, References
 from mesh.services.queue.repository import JobRepository, NewJob, PageToken, Row
 from mesh.services.queue.states import JobState
 
@@ -42,6 +43,7 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
         watch_poll_seconds: float = 0.2,
         on_dispatch: Callable[[], None] = lambda: None,
         broker: Broker | None = None,
+        references: References | None = None,
     ) -> None:
         self.repository = repository
         self.queue_prefix = queue_prefix
@@ -51,6 +53,7 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
         self.watch_poll_seconds = watch_poll_seconds
         self.on_dispatch = on_dispatch
         self.broker = broker
+        self.references: References = references or NoReferences()
 
     @property
     def queues(self) -> list[str]:
@@ -70,6 +73,12 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
         self, request: queue_service_pb2.SubmitJobRequest, context: Context
     ) -> queue_service_pb2.SubmitJobResponse:
         validation.check_submit(request)
+        try:
+            await self.references.check(request.image_id, request.model)
+        except errors.NotFound:
+            # A retry after a lost answer gets its job back, even when what the job names has gone since.
+            if not request.idempotency_key or await self.repository.by_key(request.idempotency_key) is None:
+                raise
         carrier: dict[str, str] = {}
         tracing.inject(carrier)
         new = NewJob(

@@ -25,6 +25,11 @@ class QueueSettings(ServerSettings):
     backoff_cap_seconds: float = Field(default=300.0, gt=0)
     """Largest backoff ceiling."""
 
+    reference_check_seconds: float = Field(default=1.0, ge=0)
+    """How long a submit waits for the file and inference services to say whether its image and model exist
+    (NOT_FOUND at once when not); a service that does not answer in time lets the job through and its worker
+    checks. 0 turns the lookups off."""
+
     relay_batch_size: int = Field(default=256, ge=1, le=10_000)
     """Outbox rows the relay publishes per round."""
 

@@ -32,7 +32,8 @@ _DRAINING = object()
 @router.post("", status_code=202, response_model=schemas.JobOut, responses=ERRORS, summary="Submit a job")
 async def submit_job(body: schemas.JobIn, response: Response, ctx: Context, _: Caller) -> schemas.JobOut:
     """Queue a job (pipeline and/or model on a stored image); the same idempotency key returns the same job
-    (409 when the body asks for another job)."""
+    (409 when the body asks for another job). A pipeline the image service would refuse is 400, an image or
+    model that does not exist 404, before anything is queued."""
     result = await rpc(
         ctx.backends.queue_stub.SubmitJob(
             queue_pb.SubmitJobRequest(
