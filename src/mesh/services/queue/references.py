@@ -96,7 +96,14 @@ class ServiceReferences:
         )
 
     async def check(self, image_id: str, model: str) -> None:
-        named = [("image_id", image_id)] + ([("model", model)] if model else [])
+        now = time.monotonic()
+        named = [
+            (field, value)
+            for field, value in (("image_id", image_id), ("model", model))
+            if value and self._found.get((field, value), 0.0) <= now and self._skip_until[field] <= now
+        ]
+        if not named:  # the usual case under load: one image and one model, many jobs
+            return
         answers = await asyncio.gather(*(self._missing(field, value) for field, value in named))
         missing = [problem for problem in answers if problem is not None]
         if missing:
@@ -112,8 +119,6 @@ class ServiceReferences:
     async def _missing(self, field: str, value: str) -> errors.NotFound | None:
         """The service's NotFound, or None when the value exists or nobody could say in time."""
         now = time.monotonic()
-        if self._found.get((field, value), 0.0) > now or self._skip_until[field] > now:
-            return None
         kind = field.removesuffix("_id")
         try:
             await asyncio.wait_for(self._lookups[field](value), self.timeout_seconds)
