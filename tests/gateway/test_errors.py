@@ -75,10 +75,13 @@ async def test_unknown_route_is_404_in_error_shape(client: httpx.AsyncClient) ->
 
 
 async def test_wrong_method_is_405_in_error_shape(client: httpx.AsyncClient) -> None:
-    """A known path with an unsupported method is 405 in the error shape."""
+    """A known path with an unsupported method is 405 in the error shape, its message naming the methods the
+    path allows, as the Allow header does."""
     response = await client.put("/v1/images")
     assert response.status_code == 405
-    assert_error_shape(response.json(), "UNIMPLEMENTED")
+    error = assert_error_shape(response.json(), "UNIMPLEMENTED")
+    assert error["message"] == "PUT is not allowed on /v1/images; it allows GET, POST"
+    assert response.headers["allow"] == "GET, POST"
 
 
 async def test_validation_error_is_400_with_field_violations(client: httpx.AsyncClient) -> None:

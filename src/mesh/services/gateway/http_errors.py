@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match
 
 from mesh.kit import errors
 from mesh.kit.logging import get_logger
@@ -62,8 +62,6 @@ def _http_exception(exc: HTTPException) -> tuple[errors.MeshError, int]:
     status = exc.status_code
     if status == 404:
         return errors.NotFound(str(exc.detail) if exc.detail != "Not Found" else "no such route"), 404
-    if status == 405:
-        return errors.Unimplemented(f"method not allowed: {exc.detail}", reason="METHOD_NOT_ALLOWED"), 405
     cls = _CODES_BY_HTTP.get(status, errors.Internal if status >= 500 else errors.InvalidArgument)
     return cls(str(exc.detail)), status
 
@@ -81,22 +79,35 @@ async def _on_validation_error(_: Request, exc: Exception) -> Response:
 async def _on_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     error, status = _http_exception(exc)
+    allowed = allowed_methods(request) if status == 405 else []
+    if status == 405:
+        error = errors.Unimplemented(
+            f"{request.method} is not allowed on {request.url.path}; it allows {', '.join(allowed)}",
+            reason="METHOD_NOT_ALLOWED",
+        )
     response = error_response(error, status=status)
     if exc.headers:
         response.headers.update(exc.headers)
     if status == 405:
         # Starlette names only the first route that matched the path; list every route's methods.
-        response.headers["Allow"] = ", ".join(allowed_methods(request))
+        response.headers["Allow"] = ", ".join(allowed)
     return response
 
 
+_METHODS = ("DELETE", "GET", "PATCH", "POST", "PUT")
+
+
 def allowed_methods(request: Request) -> list[str]:
-    """Every method some route offers for this request's path."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        if isinstance(route, Route) and route.path_regex.match(request.url.path):
-            methods.update(route.methods or ())
-    return sorted(methods - {"HEAD"})
+    """Every method some route offers for this request's path.
+
+    Asked of each route through Starlette's own ``matches`` with the method swapped, so that routers that
+    FastAPI nests (its ``include_router`` no longer flattens them into the app's routes) answer too."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    ]
 
 
 def internal_error_response(exc: BaseException) -> JSONResponse:
