@@ -8,9 +8,11 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+from PIL import Image
 
 from mesh.kit import errors
 from mesh.kit.image_bytes import sniff_format
+from mesh.kit.orientation import ORIENTATION_TAG
 from mesh.services.file.validation import (
     DEFAULT_LIMITS,
     Limits,
@@ -19,6 +21,13 @@ from mesh.services.file.validation import (
     validate_image,
 )
 from tests.file import corpus
+
+
+def _orientation(value: int) -> bytes:
+    exif = Image.Exif()
+    exif[ORIENTATION_TAG] = value
+    return exif.tobytes()
+
 
 GOOD: dict[str, tuple[Callable[[], bytes], str, int, int]] = {
     # name: (file, format, channels, bit depth)
@@ -46,8 +55,21 @@ GOOD: dict[str, tuple[Callable[[], bytes], str, int, int]] = {
     "jpeg-cmyk": (lambda: corpus.encode(corpus.pixels("RGB").convert("CMYK"), "JPEG"), "JPEG", 3, 8),
     "jpeg-zero-padding": (lambda: corpus.jpeg() + b"\x00" * 32, "JPEG", 3, 8),
     "jpeg-embedded-thumbnail": (corpus.jpeg_with_embedded_thumbnail, "JPEG", 3, 8),
+    # A phone's portrait photo: stored 64x48 with EXIF orientation 6, shown (and reported) 48x64.
+    "jpeg-exif-rotated": (
+        lambda: corpus.encode(corpus.pixels("RGB"), "JPEG", exif=_orientation(6)),
+        "JPEG",
+        3,
+        8,
+    ),
+    "jpeg-exif-mirrored": (
+        lambda: corpus.encode(corpus.pixels("RGB"), "JPEG", exif=_orientation(2)),
+        "JPEG",
+        3,
+        8,
+    ),
 }
-SIZES = {"png-rgb-16bit": (32, 16), "jpeg-embedded-thumbnail": (200, 100)}
+SIZES = {"png-rgb-16bit": (32, 16), "jpeg-embedded-thumbnail": (200, 100), "jpeg-exif-rotated": (48, 64)}
 
 
 @pytest.mark.parametrize("name", sorted(GOOD))

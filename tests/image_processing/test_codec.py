@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image as PilImage
+from PIL import ImageOps
 
 from mesh.common.v1 import image_pb2
 from mesh.kit import errors
+from mesh.kit.orientation import ORIENTATION_TAG
 from mesh.kit.raw_pixels import read_raw
 from mesh.services.image_processing import codec
 from tests.image_processing.images import LAYOUTS, noise, smooth
@@ -26,6 +30,22 @@ def test_png_and_raw_round_trip_every_layout(dtype: Any, channels: int) -> None:
         pixels=codec.to_raw(image), width=17, height=12, channels=channels, pixel_type=sample
     )
     assert np.array_equal(read_raw(message, max_pixels=LIMITS.max_pixels), image)
+
+
+@pytest.mark.parametrize("orientation", [6, 3])
+def test_an_exif_orientation_is_applied_as_a_viewer_shows_it(orientation: int) -> None:
+    """A phone stores a portrait photo sideways with an EXIF orientation: the pixels come back turned, as
+    the thumbnail and the strip reader show them (OpenCV alone kept them as stored)."""
+    image = noise(12, 17, 3, np.uint8)
+    exif = PilImage.Exif()
+    exif[ORIENTATION_TAG] = orientation
+    buffer = io.BytesIO()
+    PilImage.fromarray(image).save(buffer, format="PNG", exif=exif.tobytes())
+    with PilImage.open(io.BytesIO(buffer.getvalue())) as stored:
+        expected = np.asarray(ImageOps.exif_transpose(stored))
+    decoded = codec.decode(buffer.getvalue(), LIMITS)
+    assert decoded.shape == ((17, 12, 3) if orientation == 6 else (12, 17, 3))
+    assert np.array_equal(decoded, expected)
 
 
 @pytest.mark.parametrize("fmt", [codec.Format.JPEG, codec.Format.WEBP])

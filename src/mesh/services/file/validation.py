@@ -19,6 +19,7 @@ from PIL import Image
 
 from mesh.kit import errors
 from mesh.kit.image_bytes import Format, describe_bytes, sniff_format
+from mesh.kit.orientation import displayed_size, exif_orientation
 from mesh.services.file.containers import (
     ContainerError,
     ContainerInfo,
@@ -163,7 +164,8 @@ def validate_image(
             f"as {image.width}x{image.height}; re-export the image"
         )
     channels, bit_depth = _channels_and_depth(image, container)
-    info = ImageInfo(fmt, real_type, image.width, image.height, channels, bit_depth, size, sha256)
+    width, height = displayed_size(image.width, image.height, exif_orientation(image))
+    info = ImageInfo(fmt, real_type, width, height, channels, bit_depth, size, sha256)
     return DecodedImage(info, image)
 
 

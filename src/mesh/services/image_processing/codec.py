@@ -1,7 +1,8 @@
 """Decoding and encoding of images, with the limits checked before any pixel is decoded.
 
 Pillow reads only the header (format and size, against ``max_pixels``); OpenCV then decodes, because it
-keeps 16-bit RGB(A) PNGs that Pillow would reduce. Pixels come back as RGB(A), (height, width, channels).
+keeps 16-bit RGB(A) PNGs that Pillow would reduce. Pixels come back as RGB(A), (height, width, channels),
+turned as the EXIF orientation says (as a viewer, the thumbnails and the strip reader show them).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from PIL import UnidentifiedImageError
 from mesh.kit import errors
 from mesh.kit.image_bytes import describe_bytes, sniff_format
 from mesh.kit.image_limits import check_bytes, check_pixels
+from mesh.kit.orientation import exif_orientation, orient
 from mesh.services.image_processing.filter_math import Image, as_image
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -58,10 +60,11 @@ def decode(data: bytes, limits: Limits, where: str = "input.encoded.data") -> Im
         # Header only: size is known before decoding, so a decompression bomb is refused early.
         with PilImage.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS)) as header:
             width, height = header.size
+            orientation = exif_orientation(header)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise _undecodable(where, error) from None
     except PilImage.DecompressionBombError:
-        width, height = limits.max_pixels + 1, 1
+        width, height, orientation = limits.max_pixels + 1, 1, 1
     check_pixels(width, height, limits.max_pixels, where)
     pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if pixels is None or pixels.size == 0:
@@ -79,7 +82,8 @@ def decode(data: bytes, limits: Limits, where: str = "input.encoded.data") -> Im
         image = as_image(cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA))
     elif channels == 2:
         image = np.ascontiguousarray(image[:, :, [0, 0, 0, 1]])
-    return image
+    # OpenCV's IMREAD_UNCHANGED keeps the stored orientation; a phone's portrait photo would come out sideways.
+    return orient(image, orientation)
 
 
 def _undecodable(where: str, error: BaseException) -> errors.InvalidData:
