@@ -30,7 +30,8 @@ def test_an_integer_is_accepted_for_a_number() -> None:
 
 
 def test_every_bad_parameter_is_named() -> None:
-    """Unknown names, wrong types, out-of-range values and unknown options each get a field violation."""
+    """Unknown names, wrong types, out-of-range values and unknown options each get a field violation, and the
+    message names them too (a client may show only the message)."""
     given = {
         "colour": params_pb2.ParamValue(string_value="red"),
         "threshold": params_pb2.ParamValue(number_value=2.0),
@@ -47,6 +48,8 @@ def test_every_bad_parameter_is_named() -> None:
     assert violations["parameters[steps]"] == "must be an int"
     assert violations["parameters[debug]"] == "no value set"
     assert FieldViolation("parameters[threshold]", "must be <= 1") in info.value.field_violations
+    assert "parameters[threshold]: must be <= 1" in info.value.message
+    assert info.value.message.startswith("invalid model parameters: parameters[colour]: unknown parameter")
 
 
 def test_a_bad_default_is_refused_at_declaration() -> None:

@@ -36,6 +36,11 @@ class FieldViolation:
     description: str
 
 
+def listing(violations: Sequence[FieldViolation]) -> str:
+    """``field: what to fix; field: ...``: a message that names every problem, for clients that show only it."""
+    return "; ".join(f"{v.field}: {v.description}" for v in violations)
+
+
 class MeshError(Exception):
     """Base of every expected error; carries its gRPC status code and error category."""
 

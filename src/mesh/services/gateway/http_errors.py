@@ -54,8 +54,9 @@ def _validation_error(exc: RequestValidationError) -> errors.InvalidArgument:
         violations.append(
             errors.FieldViolation(".".join(location) or "body", str(item.get("msg", "invalid")))
         )
-    summary = "; ".join(f"{v.field}: {v.description}" for v in violations[:5])
-    return errors.InvalidArgument(f"invalid request: {summary}", field_violations=violations)
+    return errors.InvalidArgument(
+        f"invalid request: {errors.listing(violations[:5])}", field_violations=violations
+    )
 
 
 def _http_exception(exc: HTTPException) -> tuple[errors.MeshError, int]:

@@ -433,8 +433,9 @@ def validate_pipeline(
                 violations.append(errors.FieldViolation(f"{where}.params.{key}", problem))
         resolved.append(Step(name, index, params))
     if violations:
-        summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
-        raise errors.InvalidArgument(f"invalid pipeline: {summary}", field_violations=violations)
+        raise errors.InvalidArgument(
+            f"invalid pipeline: {errors.listing(violations)}", field_violations=violations
+        )
     return resolved
 
 

@@ -13,7 +13,8 @@ from typing import Literal, TypeAlias
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from mesh.common.v1 import params_pb2
-from mesh.kit.errors import FieldViolation, InvalidArgument
+from mesh.kit.errors import FieldViolation, InvalidArgument, listing
+from mesh.kit.param_values import param_value
 
 Scalar: TypeAlias = float | int | str | bool
 ParamType: TypeAlias = Literal["number", "int", "string", "bool"]
@@ -87,15 +88,6 @@ def to_param_value(kind: ParamType, value: Scalar) -> params_pb2.ParamValue:
     return params_pb2.ParamValue(string_value=str(value))
 
 
-def from_param_value(value: params_pb2.ParamValue) -> Scalar | None:
-    """The Python value of a ``ParamValue``; None when no kind is set."""
-    kind = value.WhichOneof("kind")
-    if kind is None:
-        return None
-    result: Scalar = getattr(value, kind)
-    return result
-
-
 def resolve_parameters(
     specs: Mapping[str, ParameterSpec], given: Mapping[str, params_pb2.ParamValue]
 ) -> ResolvedParameters:
@@ -109,7 +101,7 @@ def resolve_parameters(
             known = ", ".join(sorted(specs)) or "none"
             violations.append(FieldViolation(field, f"unknown parameter; this model takes: {known}"))
             continue
-        value = from_param_value(raw)
+        value = param_value(raw)
         if value is None:
             violations.append(FieldViolation(field, "no value set"))
             continue
@@ -122,5 +114,5 @@ def resolve_parameters(
             continue
         values[name] = value
     if violations:
-        raise InvalidArgument("invalid model parameters", field_violations=violations)
+        raise InvalidArgument(f"invalid model parameters: {listing(violations)}", field_violations=violations)
     return tuple(sorted(values.items()))

@@ -54,8 +54,9 @@ def check_submit(request: queue_service_pb2.SubmitJobRequest) -> None:
     if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY:
         bad.append(errors.FieldViolation("idempotency_key", f"at most {MAX_IDEMPOTENCY_KEY} characters"))
     if bad:
-        summary = "; ".join(f"{v.field}: {v.description}" for v in bad)
-        raise errors.InvalidArgument(f"the job request is invalid: {summary}", field_violations=bad)
+        raise errors.InvalidArgument(
+            f"the job request is invalid: {errors.listing(bad)}", field_violations=bad
+        )
 
 
 def page_size(requested: int) -> int:
