@@ -163,7 +163,8 @@ class Processor:
                 field=f"{where}.raw",
             )
         raise errors.InvalidArgument(
-            "no input image", field_violations=[errors.FieldViolation(where, "set image_id, encoded or raw")]
+            f"no input image: set one of {where}.image_id, {where}.encoded or {where}.raw",
+            field_violations=[errors.FieldViolation(where, "set image_id, encoded or raw")],
         )
 
     async def run(self, image: Image, steps: Sequence[Step]) -> PipelineOutput:

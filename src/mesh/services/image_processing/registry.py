@@ -454,5 +454,7 @@ def steps_from_proto(pipeline: Sequence[params_pb2.PipelineStep], prefix: str = 
                 params[name] = converted
         raw.append((step.filter, params))
     if empty:
-        raise errors.InvalidArgument("pipeline parameters without a value", field_violations=empty)
+        raise errors.InvalidArgument(
+            f"pipeline parameters without a value: {errors.listing(empty)}", field_violations=empty
+        )
     return validate_pipeline(raw, prefix)

@@ -140,7 +140,7 @@ class Predictor:
             data = await self._fetcher.fetch(source.image_id)
             return await asyncio.to_thread(self._decoder.decode_encoded, data, field="input.image_id")
         raise InvalidArgument(
-            "an input image is required",
+            "an input image is required: set one of input.image_id, input.encoded or input.raw",
             field_violations=[FieldViolation("input", "set image_id, encoded or raw")],
         )
 

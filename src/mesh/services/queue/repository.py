@@ -141,7 +141,8 @@ class PageToken:
             return cls(datetime.fromisoformat(created), uuid.UUID(ident))
         except (ValueError, UnicodeDecodeError) as exc:
             raise errors.InvalidArgument(
-                "page_token is not valid",
+                "page_token is not a token this service issued; pass next_page_token from the previous page "
+                "unchanged, or leave it empty for the first page",
                 field_violations=[errors.FieldViolation("page_token", "use a token from a previous page")],
             ) from exc
 

@@ -63,7 +63,7 @@ def page_size(requested: int) -> int:
     """The page size to use: default 50, at most 500."""
     if requested > MAX_PAGE_SIZE:
         raise errors.InvalidArgument(
-            "page_size is too large",
+            f"page_size {requested} is too large; send 1 to {MAX_PAGE_SIZE}, or 0 for {DEFAULT_PAGE_SIZE}",
             field_violations=[errors.FieldViolation("page_size", f"at most {MAX_PAGE_SIZE}")],
         )
     return requested or DEFAULT_PAGE_SIZE
