@@ -72,6 +72,15 @@ async def test_document_is_valid_and_covers_the_contract(client: httpx.AsyncClie
     assert (await client.get("/docs")).status_code == 200
 
 
+async def test_what_the_routes_read_beyond_their_schema_is_documented(client: httpx.AsyncClient) -> None:
+    """Parameters the upload reads itself (a raw body's filename, Idempotency-Key) and the download's 304 are
+    in the document, so that a client generated from it can send and expect them."""
+    paths = (await _document(client))["paths"]
+    upload = {(p["in"], p["name"]) for p in paths["/v1/images"]["post"]["parameters"]}
+    assert upload == {("query", "filename"), ("header", "Idempotency-Key")}
+    assert "304" in paths["/v1/images/{image_id}/content"]["get"]["responses"]
+
+
 async def test_errors_are_documented_as_400_with_the_error_body_never_422(client: httpx.AsyncClient) -> None:
     """Validation failures are documented as 400 with the error schema; FastAPI's 422 is gone."""
     document = await _document(client)

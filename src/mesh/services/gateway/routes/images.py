@@ -40,7 +40,24 @@ UPLOAD_BODY = {
             },
             **{t: _BINARY for t in ACCEPTED_TYPES},
         },
-    }
+    },
+    "parameters": [
+        {
+            "name": "filename",
+            "in": "query",
+            "required": False,
+            "description": "The name stored with a raw body (a form's file carries its own); made safe and cut "
+            "to 200 characters by the file service.",
+            "schema": {"type": "string"},
+        },
+        {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "description": "The same key and bytes again return the first image; other bytes under it are 409.",
+            "schema": {"type": "string", "maxLength": 256},
+        },
+    ],
 }
 ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": schemas.ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 429, 500, 503, 504)
