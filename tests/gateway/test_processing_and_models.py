@@ -60,6 +60,41 @@ async def test_process_inline_image_returns_json_with_base64(
     assert sent.pipeline[1].params["border"].string_value == "reflect"
 
 
+async def test_an_integer_beyond_int64_travels_as_a_number_not_a_500(
+    client: httpx.AsyncClient, mesh: FakeMesh
+) -> None:
+    """A parameter integer that protobuf's int64 cannot hold reaches the service as a number, which judges it
+    against the parameter's range; it was a 500 for /v1/process, /v1/jobs and :predict alike."""
+    huge = 10**23
+    processed = await client.post(
+        "/v1/process",
+        json={
+            "image": base64.b64encode(strip_png()).decode(),
+            "pipeline": [{"filter": "gaussian_blur", "params": {"sigma": huge, "ksize": -huge, "border": 5}}],
+        },
+    )
+    assert processed.status_code == 200, processed.text
+    sent = mesh.fakes.image.last_request
+    assert sent is not None
+    params = sent.pipeline[0].params
+    assert (params["sigma"].number_value, params["ksize"].number_value) == (1e23, -1e23)
+    assert params["border"].int_value == 5
+    image = (await client.post("/v1/images", files={"file": ("s.png", strip_png(), "image/png")})).json()
+    job = await client.post(
+        "/v1/jobs",
+        json={"image_id": image["id"], "pipeline": [{"filter": "resize", "params": {"width": huge}}]},
+    )
+    assert job.status_code == 202, job.text
+    predicted = await client.post(
+        "/v1/models/strip-reader:predict",
+        json={"image": base64.b64encode(strip_png(200, 50)).decode(), "parameters": {"min_confidence": huge}},
+    )
+    assert predicted.status_code == 200, predicted.text
+    predict = mesh.fakes.inference.last_request
+    assert predict is not None
+    assert predict.parameters["min_confidence"].number_value == 1e23
+
+
 async def test_process_stored_image_returns_raw_bytes_for_image_accept(client: httpx.AsyncClient) -> None:
     """With ``Accept: image/png`` the body is the PNG itself, with size and device headers."""
     image = (await client.post("/v1/images", files={"file": ("p.png", strip_png(), "image/png")})).json()

@@ -8,6 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from mesh.kit.param_values import ParamScalar
 
+# A parameter from JSON: its integers are bounded to protobuf's int64, and a larger one reads as a number, which
+# the service then judges against the parameter's range (ParamValue(int_value=10**23) raised: a 500).
+ParamIn = bool | Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | float | str
+
 JobStateName = Literal["QUEUED", "RUNNING", "RETRY_WAIT", "SUCCEEDED", "FAILED", "DEAD", "CANCELLED"]
 
 
@@ -97,7 +101,7 @@ class PipelineStepIn(Strict):
     """One step of a pipeline."""
 
     filter: str = Field(min_length=1, max_length=200)
-    params: dict[str, ParamScalar] = Field(default_factory=dict)
+    params: dict[str, ParamIn] = Field(default_factory=dict)
 
 
 class PipelineStepOut(BaseModel):
@@ -205,7 +209,7 @@ class PredictIn(Strict):
     image_id: str = Field(default="", min_length=1, max_length=200)
     image: InlineImage = b""
     version: str = Field(default="", max_length=100)
-    parameters: dict[str, ParamScalar] = Field(default_factory=dict)
+    parameters: dict[str, ParamIn] = Field(default_factory=dict)
     precheck_only: bool = False
 
 
