@@ -200,6 +200,7 @@ async def test_event_ids_compare_across_streams_that_restart_numbering() -> None
     assert EventId.of(moved).is_after(seen)
     assert EventId.parse("12") is None
     assert EventId.parse(None) is None
+    assert EventId.parse("²-abc") is None  # a digit to isdigit(), not to int(): it was a 500
 
 
 async def test_events_of_unknown_job_is_404_before_streaming(client: httpx.AsyncClient) -> None:

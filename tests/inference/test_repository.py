@@ -47,6 +47,8 @@ async def test_unknown_model_or_version_is_not_found_listing_what_exists(tmp_pat
         repository.get("missing")
     with pytest.raises(NotFound, match=r"versions: 1, 2"):
         repository.get("fake", "7")
+    with pytest.raises(NotFound, match=r"versions: 1, 2"):
+        repository.get("fake", "²")  # a digit to isdigit(), not to int(): it was a 500
 
 
 async def test_pinned_default_version(tmp_path: Path) -> None:

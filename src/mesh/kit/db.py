@@ -81,7 +81,7 @@ def load_migrations(package: str) -> list[Migration]:
     """The ``NNNN_*.sql`` files of ``package``, in version order."""
     found = []
     for entry in resources.files(package).iterdir():
-        if entry.name.endswith(".sql") and entry.name[:4].isdigit():
+        if entry.name.endswith(".sql") and entry.name[:4].isascii() and entry.name[:4].isdigit():
             found.append(Migration(int(entry.name[:4]), entry.name, entry.read_text()))
     return sorted(found, key=lambda m: m.version)
 

@@ -133,7 +133,7 @@ class ModelConfig(BaseModel):
     @field_validator("default_version")
     @classmethod
     def _policy(cls, value: str) -> str:
-        if value != LATEST and not (value.isdigit() and int(value) > 0):
+        if value != LATEST and not (_is_number(value) and int(value) > 0):
             raise ValueError("must be 'latest' or a positive version number")
         return value
 
@@ -239,7 +239,7 @@ def scan(directory: Path, factories: Mapping[str, ModelFactory]) -> dict[str, Mo
         versions: dict[str, ModelVersion] = {}
         version_dirs = [p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
         for version_dir in version_dirs:
-            if not (version_dir.name.isdigit() and int(version_dir.name) > 0):
+            if not (_is_number(version_dir.name) and int(version_dir.name) > 0):
                 raise ModelConfigError(f"{version_dir}: a version directory must be a positive integer")
         for version_dir in sorted(version_dirs, key=lambda p: int(p.name)):
             config = read_config(_config_file(version_dir))
@@ -393,7 +393,7 @@ class ModelRepository:
         entry = self.entry(name)
         if not version:
             return entry.default()
-        key = str(int(version)) if version.isdigit() else version
+        key = str(int(version)) if _is_number(version) else version
         found = entry.versions.get(key)
         if found is None:
             known = ", ".join(entry.versions)
@@ -403,3 +403,8 @@ class ModelRepository:
                 metadata={"model": name, "version": version},
             )
         return found
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only: ``isdigit()`` alone passes '²', which ``int()`` refuses (a 500 for ``?version=²``)."""
+    return text.isascii() and text.isdigit()

@@ -146,7 +146,8 @@ class EventId:
         if not text:
             return None
         time_part, _, fingerprint = text.strip().partition("-")
-        if not time_part.isdigit() or not fingerprint:
+        # isdigit() alone passes '²', which int() refuses.
+        if not (time_part.isascii() and time_part.isdigit()) or not fingerprint:
             return None
         return cls(int(time_part), fingerprint)
 
