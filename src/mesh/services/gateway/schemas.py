@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from mesh.kit.param_values import ParamScalar
 
 # A parameter from JSON: its integers are bounded to protobuf's int64, and a larger one reads as a number, which
 # the service then judges against the parameter's range (ParamValue(int_value=10**23) raised: a 500).
+# Ids are UUIDs: documented so (clients and fuzzers generate real ones), checked by the services, whose
+# refusals say what an id looks like.
+UUID_FORMAT: dict[str, Any] = {"format": "uuid"}
+ImageIdPath = Annotated[str, Path(description="An image's id (a UUID).", json_schema_extra=UUID_FORMAT)]
+JobIdPath = Annotated[str, Path(description="A job's id (a UUID).", json_schema_extra=UUID_FORMAT)]
+
 ParamIn = bool | Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | float | str
 
 JobStateName = Literal["QUEUED", "RUNNING", "RETRY_WAIT", "SUCCEEDED", "FAILED", "DEAD", "CANCELLED"]
@@ -134,7 +141,7 @@ class ProcessIn(Strict):
     model_config = ConfigDict(json_schema_extra=EXACTLY_ONE_IMAGE)
 
     # Absent is "" (never null), so the document's oneOf says exactly what is accepted.
-    image_id: str = Field(default="", min_length=1, max_length=200)
+    image_id: str = Field(default="", min_length=1, max_length=200, json_schema_extra=UUID_FORMAT)
     image: InlineImage = b""
     pipeline: list[PipelineStepIn] = Field(default_factory=list, max_length=64)
     output_format: Literal["png", "jpeg", "webp"] = "png"
@@ -206,7 +213,7 @@ class PredictIn(Strict):
     model_config = ConfigDict(json_schema_extra=EXACTLY_ONE_IMAGE)
 
     # Absent is "" (never null), so the document's oneOf says exactly what is accepted.
-    image_id: str = Field(default="", min_length=1, max_length=200)
+    image_id: str = Field(default="", min_length=1, max_length=200, json_schema_extra=UUID_FORMAT)
     image: InlineImage = b""
     version: str = Field(default="", max_length=100)
     parameters: dict[str, ParamIn] = Field(default_factory=dict)
@@ -262,7 +269,7 @@ class PredictionOut(BaseModel):
 class JobIn(Strict):
     """A job to submit."""
 
-    image_id: str = Field(min_length=1, max_length=200)
+    image_id: str = Field(min_length=1, max_length=200, json_schema_extra=UUID_FORMAT)
     pipeline: list[PipelineStepIn] = Field(default_factory=list, max_length=64)
     model: str = Field(default="", max_length=200)
     priority: int = Field(default=0, ge=0, le=9)

@@ -181,7 +181,7 @@ async def list_images(
 
 
 @router.get("/{image_id}", response_model=schemas.ImageOut, responses=ERRORS, summary="An image's metadata")
-async def get_image(image_id: str, ctx: Context, _: Caller) -> schemas.ImageOut:
+async def get_image(image_id: schemas.ImageIdPath, ctx: Context, _: Caller) -> schemas.ImageOut:
     """One image's metadata."""
     return convert.image(await ctx.backends.files.get(image_id))
 
@@ -197,7 +197,7 @@ async def get_image(image_id: str, ctx: Context, _: Caller) -> schemas.ImageOut:
     summary="An image's bytes",
 )
 async def get_image_content(
-    image_id: str,
+    image_id: schemas.ImageIdPath,
     request: Request,
     ctx: Context,
     _: Caller,
@@ -261,7 +261,7 @@ def _content_disposition(name: str) -> str:
 
 
 @router.delete("/{image_id}", status_code=204, responses=ERRORS, summary="Delete an image")
-async def delete_image(image_id: str, ctx: Context, _: Caller) -> Response:
+async def delete_image(image_id: schemas.ImageIdPath, ctx: Context, _: Caller) -> Response:
     """Delete an image; its blob goes when no other image uses it."""
     await rpc(ctx.backends.file_stub.DeleteImage(file_service_pb2.DeleteImageRequest(image_id=image_id)))
     return Response(status_code=204)

@@ -85,7 +85,7 @@ async def list_jobs(
 
 
 @router.post("/{job_id}:cancel", response_model=schemas.JobOut, responses=ERRORS, summary="Cancel a job")
-async def cancel_job(job_id: str, ctx: Context, _: Caller) -> schemas.JobOut:
+async def cancel_job(job_id: schemas.JobIdPath, ctx: Context, _: Caller) -> schemas.JobOut:
     """Cancel a queued job at once, or a running one at its next progress beat."""
     result = await rpc(ctx.backends.queue_stub.CancelJob(queue_pb.CancelJobRequest(job_id=job_id)))
     _annotate_job(result.job)
@@ -93,7 +93,7 @@ async def cancel_job(job_id: str, ctx: Context, _: Caller) -> schemas.JobOut:
 
 
 @router.post("/{job_id}:retry", response_model=schemas.JobOut, responses=ERRORS, summary="Retry a job")
-async def retry_job(job_id: str, ctx: Context, _: Caller) -> schemas.JobOut:
+async def retry_job(job_id: schemas.JobIdPath, ctx: Context, _: Caller) -> schemas.JobOut:
     """Start a new attempt of a failed, dead or cancelled job."""
     result = await rpc(ctx.backends.queue_stub.RetryJob(queue_pb.RetryJobRequest(job_id=job_id)))
     _annotate_job(result.job)
@@ -101,7 +101,7 @@ async def retry_job(job_id: str, ctx: Context, _: Caller) -> schemas.JobOut:
 
 
 @router.get("/{job_id}", response_model=schemas.JobOut, responses=ERRORS, summary="A job")
-async def get_job(job_id: str, ctx: Context, _: Caller) -> schemas.JobOut:
+async def get_job(job_id: schemas.JobIdPath, ctx: Context, _: Caller) -> schemas.JobOut:
     """State, progress, queue position, attempts, error category and result of one job."""
     result = await rpc(ctx.backends.queue_stub.GetJob(queue_pb.GetJobRequest(job_id=job_id)))
     return convert.job(result.job)
@@ -173,7 +173,7 @@ class EventId:
     summary="A job's events (Server-Sent Events)",
 )
 async def job_events(
-    job_id: str,
+    job_id: schemas.JobIdPath,
     request: Request,
     ctx: Context,
     _: Caller,
