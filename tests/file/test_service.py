@@ -159,6 +159,9 @@ async def test_bad_uploads_get_their_status_over_grpc(file_client: FileClient) -
     with pytest.raises(errors.ResourceExhausted, match="megapixels") as too_big:
         await file_client.upload(corpus.png_declaring(30000, 30000), filename="bomb.png")
     assert errors.http_status(too_big.value) == 413
+    # PostgreSQL's text refuses NUL: it was a 500.
+    with pytest.raises(errors.InvalidArgument, match="idempotency_key holds the control character"):
+        await file_client.create(unique_png(), filename="k.png", idempotency_key="a\0b")
 
 
 async def test_upload_stream_passes_chunks_on_as_they_come(file_client: FileClient) -> None:

@@ -20,6 +20,7 @@ from prometheus_client import Counter
 
 from mesh.kit import errors
 from mesh.kit.logging import get_logger
+from mesh.kit.text_fields import text_problem
 from mesh.services.file import pagination
 from mesh.services.file.blobs import BlobStore
 from mesh.services.file.models import ImageRecord, NewImage, Page
@@ -345,9 +346,10 @@ def _same_upload(existing: ImageRecord, sha256: str, key: str) -> ImageRecord:
 
 
 def _check_idempotency_key(key: str) -> str:
-    if len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
+    problem = text_problem(key, MAX_IDEMPOTENCY_KEY_CHARS)
+    if problem:
         raise errors.InvalidArgument(
-            f"idempotency_key is {len(key)} characters; at most {MAX_IDEMPOTENCY_KEY_CHARS} are allowed",
-            field_violations=[errors.FieldViolation("metadata.idempotency_key", "too long")],
+            f"idempotency_key {problem}",
+            field_violations=[errors.FieldViolation("metadata.idempotency_key", problem)],
         )
     return key

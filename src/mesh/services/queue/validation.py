@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 from mesh.kit import errors
+from mesh.kit.text_fields import text_problem
 from mesh.queue.v1 import job_pb2, queue_service_pb2
 from mesh.services.image_processing.registry import steps_from_proto
 from mesh.services.queue.repository import NewJob, Row
@@ -12,6 +13,7 @@ from mesh.services.queue.repository import NewJob, Row
 MAX_PRIORITY = 9
 MAX_ATTEMPTS = 100
 MAX_IDEMPOTENCY_KEY = 256
+MAX_MODEL_NAME = 200
 MAX_PAGE_SIZE = 500
 DEFAULT_PAGE_SIZE = 50
 
@@ -51,8 +53,13 @@ def check_submit(request: queue_service_pb2.SubmitJobRequest) -> None:
         bad.append(
             errors.FieldViolation("max_attempts", f"must be between 1 and {MAX_ATTEMPTS} (0: default)")
         )
-    if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY:
-        bad.append(errors.FieldViolation("idempotency_key", f"at most {MAX_IDEMPOTENCY_KEY} characters"))
+    for name, value, most in (
+        ("model", request.model, MAX_MODEL_NAME),
+        ("idempotency_key", request.idempotency_key, MAX_IDEMPOTENCY_KEY),
+    ):
+        problem = text_problem(value, most)
+        if problem:
+            bad.append(errors.FieldViolation(name, problem))
     if bad:
         raise errors.InvalidArgument(
             f"the job request is invalid: {errors.listing(bad)}", field_violations=bad

@@ -1,0 +1,17 @@
+"""Short text fields that a service stores or names things by: idempotency keys, model names.
+
+PostgreSQL's ``text`` refuses NUL (a 500, and in a group commit the failure of every submit sharing the
+statement), and a control character in a key or a name is a client's bug, so both are refused up front.
+"""
+
+from __future__ import annotations
+
+
+def text_problem(value: str, max_chars: int) -> str | None:
+    """What is wrong with ``value`` (for a field violation), or None."""
+    if len(value) > max_chars:
+        return f"is {len(value)} characters; at most {max_chars} are allowed"
+    if not value.isprintable():
+        bad = next(c for c in value if not c.isprintable())
+        return f"holds the control character {bad!r}; send printable text"
+    return None
