@@ -131,12 +131,13 @@ async def test_a_control_character_in_a_model_or_key_is_refused_and_fails_no_oth
     """NUL in the model or the idempotency key is INVALID_ARGUMENT naming both; PostgreSQL's text refuses NUL,
     and it was a 500 for that submit and for every submit that shared its group commit."""
     bad = queue_service_pb2.SubmitJobRequest(image_id=IMAGE_ID, model="a\0b", idempotency_key="k\x01")
-    outcomes = await asyncio.gather(_error(queue.stub.SubmitJob(bad)), *(queue.submit() for _ in range(8)))
-    error = outcomes[0]
+    error, jobs = await asyncio.gather(
+        _error(queue.stub.SubmitJob(bad)), asyncio.gather(*(queue.submit() for _ in range(8)))
+    )
     assert isinstance(error, errors.InvalidArgument)
     assert [v.field for v in error.field_violations] == ["model", "idempotency_key"]
     assert "control character" in error.message
-    assert all(job.state == job_pb2.JOB_STATE_QUEUED for job in outcomes[1:])  # type: ignore[union-attr]
+    assert all(job.state == job_pb2.JOB_STATE_QUEUED for job in jobs)
 
 
 async def test_a_pipeline_the_image_service_would_refuse_is_refused_at_submit(queue: Harness) -> None:
