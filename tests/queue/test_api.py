@@ -244,6 +244,10 @@ async def test_list_is_newest_first_stable_and_filtered(queue: Harness) -> None:
     )
     assert ids[0] in {j.id for j in cancelled.jobs}
     assert all(j.state == job_pb2.JOB_STATE_CANCELLED for j in cancelled.jobs)
+    unknown = job_pb2.JobState.ValueType(99)  # proto3 keeps a number no state has; it was a 500
+    no_state = await _error(queue.stub.ListJobs(queue_service_pb2.ListJobsRequest(state=unknown)))
+    assert isinstance(no_state, errors.InvalidArgument)
+    assert "state 99 is not a job state; send one of JOB_STATE_QUEUED" in no_state.message
     bad = await _error(queue.stub.ListJobs(queue_service_pb2.ListJobsRequest(page_token="!!")))
     assert isinstance(bad, errors.InvalidArgument)
 

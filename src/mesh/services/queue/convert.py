@@ -9,6 +9,7 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 
 from mesh.common.v1 import errors_pb2
+from mesh.kit import errors
 from mesh.queue.v1 import job_pb2
 from mesh.services.queue.states import ErrorCategory, JobState
 
@@ -21,9 +22,16 @@ def state_to_proto(state: str) -> job_pb2.JobState.ValueType:
 
 
 def state_from_proto(state: job_pb2.JobState.ValueType) -> JobState | None:
-    """``JOB_STATE_QUEUED`` -> ``JobState.QUEUED``; None for UNSPECIFIED."""
+    """``JOB_STATE_QUEUED`` -> ``JobState.QUEUED``; None for UNSPECIFIED; InvalidArgument for a number that is
+    no state (proto3 keeps unknown enum values as they came)."""
     if state == job_pb2.JOB_STATE_UNSPECIFIED:
         return None
+    if state not in job_pb2.JobState.values():
+        known = ", ".join(v.name for v in job_pb2.JobState.DESCRIPTOR.values if v.number)
+        raise errors.InvalidArgument(
+            f"state {state} is not a job state; send one of {known}, or none for every state",
+            field_violations=[errors.FieldViolation("state", "not a job state")],
+        )
     return JobState(job_pb2.JobState.Name(state).removeprefix("JOB_STATE_"))
 
 
