@@ -130,6 +130,13 @@ async def test_download_thumbnail(file_client: FileClient) -> None:
         assert Image.open(io.BytesIO(data)).size == size
 
 
+async def test_a_variant_number_that_is_no_variant_is_invalid_argument(file_client: FileClient) -> None:
+    """proto3 keeps an unknown enum number; it was answered with the original, hiding the client's bug."""
+    image = (await file_client.upload(corpus.png(), filename="v.png")).image
+    with pytest.raises(errors.InvalidArgument, match="variant 99 is not an image variant"):
+        await file_client.download(image.id, variant=pb.ImageVariant.ValueType(99))
+
+
 async def test_lookups_of_missing_and_malformed_ids(file_client: FileClient) -> None:
     """A missing id is NOT_FOUND; a malformed one is INVALID_ARGUMENT naming image_id."""
     missing = str(uuid.uuid4())

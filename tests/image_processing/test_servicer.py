@@ -191,6 +191,21 @@ async def test_unknown_filter_and_undecodable_and_too_large(served: Served) -> N
     assert too_large.code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+async def test_a_declared_format_the_bytes_contradict_is_invalid_argument(served: Served) -> None:
+    """PNG bytes declared JPEG (or declared a format number that is none) are refused naming
+    input.encoded.format, as inference refuses them; they were processed as if nothing were declared."""
+    png = codec.encode(noise(4, 4, 1), codec.Format.PNG)
+    for declared, words in (
+        (image_pb2.IMAGE_FORMAT_JPEG, "format says JPEG but the bytes are a PNG image"),
+        (image_pb2.ImageFormat.ValueType(99), "format 99 is not an image format"),
+    ):
+        encoded = image_pb2.EncodedImage(data=png, format=declared)
+        error = await _call_error(served, pb.ProcessImageRequest(input=image_pb2.ImageInput(encoded=encoded)))
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert words in error.message
+        assert [v.field for v in error.field_violations] == ["input.encoded.format"]
+
+
 def _frames(
     config: pb.StreamConfig | None, frames: list[image_pb2.ImageInput]
 ) -> list[pb.StreamProcessRequest]:

@@ -68,12 +68,19 @@ def test_exif_orientation_is_applied() -> None:
 
 
 def test_other_formats_are_unsupported_media_type() -> None:
-    """A GIF (or anything else) is refused with 415, as is a format that contradicts the bytes."""
+    """A GIF (or anything else) is refused with 415; a declared format that the bytes contradict, or that is no
+    format, is 400 naming the field, as the file service answers a declared content type the bytes contradict."""
     with pytest.raises(UnsupportedMediaType) as info:
         DECODER.decode_encoded(_encode(_gradient(), "GIF"))
     assert http_status(info.value) == 415
-    with pytest.raises(UnsupportedMediaType, match=r"not a JPEG image \(they are a PNG image\)"):
+    with pytest.raises(
+        InvalidArgument, match="format says JPEG but the bytes are a PNG image"
+    ) as mislabelled:
         DECODER.decode_encoded(_encode(_gradient(), "PNG"), image_pb2.IMAGE_FORMAT_JPEG)
+    assert http_status(mislabelled.value) == 400
+    assert [v.field for v in mislabelled.value.field_violations] == ["input.encoded.format"]
+    with pytest.raises(InvalidArgument, match="format 99 is not an image format"):
+        DECODER.decode_encoded(_encode(_gradient(), "PNG"), image_pb2.ImageFormat.ValueType(99))
 
 
 def test_truncated_and_empty_images_are_invalid() -> None:

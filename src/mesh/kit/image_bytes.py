@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Final, Literal
 
+from mesh.common.v1 import image_pb2
+from mesh.kit.errors import FieldViolation, InvalidArgument
+
 Format = Literal["PNG", "JPEG", "WEBP"]
+
+_DECLARABLE: Final[dict[int, Format]] = {
+    image_pb2.IMAGE_FORMAT_PNG: "PNG",
+    image_pb2.IMAGE_FORMAT_JPEG: "JPEG",
+    image_pb2.IMAGE_FORMAT_WEBP: "WEBP",
+}
 
 PNG_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE: Final = b"\xff\xd8\xff"
@@ -52,3 +61,30 @@ def describe_bytes(data: bytes) -> str:
     if text and all(ch.isprintable() or ch in "\r\n\t" for ch in text):
         return f"they look like text: {text[:24]!r}"
     return f"they start with {data[:8]!r}"
+
+
+def check_declared_format(declared: image_pb2.ImageFormat.ValueType, data: bytes, field: str) -> None:
+    """An ``EncodedImage``'s declared format, when it declares one, must be what its bytes are.
+
+    Unset is fine (the bytes tell); RAW belongs in a ``RawImage``; a number that is no format, or a format the
+    bytes contradict, is the client's mistake and is named rather than passed over."""
+    if declared == image_pb2.IMAGE_FORMAT_UNSPECIFIED:
+        return
+    where = f"{field}.format"
+    if declared == image_pb2.IMAGE_FORMAT_RAW:
+        raise InvalidArgument(
+            "format RAW needs a raw image (input.raw), not encoded bytes",
+            field_violations=[FieldViolation(where, "use input.raw for raw pixels")],
+        )
+    expected = _DECLARABLE.get(declared)
+    if expected is None:
+        raise InvalidArgument(
+            f"format {declared} is not an image format; declare PNG, JPEG or WEBP, or leave it unset",
+            field_violations=[FieldViolation(where, "not an image format")],
+        )
+    found = sniff_format(data)
+    if found is not None and found != expected:
+        raise InvalidArgument(
+            f"format says {expected} but the bytes are a {found} image; declare {found} or leave it unset",
+            field_violations=[FieldViolation(where, f"the bytes are {found}")],
+        )

@@ -144,6 +144,13 @@ class FileServicer(file_service_pb2_grpc.FileServiceServicer):
     async def DownloadImage(
         self, request: pb.DownloadImageRequest, context: Context
     ) -> AsyncIterator[pb.DownloadImageResponse]:
+        if request.variant not in pb.ImageVariant.values():
+            # proto3 keeps a number no variant has; sending the original instead would hide the client's bug.
+            raise errors.InvalidArgument(
+                f"variant {request.variant} is not an image variant; send IMAGE_VARIANT_ORIGINAL (or none) or "
+                "IMAGE_VARIANT_THUMBNAIL",
+                field_violations=[errors.FieldViolation("variant", "not an image variant")],
+            )
         variant: Variant = "thumbnail" if request.variant == pb.IMAGE_VARIANT_THUMBNAIL else "original"
         size = chunk_size(request.chunk_size, self.default_chunk_bytes)
         opened = await self.store.open(request.image_id, variant)

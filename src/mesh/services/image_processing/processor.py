@@ -18,6 +18,7 @@ from mesh.common.v1 import image_pb2
 from mesh.file.v1 import file_service_pb2
 from mesh.image.v1 import image_processing_service_pb2 as pb
 from mesh.kit import errors, tracing
+from mesh.kit.image_bytes import check_declared_format
 from mesh.kit.image_limits import check_pixels
 from mesh.kit.param_values import to_param_value
 from mesh.kit.raw_pixels import read_raw
@@ -152,6 +153,7 @@ class Processor:
             _, _, data = await self._require_store(f"{where}.image_id").download(source.image_id)
             return await asyncio.to_thread(codec.decode, data, self.limits, f"{where}.image_id")
         if kind == "encoded":
+            check_declared_format(source.encoded.format, source.encoded.data, f"{where}.encoded")
             return await asyncio.to_thread(
                 codec.decode, source.encoded.data, self.limits, f"{where}.encoded.data"
             )

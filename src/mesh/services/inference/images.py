@@ -23,18 +23,13 @@ from mesh.kit.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from mesh.kit.image_bytes import describe_bytes, sniff_format
+from mesh.kit.image_bytes import check_declared_format, describe_bytes, sniff_format
 from mesh.kit.image_limits import check_pixels
 from mesh.kit.raw_pixels import read_raw
 from mesh.services.file.client import FileClient
 
 Pixels = npt.NDArray[np.uint8]
 
-_PILLOW_FORMATS = {
-    image_pb2.IMAGE_FORMAT_PNG: "PNG",
-    image_pb2.IMAGE_FORMAT_JPEG: "JPEG",
-    image_pb2.IMAGE_FORMAT_WEBP: "WEBP",
-}
 _ACCEPTED = ("PNG", "JPEG", "WEBP")
 
 
@@ -91,12 +86,8 @@ class ImageDecoder:
         """PNG/JPEG/WebP bytes -> pixels; the declared format, when given, must match the bytes."""
         if not data:
             raise InvalidArgument("the image is empty", field_violations=[FieldViolation(field, "no bytes")])
-        if declared == image_pb2.IMAGE_FORMAT_RAW:
-            raise InvalidArgument(
-                "format RAW needs input.raw, not encoded bytes",
-                field_violations=[FieldViolation(f"{field}.format", "use input.raw for raw pixels")],
-            )
-        formats = [_PILLOW_FORMATS[declared]] if declared in _PILLOW_FORMATS else list(_ACCEPTED)
+        check_declared_format(declared, data, field)
+        formats = list(_ACCEPTED)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
