@@ -7,9 +7,11 @@ import io
 from collections.abc import AsyncIterator
 
 import httpx
+import pytest
 from PIL import Image
 
 from mesh.common.v1 import image_pb2
+from mesh.services.gateway import convert
 from tests.gateway.fakes import strip_png
 from tests.gateway.harness import FakeMesh
 
@@ -107,6 +109,40 @@ async def test_process_stored_image_returns_raw_bytes_for_image_accept(client: h
     assert response.headers["content-type"] == "image/png"
     assert response.content.startswith(b"\x89PNG")
     assert (response.headers["x-image-width"], response.headers["x-device"]) == ("320", "cpu")
+
+
+@pytest.mark.parametrize(
+    ("accept", "body_format", "answer"),
+    [
+        ("image/webp", None, "image/webp"),  # was PNG: the type asked for, when the body names none
+        ("image/jpeg;q=0.5, image/webp", None, "image/webp"),
+        ("image/*", "jpeg", "image/jpeg"),
+        ("image/webp, image/png", "png", "image/png"),
+        ("application/json, image/png", None, "application/json"),
+        ("text/html", None, "application/json"),
+        ("image/webp", "png", 406),  # contradicts output_format
+        ("image/gif", None, 406),  # no image this route makes
+    ],
+)
+async def test_process_answers_in_the_format_accept_asks_for(
+    client: httpx.AsyncClient, mesh: FakeMesh, accept: str, body_format: str | None, answer: str | int
+) -> None:
+    """Accept picks JSON or image bytes and, for bytes, their format; a conflict with output_format, or only
+    image types the mesh cannot make, is 406 in the error shape."""
+    body: dict[str, object] = {"image": base64.b64encode(strip_png()).decode(), "pipeline": []}
+    if body_format is not None:
+        body["output_format"] = body_format
+    response = await client.post("/v1/process", json=body, headers={"accept": accept})
+    if answer == 406:
+        assert response.status_code == 406, response.text
+        assert "Accept asks for" in response.json()["error"]["message"]
+        return
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == answer
+    if answer != "application/json":
+        sent = mesh.fakes.image.last_request
+        assert sent is not None
+        assert convert.CONTENT_TYPES[sent.output.format] == answer
 
 
 async def test_process_input_rules(client: httpx.AsyncClient) -> None:
