@@ -57,6 +57,8 @@ async def test_pinned_default_version(tmp_path: Path) -> None:
     write_model(tmp_path, version=2, default_version="1")
     repository = _repository(tmp_path)
     assert repository.get("fake").version == "1"
+    # "latest", the word default_version uses, names the highest ready version (it was a 404).
+    assert repository.get("fake", "latest").version == "2"
 
 
 async def test_failed_load_leaves_version_not_ready_and_latest_falls_back(tmp_path: Path) -> None:
@@ -71,6 +73,7 @@ async def test_failed_load_leaves_version_not_ready_and_latest_falls_back(tmp_pa
     with pytest.raises(Unavailable, match="not ready"):
         broken.require_ready()
     assert repository.get("fake").version == "1"
+    assert repository.get("fake", "latest").version == "1"
     assert repository.any_ready
     await repository.close()
 

@@ -200,6 +200,10 @@ class ModelEntry:
         """The version used when a request names none."""
         if self.default_policy != LATEST:
             return self.versions[self.default_policy]
+        return self.latest()
+
+    def latest(self) -> ModelVersion:
+        """The highest ready version (the highest of all when none is ready)."""
         ready = [v for v in self.versions.values() if v.ready]
         return (ready or list(self.versions.values()))[-1]
 
@@ -393,6 +397,8 @@ class ModelRepository:
         entry = self.entry(name)
         if not version:
             return entry.default()
+        if version == LATEST:  # the word the config's default_version uses; a client may well send it
+            return entry.latest()
         key = str(int(version)) if _is_number(version) else version
         found = entry.versions.get(key)
         if found is None:

@@ -63,7 +63,11 @@ async def predict(
     ctx: Context,
     _: Caller,
     version: Annotated[
-        str, Query(max_length=100, description="The model version; the default's if empty.")
+        str,
+        Query(
+            max_length=100,
+            description="The model version; the default if empty, the highest ready one for `latest`.",
+        ),
     ] = "",
     precheck_only: Annotated[bool, Query(description="Only the fast quality pre-check.")] = False,
 ) -> schemas.PredictionOut:
