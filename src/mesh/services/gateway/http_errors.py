@@ -8,6 +8,7 @@ with one field violation per bad field; unknown routes and methods keep their 40
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,9 +36,11 @@ _CODES_BY_HTTP = {
 }
 
 
-def error_response(error: errors.MeshError, *, status: int | None = None) -> JSONResponse:
-    """The JSON response for ``error``; adds Retry-After and WWW-Authenticate where they apply."""
-    headers: dict[str, str] = {}
+def error_response(
+    error: errors.MeshError, *, status: int | None = None, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """The JSON response for ``error``, with ``headers``; adds Retry-After and WWW-Authenticate where they apply."""
+    headers = dict(headers or {})
     if error.retry_after_seconds is not None:
         headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_seconds)))
     if isinstance(error, errors.Unauthenticated):
@@ -79,20 +82,16 @@ async def _on_validation_error(_: Request, exc: Exception) -> Response:
 
 async def _on_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    error, status = _http_exception(exc)
-    allowed = allowed_methods(request) if status == 405 else []
-    if status == 405:
-        error = errors.Unimplemented(
-            f"{request.method} is not allowed on {request.url.path}; it allows {', '.join(allowed)}",
+    if exc.status_code == 405:
+        # Starlette names only the first route that matched the path; list every route's methods.
+        allowed = ", ".join(allowed_methods(request))
+        refused = errors.Unimplemented(
+            f"{request.method} is not allowed on {request.url.path}; it allows {allowed}",
             reason="METHOD_NOT_ALLOWED",
         )
-    response = error_response(error, status=status)
-    if exc.headers:
-        response.headers.update(exc.headers)
-    if status == 405:
-        # Starlette names only the first route that matched the path; list every route's methods.
-        response.headers["Allow"] = ", ".join(allowed)
-    return response
+        return error_response(refused, status=405, headers={"Allow": allowed})
+    error, status = _http_exception(exc)
+    return error_response(error, status=status, headers=exc.headers)
 
 
 _METHODS = ("DELETE", "GET", "PATCH", "POST", "PUT")
