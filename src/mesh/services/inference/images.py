@@ -87,7 +87,7 @@ class ImageDecoder:
         if not data:
             raise InvalidArgument("the image is empty", field_violations=[FieldViolation(field, "no bytes")])
         check_declared_format(declared, data, field)
-        formats = list(_ACCEPTED)
+        formats = list(_ACCEPTED)  # the declared format, if any, was just checked against the bytes
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
