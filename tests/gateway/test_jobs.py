@@ -122,8 +122,12 @@ async def test_retry_colon_route_restarts_a_failed_job(client: httpx.AsyncClient
 
 
 async def test_unknown_colon_action_and_unknown_job(client: httpx.AsyncClient) -> None:
-    """An unknown action is not routed to cancel/retry, and an unknown job is 404."""
+    """An unknown action is not routed to cancel/retry, and an unknown job is 404; GET of an action is 405
+    allowing POST only (it was routed to GET /v1/jobs/{id} with the id 'abc:cancel')."""
     assert (await client.post("/v1/jobs/abc:explode")).status_code in (404, 405)
+    for action in ("cancel", "retry"):
+        got = await client.get(f"/v1/jobs/abc:{action}")
+        assert (got.status_code, got.headers["allow"]) == (405, "POST")
     assert (await client.get("/v1/jobs/no-such-job")).status_code == 404
     assert (await client.post("/v1/jobs/no-such-job:cancel")).status_code == 404
 

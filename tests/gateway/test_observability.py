@@ -64,10 +64,13 @@ async def test_red_metrics_per_route_after_traffic(client: httpx.AsyncClient) ->
     await client.post("/v1/images", files={"file": ("m.png", data, "image/png")})
     for _ in range(3):
         await client.get("/v1/images/does-not-exist")
+    await client.get("/v1/jobs/does-not-exist")
     after = (await client.get("/metrics")).text
     route = "/v1/images/{image_id}"
     counted = _sample(after, "http_requests_total", route=route, method="GET", status="404")
     assert counted - _sample(before, "http_requests_total", route=route, method="GET", status="404") == 3
+    # A template with a convertor ({job_id:name}) is labelled without it.
+    assert _sample(after, "http_requests_total", route="/v1/jobs/{job_id}", method="GET", status="404") >= 1
     created = _sample(after, "http_requests_total", route="/v1/images", method="POST", status="201")
     assert (
         created - _sample(before, "http_requests_total", route="/v1/images", method="POST", status="201") == 1

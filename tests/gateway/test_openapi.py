@@ -100,6 +100,9 @@ async def test_security_matches_the_auth_mode(make_client: GatewayFactory) -> No
     jwt_mode = await _document(await make_client(auth_mode="jwt", jwt_secret="s" * 32))
     assert set(jwt_mode["components"]["securitySchemes"]) == {"HTTPBearer"}
     assert jwt_mode["paths"]["/v1/models"]["get"]["security"] == [{"HTTPBearer": []}]
+    # Paths whose parameter has a convertor ({job_id:name}) are matched by their template too.
+    assert jwt_mode["paths"]["/v1/jobs/{job_id}"]["get"]["security"] == [{"HTTPBearer": []}]
+    assert jwt_mode["paths"]["/v1/models/{name}"]["get"]["security"] == [{"HTTPBearer": []}]
     assert "security" not in jwt_mode["paths"]["/healthz"]["get"]
 
 

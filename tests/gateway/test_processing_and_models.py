@@ -212,7 +212,9 @@ async def test_predict_colon_route(client: httpx.AsyncClient) -> None:
     )
     assert inline.json()["strip_reading"]["window"]["length"] == 200
     assert (await client.post("/v1/models/other:predict", json={"image_id": image["id"]})).status_code == 404
-    assert (await client.get("/v1/models/strip-reader:predict")).status_code == 404
+    # The custom method's path is not a model's (the name holds no ':'): 405, allowing only POST.
+    got = await client.get("/v1/models/strip-reader:predict")
+    assert (got.status_code, got.headers["allow"]) == (405, "POST")
 
 
 async def test_predict_takes_raw_image_bytes(client: httpx.AsyncClient, mesh: FakeMesh) -> None:

@@ -140,7 +140,7 @@ def exact_openapi(app: FastAPI, auth_mode: AuthMode) -> dict[str, Any]:
     )
     allowed = sorted(_SCHEMES_BY_MODE[auth_mode])
     guarded = {
-        (method.lower(), route.path)
+        (method.lower(), route.path_format)
         for router in ROUTERS
         for route in router.routes
         if isinstance(route, APIRoute) and any(d.call is guard for d in route.dependant.dependencies)

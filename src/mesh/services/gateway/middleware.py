@@ -35,7 +35,7 @@ def traceparent(span: trace.Span) -> str:
 def route_template(scope: Scope) -> str:
     """The matched route's path template (``/v1/images/{image_id}``), or ``unmatched``."""
     route = scope.get("route")
-    path = getattr(route, "path", None)
+    path = getattr(route, "path_format", None)  # without convertors: {job_id}, not {job_id:name}
     return str(path) if path else "unmatched"
 
 

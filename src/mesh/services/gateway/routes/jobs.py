@@ -100,7 +100,7 @@ async def retry_job(job_id: schemas.JobIdPath, ctx: Context, _: Caller) -> schem
     return convert.job(result.job)
 
 
-@router.get("/{job_id}", response_model=schemas.JobOut, responses=ERRORS, summary="A job")
+@router.get("/{job_id:name}", response_model=schemas.JobOut, responses=ERRORS, summary="A job")
 async def get_job(job_id: schemas.JobIdPath, ctx: Context, _: Caller) -> schemas.JobOut:
     """State, progress, queue position, attempts, error category and result of one job."""
     result = await rpc(ctx.backends.queue_stub.GetJob(queue_pb.GetJobRequest(job_id=job_id)))

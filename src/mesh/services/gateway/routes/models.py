@@ -102,7 +102,9 @@ async def list_models(ctx: Context, _: Caller) -> schemas.ModelList:
     return schemas.ModelList(models=[convert.model_summary(m) for m in response.models])
 
 
-@router.get("/{name}", response_model=schemas.ModelDetail, responses=ERRORS, summary="A model's metadata")
+@router.get(
+    "/{name:name}", response_model=schemas.ModelDetail, responses=ERRORS, summary="A model's metadata"
+)
 async def get_model(name: str, ctx: Context, _: Caller, version: str = "") -> schemas.ModelDetail:
     """Versions, inputs, outputs, parameters and readiness of one model."""
     stub = ctx.backends.inference_stub
