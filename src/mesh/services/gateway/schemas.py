@@ -9,14 +9,14 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from mesh.kit.param_values import ParamScalar
 
-# A parameter from JSON: its integers are bounded to protobuf's int64, and a larger one reads as a number, which
-# the service then judges against the parameter's range (ParamValue(int_value=10**23) raised: a 500).
 # Ids are UUIDs: documented so (clients and fuzzers generate real ones), checked by the services, whose
 # refusals say what an id looks like.
 UUID_FORMAT: dict[str, Any] = {"format": "uuid"}
 ImageIdPath = Annotated[str, Path(description="An image's id (a UUID).", json_schema_extra=UUID_FORMAT)]
 JobIdPath = Annotated[str, Path(description="A job's id (a UUID).", json_schema_extra=UUID_FORMAT)]
 
+# A parameter from JSON: its integers are bounded to protobuf's int64, and a larger one reads as a number, which
+# the service then judges against the parameter's range (ParamValue(int_value=10**23) raised: a 500).
 ParamIn = bool | Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | float | str
 
 JobStateName = Literal["QUEUED", "RUNNING", "RETRY_WAIT", "SUCCEEDED", "FAILED", "DEAD", "CANCELLED"]
