@@ -169,6 +169,12 @@ async def test_bad_uploads_get_their_status_over_grpc(file_client: FileClient) -
     # PostgreSQL's text refuses NUL: it was a 500.
     with pytest.raises(errors.InvalidArgument, match="idempotency_key holds the control character"):
         await file_client.create(unique_png(), filename="k.png", idempotency_key="a\0b")
+    with pytest.raises(errors.InvalidArgument) as bad_labels:
+        await file_client.upload(unique_png(), filename="l.png", labels={"": "x", "a\tb": "y"})
+    assert [v.field for v in bad_labels.value.field_violations] == [
+        "metadata.labels['']",
+        "metadata.labels['a\\tb']",
+    ]
 
 
 async def test_upload_stream_passes_chunks_on_as_they_come(file_client: FileClient) -> None:

@@ -206,6 +206,62 @@ async def test_a_declared_format_the_bytes_contradict_is_invalid_argument(served
         assert [v.field for v in error.field_violations] == ["input.encoded.format"]
 
 
+async def test_an_output_that_cannot_be_delivered_is_refused_before_the_input_is_loaded(
+    served: Served,
+) -> None:
+    """Every problem of the output spec is named at once, before the input is fetched or a step runs: the
+    input here does not exist, and the answer is still the spec's INVALID_ARGUMENT. It used to come after the
+    pipeline, one problem at a time, with a bad label named ``metadata.labels`` by the file service."""
+    missing = image_pb2.ImageInput(image_id="00000000-0000-0000-0000-000000000000")
+    spec = pb.OutputSpec(
+        format=image_pb2.ImageFormat.ValueType(99), quality=101, store=True, labels={"": "x", "ok": "a\x00"}
+    )
+    error = await _call_error(
+        served, pb.ProcessImageRequest(input=missing, pipeline=[_step("invert")], output=spec)
+    )
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in error.field_violations] == [
+        "output.format",
+        "output.quality",
+        "output.labels['']",
+        "output.labels['ok']",
+    ]
+    assert "output.quality: must be between 1 and 100" in error.message
+    raw_stored = pb.OutputSpec(format=image_pb2.IMAGE_FORMAT_RAW, store=True)
+    error = await _call_error(served, pb.ProcessImageRequest(input=missing, output=raw_stored))
+    assert "stored outputs are PNG, JPEG or WebP, not RAW" in error.field_violations[0].description
+
+
+async def test_stream_with_an_output_that_cannot_be_delivered_fails_at_its_config(served: Served) -> None:
+    """A config whose output can never be delivered ends the stream at once, as a bad pipeline does,
+    instead of answering every frame with the same error."""
+    config = pb.StreamConfig(
+        pipeline=[_step("grayscale")],
+        output=pb.OutputSpec(format=image_pb2.IMAGE_FORMAT_JPEG, quality=101),
+    )
+
+    never = asyncio.Event()
+
+    async def requests() -> AsyncIterator[pb.StreamProcessRequest]:
+        # The frames wait for an answer that only a server which ignored the bad config would let come;
+        # sending them at once races grpcio's asyncio client, which can then report INTERNAL
+        # (grpc/grpc#36066).
+        yield pb.StreamProcessRequest(config=config)
+        await never.wait()
+        for message in _frames(None, [_png(noise(4, 4, 1))]):
+            yield message
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        _ = await asyncio.wait_for(_collect(served.stub.StreamProcess(requests())), 10)
+    error = errors.from_rpc_error(caught.value)
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in error.field_violations] == ["config.output.quality"]
+
+
+async def _collect(call: AsyncIterator[pb.StreamProcessResponse]) -> list[pb.StreamProcessResponse]:
+    return [response async for response in call]
+
+
 def _frames(
     config: pb.StreamConfig | None, frames: list[image_pb2.ImageInput]
 ) -> list[pb.StreamProcessRequest]:
@@ -266,6 +322,9 @@ class _BlockedProcessor:
     def __init__(self) -> None:
         self.backend = CpuBackend()
         self.release = asyncio.Event()
+
+    def check_output(self, spec: pb.OutputSpec, where: str = "output") -> codec.Format:
+        return codec.Format.RAW
 
     async def process(
         self, *args: Any, into: pb.ProcessImageResponse | None = None, **kwargs: Any

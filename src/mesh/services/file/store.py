@@ -19,6 +19,7 @@ from typing import BinaryIO, Literal, Protocol
 from prometheus_client import Counter
 
 from mesh.kit import errors
+from mesh.kit.labels import check_labels
 from mesh.kit.logging import get_logger
 from mesh.kit.text_fields import text_problem
 from mesh.services.file import pagination
@@ -35,9 +36,6 @@ UPLOADS = Counter(
 UPLOAD_BYTES = Counter("mesh_file_upload_bytes_total", "Bytes of accepted uploads.")
 BLOBS_REMOVED = Counter("mesh_file_blobs_removed_total", "Blobs removed because no image referred to them.")
 
-MAX_LABELS = 64
-MAX_LABEL_KEY_CHARS = 128
-MAX_LABEL_VALUE_CHARS = 1024
 MAX_IDEMPOTENCY_KEY_CHARS = 256
 
 Variant = Literal["original", "thumbnail"]
@@ -143,7 +141,7 @@ class ImageStore:
     async def upload(self, data: bytes, request: UploadRequest) -> UploadResult:
         """Validate and store ``data``; the same idempotency key with the same bytes returns the first image
         (with other bytes, ALREADY_EXISTS)."""
-        labels = _check_labels(request.labels)
+        labels = check_labels(request.labels, "metadata.labels")
         key = _check_idempotency_key(request.idempotency_key)
         if key:
             existing = await self.repository.find_by_idempotency_key(key)
@@ -306,29 +304,6 @@ def _not_found(image_id: uuid.UUID) -> errors.NotFound:
         f"image {image_id} does not exist (it was never uploaded or has been deleted)",
         metadata={"image_id": str(image_id)},
     )
-
-
-def _check_labels(labels: Mapping[str, str]) -> dict[str, str]:
-    if len(labels) > MAX_LABELS:
-        raise errors.InvalidArgument(
-            f"{len(labels)} labels given; at most {MAX_LABELS} are allowed",
-            field_violations=[errors.FieldViolation("metadata.labels", f"at most {MAX_LABELS} entries")],
-        )
-    for key, value in labels.items():
-        if (
-            not key
-            or len(key) > MAX_LABEL_KEY_CHARS
-            or len(value) > MAX_LABEL_VALUE_CHARS
-            or "\x00" in key + value
-        ):
-            raise errors.InvalidArgument(
-                f"label {key[:40]!r} is invalid: keys must be 1 to {MAX_LABEL_KEY_CHARS} characters, "
-                f"values at most {MAX_LABEL_VALUE_CHARS}, neither may contain NUL",
-                field_violations=[
-                    errors.FieldViolation(f"metadata.labels[{key[:40]!r}]", "too long or empty")
-                ],
-            )
-    return dict(labels)
 
 
 def _same_upload(existing: ImageRecord, sha256: str, key: str) -> ImageRecord:

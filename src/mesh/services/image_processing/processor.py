@@ -20,6 +20,7 @@ from mesh.image.v1 import image_processing_service_pb2 as pb
 from mesh.kit import errors, tracing
 from mesh.kit.image_bytes import check_declared_format
 from mesh.kit.image_limits import check_pixels
+from mesh.kit.labels import label_violations
 from mesh.kit.param_values import to_param_value
 from mesh.kit.raw_pixels import read_raw
 from mesh.services.image_processing import codec
@@ -146,6 +147,40 @@ class Processor:
             )
         return self.store
 
+    def check_output(self, spec: pb.OutputSpec, where: str = "output") -> codec.Format:
+        """The output format ``spec`` asks for, or INVALID_ARGUMENT naming every problem in it.
+
+        Checked before the input is loaded or a step runs (and once per stream, at its config), so that a
+        spec that can never be delivered costs nothing and a stream is refused once, not frame by frame.
+        """
+        fmt = FORMATS.get(spec.format)
+        violations = []
+        if fmt is None:
+            violations.append(
+                errors.FieldViolation(
+                    f"{where}.format", f"{spec.format} names no format; PNG, JPEG, WebP or RAW"
+                )
+            )
+        if spec.quality > 100:
+            violations.append(
+                errors.FieldViolation(
+                    f"{where}.quality", f"must be between 1 and 100 (0: 90), got {spec.quality}"
+                )
+            )
+        if spec.store and fmt is codec.Format.RAW:
+            violations.append(
+                errors.FieldViolation(f"{where}.format", "stored outputs are PNG, JPEG or WebP, not RAW")
+            )
+        if spec.store:
+            self._require_store(f"{where}.store")
+        violations.extend(label_violations(spec.labels, f"{where}.labels"))
+        if violations:
+            raise errors.InvalidArgument(
+                f"invalid output: {errors.listing(violations)}", field_violations=violations
+            )
+        assert fmt is not None
+        return fmt
+
     async def load(self, source: image_pb2.ImageInput, where: str = "input") -> Image:
         """The input's pixels, by reference or by value."""
         kind = source.WhichOneof("source")
@@ -227,17 +262,7 @@ class Processor:
         image = output.image
         height, width, channels = image.shape
         check_pixels(width, height, self.limits.max_pixels, "pipeline output")
-        fmt = FORMATS.get(spec.format)
-        if fmt is None:
-            raise errors.InvalidArgument(
-                f"unknown output format {spec.format}",
-                field_violations=[errors.FieldViolation(f"{where}.format", "PNG, JPEG, WebP or RAW")],
-            )
-        if spec.quality > 100:
-            raise errors.InvalidArgument(
-                f"{where}.quality must be 1..100, got {spec.quality}",
-                field_violations=[errors.FieldViolation(f"{where}.quality", "must be between 1 and 100")],
-            )
+        fmt = self.check_output(spec, where)
         quality = spec.quality or 90
         response = pb.ProcessImageResponse() if into is None else into
         response.device = self.device_enum
@@ -246,13 +271,6 @@ class Processor:
             pb.StepTiming(filter=name, seconds=seconds) for name, seconds in output.timings
         )
         if fmt is codec.Format.RAW:
-            if spec.store:
-                raise errors.InvalidArgument(
-                    "raw output cannot be stored",
-                    field_violations=[
-                        errors.FieldViolation(f"{where}.format", "stored outputs are PNG, JPEG or WebP")
-                    ],
-                )
             # Field by field: CopyFrom of a nested message re-serialises megabytes of pixels.
             response.raw.pixels = codec.to_raw(image)
             response.raw.width = width
@@ -285,6 +303,7 @@ class Processor:
         into: pb.ProcessImageResponse | None = None,
     ) -> pb.ProcessImageResponse:
         """Load, run and deliver one image, each stage in a span of its own (``into``: see deliver)."""
+        self.check_output(spec)
         with _tracer.start_as_current_span(
             "image.load", attributes={"image.source": source.WhichOneof("source") or ""}
         ):

@@ -55,6 +55,7 @@ class ImageProcessingServicer(pb_grpc.ImageProcessingServiceServicer):
             )
         config = first.config
         steps = steps_from_proto(config.pipeline, "config.pipeline")
+        self._processor.check_output(config.output, "config.output")
         # A small bounded read-ahead: the reader blocks when it is full, so gRPC flow control pushes back
         # on the client while frames are processed one at a time, in order.
         queue: asyncio.Queue[object] = asyncio.Queue(maxsize=self._queue_frames)
