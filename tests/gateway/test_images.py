@@ -60,6 +60,26 @@ async def test_raw_upload_with_image_content_type(client: httpx.AsyncClient, mes
     assert (sent.content_type, sent.idempotency_key) == ("image/png", "k-raw-1")
 
 
+async def test_a_bad_idempotency_key_header_is_named_as_the_header(
+    client: httpx.AsyncClient, mesh: FakeMesh
+) -> None:
+    """A control character or a key over 256 characters in ``Idempotency-Key`` is a 400 naming the header,
+    before the body is read or sent on (the file service named it ``metadata.idempotency_key``)."""
+    sent = len(mesh.fakes.files.upload_metadata)
+    for key, words in (("a\tb", "holds the control character '\\t'"), ("k" * 257, "is 257 characters")):
+        response = await client.post(
+            "/v1/images",
+            content=strip_png(64, 32),
+            headers={"content-type": "image/png", "idempotency-key": key},
+        )
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["message"].startswith("the Idempotency-Key header ")
+        assert words in error["message"]
+        assert error["details"][1]["field_violations"][0]["field"] == "header.Idempotency-Key"
+    assert len(mesh.fakes.files.upload_metadata) == sent
+
+
 async def test_same_bytes_again_are_deduplicated(client: httpx.AsyncClient) -> None:
     """Uploading the same bytes twice gives the same sha256 and says deduplicated the second time."""
     data = strip_png(100, 40)

@@ -76,6 +76,32 @@ async def test_idempotency_key_returns_the_same_job(client: httpx.AsyncClient) -
     assert first["id"] == second["id"]
 
 
+async def test_the_idempotency_key_header_works_as_the_body_field(client: httpx.AsyncClient) -> None:
+    """``Idempotency-Key``, the header uploads take, keys a job too: it was ignored, so a client that sent
+    only the header got a second job on retry. Header and body may both be given only if they agree."""
+    image_id = await _image(client)
+    body = {"image_id": image_id}
+    first = await client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "header-key-1"})
+    second = await client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "header-key-1"})
+    assert first.status_code == second.status_code == 202, first.text
+    assert first.json()["id"] == second.json()["id"]
+    assert first.json()["idempotency_key"] == "header-key-1"
+    both = await client.post(
+        "/v1/jobs",
+        json={**body, "idempotency_key": "header-key-1"},
+        headers={"Idempotency-Key": "header-key-1"},
+    )
+    assert both.json()["id"] == first.json()["id"]
+    clash = await client.post(
+        "/v1/jobs", json={**body, "idempotency_key": "body-key"}, headers={"Idempotency-Key": "header-key-1"}
+    )
+    assert clash.status_code == 400
+    assert clash.json()["error"]["details"][1]["field_violations"][0]["field"] == "header.Idempotency-Key"
+    control = await client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "a\tb"})
+    assert control.status_code == 400
+    assert "the Idempotency-Key header holds the control character" in control.json()["error"]["message"]
+
+
 async def test_list_filters_by_state_and_paginates(client: httpx.AsyncClient) -> None:
     """GET /v1/jobs passes state and pagination through; every listed job is in the asked state."""
     image_id = await _image(client)

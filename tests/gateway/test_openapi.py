@@ -73,11 +73,13 @@ async def test_document_is_valid_and_covers_the_contract(client: httpx.AsyncClie
 
 
 async def test_what_the_routes_read_beyond_their_schema_is_documented(client: httpx.AsyncClient) -> None:
-    """Parameters the upload reads itself (a raw body's filename, Idempotency-Key) and the download's 304 are
-    in the document, so that a client generated from it can send and expect them."""
+    """Parameters the upload and the submit read themselves (a raw body's filename, Idempotency-Key) and the
+    download's 304 are in the document, so that a client generated from it can send and expect them."""
     paths = (await _document(client))["paths"]
     upload = {(p["in"], p["name"]) for p in paths["/v1/images"]["post"]["parameters"]}
     assert upload == {("query", "filename"), ("header", "Idempotency-Key")}
+    submit = {(p["in"], p["name"]) for p in paths["/v1/jobs"]["post"]["parameters"]}
+    assert submit == {("header", "Idempotency-Key")}
     assert "304" in paths["/v1/images/{image_id}/content"]["get"]["responses"]
 
 

@@ -273,7 +273,7 @@ class JobIn(Strict):
     pipeline: list[PipelineStepIn] = Field(default_factory=list, max_length=64)
     model: str = Field(default="", max_length=200)
     priority: int = Field(default=0, ge=0, le=9)
-    idempotency_key: str = Field(default="", max_length=200)
+    idempotency_key: str = Field(default="", max_length=256)
     max_attempts: int | None = Field(default=None, ge=1, le=100)
 
 

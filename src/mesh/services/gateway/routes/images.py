@@ -13,7 +13,7 @@ from starlette.responses import StreamingResponse
 
 from mesh.file.v1 import file_service_pb2
 from mesh.kit import errors
-from mesh.services.gateway import convert, schemas
+from mesh.services.gateway import convert, idempotency, schemas
 from mesh.services.gateway.backends import rpc
 from mesh.services.gateway.bodies import media_type
 from mesh.services.gateway.context import Caller, Context
@@ -51,11 +51,8 @@ UPLOAD_BODY = {
             "schema": {"type": "string"},
         },
         {
-            "name": "Idempotency-Key",
-            "in": "header",
-            "required": False,
+            **idempotency.OPENAPI_PARAMETER,
             "description": "The same key and bytes again return the first image; other bytes under it are 409.",
-            "schema": {"type": "string", "maxLength": 256},
         },
     ],
 }
@@ -141,13 +138,14 @@ async def upload_image(request: Request, response: Response, ctx: Context, _: Ca
 
     Send ``Idempotency-Key`` to make a retried upload return the first image (409 for other bytes under it).
     """
+    key = idempotency.header_key(request)
     upload = await _read_upload(request)
     annotate({"mesh.image.declared_type": upload.declared or "undeclared"})
     result = await ctx.backends.files.upload(
         upload.stream(),
         filename=upload.filename,
         content_type=upload.declared,
-        idempotency_key=request.headers.get("idempotency-key", ""),
+        idempotency_key=key,
     )
     response.headers["Location"] = f"/v1/images/{result.image.id}"
     annotate(

@@ -16,7 +16,7 @@ from starlette.responses import StreamingResponse
 from mesh.kit import errors
 from mesh.queue.v1 import job_pb2
 from mesh.queue.v1 import queue_service_pb2 as queue_pb
-from mesh.services.gateway import convert, metrics, schemas
+from mesh.services.gateway import convert, idempotency, metrics, schemas
 from mesh.services.gateway.backends import rpc
 from mesh.services.gateway.context import Caller, Context
 from mesh.services.gateway.routes.images import ERRORS
@@ -29,11 +29,30 @@ _END = object()
 _DRAINING = object()
 
 
-@router.post("", status_code=202, response_model=schemas.JobOut, responses=ERRORS, summary="Submit a job")
-async def submit_job(body: schemas.JobIn, response: Response, ctx: Context, _: Caller) -> schemas.JobOut:
-    """Queue a job (pipeline and/or model on a stored image); the same idempotency key returns the same job
-    (409 when the body asks for another job). A pipeline the image service would refuse is 400, an image or
-    model that does not exist 404, before anything is queued."""
+@router.post(
+    "",
+    status_code=202,
+    response_model=schemas.JobOut,
+    responses=ERRORS,
+    summary="Submit a job",
+    openapi_extra={
+        "parameters": [
+            {
+                **idempotency.OPENAPI_PARAMETER,
+                "description": "The job's idempotency key, as an alternative to the body's idempotency_key "
+                "(both may be given only if they agree).",
+            }
+        ]
+    },
+)
+async def submit_job(
+    body: schemas.JobIn, request: Request, response: Response, ctx: Context, _: Caller
+) -> schemas.JobOut:
+    """Queue a job (pipeline and/or model on a stored image); the same idempotency key (in the body or the
+    ``Idempotency-Key`` header) returns the same job (409 when the body asks for another job). A pipeline
+    the image service would refuse is 400, an image or model that does not exist 404, before anything is
+    queued."""
+    key = idempotency.job_key(request, body.idempotency_key)
     result = await rpc(
         ctx.backends.queue_stub.SubmitJob(
             queue_pb.SubmitJobRequest(
@@ -41,7 +60,7 @@ async def submit_job(body: schemas.JobIn, response: Response, ctx: Context, _: C
                 pipeline=convert.to_pipeline(body.pipeline),
                 model=body.model,
                 priority=body.priority,
-                idempotency_key=body.idempotency_key,
+                idempotency_key=key,
                 max_attempts=body.max_attempts or 0,
             )
         )

@@ -1,0 +1,46 @@
+"""The ``Idempotency-Key`` header, which uploads and job submits both take (a job's key may come in its body
+too), checked here so that a bad header is named as the header the client sent, not as the gRPC field it
+travels in."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+
+from mesh.kit import errors
+from mesh.kit.text_fields import text_problem
+
+HEADER = "Idempotency-Key"
+MAX_CHARS = 256
+FIELD = f"header.{HEADER}"
+OPENAPI_PARAMETER: dict[str, Any] = {
+    "name": HEADER,
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "maxLength": MAX_CHARS},
+}
+
+
+def header_key(request: Request) -> str:
+    """The header's key ("" when absent), or INVALID_ARGUMENT saying what is wrong with it."""
+    key = request.headers.get(HEADER, "")
+    problem = text_problem(key, MAX_CHARS)
+    if problem:
+        raise errors.InvalidArgument(
+            f"the {HEADER} header {problem}", field_violations=[errors.FieldViolation(FIELD, problem)]
+        )
+    return key
+
+
+def job_key(request: Request, body_key: str) -> str:
+    """A job's key from its body or the header; both may be given only if they agree."""
+    header = header_key(request)
+    if header and body_key and header != body_key:
+        raise errors.InvalidArgument(
+            f"the {HEADER} header says {header!r} and the body's idempotency_key {body_key!r}; give it once",
+            field_violations=[
+                errors.FieldViolation(FIELD, "the header and the body's idempotency_key disagree")
+            ],
+        )
+    return body_key or header
