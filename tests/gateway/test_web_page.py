@@ -147,3 +147,21 @@ async def test_health_panel(page: Page) -> None:
         await expect(page.locator(f'#health tr[data-component="{name}"]').first).to_be_visible()
     await expect(page.locator('#health tr[data-component="file service"] .status-ok')).to_have_text("ok")
     await expect(page.locator("#queue-depth")).to_contain_text("Jobs by state")
+
+
+async def test_the_page_loads_without_a_failed_request_or_console_error(
+    browser: Browser, mesh: FakeMesh
+) -> None:
+    """Opening the page asks for nothing that fails: the browser's own /favicon.ico request was a 404,
+    logged as a console error on every visit."""
+    app, ctx = build_gateway(mesh.gateway_settings())
+    failed: list[str] = []
+    async with serve_app(app) as url:
+        opened = await browser.new_page()
+        opened.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+        opened.on("console", lambda m: failed.append(f"console: {m.text}") if m.type == "error" else None)
+        await opened.goto(url + "/", wait_until="networkidle")
+        await expect(opened.locator("#health-status")).to_have_text("ok")
+        await opened.close()
+    await close_gateway(ctx)
+    assert failed == []
