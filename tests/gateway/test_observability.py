@@ -12,8 +12,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from mesh.kit import tracing
+from mesh.kit.health import Degrading
 from tests.gateway.fakes import strip_png
-from tests.gateway.harness import FakeMesh, GatewayFactory
+from tests.gateway.harness import FakeMesh, GatewayFactory, SwitchCheck
 
 TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
 INCOMING = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -114,6 +115,27 @@ async def test_readyz_is_503_naming_a_failing_dependency_and_recovers(
         mesh.switch.up = True
         await mesh.runtime.monitor.check_now()
     assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_a_degraded_dependency_shows_but_keeps_the_mesh_ready(
+    client: httpx.AsyncClient, mesh: FakeMesh
+) -> None:
+    """A service's degrading dependency (RabbitMQ behind the queue's outbox) that fails is ``degraded`` on the
+    dashboard, whose status is degraded, and /readyz stays 200: jobs are still accepted and wait."""
+    broker = SwitchCheck(up=False, name="rabbitmq")
+    mesh.runtime.monitor.add_check(Degrading(broker))
+    try:
+        await mesh.runtime.monitor.check_now()
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        dashboard = (await client.get("/v1/health")).json()
+        assert dashboard["status"] == "degraded"
+        reported = {c["status"] for c in dashboard["components"] if c["name"] == "rabbitmq"}
+        assert reported == {"degraded"}
+    finally:
+        broker.up = True
+        await mesh.runtime.monitor.check_now()
+    assert (await client.get("/v1/health")).json()["status"] == "ok"
 
 
 async def test_readyz_ignores_services_that_are_not_required(make_client: GatewayFactory) -> None:

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh.kit import errors
 from mesh.kit.channels import open_channel
+from mesh.kit.health import Degrading
 from mesh.kit.runtime import LIVENESS_SERVICE, ServiceRuntime
 from mesh.kit.settings import ServerSettings
 
@@ -90,6 +91,27 @@ async def test_health_follows_dependency_checks(runtime: Any) -> None:
     switch.up = True
     await asyncio.sleep(0.2)
     assert await _health(rt.grpc_port, SERVICE) == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_a_degrading_dependency_is_reported_but_the_service_keeps_serving(runtime: Any) -> None:
+    """A check wrapped in Degrading (RabbitMQ behind the queue's outbox, a job worker's connections) that
+    fails leaves every name SERVING and /healthz 200, with the check reported ``degraded``; an essential
+    check failing beside it still turns the service NOT_SERVING."""
+    rt, switch, _ = runtime
+    optional = SwitchCheck(up=False, name="optional")
+    rt.monitor.add_check(Degrading(optional))
+    await asyncio.sleep(0.2)
+    assert await _health(rt.grpc_port, SERVICE) == health_pb2.HealthCheckResponse.SERVING
+    async with httpx.AsyncClient(base_url=f"http://localhost:{rt.http_port}") as client:
+        health = await client.get("/healthz")
+        assert health.status_code == 200
+        statuses = {c["name"]: c["status"] for c in health.json()["checks"]}
+        assert statuses == {"switch": "ok", "optional": "degraded"}
+        switch.up = False
+        await asyncio.sleep(0.2)
+        assert await _health(rt.grpc_port, SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
+        statuses = {c["name"]: c["status"] for c in (await client.get("/healthz")).json()["checks"]}
+        assert statuses == {"switch": "failing", "optional": "degraded"}
 
 
 async def test_liveness_ignores_dependencies(runtime: Any) -> None:

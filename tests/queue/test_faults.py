@@ -159,7 +159,8 @@ async def test_dropped_database_connections_lose_nothing(queue: Harness) -> None
 @pytest.mark.slow
 async def test_rabbitmq_restart_during_submits_and_work(queue: Harness) -> None:
     """``rabbitmqctl stop_app``/``start_app`` while jobs are submitted and run: every accepted job completes;
-    the relay, the workers and the dead-letter consumer reconnect by themselves."""
+    the relay, the workers and the dead-letter consumer reconnect by themselves; the broker's health check
+    fails during the outage and passes after it."""
     await queue.start_worker(scripted_handler, concurrency=8)
     accepted: list[str] = []
 
@@ -173,12 +174,17 @@ async def test_rabbitmq_restart_during_submits_and_work(queue: Harness) -> None:
         await asyncio.sleep(1.0)
         await _rabbitmqctl("stop_app")
         await asyncio.sleep(2.0)
+        # Health tells the outage: the check read "connected" throughout, as the robust connection only
+        # reconnects.
+        with pytest.raises(ConnectionError, match="reconnecting"):
+            await queue.app.broker.check()
     finally:
         await _rabbitmqctl("start_app")  # whatever happened, the broker comes back
     await submitter
     done = await queue.wait_all(accepted, timeout=45)
     assert len(accepted) == 120
     assert Counter(j.state for j in done.values()) == {job_pb2.JOB_STATE_SUCCEEDED: 120}
+    assert await queue.app.broker.check() == "connected"
 
 
 @pytest.mark.slow

@@ -1,8 +1,9 @@
 """Health that tells the truth: periodic dependency checks drive gRPC health per service name.
 
 A :class:`DependencyCheck` raises when its dependency is unusable. :class:`HealthMonitor` runs every check
-on an interval (each with a timeout), sets every served name to SERVING only when all checks pass, logs each
-transition with the reason, and keeps the latest results for ``/healthz`` and the gateway's dashboard.
+on an interval (each with a timeout), sets every served name to SERVING only when all essential checks pass
+(a :class:`Degrading` one is reported but does not stop serving), logs each change with the reason, and
+keeps the latest results for ``/healthz`` and the gateway's dashboard.
 """
 
 from __future__ import annotations
@@ -50,11 +51,19 @@ class CheckResult:
     latency_seconds: float
     detail: str
     checked_at: float = field(default_factory=time.time)
+    essential: bool = True
+
+    @property
+    def status(self) -> str:
+        """``ok``; ``failing`` (the service cannot serve); ``degraded`` (it serves, with less)."""
+        if self.ok:
+            return "ok"
+        return "failing" if self.essential else "degraded"
 
     def as_dict(self) -> dict[str, object]:
         return {
             "name": self.name,
-            "status": "ok" if self.ok else "failing",
+            "status": self.status,
             "latency_ms": round(self.latency_seconds * 1000, 3),
             "detail": self.detail,
         }
@@ -69,6 +78,24 @@ class FunctionCheck:
 
     async def check(self) -> str:
         return await self.probe()
+
+
+@dataclass
+class Degrading:
+    """A dependency whose loss degrades the service without stopping it from serving its API: it is checked
+    and reported (``degraded`` on /healthz and the dashboard, ``mesh_dependency_up`` 0) but leaves gRPC health
+    SERVING, so that an orchestrator keeps routing the calls that still work. The queue service accepts jobs
+    while RabbitMQ is away (they wait in its outbox), and a job worker's connections are not what its
+    process's own API needs."""
+
+    inner: DependencyCheck
+    name: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.name = self.inner.name
+
+    async def check(self) -> str:
+        return await self.inner.check()
 
 
 @dataclass
@@ -106,7 +133,7 @@ async def run_check(check: DependencyCheck, timeout: float) -> CheckResult:
     latency = time.perf_counter() - started
     DEPENDENCY_UP.labels(check.name).set(1 if ok else 0)
     DEPENDENCY_LATENCY.labels(check.name).set(latency)
-    return CheckResult(check.name, ok, latency, detail)
+    return CheckResult(check.name, ok, latency, detail, essential=not isinstance(check, Degrading))
 
 
 class HealthMonitor:
@@ -128,6 +155,7 @@ class HealthMonitor:
         self._timeout = timeout
         self._results: dict[str, CheckResult] = {}
         self._serving: bool | None = None
+        self._failing: dict[str, str] = {}
         self._wake = asyncio.Event()
 
     @property
@@ -137,7 +165,7 @@ class HealthMonitor:
 
     @property
     def serving(self) -> bool:
-        """True when every check passed last time."""
+        """True when every essential check passed last time."""
         return bool(self._serving)
 
     def add_check(self, check: DependencyCheck) -> None:
@@ -146,17 +174,19 @@ class HealthMonitor:
         self._wake.set()
 
     async def check_now(self) -> bool:
-        """Run every check once and update health; returns whether all passed."""
+        """Run every check once and update health; returns whether every essential one passed."""
         results = await asyncio.gather(*(run_check(c, self._timeout) for c in self._checks))
         self._results = {r.name: r for r in results}
-        serving = all(r.ok for r in results)
-        if serving != self._serving:
-            failing = {r.name: r.detail for r in results if not r.ok}
-            if serving:
-                log.info("health: serving", checks=[r.name for r in results])
-            else:
+        serving = all(r.ok or not r.essential for r in results)
+        failing = {r.name: r.detail for r in results if not r.ok}
+        if serving != self._serving or failing.keys() != self._failing.keys():
+            if not serving:
                 log.warning("health: not serving", failing=failing)
-        self._serving = serving
+            elif failing:
+                log.warning("health: serving, degraded", degraded=failing)
+            else:
+                log.info("health: serving", checks=[r.name for r in results])
+        self._serving, self._failing = serving, failing
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )

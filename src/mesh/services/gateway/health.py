@@ -13,6 +13,7 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
+from typing import Literal
 
 import grpc
 import httpx
@@ -27,6 +28,12 @@ from mesh.services.gateway.schemas import ComponentHealth, HealthOut, QueueHealt
 from mesh.services.gateway.settings import GatewaySettings
 
 GATEWAY = "gateway"
+# What a service's /healthz says of a check, as the dashboard shows it; anything else is failing.
+_REPORTED: dict[str, Literal["ok", "degraded", "failing"]] = {
+    "ok": "ok",
+    "degraded": "degraded",
+    "failing": "failing",
+}
 
 
 def _service_component(key: str) -> str:
@@ -59,7 +66,7 @@ class HealthProbe:
         probes.append(self._gateway_checks())
         groups, queue = await asyncio.gather(asyncio.gather(*probes), self._queue_stats())
         components = [c for group in groups for c in group]
-        degraded = any(c.status == "failing" for c in components)
+        degraded = any(c.status in ("failing", "degraded") for c in components)
         return HealthOut(
             status="degraded" if degraded else "ok",
             checked_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
@@ -68,7 +75,8 @@ class HealthProbe:
         )
 
     async def readiness(self) -> ReadyOut:
-        """Ready when every required service and every dependency they and the gateway report answer."""
+        """Ready when every required service answers and none of them, nor the gateway, reports an essential
+        dependency failing (a degraded one, such as RabbitMQ behind the queue's outbox, does not count)."""
         health = await self.collect()
         required = {_service_component(k) for k in self._settings.required_services} | {GATEWAY}
         failing = [
@@ -136,7 +144,7 @@ class HealthProbe:
             ComponentHealth(
                 name=str(check.get("name", "?")),
                 kind="dependency",
-                status="ok" if check.get("status") == "ok" else "failing",
+                status=_REPORTED.get(str(check.get("status")), "failing"),
                 latency_ms=check.get("latency_ms"),
                 detail=str(check.get("detail", "")),
                 source=source,

@@ -340,7 +340,10 @@ class ComponentHealth(BaseModel):
 
     name: str
     kind: Literal["service", "dependency", "gateway"]
-    status: Literal["ok", "failing", "unknown"]
+    status: Literal["ok", "degraded", "failing", "unknown"] = Field(
+        description="degraded: failing, but its service still serves (a job worker's connection, RabbitMQ "
+        "behind the queue's outbox); only failing counts against readiness."
+    )
     latency_ms: float | None
     detail: str
     source: str = Field(description="Who reported it: the gateway or a service's /healthz.")

@@ -18,7 +18,7 @@ import contextlib
 from prometheus_client import Gauge
 
 from mesh.kit.db import prepare_database
-from mesh.kit.health import DependencyCheck, FunctionCheck
+from mesh.kit.health import Degrading, DependencyCheck, FunctionCheck
 from mesh.kit.logging import get_logger
 from mesh.kit.runtime import ServiceRuntime
 from mesh.queue.v1 import queue_service_pb2, queue_service_pb2_grpc
@@ -95,8 +95,9 @@ class QueueApp:
         )
 
     def checks(self) -> list[DependencyCheck]:
-        """PostgreSQL through the service's pool, and the RabbitMQ connection."""
-        return [PoolCheck(self.pool), FunctionCheck("rabbitmq", self.broker.check)]
+        """PostgreSQL through the service's pool, and the RabbitMQ connection, whose loss only degrades the
+        service: submits are kept in the outbox and every other call reads PostgreSQL."""
+        return [PoolCheck(self.pool), Degrading(FunctionCheck("rabbitmq", self.broker.check))]
 
     async def start(self) -> None:
         """Migrate, open the pool, connect to RabbitMQ and declare the job queues (both lanes of each, with

@@ -54,8 +54,10 @@ class Broker:
 
     @property
     def connected(self) -> bool:
-        """True while the connection is open."""
-        return self._connection is not None and not self._connection.is_closed
+        """True while the connection is up: a robust connection is not ``is_closed`` while it reconnects
+        (only once closed on purpose), so health read "connected" through a whole broker outage."""
+        connection = self._connection
+        return connection is not None and not connection.is_closed and connection.connected.is_set()
 
     async def connect(self) -> None:
         """Open the connection and the publishing channel (retrying until RabbitMQ answers)."""

@@ -66,7 +66,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from mesh.kit import errors, tracing
 from mesh.kit.db import prepare_database
-from mesh.kit.health import DependencyCheck, FunctionCheck
+from mesh.kit.health import Degrading, DependencyCheck, FunctionCheck
 from mesh.kit.jobs import JobCancelled, JobHandler
 from mesh.kit.logging import get_logger
 from mesh.kit.runtime import ServiceRuntime
@@ -313,10 +313,11 @@ class JobWorker:
         return len(self._waiting)
 
     def checks(self) -> Sequence[DependencyCheck]:
-        """Health checks of the worker's own PostgreSQL pool and RabbitMQ connection."""
+        """Health checks of the worker's own PostgreSQL pool and RabbitMQ connection: reported, but they only
+        degrade the process, whose own API (processing, predictions) needs neither."""
         return [
-            PoolCheck(self.pool, name="postgresql-jobs"),
-            FunctionCheck("rabbitmq-jobs", self.broker.check),
+            Degrading(PoolCheck(self.pool, name="postgresql-jobs")),
+            Degrading(FunctionCheck("rabbitmq-jobs", self.broker.check)),
         ]
 
     async def run(self, stopping: asyncio.Event) -> None:
