@@ -81,7 +81,10 @@ class Predictor:
                 version.stats.request_failed(error.code.name)
                 raise
             except (asyncio.CancelledError, JobCancelled):
-                version.stats.request_failed("CANCELLED")
+                # gRPC cancels the handler when the client's deadline passes, racing our own deadline check:
+                # a cancellation at or after the deadline is counted as the deadline it is.
+                expired = deadline is not None and time.monotonic() >= deadline
+                version.stats.request_failed("DEADLINE_EXCEEDED" if expired else "CANCELLED")
                 raise
             except Exception as exc:
                 version.stats.request_failed("INTERNAL")
