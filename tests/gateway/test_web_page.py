@@ -128,6 +128,24 @@ async def test_cancel_a_queued_job(page: Page, mesh: FakeMesh) -> None:
         mesh.fakes.queue.release()
 
 
+async def test_a_busy_queue_never_stalls_the_page(page: Page, mesh: FakeMesh) -> None:
+    """Eight unfinished jobs hold at most three event streams, so uploads and calls still get one of the
+    browser's six connections to the host: a stream per job stalled the seventh submit, and an upload after
+    a reload, behind a busy queue. The page reloaded with them streams none and still shows them QUEUED."""
+    mesh.fakes.queue.hold = True
+    try:
+        await _upload(page)
+        rows = [await _submit(page) for _ in range(8)]
+        assert await page.evaluate("state.streams.size") == 3
+        await expect(page.locator(rows[0])).to_have_attribute("data-state", "QUEUED")
+        await page.reload()
+        await expect(page.locator(rows[0])).to_have_attribute("data-state", "QUEUED")
+        assert await page.evaluate("state.streams.size") == 0
+        await _upload(page)
+    finally:
+        mesh.fakes.queue.release()
+
+
 async def test_retry_a_failed_job(page: Page, mesh: FakeMesh) -> None:
     """A failed job shows its error category and a Retry button, which runs it again to SUCCEEDED."""
     mesh.fakes.queue.fail_next = True

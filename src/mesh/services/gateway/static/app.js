@@ -187,9 +187,21 @@ async function submitJob(event) {
   }
 }
 
-// ---- Live queue over Server-Sent Events ----
+// ---- Live queue: Server-Sent Events for the jobs this page works with, polling for the rest ----
+// A browser opens at most 6 HTTP/1.1 connections to one host, and each event stream holds one for as long as
+// its job lives: a stream per listed job stalled every upload and call behind a busy queue. So at most
+// MAX_STREAMS jobs (the ones submitted, cancelled or retried here, newest first) stream, and the list is
+// polled every QUEUE_POLL_MS.
+const MAX_STREAMS = 3;
+const QUEUE_POLL_MS = 3000;
+
 function watch(jobId) {
   if (state.streams.has(jobId)) return;
+  if (state.streams.size >= MAX_STREAMS) {
+    const [oldest, source] = state.streams.entries().next().value;
+    source.close();
+    state.streams.delete(oldest);
+  }
   const params = apiKey() ? `?api_key=${encodeURIComponent(apiKey())}` : "";
   const source = new EventSource(`/v1/jobs/${jobId}/events${params}`);
   state.streams.set(jobId, source);
@@ -246,10 +258,16 @@ function showJob(job) {
 async function loadJobs() {
   try {
     const body = await api("/v1/jobs?page_size=20");
+    const listed = new Set();
     for (const job of body.jobs.reverse()) {
       showJob(job);
-      if (!TERMINAL.has(job.state)) watch(job.id);
+      listed.add(job.id);
     }
+    // Unfinished rows that newer jobs pushed off the first page, and that no stream follows.
+    const stale = [...state.jobs.values()]
+      .filter((job) => !TERMINAL.has(job.state) && !listed.has(job.id) && !state.streams.has(job.id))
+      .slice(0, 10);
+    await Promise.all(stale.map(async (job) => showJob(await api(`/v1/jobs/${job.id}`))));
   } catch (_) { /* the queue may be down; the health panel says so */ }
 }
 
@@ -360,6 +378,7 @@ document.addEventListener("DOMContentLoaded", () => {
   loadFilters();
   loadModels();
   loadJobs();
+  setInterval(loadJobs, QUEUE_POLL_MS);
   loadHealth();
   setInterval(loadHealth, 5000);
 });
