@@ -112,6 +112,20 @@ async def test_upload_submit_and_verdict_on_screen(page: Page) -> None:
     await expect(page.locator("#reading")).to_contain_text("T/C ratio")
 
 
+async def test_a_bad_value_in_an_unchosen_filter_does_not_block_the_submit(page: Page) -> None:
+    """Only a chosen filter's fields are enabled: a value out of range in a filter that is not sent was
+    checked by the browser all the same, and the submit silently did nothing."""
+    await _upload(page)
+    sigma = page.locator("#param-gaussian_blur-sigma")
+    await expect(sigma).to_be_disabled()
+    await page.check("#filter-gaussian_blur")
+    await expect(sigma).to_be_enabled()
+    await sigma.fill("500")
+    await page.uncheck("#filter-gaussian_blur")
+    row = await _submit(page)
+    await expect(page.locator(row)).to_have_attribute("data-state", "SUCCEEDED")
+
+
 async def test_cancel_a_queued_job(page: Page, mesh: FakeMesh) -> None:
     """A job held in the queue shows QUEUED with its position, and its Cancel button cancels it."""
     mesh.fakes.queue.hold = True

@@ -123,11 +123,16 @@ async function loadFilters() {
     const body = await api("/v1/filters");
     container.replaceChildren(...body.filters.map((filter) => {
       const id = `filter-${filter.name}`;
+      const params = el("div", { class: "params" }, ...filter.params.map((param) => paramInput(filter, param)));
+      // An unchosen filter's fields are disabled: the browser then leaves them out of the form's checks, so
+      // a value out of range in a filter that is not sent cannot block the submit.
+      const setEnabled = (on) => params.querySelectorAll("[data-param]").forEach((input) => { input.disabled = !on; });
+      setEnabled(false);
       return el("div", { class: "filter", "data-filter": filter.name },
-        el("input", { type: "checkbox", id, value: filter.name }),
+        el("input", { type: "checkbox", id, value: filter.name, onchange: (event) => setEnabled(event.target.checked) }),
         el("label", { for: id }, ` ${filter.name} `),
         el("span", { class: "muted" }, `${filter.description} (${filter.devices.join(", ")})`),
-        el("div", { class: "params" }, ...filter.params.map((param) => paramInput(filter, param))));
+        params);
     }));
     if (!body.filters.length) container.replaceChildren(el("p", { class: "muted" }, "No filters."));
   } catch (error) {
