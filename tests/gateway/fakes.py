@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import io
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -221,7 +221,7 @@ class FakeFileService(file_grpc.FileServiceServicer):
 
 
 class FakeImageService(image_grpc.ImageProcessingServiceServicer):
-    """Two filters (grayscale, invert) done with Pillow."""
+    """Three filters (grayscale, gaussian_blur, resize) done with Pillow."""
 
     def __init__(self, files: FakeFileService) -> None:
         self.files = files
@@ -263,6 +263,22 @@ class FakeImageService(image_grpc.ImageProcessingServiceServicer):
                     devices=[image_pb2.DEVICE_CPU],
                     output_channels="same",
                 ),
+                image_pb.FilterSpec(
+                    name="resize",
+                    description="Scales the image.",
+                    params=[
+                        image_pb.ParamSpec(
+                            name="scale",
+                            type=image_pb.PARAM_TYPE_FLOAT,
+                            description="Factor for both sides.",
+                            default_value=params_pb2.ParamValue(number_value=1.0),
+                            min=0.01,
+                            max=16.0,
+                        )
+                    ],
+                    devices=[image_pb2.DEVICE_CPU],
+                    output_channels="same",
+                ),
             ],
             device=self.device,
         )
@@ -300,15 +316,7 @@ class FakeImageService(image_grpc.ImageProcessingServiceServicer):
                 channels=bands,
             )
         with PILImage.open(io.BytesIO(data)) as decoded:
-            image = decoded.convert("RGB")
-        for step in request.pipeline:
-            if step.filter == "grayscale":
-                image = image.convert("L")
-            elif step.filter != "gaussian_blur":
-                raise errors.InvalidArgument(
-                    f"unknown filter {step.filter!r}",
-                    field_violations=[errors.FieldViolation("pipeline.filter", "not a known filter")],
-                )
+            image = _run_steps(decoded.convert("RGB"), request.pipeline)
         buffer = io.BytesIO()
         image.save(buffer, _PIL_FORMATS[request.output.format])
         fmt = request.output.format or image_pb2.IMAGE_FORMAT_PNG
@@ -338,6 +346,31 @@ class FakeImageService(image_grpc.ImageProcessingServiceServicer):
                 yield image_pb.StreamProcessResponse(sequence=part.frame.sequence, error=error.to_status())
                 continue
             yield image_pb.StreamProcessResponse(sequence=part.frame.sequence, result=result)
+
+
+def _run_steps(image: PILImage.Image, pipeline: Sequence[params_pb2.PipelineStep]) -> PILImage.Image:
+    """The fake filters with Pillow: grayscale, resize by ``scale``; gaussian_blur leaves the image as it is."""
+    for step in pipeline:
+        if step.filter == "grayscale":
+            image = image.convert("L")
+        elif step.filter == "resize":
+            factor = step.params["scale"].number_value if "scale" in step.params else 1.0
+            image = image.resize((round(image.width * factor), round(image.height * factor)))
+        elif step.filter != "gaussian_blur":
+            raise errors.InvalidArgument(
+                f"unknown filter {step.filter!r}",
+                field_violations=[errors.FieldViolation("pipeline.filter", "not a known filter")],
+            )
+    return image
+
+
+def _filtered(data: bytes, pipeline: Sequence[params_pb2.PipelineStep]) -> bytes:
+    """A job's filters applied to ``data``, as a PNG."""
+    with PILImage.open(io.BytesIO(data)) as image:
+        picture = _run_steps(image.convert("RGB"), pipeline)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def strip_reading(width: float, height: float) -> inference_pb.StripReading:
@@ -537,12 +570,15 @@ class FakeQueueService(queue_grpc.QueueServiceServicer):
             )
             self._change(entry, state=job_pb2.JOB_STATE_FAILED, error=fail_error)
             return
+        if entry.job.pipeline:
+            # As the image service does: the filters' output is a new image, which the model then reads.
+            stored = self.files.images[self.files.store(_filtered(stored.data, entry.job.pipeline)).id]
         prediction = inference_pb.PredictResponse(
             model_name=entry.job.model or "strip-reader",
             model_version="1",
             strip_reading=strip_reading(stored.image.width, stored.image.height),
         )
-        result = job_pb2.JobResult(output_image_id=entry.job.image_id)
+        result = job_pb2.JobResult(output_image_id=stored.image.id)
         if entry.job.model:
             result.prediction.CopyFrom(prediction)
         self._change(entry, state=job_pb2.JOB_STATE_SUCCEEDED, progress=1.0, stage="", result=result)

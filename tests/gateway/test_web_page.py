@@ -112,6 +112,23 @@ async def test_upload_submit_and_verdict_on_screen(page: Page) -> None:
     await expect(page.locator("#reading")).to_contain_text("T/C ratio")
 
 
+async def test_the_lines_are_drawn_on_the_image_the_model_read(page: Page) -> None:
+    """With filters, the model reads their output, in whose pixels its line positions are: the lines are
+    drawn on that image (half the photo's size after resize 0.5), with the photo shown beside it. They were
+    drawn on the photo, in the wrong place whenever a filter moved the strip."""
+    await _upload(page)
+    await page.check("#filter-resize")
+    await page.fill("#param-resize-scale", "0.5")
+    row = await _submit(page)
+    await expect(page.locator(row)).to_have_attribute("data-state", "SUCCEEDED")
+    await expect(page.locator("#canvas-caption")).to_have_text(
+        "Filtered image with the detected C and T lines"
+    )
+    await expect(page.locator("#strip-canvas")).to_have_attribute("data-lines", "2")
+    assert await page.evaluate("document.querySelector('#strip-canvas').width") == 320 // 2
+    await expect(page.locator("#original-figure")).to_be_visible()
+
+
 async def test_a_bad_value_in_an_unchosen_filter_does_not_block_the_submit(page: Page) -> None:
     """Only a chosen filter's fields are enabled: a value out of range in a filter that is not sent was
     checked by the browser all the same, and the submit silently did nothing."""

@@ -326,20 +326,26 @@ async function showResult(job) {
     ["Quality", reading.quality_flags.length ? reading.quality_flags.join(", ") : "no problems found"],
   ] : [];
   $("#reading").replaceChildren(...facts.flatMap(([term, value]) => [el("dt", {}, term), el("dd", {}, value)]));
+  // The model read the filters' output when there were filters, and its line positions are in that image's
+  // pixels (a resize, crop or rotation moves them), so the lines are drawn on it; the photo shows beside it.
+  const output = job.result && job.result.output_image_id !== job.image_id ? job.result.output_image_id : "";
+  const original = async () =>
+    job.image_id === state.imageId && state.imageUrl ? state.imageUrl : await imageUrlOf(job.image_id);
+  const lines = reading ? " with the detected C and T lines" : "";
+  $("#canvas-caption").textContent = `${output ? "Filtered image" : "Photo"}${lines}`;
   const canvas = $("#strip-canvas");
   try {
-    const photo = new Image();
-    photo.alt = "";
-    photo.src = job.image_id === state.imageId && state.imageUrl ? state.imageUrl : await imageUrlOf(job.image_id);
-    await photo.decode();
-    drawLines(canvas, photo, reading);
+    const picture = new Image();
+    picture.alt = "";
+    picture.src = output ? await imageUrlOf(output) : await original();
+    await picture.decode();
+    drawLines(canvas, picture, reading);
     canvas.dataset.lines = reading ? [reading.control_line, reading.test_line].filter((l) => l.present).length : 0;
   } catch (error) {
     canvas.dataset.lines = "0";
   }
-  const output = job.result ? job.result.output_image_id : "";
-  $("#processed-figure").hidden = !output;
-  if (output) $("#processed-image").src = await imageUrlOf(output).catch(() => "");
+  $("#original-figure").hidden = !output;
+  if (output) $("#original-image").src = await original().catch(() => "");
 }
 
 // ---- Health panel ----
