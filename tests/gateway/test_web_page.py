@@ -88,6 +88,20 @@ async def test_upload_sends_an_image_raw_and_anything_else_as_a_form(page: Page,
     assert mesh.fakes.files.upload_metadata[-1].filename == "strip"
 
 
+async def test_a_failed_upload_says_which_photo_jobs_still_use(page: Page) -> None:
+    """After a good upload, a file the mesh refuses shows its error and names the photo that stays selected,
+    whose preview otherwise read as the refused file's."""
+    await _upload(page)
+    await page.set_input_files(
+        "#file-input", files=[FilePayload(name="notes.txt", mimeType="text/plain", buffer=b"not a picture")]
+    )
+    status = page.locator("#upload-status")
+    await expect(status).to_have_text(
+        re.compile(r"^Upload failed: .+\. Jobs still use the photo shown below \(strip\.png\)\.$")
+    )
+    await expect(page.locator("#submit-job")).to_be_enabled()
+
+
 async def _submit(page: Page) -> str:
     """Submit the form; returns the new job's row selector."""
     await page.click("#submit-job")

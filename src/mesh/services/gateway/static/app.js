@@ -75,7 +75,10 @@ function upload(file) {
     let body = null;
     try { body = JSON.parse(xhr.responseText); } catch (_) { body = null; }
     if (xhr.status !== 201) {
-      status.textContent = `Upload failed: ${body && body.error ? body.error.message : "HTTP " + xhr.status}`;
+      // A failed upload leaves the earlier photo selected: say so, or its preview reads as this file's.
+      const kept = state.imageId ? ` Jobs still use the photo shown below (${$("#preview-caption").textContent.split(" · ")[0]}).` : "";
+      const reason = (body && body.error ? body.error.message : `HTTP ${xhr.status}`).replace(/\.$/, "");
+      status.textContent = `Upload failed: ${reason}.${kept}`;
       return;
     }
     progress.value = 100;
