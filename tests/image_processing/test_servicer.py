@@ -123,6 +123,18 @@ async def test_process_image_inline_png_to_png(served: Served) -> None:
     assert response.device == image_pb2.DEVICE_CPU
 
 
+async def test_an_rgba_image_delivered_as_jpeg_reports_the_three_channels_it_has(served: Served) -> None:
+    """JPEG has no alpha: the response's channels say what the delivered bytes hold (3), as PNG's say 4.
+    It reported the pipeline's 4 for a 3-channel JPEG."""
+    rgba = _png(noise(8, 6, 4))
+    for fmt, channels in ((image_pb2.IMAGE_FORMAT_JPEG, 3), (image_pb2.IMAGE_FORMAT_PNG, 4)):
+        response = await served.stub.ProcessImage(
+            pb.ProcessImageRequest(input=rgba, pipeline=[_step("invert")], output=pb.OutputSpec(format=fmt))
+        )
+        decoded = codec.decode(response.encoded.data, LIMITS)
+        assert response.channels == decoded.shape[2] == channels
+
+
 async def test_process_image_raw_in_raw_out_16_bit(served: Served) -> None:
     """Raw 16-bit pixels in, raw out: invert is exact."""
     image = noise(9, 7, 3, np.uint16)

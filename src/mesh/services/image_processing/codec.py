@@ -111,6 +111,11 @@ def to_raw(image: Image) -> bytes:
     return np.ascontiguousarray(image).tobytes()
 
 
+def encoded_channels(channels: int, fmt: Format) -> int:
+    """The channels an image of ``channels`` has once encoded as ``fmt``: JPEG drops alpha."""
+    return 3 if fmt is Format.JPEG and channels == 4 else channels
+
+
 def encode(image: Image, fmt: Format, quality: int = 90) -> bytes:
     """PNG keeps 16 bits; JPEG and WebP are 8-bit (16-bit images are reduced)."""
     if fmt is Format.RAW:

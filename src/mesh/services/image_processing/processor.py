@@ -266,7 +266,8 @@ class Processor:
         quality = spec.quality or 90
         response = pb.ProcessImageResponse() if into is None else into
         response.device = self.device_enum
-        response.width, response.height, response.channels = width, height, channels
+        response.width, response.height = width, height
+        response.channels = codec.encoded_channels(channels, fmt)
         response.timings.extend(
             pb.StepTiming(filter=name, seconds=seconds) for name, seconds in output.timings
         )
