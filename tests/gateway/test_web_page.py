@@ -187,6 +187,11 @@ async def test_a_busy_queue_never_stalls_the_page(page: Page, mesh: FakeMesh) ->
         await expect(page.locator(rows[0])).to_have_attribute("data-state", "QUEUED")
         assert await page.evaluate("state.streams.size") == 0
         await _upload(page)
+        # The list is polled every 3 s; a row that did not change keeps its buttons, so a click is not lost.
+        cancel = await page.locator(f'{rows[0]} button[data-action="cancel"]').element_handle()
+        assert cancel is not None
+        await page.wait_for_timeout(3500)
+        assert await cancel.evaluate("button => button.isConnected")
     finally:
         mesh.fakes.queue.release()
 

@@ -243,6 +243,10 @@ function showJob(job) {
   state.jobs.set(job.id, job);
   const tbody = $("#queue tbody");
   let row = tbody.querySelector(`tr[data-job="${job.id}"]`);
+  // The list is polled: a row is rebuilt only when it changed, so that its buttons are not replaced under
+  // a click.
+  const shown = [job.state, job.updated_at, job.queue_position, job.progress, job.attempt].join("|");
+  if (row && row.dataset.shown === shown) return;
   const cells = [
     el("td", {}, el("code", { title: job.id }, job.id.slice(0, 8))),
     el("td", { class: `state state-${job.state}` }, job.state + (job.error ? ` (${job.error.category})` : "")),
@@ -259,6 +263,7 @@ function showJob(job) {
     tbody.prepend(row);
   }
   row.dataset.state = job.state;
+  row.dataset.shown = shown;
   row.replaceChildren(...cells);
   if (job.state === "SUCCEEDED" && state.selectedJob === job.id) showResult(job);
 }
