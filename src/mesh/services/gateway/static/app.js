@@ -240,6 +240,9 @@ function actionButton(label, jobId, action) {
 }
 
 function showJob(job) {
+  // A polled list fetched before a stream's newer event must not turn the row back (ISO times compare as text).
+  const known = state.jobs.get(job.id);
+  if (known && known.updated_at > job.updated_at) return;
   state.jobs.set(job.id, job);
   const tbody = $("#queue tbody");
   let row = tbody.querySelector(`tr[data-job="${job.id}"]`);
