@@ -78,6 +78,14 @@ def database_url(postgres_admin_url: str) -> Iterator[str]:
     _drop_database(postgres_admin_url, url)
 
 
+@pytest.fixture
+def empty_database_url(postgres_admin_url: str) -> Iterator[str]:
+    """A fresh, empty database for this one test (nothing migrated yet), dropped afterwards."""
+    url = _create_database(postgres_admin_url)
+    yield url
+    _drop_database(postgres_admin_url, url)
+
+
 @pytest.fixture(scope="session")
 def amqp_url() -> str:
     """URL of the real RabbitMQ."""

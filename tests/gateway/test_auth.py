@@ -140,6 +140,16 @@ async def _cli(database_url: str, *args: str) -> tuple[int, str]:
     return process.returncode or 0, out.decode()
 
 
+@pytest.mark.integration
+async def test_the_key_cli_prints_only_its_answer_on_stdout(empty_database_url: str) -> None:
+    """On a database it migrates first, ``create`` prints its one JSON line on stdout and logs on stderr:
+    the migration's log lines came first on stdout, so ``... create robot | jq -r .key`` broke."""
+    code, out = await _cli(empty_database_url, "create", "robot")
+    assert code == 0
+    [line] = out.splitlines()
+    assert json.loads(line)["name"] == "robot"
+
+
 @pytest.fixture
 async def key_store(database_url: str) -> AsyncIterator[KeyStore]:
     """The gateway's key store on the test database (migrated by the CLI's first call)."""

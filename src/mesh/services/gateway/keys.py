@@ -12,6 +12,7 @@ import json
 import sys
 
 from mesh.kit.db import create_pool
+from mesh.kit.logging import configure_logging
 from mesh.kit.settings import load_settings
 from mesh.services.gateway.key_store import KeyStore, migrate
 from mesh.services.gateway.settings import GatewaySettings
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     revoke.add_argument("key", help="the key's id or name")
     commands.add_parser("list", help="list keys (never the keys themselves)")
     args = parser.parse_args(argv)
+    # Logs (the migrations applied on a first run) go to stderr: stdout carries only the answer, for scripts.
+    configure_logging("gateway-keys", fmt="console")
     settings = load_settings(GatewaySettings)
     return asyncio.run(_run(args, settings.database_url))
 
