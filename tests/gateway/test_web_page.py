@@ -208,6 +208,19 @@ async def test_retry_a_failed_job(page: Page, mesh: FakeMesh) -> None:
     await expect(page.locator(row)).to_contain_text("2/3")
 
 
+async def test_changing_the_api_key_reloads_the_models_without_doubling_them(page: Page) -> None:
+    """Filters and models are loaded again when the API key changes; the models were appended to the list
+    each time, so every change added another copy of each."""
+    await expect(page.locator("#model-select option")).to_have_count(2)
+    await page.click("details.credentials summary")
+    for key in ("first-key", "second-key"):
+        await page.fill("#api-key", key)
+        await page.press("#api-key", "Tab")
+    await page.wait_for_timeout(500)
+    await expect(page.locator("#model-select option")).to_have_count(2)
+    await expect(page.locator("#model-select")).to_have_value("strip-reader")
+
+
 async def test_health_panel(page: Page) -> None:
     """The health panel lists every service and its dependencies from /v1/health, with the overall status."""
     await expect(page.locator("#health-status")).to_have_text("ok")

@@ -147,10 +147,13 @@ async function loadModels() {
   const select = $("#model-select");
   try {
     const body = await api("/v1/models");
-    for (const model of body.models) {
+    // Loaded again whenever the API key changes: the list is replaced, not added to.
+    const chosen = select.options.length > 1 ? select.value : "strip-reader";
+    select.replaceChildren(el("option", { value: "" }, "none"), ...body.models.map((model) => {
       const label = `${model.name} (v${model.default_version}${model.ready ? "" : ", not ready"})`;
-      select.append(el("option", { value: model.name, selected: model.name === "strip-reader" }, label));
-    }
+      return el("option", { value: model.name, selected: model.name === chosen }, label);
+    }));
+    if ($("#submit-status").textContent.startsWith("Models unavailable")) $("#submit-status").textContent = "";
   } catch (error) {
     $("#submit-status").textContent = `Models unavailable: ${error.message}`;
   }
