@@ -69,6 +69,7 @@ class FakeModel:
     closed: bool = False
 
     def warm_up(self) -> None:
+        time.sleep(float(self.config.options.get("warm_up_seconds", 0.0)))
         if self.config.options.get("fail_warm_up"):
             raise RuntimeError("weights are corrupt")
         flag = self.config.options.get("fail_warm_up_while")

@@ -6,6 +6,7 @@ import asyncio
 import multiprocessing
 import os
 from collections.abc import AsyncIterator
+from multiprocessing import reduction
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from mesh.services.inference.checks import models_check
 from mesh.services.inference.images import ImageDecoder
 from mesh.services.inference.predictor import Predictor
 from mesh.services.inference.repository import ModelConfigError, ModelRepository, read_config
-from mesh.services.inference.workers import WorkerModel, _portable
+from mesh.services.inference.workers import SharedBuffer, WorkerModel, _portable, _serve, _WorkerSpec
 from tests.inference.fakes import POISON, FakeFactory, write_model
 
 CRASH = 66
@@ -155,6 +156,29 @@ async def test_a_model_that_cannot_load_in_its_worker_leaves_the_version_unavail
     assert "weights are corrupt" in version.reason
     assert not [p for p in _worker_processes() if p.name and p.name.startswith("broken-")]
     await repository.close()
+
+
+@pytest.mark.parametrize("fail_warm_up", [False, True])
+def test_a_worker_whose_server_went_away_while_it_started_exits_quietly(
+    tmp_path: Path, fail_warm_up: bool
+) -> None:
+    """A server that stops while its worker still loads (``make up`` stopping at once) closes the pipe; the
+    worker's answer then finds no one, and it exits 0. It died with a BrokenPipeError traceback on the
+    terminal, one per worker."""
+    options = {"warm_up_seconds": 0.5, "fail_warm_up": fail_warm_up}
+    config = read_config(write_model(tmp_path, options=options) / "config.yaml")
+    context = multiprocessing.get_context("spawn")
+    server_end, worker_end = context.Pipe()
+    spec = _WorkerSpec(FakeFactory(), config, "cpu", 1, None)
+    process = context.Process(target=_serve, args=(worker_end, spec), daemon=True)
+    process.start()
+    worker_end.close()
+    buffer = SharedBuffer.create()
+    reduction.send_handle(server_end, buffer.fileno, process.pid)
+    server_end.close()
+    process.join(30)
+    buffer.close()
+    assert process.exitcode == 0
 
 
 @pytest.mark.parametrize("count", ["many", 0, 65])

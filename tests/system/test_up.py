@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -96,3 +97,22 @@ def test_up_names_an_unreachable_dependency_and_how_to_start_it(tmp_path: Path) 
         assert result.returncode == 1
         assert f"{name} is not reachable" in result.stdout
         assert "start it with" in result.stdout
+
+
+def test_up_names_a_port_already_in_use_before_starting_anything(tmp_path: Path, database_url: str) -> None:
+    """A port the mesh needs that something else holds is named, with what to do, and nothing starts: the
+    gateway used to fail to bind, and its reason was one JSON log line among the others' while the mesh
+    stopped ("gateway exited with status 3")."""
+    offset = 3100
+    with socket.create_server(("127.0.0.1", 8080 + offset)):
+        result = subprocess.run(
+            [sys.executable, "-m", "mesh.tools.up", "--port-offset", str(offset)],
+            env={**os.environ, "MESH_BLOB_DIR": str(tmp_path), "MESH_DATABASE_URL": database_url},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert f"already in use on this machine: port {8080 + offset} (gateway HTTP)" in result.stdout
+    assert "--port-offset" in result.stdout
+    assert "started" not in result.stdout

@@ -104,6 +104,21 @@ def check_rabbitmq(url: str) -> str | None:
         return f"{host}:{port}: {error}"
 
 
+def busy_ports(processes: list[Process], offset: int) -> list[str]:
+    """The ports ``processes`` would listen on that something already accepts connections on, each named."""
+    taken = []
+    for process in processes:
+        for kind, port in (("HTTP", process.http_port), ("gRPC", process.grpc_port)):
+            if port is None:
+                continue
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", port + offset), timeout=1),
+            ):
+                taken.append(f"{port + offset} ({process.name} {kind})")
+    return taken
+
+
 def available(process: Process) -> bool:
     """Whether the service's package exists in this checkout."""
     return importlib.util.find_spec(f"{process.module}.__main__") is not None
@@ -154,6 +169,16 @@ async def run(settings: CommonSettings, startup_timeout: float, grace: float, po
     missing = [p.name for p in PROCESSES if not available(p)]
     if missing:
         say(f"not in this checkout, so not started: {', '.join(missing)}")
+    taken = busy_ports(wanted, port_offset)
+    if taken:
+        # Found before anything starts: otherwise one process fails to bind, and its reason is a log line
+        # among the others' while the whole mesh stops.
+        say(f"already in use on this machine: port {', '.join(taken)}.")
+        say(
+            "  -> stop what holds them (another `make up`?), or run beside it with `python -m mesh.tools.up "
+            "--port-offset 1000`."
+        )
+        return 1
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if port_offset and not settings.queue_prefix:
         # A second mesh on the same RabbitMQ vhost would otherwise take the first one's jobs.

@@ -62,6 +62,8 @@ STOP_TIMEOUT_SECONDS = 10.0
 # Pauses between attempts to start a worker again after a failed start: the first, and the longest.
 RETRY_FIRST_SECONDS = 2.0
 RETRY_MAX_SECONDS = 60.0
+# What a worker's send raises once the server has gone away.
+_SERVER_GONE = (BrokenPipeError, ConnectionResetError)
 # Between batches a worker's buffer keeps at most this much memory: one large batch (16 photos of 12
 # megapixels take 576 MiB) must not hold its memory for good, in every worker.
 KEEP_BYTES = 128 * 2**20
@@ -362,7 +364,8 @@ def _serve(conn: Connection, spec: _WorkerSpec) -> None:
         model = spec.factory(spec.config, spec.device)
         model.warm_up()
     except Exception as exc:
-        conn.send(("error", _portable(exc)))
+        with contextlib.suppress(*_SERVER_GONE):
+            conn.send(("error", _portable(exc)))
         return
     try:
         conn.send(
@@ -382,12 +385,16 @@ def _serve(conn: Connection, spec: _WorkerSpec) -> None:
             try:
                 outputs = model.run_batch(batch.operation, batch.parameters, images)
                 conn.send(("ok", [_serialised(model.fill_response, output) for output in outputs]))
+            except _SERVER_GONE:
+                raise
             except Exception as exc:
                 if not isinstance(exc, MeshError):
                     log.warning(
                         "model batch failed", worker=multiprocessing.current_process().name, exc_info=True
                     )
                 conn.send(("error", _portable(exc)))
+    except _SERVER_GONE:
+        return  # the server stopped (even while this worker was starting): there is no one to answer
     finally:
         model.close()
         buffer.close()
