@@ -216,6 +216,25 @@ async def test_a_job_naming_what_does_not_exist_is_not_found_but_a_keyed_retry_g
     assert rows[0]["n"] == 1
 
 
+async def test_a_retry_whose_image_has_gone_is_not_found_and_leaves_the_job_as_it_was(queue: Harness) -> None:
+    """Retrying a cancelled job whose image has been deleted since is NOT_FOUND naming the image, as a submit
+    would be, and the job stays CANCELLED: it was queued again only to fail at once. A job that cannot be
+    retried at all (here still QUEUED) says so first (FAILED_PRECONDITION), without a lookup."""
+    job = await queue.submit()
+    await queue.stub.CancelJob(queue_service_pb2.CancelJobRequest(job_id=job.id))
+    queued = await queue.submit()
+    missing = _Missing()
+    queue.app.servicer.references = missing
+    error = await _error(queue.stub.RetryJob(queue_service_pb2.RetryJobRequest(job_id=job.id)))
+    assert isinstance(error, errors.NotFound)
+    assert error.message == f"job {job.id} cannot run again: image {job.image_id} does not exist"
+    assert [v.field for v in error.field_violations] == ["image_id"]
+    assert (await queue.get(job.id)).state == job_pb2.JOB_STATE_CANCELLED
+    not_retryable = await _error(queue.stub.RetryJob(queue_service_pb2.RetryJobRequest(job_id=queued.id)))
+    assert isinstance(not_retryable, errors.FailedPrecondition)
+    assert missing.asked == [(job.image_id, job.model)]
+
+
 async def test_unknown_job_is_not_found(queue: Harness) -> None:
     """GetJob of an unknown id is NOT_FOUND; a malformed id is INVALID_ARGUMENT."""
     missing = await _error(queue.stub.GetJob(queue_service_pb2.GetJobRequest(job_id=IMAGE_ID)))

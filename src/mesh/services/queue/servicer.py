@@ -20,7 +20,7 @@ from mesh.services.queue.broker import Broker
 from mesh.services.queue.convert import encode_pipeline, row_to_job, state_from_proto, timestamp
 from mesh.services.queue.references import NoReferences, References
 from mesh.services.queue.repository import JobRepository, NewJob, PageToken, Row
-from mesh.services.queue.states import JobState
+from mesh.services.queue.states import RETRYABLE_BY_USER, JobState
 
 log = get_logger(__name__)
 
@@ -134,6 +134,18 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
         self, request: queue_service_pb2.RetryJobRequest, context: Context
     ) -> queue_service_pb2.RetryJobResponse:
         job_id = validation.parse_uuid(request.job_id, "job_id")
+        current = await self.repository.require(job_id)
+        if JobState(current["state"]) in RETRYABLE_BY_USER:
+            # As at submit: an attempt that could never run (its image or model is gone) is refused, not queued
+            # to fail at once. A job that cannot be retried at all says that first (FAILED_PRECONDITION).
+            try:
+                await self.references.check(current["image_id"], current["model"])
+            except errors.NotFound as gone:
+                raise errors.NotFound(
+                    f"job {job_id} cannot run again: {gone.message}",
+                    field_violations=gone.field_violations,
+                    metadata=gone.metadata,
+                ) from None
         row = await self.repository.retry(job_id)
         self.on_dispatch()
         return queue_service_pb2.RetryJobResponse(job=await self._job(row))

@@ -113,7 +113,7 @@ async def cancel_job(job_id: schemas.JobIdPath, ctx: Context, _: Caller) -> sche
 
 @router.post("/{job_id}:retry", response_model=schemas.JobOut, responses=ERRORS, summary="Retry a job")
 async def retry_job(job_id: schemas.JobIdPath, ctx: Context, _: Caller) -> schemas.JobOut:
-    """Start a new attempt of a failed, dead or cancelled job."""
+    """Start a new attempt of a failed, dead or cancelled job (404 when its image or model has gone since)."""
     result = await rpc(ctx.backends.queue_stub.RetryJob(queue_pb.RetryJobRequest(job_id=job_id)))
     _annotate_job(result.job)
     return convert.job(result.job)
