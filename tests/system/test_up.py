@@ -80,6 +80,17 @@ def test_up_serves_and_sigterm_stops_every_process(tmp_path: Path, database_url:
     assert "stopped" in mesh.log()
 
 
+def _up_refusing(blob_dir: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`make up` run where it should refuse to start, with its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "mesh.tools.up", *args],
+        env={**os.environ, "MESH_BLOB_DIR": str(blob_dir), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_up_names_an_unreachable_dependency_and_how_to_start_it(tmp_path: Path) -> None:
     """With PostgreSQL or RabbitMQ unreachable, `make up` exits 1 naming it and how to start it."""
     cases = {
@@ -87,13 +98,7 @@ def test_up_names_an_unreachable_dependency_and_how_to_start_it(tmp_path: Path) 
         "RabbitMQ": {"MESH_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/%2F"},
     }
     for name, env in cases.items():
-        result = subprocess.run(
-            [sys.executable, "-m", "mesh.tools.up"],
-            env={**os.environ, "MESH_BLOB_DIR": str(tmp_path), **env},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = _up_refusing(tmp_path, env)
         assert result.returncode == 1
         assert f"{name} is not reachable" in result.stdout
         assert "start it with" in result.stdout
@@ -105,13 +110,7 @@ def test_up_names_a_port_already_in_use_before_starting_anything(tmp_path: Path,
     stopped ("gateway exited with status 3")."""
     offset = 3100
     with socket.create_server(("127.0.0.1", 8080 + offset)):
-        result = subprocess.run(
-            [sys.executable, "-m", "mesh.tools.up", "--port-offset", str(offset)],
-            env={**os.environ, "MESH_BLOB_DIR": str(tmp_path), "MESH_DATABASE_URL": database_url},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = _up_refusing(tmp_path, {"MESH_DATABASE_URL": database_url}, "--port-offset", str(offset))
     assert result.returncode == 1
     assert f"already in use on this machine: port {8080 + offset} (gateway HTTP)" in result.stdout
     assert "--port-offset" in result.stdout
