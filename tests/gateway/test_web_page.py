@@ -122,6 +122,16 @@ async def test_upload_submit_and_verdict_on_screen(page: Page) -> None:
     row = await _submit(page)
     await expect(page.locator(row)).to_have_attribute("data-state", "SUCCEEDED")
     await expect(page.locator("#verdict")).to_have_text("Verdict: POSITIVE")
+    # A polled list fetched before the stream's last event carries an older snapshot: it must not win.
+    await page.evaluate(
+        """(row) => {
+            const id = document.querySelector(row).dataset.job;
+            const job = state.jobs.get(id);
+            showJob({ ...job, state: "RUNNING", updated_at: "2000-01-01T00:00:00.000000Z" });
+        }""",
+        row,
+    )
+    assert await page.get_attribute(row, "data-state") == "SUCCEEDED"  # at once: the next poll would mend it
     await expect(page.locator("#strip-canvas")).to_have_attribute("data-lines", "2")
     await expect(page.locator("#reading")).to_contain_text("T/C ratio")
 
