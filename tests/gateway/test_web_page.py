@@ -153,6 +153,26 @@ async def test_the_lines_are_drawn_on_the_image_the_model_read(page: Page) -> No
     await expect(page.locator("#original-figure")).to_be_visible()
 
 
+async def test_the_queue_table_keeps_the_newest_fifty_rows(page: Page) -> None:
+    """Polling adds a row for every new job a busy mesh lists; the table keeps 50, dropping the oldest
+    finished ones (it grew without end, one row per job, during a load test)."""
+    await _upload(page)
+    row = await _submit(page)
+    await expect(page.locator(row)).to_have_attribute("data-state", "SUCCEEDED")
+    await page.evaluate(
+        """(row) => {
+            const job = state.jobs.get(document.querySelector(row).dataset.job);
+            for (let i = 0; i < 60; i += 1) {
+                showJob({ ...job, id: `00000000-0000-4000-8000-${String(i).padStart(12, "0")}` });
+            }
+        }""",
+        row,
+    )
+    assert await page.locator("#queue tbody tr").count() == 50
+    assert await page.evaluate("state.jobs.size") == 50
+    await expect(page.locator('#queue tr[data-job="00000000-0000-4000-8000-000000000059"]')).to_be_visible()
+
+
 async def test_a_bad_value_in_an_unchosen_filter_does_not_block_the_submit(page: Page) -> None:
     """Only a chosen filter's fields are enabled: a value out of range in a filter that is not sent was
     checked by the browser all the same, and the submit silently did nothing."""

@@ -267,11 +267,26 @@ function showJob(job) {
   if (!row) {
     row = el("tr", { "data-job": job.id });
     tbody.prepend(row);
+    dropOldRows(tbody);
   }
   row.dataset.state = job.state;
   row.dataset.shown = shown;
   row.replaceChildren(...cells);
   if (job.state === "SUCCEEDED" && state.selectedJob === job.id) showResult(job);
+}
+
+// The newest jobs are polled, so a busy mesh would add rows without end: the oldest finished ones go.
+const MAX_ROWS = 50;
+
+function dropOldRows(tbody) {
+  const rows = [...tbody.rows];
+  for (let i = rows.length - 1; i >= 0 && tbody.rows.length > MAX_ROWS; i -= 1) {
+    const id = rows[i].dataset.job;
+    const job = state.jobs.get(id);
+    if (!job || !TERMINAL.has(job.state) || id === state.selectedJob) continue;
+    rows[i].remove();
+    state.jobs.delete(id);
+  }
 }
 
 async function loadJobs() {
