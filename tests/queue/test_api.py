@@ -271,6 +271,35 @@ async def test_list_is_newest_first_stable_and_filtered(queue: Harness) -> None:
     assert isinstance(bad, errors.InvalidArgument)
 
 
+async def test_a_page_token_continues_only_the_listing_it_came_from(queue: Harness) -> None:
+    """A token from a listing of all jobs, sent with a state filter (or the other way round), is
+    INVALID_ARGUMENT naming both listings (AIP-158); it quietly listed that state from the token's place on.
+    The same filter with its own token pages on."""
+    for _ in range(3):
+        await queue.submit()
+    every = await queue.stub.ListJobs(queue_service_pb2.ListJobsRequest(page_size=1))
+    queued = job_pb2.JOB_STATE_QUEUED
+    switched = await _error(
+        queue.stub.ListJobs(
+            queue_service_pb2.ListJobsRequest(state=queued, page_size=1, page_token=every.next_page_token)
+        )
+    )
+    assert isinstance(switched, errors.InvalidArgument)
+    assert "page_token continues the listing of all jobs, not of QUEUED jobs" in switched.message
+    filtered = await queue.stub.ListJobs(queue_service_pb2.ListJobsRequest(state=queued, page_size=1))
+    dropped = await _error(
+        queue.stub.ListJobs(
+            queue_service_pb2.ListJobsRequest(page_size=1, page_token=filtered.next_page_token)
+        )
+    )
+    assert "not of all jobs" in dropped.message
+    following = await queue.stub.ListJobs(
+        queue_service_pb2.ListJobsRequest(state=queued, page_size=1, page_token=filtered.next_page_token)
+    )
+    assert following.jobs
+    assert following.jobs[0].id != filtered.jobs[0].id
+
+
 async def test_cancel_queued_then_retry(queue: Harness) -> None:
     """A queued job cancels at once; cancel again is FAILED_PRECONDITION; retry queues attempt 2."""
     job = await queue.submit()

@@ -115,12 +115,16 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
         self, request: queue_service_pb2.ListJobsRequest, context: Context
     ) -> queue_service_pb2.ListJobsResponse:
         size = validation.page_size(request.page_size)
-        after = PageToken.decode(request.page_token) if request.page_token else None
-        rows = await self.repository.page(state_from_proto(request.state), size, after)
+        state = state_from_proto(request.state)
+        after = PageToken.decode(request.page_token, state) if request.page_token else None
+        rows = await self.repository.page(state, size, after)
         page, more = rows[:size], len(rows) > size
         positions = await self.repository.positions(page)
         jobs = [row_to_job(r, position=positions.get(r["id"], 0)) for r in page]
-        token = PageToken(page[-1]["created_at"], page[-1]["id"]).encode() if more else ""
+        token = ""
+        if more:
+            last = page[-1]
+            token = PageToken(last["created_at"], last["id"], state.value if state else "").encode()
         return queue_service_pb2.ListJobsResponse(jobs=jobs, next_page_token=token)
 
     async def CancelJob(  # noqa: N802

@@ -90,7 +90,8 @@ async def list_jobs(
     page_size: Annotated[int, Query(ge=1, le=500)] = 50,
     page_token: Annotated[str, Query(max_length=1000)] = "",
 ) -> schemas.JobList:
-    """Jobs, newest first, optionally only those in ``state``; paginated like images."""
+    """Jobs, newest first, optionally only those in ``state``; paginated like images (a ``page_token``
+    continues only a listing of the same ``state``: 400 otherwise)."""
     page = await rpc(
         ctx.backends.queue_stub.ListJobs(
             queue_pb.ListJobsRequest(
