@@ -80,6 +80,24 @@ async def test_a_bad_idempotency_key_header_is_named_as_the_header(
     assert len(mesh.fakes.files.upload_metadata) == sent
 
 
+async def test_a_form_without_its_file_field_says_what_it_had(client: httpx.AsyncClient) -> None:
+    """A form whose file is in another field names the fields it had; two files, or no boundary, say the form
+    could not be read and what to send (Starlette's bare "Too many files. ..." before)."""
+    png = strip_png(64, 32)
+    wrong = await client.post("/v1/images", files={"image": ("a.png", png, "image/png")}, data={"note": "x"})
+    assert wrong.status_code == 400
+    assert wrong.json()["error"]["message"] == (
+        "the multipart form has no file in the field `file`; it has `note` (text), `image` (a file)"
+    )
+    two = await client.post(
+        "/v1/images", files=[("file", ("a.png", png, "image/png")), ("file", ("b.png", png, "image/png"))]
+    )
+    assert two.status_code == 400
+    message = two.json()["error"]["message"]
+    assert message.startswith("the multipart form could not be read (Too many files")
+    assert message.endswith("send one file, in the field `file`")
+
+
 async def test_same_bytes_again_are_deduplicated(client: httpx.AsyncClient) -> None:
     """Uploading the same bytes twice gives the same sha256 and says deduplicated the second time."""
     data = strip_png(100, 40)

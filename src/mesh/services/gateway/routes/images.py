@@ -9,6 +9,7 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request, Response
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.responses import StreamingResponse
 
 from mesh.file.v1 import file_service_pb2
@@ -90,16 +91,27 @@ async def _read_upload(request: Request) -> Upload:
     kind = media_type(request)
     rest: AsyncIterator[bytes] | None = None
     if kind == "multipart/form-data":
-        async with request.form(max_files=1, max_fields=8) as form:
-            part = form.get("file")
-            if not isinstance(part, UploadFile):
-                raise errors.InvalidArgument(
-                    "the multipart form has no file in the field `file`",
-                    field_violations=[errors.FieldViolation("file", "required: the image file")],
-                )
-            first = await part.read()
-            declared = (part.content_type or "").split(";")[0].strip().lower()
-            filename = part.filename or "upload"
+        try:
+            async with request.form(max_files=1, max_fields=8) as form:
+                part = form.get("file")
+                if not isinstance(part, UploadFile):
+                    sent = ", ".join(
+                        f"`{name}`" + (" (text)" if isinstance(value, str) else " (a file)")
+                        for name, value in form.multi_items()
+                    )
+                    raise errors.InvalidArgument(
+                        "the multipart form has no file in the field `file`"
+                        + (f"; it has {sent}" if sent else "; it is empty"),
+                        field_violations=[errors.FieldViolation("file", "required: the image file")],
+                    )
+                first = await part.read()
+                declared = (part.content_type or "").split(";")[0].strip().lower()
+                filename = part.filename or "upload"
+        except HTTPException as error:  # Starlette's form parser: no boundary, too many files or fields
+            raise errors.InvalidArgument(
+                f"the multipart form could not be read ({error.detail}); send one file, in the field `file`",
+                field_violations=[errors.FieldViolation("file", "one image file")],
+            ) from None
     elif kind in ACCEPTED_TYPES:
         declared = kind
         filename = request.query_params.get("filename") or f"upload{_EXTENSIONS[kind]}"
