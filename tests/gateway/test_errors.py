@@ -96,12 +96,24 @@ async def test_validation_error_is_400_with_field_violations(client: httpx.Async
 
 
 async def test_malformed_json_is_400(client: httpx.AsyncClient) -> None:
-    """A body that is not JSON is a 400, not a 500."""
+    """A body that is not JSON is a 400 naming the body and where the JSON breaks (it named a field "1", the
+    character's offset), not a 500."""
     response = await client.post(
         "/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}
     )
     assert response.status_code == 400
-    assert_error_shape(response.json(), "INVALID_ARGUMENT")
+    error = assert_error_shape(response.json(), "INVALID_ARGUMENT")
+    assert error["message"].startswith("invalid request: body: is not valid JSON at character 1: ")
+
+
+async def test_a_json_body_sent_as_another_type_is_415_saying_what_to_send(client: httpx.AsyncClient) -> None:
+    """``POST /v1/jobs`` with a JSON text declared text/plain (or undeclared) is 415 "send application/json",
+    as /v1/process answers; it was a 400 saying the input should be a valid dictionary."""
+    for headers in ({"content-type": "text/plain"}, {}):
+        response = await client.post("/v1/jobs", content=b'{"image_id": "x"}', headers=headers)
+        assert response.status_code == 415
+        error = assert_error_shape(response.json(), "INVALID_ARGUMENT")
+        assert error["message"].endswith(": send application/json")
 
 
 async def test_backend_down_is_503(make_client: GatewayFactory) -> None:

@@ -25,13 +25,21 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+def not_json(request: Request) -> errors.UnsupportedMediaType | None:
+    """The 415 for a body that is not declared JSON, or None when it is."""
+    kind = media_type(request)
+    if kind == "application/json":
+        return None
+    return errors.UnsupportedMediaType(
+        f"unsupported Content-Type {kind or '(none)'!r}: send application/json"
+    )
+
+
 async def json_body(request: Request, model: type[M]) -> M:
     """The request's JSON body as ``model`` (415 for another Content-Type, 400 when invalid)."""
-    kind = media_type(request)
-    if kind != "application/json":
-        raise errors.UnsupportedMediaType(
-            f"unsupported Content-Type {kind or '(none)'!r}: send application/json"
-        )
+    refused = not_json(request)
+    if refused is not None:
+        raise refused
     return await parse_json(request, model)
 
 

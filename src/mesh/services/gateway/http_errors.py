@@ -18,6 +18,7 @@ from starlette.routing import Match
 
 from mesh.kit import errors
 from mesh.kit.logging import get_logger
+from mesh.services.gateway.bodies import not_json
 
 log = get_logger(__name__)
 
@@ -53,6 +54,13 @@ def error_response(
 def _validation_error(exc: RequestValidationError) -> errors.InvalidArgument:
     violations = []
     for item in exc.errors():
+        if item.get("type") == "json_invalid":
+            # FastAPI puts the character's offset where a field's name goes: ("body", 13).
+            where = [part for part in item.get("loc", ()) if isinstance(part, int)]
+            reason = item.get("ctx", {}).get("error", item.get("msg", "invalid"))
+            at = f" at character {where[0]}" if where else ""
+            violations.append(errors.FieldViolation("body", f"is not valid JSON{at}: {reason}"))
+            continue
         location = [str(part) for part in item.get("loc", ()) if part not in ("body",)]
         violations.append(
             errors.FieldViolation(".".join(location) or "body", str(item.get("msg", "invalid")))
@@ -75,8 +83,14 @@ async def _on_mesh_error(_: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
-async def _on_validation_error(_: Request, exc: Exception) -> Response:
+async def _on_validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
+    if any(tuple(item.get("loc", ())) == ("body",) for item in exc.errors()):
+        # FastAPI reads a body of another type as raw bytes and then finds no object in them: say what to send,
+        # as the routes that parse JSON themselves do (415).
+        refused = not_json(request)
+        if refused is not None:
+            return error_response(refused)
     return error_response(_validation_error(exc), status=400)
 
 
