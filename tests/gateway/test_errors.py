@@ -80,8 +80,21 @@ async def test_wrong_method_is_405_in_error_shape(client: httpx.AsyncClient) -> 
     response = await client.put("/v1/images")
     assert response.status_code == 405
     error = assert_error_shape(response.json(), "UNIMPLEMENTED")
-    assert error["message"] == "PUT is not allowed on /v1/images; it allows GET, POST"
-    assert response.headers["allow"] == "GET, POST"
+    assert error["message"] == "PUT is not allowed on /v1/images; it allows GET, HEAD, POST"
+    assert response.headers["allow"] == "GET, HEAD, POST"
+
+
+async def test_head_answers_as_get_without_a_body(client: httpx.AsyncClient) -> None:
+    """HEAD of any GET route has the GET's status and headers and no body (RFC 9110), where every one was 405;
+    HEAD of a path without GET is 405 naming HEAD."""
+    for path in ("/healthz", "/v1/images", "/openapi.json", "/"):
+        get, head = await client.get(path), await client.head(path)
+        assert (head.status_code, head.content) == (get.status_code, b""), path
+        assert head.headers["content-type"] == get.headers["content-type"], path
+        assert head.headers["content-length"] == get.headers["content-length"], path
+    refused = await client.head("/v1/jobs/00000000-0000-0000-0000-000000000000:cancel")
+    assert refused.status_code == 405
+    assert refused.headers["allow"] == "POST"
 
 
 async def test_validation_error_is_400_with_field_violations(client: httpx.AsyncClient) -> None:

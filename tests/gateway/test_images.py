@@ -267,6 +267,20 @@ async def test_content_with_a_matching_etag_is_304_without_a_body(client: httpx.
     assert thumb.headers["etag"] != etag
 
 
+async def test_head_of_the_content_gives_its_headers_without_the_bytes(client: httpx.AsyncClient) -> None:
+    """``curl -I`` of an image's bytes: 200 with the download's type, length, ETag and filename, no body (405
+    before); with the ETag in If-None-Match, 304."""
+    data = strip_png(64, 32)
+    image = (await client.post("/v1/images", files={"file": ("s.png", data, "image/png")})).json()
+    url = f"/v1/images/{image['id']}/content"
+    get, head = await client.get(url), await client.head(url)
+    assert (head.status_code, head.content) == (200, b"")
+    for name in ("content-type", "etag", "content-disposition"):
+        assert head.headers[name] == get.headers[name], name
+    assert head.headers.get("content-length") in (None, str(len(data)))
+    assert (await client.head(url, headers={"If-None-Match": get.headers["etag"]})).status_code == 304
+
+
 async def test_a_non_ascii_filename_is_kept_in_filename_star(client: httpx.AsyncClient) -> None:
     """Content-Disposition keeps an ASCII filename for every client and the real name as RFC 6266 filename*."""
     image = (

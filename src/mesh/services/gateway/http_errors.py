@@ -99,8 +99,9 @@ async def _on_http_exception(request: Request, exc: Exception) -> Response:
     if exc.status_code == 405:
         # Starlette names only the first route that matched the path; list every route's methods.
         allowed = ", ".join(allowed_methods(request))
+        method = "HEAD" if request.scope.get("mesh.head") else request.method  # HEAD arrives here as GET
         refused = errors.Unimplemented(
-            f"{request.method} is not allowed on {request.url.path}; it allows {allowed}",
+            f"{method} is not allowed on {request.url.path}; it allows {allowed}",
             reason="METHOD_NOT_ALLOWED",
         )
         return error_response(refused, status=405, headers={"Allow": allowed})
@@ -117,11 +118,12 @@ def allowed_methods(request: Request) -> list[str]:
     Asked of each route through Starlette's own ``matches`` with the method swapped, so that routers that
     FastAPI nests (its ``include_router`` no longer flattens them into the app's routes) answer too."""
     routes = request.app.router.routes
-    return [
+    methods = [
         method
         for method in _METHODS
         if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
     ]
+    return sorted([*methods, "HEAD"]) if "GET" in methods else methods  # HEAD: see middleware.HeadAsGet
 
 
 def internal_error_response(exc: BaseException) -> JSONResponse:

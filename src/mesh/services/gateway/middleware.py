@@ -45,6 +45,35 @@ def add_response_headers(scope: Scope, headers: dict[str, str]) -> None:
     state.setdefault(EXTRA_HEADERS_KEY, {}).update(headers)
 
 
+HEAD_KEY = "mesh.head"
+
+
+class HeadAsGet:
+    """HEAD answered as the GET it stands for, without the body (RFC 9110: a general-purpose server supports
+    both; FastAPI's routes list only GET, so ``curl -I`` and HEAD health checks got 405)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        ended = False
+
+        async def headers_only(message: Message) -> None:
+            nonlocal ended
+            if message["type"] != "http.response.body":
+                await send(message)
+            elif not ended:
+                # The headers (Content-Length included) are the GET's; the body ends here, and what the
+                # endpoint still sends (a streamed download) is dropped.
+                ended = True
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        await self.app({**scope, "method": "GET", HEAD_KEY: True}, receive, headers_only)
+
+
 class ObservedRequests:
     """A server span per request (honouring an incoming traceparent), metrics, and a safety net for 500s."""
 
