@@ -23,7 +23,11 @@ def label_violations(labels: Mapping[str, str], where: str) -> list[errors.Field
     for key, value in sorted(labels.items()):
         field = f"{where}[{key[:40]!r}]"
         if not key:
-            violations.append(errors.FieldViolation(field, "the key is empty; keys are 1 to 128 characters"))
+            violations.append(
+                errors.FieldViolation(
+                    field, f"the key is empty; keys are 1 to {MAX_LABEL_KEY_CHARS} characters"
+                )
+            )
         elif problem := text_problem(key, MAX_LABEL_KEY_CHARS):
             violations.append(errors.FieldViolation(field, f"the key {problem}"))
         if len(value) > MAX_LABEL_VALUE_CHARS:
