@@ -6,6 +6,9 @@ statement), and a control character in a key or a name is a client's bug, so bot
 
 from __future__ import annotations
 
+MAX_IDEMPOTENCY_KEY_CHARS = 256
+"""The longest idempotency key any service takes (uploads and jobs alike)."""
+
 
 def text_problem(value: str, max_chars: int) -> str | None:
     """What is wrong with ``value`` (for a field violation), or None."""

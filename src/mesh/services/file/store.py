@@ -21,7 +21,7 @@ from prometheus_client import Counter
 from mesh.kit import errors
 from mesh.kit.labels import check_labels
 from mesh.kit.logging import get_logger
-from mesh.kit.text_fields import text_problem
+from mesh.kit.text_fields import MAX_IDEMPOTENCY_KEY_CHARS, text_problem
 from mesh.services.file import pagination
 from mesh.services.file.blobs import BlobStore
 from mesh.services.file.models import ImageRecord, NewImage, Page
@@ -36,7 +36,6 @@ UPLOADS = Counter(
 UPLOAD_BYTES = Counter("mesh_file_upload_bytes_total", "Bytes of accepted uploads.")
 BLOBS_REMOVED = Counter("mesh_file_blobs_removed_total", "Blobs removed because no image referred to them.")
 
-MAX_IDEMPOTENCY_KEY_CHARS = 256
 
 Variant = Literal["original", "thumbnail"]
 

@@ -9,23 +9,22 @@ from typing import Any
 from starlette.requests import Request
 
 from mesh.kit import errors
-from mesh.kit.text_fields import text_problem
+from mesh.kit.text_fields import MAX_IDEMPOTENCY_KEY_CHARS, text_problem
 
 HEADER = "Idempotency-Key"
-MAX_CHARS = 256
 FIELD = f"header.{HEADER}"
 OPENAPI_PARAMETER: dict[str, Any] = {
     "name": HEADER,
     "in": "header",
     "required": False,
-    "schema": {"type": "string", "maxLength": MAX_CHARS},
+    "schema": {"type": "string", "maxLength": MAX_IDEMPOTENCY_KEY_CHARS},
 }
 
 
 def header_key(request: Request) -> str:
     """The header's key ("" when absent), or INVALID_ARGUMENT saying what is wrong with it."""
     key = request.headers.get(HEADER, "")
-    problem = text_problem(key, MAX_CHARS)
+    problem = text_problem(key, MAX_IDEMPOTENCY_KEY_CHARS)
     if problem:
         raise errors.InvalidArgument(
             f"the {HEADER} header {problem}", field_violations=[errors.FieldViolation(FIELD, problem)]

@@ -8,6 +8,7 @@ from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from mesh.kit.param_values import ParamScalar
+from mesh.kit.text_fields import MAX_IDEMPOTENCY_KEY_CHARS
 
 # Ids are UUIDs: documented so (clients and fuzzers generate real ones), checked by the services, whose
 # refusals say what an id looks like.
@@ -273,7 +274,7 @@ class JobIn(Strict):
     pipeline: list[PipelineStepIn] = Field(default_factory=list, max_length=64)
     model: str = Field(default="", max_length=200)
     priority: int = Field(default=0, ge=0, le=9)
-    idempotency_key: str = Field(default="", max_length=256)
+    idempotency_key: str = Field(default="", max_length=MAX_IDEMPOTENCY_KEY_CHARS)
     max_attempts: int | None = Field(default=None, ge=1, le=100)
 
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import uuid
 
 from mesh.kit import errors
-from mesh.kit.text_fields import text_problem
+from mesh.kit.text_fields import MAX_IDEMPOTENCY_KEY_CHARS, text_problem
 from mesh.queue.v1 import job_pb2, queue_service_pb2
 from mesh.services.image_processing.registry import steps_from_proto
 from mesh.services.queue.repository import NewJob, Row
 
 MAX_PRIORITY = 9
 MAX_ATTEMPTS = 100
-MAX_IDEMPOTENCY_KEY = 256
 MAX_MODEL_NAME = 200
 MAX_PAGE_SIZE = 500
 DEFAULT_PAGE_SIZE = 50
@@ -55,7 +54,7 @@ def check_submit(request: queue_service_pb2.SubmitJobRequest) -> None:
         )
     for name, value, most in (
         ("model", request.model, MAX_MODEL_NAME),
-        ("idempotency_key", request.idempotency_key, MAX_IDEMPOTENCY_KEY),
+        ("idempotency_key", request.idempotency_key, MAX_IDEMPOTENCY_KEY_CHARS),
     ):
         problem = text_problem(value, most)
         if problem:
