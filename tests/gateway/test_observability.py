@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 
 import httpx
 import pytest
@@ -82,8 +83,12 @@ async def test_red_metrics_per_route_after_traffic(client: httpx.AsyncClient) ->
     assert received - _sample(before, "http_request_bytes_total", route="/v1/images") > len(data)
 
 
-async def test_health_dashboard_lists_services_dependencies_and_queue(client: httpx.AsyncClient) -> None:
-    """/v1/health has each service (gRPC health, latency), the services' dependencies, GPU and queue depths."""
+async def test_health_dashboard_lists_services_dependencies_and_queue(
+    make_client: GatewayFactory, tmp_path: Path
+) -> None:
+    """/v1/health has each service (gRPC health, latency), the services' dependencies, GPU and queue depths;
+    a blob directory on the gateway's host adds no row of the gateway's (the file service reports it)."""
+    client = await make_client(blob_dir=tmp_path)
     body = (await client.get("/v1/health")).json()
     assert body["status"] == "ok"
     by_name = {(c["name"], c["source"]): c for c in body["components"]}
@@ -94,6 +99,10 @@ async def test_health_dashboard_lists_services_dependencies_and_queue(client: ht
         assert by_name[("postgresql", f"{key} service")]["status"] == "ok"
     assert by_name[("gpu", "image service")]["detail"] == "no GPU in use: CPU backend"
     assert body["queue"]["queues"][0]["queue"] == "jobs"
+    # The blob store is the file service's to report; the gateway's own rows are the services it calls.
+    assert {name for name, source in by_name if source == "gateway"} == {
+        f"{key} service" for key in ("file", "image", "inference", "queue")
+    }
 
 
 async def test_readyz_is_503_naming_a_failing_dependency_and_recovers(

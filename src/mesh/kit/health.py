@@ -114,10 +114,20 @@ class DirectoryCheck:
         probe = self.path / f".health-{uuid.uuid4().hex}"
         probe.write_bytes(b"ok")
         probe.unlink()
-        free = shutil.disk_usage(self.path).free
-        if free < self.min_free_bytes:
-            raise OSError(f"only {free} bytes free in {self.path}")
-        return f"{free} bytes free"
+        usage = shutil.disk_usage(self.path)
+        if usage.free < self.min_free_bytes:
+            raise OSError(
+                f"only {_size(usage.free)} free in {self.path}; it needs at least {_size(self.min_free_bytes)}"
+            )
+        return f"{_size(usage.free)} free of {_size(usage.total)}"
+
+
+def _size(count: int) -> str:
+    """A byte count as people read it on a dashboard: 77.8 GiB, 40.0 MiB."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"
 
 
 async def run_check(check: DependencyCheck, timeout: float) -> CheckResult:

@@ -2,14 +2,13 @@
 
 Sources: each service's ``grpc.health.v1`` Check (the gateway's own view), each service's HTTP ``/healthz``
 (its dependency checks: PostgreSQL, RabbitMQ, blob store, GPU...), the queue service's statistics (depths),
-the image service's device (GPU or CPU backend), and the gateway's own checks (its key store, the blob store
-when it is on this host).
+the image service's device (GPU or CPU backend), and the gateway's own checks (its key store). The blob store
+is the file service's (its ``blob_store`` check), so it shows once, as the file service sees it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -189,20 +188,6 @@ class HealthProbe:
             )
             for r in results
         ]
-        blob_dir = self._settings.blob_dir
-        if blob_dir.is_dir():
-            started = time.perf_counter()
-            usage = await asyncio.to_thread(shutil.disk_usage, blob_dir)
-            components.append(
-                ComponentHealth(
-                    name="blob store",
-                    kind="dependency",
-                    status="ok" if usage.free >= 64 * 1024 * 1024 else "failing",
-                    latency_ms=round((time.perf_counter() - started) * 1000, 3),
-                    detail=f"{usage.free / 2**30:.1f} GiB free of {usage.total / 2**30:.1f} GiB in {blob_dir}",
-                    source=GATEWAY,
-                )
-            )
         return components
 
     async def _queue_stats(self) -> QueueHealth | None:
