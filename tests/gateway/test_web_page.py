@@ -276,3 +276,35 @@ async def test_the_page_loads_without_a_failed_request_or_console_error(
         await opened.close()
     await close_gateway(ctx)
     assert failed == []
+
+
+async def test_enter_in_the_api_key_field_keeps_the_page_and_applies_the_key(page: Page) -> None:
+    """The key's field sits in a form (browsers expect one around a password field); Enter there stores the
+    key and must not submit that form, which would reload the page."""
+    await _upload(page)
+    await page.click("details.credentials summary")
+    await page.fill("#api-key", "entered-key")
+    await page.press("#api-key", "Enter")
+    await page.wait_for_timeout(300)
+    assert await page.evaluate("localStorage.getItem('mesh.apiKey')") == "entered-key"
+    await expect(page.locator("#upload-status")).to_have_text(re.compile("^Uploaded"))  # not reloaded
+
+
+@pytest.mark.parametrize(("width", "height"), [(390, 844), (768, 1024), (1400, 1000), (1920, 1080)])
+async def test_the_page_fits_the_screen_at_every_width(page: Page, width: int, height: int) -> None:
+    """Nothing makes the page wider than the screen (the cards' 22rem minimum and the tables did on a
+    phone: a 390 px screen scrolled sideways to 709 px); a wide table scrolls inside its card. On a wide
+    screen the two top cards fill the row, where a third, empty column was left beside them."""
+    await page.set_viewport_size({"width": width, "height": height})
+    await _upload(page)
+    await page.check("#filters input[type=checkbox] >> nth=0")
+    await page.click("#submit-job")
+    await expect(page.locator("#queue tbody tr").first).to_be_visible()
+    await expect(page.locator("#health-status")).to_have_text("ok")
+    overflow = await page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"the page is {overflow} px wider than a {width} px screen"
+    job_card = await page.locator("section[aria-labelledby=job-title]").bounding_box()
+    queue_card = await page.locator("section[aria-labelledby=queue-title]").bounding_box()
+    assert job_card is not None
+    assert queue_card is not None
+    assert abs(job_card["x"] + job_card["width"] - (queue_card["x"] + queue_card["width"])) < 1

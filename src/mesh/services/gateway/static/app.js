@@ -409,6 +409,8 @@ function setupCredentials() {
     loadFilters();
     loadModels();
   });
+  // Enter in the field fires "change" above; the form itself must not submit and reload the page.
+  $("#credentials-form").addEventListener("submit", (event) => event.preventDefault());
 }
 
 document.addEventListener("DOMContentLoaded", () => {
