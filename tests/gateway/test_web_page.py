@@ -139,7 +139,8 @@ async def test_upload_submit_and_verdict_on_screen(page: Page) -> None:
 async def test_the_lines_are_drawn_on_the_image_the_model_read(page: Page) -> None:
     """With filters, the model reads their output, in whose pixels its line positions are: the lines are
     drawn on that image (half the photo's size after resize 0.5), with the photo shown beside it. They were
-    drawn on the photo, in the wrong place whenever a filter moved the strip."""
+    drawn on the photo, in the wrong place whenever a filter moved the strip. Both are shown at one width:
+    the smaller filtered image was drawn at its own size beside the photo."""
     await _upload(page)
     await page.check("#filter-resize")
     await page.fill("#param-resize-scale", "0.5")
@@ -151,6 +152,12 @@ async def test_the_lines_are_drawn_on_the_image_the_model_read(page: Page) -> No
     await expect(page.locator("#strip-canvas")).to_have_attribute("data-lines", "2")
     assert await page.evaluate("document.querySelector('#strip-canvas').width") == 320 // 2
     await expect(page.locator("#original-figure")).to_be_visible()
+    await expect(page.locator("#original-image")).to_have_js_property("complete", True)
+    canvas_box = await page.locator("#strip-canvas").bounding_box()
+    photo_box = await page.locator("#original-image").bounding_box()
+    assert canvas_box is not None
+    assert photo_box is not None
+    assert canvas_box["width"] == pytest.approx(photo_box["width"], abs=1)
 
 
 async def test_the_queue_table_keeps_the_newest_fifty_rows(page: Page) -> None:
