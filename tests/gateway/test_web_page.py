@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, FilePayload, Page, Request, async_playwright, expect
 
+from mesh.inference.v1 import inference_service_pb2 as inference_pb
 from tests.conftest import require
 from tests.gateway.fakes import strip_png
 from tests.gateway.harness import FakeMesh, build_gateway, close_gateway, serve_app
@@ -104,6 +105,8 @@ async def test_a_failed_upload_says_which_photo_jobs_still_use(page: Page) -> No
 
 async def _submit(page: Page) -> str:
     """Submit the form; returns the new job's row selector."""
+    # Cleared first, so that an earlier submit's "Submitted job ..." is not taken for this one's.
+    await page.evaluate("document.querySelector('#submit-status').textContent = ''")
     await page.click("#submit-job")
     status = page.locator("#submit-status")
     await expect(status).to_have_text(re.compile(r"^Submitted job [0-9a-f]{8}\."))
@@ -315,3 +318,73 @@ async def test_the_page_fits_the_screen_at_every_width(page: Page, width: int, h
     assert job_card is not None
     assert queue_card is not None
     assert abs(job_card["x"] + job_card["width"] - (queue_card["x"] + queue_card["width"])) < 1
+
+
+async def test_a_failed_job_shows_why_in_the_result_panel(page: Page, mesh: FakeMesh) -> None:
+    """The job just submitted fails: the result panel says so, with the error's message and category, where it
+    kept showing an earlier job's result and the message was nowhere on the page."""
+    await _upload(page)
+    first = await _submit(page)
+    await expect(page.locator(first)).to_have_attribute("data-state", "SUCCEEDED")
+    await expect(page.locator("#verdict")).to_have_text("Verdict: POSITIVE")
+    mesh.fakes.queue.fail_next = True
+    row = await _submit(page)
+    await expect(page.locator(row)).to_have_attribute("data-state", "FAILED")
+    await expect(page.locator("#verdict")).to_contain_text("FAILED")
+    await expect(page.locator("#reading")).to_contain_text("the image is unreadable (DATA)")
+    await expect(page.locator("#result-images")).to_be_hidden()
+    await page.click(f"{first} button:has-text('Show')")
+    await expect(page.locator("#verdict")).to_have_text("Verdict: POSITIVE")
+    await expect(page.locator("#result-images")).to_be_visible()
+
+
+async def test_the_result_panel_waits_for_the_job_just_submitted(page: Page, mesh: FakeMesh) -> None:
+    """While the job just submitted is queued, the panel names it and its place instead of an earlier result."""
+    await _upload(page)
+    first = await _submit(page)
+    await expect(page.locator(first)).to_have_attribute("data-state", "SUCCEEDED")
+    mesh.fakes.queue.hold = True
+    try:
+        await _submit(page)
+        await expect(page.locator("#result")).to_be_hidden()
+        await expect(page.locator("#result-empty")).to_have_text(
+            re.compile(
+                r"^Job \w{8} is QUEUED, number \d+ in the queue; its result appears here when it ends\.$"
+            )
+        )
+    finally:
+        mesh.fakes.queue.release()
+
+
+async def test_every_quality_flag_is_told_in_words(page: Page) -> None:
+    """Each of the model's quality flags reads as advice for the person taking the photo, not as an enum
+    name; a flag the page does not know yet still shows, as its name."""
+    flags = [
+        value.name.removeprefix("QUALITY_FLAG_")
+        for value in inference_pb.QualityFlag.DESCRIPTOR.values
+        if value.number != 0
+    ]
+    advice = await page.evaluate("QUALITY_ADVICE")
+    assert sorted(advice) == sorted(flags)
+    assert await page.evaluate("qualityText(['BLUR', 'A_NEW_FLAG'])") == (
+        "blurred: hold still and let the camera focus; A_NEW_FLAG"
+    )
+    assert await page.evaluate("qualityText([])") == "no problems found"
+
+
+async def test_an_invalid_reading_says_no_line_was_found_and_how_to_retake(page: Page) -> None:
+    """A reading without lines is captioned as such (it said "with the detected C and T lines" over a
+    picture without either), and its quality flag reads as advice."""
+    await _upload(page)
+    await page.evaluate(
+        """showResult({
+          id: "0123456789abcdef", state: "SUCCEEDED", image_id: state.imageId, attempt: 1, max_attempts: 3,
+          result: { output_image_id: state.imageId, prediction: { strip_reading: {
+            verdict: "INVALID", t_to_c_ratio: 0, confidence: 0.9, quality_flags: ["STRIP_NOT_FOUND"],
+            control_line: { present: false }, test_line: { present: false } } } },
+        })"""
+    )
+    await expect(page.locator("#verdict")).to_have_text("Verdict: INVALID")
+    await expect(page.locator("#canvas-caption")).to_have_text("Photo (no line found)")
+    await expect(page.locator("#reading")).to_contain_text("no test strip found: photograph the strip")
+    await expect(page.locator("#strip-canvas")).to_have_attribute("data-lines", "0")

@@ -262,7 +262,7 @@ function showJob(job) {
     el("td", {},
       TERMINAL.has(job.state) ? "" : actionButton("Cancel", job.id, "cancel"),
       RETRYABLE.has(job.state) ? actionButton("Retry", job.id, "retry") : "",
-      job.state === "SUCCEEDED" ? el("button", { type: "button", class: "secondary", onclick: () => showResult(job) }, "Show") : ""),
+      TERMINAL.has(job.state) ? el("button", { type: "button", class: "secondary", onclick: () => selectResult(job) }, "Show") : ""),
   ];
   if (!row) {
     row = el("tr", { "data-job": job.id });
@@ -272,7 +272,21 @@ function showJob(job) {
   row.dataset.state = job.state;
   row.dataset.shown = shown;
   row.replaceChildren(...cells);
-  if (job.state === "SUCCEEDED" && state.selectedJob === job.id) showResult(job);
+  if (state.selectedJob === job.id) (TERMINAL.has(job.state) ? showResult : showPending)(job);
+}
+
+// The chosen job has not ended: the panel says so rather than keep an earlier job's result on screen.
+function showPending(job) {
+  $("#result").hidden = true;
+  const empty = $("#result-empty");
+  empty.hidden = false;
+  const place = job.queue_position ? `, number ${job.queue_position} in the queue` : "";
+  empty.textContent = `Job ${job.id.slice(0, 8)} is ${job.state}${place}; its result appears here when it ends.`;
+}
+
+function selectResult(job) {
+  state.selectedJob = job.id;
+  showResult(job);
 }
 
 // The newest jobs are polled, so a busy mesh would add rows without end: the oldest finished ones go.
@@ -339,9 +353,38 @@ function drawLines(canvas, image, reading) {
   }
 }
 
+// What each quality flag means for the person holding the camera.
+const QUALITY_ADVICE = {
+  STRIP_NOT_FOUND: "no test strip found: photograph the strip or cassette so that it fills most of the picture",
+  BLUR: "blurred: hold still and let the camera focus",
+  UNDEREXPOSED: "too dark: add light",
+  OVEREXPOSED: "too bright: avoid glare and direct light",
+  NO_CONTROL_LINE: "no control line: the test did not run, so it cannot be read",
+  UNEVEN_LIGHTING: "uneven light: avoid shadows across the read window",
+};
+
+function qualityText(flags) {
+  return flags.length ? flags.map((flag) => QUALITY_ADVICE[flag] || flag).join("; ") : "no problems found";
+}
+
+function showFailure(job) {
+  const verdict = $("#verdict");
+  verdict.className = `verdict state-${job.state}`;
+  verdict.textContent = `Job ${job.id.slice(0, 8)} ${job.state}`;
+  const facts = [["Attempt", `${job.attempt} of ${job.max_attempts}`]];
+  if (job.error) facts.unshift(["Why", `${job.error.message} (${job.error.category})`]);
+  $("#reading").replaceChildren(...facts.flatMap(([term, value]) => [el("dt", {}, term), el("dd", {}, value)]));
+  $("#result-images").hidden = true;
+}
+
 async function showResult(job) {
   $("#result-empty").hidden = true;
   $("#result").hidden = false;
+  if (job.state !== "SUCCEEDED") {
+    showFailure(job);
+    return;
+  }
+  $("#result-images").hidden = false;
   const prediction = job.result ? job.result.prediction : null;
   const reading = prediction ? prediction.strip_reading : null;
   const verdict = $("#verdict");
@@ -352,7 +395,7 @@ async function showResult(job) {
     ["Confidence", `${Math.round(reading.confidence * 100)} %`],
     ["Control line", reading.control_line.present ? `at ${reading.control_line.position.toFixed(2)}, intensity ${reading.control_line.intensity.toFixed(2)}` : "absent"],
     ["Test line", reading.test_line.present ? `at ${reading.test_line.position.toFixed(2)}, intensity ${reading.test_line.intensity.toFixed(2)}` : "absent"],
-    ["Quality", reading.quality_flags.length ? reading.quality_flags.join(", ") : "no problems found"],
+    ["Quality", qualityText(reading.quality_flags)],
   ] : [];
   $("#reading").replaceChildren(...facts.flatMap(([term, value]) => [el("dt", {}, term), el("dd", {}, value)]));
   // The model read the filters' output when there were filters, and its line positions are in that image's
@@ -360,7 +403,9 @@ async function showResult(job) {
   const output = job.result && job.result.output_image_id !== job.image_id ? job.result.output_image_id : "";
   const original = async () =>
     job.image_id === state.imageId && state.imageUrl ? state.imageUrl : await imageUrlOf(job.image_id);
-  const lines = reading ? " with the detected C and T lines" : "";
+  const found = reading ? [["C", reading.control_line], ["T", reading.test_line]].filter(([, l]) => l.present) : [];
+  const names = found.map(([name]) => name).join(" and ");
+  const lines = found.length ? ` with the detected ${names} line${found.length > 1 ? "s" : ""}` : reading ? " (no line found)" : "";
   $("#canvas-caption").textContent = `${output ? "Filtered image" : "Photo"}${lines}`;
   const canvas = $("#strip-canvas");
   try {
@@ -369,7 +414,7 @@ async function showResult(job) {
     picture.src = output ? await imageUrlOf(output) : await original();
     await picture.decode();
     drawLines(canvas, picture, reading);
-    canvas.dataset.lines = reading ? [reading.control_line, reading.test_line].filter((l) => l.present).length : 0;
+    canvas.dataset.lines = String(found.length);
   } catch (error) {
     canvas.dataset.lines = "0";
   }
