@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
-from mesh.kit.health import DirectoryCheck
+from mesh.kit.health import Degrading, DirectoryCheck, HealthMonitor
+
+HealthServicer = health_aio.HealthServicer
 
 
 async def test_a_directory_check_reports_free_space_as_people_read_it(tmp_path: Path) -> None:
@@ -34,3 +40,71 @@ async def test_a_directory_short_of_space_fails_naming_what_it_has_and_needs(
     check = DirectoryCheck("blob_store", tmp_path, min_free_bytes=64 * 2**20)
     with pytest.raises(OSError, match=rf"only 40.0 MiB free in {tmp_path}; it needs at least 64.0 MiB"):
         await check.check()
+
+
+@dataclass
+class Switch:
+    """A dependency check that passes while ``up``."""
+
+    name: str
+    up: bool = False
+
+    async def check(self) -> str:
+        if not self.up:
+            raise ConnectionError(f"{self.name} is down")
+        return "up"
+
+
+def _health_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, dict[str, Any]]]:
+    lines = []
+    for record in caplog.records:
+        if record.name == "mesh.kit.health" and isinstance(record.msg, dict):
+            lines.append((record.levelname, record.msg))
+    return lines
+
+
+async def test_a_degrading_dependency_still_coming_up_at_start_is_awaited_not_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A job worker's RabbitMQ connection comes up a moment after the process starts: the first checks report
+    it degraded (the truth), but log it at info as awaited; every start logged a warning before."""
+    broker = Switch("rabbitmq-jobs")
+    monitor = HealthMonitor(HealthServicer(), ["svc"], [Degrading(broker)], start_grace=60)
+    with caplog.at_level(logging.INFO, logger="mesh.kit.health"):
+        assert await monitor.check_now()
+        assert [r.status for r in monitor.results] == ["degraded"]
+        broker.up = True
+        await monitor.check_now()
+        broker.up = False  # lost after it was up: a fault
+        await monitor.check_now()
+    lines = _health_lines(caplog)
+    assert [(level, line["event"]) for level, line in lines] == [
+        ("INFO", "health: serving, waiting for dependencies to come up"),
+        ("INFO", "health: serving"),
+        ("WARNING", "health: serving, degraded"),
+    ]
+    assert lines[0][1]["awaited"] == {"rabbitmq-jobs": "ConnectionError: rabbitmq-jobs is down"}
+
+
+async def test_a_degrading_dependency_missing_past_the_start_grace_is_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One that has not come up when the start grace ends is logged as degraded then, though it never passed;
+    an essential one failing at start is a warning at once."""
+    monitor = HealthMonitor(HealthServicer(), ["svc"], [Degrading(Switch("rabbitmq-jobs"))], start_grace=0.05)
+    with caplog.at_level(logging.INFO, logger="mesh.kit.health"):
+        await monitor.check_now()
+        await asyncio.sleep(0.06)
+        await monitor.check_now()
+        await monitor.check_now()  # unchanged: not logged again
+    assert [(level, line["event"]) for level, line in _health_lines(caplog)] == [
+        ("INFO", "health: serving, waiting for dependencies to come up"),
+        ("WARNING", "health: serving, degraded"),
+    ]
+    caplog.clear()
+    essential = HealthMonitor(HealthServicer(), ["svc"], [Switch("postgresql")], start_grace=60)
+    with caplog.at_level(logging.INFO, logger="mesh.kit.health"):
+        assert not await essential.check_now()
+    assert [(level, line["event"]) for level, line in _health_lines(caplog)] == [
+        ("WARNING", "health: not serving")
+    ]

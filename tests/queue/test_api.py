@@ -13,6 +13,7 @@ from prometheus_client import REGISTRY
 from mesh.common.v1 import params_pb2
 from mesh.kit import errors
 from mesh.queue.v1 import job_pb2, queue_service_pb2
+from mesh.services.queue.broker import Broker
 from mesh.services.queue.relay_process import RelayProcess
 from tests.queue.harness import IMAGE_ID, Harness
 
@@ -398,3 +399,11 @@ async def test_relay_process_reports_its_counts_and_is_restarted(queue: Harness)
     assert REGISTRY.get_sample_value("mesh_queue_dispatches_published_total", labels) == 2
     assert queue.app.relay.process is not None
     assert queue.app.relay.process.pid != child.pid
+
+
+async def test_a_broker_not_yet_connected_says_so_in_its_check() -> None:
+    """Before its first connection the broker's check says it is still connecting, not that a connection
+    closed and is reconnecting (what a worker's check said at every start, during its migrations)."""
+    broker = Broker("amqp://guest:guest@localhost:5672/%2F", delivery_limit=3)
+    with pytest.raises(ConnectionError, match=r"^not connected to RabbitMQ yet \(connecting\)$"):
+        await broker.check()

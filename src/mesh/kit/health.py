@@ -157,15 +157,19 @@ class HealthMonitor:
         *,
         interval: float = 2.0,
         timeout: float = 2.0,
+        start_grace: float = 15.0,
     ) -> None:
         self._servicer = servicer
         self._names = ["", *service_names]
         self._checks = list(checks)
         self._interval = interval
         self._timeout = timeout
+        self._start_grace = start_grace
+        self._started = time.monotonic()
+        self._passed: set[str] = set()
         self._results: dict[str, CheckResult] = {}
         self._serving: bool | None = None
-        self._failing: dict[str, str] = {}
+        self._logged: tuple[bool, frozenset[str], frozenset[str]] | None = None
         self._wake = asyncio.Event()
 
     @property
@@ -187,16 +191,30 @@ class HealthMonitor:
         """Run every check once and update health; returns whether every essential one passed."""
         results = await asyncio.gather(*(run_check(c, self._timeout) for c in self._checks))
         self._results = {r.name: r for r in results}
+        self._passed.update(r.name for r in results if r.ok)
         serving = all(r.ok or not r.essential for r in results)
         failing = {r.name: r.detail for r in results if not r.ok}
-        if serving != self._serving or failing.keys() != self._failing.keys():
+        # A degrading dependency that has not come up yet since the start (a job worker connects to RabbitMQ
+        # after its migrations) is reported as degraded, but logged as awaited, not as a fault, until the
+        # start grace has passed; a lost one, or one still missing after the grace, is a warning.
+        in_grace = time.monotonic() - self._started < self._start_grace
+        awaited = {
+            r.name: r.detail
+            for r in results
+            if not r.ok and not r.essential and r.name not in self._passed and in_grace
+        }
+        degraded = {name: detail for name, detail in failing.items() if name not in awaited}
+        state = (serving, frozenset(failing), frozenset(awaited))
+        if state != self._logged:
             if not serving:
                 log.warning("health: not serving", failing=failing)
-            elif failing:
-                log.warning("health: serving, degraded", degraded=failing)
+            elif degraded:
+                log.warning("health: serving, degraded", degraded=degraded, awaited=awaited or None)
+            elif awaited:
+                log.info("health: serving, waiting for dependencies to come up", awaited=awaited)
             else:
                 log.info("health: serving", checks=[r.name for r in results])
-        self._serving, self._failing = serving, failing
+        self._serving, self._logged = serving, state
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )

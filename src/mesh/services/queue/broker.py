@@ -212,6 +212,8 @@ class Broker:
 
     async def check(self) -> str:
         """Health: the connection is open (raises otherwise)."""
+        if self._connection is None:
+            raise ConnectionError("not connected to RabbitMQ yet (connecting)")
         if not self.connected:
             raise ConnectionError("RabbitMQ connection is closed (reconnecting)")
         return "connected"
