@@ -27,7 +27,6 @@ import numpy.typing as npt
 
 from mesh.common.v1 import image_pb2, params_pb2
 from mesh.image.v1 import image_processing_service_pb2 as pb
-from mesh.image.v1 import image_processing_service_pb2_grpc as pb_grpc
 from mesh.kit.channels import open_channel
 from mesh.kit.logging import configure_logging
 from mesh.kit.memory import tune_allocator
@@ -37,7 +36,7 @@ from mesh.services.image_processing.backend import Backend, run_pipeline, select
 from mesh.services.image_processing.cpu_backend import CpuBackend
 from mesh.services.image_processing.processor import Processor
 from mesh.services.image_processing.registry import Device, validate_pipeline
-from mesh.services.image_processing.servicer import SERVICE_NAME, ImageProcessingServicer
+from mesh.services.image_processing.servicer import SERVICE_NAME, ImageProcessingServicer, add_to_server
 from mesh.services.image_processing.settings import ImageSettings
 
 Array = npt.NDArray[Any]
@@ -290,7 +289,7 @@ async def _grpc_results(backend: Backend) -> list[dict[str, object]]:
         backend, store=None, limits=codec.Limits(max_pixels=100_000_000, max_bytes=96 * 1024 * 1024)
     )
     runtime = ServiceRuntime("image-bench", settings, service_names=[SERVICE_NAME])
-    pb_grpc.add_ImageProcessingServiceServicer_to_server(ImageProcessingServicer(processor), runtime.server)
+    add_to_server(ImageProcessingServicer(processor), runtime.server)
 
     async def echo(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         return request

@@ -22,11 +22,12 @@ from mesh.kit.health import FunctionCheck
 from mesh.kit.image_bytes import sniff_format
 from mesh.kit.raw_pixels import read_raw
 from mesh.kit.runtime import ServiceRuntime
+from mesh.kit.wire import Spliced, serialize_reply
 from mesh.services.image_processing import codec
 from mesh.services.image_processing.cpu_backend import CpuBackend
-from mesh.services.image_processing.processor import Processor
+from mesh.services.image_processing.processor import Delivered, Processor
 from mesh.services.image_processing.registry import steps_from_proto
-from mesh.services.image_processing.servicer import SERVICE_NAME, ImageProcessingServicer
+from mesh.services.image_processing.servicer import SERVICE_NAME, ImageProcessingServicer, add_to_server
 from mesh.services.image_processing.settings import ImageSettings
 from tests.image_processing.fakes import MemoryStore
 from tests.image_processing.images import noise, smooth
@@ -55,7 +56,7 @@ async def served() -> AsyncIterator[Served]:
     runtime = ServiceRuntime(
         "image-processing", settings, service_names=[SERVICE_NAME], checks=[FunctionCheck("compute", compute)]
     )
-    pb_grpc.add_ImageProcessingServiceServicer_to_server(ImageProcessingServicer(processor), runtime.server)
+    add_to_server(ImageProcessingServicer(processor), runtime.server)
     task = asyncio.create_task(runtime.run())
     await asyncio.wait_for(runtime.started.wait(), 10)
     channel = open_channel(
@@ -139,7 +140,11 @@ async def test_process_image_raw_in_raw_out_16_bit(served: Served) -> None:
     """Raw 16-bit pixels in, raw out: invert is exact."""
     image = noise(9, 7, 3, np.uint16)
     raw = image_pb2.RawImage(
-        pixels=codec.to_raw(image), width=7, height=9, channels=3, pixel_type=image_pb2.PIXEL_TYPE_UINT16
+        pixels=image.astype("<u2").tobytes(),
+        width=7,
+        height=9,
+        channels=3,
+        pixel_type=image_pb2.PIXEL_TYPE_UINT16,
     )
     response = await served.stub.ProcessImage(
         pb.ProcessImageRequest(
@@ -150,6 +155,32 @@ async def test_process_image_raw_in_raw_out_16_bit(served: Served) -> None:
     )
     out = read_raw(response.raw, max_pixels=LIMITS.max_pixels)
     assert np.array_equal(out, 65535 - image)
+
+
+async def test_a_raw_reply_carries_the_result_s_own_memory_to_the_wire() -> None:
+    """A RAW output is not copied into the reply: its samples, a view of the pipeline's result array, are
+    appended when the reply is serialised, and the bytes parse as the whole message (channels, size,
+    pixels); an encoded output is a plain message."""
+    servicer = ImageProcessingServicer(Processor(CpuBackend(), store=None, limits=LIMITS))
+    image = noise(5, 4, 3)
+    request = pb.ProcessImageRequest(
+        input=image_pb2.ImageInput(
+            raw=image_pb2.RawImage(pixels=image.tobytes(), width=4, height=5, channels=3)
+        ),
+        pipeline=[_step("invert")],
+        output=pb.OutputSpec(format=image_pb2.IMAGE_FORMAT_RAW),
+    )
+    reply = await servicer.ProcessImage(request, None)  # type: ignore[arg-type]
+    assert isinstance(reply, Spliced)
+    assert isinstance(reply.message, pb.ProcessImageResponse)
+    assert not reply.message.raw.pixels
+    assert isinstance(reply.data, memoryview)
+    assert isinstance(reply.data.obj, np.ndarray)  # the result's own array, not a bytes copy of it
+    parsed = pb.ProcessImageResponse.FromString(serialize_reply(reply))
+    assert (parsed.raw.width, parsed.raw.height, parsed.raw.channels) == (4, 5, 3)
+    assert parsed.raw.pixels == (255 - image).tobytes()
+    request.output.format = image_pb2.IMAGE_FORMAT_PNG
+    assert isinstance(await servicer.ProcessImage(request, None), pb.ProcessImageResponse)  # type: ignore[arg-type]
 
 
 async def test_process_image_by_reference_and_stored(served: Served) -> None:
@@ -340,11 +371,11 @@ class _BlockedProcessor:
 
     async def process(
         self, *args: Any, into: pb.ProcessImageResponse | None = None, **kwargs: Any
-    ) -> pb.ProcessImageResponse:
+    ) -> Delivered:
         await self.release.wait()
         response = pb.ProcessImageResponse() if into is None else into
         response.width = 1
-        return response
+        return Delivered(response)
 
 
 async def test_stream_reads_ahead_only_a_bounded_number_of_frames() -> None:
@@ -368,9 +399,11 @@ async def test_stream_reads_ahead_only_a_bounded_number_of_frames() -> None:
     assert not first.done()
     assert pulled <= 1 + 1 + 2 + 1
     processor.release.set()
-    assert (await first).result.width == 1
+    reply = await first
+    assert isinstance(reply, pb.StreamProcessResponse)  # encoded (not RAW): a plain message
+    assert reply.result.width == 1
     responses = [first.result(), *[r async for r in stream]]
-    assert [r.sequence for r in responses] == list(range(100))
+    assert [r.sequence for r in responses if isinstance(r, pb.StreamProcessResponse)] == list(range(100))
 
 
 async def test_too_many_queued_pipelines_are_resource_exhausted() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 from mesh.common.v1 import image_pb2
 from mesh.image.v1 import image_processing_service_pb2 as image_pb
 from mesh.inference.v1 import inference_service_pb2 as inference_pb
-from mesh.kit.wire import NestedBytesField, varint
+from mesh.kit.wire import NestedBytesField, Spliced, serialize_reply, varint
 
 IMAGE_DATA = NestedBytesField.of(inference_pb.PredictRequest, "input.encoded.data")
 
@@ -104,7 +105,9 @@ def test_a_megabyte_image_crosses_the_two_byte_and_three_byte_length_boundaries(
 def test_a_message_that_already_names_an_image_is_refused() -> None:
     """Splicing an inline image after an image_id would leave the receiver to pick one silently."""
     message = inference_pb.PredictRequest(input=image_pb2.ImageInput(image_id="abc"))
-    with pytest.raises(ValueError, match="'input' is already set"):
+    with pytest.raises(
+        ValueError, match=r"'input.image_id' is already set; 'input.encoded.data' would replace it"
+    ):
         IMAGE_DATA.serialize(message, [b"png"])
 
 
@@ -112,3 +115,30 @@ def test_a_message_of_another_type_is_refused() -> None:
     """The field numbers belong to one message type; another type would be corrupted silently."""
     with pytest.raises(TypeError, match="expected PredictRequest"):
         IMAGE_DATA.serialize(image_pb.ProcessImageRequest(), [b"png"])
+
+
+def test_a_reply_merges_the_appended_pixels_with_the_fields_it_holds() -> None:
+    """A raw reply keeps its width, height and channels in the message and its pixels beside it: protobuf
+    merges the two occurrences of ``raw``, so the client parses one whole RawImage."""
+    pixels = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    message = image_pb.ProcessImageResponse(
+        width=3, height=2, raw=image_pb2.RawImage(width=3, height=2, channels=3)
+    )
+    reply = Spliced(
+        message, NestedBytesField.of(image_pb.ProcessImageResponse, "raw.pixels"), pixels.data.cast("B")
+    )
+
+    parsed = image_pb.ProcessImageResponse.FromString(serialize_reply(reply))
+
+    expected = image_pb.ProcessImageResponse()
+    expected.CopyFrom(message)
+    expected.raw.pixels = pixels.tobytes()
+    assert parsed == expected
+    assert serialize_reply(message) == message.SerializeToString()
+
+
+def test_appending_over_data_already_in_the_field_is_refused() -> None:
+    """Two values for one bytes field would leave the receiver with the last one, silently."""
+    message = image_pb.ProcessImageResponse(raw=image_pb2.RawImage(pixels=b"old"))
+    with pytest.raises(ValueError, match=r"'raw\.pixels' already holds data"):
+        NestedBytesField.of(image_pb.ProcessImageResponse, "raw.pixels").serialize(message, [b"new"])

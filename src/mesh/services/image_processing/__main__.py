@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-from mesh.image.v1 import image_processing_service_pb2_grpc as pb_grpc
 from mesh.kit.gpu_metrics import cupy_pool_bytes, register_gpu_metrics
 from mesh.kit.health import FunctionCheck
 from mesh.kit.jobs import IMAGE_JOBS_QUEUE
@@ -17,7 +16,7 @@ from mesh.services.image_processing.backend import select_backend
 from mesh.services.image_processing.codec import Limits
 from mesh.services.image_processing.jobs import ImageJobHandler, StubPredictor
 from mesh.services.image_processing.processor import Processor
-from mesh.services.image_processing.servicer import SERVICE_NAME, ImageProcessingServicer
+from mesh.services.image_processing.servicer import SERVICE_NAME, ImageProcessingServicer, add_to_server
 from mesh.services.image_processing.settings import ImageSettings
 from mesh.services.queue.worker import attach_worker
 
@@ -55,7 +54,7 @@ async def main() -> None:
     predictor, inference_channel = StubPredictor.connect(settings)
     handler = ImageJobHandler(files, processor, predictor)
     await attach_worker(runtime, settings, queue=IMAGE_JOBS_QUEUE, handler=handler, name="image-processing")
-    pb_grpc.add_ImageProcessingServiceServicer_to_server(
+    add_to_server(
         ImageProcessingServicer(processor, stream_queue_frames=settings.stream_queue_frames), runtime.server
     )
     try:

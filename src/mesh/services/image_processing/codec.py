@@ -93,22 +93,11 @@ def _undecodable(where: str, error: BaseException) -> errors.InvalidData:
     )
 
 
-def to_raw(image: Image) -> bytes:
-    """Interleaved samples, little-endian (without a copy when the image is a view of whole bytes)."""
-    base: object = image
-    while isinstance(base, np.ndarray) and base.base is not None:
-        base = base.base
-    if (
-        isinstance(base, bytes)
-        and image.flags.c_contiguous
-        and image.dtype == np.uint8
-        and len(base) == image.nbytes
-        and image.ctypes.data == np.frombuffer(base, dtype=np.uint8).ctypes.data
-    ):
-        return base
-    if image.dtype == np.uint16:
-        return np.ascontiguousarray(image, dtype="<u2").tobytes()
-    return np.ascontiguousarray(image).tobytes()
+def raw_samples(image: Image) -> memoryview:
+    """Interleaved samples, little-endian, as a byte view: of the image's own memory where it is contiguous
+    (an untouched raw input still views the request's bytes, a filter's output its array), else of a copy."""
+    ordered = np.ascontiguousarray(image, dtype="<u2" if image.dtype == np.uint16 else image.dtype)
+    return ordered.data.cast("B")
 
 
 def encoded_channels(channels: int, fmt: Format) -> int:
@@ -119,7 +108,7 @@ def encoded_channels(channels: int, fmt: Format) -> int:
 def encode(image: Image, fmt: Format, quality: int = 90) -> bytes:
     """PNG keeps 16 bits; JPEG and WebP are 8-bit (16-bit images are reduced)."""
     if fmt is Format.RAW:
-        return to_raw(image)
+        return bytes(raw_samples(image))
     channels = image.shape[2]
     pixels = image
     if fmt is not Format.PNG and image.dtype == np.uint16:

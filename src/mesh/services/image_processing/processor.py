@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Protocol
 
 from prometheus_client import Counter, Histogram
@@ -60,6 +61,16 @@ FORMAT_ENUMS = {
     codec.Format.JPEG: image_pb2.IMAGE_FORMAT_JPEG,
     codec.Format.WEBP: image_pb2.IMAGE_FORMAT_WEBP,
 }
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """A finished pipeline's response. A RAW output's samples stay beside it, a view of the result's own
+    memory, for the servicer to append when the reply is serialised (``mesh.kit.wire``): copied into the
+    message they would be copied three more times on the way out."""
+
+    response: pb.ProcessImageResponse
+    pixels: memoryview | None = None
 
 
 class ImageStore(Protocol):
@@ -253,8 +264,8 @@ class Processor:
         spec: pb.OutputSpec,
         where: str = "output",
         into: pb.ProcessImageResponse | None = None,
-    ) -> pb.ProcessImageResponse:
-        """The response for a finished pipeline: encoded, raw or stored.
+    ) -> Delivered:
+        """The response for a finished pipeline: encoded, raw (its samples beside the message) or stored.
 
         ``into`` is filled in place when given (a message nested in a stream response), because copying a
         nested message of megabytes re-serialises it.
@@ -272,15 +283,13 @@ class Processor:
             pb.StepTiming(filter=name, seconds=seconds) for name, seconds in output.timings
         )
         if fmt is codec.Format.RAW:
-            # Field by field: CopyFrom of a nested message re-serialises megabytes of pixels.
-            response.raw.pixels = codec.to_raw(image)
             response.raw.width = width
             response.raw.height = height
             response.raw.channels = channels
             response.raw.pixel_type = (
                 image_pb2.PIXEL_TYPE_UINT16 if image.dtype.itemsize == 2 else image_pb2.PIXEL_TYPE_UINT8
             )
-            return response
+            return Delivered(response, codec.raw_samples(image))
         data = await asyncio.to_thread(codec.encode, image, fmt, quality)
         if spec.store:
             stored = await self._require_store(f"{where}.store").upload(
@@ -293,7 +302,7 @@ class Processor:
         else:
             response.encoded.data = data
             response.encoded.format = FORMAT_ENUMS[fmt]
-        return response
+        return Delivered(response)
 
     async def process(
         self,
@@ -302,7 +311,7 @@ class Processor:
         spec: pb.OutputSpec,
         where: str = "input",
         into: pb.ProcessImageResponse | None = None,
-    ) -> pb.ProcessImageResponse:
+    ) -> Delivered:
         """Load, run and deliver one image, each stage in a span of its own (``into``: see deliver)."""
         self.check_output(spec)
         with _tracer.start_as_current_span(

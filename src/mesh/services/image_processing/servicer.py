@@ -1,28 +1,42 @@
-"""The gRPC adapter of ``mesh.image.v1.ImageProcessingService`` over the :class:`Processor`."""
+"""The gRPC adapter of ``mesh.image.v1.ImageProcessingService`` over the :class:`Processor`.
+
+A RAW reply's pixels are appended to the serialised message (``mesh.kit.wire``) instead of being copied
+into it, so ProcessImage and StreamProcess answer with :class:`~mesh.kit.wire.Spliced` replies where they
+carry raw pixels. That is why :func:`add_to_server` registers the methods with
+:func:`~mesh.kit.wire.serialize_reply` and the servicer does not subclass the generated base, whose method
+types promise plain messages.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from mesh.image.v1 import image_processing_service_pb2 as pb
-from mesh.image.v1 import image_processing_service_pb2_grpc as pb_grpc
 from mesh.kit import errors
 from mesh.kit.logging import get_logger
-from mesh.services.image_processing.processor import Processor, filter_catalogue
+from mesh.kit.wire import NestedBytesField, Spliced, serialize_reply
+from mesh.services.image_processing.processor import Delivered, Processor, filter_catalogue
 from mesh.services.image_processing.registry import Step, steps_from_proto
 
 log = get_logger(__name__)
 
 SERVICE_NAME = "mesh.image.v1.ImageProcessingService"
 _END = object()
+M = TypeVar("M", pb.ProcessImageResponse, pb.StreamProcessResponse)
+RAW_PIXELS = NestedBytesField.of(pb.ProcessImageResponse, "raw.pixels")
+FRAME_RAW_PIXELS = NestedBytesField.of(pb.StreamProcessResponse, "result.raw.pixels")
 
 
-class ImageProcessingServicer(pb_grpc.ImageProcessingServiceServicer):
+def _reply(message: M, field: NestedBytesField, delivered: Delivered) -> M | Spliced:
+    return message if delivered.pixels is None else Spliced(message, field, delivered.pixels)
+
+
+class ImageProcessingServicer:
     """ListFilters, ProcessImage and StreamProcess."""
 
     def __init__(self, processor: Processor, *, stream_queue_frames: int = 2) -> None:
@@ -36,15 +50,16 @@ class ImageProcessingServicer(pb_grpc.ImageProcessingServiceServicer):
 
     async def ProcessImage(  # noqa: N802 (gRPC method name)
         self, request: pb.ProcessImageRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.ProcessImageResponse:
+    ) -> pb.ProcessImageResponse | Spliced:
         steps = steps_from_proto(request.pipeline)
-        return await self._processor.process(request.input, steps, request.output)
+        delivered = await self._processor.process(request.input, steps, request.output)
+        return _reply(delivered.response, RAW_PIXELS, delivered)
 
     async def StreamProcess(  # noqa: N802 (gRPC method name)
         self,
         request_iterator: AsyncIterator[pb.StreamProcessRequest],
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> AsyncIterator[pb.StreamProcessResponse]:
+    ) -> AsyncIterator[pb.StreamProcessResponse | Spliced]:
         first = await anext(aiter(request_iterator), None)
         if first is None:
             return
@@ -89,7 +104,7 @@ class ImageProcessingServicer(pb_grpc.ImageProcessingServiceServicer):
 
     async def _frame(
         self, message: pb.StreamProcessRequest, steps: Sequence[Step], output: pb.OutputSpec
-    ) -> pb.StreamProcessResponse:
+    ) -> pb.StreamProcessResponse | Spliced:
         if message.WhichOneof("part") != "frame":
             error = errors.InvalidArgument(
                 "only the first message may be a config",
@@ -99,11 +114,37 @@ class ImageProcessingServicer(pb_grpc.ImageProcessingServiceServicer):
         frame = message.frame
         response = pb.StreamProcessResponse(sequence=frame.sequence)
         try:
-            # Filled in place: the frame's pixels are not copied into the response a second time.
-            await self._processor.process(
+            # Filled in place: an encoded frame is not copied into the response a second time.
+            delivered = await self._processor.process(
                 frame.image, steps, output, where="frame.image", into=response.result
             )
         except errors.MeshError as error:
             response.ClearField("result")
             response.error.CopyFrom(error.to_status())
-        return response
+            return response
+        return _reply(response, FRAME_RAW_PIXELS, delivered)
+
+
+def add_to_server(servicer: ImageProcessingServicer, server: grpc.aio.Server) -> None:
+    """Register the service's methods as the generated ``add_..._to_server`` does, but with replies
+    serialised by :func:`~mesh.kit.wire.serialize_reply`."""
+    handlers = {
+        "ListFilters": grpc.unary_unary_rpc_method_handler(
+            servicer.ListFilters,
+            request_deserializer=pb.ListFiltersRequest.FromString,
+            response_serializer=pb.ListFiltersResponse.SerializeToString,
+        ),
+        "ProcessImage": grpc.unary_unary_rpc_method_handler(
+            servicer.ProcessImage,
+            request_deserializer=pb.ProcessImageRequest.FromString,
+            response_serializer=serialize_reply,
+        ),
+        "StreamProcess": grpc.stream_stream_rpc_method_handler(
+            servicer.StreamProcess,
+            request_deserializer=pb.StreamProcessRequest.FromString,
+            response_serializer=serialize_reply,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    # As the generated code does: the registered-method fast path (grpc-stubs do not know it yet).
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
