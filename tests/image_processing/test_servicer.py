@@ -22,12 +22,17 @@ from mesh.kit.health import FunctionCheck
 from mesh.kit.image_bytes import sniff_format
 from mesh.kit.raw_pixels import read_raw
 from mesh.kit.runtime import ServiceRuntime
-from mesh.kit.wire import Spliced, serialize_reply
+from mesh.kit.wire import Parted, Spliced, serialize_reply
 from mesh.services.image_processing import codec
 from mesh.services.image_processing.cpu_backend import CpuBackend
 from mesh.services.image_processing.processor import Delivered, Processor
 from mesh.services.image_processing.registry import steps_from_proto
-from mesh.services.image_processing.servicer import SERVICE_NAME, ImageProcessingServicer, add_to_server
+from mesh.services.image_processing.servicer import (
+    RAW_INPUT,
+    SERVICE_NAME,
+    ImageProcessingServicer,
+    add_to_server,
+)
 from mesh.services.image_processing.settings import ImageSettings
 from tests.image_processing.fakes import MemoryStore
 from tests.image_processing.images import noise, smooth
@@ -157,20 +162,30 @@ async def test_process_image_raw_in_raw_out_16_bit(served: Served) -> None:
     assert np.array_equal(out, 65535 - image)
 
 
-async def test_a_raw_reply_carries_the_result_s_own_memory_to_the_wire() -> None:
-    """A RAW output is not copied into the reply: its samples, a view of the pipeline's result array, are
-    appended when the reply is serialised, and the bytes parse as the whole message (channels, size,
-    pixels); an encoded output is a plain message."""
+def _address(buffer: bytes | memoryview) -> int:
+    return int(np.frombuffer(buffer, np.uint8).ctypes.data)
+
+
+async def test_raw_pixels_cross_the_servicer_without_a_copy() -> None:
+    """A raw input reaches the pipeline as a view of the received bytes, and a RAW output is appended to the
+    serialised reply as a view of the result's memory: with no filter the reply's pixels are the request's
+    very bytes. The reply parses as the whole message (size, channels, pixels); an encoded output is a plain
+    message."""
     servicer = ImageProcessingServicer(Processor(CpuBackend(), store=None, limits=LIMITS))
     image = noise(5, 4, 3)
     request = pb.ProcessImageRequest(
         input=image_pb2.ImageInput(
             raw=image_pb2.RawImage(pixels=image.tobytes(), width=4, height=5, channels=3)
         ),
-        pipeline=[_step("invert")],
         output=pb.OutputSpec(format=image_pb2.IMAGE_FORMAT_RAW),
     )
-    reply = await servicer.ProcessImage(request, None)  # type: ignore[arg-type]
+    payload = request.SerializeToString()
+    reply = await servicer.ProcessImage(RAW_INPUT.parse(payload), None)  # type: ignore[arg-type]
+    assert isinstance(reply, Spliced)
+    assert payload.find(image.tobytes()) == _address(reply.data) - _address(payload)
+
+    request.pipeline.append(_step("invert"))
+    reply = await servicer.ProcessImage(RAW_INPUT.parse(request.SerializeToString()), None)  # type: ignore[arg-type]
     assert isinstance(reply, Spliced)
     assert isinstance(reply.message, pb.ProcessImageResponse)
     assert not reply.message.raw.pixels
@@ -179,8 +194,10 @@ async def test_a_raw_reply_carries_the_result_s_own_memory_to_the_wire() -> None
     parsed = pb.ProcessImageResponse.FromString(serialize_reply(reply))
     assert (parsed.raw.width, parsed.raw.height, parsed.raw.channels) == (4, 5, 3)
     assert parsed.raw.pixels == (255 - image).tobytes()
+
     request.output.format = image_pb2.IMAGE_FORMAT_PNG
-    assert isinstance(await servicer.ProcessImage(request, None), pb.ProcessImageResponse)  # type: ignore[arg-type]
+    encoded = await servicer.ProcessImage(RAW_INPUT.parse(request.SerializeToString()), None)  # type: ignore[arg-type]
+    assert isinstance(encoded, pb.ProcessImageResponse)
 
 
 async def test_process_image_by_reference_and_stored(served: Served) -> None:
@@ -384,13 +401,14 @@ async def test_stream_reads_ahead_only_a_bounded_number_of_frames() -> None:
     servicer = ImageProcessingServicer(processor, stream_queue_frames=2)  # type: ignore[arg-type]
     pulled = 0
 
-    async def requests() -> AsyncIterator[pb.StreamProcessRequest]:
+    async def requests() -> AsyncIterator[Parted[pb.StreamProcessRequest]]:
         nonlocal pulled
         pulled += 1
-        yield pb.StreamProcessRequest(config=pb.StreamConfig())
+        yield Parted(pb.StreamProcessRequest(config=pb.StreamConfig()), None)
         for sequence in range(100):
             pulled += 1
-            yield pb.StreamProcessRequest(frame=pb.Frame(sequence=sequence, image=_png(noise(2, 2, 1))))
+            frame = pb.Frame(sequence=sequence, image=_png(noise(2, 2, 1)))
+            yield Parted(pb.StreamProcessRequest(frame=frame), None)
 
     stream = servicer.StreamProcess(requests(), None)  # type: ignore[arg-type]
     first = asyncio.ensure_future(anext(stream))

@@ -6,13 +6,14 @@ import itertools
 
 import numpy as np
 import pytest
+from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.common.v1 import image_pb2
+from mesh.common.v1 import image_pb2, params_pb2
 from mesh.image.v1 import image_processing_service_pb2 as image_pb
 from mesh.inference.v1 import inference_service_pb2 as inference_pb
-from mesh.kit.wire import NestedBytesField, Spliced, serialize_reply, varint
+from mesh.kit.wire import NestedBytesField, Parted, Spliced, serialize_reply, varint
 
 IMAGE_DATA = NestedBytesField.of(inference_pb.PredictRequest, "input.encoded.data")
 
@@ -142,3 +143,79 @@ def test_appending_over_data_already_in_the_field_is_refused() -> None:
     message = image_pb.ProcessImageResponse(raw=image_pb2.RawImage(pixels=b"old"))
     with pytest.raises(ValueError, match=r"'raw\.pixels' already holds data"):
         NestedBytesField.of(image_pb.ProcessImageResponse, "raw.pixels").serialize(message, [b"new"])
+
+
+RAW_INPUT = NestedBytesField.of(image_pb.ProcessImageRequest, "input.raw.pixels")
+
+
+def _whole(parted: Parted[image_pb.ProcessImageRequest]) -> image_pb.ProcessImageRequest:
+    message = image_pb.ProcessImageRequest()
+    message.CopyFrom(parted.message)
+    if parted.data is not None:
+        message.input.raw.pixels = bytes(parted.data)
+    return message
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    pixels=st.binary(min_size=1, max_size=5_000),  # empty bytes are not on the wire at all
+    width=st.integers(min_value=0, max_value=2**31 - 1),
+    steps=st.lists(st.sampled_from(["invert", "grayscale", "flip"]), max_size=4),
+    quality=st.integers(min_value=0, max_value=100),
+    raw_first=st.booleans(),
+)
+def test_a_parted_request_is_the_message_protobuf_parses(
+    pixels: bytes, width: int, steps: list[str], quality: int, raw_first: bool
+) -> None:
+    """Whatever the fields around them, the pixels come out as a view of the received bytes, and the
+    message with them put back is the one protobuf parses from the same bytes."""
+    raw = image_pb2.RawImage(pixels=pixels, width=width, height=3, channels=3)
+    message = image_pb.ProcessImageRequest(
+        pipeline=[params_pb2.PipelineStep(filter=name) for name in steps],
+        output=image_pb.OutputSpec(quality=quality),
+    )
+    rest = message.SerializeToString()
+    inner = image_pb.ProcessImageRequest(input=image_pb2.ImageInput(raw=raw)).SerializeToString()
+    payload = inner + rest if raw_first else rest + inner
+
+    parted = RAW_INPUT.parse(payload)
+
+    assert parted.data is not None
+    assert parted.data.obj is payload
+    assert bytes(parted.data) == pixels
+    assert not parted.message.input.raw.pixels
+    assert parted.message.input.WhichOneof("source") == "raw"
+    assert _whole(parted) == image_pb.ProcessImageRequest.FromString(payload)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        image_pb.ProcessImageRequest(input=image_pb2.ImageInput(image_id="abc")).SerializeToString(),
+        image_pb.ProcessImageRequest(
+            input=image_pb2.ImageInput(encoded=image_pb2.EncodedImage(data=b"png"))
+        ).SerializeToString(),
+        # Two occurrences of input: protobuf merges them (the later raw wins over the image_id).
+        image_pb.ProcessImageRequest(input=image_pb2.ImageInput(image_id="abc")).SerializeToString()
+        + image_pb.ProcessImageRequest(
+            input=image_pb2.ImageInput(raw=image_pb2.RawImage(pixels=b"\x01\x02\x03"))
+        ).SerializeToString(),
+        b"",
+    ],
+    ids=["image_id", "encoded", "input twice", "empty"],
+)
+def test_a_request_without_one_clear_raw_input_is_parsed_whole(payload: bytes) -> None:
+    """Without the path, or with it more than once at some level, nothing is cut out: the message is the one
+    protobuf parses (merges included) and ``data`` is None."""
+    parted = RAW_INPUT.parse(payload)
+    assert parted.data is None
+    assert parted.message == image_pb.ProcessImageRequest.FromString(payload)
+
+
+def test_malformed_bytes_raise_protobuf_s_own_error() -> None:
+    """A truncated message is left to protobuf, which raises DecodeError as for any bad request."""
+    payload = image_pb.ProcessImageRequest(
+        input=image_pb2.ImageInput(raw=image_pb2.RawImage(pixels=b"x" * 100))
+    ).SerializeToString()
+    with pytest.raises(DecodeError):
+        RAW_INPUT.parse(payload[:-10])

@@ -25,10 +25,16 @@ _SAMPLE_TYPES: dict[int, np.dtype[Any]] = {
 
 
 def read_raw(
-    raw: image_pb2.RawImage, *, max_pixels: int, max_bytes: int | None = None, field: str = "input.raw"
+    raw: image_pb2.RawImage,
+    *,
+    max_pixels: int,
+    max_bytes: int | None = None,
+    field: str = "input.raw",
+    pixels: bytes | memoryview | None = None,
 ) -> npt.NDArray[Any]:
     """The samples as (height, width, channels): uint8 viewing the message's bytes (read-only, not copied), or
-    native uint16 for 16-bit samples (little-endian in the message).
+    native uint16 for 16-bit samples (little-endian in the message). ``pixels``, when given, are the samples
+    received beside the message (``mesh.kit.wire.Parted``) and read instead of ``raw.pixels``.
 
     InvalidData lists every problem of the shape at once; PayloadTooLarge when width x height exceeds
     ``max_pixels`` (checked before the byte count, so a huge size is told as such) or the bytes ``max_bytes``.
@@ -56,7 +62,8 @@ def read_raw(
         )
     assert dtype is not None  # told above
     check_pixels(raw.width, raw.height, max_pixels, field)
-    pixels = raw.pixels  # one access: each copies the bytes, and the array views this very object
+    if pixels is None:
+        pixels = raw.pixels  # one access: each copies the bytes, and the array views this very object
     if max_bytes is not None:
         check_bytes(len(pixels), max_bytes, f"{field}.pixels")
     expected = raw.width * raw.height * raw.channels * dtype.itemsize

@@ -6,18 +6,22 @@ a raw reply's pixels were copied out of their array, into the message and twice 
 wire format makes a message the concatenation of its fields, so the message is serialised without the large
 field and the field's encoding is appended: one join, from the chunks (or an array's memory) straight to the
 bytes that gRPC sends. A receiver parses the message that protobuf itself would have written.
+
+The receiving side is the mirror image: :meth:`NestedBytesField.parse` walks the wire to the field, parses
+the message without it and hands its data over as a view of the received bytes, where upb would copy it once
+on parsing and again on every read of the field.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Any, Generic, TypeAlias, TypeVar
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-_LENGTH_DELIMITED = 2
+_VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
 
 # What a chunk may be: bytes, or a one-dimensional byte view of other memory (an array's, via cast("B")).
 Chunk: TypeAlias = bytes | memoryview
@@ -35,16 +39,28 @@ def varint(value: int) -> bytes:
     return bytes(out)
 
 
+M = TypeVar("M", bound=Message)
+
+
 @dataclass(frozen=True)
-class NestedBytesField:
+class Parted(Generic[M]):
+    """A received message and, when it was left out of the message, the data of its large bytes field as a
+    view of the received bytes (None: read the field from the message as usual)."""
+
+    message: M
+    data: memoryview | None
+
+
+@dataclass(frozen=True)
+class NestedBytesField(Generic[M]):
     """A bytes field reached through singular message fields (``input.encoded.data`` of a request)."""
 
-    message_type: type[Message]
+    message_type: type[M]
     names: tuple[str, ...]
     numbers: tuple[int, ...]
 
-    @classmethod
-    def of(cls, message_type: type[Message], dotted: str) -> NestedBytesField:
+    @staticmethod
+    def of(message_type: type[M], dotted: str) -> NestedBytesField[M]:
         """The field ``dotted`` of ``message_type``: every field on the way a singular message, the last a
         singular bytes field (ValueError otherwise)."""
         descriptor = message_type.DESCRIPTOR
@@ -62,7 +78,7 @@ class NestedBytesField:
                 inner = field.message_type
                 assert inner is not None  # a message field always has its type
                 descriptor = inner
-        return cls(message_type, names, tuple(numbers))
+        return NestedBytesField(message_type, names, tuple(numbers))
 
     @property
     def dotted(self) -> str:
@@ -87,6 +103,24 @@ class NestedBytesField:
             length += len(header)
         return b"".join([message.SerializeToString(), *reversed(headers), *chunks])
 
+    def parse(self, payload: bytes) -> Parted[M]:
+        """``payload`` parsed as the message type, with this field's data left out of the message and handed
+        over as a view of ``payload``.
+
+        Where the path is absent, or occurs more than once at some level (the parser would merge the
+        occurrences), the payload is parsed whole and ``data`` is None. A payload that is not well-formed is
+        also parsed whole, so that protobuf raises its own DecodeError.
+        """
+        view = memoryview(payload)
+        try:
+            cut = _cut(view, self.numbers)
+        except _Malformed:
+            cut = None
+        if cut is None:
+            return Parted(self.message_type.FromString(payload), None)
+        rest, data = cut
+        return Parted(self.message_type.FromString(rest), data)
+
     def _check_room(self, message: Message) -> None:
         current = message
         for depth, name in enumerate(self.names):
@@ -106,18 +140,77 @@ class NestedBytesField:
 
 
 @dataclass(frozen=True)
-class Spliced:
+class Spliced(Generic[M]):
     """A reply to send with ``field`` holding ``data``, which is appended at serialisation instead of being
     copied into ``message`` (see the module's docstring)."""
 
-    message: Message
-    field: NestedBytesField
+    message: M
+    field: NestedBytesField[M]
     data: Chunk
 
     def serialize(self) -> bytes:
         return self.field.serialize(self.message, [self.data])
 
 
-def serialize_reply(reply: Message | Spliced) -> bytes:
+def serialize_reply(reply: Message | Spliced[Any]) -> bytes:
     """The response serializer of a method whose handler may answer with a :class:`Spliced` message."""
     return reply.serialize() if isinstance(reply, Spliced) else reply.SerializeToString()
+
+
+class _Malformed(Exception):
+    """The bytes are not a well-formed protobuf message."""
+
+
+def _read_varint(buffer: memoryview, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if position >= len(buffer) or shift > 63:
+            raise _Malformed
+        byte = buffer[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
+
+
+def _fields(buffer: memoryview) -> Iterator[tuple[int, int, int, int, int]]:
+    """Each field of a serialised message: number, wire type, start of its tag, start and end of its value."""
+    position = 0
+    while position < len(buffer):
+        start = position
+        key, position = _read_varint(buffer, position)
+        number, wire_type = key >> 3, key & 7
+        value_start = position
+        if wire_type == _VARINT:
+            _, position = _read_varint(buffer, position)
+        elif wire_type == _FIXED64:
+            position += 8
+        elif wire_type == _LENGTH_DELIMITED:
+            length, value_start = _read_varint(buffer, position)
+            position = value_start + length
+        elif wire_type == _FIXED32:
+            position += 4
+        else:  # groups: never written by proto3
+            raise _Malformed
+        if position > len(buffer) or number == 0:
+            raise _Malformed
+        yield number, wire_type, start, value_start, position
+
+
+def _cut(buffer: memoryview, numbers: Sequence[int]) -> tuple[bytes, memoryview] | None:
+    """``buffer`` without the field at the path ``numbers``, and that field's value; None unless the path
+    occurs exactly once at every level."""
+    found = [field for field in _fields(buffer) if field[0] == numbers[0]]
+    if len(found) != 1 or found[0][1] != _LENGTH_DELIMITED:
+        return None
+    number, _, start, value_start, end = found[0]
+    value = buffer[value_start:end]
+    if len(numbers) == 1:
+        return b"".join((buffer[:start], buffer[end:])), value
+    inner = _cut(value, numbers[1:])
+    if inner is None:
+        return None
+    rest, data = inner
+    header = varint(number << 3 | _LENGTH_DELIMITED) + varint(len(rest))
+    return b"".join((buffer[:start], header, rest, buffer[end:])), data

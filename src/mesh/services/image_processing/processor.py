@@ -192,8 +192,11 @@ class Processor:
         assert fmt is not None
         return fmt
 
-    async def load(self, source: image_pb2.ImageInput, where: str = "input") -> Image:
-        """The input's pixels, by reference or by value."""
+    async def load(
+        self, source: image_pb2.ImageInput, where: str = "input", raw_pixels: memoryview | None = None
+    ) -> Image:
+        """The input's pixels, by reference or by value (``raw_pixels``: a raw input's samples, received
+        beside the message rather than in it; see ``mesh.kit.wire.Parted``)."""
         kind = source.WhichOneof("source")
         if kind == "image_id":
             _, _, data = await self._require_store(f"{where}.image_id").download(source.image_id)
@@ -206,6 +209,7 @@ class Processor:
         if kind == "raw":
             return read_raw(
                 source.raw,
+                pixels=raw_pixels,
                 max_pixels=self.limits.max_pixels,
                 max_bytes=self.limits.max_bytes,
                 field=f"{where}.raw",
@@ -311,13 +315,15 @@ class Processor:
         spec: pb.OutputSpec,
         where: str = "input",
         into: pb.ProcessImageResponse | None = None,
+        raw_pixels: memoryview | None = None,
     ) -> Delivered:
-        """Load, run and deliver one image, each stage in a span of its own (``into``: see deliver)."""
+        """Load, run and deliver one image, each stage in a span of its own (``into``: see deliver;
+        ``raw_pixels``: see load)."""
         self.check_output(spec)
         with _tracer.start_as_current_span(
             "image.load", attributes={"image.source": source.WhichOneof("source") or ""}
         ):
-            image = await self.load(source, where)
+            image = await self.load(source, where, raw_pixels)
         attributes = {
             "image.device": self.backend.device.value,
             "image.steps": ",".join(step.filter for step in steps),

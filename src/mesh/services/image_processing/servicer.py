@@ -1,10 +1,10 @@
 """The gRPC adapter of ``mesh.image.v1.ImageProcessingService`` over the :class:`Processor`.
 
-A RAW reply's pixels are appended to the serialised message (``mesh.kit.wire``) instead of being copied
-into it, so ProcessImage and StreamProcess answer with :class:`~mesh.kit.wire.Spliced` replies where they
-carry raw pixels. That is why :func:`add_to_server` registers the methods with
-:func:`~mesh.kit.wire.serialize_reply` and the servicer does not subclass the generated base, whose method
-types promise plain messages.
+Raw pixels travel without copies (``mesh.kit.wire``): a request's raw input reaches the handler as a view
+of the received bytes beside the parsed message (a :class:`~mesh.kit.wire.Parted` request), and a RAW reply's
+pixels are appended to the serialised message (a :class:`~mesh.kit.wire.Spliced` reply). That is why
+:func:`add_to_server` registers the methods with those (de)serializers, and why the servicer does not
+subclass the generated base, whose method types promise plain messages.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import grpc
 from mesh.image.v1 import image_processing_service_pb2 as pb
 from mesh.kit import errors
 from mesh.kit.logging import get_logger
-from mesh.kit.wire import NestedBytesField, Spliced, serialize_reply
+from mesh.kit.wire import NestedBytesField, Parted, Spliced, serialize_reply
 from mesh.services.image_processing.processor import Delivered, Processor, filter_catalogue
 from mesh.services.image_processing.registry import Step, steps_from_proto
 
@@ -28,11 +28,13 @@ log = get_logger(__name__)
 SERVICE_NAME = "mesh.image.v1.ImageProcessingService"
 _END = object()
 M = TypeVar("M", pb.ProcessImageResponse, pb.StreamProcessResponse)
+RAW_INPUT = NestedBytesField.of(pb.ProcessImageRequest, "input.raw.pixels")
+FRAME_RAW_INPUT = NestedBytesField.of(pb.StreamProcessRequest, "frame.image.raw.pixels")
 RAW_PIXELS = NestedBytesField.of(pb.ProcessImageResponse, "raw.pixels")
 FRAME_RAW_PIXELS = NestedBytesField.of(pb.StreamProcessResponse, "result.raw.pixels")
 
 
-def _reply(message: M, field: NestedBytesField, delivered: Delivered) -> M | Spliced:
+def _reply(message: M, field: NestedBytesField[M], delivered: Delivered) -> M | Spliced[M]:
     return message if delivered.pixels is None else Spliced(message, field, delivered.pixels)
 
 
@@ -49,20 +51,24 @@ class ImageProcessingServicer:
         return filter_catalogue(self._processor.backend.device)
 
     async def ProcessImage(  # noqa: N802 (gRPC method name)
-        self, request: pb.ProcessImageRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.ProcessImageResponse | Spliced:
-        steps = steps_from_proto(request.pipeline)
-        delivered = await self._processor.process(request.input, steps, request.output)
+        self, request: Parted[pb.ProcessImageRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ProcessImageResponse | Spliced[pb.ProcessImageResponse]:
+        message = request.message
+        steps = steps_from_proto(message.pipeline)
+        delivered = await self._processor.process(
+            message.input, steps, message.output, raw_pixels=request.data
+        )
         return _reply(delivered.response, RAW_PIXELS, delivered)
 
     async def StreamProcess(  # noqa: N802 (gRPC method name)
         self,
-        request_iterator: AsyncIterator[pb.StreamProcessRequest],
+        request_iterator: AsyncIterator[Parted[pb.StreamProcessRequest]],
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> AsyncIterator[pb.StreamProcessResponse | Spliced]:
-        first = await anext(aiter(request_iterator), None)
-        if first is None:
+    ) -> AsyncIterator[pb.StreamProcessResponse | Spliced[pb.StreamProcessResponse]]:
+        parted = await anext(aiter(request_iterator), None)
+        if parted is None:
             return
+        first = parted.message
         if first.WhichOneof("part") != "config":
             raise errors.InvalidArgument(
                 "the first message of StreamProcess must be a config",
@@ -93,7 +99,7 @@ class ImageProcessingServicer:
                 item = await queue.get()
                 if item is _END:
                     break
-                assert isinstance(item, pb.StreamProcessRequest)
+                assert isinstance(item, Parted)
                 yield await self._frame(item, steps, config.output)
         finally:
             reader.cancel()
@@ -103,8 +109,9 @@ class ImageProcessingServicer:
             log.warning("stream ended by a read failure", error=repr(failures[0]))
 
     async def _frame(
-        self, message: pb.StreamProcessRequest, steps: Sequence[Step], output: pb.OutputSpec
-    ) -> pb.StreamProcessResponse | Spliced:
+        self, request: Parted[pb.StreamProcessRequest], steps: Sequence[Step], output: pb.OutputSpec
+    ) -> pb.StreamProcessResponse | Spliced[pb.StreamProcessResponse]:
+        message = request.message
         if message.WhichOneof("part") != "frame":
             error = errors.InvalidArgument(
                 "only the first message may be a config",
@@ -116,7 +123,7 @@ class ImageProcessingServicer:
         try:
             # Filled in place: an encoded frame is not copied into the response a second time.
             delivered = await self._processor.process(
-                frame.image, steps, output, where="frame.image", into=response.result
+                frame.image, steps, output, where="frame.image", into=response.result, raw_pixels=request.data
             )
         except errors.MeshError as error:
             response.ClearField("result")
@@ -136,12 +143,12 @@ def add_to_server(servicer: ImageProcessingServicer, server: grpc.aio.Server) ->
         ),
         "ProcessImage": grpc.unary_unary_rpc_method_handler(
             servicer.ProcessImage,
-            request_deserializer=pb.ProcessImageRequest.FromString,
+            request_deserializer=RAW_INPUT.parse,
             response_serializer=serialize_reply,
         ),
         "StreamProcess": grpc.stream_stream_rpc_method_handler(
             servicer.StreamProcess,
-            request_deserializer=pb.StreamProcessRequest.FromString,
+            request_deserializer=FRAME_RAW_INPUT.parse,
             response_serializer=serialize_reply,
         ),
     }
