@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -209,3 +211,22 @@ def test_configure_logging_is_remembered_for_child_processes() -> None:
         assert current_logging() == LoggingSetup("inference", "warning", "console")
     finally:
         (previous or LoggingSetup("tests", "info", "json")).apply()
+
+
+def test_a_configured_process_exposes_no_created_series() -> None:
+    """After configure_observability, counters and histograms expose their samples without the extra
+    `_created` gauge per series that prometheus-client adds by default."""
+    script = (
+        "from prometheus_client import Counter, Histogram, generate_latest\n"
+        "from mesh.kit.runtime import configure_observability\n"
+        "configure_observability('probe')\n"
+        "Counter('probe_calls_total', 'calls', ['code']).labels('OK').inc()\n"
+        "Histogram('probe_seconds', 'time').observe(0.1)\n"
+        "print(generate_latest().decode())\n"
+    )
+    exposed = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert 'probe_calls_total{code="OK"} 1.0' in exposed
+    assert "probe_seconds_count 1.0" in exposed
+    assert "_created" not in exposed

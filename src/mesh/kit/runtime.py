@@ -23,7 +23,7 @@ import uvicorn
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import make_asgi_app
+from prometheus_client import disable_created_metrics, make_asgi_app
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -58,11 +58,14 @@ def message_limit_options(max_bytes: int) -> list[tuple[str, int]]:
 
 
 def configure_observability(service: str, settings: CommonSettings | None = None) -> None:
-    """Logging and tracing for a process; call once at start, before anything logs."""
+    """Logging, tracing and metrics for a process; call once at start, before anything logs."""
     level = settings.log_level if settings else "info"
     fmt = settings.log_format if settings else "json"
     configure_logging(service, level=level, fmt=fmt)
     tracing.configure_tracing(service)
+    # prometheus-client adds a `<name>_created` gauge beside every counter and histogram series, which
+    # doubles what Prometheus stores for a timestamp that the process start time already tells.
+    disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class ServiceRuntime:
