@@ -219,3 +219,18 @@ def test_malformed_bytes_raise_protobuf_s_own_error() -> None:
     ).SerializeToString()
     with pytest.raises(DecodeError):
         RAW_INPUT.parse(payload[:-10])
+
+
+def test_a_raw_input_overridden_by_a_later_oneof_member_is_not_cut_out() -> None:
+    """Within one ``input``, a raw image followed by an encoded one is the encoded one (the last member of a
+    oneof wins): the pixels are not handed over as the input, and the message is protobuf's own. Found by
+    fuzzing the parser against upb on mutated requests."""
+    raw = image_pb2.ImageInput(raw=image_pb2.RawImage(pixels=b"\x01\x02\x03", width=1)).SerializeToString()
+    encoded = image_pb2.ImageInput(encoded=image_pb2.EncodedImage(data=b"png")).SerializeToString()
+    inner = raw + encoded
+    number = image_pb.ProcessImageRequest.DESCRIPTOR.fields_by_name["input"].number
+    payload = varint(number << 3 | 2) + varint(len(inner)) + inner  # one occurrence of input
+    parted = RAW_INPUT.parse(payload)
+    assert parted.data is None
+    assert parted.message == image_pb.ProcessImageRequest.FromString(payload)
+    assert parted.message.input.WhichOneof("source") == "encoded"

@@ -116,10 +116,26 @@ class NestedBytesField(Generic[M]):
             cut = _cut(view, self.numbers)
         except _Malformed:
             cut = None
-        if cut is None:
-            return Parted(self.message_type.FromString(payload), None)
-        rest, data = cut
-        return Parted(self.message_type.FromString(rest), data)
+        if cut is not None:
+            rest, data = cut
+            message = self.message_type.FromString(rest)
+            if self._selected(message):
+                return Parted(message, data)
+            # A later member of a oneof on the path took its place: the field is not what the message holds.
+        return Parted(self.message_type.FromString(payload), None)
+
+    def _selected(self, message: Message) -> bool:
+        """Whether every message on the path is present and chosen in its oneof, if it is in one."""
+        current = message
+        for depth, name in enumerate(self.names):
+            oneof = current.DESCRIPTOR.fields_by_name[name].containing_oneof
+            if oneof is not None and current.WhichOneof(oneof.name) != name:
+                return False
+            if depth < len(self.names) - 1:
+                if not current.HasField(name):
+                    return False
+                current = getattr(current, name)
+        return True
 
     def _check_room(self, message: Message) -> None:
         current = message
