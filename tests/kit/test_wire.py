@@ -234,3 +234,49 @@ def test_a_raw_input_overridden_by_a_later_oneof_member_is_not_cut_out() -> None
     assert parted.data is None
     assert parted.message == image_pb.ProcessImageRequest.FromString(payload)
     assert parted.message.input.WhichOneof("source") == "encoded"
+
+
+_FUZZ_BASE = image_pb.ProcessImageRequest(
+    input=image_pb2.ImageInput(raw=image_pb2.RawImage(pixels=bytes(range(120)), width=10, channels=3)),
+    pipeline=[params_pb2.PipelineStep(filter="invert")],
+    output=image_pb.OutputSpec(quality=5),
+).SerializeToString()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    edits=st.lists(
+        st.tuples(
+            st.integers(0, len(_FUZZ_BASE) - 1),
+            st.sampled_from(["set", "cut", "put"]),
+            st.binary(min_size=1, max_size=4),
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_parse_agrees_with_protobuf_on_mangled_bytes(edits: list[tuple[int, str, bytes]]) -> None:
+    """On any bytes, parse gives protobuf's message (the handed-over pixels put back) or protobuf's
+    DecodeError. A sample of mutated requests per run; the oneof case above took 200,000 mutations to turn
+    up, so it has a test of its own."""
+    payload = bytearray(_FUZZ_BASE)
+    for position, edit, data in edits:
+        position = min(position, len(payload))
+        if edit == "set":
+            payload[position : position + len(data)] = data
+        elif edit == "cut":
+            del payload[position : position + len(data)]
+        else:
+            payload[position:position] = data
+    try:
+        expected = image_pb.ProcessImageRequest.FromString(bytes(payload))
+    except DecodeError:
+        with pytest.raises(DecodeError):
+            RAW_INPUT.parse(bytes(payload))
+        return
+    parted = RAW_INPUT.parse(bytes(payload))
+    if parted.data is not None:
+        assert not parted.message.input.raw.pixels
+        assert parted.message.input.WhichOneof("source") == "raw"
+    assert _whole(parted) == expected
+    assert _whole(parted).input.WhichOneof("source") == expected.input.WhichOneof("source")
