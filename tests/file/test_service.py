@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import io
 import itertools
@@ -311,6 +312,28 @@ async def test_missing_blob_is_written_again_on_upload(file_client: FileClient, 
     again = await file_client.upload(data, filename="lost-again.png")
     assert again.deduplicated is False
     assert (await file_client.download(image.id))[2] == data
+
+
+async def test_a_full_blob_store_is_resource_exhausted_and_stores_nothing(
+    file_client: FileClient, blob_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the blob store's volume full, an upload is RESOURCE_EXHAUSTED (HTTP 507) saying what to do, not
+    UNAVAILABLE "retry shortly" (seen with a full tmpfs: retries could never succeed); no image is listed."""
+
+    def full(self: BlobStore, sha256: str, data: bytes) -> bool:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(BlobStore, "write", full)
+    name = f"full-{uuid.uuid4().hex}.png"
+    with pytest.raises(errors.ResourceExhausted) as caught:
+        await file_client.upload(unique_png(), filename=name)
+    assert caught.value.reason == errors.REASON_INSUFFICIENT_STORAGE
+    assert errors.http_status(caught.value) == 507
+    assert caught.value.message.startswith("the blob store is full (No space left on device)")
+    assert "retry shortly" not in caught.value.message
+    monkeypatch.undo()
+    listed = (await file_client.list(page_size=100)).images
+    assert name not in {image.filename for image in listed}
 
 
 async def test_concurrent_upload_and_delete_never_lose_a_referenced_blob(

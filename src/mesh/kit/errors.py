@@ -26,6 +26,7 @@ STATUS_DETAILS_KEY = "grpc-status-details-bin"
 # Reasons that pick a more precise HTTP status than the gRPC code alone.
 REASON_UNSUPPORTED_MEDIA_TYPE = "UNSUPPORTED_MEDIA_TYPE"
 REASON_PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
+REASON_INSUFFICIENT_STORAGE = "INSUFFICIENT_STORAGE"
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,17 @@ class PayloadTooLarge(ResourceExhausted):
         super().__init__(message, **kwargs)  # type: ignore[arg-type]
 
 
+class StorageFull(ResourceExhausted):
+    """A volume the service writes to is full (HTTP 507). gRPC names a full file system as RESOURCE_EXHAUSTED;
+    it is not UNAVAILABLE, whose "retry shortly" would not help until someone frees or adds space."""
+
+    default_category = errors_pb2.ERROR_CATEGORY_SYSTEM
+
+    def __init__(self, message: str, **kwargs: object) -> None:
+        kwargs.setdefault("reason", REASON_INSUFFICIENT_STORAGE)
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+
+
 class Unauthenticated(MeshError):
     """No valid credentials."""
 
@@ -254,6 +266,7 @@ _HTTP_BY_CODE: dict[grpc.StatusCode, int] = {
 _HTTP_BY_REASON: dict[str, int] = {
     REASON_UNSUPPORTED_MEDIA_TYPE: 415,
     REASON_PAYLOAD_TOO_LARGE: 413,
+    REASON_INSUFFICIENT_STORAGE: 507,
 }
 
 

@@ -9,6 +9,7 @@ delete of the same bytes can never leave a row whose blob is gone.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import uuid
@@ -291,7 +292,12 @@ def _file_size(handle: BinaryIO) -> int:
     return os.fstat(handle.fileno()).st_size
 
 
-def _blob_store_unavailable(error: OSError) -> errors.Unavailable:
+def _blob_store_unavailable(error: OSError) -> errors.MeshError:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return errors.StorageFull(
+            f"the blob store is full ({error.strerror}); nothing was stored. Free space on its volume or "
+            "enlarge it, then upload again"
+        )
     return errors.Unavailable(
         f"the blob store is unusable ({type(error).__name__}: {error.strerror or error}); retry shortly",
         retry_after_seconds=1.0,

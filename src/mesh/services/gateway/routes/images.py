@@ -60,6 +60,11 @@ UPLOAD_BODY = {
 ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": schemas.ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 429, 500, 503, 504)
 }
+# An upload writes to the blob store, which answers 507 when its volume is full.
+UPLOAD_ERRORS: dict[int | str, dict[str, object]] = {
+    **ERRORS,
+    507: {"model": schemas.ErrorResponse, "description": "The blob store's volume is full"},
+}
 
 
 @dataclass
@@ -142,7 +147,7 @@ async def _read_upload(request: Request) -> Upload:
     status_code=201,
     response_model=schemas.ImageOut,
     openapi_extra=UPLOAD_BODY,
-    responses=ERRORS,
+    responses=UPLOAD_ERRORS,
     summary="Upload an image",
 )
 async def upload_image(request: Request, response: Response, ctx: Context, _: Caller) -> schemas.ImageOut:
