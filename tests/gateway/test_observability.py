@@ -108,7 +108,8 @@ async def test_health_dashboard_lists_services_dependencies_and_queue(
 async def test_readyz_is_503_naming_a_failing_dependency_and_recovers(
     client: httpx.AsyncClient, mesh: FakeMesh
 ) -> None:
-    """When the services' PostgreSQL fails, /readyz is 503 naming it (and the services); then 200 again."""
+    """When the services' PostgreSQL fails, /readyz is 503 naming it (and the services), and the dashboard's
+    status is failing (it said degraded with a service down); then 200 again."""
     assert (await client.get("/readyz")).status_code == 200
     mesh.switch.up = False
     try:
@@ -119,7 +120,7 @@ async def test_readyz_is_503_naming_a_failing_dependency_and_recovers(
         assert "postgresql" in failing
         assert "file service" in failing
         dashboard = (await client.get("/v1/health")).json()
-        assert dashboard["status"] == "degraded"
+        assert dashboard["status"] == "failing"
     finally:
         mesh.switch.up = True
         await mesh.runtime.monitor.check_now()
@@ -148,7 +149,8 @@ async def test_a_degraded_dependency_shows_but_keeps_the_mesh_ready(
 
 
 async def test_readyz_ignores_services_that_are_not_required(make_client: GatewayFactory) -> None:
-    """A service left out of required_services does not block readiness when it is down."""
+    """A service left out of required_services does not block readiness when it is down: the dashboard
+    says degraded where, with it required, it says failing."""
     client: httpx.AsyncClient = await make_client(
         inference_service_address="127.0.0.1:1",
         required_services=["file", "image", "queue"],
@@ -156,12 +158,14 @@ async def test_readyz_ignores_services_that_are_not_required(make_client: Gatewa
     )
     relaxed = await client.get("/readyz")
     assert relaxed.status_code == 200, relaxed.text
+    assert (await client.get("/v1/health")).json()["status"] == "degraded"
     strict: httpx.AsyncClient = await make_client(
         inference_service_address="127.0.0.1:1", health_timeout_seconds=0.5
     )
     response = await strict.get("/readyz")
     assert response.status_code == 503
     assert [c["name"] for c in response.json()["failing"]] == ["inference service"]
+    assert (await strict.get("/v1/health")).json()["status"] == "failing"
 
 
 @pytest.fixture(scope="module")

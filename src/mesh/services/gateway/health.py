@@ -65,9 +65,16 @@ class HealthProbe:
         probes.append(self._gateway_checks())
         groups, queue = await asyncio.gather(asyncio.gather(*probes), self._queue_stats())
         components = [c for group in groups for c in group]
-        degraded = any(c.status in ("failing", "degraded") for c in components)
+        # "failing" where the mesh is not ready (what /readyz answers 503 for); "degraded" where something
+        # fails or degrades but every required service still serves. A service down read "degraded" before.
+        if self._blocking(components):
+            status: Literal["ok", "degraded", "failing"] = "failing"
+        elif any(c.status in ("failing", "degraded") for c in components):
+            status = "degraded"
+        else:
+            status = "ok"
         return HealthOut(
-            status="degraded" if degraded else "ok",
+            status=status,
             checked_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
             components=components,
             queue=queue,
@@ -76,14 +83,18 @@ class HealthProbe:
     async def readiness(self) -> ReadyOut:
         """Ready when every required service answers and none of them, nor the gateway, reports an essential
         dependency failing (a degraded one, such as RabbitMQ behind the queue's outbox, does not count)."""
-        health = await self.collect()
+        failing = self._blocking((await self.collect()).components)
+        return ReadyOut(status="not ready" if failing else "ready", failing=failing)
+
+    def _blocking(self, components: list[ComponentHealth]) -> list[ComponentHealth]:
+        """The failing components that make the mesh not ready: a required service, or an essential
+        dependency of one (or of the gateway)."""
         required = {_service_component(k) for k in self._settings.required_services} | {GATEWAY}
-        failing = [
+        return [
             c
-            for c in health.components
+            for c in components
             if c.status == "failing" and (c.name if c.kind == "service" else c.source) in required
         ]
-        return ReadyOut(status="not ready" if failing else "ready", failing=failing)
 
     async def _timed(self, probe: Callable[[], Awaitable[str]]) -> tuple[bool | None, float, str]:
         started = time.perf_counter()

@@ -363,7 +363,10 @@ class QueueHealth(BaseModel):
 class HealthOut(BaseModel):
     """The health dashboard's data."""
 
-    status: Literal["ok", "degraded"]
+    status: Literal["ok", "degraded", "failing"] = Field(
+        description="failing: the mesh is not ready (as /readyz says); degraded: something fails or degrades "
+        "but every required service serves; ok: everything passes."
+    )
     checked_at: str
     components: list[ComponentHealth]
     queue: QueueHealth | None

@@ -429,9 +429,8 @@ async function loadHealth() {
     const body = await response.json();
     const badge = $("#health-status");
     badge.textContent = body.status;
-    // Amber while only degraded dependencies fail (the mesh still serves), red once an essential one does.
-    const failing = body.components.some((c) => c.status === "failing");
-    badge.className = `badge status-${body.status === "ok" ? "ok" : failing ? "failing" : "degraded"}`;
+    // Red when the mesh is not ready ("failing"), amber while it serves with something degraded or down.
+    badge.className = `badge status-${body.status}`;
     $("#health tbody").replaceChildren(...body.components.map((c) => el("tr", { "data-component": c.name },
       el("td", {}, c.name), el("td", {}, c.source),
       el("td", { class: `status-${c.status}` }, c.status),
