@@ -296,7 +296,7 @@ def _blob_store_unavailable(error: OSError) -> errors.MeshError:
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         return errors.StorageFull(
             f"the blob store is full ({error.strerror}); nothing was stored. Free space on its volume or "
-            "enlarge it, then upload again"
+            "enlarge it, then try again"
         )
     return errors.Unavailable(
         f"the blob store is unusable ({type(error).__name__}: {error.strerror or error}); retry shortly",
