@@ -292,3 +292,33 @@ async def test_draining_ends_open_event_streams(mesh: FakeMesh) -> None:
         mesh.fakes.queue.release()
         await close_gateway(ctx)
     assert [e["event"] for e in events] == ["job"]
+
+
+async def test_a_job_body_of_megabytes_is_413_before_it_is_parsed(
+    client: httpx.AsyncClient, mesh: FakeMesh
+) -> None:
+    """A job carries no image, so its body is held to 1 MiB: a 31 MB JSON body was read and parsed whole
+    (under the 36 MiB limit meant for inline images) before its 30,000 steps were refused. The message
+    names the limit in MiB and the route."""
+    submitted = len(mesh.fakes.queue.jobs)
+    step = {"filter": "grayscale", "params": {"note": "x" * 1000}}
+    body = json.dumps({"image_id": "x", "pipeline": [step] * 2000}).encode()
+    response = await client.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    message = response.json()["error"]["message"]
+    assert message == "the request body is larger than the limit of 1.0 MiB (1048576 bytes) for POST /v1/jobs"
+    assert len(mesh.fakes.queue.jobs) == submitted
+
+
+async def test_inline_image_routes_keep_the_larger_limit(client: httpx.AsyncClient) -> None:
+    """Process and predict carry base64 images, so a body of several MiB reaches them (and is judged on its
+    content, here an image that is not one), where a job's is refused by size."""
+    image = "A" * (3 * 2**20)  # 3 MiB of base64 for zero bytes: no image
+    body = json.dumps({"image": image, "pipeline": [{"filter": "grayscale"}]}).encode()
+    response = await client.post("/v1/process", content=body, headers={"content-type": "application/json"})
+    predict = await client.post(
+        "/v1/models/strip-reader:predict",
+        content=json.dumps({"image": image}).encode(),
+        headers={"content-type": "application/json"},
+    )
+    assert (response.status_code, predict.status_code) == (415, 415), (response.text, predict.text)

@@ -23,6 +23,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from prometheus_client import Gauge
 
 from mesh.kit.logging import get_logger
+from mesh.kit.units import binary_size
 
 log = get_logger(__name__)
 
@@ -117,17 +118,9 @@ class DirectoryCheck:
         usage = shutil.disk_usage(self.path)
         if usage.free < self.min_free_bytes:
             raise OSError(
-                f"only {_size(usage.free)} free in {self.path}; it needs at least {_size(self.min_free_bytes)}"
+                f"only {binary_size(usage.free)} free in {self.path}; it needs at least {binary_size(self.min_free_bytes)}"
             )
-        return f"{_size(usage.free)} free of {_size(usage.total)}"
-
-
-def _size(count: int) -> str:
-    """A byte count as people read it on a dashboard: 77.8 GiB, 40.0 MiB."""
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if count >= scale:
-            return f"{count / scale:.1f} {unit}"
-    return f"{count} bytes"
+        return f"{binary_size(usage.free)} free of {binary_size(usage.total)}"
 
 
 async def run_check(check: DependencyCheck, timeout: float) -> CheckResult:

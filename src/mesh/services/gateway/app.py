@@ -83,9 +83,13 @@ def create_app(ctx: GatewayContext) -> FastAPI:
     settings = ctx.settings
 
     def limit_for(scope: Scope) -> int:
-        if scope["path"].rstrip("/") == "/v1/images" and scope["method"] == "POST":
+        path = scope["path"].rstrip("/")
+        if scope["method"] == "POST" and path == "/v1/images":
             return settings.max_upload_bytes
-        return settings.max_json_bytes
+        if scope["method"] == "POST" and (path == "/v1/process" or path.endswith(":predict")):
+            return settings.max_json_bytes
+        # A job, a cancel: a few KB at most, so a body of megabytes is refused before it is read or parsed.
+        return settings.max_body_bytes
 
     app.add_middleware(HeadAsGet)
     app.add_middleware(BodyLimit, limit_for=limit_for)

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mesh.kit import errors, tracing
 from mesh.kit.logging import get_logger
+from mesh.kit.units import binary_size
 from mesh.services.gateway import metrics
 from mesh.services.gateway.http_errors import error_response, internal_error_response
 
@@ -175,7 +176,11 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         limit = self.limit_for(scope)
-        too_large = errors.PayloadTooLarge(f"the request body is larger than the limit of {limit} bytes")
+        too_large = errors.PayloadTooLarge(
+            f"the request body is larger than the limit of {binary_size(limit)} ({limit} bytes) for "
+            f"{scope['method']} {scope['path']}",
+            metadata={"limit_bytes": str(limit)},
+        )
         for key, value in scope["headers"]:
             if key == b"content-length" and value.isdigit() and int(value) > limit:
                 await error_response(too_large)(scope, receive, send)

@@ -24,7 +24,11 @@ class GatewaySettings(CommonSettings):
     """Largest request body accepted by ``POST /v1/images`` (multipart overhead included); larger -> 413."""
 
     max_json_bytes: int = Field(default=36 * 1024 * 1024, gt=0)
-    """Largest body of every other request (inline base64 images are 4/3 of their size); larger -> 413."""
+    """Largest body of ``POST /v1/process`` and ``POST /v1/models/{name}:predict``, which carry images inline
+    (base64 is 4/3 of the image); larger -> 413."""
+
+    max_body_bytes: int = Field(default=1024 * 1024, gt=0)
+    """Largest body of every other request (a job, a cancel), which carries no image; larger -> 413."""
 
     auth_mode: AuthMode = "off"
     """``off`` (local use), ``api_key`` (X-API-Key header), ``jwt`` (Bearer token) or ``any`` of the two."""
