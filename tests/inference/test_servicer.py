@@ -204,7 +204,7 @@ async def test_bad_requests_map_to_precise_statuses(served: Served) -> None:
                 input=image_pb2.ImageInput(encoded=image_pb2.EncodedImage(data=b"GIF89a....")),
             ),
             errors.InvalidArgument,
-            "input.encoded",
+            "input.encoded.data",
         ),
         (
             pb.PredictRequest(model_name="fake", input=image_pb2.ImageInput(image_id="missing")),

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Final, Literal
 
 from mesh.common.v1 import image_pb2
-from mesh.kit.errors import FieldViolation, InvalidArgument
+from mesh.kit.errors import FieldViolation, InvalidArgument, UnsupportedMediaType
 
 Format = Literal["PNG", "JPEG", "WEBP"]
 
@@ -61,6 +61,20 @@ def describe_bytes(data: bytes) -> str:
     if text and all(ch.isprintable() or ch in "\r\n\t" for ch in text):
         return f"they look like text: {text[:24]!r}"
     return f"they start with {data[:8]!r}"
+
+
+ACCEPTED: Final = "PNG, JPEG or WebP"
+
+
+def not_an_image(data: bytes, field: str | None = None) -> UnsupportedMediaType:
+    """The one refusal, in every service, of bytes that are not an image the mesh accepts (HTTP 415), saying
+    what they look like; ``field`` names the request field that held them, where there is one."""
+    return UnsupportedMediaType(
+        f"the bytes are not a {ACCEPTED} image ({describe_bytes(data)}), whatever their name or declared type "
+        f"says; send a {ACCEPTED} image",
+        field_violations=[FieldViolation(field, f"must be {ACCEPTED} bytes")] if field else (),
+        metadata={"accepted": "image/png,image/jpeg,image/webp"},
+    )
 
 
 def check_declared_format(declared: image_pb2.ImageFormat.ValueType, data: bytes, field: str) -> None:

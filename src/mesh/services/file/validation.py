@@ -18,8 +18,9 @@ from typing import Final
 from PIL import Image
 
 from mesh.kit import errors
-from mesh.kit.image_bytes import Format, describe_bytes, sniff_format
+from mesh.kit.image_bytes import Format, not_an_image, sniff_format
 from mesh.kit.orientation import displayed_size, exif_orientation
+from mesh.kit.units import binary_size
 from mesh.services.file.containers import (
     ContainerError,
     ContainerInfo,
@@ -95,7 +96,7 @@ def too_large(size: int, max_bytes: int, *, complete: bool = True) -> errors.Pay
     """The error for an upload over the size limit."""
     amount = f"{size} bytes" if complete else f"more than {max_bytes} bytes (stopped after {size})"
     return errors.PayloadTooLarge(
-        f"the upload is {amount}, over the limit of {max_bytes} bytes ({max_bytes / 2**20:g} MiB); "
+        f"the upload is {amount}, over the limit of {max_bytes} bytes ({binary_size(max_bytes)}); "
         "send a smaller or more compressed image",
         metadata={"limit_bytes": str(max_bytes)},
     )
@@ -142,11 +143,7 @@ def validate_image(
         )
     fmt = sniff_format(data)
     if fmt is None:
-        raise errors.UnsupportedMediaType(
-            f"the bytes are not a PNG, JPEG or WebP image ({describe_bytes(data)}), whatever the "
-            "filename or declared type says; upload a PNG, JPEG or WebP file",
-            metadata={"accepted": ",".join(CONTENT_TYPES.values())},
-        )
+        raise not_an_image(data)
     real_type = CONTENT_TYPES[fmt]
     declared = normalise_content_type(declared_content_type)
     if declared and declared != real_type:

@@ -17,7 +17,7 @@ from PIL import Image as PilImage
 from PIL import UnidentifiedImageError
 
 from mesh.kit import errors
-from mesh.kit.image_bytes import describe_bytes, sniff_format
+from mesh.kit.image_bytes import not_an_image, sniff_format
 from mesh.kit.image_limits import check_bytes, check_pixels
 from mesh.kit.orientation import exif_orientation, orient
 from mesh.services.image_processing.filter_math import Image, as_image
@@ -52,10 +52,7 @@ def decode(data: bytes, limits: Limits, where: str = "input.encoded.data") -> Im
     check_bytes(len(data), limits.max_bytes, where)
     kind = sniff_format(data)
     if kind is None:
-        raise errors.UnsupportedMediaType(
-            f"the image is not PNG, JPEG or WebP ({describe_bytes(data)})",
-            field_violations=[errors.FieldViolation(where, "must be PNG, JPEG or WebP bytes")],
-        )
+        raise not_an_image(data, where)
     try:
         # Header only: size is known before decoding, so a decompression bomb is refused early.
         with PilImage.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS)) as header:

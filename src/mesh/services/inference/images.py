@@ -23,7 +23,7 @@ from mesh.kit.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from mesh.kit.image_bytes import check_declared_format, describe_bytes, sniff_format
+from mesh.kit.image_bytes import check_declared_format, not_an_image, sniff_format
 from mesh.kit.image_limits import check_pixels
 from mesh.kit.raw_pixels import read_raw
 from mesh.services.file.client import FileClient
@@ -43,11 +43,7 @@ def _unidentified(data: bytes, formats: list[str], field: str) -> InvalidData | 
             "send the whole file",
             field_violations=[FieldViolation(field, f"a complete {found} file")],
         )
-    looks = f"they are a {found} image" if found is not None else describe_bytes(data)
-    return UnsupportedMediaType(
-        f"the bytes are not a {' / '.join(formats)} image ({looks})",
-        field_violations=[FieldViolation(field, f"send {', '.join(_ACCEPTED)}")],
-    )
+    return not_an_image(data, f"{field}.data")
 
 
 class ImageFetcher(Protocol):

@@ -1,0 +1,42 @@
+"""mesh.kit.image_bytes: one refusal of bytes that are not an accepted image, whichever service gets them."""
+
+from __future__ import annotations
+
+import pytest
+
+from mesh.kit import errors
+from mesh.kit.image_bytes import not_an_image
+from mesh.services.file.validation import validate_image
+from mesh.services.image_processing import codec
+from mesh.services.inference.images import ImageDecoder
+
+NOT_IMAGES = {
+    "gif": b"GIF89a\x01\x00\x01\x00\x00\x00\x00",
+    "html": b"<!doctype html><title>Sign in</title>",
+    "zeros": bytes(64),
+}
+
+
+@pytest.mark.parametrize("data", NOT_IMAGES.values(), ids=NOT_IMAGES.keys())
+def test_every_service_refuses_a_non_image_in_the_same_words(data: bytes) -> None:
+    """The file service, image processing and inference said it three ways ("the image is not PNG, JPEG or
+    WebP", "not a PNG / JPEG / WEBP image", ...) and named the field two ways; now one message, 415, and the
+    bytes field itself (input.encoded.data) where a request has one."""
+    refusals: list[errors.MeshError] = []
+    for refuse in (
+        lambda: validate_image(data),
+        lambda: codec.decode(data, codec.Limits(), "input.encoded.data"),
+        lambda: ImageDecoder(max_pixels=1_000_000).decode_encoded(data, field="input.encoded"),
+    ):
+        with pytest.raises(errors.UnsupportedMediaType) as caught:
+            refuse()
+        refusals.append(caught.value)
+    expected = not_an_image(data)
+    assert {error.message for error in refusals} == {expected.message}
+    assert all(errors.http_status(error) == 415 for error in refusals)
+    assert [[v.field for v in error.field_violations] for error in refusals] == [
+        [],
+        ["input.encoded.data"],
+        ["input.encoded.data"],
+    ]
+    assert expected.message.startswith("the bytes are not a PNG, JPEG or WebP image (they ")
