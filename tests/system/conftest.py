@@ -99,10 +99,10 @@ def start_mesh(tmp: Path, database_url: str, extra_env: dict[str, str] | None = 
     pytest.fail(f"the mesh did not become ready within 120 s:\n{mesh.log()[-5000:]}")
 
 
-def stop_mesh(mesh: Mesh) -> int:
-    """SIGTERM the supervisor and wait for it; returns its exit status."""
+def stop_mesh(mesh: Mesh, how: signal.Signals = signal.SIGTERM) -> int:
+    """Signal the supervisor (SIGTERM unless told) and wait for it; returns its exit status."""
     if mesh.process.poll() is None:
-        mesh.process.send_signal(signal.SIGTERM)
+        mesh.process.send_signal(how)
     try:
         return mesh.process.wait(timeout=60)
     except subprocess.TimeoutExpired:

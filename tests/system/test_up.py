@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from mesh.tools.up import child_environment
 from tests.system.conftest import FILE_GRPC, GATEWAY, start_mesh, stop_mesh
 
 
@@ -80,6 +82,21 @@ def test_up_serves_and_sigterm_stops_every_process(tmp_path: Path, database_url:
     assert "stopped" in mesh.log()
 
 
+def test_a_closed_terminal_stops_every_process(tmp_path: Path, database_url: str) -> None:
+    """SIGHUP (the terminal closed, the SSH session dropped) stops the mesh as Ctrl-C does: it killed only the
+    supervisor, and the services, each in a session of its own, ran on holding the ports."""
+    mesh = start_mesh(tmp_path, database_url)
+    children = mesh.children()
+    assert children, "no service processes found"
+    assert stop_mesh(mesh, signal.SIGHUP) == 0, mesh.log()[-3000:]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(
+        c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children
+    ):
+        time.sleep(0.2)
+    assert not [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
 def _up_refusing(blob_dir: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """`make up` run where it should refuse to start, with its output captured."""
     return subprocess.run(
@@ -115,3 +132,16 @@ def test_up_names_a_port_already_in_use_before_starting_anything(tmp_path: Path,
     assert f"already in use on this machine: port {8080 + offset} (gateway HTTP)" in result.stdout
     assert "--port-offset" in result.stdout
     assert "started" not in result.stdout
+
+
+def test_on_a_terminal_the_processes_log_for_people_unless_told_otherwise() -> None:
+    """`make up` in a terminal gives its processes console logs (JSON lines from five processes are hard to
+    read there); piped, or with MESH_LOG_FORMAT set, the environment is left as it was."""
+    assert child_environment({"PATH": "/bin"}, terminal=True) == {
+        "PATH": "/bin",
+        "PYTHONUNBUFFERED": "1",
+        "MESH_LOG_FORMAT": "console",
+    }
+    assert "MESH_LOG_FORMAT" not in child_environment({"PATH": "/bin"}, terminal=False)
+    chosen = child_environment({"MESH_LOG_FORMAT": "json"}, terminal=True)
+    assert chosen["MESH_LOG_FORMAT"] == "json"

@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -76,6 +77,16 @@ HOW_TO_START = {
     "RabbitMQ": "start it with `rabbitmq-server -detached` or `sudo systemctl start rabbitmq-server`, "
     "or point MESH_AMQP_URL at a running broker",
 }
+
+
+def child_environment(base: Mapping[str, str], *, terminal: bool) -> dict[str, str]:
+    """The environment of every process: ``base``, unbuffered, and on a terminal logs for people (one
+    coloured line each, with the same fields) unless MESH_LOG_FORMAT says otherwise; piped (CI, a file,
+    a log shipper), the JSON lines stay."""
+    env = {**base, "PYTHONUNBUFFERED": "1"}
+    if terminal and "MESH_LOG_FORMAT" not in base:
+        env["MESH_LOG_FORMAT"] = "console"
+    return env
 
 
 def say(message: str) -> None:
@@ -179,7 +190,7 @@ async def run(settings: CommonSettings, startup_timeout: float, grace: float, po
             "--port-offset 1000`."
         )
         return 1
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = child_environment(os.environ, terminal=sys.stdout.isatty())
     if port_offset and not settings.queue_prefix:
         # A second mesh on the same RabbitMQ vhost would otherwise take the first one's jobs.
         env["MESH_QUEUE_PREFIX"] = f"offset{port_offset}."
@@ -188,7 +199,9 @@ async def run(settings: CommonSettings, startup_timeout: float, grace: float, po
     children: dict[str, asyncio.subprocess.Process] = {}
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP too: a closed terminal or a dropped SSH session would otherwise kill only this supervisor and
+    # leave every service running on in its own session, holding the ports.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stopping.set)
     for process in wanted:
         # Each child gets its own process group so a terminal's Ctrl-C reaches only the supervisor,
