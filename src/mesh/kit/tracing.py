@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, MutableMapping
+from typing import cast
 
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+from mesh.kit.client_spans import client_spans
 
 _provider: TracerProvider | None = None
 
@@ -79,8 +82,9 @@ def server_interceptor() -> grpc.aio.ServerInterceptor:  # type: ignore[type-arg
 
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
-    """Client spans and trace-context injection for outgoing calls, except health checks."""
-    return list(aio_client_interceptors(filter_=not_health_check))  # type: ignore[no-untyped-call]
+    """Client spans and trace-context injection for outgoing calls, except health checks (our own
+    interceptor, not OpenTelemetry's: see mesh.kit.client_spans for why)."""
+    return [cast(grpc.aio.ClientInterceptor, i) for i in client_spans(not_health_check)]
 
 
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"

@@ -244,7 +244,8 @@ async def get_image_content(
 
     async def chunks() -> AsyncIterator[bytes]:
         try:
-            async for part in call:
+            # read(), as for the first message: gRPC refuses a call read both ways. It ends with EOF.
+            while isinstance(part := await call.read(), file_service_pb2.DownloadImageResponse):
                 if part.chunk:
                     yield part.chunk
         finally:
