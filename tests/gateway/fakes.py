@@ -228,6 +228,7 @@ class FakeImageService(image_grpc.ImageProcessingServiceServicer):
         self.device = image_pb2.DEVICE_CPU
         self.last_request: image_pb.ProcessImageRequest | None = None
         self.last_metadata: dict[str, Any] = {}
+        self.cancelled = 0  # calls cancelled while a "sleep:<seconds>" step waited
 
     async def ListFilters(
         self, request: image_pb.ListFiltersRequest, context: Context
@@ -289,6 +290,12 @@ class FakeImageService(image_grpc.ImageProcessingServiceServicer):
         self.last_request = request
         self.last_metadata = dict(context.invocation_metadata() or ())
         for step in request.pipeline:
+            if step.filter.startswith("sleep:"):
+                try:
+                    await asyncio.sleep(float(step.filter.removeprefix("sleep:")))
+                except asyncio.CancelledError:
+                    self.cancelled += 1
+                    raise
             if step.filter.startswith("raise:"):
                 code = step.filter.removeprefix("raise:")
                 raise RAISES[code](

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import json
+import logging
 from collections.abc import AsyncIterator
 
 import httpx
@@ -13,7 +16,7 @@ from PIL import Image
 from mesh.common.v1 import image_pb2
 from mesh.services.gateway import convert
 from tests.gateway.fakes import strip_png
-from tests.gateway.harness import FakeMesh
+from tests.gateway.harness import FakeMesh, build_gateway, close_gateway, serve_app
 
 
 async def test_filters_list_params_and_devices(client: httpx.AsyncClient) -> None:
@@ -314,3 +317,46 @@ async def test_predict_needs_exactly_one_image_source(client: httpx.AsyncClient)
     assert "image_id" in both.json()["error"]["message"]
     assert "image_id" in neither.json()["error"]["message"]
     assert "empty" in empty.json()["error"]["message"]
+
+
+async def _post_then_leave(url: str, path: str, body: bytes, after: float) -> None:
+    """Send a request over a raw connection and close it before any answer."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    writer.write(head.encode() + body)
+    await writer.drain()
+    await asyncio.sleep(after)
+    assert not reader.at_eof()  # no answer yet: the work was still running
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_a_client_that_leaves_cancels_the_work_and_is_logged_as_499(
+    mesh: FakeMesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that closes its connection while /v1/process runs cancels the gRPC call (the image service
+    sees it cancelled) and is recorded as 499; the pipeline ran to its end and a 200 was logged for nobody."""
+    app, ctx = build_gateway(mesh.gateway_settings())
+    image_id = mesh.fakes.files.store(strip_png()).id
+    body = json.dumps({"image_id": image_id, "pipeline": [{"filter": "sleep:5"}]}).encode()
+    before = mesh.fakes.image.cancelled
+    try:
+        with caplog.at_level(logging.INFO, logger="mesh.services.gateway.access"):
+            async with serve_app(app) as url:
+                await _post_then_leave(url, "/v1/process", body, after=0.3)
+                for _ in range(100):
+                    if mesh.fakes.image.cancelled > before:
+                        break
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(0.1)  # the access line is written as the request unwinds
+    finally:
+        await close_gateway(ctx)
+    assert mesh.fakes.image.cancelled == before + 1
+    lines = [r.msg for r in caplog.records if r.name == "mesh.services.gateway.access"]
+    assert [(line["route"], line["status"]) for line in lines if isinstance(line, dict)] == [
+        ("/v1/process", 499)
+    ]

@@ -21,7 +21,7 @@ from starlette.types import Scope
 from mesh.services.gateway import http_errors
 from mesh.services.gateway.auth import API_KEY_HEADER
 from mesh.services.gateway.context import SECURITY_SCHEMES, GatewayContext, guard
-from mesh.services.gateway.middleware import BodyLimit, HeadAsGet, ObservedRequests
+from mesh.services.gateway.middleware import BodyLimit, CancelOnDisconnect, HeadAsGet, ObservedRequests
 from mesh.services.gateway.routes import images, jobs, models, processing, system
 from mesh.services.gateway.schemas import PredictIn, ProcessIn
 from mesh.services.gateway.settings import AuthMode
@@ -93,6 +93,7 @@ def create_app(ctx: GatewayContext) -> FastAPI:
 
     app.add_middleware(HeadAsGet)
     app.add_middleware(BodyLimit, limit_for=limit_for)
+    app.add_middleware(CancelOnDisconnect)
     # An uploaded file is read into memory whole (it goes on to the file service), so a multipart part
     # up to the upload limit stays in memory: Starlette's default spools parts over 1 MiB to a temporary
     # file, written through a worker thread chunk by chunk, which made a 1 MB upload ~10 ms slower.

@@ -6,6 +6,8 @@ current context inside the endpoint, which makes outgoing gRPC calls children of
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Callable, MutableMapping
 from typing import Any
@@ -73,6 +75,73 @@ class HeadAsGet:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         await self.app({**scope, "method": "GET", HEAD_KEY: True}, receive, headers_only)
+
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before the answer
+
+
+class CancelOnDisconnect:
+    """Stops working for a client that has gone: once the request's body is read, a disconnect cancels the
+    request's task, and with it the gRPC call it awaits (the service sees CANCELLED; a prediction still
+    waiting for its batch never runs). The request is recorded as 499. Starlette itself only notices a
+    disconnect while it streams a response; a client that gave up on a long ``/v1/process`` had the whole
+    pipeline run and a 200 logged for nobody.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body_read = asyncio.Event()
+        response_started = response_finished = False
+
+        async def tracking_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                body_read.set()
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started, response_finished
+            if message["type"] == "http.response.start":
+                response_started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                response_finished = True
+            await send(message)
+
+        async def serve() -> None:
+            await self.app(scope, tracking_receive, tracking_send)
+
+        serving = asyncio.create_task(serve())
+
+        async def watch() -> bool:
+            await body_read.wait()
+            # After the whole body, the server's next message is the disconnect: the client's leaving, or
+            # (uvicorn says so too) the end of a response already sent, whose work after it must finish.
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if response_finished:
+                return False
+            serving.cancel()
+            return True
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await serving
+        except asyncio.CancelledError:
+            if not (watcher.done() and not watcher.cancelled() and watcher.result()):
+                raise  # cancelled from outside (shutdown), not by the client's leaving
+            if not response_started:
+                # Nobody reads it (the server drops it): it is what the access log and metrics record.
+                await send({"type": "http.response.start", "status": CLIENT_CLOSED_REQUEST, "headers": []})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
 
 
 class ObservedRequests:
