@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -199,6 +200,31 @@ async def test_rpc_errors_raise_mesh_errors(runtime: Any) -> None:
         with pytest.raises(errors.InvalidArgument) as info, errors.rpc_errors():
             await channel.unary_unary(f"/{SERVICE}/Echo", None, None)(b"bad")
     assert info.value.field_violations[0].field == "payload"
+
+
+async def test_a_call_the_client_cancels_gets_its_access_line_and_count(
+    runtime: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A call cancelled by its client is logged like every other call ("rpc", code CANCELLED, duration) and
+    counted; it was counted but left no line, so a client's giving up showed nowhere in the logs."""
+    rt, _, _ = runtime
+    with caplog.at_level(logging.INFO, logger="mesh.kit.interceptors"):
+        async with grpc.aio.insecure_channel(f"localhost:{rt.grpc_port}") as channel:
+            call = channel.unary_unary(f"/{SERVICE}/Echo", None, None)(b"slow")
+            await asyncio.sleep(0.1)
+            call.cancel()
+            for _ in range(50):
+                lines = [
+                    r.msg for r in caplog.records if isinstance(r.msg, dict) and r.msg.get("event") == "rpc"
+                ]
+                if lines:
+                    break
+                await asyncio.sleep(0.02)
+    assert [(line["rpc"], line["code"]) for line in lines] == [(f"{SERVICE}/Echo", "CANCELLED")]
+    assert lines[0]["duration_ms"] >= 50
+    async with httpx.AsyncClient(base_url=f"http://localhost:{_http_port(rt)}") as client:
+        exposed = (await client.get("/metrics/")).text
+    assert f'grpc_code="CANCELLED",grpc_method="Echo",grpc_service="{SERVICE}"' in exposed
 
 
 def test_configure_logging_is_remembered_for_child_processes() -> None:

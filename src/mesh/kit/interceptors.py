@@ -109,9 +109,14 @@ def _start(service: str, method: str, kind: str) -> float:
 
 
 def _finish(
-    context: grpc.aio.ServicerContext[Any, Any], service: str, method: str, kind: str, started: float
+    context: grpc.aio.ServicerContext[Any, Any],
+    service: str,
+    method: str,
+    kind: str,
+    started: float,
+    default: grpc.StatusCode = grpc.StatusCode.OK,
 ) -> None:
-    code = context.code() or grpc.StatusCode.OK
+    code = context.code() or default
     name = code.name if isinstance(code, grpc.StatusCode) else str(code)
     elapsed = time.perf_counter() - started
     RPC_HANDLED.labels(service, method, kind, name).inc()
@@ -139,10 +144,9 @@ async def _fail(
             error=str(error),
         )
     elif isinstance(exc, grpc.aio.AbortError | GeneratorExit) or not isinstance(exc, Exception):
-        # Already aborted by the servicer, or cancelled: record what the context says.
-        code = context.code() or grpc.StatusCode.CANCELLED
-        RPC_HANDLED.labels(service, method, kind, getattr(code, "name", str(code))).inc()
-        RPC_SECONDS.labels(service, method, kind).observe(time.perf_counter() - started)
+        # Already aborted by the servicer, or cancelled (the client left): record what the context says,
+        # with the access line every other call gets.
+        _finish(context, service, method, kind, started, default=grpc.StatusCode.CANCELLED)
         return
     else:
         log.exception("rpc crashed", rpc=f"{service}/{method}")
