@@ -48,18 +48,31 @@ def add_response_headers(scope: Scope, headers: dict[str, str]) -> None:
     state.setdefault(EXTRA_HEADERS_KEY, {}).update(headers)
 
 
-HEAD_KEY = "mesh.head"
-
-
-class HeadAsGet:
-    """HEAD answered as the GET it stands for, without the body (RFC 9110: a general-purpose server supports
-    both; FastAPI's routes list only GET, so ``curl -I`` and HEAD health checks got 405)."""
+class HttpMiddleware:
+    """An ASGI middleware that acts on HTTP requests (``handle``); lifespan and other scopes pass through."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "HEAD":
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self.handle(scope, receive, send)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+HEAD_KEY = "mesh.head"
+
+
+class HeadAsGet(HttpMiddleware):
+    """HEAD answered as the GET it stands for, without the body (RFC 9110: a general-purpose server supports
+    both; FastAPI's routes list only GET, so ``curl -I`` and HEAD health checks got 405)."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] != "HEAD":
             await self.app(scope, receive, send)
             return
         ended = False
@@ -80,7 +93,7 @@ class HeadAsGet:
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before the answer
 
 
-class CancelOnDisconnect:
+class CancelOnDisconnect(HttpMiddleware):
     """Stops working for a client that has gone: once the request's body is read, a disconnect cancels the
     request's task, and with it the gRPC call it awaits (the service sees CANCELLED; a prediction still
     waiting for its batch never runs). The request is recorded as 499. Starlette itself only notices a
@@ -88,13 +101,7 @@ class CancelOnDisconnect:
     pipeline run and a 200 logged for nobody.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         body_read = asyncio.Event()
         response_started = response_finished = False
 
@@ -144,16 +151,10 @@ class CancelOnDisconnect:
                 await watcher
 
 
-class ObservedRequests:
+class ObservedRequests(HttpMiddleware):
     """A server span per request (honouring an incoming traceparent), metrics, and a safety net for 500s."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         carrier = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         method: str = scope["method"]
         started = time.perf_counter()
@@ -229,7 +230,7 @@ class ObservedRequests:
                     )
 
 
-class BodyLimit:
+class BodyLimit(HttpMiddleware):
     """Refuses bodies over the limit with 413 before reading them: by Content-Length, then by counting.
 
     When a chunked body grows past the limit, reading stops, whatever the app answered is discarded and a 413
@@ -237,13 +238,10 @@ class BodyLimit:
     """
 
     def __init__(self, app: ASGIApp, limit_for: Callable[[Scope], int]) -> None:
-        self.app = app
+        super().__init__(app)
         self.limit_for = limit_for
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = self.limit_for(scope)
         too_large = errors.PayloadTooLarge(
             f"the request body is larger than the limit of {binary_size(limit)} ({limit} bytes) for "
