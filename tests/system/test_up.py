@@ -97,6 +97,25 @@ def test_a_closed_terminal_stops_every_process(tmp_path: Path, database_url: str
     assert not [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
 
 
+def test_a_supervisor_killed_outright_takes_its_services_with_it(tmp_path: Path, database_url: str) -> None:
+    """SIGKILL (or the OOM killer) gives the supervisor no chance to stop anything: the kernel's parent-death
+    signal stops each service instead, where they ran on holding the ports."""
+    mesh = start_mesh(tmp_path, database_url)
+    children = [c for c in mesh.children() if c.ppid() == mesh.process.pid]
+    assert len(children) == 5, [c.cmdline() for c in children]
+    mesh.process.kill()
+    mesh.process.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(
+        c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children
+    ):
+        time.sleep(0.2)
+    running = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    for child in running:
+        child.kill()
+    assert not running, [c.cmdline() for c in running]
+
+
 def _up_refusing(blob_dir: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """`make up` run where it should refuse to start, with its output captured."""
     return subprocess.run(
@@ -140,6 +159,7 @@ def test_on_a_terminal_the_processes_log_for_people_unless_told_otherwise() -> N
     assert child_environment({"PATH": "/bin"}, terminal=True) == {
         "PATH": "/bin",
         "PYTHONUNBUFFERED": "1",
+        "MESH_SUPERVISOR_PID": str(os.getpid()),
         "MESH_LOG_FORMAT": "console",
     }
     assert "MESH_LOG_FORMAT" not in child_environment({"PATH": "/bin"}, terminal=False)

@@ -27,6 +27,7 @@ from psycopg.conninfo import make_conninfo
 
 from mesh.kit.db import ensure_database
 from mesh.kit.settings import CommonSettings, load_settings
+from mesh.kit.supervision import SUPERVISOR_ENV
 
 
 @dataclass(frozen=True)
@@ -80,10 +81,11 @@ HOW_TO_START = {
 
 
 def child_environment(base: Mapping[str, str], *, terminal: bool) -> dict[str, str]:
-    """The environment of every process: ``base``, unbuffered, and on a terminal logs for people (one
+    """The environment of every process: ``base``, unbuffered, naming this supervisor (the processes stop
+    when it dies: mesh.kit.supervision), and on a terminal logs for people (one
     coloured line each, with the same fields) unless MESH_LOG_FORMAT says otherwise; piped (CI, a file,
     a log shipper), the JSON lines stay."""
-    env = {**base, "PYTHONUNBUFFERED": "1"}
+    env = {**base, "PYTHONUNBUFFERED": "1", SUPERVISOR_ENV: str(os.getpid())}
     if terminal and "MESH_LOG_FORMAT" not in base:
         env["MESH_LOG_FORMAT"] = "console"
     return env

@@ -19,6 +19,7 @@ from mesh.kit.logging import get_logger
 from mesh.kit.memory import tune_allocator
 from mesh.kit.runtime import configure_observability
 from mesh.kit.settings import load_settings
+from mesh.kit.supervision import stop_with_supervisor
 from mesh.services.gateway.app import create_app
 from mesh.services.gateway.auth import Authenticator
 from mesh.services.gateway.backends import Backends
@@ -105,6 +106,7 @@ def main() -> None:
     """Entry point."""
     settings = load_settings(GatewaySettings)
     configure_observability("gateway", settings)
+    stop_with_supervisor()
     # Every image request moves a body and a gRPC message of megabytes through this process.
     tune_allocator()
     asyncio.run(serve(settings))

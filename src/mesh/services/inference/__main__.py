@@ -12,6 +12,7 @@ from mesh.kit.logging import get_logger
 from mesh.kit.memory import tune_allocator
 from mesh.kit.runtime import ServiceRuntime, configure_observability
 from mesh.kit.settings import load_settings
+from mesh.kit.supervision import stop_with_supervisor
 from mesh.services.file.client import FileClient
 from mesh.services.inference.checks import models_check
 from mesh.services.inference.images import FileServiceFetcher, ImageDecoder
@@ -62,6 +63,7 @@ async def serve(settings: InferenceSettings) -> None:
 def main() -> None:
     settings = load_settings(InferenceSettings)
     configure_observability("inference", settings)
+    stop_with_supervisor()
     # Requests carry frames of many megabytes: keep those buffers in the heap instead of fresh mmap pages.
     tune_allocator()
     asyncio.run(serve(settings))
