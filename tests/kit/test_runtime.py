@@ -256,3 +256,20 @@ def test_a_configured_process_exposes_no_created_series() -> None:
     assert 'probe_calls_total{code="OK"} 1.0' in exposed
     assert "probe_seconds_count 1.0" in exposed
     assert "_created" not in exposed
+
+
+async def test_the_http_port_starts_without_uvicorn_s_own_lines(caplog: pytest.LogCaptureFixture) -> None:
+    """A service's start says "service started" with both ports; uvicorn's "Uvicorn running on ... (Press
+    CTRL+C to quit)" and its other start and stop lines, wrong under `make up` and Kubernetes, are not logged."""
+    settings = ServerSettings(grpc_port=0, http_port=0, grace_seconds=1, health_interval_seconds=0.05)
+    rt = ServiceRuntime("quiet", settings, service_names=[SERVICE])
+    with caplog.at_level(logging.INFO):
+        task = asyncio.create_task(rt.run())
+        await asyncio.wait_for(rt.started.wait(), 10)
+        rt.stopping.set()
+        await asyncio.wait_for(task, 10)
+    uvicorn_lines = [
+        r for r in caplog.records if r.name.startswith("uvicorn") and r.levelno < logging.WARNING
+    ]
+    assert uvicorn_lines == []
+    assert any(isinstance(r.msg, dict) and r.msg.get("event") == "service started" for r in caplog.records)

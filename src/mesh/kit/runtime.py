@@ -147,6 +147,9 @@ class ServiceRuntime:
                 log_config=None,
                 access_log=False,
                 lifespan="off",
+                # Its start and stop lines ("Uvicorn running on ... (Press CTRL+C to quit)") only repeated,
+                # misleadingly under `make up` or Kubernetes, what "service started" says with both ports.
+                log_level="warning",
             )
         )
         http_task = asyncio.create_task(http.serve(), name="http")
