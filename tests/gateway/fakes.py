@@ -163,6 +163,9 @@ class FakeFileService(file_grpc.FileServiceServicer):
                 metadata = part.metadata
             else:
                 chunks.append(part.chunk)
+        # gRPC may end the request stream of a call its client cancelled as if it were complete, and cancel
+        # the handler a moment later; the real service is awaiting its validation then. So does this one.
+        await asyncio.sleep(0.05)
         self.upload_metadata.append(metadata)
         data = b"".join(chunks)
         sha = hashlib.sha256(data).hexdigest()
