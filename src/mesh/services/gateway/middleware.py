@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
@@ -48,7 +49,7 @@ def add_response_headers(scope: Scope, headers: dict[str, str]) -> None:
     state.setdefault(EXTRA_HEADERS_KEY, {}).update(headers)
 
 
-class HttpMiddleware:
+class HttpMiddleware(ABC):
     """An ASGI middleware that acts on HTTP requests (``handle``); lifespan and other scopes pass through."""
 
     def __init__(self, app: ASGIApp) -> None:
@@ -60,8 +61,9 @@ class HttpMiddleware:
             return
         await self.handle(scope, receive, send)
 
+    @abstractmethod
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raise NotImplementedError
+        """Serve one HTTP request."""
 
 
 HEAD_KEY = "mesh.head"
