@@ -13,9 +13,10 @@ from typing import cast
 
 import grpc
 import pytest
-from google.protobuf import descriptor_pool
+from google.protobuf import descriptor_pool, json_format
 from PIL import Image
 
+from mesh.file.v1 import file_service_pb2
 from mesh.kit.settings import CommonSettings
 from mesh.tools.load import main, payloads
 from mesh.tools.load.mesh import Mesh, is_loopback
@@ -47,11 +48,13 @@ def test_comment_changes_the_hash_but_not_the_pixels() -> None:
 
 
 def test_ghz_upload_stream_reassembles_the_photo() -> None:
-    """The ghz client stream is metadata first, then chunks that add up to the photo."""
+    """The ghz client stream is metadata first, then chunks that add up to the photo, then `end`."""
     photo, strip = payloads.photo_1080p(), payloads.strip_photo()
     stream = payloads.ghz_requests(photo, strip, {"photo_image_id": "p"})["upload-image.json"]
     assert "metadata" in stream[0]
-    assert b"".join(base64.b64decode(part["chunk"]) for part in stream[1:]) == photo
+    assert b"".join(base64.b64decode(part["chunk"]) for part in stream[1:-1]) == photo
+    messages = [json_format.ParseDict(part, file_service_pb2.UploadImageRequest()) for part in stream]
+    assert messages[-1].WhichOneof("part") == "end"
 
 
 def test_percentiles_and_report_shape() -> None:

@@ -261,6 +261,42 @@ async def test_stream_must_open_with_metadata(file_server: ServiceRuntime) -> No
             assert words in (caught.value.details() or "")
 
 
+@pytest.mark.parametrize(
+    ("tail", "words"),
+    [
+        ([], "without its `end` message, so the file may be incomplete; nothing was stored"),
+        ([pb.UploadImageRequest(end=pb.UploadEnd()), pb.UploadImageRequest(chunk=b"x")], "came after `end`"),
+        ([pb.UploadImageRequest(), pb.UploadImageRequest(end=pb.UploadEnd())], "carried nothing"),
+    ],
+    ids=["no end", "chunk after end", "empty message"],
+)
+async def test_a_stream_that_does_not_close_with_end_stores_nothing(
+    file_server: ServiceRuntime, tail: list[pb.UploadImageRequest], words: str
+) -> None:
+    """A whole, valid image is refused (INVALID_ARGUMENT, nothing stored) unless `end` closes its stream: without
+    it the stream may be a cancelled client's that gRPC ended as if complete. Nothing may follow `end`, and a
+    message must carry a part."""
+    data = unique_png(40, 40)
+    half = len(data) // 2
+
+    async def stream() -> AsyncIterator[pb.UploadImageRequest]:
+        yield pb.UploadImageRequest(metadata=pb.UploadMetadata(filename="whole.png"))
+        yield pb.UploadImageRequest(chunk=data[:half])
+        yield pb.UploadImageRequest(chunk=data[half:])
+        for part in tail:
+            yield part
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{file_server.grpc_port}") as channel:
+        stub = file_service_pb2_grpc.FileServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.UploadImage(stream())
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert words in (caught.value.details() or "")
+        sha = hashlib.sha256(data).hexdigest()
+        listed = (await stub.ListImages(pb.ListImagesRequest(page_size=20))).images
+        assert sha not in {image.sha256 for image in listed}
+
+
 async def test_list_pages_newest_first(file_client: FileClient) -> None:
     """Listing walks every image once, newest first, in pages of the requested size."""
     ids = [(await file_client.upload(unique_png(), filename=f"{i}.png")).image.id for i in range(5)]

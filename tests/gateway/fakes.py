@@ -158,14 +158,17 @@ class FakeFileService(file_grpc.FileServiceServicer):
     ) -> file_pb.UploadImageResponse:
         metadata = file_pb.UploadMetadata()
         chunks: list[bytes] = []
+        ended = False
         async for part in request_iterator:
             if part.HasField("metadata"):
                 metadata = part.metadata
+            elif part.HasField("end"):
+                ended = True
             else:
                 chunks.append(part.chunk)
-        # gRPC may end the request stream of a call its client cancelled as if it were complete, and cancel
-        # the handler a moment later; the real service is awaiting its validation then. So does this one.
-        await asyncio.sleep(0.05)
+        if not ended:
+            # As the real service: a stream without `end` may be a cancelled client's, cut short.
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the upload stream stopped without `end`")
         self.upload_metadata.append(metadata)
         data = b"".join(chunks)
         sha = hashlib.sha256(data).hexdigest()

@@ -19,6 +19,19 @@ SERVICE_NAME = "mesh.file.v1.FileService"
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 
 
+async def upload_messages(
+    metadata: file_service_pb2.UploadMetadata, chunks: AsyncIterable[bytes]
+) -> AsyncIterator[file_service_pb2.UploadImageRequest]:
+    """An upload stream: ``metadata``, each chunk as it is (one over 1 MiB in 1 MiB pieces), then ``end``
+    once ``chunks`` is exhausted, so the service never stores a stream whose source failed part way."""
+    yield file_service_pb2.UploadImageRequest(metadata=metadata)
+    async for chunk in chunks:
+        # A slice of a whole bytes object is the object itself: no copy up to 1 MiB.
+        for start in range(0, len(chunk), UPLOAD_CHUNK_BYTES):
+            yield file_service_pb2.UploadImageRequest(chunk=chunk[start : start + UPLOAD_CHUNK_BYTES])
+    yield file_service_pb2.UploadImageRequest(end=file_service_pb2.UploadEnd())
+
+
 class FileClient:
     """Upload, download and look up images in the file service."""
 
@@ -66,14 +79,9 @@ class FileClient:
         failed: list[Exception] = []
 
         async def parts() -> AsyncIterator[file_service_pb2.UploadImageRequest]:
-            yield file_service_pb2.UploadImageRequest(metadata=metadata)
             try:
-                async for chunk in chunks:
-                    # A slice of a whole bytes object is the object itself: no copy up to 1 MiB.
-                    for start in range(0, len(chunk), UPLOAD_CHUNK_BYTES):
-                        yield file_service_pb2.UploadImageRequest(
-                            chunk=chunk[start : start + UPLOAD_CHUNK_BYTES]
-                        )
+                async for part in upload_messages(metadata, chunks):
+                    yield part
             except Exception as exc:
                 failed.append(exc)
                 raise

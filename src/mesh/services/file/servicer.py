@@ -100,8 +100,14 @@ class FileServicer(file_service_pb2_grpc.FileServiceServicer):
         metadata: pb.UploadMetadata | None = None
         guard = UploadSizeGuard(self.store.limits.max_bytes)
         chunks: list[bytes] = []
+        ended = False
         async for part in request_iterator:
             kind = part.WhichOneof("part")
+            if ended:
+                raise errors.InvalidArgument(
+                    f"a message ({kind or 'empty'}) came after `end`; `end` must be the last message of an upload",
+                    field_violations=[errors.FieldViolation("end", "must be the last message")],
+                )
             if metadata is None:
                 if kind != "metadata":
                     raise errors.InvalidArgument(
@@ -125,10 +131,25 @@ class FileServicer(file_service_pb2_grpc.FileServiceServicer):
                     await _drain(request_iterator, DRAIN_BYTES)
                     raise
                 chunks.append(part.chunk)
+            elif kind == "end":
+                ended = True
+            else:
+                raise errors.InvalidArgument(
+                    "an upload message carried nothing; after the metadata, each message is a chunk or `end`",
+                    field_violations=[errors.FieldViolation("part", "a chunk or end")],
+                )
         if metadata is None:
             raise errors.InvalidArgument(
-                "the upload stream was empty; send a metadata message and then the file's bytes",
+                "the upload stream was empty; send a metadata message, then the file's bytes, then `end`",
                 field_violations=[errors.FieldViolation("metadata", "missing")],
+            )
+        if not ended:
+            # gRPC can end the stream of a client that cancelled as if it were complete; without `end`,
+            # the bytes here may be a file cut short.
+            raise errors.InvalidArgument(
+                f"the upload stream stopped after {guard.received} bytes without its `end` message, so the file"
+                " may be incomplete; nothing was stored. Send `end` after the last chunk",
+                field_violations=[errors.FieldViolation("end", "missing after the last chunk")],
             )
         result = await self.store.upload(b"".join(chunks), _upload_request(metadata))
         return pb.UploadImageResponse(image=image_to_proto(result.image), deduplicated=result.deduplicated)

@@ -110,6 +110,7 @@ def ghz_requests(photo: bytes, strip: bytes, ids: dict[str, str]) -> dict[str, A
         "upload-image.json": [
             {"metadata": {"filename": "photo-1080p.jpg", "contentType": "image/jpeg"}},
             *({"chunk": _b64(chunk)} for chunk in chunks),
+            {"end": {}},
         ],
         "create-image.json": {
             "metadata": {"filename": "strip-photo.jpg", "contentType": "image/jpeg"},

@@ -18,6 +18,7 @@ from mesh.file.v1 import file_service_pb2
 from mesh.image.v1 import image_processing_service_pb2 as image_pb
 from mesh.inference.v1 import inference_service_pb2 as inference_pb
 from mesh.queue.v1 import job_pb2, queue_service_pb2
+from mesh.services.file.client import upload_messages
 from mesh.tools.load import payloads
 from mesh.tools.load.mesh import Mesh
 
@@ -81,15 +82,12 @@ def _predict_request(mesh: Mesh) -> inference_pb.PredictRequest:
 async def upload_image(mesh: Mesh) -> None:
     data = payloads.with_comment(mesh.photo, f"load {uuid.uuid4()}")
 
-    async def parts() -> AsyncIterator[file_service_pb2.UploadImageRequest]:
-        metadata = file_service_pb2.UploadMetadata(filename=payloads.PHOTO_NAME, content_type="image/jpeg")
-        yield file_service_pb2.UploadImageRequest(metadata=metadata)
+    async def chunks() -> AsyncIterator[bytes]:
         for offset in range(0, len(data), payloads.UPLOAD_CHUNK_BYTES):
-            yield file_service_pb2.UploadImageRequest(
-                chunk=data[offset : offset + payloads.UPLOAD_CHUNK_BYTES]
-            )
+            yield data[offset : offset + payloads.UPLOAD_CHUNK_BYTES]
 
-    response = await mesh.file.UploadImage(parts())
+    metadata = file_service_pb2.UploadMetadata(filename=payloads.PHOTO_NAME, content_type="image/jpeg")
+    response = await mesh.file.UploadImage(upload_messages(metadata, chunks()))
     mesh.uploaded.append(response.image.id)
 
 
