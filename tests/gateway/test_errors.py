@@ -68,10 +68,16 @@ async def test_resource_exhausted_with_retry_info_sets_retry_after(client: httpx
 
 
 async def test_unknown_route_is_404_in_error_shape(client: httpx.AsyncClient) -> None:
-    """An unknown path is 404 with the same JSON error shape, not Starlette's plain text."""
+    """An unknown path is 404 with the same JSON error shape, not Starlette's plain text; its message names the
+    request and where the routes are listed."""
     response = await client.get("/v1/nothing-here")
     assert response.status_code == 404
     assert_error_shape(response.json(), "NOT_FOUND")
+    error = response.json()["error"]
+    assert error["message"] == (
+        "no route GET /v1/nothing-here; the API's routes are listed at /docs and /openapi.json"
+    )
+    assert error["details"][0]["reason"] == "NO_SUCH_ROUTE"
 
 
 async def test_wrong_method_is_405_in_error_shape(client: httpx.AsyncClient) -> None:

@@ -70,10 +70,21 @@ def _validation_error(exc: RequestValidationError) -> errors.InvalidArgument:
     )
 
 
-def _http_exception(exc: HTTPException) -> tuple[errors.MeshError, int]:
+def _method(request: Request) -> str:
+    """The method the client sent: a HEAD arrives at the routes as a GET (see middleware.HeadAsGet)."""
+    return "HEAD" if request.scope.get("mesh.head") else request.method
+
+
+def _http_exception(request: Request, exc: HTTPException) -> tuple[errors.MeshError, int]:
     status = exc.status_code
     if status == 404:
-        return errors.NotFound(str(exc.detail) if exc.detail != "Not Found" else "no such route"), 404
+        if exc.detail != "Not Found":
+            return errors.NotFound(str(exc.detail)), 404
+        return errors.NotFound(
+            f"no route {_method(request)} {request.url.path}; the API's routes are listed at /docs and"
+            " /openapi.json",
+            reason="NO_SUCH_ROUTE",
+        ), 404
     cls = _CODES_BY_HTTP.get(status, errors.Internal if status >= 500 else errors.InvalidArgument)
     return cls(str(exc.detail)), status
 
@@ -99,13 +110,12 @@ async def _on_http_exception(request: Request, exc: Exception) -> Response:
     if exc.status_code == 405:
         # Starlette names only the first route that matched the path; list every route's methods.
         allowed = ", ".join(allowed_methods(request))
-        method = "HEAD" if request.scope.get("mesh.head") else request.method  # HEAD arrives here as GET
         refused = errors.Unimplemented(
-            f"{method} is not allowed on {request.url.path}; it allows {allowed}",
+            f"{_method(request)} is not allowed on {request.url.path}; it allows {allowed}",
             reason="METHOD_NOT_ALLOWED",
         )
         return error_response(refused, status=405, headers={"Allow": allowed})
-    error, status = _http_exception(exc)
+    error, status = _http_exception(request, exc)
     return error_response(error, status=status, headers=exc.headers)
 
 
