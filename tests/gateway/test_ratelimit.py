@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 
-from tests.gateway.harness import GatewayFactory
+from mesh.services.gateway.__main__ import http_server_config
+from tests.gateway.harness import FakeMesh, GatewayFactory, build_gateway, close_gateway
 from tests.gateway.test_auth import MemoryKeys
 
 
@@ -55,3 +57,44 @@ async def test_rate_limits_can_be_turned_off(make_client: GatewayFactory) -> Non
         response = await client.get("/v1/models")
         assert response.status_code == 200
         assert "ratelimit-limit" not in response.headers
+
+
+@pytest.mark.parametrize("trusted", ["10.1.2.3", "10.0.0.0/8", "*"])
+async def test_behind_a_trusted_proxy_each_client_has_its_own_limit(mesh: FakeMesh, trusted: str) -> None:
+    """Served as uvicorn serves it, behind a proxy the gateway trusts, limits count per client address from
+    X-Forwarded-For, not per proxy: one client's 429 leaves another client alone."""
+    app, ctx = build_gateway(mesh.gateway_settings(rate_limit="1/minute", forwarded_allow_ips=trusted))
+    config = http_server_config(ctx.settings, app)
+    config.load()
+    proxy = httpx.ASGITransport(app=config.loaded_app, client=("10.1.2.3", 40000))
+    try:
+        async with httpx.AsyncClient(transport=proxy, base_url="http://gateway") as client:
+            first = {"x-forwarded-for": "203.0.113.7", "x-forwarded-proto": "https"}
+            assert (await client.get("/v1/models", headers=first)).status_code == 200
+            assert (await client.get("/v1/models", headers=first)).status_code == 429
+            second = {"x-forwarded-for": "198.51.100.9", "x-forwarded-proto": "https"}
+            assert (await client.get("/v1/models", headers=second)).status_code == 200
+            # A redirect keeps the scheme the client used at the proxy.
+            redirect = await client.get("/v1/models/", headers=second)
+            assert redirect.status_code == 307
+            assert redirect.headers["location"].startswith("https://")
+    finally:
+        await close_gateway(ctx)
+
+
+async def test_an_untrusted_peer_cannot_choose_its_address(mesh: FakeMesh) -> None:
+    """A peer the gateway does not trust is limited by its own address whatever X-Forwarded-For it sends."""
+    app, ctx = build_gateway(mesh.gateway_settings(rate_limit="1/minute"))
+    config = http_server_config(ctx.settings, app)
+    config.load()
+    peer = httpx.ASGITransport(app=config.loaded_app, client=("10.9.9.9", 40000))
+    try:
+        async with httpx.AsyncClient(transport=peer, base_url="http://gateway") as client:
+            sent = ["203.0.113.7", "198.51.100.9"]
+            codes = [
+                (await client.get("/v1/models", headers={"x-forwarded-for": address})).status_code
+                for address in sent
+            ]
+            assert codes == [200, 429]
+    finally:
+        await close_gateway(ctx)

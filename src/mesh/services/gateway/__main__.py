@@ -12,6 +12,7 @@ from types import FrameType
 
 import httpx
 import uvicorn
+from starlette.types import ASGIApp
 
 from mesh.kit.db import PostgresCheck, create_pool
 from mesh.kit.health import DependencyCheck
@@ -61,17 +62,7 @@ async def serve(settings: GatewaySettings) -> None:
         rate_limit=settings.rate_limit if settings.rate_limit_enabled else "off",
         cors_origins=settings.cors_origins,
     )
-    server = DrainingServer(
-        ctx,
-        uvicorn.Config(
-            create_app(ctx),
-            host=settings.http_host,
-            port=settings.http_port,
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=int(settings.grace_seconds),
-        ),
-    )
+    server = DrainingServer(ctx, http_server_config(settings, create_app(ctx)))
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal under the handlers it found at start.
     # Handlers that do nothing make that a no-op, so a drained gateway exits 0 like the other services.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -82,6 +73,21 @@ async def serve(settings: GatewaySettings) -> None:
         if pool is not None:
             await pool.close()
         log.info("gateway stopped")
+
+
+def http_server_config(settings: GatewaySettings, app: ASGIApp) -> uvicorn.Config:
+    """uvicorn's configuration of the gateway: the app behind the proxies ``settings`` trusts, without
+    uvicorn's own logging (the app logs each request), draining for ``grace_seconds`` on a stop signal."""
+    return uvicorn.Config(
+        app,
+        host=settings.http_host,
+        port=settings.http_port,
+        log_config=None,
+        access_log=False,
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
+        timeout_graceful_shutdown=int(settings.grace_seconds),
+    )
 
 
 class DrainingServer(uvicorn.Server):

@@ -20,6 +20,12 @@ class GatewaySettings(CommonSettings):
     http_port: int = Field(default=8080, ge=0, le=65535)
     """HTTP port of the REST API, the web page, /metrics and the health endpoints."""
 
+    forwarded_allow_ips: str = "127.0.0.1"
+    """Proxies whose ``X-Forwarded-For`` and ``X-Forwarded-Proto`` are believed (comma-separated addresses or
+    networks, ``*`` for any peer). Behind an ingress, set it to the ingress's addresses: the client's own address
+    then keys rate limits (with authentication off) and logs, and redirects keep the client's scheme. Only a
+    peer that cannot be reached past the proxy may be trusted with ``*``."""
+
     max_upload_bytes: int = Field(default=26 * 1024 * 1024, gt=0)
     """Largest request body accepted by ``POST /v1/images`` (multipart overhead included); larger -> 413."""
 
