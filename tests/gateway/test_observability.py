@@ -214,7 +214,7 @@ async def test_request_span_has_attributes_and_parents_the_grpc_call(
 async def test_access_log_line_carries_the_trace_id(
     client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Each API request logs one line with its route, status and the trace id of its span."""
+    """Each API request logs one line with its route, status, client address and the trace id of its span."""
     with caplog.at_level(logging.INFO, logger="mesh.services.gateway.access"):
         response = await client.get("/v1/models", headers={"traceparent": INCOMING})
     assert response.status_code == 200
@@ -222,5 +222,5 @@ async def test_access_log_line_carries_the_trace_id(
     assert lines
     line = lines[-1]
     assert isinstance(line, dict)
-    assert (line["route"], line["status"]) == ("/v1/models", 200)
+    assert (line["route"], line["status"], line["client"]) == ("/v1/models", 200, "127.0.0.1")
     assert line["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import httpx
 import pytest
 
@@ -60,9 +62,12 @@ async def test_rate_limits_can_be_turned_off(make_client: GatewayFactory) -> Non
 
 
 @pytest.mark.parametrize("trusted", ["10.1.2.3", "10.0.0.0/8", "*"])
-async def test_behind_a_trusted_proxy_each_client_has_its_own_limit(mesh: FakeMesh, trusted: str) -> None:
+async def test_behind_a_trusted_proxy_each_client_has_its_own_limit(
+    mesh: FakeMesh, trusted: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """Served as uvicorn serves it, behind a proxy the gateway trusts, limits count per client address from
-    X-Forwarded-For, not per proxy: one client's 429 leaves another client alone."""
+    X-Forwarded-For, not per proxy: one client's 429 leaves another client alone. The access log names the
+    client."""
     app, ctx = build_gateway(mesh.gateway_settings(rate_limit="1/minute", forwarded_allow_ips=trusted))
     config = http_server_config(ctx.settings, app)
     config.load()
@@ -70,7 +75,10 @@ async def test_behind_a_trusted_proxy_each_client_has_its_own_limit(mesh: FakeMe
     try:
         async with httpx.AsyncClient(transport=proxy, base_url="http://gateway") as client:
             first = {"x-forwarded-for": "203.0.113.7", "x-forwarded-proto": "https"}
-            assert (await client.get("/v1/models", headers=first)).status_code == 200
+            with caplog.at_level(logging.INFO, logger="mesh.services.gateway.access"):
+                assert (await client.get("/v1/models", headers=first)).status_code == 200
+            logged = [r.msg for r in caplog.records if r.name == "mesh.services.gateway.access"]
+            assert [line["client"] for line in logged if isinstance(line, dict)] == ["203.0.113.7"]
             assert (await client.get("/v1/models", headers=first)).status_code == 429
             second = {"x-forwarded-for": "198.51.100.9", "x-forwarded-proto": "https"}
             assert (await client.get("/v1/models", headers=second)).status_code == 200

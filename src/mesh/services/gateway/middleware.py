@@ -225,6 +225,7 @@ class ObservedRequests(HttpMiddleware):
                         method=method,
                         route=route,
                         path=scope["path"],
+                        client=client[0] if (client := scope.get("client")) else "",
                         status=status,
                         duration_ms=round(elapsed * 1000, 3),
                         bytes_in=bytes_in,
