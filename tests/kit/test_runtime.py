@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -256,6 +258,34 @@ def test_a_configured_process_exposes_no_created_series() -> None:
     assert 'probe_calls_total{code="OK"} 1.0' in exposed
     assert "probe_seconds_count 1.0" in exposed
     assert "_created" not in exposed
+
+
+def test_a_service_starts_from_its_environment_or_exits_naming_the_bad_variable() -> None:
+    """start_service reads the settings from the environment and sets up logging in the service's name; a
+    bad variable ends the process with status 2 and a message naming it, before anything else runs."""
+    script = (
+        "from mesh.kit.logging import get_logger\n"
+        "from mesh.kit.runtime import start_service\n"
+        "from mesh.kit.settings import ServerSettings\n"
+        "settings = start_service('probe', ServerSettings, large_messages=True)\n"
+        "get_logger('probe').info('up', grpc_port=settings.grpc_port)\n"
+    )
+    env = {**os.environ, "MESH_GRPC_PORT": "50999", "MESH_LOG_FORMAT": "json"}
+    started = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert started.returncode == 0, started.stderr
+    line = json.loads((started.stdout + started.stderr).strip().splitlines()[-1])
+    assert (line["event"], line["service"], line["grpc_port"]) == ("up", "probe", 50999)
+    refused = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**env, "MESH_GRPC_PORT": "not-a-port"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2
+    assert "MESH_GRPC_PORT" in refused.stderr
 
 
 async def test_the_http_port_starts_without_uvicorn_s_own_lines(caplog: pytest.LogCaptureFixture) -> None:

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import uvicorn
@@ -33,7 +33,9 @@ from mesh.kit import tracing
 from mesh.kit.health import DependencyCheck, HealthMonitor
 from mesh.kit.interceptors import ServerInterceptor
 from mesh.kit.logging import configure_logging, get_logger
-from mesh.kit.settings import CommonSettings, ServerSettings
+from mesh.kit.memory import tune_allocator
+from mesh.kit.settings import CommonSettings, ServerSettings, load_settings
+from mesh.kit.supervision import stop_with_supervisor
 from mesh.kit.tls import server_credentials
 
 log = get_logger(__name__)
@@ -66,6 +68,23 @@ def configure_observability(service: str, settings: CommonSettings | None = None
     # prometheus-client adds a `<name>_created` gauge beside every counter and histogram series, which
     # doubles what Prometheus stores for a timestamp that the process start time already tells.
     disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+ServiceSettingsT = TypeVar("ServiceSettingsT", bound=CommonSettings)
+
+
+def start_service(
+    service: str, settings_type: type[ServiceSettingsT], *, large_messages: bool = False
+) -> ServiceSettingsT:
+    """The first steps of every service's process: its settings from the environment (exit 2 naming each bad
+    variable), logs, traces and metrics, a stop when the ``make up`` supervisor that started it dies, and for
+    a service that moves frames of megabytes (``large_messages``), their buffers kept in the heap."""
+    settings = load_settings(settings_type)
+    configure_observability(service, settings)
+    stop_with_supervisor()
+    if large_messages:
+        tune_allocator()
+    return settings
 
 
 class ServiceRuntime:

@@ -17,10 +17,7 @@ from starlette.types import ASGIApp
 from mesh.kit.db import PostgresCheck, create_pool
 from mesh.kit.health import DependencyCheck
 from mesh.kit.logging import get_logger
-from mesh.kit.memory import tune_allocator
-from mesh.kit.runtime import configure_observability
-from mesh.kit.settings import load_settings
-from mesh.kit.supervision import stop_with_supervisor
+from mesh.kit.runtime import start_service
 from mesh.services.gateway.app import create_app
 from mesh.services.gateway.auth import Authenticator
 from mesh.services.gateway.backends import Backends
@@ -110,11 +107,8 @@ def _already_drained(signum: int, frame: FrameType | None) -> None:
 
 def main() -> None:
     """Entry point."""
-    settings = load_settings(GatewaySettings)
-    configure_observability("gateway", settings)
-    stop_with_supervisor()
     # Every image request moves a body and a gRPC message of megabytes through this process.
-    tune_allocator()
+    settings = start_service("gateway", GatewaySettings, large_messages=True)
     asyncio.run(serve(settings))
 
 

@@ -8,10 +8,7 @@ from mesh.kit.gpu_metrics import cupy_pool_bytes, register_gpu_metrics
 from mesh.kit.health import FunctionCheck
 from mesh.kit.jobs import IMAGE_JOBS_QUEUE
 from mesh.kit.logging import get_logger
-from mesh.kit.memory import tune_allocator
-from mesh.kit.runtime import ServiceRuntime, configure_observability
-from mesh.kit.settings import load_settings
-from mesh.kit.supervision import stop_with_supervisor
+from mesh.kit.runtime import ServiceRuntime, start_service
 from mesh.services.file.client import FileClient
 from mesh.services.image_processing.backend import select_backend
 from mesh.services.image_processing.codec import Limits
@@ -25,10 +22,7 @@ log = get_logger("mesh.services.image_processing")
 
 
 async def main() -> None:
-    settings = load_settings(ImageSettings)
-    configure_observability("image-processing", settings)
-    stop_with_supervisor()
-    tune_allocator()
+    settings = start_service("image-processing", ImageSettings, large_messages=True)
     backend = select_backend(settings.device, gpu_memory_limit_bytes=settings.gpu_memory_limit_bytes)
     # Kernels compile here, before the port opens, so no request pays for compilation.
     await asyncio.to_thread(backend.warm_up)

@@ -9,10 +9,7 @@ from mesh.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from mesh.kit.gpu_metrics import cupy_pool_bytes, register_gpu_metrics
 from mesh.kit.jobs import INFERENCE_JOBS_QUEUE
 from mesh.kit.logging import get_logger
-from mesh.kit.memory import tune_allocator
-from mesh.kit.runtime import ServiceRuntime, configure_observability
-from mesh.kit.settings import load_settings
-from mesh.kit.supervision import stop_with_supervisor
+from mesh.kit.runtime import ServiceRuntime, start_service
 from mesh.services.file.client import FileClient
 from mesh.services.inference.checks import models_check
 from mesh.services.inference.images import FileServiceFetcher, ImageDecoder
@@ -61,11 +58,8 @@ async def serve(settings: InferenceSettings) -> None:
 
 
 def main() -> None:
-    settings = load_settings(InferenceSettings)
-    configure_observability("inference", settings)
-    stop_with_supervisor()
     # Requests carry frames of many megabytes: keep those buffers in the heap instead of fresh mmap pages.
-    tune_allocator()
+    settings = start_service("inference", InferenceSettings, large_messages=True)
     asyncio.run(serve(settings))
 
 
