@@ -120,6 +120,16 @@ async def test_cancel_at_a_beat_stops_the_job(processor: Processor) -> None:
     assert store.uploads == 0
 
 
+async def test_a_job_can_pin_the_model_version(processor: Processor) -> None:
+    """``name/version`` reaches the model as its name and version, not as a name with a slash."""
+    store = MemoryStore()
+    predictor = RecordingPredictor()
+    handler: JobHandler = ImageJobHandler(store, processor, predictor)
+    image_id = store.put(codec.encode(smooth(30, 40, 3), codec.Format.PNG))
+    await handler(FakeContext(_job(image_id, model="strip-reader/1")))
+    assert (predictor.requests[0].model_name, predictor.requests[0].model_version) == ("strip-reader", "1")
+
+
 async def test_model_only_job_predicts_on_the_input(processor: Processor) -> None:
     """Without a pipeline the input image itself goes to the model and nothing is stored."""
     store = MemoryStore()

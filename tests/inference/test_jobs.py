@@ -16,7 +16,7 @@ from mesh.kit.errors import InvalidArgument, NotFound
 from mesh.kit.jobs import JobCancelled, JobHandler
 from mesh.queue.v1 import job_pb2
 from mesh.services.inference.images import ImageDecoder
-from mesh.services.inference.jobs import InferenceJobHandler, parse_model_reference
+from mesh.services.inference.jobs import InferenceJobHandler
 from mesh.services.inference.predictor import Predictor
 from mesh.services.inference.repository import ModelRepository
 from tests.inference.fakes import FakeFactory, MemoryFetcher, write_model
@@ -79,7 +79,6 @@ async def test_job_can_name_a_version(handler: InferenceJobHandler) -> None:
     """``name/version`` picks that version."""
     result = await handler(Context(_job(model="fake/1")))
     assert result.prediction.model_version == "1"
-    assert parse_model_reference("strip-reader") == ("strip-reader", "")
 
 
 async def test_cancel_is_seen_before_the_model_runs(handler: InferenceJobHandler) -> None:

@@ -141,6 +141,21 @@ async def test_a_control_character_in_a_model_or_key_is_refused_and_fails_no_oth
     assert all(job.state == job_pb2.JOB_STATE_QUEUED for job in jobs)
 
 
+async def test_a_model_that_is_not_a_name_or_name_and_version_is_refused(queue: Harness) -> None:
+    """``model`` is a name or ``name/version``: an empty version or a second slash is INVALID_ARGUMENT on
+    ``model``, and ``name/version`` is accepted."""
+    for model in ("strip-reader/", "strip-reader/1/2"):
+        error = await _error(
+            queue.stub.SubmitJob(queue_service_pb2.SubmitJobRequest(image_id=IMAGE_ID, model=model))
+        )
+        assert isinstance(error, errors.InvalidArgument)
+        assert [v.field for v in error.field_violations] == ["model"]
+    pinned = await queue.stub.SubmitJob(
+        queue_service_pb2.SubmitJobRequest(image_id=IMAGE_ID, model="strip-reader/1")
+    )
+    assert pinned.job.model == "strip-reader/1"
+
+
 async def test_a_pipeline_the_image_service_would_refuse_is_refused_at_submit(queue: Harness) -> None:
     """Unknown filters and bad parameters are INVALID_ARGUMENT at submit (the image service's own catalogue),
     every problem named in the message and as a violation, and no job is created."""

@@ -107,8 +107,39 @@ def test_a_job_that_could_never_run_is_refused_at_submit(mesh: Mesh) -> None:
     no_model = submit({"image_id": image_id, "model": "strip-raeder"})
     assert no_model.status_code == 404, no_model.text
     assert "model 'strip-raeder' does not exist" in no_model.json()["error"]["message"]
+    no_version = submit({"image_id": image_id, "model": "strip-reader/9"})
+    assert no_version.status_code == 404, no_version.text
+    assert "model 'strip-reader' has no version '9'" in no_version.json()["error"]["message"]
+    not_a_reference = submit({"image_id": image_id, "model": "strip-reader/"})
+    assert not_a_reference.status_code == 400, not_a_reference.text
     good = submit({"image_id": image_id, "pipeline": [{"filter": "grayscale"}], "model": "strip-reader"})
     assert good.status_code == 202, good.text
+
+
+def test_a_job_can_pin_a_model_version(mesh: Mesh) -> None:
+    """``model: name/version`` is accepted at submit and read by that version, with a pipeline (the image
+    service's worker runs the model) and without (the inference service's)."""
+    image = httpx.post(
+        f"{GATEWAY}/v1/images", files={"file": ("a.png", _png_bytes(), "image/png")}, timeout=10
+    )
+    image_id = image.json()["id"]
+    bodies = [
+        {"image_id": image_id, "model": "strip-reader/1"},
+        {"image_id": image_id, "pipeline": [{"filter": "grayscale"}], "model": "strip-reader/1"},
+    ]
+    for body in bodies:
+        submitted = httpx.post(f"{GATEWAY}/v1/jobs", json=body, timeout=10)
+        assert submitted.status_code == 202, submitted.text
+        job = submitted.json()
+        deadline = time.monotonic() + 30
+        while (
+            job["state"] not in ("SUCCEEDED", "FAILED", "DEAD", "CANCELLED") and time.monotonic() < deadline
+        ):
+            time.sleep(0.2)
+            job = httpx.get(f"{GATEWAY}/v1/jobs/{job['id']}", timeout=10).json()
+        assert job["state"] == "SUCCEEDED", job
+        prediction = job["result"]["prediction"]
+        assert (prediction["model_name"], prediction["model_version"]) == ("strip-reader", "1")
 
 
 def test_the_load_tool_seeds_the_same_mesh_twice(mesh: Mesh, tmp_path: Path) -> None:

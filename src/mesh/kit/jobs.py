@@ -9,14 +9,33 @@ retry (TRANSIENT, SYSTEM) or failure (PERMANENT, DATA). ``JobContext.progress`` 
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
+from mesh.kit import errors
 from mesh.queue.v1 import job_pb2
 
 # Queue names: jobs with a pipeline go to the image queue (its worker then runs the model, if any);
 # model-only jobs go to the inference queue.
 IMAGE_JOBS_QUEUE = "mesh.jobs.image"
 INFERENCE_JOBS_QUEUE = "mesh.jobs.inference"
+
+
+class ModelReference(NamedTuple):
+    """The model a job names: ``name``, or ``name/version`` to pin a version (the default version otherwise)."""
+
+    name: str
+    version: str
+
+    @classmethod
+    def parse(cls, reference: str) -> ModelReference:
+        """``name`` or ``name/version``; InvalidArgument on the field ``model`` for anything else."""
+        name, slash, version = reference.partition("/")
+        if not name or (slash and not version) or "/" in version:
+            raise errors.InvalidArgument(
+                f"model {reference!r} is not a model reference; send a model's name, or name/version",
+                field_violations=[errors.FieldViolation("model", "a name, or name/version")],
+            )
+        return cls(name, version)
 
 
 class JobCancelled(Exception):

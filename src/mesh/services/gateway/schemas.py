@@ -272,7 +272,12 @@ class JobIn(Strict):
 
     image_id: str = Field(min_length=1, max_length=200, json_schema_extra=UUID_FORMAT)
     pipeline: list[PipelineStepIn] = Field(default_factory=list, max_length=64)
-    model: str = Field(default="", max_length=200)
+    model: str = Field(
+        default="",
+        max_length=200,
+        description='The model to run after the pipeline: "name" (its default version) or "name/version".',
+        examples=["strip-reader", "strip-reader/1"],
+    )
     priority: int = Field(default=0, ge=0, le=9)
     idempotency_key: str = Field(default="", max_length=MAX_IDEMPOTENCY_KEY_CHARS)
     max_attempts: int | None = Field(default=None, ge=1, le=100)

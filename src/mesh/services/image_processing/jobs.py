@@ -22,7 +22,7 @@ from mesh.common.v1 import image_pb2
 from mesh.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 from mesh.kit import errors, tracing
 from mesh.kit.channels import open_channel
-from mesh.kit.jobs import JobCancelled, JobContext
+from mesh.kit.jobs import JobCancelled, JobContext, ModelReference
 from mesh.kit.logging import get_logger
 from mesh.kit.settings import CommonSettings
 from mesh.queue.v1 import job_pb2
@@ -115,9 +115,11 @@ class ImageJobHandler:
         if job.model:
             assert self._predictor is not None
             await context.progress(STORED, "model")
+            model = ModelReference.parse(job.model)
             prediction = await self._predictor.predict(
                 inference_service_pb2.PredictRequest(
-                    model_name=job.model,
+                    model_name=model.name,
+                    model_version=model.version,
                     input=image_pb2.ImageInput(image_id=output_id),
                     request_id=context.result_key,
                 )

@@ -2,7 +2,7 @@
 
 The queue's worker runtime claims a job and calls :class:`InferenceJobHandler` with a
 :class:`~mesh.kit.jobs.JobContext`. ``job.model`` names the model, optionally with a version as
-``name/version``. Progress beats go out at each stage, so a cancel is seen before the model runs. Errors are
+``name/version`` (:class:`~mesh.kit.jobs.ModelReference`). Progress beats go out at each stage, so a cancel is seen before the model runs. Errors are
 MeshErrors whose category decides retry: a missing image or model is PERMANENT, an undecodable image DATA,
 a model that is not ready yet or a full queue TRANSIENT.
 """
@@ -12,19 +12,9 @@ from __future__ import annotations
 from mesh.common.v1 import image_pb2
 from mesh.inference.v1 import inference_service_pb2 as pb
 from mesh.kit.errors import FieldViolation, InvalidArgument
-from mesh.kit.jobs import JobContext
+from mesh.kit.jobs import JobContext, ModelReference
 from mesh.queue.v1 import job_pb2
 from mesh.services.inference.predictor import Predictor
-
-
-def parse_model_reference(reference: str) -> tuple[str, str]:
-    """``name`` or ``name/version`` -> (name, version or "")."""
-    name, _, version = reference.strip().partition("/")
-    if not name:
-        raise InvalidArgument(
-            "the job names no model", field_violations=[FieldViolation("model", "must name a model")]
-        )
-    return name, version
 
 
 class InferenceJobHandler:
@@ -39,10 +29,10 @@ class InferenceJobHandler:
             raise InvalidArgument(
                 "the job names no image", field_violations=[FieldViolation("image_id", "must not be empty")]
             )
-        name, version = parse_model_reference(job.model)
+        model = ModelReference.parse(job.model)
         request = pb.PredictRequest(
-            model_name=name,
-            model_version=version,
+            model_name=model.name,
+            model_version=model.version,
             input=image_pb2.ImageInput(image_id=job.image_id),
             request_id=f"{job.id}/{job.attempt}",
         )

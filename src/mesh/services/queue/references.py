@@ -18,6 +18,7 @@ from typing import Protocol
 from prometheus_client import Counter
 
 from mesh.kit import errors
+from mesh.kit.jobs import ModelReference
 from mesh.kit.logging import get_logger
 from mesh.kit.settings import CommonSettings
 from mesh.services.file.client import FileClient
@@ -90,7 +91,7 @@ class ServiceReferences:
 
         return cls(
             lambda image_id: files.get(image_id, timeout=timeout_seconds),
-            lambda model: inference.metadata(model, timeout=timeout_seconds),
+            lambda model: inference.metadata(*ModelReference.parse(model), timeout=timeout_seconds),
             timeout_seconds=timeout_seconds,
             on_close=close,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 from mesh.kit import errors
+from mesh.kit.jobs import ModelReference
 from mesh.kit.text_fields import MAX_IDEMPOTENCY_KEY_CHARS, text_problem
 from mesh.queue.v1 import job_pb2, queue_service_pb2
 from mesh.services.image_processing.registry import steps_from_proto
@@ -52,6 +53,11 @@ def check_submit(request: queue_service_pb2.SubmitJobRequest) -> None:
         bad.append(
             errors.FieldViolation("max_attempts", f"must be between 1 and {MAX_ATTEMPTS} (0: default)")
         )
+    if request.model and not text_problem(request.model, MAX_MODEL_NAME):
+        try:
+            ModelReference.parse(request.model)
+        except errors.InvalidArgument as error:
+            bad.extend(error.field_violations)
     for name, value, most in (
         ("model", request.model, MAX_MODEL_NAME),
         ("idempotency_key", request.idempotency_key, MAX_IDEMPOTENCY_KEY_CHARS),
