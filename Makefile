@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PROTO_SRC := $(shell find protos -name '*.proto')
 PROTO_OUT := src
 
-.PHONY: up test proto lint bench eval load k8s-check install clean fmt
+.PHONY: up test proto lint breaking bench eval load k8s-check install clean fmt
 
 $(VENV)/bin/python:
 	$(PY_SYS) -m venv $(VENV)
@@ -44,8 +44,18 @@ proto: .stamp-proto
 up: .stamp-proto
 	$(PY) -m mesh.tools.up
 
+# Wire and JSON compatibility of protos/ with BASE (buf's FILE rules): a field renumbered, retyped or
+# removed breaks every client built from the older files. BASE defaults to the previous commit; a checkout
+# without it (a shallow clone) has nothing to compare with.
+BASE ?= HEAD~1
+breaking: .stamp-npm
+	@if git rev-parse -q --verify "$(BASE)^{commit}" >/dev/null; then \
+	  node_modules/.bin/buf breaking --against '.git#ref=$(BASE)' && echo "buf breaking: protos/ compatible with $(BASE)"; \
+	else echo "buf breaking: no $(BASE) in this checkout; nothing to compare with"; fi
+
 lint: .stamp-proto .stamp-npm
 	node_modules/.bin/buf lint
+	$(MAKE) --no-print-directory breaking
 	$(PY) -m ruff check src tests scripts bench
 	$(PY) -m ruff format --check src tests scripts bench
 	$(PY) -m mypy
