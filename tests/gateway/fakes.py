@@ -168,7 +168,7 @@ class FakeFileService(file_grpc.FileServiceServicer):
                 chunks.append(part.chunk)
         if not ended:
             # As the real service: a stream without `end` may be a cancelled client's, cut short.
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the upload stream stopped without `end`")
+            raise errors.InvalidArgument("the upload stream stopped without `end`")
         self.upload_metadata.append(metadata)
         data = b"".join(chunks)
         sha = hashlib.sha256(data).hexdigest()

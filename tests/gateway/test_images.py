@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import logging
 import uuid
 from collections.abc import AsyncIterator
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.gateway.fakes import strip_png
-from tests.gateway.harness import FakeMesh, GatewayFactory
+from tests.gateway.harness import FakeMesh, GatewayFactory, build_gateway, close_gateway, serve_app
 from tests.gateway.test_errors import assert_error_shape
 
 
@@ -293,3 +295,36 @@ async def test_a_non_ascii_filename_is_kept_in_filename_star(client: httpx.Async
     ).json()
     disposition = (await client.get(f"/v1/images/{image['id']}/content")).headers["content-disposition"]
     assert disposition == "inline; filename=\"Test _.png\"; filename*=UTF-8''Test%20%C3%BC.png"
+
+
+async def test_a_client_that_leaves_mid_upload_is_a_499_and_no_error(
+    mesh: FakeMesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that closes its connection part way through a raw upload is recorded as 499, with no error
+    logged (it was a 500 and an "unhandled error" with a stack), and nothing is stored."""
+    app, ctx = build_gateway(mesh.gateway_settings())
+    name = f"cut-{uuid.uuid4().hex}.png"
+    data = noisy_png(200_000)
+    try:
+        with caplog.at_level(logging.INFO):
+            async with serve_app(app) as url:
+                host, port = url.removeprefix("http://").split(":")
+                reader, writer = await asyncio.open_connection(host, int(port))
+                head = (
+                    f"POST /v1/images?filename={name} HTTP/1.1\r\nHost: {host}\r\n"
+                    f"Content-Type: image/png\r\nContent-Length: {len(data)}\r\n\r\n"
+                )
+                writer.write(head.encode() + data[: len(data) // 2])
+                await writer.drain()
+                await asyncio.sleep(0.2)
+                writer.close()
+                await writer.wait_closed()
+                await asyncio.sleep(0.3)  # the access line is written as the request unwinds
+    finally:
+        await close_gateway(ctx)
+    access = [r.msg for r in caplog.records if r.name == "mesh.services.gateway.access"]
+    assert [(line["route"], line["status"]) for line in access if isinstance(line, dict)] == [
+        ("/v1/images", 499)
+    ]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert name not in [s.image.filename for s in mesh.fakes.files.images.values()]

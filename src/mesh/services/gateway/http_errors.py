@@ -13,12 +13,15 @@ from collections.abc import Mapping
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match
 
 from mesh.kit import errors
 from mesh.kit.logging import get_logger
 from mesh.services.gateway.bodies import not_json
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before the answer
 
 log = get_logger(__name__)
 
@@ -142,8 +145,15 @@ def internal_error_response(exc: BaseException) -> JSONResponse:
     return error_response(errors.Internal("internal error"))
 
 
+async def _on_client_disconnect(_: Request, exc: Exception) -> Response:
+    # The client left while its body was being read (an upload cut off): nothing to answer and nothing went
+    # wrong here. The status is for the access log and metrics; the server drops the response.
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers on ``app``."""
+    app.add_exception_handler(ClientDisconnect, _on_client_disconnect)
     app.add_exception_handler(errors.MeshError, _on_mesh_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(HTTPException, _on_http_exception)

@@ -21,7 +21,7 @@ from mesh.kit import errors, tracing
 from mesh.kit.logging import get_logger
 from mesh.kit.units import binary_size
 from mesh.services.gateway import metrics
-from mesh.services.gateway.http_errors import error_response, internal_error_response
+from mesh.services.gateway.http_errors import CLIENT_CLOSED_REQUEST, error_response, internal_error_response
 
 _tracer = tracing.tracer(__name__)
 log = get_logger("mesh.services.gateway.access")
@@ -90,9 +90,6 @@ class HeadAsGet(HttpMiddleware):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         await self.app({**scope, "method": "GET", HEAD_KEY: True}, receive, headers_only)
-
-
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before the answer
 
 
 class CancelOnDisconnect(HttpMiddleware):
