@@ -309,7 +309,7 @@ async def test_a_client_that_leaves_mid_upload_is_a_499_and_no_error(
         with caplog.at_level(logging.INFO):
             async with serve_app(app) as url:
                 host, port = url.removeprefix("http://").split(":")
-                reader, writer = await asyncio.open_connection(host, int(port))
+                _reader, writer = await asyncio.open_connection(host, int(port))
                 head = (
                     f"POST /v1/images?filename={name} HTTP/1.1\r\nHost: {host}\r\n"
                     f"Content-Type: image/png\r\nContent-Length: {len(data)}\r\n\r\n"
