@@ -126,7 +126,7 @@ async def test_cors_allowlist(make_client: GatewayFactory) -> None:
     assert preflight.status_code == 200
 
 
-async def _cli(database_url: str, *args: str) -> tuple[int, str]:
+async def _cli_run(database_url: str, *args: str) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -136,8 +136,30 @@ async def _cli(database_url: str, *args: str) -> tuple[int, str]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, _ = await process.communicate()
-    return process.returncode or 0, out.decode()
+    out, err = await process.communicate()
+    return process.returncode or 0, out.decode(), err.decode()
+
+
+async def _cli(database_url: str, *args: str) -> tuple[int, str]:
+    code, out, _ = await _cli_run(database_url, *args)
+    return code, out
+
+
+@pytest.mark.parametrize("name", ["", "   ", "robot\x07"])
+async def test_the_key_cli_refuses_a_key_without_a_usable_name(name: str) -> None:
+    """A key needs a printable name to be found and revoked by: an empty or blank one, or one with a control
+    character, is a usage error (exit 2) saying what to give, before any database is touched."""
+    code, out, err = await _cli_run("postgresql://nobody@127.0.0.1:1/never", "create", name)
+    assert (code, out) == (2, "")
+    assert "name who or what the key is for" in err
+
+
+async def test_the_key_cli_reports_a_database_that_does_not_answer() -> None:
+    """With PostgreSQL unreachable, the CLI gives up after a few seconds, says so and exits 1, where it retried
+    for a minute and ended in a traceback."""
+    code, out, err = await _cli_run("postgresql://nobody@127.0.0.1:1/never", "list")
+    assert (code, out) == (1, "")
+    assert "PostgreSQL (MESH_DATABASE_URL) did not answer within 5 s" in err
 
 
 @pytest.mark.integration

@@ -38,9 +38,10 @@ class ApiKey:
     revoked_at: datetime | None
 
 
-async def migrate(url: str) -> None:
-    """Create the database if needed and apply the gateway's migrations."""
-    await prepare_database(url, COMPONENT, MIGRATIONS)
+async def migrate(url: str, *, timeout: float | None = 60.0) -> None:
+    """Create the database if needed and apply the gateway's migrations, retrying connection failures for
+    ``timeout`` seconds."""
+    await prepare_database(url, COMPONENT, MIGRATIONS, timeout=timeout)
 
 
 class KeyStore:
