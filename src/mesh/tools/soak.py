@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 import psutil
 
+from mesh.kit.cli import positive_float, positive_int
 from mesh.kit.settings import CommonSettings, load_settings
 from mesh.queue.v1 import job_pb2, queue_service_pb2
 from mesh.tools.load.mesh import (
@@ -260,19 +261,21 @@ async def soak(args: argparse.Namespace, settings: CommonSettings) -> dict[str, 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m mesh.tools.soak", description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--sample-seconds", type=float, default=5.0)
+    parser.add_argument("--minutes", type=positive_float, default=10.0)
+    parser.add_argument("--concurrency", type=positive_int, default=4)
+    parser.add_argument("--sample-seconds", type=positive_float, default=5.0)
     parser.add_argument(
-        "--drain-seconds", type=float, default=120.0, help="how long jobs may take to end after the load"
+        "--drain-seconds",
+        type=positive_float,
+        default=120.0,
+        help="how long jobs may take to end after the load",
     )
-    parser.add_argument("--memory-bound-mib", type=float, default=64.0, help="allowed RSS growth per process")
+    parser.add_argument(
+        "--memory-bound-mib", type=positive_float, default=64.0, help="allowed RSS growth per process"
+    )
     parser.add_argument("--gateway-url", default=DEFAULT_GATEWAY_URL)
     parser.add_argument("--seed", type=int, default=6, help="seed of the scenario mix")
-    args = parser.parse_args(argv)
-    if args.minutes <= 0 or args.concurrency <= 0 or args.sample_seconds <= 0:
-        parser.error("--minutes, --concurrency and --sample-seconds must be positive")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

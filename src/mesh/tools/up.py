@@ -25,6 +25,7 @@ import httpx
 import psycopg
 from psycopg.conninfo import make_conninfo
 
+from mesh.kit.cli import positive_float
 from mesh.kit.db import ensure_database
 from mesh.kit.settings import CommonSettings, load_settings
 from mesh.kit.supervision import SUPERVISOR_ENV
@@ -260,8 +261,12 @@ async def run(settings: CommonSettings, startup_timeout: float, grace: float, po
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make up", description=__doc__)
-    parser.add_argument("--startup-timeout", type=float, default=90.0, help="seconds to wait for health")
-    parser.add_argument("--grace", type=float, default=20.0, help="seconds each process may take to drain")
+    parser.add_argument(
+        "--startup-timeout", type=positive_float, default=90.0, help="seconds to wait for health"
+    )
+    parser.add_argument(
+        "--grace", type=positive_float, default=20.0, help="seconds each process may take to drain"
+    )
     parser.add_argument(
         "--port-offset",
         type=int,
@@ -269,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
         help="move every port by this much (run a second mesh beside one)",
     )
     args = parser.parse_args(argv)
+    ports = [port for p in PROCESSES for port in (p.http_port, p.grpc_port) if port is not None]
+    lowest, highest = 1 - min(ports), 65535 - max(ports)
+    if not lowest <= args.port_offset <= highest:
+        parser.error(
+            f"--port-offset {args.port_offset} moves ports out of 1-65535; give {lowest} to {highest}"
+        )
     settings = load_settings(CommonSettings)
     return asyncio.run(run(settings, args.startup_timeout, args.grace, args.port_offset))
 

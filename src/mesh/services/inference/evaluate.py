@@ -9,12 +9,13 @@ import argparse
 import json
 import sys
 
+from mesh.kit.cli import positive_int
 from mesh.services.inference.strip.evaluate import evaluate
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--count", type=int, default=400, help="images to generate and read")
+    parser.add_argument("--count", type=positive_int, default=400, help="images to generate and read")
     parser.add_argument("--split", choices=["heldout", "train"], default="heldout")
     parser.add_argument("--no-timing", action="store_true", help="skip the latency measurements")
     parser.add_argument("--show-errors", action="store_true", help="keep the list of misread seeds")

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mesh.kit.cli import positive_float, positive_int
 from mesh.kit.settings import CommonSettings, load_settings
 from mesh.tools.load import payloads
 from mesh.tools.load.mesh import DEFAULT_GATEWAY_URL, Mesh, MeshNotUp, address_of, is_loopback, url_address
@@ -36,9 +37,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=sorted(SCENARIOS),
         help="repeatable; default every gRPC scenario",
     )
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per scenario (default 5)")
-    parser.add_argument("--count", type=int, default=2000, help="most calls per scenario (default 2000)")
-    parser.add_argument("--concurrency", type=int, default=8, help="concurrent callers (default 8)")
+    parser.add_argument(
+        "--duration", type=positive_float, default=5.0, help="seconds per scenario (default 5)"
+    )
+    parser.add_argument(
+        "--count", type=positive_int, default=2000, help="most calls per scenario (default 2000)"
+    )
+    parser.add_argument("--concurrency", type=positive_int, default=8, help="concurrent callers (default 8)")
     parser.add_argument(
         "--gateway-url", default=DEFAULT_GATEWAY_URL, help="the gateway, for the REST scenarios"
     )
@@ -47,10 +52,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--write-payloads", action="store_true", help="only seed the mesh and write the ghz data files"
     )
-    args = parser.parse_args(argv)
-    if args.duration <= 0 or args.count <= 0 or args.concurrency <= 0:
-        parser.error("--duration, --count and --concurrency must be positive")
-    return args
+    return parser.parse_args(argv)
 
 
 async def run(args: argparse.Namespace, settings: CommonSettings) -> int:

@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from mesh.kit.cli import positive_int
 from mesh.services.inference.strip.config import ReaderConfig
 from mesh.services.inference.strip.evaluate import Record, read_sample
 from mesh.services.inference.strip.generator import Overrides, generate_with, split_seeds
@@ -139,7 +140,7 @@ def _quantiles(values: npt.NDArray[Any]) -> dict[str, float] | None:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--count", type=positive_int, default=2000)
     args = parser.parse_args(argv)
     print(json.dumps(calibrate(args.count)))
     return 0
