@@ -17,7 +17,12 @@ RESULTS = HERE / "results"
 
 
 def main(argv: list[str]) -> int:
-    names = argv or sorted(p.stem.removeprefix("bench_") for p in HERE.glob("bench_*.py"))
+    known = sorted(p.stem.removeprefix("bench_") for p in HERE.glob("bench_*.py"))
+    unknown = [name for name in argv if name not in known]
+    if unknown:
+        print(f"no benchmark {', '.join(unknown)}; the benchmarks are {', '.join(known)}", file=sys.stderr)
+        return 2
+    names = argv or known
     RESULTS.mkdir(parents=True, exist_ok=True)
     failed = 0
     for name in names:
