@@ -168,3 +168,16 @@ def test_cli_exits_non_zero_and_lists_violations(k8s_copy: Path, capsys: pytest.
     assert "overlay dev: 1 violation(s)" in err
     assert "Deployment/gateway: image ghcr.io/mesh-project/mesh-gateway:latest uses :latest" in err
     assert "prod-gpu" not in err
+
+
+def test_cli_names_an_unknown_overlay_and_a_missing_root(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A misspelt --overlay is a usage error listing the overlays (it was reported as an overlay without a
+    kustomization.yaml), and a --root without overlays says so (it was a FileNotFoundError traceback)."""
+    with pytest.raises(SystemExit) as caught:
+        main(["--root", str(K8S), "--overlay", "dve"])
+    assert caught.value.code == 2
+    assert "no overlay dve under" in capsys.readouterr().err
+    assert main(["--root", str(tmp_path)]) == 1
+    assert f"no overlays under {tmp_path / 'overlays'}" in capsys.readouterr().err

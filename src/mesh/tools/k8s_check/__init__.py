@@ -66,12 +66,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     overlays_dir = args.root / "overlays"
-    names = args.overlay or sorted(
-        p.name for p in overlays_dir.iterdir() if (p / "kustomization.yaml").is_file()
+    found = (
+        sorted(p.name for p in overlays_dir.iterdir() if (p / "kustomization.yaml").is_file())
+        if overlays_dir.is_dir()
+        else []
     )
-    if not names:
+    if not found:
         print(f"k8s-check: no overlays under {overlays_dir}", file=sys.stderr)
         return 1
+    unknown = [name for name in args.overlay or [] if name not in found]
+    if unknown:
+        parser.error(
+            f"no overlay {', '.join(unknown)} under {overlays_dir}; the overlays are {', '.join(found)}"
+        )
+    names = args.overlay or found
     started = time.perf_counter()
     failed = False
     for name in names:
