@@ -260,7 +260,8 @@ async def test_unknown_job_is_not_found(queue: Harness) -> None:
 
 
 async def test_list_is_newest_first_stable_and_filtered(queue: Harness) -> None:
-    """Pages walk every job once, newest first, and a state filter returns only that state."""
+    """Pages walk every job once, newest first; a state filter returns only that state; an unknown state or a
+    token this service did not issue is refused, and a page size above 500 gives pages of 500."""
     ids = [(await queue.submit()).id for _ in range(7)]
     await queue.stub.CancelJob(queue_service_pb2.CancelJobRequest(job_id=ids[0]))
     seen: list[str] = []
@@ -285,6 +286,11 @@ async def test_list_is_newest_first_stable_and_filtered(queue: Harness) -> None:
     assert "state 99 is not a job state; send one of JOB_STATE_QUEUED" in no_state.message
     bad = await _error(queue.stub.ListJobs(queue_service_pb2.ListJobsRequest(page_token="!!")))
     assert isinstance(bad, errors.InvalidArgument)
+    # Above the largest page, a page of the largest size (AIP-158), as ListImages does; it was refused.
+    for _ in range(3):
+        await queue.submit()
+    huge = await queue.stub.ListJobs(queue_service_pb2.ListJobsRequest(page_size=100_000))
+    assert 3 <= len(huge.jobs) <= 500
 
 
 async def test_a_page_token_continues_only_the_listing_it_came_from(queue: Harness) -> None:

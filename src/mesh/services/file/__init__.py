@@ -6,6 +6,6 @@ Run it with ``python -m mesh.services.file`` (gRPC 50051, HTTP 9101 for /metrics
 * ``thumbnails``: the 256 px thumbnail made at upload;
 * ``blobs``: the content-addressed files (atomic writes, fan-out directories);
 * ``store``: the use cases, on an ``ImageRepository`` port; ``postgres``: that port on psycopg;
-* ``pagination``: keyset page tokens; ``servicer``: the gRPC face; ``server``: the wiring;
+* ``servicer``: the gRPC face (listing pages: ``mesh.kit.pagination``); ``server``: the wiring;
 * ``client``: the typed client every other service uses.
 """

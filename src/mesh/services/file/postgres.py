@@ -25,8 +25,8 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from mesh.kit import errors
+from mesh.kit.pagination import Cursor
 from mesh.services.file.models import ImageRecord, NewImage
-from mesh.services.file.pagination import Cursor
 
 _COLUMNS = (
     "id, filename, content_type, format, width, height, channels, bit_depth, size_bytes, sha256, "

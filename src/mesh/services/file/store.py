@@ -19,11 +19,10 @@ from typing import BinaryIO, Literal, Protocol
 
 from prometheus_client import Counter
 
-from mesh.kit import errors
+from mesh.kit import errors, pagination
 from mesh.kit.labels import check_labels
 from mesh.kit.logging import get_logger
 from mesh.kit.text_fields import MAX_IDEMPOTENCY_KEY_CHARS, text_problem
-from mesh.services.file import pagination
 from mesh.services.file.blobs import BlobStore
 from mesh.services.file.models import ImageRecord, NewImage, Page
 from mesh.services.file.thumbnails import make_thumbnail

@@ -13,7 +13,6 @@ and outcomes carry the worker's claim token.
 
 from __future__ import annotations
 
-import base64
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from mesh.kit import errors
+from mesh.kit.pagination import Cursor
 from mesh.services.queue.batching import GroupCommit
 from mesh.services.queue.states import (
     RETRYABLE_BY_USER,
@@ -120,46 +120,6 @@ class Submitted:
     row: Row
     existing: bool
     position: int
-
-
-@dataclass(frozen=True)
-class PageToken:
-    """Where a listing page ends (newest first: created_at, then id, both descending), and the state the
-    listing was filtered by ("" for none): a token only continues the listing it came from (AIP-158)."""
-
-    created_at: datetime
-    id: uuid.UUID
-    state: str = ""
-
-    def encode(self) -> str:
-        raw = f"{self.created_at.isoformat()}|{self.id}|{self.state}".encode()
-        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-    @classmethod
-    def decode(cls, token: str, state: JobState | None) -> PageToken:
-        """The token, checked against the ``state`` this request lists."""
-        try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-            created, ident, issued_for = raw.split("|")
-            decoded = cls(datetime.fromisoformat(created), uuid.UUID(ident), issued_for)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise errors.InvalidArgument(
-                "page_token is not a token this service issued; pass next_page_token from the previous page "
-                "unchanged, or leave it empty for the first page",
-                field_violations=[errors.FieldViolation("page_token", "use a token from a previous page")],
-            ) from exc
-        wanted = state.value if state is not None else ""
-        if decoded.state != wanted:
-
-            def listing(of: str) -> str:
-                return f"{of} jobs" if of else "all jobs"
-
-            raise errors.InvalidArgument(
-                f"page_token continues the listing of {listing(decoded.state)}, not of {listing(wanted)}; send "
-                "the same state with it, or start again without a token",
-                field_violations=[errors.FieldViolation("page_token", "issued for another state filter")],
-            )
-        return decoded
 
 
 @dataclass(frozen=True)
@@ -370,7 +330,7 @@ class JobRepository:
         )
         return {r["id"]: int(r["position"]) for r in found}
 
-    async def page(self, state: JobState | None, page_size: int, after: PageToken | None) -> list[Row]:
+    async def page(self, state: JobState | None, page_size: int, after: Cursor | None) -> list[Row]:
         """A page of jobs, newest first; ``page_size + 1`` rows are read to know whether more follow."""
         where, params = [], {"limit": page_size + 1}
         if state is not None:

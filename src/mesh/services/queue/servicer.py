@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from prometheus_client import Counter
 
-from mesh.kit import errors, tracing
+from mesh.kit import errors, pagination, tracing
 from mesh.kit.jobs import IMAGE_JOBS_QUEUE, INFERENCE_JOBS_QUEUE
 from mesh.kit.logging import get_logger
 from mesh.queue.v1 import job_pb2, queue_service_pb2, queue_service_pb2_grpc
@@ -19,7 +19,7 @@ from mesh.services.queue import validation
 from mesh.services.queue.broker import Broker
 from mesh.services.queue.convert import encode_pipeline, row_to_job, state_from_proto, timestamp
 from mesh.services.queue.references import NoReferences, References
-from mesh.services.queue.repository import JobRepository, NewJob, PageToken, Row
+from mesh.services.queue.repository import JobRepository, NewJob, Row
 from mesh.services.queue.states import RETRYABLE_BY_USER, JobState
 
 log = get_logger(__name__)
@@ -27,6 +27,11 @@ log = get_logger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
 
 SUBMITTED = Counter("mesh_queue_jobs_submitted_total", "Accepted submits.", ["queue", "existing"])
+
+
+def _listing(scope: str) -> str:
+    """A job listing, for page-token messages: "QUEUED jobs" or "all jobs"."""
+    return f"{scope} jobs" if scope else "all jobs"
 
 
 class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
@@ -114,9 +119,10 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
     async def ListJobs(  # noqa: N802
         self, request: queue_service_pb2.ListJobsRequest, context: Context
     ) -> queue_service_pb2.ListJobsResponse:
-        size = validation.page_size(request.page_size)
+        size = pagination.page_size(request.page_size)
         state = state_from_proto(request.state)
-        after = PageToken.decode(request.page_token, state) if request.page_token else None
+        scope = state.value if state is not None else ""
+        after = pagination.decode_page_token(request.page_token, scope, describe=_listing)
         rows = await self.repository.page(state, size, after)
         page, more = rows[:size], len(rows) > size
         positions = await self.repository.positions(page)
@@ -124,7 +130,7 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
         token = ""
         if more:
             last = page[-1]
-            token = PageToken(last["created_at"], last["id"], state.value if state else "").encode()
+            token = pagination.encode_page_token(pagination.Cursor(last["created_at"], last["id"], scope))
         return queue_service_pb2.ListJobsResponse(jobs=jobs, next_page_token=token)
 
     async def CancelJob(  # noqa: N802

@@ -14,8 +14,6 @@ from mesh.services.queue.repository import NewJob, Row
 MAX_PRIORITY = 9
 MAX_ATTEMPTS = 100
 MAX_MODEL_NAME = 200
-MAX_PAGE_SIZE = 500
-DEFAULT_PAGE_SIZE = 50
 
 
 def parse_uuid(value: str, field: str) -> uuid.UUID:
@@ -69,16 +67,6 @@ def check_submit(request: queue_service_pb2.SubmitJobRequest) -> None:
         raise errors.InvalidArgument(
             f"the job request is invalid: {errors.listing(bad)}", field_violations=bad
         )
-
-
-def page_size(requested: int) -> int:
-    """The page size to use: default 50, at most 500."""
-    if requested > MAX_PAGE_SIZE:
-        raise errors.InvalidArgument(
-            f"page_size {requested} is too large; send 1 to {MAX_PAGE_SIZE}, or 0 for {DEFAULT_PAGE_SIZE}",
-            field_violations=[errors.FieldViolation("page_size", f"at most {MAX_PAGE_SIZE}")],
-        )
-    return requested or DEFAULT_PAGE_SIZE
 
 
 def check_same_job(row: Row, new: NewJob) -> None:

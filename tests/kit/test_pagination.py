@@ -1,4 +1,4 @@
-"""Page tokens and page sizes."""
+"""mesh.kit.pagination: page tokens and page sizes of every listing."""
 
 from __future__ import annotations
 
@@ -10,21 +10,33 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mesh.kit import errors
-from mesh.services.file.pagination import Cursor, decode_page_token, encode_page_token, page_size
+from mesh.kit.pagination import Cursor, decode_page_token, encode_page_token, page_size
 
 _instants = st.datetimes(
     min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
 )
 
 
-@given(_instants, st.uuids())
-def test_tokens_round_trip(created_at: datetime, image_id: uuid.UUID) -> None:
-    """A token decodes to exactly the cursor it was made from (microseconds included)."""
-    cursor = Cursor(created_at, image_id)
+@given(_instants, st.uuids(), st.sampled_from(["", "QUEUED", "a|b"]))
+def test_tokens_round_trip(created_at: datetime, row_id: uuid.UUID, scope: str) -> None:
+    """A token decodes to exactly the cursor it was made from (microseconds and scope included)."""
+    cursor = Cursor(created_at, row_id, scope)
     token = encode_page_token(cursor)
     assert token.isascii()
     assert "=" not in token
-    assert decode_page_token(token) == cursor
+    assert decode_page_token(token, scope) == cursor
+
+
+def test_a_token_continues_only_the_listing_of_its_scope() -> None:
+    """A token of a filtered listing sent without its filter, or with another, is InvalidArgument naming both
+    listings as the service describes them (AIP-158)."""
+    token = encode_page_token(Cursor(datetime(2026, 1, 1, tzinfo=UTC), uuid.uuid4(), "QUEUED"))
+    with pytest.raises(errors.InvalidArgument) as caught:
+        decode_page_token(token, "", describe=lambda scope: f"{scope} jobs" if scope else "all jobs")
+    assert caught.value.message.startswith("page_token continues the listing of QUEUED jobs, not of all jobs")
+    assert [v.field for v in caught.value.field_violations] == ["page_token"]
+    with pytest.raises(errors.InvalidArgument, match="of QUEUED, not of FAILED"):
+        decode_page_token(token, "FAILED")
 
 
 def test_empty_token_means_first_page() -> None:

@@ -1,8 +1,10 @@
-"""Keyset pagination over (created_at, id), newest first, with opaque page tokens.
+"""Keyset pagination over (created_at, id), newest first, with opaque page tokens (AIP-158), for every
+listing of the mesh (images, jobs).
 
 A token names the last row of the previous page; the next page holds the rows strictly "older" than it
 in (created_at DESC, id DESC) order. Unlike OFFSET, rows inserted meanwhile cannot shift a page, so every
-row that existed when the listing began is returned exactly once.
+row that existed when the listing began is returned exactly once. A token also carries the listing's
+``scope`` (its filter), and continues only a listing of the same scope.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import base64
 import binascii
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
@@ -28,6 +31,8 @@ class Cursor:
 
     created_at: datetime
     id: uuid.UUID
+    scope: str = ""
+    """What the listing was filtered by ("" for nothing)."""
 
 
 def page_size(requested: int) -> int:
@@ -42,13 +47,25 @@ def page_size(requested: int) -> int:
 
 def encode_page_token(cursor: Cursor) -> str:
     """An opaque, URL-safe token for ``cursor``."""
-    payload = {"v": _TOKEN_VERSION, "t": cursor.created_at.isoformat(), "i": str(cursor.id)}
+    payload = {
+        "v": _TOKEN_VERSION,
+        "t": cursor.created_at.isoformat(),
+        "i": str(cursor.id),
+        "s": cursor.scope,
+    }
     raw = json.dumps(payload, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_page_token(token: str) -> Cursor | None:
-    """The cursor in ``token`` (None for an empty token); InvalidArgument naming page_token otherwise."""
+def _unfiltered(scope: str) -> str:
+    return scope or "no filter"
+
+
+def decode_page_token(
+    token: str, scope: str = "", *, describe: Callable[[str], str] = _unfiltered
+) -> Cursor | None:
+    """The cursor in ``token`` (None for an empty token); InvalidArgument naming page_token when it is not one
+    this service issued, or when it continues a listing of another ``scope`` (each named by ``describe``)."""
     if not token:
         return None
     try:
@@ -59,10 +76,17 @@ def decode_page_token(token: str) -> Cursor | None:
         created_at = datetime.fromisoformat(payload["t"])
         if created_at.tzinfo is None:
             raise ValueError("no time zone")
-        return Cursor(created_at, uuid.UUID(payload["i"]))
+        cursor = Cursor(created_at, uuid.UUID(payload["i"]), str(payload.get("s", "")))
     except (binascii.Error, ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
         raise errors.InvalidArgument(
             "page_token is not a token this service issued; pass next_page_token from the previous "
             "response unchanged, or leave it empty for the first page",
             field_violations=[errors.FieldViolation("page_token", "malformed or from another listing")],
         ) from None
+    if cursor.scope != scope:
+        raise errors.InvalidArgument(
+            f"page_token continues the listing of {describe(cursor.scope)}, not of {describe(scope)}; send the"
+            " same filter with it, or start again without a token",
+            field_violations=[errors.FieldViolation("page_token", "issued for another filter")],
+        )
+    return cursor
