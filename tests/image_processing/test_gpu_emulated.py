@@ -15,11 +15,17 @@ from typing import Any
 import numpy as np
 import pytest
 
+from mesh.common.v1 import image_pb2, params_pb2
+from mesh.image.v1 import image_processing_service_pb2 as pb
 from mesh.kit import errors
+from mesh.kit.wire import Spliced, serialize_reply
 from mesh.services.image_processing import backend as backend_module
+from mesh.services.image_processing import codec
 from mesh.services.image_processing.backend import run_pipeline
 from mesh.services.image_processing.cpu_backend import CpuBackend
+from mesh.services.image_processing.processor import Processor
 from mesh.services.image_processing.registry import Device, validate_pipeline
+from mesh.services.image_processing.servicer import RAW_INPUT, ImageProcessingServicer
 from tests.image_processing import fake_cupy
 from tests.image_processing.gpu_cases import CASES, within
 from tests.image_processing.images import noise, smooth
@@ -167,3 +173,33 @@ def test_large_upload_goes_through_chunked_staging_intact(gpu: Any) -> None:
     assert np.array_equal(
         run_pipeline(gpu, image, steps).image, run_pipeline(CpuBackend(), image, steps).image
     )
+
+
+async def test_raw_replies_on_the_gpu_backend_are_its_own_results_and_outlive_the_next_call(gpu: Any) -> None:
+    """Through the servicer's zero-copy path on the (emulated) GPU backend: a RAW reply carries the pipeline's
+    result (equal to the CPU backend's) as a view of the result's memory, and that memory is the reply's own:
+    a second call run before the first reply is serialised leaves it as it was. Pins what the raw-pixel change
+    assumed of the GPU path (a fresh host array per result, not a reused staging buffer)."""
+    limits = codec.Limits(max_pixels=1_000_000, max_bytes=8 * 1024 * 1024)
+    on_gpu = ImageProcessingServicer(Processor(gpu, store=None, limits=limits))
+    on_cpu = ImageProcessingServicer(Processor(CpuBackend(), store=None, limits=limits))
+
+    def request(image: np.ndarray) -> bytes:
+        height, width, channels = image.shape
+        return pb.ProcessImageRequest(
+            input=image_pb2.ImageInput(
+                raw=image_pb2.RawImage(pixels=image.tobytes(), width=width, height=height, channels=channels)
+            ),
+            pipeline=[params_pb2.PipelineStep(filter="invert")],
+            output=pb.OutputSpec(format=image_pb2.IMAGE_FORMAT_RAW),
+        ).SerializeToString()
+
+    first, second = noise(40, 30, 3), smooth(40, 30, 3)
+    reply = await on_gpu.ProcessImage(RAW_INPUT.parse(request(first)), None)  # type: ignore[arg-type]
+    assert isinstance(reply, Spliced)
+    await on_gpu.ProcessImage(RAW_INPUT.parse(request(second)), None)  # type: ignore[arg-type]
+    expected = await on_cpu.ProcessImage(RAW_INPUT.parse(request(first)), None)  # type: ignore[arg-type]
+    assert isinstance(expected, Spliced)
+    gpu_pixels = pb.ProcessImageResponse.FromString(serialize_reply(reply)).raw.pixels
+    assert gpu_pixels == pb.ProcessImageResponse.FromString(serialize_reply(expected)).raw.pixels
+    assert gpu_pixels == (255 - first).tobytes()
