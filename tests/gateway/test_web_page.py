@@ -115,8 +115,8 @@ async def _submit(page: Page) -> str:
 
 
 async def test_upload_submit_and_verdict_on_screen(page: Page) -> None:
-    """Upload -> choose a filter and the strip reader -> submit -> the live queue ends SUCCEEDED and the
-    verdict shows with both lines drawn on the photo."""
+    """Upload -> choose a filter and the strip reader -> submit -> the live queue ends SUCCEEDED, its row
+    naming the job's work, and the verdict shows with both lines drawn on the photo."""
     await expect(page.locator("#filter-grayscale")).to_be_visible()
     await expect(page.locator("#param-gaussian_blur-sigma")).to_have_value("1")
     await expect(page.locator("#model-select")).to_have_value("strip-reader")
@@ -124,6 +124,8 @@ async def test_upload_submit_and_verdict_on_screen(page: Page) -> None:
     await page.check("#filter-grayscale")
     row = await _submit(page)
     await expect(page.locator(row)).to_have_attribute("data-state", "SUCCEEDED")
+    # Each row says what its job does, so that jobs can be told apart by more than their ids.
+    await expect(page.locator(f"{row} td.work")).to_have_text("grayscale → strip-reader")
     await expect(page.locator("#verdict")).to_have_text("Verdict: POSITIVE")
     # A polled list fetched before the stream's last event carries an older snapshot: it must not win.
     await page.evaluate(
@@ -137,6 +139,7 @@ async def test_upload_submit_and_verdict_on_screen(page: Page) -> None:
     assert await page.get_attribute(row, "data-state") == "SUCCEEDED"  # at once: the next poll would mend it
     await expect(page.locator("#strip-canvas")).to_have_attribute("data-lines", "2")
     await expect(page.locator("#reading")).to_contain_text("T/C ratio")
+    await expect(page.locator("#reading")).to_contain_text("grayscale → strip-reader (version 1)")
 
 
 async def test_the_lines_are_drawn_on_the_image_the_model_read(page: Page) -> None:

@@ -242,6 +242,11 @@ function actionButton(label, jobId, action) {
   }, label);
 }
 
+// What a job does, in the order it runs: its filters, then its model ("grayscale → strip-reader").
+function workOf(job) {
+  return [...(job.pipeline || []).map((step) => step.filter), ...(job.model ? [job.model] : [])].join(" → ");
+}
+
 function showJob(job) {
   // A polled list fetched before a stream's newer event must not turn the row back (ISO times compare as text).
   const known = state.jobs.get(job.id);
@@ -255,6 +260,7 @@ function showJob(job) {
   if (row && row.dataset.shown === shown) return;
   const cells = [
     el("td", {}, el("code", { title: job.id }, job.id.slice(0, 8))),
+    el("td", { class: "work", title: workOf(job) }, workOf(job)),
     el("td", { class: `state state-${job.state}` }, job.state + (job.error ? ` (${job.error.category})` : "")),
     el("td", { class: "position" }, job.queue_position ? String(job.queue_position) : "–"),
     el("td", {}, el("progress", { max: "1", value: String(job.progress), "aria-label": `Progress of job ${job.id.slice(0, 8)}` })),
@@ -371,7 +377,7 @@ function showFailure(job) {
   const verdict = $("#verdict");
   verdict.className = `verdict state-${job.state}`;
   verdict.textContent = `Job ${job.id.slice(0, 8)} ${job.state}`;
-  const facts = [["Attempt", `${job.attempt} of ${job.max_attempts}`]];
+  const facts = [["Work", workOf(job)], ["Attempt", `${job.attempt} of ${job.max_attempts}`]];
   if (job.error) facts.unshift(["Why", `${job.error.message} (${job.error.category})`]);
   $("#reading").replaceChildren(...facts.flatMap(([term, value]) => [el("dt", {}, term), el("dd", {}, value)]));
   $("#result-images").hidden = true;
@@ -390,13 +396,14 @@ async function showResult(job) {
   const verdict = $("#verdict");
   verdict.className = `verdict ${reading ? reading.verdict : ""}`;
   verdict.textContent = reading ? `Verdict: ${reading.verdict}` : `Job ${job.id.slice(0, 8)} succeeded (no model)`;
-  const facts = reading ? [
+  const work = prediction && prediction.model_version ? `${workOf(job)} (version ${prediction.model_version})` : workOf(job);
+  const facts = [["Work", work], ...(reading ? [
     ["T/C ratio", reading.t_to_c_ratio.toFixed(2)],
     ["Confidence", `${Math.round(reading.confidence * 100)} %`],
     ["Control line", reading.control_line.present ? `at ${reading.control_line.position.toFixed(2)}, intensity ${reading.control_line.intensity.toFixed(2)}` : "absent"],
     ["Test line", reading.test_line.present ? `at ${reading.test_line.position.toFixed(2)}, intensity ${reading.test_line.intensity.toFixed(2)}` : "absent"],
     ["Quality", qualityText(reading.quality_flags)],
-  ] : [];
+  ] : [])];
   $("#reading").replaceChildren(...facts.flatMap(([term, value]) => [el("dt", {}, term), el("dd", {}, value)]));
   // The model read the filters' output when there were filters, and its line positions are in that image's
   // pixels (a resize, crop or rotation moves them), so the lines are drawn on it; the photo shows beside it.
