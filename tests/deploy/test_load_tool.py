@@ -12,12 +12,15 @@ from pathlib import Path
 from typing import cast
 
 import grpc
+import numpy as np
 import pytest
 from google.protobuf import descriptor_pool, json_format
 from PIL import Image
 
 from mesh.file.v1 import file_service_pb2
 from mesh.kit.settings import CommonSettings
+from mesh.services.inference.strip import StripReader
+from mesh.services.inference.strip.types import Verdict
 from mesh.tools.load import main, payloads
 from mesh.tools.load.mesh import Mesh, is_loopback
 from mesh.tools.load.runner import run_scenario
@@ -37,6 +40,16 @@ def test_photo_is_a_1080p_jpeg_and_strip_photo_is_deterministic() -> None:
     assert (photo.format, photo.size) == ("JPEG", (1920, 1080))
     assert payloads.strip_photo() == payloads.strip_photo()
     assert Image.open(io.BytesIO(payloads.strip_photo())).format == "JPEG"
+
+
+def test_the_strip_photo_reads_positive() -> None:
+    """The load test's strip photo is read POSITIVE with its drawn T/C (0.15 / 0.6), so inference scenarios
+    time a whole reading. Without a frame around its window the reader took it for a bare strip and read
+    INVALID (no control line), which times a shortcut."""
+    photo = np.asarray(Image.open(io.BytesIO(payloads.strip_photo())).convert("RGB"))
+    reading = StripReader().read(photo)
+    assert reading.verdict == Verdict.POSITIVE
+    assert reading.t_to_c_ratio == pytest.approx(0.25, abs=0.05)
 
 
 def test_comment_changes_the_hash_but_not_the_pixels() -> None:

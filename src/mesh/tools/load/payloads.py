@@ -68,7 +68,10 @@ def strip_photo(seed: int = 7, t_contrast: float = 0.15) -> bytes:
     cv2.circle(image, (300, 480), 45, (205, 200, 195), -1, cv2.LINE_AA)  # sample well
     window = (560, 450, 960, 510)  # x0, y0, x1, y1 of the read window
     x0, y0, x1, y1 = window
+    # The read window is recessed in the plastic: a grey frame around the membrane, shaded on its inner rim.
+    cv2.rectangle(image, (x0 - 4, y0 - 4), (x1 + 3, y1 + 3), (140, 140, 145), 4)
     image[y0:y1, x0:x1] = (240, 236, 226)  # membrane
+    image[y0 : y0 + 4, x0:x1] *= np.linspace(0.6, 1.0, 4, dtype=np.float32)[:, None, None]
     absorb = np.array([0.3, 1.0, 0.55], np.float32)  # red-purple colloidal gold
     xs = np.arange(x1 - x0, dtype=np.float32)
     for position, contrast in ((0.38, t_contrast), (0.72, 0.6)):
