@@ -1,8 +1,10 @@
-"""``deploy/prometheus/alerts.yaml``: rules Prometheus would load, on metrics the mesh exposes."""
+"""``deploy/prometheus/alerts.yaml`` and ``deploy/grafana/mesh-overview.json``: rules Prometheus would load and
+a dashboard Grafana would import, both on metrics the mesh exposes."""
 
 from __future__ import annotations
 
 import importlib
+import json
 import pkgutil
 import re
 from collections.abc import Iterator
@@ -19,6 +21,9 @@ import mesh.services
 from .conftest import REPO
 
 RULES = REPO / "deploy" / "prometheus" / "alerts.yaml"
+DASHBOARD = REPO / "deploy" / "grafana" / "mesh-overview.json"
+# Grafana's own variables, replaced by what it would put there before the query reaches Prometheus.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
 DURATION = re.compile(r"^\d+[smhd]$")
 SAMPLE_SUFFIXES = {
     "counter": ("_total",),
@@ -31,6 +36,19 @@ SAMPLE_SUFFIXES = {
 def _rules() -> list[dict[str, Any]]:
     document = yaml.safe_load(RULES.read_text())
     return [rule for group in document["groups"] for rule in group["rules"]]
+
+
+def _queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every query on the dashboard, Grafana's variables filled in."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for variable, value in GRAFANA_VARIABLES.items():
+                expr = expr.replace(variable, value)
+            queries.append((f"{panel['title']} ({target['refId']})", expr))
+    return queries
 
 
 def _exposed_series() -> set[str]:
@@ -95,3 +113,25 @@ def test_an_unknown_metric_is_caught() -> None:
     """The check above can fail: a misspelt metric is not among the exposed series."""
     expression = promql_parser.parse("max(mesh_queue_oldest_queued_age) > 300")
     assert set(_metric_names(expression)) - _exposed_series() == {"mesh_queue_oldest_queued_age"}
+
+
+def test_the_dashboard_is_laid_out_and_every_panel_queries_the_chosen_prometheus() -> None:
+    """Panel ids are unique, every panel fits Grafana's 24 columns, and every query uses the dashboard's
+    Prometheus data source variable (so it imports into any Grafana without editing)."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert [v["name"] for v in dashboard["templating"]["list"]] == ["datasource"]
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in dashboard["panels"]:
+        assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+        for target in panel.get("targets", []):
+            assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+    assert _queries()
+
+
+@pytest.mark.parametrize(("panel", "expr"), _queries(), ids=[title for title, _ in _queries()])
+def test_each_dashboard_query_parses_and_selects_only_exposed_metrics(panel: str, expr: str) -> None:
+    """As for the alerts: each panel's PromQL parses and selects only series the mesh registers."""
+    selected = set(_metric_names(promql_parser.parse(expr)))
+    assert selected, panel
+    assert selected <= _exposed_series(), f"{panel}: not exposed: {sorted(selected - _exposed_series())}"
