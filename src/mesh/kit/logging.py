@@ -48,6 +48,26 @@ def current_logging() -> LoggingSetup | None:
     return _current
 
 
+class ClientLeftWhileSending(logging.Filter):
+    """gRPC's asyncio server logs an ERROR with a stack ("ExecuteBatchError raised in core by servicer method
+    [...]") when a streamed response cannot be written because the call has ended under it: a client that
+    stopped reading and cancelled (a browser leaving a download, a gateway whose client left). The call is
+    already accounted for (the interceptor's access line says CANCELLED); this turns the record into one
+    info line that says what happened."""
+
+    PREFIX = "ExecuteBatchError raised in core by servicer method"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.levelno >= logging.ERROR and message.startswith(self.PREFIX):
+            method = message.removeprefix(self.PREFIX).strip(" []")
+            record.msg = "the call ended while the server was sending its stream (the client left): %s"
+            record.args = (method,)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def configure_logging(service: str, *, level: str = "info", fmt: str = "json") -> None:
     """Configure structlog and the standard library for this process; call once at start."""
     global _current
@@ -94,6 +114,9 @@ def configure_logging(service: str, *, level: str = "info", fmt: str = "json") -
     # The gRPC aio instrumentation detaches a span's context in another task when a client cancels a
     # stream, which OpenTelemetry reports as an error although nothing is lost; the span still ends.
     logging.getLogger("opentelemetry.context").setLevel(logging.CRITICAL)
+    cygrpc = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, ClientLeftWhileSending) for f in cygrpc.filters):
+        cygrpc.addFilter(ClientLeftWhileSending())
 
 
 def _add_service(service: str) -> Processor:
