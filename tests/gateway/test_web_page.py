@@ -391,3 +391,23 @@ async def test_an_invalid_reading_says_no_line_was_found_and_how_to_retake(page:
     await expect(page.locator("#canvas-caption")).to_have_text("Photo (no line found)")
     await expect(page.locator("#reading")).to_contain_text("no test strip found: photograph the strip")
     await expect(page.locator("#strip-canvas")).to_have_attribute("data-lines", "0")
+
+
+async def test_a_table_wider_than_the_screen_can_be_scrolled_from_the_keyboard(page: Page) -> None:
+    """On a phone the queue and health tables scroll inside their cards; each scrolling region takes focus
+    and has a name, so a keyboard can reach and scroll it (axe-core's scrollable-region-focusable: the health
+    table's was not)."""
+    await page.set_viewport_size({"width": 390, "height": 800})
+    regions = page.locator(".table-scroll")
+    assert await regions.count() == 2
+    for index in range(2):
+        region = regions.nth(index)
+        await expect(region).to_have_attribute("tabindex", "0")
+        await expect(region).to_have_attribute("role", "region")
+        await expect(region).to_have_attribute("aria-label", re.compile(r"^(Queue|Health) table$"))
+    await expect(page.locator("#health tbody tr").first).to_be_visible()
+    health = regions.nth(1)
+    assert await health.evaluate("el => el.scrollWidth > el.clientWidth")  # it does scroll at this width
+    await health.focus()
+    await page.keyboard.press("ArrowRight")
+    await page.wait_for_function("el => el.scrollLeft > 0", arg=await health.element_handle(), timeout=5000)
