@@ -35,7 +35,14 @@ def key_name(value: str) -> str:
 
 
 async def _run(args: argparse.Namespace, database_url: str) -> int:
-    await migrate(database_url, timeout=CONNECT_SECONDS)
+    try:
+        await migrate(database_url, timeout=CONNECT_SECONDS)
+    except psycopg.OperationalError as error:
+        print(
+            f"PostgreSQL (MESH_DATABASE_URL) did not answer within {CONNECT_SECONDS:g} s: {error}".rstrip(),
+            file=sys.stderr,
+        )
+        return 1
     async with create_pool(database_url, name="gateway-keys", min_size=1, max_size=1) as pool:
         store = KeyStore(pool)
         if args.command == "create":
@@ -78,14 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     # Logs (the migrations applied on a first run) go to stderr: stdout carries only the answer, for scripts.
     configure_logging("gateway-keys", fmt="console")
     settings = load_settings(GatewaySettings)
-    try:
-        return asyncio.run(_run(args, settings.database_url))
-    except psycopg.OperationalError as error:
-        print(
-            f"PostgreSQL (MESH_DATABASE_URL) did not answer within {CONNECT_SECONDS:g} s: {error}".rstrip(),
-            file=sys.stderr,
-        )
-        return 1
+    return asyncio.run(_run(args, settings.database_url))
 
 
 if __name__ == "__main__":

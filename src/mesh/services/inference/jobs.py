@@ -2,9 +2,9 @@
 
 The queue's worker runtime claims a job and calls :class:`InferenceJobHandler` with a
 :class:`~mesh.kit.jobs.JobContext`. ``job.model`` names the model, optionally with a version as
-``name/version`` (:class:`~mesh.kit.jobs.ModelReference`). Progress beats go out at each stage, so a cancel is seen before the model runs. Errors are
-MeshErrors whose category decides retry: a missing image or model is PERMANENT, an undecodable image DATA,
-a model that is not ready yet or a full queue TRANSIENT.
+``name/version`` (:class:`~mesh.kit.jobs.ModelReference`). Progress beats go out at each stage, so a cancel
+is seen before the model runs. Errors are MeshErrors whose category decides retry: a missing image or model
+is PERMANENT, an undecodable image DATA, a model that is not ready yet or a full queue TRANSIENT.
 """
 
 from __future__ import annotations
