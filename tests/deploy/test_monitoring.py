@@ -3,6 +3,7 @@ a dashboard Grafana would import, both on metrics the mesh exposes."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import pkgutil
@@ -52,7 +53,8 @@ def _queries() -> list[tuple[str, str]]:
     return queries
 
 
-def _exposed_series() -> set[str]:
+@functools.cache
+def _exposed_series() -> frozenset[str]:
     """Every series name the mesh's processes can expose: each module of the kit and the services imported (as
     each process does at start), then the metric families registered, labelled ones included before any
     sample is recorded."""
@@ -68,7 +70,9 @@ def _exposed_series() -> set[str]:
     # The GPU series are registered only where NVML finds a GPU: here a one-device stand-in says which.
     gpu = GpuCollector(_OneGpu(), pool_bytes=lambda: (1, 2))
     families = [*REGISTRY.collect(), *gpu.collect()]
-    return {family.name + suffix for family in families for suffix in SAMPLE_SUFFIXES.get(family.type, ("",))}
+    return frozenset(
+        family.name + suffix for family in families for suffix in SAMPLE_SUFFIXES.get(family.type, ("",))
+    )
 
 
 class _OneGpu:
