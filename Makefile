@@ -32,6 +32,17 @@ $(VENV)/bin/python:
 	fi
 	touch $@
 
+# promtool (Prometheus's rule checker and unit tester) for deploy/prometheus, from Debian's prometheus package,
+# unpacked into .tools: installing the package would also set up and start a Prometheus server.
+PROMTOOL := .tools/prometheus/usr/bin/promtool
+$(PROMTOOL):
+	mkdir -p .tools
+	cd .tools && rm -f prometheus_*.deb && (apt-get download -q prometheus 2>/dev/null \
+	  || { [ "$$(id -u)" = 0 ] && apt-get update -q && apt-get download -q prometheus; }) \
+	  || { echo "promtool is missing: Debian's prometheus package could not be downloaded"; exit 1; }
+	cd .tools && dpkg-deb -x prometheus_*.deb prometheus && rm prometheus_*.deb
+	touch $@
+
 install: .stamp-install
 
 # Generated code lives in src/mesh/{common,file,image,inference,queue}: one package, with .pyi stubs.
@@ -64,7 +75,7 @@ fmt: .stamp-install
 	$(PY) -m ruff format src tests scripts bench
 	$(PY) -m ruff check --fix src tests scripts bench
 
-test: .stamp-proto .stamp-npm .stamp-chromium
+test: .stamp-proto .stamp-npm .stamp-chromium $(PROMTOOL)
 	$(MAKE) lint
 	$(MAKE) k8s-check
 	$(PY) -m pytest -q -p no:cacheprovider
@@ -82,4 +93,4 @@ k8s-check: .stamp-install
 	$(PY) -m mesh.tools.k8s_check
 
 clean:
-	rm -rf .stamp-* $(VENV) node_modules src/mesh/common src/mesh/file src/mesh/image src/mesh/inference src/mesh/queue
+	rm -rf .stamp-* $(VENV) node_modules .tools src/mesh/common src/mesh/file src/mesh/image src/mesh/inference src/mesh/queue

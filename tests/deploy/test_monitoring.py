@@ -8,7 +8,10 @@ import importlib
 import json
 import pkgutil
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import promql_parser
@@ -19,11 +22,15 @@ from prometheus_client import REGISTRY
 import mesh.kit
 import mesh.services
 from mesh.kit.gpu_metrics import GpuCollector
+from tests.conftest import require
 
 from .conftest import REPO
 
 RULES = REPO / "deploy" / "prometheus" / "alerts.yaml"
+RULE_TESTS = REPO / "deploy" / "prometheus" / "alerts.test.yaml"
 DASHBOARD = REPO / "deploy" / "grafana" / "mesh-overview.json"
+# Unpacked from Debian's prometheus package by `make test`; a promtool on the PATH serves as well.
+PROMTOOL = REPO / ".tools" / "prometheus" / "usr" / "bin" / "promtool"
 # Grafana's own variables, replaced by what it would put there before the query reaches Prometheus.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
 DURATION = re.compile(r"^\d+[smhd]$")
@@ -155,3 +162,46 @@ def test_each_dashboard_query_parses_and_selects_only_exposed_metrics(panel: str
     selected = set(_metric_names(promql_parser.parse(expr)))
     assert selected, panel
     assert selected <= _exposed_series(), f"{panel}: not exposed: {sorted(selected - _exposed_series())}"
+
+
+def _promtool() -> str:
+    found = str(PROMTOOL) if PROMTOOL.exists() else shutil.which("promtool")
+    require(found is not None, "promtool (make test unpacks it from Debian's prometheus package)")
+    assert found is not None
+    return found
+
+
+def _run_promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([_promtool(), *map(str, args)], capture_output=True, text=True, timeout=60)
+
+
+def test_prometheus_loads_the_rule_file() -> None:
+    """promtool checks alerts.yaml as Prometheus loads it: syntax, templates in annotations, durations."""
+    checked = _run_promtool("check", "rules", RULES)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"SUCCESS: {len(_rules())} rules found" in checked.stdout
+
+
+def test_each_alert_fires_when_it_should_and_only_then() -> None:
+    """promtool's unit tests (alerts.test.yaml) replay series into every alert: each fires, with its labels and
+    filled-in annotations, once its ``for`` runs out, and stays quiet for blips and for the callers' errors."""
+    tested = {
+        case["alertname"]
+        for group in yaml.safe_load(RULE_TESTS.read_text())["tests"]
+        for case in group.get("alert_rule_test", [])
+        if case.get("exp_alerts")
+    }
+    assert tested == {rule["alert"] for rule in _rules()}, "every alert needs a case in which it fires"
+    result = _run_promtool("test", "rules", RULE_TESTS)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_wrong_threshold_fails_the_alert_tests(tmp_path: Path) -> None:
+    """The unit tests can fail: with MeshJobsWaiting's 5 minutes made 10, its firing case does not fire."""
+    rules = RULES.read_text()
+    assert "mesh_queue_oldest_queued_age_seconds) > 300" in rules
+    (tmp_path / "alerts.yaml").write_text(rules.replace("age_seconds) > 300", "age_seconds) > 600"))
+    (tmp_path / "alerts.test.yaml").write_text(RULE_TESTS.read_text())
+    result = _run_promtool("test", "rules", tmp_path / "alerts.test.yaml")
+    assert result.returncode != 0
+    assert "MeshJobsWaiting" in result.stdout + result.stderr

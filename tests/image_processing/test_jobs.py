@@ -149,3 +149,10 @@ async def test_connect_job_handler_builds_and_closes(processor: Processor) -> No
     settings = CommonSettings(file_service_address="127.0.0.1:1", inference_service_address="127.0.0.1:1")
     async with connect_job_handler(settings, processor) as handler:
         assert isinstance(handler, ImageJobHandler)
+
+
+def test_the_shedding_counter_is_exported_at_zero_before_any_refusal(processor: Processor) -> None:
+    """``mesh_image_pipelines_rejected_total`` exists at 0 from the start, so the first refusal shows in rate()."""
+    from prometheus_client import REGISTRY
+
+    assert REGISTRY.get_sample_value("mesh_image_pipelines_rejected_total", {"device": "cpu"}) is not None

@@ -303,3 +303,27 @@ async def test_the_http_port_starts_without_uvicorn_s_own_lines(caplog: pytest.L
     ]
     assert uvicorn_lines == []
     assert any(isinstance(r.msg, dict) and r.msg.get("event") == "service started" for r in caplog.records)
+
+
+def test_every_method_is_exported_at_zero_before_its_first_call() -> None:
+    """Each method of a described service has its series at 0 for every status code before any call, so that
+    ``rate()`` sees the first failure after a restart (a series born at 1 has no earlier sample)."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    from mesh.image.v1 import image_processing_service_pb2
+    from mesh.kit.interceptors import preinitialise_metrics
+
+    service = image_processing_service_pb2.DESCRIPTOR.services_by_name["ImageProcessingService"].full_name
+    preinitialise_metrics([service, SERVICE])  # SERVICE has no descriptor: skipped, not an error
+    exposed = generate_latest(REGISTRY).decode()
+    for method, kind in (("ListFilters", "unary"), ("StreamProcess", "bidi_stream")):
+        for code in ("OK", "INTERNAL", "UNAVAILABLE"):
+            series = (
+                f'grpc_server_handled_total{{grpc_code="{code}",grpc_method="{method}",'
+                f'grpc_service="{service}",grpc_type="{kind}"}}'
+            )
+            assert series in exposed, series
+        started = (
+            f'grpc_server_started_total{{grpc_method="{method}",grpc_service="{service}",grpc_type="{kind}"}}'
+        )
+        assert started in exposed

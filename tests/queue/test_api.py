@@ -396,6 +396,33 @@ async def test_metrics_expose_depth_and_oldest_age(queue: Harness) -> None:
     assert "mesh_queue_dispatches_published_total" in text
 
 
+async def test_a_queues_depth_falls_to_zero_when_its_last_job_leaves_a_state(queue: Harness) -> None:
+    """The depth gauge follows a state that empties (QUEUED 1 -> 0 when the job is cancelled), and every state
+    of every queue the service knows is exported, at 0 where it holds no job."""
+    job = await queue.submit()
+    url = f"http://127.0.0.1:{queue.runtime.http_port}/metrics/"
+
+    def depth(state: str, n: int) -> str:
+        return f'mesh_queue_jobs{{queue="{queue.inference_queue}",state="{state}"}} {n}.0'
+
+    async def scrape_until(*wanted: str) -> str:
+        async with httpx.AsyncClient() as client:
+            for _ in range(100):
+                text = (await client.get(url)).text
+                if all(w in text for w in wanted):
+                    break
+                await asyncio.sleep(0.1)
+        return text
+
+    text = await scrape_until(depth("QUEUED", 1), depth("RUNNING", 0), depth("DEAD", 0))
+    assert depth("QUEUED", 1) in text
+    assert depth("RETRY_WAIT", 0) in text
+    await queue.stub.CancelJob(queue_service_pb2.CancelJobRequest(job_id=job.id))
+    text = await scrape_until(depth("QUEUED", 0), depth("CANCELLED", 1))
+    assert depth("QUEUED", 0) in text
+    assert depth("CANCELLED", 1) in text
+
+
 async def test_relay_process_reports_its_counts_and_is_restarted(queue: Harness) -> None:
     """The relay publishes from a child process: its confirmed dispatches are counted in the service's own
     metrics, and a child that is killed is started again and publishes what was written meanwhile."""

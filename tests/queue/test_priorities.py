@@ -311,3 +311,25 @@ async def test_dead_lettered_high_lane_dispatch_ends_dead(queue: Harness) -> Non
         return REGISTRY.get_sample_value("mesh_queue_dead_letters_total", labels) == before + 1
 
     await _until(counted, "the dead letter counted under the job queue", timeout=5)
+
+
+def test_a_workers_and_the_dead_letter_consumers_counters_start_at_zero() -> None:
+    """Before any job, a queue's outcome, retry, drop and dead-letter counters are exported at 0, so that
+    ``increase()`` counts the first failure or dead letter after a restart (alerts depend on it)."""
+    from prometheus_client import REGISTRY
+
+    from mesh.services.queue.dead_letters import DeadLetterConsumer
+
+    JobWorker(CommonSettings(), queue="zero.q", handler=scripted_handler)
+    DeadLetterConsumer(cast(Any, None), cast(Any, None), ["zero.q"], delivery_limit=3)
+
+    def value(name: str, **labels: str) -> float | None:
+        return REGISTRY.get_sample_value(name, {"queue": "zero.q", **labels})
+
+    assert value("mesh_queue_job_outcomes_total", outcome="SUCCEEDED", category="") == 0
+    assert value("mesh_queue_job_outcomes_total", outcome="FAILED", category="DATA") == 0
+    assert value("mesh_queue_job_outcomes_total", outcome="DEAD", category="SYSTEM") == 0
+    assert value("mesh_queue_job_retries_total") == 0
+    assert value("mesh_queue_dispatches_dropped_total", reason="fenced_out") == 0
+    for effect in ("marked_dead", "dispatched_again", "stale", "undecodable"):
+        assert value("mesh_queue_dead_letters_total", effect=effect) == 0, effect

@@ -8,10 +8,11 @@ Servicer streaming methods must be async generators (they ``yield`` responses).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
 from prometheus_client import Counter, Histogram
 
 from mesh.kit.errors import Internal, MeshError
@@ -35,6 +36,32 @@ RPC_SECONDS = Histogram(
 )
 
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+def _kind(client_streaming: bool, server_streaming: bool) -> str:
+    if client_streaming:
+        return "bidi_stream" if server_streaming else "client_stream"
+    return "server_stream" if server_streaming else "unary"
+
+
+def preinitialise_metrics(service_names: Sequence[str]) -> None:
+    """Export every method's series at 0 (every status code), as go-grpc-prometheus does.
+
+    A series that first appears at 1 has no earlier sample, so ``rate()`` and ``increase()`` miss that first
+    call: the first INTERNAL after a restart would never count towards an error-rate alert.
+    """
+    pool = descriptor_pool.Default()
+    for service_name in service_names:
+        try:
+            service = pool.FindServiceByName(service_name)
+        except KeyError:  # served by generic handlers without descriptors: its series appear with its calls
+            continue
+        for method in service.methods:
+            kind = _kind(method.client_streaming, method.server_streaming)
+            RPC_STARTED.labels(service_name, method.name, kind)
+            RPC_SECONDS.labels(service_name, method.name, kind)
+            for code in grpc.StatusCode:
+                RPC_HANDLED.labels(service_name, method.name, kind, code.name)
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]

@@ -31,7 +31,7 @@ from starlette.routing import Mount, Route
 
 from mesh.kit import tracing
 from mesh.kit.health import DependencyCheck, HealthMonitor
-from mesh.kit.interceptors import ServerInterceptor
+from mesh.kit.interceptors import ServerInterceptor, preinitialise_metrics
 from mesh.kit.logging import configure_logging, get_logger
 from mesh.kit.memory import tune_allocator
 from mesh.kit.settings import CommonSettings, ServerSettings, load_settings
@@ -153,6 +153,7 @@ class ServiceRuntime:
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         ]
         reflection.enable_server_reflection(names, self.server)
+        preinitialise_metrics(self._service_names)
         for name in ["", *self._service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.grpc_port = self._bind()

@@ -135,6 +135,8 @@ class Processor:
         self.backend = backend
         self.store = store
         self.limits = limits
+        # At 0 from the start, so that rate() sees the first refusal (the shedding alert).
+        PIPELINES_REJECTED.labels(backend.device.value)
         self._max_pending = max_pending
         self._pending = 0
         # The GPU backend owns one stream and its staging buffers: one pipeline at a time keeps them safe.

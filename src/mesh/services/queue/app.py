@@ -32,6 +32,7 @@ from mesh.services.queue.relay_process import RelayProcess
 from mesh.services.queue.repository import JobRepository, PoolCheck, open_pool
 from mesh.services.queue.servicer import QueueServicer
 from mesh.services.queue.settings import QueueSettings
+from mesh.services.queue.states import JobState
 
 log = get_logger(__name__)
 
@@ -126,9 +127,11 @@ class QueueApp:
         while not stopping.is_set():
             try:
                 counts = await self.repository.counts()
-                for (queue, state), n in counts.by_queue_state.items():
-                    QUEUE_DEPTH.labels(queue, state).set(n)
-                for queue in {q for q, _ in counts.by_queue_state}:
+                # Every state of every queue is set, 0 included: the counts hold only the states that have
+                # jobs, and a gauge left alone keeps its last value (phantom QUEUED jobs once a queue drains).
+                for queue in {*self.servicer.queues, *(q for q, _ in counts.by_queue_state)}:
+                    for state in JobState:
+                        QUEUE_DEPTH.labels(queue, state).set(counts.by_queue_state.get((queue, state), 0))
                     oldest = counts.oldest_queued_at.get(queue)
                     age = (counts.now - oldest).total_seconds() if oldest else 0.0
                     OLDEST_QUEUED.labels(queue).set(max(0.0, age))

@@ -31,6 +31,9 @@ DEAD_LETTERS = Counter(
     "Dead-lettered dispatches, by what they did to their job.",
     ["queue", "effect"],
 )
+EFFECTS = {JobState.DEAD: "marked_dead", JobState.QUEUED: "dispatched_again", None: "stale"}
+"""What a dead letter did to its job, by the state it moved the job to (None: the job had moved on)."""
+UNDECODABLE_EFFECT = "undecodable"
 
 
 class DeadLetterConsumer:
@@ -48,6 +51,10 @@ class DeadLetterConsumer:
         self.repository = repository
         self.broker = broker
         self.queues = list(queues)
+        # Exported at 0 so that the first dead letter after a restart shows in increase() and alerts.
+        for queue in self.queues:
+            for effect in (*EFFECTS.values(), UNDECODABLE_EFFECT):
+                DEAD_LETTERS.labels(queue, effect)
         self.delivery_limit = delivery_limit
         self.on_dispatch = on_dispatch
 
@@ -69,7 +76,7 @@ class DeadLetterConsumer:
             dispatch = job_pb2.JobDispatch.FromString(message.body)
             job_id = uuid.UUID(dispatch.job_id)
         except (DecodeError, ValueError):
-            DEAD_LETTERS.labels(queue, "undecodable").inc()
+            DEAD_LETTERS.labels(queue, UNDECODABLE_EFFECT).inc()
             log.warning("undecodable dead letter dropped", queue=queue, size=len(message.body))
             await message.ack()
             return
@@ -82,7 +89,7 @@ class DeadLetterConsumer:
             log.warning("dead letter not recorded; will retry", job_id=str(job_id), error=str(exc))
             await message.reject(requeue=True)
             return
-        effect = {JobState.DEAD: "marked_dead", JobState.QUEUED: "dispatched_again", None: "stale"}[target]
+        effect = EFFECTS[target]
         DEAD_LETTERS.labels(queue, effect).inc()
         if target is JobState.DEAD:
             log.warning("job dead-lettered", job_id=str(job_id), attempt=dispatch.attempt, reason=reason)

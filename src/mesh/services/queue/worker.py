@@ -101,6 +101,7 @@ DROPPED = Counter(
     "Dispatches acked without running: duplicate, stale, cancelled, or fenced out.",
     ["queue", "reason"],
 )
+DROP_REASONS = ("not_claimable", "lease_lost", "fenced_out")
 UNDECODABLE = Counter(
     "mesh_queue_undecodable_dispatches_total",
     "Messages that were not a JobDispatch (dead-lettered).",
@@ -112,6 +113,20 @@ ATTEMPT_SECONDS = Histogram(
     ["queue", "outcome"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
+
+
+def _export_at_zero(queue: str) -> None:
+    """Export the queue's counters at 0 for every outcome they can count: ``rate()`` and ``increase()`` miss
+    the first increment of a series that appears at 1 (the first failure after a restart would not alert)."""
+    OUTCOMES.labels(queue, JobState.SUCCEEDED, "")
+    OUTCOMES.labels(queue, JobState.CANCELLED, "")
+    for state in (JobState.RETRY_WAIT, JobState.FAILED, JobState.DEAD):
+        for category in ErrorCategory:
+            OUTCOMES.labels(queue, state, category)
+    RETRIES.labels(queue)
+    UNDECODABLE.labels(queue)
+    for reason in DROP_REASONS:
+        DROPPED.labels(queue, reason)
 
 
 @dataclass(frozen=True)
@@ -278,6 +293,7 @@ class JobWorker:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.queue = queue
+        _export_at_zero(queue)
         self._database_url = settings.database_url
         self.handler = handler
         self.concurrency = concurrency
