@@ -229,12 +229,17 @@ async def test_pagination_passes_through(client: httpx.AsyncClient) -> None:
     assert len(seen) == len(set(seen)) >= 3
 
 
-async def test_page_size_out_of_range_is_400(client: httpx.AsyncClient) -> None:
-    """page_size 0 or above 500 is a 400 naming page_size."""
-    for size in (0, 501):
+async def test_page_size_under_1_is_400_and_over_500_is_reduced_to_500(client: httpx.AsyncClient) -> None:
+    """page_size 0 or less is a 400 naming page_size; over 500 (up to any integer) is reduced to 500, as the gRPC
+    services do (AIP-158), so the listing answers (the fake file service refuses a size over 500)."""
+    for size in (0, -1):
         response = await client.get("/v1/images", params={"page_size": size})
         assert response.status_code == 400
         assert "page_size" in response.json()["error"]["message"]
+    for path in ("/v1/images", "/v1/jobs"):
+        for size in (501, 10**30):
+            response = await client.get(path, params={"page_size": size})
+            assert response.status_code == 200, (path, size, response.text)
 
 
 async def test_metadata_content_thumbnail_and_delete(client: httpx.AsyncClient) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import Path
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from fastapi import Path, Query
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
+from mesh.kit.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from mesh.kit.param_values import ParamScalar
 from mesh.kit.text_fields import MAX_IDEMPOTENCY_KEY_CHARS
 
@@ -15,6 +16,21 @@ from mesh.kit.text_fields import MAX_IDEMPOTENCY_KEY_CHARS
 UUID_FORMAT: dict[str, Any] = {"format": "uuid"}
 ImageIdPath = Annotated[str, Path(description="An image's id (a UUID).", json_schema_extra=UUID_FORMAT)]
 JobIdPath = Annotated[str, Path(description="A job's id (a UUID).", json_schema_extra=UUID_FORMAT)]
+
+# Listings page as the gRPC services do (AIP-158): a page size over the maximum is reduced to it, not refused;
+# reduced here too, so that no size outside protobuf's int32 reaches the request.
+PageSizeQuery = Annotated[
+    int,
+    Query(
+        ge=1,
+        description=f"Items per page (default {DEFAULT_PAGE_SIZE}); over {MAX_PAGE_SIZE} is reduced to "
+        f"{MAX_PAGE_SIZE}, and next_page_token continues the listing.",
+    ),
+    AfterValidator(lambda size: min(size, MAX_PAGE_SIZE)),
+]
+PageTokenQuery = Annotated[
+    str, Query(max_length=1000, description="The next_page_token of the previous page; empty for the first.")
+]
 
 # A parameter from JSON: its integers are bounded to protobuf's int64, and a larger one reads as a number, which
 # the service then judges against the parameter's range (ParamValue(int_value=10**23) raised: a 500).

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Literal
 from urllib.parse import quote
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.responses import StreamingResponse
 
 from mesh.file.v1 import file_service_pb2
 from mesh.kit import errors
+from mesh.kit.pagination import DEFAULT_PAGE_SIZE
 from mesh.services.gateway import convert, idempotency, schemas
 from mesh.services.gateway.backends import rpc
 from mesh.services.gateway.bodies import media_type
@@ -181,8 +182,8 @@ async def upload_image(request: Request, response: Response, ctx: Context, _: Ca
 async def list_images(
     ctx: Context,
     _: Caller,
-    page_size: Annotated[int, Query(ge=1, le=500)] = 50,
-    page_token: Annotated[str, Query(max_length=1000)] = "",
+    page_size: schemas.PageSizeQuery = DEFAULT_PAGE_SIZE,
+    page_token: schemas.PageTokenQuery = "",
 ) -> schemas.ImageList:
     """Images, newest first; pass ``next_page_token`` back as ``page_token`` for the next page."""
     page = await rpc(

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from starlette.responses import StreamingResponse
 
 from mesh.kit import errors
+from mesh.kit.pagination import DEFAULT_PAGE_SIZE
 from mesh.queue.v1 import job_pb2
 from mesh.queue.v1 import queue_service_pb2 as queue_pb
 from mesh.services.gateway import convert, idempotency, metrics, schemas
@@ -87,8 +88,8 @@ async def list_jobs(
     ctx: Context,
     _: Caller,
     state: schemas.JobStateName | None = None,
-    page_size: Annotated[int, Query(ge=1, le=500)] = 50,
-    page_token: Annotated[str, Query(max_length=1000)] = "",
+    page_size: schemas.PageSizeQuery = DEFAULT_PAGE_SIZE,
+    page_token: schemas.PageTokenQuery = "",
 ) -> schemas.JobList:
     """Jobs, newest first, optionally only those in ``state``; paginated like images (a ``page_token``
     continues only a listing of the same ``state``: 400 otherwise)."""
