@@ -9,8 +9,8 @@ about 7 ms to about 2.5 ms.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import sys
+
+from mesh.kit.libc import linux_libc
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -18,15 +18,9 @@ M_MMAP_THRESHOLD = -3
 
 def tune_allocator(mmap_threshold: int = 256 * 1024 * 1024, trim_threshold: int = 512 * 1024 * 1024) -> bool:
     """Keep large buffers in the glibc heap; returns False where that is not possible (non-glibc)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    libc = linux_libc()
+    mallopt = getattr(libc, "mallopt", None)  # glibc has it; musl does not
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int

@@ -8,11 +8,11 @@ parent-death signal closes that gap: the kernel sends the service SIGTERM, which
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import signal
 import sys
+
+from mesh.kit.libc import linux_libc
 
 SUPERVISOR_ENV = "MESH_SUPERVISOR_PID"
 _PR_SET_PDEATHSIG = 1
@@ -27,10 +27,9 @@ def stop_with_supervisor() -> bool:
     supervisor = os.environ.get(SUPERVISOR_ENV, "")
     if not supervisor.isdigit() or os.getppid() != int(supervisor) or not sys.platform.startswith("linux"):
         return False
-    name = ctypes.util.find_library("c")
-    if name is None:
+    libc = linux_libc()
+    if libc is None:
         return False
-    libc = ctypes.CDLL(name, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
         return False
     if os.getppid() != int(supervisor):  # it died between the check above and the prctl
