@@ -11,9 +11,10 @@ PROTO_OUT := src
 $(VENV)/bin/python:
 	$(PY_SYS) -m venv $(VENV)
 
-# Pinned Python dependencies plus the project in editable mode; redone when the lock changes.
-.stamp-install: requirements.lock pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+# Pinned Python dependencies (the runtime lock and, on top, the development one) plus the project in editable
+# mode; redone when a lock changes.
+.stamp-install: requirements.lock requirements-dev.lock pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.lock
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 

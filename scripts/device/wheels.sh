@@ -10,7 +10,8 @@ grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/ex
 pins=()
 while read -r name; do
   [[ -z "$name" || "$name" == \#* ]] && continue
-  pin=$(grep -i -E "^${name//[-_]/[-_]}==" requirements.lock) || { echo "not in requirements.lock: $name" >&2; exit 1; }
+  pin=$(cat requirements.lock requirements-dev.lock | grep -i -E "^${name//[-_]/[-_]}==") \
+    || { echo "not in requirements.lock or requirements-dev.lock: $name" >&2; exit 1; }
   pins+=("$pin")
 done < scripts/device/carried.txt
 platforms=()

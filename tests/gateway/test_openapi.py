@@ -112,7 +112,7 @@ async def test_security_matches_the_auth_mode(make_client: GatewayFactory) -> No
 async def test_schemathesis_finds_no_server_error(mesh: FakeMesh, tmp_path: Path) -> None:
     """A bounded property-based run (about 25 s) of every operation: no 5xx, documented statuses,
     content types and response bodies that match their schemas."""
-    assert SCHEMATHESIS.exists() or shutil.which("st"), "schemathesis is pinned in requirements.lock"
+    assert SCHEMATHESIS.exists() or shutil.which("st"), "schemathesis is pinned in requirements-dev.lock"
     app, ctx = build_gateway(mesh.gateway_settings(rate_limit_enabled=False))
     try:
         async with serve_app(app) as url:
