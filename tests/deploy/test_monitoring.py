@@ -34,7 +34,10 @@ PROMTOOL = REPO / ".tools" / "prometheus" / "usr" / "bin" / "promtool"
 # Grafana's own variables, replaced by what it would put there before the query reaches Prometheus.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
 DURATION = re.compile(r"^\d+[smhd]$")
+# Series that Prometheus records itself for every scrape target.
+PROMETHEUS_SERIES = frozenset({"up"})
 SAMPLE_SUFFIXES = {
+    "info": ("_info",),
     "counter": ("_total",),
     "gauge": ("",),
     "histogram": ("_bucket", "_count", "_sum"),
@@ -77,7 +80,7 @@ def _exposed_series() -> frozenset[str]:
     # The GPU series are registered only where NVML finds a GPU: here a one-device stand-in says which.
     gpu = GpuCollector(_OneGpu(), pool_bytes=lambda: (1, 2))
     families = [*REGISTRY.collect(), *gpu.collect()]
-    return frozenset(
+    return PROMETHEUS_SERIES | frozenset(
         family.name + suffix for family in families for suffix in SAMPLE_SUFFIXES.get(family.type, ("",))
     )
 

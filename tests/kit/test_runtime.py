@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import logging
 import os
@@ -261,13 +262,16 @@ def test_a_configured_process_exposes_no_created_series() -> None:
 
 
 def test_a_service_starts_from_its_environment_or_exits_naming_the_bad_variable() -> None:
-    """start_service reads the settings from the environment and sets up logging in the service's name; a
-    bad variable ends the process with status 2 and a message naming it, before anything else runs."""
+    """start_service reads the settings from the environment, sets up logging in the service's name and
+    exports ``mesh_build_info`` naming the service; a bad variable ends the process with status 2 and a message
+    naming it, before anything else runs."""
     script = (
+        "from prometheus_client import REGISTRY, generate_latest\n"
         "from mesh.kit.logging import get_logger\n"
         "from mesh.kit.runtime import start_service\n"
         "from mesh.kit.settings import ServerSettings\n"
         "settings = start_service('probe', ServerSettings, large_messages=True)\n"
+        "print([l for l in generate_latest(REGISTRY).decode().splitlines() if l.startswith('mesh_build_info')])\n"
         "get_logger('probe').info('up', grpc_port=settings.grpc_port)\n"
     )
     env = {**os.environ, "MESH_GRPC_PORT": "50999", "MESH_LOG_FORMAT": "json"}
@@ -277,6 +281,8 @@ def test_a_service_starts_from_its_environment_or_exits_naming_the_bad_variable(
     assert started.returncode == 0, started.stderr
     line = json.loads((started.stdout + started.stderr).strip().splitlines()[-1])
     assert (line["event"], line["service"], line["grpc_port"]) == ("up", "probe", 50999)
+    version = importlib.metadata.version("mesh")
+    assert f'[\'mesh_build_info{{service="probe",version="{version}"}} 1.0\']' in started.stdout
     refused = subprocess.run(
         [sys.executable, "-c", script],
         env={**env, "MESH_GRPC_PORT": "not-a-port"},

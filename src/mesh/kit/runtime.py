@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import signal
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
@@ -23,7 +24,7 @@ import uvicorn
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import disable_created_metrics, make_asgi_app
+from prometheus_client import Info, disable_created_metrics, make_asgi_app
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -54,6 +55,9 @@ KEEPALIVE_OPTIONS = [
 ]
 
 
+BUILD = Info("mesh_build", "The process's service and the mesh's version (value 1).")
+
+
 def message_limit_options(max_bytes: int) -> list[tuple[str, int]]:
     """Receive and send limits large enough for 4K frames."""
     return [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)]
@@ -81,6 +85,9 @@ def start_service(
     a service that moves frames of megabytes (``large_messages``), their buffers kept in the heap."""
     settings = load_settings(settings_type)
     configure_observability(service, settings)
+    # Which service answers on a metrics port, for dashboards and for MeshProcessDown, which tells the mesh's
+    # scrape targets from others by it.
+    BUILD.info({"service": service, "version": importlib.metadata.version("mesh")})
     stop_with_supervisor()
     if large_messages:
         tune_allocator()
