@@ -16,12 +16,12 @@ from typing import Any, ClassVar, TypeAlias
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from mesh.common.v1 import errors_pb2
 
 ErrorCategory: TypeAlias = errors_pb2.ErrorCategory.ValueType
 DOMAIN = "mesh"
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 # Reasons that pick a more precise HTTP status than the gRPC code alone.
 REASON_UNSUPPORTED_MEDIA_TYPE = "UNSUPPORTED_MEDIA_TYPE"
@@ -91,9 +91,10 @@ class MeshError(Exception):
             details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
         return status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
 
-    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
-        """Trailing metadata that carries the rich status to gRPC clients."""
-        return ((STATUS_DETAILS_KEY, self.to_status().SerializeToString()),)
+    def grpc_status(self) -> grpc.Status:
+        """The status to abort a call with: code, message and the rich status in the trailing metadata."""
+        status: grpc.Status = rpc_status.to_status(self.to_status())
+        return status
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, reason={self.reason!r})"
@@ -340,14 +341,13 @@ def from_rpc_error(error: grpc.RpcError) -> MeshError:
     """Turn a failed call's status (with rich details when the server sent them) into a MeshError."""
     call: Any = error  # AioRpcError and the sync Call both have code(), details(), trailing_metadata()
     code: grpc.StatusCode = call.code()
-    message: str = call.details() or code.name
-    trailing: Sequence[tuple[str, str | bytes]] = tuple(call.trailing_metadata() or ())
-    for key, value in trailing:
-        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
-            status = status_pb2.Status.FromString(value)
-            if status.code == code.value[0]:
-                return from_status(status)
-    return _BY_CODE.get(code, Internal)(message)
+    try:
+        status: status_pb2.Status | None = rpc_status.from_call(call)
+    except ValueError:  # rich details that contradict the call's own status (a proxy rewrote it): not used
+        status = None
+    if status is not None:
+        return from_status(status)
+    return _BY_CODE.get(code, Internal)(call.details() or code.name)
 
 
 @contextmanager

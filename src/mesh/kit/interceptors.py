@@ -180,4 +180,5 @@ async def _fail(
         error = Internal(f"internal error in {method}; the server logged the cause")
     RPC_HANDLED.labels(service, method, kind, error.code.name).inc()
     RPC_SECONDS.labels(service, method, kind).observe(time.perf_counter() - started)
-    await context.abort(error.code, error.message, trailing_metadata=error.trailing_metadata())
+    status = error.grpc_status()
+    await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
