@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import uuid
 
 import grpc
 import httpx
@@ -455,3 +456,27 @@ async def test_a_broker_not_yet_connected_says_so_in_its_check() -> None:
     broker = Broker("amqp://guest:guest@localhost:5672/%2F", delivery_limit=3)
     with pytest.raises(ConnectionError, match=r"^not connected to RabbitMQ yet \(connecting\)$"):
         await broker.check()
+
+
+async def test_finished_jobs_past_their_retention_are_deleted_with_their_history(queue: Harness) -> None:
+    """The reconciler's prune deletes jobs that finished longer ago than the retention (their history goes with
+    them, GetJob says NOT_FOUND, and their idempotency key makes a new job), and leaves recent finished jobs and
+    every unfinished job, however old."""
+    key = f"retention-{uuid.uuid4()}"
+    old, recent, waiting = await queue.submit(idempotency_key=key), await queue.submit(), await queue.submit()
+    for job in (old, recent):
+        await queue.stub.CancelJob(queue_service_pb2.CancelJobRequest(job_id=job.id))
+    await queue.sql("UPDATE jobs SET finished_at = now() - interval '40 days' WHERE id = %s", old.id)
+    await queue.sql("UPDATE jobs SET enqueued_at = now() - interval '90 days' WHERE id = %s", waiting.id)
+    reconciler = queue.app.reconciler
+    reconciler.retention_seconds = 30 * 86400
+
+    assert await reconciler.prune() == 1
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await queue.stub.GetJob(queue_service_pb2.GetJobRequest(job_id=old.id))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert await queue.sql("SELECT count(*) AS n FROM job_history WHERE job_id = %s", old.id) == [{"n": 0}]
+    for kept in (recent, waiting):
+        await queue.stub.GetJob(queue_service_pb2.GetJobRequest(job_id=kept.id))
+    assert await reconciler.prune() == 0
+    assert (await queue.submit(idempotency_key=key)).id != old.id

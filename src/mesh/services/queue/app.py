@@ -85,6 +85,8 @@ class QueueApp:
             self.repository,
             interval_seconds=settings.reconcile_interval_seconds,
             stale_queued_seconds=settings.stale_queued_seconds,
+            retention_seconds=settings.job_retention_days * 86400,
+            prune_interval_seconds=settings.prune_interval_seconds,
             on_dispatch=self.relay.wake,
         )
         self.dead_letters = DeadLetterConsumer(

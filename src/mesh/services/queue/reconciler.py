@@ -4,14 +4,15 @@ Every interval it moves RETRY_WAIT jobs whose backoff elapsed back to QUEUED (ne
 re-dispatches RUNNING jobs whose lease ran out (their worker died or hung) as the next attempt, or fails
 them when their attempts are spent, and dispatches again QUEUED jobs nobody claimed for a long time with no
 dispatch pending (a message lost outside the guarantees, e.g. a purged queue). Unconfirmed outbox rows are
-taken again by the relay once their lock runs out. Several reconcilers may run: rows are taken with
-``FOR UPDATE SKIP LOCKED``.
+taken again by the relay once their lock runs out. Every ``prune_interval_seconds`` it also deletes finished
+jobs past their retention. Several reconcilers may run: rows are taken with ``FOR UPDATE SKIP LOCKED``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 
 from prometheus_client import Counter
@@ -24,6 +25,10 @@ log = get_logger(__name__)
 RECONCILED = Counter(
     "mesh_queue_reconciled_total", "Jobs moved by the reconciler, by reason.", ["reason", "to_state"]
 )
+PRUNED = Counter("mesh_queue_jobs_pruned_total", "Finished jobs deleted after their retention.")
+PRUNE_BATCH = 1000
+PRUNE_BATCHES_PER_PASS = 20
+"""At most 20 000 jobs a pass, in short transactions; a backlog (retention just lowered) takes a few passes."""
 
 
 class Reconciler:
@@ -35,12 +40,17 @@ class Reconciler:
         *,
         interval_seconds: float = 1.0,
         stale_queued_seconds: float = 300.0,
+        retention_seconds: float = 0.0,
+        prune_interval_seconds: float = 60.0,
         on_dispatch: Callable[[], None] = lambda: None,
     ) -> None:
         self.repository = repository
         self.interval_seconds = interval_seconds
         self.stale_queued_seconds = stale_queued_seconds
+        self.retention_seconds = retention_seconds
+        self.prune_interval_seconds = prune_interval_seconds
         self.on_dispatch = on_dispatch
+        self._next_prune = 0.0
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Sweep until ``stopping`` is set."""
@@ -69,4 +79,22 @@ class Reconciler:
         moved = len(due) + len(expired) + len(stale)
         if moved:
             self.on_dispatch()
+        if self.retention_seconds > 0 and time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + self.prune_interval_seconds
+            await self.prune()
         return moved
+
+    async def prune(self) -> int:
+        """Delete the jobs that finished over ``retention_seconds`` ago; returns how many."""
+        pruned = 0
+        for _ in range(PRUNE_BATCHES_PER_PASS):
+            deleted = await self.repository.prune_finished(self.retention_seconds, limit=PRUNE_BATCH)
+            pruned += deleted
+            if deleted < PRUNE_BATCH:
+                break
+        if pruned:
+            PRUNED.inc(pruned)
+            log.info(
+                "finished jobs pruned", count=pruned, retention_days=round(self.retention_seconds / 86400, 3)
+            )
+        return pruned

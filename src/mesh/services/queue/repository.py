@@ -49,12 +49,20 @@ T = TypeVar("T")
 RETRY_ON = (psycopg.OperationalError, psycopg.errors.AdminShutdown)
 
 
+def job_not_found(job_id: uuid.UUID) -> errors.NotFound:
+    """A job id that has no row: never submitted, or finished and deleted after its retention."""
+    return errors.NotFound(
+        f"job {job_id} does not exist (finished jobs are deleted once the queue's retention has passed)",
+        metadata={"job_id": str(job_id)},
+    )
+
+
 async def _lock_job(conn: psycopg.AsyncConnection[Any], job_id: uuid.UUID) -> Row:
     """The job's row, locked for this transaction; NOT_FOUND when there is no such job."""
     cursor = await conn.execute("SELECT * FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
     row: Row | None = await cursor.fetchone()
     if row is None:
-        raise errors.NotFound(f"job {job_id} does not exist", metadata={"job_id": str(job_id)})
+        raise job_not_found(job_id)
     return row
 
 
@@ -185,6 +193,16 @@ SELECT id, position FROM (
  WHERE id = ANY(%(ids)s::uuid[])
 """
 
+# Oldest first, in batches that skip rows another transaction holds; job_history goes with ON DELETE CASCADE.
+_PRUNE_FINISHED = """
+DELETE FROM jobs WHERE id IN (
+    SELECT id FROM jobs
+     WHERE finished_at < now() - make_interval(secs => %(age)s)
+       AND state IN ('SUCCEEDED', 'FAILED', 'DEAD', 'CANCELLED')
+     ORDER BY finished_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+RETURNING id
+"""
+
 _REQUEUE_DUE = """
 UPDATE jobs SET state = 'QUEUED', attempt = attempt + 1, enqueued_at = now(), dispatched_at = now(),
                 next_run_at = NULL, progress = 0, stage = '', state_reason = 'backoff elapsed'
@@ -303,7 +321,7 @@ class JobRepository:
         """One job row, or NotFound."""
         row = await self.get(job_id)
         if row is None:
-            raise errors.NotFound(f"job {job_id} does not exist", metadata={"job_id": str(job_id)})
+            raise job_not_found(job_id)
         return row
 
     async def history(self, job_id: uuid.UUID) -> list[Row]:
@@ -453,6 +471,10 @@ class JobRepository:
         return int(row["n"]), float(row["age"])
 
     # --- the reconciler ------------------------------------------------------------------------------
+
+    async def prune_finished(self, older_than_seconds: float, limit: int = 1000) -> int:
+        """Delete up to ``limit`` jobs that finished over ``older_than_seconds`` ago; returns how many."""
+        return len(await self._fetchall(_PRUNE_FINISHED, {"age": older_than_seconds, "limit": limit}))
 
     async def requeue_due_retries(self, limit: int = 500) -> list[Row]:
         """RETRY_WAIT jobs whose backoff elapsed -> QUEUED as the next attempt (with a new dispatch)."""

@@ -52,6 +52,14 @@ class QueueSettings(ServerSettings):
     stale_queued_seconds: float = Field(default=300.0, gt=0)
     """A queued job no worker has claimed for this long is dispatched again (a lost message)."""
 
+    job_retention_days: float = Field(default=30.0, ge=0)
+    """Finished jobs (SUCCEEDED, FAILED, DEAD, CANCELLED) are deleted, with their history, this long after they
+    finished, so that the jobs table and its counts stay bounded; 0 keeps them for ever. The images a job
+    wrote stay in the file service; a submit with a deleted job's idempotency key makes a new job."""
+
+    prune_interval_seconds: float = Field(default=60.0, gt=0)
+    """How often finished jobs past their retention are looked for."""
+
     watch_poll_seconds: float = Field(default=0.2, gt=0)
     """How often WatchJob reads the watched job's row."""
 

@@ -1,0 +1,69 @@
+"""The reconciler's sweep: when it prunes finished jobs, and in what batches."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from mesh.services.queue.reconciler import PRUNE_BATCH, PRUNE_BATCHES_PER_PASS, Reconciler
+from mesh.services.queue.repository import JobRepository
+
+
+class Jobs:
+    """A repository with nothing to reconcile and ``old`` finished jobs past any retention."""
+
+    def __init__(self, old: int) -> None:
+        self.old = old
+        self.prunes: list[float] = []
+
+    async def requeue_due_retries(self) -> list[Any]:
+        return []
+
+    async def expire_leases(self) -> list[Any]:
+        return []
+
+    async def redispatch_stale(self, seconds: float) -> list[Any]:
+        return []
+
+    async def prune_finished(self, older_than_seconds: float, limit: int) -> int:
+        self.prunes.append(older_than_seconds)
+        deleted = min(limit, self.old)
+        self.old -= deleted
+        return deleted
+
+
+def reconciler(jobs: Jobs, *, retention_seconds: float, prune_interval_seconds: float = 60) -> Reconciler:
+    return Reconciler(
+        cast(JobRepository, jobs),
+        retention_seconds=retention_seconds,
+        prune_interval_seconds=prune_interval_seconds,
+    )
+
+
+async def test_no_retention_never_prunes() -> None:
+    """With retention 0 (keep for ever), sweeps never delete anything."""
+    jobs = Jobs(old=5)
+    sweeper = reconciler(jobs, retention_seconds=0, prune_interval_seconds=0.001)
+    for _ in range(3):
+        await sweeper.sweep()
+    assert jobs.prunes == []
+    assert jobs.old == 5
+
+
+async def test_a_sweep_prunes_once_per_interval_with_the_retention() -> None:
+    """The first sweep prunes with the configured age; sweeps within the interval do not prune again."""
+    jobs = Jobs(old=5)
+    sweeper = reconciler(jobs, retention_seconds=86400, prune_interval_seconds=3600)
+    for _ in range(3):
+        await sweeper.sweep()
+    assert jobs.prunes == [86400]
+    assert jobs.old == 0
+
+
+async def test_a_backlog_is_pruned_in_bounded_batches() -> None:
+    """A large backlog is deleted in batches, at most PRUNE_BATCHES_PER_PASS a pass; the next pass goes on."""
+    backlog = PRUNE_BATCH * PRUNE_BATCHES_PER_PASS + 10
+    jobs = Jobs(old=backlog)
+    sweeper = reconciler(jobs, retention_seconds=60)
+    assert await sweeper.prune() == PRUNE_BATCH * PRUNE_BATCHES_PER_PASS
+    assert len(jobs.prunes) == PRUNE_BATCHES_PER_PASS
+    assert await sweeper.prune() == 10
