@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from datetime import timedelta
 
 from prometheus_client import Gauge
 
@@ -85,7 +86,7 @@ class QueueApp:
             self.repository,
             interval_seconds=settings.reconcile_interval_seconds,
             stale_queued_seconds=settings.stale_queued_seconds,
-            retention_seconds=settings.job_retention_days * 86400,
+            retention_seconds=timedelta(days=settings.job_retention_days).total_seconds(),
             prune_interval_seconds=settings.prune_interval_seconds,
             on_dispatch=self.relay.wake,
         )
