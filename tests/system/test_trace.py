@@ -1,21 +1,29 @@
-"""One trace across every hop: gateway -> queue -> RabbitMQ -> worker -> file service and inference."""
+"""One trace across every hop: gateway -> queue -> RabbitMQ -> worker -> file service and inference; and the
+same mesh's metrics, as a real Prometheus scrapes them and evaluates the alert rules on them."""
 
 from __future__ import annotations
 
 import io
 import json
 import secrets
+import socket
+import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
+from tests.conftest import require
 from tests.system.collector import CollectedSpan, Collector
-from tests.system.conftest import FILE_METRICS, GATEWAY, Mesh, start_mesh, stop_mesh
+from tests.system.conftest import FILE_METRICS, GATEWAY, PORT_OFFSET, Mesh, start_mesh, stop_mesh
+
+REPO = Path(__file__).resolve().parents[2]
 
 TERMINAL = {"SUCCEEDED", "FAILED", "DEAD", "CANCELLED"}
 
@@ -122,3 +130,94 @@ def test_metrics_count_traffic(traced_mesh: tuple[Mesh, Collector], tmp_path: Pa
     route_needle = 'route="/v1/images"'
     assert count(after, route_needle) - count(before, route_needle) >= 3
     assert count(file_metrics, 'grpc_method="ListImages"') >= 3
+
+
+PROMETHEUS = REPO / ".tools" / "prometheus" / "usr" / "bin" / "prometheus"
+RULES = REPO / "deploy" / "prometheus" / "alerts.yaml"
+DASHBOARD = REPO / "deploy" / "grafana" / "mesh-overview.json"
+METRICS_PORTS = {"gateway": 8080, "file": 9101, "image-processing": 9102, "inference": 9103, "queue": 9104}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _until(what: str, check: Callable[[], Any], timeout: float = 45) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = check()
+        except (httpx.HTTPError, AssertionError):
+            value = None
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_a_real_prometheus_scrapes_every_process_and_evaluates_every_rule(
+    traced_mesh: tuple[Mesh, Collector], tmp_path: Path
+) -> None:
+    """Prometheus (from Debian's package, as make test unpacks it) scrapes the five processes of a running mesh,
+    loads deploy/prometheus/alerts.yaml and evaluates every rule on the live series without an error and with
+    none firing; each process names its service in mesh_build_info, and every dashboard query runs."""
+    require(PROMETHEUS.exists(), "prometheus (make test unpacks it from Debian's prometheus package)")
+    targets = [f"127.0.0.1:{port + PORT_OFFSET}" for port in METRICS_PORTS.values()]
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        json.dumps(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(RULES)],
+                "scrape_configs": [{"job_name": "mesh", "static_configs": [{"targets": targets}]}],
+            }
+        )
+    )
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api/v1"
+    server = subprocess.Popen(
+        [
+            str(PROMETHEUS),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "prometheus.log").open("w"),
+    )
+    try:
+
+        def query(expr: str) -> list[dict[str, Any]]:
+            answer = httpx.get(f"{api}/query", params={"query": expr}, timeout=5).json()
+            assert answer["status"] == "success", (expr, answer)
+            result: list[dict[str, Any]] = answer["data"]["result"]
+            return result
+
+        def all_up() -> bool:
+            active = httpx.get(f"{api}/targets", timeout=5).json()["data"]["activeTargets"]
+            return len(active) == len(targets) and all(t["health"] == "up" for t in active)
+
+        def rules_evaluated() -> list[dict[str, Any]]:
+            groups = httpx.get(f"{api}/rules", timeout=5).json()["data"]["groups"]
+            rules: list[dict[str, Any]] = [rule for group in groups for rule in group["rules"]]
+            evaluated = rules and all(not rule["lastEvaluation"].startswith("0001") for rule in rules)
+            return rules if evaluated else []
+
+        _until("every process to be scraped", all_up)
+        rules = _until("every rule to be evaluated", rules_evaluated)
+        assert [rule["name"] for rule in rules if rule["health"] != "ok"] == []
+        assert len(rules) == len(
+            [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
+        )
+        assert [rule["name"] for rule in rules if rule["state"] == "firing"] == []
+        services = _until("mesh_build_info of every process", lambda: query("mesh_build_info"))
+        assert sorted(series["metric"]["service"] for series in services) == sorted(METRICS_PORTS)
+        for panel in json.loads(DASHBOARD.read_text())["panels"]:
+            for target in panel.get("targets", []):
+                query(target["expr"].replace("$__rate_interval", "1m").replace("$__interval", "15s"))
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
