@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 
 import httpx
+
+from tests.conftest import free_port
 
 # Every service on a port where nothing listens (a mesh on the default ports may be running nearby).
 NO_SERVICES = {
@@ -19,16 +20,9 @@ NO_SERVICES = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def test_process_starts_logs_auth_mode_and_stops_on_sigterm() -> None:
     """The process serves /healthz on its port, logs that authentication is off, and exits 0 on SIGTERM."""
-    port = _free_port()
+    port = free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

@@ -8,15 +8,30 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import psutil
 import pytest
 
 from tests.conftest import IN_CI
+
+T = TypeVar("T")
+
+
+def until(check: Callable[[], T], seconds: float) -> T | None:
+    """The first truthy answer of ``check`` within ``seconds`` (asked every quarter second), or None."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        answer = check()
+        if answer:
+            return answer
+        time.sleep(0.25)
+    return None
+
 
 # The system tests run their mesh on moved ports, so they work beside a developer's `make up`.
 # The offset keeps every gRPC port (61051-61054) above Linux's ephemeral range (32768-60999), where an

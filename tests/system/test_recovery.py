@@ -7,7 +7,6 @@ import io
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -18,7 +17,7 @@ from PIL import Image
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from tests.system.conftest import FILE_GRPC, GATEWAY, PORT_OFFSET, Mesh
+from tests.system.conftest import FILE_GRPC, GATEWAY, PORT_OFFSET, Mesh, until
 
 
 def _file_service_status() -> int:
@@ -27,15 +26,6 @@ def _file_service_status() -> int:
             health_pb2.HealthCheckRequest(service="mesh.file.v1.FileService"), timeout=5
         )
     return int(response.status)
-
-
-def _until(condition: Callable[[], bool], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.25)
-    return False
 
 
 def test_database_outage_is_reported_and_recovers(mesh: Mesh, postgres_admin_url: str) -> None:
@@ -49,14 +39,14 @@ def test_database_outage_is_reported_and_recovers(mesh: Mesh, postgres_admin_url
             admin.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,)
             )
-            assert _until(lambda: httpx.get(f"{GATEWAY}/readyz", timeout=5).status_code == 503, 20)
+            assert until(lambda: httpx.get(f"{GATEWAY}/readyz", timeout=5).status_code == 503, 20)
             body = httpx.get(f"{GATEWAY}/readyz", timeout=5).text.lower()
             assert "postgres" in body, body
-            assert _until(lambda: _file_service_status() == health_pb2.HealthCheckResponse.NOT_SERVING, 20)
+            assert until(lambda: _file_service_status() == health_pb2.HealthCheckResponse.NOT_SERVING, 20)
         finally:
             admin.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(name))
-    assert _until(lambda: _file_service_status() == health_pb2.HealthCheckResponse.SERVING, 30)
-    assert _until(lambda: httpx.get(f"{GATEWAY}/readyz", timeout=5).status_code == 200, 30)
+    assert until(lambda: _file_service_status() == health_pb2.HealthCheckResponse.SERVING, 30)
+    assert until(lambda: httpx.get(f"{GATEWAY}/readyz", timeout=5).status_code == 200, 30)
     assert httpx.get(f"{GATEWAY}/v1/images", timeout=5).status_code == 200
 
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 import io
 import json
 import secrets
-import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import require
+from tests.conftest import free_port, require
 from tests.system.collector import CollectedSpan, Collector
-from tests.system.conftest import FILE_METRICS, GATEWAY, PORT_OFFSET, Mesh, start_mesh, stop_mesh
+from tests.system.conftest import FILE_METRICS, GATEWAY, PORT_OFFSET, Mesh, start_mesh, stop_mesh, until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -138,26 +137,6 @@ DASHBOARD = REPO / "deploy" / "grafana" / "mesh-overview.json"
 METRICS_PORTS = {"gateway": 8080, "file": 9101, "image-processing": 9102, "inference": 9103, "queue": 9104}
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _until(what: str, check: Callable[[], Any], timeout: float = 45) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = check()
-        except (httpx.HTTPError, AssertionError):
-            value = None
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
-
-
 def test_a_real_prometheus_scrapes_every_process_and_evaluates_every_rule(
     traced_mesh: tuple[Mesh, Collector], tmp_path: Path
 ) -> None:
@@ -176,7 +155,7 @@ def test_a_real_prometheus_scrapes_every_process_and_evaluates_every_rule(
             }
         )
     )
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api/v1"
     server = subprocess.Popen(
         [
@@ -197,7 +176,10 @@ def test_a_real_prometheus_scrapes_every_process_and_evaluates_every_rule(
             return result
 
         def all_up() -> bool:
-            active = httpx.get(f"{api}/targets", timeout=5).json()["data"]["activeTargets"]
+            try:  # Prometheus is still starting: not up yet
+                active = httpx.get(f"{api}/targets", timeout=5).json()["data"]["activeTargets"]
+            except httpx.TransportError:
+                return False
             return len(active) == len(targets) and all(t["health"] == "up" for t in active)
 
         def rules_evaluated() -> list[dict[str, Any]]:
@@ -206,14 +188,16 @@ def test_a_real_prometheus_scrapes_every_process_and_evaluates_every_rule(
             evaluated = rules and all(not rule["lastEvaluation"].startswith("0001") for rule in rules)
             return rules if evaluated else []
 
-        _until("every process to be scraped", all_up)
-        rules = _until("every rule to be evaluated", rules_evaluated)
+        assert until(all_up, 45), "not every process was scraped"
+        rules = until(rules_evaluated, 30)
+        assert rules, "not every rule was evaluated"
         assert [rule["name"] for rule in rules if rule["health"] != "ok"] == []
         assert len(rules) == len(
             [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
         )
         assert [rule["name"] for rule in rules if rule["state"] == "firing"] == []
-        services = _until("mesh_build_info of every process", lambda: query("mesh_build_info"))
+        services = until(lambda: query("mesh_build_info"), 30)
+        assert services, "no mesh_build_info"
         assert sorted(series["metric"]["service"] for series in services) == sorted(METRICS_PORTS)
         for panel in json.loads(DASHBOARD.read_text())["panels"]:
             for target in panel.get("targets", []):
