@@ -9,7 +9,7 @@ import pytest
 
 from mesh.common.v1 import errors_pb2, params_pb2
 from mesh.kit import errors
-from mesh.kit.jobs import JobCancelled, JobHandler
+from mesh.kit.jobs import JobCancelled, JobHandler, JobInterrupted, LeaseLost
 from mesh.queue.v1 import job_pb2
 from mesh.services.image_processing import codec
 from mesh.services.image_processing.cpu_backend import CpuBackend
@@ -23,10 +23,11 @@ LIMITS = codec.Limits()
 
 @dataclass
 class FakeContext:
-    """A JobContext that records progress beats and can cancel at a given beat."""
+    """A JobContext that records progress beats and can interrupt the job (cancel it) at a given beat."""
 
     job: job_pb2.Job
     cancel_at: int | None = None
+    interruption: type[JobInterrupted] = JobCancelled
     beats: list[tuple[float, str]] = field(default_factory=list)
 
     @property
@@ -36,7 +37,7 @@ class FakeContext:
     async def progress(self, fraction: float, stage: str) -> None:
         self.beats.append((fraction, stage))
         if self.cancel_at is not None and len(self.beats) >= self.cancel_at:
-            raise JobCancelled()
+            raise self.interruption()
 
 
 @pytest.fixture
@@ -110,13 +111,17 @@ async def test_error_categories(processor: Processor) -> None:
     assert down.value.category == errors_pb2.ERROR_CATEGORY_TRANSIENT
 
 
-async def test_cancel_at_a_beat_stops_the_job(processor: Processor) -> None:
-    """JobCancelled from a progress beat propagates and nothing is stored."""
+@pytest.mark.parametrize("interruption", [JobCancelled, LeaseLost])
+async def test_cancel_or_a_lost_lease_at_a_beat_stops_the_job(
+    processor: Processor, interruption: type[JobInterrupted]
+) -> None:
+    """JobCancelled or LeaseLost from a progress beat propagates as itself (not as an INTERNAL failure, which
+    the worker would try to commit) and nothing is stored."""
     store = MemoryStore()
     handler = ImageJobHandler(store, processor, None)
     image_id = store.put(codec.encode(smooth(10, 10, 3), codec.Format.PNG))
-    with pytest.raises(JobCancelled):
-        await handler(FakeContext(_job(image_id), cancel_at=3))
+    with pytest.raises(interruption):
+        await handler(FakeContext(_job(image_id), cancel_at=3, interruption=interruption))
     assert store.uploads == 0
 
 

@@ -16,6 +16,8 @@ from mesh.kit import errors
 from mesh.queue.v1 import job_pb2, queue_service_pb2
 from mesh.services.queue.broker import Broker
 from mesh.services.queue.relay_process import RelayProcess
+from mesh.services.queue.repository import JobRepository, open_pool
+from mesh.services.queue.states import JobState
 from tests.queue.harness import IMAGE_ID, Harness
 
 pytestmark = pytest.mark.integration
@@ -334,6 +336,7 @@ async def test_cancel_queued_then_retry(queue: Harness) -> None:
     retried = (await queue.stub.RetryJob(queue_service_pb2.RetryJobRequest(job_id=job.id))).job
     assert retried.state == job_pb2.JOB_STATE_QUEUED
     assert retried.attempt == 2
+    assert (job.run_attempt, retried.run_attempt) == (1, 1), "a retry's run starts at its first attempt"
     assert [t.to_state for t in retried.history] == [
         job_pb2.JOB_STATE_QUEUED,
         job_pb2.JOB_STATE_CANCELLED,
@@ -480,3 +483,32 @@ async def test_finished_jobs_past_their_retention_are_deleted_with_their_history
         await queue.stub.GetJob(queue_service_pb2.GetJobRequest(job_id=kept.id))
     assert await reconciler.prune() == 0
     assert (await queue.submit(idempotency_key=key)).id != old.id
+
+
+async def test_a_retry_gives_the_job_a_fresh_dead_letter_budget(queue: Harness) -> None:
+    """A job that went DEAD after its third collateral dead letter and is retried by its user is dispatched
+    again by the next collateral dead letter instead of going DEAD at once."""
+    job = await queue.submit()
+    await queue.sql(
+        "UPDATE jobs SET state = 'DEAD', dead_letters = 3, finished_at = now() WHERE id = %s", job.id
+    )
+    retried = (await queue.stub.RetryJob(queue_service_pb2.RetryJobRequest(job_id=job.id))).job
+    target = await queue.app.repository.dead_letter(
+        uuid.UUID(job.id), retried.attempt, "collateral", delivery_limit=3
+    )
+    assert target is JobState.QUEUED
+    assert (await queue.get(job.id)).state == job_pb2.JOB_STATE_QUEUED
+
+
+async def test_the_job_database_away_is_unavailable_not_internal() -> None:
+    """With PostgreSQL unreachable past the repository's retry window, a call fails as UNAVAILABLE (which
+    clients retry, and the gateway answers 503), naming the job database."""
+    pool = open_pool("postgresql://postgres@127.0.0.1:1/none", name="test-unreachable", max_size=1)
+    pool.timeout = 0.2
+    await pool.open(wait=False)
+    try:
+        repository = JobRepository(pool, retry_timeout=0.3)
+        with pytest.raises(errors.Unavailable, match="the job database is unavailable"):
+            await repository.get(uuid.uuid4())
+    finally:
+        await pool.close()

@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import random
 import signal
+import time
+import uuid
 from collections import Counter
 
 import aio_pika
@@ -16,8 +18,11 @@ from prometheus_client import REGISTRY
 
 from mesh.common.v1 import errors_pb2
 from mesh.queue.v1 import job_pb2
+from mesh.services.queue.repository import ClaimStore, Outcome
 from mesh.services.queue.scripted import scripted_handler
-from tests.queue.harness import Harness
+from mesh.services.queue.states import JobState
+from mesh.services.queue.topology import lanes
+from tests.queue.harness import Harness, fast_settings, running_queue
 
 pytestmark = pytest.mark.integration
 
@@ -293,3 +298,63 @@ async def test_invariant_run_with_random_faults(queue: Harness) -> None:
         f" duplicate executions {duplicates} (each fenced; one result per job)"
     )
     assert faults["worker_sigkill"] + faults["postgres_terminate"] >= 3
+
+
+async def _ready(queue: Harness, expected: int, seconds: float = 10.0) -> int:
+    """The inference queue's ready messages, once they are ``expected`` or ``seconds`` have passed."""
+    deadline = time.monotonic() + seconds
+    while (ready := await queue.app.broker.ready_count(queue.inference_queue)) != expected:
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    return ready
+
+
+async def test_a_dispatch_waiting_in_the_broker_is_not_copied_and_a_lost_one_is_sent_again(
+    database_url: str, amqp_url: str, unique_name: str
+) -> None:
+    """With no worker consuming, a QUEUED job past ``stale_queued_seconds`` keeps its one dispatch in
+    RabbitMQ (a copy per period piled up before); once that message is lost (a purged queue), the
+    reconciler dispatches the job again, once."""
+    settings = fast_settings(database_url, amqp_url, unique_name, stale_queued_seconds=0.3)
+    async with running_queue(settings) as queue:
+        job = await queue.submit()
+        assert await _ready(queue, 1) == 1
+        await asyncio.sleep(2.0)  # several stale periods and reconciler sweeps
+        assert await _ready(queue, 1, seconds=0) == 1
+
+        connection = await aio_pika.connect_robust(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            lane = await channel.declare_queue(lanes(queue.inference_queue)[0], passive=True)
+            await lane.purge()
+        assert await _ready(queue, 1) == 1
+        await asyncio.sleep(1.0)
+        assert await _ready(queue, 1, seconds=0) == 1
+        rows = await queue.sql("SELECT state, state_reason FROM jobs WHERE id = %s", job.id)
+        assert rows == [{"state": "QUEUED", "state_reason": "re-dispatched: no worker took it"}]
+
+
+async def test_an_outcome_after_the_lease_expired_or_the_job_went_dead_is_fenced_out(queue: Harness) -> None:
+    """A worker whose job the reconciler moved on (lease expired -> next attempt) or the dead-letter
+    consumer marked DEAD commits nothing and is told so (None), not that its outcome was written."""
+    expired, dead = await queue.submit(), await queue.submit()
+    store = ClaimStore(queue.app.pool)
+    done = Outcome(JobState.SUCCEEDED, "succeeded", result=job_pb2.JobResult().SerializeToString())
+
+    token = uuid.uuid4()
+    assert await store.claim(uuid.UUID(expired.id), 1, token, redelivered=False, lease_seconds=0.05)
+    moved = await queue.wait_for(expired.id, {job_pb2.JOB_STATE_QUEUED}, timeout=10)
+    assert moved.attempt == 2
+    assert await store.finish(uuid.UUID(expired.id), token, done) is None
+
+    token = uuid.uuid4()
+    assert await store.claim(uuid.UUID(dead.id), 1, token, redelivered=False, lease_seconds=60)
+    # A crash loop: every delivery of the attempt was claimed before its dispatch was dead-lettered.
+    await queue.sql("UPDATE jobs SET attempt_claims = 3 WHERE id = %s", dead.id)
+    target = await queue.app.repository.dead_letter(
+        uuid.UUID(dead.id), 1, "delivery limit reached", delivery_limit=3
+    )
+    assert target is JobState.DEAD
+    assert await store.finish(uuid.UUID(dead.id), token, done) is None
+    assert (await queue.get(dead.id)).state == job_pb2.JOB_STATE_DEAD

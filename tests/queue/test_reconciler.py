@@ -21,7 +21,7 @@ class Jobs:
     async def expire_leases(self) -> list[Any]:
         return []
 
-    async def redispatch_stale(self, seconds: float) -> list[Any]:
+    async def stale_queues(self, seconds: float) -> list[str]:
         return []
 
     async def prune_finished(self, older_than_seconds: float, limit: int) -> int:
@@ -31,9 +31,14 @@ class Jobs:
         return deleted
 
 
+async def no_ready_messages(queue: str) -> int:
+    return 0
+
+
 def reconciler(jobs: Jobs, *, retention_seconds: float, prune_interval_seconds: float = 60) -> Reconciler:
     return Reconciler(
         cast(JobRepository, jobs),
+        ready_count=no_ready_messages,
         retention_seconds=retention_seconds,
         prune_interval_seconds=prune_interval_seconds,
     )

@@ -16,6 +16,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
+from mesh.kit import errors
 from mesh.kit.logging import get_logger
 
 log = get_logger(__name__)
@@ -124,6 +125,14 @@ async def migrate(url: str, component: str, package: str) -> list[str]:
         finally:
             await conn.execute("SELECT pg_advisory_unlock(%s)", (lock_key,))
     return applied
+
+
+def database_unavailable(what: str, error: Exception) -> errors.Unavailable:
+    """The error a caller gets while ``what`` (a service's database) cannot be reached: UNAVAILABLE (HTTP 503),
+    which clients and the channels' retry policy retry, not INTERNAL."""
+    return errors.Unavailable(
+        f"{what} is unavailable ({type(error).__name__}); retry shortly", retry_after_seconds=1.0
+    )
 
 
 async def prepare_database(url: str, component: str, package: str, *, timeout: float | None = 60.0) -> None:

@@ -4,7 +4,8 @@ The queue service's worker runtime (``mesh.services.queue.worker``) consumes dis
 job with fencing, and calls a :class:`JobHandler` with a :class:`JobContext`. A handler runs the job's
 stages and returns a ``JobResult``; it raises a :class:`~mesh.kit.errors.MeshError` whose category decides
 retry (TRANSIENT, SYSTEM) or failure (PERMANENT, DATA). ``JobContext.progress`` records progress and raises
-:class:`JobCancelled` when a user asked to cancel, so cancel is seen at the handler's next beat.
+:class:`JobCancelled` when a user asked to cancel, so cancel is seen at the handler's next beat (and
+:class:`LeaseLost` when the attempt no longer holds the job; both are :class:`JobInterrupted`).
 """
 
 from __future__ import annotations
@@ -38,8 +39,17 @@ class ModelReference(NamedTuple):
         return cls(name, version)
 
 
-class JobCancelled(Exception):
-    """Raised by ``JobContext.progress`` when the job was cancelled; handlers let it propagate."""
+class JobInterrupted(Exception):
+    """Raised by ``JobContext.progress`` when the attempt must stop; handlers let it propagate."""
+
+
+class JobCancelled(JobInterrupted):
+    """A user asked to cancel the job."""
+
+
+class LeaseLost(JobInterrupted):
+    """The worker no longer holds the job: another worker took it over, or the reconciler moved it on after its
+    lease ran out. Nothing this attempt does counts any more."""
 
 
 class JobContext(Protocol):
@@ -56,7 +66,7 @@ class JobContext(Protocol):
         ...
 
     async def progress(self, fraction: float, stage: str) -> None:
-        """Record progress 0..1 of the current attempt in ``stage``; raises JobCancelled if cancelled."""
+        """Record progress 0..1 of the current attempt in ``stage``; raises JobInterrupted if cancelled or superseded."""
         ...
 
 

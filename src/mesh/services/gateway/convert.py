@@ -223,6 +223,7 @@ def job(message: job_pb2.Job) -> schemas.JobOut:
         idempotency_key=message.idempotency_key,
         attempt=message.attempt,
         max_attempts=message.max_attempts,
+        run_attempt=message.run_attempt,
         progress=message.progress,
         stage=message.stage,
         queue_position=message.queue_position,

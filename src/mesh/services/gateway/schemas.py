@@ -334,8 +334,11 @@ class JobOut(BaseModel):
     model: str
     priority: int
     idempotency_key: str
-    attempt: int
-    max_attempts: int
+    attempt: int = Field(description="Attempt number across every run of the job, from 1.")
+    max_attempts: int = Field(description="Attempts allowed per run before FAILED.")
+    run_attempt: int = Field(
+        description="The attempt within the current run, from 1, out of max_attempts; a retry starts a new run."
+    )
     progress: float
     stage: str
     queue_position: int = Field(description="1-based position among queued jobs; 0 when not queued.")

@@ -22,7 +22,7 @@ from mesh.common.v1 import image_pb2
 from mesh.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 from mesh.kit import errors, tracing
 from mesh.kit.channels import open_channel
-from mesh.kit.jobs import JobCancelled, JobContext, ModelReference
+from mesh.kit.jobs import JobContext, JobInterrupted, ModelReference
 from mesh.kit.logging import get_logger
 from mesh.kit.settings import CommonSettings
 from mesh.queue.v1 import job_pb2
@@ -95,7 +95,7 @@ class ImageJobHandler:
         try:
             with _tracer.start_as_current_span("image.job", attributes=attributes):
                 return await self._run(context)
-        except (errors.MeshError, JobCancelled, asyncio.CancelledError):
+        except (errors.MeshError, JobInterrupted, asyncio.CancelledError):
             raise
         except Exception as error:
             log.exception("image job failed unexpectedly", job_id=context.job.id)

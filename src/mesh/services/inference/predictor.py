@@ -17,7 +17,7 @@ from opentelemetry import trace
 from mesh.common.v1 import image_pb2
 from mesh.inference.v1 import inference_service_pb2 as pb
 from mesh.kit.errors import FieldViolation, Internal, InvalidArgument, InvalidData, MeshError, Unavailable
-from mesh.kit.jobs import JobCancelled
+from mesh.kit.jobs import JobInterrupted
 from mesh.kit.logging import get_logger
 from mesh.kit.tracing import tracer
 from mesh.services.inference.images import ImageDecoder, ImageFetcher, Pixels
@@ -80,7 +80,7 @@ class Predictor:
             except MeshError as error:
                 version.stats.request_failed(error.code.name)
                 raise
-            except (asyncio.CancelledError, JobCancelled):
+            except (asyncio.CancelledError, JobInterrupted):
                 # gRPC cancels the handler when the client's deadline passes, racing our own deadline check:
                 # a cancellation at or after the deadline is counted as the deadline it is.
                 expired = deadline is not None and time.monotonic() >= deadline

@@ -84,6 +84,7 @@ class QueueApp:
         )
         self.reconciler = Reconciler(
             self.repository,
+            ready_count=self.broker.ready_count,
             interval_seconds=settings.reconcile_interval_seconds,
             stale_queued_seconds=settings.stale_queued_seconds,
             retention_seconds=timedelta(days=settings.job_retention_days).total_seconds(),

@@ -74,6 +74,7 @@ def row_to_job(row: Row, *, position: int = 0, history: Iterable[Row] = ()) -> j
         idempotency_key=row["idempotency_key"] or "",
         attempt=row["attempt"],
         max_attempts=row["max_attempts"],
+        run_attempt=row["attempt"] - row["run_first_attempt"] + 1,
         progress=row["progress"],
         stage=row["stage"],
         queue_position=position if row["state"] == JobState.QUEUED else 0,

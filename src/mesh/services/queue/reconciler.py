@@ -3,7 +3,9 @@
 Every interval it moves RETRY_WAIT jobs whose backoff elapsed back to QUEUED (next attempt, new dispatch),
 re-dispatches RUNNING jobs whose lease ran out (their worker died or hung) as the next attempt, or fails
 them when their attempts are spent, and dispatches again QUEUED jobs nobody claimed for a long time with no
-dispatch pending (a message lost outside the guarantees, e.g. a purged queue). Unconfirmed outbox rows are
+dispatch pending (a message lost outside the guarantees, e.g. a purged queue), where the broker holds no
+message ready for their queue: a dispatch waiting behind a backlog, or while no worker consumes, is not lost,
+and a copy of it every ``stale_queued_seconds`` would only pile up in RabbitMQ. Unconfirmed outbox rows are
 taken again by the relay once their lock runs out. Every ``prune_interval_seconds`` it also deletes finished
 jobs past their retention. Several reconcilers may run: rows are taken with ``FOR UPDATE SKIP LOCKED``.
 """
@@ -13,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from prometheus_client import Counter
 
 from mesh.kit.logging import get_logger
-from mesh.services.queue.repository import JobRepository
+from mesh.services.queue.repository import JobRepository, Row
 
 log = get_logger(__name__)
 
@@ -38,6 +40,7 @@ class Reconciler:
         self,
         repository: JobRepository,
         *,
+        ready_count: Callable[[str], Awaitable[int]],
         interval_seconds: float = 1.0,
         stale_queued_seconds: float = 300.0,
         retention_seconds: float = 0.0,
@@ -45,6 +48,7 @@ class Reconciler:
         on_dispatch: Callable[[], None] = lambda: None,
     ) -> None:
         self.repository = repository
+        self.ready_count = ready_count
         self.interval_seconds = interval_seconds
         self.stale_queued_seconds = stale_queued_seconds
         self.retention_seconds = retention_seconds
@@ -72,7 +76,7 @@ class Reconciler:
             RECONCILED.labels("lease_expired", state.value).inc()
         if expired:
             log.warning("stalled leases reconciled", jobs=[(str(i), s.value) for i, s in expired])
-        stale = await self.repository.redispatch_stale(self.stale_queued_seconds)
+        stale = await self.redispatch_stale()
         if stale:
             RECONCILED.labels("stale_queued", "QUEUED").inc(len(stale))
             log.warning("stale queued jobs re-dispatched", count=len(stale))
@@ -83,6 +87,15 @@ class Reconciler:
             self._next_prune = time.monotonic() + self.prune_interval_seconds
             await self.prune()
         return moved
+
+    async def redispatch_stale(self) -> list[Row]:
+        """Dispatch again the stale QUEUED jobs of the queues whose lanes hold no ready message (-1, the
+        broker cannot say, is not 0: nothing is sent while it is away)."""
+        queues = await self.repository.stale_queues(self.stale_queued_seconds)
+        quiet = [queue for queue in queues if await self.ready_count(queue) == 0]
+        if not quiet:
+            return []
+        return await self.repository.redispatch_stale(self.stale_queued_seconds, quiet)
 
     async def prune(self) -> int:
         """Delete the jobs that finished over ``retention_seconds`` ago; returns how many."""

@@ -25,6 +25,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from mesh.kit import errors
+from mesh.kit.db import database_unavailable
 from mesh.kit.pagination import Cursor
 from mesh.services.queue.batching import GroupCommit
 from mesh.services.queue.states import (
@@ -211,12 +212,17 @@ UPDATE jobs SET state = 'QUEUED', attempt = attempt + 1, enqueued_at = now(), di
 RETURNING id, queue
 """
 
-_REDISPATCH_STALE = """
+_STALE = """
+  FROM jobs j
+ WHERE j.state = 'QUEUED' AND j.dispatched_at < now() - make_interval(secs => %(age)s)
+   AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id)
+"""
+
+_STALE_QUEUES = f"SELECT DISTINCT j.queue {_STALE}"
+
+_REDISPATCH_STALE = f"""
 UPDATE jobs SET dispatched_at = clock_timestamp(), state_reason = 're-dispatched: no worker took it'
- WHERE id IN (SELECT j.id FROM jobs j
-               WHERE j.state = 'QUEUED' AND j.dispatched_at < now() - make_interval(secs => %(age)s)
-                 AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id)
-               LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+ WHERE id IN (SELECT j.id {_STALE} AND j.queue = ANY(%(queues)s) LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
 RETURNING id
 """
 
@@ -247,11 +253,22 @@ class PoolCheck:
 class JobRepository:
     """The queue service's access to jobs and the outbox."""
 
-    def __init__(self, pool: AsyncConnectionPool, *, submit_batch: int = 128) -> None:
+    def __init__(
+        self, pool: AsyncConnectionPool, *, submit_batch: int = 128, retry_timeout: float = 10.0
+    ) -> None:
         self.pool = pool
+        self.retry_timeout = retry_timeout
         self._submits: GroupCommit[NewJob, Row | None] = GroupCommit(
             self._submit_many, max_batch=submit_batch
         )
+
+    async def _retrying(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """``operation`` under :func:`retrying`; PostgreSQL still away after ``retry_timeout`` (short of the
+        callers' deadlines: the gateway's is 30 s) is UNAVAILABLE, which callers may retry."""
+        try:
+            return await retrying(operation, timeout=self.retry_timeout)
+        except RETRY_ON as error:
+            raise database_unavailable("the job database", error) from error
 
     async def _fetchone(self, query: str, params: dict[str, Any] | Sequence[Any]) -> Row | None:
         async def run() -> Row | None:
@@ -260,7 +277,7 @@ class JobRepository:
                 row: Row | None = await cursor.fetchone()  # type: ignore[assignment]
                 return row
 
-        return await retrying(run)
+        return await self._retrying(run)
 
     async def _fetchall(self, query: str, params: dict[str, Any] | Sequence[Any]) -> list[Row]:
         async def run() -> list[Row]:
@@ -269,7 +286,7 @@ class JobRepository:
                 rows: list[Row] = await cursor.fetchall()  # type: ignore[assignment]
                 return rows
 
-        return await retrying(run)
+        return await self._retrying(run)
 
     # --- the API -------------------------------------------------------------------------------------
 
@@ -386,7 +403,7 @@ class JobRepository:
                 updated: Row = await cursor.fetchone()  # type: ignore[assignment]
                 return updated
 
-        return await retrying(run)
+        return await self._retrying(run)
 
     async def retry(self, job_id: uuid.UUID) -> Row:
         """A failed, dead or cancelled job -> QUEUED as a new attempt with a fresh attempt budget."""
@@ -401,7 +418,7 @@ class JobRepository:
                     )
                 cursor = await conn.execute(
                     "UPDATE jobs SET state = 'QUEUED', attempt = attempt + 1, run_first_attempt = attempt + 1,"
-                    " cancel_requested = false, error_category = NULL, error_message = NULL,"
+                    " cancel_requested = false, dead_letters = 0, error_category = NULL, error_message = NULL,"
                     " error_code = NULL, result = NULL, progress = 0, stage = '', enqueued_at = now(),"
                     " dispatched_at = now(), finished_at = NULL, next_run_at = NULL, lease_owner = NULL,"
                     " lease_expires_at = NULL, state_reason = 'retried by user' WHERE id = %s RETURNING *",
@@ -410,7 +427,7 @@ class JobRepository:
                 updated: Row = await cursor.fetchone()  # type: ignore[assignment]
                 return updated
 
-        return await retrying(run)
+        return await self._retrying(run)
 
     async def counts(self) -> QueueCounts:
         """Counts per queue and state, oldest queued job per queue, jobs finished in the last minute."""
@@ -439,7 +456,7 @@ class JobRepository:
                 now=recent["now"],  # type: ignore[call-overload]
             )
 
-        return await retrying(run)
+        return await self._retrying(run)
 
     # --- the relay -----------------------------------------------------------------------------------
 
@@ -497,7 +514,7 @@ class JobRepository:
                     job: Row = row  # type: ignore[assignment]
                     if job["cancel_requested"]:
                         await conn.execute(
-                            "UPDATE jobs SET state = 'CANCELLED', finished_at = now(), lease_expires_at = NULL,"
+                            "UPDATE jobs SET state = 'CANCELLED', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL,"
                             " state_reason = 'cancelled by user; its worker stopped answering' WHERE id = %s",
                             (job["id"],),
                         )
@@ -509,24 +526,32 @@ class JobRepository:
                     if outcome.state is JobState.QUEUED:
                         await conn.execute(
                             "UPDATE jobs SET state = 'QUEUED', attempt = attempt + 1, enqueued_at = now(),"
-                            " dispatched_at = now(), lease_expires_at = NULL, progress = 0, stage = '',"
+                            " dispatched_at = now(), lease_owner = NULL, lease_expires_at = NULL, progress = 0, stage = '',"
                             " state_reason = %s WHERE id = %s",
                             (outcome.reason, job["id"]),
                         )
                     else:
                         await conn.execute(
-                            "UPDATE jobs SET state = 'FAILED', finished_at = now(), lease_expires_at = NULL,"
+                            "UPDATE jobs SET state = 'FAILED', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL,"
                             " error_category = 'SYSTEM', error_message = %s, state_reason = %s WHERE id = %s",
                             (outcome.reason, outcome.reason, job["id"]),
                         )
                     moved.append((job["id"], outcome.state))
             return moved
 
-        return await retrying(run)
+        return await self._retrying(run)
 
-    async def redispatch_stale(self, older_than_seconds: float, limit: int = 200) -> list[Row]:
-        """QUEUED jobs nobody claimed for a long time and with no dispatch pending -> dispatched again."""
-        return await self._fetchall(_REDISPATCH_STALE, {"age": older_than_seconds, "limit": limit})
+    async def stale_queues(self, older_than_seconds: float) -> list[str]:
+        """The queues holding QUEUED jobs that nobody claimed for a long time, with no dispatch pending."""
+        return [row["queue"] for row in await self._fetchall(_STALE_QUEUES, {"age": older_than_seconds})]
+
+    async def redispatch_stale(
+        self, older_than_seconds: float, queues: Sequence[str], limit: int = 200
+    ) -> list[Row]:
+        """Those jobs of ``queues`` -> dispatched again."""
+        return await self._fetchall(
+            _REDISPATCH_STALE, {"age": older_than_seconds, "queues": list(queues), "limit": limit}
+        )
 
     # --- dead letters --------------------------------------------------------------------------------
 
@@ -552,7 +577,7 @@ class JobRepository:
                 )
                 if target is JobState.DEAD:
                     await conn.execute(
-                        "UPDATE jobs SET state = 'DEAD', finished_at = now(), lease_expires_at = NULL,"
+                        "UPDATE jobs SET state = 'DEAD', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL,"
                         " dead_letters = dead_letters + 1, error_category = 'SYSTEM', error_message = %(reason)s,"
                         " state_reason = %(reason)s WHERE id = %(id)s",
                         {"id": job_id, "reason": reason},
@@ -569,7 +594,7 @@ class JobRepository:
                     )
                 return target
 
-        return await retrying(run)
+        return await self._retrying(run)
 
 
 # --- the worker's side -------------------------------------------------------------------------------
@@ -624,7 +649,8 @@ RETURNING jobs.lease_owner AS token, jobs.state
 """
 
 # After a retried batch: outcomes an earlier try committed before its connection dropped (our token on a
-# row that moved on).
+# row that moved on). Everything else that moves a RUNNING job on (an expired lease, a dead letter, a user's
+# retry) clears its lease_owner, so a superseded worker is told it was fenced out, not that it committed.
 _FINISHED_BEFORE = """
 SELECT jobs.lease_owner AS token, jobs.state FROM jobs
   JOIN unnest(%(id)s::uuid[], %(token)s::uuid[]) AS v(id, token)

@@ -67,7 +67,7 @@ from psycopg_pool import AsyncConnectionPool
 from mesh.kit import errors, tracing
 from mesh.kit.db import prepare_database
 from mesh.kit.health import Degrading, DependencyCheck, FunctionCheck
-from mesh.kit.jobs import JobCancelled, JobHandler
+from mesh.kit.jobs import JobCancelled, JobHandler, LeaseLost
 from mesh.kit.logging import get_logger
 from mesh.kit.runtime import ServiceRuntime
 from mesh.kit.settings import DEFAULT_DELIVERY_LIMIT, CommonSettings, WorkerSettings
@@ -205,10 +205,6 @@ def _channel_closed(message: AbstractIncomingMessage) -> bool:
         return bool(message.channel.is_closed)
     except Exception:  # aio-pika raises once the channel is closed
         return True
-
-
-class LeaseLost(Exception):
-    """The worker no longer holds the job (another worker took it over, or the reconciler re-queued it)."""
 
 
 class RunningJob:
@@ -534,21 +530,22 @@ class JobWorker:
                 return None
             raise
         except JobCancelled:
-            return Outcome(JobState.CANCELLED, "cancelled by user (seen by the worker)")
+            outcome = Outcome(JobState.CANCELLED, "cancelled by user (seen by the worker)")
         except errors.MeshError as exc:
-            return self._failure(row, category_from_proto(exc.category), exc.message, exc.code.name)
+            outcome = self._failure(row, category_from_proto(exc.category), exc.message, exc.code.name)
         except Exception as exc:
             log.exception("job handler crashed", job_id=str(row["id"]))
-            return self._failure(row, ErrorCategory.SYSTEM, f"{type(exc).__name__}: {exc}", "INTERNAL")
+            outcome = self._failure(row, ErrorCategory.SYSTEM, f"{type(exc).__name__}: {exc}", "INTERNAL")
+        else:
+            outcome = Outcome(JobState.SUCCEEDED, "succeeded", result=result.SerializeToString())
         finally:
             timer.cancel()
             if beat_task is not None:
                 beat_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await beat_task
-        if running.lease_lost:
-            return None
-        return Outcome(JobState.SUCCEEDED, "succeeded", result=result.SerializeToString())
+        # Whatever the handler made of it, an attempt that lost its lease has nothing to commit.
+        return None if running.lease_lost else outcome
 
     def _failure(self, row: Row, category: ErrorCategory, message: str, code: str) -> Outcome:
         decision = decide_failure(
