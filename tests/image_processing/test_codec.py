@@ -112,3 +112,40 @@ def test_raw_output_of_untouched_raw_input_is_not_copied() -> None:
     assert view == data
     assert codec.raw_samples(image[:, ::-1]) != data
     assert codec.raw_samples(image[1:]) == data[48:]
+
+
+@pytest.mark.parametrize(("dtype", "channels"), LAYOUTS)
+@pytest.mark.parametrize("fmt", [codec.Format.PNG, codec.Format.JPEG, codec.Format.WEBP])
+def test_encoded_channels_are_the_channels_the_bytes_decode_to(
+    fmt: codec.Format, dtype: Any, channels: int
+) -> None:
+    """What a response reports as its channels is what the delivered bytes hold: JPEG drops alpha, and WebP
+    has no grey mode, so grey comes back as RGB (it reported 1 for a grey WebP that decodes to 3)."""
+    image = noise(6, 5, channels, dtype)
+    decoded = codec.decode(codec.encode(image, fmt), LIMITS)
+    assert codec.encoded_channels(channels, fmt) == decoded.shape[2]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "limit", "fitting"),
+    [
+        (codec.Format.WEBP, 16_383, "PNG, JPEG, RAW"),
+        (codec.Format.JPEG, 65_500, "PNG, RAW"),
+        (codec.Format.PNG, 1_000_000, "RAW"),
+    ],
+)
+def test_an_image_beyond_a_formats_side_limit_is_invalid_argument_before_encoding(
+    fmt: codec.Format, limit: int, fitting: str
+) -> None:
+    """Each format's widest side (WebP 16383, JPEG 65500, libpng's 1000000) is checked before the encoder
+    runs, in width and in height: INVALID_ARGUMENT on the given field naming the limit, the size and the
+    formats that can hold it. The encoder's failure was INTERNAL (HTTP 500). At the limit it encodes."""
+    assert codec.encode(np.zeros((1, limit, 1), np.uint8), fmt)
+    for shape in ((1, limit + 1, 1), (limit + 1, 1, 1)):
+        height, width = shape[:2]
+        with pytest.raises(errors.InvalidArgument) as caught:
+            codec.encode(np.zeros(shape, np.uint8), fmt, where="config.output.format")
+        assert [v.field for v in caught.value.field_violations] == ["config.output.format"]
+        description = caught.value.field_violations[0].description
+        assert f"at most {limit} pixels wide and high, this one is {width}x{height}" in description
+        assert f"ask for one of {fitting}, or resize it" in description

@@ -286,6 +286,34 @@ def test_resize_too_large_is_rejected() -> None:
     assert caught.value.field_violations[0].field == "pipeline[0].params.scale"
 
 
+@pytest.mark.parametrize(
+    ("size", "params", "shape"),
+    [
+        ((1, 1000), {"width": 100}, (1, 100)),
+        ((1, 7), {"width": 1}, (1, 1)),
+        ((1000, 1), {"height": 100}, (100, 1)),
+        ((1, 1000), {"width": 100, "height": 100}, (1, 100)),
+        ((1, 1000), {"scale": 0.1}, (1, 100)),
+    ],
+)
+def test_resize_of_a_thin_image_keeps_a_derived_side_of_at_least_one_pixel(
+    size: tuple[int, int], params: dict[str, Any], shape: tuple[int, int]
+) -> None:
+    """A side derived from the other (or from scale or the aspect ratio) that rounds to 0 is 1 pixel: a
+    1000x1 image resized to width 100 is 100x1. It was refused as "gives an empty image (100x0)"."""
+    out = _run("resize", noise(*size, 3), **params)
+    assert out.shape == (*shape, 3)
+    assert filter_math.resize_shape(*size, step("resize", **params)) == shape
+
+
+def test_resize_too_large_from_height_alone_names_height() -> None:
+    """When only height was set, the error names params.height, the one the client gave (it named width)."""
+    with pytest.raises(errors.InvalidArgument) as caught:
+        _run("resize", noise(1, 1000, 1), height=16384)
+    assert [v.field for v in caught.value.field_violations] == ["pipeline[0].params.height"]
+    assert "gives 16384000x16384" in caught.value.message
+
+
 def test_crop_and_its_bounds() -> None:
     """crop is a slice; a rectangle outside the image names the offending field."""
     image = noise(20, 30, 3)

@@ -25,7 +25,7 @@ from mesh.kit.runtime import ServiceRuntime
 from mesh.kit.wire import Parted, Spliced, serialize_reply
 from mesh.services.image_processing import codec
 from mesh.services.image_processing.cpu_backend import CpuBackend
-from mesh.services.image_processing.processor import Delivered, Processor
+from mesh.services.image_processing.processor import REPLY_HEADROOM_BYTES, Delivered, Processor
 from mesh.services.image_processing.registry import steps_from_proto
 from mesh.services.image_processing.servicer import (
     RAW_INPUT,
@@ -38,6 +38,8 @@ from tests.image_processing.fakes import MemoryStore
 from tests.image_processing.images import noise, smooth
 
 LIMITS = codec.Limits(max_pixels=1_000_000, max_bytes=8 * 1024 * 1024)
+SMALL_REPLY_LIMIT = REPLY_HEADROOM_BYTES + 10_000
+"""A send limit that leaves 10,000 bytes for a reply's image (parametrize ``served`` with it, indirect)."""
 
 
 @dataclass
@@ -49,11 +51,13 @@ class Served:
 
 
 @pytest.fixture
-async def served() -> AsyncIterator[Served]:
+async def served(request: pytest.FixtureRequest) -> AsyncIterator[Served]:
+    """The service on port 0; an indirect parameter is the processor's max_message_bytes."""
     settings = ImageSettings(grpc_port=0, http_port=0, grace_seconds=1, health_interval_seconds=0.05)
     backend = CpuBackend()
     store = MemoryStore()
-    processor = Processor(backend, store=store, limits=LIMITS)
+    max_message_bytes = getattr(request, "param", settings.max_message_bytes)
+    processor = Processor(backend, store=store, limits=LIMITS, max_message_bytes=max_message_bytes)
 
     async def compute() -> str:
         return backend.check()
@@ -222,6 +226,78 @@ async def _call_error(served: Served, request: pb.ProcessImageRequest) -> errors
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await served.stub.ProcessImage(request)
     return errors.from_rpc_error(caught.value)
+
+
+def _raw(image: Any) -> image_pb2.ImageInput:
+    height, width, channels = image.shape
+    raw = image_pb2.RawImage(pixels=image.tobytes(), width=width, height=height, channels=channels)
+    return image_pb2.ImageInput(raw=raw)
+
+
+@pytest.mark.parametrize("served", [SMALL_REPLY_LIMIT], indirect=True)
+async def test_a_reply_larger_than_the_send_limit_is_payload_too_large_naming_the_output(
+    served: Served,
+) -> None:
+    """A RAW output whose bytes would not fit in a reply is PAYLOAD_TOO_LARGE (HTTP 413) on ``output``, saying
+    the size, the limit and what to ask for instead; the same output as PNG fits and is delivered. gRPC used
+    to fail the send itself: RESOURCE_EXHAUSTED without details, which the gateway answered 429 (retry)."""
+    request = pb.ProcessImageRequest(
+        input=_raw(smooth(40, 40, 3)),
+        pipeline=[_step("resize", scale=2.0)],
+        output=pb.OutputSpec(format=image_pb2.IMAGE_FORMAT_RAW),
+    )
+    error = await _call_error(served, request)
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.reason == errors.REASON_PAYLOAD_TOO_LARGE
+    assert errors.http_status(error) == 413
+    assert [v.field for v in error.field_violations] == ["output"]
+    description = error.field_violations[0].description
+    assert "80x80 output is 19200 bytes as RAW, more than the 10000 bytes a reply can carry" in description
+    assert "an encoded format (PNG, JPEG or WebP)" in description
+    assert "output.store" in description
+
+    request.output.format = image_pb2.IMAGE_FORMAT_PNG
+    response = await served.stub.ProcessImage(request)
+    assert (response.width, response.height) == (80, 80)
+
+
+@pytest.mark.parametrize("served", [SMALL_REPLY_LIMIT], indirect=True)
+async def test_a_stream_frame_larger_than_the_send_limit_is_a_frame_error_and_the_stream_goes_on(
+    served: Served,
+) -> None:
+    """An oversized frame yields a PAYLOAD_TOO_LARGE response naming ``config.output``, and the next frame is
+    still processed. The failed send used to end the whole stream."""
+    config = pb.StreamConfig(
+        pipeline=[_step("resize", scale=2.0)], output=pb.OutputSpec(format=image_pb2.IMAGE_FORMAT_RAW)
+    )
+    messages = _frames(config, [_raw(noise(10, 10, 3)), _raw(noise(40, 40, 3)), _raw(noise(10, 10, 3))])
+
+    async def requests() -> AsyncIterator[pb.StreamProcessRequest]:
+        for message in messages:
+            yield message
+
+    responses = await asyncio.wait_for(_collect(served.stub.StreamProcess(requests())), 10)
+    assert [r.sequence for r in responses] == [1, 2, 3]
+    assert [r.HasField("error") for r in responses] == [False, True, False]
+    error = errors.from_status(responses[1].error)
+    assert error.reason == errors.REASON_PAYLOAD_TOO_LARGE
+    assert [v.field for v in error.field_violations] == ["config.output"]
+    assert (responses[2].result.width, responses[2].result.height) == (20, 20)
+
+
+async def test_an_output_too_wide_for_webp_is_invalid_argument_naming_the_output_format(
+    served: Served,
+) -> None:
+    """WebP holds at most 16383 pixels a side: a wider output is INVALID_ARGUMENT on output.format naming the
+    limit and the size, not INTERNAL from the encoder."""
+    request = pb.ProcessImageRequest(
+        input=_raw(noise(1, 16384, 1)), output=pb.OutputSpec(format=image_pb2.IMAGE_FORMAT_WEBP)
+    )
+    error = await _call_error(served, request)
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in error.field_violations] == ["output.format"]
+    assert "at most 16383 pixels" in error.message
+    assert "16384x1" in error.message
 
 
 async def test_bad_parameter_is_invalid_argument_with_field(served: Served) -> None:

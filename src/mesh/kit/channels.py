@@ -14,7 +14,7 @@ import grpc
 
 from mesh.kit import tracing
 from mesh.kit.runtime import KEEPALIVE_OPTIONS, message_limit_options
-from mesh.kit.settings import CommonSettings
+from mesh.kit.settings import MAX_MESSAGE_BYTES, CommonSettings
 from mesh.kit.tls import channel_credentials
 
 RETRY_POLICY = {
@@ -42,7 +42,7 @@ def open_channel(
     *,
     service: str,
     streaming_methods: Sequence[str] = (),
-    max_message_bytes: int = 96 * 1024 * 1024,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
 ) -> grpc.aio.Channel:
     """An instrumented channel to ``service`` at ``target`` (TLS when settings name a CA)."""
     options = [

@@ -20,6 +20,9 @@ ENV_PREFIX = "MESH_"
 DEFAULT_DELIVERY_LIMIT = 5
 
 
+MAX_MESSAGE_BYTES = 96 * 1024 * 1024
+"""The default gRPC message limit of servers and channels: a 4K RGBA frame and its envelope fit."""
+
 class CommonSettings(BaseSettings):
     """Settings every process understands."""
 
@@ -100,7 +103,7 @@ class ServerSettings(CommonSettings):
     health_timeout_seconds: float = Field(default=2.0, gt=0)
     """How long one dependency check may take before it counts as failed."""
 
-    max_message_bytes: int = Field(default=96 * 1024 * 1024, ge=64 * 1024 * 1024)
+    max_message_bytes: int = Field(default=MAX_MESSAGE_BYTES, ge=64 * 1024 * 1024)
     """gRPC receive/send limit; at least 64 MiB so that a 4K RGBA frame fits."""
 
 

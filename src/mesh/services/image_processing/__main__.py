@@ -35,6 +35,7 @@ async def main() -> None:
         limits=Limits(max_pixels=settings.image_max_pixels, max_bytes=settings.image_max_bytes),
         workers=settings.cpu_workers,
         max_pending=settings.max_pending_pipelines,
+        max_message_bytes=settings.max_message_bytes,
     )
 
     async def compute() -> str:

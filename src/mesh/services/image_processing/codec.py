@@ -35,6 +35,9 @@ class Format(StrEnum):
 
 
 CONTENT_TYPES = {Format.PNG: "image/png", Format.JPEG: "image/jpeg", Format.WEBP: "image/webp"}
+MAX_SIDES = {Format.WEBP: 16_383, Format.JPEG: 65_500, Format.PNG: 1_000_000}
+"""Widest and highest image each encoder writes: libwebp's and libjpeg's format limits, and libpng's
+default user limit as OpenCV builds it. RAW has none."""
 
 
 @dataclass(frozen=True)
@@ -98,14 +101,37 @@ def raw_samples(image: Image) -> memoryview:
 
 
 def encoded_channels(channels: int, fmt: Format) -> int:
-    """The channels an image of ``channels`` has once encoded as ``fmt``: JPEG drops alpha."""
-    return 3 if fmt is Format.JPEG and channels == 4 else channels
+    """The channels an image of ``channels`` has once encoded as ``fmt``: JPEG drops alpha, and WebP has no
+    grey mode (a grey image is stored, and decodes, as RGB)."""
+    if fmt is Format.JPEG and channels == 4:
+        return 3
+    if fmt is Format.WEBP and channels == 1:
+        return 3
+    return channels
 
 
-def encode(image: Image, fmt: Format, quality: int = 90) -> bytes:
-    """PNG keeps 16 bits; JPEG and WebP are 8-bit (16-bit images are reduced)."""
+def check_encodable(width: int, height: int, fmt: Format, where: str = "output.format") -> None:
+    """INVALID_ARGUMENT naming ``where`` when ``fmt`` cannot hold an image of this size."""
+    side = max(width, height)
+    limit = MAX_SIDES.get(fmt)
+    if limit is None or side <= limit:
+        return
+    fitting = [f.name for f in Format if f not in MAX_SIDES or side <= MAX_SIDES[f]]
+    description = (
+        f"{fmt.name} images are at most {limit} pixels wide and high, this one is {width}x{height}: "
+        f"ask for one of {', '.join(fitting)}, or resize it to at most {limit} pixels a side"
+    )
+    raise errors.InvalidArgument(
+        f"{where}: {description}", field_violations=[errors.FieldViolation(where, description)]
+    )
+
+
+def encode(image: Image, fmt: Format, quality: int = 90, where: str = "output.format") -> bytes:
+    """PNG keeps 16 bits; JPEG and WebP are 8-bit (16-bit images are reduced). An image larger than the
+    format allows is INVALID_ARGUMENT naming ``where``."""
     if fmt is Format.RAW:
         return bytes(raw_samples(image))
+    check_encodable(image.shape[1], image.shape[0], fmt, where)
     channels = image.shape[2]
     pixels = image
     if fmt is not Format.PNG and image.dtype == np.uint16:

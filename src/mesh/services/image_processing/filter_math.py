@@ -109,25 +109,26 @@ def resize_shape(height: int, width: int, step: Step) -> tuple[int, int]:
     """The (height, width) a resize step produces from an image of the given size."""
     scale = step.as_float("scale")
     target_w, target_h = step.as_int("width"), step.as_int("height")
+    # A side derived from a ratio is at least 1 pixel: a thin image (1000x1 to width 100) keeps its one row
+    # instead of coming out empty.
     if scale > 0:
-        new_w, new_h = round(width * scale), round(height * scale)
+        given = "scale"
+        new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
     elif target_w and target_h:
+        given = "width"
         if step.as_bool("keep_aspect"):
             factor = min(target_w / width, target_h / height)
-            new_w, new_h = round(width * factor), round(height * factor)
+            new_w, new_h = max(1, round(width * factor)), max(1, round(height * factor))
         else:
             new_w, new_h = target_w, target_h
     elif target_w:
-        new_w, new_h = target_w, round(height * target_w / width)
+        given = "width"
+        new_w, new_h = target_w, max(1, round(height * target_w / width))
     else:
-        new_w, new_h = round(width * target_h / height), target_h
-    if new_w < 1 or new_h < 1:
-        raise step.invalid("scale" if scale > 0 else "width", f"gives an empty image ({new_w}x{new_h})")
+        given = "height"
+        new_w, new_h = max(1, round(width * target_h / height)), target_h
     if new_w * new_h > MAX_RESULT_PIXELS:
-        raise step.invalid(
-            "scale" if scale > 0 else "width",
-            f"gives {new_w}x{new_h}, more than {MAX_RESULT_PIXELS} pixels",
-        )
+        raise step.invalid(given, f"gives {new_w}x{new_h}, more than {MAX_RESULT_PIXELS} pixels")
     return new_h, new_w
 
 

@@ -24,6 +24,7 @@ from mesh.kit.image_limits import check_pixels
 from mesh.kit.labels import label_violations
 from mesh.kit.param_values import to_param_value
 from mesh.kit.raw_pixels import read_raw
+from mesh.kit.settings import MAX_MESSAGE_BYTES
 from mesh.services.image_processing import codec
 from mesh.services.image_processing.backend import Backend, PipelineOutput, run_pipeline
 from mesh.services.image_processing.filter_math import Image
@@ -61,6 +62,8 @@ FORMAT_ENUMS = {
     codec.Format.JPEG: image_pb2.IMAGE_FORMAT_JPEG,
     codec.Format.WEBP: image_pb2.IMAGE_FORMAT_WEBP,
 }
+REPLY_HEADROOM_BYTES = 64 * 1024
+"""Room left in a reply for everything but the image: sizes, device, step timings, a stream's sequence."""
 
 
 @dataclass(frozen=True)
@@ -131,10 +134,15 @@ class Processor:
         limits: codec.Limits,
         workers: int = 2,
         max_pending: int = 32,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
+        """``max_message_bytes``: the server's gRPC send limit (``settings.max_message_bytes``, whose default
+        this is); a reply whose image would not fit is refused here with a message that says what to ask
+        for, where gRPC would fail the call without one."""
         self.backend = backend
         self.store = store
         self.limits = limits
+        self.max_message_bytes = max_message_bytes
         # At 0 from the start, so that rate() sees the first refusal (the shedding alert).
         PIPELINES_REJECTED.labels(backend.device.value)
         self._max_pending = max_pending
@@ -289,6 +297,7 @@ class Processor:
             pb.StepTiming(filter=name, seconds=seconds) for name, seconds in output.timings
         )
         if fmt is codec.Format.RAW:
+            self._check_reply_size(image.nbytes, width, height, fmt, where)
             response.raw.width = width
             response.raw.height = height
             response.raw.channels = channels
@@ -296,7 +305,7 @@ class Processor:
                 image_pb2.PIXEL_TYPE_UINT16 if image.dtype.itemsize == 2 else image_pb2.PIXEL_TYPE_UINT8
             )
             return Delivered(response, codec.raw_samples(image))
-        data = await asyncio.to_thread(codec.encode, image, fmt, quality)
+        data = await asyncio.to_thread(codec.encode, image, fmt, quality, f"{where}.format")
         if spec.store:
             stored = await self._require_store(f"{where}.store").upload(
                 data,
@@ -306,9 +315,31 @@ class Processor:
             )
             response.image_id = stored.image.id
         else:
+            self._check_reply_size(len(data), width, height, fmt, where)
             response.encoded.data = data
             response.encoded.format = FORMAT_ENUMS[fmt]
         return Delivered(response)
+
+    def _check_reply_size(self, size: int, width: int, height: int, fmt: codec.Format, where: str) -> None:
+        """PAYLOAD_TOO_LARGE naming ``where`` when an image of ``size`` bytes cannot travel in a reply."""
+        limit = self.max_message_bytes - REPLY_HEADROOM_BYTES
+        if size <= limit:
+            return
+        remedies = ["a smaller image (a resize or crop step)"]
+        if fmt is codec.Format.RAW:
+            remedies.append("an encoded format (PNG, JPEG or WebP)")
+        else:
+            remedies.append("JPEG or WebP at a lower quality")
+        if self.store is not None:
+            remedies.append(f"{where}.store (PNG, JPEG or WebP), answered by the stored image's id")
+        description = (
+            f"the {width}x{height} output is {size} bytes as {fmt.name}, more than the {limit} bytes a reply "
+            f"can carry (the {self.max_message_bytes}-byte message limit less room for the rest); ask for "
+            + ", or ".join(remedies)
+        )
+        raise errors.PayloadTooLarge(
+            f"{where}: {description}", field_violations=[errors.FieldViolation(where, description)]
+        )
 
     async def process(
         self,
@@ -318,10 +349,11 @@ class Processor:
         where: str = "input",
         into: pb.ProcessImageResponse | None = None,
         raw_pixels: memoryview | None = None,
+        output_where: str = "output",
     ) -> Delivered:
         """Load, run and deliver one image, each stage in a span of its own (``into``: see deliver;
-        ``raw_pixels``: see load)."""
-        self.check_output(spec)
+        ``raw_pixels``: see load; ``where`` and ``output_where`` name the input and the spec in errors)."""
+        self.check_output(spec, output_where)
         with _tracer.start_as_current_span(
             "image.load", attributes={"image.source": source.WhichOneof("source") or ""}
         ):
@@ -334,4 +366,4 @@ class Processor:
         with _tracer.start_as_current_span("image.pipeline", attributes=attributes):
             output = await self.run(image, steps)
         with _tracer.start_as_current_span("image.deliver", attributes={"image.store": spec.store}):
-            return await self.deliver(output, spec, into=into)
+            return await self.deliver(output, spec, output_where, into=into)

@@ -123,7 +123,13 @@ class ImageProcessingServicer:
         try:
             # Filled in place: an encoded frame is not copied into the response a second time.
             delivered = await self._processor.process(
-                frame.image, steps, output, where="frame.image", into=response.result, raw_pixels=request.data
+                frame.image,
+                steps,
+                output,
+                where="frame.image",
+                into=response.result,
+                raw_pixels=request.data,
+                output_where="config.output",
             )
         except errors.MeshError as error:
             response.ClearField("result")
