@@ -204,3 +204,56 @@ async def test_scheduler_batches_only_equal_keys_together() -> None:
     await asyncio.gather(*(scheduler.submit("a" if i % 2 else "b", i) for i in range(6)))
     assert sorted(seen) == [("a", [1, 3, 5]), ("b", [0, 2, 4])]
     await scheduler.close()
+
+
+def _loop_tasks(prefix: str) -> list[asyncio.Task[object]]:
+    return [t for t in asyncio.all_tasks() if t.get_name().startswith(prefix) and not t.done()]
+
+
+async def test_scheduler_retires_batchers_once_their_requests_are_answered() -> None:
+    """A batcher (and its loop task) per parameter set was kept for ever: 1000 distinct sets left 1000 of each.
+    Once every request of a key has its answer, that key's batcher is closed and forgotten."""
+    scheduler: ModelScheduler[float, int, int] = ModelScheduler(
+        lambda key, items: list(items),
+        max_batch_size=4,
+        max_queue_delay_seconds=0,
+        max_queue_size=16,
+        name="retiring",
+    )
+    for i in range(200):
+        assert (await scheduler.submit(i / 200, i)).output == i
+    await asyncio.gather(*(scheduler.submit(i % 7 / 7, i) for i in range(70)))
+    for _ in range(10):  # the retired batchers' close() runs in tasks of their own
+        await asyncio.sleep(0)
+    assert scheduler._batchers == {}
+    assert _loop_tasks("retiring[") == []
+    await scheduler.close()
+
+
+async def test_a_request_arriving_as_its_batcher_retires_is_served() -> None:
+    """A request for a key whose batcher is being retired gets a new batcher and its answer; one arriving while
+    another request of its key is still waiting joins the same batcher and the same batch."""
+    release = threading.Event()
+
+    def run(key: str, items: Sequence[int]) -> list[int]:
+        release.wait(5)
+        return [2 * item for item in items]
+
+    scheduler: ModelScheduler[str, int, int] = ModelScheduler(
+        run, max_batch_size=4, max_queue_delay_seconds=0.05, max_queue_size=8, name="racing"
+    )
+    release.set()
+    await scheduler.submit("k", 1)
+    # The first batcher has just been retired; its close() has not run yet.
+    assert len(_loop_tasks("racing[k]-retire")) == 1
+    assert (await scheduler.submit("k", 2)).output == 4
+
+    release.clear()
+    first = asyncio.ensure_future(scheduler.submit("k", 3))
+    await asyncio.sleep(0.01)
+    second = asyncio.ensure_future(scheduler.submit("k", 4))
+    await asyncio.sleep(0.01)
+    release.set()
+    assert [(r.output, r.batch_size) for r in await asyncio.gather(first, second)] == [(6, 2), (8, 2)]
+    await scheduler.close()
+    assert _loop_tasks("racing[") == []

@@ -56,3 +56,16 @@ def test_a_bad_default_is_refused_at_declaration() -> None:
     """A declaration whose default breaks its own rules does not validate."""
     with pytest.raises(ValueError, match="must be >= 1"):
         ParameterSpec(type="int", default=0, minimum=1)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_number_that_is_not_finite_is_refused(value: float) -> None:
+    """NaN passed every range check (it compares false to both bounds) and, as a batch key equal to nothing, made
+    a new batcher per request; infinities passed where a bound was open. Both are refused, naming the field."""
+    specs = {**SPECS, "gain": ParameterSpec(type="number", default=1.0)}
+    for name in ("threshold", "gain"):
+        with pytest.raises(InvalidArgument) as info:
+            resolve_parameters(specs, {name: params_pb2.ParamValue(number_value=value)})
+        assert info.value.field_violations == (
+            FieldViolation(f"parameters[{name}]", "must be a finite number"),
+        )

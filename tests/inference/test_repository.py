@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from mesh.kit.errors import NotFound, Unavailable
+from mesh.kit.errors import InvalidArgument, NotFound, Unavailable
 from mesh.services.inference.__main__ import serve
 from mesh.services.inference.models import DeviceUnavailable, gpu_available, select_device
 from mesh.services.inference.repository import ModelConfigError, ModelRepository
@@ -170,3 +170,16 @@ def test_device_choice() -> None:
     if not gpu_available():
         with pytest.raises(DeviceUnavailable, match="MESH_DEVICE=gpu"):
             select_device("gpu")
+
+
+async def test_an_overlong_version_is_invalid_not_a_crash(tmp_path: Path) -> None:
+    """A version of more than 4300 digits made int() raise (a 500), and one echoed into NotFound overflowed gRPC's
+    metadata limit: past MAX_VERSION_LENGTH it is InvalidArgument, which does not repeat it."""
+    write_model(tmp_path, version=1)
+    repository = _repository(tmp_path)
+    for version in ("1" * 5000, "0" * 5000 + "1", "v" * 100_000):
+        with pytest.raises(InvalidArgument) as info:
+            repository.get("fake", version)
+        assert info.value.message == "model 'fake': a version has at most 64 characters; versions: 1"
+        assert info.value.field_violations[0].field == "model_version"
+    assert repository.get("fake", "0" * 63 + "1").version == "1"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ def png(value: int) -> bytes:
 
 
 async def start(
-    root: Path, factory: FakeFactory
+    root: Path, factory: FakeFactory, *, stream_max_in_flight: int = 32
 ) -> tuple[ServiceRuntime, asyncio.Task[None], ModelRepository]:
     repository = ModelRepository(root, factories={"fake": factory})
     await repository.load()
@@ -64,7 +65,9 @@ async def start(
     runtime = ServiceRuntime(
         "inference", settings, service_names=[SERVICE_NAME], checks=[models_check(repository)]
     )
-    pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(predictor), runtime.server)
+    pb_grpc.add_InferenceServiceServicer_to_server(
+        InferenceServicer(predictor, stream_max_in_flight=stream_max_in_flight), runtime.server
+    )
     task = asyncio.create_task(runtime.run())
     await asyncio.wait_for(runtime.started.wait(), 10)
     return runtime, task, repository
@@ -328,6 +331,42 @@ async def test_cancelled_stream_drops_its_queued_requests(served: Served) -> Non
     # The first was answered and at most the one then computing finished; the other two were dropped.
     assert len(model.batches) - before <= 2
     assert (await served.stub.ModelReady(pb.ModelReadyRequest(name="slow"))).ready
+
+
+async def test_a_stream_cancelled_with_its_window_full_computes_nothing_more(tmp_path: Path) -> None:
+    """The request read while the window was full had its task created before it found room: a stream cancelled
+    then left that task untracked, computed and counted a success. Now only the request computing at the
+    cancellation is computed, and none counts as a success."""
+    write_model(tmp_path, name="held", max_batch_size=1, max_queue_delay_ms=0)
+    runtime, task, repository = await start(tmp_path, FakeFactory(), stream_max_in_flight=1)
+    model = repository.get("held").model
+    assert isinstance(model, FakeModel)
+    model.release = threading.Event()
+
+    async def produce() -> AsyncIterator[pb.StreamInferenceRequest]:
+        for i in range(4):
+            yield pb.StreamInferenceRequest(request=pb.PredictRequest(model_name="held", input=raw(200 - i)))
+        await asyncio.sleep(10)
+
+    try:
+        async with grpc.aio.insecure_channel(f"localhost:{runtime.grpc_port}") as channel:
+            call = pb_grpc.InferenceServiceStub(channel).StreamInference(produce())
+            started = time.monotonic()
+            while not model.batches and time.monotonic() - started < 5:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)  # the server reads on until its window is full
+            call.cancel()
+            await asyncio.sleep(0.1)
+            model.release.set()
+            await asyncio.sleep(0.3)
+        assert model.batches == [("predict", 1)]
+        stats = repository.get("held").stats.to_proto()
+        assert stats.success_count == 0
+    finally:
+        model.release.set()
+        runtime.stopping.set()
+        await asyncio.wait_for(task, 10)
+        await repository.close()
 
 
 async def test_stream_answers_each_request_and_survives_a_bad_one(served: Served) -> None:

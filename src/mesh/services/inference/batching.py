@@ -10,7 +10,9 @@ compute; its waiter gets ``CANCELLED`` or ``DEADLINE_EXCEEDED``. When a batch fu
 several items, each item is retried alone, so that one bad input does not fail its neighbours.
 
 :class:`ModelScheduler` owns one model version's instances (executor threads) and keeps a batcher per
-operation and parameter set, because only requests with equal parameters can share a batch.
+operation and parameter set, because only requests with equal parameters can share a batch. A batcher lives
+while some request of its key is waiting for it and is retired when the last one has its answer, so that
+parameter sets seen once do not keep a batcher (and its loop task) for ever.
 """
 
 from __future__ import annotations
@@ -312,6 +314,9 @@ class ModelScheduler(Generic[KeyT, ItemT, OutputT]):
         self._executor = ThreadPoolExecutor(max_workers=instance_count, thread_name_prefix=name)
         self._instances = asyncio.Semaphore(instance_count)
         self._batchers: dict[KeyT, DynamicBatcher[ItemT, OutputT]] = {}
+        # Requests inside submit() per key: the batcher is retired when its count falls to zero.
+        self._users: dict[KeyT, int] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
 
     async def submit(self, key: KeyT, item: ItemT, *, deadline: float | None = None) -> BatchResult[OutputT]:
         """Batch ``item`` with others of the same ``key``; see :meth:`DynamicBatcher.submit`."""
@@ -328,9 +333,28 @@ class ModelScheduler(Generic[KeyT, ItemT, OutputT]):
                 name=f"{self._name}[{key}]",
             )
             self._batchers[key] = batcher
-        return await batcher.submit(item, deadline=deadline)
+        self._users[key] = self._users.get(key, 0) + 1
+        try:
+            return await batcher.submit(item, deadline=deadline)
+        finally:
+            self._release(key, batcher)
+
+    def _release(self, key: KeyT, batcher: DynamicBatcher[ItemT, OutputT]) -> None:
+        """Retire ``batcher`` when no request of ``key`` is left in it.
+
+        The count and the dictionary change together, with no await between: a request arriving later finds no
+        batcher and makes a new one, never one that is closing. A batch still computing for a caller that went
+        away finishes in the retired batcher's close().
+        """
+        self._users[key] -= 1
+        if self._users[key]:
+            return
+        del self._users[key], self._batchers[key]
+        closing = asyncio.create_task(batcher.close(), name=f"{self._name}[{key}]-retire")
+        self._retiring.add(closing)
+        closing.add_done_callback(self._retiring.discard)
 
     async def close(self) -> None:
-        """Close every batcher, then the executor."""
-        await asyncio.gather(*(b.close() for b in self._batchers.values()))
+        """Close every batcher (and wait for retired ones to finish closing), then the executor."""
+        await asyncio.gather(*(b.close() for b in self._batchers.values()), *self._retiring)
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,12 +1,13 @@
 """Typed model parameters: declared with defaults in a model's config, set per request, checked here.
 
-A request's parameters are validated against the declaration (unknown names, wrong types, out of range or
-not among the options are InvalidArgument) and merged with the defaults. The resolved values are hashable,
-so that requests with equal parameters can share a batch.
+A request's parameters are validated against the declaration (unknown names, wrong types, NaN or infinite
+numbers, out of range or not among the options are InvalidArgument) and merged with the defaults. The resolved
+values are hashable, so that requests with equal parameters can share a batch.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Literal, TypeAlias
 
@@ -66,6 +67,9 @@ class ParameterSpec(BaseModel):
             return f"must be a{'n int' if self.type == 'int' else ' number'}"
         if self.type == "int" and not isinstance(value, int):
             return "must be an int"
+        # NaN passes both range comparisons, and as a batch key it equals nothing, not even itself.
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be a finite number"
         if self.minimum is not None and value < self.minimum:
             return f"must be >= {self.minimum:g}"
         if self.maximum is not None and value > self.maximum:

@@ -27,7 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mesh.kit.cpus import usable_cpus
-from mesh.kit.errors import FieldViolation, NotFound, Unavailable
+from mesh.kit.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
 from mesh.kit.logging import get_logger
 from mesh.services.inference.batching import ModelScheduler
 from mesh.services.inference.images import Pixels
@@ -41,6 +41,8 @@ log = get_logger(__name__)
 CONFIG_NAMES = ("config.yaml", "config.yml", "config.json")
 LATEST = "latest"
 MAX_INSTANCES = 64
+# The longest version a request may name: far more digits than any version directory has.
+MAX_VERSION_LENGTH = 64
 # ``instance_count: auto`` stops here: every worker process holds its own copy of the model (110-160 MB for the
 # strip reader, and a CUDA context on a GPU), and the server process that decodes and feeds them needs cores too.
 AUTO_INSTANCES = 8
@@ -393,16 +395,25 @@ class ModelRepository:
         return entry
 
     def get(self, name: str, version: str = "") -> ModelVersion:
-        """A version of a model (the default one when ``version`` is empty); NotFound lists what exists."""
+        """A version of a model (the default one when ``version`` is empty); NotFound lists what exists, and
+        InvalidArgument refuses a version longer than MAX_VERSION_LENGTH."""
         entry = self.entry(name)
         if not version:
             return entry.default()
         if version == LATEST:  # the word the config's default_version uses; a client may well send it
             return entry.latest()
+        known = ", ".join(entry.versions)
+        # A longer one would be echoed into the error past gRPC's metadata limit (and int() refuses more than
+        # 4300 digits): both were a failure of ours where the client had sent a bad version.
+        if len(version) > MAX_VERSION_LENGTH:
+            raise InvalidArgument(
+                f"model {name!r}: a version has at most {MAX_VERSION_LENGTH} characters; versions: {known}",
+                field_violations=[FieldViolation("model_version", f"one of: {known}")],
+                metadata={"model": name},
+            )
         key = str(int(version)) if _is_number(version) else version
         found = entry.versions.get(key)
         if found is None:
-            known = ", ".join(entry.versions)
             raise NotFound(
                 f"model {name!r} has no version {version!r}; versions: {known}",
                 field_violations=[FieldViolation("model_version", f"one of: {known}")],

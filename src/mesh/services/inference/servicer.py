@@ -108,25 +108,29 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> AsyncIterator[pb.StreamInferenceResponse]:
         """Requests run concurrently (so they can share batches); responses keep the requests' order."""
         deadline = _deadline(context)
-        answers: asyncio.Queue[asyncio.Task[pb.StreamInferenceResponse] | None] = asyncio.Queue(
-            maxsize=self._stream_max_in_flight
-        )
+        window = asyncio.Semaphore(self._stream_max_in_flight)
+        answers: asyncio.Queue[asyncio.Task[pb.StreamInferenceResponse] | None] = asyncio.Queue()
 
         async def read() -> None:
             try:
                 async for item in request_iterator:
-                    task = asyncio.create_task(self._answer(item.request, deadline))
-                    await answers.put(task)
+                    # The slot is taken before the task exists: a task created and then left waiting for room
+                    # would be in neither ``answers`` nor ``started`` when the stream ends, and nothing would
+                    # cancel it.
+                    await window.acquire()
+                    answers.put_nowait(asyncio.create_task(self._answer(item.request, deadline)))
             finally:
-                await answers.put(None)
+                answers.put_nowait(None)
 
         reader = asyncio.create_task(read(), name="stream-reader")
         started: list[asyncio.Task[pb.StreamInferenceResponse]] = []
         try:
             while (task := await answers.get()) is not None:
                 started.append(task)
-                yield await task
+                answer = await task
                 started.remove(task)
+                window.release()
+                yield answer
             await reader  # surfaces a broken request stream
         finally:
             reader.cancel()
