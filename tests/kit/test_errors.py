@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+import pytest
 
 from mesh.kit import errors
 
@@ -61,3 +62,44 @@ def test_details_that_contradict_the_calls_status_are_not_believed() -> None:
     )
     assert isinstance(error, errors.Unavailable)
     assert error.message == "upstream connect error"
+
+
+async def test_an_error_echoing_a_huge_request_still_arrives_as_itself() -> None:
+    """An error whose message, metadata and violations echo a huge request (100 000-character names, 500 bad
+    fields, non-ASCII text) reaches a real client with its own code and details, its texts cut to what the
+    trailing metadata can carry; whole, gRPC failed the call RESOURCE_EXHAUSTED ("metadata size exceeds
+    hard limit") without any of them."""
+    name = "é" * 100_000
+    sent = errors.NotFound(
+        f"model {name!r} does not exist",
+        field_violations=[errors.FieldViolation(f"steps[{i}].{name}", name) for i in range(500)],
+        metadata={"model": name},
+    )
+
+    async def fail(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        status = sent.grpc_status()  # aborted as the servers' interceptor does
+        await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
+        raise AssertionError("abort returned")
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("t.T", {"Call": grpc.unary_unary_rpc_method_handler(fail)})]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await channel.unary_unary("/t.T/Call", request_serializer=None, response_deserializer=None)(
+                    b""
+                )
+    finally:
+        await server.stop(0)
+    received = errors.from_rpc_error(failed.value)
+    assert isinstance(received, errors.NotFound)
+    assert received.message.startswith("model 'éé")
+    assert received.message.endswith("…")
+    assert len(received.message.encode()) <= errors.WIRE_MESSAGE_BYTES
+    assert received.metadata["model"].endswith("…")
+    assert 1 <= len(received.field_violations) < 500
+    assert received.field_violations[-1].description.endswith("more problems left out here")

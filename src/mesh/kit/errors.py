@@ -29,6 +29,25 @@ REASON_PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
 REASON_INSUFFICIENT_STORAGE = "INSUFFICIENT_STORAGE"
 
 
+# A status travels in the call's trailing metadata twice (grpc-message, percent-encoded, and the details,
+# in base64), and gRPC refuses trailing metadata over 8 KiB (at random up to its 16 KiB hard limit): the call
+# then fails RESOURCE_EXHAUSTED with none of our details. Texts that echo a request (a 10 000-character model
+# name) are therefore cut to these UTF-8 sizes on the wire; the error keeps them whole in the process.
+WIRE_MESSAGE_BYTES = 1024
+WIRE_TEXT_BYTES = 512
+"""A field's name, a violation's description, a metadata value."""
+WIRE_DETAILS_BYTES = 2048
+"""ErrorInfo and BadRequest together; violations past it are summed up in a last one."""
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes, with an ellipsis where it was cut."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[: limit - 3].decode("utf-8", "ignore") + "…"
+
+
 @dataclass(frozen=True)
 class FieldViolation:
     """A bad field of a request: which one, and what to fix."""
@@ -67,29 +86,39 @@ class MeshError(Exception):
         self.retry_after_seconds = retry_after_seconds
 
     def to_status(self) -> status_pb2.Status:
-        """The ``google.rpc.Status`` with ErrorInfo and, where known, BadRequest and RetryInfo."""
+        """The ``google.rpc.Status`` with ErrorInfo and, where known, BadRequest and RetryInfo, its texts cut
+        to what the call's trailing metadata can carry (``WIRE_*``)."""
         info = error_details_pb2.ErrorInfo(
             reason=self.reason,
             domain=DOMAIN,
             metadata={
                 "category": errors_pb2.ErrorCategory.Name(self.category),
-                **self.metadata,
+                **{key: clip(value, WIRE_TEXT_BYTES) for key, value in self.metadata.items()},
             },
         )
         details = [_pack(info)]
         if self.field_violations:
-            bad = error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in self.field_violations
-                ]
-            )
-            details.append(_pack(bad))
+            details.append(_pack(self._bad_request(WIRE_DETAILS_BYTES - info.ByteSize())))
         if self.retry_after_seconds is not None:
             delay = duration_pb2.Duration()
             delay.FromTimedelta(timedelta(seconds=self.retry_after_seconds))
             details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-        return status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
+        return status_pb2.Status(
+            code=self.code.value[0], message=clip(self.message, WIRE_MESSAGE_BYTES), details=details
+        )
+
+    def _bad_request(self, budget: int) -> error_details_pb2.BadRequest:
+        """The field violations, in order, as many as ``budget`` bytes hold; the rest summed up in a last one."""
+        bad = error_details_pb2.BadRequest()
+        for index, violation in enumerate(self.field_violations):
+            field = clip(violation.field, WIRE_TEXT_BYTES)
+            bad.field_violations.add(field=field, description=clip(violation.description, WIRE_TEXT_BYTES))
+            if bad.ByteSize() > budget and index > 0:
+                del bad.field_violations[-1]
+                left = len(self.field_violations) - index
+                bad.field_violations.add(field=field, description=f"and {left} more problems left out here")
+                break
+        return bad
 
     def grpc_status(self) -> grpc.Status:
         """The status to abort a call with: code, message and the rich status in the trailing metadata."""
