@@ -188,11 +188,13 @@ class FakeFileService(file_grpc.FileServiceServicer):
         stored = self._get(request.image_id)
         data, content_type = stored.data, stored.image.content_type
         if request.variant == file_pb.IMAGE_VARIANT_THUMBNAIL:
+            # As the real service's: a PNG when the image has alpha, else a JPEG.
             with PILImage.open(io.BytesIO(stored.data)) as decoded:
-                thumb = ImageOps.contain(decoded.convert("RGB"), (256, 256))
+                alpha = decoded.has_transparency_data
+                thumb = ImageOps.contain(decoded.convert("RGBA" if alpha else "RGB"), (256, 256))
             buffer = io.BytesIO()
-            thumb.save(buffer, "PNG")
-            data, content_type = buffer.getvalue(), "image/png"
+            thumb.save(buffer, "PNG" if alpha else "JPEG")
+            data, content_type = buffer.getvalue(), "image/png" if alpha else "image/jpeg"
         yield file_pb.DownloadImageResponse(image=stored.image, content_type=content_type)
         for start in range(0, len(data), 64 * 1024):
             yield file_pb.DownloadImageResponse(chunk=data[start : start + 64 * 1024])
@@ -628,6 +630,7 @@ class FakeQueueService(queue_grpc.QueueServiceServicer):
             priority=request.priority,
             idempotency_key=request.idempotency_key,
             attempt=1,
+            run_attempt=1,
             max_attempts=request.max_attempts or 3,
             queue_position=queued + 1,
             create_time=_now(),
@@ -680,6 +683,7 @@ class FakeQueueService(queue_grpc.QueueServiceServicer):
             entry,
             state=job_pb2.JOB_STATE_QUEUED,
             attempt=entry.job.attempt + 1,
+            run_attempt=1,
             progress=0.0,
             queue_position=1,
         )

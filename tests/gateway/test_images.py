@@ -120,6 +120,47 @@ async def test_octet_stream_part_is_sniffed_by_the_service(client: httpx.AsyncCl
     assert mesh.fakes.files.upload_metadata[-1].content_type == ""
 
 
+def _jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(strip_png(64, 32))).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("declared", "passed_on"),
+    [
+        ("image/jpg", "image/jpeg"),
+        ("image/pjpeg", "image/jpeg"),
+        ("image/x-png", "image/png"),
+        ("binary/octet-stream", ""),
+        ("application/octet-stream", ""),
+    ],
+)
+async def test_every_type_the_file_service_accepts_passes_raw_and_multipart(
+    client: httpx.AsyncClient, mesh: FakeMesh, declared: str, passed_on: str
+) -> None:
+    """The declared types the file service normalises (aliases, and S3's ``binary/octet-stream`` for "detect
+    it") are normalised the same way for a raw body and a form's part, not refused 415 by the gateway."""
+    data = strip_png(64, 32) if passed_on in ("image/png", "") else _jpeg()
+    raw = await client.post("/v1/images", content=data, headers={"content-type": declared})
+    assert raw.status_code == 201, raw.text
+    assert mesh.fakes.files.upload_metadata[-1].content_type == passed_on
+    form = await client.post("/v1/images", files={"file": ("a", data, declared)})
+    assert form.status_code == 201, form.text
+    assert mesh.fakes.files.upload_metadata[-1].content_type == passed_on
+
+
+async def test_a_raw_body_without_a_content_type_is_detected_by_the_service(
+    client: httpx.AsyncClient, mesh: FakeMesh
+) -> None:
+    """A raw body with no Content-Type declares nothing, as ``application/octet-stream``: passed on undeclared
+    and named ``upload`` (the file service adds the real type's extension)."""
+    response = await client.post("/v1/images", content=strip_png(64, 32))
+    assert response.status_code == 201, response.text
+    sent = mesh.fakes.files.upload_metadata[-1]
+    assert (sent.content_type, sent.filename) == ("", "upload")
+
+
 async def test_unsupported_raw_content_type_is_415(client: httpx.AsyncClient) -> None:
     """A raw body that is not an accepted image type is 415 before anything is sent on."""
     response = await client.post("/v1/images", content=b"hello", headers={"content-type": "text/plain"})
@@ -243,7 +284,7 @@ async def test_page_size_under_1_is_400_and_over_500_is_reduced_to_500(client: h
 
 
 async def test_metadata_content_thumbnail_and_delete(client: httpx.AsyncClient) -> None:
-    """Metadata, streamed original bytes with their type, a PNG thumbnail; delete gives 204 then 404."""
+    """Metadata, streamed original bytes with their type, a JPEG thumbnail; delete gives 204 then 404."""
     data = strip_png(400, 100)
     image = (await client.post("/v1/images", files={"file": ("s.png", data, "image/png")})).json()
     meta = await client.get(f"/v1/images/{image['id']}")
@@ -254,8 +295,7 @@ async def test_metadata_content_thumbnail_and_delete(client: httpx.AsyncClient) 
     assert content.content == data
     thumb = await client.get(f"/v1/images/{image['id']}/content", params={"variant": "thumbnail"})
     assert thumb.status_code == 200
-    assert thumb.content.startswith(b"\x89PNG")
-    assert thumb.content != data
+    assert thumb.content.startswith(b"\xff\xd8")
     deleted = await client.delete(f"/v1/images/{image['id']}")
     assert deleted.status_code == 204
     assert (await client.get(f"/v1/images/{image['id']}")).status_code == 404
@@ -291,6 +331,21 @@ async def test_head_of_the_content_gives_its_headers_without_the_bytes(client: h
         assert head.headers[name] == get.headers[name], name
     assert head.headers.get("content-length") in (None, str(len(data)))
     assert (await client.head(url, headers={"If-None-Match": get.headers["etag"]})).status_code == 304
+
+
+async def test_a_thumbnails_file_name_has_the_extension_of_its_type(client: httpx.AsyncClient) -> None:
+    """A thumbnail is a JPEG (a PNG with alpha) whatever the original, so its download is named for its own type:
+    ``photo.png``'s is ``photo.thumbnail.jpg`` (it was ``photo.png`` over JPEG bytes)."""
+    buffer = io.BytesIO()
+    Image.new("RGBA", (64, 32), (0, 0, 0, 0)).save(buffer, "PNG")
+    for data, served, name in (
+        (strip_png(64, 32), "image/jpeg", "photo.thumbnail.jpg"),
+        (buffer.getvalue(), "image/png", "photo.thumbnail.png"),
+    ):
+        image = (await client.post("/v1/images", files={"file": ("photo.png", data, "image/png")})).json()
+        thumb = await client.get(f"/v1/images/{image['id']}/content", params={"variant": "thumbnail"})
+        assert thumb.headers["content-type"] == served
+        assert thumb.headers["content-disposition"] == f'inline; filename="{name}"'
 
 
 async def test_a_non_ascii_filename_is_kept_in_filename_star(client: httpx.AsyncClient) -> None:

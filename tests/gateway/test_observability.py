@@ -83,6 +83,23 @@ async def test_red_metrics_per_route_after_traffic(client: httpx.AsyncClient) ->
     assert received - _sample(before, "http_request_bytes_total", route="/v1/images") > len(data)
 
 
+async def test_a_head_request_is_recorded_under_its_route(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """HEAD (answered as the GET) is counted under its route template, not ``unmatched``, and a HEAD probe of
+    /healthz is as quiet in the access log as a GET one."""
+    image = (await client.post("/v1/images", files={"file": ("h.png", strip_png(), "image/png")})).json()
+    route = "/v1/images/{image_id}/content"
+    before = (await client.get("/metrics")).text
+    with caplog.at_level(logging.INFO, logger="mesh.services.gateway.access"):
+        assert (await client.head("/healthz")).status_code == 200
+    assert [r.msg for r in caplog.records if r.name == "mesh.services.gateway.access"] == []
+    assert (await client.head(f"/v1/images/{image['id']}/content")).status_code == 200
+    after = (await client.get("/metrics")).text
+    counted = _sample(after, "http_requests_total", route=route, method="HEAD", status="200")
+    assert counted - _sample(before, "http_requests_total", route=route, method="HEAD", status="200") == 1
+
+
 async def test_health_dashboard_lists_services_dependencies_and_queue(
     make_client: GatewayFactory, tmp_path: Path
 ) -> None:

@@ -239,6 +239,19 @@ async def test_predict_takes_raw_image_bytes(client: httpx.AsyncClient, mesh: Fa
     assert "precheck_only" in bad.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("content_type", ["image/jpg", "IMAGE/PNG; q=1", "application/octet-stream", None])
+async def test_predict_takes_a_raw_image_typed_as_uploads_are(
+    client: httpx.AsyncClient, content_type: str | None
+) -> None:
+    """A raw predict body is typed as an upload is: an alias, or no type to have the service read the format
+    from the bytes; it was 415 for anything but the three exact image types."""
+    headers = {"content-type": content_type} if content_type else {}
+    response = await client.post(
+        "/v1/models/strip-reader:predict?precheck_only=true", content=strip_png(240, 60), headers=headers
+    )
+    assert response.status_code == 200, response.text
+
+
 async def test_predict_forwards_a_chunked_raw_body_byte_for_byte(
     client: httpx.AsyncClient, mesh: FakeMesh
 ) -> None:

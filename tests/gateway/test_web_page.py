@@ -71,22 +71,26 @@ def _is_upload(request: Request) -> bool:
     return request.method == "POST" and "/v1/images" in request.url
 
 
-async def test_upload_sends_an_image_raw_and_anything_else_as_a_form(page: Page, mesh: FakeMesh) -> None:
-    """The page sends a PNG as the raw body (streamed on by the gateway) with its name in the query, and a file
-    of no declared type as a multipart form, which the file service sniffs."""
+async def test_upload_sends_the_file_raw_with_its_name_in_the_query(page: Page, mesh: FakeMesh) -> None:
+    """The page sends the file as the raw body (streamed on by the gateway) with its name in the query, and
+    declares no type: the file service detects it from the bytes."""
     async with page.expect_request(_is_upload) as raw_info:
         await _upload(page)
     raw = await raw_info.value
-    assert (await raw.all_headers())["content-type"] == "image/png"
+    assert (await raw.all_headers())["content-type"] == "application/octet-stream"
     assert raw.url.endswith("/v1/images?filename=strip.png")
-    async with page.expect_request(_is_upload) as form_info:
-        await page.set_input_files(
-            "#file-input", files=[FilePayload(name="strip", mimeType="", buffer=strip_png(100, 30))]
-        )
-    form = await form_info.value
-    assert (await form.all_headers())["content-type"].startswith("multipart/form-data")
+    assert mesh.fakes.files.upload_metadata[-1].content_type == ""
+
+
+async def test_a_png_named_jpg_uploads_from_the_page(page: Page, mesh: FakeMesh) -> None:
+    """A PNG saved as ``.jpg`` (which the browser guesses is image/jpeg) uploads as the PNG it is: the page
+    sent the browser's guess as the declared type, and the file service refused the mismatch."""
+    await page.set_input_files(
+        "#file-input", files=[FilePayload(name="shot.jpg", mimeType="image/jpeg", buffer=strip_png(100, 30))]
+    )
     await expect(page.locator("#upload-status")).to_have_text(re.compile("^Uploaded"))
-    assert mesh.fakes.files.upload_metadata[-1].filename == "strip"
+    await expect(page.locator("#preview-caption")).to_contain_text(re.compile(r"^shot\.jpg · 100.30 · PNG"))
+    assert mesh.fakes.files.upload_metadata[-1].content_type == ""
 
 
 async def test_a_failed_upload_says_which_photo_jobs_still_use(page: Page) -> None:
@@ -240,7 +244,8 @@ async def test_a_busy_queue_never_stalls_the_page(page: Page, mesh: FakeMesh) ->
 
 
 async def test_retry_a_failed_job(page: Page, mesh: FakeMesh) -> None:
-    """A failed job shows its error category and a Retry button, which runs it again to SUCCEEDED."""
+    """A failed job shows its error category and a Retry button, which runs it again to SUCCEEDED, as the
+    first attempt of its new run (1/3, not 2/3: the run has a fresh budget)."""
     mesh.fakes.queue.fail_next = True
     await _upload(page)
     row = await _submit(page)
@@ -248,7 +253,15 @@ async def test_retry_a_failed_job(page: Page, mesh: FakeMesh) -> None:
     await expect(page.locator(row)).to_contain_text("DATA")
     await page.click(f'{row} button[data-action="retry"]')
     await expect(page.locator(row)).to_have_attribute("data-state", "SUCCEEDED")
-    await expect(page.locator(row)).to_contain_text("2/3")
+    await expect(page.locator(row)).to_contain_text("1/3")
+
+
+async def test_a_retried_jobs_attempt_is_told_within_its_run(page: Page) -> None:
+    """A job retried by its user after 2 of 2 attempts reads "1 of 2" in its new run, with its overall
+    attempt beside it; it read "3 of 2" before."""
+    told = await page.evaluate("attemptOf({attempt: 3, run_attempt: 1, max_attempts: 2})")
+    assert told == "1 of 2 (attempt 3 overall)"
+    assert await page.evaluate("attemptOf({attempt: 2, run_attempt: 2, max_attempts: 3})") == "2 of 3"
 
 
 async def test_changing_the_api_key_reloads_the_models_without_doubling_them(page: Page) -> None:

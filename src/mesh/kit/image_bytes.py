@@ -20,6 +20,11 @@ _DECLARABLE: Final[dict[int, Format]] = {
     image_pb2.IMAGE_FORMAT_WEBP: "WEBP",
 }
 
+IMAGE_CONTENT_TYPES: Final = ("image/png", "image/jpeg", "image/webp")
+# Types that declare nothing (the format is detected from the bytes), and aliases that clients send.
+_UNDECLARED: Final = frozenset({"", "application/octet-stream", "binary/octet-stream"})
+_ALIASES: Final = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "image/x-png": "image/png"}
+
 PNG_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE: Final = b"\xff\xd8\xff"
 
@@ -102,3 +107,22 @@ def check_declared_format(declared: image_pb2.ImageFormat.ValueType, data: bytes
             f"format says {expected} but the bytes are a {found} image; declare {found} or leave it unset",
             field_violations=[FieldViolation(where, f"the bytes are {found}")],
         )
+
+
+def normalise_content_type(declared: str) -> str:
+    """Lower case, parameters dropped, common aliases resolved; ``""`` when nothing useful was declared."""
+    value = declared.split(";", 1)[0].strip().lower()
+    value = _ALIASES.get(value, value)
+    return "" if value in _UNDECLARED else value
+
+
+def declared_image_type(declared: str, *, what: str = "Content-Type") -> str:
+    """One of IMAGE_CONTENT_TYPES, or ``""`` (detect it from the bytes); UNSUPPORTED_MEDIA_TYPE naming
+    ``what`` for any other type."""
+    normal = normalise_content_type(declared)
+    if normal and normal not in IMAGE_CONTENT_TYPES:
+        raise UnsupportedMediaType(
+            f"unsupported {what} {declared!r}: send the image as one of {', '.join(IMAGE_CONTENT_TYPES)}, or as"
+            " application/octet-stream to have its format detected from the bytes"
+        )
+    return normal

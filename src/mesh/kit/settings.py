@@ -23,6 +23,7 @@ DEFAULT_DELIVERY_LIMIT = 5
 MAX_MESSAGE_BYTES = 96 * 1024 * 1024
 """The default gRPC message limit of servers and channels: a 4K RGBA frame and its envelope fit."""
 
+
 class CommonSettings(BaseSettings):
     """Settings every process understands."""
 

@@ -89,7 +89,14 @@ class HeadAsGet(HttpMiddleware):
                 ended = True
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-        await self.app({**scope, "method": "GET", HEAD_KEY: True}, receive, headers_only)
+        # The scope itself, not a copy: the router records the matched route (and a rate limit its headers)
+        # in it, which ObservedRequests reads for the metrics, span and log line once the response is out.
+        scope["method"] = "GET"
+        scope[HEAD_KEY] = True
+        try:
+            await self.app(scope, receive, headers_only)
+        finally:
+            scope["method"] = "HEAD"
 
 
 class CancelOnDisconnect(HttpMiddleware):

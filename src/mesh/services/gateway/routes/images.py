@@ -14,6 +14,7 @@ from starlette.responses import StreamingResponse
 
 from mesh.file.v1 import file_service_pb2
 from mesh.kit import errors
+from mesh.kit.image_bytes import IMAGE_CONTENT_TYPES, declared_image_type
 from mesh.kit.pagination import DEFAULT_PAGE_SIZE
 from mesh.services.gateway import convert, idempotency, schemas
 from mesh.services.gateway.backends import rpc
@@ -23,9 +24,7 @@ from mesh.services.gateway.spans import annotate
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 
-ACCEPTED_TYPES = ("image/png", "image/jpeg", "image/webp")
-# Declared types that say nothing: the file service sniffs the real type from the bytes.
-UNDECLARED_TYPES = ("", "application/octet-stream")
+ACCEPTED_TYPES = IMAGE_CONTENT_TYPES
 _EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 UPLOAD_BODY = {
@@ -41,6 +40,10 @@ UPLOAD_BODY = {
                 }
             },
             **{t: _BINARY for t in ACCEPTED_TYPES},
+            "application/octet-stream": {
+                **_BINARY,
+                "description": "Any of the image types, detected from the bytes (also without a Content-Type).",
+            },
         },
     },
     "parameters": [
@@ -93,7 +96,11 @@ class Upload:
 
 async def _read_upload(request: Request) -> Upload:
     """A multipart form's file (read whole: the form parser holds it anyway), or a raw body streamed on as it
-    arrives; refused before anything is forwarded when its type is wrong or it is empty."""
+    arrives; refused before anything is forwarded when its type is wrong or it is empty.
+
+    A declared type is normalised as the file service does (``image/jpg`` is ``image/jpeg``, S3's
+    ``binary/octet-stream`` declares nothing), so the gateway refuses no type that the service accepts.
+    """
     kind = media_type(request)
     rest: AsyncIterator[bytes] | None = None
     if kind == "multipart/form-data":
@@ -111,36 +118,27 @@ async def _read_upload(request: Request) -> Upload:
                         field_violations=[errors.FieldViolation("file", "required: the image file")],
                     )
                 first = await part.read()
-                declared = (part.content_type or "").split(";")[0].strip().lower()
+                declared = declared_image_type(part.content_type or "", what="file type")
                 filename = part.filename or "upload"
         except HTTPException as error:  # Starlette's form parser: no boundary, too many files or fields
             raise errors.InvalidArgument(
                 f"the multipart form could not be read ({error.detail}); send one file, in the field `file`",
                 field_violations=[errors.FieldViolation("file", "one image file")],
             ) from None
-    elif kind in ACCEPTED_TYPES:
-        declared = kind
-        filename = request.query_params.get("filename") or f"upload{_EXTENSIONS[kind]}"
+    else:
+        declared = declared_image_type(kind)
+        filename = request.query_params.get("filename") or f"upload{_EXTENSIONS.get(declared, '')}"
         rest = request.stream()
         first = b""
         async for chunk in rest:
             if chunk:
                 first = chunk
                 break
-    else:
-        raise errors.UnsupportedMediaType(
-            f"unsupported Content-Type {kind or '(none)'!r}: send multipart/form-data with a field `file`,"
-            f" or the raw bytes as one of {', '.join(ACCEPTED_TYPES)}"
-        )
-    if declared not in ACCEPTED_TYPES and declared not in UNDECLARED_TYPES:
-        raise errors.UnsupportedMediaType(
-            f"unsupported image type {declared!r}; accepted: {', '.join(ACCEPTED_TYPES)}"
-        )
     if not first:
         raise errors.InvalidData(
             "the file is empty", field_violations=[errors.FieldViolation("file", "empty")]
         )
-    return Upload(first, rest, filename, declared if declared in ACCEPTED_TYPES else "")
+    return Upload(first, rest, filename, declared)
 
 
 @router.post(
@@ -252,20 +250,25 @@ async def get_image_content(
         finally:
             call.cancel()
 
-    headers["Content-Disposition"] = _content_disposition(image.filename)
+    served_type = first.content_type or image.content_type or "application/octet-stream"
+    filename = _thumbnail_name(image.filename, served_type) if variant == "thumbnail" else image.filename
+    headers["Content-Disposition"] = _content_disposition(filename)
     if variant == "original" and image.size_bytes:
         headers["Content-Length"] = str(image.size_bytes)
-    return StreamingResponse(
-        chunks(),
-        media_type=first.content_type or image.content_type or "application/octet-stream",
-        headers=headers,
-    )
+    return StreamingResponse(chunks(), media_type=served_type, headers=headers)
 
 
 def _etag_matches(if_none_match: str, etag: str) -> bool:
     """RFC 9110's weak comparison of ``If-None-Match`` (a list of tags, or ``*``) with our strong ETag."""
     tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
     return "*" in tags or etag in tags
+
+
+def _thumbnail_name(name: str, served_type: str) -> str:
+    """``photo.png``'s thumbnail served as a JPEG is ``photo.thumbnail.jpg``: a thumbnail's type is its own
+    (JPEG, or PNG for an image with alpha), so the original's extension would mislabel it."""
+    stem = name.rpartition(".")[0] or name or "image"
+    return f"{stem}.thumbnail{_EXTENSIONS.get(served_type, '')}"
 
 
 def _content_disposition(name: str) -> str:

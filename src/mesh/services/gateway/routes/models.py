@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Request
 
 from mesh.inference.v1 import inference_service_pb2 as inference_pb
 from mesh.kit import errors
+from mesh.kit.image_bytes import declared_image_type
 from mesh.services.gateway import convert, schemas
 from mesh.services.gateway.backends import rpc
 from mesh.services.gateway.bodies import json_request_body, media_type, parse_json
@@ -22,7 +23,9 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
-PREDICT_BODY = json_request_body(schemas.PredictIn, **{t: _BINARY for t in ACCEPTED_TYPES})
+PREDICT_BODY = json_request_body(
+    schemas.PredictIn, **{t: _BINARY for t in (*ACCEPTED_TYPES, "application/octet-stream")}
+)
 PREDICT_BODY["requestBody"]["description"] = (
     "JSON naming a stored image or carrying one in base64, or the raw image bytes. `version` and"
     " `precheck_only` may come from the query with either body; with JSON, also from the body (a version given"
@@ -34,19 +37,15 @@ async def _predict_input(request: Request) -> schemas.PredictIn | list[bytes]:
     """The JSON body, or the raw image's chunks as they arrived (no base64 and JSON to pay for, and no copy
     before the one into the outgoing request)."""
     kind = media_type(request)
-    if kind in ACCEPTED_TYPES:
-        chunks = [chunk async for chunk in request.stream() if chunk]
-        if not chunks:
-            raise errors.InvalidData(
-                "the image is empty", field_violations=[errors.FieldViolation("body", "empty")]
-            )
-        return chunks
-    if kind != "application/json":
-        raise errors.UnsupportedMediaType(
-            f"unsupported Content-Type {kind or '(none)'!r}: send application/json or the raw image as one of"
-            f" {', '.join(ACCEPTED_TYPES)}"
+    if kind == "application/json":
+        return await parse_json(request, schemas.PredictIn)
+    declared_image_type(kind)  # any image type, or none: the service reads the format from the bytes
+    chunks = [chunk async for chunk in request.stream() if chunk]
+    if not chunks:
+        raise errors.InvalidData(
+            "the image is empty", field_violations=[errors.FieldViolation("body", "empty")]
         )
-    return await parse_json(request, schemas.PredictIn)
+    return chunks
 
 
 # Declared before "/{name}" so the colon route wins; Starlette would otherwise still match it by method.

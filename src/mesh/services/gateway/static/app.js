@@ -53,20 +53,18 @@ function setupUpload() {
   input.addEventListener("change", () => { if (input.files.length) upload(input.files[0]); });
 }
 
-const RAW_UPLOAD_TYPES = ["image/png", "image/jpeg", "image/webp"];
-
 function upload(file) {
   const progress = $("#upload-progress");
   const status = $("#upload-status");
   progress.hidden = false;
   progress.value = 0;
   status.textContent = `Uploading ${file.name}…`;
-  // A PNG, JPEG or WebP goes as the raw body, which the gateway streams on to the file service as it
-  // arrives; anything else as a form, so that the file service can sniff it or name what is wrong with it.
-  const raw = RAW_UPLOAD_TYPES.includes(file.type);
+  // Every file goes as the raw body, which the gateway streams on to the file service as it arrives. Its type
+  // is left to the file service to detect from the bytes: file.type is the browser's guess from the name, so
+  // a PNG saved as .jpg declared image/jpeg was refused, and a page's user cannot change what it declares.
   const xhr = new XMLHttpRequest();
-  xhr.open("POST", raw ? `/v1/images?filename=${encodeURIComponent(file.name)}` : "/v1/images");
-  if (raw) xhr.setRequestHeader("Content-Type", file.type);
+  xhr.open("POST", `/v1/images?filename=${encodeURIComponent(file.name)}`);
+  xhr.setRequestHeader("Content-Type", "application/octet-stream");
   for (const [name, value] of Object.entries(authHeaders())) xhr.setRequestHeader(name, value);
   xhr.upload.addEventListener("progress", (event) => {
     if (event.lengthComputable) progress.value = Math.round((event.loaded / event.total) * 100);
@@ -92,13 +90,7 @@ function upload(file) {
     $("#submit-job").disabled = false;
   });
   xhr.addEventListener("error", () => { status.textContent = "Upload failed: the network request failed."; });
-  if (raw) {
-    xhr.send(file);
-  } else {
-    const form = new FormData();
-    form.append("file", file, file.name);
-    xhr.send(form);
-  }
+  xhr.send(file);
 }
 
 // ---- Filters and models ----
@@ -264,7 +256,7 @@ function showJob(job) {
     el("td", { class: `state state-${job.state}` }, job.state + (job.error ? ` (${job.error.category})` : "")),
     el("td", { class: "position" }, job.queue_position ? String(job.queue_position) : "–"),
     el("td", {}, el("progress", { max: "1", value: String(job.progress), "aria-label": `Progress of job ${job.id.slice(0, 8)}` })),
-    el("td", {}, `${job.attempt}/${job.max_attempts}`),
+    el("td", {}, `${job.run_attempt}/${job.max_attempts}`),
     el("td", {},
       TERMINAL.has(job.state) ? "" : actionButton("Cancel", job.id, "cancel"),
       RETRYABLE.has(job.state) ? actionButton("Retry", job.id, "retry") : "",
@@ -373,11 +365,17 @@ function qualityText(flags) {
   return flags.length ? flags.map((flag) => QUALITY_ADVICE[flag] || flag).join("; ") : "no problems found";
 }
 
+// A retried job's attempts go on counting across its runs; each run has max_attempts of its own.
+function attemptOf(job) {
+  const run = `${job.run_attempt} of ${job.max_attempts}`;
+  return job.attempt === job.run_attempt ? run : `${run} (attempt ${job.attempt} overall)`;
+}
+
 function showFailure(job) {
   const verdict = $("#verdict");
   verdict.className = `verdict state-${job.state}`;
   verdict.textContent = `Job ${job.id.slice(0, 8)} ${job.state}`;
-  const facts = [["Work", workOf(job)], ["Attempt", `${job.attempt} of ${job.max_attempts}`]];
+  const facts = [["Work", workOf(job)], ["Attempt", attemptOf(job)]];
   if (job.error) facts.unshift(["Why", `${job.error.message} (${job.error.category})`]);
   $("#reading").replaceChildren(...facts.flatMap(([term, value]) => [el("dt", {}, term), el("dd", {}, value)]));
   $("#result-images").hidden = true;
