@@ -126,3 +126,34 @@ def jpeg_with_embedded_thumbnail() -> bytes:
 def png_with_colour_key(mode: str) -> bytes:
     """A grey or RGB PNG with a tRNS colour key (black is transparent)."""
     return encode(pixels(mode), "PNG", transparency=0 if mode == "L" else (0, 0, 0))
+
+
+def mpo(width: int = 64, height: int = 48) -> bytes:
+    """A multi-picture JPEG (CIPA DC-007, as cameras and HDR phones write): the first image, then two more that
+    its MPF segment declares."""
+    further = [pixels("RGB", 32, 24), pixels("L", 16, 16)]
+    return encode(pixels("RGB", width, height), "MPO", save_all=True, append_images=further)
+
+
+def jpeg_with_gain_map() -> bytes:
+    """A JPEG followed by a second (grey) JPEG that a big-endian MPF segment declares, as Ultra HDR photos and
+    most cameras write them (Pillow writes little-endian)."""
+    primary, gain_map = jpeg("RGB", 64, 48), jpeg("L", 32, 24)
+
+    def app2(size: int, offset: int) -> bytes:
+        entries = struct.pack(">IIIHH", 0x030000, size, 0, 0, 0) + struct.pack(
+            ">IIIHH", 0, len(gain_map), offset, 0, 0
+        )
+        ifd = (
+            struct.pack(">H", 3)
+            + struct.pack(">HHI4s", 0xB000, 7, 4, b"0100")  # MPF version
+            + struct.pack(">HHII", 0xB001, 4, 1, 2)  # number of images
+            + struct.pack(">HHII", 0xB002, 7, len(entries), 8 + 2 + 3 * 12 + 4)  # MP entries, after this IFD
+            + struct.pack(">I", 0)
+        )
+        payload = b"MPF\x00" + b"MM\x00*" + struct.pack(">I", 8) + ifd + entries
+        return b"\xff\xe2" + struct.pack(">H", len(payload) + 2) + payload
+
+    size = len(primary) + len(app2(0, 0))
+    header = 2 + 4 + 4  # SOI, the segment's marker and length, "MPF\0": offsets count from here
+    return primary[:2] + app2(size, size - header) + primary[2:] + gain_map

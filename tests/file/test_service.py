@@ -8,6 +8,7 @@ import hashlib
 import io
 import itertools
 import os
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from mesh.services.file.blobs import BlobStore
 from mesh.services.file.client import FileClient
 from mesh.services.file.postgres import PostgresImageRepository
 from mesh.services.file.servicer import MAX_CHUNK_BYTES
-from mesh.services.file.store import ImageStore
+from mesh.services.file.store import ImageStore, UploadRequest
 from tests.file import corpus
 
 pytestmark = pytest.mark.integration
@@ -129,6 +130,19 @@ async def test_download_thumbnail(file_client: FileClient) -> None:
         assert meta.id == image.id
         assert received_type == content_type
         assert Image.open(io.BytesIO(data)).size == size
+
+
+async def test_a_multi_picture_jpeg_is_accepted_and_kept_whole(file_client: FileClient) -> None:
+    """A JPEG followed by the further images its MPF segment declares (a phone's HDR gain map, a camera's MPO)
+    is accepted (it was refused as a polyglot), described by its first image, and downloaded as uploaded."""
+    data = corpus.mpo(300, 200)
+    image = (await file_client.upload(data, filename="hdr.jpg")).image
+    assert (image.content_type, image.width, image.height, image.channels) == ("image/jpeg", 300, 200, 3)
+    assert image.size_bytes == len(data)
+    assert (await file_client.download(image.id))[2] == data
+    _, content_type, thumbnail = await file_client.download(image.id, variant=pb.IMAGE_VARIANT_THUMBNAIL)
+    assert content_type == "image/jpeg"
+    assert Image.open(io.BytesIO(thumbnail)).size == (256, 171)
 
 
 async def test_a_variant_number_that_is_no_variant_is_invalid_argument(file_client: FileClient) -> None:
@@ -387,6 +401,48 @@ async def test_concurrent_upload_and_delete_never_lose_a_referenced_blob(
         assert (await file_client.download(uploaded.image.id))[2] == data
         assert await file_client.delete(uploaded.image.id) is True
         assert not blobs.exists(uploaded.image.sha256)
+
+
+class _HeldRemovals(BlobStore):
+    """A blob store whose removals wait in their thread until ``release`` is set."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.removing = threading.Event()
+        self.release = threading.Event()
+
+    def remove(self, sha256: str) -> bool:
+        self.removing.set()
+        self.release.wait(10)
+        return super().remove(sha256)
+
+
+async def test_a_cancelled_delete_holds_the_lock_until_its_blob_is_removed(
+    file_server: ServiceRuntime, database_url: str, blob_dir: Path
+) -> None:
+    """A delete cancelled (say by a deadline) while its thread removes the blob keeps the digest's lock until
+    the thread is done, so an upload of the same bytes waits and then writes the blob again. The lock went with
+    the cancellation: the upload found the blob still there, recorded its image, and lost the blob to the thread."""
+    data = unique_png()
+    blobs = _HeldRemovals(blob_dir)
+    async with create_pool(database_url, name="delete-race-test", max_size=4) as pool:
+        store = ImageStore(PostgresImageRepository(pool), blobs)
+        first = await store.upload(data, UploadRequest(filename="first.png"))
+        deleting = asyncio.create_task(store.delete(str(first.image.id)))
+        try:
+            assert await asyncio.to_thread(blobs.removing.wait, 10)
+            deleting.cancel()
+            uploading = asyncio.create_task(store.upload(data, UploadRequest(filename="second.png")))
+            await asyncio.wait([uploading], timeout=1.0)  # time enough for the upload, were it not held
+        finally:
+            blobs.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await deleting
+        second = await uploading
+        assert second.deduplicated is False  # the blob was removed, then written again
+        opened = await store.open(str(second.image.id))
+        with opened.file:
+            assert opened.file.read() == data
 
 
 async def test_health_reflection_and_metrics(file_server: ServiceRuntime) -> None:

@@ -17,7 +17,6 @@ from mesh.services.file.validation import (
     DEFAULT_LIMITS,
     Limits,
     UploadSizeGuard,
-    normalise_content_type,
     validate_image,
 )
 from tests.file import corpus
@@ -55,6 +54,10 @@ GOOD: dict[str, tuple[Callable[[], bytes], str, int, int]] = {
     "jpeg-cmyk": (lambda: corpus.encode(corpus.pixels("RGB").convert("CMYK"), "JPEG"), "JPEG", 3, 8),
     "jpeg-zero-padding": (lambda: corpus.jpeg() + b"\x00" * 32, "JPEG", 3, 8),
     "jpeg-embedded-thumbnail": (corpus.jpeg_with_embedded_thumbnail, "JPEG", 3, 8),
+    # A phone's HDR photo or a camera's MPO: the facts are the first image's.
+    "jpeg-multi-picture": (corpus.mpo, "JPEG", 3, 8),
+    "jpeg-multi-picture-zero-padding": (lambda: corpus.mpo() + b"\x00" * 16, "JPEG", 3, 8),
+    "jpeg-multi-picture-big-endian": (corpus.jpeg_with_gain_map, "JPEG", 3, 8),
     # A phone's portrait photo: stored 64x48 with EXIF orientation 6, shown (and reported) 48x64.
     "jpeg-exif-rotated": (
         lambda: corpus.encode(corpus.pixels("RGB"), "JPEG", exif=_orientation(6)),
@@ -111,6 +114,12 @@ def _png() -> bytes:
     return corpus.png("RGB")
 
 
+def _mpo_with_a_declared_image_that_is_no_jpeg() -> bytes:
+    data = corpus.mpo()
+    second = data.index(b"\xff\xd8", 2)
+    return data[:second] + b"PK" + data[second + 2 :]
+
+
 BAD: dict[str, Bad] = {
     "zero-bytes": Bad(lambda: b"", errors.InvalidData, ("empty", "0 bytes")),
     "text-named-png": Bad(
@@ -153,6 +162,19 @@ BAD: dict[str, Bad] = {
         lambda: corpus.jpeg() + b"<html><body>hi</body></html>",
         errors.InvalidData,
         ("extra data after its end-of-image", "polyglot"),
+    ),
+    "polyglot-multi-picture-jpeg-html": Bad(
+        lambda: corpus.mpo() + b"<html><body>hi</body></html>",
+        errors.InvalidData,
+        ("extra data after its end-of-image", "polyglot", "re-save it as a plain image"),
+    ),
+    "polyglot-multi-picture-declaring-no-jpeg": Bad(
+        _mpo_with_a_declared_image_that_is_no_jpeg,
+        errors.InvalidData,
+        ("extra data after its end-of-image", "polyglot"),
+    ),
+    "jpeg-multi-picture-truncated": Bad(
+        lambda: corpus.mpo()[:-40], errors.InvalidData, ("truncated", "MPF segment", "complete file")
     ),
     "polyglot-webp-trailer": Bad(
         lambda: corpus.webp() + b"#!/bin/sh\n", errors.InvalidData, ("extra data after its declared end",)
@@ -271,18 +293,3 @@ def test_size_guard_stops_a_stream_as_soon_as_it_passes_the_limit() -> None:
 def test_magic_bytes(data: bytes, expected: str | None) -> None:
     """Magic bytes name PNG, JPEG and WebP, and nothing else (a RIFF WAVE is not a WebP)."""
     assert sniff_format(data) == expected
-
-
-@pytest.mark.parametrize(
-    ("declared", "expected"),
-    [
-        ("", ""),
-        ("application/octet-stream", ""),
-        ("IMAGE/PNG", "image/png"),
-        ("image/jpg", "image/jpeg"),
-        ("image/webp; charset=binary", "image/webp"),
-    ],
-)
-def test_declared_content_types_are_normalised(declared: str, expected: str) -> None:
-    """Case, parameters and aliases do not cause false mismatches; octet-stream means undeclared."""
-    assert normalise_content_type(declared) == expected

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mesh.kit import errors
-from mesh.kit.image_bytes import not_an_image
+from mesh.kit.image_bytes import declared_image_type, normalise_content_type, not_an_image
 from mesh.services.file.validation import validate_image
 from mesh.services.image_processing import codec
 from mesh.services.inference.images import ImageDecoder
@@ -40,3 +40,28 @@ def test_every_service_refuses_a_non_image_in_the_same_words(data: bytes) -> Non
         ["input.encoded.data"],
     ]
     assert expected.message.startswith("the bytes are not a PNG, JPEG or WebP image (they ")
+
+
+@pytest.mark.parametrize(
+    ("declared", "expected"),
+    [
+        ("", ""),
+        ("application/octet-stream", ""),
+        ("IMAGE/PNG", "image/png"),
+        ("image/jpg", "image/jpeg"),
+        ("image/webp; charset=binary", "image/webp"),
+        ("binary/octet-stream", ""),
+        ("image/pjpeg", "image/jpeg"),
+        ("image/x-png", "image/png"),
+    ],
+)
+def test_declared_content_types_are_normalised(declared: str, expected: str) -> None:
+    """Case, parameters and aliases do not cause false mismatches; octet-stream means undeclared."""
+    assert normalise_content_type(declared) == expected
+
+
+@pytest.mark.parametrize("declared", ["text/plain", "image/gif", "application/json"])
+def test_a_type_that_is_no_image_we_take_is_unsupported_media_type(declared: str) -> None:
+    """Every service that takes a typed body refuses the same types, naming what to send instead."""
+    with pytest.raises(errors.UnsupportedMediaType, match="application/octet-stream"):
+        declared_image_type(declared)

@@ -8,6 +8,7 @@ that decompression bombs are refused before a decoder allocates anything.
 
 from __future__ import annotations
 
+import itertools
 import struct
 import zlib
 from dataclasses import dataclass
@@ -22,6 +23,11 @@ Problem = Literal["truncated", "trailing", "corrupt"]
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
 # JPEG start-of-frame markers (baseline, extended, progressive, lossless, arithmetic variants).
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_JPEG_SOI = b"\xff\xd8"
+# A multi-picture JPEG (CIPA DC-007: cameras' MPO, HDR gain maps of phones) declares its further images in an
+# APP2 segment that opens with this identifier; they follow the first image's end-of-image marker.
+_MPF_IDENTIFIER = b"MPF\x00"
+_MPF_ENTRIES = 0xB002  # the MP Index IFD's MP Entry tag: 16 bytes an image (attribute, size, offset, links)
 
 
 class ContainerError(Exception):
@@ -97,10 +103,24 @@ def inspect_png(data: bytes) -> ContainerInfo:
 
 
 def inspect_jpeg(data: bytes) -> ContainerInfo:
-    """Walk the marker segments and entropy-coded scans up to EOI; nothing but padding may follow."""
+    """Walk the marker segments and entropy-coded scans up to EOI; nothing but padding may follow, except
+    the further images of a multi-picture file (MPF) that the first image declares."""
+    frame, end, declared = _walk_jpeg(data)
+    trailing = data[end:]
+    if trailing.strip(b"\x00") and not _holds_declared_images(data, end, declared):
+        raise ContainerError(
+            "trailing", f"the JPEG has {len(trailing)} bytes of extra data after its end-of-image marker"
+        )
+    return frame
+
+
+def _walk_jpeg(data: bytes) -> tuple[ContainerInfo, int, list[int]]:
+    """The frame of the JPEG at the start of ``data``, the offset after its EOI marker, and the offsets of the
+    further images its MPF segment declares."""
     size = len(data)
     pos = 2
     frame: ContainerInfo | None = None
+    declared: list[int] = []
     while True:
         if pos >= size:
             raise ContainerError(
@@ -138,17 +158,63 @@ def inspect_jpeg(data: bytes) -> ContainerInfo:
         if marker in _JPEG_SOF and frame is None and length >= 8:
             precision, height, width, components = struct.unpack(">BHHB", data[pos + 2 : pos + 8])
             frame = ContainerInfo(width, height, components, 16 if precision > 8 else 8)
+        if marker == 0xE2 and not declared and data[pos + 2 : pos + 6] == _MPF_IDENTIFIER:
+            declared = _mpf_images(data, pos + 6, pos + length)
         pos += length
         if marker == 0xDA:
             pos = _skip_entropy_coded(data, pos)
     if frame is None:
         raise ContainerError("corrupt", "the JPEG is corrupted: it has no frame header (SOF)")
-    trailing = data[pos:]
-    if trailing.strip(b"\x00"):
-        raise ContainerError(
-            "trailing", f"the JPEG has {len(trailing)} bytes of extra data after its end-of-image marker"
-        )
-    return frame
+    return frame, pos, declared
+
+
+def _mpf_images(data: bytes, header: int, end: int) -> list[int]:
+    """Where in ``data`` the images that an MPF segment's MP Index IFD lists after the first one start
+    (CIPA DC-007: offsets count from the segment's byte-order mark at ``header``); none when the segment lists
+    none or cannot be read. Their sizes are not used: some writers get them wrong (Pillow, from a third image on).
+    """
+    segment = data[header:end]
+    order = {b"II*\x00": "<", b"MM\x00*": ">"}.get(segment[:4])
+    if order is None:
+        return []
+    try:
+        (ifd,) = struct.unpack_from(order + "I", segment, 4)
+        (count,) = struct.unpack_from(order + "H", segment, ifd)
+        for index in range(count):
+            tag, _, length, offset = struct.unpack_from(order + "HHII", segment, ifd + 2 + 12 * index)
+            if tag == _MPF_ENTRIES:
+                starts = [
+                    struct.unpack_from(order + "8xI4x", segment, offset + 16 * number)[0]
+                    for number in range(length // 16)
+                ]
+                return [header + start for start in starts if start != 0]
+    except struct.error:
+        return []
+    return []
+
+
+def _holds_declared_images(data: bytes, end: int, starts: list[int]) -> bool:
+    """Whether everything after ``end`` is the declared images, each a whole JPEG, with zero padding only;
+    ContainerError when the last one is cut off."""
+    position = end
+    for start, following in itertools.pairwise([*sorted(set(starts)), len(data)]):
+        if start < position or data[position:start].strip(b"\x00"):
+            return False
+        image = data[start:following]
+        if image[:2] != _JPEG_SOI:
+            return False
+        try:
+            _, image_end, _ = _walk_jpeg(image)
+        except ContainerError as error:
+            if error.problem == "truncated" and following == len(data):
+                raise ContainerError(
+                    "truncated",
+                    f"the JPEG is truncated: the image at byte {start} that its MPF segment declares ends at "
+                    f"byte {len(data)} before its end-of-image marker",
+                ) from None
+            return False
+        position = start + image_end
+    return not data[position:].strip(b"\x00")
 
 
 def _skip_entropy_coded(data: bytes, pos: int) -> int:

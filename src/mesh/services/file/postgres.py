@@ -13,6 +13,7 @@ removal leaves an unreferenced blob (wasted space, never a dangling row).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import uuid
@@ -24,7 +25,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from mesh.kit import errors
+from mesh.kit.db import database_unavailable
 from mesh.kit.pagination import Cursor
 from mesh.services.file.models import ImageRecord, NewImage
 
@@ -131,7 +132,11 @@ class PostgresImageRepository:
                     (digest, digest),
                 )
                 row = await cursor.fetchone()
-                if row is not None and not row["referenced"] and await remove(digest):
+                if (
+                    row is not None
+                    and not row["referenced"]
+                    and await _finish_despite_cancellation(remove(digest))
+                ):
                     removed.append(digest)
         return removed
 
@@ -153,10 +158,28 @@ class PostgresImageRepository:
             ):
                 yield cursor
         except (PoolTimeout, psycopg.OperationalError, psycopg.errors.UndefinedTable) as error:
-            raise errors.Unavailable(
-                f"the image database is unavailable ({type(error).__name__}); retry shortly",
-                retry_after_seconds=1.0,
-            ) from error
+            raise database_unavailable("the image database", error) from error
+
+
+async def _finish_despite_cancellation(removal: Awaitable[bool]) -> bool:
+    """Await ``removal`` to its end even when cancelled meanwhile, and only then raise the cancellation.
+
+    A blob is removed in a thread, which a cancellation does not stop: were the transaction (and with it the
+    digest's lock) given up at once, an upload of the same bytes could find the blob still there and record
+    its row, and the thread would then unlink the blob from under it.
+    """
+    task = asyncio.ensure_future(removal)
+    cancellation: asyncio.CancelledError | None = None
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError as error:
+            cancellation = error
+    if cancellation is not None:
+        if not task.cancelled():
+            task.exception()  # retrieved, not logged as lost: the caller gets the cancellation
+        raise cancellation
+    return task.result()
 
 
 def _digests(*values: str | None) -> list[str]:

@@ -44,4 +44,5 @@ class FileSettings(ServerSettings):
     """How often unreferenced blobs (left by crashes) are looked for and removed; 0 turns it off."""
 
     max_concurrent_decodes: int = Field(default=4, ge=1)
-    """How many uploads may be decoded at once (a 50-megapixel decode holds about 200 MB)."""
+    """How many uploads may be decoded at once: a 50-megapixel image holds about 200 MB while it is decoded and
+    thumbnailed (4 bytes a pixel; the thumbnail adds about 10 MB), besides its upload's bytes."""

@@ -73,7 +73,10 @@ class ImageRepository(Protocol):
     async def release_blobs(
         self, digests: Sequence[str], *, remove: Callable[[str], Awaitable[bool]]
     ) -> list[str]:
-        """Under the digests' locks, call ``remove`` for each digest no row refers to; returns those removed."""
+        """Under the digests' locks, call ``remove`` for each digest no row refers to; returns those removed.
+
+        A ``remove`` under way runs to its end, even when the caller is cancelled, before the locks are given up.
+        """
         ...
 
 
@@ -134,7 +137,7 @@ class ImageStore:
         self.blobs = blobs
         self.limits = limits
         self.thumbnail_size = thumbnail_size
-        # A full decode of a 50-megapixel image holds about 200 MB; bound how many run at once.
+        # A 50-megapixel image holds about 200 MB while decoded and thumbnailed; bound how many run at once.
         self._decodes = asyncio.Semaphore(max_concurrent_decodes)
 
     async def upload(self, data: bytes, request: UploadRequest) -> UploadResult:

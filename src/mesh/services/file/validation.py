@@ -18,7 +18,7 @@ from typing import Final
 from PIL import Image
 
 from mesh.kit import errors
-from mesh.kit.image_bytes import Format, not_an_image, sniff_format
+from mesh.kit.image_bytes import Format, normalise_content_type, not_an_image, sniff_format
 from mesh.kit.orientation import displayed_size, exif_orientation
 from mesh.kit.units import binary_size
 from mesh.services.file.containers import (
@@ -33,8 +33,6 @@ FORMATS: Final[tuple[Format, ...]] = ("PNG", "JPEG", "WEBP")
 CONTENT_TYPES: Final[dict[Format, str]] = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 EXTENSIONS: Final[dict[Format, str]] = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
 # Declared types that mean "I don't know"; they are not compared with the real type.
-_UNDECLARED = {"", "application/octet-stream", "binary/octet-stream"}
-_ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "image/x-png": "image/png"}
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 MAX_FILENAME_CHARS: Final = 200
 
@@ -100,13 +98,6 @@ def too_large(size: int, max_bytes: int, *, complete: bool = True) -> errors.Pay
         "send a smaller or more compressed image",
         metadata={"limit_bytes": str(max_bytes)},
     )
-
-
-def normalise_content_type(declared: str) -> str:
-    """Lower case, parameters dropped, common aliases resolved; ``""`` when nothing useful was declared."""
-    value = declared.split(";", 1)[0].strip().lower()
-    value = _ALIASES.get(value, value)
-    return "" if value in _UNDECLARED else value
 
 
 def check_sha256_syntax(value: str) -> str:
