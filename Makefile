@@ -90,7 +90,7 @@ eval: .stamp-proto
 load: .stamp-proto
 	$(PY) -m mesh.tools.load
 
-k8s-check: .stamp-install
+k8s-check: .stamp-proto
 	$(PY) -m mesh.tools.k8s_check
 
 clean:

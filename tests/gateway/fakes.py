@@ -534,6 +534,8 @@ class FakeQueueService(queue_grpc.QueueServiceServicer):
         self.fail_next = False
         self.released = asyncio.Event()
         self.watch_requests = 0
+        self.watch_drops = 0
+        """WatchJob streams still to end UNAVAILABLE after their first change (a restart, an aged connection)."""
 
     def _change(self, entry: FakeJob, **fields: Any) -> None:
         before = entry.job.state
@@ -700,6 +702,9 @@ class FakeQueueService(queue_grpc.QueueServiceServicer):
             while sent < len(entry.events):
                 yield entry.events[sent]
                 sent += 1
+                if self.watch_drops:
+                    self.watch_drops -= 1
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "the queue service is restarting")
             if entry.job.state in TERMINAL:
                 return
             await entry.changed.wait()

@@ -233,6 +233,24 @@ async def test_event_ids_compare_across_streams_that_restart_numbering() -> None
     assert EventId.parse("²-abc") is None  # a digit to isdigit(), not to int(): it was a 500
 
 
+async def test_events_go_on_when_the_queue_service_drops_the_watch(
+    client: httpx.AsyncClient, mesh: FakeMesh
+) -> None:
+    """A WatchJob stream that ends UNAVAILABLE (the queue service restarting, or closing an aged connection to
+    rebalance) is opened again: the client sees every change once and the end, not an error event."""
+    image_id = await _image(client)
+    mesh.fakes.queue.watch_drops = 2
+    watches = mesh.fakes.queue.watch_requests
+    job = (await client.post("/v1/jobs", json={"image_id": image_id})).json()
+    events = parse_sse((await client.get(f"/v1/jobs/{job['id']}/events")).text)
+    assert [e["event"] for e in events if e["event"] != "job"] == ["end"]
+    changes = [e for e in events if e["event"] == "job"]
+    assert len({e["id"] for e in changes}) == len(changes)
+    assert changes[0]["data"]["state"] == "QUEUED"
+    assert changes[-1]["data"]["state"] == "SUCCEEDED"
+    assert mesh.fakes.queue.watch_requests - watches == 3
+
+
 async def test_events_of_unknown_job_is_404_before_streaming(client: httpx.AsyncClient) -> None:
     """The stream of an unknown job is a plain 404 error, not an event stream."""
     response = await client.get("/v1/jobs/missing/events")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
 from datetime import UTC, datetime
 
@@ -53,6 +54,15 @@ def test_malformed_tokens_name_the_field(token: str) -> None:
         decode_page_token(token)
     assert [v.field for v in caught.value.field_violations] == ["page_token"]
     assert "next_page_token" in caught.value.message
+
+
+def test_a_forged_token_of_nested_json_is_invalid_argument_not_a_crash() -> None:
+    """A token of thousands of ``[`` (as base64) exhausted the JSON parser's recursion: INTERNAL and a logged
+    traceback; it is InvalidArgument naming page_token, like any token this service did not issue."""
+    token = base64.urlsafe_b64encode(b"[" * 100_000).decode()
+    with pytest.raises(errors.InvalidArgument) as caught:
+        decode_page_token(token)
+    assert [v.field for v in caught.value.field_violations] == ["page_token"]
 
 
 @pytest.mark.parametrize(("requested", "expected"), [(0, 50), (1, 1), (500, 500), (501, 500), (10_000, 500)])

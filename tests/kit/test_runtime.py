@@ -17,11 +17,12 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import ValidationError
 
 from mesh.kit import errors
-from mesh.kit.channels import open_channel
+from mesh.kit.channels import open_channel, service_config
 from mesh.kit.health import Degrading
-from mesh.kit.runtime import LIVENESS_SERVICE, ServiceRuntime
+from mesh.kit.runtime import LIVENESS_SERVICE, BackgroundTaskCrashed, ServiceRuntime
 from mesh.kit.settings import ServerSettings
 
 SERVICE = "test.v1.EchoService"
@@ -333,3 +334,48 @@ def test_every_method_is_exported_at_zero_before_its_first_call() -> None:
             f'grpc_server_started_total{{grpc_method="{method}",grpc_service="{service}",grpc_type="{kind}"}}'
         )
         assert started in exposed
+
+
+async def test_a_background_task_that_crashes_stops_the_service_with_its_error_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A job worker or sweep that raises stops the service (run() raises, so the process exits 1 for its
+    supervisor to restart it), and its error is logged when it happens; before, the service served on, healthy and idle, and the error was
+    swallowed at shutdown."""
+    settings = ServerSettings(grpc_port=0, http_port=0, grace_seconds=1, health_interval_seconds=0.05)
+    rt = ServiceRuntime("crashy", settings, service_names=[SERVICE])
+
+    class Worker:
+        async def consume(self) -> None:
+            raise RuntimeError("PRECONDITION_FAILED inequivalent arg 'x-delivery-limit'")
+
+    rt.add_background(lambda: Worker().consume())
+    with caplog.at_level(logging.ERROR), pytest.raises(BackgroundTaskCrashed) as stopped:
+        await asyncio.wait_for(rt.run(), 20)
+    assert isinstance(stopped.value.__cause__, RuntimeError)
+    crashed = [
+        r.msg
+        for r in caplog.records
+        if isinstance(r.msg, dict) and r.msg.get("event") == "background task crashed; stopping"
+    ]
+    assert len(crashed) == 1
+    assert crashed[0]["task"].endswith("Worker.consume")
+    assert "x-delivery-limit" in repr(crashed[0]["exc_info"])
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("rpc_timeout_seconds", "inf"), ("rpc_timeout_seconds", "1e7"), ("health_interval_seconds", "inf")],
+)
+def test_settings_refuse_infinite_or_huge_times(variable: str, value: str) -> None:
+    """inf and nan passed every gt=0 bound (health frozen at its first answer), and a deadline of 10**6 s or
+    more was written 1e+06s, which gRPC refuses, failing every call."""
+    with pytest.raises(ValidationError):
+        ServerSettings.model_validate({variable: value})
+
+
+def test_deadlines_are_written_as_grpc_durations() -> None:
+    """The channel's service config writes any allowed deadline as a duration gRPC parses."""
+    for seconds, written in ((30.0, "30s"), (0.25, "0.25s"), (86400.0, "86400s"), (1e-5, "0.00001s")):
+        config = json.loads(service_config("x.v1.X", seconds))
+        assert config["methodConfig"][0]["timeout"] == written

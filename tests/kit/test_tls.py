@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import ValidationError
 
 from mesh.kit.channels import open_channel
 from mesh.kit.runtime import ServiceRuntime
@@ -55,3 +56,20 @@ async def test_tls_server_and_channel(tmp_path: Path) -> None:
     finally:
         runtime.stopping.set()
         await asyncio.wait_for(task, 10)
+
+
+def test_a_certificate_without_its_key_is_refused_not_served_in_plaintext(tmp_path: Path) -> None:
+    """MESH_TLS_CERT_FILE without MESH_TLS_KEY_FILE (or the reverse) is a settings error naming both; it
+    served plaintext without a word before. An empty value means unset, and a path that is no file is an
+    error naming it."""
+    cert, key = _self_signed(tmp_path)
+    with pytest.raises(ValidationError, match="go together"):
+        ServerSettings(tls_cert_file=cert)
+    with pytest.raises(ValidationError, match="go together"):
+        ServerSettings(tls_key_file=key)
+    assert CommonSettings.model_validate({"tls_ca_file": ""}).tls_ca_file is None
+    with pytest.raises(ValidationError, match="is not a readable file"):
+        CommonSettings(tls_ca_file=tmp_path)
+    assert ServerSettings(tls_cert_file=cert, tls_key_file=key).tls_mode == "tls"
+    assert ServerSettings(tls_cert_file=cert, tls_key_file=key, tls_ca_file=cert).tls_mode == "mtls"
+    assert ServerSettings().tls_mode == "plaintext"

@@ -26,10 +26,15 @@ RETRY_POLICY = {
 }
 
 
+def _duration(seconds: float) -> str:
+    """A protobuf JSON duration: ``30s``, ``0.25s``; ``:g`` wrote ``1e+06s``, which gRPC refuses."""
+    return f"{seconds:.9f}".rstrip("0").rstrip(".") + "s"
+
+
 def service_config(service: str, timeout_seconds: float, streaming_methods: Sequence[str] = ()) -> str:
     """The JSON service config for one gRPC service."""
     configs: list[dict[str, object]] = [
-        {"name": [{"service": service}], "timeout": f"{timeout_seconds:g}s", "retryPolicy": RETRY_POLICY}
+        {"name": [{"service": service}], "timeout": _duration(timeout_seconds), "retryPolicy": RETRY_POLICY}
     ]
     if streaming_methods:
         configs.append({"name": [{"service": service, "method": m} for m in streaming_methods]})

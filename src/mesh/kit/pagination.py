@@ -57,6 +57,11 @@ def encode_page_token(cursor: Cursor) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+MAX_TOKEN_CHARS = 512
+"""Tokens we issue are about 150 characters; a longer one is refused before it is decoded (deeply nested JSON
+in a forged token exhausted the parser's recursion)."""
+
+
 def _unfiltered(scope: str) -> str:
     return scope or "no filter"
 
@@ -69,6 +74,8 @@ def decode_page_token(
     if not token:
         return None
     try:
+        if len(token) > MAX_TOKEN_CHARS:
+            raise ValueError("too long")
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         payload = json.loads(raw)
         if payload.get("v") != _TOKEN_VERSION:
@@ -77,7 +84,15 @@ def decode_page_token(
         if created_at.tzinfo is None:
             raise ValueError("no time zone")
         cursor = Cursor(created_at, uuid.UUID(payload["i"]), str(payload.get("s", "")))
-    except (binascii.Error, ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
+    except (
+        binascii.Error,
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        UnicodeDecodeError,
+        RecursionError,
+    ):
         raise errors.InvalidArgument(
             "page_token is not a token this service issued; pass next_page_token from the previous "
             "response unchanged, or leave it empty for the first page",

@@ -51,7 +51,11 @@ KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-    ("grpc.max_connection_age_grace_ms", 30_000),
+    # A Service balances connections, not calls: closing each connection after about 5 minutes (gRPC adds
+    # jitter) makes clients reconnect, so replicas an autoscaler adds get calls. Calls in flight then have 10
+    # minutes to finish; a longer stream ends UNAVAILABLE (the gateway reopens its WatchJob streams).
+    ("grpc.max_connection_age_ms", 300_000),
+    ("grpc.max_connection_age_grace_ms", 600_000),
 ]
 
 
@@ -94,6 +98,10 @@ def start_service(
     return settings
 
 
+class BackgroundTaskCrashed(RuntimeError):
+    """Raised by ServiceRuntime.run after the service stopped because a background task raised."""
+
+
 class ServiceRuntime:
     """A gRPC service process: server, health monitor, HTTP port and signal-driven drain."""
 
@@ -125,6 +133,9 @@ class ServiceRuntime:
             timeout=settings.health_timeout_seconds,
         )
         self._background: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self.failure: BaseException | None = None
+        """The exception of a background task that crashed: the service then stops, and run() raises
+        BackgroundTaskCrashed."""
         self.grpc_port = 0
         self.http_port = 0
 
@@ -191,13 +202,14 @@ class ServiceRuntime:
             loop.add_signal_handler(sig, self.stopping.set)
         monitor_task = asyncio.create_task(self.monitor.run(), name="health-monitor")
         await self.monitor.check_now()
-        tasks = [
-            asyncio.create_task(task(), name=f"background-{i}") for i, task in enumerate(self._background)
-        ]
+        tasks = [asyncio.create_task(c, name=_name_of(c)) for c in [t() for t in self._background]]
+        for task in tasks:
+            task.add_done_callback(self._on_background_end)
         log.info(
             "service started",
             grpc_port=self.grpc_port,
             http_port=self.http_port,
+            tls=self.settings.tls_mode,
             serving=self.monitor.serving,
         )
         self.started.set()
@@ -211,6 +223,25 @@ class ServiceRuntime:
         await _finish([http_task, monitor_task], 5)
         tracing.shutdown_tracing()
         log.info("stopped")
+        if self.failure is not None:
+            # The process exits 1 for its supervisor to restart it; the cause was logged when it happened.
+            raise BackgroundTaskCrashed("a background task crashed; see the log line above") from self.failure
+
+    def _on_background_end(self, task: asyncio.Task[None]) -> None:
+        """A background task (a job worker, the relay, a sweep) that raised stops the service: serving on
+        without it, the process would look healthy and do nothing, and its error would show nowhere."""
+        if task.cancelled() or (error := task.exception()) is None:
+            return
+        log.error("background task crashed; stopping", task=task.get_name(), exc_info=error)
+        if self.failure is None:
+            self.failure = error
+        self.stopping.set()
+
+
+def _name_of(coroutine: Coroutine[Any, Any, None]) -> str:
+    """What a log line calls a background task: its code's name (``OutboxRelay.run``)."""
+    code = getattr(coroutine, "cr_code", None)
+    return str(code.co_qualname) if code is not None else type(coroutine).__name__
 
 
 async def _finish(tasks: Sequence[asyncio.Task[None]], timeout: float) -> None:

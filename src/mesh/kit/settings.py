@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal, Self, TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "MESH_"
@@ -27,7 +27,8 @@ MAX_MESSAGE_BYTES = 96 * 1024 * 1024
 class CommonSettings(BaseSettings):
     """Settings every process understands."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+    # inf and nan pass every gt= bound: an infinite deadline or health interval would be taken silently.
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore", allow_inf_nan=False)
 
     database_url: str = "postgresql://localhost/mesh"
     """PostgreSQL connection URL; the database is created on first start when absent."""
@@ -67,7 +68,7 @@ class CommonSettings(BaseSettings):
     queue_service_address: str = "localhost:50054"
     """host:port of the queue service."""
 
-    rpc_timeout_seconds: float = Field(default=30.0, gt=0)
+    rpc_timeout_seconds: float = Field(default=30.0, gt=0, le=86400)
     """Default deadline of every outgoing unary gRPC call."""
 
     tls_ca_file: Path | None = None
@@ -78,6 +79,36 @@ class CommonSettings(BaseSettings):
 
     tls_key_file: Path | None = None
     """Private key for ``tls_cert_file``."""
+
+    @field_validator("tls_ca_file", "tls_cert_file", "tls_key_file", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value: object) -> object:
+        """``MESH_TLS_CA_FILE=`` (an overlay's empty value) means unset, not the current directory."""
+        return None if value == "" else value
+
+    @field_validator("tls_ca_file", "tls_cert_file", "tls_key_file")
+    @classmethod
+    def _readable_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a readable file")
+        return value
+
+    @model_validator(mode="after")
+    def _certificate_with_its_key(self) -> Self:
+        """A certificate without its key (or a key without its certificate) turned TLS off without a word."""
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(
+                "MESH_TLS_CERT_FILE and MESH_TLS_KEY_FILE go together: set both (TLS) or neither (plaintext)"
+            )
+        return self
+
+    @property
+    def tls_mode(self) -> str:
+        """How this process serves gRPC: ``plaintext``, ``tls``, or ``mtls`` (clients must show a certificate
+        signed by the CA)."""
+        if self.tls_cert_file is None:
+            return "plaintext"
+        return "mtls" if self.tls_ca_file else "tls"
 
 
 class ServerSettings(CommonSettings):
@@ -122,7 +153,10 @@ def format_validation_error(error: ValidationError) -> str:
     """One line per bad variable, naming the environment variable and what is wrong."""
     lines = ["invalid settings:"]
     for item in error.errors():
-        field = str(item["loc"][0]) if item["loc"] else "?"
+        if not item["loc"]:  # a rule across variables names them in its message
+            lines.append(f"  {item['msg']}")
+            continue
+        field = str(item["loc"][0])
         value = item.get("input")
         lines.append(f"  {ENV_PREFIX}{field.upper()}={value!r}: {item['msg']}")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
@@ -26,6 +27,10 @@ from mesh.services.gateway.spans import annotate
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 SSE_RETRY_MS = 2000
+WATCH_RESUME_SECONDS = 30.0
+"""How long a WatchJob stream that ended UNAVAILABLE (the queue service restarted, or closed an aged
+connection) is opened again before the client is sent the error."""
+WATCH_RESUME_DELAY = 0.5
 _END = object()
 _DRAINING = object()
 
@@ -222,12 +227,24 @@ async def job_events(
         inbox: asyncio.Queue[object] = asyncio.Queue()
 
         async def pump() -> None:
-            try:
-                async for change in call:
-                    await inbox.put(change)
-                await inbox.put(_END)
-            except grpc.aio.AioRpcError as error:
-                await inbox.put(errors.from_rpc_error(error))
+            # A new stream replays the job as it is now; changes already sent are skipped below by their id.
+            nonlocal call
+            lost_since: float | None = None
+            while True:
+                try:
+                    async for change in call:
+                        lost_since = None
+                        await inbox.put(change)
+                    await inbox.put(_END)
+                    return
+                except grpc.aio.AioRpcError as error:
+                    lost_since = lost_since or time.monotonic()
+                    resumable = error.code() == grpc.StatusCode.UNAVAILABLE
+                    if not resumable or time.monotonic() - lost_since > WATCH_RESUME_SECONDS:
+                        await inbox.put(errors.from_rpc_error(error))
+                        return
+                await asyncio.sleep(WATCH_RESUME_DELAY)
+                call = stub.WatchJob(queue_pb.WatchJobRequest(job_id=job_id))
 
         async def drain() -> None:
             await ctx.draining.wait()
