@@ -13,8 +13,11 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from mesh.kit.db import create_pool
+from mesh.services.gateway.auth import public_key_algorithm
 from mesh.services.gateway.key_store import KeyStore, hash_key
 from tests.gateway.harness import GatewayFactory
 
@@ -91,6 +94,44 @@ async def test_jwt_checks_issuer_audience_expiry_and_signature(
     response = await client.get("/v1/models", headers={"Authorization": f"Bearer {token(**claims)}"})
     assert response.status_code == 401
     assert response.json()["error"]["details"][0]["reason"] == reason
+
+
+def _pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> str:
+    return key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+@pytest.mark.parametrize(
+    ("private", "algorithm"),
+    [
+        (rsa.generate_private_key(public_exponent=65537, key_size=2048), "RS256"),
+        (ec.generate_private_key(ec.SECP256R1()), "ES256"),
+        (ed25519.Ed25519PrivateKey.generate(), "EdDSA"),
+    ],
+    ids=["rsa", "ec", "ed25519"],
+)
+async def test_jwt_with_a_public_key_takes_tokens_signed_by_its_private_key(
+    make_client: GatewayFactory,
+    private: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey,
+    algorithm: str,
+) -> None:
+    """MESH_JWT_PUBLIC_KEY: a token signed by the matching private key gets in (PyJWT had no cryptography to
+    verify it with: every valid token was 401 "Algorithm not supported"); one whose header names another
+    algorithm, or signed by another key, is 401, not a 500."""
+    client = await make_client(auth_mode="jwt", jwt_public_key=_pem(private))
+    claims = {"sub": "alice", "iss": "mesh", "aud": "mesh-gateway", "exp": int(time.time()) + 300}
+    good = jwt.encode(claims, private, algorithm=algorithm)
+    assert (await client.get("/v1/models", headers={"Authorization": f"Bearer {good}"})).status_code == 200
+    stranger = ec.generate_private_key(ec.SECP256R1())
+    for forged in (jwt.encode(claims, stranger, algorithm="ES256"), token()):
+        response = await client.get("/v1/models", headers={"Authorization": f"Bearer {forged}"})
+        assert response.status_code == 401
+        assert response.json()["error"]["details"][0]["reason"] == "TOKEN_INVALID"
+
+
+def test_a_public_key_that_cannot_be_read_stops_the_gateway_at_start() -> None:
+    """A MESH_JWT_PUBLIC_KEY that is no PEM public key is refused when the gateway starts, not per token."""
+    with pytest.raises(ValueError, match="PEM|public key|Could not deserialize"):
+        public_key_algorithm("-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n")
 
 
 async def test_any_mode_takes_either_credential(make_client: GatewayFactory) -> None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from starlette.requests import Request
 
 from mesh.kit import errors
@@ -19,7 +21,25 @@ from mesh.services.gateway.settings import GatewaySettings
 
 API_KEY_HEADER = "X-API-Key"
 HMAC_ALGORITHMS = ["HS256"]
-PUBLIC_KEY_ALGORITHMS = ["RS256", "ES256", "EdDSA"]
+# The one algorithm a public key of each kind verifies: a token whose header names another (ES256 against an
+# RSA key) is invalid, never tried with a key of the wrong kind.
+_EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
+
+
+PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+
+
+def public_key_algorithm(pem: str) -> tuple[PublicKey, list[str]]:
+    """The public key in ``pem`` and the algorithm its tokens are signed with; ValueError when ``pem`` is not
+    a PEM public key of a kind tokens are signed with (RSA, EC P-256/384/521, Ed25519)."""
+    key = load_pem_public_key(pem.encode())
+    if isinstance(key, rsa.RSAPublicKey):
+        return key, ["RS256"]
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name in _EC_ALGORITHMS:
+        return key, [_EC_ALGORITHMS[key.curve.name]]
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return key, ["EdDSA"]
+    raise ValueError(f"MESH_JWT_PUBLIC_KEY holds a {type(key).__name__}; use an RSA, EC or Ed25519 public key")
 
 
 class KeyLookup(Protocol):
@@ -54,6 +74,13 @@ class Authenticator:
             raise ValueError(f"auth mode {self.mode} needs the API key store")
         if self.mode in ("jwt", "any") and not (settings.jwt_secret or settings.jwt_public_key):
             raise ValueError(f"auth mode {self.mode} needs MESH_JWT_SECRET or MESH_JWT_PUBLIC_KEY")
+        # Read once, at start: a key that cannot be read stops the gateway instead of failing every token.
+        self._token_key: PublicKey | str
+        self._token_key, self._algorithms = (
+            public_key_algorithm(settings.jwt_public_key)
+            if settings.jwt_public_key
+            else (settings.jwt_secret, HMAC_ALGORITHMS)
+        )
 
     def describe(self) -> str:
         """A line for the start-up log."""
@@ -92,15 +119,11 @@ class Authenticator:
 
     def _check_token(self, token: str) -> Principal:
         settings = self._settings
-        if settings.jwt_public_key:
-            key, algorithms = settings.jwt_public_key, PUBLIC_KEY_ALGORITHMS
-        else:
-            key, algorithms = settings.jwt_secret, HMAC_ALGORITHMS
         try:
             claims = jwt.decode(
                 token,
-                key,
-                algorithms=algorithms,
+                self._token_key,
+                algorithms=self._algorithms,
                 audience=settings.jwt_audience,
                 issuer=settings.jwt_issuer,
                 leeway=settings.jwt_leeway_seconds,
@@ -108,6 +131,6 @@ class Authenticator:
             )
         except jwt.ExpiredSignatureError:
             raise errors.Unauthenticated("the token has expired", reason="TOKEN_EXPIRED") from None
-        except jwt.InvalidTokenError as error:
+        except jwt.PyJWTError as error:  # InvalidKeyError and the like are no InvalidTokenError, and were 500s
             raise errors.Unauthenticated(f"the token is not valid: {error}", reason="TOKEN_INVALID") from None
         return Principal("sub", str(claims["sub"]))

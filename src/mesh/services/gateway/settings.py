@@ -43,7 +43,8 @@ class GatewaySettings(CommonSettings):
     """HS256 secret for bearer tokens (used when ``jwt_public_key`` is empty)."""
 
     jwt_public_key: str = ""
-    """PEM public key for RS256/ES256 bearer tokens; takes precedence over ``jwt_secret``."""
+    """PEM public key for bearer tokens, RSA (RS256), EC (ES256/384/512) or Ed25519 (EdDSA), read at start;
+    takes precedence over ``jwt_secret``."""
 
     jwt_issuer: str = "mesh"
     """Required ``iss`` claim of bearer tokens."""
