@@ -1,12 +1,13 @@
-"""Migrations (``mesh.kit.db.migrate``) against the real PostgreSQL."""
+"""mesh.kit.db against the real PostgreSQL: migrations, and the health check of a pool."""
 
 from __future__ import annotations
 
 import asyncio
 
 import psycopg
+import pytest
 
-from mesh.kit.db import migrate
+from mesh.kit.db import PostgresCheck, create_pool, migrate
 
 
 async def test_components_migrating_at_once_on_a_fresh_database_all_succeed(database_url: str) -> None:
@@ -27,3 +28,19 @@ async def test_components_migrating_at_once_on_a_fresh_database_all_succeed(data
         ).fetchall()
     assert {component for component, _ in rows} == set(components)
     assert sum(len(names) for names in applied) == sum(count for _, count in rows)
+
+
+async def test_a_busy_pool_is_healthy_and_an_unreachable_database_is_not(database_url: str) -> None:
+    """Every connection of the service's pool in use (a burst of requests) is reported as a busy pool, not as
+    PostgreSQL failing, which made the service unready while PostgreSQL was well; an unreachable server fails
+    the check within its timeout."""
+    async with create_pool(database_url, name="busy", min_size=1, max_size=2) as pool:
+        await pool.wait()
+        async with pool.connection() as first, pool.connection() as second:
+            assert first is not second
+            detail = await asyncio.wait_for(PostgresCheck(pool).check(), 2.0)
+        assert detail == "pool busy: all 2 connections in use"
+        assert (await PostgresCheck(pool).check()).startswith("pool ")
+    async with create_pool("postgresql://postgres@127.0.0.1:1/none", name="down", max_size=2) as down:
+        with pytest.raises(psycopg.OperationalError):
+            await asyncio.wait_for(PostgresCheck(down, timeout=0.5).check(), 5.0)

@@ -146,13 +146,27 @@ async def prepare_database(url: str, component: str, package: str, *, timeout: f
 
 @dataclass
 class PostgresCheck:
-    """PostgreSQL answers a query through the service's own pool."""
+    """PostgreSQL answers a query through the service's own pool.
+
+    A dead connection is replaced, not reported (a pool that does not check connections on checkout hands out
+    the ones PostgreSQL dropped). A pool whose every connection is in use counts as answering: the check would
+    wait behind the service's own work for one, and a burst of requests would make the service unready, and
+    out of rotation, while PostgreSQL is well.
+    """
 
     pool: AsyncConnectionPool
     name: str = "postgresql"
+    timeout: float = 1.5
+    """Within the health monitor's own timeout (2 s by default), so that the check answers itself."""
 
     async def check(self) -> str:
-        async with self.pool.connection(timeout=2.0) as conn:
-            await conn.execute("SELECT 1")
         stats = self.pool.get_stats()
-        return f"pool {stats.get('pool_size', 0)} connections"
+        if stats.get("pool_size", 0) >= self.pool.max_size and not stats.get("pool_available", 0):
+            return f"pool busy: all {self.pool.max_size} connections in use"
+        async for attempt in stamina.retry_context(
+            on=psycopg.OperationalError, attempts=None, timeout=self.timeout, wait_initial=0.01, wait_max=0.25
+        ):
+            with attempt:
+                async with self.pool.connection(timeout=self.timeout) as conn:
+                    await conn.execute("SELECT 1")
+        return f"pool {self.pool.get_stats().get('pool_size', 0)} connections"

@@ -19,7 +19,9 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from mesh.common.v1 import errors_pb2
+from mesh.kit.logging import get_logger
 
+log = get_logger(__name__)
 ErrorCategory: TypeAlias = errors_pb2.ErrorCategory.ValueType
 DOMAIN = "mesh"
 
@@ -366,6 +368,15 @@ def from_status(status: status_pb2.Status) -> MeshError:
     return error
 
 
+_TRANSPORT_MESSAGES = {
+    grpc.StatusCode.UNAVAILABLE: "the service behind this one is unavailable (restarting or unreachable); retry shortly",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "the service behind this one did not answer in time",
+    grpc.StatusCode.INTERNAL: "the service behind this one failed; the cause is logged",
+    grpc.StatusCode.UNKNOWN: "the service behind this one failed; the cause is logged",
+}
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+
 def from_rpc_error(error: grpc.RpcError) -> MeshError:
     """Turn a failed call's status (with rich details when the server sent them) into a MeshError."""
     call: Any = error  # AioRpcError and the sync Call both have code(), details(), trailing_metadata()
@@ -376,7 +387,14 @@ def from_rpc_error(error: grpc.RpcError) -> MeshError:
         status = None
     if status is not None:
         return from_status(status)
-    return _BY_CODE.get(code, Internal)(call.details() or code.name)
+    # No details: gRPC itself failed the call (or a proxy did), and its text names addresses and sockets
+    # ("failed to connect to all addresses; ... ipv4:10.0.3.7:50051: Connection refused"), which callers of
+    # the gateway must not see; the text is logged here instead.
+    message = _TRANSPORT_MESSAGES.get(code)
+    if message is None:
+        return _BY_CODE.get(code, Internal)(call.details() or code.name)
+    log.warning("call failed without details", code=code.name, details=call.details())
+    return _BY_CODE.get(code, Internal)(message, retry_after_seconds=1.0 if code in _RETRYABLE else None)
 
 
 @contextmanager

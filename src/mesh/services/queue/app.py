@@ -18,7 +18,7 @@ from datetime import timedelta
 
 from prometheus_client import Gauge
 
-from mesh.kit.db import prepare_database
+from mesh.kit.db import PostgresCheck, prepare_database
 from mesh.kit.health import Degrading, DependencyCheck, FunctionCheck
 from mesh.kit.logging import get_logger
 from mesh.kit.runtime import ServiceRuntime
@@ -30,7 +30,7 @@ from mesh.services.queue.reconciler import Reconciler
 from mesh.services.queue.references import ServiceReferences
 from mesh.services.queue.relay import OUTBOX_BACKLOG, OutboxRelay
 from mesh.services.queue.relay_process import RelayProcess
-from mesh.services.queue.repository import JobRepository, PoolCheck, open_pool
+from mesh.services.queue.repository import JobRepository, open_pool
 from mesh.services.queue.servicer import QueueServicer
 from mesh.services.queue.settings import QueueSettings
 from mesh.services.queue.states import JobState
@@ -102,7 +102,7 @@ class QueueApp:
     def checks(self) -> list[DependencyCheck]:
         """PostgreSQL through the service's pool, and the RabbitMQ connection, whose loss only degrades the
         service: submits are kept in the outbox and every other call reads PostgreSQL."""
-        return [PoolCheck(self.pool), Degrading(FunctionCheck("rabbitmq", self.broker.check))]
+        return [PostgresCheck(self.pool), Degrading(FunctionCheck("rabbitmq", self.broker.check))]
 
     async def start(self) -> None:
         """Migrate, open the pool, connect to RabbitMQ and declare the job queues (both lanes of each, with

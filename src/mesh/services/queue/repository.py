@@ -234,22 +234,6 @@ RETURNING *
 """
 
 
-@dataclass
-class PoolCheck:
-    """Health: PostgreSQL answers through ``pool`` (a dead connection is replaced, not reported)."""
-
-    pool: AsyncConnectionPool
-    name: str = "postgresql"
-
-    async def check(self) -> str:
-        async def probe() -> None:
-            async with self.pool.connection(timeout=2.0) as conn:
-                await conn.execute("SELECT 1")
-
-        await retrying(probe, timeout=2.0)
-        return f"pool {self.pool.get_stats().get('pool_size', 0)} connections"
-
-
 class JobRepository:
     """The queue service's access to jobs and the outbox."""
 

@@ -65,7 +65,7 @@ from prometheus_client import Counter, Histogram
 from psycopg_pool import AsyncConnectionPool
 
 from mesh.kit import errors, tracing
-from mesh.kit.db import prepare_database
+from mesh.kit.db import PostgresCheck, prepare_database
 from mesh.kit.health import Degrading, DependencyCheck, FunctionCheck
 from mesh.kit.jobs import JobCancelled, JobHandler, LeaseLost
 from mesh.kit.logging import get_logger
@@ -80,7 +80,6 @@ from mesh.services.queue.repository import (
     RETRY_ON,
     ClaimStore,
     Outcome,
-    PoolCheck,
     Row,
     open_pool,
 )
@@ -328,7 +327,7 @@ class JobWorker:
         """Health checks of the worker's own PostgreSQL pool and RabbitMQ connection: reported, but they only
         degrade the process, whose own API (processing, predictions) needs neither."""
         return [
-            Degrading(PoolCheck(self.pool, name="postgresql-jobs")),
+            Degrading(PostgresCheck(self.pool, name="postgresql-jobs")),
             Degrading(FunctionCheck("rabbitmq-jobs", self.broker.check)),
         ]
 
