@@ -600,6 +600,10 @@ class FakeQueueService(queue_grpc.QueueServiceServicer):
             result.prediction.CopyFrom(prediction)
         self._change(entry, state=job_pb2.JOB_STATE_SUCCEEDED, progress=1.0, stage="", result=result)
 
+    def beat(self, job_id: str, progress: float) -> None:
+        """A progress change of a job, as a worker's progress beat makes (whatever its state here)."""
+        self._change(self.jobs[job_id], progress=progress)
+
     def release(self) -> None:
         """Let held jobs run."""
         self.hold = False
@@ -651,9 +655,10 @@ class FakeQueueService(queue_grpc.QueueServiceServicer):
         self, request: queue_pb.ListJobsRequest, context: Context
     ) -> queue_pb.ListJobsResponse:
         ids = [i for i in self.order if not request.state or self.jobs[i].job.state == request.state]
-        if not (request.page_token or "0").isdigit():
+        token = request.page_token or "0"
+        if not (token.isascii() and token.isdigit()):  # isdigit() alone passes '²', which int() refuses
             raise errors.InvalidArgument("page_token is not valid")
-        offset = int(request.page_token or "0")
+        offset = int(token)
         size = request.page_size or 50
         more = offset + size < len(ids)
         return queue_pb.ListJobsResponse(

@@ -130,7 +130,7 @@ async def test_jwt_with_a_public_key_takes_tokens_signed_by_its_private_key(
 
 def test_a_public_key_that_cannot_be_read_stops_the_gateway_at_start() -> None:
     """A MESH_JWT_PUBLIC_KEY that is no PEM public key is refused when the gateway starts, not per token."""
-    with pytest.raises(ValueError, match="PEM|public key|Could not deserialize"):
+    with pytest.raises(ValueError, match="Unable to load PEM"):
         public_key_algorithm("-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n")
 
 
@@ -167,6 +167,28 @@ async def test_cors_allowlist(make_client: GatewayFactory) -> None:
     assert preflight.status_code == 200
 
 
+class BrokenKeys:
+    """A key lookup with a bug in it: every request that shows a key meets an unexpected exception."""
+
+    async def lookup(self, key: str) -> str | None:
+        raise RuntimeError("a bug in the key lookup")
+
+
+async def test_cors_headers_reach_a_500_and_expose_what_the_api_documents(
+    make_client: GatewayFactory,
+) -> None:
+    """The 500 that the gateway's safety net answers for a bug carries Access-Control-Allow-Origin like every
+    other answer (a browser hid it from the page), and cross-origin pages may read the headers the API
+    documents: the processed image's size and device, an image's ETag and file name."""
+    client = await make_client(keys=BrokenKeys(), auth_mode="api_key", cors_origins=["https://app.example"])
+    response = await client.get("/v1/models", headers={"Origin": "https://app.example", "X-API-Key": "k"})
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "INTERNAL"
+    assert response.headers["access-control-allow-origin"] == "https://app.example"
+    exposed = {name.strip().lower() for name in response.headers["access-control-expose-headers"].split(",")}
+    assert {"x-image-width", "x-image-height", "x-device", "etag", "content-disposition"} <= exposed
+
+
 async def _cli_run(database_url: str, *args: str) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -201,6 +223,23 @@ async def test_the_key_cli_reports_a_database_that_does_not_answer() -> None:
     code, out, err = await _cli_run("postgresql://nobody@127.0.0.1:1/never", "list")
     assert (code, out) == (1, "")
     assert "PostgreSQL (MESH_DATABASE_URL) did not answer within 5 s" in err
+
+
+async def test_an_unreachable_key_database_is_a_quick_503_with_retry_after(
+    make_client: GatewayFactory,
+) -> None:
+    """With the API key database unreachable a keyed request is 503 UNAVAILABLE with Retry-After within a few
+    seconds (the key store's short wait for a connection), where it was a 500 after 5 to 11 s."""
+    async with create_pool("postgresql://nobody@127.0.0.1:1/never", name="down-keys") as pool:
+        client = await make_client(keys=KeyStore(pool), auth_mode="api_key")
+        started = time.perf_counter()
+        response = await client.get("/v1/models", headers={"X-API-Key": "mesh_anything"})
+        assert time.perf_counter() - started < 4
+    assert response.status_code == 503
+    assert int(response.headers["retry-after"]) >= 1
+    error = response.json()["error"]
+    assert error["code"] == "UNAVAILABLE"
+    assert error["message"].startswith("the API key database is unavailable")
 
 
 @pytest.mark.integration

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Any
 
 import httpx
@@ -141,3 +143,67 @@ async def test_backend_down_is_503(make_client: GatewayFactory) -> None:
     response = await client.get("/v1/filters")
     assert response.status_code == 503
     assert_error_shape(response.json(), "UNAVAILABLE")
+
+
+def violations_of(error: dict[str, Any]) -> list[dict[str, str]]:
+    """The field violations of an error body's BadRequest detail."""
+    return [v for d in error["details"] if d["type"] == "BadRequest" for v in d["field_violations"]]
+
+
+async def test_too_many_parameters_are_a_quick_400_naming_the_field_and_the_limit(
+    client: httpx.AsyncClient,
+) -> None:
+    """A step's ``params`` (and a prediction's ``parameters``) of more than 64 keys is one violation naming the
+    field and the limit, found before any value is validated: 100 000 bad values in a 1 MB body were 400 000
+    violations, a 36 MB answer after seconds of work."""
+    many: dict[str, object] = {f"{i:x}": {} for i in range(100_000)}
+    cases = {
+        "/v1/jobs": (
+            {"image_id": "x", "pipeline": [{"filter": "blur", "params": many}]},
+            "pipeline.0.params",
+        ),
+        "/v1/process": (
+            {"image_id": "x", "pipeline": [{"filter": "blur", "params": many}]},
+            "pipeline.0.params",
+        ),
+        "/v1/models/strip-reader:predict": ({"image_id": "x", "parameters": many}, "parameters"),
+    }
+    for path, (body, field) in cases.items():
+        content = json.dumps(body, separators=(",", ":")).encode()
+        started = time.perf_counter()
+        response = await client.post(path, content=content, headers={"content-type": "application/json"})
+        assert time.perf_counter() - started < 5, path
+        assert response.status_code == 400, path
+        assert len(response.content) < 1000, path
+        error = assert_error_shape(response.json(), "INVALID_ARGUMENT")
+        assert violations_of(error) == [
+            {"field": field, "description": "at most 64 parameters, got 100000"}
+        ], path
+
+
+async def test_a_body_of_thousands_of_bad_values_gets_a_bounded_400(client: httpx.AsyncClient) -> None:
+    """4096 bad parameter values (64 steps of 64) give one violation each, not one per type a value may have,
+    and the 400 lists 20 of them and counts the rest: a few KB, where it listed 16 384."""
+    step = {"filter": "blur", "params": {f"p{i}": {} for i in range(64)}}
+    response = await client.post("/v1/jobs", json={"image_id": "x", "pipeline": [step] * 64})
+    assert response.status_code == 400
+    assert len(response.content) < 4000
+    violations = violations_of(assert_error_shape(response.json(), "INVALID_ARGUMENT"))
+    assert len(violations) == 21
+    assert violations[:2] == [
+        {"field": "pipeline.0.params.p0", "description": "must be a boolean, a number or a string"},
+        {"field": "pipeline.0.params.p1", "description": "must be a boolean, a number or a string"},
+    ]
+    assert violations[-1] == {"field": "body", "description": "and 4076 more problems left out here"}
+
+
+async def test_a_violation_cuts_a_long_field_name(client: httpx.AsyncClient) -> None:
+    """A parameter's name is the client's: one of 100 000 characters is cut in the 400, not echoed whole."""
+    response = await client.post(
+        "/v1/jobs", json={"image_id": "x", "pipeline": [{"filter": "blur", "params": {"k" * 100_000: {}}}]}
+    )
+    assert response.status_code == 400
+    assert len(response.content) < 3000
+    (violation,) = violations_of(response.json()["error"])
+    assert violation["field"].startswith("pipeline.0.params.kkk")
+    assert violation["field"].endswith("…")

@@ -8,9 +8,10 @@ from typing import Any
 
 import httpx
 from google.protobuf import timestamp_pb2
+from starlette.types import Message
 
 from mesh.queue.v1 import job_pb2
-from mesh.services.gateway.routes.jobs import EventId
+from mesh.services.gateway.routes.jobs import MAX_PENDING_CHANGES, EventId
 from tests.gateway.fakes import strip_png
 from tests.gateway.harness import FakeMesh, build_gateway, close_gateway, serve_app
 
@@ -340,3 +341,67 @@ async def test_inline_image_routes_keep_the_larger_limit(client: httpx.AsyncClie
         headers={"content-type": "application/json"},
     )
     assert (response.status_code, predict.status_code) == (415, 415), (response.text, predict.text)
+
+
+async def test_a_stalled_reader_gets_the_newest_changes_and_the_end(mesh: FakeMesh) -> None:
+    """While a client reads nothing, the stream keeps only the newest few of the job's changes (each is the
+    whole job), not every one: after 300 changes it gets at most MAX_PENDING_CHANGES of them, the last being
+    the final state, then ``end``. Every change was queued for it."""
+    app, ctx = build_gateway(mesh.gateway_settings())
+    mesh.fakes.queue.hold = True
+    chunks: list[bytes] = []
+    stalled, resume = asyncio.Event(), asyncio.Event()
+
+    requested = False
+
+    async def receive() -> Message:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()  # the client stays connected
+        raise AssertionError("unreachable")
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            chunks.append(message["body"])
+            if len(chunks) == 1:  # the stream's first line: the client stops reading here
+                stalled.set()
+                await resume.wait()
+
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+            image_id = await _image(client)
+            job_id = (await client.post("/v1/jobs", json={"image_id": image_id})).json()["id"]
+            path = f"/v1/jobs/{job_id}/events"
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0"},
+                "http_version": "1.1",
+                "method": "GET",
+                "scheme": "http",
+                "path": path,
+                "raw_path": path.encode(),
+                "root_path": "",
+                "query_string": b"",
+                "headers": [(b"host", b"gw")],
+                "client": ("127.0.0.1", 50000),
+                "server": ("gw", 80),
+            }
+            stream = asyncio.create_task(app(scope, receive, send))
+            await asyncio.wait_for(stalled.wait(), 10)
+            for beat in range(300):
+                mesh.fakes.queue.beat(job_id, beat / 1000)
+                await asyncio.sleep(0)
+            assert (await client.post(f"/v1/jobs/{job_id}:cancel")).status_code == 200
+            await asyncio.sleep(1.0)  # the gateway reads the whole WatchJob stream meanwhile
+            resume.set()
+            await asyncio.wait_for(stream, 10)
+    finally:
+        mesh.fakes.queue.release()
+        await close_gateway(ctx)
+    events = parse_sse(b"".join(chunks).decode())
+    changes = [e for e in events if e["event"] == "job"]
+    assert 1 <= len(changes) <= MAX_PENDING_CHANGES
+    assert changes[-1]["data"]["state"] == "CANCELLED"
+    assert events[-1] == {"event": "end", "data": {"job_id": job_id}}

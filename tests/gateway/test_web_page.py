@@ -9,6 +9,7 @@ import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 from playwright.async_api import Browser, FilePayload, Page, Request, async_playwright, expect
 
@@ -241,6 +242,56 @@ async def test_a_busy_queue_never_stalls_the_page(page: Page, mesh: FakeMesh) ->
         assert await cancel.evaluate("button => button.isConnected")
     finally:
         mesh.fakes.queue.release()
+
+
+async def test_an_event_stream_refused_by_the_gateway_frees_its_slot_for_the_polled_list(
+    page: Page, mesh: FakeMesh
+) -> None:
+    """An event stream whose (re)connect gets another status than 200 (here 503; a 429, 401 or 404 alike) is
+    closed by the browser for good: the page lets it go, so that it holds none of the three stream slots and
+    its job's row follows the polled list to the end. The dead stream was kept for ever."""
+    await page.route(
+        "**/v1/jobs/*/events*",
+        lambda route: route.fulfill(
+            status=503, content_type="application/json", body='{"error": {"code": "UNAVAILABLE"}}'
+        ),
+    )
+    mesh.fakes.queue.hold = True
+    try:
+        await _upload(page)
+        row = await _submit(page)
+        await expect(page.locator(row)).to_have_attribute("data-state", "QUEUED")
+        await page.wait_for_function("state.streams.size === 0")
+    finally:
+        mesh.fakes.queue.release()
+    await expect(page.locator(row)).to_have_attribute("data-state", "SUCCEEDED")
+
+
+async def test_no_site_can_frame_the_page_and_the_docs_still_load(browser: Browser, mesh: FakeMesh) -> None:
+    """Every response says nosniff and that no other page may frame it (CSP frame-ancestors 'none' and
+    X-Frame-Options DENY): any site could show the page, with its Cancel and Retry buttons and its API key
+    field, in a frame. /docs (Swagger UI from vendored files and an inline script) still renders."""
+    app, ctx = build_gateway(mesh.gateway_settings())
+    try:
+        async with serve_app(app) as url, httpx.AsyncClient(base_url=url) as client:
+            for path in ("/", "/docs", "/static/app.js", "/openapi.json", "/v1/jobs/missing"):
+                headers = (await client.get(path)).headers
+                assert headers["x-content-type-options"] == "nosniff", path
+                assert headers["content-security-policy"] == "frame-ancestors 'none'", path
+                assert headers["x-frame-options"] == "DENY", path
+            opened = await browser.new_page()
+            opened.set_default_timeout(TIMEOUT_MS)
+            try:
+                await opened.goto(url + "/docs")
+                await expect(opened.locator(".opblock").first).to_be_visible()
+                await opened.set_content(f'<iframe src="{url}/"></iframe>')
+                (framed,) = opened.main_frame.child_frames
+                await framed.wait_for_load_state()
+                assert await framed.locator("#file-input").count() == 0
+            finally:
+                await opened.close()
+    finally:
+        await close_gateway(ctx)
 
 
 async def test_retry_a_failed_job(page: Page, mesh: FakeMesh) -> None:

@@ -16,12 +16,18 @@ from fastapi.responses import HTMLResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.formparsers import MultiPartParser
-from starlette.types import Scope
+from starlette.types import Message, Receive, Scope, Send
 
 from mesh.services.gateway import http_errors
 from mesh.services.gateway.auth import API_KEY_HEADER
 from mesh.services.gateway.context import SECURITY_SCHEMES, GatewayContext, guard
-from mesh.services.gateway.middleware import BodyLimit, CancelOnDisconnect, HeadAsGet, ObservedRequests
+from mesh.services.gateway.middleware import (
+    BodyLimit,
+    CancelOnDisconnect,
+    HeadAsGet,
+    HttpMiddleware,
+    ObservedRequests,
+)
 from mesh.services.gateway.routes import images, jobs, models, processing, system
 from mesh.services.gateway.schemas import PredictIn, ProcessIn
 from mesh.services.gateway.settings import AuthMode
@@ -37,6 +43,26 @@ Every response carries the W3C `traceparent` of its trace. Authentication (when 
 
 
 ROUTERS = (system.router, images.router, processing.router, models.router, jobs.router)
+
+SECURITY_HEADERS = (
+    (b"x-content-type-options", b"nosniff"),
+    # The page has Cancel and Retry buttons and an API key field: no other site may show it in a frame, where a
+    # click could be stolen (X-Frame-Options for browsers that predate frame-ancestors).
+    (b"content-security-policy", b"frame-ancestors 'none'"),
+    (b"x-frame-options", b"DENY"),
+)
+
+
+class SecurityHeaders(HttpMiddleware):
+    """``SECURITY_HEADERS`` on every response, the 500s of the safety net and CORS preflights included."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 def create_app(ctx: GatewayContext) -> FastAPI:
@@ -98,6 +124,9 @@ def create_app(ctx: GatewayContext) -> FastAPI:
     # up to the upload limit stays in memory: Starlette's default spools parts over 1 MiB to a temporary
     # file, written through a worker thread chunk by chunk, which made a 1 MB upload ~10 ms slower.
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, settings.max_upload_bytes)
+    app.add_middleware(ObservedRequests)
+    # Outside ObservedRequests, so that the 500 its safety net answers carries the CORS headers too (a browser
+    # hides a response without them from the page); preflights are then answered before it, without a span.
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -109,6 +138,7 @@ def create_app(ctx: GatewayContext) -> FastAPI:
                 "Content-Type",
                 "Last-Event-ID",
                 "Idempotency-Key",
+                "If-None-Match",
                 "traceparent",
                 "tracestate",
             ],
@@ -119,9 +149,14 @@ def create_app(ctx: GatewayContext) -> FastAPI:
                 "RateLimit-Remaining",
                 "RateLimit-Reset",
                 "Retry-After",
+                "X-Image-Width",
+                "X-Image-Height",
+                "X-Device",
+                "ETag",
+                "Content-Disposition",
             ],
         )
-    app.add_middleware(ObservedRequests)
+    app.add_middleware(SecurityHeaders)
     return app
 
 

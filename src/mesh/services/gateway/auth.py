@@ -39,7 +39,9 @@ def public_key_algorithm(pem: str) -> tuple[PublicKey, list[str]]:
         return key, [_EC_ALGORITHMS[key.curve.name]]
     if isinstance(key, ed25519.Ed25519PublicKey):
         return key, ["EdDSA"]
-    raise ValueError(f"MESH_JWT_PUBLIC_KEY holds a {type(key).__name__}; use an RSA, EC or Ed25519 public key")
+    raise ValueError(
+        f"MESH_JWT_PUBLIC_KEY holds a {type(key).__name__}; use an RSA, EC or Ed25519 public key"
+    )
 
 
 class KeyLookup(Protocol):
@@ -131,6 +133,8 @@ class Authenticator:
             )
         except jwt.ExpiredSignatureError:
             raise errors.Unauthenticated("the token has expired", reason="TOKEN_EXPIRED") from None
-        except jwt.PyJWTError as error:  # InvalidKeyError and the like are no InvalidTokenError, and were 500s
+        except (
+            jwt.PyJWTError
+        ) as error:  # InvalidKeyError and the like are no InvalidTokenError, and were 500s
             raise errors.Unauthenticated(f"the token is not valid: {error}", reason="TOKEN_INVALID") from None
         return Principal("sub", str(claims["sub"]))

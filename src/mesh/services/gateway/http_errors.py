@@ -2,13 +2,15 @@
 
 gRPC failures arrive as :class:`~mesh.kit.errors.MeshError` (see :func:`backends.rpc`) and are mapped by the
 kit (:func:`~mesh.kit.errors.http_status`); FastAPI's request validation errors become 400 INVALID_ARGUMENT
-with one field violation per bad field; unknown routes and methods keep their 404/405 in the same shape.
+with one field violation per bad field (up to ``MAX_LISTED_VIOLATIONS``); unknown routes and methods keep
+their 404/405 in the same shape.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -54,22 +56,38 @@ def error_response(
     )
 
 
+MAX_LISTED_VIOLATIONS = 20
+"""Field violations a 400 lists; the rest are counted in a last one, so a body of thousands of bad values does
+not make an answer of megabytes."""
+
+
 def _validation_error(exc: RequestValidationError) -> errors.InvalidArgument:
-    violations = []
-    for item in exc.errors():
-        if item.get("type") == "json_invalid":
-            # FastAPI puts the character's offset where a field's name goes: ("body", 13).
-            where = [part for part in item.get("loc", ()) if isinstance(part, int)]
-            reason = item.get("ctx", {}).get("error", item.get("msg", "invalid"))
-            at = f" at character {where[0]}" if where else ""
-            violations.append(errors.FieldViolation("body", f"is not valid JSON{at}: {reason}"))
-            continue
-        location = [str(part) for part in item.get("loc", ()) if part not in ("body",)]
-        violations.append(
-            errors.FieldViolation(".".join(location) or "body", str(item.get("msg", "invalid")))
-        )
+    problems = exc.errors()
+    violations = [_violation(item) for item in problems[:MAX_LISTED_VIOLATIONS]]
+    left = len(problems) - len(violations)
+    if left:
+        # In the words the kit uses for the violations a gRPC status cannot carry (MeshError.to_status).
+        violations.append(errors.FieldViolation("body", f"and {left} more problems left out here"))
     return errors.InvalidArgument(
         f"invalid request: {errors.listing(violations[:5])}", field_violations=violations
+    )
+
+
+def _violation(item: Mapping[str, Any]) -> errors.FieldViolation:
+    """One of pydantic's errors as a violation, its texts cut as on the wire (a field's name can be a key the
+    client sent, of any length)."""
+    if item.get("type") == "json_invalid":
+        # FastAPI puts the character's offset where a field's name goes: ("body", 13).
+        where = [part for part in item.get("loc", ()) if isinstance(part, int)]
+        reason = item.get("ctx", {}).get("error", item.get("msg", "invalid"))
+        at = f" at character {where[0]}" if where else ""
+        return errors.FieldViolation(
+            "body", errors.clip(f"is not valid JSON{at}: {reason}", errors.WIRE_TEXT_BYTES)
+        )
+    location = ".".join(str(part) for part in item.get("loc", ()) if part not in ("body",)) or "body"
+    return errors.FieldViolation(
+        errors.clip(location, errors.WIRE_TEXT_BYTES),
+        errors.clip(str(item.get("msg", "invalid")), errors.WIRE_TEXT_BYTES),
     )
 
 

@@ -8,13 +8,17 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from psycopg_pool import AsyncConnectionPool
+import psycopg
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from mesh.kit.db import prepare_database
+from mesh.kit.db import database_unavailable, prepare_database
 
 COMPONENT = "gateway"
 MIGRATIONS = "mesh.services.gateway.migrations"
 KEY_PREFIX = "mesh_"
+LOOKUP_TIMEOUT_SECONDS = 2.0
+"""How long a request waits for a pooled connection to check its key: with PostgreSQL away the answer is a
+503 within seconds, not a 500 after the pool's own wait (5 s, and more while it reconnects)."""
 
 
 def hash_key(key: str) -> str:
@@ -47,8 +51,9 @@ async def migrate(url: str, *, timeout: float | None = 60.0) -> None:
 class KeyStore:
     """Lookups and administration of API keys through a connection pool."""
 
-    def __init__(self, pool: AsyncConnectionPool) -> None:
+    def __init__(self, pool: AsyncConnectionPool, *, lookup_timeout: float = LOOKUP_TIMEOUT_SECONDS) -> None:
         self._pool = pool
+        self._lookup_timeout = lookup_timeout
 
     async def create(self, name: str) -> tuple[ApiKey, str]:
         """Store a new key named ``name``; returns its record and the key (shown once)."""
@@ -85,11 +90,14 @@ class KeyStore:
         return [ApiKey(*row) for row in rows]
 
     async def lookup(self, key: str) -> str | None:
-        """The id of the active key ``key``, or None."""
-        async with self._pool.connection() as conn:
-            cursor = await conn.execute(
-                "SELECT id::text FROM gateway_api_keys WHERE key_hash = %s AND revoked_at IS NULL",
-                (hash_key(key),),
-            )
-            row = await cursor.fetchone()
+        """The id of the active key ``key``, or None; UNAVAILABLE (503, retryable) while PostgreSQL is away."""
+        try:
+            async with self._pool.connection(timeout=self._lookup_timeout) as conn:
+                cursor = await conn.execute(
+                    "SELECT id::text FROM gateway_api_keys WHERE key_hash = %s AND revoked_at IS NULL",
+                    (hash_key(key),),
+                )
+                row = await cursor.fetchone()
+        except (PoolTimeout, psycopg.OperationalError) as error:
+            raise database_unavailable("the API key database", error) from error
         return None if row is None else str(row[0])

@@ -5,7 +5,18 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import Path, Query
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WithJsonSchema,
+    WrapValidator,
+)
+from pydantic_core import PydanticCustomError
 
 from mesh.kit.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from mesh.kit.param_values import ParamScalar
@@ -32,9 +43,40 @@ PageTokenQuery = Annotated[
     str, Query(max_length=1000, description="The next_page_token of the previous page; empty for the first.")
 ]
 
+MAX_PARAMS = 64
+"""Parameters of one pipeline step or one prediction; no filter or model declares more than a few."""
+
+
+def _one_param_error(value: object, handler: ValidatorFunctionWrapHandler) -> object:
+    # A value that fits none of the union's members is one problem, not one per member (four violations).
+    try:
+        return handler(value)
+    except ValidationError:
+        raise PydanticCustomError("param_type", "must be a boolean, a number or a string") from None
+
+
+def _at_most_params(value: object) -> object:
+    # Counted before the values are validated: pydantic checks a dict's max_length only after validating every
+    # item, and 100 000 bad values in a 1 MiB body cost seconds and hundreds of MB in errors.
+    if isinstance(value, dict) and len(value) > MAX_PARAMS:
+        raise PydanticCustomError(
+            "too_many_params",
+            "at most {limit} parameters, got {count}",
+            {"limit": MAX_PARAMS, "count": len(value)},
+        )
+    return value
+
+
 # A parameter from JSON: its integers are bounded to protobuf's int64, and a larger one reads as a number, which
 # the service then judges against the parameter's range (ParamValue(int_value=10**23) raised: a 500).
-ParamIn = bool | Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | float | str
+ParamIn = Annotated[
+    bool | Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | float | str, WrapValidator(_one_param_error)
+]
+ParamsIn = Annotated[
+    dict[str, ParamIn],
+    BeforeValidator(_at_most_params),
+    Field(json_schema_extra={"maxProperties": MAX_PARAMS}),
+]
 
 JobStateName = Literal["QUEUED", "RUNNING", "RETRY_WAIT", "SUCCEEDED", "FAILED", "DEAD", "CANCELLED"]
 
@@ -125,7 +167,7 @@ class PipelineStepIn(Strict):
     """One step of a pipeline."""
 
     filter: str = Field(min_length=1, max_length=200)
-    params: dict[str, ParamIn] = Field(default_factory=dict)
+    params: ParamsIn = Field(default_factory=dict)
 
 
 class PipelineStepOut(BaseModel):
@@ -233,7 +275,7 @@ class PredictIn(Strict):
     image_id: str = Field(default="", min_length=1, max_length=200, json_schema_extra=UUID_FORMAT)
     image: InlineImage = b""
     version: str = Field(default="", max_length=100)
-    parameters: dict[str, ParamIn] = Field(default_factory=dict)
+    parameters: ParamsIn = Field(default_factory=dict)
     precheck_only: bool = False
 
 

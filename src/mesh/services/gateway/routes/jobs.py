@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
@@ -33,6 +34,45 @@ connection) is opened again before the client is sent the error."""
 WATCH_RESUME_DELAY = 0.5
 _END = object()
 _DRAINING = object()
+
+
+MAX_PENDING_CHANGES = 8
+"""Job changes an event stream keeps for a reader that has not taken them yet. A burst (a WatchJob stream that
+replays a job's history) reaches a reader that keeps up whole; a reader that stalls finds the newest ones."""
+
+
+class _Inbox:
+    """What a job's event stream has still to send: the newest changes not sent yet, then how the stream ends
+    (``_END``, ``_DRAINING`` or an error), which is never dropped.
+
+    Every change is a whole snapshot of the job, so a reader that does not keep up needs only the newest: past
+    ``MAX_PENDING_CHANGES`` the oldest is dropped (a stalled reader's queue grew with every change)."""
+
+    def __init__(self) -> None:
+        self._changes: deque[queue_pb.WatchJobResponse] = deque(maxlen=MAX_PENDING_CHANGES)
+        self._end: object | None = None
+        self._ready = asyncio.Event()
+
+    def put_change(self, change: queue_pb.WatchJobResponse) -> None:
+        """Add ``change``, dropping the oldest one not sent yet when there are too many."""
+        self._changes.append(change)
+        self._ready.set()
+
+    def put_end(self, end: object) -> None:
+        """End the stream after the changes not sent yet (the first end counts)."""
+        if self._end is None:
+            self._end = end
+        self._ready.set()
+
+    async def get(self) -> object:
+        """The oldest change not sent yet, else the end; waits while there is neither."""
+        await self._ready.wait()
+        if not self._changes:
+            return self._end
+        change = self._changes.popleft()
+        if not self._changes and self._end is None:
+            self._ready.clear()
+        return change
 
 
 @router.post(
@@ -224,7 +264,7 @@ async def job_events(
         nonlocal seen
         metrics.SSE_STREAMS.inc()
         call = stub.WatchJob(queue_pb.WatchJobRequest(job_id=job_id))
-        inbox: asyncio.Queue[object] = asyncio.Queue()
+        inbox = _Inbox()
 
         async def pump() -> None:
             # A new stream replays the job as it is now; changes already sent are skipped below by their id.
@@ -234,21 +274,21 @@ async def job_events(
                 try:
                     async for change in call:
                         lost_since = None
-                        await inbox.put(change)
-                    await inbox.put(_END)
+                        inbox.put_change(change)
+                    inbox.put_end(_END)
                     return
                 except grpc.aio.AioRpcError as error:
                     lost_since = lost_since or time.monotonic()
                     resumable = error.code() == grpc.StatusCode.UNAVAILABLE
                     if not resumable or time.monotonic() - lost_since > WATCH_RESUME_SECONDS:
-                        await inbox.put(errors.from_rpc_error(error))
+                        inbox.put_end(errors.from_rpc_error(error))
                         return
                 await asyncio.sleep(WATCH_RESUME_DELAY)
                 call = stub.WatchJob(queue_pb.WatchJobRequest(job_id=job_id))
 
         async def drain() -> None:
             await ctx.draining.wait()
-            await inbox.put(_DRAINING)
+            inbox.put_end(_DRAINING)
 
         reader = asyncio.create_task(pump())
         drainer = asyncio.create_task(drain())

@@ -213,8 +213,9 @@ function watch(jobId) {
   source.addEventListener("end", stop);
   source.addEventListener("error", (event) => {
     // A server-sent "error" event carries a body; a connection error has none and EventSource reconnects
-    // by itself with Last-Event-ID.
-    if (event.data) { stop(); }
+    // by itself with Last-Event-ID, unless the (re)connect was answered with another status than 200 (429,
+    // 401, 503): then the browser has closed it for good, and the job goes back to the polled list.
+    if (event.data || source.readyState === EventSource.CLOSED) { stop(); }
   });
 }
 
