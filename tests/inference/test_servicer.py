@@ -475,3 +475,26 @@ async def test_client_maps_errors_and_streams(served: Served) -> None:
     answers = [r async for r in client.stream(requests())]
     assert [a.request_id for a in answers] == ["s1", "s2"]
     assert answers[1].response.strip_reading.precheck_only
+
+
+async def test_raw_pixels_are_narrowed_off_the_event_loop(tmp_path: Path) -> None:
+    """A raw frame is decoded in a worker thread, as encoded images are: an 80 MB 16-bit frame narrowed on the
+    event loop held every other call, stream and health check of the service for half a second."""
+    write_model(tmp_path, name="counted", max_queue_delay_ms=0)
+    repository = ModelRepository(tmp_path, factories={"fake": FakeFactory()})
+    await repository.load()
+    threads: list[str] = []
+
+    class RecordingDecoder(ImageDecoder):
+        def decode_raw(self, raw: image_pb2.RawImage, *, field: str = "input.raw") -> np.ndarray:
+            threads.append(threading.current_thread().name)
+            return super().decode_raw(raw, field=field)
+
+    predictor = Predictor(repository, RecordingDecoder(max_pixels=1_000_000), MemoryFetcher({}))
+    raw = image_pb2.RawImage(pixels=bytes(6 * 8), width=8, height=6, channels=1)
+    try:
+        await predictor.predict(pb.PredictRequest(model_name="counted", input=image_pb2.ImageInput(raw=raw)))
+    finally:
+        await repository.close()
+    assert threads
+    assert threads != [threading.main_thread().name]

@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from mesh.services.inference.strip.config import ReaderConfig
-from mesh.services.inference.strip.locate import find_object
+from mesh.services.inference.strip.locate import _rows, find_object
 
 
 def _scene(
@@ -78,3 +78,14 @@ def test_a_strip_whose_bright_membrane_alone_passes_the_levels_is_found_whole() 
     assert abs(placement.center_y - 191.5) < 3
     assert 285 < placement.length < 315
     assert abs(placement.center_x - 255.5) < 8
+
+
+def test_the_bands_beside_an_object_hold_a_row_even_where_they_round_to_none() -> None:
+    """Beside an object a few pixels wide, or at the feature image's edge, the bands compared with it rounded to
+    no rows (a NaN mean, and no following along the axis); they keep at least one row inside the image."""
+    strip = np.arange(10.0)[:, None] * np.ones((1, 4))
+    for start, stop in ((7, 7), (9, 12), (12, 14), (-3, 0)):
+        rows = strip[_rows(strip, start, stop)]
+        assert len(rows) >= 1
+        assert not np.isnan(rows.mean())
+    assert _rows(strip, 2, 5) == slice(2, 5)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import math
+import types
 from typing import Any
 
 import numpy as np
@@ -10,7 +13,12 @@ import numpy.typing as npt
 import pytest
 
 from mesh.services.inference.strip import StripReader
-from mesh.services.inference.strip.backend import CpuBackend, gpu_available, numpy_array_backend
+from mesh.services.inference.strip.backend import (
+    ArrayBackend,
+    CpuBackend,
+    gpu_available,
+    numpy_array_backend,
+)
 from mesh.services.inference.strip.generator import GeneratorOptions, Overrides, generate, generate_with
 from mesh.services.inference.strip.types import QualityFlag, Verdict
 
@@ -197,3 +205,48 @@ def test_gpu_backend_uploads_each_image_once_per_thread() -> None:
     assert backend._device_image(first) is on_device
     assert np.array_equal(np.asarray(on_device), first)
     assert backend._device_image(second) is not on_device
+
+
+@pytest.mark.parametrize("shape", [(16, 8193, 3), (8193, 16), (39, 20000, 3)])
+def test_a_long_sliver_is_no_strip_not_a_crash(shape: tuple[int, ...]) -> None:
+    """An image whose short side downscales to under a few working pixels (16x8193) is INVALID with
+    STRIP_NOT_FOUND, read and pre-checked; it crashed in the downscale (INTERNAL through the service)."""
+    reader = StripReader()
+    for reading in (
+        reader.read(np.full(shape, 255, np.uint8)),
+        reader.precheck(np.full(shape, 255, np.uint8)),
+    ):
+        assert reading.verdict is Verdict.INVALID
+        assert QualityFlag.STRIP_NOT_FOUND in reading.quality_flags
+
+
+class _DeviceArray(np.ndarray):
+    """A host array with the one transfer method the GPU path uses."""
+
+    def set(self, array: npt.NDArray[Any]) -> None:
+        self[...] = array
+
+
+def _device_stand_in() -> types.ModuleType:
+    """NumPy posing as CuPy, so that the GPU path's upload cache runs (with NumPy itself it is bypassed)."""
+    module = types.ModuleType("device_stand_in")
+    for name in dir(np):
+        with contextlib.suppress(AttributeError, TypeError):
+            setattr(module, name, getattr(np, name))
+    module.empty = lambda shape, dtype: np.empty(shape, dtype).view(_DeviceArray)  # type: ignore[attr-defined]
+    module.asnumpy = np.asarray  # type: ignore[attr-defined]
+    module.cuda = types.SimpleNamespace(alloc_pinned_memory=bytearray)  # type: ignore[attr-defined]
+    return module
+
+
+def test_the_gpu_path_reads_a_refilled_frame_anew() -> None:
+    """A caller that refills one frame buffer between readings (a camera loop) gets the new frame read: the GPU
+    path reused its last upload for the same array, so a black frame after a positive one read POSITIVE."""
+    reader = StripReader()
+    reader.backend = ArrayBackend(_device_stand_in(), importlib.import_module("scipy.ndimage"), "gpu")
+    frame = _positive()
+    assert reader.read(frame).verdict is Verdict.POSITIVE
+    frame[...] = 0
+    reading = reader.read(frame)
+    assert reading.verdict is Verdict.INVALID
+    assert QualityFlag.STRIP_NOT_FOUND in reading.quality_flags

@@ -83,7 +83,9 @@ def configure_logging(service: str, *, level: str = "info", fmt: str = "json") -
     ]
     renderer: Processor
     if fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer()
+        # A plain traceback: rich's, the default, prints every frame's locals, and rendering a crash among
+        # large arrays (a 40-megapixel image) held the event loop for minutes.
+        renderer = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
     else:
         renderer = structlog.processors.JSONRenderer()
         shared.append(structlog.processors.format_exc_info)

@@ -127,12 +127,14 @@ class ArrayBackend:
         # the rate, and uploading twice would double it.
         self._local = threading.local()
 
-    def _device_image(self, image: ByteImage) -> Any:
-        """``image`` on the device, uploaded once per image and thread."""
+    def _device_image(self, image: ByteImage, *, fresh: bool = False) -> Any:
+        """``image`` on the device: uploaded when ``fresh`` (the first step of a reading, since a caller may
+        refill the same array between readings: the old pixels were read again), else reused from that upload
+        when it is the same array (the reading's later steps)."""
         if self.xp is np:
             return image
         last = getattr(self._local, "last", None)
-        if last is not None and last[0]() is image:
+        if not fresh and last is not None and last[0]() is image:
             return last[1]
         image = np.ascontiguousarray(image)
         staging = getattr(self._local, "staging", None)
@@ -158,7 +160,7 @@ class ArrayBackend:
         xp = self.xp
         height, width = image.shape[:2]
         h, w = height // factor, width // factor
-        device = self._device_image(image)[: h * factor, : w * factor]
+        device = self._device_image(image, fresh=True)[: h * factor, : w * factor]
         if factor > 1:
             for step in downscale_steps(factor):
                 h, w = device.shape[0] // step, device.shape[1] // step

@@ -138,8 +138,8 @@ def _extend(feature: FloatImage, found: Placement) -> Placement:
     w = found.width
     mid = cv
     inside = strip[int(mid - 0.3 * w) : int(mid + 0.3 * w) + 1].mean(axis=0)
-    above = strip[max(0, int(mid - 1.0 * w)) : max(1, int(mid - 0.72 * w))].mean(axis=0)
-    below = strip[int(mid + 0.72 * w) + 1 : int(mid + 1.0 * w) + 1].mean(axis=0)
+    above = strip[_rows(strip, int(mid - 1.0 * w), int(mid - 0.72 * w))].mean(axis=0)
+    below = strip[_rows(strip, int(mid + 0.72 * w) + 1, int(mid + 1.0 * w) + 1)].mean(axis=0)
     outside = np.maximum(above, below)
     core = slice(int(cu - 0.4 * found.length), int(cu + 0.4 * found.length) + 1)
     reference = float(np.median(inside[core]))
@@ -235,3 +235,10 @@ def _judge(
         * (1.0 if aspect >= 2.2 else 0.7)
     )
     return Placement(float(cx), float(cy), float(length), float(across), math.radians(angle), score)
+
+
+def _rows(strip: FloatImage, start: int, stop: int) -> slice:
+    """Rows ``start`` to ``stop`` of ``strip``, at least one and inside it: for an object a few pixels wide the
+    bands beside it rounded to no rows, whose mean is NaN."""
+    start = min(max(0, start), strip.shape[0] - 1)
+    return slice(start, max(start + 1, min(stop, strip.shape[0])))

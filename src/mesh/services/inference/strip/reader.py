@@ -58,6 +58,9 @@ ACROSS_MARGIN = 0.12
 
 # The smallest side of an image the reader takes (a strip at 30 % of such a width is 5 pixels long).
 MIN_IMAGE_SIDE = 16
+# The smallest side of the working overview: a long sliver whose short side downscales to less holds no strip
+# (and downscaling it to nothing crashed).
+MIN_WORKING_SIDE = 3
 
 # Where no C passes, a line left of the middle this many noise deviations above the profile is template enough
 # to search for a weak C beside it.
@@ -140,6 +143,8 @@ class StripReader:
         cfg = self.config
         height, width = image.shape[:2]
         factor = max(1, math.ceil(max(height, width) / cfg.work_size))
+        if min(height, width) // factor < MIN_WORKING_SIDE:  # a sliver (16x8193): nothing to find in it
+            return _not_found(precheck), Scores(found=False)
         small = self.backend.downscale(image, factor)
         placement = find_object(small, cfg.min_object_area)
         if placement is None:
