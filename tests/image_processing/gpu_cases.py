@@ -35,6 +35,7 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("crop", {"x": 5, "y": 3, "width": 20, "height": 11}),
     *[("rotate", {"angle": a}) for a in (90.0, 180.0, -90.0, 30.0)],
     ("rotate", {"angle": 17.0, "interpolation": "nearest", "expand": False}),
+    ("rotate", {"angle": 90.0, "expand": False}),
     *[("flip", {"direction": d}) for d in ("horizontal", "vertical", "both")],
     ("adjust", {"brightness": 0.1, "contrast": 1.3, "gamma": 2.2}),
     ("invert", {}),

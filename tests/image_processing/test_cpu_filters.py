@@ -334,6 +334,21 @@ def test_rotate_right_angles_are_exact() -> None:
         assert np.array_equal(_run("rotate", image, angle=angle), np.rot90(image, turns)), angle
 
 
+@pytest.mark.parametrize("angle", [90.0, -90.0, 270.0])
+def test_a_quarter_turn_without_expand_keeps_the_canvas(angle: float) -> None:
+    """expand=false keeps a non-square image's canvas at a quarter turn too (cropped and filled, as at 89.999
+    degrees); the transposition swapped its sides. A square image turns exactly, and 180 degrees stays exact."""
+    image = noise(20, 40, 3)
+    kept = _run("rotate", image, angle=angle, expand=False)
+    assert kept.shape == image.shape
+    assert kept.shape == _run("rotate", image, angle=angle - 0.001, expand=False).shape
+    assert not kept[:, :10].any()  # the turned image is 20 wide on the 40-wide canvas
+    square = noise(9, 9, 1)
+    turns = round(angle / 90) % 4
+    assert np.array_equal(_run("rotate", square, angle=angle, expand=False), np.rot90(square, turns))
+    assert np.array_equal(_run("rotate", image, angle=180.0, expand=False), np.rot90(image, 2))
+
+
 def test_rotate_arbitrary_angle() -> None:
     """45 degrees with expand holds the whole image; the centre pixel is kept; corners are filled with 0."""
     image = np.full((21, 21, 1), 200, dtype=np.uint8)

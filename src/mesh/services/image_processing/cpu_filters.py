@@ -253,7 +253,7 @@ ROTATE_CODES = {1: cv2.ROTATE_90_COUNTERCLOCKWISE, 2: cv2.ROTATE_180, 3: cv2.ROT
 def rotate(image: Image, step: Step) -> Image:
     """Right angles by transposition; other angles by an affine warp with zero fill."""
     angle = step.as_float("angle")
-    turns = fm.right_angle_turns(angle)
+    turns = fm.right_angle_turns(angle, image.shape[0], image.shape[1], step.as_bool("expand"))
     if turns is not None:
         return image.copy() if turns == 0 else as_image(cv2.rotate(image, ROTATE_CODES[turns]))
     matrix, out_w, out_h = fm.rotation(image.shape[0], image.shape[1], angle, step.as_bool("expand"))

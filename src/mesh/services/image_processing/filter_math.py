@@ -146,12 +146,17 @@ def rotation(height: int, width: int, angle: float, expand: bool) -> tuple[npt.N
     return matrix, out_w, out_h
 
 
-def right_angle_turns(angle: float) -> int | None:
-    """Quarter turns counter-clockwise when ``angle`` is a multiple of 90 degrees, else None."""
+def right_angle_turns(angle: float, height: int, width: int, expand: bool) -> int | None:
+    """Quarter turns counter-clockwise when rotating an image of this size by ``angle`` is a transposition,
+    else None (the affine warp). A quarter turn of a non-square image without ``expand`` is not one: it keeps
+    the canvas (crops and fills), as 89.999 degrees does; transposing swapped the canvas's sides."""
     quarters = angle / 90.0
     if abs(quarters - round(quarters)) > 1e-9:
         return None
-    return round(quarters) % 4
+    turns = round(quarters) % 4
+    if turns % 2 and not expand and height != width:
+        return None
+    return turns
 
 
 def hsv_tables() -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:

@@ -645,7 +645,7 @@ def _rotate(s: GpuSession, image: Any, step: Step) -> Any:
     import cv2
 
     angle = step.as_float("angle")
-    turns = fm.right_angle_turns(angle)
+    turns = fm.right_angle_turns(angle, image.shape[0], image.shape[1], step.as_bool("expand"))
     if turns is not None:
         return cp.ascontiguousarray(cp.rot90(image, turns, axes=(0, 1)))
     h, w, c = image.shape
