@@ -478,8 +478,8 @@ async def test_client_maps_errors_and_streams(served: Served) -> None:
 
 
 async def test_raw_pixels_are_narrowed_off_the_event_loop(tmp_path: Path) -> None:
-    """A raw frame is decoded in a worker thread, as encoded images are: an 80 MB 16-bit frame narrowed on the
-    event loop held every other call, stream and health check of the service for half a second."""
+    """A 16-bit raw frame is narrowed in a worker thread, as encoded images are decoded: an 80 MB one narrowed
+    on the event loop held every other call, stream and health check of the service for half a second."""
     write_model(tmp_path, name="counted", max_queue_delay_ms=0)
     repository = ModelRepository(tmp_path, factories={"fake": FakeFactory()})
     await repository.load()
@@ -491,7 +491,9 @@ async def test_raw_pixels_are_narrowed_off_the_event_loop(tmp_path: Path) -> Non
             return super().decode_raw(raw, field=field)
 
     predictor = Predictor(repository, RecordingDecoder(max_pixels=1_000_000), MemoryFetcher({}))
-    raw = image_pb2.RawImage(pixels=bytes(6 * 8), width=8, height=6, channels=1)
+    raw = image_pb2.RawImage(
+        pixels=bytes(2 * 6 * 8), width=8, height=6, channels=1, pixel_type=image_pb2.PIXEL_TYPE_UINT16
+    )
     try:
         await predictor.predict(pb.PredictRequest(model_name="counted", input=image_pb2.ImageInput(raw=raw)))
     finally:
