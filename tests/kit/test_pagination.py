@@ -31,18 +31,26 @@ def test_tokens_round_trip(created_at: datetime, row_id: uuid.UUID, scope: str) 
 def test_a_token_continues_only_the_listing_of_its_scope() -> None:
     """A token of a filtered listing sent without its filter, or with another, is InvalidArgument naming both
     listings as the service describes them (AIP-158)."""
-    token = encode_page_token(Cursor(datetime(2026, 1, 1, tzinfo=UTC), uuid.uuid4(), "QUEUED"))
+    token = encode_page_token(Cursor(datetime(2026, 1, 1, tzinfo=UTC), uuid.uuid4(), "jobs:QUEUED"))
     with pytest.raises(errors.InvalidArgument) as caught:
-        decode_page_token(token, "", describe=lambda scope: f"{scope} jobs" if scope else "all jobs")
+        decode_page_token(token, "jobs")
     assert caught.value.message.startswith("page_token continues the listing of QUEUED jobs, not of all jobs")
     assert [v.field for v in caught.value.field_violations] == ["page_token"]
-    with pytest.raises(errors.InvalidArgument, match="of QUEUED, not of FAILED"):
-        decode_page_token(token, "FAILED")
+    with pytest.raises(errors.InvalidArgument, match="of QUEUED jobs, not of FAILED jobs"):
+        decode_page_token(token, "jobs:FAILED")
+
+
+def test_a_token_of_one_kind_of_listing_does_not_continue_another() -> None:
+    """An image listing's token sent to ListJobs (both unfiltered) is refused naming both; it was taken, and
+    the job listing skipped to the image's time."""
+    token = encode_page_token(Cursor(datetime(2026, 1, 1, tzinfo=UTC), uuid.uuid4(), "images"))
+    with pytest.raises(errors.InvalidArgument, match="listing of all images, not of all jobs"):
+        decode_page_token(token, "jobs")
 
 
 def test_empty_token_means_first_page() -> None:
     """An empty token is the first page."""
-    assert decode_page_token("") is None
+    assert decode_page_token("", "jobs") is None
 
 
 @pytest.mark.parametrize(
@@ -51,7 +59,7 @@ def test_empty_token_means_first_page() -> None:
 def test_malformed_tokens_name_the_field(token: str) -> None:
     """A token this service did not issue is InvalidArgument naming page_token."""
     with pytest.raises(errors.InvalidArgument) as caught:
-        decode_page_token(token)
+        decode_page_token(token, "jobs")
     assert [v.field for v in caught.value.field_violations] == ["page_token"]
     assert "next_page_token" in caught.value.message
 
@@ -61,7 +69,7 @@ def test_a_forged_token_of_nested_json_is_invalid_argument_not_a_crash() -> None
     traceback; it is InvalidArgument naming page_token, like any token this service did not issue."""
     token = base64.urlsafe_b64encode(b"[" * 100_000).decode()
     with pytest.raises(errors.InvalidArgument) as caught:
-        decode_page_token(token)
+        decode_page_token(token, "jobs")
     assert [v.field for v in caught.value.field_violations] == ["page_token"]
 
 

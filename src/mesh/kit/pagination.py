@@ -62,12 +62,17 @@ MAX_TOKEN_CHARS = 512
 in a forged token exhausted the parser's recursion)."""
 
 
-def _unfiltered(scope: str) -> str:
-    return scope or "no filter"
+def describe_listing(scope: str) -> str:
+    """A scope for people: ``jobs:QUEUED`` is "QUEUED jobs", ``images`` "all images". A scope names what is
+    listed and, after a colon, its filter, so that no token continues a listing of another kind."""
+    kind, _, only = scope.partition(":")
+    if not kind:
+        return "a listing of an earlier version"
+    return f"{only} {kind}" if only else f"all {kind}"
 
 
 def decode_page_token(
-    token: str, scope: str = "", *, describe: Callable[[str], str] = _unfiltered
+    token: str, scope: str, *, describe: Callable[[str], str] = describe_listing
 ) -> Cursor | None:
     """The cursor in ``token`` (None for an empty token); InvalidArgument naming page_token when it is not one
     this service issued, or when it continues a listing of another ``scope`` (each named by ``describe``)."""

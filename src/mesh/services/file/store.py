@@ -30,6 +30,9 @@ from mesh.services.file.validation import DEFAULT_LIMITS, Limits, sanitise_filen
 
 log = get_logger(__name__)
 
+IMAGES_SCOPE = "images"
+"""The scope of ListImages's page tokens: a job listing's token is refused here, and the other way round."""
+
 UPLOADS = Counter(
     "mesh_file_uploads_total", "Accepted uploads, by whether the bytes were already stored.", ["deduplicated"]
 )
@@ -212,13 +215,13 @@ class ImageStore:
     async def list(self, page_size: int, page_token: str) -> Page:
         """One page, newest first; ``next_page_token`` is empty on the last page."""
         size = pagination.page_size(page_size)
-        cursor = pagination.decode_page_token(page_token)
+        cursor = pagination.decode_page_token(page_token, IMAGES_SCOPE)
         rows = await self.repository.list_page(size + 1, cursor)
         images = rows[:size]
         token = ""
         if len(rows) > size:
             last = images[-1]
-            token = pagination.encode_page_token(pagination.Cursor(last.created_at, last.id))
+            token = pagination.encode_page_token(pagination.Cursor(last.created_at, last.id, IMAGES_SCOPE))
         return Page(images, token)
 
     async def open(self, image_id: str, variant: Variant = "original") -> OpenedBlob:

@@ -29,11 +29,6 @@ Context = grpc.aio.ServicerContext[Any, Any]
 SUBMITTED = Counter("mesh_queue_jobs_submitted_total", "Accepted submits.", ["queue", "existing"])
 
 
-def _listing(scope: str) -> str:
-    """A job listing, for page-token messages: "QUEUED jobs" or "all jobs"."""
-    return f"{scope} jobs" if scope else "all jobs"
-
-
 class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
     """The queue's API."""
 
@@ -121,8 +116,8 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
     ) -> queue_service_pb2.ListJobsResponse:
         size = pagination.page_size(request.page_size)
         state = state_from_proto(request.state)
-        scope = state.value if state is not None else ""
-        after = pagination.decode_page_token(request.page_token, scope, describe=_listing)
+        scope = f"jobs:{state.value}" if state is not None else "jobs"
+        after = pagination.decode_page_token(request.page_token, scope)
         rows = await self.repository.page(state, size, after)
         page, more = rows[:size], len(rows) > size
         positions = await self.repository.positions(page)
