@@ -268,6 +268,7 @@ async def running_queue(settings: QueueSettings) -> AsyncIterator[Harness]:
         app.install(runtime)
         run_task = asyncio.create_task(runtime.run())
         await asyncio.wait_for(runtime.started.wait(), 20)
+        await asyncio.wait_for(app.broker_ready.wait(), 20)
         channel = grpc.aio.insecure_channel(
             f"127.0.0.1:{runtime.grpc_port}", interceptors=tracing.client_interceptors()
         )

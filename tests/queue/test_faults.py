@@ -12,17 +12,21 @@ import uuid
 from collections import Counter
 
 import aio_pika
+import grpc
 import psycopg
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from mesh.common.v1 import errors_pb2
-from mesh.queue.v1 import job_pb2
+from mesh.kit.runtime import ServiceRuntime
+from mesh.queue.v1 import job_pb2, queue_service_pb2, queue_service_pb2_grpc
+from mesh.services.queue.app import SERVICE_NAME, QueueApp
 from mesh.services.queue.repository import ClaimStore, Outcome
 from mesh.services.queue.scripted import scripted_handler
 from mesh.services.queue.states import JobState
 from mesh.services.queue.topology import lanes
-from tests.queue.harness import Harness, fast_settings, running_queue
+from tests.queue.harness import IMAGE_ID, Harness, fast_settings, running_queue
 
 pytestmark = pytest.mark.integration
 
@@ -358,3 +362,42 @@ async def test_an_outcome_after_the_lease_expired_or_the_job_went_dead_is_fenced
     assert target is JobState.DEAD
     assert await store.finish(uuid.UUID(dead.id), token, done) is None
     assert (await queue.get(dead.id)).state == job_pb2.JOB_STATE_DEAD
+
+
+async def test_the_queue_service_serves_while_rabbitmq_has_never_answered(
+    database_url: str, unique_name: str
+) -> None:
+    """Started while RabbitMQ is away, the service serves at once (it waited for the broker before, so a pod's
+    startup probe restarted it until the broker was back): health SERVING, degraded, and a submit is kept in
+    the outbox, QUEUED."""
+    settings = fast_settings(database_url, "amqp://guest:guest@127.0.0.1:1/%2F", unique_name)
+    app = QueueApp(settings)
+    runtime = ServiceRuntime("queue", settings, service_names=[SERVICE_NAME], checks=app.checks())
+    await asyncio.wait_for(app.start(), 30)  # it waited for the broker for ever
+    app.install(runtime)
+    task = asyncio.create_task(runtime.run())
+    try:
+        await asyncio.wait_for(runtime.started.wait(), 20)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc_port}") as channel:
+            health = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10
+            )
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            stub = queue_service_pb2_grpc.QueueServiceStub(channel)
+            request = queue_service_pb2.SubmitJobRequest(image_id=IMAGE_ID, model="script:noop")
+            job = (await stub.SubmitJob(request, timeout=10)).job
+        assert job.state == job_pb2.JOB_STATE_QUEUED
+        assert not app.broker_ready.is_set()
+        rows = await _outbox(database_url, job.id)
+        assert rows == 1
+    finally:
+        runtime.stopping.set()
+        await asyncio.wait_for(task, 30)
+        await app.close()
+
+
+async def _outbox(database_url: str, job_id: str) -> int:
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cursor = await conn.execute("SELECT count(*) FROM outbox WHERE job_id = %s", (job_id,))
+        row = await cursor.fetchone()
+        return int(row[0]) if row else 0

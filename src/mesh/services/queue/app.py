@@ -91,12 +91,15 @@ class QueueApp:
             prune_interval_seconds=settings.prune_interval_seconds,
             on_dispatch=self.relay.wake,
         )
+        self.broker_ready = asyncio.Event()
+        """Set once RabbitMQ answered and the job queues are declared."""
         self.dead_letters = DeadLetterConsumer(
             self.repository,
             self.broker,
             self.servicer.queues,
             delivery_limit=settings.delivery_limit,
             on_dispatch=self.relay.wake,
+            declared=self.broker_ready,
         )
 
     def checks(self) -> list[DependencyCheck]:
@@ -105,22 +108,29 @@ class QueueApp:
         return [PostgresCheck(self.pool), Degrading(FunctionCheck("rabbitmq", self.broker.check))]
 
     async def start(self) -> None:
-        """Migrate, open the pool, connect to RabbitMQ and declare the job queues (both lanes of each, with
-        their dead-letter exchange and queue)."""
+        """Migrate and open the pool. RabbitMQ is connected to in the background (``connect_broker``)."""
         await prepare_database(self.settings.database_url, "queue", MIGRATIONS)
         await self.pool.open(wait=False)
         if self.settings.reference_check_seconds > 0:
             self.servicer.references = ServiceReferences.connect(
                 self.settings, self.settings.reference_check_seconds
             )
+
+    async def connect_broker(self) -> None:
+        """Connect to RabbitMQ, retrying until it answers, and declare the job queues (both lanes of each, with
+        their dead-letter exchange and queue). The service serves meanwhile, as in any broker outage: submits
+        wait in the outbox and the health check says degraded; a pod started while the broker is away is
+        therefore not restarted by its startup probe. A declaration the broker refuses stops the service."""
         await self.broker.connect()
         for queue in self.servicer.queues:
             await self.broker.declare(queue)
+        self.broker_ready.set()
 
     def install(self, runtime: ServiceRuntime) -> None:
         """Add the API to the runtime's server and the background loops to its tasks."""
         queue_service_pb2_grpc.add_QueueServiceServicer_to_server(self.servicer, runtime.server)
         stopping = runtime.stopping
+        runtime.add_background(self.connect_broker)
         runtime.add_background(lambda: self.relay.run(stopping))
         runtime.add_background(lambda: self.reconciler.run(stopping))
         runtime.add_background(lambda: self.dead_letters.run(stopping))

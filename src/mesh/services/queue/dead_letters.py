@@ -47,8 +47,10 @@ class DeadLetterConsumer:
         *,
         delivery_limit: int,
         on_dispatch: Callable[[], None] = lambda: None,
+        declared: asyncio.Event | None = None,
     ) -> None:
         self.repository = repository
+        self.declared = declared
         self.broker = broker
         self.queues = list(queues)
         # Exported at 0 so that the first dead letter after a restart shows in increase() and alerts.
@@ -59,7 +61,10 @@ class DeadLetterConsumer:
         self.on_dispatch = on_dispatch
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Consume until ``stopping`` is set (the broker's connection restores the consumers)."""
+        """Consume until ``stopping`` is set (the broker's connection restores the consumers), once the job
+        queues are ``declared``."""
+        if self.declared is not None:
+            await self.declared.wait()
         for queue in self.queues:
             await self.broker.consume_dead_letters(queue, self._handler(queue), prefetch=32)
         await stopping.wait()
