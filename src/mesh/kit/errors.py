@@ -58,6 +58,11 @@ class FieldViolation:
     description: str
 
 
+def omitted(field: str, count: int) -> FieldViolation:
+    """The last violation of a list cut short: it stands for the ``count`` more that were left out."""
+    return FieldViolation(field, f"and {count} more problems left out here")
+
+
 def listing(violations: Sequence[FieldViolation]) -> str:
     """``field: what to fix; field: ...``: a message that names every problem, for clients that show only it."""
     return "; ".join(f"{v.field}: {v.description}" for v in violations)
@@ -118,7 +123,8 @@ class MeshError(Exception):
             if bad.ByteSize() > budget and index > 0:
                 del bad.field_violations[-1]
                 left = len(self.field_violations) - index
-                bad.field_violations.add(field=field, description=f"and {left} more problems left out here")
+                more = omitted(field, left)
+                bad.field_violations.add(field=more.field, description=more.description)
                 break
         return bad
 

@@ -66,8 +66,7 @@ def _validation_error(exc: RequestValidationError) -> errors.InvalidArgument:
     violations = [_violation(item) for item in problems[:MAX_LISTED_VIOLATIONS]]
     left = len(problems) - len(violations)
     if left:
-        # In the words the kit uses for the violations a gRPC status cannot carry (MeshError.to_status).
-        violations.append(errors.FieldViolation("body", f"and {left} more problems left out here"))
+        violations.append(errors.omitted("body", left))
     return errors.InvalidArgument(
         f"invalid request: {errors.listing(violations[:5])}", field_violations=violations
     )
