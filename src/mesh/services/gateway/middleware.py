@@ -237,11 +237,46 @@ class ObservedRequests(HttpMiddleware):
                     )
 
 
-class BodyLimit(HttpMiddleware):
-    """Refuses bodies over the limit with 413 before reading them: by Content-Length, then by counting.
+MAX_JSON_VALUES = 20_000
+"""Most values (object members and array items, counted by their separating commas) a JSON body may hold.
 
-    When a chunked body grows past the limit, reading stops, whatever the app answered is discarded and a 413
-    goes out instead (the app sees a disconnect).
+The largest request a client needs (64 pipeline steps of 64 parameters) holds about 4 500. pydantic builds every
+value of a body before it validates any, and an error for each unknown key: 36 MB of ``{"k1":0,"k2":0,...}``
+cost 1.2 GB and 2.4 s on the event loop, 1 MiB of them 150 MB.
+"""
+
+
+def is_json(scope: Scope) -> bool:
+    """Whether the request declares a JSON body (``application/json`` or ``application/*+json``)."""
+    for key, value in scope["headers"]:
+        if key == b"content-type":
+            kind: bytes = value.split(b";")[0].strip().lower()
+            return kind == b"application/json" or (
+                kind.startswith(b"application/") and kind.endswith(b"+json")
+            )
+    return False
+
+
+def separators(chunk: bytes, most: int) -> int:
+    """The commas in ``chunk``, counted up to ``most + 1``.
+
+    One ``find`` per comma runs at memchr's speed over a base64 image, which has none (``bytes.count`` took
+    22 ms for 36 MB), and stops early on a body that is nothing but commas.
+    """
+    found = 0
+    at = chunk.find(b",")
+    while at >= 0 and found <= most:
+        found += 1
+        at = chunk.find(b",", at + 1)
+    return found
+
+
+class BodyLimit(HttpMiddleware):
+    """Refuses bodies over the limit with 413 before reading them: by Content-Length, then by counting; and a
+    JSON body of more than :data:`MAX_JSON_VALUES` values with 400, before it is parsed.
+
+    When a body grows past a limit, reading stops, whatever the app answered is discarded and the refusal goes
+    out instead (the app sees a disconnect).
     """
 
     def __init__(self, app: ASGIApp, limit_for: Callable[[Scope], int]) -> None:
@@ -259,25 +294,33 @@ class BodyLimit(HttpMiddleware):
             if key == b"content-length" and value.isdigit() and int(value) > limit:
                 await error_response(too_large)(scope, receive, send)
                 return
+        # n commas separate n + 1 values (or more, as a one-value array has none).
+        commas_left = MAX_JSON_VALUES - 1 if is_json(scope) else None
         received = 0
-        overflowed = False
+        refusal: errors.MeshError | None = None
         sent_start = False
 
         async def limited_receive() -> Message:
-            nonlocal received, overflowed
-            if overflowed:
+            nonlocal received, refusal, commas_left
+            if refusal is not None:
                 return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                chunk = message.get("body", b"")
+                received += len(chunk)
+                if commas_left is not None:
+                    commas_left -= separators(chunk, commas_left)
                 if received > limit:
-                    overflowed = True
+                    refusal = too_large
+                elif commas_left is not None and commas_left < 0:
+                    refusal = too_many_values()
+                if refusal is not None:
                     return {"type": "http.disconnect"}
             return message
 
         async def guarded_send(message: Message) -> None:
             nonlocal sent_start
-            if overflowed and not sent_start:
+            if refusal is not None and not sent_start:
                 return
             if message["type"] == "http.response.start":
                 sent_start = True
@@ -286,7 +329,15 @@ class BodyLimit(HttpMiddleware):
         try:
             await self.app(scope, limited_receive, guarded_send)
         except Exception:
-            if not overflowed:
+            if refusal is None:
                 raise
-        if overflowed and not sent_start:
-            await error_response(too_large)(scope, receive, send)
+        if refusal is not None and not sent_start:
+            await error_response(refusal)(scope, receive, send)
+
+
+def too_many_values() -> errors.InvalidArgument:
+    """The 400 for a JSON body of more values than any request needs."""
+    reason = f"holds more than {MAX_JSON_VALUES} values (object members and array items); no request needs that many"
+    return errors.InvalidArgument(
+        f"invalid request: body {reason}", field_violations=[errors.FieldViolation("body", reason)]
+    )
