@@ -61,7 +61,7 @@ def test_never_a_verdict_without_a_strip_on_generated_images() -> None:
 
 
 def test_input_forms_agree() -> None:
-    """RGB, RGBA (alpha dropped), uint16 and a trailing single channel give the same reading."""
+    """RGB, opaque RGBA, uint16 and a trailing single channel give the same reading."""
     rgb = _positive()
     rgba = np.concatenate([rgb, np.full((*rgb.shape[:2], 1), 255, np.uint8)], axis=2)
     wide = rgb.astype(np.uint16) * 257
@@ -72,6 +72,30 @@ def test_input_forms_agree() -> None:
     grey = (rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.uint8)
     assert READER.read(grey).verdict is Verdict.POSITIVE
     assert READER.read(grey[:, :, None]).verdict is Verdict.POSITIVE
+
+
+def test_transparent_pixels_are_read_as_black_whatever_colour_they_hold() -> None:
+    """RGBA is read as it looks over black: a photo made wholly transparent shows no strip (its colours were read
+    as opaque and it read POSITIVE), and a cut-out strip on a transparent white ground reads as the photo does
+    on black."""
+    rgb = _positive()
+    clear = np.concatenate([rgb, np.zeros((*rgb.shape[:2], 1), np.uint8)], axis=2)
+    hidden = READER.read(clear)
+    assert hidden.verdict is Verdict.INVALID
+    assert QualityFlag.STRIP_NOT_FOUND in hidden.quality_flags
+
+    strip = READER.read(rgb).window
+    assert strip is not None
+    rows = slice(round(strip.center_y) - 100, round(strip.center_y) + 100)  # the cassette and some table
+    white = np.full((*rgb.shape[:2], 4), 255, np.uint8)
+    white[:, :, 3] = 0
+    white[rows, :, :3] = rgb[rows]
+    white[rows, :, 3] = 255
+    on_black = np.zeros_like(rgb)
+    on_black[rows] = rgb[rows]
+    cut_out = READER.read(on_black)
+    assert cut_out.verdict is Verdict.POSITIVE
+    assert READER.read(white) == cut_out
 
 
 @pytest.mark.parametrize(

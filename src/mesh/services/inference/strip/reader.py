@@ -95,7 +95,7 @@ class _Lines:
 
 
 def to_uint8(image: npt.NDArray[np.generic]) -> ByteImage:
-    """HxW, HxWx3 (RGB) or HxWx4 (RGBA) in uint8 or uint16 -> uint8 grey or RGB; alpha is dropped."""
+    """HxW, HxWx3 (RGB) or HxWx4 (RGBA) in uint8 or uint16 -> uint8 grey or RGB; RGBA is seen over black."""
     array = np.asarray(image)
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
@@ -108,8 +108,13 @@ def to_uint8(image: npt.NDArray[np.generic]) -> ByteImage:
     elif array.dtype != np.uint8:
         raise ValueError(f"expected uint8 or uint16 pixels, got {array.dtype}")
     if array.ndim == 3 and array.shape[2] == 4:
+        rgba = np.ascontiguousarray(array)
+        # A transparent pixel's colour is whatever the encoder left there (often white, or the photo a cut-out
+        # was cut from), so it is shown over black: a cut-out strip then stands on a dark ground, as on a table.
+        if cv2.minMaxLoc(cv2.extractChannel(rgba, 3))[0] < 255:
+            rgba = cv2.cvtColor(rgba, cv2.COLOR_RGBA2mRGBA)
         # One vectorised pass; copying NumPy's strided view ``array[:, :, :3]`` took 10-16 ms at 1080p.
-        return np.asarray(cv2.cvtColor(np.ascontiguousarray(array), cv2.COLOR_RGBA2RGB), dtype=np.uint8)
+        return np.asarray(cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB), dtype=np.uint8)
     return np.ascontiguousarray(array)
 
 
