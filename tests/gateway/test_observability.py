@@ -100,6 +100,28 @@ async def test_a_head_request_is_recorded_under_its_route(
     assert counted - _sample(before, "http_requests_total", route=route, method="HEAD", status="200") == 1
 
 
+async def test_a_cors_preflight_is_traced_and_counted(make_client: GatewayFactory) -> None:
+    """A preflight, answered by the CORS middleware before any route, has a span (its traceparent comes back)
+    and is counted, as every other answer: it had neither, so a browser's failing preflights left no trace."""
+    client = await make_client(cors_origins=["https://app.example"])
+    before = (await client.get("/metrics")).text
+    preflight = await client.options(
+        "/v1/jobs", headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    )
+    refused = await client.options(
+        "/v1/jobs", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    )
+    assert (preflight.status_code, refused.status_code) == (200, 400)
+    assert "traceparent" in preflight.headers and "traceparent" in refused.headers
+    after = (await client.get("/metrics")).text
+    for status in ("200", "400"):
+        labels = {"route": "unmatched", "method": "OPTIONS", "status": status}
+        assert (
+            _sample(after, "http_requests_total", **labels) - _sample(before, "http_requests_total", **labels)
+            == 1
+        )
+
+
 async def test_health_dashboard_lists_services_dependencies_and_queue(
     make_client: GatewayFactory, tmp_path: Path
 ) -> None:

@@ -27,6 +27,7 @@ from mesh.services.gateway.middleware import (
     HeadAsGet,
     HttpMiddleware,
     ObservedRequests,
+    SafetyNet,
 )
 from mesh.services.gateway.routes import images, jobs, models, processing, system
 from mesh.services.gateway.schemas import PredictIn, ProcessIn
@@ -124,9 +125,7 @@ def create_app(ctx: GatewayContext) -> FastAPI:
     # up to the upload limit stays in memory: Starlette's default spools parts over 1 MiB to a temporary
     # file, written through a worker thread chunk by chunk, which made a 1 MB upload ~10 ms slower.
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, settings.max_upload_bytes)
-    app.add_middleware(ObservedRequests)
-    # Outside ObservedRequests, so that the 500 its safety net answers carries the CORS headers too (a browser
-    # hides a response without them from the page); preflights are then answered before it, without a span.
+    app.add_middleware(SafetyNet)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -157,6 +156,7 @@ def create_app(ctx: GatewayContext) -> FastAPI:
             ],
         )
     app.add_middleware(SecurityHeaders)
+    app.add_middleware(ObservedRequests)
     return app
 
 

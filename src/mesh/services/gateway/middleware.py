@@ -158,7 +158,10 @@ class CancelOnDisconnect(HttpMiddleware):
 
 
 class ObservedRequests(HttpMiddleware):
-    """A server span per request (honouring an incoming traceparent), metrics, and a safety net for 500s."""
+    """A server span per request (honouring an incoming traceparent), metrics and the access log.
+
+    The outermost middleware, so that every answer is seen: a CORS preflight, a 413, the safety net's 500.
+    """
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         carrier = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -167,7 +170,6 @@ class ObservedRequests(HttpMiddleware):
         status = 500
         bytes_in = 0
         bytes_out = 0
-        response_started = False
         metrics.IN_FLIGHT.inc()
         with _tracer.start_as_current_span(
             method,
@@ -188,9 +190,8 @@ class ObservedRequests(HttpMiddleware):
                 return message
 
             async def observing_send(message: Message) -> None:
-                nonlocal status, bytes_out, response_started
+                nonlocal status, bytes_out
                 if message["type"] == "http.response.start":
-                    response_started = True
                     status = message["status"]
                     headers = list(message.get("headers", []))
                     if parent_header:
@@ -205,10 +206,9 @@ class ObservedRequests(HttpMiddleware):
             try:
                 await self.app(scope, counting_receive, observing_send)
             except Exception as exc:
+                # Only after the response began (SafetyNet answers the rest): the client sees a cut-off body.
                 span.record_exception(exc)
-                if response_started:
-                    raise
-                await internal_error_response(exc)(scope, counting_receive, observing_send)
+                raise
             finally:
                 route = route_template(scope)
                 span.update_name(f"{method} {route}")
@@ -235,6 +235,32 @@ class ObservedRequests(HttpMiddleware):
                         bytes_in=bytes_in,
                         bytes_out=bytes_out,
                     )
+
+
+class SafetyNet(HttpMiddleware):
+    """A bug's exception becomes the contract's 500 (logged, recorded on the request's span), unless the
+    response had begun, when there is nothing left to answer with and it goes on up.
+
+    Inside the CORS middleware, so that the 500 carries its headers too (a browser hides an answer without them
+    from the page).
+    """
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response_started = False
+
+        async def watching_send(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watching_send)
+        except Exception as exc:
+            if response_started:
+                raise
+            trace.get_current_span().record_exception(exc)
+            await internal_error_response(exc)(scope, receive, send)
 
 
 MAX_JSON_VALUES = 20_000
