@@ -17,6 +17,7 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2 as reflection_pb
 from pydantic import ValidationError
 
 from mesh.kit import errors
@@ -379,3 +380,24 @@ def test_deadlines_are_written_as_grpc_durations() -> None:
     for seconds, written in ((30.0, "30s"), (0.25, "0.25s"), (86400.0, "86400s"), (1e-5, "0.00001s")):
         config = json.loads(service_config("x.v1.X", seconds))
         assert config["methodConfig"][0]["timeout"] == written
+
+
+@pytest.mark.parametrize("version", ["v1alpha", "v1"])
+async def test_reflection_answers_under_v1_and_v1alpha(runtime: Any, version: str) -> None:
+    """grpcurl and Postman ask ``grpc.reflection.v1`` first and a v1-only client found nothing (UNIMPLEMENTED):
+    both names list the services and describe a symbol the same way."""
+    rt, _, _ = runtime
+    async with grpc.aio.insecure_channel(f"localhost:{rt.grpc_port}") as channel:
+        info = channel.stream_stream(
+            f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb.ServerReflectionResponse.FromString,
+        )
+        requests = [
+            reflection_pb.ServerReflectionRequest(list_services=""),
+            reflection_pb.ServerReflectionRequest(file_containing_symbol="grpc.health.v1.Health"),
+        ]
+        listed, described = [reply async for reply in info(iter(requests))]
+    names = {service.name for service in listed.list_services_response.service}
+    assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+    assert described.file_descriptor_response.file_descriptor_proto

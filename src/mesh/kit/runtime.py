@@ -23,7 +23,8 @@ import grpc
 import uvicorn
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer  # what reflection.aio names, typed
 from prometheus_client import Info, disable_created_metrics, make_asgi_app
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -102,6 +103,26 @@ class BackgroundTaskCrashed(RuntimeError):
     """Raised by ServiceRuntime.run after the service stopped because a background task raised."""
 
 
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def enable_reflection(service_names: list[str], server: grpc.aio.Server) -> None:
+    """Server reflection under both names clients ask for: ``grpc.reflection.v1alpha`` (what grpcio-reflection
+    serves) and ``grpc.reflection.v1`` (what grpcurl and Postman try first; a client that knows only v1 found
+    nothing). v1 is v1alpha renamed, field for field, so one servicer answers both; only v1alpha is listed, as
+    the only one whose descriptor the servicer can give."""
+    servicer = ReflectionServicer(service_names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    info = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": info})]
+    )
+
+
 class ServiceRuntime:
     """A gRPC service process: server, health monitor, HTTP port and signal-driven drain."""
 
@@ -170,7 +191,7 @@ class ServiceRuntime:
             reflection.SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         ]
-        reflection.enable_server_reflection(names, self.server)
+        enable_reflection(names, self.server)
         preinitialise_metrics(self._service_names)
         for name in ["", *self._service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
