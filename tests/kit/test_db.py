@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import psycopg
+import psycopg_pool
 import pytest
 
 from mesh.kit.db import PostgresCheck, create_pool, migrate
@@ -44,3 +46,25 @@ async def test_a_busy_pool_is_healthy_and_an_unreachable_database_is_not(databas
     async with create_pool("postgresql://postgres@127.0.0.1:1/none", name="down", max_size=2) as down:
         with pytest.raises(psycopg.OperationalError):
             await asyncio.wait_for(PostgresCheck(down, timeout=0.5).check(), 5.0)
+
+
+async def test_a_small_pool_that_cannot_connect_is_not_reported_busy() -> None:
+    """With PostgreSQL away, the connections a pool is trying to open count in its size: with callers waiting,
+    a pool of 2 looked full and busy, and the check said 'pool busy' for the whole outage. A connection of the
+    check's own now finds PostgreSQL away."""
+    async with create_pool("postgresql://postgres@127.0.0.1:1/none", name="down-busy", max_size=2) as down:
+
+        async def wait_for_a_connection() -> None:
+            with contextlib.suppress(psycopg_pool.PoolTimeout):
+                async with down.connection(timeout=3):
+                    pass
+
+        callers = [asyncio.create_task(wait_for_a_connection()) for _ in range(4)]
+        await asyncio.sleep(0.3)
+        stats = down.get_stats()
+        assert (stats["pool_size"], stats["pool_available"]) == (2, 0)  # what looked like a busy pool
+        with pytest.raises((psycopg.OperationalError, TimeoutError)):
+            await asyncio.wait_for(PostgresCheck(down, timeout=0.5).check(), 5.0)
+        for caller in callers:
+            caller.cancel()
+        await asyncio.gather(*callers, return_exceptions=True)

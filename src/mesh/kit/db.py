@@ -6,6 +6,7 @@ applied once each, in order, under an advisory lock, and recorded in ``schema_mi
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from dataclasses import dataclass
 from importlib import resources
@@ -149,9 +150,11 @@ class PostgresCheck:
     """PostgreSQL answers a query through the service's own pool.
 
     A dead connection is replaced, not reported (a pool that does not check connections on checkout hands out
-    the ones PostgreSQL dropped). A pool whose every connection is in use counts as answering: the check would
-    wait behind the service's own work for one, and a burst of requests would make the service unready, and
-    out of rotation, while PostgreSQL is well.
+    the ones PostgreSQL dropped). A pool whose every connection is in use counts as answering, once a connection
+    of the check's own says PostgreSQL is there: through the pool, the check would wait behind the service's own
+    work, and a burst of requests would make the service unready, and out of rotation, while PostgreSQL is well.
+    The pool alone cannot tell: the connections it is still trying to open count as in use, so with PostgreSQL
+    away a small pool (2) looked busy for the whole outage.
     """
 
     pool: AsyncConnectionPool
@@ -162,6 +165,7 @@ class PostgresCheck:
     async def check(self) -> str:
         stats = self.pool.get_stats()
         if stats.get("pool_size", 0) >= self.pool.max_size and not stats.get("pool_available", 0):
+            await self._answers_outside_the_pool()
             return f"pool busy: all {self.pool.max_size} connections in use"
         async for attempt in stamina.retry_context(
             on=psycopg.OperationalError, attempts=None, timeout=self.timeout, wait_initial=0.01, wait_max=0.25
@@ -170,3 +174,15 @@ class PostgresCheck:
                 async with self.pool.connection(timeout=self.timeout) as conn:
                     await conn.execute("SELECT 1")
         return f"pool {self.pool.get_stats().get('pool_size', 0)} connections"
+
+    async def _answers_outside_the_pool(self) -> None:
+        """``SELECT 1`` on a connection of its own (raises when PostgreSQL does not answer in time)."""
+        conninfo = self.pool.conninfo
+        if not isinstance(conninfo, str):  # a callable conninfo: the pool's own business; none of ours is
+            return
+        async with asyncio.timeout(self.timeout):
+            connection = await psycopg.AsyncConnection.connect(
+                conninfo, connect_timeout=max(1, round(self.timeout)), autocommit=True
+            )
+            async with connection:
+                await connection.execute("SELECT 1")
