@@ -331,5 +331,5 @@ def test_a_workers_and_the_dead_letter_consumers_counters_start_at_zero() -> Non
     assert value("mesh_queue_job_outcomes_total", outcome="DEAD", category="SYSTEM") == 0
     assert value("mesh_queue_job_retries_total") == 0
     assert value("mesh_queue_dispatches_dropped_total", reason="fenced_out") == 0
-    for effect in ("marked_dead", "dispatched_again", "stale", "undecodable"):
+    for effect in ("marked_dead", "dispatched_again", "cancelled", "stale", "undecodable"):
         assert value("mesh_queue_dead_letters_total", effect=effect) == 0, effect

@@ -119,12 +119,21 @@ def test_a_user_retry_starts_a_fresh_budget() -> None:
     assert Attempts(attempt=8, first=6, max_attempts=3).exhausted
 
 
-def test_stalled_lease_requeues_until_the_budget_is_spent() -> None:
-    """A lost lease re-dispatches as the next attempt, or fails as a SYSTEM error when none is left."""
-    assert stalled_lease_outcome(Attempts(1, 1, 2)).state is JobState.QUEUED
-    failed = stalled_lease_outcome(Attempts(2, 1, 2))
+def test_stalled_lease_is_a_system_error_that_waits_for_a_retry() -> None:
+    """A lost lease is a SYSTEM error of the attempt, decided as any other: RETRY_WAIT with the job's backoff
+    (CONTRACT.md's RUNNING -> RETRY_WAIT -> QUEUED; it used to go straight to QUEUED, which this test pinned
+    before), or FAILED when no attempt is left; the reason says the lease expired."""
+    backoff = Backoff(base_seconds=0.5, cap_seconds=10.0)
+    waiting = stalled_lease_outcome(Attempts(1, 1, 2), backoff, random.Random(7))
+    assert waiting.state is JobState.RETRY_WAIT
+    assert waiting.delay_seconds is not None
+    assert 0.0 <= waiting.delay_seconds <= backoff.ceiling(1)
+    assert waiting.reason.startswith("lease expired: SYSTEM error, retry 1 in ")
+    failed = stalled_lease_outcome(Attempts(2, 1, 2), backoff)
     assert failed.state is JobState.FAILED
-    assert failed.reason.startswith("SYSTEM")
+    assert failed.delay_seconds is None
+    assert failed.reason.startswith("lease expired: SYSTEM error after 2 attempts")
+    assert "the worker stopped renewing its lease" in failed.reason
 
 
 def test_dead_letter_outcome_tells_the_crasher_from_its_collateral() -> None:
@@ -138,5 +147,16 @@ def test_dead_letter_outcome_tells_the_crasher_from_its_collateral() -> None:
     assert dead_letter_outcome(unlucky, delivery_limit=3) is JobState.QUEUED
     cursed = DeadLetterFacts(JobState.QUEUED, attempt_claims=0, dead_letters=2)
     assert dead_letter_outcome(cursed, delivery_limit=3) is JobState.DEAD
+
+
+def test_a_dead_letter_of_a_job_asked_to_cancel_cancels_it() -> None:
+    """A running job whose user asked to cancel it, and whose dispatch was dead-lettered, is CANCELLED: never
+    dispatched again (it was QUEUED, claimable again) and not DEAD either (the user's ask wins, as for an
+    expired lease); a job that moved on is still left alone."""
+    for claims, dead_letters in [(1, 0), (3, 0), (0, 2)]:
+        asked = DeadLetterFacts(JobState.RUNNING, claims, dead_letters, cancel_requested=True)
+        assert dead_letter_outcome(asked, delivery_limit=3) is JobState.CANCELLED
+    moved_on = DeadLetterFacts(JobState.RETRY_WAIT, 1, 0, cancel_requested=True)
+    assert dead_letter_outcome(moved_on, delivery_limit=3) is None
     finished = DeadLetterFacts(JobState.SUCCEEDED, attempt_claims=1, dead_letters=0)
     assert dead_letter_outcome(finished, delivery_limit=3) is None

@@ -85,6 +85,7 @@ class QueueApp:
         self.reconciler = Reconciler(
             self.repository,
             ready_count=self.broker.ready_count,
+            queues=self.servicer.queues,
             interval_seconds=settings.reconcile_interval_seconds,
             stale_queued_seconds=settings.stale_queued_seconds,
             retention_seconds=timedelta(days=settings.job_retention_days).total_seconds(),
@@ -120,10 +121,13 @@ class QueueApp:
         """Connect to RabbitMQ, retrying until it answers, and declare the job queues (both lanes of each, with
         their dead-letter exchange and queue). The service serves meanwhile, as in any broker outage: submits
         wait in the outbox and the health check says degraded; a pod started while the broker is away is
-        therefore not restarted by its startup probe. A declaration the broker refuses stops the service."""
+        therefore not restarted by its startup probe. A connection refused, reset or timed out on the way is
+        tried again with backoff (``Broker.connect``, ``Broker.declare_retrying``); only a declaration the
+        broker refuses (a queue declared elsewhere with other arguments: PRECONDITION_FAILED) stops the
+        service."""
         await self.broker.connect()
         for queue in self.servicer.queues:
-            await self.broker.declare(queue)
+            await self.broker.declare_retrying(queue)
         self.broker_ready.set()
 
     def install(self, runtime: ServiceRuntime) -> None:

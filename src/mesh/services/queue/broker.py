@@ -6,24 +6,47 @@ take the job queue and cover both lanes, ``publish`` takes a lane, ``consume`` c
 Publishing uses a channel with publisher confirms and ``on_return_raises``, persistent delivery and
 ``mandatory``: ``publish`` returns only once the broker has taken responsibility for the message, and raises
 when it did not (a nack, a return because no queue is bound, a closed connection, a timeout).
+
+Setting up (``connect``, ``declare_retrying``, ``consume``, ``consume_dead_letters``) is retried with backoff
+through connection-level failures (refused, reset, timed out, the connection closed under a call) until
+RabbitMQ answers, so one reset while a service starts does not stop it; only a declaration the broker refuses
+(``PRECONDITION_FAILED``: a queue declared elsewhere with other arguments; ``ACCESS_REFUSED``) raises.
+
+Questions (``ready_count``, the health ``check``) each run on a plain channel of their own, closed whatever
+the outcome, and wait ``answer_seconds`` at most: a broker that stops answering without dropping the
+connection (a black hole, noticed by the AMQP heartbeat only minutes later) makes the answer unknown (-1) or
+the check fail, rather than hang its caller.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TypeVar
 
 import aio_pika
 import aiormq
+import aiormq.abc
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
     DeliveryMode,
 )
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from aiormq.exceptions import (
+    ChannelAccessRefused,
+    ChannelLockedResource,
+    ChannelPreconditionFailed,
+    DuplicateConsumerTag,
+)
 from pamqp import commands as spec
 
+from mesh.kit.logging import get_logger
 from mesh.services.queue.topology import (
     dead_letter_exchange,
     dead_letter_queue,
@@ -31,26 +54,68 @@ from mesh.services.queue.topology import (
     queue_arguments,
 )
 
+log = get_logger(__name__)
+
+T = TypeVar("T")
 MessageHandler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 CONTENT_TYPE = "application/x-protobuf"
 PERSISTENT = int(DeliveryMode.PERSISTENT)
+
+ANSWER_SECONDS = 3.0
+"""How long a question to RabbitMQ (a ready count, the health check's round trip) waits for its answer."""
+
+CONNECT_SECONDS = 10.0
+"""How long one connection attempt (TCP and the AMQP handshake) may take before it counts as failed."""
+
+RETRY_CAP_SECONDS = 10.0
+"""The longest pause between two tries of a setup step (the pause doubles from ``reconnect_seconds``)."""
+
+REFUSALS: tuple[type[Exception], ...] = (
+    ChannelAccessRefused,
+    ChannelLockedResource,
+    ChannelPreconditionFailed,
+    DuplicateConsumerTag,
+)
+"""Channel-level answers of the broker that no retry changes: the setup is wrong (a queue declared elsewhere
+with other arguments, missing permissions), and the service stops rather than retry for ever."""
+
+
+def retryable(exc: BaseException) -> bool:
+    """A connection-level failure (refused, reset, timed out, the connection or the channel closed under the
+    call, an entity gone meanwhile) that another try may get past once the connection is back; not a refusal
+    (``REFUSALS``), and not an error outside the AMQP client (a bug)."""
+    return isinstance(exc, CONNECTION_EXCEPTIONS) and not isinstance(exc, REFUSALS)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".strip().rstrip(":")
 
 
 class Broker:
     """One robust AMQP connection with a confirmed publishing channel and consumer channels."""
 
     def __init__(
-        self, url: str, *, delivery_limit: int, reconnect_seconds: float = 1.0, name: str = "mesh"
+        self,
+        url: str,
+        *,
+        delivery_limit: int,
+        reconnect_seconds: float = 1.0,
+        name: str = "mesh",
+        answer_seconds: float = ANSWER_SECONDS,
     ) -> None:
         self.url = url
         self.delivery_limit = delivery_limit
         self.reconnect_seconds = reconnect_seconds
         self.name = name
+        self.answer_seconds = answer_seconds
         self._connection: AbstractRobustConnection | None = None
-        self._publisher: AbstractChannel | None = None
+        self._publisher: AbstractRobustChannel | None = None
         self._declared: set[str] = set()
         self._declare_lock = asyncio.Lock()
         self._consumer_channels: list[AbstractChannel] = []
+        self._unanswered_until = 0.0
+        self._unanswered_since = 0.0
+        self._closed = False
 
     @property
     def connected(self) -> bool:
@@ -59,21 +124,53 @@ class Broker:
         connection = self._connection
         return connection is not None and not connection.is_closed and connection.connected.is_set()
 
-    async def connect(self) -> None:
-        """Open the connection and the publishing channel (retrying until RabbitMQ answers)."""
-        while self._connection is None:
+    async def _retrying(self, what: str, step: Callable[[], Awaitable[T]]) -> T:
+        """Run ``step`` until it succeeds, pausing (``reconnect_seconds``, doubling up to
+        ``RETRY_CAP_SECONDS``) after each connection-level failure; a refusal, or any other error, raises.
+
+        A call cancelled by the closing connection (aiormq cancels what waits on it) is such a failure too; a
+        cancellation of the caller's own task is not, and goes through."""
+        delay = self.reconnect_seconds
+        while True:
+            if self._closed:
+                raise ConnectionError(f"the broker was closed before {what} succeeded")
             try:
-                self._connection = await aio_pika.connect_robust(
-                    self.url,
-                    reconnect_interval=self.reconnect_seconds,
-                    client_properties={"connection_name": self.name},
-                )
-            except (ConnectionError, OSError, aio_pika.exceptions.AMQPError):
-                await asyncio.sleep(self.reconnect_seconds)
-        self._publisher = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+                return await step()
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise
+                error = "cancelled by the closing connection"
+            except Exception as exc:
+                if not retryable(exc):
+                    log.error("RabbitMQ refused the setup", step=what, error=_describe(exc))
+                    raise
+                error = _describe(exc)
+            log.warning("RabbitMQ setup failed; retrying", step=what, error=error, retry_in_s=round(delay, 3))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max(self.reconnect_seconds, RETRY_CAP_SECONDS))
+
+    async def connect(self) -> None:
+        """Open the connection and the publishing channel, retrying until RabbitMQ answers: a connection
+        refused, reset or timed out before both are open is tried again (the robust connection reconnects by
+        itself once it was open)."""
+        self._closed = False
+        await self._retrying("connect", self._connect_once)
+
+    async def _connect_once(self) -> None:
+        if self._connection is None or self._connection.is_closed:
+            self._connection = await aio_pika.connect_robust(
+                self.url,
+                reconnect_interval=self.reconnect_seconds,
+                timeout=CONNECT_SECONDS,
+                client_properties={"connection_name": self.name},
+            )
+        if self._publisher is None:
+            self._publisher = await self._open_channel(publisher_confirms=True, on_return_raises=True)
 
     async def close(self) -> None:
-        """Close channels and the connection."""
+        """Close channels and the connection (a setup still retrying then raises)."""
+        self._closed = True
         if self._connection is not None:
             await self._connection.close()
         self._connection = None
@@ -85,9 +182,34 @@ class Broker:
             raise ConnectionError("the broker is not connected")
         return self._publisher
 
+    async def _open_channel(
+        self, *, prefetch: int = 0, publisher_confirms: bool = True, on_return_raises: bool = False
+    ) -> AbstractRobustChannel:
+        """A robust channel (with ``prefetch`` when not 0); a channel whose opening failed is closed, so the
+        connection does not reopen it when it reconnects."""
+        if self._connection is None:
+            raise ConnectionError("the broker is not connected")
+        channel = self._connection.channel(
+            publisher_confirms=publisher_confirms, on_return_raises=on_return_raises
+        )
+        try:
+            await channel
+            if prefetch:
+                await channel.set_qos(prefetch_count=prefetch)
+        except BaseException:
+            await self._discard(channel)
+            raise
+        return channel
+
+    async def _discard(self, channel: AbstractChannel) -> None:
+        """Close ``channel`` (a setup step failed on it) without waiting long nor raising."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(channel.close(), self.answer_seconds)
+
     async def declare(self, queue: str) -> None:
         """Declare job queue ``queue``: both lanes (quorum, delivery limit, dead-lettering, the same
-        arguments) with their dead-letter exchange and queue."""
+        arguments) with their dead-letter exchange and queue. One try: raises when it fails (the relay
+        declares before it publishes, and releases its rows for a later round then)."""
         if queue in self._declared:
             return
         async with self._declare_lock:
@@ -106,6 +228,11 @@ class Broker:
                     lane, durable=True, arguments=queue_arguments(queue, self.delivery_limit)
                 )
             self._declared.add(queue)
+
+    async def declare_retrying(self, queue: str) -> None:
+        """``declare``, tried again through connection-level failures until it succeeds; raises only when the
+        broker refuses the declaration (``REFUSALS``)."""
+        await self._retrying(f"declare {queue}", lambda: self.declare(queue))
 
     async def publish(
         self,
@@ -149,71 +276,123 @@ class Broker:
         if not isinstance(confirmation, spec.Basic.Ack):
             raise ConnectionError(f"the broker did not confirm {message_id}: {confirmation!r}")
 
-    async def _consumer_channel(self, queue: str, prefetch: int) -> AbstractChannel:
-        """A channel of its own for consuming from job queue ``queue`` (declared first) with a per-consumer
-        ``prefetch``, kept to be closed with the broker."""
-        if self._connection is None:
-            raise ConnectionError("the broker is not connected")
-        await self.declare(queue)
-        channel = await self._connection.channel()
-        await channel.set_qos(prefetch_count=prefetch)
-        self._consumer_channels.append(channel)
-        return channel
-
     async def consume(
         self, queue: str, handler: MessageHandler, *, prefetch: int
     ) -> list[tuple[AbstractQueue, str]]:
-        """Consume both lanes of job queue ``queue``, each on a channel of its own with ``prefetch``
-        unacknowledged messages at most (so up to twice ``prefetch`` in all); returns each lane's queue and
-        consumer tag (to stop consuming with ``queue.cancel(tag)``), the normal lane first."""
-        consumers = []
-        for lane in lanes(queue):
-            channel = await self._consumer_channel(queue, prefetch)
-            declared = await channel.declare_queue(
-                lane, durable=True, arguments=queue_arguments(queue, self.delivery_limit)
-            )
-            tag = await declared.consume(handler, no_ack=False)
-            consumers.append((declared, tag))
+        """Consume both lanes of job queue ``queue`` (declared first), each on a channel of its own with
+        ``prefetch`` unacknowledged messages at most (so up to twice ``prefetch`` in all); returns each lane's
+        queue and consumer tag (to stop consuming with ``queue.cancel(tag)``), the normal lane first.
+
+        Retried until it succeeds: a connection-level failure while the consumers are set up closes the
+        channels this try opened and starts again; a refusal raises."""
+        await self.declare_retrying(queue)
+        return await self._retrying(f"consume {queue}", lambda: self._consume_lanes(queue, handler, prefetch))
+
+    async def _consume_lanes(
+        self, queue: str, handler: MessageHandler, prefetch: int
+    ) -> list[tuple[AbstractQueue, str]]:
+        opened: list[AbstractChannel] = []
+        consumers: list[tuple[AbstractQueue, str]] = []
+        try:
+            for lane in lanes(queue):
+                channel = await self._open_channel(prefetch=prefetch)
+                opened.append(channel)
+                declared = await channel.declare_queue(
+                    lane, durable=True, arguments=queue_arguments(queue, self.delivery_limit)
+                )
+                tag = await declared.consume(handler, no_ack=False)
+                consumers.append((declared, tag))
+        except BaseException:
+            for failed in opened:
+                await self._discard(failed)
+            raise
+        self._consumer_channels.extend(opened)
         return consumers
 
     async def consume_dead_letters(self, queue: str, handler: MessageHandler, *, prefetch: int) -> None:
-        """Consume ``queue``'s dead-letter queue."""
-        channel = await self._consumer_channel(queue, prefetch)
-        dead = await channel.declare_queue(
-            dead_letter_queue(queue), durable=True, arguments={"x-queue-type": "quorum"}
+        """Consume ``queue``'s dead-letter queue (job queue ``queue`` declared first), retried as ``consume``
+        is."""
+        await self.declare_retrying(queue)
+        await self._retrying(
+            f"consume {dead_letter_queue(queue)}", lambda: self._consume_dead(queue, handler, prefetch)
         )
-        await dead.consume(handler, no_ack=False)
+
+    async def _consume_dead(self, queue: str, handler: MessageHandler, prefetch: int) -> None:
+        channel = await self._open_channel(prefetch=prefetch)
+        try:
+            dead = await channel.declare_queue(
+                dead_letter_queue(queue), durable=True, arguments={"x-queue-type": "quorum"}
+            )
+            await dead.consume(handler, no_ack=False)
+        except BaseException:
+            await self._discard(channel)
+            raise
+        self._consumer_channels.append(channel)
+
+    @contextlib.asynccontextmanager
+    async def _question(self) -> AsyncIterator[aiormq.abc.AbstractChannel]:
+        """A plain (aiormq, not robust) channel for one question, closed after it whatever happened, within
+        ``answer_seconds`` in all.
+
+        Not the publishing channel: the broker closes a channel on a failed passive declare. Not a robust one
+        either: aio-pika reopens a robust channel the broker closed, and the reopened one stayed open, one per
+        question (at ``channel_max`` the connection failed). Raises ConnectionError while not connected, and
+        TimeoutError when RabbitMQ did not answer in time; after that, for ``answer_seconds``, every question
+        raises TimeoutError at once rather than open yet another channel that would wait as long (a channel
+        that got no answer is held until the broker confirms its close, or the connection goes)."""
+        connection = self._connection
+        transport = connection.transport if connection is not None else None
+        if transport is None or not self.connected:
+            raise ConnectionError("not connected to RabbitMQ")
+        if time.monotonic() < self._unanswered_until:
+            waited = time.monotonic() - self._unanswered_since
+            raise TimeoutError(f"no reply for {waited:.1f}s")
+        asked = time.monotonic()
+        channel: aiormq.abc.AbstractChannel | None = None
+        try:
+            async with asyncio.timeout(self.answer_seconds):
+                channel = await transport.connection.channel(publisher_confirms=False)
+                self._unanswered_since = 0.0  # it answers (again)
+                try:
+                    yield channel
+                finally:
+                    if not channel.is_closed:
+                        await channel.close()
+        except (TimeoutError, asyncio.CancelledError):
+            # No answer in time (or the caller gave up waiting): hold further questions off a while.
+            self._unanswered_since = self._unanswered_since or asked
+            self._unanswered_until = time.monotonic() + self.answer_seconds
+            raise
 
     async def ready_count(self, queue: str) -> int:
         """Messages ready in job queue ``queue``, both lanes (-1 when the broker cannot say)."""
-        counts = [await self.lane_ready_count(lane) for lane in lanes(queue)]
+        counts = await asyncio.gather(*(self.lane_ready_count(lane) for lane in lanes(queue)))
         return -1 if -1 in counts else sum(counts)
 
     async def lane_ready_count(self, lane: str) -> int:
-        """Messages ready in the RabbitMQ queue ``lane`` (-1 when the broker cannot say).
-
-        A passive declare of a missing queue closes its channel, so it runs on a throwaway channel, never on
-        the publishing one."""
-        if self._connection is None or self._connection.is_closed:
-            return -1
+        """Messages ready in the RabbitMQ queue ``lane``; -1 when the broker cannot say: not connected, the
+        queue does not exist, or no answer within ``answer_seconds``. A passive declare, on a channel of its
+        own that is closed after it (``_question``)."""
         try:
-            channel = await self._connection.channel(publisher_confirms=False)
+            async with self._question() as channel:
+                declared = await channel.queue_declare(lane, passive=True)
         except Exception:
             return -1
-        try:
-            declared = await channel.declare_queue(lane, passive=True)
-            count = declared.declaration_result.message_count
-            return -1 if count is None else int(count)
-        except Exception:
-            return -1
-        finally:
-            if not channel.is_closed:
-                await channel.close()
+        count = declared.message_count
+        return -1 if count is None else int(count)
 
     async def check(self) -> str:
-        """Health: the connection is open (raises otherwise)."""
+        """Health: the connection is open and RabbitMQ answers a round trip (a channel opened and closed)
+        within ``answer_seconds``; raises otherwise. A broker that stops answering without dropping the
+        connection shows at the next check, not once the AMQP heartbeat gives up minutes later."""
         if self._connection is None:
             raise ConnectionError("not connected to RabbitMQ yet (connecting)")
         if not self.connected:
             raise ConnectionError("RabbitMQ connection is closed (reconnecting)")
+        try:
+            async with self._question():
+                pass
+        except TimeoutError as exc:
+            detail = str(exc) or f"no reply within {self.answer_seconds:g}s"
+            raise ConnectionError(f"RabbitMQ does not answer ({detail})") from None
         return "connected"

@@ -31,7 +31,12 @@ DEAD_LETTERS = Counter(
     "Dead-lettered dispatches, by what they did to their job.",
     ["queue", "effect"],
 )
-EFFECTS = {JobState.DEAD: "marked_dead", JobState.QUEUED: "dispatched_again", None: "stale"}
+EFFECTS = {
+    JobState.DEAD: "marked_dead",
+    JobState.QUEUED: "dispatched_again",
+    JobState.CANCELLED: "cancelled",
+    None: "stale",
+}
 """What a dead letter did to its job, by the state it moved the job to (None: the job had moved on)."""
 UNDECODABLE_EFFECT = "undecodable"
 
@@ -62,7 +67,8 @@ class DeadLetterConsumer:
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Consume until ``stopping`` is set (the broker's connection restores the consumers), once the job
-        queues are ``declared``."""
+        queues are ``declared``. Setting the consumers up is retried through connection resets
+        (``Broker.consume_dead_letters``): one while the service starts does not stop it."""
         if self.declared is not None:
             await self.declared.wait()
         for queue in self.queues:

@@ -1,13 +1,20 @@
 """The reconciler: nothing accepted stays non-terminal forever.
 
 Every interval it moves RETRY_WAIT jobs whose backoff elapsed back to QUEUED (next attempt, new dispatch),
-re-dispatches RUNNING jobs whose lease ran out (their worker died or hung) as the next attempt, or fails
-them when their attempts are spent, and dispatches again QUEUED jobs nobody claimed for a long time with no
+moves RUNNING jobs whose lease ran out (their worker died or hung: a SYSTEM error of the attempt) to
+RETRY_WAIT with backoff, or fails them when their attempts are spent, and dispatches again QUEUED jobs nobody claimed for a long time with no
 dispatch pending (a message lost outside the guarantees, e.g. a purged queue), where the broker holds no
 message ready for their queue: a dispatch waiting behind a backlog, or while no worker consumes, is not lost,
 and a copy of it every ``stale_queued_seconds`` would only pile up in RabbitMQ. Unconfirmed outbox rows are
 taken again by the relay once their lock runs out. Every ``prune_interval_seconds`` it also deletes finished
 jobs past their retention. Several reconcilers may run: rows are taken with ``FOR UPDATE SKIP LOCKED``.
+
+Given the service's job queues (``queues``), the broker is asked about them first: a queue it holds messages
+for (or cannot say about: -1, away or not answering) is not looked for in the database at all, so a backlog
+waiting in RabbitMQ costs no scan of its stale jobs per sweep; jobs of other queues (a former queue prefix)
+are left alone. The broker is waited for ``ready_timeout_seconds`` at most (all queues asked at once): one
+that stops answering delays a sweep by that long instead of stopping every sweep (lease expiry, retries,
+pruning) until the connection's heartbeat gives up.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from prometheus_client import Counter
 
@@ -31,6 +38,9 @@ PRUNED = Counter("mesh_queue_jobs_pruned_total", "Finished jobs deleted after th
 PRUNE_BATCH = 1000
 PRUNE_BATCHES_PER_PASS = 20
 """At most 20 000 jobs a pass, in short transactions; a backlog (retention just lowered) takes a few passes."""
+READY_TIMEOUT_SECONDS = 5.0
+"""How long a sweep waits for the broker's ready counts (all queues asked at once) before it takes them as
+unknown."""
 
 
 class Reconciler:
@@ -41,6 +51,8 @@ class Reconciler:
         repository: JobRepository,
         *,
         ready_count: Callable[[str], Awaitable[int]],
+        queues: Sequence[str] | None = None,
+        ready_timeout_seconds: float = READY_TIMEOUT_SECONDS,
         interval_seconds: float = 1.0,
         stale_queued_seconds: float = 300.0,
         retention_seconds: float = 0.0,
@@ -49,6 +61,8 @@ class Reconciler:
     ) -> None:
         self.repository = repository
         self.ready_count = ready_count
+        self.queues = None if queues is None else list(queues)
+        self.ready_timeout_seconds = ready_timeout_seconds
         self.interval_seconds = interval_seconds
         self.stale_queued_seconds = stale_queued_seconds
         self.retention_seconds = retention_seconds
@@ -90,12 +104,38 @@ class Reconciler:
 
     async def redispatch_stale(self) -> list[Row]:
         """Dispatch again the stale QUEUED jobs of the queues whose lanes hold no ready message (-1, the
-        broker cannot say, is not 0: nothing is sent while it is away)."""
-        queues = await self.repository.stale_queues(self.stale_queued_seconds)
-        quiet = [queue for queue in queues if await self.ready_count(queue) == 0]
+        broker cannot say, is not 0: nothing is sent while it is away or does not answer).
+
+        With ``queues`` (the service's job queues) the broker is asked about them first and the database
+        only about the quiet ones, in one statement; without, the database names the queues with stale jobs
+        first."""
+        if self.queues is None:
+            queues = await self.repository.stale_queues(self.stale_queued_seconds)
+        else:
+            queues = self.queues
+        if not queues:
+            return []
+        counts = await asyncio.gather(*(self._ready(queue) for queue in queues))
+        quiet = [queue for queue, count in zip(queues, counts, strict=True) if count == 0]
         if not quiet:
             return []
         return await self.repository.redispatch_stale(self.stale_queued_seconds, quiet)
+
+    async def _ready(self, queue: str) -> int:
+        """The broker's ready count of ``queue``; -1 (unknown) when it fails or takes longer than
+        ``ready_timeout_seconds``."""
+        try:
+            return await asyncio.wait_for(self.ready_count(queue), self.ready_timeout_seconds)
+        except TimeoutError:
+            log.warning(
+                "broker ready count not answered; taken as unknown",
+                queue=queue,
+                timeout_s=self.ready_timeout_seconds,
+            )
+            return -1
+        except Exception as exc:
+            log.warning("broker ready count failed; taken as unknown", queue=queue, error=str(exc))
+            return -1
 
     async def prune(self) -> int:
         """Delete the jobs that finished over ``retention_seconds`` ago; returns how many."""

@@ -7,8 +7,11 @@ transaction; triggers (migration 0001) write the history and the outbox row of e
 code path can queue a job without its dispatch.
 
 Operations retry on a dropped connection (``pg_terminate_backend``, a restart). The ones that change state
-are written so that a retry after an ambiguous commit is harmless: submit carries a client-made id, claims
-and outcomes carry the worker's claim token.
+are written so that a retry after an ambiguous commit (COMMIT reached PostgreSQL, its answer was lost) gives
+the answer the first try would have given: submit carries a client-made id, claims and outcomes carry the
+worker's claim token, and the queue service's own transactions (cancel, retry, dead letters, expired
+leases) carry their transaction id: the next try asks PostgreSQL whether it committed
+(:meth:`JobRepository._transaction`) rather than running again and finding its own change.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ from mesh.kit.db import database_unavailable
 from mesh.kit.pagination import Cursor
 from mesh.services.queue.batching import GroupCommit
 from mesh.services.queue.states import (
+    LEASE_EXPIRED_MESSAGE,
     RETRYABLE_BY_USER,
     Attempts,
+    Backoff,
     DeadLetterFacts,
     ErrorCategory,
     IllegalTransition,
@@ -48,6 +53,15 @@ T = TypeVar("T")
 
 # Dropped connections and the like; a retry on a fresh connection may succeed.
 RETRY_ON = (psycopg.OperationalError, psycopg.errors.AdminShutdown)
+
+# The id of the transaction (NULL while it has written nothing), and later what became of it.
+_XACT_ID = "SELECT pg_current_xact_id_if_assigned()::text AS xid"
+_XACT_STATUS = "SELECT pg_xact_status(%s::xid8) AS status"
+
+
+class CommitOutcomeUnknown(Exception):
+    """PostgreSQL cannot say yet whether a COMMIT whose answer was lost took effect: the transaction is still
+    open on a backend that has not noticed its client is gone."""
 
 
 def job_not_found(job_id: uuid.UUID) -> errors.NotFound:
@@ -254,6 +268,48 @@ class JobRepository:
         except RETRY_ON as error:
             raise database_unavailable("the job database", error) from error
 
+    async def _transaction(self, body: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+        """``body`` in one transaction, retried as :meth:`_retrying` does, and taking effect at most once.
+
+        Before COMMIT the transaction's id is noted with the body's answer. When the connection drops and the
+        answer to COMMIT is lost, the next try first asks PostgreSQL what became of that transaction
+        (``pg_xact_status``): committed, the noted answer is the answer (running the body again would find
+        its own change and answer otherwise: a retried job "cannot be retried", a dead letter counts twice);
+        aborted, the body runs again; still in progress (its backend has not yet noticed its client is gone),
+        it asks again until ``retry_timeout``, then fails UNAVAILABLE saying the outcome is unknown."""
+        sent: list[tuple[str, T]] = []  # the try whose COMMIT went out: its transaction id and answer
+
+        async def run() -> T:
+            async with self.pool.connection() as conn:
+                if sent:
+                    xid, answer = sent[0]
+                    cursor = await conn.execute(_XACT_STATUS, (xid,))
+                    found: Row | None = await cursor.fetchone()  # type: ignore[assignment]
+                    status = found["status"] if found else None
+                    if status == "committed":
+                        return answer
+                    if status != "aborted":
+                        raise CommitOutcomeUnknown(f"transaction {xid} is {status or 'unknown'}")
+                    sent.clear()
+                async with conn.transaction():
+                    answer = await body(conn)
+                    cursor = await conn.execute(_XACT_ID)
+                    noted: Row | None = await cursor.fetchone()  # type: ignore[assignment]
+                    if noted is not None and noted["xid"] is not None:  # None: it wrote nothing
+                        sent[:] = [(noted["xid"], answer)]
+                return answer
+
+        try:
+            return await retrying(run, timeout=self.retry_timeout, on=(*RETRY_ON, CommitOutcomeUnknown))
+        except (*RETRY_ON, CommitOutcomeUnknown) as error:
+            if sent:
+                raise errors.Unavailable(
+                    "the job database did not confirm the change, and whether it took effect is unknown "
+                    f"({type(error).__name__}); read the job to see whether it did",
+                    retry_after_seconds=1.0,
+                ) from error
+            raise database_unavailable("the job database", error) from error
+
     async def _fetchone(self, query: str, params: dict[str, Any] | Sequence[Any]) -> Row | None:
         async def run() -> Row | None:
             async with self.pool.connection() as conn:
@@ -366,52 +422,50 @@ class JobRepository:
     async def cancel(self, job_id: uuid.UUID) -> Row:
         """Queued or waiting -> CANCELLED at once; running -> cancel_requested (the worker ends it)."""
 
-        async def run() -> Row:
-            async with self.pool.connection() as conn, conn.transaction():
-                row = await _lock_job(conn, job_id)
-                try:
-                    target = cancel_target(JobState(row["state"]))
-                except IllegalTransition as exc:
-                    raise errors.FailedPrecondition(str(exc), reason="JOB_FINISHED") from exc
-                if target is None:
-                    query = (
-                        "UPDATE jobs SET cancel_requested = true, state_reason = 'cancel requested by user' "
-                        "WHERE id = %s RETURNING *"
-                    )
-                else:
-                    query = (
-                        "UPDATE jobs SET state = 'CANCELLED', finished_at = now(), next_run_at = NULL, "
-                        "state_reason = 'cancelled by user' WHERE id = %s RETURNING *"
-                    )
-                cursor = await conn.execute(query, (job_id,))
-                updated: Row = await cursor.fetchone()  # type: ignore[assignment]
-                return updated
+        async def body(conn: psycopg.AsyncConnection[Any]) -> Row:
+            row = await _lock_job(conn, job_id)
+            try:
+                target = cancel_target(JobState(row["state"]))
+            except IllegalTransition as exc:
+                raise errors.FailedPrecondition(str(exc), reason="JOB_FINISHED") from exc
+            if target is None:
+                query = (
+                    "UPDATE jobs SET cancel_requested = true, state_reason = 'cancel requested by user' "
+                    "WHERE id = %s RETURNING *"
+                )
+            else:
+                query = (
+                    "UPDATE jobs SET state = 'CANCELLED', finished_at = now(), next_run_at = NULL, "
+                    "state_reason = 'cancelled by user' WHERE id = %s RETURNING *"
+                )
+            cursor = await conn.execute(query, (job_id,))
+            updated: Row = await cursor.fetchone()  # type: ignore[assignment]
+            return updated
 
-        return await self._retrying(run)
+        return await self._transaction(body)
 
     async def retry(self, job_id: uuid.UUID) -> Row:
         """A failed, dead or cancelled job -> QUEUED as a new attempt with a fresh attempt budget."""
 
-        async def run() -> Row:
-            async with self.pool.connection() as conn, conn.transaction():
-                row = await _lock_job(conn, job_id)
-                if JobState(row["state"]) not in RETRYABLE_BY_USER:
-                    raise errors.FailedPrecondition(
-                        f"a {row['state']} job cannot be retried; only FAILED, DEAD or CANCELLED ones",
-                        reason="JOB_NOT_RETRYABLE",
-                    )
-                cursor = await conn.execute(
-                    "UPDATE jobs SET state = 'QUEUED', attempt = attempt + 1, run_first_attempt = attempt + 1,"
-                    " cancel_requested = false, dead_letters = 0, error_category = NULL, error_message = NULL,"
-                    " error_code = NULL, result = NULL, progress = 0, stage = '', enqueued_at = now(),"
-                    " dispatched_at = now(), finished_at = NULL, next_run_at = NULL, lease_owner = NULL,"
-                    " lease_expires_at = NULL, state_reason = 'retried by user' WHERE id = %s RETURNING *",
-                    (job_id,),
+        async def body(conn: psycopg.AsyncConnection[Any]) -> Row:
+            row = await _lock_job(conn, job_id)
+            if JobState(row["state"]) not in RETRYABLE_BY_USER:
+                raise errors.FailedPrecondition(
+                    f"a {row['state']} job cannot be retried; only FAILED, DEAD or CANCELLED ones",
+                    reason="JOB_NOT_RETRYABLE",
                 )
-                updated: Row = await cursor.fetchone()  # type: ignore[assignment]
-                return updated
+            cursor = await conn.execute(
+                "UPDATE jobs SET state = 'QUEUED', attempt = attempt + 1, run_first_attempt = attempt + 1,"
+                " cancel_requested = false, dead_letters = 0, error_category = NULL, error_message = NULL,"
+                " error_code = NULL, result = NULL, progress = 0, stage = '', enqueued_at = now(),"
+                " dispatched_at = now(), finished_at = NULL, next_run_at = NULL, lease_owner = NULL,"
+                " lease_expires_at = NULL, state_reason = 'retried by user' WHERE id = %s RETURNING *",
+                (job_id,),
+            )
+            updated: Row = await cursor.fetchone()  # type: ignore[assignment]
+            return updated
 
-        return await self._retrying(run)
+        return await self._transaction(body)
 
     async def counts(self) -> QueueCounts:
         """Counts per queue and state, oldest queued job per queue, jobs finished in the last minute."""
@@ -482,48 +536,54 @@ class JobRepository:
         return await self._fetchall(_REQUEUE_DUE, {"limit": limit})
 
     async def expire_leases(self, limit: int = 200) -> list[tuple[uuid.UUID, JobState]]:
-        """RUNNING jobs whose lease ran out -> QUEUED as the next attempt, or FAILED when attempts are spent
-        (or CANCELLED when cancel was asked)."""
+        """RUNNING jobs whose lease ran out: their worker is lost, a SYSTEM error of the attempt, which goes
+        RETRY_WAIT with backoff (the next attempt is queued once it elapses) or FAILED when the attempts are
+        spent (:func:`~mesh.services.queue.states.stalled_lease_outcome`); CANCELLED when cancel was asked."""
 
-        async def run() -> list[tuple[uuid.UUID, JobState]]:
+        async def body(conn: psycopg.AsyncConnection[Any]) -> list[tuple[uuid.UUID, JobState]]:
             moved: list[tuple[uuid.UUID, JobState]] = []
-            async with self.pool.connection() as conn, conn.transaction():
-                cursor = await conn.execute(
-                    "SELECT id, attempt, run_first_attempt, max_attempts, cancel_requested FROM jobs"
-                    " WHERE state = 'RUNNING' AND lease_expires_at < now()"
-                    " ORDER BY lease_expires_at LIMIT %s FOR UPDATE SKIP LOCKED",
-                    (limit,),
-                )
-                for row in await cursor.fetchall():
-                    job: Row = row  # type: ignore[assignment]
-                    if job["cancel_requested"]:
-                        await conn.execute(
-                            "UPDATE jobs SET state = 'CANCELLED', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL,"
-                            " state_reason = 'cancelled by user; its worker stopped answering' WHERE id = %s",
-                            (job["id"],),
-                        )
-                        moved.append((job["id"], JobState.CANCELLED))
-                        continue
-                    outcome = stalled_lease_outcome(
-                        Attempts(job["attempt"], job["run_first_attempt"], job["max_attempts"])
+            cursor = await conn.execute(
+                "SELECT id, attempt, run_first_attempt, max_attempts, backoff_base_s, backoff_cap_s,"
+                " cancel_requested FROM jobs WHERE state = 'RUNNING' AND lease_expires_at < now()"
+                " ORDER BY lease_expires_at LIMIT %s FOR UPDATE SKIP LOCKED",
+                (limit,),
+            )
+            jobs: list[Row] = await cursor.fetchall()
+            for job in jobs:
+                if job["cancel_requested"]:
+                    await conn.execute(
+                        "UPDATE jobs SET state = 'CANCELLED', finished_at = now(), lease_owner = NULL,"
+                        " lease_expires_at = NULL,"
+                        " state_reason = 'cancelled by user; its worker stopped answering' WHERE id = %s",
+                        (job["id"],),
                     )
-                    if outcome.state is JobState.QUEUED:
-                        await conn.execute(
-                            "UPDATE jobs SET state = 'QUEUED', attempt = attempt + 1, enqueued_at = now(),"
-                            " dispatched_at = now(), lease_owner = NULL, lease_expires_at = NULL, progress = 0, stage = '',"
-                            " state_reason = %s WHERE id = %s",
-                            (outcome.reason, job["id"]),
-                        )
-                    else:
-                        await conn.execute(
-                            "UPDATE jobs SET state = 'FAILED', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL,"
-                            " error_category = 'SYSTEM', error_message = %s, state_reason = %s WHERE id = %s",
-                            (outcome.reason, outcome.reason, job["id"]),
-                        )
-                    moved.append((job["id"], outcome.state))
+                    moved.append((job["id"], JobState.CANCELLED))
+                    continue
+                outcome = stalled_lease_outcome(
+                    Attempts(job["attempt"], job["run_first_attempt"], job["max_attempts"]),
+                    Backoff(job["backoff_base_s"], job["backoff_cap_s"]),
+                )
+                # As the worker commits a failed attempt (ClaimStore.finish), but clearing lease_owner: the
+                # lost worker, should it come back, is told it was fenced out, not that it committed.
+                await conn.execute(
+                    "UPDATE jobs SET state = %(state)s, lease_owner = NULL, lease_expires_at = NULL,"
+                    " error_category = 'SYSTEM', error_message = %(message)s, error_code = NULL,"
+                    " next_run_at = CASE WHEN %(delay)s::float8 IS NULL THEN NULL"
+                    "                    ELSE clock_timestamp() + make_interval(secs => %(delay)s::float8) END,"
+                    " finished_at = CASE WHEN %(state)s = 'FAILED' THEN now() END,"
+                    " state_reason = %(reason)s WHERE id = %(id)s",
+                    {
+                        "id": job["id"],
+                        "state": outcome.state.value,
+                        "message": LEASE_EXPIRED_MESSAGE,
+                        "delay": outcome.delay_seconds,
+                        "reason": outcome.reason,
+                    },
+                )
+                moved.append((job["id"], outcome.state))
             return moved
 
-        return await self._retrying(run)
+        return await self._transaction(body)
 
     async def stale_queues(self, older_than_seconds: float) -> list[str]:
         """The queues holding QUEUED jobs that nobody claimed for a long time, with no dispatch pending."""
@@ -542,43 +602,55 @@ class JobRepository:
     async def dead_letter(
         self, job_id: uuid.UUID, attempt: int, reason: str, *, delivery_limit: int
     ) -> JobState | None:
-        """A dispatch of this attempt reached the dead-letter queue: DEAD, or dispatched again when the job
-        was collateral (see :func:`~mesh.services.queue.states.dead_letter_outcome`); None when it moved on."""
+        """A dispatch of this attempt reached the dead-letter queue: DEAD, dispatched again (QUEUED) when the
+        job was collateral, CANCELLED when its user asked to cancel it (see
+        :func:`~mesh.services.queue.states.dead_letter_outcome`); None when it moved on."""
 
-        async def run() -> JobState | None:
-            async with self.pool.connection() as conn, conn.transaction():
-                cursor = await conn.execute(
-                    "SELECT state, attempt_claims, dead_letters FROM jobs"
-                    " WHERE id = %s AND attempt = %s FOR UPDATE",
-                    (job_id, attempt),
+        async def body(conn: psycopg.AsyncConnection[Any]) -> JobState | None:
+            cursor = await conn.execute(
+                "SELECT state, attempt_claims, dead_letters, cancel_requested FROM jobs"
+                " WHERE id = %s AND attempt = %s FOR UPDATE",
+                (job_id, attempt),
+            )
+            row: Row | None = await cursor.fetchone()
+            if row is None:
+                return None
+            target = dead_letter_outcome(
+                DeadLetterFacts(
+                    JobState(row["state"]),
+                    row["attempt_claims"],
+                    row["dead_letters"],
+                    row["cancel_requested"],
+                ),
+                delivery_limit=delivery_limit,
+            )
+            if target is JobState.DEAD:
+                await conn.execute(
+                    "UPDATE jobs SET state = 'DEAD', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL,"
+                    " dead_letters = dead_letters + 1, error_category = 'SYSTEM', error_message = %(reason)s,"
+                    " state_reason = %(reason)s WHERE id = %(id)s",
+                    {"id": job_id, "reason": reason},
                 )
-                row: Row | None = await cursor.fetchone()  # type: ignore[assignment]
-                if row is None:
-                    return None
-                target = dead_letter_outcome(
-                    DeadLetterFacts(JobState(row["state"]), row["attempt_claims"], row["dead_letters"]),
-                    delivery_limit=delivery_limit,
+            elif target is JobState.CANCELLED:
+                await conn.execute(
+                    "UPDATE jobs SET state = 'CANCELLED', finished_at = now(), next_run_at = NULL, lease_owner = NULL,"
+                    " lease_expires_at = NULL, dead_letters = dead_letters + 1, state_reason = %(reason)s"
+                    " WHERE id = %(id)s",
+                    {"id": job_id, "reason": f"cancelled by user; {reason}, and no worker runs it any more"},
                 )
-                if target is JobState.DEAD:
-                    await conn.execute(
-                        "UPDATE jobs SET state = 'DEAD', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL,"
-                        " dead_letters = dead_letters + 1, error_category = 'SYSTEM', error_message = %(reason)s,"
-                        " state_reason = %(reason)s WHERE id = %(id)s",
-                        {"id": job_id, "reason": reason},
-                    )
-                elif target is JobState.QUEUED:
-                    await conn.execute(
-                        "UPDATE jobs SET state = 'QUEUED', dispatched_at = clock_timestamp(), lease_owner = NULL,"
-                        " lease_expires_at = NULL, dead_letters = dead_letters + 1, progress = 0, stage = '',"
-                        " state_reason = %(reason)s WHERE id = %(id)s",
-                        {
-                            "id": job_id,
-                            "reason": f"{reason}; collateral of another job's crashes, dispatched again",
-                        },
-                    )
-                return target
+            elif target is JobState.QUEUED:
+                await conn.execute(
+                    "UPDATE jobs SET state = 'QUEUED', dispatched_at = clock_timestamp(), lease_owner = NULL,"
+                    " lease_expires_at = NULL, dead_letters = dead_letters + 1, progress = 0, stage = '',"
+                    " state_reason = %(reason)s WHERE id = %(id)s",
+                    {
+                        "id": job_id,
+                        "reason": f"{reason}; collateral of another job's crashes, dispatched again",
+                    },
+                )
+            return target
 
-        return await self._retrying(run)
+        return await self._transaction(body)
 
 
 # --- the worker's side -------------------------------------------------------------------------------

@@ -27,6 +27,9 @@ log = get_logger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
 
 SUBMITTED = Counter("mesh_queue_jobs_submitted_total", "Accepted submits.", ["queue", "existing"])
+BROKER_READY_TIMEOUT_SECONDS = 5.0
+"""GetQueueStats waits this long at most for RabbitMQ's ready counts (all queues asked at once; the broker's
+own questions give up sooner), then says -1 (unknown) for those not answered."""
 
 
 class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
@@ -178,18 +181,27 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
             await asyncio.sleep(self.watch_poll_seconds)
             row = await self.repository.require(job_id)
 
+    async def _broker_ready(self, queue: str) -> int:
+        """Messages ready in RabbitMQ for ``queue`` (both lanes); -1, unknown, when the broker is away or does
+        not answer within ``BROKER_READY_TIMEOUT_SECONDS`` (the statistics still answer)."""
+        if self.broker is None or not self.broker.connected:
+            return -1
+        try:
+            return await asyncio.wait_for(self.broker.ready_count(queue), BROKER_READY_TIMEOUT_SECONDS)
+        except TimeoutError:
+            return -1
+
     async def GetQueueStats(  # noqa: N802
         self, request: queue_service_pb2.GetQueueStatsRequest, context: Context
     ) -> queue_service_pb2.GetQueueStatsResponse:
         counts = await self.repository.counts()
         response = queue_service_pb2.GetQueueStatsResponse()
-        per_queue: dict[str, queue_service_pb2.QueueDepth] = {}
-        for queue in sorted({q for q, _ in counts.by_queue_state} | set(self.queues)):
-            depth = queue_service_pb2.QueueDepth(queue=queue, broker_ready=-1)
-            if self.broker is not None and self.broker.connected:
-                # Both lanes of the job queue (normal and high priority).
-                depth.broker_ready = await self.broker.ready_count(queue)
-            per_queue[queue] = depth
+        queues = sorted({q for q, _ in counts.by_queue_state} | set(self.queues))
+        ready = await asyncio.gather(*(self._broker_ready(queue) for queue in queues))
+        per_queue = {
+            queue: queue_service_pb2.QueueDepth(queue=queue, broker_ready=count)
+            for queue, count in zip(queues, ready, strict=True)
+        }
         for (queue, state), n in counts.by_queue_state.items():
             per_queue[queue].jobs_by_state[state] = n
             response.jobs_by_state[state] = response.jobs_by_state[state] + n

@@ -7,7 +7,12 @@ States and the moves between them follow CONTRACT.md::
     QUEUED | RUNNING | RETRY_WAIT -> FAILED | DEAD | CANCELLED
     FAILED | DEAD | CANCELLED -> QUEUED    (a user's retry: a new attempt)
 
-``RUNNING -> QUEUED`` also exists: a stalled lease is re-dispatched as the next attempt.
+A RUNNING job whose lease expired lost its worker (it died, hung or lost PostgreSQL): a SYSTEM error of that
+attempt, so it goes ``RUNNING -> RETRY_WAIT -> QUEUED`` with backoff like any other, or ``-> FAILED`` once
+its attempts are spent (:func:`stalled_lease_outcome`). ``RUNNING -> QUEUED`` exists only for a collateral
+dead letter: a dispatch of a running job that died with a worker another job killed is dispatched again at
+the same attempt (:func:`dead_letter_outcome`). A job whose user asked to cancel it is never dispatched
+again by either: with nothing running it any more, it ends CANCELLED.
 """
 
 from __future__ import annotations
@@ -161,13 +166,20 @@ def decide_failure(
     )
 
 
-def stalled_lease_outcome(attempts: Attempts) -> FailureOutcome:
-    """A RUNNING job whose lease expired (its worker died or hung): next attempt, or FAILED when spent."""
-    if attempts.exhausted:
-        return FailureOutcome(
-            JobState.FAILED, None, f"SYSTEM error: lease expired, {attempts.used} attempts used"
-        )
-    return FailureOutcome(JobState.QUEUED, None, "lease expired: dispatched as the next attempt")
+LEASE_EXPIRED_MESSAGE = (
+    "the worker stopped renewing its lease before the attempt ended (it died, hung or lost PostgreSQL)"
+)
+"""The error a stalled lease records for its attempt (category SYSTEM)."""
+
+
+def stalled_lease_outcome(
+    attempts: Attempts, backoff: Backoff, rng: random.Random | None = None
+) -> FailureOutcome:
+    """A RUNNING job whose lease expired: a SYSTEM error of the attempt, decided as any other
+    (:func:`decide_failure`): RETRY_WAIT with backoff, or FAILED when the attempts are spent. The reason
+    starts with "lease expired" so that the history says what happened."""
+    decision = decide_failure(ErrorCategory.SYSTEM, LEASE_EXPIRED_MESSAGE, attempts, backoff, rng)
+    return FailureOutcome(decision.state, decision.delay_seconds, f"lease expired: {decision.reason}")
 
 
 @dataclass(frozen=True)
@@ -177,6 +189,7 @@ class DeadLetterFacts:
     state: JobState
     attempt_claims: int
     dead_letters: int
+    cancel_requested: bool = False
 
 
 def dead_letter_outcome(
@@ -186,11 +199,14 @@ def dead_letter_outcome(
 
     A job dead-lettered while QUEUED, or claimed on fewer deliveries, was collateral of workers killed by
     other jobs (the dispatches a worker holds unacked all count a delivery when it dies): it is dispatched
-    again (QUEUED), up to ``max_dead_letters`` times, after which it is DEAD too. A job that moved on
-    (finished, waiting for a retry) is left alone (None).
+    again (QUEUED), up to ``max_dead_letters`` times, after which it is DEAD too. A job whose user asked to
+    cancel it is CANCELLED instead of either: the user asked for it, and no worker runs it any more (as
+    for an expired lease). A job that moved on (finished, waiting for a retry) is left alone (None).
     """
     if facts.state not in (JobState.QUEUED, JobState.RUNNING):
         return None
+    if facts.cancel_requested:
+        return JobState.CANCELLED
     if facts.dead_letters + 1 >= max_dead_letters:
         return JobState.DEAD
     if facts.state is JobState.RUNNING and facts.attempt_claims >= delivery_limit:

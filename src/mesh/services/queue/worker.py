@@ -332,7 +332,10 @@ class JobWorker:
         ]
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Consume until ``stopping`` is set, then drain."""
+        """Consume until ``stopping`` is set, then drain. Connecting and setting up the consumers are retried
+        through connection resets (``Broker.connect``, ``Broker.consume``): a broker blip while the worker
+        starts does not end ``run``, which would stop the service it is attached to; a declaration the broker
+        refuses (a queue declared with other arguments) does."""
         await self.pool.open(wait=False)
         try:
             # Workers may start before the queue service on a fresh database: the schema comes first

@@ -1,0 +1,254 @@
+"""The queue service's own transactions (RetryJob, CancelJob, a dead letter, the lease sweep) when the answer to
+their COMMIT is lost: the next try on a fresh connection gives the answer the first try would have given, and
+the change takes effect once.
+
+A proxy between the repository's pool and PostgreSQL cuts the connection at COMMIT, either after PostgreSQL
+answered it (the transaction is durable, the client never hears so) or before forwarding it (the transaction
+stays open on its backend, or aborts when the proxy closes that side too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import dict_row
+
+from mesh.kit import errors
+from mesh.kit.db import migrate
+from mesh.services.queue.repository import MIGRATIONS, JobRepository, NewJob, open_pool
+from mesh.services.queue.states import JobState
+
+COMMIT_ASKED = b"Q\x00\x00\x00\x0bCOMMIT\x00"  # the simple query psycopg sends
+COMMIT_ANSWERED = b"C\x00\x00\x00\x0bCOMMIT\x00"  # PostgreSQL's CommandComplete
+
+
+class CommitCutter:
+    """A TCP proxy to PostgreSQL that, once armed, cuts the next COMMIT: ``answered`` after PostgreSQL committed
+    (the answer is dropped), ``held`` before forwarding it with the server side kept open (the transaction
+    stays in progress until :meth:`release`), ``aborted`` before forwarding it with both sides closed."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.mode: str | None = None
+        self.listen_port = 0
+        self.fired = 0
+        self.held: list[asyncio.StreamWriter] = []
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.listen_port = int(self.server.sockets[0].getsockname()[1])
+        return self.listen_port
+
+    def arm(self, mode: str) -> None:
+        self.mode = mode
+
+    def release(self) -> None:
+        """Close the server side of held connections: their transactions abort."""
+        for writer in self.held:
+            _reset(writer)
+        self.held.clear()
+
+    async def close(self) -> None:
+        self.release()
+        self.server.close()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _handle(self, client_reader: asyncio.StreamReader, client: asyncio.StreamWriter) -> None:
+        server_reader, server = await asyncio.open_connection(self.host, self.port)
+
+        async def up() -> None:
+            with contextlib.suppress(Exception):
+                while data := await client_reader.read(65536):
+                    if COMMIT_ASKED in data and self.mode in ("held", "aborted"):
+                        mode, self.mode = self.mode, None
+                        self.fired += 1
+                        _reset(client)
+                        if mode == "held":
+                            self.held.append(server)
+                        else:
+                            _reset(server)
+                        return
+                    server.write(data)
+                    await server.drain()
+
+        async def down() -> None:
+            with contextlib.suppress(Exception):
+                while data := await server_reader.read(65536):
+                    if COMMIT_ANSWERED in data and self.mode == "answered":
+                        self.mode = None
+                        self.fired += 1
+                        _reset(client)
+                        _reset(server)
+                        return
+                    client.write(data)
+                    await client.drain()
+
+        for coroutine in (up(), down()):
+            task = asyncio.create_task(coroutine)
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP reset, as a dropped network path or a killed peer does."""
+    sock = writer.get_extra_info("socket")
+    with contextlib.suppress(Exception):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    writer.transport.abort()
+
+
+@pytest.fixture(scope="module")
+async def migrated(database_url: str) -> str:
+    await migrate(database_url, "queue", MIGRATIONS)
+    return database_url
+
+
+@pytest.fixture
+async def cutter(migrated: str) -> AsyncIterator[CommitCutter]:
+    params = conninfo_to_dict(migrated)
+    proxy = CommitCutter(str(params.get("host") or "localhost"), int(params.get("port") or 5432))
+    await proxy.start()
+    yield proxy
+    await proxy.close()
+
+
+@pytest.fixture
+async def repository(migrated: str, cutter: CommitCutter) -> AsyncIterator[JobRepository]:
+    """A repository whose connections go through ``cutter``."""
+    url = make_conninfo(migrated, host="127.0.0.1", port=str(cutter.listen_port))
+    pool = open_pool(url, name="test-commit-cut", max_size=2)
+    await pool.open()
+    yield JobRepository(pool, retry_timeout=1.5)
+    await pool.close()
+
+
+async def _sql(url: str, query: str, *params: Any) -> list[dict[str, Any]]:
+    """SQL on a direct connection (not through the proxy)."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        cursor = await conn.execute(query, params)
+        return await cursor.fetchall() if cursor.description else []
+
+
+async def _submit(repository: JobRepository) -> uuid.UUID:
+    new = NewJob(
+        queue="q.record",
+        image_id="image",
+        pipeline=b"",
+        model="script:noop",
+        priority=0,
+        idempotency_key=None,
+        max_attempts=3,
+        backoff_base_seconds=0.1,
+        backoff_cap_seconds=0.8,
+    )
+    job_id: uuid.UUID = (await repository.submit(new)).row["id"]
+    return job_id
+
+
+async def test_a_retry_whose_commit_answer_was_lost_answers_with_the_retried_job(
+    repository: JobRepository, cutter: CommitCutter, migrated: str
+) -> None:
+    """RetryJob of a FAILED job whose COMMIT succeeded unheard answers with the job it queued (attempt 2),
+    not FAILED_PRECONDITION "a QUEUED job cannot be retried", and the job was retried once."""
+    job_id = await _submit(repository)
+    await _sql(migrated, "UPDATE jobs SET state = 'FAILED', finished_at = now() WHERE id = %s", job_id)
+    cutter.arm("answered")
+    row = await repository.retry(job_id)
+    assert cutter.fired == 1
+    assert (row["state"], row["attempt"], row["state_reason"]) == ("QUEUED", 2, "retried by user")
+    stored = await _sql(migrated, "SELECT state, attempt FROM jobs WHERE id = %s", job_id)
+    assert stored == [{"state": "QUEUED", "attempt": 2}]
+    moves = await _sql(migrated, "SELECT count(*) AS n FROM job_history WHERE job_id = %s", job_id)
+    assert moves == [{"n": 3}]  # submitted, FAILED (by hand), retried: once
+
+
+async def test_a_cancel_whose_commit_answer_was_lost_answers_with_the_cancelled_job(
+    repository: JobRepository, cutter: CommitCutter, migrated: str
+) -> None:
+    """CancelJob of a QUEUED job whose COMMIT succeeded unheard answers with the CANCELLED job, not
+    FAILED_PRECONDITION "a CANCELLED job cannot be cancelled"."""
+    job_id = await _submit(repository)
+    cutter.arm("answered")
+    row = await repository.cancel(job_id)
+    assert cutter.fired == 1
+    assert (row["state"], row["state_reason"]) == ("CANCELLED", "cancelled by user")
+    assert await _sql(migrated, "SELECT state FROM jobs WHERE id = %s", job_id) == [{"state": "CANCELLED"}]
+
+
+async def test_a_dead_letter_whose_commit_answer_was_lost_counts_once(
+    repository: JobRepository, cutter: CommitCutter, migrated: str
+) -> None:
+    """A collateral dead letter whose COMMIT succeeded unheard is counted once (it was counted twice, so the
+    job went DEAD one dead letter early): the second one is still dispatched again, the third is DEAD."""
+    job_id = await _submit(repository)
+    cutter.arm("answered")
+    assert await repository.dead_letter(job_id, 1, "dead-lettered", delivery_limit=3) is JobState.QUEUED
+    assert cutter.fired == 1
+    rows = await _sql(migrated, "SELECT state, dead_letters FROM jobs WHERE id = %s", job_id)
+    assert rows == [{"state": "QUEUED", "dead_letters": 1}]
+    assert await repository.dead_letter(job_id, 1, "dead-lettered", delivery_limit=3) is JobState.QUEUED
+    assert await repository.dead_letter(job_id, 1, "dead-lettered", delivery_limit=3) is JobState.DEAD
+
+
+async def test_a_lease_sweep_whose_commit_answer_was_lost_reports_what_it_moved(
+    repository: JobRepository, cutter: CommitCutter, migrated: str
+) -> None:
+    """The reconciler's lease sweep whose COMMIT succeeded unheard reports the jobs it moved (the re-run found
+    none and reported nothing, so the metrics and the log missed them)."""
+    job_id = await _submit(repository)
+    await _sql(
+        migrated,
+        "UPDATE jobs SET state = 'RUNNING', lease_owner = gen_random_uuid(),"
+        " lease_expires_at = now() - interval '1 second' WHERE id = %s",
+        job_id,
+    )
+    cutter.arm("answered")
+    moved = await repository.expire_leases()
+    assert cutter.fired == 1
+    assert [moved_id for moved_id, _ in moved].count(job_id) == 1
+
+
+async def test_a_commit_whose_outcome_stays_unknown_is_unavailable_not_run_again(
+    repository: JobRepository, cutter: CommitCutter, migrated: str
+) -> None:
+    """A COMMIT lost on its way, its transaction still open on PostgreSQL (the backend has not noticed that its
+    client is gone): the cancel is not run again (it waited on the open transaction's row lock for ever) but
+    answers UNAVAILABLE within the retry window, saying the outcome is unknown; once that transaction aborts,
+    the job is as it was and a new cancel works."""
+    job_id = await _submit(repository)
+    cutter.arm("held")
+    try:
+        with pytest.raises(errors.Unavailable, match="unknown"):
+            await asyncio.wait_for(repository.cancel(job_id), 10)
+        assert cutter.fired == 1
+    finally:
+        cutter.release()
+    # The new cancel waits for the open transaction's row lock until its backend sees the reset and aborts.
+    assert (await asyncio.wait_for(repository.cancel(job_id), 10))["state"] == "CANCELLED"
+    history = await _sql(migrated, "SELECT to_state FROM job_history WHERE job_id = %s ORDER BY id", job_id)
+    assert history == [{"to_state": "QUEUED"}, {"to_state": "CANCELLED"}]
+
+
+async def test_a_commit_lost_on_its_way_runs_again(
+    repository: JobRepository, cutter: CommitCutter, migrated: str
+) -> None:
+    """A guard for the look-up (this passed before the fix too): a COMMIT that never reached PostgreSQL, whose
+    transaction aborted, is run again on a fresh connection and takes effect once."""
+    job_id = await _submit(repository)
+    await _sql(migrated, "UPDATE jobs SET state = 'FAILED', finished_at = now() WHERE id = %s", job_id)
+    cutter.arm("aborted")
+    row = await repository.retry(job_id)
+    assert cutter.fired == 1
+    assert (row["state"], row["attempt"]) == ("QUEUED", 2)
+    assert await _sql(migrated, "SELECT attempt FROM jobs WHERE id = %s", job_id) == [{"attempt": 2}]
