@@ -112,7 +112,8 @@ async def test_a_cors_preflight_is_traced_and_counted(make_client: GatewayFactor
         "/v1/jobs", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
     )
     assert (preflight.status_code, refused.status_code) == (200, 400)
-    assert "traceparent" in preflight.headers and "traceparent" in refused.headers
+    assert "traceparent" in preflight.headers
+    assert "traceparent" in refused.headers
     after = (await client.get("/metrics")).text
     for status in ("200", "400"):
         labels = {"route": "unmatched", "method": "OPTIONS", "status": status}

@@ -340,7 +340,7 @@ async def test_a_sweep_does_not_wait_for_a_broker_that_does_not_answer() -> None
         return 0
 
     jobs = Jobs(stale=["q"])
-    sweeper = Reconciler(cast(JobRepository, jobs), ready_count=never)
+    sweeper = Reconciler(cast(JobRepository, jobs), ready_count=never, stale_check_seconds=0)
     sweeper.ready_timeout_seconds = 0.2
     for _ in range(2):
         assert await asyncio.wait_for(sweeper.sweep(), 2) == 1
@@ -359,7 +359,9 @@ async def test_the_broker_is_asked_before_the_database_about_stale_jobs() -> Non
     async def count(queue: str) -> int:
         return ready[queue]
 
-    sweeper = Reconciler(cast(JobRepository, jobs), ready_count=count, queues=["busy", "away"])
+    sweeper = Reconciler(
+        cast(JobRepository, jobs), ready_count=count, queues=["busy", "away"], stale_check_seconds=0
+    )
     await sweeper.sweep()
     assert "stale_queues" not in jobs.calls
     assert jobs.redispatched == []

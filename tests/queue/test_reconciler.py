@@ -1,7 +1,8 @@
-"""The reconciler's sweep: when it prunes finished jobs, and in what batches."""
+"""The reconciler's sweep: when it prunes finished jobs, and in what batches; how often it looks for stale jobs."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, cast
 
 from mesh.services.queue.reconciler import PRUNE_BATCH, PRUNE_BATCHES_PER_PASS, Reconciler
@@ -72,3 +73,28 @@ async def test_a_backlog_is_pruned_in_bounded_batches() -> None:
     assert await sweeper.prune() == PRUNE_BATCH * PRUNE_BATCHES_PER_PASS
     assert len(jobs.prunes) == PRUNE_BATCHES_PER_PASS
     assert await sweeper.prune() == 10
+
+
+async def test_stale_jobs_are_looked_for_ten_times_per_stale_period_not_every_sweep() -> None:
+    """A job is stale after ``stale_queued_seconds`` (300 s), so the broker and the database are asked about
+    stale jobs every 30 s, not every sweep: every second, an idle mesh opened a channel per lane and queue.
+    Once the period has passed, the next sweep asks again."""
+    asked: list[str] = []
+
+    async def count(queue: str) -> int:
+        asked.append(queue)
+        return 1  # a dispatch is waiting: nothing stale to look for in the database
+
+    sweeper = Reconciler(cast(JobRepository, Jobs(old=0)), ready_count=count, queues=["q"])
+    for _ in range(3):
+        await sweeper.sweep()
+    assert (asked, sweeper.stale_check_seconds) == (["q"], 30.0)
+
+    often = Reconciler(
+        cast(JobRepository, Jobs(old=0)), ready_count=count, queues=["q"], stale_check_seconds=0.05
+    )
+    await often.sweep()
+    await often.sweep()
+    await asyncio.sleep(0.06)
+    await often.sweep()
+    assert asked == ["q"] * 3

@@ -55,6 +55,7 @@ class Reconciler:
         ready_timeout_seconds: float = READY_TIMEOUT_SECONDS,
         interval_seconds: float = 1.0,
         stale_queued_seconds: float = 300.0,
+        stale_check_seconds: float | None = None,
         retention_seconds: float = 0.0,
         prune_interval_seconds: float = 60.0,
         on_dispatch: Callable[[], None] = lambda: None,
@@ -65,6 +66,14 @@ class Reconciler:
         self.ready_timeout_seconds = ready_timeout_seconds
         self.interval_seconds = interval_seconds
         self.stale_queued_seconds = stale_queued_seconds
+        # A job is stale only after stale_queued_seconds, so looking ten times in that period is enough; every
+        # sweep (each second) asked the broker about every queue, four channels opened a second when idle.
+        self.stale_check_seconds = (
+            max(interval_seconds, stale_queued_seconds / 10)
+            if stale_check_seconds is None
+            else stale_check_seconds
+        )
+        self._next_stale_check = 0.0
         self.retention_seconds = retention_seconds
         self.prune_interval_seconds = prune_interval_seconds
         self.on_dispatch = on_dispatch
@@ -90,7 +99,10 @@ class Reconciler:
             RECONCILED.labels("lease_expired", state.value).inc()
         if expired:
             log.warning("stalled leases reconciled", jobs=[(str(i), s.value) for i, s in expired])
-        stale = await self.redispatch_stale()
+        stale: list[Row] = []
+        if time.monotonic() >= self._next_stale_check:
+            self._next_stale_check = time.monotonic() + self.stale_check_seconds
+            stale = await self.redispatch_stale()
         if stale:
             RECONCILED.labels("stale_queued", "QUEUED").inc(len(stale))
             log.warning("stale queued jobs re-dispatched", count=len(stale))
