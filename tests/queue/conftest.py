@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from mesh.kit.db import migrate
+from mesh.services.queue.repository import MIGRATIONS
 from mesh.services.queue.topology import HIGH_LANE_SUFFIX
 from tests.conftest import AMQP_URL
 from tests.queue.harness import Harness, delete_queues, fast_settings, running_queue
@@ -21,6 +23,13 @@ async def queue(database_url: str, amqp_url: str, unique_name: str) -> AsyncIter
     """A queue service with its own RabbitMQ queues (``<unique>.mesh.jobs.*``) and short timings."""
     async with running_queue(fast_settings(database_url, amqp_url, unique_name)) as harness:
         yield harness
+
+
+@pytest.fixture(scope="module")
+async def migrated(database_url: str) -> str:
+    """The module's database with the queue's tables, for tests of the record without the service."""
+    await migrate(database_url, "queue", MIGRATIONS)
+    return database_url
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,19 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg.rows import dict_row
 
 from mesh.kit import errors
-from mesh.kit.db import migrate
-from mesh.services.queue.repository import MIGRATIONS, JobRepository, NewJob, open_pool
+from mesh.services.queue.repository import JobRepository, open_pool
 from mesh.services.queue.states import JobState
+from tests.queue.record import sql, submit
 
 COMMIT_ASKED = b"Q\x00\x00\x00\x0bCOMMIT\x00"  # the simple query psycopg sends
 COMMIT_ANSWERED = b"C\x00\x00\x00\x0bCOMMIT\x00"  # PostgreSQL's CommandComplete
@@ -108,12 +105,6 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-@pytest.fixture(scope="module")
-async def migrated(database_url: str) -> str:
-    await migrate(database_url, "queue", MIGRATIONS)
-    return database_url
-
-
 @pytest.fixture
 async def cutter(migrated: str) -> AsyncIterator[CommitCutter]:
     params = conninfo_to_dict(migrated)
@@ -133,43 +124,20 @@ async def repository(migrated: str, cutter: CommitCutter) -> AsyncIterator[JobRe
     await pool.close()
 
 
-async def _sql(url: str, query: str, *params: Any) -> list[dict[str, Any]]:
-    """SQL on a direct connection (not through the proxy)."""
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True, row_factory=dict_row) as conn:
-        cursor = await conn.execute(query, params)
-        return await cursor.fetchall() if cursor.description else []
-
-
-async def _submit(repository: JobRepository) -> uuid.UUID:
-    new = NewJob(
-        queue="q.record",
-        image_id="image",
-        pipeline=b"",
-        model="script:noop",
-        priority=0,
-        idempotency_key=None,
-        max_attempts=3,
-        backoff_base_seconds=0.1,
-        backoff_cap_seconds=0.8,
-    )
-    job_id: uuid.UUID = (await repository.submit(new)).row["id"]
-    return job_id
-
-
 async def test_a_retry_whose_commit_answer_was_lost_answers_with_the_retried_job(
     repository: JobRepository, cutter: CommitCutter, migrated: str
 ) -> None:
     """RetryJob of a FAILED job whose COMMIT succeeded unheard answers with the job it queued (attempt 2),
     not FAILED_PRECONDITION "a QUEUED job cannot be retried", and the job was retried once."""
-    job_id = await _submit(repository)
-    await _sql(migrated, "UPDATE jobs SET state = 'FAILED', finished_at = now() WHERE id = %s", job_id)
+    job_id = await submit(repository)
+    await sql(migrated, "UPDATE jobs SET state = 'FAILED', finished_at = now() WHERE id = %s", job_id)
     cutter.arm("answered")
     row = await repository.retry(job_id)
     assert cutter.fired == 1
     assert (row["state"], row["attempt"], row["state_reason"]) == ("QUEUED", 2, "retried by user")
-    stored = await _sql(migrated, "SELECT state, attempt FROM jobs WHERE id = %s", job_id)
+    stored = await sql(migrated, "SELECT state, attempt FROM jobs WHERE id = %s", job_id)
     assert stored == [{"state": "QUEUED", "attempt": 2}]
-    moves = await _sql(migrated, "SELECT count(*) AS n FROM job_history WHERE job_id = %s", job_id)
+    moves = await sql(migrated, "SELECT count(*) AS n FROM job_history WHERE job_id = %s", job_id)
     assert moves == [{"n": 3}]  # submitted, FAILED (by hand), retried: once
 
 
@@ -178,12 +146,12 @@ async def test_a_cancel_whose_commit_answer_was_lost_answers_with_the_cancelled_
 ) -> None:
     """CancelJob of a QUEUED job whose COMMIT succeeded unheard answers with the CANCELLED job, not
     FAILED_PRECONDITION "a CANCELLED job cannot be cancelled"."""
-    job_id = await _submit(repository)
+    job_id = await submit(repository)
     cutter.arm("answered")
     row = await repository.cancel(job_id)
     assert cutter.fired == 1
     assert (row["state"], row["state_reason"]) == ("CANCELLED", "cancelled by user")
-    assert await _sql(migrated, "SELECT state FROM jobs WHERE id = %s", job_id) == [{"state": "CANCELLED"}]
+    assert await sql(migrated, "SELECT state FROM jobs WHERE id = %s", job_id) == [{"state": "CANCELLED"}]
 
 
 async def test_a_dead_letter_whose_commit_answer_was_lost_counts_once(
@@ -191,11 +159,11 @@ async def test_a_dead_letter_whose_commit_answer_was_lost_counts_once(
 ) -> None:
     """A collateral dead letter whose COMMIT succeeded unheard is counted once (it was counted twice, so the
     job went DEAD one dead letter early): the second one is still dispatched again, the third is DEAD."""
-    job_id = await _submit(repository)
+    job_id = await submit(repository)
     cutter.arm("answered")
     assert await repository.dead_letter(job_id, 1, "dead-lettered", delivery_limit=3) is JobState.QUEUED
     assert cutter.fired == 1
-    rows = await _sql(migrated, "SELECT state, dead_letters FROM jobs WHERE id = %s", job_id)
+    rows = await sql(migrated, "SELECT state, dead_letters FROM jobs WHERE id = %s", job_id)
     assert rows == [{"state": "QUEUED", "dead_letters": 1}]
     assert await repository.dead_letter(job_id, 1, "dead-lettered", delivery_limit=3) is JobState.QUEUED
     assert await repository.dead_letter(job_id, 1, "dead-lettered", delivery_limit=3) is JobState.DEAD
@@ -206,8 +174,8 @@ async def test_a_lease_sweep_whose_commit_answer_was_lost_reports_what_it_moved(
 ) -> None:
     """The reconciler's lease sweep whose COMMIT succeeded unheard reports the jobs it moved (the re-run found
     none and reported nothing, so the metrics and the log missed them)."""
-    job_id = await _submit(repository)
-    await _sql(
+    job_id = await submit(repository)
+    await sql(
         migrated,
         "UPDATE jobs SET state = 'RUNNING', lease_owner = gen_random_uuid(),"
         " lease_expires_at = now() - interval '1 second' WHERE id = %s",
@@ -226,7 +194,7 @@ async def test_a_commit_whose_outcome_stays_unknown_is_unavailable_not_run_again
     client is gone): the cancel is not run again (it waited on the open transaction's row lock for ever) but
     answers UNAVAILABLE within the retry window, saying the outcome is unknown; once that transaction aborts,
     the job is as it was and a new cancel works."""
-    job_id = await _submit(repository)
+    job_id = await submit(repository)
     cutter.arm("held")
     try:
         with pytest.raises(errors.Unavailable, match="unknown"):
@@ -236,7 +204,7 @@ async def test_a_commit_whose_outcome_stays_unknown_is_unavailable_not_run_again
         cutter.release()
     # The new cancel waits for the open transaction's row lock until its backend sees the reset and aborts.
     assert (await asyncio.wait_for(repository.cancel(job_id), 10))["state"] == "CANCELLED"
-    history = await _sql(migrated, "SELECT to_state FROM job_history WHERE job_id = %s ORDER BY id", job_id)
+    history = await sql(migrated, "SELECT to_state FROM job_history WHERE job_id = %s ORDER BY id", job_id)
     assert history == [{"to_state": "QUEUED"}, {"to_state": "CANCELLED"}]
 
 
@@ -245,10 +213,10 @@ async def test_a_commit_lost_on_its_way_runs_again(
 ) -> None:
     """A guard for the look-up (this passed before the fix too): a COMMIT that never reached PostgreSQL, whose
     transaction aborted, is run again on a fresh connection and takes effect once."""
-    job_id = await _submit(repository)
-    await _sql(migrated, "UPDATE jobs SET state = 'FAILED', finished_at = now() WHERE id = %s", job_id)
+    job_id = await submit(repository)
+    await sql(migrated, "UPDATE jobs SET state = 'FAILED', finished_at = now() WHERE id = %s", job_id)
     cutter.arm("aborted")
     row = await repository.retry(job_id)
     assert cutter.fired == 1
     assert (row["state"], row["attempt"]) == ("QUEUED", 2)
-    assert await _sql(migrated, "SELECT attempt FROM jobs WHERE id = %s", job_id) == [{"attempt": 2}]
+    assert await sql(migrated, "SELECT attempt FROM jobs WHERE id = %s", job_id) == [{"attempt": 2}]

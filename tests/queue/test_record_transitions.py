@@ -7,23 +7,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
-import psycopg
 import pytest
-from psycopg.rows import dict_row
 
-from mesh.kit.db import migrate
-from mesh.services.queue.repository import MIGRATIONS, ClaimStore, JobRepository, NewJob, open_pool
+from mesh.services.queue.repository import ClaimStore, JobRepository, open_pool
 from mesh.services.queue.states import JobState
+from tests.queue.record import sql, submit
 
 LOST = "the worker stopped renewing its lease"
-
-
-@pytest.fixture(scope="module")
-async def migrated(database_url: str) -> str:
-    await migrate(database_url, "queue", MIGRATIONS)
-    return database_url
 
 
 @pytest.fixture
@@ -34,33 +25,18 @@ async def repository(migrated: str) -> AsyncIterator[JobRepository]:
     await pool.close()
 
 
-async def _sql(url: str, query: str, *params: Any) -> list[dict[str, Any]]:
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True, row_factory=dict_row) as conn:
-        cursor = await conn.execute(query, params)
-        return await cursor.fetchall() if cursor.description else []
-
-
 async def _running(repository: JobRepository, *, max_attempts: int = 3) -> tuple[uuid.UUID, uuid.UUID]:
     """A job claimed by a worker (attempt 1); returns its id and the claim token."""
-    new = NewJob(
-        queue="q.record",
-        image_id="image",
-        pipeline=b"",
-        model="script:noop",
-        priority=0,
-        idempotency_key=None,
-        max_attempts=max_attempts,
-        backoff_base_seconds=10.0,
-        backoff_cap_seconds=20.0,
+    job_id = await submit(
+        repository, max_attempts=max_attempts, backoff_base_seconds=10.0, backoff_cap_seconds=20.0
     )
-    job_id: uuid.UUID = (await repository.submit(new)).row["id"]
     token = uuid.uuid4()
     assert await ClaimStore(repository.pool).claim(job_id, 1, token, redelivered=False, lease_seconds=60)
     return job_id, token
 
 
 async def _expire(url: str, job_id: uuid.UUID) -> None:
-    await _sql(url, "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = %s", job_id)
+    await sql(url, "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = %s", job_id)
 
 
 async def test_an_expired_lease_waits_for_a_retry_as_a_system_error(
@@ -72,7 +48,7 @@ async def test_an_expired_lease_waits_for_a_retry_as_a_system_error(
     job_id, token = await _running(repository)
     await _expire(migrated, job_id)
     assert (job_id, JobState.RETRY_WAIT) in await repository.expire_leases()
-    rows = await _sql(
+    rows = await sql(
         migrated,
         "SELECT state, attempt, error_category, error_message, lease_owner, finished_at,"
         " extract(epoch FROM next_run_at - now()) AS wait FROM jobs WHERE id = %s",
@@ -84,7 +60,7 @@ async def test_an_expired_lease_waits_for_a_retry_as_a_system_error(
     assert row["lease_owner"] is None
     assert row["finished_at"] is None
     assert 0 <= row["wait"] <= 10.5  # full jitter under the first ceiling (the job's base, 10 s)
-    history = await _sql(
+    history = await sql(
         migrated,
         "SELECT from_state, to_state, attempt, reason, next_run_at FROM job_history WHERE job_id = %s ORDER BY id",
         job_id,
@@ -93,13 +69,13 @@ async def test_an_expired_lease_waits_for_a_retry_as_a_system_error(
     assert (last["from_state"], last["to_state"], last["attempt"]) == ("RUNNING", "RETRY_WAIT", 1)
     assert last["reason"].startswith("lease expired: SYSTEM error, retry 1 in ")
     assert last["next_run_at"] is not None
-    assert not await _sql(migrated, "SELECT 1 FROM outbox WHERE job_id = %s AND attempt = 2", job_id)
+    assert not await sql(migrated, "SELECT 1 FROM outbox WHERE job_id = %s AND attempt = 2", job_id)
     # The lost worker, back, commits nothing.
     assert await ClaimStore(repository.pool).beat(job_id, token, lease_seconds=60) is None
 
-    await _sql(migrated, "UPDATE jobs SET next_run_at = now() - interval '1 second' WHERE id = %s", job_id)
+    await sql(migrated, "UPDATE jobs SET next_run_at = now() - interval '1 second' WHERE id = %s", job_id)
     assert job_id in {row["id"] for row in await repository.requeue_due_retries()}
-    rows = await _sql(migrated, "SELECT state, attempt FROM jobs WHERE id = %s", job_id)
+    rows = await sql(migrated, "SELECT state, attempt FROM jobs WHERE id = %s", job_id)
     assert rows == [{"state": "QUEUED", "attempt": 2}]
 
 
@@ -111,7 +87,7 @@ async def test_an_expired_lease_of_the_last_attempt_fails_with_a_system_error(
     job_id, _ = await _running(repository, max_attempts=1)
     await _expire(migrated, job_id)
     assert (job_id, JobState.FAILED) in await repository.expire_leases()
-    rows = await _sql(
+    rows = await sql(
         migrated,
         "SELECT state, error_category, error_message, next_run_at, finished_at FROM jobs WHERE id = %s",
         job_id,
@@ -132,13 +108,13 @@ async def test_a_dead_letter_of_a_running_job_asked_to_cancel_cancels_it(
     assert (await repository.cancel(job_id))["cancel_requested"]
     target = await repository.dead_letter(job_id, 1, "dead-lettered: delivery_limit", delivery_limit=3)
     assert target is JobState.CANCELLED
-    rows = await _sql(
+    rows = await sql(
         migrated,
         "SELECT state, lease_owner, finished_at IS NOT NULL AS finished FROM jobs WHERE id = %s",
         job_id,
     )
     assert rows == [{"state": "CANCELLED", "lease_owner": None, "finished": True}]
-    outbox = await _sql(migrated, "SELECT count(*) AS n FROM outbox WHERE job_id = %s", job_id)
+    outbox = await sql(migrated, "SELECT count(*) AS n FROM outbox WHERE job_id = %s", job_id)
     assert outbox == [{"n": 1}]  # the submit's dispatch (no relay runs here), no second one
     again = await ClaimStore(repository.pool).claim(
         job_id, 1, uuid.uuid4(), redelivered=False, lease_seconds=60

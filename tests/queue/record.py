@@ -1,0 +1,40 @@
+"""Helpers of the tests that work on the job record directly (the repository, without the service)."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from mesh.services.queue.repository import JobRepository, NewJob
+
+JOB = NewJob(
+    queue="q.record",
+    image_id="image",
+    pipeline=b"",
+    model="script:noop",
+    priority=0,
+    idempotency_key=None,
+    max_attempts=3,
+    backoff_base_seconds=0.1,
+    backoff_cap_seconds=0.8,
+)
+"""A job of the record's tests; ``submit(repository, max_attempts=1)`` changes what a test needs."""
+
+
+async def sql(url: str, query: str, *params: Any) -> list[dict[str, Any]]:
+    """SQL on a connection of its own (past any proxy the repository's pool goes through)."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        cursor = await conn.execute(query, params)
+        return await cursor.fetchall() if cursor.description else []
+
+
+async def submit(repository: JobRepository, **changes: Any) -> uuid.UUID:
+    """Submits :data:`JOB` with ``changes`` (a fresh id each time); returns the job's id."""
+    job_id: uuid.UUID = (await repository.submit(dataclasses.replace(JOB, id=uuid.uuid4(), **changes))).row[
+        "id"
+    ]
+    return job_id
