@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import types
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -382,3 +383,41 @@ async def test_the_queue_service_gives_the_reconciler_its_job_queues(
         assert app.reconciler.queues == app.servicer.queues
     finally:
         await app.pool.close()
+
+
+class _SlowOnceChannels:
+    """An AMQP connection whose first channel takes ten seconds to open and whose later ones open at once."""
+
+    def __init__(self) -> None:
+        self.slow = True
+
+    async def channel(self, publisher_confirms: bool = True) -> Any:
+        if self.slow:
+            self.slow = False
+            await asyncio.sleep(10)
+        return _Channel()
+
+
+class _Channel:
+    is_closed = False
+
+    async def close(self) -> None:
+        self.is_closed = True
+
+    async def queue_declare(self, queue: str, passive: bool = False) -> Any:
+        return types.SimpleNamespace(message_count=4)
+
+
+async def test_a_question_its_caller_gave_up_on_does_not_hold_the_next_ones_off() -> None:
+    """A health check cancelled by the monitor's own timeout (2 s, under the broker's 3 s) is not a broker that
+    does not answer: the next question is asked (it answered -1 at once for 3 s, the reconciler blind)."""
+    connected = asyncio.Event()
+    connected.set()
+    connection = types.SimpleNamespace(
+        transport=types.SimpleNamespace(connection=_SlowOnceChannels()), is_closed=False, connected=connected
+    )
+    broker = Broker("amqp://unused", delivery_limit=3)
+    broker._connection = cast(Any, connection)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(broker.check(), 0.05)
+    assert await broker.lane_ready_count("lane") == 4

@@ -358,8 +358,9 @@ class Broker:
                 finally:
                     if not channel.is_closed:
                         await channel.close()
-        except (TimeoutError, asyncio.CancelledError):
-            # No answer in time (or the caller gave up waiting): hold further questions off a while.
+        except TimeoutError:
+            # No answer within answer_seconds: hold further questions off a while. Not when the caller gave up
+            # first (the health monitor's own 2 s timeout): a slow answer then left the reconciler blind for 3 s.
             self._unanswered_since = self._unanswered_since or asked
             self._unanswered_until = time.monotonic() + self.answer_seconds
             raise
