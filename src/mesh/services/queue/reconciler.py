@@ -2,12 +2,13 @@
 
 Every interval it moves RETRY_WAIT jobs whose backoff elapsed back to QUEUED (next attempt, new dispatch),
 moves RUNNING jobs whose lease ran out (their worker died or hung: a SYSTEM error of the attempt) to
-RETRY_WAIT with backoff, or fails them when their attempts are spent, and dispatches again QUEUED jobs nobody claimed for a long time with no
-dispatch pending (a message lost outside the guarantees, e.g. a purged queue), where the broker holds no
-message ready for their queue: a dispatch waiting behind a backlog, or while no worker consumes, is not lost,
-and a copy of it every ``stale_queued_seconds`` would only pile up in RabbitMQ. Unconfirmed outbox rows are
-taken again by the relay once their lock runs out. Every ``prune_interval_seconds`` it also deletes finished
-jobs past their retention. Several reconcilers may run: rows are taken with ``FOR UPDATE SKIP LOCKED``.
+RETRY_WAIT with backoff, or fails them when their attempts are spent, and dispatches again QUEUED jobs
+nobody claimed for a long time with no dispatch pending (a message lost outside the guarantees, e.g. a
+purged queue), where the broker holds no message ready for their queue: a dispatch waiting behind a
+backlog, or while no worker consumes, is not lost, and a copy of it every ``stale_queued_seconds`` would
+only pile up in RabbitMQ. Unconfirmed outbox rows are taken again by the relay once their lock runs out.
+Every ``prune_interval_seconds`` it also deletes finished jobs past their retention. Several reconcilers
+may run: rows are taken with ``FOR UPDATE SKIP LOCKED``.
 
 Given the service's job queues (``queues``), the broker is asked about them first: a queue it holds messages
 for (or cannot say about: -1, away or not answering) is not looked for in the database at all, so a backlog

@@ -27,9 +27,6 @@ log = get_logger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
 
 SUBMITTED = Counter("mesh_queue_jobs_submitted_total", "Accepted submits.", ["queue", "existing"])
-BROKER_READY_TIMEOUT_SECONDS = 5.0
-"""GetQueueStats waits this long at most for RabbitMQ's ready counts (all queues asked at once; the broker's
-own questions give up sooner), then says -1 (unknown) for those not answered."""
 
 
 class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
@@ -182,14 +179,9 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
             row = await self.repository.require(job_id)
 
     async def _broker_ready(self, queue: str) -> int:
-        """Messages ready in RabbitMQ for ``queue`` (both lanes); -1, unknown, when the broker is away or does
-        not answer within ``BROKER_READY_TIMEOUT_SECONDS`` (the statistics still answer)."""
-        if self.broker is None or not self.broker.connected:
-            return -1
-        try:
-            return await asyncio.wait_for(self.broker.ready_count(queue), BROKER_READY_TIMEOUT_SECONDS)
-        except TimeoutError:
-            return -1
+        """Messages ready in RabbitMQ for ``queue`` (both lanes); -1, unknown, without a broker. The broker
+        bounds its own questions (``Broker.answer_seconds``): one away or not answering says -1 too."""
+        return -1 if self.broker is None else await self.broker.ready_count(queue)
 
     async def GetQueueStats(  # noqa: N802
         self, request: queue_service_pb2.GetQueueStatsRequest, context: Context
