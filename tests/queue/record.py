@@ -22,7 +22,8 @@ JOB = NewJob(
     backoff_base_seconds=0.1,
     backoff_cap_seconds=0.8,
 )
-"""A job of the record's tests; ``submit(repository, max_attempts=1)`` changes what a test needs."""
+"""A job for tests that submit through the repository; ``dataclasses.replace`` or ``submit(repository, ...)`` change
+what a test needs."""
 
 
 async def sql(url: str, query: str, *params: Any) -> list[dict[str, Any]]:

@@ -11,9 +11,10 @@ import pytest
 
 from mesh.queue.v1 import job_pb2, queue_service_pb2
 from mesh.services.queue.batching import GroupCommit
-from mesh.services.queue.repository import ClaimStore, NewJob, Outcome
+from mesh.services.queue.repository import ClaimStore, Outcome
 from mesh.services.queue.states import JobState
 from tests.queue.harness import IMAGE_ID, Harness
+from tests.queue.record import JOB
 
 
 async def test_items_arriving_during_a_batch_share_the_next_one() -> None:
@@ -79,14 +80,10 @@ async def test_concurrent_submits_get_exact_positions_and_one_job_per_key(queue:
     """Submits that share a statement each get the position GetJob and ListJobs report (priority first,
     then submit order) and their own history; one idempotency key sent five times at once makes one job."""
     priorities = [0, 0, 5, 0, 5, 9, 0, 0]
-    template = NewJob(
+    template = replace(
+        JOB,
         queue=queue.inference_queue,
         image_id=IMAGE_ID,
-        pipeline=b"",
-        model="script:noop",
-        priority=0,
-        idempotency_key=None,
-        max_attempts=3,
         backoff_base_seconds=1.0,
         backoff_cap_seconds=10.0,
     )
