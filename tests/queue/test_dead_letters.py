@@ -19,11 +19,19 @@ class OneOutcome:
 
     target: JobState | None
     seen: list[tuple[uuid.UUID, int]] = field(default_factory=list)
+    generations: list[int | None] = field(default_factory=list)
 
     async def dead_letter(
-        self, job_id: uuid.UUID, attempt: int, reason: str, *, delivery_limit: int
+        self,
+        job_id: uuid.UUID,
+        attempt: int,
+        reason: str,
+        *,
+        delivery_limit: int,
+        generation: int | None = None,
     ) -> JobState | None:
         self.seen.append((job_id, attempt))
+        self.generations.append(generation)
         return self.target
 
 
@@ -57,3 +65,21 @@ async def test_a_dead_letter_that_cancels_its_job_is_acked_and_counted() -> None
     assert message.acked
     assert before == 0
     assert REGISTRY.get_sample_value("mesh_queue_dead_letters_total", labels) == 1
+
+
+async def test_the_dispatch_generation_reaches_the_record_and_an_undated_one_is_not_checked() -> None:
+    """The consumer hands the record the dispatch's generation (``dead_letters``), 0 included, so a redelivered
+    dead letter of an earlier generation is found stale; a dispatch without the field (written before it
+    existed) is passed as None, which the record does not check."""
+    repository = OneOutcome(None)
+    consumer = DeadLetterConsumer(cast(Any, repository), cast(Any, None), ["dl-gen.q"], delivery_limit=3)
+    job_id = str(uuid.uuid4())
+    for dispatch in (
+        job_pb2.JobDispatch(job_id=job_id, attempt=1, dead_letters=0),
+        job_pb2.JobDispatch(job_id=job_id, attempt=1, dead_letters=2),
+        job_pb2.JobDispatch(job_id=job_id, attempt=1),
+    ):
+        message = Message(dispatch.SerializeToString())
+        await consumer.handle("dl-gen.q", cast(Any, message))
+        assert message.acked
+    assert repository.generations == [0, 2, None]

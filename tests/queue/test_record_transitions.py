@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import pytest
 
+from mesh.queue.v1 import job_pb2
+from mesh.services.queue.relay import OutboxRelay
 from mesh.services.queue.repository import ClaimStore, JobRepository, open_pool
 from mesh.services.queue.states import JobState
 from tests.queue.record import sql, submit
@@ -120,3 +123,58 @@ async def test_a_dead_letter_of_a_running_job_asked_to_cancel_cancels_it(
         job_id, 1, uuid.uuid4(), redelivered=False, lease_seconds=60
     )
     assert again is None
+
+
+async def test_a_dead_letter_redelivered_after_its_ack_was_lost_counts_once(
+    repository: JobRepository, migrated: str
+) -> None:
+    """A collateral dead letter of generation 0 sends the job back to QUEUED with a dispatch of generation 1;
+    the same dead letter again (its ack lost after the commit) is stale: no second dispatch, no second count.
+    Without generations it was counted twice and the job went DEAD one dead letter early."""
+    job_id = await submit(repository)
+    first = await repository.dead_letter(job_id, 1, "dead-lettered", delivery_limit=3, generation=0)
+    assert first is JobState.QUEUED
+    again = await repository.dead_letter(job_id, 1, "dead-lettered", delivery_limit=3, generation=0)
+    assert again is None
+    rows = await sql(migrated, "SELECT state, dead_letters FROM jobs WHERE id = %s", job_id)
+    assert rows == [{"state": "QUEUED", "dead_letters": 1}]
+    outbox = await sql(migrated, "SELECT dead_letters FROM outbox WHERE job_id = %s ORDER BY id", job_id)
+    assert outbox == [{"dead_letters": 0}, {"dead_letters": 1}]
+    # The dispatch of generation 1 dead-lettered is counted; an undated one (written before generations) is
+    # counted whatever the job's generation.
+    assert await repository.dead_letter(job_id, 1, "dead-lettered", delivery_limit=3, generation=1) is (
+        JobState.QUEUED
+    )
+    assert await repository.dead_letter(job_id, 1, "dead-lettered", delivery_limit=3) is JobState.DEAD
+
+
+class RecordingBroker:
+    """The two broker calls the relay makes, recording each published body."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+
+    async def declare(self, queue: str) -> None:
+        pass
+
+    async def publish(self, lane: str, body: bytes, **_: Any) -> None:
+        self.bodies.append(body)
+
+
+async def test_the_relay_publishes_each_dispatch_with_its_generation(repository: JobRepository) -> None:
+    """The submit's dispatch goes out with ``dead_letters`` 0 (present, not absent) and the one a collateral dead
+    letter wrote with 1, so the consumer can tell a redelivered dead letter of the first from one of the second."""
+    job_id = await submit(repository)
+    assert await repository.dead_letter(job_id, 1, "dead-lettered", delivery_limit=3, generation=0) is (
+        JobState.QUEUED
+    )
+    broker = RecordingBroker()
+    relay = OutboxRelay(repository, cast(Any, broker))
+    while (await relay.publish_round())[0]:
+        pass
+    dispatches = [job_pb2.JobDispatch.FromString(body) for body in broker.bodies]
+    mine = [d for d in dispatches if d.job_id == str(job_id)]
+    assert [(d.attempt, d.HasField("dead_letters"), d.dead_letters) for d in mine] == [
+        (1, True, 0),
+        (1, True, 1),
+    ]

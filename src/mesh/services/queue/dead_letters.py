@@ -2,10 +2,11 @@
 
 Dispatches get there, from either lane of the job queue (both dead-letter through ``<queue>.dlx`` with the
 job queue's name as routing key), when a worker rejected them (undecodable) or when RabbitMQ delivered them
-more often than the lane's delivery limit (a job that crashes its worker every time). The job is marked DEAD only when
-it is still at that attempt and not finished, so a stale dead letter changes nothing; and only when it was
-claimed on every delivery: a job whose dispatch merely sat in the prefetch of workers that other jobs
-killed is dispatched again instead (``states.dead_letter_outcome``).
+more often than the lane's delivery limit (a job that crashes its worker every time). The job is marked DEAD
+only when it is still at that attempt and generation (``JobDispatch.dead_letters``) and not finished, so a
+stale dead letter, or one redelivered because its ack was lost, changes nothing; and only when it was claimed
+on every delivery: a job whose dispatch merely sat in the prefetch of workers that other jobs killed is
+dispatched again instead (``states.dead_letter_outcome``).
 """
 
 from __future__ import annotations
@@ -94,7 +95,11 @@ class DeadLetterConsumer:
         reason = _death_reason(message)
         try:
             target = await self.repository.dead_letter(
-                job_id, dispatch.attempt, reason, delivery_limit=self.delivery_limit
+                job_id,
+                dispatch.attempt,
+                reason,
+                delivery_limit=self.delivery_limit,
+                generation=dispatch.dead_letters if dispatch.HasField("dead_letters") else None,
             )
         except Exception as exc:
             log.warning("dead letter not recorded; will retry", job_id=str(job_id), error=str(exc))

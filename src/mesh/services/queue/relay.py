@@ -106,7 +106,7 @@ class OutboxRelay:
         if row["tracestate"]:
             stored["tracestate"] = row["tracestate"]
         body = job_pb2.JobDispatch(
-            job_id=str(row["job_id"]), attempt=row["attempt"], queue=queue
+            job_id=str(row["job_id"]), attempt=row["attempt"], queue=queue, dead_letters=row["dead_letters"]
         ).SerializeToString()
         with tracer.start_as_current_span(
             f"{queue} publish",

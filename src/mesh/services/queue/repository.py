@@ -600,17 +600,28 @@ class JobRepository:
     # --- dead letters --------------------------------------------------------------------------------
 
     async def dead_letter(
-        self, job_id: uuid.UUID, attempt: int, reason: str, *, delivery_limit: int
+        self,
+        job_id: uuid.UUID,
+        attempt: int,
+        reason: str,
+        *,
+        delivery_limit: int,
+        generation: int | None = None,
     ) -> JobState | None:
         """A dispatch of this attempt reached the dead-letter queue: DEAD, dispatched again (QUEUED) when the
         job was collateral, CANCELLED when its user asked to cancel it (see
-        :func:`~mesh.services.queue.states.dead_letter_outcome`); None when it moved on."""
+        :func:`~mesh.services.queue.states.dead_letter_outcome`); None when it moved on.
+
+        ``generation`` is the job's dead-letter count when the dispatch was written (``JobDispatch.dead_letters``;
+        None for a dispatch that predates it): a dead letter of an earlier generation is stale (None), so one
+        redelivered because its ack was lost after this commit does not count twice."""
 
         async def body(conn: psycopg.AsyncConnection[Any]) -> JobState | None:
             cursor = await conn.execute(
                 "SELECT state, attempt_claims, dead_letters, cancel_requested FROM jobs"
-                " WHERE id = %s AND attempt = %s FOR UPDATE",
-                (job_id, attempt),
+                " WHERE id = %(id)s AND attempt = %(attempt)s"
+                " AND (%(generation)s::integer IS NULL OR dead_letters = %(generation)s) FOR UPDATE",
+                {"id": job_id, "attempt": attempt, "generation": generation},
             )
             row: Row | None = await cursor.fetchone()
             if row is None:
