@@ -21,7 +21,7 @@ from mesh.kit.jobs import IMAGE_JOBS_QUEUE, INFERENCE_JOBS_QUEUE
 from mesh.kit.runtime import BackgroundTaskCrashed, ServiceRuntime
 from mesh.queue.v1 import job_pb2, queue_service_pb2
 from mesh.services.queue.app import SERVICE_NAME, QueueApp
-from mesh.services.queue.broker import Broker
+from mesh.services.queue.broker import HEARTBEAT_SECONDS, Broker
 from mesh.services.queue.reconciler import Reconciler
 from mesh.services.queue.repository import JobRepository
 from mesh.services.queue.scripted import scripted_handler
@@ -421,3 +421,20 @@ async def test_a_question_its_caller_gave_up_on_does_not_hold_the_next_ones_off(
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(broker.check(), 0.05)
     assert await broker.lane_ready_count("lane") == 4
+
+
+@pytest.mark.parametrize(("query", "expected"), [("", HEARTBEAT_SECONDS), ("heartbeat=7", 7)])
+async def test_the_connection_asks_for_a_short_heartbeat_unless_the_url_names_one(
+    amqp_url: str, query: str, expected: int
+) -> None:
+    """The connection's AMQP heartbeat is 15 s (a silent broker is taken for gone after about 48 s, where
+    RabbitMQ's default 60 s took 183 s), and a ``heartbeat`` in the URL is the operator's choice and wins."""
+    url = f"{amqp_url}{'&' if '?' in amqp_url else '?'}{query}" if query else amqp_url
+    broker = Broker(url, delivery_limit=3, name="test-heartbeat")
+    await broker.connect()
+    try:
+        connection = broker._connection
+        assert connection is not None and connection.transport is not None
+        assert connection.transport.connection.heartbeat_timeout == expected
+    finally:
+        await broker.close()
