@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import aio_pika
+import aiormq
 import grpc
 import pytest
 from aiormq.exceptions import ChannelPreconditionFailed
@@ -434,7 +435,10 @@ async def test_the_connection_asks_for_a_short_heartbeat_unless_the_url_names_on
     await broker.connect()
     try:
         connection = broker._connection
-        assert connection is not None and connection.transport is not None
-        assert connection.transport.connection.heartbeat_timeout == expected
+        assert connection is not None
+        assert connection.transport is not None
+        amqp = connection.transport.connection
+        assert isinstance(amqp, aiormq.Connection)
+        assert amqp.heartbeat_timeout == expected
     finally:
         await broker.close()
