@@ -9,7 +9,8 @@ import psycopg
 import psycopg_pool
 import pytest
 
-from mesh.kit.db import PostgresCheck, create_pool, migrate
+from mesh.kit.db import CONNECTION_KWARGS, PostgresCheck, create_pool, migrate
+from mesh.services.queue.repository import open_pool
 
 
 async def test_components_migrating_at_once_on_a_fresh_database_all_succeed(database_url: str) -> None:
@@ -68,3 +69,26 @@ async def test_a_small_pool_that_cannot_connect_is_not_reported_busy() -> None:
         for caller in callers:
             caller.cancel()
         await asyncio.gather(*callers, return_exceptions=True)
+
+
+@pytest.mark.parametrize("factory", ["kit", "queue"])
+async def test_pooled_connections_give_up_on_a_silent_path_within_about_30_seconds(
+    database_url: str, factory: str
+) -> None:
+    """Both pool factories open connections with TCP keepalives (15 s idle, then 3 probes 5 s apart) and a 30 s
+    TCP user timeout, so a connection whose path went silent is dropped and replaced instead of hanging its
+    caller for the OS's two hours (a streamed upload, which has no deadline, hung on one)."""
+    pool = (
+        create_pool(database_url, name="test-keepalive")
+        if factory == "kit"
+        else open_pool(database_url, name="test-keepalive", max_size=1)
+    )
+    async with pool, pool.connection() as conn:
+        options = {o.keyword.decode(): (o.val or b"").decode() for o in conn.pgconn.info}
+    assert {k: options[k] for k in CONNECTION_KWARGS} == {
+        "keepalives": "1",
+        "keepalives_idle": "15",
+        "keepalives_interval": "5",
+        "keepalives_count": "3",
+        "tcp_user_timeout": "30000",
+    }

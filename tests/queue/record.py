@@ -6,10 +6,10 @@ import dataclasses
 import uuid
 from typing import Any
 
-import psycopg
-from psycopg.rows import dict_row
-
 from mesh.services.queue.repository import JobRepository, NewJob
+from tests.postgres import sql
+
+__all__ = ["JOB", "sql", "submit"]
 
 JOB = NewJob(
     queue="q.record",
@@ -24,13 +24,6 @@ JOB = NewJob(
 )
 """A job for tests that submit through the repository; ``dataclasses.replace`` or ``submit(repository, ...)`` change
 what a test needs."""
-
-
-async def sql(url: str, query: str, *params: Any) -> list[dict[str, Any]]:
-    """SQL on a connection of its own (past any proxy the repository's pool goes through)."""
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True, row_factory=dict_row) as conn:
-        cursor = await conn.execute(query, params)
-        return await cursor.fetchall() if cursor.description else []
 
 
 async def submit(repository: JobRepository, **changes: Any) -> uuid.UUID:

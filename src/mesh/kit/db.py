@@ -1,4 +1,5 @@
-"""PostgreSQL: connection pools, creating the database, migrations, and the health check.
+"""PostgreSQL: connection pools, retries, transactions that take effect once, creating the database,
+migrations, and the health check.
 
 Migrations are plain SQL files named ``NNNN_description.sql`` in a service's ``migrations`` package,
 applied once each, in order, under an advisory lock, and recorded in ``schema_migrations`` per service.
@@ -8,19 +9,125 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any, TypeVar
 
 import psycopg
 import stamina
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
 from mesh.kit import errors
 from mesh.kit.logging import get_logger
 
 log = get_logger(__name__)
+
+T = TypeVar("T")
+
+RETRY_ON = (psycopg.OperationalError, psycopg.errors.AdminShutdown)
+"""Dropped connections and the like (a pool timeout too): a retry on a fresh connection may succeed."""
+
+# The id of the transaction (NULL while it has written nothing), and later what became of it.
+_XACT_ID = "SELECT pg_current_xact_id_if_assigned()::text"
+_XACT_STATUS = "SELECT pg_xact_status(%s::xid8)"
+
+
+class CommitOutcomeUnknown(Exception):
+    """PostgreSQL cannot say yet whether a COMMIT whose answer was lost took effect: the transaction is still
+    open on a backend that has not noticed its client is gone."""
+
+
+_ONCE_RETRY_ON = (*RETRY_ON, CommitOutcomeUnknown)
+
+
+async def retrying(
+    operation: Callable[[], Awaitable[T]],
+    *,
+    timeout: float = 30.0,
+    on: tuple[type[Exception], ...] = RETRY_ON,
+) -> T:
+    """Run ``operation`` again on a fresh connection while PostgreSQL drops connections (errors ``on``)."""
+    try:
+        return await operation()  # the common case, without the retry machinery's cost
+    except on:
+        pass
+    async for attempt in stamina.retry_context(
+        on=on, attempts=None, timeout=timeout, wait_initial=0.01, wait_max=0.25
+    ):
+        with attempt:
+            return await operation()
+    raise AssertionError("unreachable: stamina either returns or raises")
+
+
+async def transaction_once(
+    pool: AsyncConnectionPool,
+    body: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]],
+    *,
+    what: str,
+    timeout: float,
+) -> T:
+    """``body`` in one transaction on a connection of ``pool``, retried on fresh connections while
+    PostgreSQL drops them (for ``timeout`` seconds), and taking effect at most once.
+
+    Before COMMIT the transaction's id is noted with the body's answer. When the connection drops and the
+    answer to COMMIT is lost, the next try first asks PostgreSQL what became of that transaction
+    (``pg_xact_status``): committed, the noted answer is the answer (running the body again would find its
+    own change and answer otherwise: a deleted row "does not exist", a retried job "cannot be retried");
+    aborted, the body runs again; still in progress (its backend has not yet noticed its client is gone), it
+    asks again until ``timeout``, then fails UNAVAILABLE saying the outcome is unknown. PostgreSQL away for
+    the whole ``timeout`` is UNAVAILABLE naming ``what`` (a service's database)."""
+    sent: list[tuple[str, T]] = []  # the try whose COMMIT went out: its transaction id and answer
+
+    async def run() -> T:
+        async with pool.connection() as conn:
+            if sent:
+                xid, answer = sent[0]
+                async with conn.cursor(row_factory=tuple_row) as cursor:
+                    await cursor.execute(_XACT_STATUS, (xid,))
+                    found = await cursor.fetchone()
+                await conn.rollback()  # a non-autocommit connection is in a transaction now; end it
+                status = found[0] if found else None
+                if status == "committed":
+                    return answer
+                if status != "aborted":
+                    raise CommitOutcomeUnknown(f"transaction {xid} is {status or 'unknown'}")
+                sent.clear()
+            async with conn.transaction():
+                answer = await body(conn)
+                async with conn.cursor(row_factory=tuple_row) as cursor:
+                    await cursor.execute(_XACT_ID)
+                    noted = await cursor.fetchone()
+                if noted is not None and noted[0] is not None:  # None: it wrote nothing
+                    sent[:] = [(noted[0], answer)]
+            return answer
+
+    try:
+        return await retrying(run, timeout=timeout, on=_ONCE_RETRY_ON)
+    except _ONCE_RETRY_ON as error:
+        if sent:
+            raise errors.Unavailable(
+                f"{what} did not confirm the change, and whether it took effect is unknown "
+                f"({type(error).__name__}); read it back to see whether it did",
+                retry_after_seconds=1.0,
+            ) from error
+        raise database_unavailable(what, error) from error
+
+
+CONNECTION_KWARGS: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 15,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+"""libpq options of every pooled connection. A connection whose path goes silent (a NAT or firewall that lost
+its state, a host gone without a reset) is dropped after about 30 s, idle (keepalive probes) or waiting for
+an answer (unacknowledged data), and the pool replaces it; with the OS defaults a query on it waited two
+hours, holding its pool slot and its caller (an upload stream has no deadline)."""
 
 
 def create_pool(
@@ -43,7 +150,7 @@ def create_pool(
         timeout=5.0,
         reconnect_timeout=reconnect_timeout,
         check=AsyncConnectionPool.check_connection,
-        kwargs={"autocommit": False},
+        kwargs={"autocommit": False, **CONNECTION_KWARGS},
     )
 
 

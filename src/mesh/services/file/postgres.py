@@ -18,16 +18,18 @@ import contextlib
 import hashlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from mesh.kit.db import database_unavailable
+from mesh.kit.db import database_unavailable, transaction_once
 from mesh.kit.pagination import Cursor
 from mesh.services.file.models import ImageRecord, NewImage
+
+T = TypeVar("T")
 
 _COLUMNS = (
     "id, filename, content_type, format, width, height, channels, bit_depth, size_bytes, sha256, "
@@ -42,10 +44,17 @@ def lock_key(namespace: str, value: str) -> int:
 
 
 class PostgresImageRepository:
-    """Image records in the ``images`` table (see ``migrations/``)."""
+    """Image records in the ``images`` table (see ``migrations/``).
 
-    def __init__(self, pool: AsyncConnectionPool) -> None:
+    The two writes, insert and delete, take effect at most once (:func:`~mesh.kit.db.transaction_once`): when
+    the answer to their COMMIT is lost, they ask PostgreSQL whether it committed rather than answer
+    UNAVAILABLE, which the channels' retry policy would send again (a second, hidden image for an insert; 404
+    for a delete that succeeded). ``retry_timeout`` bounds that, and their retries on dropped connections.
+    """
+
+    def __init__(self, pool: AsyncConnectionPool, *, retry_timeout: float = 5.0) -> None:
         self.pool = pool
+        self.retry_timeout = retry_timeout
 
     async def insert(
         self, image: NewImage, *, store_blobs: Callable[[], Awaitable[bool]]
@@ -53,7 +62,8 @@ class PostgresImageRepository:
         keys = [lock_key("blob", d) for d in _digests(image.sha256, image.thumbnail_sha256)]
         if image.idempotency_key:
             keys.append(lock_key("idempotency", image.idempotency_key))
-        async with self._transaction() as cursor:
+
+        async def body(cursor: psycopg.AsyncCursor[dict[str, Any]]) -> tuple[ImageRecord, bool]:
             await _lock(cursor, keys)
             if image.idempotency_key:
                 existing = await _fetch_one(
@@ -89,6 +99,8 @@ class PostgresImageRepository:
             assert record is not None  # INSERT ... RETURNING always returns the row
             return record, deduplicated
 
+        return await self._once(body)
+
     async def get(self, image_id: uuid.UUID) -> ImageRecord | None:
         async with self._transaction() as cursor:
             return await _fetch_one(cursor, f"SELECT {_COLUMNS} FROM images WHERE id = %s", (image_id,))
@@ -114,10 +126,12 @@ class PostgresImageRepository:
             return [_record(row) for row in await cursor.fetchall()]
 
     async def delete(self, image_id: uuid.UUID) -> ImageRecord | None:
-        async with self._transaction() as cursor:
+        async def body(cursor: psycopg.AsyncCursor[dict[str, Any]]) -> ImageRecord | None:
             return await _fetch_one(
                 cursor, f"DELETE FROM images WHERE id = %s RETURNING {_COLUMNS}", (image_id,)
             )
+
+        return await self._once(body)
 
     async def release_blobs(
         self, digests: Sequence[str], *, remove: Callable[[str], Awaitable[bool]]
@@ -146,6 +160,20 @@ class PostgresImageRepository:
             await cursor.execute("SELECT count(*) AS n FROM images")
             row = await cursor.fetchone()
             return int(row["n"]) if row else 0
+
+    async def _once(self, body: Callable[[psycopg.AsyncCursor[dict[str, Any]]], Awaitable[T]]) -> T:
+        """``body`` on a cursor in a transaction that takes effect at most once (see the class)."""
+
+        async def on_connection(conn: psycopg.AsyncConnection[Any]) -> T:
+            async with conn.cursor(row_factory=dict_row) as cursor:
+                return await body(cursor)
+
+        try:
+            return await transaction_once(
+                self.pool, on_connection, what="the image database", timeout=self.retry_timeout
+            )
+        except psycopg.errors.UndefinedTable as error:
+            raise database_unavailable("the image database", error) from error
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[psycopg.AsyncCursor[dict[str, Any]]]:

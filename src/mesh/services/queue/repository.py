@@ -23,12 +23,11 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import psycopg
-import stamina
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from mesh.kit import errors
-from mesh.kit.db import database_unavailable
+from mesh.kit.db import CONNECTION_KWARGS, RETRY_ON, database_unavailable, retrying, transaction_once
 from mesh.kit.pagination import Cursor
 from mesh.services.queue.batching import GroupCommit
 from mesh.services.queue.states import (
@@ -50,18 +49,6 @@ MIGRATIONS = "mesh.services.queue.migrations"
 
 Row = dict[str, Any]
 T = TypeVar("T")
-
-# Dropped connections and the like; a retry on a fresh connection may succeed.
-RETRY_ON = (psycopg.OperationalError, psycopg.errors.AdminShutdown)
-
-# The id of the transaction (NULL while it has written nothing), and later what became of it.
-_XACT_ID = "SELECT pg_current_xact_id_if_assigned()::text AS xid"
-_XACT_STATUS = "SELECT pg_xact_status(%s::xid8) AS status"
-
-
-class CommitOutcomeUnknown(Exception):
-    """PostgreSQL cannot say yet whether a COMMIT whose answer was lost took effect: the transaction is still
-    open on a backend that has not noticed its client is gone."""
 
 
 def job_not_found(job_id: uuid.UUID) -> errors.NotFound:
@@ -95,27 +82,8 @@ def open_pool(url: str, *, name: str, max_size: int, min_size: int = 1) -> Async
         max_size=max_size,
         open=False,
         timeout=10.0,
-        kwargs={"autocommit": True, "row_factory": dict_row},
+        kwargs={"autocommit": True, "row_factory": dict_row, **CONNECTION_KWARGS},
     )
-
-
-async def retrying(
-    operation: Callable[[], Awaitable[T]],
-    *,
-    timeout: float = 30.0,
-    on: tuple[type[Exception], ...] = RETRY_ON,
-) -> T:
-    """Run ``operation`` again on a fresh connection while PostgreSQL drops connections (errors ``on``)."""
-    try:
-        return await operation()  # the common case, without the retry machinery's cost
-    except on:
-        pass
-    async for attempt in stamina.retry_context(
-        on=on, attempts=None, timeout=timeout, wait_initial=0.01, wait_max=0.25
-    ):
-        with attempt:
-            return await operation()
-    raise AssertionError("unreachable: stamina either returns or raises")
 
 
 @dataclass(frozen=True)
@@ -269,46 +237,9 @@ class JobRepository:
             raise database_unavailable("the job database", error) from error
 
     async def _transaction(self, body: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
-        """``body`` in one transaction, retried as :meth:`_retrying` does, and taking effect at most once.
-
-        Before COMMIT the transaction's id is noted with the body's answer. When the connection drops and the
-        answer to COMMIT is lost, the next try first asks PostgreSQL what became of that transaction
-        (``pg_xact_status``): committed, the noted answer is the answer (running the body again would find
-        its own change and answer otherwise: a retried job "cannot be retried", a dead letter counts twice);
-        aborted, the body runs again; still in progress (its backend has not yet noticed its client is gone),
-        it asks again until ``retry_timeout``, then fails UNAVAILABLE saying the outcome is unknown."""
-        sent: list[tuple[str, T]] = []  # the try whose COMMIT went out: its transaction id and answer
-
-        async def run() -> T:
-            async with self.pool.connection() as conn:
-                if sent:
-                    xid, answer = sent[0]
-                    cursor = await conn.execute(_XACT_STATUS, (xid,))
-                    found: Row | None = await cursor.fetchone()  # type: ignore[assignment]
-                    status = found["status"] if found else None
-                    if status == "committed":
-                        return answer
-                    if status != "aborted":
-                        raise CommitOutcomeUnknown(f"transaction {xid} is {status or 'unknown'}")
-                    sent.clear()
-                async with conn.transaction():
-                    answer = await body(conn)
-                    cursor = await conn.execute(_XACT_ID)
-                    noted: Row | None = await cursor.fetchone()  # type: ignore[assignment]
-                    if noted is not None and noted["xid"] is not None:  # None: it wrote nothing
-                        sent[:] = [(noted["xid"], answer)]
-                return answer
-
-        try:
-            return await retrying(run, timeout=self.retry_timeout, on=(*RETRY_ON, CommitOutcomeUnknown))
-        except (*RETRY_ON, CommitOutcomeUnknown) as error:
-            if sent:
-                raise errors.Unavailable(
-                    "the job database did not confirm the change, and whether it took effect is unknown "
-                    f"({type(error).__name__}); read the job to see whether it did",
-                    retry_after_seconds=1.0,
-                ) from error
-            raise database_unavailable("the job database", error) from error
+        """``body`` in one transaction, retried as :meth:`_retrying` does, and taking effect at most once
+        (:func:`~mesh.kit.db.transaction_once`)."""
+        return await transaction_once(self.pool, body, what="the job database", timeout=self.retry_timeout)
 
     async def _fetchone(self, query: str, params: dict[str, Any] | Sequence[Any]) -> Row | None:
         async def run() -> Row | None:

@@ -65,7 +65,7 @@ from prometheus_client import Counter, Histogram
 from psycopg_pool import AsyncConnectionPool
 
 from mesh.kit import errors, tracing
-from mesh.kit.db import PostgresCheck, prepare_database
+from mesh.kit.db import RETRY_ON, PostgresCheck, prepare_database
 from mesh.kit.health import Degrading, DependencyCheck, FunctionCheck
 from mesh.kit.jobs import JobCancelled, JobHandler, LeaseLost
 from mesh.kit.logging import get_logger
@@ -77,7 +77,6 @@ from mesh.services.queue.broker import Broker
 from mesh.services.queue.convert import category_from_proto, row_to_job
 from mesh.services.queue.repository import (
     MIGRATIONS,
-    RETRY_ON,
     ClaimStore,
     Outcome,
     Row,
