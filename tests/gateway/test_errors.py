@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.gateway.fakes import strip_png
-from tests.gateway.harness import GatewayFactory
+from tests.gateway.harness import FakeMesh, GatewayFactory, build_gateway, close_gateway, serve_app
 
 EXPECTED_STATUS = {
     "INVALID_ARGUMENT": (400, "INVALID_ARGUMENT"),
@@ -105,6 +105,24 @@ async def test_head_answers_as_get_without_a_body(client: httpx.AsyncClient) -> 
     refused = await client.head("/v1/jobs/00000000-0000-0000-0000-000000000000:cancel")
     assert refused.status_code == 405
     assert refused.headers["allow"] == "POST"
+
+
+async def test_head_over_real_http_keeps_the_connection_for_the_next_request(mesh: FakeMesh) -> None:
+    """Served by uvicorn, a HEAD ends cleanly and the next request on the same keep-alive connection is
+    answered: uvicorn framed the HEAD as the GET the route saw, waited for the Content-Length's worth of body,
+    and reset the connection (the in-process transport cannot show it)."""
+    app, ctx = build_gateway(mesh.gateway_settings())
+    try:
+        async with serve_app(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+            for path in ("/healthz", "/v1/images", "/openapi.json"):
+                head = await client.head(path)
+                assert (head.status_code, head.content) == (200, b""), path
+                assert int(head.headers["content-length"]) > 0, path
+                after = await client.get(path)
+                assert after.status_code == 200, path
+                assert len(after.content) == int(head.headers["content-length"]), path
+    finally:
+        await close_gateway(ctx)
 
 
 async def test_validation_error_is_400_with_field_violations(client: httpx.AsyncClient) -> None:

@@ -81,7 +81,12 @@ class HeadAsGet(HttpMiddleware):
 
         async def headers_only(message: Message) -> None:
             nonlocal ended
-            if message["type"] != "http.response.body":
+            if message["type"] == "http.response.start":
+                # The server frames the response by the scope's method when the headers go out: as a GET's,
+                # uvicorn waited for the Content-Length's worth of body, then reset the keep-alive connection.
+                scope["method"] = "HEAD"
+                await send(message)
+            elif message["type"] != "http.response.body":
                 await send(message)
             elif not ended:
                 # The headers (Content-Length included) are the GET's; the body ends here, and what the
