@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.services.file.blobs import BlobStore
+from mesh.services.file.blobs import MARKER, BlobStore
 
 
 def _sha(data: bytes) -> str:
@@ -16,7 +16,7 @@ def _sha(data: bytes) -> str:
 
 def test_write_fans_out_and_deduplicates(tmp_path: Path) -> None:
     """A blob lands at ab/cd/<sha>; writing the same bytes again writes nothing."""
-    store = BlobStore(tmp_path / "blobs")
+    store = BlobStore.opened(tmp_path / "blobs")
     data = b"hello blob"
     digest = _sha(data)
     assert store.write(digest, data) is True
@@ -31,7 +31,7 @@ def test_write_fans_out_and_deduplicates(tmp_path: Path) -> None:
 
 def test_no_temporary_files_are_left_behind(tmp_path: Path) -> None:
     """The atomic write renames its temporary file into place."""
-    store = BlobStore(tmp_path)
+    store = BlobStore.opened(tmp_path)
     for i in range(5):
         data = f"blob {i}".encode()
         store.write(_sha(data), data)
@@ -41,18 +41,18 @@ def test_no_temporary_files_are_left_behind(tmp_path: Path) -> None:
 
 def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
     """A write that fails midway leaves neither the blob nor a temporary file."""
-    store = BlobStore(tmp_path)
+    store = BlobStore.opened(tmp_path)
     digest = _sha(b"x")
 
     with pytest.raises(TypeError):
         store.write(digest, object())  # type: ignore[arg-type]
     assert not store.exists(digest)
-    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [MARKER]
 
 
 def test_remove_prunes_empty_fan_out_directories(tmp_path: Path) -> None:
     """Removing the last blob of a fan-out directory removes the directory too; a second remove is False."""
-    store = BlobStore(tmp_path)
+    store = BlobStore.opened(tmp_path)
     digest = _sha(b"gone soon")
     store.write(digest, b"gone soon")
     assert store.remove(digest) is True
@@ -65,3 +65,51 @@ def test_only_digests_name_blobs(tmp_path: Path, bad: str) -> None:
     """Anything but a lower-case hex SHA-256 is refused, so no path can escape the root."""
     with pytest.raises(ValueError, match="SHA-256"):
         BlobStore(tmp_path).path(bad)
+
+
+def test_opening_the_root_creates_it_with_its_marker(tmp_path: Path) -> None:
+    """At start-up the store creates its root and writes the marker the health check looks for."""
+    store = BlobStore(tmp_path / "volume" / "blobs")
+    store.open_root()
+    assert (tmp_path / "volume" / "blobs" / MARKER).is_file()
+
+
+def test_opening_an_unmarked_store_adopts_it_and_keeps_its_blobs(tmp_path: Path) -> None:
+    """A store written before the marker existed gets one at the next start, its blobs untouched; opening a
+    marked store again leaves the marker as it is."""
+    store = BlobStore(tmp_path)
+    digest = _sha(b"old blob")
+    store.path(digest).parent.mkdir(parents=True)
+    store.path(digest).write_bytes(b"old blob")
+    store.open_root()
+    marker = tmp_path / MARKER
+    assert marker.is_file()
+    assert store.read(digest) == b"old blob"
+    marker.write_text("kept")
+    store.open_root()
+    assert marker.read_text() == "kept"
+
+
+def test_the_marker_is_never_taken_for_a_blob(tmp_path: Path) -> None:
+    """Listing blobs (what the orphan sweep removes from), counting them and removing stale temporaries all
+    leave the marker alone."""
+    store = BlobStore(tmp_path)
+    store.open_root()
+    digest = _sha(b"a blob")
+    store.write(digest, b"a blob")
+    assert store.digests() == [digest]
+    assert store.count() == 1
+    assert store.remove_stale_temporaries(older_than_seconds=-1) == 0
+    assert store.remove(digest) is True
+    assert [p.name for p in tmp_path.iterdir()] == [MARKER]
+
+
+def test_a_store_without_its_marker_refuses_to_write(tmp_path: Path) -> None:
+    """With the marker gone (the volume unmounted under a running service, its bare mount point left), a new blob
+    is refused and nothing is written: it would have landed on the wrong filesystem and vanished from view when
+    the volume came back, leaving its image's row without bytes."""
+    store = BlobStore.opened(tmp_path)
+    (tmp_path / MARKER).unlink()
+    with pytest.raises(FileNotFoundError, match="volume may not be mounted"):
+        store.write(_sha(b"lost"), b"lost")
+    assert list(tmp_path.iterdir()) == []

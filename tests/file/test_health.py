@@ -1,12 +1,15 @@
-"""Health tells the truth: NOT_SERVING while PostgreSQL or the blob store is unusable, and back by itself."""
+"""Health tells the truth: NOT_SERVING while PostgreSQL or the blob store is unusable (or its volume is not
+mounted), degraded while the blob volume is short of space, and back by itself."""
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -129,6 +132,83 @@ async def test_blob_store_outage_and_recovery(server: ServiceRuntime) -> None:
     finally:
         await asyncio.to_thread(_restore, blob_dir, aside)
     await wait_for_status(server, SERVING, 10)
+
+
+async def test_low_blob_space_degrades_and_keeps_the_service_in_rotation(
+    server: ServiceRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blob volume short of free space is reported (blob_space degraded, naming the space) while the
+    service stays SERVING, so readiness keeps it in rotation: downloads and uploads that fit still work.
+    It made the whole service NOT_SERVING before."""
+    await wait_for_status(server, SERVING, 30)
+    blob_dir: Path = server.settings.blob_dir
+    real_usage = shutil.disk_usage
+
+    def nearly_full(path: Any) -> Any:
+        usage = real_usage(path)
+        if Path(path) != blob_dir:
+            return usage
+        return type(usage)(usage.total, usage.total - 20 * 2**20, 20 * 2**20)
+
+    async with FileClient(grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}")) as client:
+        stored = await client.upload(corpus.noise_png(64, 64, seed=41), filename="before.png")
+        monkeypatch.setattr(shutil, "disk_usage", nearly_full)
+        await _wait_for_check(server, "blob_space", "degraded", 10)
+        checks = {c["name"]: c for c in (await _healthz(server)).json()["checks"]}
+        assert checks["blob_space"]["detail"].startswith("OSError: only 20.0 MiB free in ")
+        assert checks["blob_store"]["status"] == "ok"
+        await wait_for_status(server, SERVING, 1)
+        assert (await _healthz(server)).status_code == 200
+        assert len((await client.download(str(stored.image.id)))[2]) > 0
+        assert (await client.upload(corpus.noise_png(64, 64, seed=42), filename="low.png")).image.width == 64
+        monkeypatch.undo()
+        await _wait_for_check(server, "blob_space", "ok", 10)
+
+
+async def test_an_unmounted_blob_volume_is_not_serving_and_the_probe_creates_nothing(
+    server: ServiceRuntime,
+) -> None:
+    """With the blob volume gone (an empty mount point in its place, then no directory at all) the service is
+    NOT_SERVING, blob_store naming the directory and a possibly unmounted volume, and the probe does not
+    create the directory; with the volume back it serves again. An empty directory was SERVING before."""
+    await wait_for_status(server, SERVING, 30)
+    blob_dir: Path = server.settings.blob_dir
+    aside = blob_dir.with_name("blobs.unmounted")
+    await asyncio.to_thread(blob_dir.rename, aside)
+    try:
+        await asyncio.to_thread(blob_dir.mkdir)  # the bare mount point, as left on the root filesystem
+        await wait_for_status(server, NOT_SERVING, 10)
+        checks = {c["name"]: c for c in (await _healthz(server)).json()["checks"]}
+        assert {name for name, c in checks.items() if c["status"] == "failing"} == {"blob_store"}
+        assert (
+            f"{blob_dir} has no .mesh-blob-store marker; its volume may not be mounted"
+            in (checks["blob_store"]["detail"])
+        )
+        await asyncio.to_thread(blob_dir.rmdir)
+        await _wait_for_check(server, "blob_store", "failing", 10, detail="is not a directory")
+        await asyncio.sleep(0.3)  # a few more probes
+        assert not await asyncio.to_thread(blob_dir.exists)
+        await wait_for_status(server, NOT_SERVING, 1)
+    finally:
+        if await asyncio.to_thread(blob_dir.is_dir):
+            await asyncio.to_thread(blob_dir.rmdir)
+        await asyncio.to_thread(aside.rename, blob_dir)
+    await wait_for_status(server, SERVING, 10)
+
+
+async def _wait_for_check(
+    runtime: ServiceRuntime, name: str, status: str, timeout: float, *, detail: str = ""
+) -> None:
+    """Poll /healthz until check ``name`` has ``status`` (and ``detail`` in its detail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        checks = {c["name"]: c for c in (await _healthz(runtime)).json()["checks"]}
+        check = checks.get(name)
+        if check is not None and check["status"] == status and detail in check["detail"]:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name} still {check} after {timeout}s, wanted {status}")
+        await asyncio.sleep(0.1)
 
 
 async def test_starts_without_postgres_and_migrates_when_it_comes(

@@ -90,7 +90,7 @@ async def test_every_image_exactly_once_newest_first_while_inserting(
 ) -> None:
     """Paging sees every image that existed at the start exactly once, newest first by (created_at, id),
     never more than page_size per page, and none of the images inserted between pages."""
-    store = ImageStore(repository, BlobStore(tmp_path))
+    store = ImageStore(repository, BlobStore.opened(tmp_path))
     existing = await reset(repository, initial, tied)
     seen: list[ImageRecord] = []
     token = ""
@@ -117,7 +117,7 @@ async def test_new_images_appear_first_on_a_fresh_listing(
     repository: PostgresImageRepository, tmp_path: Path
 ) -> None:
     """An image inserted after a listing began is on the first page of the next listing."""
-    store = ImageStore(repository, BlobStore(tmp_path))
+    store = ImageStore(repository, BlobStore.opened(tmp_path))
     await reset(repository, 5, [])
     first_page = await store.list(2, "")
     [newest] = await insert(repository, 1)

@@ -66,7 +66,7 @@ async def test_upload_returns_the_image_metadata(file_client: FileClient) -> Non
 async def test_same_bytes_are_stored_once(file_client: FileClient, blob_dir: Path) -> None:
     """Uploading the same bytes again gives a new image with the same sha256 and no new blob on disk."""
     data = unique_png()
-    blobs = BlobStore(blob_dir)
+    blobs = BlobStore.opened(blob_dir)
     first = await file_client.upload(data, filename="a.png")
     count = blobs.count()
     second = await file_client.upload(data, filename="b.png")
@@ -336,7 +336,7 @@ async def test_list_pages_newest_first(file_client: FileClient) -> None:
 async def test_delete_removes_the_blob_with_its_last_image(file_client: FileClient, blob_dir: Path) -> None:
     """Deleting one of two images of the same bytes keeps the blob; deleting the last removes it."""
     data = unique_png()
-    blobs = BlobStore(blob_dir)
+    blobs = BlobStore.opened(blob_dir)
     first = (await file_client.upload(data, filename="1.png")).image
     second = (await file_client.upload(data, filename="2.png")).image
     assert blobs.exists(first.sha256)
@@ -354,7 +354,7 @@ async def test_delete_removes_the_blob_with_its_last_image(file_client: FileClie
 async def test_missing_blob_is_written_again_on_upload(file_client: FileClient, blob_dir: Path) -> None:
     """When an image's blob file was lost, uploading the same bytes restores it."""
     data = unique_png()
-    blobs = BlobStore(blob_dir)
+    blobs = BlobStore.opened(blob_dir)
     image = (await file_client.upload(data, filename="lost.png")).image
     blobs.remove(image.sha256)
     with pytest.raises(errors.Internal, match="missing from the blob store"):
@@ -390,7 +390,7 @@ async def test_concurrent_upload_and_delete_never_lose_a_referenced_blob(
     file_client: FileClient, blob_dir: Path
 ) -> None:
     """Racing a delete of the last image against an upload of the same bytes leaves the blob iff a row uses it."""
-    blobs = BlobStore(blob_dir)
+    blobs = BlobStore.opened(blob_dir)
     for _ in range(6):
         data = unique_png(24, 24)
         first = (await file_client.upload(data, filename="race.png")).image
@@ -456,13 +456,13 @@ async def test_health_reflection_and_metrics(file_server: ServiceRuntime) -> Non
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{file_server.http_port}") as http:
         healthz = (await http.get("/healthz")).json()
         metrics = (await http.get("/metrics/")).text
-    assert {c["name"] for c in healthz["checks"]} == {"postgresql", "blob_store", "migrations"}
+    assert {c["name"] for c in healthz["checks"]} == {"postgresql", "blob_store", "blob_space", "migrations"}
     assert "mesh_file_uploads_total" in metrics
 
 
 async def test_orphaned_blobs_are_swept(file_client: FileClient, blob_dir: Path, database_url: str) -> None:
     """The sweep removes blobs no image refers to and stale temporary files, and keeps referenced blobs."""
-    blobs = BlobStore(blob_dir)
+    blobs = BlobStore.opened(blob_dir)
     kept = (await file_client.upload(unique_png(), filename="kept.png")).image
     orphan = f"orphan {uuid.uuid4()}".encode()
     orphan_digest = hashlib.sha256(orphan).hexdigest()
@@ -497,7 +497,7 @@ async def test_concurrent_uploads_with_one_idempotency_key_store_one_image(
 ) -> None:
     """Two racing uploads of different bytes under one key store one image; the other is ALREADY_EXISTS and
     leaves no blob."""
-    blobs = BlobStore(blob_dir)
+    blobs = BlobStore.opened(blob_dir)
     key = f"race-{uuid.uuid4()}"
     first, second = unique_png(), unique_png()
     outcomes = await asyncio.gather(

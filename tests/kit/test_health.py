@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,33 +14,75 @@ from typing import Any
 import pytest
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
-from mesh.kit.health import Degrading, DirectoryCheck, HealthMonitor
+from mesh.kit.health import Degrading, DirectoryCheck, FreeSpaceCheck, HealthMonitor
 
 HealthServicer = health_aio.HealthServicer
 
 
-async def test_a_directory_check_reports_free_space_as_people_read_it(tmp_path: Path) -> None:
+async def test_a_free_space_check_reports_free_space_as_people_read_it(tmp_path: Path) -> None:
     """The detail shown on the dashboard is in binary units (GiB, MiB), with the disk's size beside it."""
-    detail = await DirectoryCheck("blob_store", tmp_path / "blobs", min_free_bytes=0).check()
-    assert (tmp_path / "blobs").is_dir()
+    detail = await FreeSpaceCheck("blob_space", tmp_path, min_free_bytes=0).check()
     assert " free of " in detail
     assert "bytes free" not in detail
     assert detail.split()[1] in {"TiB", "GiB", "MiB", "KiB"}
+
+
+def _low_disk(monkeypatch: pytest.MonkeyPatch, free: int) -> None:
+    total = 100 * 2**30
+
+    def usage(_: Any) -> Any:
+        return SimpleNamespace(total=total, used=total - free, free=free)
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
 
 
 async def test_a_directory_short_of_space_fails_naming_what_it_has_and_needs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Under its minimum the check fails, saying the free space and the minimum in the same units."""
-    total, free = 100 * 2**30, 40 * 2**20
-
-    def usage(_: Any) -> Any:
-        return SimpleNamespace(total=total, used=total - free, free=free)
-
-    monkeypatch.setattr(shutil, "disk_usage", usage)
-    check = DirectoryCheck("blob_store", tmp_path, min_free_bytes=64 * 2**20)
+    _low_disk(monkeypatch, 40 * 2**20)
+    check = FreeSpaceCheck("blob_space", tmp_path, min_free_bytes=64 * 2**20)
     with pytest.raises(OSError, match=rf"only 40.0 MiB free in {tmp_path}; it needs at least 64.0 MiB"):
         await check.check()
+
+
+async def test_low_free_space_degrades_but_a_writable_directory_keeps_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A nearly full disk is reported (degraded) without turning the service NOT_SERVING: the directory
+    check, the essential one, does not look at free space; only the Degrading free-space check does."""
+    _low_disk(monkeypatch, 20 * 2**20)
+    monitor = HealthMonitor(
+        HealthServicer(),
+        ["svc"],
+        [DirectoryCheck("blob_store", tmp_path), Degrading(FreeSpaceCheck("blob_space", tmp_path))],
+    )
+    assert await monitor.check_now()
+    assert {r.name: r.status for r in monitor.results} == {"blob_store": "ok", "blob_space": "degraded"}
+
+
+async def test_a_directory_check_never_creates_the_directory(tmp_path: Path) -> None:
+    """A missing directory fails, naming it and a possibly unmounted volume, and the probe leaves it missing:
+    one that made it would vouch for an empty directory on the root filesystem."""
+    missing = tmp_path / "blobs"
+    with pytest.raises(
+        FileNotFoundError, match=rf"{missing} is not a directory; its volume may not be mounted"
+    ):
+        await DirectoryCheck("blob_store", missing).check()
+    assert not missing.exists()
+
+
+async def test_a_directory_check_fails_without_its_marker(tmp_path: Path) -> None:
+    """An existing, writable directory without the marker its owner wrote (an empty mount point whose volume
+    is not mounted) fails; with the marker it passes and leaves no probe file behind."""
+    check = DirectoryCheck("blob_store", tmp_path, marker=".mesh-blob-store")
+    with pytest.raises(
+        FileNotFoundError, match=rf"{tmp_path} has no .mesh-blob-store marker; its volume may"
+    ):
+        await check.check()
+    (tmp_path / ".mesh-blob-store").write_text("")
+    assert await check.check() == "writable"
+    assert await asyncio.to_thread(os.listdir, tmp_path) == [".mesh-blob-store"]
 
 
 @dataclass

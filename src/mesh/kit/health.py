@@ -101,7 +101,39 @@ class Degrading:
 
 @dataclass
 class DirectoryCheck:
-    """A directory exists and is writable; reports free space."""
+    """A directory exists, holds its ``marker`` file (when one is given) and is writable.
+
+    The directory is never created here: a probe that made a missing one would answer for an empty directory
+    on the root filesystem while the volume that holds the data is not mounted. The marker, written by the
+    directory's owner when it opens it, tells that volume from the bare mount point under it.
+    """
+
+    name: str
+    path: Path
+    marker: str | None = None
+
+    async def check(self) -> str:
+        return await asyncio.to_thread(self._check)
+
+    def _check(self) -> str:
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"{self.path} is not a directory; its volume may not be mounted")
+        if self.marker is not None and not (self.path / self.marker).is_file():
+            raise FileNotFoundError(f"{self.path} has no {self.marker} marker; its volume may not be mounted")
+        probe = self.path / f".health-{uuid.uuid4().hex}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        return "writable"
+
+
+@dataclass
+class FreeSpaceCheck:
+    """The filesystem of ``path`` has at least ``min_free_bytes`` free; reports free space.
+
+    Meant to be wrapped in :class:`Degrading`: a nearly full disk still serves its reads, and the writes it
+    cannot take fail by themselves (the file service refuses such uploads with 507), so low space is a
+    warning, not a reason to take the service out of rotation.
+    """
 
     name: str
     path: Path
@@ -111,10 +143,6 @@ class DirectoryCheck:
         return await asyncio.to_thread(self._check)
 
     def _check(self) -> str:
-        self.path.mkdir(parents=True, exist_ok=True)
-        probe = self.path / f".health-{uuid.uuid4().hex}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
         usage = shutil.disk_usage(self.path)
         if usage.free < self.min_free_bytes:
             raise OSError(

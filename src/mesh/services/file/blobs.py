@@ -4,11 +4,17 @@ A blob lives at ``<root>/<sha[0:2]>/<sha[2:4]>/<sha>`` (fan-out keeps directorie
 a temporary file in the same directory, fsync, ``os.replace``, fsync of the directory, so a reader sees the
 whole blob or none. Same bytes, same name: storing them again writes nothing. Which blobs may be removed is
 decided by the repository (reference counting in SQL); this module only moves bytes.
+
+The root holds a marker file, :data:`MARKER`, written when the service opens the store at start-up; the
+health check fails without it, so a blob volume that is not mounted (an empty mount point left on the root
+filesystem) is not taken for an empty store. It lies beside the fan-out directories, never at a blob's depth,
+so listing and sweeping blobs never see it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import tempfile
@@ -18,12 +24,37 @@ from typing import BinaryIO
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
+MARKER = ".mesh-blob-store"
+"""The file in the root that says this directory is the blob store (and its volume is mounted)."""
+
 
 class BlobStore:
     """Blobs named by the lower-case hex SHA-256 of their bytes, under ``root``."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
+
+    @classmethod
+    def opened(cls, root: Path) -> BlobStore:
+        """The store at ``root``, its root and marker created when missing (:meth:`open_root`)."""
+        store = cls(root)
+        store.open_root()
+        return store
+
+    def open_root(self) -> None:
+        """Create the root and its marker when missing (once, at start-up, never in a health probe).
+
+        A store made before the marker existed is adopted: it gets its marker at the first start.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        marker = self.root / MARKER
+        if marker.is_file():
+            return
+        with contextlib.suppress(FileExistsError), marker.open("x") as handle:
+            handle.write("The mesh file service's blob store; its health check needs this file.\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        _fsync_directory(self.root)
 
     def path(self, sha256: str) -> Path:
         """Where the blob with this digest lives (the digest is checked, so no path can escape root)."""
@@ -40,6 +71,12 @@ class BlobStore:
         target = self.path(sha256)
         if target.is_file():
             return False
+        if not (self.root / MARKER).is_file():
+            # Not the store's volume (unmounted under a running service): a blob written here would vanish
+            # from view when the volume came back, leaving its row without bytes.
+            raise FileNotFoundError(
+                errno.ENOENT, f"{self.root} has no {MARKER} marker; its volume may not be mounted"
+            )
         fd, temporary = _temporary_file(target.parent)
         try:
             with os.fdopen(fd, "wb") as handle:

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 
 from mesh.file.v1 import file_service_pb2_grpc
 from mesh.kit.db import PostgresCheck, create_pool
-from mesh.kit.health import DirectoryCheck
+from mesh.kit.health import Degrading, DirectoryCheck, FreeSpaceCheck
 from mesh.kit.logging import get_logger
 from mesh.kit.runtime import ServiceRuntime
-from mesh.services.file.blobs import BlobStore
+from mesh.services.file.blobs import MARKER, BlobStore
 from mesh.services.file.migrations_check import SchemaMigrations
 from mesh.services.file.postgres import PostgresImageRepository
 from mesh.services.file.servicer import SERVICE_NAME, FileServicer
@@ -53,6 +53,8 @@ async def file_service(settings: FileSettings) -> AsyncIterator[ServiceRuntime]:
 
     The schema is migrated before this returns when PostgreSQL answers within
     ``startup_migration_seconds``; otherwise the service starts NOT_SERVING and migrates in the background.
+    The blob directory and its marker are created here when missing; an OSError doing so (a read-only or
+    misconfigured blob directory) stops the start, since no probe will create them later.
 
     ``await runtime.run()`` inside the block serves until SIGTERM (or ``runtime.stopping`` is set).
     """
@@ -65,7 +67,7 @@ async def file_service(settings: FileSettings) -> AsyncIterator[ServiceRuntime]:
         reconnect_timeout=settings.db_reconnect_seconds,
     )
     async with pool:
-        blobs = BlobStore(settings.blob_dir)
+        blobs = await asyncio.to_thread(BlobStore.opened, settings.blob_dir)
         store = ImageStore(
             PostgresImageRepository(pool),
             blobs,
@@ -77,7 +79,14 @@ async def file_service(settings: FileSettings) -> AsyncIterator[ServiceRuntime]:
             "file",
             settings,
             service_names=[SERVICE_NAME],
-            checks=[PostgresCheck(pool), DirectoryCheck("blob_store", settings.blob_dir), migrations],
+            checks=[
+                PostgresCheck(pool),
+                DirectoryCheck("blob_store", settings.blob_dir, marker=MARKER),
+                # Low space degrades: downloads, lists and gets still work, and an upload that does not fit
+                # is refused with 507, so the pods stay in rotation.
+                Degrading(FreeSpaceCheck("blob_space", settings.blob_dir)),
+                migrations,
+            ],
         )
         if not migrated:
             runtime.add_background(lambda: migrations.run_until_applied(runtime.stopping))
