@@ -21,7 +21,9 @@ COMMIT_ANSWERED = b"C\x00\x00\x00\x0bCOMMIT\x00"  # PostgreSQL's CommandComplete
 class CommitCutter:
     """A TCP proxy to PostgreSQL that, once armed, cuts the next COMMIT: ``answered`` after PostgreSQL committed
     (the answer is dropped), ``held`` before forwarding it with the server side kept open (the transaction
-    stays in progress until :meth:`release`), ``aborted`` before forwarding it with both sides closed."""
+    stays in progress until :meth:`release`), ``aborted`` before forwarding it with both sides closed. Armed
+    ``silent``, it forwards nothing more from then on, either way, and closes nothing: a hung server or a path
+    that went silent, as a client sees it until TCP gives up."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
@@ -58,6 +60,8 @@ class CommitCutter:
         async def up() -> None:
             with contextlib.suppress(Exception):
                 while data := await client_reader.read(65536):
+                    if self.mode == "silent":
+                        continue
                     if COMMIT_ASKED in data and self.mode in ("held", "aborted"):
                         mode, self.mode = self.mode, None
                         self.fired += 1
@@ -73,6 +77,8 @@ class CommitCutter:
         async def down() -> None:
             with contextlib.suppress(Exception):
                 while data := await server_reader.read(65536):
+                    if self.mode == "silent":
+                        continue
                     if COMMIT_ANSWERED in data and self.mode == "answered":
                         self.mode = None
                         self.fired += 1

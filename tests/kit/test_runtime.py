@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2 as reflection_pb
 from pydantic import ValidationError
 
 from mesh.kit import errors
-from mesh.kit.channels import open_channel, service_config
+from mesh.kit.channels import open_channel
 from mesh.kit.health import Degrading
 from mesh.kit.runtime import LIVENESS_SERVICE, BackgroundTaskCrashed, ServiceRuntime
 from mesh.kit.settings import ServerSettings
@@ -373,13 +373,6 @@ def test_settings_refuse_infinite_or_huge_times(variable: str, value: str) -> No
     more was written 1e+06s, which gRPC refuses, failing every call."""
     with pytest.raises(ValidationError):
         ServerSettings.model_validate({variable: value})
-
-
-def test_deadlines_are_written_as_grpc_durations() -> None:
-    """The channel's service config writes any allowed deadline as a duration gRPC parses."""
-    for seconds, written in ((30.0, "30s"), (0.25, "0.25s"), (86400.0, "86400s"), (1e-5, "0.00001s")):
-        config = json.loads(service_config("x.v1.X", seconds))
-        assert config["methodConfig"][0]["timeout"] == written
 
 
 @pytest.mark.parametrize("version", ["v1alpha", "v1"])

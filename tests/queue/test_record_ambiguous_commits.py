@@ -137,3 +137,18 @@ async def test_a_commit_lost_on_its_way_runs_again(
     assert cutter.fired == 1
     assert (row["state"], row["attempt"]) == ("QUEUED", 2)
     assert await sql(migrated, "SELECT attempt FROM jobs WHERE id = %s", job_id) == [{"attempt": 2}]
+
+
+async def test_a_database_that_stops_answering_is_unavailable_within_the_retry_window(
+    repository: JobRepository, cutter: CommitCutter
+) -> None:
+    """With PostgreSQL silent (no answer, no reset: a hung server, or a path TCP has not given up on), a read and
+    a cancel answer UNAVAILABLE once the repository's retry window (1.5 s here) has passed; before, each waited
+    until its caller's deadline (the gateway's 504 after 28 s) and a job's watch, which has none, for ever."""
+    job_id = await submit(repository)
+    cutter.arm("silent")
+    for operation in (repository.get(job_id), repository.cancel(job_id)):
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(errors.Unavailable, match=r"unavailable|unknown"):
+            await asyncio.wait_for(operation, 20)
+        assert asyncio.get_running_loop().time() - started < 4

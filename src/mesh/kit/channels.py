@@ -1,16 +1,20 @@
 """The channel factory: deadlines on every call and service-config retries for UNAVAILABLE.
 
-Unary methods get the default deadline from settings through the service config (a caller may pass a
-shorter ``timeout``); long-lived streams named in ``streaming_methods`` get none. Transparent retries of
-UNAVAILABLE use gRPC's own retry policy, not a loop of ours.
+Every call but the long-lived streams named in ``streaming_methods`` gets the default deadline from settings
+when its caller passes no ``timeout`` (a caller may pass a shorter or longer one). The deadline is set on
+the call by an interceptor, not by the service config's ``timeout``: grpcio (1.85) started that one about
+1.7 s early, so 3 s gave 1.3 s and the default 30 s gave 28. Transparent retries of UNAVAILABLE use gRPC's
+own retry policy, not a loop of ours.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
+from grpc.aio import ClientCallDetails
 
 from mesh.kit import tracing
 from mesh.kit.runtime import KEEPALIVE_OPTIONS, message_limit_options
@@ -26,19 +30,80 @@ RETRY_POLICY = {
 }
 
 
-def _duration(seconds: float) -> str:
-    """A protobuf JSON duration: ``30s``, ``0.25s``; ``:g`` wrote ``1e+06s``, which gRPC refuses."""
-    return f"{seconds:.9f}".rstrip("0").rstrip(".") + "s"
+def service_config(service: str) -> str:
+    """The JSON service config for one gRPC service: the retry policy for every method."""
+    return json.dumps({"methodConfig": [{"name": [{"service": service}], "retryPolicy": RETRY_POLICY}]})
 
 
-def service_config(service: str, timeout_seconds: float, streaming_methods: Sequence[str] = ()) -> str:
-    """The JSON service config for one gRPC service."""
-    configs: list[dict[str, object]] = [
-        {"name": [{"service": service}], "timeout": _duration(timeout_seconds), "retryPolicy": RETRY_POLICY}
-    ]
-    if streaming_methods:
-        configs.append({"name": [{"service": service, "method": m} for m in streaming_methods]})
-    return json.dumps({"methodConfig": configs})
+if TYPE_CHECKING:  # the stubs make these generic; at run time they are plain classes
+    _UnaryUnary = grpc.aio.UnaryUnaryClientInterceptor[Any, Any]
+    _UnaryStream = grpc.aio.UnaryStreamClientInterceptor[Any, Any]
+    _StreamUnary = grpc.aio.StreamUnaryClientInterceptor[Any, Any]
+    _StreamStream = grpc.aio.StreamStreamClientInterceptor[Any, Any]
+else:
+    _UnaryUnary = grpc.aio.UnaryUnaryClientInterceptor
+    _UnaryStream = grpc.aio.UnaryStreamClientInterceptor
+    _StreamUnary = grpc.aio.StreamUnaryClientInterceptor
+    _StreamStream = grpc.aio.StreamStreamClientInterceptor
+
+
+class _DefaultDeadline:
+    """Sets ``timeout`` on a call that has none, unless its method is one of the long-lived streams."""
+
+    def __init__(self, timeout: float, service: str, streaming_methods: Sequence[str]) -> None:
+        self._timeout = timeout
+        self._exempt = {f"/{service}/{m}" for m in streaming_methods}
+
+    def _details(self, details: ClientCallDetails) -> ClientCallDetails:
+        method = details.method.decode() if isinstance(details.method, bytes) else str(details.method)
+        if details.timeout is not None or method in self._exempt:
+            return details
+        return ClientCallDetails(
+            details.method, self._timeout, details.metadata, details.credentials, details.wait_for_ready
+        )
+
+    async def intercept_unary_unary(self, continuation: Any, details: ClientCallDetails, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+    async def intercept_unary_stream(
+        self, continuation: Any, details: ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(self._details(details), request)
+
+    async def intercept_stream_unary(
+        self, continuation: Any, details: ClientCallDetails, requests: Any
+    ) -> Any:
+        return await continuation(self._details(details), requests)
+
+    async def intercept_stream_stream(
+        self, continuation: Any, details: ClientCallDetails, requests: Any
+    ) -> Any:
+        return await continuation(self._details(details), requests)
+
+
+# A channel files an interceptor under the first kind it is an instance of: one class per kind.
+class _UnaryUnaryDeadline(_DefaultDeadline, _UnaryUnary):
+    pass
+
+
+class _UnaryStreamDeadline(_DefaultDeadline, _UnaryStream):
+    pass
+
+
+class _StreamUnaryDeadline(_DefaultDeadline, _StreamUnary):
+    pass
+
+
+class _StreamStreamDeadline(_DefaultDeadline, _StreamStream):
+    pass
+
+
+def default_deadlines(
+    timeout: float, service: str, streaming_methods: Sequence[str] = ()
+) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors giving every call of ``service`` but ``streaming_methods`` a ``timeout`` when it has none."""
+    kinds = (_UnaryUnaryDeadline, _UnaryStreamDeadline, _StreamUnaryDeadline, _StreamStreamDeadline)
+    return [cast(grpc.aio.ClientInterceptor, kind(timeout, service, streaming_methods)) for kind in kinds]
 
 
 def open_channel(
@@ -54,9 +119,12 @@ def open_channel(
         *message_limit_options(max_message_bytes),
         *[o for o in KEEPALIVE_OPTIONS if o[0] in ("grpc.keepalive_time_ms", "grpc.keepalive_timeout_ms")],
         ("grpc.enable_retries", 1),
-        ("grpc.service_config", service_config(service, settings.rpc_timeout_seconds, streaming_methods)),
+        ("grpc.service_config", service_config(service)),
     ]
-    interceptors = tracing.client_interceptors()
+    interceptors = [
+        *default_deadlines(settings.rpc_timeout_seconds, service, streaming_methods),
+        *tracing.client_interceptors(),
+    ]
     credentials = channel_credentials(settings)
     if credentials is None:
         return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

@@ -44,13 +44,51 @@ class CommitOutcomeUnknown(Exception):
 _ONCE_RETRY_ON = (*RETRY_ON, CommitOutcomeUnknown)
 
 
+class DatabaseStalled(psycopg.OperationalError):
+    """PostgreSQL did not answer within the operation's time (a hung server, or a connection gone silent that
+    TCP has not given up on yet): a connection-level failure like the others, so callers answer UNAVAILABLE."""
+
+
 async def retrying(
     operation: Callable[[], Awaitable[T]],
     *,
     timeout: float = 30.0,
     on: tuple[type[Exception], ...] = RETRY_ON,
 ) -> T:
-    """Run ``operation`` again on a fresh connection while PostgreSQL drops connections (errors ``on``)."""
+    """Run ``operation`` again on a fresh connection while PostgreSQL drops connections (errors ``on``), for
+    ``timeout`` seconds in all; an attempt still waiting for PostgreSQL then is given up
+    (:class:`DatabaseStalled`), so a hung server or a silent connection cannot hold the caller until its own
+    deadline, or for ever where it has none.
+
+    The given-up attempt is cancelled in the background: psycopg asks the server to cancel the query and waits
+    for it, up to 10 s, before it closes the connection, and the caller need not wait for that."""
+    attempts = asyncio.ensure_future(_attempts(operation, timeout, on))
+    try:
+        await asyncio.wait((attempts,), timeout=timeout)
+    except asyncio.CancelledError:
+        attempts.cancel()
+        raise
+    if attempts.done():
+        return attempts.result()
+    attempts.cancel()
+    _given_up.add(attempts)
+    attempts.add_done_callback(_forget)
+    raise DatabaseStalled(f"PostgreSQL did not answer within {timeout:g}s")
+
+
+_given_up: set[asyncio.Future[Any]] = set()
+"""Attempts given up and still being cancelled (the event loop keeps only weak references to tasks)."""
+
+
+def _forget(attempt: asyncio.Future[Any]) -> None:
+    _given_up.discard(attempt)
+    if not attempt.cancelled():
+        attempt.exception()  # retrieved: nobody waits for it any more
+
+
+async def _attempts(
+    operation: Callable[[], Awaitable[T]], timeout: float, on: tuple[type[Exception], ...]
+) -> T:
     try:
         return await operation()  # the common case, without the retry machinery's cost
     except on:
