@@ -74,6 +74,55 @@ def test_truncated_png_is_invalid_data() -> None:
     assert caught.value.field_violations[0].field == "input.encoded.data"
 
 
+def test_empty_data_is_invalid_argument_the_image_is_empty() -> None:
+    """No bytes at all is INVALID_ARGUMENT "the image is empty", as inference says; it was 415 "not an
+    image (they start with b'')", which told the client to send another format."""
+    with pytest.raises(errors.InvalidArgument) as caught:
+        codec.decode(b"", LIMITS)
+    assert not isinstance(caught.value, errors.UnsupportedMediaType)
+    assert caught.value.message == "the image is empty"
+    assert [v.field for v in caught.value.field_violations] == ["input.encoded.data"]
+
+
+@pytest.mark.parametrize("keep", [8, 12, 20, 30])
+def test_a_png_cut_within_its_header_says_so_without_a_python_repr(keep: int) -> None:
+    """A PNG cut off before its header can be read is InvalidData saying it is truncated (send the whole
+    file), in inference's words; the message quoted Pillow's, which names a ``<_io.BytesIO object at ...>``."""
+    data = codec.encode(noise(20, 20, 3), codec.Format.PNG)
+    with pytest.raises(errors.InvalidData) as caught:
+        codec.decode(data[:keep], LIMITS)
+    message = caught.value.message
+    assert message.startswith("the PNG image is truncated or damaged: its header cannot be read")
+    assert "send the whole file" in message
+    assert "<" not in message
+    assert "BytesIO" not in message
+    assert errors.http_status(caught.value) == 400
+
+
+def test_the_header_tells_the_decoded_size_before_decoding() -> None:
+    """probe reads width, height, channels and sample size from the header alone (a grey-and-alpha PNG
+    decodes to RGBA, an EXIF-turned JPEG to its shown size), and they are what decode returns."""
+    grey_alpha = io.BytesIO()
+    PilImage.fromarray(noise(6, 9, 2)).save(grey_alpha, format="PNG")
+    exif = PilImage.Exif()
+    exif[ORIENTATION_TAG] = 6
+    turned = io.BytesIO()
+    PilImage.fromarray(noise(6, 9, 3)).save(turned, format="JPEG", exif=exif.tobytes())
+    samples = [
+        codec.encode(noise(7, 5, 4, np.uint16), codec.Format.PNG),
+        codec.encode(noise(7, 5, 1), codec.Format.PNG),
+        codec.encode(noise(7, 5, 3), codec.Format.WEBP),
+        grey_alpha.getvalue(),
+        turned.getvalue(),
+    ]
+    for data in samples:
+        header = codec.probe(data, LIMITS)
+        decoded = codec.decode(data, LIMITS, header=header)
+        assert (header.height, header.width, header.channels) == decoded.shape
+        assert header.itemsize == decoded.dtype.itemsize
+        assert header.nbytes == decoded.nbytes
+
+
 def test_too_many_pixels_is_refused_before_decoding() -> None:
     """An image over the pixel limit is RESOURCE_EXHAUSTED (HTTP 413), checked from the header."""
     data = codec.encode(np.zeros((200, 200, 1), np.uint8), codec.Format.PNG)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,6 +28,7 @@ from mesh.services.image_processing.processor import Processor
 from mesh.services.image_processing.registry import Device, validate_pipeline
 from mesh.services.image_processing.servicer import RAW_INPUT, ImageProcessingServicer
 from tests.image_processing import fake_cupy
+from tests.image_processing.fakes import CallContext
 from tests.image_processing.gpu_cases import CASES, within
 from tests.image_processing.images import noise, smooth
 
@@ -163,6 +165,23 @@ def test_grey_binary_threshold_fuses_with_its_neighbours(gpu: Any) -> None:
     assert np.array_equal(output.image, run_pipeline(CpuBackend(), image, steps).image)
 
 
+def test_a_set_cancel_flag_stops_the_gpu_pipeline_before_its_next_step(gpu: Any) -> None:
+    """The GPU session checks the shared cancel flag before each step group, as the CPU's does before each
+    step: a pipeline whose caller went away queues no more kernels (CANCELLED)."""
+    kernel = gpu.kernels[np.dtype(np.uint8)]["lut_apply"]
+    before = kernel.launches
+    cancel = threading.Event()
+    cancel.set()
+    steps = validate_pipeline([("invert", {}), ("flip", {}), ("invert", {})])
+    with pytest.raises(errors.Cancelled, match=r"stopped before invert \(0\)"):
+        run_pipeline(gpu, noise(20, 30, 3), steps, cancel)
+    assert kernel.launches == before
+    assert np.array_equal(
+        run_pipeline(gpu, noise(20, 30, 3), steps, threading.Event()).image,
+        run_pipeline(CpuBackend(), noise(20, 30, 3), steps).image,
+    )
+
+
 def test_large_upload_goes_through_chunked_staging_intact(gpu: Any) -> None:
     """An image over the chunking size (1 MB) arrives on the device byte for byte, whatever its chunk edges,
     and the pipeline over it equals the CPU's."""
@@ -195,10 +214,10 @@ async def test_raw_replies_on_the_gpu_backend_are_its_own_results_and_outlive_th
         ).SerializeToString()
 
     first, second = noise(40, 30, 3), smooth(40, 30, 3)
-    reply = await on_gpu.ProcessImage(RAW_INPUT.parse(request(first)), None)  # type: ignore[arg-type]
+    reply = await on_gpu.ProcessImage(RAW_INPUT.parse(request(first)), CallContext())  # type: ignore[arg-type]
     assert isinstance(reply, Spliced)
-    await on_gpu.ProcessImage(RAW_INPUT.parse(request(second)), None)  # type: ignore[arg-type]
-    expected = await on_cpu.ProcessImage(RAW_INPUT.parse(request(first)), None)  # type: ignore[arg-type]
+    await on_gpu.ProcessImage(RAW_INPUT.parse(request(second)), CallContext())  # type: ignore[arg-type]
+    expected = await on_cpu.ProcessImage(RAW_INPUT.parse(request(first)), CallContext())  # type: ignore[arg-type]
     assert isinstance(expected, Spliced)
     gpu_pixels = pb.ProcessImageResponse.FromString(serialize_reply(reply)).raw.pixels
     assert gpu_pixels == pb.ProcessImageResponse.FromString(serialize_reply(expected)).raw.pixels

@@ -81,6 +81,20 @@ async def test_job_runs_pipeline_stores_and_predicts(processor: Processor) -> No
     assert fractions[-1] == 1.0
 
 
+async def test_a_jobs_file_service_calls_have_the_rpc_timeout() -> None:
+    """A job has no caller's deadline: its download and its upload each get rpc_timeout_seconds (they had
+    none, so a file service that never answered held the job RUNNING, its lease beaten, for ever)."""
+    store = MemoryStore()
+    runner = Processor(CpuBackend(), store=None, limits=LIMITS, rpc_timeout_seconds=7.5)
+    try:
+        image_id = store.put(codec.encode(smooth(10, 10, 3), codec.Format.PNG))
+        await ImageJobHandler(store, runner, None)(FakeContext(_job(image_id)))
+    finally:
+        runner.close()
+    assert store.timeouts == [7.5, 7.5]
+    assert runner.admission.pending == 0
+
+
 async def test_repeated_attempt_does_not_store_twice(processor: Processor) -> None:
     """The same attempt run twice stores one output (idempotency key = result_key)."""
     store = MemoryStore()

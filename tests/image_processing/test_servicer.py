@@ -34,7 +34,7 @@ from mesh.services.image_processing.servicer import (
     add_to_server,
 )
 from mesh.services.image_processing.settings import ImageSettings
-from tests.image_processing.fakes import MemoryStore
+from tests.image_processing.fakes import CallContext, MemoryStore
 from tests.image_processing.images import noise, smooth
 
 LIMITS = codec.Limits(max_pixels=1_000_000, max_bytes=8 * 1024 * 1024)
@@ -184,12 +184,12 @@ async def test_raw_pixels_cross_the_servicer_without_a_copy() -> None:
         output=pb.OutputSpec(format=image_pb2.IMAGE_FORMAT_RAW),
     )
     payload = request.SerializeToString()
-    reply = await servicer.ProcessImage(RAW_INPUT.parse(payload), None)  # type: ignore[arg-type]
+    reply = await servicer.ProcessImage(RAW_INPUT.parse(payload), CallContext())  # type: ignore[arg-type]
     assert isinstance(reply, Spliced)
     assert payload.find(image.tobytes()) == _address(reply.data) - _address(payload)
 
     request.pipeline.append(_step("invert"))
-    reply = await servicer.ProcessImage(RAW_INPUT.parse(request.SerializeToString()), None)  # type: ignore[arg-type]
+    reply = await servicer.ProcessImage(RAW_INPUT.parse(request.SerializeToString()), CallContext())  # type: ignore[arg-type]
     assert isinstance(reply, Spliced)
     assert isinstance(reply.message, pb.ProcessImageResponse)
     assert not reply.message.raw.pixels
@@ -200,7 +200,7 @@ async def test_raw_pixels_cross_the_servicer_without_a_copy() -> None:
     assert parsed.raw.pixels == (255 - image).tobytes()
 
     request.output.format = image_pb2.IMAGE_FORMAT_PNG
-    encoded = await servicer.ProcessImage(RAW_INPUT.parse(request.SerializeToString()), None)  # type: ignore[arg-type]
+    encoded = await servicer.ProcessImage(RAW_INPUT.parse(request.SerializeToString()), CallContext())  # type: ignore[arg-type]
     assert isinstance(encoded, pb.ProcessImageResponse)
 
 
@@ -486,7 +486,7 @@ async def test_stream_reads_ahead_only_a_bounded_number_of_frames() -> None:
             frame = pb.Frame(sequence=sequence, image=_png(noise(2, 2, 1)))
             yield Parted(pb.StreamProcessRequest(frame=frame), None)
 
-    stream = servicer.StreamProcess(requests(), None)  # type: ignore[arg-type]
+    stream = servicer.StreamProcess(requests(), CallContext())  # type: ignore[arg-type]
     first = asyncio.ensure_future(anext(stream))
     for _ in range(50):
         await asyncio.sleep(0)

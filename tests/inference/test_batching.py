@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from mesh.kit.errors import DeadlineExceeded, ResourceExhausted, Unavailable
-from mesh.services.inference.batching import DynamicBatcher, ModelScheduler
+from mesh.kit.errors import DeadlineExceeded, PayloadTooLarge, ResourceExhausted, Unavailable
+from mesh.services.inference.batching import DynamicBatcher, MemoryBudget, ModelScheduler
 
 
 class Recorder:
@@ -217,7 +217,7 @@ async def test_scheduler_retires_batchers_once_their_requests_are_answered() -> 
         lambda key, items: list(items),
         max_batch_size=4,
         max_queue_delay_seconds=0,
-        max_queue_size=16,
+        max_queue_size=70,  # for every key together
         name="retiring",
     )
     for i in range(200):
@@ -257,3 +257,114 @@ async def test_a_request_arriving_as_its_batcher_retires_is_served() -> None:
     assert [(r.output, r.batch_size) for r in await asyncio.gather(first, second)] == [(6, 2), (8, 2)]
     await scheduler.close()
     assert _loop_tasks("racing[") == []
+
+
+async def test_the_queue_bound_holds_across_parameter_sets() -> None:
+    """max_queue_size bounds the items of a version waiting for a batch whatever their keys: kept per
+    (operation, parameters) batcher, it let a client that varied a parameter's value queue without limit."""
+    release = threading.Event()
+
+    def run(key: float, items: Sequence[int]) -> list[int]:
+        release.wait(5)
+        return list(items)
+
+    scheduler: ModelScheduler[float, int, int] = ModelScheduler(
+        run, max_batch_size=1, max_queue_delay_seconds=0, max_queue_size=3, name="bounded"
+    )
+    computing = asyncio.ensure_future(scheduler.submit(0.0, 0))
+    await asyncio.sleep(0.05)
+    waiting = [asyncio.ensure_future(scheduler.submit(float(i), i)) for i in (1, 2, 3)]
+    await asyncio.sleep(0.05)
+    assert scheduler.waiting == 3
+    with pytest.raises(ResourceExhausted, match=r"^bounded: 3 requests are queued already$"):
+        await scheduler.submit(4.0, 4)
+    waiting[0].cancel()  # a caller that went away leaves room
+    late = asyncio.ensure_future(scheduler.submit(5.0, 5))
+    await asyncio.sleep(0.01)
+    release.set()
+    outcomes = await asyncio.gather(computing, *waiting[1:], late)
+    assert [o.output for o in outcomes] == [0, 2, 3, 5]
+    await scheduler.close()
+
+
+async def test_memory_is_granted_in_arrival_order_within_the_budget() -> None:
+    """Holds are granted while they fit; a request that does not fit waits, and later small ones queue behind it
+    rather than pass it for ever; each gets its bytes once enough are given back."""
+    budget = MemoryBudget(100, max_waiters=10, name="m-v1")
+    first = await budget.acquire(60, what="a")
+    large = asyncio.ensure_future(budget.acquire(70, what="b"))
+    small = asyncio.ensure_future(budget.acquire(10, what="c"))
+    await asyncio.sleep(0.01)
+    assert not large.done()
+    assert not small.done()
+    assert (budget.held, budget.waiting) == (60, 2)
+    first.release()
+    granted = await large
+    await asyncio.sleep(0)
+    assert small.done()
+    assert budget.held == 80
+    granted.release()
+    (await small).release()
+    assert budget.held == 0
+
+
+async def test_memory_refusals_name_the_sizes() -> None:
+    """An image larger than the whole budget is refused at once (it could never be granted), with both sizes; one
+    that waits past its deadline is DEADLINE_EXCEEDED naming what it waited for; past max_waiters requests
+    waiting, RESOURCE_EXHAUSTED."""
+    mib = 2**20
+    budget = MemoryBudget(256 * mib, max_waiters=1, name="strip-reader-v1")
+    with pytest.raises(
+        PayloadTooLarge,
+        match=r"input\.encoded \(9000x9000\) takes 309\.0 MiB decoded; "
+        r"strip-reader-v1 holds at most 256\.0 MiB",
+    ):
+        await budget.acquire(9000 * 9000 * 4, what="input.encoded (9000x9000)")
+    held = await budget.acquire(200 * mib, what="a")
+    with pytest.raises(
+        DeadlineExceeded, match=r"waiting for memory to decode b \(100\.0 MiB; 200\.0 MiB of 256\.0"
+    ):
+        await budget.acquire(100 * mib, what="b", deadline=time.monotonic() + 0.05)
+    assert budget.waiting == 0
+    waiter = asyncio.ensure_future(budget.acquire(100 * mib, what="c"))
+    await asyncio.sleep(0.01)
+    with pytest.raises(ResourceExhausted, match="1 requests wait for memory already"):
+        await budget.acquire(100 * mib, what="d")
+    held.release()
+    (await waiter).release()
+    assert budget.held == 0
+
+
+async def test_a_batch_keeps_its_images_memory_until_it_is_done() -> None:
+    """The memory of an image being computed is given back when its batch is done, not when its caller gives up
+    (the batch still holds the pixels)."""
+    release = threading.Event()
+
+    def run(key: str, items: Sequence[int]) -> list[int]:
+        release.wait(5)
+        return list(items)
+
+    scheduler: ModelScheduler[str, int, int] = ModelScheduler(
+        run, max_batch_size=2, max_queue_delay_seconds=0, max_queue_size=4, max_image_bytes=100, name="held"
+    )
+
+    async def request(value: int) -> int:
+        hold = await scheduler.memory.acquire(50, what=str(value))
+        try:
+            return (await scheduler.submit("k", value, hold=hold)).output
+        finally:
+            hold.release()
+
+    computing = asyncio.ensure_future(request(1))
+    await asyncio.sleep(0.05)
+    computing.cancel()
+    await asyncio.sleep(0.01)
+    assert scheduler.memory.held == 50  # the batch still computes it
+    release.set()
+    for _ in range(100):
+        if scheduler.memory.held == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert scheduler.memory.held == 0
+    assert await request(2) == 2
+    await scheduler.close()

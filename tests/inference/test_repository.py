@@ -127,6 +127,15 @@ def test_layout_errors(tmp_path: Path) -> None:
         _repository(tmp_path)
 
 
+def test_two_directories_of_one_version_are_refused_naming_both(tmp_path: Path) -> None:
+    """Directories ``1`` and ``01`` are both version 1: one of them was silently dropped (which one depended on the
+    directory listing's order); now the start stops, naming both."""
+    write_model(tmp_path, version="1", max_batch_size=1)
+    write_model(tmp_path, version="01", max_batch_size=64)
+    with pytest.raises(ModelConfigError, match=r"directories '01' and '1' are both version 1"):
+        _repository(tmp_path)
+
+
 def test_versions_must_agree_on_the_default(tmp_path: Path) -> None:
     """Two versions that state different default versions are a configuration error."""
     write_model(tmp_path, version=1, default_version="1")

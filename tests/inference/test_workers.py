@@ -14,14 +14,28 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from mesh.common.v1 import image_pb2
+from mesh.common.v1 import errors_pb2, image_pb2
 from mesh.inference.v1 import inference_service_pb2 as pb
-from mesh.kit.errors import InvalidArgument, Unavailable
+from mesh.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from mesh.kit.channels import open_channel
+from mesh.kit.errors import Internal, InvalidArgument, Unavailable
+from mesh.kit.runtime import ServiceRuntime
+from mesh.kit.settings import CommonSettings
 from mesh.services.inference.checks import models_check
+from mesh.services.inference.client import InferenceClient
 from mesh.services.inference.images import ImageDecoder
 from mesh.services.inference.predictor import Predictor
 from mesh.services.inference.repository import ModelConfigError, ModelRepository, read_config
-from mesh.services.inference.workers import SharedBuffer, WorkerModel, _portable, _serve, _WorkerSpec
+from mesh.services.inference.servicer import InferenceServicer
+from mesh.services.inference.settings import SERVICE_NAME, InferenceSettings
+from mesh.services.inference.workers import (
+    REASON_MODEL_CRASHED,
+    SharedBuffer,
+    WorkerModel,
+    _portable,
+    _serve,
+    _WorkerSpec,
+)
 from tests.inference.fakes import POISON, FakeFactory, write_model
 
 CRASH = 66
@@ -95,18 +109,98 @@ async def test_an_error_raised_in_a_worker_reaches_the_caller_with_its_type(work
     assert (await workers.predict(request("processes", 200))).strip_reading.verdict != 0
 
 
-async def test_a_crashed_worker_fails_its_batch_unavailable_and_is_started_again(workers: Predictor) -> None:
-    """A worker that dies mid-batch answers UNAVAILABLE (retry); the next request is served by a new process."""
+async def test_an_image_that_crashes_its_worker_alone_is_internal_data_and_the_worker_starts_again(
+    workers: Predictor,
+) -> None:
+    """A worker that dies computing one image alone answers INTERNAL, category DATA, reason MODEL_CRASHED: not
+    UNAVAILABLE, which gRPC's retry policy and the queue resend (one call crashed the worker four times). The
+    next request is served by a new process."""
     before = {p.pid for p in _worker_processes()}
     assert len(before) == 2
-    with pytest.raises(Unavailable, match=r"exited \(code 17\)"):
+    with pytest.raises(Internal, match=r"this image crashed the model.*\(code 17\)") as crashed:
         await workers.predict(request("processes", CRASH))
+    assert crashed.value.category == errors_pb2.ERROR_CATEGORY_DATA
+    assert crashed.value.reason == REASON_MODEL_CRASHED
     response = await workers.predict(request("processes", 200))
     response_again = await workers.predict(request("processes", 200))
     assert response.strip_reading.verdict == response_again.strip_reading.verdict != 0
     after = {p.pid for p in _worker_processes()}
     assert len(after) == 2
     assert len(after - before) == 1
+
+
+def test_a_worker_crash_in_a_batch_of_several_stays_unavailable(tmp_path: Path) -> None:
+    """A batch of several images cannot tell which one killed the worker: UNAVAILABLE, as before (the batcher
+    then computes each image alone)."""
+    config = read_config(write_model(tmp_path, options={"exit_on_pixel": CRASH}) / "config.yaml")
+    model = WorkerModel(FakeFactory(), config, "cpu", 1)
+    try:
+        images = [np.full((6, 8, 3), value, dtype=np.uint8) for value in (200, CRASH)]
+        with pytest.raises(Unavailable, match=r"exited \(code 17\) while computing this batch"):
+            model.run_batch("predict", (), images)
+    finally:
+        model.close()
+
+
+async def test_a_crashing_image_in_a_batch_fails_alone_and_its_neighbours_are_served(tmp_path: Path) -> None:
+    """The batch with the crashing image fails UNAVAILABLE inside the batcher, which computes each image alone:
+    the crashing one gets INTERNAL (DATA), the others their readings."""
+    write_model(
+        tmp_path,
+        name="batched",
+        instance_kind="process",
+        instance_count=1,
+        max_batch_size=4,
+        max_queue_delay_ms=200,
+        options={"exit_on_pixel": CRASH},
+    )
+    repository = await loaded(tmp_path)
+    try:
+        predictor = Predictor(repository, ImageDecoder(max_pixels=1_000_000))
+        outcomes = await asyncio.gather(
+            *(predictor.predict(request("batched", value)) for value in (200, CRASH, 50)),
+            return_exceptions=True,
+        )
+        assert isinstance(outcomes[1], Internal)
+        assert outcomes[1].category == errors_pb2.ERROR_CATEGORY_DATA
+        assert [o.strip_reading.verdict for o in (outcomes[0], outcomes[2])] == [  # type: ignore[union-attr]
+            pb.VERDICT_POSITIVE,
+            pb.VERDICT_NEGATIVE,
+        ]
+        assert repository.get("batched").stats.batch_size_counts == {3: 1}  # they did share a batch
+    finally:
+        await repository.close()
+
+
+async def test_one_call_over_a_mesh_channel_crashes_the_worker_once(tmp_path: Path) -> None:
+    """Over a real server and the mesh's own channel (open_channel: gRPC retries UNAVAILABLE, 4 attempts), one
+    call with an image that kills the worker reaches the server once and crashes the worker once (it was 4)."""
+    write_model(
+        tmp_path, name="fragile", instance_kind="process", instance_count=1, options={"exit_on_pixel": CRASH}
+    )
+    repository = await loaded(tmp_path)
+    predictor = Predictor(repository, ImageDecoder(max_pixels=1_000_000))
+    settings = InferenceSettings(grpc_port=0, http_port=0, grace_seconds=1, health_interval_seconds=0.05)
+    runtime = ServiceRuntime(
+        "inference", settings, service_names=[SERVICE_NAME], checks=[models_check(repository)]
+    )
+    pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(predictor), runtime.server)
+    serving = asyncio.create_task(runtime.run())
+    try:
+        await asyncio.wait_for(runtime.started.wait(), 10)
+        channel = open_channel(f"localhost:{runtime.grpc_port}", CommonSettings(), service=SERVICE_NAME)
+        client = InferenceClient(channel)
+        with pytest.raises(Internal, match="this image crashed the model") as crashed:
+            await client.predict(request("fragile", CRASH))
+        assert crashed.value.category == errors_pb2.ERROR_CATEGORY_DATA
+        statistics = (await client.statistics("fragile"))[0]
+        assert statistics.request_count == 1
+        assert dict(statistics.failures_by_reason) == {"INTERNAL": 1}
+        await channel.close(None)
+    finally:
+        runtime.stopping.set()
+        await asyncio.wait_for(serving, 10)
+        await repository.close()
 
 
 async def test_process_instances_compute_batches_at_once_outside_the_server(tmp_path: Path) -> None:
@@ -252,7 +346,7 @@ async def test_a_worker_that_cannot_start_again_makes_the_version_unavailable_un
         health = models_check(repository)
         version = repository.get("fragile")
         broken_weights.touch()
-        with pytest.raises(Unavailable, match="exited"):
+        with pytest.raises(Internal, match="crashed the model"):
             await predictor.predict(request("fragile", CRASH))
         with pytest.raises(Unavailable, match="could not be started again"):
             await predictor.predict(request("fragile", 200))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from mesh.kit import errors
@@ -65,3 +66,21 @@ def test_a_type_that_is_no_image_we_take_is_unsupported_media_type(declared: str
     """Every service that takes a typed body refuses the same types, naming what to send instead."""
     with pytest.raises(errors.UnsupportedMediaType, match="application/octet-stream"):
         declared_image_type(declared)
+
+
+@pytest.mark.parametrize("keep", [0, 12], ids=["empty", "cut-in-header"])
+def test_image_processing_and_inference_say_the_same_of_empty_and_cut_off_images(keep: int) -> None:
+    """No bytes: "the image is empty" (INVALID_ARGUMENT) in both services; a PNG cut within its header: the
+    same "truncated or damaged ... send the whole file" (image processing said 415 for the one and quoted a
+    Python repr for the other)."""
+    data = codec.encode(np.zeros((20, 20, 3), np.uint8), codec.Format.PNG)[:keep]
+    refusals: list[errors.MeshError] = []
+    for refuse in (
+        lambda: codec.decode(data, codec.Limits(), "input.encoded.data"),
+        lambda: ImageDecoder(max_pixels=1_000_000).decode_encoded(data, field="input.encoded"),
+    ):
+        with pytest.raises(errors.InvalidArgument) as caught:
+            refuse()
+        refusals.append(caught.value)
+    assert len({error.message for error in refusals}) == 1
+    assert all(errors.http_status(error) == 400 for error in refusals)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Final, Literal
 
 from mesh.common.v1 import image_pb2
-from mesh.kit.errors import FieldViolation, InvalidArgument, UnsupportedMediaType
+from mesh.kit.errors import FieldViolation, InvalidArgument, InvalidData, UnsupportedMediaType
 
 Format = Literal["PNG", "JPEG", "WEBP"]
 
@@ -80,6 +80,28 @@ def not_an_image(data: bytes, field: str | None = None) -> UnsupportedMediaType:
         field_violations=[FieldViolation(field, f"must be {ACCEPTED} bytes")] if field else (),
         metadata={"accepted": "image/png,image/jpeg,image/webp"},
     )
+
+
+def empty_image(field: str) -> InvalidArgument:
+    """The refusal of an image of no bytes at all (a client that sent nothing, not something else)."""
+    return InvalidArgument("the image is empty", field_violations=[FieldViolation(field, "no bytes")])
+
+
+def unreadable_header(
+    data: bytes, field: str, data_field: str | None = None
+) -> InvalidData | UnsupportedMediaType:
+    """Why a decoder could not read an image's header: a file of an accepted format cut off or damaged (the
+    client should send the whole file again; named ``field``), or bytes of another kind (it should send
+    another; ``not_an_image`` naming ``data_field``, by default ``field``). Never the decoder's own text,
+    which names Python objects."""
+    found = sniff_format(data)
+    if found is not None:
+        return InvalidData(
+            f"the {found} image is truncated or damaged: its header cannot be read ({len(data)} bytes); "
+            "send the whole file",
+            field_violations=[FieldViolation(field, f"a complete {found} file")],
+        )
+    return not_an_image(data, field if data_field is None else data_field)
 
 
 def check_declared_format(declared: image_pb2.ImageFormat.ValueType, data: bytes, field: str) -> None:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 
 from mesh.kit.gpu_metrics import cupy_pool_bytes, register_gpu_metrics
-from mesh.kit.health import FunctionCheck
 from mesh.kit.jobs import IMAGE_JOBS_QUEUE
 from mesh.kit.logging import get_logger
 from mesh.kit.runtime import ServiceRuntime, start_service
 from mesh.services.file.client import FileClient
-from mesh.services.image_processing.backend import select_backend
+from mesh.services.image_processing.backend import health_check, select_backend
 from mesh.services.image_processing.codec import Limits
 from mesh.services.image_processing.jobs import ImageJobHandler, StubPredictor
 from mesh.services.image_processing.processor import Processor
@@ -36,16 +35,11 @@ async def main() -> None:
         workers=settings.cpu_workers,
         max_pending=settings.max_pending_pipelines,
         max_message_bytes=settings.max_message_bytes,
+        memory_budget_bytes=settings.image_memory_budget_bytes,
+        rpc_timeout_seconds=settings.rpc_timeout_seconds,
     )
-
-    async def compute() -> str:
-        return await asyncio.to_thread(backend.check)
-
     runtime = ServiceRuntime(
-        "image-processing",
-        settings,
-        service_names=[SERVICE_NAME],
-        checks=[FunctionCheck(f"compute-{backend.device.value}", compute)],
+        "image-processing", settings, service_names=[SERVICE_NAME], checks=[health_check(backend)]
     )
     # Jobs with a pipeline come here; the handler calls the inference service for the model, if any.
     predictor, inference_channel = StubPredictor.connect(settings)

@@ -1,16 +1,23 @@
 """The one interface both compute backends implement, and the choice between them.
 
 A :class:`Session` holds one image on the backend's device while a pipeline runs over it, so a GPU pipeline
-never returns to the host between steps; the image comes back only through :meth:`Session.result`.
+never returns to the host between steps; the image comes back only through :meth:`Session.result`. A run
+checks its cancel flag (:func:`stop_if_cancelled`) before each step (each fused group on the GPU): a caller
+that gave up does not keep the backend's threads busy to the end of its pipeline.
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from mesh.kit import errors
+from mesh.kit.health import FunctionCheck
 from mesh.kit.logging import get_logger
 from mesh.services.image_processing.filter_math import Image
 from mesh.services.image_processing.registry import Device, Step
@@ -25,8 +32,9 @@ class Session(Protocol):
         """Run one step; returns its time in seconds (device time on the GPU)."""
         ...
 
-    def run(self, steps: Sequence[Step]) -> list[float]:
-        """Run several steps (a backend may fuse neighbours); returns each step's time in seconds."""
+    def run(self, steps: Sequence[Step], cancel: threading.Event | None = None) -> list[float]:
+        """Run several steps (a backend may fuse neighbours); returns each step's time in seconds. Calls
+        :func:`stop_if_cancelled` before each step or fused group."""
         ...
 
     def result(self) -> Image:
@@ -64,13 +72,43 @@ class PipelineOutput:
     total_seconds: float
 
 
-def run_pipeline(backend: Backend, image: Image, steps: Sequence[Step]) -> PipelineOutput:
-    """Run every step on the backend; the image stays on the device until the end."""
+def stop_if_cancelled(cancel: threading.Event | None, step: Step) -> None:
+    """Raise CANCELLED, before ``step`` runs, once the pipeline's caller has gone away."""
+    if cancel is not None and cancel.is_set():
+        raise errors.Cancelled(
+            f"the caller went away; the pipeline stopped before {step.filter} ({step.index})"
+        )
+
+
+def run_pipeline(
+    backend: Backend, image: Image, steps: Sequence[Step], cancel: threading.Event | None = None
+) -> PipelineOutput:
+    """Run every step on the backend; the image stays on the device until the end. Once ``cancel`` is set,
+    no further step starts (CANCELLED)."""
     started = time.perf_counter()
     session = backend.start(image)
-    timings = tuple(zip((step.filter for step in steps), session.run(steps), strict=True))
+    timings = tuple(zip((step.filter for step in steps), session.run(steps, cancel), strict=True))
     result = session.result()
     return PipelineOutput(result, timings, time.perf_counter() - started)
+
+
+def health_check(backend: Backend) -> FunctionCheck:
+    """The backend's health check, kept out of the threads that requests use: under load they are all busy,
+    and a check queued behind them timed out, turning a working service NOT_SERVING. The CPU's check only
+    formats a string, so it runs on the event loop; the GPU's asks the device, in a thread of its own."""
+    name = f"compute-{backend.device.value}"
+    if backend.device is Device.CPU:
+
+        async def inline() -> str:
+            return backend.check()
+
+        return FunctionCheck(name, inline)
+    thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu-health")
+
+    async def in_own_thread() -> str:
+        return await asyncio.get_running_loop().run_in_executor(thread, backend.check)
+
+    return FunctionCheck(name, in_own_thread)
 
 
 def select_backend(device: Literal["auto", "gpu", "cpu"], *, gpu_memory_limit_bytes: int = 0) -> Backend:

@@ -17,7 +17,7 @@ from PIL import Image as PilImage
 from PIL import UnidentifiedImageError
 
 from mesh.kit import errors
-from mesh.kit.image_bytes import not_an_image, sniff_format
+from mesh.kit.image_bytes import empty_image, not_an_image, sniff_format, unreadable_header
 from mesh.kit.image_limits import check_bytes, check_pixels
 from mesh.kit.orientation import exif_orientation, orient
 from mesh.services.image_processing.filter_math import Image, as_image
@@ -50,28 +50,77 @@ class Limits:
     """Largest encoded or raw input in bytes."""
 
 
-def decode(data: bytes, limits: Limits, where: str = "input.encoded.data") -> Image:
-    """PNG, JPEG or WebP bytes to RGB(A) or grey pixels (8 or 16 bit)."""
+@dataclass(frozen=True)
+class Header:
+    """What an encoded image's header says, read before any pixel is decoded."""
+
+    kind: str
+    """PNG, JPEG or WEBP."""
+    width: int
+    """As a viewer shows the image (after its EXIF orientation), as :func:`decode` returns it."""
+    height: int
+    channels: int
+    """Channels of the decoded pixels (at most: a palette PNG counts 4 whether or not it is transparent)."""
+    itemsize: int
+    """Bytes per sample: 2 for 16-bit PNG, else 1."""
+    orientation: int
+
+    @property
+    def nbytes(self) -> int:
+        """The decoded pixels' size in bytes."""
+        return self.width * self.height * self.channels * self.itemsize
+
+
+# PNG colour types (IHDR byte 25) to the channels decode returns: grey, RGB, palette (RGB or RGBA), grey and
+# alpha (made RGBA), RGBA.
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 4, 4: 4, 6: 4}
+
+
+def probe(data: bytes, limits: Limits, where: str = "input.encoded.data") -> Header:
+    """The header of PNG, JPEG or WebP bytes, checked against the limits; nothing is decoded."""
+    if not data:
+        raise empty_image(where)
     check_bytes(len(data), limits.max_bytes, where)
     kind = sniff_format(data)
     if kind is None:
         raise not_an_image(data, where)
     try:
-        # Header only: size is known before decoding, so a decompression bomb is refused early.
         with PilImage.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS)) as header:
             width, height = header.size
+            mode = header.mode
             orientation = exif_orientation(header)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise _undecodable(where, error) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        # Pillow's own text names a BytesIO object; say what the client can do about it instead.
+        raise unreadable_header(data, where) from None
     except PilImage.DecompressionBombError:
-        width, height, orientation = limits.max_pixels + 1, 1, 1
+        width, height, mode, orientation = limits.max_pixels + 1, 1, "L", 1
     check_pixels(width, height, limits.max_pixels, where)
+    if kind == "PNG":
+        # Pillow reduces 16-bit RGB(A) to 8 bits in its mode; IHDR (which it has just read) says the depth.
+        channels, itemsize = _PNG_CHANNELS.get(data[25], 4), 2 if data[24] == 16 else 1
+    else:
+        channels, itemsize = (1 if mode == "L" else 4 if mode in ("RGBA", "CMYK") else 3), 1
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    return Header(kind, width, height, channels, itemsize, orientation)
+
+
+def decode(
+    data: bytes, limits: Limits, where: str = "input.encoded.data", header: Header | None = None
+) -> Image:
+    """PNG, JPEG or WebP bytes to RGB(A) or grey pixels (8 or 16 bit); ``header``: :func:`probe`'s answer,
+    when the caller has it already."""
+    if header is None:
+        header = probe(data, limits, where)
     pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if pixels is None or pixels.size == 0:
-        raise _undecodable(where, ValueError(f"{kind} data could not be decoded"))
+        raise errors.InvalidData(
+            f"the {header.kind} image cannot be decoded: its data is truncated or damaged; send the whole file",
+            field_violations=[errors.FieldViolation(where, f"a complete {header.kind} file")],
+        )
     if pixels.dtype not in (np.uint8, np.uint16):
         raise errors.InvalidData(
-            f"{kind} samples of type {pixels.dtype} are not supported (8 or 16 bit only)",
+            f"{header.kind} samples of type {pixels.dtype} are not supported (8 or 16 bit only)",
             field_violations=[errors.FieldViolation(where, "must hold 8- or 16-bit samples")],
         )
     image = as_image(pixels)
@@ -83,14 +132,7 @@ def decode(data: bytes, limits: Limits, where: str = "input.encoded.data") -> Im
     elif channels == 2:
         image = np.ascontiguousarray(image[:, :, [0, 0, 0, 1]])
     # OpenCV's IMREAD_UNCHANGED keeps the stored orientation; a phone's portrait photo would come out sideways.
-    return orient(image, orientation)
-
-
-def _undecodable(where: str, error: BaseException) -> errors.InvalidData:
-    return errors.InvalidData(
-        f"the image cannot be decoded: {error}",
-        field_violations=[errors.FieldViolation(where, "undecodable or truncated image")],
-    )
+    return orient(image, header.orientation)
 
 
 def raw_samples(image: Image) -> memoryview:

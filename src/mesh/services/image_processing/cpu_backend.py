@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 
 import cv2
 
 from mesh.services.image_processing import cpu_filters
+from mesh.services.image_processing.backend import stop_if_cancelled
 from mesh.services.image_processing.filter_math import Image
 from mesh.services.image_processing.registry import Device, Step
 
@@ -23,8 +25,12 @@ class CpuSession:
         self._image = cpu_filters.apply(self._image, step)
         return time.perf_counter() - started
 
-    def run(self, steps: Sequence[Step]) -> list[float]:
-        return [self.apply(step) for step in steps]
+    def run(self, steps: Sequence[Step], cancel: threading.Event | None = None) -> list[float]:
+        timings = []
+        for step in steps:
+            stop_if_cancelled(cancel, step)
+            timings.append(self.apply(step))
+        return timings
 
     def result(self) -> Image:
         return self._image

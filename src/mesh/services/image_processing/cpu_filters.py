@@ -226,25 +226,9 @@ def resize(image: Image, step: Step) -> Image:
 
 def crop(image: Image, step: Step) -> Image:
     """The rectangle (x, y, width, height); 0 sizes run to the edge."""
-    bounds = crop_bounds(image.shape[0], image.shape[1], step)
+    bounds = fm.crop_bounds(image.shape[0], image.shape[1], step)
     top, bottom, left, right = bounds
     return np.ascontiguousarray(image[top:bottom, left:right])
-
-
-def crop_bounds(height: int, width: int, step: Step) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) of a crop, checked against the image."""
-    x, y = step.as_int("x"), step.as_int("y")
-    if x >= width:
-        raise step.invalid("x", f"must be < image width {width}, got {x}")
-    if y >= height:
-        raise step.invalid("y", f"must be < image height {height}, got {y}")
-    w = step.as_int("width") or width - x
-    h = step.as_int("height") or height - y
-    if x + w > width:
-        raise step.invalid("width", f"x + width must be <= image width {width}, got {x + w}")
-    if y + h > height:
-        raise step.invalid("height", f"y + height must be <= image height {height}, got {y + h}")
-    return y, y + h, x, x + w
 
 
 ROTATE_CODES = {1: cv2.ROTATE_90_COUNTERCLOCKWISE, 2: cv2.ROTATE_180, 3: cv2.ROTATE_90_CLOCKWISE}

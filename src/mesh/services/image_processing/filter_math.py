@@ -1,20 +1,21 @@
 """Host-side maths shared by both backends, so that they agree by construction.
 
 Lookup tables (adjust, equalisation), Otsu's threshold from a histogram, fixed-point grey weights, Gaussian
-coefficients, and the output geometry of resize and rotate are computed here once, in NumPy, and handed to
-the CPU or the GPU code.
+coefficients, and the output geometry of resize, crop and rotate are computed here once, in NumPy, and handed
+to the CPU or the GPU code; :func:`output_shapes` chains that geometry over a pipeline before it runs.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 
-from mesh.services.image_processing.registry import Step
+from mesh.services.image_processing.registry import FILTERS, Step
 
 Image = npt.NDArray[Any]
 """Pixels as (height, width, channels), channels 1, 3 or 4, RGB(A) order, uint8 or uint16."""
@@ -144,6 +145,53 @@ def rotation(height: int, width: int, angle: float, expand: bool) -> tuple[npt.N
         matrix[0, 2] += (out_w - 1) / 2.0 - centre[0]
         matrix[1, 2] += (out_h - 1) / 2.0 - centre[1]
     return matrix, out_w, out_h
+
+
+def crop_bounds(height: int, width: int, step: Step) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of a crop, checked against the image."""
+    x, y = step.as_int("x"), step.as_int("y")
+    if x >= width:
+        raise step.invalid("x", f"must be < image width {width}, got {x}")
+    if y >= height:
+        raise step.invalid("y", f"must be < image height {height}, got {y}")
+    w = step.as_int("width") or width - x
+    h = step.as_int("height") or height - y
+    if x + w > width:
+        raise step.invalid("width", f"x + width must be <= image width {width}, got {x + w}")
+    if y + h > height:
+        raise step.invalid("height", f"y + height must be <= image height {height}, got {y + h}")
+    return y, y + h, x, x + w
+
+
+def output_shapes(
+    height: int, width: int, channels: int, steps: Sequence[Step]
+) -> list[tuple[int, int, int]]:
+    """The (height, width, channels) after each step, from the parameters alone: what a pipeline will make,
+    known before it runs. A step whose parameters do not fit the image it will get (a crop outside it, a
+    result over MAX_RESULT_PIXELS) raises the INVALID_ARGUMENT it would raise when run."""
+    shapes = []
+    for step in steps:
+        if step.filter == "resize":
+            height, width = resize_shape(height, width, step)
+        elif step.filter == "crop":
+            top, bottom, left, right = crop_bounds(height, width, step)
+            height, width = bottom - top, right - left
+        elif step.filter == "rotate":
+            angle, expand = step.as_float("angle"), step.as_bool("expand")
+            turns = right_angle_turns(angle, height, width, expand)
+            if turns is None:
+                _, out_w, out_h = rotation(height, width, angle, expand)
+                if out_w * out_h > MAX_RESULT_PIXELS:
+                    raise step.invalid(
+                        "angle", f"gives {out_w}x{out_h}, more than {MAX_RESULT_PIXELS} pixels"
+                    )
+                height, width = out_h, out_w
+            elif turns % 2:
+                height, width = width, height
+        if FILTERS[step.filter].output_channels == "1":
+            channels = 1
+        shapes.append((height, width, channels))
+    return shapes
 
 
 def right_angle_turns(angle: float, height: int, width: int, expand: bool) -> int | None:

@@ -13,6 +13,7 @@ on a host copy inside the same session; everything else runs in the kernels belo
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from mesh.kit.logging import get_logger
 from mesh.kit.pinned import PinnedBuffer
 from mesh.services.image_processing import cpu_filters
 from mesh.services.image_processing import filter_math as fm
+from mesh.services.image_processing.backend import stop_if_cancelled
 from mesh.services.image_processing.filter_math import Image
 from mesh.services.image_processing.gpu_kernels import SEPARABLE_RADII, SOURCE, SPIN_SOURCE
 from mesh.services.image_processing.registry import FILTERS, Device, Step, validate_pipeline
@@ -267,21 +269,22 @@ class GpuSession:
     def apply(self, step: Step) -> float:
         return self.run([step])[0]
 
-    def run(self, steps: Sequence[Step]) -> list[float]:
+    def run(self, steps: Sequence[Step], cancel: threading.Event | None = None) -> list[float]:
         """Run steps; consecutive point-wise steps share one fused kernel whose time they split.
 
         Every group is queued with an event after it and the host waits once, at the end: steps follow each
         other on the device without a round trip to the host in between.
         """
         with self.backend.guard():
-            return self.queue(steps).timings()
+            return self.queue(steps, cancel).timings()
 
-    def queue(self, steps: Sequence[Step]) -> Queued:
+    def queue(self, steps: Sequence[Step], cancel: threading.Event | None = None) -> Queued:
         """Queue the steps on the backend's stream and return at once (the benchmarks time many in a row)."""
         queued = Queued([], [cp.cuda.Event()])
         queued.events[0].record(self.backend.stream)
         index = 0
         while index < len(steps):
+            stop_if_cancelled(cancel, steps[index])
             group = [steps[index]]
             # Point-wise steps keep the channel count, so the whole run is decided on the current image.
             channels = int(self.image.shape[2])
@@ -637,7 +640,7 @@ def _resize(s: GpuSession, image: Any, step: Step) -> Any:
 
 
 def _crop(s: GpuSession, image: Any, step: Step) -> Any:
-    top, bottom, left, right = cpu_filters.crop_bounds(image.shape[0], image.shape[1], step)
+    top, bottom, left, right = fm.crop_bounds(image.shape[0], image.shape[1], step)
     return cp.ascontiguousarray(image[top:bottom, left:right])
 
 

@@ -73,7 +73,7 @@ class StubPredictor:
         return response
 
 
-# Progress: fetch and decode 0..0.1, pipeline 0.1..0.8, store 0.8..0.9, model 0.9..1.
+# Progress: fetch 0..0.1, decode and pipeline 0.1..0.8, encode and store 0.8..0.9, model 0.9..1.
 FETCHED, PIPELINE_END, STORED = 0.1, 0.8, 0.9
 
 
@@ -131,17 +131,17 @@ class ImageJobHandler:
     async def _process(self, context: JobContext, steps: list[Step]) -> str:
         job = context.job
         await context.progress(0.0, "fetch")
-        _, _, data = await self._files.download(job.image_id)
-        image = await asyncio.to_thread(codec.decode, data, self._processor.limits, "job.image_id")
+        # A job has no caller's deadline: each file service call gets the settings' rpc_timeout_seconds.
+        timeout = self._processor.store_timeout()
+        _, _, data = await self._files.download(job.image_id, timeout=timeout)
         await context.progress(FETCHED, "pipeline")
 
         async def beat(index: int, step: Step, seconds: float) -> None:
             fraction = FETCHED + (PIPELINE_END - FETCHED) * (index + 1) / len(steps)
             await context.progress(fraction, "pipeline")
 
-        output = await self._processor.run_steps(image, steps, beat)
+        encoded = await self._processor.transform(data, steps, beat, where="job.image_id", fmt=OUTPUT_FORMAT)
         await context.progress(PIPELINE_END, "store")
-        encoded = await asyncio.to_thread(codec.encode, output, OUTPUT_FORMAT)
         stored = await self._files.upload(
             encoded,
             filename=f"job-{job.id}.png",
@@ -149,6 +149,7 @@ class ImageJobHandler:
             labels={"job_id": job.id, "attempt": str(job.attempt)},
             # The same key for the same attempt: a redelivered attempt finds its stored output again.
             idempotency_key=context.result_key,
+            timeout=timeout,
         )
         return stored.image.id
 

@@ -1,17 +1,22 @@
 """The service core behind ProcessImage, StreamProcess and jobs: load, run on the backend, deliver.
 
 It speaks the protobuf messages of the contract but no gRPC: the file service is reached through the small
-:class:`ImageStore` port (the real one is :class:`mesh.services.file.client.FileClient`).
+:class:`ImageStore` port (the real one is :class:`mesh.services.file.client.FileClient`), each call within the
+settings' ``rpc_timeout_seconds`` and the caller's deadline.
+
+A request's input is read to its header, the sizes of every step's output are worked out from the
+parameters, and only then is it admitted (:mod:`.admission`, by the bytes of its largest image) and decoded.
+Decoding and encoding run in a bounded thread pool of their own, pipelines in the backend's: asyncio's
+default pool stays free for the rest of the process (the health checks, above all).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ParamSpec, Protocol, TypeVar
 
 from prometheus_client import Counter, Histogram
 
@@ -19,6 +24,7 @@ from mesh.common.v1 import image_pb2
 from mesh.file.v1 import file_service_pb2
 from mesh.image.v1 import image_processing_service_pb2 as pb
 from mesh.kit import errors, tracing
+from mesh.kit.deadlines import call_timeout
 from mesh.kit.image_bytes import check_declared_format
 from mesh.kit.image_limits import check_pixels
 from mesh.kit.labels import label_violations
@@ -26,8 +32,9 @@ from mesh.kit.param_values import to_param_value
 from mesh.kit.raw_pixels import read_raw
 from mesh.kit.settings import MAX_MESSAGE_BYTES
 from mesh.services.image_processing import codec
+from mesh.services.image_processing.admission import Admission, Ticket
 from mesh.services.image_processing.backend import Backend, PipelineOutput, run_pipeline
-from mesh.services.image_processing.filter_math import Image
+from mesh.services.image_processing.filter_math import Image, output_shapes
 from mesh.services.image_processing.params import ParamType
 from mesh.services.image_processing.registry import FILTERS, Device, Step
 
@@ -38,9 +45,6 @@ STEP_SECONDS = Histogram(
     buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 PIXELS = Counter("mesh_image_pixels_total", "Input pixels processed by pipelines.", ["device"])
-PIPELINES_REJECTED = Counter(
-    "mesh_image_pipelines_rejected_total", "Pipelines refused because too many were queued.", ["device"]
-)
 _tracer = tracing.tracer(__name__)
 
 DEVICES = {Device.CPU: image_pb2.DEVICE_CPU, Device.GPU: image_pb2.DEVICE_GPU}
@@ -64,6 +68,15 @@ FORMAT_ENUMS = {
 }
 REPLY_HEADROOM_BYTES = 64 * 1024
 """Room left in a reply for everything but the image: sizes, device, step timings, a stream's sequence."""
+DEFAULT_MEMORY_BUDGET_BYTES = 1024**3
+"""``settings.image_memory_budget_bytes``'s default (see there)."""
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _nothing() -> None:
+    pass
 
 
 @dataclass(frozen=True)
@@ -74,12 +87,42 @@ class Delivered:
 
     response: pb.ProcessImageResponse
     pixels: memoryview | None = None
+    release: Callable[[], None] = _nothing
+    """Gives the request's admission back: call it once the reply is serialised (or will not be)."""
+
+
+@dataclass(frozen=True)
+class Input:
+    """An input image whose size is known (from its header, or a raw image's message) but that is not
+    decoded yet: what admission weighs."""
+
+    height: int
+    width: int
+    channels: int
+    itemsize: int
+    where: str
+    encoded: bytes = b""
+    header: codec.Header | None = None
+    pixels: Image | None = None
+    """A raw input's samples, ready as they are."""
+
+    @classmethod
+    def of_image(cls, image: Image, where: str = "input") -> Input:
+        height, width, channels = image.shape
+        return cls(height, width, channels, image.dtype.itemsize, where, pixels=image)
+
+    @classmethod
+    def of_encoded(cls, data: bytes, limits: codec.Limits, where: str) -> Input:
+        header = codec.probe(data, limits, where)
+        return cls(header.height, header.width, header.channels, header.itemsize, where, data, header)
 
 
 class ImageStore(Protocol):
     """The part of the file service the processor uses."""
 
-    async def download(self, image_id: str) -> tuple[file_service_pb2.Image, str, bytes]:
+    async def download(
+        self, image_id: str, *, timeout: float | None = None
+    ) -> tuple[file_service_pb2.Image, str, bytes]:
         """Metadata, content type and bytes of a stored image."""
         ...
 
@@ -91,6 +134,7 @@ class ImageStore(Protocol):
         content_type: str = "",
         labels: Mapping[str, str] | None = None,
         idempotency_key: str = "",
+        timeout: float | None = None,
     ) -> file_service_pb2.UploadImageResponse:
         """Store bytes as a new image."""
         ...
@@ -135,23 +179,28 @@ class Processor:
         workers: int = 2,
         max_pending: int = 32,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+        rpc_timeout_seconds: float = 30.0,
     ) -> None:
         """``max_message_bytes``: the server's gRPC send limit (``settings.max_message_bytes``, whose default
         this is); a reply whose image would not fit is refused here with a message that says what to ask
-        for, where gRPC would fail the call without one."""
+        for, where gRPC would fail the call without one. ``workers``: pipelines at once on the CPU backend,
+        and images decoded or encoded at once on either. ``rpc_timeout_seconds``: the longest wait for the
+        file service (``settings.rpc_timeout_seconds``, whose default this is)."""
         self.backend = backend
         self.store = store
         self.limits = limits
         self.max_message_bytes = max_message_bytes
-        # At 0 from the start, so that rate() sees the first refusal (the shedding alert).
-        PIPELINES_REJECTED.labels(backend.device.value)
-        self._max_pending = max_pending
-        self._pending = 0
+        self.rpc_timeout_seconds = rpc_timeout_seconds
+        self.admission = Admission(
+            device=backend.device.value, max_pending=max_pending, memory_budget_bytes=memory_budget_bytes
+        )
         # The GPU backend owns one stream and its staging buffers: one pipeline at a time keeps them safe.
         size = 1 if backend.device is Device.GPU else workers
         self._executor = ThreadPoolExecutor(
             max_workers=size, thread_name_prefix=f"{backend.device.value}-pipeline"
         )
+        self._codec = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image-codec")
 
     @property
     def device_enum(self) -> image_pb2.Device.ValueType:
@@ -159,6 +208,11 @@ class Processor:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._codec.shutdown(wait=False, cancel_futures=True)
+
+    def store_timeout(self, deadline: float | None = None) -> float:
+        """The timeout of a file service call made for a caller whose deadline is ``deadline``."""
+        return call_timeout(self.rpc_timeout_seconds, deadline)
 
     def _require_store(self, where: str) -> ImageStore:
         if self.store is None:
@@ -202,82 +256,130 @@ class Processor:
         assert fmt is not None
         return fmt
 
-    async def load(
-        self, source: image_pb2.ImageInput, where: str = "input", raw_pixels: memoryview | None = None
-    ) -> Image:
-        """The input's pixels, by reference or by value (``raw_pixels``: a raw input's samples, received
-        beside the message rather than in it; see ``mesh.kit.wire.Parted``)."""
+    async def open_input(
+        self,
+        source: image_pb2.ImageInput,
+        where: str = "input",
+        raw_pixels: memoryview | None = None,
+        deadline: float | None = None,
+    ) -> Input:
+        """The input, by reference or by value, read as far as its size (``raw_pixels``: a raw input's
+        samples, received beside the message rather than in it; see ``mesh.kit.wire.Parted``)."""
         kind = source.WhichOneof("source")
         if kind == "image_id":
-            _, _, data = await self._require_store(f"{where}.image_id").download(source.image_id)
-            return await asyncio.to_thread(codec.decode, data, self.limits, f"{where}.image_id")
+            store = self._require_store(f"{where}.image_id")
+            _, _, data = await store.download(source.image_id, timeout=self.store_timeout(deadline))
+            return Input.of_encoded(data, self.limits, f"{where}.image_id")
         if kind == "encoded":
             check_declared_format(source.encoded.format, source.encoded.data, f"{where}.encoded")
-            return await asyncio.to_thread(
-                codec.decode, source.encoded.data, self.limits, f"{where}.encoded.data"
-            )
+            return Input.of_encoded(source.encoded.data, self.limits, f"{where}.encoded.data")
         if kind == "raw":
-            return read_raw(
+            pixels = read_raw(
                 source.raw,
                 pixels=raw_pixels,
                 max_pixels=self.limits.max_pixels,
                 max_bytes=self.limits.max_bytes,
                 field=f"{where}.raw",
             )
+            return Input.of_image(pixels, f"{where}.raw")
         raise errors.InvalidArgument(
             f"no input image: set one of {where}.image_id, {where}.encoded or {where}.raw",
             field_violations=[errors.FieldViolation(where, "set image_id, encoded or raw")],
         )
 
-    async def run(self, image: Image, steps: Sequence[Step]) -> PipelineOutput:
+    async def admit(self, source: Input, steps: Sequence[Step], deadline: float | None = None) -> Ticket:
+        """Admission for ``source`` through ``steps``, before anything is decoded or run: a pipeline whose
+        output would be over the pixel limit is refused here, and the request waits (within ``deadline``)
+        for the memory its largest image needs."""
+        shapes = [(source.height, source.width, source.channels)]
+        shapes.extend(output_shapes(source.height, source.width, source.channels, steps))
+        height, width, _ = shapes[-1]
+        check_pixels(width, height, self.limits.max_pixels, "pipeline output")
+        index, (height, width, channels) = max(enumerate(shapes), key=lambda item: _samples(item[1]))
+        what = f"the {source.width}x{source.height} input ({source.channels} channels of {source.itemsize * 8} bits)"
+        if index:
+            what += (
+                f" through pipeline[{steps[index - 1].index}], whose output is {width}x{height}x{channels},"
+            )
+        return await self.admission.admit(_samples(shapes[index]) * source.itemsize, what, deadline)
+
+    async def _offload(
+        self,
+        executor: ThreadPoolExecutor,
+        ticket: Ticket,
+        fn: Callable[P, T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """``fn`` in ``executor``; the ticket's share stays taken until it has really ended, even when the
+        caller stops waiting for it (a thread cannot be stopped: a pipeline sees ``ticket.cancel``)."""
+        future = executor.submit(fn, *args, **kwargs)
+        ticket.track(future)
+        return await asyncio.wrap_future(future)
+
+    async def _decode(self, source: Input, ticket: Ticket) -> Image:
+        if source.pixels is not None:
+            return source.pixels
+        return await self._offload(
+            self._codec, ticket, codec.decode, source.encoded, self.limits, source.where, source.header
+        )
+
+    async def run(self, image: Image, steps: Sequence[Step], deadline: float | None = None) -> PipelineOutput:
+        """Admit and run a pipeline on an image already in memory."""
+        ticket = await self.admit(Input.of_image(image), steps, deadline)
+        try:
+            return await self._run(image, steps, ticket)
+        finally:
+            ticket.release()
+
+    async def _run(self, image: Image, steps: Sequence[Step], ticket: Ticket) -> PipelineOutput:
         """Run a pipeline on the backend in its worker thread (no hop at all for an empty pipeline)."""
         if not steps:
             return PipelineOutput(image, (), 0.0)
-        loop = asyncio.get_running_loop()
-        with self._admitted():
-            output = await loop.run_in_executor(self._executor, run_pipeline, self.backend, image, steps)
+        output = await self._offload(
+            self._executor, ticket, run_pipeline, self.backend, image, steps, ticket.cancel
+        )
         device = self.backend.device.value
         PIXELS.labels(device).inc(image.shape[0] * image.shape[1])
         for name, seconds in output.timings:
             STEP_SECONDS.labels(name, device).observe(seconds)
         return output
 
-    async def run_steps(
-        self, image: Image, steps: Sequence[Step], on_step: Callable[[int, Step, float], Awaitable[None]]
-    ) -> Image:
-        """Run a pipeline step by step (the image stays on the device), awaiting ``on_step`` after each."""
-        loop = asyncio.get_running_loop()
-        with self._admitted():
-            session = await loop.run_in_executor(self._executor, self.backend.start, image)
+    async def transform(
+        self,
+        data: bytes,
+        steps: Sequence[Step],
+        on_step: Callable[[int, Step, float], Awaitable[None]],
+        *,
+        where: str = "job.image_id",
+        fmt: codec.Format = codec.Format.PNG,
+    ) -> bytes:
+        """Encoded bytes through a pipeline step by step (the image stays on the device), awaiting
+        ``on_step`` after each, and encoded again: a job's work, admitted as a request's is."""
+        source = Input.of_encoded(data, self.limits, where)
+        ticket = await self.admit(source, steps)
+        try:
+            image = await self._decode(source, ticket)
+            session = await self._offload(self._executor, ticket, self.backend.start, image)
             device = self.backend.device.value
             PIXELS.labels(device).inc(image.shape[0] * image.shape[1])
             for index, step in enumerate(steps):
-                seconds = await loop.run_in_executor(self._executor, session.apply, step)
+                seconds = await self._offload(self._executor, ticket, session.apply, step)
                 STEP_SECONDS.labels(step.filter, device).observe(seconds)
                 await on_step(index, step, seconds)
-            return await loop.run_in_executor(self._executor, session.result)
-
-    @contextlib.contextmanager
-    def _admitted(self) -> Iterator[None]:
-        """Bound the pipelines waiting for or on the backend; beyond it callers get RESOURCE_EXHAUSTED."""
-        if self._pending >= self._max_pending:
-            PIPELINES_REJECTED.labels(self.backend.device.value).inc()
-            raise errors.ResourceExhausted(
-                f"{self._pending} pipelines are already queued on the {self.backend.device.value} backend",
-                retry_after_seconds=0.5,
-            )
-        self._pending += 1
-        try:
-            yield
+            output = await self._offload(self._executor, ticket, session.result)
+            return await self._offload(self._codec, ticket, codec.encode, output, fmt)
         finally:
-            self._pending -= 1
+            ticket.release()
 
-    async def deliver(
+    async def _deliver(
         self,
         output: PipelineOutput,
         spec: pb.OutputSpec,
-        where: str = "output",
-        into: pb.ProcessImageResponse | None = None,
+        where: str,
+        into: pb.ProcessImageResponse | None,
+        ticket: Ticket,
+        deadline: float | None,
     ) -> Delivered:
         """The response for a finished pipeline: encoded, raw (its samples beside the message) or stored.
 
@@ -304,21 +406,22 @@ class Processor:
             response.raw.pixel_type = (
                 image_pb2.PIXEL_TYPE_UINT16 if image.dtype.itemsize == 2 else image_pb2.PIXEL_TYPE_UINT8
             )
-            return Delivered(response, codec.raw_samples(image))
-        data = await asyncio.to_thread(codec.encode, image, fmt, quality, f"{where}.format")
+            return Delivered(response, codec.raw_samples(image), ticket.release)
+        data = await self._offload(self._codec, ticket, codec.encode, image, fmt, quality, f"{where}.format")
         if spec.store:
             stored = await self._require_store(f"{where}.store").upload(
                 data,
                 filename=f"processed.{fmt.value}",
                 content_type=codec.CONTENT_TYPES[fmt],
                 labels=dict(spec.labels),
+                timeout=self.store_timeout(deadline),
             )
             response.image_id = stored.image.id
         else:
             self._check_reply_size(len(data), width, height, fmt, where)
             response.encoded.data = data
             response.encoded.format = FORMAT_ENUMS[fmt]
-        return Delivered(response)
+        return Delivered(response, release=ticket.release)
 
     def _check_reply_size(self, size: int, width: int, height: int, fmt: codec.Format, where: str) -> None:
         """PAYLOAD_TOO_LARGE naming ``where`` when an image of ``size`` bytes cannot travel in a reply."""
@@ -350,20 +453,38 @@ class Processor:
         into: pb.ProcessImageResponse | None = None,
         raw_pixels: memoryview | None = None,
         output_where: str = "output",
+        deadline: float | None = None,
     ) -> Delivered:
         """Load, run and deliver one image, each stage in a span of its own (``into``: see deliver;
-        ``raw_pixels``: see load; ``where`` and ``output_where`` name the input and the spec in errors)."""
+        ``raw_pixels``: see open_input; ``where`` and ``output_where`` name the input and the spec in errors;
+        ``deadline``: the caller's, a ``time.monotonic()`` instant). The caller calls ``release`` on what
+        it gets once the reply is serialised."""
         self.check_output(spec, output_where)
         with _tracer.start_as_current_span(
             "image.load", attributes={"image.source": source.WhichOneof("source") or ""}
         ):
-            image = await self.load(source, where, raw_pixels)
+            opened = await self.open_input(source, where, raw_pixels, deadline)
+            ticket = await self.admit(opened, steps, deadline)
+            try:
+                image = await self._decode(opened, ticket)
+            except BaseException:
+                ticket.release()
+                raise
         attributes = {
             "image.device": self.backend.device.value,
             "image.steps": ",".join(step.filter for step in steps),
             "image.pixels": int(image.shape[0] * image.shape[1]),
         }
-        with _tracer.start_as_current_span("image.pipeline", attributes=attributes):
-            output = await self.run(image, steps)
-        with _tracer.start_as_current_span("image.deliver", attributes={"image.store": spec.store}):
-            return await self.deliver(output, spec, output_where, into=into)
+        try:
+            with _tracer.start_as_current_span("image.pipeline", attributes=attributes):
+                output = await self._run(image, steps, ticket)
+            with _tracer.start_as_current_span("image.deliver", attributes={"image.store": spec.store}):
+                return await self._deliver(output, spec, output_where, into, ticket, deadline)
+        except BaseException:
+            ticket.release()
+            raise
+
+
+def _samples(shape: tuple[int, int, int]) -> int:
+    height, width, channels = shape
+    return height * width * channels

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
 
 from mesh.image.v1 import image_processing_service_pb2 as pb
 from mesh.kit import errors
+from mesh.kit.deadlines import deadline_in
 from mesh.kit.logging import get_logger
 from mesh.kit.wire import NestedBytesField, Parted, Spliced, serialize_reply
 from mesh.services.image_processing.processor import Delivered, Processor, filter_catalogue
@@ -32,6 +33,10 @@ RAW_INPUT = NestedBytesField.of(pb.ProcessImageRequest, "input.raw.pixels")
 FRAME_RAW_INPUT = NestedBytesField.of(pb.StreamProcessRequest, "frame.image.raw.pixels")
 RAW_PIXELS = NestedBytesField.of(pb.ProcessImageResponse, "raw.pixels")
 FRAME_RAW_PIXELS = NestedBytesField.of(pb.StreamProcessResponse, "result.raw.pixels")
+
+
+def _nothing() -> None:
+    pass
 
 
 def _reply(message: M, field: NestedBytesField[M], delivered: Delivered) -> M | Spliced[M]:
@@ -56,8 +61,15 @@ class ImageProcessingServicer:
         message = request.message
         steps = steps_from_proto(message.pipeline)
         delivered = await self._processor.process(
-            message.input, steps, message.output, raw_pixels=request.data
+            message.input,
+            steps,
+            message.output,
+            raw_pixels=request.data,
+            deadline=deadline_in(context.time_remaining()),
         )
+        # The reply (a RAW one views the result's memory) is serialised after this returns: its admission
+        # is given back when the call is over. (grpc-stubs declare the callback a class, not a callable.)
+        context.add_done_callback(lambda _: delivered.release())  # type: ignore[arg-type]
         return _reply(delivered.response, RAW_PIXELS, delivered)
 
     async def StreamProcess(  # noqa: N802 (gRPC method name)
@@ -75,6 +87,7 @@ class ImageProcessingServicer:
                 field_violations=[errors.FieldViolation("config", "must come first")],
             )
         config = first.config
+        deadline = deadline_in(context.time_remaining())
         steps = steps_from_proto(config.pipeline, "config.pipeline")
         self._processor.check_output(config.output, "config.output")
         # A small bounded read-ahead: the reader blocks when it is full, so gRPC flow control pushes back
@@ -100,7 +113,12 @@ class ImageProcessingServicer:
                 if item is _END:
                     break
                 assert isinstance(item, Parted)
-                yield await self._frame(item, steps, config.output)
+                reply, release = await self._frame(item, steps, config.output, deadline)
+                try:
+                    yield reply
+                finally:
+                    # Resumed once gRPC has taken the reply: its admission can go to the next frame.
+                    release()
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -109,15 +127,20 @@ class ImageProcessingServicer:
             log.warning("stream ended by a read failure", error=repr(failures[0]))
 
     async def _frame(
-        self, request: Parted[pb.StreamProcessRequest], steps: Sequence[Step], output: pb.OutputSpec
-    ) -> pb.StreamProcessResponse | Spliced[pb.StreamProcessResponse]:
+        self,
+        request: Parted[pb.StreamProcessRequest],
+        steps: Sequence[Step],
+        output: pb.OutputSpec,
+        deadline: float | None,
+    ) -> tuple[pb.StreamProcessResponse | Spliced[pb.StreamProcessResponse], Callable[[], None]]:
+        """A frame's response, and what gives its admission back once the response is sent."""
         message = request.message
         if message.WhichOneof("part") != "frame":
             error = errors.InvalidArgument(
                 "only the first message may be a config",
                 field_violations=[errors.FieldViolation("config", "send frames after the first message")],
             )
-            return pb.StreamProcessResponse(error=error.to_status())
+            return pb.StreamProcessResponse(error=error.to_status()), _nothing
         frame = message.frame
         response = pb.StreamProcessResponse(sequence=frame.sequence)
         try:
@@ -130,12 +153,13 @@ class ImageProcessingServicer:
                 into=response.result,
                 raw_pixels=request.data,
                 output_where="config.output",
+                deadline=deadline,
             )
         except errors.MeshError as error:
             response.ClearField("result")
             response.error.CopyFrom(error.to_status())
-            return response
-        return _reply(response, FRAME_RAW_PIXELS, delivered)
+            return response, _nothing
+        return _reply(response, FRAME_RAW_PIXELS, delivered), delivered.release
 
 
 def add_to_server(servicer: ImageProcessingServicer, server: grpc.aio.Server) -> None:

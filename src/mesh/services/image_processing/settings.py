@@ -29,7 +29,15 @@ class ImageSettings(WorkerSettings):
     """Bound of CuPy's device memory pool; 0 leaves it unbounded."""
 
     max_pending_pipelines: int = Field(default=32, ge=1, le=10_000)
-    """Pipelines that may wait for the backend at once; more are refused with RESOURCE_EXHAUSTED."""
+    """Requests that may wait for or hold the backend (and the memory budget) at once; more are refused with
+    RESOURCE_EXHAUSTED and a retry delay."""
+
+    image_memory_budget_bytes: int = Field(default=1024**3, gt=0)
+    """Bytes of decoded images the requests in progress may hold together, each counted by its largest image
+    (the input, or a step's output: width x height x channels x bytes per sample, known before decoding).
+    A request waits, within its deadline, for its share; one larger than the whole budget is refused. The
+    process peaks at about 2.5 times this (a step's input and output, the codec's copies) plus ~150 MB: 1 GiB
+    suits the 4 GiB pod."""
 
     stream_queue_frames: int = Field(default=2, ge=1, le=64)
     """Frames of a StreamProcess call read ahead of the one being processed (backpressure beyond)."""

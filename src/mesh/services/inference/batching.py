@@ -12,7 +12,14 @@ several items, each item is retried alone, so that one bad input does not fail i
 :class:`ModelScheduler` owns one model version's instances (executor threads) and keeps a batcher per
 operation and parameter set, because only requests with equal parameters can share a batch. A batcher lives
 while some request of its key is waiting for it and is retired when the last one has its answer, so that
-parameter sets seen once do not keep a batcher (and its loop task) for ever.
+parameter sets seen once do not keep a batcher (and its loop task) for ever. ``max_queue_size`` bounds the
+items queued in all of a version's batchers together: per batcher, a client that varied a parameter's value
+had an unbounded queue.
+
+The scheduler's :class:`MemoryBudget` bounds the bytes of decoded images its requests hold at once. A request
+takes its share before it decodes (the size is known from the image's header) and gives it back once it has its
+answer and the batch that computed it is done: a handful of small PNGs of huge, plain images decoded at once
+took the service past its memory limit, however short the queue.
 """
 
 from __future__ import annotations
@@ -21,13 +28,14 @@ import asyncio
 import collections
 import contextlib
 import functools
+import sys
 import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
-from mesh.kit.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable
+from mesh.kit.errors import DeadlineExceeded, Internal, PayloadTooLarge, ResourceExhausted, Unavailable
 from mesh.kit.logging import get_logger
 
 log = get_logger(__name__)
@@ -35,6 +43,8 @@ log = get_logger(__name__)
 KeyT = TypeVar("KeyT", bound=Hashable)
 ItemT = TypeVar("ItemT")
 OutputT = TypeVar("OutputT")
+
+MIB = 2**20
 
 
 @dataclass(frozen=True)
@@ -62,12 +72,121 @@ class BatchObserver(Protocol):
         ...
 
 
+def queue_full(name: str, size: int) -> ResourceExhausted:
+    """The refusal of a request that finds ``size`` requests queued already: one wording for every bound."""
+    return ResourceExhausted(f"{name}: {size} requests are queued already", retry_after_seconds=0.1)
+
+
+def _mib(size: int) -> str:
+    return f"{size / MIB:.1f} MiB"
+
+
+class MemoryHold:
+    """Bytes granted by a :class:`MemoryBudget`, given back when every owner has released them: the request,
+    and the batch computing its image (which outlives a caller that went away)."""
+
+    def __init__(self, budget: MemoryBudget, size: int) -> None:
+        self.size = size
+        self._budget = budget
+        self._owners = 1
+
+    def share(self) -> None:
+        """One more owner."""
+        self._owners += 1
+
+    def release(self) -> None:
+        """One owner fewer; the last one gives the bytes back."""
+        self._owners -= 1
+        if self._owners == 0:
+            self._budget.give_back(self.size)
+
+
+class MemoryBudget:
+    """Bytes of decoded images that one model version's requests may hold at once, granted in arrival order
+    (a large image is not passed over by small ones for ever). Used from the event loop only."""
+
+    def __init__(self, limit: int, *, max_waiters: int, name: str) -> None:
+        self.limit = limit
+        self.held = 0
+        self._max_waiters = max_waiters
+        self._name = name
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for memory (including ones that gave up and are not swept yet)."""
+        return len(self._waiters)
+
+    async def acquire(self, size: int, *, what: str, deadline: float | None = None) -> MemoryHold:
+        """``size`` bytes for the image ``what`` describes, waiting until the deadline (a ``time.monotonic()``
+        instant) for others to give theirs back.
+
+        PayloadTooLarge when ``size`` is more than the whole budget (it could never be granted);
+        ResourceExhausted when ``max_waiters`` requests wait already; DeadlineExceeded when the deadline passes.
+        """
+        if size > self.limit:
+            raise PayloadTooLarge(
+                f"{what} takes {_mib(size)} decoded; {self._name} holds at most {_mib(self.limit)} of decoded "
+                "images at once; send a smaller image"
+            )
+        if not self._waiters and self.held + size <= self.limit:
+            self.held += size
+            return MemoryHold(self, size)
+        if len(self._waiters) >= self._max_waiters:
+            raise ResourceExhausted(
+                f"{self._name}: {len(self._waiters)} requests wait for memory already ({_mib(self.held)} of "
+                f"{_mib(self.limit)} of decoded images held; {what} needs {_mib(size)})",
+                retry_after_seconds=0.5,
+            )
+        started = time.monotonic()
+        if deadline is not None and deadline <= started:
+            raise DeadlineExceeded("deadline exceeded before the image could be decoded")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (size, future)
+        self._waiters.append(entry)
+        try:
+            await asyncio.wait_for(future, None if deadline is None else deadline - started)
+        except BaseException as exc:
+            if future.done() and not future.cancelled():
+                self.give_back(size)  # granted just as we gave up
+            else:
+                future.cancel()
+                with contextlib.suppress(ValueError):  # already swept by _grant
+                    self._waiters.remove(entry)
+                self._grant()  # a large image that leaves the head of the line may let others in
+            if isinstance(exc, TimeoutError):
+                raise DeadlineExceeded(
+                    f"deadline exceeded after {time.monotonic() - started:.3f}s waiting for memory to decode "
+                    f"{what} ({_mib(size)}; {_mib(self.held)} of {_mib(self.limit)} held by other requests)"
+                ) from None
+            raise
+        return MemoryHold(self, size)
+
+    def give_back(self, size: int) -> None:
+        """Return ``size`` bytes (MemoryHold does, when its last owner releases it)."""
+        self.held -= size
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiters:
+            size, future = self._waiters[0]
+            if future.done():  # gave up
+                self._waiters.popleft()
+                continue
+            if self.held + size > self.limit:
+                return
+            self._waiters.popleft()
+            self.held += size
+            future.set_result(None)
+
+
 @dataclass(eq=False)
 class _Pending(Generic[ItemT, OutputT]):
     item: ItemT
     future: asyncio.Future[BatchResult[OutputT]]
     enqueued: float
     deadline: float | None
+    hold: MemoryHold | None = None
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -116,12 +235,21 @@ class DynamicBatcher(Generic[ItemT, OutputT]):
         """Items waiting for a batch (including dropped ones not yet swept)."""
         return len(self._queue)
 
-    async def submit(self, item: ItemT, *, deadline: float | None = None) -> BatchResult[OutputT]:
+    @property
+    def waiting(self) -> int:
+        """Items not computing yet: queued, or forming the next batch while it waits for a free instance (the
+        oldest item of each batcher does)."""
+        return len(self._queue) + sum(1 for pending in self._forming if not pending.future.done())
+
+    async def submit(
+        self, item: ItemT, *, deadline: float | None = None, hold: MemoryHold | None = None
+    ) -> BatchResult[OutputT]:
         """Queue ``item`` and wait for its output; ``deadline`` is a ``time.monotonic()`` instant.
 
         Raises DeadlineExceeded when the deadline passes first, ResourceExhausted when the queue is full,
         Unavailable when the batcher is closing, and whatever the batch function raised for this item.
-        Cancelling the caller drops the item if it has not started computing.
+        Cancelling the caller drops the item if it has not started computing. ``hold``, the memory the item
+        holds, is shared by the batch that computes it until that batch is done.
         """
         if self._closed:
             raise Unavailable(f"{self._name} is shutting down")
@@ -129,13 +257,11 @@ class DynamicBatcher(Generic[ItemT, OutputT]):
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded("deadline exceeded before the request was queued")
         if len(self._queue) >= self._max_queue:
-            self._sweep(now)
+            self.sweep(now)
             if len(self._queue) >= self._max_queue:
-                raise ResourceExhausted(
-                    f"{self._name}: {self._max_queue} requests are queued already", retry_after_seconds=0.1
-                )
+                raise queue_full(self._name, self._max_queue)
         future: asyncio.Future[BatchResult[OutputT]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(item, future, now, deadline))
+        self._queue.append(_Pending(item, future, now, deadline, hold))
         self._wake.set()
         self._start()
         timeout = None if deadline is None else deadline - now
@@ -166,7 +292,7 @@ class DynamicBatcher(Generic[ItemT, OutputT]):
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.create_task(self._run(), name=f"{self._name}-loop")
 
-    def _sweep(self, now: float) -> None:
+    def sweep(self, now: float) -> None:
         """Drop cancelled items and fail expired ones, keeping order."""
         live: collections.deque[_Pending[ItemT, OutputT]] = collections.deque()
         for pending in self._queue:
@@ -214,6 +340,9 @@ class DynamicBatcher(Generic[ItemT, OutputT]):
                 if not batch:
                     self._instances.release()
                     continue
+                for pending in batch:
+                    if pending.hold is not None:
+                        pending.hold.share()
                 task = asyncio.create_task(self._execute(batch), name=f"{self._name}-batch")
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
@@ -251,6 +380,9 @@ class DynamicBatcher(Generic[ItemT, OutputT]):
             outcome = _Outcome([exc] * len(batch), time.monotonic() - started)
         finally:
             self._instances.release()
+            for pending in batch:
+                if pending.hold is not None:
+                    pending.hold.release()
         if self._observer is not None:
             self._observer.batch_executed(len(batch), outcome.seconds)
         for pending, output in zip(batch, outcome.outputs, strict=True):
@@ -302,6 +434,7 @@ class ModelScheduler(Generic[KeyT, ItemT, OutputT]):
         max_queue_delay_seconds: float,
         max_queue_size: int,
         instance_count: int = 1,
+        max_image_bytes: int | None = None,
         observer: BatchObserver | None = None,
         name: str = "model",
     ) -> None:
@@ -317,9 +450,27 @@ class ModelScheduler(Generic[KeyT, ItemT, OutputT]):
         # Requests inside submit() per key: the batcher is retired when its count falls to zero.
         self._users: dict[KeyT, int] = {}
         self._retiring: set[asyncio.Task[None]] = set()
+        self.memory = MemoryBudget(
+            sys.maxsize if max_image_bytes is None else max_image_bytes, max_waiters=max_queue_size, name=name
+        )
+        """Bytes of decoded images this version's requests hold: taken before decoding (see Predictor)."""
 
-    async def submit(self, key: KeyT, item: ItemT, *, deadline: float | None = None) -> BatchResult[OutputT]:
-        """Batch ``item`` with others of the same ``key``; see :meth:`DynamicBatcher.submit`."""
+    @property
+    def waiting(self) -> int:
+        """Items not computing yet, in every batcher (including dropped ones not yet swept from a queue)."""
+        return sum(batcher.waiting for batcher in self._batchers.values())
+
+    async def submit(
+        self, key: KeyT, item: ItemT, *, deadline: float | None = None, hold: MemoryHold | None = None
+    ) -> BatchResult[OutputT]:
+        """Batch ``item`` with others of the same ``key``; see :meth:`DynamicBatcher.submit`. ResourceExhausted
+        when ``max_queue_size`` items are queued already, whatever their keys."""
+        if self.waiting >= self._max_queue:
+            now = time.monotonic()
+            for each in self._batchers.values():
+                each.sweep(now)
+            if self.waiting >= self._max_queue:
+                raise queue_full(self._name, self._max_queue)
         batcher = self._batchers.get(key)
         if batcher is None:
             batcher = DynamicBatcher(
@@ -335,7 +486,7 @@ class ModelScheduler(Generic[KeyT, ItemT, OutputT]):
             self._batchers[key] = batcher
         self._users[key] = self._users.get(key, 0) + 1
         try:
-            return await batcher.submit(item, deadline=deadline)
+            return await batcher.submit(item, deadline=deadline, hold=hold)
         finally:
             self._release(key, batcher)
 

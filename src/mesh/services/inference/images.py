@@ -16,14 +16,8 @@ import numpy.typing as npt
 from PIL import Image, ImageOps
 
 from mesh.common.v1 import image_pb2
-from mesh.kit.errors import (
-    FieldViolation,
-    InvalidArgument,
-    InvalidData,
-    PayloadTooLarge,
-    UnsupportedMediaType,
-)
-from mesh.kit.image_bytes import check_declared_format, not_an_image, sniff_format
+from mesh.kit.errors import InvalidData, PayloadTooLarge
+from mesh.kit.image_bytes import check_declared_format, empty_image, unreadable_header
 from mesh.kit.image_limits import check_pixels
 from mesh.kit.raw_pixels import read_raw
 from mesh.services.file.client import FileClient
@@ -31,19 +25,6 @@ from mesh.services.file.client import FileClient
 Pixels = npt.NDArray[np.uint8]
 
 _ACCEPTED = ("PNG", "JPEG", "WEBP")
-
-
-def _unidentified(data: bytes, formats: list[str], field: str) -> InvalidData | UnsupportedMediaType:
-    """Why Pillow could not tell what ``data`` is: a file of an accepted format whose header is cut off or
-    damaged (the client should send the whole file again), or bytes of another kind (it should send another)."""
-    found = sniff_format(data)
-    if found is not None and found in formats:
-        return InvalidData(
-            f"the {found} image is truncated or damaged: its header cannot be read ({len(data)} bytes); "
-            "send the whole file",
-            field_violations=[FieldViolation(field, f"a complete {found} file")],
-        )
-    return not_an_image(data, f"{field}.data")
 
 
 class ImageFetcher(Protocol):
@@ -81,7 +62,7 @@ class ImageDecoder:
     ) -> Pixels:
         """PNG/JPEG/WebP bytes -> pixels; the declared format, when given, must match the bytes."""
         if not data:
-            raise InvalidArgument("the image is empty", field_violations=[FieldViolation(field, "no bytes")])
+            raise empty_image(field)
         check_declared_format(declared, data, field)
         formats = list(_ACCEPTED)  # the declared format, if any, was just checked against the bytes
         try:
@@ -93,7 +74,7 @@ class ImageDecoder:
         except (OSError, SyntaxError, ValueError):
             # Pillow says UnidentifiedImageError (an OSError) when no format matches, and a bare OSError when
             # the header it started on is cut off ("Truncated File Read").
-            raise _unidentified(data, formats, field) from None
+            raise unreadable_header(data, field, f"{field}.data") from None
         with image:
             check_pixels(image.width, image.height, self.max_pixels, field)
             try:

@@ -8,17 +8,22 @@ records each request's outcome in the version's statistics. It knows protobuf me
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 import uuid
+import warnings
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from opentelemetry import trace
+from PIL import Image
 
 from mesh.common.v1 import image_pb2
 from mesh.inference.v1 import inference_service_pb2 as pb
 from mesh.kit.errors import FieldViolation, Internal, InvalidArgument, InvalidData, MeshError, Unavailable
 from mesh.kit.jobs import JobInterrupted
 from mesh.kit.logging import get_logger
+from mesh.kit.raw_pixels import CHANNELS
 from mesh.kit.tracing import tracer
 from mesh.services.inference.images import ImageDecoder, ImageFetcher, Pixels
 from mesh.services.inference.models import Operation
@@ -27,6 +32,12 @@ from mesh.services.inference.repository import ModelRepository, ModelVersion
 
 log = get_logger(__name__)
 _tracer = tracer(__name__)
+
+# What the decoder (images.ImageDecoder) reads.
+DECODED_FORMATS = ["PNG", "JPEG", "WEBP"]
+# An image's size is read from this much of its start on the event loop: headers are a few kilobytes. Only one
+# that is longer (or unreadable) is read whole, in a thread (a crafted 60 MB PNG header took 50 ms to parse).
+HEADER_PREFIX_BYTES = 64 * 1024
 
 # Called with the fraction done as each stage ("fetch", "model") starts: the job handler's progress beat
 # (the signature of JobContext.progress).
@@ -124,11 +135,26 @@ class Predictor:
         parameters = resolve_parameters(version.config.parameters, request.parameters)
         if on_stage is not None:
             await on_stage(0.0, "fetch")
-        image = await self._load(request.input)
-        _check_size(image, model.min_image_size, version.name)
-        if on_stage is not None:
-            await on_stage(0.5, "model")
-        result = await scheduler.submit((operation, parameters), image, deadline=deadline)
+        source = await self._fetch(request.input)
+        # Memory for the pixels is taken before decoding, from the header's size, and given back when the batch
+        # that computed them is done.
+        size = await self._decoded_size(source)
+        hold = (
+            None if size is None else await scheduler.memory.acquire(size[0], what=size[1], deadline=deadline)
+        )
+        try:
+            image = await self._decode(source)
+            if hold is None:  # not sized beforehand, yet decoded after all
+                hold = await scheduler.memory.acquire(
+                    image.nbytes, what=f"{source.field} ({_shape(image)})", deadline=deadline
+                )
+            _check_size(image, model.min_image_size, version.name)
+            if on_stage is not None:
+                await on_stage(0.5, "model")
+            result = await scheduler.submit((operation, parameters), image, deadline=deadline, hold=hold)
+        finally:
+            if hold is not None:
+                hold.release()
         trace.get_current_span().set_attribute("mesh.batch_size", result.batch_size)
         response = pb.PredictResponse(
             model_name=version.name,
@@ -141,26 +167,88 @@ class Predictor:
         model.fill_response(result.output, response)
         return response
 
-    async def _load(self, source: image_pb2.ImageInput) -> Pixels:
+    async def _fetch(self, source: image_pb2.ImageInput) -> _Source:
+        """The input's raw message or encoded bytes (fetched from the file service for an image id)."""
         kind = source.WhichOneof("source")
         if kind == "raw":
-            raw = source.raw
-            if raw.pixel_type == image_pb2.PIXEL_TYPE_UINT16 or _raw_bytes(raw) > RAW_ON_LOOP_BYTES:
-                return await asyncio.to_thread(self._decoder.decode_raw, raw)
-            return self._decoder.decode_raw(raw)
+            return _Source("input.raw", raw=source.raw)
         if kind == "encoded":
-            return await asyncio.to_thread(
-                self._decoder.decode_encoded, source.encoded.data, source.encoded.format
-            )
+            return _Source("input.encoded", data=source.encoded.data, declared=source.encoded.format)
         if kind == "image_id":
             if self._fetcher is None:
                 raise Unavailable("this server cannot fetch images by id (no file service configured)")
-            data = await self._fetcher.fetch(source.image_id)
-            return await asyncio.to_thread(self._decoder.decode_encoded, data, field="input.image_id")
+            return _Source("input.image_id", data=await self._fetcher.fetch(source.image_id))
         raise InvalidArgument(
             "an input image is required: set one of input.image_id, input.encoded or input.raw",
             field_violations=[FieldViolation("input", "set image_id, encoded or raw")],
         )
+
+    async def _decoded_size(self, source: _Source) -> tuple[int, str] | None:
+        """The bytes its pixels will take, and a description naming its size, from the raw message or the
+        encoded header; None when the decoder will refuse it anyway (a header it cannot read, a shape that is
+        not one, more pixels than its limit), so that it says why in its own words without waiting for memory."""
+        if source.raw is not None:
+            raw = source.raw
+            if raw.channels not in CHANNELS:
+                return None
+            width, height, channels = int(raw.width), int(raw.height), int(raw.channels)
+        else:
+            header = _header(source.data[:HEADER_PREFIX_BYTES])
+            if header is None and len(source.data) > HEADER_PREFIX_BYTES:
+                header = await asyncio.to_thread(_header, source.data)
+            if header is None:
+                return None
+            width, height, channels = header
+        if width * height > self._decoder.max_pixels:
+            return None
+        return width * height * channels, f"{source.field} ({width}x{height}, {channels} channels)"
+
+    async def _decode(self, source: _Source) -> Pixels:
+        raw = source.raw
+        if raw is not None:
+            if raw.pixel_type == image_pb2.PIXEL_TYPE_UINT16 or _raw_bytes(raw) > RAW_ON_LOOP_BYTES:
+                return await asyncio.to_thread(self._decoder.decode_raw, raw)
+            return self._decoder.decode_raw(raw)
+        if source.field == "input.encoded":
+            return await asyncio.to_thread(self._decoder.decode_encoded, source.data, source.declared)
+        return await asyncio.to_thread(self._decoder.decode_encoded, source.data, field=source.field)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """An input before decoding: a raw message, or encoded bytes."""
+
+    field: str
+    """The request field it came from (for errors)."""
+
+    raw: image_pb2.RawImage | None = None
+    data: bytes = b""
+    declared: image_pb2.ImageFormat.ValueType = image_pb2.IMAGE_FORMAT_UNSPECIFIED
+
+
+# The decoder's pixels from Pillow's modes (see images._to_pixels): grey ones give one channel, RGB three; the rest
+# (with alpha, or a palette that may have it) are counted as four, which is at most a third too many.
+_GREY_MODES = frozenset({"1", "L", "I", "I;16", "I;16L", "I;16B"})
+
+
+def _header(data: bytes) -> tuple[int, int, int] | None:
+    """Width, height and the channels the decoder will make, read from the header without decoding the pixels;
+    None when Pillow cannot read it."""
+    try:
+        with warnings.catch_warnings():
+            # Over the pixel limit is for the caller to tell (the decoder refuses it in its own words).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=DECODED_FORMATS) as image:
+                mode = image.mode
+                channels = 1 if mode in _GREY_MODES else 3 if mode == "RGB" else 4
+                return image.width, image.height, channels
+    except Exception:  # any unreadable header: the decoder says what is wrong with it
+        return None
+
+
+def _shape(image: Pixels) -> str:
+    height, width = image.shape[:2]
+    return f"{width}x{height}, {image.shape[2] if image.ndim == 3 else 1} channels"
 
 
 def _check_size(image: Pixels, least: tuple[int, int], model: str) -> None:

@@ -47,6 +47,12 @@ MAX_VERSION_LENGTH = 64
 # strip reader, and a CUDA context on a GPU), and the server process that decodes and feeds them needs cores too.
 AUTO_INSTANCES = 8
 
+# The largest image the service takes by default (40 M pixels, RGBA) is 153 MiB decoded, and a request's peak is
+# about six times its image (the decoder's buffers, the copy shared with a worker process, the model's arrays): 8
+# concurrent such PNGs took the service from 0.3 to 4.9 GB with no bound, and to 1.5 GB with this one, inside the
+# deployment's 3 GiB limit (deploy/k8s/base/inference.yaml).
+DEFAULT_IMAGE_MEMORY_MB = 256
+
 # Only requests with equal keys share a batch: the same operation with the same parameters.
 BatchKey: TypeAlias = tuple[Operation, ResolvedParameters]
 
@@ -103,7 +109,12 @@ class ModelConfig(BaseModel):
     """How long the oldest queued request may wait for others to join its batch."""
 
     max_queue_size: int = Field(default=256, ge=1)
-    """Requests that may wait per batch queue before new ones get RESOURCE_EXHAUSTED."""
+    """Requests that may wait for a batch (in all of the version's batch queues together), and for memory, before
+    new ones get RESOURCE_EXHAUSTED."""
+
+    max_image_memory_mb: int = Field(default=DEFAULT_IMAGE_MEMORY_MB, ge=1)
+    """MiB of decoded images the version's requests may hold at once, from decoding until their batch is done.
+    A request whose image does not fit waits (within its deadline); an image larger than all of it is refused."""
 
     instance_count: int | Literal["auto"] = Field(default=1)
     """Batches computed concurrently; ``auto``: one per core this process may use (its container's quota), at most
@@ -247,7 +258,15 @@ def scan(directory: Path, factories: Mapping[str, ModelFactory]) -> dict[str, Mo
         for version_dir in version_dirs:
             if not (_is_number(version_dir.name) and int(version_dir.name) > 0):
                 raise ModelConfigError(f"{version_dir}: a version directory must be a positive integer")
-        for version_dir in sorted(version_dirs, key=lambda p: int(p.name)):
+        for version_dir in sorted(version_dirs, key=lambda p: (int(p.name), p.name)):
+            version = str(int(version_dir.name))
+            same = versions.get(version)
+            if same is not None:
+                # Keeping either would serve one config and ignore the other without a word.
+                raise ModelConfigError(
+                    f"{model_dir}: directories {same.directory.name!r} and {version_dir.name!r} are both "
+                    f"version {version}; keep one"
+                )
             config = read_config(_config_file(version_dir))
             if config.name != model_dir.name:
                 raise ModelConfigError(
@@ -258,7 +277,6 @@ def scan(directory: Path, factories: Mapping[str, ModelFactory]) -> dict[str, Mo
                 raise ModelConfigError(
                     f"{version_dir}: unknown implementation {config.implementation!r}; known: {known}"
                 )
-            version = str(int(version_dir.name))
             versions[version] = ModelVersion(model_dir.name, version, config, version_dir)
         if not versions:
             raise ModelConfigError(f"{model_dir}: no versions (expected {model_dir}/1/config.yaml)")
@@ -344,6 +362,7 @@ class ModelRepository:
             max_queue_delay_seconds=config.max_queue_delay_ms / 1000.0,
             max_queue_size=config.max_queue_size,
             instance_count=version.instances,
+            max_image_bytes=config.max_image_memory_mb * 2**20,
             observer=version.stats,
             name=f"{version.name}-v{version.version}",
         )

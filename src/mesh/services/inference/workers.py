@@ -13,10 +13,12 @@ none), handed to the worker over its pipe, because a container's /dev/shm holds 
 enlarges it, less than one batch of 12-megapixel photos. The outputs come back written into a serialised
 ``PredictResponse``, so the server process never loads the model itself.
 
-A worker that dies fails the batch it held with UNAVAILABLE and is started again for the next batch. One that
-cannot be started again (its model no longer loads: a GPU gone bad, memory short) leaves the rotation, and a
-background thread tries again with a growing pause; while no worker runs, :meth:`WorkerModel.fault` says why,
-so that the version reads not ready and the service's health says so.
+A worker that dies is started again for the next batch. The batch it held fails with UNAVAILABLE when it had
+several images (the batcher then computes each alone), and with INTERNAL, category DATA, when it had one: that
+image crashed the model, and a retry (gRPC's own, on UNAVAILABLE, or the queue's) would only crash it again.
+One that cannot be started again (its model no longer loads: a GPU gone bad, memory short) leaves the rotation,
+and a background thread tries again with a growing pause; while no worker runs, :meth:`WorkerModel.fault` says
+why, so that the version reads not ready and the service's health says so.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from mesh.common.v1 import errors_pb2
 from mesh.inference.v1 import inference_service_pb2 as pb
 from mesh.kit.cpus import usable_cpus
 from mesh.kit.errors import Internal, MeshError, Unavailable
@@ -62,6 +65,8 @@ STOP_TIMEOUT_SECONDS = 10.0
 # Pauses between attempts to start a worker again after a failed start: the first, and the longest.
 RETRY_FIRST_SECONDS = 2.0
 RETRY_MAX_SECONDS = 60.0
+# ErrorInfo reason of an image that killed its worker (see crashed_by_image).
+REASON_MODEL_CRASHED = "MODEL_CRASHED"
 # What a worker's send raises once the server has gone away.
 _SERVER_GONE = (BrokenPipeError, ConnectionResetError)
 # Between batches a worker's buffer keeps at most this much memory: one large batch (16 photos of 12
@@ -277,6 +282,9 @@ class _Worker:
             kind, payload = conn.recv()
         except (EOFError, OSError):
             code = self._reap()
+            if len(images) == 1:
+                raise crashed_by_image(code) from None
+            # The batcher computes each of its images again alone, which tells which one did it.
             raise Unavailable(
                 f"the model's worker process exited (code {code}) while computing this batch; "
                 "it is started again for the next one",
@@ -471,6 +479,20 @@ class SharedBuffer:
             os.close(self.fileno)
             self.fileno = -1
         self.size = 0
+
+
+def crashed_by_image(exit_code: int | None) -> Internal:
+    """The answer for an image that killed its worker alone (a batch of one, or the batcher's retry of one item).
+
+    Not UNAVAILABLE: every mesh channel resends that by itself and the queue retries it as TRANSIENT, so one call
+    crashed the worker (and reloaded its model) four times, and a job more. The category DATA fails a job at once.
+    """
+    return Internal(
+        f"this image crashed the model: its worker process exited (code {exit_code}) while computing it alone; "
+        "sending it again would crash it again",
+        reason=REASON_MODEL_CRASHED,
+        category=errors_pb2.ERROR_CATEGORY_DATA,
+    )
 
 
 def _serialised(fill: Callable[[object, pb.PredictResponse], None], output: object) -> bytes:
