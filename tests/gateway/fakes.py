@@ -536,6 +536,8 @@ class FakeQueueService(queue_grpc.QueueServiceServicer):
         self.watch_requests = 0
         self.watch_drops = 0
         """WatchJob streams still to end UNAVAILABLE after their first change (a restart, an aged connection)."""
+        self.stats_calls = 0
+        self._cut = asyncio.Event()
 
     def _change(self, entry: FakeJob, **fields: Any) -> None:
         before = entry.job.state
@@ -712,11 +714,25 @@ class FakeQueueService(queue_grpc.QueueServiceServicer):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "the queue service is restarting")
             if entry.job.state in TERMINAL:
                 return
-            await entry.changed.wait()
+            cut = self._cut
+            waits = [asyncio.ensure_future(entry.changed.wait()), asyncio.ensure_future(cut.wait())]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+            if cut.is_set():
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the connection is closed for its age")
+
+    def cut_watches(self) -> None:
+        """End every open WatchJob stream UNAVAILABLE, as a server closing aged connections does."""
+        self._cut.set()
+        self._cut = asyncio.Event()
 
     async def GetQueueStats(
         self, request: queue_pb.GetQueueStatsRequest, context: Context
     ) -> queue_pb.GetQueueStatsResponse:
+        self.stats_calls += 1
         counts: dict[str, int] = {}
         for entry in self.jobs.values():
             name = job_pb2.JobState.Name(entry.job.state)

@@ -100,8 +100,12 @@ async def start_fake_mesh(step_seconds: float = 0.05) -> FakeMesh:
     return FakeMesh(fakes, runtime, task, switch)
 
 
-def build_gateway(settings: GatewaySettings, keys: KeyLookup | None = None) -> tuple[FastAPI, GatewayContext]:
-    """The gateway app in front of ``settings``' services (the caller closes the context)."""
+def build_gateway(
+    settings: GatewaySettings, keys: KeyLookup | None = None, *, health_fresh_seconds: float = 0.0
+) -> tuple[FastAPI, GatewayContext]:
+    """The gateway app in front of ``settings``' services (the caller closes the context). Its health rounds
+    are not reused by default (``health_fresh_seconds``), since tests change what the fakes report between
+    two requests."""
     backends = Backends(settings)
     http = httpx.AsyncClient(timeout=settings.health_timeout_seconds)
     ctx = GatewayContext(
@@ -109,7 +113,7 @@ def build_gateway(settings: GatewaySettings, keys: KeyLookup | None = None) -> t
         backends=backends,
         authenticator=Authenticator(settings, keys),
         limiter=RateLimiter(settings.rate_limit) if settings.rate_limit_enabled else None,
-        health=HealthProbe(settings, backends, http),
+        health=HealthProbe(settings, backends, http, fresh_seconds=health_fresh_seconds),
         http=http,
     )
     return create_app(ctx), ctx

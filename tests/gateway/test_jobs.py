@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
 import httpx
+import pytest
 from google.protobuf import timestamp_pb2
 from starlette.types import Message
 
 from mesh.queue.v1 import job_pb2
+from mesh.services.gateway.routes import jobs
 from mesh.services.gateway.routes.jobs import MAX_PENDING_CHANGES, EventId
 from tests.gateway.fakes import strip_png
 from tests.gateway.harness import FakeMesh, build_gateway, close_gateway, serve_app
@@ -405,3 +408,98 @@ async def test_a_stalled_reader_gets_the_newest_changes_and_the_end(mesh: FakeMe
     assert 1 <= len(changes) <= MAX_PENDING_CHANGES
     assert changes[-1]["data"]["state"] == "CANCELLED"
     assert events[-1] == {"event": "end", "data": {"job_id": job_id}}
+
+
+async def _read_for(client: httpx.AsyncClient, path: str, seconds: float) -> str:
+    """What an event stream sends within ``seconds`` (all of it, if it ends sooner)."""
+    text = ""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds), client.stream("GET", path) as response:
+            async for chunk in response.aiter_text():
+                text += chunk
+    return text
+
+
+async def test_keepalives_are_timed_from_the_last_byte_not_from_skipped_replays(
+    mesh: FakeMesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the queue keeps replaying the job and dropping the watch (a replica in a crash loop), the
+    replays, already sent and so skipped, write nothing, and the keepalive still goes out on time: each
+    replay restarted its timer, so the stream stayed silent past any proxy's idle timeout."""
+    monkeypatch.setattr(jobs, "WATCH_RESUME_DELAY", 0.05)
+    app, ctx = build_gateway(mesh.gateway_settings(sse_keepalive_seconds=0.4))
+    mesh.fakes.queue.hold = True
+    try:
+        async with serve_app(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+            image_id = await _image(client)
+            job = (await client.post("/v1/jobs", json={"image_id": image_id})).json()
+            mesh.fakes.queue.watch_drops = 10**6
+            text = await _read_for(client, f"/v1/jobs/{job['id']}/events", 2.0)
+    finally:
+        mesh.fakes.queue.watch_drops = 0
+        mesh.fakes.queue.release()
+        await close_gateway(ctx)
+    assert [e["event"] for e in parse_sse(text)] == ["job"]
+    assert text.count(": keepalive") >= 3, text
+
+
+async def test_a_watch_that_fails_after_each_replay_ends_in_an_error_event(
+    mesh: FakeMesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A WatchJob that replays the job and fails UNAVAILABLE every time is not a recovery: after
+    WATCH_RESUME_SECONDS the client gets ``event: error`` (503 UNAVAILABLE). Each replay reset the limit, so
+    the gateway reopened the watch for as long as the client stayed."""
+    monkeypatch.setattr(jobs, "WATCH_RESUME_DELAY", 0.05)
+    monkeypatch.setattr(jobs, "WATCH_RESUME_SECONDS", 0.5)
+    app, ctx = build_gateway(mesh.gateway_settings())
+    mesh.fakes.queue.hold = True
+    try:
+        async with serve_app(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+            image_id = await _image(client)
+            job = (await client.post("/v1/jobs", json={"image_id": image_id})).json()
+            mesh.fakes.queue.watch_drops = 10**6
+            events = parse_sse(await _read_for(client, f"/v1/jobs/{job['id']}/events", 5.0))
+    finally:
+        mesh.fakes.queue.watch_drops = 0
+        mesh.fakes.queue.release()
+        await close_gateway(ctx)
+    assert [e["event"] for e in events] == ["job", "error"]
+    assert events[-1]["data"]["error"]["code"] == "UNAVAILABLE"
+
+
+async def test_a_watch_that_worked_for_longer_than_the_limit_is_reopened_when_it_drops(
+    mesh: FakeMesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watch that dropped once, then stayed open longer than WATCH_RESUME_SECONDS with nothing new to send
+    (a queued job), worked: when it drops in turn (a connection closed for its age), it is opened again,
+    not turned into an error event by the first drop's clock."""
+    monkeypatch.setattr(jobs, "WATCH_RESUME_DELAY", 0.05)
+    monkeypatch.setattr(jobs, "WATCH_RESUME_SECONDS", 0.3)
+    app, ctx = build_gateway(mesh.gateway_settings())
+    queue = mesh.fakes.queue
+    queue.hold = True
+
+    async def until_watches(count: int) -> None:
+        while queue.watch_requests < count:
+            await asyncio.sleep(0.01)
+
+    try:
+        async with serve_app(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+            image_id = await _image(client)
+            job = (await client.post("/v1/jobs", json={"image_id": image_id})).json()
+            watches = queue.watch_requests
+            queue.watch_drops = 1
+            reader = asyncio.create_task(_read_for(client, f"/v1/jobs/{job['id']}/events", 10.0))
+            await asyncio.wait_for(until_watches(watches + 2), 5)
+            await asyncio.sleep(0.6)
+            queue.cut_watches()
+            await asyncio.wait_for(until_watches(watches + 3), 5)
+            queue.release()
+            events = parse_sse(await reader)
+    finally:
+        queue.watch_drops = 0
+        queue.release()
+        await close_gateway(ctx)
+    kinds = [e["event"] for e in events]
+    assert kinds[-1] == "end", kinds
+    assert "error" not in kinds

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
 from pathlib import Path
 
 import httpx
@@ -14,8 +16,10 @@ from opentelemetry.trace import SpanKind
 
 from mesh.kit import tracing
 from mesh.kit.health import Degrading
+from mesh.services.gateway.backends import Backends
+from mesh.services.gateway.health import FRESH_SECONDS, HealthProbe
 from tests.gateway.fakes import strip_png
-from tests.gateway.harness import FakeMesh, GatewayFactory, SwitchCheck
+from tests.gateway.harness import FakeMesh, GatewayFactory, SwitchCheck, build_gateway, close_gateway
 
 TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
 INCOMING = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -206,6 +210,72 @@ async def test_readyz_ignores_services_that_are_not_required(make_client: Gatewa
     assert response.status_code == 503
     assert [c["name"] for c in response.json()["failing"]] == ["inference service"]
     assert (await strict.get("/v1/health")).json()["status"] == "failing"
+
+
+async def test_a_burst_of_health_requests_shares_one_round_and_readiness_asks_no_queue_stats(
+    mesh: FakeMesh,
+) -> None:
+    """The health routes are open, and GetQueueStats counts jobs in PostgreSQL: 20 dashboard requests at
+    once make one round of probes (one GetQueueStats), a request within FRESH_SECONDS reuses it, and
+    readiness never asks for the statistics. Each request ran every probe, readiness included, so
+    unauthenticated polling slowed the job API for everyone."""
+    app, ctx = build_gateway(mesh.gateway_settings(), health_fresh_seconds=FRESH_SECONDS)
+    queue = mesh.fakes.queue
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+            before = queue.stats_calls
+            ready = await asyncio.gather(*(client.get("/readyz") for _ in range(5)))
+            assert [r.status_code for r in ready] == [200] * 5
+            assert queue.stats_calls == before
+            answers = await asyncio.gather(*(client.get("/v1/health") for _ in range(20)))
+            again = await client.get("/v1/health")
+    finally:
+        await close_gateway(ctx)
+    assert queue.stats_calls == before + 1
+    bodies = [a.json() for a in [*answers, again]]
+    assert all(b["queue"] is not None and b["status"] == "ok" for b in bodies)
+    assert len({b["checked_at"] for b in bodies}) == 1
+
+
+async def test_a_failing_health_round_is_reused_too(mesh: FakeMesh) -> None:
+    """A round whose probe hangs until its timeout (a backend that does not answer) is shared by every
+    request during it and reused while fresh, failing as it is: a burst waits out the timeout once, not
+    once each, and only a request after ``fresh_seconds`` probes again."""
+    settings = mesh.gateway_settings(health_timeout_seconds=0.3)
+    calls = 0
+
+    class Hanging:
+        name = "key_store"
+
+        async def check(self) -> str:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(10)
+            return "never"
+
+    backends = Backends(settings)
+    http = httpx.AsyncClient(timeout=settings.health_timeout_seconds)
+    probe = HealthProbe(settings, backends, http, [Hanging()], fresh_seconds=1.0)
+    try:
+        dashboards, readiness = await asyncio.gather(
+            asyncio.gather(*(probe.collect() for _ in range(10))),
+            asyncio.gather(*(probe.readiness() for _ in range(10))),
+        )
+        started = time.monotonic()
+        reused = await probe.readiness()
+        reused_seconds = time.monotonic() - started
+        assert calls == 1
+        await asyncio.sleep(1.0)
+        await probe.readiness()
+    finally:
+        await http.aclose()
+        await backends.close()
+    assert calls == 2
+    assert {d.status for d in dashboards} == {"failing"}
+    assert {r.status for r in readiness} == {"not ready"}
+    assert reused.status == "not ready"
+    assert [c.name for c in reused.failing] == ["key_store"]
+    assert reused_seconds < 0.1
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,13 @@ from pydantic import ValidationError
 from mesh.kit import errors
 from mesh.kit.channels import open_channel
 from mesh.kit.health import Degrading
-from mesh.kit.runtime import LIVENESS_SERVICE, BackgroundTaskCrashed, ServiceRuntime
+from mesh.kit.runtime import (
+    LIVENESS_SERVICE,
+    RESTARTING,
+    BackgroundTaskCrashed,
+    ServiceRuntime,
+    pause_unless_stopping,
+)
 from mesh.kit.settings import ServerSettings
 
 SERVICE = "test.v1.EchoService"
@@ -69,9 +75,16 @@ async def runtime() -> AsyncIterator[tuple[ServiceRuntime, SwitchCheck, asyncio.
     settings = ServerSettings(grpc_port=0, http_port=0, grace_seconds=2, health_interval_seconds=0.05)
     switch = SwitchCheck()
     rt = ServiceRuntime("echo", settings, service_names=[SERVICE], checks=[switch])
+
+    async def watch(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+        while True:  # a watch of something that never ends, polled
+            yield request
+            await pause_unless_stopping(rt.stopping, 0.05)
+
     handlers = {
         "Echo": grpc.unary_unary_rpc_method_handler(_echo, _identity, _identity),
         "Stream": grpc.unary_stream_rpc_method_handler(_stream, _identity, _identity),
+        "Watch": grpc.unary_stream_rpc_method_handler(watch, _identity, _identity),
     }
     rt.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
     task = asyncio.create_task(rt.run())
@@ -192,6 +205,41 @@ async def test_sigterm_drains_in_flight_calls(runtime: Any) -> None:
         rt.stopping.set()
         assert await slow == b"slow"
     await asyncio.wait_for(task, 10)
+
+
+async def test_a_watch_ends_unavailable_when_stopping_and_the_drain_does_not_wait_for_it(
+    runtime: Any,
+) -> None:
+    """A call that pauses with pause_unless_stopping ends UNAVAILABLE ("restarting; retry") as soon as the
+    service starts stopping, so the drain ends without waiting out its grace (2 s here), during which the
+    server turns new calls away."""
+    rt, _, task = runtime
+    async with grpc.aio.insecure_channel(f"localhost:{rt.grpc_port}") as channel:
+        call = channel.unary_stream(f"/{SERVICE}/Watch", None, None)(b"w")
+        assert await call.read() == b"w"
+        started = asyncio.get_running_loop().time()
+        rt.stopping.set()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            while True:
+                await call.read()
+        ended = asyncio.get_running_loop().time() - started
+    await asyncio.wait_for(task, 10)
+    stopped = asyncio.get_running_loop().time() - started
+    assert (info.value.code(), info.value.details()) == (grpc.StatusCode.UNAVAILABLE, RESTARTING)
+    assert ended < 0.5
+    assert stopped < 1.5
+
+
+async def test_metrics_answer_at_their_path_without_a_redirect(runtime: Any) -> None:
+    """/metrics, the path scrape configs and the pods' annotations name, answers 200 itself (it answered a
+    307 to /metrics/, which curl and simple probes take for the answer); /metrics/ still works."""
+    rt, _, _ = runtime
+    async with httpx.AsyncClient(base_url=f"http://localhost:{_http_port(rt)}") as client:
+        plain = await client.get("/metrics")
+        slash = await client.get("/metrics/")
+    assert (plain.status_code, slash.status_code) == (200, 200)
+    assert plain.headers["content-type"].startswith("text/plain")
+    assert "grpc_server_started_total" in plain.text
 
 
 def _http_port(rt: ServiceRuntime) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 import uuid
 
 import grpc
@@ -13,6 +14,7 @@ from prometheus_client import REGISTRY
 
 from mesh.common.v1 import params_pb2
 from mesh.kit import errors
+from mesh.kit.runtime import RESTARTING
 from mesh.queue.v1 import job_pb2, queue_service_pb2
 from mesh.services.queue.broker import Broker
 from mesh.services.queue.relay_process import RelayProcess
@@ -381,6 +383,23 @@ async def test_watch_streams_changes_until_the_end(queue: Harness) -> None:
         rest.append(item)
     assert rest[-1].job.state == job_pb2.JOB_STATE_CANCELLED
     assert [r.sequence for r in rest] == list(range(2, 2 + len(rest)))
+
+
+async def test_an_open_watch_ends_unavailable_as_soon_as_the_service_stops(queue: Harness) -> None:
+    """SIGTERM ends the watch of an unfinished job at once with UNAVAILABLE ("restarting; retry"), which the
+    gateway reopens: the watch went on until the drain's grace ran out (2 s here, 10 s by default), and
+    the server refused every new call meanwhile."""
+    job = await queue.submit()
+    stream = queue.stub.WatchJob(queue_service_pb2.WatchJobRequest(job_id=job.id))
+    first = await stream.read()
+    assert isinstance(first, queue_service_pb2.WatchJobResponse)
+    started = time.monotonic()
+    queue.runtime.stopping.set()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        while (await stream.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
+            pass
+    assert (info.value.code(), info.value.details()) == (grpc.StatusCode.UNAVAILABLE, RESTARTING)
+    assert time.monotonic() - started < 1.0
 
 
 async def test_metrics_expose_depth_and_oldest_age(queue: Harness) -> None:

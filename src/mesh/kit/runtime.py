@@ -7,7 +7,8 @@ Usage, in a service's ``__main__``::
     await runtime.run()          # returns after SIGTERM/SIGINT and a graceful drain
 
 On SIGTERM: every health name goes NOT_SERVING (so load balancers stop sending), ``stopping`` is set (so
-workers stop taking jobs), in-flight RPCs get ``grace_seconds`` to finish, then the server stops.
+workers stop taking jobs, and calls that would last, such as a watch, end: :func:`pause_unless_stopping`),
+in-flight RPCs get ``grace_seconds`` to finish, then the server stops.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mesh.kit import tracing
+from mesh.kit import errors, tracing
 from mesh.kit.health import DependencyCheck, HealthMonitor
 from mesh.kit.interceptors import ServerInterceptor, preinitialise_metrics
 from mesh.kit.logging import configure_logging, get_logger
@@ -61,6 +63,22 @@ KEEPALIVE_OPTIONS = [
 
 
 BUILD = Info("mesh_build", "The process's service and the mesh's version (value 1).")
+
+RESTARTING = "the service is restarting; retry the call"
+"""What a call that would outlast the drain (a watch) ends with, as UNAVAILABLE, when its service stops."""
+
+
+async def pause_unless_stopping(stopping: asyncio.Event, seconds: float) -> None:
+    """Wait ``seconds`` between the steps of a long call, ending the call with UNAVAILABLE (``RESTARTING``)
+    as soon as ``stopping`` (``ServiceRuntime.stopping``) is set: the drain then does not wait out its whole
+    grace for a call that would not end by itself, while the server turns new calls away, and the caller,
+    told to retry, reopens it on another replica or after the restart."""
+    if not stopping.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await stopping.wait()
+    if stopping.is_set():
+        raise errors.Unavailable(RESTARTING)
 
 
 def message_limit_options(max_bytes: int) -> list[tuple[str, int]]:
@@ -182,7 +200,15 @@ class ServiceRuntime:
             }
             return JSONResponse(body, status_code=200 if body["status"] == "SERVING" else 503)
 
-        return Starlette(routes=[Route("/healthz", healthz), Mount("/metrics", app=make_asgi_app())])
+        metrics = make_asgi_app()
+        # The mount alone answers /metrics, the path scrape configs and probes name, with a 307 to /metrics/.
+        return Starlette(
+            routes=[
+                Route("/healthz", healthz),
+                Route("/metrics", _Asgi(metrics)),
+                Mount("/metrics", app=metrics),
+            ]
+        )
 
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT, then drain and stop."""
@@ -257,6 +283,17 @@ class ServiceRuntime:
         if self.failure is None:
             self.failure = error
         self.stopping.set()
+
+
+class _Asgi:
+    """An ASGI app as a route's endpoint: Starlette takes a plain function (what prometheus_client's app is)
+    for a request handler."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)
 
 
 def _name_of(coroutine: Coroutine[Any, Any, None]) -> str:

@@ -4,6 +4,9 @@ Sources: each service's ``grpc.health.v1`` Check (the gateway's own view), each 
 (its dependency checks: PostgreSQL, RabbitMQ, blob store, GPU...), the queue service's statistics (depths),
 the image service's device (GPU or CPU backend), and the gateway's own checks (its key store). The blob store
 is the file service's (its ``blob_store`` check), so it shows once, as the file service sees it.
+
+The routes are open, so a round of probes is shared: requests within ``FRESH_SECONDS`` of a round get its
+result, and requests during a round wait for it (one round however many tabs or probes ask).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 import grpc
 import httpx
@@ -27,6 +30,8 @@ from mesh.services.gateway.schemas import ComponentHealth, HealthOut, QueueHealt
 from mesh.services.gateway.settings import GatewaySettings
 
 GATEWAY = "gateway"
+FRESH_SECONDS = 2.0
+"""How long the result of a round of probes answers the dashboard and readiness."""
 # What a service's /healthz says of a check, as the dashboard shows it; anything else is failing.
 _REPORTED: dict[str, Literal["ok", "degraded", "failing"]] = {
     "ok": "ok",
@@ -39,6 +44,38 @@ def _service_component(key: str) -> str:
     return f"{key} service"
 
 
+T = TypeVar("T")
+
+
+class _Shared(Generic[T]):
+    """One producer's result shared: callers within ``fresh_seconds`` of the start of the last round get its
+    result, and callers while a round runs wait for that round. Whatever a round returns is kept, a failing
+    answer too: while a backend is down, each caller would otherwise wait out its timeout again."""
+
+    def __init__(self, produce: Callable[[], Awaitable[T]], fresh_seconds: float) -> None:
+        self._produce = produce
+        self._fresh_seconds = fresh_seconds
+        self._last: tuple[float, T] | None = None
+        self._round: asyncio.Task[T] | None = None
+
+    async def get(self) -> T:
+        if self._last is not None and time.monotonic() - self._last[0] < self._fresh_seconds:
+            return self._last[1]
+        if self._round is None:
+            self._round = asyncio.create_task(self._run())
+        # A caller that goes away (its client disconnected) leaves the round to the others.
+        return await asyncio.shield(self._round)
+
+    async def _run(self) -> T:
+        started = time.monotonic()
+        try:
+            value = await self._produce()
+        finally:
+            self._round = None
+        self._last = (started, value)
+        return value
+
+
 class HealthProbe:
     """Collects the dashboard and decides readiness."""
 
@@ -48,23 +85,20 @@ class HealthProbe:
         backends: Backends,
         http: httpx.AsyncClient,
         own_checks: Sequence[DependencyCheck] = (),
+        fresh_seconds: float = FRESH_SECONDS,
     ) -> None:
         self._settings = settings
         self._backends = backends
         self._http = http
         self._own_checks = list(own_checks)
         self._timeout = settings.health_timeout_seconds
+        self._components = _Shared(self._probe_components, fresh_seconds)
+        # Its own round, which readiness does not wait for: the statistics count jobs in PostgreSQL.
+        self._queue = _Shared(self._queue_stats, fresh_seconds)
 
     async def collect(self) -> HealthOut:
-        """Probe everything at once; never raises."""
-        probes: list[Awaitable[list[ComponentHealth]]] = []
-        for endpoint in self._backends.endpoints:
-            probes.append(self._grpc_health(endpoint))
-            probes.append(self._http_health(endpoint))
-        probes.append(self._device())
-        probes.append(self._gateway_checks())
-        groups, queue = await asyncio.gather(asyncio.gather(*probes), self._queue_stats())
-        components = [c for group in groups for c in group]
+        """The dashboard: every probe, at once, at most about ``fresh_seconds`` old; never raises."""
+        (checked_at, components), queue = await asyncio.gather(self._components.get(), self._queue.get())
         # "failing" where the mesh is not ready (what /readyz answers 503 for); "degraded" where something
         # fails or degrades but every required service still serves. A service down read "degraded" before.
         if self._blocking(components):
@@ -73,18 +107,26 @@ class HealthProbe:
             status = "degraded"
         else:
             status = "ok"
-        return HealthOut(
-            status=status,
-            checked_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-            components=components,
-            queue=queue,
-        )
+        return HealthOut(status=status, checked_at=checked_at, components=components, queue=queue)
 
     async def readiness(self) -> ReadyOut:
         """Ready when every required service answers and none of them, nor the gateway, reports an essential
         dependency failing (a degraded one, such as RabbitMQ behind the queue's outbox, does not count)."""
-        failing = self._blocking((await self.collect()).components)
+        _, components = await self._components.get()
+        failing = self._blocking(components)
         return ReadyOut(status="not ready" if failing else "ready", failing=failing)
+
+    async def _probe_components(self) -> tuple[str, list[ComponentHealth]]:
+        """When the round started, and every service's and dependency's state."""
+        checked_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        probes: list[Awaitable[list[ComponentHealth]]] = []
+        for endpoint in self._backends.endpoints:
+            probes.append(self._grpc_health(endpoint))
+            probes.append(self._http_health(endpoint))
+        probes.append(self._device())
+        probes.append(self._gateway_checks())
+        groups = await asyncio.gather(*probes)
+        return checked_at, [c for group in groups for c in group]
 
     def _blocking(self, components: list[ComponentHealth]) -> list[ComponentHealth]:
         """The failing components that make the mesh not ready: a required service, or an essential

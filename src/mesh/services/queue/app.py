@@ -134,6 +134,7 @@ class QueueApp:
         """Add the API to the runtime's server and the background loops to its tasks."""
         queue_service_pb2_grpc.add_QueueServiceServicer_to_server(self.servicer, runtime.server)
         stopping = runtime.stopping
+        self.servicer.stopping = stopping
         runtime.add_background(self.connect_broker)
         runtime.add_background(lambda: self.relay.run(stopping))
         runtime.add_background(lambda: self.reconciler.run(stopping))

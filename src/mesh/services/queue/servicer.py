@@ -14,6 +14,7 @@ from prometheus_client import Counter
 from mesh.kit import errors, pagination, tracing
 from mesh.kit.jobs import IMAGE_JOBS_QUEUE, INFERENCE_JOBS_QUEUE
 from mesh.kit.logging import get_logger
+from mesh.kit.runtime import pause_unless_stopping
 from mesh.queue.v1 import job_pb2, queue_service_pb2, queue_service_pb2_grpc
 from mesh.services.queue import validation
 from mesh.services.queue.broker import Broker
@@ -54,6 +55,9 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
         self.on_dispatch = on_dispatch
         self.broker = broker
         self.references: References = references or NoReferences()
+        self.stopping = asyncio.Event()
+        """Set when the service starts stopping (the runtime's event, given by ``QueueApp.install``): open
+        watches then end UNAVAILABLE."""
 
     @property
     def queues(self) -> list[str]:
@@ -159,7 +163,8 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
         self, request: queue_service_pb2.WatchJobRequest, context: Context
     ) -> AsyncIterator[queue_service_pb2.WatchJobResponse]:
         """Every change of state, position or progress, by polling the job's row (one primary-key read
-        and, while queued, one indexed count per poll), until the job is terminal."""
+        and, while queued, one indexed count per poll), until the job is terminal, or until the service
+        starts stopping (UNAVAILABLE: the caller reopens the watch)."""
         job_id = validation.parse_uuid(request.job_id, "job_id")
         row = await self.repository.require(job_id)
         sequence = 0
@@ -175,7 +180,7 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
                 yield queue_service_pb2.WatchJobResponse(job=job, sequence=sequence)
             if JobState(row["state"]).terminal:
                 return
-            await asyncio.sleep(self.watch_poll_seconds)
+            await pause_unless_stopping(self.stopping, self.watch_poll_seconds)
             row = await self.repository.require(job_id)
 
     async def _broker_ready(self, queue: str) -> int:

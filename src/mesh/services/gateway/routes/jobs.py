@@ -30,7 +30,8 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 SSE_RETRY_MS = 2000
 WATCH_RESUME_SECONDS = 30.0
 """How long a WatchJob stream that ended UNAVAILABLE (the queue service restarted, or closed an aged
-connection) is opened again before the client is sent the error."""
+connection) is opened again, while no new stream brings a change not had before, until the client is sent
+the error."""
 WATCH_RESUME_DELAY = 0.5
 _END = object()
 _DRAINING = object()
@@ -269,18 +270,27 @@ async def job_events(
         async def pump() -> None:
             # A new stream replays the job as it is now; changes already sent are skipped below by their id.
             nonlocal call
+            newest = seen
             lost_since: float | None = None
             while True:
+                opened = time.monotonic()
                 try:
                     async for change in call:
-                        lost_since = None
+                        # Only a change not had before shows the queue is back: a replica that replays the
+                        # job and fails again each time would otherwise be retried for ever.
+                        if (event_id := EventId.of(change.job)).is_after(newest):
+                            newest, lost_since = event_id, None
                         inbox.put_change(change)
                     inbox.put_end(_END)
                     return
                 except grpc.aio.AioRpcError as error:
-                    lost_since = lost_since or time.monotonic()
+                    now = time.monotonic()
+                    # A stream that stayed open longer than the limit worked (a connection closed for its
+                    # age, a restart hours later): its loss starts the count again.
+                    if lost_since is None or now - opened > WATCH_RESUME_SECONDS:
+                        lost_since = now
                     resumable = error.code() == grpc.StatusCode.UNAVAILABLE
-                    if not resumable or time.monotonic() - lost_since > WATCH_RESUME_SECONDS:
+                    if not resumable or now - lost_since > WATCH_RESUME_SECONDS:
                         inbox.put_end(errors.from_rpc_error(error))
                         return
                 await asyncio.sleep(WATCH_RESUME_DELAY)
@@ -294,11 +304,15 @@ async def job_events(
         drainer = asyncio.create_task(drain())
         try:
             yield f"retry: {SSE_RETRY_MS}\n\n".encode()
+            # From the last byte written, not the last item taken: replays skipped below write nothing, and a
+            # proxy cuts a stream that stays silent.
+            written = time.monotonic()
             while True:
                 try:
-                    item = await asyncio.wait_for(inbox.get(), keepalive)
+                    item = await asyncio.wait_for(inbox.get(), written + keepalive - time.monotonic())
                 except TimeoutError:
                     yield b": keepalive\n\n"
+                    written = time.monotonic()
                     continue
                 if item is _END:
                     yield sse_event("end", {"job_id": job_id})
@@ -316,6 +330,7 @@ async def job_events(
                     continue
                 seen = event_id
                 yield sse_event("job", convert.job(item.job).model_dump(mode="json"), str(event_id))
+                written = time.monotonic()
         finally:
             call.cancel()
             reader.cancel()

@@ -28,14 +28,16 @@ async def healthz() -> dict[str, str]:
     summary="Readiness",
 )
 async def readyz(ctx: Context) -> JSONResponse:
-    """200 when every service and dependency the gateway needs answers; else 503 naming the failing ones."""
+    """200 when every service and dependency the gateway needs answers; else 503 naming the failing ones.
+    The probes' answers are at most about 2 s old (one round serves every request meanwhile)."""
     ready = await ctx.health.readiness()
     return JSONResponse(ready.model_dump(mode="json"), status_code=200 if ready.status == "ready" else 503)
 
 
 @router.get("/v1/health", response_model=schemas.HealthOut, summary="The health dashboard's data")
 async def health(ctx: Context) -> schemas.HealthOut:
-    """Every service (gRPC health) and dependency (PostgreSQL, RabbitMQ, blob store, GPU), with latency."""
+    """Every service (gRPC health) and dependency (PostgreSQL, RabbitMQ, blob store, GPU), with latency,
+    and the queue's statistics; at most about 2 s old (one round serves every request meanwhile)."""
     return await ctx.health.collect()
 
 
