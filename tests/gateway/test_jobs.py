@@ -420,6 +420,23 @@ async def _read_for(client: httpx.AsyncClient, path: str, seconds: float) -> str
     return text
 
 
+async def _stream_of_a_dropping_watch(mesh: FakeMesh, seconds: float, **settings: Any) -> str:
+    """What a client reads in ``seconds`` from the events of a held job whose WatchJob replays the job and then
+    fails UNAVAILABLE every time (a queue replica in a crash loop), through a gateway with ``settings``."""
+    app, ctx = build_gateway(mesh.gateway_settings(**settings))
+    mesh.fakes.queue.hold = True
+    try:
+        async with serve_app(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+            image_id = await _image(client)
+            job = (await client.post("/v1/jobs", json={"image_id": image_id})).json()
+            mesh.fakes.queue.watch_drops = 10**6
+            return await _read_for(client, f"/v1/jobs/{job['id']}/events", seconds)
+    finally:
+        mesh.fakes.queue.watch_drops = 0
+        mesh.fakes.queue.release()
+        await close_gateway(ctx)
+
+
 async def test_keepalives_are_timed_from_the_last_byte_not_from_skipped_replays(
     mesh: FakeMesh, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -427,18 +444,7 @@ async def test_keepalives_are_timed_from_the_last_byte_not_from_skipped_replays(
     replays, already sent and so skipped, write nothing, and the keepalive still goes out on time: each
     replay restarted its timer, so the stream stayed silent past any proxy's idle timeout."""
     monkeypatch.setattr(jobs, "WATCH_RESUME_DELAY", 0.05)
-    app, ctx = build_gateway(mesh.gateway_settings(sse_keepalive_seconds=0.4))
-    mesh.fakes.queue.hold = True
-    try:
-        async with serve_app(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
-            image_id = await _image(client)
-            job = (await client.post("/v1/jobs", json={"image_id": image_id})).json()
-            mesh.fakes.queue.watch_drops = 10**6
-            text = await _read_for(client, f"/v1/jobs/{job['id']}/events", 2.0)
-    finally:
-        mesh.fakes.queue.watch_drops = 0
-        mesh.fakes.queue.release()
-        await close_gateway(ctx)
+    text = await _stream_of_a_dropping_watch(mesh, 2.0, sse_keepalive_seconds=0.4)
     assert [e["event"] for e in parse_sse(text)] == ["job"]
     assert text.count(": keepalive") >= 3, text
 
@@ -451,18 +457,7 @@ async def test_a_watch_that_fails_after_each_replay_ends_in_an_error_event(
     the gateway reopened the watch for as long as the client stayed."""
     monkeypatch.setattr(jobs, "WATCH_RESUME_DELAY", 0.05)
     monkeypatch.setattr(jobs, "WATCH_RESUME_SECONDS", 0.5)
-    app, ctx = build_gateway(mesh.gateway_settings())
-    mesh.fakes.queue.hold = True
-    try:
-        async with serve_app(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
-            image_id = await _image(client)
-            job = (await client.post("/v1/jobs", json={"image_id": image_id})).json()
-            mesh.fakes.queue.watch_drops = 10**6
-            events = parse_sse(await _read_for(client, f"/v1/jobs/{job['id']}/events", 5.0))
-    finally:
-        mesh.fakes.queue.watch_drops = 0
-        mesh.fakes.queue.release()
-        await close_gateway(ctx)
+    events = parse_sse(await _stream_of_a_dropping_watch(mesh, 5.0))
     assert [e["event"] for e in events] == ["job", "error"]
     assert events[-1]["data"]["error"]["code"] == "UNAVAILABLE"
 

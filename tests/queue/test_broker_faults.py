@@ -276,17 +276,28 @@ async def test_the_health_check_notices_a_broker_that_does_not_answer(
 # --- F3: questions about a queue that does not exist -------------------------------------------------------
 
 
-async def test_asking_about_a_missing_queue_leaves_no_channel_open(amqp_url: str) -> None:
-    """Pins F3 (Broker.lane_ready_count): a ready count of a queue that does not exist is -1 and leaves no
-    channel open on the connection (before, each call left one open: aio-pika reopened the robust channel the
-    broker closed, and the check saw it closed; at channel_max the connection failed)."""
-    broker = Broker(amqp_url, delivery_limit=3, name="test-missing-lane")
+@contextlib.asynccontextmanager
+async def connected(url: str, name: str) -> AsyncIterator[tuple[Broker, aiormq.Connection]]:
+    """A connected :class:`Broker` and its AMQP connection underneath (closed after)."""
+    broker = Broker(url, delivery_limit=3, name=name)
     await broker.connect()
     try:
         connection = broker._connection
         assert connection is not None
         assert connection.transport is not None
-        channels = connection.transport.connection.channels
+        amqp = connection.transport.connection
+        assert isinstance(amqp, aiormq.Connection)
+        yield broker, amqp
+    finally:
+        await broker.close()
+
+
+async def test_asking_about_a_missing_queue_leaves_no_channel_open(amqp_url: str) -> None:
+    """Pins F3 (Broker.lane_ready_count): a ready count of a queue that does not exist is -1 and leaves no
+    channel open on the connection (before, each call left one open: aio-pika reopened the robust channel the
+    broker closed, and the check saw it closed; at channel_max the connection failed)."""
+    async with connected(amqp_url, "test-missing-lane") as (broker, amqp):
+        channels = amqp.channels
         before = len(channels)
         missing = f"t{uuid.uuid4().hex[:10]}.no-such-lane"
         for _ in range(10):
@@ -296,8 +307,6 @@ async def test_asking_about_a_missing_queue_leaves_no_channel_open(amqp_url: str
         assert len(channels) == before
         await broker.check()
         assert len(channels) == before
-    finally:
-        await broker.close()
 
 
 # --- F2 and F7 in the reconciler alone ----------------------------------------------------------------------
@@ -431,14 +440,5 @@ async def test_the_connection_asks_for_a_short_heartbeat_unless_the_url_names_on
     """The connection's AMQP heartbeat is 15 s (a silent broker is taken for gone after about 48 s, where
     RabbitMQ's default 60 s took 183 s), and a ``heartbeat`` in the URL is the operator's choice and wins."""
     url = f"{amqp_url}{'&' if '?' in amqp_url else '?'}{query}" if query else amqp_url
-    broker = Broker(url, delivery_limit=3, name="test-heartbeat")
-    await broker.connect()
-    try:
-        connection = broker._connection
-        assert connection is not None
-        assert connection.transport is not None
-        amqp = connection.transport.connection
-        assert isinstance(amqp, aiormq.Connection)
+    async with connected(url, "test-heartbeat") as (_, amqp):
         assert amqp.heartbeat_timeout == expected
-    finally:
-        await broker.close()

@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import grpc
 from grpc.aio import ClientCallDetails
 
 from mesh.kit import tracing
+from mesh.kit.client_spans import (
+    StreamStreamInterceptor,
+    StreamUnaryInterceptor,
+    UnaryStreamInterceptor,
+    UnaryUnaryInterceptor,
+)
 from mesh.kit.runtime import KEEPALIVE_OPTIONS, message_limit_options
 from mesh.kit.settings import MAX_MESSAGE_BYTES, CommonSettings
 from mesh.kit.tls import channel_credentials
@@ -33,18 +39,6 @@ RETRY_POLICY = {
 def service_config(service: str) -> str:
     """The JSON service config for one gRPC service: the retry policy for every method."""
     return json.dumps({"methodConfig": [{"name": [{"service": service}], "retryPolicy": RETRY_POLICY}]})
-
-
-if TYPE_CHECKING:  # the stubs make these generic; at run time they are plain classes
-    _UnaryUnary = grpc.aio.UnaryUnaryClientInterceptor[Any, Any]
-    _UnaryStream = grpc.aio.UnaryStreamClientInterceptor[Any, Any]
-    _StreamUnary = grpc.aio.StreamUnaryClientInterceptor[Any, Any]
-    _StreamStream = grpc.aio.StreamStreamClientInterceptor[Any, Any]
-else:
-    _UnaryUnary = grpc.aio.UnaryUnaryClientInterceptor
-    _UnaryStream = grpc.aio.UnaryStreamClientInterceptor
-    _StreamUnary = grpc.aio.StreamUnaryClientInterceptor
-    _StreamStream = grpc.aio.StreamStreamClientInterceptor
 
 
 class _DefaultDeadline:
@@ -81,20 +75,19 @@ class _DefaultDeadline:
         return await continuation(self._details(details), requests)
 
 
-# A channel files an interceptor under the first kind it is an instance of: one class per kind.
-class _UnaryUnaryDeadline(_DefaultDeadline, _UnaryUnary):
+class _UnaryUnaryDeadline(_DefaultDeadline, UnaryUnaryInterceptor):
     pass
 
 
-class _UnaryStreamDeadline(_DefaultDeadline, _UnaryStream):
+class _UnaryStreamDeadline(_DefaultDeadline, UnaryStreamInterceptor):
     pass
 
 
-class _StreamUnaryDeadline(_DefaultDeadline, _StreamUnary):
+class _StreamUnaryDeadline(_DefaultDeadline, StreamUnaryInterceptor):
     pass
 
 
-class _StreamStreamDeadline(_DefaultDeadline, _StreamStream):
+class _StreamStreamDeadline(_DefaultDeadline, StreamStreamInterceptor):
     pass
 
 

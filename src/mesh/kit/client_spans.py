@@ -25,16 +25,18 @@ _tracer = trace.get_tracer(__name__)
 _ending: set[asyncio.Task[None]] = set()
 
 
+# The four kinds of client interceptor, as base classes. A channel files an interceptor under the first kind
+# it is an instance of, so an interceptor of every call is one class per kind.
 if TYPE_CHECKING:  # the stubs make these generic; at run time they are plain classes
-    _UnaryUnary = grpc.aio.UnaryUnaryClientInterceptor[Any, Any]
-    _UnaryStream = grpc.aio.UnaryStreamClientInterceptor[Any, Any]
-    _StreamUnary = grpc.aio.StreamUnaryClientInterceptor[Any, Any]
-    _StreamStream = grpc.aio.StreamStreamClientInterceptor[Any, Any]
+    UnaryUnaryInterceptor = grpc.aio.UnaryUnaryClientInterceptor[Any, Any]
+    UnaryStreamInterceptor = grpc.aio.UnaryStreamClientInterceptor[Any, Any]
+    StreamUnaryInterceptor = grpc.aio.StreamUnaryClientInterceptor[Any, Any]
+    StreamStreamInterceptor = grpc.aio.StreamStreamClientInterceptor[Any, Any]
 else:
-    _UnaryUnary = grpc.aio.UnaryUnaryClientInterceptor
-    _UnaryStream = grpc.aio.UnaryStreamClientInterceptor
-    _StreamUnary = grpc.aio.StreamUnaryClientInterceptor
-    _StreamStream = grpc.aio.StreamStreamClientInterceptor
+    UnaryUnaryInterceptor = grpc.aio.UnaryUnaryClientInterceptor
+    UnaryStreamInterceptor = grpc.aio.UnaryStreamClientInterceptor
+    StreamUnaryInterceptor = grpc.aio.StreamUnaryClientInterceptor
+    StreamStreamInterceptor = grpc.aio.StreamStreamClientInterceptor
 
 
 def client_spans(traced: Callable[[ClientCallDetails], bool]) -> list[Any]:
@@ -78,26 +80,26 @@ class _Spans:
         return call
 
 
-class _UnaryUnarySpans(_Spans, _UnaryUnary):
+class _UnaryUnarySpans(_Spans, UnaryUnaryInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: ClientCallDetails, request: Any) -> Any:
         return await self._intercept(continuation, details, request)
 
 
-class _UnaryStreamSpans(_Spans, _UnaryStream):
+class _UnaryStreamSpans(_Spans, UnaryStreamInterceptor):
     async def intercept_unary_stream(
         self, continuation: Any, details: ClientCallDetails, request: Any
     ) -> Any:
         return await self._intercept(continuation, details, request)
 
 
-class _StreamUnarySpans(_Spans, _StreamUnary):
+class _StreamUnarySpans(_Spans, StreamUnaryInterceptor):
     async def intercept_stream_unary(
         self, continuation: Any, details: ClientCallDetails, requests: Any
     ) -> Any:
         return await self._intercept(continuation, details, requests)
 
 
-class _StreamStreamSpans(_Spans, _StreamStream):
+class _StreamStreamSpans(_Spans, StreamStreamInterceptor):
     async def intercept_stream_stream(
         self, continuation: Any, details: ClientCallDetails, requests: Any
     ) -> Any:
