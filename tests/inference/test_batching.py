@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from mesh.kit.errors import DeadlineExceeded, PayloadTooLarge, ResourceExhausted, Unavailable
-from mesh.services.inference.batching import DynamicBatcher, MemoryBudget, ModelScheduler
+from mesh.services.inference.batching import DynamicBatcher, ModelMemory, ModelScheduler
 
 
 class Recorder:
@@ -287,33 +287,12 @@ async def test_the_queue_bound_holds_across_parameter_sets() -> None:
     await scheduler.close()
 
 
-async def test_memory_is_granted_in_arrival_order_within_the_budget() -> None:
-    """Holds are granted while they fit; a request that does not fit waits, and later small ones queue behind it
-    rather than pass it for ever; each gets its bytes once enough are given back."""
-    budget = MemoryBudget(100, max_waiters=10, name="m-v1")
-    first = await budget.acquire(60, what="a")
-    large = asyncio.ensure_future(budget.acquire(70, what="b"))
-    small = asyncio.ensure_future(budget.acquire(10, what="c"))
-    await asyncio.sleep(0.01)
-    assert not large.done()
-    assert not small.done()
-    assert (budget.held, budget.waiting) == (60, 2)
-    first.release()
-    granted = await large
-    await asyncio.sleep(0)
-    assert small.done()
-    assert budget.held == 80
-    granted.release()
-    (await small).release()
-    assert budget.held == 0
-
-
 async def test_memory_refusals_name_the_sizes() -> None:
-    """An image larger than the whole budget is refused at once (it could never be granted), with both sizes; one
-    that waits past its deadline is DEADLINE_EXCEEDED naming what it waited for; past max_waiters requests
-    waiting, RESOURCE_EXHAUSTED."""
+    """A model version's memory refuses in its own words (the mechanics are mesh.kit.memory_budget's): an image
+    larger than the whole budget with both sizes and the version; one that waits past its deadline naming what
+    it waited for; past max_waiters requests waiting, RESOURCE_EXHAUSTED."""
     mib = 2**20
-    budget = MemoryBudget(256 * mib, max_waiters=1, name="strip-reader-v1")
+    budget = ModelMemory(256 * mib, max_waiters=1, name="strip-reader-v1")
     with pytest.raises(
         PayloadTooLarge,
         match=r"input\.encoded \(9000x9000\) takes 309\.0 MiB decoded; "
@@ -329,7 +308,7 @@ async def test_memory_refusals_name_the_sizes() -> None:
     waiter = asyncio.ensure_future(budget.acquire(100 * mib, what="c"))
     await asyncio.sleep(0.01)
     with pytest.raises(ResourceExhausted, match="1 requests wait for memory already"):
-        await budget.acquire(100 * mib, what="d")
+        await asyncio.wait_for(budget.acquire(100 * mib, what="d"), 1)
     held.release()
     (await waiter).release()
     assert budget.held == 0

@@ -9,21 +9,24 @@ are shed with RESOURCE_EXHAUSTED and a retry delay.
 A :class:`Ticket` is given back by its caller once the reply is serialised, or when the caller fails or goes
 away; work already started for it in a thread keeps its share until that work has really ended, and is
 told (``Ticket.cancel``) to stop at its next step.
+
+The budget itself (first come, first served, the deadline, the refusal of a request too large, a share given back
+when its last owner lets go) is :class:`mesh.kit.memory_budget.MemoryBudget`; admission adds the bound on
+pending requests, the cancel flag and the threads' shares.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import contextlib
 import threading
-import time
 from typing import Any
 
 from prometheus_client import Counter
 
 from mesh.kit import errors
+from mesh.kit.memory_budget import MemoryBudget, MemoryHold
 
 PIPELINES_REJECTED = Counter(
     "mesh_image_pipelines_rejected_total", "Pipelines refused because too many were queued.", ["device"]
@@ -34,23 +37,23 @@ SHED_RETRY_SECONDS = 0.5
 class Ticket:
     """One admitted request's place and share of the memory budget."""
 
-    def __init__(self, admission: Admission, nbytes: int) -> None:
-        self.nbytes = nbytes
+    def __init__(self, hold: MemoryHold, loop: asyncio.AbstractEventLoop) -> None:
+        self.nbytes = hold.size
         self.cancel = threading.Event()
         """Set once the caller has let go: a pipeline still running for it stops before its next step."""
-        self._admission = admission
-        self._holders = 1
+        self._hold = hold
+        self._loop = loop
         self._released = False
 
     def track(self, future: concurrent.futures.Future[Any]) -> None:
         """Keep the ticket's share until ``future`` (work started for it in a thread) is done."""
-        self._holders += 1
-        loop = self._admission.loop
+        self._hold.share()
+        loop, hold = self._loop, self._hold
 
         def done(_: concurrent.futures.Future[Any]) -> None:
             # From the worker thread; a loop already closed (shutdown) has nobody left to give back to.
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._drop)
+                loop.call_soon_threadsafe(hold.release)
 
         future.add_done_callback(done)
 
@@ -60,12 +63,24 @@ class Ticket:
             return
         self._released = True
         self.cancel.set()
-        self._drop()
+        self._hold.release()
 
-    def _drop(self) -> None:
-        self._holders -= 1
-        if self._holders == 0:
-            self._admission._give_back(self.nbytes)
+
+class _ImageMemory(MemoryBudget):
+    """The server's budget for the images its pipelines hold, its refusals in bytes."""
+
+    def too_large(self, size: int, what: str) -> errors.PayloadTooLarge:
+        return errors.PayloadTooLarge(
+            f"{what} needs {size} bytes of memory, more than this server's whole budget of {self.limit} bytes "
+            "for the images it processes at once; send a smaller image (or 8-bit samples), or resize or crop it "
+            "in the pipeline's first step"
+        )
+
+    def timed_out(self, size: int, what: str, waited: float) -> errors.DeadlineExceeded:
+        return errors.DeadlineExceeded(
+            f"waited {waited:.1f} s for {size} bytes of the {self.name} ({self.limit - self.held} of "
+            f"{self.limit} free); the deadline passed"
+        )
 
 
 class Admission:
@@ -74,75 +89,32 @@ class Admission:
     def __init__(self, *, device: str, max_pending: int, memory_budget_bytes: int) -> None:
         self.device = device
         self.max_pending = max_pending
-        self.memory_budget_bytes = memory_budget_bytes
-        self.pending = 0
-        self.free_bytes = memory_budget_bytes
-        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.memory = _ImageMemory(memory_budget_bytes, name="image memory budget")
         # At 0 from the start, so that rate() sees the first refusal (the shedding alert).
         PIPELINES_REJECTED.labels(device)
 
     @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        assert self._loop is not None, "nothing was admitted yet"
-        return self._loop
+    def memory_budget_bytes(self) -> int:
+        return self.memory.limit
+
+    @property
+    def free_bytes(self) -> int:
+        return self.memory.limit - self.memory.held
+
+    @property
+    def pending(self) -> int:
+        """Requests admitted and not given back (work still running for them included), or waiting for memory."""
+        return self.memory.holds + self.memory.waiting
 
     async def admit(self, nbytes: int, what: str, deadline: float | None = None) -> Ticket:
         """A ticket for a request whose largest image is ``nbytes`` (``what`` describes it in a refusal),
         once its share is free; ``deadline`` (``time.monotonic()``) bounds the wait (DEADLINE_EXCEEDED)."""
-        if nbytes > self.memory_budget_bytes:
-            raise errors.PayloadTooLarge(
-                f"{what} needs {nbytes} bytes of memory, more than this server's whole budget of "
-                f"{self.memory_budget_bytes} bytes for the images it processes at once; send a smaller image "
-                "(or 8-bit samples), or resize or crop it in the pipeline's first step"
-            )
+        self.memory.check(nbytes, what)  # before the bound: retrying a request too large would not help
         if self.pending >= self.max_pending:
             PIPELINES_REJECTED.labels(self.device).inc()
             raise errors.ResourceExhausted(
                 f"{self.pending} pipelines are already queued on the {self.device} backend",
                 retry_after_seconds=SHED_RETRY_SECONDS,
             )
-        self._loop = asyncio.get_running_loop()
-        self.pending += 1
-        try:
-            await self._reserve(nbytes, deadline)
-        except BaseException:
-            self.pending -= 1
-            raise
-        return Ticket(self, nbytes)
-
-    async def _reserve(self, nbytes: int, deadline: float | None) -> None:
-        if not self._waiters and nbytes <= self.free_bytes:
-            self.free_bytes -= nbytes
-            return
-        waiter = self.loop.create_future()
-        self._waiters.append((nbytes, waiter))
-        started = time.monotonic()
-        try:
-            async with asyncio.timeout(None if deadline is None else deadline - started):
-                await waiter
-        except BaseException as error:
-            if waiter.done() and not waiter.cancelled():
-                self.free_bytes += nbytes  # granted just as the caller gave up
-            with contextlib.suppress(ValueError):
-                self._waiters.remove((nbytes, waiter))
-            self._wake()
-            if isinstance(error, TimeoutError):
-                raise errors.DeadlineExceeded(
-                    f"waited {time.monotonic() - started:.1f} s for {nbytes} bytes of the image memory "
-                    f"budget ({self.free_bytes} of {self.memory_budget_bytes} free); the deadline passed"
-                ) from None
-            raise
-
-    def _give_back(self, nbytes: int) -> None:
-        self.pending -= 1
-        self.free_bytes += nbytes
-        self._wake()
-
-    def _wake(self) -> None:
-        # In turn: a large request at the head is not overtaken for ever by small ones behind it.
-        while self._waiters and self._waiters[0][0] <= self.free_bytes:
-            nbytes, waiter = self._waiters.popleft()
-            if not waiter.done():
-                self.free_bytes -= nbytes
-                waiter.set_result(None)
+        hold = await self.memory.acquire(nbytes, what=what, deadline=deadline)
+        return Ticket(hold, asyncio.get_running_loop())

@@ -16,10 +16,10 @@ parameter sets seen once do not keep a batcher (and its loop task) for ever. ``m
 items queued in all of a version's batchers together: per batcher, a client that varied a parameter's value
 had an unbounded queue.
 
-The scheduler's :class:`MemoryBudget` bounds the bytes of decoded images its requests hold at once. A request
-takes its share before it decodes (the size is known from the image's header) and gives it back once it has its
-answer and the batch that computed it is done: a handful of small PNGs of huge, plain images decoded at once
-took the service past its memory limit, however short the queue.
+The scheduler's :class:`ModelMemory` (a :class:`mesh.kit.memory_budget.MemoryBudget`) bounds the bytes of
+decoded images its requests hold at once. A request takes its share before it decodes (the size is known from the
+image's header) and gives it back once it has its answer and the batch that computed it is done: a handful of
+small PNGs of huge, plain images decoded at once took the service past its memory limit, however short the queue.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from typing import Generic, Protocol, TypeVar
 
 from mesh.kit.errors import DeadlineExceeded, Internal, PayloadTooLarge, ResourceExhausted, Unavailable
 from mesh.kit.logging import get_logger
+from mesh.kit.memory_budget import MemoryBudget, MemoryHold
 
 log = get_logger(__name__)
 
@@ -81,103 +82,33 @@ def _mib(size: int) -> str:
     return f"{size / MIB:.1f} MiB"
 
 
-class MemoryHold:
-    """Bytes granted by a :class:`MemoryBudget`, given back when every owner has released them: the request,
-    and the batch computing its image (which outlives a caller that went away)."""
-
-    def __init__(self, budget: MemoryBudget, size: int) -> None:
-        self.size = size
-        self._budget = budget
-        self._owners = 1
-
-    def share(self) -> None:
-        """One more owner."""
-        self._owners += 1
-
-    def release(self) -> None:
-        """One owner fewer; the last one gives the bytes back."""
-        self._owners -= 1
-        if self._owners == 0:
-            self._budget.give_back(self.size)
-
-
-class MemoryBudget:
-    """Bytes of decoded images that one model version's requests may hold at once, granted in arrival order
-    (a large image is not passed over by small ones for ever). Used from the event loop only."""
+class ModelMemory(MemoryBudget):
+    """Bytes of decoded images one model version's requests may hold at once (a :class:`MemoryBudget` named
+    after the version), at most ``max_waiters`` of them waiting; its refusals speak of decoded images in MiB."""
 
     def __init__(self, limit: int, *, max_waiters: int, name: str) -> None:
-        self.limit = limit
-        self.held = 0
+        super().__init__(limit, name=name)
         self._max_waiters = max_waiters
-        self._name = name
-        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
 
-    @property
-    def waiting(self) -> int:
-        """Requests waiting for memory (including ones that gave up and are not swept yet)."""
-        return len(self._waiters)
+    def too_large(self, size: int, what: str) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"{what} takes {_mib(size)} decoded; {self.name} holds at most {_mib(self.limit)} of decoded images "
+            "at once; send a smaller image"
+        )
 
-    async def acquire(self, size: int, *, what: str, deadline: float | None = None) -> MemoryHold:
-        """``size`` bytes for the image ``what`` describes, waiting until the deadline (a ``time.monotonic()``
-        instant) for others to give theirs back.
+    def timed_out(self, size: int, what: str, waited: float) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"deadline exceeded after {waited:.3f}s waiting for memory to decode {what} ({_mib(size)}; "
+            f"{_mib(self.held)} of {_mib(self.limit)} held by other requests)"
+        )
 
-        PayloadTooLarge when ``size`` is more than the whole budget (it could never be granted);
-        ResourceExhausted when ``max_waiters`` requests wait already; DeadlineExceeded when the deadline passes.
-        """
-        if size > self.limit:
-            raise PayloadTooLarge(
-                f"{what} takes {_mib(size)} decoded; {self._name} holds at most {_mib(self.limit)} of decoded "
-                "images at once; send a smaller image"
-            )
-        if not self._waiters and self.held + size <= self.limit:
-            self.held += size
-            return MemoryHold(self, size)
-        if len(self._waiters) >= self._max_waiters:
+    def may_wait(self, size: int, what: str) -> None:
+        if self.waiting >= self._max_waiters:
             raise ResourceExhausted(
-                f"{self._name}: {len(self._waiters)} requests wait for memory already ({_mib(self.held)} of "
+                f"{self.name}: {self.waiting} requests wait for memory already ({_mib(self.held)} of "
                 f"{_mib(self.limit)} of decoded images held; {what} needs {_mib(size)})",
                 retry_after_seconds=0.5,
             )
-        started = time.monotonic()
-        if deadline is not None and deadline <= started:
-            raise DeadlineExceeded("deadline exceeded before the image could be decoded")
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (size, future)
-        self._waiters.append(entry)
-        try:
-            await asyncio.wait_for(future, None if deadline is None else deadline - started)
-        except BaseException as exc:
-            if future.done() and not future.cancelled():
-                self.give_back(size)  # granted just as we gave up
-            else:
-                future.cancel()
-                with contextlib.suppress(ValueError):  # already swept by _grant
-                    self._waiters.remove(entry)
-                self._grant()  # a large image that leaves the head of the line may let others in
-            if isinstance(exc, TimeoutError):
-                raise DeadlineExceeded(
-                    f"deadline exceeded after {time.monotonic() - started:.3f}s waiting for memory to decode "
-                    f"{what} ({_mib(size)}; {_mib(self.held)} of {_mib(self.limit)} held by other requests)"
-                ) from None
-            raise
-        return MemoryHold(self, size)
-
-    def give_back(self, size: int) -> None:
-        """Return ``size`` bytes (MemoryHold does, when its last owner releases it)."""
-        self.held -= size
-        self._grant()
-
-    def _grant(self) -> None:
-        while self._waiters:
-            size, future = self._waiters[0]
-            if future.done():  # gave up
-                self._waiters.popleft()
-                continue
-            if self.held + size > self.limit:
-                return
-            self._waiters.popleft()
-            self.held += size
-            future.set_result(None)
 
 
 @dataclass(eq=False)
@@ -450,7 +381,7 @@ class ModelScheduler(Generic[KeyT, ItemT, OutputT]):
         # Requests inside submit() per key: the batcher is retired when its count falls to zero.
         self._users: dict[KeyT, int] = {}
         self._retiring: set[asyncio.Task[None]] = set()
-        self.memory = MemoryBudget(
+        self.memory = ModelMemory(
             sys.maxsize if max_image_bytes is None else max_image_bytes, max_waiters=max_queue_size, name=name
         )
         """Bytes of decoded images this version's requests hold: taken before decoding (see Predictor)."""

@@ -1,0 +1,133 @@
+"""A budget of bytes that requests hold at once, granted first come, first served.
+
+A service weighs a request by the memory it will hold (decoded images, known from their headers) and takes that
+share before it allocates anything; the share is given back once every owner of it is done: the request, and
+work computing for it that outlives a caller that went away (a batch, a thread). A request larger than the whole
+budget is refused at once, since it could never be granted; one that does not fit waits in turn, within its
+deadline. The services word the refusals in their own terms by overriding :meth:`MemoryBudget.too_large` and
+:meth:`MemoryBudget.timed_out`, and may bound the waiters with :meth:`MemoryBudget.may_wait`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+
+from mesh.kit import errors
+from mesh.kit.units import binary_size
+
+
+class MemoryHold:
+    """Bytes granted by a :class:`MemoryBudget`, given back when the last of its owners releases them."""
+
+    def __init__(self, budget: MemoryBudget, size: int) -> None:
+        self.size = size
+        self._budget = budget
+        self._owners = 1
+
+    def share(self) -> None:
+        """One more owner."""
+        self._owners += 1
+
+    def release(self) -> None:
+        """One owner fewer; the last one gives the bytes back."""
+        self._owners -= 1
+        if self._owners == 0:
+            self._budget._give_back(self.size)
+
+
+class MemoryBudget:
+    """``limit`` bytes that requests hold at once, granted in arrival order (a large request is not passed over
+    by small ones for ever). Used from the event loop only."""
+
+    def __init__(self, limit: int, *, name: str) -> None:
+        self.limit = limit
+        self.name = name
+        """What the budget is for, in the default wording of its refusals."""
+        self.held = 0
+        self.holds = 0
+        """Holds granted and not given back yet."""
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for their share."""
+        return len(self._waiters)
+
+    def check(self, size: int, what: str) -> None:
+        """:meth:`too_large`'s refusal when ``size`` is more than the whole budget: it could never be granted."""
+        if size > self.limit:
+            raise self.too_large(size, what)
+
+    async def acquire(self, size: int, *, what: str, deadline: float | None = None) -> MemoryHold:
+        """``size`` bytes for the request ``what`` describes, waiting until the deadline (a ``time.monotonic()``
+        instant) for others to give theirs back.
+
+        Refused with :meth:`too_large` when ``size`` is more than the whole budget, with what :meth:`may_wait`
+        raises when the request would have to wait, and with :meth:`timed_out` when the deadline passes.
+        """
+        self.check(size, what)
+        if not self._waiters and self.held + size <= self.limit:
+            self._take(size)
+            return MemoryHold(self, size)
+        self.may_wait(size, what)
+        started = time.monotonic()
+        if deadline is not None and deadline <= started:
+            raise self.timed_out(size, what, 0.0)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (size, future)
+        self._waiters.append(entry)
+        try:
+            await asyncio.wait_for(future, None if deadline is None else deadline - started)
+        except BaseException as exc:
+            if future.done() and not future.cancelled():
+                self._give_back(size)  # granted just as the caller gave up
+            else:
+                future.cancel()
+                with contextlib.suppress(ValueError):  # already swept by _grant
+                    self._waiters.remove(entry)
+                self._grant()  # a large request that leaves the head of the line may let others in
+            if isinstance(exc, TimeoutError):
+                raise self.timed_out(size, what, time.monotonic() - started) from None
+            raise
+        return MemoryHold(self, size)
+
+    def too_large(self, size: int, what: str) -> errors.PayloadTooLarge:
+        """The refusal of a request larger than the whole budget."""
+        return errors.PayloadTooLarge(
+            f"{what} needs {binary_size(size)}, more than the whole {self.name} of {binary_size(self.limit)}"
+        )
+
+    def timed_out(self, size: int, what: str, waited: float) -> errors.DeadlineExceeded:
+        """The refusal of a request whose deadline passed while it waited ``waited`` seconds for its share."""
+        return errors.DeadlineExceeded(
+            f"deadline exceeded after {waited:.3f}s waiting for {binary_size(size)} of {self.name} for {what} "
+            f"({binary_size(self.held)} of {binary_size(self.limit)} held by other requests)"
+        )
+
+    def may_wait(self, size: int, what: str) -> None:
+        """Called when a request must wait for its share: raise to refuse it instead (a bound on waiters).
+        Every request may wait by default."""
+
+    def _take(self, size: int) -> None:
+        self.held += size
+        self.holds += 1
+
+    def _give_back(self, size: int) -> None:
+        self.held -= size
+        self.holds -= 1
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiters:
+            size, future = self._waiters[0]
+            if future.done():  # gave up
+                self._waiters.popleft()
+                continue
+            if self.held + size > self.limit:
+                return
+            self._waiters.popleft()
+            self._take(size)
+            future.set_result(None)

@@ -1,0 +1,134 @@
+"""mesh.kit.memory_budget: bytes granted in arrival order, within a deadline, given back by the last owner."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from mesh.kit.errors import DeadlineExceeded, PayloadTooLarge, ResourceExhausted
+from mesh.kit.memory_budget import MemoryBudget
+
+
+async def test_shares_are_granted_in_arrival_order_within_the_budget() -> None:
+    """Holds are granted while they fit; a request that does not fit waits, and later small ones queue behind it
+    rather than pass it for ever; each gets its bytes once enough are given back."""
+    budget = MemoryBudget(100, name="budget")
+    first = await budget.acquire(60, what="a")
+    large = asyncio.ensure_future(budget.acquire(70, what="b"))
+    small = asyncio.ensure_future(budget.acquire(10, what="c"))
+    await asyncio.sleep(0.01)
+    assert not large.done()
+    assert not small.done()
+    assert (budget.held, budget.holds, budget.waiting) == (60, 1, 2)
+    first.release()
+    granted = await large
+    await asyncio.sleep(0)
+    assert small.done()
+    assert (budget.held, budget.holds, budget.waiting) == (80, 2, 0)
+    granted.release()
+    (await small).release()
+    assert (budget.held, budget.holds) == (0, 0)
+
+
+async def test_a_request_larger_than_the_whole_budget_is_refused_at_once() -> None:
+    """It could never be granted: PayloadTooLarge naming both sizes, even with the budget idle, and nothing
+    held or queued for it."""
+    budget = MemoryBudget(2**20, name="test budget")
+    with pytest.raises(
+        PayloadTooLarge, match=r"img needs 2\.0 MiB, more than the whole test budget of 1\.0 MiB"
+    ):
+        await asyncio.wait_for(budget.acquire(2**21, what="img"), 1)
+    assert (budget.held, budget.holds, budget.waiting) == (0, 0, 0)
+
+
+async def test_a_waiter_past_its_deadline_is_refused_and_does_not_block_those_behind() -> None:
+    """DeadlineExceeded naming what it waited for; it leaves the line, and a smaller request queued behind it
+    is granted at once if it fits; a deadline already past is refused without waiting."""
+    budget = MemoryBudget(100, name="test budget")
+    held = await budget.acquire(60, what="a")
+    started = time.monotonic()
+    late = asyncio.ensure_future(budget.acquire(70, what="late", deadline=started + 0.05))
+    behind = asyncio.ensure_future(budget.acquire(30, what="behind"))
+    with pytest.raises(
+        DeadlineExceeded, match=r"waiting for 70 bytes of test budget for late \(90 bytes of 100"
+    ):
+        await asyncio.wait_for(late, 1)
+    assert 0.04 < time.monotonic() - started < 1
+    assert (await asyncio.wait_for(behind, 1)).size == 30
+    assert (budget.held, budget.waiting) == (90, 0)
+    with pytest.raises(DeadlineExceeded):
+        await asyncio.wait_for(budget.acquire(20, what="past", deadline=time.monotonic()), 1)
+    assert budget.waiting == 0
+    held.release()
+    assert budget.held == 30
+
+
+async def test_a_cancelled_waiter_at_the_head_of_the_line_lets_those_behind_in() -> None:
+    """A large request whose caller goes away while it waits no longer holds up the small ones behind it."""
+    budget = MemoryBudget(100, name="budget")
+    await budget.acquire(60, what="a")
+    large = asyncio.ensure_future(budget.acquire(70, what="b"))
+    small = asyncio.ensure_future(budget.acquire(10, what="c"))
+    await asyncio.sleep(0.01)
+    large.cancel()
+    assert (await asyncio.wait_for(small, 1)).size == 10
+    assert (budget.held, budget.waiting) == (70, 0)
+
+
+async def test_a_shared_hold_is_given_back_when_its_last_owner_releases_it() -> None:
+    """The work computing for a request (a batch, a thread) shares its hold: the bytes stay taken until both
+    have released it, then go to the next waiter."""
+    budget = MemoryBudget(100, name="budget")
+    hold = await budget.acquire(80, what="a")
+    hold.share()
+    waiter = asyncio.ensure_future(budget.acquire(50, what="b"))
+    hold.release()
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    assert budget.held == 80
+    hold.release()
+    assert (await asyncio.wait_for(waiter, 1)).size == 50
+    assert (budget.held, budget.holds) == (50, 1)
+
+
+async def test_bytes_granted_just_as_the_caller_was_cancelled_are_given_back() -> None:
+    """A waiter granted its share in the same turn of the loop as its caller is cancelled never gets a hold to
+    release: the budget takes the bytes back itself, or they would be lost for good."""
+    budget = MemoryBudget(100, name="budget")
+    first = await budget.acquire(100, what="a")
+    waiter = asyncio.ensure_future(budget.acquire(100, what="b"))
+    await asyncio.sleep(0.01)
+    first.release()  # grants the waiter's future; its task has not resumed yet
+    assert budget.held == 100
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert (budget.held, budget.holds, budget.waiting) == (0, 0, 0)
+    (await budget.acquire(100, what="c")).release()
+
+
+async def test_a_service_words_its_refusals_and_bounds_its_waiters() -> None:
+    """The hooks: a subclass's refusals replace the default wording, and may_wait is asked only of a request
+    that has to wait."""
+
+    class Bounded(MemoryBudget):
+        def too_large(self, size: int, what: str) -> PayloadTooLarge:
+            return PayloadTooLarge(f"{what}: {size} > {self.limit}")
+
+        def may_wait(self, size: int, what: str) -> None:
+            if self.waiting >= 1:
+                raise ResourceExhausted(f"{what} would be the second to wait")
+
+    budget = Bounded(100, name="budget")
+    with pytest.raises(PayloadTooLarge, match=r"^big: 101 > 100$"):
+        await asyncio.wait_for(budget.acquire(101, what="big"), 1)
+    held = await budget.acquire(100, what="a")
+    waiter = asyncio.ensure_future(budget.acquire(10, what="b"))
+    await asyncio.sleep(0.01)
+    with pytest.raises(ResourceExhausted, match="c would be the second to wait"):
+        await asyncio.wait_for(budget.acquire(10, what="c"), 1)
+    held.release()
+    (await waiter).release()
+    assert budget.held == 0
