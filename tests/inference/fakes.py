@@ -157,7 +157,7 @@ class MemoryFetcher:
     def __init__(self, images: dict[str, bytes] | None = None) -> None:
         self.images = dict(images or {})
 
-    async def fetch(self, image_id: str) -> bytes:
+    async def fetch(self, image_id: str, deadline: float | None = None) -> bytes:
         try:
             return self.images[image_id]
         except KeyError:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import io
+from typing import Any, cast
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from mesh.common.v1 import image_pb2
+from mesh.kit.deadlines import deadline_in
 from mesh.kit.errors import InvalidArgument, InvalidData, PayloadTooLarge, UnsupportedMediaType, http_status
-from mesh.services.inference.images import ImageDecoder
+from mesh.services.inference.images import FileServiceFetcher, ImageDecoder
 
 DECODER = ImageDecoder(max_pixels=200 * 200)
 
@@ -142,3 +144,27 @@ def test_raw_pixels() -> None:
     with pytest.raises(InvalidArgument) as info:
         DECODER.decode_raw(image_pb2.RawImage(pixels=bytes(24), width=3, height=4, channels=2))
     assert info.value.field_violations[0].field == "input.raw.channels"
+
+
+class RecordingFileClient:
+    """The one FileClient call the fetcher makes, recording the timeout it was given."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[float | None] = []
+
+    async def download(self, image_id: str, *, timeout: float | None = None) -> tuple[object, str, bytes]:
+        self.timeouts.append(timeout)
+        return object(), "image/png", b"png"
+
+
+async def test_a_fetch_by_id_is_bounded_by_the_callers_deadline_or_the_rpc_timeout() -> None:
+    """A download for a caller with 2 s left gets about 2 s, not the service's 30 s (a download is a stream, which
+    the channel gives no deadline: the caller's was not passed on, and the file service saw none); without a
+    deadline it gets the RPC timeout."""
+    client = RecordingFileClient()
+    fetcher = FileServiceFetcher(cast(Any, client), timeout=30.0)
+    assert await fetcher.fetch("a", deadline_in(2.0)) == b"png"
+    assert await fetcher.fetch("b") == b"png"
+    soon, later = client.timeouts
+    assert soon == pytest.approx(2.0, abs=0.5)
+    assert later == 30.0

@@ -16,6 +16,7 @@ import numpy.typing as npt
 from PIL import Image, ImageOps
 
 from mesh.common.v1 import image_pb2
+from mesh.kit.deadlines import call_timeout
 from mesh.kit.errors import InvalidData, PayloadTooLarge
 from mesh.kit.image_bytes import check_declared_format, empty_image, unreadable_header
 from mesh.kit.image_limits import check_pixels
@@ -30,20 +31,22 @@ _ACCEPTED = ("PNG", "JPEG", "WEBP")
 class ImageFetcher(Protocol):
     """Gets a stored image's encoded bytes by id."""
 
-    async def fetch(self, image_id: str) -> bytes:
-        """The image's bytes; raises NotFound (or another MeshError) when it cannot."""
+    async def fetch(self, image_id: str, deadline: float | None = None) -> bytes:
+        """The image's bytes, within the caller's ``deadline`` (a ``time.monotonic()`` instant); raises NotFound
+        (or another MeshError) when it cannot."""
         ...
 
 
 class FileServiceFetcher:
-    """Fetches originals from the file service."""
+    """Fetches originals from the file service, each download bounded by ``timeout`` or the caller's deadline,
+    whichever comes first (a download is a stream, which the channel gives no deadline of its own)."""
 
-    def __init__(self, client: FileClient, *, timeout: float | None = None) -> None:
+    def __init__(self, client: FileClient, *, timeout: float) -> None:
         self._client = client
         self._timeout = timeout
 
-    async def fetch(self, image_id: str) -> bytes:
-        _, _, data = await self._client.download(image_id, timeout=self._timeout)
+    async def fetch(self, image_id: str, deadline: float | None = None) -> bytes:
+        _, _, data = await self._client.download(image_id, timeout=call_timeout(self._timeout, deadline))
         return data
 
 

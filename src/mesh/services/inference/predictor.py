@@ -135,7 +135,7 @@ class Predictor:
         parameters = resolve_parameters(version.config.parameters, request.parameters)
         if on_stage is not None:
             await on_stage(0.0, "fetch")
-        source = await self._fetch(request.input)
+        source = await self._fetch(request.input, deadline)
         # Memory for the pixels is taken before decoding, from the header's size, and given back when the batch
         # that computed them is done.
         size = await self._decoded_size(source)
@@ -167,7 +167,7 @@ class Predictor:
         model.fill_response(result.output, response)
         return response
 
-    async def _fetch(self, source: image_pb2.ImageInput) -> _Source:
+    async def _fetch(self, source: image_pb2.ImageInput, deadline: float | None) -> _Source:
         """The input's raw message or encoded bytes (fetched from the file service for an image id)."""
         kind = source.WhichOneof("source")
         if kind == "raw":
@@ -177,7 +177,7 @@ class Predictor:
         if kind == "image_id":
             if self._fetcher is None:
                 raise Unavailable("this server cannot fetch images by id (no file service configured)")
-            return _Source("input.image_id", data=await self._fetcher.fetch(source.image_id))
+            return _Source("input.image_id", data=await self._fetcher.fetch(source.image_id, deadline))
         raise InvalidArgument(
             "an input image is required: set one of input.image_id, input.encoded or input.raw",
             field_violations=[FieldViolation("input", "set image_id, encoded or raw")],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
@@ -14,6 +13,7 @@ from typing_extensions import override
 from mesh.common.v1 import image_pb2
 from mesh.inference.v1 import inference_service_pb2 as pb
 from mesh.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from mesh.kit.deadlines import deadline_in
 from mesh.kit.errors import Internal, MeshError
 from mesh.kit.logging import get_logger
 from mesh.services.inference.predictor import DEVICES, Predictor, assign_request_id
@@ -22,12 +22,6 @@ from mesh.services.inference.repository import ModelEntry, ModelRepository, Mode
 log = get_logger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
-
-
-def _deadline(context: Context) -> float | None:
-    """The call's deadline as a ``time.monotonic()`` instant."""
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
 
 
 def version_status(version: ModelVersion) -> pb.ModelVersionStatus:
@@ -100,14 +94,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     @override
     async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
-        return await self._predictor.predict(request, deadline=_deadline(context))
+        return await self._predictor.predict(request, deadline=deadline_in(context.time_remaining()))
 
     @override
     async def StreamInference(
         self, request_iterator: AsyncIterable[pb.StreamInferenceRequest], context: Context
     ) -> AsyncIterator[pb.StreamInferenceResponse]:
         """Requests run concurrently (so they can share batches); responses keep the requests' order."""
-        deadline = _deadline(context)
+        deadline = deadline_in(context.time_remaining())
         window = asyncio.Semaphore(self._stream_max_in_flight)
         answers: asyncio.Queue[asyncio.Task[pb.StreamInferenceResponse] | None] = asyncio.Queue()
 
