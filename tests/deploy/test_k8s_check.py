@@ -12,7 +12,7 @@ import yaml
 
 from mesh.tools.k8s_check import check_directory, main
 from mesh.tools.k8s_check.policy import Overlay, check_overlay
-from mesh.tools.k8s_check.render import Manifest
+from mesh.tools.k8s_check.render import Manifest, render
 from mesh.tools.k8s_check.schema import validate_all
 
 from .conftest import K8S
@@ -181,3 +181,100 @@ def test_cli_names_an_unknown_overlay_and_a_missing_root(
     assert "no overlay dve under" in capsys.readouterr().err
     assert main(["--root", str(tmp_path)]) == 1
     assert f"no overlays under {tmp_path / 'overlays'}" in capsys.readouterr().err
+
+
+def _policy(objects: list[Manifest], name: str) -> Manifest:
+    return next(o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == name)
+
+
+def test_gateway_readiness_must_not_follow_the_backends(dev: list[Manifest]) -> None:
+    """The gateway's readiness probe is /healthz: /readyz fails while any backend does, which took every
+    gateway replica out of the Service at once (the whole API answered 503 for one service down)."""
+    assert _container(dev, "gateway")["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    _container(dev, "gateway")["readinessProbe"]["httpGet"]["path"] = "/readyz"
+    assert "Deployment/gateway container gateway: readinessProbe must be an HTTP GET of /healthz" in (
+        _messages(dev)
+    )
+
+
+def test_missing_or_short_prestop_delay_is_caught(dev: list[Manifest]) -> None:
+    """Every workload sleeps in preStop before its drain (endpoints are removed while SIGTERM is sent, and
+    connections routed meanwhile were refused), and termination grace outlasts the delay plus the drain."""
+    assert _container(dev, "gateway")["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "5"]}}
+    del _container(dev, "queue")["lifecycle"]
+    _container(dev, "file")["lifecycle"]["preStop"]["exec"]["command"] = ["sleep", "1"]
+    _container(dev, "inference")["lifecycle"]["preStop"] = {"sleep": {"seconds": 5}}
+    _deployment(dev, "gateway")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 15
+    messages = _messages(dev)
+    assert any(m.startswith("Deployment/queue container queue: needs a preStop sleep") for m in messages)
+    assert any(m.startswith("Deployment/file container file: needs a preStop sleep") for m in messages)
+    assert not any("Deployment/inference" in m for m in messages), "the sleep action counts too"
+    assert (
+        "Deployment/gateway: terminationGracePeriodSeconds 15 is not longer than the preStop delay (5s) "
+        "plus the drain (10s)"
+    ) in messages
+
+
+def test_rabbitmq_only_reaches_the_workloads_that_use_it(dev: list[Manifest]) -> None:
+    """Only the queue service and the job workers get MESH_AMQP_URL and egress to RabbitMQ: the internet-facing
+    gateway and the file service carried the broker's credentials and a route to it that they never use."""
+    for name in ("gateway", "file"):
+        assert "MESH_AMQP_URL" not in {e["name"] for e in _container(dev, name)["env"]}
+    _container(dev, "gateway")["env"].append(
+        {"name": "MESH_AMQP_URL", "valueFrom": {"secretKeyRef": {"name": "mesh-secrets", "key": "amqp-url"}}}
+    )
+    selector = _policy(dev, "allow-rabbitmq-egress")["spec"]["podSelector"]["matchExpressions"][0]
+    selector["values"] = ["file", "image-processing", "inference"]
+    messages = _messages(dev)
+    assert (
+        "Deployment/gateway: gets MESH_AMQP_URL, which it never reads (it does not use RabbitMQ)" in messages
+    )
+    assert "Deployment/file: may reach RabbitMQ (5672), which it never uses" in messages
+    assert "Deployment/queue: no NetworkPolicy allows egress to RabbitMQ (5672)" in messages
+    assert not any(m.startswith(("Deployment/image-processing", "Deployment/inference")) for m in messages)
+
+
+def _docs_queue_prefix_patch() -> str:
+    """The kustomize patch docs/deploy.md gives for a MESH_QUEUE_PREFIX (its yaml block naming the prefix)."""
+    text = (K8S.parents[1] / "docs" / "deploy.md").read_text()
+    blocks = [b.split("\n", 1)[1] for b in text.split("```")[1::2] if b.startswith("yaml")]
+    (patch,) = [b for b in blocks if "MESH_QUEUE_PREFIX" in b and "HorizontalPodAutoscaler" in b]
+    return patch
+
+
+def test_queue_prefix_needs_matching_autoscaler_selectors(k8s_copy: Path) -> None:
+    """The queue metric's `queue` label carries MESH_QUEUE_PREFIX: an overlay that sets the prefix but keeps
+    the base's selectors gets autoscalers that never scale, and is reported; the patch docs/deploy.md gives
+    passes; a prefix on the workers that the queue service lacks is reported."""
+    overlay = k8s_copy / "overlays" / "staging"
+    overlay.mkdir()
+    (overlay / "config.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: mesh-config\ndata:\n"
+        "  MESH_QUEUE_PREFIX: staging.\n"
+    )
+    kustomization = {
+        "namespace": "mesh-staging",
+        "resources": ["../../base"],
+        "patches": [{"path": "config.yaml"}],
+    }
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    messages = [str(v) for v in check_directory(overlay, kubernetes_version=VERSION)]
+    assert messages == [
+        "HorizontalPodAutoscaler/image-processing: selects queue 'mesh.jobs.image', but "
+        "Deployment/image-processing consumes 'staging.mesh.jobs.image' (MESH_QUEUE_PREFIX 'staging.'): "
+        "no such series, so it never scales",
+        "HorizontalPodAutoscaler/inference: selects queue 'mesh.jobs.inference', but "
+        "Deployment/inference consumes 'staging.mesh.jobs.inference' (MESH_QUEUE_PREFIX 'staging.'): "
+        "no such series, so it never scales",
+    ]
+
+    (overlay / "queue-prefix.yaml").write_text(_docs_queue_prefix_patch())
+    kustomization["patches"] = [{"path": "queue-prefix.yaml"}]
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    assert check_directory(overlay, kubernetes_version=VERSION) == []
+
+    objects = render(overlay)
+    _container(objects, "queue")["env"].append({"name": "MESH_QUEUE_PREFIX", "value": "other."})
+    assert any(
+        "MESH_QUEUE_PREFIX differs between the queue service and its workers" in m for m in _messages(objects)
+    )

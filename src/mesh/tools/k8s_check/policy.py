@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from mesh.kit.jobs import IMAGE_JOBS_QUEUE, INFERENCE_JOBS_QUEUE
 from mesh.kit.runtime import LIVENESS_SERVICE
 from mesh.tools.k8s_check.render import CLUSTER_SCOPED_KINDS, Manifest, containers_of, split_image
 
@@ -30,21 +31,49 @@ class Workload:
     gpu_capable: bool
     """Whether the GPU overlays must give it a GPU."""
 
+    rabbitmq: bool
+    """Whether it talks to RabbitMQ: only these get ``MESH_AMQP_URL`` and egress to the broker."""
+
+    job_queue: str | None = None
+    """The job queue its worker consumes (before ``MESH_QUEUE_PREFIX``), whose depth its autoscaler follows."""
+
 
 WORKLOADS = {
-    "file": Workload(50051, 9101, "mesh.file.v1.FileService", gpu_capable=False),
-    "image-processing": Workload(50052, 9102, "mesh.image.v1.ImageProcessingService", gpu_capable=True),
-    "inference": Workload(50053, 9103, "mesh.inference.v1.InferenceService", gpu_capable=True),
-    "queue": Workload(50054, 9104, "mesh.queue.v1.QueueService", gpu_capable=False),
-    "gateway": Workload(None, 8080, None, gpu_capable=False),
+    "file": Workload(50051, 9101, "mesh.file.v1.FileService", gpu_capable=False, rabbitmq=False),
+    "image-processing": Workload(
+        50052,
+        9102,
+        "mesh.image.v1.ImageProcessingService",
+        gpu_capable=True,
+        rabbitmq=True,
+        job_queue=IMAGE_JOBS_QUEUE,
+    ),
+    "inference": Workload(
+        50053,
+        9103,
+        "mesh.inference.v1.InferenceService",
+        gpu_capable=True,
+        rabbitmq=True,
+        job_queue=INFERENCE_JOBS_QUEUE,
+    ),
+    "queue": Workload(50054, 9104, "mesh.queue.v1.QueueService", gpu_capable=False, rabbitmq=True),
+    "gateway": Workload(None, 8080, None, gpu_capable=False, rabbitmq=False),
 }
 EDGE_WORKLOAD = "gateway"
-QUEUE_SCALED_WORKLOADS = ("image-processing", "inference")
+QUEUE_SCALED_WORKLOADS = tuple(name for name, workload in WORKLOADS.items() if workload.job_queue)
+# The gateway's readiness follows the process alone: /readyz fails while any backend does, and since every
+# replica sees the same backends, they would all leave the Service at once and take the whole API with them.
+GATEWAY_PROBE_PATHS = {"readinessProbe": "/healthz", "livenessProbe": "/healthz"}
 SECRET_ENV = ("MESH_DATABASE_URL", "MESH_AMQP_URL")
 SECRET_WORDS = ("PASSWORD", "SECRET", "TOKEN", "CREDENTIAL")
 GPU_RESOURCE = "nvidia.com/gpu"
 DEFAULT_GRACE_SECONDS = 10.0
-DATASTORE_PORTS = {5432: "PostgreSQL", 5672: "RabbitMQ"}
+MIN_PRESTOP_SECONDS = 5.0
+"""Kubernetes removes a terminating pod from its Service's endpoints while it sends SIGTERM, and kube-proxy and
+the ingress controller route to it for a few seconds more: a container waits this long before it drains, so
+those requests are still served instead of refused."""
+POSTGRESQL_PORT = 5432
+RABBITMQ_PORTS = (5672, 5671)
 
 
 @dataclass(frozen=True)
@@ -124,6 +153,20 @@ def grace_seconds(overlay: Overlay, container: Manifest) -> float:
     return DEFAULT_GRACE_SECONDS
 
 
+def prestop_seconds(container: Manifest) -> float | None:
+    """How long the container's preStop hook waits: a ``sleep`` action or an ``exec`` of ``sleep N``."""
+    pre_stop = container.get("lifecycle", {}).get("preStop", {})
+    if "sleep" in pre_stop:
+        return float(pre_stop["sleep"].get("seconds", 0))
+    command = pre_stop.get("exec", {}).get("command", [])
+    if len(command) == 2 and str(command[0]).rsplit("/", 1)[-1] == "sleep":
+        try:
+            return float(command[1])
+        except ValueError:
+            return None
+    return None
+
+
 def env_value(overlay: Overlay, container: Manifest, name: str) -> str | None:
     """A literal env value as the container sees it (env beats envFrom ConfigMaps)."""
     for env in container.get("env", []):
@@ -176,12 +219,13 @@ def check_inventory(overlay: Overlay) -> Iterator[Violation]:
 
 def check_probes(overlay: Overlay) -> Iterator[Violation]:
     """gRPC services: native gRPC probes, readiness on the service's health name and liveness on the kit's
-    dependency-blind ``liveness`` name (a database outage must not restart pods); the gateway: HTTP."""
+    dependency-blind ``liveness`` name (a database outage must not restart pods); the gateway: HTTP GETs of
+    ``/healthz`` (see ``GATEWAY_PROBE_PATHS``)."""
     for deployment in overlay.of_kind("Deployment"):
         expected = WORKLOADS.get(deployment["metadata"]["name"])
         for container in pod_spec(deployment).get("containers", []):
             where = f"{ref(deployment)} container {container.get('name')}"
-            for probe_name, http_path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+            for probe_name, http_path in GATEWAY_PROBE_PATHS.items():
                 probe = container.get(probe_name)
                 if not probe:
                     yield Violation(where, f"no {probe_name}")
@@ -297,7 +341,8 @@ def check_images(overlay: Overlay) -> Iterator[Violation]:
 
 
 def check_identity(overlay: Overlay) -> Iterator[Violation]:
-    """Own ServiceAccount per workload, no API token mounted, secrets only by reference."""
+    """Own ServiceAccount per workload, no API token mounted, secrets only by reference and only to the
+    workloads that use them."""
     accounts = {a["metadata"]["name"]: a for a in overlay.of_kind("ServiceAccount")}
     used: dict[str, str] = {}
     for deployment in overlay.of_kind("Deployment"):
@@ -317,12 +362,17 @@ def check_identity(overlay: Overlay) -> Iterator[Violation]:
                 yield Violation(f"ServiceAccount/{account}", "automountServiceAccountToken must be false")
         if spec.get("automountServiceAccountToken") is not False:
             yield Violation(ref(deployment), "automountServiceAccountToken must be false")
+        workload = WORKLOADS.get(deployment["metadata"]["name"])
         for container in containers_of(deployment):
             for env in container.get("env", []):
                 name = env.get("name", "")
                 secret_like = name in SECRET_ENV or any(word in name for word in SECRET_WORDS)
                 if secret_like and "secretKeyRef" not in env.get("valueFrom", {}):
                     yield Violation(ref(deployment), f"{name} must come from a secretKeyRef")
+                if name == "MESH_AMQP_URL" and workload is not None and not workload.rabbitmq:
+                    yield Violation(
+                        ref(deployment), "gets MESH_AMQP_URL, which it never reads (it does not use RabbitMQ)"
+                    )
     for config in overlay.of_kind("ConfigMap"):
         for key in config.get("data", {}):
             if key in SECRET_ENV or any(word in key for word in SECRET_WORDS):
@@ -330,16 +380,26 @@ def check_identity(overlay: Overlay) -> Iterator[Violation]:
 
 
 def check_lifecycle(overlay: Overlay) -> Iterator[Violation]:
-    """Termination grace longer than the drain; the blob volume's access mode fits the file service's replicas."""
+    """A preStop delay before the drain, and termination grace longer than both; the blob volume's access
+    mode fits the file service's replicas."""
     for deployment in overlay.of_kind("Deployment"):
         spec = pod_spec(deployment)
         period = spec.get("terminationGracePeriodSeconds", 30)
         for container in spec.get("containers", []):
             drain = grace_seconds(overlay, container)
-            if period <= drain:
+            delay = prestop_seconds(container)
+            if delay is None or delay < MIN_PRESTOP_SECONDS:
+                yield Violation(
+                    f"{ref(deployment)} container {container.get('name')}",
+                    f"needs a preStop sleep of at least {MIN_PRESTOP_SECONDS:g}s (exec [sleep, N] or sleep): "
+                    "without it, connections still routed to the terminating pod are refused",
+                )
+            delay = delay or 0.0
+            if period <= delay + drain:
                 yield Violation(
                     ref(deployment),
-                    f"terminationGracePeriodSeconds {period} is not longer than the drain ({drain:g}s)",
+                    f"terminationGracePeriodSeconds {period} is not longer than the preStop delay "
+                    f"({delay:g}s) plus the drain ({drain:g}s)",
                 )
         for volume in spec.get("volumes", []):
             claim_name = volume.get("persistentVolumeClaim", {}).get("claimName")
@@ -389,6 +449,41 @@ def check_autoscaling(overlay: Overlay) -> Iterator[Violation]:
             yield Violation(ref(hpa), f"must scale on {what}")
 
 
+def check_job_queues(overlay: Overlay) -> Iterator[Violation]:
+    """The queue service and its workers share one ``MESH_QUEUE_PREFIX``, and each worker's autoscaler selects
+    its queue with that prefix: the metric's ``queue`` label is the whole queue name, so an autoscaler that
+    selects the bare name finds no series and never scales."""
+    prefixes: dict[str, str] = {}
+    for name, workload in WORKLOADS.items():
+        deployment = overlay.find("Deployment", name)
+        if not workload.rabbitmq or deployment is None:
+            continue
+        for container in pod_spec(deployment).get("containers", []):
+            prefixes[name] = env_value(overlay, container, "MESH_QUEUE_PREFIX") or ""
+    if len(set(prefixes.values())) > 1:
+        found = ", ".join(f"{name} {prefix!r}" for name, prefix in prefixes.items())
+        yield Violation(
+            "Deployment/*", f"MESH_QUEUE_PREFIX differs between the queue service and its workers: {found}"
+        )
+    for hpa in overlay.of_kind("HorizontalPodAutoscaler"):
+        target = hpa["spec"]["scaleTargetRef"]["name"]
+        scaled = WORKLOADS.get(target)
+        if scaled is None or scaled.job_queue is None:
+            continue
+        prefix = prefixes.get(target, "")
+        wanted = prefix + scaled.job_queue
+        for metric in hpa["spec"].get("metrics", []):
+            if metric.get("type") != "External":
+                continue
+            selected = metric["external"]["metric"].get("selector", {}).get("matchLabels", {}).get("queue")
+            if selected != wanted:
+                yield Violation(
+                    ref(hpa),
+                    f"selects queue {selected!r}, but Deployment/{target} consumes {wanted!r} "
+                    f"(MESH_QUEUE_PREFIX {prefix!r}): no such series, so it never scales",
+                )
+
+
 def _ingress_peers_external(rule: Manifest) -> bool:
     peers = rule.get("from")
     if not peers:
@@ -397,7 +492,8 @@ def _ingress_peers_external(rule: Manifest) -> bool:
 
 
 def check_exposure(overlay: Overlay) -> Iterator[Violation]:
-    """Only the gateway is reachable from outside: Ingress, Service types and NetworkPolicies agree."""
+    """Only the gateway is reachable from outside: Ingress, Service types and NetworkPolicies agree; egress to
+    DNS and PostgreSQL for all, to RabbitMQ for the workloads that use it and no other."""
     for ingress in overlay.of_kind("Ingress"):
         for backend in _ingress_backends(ingress):
             if backend != EDGE_WORKLOAD:
@@ -441,9 +537,18 @@ def check_exposure(overlay: Overlay) -> Iterator[Violation]:
         }
         if 53 not in egress_ports:
             yield Violation(ref(deployment), "no NetworkPolicy allows DNS egress")
-        for port, what in DATASTORE_PORTS.items():
-            if port not in egress_ports:
-                yield Violation(ref(deployment), f"no NetworkPolicy allows egress to {what} ({port})")
+        if POSTGRESQL_PORT not in egress_ports:
+            yield Violation(
+                ref(deployment), f"no NetworkPolicy allows egress to PostgreSQL ({POSTGRESQL_PORT})"
+            )
+        uses_rabbitmq = expected is None or expected.rabbitmq
+        if uses_rabbitmq and RABBITMQ_PORTS[0] not in egress_ports:
+            yield Violation(
+                ref(deployment), f"no NetworkPolicy allows egress to RabbitMQ ({RABBITMQ_PORTS[0]})"
+            )
+        for port in RABBITMQ_PORTS:
+            if not uses_rabbitmq and port in egress_ports:
+                yield Violation(ref(deployment), f"may reach RabbitMQ ({port}), which it never uses")
 
 
 def _ingress_backends(ingress: Manifest) -> Iterable[str]:
@@ -464,6 +569,7 @@ CHECKS: tuple[Callable[[Overlay], Iterator[Violation]], ...] = (
     check_identity,
     check_lifecycle,
     check_autoscaling,
+    check_job_queues,
     check_exposure,
 )
 
