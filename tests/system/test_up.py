@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import signal
@@ -10,15 +11,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import httpx
 import numpy as np
 import psutil
+import psycopg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from mesh.tools.up import child_environment
+from mesh.tools.up import PROCESSES, STOP_ORDER, child_environment, stop_all
 from tests.system.conftest import FILE_GRPC, GATEWAY, start_mesh, stop_mesh
 
 
@@ -165,3 +168,109 @@ def test_on_a_terminal_the_processes_log_for_people_unless_told_otherwise() -> N
     assert "MESH_LOG_FORMAT" not in child_environment({"PATH": "/bin"}, terminal=False)
     chosen = child_environment({"MESH_LOG_FORMAT": "json"}, terminal=True)
     assert chosen["MESH_LOG_FORMAT"] == "json"
+
+
+def test_up_names_a_refused_rabbitmq_login_and_what_to_fix(tmp_path: Path, amqp_url: str) -> None:
+    """A wrong RabbitMQ password or a missing vhost stops `make up` before anything starts, saying which and
+    what to fix: a TCP check passed both, every process then reported healthy, and no job ever ran."""
+    parts = urlsplit(amqp_url)
+    wrong_password = parts._replace(
+        netloc=f"{parts.username or 'guest'}:not-the-password@{parts.hostname}:{parts.port or 5672}"
+    )
+    missing_vhost = parts._replace(path="/mesh-no-such-vhost")
+    cases = {
+        urlunsplit(wrong_password): "ACCESS_REFUSED",
+        urlunsplit(missing_vhost): "virtual host 'mesh-no-such-vhost'",
+    }
+    for url, said in cases.items():
+        # Moved ports: were the login not checked, this mesh would start (and time out) beside any other.
+        result = _up_refusing(tmp_path, {"MESH_AMQP_URL": url}, "--port-offset", "3200")
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert said in result.stdout, result.stdout
+        assert "-> fix the user, password or virtual host in MESH_AMQP_URL" in result.stdout
+        assert "started" not in result.stdout
+
+
+def test_the_stop_order_names_every_process() -> None:
+    """Every process of the mesh has its place in the stop order (stop_all sorts the children by it)."""
+    assert sorted(STOP_ORDER) == sorted(p.name for p in PROCESSES)
+
+
+async def test_processes_stop_one_after_the_other_callers_first(tmp_path: Path) -> None:
+    """Each process gets SIGTERM only once the one before it in the stop order has exited (the gateway
+    first, the file service last): stopped all at once, the file service was gone before the workers'
+    running jobs could store their results."""
+    record = tmp_path / "record"
+    # A child that notes when SIGTERM reached it and when it exits, after a drain of 0.3 s.
+    program = (
+        "import signal, sys, time\n"
+        "def drain(*_):\n"
+        "    with open(sys.argv[1], 'a') as f: f.write(f'{sys.argv[2]} term {time.monotonic()}\\n')\n"
+        "    time.sleep(0.3)\n"
+        "    with open(sys.argv[1], 'a') as f: f.write(f'{sys.argv[2]} exit {time.monotonic()}\\n')\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, drain)\n"
+        "print('ready', flush=True)\n"
+        "while True: time.sleep(1)\n"
+    )
+    children = {}
+    for name in reversed(STOP_ORDER):
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", program, str(record), name, stdout=asyncio.subprocess.PIPE
+        )
+        assert child.stdout is not None
+        assert await child.stdout.readline() == b"ready\n"
+        children[name] = child
+    await stop_all(children, grace=20)
+    assert all(c.returncode == 0 for c in children.values())
+    events = [line.split() for line in record.read_text().splitlines()]
+    assert [(name, what) for name, what, _ in events] == [
+        (name, what) for name in STOP_ORDER for what in ("term", "exit")
+    ]
+    times = [float(at) for _, _, at in events]
+    assert times == sorted(times)
+
+
+def _blurry_photo() -> bytes:
+    rng = np.random.default_rng(7)
+    pixels = (rng.random((120, 320, 3)) * 40 + 200).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_ctrl_c_lets_running_jobs_store_their_results(tmp_path: Path, database_url: str) -> None:
+    """Ctrl-C while a job runs: the job finishes in its worker's drain, stores its output in the file service
+    and asks the inference service for its model, and ends SUCCEEDED. With every process stopped at once the
+    file service was gone first, and the attempt ended RETRY_WAIT (TRANSIENT, UNAVAILABLE)."""
+    # A drain long enough for the job below on a slow machine; the supervisor's grace still covers it.
+    mesh = start_mesh(tmp_path, database_url, {"MESH_GRACE_SECONDS": "8"})
+    try:
+        with httpx.Client(base_url=GATEWAY, timeout=15) as client:
+            upload = client.post("/v1/images", files={"file": ("s.png", _blurry_photo(), "image/png")})
+            assert upload.status_code == 201, upload.text
+            # About 2 s of compute on one core (enough to be seen RUNNING, short enough for the drain on a
+            # slower machine), then a model: at its end the job calls the file and the inference service.
+            pipeline = [
+                {"filter": "resize", "params": {"width": 4000, "height": 1500}},
+                *[{"filter": "gaussian_blur", "params": {"sigma": 20}}] * 4,
+                {"filter": "resize", "params": {"width": 320, "height": 120}},
+            ]
+            body = {"image_id": upload.json()["id"], "pipeline": pipeline, "model": "strip-reader"}
+            submitted = client.post("/v1/jobs", json=body)
+            assert submitted.status_code == 202, submitted.text
+            job_id = submitted.json()["id"]
+            deadline = time.monotonic() + 30
+            while (state := client.get(f"/v1/jobs/{job_id}").json()["state"]) != "RUNNING":
+                assert state == "QUEUED", state
+                assert time.monotonic() < deadline, "the job did not start within 30 s"
+                time.sleep(0.05)
+    finally:
+        code = stop_mesh(mesh, signal.SIGINT)
+    assert code == 0, mesh.log()[-3000:]
+    with psycopg.connect(database_url) as conn:
+        state = conn.execute("SELECT state FROM jobs WHERE id = %s", (job_id,)).fetchone()
+        history = conn.execute(
+            "SELECT to_state, reason FROM job_history WHERE job_id = %s ORDER BY id", (job_id,)
+        ).fetchall()
+    assert state == ("SUCCEEDED",), (history, mesh.log()[-5000:])

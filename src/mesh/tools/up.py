@@ -1,9 +1,10 @@
 """`make up`: run the whole mesh on localhost in the foreground.
 
-Checks that PostgreSQL and RabbitMQ answer (and says how to start them when they do not), creates the
-database, starts every service, worker and the gateway as child processes, waits until each says it is
-healthy, prints the web page's address, and on Ctrl-C / SIGTERM stops them all gracefully (SIGTERM, the
-drain grace, then SIGKILL for stragglers). If one process dies, the others are stopped too.
+Checks that PostgreSQL answers and that RabbitMQ accepts a login (and says how to start them, or what to
+fix, when they do not), creates the database, starts every service, worker and the gateway as child
+processes, waits until each says it is healthy, prints the web page's address, and on Ctrl-C / SIGTERM stops
+them gracefully one after the other, callers before what they call (SIGTERM, its drain, SIGKILL when the
+grace runs out). If one process dies, the others are stopped too.
 """
 
 from __future__ import annotations
@@ -19,15 +20,16 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
+import aiormq
 import httpx
 import psycopg
 from psycopg.conninfo import make_conninfo
 
 from mesh.kit.cli import positive_float
 from mesh.kit.db import ensure_database
-from mesh.kit.settings import CommonSettings, load_settings
+from mesh.kit.settings import CommonSettings, ServerSettings, load_settings
 from mesh.kit.supervision import SUPERVISOR_ENV
 
 
@@ -51,6 +53,16 @@ PROCESSES = (
     Process("queue", "mesh.services.queue", 9104, 50054),
     Process("gateway", "mesh.services.gateway", 8080, None),
 )
+
+# Ctrl-C stops a process only once every process that calls it has exited. A worker finishes its running
+# jobs in its drain, and then still has to store each result in the file service (and an image job with a
+# model asks the inference service first); stopped all at once, the file service was gone in 0.2 s and every
+# running job's attempt was thrown away as TRANSIENT. The gateway calls everything and brings new jobs, the
+# queue service is called only by the gateway, and everything stores in the file service.
+STOP_ORDER = ("gateway", "image", "inference", "queue", "file")
+# What a process gets between SIGTERM and SIGKILL once the grace is spent on those stopped before it: an idle
+# service stops in well under that, and is not killed for another's slow drain.
+LEAST_STOP_SECONDS = 3.0
 
 
 def port_env(offset: int) -> dict[str, dict[str, str]]:
@@ -79,6 +91,12 @@ HOW_TO_START = {
     "RabbitMQ": "start it with `rabbitmq-server -detached` or `sudo systemctl start rabbitmq-server`, "
     "or point MESH_AMQP_URL at a running broker",
 }
+HOW_TO_LOG_IN = (
+    "fix the user, password or virtual host in MESH_AMQP_URL (amqp://USER:PASSWORD@HOST:5672/VHOST, `%2F` for "
+    "the default vhost `/`); `rabbitmqctl list_users` and `rabbitmqctl list_vhosts` show what exists, "
+    "`rabbitmqctl add_vhost NAME` and `rabbitmqctl set_permissions -p NAME USER '.*' '.*' '.*'` set one up"
+)
+AMQP_CHECK_SECONDS = 5.0
 
 
 def child_environment(base: Mapping[str, str], *, terminal: bool) -> dict[str, str]:
@@ -97,25 +115,48 @@ def say(message: str) -> None:
     print(f"[mesh] {message}", flush=True)
 
 
-def check_postgres(url: str) -> str | None:
-    """None when the server answers, else why not."""
+def check_postgres(url: str) -> tuple[str, str] | None:
+    """None when the server answers, else what is wrong and what to do about it."""
     try:
         with psycopg.connect(make_conninfo(url, dbname="postgres"), connect_timeout=3) as conn:
             conn.execute("SELECT 1")
     except psycopg.OperationalError as error:
-        return str(error).strip().splitlines()[0]
+        reason = str(error).strip().splitlines()[0]
+        return f"PostgreSQL is not reachable ({reason})", HOW_TO_START["PostgreSQL"]
     return None
 
 
-def check_rabbitmq(url: str) -> str | None:
-    """None when the broker's port accepts connections, else why not."""
+async def check_rabbitmq(url: str) -> tuple[str, str] | None:
+    """None when the broker lets MESH_AMQP_URL's user into its virtual host, else what is wrong and what to do
+    about it. An open port is not enough: with a wrong password or a missing vhost every process came up
+    healthy while no job was ever dispatched, and the cause was one warning among the JSON lines."""
     parsed = urlparse(url)
-    host, port = parsed.hostname or "localhost", parsed.port or 5672
+    broker = f"{parsed.hostname or 'localhost'}:{parsed.port or 5672}"
+    user = unquote(parsed.username or "guest")
     try:
-        with socket.create_connection((host, port), timeout=3):
-            return None
-    except OSError as error:
-        return f"{host}:{port}: {error}"
+        async with asyncio.timeout(AMQP_CHECK_SECONDS):
+            connection = await aiormq.connect(url)
+    except aiormq.exceptions.ProbableAuthenticationError as error:
+        return f"RabbitMQ at {broker} refused the login of user {user!r} ({error})", HOW_TO_LOG_IN
+    except (aiormq.exceptions.ConnectionClosed, aiormq.exceptions.InvalidFrameError) as error:
+        # The login passed and the broker closed the connection instead of opening the vhost: its answer to
+        # a vhost that does not exist or that the user has no permissions on. aiormq 7 reports that as an
+        # unexpected frame and drops the broker's reason, so the vhost is named here.
+        at_open = isinstance(error, aiormq.exceptions.ConnectionClosed) or "Connection.OpenOk" in str(error)
+        if not at_open:
+            return f"RabbitMQ at {broker} answered unlike an AMQP broker ({error})", HOW_TO_START["RabbitMQ"]
+        vhost = unquote(parsed.path[1:]) or "/"
+        reason = f" ({error})" if isinstance(error, aiormq.exceptions.ConnectionClosed) else ""
+        return (
+            f"RabbitMQ at {broker} did not let user {user!r} into virtual host {vhost!r}: it does not "
+            f"exist, or the user has no permissions on it{reason}",
+            HOW_TO_LOG_IN,
+        )
+    except (OSError, aiormq.exceptions.AMQPError) as error:
+        reason = str(error) or f"no answer within {AMQP_CHECK_SECONDS:g}s"
+        return f"RabbitMQ is not reachable ({broker}: {reason})", HOW_TO_START["RabbitMQ"]
+    await connection.close()
+    return None
 
 
 def busy_ports(processes: list[Process], offset: int) -> list[str]:
@@ -149,31 +190,32 @@ async def wait_healthy(client: httpx.AsyncClient, url: str, deadline: float) -> 
 
 
 async def stop_all(children: dict[str, asyncio.subprocess.Process], grace: float) -> None:
-    """SIGTERM every child, wait for the drain, then SIGKILL what is left."""
-    for child in children.values():
-        if child.returncode is None:
+    """Stop the children one at a time in STOP_ORDER: SIGTERM, wait for its drain until ``grace`` (for the
+    whole mesh) runs out, at least LEAST_STOP_SECONDS, then SIGKILL it if it is still there."""
+    deadline = time.monotonic() + grace
+    for name in sorted(children, key=STOP_ORDER.index):
+        child = children[name]
+        if child.returncode is not None:
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signal.SIGTERM)
+        allowed = max(deadline - time.monotonic(), LEAST_STOP_SECONDS)
+        try:
+            await asyncio.wait_for(child.wait(), allowed)
+        except TimeoutError:
+            say(f"{name} did not stop within {allowed:.3g}s; killing it")
             with contextlib.suppress(ProcessLookupError):
-                child.send_signal(signal.SIGTERM)
-    waits = [asyncio.create_task(c.wait()) for c in children.values()]
-    if waits:
-        _, pending = await asyncio.wait(waits, timeout=grace)
-        for name, child in children.items():
-            if child.returncode is None:
-                say(f"{name} did not stop within {grace:g}s; killing it")
-                with contextlib.suppress(ProcessLookupError):
-                    child.kill()
-        if pending:
-            await asyncio.wait(pending, timeout=5)
+                child.kill()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(child.wait(), 5)
 
 
 async def run(settings: CommonSettings, startup_timeout: float, grace: float, port_offset: int = 0) -> int:
-    for what, problem in (
-        ("PostgreSQL", check_postgres(settings.database_url)),
-        ("RabbitMQ", check_rabbitmq(settings.amqp_url)),
-    ):
+    for problem in (check_postgres(settings.database_url), await check_rabbitmq(settings.amqp_url)):
         if problem is not None:
-            say(f"{what} is not reachable ({problem}).")
-            say(f"  -> {HOW_TO_START[what]}.")
+            what, how_to = problem
+            say(f"{what}.")
+            say(f"  -> {how_to}.")
             return 1
     if await ensure_database(settings.database_url):
         say(f"created database {urlparse(settings.database_url).path.lstrip('/') or settings.database_url}")
@@ -208,7 +250,7 @@ async def run(settings: CommonSettings, startup_timeout: float, grace: float, po
         loop.add_signal_handler(sig, stopping.set)
     for process in wanted:
         # Each child gets its own process group so a terminal's Ctrl-C reaches only the supervisor,
-        # which then stops the children in order with SIGTERM.
+        # which then stops the children in STOP_ORDER with SIGTERM.
         children[process.name] = await asyncio.create_subprocess_exec(
             sys.executable, "-m", process.module, env={**env, **ports[process.name]}, start_new_session=True
         )
@@ -251,7 +293,7 @@ async def run(settings: CommonSettings, startup_timeout: float, grace: float, po
     if died.is_set():
         exit_code = 1
     stopping.set()
-    say("stopping every process")
+    say(f"stopping every process, one after the other: {', '.join(n for n in STOP_ORDER if n in children)}")
     await stop_all(children, grace)
     for task in [*watchers, stop_wait, died_wait]:
         task.cancel()
@@ -265,7 +307,10 @@ def main(argv: list[str] | None = None) -> int:
         "--startup-timeout", type=positive_float, default=90.0, help="seconds to wait for health"
     )
     parser.add_argument(
-        "--grace", type=positive_float, default=20.0, help="seconds each process may take to drain"
+        "--grace",
+        type=positive_float,
+        help="seconds the processes may take to stop, all of them one after the other (default: 3 x "
+        "MESH_GRACE_SECONDS, for the image and inference drains in turn and a margin for the rest)",
     )
     parser.add_argument(
         "--port-offset",
@@ -280,8 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"--port-offset {args.port_offset} moves ports out of 1-65535; give {lowest} to {highest}"
         )
-    settings = load_settings(CommonSettings)
-    return asyncio.run(run(settings, args.startup_timeout, args.grace, args.port_offset))
+    # The services' settings, for the drain grace they will use (and a bad value named before any starts).
+    settings = load_settings(ServerSettings)
+    grace = args.grace if args.grace is not None else 3 * settings.grace_seconds
+    return asyncio.run(run(settings, args.startup_timeout, grace, args.port_offset))
 
 
 if __name__ == "__main__":
