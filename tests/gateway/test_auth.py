@@ -152,6 +152,20 @@ async def test_event_stream_accepts_credentials_in_the_query(make_client: Gatewa
     assert (await client.get("/v1/jobs/missing", params={"api_key": "k"})).status_code == 401
 
 
+async def test_an_event_stream_without_credentials_is_told_of_the_query_parameter(
+    make_client: GatewayFactory,
+) -> None:
+    """A stream request without credentials is told it may send ``?api_key=`` (or ``?access_token=``): it was
+    told only of the header, which EventSource cannot send. Other routes name the header alone."""
+    client = await make_client(keys=MemoryKeys({}), auth_mode="api_key")
+    stream = (await client.get("/v1/jobs/missing/events")).json()["error"]["message"]
+    assert stream == "this API needs an X-API-Key header (or ?api_key=)"
+    assert (await client.get("/v1/jobs")).json()["error"]["message"] == "this API needs an X-API-Key header"
+    jwt_client = await make_client(auth_mode="jwt", jwt_secret=SECRET)
+    jwt_stream = (await jwt_client.get("/v1/jobs/missing/events")).json()["error"]["message"]
+    assert jwt_stream == "this API needs a Bearer token (or ?access_token=)"
+
+
 async def test_cors_allowlist(make_client: GatewayFactory) -> None:
     """Only allowlisted origins get CORS headers; a preflight from one is answered."""
     client = await make_client(cors_origins=["https://app.example"])

@@ -212,6 +212,26 @@ async def test_readyz_ignores_services_that_are_not_required(make_client: Gatewa
     assert (await strict.get("/v1/health")).json()["status"] == "failing"
 
 
+async def test_the_open_dashboard_names_no_address_of_a_service_that_does_not_answer(
+    make_client: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """/v1/health is open and on the page: a service that does not answer reads "not answering" with its gRPC
+    status, where gRPC's own text ("failed to connect to all addresses; ... ipv4:127.0.0.1:1: Connection
+    refused") showed the mesh's internal addresses to anyone. That text goes to the gateway's log."""
+    client = await make_client(inference_service_address="127.0.0.1:1", health_timeout_seconds=2.0)
+    with caplog.at_level(logging.WARNING, logger="mesh.services.gateway.health"):
+        body = (await client.get("/v1/health")).json()
+    (inference,) = [c for c in body["components"] if c["name"] == "inference service"]
+    assert inference["status"] == "failing"
+    assert inference["detail"] == "not answering (UNAVAILABLE)"
+    assert ":1" not in str(body)
+    logged = [r.msg for r in caplog.records if r.name == "mesh.services.gateway.health"]
+    assert any(
+        isinstance(line, dict) and line["component"] == "inference service" and "127.0.0.1:1" in line["error"]
+        for line in logged
+    ), logged
+
+
 async def test_a_burst_of_health_requests_shares_one_round_and_readiness_asks_no_queue_stats(
     mesh: FakeMesh,
 ) -> None:

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests.gateway.harness import FakeMesh, GatewayFactory, build_gateway, close_gateway, serve_app
+from tests.gateway.test_auth import MemoryKeys
 
 CONTRACT_OPERATIONS = {
     ("get", "/healthz"),
@@ -100,12 +101,36 @@ async def test_security_matches_the_auth_mode(make_client: GatewayFactory) -> No
     assert "securitySchemes" not in off.get("components", {})
     assert all("security" not in op for item in off["paths"].values() for op in item.values())
     jwt_mode = await _document(await make_client(auth_mode="jwt", jwt_secret="s" * 32))
-    assert set(jwt_mode["components"]["securitySchemes"]) == {"HTTPBearer"}
+    # AccessTokenQuery: the bearer token in the event stream's query (below).
+    assert set(jwt_mode["components"]["securitySchemes"]) == {"HTTPBearer", "AccessTokenQuery"}
     assert jwt_mode["paths"]["/v1/models"]["get"]["security"] == [{"HTTPBearer": []}]
     # Paths whose parameter has a convertor ({job_id:name}) are matched by their template too.
     assert jwt_mode["paths"]["/v1/jobs/{job_id}"]["get"]["security"] == [{"HTTPBearer": []}]
     assert jwt_mode["paths"]["/v1/models/{name}"]["get"]["security"] == [{"HTTPBearer": []}]
     assert "security" not in jwt_mode["paths"]["/healthz"]["get"]
+
+
+async def test_the_event_streams_query_credentials_are_documented(make_client: GatewayFactory) -> None:
+    """The job event stream also takes ``?api_key=`` / ``?access_token=`` (a browser's EventSource cannot set
+    headers): the document lists them as apiKey-in-query schemes on that route alone, in the modes that take
+    them, where a client generated from it knew only the header, which EventSource cannot send."""
+    events, job = "/v1/jobs/{job_id}/events", "/v1/jobs/{job_id}"
+    api_key = await _document(await make_client(keys=MemoryKeys({}), auth_mode="api_key"))
+    assert api_key["paths"][events]["get"]["security"] == [{"APIKeyHeader": []}, {"APIKeyQuery": []}]
+    assert api_key["paths"][job]["get"]["security"] == [{"APIKeyHeader": []}]
+    in_query = api_key["components"]["securitySchemes"]["APIKeyQuery"]
+    assert (in_query["type"], in_query["in"], in_query["name"]) == ("apiKey", "query", "api_key")
+    jwt_mode = await _document(await make_client(auth_mode="jwt", jwt_secret="s" * 32))
+    assert jwt_mode["paths"][events]["get"]["security"] == [{"HTTPBearer": []}, {"AccessTokenQuery": []}]
+    token = jwt_mode["components"]["securitySchemes"]["AccessTokenQuery"]
+    assert (token["type"], token["in"], token["name"]) == ("apiKey", "query", "access_token")
+    both = await _document(await make_client(keys=MemoryKeys({}), auth_mode="any", jwt_secret="s" * 32))
+    assert {name for option in both["paths"][events]["get"]["security"] for name in option} == {
+        "APIKeyHeader",
+        "HTTPBearer",
+        "APIKeyQuery",
+        "AccessTokenQuery",
+    }
 
 
 @pytest.mark.timeout(90)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -16,10 +19,16 @@ from fastapi.responses import HTMLResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.formparsers import MultiPartParser
+from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from mesh.services.gateway import http_errors
-from mesh.services.gateway.auth import API_KEY_HEADER
+from mesh.services.gateway.auth import (
+    ACCESS_TOKEN_QUERY,
+    API_KEY_HEADER,
+    API_KEY_QUERY,
+    takes_query_credentials,
+)
 from mesh.services.gateway.context import SECURITY_SCHEMES, GatewayContext, guard
 from mesh.services.gateway.middleware import (
     BodyLimit,
@@ -30,6 +39,7 @@ from mesh.services.gateway.middleware import (
     SafetyNet,
 )
 from mesh.services.gateway.routes import images, jobs, models, processing, system
+from mesh.services.gateway.routes.system import PAGE_POLICY
 from mesh.services.gateway.schemas import PredictIn, ProcessIn
 from mesh.services.gateway.settings import AuthMode
 
@@ -48,22 +58,52 @@ ROUTERS = (system.router, images.router, processing.router, models.router, jobs.
 SECURITY_HEADERS = (
     (b"x-content-type-options", b"nosniff"),
     # The page has Cancel and Retry buttons and an API key field: no other site may show it in a frame, where a
-    # click could be stolen (X-Frame-Options for browsers that predate frame-ancestors).
+    # click could be stolen (X-Frame-Options for browsers that predate frame-ancestors). The page and /docs
+    # send stricter policies of their own, which include this.
     (b"content-security-policy", b"frame-ancestors 'none'"),
     (b"x-frame-options", b"DENY"),
 )
 
 
 class SecurityHeaders(HttpMiddleware):
-    """``SECURITY_HEADERS`` on every response, the 500s of the safety net and CORS preflights included."""
+    """``SECURITY_HEADERS`` on every response, the 500s of the safety net and CORS preflights included, except
+    those a response sets itself (two policies would both apply)."""
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+                headers = list(message.get("headers", []))
+                present = {bytes(name).lower() for name, _ in headers}
+                headers += [(name, value) for name, value in SECURITY_HEADERS if name not in present]
+                message = {**message, "headers": headers}
             await send(message)
 
         await self.app(scope, receive, with_headers)
+
+
+class PageFiles(StaticFiles):
+    """The page's script and style (and Swagger UI's files): revalidated on every use, and under the page's
+    policy. Without Cache-Control the browser reused them for days by heuristic, so that a page from a new
+    release could run the script of an old one; an unchanged file costs a 304 (its ETag)."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers["Cache-Control"] = "no-cache"
+        response.headers["Content-Security-Policy"] = PAGE_POLICY
+        return response
+
+
+def docs_policy(page: bytes) -> str:
+    """The Content-Security-Policy of the Swagger UI page ``page``: its own inline script (by hash), scripts and
+    styles from here, the inline styles Swagger UI sets and the ``data:`` images of its style sheet."""
+    hashes = " ".join(
+        f"'sha256-{base64.b64encode(hashlib.sha256(script).digest()).decode()}'"
+        for script in re.findall(rb"<script>(.*?)</script>", page, re.DOTALL)
+    )
+    return (
+        f"default-src 'self'; script-src 'self' {hashes}; style-src 'self' 'unsafe-inline'; "
+        "img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    )
 
 
 def create_app(ctx: GatewayContext) -> FastAPI:
@@ -94,18 +134,22 @@ def create_app(ctx: GatewayContext) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     static = Path(str(resources.files("mesh.services.gateway").joinpath("static")))
-    app.mount("/static", StaticFiles(directory=static), name="static")
-
-    @app.get("/docs", include_in_schema=False)
-    async def docs() -> HTMLResponse:
-        return get_swagger_ui_html(
+    app.mount("/static", PageFiles(directory=static), name="static")
+    docs_page = bytes(
+        get_swagger_ui_html(
             openapi_url="/openapi.json",
             title="Image analysis mesh - API",
             swagger_js_url=f"{SWAGGER_UI}/swagger-ui-bundle.js",
             swagger_css_url=f"{SWAGGER_UI}/swagger-ui.css",
             swagger_favicon_url=f"{SWAGGER_UI}/favicon-32x32.png",
             swagger_ui_parameters={"validatorUrl": None},
-        )
+        ).body
+    )
+    docs_headers = {"Content-Security-Policy": docs_policy(docs_page)}
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(docs_page, headers=docs_headers)
 
     settings = ctx.settings
 
@@ -166,13 +210,31 @@ _SCHEMES_BY_MODE: dict[str, set[str]] = {
     "jwt": {"HTTPBearer"},
     "any": {"APIKeyHeader", "HTTPBearer"},
 }
+QUERY_SECURITY_SCHEMES: dict[str, dict[str, str]] = {
+    "APIKeyQuery": {
+        "type": "apiKey",
+        "in": "query",
+        "name": API_KEY_QUERY,
+        "description": "An API key in the query, for clients that cannot set headers (a browser's "
+        "EventSource); only the job event stream takes it.",
+    },
+    "AccessTokenQuery": {
+        "type": "apiKey",
+        "in": "query",
+        "name": ACCESS_TOKEN_QUERY,
+        "description": "A JWT in the query, for clients that cannot set headers (a browser's EventSource); "
+        "only the job event stream takes it.",
+    },
+}
+_QUERY_SCHEME_OF = {"APIKeyHeader": "APIKeyQuery", "HTTPBearer": "AccessTokenQuery"}
 
 
 def exact_openapi(app: FastAPI, auth_mode: AuthMode) -> dict[str, Any]:
     """FastAPI's document, made to say what the gateway really does.
 
     Validation errors are 400 with the mesh's error body, never FastAPI's 422; security requirements are
-    listed only for the schemes the configured auth mode accepts (none when authentication is off).
+    listed only for the schemes the configured auth mode accepts (none when authentication is off), with
+    their query forms on the routes that take credentials in the query (the job event stream).
     """
     if app.openapi_schema:
         return app.openapi_schema
@@ -180,6 +242,8 @@ def exact_openapi(app: FastAPI, auth_mode: AuthMode) -> dict[str, Any]:
         title=app.title, version=app.version, description=app.description, routes=app.routes
     )
     allowed = sorted(_SCHEMES_BY_MODE[auth_mode])
+    in_query = [_QUERY_SCHEME_OF[scheme] for scheme in allowed]
+    schemes = {**SECURITY_SCHEMES, **QUERY_SECURITY_SCHEMES}
     guarded = {
         (method.lower(), route.path_format)
         for router in ROUTERS
@@ -191,7 +255,8 @@ def exact_openapi(app: FastAPI, auth_mode: AuthMode) -> dict[str, Any]:
         for method, operation in path_item.items():
             operation.get("responses", {}).pop("422", None)
             if allowed and (method, path) in guarded:
-                operation["security"] = [{scheme: []} for scheme in allowed]
+                accepted = allowed + in_query if takes_query_credentials(path) else allowed
+                operation["security"] = [{scheme: []} for scheme in accepted]
     components = document.setdefault("components", {})
     # Routes that parse their body themselves (bodies.py) name its schema, which FastAPI does not register.
     registered = components.setdefault("schemas", {})
@@ -203,6 +268,6 @@ def exact_openapi(app: FastAPI, auth_mode: AuthMode) -> dict[str, Any]:
     for unused in ("HTTPValidationError", "ValidationError"):
         components.get("schemas", {}).pop(unused, None)
     if allowed:
-        components["securitySchemes"] = {scheme: SECURITY_SCHEMES[scheme] for scheme in allowed}
+        components["securitySchemes"] = {scheme: schemes[scheme] for scheme in allowed + in_query}
     app.openapi_schema = document
     return document

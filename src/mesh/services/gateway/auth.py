@@ -20,6 +20,8 @@ from mesh.kit import errors
 from mesh.services.gateway.settings import GatewaySettings
 
 API_KEY_HEADER = "X-API-Key"
+API_KEY_QUERY = "api_key"
+ACCESS_TOKEN_QUERY = "access_token"
 HMAC_ALGORITHMS = ["HS256"]
 # The one algorithm a public key of each kind verifies: a token whose header names another (ES256 against an
 # RSA key) is invalid, never tried with a key of the wrong kind.
@@ -42,6 +44,12 @@ def public_key_algorithm(pem: str) -> tuple[PublicKey, list[str]]:
     raise ValueError(
         f"MESH_JWT_PUBLIC_KEY holds a {type(key).__name__}; use an RSA, EC or Ed25519 public key"
     )
+
+
+def takes_query_credentials(path: str) -> bool:
+    """Whether the route at ``path`` also takes its credentials in the query: the job event stream, which a
+    browser's EventSource opens without headers."""
+    return path.endswith("/events")
 
 
 class KeyLookup(Protocol):
@@ -100,9 +108,10 @@ class Authenticator:
         scheme, _, credentials = authorization.partition(" ")
         if scheme.lower() == "bearer" and credentials.strip():
             token = credentials.strip()
-        if api_key is None and token is None and request.url.path.endswith("/events"):
-            api_key = request.query_params.get("api_key")
-            token = request.query_params.get("access_token")
+        in_query = takes_query_credentials(request.url.path)
+        if api_key is None and token is None and in_query:
+            api_key = request.query_params.get(API_KEY_QUERY)
+            token = request.query_params.get(ACCESS_TOKEN_QUERY)
         if api_key is not None and self.mode in ("api_key", "any"):
             return await self._check_key(api_key)
         if token is not None and self.mode in ("jwt", "any"):
@@ -110,6 +119,12 @@ class Authenticator:
         wanted = {"api_key": f"an {API_KEY_HEADER} header", "jwt": "a Bearer token"}.get(
             self.mode, f"an {API_KEY_HEADER} header or a Bearer token"
         )
+        if in_query:
+            # Said here, as the headers are what an EventSource cannot send.
+            wanted += {
+                "api_key": f" (or ?{API_KEY_QUERY}=)",
+                "jwt": f" (or ?{ACCESS_TOKEN_QUERY}=)",
+            }.get(self.mode, f" (or ?{API_KEY_QUERY}= / ?{ACCESS_TOKEN_QUERY}=)")
         raise errors.Unauthenticated(f"this API needs {wanted}", reason="CREDENTIALS_MISSING")
 
     async def _check_key(self, key: str) -> Principal:

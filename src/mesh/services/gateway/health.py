@@ -23,11 +23,14 @@ from grpc_health.v1 import health_pb2
 
 from mesh.image.v1 import image_processing_service_pb2 as image_pb
 from mesh.kit.health import DependencyCheck, run_check
+from mesh.kit.logging import get_logger
 from mesh.queue.v1 import queue_service_pb2 as queue_pb
 from mesh.services.gateway import convert
 from mesh.services.gateway.backends import Backends, ServiceEndpoint
 from mesh.services.gateway.schemas import ComponentHealth, HealthOut, QueueHealth, ReadyOut
 from mesh.services.gateway.settings import GatewaySettings
+
+log = get_logger(__name__)
 
 GATEWAY = "gateway"
 FRESH_SECONDS = 2.0
@@ -138,7 +141,11 @@ class HealthProbe:
             if c.status == "failing" and (c.name if c.kind == "service" else c.source) in required
         ]
 
-    async def _timed(self, probe: Callable[[], Awaitable[str]]) -> tuple[bool | None, float, str]:
+    async def _timed(
+        self, component: str, probe: Callable[[], Awaitable[str]]
+    ) -> tuple[bool | None, float, str]:
+        """Whether ``probe`` answered, how long it took, and a detail fit for the open dashboard: gRPC's own
+        text names addresses ("ipv4:10.0.3.7:50053: Connection refused"), so it goes to the log only."""
         started = time.perf_counter()
         try:
             detail = await asyncio.wait_for(probe(), self._timeout)
@@ -148,9 +155,13 @@ class HealthProbe:
         except _Failing as failing:
             ok, detail = False, str(failing)
         except grpc.aio.AioRpcError as error:
-            ok, detail = False, f"{error.code().name}: {error.details()}"
+            log.warning(
+                "health probe failed", component=component, code=error.code().name, error=error.details()
+            )
+            ok, detail = False, _rpc_detail(error.code(), self._timeout)
         except Exception as error:
-            ok, detail = False, f"{type(error).__name__}: {error}"
+            log.warning("health probe failed", component=component, error=f"{type(error).__name__}: {error}")
+            ok, detail = False, f"the probe failed ({type(error).__name__})"
         return ok, (time.perf_counter() - started) * 1000, detail
 
     async def _grpc_health(self, endpoint: ServiceEndpoint) -> list[ComponentHealth]:
@@ -163,7 +174,7 @@ class HealthProbe:
                 raise _Failing(f"{endpoint.service} is {name}")
             return f"{endpoint.service} is {name}"
 
-        ok, latency, detail = await self._timed(probe)
+        ok, latency, detail = await self._timed(_service_component(endpoint.key), probe)
         return [
             ComponentHealth(
                 name=_service_component(endpoint.key),
@@ -216,7 +227,7 @@ class HealthProbe:
             device = convert.device(response.device)
             return "image processing runs on the GPU" if device == "gpu" else "no GPU in use: CPU backend"
 
-        ok, latency, detail = await self._timed(probe)
+        ok, latency, detail = await self._timed("gpu", probe)
         return [
             ComponentHealth(
                 name="gpu",
@@ -264,6 +275,15 @@ class HealthProbe:
             recent_throughput_per_second=stats.recent_throughput_per_second,
             dead_letters=stats.dead_letters,
         )
+
+
+def _rpc_detail(code: grpc.StatusCode, timeout: float) -> str:
+    """What a failed probe call says on the dashboard: plain words and the status name."""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return "not answering (UNAVAILABLE)"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"no answer within {timeout:g}s (DEADLINE_EXCEEDED)"
+    return f"the health check failed ({code.name})"
 
 
 class _Failing(Exception):

@@ -14,6 +14,14 @@ from mesh.services.gateway.context import Context
 
 router = APIRouter(tags=["system"])
 
+PAGE_POLICY = (
+    "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
+"""The page's Content-Security-Policy (on "/" and /static): it has no inline code, its icon is a ``data:`` URL
+and its result images ``blob:`` URLs. The API key is kept in localStorage, where any injected script could
+read it; this keeps such a script from running or sending it elsewhere."""
+
 
 @router.get("/healthz", summary="Liveness")
 async def healthz() -> dict[str, str]:
@@ -51,4 +59,4 @@ async def prometheus_metrics() -> Response:
 async def web_page() -> HTMLResponse:
     """The web page (static HTML; its script and style come from /static)."""
     page = resources.files("mesh.services.gateway").joinpath("static/index.html").read_text()
-    return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+    return HTMLResponse(page, headers={"Cache-Control": "no-cache", "Content-Security-Policy": PAGE_POLICY})

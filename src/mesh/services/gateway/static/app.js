@@ -2,7 +2,10 @@
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
-const state = { imageId: null, imageUrl: null, jobs: new Map(), streams: new Map(), selectedJob: null };
+const state = {
+  imageId: null, imageUrl: null, jobs: new Map(), streams: new Map(), selectedJob: null,
+  uploading: false, submitting: false, submission: null, resultCall: 0, originalUrl: null, healthAt: null,
+};
 const TERMINAL = new Set(["SUCCEEDED", "FAILED", "DEAD", "CANCELLED"]);
 const RETRYABLE = new Set(["FAILED", "DEAD", "CANCELLED"]);
 
@@ -19,10 +22,19 @@ async function api(path, options = {}) {
   const body = response.status === 204 ? null : await response.json().catch(() => null);
   if (!response.ok) {
     const message = body && body.error ? `${body.error.code}: ${body.error.message}` : `HTTP ${response.status}`;
-    throw new Error(message);
+    const error = new Error(message);
+    error.code = body && body.error ? body.error.code : "";
+    throw error;
   }
   return body;
 }
+
+// Hex of 16 random bytes: crypto.randomUUID exists only in secure contexts, and the page is often plain http.
+function newKey() {
+  return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+function time(date) { return date.toLocaleTimeString(); }
 
 function el(tag, attributes = {}, ...children) {
   const node = document.createElement(tag);
@@ -39,9 +51,9 @@ function el(tag, attributes = {}, ...children) {
 function setupUpload() {
   const zone = $("#drop-zone");
   const input = $("#file-input");
-  zone.addEventListener("click", () => input.click());
+  zone.addEventListener("click", () => { if (!state.uploading) input.click(); });
   zone.addEventListener("keydown", (event) => {
-    if (event.key === "Enter" || event.key === " ") { event.preventDefault(); input.click(); }
+    if (event.key === "Enter" || event.key === " ") { event.preventDefault(); if (!state.uploading) input.click(); }
   });
   zone.addEventListener("dragover", (event) => { event.preventDefault(); zone.classList.add("over"); });
   zone.addEventListener("dragleave", () => zone.classList.remove("over"));
@@ -50,15 +62,40 @@ function setupUpload() {
     zone.classList.remove("over");
     if (event.dataTransfer.files.length) upload(event.dataTransfer.files[0]);
   });
-  input.addEventListener("change", () => { if (input.files.length) upload(input.files[0]); });
+  input.addEventListener("change", () => {
+    if (input.files.length) upload(input.files[0]);
+    // Emptied, so that choosing the same file again (after a refused or ignored one) is a change too.
+    input.value = "";
+  });
+}
+
+// Submit waits for a photo, for an upload under way (whose photo the job is meant for) and for the last submit.
+function updateSubmit() {
+  const button = $("#submit-job");
+  button.disabled = !state.imageId || state.uploading || state.submitting;
+  if (state.submitting) button.setAttribute("aria-busy", "true");
+  else button.removeAttribute("aria-busy");
+}
+
+function setUploading(on) {
+  state.uploading = on;
+  const zone = $("#drop-zone");
+  for (const name of ["aria-disabled", "aria-busy"]) {
+    if (on) zone.setAttribute(name, "true");
+    else zone.removeAttribute(name);
+  }
+  updateSubmit();
 }
 
 function upload(file) {
+  // Two uploads at once raced, and the one that ended last became the jobs' photo, whichever was chosen last.
+  if (state.uploading) return;
   const progress = $("#upload-progress");
   const status = $("#upload-status");
   progress.hidden = false;
   progress.value = 0;
   status.textContent = `Uploading ${file.name}…`;
+  setUploading(true);
   // Every file goes as the raw body, which the gateway streams on to the file service as it arrives. Its type
   // is left to the file service to detect from the bytes: file.type is the browser's guess from the name, so
   // a PNG saved as .jpg declared image/jpeg was refused, and a page's user cannot change what it declares.
@@ -69,14 +106,20 @@ function upload(file) {
   xhr.upload.addEventListener("progress", (event) => {
     if (event.lengthComputable) progress.value = Math.round((event.loaded / event.total) * 100);
   });
+  // A failed upload's bar went on saying 100 %.
+  const failed = (reason) => {
+    progress.hidden = true;
+    progress.value = 0;
+    // A failed upload leaves the earlier photo selected: say so, or its preview reads as this file's.
+    const kept = state.imageId ? ` Jobs still use the photo shown below (${$("#preview-caption").textContent.split(" · ")[0]}).` : "";
+    status.textContent = `Upload failed: ${reason}.${kept}`;
+  };
+  xhr.addEventListener("loadend", () => setUploading(false));
   xhr.addEventListener("load", () => {
     let body = null;
     try { body = JSON.parse(xhr.responseText); } catch (_) { body = null; }
     if (xhr.status !== 201) {
-      // A failed upload leaves the earlier photo selected: say so, or its preview reads as this file's.
-      const kept = state.imageId ? ` Jobs still use the photo shown below (${$("#preview-caption").textContent.split(" · ")[0]}).` : "";
-      const reason = (body && body.error ? body.error.message : `HTTP ${xhr.status}`).replace(/\.$/, "");
-      status.textContent = `Upload failed: ${reason}.${kept}`;
+      failed((body && body.error ? body.error.message : `HTTP ${xhr.status}`).replace(/\.$/, ""));
       return;
     }
     progress.value = 100;
@@ -87,9 +130,8 @@ function upload(file) {
     $("#preview-caption").textContent = `${body.filename} · ${body.width}×${body.height} · ${body.format} · id ${body.id}`;
     $("#upload-preview").hidden = false;
     status.textContent = body.deduplicated ? "Uploaded (already stored: same bytes)." : "Uploaded.";
-    $("#submit-job").disabled = false;
   });
-  xhr.addEventListener("error", () => { status.textContent = "Upload failed: the network request failed."; });
+  xhr.addEventListener("error", () => failed("the network request failed"));
   xhr.send(file);
 }
 
@@ -169,24 +211,36 @@ function pipeline() {
 
 async function submitJob(event) {
   event.preventDefault();
+  // A double click submitted twice: two jobs for one photo.
+  if (state.submitting || state.uploading) return;
   const status = $("#submit-status");
   if (!state.imageId) { status.textContent = "Upload an image first."; return; }
-  const body = {
+  const body = JSON.stringify({
     image_id: state.imageId,
     pipeline: pipeline(),
     model: $("#model-select").value,
     priority: parseInt($("#priority").value || "0", 10),
-  };
+  });
+  // A submit that got no answer (the network failed, the gateway was restarting) may have queued its job all
+  // the same: sent again unchanged, it carries the same key and gets that job back, not a second one. An
+  // answered submit, or another form, makes a new key, so that submitting the same form again is a new job.
+  if (!state.submission || state.submission.body !== body) state.submission = { body, key: newKey() };
+  state.submitting = true;
+  updateSubmit();
   try {
     const job = await api("/v1/jobs", {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+      method: "POST", headers: { "Content-Type": "application/json", "Idempotency-Key": state.submission.key }, body,
     });
+    state.submission = null;
     status.textContent = `Submitted job ${job.id.slice(0, 8)}.`;
     state.selectedJob = job.id;
     showJob(job);
     watch(job.id);
   } catch (error) {
     status.textContent = `Submit failed: ${error.message}`;
+  } finally {
+    state.submitting = false;
+    updateSubmit();
   }
 }
 
@@ -220,19 +274,62 @@ function watch(jobId) {
 }
 
 function actionButton(label, jobId, action) {
-  return el("button", {
+  const button = el("button", {
     type: "button", class: "secondary", "data-action": action,
     "aria-label": `${label} job ${jobId.slice(0, 8)}`,
     onclick: async () => {
+      // Busy until answered (a second Retry was refused as FAILED_PRECONDITION). aria-disabled, not disabled:
+      // a disabled button loses the keyboard focus.
+      if (button.getAttribute("aria-disabled") === "true") return;
+      button.setAttribute("aria-disabled", "true");
+      button.setAttribute("aria-busy", "true");
       try {
         const job = await api(`/v1/jobs/${jobId}:${action}`, { method: "POST" });
         showJob(job);
         if (!TERMINAL.has(job.state)) watch(jobId);
       } catch (error) {
         $("#submit-status").textContent = `${label} failed: ${error.message}`;
+      } finally {
+        button.removeAttribute("aria-disabled");
+        button.removeAttribute("aria-busy");
       }
     },
   }, label);
+  return button;
+}
+
+// The buttons a job's row offers, as a word each ("cancel", "retry show").
+function actionsOf(job) {
+  const actions = [];
+  if (!TERMINAL.has(job.state)) actions.push("cancel");
+  if (RETRYABLE.has(job.state)) actions.push("retry");
+  if (TERMINAL.has(job.state)) actions.push("show");
+  return actions.join(" ");
+}
+
+function actionButtons(job) {
+  const short = job.id.slice(0, 8);
+  return actionsOf(job).split(" ").filter(Boolean).map((action) => {
+    if (action === "cancel") return actionButton("Cancel", job.id, "cancel");
+    if (action === "retry") return actionButton("Retry", job.id, "retry");
+    // The job as it is when clicked: the row keeps this button while the job changes.
+    return el("button", {
+      type: "button", class: "secondary", "data-action": "show", "aria-label": `Show result of job ${short}`,
+      onclick: () => selectResult(state.jobs.get(job.id) || job),
+    }, "Show");
+  });
+}
+
+function newRow(job) {
+  const short = job.id.slice(0, 8);
+  return el("tr", { "data-job": job.id },
+    el("td", {}, el("code", { title: job.id }, short)),
+    el("td", { class: "work" }),
+    el("td", { class: "state" }),
+    el("td", { class: "position" }),
+    el("td", {}, el("progress", { max: "1", value: "0", "aria-label": `Progress of job ${short}` })),
+    el("td", { class: "attempt" }),
+    el("td", { class: "actions" }));
 }
 
 // What a job does, in the order it runs: its filters, then its model ("grayscale → strip-reader").
@@ -247,35 +344,39 @@ function showJob(job) {
   state.jobs.set(job.id, job);
   const tbody = $("#queue tbody");
   let row = tbody.querySelector(`tr[data-job="${job.id}"]`);
-  // The list is polled: a row is rebuilt only when it changed, so that its buttons are not replaced under
-  // a click.
   const shown = [job.state, job.updated_at, job.queue_position, job.progress, job.attempt].join("|");
   if (row && row.dataset.shown === shown) return;
-  const cells = [
-    el("td", {}, el("code", { title: job.id }, job.id.slice(0, 8))),
-    el("td", { class: "work", title: workOf(job) }, workOf(job)),
-    el("td", { class: `state state-${job.state}` }, job.state + (job.error ? ` (${job.error.category})` : "")),
-    el("td", { class: "position" }, job.queue_position ? String(job.queue_position) : "–"),
-    el("td", {}, el("progress", { max: "1", value: String(job.progress), "aria-label": `Progress of job ${job.id.slice(0, 8)}` })),
-    el("td", {}, `${job.run_attempt}/${job.max_attempts}`),
-    el("td", {},
-      TERMINAL.has(job.state) ? "" : actionButton("Cancel", job.id, "cancel"),
-      RETRYABLE.has(job.state) ? actionButton("Retry", job.id, "retry") : "",
-      TERMINAL.has(job.state) ? el("button", { type: "button", class: "secondary", onclick: () => selectResult(job) }, "Show") : ""),
-  ];
   if (!row) {
-    row = el("tr", { "data-job": job.id });
+    row = newRow(job);
     tbody.prepend(row);
     dropOldRows(tbody);
   }
   row.dataset.state = job.state;
   row.dataset.shown = shown;
-  row.replaceChildren(...cells);
+  // A running job changes about every 0.6 s: its cells are updated in place and its buttons kept, as long as
+  // the row offers the same ones. A rebuilt row took the keyboard focus off Cancel, and lost clicks on it.
+  const [, work, stateCell, position, progressCell, attempt, actions] = row.cells;
+  work.textContent = workOf(job);
+  work.title = workOf(job);
+  stateCell.className = `state state-${job.state}`;
+  stateCell.textContent = job.state + (job.error ? ` (${job.error.category})` : "");
+  position.textContent = job.queue_position ? String(job.queue_position) : "–";
+  progressCell.querySelector("progress").value = job.progress;
+  attempt.textContent = `${job.run_attempt}/${job.max_attempts}`;
+  const offered = actionsOf(job);
+  if (actions.dataset.actions !== offered) {
+    // A button that had the focus (Cancel of a job that just ended) hands it to its successor in the row.
+    const focused = actions.contains(document.activeElement) ? document.activeElement.dataset.action : null;
+    actions.dataset.actions = offered;
+    actions.replaceChildren(...actionButtons(job));
+    if (focused) (actions.querySelector(`[data-action="${focused}"]`) || actions.querySelector("button")).focus();
+  }
   if (state.selectedJob === job.id) (TERMINAL.has(job.state) ? showResult : showPending)(job);
 }
 
 // The chosen job has not ended: the panel says so rather than keep an earlier job's result on screen.
 function showPending(job) {
+  state.resultCall += 1;
   $("#result").hidden = true;
   const empty = $("#result-empty");
   empty.hidden = false;
@@ -315,7 +416,13 @@ async function loadJobs() {
       .filter((job) => !TERMINAL.has(job.state) && !listed.has(job.id) && !state.streams.has(job.id))
       .slice(0, 10);
     await Promise.all(stale.map(async (job) => showJob(await api(`/v1/jobs/${job.id}`))));
-  } catch (_) { /* the queue may be down; the health panel says so */ }
+    $("#queue-status").textContent = "";
+  } catch (error) {
+    // An empty table read as "no jobs" when the key was missing or wrong, or the gateway down.
+    const hint = error.code === "UNAUTHENTICATED" ? " Enter an API key under Credentials." : "";
+    const rows = $("#queue tbody").rows.length ? " The rows below may be out of date." : "";
+    $("#queue-status").textContent = `Queue unavailable: ${error.message.replace(/\.$/, "")}.${hint}${rows}`;
+  }
 }
 
 // ---- Results: the processed image and the strip verdict drawn on the photo ----
@@ -382,7 +489,17 @@ function showFailure(job) {
   $("#result-images").hidden = true;
 }
 
+// A URL made here for a fetched image, given back once drawn or replaced (each held the image until the tab
+// closed); the uploaded photo's own URL stays, as its preview shows it.
+function release(url) {
+  if (url && url !== state.imageUrl) URL.revokeObjectURL(url);
+}
+
 async function showResult(job) {
+  // Each call supersedes the earlier ones: a slow fetch for the job shown before must not draw its photo and
+  // lines under this job's verdict.
+  const call = ++state.resultCall;
+  const current = () => call === state.resultCall;
   $("#result-empty").hidden = true;
   $("#result").hidden = false;
   if (job.state !== "SUCCEEDED") {
@@ -412,28 +529,52 @@ async function showResult(job) {
   const found = reading ? [["C", reading.control_line], ["T", reading.test_line]].filter(([, l]) => l.present) : [];
   const names = found.map(([name]) => name).join(" and ");
   const lines = found.length ? ` with the detected ${names} line${found.length > 1 ? "s" : ""}` : reading ? " (no line found)" : "";
-  $("#canvas-caption").textContent = `${output ? "Filtered image" : "Photo"}${lines}`;
+  const kind = output ? "Filtered image" : "Photo";
+  $("#canvas-caption").textContent = `${kind}${lines}`;
+  // Blank until this job's picture is drawn: the one before was another job's.
   const canvas = $("#strip-canvas");
+  canvas.width = 0;
+  canvas.height = 0;
+  canvas.dataset.lines = "0";
+  const photo = $("#original-image");
+  release(state.originalUrl);
+  state.originalUrl = null;
+  photo.removeAttribute("src");
+  $("#original-figure").hidden = !output;
+  $("#original-caption").textContent = "Photo before the filters";
+  let url = null;
   try {
+    url = output ? await imageUrlOf(output) : await original();
     const picture = new Image();
     picture.alt = "";
-    picture.src = output ? await imageUrlOf(output) : await original();
+    picture.src = url;
     await picture.decode();
-    drawLines(canvas, picture, reading);
-    canvas.dataset.lines = String(found.length);
+    if (current()) {
+      drawLines(canvas, picture, reading);
+      canvas.dataset.lines = String(found.length);
+    }
   } catch (error) {
-    canvas.dataset.lines = "0";
+    if (current()) $("#canvas-caption").textContent = `${kind} unavailable (${error.message})`;
+  } finally {
+    release(url);
   }
-  $("#original-figure").hidden = !output;
-  if (output) $("#original-image").src = await original().catch(() => "");
+  if (!output || !current()) return;
+  try {
+    const photoUrl = await original();
+    if (!current()) { release(photoUrl); return; }
+    state.originalUrl = photoUrl === state.imageUrl ? null : photoUrl;
+    photo.src = photoUrl;
+  } catch (error) {
+    if (current()) $("#original-caption").textContent = `Photo before the filters: unavailable (${error.message})`;
+  }
 }
 
 // ---- Health panel ----
 async function loadHealth() {
+  const badge = $("#health-status");
   try {
     const response = await fetch("/v1/health");
     const body = await response.json();
-    const badge = $("#health-status");
     badge.textContent = body.status;
     // Red when the mesh is not ready ("failing"), amber while it serves with something degraded or down.
     badge.className = `badge status-${body.status}`;
@@ -446,8 +587,16 @@ async function loadHealth() {
     $("#queue-depth").textContent = queue
       ? `Jobs by state: ${Object.entries(queue.jobs_by_state).map(([k, v]) => `${k} ${v}`).join(", ") || "none"}; dead letters ${queue.dead_letters}`
       : "Queue statistics unavailable.";
+    state.healthAt = new Date();
+    $("#health-checked").textContent = `Checked at ${time(state.healthAt)}.`;
   } catch (error) {
-    $("#health-status").textContent = "unreachable";
+    // The rows and the badge's colour were the last answer's: every component green over a dead gateway.
+    badge.textContent = "unreachable";
+    badge.className = "badge status-failing";
+    $("#health tbody").replaceChildren();
+    $("#queue-depth").textContent = "Queue statistics unavailable.";
+    const last = state.healthAt ? ` Last answer at ${time(state.healthAt)}.` : "";
+    $("#health-checked").textContent = `The gateway did not answer at ${time(new Date())}.${last}`;
   }
 }
 
@@ -458,6 +607,7 @@ function setupCredentials() {
     localStorage.setItem("mesh.apiKey", input.value.trim());
     loadFilters();
     loadModels();
+    loadJobs();
   });
   // Enter in the field fires "change" above; the form itself must not submit and reload the page.
   $("#credentials-form").addEventListener("submit", (event) => event.preventDefault());
