@@ -442,3 +442,26 @@ async def test_the_connection_asks_for_a_short_heartbeat_unless_the_url_names_on
     url = f"{amqp_url}{'&' if '?' in amqp_url else '?'}{query}" if query else amqp_url
     async with connected(url, "test-heartbeat") as (_, amqp):
         assert amqp.heartbeat_timeout == expected
+
+
+async def test_the_health_check_says_why_the_broker_is_not_connected_yet(amqp_url: str) -> None:
+    """While a refused login is retried, the ``rabbitmq`` check names it instead of a bare "connecting", which
+    left an operator with a wrong password looking for a broker that was up."""
+    wrong = amqp_url.replace("guest:guest@", "guest:wrong-password@")
+    assert wrong != amqp_url, "the test needs the guest user's URL"
+    broker = Broker(wrong, delivery_limit=3, name="test-refused-login", reconnect_seconds=0.1)
+    connecting = asyncio.create_task(broker.connect())
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with pytest.raises(ConnectionError) as refused:
+                await broker.check()
+            if "ACCESS_REFUSED" in str(refused.value) or "authentication" in str(refused.value).lower():
+                break
+            assert time.monotonic() < deadline, f"the check never said why: {refused.value}"
+            await asyncio.sleep(0.05)
+        assert str(refused.value).startswith("not connected to RabbitMQ yet (connecting; connect failed:")
+    finally:
+        connecting.cancel()
+        await asyncio.gather(connecting, return_exceptions=True)
+        await broker.close()

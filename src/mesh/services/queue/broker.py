@@ -123,6 +123,9 @@ class Broker:
         self._unanswered_until = 0.0
         self._unanswered_since = 0.0
         self._closed = False
+        self._setup_error = ""
+        """Why the last try of a setup step failed ("" once one succeeds): the health check says it, so a refused
+        login reads as such rather than as "connecting"."""
 
     @property
     def connected(self) -> bool:
@@ -142,7 +145,7 @@ class Broker:
             if self._closed:
                 raise ConnectionError(f"the broker was closed before {what} succeeded")
             try:
-                return await step()
+                result = await step()
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is None or task.cancelling():
@@ -153,6 +156,10 @@ class Broker:
                     log.error("RabbitMQ refused the setup", step=what, error=_describe(exc))
                     raise
                 error = _describe(exc)
+            else:
+                self._setup_error = ""
+                return result
+            self._setup_error = f"{what} failed: {error}"
             log.warning("RabbitMQ setup failed; retrying", step=what, error=error, retry_in_s=round(delay, 3))
             await asyncio.sleep(delay)
             delay = min(delay * 2, max(self.reconnect_seconds, RETRY_CAP_SECONDS))
@@ -396,7 +403,8 @@ class Broker:
         within ``answer_seconds``; raises otherwise. A broker that stops answering without dropping the
         connection shows at the next check, not once the AMQP heartbeat gives up minutes later."""
         if self._connection is None:
-            raise ConnectionError("not connected to RabbitMQ yet (connecting)")
+            why = f"; {self._setup_error}" if self._setup_error else ""
+            raise ConnectionError(f"not connected to RabbitMQ yet (connecting{why})")
         if not self.connected:
             raise ConnectionError("RabbitMQ connection is closed (reconnecting)")
         try:
