@@ -20,7 +20,9 @@ import psutil
 import psycopg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
+from psycopg.conninfo import make_conninfo
 
+from mesh.tools import up
 from mesh.tools.up import PROCESSES, STOP_ORDER, child_environment, stop_all
 from tests.system.conftest import FILE_GRPC, GATEWAY, start_mesh, stop_mesh
 
@@ -274,3 +276,18 @@ def test_ctrl_c_lets_running_jobs_store_their_results(tmp_path: Path, database_u
             "SELECT to_state, reason FROM job_history WHERE job_id = %s ORDER BY id", (job_id,)
         ).fetchall()
     assert state == ("SUCCEEDED",), (history, mesh.log()[-5000:])
+
+
+def test_the_postgresql_check_tells_a_refused_login_from_a_server_that_is_down(database_url: str) -> None:
+    """A server that refuses the user (here an unknown role) is named as refusing, with how to fix the URL, not
+    as "not reachable" with the advice to start it; a database that does not exist yet passes (each service
+    creates its own); a closed port is not reachable."""
+    refused = up.check_postgres(make_conninfo(database_url, user="no_such_role_for_mesh", password="x"))
+    assert refused is not None
+    assert refused[0].startswith("PostgreSQL refused the connection (")
+    assert "no_such_role_for_mesh" in refused[0]
+    assert refused[1] == up.HOW_TO_LOG_IN_PG
+    assert up.check_postgres(make_conninfo(database_url, dbname="mesh_not_created_yet")) is None
+    down = up.check_postgres("postgresql://127.0.0.1:1/mesh")
+    assert down is not None
+    assert down[0].startswith("PostgreSQL is not reachable")

@@ -25,7 +25,6 @@ from urllib.parse import unquote, urlparse
 import aiormq
 import httpx
 import psycopg
-from psycopg.conninfo import make_conninfo
 
 from mesh.kit.cli import positive_float
 from mesh.kit.db import ensure_database
@@ -96,6 +95,10 @@ HOW_TO_LOG_IN = (
     "the default vhost `/`); `rabbitmqctl list_users` and `rabbitmqctl list_vhosts` show what exists, "
     "`rabbitmqctl add_vhost NAME` and `rabbitmqctl set_permissions -p NAME USER '.*' '.*' '.*'` set one up"
 )
+HOW_TO_LOG_IN_PG = (
+    "fix the user, password or database in MESH_DATABASE_URL (postgresql://USER:PASSWORD@HOST:5432/DATABASE); "
+    "`psql -c '\\du'` lists the roles, and pg_hba.conf says who may connect from where"
+)
 AMQP_CHECK_SECONDS = 5.0
 
 
@@ -116,13 +119,21 @@ def say(message: str) -> None:
 
 
 def check_postgres(url: str) -> tuple[str, str] | None:
-    """None when the server answers, else what is wrong and what to do about it."""
+    """None when the server lets MESH_DATABASE_URL's user into its database (or the database does not exist
+    yet: each service creates it), else what is wrong and what to do about it. A server that answers with a
+    refusal (a wrong password, an unknown role, pg_hba.conf) was reported "not reachable" with the advice to
+    start it."""
     try:
-        with psycopg.connect(make_conninfo(url, dbname="postgres"), connect_timeout=3) as conn:
+        with psycopg.connect(url, connect_timeout=3) as conn:
             conn.execute("SELECT 1")
     except psycopg.OperationalError as error:
         reason = str(error).strip().splitlines()[0]
-        return f"PostgreSQL is not reachable ({reason})", HOW_TO_START["PostgreSQL"]
+        # libpq gives no SQLSTATE for a refused connection; the server's own refusals are its FATAL lines.
+        if "FATAL:" not in reason:
+            return f"PostgreSQL is not reachable ({reason})", HOW_TO_START["PostgreSQL"]
+        if "does not exist" in reason and "database" in reason:
+            return None
+        return f"PostgreSQL refused the connection ({reason.split('FATAL:', 1)[1].strip()})", HOW_TO_LOG_IN_PG
     return None
 
 
