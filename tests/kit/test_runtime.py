@@ -24,6 +24,7 @@ from mesh.kit import errors
 from mesh.kit.channels import open_channel
 from mesh.kit.health import Degrading
 from mesh.kit.runtime import (
+    HTTP_STOP_SECONDS,
     LIVENESS_SERVICE,
     RESTARTING,
     BackgroundTaskCrashed,
@@ -205,6 +206,53 @@ async def test_sigterm_drains_in_flight_calls(runtime: Any) -> None:
         rt.stopping.set()
         assert await slow == b"slow"
     await asyncio.wait_for(task, 10)
+
+
+async def test_the_drain_refuses_new_calls_at_once_and_has_one_deadline() -> None:
+    """From the stop on, the server turns new calls away (they were let in while background tasks drained),
+    and calls in flight and background tasks share one grace: a call and a task that both outlast it are cut
+    at the grace, not one grace after the other (twice the grace and more, past the kubelet's SIGKILL).
+    /healthz still answers during the drain, 503 NOT_SERVING."""
+    grace = 1.0
+    settings = ServerSettings(grpc_port=0, http_port=0, grace_seconds=grace, health_interval_seconds=0.05)
+    rt = ServiceRuntime("drain", settings, service_names=[SERVICE])
+
+    async def hold(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        await asyncio.sleep(30)
+        return request
+
+    handlers = {
+        "Echo": grpc.unary_unary_rpc_method_handler(_echo, _identity, _identity),
+        "Hold": grpc.unary_unary_rpc_method_handler(hold, _identity, _identity),
+    }
+    rt.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
+
+    async def stubborn() -> None:  # ignores ``stopping``: cancelled at the end of the grace
+        await asyncio.sleep(30)
+
+    rt.add_background(stubborn)
+    task = asyncio.create_task(rt.run())
+    await asyncio.wait_for(rt.started.wait(), 10)
+    address = f"localhost:{rt.grpc_port}"
+    loop = asyncio.get_running_loop()
+    async with grpc.aio.insecure_channel(address) as channel:
+        held = asyncio.ensure_future(channel.unary_unary(f"/{SERVICE}/Hold", None, None)(b"held"))
+        await asyncio.sleep(0.2)
+        started = loop.time()
+        rt.stopping.set()
+        await asyncio.sleep(0.2)
+        async with grpc.aio.insecure_channel(address) as late:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await late.unary_unary(f"/{SERVICE}/Echo", None, None)(b"late", timeout=2)
+        async with httpx.AsyncClient(base_url=f"http://localhost:{rt.http_port}") as client:
+            health = await client.get("/healthz")
+        with pytest.raises(grpc.aio.AioRpcError):
+            await held
+        await asyncio.wait_for(task, 10)
+    stopped = loop.time() - started
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert (health.status_code, health.json()["status"]) == (503, "NOT_SERVING")
+    assert grace <= stopped < grace + HTTP_STOP_SECONDS / 2
 
 
 async def test_a_watch_ends_unavailable_when_stopping_and_the_drain_does_not_wait_for_it(

@@ -364,6 +364,50 @@ async def test_an_outcome_after_the_lease_expired_or_the_job_went_dead_is_fenced
     assert (await queue.get(dead.id)).state == job_pb2.JOB_STATE_DEAD
 
 
+async def test_a_released_claim_is_queued_again_at_its_attempt_with_a_new_dispatch(queue: Harness) -> None:
+    """ClaimStore.release, a stopping worker's hand-back of a job it will not finish: RUNNING -> QUEUED at the
+    same attempt (no attempt spent), the lease cleared, the claim taken back from attempt_claims (it crashed
+    nothing, which the dead-letter consumer counts claims for), and a new dispatch written (RabbitMQ holds the
+    old one too until the worker acks it). Only the claim's holder releases, once; a job asked to cancel is
+    left RUNNING, to end CANCELLED as before."""
+    job, cancelled = await queue.submit(), await queue.submit()
+    assert await _ready(queue, 2) == 2
+    store = ClaimStore(queue.app.pool)
+    token = uuid.uuid4()
+    assert await store.claim(uuid.UUID(job.id), 1, token, redelivered=False, lease_seconds=60)
+    assert not await store.release(uuid.UUID(job.id), uuid.uuid4())
+    assert await store.release(uuid.UUID(job.id), token)
+    assert not await store.release(uuid.UUID(job.id), token)
+    rows = await queue.sql(
+        "SELECT state, attempt, attempt_claims, executions, lease_owner, lease_expires_at FROM jobs WHERE id = %s",
+        job.id,
+    )
+    assert rows == [
+        {
+            "state": "QUEUED",
+            "attempt": 1,
+            "attempt_claims": 0,
+            "executions": 1,
+            "lease_owner": None,
+            "lease_expires_at": None,
+        }
+    ]
+    history = (await queue.get(job.id)).history
+    assert [t.to_state for t in history] == [
+        job_pb2.JOB_STATE_QUEUED,
+        job_pb2.JOB_STATE_RUNNING,
+        job_pb2.JOB_STATE_QUEUED,
+    ]
+    assert history[-1].reason == "handed back: its worker stopped before the attempt ended"
+    assert await _ready(queue, 3) == 3
+
+    token = uuid.uuid4()
+    assert await store.claim(uuid.UUID(cancelled.id), 1, token, redelivered=False, lease_seconds=60)
+    await queue.stub.CancelJob(queue_service_pb2.CancelJobRequest(job_id=cancelled.id))
+    assert not await store.release(uuid.UUID(cancelled.id), token)
+    assert (await queue.get(cancelled.id)).state == job_pb2.JOB_STATE_RUNNING
+
+
 async def test_the_queue_service_serves_while_rabbitmq_has_never_answered(
     database_url: str, unique_name: str
 ) -> None:

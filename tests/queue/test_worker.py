@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -15,12 +17,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from mesh.common.v1 import errors_pb2
 from mesh.kit import tracing
 from mesh.kit.jobs import INFERENCE_JOBS_QUEUE, JobContext
-from mesh.kit.runtime import ServiceRuntime
+from mesh.kit.runtime import HTTP_STOP_SECONDS, ServiceRuntime
 from mesh.kit.settings import WorkerSettings
 from mesh.queue.v1 import job_pb2, queue_service_pb2
 from mesh.services.queue.scripted import scripted_handler
-from mesh.services.queue.worker import attach_worker
-from tests.queue.harness import Harness, fast_settings, running_queue
+from mesh.services.queue.worker import attach_worker, drain_seconds_within
+from tests.queue.harness import FAST_OPTIONS, Harness, fast_settings, running_queue
 
 pytestmark = pytest.mark.integration
 
@@ -239,3 +241,82 @@ async def test_attached_worker_consumes_the_prefixed_queue_the_service_submits_t
     finally:
         runtime.stopping.set()
         await asyncio.wait_for(serving, 20)
+
+
+async def _never_ends(context: JobContext) -> job_pb2.JobResult:
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable")
+
+
+async def _ready_settles(queue: Harness, expected: int) -> int:
+    """The inference queue's ready messages once they reached ``expected`` (10 s at most), read again after
+    the relay had time to publish anything more."""
+    deadline = time.monotonic() + 10
+    while (
+        await queue.app.broker.ready_count(queue.inference_queue) != expected and time.monotonic() < deadline
+    ):
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)
+    return await queue.app.broker.ready_count(queue.inference_queue)
+
+
+async def test_a_job_that_outlasts_the_drain_is_handed_back_without_spending_an_attempt(
+    queue: Harness,
+) -> None:
+    """A stopping worker abandons a job still running when its drain ends and hands the claim back: the job
+    is QUEUED again at the same attempt with one dispatch (the old message acked, not requeued beside the new
+    one), and the next worker runs it as attempt 1. Left to expire, the abandoned lease counted a SYSTEM
+    error ("lease expired") and spent one of the job's attempts."""
+    first = await queue.start_worker(_never_ends, options=replace(FAST_OPTIONS, drain_seconds=0.3))
+    job = await queue.submit()
+    await queue.wait_for(job.id, {job_pb2.JOB_STATE_RUNNING})
+    await first.stop()
+    handed = await queue.get(job.id)
+    assert (handed.state, handed.attempt) == (job_pb2.JOB_STATE_QUEUED, 1)
+    assert handed.history[-1].reason == "handed back: its worker stopped before the attempt ended"
+    rows = await queue.sql("SELECT attempt_claims, lease_owner FROM jobs WHERE id = %s", job.id)
+    assert rows == [{"attempt_claims": 0, "lease_owner": None}]
+    assert await _ready_settles(queue, 1) == 1
+    await queue.start_worker(scripted_handler)
+    done = await queue.wait_for(job.id)
+    assert (done.state, done.attempt) == (job_pb2.JOB_STATE_SUCCEEDED, 1)
+    assert not [t.reason for t in done.history if t.reason.startswith("lease expired")]
+    rows = await queue.sql("SELECT executions FROM jobs WHERE id = %s", job.id)
+    assert rows[0]["executions"] == 2  # the abandoned run and the one that finished, no duplicate
+
+
+async def test_a_service_s_worker_drains_within_the_service_s_grace(queue: Harness) -> None:
+    """In a service (attach_worker), the worker gives running jobs the service's MESH_GRACE_SECONDS less a
+    margin for its own cleanup, and the runtime lets that cleanup finish: the service stops within its grace,
+    the job that outlasted the drain is handed back QUEUED at its attempt, and the worker closed its pool.
+    The worker had a fixed 10 s whatever the grace, and the runtime cancelled it at the grace, in the middle
+    of its drain, which left the job RUNNING for its lease to expire and skipped the cleanup."""
+    grace = 2.0
+    settings = WorkerSettings(
+        database_url=queue.settings.database_url,
+        amqp_url=queue.settings.amqp_url,
+        queue_prefix=queue.settings.queue_prefix,
+        delivery_limit=queue.settings.delivery_limit,
+        grpc_port=0,
+        http_port=0,
+        job_concurrency=1,
+        grace_seconds=grace,
+    )
+    runtime = ServiceRuntime("worker-service", settings, service_names=["test.Worker"])
+    worker = await attach_worker(
+        runtime, settings, queue=INFERENCE_JOBS_QUEUE, handler=_never_ends, name="worker-service"
+    )
+    assert worker is not None
+    assert worker.options.drain_seconds == drain_seconds_within(grace) < grace
+    serving = asyncio.create_task(runtime.run())
+    job = await queue.submit()
+    try:
+        await queue.wait_for(job.id, {job_pb2.JOB_STATE_RUNNING})
+    finally:
+        started = time.monotonic()
+        runtime.stopping.set()
+        await asyncio.wait_for(serving, 20)
+    assert time.monotonic() - started < grace + HTTP_STOP_SECONDS
+    handed = await queue.get(job.id)
+    assert (handed.state, handed.attempt) == (job_pb2.JOB_STATE_QUEUED, 1)
+    assert worker.pool.closed

@@ -8,7 +8,10 @@ Usage, in a service's ``__main__``::
 
 On SIGTERM: every health name goes NOT_SERVING (so load balancers stop sending), ``stopping`` is set (so
 workers stop taking jobs, and calls that would last, such as a watch, end: :func:`pause_unless_stopping`),
-in-flight RPCs get ``grace_seconds`` to finish, then the server stops.
+and the gRPC server turns new calls away. In-flight RPCs and background tasks (job workers) then share one
+``grace_seconds``: whatever is still running at its end is cancelled. The HTTP port (``/healthz`` answering
+503 NOT_SERVING, ``/metrics``) serves until the rest has stopped, then closes within what is left of the
+grace (at least ``HTTP_STOP_SECONDS``), so a drain lasts at most ``grace_seconds`` plus that.
 """
 
 from __future__ import annotations
@@ -63,6 +66,10 @@ KEEPALIVE_OPTIONS = [
 
 
 BUILD = Info("mesh_build", "The process's service and the mesh's version (value 1).")
+
+HTTP_STOP_SECONDS = 1.0
+"""The least time the HTTP port is given to close after the rest of a drain, even one that used its whole
+grace: it answers only short requests (probes, scrapes)."""
 
 RESTARTING = "the service is restarting; retry the call"
 """What a call that would outlast the drain (a watch) ends with, as UNAVAILABLE, when its service stops."""
@@ -261,13 +268,19 @@ class ServiceRuntime:
         )
         self.started.set()
         await self.stopping.wait()
-        log.info("draining", grace_seconds=self.settings.grace_seconds)
+        grace = self.settings.grace_seconds
+        deadline = loop.time() + grace
+        log.info("draining", grace_seconds=grace)
         monitor_task.cancel()
         await self.health.enter_graceful_shutdown()
-        await _finish(tasks, self.settings.grace_seconds)
-        await self.server.stop(self.settings.grace_seconds)
+        # One deadline for the whole drain: the server refuses new calls from now on and its calls in flight
+        # run out their grace alongside the background tasks, rather than one after the other (twice the
+        # grace, past the kubelet's SIGKILL), with new calls still let in meanwhile.
+        server_stopped = asyncio.create_task(self.server.stop(grace), name="grpc-stop")
+        await _finish(tasks, max(deadline - loop.time(), 0.0))
+        await server_stopped
         http.should_exit = True
-        await _finish([http_task, monitor_task], 5)
+        await _finish([http_task, monitor_task], max(deadline - loop.time(), HTTP_STOP_SECONDS))
         tracing.shutdown_tracing()
         log.info("stopped")
         if self.failure is not None:

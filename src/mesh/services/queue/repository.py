@@ -646,6 +646,19 @@ UPDATE jobs
 RETURNING jobs.lease_owner AS token, jobs.state
 """
 
+# A stopping worker gives back an attempt it will not finish: QUEUED again at the same attempt, so that no
+# attempt of the budget is spent on a stop (an expired lease is a SYSTEM error of the attempt). The move writes
+# the job's next dispatch (the transition trigger), and the claim is taken back from attempt_claims: a
+# handed-back claim did not crash its worker, which is what the dead-letter consumer counts claims for.
+# A job asked to cancel is left to end CANCELLED as it would have.
+_RELEASE = """
+UPDATE jobs SET state = 'QUEUED', lease_owner = NULL, lease_expires_at = NULL, progress = 0, stage = '',
+                attempt_claims = greatest(attempt_claims - 1, 0), dispatched_at = clock_timestamp(),
+                state_reason = 'handed back: its worker stopped before the attempt ended'
+ WHERE id = %(id)s AND lease_owner = %(token)s AND state = 'RUNNING' AND NOT cancel_requested
+RETURNING id
+"""
+
 # After a retried batch: outcomes an earlier try committed before its connection dropped (our token on a
 # row that moved on). Everything else that moves a RUNNING job on (an expired lease, a dead letter, a user's
 # retry) clears its lease_owner, so a superseded worker is told it was fenced out, not that it committed.
@@ -757,6 +770,11 @@ class ClaimStore:
             {"id": job_id, "token": token, "lease": lease_seconds, "progress": progress, "stage": stage},
         )
         return None if row is None else bool(row["cancel_requested"])
+
+    async def release(self, job_id: uuid.UUID, token: uuid.UUID) -> bool:
+        """Give the claim back without an outcome (RUNNING -> QUEUED at the same attempt, with a new dispatch);
+        False when the claim no longer holds the job or its user asked to cancel it."""
+        return await self._fetchone(_RELEASE, {"id": job_id, "token": token}) is not None
 
     async def finish(self, job_id: uuid.UUID, token: uuid.UUID, outcome: Outcome) -> str | None:
         """Commit the attempt's outcome; returns the state written, or None when fenced out."""

@@ -10,7 +10,10 @@ Embedding it in a service (the image processing and inference services do)::
 ``amqp_url``); ``options`` (:class:`WorkerOptions`) tunes leases, beats and retries. ``run(stopping)``
 connects (waiting for PostgreSQL and RabbitMQ), consumes until ``stopping`` is set, then stops taking
 dispatches, hands back those it holds but has not started, and gives running jobs ``options.drain_seconds``
-to finish.
+to finish (in a service, its grace less a margin for what follows: :func:`drain_seconds_within`). A job
+still running then is abandoned and its claim handed back (QUEUED again at the same attempt, with a new
+dispatch, and its message acked): a stop spends none of the job's attempts, where a lease left to expire
+would count a SYSTEM error.
 
 Priorities: the job queue is two RabbitMQ lanes (``topology``: ``<queue>`` for priority 0-4,
 ``<queue>.high`` for 5-9), and the worker consumes both, each on its own channel with a prefetch of
@@ -147,7 +150,8 @@ class WorkerOptions:
     """How long a claim or an outcome is retried while PostgreSQL drops connections."""
 
     drain_seconds: float = 10.0
-    """On stop, how long running jobs may take to finish before they are abandoned (and redelivered)."""
+    """On stop, how long running jobs may take to finish before they are abandoned and handed back (in a
+    service, set from its ``grace_seconds`` by :func:`attach_worker`)."""
 
     reconnect_seconds: float = 1.0
     """Pause between reconnection attempts to RabbitMQ."""
@@ -160,6 +164,21 @@ class WorkerOptions:
     the next is claimed when the previous ended or after this long. Jobs claimed together in one batch
     would otherwise all count a claim when one of them crashes the worker, and the dead-letter consumer
     would take the bystanders for crashers too (see ``states.dead_letter_outcome``)."""
+
+
+STOP_MARGIN_SECONDS = 2.0
+"""Of a service's drain grace, what its worker keeps for after its jobs (handing back the claims of those it
+abandons, acks, closing its broker connection and pool), so that the runtime, which cancels background tasks
+at the end of the grace, does not cut them: a cut left the claims to expire as SYSTEM errors."""
+
+RELEASE_SECONDS = 1.0
+"""How long handing back an abandoned job's claim may take before its lease is left to expire instead."""
+
+
+def drain_seconds_within(grace_seconds: float) -> float:
+    """What a worker in a service draining for ``grace_seconds`` gives its running jobs: the grace less
+    ``STOP_MARGIN_SECONDS``, or half a shorter grace."""
+    return grace_seconds - min(STOP_MARGIN_SECONDS, grace_seconds / 2)
 
 
 Held = TypeVar("Held")
@@ -310,6 +329,8 @@ class JobWorker:
         self._acks = Acks()
         self._suspects = asyncio.Lock()
         self._accepting = False
+        self._abandoning = False
+        self._drain_deadline: float | None = None
         self.ready = asyncio.Event()
 
     @property
@@ -346,6 +367,8 @@ class JobWorker:
             log.info("worker consuming", queue=self.queue, concurrency=self.concurrency)
             self.ready.set()
             await stopping.wait()
+            # The jobs' time counts from the stop, not from when the consumers are cancelled.
+            self._drain_deadline = asyncio.get_running_loop().time() + self.options.drain_seconds
             # Stop deliveries first, so that no new dispatch is handed back (each hand-back counts as a
             # delivery towards the dead-letter limit).
             for consumed, tag in consumers:
@@ -371,7 +394,11 @@ class JobWorker:
     async def _drain(self) -> None:
         if not self._tasks:
             return
-        _, pending = await asyncio.wait(set(self._tasks), timeout=self.options.drain_seconds)
+        now = asyncio.get_running_loop().time()
+        timeout = max((self._drain_deadline or now + self.options.drain_seconds) - now, 0.0)
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        # Each abandoned attempt hands its claim back as it ends (_attempt).
+        self._abandoning = True
         for task in pending:
             task.cancel()
         for task in pending:
@@ -481,7 +508,12 @@ class JobWorker:
             return
         started = time.perf_counter()
         running = RunningJob(self.store, row, token, self.options)
-        outcome = await self._execute(running, row)
+        try:
+            outcome = await self._execute(running, row)
+        except asyncio.CancelledError:
+            if self._abandoning:
+                await self._release(message, job_id, token)
+            raise
         if outcome is None:  # lease lost: another worker owns the job now
             DROPPED.labels(self.queue, "lease_lost").inc()
             self._acks.ack(message)
@@ -509,6 +541,20 @@ class JobWorker:
             if written == JobState.RETRY_WAIT:
                 RETRIES.labels(self.queue).inc()
         self._acks.ack(message)
+
+    async def _release(self, message: AbstractIncomingMessage, job_id: uuid.UUID, token: uuid.UUID) -> None:
+        """Stopping: hand an abandoned attempt's claim back, and ack its dispatch, which the release replaced
+        with a new one (a requeue would leave two). When that fails, the dispatch is left to RabbitMQ
+        (redelivered when the channel closes) and the lease to expire, as for a worker that died."""
+        try:
+            async with asyncio.timeout(RELEASE_SECONDS):
+                released = await self.store.release(job_id, token)
+        except (TimeoutError, *RETRY_ON) as exc:
+            log.warning("abandoned job not handed back", job_id=str(job_id), error=str(exc))
+            return
+        if released:
+            log.info("abandoned job handed back", job_id=str(job_id))
+            self._acks.ack(message)
 
     async def _execute(self, running: RunningJob, row: Row) -> Outcome | None:
         """Run the handler under a lease beat; the outcome to commit, or None when the lease was lost."""
@@ -585,16 +631,21 @@ async def attach_worker(
     runtime: ServiceRuntime, settings: WorkerSettings, *, queue: str, handler: JobHandler, name: str
 ) -> JobWorker | None:
     """Run a worker for ``queue`` (prefixed with ``settings.queue_prefix`` and declared with
-    ``settings.delivery_limit``, as the queue service does) inside a service process: its checks join the service's health and it stops with the runtime. None
-    when ``settings.job_concurrency`` is 0 (the service only serves)."""
+    ``settings.delivery_limit``, as the queue service does) inside a service process: its checks join the
+    service's health and it stops with the runtime, giving its running jobs the service's
+    ``grace_seconds`` less a margin (:func:`drain_seconds_within`). None when ``settings.job_concurrency``
+    is 0 (the service only serves)."""
     if not settings.job_concurrency:
         return None
+    options = WorkerOptions(
+        delivery_limit=settings.delivery_limit, drain_seconds=drain_seconds_within(settings.grace_seconds)
+    )
     worker = JobWorker(
         settings,
         queue=settings.queue_prefix + queue,
         handler=handler,
         concurrency=settings.job_concurrency,
-        options=WorkerOptions(delivery_limit=settings.delivery_limit),
+        options=options,
         name=name,
     )
     # Open the pool now (without waiting for PostgreSQL): the health checks run before the worker does.
