@@ -211,7 +211,7 @@ def test_missing_or_short_prestop_delay_is_caught(dev: list[Manifest]) -> None:
     assert not any("Deployment/inference" in m for m in messages), "the sleep action counts too"
     assert (
         "Deployment/gateway: terminationGracePeriodSeconds 15 is not longer than the preStop delay (5s) "
-        "plus the drain (10s)"
+        "plus the drain (10s and 1s to close the HTTP port)"
     ) in messages
 
 

@@ -9,10 +9,11 @@ States and the moves between them follow CONTRACT.md::
 
 A RUNNING job whose lease expired lost its worker (it died, hung or lost PostgreSQL): a SYSTEM error of that
 attempt, so it goes ``RUNNING -> RETRY_WAIT -> QUEUED`` with backoff like any other, or ``-> FAILED`` once
-its attempts are spent (:func:`stalled_lease_outcome`). ``RUNNING -> QUEUED`` exists only for a collateral
-dead letter: a dispatch of a running job that died with a worker another job killed is dispatched again at
-the same attempt (:func:`dead_letter_outcome`). A job whose user asked to cancel it is never dispatched
-again by either: with nothing running it any more, it ends CANCELLED.
+its attempts are spent (:func:`stalled_lease_outcome`). ``RUNNING -> QUEUED`` at the same attempt exists
+for two cases: a collateral dead letter (a dispatch of a running job that died with a worker another job
+killed is dispatched again: :func:`dead_letter_outcome`), and a stopping worker handing back a job it will
+not finish (``ClaimStore.release``), so that a stop spends none of its attempts. A job whose user asked to
+cancel it is never dispatched again by either: with nothing running it any more, it ends CANCELLED.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mesh.kit.jobs import IMAGE_JOBS_QUEUE, INFERENCE_JOBS_QUEUE
-from mesh.kit.runtime import LIVENESS_SERVICE
+from mesh.kit.runtime import HTTP_STOP_SECONDS, LIVENESS_SERVICE
 from mesh.tools.k8s_check.render import CLUSTER_SCOPED_KINDS, Manifest, containers_of, split_image
 
 
@@ -395,11 +395,12 @@ def check_lifecycle(overlay: Overlay) -> Iterator[Violation]:
                     "without it, connections still routed to the terminating pod are refused",
                 )
             delay = delay or 0.0
-            if period <= delay + drain:
+            # The drain is the grace, then at most HTTP_STOP_SECONDS more to close the metrics port.
+            if period <= delay + drain + HTTP_STOP_SECONDS:
                 yield Violation(
                     ref(deployment),
                     f"terminationGracePeriodSeconds {period} is not longer than the preStop delay "
-                    f"({delay:g}s) plus the drain ({drain:g}s)",
+                    f"({delay:g}s) plus the drain ({drain:g}s and {HTTP_STOP_SECONDS:g}s to close the HTTP port)",
                 )
         for volume in spec.get("volumes", []):
             claim_name = volume.get("persistentVolumeClaim", {}).get("claimName")
