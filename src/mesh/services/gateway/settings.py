@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, get_args
 
-from pydantic import Field
+from limits import parse_many
+from pydantic import BeforeValidator, Field, field_validator
+from pydantic_settings import NoDecode
 
-from mesh.kit.settings import CommonSettings
+from mesh.kit.settings import CommonSettings, json_list
 
 AuthMode = Literal["off", "api_key", "jwt", "any"]
+
+ServiceName = Literal["file", "image", "inference", "queue"]
 
 
 class GatewaySettings(CommonSettings):
@@ -40,11 +44,11 @@ class GatewaySettings(CommonSettings):
     """``off`` (local use), ``api_key`` (X-API-Key header), ``jwt`` (Bearer token) or ``any`` of the two."""
 
     jwt_secret: str = ""
-    """HS256 secret for bearer tokens (used when ``jwt_public_key`` is empty)."""
+    """HS256 secret for bearer tokens (used when ``MESH_JWT_PUBLIC_KEY`` is empty)."""
 
     jwt_public_key: str = ""
     """PEM public key for bearer tokens, RSA (RS256), EC (ES256/384/512) or Ed25519 (EdDSA), read at start;
-    takes precedence over ``jwt_secret``."""
+    takes precedence over ``MESH_JWT_SECRET``."""
 
     jwt_issuer: str = "mesh"
     """Required ``iss`` claim of bearer tokens."""
@@ -55,7 +59,7 @@ class GatewaySettings(CommonSettings):
     jwt_leeway_seconds: float = Field(default=30.0, ge=0)
     """Clock skew tolerated when checking ``exp``/``nbf``/``iat``."""
 
-    cors_origins: list[str] = Field(default_factory=list)
+    cors_origins: Annotated[list[str], NoDecode, BeforeValidator(json_list)] = Field(default_factory=list)
     """Origins allowed to call the API from a browser (JSON list); empty allows none but the page itself."""
 
     rate_limit: str = "600/minute"
@@ -67,8 +71,11 @@ class GatewaySettings(CommonSettings):
     health_timeout_seconds: float = Field(default=1.5, gt=0)
     """How long one probe of the health dashboard may take before it counts as failing."""
 
-    required_services: list[str] = Field(default_factory=lambda: ["file", "image", "inference", "queue"])
-    """Services that must answer SERVING for /readyz to be 200 (JSON list of file, image, inference, queue)."""
+    required_services: Annotated[list[ServiceName], NoDecode, BeforeValidator(json_list)] = Field(
+        default_factory=lambda: list(get_args(ServiceName))
+    )
+    """Services that must answer SERVING for /readyz to be 200 (JSON list of ``file``, ``image``,
+    ``inference``, ``queue``)."""
 
     file_service_http: str = "localhost:9101"
     """host:port of the file service's HTTP port (its /healthz feeds the dashboard)."""
@@ -87,3 +94,16 @@ class GatewaySettings(CommonSettings):
 
     grace_seconds: float = Field(default=10.0, ge=0)
     """How long in-flight requests may run after SIGTERM."""
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _one_rate_limit(cls, value: str) -> str:
+        """Parsed as the rate limiter parses it, so that a bad limit stops the start here, named, rather than
+        the gateway's wiring with a traceback; the limiter applies one limit, so a second would be ignored."""
+        try:
+            limits = parse_many(value)
+        except ValueError:
+            raise ValueError("not a rate limit such as 600/minute or 10/second") from None
+        if len(limits) != 1:
+            raise ValueError("one limit only (such as 600/minute): the gateway applies a single limit")
+        return value

@@ -31,7 +31,7 @@ async def main() -> None:
     processor = Processor(
         backend,
         store=files,
-        limits=Limits(max_pixels=settings.image_max_pixels, max_bytes=settings.image_max_bytes),
+        limits=Limits(max_pixels=settings.max_image_pixels, max_bytes=settings.image_max_bytes),
         workers=settings.cpu_workers,
         max_pending=settings.max_pending_pipelines,
         max_message_bytes=settings.max_message_bytes,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 
 from mesh.kit.settings import WorkerSettings
 
@@ -16,8 +16,15 @@ class ImageSettings(WorkerSettings):
     http_port: int = Field(default=9102, ge=0, le=65535)
     """HTTP port for /metrics and /healthz (CONTRACT.md: 9102)."""
 
-    image_max_pixels: int = Field(default=50_000_000, gt=0)
-    """Largest width x height of an input or output image."""
+    # The file and inference services' name for their pixel limit, so that one variable sets all three; the
+    # name this service used to read is still accepted, with a deprecation warning at start.
+    max_image_pixels: int = Field(
+        default=50_000_000,
+        gt=0,
+        validation_alias=AliasChoices("MESH_MAX_IMAGE_PIXELS", "MESH_IMAGE_MAX_PIXELS"),
+    )
+    """Largest width x height of an input or output image; the same variable sets the file and inference
+    services' limits."""
 
     image_max_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     """Largest encoded or raw input image in bytes."""
@@ -37,7 +44,7 @@ class ImageSettings(WorkerSettings):
     (the input, or a step's output: width x height x channels x bytes per sample, known before decoding).
     A request waits, within its deadline, for its share; one larger than the whole budget is refused. The
     process peaks at about 2.5 times this (a step's input and output, the codec's copies) plus ~150 MB: 1 GiB
-    suits the 4 GiB pod."""
+    suits the 4 GiB pod; raise both together."""
 
     stream_queue_frames: int = Field(default=2, ge=1, le=64)
     """Frames of a StreamProcess call read ahead of the one being processed (backpressure beyond)."""

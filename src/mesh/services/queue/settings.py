@@ -34,8 +34,8 @@ class QueueSettings(ServerSettings):
     """Outbox rows the relay publishes per round."""
 
     relay_process: bool = True
-    """Run the outbox relay in a child process (``relay_process``), beside the API, rather than on the
-    API's event loop."""
+    """Run the outbox relay in a child process (``mesh.services.queue.relay_process``), beside the API, rather
+    than on the API's event loop."""
 
     relay_poll_seconds: float = Field(default=0.5, gt=0)
     """How often the relay looks at the outbox when nothing woke it."""
@@ -55,7 +55,8 @@ class QueueSettings(ServerSettings):
     job_retention_days: float = Field(default=30.0, ge=0)
     """Finished jobs (SUCCEEDED, FAILED, DEAD, CANCELLED) are deleted, with their history, this long after they
     finished, so that the jobs table and its counts stay bounded; 0 keeps them for ever. The images a job
-    wrote stay in the file service; a submit with a deleted job's idempotency key makes a new job."""
+    wrote stay in the file service; ``GET /v1/jobs/{id}`` of a deleted job is 404, and a submit with its
+    idempotency key makes a new job."""
 
     prune_interval_seconds: float = Field(default=60.0, gt=0)
     """How often finished jobs past their retention are looked for."""
