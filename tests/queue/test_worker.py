@@ -213,20 +213,25 @@ async def test_stopping_worker_finishes_its_running_job(queue: Harness) -> None:
     assert (await queue.get(later.id)).state == job_pb2.JOB_STATE_QUEUED
 
 
-async def test_attached_worker_consumes_the_prefixed_queue_the_service_submits_to(queue: Harness) -> None:
-    """A service's worker (``attach_worker``, as image processing and inference wire it) takes the queue's
-    name with the deployment's ``MESH_QUEUE_PREFIX`` and declares it with its ``MESH_DELIVERY_LIMIT``, as
-    the queue service does, so a prefixed queue service's jobs do run."""
-    assert queue.settings.queue_prefix, "the harness isolates its queues with a prefix"
-    settings = WorkerSettings(
+def _service_settings(queue: Harness, **changes: Any) -> WorkerSettings:
+    """The settings of a service hosting a worker for ``queue``'s jobs (its prefix and delivery limit)."""
+    return WorkerSettings(
         database_url=queue.settings.database_url,
         amqp_url=queue.settings.amqp_url,
         queue_prefix=queue.settings.queue_prefix,
         delivery_limit=queue.settings.delivery_limit,
         grpc_port=0,
         http_port=0,
-        job_concurrency=2,
+        **changes,
     )
+
+
+async def test_attached_worker_consumes_the_prefixed_queue_the_service_submits_to(queue: Harness) -> None:
+    """A service's worker (``attach_worker``, as image processing and inference wire it) takes the queue's
+    name with the deployment's ``MESH_QUEUE_PREFIX`` and declares it with its ``MESH_DELIVERY_LIMIT``, as
+    the queue service does, so a prefixed queue service's jobs do run."""
+    assert queue.settings.queue_prefix, "the harness isolates its queues with a prefix"
+    settings = _service_settings(queue, job_concurrency=2)
     runtime = ServiceRuntime("worker-service", settings, service_names=["test.Worker"])
     worker = await attach_worker(
         runtime, settings, queue=INFERENCE_JOBS_QUEUE, handler=scripted_handler, name="worker-service"
@@ -292,16 +297,7 @@ async def test_a_service_s_worker_drains_within_the_service_s_grace(queue: Harne
     The worker had a fixed 10 s whatever the grace, and the runtime cancelled it at the grace, in the middle
     of its drain, which left the job RUNNING for its lease to expire and skipped the cleanup."""
     grace = 2.0
-    settings = WorkerSettings(
-        database_url=queue.settings.database_url,
-        amqp_url=queue.settings.amqp_url,
-        queue_prefix=queue.settings.queue_prefix,
-        delivery_limit=queue.settings.delivery_limit,
-        grpc_port=0,
-        http_port=0,
-        job_concurrency=1,
-        grace_seconds=grace,
-    )
+    settings = _service_settings(queue, job_concurrency=1, grace_seconds=grace)
     runtime = ServiceRuntime("worker-service", settings, service_names=["test.Worker"])
     worker = await attach_worker(
         runtime, settings, queue=INFERENCE_JOBS_QUEUE, handler=_never_ends, name="worker-service"
