@@ -7,6 +7,7 @@ import time
 from collections import Counter
 from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from opentelemetry import trace
