@@ -1,15 +1,28 @@
-"""mesh.kit.db against the real PostgreSQL: migrations, and the health check of a pool."""
+"""mesh.kit.db against the real PostgreSQL: creating the database, migrations, and the health check of a pool."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
+from collections.abc import AsyncIterator
 
 import psycopg
 import psycopg_pool
 import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from mesh.kit.db import CONNECTION_KWARGS, PostgresCheck, create_pool, migrate
+from mesh.kit.db import (
+    CONNECTION_KWARGS,
+    DatabaseCannotBeCreated,
+    PostgresCheck,
+    create_pool,
+    ensure_database,
+    load_migrations,
+    migrate,
+    prepare_database,
+)
 from mesh.services.queue.repository import open_pool
 
 
@@ -92,3 +105,116 @@ async def test_pooled_connections_give_up_on_a_silent_path_within_about_30_secon
         "keepalives_count": "3",
         "tcp_user_timeout": "30000",
     }
+
+
+# --- ensure_database: the maintenance database only when the service's own cannot be reached -------------
+
+_SSL_REQUEST, _GSSENC_REQUEST = 80877103, 80877104
+
+
+def _fatal(sqlstate: str, message: str) -> bytes:
+    """A PostgreSQL ErrorResponse."""
+    body = b"SFATAL\0VFATAL\0C" + sqlstate.encode() + b"\0M" + message.encode() + b"\0\0"
+    return b"E" + (len(body) + 4).to_bytes(4, "big") + body
+
+
+@contextlib.asynccontextmanager
+async def maintenance_database_refused(url: str) -> AsyncIterator[str]:
+    """``url`` through a proxy that refuses connections to the ``postgres`` database, as pg_hba.conf does where
+    the mesh's role may reach only its own database (or a pooler that lists only that one), and passes the
+    others through."""
+    params = conninfo_to_dict(url)
+    host, port = str(params.get("host") or "localhost"), int(params.get("port") or 5432)
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:  # the startup packet, after any encryption requests (declined)
+            length = int.from_bytes(await reader.readexactly(4), "big")
+            packet = await reader.readexactly(length - 4)
+            if int.from_bytes(packet[:4], "big") not in (_SSL_REQUEST, _GSSENC_REQUEST):
+                break
+            writer.write(b"N")
+            await writer.drain()
+        fields = packet[4:].split(b"\0")
+        startup = dict(zip(fields[0::2], fields[1::2], strict=False))
+        if startup.get(b"database", startup.get(b"user")) == b"postgres":
+            writer.write(_fatal("28000", 'no pg_hba.conf entry for database "postgres" (test proxy)'))
+            await writer.drain()
+            writer.close()
+            return
+        server_reader, server = await asyncio.open_connection(host, port)
+        server.write(length.to_bytes(4, "big") + packet)
+        await asyncio.gather(pipe(reader, server), pipe(server_reader, writer))
+
+    proxy = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield make_conninfo(url, host="127.0.0.1", port=str(proxy.sockets[0].getsockname()[1]))
+    finally:
+        proxy.close()
+
+
+async def _role_of(url: str) -> str:
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        return conn.info.user
+
+
+async def test_a_role_kept_out_of_the_postgres_database_starts_on_its_own_existing_database(
+    database_url: str,
+) -> None:
+    """Where the role may not connect to the `postgres` maintenance database (pg_hba.conf, a pooler), a service
+    whose database exists creates nothing and migrates: it connects to its own database first. It connected
+    to `postgres` first on every start before, so every service failed to start in such a setup."""
+    async with maintenance_database_refused(database_url) as url:
+        with pytest.raises(psycopg.OperationalError, match='database "postgres"'):
+            await psycopg.AsyncConnection.connect(make_conninfo(url, dbname="postgres"))
+        assert await ensure_database(url) is False
+        await prepare_database(url, "queue", "mesh.services.queue.migrations", timeout=5)
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cursor = await conn.execute("SELECT count(*) FROM schema_migrations WHERE component = 'queue'")
+        assert (await cursor.fetchone()) == (len(load_migrations("mesh.services.queue.migrations")),)
+
+
+async def test_a_missing_database_the_role_cannot_reach_postgres_to_create_is_named_with_the_role(
+    database_url: str,
+) -> None:
+    """A missing database whose role may not reach the `postgres` database to create it fails with an error
+    that says so, naming the database and the role; it was the maintenance database's connection error alone."""
+    absent = f"mesh_test_absent_{uuid.uuid4().hex[:8]}"
+    role = await _role_of(database_url)
+    async with maintenance_database_refused(make_conninfo(database_url, dbname=absent)) as url:
+        with pytest.raises(DatabaseCannotBeCreated) as raised:
+            await ensure_database(url)
+    message = str(raised.value)
+    assert message.startswith(f'database "{absent}" does not exist, and role "{role}" cannot create it (')
+    assert 'no pg_hba.conf entry for database "postgres" (test proxy)' in message
+
+
+async def test_a_missing_database_the_role_may_not_create_is_named_with_the_role(
+    postgres_admin_url: str,
+) -> None:
+    """A missing database whose role lacks CREATEDB fails with an error naming the database and the role (it
+    was a bare 'permission denied to create database'); a role that may create it gets it created."""
+    role = f"mesh_test_nocreate_{uuid.uuid4().hex[:8]}"
+    absent = f"mesh_test_absent_{uuid.uuid4().hex[:8]}"
+    async with await psycopg.AsyncConnection.connect(postgres_admin_url, autocommit=True) as admin:
+        await admin.execute(sql.SQL("CREATE ROLE {} LOGIN NOCREATEDB").format(sql.Identifier(role)))
+        try:
+            with pytest.raises(DatabaseCannotBeCreated) as raised:
+                await ensure_database(make_conninfo(postgres_admin_url, user=role, dbname=absent))
+            assert str(raised.value).startswith(
+                f'database "{absent}" does not exist, and role "{role}" cannot create it ('
+                "permission denied to create database)"
+            )
+            assert await ensure_database(make_conninfo(postgres_admin_url, dbname=absent)) is True
+            assert await ensure_database(make_conninfo(postgres_admin_url, dbname=absent)) is False
+        finally:
+            await admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(absent))
+            )
+            await admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))

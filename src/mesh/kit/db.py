@@ -192,23 +192,58 @@ def create_pool(
     )
 
 
+class DatabaseCannotBeCreated(psycopg.OperationalError):
+    """The service's database does not exist, and its role may not create it: it cannot reach the ``postgres``
+    maintenance database, or may not CREATE DATABASE there. Someone with the right must create it; until then
+    the services that migrate in the background keep trying and show this in their health."""
+
+
 async def ensure_database(url: str) -> bool:
-    """Create the database named in ``url`` when it does not exist; returns True when it was created."""
-    params = conninfo_to_dict(url)
-    dbname = str(params.get("dbname") or "")
+    """Create the database named in ``url`` when it does not exist; returns True when it was created.
+
+    The database itself is connected to first, and the ``postgres`` maintenance database only when that fails:
+    a role that may reach only its own database (pg_hba.conf, or a pooler that lists only that database)
+    starts as long as that database exists."""
+    dbname = str(conninfo_to_dict(url).get("dbname") or "")
     if not dbname:
         return False
-    admin = make_conninfo(url, dbname="postgres")
-    async with await psycopg.AsyncConnection.connect(admin, autocommit=True) as conn:
-        row = await (await conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,))).fetchone()
-        if row is not None:
+    try:
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True):
             return False
+    except psycopg.OperationalError as error:
+        refused = error
+    # libpq gives no SQLSTATE for a connection it could not open, only the server's message: this is
+    # InvalidCatalogName's (3D000) in English. A server that words it in another language is asked through
+    # the maintenance database's catalog below instead.
+    missing = f'database "{dbname}" does not exist' in str(refused)
+    role = refused.pgconn.user.decode() if refused.pgconn is not None else "?"
+    try:
+        admin = await psycopg.AsyncConnection.connect(make_conninfo(url, dbname="postgres"), autocommit=True)
+    except psycopg.OperationalError as error:
+        if missing:
+            raise _cannot_create(dbname, role, error) from error
+        raise refused from None  # PostgreSQL away, or refusing both: the database's own error says why
+    async with admin:
+        found = await admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,))
+        if await found.fetchone() is not None:
+            raise refused  # it exists: connecting to it failed for another reason, which its error gives
         try:
-            await conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+            await admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
         except psycopg.errors.DuplicateDatabase:
             return False
+        except psycopg.errors.InsufficientPrivilege as error:
+            raise _cannot_create(dbname, role, error) from error
     log.info("database created", database=dbname)
     return True
+
+
+def _cannot_create(dbname: str, role: str, error: psycopg.Error) -> DatabaseCannotBeCreated:
+    return DatabaseCannotBeCreated(
+        f'database "{dbname}" does not exist, and role "{role}" cannot create it'
+        f" ({' '.join(str(error).split())}): create it beforehand"
+        f' (CREATE DATABASE "{dbname}" OWNER "{role}"), or let the role connect to the "postgres" database'
+        " with CREATEDB"
+    )
 
 
 @dataclass(frozen=True)

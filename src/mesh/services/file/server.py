@@ -10,9 +10,9 @@ from mesh.file.v1 import file_service_pb2_grpc
 from mesh.kit.db import PostgresCheck, create_pool
 from mesh.kit.health import Degrading, DirectoryCheck, FreeSpaceCheck
 from mesh.kit.logging import get_logger
+from mesh.kit.migrations import SchemaMigrations
 from mesh.kit.runtime import ServiceRuntime
 from mesh.services.file.blobs import MARKER, BlobStore
-from mesh.services.file.migrations_check import SchemaMigrations
 from mesh.services.file.postgres import PostgresImageRepository
 from mesh.services.file.servicer import SERVICE_NAME, FileServicer
 from mesh.services.file.settings import FileSettings
@@ -52,7 +52,8 @@ async def file_service(settings: FileSettings) -> AsyncIterator[ServiceRuntime]:
     """A ready-to-run file service: open pool, servicer and health checks registered.
 
     The schema is migrated before this returns when PostgreSQL answers within
-    ``startup_migration_seconds``; otherwise the service starts NOT_SERVING and migrates in the background.
+    ``startup_migration_seconds``; otherwise the service starts NOT_SERVING, answers UNAVAILABLE, and
+    migrates in the background (:class:`~mesh.kit.migrations.SchemaMigrations`).
     The blob directory and its marker are created here when missing; an OSError doing so (a read-only or
     misconfigured blob directory) stops the start, since no probe will create them later.
 
@@ -87,6 +88,7 @@ async def file_service(settings: FileSettings) -> AsyncIterator[ServiceRuntime]:
                 Degrading(FreeSpaceCheck("blob_space", settings.blob_dir)),
                 migrations,
             ],
+            interceptors=[migrations.gate([SERVICE_NAME])],
         )
         if not migrated:
             runtime.add_background(lambda: migrations.run_until_applied(runtime.stopping))

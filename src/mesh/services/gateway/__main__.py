@@ -1,7 +1,8 @@
 """``python -m mesh.services.gateway``: the REST gateway on HTTP port 8080 (no gRPC server of its own).
 
 Wiring only: settings, observability, backends, the API key store when auth uses keys, the app, uvicorn.
-uvicorn drains in-flight requests on SIGTERM for ``grace_seconds``.
+uvicorn drains in-flight requests on SIGTERM for ``grace_seconds``. The key store's migrations run in the
+background: started while PostgreSQL is away, the gateway serves, unready, with key checks answering 503.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from starlette.types import ASGIApp
 from mesh.kit.db import PostgresCheck, create_pool
 from mesh.kit.health import DependencyCheck
 from mesh.kit.logging import get_logger
+from mesh.kit.migrations import SchemaMigrations
 from mesh.kit.runtime import start_service
 from mesh.services.gateway.app import create_app
 from mesh.services.gateway.auth import Authenticator
 from mesh.services.gateway.backends import Backends
 from mesh.services.gateway.context import GatewayContext
 from mesh.services.gateway.health import HealthProbe
-from mesh.services.gateway.key_store import KeyStore, migrate
+from mesh.services.gateway.key_store import COMPONENT, MIGRATIONS, KeyStore
 from mesh.services.gateway.ratelimit import RateLimiter
 from mesh.services.gateway.settings import GatewaySettings
 
@@ -35,12 +37,13 @@ async def serve(settings: GatewaySettings) -> None:
     checks: list[DependencyCheck] = []
     keys: KeyStore | None = None
     pool = None
+    migrations: SchemaMigrations | None = None
     if settings.auth_mode in ("api_key", "any"):
-        await migrate(settings.database_url)
+        migrations = SchemaMigrations(settings.database_url, COMPONENT, MIGRATIONS)
         pool = create_pool(settings.database_url, name="gateway", min_size=1, max_size=8)
         await pool.open(wait=False)
-        keys = KeyStore(pool)
-        checks.append(PostgresCheck(pool, name="postgresql (api keys)"))
+        keys = KeyStore(pool, migrations=migrations)
+        checks += [PostgresCheck(pool, name="postgresql (api keys)"), migrations]
     authenticator = Authenticator(settings, keys)
     backends = Backends(settings)
     http = httpx.AsyncClient(timeout=settings.health_timeout_seconds)
@@ -60,6 +63,7 @@ async def serve(settings: GatewaySettings) -> None:
         cors_origins=settings.cors_origins,
     )
     server = DrainingServer(ctx, http_server_config(settings, create_app(ctx)))
+    migrating = asyncio.create_task(migrations.run_until_applied(ctx.draining)) if migrations else None
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal under the handlers it found at start.
     # Handlers that do nothing make that a no-op, so a drained gateway exits 0 like the other services.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -67,6 +71,9 @@ async def serve(settings: GatewaySettings) -> None:
     try:
         await server.serve()
     finally:
+        if migrating is not None:
+            migrating.cancel()
+            await asyncio.gather(migrating, return_exceptions=True)
         if pool is not None:
             await pool.close()
         log.info("gateway stopped")

@@ -12,6 +12,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from mesh.kit.db import database_unavailable, prepare_database
+from mesh.kit.migrations import SchemaMigrations
 
 COMPONENT = "gateway"
 MIGRATIONS = "mesh.services.gateway.migrations"
@@ -44,16 +45,26 @@ class ApiKey:
 
 async def migrate(url: str, *, timeout: float | None = 60.0) -> None:
     """Create the database if needed and apply the gateway's migrations, retrying connection failures for
-    ``timeout`` seconds."""
+    ``timeout`` seconds (the ``keys`` command; the gateway migrates in the background, with
+    :class:`~mesh.kit.migrations.SchemaMigrations`)."""
     await prepare_database(url, COMPONENT, MIGRATIONS, timeout=timeout)
 
 
 class KeyStore:
     """Lookups and administration of API keys through a connection pool."""
 
-    def __init__(self, pool: AsyncConnectionPool, *, lookup_timeout: float = LOOKUP_TIMEOUT_SECONDS) -> None:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        *,
+        lookup_timeout: float = LOOKUP_TIMEOUT_SECONDS,
+        migrations: SchemaMigrations | None = None,
+    ) -> None:
         self._pool = pool
         self._lookup_timeout = lookup_timeout
+        self._migrations = migrations
+        """The gateway's migrations, when they may still be running: lookups are refused until they are in (503,
+        retryable), rather than meet a missing table (500)."""
 
     async def create(self, name: str) -> tuple[ApiKey, str]:
         """Store a new key named ``name``; returns its record and the key (shown once)."""
@@ -90,7 +101,10 @@ class KeyStore:
         return [ApiKey(*row) for row in rows]
 
     async def lookup(self, key: str) -> str | None:
-        """The id of the active key ``key``, or None; UNAVAILABLE (503, retryable) while PostgreSQL is away."""
+        """The id of the active key ``key``, or None; UNAVAILABLE (503, retryable) while PostgreSQL is away or
+        the key table is not migrated yet."""
+        if self._migrations is not None:
+            self._migrations.require()
         try:
             async with self._pool.connection(timeout=self._lookup_timeout) as conn:
                 cursor = await conn.execute(

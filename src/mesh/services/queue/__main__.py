@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from mesh.kit.runtime import ServiceRuntime, start_service
-from mesh.services.queue.app import SERVICE_NAME, QueueApp
+from mesh.kit.runtime import start_service
+from mesh.services.queue.app import QueueApp
 from mesh.services.queue.settings import QueueSettings
 
 
@@ -13,7 +13,7 @@ async def main() -> None:
     settings = start_service("queue", QueueSettings)
     app = QueueApp(settings)
     await app.start()
-    runtime = ServiceRuntime("queue", settings, service_names=[SERVICE_NAME], checks=app.checks())
+    runtime = app.runtime()
     app.install(runtime)
     try:
         await runtime.run()

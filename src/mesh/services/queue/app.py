@@ -4,8 +4,9 @@
 way with their own settings::
 
     app = QueueApp(settings)
-    await app.start()                      # migrate, open the pool, connect the broker
-    app.install(runtime)                   # servicer, health checks, background tasks
+    await app.start()                      # migrate (or go on migrating in the background), open the pool
+    runtime = app.runtime()                # health checks, and the API refused until the schema is in place
+    app.install(runtime)                   # servicer, background tasks
     ...
     await app.close()
 """
@@ -14,13 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 from prometheus_client import Gauge
 
-from mesh.kit.db import PostgresCheck, prepare_database
+from mesh.kit.db import PostgresCheck
 from mesh.kit.health import Degrading, DependencyCheck, FunctionCheck
 from mesh.kit.logging import get_logger
+from mesh.kit.migrations import SchemaMigrations
 from mesh.kit.runtime import ServiceRuntime
 from mesh.queue.v1 import queue_service_pb2, queue_service_pb2_grpc
 from mesh.services.queue import repository
@@ -46,12 +50,17 @@ OLDEST_QUEUED = Gauge(
 )
 OUTBOX_OLDEST = Gauge("mesh_queue_outbox_oldest_age_seconds", "Age of the oldest unconfirmed dispatch.")
 
+STARTUP_MIGRATION_SECONDS = 10.0
+"""How long start-up waits for PostgreSQL to migrate before it serves and goes on in the background (the file
+service's ``MESH_STARTUP_MIGRATION_SECONDS`` default)."""
+
 
 class QueueApp:
     """Everything the queue service process runs."""
 
     def __init__(self, settings: QueueSettings) -> None:
         self.settings = settings
+        self.migrations = SchemaMigrations(settings.database_url, "queue", MIGRATIONS)
         self.pool = open_pool(settings.database_url, name="queue", max_size=settings.db_pool_max_size)
         self.repository = JobRepository(self.pool)
         self.broker = Broker(
@@ -104,13 +113,31 @@ class QueueApp:
         )
 
     def checks(self) -> list[DependencyCheck]:
-        """PostgreSQL through the service's pool, and the RabbitMQ connection, whose loss only degrades the
-        service: submits are kept in the outbox and every other call reads PostgreSQL."""
-        return [PostgresCheck(self.pool), Degrading(FunctionCheck("rabbitmq", self.broker.check))]
+        """PostgreSQL through the service's pool, the schema's migrations, and the RabbitMQ connection, whose
+        loss only degrades the service: submits are kept in the outbox and every other call reads PostgreSQL."""
+        return [
+            PostgresCheck(self.pool),
+            self.migrations,
+            Degrading(FunctionCheck("rabbitmq", self.broker.check)),
+        ]
 
-    async def start(self) -> None:
-        """Migrate and open the pool. RabbitMQ is connected to in the background (``connect_broker``)."""
-        await prepare_database(self.settings.database_url, "queue", MIGRATIONS)
+    def runtime(self) -> ServiceRuntime:
+        """The service's runtime: its health checks, and its API answering UNAVAILABLE until the schema is in
+        place."""
+        return ServiceRuntime(
+            "queue",
+            self.settings,
+            service_names=[SERVICE_NAME],
+            checks=self.checks(),
+            interceptors=[self.migrations.gate([SERVICE_NAME])],
+        )
+
+    async def start(self, *, migration_seconds: float = STARTUP_MIGRATION_SECONDS) -> None:
+        """Migrate, waiting up to ``migration_seconds`` for PostgreSQL, and open the pool. Without PostgreSQL
+        the service still starts, NOT_SERVING, and ``install`` migrates in the background: migrating before
+        serving made a pod started during a longer outage exit, into a crash loop. RabbitMQ is connected to
+        in the background too (``connect_broker``)."""
+        await self.migrations.try_once(timeout=migration_seconds)
         await self.pool.open(wait=False)
         if self.settings.reference_check_seconds > 0:
             self.servicer.references = ServiceReferences.connect(
@@ -131,15 +158,22 @@ class QueueApp:
         self.broker_ready.set()
 
     def install(self, runtime: ServiceRuntime) -> None:
-        """Add the API to the runtime's server and the background loops to its tasks."""
+        """Add the API to the runtime's server and the background loops to its tasks: the migrations until
+        they are in, and the loops that use the tables once they are."""
         queue_service_pb2_grpc.add_QueueServiceServicer_to_server(self.servicer, runtime.server)
         stopping = runtime.stopping
         self.servicer.stopping = stopping
+        runtime.add_background(lambda: self.migrations.run_until_applied(stopping))
         runtime.add_background(self.connect_broker)
-        runtime.add_background(lambda: self.relay.run(stopping))
-        runtime.add_background(lambda: self.reconciler.run(stopping))
-        runtime.add_background(lambda: self.dead_letters.run(stopping))
-        runtime.add_background(lambda: self.refresh_gauges(stopping))
+        for loop in (self.relay.run, self.reconciler.run, self.dead_letters.run, self.refresh_gauges):
+            runtime.add_background(functools.partial(self._once_migrated, loop, stopping))
+
+    async def _once_migrated(
+        self, loop: Callable[[asyncio.Event], Awaitable[None]], stopping: asyncio.Event
+    ) -> None:
+        """``loop`` once the schema is in place, unless the service stops first."""
+        if await self.migrations.wait(stopping):
+            await loop(stopping)
 
     async def refresh_gauges(self, stopping: asyncio.Event) -> None:
         """Keep the depth and age gauges current."""
