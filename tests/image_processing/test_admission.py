@@ -21,6 +21,7 @@ from mesh.image.v1 import image_processing_service_pb2 as pb
 from mesh.image.v1 import image_processing_service_pb2_grpc as pb_grpc
 from mesh.kit import errors
 from mesh.kit.settings import CommonSettings
+from mesh.kit.wire import serialize_reply
 from mesh.services.file.client import FileClient
 from mesh.services.image_processing import codec
 from mesh.services.image_processing.admission import Admission
@@ -305,9 +306,10 @@ def test_planned_output_shapes_are_what_the_steps_make(
     assert output_shapes(*shape, steps) == made
 
 
-async def test_a_reply_keeps_its_admission_until_the_call_is_over() -> None:
-    """The admission of a ProcessImage call is given back once gRPC is done with the reply (a RAW reply views
-    the result's memory until it is serialised), not when the handler returns."""
+async def test_a_raw_reply_keeps_its_admission_until_it_is_serialised() -> None:
+    """A RAW reply views the result's memory, so the admission of a ProcessImage call is given back once the
+    reply is serialised (which gRPC does as the handler returns), not when the handler returns; the reply is
+    whole. A done callback of the call did it before, at 0.5 ms a call."""
     processor = Processor(CpuBackend(), store=None, limits=LIMITS)
     servicer = ImageProcessingServicer(processor)
     image = noise(30, 20, 3)
@@ -318,12 +320,12 @@ async def test_a_reply_keeps_its_admission_until_the_call_is_over() -> None:
         pipeline=[params_pb2.PipelineStep(filter="invert")],
         output=pb.OutputSpec(format=image_pb2.IMAGE_FORMAT_RAW),
     )
-    context = CallContext()
     try:
-        await servicer.ProcessImage(RAW_INPUT.parse(request.SerializeToString()), context)  # type: ignore[arg-type]
+        reply = await servicer.ProcessImage(RAW_INPUT.parse(request.SerializeToString()), CallContext())  # type: ignore[arg-type]
         assert processor.admission.pending == 1
         assert processor.admission.free_bytes == processor.admission.memory_budget_bytes - image.nbytes
-        context.finish()
+        parsed = pb.ProcessImageResponse.FromString(serialize_reply(reply))
+        assert parsed.raw.pixels == (255 - image).tobytes()
         assert processor.admission.pending == 0
         assert processor.admission.free_bytes == processor.admission.memory_budget_bytes
     finally:

@@ -14,7 +14,7 @@ on parsing and again on every read of the field.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeAlias, TypeVar
 
@@ -163,9 +163,15 @@ class Spliced(Generic[M]):
     message: M
     field: NestedBytesField[M]
     data: Chunk
+    after: Callable[[], None] | None = None
+    """Called once the reply is serialised, when ``data`` is no longer needed (to give back what holds it)."""
 
     def serialize(self) -> bytes:
-        return self.field.serialize(self.message, [self.data])
+        try:
+            return self.field.serialize(self.message, [self.data])
+        finally:
+            if self.after is not None:
+                self.after()
 
 
 def serialize_reply(reply: Message | Spliced[Any]) -> bytes:
