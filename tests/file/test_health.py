@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import conninfo_to_dict
 
 from mesh.kit import errors
 from mesh.kit.runtime import ServiceRuntime
@@ -212,15 +211,13 @@ async def _wait_for_check(
 
 
 async def test_starts_without_postgres_and_migrates_when_it_comes(
-    postgres_admin_url: str, tmp_path: Path
+    postgres_admin_url: str, empty_database_url: str, tmp_path: Path
 ) -> None:
     """A service started while its database refuses connections is NOT_SERVING (naming the schema), and
     migrates and turns SERVING by itself once the database answers."""
-    database = f"mesh_test_late_{uuid.uuid4().hex[:8]}"
-    async with await psycopg.AsyncConnection.connect(postgres_admin_url, autocommit=True) as admin:
-        await admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+    url = empty_database_url
+    database = str(conninfo_to_dict(url)["dbname"])
     await _set_connections(postgres_admin_url, database, allowed=False)
-    url = make_conninfo(postgres_admin_url, dbname=database)
     try:
         settings = make_settings(url, tmp_path / "blobs", startup_migration_seconds=0.2)
         async with file_service(settings) as runtime:
@@ -239,46 +236,32 @@ async def test_starts_without_postgres_and_migrates_when_it_comes(
                 runtime.stopping.set()
                 await asyncio.wait_for(task, 15)
     finally:
-        async with await psycopg.AsyncConnection.connect(postgres_admin_url, autocommit=True) as admin:
-            await admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database))
-            )
+        await _set_connections(postgres_admin_url, database, allowed=True)
 
 
 async def test_the_api_answers_unavailable_until_the_schema_is_in_place(
-    postgres_admin_url: str, tmp_path: Path
+    empty_database_url: str, tmp_path: Path
 ) -> None:
     """While its migrations cannot be applied (a table of the same name is in their way here; in production,
     PostgreSQL came back a moment ago) the service answers UNAVAILABLE saying its schema is not in place,
     not INTERNAL from a query on a missing or foreign table; once they are applied it serves by itself."""
-    database = f"mesh_test_gate_{uuid.uuid4().hex[:8]}"
-    async with await psycopg.AsyncConnection.connect(postgres_admin_url, autocommit=True) as admin:
-        await admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
-    url = make_conninfo(postgres_admin_url, dbname=database)
-    try:
-        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-            await conn.execute("CREATE TABLE images (id integer)")
-        async with file_service(make_settings(url, tmp_path / "blobs")) as runtime:
-            task = asyncio.create_task(runtime.run())
-            try:
-                await asyncio.wait_for(runtime.started.wait(), 30)
-                await wait_for_status(runtime, NOT_SERVING, 5)
-                checks = {c["name"]: c for c in (await _healthz(runtime)).json()["checks"]}
-                assert "DuplicateTable" in checks["migrations"]["detail"]
-                async with FileClient(grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc_port}")) as client:
-                    with pytest.raises(
-                        errors.Unavailable, match="the file database schema is not in place yet"
-                    ):
-                        await client.list(timeout=5)
-                    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-                        await conn.execute("DROP TABLE images")
-                    await wait_for_status(runtime, SERVING, 20)
-                    assert list((await client.list(timeout=5)).images) == []
-            finally:
-                runtime.stopping.set()
-                await asyncio.wait_for(task, 15)
-    finally:
-        async with await psycopg.AsyncConnection.connect(postgres_admin_url, autocommit=True) as admin:
-            await admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database))
-            )
+    url = empty_database_url
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await conn.execute("CREATE TABLE images (id integer)")
+    async with file_service(make_settings(url, tmp_path / "blobs")) as runtime:
+        task = asyncio.create_task(runtime.run())
+        try:
+            await asyncio.wait_for(runtime.started.wait(), 30)
+            await wait_for_status(runtime, NOT_SERVING, 5)
+            checks = {c["name"]: c for c in (await _healthz(runtime)).json()["checks"]}
+            assert "DuplicateTable" in checks["migrations"]["detail"]
+            async with FileClient(grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc_port}")) as client:
+                with pytest.raises(errors.Unavailable, match="the file database schema is not in place yet"):
+                    await client.list(timeout=5)
+                async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+                    await conn.execute("DROP TABLE images")
+                await wait_for_status(runtime, SERVING, 20)
+                assert list((await client.list(timeout=5)).images) == []
+        finally:
+            runtime.stopping.set()
+            await asyncio.wait_for(task, 15)
