@@ -21,7 +21,7 @@ from mesh.kit.channels import open_channel
 from mesh.kit.health import FunctionCheck
 from mesh.kit.image_bytes import sniff_format
 from mesh.kit.raw_pixels import read_raw
-from mesh.kit.runtime import ServiceRuntime
+from mesh.kit.runtime import RESTARTING, ServiceRuntime
 from mesh.kit.wire import Parted, Spliced, serialize_reply
 from mesh.services.image_processing import codec
 from mesh.services.image_processing.cpu_backend import CpuBackend
@@ -514,3 +514,71 @@ async def test_too_many_queued_pipelines_are_resource_exhausted() -> None:
     refused = [r for r in results if isinstance(r, errors.ResourceExhausted)]
     assert len(refused) == 4
     assert all(r.retry_after_seconds for r in refused)
+
+
+async def test_a_stream_left_open_ends_unavailable_when_stopping_after_answering_the_frames_it_read() -> None:
+    """When the service stops, a stream reads no more frames, answers those it has read, then ends UNAVAILABLE
+    (``RESTARTING``) so that the client reopens it elsewhere; it does not hold the drain for the grace."""
+    processor = _BlockedProcessor()
+    stopping = asyncio.Event()
+    servicer = ImageProcessingServicer(processor, stream_queue_frames=2, stopping=stopping)  # type: ignore[arg-type]
+    held_open = asyncio.Event()
+
+    async def requests() -> AsyncIterator[Parted[pb.StreamProcessRequest]]:
+        yield Parted(pb.StreamProcessRequest(config=pb.StreamConfig()), None)
+        for sequence in (1, 2):
+            frame = pb.Frame(sequence=sequence, image=_png(noise(2, 2, 1)))
+            yield Parted(pb.StreamProcessRequest(frame=frame), None)
+        await held_open.wait()  # the client neither sends nor ends the stream
+
+    stream = servicer.StreamProcess(requests(), CallContext())  # type: ignore[arg-type]
+    first = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0.05)
+    stopping.set()
+    processor.release.set()
+    answered = [await first]
+    with pytest.raises(errors.Unavailable) as info:
+        async with asyncio.timeout(5):
+            async for reply in stream:
+                answered.append(reply)
+    assert info.value.message == RESTARTING
+    assert [r.sequence for r in answered if isinstance(r, pb.StreamProcessResponse)] == [1, 2]
+
+
+async def test_the_drain_does_not_wait_for_a_stream_the_client_keeps_open() -> None:
+    """Over a real server with a 20 s grace: a client holding StreamProcess open gets UNAVAILABLE as soon as the
+    service stops, and the service stops within a second (it waited out the grace before)."""
+    settings = ImageSettings(grpc_port=0, http_port=0, grace_seconds=20, health_interval_seconds=0.05)
+    processor = Processor(CpuBackend(), store=None, limits=LIMITS)
+    runtime = ServiceRuntime("image-processing", settings, service_names=[SERVICE_NAME])
+    add_to_server(ImageProcessingServicer(processor, stopping=runtime.stopping), runtime.server)
+    task = asyncio.create_task(runtime.run())
+    await asyncio.wait_for(runtime.started.wait(), 10)
+    held_open = asyncio.Event()
+    config = pb.StreamConfig(
+        pipeline=[_step("invert")], output=pb.OutputSpec(format=image_pb2.IMAGE_FORMAT_PNG)
+    )
+
+    async def requests() -> AsyncIterator[pb.StreamProcessRequest]:
+        for message in _frames(config, [_png(noise(8, 8, 3))]):
+            yield message
+        await held_open.wait()
+
+    try:
+        async with grpc.aio.insecure_channel(f"localhost:{runtime.grpc_port}") as channel:
+            call = pb_grpc.ImageProcessingServiceStub(channel).StreamProcess(requests())
+            reply = await call.read()
+            assert isinstance(reply, pb.StreamProcessResponse)
+            assert reply.sequence == 1
+            assert not reply.HasField("error")
+            started = asyncio.get_running_loop().time()
+            runtime.stopping.set()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await asyncio.wait_for(call.read(), 5)
+            await asyncio.wait_for(task, 30)
+            stopped = asyncio.get_running_loop().time() - started
+    finally:
+        held_open.set()
+        processor.close()
+    assert (info.value.code(), info.value.details()) == (grpc.StatusCode.UNAVAILABLE, RESTARTING)
+    assert stopped < 2

@@ -21,7 +21,7 @@ from mesh.common.v1 import image_pb2, params_pb2
 from mesh.inference.v1 import inference_service_pb2 as pb
 from mesh.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from mesh.kit import errors
-from mesh.kit.runtime import ServiceRuntime
+from mesh.kit.runtime import RESTARTING, ServiceRuntime
 from mesh.services.inference.checks import models_check
 from mesh.services.inference.client import InferenceClient
 from mesh.services.inference.images import ImageDecoder
@@ -56,17 +56,20 @@ def png(value: int) -> bytes:
 
 
 async def start(
-    root: Path, factory: FakeFactory, *, stream_max_in_flight: int = 32
+    root: Path, factory: FakeFactory, *, stream_max_in_flight: int = 32, grace_seconds: float = 1
 ) -> tuple[ServiceRuntime, asyncio.Task[None], ModelRepository]:
     repository = ModelRepository(root, factories={"fake": factory})
     await repository.load()
     predictor = Predictor(repository, ImageDecoder(max_pixels=1_000_000), MemoryFetcher({"img-1": png(200)}))
-    settings = InferenceSettings(grpc_port=0, http_port=0, grace_seconds=1, health_interval_seconds=0.05)
+    settings = InferenceSettings(
+        grpc_port=0, http_port=0, grace_seconds=grace_seconds, health_interval_seconds=0.05
+    )
     runtime = ServiceRuntime(
         "inference", settings, service_names=[SERVICE_NAME], checks=[models_check(repository)]
     )
     pb_grpc.add_InferenceServiceServicer_to_server(
-        InferenceServicer(predictor, stream_max_in_flight=stream_max_in_flight), runtime.server
+        InferenceServicer(predictor, stream_max_in_flight=stream_max_in_flight, stopping=runtime.stopping),
+        runtime.server,
     )
     task = asyncio.create_task(runtime.run())
     await asyncio.wait_for(runtime.started.wait(), 10)
@@ -367,6 +370,53 @@ async def test_a_stream_cancelled_with_its_window_full_computes_nothing_more(tmp
         runtime.stopping.set()
         await asyncio.wait_for(task, 10)
         await repository.close()
+
+
+async def test_a_stream_left_open_answers_what_it_read_then_ends_unavailable_and_the_drain_does_not_wait(
+    tmp_path: Path,
+) -> None:
+    """With a 20 s grace: when the service stops, a stream the client keeps open reads no more requests, answers
+    the two it has (one still computing), then ends UNAVAILABLE (``RESTARTING``), and the service stops within
+    about a second instead of waiting out the grace."""
+    write_model(tmp_path, name="held", max_batch_size=1, max_queue_delay_ms=0)
+    runtime, task, repository = await start(tmp_path, FakeFactory(), grace_seconds=20)
+    model = repository.get("held").model
+    assert isinstance(model, FakeModel)
+    model.release = threading.Event()
+    held_open = asyncio.Event()
+
+    async def produce() -> AsyncIterator[pb.StreamInferenceRequest]:
+        for request_id in ("a", "b"):
+            request = pb.PredictRequest(model_name="held", input=raw(200), request_id=request_id)
+            yield pb.StreamInferenceRequest(request=request)
+        await held_open.wait()
+
+    answered: list[str] = []
+    try:
+        async with grpc.aio.insecure_channel(f"localhost:{runtime.grpc_port}") as channel:
+            call = pb_grpc.InferenceServiceStub(channel).StreamInference(produce())
+            while not model.batches:
+                await asyncio.sleep(0.01)
+            started = asyncio.get_running_loop().time()
+            runtime.stopping.set()
+            await asyncio.sleep(0.1)
+            model.release.set()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async with asyncio.timeout(5):
+                    async for reply in call:
+                        assert reply.HasField("response")
+                        answered.append(reply.request_id)
+            await asyncio.wait_for(task, 30)
+            stopped = asyncio.get_running_loop().time() - started
+    finally:
+        held_open.set()
+        model.release.set()
+        runtime.stopping.set()
+        await asyncio.wait_for(task, 30)
+        await repository.close()
+    assert answered == ["a", "b"]
+    assert (info.value.code(), info.value.details()) == (grpc.StatusCode.UNAVAILABLE, RESTARTING)
+    assert stopped < 2
 
 
 async def test_stream_answers_each_request_and_survives_a_bad_one(served: Served) -> None:

@@ -30,6 +30,7 @@ from mesh.kit.runtime import (
     BackgroundTaskCrashed,
     ServiceRuntime,
     pause_unless_stopping,
+    until_stopping,
 )
 from mesh.kit.settings import ServerSettings
 
@@ -490,3 +491,42 @@ async def test_reflection_answers_under_v1_and_v1alpha(runtime: Any, version: st
     names = {service.name for service in listed.list_services_response.service}
     assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
     assert described.file_descriptor_response.file_descriptor_proto
+
+
+async def _requests(*items: str) -> AsyncIterator[str]:
+    for item in items:
+        yield item
+
+
+async def test_until_stopping_passes_every_request_of_a_stream_the_client_ends() -> None:
+    """Until the service stops, the stream's requests pass through unchanged, and its end ends the reading."""
+    stopping = asyncio.Event()
+    assert [r async for r in until_stopping(_requests("a", "b", "c"), stopping)] == ["a", "b", "c"]
+
+
+async def test_until_stopping_ends_a_stream_left_open_unavailable_when_the_service_stops() -> None:
+    """A client that keeps its stream open without sending: the reading ends UNAVAILABLE (``RESTARTING``) as
+    soon as ``stopping`` is set, after the requests already received, and the read in progress is cancelled."""
+    stopping = asyncio.Event()
+    read_cancelled = asyncio.Event()
+
+    async def held_open() -> AsyncIterator[str]:
+        yield "a"
+        yield "b"
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            read_cancelled.set()
+            raise
+        yield "never"
+
+    reading = until_stopping(held_open(), stopping)
+    assert [await anext(reading), await anext(reading)] == ["a", "b"]
+    pending = asyncio.ensure_future(anext(reading))
+    await asyncio.sleep(0.05)
+    assert not pending.done()
+    stopping.set()
+    with pytest.raises(errors.Unavailable) as info:
+        await asyncio.wait_for(pending, 1)
+    assert info.value.message == RESTARTING
+    assert read_cancelled.is_set()

@@ -7,7 +7,8 @@ Usage, in a service's ``__main__``::
     await runtime.run()          # returns after SIGTERM/SIGINT and a graceful drain
 
 On SIGTERM: every health name goes NOT_SERVING (so load balancers stop sending), ``stopping`` is set (so
-workers stop taking jobs, and calls that would last, such as a watch, end: :func:`pause_unless_stopping`),
+workers stop taking jobs, and calls that would last, such as a watch or a client stream, end:
+:func:`pause_unless_stopping`, :func:`until_stopping`),
 and the gRPC server turns new calls away. In-flight RPCs and background tasks (job workers) then share one
 ``grace_seconds``: whatever is still running at its end is cancelled. The HTTP port (``/healthz`` answering
 503 NOT_SERVING, ``/metrics``) serves until the rest has stopped, then closes within what is left of the
@@ -20,7 +21,7 @@ import asyncio
 import contextlib
 import importlib.metadata
 import signal
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -46,6 +47,8 @@ from mesh.kit.supervision import stop_with_supervisor
 from mesh.kit.tls import server_credentials
 
 log = get_logger(__name__)
+
+T = TypeVar("T")
 
 LIVENESS_SERVICE = "liveness"
 """A health name that is SERVING while the process serves, whatever its dependencies say: liveness probes
@@ -86,6 +89,33 @@ async def pause_unless_stopping(stopping: asyncio.Event, seconds: float) -> None
                 await stopping.wait()
     if stopping.is_set():
         raise errors.Unavailable(RESTARTING)
+
+
+async def until_stopping(requests: AsyncIterable[T], stopping: asyncio.Event) -> AsyncIterator[T]:
+    """A client stream's requests until the client ends it or the service stops, and then UNAVAILABLE
+    (``RESTARTING``): a stream the client keeps open would otherwise hold the drain for the whole grace.
+
+    A handler reads its requests through this and answers the ones it has read before the error reaches it, so
+    that a client learns from the responses it got which requests to send again on the stream it reopens.
+    """
+    iterator = aiter(requests)
+    stopped = asyncio.ensure_future(stopping.wait())
+    try:
+        while True:
+            received = asyncio.ensure_future(anext(iterator))
+            await asyncio.wait((received, stopped), return_when=asyncio.FIRST_COMPLETED)
+            if not received.done():
+                received.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await received
+                raise errors.Unavailable(RESTARTING)
+            try:
+                request = received.result()
+            except StopAsyncIteration:
+                return
+            yield request
+    finally:
+        stopped.cancel()
 
 
 def message_limit_options(max_bytes: int) -> list[tuple[str, int]]:

@@ -46,7 +46,10 @@ async def main() -> None:
     handler = ImageJobHandler(files, processor, predictor)
     await attach_worker(runtime, settings, queue=IMAGE_JOBS_QUEUE, handler=handler, name="image-processing")
     add_to_server(
-        ImageProcessingServicer(processor, stream_queue_frames=settings.stream_queue_frames), runtime.server
+        ImageProcessingServicer(
+            processor, stream_queue_frames=settings.stream_queue_frames, stopping=runtime.stopping
+        ),
+        runtime.server,
     )
     try:
         await runtime.run()

@@ -20,6 +20,7 @@ from mesh.image.v1 import image_processing_service_pb2 as pb
 from mesh.kit import errors
 from mesh.kit.deadlines import deadline_in
 from mesh.kit.logging import get_logger
+from mesh.kit.runtime import until_stopping
 from mesh.kit.wire import NestedBytesField, Parted, Spliced, serialize_reply
 from mesh.services.image_processing.processor import Delivered, Processor, filter_catalogue
 from mesh.services.image_processing.registry import Step, steps_from_proto
@@ -46,9 +47,14 @@ def _reply(message: M, field: NestedBytesField[M], delivered: Delivered) -> M | 
 class ImageProcessingServicer:
     """ListFilters, ProcessImage and StreamProcess."""
 
-    def __init__(self, processor: Processor, *, stream_queue_frames: int = 2) -> None:
+    def __init__(
+        self, processor: Processor, *, stream_queue_frames: int = 2, stopping: asyncio.Event | None = None
+    ) -> None:
         self._processor = processor
         self._queue_frames = stream_queue_frames
+        self._stopping = asyncio.Event() if stopping is None else stopping
+        """Set when the service stops (``ServiceRuntime.stopping``): a stream then ends, UNAVAILABLE, once the
+        frames it has read are answered."""
 
     async def ListFilters(  # noqa: N802 (gRPC method name)
         self, request: pb.ListFiltersRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -79,7 +85,8 @@ class ImageProcessingServicer:
         request_iterator: AsyncIterator[Parted[pb.StreamProcessRequest]],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.StreamProcessResponse | Spliced[pb.StreamProcessResponse]]:
-        parted = await anext(aiter(request_iterator), None)
+        requests = until_stopping(request_iterator, self._stopping)
+        parted = await anext(requests, None)
         if parted is None:
             return
         first = parted.message
@@ -100,7 +107,7 @@ class ImageProcessingServicer:
 
         async def read() -> None:
             try:
-                async for message in request_iterator:
+                async for message in requests:
                     await queue.put(message)
             except asyncio.CancelledError:
                 raise
@@ -126,6 +133,8 @@ class ImageProcessingServicer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
         if failures:
+            if isinstance(failures[0], errors.MeshError):  # the service is stopping: until_stopping's error
+                raise failures[0]
             log.warning("stream ended by a read failure", error=repr(failures[0]))
 
     async def _frame(

@@ -48,7 +48,10 @@ async def serve(settings: InferenceSettings) -> None:
     handler = InferenceJobHandler(predictor)
     await attach_worker(runtime, settings, queue=INFERENCE_JOBS_QUEUE, handler=handler, name="inference")
     pb_grpc.add_InferenceServiceServicer_to_server(
-        InferenceServicer(predictor, stream_max_in_flight=settings.stream_max_in_flight), runtime.server
+        InferenceServicer(
+            predictor, stream_max_in_flight=settings.stream_max_in_flight, stopping=runtime.stopping
+        ),
+        runtime.server,
     )
     try:
         await runtime.run()

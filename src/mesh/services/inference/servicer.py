@@ -16,6 +16,7 @@ from mesh.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from mesh.kit.deadlines import deadline_in
 from mesh.kit.errors import Internal, MeshError
 from mesh.kit.logging import get_logger
+from mesh.kit.runtime import until_stopping
 from mesh.services.inference.predictor import DEVICES, Predictor, assign_request_id
 from mesh.services.inference.repository import ModelEntry, ModelRepository, ModelVersion
 
@@ -46,10 +47,15 @@ def model_summary(entry: ModelEntry) -> pb.ModelSummary:
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     """The gRPC face of the predictor."""
 
-    def __init__(self, predictor: Predictor, *, stream_max_in_flight: int = 32) -> None:
+    def __init__(
+        self, predictor: Predictor, *, stream_max_in_flight: int = 32, stopping: asyncio.Event | None = None
+    ) -> None:
         self._predictor = predictor
         self._repository: ModelRepository = predictor.repository
         self._stream_max_in_flight = stream_max_in_flight
+        self._stopping = asyncio.Event() if stopping is None else stopping
+        """Set when the service stops (``ServiceRuntime.stopping``): a stream then reads no more requests,
+        answers the ones it has, and ends UNAVAILABLE."""
 
     @override
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
@@ -100,14 +106,15 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def StreamInference(
         self, request_iterator: AsyncIterable[pb.StreamInferenceRequest], context: Context
     ) -> AsyncIterator[pb.StreamInferenceResponse]:
-        """Requests run concurrently (so they can share batches); responses keep the requests' order."""
+        """Requests run concurrently (so they can share batches); responses keep the requests' order. When the
+        service stops, the requests read so far are answered and the stream ends UNAVAILABLE (``RESTARTING``)."""
         deadline = deadline_in(context.time_remaining())
         window = asyncio.Semaphore(self._stream_max_in_flight)
         answers: asyncio.Queue[asyncio.Task[pb.StreamInferenceResponse] | None] = asyncio.Queue()
 
         async def read() -> None:
             try:
-                async for item in request_iterator:
+                async for item in until_stopping(request_iterator, self._stopping):
                     # The slot is taken before the task exists: a task created and then left waiting for room
                     # would be in neither ``answers`` nor ``started`` when the stream ends, and nothing would
                     # cancel it.
