@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mesh.services.file.settings import FileSettings
+from mesh.services.gateway.settings import UPLOAD_FORM_HEADROOM_BYTES, GatewaySettings
 from tests.gateway.fakes import strip_png
 from tests.gateway.harness import FakeMesh, GatewayFactory, build_gateway, close_gateway, serve_app
 from tests.gateway.test_errors import assert_error_shape
@@ -206,12 +208,33 @@ async def test_too_large_by_content_length_is_413(make_client: GatewayFactory, m
     client = await make_client(max_upload_bytes=1000)
     before = len(mesh.fakes.files.upload_metadata)
     response = await client.post(
-        "/v1/images", content=b"\x89PNG" + b"0" * 5000, headers={"content-type": "image/png"}
+        "/v1/images",
+        content=b"\x89PNG" + b"0" * (1000 + UPLOAD_FORM_HEADROOM_BYTES),
+        headers={"content-type": "image/png"},
     )
     assert response.status_code == 413
     assert_error_shape(response.json(), "RESOURCE_EXHAUSTED")
     assert len(mesh.fakes.files.upload_metadata) == before
     assert "traceparent" in response.headers
+
+
+async def test_an_image_of_the_upload_limit_passes_the_gateway_in_a_multipart_form(
+    make_client: GatewayFactory,
+) -> None:
+    """MESH_MAX_UPLOAD_BYTES means the image's size at the gateway as at the file service: an image of exactly
+    that size is not refused for its form's boundaries and headers (the gateway's own default was 1 MiB larger
+    than the file service's, and a value set for both refused such an image with 413)."""
+    data = noisy_png(50_000)
+    client = await make_client(max_upload_bytes=len(data))
+    response = await client.post("/v1/images", files={"file": ("edge.png", data, "image/png")})
+    assert response.status_code == 201, response.text
+    assert response.json()["size_bytes"] == len(data)
+
+
+def test_the_gateway_and_the_file_service_share_one_default_upload_limit() -> None:
+    """One name, one default: the gateway's and the file service's MESH_MAX_UPLOAD_BYTES agree."""
+    gateway = GatewaySettings.model_fields["max_upload_bytes"].default
+    assert gateway == FileSettings.model_fields["max_upload_bytes"].default
 
 
 async def test_too_large_streamed_body_is_413(make_client: GatewayFactory, mesh: FakeMesh) -> None:
@@ -222,7 +245,7 @@ async def test_too_large_streamed_body_is_413(make_client: GatewayFactory, mesh:
 
     async def body() -> AsyncIterator[bytes]:
         for _ in range(10):
-            yield b"x" * 4000
+            yield b"x" * 10_000
 
     response = await client.post(
         f"/v1/images?filename={name}", content=body(), headers={"content-type": "image/png"}

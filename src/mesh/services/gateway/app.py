@@ -41,7 +41,7 @@ from mesh.services.gateway.middleware import (
 from mesh.services.gateway.routes import images, jobs, models, processing, system
 from mesh.services.gateway.routes.system import PAGE_POLICY
 from mesh.services.gateway.schemas import PredictIn, ProcessIn
-from mesh.services.gateway.settings import AuthMode
+from mesh.services.gateway.settings import UPLOAD_FORM_HEADROOM_BYTES, AuthMode
 
 SWAGGER_UI = "/static/vendor/swagger-ui"
 DESCRIPTION = """REST and JSON in front of the image analysis mesh's gRPC services.
@@ -156,7 +156,7 @@ def create_app(ctx: GatewayContext) -> FastAPI:
     def limit_for(scope: Scope) -> int:
         path = scope["path"].rstrip("/")
         if scope["method"] == "POST" and path == "/v1/images":
-            return settings.max_upload_bytes
+            return settings.max_upload_bytes + UPLOAD_FORM_HEADROOM_BYTES
         if scope["method"] == "POST" and (path == "/v1/process" or path.endswith(":predict")):
             return settings.max_json_bytes
         # A job, a cancel: a few KB at most, so a body of megabytes is refused before it is read or parsed.

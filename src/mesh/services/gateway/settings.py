@@ -15,6 +15,11 @@ AuthMode = Literal["off", "api_key", "jwt", "any"]
 ServiceName = Literal["file", "image", "inference", "queue"]
 
 
+UPLOAD_FORM_HEADROOM_BYTES = 64 * 1024
+"""What a ``POST /v1/images`` body may carry beyond the image itself: a multipart form's boundaries, part headers
+and small fields (a filename, labels)."""
+
+
 class GatewaySettings(CommonSettings):
     """Settings of the REST gateway."""
 
@@ -30,8 +35,10 @@ class GatewaySettings(CommonSettings):
     then keys rate limits (with authentication off) and logs, and redirects keep the client's scheme. Only a
     peer that cannot be reached past the proxy may be trusted with ``*``."""
 
-    max_upload_bytes: int = Field(default=26 * 1024 * 1024, gt=0)
-    """Largest request body accepted by ``POST /v1/images`` (multipart overhead included); larger -> 413."""
+    max_upload_bytes: int = Field(default=25 * 1024 * 1024, gt=0)
+    """Largest image accepted by ``POST /v1/images``: the file service's setting of the same name, which one
+    value should set for both. The request body may be 64 KiB larger (``UPLOAD_FORM_HEADROOM_BYTES``: a multipart
+    form's boundaries and other fields); a larger body -> 413 before it is read."""
 
     max_json_bytes: int = Field(default=36 * 1024 * 1024, gt=0)
     """Largest body of ``POST /v1/process`` and ``POST /v1/models/{name}:predict``, which carry images inline
