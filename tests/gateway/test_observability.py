@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -190,6 +191,40 @@ async def test_a_degraded_dependency_shows_but_keeps_the_mesh_ready(
         broker.up = True
         await mesh.runtime.monitor.check_now()
     assert (await client.get("/v1/health")).json()["status"] == "ok"
+
+
+@dataclass
+class _Unreachable:
+    """A dependency whose driver names the address it could not reach, as psycopg does."""
+
+    name: str = "postgresql-replica"
+    up: bool = False
+
+    async def check(self) -> str:
+        if self.up:
+            return "pool 1 connections"
+        raise ConnectionError('connection to server at "db-1.mesh.svc" (10.4.0.9), port 5432 failed: timeout')
+
+
+async def test_the_dashboard_names_no_internal_address(client: httpx.AsyncClient, mesh: FakeMesh) -> None:
+    """/v1/health is open to anyone: a service's check detail that names its database's host reaches the
+    dashboard with <address> in its place, and what failed still shows."""
+    replica = _Unreachable()
+    mesh.runtime.monitor.add_check(Degrading(replica))
+    try:
+        await mesh.runtime.monitor.check_now()
+        dashboard = (await client.get("/v1/health")).json()
+        async with (
+            httpx.AsyncClient() as http
+        ):  # the service's own /healthz, for its operators, keeps it whole
+            own = (await http.get(f"http://127.0.0.1:{mesh.runtime.http_port}/healthz")).json()
+    finally:
+        replica.up = True
+        await mesh.runtime.monitor.check_now()
+    details = [c["detail"] for c in dashboard["components"] if c["name"] == "postgresql-replica"]
+    assert details == ["ConnectionError: connection to server at <address> failed: timeout"] * len(details)
+    assert details
+    assert any("db-1.mesh.svc" in c["detail"] for c in own["checks"])
 
 
 async def test_readyz_ignores_services_that_are_not_required(make_client: GatewayFactory) -> None:

@@ -11,10 +11,19 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import aio_pika
+import psycopg
 import pytest
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
-from mesh.kit.health import Degrading, DirectoryCheck, FreeSpaceCheck, HealthMonitor
+from mesh.kit.health import (
+    ADDRESS,
+    Degrading,
+    DirectoryCheck,
+    FreeSpaceCheck,
+    HealthMonitor,
+    public_detail,
+)
 
 HealthServicer = health_aio.HealthServicer
 
@@ -151,3 +160,57 @@ async def test_a_degrading_dependency_missing_past_the_start_grace_is_a_warning(
     assert [(level, line["event"]) for level, line in _health_lines(caplog)] == [
         ("WARNING", "health: not serving")
     ]
+
+
+async def _driver_errors() -> list[str]:
+    """What PostgreSQL's and RabbitMQ's drivers say when their server is not there, as a check reports it."""
+    details = []
+    for connect in (
+        lambda: psycopg.AsyncConnection.connect("postgresql://mesh@127.0.0.1:1/mesh", connect_timeout=2),
+        lambda: psycopg.AsyncConnection.connect("postgresql://mesh@no-such-host.invalid:5432/mesh"),
+        lambda: aio_pika.connect("amqp://guest:secret@127.0.0.1:1/", timeout=2),
+    ):
+        with pytest.raises(Exception) as info:  # noqa: PT011 (any driver error: its text is the subject)
+            await connect()
+        details.append(f"{type(info.value).__name__}: {info.value}")
+    return details
+
+
+async def test_a_public_detail_names_no_address_and_keeps_what_went_wrong() -> None:
+    """The drivers' own errors name the host and port they tried (a URL may name a password); the public detail
+    replaces each with <address> and keeps the rest, so the dashboard still says what failed."""
+    refused, unresolved, broker = await _driver_errors()
+    assert "127.0.0.1" in refused
+    assert "no-such-host.invalid" in unresolved
+    assert "127.0.0.1" in broker
+    for detail in (refused, unresolved, broker):
+        public = public_detail(detail)
+        assert ADDRESS in public, public
+        assert "127.0.0.1" not in public
+        assert "no-such-host" not in public
+        assert ", 1)" not in public
+        assert "port 1 " not in public
+    assert "Connection refused" in public_detail(refused)
+    assert (
+        public_detail("connect failed: amqp://guest:secret@rabbitmq.mesh.svc:5672/")
+        == f"connect failed: {ADDRESS}"
+    )
+    assert (
+        public_detail("rabbitmq.mesh.svc:5672, [fd00::1]:5432, 10.0.0.7")
+        == f"{ADDRESS}, {ADDRESS}, {ADDRESS}"
+    )
+
+
+@pytest.mark.parametrize(
+    "detail",
+    [
+        "no answer within 2s",
+        "pool 4 connections",
+        "12.5 GiB free of 50 GiB",
+        "checked at 12:30:45",
+        "ACCESS_REFUSED",
+    ],
+)
+def test_a_detail_without_an_address_is_public_as_it_is(detail: str) -> None:
+    """Sizes, times and the brokers' refusal words are not taken for addresses."""
+    assert public_detail(detail) == detail

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import shutil
 import time
 import uuid
@@ -41,6 +42,32 @@ class DependencyCheck(Protocol):
     async def check(self) -> str:
         """Probe the dependency; return a short detail (e.g. free space) or raise."""
         ...
+
+
+ADDRESS = "<address>"
+"""What :func:`public_detail` puts in place of a network address."""
+
+# Most specific first: a URL may carry credentials, and the drivers' own phrasings name a host in words.
+_ADDRESSES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"\b[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE), ADDRESS),  # a URL
+    (re.compile(r'server at "[^"]*"(?: \([^)]*\))?, port \d+'), f"server at {ADDRESS}"),  # libpq
+    (re.compile(r"host '[^']*'"), f"host {ADDRESS}"),  # psycopg: failed to resolve host 'name'
+    (re.compile(r"\('[^']*', \d+(?:, \d+)*\)"), f"({ADDRESS})"),  # asyncio: Connect call failed ('ip', port)
+    (re.compile(r"\[[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*\](?::\d+)?"), ADDRESS),  # [IPv6]:port
+    (re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b"), ADDRESS),  # IPv4[:port]
+    (re.compile(r"\b[A-Za-z][A-Za-z0-9-]*(?:\.[A-Za-z0-9-]+)*:\d{1,5}\b"), ADDRESS),  # host:port
+)
+
+
+def public_detail(detail: str) -> str:
+    """A check's detail with the network addresses in it (hosts, ports, URLs) replaced by ``<address>``, for
+    pages anyone may read (the gateway's dashboard): a driver's error names the database's or broker's host,
+    which tells a user nothing and maps the inside of the deployment for anyone else. What went wrong
+    ("Connection refused", "ACCESS_REFUSED", "no answer within 2s") stays; the service's own ``/healthz`` and
+    log keep the whole text for its operators."""
+    for pattern, replacement in _ADDRESSES:
+        detail = pattern.sub(replacement, detail)
+    return detail
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ Sources: each service's ``grpc.health.v1`` Check (the gateway's own view), each 
 the image service's device (GPU or CPU backend), and the gateway's own checks (its key store). The blob store
 is the file service's (its ``blob_store`` check), so it shows once, as the file service sees it.
 
-The routes are open, so a round of probes is shared: requests within ``FRESH_SECONDS`` of a round get its
+The routes are open, so the details they show name no network address (``public_detail``: a driver's error
+names its database's host), and a round of probes is shared: requests within ``FRESH_SECONDS`` of a round get its
 result, and requests during a round wait for it (one round however many tabs or probes ask).
 """
 
@@ -22,7 +23,7 @@ import httpx
 from grpc_health.v1 import health_pb2
 
 from mesh.image.v1 import image_processing_service_pb2 as image_pb
-from mesh.kit.health import DependencyCheck, run_check
+from mesh.kit.health import DependencyCheck, public_detail, run_check
 from mesh.kit.logging import get_logger
 from mesh.queue.v1 import queue_service_pb2 as queue_pb
 from mesh.services.gateway import convert
@@ -209,7 +210,7 @@ class HealthProbe:
                 kind="dependency",
                 status=_REPORTED.get(str(check.get("status")), "failing"),
                 latency_ms=check.get("latency_ms"),
-                detail=str(check.get("detail", "")),
+                detail=public_detail(str(check.get("detail", ""))),
                 source=source,
             )
             for check in checks
@@ -247,7 +248,7 @@ class HealthProbe:
                 kind="gateway",
                 status="ok" if r.ok else "failing",
                 latency_ms=round(r.latency_seconds * 1000, 3),
-                detail=r.detail,
+                detail=public_detail(r.detail),
                 source=GATEWAY,
             )
             for r in results
