@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+from prometheus_client import REGISTRY
 
 from mesh.kit.errors import DeadlineExceeded, PayloadTooLarge, ResourceExhausted
 from mesh.kit.memory_budget import MemoryBudget
@@ -132,3 +133,21 @@ async def test_a_service_words_its_refusals_and_bounds_its_waiters() -> None:
     held.release()
     (await waiter).release()
     assert budget.held == 0
+
+
+async def test_a_budget_shows_its_limit_the_bytes_held_and_the_requests_waiting_on_metrics() -> None:
+    """Operators see on /metrics how much of each budget is held and how many requests wait for it, as of the
+    scrape (a budget that bounds throughput shows as waiting requests, not as busy CPUs)."""
+
+    def sample(metric: str) -> float | None:
+        return REGISTRY.get_sample_value(metric, {"budget": "metrics-test"})
+
+    budget = MemoryBudget(100, name="test budget", label="metrics-test")
+    assert sample("mesh_memory_budget_limit_bytes") == 100
+    first = await budget.acquire(60, what="a")
+    waiting = asyncio.ensure_future(budget.acquire(70, what="b"))
+    await asyncio.sleep(0.01)
+    assert (sample("mesh_memory_budget_held_bytes"), sample("mesh_memory_budget_waiting")) == (60, 1)
+    first.release()
+    (await waiting).release()
+    assert (sample("mesh_memory_budget_held_bytes"), sample("mesh_memory_budget_waiting")) == (0, 0)

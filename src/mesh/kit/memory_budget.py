@@ -6,6 +6,10 @@ work computing for it that outlives a caller that went away (a batch, a thread).
 budget is refused at once, since it could never be granted; one that does not fit waits in turn, within its
 deadline. The services word the refusals in their own terms by overriding :meth:`MemoryBudget.too_large` and
 :meth:`MemoryBudget.timed_out`, and may bound the waiters with :meth:`MemoryBudget.may_wait`.
+
+Each budget shows on ``/metrics`` by its ``label``: its limit, the bytes held and the requests waiting, read at
+scrape time (nothing is counted on the request path). Requests waiting for long mean the budget, not the CPU
+or the GPU, bounds the service's throughput.
 """
 
 from __future__ import annotations
@@ -15,8 +19,18 @@ import collections
 import contextlib
 import time
 
+from prometheus_client import Gauge
+
 from mesh.kit import errors
 from mesh.kit.units import binary_size
+
+BUDGET_LIMIT = Gauge("mesh_memory_budget_limit_bytes", "The memory budget's size.", ["budget"])
+BUDGET_HELD = Gauge(
+    "mesh_memory_budget_held_bytes", "Bytes of the memory budget held by requests.", ["budget"]
+)
+BUDGET_WAITING = Gauge(
+    "mesh_memory_budget_waiting", "Requests waiting for their share of the memory budget.", ["budget"]
+)
 
 
 class MemoryHold:
@@ -42,7 +56,7 @@ class MemoryBudget:
     """``limit`` bytes that requests hold at once, granted in arrival order (a large request is not passed over
     by small ones for ever). Used from the event loop only."""
 
-    def __init__(self, limit: int, *, name: str) -> None:
+    def __init__(self, limit: int, *, name: str, label: str | None = None) -> None:
         self.limit = limit
         self.name = name
         """What the budget is for, in the default wording of its refusals."""
@@ -50,6 +64,11 @@ class MemoryBudget:
         self.holds = 0
         """Holds granted and not given back yet."""
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+        self.label = name if label is None else label
+        """The ``budget`` label of its metrics (a later budget of the same label takes its series over)."""
+        BUDGET_LIMIT.labels(self.label).set(limit)
+        BUDGET_HELD.labels(self.label).set_function(lambda: self.held)
+        BUDGET_WAITING.labels(self.label).set_function(lambda: self.waiting)
 
     @property
     def waiting(self) -> int:

@@ -89,7 +89,7 @@ class Admission:
     def __init__(self, *, device: str, max_pending: int, memory_budget_bytes: int) -> None:
         self.device = device
         self.max_pending = max_pending
-        self.memory = _ImageMemory(memory_budget_bytes, name="image memory budget")
+        self.memory = _ImageMemory(memory_budget_bytes, name="image memory budget", label="image")
         # At 0 from the start, so that rate() sees the first refusal (the shedding alert).
         PIPELINES_REJECTED.labels(device)
 
