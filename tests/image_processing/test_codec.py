@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from typing import Any
 
 import numpy as np
@@ -130,6 +132,17 @@ def test_too_many_pixels_is_refused_before_decoding() -> None:
         codec.decode(data, LIMITS)
     assert caught.value.code.name == "RESOURCE_EXHAUSTED"
     assert errors.http_status(caught.value) == 413
+
+
+def test_a_header_over_pillows_own_limit_is_refused_naming_its_size() -> None:
+    """A PNG declaring 20000x20000 pixels (over twice Pillow's own bomb limit, where it refuses to tell the size)
+    is refused against the service's limit naming that size; it said "10001x1", a stand-in for it."""
+    data = bytearray(codec.encode(noise(1, 1, 3), codec.Format.PNG))
+    data[16:24] = struct.pack(">II", 20_000, 20_000)
+    data[29:33] = struct.pack(">I", zlib.crc32(data[12:29]))
+    with pytest.raises(errors.PayloadTooLarge) as caught:
+        codec.probe(bytes(data), LIMITS)
+    assert caught.value.message == "input.encoded.data is 20000x20000 = 400000000 pixels; the limit is 10000"
 
 
 def test_too_many_bytes_is_refused() -> None:

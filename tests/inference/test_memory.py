@@ -17,6 +17,7 @@ from PIL import Image, PngImagePlugin
 from mesh.common.v1 import image_pb2
 from mesh.inference.v1 import inference_service_pb2 as pb
 from mesh.kit.errors import DeadlineExceeded, InvalidData, PayloadTooLarge
+from mesh.kit.orientation import ORIENTATION_TAG
 from mesh.services.inference.images import ImageDecoder, Pixels
 from mesh.services.inference.predictor import HEADER_PREFIX_BYTES, Predictor
 from mesh.services.inference.repository import ModelRepository
@@ -86,6 +87,25 @@ async def test_an_image_whose_header_is_longer_than_the_prefix_read_on_the_loop_
     request.input.encoded.data = buffer.getvalue()
     predictor, decoder, _ = served
     with pytest.raises(PayloadTooLarge, match=r"\(700x700, 3 channels\) takes 1\.4 MiB"):
+        await predictor.predict(request)
+    assert decoder.decoded == 0
+
+
+async def test_an_exif_turned_image_is_sized_as_the_decoder_turns_it(
+    served: tuple[Predictor, CountingDecoder, FakeFactory],
+) -> None:
+    """A portrait photo stored sideways (800x500, EXIF orientation 6) is described at the 500x800 the decoder
+    turns it to, as its pixels will be; the refusal named the stored 800x500."""
+    exif = Image.Exif()
+    exif[ORIENTATION_TAG] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((500, 800, 3), 200, dtype=np.uint8)).save(
+        buffer, format="JPEG", exif=exif.tobytes()
+    )
+    request = png_request(1)
+    request.input.encoded.data = buffer.getvalue()
+    predictor, decoder, _ = served
+    with pytest.raises(PayloadTooLarge, match=r"input\.encoded \(500x800, 3 channels\) takes 1\.1 MiB"):
         await predictor.predict(request)
     assert decoder.decoded == 0
 

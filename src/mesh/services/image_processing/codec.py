@@ -1,28 +1,25 @@
 """Decoding and encoding of images, with the limits checked before any pixel is decoded.
 
-Pillow reads only the header (format and size, against ``max_pixels``); OpenCV then decodes, because it
-keeps 16-bit RGB(A) PNGs that Pillow would reduce. Pixels come back as RGB(A), (height, width, channels),
-turned as the EXIF orientation says (as a viewer, the thumbnails and the strip reader show them).
+The kit's reader (``mesh.kit.image_header``, Pillow) reads only the header (format and size, against
+``max_pixels``); OpenCV then decodes, because it keeps 16-bit RGB(A) PNGs that Pillow would reduce. Pixels come
+back as RGB(A), (height, width, channels), turned as the EXIF orientation says (as a viewer, the thumbnails and
+the strip reader show them).
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from enum import StrEnum
 
 import cv2
 import numpy as np
-from PIL import Image as PilImage
-from PIL import UnidentifiedImageError
 
 from mesh.kit import errors
 from mesh.kit.image_bytes import empty_image, not_an_image, sniff_format, unreadable_header
+from mesh.kit.image_header import read_header
 from mesh.kit.image_limits import check_bytes, check_pixels
-from mesh.kit.orientation import exif_orientation, orient
+from mesh.kit.orientation import orient
 from mesh.services.image_processing.filter_math import Image, as_image
-
-ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
 class Format(StrEnum):
@@ -71,9 +68,9 @@ class Header:
         return self.width * self.height * self.channels * self.itemsize
 
 
-# PNG colour types (IHDR byte 25) to the channels decode returns: grey, RGB, palette (RGB or RGBA), grey and
-# alpha (made RGBA), RGBA.
-_PNG_CHANNELS = {0: 1, 2: 3, 3: 4, 4: 4, 6: 4}
+# The channels that decode returns, by Pillow's mode: grey and RGB as stored; grey and alpha made RGBA; a palette
+# PNG counted 4 whether or not it is transparent (at most), as is a CMYK JPEG.
+_DECODED_CHANNELS = {"1": 1, "L": 1, "I;16": 1, "RGB": 3}
 
 
 def probe(data: bytes, limits: Limits, where: str = "input.encoded.data") -> Header:
@@ -81,28 +78,16 @@ def probe(data: bytes, limits: Limits, where: str = "input.encoded.data") -> Hea
     if not data:
         raise empty_image(where)
     check_bytes(len(data), limits.max_bytes, where)
-    kind = sniff_format(data)
-    if kind is None:
+    if sniff_format(data) is None:
         raise not_an_image(data, where)
-    try:
-        with PilImage.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS)) as header:
-            width, height = header.size
-            mode = header.mode
-            orientation = exif_orientation(header)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        # Pillow's own text names a BytesIO object; say what the client can do about it instead.
-        raise unreadable_header(data, where) from None
-    except PilImage.DecompressionBombError:
-        width, height, mode, orientation = limits.max_pixels + 1, 1, "L", 1
-    check_pixels(width, height, limits.max_pixels, where)
-    if kind == "PNG":
-        # Pillow reduces 16-bit RGB(A) to 8 bits in its mode; IHDR (which it has just read) says the depth.
-        channels, itemsize = _PNG_CHANNELS.get(data[25], 4), 2 if data[24] == 16 else 1
-    else:
-        channels, itemsize = (1 if mode == "L" else 4 if mode in ("RGBA", "CMYK") else 3), 1
-    if orientation in (5, 6, 7, 8):
-        width, height = height, width
-    return Header(kind, width, height, channels, itemsize, orientation)
+    stored = read_header(data)
+    if stored is None:
+        raise unreadable_header(data, where)
+    check_pixels(stored.width, stored.height, limits.max_pixels, where)
+    # OpenCV keeps 16-bit samples, so the stored sample size is the decoded one.
+    channels = _DECODED_CHANNELS.get(stored.mode, 4)
+    width, height = stored.shown_size
+    return Header(stored.format, width, height, channels, stored.itemsize, stored.orientation)
 
 
 def decode(

@@ -8,19 +8,17 @@ records each request's outcome in the version's statistics. It knows protobuf me
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 import uuid
-import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from opentelemetry import trace
-from PIL import Image
 
 from mesh.common.v1 import image_pb2
 from mesh.inference.v1 import inference_service_pb2 as pb
 from mesh.kit.errors import FieldViolation, Internal, InvalidArgument, InvalidData, MeshError, Unavailable
+from mesh.kit.image_header import read_header
 from mesh.kit.jobs import JobInterrupted
 from mesh.kit.logging import get_logger
 from mesh.kit.raw_pixels import CHANNELS
@@ -33,8 +31,6 @@ from mesh.services.inference.repository import ModelRepository, ModelVersion
 log = get_logger(__name__)
 _tracer = tracer(__name__)
 
-# What the decoder (images.ImageDecoder) reads.
-DECODED_FORMATS = ["PNG", "JPEG", "WEBP"]
 # An image's size is read from this much of its start on the event loop: headers are a few kilobytes. Only one
 # that is longer (or unreadable) is read whole, in a thread (a crafted 60 MB PNG header took 50 ms to parse).
 HEADER_PREFIX_BYTES = 64 * 1024
@@ -232,18 +228,13 @@ _GREY_MODES = frozenset({"1", "L", "I", "I;16", "I;16L", "I;16B"})
 
 
 def _header(data: bytes) -> tuple[int, int, int] | None:
-    """Width, height and the channels the decoder will make, read from the header without decoding the pixels;
-    None when Pillow cannot read it."""
-    try:
-        with warnings.catch_warnings():
-            # Over the pixel limit is for the caller to tell (the decoder refuses it in its own words).
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=DECODED_FORMATS) as image:
-                mode = image.mode
-                channels = 1 if mode in _GREY_MODES else 3 if mode == "RGB" else 4
-                return image.width, image.height, channels
-    except Exception:  # any unreadable header: the decoder says what is wrong with it
+    """Width and height as the decoder turns the image (by its EXIF orientation), and the channels it will make,
+    read from the header without decoding the pixels; None when it cannot be read."""
+    header = read_header(data)
+    if header is None:
         return None
+    mode = header.mode
+    return *header.shown_size, 1 if mode in _GREY_MODES else 3 if mode == "RGB" else 4
 
 
 def _shape(image: Pixels) -> str:
