@@ -530,3 +530,28 @@ async def test_until_stopping_ends_a_stream_left_open_unavailable_when_the_servi
         await asyncio.wait_for(pending, 1)
     assert info.value.message == RESTARTING
     assert read_cancelled.is_set()
+
+
+async def test_until_stopping_leaves_no_read_waiting_when_its_reader_is_cancelled() -> None:
+    """A handler cancelled with its call while it waits for the next request (the client went away) takes
+    the read in progress with it, rather than leaving a task that nothing collects."""
+    read_cancelled = asyncio.Event()
+
+    async def held_open() -> AsyncIterator[str]:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            read_cancelled.set()
+            raise
+        yield "never"
+
+    async def handler() -> None:
+        async for _ in until_stopping(held_open(), asyncio.Event()):
+            pass
+
+    task = asyncio.ensure_future(handler())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert read_cancelled.is_set()

@@ -100,14 +100,12 @@ async def until_stopping(requests: AsyncIterable[T], stopping: asyncio.Event) ->
     """
     iterator = aiter(requests)
     stopped = asyncio.ensure_future(stopping.wait())
+    received: asyncio.Future[T] | None = None
     try:
         while True:
             received = asyncio.ensure_future(anext(iterator))
             await asyncio.wait((received, stopped), return_when=asyncio.FIRST_COMPLETED)
             if not received.done():
-                received.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await received
                 raise errors.Unavailable(RESTARTING)
             try:
                 request = received.result()
@@ -116,6 +114,12 @@ async def until_stopping(requests: AsyncIterable[T], stopping: asyncio.Event) ->
             yield request
     finally:
         stopped.cancel()
+        # A read left waiting (the service stops, or the handler is cancelled with its call) is cancelled too:
+        # nothing else would ever collect it.
+        if received is not None and not received.done():
+            received.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await received
 
 
 def message_limit_options(max_bytes: int) -> list[tuple[str, int]]:
