@@ -9,7 +9,7 @@ import io
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -17,6 +17,7 @@ import pytest
 from google.protobuf import descriptor_pool, json_format
 from PIL import Image
 
+import mesh.tools.load as load_tool
 from mesh.file.v1 import file_service_pb2
 from mesh.kit.settings import CommonSettings
 from mesh.services.inference.strip import StripReader
@@ -210,3 +211,68 @@ async def test_calls_in_flight_at_the_end_are_cut_off_after_the_grace() -> None:
     )
     assert recorder.statuses == {"CLIENT_TIMEOUT": 2}
     assert total_ns < 2_000_000_000
+
+
+class _SeededMesh:
+    """A mesh that is up and seeds two images, for the tool's own flow (no services)."""
+
+    def __init__(self, settings: CommonSettings, gateway_url: str) -> None:
+        self.ids: dict[str, str] = {}
+        self.warnings: list[str] = []
+        self.uploaded = ["image-1", "image-2"]
+        self.deleted: list[str] = []
+        self.closed = False
+
+    async def check_up(self, services: set[str]) -> None:
+        pass
+
+    async def seed(self, services: set[str]) -> None:
+        pass
+
+    async def delete_uploaded(self) -> int:
+        self.deleted, self.uploaded = self.uploaded, []
+        return len(self.deleted)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_an_interrupted_run_says_so_and_deletes_the_images_it_uploaded(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Ctrl-C in the middle of a scenario (asyncio.run cancels the tool's task): one line says it was
+    interrupted, and the seeded images are deleted as after a normal run (they stayed behind before)."""
+    meshes: list[_SeededMesh] = []
+
+    def make_mesh(settings: CommonSettings, gateway_url: str) -> _SeededMesh:
+        meshes.append(_SeededMesh(settings, gateway_url))
+        return meshes[-1]
+
+    async def endless(*args: object, **kwargs: object) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(load_tool, "Mesh", make_mesh)
+    monkeypatch.setattr(load_tool, "run_scenario", endless)
+    args = load_tool.parse_args(["--scenario", "queue.list", "--payload-dir", str(tmp_path)])
+    task = asyncio.ensure_future(load_tool.run(args, CommonSettings()))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert meshes[0].deleted == ["image-1", "image-2"]
+    assert meshes[0].closed
+    err = capsys.readouterr().err
+    assert "load: interrupted" in err
+    assert "load: deleted 2 uploaded image(s)" in err
+
+
+def test_ctrl_c_ends_the_tool_with_status_130_and_no_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """asyncio.run raises KeyboardInterrupt after the run has cleaned up: the tool exits 130, as a shell
+    reports an interrupted command, instead of printing a traceback."""
+
+    def interrupted(coroutine: Awaitable[int]) -> int:
+        cast(Any, coroutine).close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("mesh.tools.load.asyncio.run", interrupted)
+    assert main(["--scenario", "queue.list"]) == 130

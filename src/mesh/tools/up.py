@@ -25,9 +25,11 @@ from urllib.parse import unquote, urlparse
 import aiormq
 import httpx
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from mesh.kit.cli import positive_float
 from mesh.kit.db import ensure_database
+from mesh.kit.logging import configure_logging
 from mesh.kit.settings import CommonSettings, ServerSettings, load_settings
 from mesh.kit.supervision import SUPERVISOR_ENV
 
@@ -229,7 +231,8 @@ async def run(settings: CommonSettings, startup_timeout: float, grace: float, po
             say(f"  -> {how_to}.")
             return 1
     if await ensure_database(settings.database_url):
-        say(f"created database {urlparse(settings.database_url).path.lstrip('/') or settings.database_url}")
+        # Its name only: a connection string may be key=value pairs, and may hold a password.
+        say(f"created database {conninfo_to_dict(settings.database_url).get('dbname', '')}")
     settings.blob_dir.mkdir(parents=True, exist_ok=True)
 
     wanted = [p for p in PROCESSES if available(p)]
@@ -242,8 +245,8 @@ async def run(settings: CommonSettings, startup_timeout: float, grace: float, po
         # among the others' while the whole mesh stops.
         say(f"already in use on this machine: port {', '.join(taken)}.")
         say(
-            "  -> stop what holds them (another `make up`?), or run beside it with `python -m mesh.tools.up "
-            "--port-offset 1000`."
+            f"  -> stop what holds them (another `make up`?), or run beside it with `{_python()} -m "
+            "mesh.tools.up --port-offset 1000`."
         )
         return 1
     env = child_environment(os.environ, terminal=sys.stdout.isatty())
@@ -312,10 +315,20 @@ async def run(settings: CommonSettings, startup_timeout: float, grace: float, po
     return exit_code
 
 
+def _python() -> str:
+    """How to name this interpreter in a command to paste: ``.venv/bin/python`` from the checkout's root (a
+    bare ``python`` is not the project's until its virtual environment is activated)."""
+    relative = os.path.relpath(sys.executable)
+    return sys.executable if relative.startswith("..") else relative
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make up", description=__doc__)
     parser.add_argument(
-        "--startup-timeout", type=positive_float, default=90.0, help="seconds to wait for health"
+        "--startup-timeout",
+        type=positive_float,
+        default=90.0,
+        help="seconds to wait for every process to be healthy (default: %(default)g)",
     )
     parser.add_argument(
         "--grace",
@@ -336,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"--port-offset {args.port_offset} moves ports out of 1-65535; give {lowest} to {highest}"
         )
+    # The launcher speaks in its own "[mesh] ..." lines; the kit's info lines (the database it creates) would
+    # say the same again in another format, ahead of the processes' own log.
+    configure_logging("up", level="warning", fmt="console")
     # The services' settings, for the drain grace they will use (and a bad value named before any starts).
     settings = load_settings(ServerSettings)
     grace = args.grace if args.grace is not None else 3 * settings.grace_seconds

@@ -11,10 +11,10 @@ class ImageSettings(WorkerSettings):
     """The image processing service's settings."""
 
     grpc_port: int = Field(default=50052, ge=0, le=65535)
-    """gRPC port (CONTRACT.md: 50052)."""
+    """gRPC port."""
 
     http_port: int = Field(default=9102, ge=0, le=65535)
-    """HTTP port for /metrics and /healthz (CONTRACT.md: 9102)."""
+    """HTTP port for /metrics and /healthz."""
 
     # The file and inference services' name for their pixel limit, so that one variable sets all three; the
     # name this service used to read is still accepted, with a deprecation warning at start.

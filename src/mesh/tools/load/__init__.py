@@ -97,16 +97,24 @@ async def run(args: argparse.Namespace, settings: CommonSettings) -> int:
             report = recorder.report(total_ns, options)
             reports.append(report)
             print(json.dumps(report), flush=True)
-        deleted = await mesh.delete_uploaded()
-        print(f"load: deleted {deleted} uploaded image(s)", file=sys.stderr)
         if args.output:
             args.output.write_text(json.dumps(reports, indent=2), encoding="utf-8")
         return 1 if any(r["errors"] for r in reports) else 0
+    except asyncio.CancelledError:  # Ctrl-C: asyncio.run cancels this task, then raises KeyboardInterrupt
+        print("load: interrupted", file=sys.stderr)
+        raise
     finally:
+        # Also after Ctrl-C, so that an interrupted run leaves no images behind.
+        if mesh.uploaded and not args.write_payloads:
+            deleted = await mesh.delete_uploaded()
+            print(f"load: deleted {deleted} uploaded image(s)", file=sys.stderr)
         await mesh.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     settings = load_settings(CommonSettings)
-    return asyncio.run(run(args, settings))
+    try:
+        return asyncio.run(run(args, settings))
+    except KeyboardInterrupt:
+        return 130  # what a shell reports for Ctrl-C; run() has said so and cleaned up, without a traceback

@@ -208,7 +208,13 @@ class Mesh:
                 if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise
                 last = (await self.queue.GetJob(queue_service_pb2.GetJobRequest(job_id=job.id))).job
-            if last.state != job_pb2.JOB_STATE_SUCCEEDED:
+            if last.state == job_pb2.JOB_STATE_QUEUED and last.queue_position > 1:
+                self.warnings.append(
+                    f"seed job {job.id} is still queued after {SEED_JOB_TIMEOUT_SECONDS:g}s, at position "
+                    f"{last.queue_position}: the workers have a backlog to go through first (an earlier run's "
+                    "queue.submit jobs?); the scenarios run meanwhile"
+                )
+            elif last.state != job_pb2.JOB_STATE_SUCCEEDED:
                 state = job_pb2.JobState.Name(last.state)
                 self.warnings.append(
                     f"seed job {job.id} is {state} after {SEED_JOB_TIMEOUT_SECONDS:g}s: are the job workers "
