@@ -319,6 +319,7 @@ class Jobs:
         self.stale = stale
         self.calls: list[str] = []
         self.redispatched: list[list[str]] = []
+        self.overtaken: list[list[str]] = []
 
     async def requeue_due_retries(self) -> list[Any]:
         self.calls.append("requeue_due_retries")
@@ -335,6 +336,13 @@ class Jobs:
     async def redispatch_stale(self, seconds: float, queues: list[str], limit: int = 200) -> list[Any]:
         self.calls.append("redispatch_stale")
         self.redispatched.append(list(queues))
+        return []
+
+    async def redispatch_overtaken(
+        self, seconds: float, queues: list[str], *, margin_seconds: float
+    ) -> list[Any]:
+        self.calls.append("redispatch_overtaken")
+        self.overtaken.append(list(queues))
         return []
 
 
@@ -361,9 +369,10 @@ async def test_a_sweep_does_not_wait_for_a_broker_that_does_not_answer() -> None
 
 
 async def test_the_broker_is_asked_before_the_database_about_stale_jobs() -> None:
-    """Pins F7: given its job queues, the reconciler asks the broker first and runs no stale-job query while
-    every queue holds ready messages or cannot be asked (-1); a quiet queue (0 ready) is re-dispatched in one
-    statement, without the query that listed the queues with stale jobs."""
+    """Pins F7: given its job queues, the reconciler asks the broker first and runs no stale-job query for a
+    queue that cannot be asked (-1); a queue holding ready messages is only looked for dispatches a claim
+    overtook, and a quiet queue (0 ready) for all its stale jobs, each kind in one statement, without the
+    query that listed the queues with stale jobs."""
     ready = {"busy": 7, "away": -1}
     jobs = Jobs(stale=["busy", "away"])
 
@@ -375,12 +384,16 @@ async def test_the_broker_is_asked_before_the_database_about_stale_jobs() -> Non
     )
     await sweeper.sweep()
     assert "stale_queues" not in jobs.calls
-    assert jobs.redispatched == []
+    assert (jobs.redispatched, jobs.overtaken) == ([], [["busy"]])
 
     ready["away"] = 0
     await sweeper.sweep()
     assert "stale_queues" not in jobs.calls
-    assert jobs.redispatched == [["away"]]
+    assert (jobs.redispatched, jobs.overtaken) == ([["away"]], [["busy"], ["busy"]])
+
+    ready["busy"] = -1
+    await sweeper.sweep()
+    assert (jobs.redispatched, jobs.overtaken) == ([["away"], ["away"]], [["busy"], ["busy"]])
 
 
 async def test_the_queue_service_gives_the_reconciler_its_job_queues(

@@ -25,6 +25,11 @@ class Jobs:
     async def stale_queues(self, seconds: float) -> list[str]:
         return []
 
+    async def redispatch_overtaken(
+        self, seconds: float, queues: list[str], *, margin_seconds: float
+    ) -> list[Any]:
+        return []
+
     async def prune_finished(self, older_than_seconds: float, limit: int) -> int:
         self.prunes.append(older_than_seconds)
         deleted = min(limit, self.old)
@@ -83,7 +88,7 @@ async def test_stale_jobs_are_looked_for_ten_times_per_stale_period_not_every_sw
 
     async def count(queue: str) -> int:
         asked.append(queue)
-        return 1  # a dispatch is waiting: nothing stale to look for in the database
+        return 1  # a dispatch is waiting: only overtaken dispatches to look for in the database
 
     sweeper = Reconciler(cast(JobRepository, Jobs(old=0)), ready_count=count, queues=["q"])
     for _ in range(3):

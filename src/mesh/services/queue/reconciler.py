@@ -4,16 +4,24 @@ Every interval it moves RETRY_WAIT jobs whose backoff elapsed back to QUEUED (ne
 moves RUNNING jobs whose lease ran out (their worker died or hung: a SYSTEM error of the attempt) to
 RETRY_WAIT with backoff, or fails them when their attempts are spent, and dispatches again QUEUED jobs
 nobody claimed for a long time with no dispatch pending (a message lost outside the guarantees, e.g. a
-purged queue), where the broker holds no message ready for their queue: a dispatch waiting behind a
-backlog, or while no worker consumes, is not lost, and a copy of it every ``stale_queued_seconds`` would
-only pile up in RabbitMQ. Unconfirmed outbox rows are taken again by the relay once their lock runs out.
+purged queue). Where the broker holds no message ready for their queue, all of them. Where it does, a
+dispatch waiting behind the backlog, or while no worker consumes, is not lost, and a copy of it every
+``stale_queued_seconds`` would only pile up in RabbitMQ; so only those whose dispatch a claim overtook: each
+lane is FIFO and the relay publishes by priority, then in dispatch order, so once a worker claimed (RUNNING)
+a job of the same lane, at the stale job's priority or below, dispatched over ``overtaken_margin_seconds``
+after it, nothing of the stale job waits ahead of it in the broker. Its message was lost, or a worker holds it
+unclaimed behind higher priorities: that one gets one duplicate (dropped at its claim), and since the
+re-dispatch moves its dispatch time to now, another copy needs a later claimed dispatch: at most one copy
+per stale period per held job, bounded by the workers' prefetch. Unconfirmed outbox rows are taken again by
+the relay once their lock runs out.
 Every ``prune_interval_seconds`` it also deletes finished jobs past their retention. Several reconcilers
 may run: rows are taken with ``FOR UPDATE SKIP LOCKED``.
 
-Given the service's job queues (``queues``), the broker is asked about them first: a queue it holds messages
-for (or cannot say about: -1, away or not answering) is not looked for in the database at all, so a backlog
-waiting in RabbitMQ costs no scan of its stale jobs per sweep; jobs of other queues (a former queue prefix)
-are left alone. The broker is waited for ``ready_timeout_seconds`` at most (all queues asked at once): one
+Given the service's job queues (``queues``), the broker is asked about them first: a queue it cannot say
+about (-1, away or not answering) is not looked for in the database at all, and a backlog waiting in
+RabbitMQ costs no scan of its stale jobs per sweep, only of the jobs queued before the latest claimed
+dispatch of their lane (found through the RUNNING jobs); jobs of other queues (a former queue prefix) are
+left alone. The broker is waited for ``ready_timeout_seconds`` at most (all queues asked at once): one
 that stops answering delays a sweep by that long instead of stopping every sweep (lease expiry, retries,
 pruning) until the connection's heartbeat gives up.
 """
@@ -39,6 +47,10 @@ PRUNED = Counter("mesh_queue_jobs_pruned_total", "Finished jobs deleted after th
 PRUNE_BATCH = 1000
 PRUNE_BATCHES_PER_PASS = 20
 """At most 20 000 jobs a pass, in short transactions; a backlog (retention just lowered) takes a few passes."""
+OVERTAKEN_MARGIN_SECONDS = 60.0
+"""How much later than a stale job's dispatch a claimed one of its lane must have been written to prove the
+stale one gone from the broker: longer than the relay's outbox lock (30 s) and its publish retries, which can
+publish a dispatch after later ones."""
 READY_TIMEOUT_SECONDS = 5.0
 """How long a sweep waits for the broker's ready counts (all queues asked at once) before it takes them as
 unknown."""
@@ -57,6 +69,7 @@ class Reconciler:
         interval_seconds: float = 1.0,
         stale_queued_seconds: float = 300.0,
         stale_check_seconds: float | None = None,
+        overtaken_margin_seconds: float = OVERTAKEN_MARGIN_SECONDS,
         retention_seconds: float = 0.0,
         prune_interval_seconds: float = 60.0,
         on_dispatch: Callable[[], None] = lambda: None,
@@ -75,6 +88,7 @@ class Reconciler:
             else stale_check_seconds
         )
         self._next_stale_check = 0.0
+        self.overtaken_margin_seconds = overtaken_margin_seconds
         self.retention_seconds = retention_seconds
         self.prune_interval_seconds = prune_interval_seconds
         self.on_dispatch = on_dispatch
@@ -116,23 +130,32 @@ class Reconciler:
         return moved
 
     async def redispatch_stale(self) -> list[Row]:
-        """Dispatch again the stale QUEUED jobs of the queues whose lanes hold no ready message (-1, the
-        broker cannot say, is not 0: nothing is sent while it is away or does not answer).
+        """Dispatch again the stale QUEUED jobs of the queues whose lanes hold no ready message, and those
+        of queues with ready messages whose dispatch a later claimed one of their lane has overtaken (-1, the
+        broker cannot say, is neither: nothing is sent while it is away or does not answer).
 
-        With ``queues`` (the service's job queues) the broker is asked about them first and the database
-        only about the quiet ones, in one statement; without, the database names the queues with stale jobs
-        first."""
+        With ``queues`` (the service's job queues) the broker is asked about them first, then the database,
+        in one statement for the quiet queues and one for the others; without, the database names the queues
+        with stale jobs first."""
         if self.queues is None:
             queues = await self.repository.stale_queues(self.stale_queued_seconds)
         else:
             queues = self.queues
         if not queues:
             return []
-        counts = await asyncio.gather(*(self._ready(queue) for queue in queues))
-        quiet = [queue for queue, count in zip(queues, counts, strict=True) if count == 0]
-        if not quiet:
-            return []
-        return await self.repository.redispatch_stale(self.stale_queued_seconds, quiet)
+        counts = dict(
+            zip(queues, await asyncio.gather(*(self._ready(queue) for queue in queues)), strict=True)
+        )
+        quiet = [queue for queue, count in counts.items() if count == 0]
+        backlogged = [queue for queue, count in counts.items() if count > 0]
+        moved: list[Row] = []
+        if quiet:
+            moved += await self.repository.redispatch_stale(self.stale_queued_seconds, quiet)
+        if backlogged:
+            moved += await self.repository.redispatch_overtaken(
+                self.stale_queued_seconds, backlogged, margin_seconds=self.overtaken_margin_seconds
+            )
+        return moved
 
     async def _ready(self, queue: str) -> int:
         """The broker's ready count of ``queue``; -1 (unknown) when it fails or takes longer than

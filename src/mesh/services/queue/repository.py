@@ -43,6 +43,7 @@ from mesh.services.queue.states import (
     dead_letter_outcome,
     stalled_lease_outcome,
 )
+from mesh.services.queue.topology import HIGH_PRIORITY, MAX_PRIORITY
 
 MIGRATIONS = "mesh.services.queue.migrations"
 """The package of the queue schema's SQL migrations (applied by the service and by every worker)."""
@@ -205,6 +206,41 @@ _STALE_QUEUES = f"SELECT DISTINCT j.queue {_STALE}"
 _REDISPATCH_STALE = f"""
 UPDATE jobs SET dispatched_at = clock_timestamp(), state_reason = 're-dispatched: no worker took it'
  WHERE id IN (SELECT j.id {_STALE} AND j.queue = ANY(%(queues)s) LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+RETURNING id
+"""
+
+# Stale jobs of queues whose lanes hold a backlog: only those a claim proves gone from the broker. A lane is
+# FIFO and the relay publishes by priority, then in dispatch order, so a job K a worker claimed (RUNNING: few,
+# at most the workers' concurrency) left no dispatch of its lane at K's priority or above, written over
+# ``margin`` before K's (publish retries can reorder within it), waiting ahead of it: a QUEUED job J among
+# them lost its message, or a worker holds it unclaimed (it then gets one duplicate, dropped at its claim; so
+# may J when K was claimed through an older copy of its own dispatch). The latest K per queue and priority
+# bounds J's dispatch time. dispatched_at is never earlier than enqueued_at by more than a submit statement
+# lasts, so ``enqueued_at < K's dispatch`` loses no J and confines the scan, on the jobs_queued_order index in
+# its order, to the jobs queued before K: not the lane's backlog, which was queued after it.
+_REDISPATCH_OVERTAKEN = """
+WITH claimed AS (
+    SELECT queue, priority, dispatched_at FROM jobs WHERE state = 'RUNNING' AND queue = ANY(%(queues)s)
+), latest AS (
+    SELECT c.queue, p.priority, max(c.dispatched_at) AS dispatched_at
+      FROM claimed c
+      JOIN generate_series(0, %(max_priority)s) AS p(priority)
+        ON c.priority <= p.priority AND (c.priority >= %(high)s) = (p.priority >= %(high)s)
+     GROUP BY c.queue, p.priority
+)
+UPDATE jobs SET dispatched_at = clock_timestamp(),
+                state_reason = 're-dispatched: a later dispatch of its lane was claimed before it'
+ WHERE id IN (
+    SELECT lost.id FROM latest l CROSS JOIN LATERAL (
+        SELECT j.id FROM jobs j
+         WHERE j.state = 'QUEUED' AND j.queue = l.queue AND j.priority = l.priority
+           AND j.enqueued_at < l.dispatched_at
+           AND j.dispatched_at < least(l.dispatched_at - make_interval(secs => %(margin)s),
+                                      now() - make_interval(secs => %(age)s))
+           AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id)
+         ORDER BY j.enqueued_at, j.id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+    ) lost
+    LIMIT %(limit)s)
 RETURNING id
 """
 
@@ -526,6 +562,24 @@ class JobRepository:
         """Those jobs of ``queues`` -> dispatched again."""
         return await self._fetchall(
             _REDISPATCH_STALE, {"age": older_than_seconds, "queues": list(queues), "limit": limit}
+        )
+
+    async def redispatch_overtaken(
+        self, older_than_seconds: float, queues: Sequence[str], *, margin_seconds: float, limit: int = 200
+    ) -> list[Row]:
+        """Those jobs of ``queues`` whose dispatch a worker's claim of a later one of their lane, at their
+        priority or below and written over ``margin_seconds`` after theirs, proves gone from the broker ->
+        dispatched again (for queues whose lanes hold a backlog, where a waiting dispatch is no sign of loss)."""
+        return await self._fetchall(
+            _REDISPATCH_OVERTAKEN,
+            {
+                "age": older_than_seconds,
+                "queues": list(queues),
+                "margin": margin_seconds,
+                "high": HIGH_PRIORITY,
+                "max_priority": MAX_PRIORITY,
+                "limit": limit,
+            },
         )
 
     # --- dead letters --------------------------------------------------------------------------------
