@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.metadata
 import json
 import logging
@@ -555,3 +556,42 @@ async def test_until_stopping_leaves_no_read_waiting_when_its_reader_is_cancelle
     with pytest.raises(asyncio.CancelledError):
         await task
     assert read_cancelled.is_set()
+
+
+async def test_until_stopping_collects_a_read_that_ended_as_its_reader_was_cancelled(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The client's stream ends in the very moment its handler is cancelled (a deadline, a client gone): the
+    read's end is collected, not left to asyncio's "Task exception was never retrieved" ERROR line."""
+
+    class Requests:
+        def __init__(self) -> None:
+            self.read: asyncio.Future[str] | None = asyncio.get_running_loop().create_future()
+
+        def __aiter__(self) -> Requests:
+            return self
+
+        async def __anext__(self) -> str:
+            assert self.read is not None
+            return await self.read
+
+    requests = Requests()
+
+    async def handler() -> None:
+        async for _ in until_stopping(requests, asyncio.Event()):
+            pass
+
+    task = asyncio.ensure_future(handler())
+    await asyncio.sleep(0.01)
+    assert requests.read is not None
+    requests.read.set_exception(StopAsyncIteration())  # the stream ends...
+    task.cancel()  # ...as its call is cancelled, in the same turn of the loop
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    requests.read = None
+    del task
+    await asyncio.sleep(0.01)
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        gc.collect()
+        await asyncio.sleep(0.01)
+    assert "never retrieved" not in caplog.text

@@ -114,10 +114,12 @@ async def until_stopping(requests: AsyncIterable[T], stopping: asyncio.Event) ->
             yield request
     finally:
         stopped.cancel()
-        # A read left waiting (the service stops, or the handler is cancelled with its call) is cancelled too:
-        # nothing else would ever collect it.
-        if received is not None and not received.done():
-            received.cancel()
+        # A read left behind (the service stops, or the handler is cancelled with its call) is cancelled, or its
+        # outcome collected: nothing else would, and asyncio logs an uncollected one ("Task exception was
+        # never retrieved") at ERROR.
+        if received is not None:
+            if not received.done():
+                received.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await received
 
