@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -450,6 +451,119 @@ async def test_stream_with_bad_pipeline_fails(served: Served) -> None:
         _ = [r async for r in served.stub.StreamProcess(requests())]
     error = errors.from_rpc_error(caught.value)
     assert error.field_violations[0].field == "config.pipeline[0].params.ksize"
+
+
+_BAD_UTF8 = "not-utf8?"
+"""A string a request holds where a test turns its last character into a byte that is not UTF-8."""
+
+
+def _with_bad_utf8(message: pb.ProcessImageRequest | pb.StreamProcessRequest) -> bytes:
+    """``message`` serialised, with the ``_BAD_UTF8`` string it holds no longer UTF-8."""
+    data = message.SerializeToString()
+    assert data.count(_BAD_UTF8.encode()) == 1
+    return data.replace(_BAD_UTF8.encode(), _BAD_UTF8.encode()[:-1] + b"\xff")
+
+
+def _error_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+
+
+@pytest.mark.parametrize("inline", ["encoded", "raw"])
+async def test_a_process_image_request_that_cannot_be_parsed_is_invalid_argument_naming_its_type(
+    served: Served, caplog: pytest.LogCaptureFixture, inline: str
+) -> None:
+    """A request holding bytes that are not UTF-8 in a string field (a filter's name) is INVALID_ARGUMENT
+    naming the type, with nothing logged as an error, whether or not the service's own deserializer takes
+    raw pixels out first; it was UNKNOWN with protobuf's internals and a traceback in the log."""
+    image = _raw(noise(4, 4, 1)) if inline == "raw" else _png(noise(4, 4, 1))
+    payload = _with_bad_utf8(pb.ProcessImageRequest(input=image, pipeline=[_step(_BAD_UTF8)]))
+    call = served.channel.unary_unary(f"/{SERVICE_NAME}/ProcessImage", None, None)
+    with caplog.at_level(logging.INFO), pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(payload)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == (
+        "the request is not a valid mesh.image.v1.ProcessImageRequest: "
+        "a string field holds bytes that are not UTF-8"
+    )
+    assert _error_lines(caplog) == []
+
+
+async def test_a_stream_frame_that_cannot_be_parsed_ends_the_stream_invalid_argument_after_the_frames_before_it(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Frames 1, <not parseable>, 3: frame 1 is answered, then the stream ends INVALID_ARGUMENT naming the
+    type, with nothing logged as an error; it ended OK after a warning, frame 3 silently dropped."""
+    config = pb.StreamConfig(
+        pipeline=[_step("invert")], output=pb.OutputSpec(format=image_pb2.IMAGE_FORMAT_PNG)
+    )
+    config_message, frame, _ = _frames(config, [_png(noise(4, 4, 3)), _png(noise(4, 4, 3))])
+    bad = _with_bad_utf8(
+        pb.StreamProcessRequest(frame=pb.Frame(sequence=2, image=image_pb2.ImageInput(image_id=_BAD_UTF8)))
+    )
+    after = pb.StreamProcessRequest(frame=pb.Frame(sequence=3, image=_png(noise(4, 4, 3))))
+    messages = [config_message.SerializeToString(), frame.SerializeToString(), bad, after.SerializeToString()]
+
+    async def requests() -> AsyncIterator[bytes]:
+        for message in messages:
+            yield message
+
+    call = served.channel.stream_stream(
+        f"/{SERVICE_NAME}/StreamProcess", None, pb.StreamProcessResponse.FromString
+    )
+    answered: list[pb.StreamProcessResponse] = []
+    with caplog.at_level(logging.INFO), pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for reply in call(requests()):
+            answered.append(reply)
+    assert [(r.sequence, r.HasField("error")) for r in answered] == [(1, False)]
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == (
+        "the request is not a valid mesh.image.v1.StreamProcessRequest: "
+        "a string field holds bytes that are not UTF-8"
+    )
+    assert _error_lines(caplog) == []
+
+
+@dataclass
+class _StreamContext(CallContext):
+    """A call context that says whether the client has gone away."""
+
+    gone: bool = False
+
+    def cancelled(self) -> bool:
+        return self.gone
+
+
+@pytest.mark.parametrize("gone", [False, True], ids=["client-there", "client-gone"])
+async def test_a_stream_read_failure_is_raised_unless_the_client_went_away(
+    caplog: pytest.LogCaptureFixture, gone: bool
+) -> None:
+    """A read that fails for another reason than a MeshError ends the stream with that error (the interceptor
+    answers it INTERNAL), after the frames read before it; only where the client went away does it end
+    quietly with a warning. Every such failure ended the stream OK, as if the client had sent no more."""
+    processor = _BlockedProcessor()
+    processor.release.set()
+    servicer = ImageProcessingServicer(processor)  # type: ignore[arg-type]
+
+    async def requests() -> AsyncIterator[Parted[pb.StreamProcessRequest]]:
+        yield Parted(pb.StreamProcessRequest(config=pb.StreamConfig()), None)
+        frame = pb.Frame(sequence=1, image=_png(noise(2, 2, 1)))
+        yield Parted(pb.StreamProcessRequest(frame=frame), None)
+        raise ConnectionResetError("the read broke")
+
+    stream = servicer.StreamProcess(requests(), _StreamContext(gone=gone))  # type: ignore[arg-type]
+    answered: list[Any] = []
+    with caplog.at_level(logging.INFO, logger="mesh.services.image_processing.servicer"):
+        if gone:
+            answered = [reply async for reply in stream]
+        else:
+            with pytest.raises(ConnectionResetError):
+                async for reply in stream:
+                    answered.append(reply)
+    assert [r.sequence for r in answered] == [1]
+    warned = [r.msg for r in caplog.records if isinstance(r.msg, dict) and r.levelno == logging.WARNING]
+    assert [line["event"] for line in warned] == (
+        ["stream ended by a read failure after the client went away"] if gone else []
+    )
 
 
 class _BlockedProcessor:

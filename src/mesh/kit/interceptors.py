@@ -3,19 +3,26 @@
 Servicers raise :class:`~mesh.kit.errors.MeshError`; here it becomes a gRPC status with rich details.
 Anything else is logged with its traceback and answered INTERNAL without leaking internals.
 Servicer streaming methods must be async generators (they ``yield`` responses).
+
+A request message that cannot be parsed is answered INVALID_ARGUMENT here too. gRPC parses it in its core,
+before any handler or interceptor code runs, and answers a parse error UNKNOWN with Python internals, logged
+as a crash and counted nowhere; so each handler's request deserializer is wrapped to hand an
+:class:`Undecodable` marker over instead, and the handler's wrapper raises it as the error it is.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pool
+from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Histogram
 
-from mesh.kit.errors import Internal, MeshError
+from mesh.kit.errors import Internal, InvalidArgument, MeshError
 from mesh.kit.logging import get_logger
 
 log = get_logger(__name__)
@@ -36,6 +43,12 @@ RPC_SECONDS = Histogram(
 )
 
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+# What protobuf's parser (upb) says, in words a client can act on; anything else is passed on as it says it.
+_PARSER_REASONS = {
+    "String field had bad UTF-8": "a string field holds bytes that are not UTF-8",
+    "Wire format was corrupt": "the bytes are not a protobuf message",
+}
 
 
 def _kind(client_streaming: bool, server_streaming: bool) -> str:
@@ -64,8 +77,45 @@ def preinitialise_metrics(service_names: Sequence[str]) -> None:
                 RPC_HANDLED.labels(service_name, method.name, kind, code.name)
 
 
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """What a handler receives in place of a request message that could not be parsed."""
+
+    type_name: str
+    """The message type the bytes should have been (``mesh.file.v1.GetImageRequest``)."""
+    reason: str
+    """What is wrong with them."""
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument(f"the request is not a valid {self.type_name}: {self.reason}")
+
+
+def _request_type(method: str) -> str:
+    """The request message type of ``/package.Service/Method``, from its descriptor where one is known."""
+    service, _, name = method.lstrip("/").rpartition("/")
+    try:
+        return str(descriptor_pool.Default().FindMethodByName(f"{service}.{name}").input_type.full_name)
+    except KeyError:  # served by generic handlers without descriptors
+        return f"request message of {service}/{name}"
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None, method: str) -> Callable[[bytes], Any] | None:
+    """``deserializer``, answering :class:`Undecodable` where it raises DecodeError (None: raw bytes)."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as error:
+            said = str(error).rpartition("': ")[2]
+            return Undecodable(_request_type(method), _PARSER_REASONS.get(said, said))
+
+    return deserialize
+
+
 class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """RED metrics and MeshError -> status for every handler kind."""
+    """RED metrics, MeshError -> status and undecodable requests -> INVALID_ARGUMENT for every handler kind."""
 
     async def intercept_service(
         self,
@@ -77,36 +127,58 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None or method.startswith(_HEALTH_PREFIX):
             return handler
         service, _, name = method.lstrip("/").rpartition("/")
+        deserializer = _tolerant(handler.request_deserializer, method)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, service, name, "unary"),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
                 _wrap_unary(handler.stream_unary, service, name, "client_stream"),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(handler.unary_stream, service, name, "server_stream"),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
             _wrap_stream(handler.stream_stream, service, name, "bidi_stream"),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
 
 
+def _checker(kind: str) -> Callable[[Any], Any]:
+    """What hands a handler of ``kind`` its request: where the request is :class:`Undecodable`, or a client
+    stream meets such a message (the ones before it are the handler's to answer), its error is raised."""
+    return _checked_stream if kind in ("client_stream", "bidi_stream") else _checked_message
+
+
+def _checked_message(request: Any) -> Any:
+    if isinstance(request, Undecodable):
+        raise request.error()
+    return request
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, Undecodable):
+            raise request.error()
+        yield request
+
+
 def _wrap_unary(behavior: Any, service: str, method: str, kind: str) -> Any:
+    check = _checker(kind)
+
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         started = _start(service, method, kind)
         try:
-            response = await behavior(request, context)
+            response = await behavior(check(request), context)
         except BaseException as exc:
             await _fail(exc, context, service, method, kind, started)
             raise
@@ -117,10 +189,12 @@ def _wrap_unary(behavior: Any, service: str, method: str, kind: str) -> Any:
 
 
 def _wrap_stream(behavior: Any, service: str, method: str, kind: str) -> Any:
+    check = _checker(kind)
+
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         started = _start(service, method, kind)
         try:
-            async for response in behavior(request, context):
+            async for response in behavior(check(request), context):
                 yield response
         except BaseException as exc:
             await _fail(exc, context, service, method, kind, started)
@@ -152,6 +226,14 @@ def _finish(
     log.info("rpc", rpc=f"{service}/{method}", code=name, duration_ms=round(elapsed * 1000, 3))
 
 
+def _ended(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    """The code of a call cancelled without a status of its own: DEADLINE_EXCEEDED where its deadline has
+    passed (gRPC cancels the handler then, as when the client leaves), CANCELLED otherwise."""
+    remaining = context.time_remaining()
+    expired = remaining is not None and remaining <= 0
+    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+
+
 async def _fail(
     exc: BaseException,
     context: grpc.aio.ServicerContext[Any, Any],
@@ -171,9 +253,9 @@ async def _fail(
             error=str(error),
         )
     elif isinstance(exc, grpc.aio.AbortError | GeneratorExit) or not isinstance(exc, Exception):
-        # Already aborted by the servicer, or cancelled (the client left): record what the context says,
-        # with the access line every other call gets.
-        _finish(context, service, method, kind, started, default=grpc.StatusCode.CANCELLED)
+        # Already aborted by the servicer, or cancelled: record what the context says, with the access line
+        # every other call gets.
+        _finish(context, service, method, kind, started, default=_ended(context))
         return
     else:
         log.exception("rpc crashed", rpc=f"{service}/{method}")

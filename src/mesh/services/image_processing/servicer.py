@@ -133,9 +133,12 @@ class ImageProcessingServicer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
         if failures:
-            if isinstance(failures[0], errors.MeshError):  # the service is stopping: until_stopping's error
-                raise failures[0]
-            log.warning("stream ended by a read failure", error=repr(failures[0]))
+            failure = failures[0]
+            # A MeshError is the service stopping (until_stopping's) or a frame that could not be parsed (the
+            # interceptor's); anything else ends the call as the crash it is, unless the client went away.
+            if isinstance(failure, errors.MeshError) or not context.cancelled():
+                raise failure
+            log.warning("stream ended by a read failure after the client went away", error=repr(failure))
 
     async def _frame(
         self,
