@@ -696,3 +696,31 @@ async def test_the_drain_does_not_wait_for_a_stream_the_client_keeps_open() -> N
         processor.close()
     assert (info.value.code(), info.value.details()) == (grpc.StatusCode.UNAVAILABLE, RESTARTING)
     assert stopped < 2
+
+
+@pytest.mark.parametrize(
+    ("message", "said", "field"),
+    [
+        (pb.StreamProcessRequest(config=pb.StreamConfig()), "a second config", "config"),
+        (pb.StreamProcessRequest(), "an empty message", "frame"),
+    ],
+    ids=["second-config", "empty"],
+)
+async def test_a_message_after_the_config_that_is_not_a_frame_is_answered_saying_what_it_is(
+    served: Served, message: pb.StreamProcessRequest, said: str, field: str
+) -> None:
+    """A second config, or an empty message, after the config gets an error response saying that every later
+    message must be a frame and what this one was (an empty one was told "only the first message may be a
+    config"); the stream goes on."""
+
+    async def requests() -> AsyncIterator[pb.StreamProcessRequest]:
+        yield pb.StreamProcessRequest(config=pb.StreamConfig())
+        yield message
+        yield pb.StreamProcessRequest(frame=pb.Frame(sequence=2, image=_png(noise(4, 4, 1))))
+
+    responses = [r async for r in served.stub.StreamProcess(requests())]
+    error = errors.from_status(responses[0].error)
+    assert error.message == f"each message after the config must be a frame; this one is {said}"
+    assert error.field_violations[0].field == field
+    assert responses[1].sequence == 2
+    assert not responses[1].HasField("error")

@@ -149,10 +149,12 @@ class ImageProcessingServicer:
     ) -> tuple[pb.StreamProcessResponse | Spliced[pb.StreamProcessResponse], Callable[[], None]]:
         """A frame's response, and what gives its admission back once the response is sent."""
         message = request.message
-        if message.WhichOneof("part") != "frame":
+        part = message.WhichOneof("part")
+        if part != "frame":
+            said = "a second config" if part == "config" else "an empty message"
             error = errors.InvalidArgument(
-                "only the first message may be a config",
-                field_violations=[errors.FieldViolation("config", "send frames after the first message")],
+                f"each message after the config must be a frame; this one is {said}",
+                field_violations=[errors.FieldViolation(part or "frame", "send a frame")],
             )
             return pb.StreamProcessResponse(error=error.to_status()), _nothing
         frame = message.frame
