@@ -192,6 +192,18 @@ async def test_bad_uploads_get_their_status_over_grpc(file_client: FileClient) -
     ]
 
 
+async def test_a_refusal_of_the_bytes_names_the_request_field_that_carried_them(
+    file_client: FileClient,
+) -> None:
+    """Over gRPC, an error about the image bytes names where they were: UploadImage's ``chunk``, CreateImage's
+    ``data`` (it named no field)."""
+    for call, field in ((file_client.upload, "chunk"), (file_client.create, "data")):
+        for data in (b"plain text, not a picture\n", unique_png(200, 200)[:500]):
+            with pytest.raises(errors.MeshError) as caught:
+                await call(data, filename="bad.png")
+            assert [v.field for v in caught.value.field_violations] == [field], caught.value
+
+
 async def test_upload_stream_passes_chunks_on_as_they_come(file_client: FileClient) -> None:
     """Chunks of any size, one over 1 MiB among them, are stored as the one file they make up."""
     data = corpus.noise_png(900, 700)  # about 1.9 MB

@@ -241,6 +241,24 @@ def test_bad_files_are_refused_with_a_helpful_message(name: str) -> None:
         assert word in error.message, f"{name}: {word!r} not in {error.message!r}"
 
 
+# The refusals about the declared metadata, which name their own fields (metadata.*), not the bytes'.
+_METADATA_CASES = frozenset(
+    {"declared-type-mismatch", "declared-unsupported-type", "sha256-mismatch", "sha256-malformed"}
+)
+
+
+@pytest.mark.parametrize("name", sorted(set(BAD) - _METADATA_CASES))
+@pytest.mark.parametrize("field", ["data", "chunk"])
+def test_a_refusal_of_the_bytes_names_the_field_that_carried_them(name: str, field: str) -> None:
+    """An empty file, bytes of another kind (GIF, text), a container cut off or with trailing data, a shape or
+    size over the limits: each names the request field that held the bytes (CreateImage's ``data``,
+    UploadImage's ``chunk``) in a BadRequest, as the other services name theirs; they carried none."""
+    case = BAD[name]
+    with pytest.raises(errors.MeshError) as caught:
+        validate_image(case.make(), limits=case.limits, field=field)
+    assert [v.field for v in caught.value.field_violations] == [field], name
+
+
 def test_http_statuses_of_the_main_refusals() -> None:
     """Not an image is 415, too large is 413, truncated is 400 (the contract's mapping)."""
     statuses = {}

@@ -156,8 +156,11 @@ class MemoryFetcher:
 
     def __init__(self, images: dict[str, bytes] | None = None) -> None:
         self.images = dict(images or {})
+        self.fetched: list[str] = []
+        """Every id asked for, in order."""
 
     async def fetch(self, image_id: str, deadline: float | None = None) -> bytes:
+        self.fetched.append(image_id)
         try:
             return self.images[image_id]
         except KeyError:

@@ -13,6 +13,7 @@ from mesh.common.v1 import image_pb2
 from mesh.kit.deadlines import deadline_in
 from mesh.kit.errors import InvalidArgument, InvalidData, PayloadTooLarge, UnsupportedMediaType, http_status
 from mesh.services.inference.images import FileServiceFetcher, ImageDecoder
+from tests.file.corpus import png_declaring
 
 DECODER = ImageDecoder(max_pixels=200 * 200)
 
@@ -70,19 +71,12 @@ def test_exif_orientation_is_applied() -> None:
 
 
 def test_other_formats_are_unsupported_media_type() -> None:
-    """A GIF (or anything else) is refused with 415; a declared format that the bytes contradict, or that is no
-    format, is 400 naming the field, as the file service answers a declared content type the bytes contradict."""
+    """A GIF (or anything else) is refused with 415 naming the bytes' field (a declared format that the bytes
+    contradict is the predictor's to refuse: see test_servicer's test_a_declared_format_is_checked_by_predict)."""
     with pytest.raises(UnsupportedMediaType) as info:
         DECODER.decode_encoded(_encode(_gradient(), "GIF"))
     assert http_status(info.value) == 415
-    with pytest.raises(
-        InvalidArgument, match="format says JPEG but the bytes are a PNG image"
-    ) as mislabelled:
-        DECODER.decode_encoded(_encode(_gradient(), "PNG"), image_pb2.IMAGE_FORMAT_JPEG)
-    assert http_status(mislabelled.value) == 400
-    assert [v.field for v in mislabelled.value.field_violations] == ["input.encoded.format"]
-    with pytest.raises(InvalidArgument, match="format 99 is not an image format"):
-        DECODER.decode_encoded(_encode(_gradient(), "PNG"), image_pb2.ImageFormat.ValueType(99))
+    assert [v.field for v in info.value.field_violations] == ["input.encoded.data"]
 
 
 def test_truncated_and_empty_images_are_invalid() -> None:
@@ -122,6 +116,45 @@ def test_images_above_the_pixel_limit_are_refused() -> None:
     raw = image_pb2.RawImage(pixels=bytes(300 * 300), width=300, height=300, channels=1)
     with pytest.raises(PayloadTooLarge):
         DECODER.decode_raw(raw)
+
+
+@pytest.mark.parametrize("side", [300, 100_000], ids=["over-our-limit", "over-pillows-limit-too"])
+@pytest.mark.parametrize("field", ["input.encoded.data", "input.image_id"])
+def test_an_image_over_the_pixel_limit_is_told_its_size_the_limit_and_the_field(
+    side: int, field: str
+) -> None:
+    """Every image over the limit gets the same 413 that says its size and the limit and names the bytes' field.
+    One over Pillow's own limit as well (a 100000x100000 header) said "image exceeds the limit of 40000000
+    pixels", with neither its size nor a field."""
+    data = png_declaring(side, side)
+    with pytest.raises(PayloadTooLarge) as info:
+        DECODER.decode_encoded(data, field=field)
+    assert info.value.message == f"{field} is {side}x{side} = {side * side} pixels; the limit is {200 * 200}"
+    assert [v.field for v in info.value.field_violations] == [field]
+
+
+def test_an_image_cut_off_after_its_header_names_the_field_and_what_to_send() -> None:
+    """A PNG whose header reads but whose pixels are cut off said "the PNG image cannot be decoded: image file
+    is truncated" (Pillow's words), with no field; now it names the bytes' field and asks for the whole file,
+    in the image processing service's words."""
+    data = _encode(_gradient(size=(120, 120)), "PNG")
+    with pytest.raises(InvalidData) as info:
+        DECODER.decode_encoded(data[: len(data) // 2])
+    assert info.value.message == (
+        "the PNG image cannot be decoded: its data is truncated or damaged; send the whole file"
+    )
+    assert [v.field for v in info.value.field_violations] == ["input.encoded.data"]
+
+
+def test_errors_about_inline_bytes_name_input_encoded_data_as_image_processing_does() -> None:
+    """The bytes of an inline image are ``input.encoded.data``: inference named an empty or cut-off one
+    ``input.encoded`` (the message that holds them), where the image processing service says
+    ``input.encoded.data``."""
+    data = _encode(_gradient(size=(120, 120)), "PNG")
+    for cut in (b"", data[:12]):
+        with pytest.raises(InvalidArgument) as info:
+            DECODER.decode_encoded(cut)
+        assert [v.field for v in info.value.field_violations] == ["input.encoded.data"]
 
 
 def test_raw_pixels() -> None:

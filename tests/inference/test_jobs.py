@@ -22,6 +22,11 @@ from mesh.services.inference.repository import ModelRepository
 from tests.inference.fakes import FakeFactory, MemoryFetcher, write_model
 from tests.inference.test_servicer import png
 
+# Image ids are UUIDs: the predictor refuses any other before it asks the file service.
+IMAGE = "6f0c3a52-2d7e-4a8e-9f43-0b1d5e7c9a01"
+TINY = "6f0c3a52-2d7e-4a8e-9f43-0b1d5e7c9a02"
+GONE = "6f0c3a52-2d7e-4a8e-9f43-0b1d5e7c9a03"
+
 
 class Context:
     """A JobContext that records progress and can cancel at a chosen stage."""
@@ -54,13 +59,13 @@ async def handler(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Inf
     await repository.load()
     tiny = io.BytesIO()
     Image.fromarray(np.full((3, 3), 220, np.uint8)).save(tiny, format="PNG")
-    images = {"img": png(220), "tiny": tiny.getvalue()}
+    images = {IMAGE: png(220), TINY: tiny.getvalue()}
     predictor = Predictor(repository, ImageDecoder(max_pixels=1_000_000), MemoryFetcher(images))
     yield InferenceJobHandler(predictor)
     await repository.close()
 
 
-def _job(model: str = "fake", image_id: str = "img") -> job_pb2.Job:
+def _job(model: str = "fake", image_id: str = IMAGE) -> job_pb2.Job:
     return job_pb2.Job(id="job-1", attempt=2, image_id=image_id, model=model)
 
 
@@ -91,12 +96,12 @@ async def test_errors_carry_their_category(handler: InferenceJobHandler) -> None
     """A missing image or model fails PERMANENT, an image smaller than the model reads DATA (neither is
     retried); a job without a model or image is refused."""
     with pytest.raises(NotFound) as info:
-        await handler(Context(_job(image_id="gone")))
+        await handler(Context(_job(image_id=GONE)))
     assert info.value.category == errors_pb2.ERROR_CATEGORY_PERMANENT
     with pytest.raises(NotFound):
         await handler(Context(_job(model="unknown")))
     with pytest.raises(InvalidArgument) as too_small:
-        await handler(Context(_job(image_id="tiny")))
+        await handler(Context(_job(image_id=TINY)))
     assert too_small.value.category == errors_pb2.ERROR_CATEGORY_DATA
     with pytest.raises(InvalidArgument):
         await handler(Context(_job(model="")))

@@ -64,7 +64,7 @@ async def test_an_image_larger_than_the_budget_is_refused_before_it_is_decoded(
     predictor, decoder, _ = served
     with pytest.raises(
         PayloadTooLarge,
-        match=r"input\.encoded \(700x700, 3 channels\) takes 1\.4 MiB decoded; "
+        match=r"input\.encoded\.data \(700x700, 3 channels\) takes 1\.4 MiB decoded; "
         r"fake-v1 holds at most 1\.0 MiB of decoded images at once",
     ):
         await predictor.predict(png_request(700))
@@ -105,7 +105,7 @@ async def test_an_exif_turned_image_is_sized_as_the_decoder_turns_it(
     request = png_request(1)
     request.input.encoded.data = buffer.getvalue()
     predictor, decoder, _ = served
-    with pytest.raises(PayloadTooLarge, match=r"input\.encoded \(500x800, 3 channels\) takes 1\.1 MiB"):
+    with pytest.raises(PayloadTooLarge, match=r"input\.encoded\.data \(500x800, 3 channels\) takes 1\.1 MiB"):
         await predictor.predict(request)
     assert decoder.decoded == 0
 
@@ -143,7 +143,9 @@ async def test_waiting_for_memory_ends_at_the_deadline(
     gate = factory.built[0].release = threading.Event()
     first = asyncio.ensure_future(predictor.predict(png_request(500)))
     await asyncio.sleep(0.05)
-    with pytest.raises(DeadlineExceeded, match=r"waiting for memory to decode input\.encoded \(500x500"):
+    with pytest.raises(
+        DeadlineExceeded, match=r"waiting for memory to decode input\.encoded\.data \(500x500"
+    ):
         await predictor.predict(png_request(500), deadline=time.monotonic() + 0.1)
     assert decoder.decoded == 1
     gate.set()

@@ -31,6 +31,11 @@ from mesh.services.inference.servicer import InferenceServicer
 from mesh.services.inference.settings import SERVICE_NAME, InferenceSettings
 from tests.inference.fakes import POISON, FakeFactory, FakeModel, MemoryFetcher, write_model
 
+STORED = "0b6f1d2e-6c1a-4c55-9d0e-3f2a1b4c5d6e"
+"""The id of the one image the fake file service holds."""
+MISSING = "0b6f1d2e-6c1a-4c55-9d0e-3f2a1b4c5d6f"
+"""An image id it does not know."""
+
 
 @dataclass
 class Served:
@@ -60,7 +65,7 @@ async def start(
 ) -> tuple[ServiceRuntime, asyncio.Task[None], ModelRepository]:
     repository = ModelRepository(root, factories={"fake": factory})
     await repository.load()
-    predictor = Predictor(repository, ImageDecoder(max_pixels=1_000_000), MemoryFetcher({"img-1": png(200)}))
+    predictor = Predictor(repository, ImageDecoder(max_pixels=1_000_000), MemoryFetcher({STORED: png(200)}))
     settings = InferenceSettings(
         grpc_port=0, http_port=0, grace_seconds=grace_seconds, health_interval_seconds=0.05
     )
@@ -174,7 +179,7 @@ async def test_predict_inputs_and_request_ids(served: Served) -> None:
     from_png = await served.stub.Predict(pb.PredictRequest(model_name="fake", input=encoded))
     assert from_png.strip_reading.verdict == pb.VERDICT_POSITIVE
     stored = await served.stub.Predict(
-        pb.PredictRequest(model_name="fake", input=image_pb2.ImageInput(image_id="img-1"))
+        pb.PredictRequest(model_name="fake", input=image_pb2.ImageInput(image_id=STORED))
     )
     assert stored.strip_reading.verdict == pb.VERDICT_POSITIVE
 
@@ -213,7 +218,7 @@ async def test_bad_requests_map_to_precise_statuses(served: Served) -> None:
             "input.encoded.data",
         ),
         (
-            pb.PredictRequest(model_name="fake", input=image_pb2.ImageInput(image_id="missing")),
+            pb.PredictRequest(model_name="fake", input=image_pb2.ImageInput(image_id=MISSING)),
             errors.NotFound,
             "",
         ),
@@ -226,6 +231,89 @@ async def test_bad_requests_map_to_precise_statuses(served: Served) -> None:
             assert errors.http_status(error) == 415
         if field:
             assert field in [v.field for v in error.field_violations]
+
+
+async def test_model_lookups_name_the_fields_of_their_own_request(served: Served) -> None:
+    """GetModelMetadata, ModelReady and GetModelStatistics name their fields ``name`` and ``version``, Predict
+    its ``model_name`` and ``model_version``: every lookup named Predict's, fields the others do not have."""
+    calls: list[tuple[object, type[errors.MeshError], str]] = [
+        (served.stub.GetModelMetadata(pb.GetModelMetadataRequest(name="nope")), errors.NotFound, "name"),
+        (
+            served.stub.GetModelMetadata(pb.GetModelMetadataRequest(name="fake", version="99")),
+            errors.NotFound,
+            "version",
+        ),
+        (served.stub.ModelReady(pb.ModelReadyRequest(name="nope")), errors.NotFound, "name"),
+        (
+            served.stub.ModelReady(pb.ModelReadyRequest(name="fake", version="x" * 65)),
+            errors.InvalidArgument,
+            "version",
+        ),
+        (served.stub.GetModelStatistics(pb.GetModelStatisticsRequest(name="nope")), errors.NotFound, "name"),
+        (
+            served.stub.Predict(pb.PredictRequest(model_name="nope", input=raw(1))),
+            errors.NotFound,
+            "model_name",
+        ),
+        (
+            served.stub.Predict(pb.PredictRequest(model_name="fake", model_version="99", input=raw(1))),
+            errors.NotFound,
+            "model_version",
+        ),
+    ]
+    for call, kind, field in calls:
+        error = await _error(call)
+        assert isinstance(error, kind), (field, error)
+        assert [v.field for v in error.field_violations] == [field], error
+
+
+async def test_an_empty_model_name_is_invalid_argument_naming_the_field(served: Served) -> None:
+    """GetModelMetadata and ModelReady without a name were NOT_FOUND "model '' does not exist"; like Predict
+    without a model_name they are INVALID_ARGUMENT "name is required", listing the models. GetModelStatistics
+    without one still answers for every model."""
+    for call, field in (
+        (served.stub.GetModelMetadata(pb.GetModelMetadataRequest()), "name"),
+        (served.stub.ModelReady(pb.ModelReadyRequest(version="1")), "name"),
+        (served.stub.Predict(pb.PredictRequest(input=raw(1))), "model_name"),
+    ):
+        error = await _error(call)
+        assert isinstance(error, errors.InvalidArgument), error
+        assert error.message == f"{field} is required; models: broken, counted, fake, slow"
+        assert [v.field for v in error.field_violations] == [field]
+    everything = await served.stub.GetModelStatistics(pb.GetModelStatisticsRequest())
+    assert {s.name for s in everything.statistics} == {"broken", "counted", "fake", "slow"}
+
+
+async def test_a_malformed_image_id_is_named_as_input_image_id_and_never_fetched(served: Served) -> None:
+    """An image id that is no UUID was sent on to the file service, whose answer named its own field
+    (``image_id``); it is refused here, naming the request's ``input.image_id``."""
+    fetcher = MemoryFetcher({STORED: png(200)})
+    predictor = Predictor(served.repository, ImageDecoder(max_pixels=1_000_000), fetcher)
+    request = pb.PredictRequest(model_name="fake", input=image_pb2.ImageInput(image_id="abc"))
+    with pytest.raises(errors.InvalidArgument) as info:
+        await predictor.predict(request)
+    assert info.value.message.startswith("input.image_id 'abc' is not an image id; image ids are UUIDs")
+    assert [v.field for v in info.value.field_violations] == ["input.image_id"]
+    assert fetcher.fetched == []
+
+
+async def test_a_declared_format_that_the_bytes_contradict_names_input_encoded_format(served: Served) -> None:
+    """A declared format the bytes contradict, or that is no format, is 400 naming ``input.encoded.format``, as
+    the image processing service answers it (checked before decoding, as there)."""
+    for declared, words in (
+        (image_pb2.IMAGE_FORMAT_JPEG, "format says JPEG but the bytes are a PNG image"),
+        (image_pb2.ImageFormat.ValueType(99), "format 99 is not an image format"),
+    ):
+        encoded = image_pb2.EncodedImage(data=png(200), format=declared)
+        error = await _error(
+            served.stub.Predict(
+                pb.PredictRequest(model_name="fake", input=image_pb2.ImageInput(encoded=encoded))
+            )
+        )
+        assert isinstance(error, errors.InvalidArgument)
+        assert words in error.message
+        assert errors.http_status(error) == 400
+        assert [v.field for v in error.field_violations] == ["input.encoded.format"]
 
 
 async def test_an_image_smaller_than_the_model_reads_is_refused_before_any_batch(served: Served) -> None:
@@ -513,10 +601,10 @@ async def test_client_maps_errors_and_streams(served: Served) -> None:
     assert (await client.metadata("fake", "1")).version == "1"
     assert (await client.ready("fake")).ready
     assert await client.statistics("fake")
-    response = await client.predict_image("fake", "img-1", version="1", request_id="x")
+    response = await client.predict_image("fake", STORED, version="1", request_id="x")
     assert (response.request_id, response.model_version) == ("x", "1")
     with pytest.raises(errors.NotFound):
-        await client.predict_image("fake", "missing")
+        await client.predict_image("fake", MISSING)
 
     async def requests() -> AsyncIterator[pb.PredictRequest]:
         yield pb.PredictRequest(model_name="fake", input=raw(200), request_id="s1")

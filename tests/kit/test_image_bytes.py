@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from mesh.kit import errors
-from mesh.kit.image_bytes import declared_image_type, normalise_content_type, not_an_image
+from mesh.kit.image_bytes import declared_image_type, no_pixels, normalise_content_type, not_an_image
 from mesh.services.file.validation import validate_image
 from mesh.services.image_processing import codec
 from mesh.services.inference.images import ImageDecoder
+from tests.file import corpus
 
 NOT_IMAGES = {
     "gif": b"GIF89a\x01\x00\x01\x00\x00\x00\x00",
@@ -27,7 +28,7 @@ def test_every_service_refuses_a_non_image_in_the_same_words(data: bytes) -> Non
     for refuse in (
         lambda: validate_image(data),
         lambda: codec.decode(data, codec.Limits(), "input.encoded.data"),
-        lambda: ImageDecoder(max_pixels=1_000_000).decode_encoded(data, field="input.encoded"),
+        lambda: ImageDecoder(max_pixels=1_000_000).decode_encoded(data, field="input.encoded.data"),
     ):
         with pytest.raises(errors.UnsupportedMediaType) as caught:
             refuse()
@@ -77,10 +78,33 @@ def test_image_processing_and_inference_say_the_same_of_empty_and_cut_off_images
     refusals: list[errors.MeshError] = []
     for refuse in (
         lambda: codec.decode(data, codec.Limits(), "input.encoded.data"),
-        lambda: ImageDecoder(max_pixels=1_000_000).decode_encoded(data, field="input.encoded"),
+        lambda: ImageDecoder(max_pixels=1_000_000).decode_encoded(data, field="input.encoded.data"),
     ):
         with pytest.raises(errors.InvalidArgument) as caught:
             refuse()
         refusals.append(caught.value)
     assert len({error.message for error in refusals}) == 1
     assert all(errors.http_status(error) == 400 for error in refusals)
+
+
+@pytest.mark.parametrize(("width", "height"), [(0, 0), (0, 10), (10, 0)])
+def test_every_service_refuses_a_png_declaring_no_pixels_in_the_same_words(width: int, height: int) -> None:
+    """A whole PNG whose header declares a width or height of 0: image processing and inference said "truncated
+    or damaged: its header cannot be read ... send the whole file" (their decoders refuse the size as an
+    unreadable header), the file service that it has no pixels; now all three say the file service's words,
+    INVALID_ARGUMENT naming the bytes' field."""
+    data = corpus.png_declaring(width, height)
+    refusals: list[errors.MeshError] = []
+    for refuse in (
+        lambda: validate_image(data, field="input.encoded.data"),
+        lambda: codec.decode(data, codec.Limits(), "input.encoded.data"),
+        lambda: ImageDecoder(max_pixels=1_000_000).decode_encoded(data, field="input.encoded.data"),
+    ):
+        with pytest.raises(errors.InvalidData) as caught:
+            refuse()
+        refusals.append(caught.value)
+    assert {error.message for error in refusals} == {no_pixels("PNG", width, height).message}
+    assert refusals[0].message.startswith(
+        f"the PNG declares a size of {width}x{height} pixels; it has no pixels"
+    )
+    assert [[v.field for v in error.field_violations] for error in refusals] == [["input.encoded.data"]] * 3

@@ -87,21 +87,49 @@ def empty_image(field: str) -> InvalidArgument:
     return InvalidArgument("the image is empty", field_violations=[FieldViolation(field, "no bytes")])
 
 
-def unreadable_header(
-    data: bytes, field: str, data_field: str | None = None
-) -> InvalidData | UnsupportedMediaType:
-    """Why a decoder could not read an image's header: a file of an accepted format cut off or damaged (the
-    client should send the whole file again; named ``field``), or bytes of another kind (it should send
-    another; ``not_an_image`` naming ``data_field``, by default ``field``). Never the decoder's own text,
-    which names Python objects."""
+def unreadable_header(data: bytes, field: str) -> InvalidData | UnsupportedMediaType:
+    """Why a decoder could not read an image's header: one that declares no pixels (``no_pixels``), a file of an
+    accepted format cut off or damaged (the client should send the whole file again), or bytes of another kind
+    (it should send another; ``not_an_image``), each naming ``field``, the bytes' field. Never the decoder's own
+    text, which names Python objects."""
     found = sniff_format(data)
-    if found is not None:
-        return InvalidData(
-            f"the {found} image is truncated or damaged: its header cannot be read ({len(data)} bytes); "
-            "send the whole file",
-            field_violations=[FieldViolation(field, f"a complete {found} file")],
-        )
-    return not_an_image(data, field if data_field is None else data_field)
+    if found is None:
+        return not_an_image(data, field)
+    size = _declared_png_size(data) if found == "PNG" else None
+    if size is not None and 0 in size:
+        return no_pixels(found, *size, field)
+    return InvalidData(
+        f"the {found} image is truncated or damaged: its header cannot be read ({len(data)} bytes); "
+        "send the whole file",
+        field_violations=[FieldViolation(field, f"a complete {found} file")],
+    )
+
+
+def no_pixels(found: str, width: int, height: int, field: str | None = None) -> InvalidData:
+    """The one refusal, in every service, of an image whose header declares a width or height of 0; ``field``
+    names the request field that held it, where there is one."""
+    return InvalidData(
+        f"the {found} declares a size of {width}x{height} pixels; it has no pixels; re-export the image "
+        "from its source",
+        field_violations=[FieldViolation(field, "at least 1x1 pixels")] if field else (),
+    )
+
+
+def undecodable(found: str, field: str) -> InvalidData:
+    """The refusal of an image whose header was read but whose pixels cannot be decoded (cut off after its
+    header, or damaged), naming ``field``; never the decoder's own text."""
+    return InvalidData(
+        f"the {found} image cannot be decoded: its data is truncated or damaged; send the whole file",
+        field_violations=[FieldViolation(field, f"a complete {found} file")],
+    )
+
+
+def _declared_png_size(data: bytes) -> tuple[int, int] | None:
+    """The width and height in a PNG's IHDR, which a PNG has first, at a fixed place; None when it has none.
+    Decoders refuse a size of 0 as an unreadable header, without saying so."""
+    if len(data) < 24 or data[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
 def check_declared_format(declared: image_pb2.ImageFormat.ValueType, data: bytes, field: str) -> None:

@@ -5,13 +5,19 @@ from __future__ import annotations
 from mesh.kit import errors
 
 
+def too_many_pixels(width: int, height: int, max_pixels: int, field: str) -> errors.PayloadTooLarge:
+    """The refusal of a ``width`` x ``height`` image over ``max_pixels``, naming its size, the limit and
+    ``field``."""
+    return errors.PayloadTooLarge(
+        f"{field} is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
+        field_violations=[errors.FieldViolation(field, f"at most {max_pixels} pixels")],
+    )
+
+
 def check_pixels(width: int, height: int, max_pixels: int, field: str) -> None:
     """PayloadTooLarge when ``width`` x ``height`` exceeds ``max_pixels``."""
     if width * height > max_pixels:
-        raise errors.PayloadTooLarge(
-            f"{field} is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
-            field_violations=[errors.FieldViolation(field, f"at most {max_pixels} pixels")],
-        )
+        raise too_many_pixels(width, height, max_pixels, field)
 
 
 def check_bytes(size: int, max_bytes: int, field: str) -> None:

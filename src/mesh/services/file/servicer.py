@@ -151,14 +151,14 @@ class FileServicer(file_service_pb2_grpc.FileServiceServicer):
                 " may be incomplete; nothing was stored. Send `end` after the last chunk",
                 field_violations=[errors.FieldViolation("end", "missing after the last chunk")],
             )
-        result = await self.store.upload(b"".join(chunks), _upload_request(metadata))
+        result = await self.store.upload(b"".join(chunks), _upload_request(metadata), field="chunk")
         return pb.UploadImageResponse(image=image_to_proto(result.image), deduplicated=result.deduplicated)
 
     @override
     async def CreateImage(self, request: pb.CreateImageRequest, context: Context) -> pb.CreateImageResponse:
         if len(request.data) > self.store.limits.max_bytes:
             raise too_large(len(request.data), self.store.limits.max_bytes)
-        result = await self.store.upload(request.data, _upload_request(request.metadata))
+        result = await self.store.upload(request.data, _upload_request(request.metadata), field="data")
         return pb.CreateImageResponse(image=image_to_proto(result.image), deduplicated=result.deduplicated)
 
     @override

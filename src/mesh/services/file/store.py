@@ -24,6 +24,7 @@ from mesh.kit.labels import check_labels
 from mesh.kit.logging import get_logger
 from mesh.kit.text_fields import MAX_IDEMPOTENCY_KEY_CHARS, text_problem
 from mesh.services.file.blobs import BlobStore
+from mesh.services.file.ids import parse_image_id
 from mesh.services.file.models import ImageRecord, NewImage, Page
 from mesh.services.file.thumbnails import make_thumbnail
 from mesh.services.file.validation import DEFAULT_LIMITS, Limits, sanitise_filename, validate_image
@@ -112,18 +113,6 @@ class OpenedBlob:
     file: BinaryIO
 
 
-def parse_image_id(value: str, field_name: str = "image_id") -> uuid.UUID:
-    """The UUID in ``value``; InvalidArgument naming the field when it is not one."""
-    try:
-        return uuid.UUID(value)
-    except (ValueError, AttributeError):
-        raise errors.InvalidArgument(
-            f"{field_name} {value[:80]!r} is not an image id; image ids are UUIDs "
-            "such as 0b6f1d2e-6c1a-4c55-9d0e-3f2a1b4c5d6e",
-            field_violations=[errors.FieldViolation(field_name, "must be a UUID")],
-        ) from None
-
-
 class ImageStore:
     """Validated, deduplicated, content-addressed image storage."""
 
@@ -143,9 +132,10 @@ class ImageStore:
         # A 50-megapixel image holds about 200 MB while decoded and thumbnailed; bound how many run at once.
         self._decodes = asyncio.Semaphore(max_concurrent_decodes)
 
-    async def upload(self, data: bytes, request: UploadRequest) -> UploadResult:
+    async def upload(self, data: bytes, request: UploadRequest, *, field: str | None = None) -> UploadResult:
         """Validate and store ``data``; the same idempotency key with the same bytes returns the first image
-        (with other bytes, ALREADY_EXISTS)."""
+        (with other bytes, ALREADY_EXISTS). A refusal of the bytes names ``field``, the request field that
+        carried them."""
         labels = check_labels(request.labels, "metadata.labels")
         key = _check_idempotency_key(request.idempotency_key)
         if key:
@@ -160,6 +150,7 @@ class ImageStore:
                 declared_content_type=request.content_type,
                 declared_sha256=request.sha256,
                 limits=self.limits,
+                field=field,
             )
             thumbnail = await asyncio.to_thread(make_thumbnail, decoded.image, self.thumbnail_size)
         info = decoded.info

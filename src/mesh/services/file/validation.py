@@ -18,7 +18,7 @@ from typing import Final
 from PIL import Image
 
 from mesh.kit import errors
-from mesh.kit.image_bytes import Format, normalise_content_type, not_an_image, sniff_format
+from mesh.kit.image_bytes import Format, no_pixels, normalise_content_type, not_an_image, sniff_format
 from mesh.kit.orientation import displayed_size, exif_orientation
 from mesh.kit.units import binary_size
 from mesh.services.file.containers import (
@@ -90,14 +90,22 @@ class UploadSizeGuard:
             raise too_large(self.received, self.max_bytes, complete=False)
 
 
-def too_large(size: int, max_bytes: int, *, complete: bool = True) -> errors.PayloadTooLarge:
-    """The error for an upload over the size limit."""
+def too_large(
+    size: int, max_bytes: int, *, complete: bool = True, field: str | None = None
+) -> errors.PayloadTooLarge:
+    """The error for an upload over the size limit (naming ``field``, the bytes' field, when given)."""
     amount = f"{size} bytes" if complete else f"more than {max_bytes} bytes (stopped after {size})"
     return errors.PayloadTooLarge(
         f"the upload is {amount}, over the limit of {max_bytes} bytes ({binary_size(max_bytes)}); "
         "send a smaller or more compressed image",
+        field_violations=_on(field, f"at most {max_bytes} bytes"),
         metadata={"limit_bytes": str(max_bytes)},
     )
+
+
+def _on(field: str | None, description: str) -> list[errors.FieldViolation]:
+    """The violation of the bytes' field, where the caller named one."""
+    return [errors.FieldViolation(field, description)] if field else []
 
 
 def check_sha256_syntax(value: str) -> str:
@@ -117,13 +125,18 @@ def validate_image(
     declared_content_type: str = "",
     declared_sha256: str = "",
     limits: Limits = DEFAULT_LIMITS,
+    field: str | None = None,
 ) -> DecodedImage:
-    """Accept ``data`` as a PNG, JPEG or WebP image or raise the MeshError that says why not."""
+    """Accept ``data`` as a PNG, JPEG or WebP image or raise the MeshError that says why not; an error about the
+    bytes themselves names ``field``, the request field that carried them (CreateImage's ``data``, UploadImage's
+    ``chunk``), when given."""
     size = len(data)
     if size > limits.max_bytes:
-        raise too_large(size, limits.max_bytes)
+        raise too_large(size, limits.max_bytes, field=field)
     if size == 0:
-        raise errors.InvalidData("the file is empty (0 bytes); send the image's bytes")
+        raise errors.InvalidData(
+            "the file is empty (0 bytes); send the image's bytes", field_violations=_on(field, "no bytes")
+        )
     expected_sha = check_sha256_syntax(declared_sha256)
     sha256 = hashlib.sha256(data).hexdigest()
     if expected_sha and expected_sha != sha256:
@@ -134,7 +147,7 @@ def validate_image(
         )
     fmt = sniff_format(data)
     if fmt is None:
-        raise not_an_image(data)
+        raise not_an_image(data, field)
     real_type = CONTENT_TYPES[fmt]
     declared = normalise_content_type(declared_content_type)
     if declared and declared != real_type:
@@ -143,13 +156,14 @@ def validate_image(
             f"({real_type}); declare {real_type} or leave the type empty",
             field_violations=[errors.FieldViolation("metadata.content_type", f"the bytes are {real_type}")],
         )
-    container = _inspect_container(fmt, data)
-    _check_shape(fmt, container, limits)
-    image = _decode(fmt, data)
+    container = _inspect_container(fmt, data, field)
+    _check_shape(fmt, container, limits, field)
+    image = _decode(fmt, data, field)
     if image.size != (container.width, container.height):
         raise errors.InvalidData(
             f"the {fmt} is corrupted: its header says {container.width}x{container.height} but it decodes "
-            f"as {image.width}x{image.height}; re-export the image"
+            f"as {image.width}x{image.height}; re-export the image",
+            field_violations=_on(field, f"a {fmt} whose pixels match its header"),
         )
     channels, bit_depth = _channels_and_depth(image, container)
     width, height = displayed_size(image.width, image.height, exif_orientation(image))
@@ -157,7 +171,15 @@ def validate_image(
     return DecodedImage(info, image)
 
 
-def _inspect_container(fmt: Format, data: bytes) -> ContainerInfo:
+# What the bytes' field must hold instead, by the container's problem.
+_CONTAINER_VIOLATIONS: Final[dict[str, str]] = {
+    "truncated": "the complete {fmt} file",
+    "trailing": "a {fmt} with nothing after its end",
+    "corrupt": "an undamaged {fmt} file",
+}
+
+
+def _inspect_container(fmt: Format, data: bytes, field: str | None) -> ContainerInfo:
     inspect = {"PNG": inspect_png, "JPEG": inspect_jpeg, "WEBP": inspect_webp}[fmt]
     try:
         return inspect(data)
@@ -168,13 +190,17 @@ def _inspect_container(fmt: Format, data: bytes) -> ContainerInfo:
             "re-save it as a plain image",
             "corrupt": "re-export the image from its source",
         }[error.problem]
-        raise errors.InvalidData(f"{error}; {advice}", metadata={"problem": error.problem}) from None
+        raise errors.InvalidData(
+            f"{error}; {advice}",
+            field_violations=_on(field, _CONTAINER_VIOLATIONS[error.problem].format(fmt=fmt)),
+            metadata={"problem": error.problem},
+        ) from None
 
 
-def _check_shape(fmt: Format, container: ContainerInfo, limits: Limits) -> None:
+def _check_shape(fmt: Format, container: ContainerInfo, limits: Limits, field: str | None) -> None:
     width, height = container.width, container.height
     if width == 0 or height == 0:
-        raise errors.InvalidData(f"the {fmt} declares a size of {width}x{height} pixels; it has no pixels")
+        raise no_pixels(fmt, width, height, field)
     pixels = width * height
     if pixels > limits.max_pixels:
         # Refused from the header alone: a decompression bomb never reaches the decoder.
@@ -182,6 +208,7 @@ def _check_shape(fmt: Format, container: ContainerInfo, limits: Limits) -> None:
             f"the {fmt} is {width}x{height} = {pixels / 1e6:.1f} megapixels, over the limit of "
             f"{limits.max_pixels / 1e6:g} megapixels (a decompression bomb, or simply too large); "
             "downscale the image before uploading",
+            field_violations=_on(field, f"at most {limits.max_pixels} pixels"),
             metadata={"limit_pixels": str(limits.max_pixels)},
         )
     ratio = max(width, height) / min(width, height)
@@ -189,27 +216,36 @@ def _check_shape(fmt: Format, container: ContainerInfo, limits: Limits) -> None:
         raise errors.InvalidData(
             f"the {fmt} is {width}x{height} pixels, an aspect ratio of {ratio:g}:1, over the limit of "
             f"{limits.max_aspect_ratio:g}:1; crop it to the region of interest",
+            field_violations=_on(field, f"an aspect ratio of at most {limits.max_aspect_ratio:g}:1"),
             metadata={"limit_aspect_ratio": f"{limits.max_aspect_ratio:g}"},
         )
     if container.animated:
-        raise errors.InvalidData(f"the {fmt} is animated; upload a single still image")
+        raise errors.InvalidData(
+            f"the {fmt} is animated; upload a single still image",
+            field_violations=_on(field, "a single still image"),
+        )
 
 
-def _decode(fmt: Format, data: bytes) -> Image.Image:
+def _decode(fmt: Format, data: bytes, field: str | None) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data), formats=[fmt])
         image.load()
     except Image.DecompressionBombError as error:  # only when max_pixels is set above Pillow's own limit
-        raise errors.PayloadTooLarge(f"the {fmt} is too large to decode safely: {error}") from None
+        raise errors.PayloadTooLarge(
+            f"the {fmt} is too large to decode safely: {error}",
+            field_violations=_on(field, "fewer pixels"),
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         text = str(error) or type(error).__name__
         if "truncated" in text.lower():
             raise errors.InvalidData(
                 f"the {fmt} is truncated ({text}); the upload was cut off, send the complete file",
+                field_violations=_on(field, _CONTAINER_VIOLATIONS["truncated"].format(fmt=fmt)),
                 metadata={"problem": "truncated"},
             ) from None
         raise errors.InvalidData(
             f"the {fmt} could not be decoded ({text}); it is corrupted, re-export the image from its source",
+            field_violations=_on(field, _CONTAINER_VIOLATIONS["corrupt"].format(fmt=fmt)),
             metadata={"problem": "corrupt"},
         ) from None
     return image

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from mesh.kit import errors
-from mesh.kit.image_bytes import empty_image, not_an_image, sniff_format, unreadable_header
+from mesh.kit.image_bytes import empty_image, not_an_image, sniff_format, undecodable, unreadable_header
 from mesh.kit.image_header import read_header
 from mesh.kit.image_limits import check_bytes, check_pixels
 from mesh.kit.orientation import orient
@@ -99,10 +99,7 @@ def decode(
         header = probe(data, limits, where)
     pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if pixels is None or pixels.size == 0:
-        raise errors.InvalidData(
-            f"the {header.kind} image cannot be decoded: its data is truncated or damaged; send the whole file",
-            field_violations=[errors.FieldViolation(where, f"a complete {header.kind} file")],
-        )
+        raise undecodable(header.kind, where)
     if pixels.dtype not in (np.uint8, np.uint16):
         raise errors.InvalidData(
             f"{header.kind} samples of type {pixels.dtype} are not supported (8 or 16 bit only)",

@@ -31,6 +31,7 @@ from mesh.kit.labels import label_violations
 from mesh.kit.param_values import to_param_value
 from mesh.kit.raw_pixels import read_raw
 from mesh.kit.settings import MAX_MESSAGE_BYTES
+from mesh.services.file.ids import parse_image_id
 from mesh.services.image_processing import codec
 from mesh.services.image_processing.admission import Admission, Ticket
 from mesh.services.image_processing.backend import Backend, PipelineOutput, run_pipeline
@@ -267,9 +268,12 @@ class Processor:
         samples, received beside the message rather than in it; see ``mesh.kit.wire.Parted``)."""
         kind = source.WhichOneof("source")
         if kind == "image_id":
-            store = self._require_store(f"{where}.image_id")
+            field = f"{where}.image_id"
+            # Checked here, so that a malformed id is named as this request's field and never sent on.
+            parse_image_id(source.image_id, field)
+            store = self._require_store(field)
             _, _, data = await store.download(source.image_id, timeout=self.store_timeout(deadline))
-            return Input.of_encoded(data, self.limits, f"{where}.image_id")
+            return Input.of_encoded(data, self.limits, field)
         if kind == "encoded":
             check_declared_format(source.encoded.format, source.encoded.data, f"{where}.encoded")
             return Input.of_encoded(source.encoded.data, self.limits, f"{where}.encoded.data")

@@ -17,9 +17,10 @@ from PIL import Image, ImageOps
 
 from mesh.common.v1 import image_pb2
 from mesh.kit.deadlines import call_timeout
-from mesh.kit.errors import InvalidData, PayloadTooLarge
-from mesh.kit.image_bytes import check_declared_format, empty_image, unreadable_header
-from mesh.kit.image_limits import check_pixels
+from mesh.kit.errors import FieldViolation, PayloadTooLarge
+from mesh.kit.image_bytes import empty_image, undecodable, unreadable_header
+from mesh.kit.image_header import read_header
+from mesh.kit.image_limits import check_pixels, too_many_pixels
 from mesh.kit.raw_pixels import read_raw
 from mesh.services.file.client import FileClient
 
@@ -56,36 +57,42 @@ class ImageDecoder:
     def __init__(self, *, max_pixels: int) -> None:
         self.max_pixels = max_pixels
 
-    def decode_encoded(
-        self,
-        data: bytes,
-        declared: image_pb2.ImageFormat.ValueType = image_pb2.IMAGE_FORMAT_UNSPECIFIED,
-        *,
-        field: str = "input.encoded",
-    ) -> Pixels:
-        """PNG/JPEG/WebP bytes -> pixels; the declared format, when given, must match the bytes."""
+    def decode_encoded(self, data: bytes, *, field: str = "input.encoded.data") -> Pixels:
+        """PNG/JPEG/WebP bytes -> pixels; errors name ``field``, the request field that held the bytes (a
+        declared format is the caller's to check, with ``image_bytes.check_declared_format``)."""
         if not data:
             raise empty_image(field)
-        check_declared_format(declared, data, field)
-        formats = list(_ACCEPTED)  # the declared format, if any, was just checked against the bytes
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data), formats=formats)
+                image = Image.open(io.BytesIO(data), formats=list(_ACCEPTED))
         except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-            raise PayloadTooLarge(f"image exceeds the limit of {self.max_pixels} pixels") from None
+            raise self._over_pillows_limit(data, field) from None
         except (OSError, SyntaxError, ValueError):
             # Pillow says UnidentifiedImageError (an OSError) when no format matches, and a bare OSError when
             # the header it started on is cut off ("Truncated File Read").
-            raise unreadable_header(data, field, f"{field}.data") from None
+            raise unreadable_header(data, field) from None
         with image:
             check_pixels(image.width, image.height, self.max_pixels, field)
             try:
                 image.load()
                 oriented = ImageOps.exif_transpose(image)
-            except (OSError, ValueError, SyntaxError) as exc:
-                raise InvalidData(f"the {image.format} image cannot be decoded: {exc}") from None
+            except (OSError, ValueError, SyntaxError):
+                raise undecodable(image.format or "encoded", field) from None
             return _to_pixels(oriented)
+
+    def _over_pillows_limit(self, data: bytes, field: str) -> PayloadTooLarge:
+        """The refusal of an image that Pillow would not open, being over its own pixel limit: with its size,
+        read from the header, as ``check_pixels`` words it. Pillow's limit counts as well as ours, the lesser
+        of the two being the one that refused it."""
+        limit = min(self.max_pixels, Image.MAX_IMAGE_PIXELS or self.max_pixels)
+        header = read_header(data)
+        if header is None:  # Pillow read a size there, so this is not expected
+            return PayloadTooLarge(
+                f"{field} has more than {limit} pixels, the limit",
+                field_violations=[FieldViolation(field, f"at most {limit} pixels")],
+            )
+        return too_many_pixels(header.width, header.height, limit, field)
 
     def decode_raw(self, raw: image_pb2.RawImage, *, field: str = "input.raw") -> Pixels:
         """Raw interleaved pixels -> an array of the contract's shape (16-bit samples keep their top byte)."""

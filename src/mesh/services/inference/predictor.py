@@ -18,15 +18,17 @@ from opentelemetry import trace
 from mesh.common.v1 import image_pb2
 from mesh.inference.v1 import inference_service_pb2 as pb
 from mesh.kit.errors import FieldViolation, Internal, InvalidArgument, InvalidData, MeshError, Unavailable
+from mesh.kit.image_bytes import check_declared_format
 from mesh.kit.image_header import read_header
 from mesh.kit.jobs import JobInterrupted
 from mesh.kit.logging import get_logger
 from mesh.kit.raw_pixels import CHANNELS
 from mesh.kit.tracing import tracer
+from mesh.services.file.ids import parse_image_id
 from mesh.services.inference.images import ImageDecoder, ImageFetcher, Pixels
 from mesh.services.inference.models import Operation
 from mesh.services.inference.parameters import resolve_parameters
-from mesh.services.inference.repository import ModelRepository, ModelVersion
+from mesh.services.inference.repository import PREDICT_FIELDS, ModelRepository, ModelVersion
 
 log = get_logger(__name__)
 _tracer = tracer(__name__)
@@ -81,11 +83,7 @@ class Predictor:
         """Answer ``request``; ``deadline`` is a ``time.monotonic()`` instant. Raises MeshError."""
         started = time.perf_counter()
         assign_request_id(request)
-        if not request.model_name:
-            raise InvalidArgument(
-                "model_name is required", field_violations=[FieldViolation("model_name", "must not be empty")]
-            )
-        version = self.repository.get(request.model_name, request.model_version)
+        version = self.repository.get(request.model_name, request.model_version, fields=PREDICT_FIELDS)
         version.stats.request_received()
         operation: Operation = "precheck" if request.precheck_only else "predict"
         attributes = {
@@ -169,8 +167,11 @@ class Predictor:
         if kind == "raw":
             return _Source("input.raw", raw=source.raw)
         if kind == "encoded":
-            return _Source("input.encoded", data=source.encoded.data, declared=source.encoded.format)
+            check_declared_format(source.encoded.format, source.encoded.data, "input.encoded")
+            return _Source("input.encoded.data", data=source.encoded.data)
         if kind == "image_id":
+            # Checked here, so that a malformed id is named as this request's field and never sent on.
+            parse_image_id(source.image_id, "input.image_id")
             if self._fetcher is None:
                 raise Unavailable("this server cannot fetch images by id (no file service configured)")
             return _Source("input.image_id", data=await self._fetcher.fetch(source.image_id, deadline))
@@ -205,8 +206,6 @@ class Predictor:
             if raw.pixel_type == image_pb2.PIXEL_TYPE_UINT16 or _raw_bytes(raw) > RAW_ON_LOOP_BYTES:
                 return await asyncio.to_thread(self._decoder.decode_raw, raw)
             return self._decoder.decode_raw(raw)
-        if source.field == "input.encoded":
-            return await asyncio.to_thread(self._decoder.decode_encoded, source.data, source.declared)
         return await asyncio.to_thread(self._decoder.decode_encoded, source.data, field=source.field)
 
 
@@ -219,7 +218,6 @@ class _Source:
 
     raw: image_pb2.RawImage | None = None
     data: bytes = b""
-    declared: image_pb2.ImageFormat.ValueType = image_pb2.IMAGE_FORMAT_UNSPECIFIED
 
 
 # The decoder's pixels from Pillow's modes (see images._to_pixels): grey ones give one channel, RGB three; the rest

@@ -61,6 +61,20 @@ class ModelConfigError(Exception):
     """The model repository cannot be used as it is on disk."""
 
 
+@dataclass(frozen=True)
+class ModelFields:
+    """What a request calls its fields that name a model and a version: the errors of a lookup name them."""
+
+    name: str
+    version: str
+
+
+PREDICT_FIELDS = ModelFields("model_name", "model_version")
+"""PredictRequest's (and so a job's)."""
+LOOKUP_FIELDS = ModelFields("name", "version")
+"""GetModelMetadataRequest's, ModelReadyRequest's and GetModelStatisticsRequest's."""
+
+
 class TensorConfig(BaseModel):
     """One input or output of a model."""
 
@@ -401,22 +415,29 @@ class ModelRepository:
             version.state, version.reason = "UNAVAILABLE", "unloaded"
             version.stats.set_ready(False)
 
-    def entry(self, name: str) -> ModelEntry:
-        """A model by name; NotFound lists the models there are."""
+    def entry(self, name: str, *, fields: ModelFields = PREDICT_FIELDS) -> ModelEntry:
+        """A model by name; InvalidArgument when ``name`` is empty and NotFound when there is no such model, both
+        listing the models there are and naming ``fields.name``, the request's field."""
         entry = self._entries.get(name)
         if entry is None:
             known = ", ".join(self._entries)
+            violations = [FieldViolation(fields.name, f"one of: {known}")]
+            if not name:
+                raise InvalidArgument(
+                    f"{fields.name} is required; models: {known}", field_violations=violations
+                )
             raise NotFound(
                 f"model {name!r} does not exist; models: {known}",
-                field_violations=[FieldViolation("model_name", f"one of: {known}")],
+                field_violations=violations,
                 metadata={"model": name},
             )
         return entry
 
-    def get(self, name: str, version: str = "") -> ModelVersion:
-        """A version of a model (the default one when ``version`` is empty); NotFound lists what exists, and
-        InvalidArgument refuses a version longer than MAX_VERSION_LENGTH."""
-        entry = self.entry(name)
+    def get(self, name: str, version: str = "", *, fields: ModelFields = PREDICT_FIELDS) -> ModelVersion:
+        """A version of a model (the default one when ``version`` is empty); InvalidArgument refuses an empty
+        name or a version longer than MAX_VERSION_LENGTH, NotFound lists what exists, each naming the request's
+        field (``fields``)."""
+        entry = self.entry(name, fields=fields)
         if not version:
             return entry.default()
         if version == LATEST:  # the word the config's default_version uses; a client may well send it
@@ -427,7 +448,7 @@ class ModelRepository:
         if len(version) > MAX_VERSION_LENGTH:
             raise InvalidArgument(
                 f"model {name!r}: a version has at most {MAX_VERSION_LENGTH} characters; versions: {known}",
-                field_violations=[FieldViolation("model_version", f"one of: {known}")],
+                field_violations=[FieldViolation(fields.version, f"one of: {known}")],
                 metadata={"model": name},
             )
         key = str(int(version)) if _is_number(version) else version
@@ -435,7 +456,7 @@ class ModelRepository:
         if found is None:
             raise NotFound(
                 f"model {name!r} has no version {version!r}; versions: {known}",
-                field_violations=[FieldViolation("model_version", f"one of: {known}")],
+                field_violations=[FieldViolation(fields.version, f"one of: {known}")],
                 metadata={"model": name, "version": version},
             )
         return found

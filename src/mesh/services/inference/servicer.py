@@ -18,7 +18,7 @@ from mesh.kit.errors import Internal, MeshError
 from mesh.kit.logging import get_logger
 from mesh.kit.runtime import until_stopping
 from mesh.services.inference.predictor import DEVICES, Predictor, assign_request_id
-from mesh.services.inference.repository import ModelEntry, ModelRepository, ModelVersion
+from mesh.services.inference.repository import LOOKUP_FIELDS, ModelEntry, ModelRepository, ModelVersion
 
 log = get_logger(__name__)
 
@@ -65,8 +65,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def GetModelMetadata(
         self, request: pb.GetModelMetadataRequest, context: Context
     ) -> pb.GetModelMetadataResponse:
-        entry = self._repository.entry(request.name)
-        version = self._repository.get(request.name, request.version)
+        entry = self._repository.entry(request.name, fields=LOOKUP_FIELDS)
+        version = self._repository.get(request.name, request.version, fields=LOOKUP_FIELDS)
         config = version.config
         model = version.model
         return pb.GetModelMetadataResponse(
@@ -94,7 +94,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     @override
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
-        version = self._repository.get(request.name, request.version)
+        version = self._repository.get(request.name, request.version, fields=LOOKUP_FIELDS)
         state, reason = version.status()
         return pb.ModelReadyResponse(ready=state == "READY", version=version.version, reason=reason)
 
@@ -160,7 +160,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def GetModelStatistics(
         self, request: pb.GetModelStatisticsRequest, context: Context
     ) -> pb.GetModelStatisticsResponse:
-        entries = [self._repository.entry(request.name)] if request.name else list(self._repository)
+        # An empty name asks for every model's statistics.
+        entries = (
+            [self._repository.entry(request.name, fields=LOOKUP_FIELDS)]
+            if request.name
+            else list(self._repository)
+        )
         return pb.GetModelStatisticsResponse(
             statistics=[v.stats.to_proto() for entry in entries for v in entry.versions.values()]
         )
