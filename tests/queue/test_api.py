@@ -17,6 +17,7 @@ from mesh.kit import errors
 from mesh.kit.runtime import RESTARTING
 from mesh.queue.v1 import job_pb2, queue_service_pb2
 from mesh.services.queue.broker import Broker
+from mesh.services.queue.references import ServiceReferences
 from mesh.services.queue.relay_process import RelayProcess
 from mesh.services.queue.repository import JobRepository, open_pool
 from mesh.services.queue.states import JobState
@@ -198,7 +199,7 @@ class _Missing:
     def __init__(self) -> None:
         self.asked: list[tuple[str, str]] = []
 
-    async def check(self, image_id: str, model: str) -> None:
+    async def check(self, image_id: str, model: str, *, fresh: bool = False) -> None:
         self.asked.append((image_id, model))
         raise errors.NotFound(
             f"image {image_id} does not exist",
@@ -254,6 +255,86 @@ async def test_a_retry_whose_image_has_gone_is_not_found_and_leaves_the_job_as_i
     not_retryable = await _error(queue.stub.RetryJob(queue_service_pb2.RetryJobRequest(job_id=queued.id)))
     assert isinstance(not_retryable, errors.FailedPrecondition)
     assert missing.asked == [(job.image_id, job.model)]
+
+
+async def test_a_retry_looks_the_image_up_again_though_it_was_found_a_moment_ago(queue: Harness) -> None:
+    """RetryJob of a job whose image was deleted after its submit is NOT_FOUND naming the image, though the
+    submit found it under ``remember_seconds`` before: a retry asks the file service afresh (it was queued
+    again, to fail at once)."""
+    images = {IMAGE_ID}
+
+    async def find_image(image_id: str) -> object:
+        if image_id not in images:
+            raise errors.NotFound(f"image {image_id} does not exist")
+        return image_id
+
+    async def find_model(model: str) -> object:
+        return model
+
+    queue.app.servicer.references = ServiceReferences(find_image, find_model, timeout_seconds=1.0)
+    job = await queue.submit()
+    await queue.stub.CancelJob(queue_service_pb2.CancelJobRequest(job_id=job.id))
+    images.clear()
+    error = await _error(queue.stub.RetryJob(queue_service_pb2.RetryJobRequest(job_id=job.id)))
+    assert isinstance(error, errors.NotFound)
+    assert error.message == f"job {job.id} cannot run again: image {IMAGE_ID} does not exist"
+    assert [v.field for v in error.field_violations] == ["image_id"]
+    assert (await queue.get(job.id)).state == job_pb2.JOB_STATE_CANCELLED
+
+
+async def test_a_retry_of_a_job_whose_model_the_inference_service_refuses_is_invalid(queue: Harness) -> None:
+    """RetryJob of a job whose model the inference service refuses (a version over its limit, accepted before
+    the queue checked it) is INVALID_ARGUMENT naming the model, and the job stays as it was: the refusal was
+    taken for no answer, and the job queued again to fail at once."""
+    job = await queue.submit(model="m/1")
+    await queue.stub.CancelJob(queue_service_pb2.CancelJobRequest(job_id=job.id))
+
+    async def found(name: str) -> object:
+        return name
+
+    async def refuse(model: str) -> object:
+        raise errors.InvalidArgument("model 'm': a version has at most 64 characters; versions: 1")
+
+    queue.app.servicer.references = ServiceReferences(found, refuse, timeout_seconds=1.0)
+    error = await _error(queue.stub.RetryJob(queue_service_pb2.RetryJobRequest(job_id=job.id)))
+    assert isinstance(error, errors.InvalidArgument)
+    assert error.message.startswith(f"job {job.id} cannot run again: model 'm': a version has at most 64")
+    assert [v.field for v in error.field_violations] == ["model"]
+    assert (await queue.get(job.id)).state == job_pb2.JOB_STATE_CANCELLED
+
+
+async def test_a_submit_stores_the_image_id_as_the_file_service_spells_it(queue: Harness) -> None:
+    """Every spelling of the image's UUID (upper case, braces, ``urn:uuid:``, no dashes) is stored as the image's
+    id, and a keyed retry spelling it another way is the same job, not ALREADY_EXISTS."""
+    key = f"spelled-{queue.settings.queue_prefix}"
+    spellings = [IMAGE_ID.upper(), "{" + IMAGE_ID + "}", "urn:uuid:" + IMAGE_ID, IMAGE_ID.replace("-", "")]
+    for spelling in spellings:
+        request = queue_service_pb2.SubmitJobRequest(image_id=spelling, model="script:noop")
+        assert (await queue.stub.SubmitJob(request)).job.image_id == IMAGE_ID
+    first = await queue.submit(idempotency_key=key)
+    again = await queue.stub.SubmitJob(
+        queue_service_pb2.SubmitJobRequest(
+            image_id=IMAGE_ID.upper(), model="script:noop", idempotency_key=key
+        )
+    )
+    assert (again.existing, again.job.id) == (True, first.id)
+    rows = await queue.sql("SELECT DISTINCT image_id FROM jobs WHERE image_id ILIKE %s", "%" + IMAGE_ID[-12:])
+    assert [r["image_id"] for r in rows] == [IMAGE_ID]
+
+
+async def test_a_model_version_over_the_inference_services_limit_is_refused_at_submit(queue: Harness) -> None:
+    """A version over 64 characters is INVALID_ARGUMENT on ``model`` before any lookup, and creates nothing (it
+    was accepted, to fail at its first attempt)."""
+    too_long = "strip-reader/" + "1" * 65
+    error = await _error(
+        queue.stub.SubmitJob(queue_service_pb2.SubmitJobRequest(image_id=IMAGE_ID, model=too_long))
+    )
+    assert isinstance(error, errors.InvalidArgument)
+    assert [(v.field, v.description) for v in error.field_violations] == [
+        ("model", "a version has at most 64 characters")
+    ]
+    rows = await queue.sql("SELECT count(*) AS n FROM jobs WHERE model = %s", too_long)
+    assert rows[0]["n"] == 0
 
 
 async def test_unknown_job_is_not_found(queue: Harness) -> None:

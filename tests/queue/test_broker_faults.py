@@ -309,6 +309,38 @@ async def test_asking_about_a_missing_queue_leaves_no_channel_open(amqp_url: str
         assert len(channels) == before
 
 
+async def test_questions_their_callers_give_up_on_never_cut_the_connection(amqp_url: str) -> None:
+    """Ready counts (GetQueueStats, the reconciler) and health checks whose callers stop waiting at every
+    point between a channel's open and its close (a client's 1-5 ms deadline) leave the broker's connection
+    open and no channel behind: each question finishes in the broker's own task. Cancelled half-way, RabbitMQ
+    closed the whole connection within the first 20 questions (``CHANNEL_ERROR - expected 'channel.open'``)."""
+    async with connected(amqp_url, "test-cancelled-questions") as (broker, amqp):
+        queue = f"t{uuid.uuid4().hex[:10]}.cancelled-questions"
+        await broker.declare(queue)
+        try:
+            before = len(amqp.channels)
+            given_up = 0
+            for step in range(300):
+                question = broker.ready_count(queue) if step % 3 else broker.check()
+                try:
+                    await asyncio.wait_for(question, (step % 50) / 10_000)
+                except TimeoutError:
+                    given_up += 1
+                assert not amqp.is_closed, (
+                    f"RabbitMQ closed the connection at question {step}: {amqp.closing}"
+                )
+            assert given_up > 100, "the timeouts did not cut the questions short; the test needs tighter ones"
+            assert await broker.ready_count(queue) == 0
+            await broker.check()
+            deadline = time.monotonic() + broker.answer_seconds
+            while (len(amqp.channels), len(broker._asking)) != (before, 0) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert (len(amqp.channels), len(broker._asking)) == (before, 0)
+            assert not amqp.is_closed
+        finally:
+            await delete_queues(amqp_url, [queue])
+
+
 # --- F2 and F7 in the reconciler alone ----------------------------------------------------------------------
 
 

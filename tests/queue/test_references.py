@@ -13,8 +13,16 @@ from mesh.services.queue.references import ServiceReferences
 class Service:
     """A lookup that finds the names it holds, refuses the rest, or does not answer at all."""
 
-    def __init__(self, known: set[str], *, kind: str, down: bool = False, hang: bool = False) -> None:
-        self.known, self.kind, self.down, self.hang = known, kind, down, hang
+    def __init__(
+        self,
+        known: set[str],
+        *,
+        kind: str,
+        down: bool = False,
+        hang: bool = False,
+        refuse: errors.MeshError | None = None,
+    ) -> None:
+        self.known, self.kind, self.down, self.hang, self.refuse = known, kind, down, hang, refuse
         self.calls = 0
 
     async def __call__(self, name: str) -> object:
@@ -23,6 +31,8 @@ class Service:
             await asyncio.sleep(60)
         if self.down:
             raise errors.Unavailable("connection refused")
+        if self.refuse is not None:
+            raise self.refuse
         if name not in self.known:
             raise errors.NotFound(f"{self.kind} {name!r} does not exist")
         return name
@@ -70,3 +80,56 @@ async def test_a_service_that_does_not_answer_lets_jobs_through_and_is_left_alon
     await asyncio.wait_for(references.check("i", "m"), 1.0)
     await references.check("i", "m")
     assert slow.calls == 1
+
+
+async def test_a_name_the_service_refuses_is_the_clients_error_and_the_next_ones_are_still_checked() -> None:
+    """The inference service's INVALID_ARGUMENT (a version over its 64 characters) is INVALID_ARGUMENT on the
+    field ``model`` with the service's words, not "no answer": the job is refused, and the next submit's model is
+    looked up (it was let through, and every model went unchecked for 5 s)."""
+    too_long = "a version has at most 64 characters"
+    models = Service({"m"}, kind="model", refuse=errors.InvalidArgument(f"model 'm': {too_long}"))
+    references = _references(Service({"i"}, kind="image"), models)
+    with pytest.raises(errors.InvalidArgument) as refused:
+        await references.check("i", "m/" + "1" * 65)
+    assert refused.value.message == f"model 'm': {too_long}"
+    assert [(v.field, v.description) for v in refused.value.field_violations] == [
+        ("model", f"model 'm': {too_long}")
+    ]
+    models.refuse = None
+    with pytest.raises(errors.NotFound):
+        await references.check("i", "nope")
+    assert models.calls == 2
+
+
+@pytest.mark.parametrize(
+    "failure", [errors.Internal("model loading crashed"), errors.ResourceExhausted("too many requests")]
+)
+async def test_a_service_that_fails_lets_that_job_through_but_is_asked_about_the_next(
+    failure: errors.MeshError,
+) -> None:
+    """A service that answers with a failure of its own (INTERNAL, RESOURCE_EXHAUSTED) says nothing against the
+    client's name: that job passes (its worker checks). Only no answer at all (UNAVAILABLE, DEADLINE_EXCEEDED,
+    the deadline) leaves the service alone a while; after any other answer the next name is looked up."""
+    models = Service(set(), kind="model", refuse=failure)
+    references = _references(Service({"i"}, kind="image"), models)
+    await references.check("i", "m")
+    models.refuse = None
+    with pytest.raises(errors.NotFound):
+        await references.check("i", "nope")
+    assert models.calls == 2
+
+
+async def test_a_fresh_check_asks_again_and_a_missing_answer_is_not_remembered_as_found() -> None:
+    """``fresh`` (RetryJob) looks up an image found a moment ago, so an image deleted since is NOT_FOUND; then
+    a plain check (a submit) does not take it for found any more either."""
+    images = Service({"i"}, kind="image")
+    references = _references(images, Service({"m"}, kind="model"))
+    await references.check("i", "m")
+    images.known.clear()  # deleted
+    await references.check("i", "m")  # a submit within remember_seconds: still remembered
+    with pytest.raises(errors.NotFound) as gone:
+        await references.check("i", "m", fresh=True)
+    assert [v.field for v in gone.value.field_violations] == ["image_id"]
+    with pytest.raises(errors.NotFound):
+        await references.check("i", "m")
+    assert images.calls == 3

@@ -15,7 +15,8 @@ RabbitMQ answers, so one reset while a service starts does not stop it; only a d
 Questions (``ready_count``, the health ``check``) each run on a plain channel of their own, closed whatever
 the outcome, and wait ``answer_seconds`` at most: a broker that stops answering without dropping the
 connection (a black hole, noticed by the AMQP heartbeat only after about 48 s) makes the answer unknown (-1)
-or the check fail, rather than hang its caller.
+or the check fail, rather than hang its caller. Each runs in a task of the broker's, never cancelled by a
+caller that stops waiting: a channel cancelled half-way made RabbitMQ close the whole connection.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import aio_pika
@@ -94,6 +95,10 @@ def retryable(exc: BaseException) -> bool:
     return isinstance(exc, CONNECTION_EXCEPTIONS) and not isinstance(exc, REFUSALS)
 
 
+async def _round_trip(channel: aiormq.abc.AbstractChannel) -> None:
+    """The health check's question: none, the channel's open and close are the round trip."""
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".strip().rstrip(":")
 
@@ -120,6 +125,7 @@ class Broker:
         self._declared: set[str] = set()
         self._declare_lock = asyncio.Lock()
         self._consumer_channels: list[AbstractChannel] = []
+        self._asking: set[asyncio.Task[Any]] = set()
         self._unanswered_until = 0.0
         self._unanswered_since = 0.0
         self._closed = False
@@ -189,6 +195,8 @@ class Broker:
         self._closed = True
         if self._connection is not None:
             await self._connection.close()
+        # Questions on the closed connection end at once; none is left pending when the event loop ends.
+        await asyncio.gather(*self._asking, return_exceptions=True)
         self._connection = None
         self._publisher = None
         self._declared.clear()
@@ -345,17 +353,17 @@ class Broker:
             raise
         self._consumer_channels.append(channel)
 
-    @contextlib.asynccontextmanager
-    async def _question(self) -> AsyncIterator[aiormq.abc.AbstractChannel]:
-        """A plain (aiormq, not robust) channel for one question, closed after it whatever happened, within
-        ``answer_seconds`` in all.
+    async def _ask(self, question: Callable[[aiormq.abc.AbstractChannel], Awaitable[T]]) -> T:
+        """``question`` asked on a plain channel of its own (``_question``), in a task the broker owns: a caller
+        that stops waiting (a client's deadline, the health monitor's or the reconciler's timeout) leaves the
+        question to finish, within ``answer_seconds``. Cancelled half-way, the channel's open or close left
+        frames the broker did not expect, and RabbitMQ closed the whole connection (``CHANNEL_ERROR - expected
+        'channel.open'``), with every consumer and publish on it.
 
-        Not the publishing channel: the broker closes a channel on a failed passive declare. Not a robust one
-        either: aio-pika reopens a robust channel the broker closed, and the reopened one stayed open, one per
-        question (at ``channel_max`` the connection failed). Raises ConnectionError while not connected, and
-        TimeoutError when RabbitMQ did not answer in time; after that, for ``answer_seconds``, every question
-        raises TimeoutError at once rather than open yet another channel that would wait as long (a channel
-        that got no answer is held until the broker confirms its close, or the connection goes)."""
+        Raises ConnectionError while not connected, and TimeoutError when RabbitMQ did not answer in time;
+        after that, for ``answer_seconds``, every question raises TimeoutError at once rather than open yet
+        another channel that would wait as long (a channel that got no answer is held until the broker confirms
+        its close, or the connection goes)."""
         connection = self._connection
         transport = connection.transport if connection is not None else None
         if transport is None or not self.connected:
@@ -363,20 +371,42 @@ class Broker:
         if time.monotonic() < self._unanswered_until:
             waited = time.monotonic() - self._unanswered_since
             raise TimeoutError(f"no reply for {waited:.1f}s")
+        asking = asyncio.create_task(self._question(transport.connection, question))
+        self._asking.add(asking)
+        asking.add_done_callback(self._asked)
+        return await asyncio.shield(asking)
+
+    def _asked(self, asking: asyncio.Task[Any]) -> None:
+        """A question's task ended: forget it, and take its error as seen (its caller may have gone)."""
+        self._asking.discard(asking)
+        if not asking.cancelled():
+            asking.exception()
+
+    async def _question(
+        self,
+        connection: aiormq.abc.AbstractConnection,
+        question: Callable[[aiormq.abc.AbstractChannel], Awaitable[T]],
+    ) -> T:
+        """``question`` on a plain (aiormq, not robust) channel, closed after it whatever happened, within
+        ``answer_seconds`` in all.
+
+        Not the publishing channel: the broker closes a channel on a failed passive declare. Not a robust one
+        either: aio-pika reopens a robust channel the broker closed, and the reopened one stayed open, one per
+        question (at ``channel_max`` the connection failed)."""
         asked = time.monotonic()
-        channel: aiormq.abc.AbstractChannel | None = None
         try:
             async with asyncio.timeout(self.answer_seconds):
-                channel = await transport.connection.channel(publisher_confirms=False)
+                channel = await connection.channel(publisher_confirms=False)
                 self._unanswered_since = 0.0  # it answers (again)
                 try:
-                    yield channel
+                    return await question(channel)
                 finally:
                     if not channel.is_closed:
                         await channel.close()
         except TimeoutError:
-            # No answer within answer_seconds: hold further questions off a while. Not when the caller gave up
-            # first (the health monitor's own 2 s timeout): a slow answer then left the reconciler blind for 3 s.
+            # No answer within answer_seconds: hold further questions off a while. Only the broker's own
+            # silence counts, not a caller that gave up first (the health monitor's 2 s timeout): that left the
+            # reconciler blind for 3 s.
             self._unanswered_since = self._unanswered_since or asked
             self._unanswered_until = time.monotonic() + self.answer_seconds
             raise
@@ -391,8 +421,7 @@ class Broker:
         queue does not exist, or no answer within ``answer_seconds``. A passive declare, on a channel of its
         own that is closed after it (``_question``)."""
         try:
-            async with self._question() as channel:
-                declared = await channel.queue_declare(lane, passive=True)
+            declared = await self._ask(lambda channel: channel.queue_declare(lane, passive=True))
         except Exception:
             return -1
         count = declared.message_count
@@ -408,8 +437,7 @@ class Broker:
         if not self.connected:
             raise ConnectionError("RabbitMQ connection is closed (reconnecting)")
         try:
-            async with self._question():
-                pass
+            await self._ask(_round_trip)
         except TimeoutError as exc:
             detail = str(exc) or f"no reply within {self.answer_seconds:g}s"
             raise ConnectionError(f"RabbitMQ does not answer ({detail})") from None

@@ -77,8 +77,11 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
         self, request: queue_service_pb2.SubmitJobRequest, context: Context
     ) -> queue_service_pb2.SubmitJobResponse:
         validation.check_submit(request)
+        # Stored as the file service spells it: the job's image_id is the image's id, and a keyed retry that
+        # spells it otherwise is the same job.
+        image_id = validation.canonical_uuid(request.image_id)
         try:
-            await self.references.check(request.image_id, request.model)
+            await self.references.check(image_id, request.model)
         except errors.NotFound:
             # A retry after a lost answer gets its job back, even when what the job names has gone since.
             if not request.idempotency_key or await self.repository.by_key(request.idempotency_key) is None:
@@ -87,7 +90,7 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
         tracing.inject(carrier)
         new = NewJob(
             queue=self.queue_for(bool(request.pipeline)),
-            image_id=request.image_id,
+            image_id=image_id,
             pipeline=encode_pipeline(request.pipeline) if request.pipeline else b"",
             model=request.model,
             priority=request.priority,
@@ -145,15 +148,17 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
         job_id = validation.parse_uuid(request.job_id, "job_id")
         current = await self.repository.require(job_id)
         if JobState(current["state"]) in RETRYABLE_BY_USER:
-            # As at submit: an attempt that could never run (its image or model is gone) is refused, not queued
-            # to fail at once. A job that cannot be retried at all says that first (FAILED_PRECONDITION).
+            # As at submit: an attempt that could never run (its image or model is gone, or refused by its
+            # service) is refused, not queued to fail at once. A job that cannot be retried at all says that first
+            # (FAILED_PRECONDITION). Asked afresh: the image of a job retried after it was deleted was found at
+            # submit, moments before.
             try:
-                await self.references.check(current["image_id"], current["model"])
-            except errors.NotFound as gone:
-                raise errors.NotFound(
-                    f"job {job_id} cannot run again: {gone.message}",
-                    field_violations=gone.field_violations,
-                    metadata=gone.metadata,
+                await self.references.check(current["image_id"], current["model"], fresh=True)
+            except (errors.NotFound, errors.InvalidArgument) as problem:
+                raise type(problem)(
+                    f"job {job_id} cannot run again: {problem.message}",
+                    field_violations=problem.field_violations,
+                    metadata=problem.metadata,
                 ) from None
         row = await self.repository.retry(job_id)
         self.on_dispatch()

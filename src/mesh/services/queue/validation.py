@@ -14,6 +14,9 @@ from mesh.services.queue.repository import NewJob, Row
 MAX_PRIORITY = 9
 MAX_ATTEMPTS = 100
 MAX_MODEL_NAME = 200
+MAX_MODEL_VERSION = 64
+"""The inference service's limit on a version (``inference.repository.MAX_VERSION_LENGTH``; that module is not
+imported here, it brings NumPy and OpenCV): a longer one is refused at submit, not sent to the lookup."""
 
 
 def parse_uuid(value: str, field: str) -> uuid.UUID:
@@ -24,6 +27,15 @@ def parse_uuid(value: str, field: str) -> uuid.UUID:
         raise errors.InvalidArgument(
             f"{field} must be a UUID", field_violations=[errors.FieldViolation(field, "must be a UUID")]
         ) from None
+
+
+def canonical_uuid(value: str) -> str:
+    """A UUID in its one spelling, lower case with dashes (the file service's ids), from any that ``uuid.UUID``
+    reads (upper case, braces, ``urn:uuid:``, no dashes); other text as it is (``check_submit`` refuses it)."""
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        return value
 
 
 def check_submit(request: queue_service_pb2.SubmitJobRequest) -> None:
@@ -53,9 +65,14 @@ def check_submit(request: queue_service_pb2.SubmitJobRequest) -> None:
         )
     if request.model and not text_problem(request.model, MAX_MODEL_NAME):
         try:
-            ModelReference.parse(request.model)
+            reference = ModelReference.parse(request.model)
         except errors.InvalidArgument as error:
             bad.extend(error.field_violations)
+        else:
+            if len(reference.version) > MAX_MODEL_VERSION:
+                bad.append(
+                    errors.FieldViolation("model", f"a version has at most {MAX_MODEL_VERSION} characters")
+                )
     for name, value, most in (
         ("model", request.model, MAX_MODEL_NAME),
         ("idempotency_key", request.idempotency_key, MAX_IDEMPOTENCY_KEY_CHARS),
@@ -72,11 +89,13 @@ def check_submit(request: queue_service_pb2.SubmitJobRequest) -> None:
 def check_same_job(row: Row, new: NewJob) -> None:
     """A resubmit with an idempotency key must ask for the job that the key already names: a retry after a
     lost answer does. Other fields mean another job under a reused key, which would otherwise never run while
-    its client holds the first job's id as its own: ALREADY_EXISTS, naming the fields that differ."""
+    its client holds the first job's id as its own: ALREADY_EXISTS, naming the fields that differ. Image ids
+    compare in one spelling: a row from before they were stored so may hold another."""
+    kept = {"image_id": canonical_uuid(row["image_id"]), "model": row["model"], "priority": row["priority"]}
     differ = [
-        errors.FieldViolation(name, f"the key's job has {row[name]!r}")
-        for name in ("image_id", "model", "priority")
-        if row[name] != getattr(new, name)
+        errors.FieldViolation(name, f"the key's job has {value!r}")
+        for name, value in kept.items()
+        if value != getattr(new, name)
     ]
     if job_pb2.Job.FromString(row["pipeline"] or b"") != job_pb2.Job.FromString(new.pipeline):
         differ.append(errors.FieldViolation("pipeline", "the key's job has another pipeline"))
