@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -107,4 +109,33 @@ def test_every_service_refuses_a_png_declaring_no_pixels_in_the_same_words(width
     assert refusals[0].message.startswith(
         f"the PNG declares a size of {width}x{height} pixels; it has no pixels"
     )
+    assert [[v.field for v in error.field_violations] for error in refusals] == [["input.encoded.data"]] * 3
+
+
+@pytest.mark.parametrize("damage", ["cut-end-marker-put-back", "random-bytes-inside"])
+def test_every_service_refuses_a_jpeg_whose_image_data_is_cut_or_damaged(damage: str) -> None:
+    """A photo cut at 60 % of its bytes with its end marker put back, or with bytes overwritten inside its
+    image data: Pillow and OpenCV decode both with no error and grey rows, and the file service stored it, the
+    image service processed it, the strip reader read it INVALID with confidence 0.9. All three refuse it now,
+    in the same words, naming the bytes' field."""
+    photo = (Path(__file__).parents[1] / "data" / "strips" / "hd_positive.jpg").read_bytes()
+    if damage == "cut-end-marker-put-back":
+        data = photo[: int(len(photo) * 0.6)] + b"\xff\xd9"
+    else:
+        junk = (
+            np.random.default_rng(0).integers(0, 255, 400, dtype=np.uint8).tobytes().replace(b"\xff", b"\xfe")
+        )
+        middle = len(photo) // 2
+        data = photo[:middle] + junk + photo[middle + 400 :]
+    refusals: list[errors.MeshError] = []
+    for refuse in (
+        lambda: validate_image(data, field="input.encoded.data"),
+        lambda: codec.decode(data, codec.Limits(), "input.encoded.data"),
+        lambda: ImageDecoder(max_pixels=10_000_000).decode_encoded(data, field="input.encoded.data"),
+    ):
+        with pytest.raises(errors.InvalidData) as caught:
+            refuse()
+        refusals.append(caught.value)
+    assert len({error.message for error in refusals}) == 1
+    assert refusals[0].message.startswith("the JPEG image is truncated or damaged")
     assert [[v.field for v in error.field_violations] for error in refusals] == [["input.encoded.data"]] * 3

@@ -21,10 +21,11 @@ from mesh.kit.errors import FieldViolation, InvalidData
 _HARMLESS: Final = ("extraneous bytes before marker",)
 
 
-def check_jpeg_data(data: bytes, field: str) -> None:
-    """Refuse a JPEG whose image data ends early or is damaged, naming ``field``: InvalidData, which says to send
-    the whole file. A header the check cannot read is left to the caller's decoder, which says what is wrong
-    with it in its own words."""
+def check_jpeg_data(data: bytes, field: str | None) -> None:
+    """Refuse a JPEG whose image data ends early or is damaged: InvalidData naming ``field`` (where the request
+    has one), which says to send the whole file. Call it once the image's size is known to be within the
+    limits (it decodes at an eighth of that size). A header the check cannot read is left to the caller's
+    decoder, which says what is wrong with it in its own words."""
     try:
         _, _, colour_space, _ = simplejpeg.decode_jpeg_header(data)
         simplejpeg.decode_jpeg(
@@ -38,17 +39,19 @@ def check_jpeg_data(data: bytes, field: str) -> None:
         _refuse(str(error), len(data), field)
 
 
-def _refuse(message: str, size: int, field: str) -> None:
+def _refuse(message: str, size: int, field: str | None) -> None:
     lowered = message.lower()
     if "premature end" in lowered:
         # Damaged data reads the same: the decoder loses its way and runs out of data before the last row.
         raise InvalidData(
             f"the JPEG image is truncated or damaged: its image data ends before its last row ({size} bytes); "
             "send the whole file",
-            field_violations=[FieldViolation(field, "a complete JPEG file")],
+            field_violations=[FieldViolation(field, "a complete JPEG file")] if field else (),
+            metadata={"problem": "truncated"},
         )
     if lowered.startswith("corrupt jpeg data") and not any(harmless in lowered for harmless in _HARMLESS):
         raise InvalidData(
             f"the JPEG image is damaged: {message.rstrip('.')}; send the file again as it was made",
-            field_violations=[FieldViolation(field, "an undamaged JPEG file")],
+            field_violations=[FieldViolation(field, "an undamaged JPEG file")] if field else (),
+            metadata={"problem": "corrupt"},
         )

@@ -19,6 +19,7 @@ from PIL import Image
 
 from mesh.kit import errors
 from mesh.kit.image_bytes import Format, no_pixels, normalise_content_type, not_an_image, sniff_format
+from mesh.kit.jpeg_data import check_jpeg_data
 from mesh.kit.orientation import displayed_size, exif_orientation
 from mesh.kit.units import binary_size
 from mesh.services.file.containers import (
@@ -158,6 +159,8 @@ def validate_image(
         )
     container = _inspect_container(fmt, data, field)
     _check_shape(fmt, container, limits, field)
+    if fmt == "JPEG":  # Pillow decodes image data cut short (its end marker put back) with no error
+        check_jpeg_data(data, field)
     image = _decode(fmt, data, field)
     if image.size != (container.width, container.height):
         raise errors.InvalidData(

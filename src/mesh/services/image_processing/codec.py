@@ -18,6 +18,7 @@ from mesh.kit import errors
 from mesh.kit.image_bytes import empty_image, not_an_image, sniff_format, undecodable, unreadable_header
 from mesh.kit.image_header import read_header
 from mesh.kit.image_limits import check_bytes, check_pixels
+from mesh.kit.jpeg_data import check_jpeg_data
 from mesh.kit.orientation import orient
 from mesh.services.image_processing.filter_math import Image, as_image
 
@@ -97,6 +98,8 @@ def decode(
     when the caller has it already."""
     if header is None:
         header = probe(data, limits, where)
+    if header.kind == "JPEG":  # OpenCV decodes image data cut short (its end marker put back) with no error
+        check_jpeg_data(data, where)
     pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if pixels is None or pixels.size == 0:
         raise undecodable(header.kind, where)

@@ -21,6 +21,7 @@ from mesh.kit.errors import FieldViolation, PayloadTooLarge
 from mesh.kit.image_bytes import empty_image, undecodable, unreadable_header
 from mesh.kit.image_header import read_header
 from mesh.kit.image_limits import check_pixels, too_many_pixels
+from mesh.kit.jpeg_data import check_jpeg_data
 from mesh.kit.raw_pixels import read_raw
 from mesh.services.file.client import FileClient
 
@@ -74,6 +75,10 @@ class ImageDecoder:
             raise unreadable_header(data, field) from None
         with image:
             check_pixels(image.width, image.height, self.max_pixels, field)
+            if (
+                image.format == "JPEG"
+            ):  # Pillow decodes image data cut short (end marker put back) without error
+                check_jpeg_data(data, field)
             try:
                 image.load()
                 oriented = ImageOps.exif_transpose(image)
