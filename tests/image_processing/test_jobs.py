@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
-from mesh.common.v1 import errors_pb2, params_pb2
-from mesh.kit import errors
+from mesh.common.v1 import errors_pb2, image_pb2, params_pb2
+from mesh.image.v1 import image_processing_service_pb2 as pb
+from mesh.kit import errors, tracing
 from mesh.kit.jobs import JobCancelled, JobHandler, JobInterrupted, LeaseLost
 from mesh.queue.v1 import job_pb2
 from mesh.services.image_processing import codec
@@ -175,3 +180,49 @@ def test_the_shedding_counter_is_exported_at_zero_before_any_refusal(processor: 
     from prometheus_client import REGISTRY
 
     assert REGISTRY.get_sample_value("mesh_image_pipelines_rejected_total", {"device": "cpu"}) is not None
+
+
+@pytest.fixture(scope="module")
+def spans() -> InMemorySpanExporter:
+    """Every span this process finishes, kept in memory."""
+    exporter = InMemorySpanExporter()
+    tracing.configure_tracing("image-job-tests").add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+async def test_the_job_span_is_an_error_only_when_the_mesh_failed(
+    processor: Processor, spans: InMemorySpanExporter
+) -> None:
+    """A job on an image that is gone (the submitter's error) leaves its image.job span UNSET, naming
+    NOT_FOUND, with no exception event; the inference service being down is an ERROR. Both were ERROR, each
+    with the exception and its stack trace recorded."""
+    store = MemoryStore()
+    good = store.put(codec.encode(smooth(10, 10, 3), codec.Format.PNG))
+    handler = ImageJobHandler(store, processor, RecordingPredictor(errors.Unavailable("inference is down")))
+    spans.clear()
+    with pytest.raises(errors.NotFound):
+        await handler(FakeContext(_job("no-such-image")))
+    with pytest.raises(errors.Unavailable):
+        await handler(FakeContext(_job(good, model="strip-reader")))
+    jobs = [s for s in spans.get_finished_spans() if s.name == "image.job"]
+    assert [(s.status.status_code, (s.attributes or {}).get("mesh.error.code")) for s in jobs] == [
+        (StatusCode.UNSET, "NOT_FOUND"),
+        (StatusCode.ERROR, "UNAVAILABLE"),
+    ]
+    assert [s.events for s in jobs] == [(), ()]
+
+
+async def test_a_stage_span_that_meets_the_callers_error_is_not_an_error(spans: InMemorySpanExporter) -> None:
+    """ProcessImage on an image that does not exist: its image.load span names NOT_FOUND and stays UNSET with
+    no exception event (it was ERROR, with the NotFound's stack trace, as for a crash)."""
+    processor = Processor(CpuBackend(), store=MemoryStore(), limits=codec.Limits())
+    missing = image_pb2.ImageInput(image_id=str(uuid.uuid4()))
+    spans.clear()
+    try:
+        with pytest.raises(errors.NotFound):
+            await processor.process(missing, [], pb.OutputSpec(format=image_pb2.IMAGE_FORMAT_PNG))
+    finally:
+        processor.close()
+    [load] = [s for s in spans.get_finished_spans() if s.name == "image.load"]
+    assert (load.status.status_code, load.events) == (StatusCode.UNSET, ())
+    assert (load.attributes or {}).get("mesh.error.code") == "NOT_FOUND"

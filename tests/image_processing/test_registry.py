@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+from mesh.common.v1 import params_pb2
 from mesh.kit import errors
 from mesh.services.image_processing.params import ParamType
-from mesh.services.image_processing.registry import FILTERS, MAX_PIPELINE_STEPS, Device, validate_pipeline
+from mesh.services.image_processing.registry import (
+    FILTERS,
+    MAX_PIPELINE_STEPS,
+    Device,
+    steps_from_proto,
+    validate_pipeline,
+)
 
 REQUIRED = {
     "grayscale",
@@ -132,3 +139,23 @@ def test_pipeline_length_is_bounded() -> None:
     with pytest.raises(errors.InvalidArgument) as caught:
         validate_pipeline([("invert", {})] * (MAX_PIPELINE_STEPS + 1))
     assert "pipeline" in _violations(caught.value)
+
+
+def test_a_huge_unknown_name_is_cut_in_the_error() -> None:
+    """A parameter name, a filter name or a valueless parameter's name of a million characters is named by its
+    first 40 characters and an ellipsis, in the field path and in the message: the error (logged by the service
+    that refuses it, and by the queue that checks a job's pipeline) stays a few hundred characters."""
+    huge = "k" * 1_000_000
+    cut = "k" * 40 + "…"
+    with pytest.raises(errors.InvalidArgument) as caught:
+        validate_pipeline([("invert", {huge: 1.0}), (huge, {})])
+    violations = _violations(caught.value)
+    assert list(violations) == [f"pipeline[0].params.{cut}", "pipeline[1].filter"]
+    assert f"invert has no parameter {cut!r}" in violations[f"pipeline[0].params.{cut}"]
+    assert f"unknown filter {cut!r}" in violations["pipeline[1].filter"]
+    assert len(caught.value.message) < 1000
+    valueless = params_pb2.PipelineStep(filter="invert", params={huge: params_pb2.ParamValue()})
+    with pytest.raises(errors.InvalidArgument) as empty:
+        steps_from_proto([valueless])
+    assert list(_violations(empty.value)) == [f"pipeline[0].params.{cut}"]
+    assert len(empty.value.message) < 1000

@@ -19,7 +19,7 @@ def test_good_labels_pass_and_come_back_as_a_dict() -> None:
     ("labels", "field", "words"),
     [
         ({"": "x"}, "metadata.labels['']", "the key is empty"),
-        ({"k" * 129: "x"}, f"metadata.labels[{'k' * 40!r}]", "the key is 129 characters"),
+        ({"k" * 129: "x"}, f"metadata.labels[{'k' * 40 + '…'!r}]", "the key is 129 characters"),
         ({"a\x00": "x"}, "metadata.labels['a\\x00']", "the key holds the control character"),
         ({"a\tb": "x"}, "metadata.labels['a\\tb']", "the key holds the control character '\\t'"),
         ({"a": "v" * 1025}, "metadata.labels['a']", "the value is 1025 characters"),

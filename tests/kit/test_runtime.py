@@ -58,6 +58,8 @@ async def _echo(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> 
         )
     if request == b"crash":
         raise RuntimeError("secret internals")
+    if request == b"huge":
+        raise errors.InvalidArgument(f"no parameter {'k' * 1_000_000!r}")
     if request == b"slow":
         await asyncio.sleep(0.5)
     return request
@@ -328,6 +330,23 @@ async def test_a_call_the_client_cancels_gets_its_access_line_and_count(
     async with httpx.AsyncClient(base_url=f"http://localhost:{_http_port(rt)}") as client:
         exposed = (await client.get("/metrics/")).text
     assert f'grpc_code="CANCELLED",grpc_method="Echo",grpc_service="{SERVICE}"' in exposed
+
+
+async def test_the_rpc_failed_line_of_a_huge_error_is_capped_and_says_so(
+    runtime: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An error whose message echoes a 1 MB request (a parameter's name) is logged with its first 2 000
+    characters and its full length: the ``rpc failed`` line held all of it, twice over when rendered."""
+    rt, _, _ = runtime
+    with caplog.at_level(logging.INFO, logger="mesh.kit.interceptors"):
+        async with grpc.aio.insecure_channel(f"localhost:{rt.grpc_port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await channel.unary_unary(f"/{SERVICE}/Echo", None, None)(b"huge")
+    [line] = [r.msg for r in caplog.records if isinstance(r.msg, dict) and r.msg.get("event") == "rpc failed"]
+    assert line["code"] == "INVALID_ARGUMENT"
+    assert line["error"].startswith("no parameter 'kkk")
+    assert line["error"].endswith("… (cut from 1000015 characters)")
+    assert len(json.dumps(line)) < 2500
 
 
 def test_configure_logging_is_remembered_for_child_processes() -> None:

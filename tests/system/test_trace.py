@@ -110,6 +110,37 @@ def test_job_forms_one_connected_trace(traced_mesh: tuple[Mesh, Collector]) -> N
     )
 
 
+def test_a_callers_error_is_named_on_its_spans_in_the_trace(traced_mesh: tuple[Mesh, Collector]) -> None:
+    """A prediction on an image that does not exist answers 404; in its trace the inference service's server
+    span, the file service's, and the inference.predict span inside each name NOT_FOUND and its message (the
+    server spans carried only the code beside two AbortError events, and inference.predict was an ERROR with
+    the exception recorded, as if the mesh had crashed)."""
+    _, collector = traced_mesh
+    trace_id = secrets.token_hex(16)
+    headers = {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}
+    missing = "00000000-0000-0000-0000-000000000000"
+    with httpx.Client(base_url=GATEWAY, timeout=15) as client:
+        answer = client.post("/v1/models/strip-reader:predict", json={"image_id": missing}, headers=headers)
+    assert answer.status_code == 404, answer.text
+    wanted = {
+        ("inference", "/mesh.inference.v1.InferenceService/Predict"),
+        ("file", "/mesh.file.v1.FileService/DownloadImage"),
+        ("inference", "inference.predict"),
+    }
+
+    def named() -> dict[tuple[str, str], dict[str, object]]:
+        spans = {(s.service, s.name): s.attributes for s in collector.trace(trace_id)}
+        return spans if wanted <= set(spans) else {}
+
+    spans = until(named, 20)
+    assert spans, f"spans in the trace: {sorted((s.service, s.name) for s in collector.trace(trace_id))}"
+    for key in wanted:
+        assert spans[key].get("mesh.error.code") == "NOT_FOUND", (key, spans[key])
+        assert missing in str(spans[key].get("mesh.error.message")), (key, spans[key])
+    for key in sorted(wanted - {("inference", "inference.predict")}):
+        assert spans[key].get("rpc.grpc.status_code") == 5, (key, spans[key])
+
+
 def test_metrics_count_traffic(traced_mesh: tuple[Mesh, Collector], tmp_path: Path) -> None:
     """After traffic, each process's Prometheus counters show it: gateway routes and file service RPCs."""
     with httpx.Client(base_url=GATEWAY, timeout=15) as client:

@@ -24,6 +24,7 @@ from prometheus_client import Counter, Histogram
 
 from mesh.kit.errors import Internal, InvalidArgument, MeshError
 from mesh.kit.logging import get_logger
+from mesh.kit.text_fields import shown
 
 log = get_logger(__name__)
 
@@ -43,6 +44,9 @@ RPC_SECONDS = Histogram(
 )
 
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+MAX_LOGGED_ERROR_CHARS = 2000
+"""The most of an error's message an ``rpc failed`` line holds: a message can echo a request of any size."""
 
 # What protobuf's parser (upb) says, in words a client can act on; anything else is passed on as it says it.
 _PARSER_REASONS = {
@@ -226,7 +230,14 @@ def _finish(
     log.info("rpc", rpc=f"{service}/{method}", code=name, duration_ms=round(elapsed * 1000, 3))
 
 
-def _ended(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+def _logged(message: str) -> str:
+    """``message`` for a log line: whole, or cut to ``MAX_LOGGED_ERROR_CHARS`` with a word of its length."""
+    if len(message) <= MAX_LOGGED_ERROR_CHARS:
+        return message
+    return f"{shown(message, MAX_LOGGED_ERROR_CHARS)} (cut from {len(message)} characters)"
+
+
+def ended_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
     """The code of a call cancelled without a status of its own: DEADLINE_EXCEEDED where its deadline has
     passed (gRPC cancels the handler then, as when the client leaves), CANCELLED otherwise."""
     remaining = context.time_remaining()
@@ -250,12 +261,12 @@ async def _fail(
             rpc=f"{service}/{method}",
             code=error.code.name,
             reason=error.reason,
-            error=str(error),
+            error=_logged(str(error)),
         )
     elif isinstance(exc, grpc.aio.AbortError | GeneratorExit) or not isinstance(exc, Exception):
         # Already aborted by the servicer, or cancelled: record what the context says, with the access line
         # every other call gets.
-        _finish(context, service, method, kind, started, default=_ended(context))
+        _finish(context, service, method, kind, started, default=ended_code(context))
         return
     else:
         log.exception("rpc crashed", rpc=f"{service}/{method}")

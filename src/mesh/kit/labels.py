@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from mesh.kit import errors
-from mesh.kit.text_fields import text_problem
+from mesh.kit.text_fields import shown, text_problem
 
 MAX_LABELS = 64
 MAX_LABEL_KEY_CHARS = 128
@@ -21,7 +21,7 @@ def label_violations(labels: Mapping[str, str], where: str) -> list[errors.Field
         return [errors.FieldViolation(where, f"has {len(labels)} entries; at most {MAX_LABELS} are allowed")]
     violations = []
     for key, value in sorted(labels.items()):
-        field = f"{where}[{key[:40]!r}]"
+        field = f"{where}[{shown(key)!r}]"
         if not key:
             violations.append(
                 errors.FieldViolation(

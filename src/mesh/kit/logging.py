@@ -113,8 +113,8 @@ def configure_logging(service: str, *, level: str = "info", fmt: str = "json") -
     # Chatty libraries stay at warning unless we debug.
     for name in ("aiormq", "aio_pika", "pika", "psycopg.pool", "uvicorn.access", "httpx"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
-    # The gRPC aio instrumentation detaches a span's context in another task when a client cancels a
-    # stream, which OpenTelemetry reports as an error although nothing is lost; the span still ends.
+    # A server span's context is detached in another task when a client cancels a stream (its generator is
+    # closed there), which OpenTelemetry reports as an error although nothing is lost; the span still ends.
     logging.getLogger("opentelemetry.context").setLevel(logging.CRITICAL)
     cygrpc = logging.getLogger("grpc._cython.cygrpc")
     if not any(isinstance(f, ClientLeftWhileSending) for f in cygrpc.filters):

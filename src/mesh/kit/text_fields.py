@@ -2,6 +2,8 @@
 
 PostgreSQL's ``text`` refuses NUL (a 500, and in a group commit the failure of every submit sharing the
 statement), and a control character in a key or a name is a client's bug, so both are refused up front.
+A name a client sent is echoed in errors through :func:`shown`, so that one of any length makes neither a huge
+message nor a huge log line or span.
 """
 
 from __future__ import annotations
@@ -18,3 +20,12 @@ def text_problem(value: str, max_chars: int) -> str | None:
         bad = next(c for c in value if not c.isprintable())
         return f"holds the control character {bad!r}; send printable text"
     return None
+
+
+MAX_SHOWN_CHARS = 40
+"""How much of a name a client sent (a label key, a parameter name) an error message or field path shows."""
+
+
+def shown(text: str, max_chars: int = MAX_SHOWN_CHARS) -> str:
+    """``text`` as an error shows it: whole, or its first ``max_chars`` characters and an ellipsis."""
+    return text if len(text) <= max_chars else text[:max_chars] + "…"

@@ -93,7 +93,7 @@ class ImageJobHandler:
             "job.model": job.model,
         }
         try:
-            with _tracer.start_as_current_span("image.job", attributes=attributes):
+            with tracing.internal_span(_tracer, "image.job", attributes):
                 return await self._run(context)
         except (errors.MeshError, JobInterrupted, asyncio.CancelledError):
             raise

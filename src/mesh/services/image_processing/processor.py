@@ -464,8 +464,8 @@ class Processor:
         ``deadline``: the caller's, a ``time.monotonic()`` instant). The caller calls ``release`` on what
         it gets once the reply is serialised."""
         self.check_output(spec, output_where)
-        with _tracer.start_as_current_span(
-            "image.load", attributes={"image.source": source.WhichOneof("source") or ""}
+        with tracing.internal_span(
+            _tracer, "image.load", attributes={"image.source": source.WhichOneof("source") or ""}
         ):
             opened = await self.open_input(source, where, raw_pixels, deadline)
             ticket = await self.admit(opened, steps, deadline)
@@ -480,9 +480,9 @@ class Processor:
             "image.pixels": int(image.shape[0] * image.shape[1]),
         }
         try:
-            with _tracer.start_as_current_span("image.pipeline", attributes=attributes):
+            with tracing.internal_span(_tracer, "image.pipeline", attributes=attributes):
                 output = await self._run(image, steps, ticket)
-            with _tracer.start_as_current_span("image.deliver", attributes={"image.store": spec.store}):
+            with tracing.internal_span(_tracer, "image.deliver", attributes={"image.store": spec.store}):
                 return await self._deliver(output, spec, output_where, into, ticket, deadline)
         except BaseException:
             ticket.release()

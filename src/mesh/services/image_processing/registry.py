@@ -14,6 +14,7 @@ from enum import StrEnum
 from mesh.common.v1 import params_pb2
 from mesh.kit import errors
 from mesh.kit.param_values import ParamScalar, param_value
+from mesh.kit.text_fields import shown
 from mesh.services.image_processing.params import (
     ParamSpec,
     Violation,
@@ -405,7 +406,9 @@ def validate_pipeline(
         if definition is None:
             valid = ", ".join(sorted(FILTERS))
             violations.append(
-                errors.FieldViolation(f"{where}.filter", f"unknown filter {name!r}; valid filters: {valid}")
+                errors.FieldViolation(
+                    f"{where}.filter", f"unknown filter {shown(name)!r}; valid filters: {valid}"
+                )
             )
             continue
         params: dict[str, ParamScalar] = {}
@@ -415,7 +418,8 @@ def validate_pipeline(
                 known = ", ".join(p.name for p in definition.params) or "none"
                 violations.append(
                     errors.FieldViolation(
-                        f"{where}.params.{key}", f"{name} has no parameter {key!r}; its parameters: {known}"
+                        f"{where}.params.{shown(key)}",
+                        f"{name} has no parameter {shown(key)!r}; its parameters: {known}",
                     )
                 )
                 continue
@@ -449,7 +453,7 @@ def steps_from_proto(pipeline: Sequence[params_pb2.PipelineStep], prefix: str = 
         for name, value in step.params.items():
             converted = param_value(value)
             if converted is None:
-                empty.append(errors.FieldViolation(f"{prefix}[{index}].params.{name}", "has no value"))
+                empty.append(errors.FieldViolation(f"{prefix}[{index}].params.{shown(name)}", "has no value"))
             else:
                 params[name] = converted
         raw.append((step.filter, params))

@@ -23,7 +23,7 @@ from mesh.kit.image_header import read_header
 from mesh.kit.jobs import JobInterrupted
 from mesh.kit.logging import get_logger
 from mesh.kit.raw_pixels import CHANNELS
-from mesh.kit.tracing import tracer
+from mesh.kit.tracing import internal_span, tracer
 from mesh.services.file.ids import parse_image_id
 from mesh.services.inference.images import ImageDecoder, ImageFetcher, Pixels
 from mesh.services.inference.models import Operation
@@ -91,7 +91,7 @@ class Predictor:
             "mesh.model_version": version.version,
             "mesh.operation": operation,
         }
-        with _tracer.start_as_current_span("inference.predict", attributes=attributes) as span:
+        with internal_span(_tracer, "inference.predict", attributes) as span:
             try:
                 response = await self._run(version, operation, request, deadline, on_stage)
             except MeshError as error:
