@@ -10,7 +10,9 @@ from typing import Any
 import grpc
 import pytest
 
+from mesh.kit import errors
 from mesh.kit.channels import open_channel
+from mesh.kit.interceptors import ServerInterceptor
 from mesh.kit.settings import CommonSettings
 from mesh.queue.v1 import queue_service_pb2, queue_service_pb2_grpc
 
@@ -109,3 +111,38 @@ async def test_a_callers_timeout_wins_and_long_lived_streams_get_no_deadline(
     assert remaining["shorter"] == pytest.approx(5.0, abs=1.0)
     assert remaining["longer"] == pytest.approx(100.0, abs=1.0)
     assert remaining["watch"] is None
+
+
+@pytest.mark.parametrize(("spent", "calls"), [(False, 4), (True, 1)], ids=["transient", "retries-spent"])
+async def test_an_unavailable_whose_retries_the_server_spent_is_not_retried_by_the_channel(
+    spent: bool, calls: int
+) -> None:
+    """UNAVAILABLE is retried by the channels' policy (4 attempts); but where the server already waited out its
+    own retries (its database away for the whole pool wait), it says so with gRPC's pushback and the channel
+    answers at once: a REST client waited four times the server's wait (20 s) for its 503."""
+    received = 0
+
+    async def get_job(request: queue_service_pb2.GetJobRequest, context: Any) -> None:
+        nonlocal received
+        received += 1
+        raise errors.Unavailable(
+            "the job database is unavailable", retry_after_seconds=1.0, retries_spent=spent
+        )
+
+    server = grpc.aio.server(interceptors=[ServerInterceptor()])
+    handler = grpc.unary_unary_rpc_method_handler(
+        get_job, request_deserializer=queue_service_pb2.GetJobRequest.FromString
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"GetJob": handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with open_channel(f"127.0.0.1:{port}", CommonSettings(), service=SERVICE) as channel:
+            stub = queue_service_pb2_grpc.QueueServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.GetJob(queue_service_pb2.GetJobRequest(job_id="j"), timeout=10)
+    finally:
+        await server.stop(0)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert errors.from_rpc_error(info.value).retry_after_seconds == 1.0
+    assert received == calls

@@ -16,13 +16,16 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from mesh.kit.db import (
     CONNECTION_KWARGS,
     DatabaseCannotBeCreated,
+    DatabaseStalled,
     PostgresCheck,
     create_pool,
+    database_unavailable,
     ensure_database,
     load_migrations,
     migrate,
     prepare_database,
 )
+from mesh.kit.errors import NO_RETRY_PUSHBACK
 from mesh.services.queue.repository import open_pool
 
 
@@ -218,3 +221,17 @@ async def test_a_missing_database_the_role_may_not_create_is_named_with_the_role
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(absent))
             )
             await admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+def test_a_database_error_after_the_services_own_wait_tells_channels_not_to_retry_at_once() -> None:
+    """No pool connection within its timeout, an attempt given up as stalled, or retrying() spent: the wait
+    was had, and the UNAVAILABLE carries gRPC's no-retry pushback; a first dropped connection does not."""
+
+    def pushback(error: Exception, retried: bool = False) -> bool:
+        status = database_unavailable("the image database", error, retried=retried).grpc_status()
+        return (NO_RETRY_PUSHBACK, "-1") in status.trailing_metadata
+
+    assert pushback(psycopg_pool.PoolTimeout("couldn't get a connection after 5.00 sec"))
+    assert pushback(DatabaseStalled("PostgreSQL did not answer within 10s"))
+    assert pushback(psycopg.OperationalError("server closed the connection"), retried=True)
+    assert not pushback(psycopg.OperationalError("server closed the connection"))

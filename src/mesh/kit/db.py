@@ -19,7 +19,7 @@ import stamina
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import tuple_row
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from mesh.kit import errors
 from mesh.kit.logging import get_logger
@@ -152,7 +152,7 @@ async def transaction_once(
                 f"({type(error).__name__}); read it back to see whether it did",
                 retry_after_seconds=1.0,
             ) from error
-        raise database_unavailable(what, error) from error
+        raise database_unavailable(what, error, retried=True) from error
 
 
 CONNECTION_KWARGS: dict[str, int] = {
@@ -308,11 +308,16 @@ async def migrate(url: str, component: str, package: str) -> list[str]:
     return applied
 
 
-def database_unavailable(what: str, error: Exception) -> errors.Unavailable:
+def database_unavailable(what: str, error: Exception, *, retried: bool = False) -> errors.Unavailable:
     """The error a caller gets while ``what`` (a service's database) cannot be reached: UNAVAILABLE (HTTP 503),
-    which clients and the channels' retry policy retry, not INTERNAL."""
+    which clients retry, not INTERNAL. After a wait already spent here (``retried``: :func:`retrying` gave up;
+    no pool connection within its timeout; an attempt given up as stalled), the channels' retry policy is told
+    not to retry at once: each of its four attempts waited as long again, and a REST client got its 503 after
+    20 s where health had said so within 2."""
     return errors.Unavailable(
-        f"{what} is unavailable ({type(error).__name__}); retry shortly", retry_after_seconds=1.0
+        f"{what} is unavailable ({type(error).__name__}); retry shortly",
+        retry_after_seconds=1.0,
+        retries_spent=retried or isinstance(error, PoolTimeout | DatabaseStalled),
     )
 
 

@@ -68,6 +68,11 @@ def listing(violations: Sequence[FieldViolation]) -> str:
     return "; ".join(f"{v.field}: {v.description}" for v in violations)
 
 
+NO_RETRY_PUSHBACK = "grpc-retry-pushback-ms"
+"""The trailing metadata by which a server tells a client's retry policy not to retry a call (a negative value;
+gRFC A6)."""
+
+
 class MeshError(Exception):
     """Base of every expected error; carries its gRPC status code and error category."""
 
@@ -83,6 +88,7 @@ class MeshError(Exception):
         field_violations: Sequence[FieldViolation] = (),
         metadata: Mapping[str, str] | None = None,
         retry_after_seconds: float | None = None,
+        retries_spent: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -91,6 +97,10 @@ class MeshError(Exception):
         self.field_violations = tuple(field_violations)
         self.metadata = dict(metadata or {})
         self.retry_after_seconds = retry_after_seconds
+        self.retries_spent = retries_spent
+        """The server has already waited out its own retries for this failure (PostgreSQL away for its whole
+        pool wait): the caller's channel is told not to try again at once (gRPC's server pushback), which
+        would only wait as long once more per attempt. The caller still gets RetryInfo and may retry later."""
 
     def to_status(self) -> status_pb2.Status:
         """The ``google.rpc.Status`` with ErrorInfo and, where known, BadRequest and RetryInfo, its texts cut
@@ -129,8 +139,13 @@ class MeshError(Exception):
         return bad
 
     def grpc_status(self) -> grpc.Status:
-        """The status to abort a call with: code, message and the rich status in the trailing metadata."""
+        """The status to abort a call with: code, message and the rich status in the trailing metadata (and,
+        for an error whose retries are spent, gRPC's pushback that stops the channel's retries)."""
         status: grpc.Status = rpc_status.to_status(self.to_status())
+        if self.retries_spent:
+            status = status._replace(  # type: ignore[attr-defined]
+                trailing_metadata=(*status.trailing_metadata, (NO_RETRY_PUSHBACK, "-1"))
+            )
         return status
 
     def __repr__(self) -> str:

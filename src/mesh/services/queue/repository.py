@@ -270,7 +270,7 @@ class JobRepository:
         try:
             return await retrying(operation, timeout=self.retry_timeout)
         except RETRY_ON as error:
-            raise database_unavailable("the job database", error) from error
+            raise database_unavailable("the job database", error, retried=True) from error
 
     async def _transaction(self, body: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
         """``body`` in one transaction, retried as :meth:`_retrying` does, and taking effect at most once
