@@ -13,8 +13,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
+from fastapi.routing import RouteContext, iter_route_contexts
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from starlette.applications import Starlette
+from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mesh.kit import errors, tracing
@@ -36,11 +39,53 @@ def traceparent(span: trace.Span) -> str:
     return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
 
 
-def route_template(scope: Scope) -> str:
-    """The matched route's path template (``/v1/images/{image_id}``), or ``unmatched``."""
-    route = scope.get("route")
-    path = getattr(route, "path_format", None)  # without convertors: {job_id}, not {job_id:name}
-    return str(path) if path else "unmatched"
+def route_template(scope: Scope, as_received: Scope | None = None) -> str:
+    """The path template (``/v1/images/{image_id}``) of the route the request went, or would have gone, to;
+    ``unmatched`` when no route's path matches.
+
+    Where the router recorded no route, the app's routes are matched against ``as_received`` (a copy of the
+    scope made before routing, which a mount rewrites), or else ``scope``.
+    """
+    path = getattr(scope.get("route"), "path_format", None)  # without convertors: {job_id}, not {job_id:name}
+    return str(path or matching_template(scope if as_received is None else as_received) or "unmatched")
+
+
+def matching_template(scope: Scope) -> str | None:
+    """The template of the route the app's router would pick for ``scope``: the first whose path and method
+    match, else the first whose path does (its 405).
+
+    For answers the router did not record a route for: those given before routing (a 413 by Content-Length,
+    a CORS preflight), and those of routes that do not record themselves (the static files, /openapi.json).
+    They were all ``unmatched``, hiding which route's uploads were refused.
+    """
+    app = scope.get("app")
+    if not isinstance(app, Starlette):
+        return None
+    partial = None
+    for route in iter_route_contexts(app.routes):
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return template_of(route)
+        if match is Match.PARTIAL and partial is None:
+            partial = route
+    return template_of(partial) if partial is not None else None
+
+
+def template_of(route: RouteContext) -> str | None:
+    """A route's label: its path template, or a mount's prefix (``/static``, one series for all its files)."""
+    path = route.path if isinstance(route.original_route, Mount) else route.path_format
+    return str(path) if path else None
+
+
+STANDARD_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"})
+OTHER_METHOD = "_OTHER"
+
+
+def method_label(method: str) -> str:
+    """``method`` as a metric label and in a span name: RFC 9110's methods and PATCH as they are, any other
+    ``_OTHER`` (OpenTelemetry's HTTP conventions). The server passes any token as a method, so one client
+    made 28 invented methods on 5 routes into 2 100 new duration series."""
+    return method if method in STANDARD_METHODS else OTHER_METHOD
 
 
 def add_response_headers(scope: Scope, headers: dict[str, str]) -> None:
@@ -104,23 +149,43 @@ class HeadAsGet(HttpMiddleware):
             scope["method"] = "HEAD"
 
 
+def has_body(scope: Scope) -> bool:
+    """Whether the request says a body follows: a Content-Length other than 0, or a Transfer-Encoding."""
+    for key, value in scope["headers"]:
+        if key == b"transfer-encoding" or (key == b"content-length" and value.strip() not in (b"0", b"")):
+            return True
+    return False
+
+
 class CancelOnDisconnect(HttpMiddleware):
-    """Stops working for a client that has gone: once the request's body is read, a disconnect cancels the
-    request's task, and with it the gRPC call it awaits (the service sees CANCELLED; a prediction still
-    waiting for its batch never runs). The request is recorded as 499. Starlette itself only notices a
-    disconnect while it streams a response; a client that gave up on a long ``/v1/process`` had the whole
-    pipeline run and a 200 logged for nobody.
+    """Stops working for a client that has gone: once the request's body is read (from the start for a
+    request without one: a GET, a DELETE), a disconnect cancels the request's task, and with it the gRPC call
+    it awaits (the service sees CANCELLED; a prediction still waiting for its batch never runs). The request
+    is recorded as 499. Starlette itself only notices a disconnect while it streams a response; a client that
+    gave up on a long ``/v1/process`` had the whole pipeline run and a 200 logged for nobody.
     """
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         body_read = asyncio.Event()
         response_started = response_finished = False
+        early: list[Message] = []
 
-        async def tracking_receive() -> Message:
-            message = await receive()
+        def note(message: Message) -> Message:
             if message["type"] == "http.request" and not message.get("more_body", False):
                 body_read.set()
             return message
+
+        async def tracking_receive() -> Message:
+            return early.pop() if early else note(await receive())
+
+        if not has_body(scope):
+            # The server holds its empty body already: read here (the app gets it when it asks), so that the
+            # watch below starts now. It waited for the app to read a body, which a GET's route never does: a
+            # client that left a GET whose backend hung had the retries run for nobody, and a 503 logged.
+            first = note(await receive())
+            if first["type"] == "http.disconnect":
+                body_read.set()  # gone already: the watch sees it again at once
+            early.append(first)
 
         async def tracking_send(message: Message) -> None:
             nonlocal response_started, response_finished
@@ -170,17 +235,22 @@ class ObservedRequests(HttpMiddleware):
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         carrier = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        as_received = dict(scope)  # routing rewrites the scope (a mount, its root_path): for route_template
         method: str = scope["method"]
+        label = method_label(method)
+        attributes = {"http.request.method": label, "url.path": scope["path"]}
+        if label != method:
+            attributes["http.request.method_original"] = method
         started = time.perf_counter()
         status = 500
         bytes_in = 0
         bytes_out = 0
         metrics.IN_FLIGHT.inc()
         with _tracer.start_as_current_span(
-            method,
+            label,
             context=tracing.extract(carrier),
             kind=SpanKind.SERVER,
-            attributes={"http.request.method": method, "url.path": scope["path"]},
+            attributes=attributes,
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
@@ -215,16 +285,16 @@ class ObservedRequests(HttpMiddleware):
                 span.record_exception(exc)
                 raise
             finally:
-                route = route_template(scope)
-                span.update_name(f"{method} {route}")
+                route = route_template(scope, as_received)
+                span.update_name(f"{label} {route}")
                 span.set_attribute("http.route", route)
                 span.set_attribute("http.response.status_code", status)
                 if status >= 500:
                     span.set_status(Status(StatusCode.ERROR))
                 elapsed = time.perf_counter() - started
                 metrics.IN_FLIGHT.dec()
-                metrics.REQUESTS.labels(route, method, str(status)).inc()
-                metrics.DURATION.labels(route, method).observe(elapsed)
+                metrics.REQUESTS.labels(route, label, str(status)).inc()
+                metrics.DURATION.labels(route, label).observe(elapsed)
                 metrics.BYTES_IN.labels(route).inc(bytes_in)
                 metrics.BYTES_OUT.labels(route).inc(bytes_out)
                 if route not in QUIET_ROUTES or status >= 400:
