@@ -15,9 +15,12 @@ from urllib.parse import urlparse
 
 import psycopg
 import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from mesh.kit import tracing
 from mesh.kit.logging import configure_logging
 
 ADMIN_URL = os.environ.get("MESH_TEST_ADMIN_DATABASE_URL", "postgresql://localhost/postgres")
@@ -116,3 +119,11 @@ async def no_leaked_tasks() -> AsyncIterator[None]:
     await asyncio.sleep(0)
     leaked = [t for t in asyncio.all_tasks() - before if not t.done()]
     assert not leaked, f"leaked tasks: {leaked}"
+
+
+@pytest.fixture(scope="module")
+def spans() -> InMemorySpanExporter:
+    """Every span this process finishes from the module's first use on, kept in memory."""
+    exporter = InMemorySpanExporter()
+    tracing.configure_tracing("mesh-tests").add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter

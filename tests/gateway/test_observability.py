@@ -13,13 +13,11 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
 from mesh.file.v1 import file_service_pb2 as file_pb
 from mesh.file.v1 import file_service_pb2_grpc as file_grpc
-from mesh.kit import tracing
 from mesh.kit.health import Degrading
 from mesh.services.gateway.backends import Backends
 from mesh.services.gateway.health import FRESH_SECONDS, HealthProbe
@@ -345,14 +343,6 @@ async def test_a_failing_health_round_is_reused_too(mesh: FakeMesh) -> None:
     assert reused.status == "not ready"
     assert [c.name for c in reused.failing] == ["key_store"]
     assert reused_seconds < 0.1
-
-
-@pytest.fixture(scope="module")
-def spans() -> InMemorySpanExporter:
-    """Every span this process finishes, kept in memory."""
-    exporter = InMemorySpanExporter()
-    tracing.configure_tracing("gateway-tests").add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
 
 
 async def test_request_span_has_attributes_and_parents_the_grpc_call(

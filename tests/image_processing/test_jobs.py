@@ -7,13 +7,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
 from mesh.common.v1 import errors_pb2, image_pb2, params_pb2
 from mesh.image.v1 import image_processing_service_pb2 as pb
-from mesh.kit import errors, tracing
+from mesh.kit import errors
 from mesh.kit.jobs import JobCancelled, JobHandler, JobInterrupted, LeaseLost
 from mesh.queue.v1 import job_pb2
 from mesh.services.image_processing import codec
@@ -180,14 +179,6 @@ def test_the_shedding_counter_is_exported_at_zero_before_any_refusal(processor: 
     from prometheus_client import REGISTRY
 
     assert REGISTRY.get_sample_value("mesh_image_pipelines_rejected_total", {"device": "cpu"}) is not None
-
-
-@pytest.fixture(scope="module")
-def spans() -> InMemorySpanExporter:
-    """Every span this process finishes, kept in memory."""
-    exporter = InMemorySpanExporter()
-    tracing.configure_tracing("image-job-tests").add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
 
 
 async def test_the_job_span_is_an_error_only_when_the_mesh_failed(

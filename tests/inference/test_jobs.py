@@ -8,14 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 from PIL import Image
 
 from mesh.common.v1 import errors_pb2
 from mesh.inference.v1 import inference_service_pb2 as pb
-from mesh.kit import tracing
 from mesh.kit.errors import InvalidArgument, NotFound
 from mesh.kit.jobs import JobCancelled, JobHandler
 from mesh.queue.v1 import job_pb2
@@ -111,14 +109,6 @@ async def test_errors_carry_their_category(handler: InferenceJobHandler) -> None
         await handler(Context(_job(model="")))
     with pytest.raises(InvalidArgument):
         await handler(Context(_job(image_id="")))
-
-
-@pytest.fixture(scope="module")
-def spans() -> InMemorySpanExporter:
-    """Every span this process finishes, kept in memory."""
-    exporter = InMemorySpanExporter()
-    tracing.configure_tracing("inference-job-tests").add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
 
 
 async def test_a_prediction_on_a_missing_image_is_not_a_span_error(

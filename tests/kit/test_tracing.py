@@ -14,7 +14,6 @@ from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
@@ -23,14 +22,6 @@ from mesh.kit.interceptors import ServerInterceptor
 from mesh.kit.jobs import JobCancelled
 
 CANCELLED_ON_SERVER: list[bytes] = []
-
-
-@pytest.fixture(scope="module")
-def spans() -> InMemorySpanExporter:
-    """Every span this process finishes, kept in memory."""
-    exporter = InMemorySpanExporter()
-    tracing.configure_tracing("kit-tests").add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
 
 
 @pytest.fixture
