@@ -524,23 +524,25 @@ async def test_until_stopping_passes_every_request_of_a_stream_the_client_ends()
     assert [r async for r in until_stopping(_requests("a", "b", "c"), stopping)] == ["a", "b", "c"]
 
 
+async def _held_open(read_cancelled: asyncio.Event, *items: str) -> AsyncIterator[str]:
+    """A client stream that sends ``items``, then stays open without sending; ``read_cancelled`` is set when the
+    read waiting on it is cancelled."""
+    for item in items:
+        yield item
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        read_cancelled.set()
+        raise
+    yield "never"
+
+
 async def test_until_stopping_ends_a_stream_left_open_unavailable_when_the_service_stops() -> None:
     """A client that keeps its stream open without sending: the reading ends UNAVAILABLE (``RESTARTING``) as
     soon as ``stopping`` is set, after the requests already received, and the read in progress is cancelled."""
     stopping = asyncio.Event()
     read_cancelled = asyncio.Event()
-
-    async def held_open() -> AsyncIterator[str]:
-        yield "a"
-        yield "b"
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            read_cancelled.set()
-            raise
-        yield "never"
-
-    reading = until_stopping(held_open(), stopping)
+    reading = until_stopping(_held_open(read_cancelled, "a", "b"), stopping)
     assert [await anext(reading), await anext(reading)] == ["a", "b"]
     pending = asyncio.ensure_future(anext(reading))
     await asyncio.sleep(0.05)
@@ -557,16 +559,8 @@ async def test_until_stopping_leaves_no_read_waiting_when_its_reader_is_cancelle
     the read in progress with it, rather than leaving a task that nothing collects."""
     read_cancelled = asyncio.Event()
 
-    async def held_open() -> AsyncIterator[str]:
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            read_cancelled.set()
-            raise
-        yield "never"
-
     async def handler() -> None:
-        async for _ in until_stopping(held_open(), asyncio.Event()):
+        async for _ in until_stopping(_held_open(read_cancelled), asyncio.Event()):
             pass
 
     task = asyncio.ensure_future(handler())
