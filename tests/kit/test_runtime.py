@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -608,3 +609,18 @@ async def test_until_stopping_collects_a_read_that_ended_as_its_reader_was_cance
         gc.collect()
         await asyncio.sleep(0.01)
     assert "never retrieved" not in caplog.text
+
+
+async def test_a_grpc_port_in_use_stops_the_start_naming_it() -> None:
+    """gRPC only logs that it could not bind and answers port 0: a service whose port another process held ran
+    on with no gRPC port, healthy on its HTTP port (seen under `make up` right after another mesh stopped).
+    The start now fails naming the port."""
+    for host in ("0.0.0.0", "127.0.0.1"):  # gRPC answers 0 on a wildcard address, raises its own error on one
+        with socket.socket() as holder:
+            holder.bind((host, 0))
+            holder.listen()
+            port = holder.getsockname()[1]
+            settings = ServerSettings(grpc_host=host, grpc_port=port, http_port=0, grace_seconds=1)
+            runtime = ServiceRuntime("test", settings, service_names=[SERVICE])
+            with pytest.raises(RuntimeError, match=f"gRPC port {host}:{port} could not be bound"):
+                await asyncio.wait_for(runtime.run(), 10)

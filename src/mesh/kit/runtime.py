@@ -228,9 +228,21 @@ class ServiceRuntime:
     def _bind(self) -> int:
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
         credentials = server_credentials(self.settings)
-        if credentials is None:
-            return self.server.add_insecure_port(address)
-        return self.server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                port = self.server.add_insecure_port(address)
+            else:
+                port = self.server.add_secure_port(address, credentials)
+        except RuntimeError:  # gRPC's own words name no cause ("set GRPC_VERBOSITY=debug ...")
+            port = 0
+        if port == 0:
+            # On a wildcard address gRPC only logs the failure and answers port 0: the process ran on, healthy
+            # on its HTTP port, with no gRPC port at all.
+            raise RuntimeError(
+                f"gRPC port {address} could not be bound (in use by another process?); stop what holds it, or "
+                "set MESH_GRPC_PORT"
+            )
+        return port
 
     def http_app(self) -> Starlette:
         """/metrics (Prometheus) and /healthz (dependency results, 503 when not serving)."""
@@ -264,7 +276,11 @@ class ServiceRuntime:
         preinitialise_metrics(self._service_names)
         for name in ["", *self._service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.grpc_port = self._bind()
+        try:
+            self.grpc_port = self._bind()
+        except RuntimeError:
+            await self.server.stop(None)  # never started, but gRPC shuts it down on collection otherwise
+            raise
         await self.server.start()
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         http = uvicorn.Server(
