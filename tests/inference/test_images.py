@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mesh.common.v1 import image_pb2
 from mesh.kit.deadlines import deadline_in
 from mesh.kit.errors import InvalidArgument, InvalidData, PayloadTooLarge, UnsupportedMediaType, http_status
 from mesh.services.inference.images import FileServiceFetcher, ImageDecoder
 from tests.file.corpus import png_declaring
+
+STRIP_PHOTO = (Path(__file__).parents[1] / "data" / "strips" / "hd_positive.jpg").read_bytes()
 
 DECODER = ImageDecoder(max_pixels=200 * 200)
 
@@ -201,3 +204,26 @@ async def test_a_fetch_by_id_is_bounded_by_the_callers_deadline_or_the_rpc_timeo
     soon, later = client.timeouts
     assert soon == pytest.approx(2.0, abs=0.5)
     assert later == 30.0
+
+
+def _pillows_pixels(data: bytes) -> np.ndarray[Any, Any]:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.array(ImageOps.exif_transpose(image))
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_a_jpeg_decodes_to_pillows_very_pixels_turned_as_its_exif_says(mode: str, orientation: int) -> None:
+    """JPEGs are decoded by libjpeg-turbo's strict mode (in half Pillow's time, refusing data cut short): the
+    pixels are Pillow's to the last bit, turned by the EXIF orientation as Pillow's exif_transpose turns them,
+    for colour and grey photos alike."""
+    photo = Image.open(io.BytesIO(STRIP_PHOTO)).convert(mode)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=85, exif=exif.tobytes())
+    data = buffer.getvalue()
+    decoded = ImageDecoder(max_pixels=10_000_000).decode_encoded(data)
+    expected = _pillows_pixels(data)
+    assert decoded.shape == expected.shape
+    assert np.array_equal(decoded, expected)
