@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -45,25 +46,30 @@ async def channel() -> AsyncIterator[grpc.aio.Channel]:
 
     server = grpc.aio.server(interceptors=[tracing.server_interceptor()])
     health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
-    server.add_generic_rpc_handlers(
-        [
-            grpc.method_handlers_generic_handler(
-                "test.Echo",
-                {
-                    "Echo": grpc.unary_unary_rpc_method_handler(echo),
-                    "Slow": grpc.unary_unary_rpc_method_handler(slow),
-                    "Count": grpc.unary_stream_rpc_method_handler(count),
-                },
-            )
-        ]
-    )
+    handlers = {
+        "Echo": grpc.unary_unary_rpc_method_handler(echo),
+        "Slow": grpc.unary_unary_rpc_method_handler(slow),
+        "Count": grpc.unary_stream_rpc_method_handler(count),
+    }
+    async with _traced_channel(server, "test.Echo", handlers) as chan:
+        yield chan
+
+
+@contextlib.asynccontextmanager
+async def _traced_channel(
+    server: grpc.aio.Server, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+) -> AsyncIterator[grpc.aio.Channel]:
+    """``server`` serving ``handlers`` as ``service`` on a free port, and a traced channel to it."""
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, handlers)])
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    async with grpc.aio.insecure_channel(
-        f"127.0.0.1:{port}", interceptors=tracing.client_interceptors()
-    ) as chan:
-        yield chan
-    await server.stop(None)
+    try:
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{port}", interceptors=tracing.client_interceptors()
+        ) as chan:
+            yield chan
+    finally:
+        await server.stop(None)
 
 
 async def test_health_checks_are_not_traced_other_calls_are(
@@ -173,24 +179,12 @@ async def kit_channel() -> AsyncIterator[grpc.aio.Channel]:
         raise errors.NotFound("no more items")
 
     server = grpc.aio.server(interceptors=[tracing.server_interceptor(), ServerInterceptor()])
-    server.add_generic_rpc_handlers(
-        [
-            grpc.method_handlers_generic_handler(
-                "test.Kit",
-                {
-                    "Fail": grpc.unary_unary_rpc_method_handler(fail),
-                    "Items": grpc.unary_stream_rpc_method_handler(items),
-                },
-            )
-        ]
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    async with grpc.aio.insecure_channel(
-        f"127.0.0.1:{port}", interceptors=tracing.client_interceptors()
-    ) as chan:
+    handlers = {
+        "Fail": grpc.unary_unary_rpc_method_handler(fail),
+        "Items": grpc.unary_stream_rpc_method_handler(items),
+    }
+    async with _traced_channel(server, "test.Kit", handlers) as chan:
         yield chan
-    await server.stop(None)
 
 
 async def _server_span(spans: InMemorySpanExporter, method: str) -> ReadableSpan:
