@@ -496,6 +496,8 @@ async def test_a_stream_left_open_answers_what_it_read_then_ends_unavailable_and
                         answered.append(reply.request_id)
             await asyncio.wait_for(task, 30)
             stopped = asyncio.get_running_loop().time() - started
+            held_open.set()  # the client's sending task ends with its call, not with the garbage collector
+            await asyncio.sleep(0.05)
     finally:
         held_open.set()
         model.release.set()
