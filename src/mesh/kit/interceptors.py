@@ -131,30 +131,37 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None or method.startswith(_HEALTH_PREFIX):
             return handler
         service, _, name = method.lstrip("/").rpartition("/")
-        deserializer = _tolerant(handler.request_deserializer, method)
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, service, name, "unary"),
-                request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, service, name, "client_stream"),
-                request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, service, name, "server_stream"),
-                request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(handler.stream_stream, service, name, "bidi_stream"),
-            request_deserializer=deserializer,
-            response_serializer=handler.response_serializer,
-        )
+
+        def wrap(behavior: Any, kind: str) -> Any:
+            wrapper = _wrap_unary if kind in RESPONSE_UNARY else _wrap_stream
+            return wrapper(behavior, service, name, kind)
+
+        return rewrapped(handler, wrap, _tolerant(handler.request_deserializer, method))
+
+
+RESPONSE_UNARY = frozenset({"unary", "client_stream"})
+"""The handler kinds that answer one message (the others yield a stream)."""
+
+
+def rewrapped(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    wrap: Callable[[Any, str], Any],
+    request_deserializer: Callable[[bytes], Any] | None,
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """``handler`` with its behaviour replaced by ``wrap(behavior, kind)`` (kind: ``unary``, ``client_stream``,
+    ``server_stream`` or ``bidi_stream``) and its request deserializer by ``request_deserializer``, its response
+    serializer kept: the one way the kit's server interceptors rebuild a handler."""
+    options: dict[str, Any] = {
+        "request_deserializer": request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary, "unary"), **options)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary, "client_stream"), **options)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream, "server_stream"), **options)
+    return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream, "bidi_stream"), **options)
 
 
 def _checker(kind: str) -> Callable[[Any], Any]:

@@ -26,6 +26,7 @@ import grpc
 
 from mesh.kit import errors
 from mesh.kit.db import prepare_database
+from mesh.kit.interceptors import RESPONSE_UNARY, rewrapped
 from mesh.kit.logging import get_logger
 
 log = get_logger(__name__)
@@ -111,28 +112,10 @@ class _Gate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None or self._migrations.applied.is_set() or service not in self._service_names:
             return handler
         require = self._migrations.require
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _unary(handler.unary_unary, require),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _unary(handler.stream_unary, require),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _stream(handler.unary_stream, require),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            _stream(handler.stream_stream, require),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+        return rewrapped(
+            handler,
+            lambda behavior, kind: (_unary if kind in RESPONSE_UNARY else _stream)(behavior, require),
+            handler.request_deserializer,
         )
 
 

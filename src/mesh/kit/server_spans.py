@@ -24,7 +24,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from mesh.kit import errors
-from mesh.kit.interceptors import ended_code
+from mesh.kit.interceptors import RESPONSE_UNARY, ended_code, rewrapped
 
 SERVER_FAULTS = frozenset(
     {
@@ -69,17 +69,11 @@ class ServerSpans(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None or not self._traced(handler_call_details):
             return handler
         method: str = handler_call_details.method
-        serializers: dict[str, Any] = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_unary(handler.unary_unary, method), **serializers)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(_unary(handler.stream_unary, method), **serializers)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_stream(handler.unary_stream, method), **serializers)
-        return grpc.stream_stream_rpc_method_handler(_stream(handler.stream_stream, method), **serializers)
+        return rewrapped(
+            handler,
+            lambda behavior, kind: (_unary if kind in RESPONSE_UNARY else _stream)(behavior, method),
+            handler.request_deserializer,
+        )
 
 
 def _unary(behavior: Any, method: str) -> Any:
