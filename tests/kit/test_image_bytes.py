@@ -89,6 +89,21 @@ def test_image_processing_and_inference_say_the_same_of_empty_and_cut_off_images
     assert all(errors.http_status(error) == 400 for error in refusals)
 
 
+def _refusals_of_the_three_services(data: bytes) -> list[errors.InvalidData]:
+    """What the file service's upload check, image processing's decoder and inference's decoder refuse
+    ``data`` with, each naming the bytes' field ``input.encoded.data`` (each must refuse it: InvalidData)."""
+    refusals: list[errors.InvalidData] = []
+    for refuse in (
+        lambda: validate_image(data, field="input.encoded.data"),
+        lambda: codec.decode(data, codec.Limits(), "input.encoded.data"),
+        lambda: ImageDecoder(max_pixels=10_000_000).decode_encoded(data, field="input.encoded.data"),
+    ):
+        with pytest.raises(errors.InvalidData) as caught:
+            refuse()
+        refusals.append(caught.value)
+    return refusals
+
+
 @pytest.mark.parametrize(("width", "height"), [(0, 0), (0, 10), (10, 0)])
 def test_every_service_refuses_a_png_declaring_no_pixels_in_the_same_words(width: int, height: int) -> None:
     """A whole PNG whose header declares a width or height of 0: image processing and inference said "truncated
@@ -96,15 +111,7 @@ def test_every_service_refuses_a_png_declaring_no_pixels_in_the_same_words(width
     unreadable header), the file service that it has no pixels; now all three say the file service's words,
     INVALID_ARGUMENT naming the bytes' field."""
     data = corpus.png_declaring(width, height)
-    refusals: list[errors.MeshError] = []
-    for refuse in (
-        lambda: validate_image(data, field="input.encoded.data"),
-        lambda: codec.decode(data, codec.Limits(), "input.encoded.data"),
-        lambda: ImageDecoder(max_pixels=1_000_000).decode_encoded(data, field="input.encoded.data"),
-    ):
-        with pytest.raises(errors.InvalidData) as caught:
-            refuse()
-        refusals.append(caught.value)
+    refusals = _refusals_of_the_three_services(data)
     assert {error.message for error in refusals} == {no_pixels("PNG", width, height).message}
     assert refusals[0].message.startswith(
         f"the PNG declares a size of {width}x{height} pixels; it has no pixels"
@@ -127,15 +134,7 @@ def test_every_service_refuses_a_jpeg_whose_image_data_is_cut_or_damaged(damage:
         )
         middle = len(photo) // 2
         data = photo[:middle] + junk + photo[middle + 400 :]
-    refusals: list[errors.MeshError] = []
-    for refuse in (
-        lambda: validate_image(data, field="input.encoded.data"),
-        lambda: codec.decode(data, codec.Limits(), "input.encoded.data"),
-        lambda: ImageDecoder(max_pixels=10_000_000).decode_encoded(data, field="input.encoded.data"),
-    ):
-        with pytest.raises(errors.InvalidData) as caught:
-            refuse()
-        refusals.append(caught.value)
+    refusals = _refusals_of_the_three_services(data)
     assert len({error.message for error in refusals}) == 1
     assert refusals[0].message.startswith("the JPEG image is truncated or damaged")
     assert [[v.field for v in error.field_violations] for error in refusals] == [["input.encoded.data"]] * 3
