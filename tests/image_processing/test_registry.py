@@ -159,3 +159,15 @@ def test_a_huge_unknown_name_is_cut_in_the_error() -> None:
         steps_from_proto([valueless])
     assert list(_violations(empty.value)) == [f"pipeline[0].params.{cut}"]
     assert len(empty.value.message) < 1000
+
+
+def test_a_huge_bad_value_is_cut_in_the_error() -> None:
+    """An enum or boolean parameter sent a string of a million characters quotes its first 40 characters of the
+    value's repr and an ellipsis, not the whole value (it was echoed up to the message's 512-byte cap)."""
+    huge = "x" * 1_000_000
+    with pytest.raises(errors.InvalidArgument) as caught:
+        validate_pipeline([("grayscale", {"method": huge}), ("resize", {"width": 8, "keep_aspect": huge})])
+    violations = _violations(caught.value)
+    cut = repr(huge)[:40] + "…"
+    assert violations["pipeline[0].params.method"].endswith(f"got {cut}")
+    assert violations["pipeline[1].params.keep_aspect"] == f"must be true or false, got {cut}"

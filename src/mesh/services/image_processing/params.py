@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from mesh.kit.param_values import ParamScalar
+from mesh.kit.text_fields import shown
 
 
 class ParamType(StrEnum):
@@ -63,18 +64,18 @@ class ParamSpec:
         if self.type is ParamType.BOOL:
             if isinstance(value, bool):
                 return value
-            return Violation(f"must be {self.allowed()}, got {value!r}")
+            return Violation(f"must be {self.allowed()}, got {_got(value)}")
         if self.type is ParamType.ENUM:
             if isinstance(value, str) and value in self.options:
                 return value
-            return Violation(f"must be {self.allowed()}, got {value!r}")
+            return Violation(f"must be {self.allowed()}, got {_got(value)}")
         if isinstance(value, bool) or not isinstance(value, int | float):
-            return Violation(f"must be {self.allowed()}, got {value!r}")
+            return Violation(f"must be {self.allowed()}, got {_got(value)}")
         number = float(value)
         if not math.isfinite(number):
-            return Violation(f"must be {self.allowed()}, got {value!r}")
+            return Violation(f"must be {self.allowed()}, got {_got(value)}")
         if self.type is ParamType.INT and not number.is_integer():
-            return Violation(f"must be {self.allowed()}, got {value!r}")
+            return Violation(f"must be {self.allowed()}, got {_got(value)}")
         if (self.min is not None and number < self.min) or (self.max is not None and number > self.max):
             return Violation(f"must be {self.allowed()}, got {_fmt(number)}")
         if self.type is ParamType.INT:
@@ -82,6 +83,11 @@ class ParamSpec:
                 return Violation(f"must be {self.allowed()}, got {_fmt(number)}")
             return int(number)
         return number
+
+
+def _got(value: ParamScalar) -> str:
+    """A value a client sent, as a violation quotes it: its repr, cut (a 1 MB string is not echoed)."""
+    return shown(repr(value))
 
 
 class Violation(str):
