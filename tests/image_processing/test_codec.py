@@ -7,6 +7,7 @@ import struct
 import zlib
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image as PilImage
@@ -211,3 +212,55 @@ def test_an_image_beyond_a_formats_side_limit_is_invalid_argument_before_encodin
         description = caught.value.field_violations[0].description
         assert f"at most {limit} pixels wide and high, this one is {width}x{height}" in description
         assert f"ask for one of {fitting}, or resize it" in description
+
+
+_SAMPLINGS = {
+    "444": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444,
+    "422": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422,
+    "420": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420,
+    "440": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_440,
+    "411": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_411,
+}
+
+
+@pytest.mark.parametrize("sampling", list(_SAMPLINGS))
+@pytest.mark.parametrize(("progressive", "restart"), [(False, 0), (True, 0), (False, 2)])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_a_jpeg_decodes_to_opencvs_pixels(
+    sampling: str, progressive: bool, restart: int, channels: int
+) -> None:
+    """YCbCr and grey JPEGs are decoded by libjpeg-turbo's strict decode, not OpenCV's: the same pixels to the
+    last bit, whatever the chroma subsampling, progressive or with restart markers, at odd sizes."""
+    image = noise(37, 61, channels, np.uint8)
+    params = [cv2.IMWRITE_JPEG_QUALITY, 75, cv2.IMWRITE_JPEG_PROGRESSIVE, int(progressive)]
+    params += [cv2.IMWRITE_JPEG_RST_INTERVAL, restart, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, _SAMPLINGS[sampling]]
+    ok, encoded = cv2.imencode(".jpg", image[:, :, ::-1] if channels == 3 else image[:, :, 0], params)
+    assert ok
+    opencv = cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED)
+    expected = cv2.cvtColor(opencv, cv2.COLOR_BGR2RGB) if channels == 3 else opencv[:, :, None]
+    decoded = codec.decode(encoded.tobytes(), LIMITS)
+    assert decoded.shape == (37, 61, channels)
+    assert np.array_equal(decoded, expected)
+
+
+def test_a_jpegs_exif_orientation_is_applied() -> None:
+    """A JPEG's EXIF orientation turns its pixels as it does a PNG's."""
+    exif = PilImage.Exif()
+    exif[ORIENTATION_TAG] = 6
+    buffer = io.BytesIO()
+    PilImage.fromarray(smooth(12, 17, 3)).save(buffer, format="JPEG", quality=95, exif=exif.tobytes())
+    with PilImage.open(io.BytesIO(buffer.getvalue())) as stored:
+        expected = np.asarray(ImageOps.exif_transpose(stored))
+    assert np.array_equal(codec.decode(buffer.getvalue(), LIMITS), expected)
+
+
+def test_a_cmyk_jpeg_is_decoded_by_opencv_to_rgb() -> None:
+    """A CMYK JPEG, which the strict decoder does not convert, still decodes (OpenCV's colour conversion, after
+    the strict check of its image data)."""
+    buffer = io.BytesIO()
+    PilImage.fromarray(smooth(12, 17, 3)).convert("CMYK").save(buffer, format="JPEG", quality=95)
+    data = buffer.getvalue()
+    decoded = codec.decode(data, LIMITS)
+    assert decoded.shape == (12, 17, 3)
+    with pytest.raises(errors.InvalidData, match="truncated or damaged"):
+        codec.decode(data[: len(data) // 2] + b"\xff\xd9", LIMITS)

@@ -1,7 +1,8 @@
 """Decoding and encoding of images, with the limits checked before any pixel is decoded.
 
 The kit's reader (``mesh.kit.image_header``, Pillow) reads only the header (format and size, against
-``max_pixels``); OpenCV then decodes, because it keeps 16-bit RGB(A) PNGs that Pillow would reduce. Pixels come
+``max_pixels``); OpenCV then decodes, because it keeps 16-bit RGB(A) PNGs that Pillow would reduce, and
+libjpeg-turbo's strict decode (``mesh.kit.jpeg_data``) takes YCbCr and grey JPEGs. Pixels come
 back as RGB(A), (height, width, channels), turned as the EXIF orientation says (as a viewer, the thumbnails and
 the strip reader show them).
 """
@@ -18,7 +19,7 @@ from mesh.kit import errors
 from mesh.kit.image_bytes import empty_image, not_an_image, sniff_format, undecodable, unreadable_header
 from mesh.kit.image_header import read_header
 from mesh.kit.image_limits import check_bytes, check_pixels
-from mesh.kit.jpeg_data import check_jpeg_data
+from mesh.kit.jpeg_data import check_jpeg_data, decode_jpeg
 from mesh.kit.orientation import orient
 from mesh.services.image_processing.filter_math import Image, as_image
 
@@ -98,6 +99,8 @@ def decode(
     when the caller has it already."""
     if header is None:
         header = probe(data, limits, where)
+    if header.kind == "JPEG" and header.channels in (1, 3):
+        return orient(_decode_jpeg(data, header, where), header.orientation)
     if header.kind == "JPEG":  # OpenCV decodes image data cut short (its end marker put back) with no error
         check_jpeg_data(data, where)
     pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
@@ -118,6 +121,17 @@ def decode(
         image = np.ascontiguousarray(image[:, :, [0, 0, 0, 1]])
     # OpenCV's IMREAD_UNCHANGED keeps the stored orientation; a phone's portrait photo would come out sideways.
     return orient(image, header.orientation)
+
+
+def _decode_jpeg(data: bytes, header: Header, where: str) -> Image:
+    """A YCbCr or grey JPEG's pixels by libjpeg-turbo's strict decode: OpenCV's pixels to the last bit (both
+    libjpeg-turbo, the same transform and upsampling; tested on every chroma subsampling, progressive and
+    restart-marker files), in one pass that also refuses image data cut short, where OpenCV needed the strict
+    check first and then a decode of its own (about twice the time on a 1080p photo)."""
+    try:
+        return as_image(decode_jpeg(data, where, grey=header.channels == 1))
+    except ValueError:  # a header libjpeg cannot read, though Pillow read it: what OpenCV says of it
+        raise undecodable(header.kind, where) from None
 
 
 def raw_samples(image: Image) -> memoryview:
