@@ -237,6 +237,7 @@ def test_a_jpeg_decodes_to_opencvs_pixels(
     ok, encoded = cv2.imencode(".jpg", image[:, :, ::-1] if channels == 3 else image[:, :, 0], params)
     assert ok
     opencv = cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED)
+    assert opencv is not None
     expected = cv2.cvtColor(opencv, cv2.COLOR_BGR2RGB) if channels == 3 else opencv[:, :, None]
     decoded = codec.decode(encoded.tobytes(), LIMITS)
     assert decoded.shape == (37, 61, channels)
