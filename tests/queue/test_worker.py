@@ -317,3 +317,57 @@ async def test_a_service_s_worker_drains_within_the_service_s_grace(queue: Harne
     handed = await queue.get(job.id)
     assert (handed.state, handed.attempt) == (job_pb2.JOB_STATE_QUEUED, 1)
     assert worker.pool.closed
+
+
+async def test_an_attempt_over_its_time_limit_is_stopped_and_counts_a_system_error(queue: Harness) -> None:
+    """A handler that never ends is cancelled at ``attempt_seconds``: the attempt is a SYSTEM error with code
+    DEADLINE_EXCEEDED, retried, and the job FAILED once its attempts are spent. Its beat had kept renewing the
+    lease, so the job stayed RUNNING for ever."""
+    cancelled: list[int] = []
+
+    async def hangs(context: JobContext) -> job_pb2.JobResult:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(context.job.attempt)
+            raise
+        raise AssertionError("unreachable")
+
+    await queue.start_worker(hangs, options=replace(FAST_OPTIONS, attempt_seconds=0.5))
+    job = await queue.submit(max_attempts=2)
+    done = await queue.wait_for(job.id, timeout=20)
+    assert (done.state, done.attempt) == (job_pb2.JOB_STATE_FAILED, 2)
+    assert done.error.category == errors_pb2.ERROR_CATEGORY_SYSTEM
+    assert done.error.code == "DEADLINE_EXCEEDED"
+    assert "time limit of 0.5s (MESH_JOB_ATTEMPT_SECONDS)" in done.error.message
+    assert cancelled == [1, 2]
+
+
+async def test_a_handlers_own_timeout_is_not_taken_for_the_attempts_limit(queue: Harness) -> None:
+    """A TimeoutError the handler raises itself, well within the limit, is the handler's failure (SYSTEM,
+    INTERNAL, named), not the worker's time limit."""
+
+    async def times_out(context: JobContext) -> job_pb2.JobResult:
+        raise TimeoutError("the camera did not answer")
+
+    await queue.start_worker(times_out, options=replace(FAST_OPTIONS, attempt_seconds=30.0))
+    job = await queue.submit(max_attempts=1)
+    done = await queue.wait_for(job.id)
+    assert done.state == job_pb2.JOB_STATE_FAILED
+    assert done.error.code == "INTERNAL"
+    assert "TimeoutError: the camera did not answer" in done.error.message
+
+
+async def test_a_services_worker_takes_its_attempt_limit_from_the_settings(queue: Harness) -> None:
+    """MESH_JOB_ATTEMPT_SECONDS (600 s unless set, more than 0) is the limit of the worker a service attaches."""
+    assert WorkerSettings().job_attempt_seconds == 600.0
+    with pytest.raises(ValueError, match="job_attempt_seconds"):
+        WorkerSettings(job_attempt_seconds=0)
+    settings = _service_settings(queue, job_concurrency=1, job_attempt_seconds=42)
+    runtime = ServiceRuntime("worker-service", settings, service_names=["test.Worker"])
+    worker = await attach_worker(
+        runtime, settings, queue=INFERENCE_JOBS_QUEUE, handler=scripted_handler, name="worker-service"
+    )
+    assert worker is not None
+    assert worker.options.attempt_seconds == 42.0
+    await worker.pool.close()

@@ -177,6 +177,10 @@ class WorkerSettings(ServerSettings):
     job_concurrency: int = Field(default=4, ge=0, le=256)
     """Jobs this process runs at once from its queue; 0 turns the worker off (the service still serves)."""
 
+    job_attempt_seconds: float = Field(default=600.0, gt=0, le=86_400)
+    """Longest one attempt of a job may run before it is stopped and counted a SYSTEM error (retried with
+    backoff until its attempts are spent): a hung attempt would otherwise hold its job RUNNING for ever."""
+
 
 def json_list(value: object) -> object:
     """Before-validator of a list setting read undecoded (``Annotated[list[...], NoDecode,

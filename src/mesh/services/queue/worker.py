@@ -67,6 +67,7 @@ from opentelemetry import trace
 from prometheus_client import Counter, Histogram
 from psycopg_pool import AsyncConnectionPool
 
+from mesh.common.v1 import errors_pb2
 from mesh.kit import errors, tracing
 from mesh.kit.db import RETRY_ON, PostgresCheck, prepare_database
 from mesh.kit.health import Degrading, DependencyCheck, FunctionCheck
@@ -148,6 +149,12 @@ class WorkerOptions:
 
     commit_timeout_seconds: float = 60.0
     """How long a claim or an outcome is retried while PostgreSQL drops connections."""
+
+    attempt_seconds: float | None = 600.0
+    """Longest an attempt may run: past it the handler is cancelled and the attempt counts a SYSTEM error
+    (``DEADLINE_EXCEEDED``), retried with backoff like any other until the attempts are spent. A handler that
+    hangs (a lost GPU, a deadlock) would otherwise keep its job RUNNING for ever, its beat renewing the lease.
+    Work the handler left in a thread runs on unseen. None: no limit."""
 
     drain_seconds: float = 10.0
     """On stop, how long running jobs may take to finish before they are abandoned and handed back (in a
@@ -558,7 +565,7 @@ class JobWorker:
 
     async def _execute(self, running: RunningJob, row: Row) -> Outcome | None:
         """Run the handler under a lease beat; the outcome to commit, or None when the lease was lost."""
-        handler_task: asyncio.Task[job_pb2.JobResult] = asyncio.create_task(self.handler(running))
+        handler_task: asyncio.Task[job_pb2.JobResult] = asyncio.create_task(self._limited(running))
         # The beat starts with the first heartbeat: most jobs end before it, and need no task for it.
         beat_task: asyncio.Task[None] | None = None
 
@@ -593,6 +600,27 @@ class JobWorker:
                     await beat_task
         # Whatever the handler made of it, an attempt that lost its lease has nothing to commit.
         return None if running.lease_lost else outcome
+
+    async def _limited(self, running: RunningJob) -> job_pb2.JobResult:
+        """The handler under ``options.attempt_seconds``: past it, DeadlineExceeded (category SYSTEM)."""
+        limit = self.options.attempt_seconds
+        if limit is None:
+            return await self.handler(running)
+        scope = asyncio.timeout(limit)
+        try:
+            async with scope:
+                return await self.handler(running)
+        except TimeoutError:
+            if not scope.expired():  # the handler's own, which it did not turn into an error of its kind
+                raise
+            log.warning(
+                "job attempt ran over its time limit; stopped", job_id=str(running.job_id), seconds=limit
+            )
+            raise errors.DeadlineExceeded(
+                f"the attempt ran over the worker's time limit of {limit:g}s (MESH_JOB_ATTEMPT_SECONDS) and was "
+                "stopped",
+                category=errors_pb2.ERROR_CATEGORY_SYSTEM,
+            ) from None
 
     def _failure(self, row: Row, category: ErrorCategory, message: str, code: str) -> Outcome:
         decision = decide_failure(
@@ -638,7 +666,9 @@ async def attach_worker(
     if not settings.job_concurrency:
         return None
     options = WorkerOptions(
-        delivery_limit=settings.delivery_limit, drain_seconds=drain_seconds_within(settings.grace_seconds)
+        delivery_limit=settings.delivery_limit,
+        drain_seconds=drain_seconds_within(settings.grace_seconds),
+        attempt_seconds=settings.job_attempt_seconds,
     )
     worker = JobWorker(
         settings,
