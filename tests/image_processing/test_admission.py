@@ -443,3 +443,36 @@ async def test_file_service_calls_get_the_lesser_of_the_rpc_timeout_and_the_call
     assert store.timeouts[:2] == [20.0, 20.0]
     assert all(timeout is not None and 4 < timeout <= 5 for timeout in store.timeouts[2:])
     assert len(store.timeouts) == 4
+
+
+async def test_requests_waiting_for_memory_hold_at_most_half_the_budget_in_their_inputs() -> None:
+    """A request that waits for memory holds its input (a raw frame here, an encoded file otherwise) outside
+    the budget: once the waiters' inputs reach half the budget, one more that would wait is shed with a retry
+    delay and counted, while a smaller one still waits. 24 waiting 60 MB requests took a service with a
+    100 MB budget to 1.8 GB."""
+    from prometheus_client import REGISTRY
+
+    backend = GatedBackend()
+    processor = Processor(backend, store=None, limits=LIMITS, workers=1, memory_budget_bytes=20_000)
+    steps = validate_pipeline([("invert", {})])
+    try:
+        running = asyncio.create_task(processor.run(noise(80, 80, 3), steps))  # 19 200 of 20 000 bytes
+        await asyncio.to_thread(backend.entered.wait, 10)
+        waiting = asyncio.create_task(processor.run(noise(40, 40, 3), steps))  # carries 4 800 bytes
+        await _until(lambda: processor.admission.memory.carried == 4_800)
+        before = REGISTRY.get_sample_value("mesh_image_pipelines_rejected_total", {"device": "cpu"}) or 0.0
+        with pytest.raises(errors.ResourceExhausted, match=r"hold 4\.7 KiB of input already") as shed:
+            await processor.run(noise(50, 50, 3), steps)  # 7 500 more: past 10 000
+        assert shed.value.retry_after_seconds
+        assert (
+            REGISTRY.get_sample_value("mesh_image_pipelines_rejected_total", {"device": "cpu"}) == before + 1
+        )
+        small = asyncio.create_task(processor.run(noise(30, 30, 3), steps))  # 2 700 more: it may wait
+        await _until(lambda: processor.admission.memory.carried == 7_500)
+        backend.gate.set()
+        for task in (running, waiting, small):
+            await asyncio.wait_for(task, 10)
+        assert processor.admission.memory.carried == 0
+    finally:
+        backend.gate.set()
+        processor.close()

@@ -16,7 +16,7 @@ from PIL import Image, PngImagePlugin
 
 from mesh.common.v1 import image_pb2
 from mesh.inference.v1 import inference_service_pb2 as pb
-from mesh.kit.errors import DeadlineExceeded, InvalidData, PayloadTooLarge
+from mesh.kit.errors import DeadlineExceeded, InvalidData, PayloadTooLarge, ResourceExhausted
 from mesh.kit.orientation import ORIENTATION_TAG
 from mesh.services.inference.images import ImageDecoder, Pixels
 from mesh.services.inference.predictor import HEADER_PREFIX_BYTES, Predictor
@@ -155,3 +155,39 @@ async def test_waiting_for_memory_ends_at_the_deadline(
     _, scheduler = predictor.repository.get("fake").require_ready()
     assert scheduler.memory.held == 0
     assert scheduler.memory.waiting == 0
+
+
+def raw_request(side: int) -> pb.PredictRequest:
+    """A uniform RGB raw frame of ``side`` x ``side`` pixels (``side``² x 3 bytes, carried and decoded alike)."""
+    raw = image_pb2.RawImage(
+        pixels=bytes([200]) * (side * side * 3),
+        width=side,
+        height=side,
+        channels=3,
+        pixel_type=image_pb2.PIXEL_TYPE_UINT8,
+    )
+    return pb.PredictRequest(model_name="fake", input=image_pb2.ImageInput(raw=raw))
+
+
+async def test_requests_waiting_for_memory_carry_at_most_half_the_budget_in_their_inputs(
+    served: tuple[Predictor, CountingDecoder, FakeFactory],
+) -> None:
+    """Requests waiting for memory hold their inputs as received (raw frames here): once those reach half the
+    version's budget (0.5 MiB of 1 MiB), one more that would wait is shed with RESOURCE_EXHAUSTED and a retry
+    delay, before anything of it is decoded; those already waiting are answered."""
+    predictor, _, factory = served
+    gate = factory.built[0].release = threading.Event()
+    _, scheduler = predictor.repository.get("fake").require_ready()
+    first = asyncio.ensure_future(predictor.predict(png_request(500)))
+    waiting = asyncio.ensure_future(predictor.predict(raw_request(400)))  # 480 000 bytes carried
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if scheduler.memory.carried:
+            break
+    assert scheduler.memory.carried == 400 * 400 * 3
+    with pytest.raises(ResourceExhausted, match=r"hold 468\.8 KiB of input already") as shed:
+        await predictor.predict(raw_request(300))
+    assert shed.value.retry_after_seconds
+    gate.set()
+    await asyncio.gather(first, waiting)
+    assert (scheduler.memory.held, scheduler.memory.carried) == (0, 0)

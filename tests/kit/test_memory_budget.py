@@ -151,3 +151,45 @@ async def test_a_budget_shows_its_limit_the_bytes_held_and_the_requests_waiting_
     first.release()
     (await waiting).release()
     assert (sample("mesh_memory_budget_held_bytes"), sample("mesh_memory_budget_waiting")) == (0, 0)
+
+
+async def test_waiters_carry_at_most_max_carried_bytes_of_input_together() -> None:
+    """A request that must wait holds its input meanwhile, outside the budget: once the waiters carry
+    ``max_carried`` bytes together, one more that would wait is shed (RESOURCE_EXHAUSTED with a retry delay,
+    naming the bytes), while one that fits at once is still granted whatever it carries. The carried bytes are
+    given back as waiters are granted, time out or go away, and show on /metrics. The first waiter is let in
+    whatever it carries: a request larger than the bound alone would otherwise never be served."""
+
+    def carried_on_metrics() -> float | None:
+        return REGISTRY.get_sample_value(
+            "mesh_memory_budget_waiting_carried_bytes", {"budget": "carried-test"}
+        )
+
+    budget = MemoryBudget(100, name="test budget", label="carried-test", max_carried=1000)
+    held = await budget.acquire(90, what="a", carried=5000)  # granted at once: it waits for nothing
+    alone = asyncio.ensure_future(budget.acquire(50, what="alone", carried=2000))
+    await asyncio.sleep(0.01)
+    assert (budget.waiting, budget.carried) == (1, 2000)  # the first waiter is let in whatever it carries
+    alone.cancel()
+    await asyncio.sleep(0)
+    assert (budget.waiting, budget.carried) == (0, 0)
+    first = asyncio.ensure_future(budget.acquire(50, what="b", carried=600))
+    gone = asyncio.ensure_future(budget.acquire(50, what="c", carried=300))
+    await asyncio.sleep(0.01)
+    assert (budget.waiting, budget.carried, carried_on_metrics()) == (2, 900, 900)
+    with pytest.raises(
+        ResourceExhausted, match=r"hold 900 bytes of input already \(at most 1000 bytes\)"
+    ) as shed:
+        await budget.acquire(10, what="d", carried=200)
+    assert shed.value.retry_after_seconds == 0.5
+    assert budget.waiting == 2
+    gone.cancel()
+    await asyncio.sleep(0)
+    assert budget.carried == 600
+    late = budget.acquire(10, what="e", carried=300, deadline=time.monotonic() + 0.02)
+    with pytest.raises(DeadlineExceeded):
+        await late
+    assert budget.carried == 600
+    held.release()
+    (await first).release()
+    assert (budget.carried, carried_on_metrics()) == (0, 0)

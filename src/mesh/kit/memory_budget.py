@@ -7,6 +7,11 @@ budget is refused at once, since it could never be granted; one that does not fi
 deadline. The services word the refusals in their own terms by overriding :meth:`MemoryBudget.too_large` and
 :meth:`MemoryBudget.timed_out`, and may bound the waiters with :meth:`MemoryBudget.may_wait`.
 
+A request that waits already holds its input as received (an encoded file, a raw frame: up to tens of MB each)
+outside the budget. ``max_carried`` bounds those bytes over all the waiters: a request that would take them past
+it is shed at once (RESOURCE_EXHAUSTED with a retry delay; the first waiter is always let in), so that a burst of large requests queued behind a full
+budget cannot take the process past its memory limit before the budget refuses anything.
+
 Each budget shows on ``/metrics`` by its ``label``: its limit, the bytes held and the requests waiting, read at
 scrape time (nothing is counted on the request path). Requests waiting for long mean the budget, not the CPU
 or the GPU, bounds the service's throughput.
@@ -31,6 +36,15 @@ BUDGET_HELD = Gauge(
 BUDGET_WAITING = Gauge(
     "mesh_memory_budget_waiting", "Requests waiting for their share of the memory budget.", ["budget"]
 )
+BUDGET_CARRIED = Gauge(
+    "mesh_memory_budget_waiting_carried_bytes",
+    "Bytes the requests waiting for the memory budget hold outside it (their inputs as received).",
+    ["budget"],
+)
+
+
+SHED_RETRY_SECONDS = 0.5
+"""The retry delay a request shed by a busy budget is told to wait."""
 
 
 class MemoryHold:
@@ -56,10 +70,16 @@ class MemoryBudget:
     """``limit`` bytes that requests hold at once, granted in arrival order (a large request is not passed over
     by small ones for ever). Used from the event loop only."""
 
-    def __init__(self, limit: int, *, name: str, label: str | None = None) -> None:
+    def __init__(
+        self, limit: int, *, name: str, label: str | None = None, max_carried: int | None = None
+    ) -> None:
         self.limit = limit
         self.name = name
         """What the budget is for, in the default wording of its refusals."""
+        self.max_carried = max_carried
+        """Most bytes the waiting requests may carry together (None: no bound)."""
+        self.carried = 0
+        """Bytes the waiting requests carry now."""
         self.held = 0
         self.holds = 0
         """Holds granted and not given back yet."""
@@ -69,6 +89,7 @@ class MemoryBudget:
         BUDGET_LIMIT.labels(self.label).set(limit)
         BUDGET_HELD.labels(self.label).set_function(lambda: self.held)
         BUDGET_WAITING.labels(self.label).set_function(lambda: self.waiting)
+        BUDGET_CARRIED.labels(self.label).set_function(lambda: self.carried)
 
     @property
     def waiting(self) -> int:
@@ -80,24 +101,32 @@ class MemoryBudget:
         if size > self.limit:
             raise self.too_large(size, what)
 
-    async def acquire(self, size: int, *, what: str, deadline: float | None = None) -> MemoryHold:
+    async def acquire(
+        self, size: int, *, what: str, deadline: float | None = None, carried: int = 0
+    ) -> MemoryHold:
         """``size`` bytes for the request ``what`` describes, waiting until the deadline (a ``time.monotonic()``
-        instant) for others to give theirs back.
+        instant) for others to give theirs back; ``carried``: the bytes it holds meanwhile outside the budget
+        (its input as received).
 
         Refused with :meth:`too_large` when ``size`` is more than the whole budget, with what :meth:`may_wait`
-        raises when the request would have to wait, and with :meth:`timed_out` when the deadline passes.
+        raises when the request would have to wait, with :meth:`carries_too_much` when its ``carried`` would take
+        the waiters' past ``max_carried``, and with :meth:`timed_out` when the deadline passes.
         """
         self.check(size, what)
         if not self._waiters and self.held + size <= self.limit:
             self._take(size)
             return MemoryHold(self, size)
         self.may_wait(size, what)
+        # The first waiter is let in whatever it carries: one larger than the bound alone would never be served.
+        if self.max_carried is not None and self.carried and self.carried + carried > self.max_carried:
+            raise self.carries_too_much(carried, what)
         started = time.monotonic()
         if deadline is not None and deadline <= started:
             raise self.timed_out(size, what, 0.0)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (size, future)
         self._waiters.append(entry)
+        self.carried += carried
         try:
             await asyncio.wait_for(future, None if deadline is None else deadline - started)
         except BaseException as exc:
@@ -111,6 +140,8 @@ class MemoryBudget:
             if isinstance(exc, TimeoutError):
                 raise self.timed_out(size, what, time.monotonic() - started) from None
             raise
+        finally:
+            self.carried -= carried
         return MemoryHold(self, size)
 
     def too_large(self, size: int, what: str) -> errors.PayloadTooLarge:
@@ -124,6 +155,16 @@ class MemoryBudget:
         return errors.DeadlineExceeded(
             f"deadline exceeded after {waited:.3f}s waiting for {binary_size(size)} of {self.name} for {what} "
             f"({binary_size(self.held)} of {binary_size(self.limit)} held by other requests)"
+        )
+
+    def carries_too_much(self, carried: int, what: str) -> errors.ResourceExhausted:
+        """The refusal of a request that would wait while the waiters carry too much already: shed, to retry
+        shortly, as the budget's other waiters are being served."""
+        return errors.ResourceExhausted(
+            f"{self.name} is busy: the requests waiting for it hold {binary_size(self.carried)} of input already "
+            f"(at most {binary_size(self.max_carried or 0)}), and {what} would add {binary_size(carried)}; "
+            "retry shortly",
+            retry_after_seconds=SHED_RETRY_SECONDS,
         )
 
     def may_wait(self, size: int, what: str) -> None:

@@ -4,7 +4,8 @@ A request is admitted before its image is decoded, weighted by the bytes of the 
 (the decoded input, or a step's output), known from the header and the steps' parameters. Requests wait in
 turn (first come, first served) for their share of the budget, each within its deadline; a request larger
 than the whole budget is refused at once, and beyond ``max_pending`` admitted or waiting requests new ones
-are shed with RESOURCE_EXHAUSTED and a retry delay.
+are shed with RESOURCE_EXHAUSTED and a retry delay, as are those that would wait while the waiting ones hold
+half the budget's bytes in their inputs already (those bytes are in memory, outside the budget).
 
 A :class:`Ticket` is given back by its caller once the reply is serialised, or when the caller fails or goes
 away; work already started for it in a thread keeps its share until that work has really ended, and is
@@ -89,7 +90,13 @@ class Admission:
     def __init__(self, *, device: str, max_pending: int, memory_budget_bytes: int) -> None:
         self.device = device
         self.max_pending = max_pending
-        self.memory = _ImageMemory(memory_budget_bytes, name="image memory budget", label="image")
+        # Waiting requests hold their inputs (up to 64 MiB each) outside the budget: at most half of it together.
+        self.memory = _ImageMemory(
+            memory_budget_bytes,
+            name="image memory budget",
+            label="image",
+            max_carried=memory_budget_bytes // 2,
+        )
         # At 0 from the start, so that rate() sees the first refusal (the shedding alert).
         PIPELINES_REJECTED.labels(device)
 
@@ -106,9 +113,13 @@ class Admission:
         """Requests admitted and not given back (work still running for them included), or waiting for memory."""
         return self.memory.holds + self.memory.waiting
 
-    async def admit(self, nbytes: int, what: str, deadline: float | None = None) -> Ticket:
+    async def admit(
+        self, nbytes: int, what: str, deadline: float | None = None, *, carried: int = 0
+    ) -> Ticket:
         """A ticket for a request whose largest image is ``nbytes`` (``what`` describes it in a refusal),
-        once its share is free; ``deadline`` (``time.monotonic()``) bounds the wait (DEADLINE_EXCEEDED)."""
+        once its share is free; ``deadline`` (``time.monotonic()``) bounds the wait (DEADLINE_EXCEEDED);
+        ``carried``: the bytes of its input as received, held while it waits (shed when the waiters' are
+        too many already)."""
         self.memory.check(nbytes, what)  # before the bound: retrying a request too large would not help
         if self.pending >= self.max_pending:
             PIPELINES_REJECTED.labels(self.device).inc()
@@ -116,5 +127,9 @@ class Admission:
                 f"{self.pending} pipelines are already queued on the {self.device} backend",
                 retry_after_seconds=SHED_RETRY_SECONDS,
             )
-        hold = await self.memory.acquire(nbytes, what=what, deadline=deadline)
+        try:
+            hold = await self.memory.acquire(nbytes, what=what, deadline=deadline, carried=carried)
+        except errors.ResourceExhausted:
+            PIPELINES_REJECTED.labels(self.device).inc()
+            raise
         return Ticket(hold, asyncio.get_running_loop())

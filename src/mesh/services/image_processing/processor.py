@@ -107,6 +107,11 @@ class Input:
     pixels: Image | None = None
     """A raw input's samples, ready as they are."""
 
+    @property
+    def carried(self) -> int:
+        """Bytes it holds as received, while it waits for admission: the encoded file or the raw samples."""
+        return len(self.encoded) if self.pixels is None else self.pixels.nbytes
+
     @classmethod
     def of_image(cls, image: Image, where: str = "input") -> Input:
         height, width, channels = image.shape
@@ -305,7 +310,9 @@ class Processor:
             what += (
                 f" through pipeline[{steps[index - 1].index}], whose output is {width}x{height}x{channels},"
             )
-        return await self.admission.admit(_samples(shapes[index]) * source.itemsize, what, deadline)
+        return await self.admission.admit(
+            _samples(shapes[index]) * source.itemsize, what, deadline, carried=source.carried
+        )
 
     async def _offload(
         self,

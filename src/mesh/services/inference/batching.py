@@ -84,10 +84,12 @@ def _mib(size: int) -> str:
 
 class ModelMemory(MemoryBudget):
     """Bytes of decoded images one model version's requests may hold at once (a :class:`MemoryBudget` named
-    after the version), at most ``max_waiters`` of them waiting; its refusals speak of decoded images in MiB."""
+    after the version), at most ``max_waiters`` of them waiting, carrying at most half its bytes in their inputs
+    together; its refusals speak of decoded images in MiB."""
 
     def __init__(self, limit: int, *, max_waiters: int, name: str) -> None:
-        super().__init__(limit, name=name)
+        # Waiting requests hold their inputs as received outside the budget: at most half of it together.
+        super().__init__(limit, name=name, max_carried=limit // 2)
         self._max_waiters = max_waiters
 
     def too_large(self, size: int, what: str) -> PayloadTooLarge:

@@ -134,13 +134,20 @@ class Predictor:
         # that computed them is done.
         size = await self._decoded_size(source)
         hold = (
-            None if size is None else await scheduler.memory.acquire(size[0], what=size[1], deadline=deadline)
+            None
+            if size is None
+            else await scheduler.memory.acquire(
+                size[0], what=size[1], deadline=deadline, carried=source.carried
+            )
         )
         try:
             image = await self._decode(source)
             if hold is None:  # not sized beforehand, yet decoded after all
                 hold = await scheduler.memory.acquire(
-                    image.nbytes, what=f"{source.field} ({_shape(image)})", deadline=deadline
+                    image.nbytes,
+                    what=f"{source.field} ({_shape(image)})",
+                    deadline=deadline,
+                    carried=image.nbytes,
                 )
             _check_size(image, model.min_image_size, version.name)
             if on_stage is not None:
@@ -218,6 +225,11 @@ class _Source:
 
     raw: image_pb2.RawImage | None = None
     data: bytes = b""
+
+    @property
+    def carried(self) -> int:
+        """Bytes it holds as received, while it waits for memory: the encoded file or the raw samples."""
+        return len(self.data) if self.raw is None else len(self.raw.pixels)
 
 
 # The decoder's pixels from Pillow's modes (see images._to_pixels): grey ones give one channel, RGB three; the rest
