@@ -87,8 +87,9 @@ async def test_idempotency_key_returns_the_same_job(queue: Harness) -> None:
 
 
 async def test_a_reused_idempotency_key_for_another_job_is_already_exists(queue: Harness) -> None:
-    """A resubmit under a key whose job has another model, priority or pipeline is ALREADY_EXISTS (409) naming
-    the fields that differ and the key's job, and creates nothing; the same request again still returns it."""
+    """A resubmit under a key whose job has another model, priority, pipeline or max_attempts is ALREADY_EXISTS
+    (409) naming the fields that differ and the key's job, and creates nothing; the same request again still
+    returns it, and so does one that leaves max_attempts to the default (0) whatever the job has."""
     key = f"reused-{queue.settings.queue_prefix}"
     blur = params_pb2.PipelineStep(
         filter="gaussian_blur", params={"sigma": params_pb2.ParamValue(number_value=1.5)}
@@ -107,8 +108,12 @@ async def test_a_reused_idempotency_key_for_another_job_is_already_exists(queue:
         queue_service_pb2.SubmitJobRequest(
             image_id=IMAGE_ID, pipeline=[blur], priority=5, idempotency_key=key
         ),
+        queue_service_pb2.SubmitJobRequest(
+            image_id=IMAGE_ID, pipeline=[blur], max_attempts=9, idempotency_key=key
+        ),
     ]
-    for request, field in zip(others, ["model", "pipeline", "priority"], strict=True):
+    fields = ["model", "pipeline", "priority", "max_attempts"]
+    for request, field in zip(others, fields, strict=True):
         error = await _error(queue.stub.SubmitJob(request))
         assert isinstance(error, errors.AlreadyExists), field
         assert errors.http_status(error) == 409
@@ -119,6 +124,10 @@ async def test_a_reused_idempotency_key_for_another_job_is_already_exists(queue:
     )
     assert again.existing
     assert again.job.id == first.job.id
+    same = queue_service_pb2.SubmitJobRequest(
+        image_id=IMAGE_ID, pipeline=[blur], max_attempts=first.job.max_attempts, idempotency_key=key
+    )
+    assert (await queue.stub.SubmitJob(same)).job.id == first.job.id
     rows = await queue.sql("SELECT count(*) AS n FROM jobs WHERE idempotency_key = %s", key)
     assert rows[0]["n"] == 1
 

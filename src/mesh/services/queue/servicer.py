@@ -103,7 +103,7 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
         )
         submitted = await self.repository.submit(new)
         if submitted.existing:
-            validation.check_same_job(submitted.row, new)
+            validation.check_same_job(submitted.row, new, asked_max_attempts=request.max_attempts)
         else:
             self.on_dispatch()
         SUBMITTED.labels(new.queue, str(submitted.existing).lower()).inc()

@@ -86,12 +86,16 @@ def check_submit(request: queue_service_pb2.SubmitJobRequest) -> None:
         )
 
 
-def check_same_job(row: Row, new: NewJob) -> None:
+def check_same_job(row: Row, new: NewJob, *, asked_max_attempts: int = 0) -> None:
     """A resubmit with an idempotency key must ask for the job that the key already names: a retry after a
     lost answer does. Other fields mean another job under a reused key, which would otherwise never run while
     its client holds the first job's id as its own: ALREADY_EXISTS, naming the fields that differ. Image ids
-    compare in one spelling: a row from before they were stored so may hold another."""
+    compare in one spelling: a row from before they were stored so may hold another. ``max_attempts`` counts
+    only where the request set it (``asked_max_attempts``): left 0, it asks for the default, which the service's
+    settings may have changed since the first submit."""
     kept = {"image_id": canonical_uuid(row["image_id"]), "model": row["model"], "priority": row["priority"]}
+    if asked_max_attempts:
+        kept["max_attempts"] = row["max_attempts"]
     differ = [
         errors.FieldViolation(name, f"the key's job has {value!r}")
         for name, value in kept.items()
