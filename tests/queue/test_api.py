@@ -20,6 +20,7 @@ from mesh.services.queue.broker import Broker
 from mesh.services.queue.references import ServiceReferences
 from mesh.services.queue.relay_process import RelayProcess
 from mesh.services.queue.repository import JobRepository, open_pool
+from mesh.services.queue.scripted import scripted_handler
 from mesh.services.queue.states import JobState
 from tests.queue.harness import IMAGE_ID, Harness
 
@@ -473,6 +474,38 @@ async def test_watch_streams_changes_until_the_end(queue: Harness) -> None:
         rest.append(item)
     assert rest[-1].job.state == job_pb2.JOB_STATE_CANCELLED
     assert [r.sequence for r in rest] == list(range(2, 2 + len(rest)))
+
+
+async def test_a_watch_sends_the_states_a_job_passed_between_two_polls(queue: Harness) -> None:
+    """A job that goes RUNNING, fails once (RETRY_WAIT), is QUEUED again and SUCCEEDS within one poll of its
+    watch is still seen in every state, in order, each as the job was at that change (its attempt, the time
+    of the change, its history up to it), the last one whole. The watch sent QUEUED, then SUCCEEDED."""
+    queue.app.servicer.watch_poll_seconds = 1.5
+    job = await queue.submit("script:fail=TRANSIENT:1")
+    stream = queue.stub.WatchJob(queue_service_pb2.WatchJobRequest(job_id=job.id))
+    first = await stream.read()
+    assert isinstance(first, queue_service_pb2.WatchJobResponse)
+    await queue.start_worker(scripted_handler)
+    rest: list[queue_service_pb2.WatchJobResponse] = []
+    while (item := await stream.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
+        assert isinstance(item, queue_service_pb2.WatchJobResponse)
+        rest.append(item)
+    states = [(job_pb2.JobState.Name(r.job.state), r.job.attempt) for r in [first, *rest]]
+    assert states == [
+        ("JOB_STATE_QUEUED", 1),
+        ("JOB_STATE_RUNNING", 1),
+        ("JOB_STATE_RETRY_WAIT", 1),
+        ("JOB_STATE_QUEUED", 2),
+        ("JOB_STATE_RUNNING", 2),
+        ("JOB_STATE_SUCCEEDED", 2),
+    ]
+    assert [r.sequence for r in [first, *rest]] == list(range(1, 7))
+    assert [len(r.job.history) for r in rest] == [2, 3, 4, 5, 6]
+    times = [r.job.update_time.ToDatetime() for r in rest]
+    assert times == sorted(times)
+    assert rest[1].job.next_run_time.ToDatetime() == rest[1].job.history[-1].next_run_time.ToDatetime()
+    assert rest[-1].job.result.output_image_id == f"job-{job.id}-attempt-2"
+    assert not rest[0].job.HasField("result")
 
 
 async def test_an_open_watch_ends_unavailable_as_soon_as_the_service_stops(queue: Harness) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -122,3 +122,34 @@ def history_to_proto(row: Row) -> job_pb2.JobTransition:
     if next_run is not None:
         transition.next_run_time.CopyFrom(next_run)
     return transition
+
+
+def passed_states(row: Row, history: Sequence[Row], shown: int) -> tuple[list[job_pb2.Job], int]:
+    """The job as it was at each state change in ``history`` after the first ``shown`` and before the state
+    ``row`` holds, and how many of ``history`` the row accounts for. A watch that polls sees a job's row now
+    and then: a job that went QUEUED -> RUNNING -> SUCCEEDED between two polls would be seen skipping RUNNING.
+
+    Such a state is sent as the job at that transition: its state, attempt, time and history up to it; the
+    progress, stage, result and error it had then are not kept anywhere, so they are left empty. History read
+    after the row may end in changes newer than the row: those are left for the next poll.
+    """
+    current = next(
+        (i for i in range(len(history) - 1, -1, -1) if history[i]["to_state"] == row["state"]),
+        len(history) - 1,
+    )
+    passed: list[job_pb2.Job] = []
+    for index in range(shown, current):
+        transition = history[index]
+        job = row_to_job(row, history=history[: index + 1])
+        job.state = state_to_proto(transition["to_state"])
+        job.attempt = transition["attempt"]
+        job.run_attempt = max(transition["attempt"] - row["run_first_attempt"] + 1, 1)
+        job.progress, job.stage, job.queue_position = 0.0, "", 0
+        for field in ("result", "error", "finish_time", "next_run_time"):
+            job.ClearField(field)
+        for field, column in (("update_time", "at"), ("next_run_time", "next_run_at")):
+            stamp = timestamp(transition[column])
+            if stamp is not None:
+                getattr(job, field).CopyFrom(stamp)
+        passed.append(job)
+    return passed, current + 1

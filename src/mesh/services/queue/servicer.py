@@ -18,7 +18,13 @@ from mesh.kit.runtime import pause_unless_stopping
 from mesh.queue.v1 import job_pb2, queue_service_pb2, queue_service_pb2_grpc
 from mesh.services.queue import validation
 from mesh.services.queue.broker import Broker
-from mesh.services.queue.convert import encode_pipeline, row_to_job, state_from_proto, timestamp
+from mesh.services.queue.convert import (
+    encode_pipeline,
+    passed_states,
+    row_to_job,
+    state_from_proto,
+    timestamp,
+)
 from mesh.services.queue.references import NoReferences, References
 from mesh.services.queue.repository import JobRepository, NewJob, Row
 from mesh.services.queue.states import RETRYABLE_BY_USER, JobState
@@ -169,19 +175,26 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
     ) -> AsyncIterator[queue_service_pb2.WatchJobResponse]:
         """Every change of state, position or progress, by polling the job's row (one primary-key read
         and, while queued, one indexed count per poll), until the job is terminal, or until the service
-        starts stopping (UNAVAILABLE: the caller reopens the watch)."""
+        starts stopping (UNAVAILABLE: the caller reopens the watch). A state the job passed through between
+        two polls is sent too, as the job was at that change (:func:`convert.passed_states`)."""
         job_id = validation.parse_uuid(request.job_id, "job_id")
         row = await self.repository.require(job_id)
         sequence = 0
         last: tuple[int, int] | None = None
+        shown: int | None = None  # history entries already sent as a state; the first answer replays none
         while True:
             position = await self.repository.position(row)
             seen = (int(row["version"]), position)
             if seen != last:
                 last = seen
-                sequence += 1
                 history = await self.repository.history(job_id)
-                job = row_to_job(row, position=position, history=history)
+                passed, accounted = passed_states(row, history, len(history) if shown is None else shown)
+                shown = accounted
+                for job in passed:
+                    sequence += 1
+                    yield queue_service_pb2.WatchJobResponse(job=job, sequence=sequence)
+                sequence += 1
+                job = row_to_job(row, position=position, history=history[:accounted])
                 yield queue_service_pb2.WatchJobResponse(job=job, sequence=sequence)
             if JobState(row["state"]).terminal:
                 return

@@ -249,7 +249,9 @@ async def job_events(
         str | None, Query(description="Like Last-Event-ID, for clients that cannot set it.")
     ] = None,
 ) -> StreamingResponse:
-    """Every state, position and progress change as ``event: job`` (data: the job) with an opaque ``id:``.
+    """Every state, position and progress change as ``event: job`` (data: the job) with an opaque ``id:``;
+    a state the job passed between two of the queue service's polls comes as the job was at that change
+    (progress, result and error empty), and progress as its latest value at each poll.
 
     The stream ends with ``event: end`` when the job reaches a final state. A reconnecting client sends
     ``Last-Event-ID`` (browsers' EventSource does) and gets only newer changes. Idle streams get a comment
