@@ -429,6 +429,34 @@ async def test_stream_keeps_order_and_survives_a_bad_frame(served: Served) -> No
     assert all(r.result.channels == 1 for r in responses if not r.HasField("error"))
 
 
+async def test_a_frame_that_crashes_the_server_is_an_internal_frame_error_and_the_stream_goes_on(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug met by one frame (any exception that is not the service's own error) answers that frame INTERNAL,
+    without the exception's text, and the frames after it are processed: it ended the whole stream with
+    INTERNAL, which the proto's "the stream stays open" does not allow, as StreamInference already did."""
+    crash = image_pb2.ImageInput(encoded=image_pb2.EncodedImage(data=b"\x89PNG crash me"))
+    original = Processor.process
+
+    async def flaky(self: Processor, image: image_pb2.ImageInput, *args: Any, **kwargs: Any) -> Any:
+        if image.encoded.data == crash.encoded.data:
+            raise RuntimeError("secret internals")
+        return await original(self, image, *args, **kwargs)
+
+    monkeypatch.setattr(Processor, "process", flaky)
+    good = _png(smooth(8, 8, 3))
+    messages = _frames(pb.StreamConfig(pipeline=[_step("invert")]), [good, crash, good])
+
+    async def requests() -> AsyncIterator[pb.StreamProcessRequest]:
+        for message in messages:
+            yield message
+
+    responses = await asyncio.wait_for(_collect(served.stub.StreamProcess(requests())), 10)
+    assert [(r.sequence, r.HasField("error")) for r in responses] == [(1, False), (2, True), (3, False)]
+    assert errors.from_status(responses[1].error).code == grpc.StatusCode.INTERNAL
+    assert "secret" not in responses[1].error.message
+
+
 async def test_stream_without_config_fails(served: Served) -> None:
     """A stream whose first message is a frame ends with INVALID_ARGUMENT."""
 

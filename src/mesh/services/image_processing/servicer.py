@@ -21,6 +21,7 @@ from mesh.kit import errors
 from mesh.kit.deadlines import deadline_in
 from mesh.kit.logging import get_logger
 from mesh.kit.runtime import until_stopping
+from mesh.kit.stream_items import item_error
 from mesh.kit.wire import NestedBytesField, Parted, Spliced, serialize_reply
 from mesh.services.image_processing.processor import Delivered, Processor, filter_catalogue
 from mesh.services.image_processing.registry import Step, steps_from_proto
@@ -171,9 +172,9 @@ class ImageProcessingServicer:
                 output_where="config.output",
                 deadline=deadline,
             )
-        except errors.MeshError as error:
+        except Exception as error:
             response.ClearField("result")
-            response.error.CopyFrom(error.to_status())
+            response.error.CopyFrom(item_error(error, log, "stream frame crashed", sequence=frame.sequence))
             return response, _nothing
         return _reply(response, FRAME_RAW_PIXELS, delivered), delivered.release
 

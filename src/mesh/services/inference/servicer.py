@@ -14,9 +14,9 @@ from mesh.common.v1 import image_pb2
 from mesh.inference.v1 import inference_service_pb2 as pb
 from mesh.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from mesh.kit.deadlines import deadline_in
-from mesh.kit.errors import Internal, MeshError
 from mesh.kit.logging import get_logger
 from mesh.kit.runtime import until_stopping
+from mesh.kit.stream_items import item_error
 from mesh.services.inference.predictor import DEVICES, Predictor, assign_request_id
 from mesh.services.inference.repository import LOOKUP_FIELDS, ModelEntry, ModelRepository, ModelVersion
 
@@ -148,12 +148,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         request_id = assign_request_id(request)
         try:
             response = await self._predictor.predict(request, deadline=deadline)
-        except MeshError as error:
-            return pb.StreamInferenceResponse(error=error.to_status(), request_id=request_id)
-        except Exception:
-            log.exception("stream prediction crashed", request_id=request_id)
-            crash = Internal("prediction failed; the server logged the cause")
-            return pb.StreamInferenceResponse(error=crash.to_status(), request_id=request_id)
+        except Exception as error:
+            status = item_error(error, log, "stream prediction crashed", request_id=request_id)
+            return pb.StreamInferenceResponse(error=status, request_id=request_id)
         return pb.StreamInferenceResponse(response=response, request_id=request_id)
 
     @override
