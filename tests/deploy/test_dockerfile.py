@@ -70,3 +70,14 @@ def test_unpinned_cupy_is_caught(tmp_path: Path) -> None:
     requirements = tmp_path / "requirements-cuda.txt"
     requirements.write_text("cupy-cuda12x>=13\n")
     assert any("cupy-cuda12x must be pinned" in str(v) for v in dockerfile.check(DOCKERFILE, requirements))
+
+
+def test_loose_cuda_requirement_is_caught(tmp_path: Path) -> None:
+    """Every CUDA-only requirement is an exact pin: CuPy 14's own dependency cuda-pathfinder, left to a range,
+    came in at whatever version was newest when the image was built."""
+    requirements = tmp_path / "requirements-cuda.txt"
+    requirements.write_text("cupy-cuda12x==14.2.0\ncuda-pathfinder>=1.3.4\n")
+    assert [str(v) for v in dockerfile.check(DOCKERFILE, requirements)] == [
+        f"{requirements}: cuda-pathfinder>=1.3.4 is not an exact pin (name==version)"
+    ]
+    assert "cuda-pathfinder==" in CUDA_REQUIREMENTS.read_text(), "the committed file pins it"

@@ -2,7 +2,7 @@
 
 Pinned bases (a version tag or a digest, never ``latest``), a non-root ``USER`` in every service target,
 dependencies from the same ``requirements.lock`` as ``make up``, code generated at build time, and CUDA targets
-on an ``nvidia/cuda`` base with CuPy pinned.
+on an ``nvidia/cuda`` base with CuPy and every other CUDA-only requirement pinned exactly.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ SERVICE_TARGETS = {
 }
 CUDA_BASE = "nvidia/cuda"
 PINNED_TAG = re.compile(r"\d+\.\d+")
+EXACT_PIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*==[0-9][^=,;\s]*")
 ROOT_USERS = {"", "root", "0", "0:0", "root:root"}
 
 
@@ -119,4 +120,11 @@ def check(path: Path, cuda_requirements: Path | None = None) -> list[Violation]:
         ]
         if not any(p and re.fullmatch(r"cupy-cuda12x==\d+\.\d+\.\d+", p[0]) for p in pins):
             violations.append(Violation(str(cuda_requirements), "cupy-cuda12x must be pinned (==X.Y.Z)"))
+        # pip takes the newest match of a loose requirement on every build (of an unlisted dependency too: CuPy's
+        # own are listed in the file, each pinned).
+        violations += [
+            Violation(str(cuda_requirements), f"{p[0]} is not an exact pin (name==version)")
+            for p in pins
+            if p and not EXACT_PIN.fullmatch(p[0])
+        ]
     return violations

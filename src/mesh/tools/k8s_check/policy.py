@@ -6,13 +6,24 @@ reads files or talks to a cluster, so tests feed it hand-made objects.
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from mesh.kit.jobs import IMAGE_JOBS_QUEUE, INFERENCE_JOBS_QUEUE
 from mesh.kit.runtime import HTTP_STOP_SECONDS, LIVENESS_SERVICE
+from mesh.kit.settings import ENV_PREFIX, CommonSettings
 from mesh.tools.k8s_check.render import CLUSTER_SCOPED_KINDS, Manifest, containers_of, split_image
+from mesh.tools.k8s_check.settings_env import (
+    default_int,
+    is_setting_name,
+    read_variables,
+    service_module,
+    setting_variable,
+    settings_of,
+    why_unread,
+)
 
 
 @dataclass(frozen=True)
@@ -37,9 +48,14 @@ class Workload:
     job_queue: str | None = None
     """The job queue its worker consumes (before ``MESH_QUEUE_PREFIX``), whose depth its autoscaler follows."""
 
+    blob_store: bool = False
+    """Whether it keeps the blob store under ``MESH_BLOB_DIR`` (which must then be on a volume)."""
+
 
 WORKLOADS = {
-    "file": Workload(50051, 9101, "mesh.file.v1.FileService", gpu_capable=False, rabbitmq=False),
+    "file": Workload(
+        50051, 9101, "mesh.file.v1.FileService", gpu_capable=False, rabbitmq=False, blob_store=True
+    ),
     "image-processing": Workload(
         50052,
         9102,
@@ -61,6 +77,18 @@ WORKLOADS = {
 }
 EDGE_WORKLOAD = "gateway"
 QUEUE_SCALED_WORKLOADS = tuple(name for name, workload in WORKLOADS.items() if workload.job_queue)
+# The workload behind each MESH_<NAME>_SERVICE_ADDRESS (its gRPC port) and MESH_<NAME>_SERVICE_HTTP (its HTTP
+# port, which the gateway's health dashboard reads).
+ADDRESSED_WORKLOADS = {
+    "FILE": "file",
+    "IMAGE": "image-processing",
+    "INFERENCE": "inference",
+    "QUEUE": "queue",
+}
+ADDRESS_SUFFIXES = {"_SERVICE_ADDRESS": "gRPC", "_SERVICE_HTTP": "HTTP"}
+# The ports a process listens on: (kind, settings field, the name its container port goes by).
+PORT_SETTINGS = (("gRPC", "grpc_port", "grpc"), ("HTTP", "http_port", "http"))
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 # The gateway's readiness follows the process alone: /readyz fails while any backend does, and since every
 # replica sees the same backends, they would all leave the Service at once and take the whole API with them.
 GATEWAY_PROBE_PATHS = {"readinessProbe": "/healthz", "livenessProbe": "/healthz"}
@@ -140,17 +168,36 @@ def selects(selector: Manifest | None, labels: dict[str, str]) -> bool:
     return True
 
 
-def grace_seconds(overlay: Overlay, container: Manifest) -> float:
-    """MESH_GRACE_SECONDS as the container sees it: its env, else its ConfigMaps, else the default."""
-    for env in container.get("env", []):
-        if env.get("name") == "MESH_GRACE_SECONDS" and "value" in env:
-            return float(env["value"])
+@dataclass(frozen=True)
+class EnvVar:
+    """One variable of a container's environment."""
+
+    value: str | None
+    """Its literal value, or None when it comes from a Secret or another reference."""
+
+    source: str
+    """Where it is set: ``env`` or the ``ConfigMap/name`` of an envFrom."""
+
+
+def effective_env(overlay: Overlay, container: Manifest) -> dict[str, EnvVar]:
+    """The container's environment as the kubelet builds it: envFrom ConfigMaps in order (a later one wins,
+    with its ``prefix``), then ``env`` over them. Variables of an envFrom Secret are not known here."""
+    found: dict[str, EnvVar] = {}
     for source in container.get("envFrom", []):
         name = source.get("configMapRef", {}).get("name")
         config = overlay.find("ConfigMap", name) if name else None
-        if config and "MESH_GRACE_SECONDS" in config.get("data", {}):
-            return float(config["data"]["MESH_GRACE_SECONDS"])
-    return DEFAULT_GRACE_SECONDS
+        for key, value in (config or {}).get("data", {}).items():
+            found[source.get("prefix", "") + key] = EnvVar(str(value), f"ConfigMap/{name}")
+    for env in container.get("env", []):
+        value = env.get("value")
+        found[env.get("name", "")] = EnvVar(str(value) if value is not None else None, "env")
+    return found
+
+
+def grace_seconds(overlay: Overlay, container: Manifest) -> float:
+    """MESH_GRACE_SECONDS as the container sees it: its env, else its ConfigMaps, else the default."""
+    value = env_value(overlay, container, "MESH_GRACE_SECONDS")
+    return float(value) if value is not None else DEFAULT_GRACE_SECONDS
 
 
 def prestop_seconds(container: Manifest) -> float | None:
@@ -169,16 +216,36 @@ def prestop_seconds(container: Manifest) -> float | None:
 
 def env_value(overlay: Overlay, container: Manifest, name: str) -> str | None:
     """A literal env value as the container sees it (env beats envFrom ConfigMaps)."""
-    for env in container.get("env", []):
-        if env.get("name") == name:
-            value = env.get("value")
-            return str(value) if value is not None else None
-    for source in container.get("envFrom", []):
-        config_name = source.get("configMapRef", {}).get("name")
-        config = overlay.find("ConfigMap", config_name) if config_name else None
-        if config and name in config.get("data", {}):
-            return str(config["data"][name])
-    return None
+    variable = effective_env(overlay, container).get(name)
+    return variable.value if variable else None
+
+
+def settings_class(deployment: Manifest) -> type[CommonSettings] | None:
+    """The settings class of the service a Deployment runs (by its command's module, else its name), or None
+    for a workload that is no mesh service."""
+    return settings_of(
+        service_module(deployment["metadata"]["name"], pod_spec(deployment).get("containers", []))
+    )
+
+
+def selecting_services(overlay: Overlay, deployment: Manifest) -> list[Manifest]:
+    """The Services whose selector selects the Deployment's pods (a Service without one has manual endpoints)."""
+    labels = pod_labels(deployment)
+    return [
+        s
+        for s in overlay.of_kind("Service")
+        if s["spec"].get("selector") and selects({"matchLabels": s["spec"]["selector"]}, labels)
+    ]
+
+
+def container_port(containers: Iterable[Manifest], port: int | str | None) -> int | None:
+    """A port number, or the containerPort that ``port`` names among ``containers``; None when none does."""
+    if isinstance(port, int):
+        return port
+    return next(
+        (p.get("containerPort") for c in containers for p in c.get("ports", []) if p.get("name") == port),
+        None,
+    )
 
 
 def check_inventory(overlay: Overlay) -> Iterator[Violation]:
@@ -427,8 +494,14 @@ def check_lifecycle(overlay: Overlay) -> Iterator[Violation]:
                 yield Violation(ref(deployment), f"{claim_name} is not ReadWriteMany: must not autoscale")
 
 
+def _scales_on_cpu(metric: Manifest) -> bool:
+    return metric.get("type") == "Resource" and metric.get("resource", {}).get("name") == "cpu"
+
+
 def check_autoscaling(overlay: Overlay) -> Iterator[Violation]:
-    """The gateway scales on CPU; the queue workers on queue depth (an External metric)."""
+    """The gateway scales on CPU; the queue workers on queue depth (an External metric) and on CPU too: they
+    also serve the synchronous ProcessImage and Predict calls, which queue no job (the autoscaler follows
+    whichever metric asks for more replicas)."""
     by_target = {h["spec"]["scaleTargetRef"]["name"]: h for h in overlay.of_kind("HorizontalPodAutoscaler")}
     for target in by_target:
         if overlay.find("Deployment", target) is None:
@@ -436,11 +509,12 @@ def check_autoscaling(overlay: Overlay) -> Iterator[Violation]:
                 ref(by_target[target]), f"scales Deployment/{target}, which is not in the manifests"
             )
     wanted: list[tuple[str, Callable[[Manifest], bool], str]] = [
-        (EDGE_WORKLOAD, lambda m: m.get("type") == "Resource" and m["resource"]["name"] == "cpu", "CPU"),
+        (EDGE_WORKLOAD, _scales_on_cpu, "CPU"),
         *[
             (name, lambda m: m.get("type") == "External", "queue depth (External)")
             for name in QUEUE_SCALED_WORKLOADS
         ],
+        *[(name, _scales_on_cpu, "CPU (it serves synchronous calls too)") for name in QUEUE_SCALED_WORKLOADS],
     ]
     for name, is_wanted, what in wanted:
         hpa = by_target.get(name)
@@ -561,6 +635,297 @@ def _ingress_backends(ingress: Manifest) -> Iterable[str]:
             yield path["backend"]["service"]["name"]
 
 
+def check_settings_variables(overlay: Overlay) -> Iterator[Violation]:
+    """Every ``MESH_*`` variable reaches a process that reads it: a Deployment's own ``env`` is a setting of the
+    service it runs, and a ConfigMap's is a setting of at least one workload that takes the ConfigMap (the
+    shared one holds the gateway's ``MESH_*_SERVICE_HTTP``). A misspelt or misplaced variable is ignored
+    without a word, and the default it was meant to replace runs while the manifest looks right."""
+    readers: dict[str, dict[str, frozenset[str]]] = {}  # ConfigMap -> {workload: the variables it reads}
+    for deployment in overlay.of_kind("Deployment"):
+        cls = settings_class(deployment)
+        if cls is None:
+            continue
+        variables = read_variables(cls)
+        for container in pod_spec(deployment).get("containers", []):
+            for source in container.get("envFrom", []):
+                name = source.get("configMapRef", {}).get("name")
+                if name:
+                    readers.setdefault(name, {})[deployment["metadata"]["name"]] = variables
+            for env in container.get("env", []):
+                variable = env.get("name", "")
+                if is_setting_name(variable) and variable.upper() not in variables:
+                    yield Violation(
+                        f"{ref(deployment)} container {container.get('name')}",
+                        f"env {variable} is not read by {cls.__name__} ({why_unread(variable)})",
+                    )
+    for config in overlay.of_kind("ConfigMap"):
+        workloads = readers.get(config["metadata"]["name"])
+        if not workloads:
+            continue
+        for variable in config.get("data", {}):
+            if is_setting_name(variable) and not any(variable.upper() in v for v in workloads.values()):
+                yield Violation(
+                    ref(config),
+                    f"{variable} is read by none of the workloads that take it ({', '.join(sorted(workloads))}; "
+                    f"{why_unread(variable)})",
+                )
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A port a process listens on, and the setting it comes from."""
+
+    kind: str
+    """``gRPC`` or ``HTTP``."""
+
+    port: int | None
+    """None when the setting comes from a Secret or another reference (not known here)."""
+
+    origin: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} on {self.port} ({self.origin})"
+
+
+def listeners(overlay: Overlay, cls: type[CommonSettings], container: Manifest) -> dict[str, Listener]:
+    """The ports the service with settings ``cls`` listens on in ``container``, by kind: its ``MESH_GRPC_PORT``
+    and ``MESH_HTTP_PORT`` as the container sees them, else the service's defaults (CONTRACT.md). A kind the
+    service does not serve (the gateway's gRPC) is absent."""
+    env = effective_env(overlay, container)
+    found: dict[str, Listener] = {}
+    for kind, field, _ in PORT_SETTINGS:
+        variable = setting_variable(cls, field)
+        if variable is None:
+            continue
+        setting = env.get(variable)
+        if setting is None:
+            found[kind] = Listener(kind, default_int(cls, field), f"the default of {variable}")
+        elif setting.value is None or not setting.value.strip().isdigit():
+            # A value from a Secret is unknown here; one that is no number fails the service's start anyway.
+            found[kind] = Listener(kind, None, f"{variable} from {setting.source}")
+        else:
+            found[kind] = Listener(kind, int(setting.value), f"{variable} from {setting.source}")
+    return found
+
+
+def _check_container_ports(
+    where: str, container: Manifest, found: dict[str, Listener]
+) -> Iterator[Violation]:
+    known = {listener.port for listener in found.values()}
+    complete = None not in known
+    for port in container.get("ports", []):
+        name, number = port.get("name"), port.get("containerPort")
+        kind = next((kind for kind, _, port_name in PORT_SETTINGS if port_name == name), None)
+        listener = found.get(kind) if kind else None
+        if kind and listener is None:
+            yield Violation(where, f"containerPort {name} ({number}): the service serves no {kind}")
+        elif listener is not None and listener.port is not None and number != listener.port:
+            yield Violation(
+                where, f"containerPort {name} is {number}, but the service listens for {listener}"
+            )
+        elif listener is None and complete and number not in known:
+            yield Violation(where, f"containerPort {name} ({number}): nothing listens there")
+
+
+def _check_probe_ports(where: str, container: Manifest, found: dict[str, Listener]) -> Iterator[Violation]:
+    """gRPC probes knock on the gRPC port, HTTP GETs on the HTTP port, TCP probes on either; one line for the
+    probes that knock on one wrong port (startup, readiness and liveness usually share it)."""
+    wrong: dict[tuple[int | None, str], list[str]] = {}
+    for probe_name in PROBES:
+        probe = container.get(probe_name) or {}
+        for handler, kind in (("grpc", "gRPC"), ("httpGet", "HTTP"), ("tcpSocket", None)):
+            if handler not in probe:
+                continue
+            port = container_port([container], probe[handler].get("port"))
+            wanted = list(found.values()) if kind is None else [found[kind]] if kind in found else []
+            if not wanted:
+                yield Violation(where, f"{probe_name} probes {kind}, which the service does not serve")
+            elif all(w.port is not None and w.port != port for w in wanted):
+                wrong.setdefault((port, " or ".join(str(w) for w in wanted)), []).append(probe_name)
+    for (port, listening), probes in wrong.items():
+        yield Violation(
+            where, f"{', '.join(probes)} probe port {port}, but the service listens for {listening}"
+        )
+
+
+def check_ports(overlay: Overlay) -> Iterator[Violation]:
+    """The ports each service listens on (``MESH_GRPC_PORT``, ``MESH_HTTP_PORT``, else its defaults as in
+    CONTRACT.md) are the ones its container declares, its probes knock on and its Services send to: a port
+    changed in one place only restarts pods that serve (probes fail) or leaves a Service that reaches
+    nothing."""
+    for deployment in overlay.of_kind("Deployment"):
+        cls = settings_class(deployment)
+        if cls is None:
+            continue
+        containers = pod_spec(deployment).get("containers", [])
+        listening: set[int | None] = set()
+        described: list[str] = []
+        for container in containers:
+            where = f"{ref(deployment)} container {container.get('name')}"
+            found = listeners(overlay, cls, container)
+            listening |= {listener.port for listener in found.values()}
+            described += [str(listener) for listener in found.values()]
+            yield from _check_container_ports(where, container, found)
+            yield from _check_probe_ports(where, container, found)
+        if None in listening:
+            continue
+        for service in selecting_services(overlay, deployment):
+            for port in service["spec"].get("ports", []):
+                target = port.get("targetPort", port.get("port"))
+                number = container_port(containers, target)
+                label = f"port {port.get('name') or port.get('port')}"
+                if number is None:
+                    yield Violation(
+                        ref(service),
+                        f"{label}: targetPort {target} names no container port of {ref(deployment)}",
+                    )
+                elif number not in listening:
+                    yield Violation(
+                        ref(service),
+                        f"{label} sends to {number}, where {ref(deployment)} does not listen "
+                        f"({', '.join(described)})",
+                    )
+
+
+def _service_name(host: str, namespace: str | None) -> str | None:
+    """The Service a host names in the overlay's namespace (``file``, ``file.mesh``, ``file.mesh.svc``,
+    ``file.mesh.svc.cluster.local``), or None for a host elsewhere (another namespace, an IP, a DNS name)."""
+    name, _, domain = host.partition(".")
+    if not domain:
+        return name
+    if namespace and domain in (namespace, f"{namespace}.svc", f"{namespace}.svc.cluster.local"):
+        return name
+    return None
+
+
+def _check_address(overlay: Overlay, where: str, variable: str, value: str) -> Iterator[Violation]:
+    suffix = next((s for s in ADDRESS_SUFFIXES if variable.endswith(s)), None)
+    if suffix is None or not variable.startswith(ENV_PREFIX):
+        return
+    host, _, port_text = value.rpartition(":")
+    if not host or not port_text.isdigit():
+        yield Violation(where, f"{variable} {value!r} is not host:port")
+        return
+    namespace = next((s["metadata"].get("namespace") for s in overlay.of_kind("Service")), None)
+    service_name = _service_name(host, namespace)
+    if service_name is None:
+        return
+    service = overlay.find("Service", service_name)
+    if service is None:
+        yield Violation(where, f"{variable} {value}: there is no Service {service_name}")
+        return
+    ports = service["spec"].get("ports", [])
+    port = next((p for p in ports if p.get("port") == int(port_text)), None)
+    if port is None:
+        numbers = ", ".join(str(p.get("port")) for p in ports)
+        yield Violation(
+            where, f"{variable} {value}: {ref(service)} has no port {port_text} (its ports: {numbers})"
+        )
+        return
+    workload = ADDRESSED_WORKLOADS.get(variable.removeprefix(ENV_PREFIX).removesuffix(suffix))
+    deployment = overlay.find("Deployment", workload) if workload else None
+    cls = settings_class(deployment) if deployment else None
+    if deployment is None or cls is None:
+        return
+    if service not in selecting_services(overlay, deployment):
+        yield Violation(
+            where, f"{variable} {value}: {ref(service)} does not select the pods of {ref(deployment)}"
+        )
+        return
+    # A port that reaches nothing is reported on the Service (check_ports); here, one that reaches the other
+    # kind of port (a gRPC address on the HTTP port).
+    kind = ADDRESS_SUFFIXES[suffix]
+    for container in pod_spec(deployment).get("containers", []):
+        found = listeners(overlay, cls, container)
+        number = container_port([container], port.get("targetPort", port.get("port")))
+        other = next((w for w in found.values() if w.kind != kind and w.port == number), None)
+        if other is not None:
+            yield Violation(
+                where,
+                f"{variable} {value}: {ref(service)} sends it to {ref(deployment)}'s {other}, not to its {kind} "
+                "port",
+            )
+
+
+def check_service_addresses(overlay: Overlay) -> Iterator[Violation]:
+    """Every ``MESH_<NAME>_SERVICE_ADDRESS`` (and the gateway's ``MESH_<NAME>_SERVICE_HTTP``) that names a host
+    in the overlay's namespace names a Service, one of its ports, and behind it the named workload's gRPC
+    (HTTP) port: a wrong one fails every call to that service while every pod is healthy."""
+    for config in overlay.of_kind("ConfigMap"):
+        for variable, value in config.get("data", {}).items():
+            yield from _check_address(overlay, ref(config), variable, str(value))
+    for deployment in overlay.of_kind("Deployment"):
+        for container in pod_spec(deployment).get("containers", []):
+            for env in container.get("env", []):
+                if env.get("value") is not None:
+                    yield from _check_address(
+                        overlay, ref(deployment), env.get("name", ""), str(env["value"])
+                    )
+
+
+def check_blob_store(overlay: Overlay) -> Iterator[Violation]:
+    """The file service's ``MESH_BLOB_DIR`` is on a writable, persistent volume that its pod mounts: the root
+    filesystem is read-only, so elsewhere it cannot start, and on an emptyDir every blob goes with the pod."""
+    for name, workload in WORKLOADS.items():
+        deployment = overlay.find("Deployment", name)
+        if not workload.blob_store or deployment is None:
+            continue
+        volumes = {v.get("name"): v for v in pod_spec(deployment).get("volumes", [])}
+        for container in pod_spec(deployment).get("containers", []):
+            where = f"{ref(deployment)} container {container.get('name')}"
+            setting = effective_env(overlay, container).get("MESH_BLOB_DIR")
+            if setting is None:
+                yield Violation(
+                    where,
+                    "MESH_BLOB_DIR is not set: set it to the blob volume's mount path (the image's default "
+                    "cannot be checked here)",
+                )
+                continue
+            if setting.value is None:
+                continue
+            yield from _check_blob_dir(where, setting.value, container, volumes)
+
+
+def _mount_holding(path: str, mounts: list[Manifest]) -> Manifest | None:
+    """The mount that ``path`` (absolute, normalized) lies on: the deepest mount path at or above it."""
+    holding = [
+        m
+        for m in mounts
+        if posixpath.commonpath([path, posixpath.normpath(m.get("mountPath", "/"))])
+        == posixpath.normpath(m.get("mountPath", "/"))
+    ]
+    return max(holding, key=lambda m: len(posixpath.normpath(m.get("mountPath", "/"))), default=None)
+
+
+def _check_blob_dir(
+    where: str, value: str, container: Manifest, volumes: dict[str, Manifest]
+) -> Iterator[Violation]:
+    path = posixpath.join(container.get("workingDir", ""), value)
+    if not posixpath.isabs(path):
+        yield Violation(
+            where,
+            f"MESH_BLOB_DIR {value} is relative to the image's working directory, on the root filesystem",
+        )
+        return
+    mount = _mount_holding(posixpath.normpath(path), container.get("volumeMounts", []))
+    if mount is None:
+        paths = ", ".join(m.get("mountPath", "") for m in container.get("volumeMounts", []))
+        yield Violation(
+            where,
+            f"MESH_BLOB_DIR {value} is on no mounted volume (mounts: {paths}), so on the read-only root "
+            "filesystem",
+        )
+        return
+    volume = volumes.get(str(mount.get("name")), {})
+    if mount.get("readOnly"):
+        yield Violation(where, f"MESH_BLOB_DIR {value} is on volume {mount.get('name')}, mounted read-only")
+    if "emptyDir" in volume:
+        yield Violation(
+            where,
+            f"MESH_BLOB_DIR {value} is on the emptyDir {mount.get('name')}: every blob goes with the pod",
+        )
+
+
 CHECKS: tuple[Callable[[Overlay], Iterator[Violation]], ...] = (
     check_inventory,
     check_probes,
@@ -572,6 +937,10 @@ CHECKS: tuple[Callable[[Overlay], Iterator[Violation]], ...] = (
     check_autoscaling,
     check_job_queues,
     check_exposure,
+    check_settings_variables,
+    check_ports,
+    check_service_addresses,
+    check_blob_store,
 )
 
 
