@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from mesh.kit.errors import StartupError
 from mesh.services.file.blobs import MARKER, BlobStore
 
 
@@ -113,3 +117,58 @@ def test_a_store_without_its_marker_refuses_to_write(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="volume may not be mounted"):
         store.write(_sha(b"lost"), b"lost")
     assert list(tmp_path.iterdir()) == []
+
+
+def _refuse_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Creating a file fails as in a directory owned by another uid."""
+
+    def refused(*args: object, dir: str | None = None, **kwargs: object) -> tuple[int, str]:
+        raise PermissionError(errno.EACCES, "Permission denied", os.path.join(dir or "", ".write-probe-x"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+
+
+@pytest.mark.parametrize("marked", [False, True], ids=["new store", "marker already there"])
+def test_a_root_it_may_not_write_to_is_a_startup_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, marked: bool
+) -> None:
+    """A blob directory the process may not write to (an RWX volume that fsGroup did not reach) stops the start
+    with a StartupError naming the directory, the process's uid and gid, the OS error and the fix, also when
+    the marker is there already (written by another uid); it was a bare PermissionError traceback, or nothing
+    until the first upload."""
+    if marked:
+        BlobStore.opened(tmp_path)
+    _refuse_writes(monkeypatch)
+    with pytest.raises(StartupError) as stopped:
+        BlobStore(tmp_path).open_root()
+    message = str(stopped.value)
+    assert f"the blob directory {tmp_path} (MESH_BLOB_DIR" in message
+    assert f"uid {os.geteuid()}, gid {os.getegid()}" in message
+    assert "Permission denied" in message
+    assert f"Give the directory to uid {os.geteuid()}" in message
+    assert "owned by 10001" in message
+    assert "docs/deploy.md" in message
+    assert (tmp_path / MARKER).is_file() == marked
+
+
+@pytest.mark.skipif(
+    os.geteuid() == 0, reason="root writes to a 0o555 directory anyway; the test above fakes it"
+)
+def test_a_read_only_root_is_a_startup_error(tmp_path: Path) -> None:
+    """A real read-only blob directory (mode 0o555) is refused at start with the StartupError, not a
+    PermissionError."""
+    root = tmp_path / "blobs"
+    root.mkdir()
+    root.chmod(0o555)
+    try:
+        with pytest.raises(StartupError, match="is not writable by this process"):
+            BlobStore.opened(root)
+    finally:
+        root.chmod(0o755)
+
+
+def test_the_writability_probe_leaves_nothing(tmp_path: Path) -> None:
+    """Opening the store leaves only its marker in the root: the probe's file is removed."""
+    BlobStore.opened(tmp_path)
+    BlobStore.opened(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [MARKER]

@@ -476,3 +476,25 @@ async def test_requests_waiting_for_memory_hold_at_most_half_the_budget_in_their
     finally:
         backend.gate.set()
         processor.close()
+
+
+def test_a_gpu_asked_for_where_there_is_none_stops_the_start_with_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """MESH_DEVICE=gpu on a machine without a GPU (or CuPy) ends the process with exit status 2 and one line that
+    names the setting and the way out, as the inference service does; it was a RuntimeError's traceback."""
+    from mesh.services.image_processing import backend as backend_module
+
+    try:
+        from mesh.services.image_processing.gpu_backend import gpu_available
+    except ImportError:  # no CuPy: no GPU either
+        pass
+    else:
+        if gpu_available()[0]:
+            pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit) as exited, errors.exit_on_startup_error("image-processing"):
+        backend_module.select_backend("gpu")
+    assert exited.value.code == 2
+    line = capsys.readouterr().err
+    assert line.startswith("image-processing: cannot start: MESH_DEVICE=gpu but ")
+    assert line.endswith("set MESH_DEVICE=cpu or auto to run on the CPU\n")

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from mesh.kit.errors import InvalidArgument, NotFound, Unavailable
+from mesh.kit.errors import InvalidArgument, NotFound, Unavailable, exit_on_startup_error
 from mesh.services.inference.__main__ import serve
 from mesh.services.inference.models import DeviceUnavailable, gpu_available, select_device
 from mesh.services.inference.repository import ModelConfigError, ModelRepository
@@ -166,7 +166,7 @@ async def test_bad_repository_stops_the_process_with_a_message(
 ) -> None:
     """``python -m mesh.services.inference`` exits with status 2 and names the problem."""
     settings = InferenceSettings(model_dir=tmp_path / "absent", grpc_port=0, http_port=0)
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(SystemExit) as info, exit_on_startup_error("inference"):
         await serve(settings)
     assert info.value.code == 2
     assert "is not a directory (set MESH_MODEL_DIR)" in capsys.readouterr().err

@@ -123,3 +123,37 @@ def test_grpcs_own_failure_text_is_not_passed_on(code: grpc.StatusCode, kind: ty
     assert isinstance(error, kind)
     assert "10.0.3.7" not in error.message
     assert "service behind this one" in error.message
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason", "status"),
+    [
+        (errors.UnsupportedMediaType, errors.REASON_UNSUPPORTED_MEDIA_TYPE, 415),
+        (errors.PayloadTooLarge, errors.REASON_PAYLOAD_TOO_LARGE, 413),
+        (errors.StorageFull, errors.REASON_INSUFFICIENT_STORAGE, 507),
+    ],
+)
+def test_an_error_with_a_precise_http_status_has_its_reason_by_default(
+    kind: type[errors.MeshError], reason: str, status: int
+) -> None:
+    """415, 413 and 507 come from a default reason of their own; a reason given explicitly still wins, and the
+    other keywords still reach MeshError."""
+    error = kind("too much", retry_after_seconds=2.0)
+    assert (error.reason, errors.http_status(error), error.retry_after_seconds) == (reason, status, 2.0)
+    assert kind("x", reason="OTHER").reason == "OTHER"
+    assert errors.InvalidArgument("x").reason == "INVALID_ARGUMENT"
+
+
+def test_a_startup_error_exits_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """A StartupError around a service's start ends the process with status 2 and its message on one stderr
+    line, no traceback."""
+    with pytest.raises(SystemExit) as exited, errors.exit_on_startup_error("file"):
+        raise errors.StartupError("the blob directory is not writable")
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "file: cannot start: the blob directory is not writable\n"
+
+
+def test_other_errors_pass_through_the_startup_guard() -> None:
+    """Only a StartupError is turned into exit 2: a bug still raises as itself, with its traceback."""
+    with pytest.raises(RuntimeError, match="a bug"), errors.exit_on_startup_error("file"):
+        raise RuntimeError("a bug")

@@ -6,6 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+from psycopg_pool import PoolTimeout
+
+from mesh.kit.logging import describe
+
 # A server streams 1 MiB messages; its client reads two and cancels, five times. gRPC's asyncio server then
 # often fails a write in progress ("ExecuteBatchError raised in core by servicer method ...").
 STREAM_CANCELLED = """
@@ -54,3 +59,16 @@ def test_a_client_leaving_a_stream_is_an_info_line_not_an_error_with_a_stack() -
     assert left[0]["level"] == "info"
     assert left[0]["event"].endswith("/mesh.file.v1.FileService/DownloadImage")
     assert "exception" not in left[0]
+
+
+@pytest.mark.parametrize("error", [TimeoutError(), PoolTimeout()])
+def test_an_exception_without_a_message_is_described_by_its_type(error: Exception) -> None:
+    """``error=`` fields name the failure even when ``str()`` of it is empty (asyncio's timeout, psycopg_pool's
+    PoolTimeout): the worker logged ``error=""`` for the very timeout it caught."""
+    assert str(error) == ""
+    assert describe(error) == type(error).__name__
+
+
+def test_an_exception_with_a_message_keeps_it() -> None:
+    """The message stays whole, after the type's name."""
+    assert describe(ValueError("x")) == "ValueError: x"

@@ -3,10 +3,13 @@
 Domain code raises a :class:`MeshError` subclass; the server interceptor turns it into a gRPC status with
 ``google.rpc`` rich details (ErrorInfo, BadRequest, RetryInfo); clients turn an ``AioRpcError`` back into
 the same type with :func:`from_rpc_error`; the gateway maps it to HTTP with :func:`http_status`.
+
+Apart from those, a :class:`StartupError` stops a process that cannot start (exit 2, one line, no traceback).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,7 +18,8 @@ from typing import Any, ClassVar, TypeAlias
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from mesh.common.v1 import errors_pb2
@@ -78,6 +82,9 @@ class MeshError(Exception):
 
     code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
     default_category: ClassVar[ErrorCategory] = errors_pb2.ERROR_CATEGORY_SYSTEM
+    default_reason: ClassVar[str | None] = None
+    """The reason when none is given; None: the code's name. A subclass sets it where the reason picks a more
+    precise HTTP status than the code (``_HTTP_BY_REASON``)."""
 
     def __init__(
         self,
@@ -92,7 +99,7 @@ class MeshError(Exception):
     ) -> None:
         super().__init__(message)
         self.message = message
-        self.reason = reason or self.code.name
+        self.reason = reason or self.default_reason or self.code.name
         self.category: ErrorCategory = self.default_category if category is None else category
         self.field_violations = tuple(field_violations)
         self.metadata = dict(metadata or {})
@@ -169,10 +176,7 @@ class UnsupportedMediaType(InvalidArgument):
     """The bytes are not an image type the mesh accepts (HTTP 415)."""
 
     default_category = errors_pb2.ERROR_CATEGORY_DATA
-
-    def __init__(self, message: str, **kwargs: object) -> None:
-        kwargs.setdefault("reason", REASON_UNSUPPORTED_MEDIA_TYPE)
-        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+    default_reason = REASON_UNSUPPORTED_MEDIA_TYPE
 
 
 class NotFound(MeshError):
@@ -214,10 +218,7 @@ class PayloadTooLarge(ResourceExhausted):
     """The payload exceeds a size or pixel limit (HTTP 413); sending it again will not help."""
 
     default_category = errors_pb2.ERROR_CATEGORY_PERMANENT
-
-    def __init__(self, message: str, **kwargs: object) -> None:
-        kwargs.setdefault("reason", REASON_PAYLOAD_TOO_LARGE)
-        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+    default_reason = REASON_PAYLOAD_TOO_LARGE
 
 
 class StorageFull(ResourceExhausted):
@@ -225,10 +226,7 @@ class StorageFull(ResourceExhausted):
     it is not UNAVAILABLE, whose "retry shortly" would not help until someone frees or adds space."""
 
     default_category = errors_pb2.ERROR_CATEGORY_SYSTEM
-
-    def __init__(self, message: str, **kwargs: object) -> None:
-        kwargs.setdefault("reason", REASON_INSUFFICIENT_STORAGE)
-        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+    default_reason = REASON_INSUFFICIENT_STORAGE
 
 
 class Unauthenticated(MeshError):
@@ -418,6 +416,22 @@ def from_rpc_error(error: grpc.RpcError) -> MeshError:
     return _BY_CODE.get(code, Internal)(message, retry_after_seconds=1.0 if code in _RETRYABLE else None)
 
 
+class StartupError(Exception):
+    """A service cannot start until its operator fixes something outside it (a volume's permissions): the
+    message names what is wrong and the fix, and :func:`exit_on_startup_error` prints it as one line."""
+
+
+@contextmanager
+def exit_on_startup_error(service: str) -> Iterator[None]:
+    """Around a service's start: a :class:`StartupError` ends the process with its message on one stderr
+    line and exit status 2, as a bad setting does, rather than a traceback that buries the fix."""
+    try:
+        yield
+    except StartupError as error:
+        print(f"{service}: cannot start: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 @contextmanager
 def rpc_errors() -> Iterator[None]:
     """Around an outgoing gRPC call (or the iteration of its stream): a failure is raised as the
@@ -428,11 +442,6 @@ def rpc_errors() -> Iterator[None]:
         raise from_rpc_error(error) from None
 
 
-def to_status_code(status: status_pb2.Status) -> grpc.StatusCode:
-    """The grpc.StatusCode of a google.rpc.Status."""
-    return _code_from_int(status.code)
-
-
 def _code_from_int(value: int) -> grpc.StatusCode:
     for code in grpc.StatusCode:
         if code.value[0] == value:
@@ -440,12 +449,7 @@ def _code_from_int(value: int) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-def internal_status(message: str) -> status_pb2.Status:
-    """A plain INTERNAL status for unexpected failures."""
-    return status_pb2.Status(code=code_pb2.INTERNAL, message=message)
-
-
-def _pack(message: object) -> any_pb2.Any:
+def _pack(message: Message) -> any_pb2.Any:
     packed = any_pb2.Any()
-    packed.Pack(message)  # type: ignore[arg-type]
+    packed.Pack(message)
     return packed

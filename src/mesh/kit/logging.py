@@ -129,6 +129,15 @@ def _add_service(service: str) -> Processor:
     return processor
 
 
+def describe(exc: BaseException) -> str:
+    """An exception as a log line's ``error`` field: its type name, then its message where it has one.
+
+    ``str()`` alone is empty for several exceptions a service logs most (asyncio's ``TimeoutError``,
+    psycopg_pool's ``PoolTimeout``), and the type name is what says which failure it was.
+    """
+    return f"{type(exc).__name__}: {exc}".strip().rstrip(":")
+
+
 def get_logger(name: str, **initial: Any) -> structlog.stdlib.BoundLogger:
     """A bound logger for a module."""
     logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(name, **initial)

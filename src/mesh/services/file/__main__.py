@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from mesh.kit.errors import exit_on_startup_error
 from mesh.kit.runtime import start_service
 from mesh.services.file.server import file_service
 from mesh.services.file.settings import FileSettings
@@ -16,5 +17,11 @@ async def main() -> None:
         await runtime.run()
 
 
+def run() -> None:
+    """The process: exit 2 with one line on a start-up error (a blob directory it may not write to)."""
+    with exit_on_startup_error("file"):
+        asyncio.run(main())
+
+
 if __name__ == "__main__":
-    asyncio.run(main())
+    run()

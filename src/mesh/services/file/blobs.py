@@ -17,10 +17,13 @@ import contextlib
 import errno
 import os
 import re
+import stat
 import tempfile
 import time
 from pathlib import Path
 from typing import BinaryIO
+
+from mesh.kit.errors import StartupError
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -42,11 +45,18 @@ class BlobStore:
         return store
 
     def open_root(self) -> None:
-        """Create the root and its marker when missing (once, at start-up, never in a health probe).
+        """Create the root and its marker when missing (once, at start-up, never in a health probe), after
+        checking that this process can write there: :class:`~mesh.kit.errors.StartupError` when it cannot.
 
         A store made before the marker existed is adopted: it gets its marker at the first start.
         """
         self.root.mkdir(parents=True, exist_ok=True)
+        # Also with the marker there: another uid may have written it (a volume that fsGroup did not reach),
+        # and this process would otherwise find out at its first upload.
+        try:
+            _create_and_remove_a_file(self.root)
+        except PermissionError as error:
+            raise _not_writable(self.root, error) from error
         marker = self.root / MARKER
         if marker.is_file():
             return
@@ -137,6 +147,30 @@ class BlobStore:
         if not self.root.is_dir():
             return 0
         return sum(1 for p in self.root.glob("*/*/*") if _SHA256_HEX.fullmatch(p.name))
+
+
+def _create_and_remove_a_file(directory: Path) -> None:
+    """Prove that this process may create files in ``directory``."""
+    fd, name = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
+    os.close(fd)
+    os.unlink(name)
+
+
+def _not_writable(root: Path, error: OSError) -> StartupError:
+    """The start-up error for a blob directory this process may not write to: who the process is, who owns the
+    directory, and the fix."""
+    uid, gid = os.geteuid(), os.getegid()
+    try:
+        info = root.stat()
+        owner = f"owned by {info.st_uid}:{info.st_gid}, mode {stat.filemode(info.st_mode)}"
+    except OSError:
+        owner = "its owner unknown"
+    return StartupError(
+        f"the blob directory {root} (MESH_BLOB_DIR; {owner}) is not writable by this process "
+        f"(uid {uid}, gid {gid}, groups {','.join(map(str, os.getgroups())) or 'none'}): {error}. "
+        f"Give the directory to uid {uid}, e.g. an NFS/EFS export owned by 10001 (Kubernetes applies no "
+        "fsGroup to most ReadWriteMany volumes); see docs/deploy.md"
+    )
 
 
 def _temporary_file(directory: Path) -> tuple[int, str]:

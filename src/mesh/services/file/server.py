@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from mesh.file.v1 import file_service_pb2_grpc
 from mesh.kit.db import PostgresCheck, create_pool
 from mesh.kit.health import Degrading, DirectoryCheck, FreeSpaceCheck
-from mesh.kit.logging import get_logger
+from mesh.kit.logging import describe, get_logger
 from mesh.kit.migrations import SchemaMigrations
 from mesh.kit.runtime import ServiceRuntime
 from mesh.services.file.blobs import MARKER, BlobStore
@@ -42,7 +42,7 @@ async def sweep_periodically(
             try:
                 await store.sweep_orphans()
             except Exception as error:  # a failed sweep is retried at the next interval
-                log.warning("blob sweep failed", error=f"{type(error).__name__}: {error}")
+                log.warning("blob sweep failed", error=describe(error))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), interval if migrations.applied.is_set() else 5.0)
 
@@ -54,11 +54,13 @@ async def file_service(settings: FileSettings) -> AsyncIterator[ServiceRuntime]:
     The schema is migrated before this returns when PostgreSQL answers within
     ``startup_migration_seconds``; otherwise the service starts NOT_SERVING, answers UNAVAILABLE, and
     migrates in the background (:class:`~mesh.kit.migrations.SchemaMigrations`).
-    The blob directory and its marker are created here when missing; an OSError doing so (a read-only or
-    misconfigured blob directory) stops the start, since no probe will create them later.
+    The blob directory and its marker are created here when missing, first of all, so that a misconfigured
+    volume stops the start at once (no probe will create them later): a directory this process may not write
+    to raises :class:`~mesh.kit.errors.StartupError`, any other OSError as it is.
 
     ``await runtime.run()`` inside the block serves until SIGTERM (or ``runtime.stopping`` is set).
     """
+    blobs = await asyncio.to_thread(BlobStore.opened, settings.blob_dir)
     migrations = SchemaMigrations(settings.database_url, "file", MIGRATIONS)
     migrated = await migrations.try_once(timeout=settings.startup_migration_seconds)
     pool = create_pool(
@@ -68,7 +70,6 @@ async def file_service(settings: FileSettings) -> AsyncIterator[ServiceRuntime]:
         reconnect_timeout=settings.db_reconnect_seconds,
     )
     async with pool:
-        blobs = await asyncio.to_thread(BlobStore.opened, settings.blob_dir)
         store = ImageStore(
             PostgresImageRepository(pool),
             blobs,

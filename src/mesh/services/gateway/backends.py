@@ -85,6 +85,7 @@ class Backends:
             ServiceEndpoint("queue", QUEUE_SERVICE, queue_channel, settings.queue_service_http),
         ]
         self.files = FileClient(file_channel)
+        # Only for the image content route, which streams DownloadImage (FileClient.download gathers it).
         self.file_stub = file_service_pb2_grpc.FileServiceStub(file_channel)
         self.image_stub = image_processing_service_pb2_grpc.ImageProcessingServiceStub(image_channel)
         self.inference_stub = inference_service_pb2_grpc.InferenceServiceStub(inference_channel)

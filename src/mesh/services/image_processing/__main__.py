@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from mesh.kit.errors import exit_on_startup_error
 from mesh.kit.gpu_metrics import cupy_pool_bytes, register_gpu_metrics
 from mesh.kit.jobs import IMAGE_JOBS_QUEUE
 from mesh.kit.logging import get_logger
@@ -59,5 +60,11 @@ async def main() -> None:
         await files.close()
 
 
+def run() -> None:
+    """The process: exit 2 with one line on a start-up error (MESH_DEVICE=gpu without a GPU)."""
+    with exit_on_startup_error("image-processing"):
+        asyncio.run(main())
+
+
 if __name__ == "__main__":
-    asyncio.run(main())
+    run()

@@ -126,6 +126,6 @@ def select_backend(device: Literal["auto", "gpu", "cpu"], *, gpu_memory_limit_by
     except ImportError as error:
         why = f"GPU backend unavailable: {error}"
     if device == "gpu":
-        raise RuntimeError(f"MESH_DEVICE=gpu but {why}")
+        raise errors.StartupError(f"MESH_DEVICE=gpu but {why}; set MESH_DEVICE=cpu or auto to run on the CPU")
     log.info("using the CPU backend", reason=why)
     return CpuBackend()

@@ -11,7 +11,6 @@ service TRANSIENT (from the gRPC status), anything unexpected SYSTEM.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Protocol
@@ -22,8 +21,7 @@ from mesh.common.v1 import image_pb2
 from mesh.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 from mesh.kit import errors, tracing
 from mesh.kit.channels import open_channel
-from mesh.kit.jobs import JobContext, JobInterrupted, ModelReference
-from mesh.kit.logging import get_logger
+from mesh.kit.jobs import JobContext, ModelReference
 from mesh.kit.settings import CommonSettings
 from mesh.queue.v1 import job_pb2
 from mesh.services.file.client import FileClient
@@ -31,7 +29,6 @@ from mesh.services.image_processing import codec
 from mesh.services.image_processing.processor import ImageStore, Processor
 from mesh.services.image_processing.registry import Step, steps_from_proto
 
-log = get_logger(__name__)
 _tracer = tracing.tracer(__name__)
 
 INFERENCE_SERVICE = "mesh.inference.v1.InferenceService"
@@ -92,14 +89,9 @@ class ImageJobHandler:
             "job.attempt": int(job.attempt),
             "job.model": job.model,
         }
-        try:
-            with tracing.internal_span(_tracer, "image.job", attributes):
-                return await self._run(context)
-        except (errors.MeshError, JobInterrupted, asyncio.CancelledError):
-            raise
-        except Exception as error:
-            log.exception("image job failed unexpectedly", job_id=context.job.id)
-            raise errors.Internal(f"image job failed: {type(error).__name__}: {error}") from error
+        # An unexpected error is left to the worker runtime, which logs it and counts a SYSTEM failure.
+        with tracing.internal_span(_tracer, "image.job", attributes):
+            return await self._run(context)
 
     async def _run(self, context: JobContext) -> job_pb2.JobResult:
         job = context.job

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 
 from mesh.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from mesh.kit.errors import StartupError, exit_on_startup_error
 from mesh.kit.gpu_metrics import cupy_pool_bytes, register_gpu_metrics
 from mesh.kit.jobs import INFERENCE_JOBS_QUEUE
 from mesh.kit.logging import get_logger
@@ -30,8 +30,7 @@ async def serve(settings: InferenceSettings) -> None:
         device = select_device(settings.device)
         repository = ModelRepository(settings.resolved_model_dir(), device=device)
     except (ModelConfigError, DeviceUnavailable) as error:
-        print(f"inference: cannot start: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise StartupError(str(error)) from None
     log.info("loading models", directory=str(repository.directory), device=device)
     await repository.load()
     # Worker processes hold their own pools; this process's would read zero, which is not the GPU's state.
@@ -63,7 +62,8 @@ async def serve(settings: InferenceSettings) -> None:
 def main() -> None:
     # Requests carry frames of many megabytes: keep those buffers in the heap instead of fresh mmap pages.
     settings = start_service("inference", InferenceSettings, large_messages=True)
-    asyncio.run(serve(settings))
+    with exit_on_startup_error("inference"):
+        asyncio.run(serve(settings))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""A typed client of the inference service for other services (gateway, image workers).
+"""A typed client of the inference service for other services: the queue service checks a submitted job's
+model with it (``queue.references``).
 
 Errors come back as :class:`~mesh.kit.errors.MeshError` subclasses, never as raw ``AioRpcError``.
 """

@@ -23,7 +23,7 @@ import contextlib
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.abc import AbstractChannel
 
-from mesh.kit.logging import get_logger
+from mesh.kit.logging import describe, get_logger
 
 log = get_logger(__name__)
 
@@ -95,7 +95,9 @@ class Acks:
         try:
             await message.reject(requeue=requeue)
         except Exception as exc:
-            log.info("could not reject a dispatch (channel closed); it will be redelivered", error=str(exc))
+            log.info(
+                "could not reject a dispatch (channel closed); it will be redelivered", error=describe(exc)
+            )
             return
         if state is not None and message.delivery_tag is not None:
             state.settled.add(message.delivery_tag)
@@ -112,5 +114,7 @@ class Acks:
         try:
             await state.flush()
         except Exception as exc:
-            log.info("could not ack dispatches (channel closed); they will be redelivered", error=str(exc))
+            log.info(
+                "could not ack dispatches (channel closed); they will be redelivered", error=describe(exc)
+            )
             state.ready.clear()

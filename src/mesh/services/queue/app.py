@@ -23,7 +23,7 @@ from prometheus_client import Gauge
 
 from mesh.kit.db import PostgresCheck
 from mesh.kit.health import Degrading, DependencyCheck, FunctionCheck
-from mesh.kit.logging import get_logger
+from mesh.kit.logging import describe, get_logger
 from mesh.kit.migrations import SchemaMigrations
 from mesh.kit.runtime import ServiceRuntime
 from mesh.queue.v1 import queue_service_pb2, queue_service_pb2_grpc
@@ -192,7 +192,7 @@ class QueueApp:
                 OUTBOX_BACKLOG.set(backlog)
                 OUTBOX_OLDEST.set(age)
             except Exception as exc:
-                log.warning("queue gauges not refreshed", error=f"{type(exc).__name__}: {exc}")
+                log.warning("queue gauges not refreshed", error=describe(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), self.settings.stats_interval_seconds)
 

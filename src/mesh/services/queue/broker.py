@@ -48,7 +48,7 @@ from aiormq.exceptions import (
 )
 from pamqp import commands as spec
 
-from mesh.kit.logging import get_logger
+from mesh.kit.logging import describe, get_logger
 from mesh.services.queue.topology import (
     dead_letter_exchange,
     dead_letter_queue,
@@ -97,10 +97,6 @@ def retryable(exc: BaseException) -> bool:
 
 async def _round_trip(channel: aiormq.abc.AbstractChannel) -> None:
     """The health check's question: none, the channel's open and close are the round trip."""
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".strip().rstrip(":")
 
 
 class Broker:
@@ -159,9 +155,9 @@ class Broker:
                 error = "cancelled by the closing connection"
             except Exception as exc:
                 if not retryable(exc):
-                    log.error("RabbitMQ refused the setup", step=what, error=_describe(exc))
+                    log.error("RabbitMQ refused the setup", step=what, error=describe(exc))
                     raise
-                error = _describe(exc)
+                error = describe(exc)
             else:
                 self._setup_error = ""
                 return result

@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from prometheus_client import Counter
 
-from mesh.kit.logging import get_logger
+from mesh.kit.logging import describe, get_logger
 from mesh.services.queue.repository import JobRepository, Row
 
 log = get_logger(__name__)
@@ -100,7 +100,7 @@ class Reconciler:
             try:
                 await self.sweep()
             except Exception as exc:
-                log.warning("reconciler sweep failed", error=f"{type(exc).__name__}: {exc}")
+                log.warning("reconciler sweep failed", error=describe(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), self.interval_seconds)
 
@@ -170,7 +170,7 @@ class Reconciler:
             )
             return -1
         except Exception as exc:
-            log.warning("broker ready count failed; taken as unknown", queue=queue, error=str(exc))
+            log.warning("broker ready count failed; taken as unknown", queue=queue, error=describe(exc))
             return -1
 
     async def prune(self) -> int:

@@ -23,7 +23,7 @@ from opentelemetry import trace
 from prometheus_client import Counter, Gauge
 
 from mesh.kit import tracing
-from mesh.kit.logging import get_logger
+from mesh.kit.logging import describe, get_logger
 from mesh.queue.v1 import job_pb2
 from mesh.services.queue.broker import Broker
 from mesh.services.queue.repository import JobRepository
@@ -74,7 +74,7 @@ class OutboxRelay:
             try:
                 published, failed = await self.publish_round()
             except Exception as exc:
-                log.warning("outbox round failed", error=f"{type(exc).__name__}: {exc}")
+                log.warning("outbox round failed", error=describe(exc))
                 published, failed = 0, 1
             if published >= self.batch_size and not failed:
                 continue  # a full batch: more is likely waiting
@@ -93,9 +93,7 @@ class OutboxRelay:
         await self.repository.confirm_outbox(confirmed)
         if failed:
             first = next(r for r in results if r is not None)
-            log.warning(
-                "dispatches not confirmed", count=len(failed), error=f"{type(first).__name__}: {first}"
-            )
+            log.warning("dispatches not confirmed", count=len(failed), error=describe(first))
             await self.repository.release_outbox([row["id"] for row in failed], self.retry_delay_seconds)
         return len(confirmed), len(failed)
 

@@ -1,17 +1,18 @@
 """The worker runtime: consumes a job queue and runs a :class:`~mesh.kit.jobs.JobHandler` per dispatch.
 
-Embedding it in a service (the image processing and inference services do)::
+Embedding it in a service (the image processing and inference services do), with :func:`attach_worker`::
 
-    worker = JobWorker(settings, queue=IMAGE_JOBS_QUEUE, handler=handler, concurrency=4)
-    runtime = ServiceRuntime(..., checks=[*other_checks, *worker.checks()])
-    runtime.add_background(lambda: worker.run(runtime.stopping))
+    runtime = ServiceRuntime(...)
+    await attach_worker(runtime, settings, queue=IMAGE_JOBS_QUEUE, handler=handler, name="image-processing")
 
-``settings`` is any :class:`~mesh.kit.settings.CommonSettings` (``database_url`` of the queue's database,
-``amqp_url``); ``options`` (:class:`WorkerOptions`) tunes leases, beats and retries. ``run(stopping)``
-connects (waiting for PostgreSQL and RabbitMQ), consumes until ``stopping`` is set, then stops taking
-dispatches, hands back those it holds but has not started, and gives running jobs ``options.drain_seconds``
-to finish (in a service, its grace less a margin for what follows: :func:`drain_seconds_within`). A job
-still running then is abandoned and its claim handed back (QUEUED again at the same attempt, with a new
+which builds the :class:`JobWorker` from the service's :class:`~mesh.kit.settings.WorkerSettings`
+(``database_url`` of the queue's database, ``amqp_url``, ``job_concurrency``, ...), adds its checks to the
+service's health and runs it until the runtime stops (nothing when ``job_concurrency`` is 0).
+``options`` (:class:`WorkerOptions`) tunes leases, beats and retries. ``run(stopping)`` connects (waiting
+for PostgreSQL and RabbitMQ), consumes until ``stopping`` is set, then stops taking dispatches, hands back
+those it holds but has not started, and gives running jobs ``options.drain_seconds`` to finish (in a
+service, its grace less a margin for what follows: :func:`drain_seconds_within`). A job still running
+then is abandoned and its claim handed back (QUEUED again at the same attempt, with a new
 dispatch, and its message acked): a stop spends none of the job's attempts, where a lease left to expire
 would count a SYSTEM error.
 
@@ -72,7 +73,7 @@ from mesh.kit import errors, tracing
 from mesh.kit.db import RETRY_ON, PostgresCheck, prepare_database
 from mesh.kit.health import Degrading, DependencyCheck, FunctionCheck
 from mesh.kit.jobs import JobCancelled, JobHandler, LeaseLost
-from mesh.kit.logging import get_logger
+from mesh.kit.logging import describe, get_logger
 from mesh.kit.runtime import ServiceRuntime
 from mesh.kit.settings import DEFAULT_DELIVERY_LIMIT, CommonSettings, WorkerSettings
 from mesh.queue.v1 import job_pb2
@@ -136,7 +137,8 @@ class WorkerOptions:
     """How a worker holds and reports its jobs."""
 
     lease_seconds: float = 30.0
-    """How long a claim holds without a beat; a stalled job is re-dispatched by the reconciler after it."""
+    """How long a claim holds without a beat; past it, the reconciler counts the attempt a SYSTEM failure
+    (RETRY_WAIT with backoff, or FAILED once the attempts are spent)."""
 
     heartbeat_seconds: float = 5.0
     """How often the lease is extended and cancel requests are read (well under ``lease_seconds``)."""
@@ -445,7 +447,7 @@ class JobWorker:
                 raise ValueError("attempt must be at least 1")
         except (DecodeError, ValueError) as exc:
             UNDECODABLE.labels(self.queue).inc()
-            log.warning("undecodable dispatch dead-lettered", queue=self.queue, error=str(exc))
+            log.warning("undecodable dispatch dead-lettered", queue=self.queue, error=describe(exc))
             await self._acks.reject(message, requeue=False)
             return
         headers = {k: v for k, v in (message.headers or {}).items() if isinstance(v, str)}
@@ -506,7 +508,7 @@ class JobWorker:
             )
         except RETRY_ON as exc:
             # PostgreSQL stayed away: give the dispatch back; a redelivery takes the job over.
-            log.warning("claim failed; dispatch requeued", job_id=str(job_id), error=str(exc))
+            log.warning("claim failed; dispatch requeued", job_id=str(job_id), error=describe(exc))
             await self._acks.reject(message, requeue=True)
             return
         if row is None:
@@ -528,7 +530,7 @@ class JobWorker:
         try:
             written = await self.store.finish(job_id, token, outcome)
         except RETRY_ON as exc:
-            log.warning("outcome not committed; dispatch requeued", job_id=str(job_id), error=str(exc))
+            log.warning("outcome not committed; dispatch requeued", job_id=str(job_id), error=describe(exc))
             await self._acks.reject(message, requeue=True)
             return
         if written is None:
@@ -557,7 +559,7 @@ class JobWorker:
             async with asyncio.timeout(RELEASE_SECONDS):
                 released = await self.store.release(job_id, token)
         except (TimeoutError, *RETRY_ON) as exc:
-            log.warning("abandoned job not handed back", job_id=str(job_id), error=str(exc))
+            log.warning("abandoned job not handed back", job_id=str(job_id), error=describe(exc))
             return
         if released:
             log.info("abandoned job handed back", job_id=str(job_id))
@@ -644,9 +646,9 @@ class JobWorker:
             try:
                 await running.beat()
             except Exception as exc:
-                # The lease may run out while PostgreSQL is away; the reconciler then re-dispatches the job
-                # and our outcome is fenced out.
-                log.warning("lease beat failed", job_id=running.job.id, error=str(exc))
+                # The lease may run out while PostgreSQL is away; the reconciler then records the attempt as a
+                # SYSTEM failure (retried with backoff, or FAILED) and our outcome is fenced out.
+                log.warning("lease beat failed", job_id=running.job.id, error=describe(exc))
             else:
                 if running.lease_lost:
                     log.warning("lease lost; abandoning the job", job_id=running.job.id)

@@ -184,11 +184,7 @@ async def list_images(
     page_token: schemas.PageTokenQuery = "",
 ) -> schemas.ImageList:
     """Images, newest first; pass ``next_page_token`` back as ``page_token`` for the next page."""
-    page = await rpc(
-        ctx.backends.file_stub.ListImages(
-            file_service_pb2.ListImagesRequest(page_size=page_size, page_token=page_token)
-        )
-    )
+    page = await ctx.backends.files.list(page_size=page_size, page_token=page_token)
     return schemas.ImageList(
         images=[convert.image(i) for i in page.images], next_page_token=page.next_page_token
     )
@@ -228,6 +224,8 @@ async def get_image_content(
         if variant == "thumbnail"
         else file_service_pb2.IMAGE_VARIANT_ORIGINAL
     )
+    # The one file service call not made through FileClient: its download() gathers the whole image, where
+    # this route passes the chunks on as they arrive (and stops after the first message for a 304).
     call = ctx.backends.file_stub.DownloadImage(
         file_service_pb2.DownloadImageRequest(image_id=image_id, variant=wanted)
     )
@@ -283,5 +281,5 @@ def _content_disposition(name: str) -> str:
 @router.delete("/{image_id}", status_code=204, responses=ERRORS, summary="Delete an image")
 async def delete_image(image_id: schemas.ImageIdPath, ctx: Context, _: Caller) -> Response:
     """Delete an image; its blob goes when no other image uses it."""
-    await rpc(ctx.backends.file_stub.DeleteImage(file_service_pb2.DeleteImageRequest(image_id=image_id)))
+    await ctx.backends.files.delete(image_id)
     return Response(status_code=204)
