@@ -18,10 +18,12 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
 from starlette.formparsers import MultiPartParser
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
+from mesh.kit import errors
 from mesh.services.gateway import http_errors
 from mesh.services.gateway.auth import (
     ACCESS_TOKEN_QUERY,
@@ -79,6 +81,64 @@ class SecurityHeaders(HttpMiddleware):
             await send(message)
 
         await self.app(scope, receive, with_headers)
+
+
+class ContractCors(CORSMiddleware):
+    """CORS whose refused preflight is the contract's error body, saying what was refused and what is allowed;
+    Starlette answers it in plain text ("Disallowed CORS origin"), which no client of the API parses."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        answer = super().preflight_response(request_headers)
+        if answer.status_code < 400:
+            return answer
+        # The preflight's own headers (Vary, Access-Control-Allow-*) stay: they are what the browser reads.
+        headers = {
+            name: value
+            for name, value in answer.headers.items()
+            if name not in ("content-length", "content-type")
+        }
+        violations = self.refusals(request_headers)
+        refused = errors.InvalidArgument(
+            errors.clip(f"CORS preflight refused: {errors.listing(violations)}", errors.WIRE_MESSAGE_BYTES),
+            reason="CORS_PREFLIGHT_REFUSED",
+            field_violations=violations,
+        )
+        return http_errors.error_response(refused, status=400, headers=headers)
+
+    def refusals(self, request_headers: Headers) -> list[errors.FieldViolation]:
+        """What of the preflight the policy refuses, each with what it allows (the origins excepted: the
+        allowlist is no stranger's business)."""
+        found: list[errors.FieldViolation] = []
+        origin = request_headers["origin"]
+        if not self.is_allowed_origin(origin):
+            found.append(_refusal("Origin", f"{origin} is not an origin allowed to call this API"))
+        method = request_headers["access-control-request-method"]
+        if method not in self.allow_methods:
+            allowed = ", ".join(self.allow_methods)
+            found.append(
+                _refusal("Access-Control-Request-Method", f"{method} is not allowed; allowed: {allowed}")
+            )
+        asked = request_headers.get("access-control-request-headers")
+        names = [name.strip() for name in (asked or "").split(",") if name.strip()]
+        other = [name for name in names if name.lower() not in self.allow_headers]
+        if other and not self.allow_all_headers:
+            allowed = self.preflight_headers.get("Access-Control-Allow-Headers", "")  # in their own case
+            found.append(
+                _refusal(
+                    "Access-Control-Request-Headers", f"not allowed: {', '.join(other)}; allowed: {allowed}"
+                )
+            )
+        if "access-control-request-private-network" in request_headers and not self.allow_private_network:
+            found.append(
+                _refusal("Access-Control-Request-Private-Network", "private network access is not allowed")
+            )
+        # A refusal this list missed (Starlette's checks of a future release) still names the policy.
+        return found or [_refusal("preflight", "refused by the gateway's CORS policy")]
+
+
+def _refusal(header: str, description: str) -> errors.FieldViolation:
+    # Origins, methods and header names are the client's text, of any length.
+    return errors.FieldViolation(header, errors.clip(description, errors.WIRE_TEXT_BYTES))
 
 
 class PageFiles(StaticFiles):
@@ -172,7 +232,7 @@ def create_app(ctx: GatewayContext) -> FastAPI:
     app.add_middleware(SafetyNet)
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware,
+            ContractCors,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=[

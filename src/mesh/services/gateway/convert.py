@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import get_args
 
 from google.protobuf import timestamp_pb2
 
@@ -38,9 +39,9 @@ def enum_name(name: str, prefix: str) -> str:
     return name.removeprefix(prefix)
 
 
-def device(value: int) -> str:
+def device(value: image_pb2.Device.ValueType) -> str:
     """``DEVICE_GPU`` -> ``gpu``."""
-    return enum_name(image_pb2.Device.Name(value), "DEVICE_").lower()  # type: ignore[arg-type]
+    return enum_name(image_pb2.Device.Name(value), "DEVICE_").lower()
 
 
 def to_params(values: Mapping[str, ParamScalar]) -> dict[str, params_pb2.ParamValue]:
@@ -183,14 +184,38 @@ def prediction(response: inference_pb.PredictResponse) -> schemas.PredictionOut:
     )
 
 
-def job_state(value: int) -> str:
+def job_state(value: job_pb2.JobState.ValueType) -> str:
     """``JOB_STATE_QUEUED`` -> ``QUEUED``."""
-    return enum_name(job_pb2.JobState.Name(value), "JOB_STATE_")  # type: ignore[arg-type]
+    return enum_name(job_pb2.JobState.Name(value), "JOB_STATE_")
 
 
 def to_job_state(name: str) -> job_pb2.JobState.ValueType:
     """``QUEUED`` -> ``JOB_STATE_QUEUED``."""
     return job_pb2.JobState.Value(f"JOB_STATE_{name}")
+
+
+_CONTRACT_STATES: dict[job_pb2.JobState.ValueType, schemas.JobStateName] = {
+    to_job_state(name): name for name in get_args(schemas.JobStateName)
+}
+
+
+def contract_state(value: job_pb2.JobState.ValueType) -> schemas.JobStateName:
+    """A job's state as the REST API names it: one of the contract's states, which the document declares as an
+    enum (a state outside them, UNSPECIFIED, is a KeyError: the queue never sends one for a job)."""
+    return _CONTRACT_STATES[value]
+
+
+def transition(message: job_pb2.JobTransition) -> schemas.JobTransitionOut:
+    """One state change; the job's first (into QUEUED at submission) comes from no state: null, never the
+    protobuf's UNSPECIFIED, which is no state of the contract."""
+    first = message.from_state == job_pb2.JOB_STATE_UNSPECIFIED
+    return schemas.JobTransitionOut(
+        from_state=None if first else contract_state(message.from_state),
+        to_state=contract_state(message.to_state),
+        attempt=message.attempt,
+        time=timestamp(message.time),
+        reason=message.reason,
+    )
 
 
 def job(message: job_pb2.Job) -> schemas.JobOut:
@@ -212,7 +237,7 @@ def job(message: job_pb2.Job) -> schemas.JobOut:
         )
     return schemas.JobOut(
         id=message.id,
-        state=job_state(message.state),
+        state=contract_state(message.state),
         image_id=message.image_id,
         pipeline=[
             schemas.PipelineStepOut(filter=s.filter, params={k: param_value(v) for k, v in s.params.items()})
@@ -234,15 +259,6 @@ def job(message: job_pb2.Job) -> schemas.JobOut:
         started_at=timestamp(message.start_time),
         finished_at=timestamp(message.finish_time),
         next_run_at=timestamp(message.next_run_time),
-        history=[
-            schemas.JobTransitionOut(
-                from_state=job_state(t.from_state),
-                to_state=job_state(t.to_state),
-                attempt=t.attempt,
-                time=timestamp(t.time),
-                reason=t.reason,
-            )
-            for t in message.history
-        ],
+        history=[transition(t) for t in message.history],
         cancel_requested=message.cancel_requested,
     )

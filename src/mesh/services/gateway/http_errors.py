@@ -17,7 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match, Mount
+from starlette.staticfiles import StaticFiles
 
 from mesh.kit import errors
 from mesh.kit.logging import get_logger
@@ -131,7 +132,7 @@ async def _on_http_exception(request: Request, exc: Exception) -> Response:
         # Starlette names only the first route that matched the path; list every route's methods.
         allowed = ", ".join(allowed_methods(request))
         refused = errors.Unimplemented(
-            f"{_method(request)} is not allowed on {request.url.path}; it allows {allowed}",
+            f"{_method(request)} is not allowed on {request.url.path}; it allows {allowed or 'no method'}",
             reason="METHOD_NOT_ALLOWED",
         )
         return error_response(refused, status=405, headers={"Allow": allowed})
@@ -146,14 +147,25 @@ def allowed_methods(request: Request) -> list[str]:
     """Every method some route offers for this request's path.
 
     Asked of each route through Starlette's own ``matches`` with the method swapped, so that routers that
-    FastAPI nests (its ``include_router`` no longer flattens them into the app's routes) answer too."""
-    routes = request.app.router.routes
-    methods = [
-        method
-        for method in _METHODS
-        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
-    ]
-    return sorted([*methods, "HEAD"]) if "GET" in methods else methods  # HEAD: see middleware.HeadAsGet
+    FastAPI nests (its ``include_router`` no longer flattens them into the app's routes) answer too. Matched
+    against the path as the app received it: a Mount that was entered (the static files, which raise their own
+    405) has moved its prefix into the shared scope's ``root_path``, and ``/static/app.js`` read as ``/app.js``
+    matched no route, which made an empty Allow."""
+    scope = {
+        **request.scope,
+        "root_path": request.scope.get("app_root_path", request.scope.get("root_path", "")),
+    }
+    methods = {method for route in request.app.router.routes for method in _route_methods(route, scope)}
+    listed = sorted(methods)
+    return sorted([*listed, "HEAD"]) if "GET" in methods else listed  # HEAD: see middleware.HeadAsGet
+
+
+def _route_methods(route: BaseRoute, scope: Mapping[str, Any]) -> list[str]:
+    """The methods ``route`` serves at the scope's path (none where the path is not its own)."""
+    if isinstance(route, Mount) and isinstance(route.app, StaticFiles):
+        # A Mount matches every method; its static files serve only GET and HEAD and refuse the rest.
+        return ["GET"] if route.matches(dict(scope))[0] == Match.FULL else []
+    return [method for method in _METHODS if route.matches({**scope, "method": method})[0] == Match.FULL]
 
 
 def internal_error_response(exc: BaseException) -> JSONResponse:

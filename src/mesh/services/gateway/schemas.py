@@ -79,6 +79,7 @@ ParamsIn = Annotated[
 ]
 
 JobStateName = Literal["QUEUED", "RUNNING", "RETRY_WAIT", "SUCCEEDED", "FAILED", "DEAD", "CANCELLED"]
+"""The contract's job states: an enum in the document, for the list's filter and every state a job shows."""
 
 
 class Strict(BaseModel):
@@ -359,8 +360,10 @@ class JobResultOut(BaseModel):
 class JobTransitionOut(BaseModel):
     """One state change."""
 
-    from_state: str
-    to_state: str
+    from_state: JobStateName | None = Field(
+        description="The state it left; null for the job's first transition."
+    )
+    to_state: JobStateName
     attempt: int
     time: str | None
     reason: str
@@ -370,7 +373,7 @@ class JobOut(BaseModel):
     """A job."""
 
     id: str
-    state: str
+    state: JobStateName
     image_id: str
     pipeline: list[PipelineStepOut]
     model: str
@@ -391,7 +394,10 @@ class JobOut(BaseModel):
     started_at: str | None
     finished_at: str | None
     next_run_at: str | None
-    history: list[JobTransitionOut]
+    history: list[JobTransitionOut] = Field(
+        description="State changes, oldest first. Filled by GET /v1/jobs/{job_id}, the events stream and the "
+        "answers of :cancel and :retry; empty in the list's and the submit's answers (not loaded there)."
+    )
     cancel_requested: bool
 
 
