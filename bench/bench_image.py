@@ -28,6 +28,7 @@ import numpy.typing as npt
 from mesh.common.v1 import image_pb2, params_pb2
 from mesh.image.v1 import image_processing_service_pb2 as pb
 from mesh.kit.channels import open_channel
+from mesh.kit.jpeg_data import check_jpeg_data
 from mesh.kit.logging import configure_logging
 from mesh.kit.memory import tune_allocator
 from mesh.kit.runtime import ServiceRuntime
@@ -359,6 +360,33 @@ async def _grpc_results(backend: Backend) -> list[dict[str, object]]:
     return results
 
 
+def codec_results() -> list[dict[str, object]]:
+    """Decoding a 1080p JPEG (quality 90) as the service does (libjpeg-turbo's strict decode, which also
+    refuses image data cut short) against the strict check followed by OpenCV's own decode, as it was done."""
+    ok, encoded = cv2.imencode(".jpg", _frame(*SIZES["1080p"])[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    data = encoded.tobytes()
+    limits = codec.Limits()
+
+    def check_then_opencv() -> object:
+        check_jpeg_data(data, "input")
+        decoded = cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED)
+        assert decoded is not None
+        return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+
+    ours, theirs = _compare(lambda: codec.decode(data, limits), check_then_opencv, 15)
+    return [
+        {
+            "benchmark": "image.codec.decode_jpeg.1080p",
+            "device": "cpu",
+            "encoded_bytes": len(data),
+            "seconds": round(ours, 6),
+            "check_then_opencv_seconds": round(theirs, 6),
+            "speedup": round(theirs / ours, 2),
+        }
+    ]
+
+
 def run() -> list[dict[str, object]]:
     """Every image benchmark."""
     configure_logging("bench", level="warning", fmt="console")
@@ -367,7 +395,9 @@ def run() -> list[dict[str, object]]:
     if backend.device is Device.GPU:
         backend.warm_up()
     # The device check (scripts/device/check.sh) skips the CPU filters, measured here, to fit its time.
-    results = [] if os.environ.get("MESH_BENCH_IMAGE_SKIP_CPU") else cpu_results()
+    results = codec_results()
+    if not os.environ.get("MESH_BENCH_IMAGE_SKIP_CPU"):
+        results.extend(cpu_results())
     results.extend(gpu_results(backend))
     results.extend(asyncio.run(_grpc_results(backend)))
     return results
