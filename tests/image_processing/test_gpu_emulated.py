@@ -151,6 +151,20 @@ def test_auto_selects_the_gpu_when_cupy_sees_one(emulated: Any) -> None:
     assert backend_module.select_backend("cpu").device is Device.CPU
 
 
+def test_a_gpu_backend_that_does_not_import_is_the_cpu_for_auto_and_a_start_error_for_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CuPy sees a device but the GPU backend cannot load (no cupyx): MESH_DEVICE=auto runs on the CPU, and
+    MESH_DEVICE=gpu stops the start naming why, rather than an ImportError's traceback."""
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy.build()["cupy"])
+    for name in FAKE_MODULES[1:]:  # cupyx and below
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.delitem(sys.modules, GPU_MODULE, raising=False)
+    assert backend_module.select_backend("auto").device is Device.CPU
+    with pytest.raises(errors.StartupError, match=r"^MESH_DEVICE=gpu but the GPU backend does not import: "):
+        backend_module.select_backend("gpu")
+
+
 def test_grey_binary_threshold_fuses_with_its_neighbours(gpu: Any) -> None:
     """grayscale -> adjust -> threshold(binary) -> invert: one grey kernel and one fused table, exact."""
     tables = gpu.kernels[np.dtype(np.uint16)]["lut_apply"]

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from mesh.kit.errors import InvalidArgument, NotFound, Unavailable, exit_on_startup_error
+from mesh.kit.devices import gpu_available, resolve_device
+from mesh.kit.errors import InvalidArgument, NotFound, StartupError, Unavailable, exit_on_startup_error
 from mesh.services.inference.__main__ import serve
-from mesh.services.inference.models import DeviceUnavailable, gpu_available, select_device
 from mesh.services.inference.repository import ModelConfigError, ModelRepository
 from mesh.services.inference.settings import InferenceSettings
 from tests.inference.fakes import FakeFactory, fake_config, write_model
@@ -174,11 +174,29 @@ async def test_bad_repository_stops_the_process_with_a_message(
 
 def test_device_choice() -> None:
     """cpu is always cpu; auto follows CuPy; gpu without a GPU is a start-up error."""
-    assert select_device("cpu") == "cpu"
-    assert select_device("auto") == ("gpu" if gpu_available() else "cpu")
-    if not gpu_available():
-        with pytest.raises(DeviceUnavailable, match="MESH_DEVICE=gpu"):
-            select_device("gpu")
+    has_gpu = gpu_available()[0]
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("gpu" if has_gpu else "cpu")
+    if not has_gpu:
+        with pytest.raises(StartupError, match="MESH_DEVICE=gpu"):
+            resolve_device("gpu")
+
+
+async def test_a_gpu_asked_for_where_there_is_none_stops_the_start_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """MESH_DEVICE=gpu without a GPU ends ``python -m mesh.services.inference`` with exit status 2 and one
+    line naming the setting and the way out, before any model loads."""
+    if gpu_available()[0]:
+        pytest.skip("this machine has a GPU")
+    settings = InferenceSettings(model_dir=tmp_path, device="gpu", grpc_port=0, http_port=0)
+    with pytest.raises(SystemExit) as info, exit_on_startup_error("inference"):
+        await serve(settings)
+    assert info.value.code == 2
+    line = capsys.readouterr().err
+    assert line.startswith("inference: cannot start: MESH_DEVICE=gpu but ")
+    assert line.endswith("set MESH_DEVICE=cpu or auto to run on the CPU\n")
+    assert line.count("\n") == 1
 
 
 async def test_an_overlong_version_is_invalid_not_a_crash(tmp_path: Path) -> None:

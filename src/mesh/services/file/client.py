@@ -14,8 +14,8 @@ from mesh.file.v1 import file_service_pb2, file_service_pb2_grpc
 from mesh.kit import errors
 from mesh.kit.channels import open_channel
 from mesh.kit.settings import CommonSettings
+from mesh.services.file.settings import SERVICE_NAME
 
-SERVICE_NAME = "mesh.file.v1.FileService"
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 
 

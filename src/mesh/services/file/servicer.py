@@ -14,10 +14,10 @@ from mesh.file.v1 import file_service_pb2 as pb
 from mesh.file.v1 import file_service_pb2_grpc
 from mesh.kit import errors
 from mesh.services.file.models import ImageRecord
+from mesh.services.file.settings import SERVICE_NAME as SERVICE_NAME  # re-exported: server.py imports it here
 from mesh.services.file.store import ImageStore, UploadRequest, Variant
 from mesh.services.file.validation import UploadSizeGuard, too_large
 
-SERVICE_NAME: Final = "mesh.file.v1.FileService"
 # "At most 4 MiB" per message including its framing, so a client with gRPC's default 4 MiB receive limit
 # can take the largest chunk.
 MAX_CHUNK_BYTES: Final = 4 * 1024 * 1024 - 1024

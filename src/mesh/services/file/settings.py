@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from mesh.file.v1 import file_service_pb2
 from mesh.kit.settings import ServerSettings
+
+SERVICE_NAME = file_service_pb2.DESCRIPTOR.services_by_name["FileService"].full_name
+"""The file service's gRPC (and health) name, from the .proto so that it cannot drift."""
 
 
 class FileSettings(ServerSettings):

@@ -14,8 +14,8 @@ from mesh.services.image_processing.backend import health_check, select_backend
 from mesh.services.image_processing.codec import Limits
 from mesh.services.image_processing.jobs import ImageJobHandler, StubPredictor
 from mesh.services.image_processing.processor import Processor
-from mesh.services.image_processing.servicer import SERVICE_NAME, ImageProcessingServicer, add_to_server
-from mesh.services.image_processing.settings import ImageSettings
+from mesh.services.image_processing.servicer import ImageProcessingServicer, add_to_server
+from mesh.services.image_processing.settings import SERVICE_NAME, ImageSettings
 from mesh.services.queue.worker import attach_worker
 
 log = get_logger("mesh.services.image_processing")

@@ -14,15 +14,14 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 from mesh.kit import errors
+from mesh.kit.devices import DeviceSetting, resolve_device, without_gpu
 from mesh.kit.health import FunctionCheck
-from mesh.kit.logging import get_logger
+from mesh.kit.logging import describe
 from mesh.services.image_processing.filter_math import Image
 from mesh.services.image_processing.registry import Device, Step
-
-log = get_logger(__name__)
 
 
 class Session(Protocol):
@@ -111,21 +110,17 @@ def health_check(backend: Backend) -> FunctionCheck:
     return FunctionCheck(name, in_own_thread)
 
 
-def select_backend(device: Literal["auto", "gpu", "cpu"], *, gpu_memory_limit_bytes: int = 0) -> Backend:
-    """The backend for this process: ``auto`` is the GPU when CuPy imports and sees a device."""
+def select_backend(device: DeviceSetting, *, gpu_memory_limit_bytes: int = 0) -> Backend:
+    """The backend for this process (:func:`mesh.kit.devices.resolve_device`): ``auto`` is the GPU when CuPy
+    imports and sees a device; ``gpu`` without one raises :class:`~mesh.kit.errors.StartupError`."""
     from mesh.services.image_processing.cpu_backend import CpuBackend
 
-    if device == "cpu":
-        return CpuBackend()
-    try:
-        from mesh.services.image_processing.gpu_backend import GpuBackend, gpu_available
-
-        available, why = gpu_available()
-        if available:
+    if resolve_device(device) == "gpu":
+        # CuPy sees a device, but the backend also needs cupyx and compiles its kernels from this import on.
+        try:
+            from mesh.services.image_processing.gpu_backend import GpuBackend
+        except ImportError as error:
+            without_gpu(device, f"the GPU backend does not import: {describe(error)}")
+        else:
             return GpuBackend(memory_limit_bytes=gpu_memory_limit_bytes)
-    except ImportError as error:
-        why = f"GPU backend unavailable: {error}"
-    if device == "gpu":
-        raise errors.StartupError(f"MESH_DEVICE=gpu but {why}; set MESH_DEVICE=cpu or auto to run on the CPU")
-    log.info("using the CPU backend", reason=why)
     return CpuBackend()

@@ -25,6 +25,9 @@ import numpy as np
 from cupyx.scipy import ndimage as cnd
 
 from mesh.kit import errors
+
+# Re-exported: tests/image_processing/test_admission.py asks it here whether this machine has a GPU.
+from mesh.kit.devices import gpu_available as gpu_available
 from mesh.kit.logging import get_logger
 from mesh.kit.pinned import PinnedBuffer
 from mesh.services.image_processing import cpu_filters
@@ -48,17 +51,6 @@ CONSTANT_CACHE_SIZE = 256
 ELEMENT_THREADS = 256
 UPLOAD_CHUNKED_FROM, UPLOAD_CHUNKS = 1 << 20, 4
 FUSABLE = {"invert", "adjust"}
-
-
-def gpu_available() -> tuple[bool, str]:
-    """Whether CuPy sees a CUDA device, and why not."""
-    try:
-        count = int(cp.cuda.runtime.getDeviceCount())
-    except Exception as error:
-        return False, f"no CUDA device: {error}"
-    if count < 1:
-        return False, "no CUDA device"
-    return True, f"{count} CUDA device(s)"
 
 
 class Kernels:

@@ -28,10 +28,10 @@ from mesh.services.file.client import FileClient
 from mesh.services.image_processing import codec
 from mesh.services.image_processing.processor import ImageStore, Processor
 from mesh.services.image_processing.registry import Step, steps_from_proto
+from mesh.services.inference.settings import SERVICE_NAME as INFERENCE_SERVICE_NAME
 
 _tracer = tracing.tracer(__name__)
 
-INFERENCE_SERVICE = "mesh.inference.v1.InferenceService"
 OUTPUT_FORMAT = codec.Format.PNG
 
 
@@ -57,7 +57,7 @@ class StubPredictor:
     @classmethod
     def connect(cls, settings: CommonSettings) -> tuple[StubPredictor, grpc.aio.Channel]:
         """A predictor on a new channel to ``settings.inference_service_address`` (close the channel)."""
-        channel = open_channel(settings.inference_service_address, settings, service=INFERENCE_SERVICE)
+        channel = open_channel(settings.inference_service_address, settings, service=INFERENCE_SERVICE_NAME)
         return cls(inference_service_pb2_grpc.InferenceServiceStub(channel)), channel
 
     async def predict(

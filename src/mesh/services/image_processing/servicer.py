@@ -26,9 +26,11 @@ from mesh.kit.wire import NestedBytesField, Parted, Spliced, serialize_reply
 from mesh.services.image_processing.processor import Delivered, Processor, filter_catalogue
 from mesh.services.image_processing.registry import Step, steps_from_proto
 
+# Re-exported: tests and bench/ import the name from here.
+from mesh.services.image_processing.settings import SERVICE_NAME as SERVICE_NAME
+
 log = get_logger(__name__)
 
-SERVICE_NAME = "mesh.image.v1.ImageProcessingService"
 _END = object()
 M = TypeVar("M", pb.ProcessImageResponse, pb.StreamProcessResponse)
 RAW_INPUT = NestedBytesField.of(pb.ProcessImageRequest, "input.raw.pixels")

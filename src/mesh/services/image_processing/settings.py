@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pydantic import AliasChoices, Field
 
+from mesh.image.v1 import image_processing_service_pb2
 from mesh.kit.settings import WorkerSettings
+
+SERVICE_NAME = image_processing_service_pb2.DESCRIPTOR.services_by_name["ImageProcessingService"].full_name
+"""The image processing service's gRPC (and health) name, from the .proto so that it cannot drift."""
 
 
 class ImageSettings(WorkerSettings):

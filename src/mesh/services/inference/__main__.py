@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from mesh.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from mesh.kit.devices import resolve_device
 from mesh.kit.errors import StartupError, exit_on_startup_error
 from mesh.kit.gpu_metrics import cupy_pool_bytes, register_gpu_metrics
 from mesh.kit.jobs import INFERENCE_JOBS_QUEUE
@@ -14,7 +15,6 @@ from mesh.services.file.client import FileClient
 from mesh.services.inference.checks import models_check
 from mesh.services.inference.images import FileServiceFetcher, ImageDecoder
 from mesh.services.inference.jobs import InferenceJobHandler
-from mesh.services.inference.models import DeviceUnavailable, select_device
 from mesh.services.inference.predictor import Predictor
 from mesh.services.inference.repository import ModelConfigError, ModelRepository
 from mesh.services.inference.servicer import InferenceServicer
@@ -26,10 +26,10 @@ log = get_logger(__name__)
 
 async def serve(settings: InferenceSettings) -> None:
     """Load every model, then serve until SIGTERM."""
+    device = resolve_device(settings.device)  # MESH_DEVICE=gpu without a GPU: StartupError
     try:
-        device = select_device(settings.device)
         repository = ModelRepository(settings.resolved_model_dir(), device=device)
-    except (ModelConfigError, DeviceUnavailable) as error:
+    except ModelConfigError as error:
         raise StartupError(str(error)) from None
     log.info("loading models", directory=str(repository.directory), device=device)
     await repository.load()

@@ -1,4 +1,4 @@
-"""The model port, the implementations a model config can name, and the choice of device.
+"""The model port and the implementations a model config can name.
 
 A model config says ``implementation: strip_reader``; :func:`default_factories` maps that name to a
 factory. A :class:`Model` computes whole batches (called from a worker thread by the batcher) and writes
@@ -7,13 +7,14 @@ its output into a ``PredictResponse``. Tests inject factories of their own (fake
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias, cast
 
 import numpy as np
 
 from mesh.inference.v1 import inference_service_pb2 as pb
+from mesh.kit import devices
+from mesh.kit.devices import DeviceName as DeviceName
 from mesh.kit.logging import get_logger
 from mesh.services.inference.convert import ReadingLike, strip_reading_to_proto
 from mesh.services.inference.parameters import ResolvedParameters
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-DeviceName: TypeAlias = Literal["cpu", "gpu"]
 # What a request asks of a model: the full prediction, or only the fast quality pre-check.
 Operation: TypeAlias = Literal["predict", "precheck"]
 
@@ -78,30 +78,10 @@ class Model(Protocol):
 ModelFactory: TypeAlias = Callable[["ModelConfig", DeviceName], Model]
 
 
-class DeviceUnavailable(RuntimeError):
-    """MESH_DEVICE=gpu, but CuPy sees no GPU."""
-
-
 def gpu_available() -> bool:
-    """True when CuPy imports and sees at least one CUDA device."""
-    if importlib.util.find_spec("cupy") is None:
-        return False
-    try:
-        import cupy
-
-        return int(cupy.cuda.runtime.getDeviceCount()) > 0
-    except Exception:
-        return False
-
-
-def select_device(setting: str) -> DeviceName:
-    """``auto`` -> the GPU when CuPy sees one, else the CPU; ``gpu`` without one is a start-up error."""
-    if setting == "cpu":
-        return "cpu"
-    has_gpu = gpu_available()
-    if setting == "gpu" and not has_gpu:
-        raise DeviceUnavailable("MESH_DEVICE=gpu, but CuPy is missing or sees no CUDA device")
-    return "gpu" if has_gpu else "cpu"
+    """Whether CuPy imports and sees a CUDA device (:func:`mesh.kit.devices.gpu_available` without the why),
+    for the tests and benchmarks that run only on a GPU."""
+    return devices.gpu_available()[0]
 
 
 class StripReaderModel:

@@ -6,9 +6,11 @@ from pathlib import Path
 
 from pydantic import Field
 
+from mesh.inference.v1 import inference_service_pb2
 from mesh.kit.settings import WorkerSettings
 
-SERVICE_NAME = "mesh.inference.v1.InferenceService"
+SERVICE_NAME = inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+"""The inference service's gRPC (and health) name, from the .proto so that it cannot drift."""
 
 # The repository root when the package runs from a checkout (src/mesh/services/inference/settings.py).
 _CHECKOUT_ROOT = Path(__file__).resolve().parents[4]

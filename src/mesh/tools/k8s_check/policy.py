@@ -14,6 +14,10 @@ from typing import Any
 from mesh.kit.jobs import IMAGE_JOBS_QUEUE, INFERENCE_JOBS_QUEUE
 from mesh.kit.runtime import HTTP_STOP_SECONDS, LIVENESS_SERVICE
 from mesh.kit.settings import ENV_PREFIX, CommonSettings
+from mesh.queue.v1 import queue_service_pb2
+from mesh.services.file import settings as file_settings
+from mesh.services.image_processing import settings as image_settings
+from mesh.services.inference import settings as inference_settings
 from mesh.tools.k8s_check.render import CLUSTER_SCOPED_KINDS, Manifest, containers_of, split_image
 from mesh.tools.k8s_check.settings_env import (
     default_int,
@@ -54,12 +58,12 @@ class Workload:
 
 WORKLOADS = {
     "file": Workload(
-        50051, 9101, "mesh.file.v1.FileService", gpu_capable=False, rabbitmq=False, blob_store=True
+        50051, 9101, file_settings.SERVICE_NAME, gpu_capable=False, rabbitmq=False, blob_store=True
     ),
     "image-processing": Workload(
         50052,
         9102,
-        "mesh.image.v1.ImageProcessingService",
+        image_settings.SERVICE_NAME,
         gpu_capable=True,
         rabbitmq=True,
         job_queue=IMAGE_JOBS_QUEUE,
@@ -67,12 +71,19 @@ WORKLOADS = {
     "inference": Workload(
         50053,
         9103,
-        "mesh.inference.v1.InferenceService",
+        inference_settings.SERVICE_NAME,
         gpu_capable=True,
         rabbitmq=True,
         job_queue=INFERENCE_JOBS_QUEUE,
     ),
-    "queue": Workload(50054, 9104, "mesh.queue.v1.QueueService", gpu_capable=False, rabbitmq=True),
+    # queue/app.py's constant would import the whole queue server: the same descriptor gives the name.
+    "queue": Workload(
+        50054,
+        9104,
+        queue_service_pb2.DESCRIPTOR.services_by_name["QueueService"].full_name,
+        gpu_capable=False,
+        rabbitmq=True,
+    ),
     "gateway": Workload(None, 8080, None, gpu_capable=False, rabbitmq=False),
 }
 EDGE_WORKLOAD = "gateway"

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from mesh.kit import devices
 from mesh.kit.pinned import PinnedBuffer
 
 FloatImage = npt.NDArray[Any]  # OpenCV returns loosely typed arrays
@@ -207,18 +208,15 @@ class ArrayBackend:
 
 
 def gpu_available() -> bool:
-    """True when CuPy imports and sees a CUDA device."""
-    try:
-        cupy = importlib.import_module("cupy")
-        return int(cupy.cuda.runtime.getDeviceCount()) > 0
-    except Exception:
-        return False
+    """Whether CuPy imports and sees a CUDA device (:func:`mesh.kit.devices.gpu_available` without the why)."""
+    return devices.gpu_available()[0]
 
 
 def gpu_backend() -> ArrayBackend:
     """The CuPy backend; raises RuntimeError without CuPy or a CUDA device."""
-    if not gpu_available():
-        raise RuntimeError("the GPU strip reader needs CuPy and a CUDA device")
+    available, why = devices.gpu_available()
+    if not available:
+        raise RuntimeError(f"the GPU strip reader needs CuPy and a CUDA device: {why}")
     cupy = importlib.import_module("cupy")
     ndimage = importlib.import_module("cupyx.scipy.ndimage")
     return ArrayBackend(cupy, ndimage, "gpu")
