@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
+import re
 import shutil
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,11 +21,13 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 
 from mesh.kit.health import (
     ADDRESS,
+    CheckResult,
     Degrading,
     DirectoryCheck,
     FreeSpaceCheck,
     HealthMonitor,
     public_detail,
+    run_check,
 )
 
 HealthServicer = health_aio.HealthServicer
@@ -214,3 +219,99 @@ async def test_a_public_detail_names_no_address_and_keeps_what_went_wrong() -> N
 def test_a_detail_without_an_address_is_public_as_it_is(detail: str) -> None:
     """Sizes, times and the brokers' refusal words are not taken for addresses."""
     assert public_detail(detail) == detail
+
+
+@dataclass
+class SlowToCancel:
+    """A check that hangs while ``hung``, and once cancelled takes ``linger`` seconds to end (as psycopg does,
+    asking a silent server to cancel the query), then raises ``on_cancel`` or re-raises the cancellation."""
+
+    name: str
+    linger: float
+    hung: bool = True
+    on_cancel: Exception | None = None
+    calls: int = 0
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def check(self) -> str:
+        self.calls += 1
+        self.ended.clear()
+        try:
+            if self.hung:
+                await asyncio.sleep(60)
+            return "answered"
+        except asyncio.CancelledError:
+            await asyncio.sleep(self.linger)
+            if self.on_cancel is not None:
+                raise self.on_cancel from None
+            raise
+        finally:
+            self.ended.set()
+
+
+async def _timed_round(monitor: HealthMonitor) -> tuple[float, dict[str, CheckResult]]:
+    started = time.monotonic()
+    await monitor.check_now()
+    return time.monotonic() - started, {r.name: r for r in monitor.results}
+
+
+async def _until_ended(check: SlowToCancel) -> None:
+    await asyncio.wait_for(check.ended.wait(), 10)
+    await asyncio.sleep(0.01)  # the run's done callback
+
+
+async def test_a_check_slow_to_cancel_fails_at_its_timeout_and_is_not_run_again_until_it_ends() -> None:
+    """A check that does not answer fails when its timeout passes, though its cancellation takes seconds (the
+    round, and every other check's result, came 12 s late under a silent PostgreSQL); while that cancellation
+    is still going on, the next round does not start another copy but fails it at once, saying how long ago
+    the unfinished one started; once it has ended, the check is run again."""
+    postgres = SlowToCancel("postgresql", linger=2.0)
+    monitor = HealthMonitor(
+        HealthServicer(), ["svc"], [postgres, Switch("blob_store", up=True)], timeout=0.2, start_grace=0
+    )
+    took, results = await _timed_round(monitor)
+    assert took < 0.6
+    assert not monitor.serving
+    assert results["postgresql"].detail == "no answer within 0.2s"
+    assert results["postgresql"].status == "failing"
+    assert 0.2 <= results["postgresql"].latency_seconds < 0.6
+    assert results["blob_store"].ok
+
+    await asyncio.sleep(0.3)
+    took, results = await _timed_round(monitor)
+    assert took < 0.1
+    assert postgres.calls == 1
+    assert re.fullmatch(
+        r"the previous check has not ended yet: it started 0\.\d+s ago and gave no answer within 0\.2s",
+        results["postgresql"].detail,
+    ), results["postgresql"].detail
+    assert results["postgresql"].latency_seconds >= 0.5
+    assert results["blob_store"].ok
+
+    await _until_ended(postgres)
+    postgres.hung = False
+    _, results = await _timed_round(monitor)
+    assert postgres.calls == 2
+    assert results["postgresql"].ok
+    assert monitor.serving
+
+
+async def test_a_timed_out_check_that_fails_as_it_ends_logs_nothing_at_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The exception a timed-out check raises while it ends in the background is taken (asyncio would log
+    "Task exception was never retrieved" at error level): the failure was already reported at the timeout."""
+    check = SlowToCancel("rabbitmq", linger=0.5, on_cancel=ConnectionError("connection lost"))
+    unhandled: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: unhandled.append(context))
+    started = time.monotonic()
+    with caplog.at_level(logging.DEBUG):
+        result = await run_check(check, 0.1)
+        assert time.monotonic() - started < 0.4
+        assert result.detail == "no answer within 0.1s"
+        await _until_ended(check)
+        gc.collect()
+    assert unhandled == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    check.hung = False
+    assert (await run_check(check, 0.1)).ok

@@ -1,7 +1,8 @@
 """Health that tells the truth: periodic dependency checks drive gRPC health per service name.
 
 A :class:`DependencyCheck` raises when its dependency is unusable. :class:`HealthMonitor` runs every check
-on an interval (each with a timeout), sets every served name to SERVING only when all essential checks pass
+on an interval (each with a timeout, which a check that does not answer fails at, however long its
+cancellation takes), sets every served name to SERVING only when all essential checks pass
 (a :class:`Degrading` one is reported but does not stop serving), logs each change with the reason, and
 keeps the latest results for ``/healthz`` and the gateway's dashboard.
 """
@@ -178,17 +179,95 @@ class FreeSpaceCheck:
         return f"{binary_size(usage.free)} free of {binary_size(usage.total)}"
 
 
+@dataclass(frozen=True)
+class _Ending:
+    """A check's run that passed its timeout and whose cancellation has not finished yet."""
+
+    check: DependencyCheck  # held so that its id, the key in _ENDING, is not reused meanwhile
+    task: asyncio.Task[str]
+    started: float  # time.monotonic() when the run began
+    timeout: float
+
+
+# A driver may take far longer to cancel than its check's timeout (psycopg 3 cancelled mid-query asks the
+# server to cancel, then waits again: ~10 s with a silent PostgreSQL), so such a run is left to end in the
+# background, held here (a task nothing refers to may be garbage-collected) until it has ended. Keyed by the
+# check's id: checks are dataclasses, which compare by value and do not hash.
+_ENDING: dict[int, _Ending] = {}
+
+
 async def run_check(check: DependencyCheck, timeout: float) -> CheckResult:
-    """Run one check with a timeout; never raises."""
+    """Run one check with a timeout; never raises.
+
+    A check that has not answered when ``timeout`` passes fails then ("no answer within 2s"), whatever its
+    cancellation costs: that ends in the background, and until it has, the check is not run again (it fails
+    at once, saying the previous run has not ended), so that a hung dependency never piles up probes, and
+    their connections, one a round. Its latency is then the age of the run still in progress.
+    """
     started = time.perf_counter()
+    ending = _still_ending(check)
+    if ending is not None:
+        age = time.monotonic() - ending.started
+        detail = (
+            f"the previous check has not ended yet: it started {age:.1f}s ago "
+            f"and gave no answer within {ending.timeout:g}s"
+        )
+        return _record(check, False, age, detail)
+    ok, detail = await _outcome(check, timeout)
+    return _record(check, ok, time.perf_counter() - started, detail)
+
+
+def _still_ending(check: DependencyCheck) -> _Ending | None:
+    ending = _ENDING.get(id(check))
+    # A run left on an event loop that has since closed (a test's) never ends; it holds nothing back now.
+    if ending is not None and ending.task.get_loop() is not asyncio.get_running_loop():
+        del _ENDING[id(check)]
+        return None
+    return ending
+
+
+async def _outcome(check: DependencyCheck, timeout: float) -> tuple[bool, str]:
+    started = time.monotonic()
+    task = asyncio.create_task(check.check(), name=f"health-check-{check.name}")
     try:
-        detail = await asyncio.wait_for(check.check(), timeout)
-        ok = True
-    except TimeoutError:
-        detail, ok = f"no answer within {timeout:g}s", False
-    except Exception as exc:
-        detail, ok = f"{type(exc).__name__}: {exc}".strip(), False
-    latency = time.perf_counter() - started
+        # Unlike asyncio.wait_for, asyncio.wait returns at the timeout without waiting for a cancellation.
+        await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        _leave_to_end(check, task, started, timeout)
+        raise
+    if not task.done():
+        _leave_to_end(check, task, started, timeout)
+        return False, f"no answer within {timeout:g}s"
+    if task.cancelled():
+        return False, "the check was cancelled"
+    error = task.exception()
+    if error is not None:
+        return False, f"{type(error).__name__}: {error}".strip()
+    return True, task.result()
+
+
+def _leave_to_end(check: DependencyCheck, task: asyncio.Task[str], started: float, timeout: float) -> None:
+    """Cancel a run that passed its timeout and hold it until it has ended."""
+    task.cancel()
+    _ENDING[id(check)] = _Ending(check, task, started, timeout)
+
+    def ended(_: asyncio.Task[str]) -> None:
+        held = _ENDING.get(id(check))
+        if held is not None and held.task is task:
+            del _ENDING[id(check)]
+        # Retrieved, so that asyncio does not log it at error level: the timeout was already reported.
+        error = None if task.cancelled() else task.exception()
+        log.debug(
+            "health: a check that passed its timeout has ended",
+            check=check.name,
+            seconds=round(time.monotonic() - started, 3),
+            error=None if error is None else f"{type(error).__name__}: {error}".strip(),
+        )
+
+    task.add_done_callback(ended)
+
+
+def _record(check: DependencyCheck, ok: bool, latency: float, detail: str) -> CheckResult:
     DEPENDENCY_UP.labels(check.name).set(1 if ok else 0)
     DEPENDENCY_LATENCY.labels(check.name).set(latency)
     return CheckResult(check.name, ok, latency, detail, essential=not isinstance(check, Degrading))

@@ -7,6 +7,7 @@ every line a process writes has the same shape.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,40 @@ class ClientLeftWhileSending(logging.Filter):
         return True
 
 
+# The exceptions that say the broker's connection, or a channel on it, has gone: aio_pika's channel that finds no
+# transport, aiormq's wrapped socket errors, the broker's own close, and the socket errors themselves.
+_CONNECTION_LOST = (
+    "ChannelInvalidStateError|AMQPConnectionError|ConnectionClosed|ConnectionError|ConnectionResetError"
+    "|ConnectionRefusedError|ConnectionAbortedError|BrokenPipeError"
+)
+
+
+class BrokerConnectionLoss(logging.Filter):
+    """aiormq and aio_pika log a lost or refused RabbitMQ connection at ERROR (aiormq's "error when creating
+    transport: ...", once a reconnect attempt; aio_pika's "Callback <...> error: ChannelInvalidStateError: No
+    active transport in channel", once a channel callback), though aio_pika reconnects by itself and the mesh
+    logs its own warning: 22 error lines in a 10 s outage, an alert on the error rate for a fault that heals
+    by itself. This makes exactly those records warnings; any other error from the two libraries stays an
+    error, a TLS certificate refused (which will not heal) among them."""
+
+    PATTERNS: dict[str, tuple[re.Pattern[str], ...]] = {
+        "aiormq.connection": (
+            re.compile(r"error when creating transport: (?!.*certificate)", re.IGNORECASE | re.DOTALL),
+            # 320 CONNECTION_FORCED: the broker is shutting down (a restart) or an operator closed it.
+            re.compile(r"Unexpected connection close from remote .*reply_code=320\b", re.DOTALL),
+        ),
+        "aio_pika.tools": (re.compile(rf"Callback .*? error: (?:{_CONNECTION_LOST}): ", re.DOTALL),),
+    }
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        patterns = self.PATTERNS.get(record.name, ())
+        if record.levelno >= logging.ERROR and patterns:
+            message = record.getMessage()
+            if any(pattern.match(message) for pattern in patterns):
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def configure_logging(service: str, *, level: str = "info", fmt: str = "json") -> None:
     """Configure structlog and the standard library for this process; call once at start."""
     global _current
@@ -119,6 +154,11 @@ def configure_logging(service: str, *, level: str = "info", fmt: str = "json") -
     cygrpc = logging.getLogger("grpc._cython.cygrpc")
     if not any(isinstance(f, ClientLeftWhileSending) for f in cygrpc.filters):
         cygrpc.addFilter(ClientLeftWhileSending())
+    # On the very loggers that write those records: a filter on a parent logger never sees its children's.
+    for name in BrokerConnectionLoss.PATTERNS:
+        broker = logging.getLogger(name)
+        if not any(isinstance(f, BrokerConnectionLoss) for f in broker.filters):
+            broker.addFilter(BrokerConnectionLoss())
 
 
 def _add_service(service: str) -> Processor:
