@@ -32,6 +32,7 @@ from mesh.kit.runtime import (
     BackgroundTaskCrashed,
     ServiceRuntime,
     pause_unless_stopping,
+    sleep_unless_stopping,
     until_stopping,
 )
 from mesh.kit.settings import ServerSettings
@@ -281,6 +282,34 @@ async def test_a_watch_ends_unavailable_when_stopping_and_the_drain_does_not_wai
     assert (info.value.code(), info.value.details()) == (grpc.StatusCode.UNAVAILABLE, RESTARTING)
     assert ended < 0.5
     assert stopped < 1.5
+
+
+async def test_sleep_unless_stopping_waits_the_interval_when_the_service_does_not_stop() -> None:
+    """With ``stopping`` never set, sleep_unless_stopping waits the whole interval and answers False."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await sleep_unless_stopping(asyncio.Event(), 0.1) is False
+    assert loop.time() - started >= 0.09
+
+
+async def test_sleep_unless_stopping_ends_when_stopping_is_set_mid_wait() -> None:
+    """``stopping`` set during the wait ends it at once with True, not after the interval (60 s here)."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.05, stopping.set)
+    started = loop.time()
+    assert await asyncio.wait_for(sleep_unless_stopping(stopping, 60), 5) is True
+    assert loop.time() - started < 1
+
+
+async def test_sleep_unless_stopping_answers_at_once_when_already_stopping() -> None:
+    """A service already stopping is not waited for: True without a wait, however long the interval."""
+    stopping = asyncio.Event()
+    stopping.set()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await asyncio.wait_for(sleep_unless_stopping(stopping, 60), 5) is True
+    assert loop.time() - started < 0.5
 
 
 async def test_metrics_answer_at_their_path_without_a_redirect(runtime: Any) -> None:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mesh.kit.supervision import SUPERVISOR_ENV
+from mesh.kit.supervision import SUPERVISOR_ENV, stop_with_supervisor
 
 PROBE = "from mesh.kit.supervision import stop_with_supervisor; print(stop_with_supervisor())"
 
@@ -32,3 +32,13 @@ def test_a_process_with_another_parent_is_left_alone() -> None:
     arranged (it stops with its service, which stops with the supervisor); nor without the variable."""
     assert _probe(str(os.getppid())) == "False"
     assert _probe("") == "False"
+
+
+@pytest.mark.parametrize("supervisor", ["²", "١٢", "12a"])
+def test_a_supervisor_pid_that_is_not_ascii_digits_is_ignored(
+    monkeypatch: pytest.MonkeyPatch, supervisor: str
+) -> None:
+    """A MESH_SUPERVISOR_PID that is not a plain number is no supervisor's: nothing is arranged and the process
+    starts. ('²' passes isdigit() but int() refuses it, which made every service fail at start-up.)"""
+    monkeypatch.setenv(SUPERVISOR_ENV, supervisor)
+    assert stop_with_supervisor() is False

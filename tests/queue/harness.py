@@ -252,7 +252,7 @@ class Harness:
             cursor = await conn.execute(query, params)
             if cursor.description is None:
                 return []
-            rows: list[dict[str, Any]] = await cursor.fetchall()  # type: ignore[assignment]
+            rows: list[dict[str, Any]] = await cursor.fetchall()
             return rows
 
 

@@ -23,10 +23,12 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from mesh.kit import errors
 from mesh.kit.logging import get_logger
+from mesh.kit.text_fields import ascii_digits
 
 log = get_logger(__name__)
 
 T = TypeVar("T")
+Conn = TypeVar("Conn", bound=psycopg.AsyncConnection[Any])
 
 RETRY_ON = (psycopg.OperationalError, psycopg.errors.AdminShutdown)
 """Dropped connections and the like (a pool timeout too): a retry on a fresh connection may succeed."""
@@ -102,8 +104,8 @@ async def _attempts(
 
 
 async def transaction_once(
-    pool: AsyncConnectionPool,
-    body: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]],
+    pool: AsyncConnectionPool[Conn],
+    body: Callable[[Conn], Awaitable[T]],
     *,
     what: str,
     timeout: float,
@@ -263,7 +265,7 @@ def load_migrations(package: str) -> list[Migration]:
     """The ``NNNN_*.sql`` files of ``package``, in version order."""
     found = []
     for entry in resources.files(package).iterdir():
-        if entry.name.endswith(".sql") and entry.name[:4].isascii() and entry.name[:4].isdigit():
+        if entry.name.endswith(".sql") and ascii_digits(entry.name[:4]):
             found.append(Migration(int(entry.name[:4]), entry.name, entry.read_text()))
     return sorted(found, key=lambda m: m.version)
 
@@ -342,7 +344,7 @@ class PostgresCheck:
     away a small pool (2) looked busy for the whole outage.
     """
 
-    pool: AsyncConnectionPool
+    pool: AsyncConnectionPool[Any]
     name: str = "postgresql"
     timeout: float = 1.5
     """Within the health monitor's own timeout (2 s by default), so that the check answers itself."""

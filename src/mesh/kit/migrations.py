@@ -17,7 +17,6 @@ Usage, in a service's wiring::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +27,7 @@ from mesh.kit import errors
 from mesh.kit.db import prepare_database
 from mesh.kit.interceptors import RESPONSE_UNARY, rewrapped
 from mesh.kit.logging import get_logger
+from mesh.kit.runtime import sleep_unless_stopping
 
 log = get_logger(__name__)
 
@@ -68,8 +68,7 @@ class SchemaMigrations:
             if await self.try_once(timeout=self.retry_seconds):
                 log.info("migrations applied", component=self.component)
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), self.retry_seconds)
+            await sleep_unless_stopping(stopping, self.retry_seconds)
 
     async def wait(self, stopping: asyncio.Event) -> bool:
         """Wait until the schema is in place (True) or ``stopping`` is set first (False)."""

@@ -78,16 +78,22 @@ RESTARTING = "the service is restarting; retry the call"
 """What a call that would outlast the drain (a watch) ends with, as UNAVAILABLE, when its service stops."""
 
 
+async def sleep_unless_stopping(stopping: asyncio.Event, seconds: float) -> bool:
+    """Wait ``seconds``, or only until ``stopping`` is set; True when it is set (at once when it already
+    was), so that a loop that waits between its rounds ends as soon as its service stops."""
+    if not stopping.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await stopping.wait()
+    return stopping.is_set()
+
+
 async def pause_unless_stopping(stopping: asyncio.Event, seconds: float) -> None:
     """Wait ``seconds`` between the steps of a long call, ending the call with UNAVAILABLE (``RESTARTING``)
     as soon as ``stopping`` (``ServiceRuntime.stopping``) is set: the drain then does not wait out its whole
     grace for a call that would not end by itself, while the server turns new calls away, and the caller,
     told to retry, reopens it on another replica or after the restart."""
-    if not stopping.is_set():
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await stopping.wait()
-    if stopping.is_set():
+    if await sleep_unless_stopping(stopping, seconds):
         raise errors.Unavailable(RESTARTING)
 
 

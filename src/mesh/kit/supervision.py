@@ -13,6 +13,7 @@ import signal
 import sys
 
 from mesh.kit.libc import linux_libc
+from mesh.kit.text_fields import ascii_digits
 
 SUPERVISOR_ENV = "MESH_SUPERVISOR_PID"
 _PR_SET_PDEATHSIG = 1
@@ -25,7 +26,11 @@ def stop_with_supervisor() -> bool:
     but has another parent, and is left alone. Elsewhere than Linux (no prctl) nothing happens.
     """
     supervisor = os.environ.get(SUPERVISOR_ENV, "")
-    if not supervisor.isdigit() or os.getppid() != int(supervisor) or not sys.platform.startswith("linux"):
+    if (
+        not ascii_digits(supervisor)
+        or os.getppid() != int(supervisor)
+        or not sys.platform.startswith("linux")
+    ):
         return False
     libc = linux_libc()
     if libc is None:

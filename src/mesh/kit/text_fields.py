@@ -1,4 +1,5 @@
-"""Short text fields that a service stores or names things by: idempotency keys, model names.
+"""Short text fields that a service stores or names things by: idempotency keys, model names, numbers
+written as text.
 
 PostgreSQL's ``text`` refuses NUL (a 500, and in a group commit the failure of every submit sharing the
 statement), and a control character in a key or a name is a client's bug, so both are refused up front.
@@ -20,6 +21,14 @@ def text_problem(value: str, max_chars: int) -> str | None:
         bad = next(c for c in value if not c.isprintable())
         return f"holds the control character {bad!r}; send printable text"
     return None
+
+
+def ascii_digits(text: str) -> bool:
+    """Whether ``text`` is a number that :func:`int` reads, written in ASCII digits only (not empty).
+
+    ``str.isdigit()`` alone also passes '²', which ``int()`` refuses (a ValueError, a 500 where a client sent
+    it), and '١٢', which ``int()`` reads as 12."""
+    return text.isascii() and text.isdigit()
 
 
 MAX_SHOWN_CHARS = 40

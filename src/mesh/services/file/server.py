@@ -11,7 +11,7 @@ from mesh.kit.db import PostgresCheck, create_pool
 from mesh.kit.health import Degrading, DirectoryCheck, FreeSpaceCheck
 from mesh.kit.logging import describe, get_logger
 from mesh.kit.migrations import SchemaMigrations
-from mesh.kit.runtime import ServiceRuntime
+from mesh.kit.runtime import ServiceRuntime, sleep_unless_stopping
 from mesh.services.file.blobs import MARKER, BlobStore
 from mesh.services.file.postgres import PostgresImageRepository
 from mesh.services.file.servicer import SERVICE_NAME, FileServicer
@@ -43,8 +43,7 @@ async def sweep_periodically(
                 await store.sweep_orphans()
             except Exception as error:  # a failed sweep is retried at the next interval
                 log.warning("blob sweep failed", error=describe(error))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), interval if migrations.applied.is_set() else 5.0)
+        await sleep_unless_stopping(stopping, interval if migrations.applied.is_set() else 5.0)
 
 
 @contextlib.asynccontextmanager

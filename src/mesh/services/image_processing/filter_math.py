@@ -28,7 +28,6 @@ GRAY_WEIGHTS: dict[str, tuple[int, int, int]] = {
 }
 # BT.601 is OpenCV's cvtColor: 15-bit weights summing to 1 << 15, rounded half up, at 8 and 16 bits.
 BT601_WEIGHTS = (9798, 19235, 3735)
-BT601_SHIFT = 15
 MAX_RESULT_PIXELS = 100_000_000
 """Upper bound on the pixels a resize or rotate may produce."""
 

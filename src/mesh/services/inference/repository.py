@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mesh.kit.cpus import usable_cpus
 from mesh.kit.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
 from mesh.kit.logging import get_logger
+from mesh.kit.text_fields import ascii_digits
 from mesh.services.inference.batching import ModelScheduler
 from mesh.services.inference.images import Pixels
 from mesh.services.inference.models import DeviceName, Model, ModelFactory, Operation, default_factories
@@ -160,7 +161,7 @@ class ModelConfig(BaseModel):
     @field_validator("default_version")
     @classmethod
     def _policy(cls, value: str) -> str:
-        if value != LATEST and not (_is_number(value) and int(value) > 0):
+        if value != LATEST and not (ascii_digits(value) and int(value) > 0):
             raise ValueError("must be 'latest' or a positive version number")
         return value
 
@@ -270,7 +271,7 @@ def scan(directory: Path, factories: Mapping[str, ModelFactory]) -> dict[str, Mo
         versions: dict[str, ModelVersion] = {}
         version_dirs = [p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
         for version_dir in version_dirs:
-            if not (_is_number(version_dir.name) and int(version_dir.name) > 0):
+            if not (ascii_digits(version_dir.name) and int(version_dir.name) > 0):
                 raise ModelConfigError(f"{version_dir}: a version directory must be a positive integer")
         for version_dir in sorted(version_dirs, key=lambda p: (int(p.name), p.name)):
             version = str(int(version_dir.name))
@@ -451,7 +452,7 @@ class ModelRepository:
                 field_violations=[FieldViolation(fields.version, f"one of: {known}")],
                 metadata={"model": name},
             )
-        key = str(int(version)) if _is_number(version) else version
+        key = str(int(version)) if ascii_digits(version) else version
         found = entry.versions.get(key)
         if found is None:
             raise NotFound(
@@ -460,8 +461,3 @@ class ModelRepository:
                 metadata={"model": name, "version": version},
             )
         return found
-
-
-def _is_number(text: str) -> bool:
-    """ASCII digits only: ``isdigit()`` alone passes '²', which ``int()`` refuses (a 500 for ``?version=²``)."""
-    return text.isascii() and text.isdigit()

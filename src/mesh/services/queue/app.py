@@ -14,7 +14,6 @@ way with their own settings::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -25,7 +24,7 @@ from mesh.kit.db import PostgresCheck
 from mesh.kit.health import Degrading, DependencyCheck, FunctionCheck
 from mesh.kit.logging import describe, get_logger
 from mesh.kit.migrations import SchemaMigrations
-from mesh.kit.runtime import ServiceRuntime
+from mesh.kit.runtime import ServiceRuntime, sleep_unless_stopping
 from mesh.queue.v1 import queue_service_pb2, queue_service_pb2_grpc
 from mesh.services.queue import repository
 from mesh.services.queue.broker import Broker
@@ -193,8 +192,7 @@ class QueueApp:
                 OUTBOX_OLDEST.set(age)
             except Exception as exc:
                 log.warning("queue gauges not refreshed", error=describe(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), self.settings.stats_interval_seconds)
+            await sleep_unless_stopping(stopping, self.settings.stats_interval_seconds)
 
     async def close(self) -> None:
         """Close the lookup channels, disconnect from RabbitMQ and close the pool."""

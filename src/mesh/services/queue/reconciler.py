@@ -29,13 +29,13 @@ pruning) until the connection's heartbeat gives up.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from prometheus_client import Counter
 
 from mesh.kit.logging import describe, get_logger
+from mesh.kit.runtime import sleep_unless_stopping
 from mesh.services.queue.repository import JobRepository, Row
 
 log = get_logger(__name__)
@@ -101,8 +101,7 @@ class Reconciler:
                 await self.sweep()
             except Exception as exc:
                 log.warning("reconciler sweep failed", error=describe(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), self.interval_seconds)
+            await sleep_unless_stopping(stopping, self.interval_seconds)
 
     async def sweep(self) -> int:
         """One sweep; returns how many jobs moved."""

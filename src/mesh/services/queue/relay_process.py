@@ -21,7 +21,7 @@ import signal
 import sys
 
 from mesh.kit.logging import get_logger
-from mesh.kit.runtime import configure_observability
+from mesh.kit.runtime import configure_observability, sleep_unless_stopping
 from mesh.services.queue.broker import Broker
 from mesh.services.queue.relay import PUBLISH_FAILURES, PUBLISHED, OutboxRelay
 from mesh.services.queue.repository import JobRepository, open_pool
@@ -87,8 +87,7 @@ class RelayProcess:
                 ended.cancel()
                 await _stop(process)
                 await reports
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), self.restart_seconds)
+            await sleep_unless_stopping(stopping, self.restart_seconds)
 
 
 async def _stop(process: asyncio.subprocess.Process) -> None:
@@ -190,8 +189,7 @@ def _write_counts() -> None:
 
 async def _report(stopping: asyncio.Event, interval: float = 0.25) -> None:
     while not stopping.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), interval)
+        await sleep_unless_stopping(stopping, interval)
         _write_counts()
 
 

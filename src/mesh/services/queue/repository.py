@@ -23,7 +23,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from mesh.kit import errors
@@ -51,6 +51,12 @@ MIGRATIONS = "mesh.services.queue.migrations"
 Row = dict[str, Any]
 T = TypeVar("T")
 
+JobConnection = psycopg.AsyncConnection[DictRow]
+JobPool = AsyncConnectionPool[JobConnection]
+"""A pool of autocommit connections whose rows are dicts (:func:`open_pool`)."""
+
+Params = dict[str, Any] | Sequence[Any]
+
 
 def job_not_found(job_id: uuid.UUID) -> errors.NotFound:
     """A job id that has no row: never submitted, or finished and deleted after its retention."""
@@ -60,7 +66,7 @@ def job_not_found(job_id: uuid.UUID) -> errors.NotFound:
     )
 
 
-async def _lock_job(conn: psycopg.AsyncConnection[Any], job_id: uuid.UUID) -> Row:
+async def _lock_job(conn: JobConnection, job_id: uuid.UUID) -> Row:
     """The job's row, locked for this transaction; NOT_FOUND when there is no such job."""
     cursor = await conn.execute("SELECT * FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
     row: Row | None = await cursor.fetchone()
@@ -69,7 +75,7 @@ async def _lock_job(conn: psycopg.AsyncConnection[Any], job_id: uuid.UUID) -> Ro
     return row
 
 
-def open_pool(url: str, *, name: str, max_size: int, min_size: int = 1) -> AsyncConnectionPool:
+def open_pool(url: str, *, name: str, max_size: int, min_size: int = 1) -> JobPool:
     """An autocommit pool (open it with ``await pool.open()``).
 
     Connections are not checked on checkout: every operation runs under :func:`retrying`, which takes a
@@ -83,8 +89,23 @@ def open_pool(url: str, *, name: str, max_size: int, min_size: int = 1) -> Async
         max_size=max_size,
         open=False,
         timeout=10.0,
+        connection_class=JobConnection,
         kwargs={"autocommit": True, "row_factory": dict_row, **CONNECTION_KWARGS},
     )
+
+
+async def _fetch_one(pool: JobPool, query: str, params: Params) -> Row | None:
+    """The first row of one statement on a connection of ``pool``; one try (callers choose the retries)."""
+    async with pool.connection() as conn:
+        cursor = await conn.execute(query, params)
+        return await cursor.fetchone()
+
+
+async def _fetch_all(pool: JobPool, query: str, params: Params) -> list[Row]:
+    """The rows of one statement on a connection of ``pool``; one try (callers choose the retries)."""
+    async with pool.connection() as conn:
+        cursor = await conn.execute(query, params)
+        return await cursor.fetchall()
 
 
 @dataclass(frozen=True)
@@ -255,9 +276,7 @@ RETURNING *
 class JobRepository:
     """The queue service's access to jobs and the outbox."""
 
-    def __init__(
-        self, pool: AsyncConnectionPool, *, submit_batch: int = 128, retry_timeout: float = 10.0
-    ) -> None:
+    def __init__(self, pool: JobPool, *, submit_batch: int = 128, retry_timeout: float = 10.0) -> None:
         self.pool = pool
         self.retry_timeout = retry_timeout
         self._submits: GroupCommit[NewJob, Row | None] = GroupCommit(
@@ -272,28 +291,16 @@ class JobRepository:
         except RETRY_ON as error:
             raise database_unavailable("the job database", error, retried=True) from error
 
-    async def _transaction(self, body: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+    async def _transaction(self, body: Callable[[JobConnection], Awaitable[T]]) -> T:
         """``body`` in one transaction, retried as :meth:`_retrying` does, and taking effect at most once
         (:func:`~mesh.kit.db.transaction_once`)."""
         return await transaction_once(self.pool, body, what="the job database", timeout=self.retry_timeout)
 
-    async def _fetchone(self, query: str, params: dict[str, Any] | Sequence[Any]) -> Row | None:
-        async def run() -> Row | None:
-            async with self.pool.connection() as conn:
-                cursor = await conn.execute(query, params)
-                row: Row | None = await cursor.fetchone()  # type: ignore[assignment]
-                return row
+    async def _fetchone(self, query: str, params: Params) -> Row | None:
+        return await self._retrying(lambda: _fetch_one(self.pool, query, params))
 
-        return await self._retrying(run)
-
-    async def _fetchall(self, query: str, params: dict[str, Any] | Sequence[Any]) -> list[Row]:
-        async def run() -> list[Row]:
-            async with self.pool.connection() as conn:
-                cursor = await conn.execute(query, params)
-                rows: list[Row] = await cursor.fetchall()  # type: ignore[assignment]
-                return rows
-
-        return await self._retrying(run)
+    async def _fetchall(self, query: str, params: Params) -> list[Row]:
+        return await self._retrying(lambda: _fetch_all(self.pool, query, params))
 
     # --- the API -------------------------------------------------------------------------------------
 
@@ -374,13 +381,14 @@ class JobRepository:
 
     async def page(self, state: JobState | None, page_size: int, after: Cursor | None) -> list[Row]:
         """A page of jobs, newest first; ``page_size + 1`` rows are read to know whether more follow."""
-        where, params = [], {"limit": page_size + 1}
+        where: list[str] = []
+        params: dict[str, object] = {"limit": page_size + 1}
         if state is not None:
             where.append("state = %(state)s")
-            params["state"] = state.value  # type: ignore[assignment]
+            params["state"] = state.value
         if after is not None:
             where.append("(created_at, id) < (%(created_at)s, %(id)s)")
-            params.update({"created_at": after.created_at, "id": after.id})  # type: ignore[dict-item]
+            params.update({"created_at": after.created_at, "id": after.id})
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         return await self._fetchall(
             f"SELECT * FROM jobs {clause} ORDER BY created_at DESC, id DESC LIMIT %(limit)s", params
@@ -389,7 +397,7 @@ class JobRepository:
     async def cancel(self, job_id: uuid.UUID) -> Row:
         """Queued or waiting -> CANCELLED at once; running -> cancel_requested (the worker ends it)."""
 
-        async def body(conn: psycopg.AsyncConnection[Any]) -> Row:
+        async def body(conn: JobConnection) -> Row:
             row = await _lock_job(conn, job_id)
             try:
                 target = cancel_target(JobState(row["state"]))
@@ -406,7 +414,8 @@ class JobRepository:
                     "state_reason = 'cancelled by user' WHERE id = %s RETURNING *"
                 )
             cursor = await conn.execute(query, (job_id,))
-            updated: Row = await cursor.fetchone()  # type: ignore[assignment]
+            updated = await cursor.fetchone()
+            assert updated is not None  # the row is locked by this transaction
             return updated
 
         return await self._transaction(body)
@@ -414,7 +423,7 @@ class JobRepository:
     async def retry(self, job_id: uuid.UUID) -> Row:
         """A failed, dead or cancelled job -> QUEUED as a new attempt with a fresh attempt budget."""
 
-        async def body(conn: psycopg.AsyncConnection[Any]) -> Row:
+        async def body(conn: JobConnection) -> Row:
             row = await _lock_job(conn, job_id)
             if JobState(row["state"]) not in RETRYABLE_BY_USER:
                 raise errors.FailedPrecondition(
@@ -429,7 +438,8 @@ class JobRepository:
                 " lease_expires_at = NULL, state_reason = 'retried by user' WHERE id = %s RETURNING *",
                 (job_id,),
             )
-            updated: Row = await cursor.fetchone()  # type: ignore[assignment]
+            updated = await cursor.fetchone()
+            assert updated is not None  # the row is locked by this transaction
             return updated
 
         return await self._transaction(body)
@@ -455,10 +465,10 @@ class JobRepository:
                 ).fetchone()
             assert recent is not None
             return QueueCounts(
-                by_queue_state={(r["queue"], r["state"]): int(r["n"]) for r in by_state},  # type: ignore[call-overload]
-                oldest_queued_at={r["queue"]: r["oldest"] for r in oldest},  # type: ignore[call-overload]
-                finished_last_minute=int(recent["n"]),  # type: ignore[call-overload]
-                now=recent["now"],  # type: ignore[call-overload]
+                by_queue_state={(r["queue"], r["state"]): int(r["n"]) for r in by_state},
+                oldest_queued_at={r["queue"]: r["oldest"] for r in oldest},
+                finished_last_minute=int(recent["n"]),
+                now=recent["now"],
             )
 
         return await self._retrying(run)
@@ -507,7 +517,7 @@ class JobRepository:
         RETRY_WAIT with backoff (the next attempt is queued once it elapses) or FAILED when the attempts are
         spent (:func:`~mesh.services.queue.states.stalled_lease_outcome`); CANCELLED when cancel was asked."""
 
-        async def body(conn: psycopg.AsyncConnection[Any]) -> list[tuple[uuid.UUID, JobState]]:
+        async def body(conn: JobConnection) -> list[tuple[uuid.UUID, JobState]]:
             moved: list[tuple[uuid.UUID, JobState]] = []
             cursor = await conn.execute(
                 "SELECT id, attempt, run_first_attempt, max_attempts, backoff_base_s, backoff_cap_s,"
@@ -601,7 +611,7 @@ class JobRepository:
         None for a dispatch that predates it): a dead letter of an earlier generation is stale (None), so one
         redelivered because its ack was lost after this commit does not count twice."""
 
-        async def body(conn: psycopg.AsyncConnection[Any]) -> JobState | None:
+        async def body(conn: JobConnection) -> JobState | None:
             cursor = await conn.execute(
                 "SELECT state, attempt_claims, dead_letters, cancel_requested FROM jobs"
                 " WHERE id = %(id)s AND attempt = %(attempt)s"
@@ -763,31 +773,19 @@ class ClaimStore:
     Claims and outcomes of concurrent jobs are grouped into one statement each (:class:`GroupCommit`),
     so a busy worker commits many per round trip; each caller still gets its own fenced answer."""
 
-    def __init__(
-        self, pool: AsyncConnectionPool, *, retry_timeout: float = 30.0, max_batch: int = 128
-    ) -> None:
+    def __init__(self, pool: JobPool, *, retry_timeout: float = 30.0, max_batch: int = 128) -> None:
         self.pool = pool
         self.retry_timeout = retry_timeout
         self._claims: GroupCommit[_Claim, Row | None] = GroupCommit(self._claim_many, max_batch=max_batch)
         self._finishes: GroupCommit[_Finish, str | None] = GroupCommit(self._finish_many, max_batch=max_batch)
 
-    async def _fetchone(self, query: str, params: dict[str, Any]) -> Row | None:
-        async def run() -> Row | None:
-            async with self.pool.connection() as conn:
-                cursor = await conn.execute(query, params)
-                row: Row | None = await cursor.fetchone()  # type: ignore[assignment]
-                return row
+    async def _fetchone(self, query: str, params: Params) -> Row | None:
+        return await retrying(lambda: _fetch_one(self.pool, query, params), timeout=self.retry_timeout)
 
-        return await retrying(run, timeout=self.retry_timeout)
-
-    async def _fetchall(self, query: str, params: dict[str, Any]) -> list[Row]:
-        async def run() -> list[Row]:
-            async with self.pool.connection() as conn:
-                cursor = await conn.execute(query, params)
-                rows: list[Row] = await cursor.fetchall()  # type: ignore[assignment]
-                return rows
-
-        return await retrying(run, timeout=self.retry_timeout, on=BATCH_RETRY_ON)
+    async def _fetchall(self, query: str, params: Params) -> list[Row]:
+        return await retrying(
+            lambda: _fetch_all(self.pool, query, params), timeout=self.retry_timeout, on=BATCH_RETRY_ON
+        )
 
     async def claim(
         self, job_id: uuid.UUID, attempt: int, token: uuid.UUID, *, redelivered: bool, lease_seconds: float

@@ -17,6 +17,7 @@ from starlette.responses import StreamingResponse
 
 from mesh.kit import errors
 from mesh.kit.pagination import DEFAULT_PAGE_SIZE
+from mesh.kit.text_fields import ascii_digits
 from mesh.queue.v1 import job_pb2
 from mesh.queue.v1 import queue_service_pb2 as queue_pb
 from mesh.services.gateway import convert, idempotency, metrics, schemas
@@ -213,8 +214,7 @@ class EventId:
         if not text:
             return None
         time_part, _, fingerprint = text.strip().partition("-")
-        # isdigit() alone passes '²', which int() refuses.
-        if not (time_part.isascii() and time_part.isdigit()) or not fingerprint:
+        if not ascii_digits(time_part) or not fingerprint:
             return None
         return cls(int(time_part), fingerprint)
 
