@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from mesh.common.v1 import errors_pb2
-from mesh.kit import tracing
+from mesh.kit import errors, tracing
 from mesh.kit.jobs import INFERENCE_JOBS_QUEUE, JobContext
 from mesh.kit.runtime import HTTP_STOP_SECONDS, ServiceRuntime
 from mesh.kit.settings import WorkerSettings
@@ -371,3 +371,29 @@ async def test_a_services_worker_takes_its_attempt_limit_from_the_settings(queue
     assert worker is not None
     assert worker.options.attempt_seconds == 42.0
     await worker.pool.close()
+
+
+async def test_a_dependency_outage_holds_new_jobs_back_instead_of_spending_their_attempts(
+    queue: Harness,
+) -> None:
+    """While a service the jobs call answers UNAVAILABLE (1.5 s here), the worker holds new attempts back and
+    lets one trial through per pause: the attempts running when it began and the trials fail, the rest wait
+    QUEUED, and every job SUCCEEDS once the service is back, though each may fail only once (max_attempts 2).
+    A worker that kept claiming spent both attempts of most of its backlog within the outage: FAILED."""
+    back_at = time.monotonic() + 1.5
+
+    async def calls_a_flaky_service(context: JobContext) -> job_pb2.JobResult:
+        if time.monotonic() < back_at:
+            raise errors.Unavailable("the file service is unavailable; retry shortly")
+        return job_pb2.JobResult()
+
+    options = replace(FAST_OPTIONS, dependency_pause_seconds=0.2, dependency_pause_max_seconds=0.4)
+    worker = await queue.start_worker(calls_a_flaky_service, options=options)
+    jobs = [await queue.submit(max_attempts=2) for _ in range(20)]
+    done = await queue.wait_all([job.id for job in jobs], timeout=30)
+    assert Counter(job_pb2.JobState.Name(job.state) for job in done.values()) == {"JOB_STATE_SUCCEEDED": 20}
+    failed_attempts = sum(
+        1 for job in done.values() for t in job.history if t.to_state == job_pb2.JOB_STATE_RETRY_WAIT
+    )
+    assert failed_attempts <= 4 + 8  # those running when it began, and one trial per pause at most
+    assert worker.worker.breaker.closed

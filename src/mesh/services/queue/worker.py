@@ -62,11 +62,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import grpc
 from aio_pika.abc import AbstractIncomingMessage
 from google.protobuf.message import DecodeError
 from opentelemetry import trace
 from prometheus_client import Counter, Histogram
-from psycopg_pool import AsyncConnectionPool
 
 from mesh.common.v1 import errors_pb2
 from mesh.kit import errors, tracing
@@ -78,11 +78,13 @@ from mesh.kit.runtime import ServiceRuntime
 from mesh.kit.settings import DEFAULT_DELIVERY_LIMIT, CommonSettings, WorkerSettings
 from mesh.queue.v1 import job_pb2
 from mesh.services.queue.acks import Acks
+from mesh.services.queue.breaker import DependencyBreaker
 from mesh.services.queue.broker import Broker
 from mesh.services.queue.convert import category_from_proto, row_to_job
 from mesh.services.queue.repository import (
     MIGRATIONS,
     ClaimStore,
+    JobPool,
     Outcome,
     Row,
     open_pool,
@@ -110,6 +112,11 @@ UNDECODABLE = Counter(
     "Messages that were not a JobDispatch (dead-lettered).",
     ["queue"],
 )
+HELD_BACK = Counter(
+    "mesh_queue_worker_held_back_total",
+    "Times a worker held new jobs back because a service its jobs call answered UNAVAILABLE.",
+    ["queue"],
+)
 ATTEMPT_SECONDS = Histogram(
     "mesh_queue_job_attempt_seconds",
     "Duration of one job attempt, claim to committed outcome.",
@@ -127,6 +134,7 @@ def _export_at_zero(queue: str) -> None:
         for category in ErrorCategory:
             OUTCOMES.labels(queue, state, category)
     RETRIES.labels(queue)
+    HELD_BACK.labels(queue)
     UNDECODABLE.labels(queue)
     for reason in DROP_REASONS:
         DROPPED.labels(queue, reason)
@@ -167,6 +175,13 @@ class WorkerOptions:
 
     db_pool_max_size: int | None = None
     """PostgreSQL connections (default: concurrency + 2)."""
+
+    dependency_pause_seconds: float = 1.0
+    """After an attempt failed because a service its job calls was unavailable, how long the worker starts no
+    new attempt; then one trial, whose failure doubles the pause (:class:`~.breaker.DependencyBreaker`)."""
+
+    dependency_pause_max_seconds: float = 30.0
+    """The longest pause between two trials while a service the jobs call stays unavailable."""
 
     suspect_grace_seconds: float = 5.0
     """Redelivered dispatches (a worker holding them died, maybe killed by one of them) run one at a time:
@@ -321,7 +336,7 @@ class JobWorker:
         self.concurrency = concurrency
         self.options = options or WorkerOptions()
         self.name = name
-        self.pool: AsyncConnectionPool = open_pool(
+        self.pool: JobPool = open_pool(
             settings.database_url,
             name=f"{name}-jobs",
             max_size=self.options.db_pool_max_size or concurrency + 2,
@@ -340,6 +355,11 @@ class JobWorker:
         self._accepting = False
         self._abandoning = False
         self._drain_deadline: float | None = None
+        self.breaker = DependencyBreaker(
+            first_pause=self.options.dependency_pause_seconds,
+            max_pause=self.options.dependency_pause_max_seconds,
+        )
+        self._wake: asyncio.TimerHandle | None = None
         self.ready = asyncio.Event()
 
     @property
@@ -358,7 +378,17 @@ class JobWorker:
         return [
             Degrading(PostgresCheck(self.pool, name="postgresql-jobs")),
             Degrading(FunctionCheck("rabbitmq-jobs", self.broker.check)),
+            Degrading(FunctionCheck("job-dependencies", self._dependencies_check)),
         ]
+
+    async def _dependencies_check(self) -> str:
+        """Failing while the breaker holds attempts back: what the jobs call is unavailable."""
+        if self.breaker.closed:
+            return "jobs start"
+        raise RuntimeError(
+            f"new jobs held back (next trial in {self.breaker.seconds_left():.1f}s): a service they call is "
+            f"unavailable: {self.breaker.reason}"
+        )
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Consume until ``stopping`` is set, then drain. Connecting and setting up the consumers are retried
@@ -423,17 +453,29 @@ class JobWorker:
         self._start_waiting()
 
     def _start_waiting(self) -> None:
-        """Give each free slot to the waiting delivery with the highest priority (then the earliest)."""
+        """Give each free slot to the waiting delivery with the highest priority (then the earliest), unless
+        the breaker holds new attempts back (then try again when its pause ends)."""
         while self._accepting and len(self._tasks) < self.concurrency and self._waiting:
+            if not self.breaker.ready():
+                self._wake_after(self.breaker.seconds_left())
+                return
             message = self._waiting.pop()
             if _channel_closed(message):
                 # RabbitMQ requeued it with its channel, and delivers it again (here, after a reconnect, or
                 # to another worker): running it now could not even be acked.
                 log.info("waiting dispatch dropped: its channel closed", message_id=message.message_id)
                 continue
+            self.breaker.started()
             task = asyncio.create_task(self._process(message), name=f"job-{message.message_id}")
             self._tasks.add(task)
             task.add_done_callback(self._finished)
+
+    def _wake_after(self, seconds: float) -> None:
+        """Call :meth:`_start_waiting` again once the breaker's pause is over (one timer at a time)."""
+        if self._wake is not None and not self._wake.cancelled():
+            self._wake.cancel()
+        # A trial that is running wakes the worker as it ends; the timer is for the end of a pause.
+        self._wake = asyncio.get_running_loop().call_later(max(seconds, 0.0) + 0.001, self._start_waiting)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -588,11 +630,13 @@ class JobWorker:
         except JobCancelled:
             outcome = Outcome(JobState.CANCELLED, "cancelled by user (seen by the worker)")
         except errors.MeshError as exc:
+            self._report_dependencies(exc)
             outcome = self._failure(row, category_from_proto(exc.category), exc.message, exc.code.name)
         except Exception as exc:
             log.exception("job handler crashed", job_id=str(row["id"]))
             outcome = self._failure(row, ErrorCategory.SYSTEM, f"{type(exc).__name__}: {exc}", "INTERNAL")
         else:
+            self.breaker.succeeded()
             outcome = Outcome(JobState.SUCCEEDED, "succeeded", result=result.SerializeToString())
         finally:
             timer.cancel()
@@ -602,6 +646,24 @@ class JobWorker:
                     await beat_task
         # Whatever the handler made of it, an attempt that lost its lease has nothing to commit.
         return None if running.lease_lost else outcome
+
+    def _report_dependencies(self, error: errors.MeshError) -> None:
+        """Tell the breaker how the services the job called answered: an UNAVAILABLE from one of them (the
+        handler raises what its calls answered) holds new attempts back; any other error of the job's own
+        means they answered."""
+        if error.code is not grpc.StatusCode.UNAVAILABLE:
+            self.breaker.succeeded()
+            return
+        was_closed = self.breaker.closed
+        self.breaker.failed(error.message)
+        if was_closed:
+            log.warning(
+                "a service the jobs call is unavailable; new jobs held back",
+                queue=self.queue,
+                pause_seconds=self.breaker.seconds_left(),
+                error=error.message,
+            )
+            HELD_BACK.labels(self.queue).inc()
 
     async def _limited(self, running: RunningJob) -> job_pb2.JobResult:
         """The handler under ``options.attempt_seconds``: past it, DeadlineExceeded (category SYSTEM)."""
