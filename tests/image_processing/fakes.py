@@ -50,6 +50,8 @@ class MemoryStore:
         self.timeouts.append(timeout)
         if idempotency_key and idempotency_key in self.by_key:
             image_id = self.by_key[idempotency_key]
+            if self.images[image_id][0] != data:
+                raise errors.AlreadyExists(f"idempotency key {idempotency_key!r} names other bytes")
             return file_service_pb2.UploadImageResponse(
                 image=file_service_pb2.Image(id=image_id), deduplicated=True
             )

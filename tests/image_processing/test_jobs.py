@@ -99,6 +99,25 @@ async def test_a_jobs_file_service_calls_have_the_rpc_timeout() -> None:
     assert runner.admission.pending == 0
 
 
+async def test_every_attempt_of_a_job_finds_the_output_an_earlier_one_stored(processor: Processor) -> None:
+    """Attempts 1, 2 and 3 of a job (retried after its model step failed, say) store its output once: a key per
+    attempt stored a copy each time. An attempt whose output bytes differ keeps its own, under its attempt."""
+    store = MemoryStore()
+    handler = ImageJobHandler(store, processor, None)
+    image_id = store.put(codec.encode(smooth(10, 10, 3), codec.Format.PNG))
+    outputs = set()
+    for attempt in (1, 2, 3):
+        job = _job(image_id)
+        job.attempt = attempt
+        outputs.add((await handler(FakeContext(job))).output_image_id)
+    assert (len(outputs), store.uploads) == (1, 1)
+    other = _job(image_id, steps=1)  # the same job id whose output differs
+    other.attempt = 4
+    differing = await handler(FakeContext(other))
+    assert differing.output_image_id not in outputs
+    assert store.by_key["job-1:4"] == differing.output_image_id
+
+
 async def test_repeated_attempt_does_not_store_twice(processor: Processor) -> None:
     """The same attempt run twice stores one output (idempotency key = result_key)."""
     store = MemoryStore()
