@@ -537,6 +537,8 @@ class FakeQueueService(queue_grpc.QueueServiceServicer):
         self.watch_drops = 0
         """WatchJob streams still to end UNAVAILABLE after their first change (a restart, an aged connection)."""
         self.stats_calls = 0
+        self.lose_answers = 0
+        """SubmitJobs still to queue their job and then answer UNAVAILABLE (a commit whose answer was lost)."""
         self._cut = asyncio.Event()
 
     def _change(self, entry: FakeJob, **fields: Any) -> None:
@@ -624,6 +626,13 @@ class FakeQueueService(queue_grpc.QueueServiceServicer):
     async def SubmitJob(
         self, request: queue_pb.SubmitJobRequest, context: Context
     ) -> queue_pb.SubmitJobResponse:
+        response = await self._submit(request)
+        if self.lose_answers:
+            self.lose_answers -= 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset after the commit")
+        return response
+
+    async def _submit(self, request: queue_pb.SubmitJobRequest) -> queue_pb.SubmitJobResponse:
         for entry in self.jobs.values():
             if request.idempotency_key and entry.job.idempotency_key == request.idempotency_key:
                 return queue_pb.SubmitJobResponse(job=entry.job, existing=True)

@@ -498,3 +498,39 @@ async def test_a_watch_that_worked_for_longer_than_the_limit_is_reopened_when_it
     kinds = [e["event"] for e in events]
     assert kinds[-1] == "end", kinds
     assert "error" not in kinds
+
+
+async def test_a_keyless_submit_whose_answer_was_lost_is_queued_once(
+    client: httpx.AsyncClient, mesh: FakeMesh
+) -> None:
+    """A submit without a key whose answer the queue service lost after queueing it (UNAVAILABLE) is retried
+    by the gateway's channel under the key the gateway gave it: one job, not two. The job shows that key."""
+    image_id = await _image(client)
+    before = set(mesh.fakes.queue.jobs)
+    mesh.fakes.queue.lose_answers = 1
+    response = await client.post("/v1/jobs", json={"image_id": image_id, "model": "strip-reader"})
+    assert response.status_code == 202
+    created = [mesh.fakes.queue.jobs[i].job for i in set(mesh.fakes.queue.jobs) - before]
+    assert [job.id for job in created] == [response.json()["id"]]
+    assert created[0].idempotency_key.startswith("gateway-")
+
+
+async def test_a_submit_left_without_an_answer_says_the_key_to_retry_with(
+    client: httpx.AsyncClient, mesh: FakeMesh
+) -> None:
+    """When every try loses its answer, the 503 names the key the job may have been queued under; the client's
+    retry with that Idempotency-Key gets the job back instead of queueing a second one."""
+    image_id = await _image(client)
+    mesh.fakes.queue.lose_answers = 100
+    try:
+        refused = await client.post("/v1/jobs", json={"image_id": image_id})
+    finally:
+        mesh.fakes.queue.lose_answers = 0
+    assert refused.status_code == 503
+    message = refused.json()["error"]["message"]
+    assert "may have been queued" in message
+    key = message.split("Idempotency-Key: ")[1].split()[0]
+    queued = [e.job for e in mesh.fakes.queue.jobs.values() if e.job.idempotency_key == key]
+    assert len(queued) == 1
+    again = await client.post("/v1/jobs", json={"image_id": image_id}, headers={"Idempotency-Key": key})
+    assert (again.status_code, again.json()["id"]) == (202, queued[0].id)

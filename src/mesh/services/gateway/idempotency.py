@@ -4,6 +4,7 @@ travels in."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from starlette.requests import Request
@@ -43,3 +44,21 @@ def job_key(request: Request, body_key: str) -> str:
             ],
         )
     return body_key or header
+
+
+def generated_key() -> str:
+    """The key the gateway gives a job submitted without one: the channel retries a SubmitJob whose answer was
+    lost (UNAVAILABLE after the queue service committed it), and without a key each retry queued another job."""
+    return f"gateway-{uuid.uuid4()}"
+
+
+def say_how_to_retry(error: errors.MeshError, key: str) -> errors.MeshError:
+    """``error``, for a submit whose outcome is unknown (no answer: UNAVAILABLE, DEADLINE_EXCEEDED), telling the
+    client the key under which a job may have been queued, so that its retry gets that job back."""
+    if error.code in (errors.Unavailable.code, errors.DeadlineExceeded.code):
+        error.message = (
+            f"{error.message}; the job may have been queued before the answer was lost: send the same request "
+            f"again with the header {HEADER}: {key} to get it back rather than queue it twice"
+        )
+        error.metadata["idempotency_key"] = key
+    return error

@@ -378,7 +378,9 @@ class JobOut(BaseModel):
     pipeline: list[PipelineStepOut]
     model: str
     priority: int
-    idempotency_key: str
+    idempotency_key: str = Field(
+        description="The key given at submit, or the one the gateway gave a submit without one (gateway-<uuid>)"
+    )
     attempt: int = Field(description="Attempt number across every run of the job, from 1.")
     max_attempts: int = Field(description="Attempts allowed per run before FAILED.")
     run_attempt: int = Field(

@@ -97,22 +97,27 @@ async def submit_job(
     body: schemas.JobIn, request: Request, response: Response, ctx: Context, _: Caller
 ) -> schemas.JobOut:
     """Queue a job (pipeline and/or model on a stored image); the same idempotency key (in the body or the
-    ``Idempotency-Key`` header) returns the same job (409 when the body asks for another job). A pipeline
+    ``Idempotency-Key`` header) returns the same job (409 when the body asks for another job). A submit without
+    a key gets one (``gateway-<uuid>``, in the job's ``idempotency_key``), so that retries of a call whose answer
+    was lost queue it once, and a 503 or 504 names it for the client's own retry. A pipeline
     the image service would refuse is 400, an image or model that does not exist 404, before anything is
     queued."""
-    key = idempotency.job_key(request, body.idempotency_key)
-    result = await rpc(
-        ctx.backends.queue_stub.SubmitJob(
-            queue_pb.SubmitJobRequest(
-                image_id=body.image_id,
-                pipeline=convert.to_pipeline(body.pipeline),
-                model=body.model,
-                priority=body.priority,
-                idempotency_key=key,
-                max_attempts=body.max_attempts or 0,
+    key = idempotency.job_key(request, body.idempotency_key) or idempotency.generated_key()
+    try:
+        result = await rpc(
+            ctx.backends.queue_stub.SubmitJob(
+                queue_pb.SubmitJobRequest(
+                    image_id=body.image_id,
+                    pipeline=convert.to_pipeline(body.pipeline),
+                    model=body.model,
+                    priority=body.priority,
+                    idempotency_key=key,
+                    max_attempts=body.max_attempts or 0,
+                )
             )
         )
-    )
+    except errors.MeshError as error:
+        raise idempotency.say_how_to_retry(error, key) from None
     response.headers["Location"] = f"/v1/jobs/{result.job.id}"
     _annotate_job(result.job)
     annotate({"mesh.filters": [step.filter for step in body.pipeline], "mesh.model": body.model})
