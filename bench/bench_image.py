@@ -37,8 +37,8 @@ from mesh.services.image_processing.backend import Backend, run_pipeline, select
 from mesh.services.image_processing.cpu_backend import CpuBackend
 from mesh.services.image_processing.processor import Processor
 from mesh.services.image_processing.registry import Device, validate_pipeline
-from mesh.services.image_processing.servicer import SERVICE_NAME, ImageProcessingServicer, add_to_server
-from mesh.services.image_processing.settings import ImageSettings
+from mesh.services.image_processing.servicer import ImageProcessingServicer, add_to_server
+from mesh.services.image_processing.settings import SERVICE_NAME, ImageSettings
 
 Array = npt.NDArray[Any]
 SIZES = {"1080p": (1080, 1920), "4k": (2160, 3840)}

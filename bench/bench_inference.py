@@ -29,8 +29,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mesh.common.v1 import image_pb2
 from mesh.inference.v1 import inference_service_pb2 as pb
 from mesh.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from mesh.kit.devices import gpu_available
 from mesh.kit.runtime import message_limit_options
-from mesh.services.inference.models import gpu_available
 from mesh.services.inference.settings import SERVICE_NAME
 from mesh.services.inference.strip.generator import Overrides, generate_with
 
@@ -225,7 +225,7 @@ def run() -> list[dict[str, Any]]:
     """Every inference benchmark, CPU first; GPU when CuPy sees a device."""
     requests, jpegs = _images(10)
     results = asyncio.run(_measure("cpu", requests, jpegs))
-    if gpu_available():
+    if gpu_available()[0]:
         results.extend(asyncio.run(_measure("gpu", requests, jpegs)))
     else:
         results.append({"benchmark": "inference.predict.gpu", "skipped": "no GPU"})

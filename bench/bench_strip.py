@@ -17,9 +17,9 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from mesh.kit.devices import gpu_available
 from mesh.services.inference.models import StripReaderModel
 from mesh.services.inference.repository import read_config
-from mesh.services.inference.strip.backend import gpu_available
 from mesh.services.inference.strip.generator import GeneratorOptions, generate, split_seeds
 from mesh.services.inference.strip.reader import StripReader
 from mesh.services.inference.workers import WorkerModel
@@ -126,7 +126,7 @@ def run() -> list[dict[str, object]]:
                 }
             )
         results.append(_workers_throughput("cpu", hd))
-        if gpu_available():
+        if gpu_available()[0]:
             gpu = StripReader(device="gpu")
             results.append(
                 {

@@ -20,6 +20,7 @@ from mesh.file.v1 import file_service_pb2, file_service_pb2_grpc
 from mesh.image.v1 import image_processing_service_pb2 as pb
 from mesh.image.v1 import image_processing_service_pb2_grpc as pb_grpc
 from mesh.kit import errors
+from mesh.kit.devices import gpu_available
 from mesh.kit.settings import CommonSettings
 from mesh.kit.wire import serialize_reply
 from mesh.services.file.client import FileClient
@@ -485,13 +486,8 @@ def test_a_gpu_asked_for_where_there_is_none_stops_the_start_with_one_line(
     names the setting and the way out, as the inference service does; it was a RuntimeError's traceback."""
     from mesh.services.image_processing import backend as backend_module
 
-    try:
-        from mesh.services.image_processing.gpu_backend import gpu_available
-    except ImportError:  # no CuPy: no GPU either
-        pass
-    else:
-        if gpu_available()[0]:
-            pytest.skip("this machine has a GPU")
+    if gpu_available()[0]:
+        pytest.skip("this machine has a GPU")
     with pytest.raises(SystemExit) as exited, errors.exit_on_startup_error("image-processing"):
         backend_module.select_backend("gpu")
     assert exited.value.code == 2

@@ -28,13 +28,8 @@ from mesh.services.image_processing import codec
 from mesh.services.image_processing.cpu_backend import CpuBackend
 from mesh.services.image_processing.processor import REPLY_HEADROOM_BYTES, Delivered, Processor
 from mesh.services.image_processing.registry import steps_from_proto
-from mesh.services.image_processing.servicer import (
-    RAW_INPUT,
-    SERVICE_NAME,
-    ImageProcessingServicer,
-    add_to_server,
-)
-from mesh.services.image_processing.settings import ImageSettings
+from mesh.services.image_processing.servicer import RAW_INPUT, ImageProcessingServicer, add_to_server
+from mesh.services.image_processing.settings import SERVICE_NAME, ImageSettings
 from tests.image_processing.fakes import CallContext, MemoryStore
 from tests.image_processing.images import noise, smooth
 

@@ -14,11 +14,11 @@ import pytest
 from mesh.common.v1 import image_pb2
 from mesh.inference.v1 import inference_service_pb2 as pb
 from mesh.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from mesh.kit.devices import gpu_available
 from mesh.kit.runtime import ServiceRuntime
 from mesh.services.inference.checks import models_check
 from mesh.services.inference.convert import strip_reading_to_proto
 from mesh.services.inference.images import ImageDecoder
-from mesh.services.inference.models import gpu_available
 from mesh.services.inference.predictor import Predictor
 from mesh.services.inference.repository import ModelRepository
 from mesh.services.inference.servicer import InferenceServicer
@@ -125,7 +125,7 @@ async def test_stream_of_real_photos(stub: pb_grpc.InferenceServiceAsyncStub) ->
 @pytest.mark.gpu
 async def test_gpu_and_cpu_models_give_the_same_verdicts() -> None:
     """With CuPy and a CUDA device, the GPU-loaded model answers the CPU model's verdicts."""
-    if not gpu_available():
+    if not gpu_available()[0]:
         pytest.skip("CuPy with a CUDA device is not available")
     readings = {}
     for device in ("cpu", "gpu"):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.services.inference.strip.backend import gpu_available
+from mesh.kit.devices import gpu_available
 from mesh.services.inference.strip.generator import decode, generate
 from mesh.services.inference.strip.reader import StripReader
 
@@ -15,7 +15,7 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "strips"
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA device"),
+    pytest.mark.skipif(not gpu_available()[0], reason="needs CuPy and a CUDA device"),
 ]
 
 

@@ -12,13 +12,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from mesh.kit.devices import gpu_available
 from mesh.services.inference.strip import StripReader
-from mesh.services.inference.strip.backend import (
-    ArrayBackend,
-    CpuBackend,
-    gpu_available,
-    numpy_array_backend,
-)
+from mesh.services.inference.strip.backend import ArrayBackend, CpuBackend, numpy_array_backend
 from mesh.services.inference.strip.generator import GeneratorOptions, Overrides, generate, generate_with
 from mesh.services.inference.strip.types import QualityFlag, Verdict
 
@@ -206,7 +202,7 @@ def test_array_backend_downscale_equals_opencv() -> None:
         )
 
 
-@pytest.mark.skipif(gpu_available(), reason="a GPU is present")
+@pytest.mark.skipif(gpu_available()[0], reason="a GPU is present")
 def test_gpu_device_without_cupy_is_refused() -> None:
     """Asking for the GPU reader where CuPy sees no device raises RuntimeError at construction."""
     with pytest.raises(RuntimeError, match="CuPy"):

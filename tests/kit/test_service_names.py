@@ -22,7 +22,7 @@ from mesh.services.gateway import backends
 from mesh.services.image_processing import servicer as image_servicer
 from mesh.services.image_processing import settings as image_settings
 from mesh.services.inference import settings as inference_settings
-from mesh.services.queue import app as queue_app
+from mesh.services.queue import settings as queue_settings
 from mesh.tools.k8s_check.policy import WORKLOADS
 from mesh.tools.load.mesh import SERVICES
 
@@ -65,7 +65,7 @@ SERVICES_BY_KEY: dict[str, tuple[str, str, Register]] = {
         inference_service_pb2_grpc.add_InferenceServiceServicer_to_server,
     ),
     "queue": (
-        queue_app.SERVICE_NAME,
+        queue_settings.SERVICE_NAME,
         queue_service_pb2.DESCRIPTOR.services_by_name["QueueService"].full_name,
         queue_service_pb2_grpc.add_QueueServiceServicer_to_server,
     ),

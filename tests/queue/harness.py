@@ -18,8 +18,8 @@ from mesh.kit import tracing
 from mesh.kit.jobs import IMAGE_JOBS_QUEUE, INFERENCE_JOBS_QUEUE, JobHandler
 from mesh.kit.runtime import ServiceRuntime
 from mesh.queue.v1 import job_pb2, queue_service_pb2, queue_service_pb2_grpc
-from mesh.services.queue.app import SERVICE_NAME, QueueApp
-from mesh.services.queue.settings import QueueSettings
+from mesh.services.queue.app import QueueApp
+from mesh.services.queue.settings import SERVICE_NAME, QueueSettings
 from mesh.services.queue.topology import dead_letter_exchange, dead_letter_queue, lanes
 from mesh.services.queue.worker import JobWorker, WorkerOptions
 

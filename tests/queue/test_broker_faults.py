@@ -21,12 +21,12 @@ from aiormq.exceptions import ChannelPreconditionFailed
 from mesh.kit.jobs import IMAGE_JOBS_QUEUE, INFERENCE_JOBS_QUEUE
 from mesh.kit.runtime import BackgroundTaskCrashed, ServiceRuntime
 from mesh.queue.v1 import job_pb2, queue_service_pb2
-from mesh.services.queue.app import SERVICE_NAME, QueueApp
+from mesh.services.queue.app import QueueApp
 from mesh.services.queue.broker import HEARTBEAT_SECONDS, Broker
 from mesh.services.queue.reconciler import Reconciler
 from mesh.services.queue.repository import JobRepository
 from mesh.services.queue.scripted import scripted_handler
-from mesh.services.queue.settings import QueueSettings
+from mesh.services.queue.settings import SERVICE_NAME, QueueSettings
 from mesh.services.queue.topology import dead_letter_queue, lanes
 from mesh.services.queue.worker import JobWorker
 from tests.queue.amqp_proxy import BASIC_CONSUME, QUEUE_DECLARE, AmqpProxy, amqp_proxy

@@ -21,9 +21,10 @@ from prometheus_client import REGISTRY
 from mesh.common.v1 import errors_pb2
 from mesh.kit.runtime import ServiceRuntime
 from mesh.queue.v1 import job_pb2, queue_service_pb2, queue_service_pb2_grpc
-from mesh.services.queue.app import SERVICE_NAME, QueueApp
+from mesh.services.queue.app import QueueApp
 from mesh.services.queue.repository import ClaimStore, Outcome
 from mesh.services.queue.scripted import scripted_handler
+from mesh.services.queue.settings import SERVICE_NAME
 from mesh.services.queue.states import JobState
 from mesh.services.queue.topology import lanes
 from tests.queue.harness import IMAGE_ID, Harness, fast_settings, running_queue

@@ -22,8 +22,8 @@ from psycopg.conninfo import make_conninfo
 
 from mesh.kit.runtime import LIVENESS_SERVICE, ServiceRuntime
 from mesh.queue.v1 import job_pb2, queue_service_pb2, queue_service_pb2_grpc
-from mesh.services.queue.app import SERVICE_NAME, QueueApp
-from mesh.services.queue.settings import QueueSettings
+from mesh.services.queue.app import QueueApp
+from mesh.services.queue.settings import SERVICE_NAME, QueueSettings
 from tests.queue.harness import IMAGE_ID, delete_queues, fast_settings
 
 pytestmark = pytest.mark.integration

@@ -14,8 +14,8 @@ from mesh.kit.migrations import SchemaMigrations
 from mesh.kit.runtime import ServiceRuntime, sleep_unless_stopping
 from mesh.services.file.blobs import MARKER, BlobStore
 from mesh.services.file.postgres import PostgresImageRepository
-from mesh.services.file.servicer import SERVICE_NAME, FileServicer
-from mesh.services.file.settings import FileSettings
+from mesh.services.file.servicer import FileServicer
+from mesh.services.file.settings import SERVICE_NAME, FileSettings
 from mesh.services.file.store import ImageStore
 from mesh.services.file.validation import Limits
 

@@ -14,7 +14,6 @@ from mesh.file.v1 import file_service_pb2 as pb
 from mesh.file.v1 import file_service_pb2_grpc
 from mesh.kit import errors
 from mesh.services.file.models import ImageRecord
-from mesh.services.file.settings import SERVICE_NAME as SERVICE_NAME  # re-exported: server.py imports it here
 from mesh.services.file.store import ImageStore, UploadRequest, Variant
 from mesh.services.file.validation import UploadSizeGuard, too_large
 

@@ -19,19 +19,18 @@ from mesh.image.v1 import image_processing_service_pb2, image_processing_service
 from mesh.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 from mesh.kit import errors
 from mesh.kit.channels import open_channel
-from mesh.queue.v1 import queue_service_pb2, queue_service_pb2_grpc
+from mesh.queue.v1 import queue_service_pb2_grpc
 from mesh.services.file import settings as file_settings
 from mesh.services.file.client import FileClient
 from mesh.services.gateway.settings import GatewaySettings
 from mesh.services.image_processing import settings as image_settings
 from mesh.services.inference import settings as inference_settings
+from mesh.services.queue import settings as queue_settings
 
 FILE_SERVICE = file_settings.SERVICE_NAME
 IMAGE_SERVICE = image_settings.SERVICE_NAME
 INFERENCE_SERVICE = inference_settings.SERVICE_NAME
-# The queue's own constant lives in queue/app.py, which would bring the queue server (and its metrics) into
-# the gateway: the name is read from the same descriptor instead.
-QUEUE_SERVICE = queue_service_pb2.DESCRIPTOR.services_by_name["QueueService"].full_name
+QUEUE_SERVICE = queue_settings.SERVICE_NAME
 
 T = TypeVar("T")
 R = TypeVar("R", bound=Message)

@@ -25,9 +25,6 @@ import numpy as np
 from cupyx.scipy import ndimage as cnd
 
 from mesh.kit import errors
-
-# Re-exported: tests/image_processing/test_admission.py asks it here whether this machine has a GPU.
-from mesh.kit.devices import gpu_available as gpu_available
 from mesh.kit.logging import get_logger
 from mesh.kit.pinned import PinnedBuffer
 from mesh.services.image_processing import cpu_filters

@@ -25,9 +25,7 @@ from mesh.kit.stream_items import item_error
 from mesh.kit.wire import NestedBytesField, Parted, Spliced, serialize_reply
 from mesh.services.image_processing.processor import Delivered, Processor, filter_catalogue
 from mesh.services.image_processing.registry import Step, steps_from_proto
-
-# Re-exported: tests and bench/ import the name from here.
-from mesh.services.image_processing.settings import SERVICE_NAME as SERVICE_NAME
+from mesh.services.image_processing.settings import SERVICE_NAME
 
 log = get_logger(__name__)
 

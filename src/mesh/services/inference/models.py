@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias, cast
 import numpy as np
 
 from mesh.inference.v1 import inference_service_pb2 as pb
-from mesh.kit import devices
 from mesh.kit.devices import DeviceName as DeviceName
 from mesh.kit.logging import get_logger
 from mesh.services.inference.convert import ReadingLike, strip_reading_to_proto
@@ -76,12 +75,6 @@ class Model(Protocol):
 
 
 ModelFactory: TypeAlias = Callable[["ModelConfig", DeviceName], Model]
-
-
-def gpu_available() -> bool:
-    """Whether CuPy imports and sees a CUDA device (:func:`mesh.kit.devices.gpu_available` without the why),
-    for the tests and benchmarks that run only on a GPU."""
-    return devices.gpu_available()[0]
 
 
 class StripReaderModel:

@@ -25,7 +25,7 @@ from mesh.kit.health import Degrading, DependencyCheck, FunctionCheck
 from mesh.kit.logging import describe, get_logger
 from mesh.kit.migrations import SchemaMigrations
 from mesh.kit.runtime import ServiceRuntime, sleep_unless_stopping
-from mesh.queue.v1 import queue_service_pb2, queue_service_pb2_grpc
+from mesh.queue.v1 import queue_service_pb2_grpc
 from mesh.services.queue import repository
 from mesh.services.queue.broker import Broker
 from mesh.services.queue.dead_letters import DeadLetterConsumer
@@ -35,12 +35,11 @@ from mesh.services.queue.relay import OUTBOX_BACKLOG, OutboxRelay
 from mesh.services.queue.relay_process import RelayProcess
 from mesh.services.queue.repository import JobRepository, open_pool
 from mesh.services.queue.servicer import QueueServicer
-from mesh.services.queue.settings import QueueSettings
+from mesh.services.queue.settings import SERVICE_NAME, QueueSettings
 from mesh.services.queue.states import JobState
 
 log = get_logger(__name__)
 
-SERVICE_NAME = queue_service_pb2.DESCRIPTOR.services_by_name["QueueService"].full_name
 MIGRATIONS = repository.MIGRATIONS
 
 QUEUE_DEPTH = Gauge("mesh_queue_jobs", "Jobs per queue and state.", ["queue", "state"])
@@ -112,13 +111,30 @@ class QueueApp:
         )
 
     def checks(self) -> list[DependencyCheck]:
-        """PostgreSQL through the service's pool, the schema's migrations, and the RabbitMQ connection, whose
-        loss only degrades the service: submits are kept in the outbox and every other call reads PostgreSQL."""
+        """PostgreSQL through the service's pool, the schema's migrations, and two whose failure only degrades
+        the service (submits are kept in the outbox and every other call reads PostgreSQL): the RabbitMQ
+        connection, and the outbox's age, which tells whether jobs are dispatched at all."""
         return [
             PostgresCheck(self.pool),
             self.migrations,
             Degrading(FunctionCheck("rabbitmq", self.broker.check)),
+            Degrading(FunctionCheck("outbox", self.check_outbox)),
         ]
+
+    async def check_outbox(self) -> str:
+        """Raise while the oldest dispatch in the outbox has waited over ``outbox_stale_seconds``. The rabbitmq
+        check tests this process's connection, not the relay's, and a relay child that hangs stays alive: only
+        the outbox shows that accepted jobs are not being dispatched."""
+        if not self.migrations.applied.is_set():
+            return "not checked until the schema is in place"
+        waiting, age = await self.repository.outbox_backlog()
+        limit = self.settings.outbox_stale_seconds
+        if age > limit:
+            raise RuntimeError(
+                f"jobs are not being dispatched: the oldest of {waiting} dispatches in the outbox has waited"
+                f" {age:.0f}s (over {limit:g}s)"
+            )
+        return f"{waiting} dispatches waiting, the oldest for {age:.1f}s"
 
     def runtime(self) -> ServiceRuntime:
         """The service's runtime: its health checks, and its API answering UNAVAILABLE until the schema is in

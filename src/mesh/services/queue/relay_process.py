@@ -8,8 +8,10 @@ loses nothing: it is started again and its locked rows are published once their 
 
 Parent -> child, on stdin: a byte per wake (at most one per turn of the parent's event loop); end of input
 means stop. Child -> parent, on stdout: ``@relay published|failed <queue> <n>`` lines, replayed into the
-parent's counters so that the service's ``/metrics`` stays whole; other output is passed through. The child
-gets the parent's settings (``MESH_QUEUE_RELAY_SETTINGS``, JSON).
+parent's counters so that the service's ``/metrics`` stays whole, and ``@relay alive`` in a quarter second
+with nothing to count; other output is passed through. A child that hangs (or is stopped) neither publishes
+nor exits: one silent for ``relay_stall_seconds`` is killed and started again. The child gets the parent's
+settings (``MESH_QUEUE_RELAY_SETTINGS``, JSON).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import contextlib
 import os
 import signal
 import sys
+import time
+from collections.abc import Callable
 
 from mesh.kit.logging import get_logger
 from mesh.kit.runtime import configure_observability, sleep_unless_stopping
@@ -31,7 +35,12 @@ log = get_logger(__name__)
 
 SETTINGS_ENV = "MESH_QUEUE_RELAY_SETTINGS"
 REPORT = "@relay"
+ALIVE = "alive"
 _COUNTERS = {"published": PUBLISHED, "failed": PUBLISH_FAILURES}
+
+START_SECONDS = 30.0
+"""How long a new child may take to report for the first time: its imports alone take seconds on a busy
+node."""
 
 
 class RelayProcess:
@@ -42,6 +51,16 @@ class RelayProcess:
         self.restart_seconds = restart_seconds
         self._process: asyncio.subprocess.Process | None = None
         self._wake_pending = False
+        self._started_at = 0.0
+        self._last_report: float | None = None
+
+    @property
+    def last_report(self) -> float | None:
+        """When (``time.monotonic``) the running child last reported; None before its first report."""
+        return self._last_report
+
+    def _heard(self) -> None:
+        self._last_report = time.monotonic()
 
     @property
     def process(self) -> asyncio.subprocess.Process | None:
@@ -72,8 +91,9 @@ class RelayProcess:
                 stdout=asyncio.subprocess.PIPE,
                 env={**os.environ, SETTINGS_ENV: self.settings.model_dump_json()},
             )
-            self._process = process
-            reports = asyncio.create_task(_replay(process))
+            self._process, self._started_at, self._last_report = process, time.monotonic(), None
+            reports = asyncio.create_task(_replay(process, self._heard))
+            watch = asyncio.create_task(self._watch(process))
             ended = asyncio.ensure_future(process.wait())
             stop = asyncio.ensure_future(stopping.wait())
             try:
@@ -85,9 +105,36 @@ class RelayProcess:
                 self._process = None
                 stop.cancel()
                 ended.cancel()
+                watch.cancel()
                 await _stop(process)
                 await reports
             await sleep_unless_stopping(stopping, self.restart_seconds)
+
+    async def _watch(self, process: asyncio.subprocess.Process) -> None:
+        """Kill ``process`` once it has not reported for ``relay_stall_seconds`` (``START_SECONDS`` before its
+        first report); ``run`` then starts another. A look that comes late is skipped: this process's own loop
+        was held up, and the reports that came meanwhile are not read yet."""
+        limit = self.settings.relay_stall_seconds
+        tick = limit / 4
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if now - before > 2 * tick:
+                continue
+            if self._last_report is None:
+                silent, allowed = now - self._started_at, max(limit, START_SECONDS)
+            else:
+                silent, allowed = now - self._last_report, limit
+            if silent > allowed:
+                log.warning(
+                    "outbox relay process stopped reporting (hung or stopped); killing it to start another",
+                    pid=process.pid,
+                    silent_seconds=round(silent, 1),
+                    limit_seconds=allowed,
+                )
+                _kill(process)
+                return
 
 
 async def _stop(process: asyncio.subprocess.Process) -> None:
@@ -110,14 +157,18 @@ def _kill(process: asyncio.subprocess.Process) -> None:
         process.kill()
 
 
-async def _replay(process: asyncio.subprocess.Process) -> None:
-    """The child's counts into this process's counters; anything else it prints, to our stdout."""
+async def _replay(process: asyncio.subprocess.Process, heard: Callable[[], None]) -> None:
+    """The child's counts into this process's counters, each report of it to ``heard``; anything else it
+    prints, to our stdout."""
     assert process.stdout is not None
     async for raw in process.stdout:
         line = raw.decode(errors="replace")
         parts = line.split()
         if len(parts) == 4 and parts[0] == REPORT and parts[1] in _COUNTERS:
             _COUNTERS[parts[1]].labels(parts[2]).inc(float(parts[3]))
+            heard()
+        elif parts == [REPORT, ALIVE]:
+            heard()
         else:
             sys.stdout.write(line)
 
@@ -154,9 +205,10 @@ async def _serve(settings: QueueSettings) -> None:
         stopping.set()  # the parent closed our input (or died)
 
     await pool.open(wait=False)
+    # Reports start before RabbitMQ answers: the parent kills a child that does not report.
+    tasks = [asyncio.create_task(wakes()), asyncio.create_task(_report(stopping))]
     try:
         await broker.connect()
-        tasks = [asyncio.create_task(wakes()), asyncio.create_task(_report(stopping))]
         await relay.run(stopping)
         for task in tasks:
             task.cancel()
@@ -170,7 +222,8 @@ async def _serve(settings: QueueSettings) -> None:
 _reported: dict[tuple[str, str], float] = {}
 
 
-def _write_counts() -> None:
+def _write_counts() -> bool:
+    """Write the counts that changed since the last time; True when there were any."""
     lines = []
     for kind, counter in _COUNTERS.items():
         for metric in counter.collect():
@@ -185,12 +238,16 @@ def _write_counts() -> None:
     if lines:
         sys.stdout.write("".join(lines))
         sys.stdout.flush()
+    return bool(lines)
 
 
 async def _report(stopping: asyncio.Event, interval: float = 0.25) -> None:
+    """Counts, or that the child is alive, every ``interval`` while its event loop turns."""
     while not stopping.is_set():
         await sleep_unless_stopping(stopping, interval)
-        _write_counts()
+        if not _write_counts():
+            sys.stdout.write(f"{REPORT} {ALIVE}\n")
+            sys.stdout.flush()
 
 
 def main() -> None:

@@ -5,6 +5,10 @@ from __future__ import annotations
 from pydantic import Field
 
 from mesh.kit.settings import ServerSettings
+from mesh.queue.v1 import queue_service_pb2
+
+SERVICE_NAME = queue_service_pb2.DESCRIPTOR.services_by_name["QueueService"].full_name
+"""The queue service's gRPC (and health) name, from the .proto so that it cannot drift."""
 
 
 class QueueSettings(ServerSettings):
@@ -45,6 +49,17 @@ class QueueSettings(ServerSettings):
 
     publish_timeout_seconds: float = Field(default=10.0, gt=0)
     """How long one publish waits for the broker's confirm."""
+
+    relay_stall_seconds: float = Field(default=10.0, ge=1.0)
+    """How long the relay's child process (``relay_process``) may go without reporting to the service (it
+    reports four times a second while its event loop turns) before it is killed and started again: a child
+    that hangs, or is stopped, publishes nothing and does not exit."""
+
+    outbox_stale_seconds: float = Field(default=30.0, gt=0)
+    """The ``outbox`` health check says degraded while the oldest dispatch waiting in the outbox is older than
+    this: jobs are accepted but not dispatched (the relay hangs, RabbitMQ refuses or is away, or the relay
+    falls this far behind). A dispatch whose relay died waits ``relay_lock_seconds`` before another publishes
+    it."""
 
     reconcile_interval_seconds: float = Field(default=1.0, gt=0)
     """How often the reconciler re-queues due retries and stalled leases."""

@@ -14,10 +14,10 @@ from typing import Any
 from mesh.kit.jobs import IMAGE_JOBS_QUEUE, INFERENCE_JOBS_QUEUE
 from mesh.kit.runtime import HTTP_STOP_SECONDS, LIVENESS_SERVICE
 from mesh.kit.settings import ENV_PREFIX, CommonSettings
-from mesh.queue.v1 import queue_service_pb2
 from mesh.services.file import settings as file_settings
 from mesh.services.image_processing import settings as image_settings
 from mesh.services.inference import settings as inference_settings
+from mesh.services.queue import settings as queue_settings
 from mesh.tools.k8s_check.render import CLUSTER_SCOPED_KINDS, Manifest, containers_of, split_image
 from mesh.tools.k8s_check.settings_env import (
     default_int,
@@ -76,14 +76,7 @@ WORKLOADS = {
         rabbitmq=True,
         job_queue=INFERENCE_JOBS_QUEUE,
     ),
-    # queue/app.py's constant would import the whole queue server: the same descriptor gives the name.
-    "queue": Workload(
-        50054,
-        9104,
-        queue_service_pb2.DESCRIPTOR.services_by_name["QueueService"].full_name,
-        gpu_capable=False,
-        rabbitmq=True,
-    ),
+    "queue": Workload(50054, 9104, queue_settings.SERVICE_NAME, gpu_capable=False, rabbitmq=True),
     "gateway": Workload(None, 8080, None, gpu_capable=False, rabbitmq=False),
 }
 EDGE_WORKLOAD = "gateway"

@@ -21,14 +21,14 @@ from mesh.queue.v1 import job_pb2, queue_service_pb2, queue_service_pb2_grpc
 from mesh.services.file import settings as file_settings
 from mesh.services.image_processing import settings as image_settings
 from mesh.services.inference import settings as inference_settings
+from mesh.services.queue import settings as queue_settings
 from mesh.tools.load import payloads
 
 SERVICES = {
     "file": file_settings.SERVICE_NAME,
     "image": image_settings.SERVICE_NAME,
     "inference": inference_settings.SERVICE_NAME,
-    # queue/app.py's constant would import the whole queue server: the same descriptor gives the name.
-    "queue": queue_service_pb2.DESCRIPTOR.services_by_name["QueueService"].full_name,
+    "queue": queue_settings.SERVICE_NAME,
 }
 STREAMING_METHODS = {
     "file": ("UploadImage", "DownloadImage"),

@@ -207,11 +207,6 @@ class ArrayBackend:
         return self._to_host(xp.floor(out + 0.5) * (1 / 255))
 
 
-def gpu_available() -> bool:
-    """Whether CuPy imports and sees a CUDA device (:func:`mesh.kit.devices.gpu_available` without the why)."""
-    return devices.gpu_available()[0]
-
-
 def gpu_backend() -> ArrayBackend:
     """The CuPy backend; raises RuntimeError without CuPy or a CUDA device."""
     available, why = devices.gpu_available()

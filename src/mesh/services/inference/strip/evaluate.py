@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 from scipy import stats
 
-from mesh.services.inference.strip.backend import gpu_available
+from mesh.kit.devices import gpu_available
 from mesh.services.inference.strip.config import ReaderConfig
 from mesh.services.inference.strip.generator import (
     GeneratorOptions,
@@ -215,7 +215,7 @@ def evaluate(split: Split = "heldout", count: int = 400, timing: bool = True) ->
         result["cpu_ms_per_1080p"] = round(latency_ms(reader), 2)
         result["precheck_ms_per_1080p"] = round(latency_ms(reader, precheck=True), 2)
         result["gpu_ms_per_1080p"] = (
-            round(latency_ms(StripReader(ReaderConfig(), device="gpu")), 2) if gpu_available() else None
+            round(latency_ms(StripReader(ReaderConfig(), device="gpu")), 2) if gpu_available()[0] else None
         )
     result["targets"] = TARGETS
     result["met"] = {
