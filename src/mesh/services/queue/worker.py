@@ -180,8 +180,9 @@ class WorkerOptions:
     """After an attempt failed because a service its job calls was unavailable, how long the worker starts no
     new attempt; then one trial, whose failure doubles the pause (:class:`~.breaker.DependencyBreaker`)."""
 
-    dependency_pause_max_seconds: float = 30.0
-    """The longest pause between two trials while a service the jobs call stays unavailable."""
+    dependency_pause_max_seconds: float = 10.0
+    """The longest pause between two trials while a service the jobs call stays unavailable: how long after it
+    is back the jobs may still wait, against one attempt spent per trial (each a job of the backlog in turn)."""
 
     suspect_grace_seconds: float = 5.0
     """Redelivered dispatches (a worker holding them died, maybe killed by one of them) run one at a time:
