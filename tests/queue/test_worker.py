@@ -397,3 +397,26 @@ async def test_a_dependency_outage_holds_new_jobs_back_instead_of_spending_their
     )
     assert failed_attempts <= 4 + 8  # those running when it began, and one trial per pause at most
     assert worker.worker.breaker.closed
+
+
+async def test_a_trial_whose_job_was_cancelled_does_not_stall_the_worker(queue: Harness) -> None:
+    """The attempt let through after a pause may end without telling whether the service is back (its job was
+    cancelled meanwhile, so it is not claimable): the next dispatch becomes the trial, and the jobs run once
+    the service is back. The worker stopped taking jobs for good."""
+    back_at = time.monotonic() + 1.2
+
+    async def calls_a_flaky_service(context: JobContext) -> job_pb2.JobResult:
+        if time.monotonic() < back_at:
+            raise errors.Unavailable("the file service is unavailable; retry shortly")
+        return job_pb2.JobResult()
+
+    options = replace(FAST_OPTIONS, dependency_pause_seconds=0.3, dependency_pause_max_seconds=0.3)
+    await queue.start_worker(calls_a_flaky_service, concurrency=1, options=options)
+    first = await queue.submit(max_attempts=5)
+    await queue.wait_for(first.id, {job_pb2.JOB_STATE_RETRY_WAIT, job_pb2.JOB_STATE_QUEUED})
+    cancelled = [await queue.submit() for _ in range(3)]
+    for job in cancelled:
+        await queue.stub.CancelJob(queue_service_pb2.CancelJobRequest(job_id=job.id))
+    last = await queue.submit(max_attempts=5)
+    done = await queue.wait_all([first.id, last.id], timeout=20)
+    assert {job_pb2.JobState.Name(job.state) for job in done.values()} == {"JOB_STATE_SUCCEEDED"}

@@ -42,21 +42,29 @@ class DependencyBreaker:
         """How long until a trial may start (0 when closed, or once the pause is over)."""
         return 0.0 if self.closed else max(self._until - self._clock(), 0.0)
 
+    @property
+    def trial_running(self) -> bool:
+        """Whether the one attempt let through after a pause is still running."""
+        return self._trial
+
     def ready(self) -> bool:
         """Whether an attempt may start now: closed, or the pause is over and no trial is running."""
         return self.closed or (not self._trial and self.seconds_left() == 0.0)
 
-    def started(self) -> None:
-        """An attempt started (call only when :meth:`ready`): while not closed, it is the trial."""
-        if not self.closed:
-            self._trial = True
+    def started(self) -> bool:
+        """An attempt started (call only when :meth:`ready`); True when it is the trial (the breaker is open)."""
+        if self.closed:
+            return False
+        self._trial = True
+        return True
 
-    def failed(self, reason: str) -> None:
-        """An attempt failed because a service it called was unavailable: open, or, after a trial, pause
-        twice as long. A failure of an attempt that started before the breaker opened changes nothing."""
+    def failed(self, reason: str, *, trial: bool) -> None:
+        """An attempt failed because a service it called was unavailable: open; or, for the trial, pause twice
+        as long. An attempt that started before the breaker opened, failing while it is open, changes nothing:
+        only the trial tells whether the service is back."""
         if self.closed:
             self._pause = self.first_pause
-        elif self._trial:
+        elif trial and self._trial:
             self._pause = min(self._pause * 2, self.max_pause)
         else:
             return
@@ -69,3 +77,8 @@ class DependencyBreaker:
         self._pause = 0.0
         self._trial = False
         self.reason = ""
+
+    def trial_ended(self) -> None:
+        """The trial ended without telling (its job was cancelled or not claimable, it crashed, it lost its
+        lease): the next attempt may be the trial, at once, since the pause is over."""
+        self._trial = False

@@ -361,6 +361,8 @@ class JobWorker:
             max_pause=self.options.dependency_pause_max_seconds,
         )
         self._wake: asyncio.TimerHandle | None = None
+        self._trial: asyncio.Task[None] | None = None
+        """The attempt the breaker let through after a pause, while it runs."""
         self.ready = asyncio.Event()
 
     @property
@@ -458,7 +460,9 @@ class JobWorker:
         the breaker holds new attempts back (then try again when its pause ends)."""
         while self._accepting and len(self._tasks) < self.concurrency and self._waiting:
             if not self.breaker.ready():
-                self._wake_after(self.breaker.seconds_left())
+                # A running trial wakes the worker as it ends (_finished); a pause, when it is over.
+                if not self.breaker.trial_running:
+                    self._wake_after(self.breaker.seconds_left())
                 return
             message = self._waiting.pop()
             if _channel_closed(message):
@@ -466,8 +470,10 @@ class JobWorker:
                 # to another worker): running it now could not even be acked.
                 log.info("waiting dispatch dropped: its channel closed", message_id=message.message_id)
                 continue
-            self.breaker.started()
+            trial = self.breaker.started()
             task = asyncio.create_task(self._process(message), name=f"job-{message.message_id}")
+            if trial:
+                self._trial = task
             self._tasks.add(task)
             task.add_done_callback(self._finished)
 
@@ -475,11 +481,14 @@ class JobWorker:
         """Call :meth:`_start_waiting` again once the breaker's pause is over (one timer at a time)."""
         if self._wake is not None and not self._wake.cancelled():
             self._wake.cancel()
-        # A trial that is running wakes the worker as it ends; the timer is for the end of a pause.
         self._wake = asyncio.get_running_loop().call_later(max(seconds, 0.0) + 0.001, self._start_waiting)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        if task is self._trial:
+            # Whatever ended it (an outcome, a job not claimable, a crash, a lost lease), the next may start.
+            self._trial = None
+            self.breaker.trial_ended()
         self._start_waiting()
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
@@ -656,7 +665,8 @@ class JobWorker:
             self.breaker.succeeded()
             return
         was_closed = self.breaker.closed
-        self.breaker.failed(error.message)
+        trial = self._trial is not None and asyncio.current_task() is self._trial
+        self.breaker.failed(error.message, trial=trial)
         if was_closed:
             log.warning(
                 "a service the jobs call is unavailable; new jobs held back",
