@@ -508,6 +508,18 @@ async def test_a_watch_sends_the_states_a_job_passed_between_two_polls(queue: Ha
     assert not rest[0].job.HasField("result")
 
 
+async def test_a_jobs_row_and_history_are_read_in_one_snapshot(queue: Harness) -> None:
+    """with_history answers the row and its transitions as of one instant (the watch matches the two), and a
+    job that does not exist is NotFound."""
+    job = await queue.submit()
+    await queue.stub.CancelJob(queue_service_pb2.CancelJobRequest(job_id=job.id))
+    row, history = await queue.app.servicer.repository.with_history(uuid.UUID(job.id))
+    assert row["state"] == JobState.CANCELLED
+    assert [h["to_state"] for h in history] == ["QUEUED", "CANCELLED"]
+    with pytest.raises(errors.NotFound):
+        await queue.app.servicer.repository.with_history(uuid.uuid4())
+
+
 async def test_an_open_watch_ends_unavailable_as_soon_as_the_service_stops(queue: Harness) -> None:
     """SIGTERM ends the watch of an unfinished job at once with UNAVAILABLE ("restarting; retry"), which the
     gateway reopens: the watch went on until the drain's grace ran out (2 s here, 10 s by default), and

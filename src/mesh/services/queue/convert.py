@@ -130,8 +130,9 @@ def passed_states(row: Row, history: Sequence[Row], shown: int) -> tuple[list[jo
     and then: a job that went QUEUED -> RUNNING -> SUCCEEDED between two polls would be seen skipping RUNNING.
 
     Such a state is sent as the job at that transition: its state, attempt, time and history up to it; the
-    progress, stage, result and error it had then are not kept anywhere, so they are left empty. History read
-    after the row may end in changes newer than the row: those are left for the next poll.
+    progress, stage, result and error it had then are not kept anywhere, so they are left empty. ``history``
+    must be read in the same snapshot as ``row`` (``JobRepository.with_history``): read after it, it could end
+    in changes newer than the row, the last of which may come back to the row's state, and be matched to it.
     """
     current = next(
         (i for i in range(len(history) - 1, -1, -1) if history[i]["to_state"] == row["state"]),

@@ -359,6 +359,24 @@ class JobRepository:
         """The job's transitions, oldest first."""
         return await self._fetchall("SELECT * FROM job_history WHERE job_id = %s ORDER BY id", (job_id,))
 
+    async def with_history(self, job_id: uuid.UUID) -> tuple[Row, list[Row]]:
+        """One job row and its transitions as of one instant (one REPEATABLE READ snapshot), or NotFound: read
+        apart, the history could hold changes newer than the row, which a watch then took for the row's own."""
+
+        async def read() -> tuple[Row | None, list[Row]]:
+            async with self.pool.connection() as conn, conn.transaction():
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                row = await (await conn.execute("SELECT * FROM jobs WHERE id = %s", (job_id,))).fetchone()
+                history = await (
+                    await conn.execute("SELECT * FROM job_history WHERE job_id = %s ORDER BY id", (job_id,))
+                ).fetchall()
+                return row, history
+
+        row, history = await self._retrying(read)
+        if row is None:
+            raise job_not_found(job_id)
+        return row, history
+
     async def position(self, row: Row) -> int:
         """1-based position of a queued job within its queue (0 when not queued); one indexed count."""
         if row["state"] != JobState.QUEUED:

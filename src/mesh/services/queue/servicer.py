@@ -174,7 +174,8 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
         self, request: queue_service_pb2.WatchJobRequest, context: Context
     ) -> AsyncIterator[queue_service_pb2.WatchJobResponse]:
         """Every change of state, position or progress, by polling the job's row (one primary-key read
-        and, while queued, one indexed count per poll), until the job is terminal, or until the service
+        and, while queued, one indexed count per poll; on a change, the row and its history in one snapshot),
+        until the job is terminal, or until the service
         starts stopping (UNAVAILABLE: the caller reopens the watch). A state the job passed through between
         two polls is sent too, as the job was at that change (:func:`convert.passed_states`)."""
         job_id = validation.parse_uuid(request.job_id, "job_id")
@@ -186,8 +187,10 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
             position = await self.repository.position(row)
             seen = (int(row["version"]), position)
             if seen != last:
-                last = seen
-                history = await self.repository.history(job_id)
+                # The row again, with its history as of the same instant (passed_states matches the two).
+                row, history = await self.repository.with_history(job_id)
+                position = await self.repository.position(row)
+                last = (int(row["version"]), position)
                 passed, accounted = passed_states(row, history, len(history) if shown is None else shown)
                 shown = accounted
                 for job in passed:
