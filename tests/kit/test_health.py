@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,9 @@ from mesh.kit.health import (
     Degrading,
     DirectoryCheck,
     FreeSpaceCheck,
+    FunctionCheck,
     HealthMonitor,
+    in_thread_to_its_end,
     public_detail,
     run_check,
 )
@@ -324,3 +327,32 @@ async def test_a_timed_out_check_that_fails_as_it_ends_logs_nothing_at_error(
     ]
     check.hung = False
     assert (await run_check(check, 0.1)).ok
+
+
+async def test_a_check_blocked_in_its_thread_starts_no_second_thread_until_the_first_returns() -> None:
+    """A check that blocks in a thread (a hung volume) is not run again while its thread is blocked: its
+    cancellation waits for the thread, so run_check holds it back, and the default executor, which every
+    asyncio.to_thread of the process shares, is not filled by one blocked probe a round."""
+    release = threading.Event()
+    calls: list[int] = []
+
+    def blocked_probe() -> str:
+        calls.append(1)
+        release.wait(10)
+        return "writable"
+
+    check = FunctionCheck("blobs", lambda: in_thread_to_its_end(blocked_probe))
+    try:
+        for _ in range(6):
+            result = await run_check(check, 0.05)
+            assert not result.ok
+            await asyncio.sleep(0.05)  # the monitor's interval: a cancellation has time to end
+        assert len(calls) == 1
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 1) == "free"
+    finally:
+        release.set()
+    for _ in range(100):
+        if (await run_check(check, 0.5)).ok:
+            break
+        await asyncio.sleep(0.02)
+    assert len(calls) == 2

@@ -16,6 +16,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -127,6 +128,21 @@ class Degrading:
         return await self.inner.check()
 
 
+async def in_thread_to_its_end(probe: Callable[[], str], executor: Executor | None = None) -> str:
+    """``probe`` in a thread, for a check that blocks (a filesystem call). A cancelled caller (its timeout
+    passed) still ends only once the thread has returned, so that :func:`run_check` holds the check back until
+    then: a thread cannot be stopped, and one started each round on a hung volume filled the default executor,
+    which every ``asyncio.to_thread`` of the process (hashing, decoding) waits on. ``executor``: one of the
+    check's own, else asyncio's default."""
+    running = asyncio.get_running_loop().run_in_executor(executor, probe)
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):  # cancelled again (shutdown): leave the thread be
+            await asyncio.wait({running})
+        raise
+
+
 @dataclass
 class DirectoryCheck:
     """A directory exists, holds its ``marker`` file (when one is given) and is writable.
@@ -141,7 +157,7 @@ class DirectoryCheck:
     marker: str | None = None
 
     async def check(self) -> str:
-        return await asyncio.to_thread(self._check)
+        return await in_thread_to_its_end(self._check)
 
     def _check(self) -> str:
         if not self.path.is_dir():
@@ -168,7 +184,7 @@ class FreeSpaceCheck:
     min_free_bytes: int = 64 * 1024 * 1024
 
     async def check(self) -> str:
-        return await asyncio.to_thread(self._check)
+        return await in_thread_to_its_end(self._check)
 
     def _check(self) -> str:
         usage = shutil.disk_usage(self.path)

@@ -8,7 +8,6 @@ that gave up does not keep the backend's threads busy to the end of its pipeline
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from typing import Protocol
 
 from mesh.kit import errors
 from mesh.kit.devices import DeviceSetting, resolve_device, without_gpu
-from mesh.kit.health import FunctionCheck
+from mesh.kit.health import FunctionCheck, in_thread_to_its_end
 from mesh.kit.logging import describe
 from mesh.services.image_processing.filter_math import Image
 from mesh.services.image_processing.registry import Device, Step
@@ -105,7 +104,7 @@ def health_check(backend: Backend) -> FunctionCheck:
     thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu-health")
 
     async def in_own_thread() -> str:
-        return await asyncio.get_running_loop().run_in_executor(thread, backend.check)
+        return await in_thread_to_its_end(backend.check, thread)
 
     return FunctionCheck(name, in_own_thread)
 
