@@ -105,10 +105,24 @@ def amqp_url() -> str:
     return AMQP_URL
 
 
+SESSION_PREFIX = uuid.uuid4().hex[:4]
+"""The first hex digits of this test process's unique names: the parallel run's workers each clean up their
+own queues (``tests/queue/conftest.py``), never another's still in use."""
+
+
 @pytest.fixture
 def unique_name() -> str:
-    """A short unique name for queues, exchanges and files of one test."""
-    return f"t{uuid.uuid4().hex[:10]}"
+    """A short unique name for queues, exchanges and files of one test: ``t``, this process's prefix and six
+    random hex digits."""
+    return f"t{SESSION_PREFIX}{uuid.uuid4().hex[:6]}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``make test`` runs two workers), the system tests share one worker: each runs the
+    whole mesh on the same moved ports."""
+    for item in items:
+        if "system" in item.path.parts:
+            item.add_marker(pytest.mark.xdist_group("system-mesh"))
 
 
 @pytest.fixture

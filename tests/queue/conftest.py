@@ -12,10 +12,10 @@ import pytest
 from mesh.kit.db import migrate
 from mesh.services.queue.repository import MIGRATIONS
 from mesh.services.queue.topology import HIGH_LANE_SUFFIX
-from tests.conftest import AMQP_URL
+from tests.conftest import AMQP_URL, SESSION_PREFIX
 from tests.queue.harness import Harness, delete_queues, fast_settings, running_queue
 
-TEST_QUEUE = re.compile(r"t[0-9a-f]{10}\..+")
+TEST_QUEUE = re.compile(rf"t{SESSION_PREFIX}[0-9a-f]{{6}}\..+")
 
 
 @pytest.fixture
@@ -34,8 +34,9 @@ async def migrated(database_url: str) -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def remove_leftover_test_queues() -> Iterator[None]:
-    """After the queue tests, delete every queue a test left on the shared broker (names start with the
-    ``unique_name`` prefix, ``t`` and ten hex digits), so repeated runs do not pile quorum queues up."""
+    """After the queue tests, delete every queue a test of this process left on the shared broker (names start
+    with ``t``, this process's ``SESSION_PREFIX`` and six hex digits), so repeated runs do not pile quorum queues
+    up; another process's (a parallel worker's) may still be in use."""
     yield
     listed = subprocess.run(
         ["rabbitmqctl", "-q", "list_queues", "name"], capture_output=True, text=True, timeout=60, check=False

@@ -167,6 +167,7 @@ async def test_dropped_database_connections_lose_nothing(queue: Harness) -> None
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # it restarts the broker every other test uses
 async def test_rabbitmq_restart_during_submits_and_work(queue: Harness) -> None:
     """``rabbitmqctl stop_app``/``start_app`` while jobs are submitted and run: every accepted job completes;
     the relay, the workers and the dead-letter consumer reconnect by themselves; the broker's health check

@@ -244,11 +244,18 @@ def _logged(message: str) -> str:
     return f"{shown(message, MAX_LOGGED_ERROR_CHARS)} (cut from {len(message)} characters)"
 
 
+DEADLINE_SLACK_SECONDS = 0.1
+"""How close to its deadline a cancelled call counts as past it: the server's deadline starts when the call
+arrives, after the client's, so the cancel that the client's own expiry sends comes while the server still sees
+a little time left (tens of milliseconds on a loaded machine)."""
+
+
 def ended_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
     """The code of a call cancelled without a status of its own: DEADLINE_EXCEEDED where its deadline has
-    passed (gRPC cancels the handler then, as when the client leaves), CANCELLED otherwise."""
+    passed, or all but (``DEADLINE_SLACK_SECONDS``; gRPC cancels the handler then, as when the client leaves),
+    CANCELLED otherwise."""
     remaining = context.time_remaining()
-    expired = remaining is not None and remaining <= 0
+    expired = remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
     return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
 
