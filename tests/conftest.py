@@ -117,14 +117,6 @@ def unique_name() -> str:
     return f"t{SESSION_PREFIX}{uuid.uuid4().hex[:6]}"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (``make test`` runs two workers), the system tests share one worker: each runs the
-    whole mesh on the same moved ports."""
-    for item in items:
-        if "system" in item.path.parts:
-            item.add_marker(pytest.mark.xdist_group("system-mesh"))
-
-
 @pytest.fixture
 async def no_leaked_tasks() -> AsyncIterator[None]:
     """Fails a test that leaves asyncio tasks running behind it."""

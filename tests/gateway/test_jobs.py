@@ -26,7 +26,7 @@ async def _image(client: httpx.AsyncClient) -> str:
 
 
 async def _wait_state(client: httpx.AsyncClient, job_id: str, state: str) -> dict[str, Any]:
-    for _ in range(200):
+    for _ in range(500):  # 10 s: the fake queue's steps are 50 ms, on a loaded machine many times that
         job: dict[str, Any] = (await client.get(f"/v1/jobs/{job_id}")).json()
         if job["state"] == state:
             return job

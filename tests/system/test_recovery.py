@@ -12,12 +12,16 @@ from pathlib import Path
 import grpc
 import httpx
 import psycopg
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from tests.system.conftest import FILE_GRPC, GATEWAY, PORT_OFFSET, Mesh, until
+
+# Each runs the whole mesh on the same moved ports: `make test` runs them after its parallel run, one after another.
+pytestmark = pytest.mark.serial
 
 
 def _file_service_status() -> int:

@@ -22,6 +22,9 @@ from tests.conftest import free_port, require
 from tests.system.collector import CollectedSpan, Collector
 from tests.system.conftest import FILE_METRICS, GATEWAY, PORT_OFFSET, Mesh, start_mesh, stop_mesh, until
 
+# Each runs the whole mesh on the same moved ports: `make test` runs them after its parallel run, one after another.
+pytestmark = pytest.mark.serial
+
 REPO = Path(__file__).resolve().parents[2]
 
 TERMINAL = {"SUCCEEDED", "FAILED", "DEAD", "CANCELLED"}

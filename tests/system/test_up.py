@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import psutil
 import psycopg
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from psycopg import sql
@@ -26,6 +27,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from mesh.tools import up
 from mesh.tools.up import PROCESSES, STOP_ORDER, child_environment, stop_all
 from tests.system.conftest import FILE_GRPC, GATEWAY, start_mesh, stop_mesh
+
+# Each runs the whole mesh on the same moved ports: `make test` runs them after its parallel run, one after another.
+pytestmark = pytest.mark.serial
 
 
 def _png(width: int = 64, height: int = 48) -> bytes:
