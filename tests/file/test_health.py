@@ -177,12 +177,11 @@ async def test_an_unmounted_blob_volume_is_not_serving_and_the_probe_creates_not
     try:
         await asyncio.to_thread(blob_dir.mkdir)  # the bare mount point, as left on the root filesystem
         await wait_for_status(server, NOT_SERVING, 10)
+        # A probe between the rename and the mkdir saw no directory at all: wait for one that saw the mkdir.
+        marker = f"{blob_dir} has no .mesh-blob-store marker; its volume may not be mounted"
+        await _wait_for_check(server, "blob_store", "failing", 10, detail=marker)
         checks = {c["name"]: c for c in (await _healthz(server)).json()["checks"]}
         assert {name for name, c in checks.items() if c["status"] == "failing"} == {"blob_store"}
-        assert (
-            f"{blob_dir} has no .mesh-blob-store marker; its volume may not be mounted"
-            in (checks["blob_store"]["detail"])
-        )
         await asyncio.to_thread(blob_dir.rmdir)
         await _wait_for_check(server, "blob_store", "failing", 10, detail="is not a directory")
         await asyncio.sleep(0.3)  # a few more probes
