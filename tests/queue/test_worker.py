@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from mesh.common.v1 import errors_pb2
 from mesh.kit import errors, tracing
-from mesh.kit.jobs import INFERENCE_JOBS_QUEUE, JobContext
+from mesh.kit.jobs import INFERENCE_JOBS_QUEUE, JobContext, JobHandler
 from mesh.kit.runtime import HTTP_STOP_SECONDS, ServiceRuntime
 from mesh.kit.settings import WorkerSettings
 from mesh.queue.v1 import job_pb2, queue_service_pb2
@@ -373,6 +373,18 @@ async def test_a_services_worker_takes_its_attempt_limit_from_the_settings(queue
     await worker.pool.close()
 
 
+def _calls_a_service_down_for(seconds: float) -> JobHandler:
+    """A handler whose service answers UNAVAILABLE for ``seconds`` from now, then works."""
+    back_at = time.monotonic() + seconds
+
+    async def handler(context: JobContext) -> job_pb2.JobResult:
+        if time.monotonic() < back_at:
+            raise errors.Unavailable("the file service is unavailable; retry shortly")
+        return job_pb2.JobResult()
+
+    return handler
+
+
 async def test_a_dependency_outage_holds_new_jobs_back_instead_of_spending_their_attempts(
     queue: Harness,
 ) -> None:
@@ -380,15 +392,8 @@ async def test_a_dependency_outage_holds_new_jobs_back_instead_of_spending_their
     lets one trial through per pause: the attempts running when it began and the trials fail, the rest wait
     QUEUED, and every job SUCCEEDS once the service is back, though each may fail only once (max_attempts 2).
     A worker that kept claiming spent both attempts of most of its backlog within the outage: FAILED."""
-    back_at = time.monotonic() + 1.5
-
-    async def calls_a_flaky_service(context: JobContext) -> job_pb2.JobResult:
-        if time.monotonic() < back_at:
-            raise errors.Unavailable("the file service is unavailable; retry shortly")
-        return job_pb2.JobResult()
-
     options = replace(FAST_OPTIONS, dependency_pause_seconds=0.2, dependency_pause_max_seconds=0.4)
-    worker = await queue.start_worker(calls_a_flaky_service, options=options)
+    worker = await queue.start_worker(_calls_a_service_down_for(1.5), options=options)
     jobs = [await queue.submit(max_attempts=2) for _ in range(20)]
     done = await queue.wait_all([job.id for job in jobs], timeout=30)
     assert Counter(job_pb2.JobState.Name(job.state) for job in done.values()) == {"JOB_STATE_SUCCEEDED": 20}
@@ -403,15 +408,8 @@ async def test_a_trial_whose_job_was_cancelled_does_not_stall_the_worker(queue: 
     """The attempt let through after a pause may end without telling whether the service is back (its job was
     cancelled meanwhile, so it is not claimable): the next dispatch becomes the trial, and the jobs run once
     the service is back. The worker stopped taking jobs for good."""
-    back_at = time.monotonic() + 1.2
-
-    async def calls_a_flaky_service(context: JobContext) -> job_pb2.JobResult:
-        if time.monotonic() < back_at:
-            raise errors.Unavailable("the file service is unavailable; retry shortly")
-        return job_pb2.JobResult()
-
     options = replace(FAST_OPTIONS, dependency_pause_seconds=0.3, dependency_pause_max_seconds=0.3)
-    await queue.start_worker(calls_a_flaky_service, concurrency=1, options=options)
+    await queue.start_worker(_calls_a_service_down_for(1.2), concurrency=1, options=options)
     first = await queue.submit(max_attempts=5)
     await queue.wait_for(first.id, {job_pb2.JOB_STATE_RETRY_WAIT, job_pb2.JOB_STATE_QUEUED})
     cancelled = [await queue.submit() for _ in range(3)]
