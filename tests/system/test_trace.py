@@ -209,15 +209,29 @@ def test_a_real_prometheus_scrapes_every_process_and_evaluates_every_rule(
             result: list[dict[str, Any]] = answer["data"]["result"]
             return result
 
-        def all_up() -> bool:
-            try:  # Prometheus is still starting: not up yet
-                active = httpx.get(f"{api}/targets", timeout=5).json()["data"]["activeTargets"]
+        def ready_data(path: str) -> Any:
+            """The API's data, or None while Prometheus starts (no listener yet, then 503s)."""
+            try:
+                answer = httpx.get(f"{api}/{path}", timeout=5)
             except httpx.TransportError:
+                return None
+            if answer.status_code == httpx.codes.SERVICE_UNAVAILABLE:
+                return None
+            answer.raise_for_status()
+            return answer.json()["data"]
+
+        def all_up() -> bool:
+            data = ready_data("targets")
+            if data is None:
                 return False
+            active = data["activeTargets"]
             return len(active) == len(targets) and all(t["health"] == "up" for t in active)
 
         def rules_evaluated() -> list[dict[str, Any]]:
-            groups = httpx.get(f"{api}/rules", timeout=5).json()["data"]["groups"]
+            data = ready_data("rules")
+            if data is None:
+                return []
+            groups = data["groups"]
             rules: list[dict[str, Any]] = [rule for group in groups for rule in group["rules"]]
             evaluated = rules and all(not rule["lastEvaluation"].startswith("0001") for rule in rules)
             return rules if evaluated else []
