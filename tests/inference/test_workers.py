@@ -32,7 +32,11 @@ from mesh.services.inference.workers import (
     REASON_MODEL_CRASHED,
     SharedBuffer,
     WorkerModel,
+    _Failed,
+    _next_batch,
+    _Outputs,
     _portable,
+    _receive,
     _serve,
     _WorkerSpec,
 )
@@ -304,6 +308,27 @@ def test_an_exception_that_cannot_cross_processes_becomes_internal_naming_it() -
     assert _portable(error) is error
     replaced = _portable(_NeedsTwoArguments("x", "y"))
     assert "_NeedsTwoArguments: x y" in str(replaced)
+
+
+def test_the_pipe_carries_only_the_protocols_messages() -> None:
+    """Each end knows what the other may send: outputs and failures arrive typed, and anything else (the
+    tuples of an older worker, a stray object) is refused by name instead of being taken for an answer."""
+    server_end, worker_end = multiprocessing.Pipe()
+    with server_end, worker_end:
+        worker_end.send(_Outputs([b"one", b"two"]))
+        assert _receive(server_end, "model-worker-0") == _Outputs([b"one", b"two"])
+        worker_end.send(_Failed(InvalidArgument("bad image")))
+        failed = _receive(server_end, "model-worker-0")
+        assert isinstance(failed, _Failed)
+        assert isinstance(failed.error, InvalidArgument)
+        worker_end.send(("ok", [b"one"]))
+        with pytest.raises(Internal, match="model-worker-0 sent tuple, not a message of the worker protocol"):
+            _receive(server_end, "model-worker-0")
+        server_end.send(None)
+        assert _next_batch(worker_end) is None
+        server_end.send("compute")
+        with pytest.raises(TypeError, match="the server sent str"):
+            _next_batch(worker_end)
 
 
 def test_a_large_batch_gives_its_buffer_back_and_later_batches_still_read_right(

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnContext, SpawnProcess
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import cv2
 import numpy as np
@@ -74,6 +74,10 @@ _SERVER_GONE = (BrokenPipeError, ConnectionResetError)
 KEEP_BYTES = 128 * 2**20
 
 
+# The pipe carries these messages and nothing else. Server to worker: a _Batch, or _STOP. Worker to server:
+# _Ready once, or _Failed if its model could not be built; then one _Outputs or _Failed per batch.
+
+
 @dataclass(frozen=True)
 class _Ready:
     """A worker's first message: its model loaded and warmed up."""
@@ -98,6 +102,42 @@ class _Batch:
 
     opencv_threads: int
     """Threads OpenCV may use for this batch: the cores shared among the batches computing now."""
+
+
+@dataclass(frozen=True)
+class _Outputs:
+    """A batch's outputs, one serialised ``PredictResponse`` per image, in order."""
+
+    responses: list[bytes]
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """What the model raised: while it was built (instead of _Ready), or for a batch (instead of _Outputs)."""
+
+    error: BaseException
+
+
+_STOP: Final = None
+"""The server's last message: the worker exits."""
+
+_Reply = _Ready | _Outputs | _Failed
+
+
+def _receive(conn: Connection, worker: str) -> _Reply:
+    """The worker's next message; Internal for anything the protocol does not know (a bug, not a model error)."""
+    message = conn.recv()
+    if not isinstance(message, _Ready | _Outputs | _Failed):
+        raise Internal(f"{worker} sent {type(message).__name__}, not a message of the worker protocol")
+    return message
+
+
+def _next_batch(conn: Connection) -> _Batch | None:
+    """The server's next message to a worker: a batch, or _STOP."""
+    message = conn.recv()
+    if message is not _STOP and not isinstance(message, _Batch):
+        raise TypeError(f"the server sent {type(message).__name__}, not a message of the worker protocol")
+    return message
 
 
 @dataclass(frozen=True)
@@ -252,16 +292,18 @@ class _Worker:
         try:
             if not conn.poll(START_TIMEOUT_SECONDS):
                 raise RuntimeError(f"{self.name} did not load its model within {START_TIMEOUT_SECONDS:.0f} s")
-            kind, payload = conn.recv()
+            reply = _receive(conn, self.name)
         except EOFError:
             raise RuntimeError(f"{self.name} exited (code {self._reap()}) while loading its model") from None
         except BaseException:
             self.stop()
             raise
-        if kind != "ready":
-            self.stop()
-            raise cast(BaseException, payload)
-        return cast(_Ready, payload)
+        if isinstance(reply, _Ready):
+            return reply
+        self.stop()
+        if isinstance(reply, _Failed):
+            raise reply.error
+        raise Internal(f"{self.name} answered outputs before it said it was ready")
 
     def run(
         self, operation: Operation, parameters: ResolvedParameters, images: Sequence[Pixels], threads: int
@@ -279,7 +321,7 @@ class _Worker:
             offset += image.nbytes
         try:
             conn.send(_Batch(operation, parameters, tuple(layouts), self._buffer.size, threads))
-            kind, payload = conn.recv()
+            reply = _receive(conn, self.name)
         except (EOFError, OSError):
             code = self._reap()
             if len(images) == 1:
@@ -292,9 +334,11 @@ class _Worker:
             ) from None
         finally:
             self._buffer.shrink(KEEP_BYTES)
-        if kind != "ok":
-            raise cast(BaseException, payload)
-        return cast(list[bytes], payload)
+        if isinstance(reply, _Outputs):
+            return reply.responses
+        if isinstance(reply, _Failed):
+            raise reply.error
+        raise Internal(f"{self.name} said it was ready again instead of answering a batch")
 
     def stop(self) -> None:
         """Ask the worker to exit; terminate it if it does not."""
@@ -303,7 +347,7 @@ class _Worker:
         self._buffer.close()
         if conn is not None:
             with contextlib.suppress(OSError):  # already gone
-                conn.send(None)
+                conn.send(_STOP)
             conn.close()
         if process is not None:
             process.join(STOP_TIMEOUT_SECONDS)
@@ -373,18 +417,16 @@ def _serve(conn: Connection, spec: _WorkerSpec) -> None:
         model.warm_up()
     except Exception as exc:
         with contextlib.suppress(*_SERVER_GONE):
-            conn.send(("error", _portable(exc)))
+            conn.send(_Failed(_portable(exc)))
         return
     try:
-        conn.send(
-            ("ready", _Ready(model.platform, model.device, frozenset(model.operations), model.min_image_size))
-        )
+        conn.send(_Ready(model.platform, model.device, frozenset(model.operations), model.min_image_size))
         while True:
             try:
-                batch = conn.recv()
+                batch = _next_batch(conn)
             except EOFError:  # the server is gone
                 return
-            if batch is None:
+            if batch is _STOP:
                 return
             buffer.follow(batch.buffer_size)
             if batch.opencv_threads != cv2.getNumThreads():
@@ -392,7 +434,7 @@ def _serve(conn: Connection, spec: _WorkerSpec) -> None:
             images = buffer.images(batch.images)
             try:
                 outputs = model.run_batch(batch.operation, batch.parameters, images)
-                conn.send(("ok", [_serialised(model.fill_response, output) for output in outputs]))
+                conn.send(_Outputs([_serialised(model.fill_response, output) for output in outputs]))
             except _SERVER_GONE:
                 raise
             except Exception as exc:
@@ -400,7 +442,7 @@ def _serve(conn: Connection, spec: _WorkerSpec) -> None:
                     log.warning(
                         "model batch failed", worker=multiprocessing.current_process().name, exc_info=True
                     )
-                conn.send(("error", _portable(exc)))
+                conn.send(_Failed(_portable(exc)))
     except _SERVER_GONE:
         return  # the server stopped (even while this worker was starting): there is no one to answer
     finally:
