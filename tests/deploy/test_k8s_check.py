@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from mesh.tools.k8s_check import check_directory, main
-from mesh.tools.k8s_check.policy import Overlay, check_overlay
+from mesh.tools.k8s_check.checks import check_overlay
+from mesh.tools.k8s_check.policy import Overlay
 from mesh.tools.k8s_check.render import Manifest, render
 from mesh.tools.k8s_check.schema import validate_all
 

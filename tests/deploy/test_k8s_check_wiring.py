@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from mesh.tools.k8s_check import check_directory
-from mesh.tools.k8s_check.policy import Overlay, check_overlay
+from mesh.tools.k8s_check.checks import check_overlay
+from mesh.tools.k8s_check.policy import Overlay
 from mesh.tools.k8s_check.render import Manifest
 
 VERSION = "1.31.0"

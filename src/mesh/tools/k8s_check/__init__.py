@@ -18,7 +18,8 @@ from pathlib import Path
 import yaml
 
 from mesh.tools.k8s_check import dockerfile, schema
-from mesh.tools.k8s_check.policy import Overlay, Violation, check_overlay
+from mesh.tools.k8s_check.checks import check_overlay
+from mesh.tools.k8s_check.policy import Overlay, Violation
 from mesh.tools.k8s_check.render import Manifest, RenderError, render
 
 KUBERNETES_VERSION = "1.31.0"

@@ -55,32 +55,11 @@ class Workload:
     blob_store: bool = False
     """Whether it keeps the blob store under ``MESH_BLOB_DIR`` (which must then be on a volume)."""
 
+    calls: tuple[str, ...] = ()
+    """The address settings of the services its process dials: every process reads them all (CommonSettings),
+    but each calls only these (its clients: ``mesh.services.*.client``, the gateway's backends)."""
 
-WORKLOADS = {
-    "file": Workload(
-        50051, 9101, file_settings.SERVICE_NAME, gpu_capable=False, rabbitmq=False, blob_store=True
-    ),
-    "image-processing": Workload(
-        50052,
-        9102,
-        image_settings.SERVICE_NAME,
-        gpu_capable=True,
-        rabbitmq=True,
-        job_queue=IMAGE_JOBS_QUEUE,
-    ),
-    "inference": Workload(
-        50053,
-        9103,
-        inference_settings.SERVICE_NAME,
-        gpu_capable=True,
-        rabbitmq=True,
-        job_queue=INFERENCE_JOBS_QUEUE,
-    ),
-    "queue": Workload(50054, 9104, queue_settings.SERVICE_NAME, gpu_capable=False, rabbitmq=True),
-    "gateway": Workload(None, 8080, None, gpu_capable=False, rabbitmq=False),
-}
-EDGE_WORKLOAD = "gateway"
-QUEUE_SCALED_WORKLOADS = tuple(name for name, workload in WORKLOADS.items() if workload.job_queue)
+
 # The workload behind each MESH_<NAME>_SERVICE_ADDRESS (its gRPC port) and MESH_<NAME>_SERVICE_HTTP (its HTTP
 # port, which the gateway's health dashboard reads).
 ADDRESSED_WORKLOADS = {
@@ -90,6 +69,55 @@ ADDRESSED_WORKLOADS = {
     "QUEUE": "queue",
 }
 ADDRESS_SUFFIXES = {"_SERVICE_ADDRESS": "gRPC", "_SERVICE_HTTP": "HTTP"}
+FILE_ADDRESS = "MESH_FILE_SERVICE_ADDRESS"
+INFERENCE_ADDRESS = "MESH_INFERENCE_SERVICE_ADDRESS"
+WORKLOADS = {
+    "file": Workload(
+        50051, 9101, file_settings.SERVICE_NAME, gpu_capable=False, rabbitmq=False, blob_store=True
+    ),
+    # The file client fetches its inputs and stores its outputs; a job's predictions go to inference.
+    "image-processing": Workload(
+        50052,
+        9102,
+        image_settings.SERVICE_NAME,
+        gpu_capable=True,
+        rabbitmq=True,
+        job_queue=IMAGE_JOBS_QUEUE,
+        calls=(FILE_ADDRESS, INFERENCE_ADDRESS),
+    ),
+    # The file client fetches the images that requests name by id.
+    "inference": Workload(
+        50053,
+        9103,
+        inference_settings.SERVICE_NAME,
+        gpu_capable=True,
+        rabbitmq=True,
+        job_queue=INFERENCE_JOBS_QUEUE,
+        calls=(FILE_ADDRESS,),
+    ),
+    # SubmitJob checks that the image and the model a job names exist (mesh.services.queue.references).
+    "queue": Workload(
+        50054,
+        9104,
+        queue_settings.SERVICE_NAME,
+        gpu_capable=False,
+        rabbitmq=True,
+        calls=(FILE_ADDRESS, INFERENCE_ADDRESS),
+    ),
+    # Every backend's gRPC port, and its HTTP port for the health dashboard (mesh.services.gateway.backends).
+    "gateway": Workload(
+        None,
+        8080,
+        None,
+        gpu_capable=False,
+        rabbitmq=False,
+        calls=tuple(
+            f"{ENV_PREFIX}{name}{suffix}" for name in ADDRESSED_WORKLOADS for suffix in ADDRESS_SUFFIXES
+        ),
+    ),
+}
+EDGE_WORKLOAD = "gateway"
+QUEUE_SCALED_WORKLOADS = tuple(name for name, workload in WORKLOADS.items() if workload.job_queue)
 # The ports a process listens on: (kind, settings field, the name its container port goes by).
 PORT_SETTINGS = (("gRPC", "grpc_port", "grpc"), ("HTTP", "http_port", "http"))
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
@@ -791,7 +819,7 @@ def check_ports(overlay: Overlay) -> Iterator[Violation]:
                     )
 
 
-def _service_name(host: str, namespace: str | None) -> str | None:
+def addressed_service(host: str, namespace: str | None) -> str | None:
     """The Service a host names in the overlay's namespace (``file``, ``file.mesh``, ``file.mesh.svc``,
     ``file.mesh.svc.cluster.local``), or None for a host elsewhere (another namespace, an IP, a DNS name)."""
     name, _, domain = host.partition(".")
@@ -811,7 +839,7 @@ def _check_address(overlay: Overlay, where: str, variable: str, value: str) -> I
         yield Violation(where, f"{variable} {value!r} is not host:port")
         return
     namespace = next((s["metadata"].get("namespace") for s in overlay.of_kind("Service")), None)
-    service_name = _service_name(host, namespace)
+    service_name = addressed_service(host, namespace)
     if service_name is None:
         return
     service = overlay.find("Service", service_name)
@@ -928,26 +956,3 @@ def _check_blob_dir(
             where,
             f"MESH_BLOB_DIR {value} is on the emptyDir {mount.get('name')}: every blob goes with the pod",
         )
-
-
-CHECKS: tuple[Callable[[Overlay], Iterator[Violation]], ...] = (
-    check_inventory,
-    check_probes,
-    check_resources,
-    check_security,
-    check_images,
-    check_identity,
-    check_lifecycle,
-    check_autoscaling,
-    check_job_queues,
-    check_exposure,
-    check_settings_variables,
-    check_ports,
-    check_service_addresses,
-    check_blob_store,
-)
-
-
-def check_overlay(overlay: Overlay) -> list[Violation]:
-    """Every policy violation in one rendered overlay."""
-    return [violation for check in CHECKS for violation in check(overlay)]
