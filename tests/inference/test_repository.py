@@ -10,8 +10,8 @@ import pytest
 
 from mesh.kit.devices import gpu_available, resolve_device
 from mesh.kit.errors import InvalidArgument, NotFound, StartupError, Unavailable, exit_on_startup_error
-from mesh.services.inference.__main__ import serve
 from mesh.services.inference.repository import ModelConfigError, ModelRepository
+from mesh.services.inference.server import inference_service
 from mesh.services.inference.settings import InferenceSettings
 from tests.inference.fakes import FakeFactory, fake_config, write_model
 
@@ -167,7 +167,8 @@ async def test_bad_repository_stops_the_process_with_a_message(
     """``python -m mesh.services.inference`` exits with status 2 and names the problem."""
     settings = InferenceSettings(model_dir=tmp_path / "absent", grpc_port=0, http_port=0)
     with pytest.raises(SystemExit) as info, exit_on_startup_error("inference"):
-        await serve(settings)
+        async with inference_service(settings):
+            pass
     assert info.value.code == 2
     assert "is not a directory (set MESH_MODEL_DIR)" in capsys.readouterr().err
 
@@ -191,7 +192,8 @@ async def test_a_gpu_asked_for_where_there_is_none_stops_the_start_with_one_line
         pytest.skip("this machine has a GPU")
     settings = InferenceSettings(model_dir=tmp_path, device="gpu", grpc_port=0, http_port=0)
     with pytest.raises(SystemExit) as info, exit_on_startup_error("inference"):
-        await serve(settings)
+        async with inference_service(settings):
+            pass
     assert info.value.code == 2
     line = capsys.readouterr().err
     assert line.startswith("inference: cannot start: MESH_DEVICE=gpu but ")

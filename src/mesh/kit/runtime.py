@@ -1,10 +1,15 @@
 """The one server bootstrap: gRPC server, health, reflection, metrics/health HTTP port, graceful drain.
 
-Usage, in a service's ``__main__``::
+Usage: a service's wiring is one ``@asynccontextmanager`` that builds what the service needs, yields the ready
+runtime and closes what it opened, in reverse order, on exit; its ``__main__`` hands it to :func:`run_service`::
 
-    runtime = ServiceRuntime("file", settings, service_names=[...], checks=[...])
-    add_FileServiceServicer_to_server(servicer, runtime.server)
-    await runtime.run()          # returns after SIGTERM/SIGINT and a graceful drain
+    @asynccontextmanager
+    async def file_service(settings: FileSettings) -> AsyncIterator[ServiceRuntime]:
+        runtime = ServiceRuntime("file", settings, service_names=[...], checks=[...])
+        add_FileServiceServicer_to_server(servicer, runtime.server)
+        yield runtime            # run() returns after SIGTERM/SIGINT and a graceful drain
+
+    run_service("file", FileSettings, file_service)
 
 On SIGTERM: every health name goes NOT_SERVING (so load balancers stop sending), ``stopping`` is set (so
 workers stop taking jobs, and calls that would last, such as a watch or a client stream, end:
@@ -22,7 +27,7 @@ import contextlib
 import importlib.metadata
 import signal
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import uvicorn
@@ -164,6 +169,40 @@ def start_service(
     if large_messages:
         tune_allocator()
     return settings
+
+
+class Runnable(Protocol):
+    """What a service's wiring yields: a :class:`ServiceRuntime`, or the gateway's ``GatewayRuntime`` (uvicorn,
+    no gRPC server)."""
+
+    async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT, then drain and return."""
+
+
+ServiceWiring = Callable[[ServiceSettingsT], contextlib.AbstractAsyncContextManager[Runnable]]
+"""A service's wiring: from its settings, a context manager that builds the service, yields it ready to run,
+and closes what it opened (in reverse order) on exit, whether ``run()`` ended or the wiring failed half way."""
+
+
+def run_service(
+    service: str,
+    settings_type: type[ServiceSettingsT],
+    wiring: ServiceWiring[ServiceSettingsT],
+    *,
+    large_messages: bool = False,
+) -> None:
+    """A service's whole process, the one way every ``python -m mesh.services.<name>`` starts: settings, logs
+    and traces (:func:`start_service`), then the event loop, in which ``wiring`` builds the service and its
+    ``run()`` serves until SIGTERM. A :class:`~mesh.kit.errors.StartupError` on the way (a volume it may not
+    write to, MESH_DEVICE=gpu without a GPU) ends the process with one line and exit status 2."""
+    settings = start_service(service, settings_type, large_messages=large_messages)
+    with errors.exit_on_startup_error(service):
+        asyncio.run(_serve(wiring, settings))
+
+
+async def _serve(wiring: ServiceWiring[ServiceSettingsT], settings: ServiceSettingsT) -> None:
+    async with wiring(settings) as runtime:
+        await runtime.run()
 
 
 class BackgroundTaskCrashed(RuntimeError):

@@ -1,14 +1,17 @@
 """``python -m mesh.services.gateway``: the REST gateway on HTTP port 8080 (no gRPC server of its own).
 
-Wiring only: settings, observability, backends, the API key store when auth uses keys, the app, uvicorn.
-uvicorn drains in-flight requests on SIGTERM for ``grace_seconds``. The key store's migrations run in the
-background: started while PostgreSQL is away, the gateway serves, unready, with key checks answering 503.
+Wiring only: backends, the API key store when auth uses keys, the app and uvicorn, started by the kit's
+:func:`~mesh.kit.runtime.run_service` as every service is. uvicorn drains in-flight requests on SIGTERM for
+``grace_seconds``. The key store's migrations run in the background: started while PostgreSQL is away, the
+gateway serves, unready, with key checks answering 503.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+from collections.abc import AsyncIterator
 from types import FrameType
 
 import httpx
@@ -19,7 +22,7 @@ from mesh.kit.db import PostgresCheck, create_pool
 from mesh.kit.health import DependencyCheck
 from mesh.kit.logging import get_logger
 from mesh.kit.migrations import SchemaMigrations
-from mesh.kit.runtime import start_service
+from mesh.kit.runtime import run_service
 from mesh.services.gateway.app import create_app
 from mesh.services.gateway.auth import Authenticator
 from mesh.services.gateway.backends import Backends
@@ -32,51 +35,72 @@ from mesh.services.gateway.settings import GatewaySettings
 log = get_logger("mesh.services.gateway")
 
 
-async def serve(settings: GatewaySettings) -> None:
-    """Run the gateway until SIGTERM/SIGINT."""
-    checks: list[DependencyCheck] = []
-    keys: KeyStore | None = None
-    pool = None
-    migrations: SchemaMigrations | None = None
-    if settings.auth_mode in ("api_key", "any"):
-        migrations = SchemaMigrations(settings.database_url, COMPONENT, MIGRATIONS)
-        pool = create_pool(settings.database_url, name="gateway", min_size=1, max_size=8)
-        await pool.open(wait=False)
-        keys = KeyStore(pool, migrations=migrations)
-        checks += [PostgresCheck(pool, name="postgresql (api keys)"), migrations]
-    authenticator = Authenticator(settings, keys)
-    backends = Backends(settings)
-    http = httpx.AsyncClient(timeout=settings.health_timeout_seconds)
-    ctx = GatewayContext(
-        settings=settings,
-        backends=backends,
-        authenticator=authenticator,
-        limiter=RateLimiter(settings.rate_limit) if settings.rate_limit_enabled else None,
-        health=HealthProbe(settings, backends, http, checks),
-        http=http,
-    )
-    log.info(authenticator.describe(), auth_mode=settings.auth_mode)
-    log.info(
-        "gateway starting",
-        address=f"http://localhost:{settings.http_port}/",
-        rate_limit=settings.rate_limit if settings.rate_limit_enabled else "off",
-        cors_origins=settings.cors_origins,
-    )
-    server = DrainingServer(ctx, http_server_config(settings, create_app(ctx)))
-    migrating = asyncio.create_task(migrations.run_until_applied(ctx.draining)) if migrations else None
-    # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal under the handlers it found at start.
-    # Handlers that do nothing make that a no-op, so a drained gateway exits 0 like the other services.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _already_drained)
-    try:
-        await server.serve()
-    finally:
-        if migrating is not None:
-            migrating.cancel()
-            await asyncio.gather(migrating, return_exceptions=True)
-        if pool is not None:
-            await pool.close()
-        log.info("gateway stopped")
+@contextlib.asynccontextmanager
+async def gateway_service(settings: GatewaySettings) -> AsyncIterator[GatewayRuntime]:
+    """A ready-to-run gateway: backends, the API key store when auth uses keys, the app. Its HTTP client,
+    channels and key pool are closed on exit, in reverse order."""
+    async with contextlib.AsyncExitStack() as resources:
+        checks: list[DependencyCheck] = []
+        keys: KeyStore | None = None
+        migrations: SchemaMigrations | None = None
+        if settings.auth_mode in ("api_key", "any"):
+            migrations = SchemaMigrations(settings.database_url, COMPONENT, MIGRATIONS)
+            pool = create_pool(settings.database_url, name="gateway", min_size=1, max_size=8)
+            await pool.open(wait=False)
+            resources.push_async_callback(pool.close)
+            keys = KeyStore(pool, migrations=migrations)
+            checks += [PostgresCheck(pool, name="postgresql (api keys)"), migrations]
+        authenticator = Authenticator(settings, keys)
+        backends = Backends(settings)
+        resources.push_async_callback(backends.close)
+        http = httpx.AsyncClient(timeout=settings.health_timeout_seconds)
+        resources.push_async_callback(http.aclose)
+        ctx = GatewayContext(
+            settings=settings,
+            backends=backends,
+            authenticator=authenticator,
+            limiter=RateLimiter(settings.rate_limit) if settings.rate_limit_enabled else None,
+            health=HealthProbe(settings, backends, http, checks),
+            http=http,
+        )
+        log.info(authenticator.describe(), auth_mode=settings.auth_mode)
+        yield GatewayRuntime(ctx, create_app(ctx), migrations)
+
+
+class GatewayRuntime:
+    """The gateway's runtime for :func:`~mesh.kit.runtime.run_service`: uvicorn, with the key store's
+    migrations in the background while it serves."""
+
+    def __init__(self, ctx: GatewayContext, app: ASGIApp, migrations: SchemaMigrations | None) -> None:
+        self._ctx = ctx
+        self._app = app
+        self._migrations = migrations
+
+    async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT, then drain for ``grace_seconds``."""
+        settings = self._ctx.settings
+        log.info(
+            "gateway starting",
+            address=f"http://localhost:{settings.http_port}/",
+            rate_limit=settings.rate_limit if settings.rate_limit_enabled else "off",
+            cors_origins=settings.cors_origins,
+        )
+        server = DrainingServer(self._ctx, http_server_config(settings, self._app))
+        migrations = self._migrations
+        migrating = (
+            asyncio.create_task(migrations.run_until_applied(self._ctx.draining)) if migrations else None
+        )
+        # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal under the handlers it found at start.
+        # Handlers that do nothing make that a no-op, so a drained gateway exits 0 like the other services.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _already_drained)
+        try:
+            await server.serve()
+        finally:
+            if migrating is not None:
+                migrating.cancel()
+                await asyncio.gather(migrating, return_exceptions=True)
+            log.info("gateway stopped")
 
 
 def http_server_config(settings: GatewaySettings, app: ASGIApp) -> uvicorn.Config:
@@ -112,12 +136,11 @@ def _already_drained(signum: int, frame: FrameType | None) -> None:
     """The re-raised signal after uvicorn's graceful shutdown: nothing is left to do."""
 
 
-def main() -> None:
-    """Entry point."""
+def run() -> None:
+    """Serve until SIGTERM or Ctrl-C, then drain; exits 0 once drained."""
     # Every image request moves a body and a gRPC message of megabytes through this process.
-    settings = start_service("gateway", GatewaySettings, large_messages=True)
-    asyncio.run(serve(settings))
+    run_service("gateway", GatewaySettings, gateway_service, large_messages=True)
 
 
 if __name__ == "__main__":
-    main()
+    run()

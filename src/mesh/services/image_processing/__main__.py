@@ -1,69 +1,16 @@
-"""``python -m mesh.services.image_processing``: wiring only."""
+"""``python -m mesh.services.image_processing``: the image-processing service (gRPC 50052, HTTP 9102)."""
 
 from __future__ import annotations
 
-import asyncio
-
-from mesh.kit.errors import exit_on_startup_error
-from mesh.kit.gpu_metrics import cupy_pool_bytes, register_gpu_metrics
-from mesh.kit.jobs import IMAGE_JOBS_QUEUE
-from mesh.kit.logging import get_logger
-from mesh.kit.runtime import ServiceRuntime, start_service
-from mesh.services.file.client import FileClient
-from mesh.services.image_processing.backend import health_check, select_backend
-from mesh.services.image_processing.codec import Limits
-from mesh.services.image_processing.jobs import ImageJobHandler, StubPredictor
-from mesh.services.image_processing.processor import Processor
-from mesh.services.image_processing.servicer import ImageProcessingServicer, add_to_server
-from mesh.services.image_processing.settings import SERVICE_NAME, ImageSettings
-from mesh.services.queue.worker import attach_worker
-
-log = get_logger("mesh.services.image_processing")
-
-
-async def main() -> None:
-    settings = start_service("image-processing", ImageSettings, large_messages=True)
-    backend = select_backend(settings.device, gpu_memory_limit_bytes=settings.gpu_memory_limit_bytes)
-    # Kernels compile here, before the port opens, so no request pays for compilation.
-    await asyncio.to_thread(backend.warm_up)
-    log.info("compute backend ready", device=backend.device.value, detail=backend.check())
-    register_gpu_metrics(cupy_pool_bytes if backend.device.value == "gpu" else None)
-    files = FileClient.connect(settings)
-    processor = Processor(
-        backend,
-        store=files,
-        limits=Limits(max_pixels=settings.max_image_pixels, max_bytes=settings.image_max_bytes),
-        workers=settings.cpu_workers,
-        max_pending=settings.max_pending_pipelines,
-        max_message_bytes=settings.max_message_bytes,
-        memory_budget_bytes=settings.image_memory_budget_bytes,
-        rpc_timeout_seconds=settings.rpc_timeout_seconds,
-    )
-    runtime = ServiceRuntime(
-        "image-processing", settings, service_names=[SERVICE_NAME], checks=[health_check(backend)]
-    )
-    # Jobs with a pipeline come here; the handler calls the inference service for the model, if any.
-    predictor, inference_channel = StubPredictor.connect(settings)
-    handler = ImageJobHandler(files, processor, predictor)
-    await attach_worker(runtime, settings, queue=IMAGE_JOBS_QUEUE, handler=handler, name="image-processing")
-    add_to_server(
-        ImageProcessingServicer(
-            processor, stream_queue_frames=settings.stream_queue_frames, stopping=runtime.stopping
-        ),
-        runtime.server,
-    )
-    try:
-        await runtime.run()
-    finally:
-        processor.close()
-        await inference_channel.close(None)
-        await files.close()
+from mesh.kit.runtime import run_service
+from mesh.services.image_processing.server import image_processing_service
+from mesh.services.image_processing.settings import ImageSettings
 
 
 def run() -> None:
-    """The process: exit 2 with one line on a start-up error (MESH_DEVICE=gpu without a GPU)."""
-    with exit_on_startup_error("image-processing"):
-        asyncio.run(main())
+    """Serve until SIGTERM or Ctrl-C; MESH_DEVICE=gpu without a GPU exits 2 with one line."""
+    # Requests carry frames of many megabytes: keep those buffers in the heap instead of fresh mmap pages.
+    run_service("image-processing", ImageSettings, image_processing_service, large_messages=True)
 
 
 if __name__ == "__main__":

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-
-from mesh.kit.runtime import start_service
-from mesh.services.queue.app import QueueApp
+from mesh.kit.runtime import run_service
+from mesh.services.queue.server import queue_service
 from mesh.services.queue.settings import QueueSettings
 
 
-async def main() -> None:
-    settings = start_service("queue", QueueSettings)
-    app = QueueApp(settings)
-    await app.start()
-    runtime = app.runtime()
-    app.install(runtime)
-    try:
-        await runtime.run()
-    finally:
-        await app.close()
+def run() -> None:
+    """Serve until SIGTERM or Ctrl-C; a start-up error exits 2 with one line."""
+    run_service("queue", QueueSettings, queue_service)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run()

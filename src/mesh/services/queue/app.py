@@ -1,7 +1,7 @@
 """The queue service assembled: repository, broker, relay, reconciler, dead-letter consumer and the API.
 
-``__main__`` runs it under the kit's :class:`~mesh.kit.runtime.ServiceRuntime`; tests build it the same
-way with their own settings::
+``server.queue_service`` runs it under the kit's :class:`~mesh.kit.runtime.ServiceRuntime`; tests build it
+the same way with their own settings::
 
     app = QueueApp(settings)
     await app.start()                      # migrate (or go on migrating in the background), open the pool
