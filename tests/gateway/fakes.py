@@ -535,7 +535,11 @@ class FakeQueueService(queue_grpc.QueueServiceServicer):
         self.released = asyncio.Event()
         self.watch_requests = 0
         self.watch_drops = 0
-        """WatchJob streams still to end UNAVAILABLE after their first change (a restart, an aged connection)."""
+        """WatchJob streams still to end ``watch_drop_code`` after their first change (a restart, an aged
+        connection)."""
+        self.watch_drop_code = grpc.StatusCode.UNAVAILABLE
+        self.open_watches = 0
+        """WatchJob streams open now."""
         self.stats_calls = 0
         self.lose_answers = 0
         """SubmitJobs still to queue their job and then answer UNAVAILABLE (a commit whose answer was lost)."""
@@ -714,24 +718,28 @@ class FakeQueueService(queue_grpc.QueueServiceServicer):
         self.watch_requests += 1
         entry = self._get(request.job_id)
         sent = 0
-        while True:
-            while sent < len(entry.events):
-                yield entry.events[sent]
-                sent += 1
-                if self.watch_drops:
-                    self.watch_drops -= 1
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "the queue service is restarting")
-            if entry.job.state in TERMINAL:
-                return
-            cut = self._cut
-            waits = [asyncio.ensure_future(entry.changed.wait()), asyncio.ensure_future(cut.wait())]
-            try:
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for wait in waits:
-                    wait.cancel()
-            if cut.is_set():
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "the connection is closed for its age")
+        self.open_watches += 1
+        try:
+            while True:
+                while sent < len(entry.events):
+                    yield entry.events[sent]
+                    sent += 1
+                    if self.watch_drops:
+                        self.watch_drops -= 1
+                        await context.abort(self.watch_drop_code, "the queue service is restarting")
+                if entry.job.state in TERMINAL:
+                    return
+                cut = self._cut
+                waits = [asyncio.ensure_future(entry.changed.wait()), asyncio.ensure_future(cut.wait())]
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for wait in waits:
+                        wait.cancel()
+                if cut.is_set():
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "the connection is closed for its age")
+        finally:
+            self.open_watches -= 1
 
     def cut_watches(self) -> None:
         """End every open WatchJob stream UNAVAILABLE, as a server closing aged connections does."""

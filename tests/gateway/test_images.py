@@ -8,15 +8,19 @@ import io
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
+import grpc
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
+from mesh.file.v1 import file_service_pb2 as file_pb
+from mesh.file.v1 import file_service_pb2_grpc as file_grpc
 from mesh.services.file.settings import FileSettings
 from mesh.services.gateway.settings import UPLOAD_FORM_HEADROOM_BYTES, GatewaySettings
-from tests.gateway.fakes import strip_png
+from tests.gateway.fakes import FakeFileService, strip_png
 from tests.gateway.harness import FakeMesh, GatewayFactory, build_gateway, close_gateway, serve_app
 from tests.gateway.test_errors import assert_error_shape
 
@@ -354,6 +358,67 @@ async def test_head_of_the_content_gives_its_headers_without_the_bytes(client: h
         assert head.headers[name] == get.headers[name], name
     assert head.headers.get("content-length") in (None, str(len(data)))
     assert (await client.head(url, headers={"If-None-Match": get.headers["etag"]})).status_code == 304
+
+
+class _HeldDownloads(FakeFileService):
+    """A file service whose download sends the metadata and a first chunk, then holds the second until
+    ``release``; ``cancelled`` is set when the call is cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.cancelled = asyncio.Event()
+
+    async def DownloadImage(  # noqa: N802 (the gRPC method's name)
+        self, request: file_pb.DownloadImageRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[file_pb.DownloadImageResponse]:
+        image = file_pb.Image(
+            id=request.image_id, filename="held.png", content_type="image/png", size_bytes=12
+        )
+        try:
+            yield file_pb.DownloadImageResponse(image=image, content_type="image/png")
+            yield file_pb.DownloadImageResponse(chunk=b"first-")
+            await self.release.wait()
+            yield file_pb.DownloadImageResponse(chunk=b"second")
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+
+async def test_content_is_passed_on_as_it_arrives_and_a_client_that_leaves_cancels_the_download(
+    mesh: FakeMesh,
+) -> None:
+    """The route sends each chunk on as the file service sends it (the first reaches the client while the
+    second is held back), with the image's length; a client that leaves then cancels the DownloadImage call."""
+    files = _HeldDownloads()
+    server = grpc.aio.server()
+    file_grpc.add_FileServiceServicer_to_server(files, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    app, ctx = build_gateway(mesh.gateway_settings(file_service_address=f"127.0.0.1:{port}"))
+    received = b""
+    try:
+        async with serve_app(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+            async with http.stream("GET", "/v1/images/img-1/content") as response:
+                assert (response.status_code, response.headers["content-length"]) == (200, "12")
+                async for chunk in response.aiter_raw():
+                    received += chunk
+                    if len(received) >= len(b"first-"):
+                        break
+            await asyncio.wait_for(files.cancelled.wait(), 10)
+    finally:
+        files.release.set()
+        await close_gateway(ctx)
+        await server.stop(None)
+    assert received == b"first-"
+
+
+async def test_content_of_a_file_service_that_is_down_is_503(make_client: GatewayFactory) -> None:
+    """A file service that does not answer makes an image's bytes 503 UNAVAILABLE, as any other route."""
+    client = await make_client(file_service_address="127.0.0.1:1")
+    response = await client.get("/v1/images/img-1/content")
+    assert response.status_code == 503
+    assert_error_shape(response.json(), "UNAVAILABLE")
 
 
 async def test_a_thumbnails_file_name_has_the_extension_of_its_type(client: httpx.AsyncClient) -> None:

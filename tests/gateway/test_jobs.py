@@ -7,9 +7,11 @@ import contextlib
 import json
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 from google.protobuf import timestamp_pb2
+from prometheus_client import REGISTRY
 from starlette.types import Message
 
 from mesh.queue.v1 import job_pb2
@@ -314,6 +316,66 @@ async def test_draining_ends_open_event_streams(mesh: FakeMesh) -> None:
         mesh.fakes.queue.release()
         await close_gateway(ctx)
     assert [e["event"] for e in events] == ["job"]
+
+
+async def test_an_event_stream_opens_with_the_reconnect_delay(client: httpx.AsyncClient) -> None:
+    """The first line of a job's event stream tells EventSource to reconnect after SSE_RETRY_MS."""
+    image_id = await _image(client)
+    job = (await client.post("/v1/jobs", json={"image_id": image_id})).json()
+    response = await client.get(f"/v1/jobs/{job['id']}/events")
+    assert response.text.startswith(f"retry: {jobs.SSE_RETRY_MS}\n\n")
+
+
+async def test_a_watch_that_fails_other_than_unavailable_ends_in_its_error_at_once(
+    client: httpx.AsyncClient, mesh: FakeMesh
+) -> None:
+    """A WatchJob that fails with another code than UNAVAILABLE is not retried: the client gets the changes
+    sent before it, then ``event: error`` with that code, and the watch is not opened again."""
+    image_id = await _image(client)
+    job = (await client.post("/v1/jobs", json={"image_id": image_id})).json()
+    await _wait_state(client, job["id"], "SUCCEEDED")
+    queue = mesh.fakes.queue
+    watches = queue.watch_requests
+    queue.watch_drops, queue.watch_drop_code = 1, grpc.StatusCode.INTERNAL
+    try:
+        events = parse_sse((await client.get(f"/v1/jobs/{job['id']}/events")).text)
+    finally:
+        queue.watch_drops, queue.watch_drop_code = 0, grpc.StatusCode.UNAVAILABLE
+    assert [e["event"] for e in events] == ["job", "error"]
+    assert events[-1]["data"]["error"]["code"] == "INTERNAL"
+    assert queue.watch_requests - watches == 1
+
+
+def _open_streams() -> float:
+    return REGISTRY.get_sample_value("http_sse_streams") or 0.0
+
+
+async def test_an_open_stream_is_counted_and_a_client_that_leaves_closes_its_watch(mesh: FakeMesh) -> None:
+    """While a client reads a job's events, the stream counts in ``http_sse_streams`` and holds one WatchJob
+    call; when the client leaves, the call is cancelled at the queue service and the count goes back."""
+    app, ctx = build_gateway(mesh.gateway_settings())
+    queue = mesh.fakes.queue
+    queue.hold = True
+    streams, watches = _open_streams(), queue.open_watches
+    try:
+        async with serve_app(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+            image_id = await _image(client)
+            job = (await client.post("/v1/jobs", json={"image_id": image_id})).json()
+            async with client.stream("GET", f"/v1/jobs/{job['id']}/events") as response:
+                buffer = ""
+                async for text in response.aiter_text():
+                    buffer += text
+                    if parse_sse(buffer):
+                        break
+                assert (_open_streams() - streams, queue.open_watches - watches) == (1, 1)
+            for _ in range(500):  # 10 s at most
+                if queue.open_watches == watches and _open_streams() == streams:
+                    break
+                await asyncio.sleep(0.02)
+    finally:
+        queue.release()
+        await close_gateway(ctx)
+    assert (queue.open_watches, _open_streams()) == (watches, streams)
 
 
 async def test_a_job_body_of_megabytes_is_413_before_it_is_parsed(

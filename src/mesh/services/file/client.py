@@ -6,7 +6,7 @@ Errors come back as :class:`~mesh.kit.errors.MeshError` subclasses, never as raw
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping
 
 import grpc
 
@@ -30,6 +30,37 @@ async def upload_messages(
         for start in range(0, len(chunk), UPLOAD_CHUNK_BYTES):
             yield file_service_pb2.UploadImageRequest(chunk=chunk[start : start + UPLOAD_CHUNK_BYTES])
     yield file_service_pb2.UploadImageRequest(end=file_service_pb2.UploadEnd())
+
+
+DownloadCall = grpc.aio.UnaryStreamCall[
+    file_service_pb2.DownloadImageRequest, file_service_pb2.DownloadImageResponse
+]
+
+
+class ImageDownload:
+    """A download under way: the image's metadata and the content type of its bytes (the stream's first
+    message), then the bytes from :meth:`chunks`. Its call is cancelled once :meth:`chunks` stops, or by
+    :meth:`cancel` when the bytes are not wanted."""
+
+    def __init__(self, call: DownloadCall, image: file_service_pb2.Image, content_type: str) -> None:
+        self._call = call
+        self.image = image
+        self.content_type = content_type
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        """The bytes, chunk by chunk as they arrive (none held back); a failure is a MeshError."""
+        try:
+            with errors.rpc_errors():
+                # read(), as for the first message: gRPC refuses a call read both ways. It ends with EOF.
+                while isinstance(part := await self._call.read(), file_service_pb2.DownloadImageResponse):
+                    if part.chunk:
+                        yield part.chunk
+        finally:
+            self._call.cancel()
+
+    def cancel(self) -> None:
+        """Stop the download (a no-op once it ended)."""
+        self._call.cancel()
 
 
 class FileClient:
@@ -99,6 +130,28 @@ class FileClient:
             raise
         return response
 
+    async def download_stream(
+        self,
+        image_id: str,
+        *,
+        variant: file_service_pb2.ImageVariant.ValueType = file_service_pb2.IMAGE_VARIANT_ORIGINAL,
+        timeout: float | None = None,
+        chunk_size: int = 0,
+    ) -> ImageDownload:
+        """Start a download: the image's metadata is read now (a missing image fails here), its bytes are
+        passed on as they arrive by the returned download's :meth:`~ImageDownload.chunks`. ``timeout`` bounds
+        the whole call, reading included."""
+        call = self._stub.DownloadImage(
+            file_service_pb2.DownloadImageRequest(image_id=image_id, variant=variant, chunk_size=chunk_size),
+            timeout=timeout,
+        )
+        with errors.rpc_errors():
+            first = await call.read()
+        if not isinstance(first, file_service_pb2.DownloadImageResponse) or not first.HasField("image"):
+            call.cancel()
+            raise errors.Internal("the file service's download did not start with the image's metadata")
+        return ImageDownload(call, first.image, first.content_type)
+
     async def download(
         self,
         image_id: str,
@@ -107,24 +160,12 @@ class FileClient:
         timeout: float | None = None,
         chunk_size: int = 0,
     ) -> tuple[file_service_pb2.Image, str, bytes]:
-        """The image's metadata, the content type of the bytes, and the bytes."""
-        image = file_service_pb2.Image()
-        content_type = ""
-        chunks: list[bytes] = []
-        with errors.rpc_errors():
-            call = self._stub.DownloadImage(
-                file_service_pb2.DownloadImageRequest(
-                    image_id=image_id, variant=variant, chunk_size=chunk_size
-                ),
-                timeout=timeout,
-            )
-            async for part in call:
-                if part.HasField("image"):
-                    image.CopyFrom(part.image)
-                    content_type = part.content_type
-                else:
-                    chunks.append(part.chunk)
-        return image, content_type, b"".join(chunks)
+        """The image's metadata, the content type of the bytes, and the bytes, gathered."""
+        download = await self.download_stream(
+            image_id, variant=variant, timeout=timeout, chunk_size=chunk_size
+        )
+        data = b"".join([chunk async for chunk in download.chunks()])
+        return download.image, download.content_type, data
 
     async def get(self, image_id: str, *, timeout: float | None = None) -> file_service_pb2.Image:
         """One image's metadata."""

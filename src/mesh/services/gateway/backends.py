@@ -14,7 +14,6 @@ import grpc
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2_grpc
 
-from mesh.file.v1 import file_service_pb2_grpc
 from mesh.image.v1 import image_processing_service_pb2, image_processing_service_pb2_grpc
 from mesh.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 from mesh.kit import errors
@@ -89,8 +88,6 @@ class Backends:
             ServiceEndpoint("queue", QUEUE_SERVICE, queue_channel, settings.queue_service_http),
         ]
         self.files = FileClient(file_channel)
-        # Only for the image content route, which streams DownloadImage (FileClient.download gathers it).
-        self.file_stub = file_service_pb2_grpc.FileServiceStub(file_channel)
         self.image_stub = image_processing_service_pb2_grpc.ImageProcessingServiceStub(image_channel)
         self.inference_stub = inference_service_pb2_grpc.InferenceServiceStub(inference_channel)
         # Predict and ProcessImage take requests the routes serialised themselves (image_input.py), so that

@@ -234,82 +234,120 @@ class ObservedRequests(HttpMiddleware):
     """
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        carrier = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        as_received = dict(scope)  # routing rewrites the scope (a mount, its root_path): for route_template
-        method: str = scope["method"]
-        label = method_label(method)
-        attributes = {"http.request.method": label, "url.path": scope["path"]}
-        if label != method:
-            attributes["http.request.method_original"] = method
         started = time.perf_counter()
-        status = 500
-        bytes_in = 0
-        bytes_out = 0
+        as_received = dict(scope)  # routing rewrites the scope (a mount, its root_path): for route_template
         metrics.IN_FLIGHT.inc()
-        with _tracer.start_as_current_span(
-            label,
-            context=tracing.extract(carrier),
-            kind=SpanKind.SERVER,
-            attributes=attributes,
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            # Without an SDK tracer provider the span is a no-op with an invalid context; send nothing then.
-            parent_header = traceparent(span).encode() if span.get_span_context().is_valid else b""
+        try:
+            with server_span(scope) as span:
+                exchange = Exchange(scope, receive, send, span)
+                try:
+                    await self.app(scope, exchange.receive, exchange.send)
+                except Exception as exc:
+                    # Only after the response began (SafetyNet answers the rest): the client sees a cut-off
+                    # body.
+                    span.record_exception(exc)
+                    raise
+                finally:
+                    exchange.record(span, route_template(scope, as_received), time.perf_counter() - started)
+        finally:
+            metrics.IN_FLIGHT.dec()
 
-            async def counting_receive() -> Message:
-                nonlocal bytes_in
-                message = await receive()
-                if message["type"] == "http.request":
-                    bytes_in += len(message.get("body", b""))
-                return message
 
-            async def observing_send(message: Message) -> None:
-                nonlocal status, bytes_out
-                if message["type"] == "http.response.start":
-                    status = message["status"]
-                    headers = list(message.get("headers", []))
-                    if parent_header:
-                        headers.append((b"traceparent", parent_header))
-                    extra: dict[str, str] = scope.get("state", {}).get(EXTRA_HEADERS_KEY, {})
-                    headers.extend((k.lower().encode(), v.encode()) for k, v in extra.items())
-                    message = {**message, "headers": headers}
-                elif message["type"] == "http.response.body":
-                    bytes_out += len(message.get("body", b""))
-                await send(message)
+def server_span(scope: Scope) -> contextlib.AbstractContextManager[trace.Span]:
+    """The request's server span, named by its method until its route is known, continuing the caller's
+    trace when the request carries a traceparent."""
+    carrier = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    method: str = scope["method"]
+    label = method_label(method)
+    attributes = {"http.request.method": label, "url.path": scope["path"]}
+    if label != method:
+        attributes["http.request.method_original"] = method
+    return _tracer.start_as_current_span(
+        label,
+        context=tracing.extract(carrier),
+        kind=SpanKind.SERVER,
+        attributes=attributes,
+        record_exception=False,
+        set_status_on_exception=False,
+    )
 
-            try:
-                await self.app(scope, counting_receive, observing_send)
-            except Exception as exc:
-                # Only after the response began (SafetyNet answers the rest): the client sees a cut-off body.
-                span.record_exception(exc)
-                raise
-            finally:
-                route = route_template(scope, as_received)
-                span.update_name(f"{label} {route}")
-                span.set_attribute("http.route", route)
-                span.set_attribute("http.response.status_code", status)
-                if status >= 500:
-                    span.set_status(Status(StatusCode.ERROR))
-                elapsed = time.perf_counter() - started
-                metrics.IN_FLIGHT.dec()
-                metrics.REQUESTS.labels(route, label, str(status)).inc()
-                metrics.DURATION.labels(route, label).observe(elapsed)
-                metrics.BYTES_IN.labels(route).inc(bytes_in)
-                metrics.BYTES_OUT.labels(route).inc(bytes_out)
-                if route not in QUIET_ROUTES or status >= 400:
-                    # Inside the span, so the line carries this request's trace_id and span_id.
-                    log.info(
-                        "request",
-                        method=method,
-                        route=route,
-                        path=scope["path"],
-                        client=client[0] if (client := scope.get("client")) else "",
-                        status=status,
-                        duration_ms=round(elapsed * 1000, 3),
-                        bytes_in=bytes_in,
-                        bytes_out=bytes_out,
-                    )
+
+class Exchange:
+    """One request and its response as :class:`ObservedRequests` sees them: the body bytes both ways and the
+    status sent, with ``traceparent`` and the headers asked for (:func:`add_response_headers`) added to the
+    response; then recorded on the span, in the metrics and in the access log."""
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send, span: trace.Span) -> None:
+        self._scope = scope
+        self._receive = receive
+        self._send = send
+        self.method: str = scope["method"]
+        self.label = method_label(self.method)
+        self.status = 500
+        self.bytes_in = 0
+        self.bytes_out = 0
+        # Without an SDK tracer provider the span is a no-op with an invalid context; send nothing then.
+        self._traceparent = traceparent(span).encode() if span.get_span_context().is_valid else b""
+
+    async def receive(self) -> Message:
+        """The server's next message, its body bytes counted."""
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.bytes_in += len(message.get("body", b""))
+        return message
+
+    async def send(self, message: Message) -> None:
+        """Send the app's ``message``: the response's start noted and given the added headers, body bytes
+        counted."""
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            message = {**message, "headers": self._response_headers(message)}
+        elif message["type"] == "http.response.body":
+            self.bytes_out += len(message.get("body", b""))
+        await self._send(message)
+
+    def _response_headers(self, start: Message) -> list[tuple[bytes, bytes]]:
+        headers = list(start.get("headers", []))
+        if self._traceparent:
+            headers.append((b"traceparent", self._traceparent))
+        extra: dict[str, str] = self._scope.get("state", {}).get(EXTRA_HEADERS_KEY, {})
+        headers.extend((k.lower().encode(), v.encode()) for k, v in extra.items())
+        return headers
+
+    def record(self, span: trace.Span, route: str, elapsed: float) -> None:
+        """Name ``span`` after ``route`` and give it the status, count the request, and log it unless it is a
+        quiet route's success."""
+        self._finish_span(span, route)
+        self._count(route, elapsed)
+        if route not in QUIET_ROUTES or self.status >= 400:
+            # Inside the span, so the line carries this request's trace_id and span_id.
+            self._log(route, elapsed)
+
+    def _finish_span(self, span: trace.Span, route: str) -> None:
+        span.update_name(f"{self.label} {route}")
+        span.set_attribute("http.route", route)
+        span.set_attribute("http.response.status_code", self.status)
+        if self.status >= 500:
+            span.set_status(Status(StatusCode.ERROR))
+
+    def _count(self, route: str, elapsed: float) -> None:
+        metrics.REQUESTS.labels(route, self.label, str(self.status)).inc()
+        metrics.DURATION.labels(route, self.label).observe(elapsed)
+        metrics.BYTES_IN.labels(route).inc(self.bytes_in)
+        metrics.BYTES_OUT.labels(route).inc(self.bytes_out)
+
+    def _log(self, route: str, elapsed: float) -> None:
+        log.info(
+            "request",
+            method=self.method,
+            route=route,
+            path=self._scope["path"],
+            client=client[0] if (client := self._scope.get("client")) else "",
+            status=self.status,
+            duration_ms=round(elapsed * 1000, 3),
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+        )
 
 
 class SafetyNet(HttpMiddleware):

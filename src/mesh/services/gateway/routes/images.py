@@ -17,7 +17,6 @@ from mesh.kit import errors
 from mesh.kit.image_bytes import IMAGE_CONTENT_TYPES, declared_image_type
 from mesh.kit.pagination import DEFAULT_PAGE_SIZE
 from mesh.services.gateway import convert, idempotency, schemas
-from mesh.services.gateway.backends import rpc
 from mesh.services.gateway.bodies import media_type
 from mesh.services.gateway.context import Caller, Context
 from mesh.services.gateway.spans import annotate
@@ -224,36 +223,19 @@ async def get_image_content(
         if variant == "thumbnail"
         else file_service_pb2.IMAGE_VARIANT_ORIGINAL
     )
-    # The one file service call not made through FileClient: its download() gathers the whole image, where
-    # this route passes the chunks on as they arrive (and stops after the first message for a 304).
-    call = ctx.backends.file_stub.DownloadImage(
-        file_service_pb2.DownloadImageRequest(image_id=image_id, variant=wanted)
-    )
-    first = await rpc(call.read())
-    if not isinstance(first, file_service_pb2.DownloadImageResponse) or not first.HasField("image"):
-        call.cancel()
-        raise errors.Internal("the file service's download did not start with the image's metadata")
-    image = first.image
+    # Passed on chunk by chunk as they arrive, never gathered (and not read at all for a 304).
+    download = await ctx.backends.files.download_stream(image_id, variant=wanted)
+    image = download.image
     headers = {"Cache-Control": "private, max-age=3600", "ETag": f'"{image.sha256}-{variant}"'}
     if _etag_matches(request.headers.get("if-none-match", ""), headers["ETag"]):
-        call.cancel()
+        download.cancel()
         return Response(status_code=304, headers=headers)
-
-    async def chunks() -> AsyncIterator[bytes]:
-        try:
-            # read(), as for the first message: gRPC refuses a call read both ways. It ends with EOF.
-            while isinstance(part := await call.read(), file_service_pb2.DownloadImageResponse):
-                if part.chunk:
-                    yield part.chunk
-        finally:
-            call.cancel()
-
-    served_type = first.content_type or image.content_type or "application/octet-stream"
+    served_type = download.content_type or image.content_type or "application/octet-stream"
     filename = _thumbnail_name(image.filename, served_type) if variant == "thumbnail" else image.filename
     headers["Content-Disposition"] = _content_disposition(filename)
     if variant == "original" and image.size_bytes:
         headers["Content-Length"] = str(image.size_bytes)
-    return StreamingResponse(chunks(), media_type=served_type, headers=headers)
+    return StreamingResponse(download.chunks(), media_type=served_type, headers=headers)
 
 
 def _etag_matches(if_none_match: str, etag: str) -> bool:

@@ -18,7 +18,7 @@ from starlette.responses import StreamingResponse
 from mesh.kit import errors
 from mesh.kit.pagination import DEFAULT_PAGE_SIZE
 from mesh.kit.text_fields import ascii_digits
-from mesh.queue.v1 import job_pb2
+from mesh.queue.v1 import job_pb2, queue_service_pb2_grpc
 from mesh.queue.v1 import queue_service_pb2 as queue_pb
 from mesh.services.gateway import convert, idempotency, metrics, schemas
 from mesh.services.gateway.backends import rpc
@@ -232,6 +232,148 @@ class EventId:
         )
 
 
+WatchCall = grpc.aio.UnaryStreamCall[queue_pb.WatchJobRequest, queue_pb.WatchJobResponse]
+
+
+class _Resumption:
+    """Whether a WatchJob stream that failed is opened again: only when it ended UNAVAILABLE and, since the
+    first of its losses, less than WATCH_RESUME_SECONDS passed without a new stream bringing a change not had
+    before."""
+
+    def __init__(self, newest: EventId | None) -> None:
+        self._newest = newest
+        self._lost_since: float | None = None
+
+    def note(self, job: job_pb2.Job) -> None:
+        """Take in a change a stream brought."""
+        # Only a change not had before shows the queue is back: a replica that replays the job and fails
+        # again each time would otherwise be retried for ever.
+        if (event_id := EventId.of(job)).is_after(self._newest):
+            self._newest, self._lost_since = event_id, None
+
+    def allows(self, error: grpc.aio.AioRpcError, opened: float) -> bool:
+        """Whether the stream opened at ``opened`` that failed with ``error`` is opened again."""
+        now = time.monotonic()
+        # A stream that stayed open longer than the limit worked (a connection closed for its age, a restart
+        # hours later): its loss starts the count again.
+        if self._lost_since is None or now - opened > WATCH_RESUME_SECONDS:
+            self._lost_since = now
+        return error.code() == grpc.StatusCode.UNAVAILABLE and now - self._lost_since <= WATCH_RESUME_SECONDS
+
+
+class _JobEventStream:
+    """One client's events of a job: a WatchJob stream (opened again when it drops) fills an inbox, which the
+    response body turns into Server-Sent Events, keepalives and the stream's last event."""
+
+    def __init__(
+        self,
+        stub: queue_service_pb2_grpc.QueueServiceAsyncStub,
+        job_id: str,
+        *,
+        seen: EventId | None,
+        keepalive: float,
+        draining: asyncio.Event,
+        request: Request,
+    ) -> None:
+        self._stub = stub
+        self._job_id = job_id
+        self._seen = seen
+        self._keepalive = keepalive
+        self._draining = draining
+        self._request = request
+        self._inbox = _Inbox()
+        self._call: WatchCall
+        """The WatchJob call now open; the body opens the first (a response never sent opens none)."""
+
+    async def body(self) -> AsyncIterator[bytes]:
+        """The response body: the reconnect delay, then the job's events until its end; the WatchJob call
+        and the tasks that fill the inbox stop with it."""
+        metrics.SSE_STREAMS.inc()
+        self._call = self._open_watch()
+        reader = asyncio.create_task(self._watch())
+        drainer = asyncio.create_task(self._end_on_drain())
+        try:
+            yield f"retry: {SSE_RETRY_MS}\n\n".encode()
+            # From the last byte written, not the last item taken: replays skipped below write nothing, and a
+            # proxy cuts a stream that stays silent.
+            written = time.monotonic()
+            while True:
+                try:
+                    item = await asyncio.wait_for(
+                        self._inbox.get(), written + self._keepalive - time.monotonic()
+                    )
+                except TimeoutError:
+                    yield b": keepalive\n\n"
+                    written = time.monotonic()
+                    continue
+                if not isinstance(item, queue_pb.WatchJobResponse):
+                    if (last := await self._last_event(item)) is not None:
+                        yield last
+                    return
+                if (event := self._job_event(item.job)) is not None:
+                    yield event
+                    written = time.monotonic()
+        finally:
+            self._call.cancel()
+            reader.cancel()
+            drainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            with contextlib.suppress(asyncio.CancelledError):
+                await drainer
+            metrics.SSE_STREAMS.dec()
+
+    def _job_event(self, job: job_pb2.Job) -> bytes | None:
+        """``event: job`` for a snapshot the client has not seen yet; None for one it has (a replay)."""
+        event_id = EventId.of(job)
+        if not event_id.is_after(self._seen):
+            return None
+        self._seen = event_id
+        return sse_event("job", convert.job(job).model_dump(mode="json"), str(event_id))
+
+    async def _last_event(self, end: object) -> bytes | None:
+        """What the stream sends as it ends with ``end``: ``event: end`` for a job in a final state, ``event:
+        error`` for a watch that failed; nothing on draining (the client reconnects, to another instance,
+        with Last-Event-ID), nor to a client that has gone."""
+        if end is _END:
+            return sse_event("end", {"job_id": self._job_id})
+        if end is _DRAINING:
+            return None
+        assert isinstance(end, errors.MeshError)
+        if end.code == grpc.StatusCode.CANCELLED and await self._request.is_disconnected():
+            return None
+        return sse_event("error", errors.error_body(end))
+
+    def _open_watch(self) -> WatchCall:
+        """A new WatchJob call of the job."""
+        return self._stub.WatchJob(queue_pb.WatchJobRequest(job_id=self._job_id))
+
+    async def _watch(self) -> None:
+        """Fill the inbox with the job's changes, opening the watch again while :class:`_Resumption` allows;
+        end it with ``_END`` when the job is final, or with the error that ended the watch."""
+        # A new stream replays the job as it is now; changes already sent are skipped by their id.
+        resumption = _Resumption(self._seen)
+        while True:
+            opened = time.monotonic()
+            try:
+                async for change in self._call:
+                    resumption.note(change.job)
+                    self._inbox.put_change(change)
+                self._inbox.put_end(_END)
+                return
+            except grpc.aio.AioRpcError as error:
+                if not resumption.allows(error, opened):
+                    self._inbox.put_end(errors.from_rpc_error(error))
+                    return
+            await asyncio.sleep(WATCH_RESUME_DELAY)
+            self._call = self._open_watch()
+
+    async def _end_on_drain(self) -> None:
+        """End the stream once the gateway drains (SIGTERM)."""
+        await self._draining.wait()
+        self._inbox.put_end(_DRAINING)
+
+
 @router.get(
     "/{job_id}/events",
     response_class=StreamingResponse,
@@ -265,91 +407,16 @@ async def job_events(
     stub = ctx.backends.queue_stub
     current = await rpc(stub.GetJob(queue_pb.GetJobRequest(job_id=job_id)))  # 404 before the stream starts
     _annotate_job(current.job)
-    seen = EventId.parse(last_event_id) or EventId.parse(after)
-    keepalive = ctx.settings.sse_keepalive_seconds
-
-    async def events() -> AsyncIterator[bytes]:
-        nonlocal seen
-        metrics.SSE_STREAMS.inc()
-        call = stub.WatchJob(queue_pb.WatchJobRequest(job_id=job_id))
-        inbox = _Inbox()
-
-        async def pump() -> None:
-            # A new stream replays the job as it is now; changes already sent are skipped below by their id.
-            nonlocal call
-            newest = seen
-            lost_since: float | None = None
-            while True:
-                opened = time.monotonic()
-                try:
-                    async for change in call:
-                        # Only a change not had before shows the queue is back: a replica that replays the
-                        # job and fails again each time would otherwise be retried for ever.
-                        if (event_id := EventId.of(change.job)).is_after(newest):
-                            newest, lost_since = event_id, None
-                        inbox.put_change(change)
-                    inbox.put_end(_END)
-                    return
-                except grpc.aio.AioRpcError as error:
-                    now = time.monotonic()
-                    # A stream that stayed open longer than the limit worked (a connection closed for its
-                    # age, a restart hours later): its loss starts the count again.
-                    if lost_since is None or now - opened > WATCH_RESUME_SECONDS:
-                        lost_since = now
-                    resumable = error.code() == grpc.StatusCode.UNAVAILABLE
-                    if not resumable or now - lost_since > WATCH_RESUME_SECONDS:
-                        inbox.put_end(errors.from_rpc_error(error))
-                        return
-                await asyncio.sleep(WATCH_RESUME_DELAY)
-                call = stub.WatchJob(queue_pb.WatchJobRequest(job_id=job_id))
-
-        async def drain() -> None:
-            await ctx.draining.wait()
-            inbox.put_end(_DRAINING)
-
-        reader = asyncio.create_task(pump())
-        drainer = asyncio.create_task(drain())
-        try:
-            yield f"retry: {SSE_RETRY_MS}\n\n".encode()
-            # From the last byte written, not the last item taken: replays skipped below write nothing, and a
-            # proxy cuts a stream that stays silent.
-            written = time.monotonic()
-            while True:
-                try:
-                    item = await asyncio.wait_for(inbox.get(), written + keepalive - time.monotonic())
-                except TimeoutError:
-                    yield b": keepalive\n\n"
-                    written = time.monotonic()
-                    continue
-                if item is _END:
-                    yield sse_event("end", {"job_id": job_id})
-                    return
-                if item is _DRAINING:
-                    return  # the client reconnects (to another instance) with Last-Event-ID
-                if isinstance(item, errors.MeshError):
-                    if item.code == grpc.StatusCode.CANCELLED and await request.is_disconnected():
-                        return
-                    yield sse_event("error", errors.error_body(item))
-                    return
-                assert isinstance(item, queue_pb.WatchJobResponse)
-                event_id = EventId.of(item.job)
-                if not event_id.is_after(seen):
-                    continue
-                seen = event_id
-                yield sse_event("job", convert.job(item.job).model_dump(mode="json"), str(event_id))
-                written = time.monotonic()
-        finally:
-            call.cancel()
-            reader.cancel()
-            drainer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
-            with contextlib.suppress(asyncio.CancelledError):
-                await drainer
-            metrics.SSE_STREAMS.dec()
-
+    stream = _JobEventStream(
+        stub,
+        job_id,
+        seen=EventId.parse(last_event_id) or EventId.parse(after),
+        keepalive=ctx.settings.sse_keepalive_seconds,
+        draining=ctx.draining,
+        request=request,
+    )
     return StreamingResponse(
-        events(),
+        stream.body(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
