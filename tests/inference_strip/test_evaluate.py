@@ -101,6 +101,18 @@ def test_heldout_slice_meets_conservative_bounds() -> None:
             assert record.reading.verdict is Verdict.INVALID
 
 
+def test_lossless_reads_the_same_scenes_saved_as_png() -> None:
+    """``--lossless`` changes only how each picture is saved: the same truth (lines, contrast, size, blur),
+    PNG where the seed drew a JPEG."""
+    seeds = split_seeds("heldout", 8)
+    drawn = run_split(StripReader(), seeds)
+    lossless = run_split(StripReader(), seeds, lossless=True)
+    assert {r.truth.image_format for r in drawn} == {"png", "jpeg"}
+    assert {r.truth.image_format for r in lossless} == {"png"}
+    for a, b in zip(drawn, lossless, strict=True):
+        assert replace(a.truth, image_format="png", jpeg_quality=0) == replace(b.truth, jpeg_quality=0)
+
+
 def test_calibrate_takes_each_threshold_from_its_own_class_draws() -> None:
     """``calibrate(N)`` reads 3N train seeds drawn as negatives (half cassettes, half bare strips), N as invalid
     strips and N/2 as positives; each T threshold (cassette window, bare strip) is its own negatives' 99.75th

@@ -1,6 +1,7 @@
 """``make eval``: the strip reader's accuracy and latency on the held-out generated split, as one JSON object.
 
-Usage: ``python -m mesh.services.inference.evaluate [--count N] [--split heldout|train] [--no-timing]``.
+Usage: ``python -m mesh.services.inference.evaluate [--count N] [--split heldout|train] [--no-timing]
+[--show-errors] [--lossless]``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--split", choices=["heldout", "train"], default="heldout")
     parser.add_argument("--no-timing", action="store_true", help="skip the latency measurements")
     parser.add_argument("--show-errors", action="store_true", help="keep the list of misread seeds")
+    parser.add_argument(
+        "--lossless",
+        action="store_true",
+        help="read the same scenes saved as PNG, to see what JPEG costs (not the figures the targets judge)",
+    )
     args = parser.parse_args(argv)
-    result = evaluate(args.split, args.count, timing=not args.no_timing)
+    result = evaluate(args.split, args.count, timing=not args.no_timing, lossless=args.lossless)
     if not args.show_errors:
         result["errors"] = len(result["errors"])
     print(json.dumps(result))
