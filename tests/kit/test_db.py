@@ -24,6 +24,7 @@ from mesh.kit.db import (
     load_migrations,
     migrate,
     prepare_database,
+    retrying,
 )
 from mesh.kit.errors import NO_RETRY_PUSHBACK
 from mesh.services.queue.repository import open_pool
@@ -108,6 +109,21 @@ async def test_pooled_connections_give_up_on_a_silent_path_within_about_30_secon
         "keepalives_count": "3",
         "tcp_user_timeout": "30000",
     }
+
+
+async def test_retrying_with_its_time_already_spent_gives_up_without_starting_the_operation() -> None:
+    """A caller whose time passed while it waited behind other work (a submit queued behind a batch PostgreSQL
+    left unanswered) is DatabaseStalled at once, and its operation is not started: cut off at once, a started
+    attempt could still send its statement, and a job could commit after its caller was told UNAVAILABLE."""
+    started: list[bool] = []
+
+    async def operation() -> None:
+        started.append(True)
+
+    with pytest.raises(DatabaseStalled):
+        await retrying(operation, timeout=0)
+    await asyncio.sleep(0.01)  # a started attempt has run by now
+    assert started == []
 
 
 # --- ensure_database: the maintenance database only when the service's own cannot be reached -------------

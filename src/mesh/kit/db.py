@@ -63,7 +63,14 @@ async def retrying(
     deadline, or for ever where it has none.
 
     The given-up attempt is cancelled in the background: psycopg asks the server to cancel the query and waits
-    for it, up to 10 s, before it closes the connection, and the caller need not wait for that."""
+    for it, up to 10 s, before it closes the connection, and the caller need not wait for that.
+
+    A ``timeout`` already spent (a caller that waited its window behind other work) is :class:`DatabaseStalled`
+    at once, with nothing sent: an attempt cut off at once could still have reached PostgreSQL."""
+    if timeout <= 0:
+        raise DatabaseStalled(
+            "PostgreSQL did not answer within the caller's time, spent waiting behind others"
+        )
     attempts = asyncio.ensure_future(_attempts(operation, timeout, on))
     try:
         await asyncio.wait((attempts,), timeout=timeout)

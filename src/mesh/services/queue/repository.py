@@ -16,6 +16,7 @@ leases) carry their transaction id: the next try asks PostgreSQL whether it comm
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -124,6 +125,14 @@ class NewJob:
     traceparent: str = ""
     tracestate: str = ""
     id: uuid.UUID = field(default_factory=uuid.uuid4)
+
+
+@dataclass(frozen=True)
+class _Submit:
+    """A submit waiting for its batch, with the event-loop time by which its caller is answered (its window)."""
+
+    new: NewJob
+    deadline: float
 
 
 @dataclass(frozen=True)
@@ -279,15 +288,16 @@ class JobRepository:
     def __init__(self, pool: JobPool, *, submit_batch: int = 128, retry_timeout: float = 10.0) -> None:
         self.pool = pool
         self.retry_timeout = retry_timeout
-        self._submits: GroupCommit[NewJob, Row | None] = GroupCommit(
+        self._submits: GroupCommit[_Submit, Row | None] = GroupCommit(
             self._submit_many, max_batch=submit_batch
         )
 
-    async def _retrying(self, operation: Callable[[], Awaitable[T]]) -> T:
-        """``operation`` under :func:`retrying`; PostgreSQL still away after ``retry_timeout`` (short of the
-        callers' deadlines: the gateway's is 30 s) is UNAVAILABLE, which callers may retry."""
+    async def _retrying(self, operation: Callable[[], Awaitable[T]], *, timeout: float | None = None) -> T:
+        """``operation`` under :func:`retrying`; PostgreSQL still away after ``timeout`` (``retry_timeout``
+        unless given; short of the callers' deadlines: the gateway's is 30 s) is UNAVAILABLE, which callers may
+        retry."""
         try:
-            return await retrying(operation, timeout=self.retry_timeout)
+            return await retrying(operation, timeout=self.retry_timeout if timeout is None else timeout)
         except RETRY_ON as error:
             raise database_unavailable("the job database", error, retried=True) from error
 
@@ -308,8 +318,11 @@ class JobRepository:
         """Insert the job (its history and outbox rows come with it) or return the one with the same key.
 
         Concurrent submits share one statement and one commit (:class:`GroupCommit`); each returns once
-        the transaction holding its job committed."""
-        row = await self._submits.run(new)
+        the transaction holding its job committed. Its window (``retry_timeout``) starts here, not when its
+        batch starts: a submit that waited behind a batch PostgreSQL left unanswered is not given a window of
+        its own after it (it answered after 19.9 s of a 10 s window)."""
+        deadline = asyncio.get_running_loop().time() + self.retry_timeout
+        row = await self._submits.run(_Submit(new, deadline))
         if row is not None:
             return Submitted(row, existing=False, position=int(row.pop("position")))
         # A conflict: our own earlier try (an ambiguous commit) or another job with the same key.
@@ -322,7 +335,10 @@ class JobRepository:
             raise errors.Aborted("the job conflicted with another submit that vanished; submit again")
         return Submitted(found, existing=found["id"] != new.id, position=await self.position(found))
 
-    async def _submit_many(self, batch: Sequence[NewJob]) -> list[Row | None]:
+    async def _submit_many(self, submits: Sequence[_Submit]) -> list[Row | None]:
+        """One statement for the batch, retried until the window of its earliest submit ends, so that every
+        caller of the batch is answered within its own."""
+        batch = [submit.new for submit in submits]
         params = {
             "id": [n.id for n in batch],
             "queue": [n.queue for n in batch],
@@ -337,7 +353,9 @@ class JobRepository:
             "traceparent": [n.traceparent for n in batch],
             "tracestate": [n.tracestate for n in batch],
         }
-        inserted = {row["id"]: row for row in await self._fetchall(_SUBMIT_MANY, params)}
+        window = min(submit.deadline for submit in submits) - asyncio.get_running_loop().time()
+        rows = await self._retrying(lambda: _fetch_all(self.pool, _SUBMIT_MANY, params), timeout=window)
+        inserted = {row["id"]: row for row in rows}
         return [inserted.get(n.id) for n in batch]
 
     async def by_key(self, idempotency_key: str) -> Row | None:
