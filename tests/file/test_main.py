@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import sys
@@ -13,22 +12,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.processes import read_started
+
 pytestmark = pytest.mark.integration
-
-
-async def _read_started(process: asyncio.subprocess.Process) -> dict[str, object]:
-    """The JSON log line that announces the started service."""
-    assert process.stderr is not None
-    while True:
-        line = await process.stderr.readline()
-        if not line:
-            raise AssertionError("the service exited before it started")
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if event.get("event") == "service started":
-            return dict(event)
 
 
 async def test_process_serves_and_stops_on_sigterm(database_url: str, tmp_path: Path) -> None:
@@ -48,7 +34,7 @@ async def test_process_serves_and_stops_on_sigterm(database_url: str, tmp_path: 
         sys.executable, "-m", "mesh.services.file", env=env, stderr=asyncio.subprocess.PIPE
     )
     try:
-        started = await asyncio.wait_for(_read_started(process), 60)
+        started = await asyncio.wait_for(read_started(process), 60)
         assert started["serving"] is True
         async with grpc.aio.insecure_channel(f"127.0.0.1:{started['grpc_port']}") as channel:
             answer = await health_pb2_grpc.HealthStub(channel).Check(

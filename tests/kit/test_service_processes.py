@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh.kit.jobs import IMAGE_JOBS_QUEUE, INFERENCE_JOBS_QUEUE
 from mesh.kit.runtime import LIVENESS_SERVICE
+from tests.processes import read_started
 from tests.queue.harness import delete_queues
 
 pytestmark = pytest.mark.integration
@@ -25,21 +26,6 @@ SERVICES = {
     "mesh.services.image_processing": {"MESH_DEVICE": "cpu"},
     "mesh.services.inference": {"MESH_DEVICE": "cpu"},  # the checkout's models/
 }
-
-
-async def _read_started(process: asyncio.subprocess.Process) -> dict[str, object]:
-    """The JSON log line that announces the started service."""
-    assert process.stderr is not None
-    while True:
-        line = await process.stderr.readline()
-        if not line:
-            raise AssertionError("the service exited before it started")
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if event.get("event") == "service started":
-            return dict(event)
 
 
 @pytest.mark.parametrize("module", list(SERVICES))
@@ -65,7 +51,7 @@ async def test_a_service_process_serves_and_exits_0_on_sigterm(
         sys.executable, "-m", module, env=env, stderr=asyncio.subprocess.PIPE
     )
     try:
-        started = await asyncio.wait_for(_read_started(process), 60)
+        started = await asyncio.wait_for(read_started(process), 60)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{started['grpc_port']}") as channel:
             answer = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE)
