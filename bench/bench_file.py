@@ -24,6 +24,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from mesh.kit.logging import configure_logging
+from mesh.kit.settings import FileServiceAddress
 from mesh.services.file.client import FileClient
 from mesh.services.file.server import file_service
 from mesh.services.file.settings import FileSettings
@@ -65,9 +66,7 @@ async def _measure(blob_dir: Path, database_url: str) -> list[dict[str, object]]
     async with file_service(settings) as runtime:
         task = asyncio.create_task(runtime.run())
         await asyncio.wait_for(runtime.started.wait(), 30)
-        client = FileClient.connect(
-            settings.model_copy(update={"file_service_address": f"127.0.0.1:{runtime.grpc_port}"})
-        )
+        client = FileClient.connect(FileServiceAddress(file_service_address=f"127.0.0.1:{runtime.grpc_port}"))
         try:
             large = [_noise_png(1600, 1200, seed) for seed in range(4)]  # ~5.5 MiB each
             total = sum(len(d) for d in large)

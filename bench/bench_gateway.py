@@ -55,7 +55,7 @@ from mesh.inference.v1 import inference_service_pb2 as inference_pb
 from mesh.inference.v1 import inference_service_pb2_grpc as inference_grpc
 from mesh.kit.channels import open_channel
 from mesh.kit.memory import tune_allocator
-from mesh.kit.settings import CommonSettings
+from mesh.kit.settings import FileServiceAddress
 from mesh.services.file.client import FileClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,13 +152,13 @@ from starlette.routing import Route
 from mesh.inference.v1 import inference_service_pb2 as pb, inference_service_pb2_grpc as pb_grpc
 from mesh.kit.channels import open_channel
 from mesh.kit.memory import tune_allocator
-from mesh.kit.settings import CommonSettings
+from mesh.kit.settings import CallerSettings
 
 stubs = []
 
 async def predict(request):
     if not stubs:
-        channel = open_channel(sys.argv[2], CommonSettings(), service="mesh.inference.v1.InferenceService")
+        channel = open_channel(sys.argv[2], CallerSettings(), service="mesh.inference.v1.InferenceService")
         stubs.append(pb_grpc.InferenceServiceStub(channel))
     message = pb.PredictRequest(model_name="strip-reader")
     if request.headers.get("content-type") == "application/json":
@@ -408,7 +408,7 @@ class Clients:
 
 
 def make_calls(
-    http: aiohttp.ClientSession, backends: Backends, settings: CommonSettings, photo: bytes, image_id: str
+    http: aiohttp.ClientSession, backends: Backends, settings: FileServiceAddress, photo: bytes, image_id: str
 ) -> tuple[Clients, list[Any]]:
     """Upload, process and predict by REST and by direct gRPC, with the same image: inline, and stored
     (``image_id``: the service fetches the bytes from the file service, so no image crosses the gateway)."""
@@ -506,7 +506,7 @@ def _ms(seconds: float) -> float:
 
 
 async def _run(backends: Backends, photo: bytes) -> list[dict[str, Any]]:
-    settings = CommonSettings(file_service_address=backends.addresses["file"], rpc_timeout_seconds=60.0)
+    settings = FileServiceAddress(file_service_address=backends.addresses["file"], rpc_timeout_seconds=60.0)
     common = {"image_bytes": len(photo), "concurrency": CONCURRENCY}
     files = FileClient.connect(settings)
     try:

@@ -4,7 +4,8 @@
     python scripts/settings_table.py --check  # exit 1 when README.md's tables are not what this would write
 
 The tables sit between two markers in README.md's "Configuration" section: the settings every process reads,
-those of every gRPC service, those of the job workers, then each service's own. A setting a service declares
+those of each kit mixin that some processes read (the calls, RabbitMQ, the blob store, the device), those of
+every gRPC service, those of the job workers, then each service's own. A setting a service declares
 again (its ports, or one with a default of its own) is listed under that service with that default, and under
 a shared table only while some service still takes it from there. ``tests/deploy`` runs ``--check``.
 """
@@ -22,7 +23,15 @@ sys.path.insert(0, str(ROOT / "src"))
 from pydantic_settings import BaseSettings  # noqa: E402
 
 from mesh.kit.settings import (  # noqa: E402
+    BlobSettings,
+    BrokerSettings,
+    CallerSettings,
     CommonSettings,
+    DeviceSettings,
+    FileServiceAddress,
+    ImageServiceAddress,
+    InferenceServiceAddress,
+    QueueServiceAddress,
     ServerSettings,
     WorkerSettings,
     mesh_settings_classes,
@@ -35,6 +44,14 @@ END = "<!-- end of the settings tables -->"
 
 SHARED = [
     (CommonSettings, "Every process"),
+    (CallerSettings, "Every process that calls another service (all but the file service)"),
+    (FileServiceAddress, "Callers of the file service (gateway, image processing, inference, queue)"),
+    (ImageServiceAddress, "Callers of the image processing service (gateway)"),
+    (InferenceServiceAddress, "Callers of the inference service (gateway, image processing, queue)"),
+    (QueueServiceAddress, "Callers of the queue service (gateway)"),
+    (BrokerSettings, "RabbitMQ (queue, image processing, inference)"),
+    (BlobSettings, "The blob store (file)"),
+    (DeviceSettings, "The compute device (image processing, inference)"),
     (ServerSettings, "Every gRPC service (all but the gateway)"),
     (WorkerSettings, "The job workers (image processing, inference)"),
 ]

@@ -19,7 +19,7 @@ from PIL import Image
 
 import mesh.tools.load as load_tool
 from mesh.file.v1 import file_service_pb2
-from mesh.kit.settings import CommonSettings
+from mesh.kit.settings import MeshSettings
 from mesh.services.inference.strip import StripReader
 from mesh.services.inference.strip.types import Verdict
 from mesh.tools.load import main, payloads
@@ -162,7 +162,7 @@ def test_cli_refuses_remote_targets(
 
 def test_mesh_settings_default_to_loopback() -> None:
     """With no environment, every service address is on loopback."""
-    mesh_settings = CommonSettings()
+    mesh_settings = MeshSettings()
     for address in (
         mesh_settings.file_service_address,
         mesh_settings.image_service_address,
@@ -216,7 +216,7 @@ async def test_calls_in_flight_at_the_end_are_cut_off_after_the_grace() -> None:
 class _SeededMesh:
     """A mesh that is up and seeds two images, for the tool's own flow (no services)."""
 
-    def __init__(self, settings: CommonSettings, gateway_url: str) -> None:
+    def __init__(self, settings: MeshSettings, gateway_url: str) -> None:
         self.ids: dict[str, str] = {}
         self.warnings: list[str] = []
         self.uploaded = ["image-1", "image-2"]
@@ -244,7 +244,7 @@ async def test_an_interrupted_run_says_so_and_deletes_the_images_it_uploaded(
     interrupted, and the seeded images are deleted as after a normal run (they stayed behind before)."""
     meshes: list[_SeededMesh] = []
 
-    def make_mesh(settings: CommonSettings, gateway_url: str) -> _SeededMesh:
+    def make_mesh(settings: MeshSettings, gateway_url: str) -> _SeededMesh:
         meshes.append(_SeededMesh(settings, gateway_url))
         return meshes[-1]
 
@@ -254,7 +254,7 @@ async def test_an_interrupted_run_says_so_and_deletes_the_images_it_uploaded(
     monkeypatch.setattr(load_tool, "Mesh", make_mesh)
     monkeypatch.setattr(load_tool, "run_scenario", endless)
     args = load_tool.parse_args(["--scenario", "queue.list", "--payload-dir", str(tmp_path)])
-    task = asyncio.ensure_future(load_tool.run(args, CommonSettings()))
+    task = asyncio.ensure_future(load_tool.run(args, MeshSettings()))
     await asyncio.sleep(0.1)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

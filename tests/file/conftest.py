@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from mesh.kit.runtime import ServiceRuntime
+from mesh.kit.settings import FileServiceAddress
 from mesh.services.file.client import FileClient
 from mesh.services.file.server import file_service
 from mesh.services.file.settings import FileSettings
@@ -52,7 +53,6 @@ async def file_server(database_url: str, blob_dir: Path) -> AsyncIterator[Servic
 @pytest.fixture(scope="module")
 async def file_client(file_server: ServiceRuntime) -> AsyncIterator[FileClient]:
     """A client of ``file_server`` on a kit channel."""
-    settings = make_settings("", Path("."), file_service_address=f"127.0.0.1:{file_server.grpc_port}")
-    client = FileClient.connect(settings)
+    client = FileClient.connect(FileServiceAddress(file_service_address=f"127.0.0.1:{file_server.grpc_port}"))
     yield client
     await client.close()

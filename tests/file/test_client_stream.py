@@ -16,7 +16,7 @@ import pytest
 from mesh.file.v1 import file_service_pb2 as pb
 from mesh.file.v1 import file_service_pb2_grpc as pb_grpc
 from mesh.kit import errors
-from mesh.kit.settings import CommonSettings
+from mesh.kit.settings import FileServiceAddress
 from mesh.services.file.client import FileClient
 
 IMAGE = pb.Image(id="img-1", filename="a.png", content_type="image/png", size_bytes=6)
@@ -68,7 +68,7 @@ async def scripted() -> AsyncIterator[tuple[ScriptedDownloads, FileClient]]:
     pb_grpc.add_FileServiceServicer_to_server(downloads, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    client = FileClient.connect(CommonSettings(file_service_address=f"127.0.0.1:{port}"))
+    client = FileClient.connect(FileServiceAddress(file_service_address=f"127.0.0.1:{port}"))
     yield downloads, client
     downloads.release.set()
     await client.close()

@@ -22,6 +22,7 @@ from mesh.kit import errors
 from mesh.kit.runtime import ServiceRuntime
 from mesh.services.file.client import FileClient
 from mesh.services.file.server import file_service
+from mesh.services.file.settings import FileSettings
 from tests.file import corpus
 from tests.file.conftest import make_settings
 
@@ -118,10 +119,16 @@ async def test_postgres_outage_and_recovery(
         await client.close()
 
 
+def _blob_dir(server: ServiceRuntime) -> Path:
+    """The file service's blob directory (the runtime holds its settings as a gRPC server's)."""
+    assert isinstance(server.settings, FileSettings)
+    return server.settings.blob_dir
+
+
 async def test_blob_store_outage_and_recovery(server: ServiceRuntime) -> None:
     """With the blob directory unusable the service is NOT_SERVING naming blob_store; it recovers alone."""
     await wait_for_status(server, SERVING, 30)
-    blob_dir: Path = server.settings.blob_dir
+    blob_dir = _blob_dir(server)
     aside = blob_dir.with_name("blobs.aside")
     await asyncio.to_thread(_replace_with_file, blob_dir, aside)
     try:
@@ -140,7 +147,7 @@ async def test_low_blob_space_degrades_and_keeps_the_service_in_rotation(
     service stays SERVING, so readiness keeps it in rotation: downloads and uploads that fit still work.
     It made the whole service NOT_SERVING before."""
     await wait_for_status(server, SERVING, 30)
-    blob_dir: Path = server.settings.blob_dir
+    blob_dir = _blob_dir(server)
     real_usage = shutil.disk_usage
 
     def nearly_full(path: Any) -> Any:
@@ -171,7 +178,7 @@ async def test_an_unmounted_blob_volume_is_not_serving_and_the_probe_creates_not
     NOT_SERVING, blob_store naming the directory and a possibly unmounted volume, and the probe does not
     create the directory; with the volume back it serves again. An empty directory was SERVING before."""
     await wait_for_status(server, SERVING, 30)
-    blob_dir: Path = server.settings.blob_dir
+    blob_dir = _blob_dir(server)
     aside = blob_dir.with_name("blobs.unmounted")
     await asyncio.to_thread(blob_dir.rename, aside)
     try:

@@ -68,7 +68,6 @@ class FakeMesh:
             "queue_service_http": http,
             "rpc_timeout_seconds": 10.0,
             "health_timeout_seconds": 2.0,
-            "blob_dir": "/nonexistent-blob-dir",
             **overrides,
         }
         return GatewaySettings(**values)

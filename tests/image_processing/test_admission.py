@@ -21,7 +21,7 @@ from mesh.image.v1 import image_processing_service_pb2 as pb
 from mesh.image.v1 import image_processing_service_pb2_grpc as pb_grpc
 from mesh.kit import errors
 from mesh.kit.devices import gpu_available
-from mesh.kit.settings import CommonSettings
+from mesh.kit.settings import FileServiceAddress
 from mesh.kit.wire import serialize_reply
 from mesh.services.file.client import FileClient
 from mesh.services.image_processing import codec
@@ -395,7 +395,7 @@ async def silent_files() -> AsyncIterator[FileClient]:
     file_service_pb2_grpc.add_FileServiceServicer_to_server(_Silent(), server)  # type: ignore[abstract]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    client = FileClient.connect(CommonSettings(file_service_address=f"127.0.0.1:{port}"))
+    client = FileClient.connect(FileServiceAddress(file_service_address=f"127.0.0.1:{port}"))
     yield client
     await client.close()
     await server.stop(None)

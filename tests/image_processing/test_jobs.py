@@ -185,10 +185,10 @@ async def test_model_only_job_predicts_on_the_input(processor: Processor) -> Non
 
 async def test_connect_job_handler_builds_and_closes(processor: Processor) -> None:
     """The wiring helper yields a handler on real channels and closes them on exit."""
-    from mesh.kit.settings import CommonSettings
     from mesh.services.image_processing.jobs import connect_job_handler
+    from mesh.services.image_processing.settings import ImageSettings
 
-    settings = CommonSettings(file_service_address="127.0.0.1:1", inference_service_address="127.0.0.1:1")
+    settings = ImageSettings(file_service_address="127.0.0.1:1", inference_service_address="127.0.0.1:1")
     async with connect_job_handler(settings, processor) as handler:
         assert isinstance(handler, ImageJobHandler)
 

@@ -20,7 +20,7 @@ from mesh.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from mesh.kit.channels import open_channel
 from mesh.kit.errors import Internal, InvalidArgument, Unavailable
 from mesh.kit.runtime import ServiceRuntime
-from mesh.kit.settings import CommonSettings
+from mesh.kit.settings import CallerSettings
 from mesh.services.inference.checks import models_check
 from mesh.services.inference.client import InferenceClient
 from mesh.services.inference.images import ImageDecoder
@@ -192,7 +192,7 @@ async def test_one_call_over_a_mesh_channel_crashes_the_worker_once(tmp_path: Pa
     serving = asyncio.create_task(runtime.run())
     try:
         await asyncio.wait_for(runtime.started.wait(), 10)
-        channel = open_channel(f"localhost:{runtime.grpc_port}", CommonSettings(), service=SERVICE_NAME)
+        channel = open_channel(f"localhost:{runtime.grpc_port}", CallerSettings(), service=SERVICE_NAME)
         client = InferenceClient(channel)
         with pytest.raises(Internal, match="this image crashed the model") as crashed:
             await client.predict(request("fragile", CRASH))

@@ -13,7 +13,7 @@ import pytest
 from mesh.kit import errors
 from mesh.kit.channels import open_channel
 from mesh.kit.interceptors import ServerInterceptor
-from mesh.kit.settings import CommonSettings
+from mesh.kit.settings import CallerSettings
 from mesh.queue.v1 import queue_service_pb2, queue_service_pb2_grpc
 
 SERVICE = "mesh.queue.v1.QueueService"
@@ -69,7 +69,7 @@ async def test_a_call_without_a_timeout_gets_the_whole_default_deadline(
 ) -> None:
     """A unary call with no ``timeout`` ends DEADLINE_EXCEEDED after the configured 2 s, not before: set through
     the service config, grpcio fired it about 1.7 s early (3 s gave 1.3 s, the default 30 s gave 28)."""
-    channel = open_channel(server[0], CommonSettings(rpc_timeout_seconds=2.0), service=SERVICE)
+    channel = open_channel(server[0], CallerSettings(rpc_timeout_seconds=2.0), service=SERVICE)
     async with channel:
         stub = queue_service_pb2_grpc.QueueServiceStub(channel)
         started = time.monotonic()
@@ -87,7 +87,7 @@ async def test_a_callers_timeout_wins_and_long_lived_streams_get_no_deadline(
     the streams named as long-lived (a job's watch) run without one."""
     target, servicer = server
     channel = open_channel(
-        target, CommonSettings(rpc_timeout_seconds=30.0), service=SERVICE, streaming_methods=("WatchJob",)
+        target, CallerSettings(rpc_timeout_seconds=30.0), service=SERVICE, streaming_methods=("WatchJob",)
     )
     async with channel:
         stub = queue_service_pb2_grpc.QueueServiceStub(channel)
@@ -137,7 +137,7 @@ async def test_an_unavailable_whose_retries_the_server_spent_is_not_retried_by_t
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        async with open_channel(f"127.0.0.1:{port}", CommonSettings(), service=SERVICE) as channel:
+        async with open_channel(f"127.0.0.1:{port}", CallerSettings(), service=SERVICE) as channel:
             stub = queue_service_pb2_grpc.QueueServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.GetJob(queue_service_pb2.GetJobRequest(job_id="j"), timeout=10)

@@ -35,7 +35,7 @@ from mesh.kit.runtime import (
     sleep_unless_stopping,
     until_stopping,
 )
-from mesh.kit.settings import ServerSettings
+from mesh.kit.settings import CallerSettings, ServerSettings
 
 SERVICE = "test.v1.EchoService"
 
@@ -154,7 +154,7 @@ async def test_liveness_ignores_dependencies(runtime: Any) -> None:
 async def test_mesh_error_becomes_rich_status(runtime: Any) -> None:
     """A MeshError reaches the client with its code, message and field violations."""
     rt, _, _ = runtime
-    channel = open_channel(f"localhost:{rt.grpc_port}", ServerSettings(), service=SERVICE)
+    channel = open_channel(f"localhost:{rt.grpc_port}", CallerSettings(), service=SERVICE)
     call = channel.unary_unary(f"/{SERVICE}/Echo", None, None)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call(b"bad")
@@ -512,14 +512,20 @@ async def test_a_background_task_that_crashes_stops_the_service_with_its_error_l
 
 
 @pytest.mark.parametrize(
-    ("variable", "value"),
-    [("rpc_timeout_seconds", "inf"), ("rpc_timeout_seconds", "1e7"), ("health_interval_seconds", "inf")],
+    ("cls", "variable", "value"),
+    [
+        (CallerSettings, "rpc_timeout_seconds", "inf"),
+        (CallerSettings, "rpc_timeout_seconds", "1e7"),
+        (ServerSettings, "health_interval_seconds", "inf"),
+    ],
 )
-def test_settings_refuse_infinite_or_huge_times(variable: str, value: str) -> None:
+def test_settings_refuse_infinite_or_huge_times(
+    cls: type[CallerSettings | ServerSettings], variable: str, value: str
+) -> None:
     """inf and nan passed every gt=0 bound (health frozen at its first answer), and a deadline of 10**6 s or
     more was written 1e+06s, which gRPC refuses, failing every call."""
     with pytest.raises(ValidationError):
-        ServerSettings.model_validate({variable: value})
+        cls.model_validate({variable: value})
 
 
 @pytest.mark.parametrize("version", ["v1alpha", "v1"])

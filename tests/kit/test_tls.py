@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from mesh.kit.channels import open_channel
 from mesh.kit.runtime import ServiceRuntime
-from mesh.kit.settings import CommonSettings, ServerSettings
+from mesh.kit.settings import CallerSettings, CommonSettings, ServerSettings
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:
@@ -43,7 +43,7 @@ async def test_tls_server_and_channel(tmp_path: Path) -> None:
     task = asyncio.create_task(runtime.run())
     await asyncio.wait_for(runtime.started.wait(), 10)
     try:
-        client_settings = CommonSettings(tls_ca_file=cert)
+        client_settings = CallerSettings(tls_ca_file=cert)
         channel = open_channel(
             f"localhost:{runtime.grpc_port}", client_settings, service="grpc.health.v1.Health"
         )

@@ -17,7 +17,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import REGISTRY
 
 from mesh.kit.jobs import JobContext
-from mesh.kit.settings import CommonSettings
+from mesh.kit.settings import BrokerSettings
 from mesh.queue.v1 import job_pb2, queue_service_pb2
 from mesh.services.queue.scripted import scripted_handler
 from mesh.services.queue.topology import HIGH_PRIORITY, high_lane, lane_for, lanes
@@ -111,7 +111,7 @@ def test_lanes_split_priorities_like_rabbitmq_4() -> None:
 async def test_worker_runs_concurrency_jobs_and_gives_free_slots_to_the_highest_priority() -> None:
     """At most ``concurrency`` deliveries run; the rest wait, and each freed slot goes to the waiting one of
     highest priority (arrival order among equals); one whose channel closed is skipped, not run."""
-    worker = JobWorker(CommonSettings(), queue="q", handler=scripted_handler, concurrency=2)
+    worker = JobWorker(BrokerSettings(), queue="q", handler=scripted_handler, concurrency=2)
     started: list[str] = []
     gates: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
 
@@ -320,7 +320,7 @@ def test_a_workers_and_the_dead_letter_consumers_counters_start_at_zero() -> Non
 
     from mesh.services.queue.dead_letters import DeadLetterConsumer
 
-    JobWorker(CommonSettings(), queue="zero.q", handler=scripted_handler)
+    JobWorker(BrokerSettings(), queue="zero.q", handler=scripted_handler)
     DeadLetterConsumer(cast(Any, None), cast(Any, None), ["zero.q"], delivery_limit=3)
 
     def value(name: str, **labels: str) -> float | None:

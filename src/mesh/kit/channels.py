@@ -24,7 +24,7 @@ from mesh.kit.client_spans import (
     UnaryUnaryInterceptor,
 )
 from mesh.kit.runtime import KEEPALIVE_OPTIONS, message_limit_options
-from mesh.kit.settings import MAX_MESSAGE_BYTES, CommonSettings
+from mesh.kit.settings import MAX_MESSAGE_BYTES, CallerSettings
 from mesh.kit.tls import channel_credentials
 
 RETRY_POLICY = {
@@ -101,7 +101,7 @@ def default_deadlines(
 
 def open_channel(
     target: str,
-    settings: CommonSettings,
+    settings: CallerSettings,
     *,
     service: str,
     streaming_methods: Sequence[str] = (),

@@ -1,9 +1,14 @@
 """Settings from the environment: one pattern for every process.
 
-Each process has a frozen settings class derived from :class:`CommonSettings`; every field is read from
-``MESH_<FIELD>`` (upper case). :func:`load_settings` validates at start and exits with a message naming the
-bad variable, instead of failing later with a stack trace, and warns of ``MESH_*`` variables that no settings
-class of the mesh reads (a misspelt name would otherwise be ignored without a word).
+Each process has a frozen settings class composed of :class:`CommonSettings` (what every process reads) and
+the mixins of what it uses besides: RabbitMQ (:class:`BrokerSettings`), the blob store (:class:`BlobSettings`),
+a compute device (:class:`DeviceSettings`), the address of each service it calls (:class:`FileServiceAddress`
+and the like), a gRPC server (:class:`ServerSettings`), a job worker (:class:`WorkerSettings`). Code that
+needs a setting takes the mixin that holds it, and a variable that a class lacks is ignored, so that one
+environment can serve the whole mesh (:class:`MeshSettings` holds every setting, for the tools that run it).
+Every field is read from ``MESH_<FIELD>`` (upper case). :func:`load_settings` validates at start and exits
+with a message naming the bad variable, instead of failing later with a stack trace, and warns of ``MESH_*``
+variables that no settings class of the mesh reads (a misspelt name would otherwise be ignored without a word).
 
 Each field's docstring is its documentation: ``scripts/settings_table.py`` writes the README's settings tables
 from them.
@@ -46,7 +51,7 @@ MAX_MESSAGE_BYTES = 96 * 1024 * 1024
 
 
 class CommonSettings(BaseSettings):
-    """Settings every process understands."""
+    """Settings every process reads: its database, its logs, and TLS for the gRPC it serves or calls."""
 
     # inf and nan pass every gt= bound: an infinite deadline or health interval would be taken silently.
     # The field docstrings become the fields' descriptions, which the README's settings tables are made of; a
@@ -63,45 +68,12 @@ class CommonSettings(BaseSettings):
     database_url: str = "postgresql://localhost/mesh"
     """PostgreSQL connection URL; the database is created on first start when absent."""
 
-    amqp_url: str = "amqp://guest:guest@localhost:5672/%2F"
-    """RabbitMQ connection URL; the AMQP heartbeat is 15 s unless the URL names one (``?heartbeat=N``)."""
-
-    queue_prefix: str = ""
-    """Prefix of every RabbitMQ queue name (``<prefix>mesh.jobs.image``), the same for the queue service and
-    its workers: it isolates deployments (and test meshes) that share one RabbitMQ vhost.
-    ``python -m mesh.tools.up --port-offset N`` sets it to ``offset<N>.``."""
-
-    delivery_limit: int = Field(default=DEFAULT_DELIVERY_LIMIT, ge=1)
-    """Quorum-queue ``x-delivery-limit`` of the job queues: deliveries of one dispatch before it is
-    dead-lettered. The queue service and its workers declare the queues alike, so they must agree."""
-
-    blob_dir: Path = Path("var/blobs")
-    """Root of the content-addressed blob store (files named by SHA-256), relative to the working directory."""
-
-    device: Literal["auto", "gpu", "cpu"] = "auto"
-    """Compute backend: ``auto`` uses the GPU when CuPy sees one, else the CPU."""
-
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Minimum level of log lines."""
 
     log_format: Literal["json", "console"] = "json"
     """``json`` lines for machines, ``console`` for people at a terminal (``make up`` on a terminal sets
     ``console``)."""
-
-    file_service_address: str = "localhost:50051"
-    """host:port of the file service."""
-
-    image_service_address: str = "localhost:50052"
-    """host:port of the image processing service."""
-
-    inference_service_address: str = "localhost:50053"
-    """host:port of the inference service."""
-
-    queue_service_address: str = "localhost:50054"
-    """host:port of the queue service."""
-
-    rpc_timeout_seconds: float = Field(default=30.0, gt=0, le=86400)
-    """Default deadline of every outgoing unary gRPC call."""
 
     tls_ca_file: Path | None = None
     """CA bundle for verifying gRPC peers; setting it turns TLS on for outgoing channels."""
@@ -143,6 +115,73 @@ class CommonSettings(BaseSettings):
         return "mtls" if self.tls_ca_file else "tls"
 
 
+class BrokerSettings(CommonSettings):
+    """RabbitMQ: the queue service publishes jobs to it, the job workers (image processing, inference) consume
+    them."""
+
+    amqp_url: str = "amqp://guest:guest@localhost:5672/%2F"
+    """RabbitMQ connection URL; the AMQP heartbeat is 15 s unless the URL names one (``?heartbeat=N``)."""
+
+    queue_prefix: str = ""
+    """Prefix of every RabbitMQ queue name (``<prefix>mesh.jobs.image``), the same for the queue service and
+    its workers: it isolates deployments (and test meshes) that share one RabbitMQ vhost.
+    ``python -m mesh.tools.up --port-offset N`` sets it to ``offset<N>.``."""
+
+    delivery_limit: int = Field(default=DEFAULT_DELIVERY_LIMIT, ge=1)
+    """Quorum-queue ``x-delivery-limit`` of the job queues: deliveries of one dispatch before it is
+    dead-lettered. The queue service and its workers declare the queues alike, so they must agree."""
+
+
+class BlobSettings(CommonSettings):
+    """The blob store, which the file service keeps."""
+
+    blob_dir: Path = Path("var/blobs")
+    """Root of the content-addressed blob store (files named by SHA-256), relative to the working directory."""
+
+
+class DeviceSettings(CommonSettings):
+    """The compute device of the services that compute on one (image processing, inference)."""
+
+    device: Literal["auto", "gpu", "cpu"] = "auto"
+    """Compute backend: ``auto`` uses the GPU when CuPy sees one, else the CPU."""
+
+
+class CallerSettings(CommonSettings):
+    """Settings of a process that calls other services over gRPC (:func:`mesh.kit.channels.open_channel`):
+    every process but the file service."""
+
+    rpc_timeout_seconds: float = Field(default=30.0, gt=0, le=86400)
+    """Default deadline of every outgoing unary gRPC call."""
+
+
+class FileServiceAddress(CallerSettings):
+    """Where a process that calls the file service finds it (gateway, image processing, inference, queue)."""
+
+    file_service_address: str = "localhost:50051"
+    """host:port of the file service."""
+
+
+class ImageServiceAddress(CallerSettings):
+    """Where a process that calls the image processing service finds it (gateway)."""
+
+    image_service_address: str = "localhost:50052"
+    """host:port of the image processing service."""
+
+
+class InferenceServiceAddress(CallerSettings):
+    """Where a process that calls the inference service finds it (gateway, image processing, queue)."""
+
+    inference_service_address: str = "localhost:50053"
+    """host:port of the inference service."""
+
+
+class QueueServiceAddress(CallerSettings):
+    """Where a process that calls the queue service finds it (gateway)."""
+
+    queue_service_address: str = "localhost:50054"
+    """host:port of the queue service."""
+
+
 class ServerSettings(CommonSettings):
     """Settings of a process that serves gRPC (every service but the gateway)."""
 
@@ -171,7 +210,7 @@ class ServerSettings(CommonSettings):
     """gRPC receive/send limit; at least 64 MiB so that a 4K RGBA frame fits."""
 
 
-class WorkerSettings(ServerSettings):
+class WorkerSettings(BrokerSettings, ServerSettings):
     """Settings of a service that also runs a job worker (image processing, inference)."""
 
     job_concurrency: int = Field(default=4, ge=0, le=256)
@@ -180,6 +219,20 @@ class WorkerSettings(ServerSettings):
     job_attempt_seconds: float = Field(default=600.0, gt=0, le=86_400)
     """Longest one attempt of a job may run before it is stopped and counted a SYSTEM error (retried with
     backoff until its attempts are spent): a hung attempt would otherwise hold its job RUNNING for ever."""
+
+
+class MeshSettings(
+    WorkerSettings,
+    BlobSettings,
+    DeviceSettings,
+    FileServiceAddress,
+    ImageServiceAddress,
+    InferenceServiceAddress,
+    QueueServiceAddress,
+):
+    """Every setting of the kit at once, for the tools that work on the whole mesh from one environment:
+    ``mesh.tools.up`` (which prepares the database, RabbitMQ and the blob store, and names a bad value before
+    any process starts), the load tool and the soak (which dial every service)."""
 
 
 def json_list(value: object) -> object:

@@ -32,7 +32,7 @@ import grpc
 import psutil
 
 from mesh.kit.cli import positive_float, positive_int
-from mesh.kit.settings import CommonSettings, load_settings
+from mesh.kit.settings import MeshSettings, load_settings
 from mesh.queue.v1 import job_pb2, queue_service_pb2
 from mesh.tools.load.mesh import (
     DEFAULT_GATEWAY_URL,
@@ -98,7 +98,7 @@ def discover_processes(marker: str = PROCESS_MARKER, ports: Collection[int] = ()
     return {pid: candidates[pid][0] for pid in sorted(chosen)}
 
 
-def mesh_ports(settings: CommonSettings, gateway_url: str = DEFAULT_GATEWAY_URL) -> set[int]:
+def mesh_ports(settings: MeshSettings, gateway_url: str = DEFAULT_GATEWAY_URL) -> set[int]:
     """The gRPC ports of the services under test, and the gateway's HTTP port."""
     ports = {int(address_of(settings, service).rsplit(":", 1)[1]) for service in SERVICES}
     return ports | {int(url_address(gateway_url).rsplit(":", 1)[1])}
@@ -187,7 +187,7 @@ async def final_states(mesh: Mesh, job_ids: list[str], drain_seconds: float) -> 
         await asyncio.sleep(1.0)
 
 
-async def soak(args: argparse.Namespace, settings: CommonSettings) -> dict[str, Any]:
+async def soak(args: argparse.Namespace, settings: MeshSettings) -> dict[str, Any]:
     duration = args.minutes * 60
     mesh = Mesh(settings, gateway_url=args.gateway_url)
     try:
@@ -280,7 +280,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = load_settings(CommonSettings)
+    settings = load_settings(MeshSettings)
     remote = [s for s in SERVICES if not is_loopback(address_of(settings, s))]
     if not is_loopback(url_address(args.gateway_url)):
         remote.append("gateway")

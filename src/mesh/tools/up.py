@@ -30,7 +30,7 @@ from psycopg.conninfo import conninfo_to_dict
 from mesh.kit.cli import positive_float
 from mesh.kit.db import ensure_database
 from mesh.kit.logging import configure_logging
-from mesh.kit.settings import CommonSettings, ServerSettings, load_settings
+from mesh.kit.settings import MeshSettings, load_settings
 from mesh.kit.supervision import SUPERVISOR_ENV
 
 
@@ -223,7 +223,7 @@ async def stop_all(children: dict[str, asyncio.subprocess.Process], grace: float
                 await asyncio.wait_for(child.wait(), 5)
 
 
-async def run(settings: CommonSettings, startup_timeout: float, grace: float, port_offset: int = 0) -> int:
+async def run(settings: MeshSettings, startup_timeout: float, grace: float, port_offset: int = 0) -> int:
     for problem in (check_postgres(settings.database_url), await check_rabbitmq(settings.amqp_url)):
         if problem is not None:
             what, how_to = problem
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     # say the same again in another format, ahead of the processes' own log.
     configure_logging("up", level="warning", fmt="console")
     # The services' settings, for the drain grace they will use (and a bad value named before any starts).
-    settings = load_settings(ServerSettings)
+    settings = load_settings(MeshSettings)
     grace = args.grace if args.grace is not None else 3 * settings.grace_seconds
     return asyncio.run(run(settings, args.startup_timeout, grace, args.port_offset))
 

@@ -13,7 +13,7 @@ import grpc
 from mesh.file.v1 import file_service_pb2, file_service_pb2_grpc
 from mesh.kit import errors
 from mesh.kit.channels import open_channel
-from mesh.kit.settings import CommonSettings
+from mesh.kit.settings import FileServiceAddress
 from mesh.services.file.settings import SERVICE_NAME
 
 UPLOAD_CHUNK_BYTES = 1024 * 1024
@@ -71,7 +71,7 @@ class FileClient:
         self._stub = file_service_pb2_grpc.FileServiceStub(channel)
 
     @classmethod
-    def connect(cls, settings: CommonSettings) -> FileClient:
+    def connect(cls, settings: FileServiceAddress) -> FileClient:
         """A client on a new channel to ``settings.file_service_address``."""
         channel = open_channel(
             settings.file_service_address,

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pydantic import Field
 
 from mesh.file.v1 import file_service_pb2
-from mesh.kit.settings import ServerSettings
+from mesh.kit.settings import BlobSettings, ServerSettings
 
 SERVICE_NAME = file_service_pb2.DESCRIPTOR.services_by_name["FileService"].full_name
 """The file service's gRPC (and health) name, from the .proto so that it cannot drift."""
 
 
-class FileSettings(ServerSettings):
+class FileSettings(BlobSettings, ServerSettings):
     """Settings of the file service process."""
 
     grpc_port: int = Field(default=50051, ge=0, le=65535)

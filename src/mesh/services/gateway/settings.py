@@ -8,7 +8,13 @@ from limits import parse_many
 from pydantic import BeforeValidator, Field, field_validator
 from pydantic_settings import NoDecode
 
-from mesh.kit.settings import CommonSettings, json_list
+from mesh.kit.settings import (
+    FileServiceAddress,
+    ImageServiceAddress,
+    InferenceServiceAddress,
+    QueueServiceAddress,
+    json_list,
+)
 
 AuthMode = Literal["off", "api_key", "jwt", "any"]
 
@@ -20,8 +26,8 @@ UPLOAD_FORM_HEADROOM_BYTES = 64 * 1024
 and small fields (a filename, labels)."""
 
 
-class GatewaySettings(CommonSettings):
-    """Settings of the REST gateway."""
+class GatewaySettings(FileServiceAddress, ImageServiceAddress, InferenceServiceAddress, QueueServiceAddress):
+    """Settings of the REST gateway, which calls every service."""
 
     http_host: str = "0.0.0.0"
     """Interface the HTTP server binds."""

@@ -22,12 +22,13 @@ from mesh.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 from mesh.kit import errors, tracing
 from mesh.kit.channels import open_channel
 from mesh.kit.jobs import JobContext, ModelReference
-from mesh.kit.settings import CommonSettings
+from mesh.kit.settings import InferenceServiceAddress
 from mesh.queue.v1 import job_pb2
 from mesh.services.file.client import FileClient
 from mesh.services.image_processing import codec
 from mesh.services.image_processing.processor import ImageStore, Processor
 from mesh.services.image_processing.registry import Step, steps_from_proto
+from mesh.services.image_processing.settings import ImageSettings
 from mesh.services.inference.settings import SERVICE_NAME as INFERENCE_SERVICE_NAME
 
 _tracer = tracing.tracer(__name__)
@@ -55,7 +56,7 @@ class StubPredictor:
         self._timeout = timeout
 
     @classmethod
-    def connect(cls, settings: CommonSettings) -> tuple[StubPredictor, grpc.aio.Channel]:
+    def connect(cls, settings: InferenceServiceAddress) -> tuple[StubPredictor, grpc.aio.Channel]:
         """A predictor on a new channel to ``settings.inference_service_address`` (close the channel)."""
         channel = open_channel(settings.inference_service_address, settings, service=INFERENCE_SERVICE_NAME)
         return cls(inference_service_pb2_grpc.InferenceServiceStub(channel)), channel
@@ -158,7 +159,7 @@ class ImageJobHandler:
 
 @asynccontextmanager
 async def connect_job_handler(
-    settings: CommonSettings, processor: Processor
+    settings: ImageSettings, processor: Processor
 ) -> AsyncIterator[ImageJobHandler]:
     """A handler on real channels to the file and inference services (closed on exit), for worker wiring::
 

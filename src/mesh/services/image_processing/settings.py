@@ -5,14 +5,15 @@ from __future__ import annotations
 from pydantic import AliasChoices, Field
 
 from mesh.image.v1 import image_processing_service_pb2
-from mesh.kit.settings import WorkerSettings
+from mesh.kit.settings import DeviceSettings, FileServiceAddress, InferenceServiceAddress, WorkerSettings
 
 SERVICE_NAME = image_processing_service_pb2.DESCRIPTOR.services_by_name["ImageProcessingService"].full_name
 """The image processing service's gRPC (and health) name, from the .proto so that it cannot drift."""
 
 
-class ImageSettings(WorkerSettings):
-    """The image processing service's settings."""
+class ImageSettings(DeviceSettings, FileServiceAddress, InferenceServiceAddress, WorkerSettings):
+    """The image processing service's settings: a job's image comes from the file service, and its
+    predictions from inference."""
 
     grpc_port: int = Field(default=50052, ge=0, le=65535)
     """gRPC port."""

@@ -15,7 +15,7 @@ from mesh.inference.v1 import inference_service_pb2 as pb
 from mesh.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from mesh.kit import errors
 from mesh.kit.channels import open_channel
-from mesh.kit.settings import CommonSettings
+from mesh.kit.settings import InferenceServiceAddress
 from mesh.services.inference.settings import SERVICE_NAME
 
 
@@ -27,7 +27,7 @@ class InferenceClient:
         self._stub: pb_grpc.InferenceServiceAsyncStub = pb_grpc.InferenceServiceStub(channel)
 
     @classmethod
-    def connect(cls, settings: CommonSettings) -> InferenceClient:
+    def connect(cls, settings: InferenceServiceAddress) -> InferenceClient:
         """A client on a new channel to ``settings.inference_service_address``."""
         channel = open_channel(
             settings.inference_service_address,

@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field
 
 from mesh.inference.v1 import inference_service_pb2
-from mesh.kit.settings import WorkerSettings
+from mesh.kit.settings import DeviceSettings, FileServiceAddress, WorkerSettings
 
 SERVICE_NAME = inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 """The inference service's gRPC (and health) name, from the .proto so that it cannot drift."""
@@ -16,8 +16,9 @@ SERVICE_NAME = inference_service_pb2.DESCRIPTOR.services_by_name["InferenceServi
 _CHECKOUT_ROOT = Path(__file__).resolve().parents[4]
 
 
-class InferenceSettings(WorkerSettings):
-    """Settings of ``python -m mesh.services.inference``."""
+class InferenceSettings(DeviceSettings, FileServiceAddress, WorkerSettings):
+    """Settings of ``python -m mesh.services.inference`` (it fetches the images a request names by id from the
+    file service)."""
 
     grpc_port: int = Field(default=50053, ge=0, le=65535)
     """gRPC port of the InferenceService."""

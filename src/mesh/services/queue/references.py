@@ -21,9 +21,9 @@ from prometheus_client import Counter
 from mesh.kit import errors
 from mesh.kit.jobs import ModelReference
 from mesh.kit.logging import get_logger
-from mesh.kit.settings import CommonSettings
 from mesh.services.file.client import FileClient
 from mesh.services.inference.client import InferenceClient
+from mesh.services.queue.settings import QueueSettings
 
 log = get_logger(__name__)
 
@@ -89,7 +89,7 @@ class ServiceReferences:
         self._on_close = on_close
 
     @classmethod
-    def connect(cls, settings: CommonSettings, timeout_seconds: float) -> ServiceReferences:
+    def connect(cls, settings: QueueSettings, timeout_seconds: float) -> ServiceReferences:
         """Lookups over new channels to the file and inference services."""
         files = FileClient.connect(settings)
         inference = InferenceClient.connect(settings)

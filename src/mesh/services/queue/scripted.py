@@ -25,7 +25,7 @@ import signal
 from mesh.kit import errors
 from mesh.kit.jobs import JobContext
 from mesh.kit.logging import configure_logging
-from mesh.kit.settings import CommonSettings, load_settings
+from mesh.kit.settings import BrokerSettings, load_settings
 from mesh.queue.v1 import job_pb2
 from mesh.services.queue.worker import JobWorker, WorkerOptions
 
@@ -77,7 +77,7 @@ async def _sleep(context: JobContext, seconds: float) -> None:
 
 
 async def _main(args: argparse.Namespace) -> None:
-    settings = load_settings(CommonSettings)
+    settings = load_settings(BrokerSettings)
     configure_logging("scripted-worker", level="warning", fmt="json")
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from mesh.kit.settings import ServerSettings
+from mesh.kit.settings import BrokerSettings, FileServiceAddress, InferenceServiceAddress, ServerSettings
 from mesh.queue.v1 import queue_service_pb2
 
 SERVICE_NAME = queue_service_pb2.DESCRIPTOR.services_by_name["QueueService"].full_name
 """The queue service's gRPC (and health) name, from the .proto so that it cannot drift."""
 
 
-class QueueSettings(ServerSettings):
-    """Settings of the queue service process (API, outbox relay, reconciler, dead-letter consumer)."""
+class QueueSettings(BrokerSettings, FileServiceAddress, InferenceServiceAddress, ServerSettings):
+    """Settings of the queue service process (API, outbox relay, reconciler, dead-letter consumer); a submit
+    asks the file and inference services whether its image and model exist."""
 
     grpc_port: int = Field(default=50054, ge=0, le=65535)
     """gRPC port of the queue service."""

@@ -75,7 +75,7 @@ from mesh.kit.health import Degrading, DependencyCheck, FunctionCheck
 from mesh.kit.jobs import JobCancelled, JobHandler, LeaseLost
 from mesh.kit.logging import describe, get_logger
 from mesh.kit.runtime import ServiceRuntime
-from mesh.kit.settings import DEFAULT_DELIVERY_LIMIT, CommonSettings, WorkerSettings
+from mesh.kit.settings import DEFAULT_DELIVERY_LIMIT, BrokerSettings, WorkerSettings
 from mesh.queue.v1 import job_pb2
 from mesh.services.queue.acks import Acks
 from mesh.services.queue.breaker import DependencyBreaker
@@ -320,7 +320,7 @@ class JobWorker:
 
     def __init__(
         self,
-        settings: CommonSettings,
+        settings: BrokerSettings,
         *,
         queue: str,
         handler: JobHandler,

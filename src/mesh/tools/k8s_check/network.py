@@ -6,11 +6,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from mesh.kit.settings import ENV_PREFIX, CommonSettings
+from mesh.kit.settings import ENV_PREFIX, CommonSettings, variable_names
 from mesh.tools.k8s_check.policy import (
     ADDRESS_SUFFIXES,
     ADDRESSED_WORKLOADS,
-    WORKLOADS,
     Overlay,
     Violation,
     addressed_service,
@@ -253,19 +252,28 @@ def _call_violations(
         )
 
 
+def called_addresses(cls: type[CommonSettings]) -> list[str]:
+    """The variables of the service addresses a process dials: its settings class holds those it calls and
+    no other (``FileServiceAddress`` and the like; the gateway's ``*_service_http`` for its dashboard)."""
+    return [
+        variable_names(cls, field)[0]
+        for field in cls.model_fields
+        if field.endswith(("_service_address", "_service_http"))
+    ]
+
+
 def check_network_calls(overlay: Overlay) -> Iterator[Violation]:
     """Every call a workload makes to another is let through by the NetworkPolicies, as Kubernetes applies
-    them: the address settings its process dials (``Workload.calls``, as its container's environment sets
-    them) name a Service, and the caller's egress and each selected workload's ingress allow that Service's
+    them: the address settings its process dials (:func:`called_addresses`, as its container's environment
+    sets them) name a Service, and the caller's egress and each selected workload's ingress allow that Service's
     target port. Prometheus, in the ``monitoring`` namespace, reaches the metrics (HTTP) port of every pod that
     asks to be scraped. A call the policies drop fails at run time only, with every pod healthy."""
     for deployment in overlay.of_kind("Deployment"):
         cls = settings_class(deployment)
-        workload = WORKLOADS.get(deployment["metadata"]["name"])
-        if cls is None or workload is None:
+        if cls is None:
             continue
         for container in pod_spec(deployment).get("containers", []):
-            for variable in workload.calls:
+            for variable in called_addresses(cls):
                 yield from _call_violations(overlay, deployment, cls, container, variable)
         yield from _check_scrape(overlay, deployment, cls)
 

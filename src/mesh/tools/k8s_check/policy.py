@@ -55,10 +55,6 @@ class Workload:
     blob_store: bool = False
     """Whether it keeps the blob store under ``MESH_BLOB_DIR`` (which must then be on a volume)."""
 
-    calls: tuple[str, ...] = ()
-    """The address settings of the services its process dials: every process reads them all (CommonSettings),
-    but each calls only these (its clients: ``mesh.services.*.client``, the gateway's backends)."""
-
 
 # The workload behind each MESH_<NAME>_SERVICE_ADDRESS (its gRPC port) and MESH_<NAME>_SERVICE_HTTP (its HTTP
 # port, which the gateway's health dashboard reads).
@@ -69,13 +65,10 @@ ADDRESSED_WORKLOADS = {
     "QUEUE": "queue",
 }
 ADDRESS_SUFFIXES = {"_SERVICE_ADDRESS": "gRPC", "_SERVICE_HTTP": "HTTP"}
-FILE_ADDRESS = "MESH_FILE_SERVICE_ADDRESS"
-INFERENCE_ADDRESS = "MESH_INFERENCE_SERVICE_ADDRESS"
 WORKLOADS = {
     "file": Workload(
         50051, 9101, file_settings.SERVICE_NAME, gpu_capable=False, rabbitmq=False, blob_store=True
     ),
-    # The file client fetches its inputs and stores its outputs; a job's predictions go to inference.
     "image-processing": Workload(
         50052,
         9102,
@@ -83,9 +76,7 @@ WORKLOADS = {
         gpu_capable=True,
         rabbitmq=True,
         job_queue=IMAGE_JOBS_QUEUE,
-        calls=(FILE_ADDRESS, INFERENCE_ADDRESS),
     ),
-    # The file client fetches the images that requests name by id.
     "inference": Workload(
         50053,
         9103,
@@ -93,27 +84,20 @@ WORKLOADS = {
         gpu_capable=True,
         rabbitmq=True,
         job_queue=INFERENCE_JOBS_QUEUE,
-        calls=(FILE_ADDRESS,),
     ),
-    # SubmitJob checks that the image and the model a job names exist (mesh.services.queue.references).
     "queue": Workload(
         50054,
         9104,
         queue_settings.SERVICE_NAME,
         gpu_capable=False,
         rabbitmq=True,
-        calls=(FILE_ADDRESS, INFERENCE_ADDRESS),
     ),
-    # Every backend's gRPC port, and its HTTP port for the health dashboard (mesh.services.gateway.backends).
     "gateway": Workload(
         None,
         8080,
         None,
         gpu_capable=False,
         rabbitmq=False,
-        calls=tuple(
-            f"{ENV_PREFIX}{name}{suffix}" for name in ADDRESSED_WORKLOADS for suffix in ADDRESS_SUFFIXES
-        ),
     ),
 }
 EDGE_WORKLOAD = "gateway"

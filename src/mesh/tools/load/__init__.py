@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.kit.cli import positive_float, positive_int
-from mesh.kit.settings import CommonSettings, load_settings
+from mesh.kit.settings import MeshSettings, load_settings
 from mesh.tools.load import payloads
 from mesh.tools.load.mesh import DEFAULT_GATEWAY_URL, Mesh, MeshNotUp, address_of, is_loopback, url_address
 from mesh.tools.load.runner import run_scenario
@@ -55,7 +55,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def run(args: argparse.Namespace, settings: CommonSettings) -> int:
+async def run(args: argparse.Namespace, settings: MeshSettings) -> int:
     chosen = [SCENARIOS[name] for name in (args.scenario or DEFAULT_SCENARIOS)]
     services = set().union(*(s.services for s in chosen)) | (
         {"file", "queue"} if args.write_payloads else set()
@@ -113,7 +113,7 @@ async def run(args: argparse.Namespace, settings: CommonSettings) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = load_settings(CommonSettings)
+    settings = load_settings(MeshSettings)
     try:
         return asyncio.run(run(args, settings))
     except KeyboardInterrupt:

@@ -16,7 +16,7 @@ from mesh.file.v1 import file_service_pb2, file_service_pb2_grpc
 from mesh.image.v1 import image_processing_service_pb2_grpc
 from mesh.inference.v1 import inference_service_pb2_grpc
 from mesh.kit.channels import open_channel
-from mesh.kit.settings import CommonSettings
+from mesh.kit.settings import MeshSettings
 from mesh.queue.v1 import job_pb2, queue_service_pb2, queue_service_pb2_grpc
 from mesh.services.file import settings as file_settings
 from mesh.services.image_processing import settings as image_settings
@@ -53,7 +53,7 @@ class MeshNotUp(Exception):
     """A service the run needs does not answer SERVING; the message names each one and why."""
 
 
-def address_of(settings: CommonSettings, service: str) -> str:
+def address_of(settings: MeshSettings, service: str) -> str:
     return {
         "file": settings.file_service_address,
         "image": settings.image_service_address,
@@ -86,7 +86,7 @@ DEFAULT_GATEWAY_URL = "http://127.0.0.1:8080"
 class Mesh:
     """Channels and stubs to every service, an HTTP client of the gateway, and the ids of seeded objects."""
 
-    settings: CommonSettings
+    settings: MeshSettings
     gateway_url: str = DEFAULT_GATEWAY_URL
     channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
     photo: bytes = b""
