@@ -13,8 +13,9 @@ from typing import Any
 
 from mesh.kit.jobs import IMAGE_JOBS_QUEUE, INFERENCE_JOBS_QUEUE
 from mesh.kit.runtime import HTTP_STOP_SECONDS, LIVENESS_SERVICE
-from mesh.kit.settings import ENV_PREFIX, CommonSettings
+from mesh.kit.settings import ENV_PREFIX, BlobSettings, BrokerSettings, CommonSettings, DeviceSettings
 from mesh.services.file import settings as file_settings
+from mesh.services.gateway.settings import GatewaySettings
 from mesh.services.image_processing import settings as image_settings
 from mesh.services.inference import settings as inference_settings
 from mesh.services.queue import settings as queue_settings
@@ -43,17 +44,26 @@ class Workload:
     health_name: str | None
     """grpc.health.v1 service name the probes ask for."""
 
-    gpu_capable: bool
-    """Whether the GPU overlays must give it a GPU."""
-
-    rabbitmq: bool
-    """Whether it talks to RabbitMQ: only these get ``MESH_AMQP_URL`` and egress to the broker."""
+    settings: type[CommonSettings]
+    """Its process's settings class, which says what it uses (see the properties below)."""
 
     job_queue: str | None = None
     """The job queue its worker consumes (before ``MESH_QUEUE_PREFIX``), whose depth its autoscaler follows."""
 
-    blob_store: bool = False
-    """Whether it keeps the blob store under ``MESH_BLOB_DIR`` (which must then be on a volume)."""
+    @property
+    def gpu_capable(self) -> bool:
+        """Whether it computes on a device (``MESH_DEVICE``), so that the GPU overlays must give it a GPU."""
+        return issubclass(self.settings, DeviceSettings)
+
+    @property
+    def rabbitmq(self) -> bool:
+        """Whether it talks to RabbitMQ: only these get ``MESH_AMQP_URL`` and egress to the broker."""
+        return issubclass(self.settings, BrokerSettings)
+
+    @property
+    def blob_store(self) -> bool:
+        """Whether it keeps the blob store under ``MESH_BLOB_DIR`` (which must then be on a volume)."""
+        return issubclass(self.settings, BlobSettings)
 
 
 # The workload behind each MESH_<NAME>_SERVICE_ADDRESS (its gRPC port) and MESH_<NAME>_SERVICE_HTTP (its HTTP
@@ -66,39 +76,19 @@ ADDRESSED_WORKLOADS = {
 }
 ADDRESS_SUFFIXES = {"_SERVICE_ADDRESS": "gRPC", "_SERVICE_HTTP": "HTTP"}
 WORKLOADS = {
-    "file": Workload(
-        50051, 9101, file_settings.SERVICE_NAME, gpu_capable=False, rabbitmq=False, blob_store=True
-    ),
+    "file": Workload(50051, 9101, file_settings.SERVICE_NAME, file_settings.FileSettings),
     "image-processing": Workload(
-        50052,
-        9102,
-        image_settings.SERVICE_NAME,
-        gpu_capable=True,
-        rabbitmq=True,
-        job_queue=IMAGE_JOBS_QUEUE,
+        50052, 9102, image_settings.SERVICE_NAME, image_settings.ImageSettings, job_queue=IMAGE_JOBS_QUEUE
     ),
     "inference": Workload(
         50053,
         9103,
         inference_settings.SERVICE_NAME,
-        gpu_capable=True,
-        rabbitmq=True,
+        inference_settings.InferenceSettings,
         job_queue=INFERENCE_JOBS_QUEUE,
     ),
-    "queue": Workload(
-        50054,
-        9104,
-        queue_settings.SERVICE_NAME,
-        gpu_capable=False,
-        rabbitmq=True,
-    ),
-    "gateway": Workload(
-        None,
-        8080,
-        None,
-        gpu_capable=False,
-        rabbitmq=False,
-    ),
+    "queue": Workload(50054, 9104, queue_settings.SERVICE_NAME, queue_settings.QueueSettings),
+    "gateway": Workload(None, 8080, None, GatewaySettings),
 }
 EDGE_WORKLOAD = "gateway"
 QUEUE_SCALED_WORKLOADS = tuple(name for name, workload in WORKLOADS.items() if workload.job_queue)
