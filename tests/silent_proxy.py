@@ -5,7 +5,10 @@ acknowledges every byte. A connection opened while silent is accepted and then h
 server's greeting.
 
 Unlike :class:`tests.postgres.CommitCutter`, closing the proxy resets every connection it holds, so that the
-calls and connection attempts a test left hanging end at once and its pool closes quickly."""
+calls and connection attempts a test left hanging end at once and its pool closes quickly.
+
+The server must not speak TLS (the tests' local one does not): :meth:`SilentProxy.silence_after_next_answer`
+reads the end of an answer in the bytes."""
 
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ from collections.abc import AsyncIterator
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+_READY_FOR_QUERY = b"Z\x00\x00\x00\x05"
+"""The server's ReadyForQuery message less its last byte (the transaction status): it ends every answer."""
+
 
 class SilentProxy:
     """Forwards 127.0.0.1:<port> to PostgreSQL at ``host``:``port`` until :meth:`silence`."""
@@ -25,6 +31,7 @@ class SilentProxy:
         self.host, self.port = host, port
         self.listen_port = 0
         self.silent = False
+        self._silent_after_answer = False
         self._server: asyncio.Server | None = None
         self._sockets: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -37,6 +44,11 @@ class SilentProxy:
     def silence(self) -> None:
         """Forward nothing more, either way, and close nothing."""
         self.silent = True
+
+    def silence_after_next_answer(self) -> None:
+        """Forward the server's next answer, on whichever connection it comes, then :meth:`silence`: a
+        PostgreSQL that falls silent half-way through a call that reads several times."""
+        self._silent_after_answer = True
 
     async def close(self) -> None:
         """Stop listening and reset every connection, both sides."""
@@ -55,16 +67,20 @@ class SilentProxy:
             return  # held open by _sockets: the client waits for a greeting that never comes
         server_reader, server = await asyncio.open_connection(self.host, self.port)
         self._sockets.add(server)
-        for reader, writer in ((client_reader, server), (server_reader, client)):
-            task = asyncio.create_task(self._pipe(reader, writer))
+        for reader, writer, from_server in ((client_reader, server, False), (server_reader, client, True)):
+            task = asyncio.create_task(self._pipe(reader, writer, from_server=from_server))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, from_server: bool
+    ) -> None:
         with contextlib.suppress(OSError):
             while data := await reader.read(65536):
                 if not self.silent:
                     writer.write(data)
+                    if from_server and self._silent_after_answer and data[-6:-1] == _READY_FOR_QUERY:
+                        self.silent = True  # before the drain: nothing else may pass meanwhile
                     await writer.drain()
             if not self.silent:  # an end passed on as it came; silent, the other side hears nothing of it
                 writer.close()

@@ -4,24 +4,32 @@ whether its pool's connections were open before the silence or are opened during
 
 The window is 2 s here (``JobRepository.retry_timeout``; 10 s in the service). A submit that arrived while an
 earlier one's batch waited on PostgreSQL used to get a window of its own once that batch gave up: it answered
-after nearly two windows (3.9 s here, 19.9 s in the service)."""
+after nearly two windows (3.9 s here, 19.9 s in the service). So did a worker's claim or outcome behind another
+(``ClaimStore.retry_timeout``, 60 s in a worker), and a call that reads several times gave each read a window of
+its own.
+
+A worker's claims and outcomes fail as a worker handles PostgreSQL away, not UNAVAILABLE: the worker hands the
+dispatch back."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import cast
 
 import grpc
+import psycopg
 import pytest
 
 from mesh.kit import errors
+from mesh.kit.db import DatabaseStalled
 from mesh.queue.v1 import queue_service_pb2
-from mesh.services.queue.repository import JobRepository, open_pool
+from mesh.services.queue.repository import ClaimStore, JobPool, JobRepository, Outcome, open_pool
 from mesh.services.queue.servicer import Context, QueueServicer
+from mesh.services.queue.states import JobState
 from tests.silent_proxy import SilentProxy, silent_proxy
 
 WINDOW = 2.0
@@ -33,6 +41,19 @@ NO_CONTEXT = cast(Context, None)
 """SubmitJob and GetJob do not use their gRPC context."""
 
 
+@contextlib.asynccontextmanager
+async def pool_through(proxy: SilentProxy, url: str, *, wait: bool) -> AsyncIterator[JobPool]:
+    """A pool on ``url`` (through ``proxy``), opened, its connections too with ``wait``. On the way out the proxy
+    closes first: the hung calls and connection attempts end, and the pool closes at once."""
+    pool = open_pool(url, name="test-silent", min_size=2, max_size=4)
+    await pool.open(wait=wait)
+    try:
+        yield pool
+    finally:
+        await proxy.close()
+        await pool.close()
+
+
 @dataclass
 class Silenced:
     proxy: SilentProxy
@@ -42,22 +63,25 @@ class Silenced:
     after."""
 
     @contextlib.asynccontextmanager
+    async def pool(self) -> AsyncIterator[JobPool]:
+        """A pool through the proxy, silenced as ``connections`` says."""
+        if self.connections == "fresh":
+            self.proxy.silence()  # before the pool opens its connections
+        async with pool_through(self.proxy, self.url, wait=self.connections == "open before") as pool:
+            self.proxy.silence()  # "open before": now that they are open
+            yield pool
+
+    @contextlib.asynccontextmanager
     async def api(self, *, submit_batch: int = 128) -> AsyncIterator[QueueServicer]:
-        """The queue's API on a pool through the proxy, silenced as ``connections`` says."""
-        pool = open_pool(self.url, name="test-silent", min_size=2, max_size=4)
-        if self.connections == "open before":
-            await pool.open(wait=True)
-            self.proxy.silence()
-        else:
-            self.proxy.silence()
-            await pool.open()
-        try:
+        """The queue's API on :meth:`pool`."""
+        async with self.pool() as pool:
             yield QueueServicer(JobRepository(pool, submit_batch=submit_batch, retry_timeout=WINDOW))
-        finally:
-            await (
-                self.proxy.close()
-            )  # the hung calls and connection attempts end, and the pool closes at once
-            await pool.close()
+
+    @contextlib.asynccontextmanager
+    async def claims(self) -> AsyncIterator[ClaimStore]:
+        """A worker's claim store on :meth:`pool`."""
+        async with self.pool() as pool:
+            yield ClaimStore(pool, retry_timeout=WINDOW)
 
 
 @pytest.fixture(params=["open before", "fresh"])
@@ -104,3 +128,58 @@ async def test_submits_beyond_one_batch_are_unavailable_within_their_window(sile
     async with silenced.api(submit_batch=1) as api:
         calls = [seconds_to_unavailable(api.SubmitJob(SUBMIT, NO_CONTEXT)) for _ in range(3)]
         assert max(await asyncio.gather(*calls)) < WINDOW + SLACK
+
+
+async def seconds_to_stalled(call: Awaitable[object]) -> float:
+    """Seconds until ``call`` (a worker's claim or outcome) failed saying PostgreSQL did not answer in time."""
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(DatabaseStalled):
+        await asyncio.wait_for(call, 4 * WINDOW)
+    return asyncio.get_running_loop().time() - started
+
+
+def claim(store: ClaimStore) -> Awaitable[object]:
+    return store.claim(uuid.uuid4(), 1, uuid.uuid4(), redelivered=False, lease_seconds=30.0)
+
+
+def outcome(store: ClaimStore) -> Awaitable[object]:
+    return store.finish(
+        uuid.uuid4(), uuid.uuid4(), Outcome(JobState.SUCCEEDED, reason="succeeded", result=b"")
+    )
+
+
+@pytest.mark.parametrize("operation", [claim, outcome], ids=["claim", "outcome"])
+async def test_a_claim_or_outcome_behind_an_unanswered_one_fails_within_its_own_window(
+    silenced: Silenced, operation: Callable[[ClaimStore], Awaitable[object]]
+) -> None:
+    """A worker's claim (or outcome) that arrives while an earlier one's statement waits on PostgreSQL (it goes
+    in the next batch) fails within its own window: it waited for the earlier batch to give up, then got a
+    whole window of its own (two windows less 0.1 s; 120 s in a worker)."""
+    async with silenced.claims() as store:
+        first = asyncio.ensure_future(seconds_to_stalled(operation(store)))
+        await asyncio.sleep(0.1)
+        second = asyncio.ensure_future(seconds_to_stalled(operation(store)))
+        assert max(await asyncio.gather(first, second)) < WINDOW + SLACK
+
+
+LOCKED = 1.5
+"""How long the first read of a call waits behind a lock before it is answered: over SLACK, under WINDOW."""
+
+
+async def test_a_get_that_postgres_leaves_unanswered_after_its_first_read_is_unavailable_within_the_window(
+    migrated: str,
+) -> None:
+    """GetJob reads the job's row, then its position and history, within one window. Here its first read waits
+    1.5 s behind a lock and is answered, and PostgreSQL falls silent right after: the call answers UNAVAILABLE
+    when its window ends. Each read had a window of its own: it answered after 1.5 s and a whole window more."""
+    async with silent_proxy(migrated) as (proxy, url), pool_through(proxy, url, wait=True) as pool:
+        api = QueueServicer(JobRepository(pool, retry_timeout=WINDOW))
+        job = (await api.SubmitJob(SUBMIT, NO_CONTEXT)).job  # QUEUED: GetJob reads its position too
+        get = queue_service_pb2.GetJobRequest(job_id=job.id)
+        async with await psycopg.AsyncConnection.connect(migrated) as locker:  # straight to PostgreSQL
+            await locker.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+            reading = asyncio.ensure_future(seconds_to_unavailable(api.GetJob(get, NO_CONTEXT)))
+            await asyncio.sleep(LOCKED)
+            proxy.silence_after_next_answer()
+            await locker.commit()  # the lock goes, and the row read comes back through the proxy
+        assert await reading < WINDOW + SLACK

@@ -16,12 +16,12 @@ leases) carry their transaction id: the next try asks PostgreSQL whether it comm
 
 from __future__ import annotations
 
-import asyncio
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import psycopg
 from psycopg.rows import DictRow, dict_row
@@ -29,6 +29,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from mesh.kit import errors
 from mesh.kit.db import CONNECTION_KWARGS, RETRY_ON, database_unavailable, retrying, transaction_once
+from mesh.kit.deadlines import call_timeout
 from mesh.kit.pagination import Cursor
 from mesh.services.queue.batching import GroupCommit
 from mesh.services.queue.states import (
@@ -128,11 +129,20 @@ class NewJob:
 
 
 @dataclass(frozen=True)
-class _Submit:
-    """A submit waiting for its batch, with the event-loop time by which its caller is answered (its window)."""
+class _Due(Generic[T]):
+    """An item waiting for its batch (:class:`GroupCommit`: a submit, a claim, an outcome), with the
+    ``time.monotonic()`` instant by which its caller is answered: its window starts when it arrives, not when
+    its batch starts. Given a window of its own once the batch ahead of it gave up on a silent PostgreSQL, an
+    item answered after two windows, and one more per further batch."""
 
-    new: NewJob
+    item: T
     deadline: float
+
+
+def _earliest_deadline(batch: Sequence[_Due[Any]]) -> float:
+    """Until when a batch tries: its earliest item's deadline, so that every caller of the batch is answered
+    within its own window (and a batch that starts with that window spent fails at once, sending nothing)."""
+    return min(due.deadline for due in batch)
 
 
 @dataclass(frozen=True)
@@ -288,41 +298,54 @@ class JobRepository:
     def __init__(self, pool: JobPool, *, submit_batch: int = 128, retry_timeout: float = 10.0) -> None:
         self.pool = pool
         self.retry_timeout = retry_timeout
-        self._submits: GroupCommit[_Submit, Row | None] = GroupCommit(
+        self._submits: GroupCommit[_Due[NewJob], Row | None] = GroupCommit(
             self._submit_many, max_batch=submit_batch
         )
 
-    async def _retrying(self, operation: Callable[[], Awaitable[T]], *, timeout: float | None = None) -> T:
-        """``operation`` under :func:`retrying`; PostgreSQL still away after ``timeout`` (``retry_timeout``
-        unless given; short of the callers' deadlines: the gateway's is 30 s) is UNAVAILABLE, which callers may
-        retry."""
+    def call_deadline(self) -> float:
+        """The ``time.monotonic()`` instant by which a call starting now is answered, ``retry_timeout`` from
+        now: give it to every read and write of one call (a GetJob reads the row, then its position and
+        history), so that the call answers UNAVAILABLE within one window however far it got. Each read with a
+        window of its own, a PostgreSQL that fell silent half-way through answered a window after that, plus
+        what the call's earlier reads took."""
+        return time.monotonic() + self.retry_timeout
+
+    async def _retrying(self, operation: Callable[[], Awaitable[T]], *, deadline: float | None = None) -> T:
+        """``operation`` under :func:`retrying`; PostgreSQL still away at ``deadline`` (:meth:`call_deadline`;
+        None: after ``retry_timeout``, short of the callers' deadlines: the gateway's is 30 s) is UNAVAILABLE,
+        which callers may retry."""
         try:
-            return await retrying(operation, timeout=self.retry_timeout if timeout is None else timeout)
+            return await retrying(operation, timeout=call_timeout(self.retry_timeout, deadline))
         except RETRY_ON as error:
             raise database_unavailable("the job database", error, retried=True) from error
 
-    async def _transaction(self, body: Callable[[JobConnection], Awaitable[T]]) -> T:
+    async def _transaction(
+        self, body: Callable[[JobConnection], Awaitable[T]], *, deadline: float | None = None
+    ) -> T:
         """``body`` in one transaction, retried as :meth:`_retrying` does, and taking effect at most once
         (:func:`~mesh.kit.db.transaction_once`)."""
-        return await transaction_once(self.pool, body, what="the job database", timeout=self.retry_timeout)
+        return await transaction_once(
+            self.pool, body, what="the job database", timeout=call_timeout(self.retry_timeout, deadline)
+        )
 
-    async def _fetchone(self, query: str, params: Params) -> Row | None:
-        return await self._retrying(lambda: _fetch_one(self.pool, query, params))
+    async def _fetchone(self, query: str, params: Params, *, deadline: float | None = None) -> Row | None:
+        return await self._retrying(lambda: _fetch_one(self.pool, query, params), deadline=deadline)
 
-    async def _fetchall(self, query: str, params: Params) -> list[Row]:
-        return await self._retrying(lambda: _fetch_all(self.pool, query, params))
+    async def _fetchall(self, query: str, params: Params, *, deadline: float | None = None) -> list[Row]:
+        return await self._retrying(lambda: _fetch_all(self.pool, query, params), deadline=deadline)
 
     # --- the API -------------------------------------------------------------------------------------
+    # ``deadline`` everywhere: the call's (:meth:`call_deadline`); None, a window of the method's own.
 
-    async def submit(self, new: NewJob) -> Submitted:
+    async def submit(self, new: NewJob, *, deadline: float | None = None) -> Submitted:
         """Insert the job (its history and outbox rows come with it) or return the one with the same key.
 
         Concurrent submits share one statement and one commit (:class:`GroupCommit`); each returns once
-        the transaction holding its job committed. Its window (``retry_timeout``) starts here, not when its
-        batch starts: a submit that waited behind a batch PostgreSQL left unanswered is not given a window of
-        its own after it (it answered after 19.9 s of a 10 s window)."""
-        deadline = asyncio.get_running_loop().time() + self.retry_timeout
-        row = await self._submits.run(_Submit(new, deadline))
+        the transaction holding its job committed. Its window starts at the latest here, not when its batch
+        starts: a submit that waited behind a batch PostgreSQL left unanswered is not given a window of its
+        own after it (it answered after 19.9 s of a 10 s window)."""
+        deadline = self.call_deadline() if deadline is None else deadline
+        row = await self._submits.run(_Due(new, deadline))
         if row is not None:
             return Submitted(row, existing=False, position=int(row.pop("position")))
         # A conflict: our own earlier try (an ambiguous commit) or another job with the same key.
@@ -330,15 +353,16 @@ class JobRepository:
             "SELECT * FROM jobs WHERE id = %(id)s OR idempotency_key = %(idempotency_key)s "
             "ORDER BY (id = %(id)s) DESC LIMIT 1",
             {"id": new.id, "idempotency_key": new.idempotency_key},
+            deadline=deadline,
         )
         if found is None:
             raise errors.Aborted("the job conflicted with another submit that vanished; submit again")
-        return Submitted(found, existing=found["id"] != new.id, position=await self.position(found))
+        position = await self.position(found, deadline=deadline)
+        return Submitted(found, existing=found["id"] != new.id, position=position)
 
-    async def _submit_many(self, submits: Sequence[_Submit]) -> list[Row | None]:
-        """One statement for the batch, retried until the window of its earliest submit ends, so that every
-        caller of the batch is answered within its own."""
-        batch = [submit.new for submit in submits]
+    async def _submit_many(self, submits: Sequence[_Due[NewJob]]) -> list[Row | None]:
+        """One statement for the batch, retried until the window of its earliest submit ends."""
+        batch = [submit.item for submit in submits]
         params = {
             "id": [n.id for n in batch],
             "queue": [n.queue for n in batch],
@@ -353,31 +377,36 @@ class JobRepository:
             "traceparent": [n.traceparent for n in batch],
             "tracestate": [n.tracestate for n in batch],
         }
-        window = min(submit.deadline for submit in submits) - asyncio.get_running_loop().time()
-        rows = await self._retrying(lambda: _fetch_all(self.pool, _SUBMIT_MANY, params), timeout=window)
+        rows = await self._fetchall(_SUBMIT_MANY, params, deadline=_earliest_deadline(submits))
         inserted = {row["id"]: row for row in rows}
         return [inserted.get(n.id) for n in batch]
 
-    async def by_key(self, idempotency_key: str) -> Row | None:
+    async def by_key(self, idempotency_key: str, *, deadline: float | None = None) -> Row | None:
         """The job submitted with this idempotency key, if any."""
-        return await self._fetchone("SELECT * FROM jobs WHERE idempotency_key = %s", (idempotency_key,))
+        return await self._fetchone(
+            "SELECT * FROM jobs WHERE idempotency_key = %s", (idempotency_key,), deadline=deadline
+        )
 
-    async def get(self, job_id: uuid.UUID) -> Row | None:
+    async def get(self, job_id: uuid.UUID, *, deadline: float | None = None) -> Row | None:
         """One job row."""
-        return await self._fetchone("SELECT * FROM jobs WHERE id = %s", (job_id,))
+        return await self._fetchone("SELECT * FROM jobs WHERE id = %s", (job_id,), deadline=deadline)
 
-    async def require(self, job_id: uuid.UUID) -> Row:
+    async def require(self, job_id: uuid.UUID, *, deadline: float | None = None) -> Row:
         """One job row, or NotFound."""
-        row = await self.get(job_id)
+        row = await self.get(job_id, deadline=deadline)
         if row is None:
             raise job_not_found(job_id)
         return row
 
-    async def history(self, job_id: uuid.UUID) -> list[Row]:
+    async def history(self, job_id: uuid.UUID, *, deadline: float | None = None) -> list[Row]:
         """The job's transitions, oldest first."""
-        return await self._fetchall("SELECT * FROM job_history WHERE job_id = %s ORDER BY id", (job_id,))
+        return await self._fetchall(
+            "SELECT * FROM job_history WHERE job_id = %s ORDER BY id", (job_id,), deadline=deadline
+        )
 
-    async def with_history(self, job_id: uuid.UUID) -> tuple[Row, list[Row]]:
+    async def with_history(
+        self, job_id: uuid.UUID, *, deadline: float | None = None
+    ) -> tuple[Row, list[Row]]:
         """One job row and its transitions as of one instant (one REPEATABLE READ snapshot), or NotFound: read
         apart, the history could hold changes newer than the row, which a watch then took for the row's own."""
 
@@ -390,32 +419,35 @@ class JobRepository:
                 ).fetchall()
                 return row, history
 
-        row, history = await self._retrying(read)
+        row, history = await self._retrying(read, deadline=deadline)
         if row is None:
             raise job_not_found(job_id)
         return row, history
 
-    async def position(self, row: Row) -> int:
+    async def position(self, row: Row, *, deadline: float | None = None) -> int:
         """1-based position of a queued job within its queue (0 when not queued); one indexed count."""
         if row["state"] != JobState.QUEUED:
             return 0
-        found = await self._fetchone(_POSITION, row)
+        found = await self._fetchone(_POSITION, row, deadline=deadline)
         return int(found["position"]) if found else 0
 
-    async def positions(self, rows: Sequence[Row]) -> dict[uuid.UUID, int]:
+    async def positions(self, rows: Sequence[Row], *, deadline: float | None = None) -> dict[uuid.UUID, int]:
         """1-based positions of the queued ones among ``rows`` (by job id), in one statement."""
         queued = [r for r in rows if r["state"] == JobState.QUEUED]
         if not queued:
             return {}
         if len(queued) == 1:
-            return {queued[0]["id"]: await self.position(queued[0])}
+            return {queued[0]["id"]: await self.position(queued[0], deadline=deadline)}
         found = await self._fetchall(
             _POSITIONS,
             {"queues": sorted({r["queue"] for r in queued}), "ids": [r["id"] for r in queued]},
+            deadline=deadline,
         )
         return {r["id"]: int(r["position"]) for r in found}
 
-    async def page(self, state: JobState | None, page_size: int, after: Cursor | None) -> list[Row]:
+    async def page(
+        self, state: JobState | None, page_size: int, after: Cursor | None, *, deadline: float | None = None
+    ) -> list[Row]:
         """A page of jobs, newest first; ``page_size + 1`` rows are read to know whether more follow."""
         where: list[str] = []
         params: dict[str, object] = {"limit": page_size + 1}
@@ -427,10 +459,12 @@ class JobRepository:
             params.update({"created_at": after.created_at, "id": after.id})
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         return await self._fetchall(
-            f"SELECT * FROM jobs {clause} ORDER BY created_at DESC, id DESC LIMIT %(limit)s", params
+            f"SELECT * FROM jobs {clause} ORDER BY created_at DESC, id DESC LIMIT %(limit)s",
+            params,
+            deadline=deadline,
         )
 
-    async def cancel(self, job_id: uuid.UUID) -> Row:
+    async def cancel(self, job_id: uuid.UUID, *, deadline: float | None = None) -> Row:
         """Queued or waiting -> CANCELLED at once; running -> cancel_requested (the worker ends it)."""
 
         async def body(conn: JobConnection) -> Row:
@@ -454,9 +488,9 @@ class JobRepository:
             assert updated is not None  # the row is locked by this transaction
             return updated
 
-        return await self._transaction(body)
+        return await self._transaction(body, deadline=deadline)
 
-    async def retry(self, job_id: uuid.UUID) -> Row:
+    async def retry(self, job_id: uuid.UUID, *, deadline: float | None = None) -> Row:
         """A failed, dead or cancelled job -> QUEUED as a new attempt with a fresh attempt budget."""
 
         async def body(conn: JobConnection) -> Row:
@@ -478,7 +512,7 @@ class JobRepository:
             assert updated is not None  # the row is locked by this transaction
             return updated
 
-        return await self._transaction(body)
+        return await self._transaction(body, deadline=deadline)
 
     async def counts(self) -> QueueCounts:
         """Counts per queue and state, oldest queued job per queue, jobs finished in the last minute."""
@@ -807,29 +841,46 @@ class ClaimStore:
     """The worker's access to jobs: every write is fenced by the claim token.
 
     Claims and outcomes of concurrent jobs are grouped into one statement each (:class:`GroupCommit`),
-    so a busy worker commits many per round trip; each caller still gets its own fenced answer."""
+    so a busy worker commits many per round trip; each caller still gets its own fenced answer.
+
+    Each operation is retried for ``retry_timeout`` while PostgreSQL drops connections or stays silent, then
+    raises (one of ``RETRY_ON``). For a claim or an outcome that window starts when it is asked for, not when
+    its batch starts (:class:`_Due`)."""
 
     def __init__(self, pool: JobPool, *, retry_timeout: float = 30.0, max_batch: int = 128) -> None:
         self.pool = pool
         self.retry_timeout = retry_timeout
-        self._claims: GroupCommit[_Claim, Row | None] = GroupCommit(self._claim_many, max_batch=max_batch)
-        self._finishes: GroupCommit[_Finish, str | None] = GroupCommit(self._finish_many, max_batch=max_batch)
+        self._claims: GroupCommit[_Due[_Claim], Row | None] = GroupCommit(
+            self._claim_many, max_batch=max_batch
+        )
+        self._finishes: GroupCommit[_Due[_Finish], str | None] = GroupCommit(
+            self._finish_many, max_batch=max_batch
+        )
+
+    def _due(self, item: T) -> _Due[T]:
+        """``item`` with its window, ``retry_timeout`` from now."""
+        return _Due(item, time.monotonic() + self.retry_timeout)
 
     async def _fetchone(self, query: str, params: Params) -> Row | None:
         return await retrying(lambda: _fetch_one(self.pool, query, params), timeout=self.retry_timeout)
 
-    async def _fetchall(self, query: str, params: Params) -> list[Row]:
+    async def _fetchall(self, query: str, params: Params, *, deadline: float) -> list[Row]:
+        """The rows of one statement of a batch, retried (a deadlock too) until ``deadline``."""
         return await retrying(
-            lambda: _fetch_all(self.pool, query, params), timeout=self.retry_timeout, on=BATCH_RETRY_ON
+            lambda: _fetch_all(self.pool, query, params),
+            timeout=call_timeout(self.retry_timeout, deadline),
+            on=BATCH_RETRY_ON,
         )
 
     async def claim(
         self, job_id: uuid.UUID, attempt: int, token: uuid.UUID, *, redelivered: bool, lease_seconds: float
     ) -> Row | None:
         """QUEUED -> RUNNING for this attempt (or take over a redelivered RUNNING one); None: drop it."""
-        return await self._claims.run(_Claim(job_id, attempt, token, redelivered, lease_seconds))
+        return await self._claims.run(self._due(_Claim(job_id, attempt, token, redelivered, lease_seconds)))
 
-    async def _claim_many(self, batch: Sequence[_Claim]) -> list[Row | None]:
+    async def _claim_many(self, claims: Sequence[_Due[_Claim]]) -> list[Row | None]:
+        """One statement for the batch, retried until the window of its earliest claim ends."""
+        batch = [claim.item for claim in claims]
         rows = await self._fetchall(
             _CLAIM_MANY,
             {
@@ -839,6 +890,7 @@ class ClaimStore:
                 "redelivered": [c.redelivered for c in batch],
                 "lease": [c.lease for c in batch],
             },
+            deadline=_earliest_deadline(claims),
         )
         claimed = {row["lease_owner"]: row for row in rows}
         return [claimed.get(c.token) for c in batch]
@@ -866,9 +918,13 @@ class ClaimStore:
 
     async def finish(self, job_id: uuid.UUID, token: uuid.UUID, outcome: Outcome) -> str | None:
         """Commit the attempt's outcome; returns the state written, or None when fenced out."""
-        return await self._finishes.run(_Finish(job_id, token, outcome))
+        return await self._finishes.run(self._due(_Finish(job_id, token, outcome)))
 
-    async def _finish_many(self, batch: Sequence[_Finish]) -> list[str | None]:
+    async def _finish_many(self, finishes: Sequence[_Due[_Finish]]) -> list[str | None]:
+        """One statement for the batch, and the look-up of outcomes an earlier try of it committed, both
+        within the window of its earliest outcome."""
+        batch = [finish.item for finish in finishes]
+        deadline = _earliest_deadline(finishes)
         outcomes = [f.outcome for f in batch]
         params = {
             "id": [f.id for f in batch],
@@ -881,12 +937,15 @@ class ClaimStore:
             "delay": [o.delay_seconds for o in outcomes],
             "reason": [o.reason for o in outcomes],
         }
-        written = {row["token"]: str(row["state"]) for row in await self._fetchall(_FINISH_MANY, params)}
+        rows = await self._fetchall(_FINISH_MANY, params, deadline=deadline)
+        written = {row["token"]: str(row["state"]) for row in rows}
         missing = [f for f in batch if f.token not in written]
         if missing:
             # Fenced out, or an earlier try of this batch committed before its connection dropped.
             again = await self._fetchall(
-                _FINISHED_BEFORE, {"id": [f.id for f in missing], "token": [f.token for f in missing]}
+                _FINISHED_BEFORE,
+                {"id": [f.id for f in missing], "token": [f.token for f in missing]},
+                deadline=deadline,
             )
             written.update({row["token"]: str(row["state"]) for row in again})
         return [written.get(f.token) for f in batch]

@@ -74,15 +74,17 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
         """Jobs with a pipeline go to the image workers (which then run the model); the rest to inference."""
         return self.queue_prefix + (IMAGE_JOBS_QUEUE if has_pipeline else INFERENCE_JOBS_QUEUE)
 
-    async def _job(self, row: Row, *, with_history: bool = True) -> job_pb2.Job:
-        position = await self.repository.position(row)
-        history = await self.repository.history(row["id"]) if with_history else []
+    async def _job(self, row: Row, deadline: float) -> job_pb2.Job:
+        """The job of ``row`` with its position and history, read by the call's ``deadline``."""
+        position = await self.repository.position(row, deadline=deadline)
+        history = await self.repository.history(row["id"], deadline=deadline)
         return row_to_job(row, position=position, history=history)
 
     async def SubmitJob(  # noqa: N802
         self, request: queue_service_pb2.SubmitJobRequest, context: Context
     ) -> queue_service_pb2.SubmitJobResponse:
         validation.check_submit(request)
+        deadline = self.repository.call_deadline()
         # Stored as the file service spells it: the job's image_id is the image's id, and a keyed retry that
         # spells it otherwise is the same job.
         image_id = validation.canonical_uuid(request.image_id)
@@ -90,7 +92,10 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
             await self.references.check(image_id, request.model)
         except errors.NotFound:
             # A retry after a lost answer gets its job back, even when what the job names has gone since.
-            if not request.idempotency_key or await self.repository.by_key(request.idempotency_key) is None:
+            if (
+                not request.idempotency_key
+                or await self.repository.by_key(request.idempotency_key, deadline=deadline) is None
+            ):
                 raise
         carrier: dict[str, str] = {}
         tracing.inject(carrier)
@@ -107,7 +112,7 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
             traceparent=carrier.get("traceparent", ""),
             tracestate=carrier.get("tracestate", ""),
         )
-        submitted = await self.repository.submit(new)
+        submitted = await self.repository.submit(new, deadline=deadline)
         if submitted.existing:
             validation.check_same_job(submitted.row, new, asked_max_attempts=request.max_attempts)
         else:
@@ -122,7 +127,9 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
         self, request: queue_service_pb2.GetJobRequest, context: Context
     ) -> queue_service_pb2.GetJobResponse:
         job_id = validation.parse_uuid(request.job_id, "job_id")
-        return queue_service_pb2.GetJobResponse(job=await self._job(await self.repository.require(job_id)))
+        deadline = self.repository.call_deadline()
+        row = await self.repository.require(job_id, deadline=deadline)
+        return queue_service_pb2.GetJobResponse(job=await self._job(row, deadline))
 
     async def ListJobs(  # noqa: N802
         self, request: queue_service_pb2.ListJobsRequest, context: Context
@@ -131,9 +138,10 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
         state = state_from_proto(request.state)
         scope = f"jobs:{state.value}" if state is not None else "jobs"
         after = pagination.decode_page_token(request.page_token, scope)
-        rows = await self.repository.page(state, size, after)
+        deadline = self.repository.call_deadline()
+        rows = await self.repository.page(state, size, after, deadline=deadline)
         page, more = rows[:size], len(rows) > size
-        positions = await self.repository.positions(page)
+        positions = await self.repository.positions(page, deadline=deadline)
         jobs = [row_to_job(r, position=positions.get(r["id"], 0)) for r in page]
         token = ""
         if more:
@@ -145,14 +153,16 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
         self, request: queue_service_pb2.CancelJobRequest, context: Context
     ) -> queue_service_pb2.CancelJobResponse:
         job_id = validation.parse_uuid(request.job_id, "job_id")
-        row = await self.repository.cancel(job_id)
-        return queue_service_pb2.CancelJobResponse(job=await self._job(row))
+        deadline = self.repository.call_deadline()
+        row = await self.repository.cancel(job_id, deadline=deadline)
+        return queue_service_pb2.CancelJobResponse(job=await self._job(row, deadline))
 
     async def RetryJob(  # noqa: N802
         self, request: queue_service_pb2.RetryJobRequest, context: Context
     ) -> queue_service_pb2.RetryJobResponse:
         job_id = validation.parse_uuid(request.job_id, "job_id")
-        current = await self.repository.require(job_id)
+        deadline = self.repository.call_deadline()
+        current = await self.repository.require(job_id, deadline=deadline)
         if JobState(current["state"]) in RETRYABLE_BY_USER:
             # As at submit: an attempt that could never run (its image or model is gone, or refused by its
             # service) is refused, not queued to fail at once. A job that cannot be retried at all says that first
@@ -166,9 +176,9 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
                     field_violations=problem.field_violations,
                     metadata=problem.metadata,
                 ) from None
-        row = await self.repository.retry(job_id)
+        row = await self.repository.retry(job_id, deadline=deadline)
         self.on_dispatch()
-        return queue_service_pb2.RetryJobResponse(job=await self._job(row))
+        return queue_service_pb2.RetryJobResponse(job=await self._job(row, deadline))
 
     async def WatchJob(  # noqa: N802
         self, request: queue_service_pb2.WatchJobRequest, context: Context
@@ -177,19 +187,22 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
         and, while queued, one indexed count per poll; on a change, the row and its history in one snapshot),
         until the job is terminal, or until the service
         starts stopping (UNAVAILABLE: the caller reopens the watch). A state the job passed through between
-        two polls is sent too, as the job was at that change (:func:`convert.passed_states`)."""
+        two polls is sent too, as the job was at that change (:func:`convert.passed_states`). The reads of one
+        poll share one window (:meth:`JobRepository.call_deadline`); the answers it sends are not in it, since
+        they wait on the caller."""
         job_id = validation.parse_uuid(request.job_id, "job_id")
-        row = await self.repository.require(job_id)
         sequence = 0
         last: tuple[int, int] | None = None
         shown: int | None = None  # history entries already sent as a state; the first answer replays none
         while True:
-            position = await self.repository.position(row)
+            deadline = self.repository.call_deadline()
+            row = await self.repository.require(job_id, deadline=deadline)
+            position = await self.repository.position(row, deadline=deadline)
             seen = (int(row["version"]), position)
             if seen != last:
                 # The row again, with its history as of the same instant (passed_states matches the two).
-                row, history = await self.repository.with_history(job_id)
-                position = await self.repository.position(row)
+                row, history = await self.repository.with_history(job_id, deadline=deadline)
+                position = await self.repository.position(row, deadline=deadline)
                 last = (int(row["version"]), position)
                 passed, accounted = passed_states(row, history, len(history) if shown is None else shown)
                 shown = accounted
@@ -202,7 +215,6 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
             if JobState(row["state"]).terminal:
                 return
             await pause_unless_stopping(self.stopping, self.watch_poll_seconds)
-            row = await self.repository.require(job_id)
 
     async def _broker_ready(self, queue: str) -> int:
         """Messages ready in RabbitMQ for ``queue`` (both lanes); -1, unknown, without a broker. The broker
