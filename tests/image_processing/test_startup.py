@@ -4,6 +4,7 @@ the start with one line and exit status 2, before the port opens."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -30,3 +31,41 @@ def test_a_gpu_asked_for_where_there_is_none_stops_the_start_with_one_line() -> 
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("image-processing: cannot start: MESH_DEVICE=gpu but ")
     assert last.endswith("set MESH_DEVICE=cpu or auto to run on the CPU")
+
+
+@pytest.mark.parametrize("busy", ["MESH_GRPC_PORT", "MESH_HTTP_PORT"])
+def test_a_port_in_use_stops_the_start_with_one_line_and_the_process_exits(
+    busy: str, database_url: str, unique_name: str
+) -> None:
+    """A port another process holds: exit 2 with one line naming it. With its job worker on, the process never
+    exited (the worker's PostgreSQL pool, opened by the wiring, was closed only by the worker's run, which a
+    failed start never reached); a busy HTTP port left uvicorn's SystemExit (status 3) and a gRPC server never
+    stopped."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {
+            **os.environ,
+            "MESH_DEVICE": "cpu",
+            "MESH_JOB_CONCURRENCY": "2",
+            "MESH_DATABASE_URL": database_url,
+            "MESH_QUEUE_PREFIX": f"{unique_name}.",
+            "MESH_GRPC_HOST": "127.0.0.1",
+            "MESH_HTTP_HOST": "127.0.0.1",
+            "MESH_GRPC_PORT": "0",
+            "MESH_HTTP_PORT": "0",
+            busy: str(port),
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "mesh.services.image_processing"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    kind = "gRPC" if busy == "MESH_GRPC_PORT" else "HTTP"
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"image-processing: cannot start: {kind} port 127.0.0.1:{port} could not be bound")

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from mesh.kit import errors
 from mesh.kit.channels import open_channel
+from mesh.kit.errors import StartupError
 from mesh.kit.health import Degrading
 from mesh.kit.runtime import (
     HTTP_STOP_SECONDS,
@@ -657,5 +658,24 @@ async def test_a_grpc_port_in_use_stops_the_start_naming_it() -> None:
             port = holder.getsockname()[1]
             settings = ServerSettings(grpc_host=host, grpc_port=port, http_port=0, grace_seconds=1)
             runtime = ServiceRuntime("test", settings, service_names=[SERVICE])
-            with pytest.raises(RuntimeError, match=f"gRPC port {host}:{port} could not be bound"):
+            with pytest.raises(StartupError, match=f"gRPC port {host}:{port} could not be bound"):
                 await asyncio.wait_for(runtime.run(), 10)
+
+
+async def test_an_http_port_in_use_stops_the_start_naming_it_and_stops_the_grpc_server() -> None:
+    """uvicorn exits (SystemExit) when it cannot bind: that reached the process as a bare exit status 3, with
+    the started gRPC server never stopped ("coroutine 'AioServer.shutdown' was never awaited"). The start now
+    fails naming the port, and the gRPC port is free again for the next start."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        settings = ServerSettings(
+            grpc_host="127.0.0.1", grpc_port=0, http_host="127.0.0.1", http_port=port, grace_seconds=1
+        )
+        runtime = ServiceRuntime("test", settings, service_names=[SERVICE])
+        with pytest.raises(StartupError, match=f"HTTP port 127.0.0.1:{port} could not be bound"):
+            await asyncio.wait_for(runtime.run(), 10)
+    assert runtime.grpc_port
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", runtime.grpc_port))

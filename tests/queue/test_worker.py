@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -227,7 +229,9 @@ def _service_settings(queue: Harness, **changes: Any) -> WorkerSettings:
     )
 
 
-async def test_attached_worker_consumes_the_prefixed_queue_the_service_submits_to(queue: Harness) -> None:
+async def test_attached_worker_consumes_the_prefixed_queue_the_service_submits_to(
+    queue: Harness, resources: contextlib.AsyncExitStack
+) -> None:
     """A service's worker (``attach_worker``, as image processing and inference wire it) takes the queue's
     name with the deployment's ``MESH_QUEUE_PREFIX`` and declares it with its ``MESH_DELIVERY_LIMIT``, as
     the queue service does, so a prefixed queue service's jobs do run."""
@@ -235,7 +239,12 @@ async def test_attached_worker_consumes_the_prefixed_queue_the_service_submits_t
     settings = _service_settings(queue, job_concurrency=2)
     runtime = ServiceRuntime("worker-service", settings, service_names=["test.Worker"])
     worker = await attach_worker(
-        runtime, settings, queue=INFERENCE_JOBS_QUEUE, handler=scripted_handler, name="worker-service"
+        runtime,
+        settings,
+        resources,
+        queue=INFERENCE_JOBS_QUEUE,
+        handler=scripted_handler,
+        name="worker-service",
     )
     assert worker is not None
     assert worker.queue == queue.inference_queue
@@ -247,6 +256,13 @@ async def test_attached_worker_consumes_the_prefixed_queue_the_service_submits_t
     finally:
         runtime.stopping.set()
         await asyncio.wait_for(serving, 20)
+
+
+@pytest.fixture
+async def resources() -> AsyncIterator[contextlib.AsyncExitStack]:
+    """The wiring's exit stack, closed after the test (what a service's server.py holds)."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield stack
 
 
 async def _never_ends(context: JobContext) -> job_pb2.JobResult:
@@ -291,7 +307,9 @@ async def test_a_job_that_outlasts_the_drain_is_handed_back_without_spending_an_
     assert rows[0]["executions"] == 2  # the abandoned run and the one that finished, no duplicate
 
 
-async def test_a_service_s_worker_drains_within_the_service_s_grace(queue: Harness) -> None:
+async def test_a_service_s_worker_drains_within_the_service_s_grace(
+    queue: Harness, resources: contextlib.AsyncExitStack
+) -> None:
     """In a service (attach_worker), the worker gives running jobs the service's MESH_GRACE_SECONDS less a
     margin for its own cleanup, and the runtime lets that cleanup finish: the service stops within its grace,
     the job that outlasted the drain is handed back QUEUED at its attempt, and the worker closed its pool.
@@ -301,7 +319,7 @@ async def test_a_service_s_worker_drains_within_the_service_s_grace(queue: Harne
     settings = _service_settings(queue, job_concurrency=1, grace_seconds=grace)
     runtime = ServiceRuntime("worker-service", settings, service_names=["test.Worker"])
     worker = await attach_worker(
-        runtime, settings, queue=INFERENCE_JOBS_QUEUE, handler=_never_ends, name="worker-service"
+        runtime, settings, resources, queue=INFERENCE_JOBS_QUEUE, handler=_never_ends, name="worker-service"
     )
     assert worker is not None
     assert worker.options.drain_seconds == drain_seconds_within(grace) < grace
@@ -358,7 +376,9 @@ async def test_a_handlers_own_timeout_is_not_taken_for_the_attempts_limit(queue:
     assert "TimeoutError: the camera did not answer" in done.error.message
 
 
-async def test_a_services_worker_takes_its_attempt_limit_from_the_settings(queue: Harness) -> None:
+async def test_a_services_worker_takes_its_attempt_limit_from_the_settings(
+    queue: Harness, resources: contextlib.AsyncExitStack
+) -> None:
     """MESH_JOB_ATTEMPT_SECONDS (600 s unless set, more than 0) is the limit of the worker a service attaches."""
     assert WorkerSettings().job_attempt_seconds == 600.0
     with pytest.raises(ValueError, match="job_attempt_seconds"):
@@ -366,11 +386,15 @@ async def test_a_services_worker_takes_its_attempt_limit_from_the_settings(queue
     settings = _service_settings(queue, job_concurrency=1, job_attempt_seconds=42)
     runtime = ServiceRuntime("worker-service", settings, service_names=["test.Worker"])
     worker = await attach_worker(
-        runtime, settings, queue=INFERENCE_JOBS_QUEUE, handler=scripted_handler, name="worker-service"
+        runtime,
+        settings,
+        resources,
+        queue=INFERENCE_JOBS_QUEUE,
+        handler=scripted_handler,
+        name="worker-service",
     )
     assert worker is not None
     assert worker.options.attempt_seconds == 42.0
-    await worker.pool.close()
 
 
 def _calls_a_service_down_for(seconds: float) -> JobHandler:

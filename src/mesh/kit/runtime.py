@@ -283,7 +283,7 @@ class ServiceRuntime:
         if port == 0:
             # On a wildcard address gRPC only logs the failure and answers port 0: the process ran on, healthy
             # on its HTTP port, with no gRPC port at all.
-            raise RuntimeError(
+            raise errors.StartupError(
                 f"gRPC port {address} could not be bound (in use by another process?); stop what holds it, or "
                 "set MESH_GRPC_PORT"
             )
@@ -323,7 +323,7 @@ class ServiceRuntime:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
             self.grpc_port = self._bind()
-        except RuntimeError:
+        except errors.StartupError:
             await self.server.stop(None)  # never started, but gRPC shuts it down on collection otherwise
             raise
         await self.server.start()
@@ -341,12 +341,18 @@ class ServiceRuntime:
                 log_level="warning",
             )
         )
-        http_task = asyncio.create_task(http.serve(), name="http")
+        http_task = asyncio.create_task(_serve_http(http), name="http")
         while not http.started and not http_task.done():
             await asyncio.sleep(0.01)
         if http_task.done():
-            await http_task  # raises the bind error
-            raise RuntimeError(f"HTTP port {self.settings.http_port} could not be served")
+            # The gRPC server, started, stops here rather than on collection, when the loop that would await
+            # its shutdown has gone.
+            await self.server.stop(None)
+            address = f"{self.settings.http_host}:{self.settings.http_port}"
+            raise errors.StartupError(
+                f"HTTP port {address} could not be bound (in use by another process?); stop what holds it, or "
+                "set MESH_HTTP_PORT"
+            )
         self.http_port = http.servers[0].sockets[0].getsockname()[1]
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -393,6 +399,14 @@ class ServiceRuntime:
         if self.failure is None:
             self.failure = error
         self.stopping.set()
+
+
+async def _serve_http(http: uvicorn.Server) -> None:
+    """uvicorn's ``serve``, ending (before ``started``) where uvicorn would exit the process: it logs why it
+    cannot bind its port and raises SystemExit, which, raised in a task, leaves the event loop itself and
+    abandoned the start half way (exit status 3, the started gRPC server never stopped)."""
+    with contextlib.suppress(SystemExit):
+        await http.serve()
 
 
 class _Asgi:

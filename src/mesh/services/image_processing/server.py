@@ -55,7 +55,7 @@ async def image_processing_service(settings: ImageSettings) -> AsyncIterator[Ser
         )
         handler = ImageJobHandler(files, processor, predictor)
         await attach_worker(
-            runtime, settings, queue=IMAGE_JOBS_QUEUE, handler=handler, name="image-processing"
+            runtime, settings, resources, queue=IMAGE_JOBS_QUEUE, handler=handler, name="image-processing"
         )
         add_to_server(
             ImageProcessingServicer(

@@ -54,7 +54,9 @@ async def inference_service(settings: InferenceSettings) -> AsyncIterator[Servic
             "inference", settings, service_names=[SERVICE_NAME], checks=[models_check(repository)]
         )
         handler = InferenceJobHandler(predictor)
-        await attach_worker(runtime, settings, queue=INFERENCE_JOBS_QUEUE, handler=handler, name="inference")
+        await attach_worker(
+            runtime, settings, resources, queue=INFERENCE_JOBS_QUEUE, handler=handler, name="inference"
+        )
         pb_grpc.add_InferenceServiceServicer_to_server(
             InferenceServicer(
                 predictor, stream_max_in_flight=settings.stream_max_in_flight, stopping=runtime.stopping

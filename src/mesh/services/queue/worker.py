@@ -3,7 +3,7 @@
 Embedding it in a service (the image processing and inference services do), with :func:`attach_worker`::
 
     runtime = ServiceRuntime(...)
-    await attach_worker(runtime, settings, queue=IMAGE_JOBS_QUEUE, handler=handler, name="image-processing")
+    await attach_worker(runtime, settings, resources, queue=IMAGE_JOBS_QUEUE, handler=handler, name="image-processing")
 
 which builds the :class:`JobWorker` from the service's :class:`~mesh.kit.settings.WorkerSettings`
 (``database_url`` of the queue's database, ``amqp_url``, ``job_concurrency``, ...), adds its checks to the
@@ -731,13 +731,23 @@ class JobWorker:
 
 
 async def attach_worker(
-    runtime: ServiceRuntime, settings: WorkerSettings, *, queue: str, handler: JobHandler, name: str
+    runtime: ServiceRuntime,
+    settings: WorkerSettings,
+    resources: contextlib.AsyncExitStack,
+    *,
+    queue: str,
+    handler: JobHandler,
+    name: str,
 ) -> JobWorker | None:
     """Run a worker for ``queue`` (prefixed with ``settings.queue_prefix`` and declared with
     ``settings.delivery_limit``, as the queue service does) inside a service process: its checks join the
     service's health and it stops with the runtime, giving its running jobs the service's
     ``grace_seconds`` less a margin (:func:`drain_seconds_within`). None when ``settings.job_concurrency``
-    is 0 (the service only serves)."""
+    is 0 (the service only serves).
+
+    Its pool, opened now, closes with the wiring's ``resources`` too: a runtime that fails to start (a port
+    in use) never runs the worker, whose run would close it, and a pool left open kept the process from
+    exiting, silently."""
     if not settings.job_concurrency:
         return None
     options = WorkerOptions(
@@ -755,6 +765,7 @@ async def attach_worker(
     )
     # Open the pool now (without waiting for PostgreSQL): the health checks run before the worker does.
     await worker.pool.open(wait=False)
+    resources.push_async_callback(worker.pool.close)
     for check in worker.checks():
         runtime.monitor.add_check(check)
     runtime.add_background(lambda: worker.run(runtime.stopping))
