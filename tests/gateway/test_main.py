@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 
 import httpx
@@ -71,3 +72,23 @@ async def test_bad_setting_exits_2_naming_the_variable() -> None:
     _, stderr = await asyncio.wait_for(process.communicate(), 20)
     assert process.returncode == 2
     assert "MESH_AUTH_MODE" in stderr.decode()
+
+
+async def test_a_port_in_use_stops_the_start_with_one_line() -> None:
+    """An HTTP port another process holds: exit 2 with one line naming it (uvicorn's own exit left status 3)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "mesh.services.gateway",
+            env={**os.environ, **NO_SERVICES, "MESH_HTTP_PORT": str(port), "MESH_HTTP_HOST": "127.0.0.1"},
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2, stderr.decode()
+    last = stderr.decode().strip().splitlines()[-1]
+    assert last.startswith(f"gateway: cannot start: HTTP port 127.0.0.1:{port} could not be bound")

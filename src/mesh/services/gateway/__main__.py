@@ -19,6 +19,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from mesh.kit.db import PostgresCheck, create_pool
+from mesh.kit.errors import StartupError
 from mesh.kit.health import DependencyCheck
 from mesh.kit.logging import get_logger
 from mesh.kit.migrations import SchemaMigrations
@@ -95,7 +96,16 @@ class GatewayRuntime:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _already_drained)
         try:
-            await server.serve()
+            # uvicorn logs why it cannot bind its port and exits the process (SystemExit) from inside the
+            # event loop: as the other services do, the start ends with one line naming the port.
+            try:
+                await server.serve()
+            except SystemExit:
+                address = f"{settings.http_host}:{settings.http_port}"
+                raise StartupError(
+                    f"HTTP port {address} could not be bound (in use by another process?); stop what holds it, "
+                    "or set MESH_HTTP_PORT"
+                ) from None
         finally:
             if migrating is not None:
                 migrating.cancel()
