@@ -11,7 +11,7 @@ import pytest
 
 from mesh.tools.k8s_check import check_directory
 from mesh.tools.k8s_check.checks import check_overlay
-from mesh.tools.k8s_check.network import check_network_calls
+from mesh.tools.k8s_check.network import check_network_calls, policy_types
 from mesh.tools.k8s_check.policy import Overlay
 from mesh.tools.k8s_check.render import Manifest, render
 
@@ -171,3 +171,13 @@ def test_new_checks_run_with_the_others(dev: list[Manifest]) -> None:
     """check_overlay, which make k8s-check runs, includes the call table."""
     _file_grpc_from(dev).pop(0)
     assert GATEWAY_TO_FILE in [str(v) for v in check_overlay(Overlay("dev", dev, gpu=False))]
+
+
+@pytest.mark.parametrize("egress", [[], None])
+def test_a_policy_without_policy_types_and_with_no_egress_rules_governs_ingress_only(egress: object) -> None:
+    """Kubernetes adds Egress to a policy without ``policyTypes`` only when it has egress rules: ``egress: []``
+    or ``egress: null`` leaves its pods' egress open (it read as deny-all egress)."""
+    policy = {"spec": {"podSelector": {}, "egress": egress}}
+    assert policy_types(policy) == {"Ingress"}
+    assert policy_types({"spec": {"podSelector": {}, "egress": [{"to": []}]}}) == {"Ingress", "Egress"}
+    assert policy_types({"spec": {"podSelector": {}, "policyTypes": ["Egress"]}}) == {"Egress"}

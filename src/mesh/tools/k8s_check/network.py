@@ -89,9 +89,10 @@ def deployment_pods(overlay: Overlay, deployment: Manifest) -> Pods:
 
 
 def policy_types(policy: Manifest) -> set[str]:
-    """The directions a NetworkPolicy governs: its policyTypes, else Ingress, and Egress when it has egress rules."""
+    """The directions a NetworkPolicy governs: its policyTypes, else Ingress, and Egress when it has egress rules
+    (as Kubernetes defaults it: an empty or null ``egress`` adds no Egress)."""
     spec = policy["spec"]
-    return set(spec.get("policyTypes") or (["Ingress", "Egress"] if "egress" in spec else ["Ingress"]))
+    return set(spec.get("policyTypes") or (["Ingress", "Egress"] if spec.get("egress") else ["Ingress"]))
 
 
 def _peer_matches(peer: Manifest, policy_namespace: str | None, pods: Pods) -> bool:
