@@ -6,19 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from functools import partial
+from typing import Any, Literal, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
+from tests.tcp_proxy import Hooks, TcpProxy, Verdict, reset
+
 COMMIT_ASKED = b"Q\x00\x00\x00\x0bCOMMIT\x00"  # the simple query psycopg sends
 COMMIT_ANSWERED = b"C\x00\x00\x00\x0bCOMMIT\x00"  # PostgreSQL's CommandComplete
 
+Mode = Literal["answered", "held", "aborted", "silent"]
 
-class CommitCutter:
+
+class CommitCutter(TcpProxy):
     """A TCP proxy to PostgreSQL that, once armed, cuts the next COMMIT: ``answered`` after PostgreSQL committed
     (the answer is dropped), ``held`` before forwarding it with the server side kept open (the transaction
     stays in progress until :meth:`release`), ``aborted`` before forwarding it with both sides closed. Armed
@@ -26,92 +30,62 @@ class CommitCutter:
     that went silent, as a client sees it until TCP gives up."""
 
     def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self.mode: str | None = None
-        self.listen_port = 0
+        super().__init__(host, port)
+        self.mode: Mode | None = None
         self.fired = 0
         self.held: list[asyncio.StreamWriter] = []
-        self.tasks: set[asyncio.Task[Any]] = set()
 
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.listen_port = int(self.server.sockets[0].getsockname()[1])
-        return self.listen_port
-
-    def arm(self, mode: str) -> None:
+    def arm(self, mode: Mode) -> None:
         self.mode = mode
+        if mode == "silent":
+            self.silence()
 
     def release(self) -> None:
         """Close the server side of held connections: their transactions abort."""
         for writer in self.held:
-            _reset(writer)
+            reset(writer)
         self.held.clear()
 
-    async def close(self) -> None:
-        self.release()
-        self.server.close()
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+    def hooks(self, client: asyncio.StreamWriter, server: asyncio.StreamWriter) -> Hooks:
+        return Hooks(to_server=partial(self._cut_commit_asked, server), to_client=self._cut_commit_answered)
 
-    async def _handle(self, client_reader: asyncio.StreamReader, client: asyncio.StreamWriter) -> None:
-        server_reader, server = await asyncio.open_connection(self.host, self.port)
+    def _cut_commit_asked(self, server: asyncio.StreamWriter, chunk: bytes) -> Verdict:
+        if self.mode not in ("held", "aborted") or COMMIT_ASKED not in chunk:
+            return Verdict.FORWARD
+        if self._fire() == "aborted":
+            return Verdict.RESET
+        self.held.append(server)
+        return Verdict.RESET_CLIENT
 
-        async def up() -> None:
-            with contextlib.suppress(Exception):
-                while data := await client_reader.read(65536):
-                    if self.mode == "silent":
-                        continue
-                    if COMMIT_ASKED in data and self.mode in ("held", "aborted"):
-                        mode, self.mode = self.mode, None
-                        self.fired += 1
-                        _reset(client)
-                        if mode == "held":
-                            self.held.append(server)
-                        else:
-                            _reset(server)
-                        return
-                    server.write(data)
-                    await server.drain()
+    def _cut_commit_answered(self, chunk: bytes) -> Verdict:
+        if self.mode != "answered" or COMMIT_ANSWERED not in chunk:
+            return Verdict.FORWARD
+        self._fire()
+        return Verdict.RESET
 
-        async def down() -> None:
-            with contextlib.suppress(Exception):
-                while data := await server_reader.read(65536):
-                    if self.mode == "silent":
-                        continue
-                    if COMMIT_ANSWERED in data and self.mode == "answered":
-                        self.mode = None
-                        self.fired += 1
-                        _reset(client)
-                        _reset(server)
-                        return
-                    client.write(data)
-                    await client.drain()
-
-        for coroutine in (up(), down()):
-            task = asyncio.create_task(coroutine)
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+    def _fire(self) -> Mode | None:
+        """Disarm, counting the cut; the mode it was armed with."""
+        mode, self.mode = self.mode, None
+        self.fired += 1
+        return mode
 
 
-def _reset(writer: asyncio.StreamWriter) -> None:
-    """Close with a TCP reset, as a dropped network path or a killed peer does."""
-    sock = writer.get_extra_info("socket")
-    with contextlib.suppress(Exception):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    writer.transport.abort()
+Proxy = TypeVar("Proxy", bound=TcpProxy)
 
 
 @contextlib.asynccontextmanager
-async def commit_cutter(url: str) -> AsyncIterator[tuple[CommitCutter, str]]:
-    """A :class:`CommitCutter` in front of the PostgreSQL of ``url``, and ``url`` through it."""
+async def proxied_postgres(
+    proxy_type: Callable[[str, int], Proxy], url: str
+) -> AsyncIterator[tuple[Proxy, str]]:
+    """A ``proxy_type`` in front of the PostgreSQL of ``url``, started, and ``url`` through it; closed after."""
     params = conninfo_to_dict(url)
-    cutter = CommitCutter(str(params.get("host") or "localhost"), int(params.get("port") or 5432))
-    port = await cutter.start()
-    try:
-        yield cutter, make_conninfo(url, host="127.0.0.1", port=str(port))
-    finally:
-        await cutter.close()
+    async with proxy_type(str(params.get("host") or "localhost"), int(params.get("port") or 5432)) as proxy:
+        yield proxy, make_conninfo(url, host="127.0.0.1", port=str(proxy.listen_port))
+
+
+def commit_cutter(url: str) -> contextlib.AbstractAsyncContextManager[tuple[CommitCutter, str]]:
+    """A :class:`CommitCutter` in front of the PostgreSQL of ``url``, and ``url`` through it."""
+    return proxied_postgres(CommitCutter, url)
 
 
 async def sql(url: str, query: str, *params: Any) -> list[dict[str, Any]]:

@@ -7,14 +7,15 @@ heartbeat gives up)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import struct
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from functools import partial
+
+from tests.tcp_proxy import Hooks, TcpProxy, Verdict
 
 PROTOCOL_HEADER = 8
 """``AMQP\\x00\\x00\\x09\\x01``: what a client sends before its first frame."""
+FRAME_HEADER = 7
+"""A frame's type (1 byte), channel (2) and payload size (4); the payload and a frame-end byte follow."""
 FRAME_METHOD = 1
 FRAME_END = 0xCE
 
@@ -24,133 +25,74 @@ BASIC_CONSUME = (60, 20)
 CHANNEL_OPEN = (20, 10)
 
 
-def _abort(writer: asyncio.StreamWriter) -> None:
-    """Close with a TCP reset (SO_LINGER 0), as a broker or a network that drops the connection does."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
+class _Methods:
+    """Reads the methods a client sends out of its bytes, whatever chunks they come in."""
+
+    def __init__(self) -> None:
+        self._unread = bytearray()
+        self._greeted = False
+
+    def read(self, chunk: bytes) -> list[tuple[int, int]]:
+        """The (class id, method id) of each method frame that ``chunk`` completes."""
+        self._unread += chunk
+        if not self._greeted:
+            if len(self._unread) < PROTOCOL_HEADER:
+                return []
+            del self._unread[:PROTOCOL_HEADER]
+            self._greeted = True
+        methods: list[tuple[int, int]] = []
+        while len(self._unread) >= FRAME_HEADER:
+            kind, _, size = struct.unpack_from(">BHI", self._unread)
+            length = FRAME_HEADER + size + 1
+            if len(self._unread) < length:
+                break
+            if kind == FRAME_METHOD and size >= 4:
+                methods.append(struct.unpack_from(">HH", self._unread, FRAME_HEADER))
+            del self._unread[:length]
+        return methods
 
 
-@dataclass(eq=False)
-class _Link:
-    client: asyncio.StreamWriter
-    upstream: asyncio.StreamWriter | None = None
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-
-    def reset(self) -> None:
-        for writer in (self.client, self.upstream):
-            if writer is not None:
-                _abort(writer)
-
-
-class AmqpProxy:
+class AmqpProxy(TcpProxy):
     """Forwards 127.0.0.1:<port> to RabbitMQ (``target``); see the module docstring."""
 
     def __init__(self, target: tuple[str, int] = ("127.0.0.1", 5672)) -> None:
-        self.target = target
-        self.port = 0
+        super().__init__(*target)
         self.resets = 0
-        self._server: asyncio.Server | None = None
-        self._links: set[_Link] = set()
-        self._flowing = asyncio.Event()
-        self._flowing.set()
         self._reset_on: tuple[int, int] | None = None
         self._resets_left = 0
+
+    @property
+    def port(self) -> int:
+        return self.listen_port
 
     @property
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
 
-    async def start(self) -> AmqpProxy:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def close(self) -> None:
-        self._flowing.set()
-        if self._server is not None:
-            self._server.close()
-        for link in list(self._links):
-            link.reset()
-            for task in link.tasks:
-                task.cancel()
-            await asyncio.gather(*link.tasks, return_exceptions=True)
-        self._links.clear()
-
     def reset_on(self, method: tuple[int, int], times: int = 1) -> None:
-        """Reset the connection that sends AMQP method ``method`` (class id, method id) next, before it
-        reaches the broker; ``times`` connections in all, then pass everything."""
+        """Reset the connection that sends AMQP method ``method`` (class id, method id) next, before the broker
+        has all of its frame; ``times`` connections in all, then pass everything."""
         self._reset_on, self._resets_left = method, times
 
     def freeze(self) -> None:
         """Black hole: forward nothing either way until ``thaw`` (connections stay open)."""
-        self._flowing.clear()
+        self.silence()
 
     def thaw(self) -> None:
-        self._flowing.set()
+        self.resume()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        link = _Link(writer)
-        self._links.add(link)
-        try:
-            await self._flowing.wait()
-            try:
-                up_reader, link.upstream = await asyncio.open_connection(*self.target)
-            except OSError:
-                _abort(writer)
-                return
-            link.tasks = [
-                asyncio.create_task(self._client_to_broker(link, reader, link.upstream)),
-                asyncio.create_task(self._pipe(up_reader, writer)),
-            ]
-            await asyncio.gather(*link.tasks, return_exceptions=True)
-        finally:
-            self._links.discard(link)
-            for end in (link.client, link.upstream):
-                if end is not None:
-                    end.close()
+    def hooks(self, client: asyncio.StreamWriter, server: asyncio.StreamWriter) -> Hooks:
+        return Hooks(to_server=partial(self._reset_on_method, _Methods()))
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-            while data := await reader.read(65536):
-                await self._flowing.wait()
-                writer.write(data)
-                await writer.drain()
-        with contextlib.suppress(OSError):
-            writer.close()
-
-    async def _client_to_broker(
-        self, link: _Link, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        """Forward whole frames, and reset the link on the method ``reset_on`` names."""
-        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-            header = await reader.readexactly(PROTOCOL_HEADER)
-            await self._flowing.wait()
-            writer.write(header)
-            while True:
-                head = await reader.readexactly(7)
-                kind, _, size = struct.unpack(">BHI", head)
-                rest = await reader.readexactly(size + 1)
-                method = struct.unpack(">HH", rest[:4]) if kind == FRAME_METHOD and size >= 4 else None
-                if self._resets_left > 0 and method == self._reset_on:
-                    self._resets_left -= 1
-                    self.resets += 1
-                    link.reset()
-                    return
-                await self._flowing.wait()
-                writer.write(head + rest)
-                await writer.drain()
-        with contextlib.suppress(OSError):
-            writer.close()
+    def _reset_on_method(self, methods: _Methods, chunk: bytes) -> Verdict:
+        sent = methods.read(chunk)  # every chunk, to keep to the frames' bounds
+        if self._resets_left > 0 and self._reset_on in sent:
+            self._resets_left -= 1
+            self.resets += 1
+            return Verdict.RESET
+        return Verdict.FORWARD
 
 
-@contextlib.asynccontextmanager
-async def amqp_proxy() -> AsyncIterator[AmqpProxy]:
-    """A started proxy to the local RabbitMQ, closed (and thawed) after."""
-    proxy = await AmqpProxy().start()
-    try:
-        yield proxy
-    finally:
-        await proxy.close()
+def amqp_proxy() -> AmqpProxy:
+    """A proxy to the local RabbitMQ, for ``async with``: started, then closed after."""
+    return AmqpProxy()
