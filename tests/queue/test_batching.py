@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
+from mesh.kit import errors
 from mesh.queue.v1 import job_pb2, queue_service_pb2
+from mesh.services.queue import repository as repository_module
 from mesh.services.queue.batching import GroupCommit
-from mesh.services.queue.repository import ClaimStore, Outcome
+from mesh.services.queue.repository import ClaimStore, JobRepository, NewJob, Outcome
 from mesh.services.queue.states import JobState
 from tests.queue.harness import IMAGE_ID, Harness
 from tests.queue.record import JOB
@@ -23,7 +27,7 @@ async def test_items_arriving_during_a_batch_share_the_next_one() -> None:
     batches: list[list[int]] = []
     release = asyncio.Event()
 
-    async def double(items: Sequence[int]) -> list[int]:
+    async def double(items: Sequence[int], deadline: float | None) -> list[int]:
         batches.append(list(items))
         if len(batches) == 1:
             await release.wait()
@@ -45,7 +49,7 @@ async def test_a_failed_batch_fails_only_its_own_callers_and_batches_are_bounded
     size of a batch."""
     batches: list[list[int]] = []
 
-    async def run(items: Sequence[int]) -> list[int]:
+    async def run(items: Sequence[int], deadline: float | None) -> list[int]:
         batches.append(list(items))
         if 13 in items:
             raise ValueError("unlucky")
@@ -63,7 +67,7 @@ async def test_an_item_right_after_a_batch_ends_gets_a_flusher() -> None:
     """A caller that submits again as soon as its batch answered (the flusher just ran out of work) is
     not left waiting: a batch that completes without suspending still lets the next item run."""
 
-    async def echo(items: Sequence[int]) -> list[int]:
+    async def echo(items: Sequence[int], deadline: float | None) -> list[int]:
         return list(items)
 
     group: GroupCommit[int, int] = GroupCommit(echo)
@@ -73,6 +77,69 @@ async def test_an_item_right_after_a_batch_ends_gets_a_flusher() -> None:
         return first, await group.run(2)  # in the same turn as the answer to the first
 
     assert await asyncio.wait_for(twice(), 2) == (1, 2)
+
+
+async def test_an_item_whose_time_was_spent_waiting_is_answered_alone_and_the_batch_keeps_its_own_time() -> (
+    None
+):
+    """A batch runs until its items' earliest deadline; an item left with less than ``least_seconds`` when its
+    batch starts gets ``spent()`` at once, nothing run for it, and the others run by their own deadlines."""
+    seen: list[tuple[list[int], float | None]] = []
+    release = asyncio.Event()
+
+    async def run(items: Sequence[int], deadline: float | None) -> list[int]:
+        seen.append((list(items), deadline))
+        if len(seen) == 1:
+            await release.wait()
+        return list(items)
+
+    group: GroupCommit[int, int] = GroupCommit(run, spent=lambda: TimeoutError("spent"), least_seconds=0.05)
+    now = time.monotonic()
+    first = asyncio.create_task(group.run(1, deadline=now + 60))
+    await asyncio.sleep(0.01)
+    short = asyncio.create_task(group.run(2, deadline=now + 0.1))  # spent while the first batch runs
+    later = asyncio.create_task(group.run(3, deadline=now + 30))
+    endless = asyncio.create_task(group.run(4))
+    await asyncio.sleep(0.2)
+    release.set()
+    assert await first == 1
+    with pytest.raises(TimeoutError, match="spent"):
+        await short
+    assert await later == 3
+    assert await endless == 4
+    assert seen == [([1], now + 60), ([3, 4], now + 30)]
+
+
+async def test_a_submit_behind_a_stalled_batch_is_stored_once_postgresql_answers_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PostgreSQL silent for a whole window, then answering: the submit that queued just behind the stalled one
+    (its window nearly spent) is UNAVAILABLE, and one with most of its window left is stored. Cut to the first
+    one's few milliseconds, the batch failed both (found by review)."""
+    started = time.monotonic()
+
+    async def silent_then_answering(pool: object, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        if time.monotonic() - started < 2.0:
+            await asyncio.sleep(3600)
+        await asyncio.sleep(0.02)
+        return [{"id": i, "position": n + 1, "state": "QUEUED"} for n, i in enumerate(params["id"])]
+
+    monkeypatch.setattr(repository_module, "_fetch_all", silent_then_answering)
+    repository = JobRepository(pool=None, retry_timeout=2.0)  # type: ignore[arg-type]
+
+    async def submit(at: float) -> str:
+        await asyncio.sleep(at - (time.monotonic() - started))
+        try:
+            await repository.submit(NewJob("q", "img", b"", "m", 0, None, 3, 0.1, 1.0))
+        except errors.Unavailable:
+            return "UNAVAILABLE"
+        return "stored"
+
+    assert list(await asyncio.gather(submit(0.0), submit(0.01), submit(1.9))) == [
+        "UNAVAILABLE",
+        "UNAVAILABLE",
+        "stored",
+    ]
 
 
 @pytest.mark.integration

@@ -21,14 +21,21 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from mesh.kit import errors
-from mesh.kit.db import CONNECTION_KWARGS, RETRY_ON, database_unavailable, retrying, transaction_once
+from mesh.kit.db import (
+    CONNECTION_KWARGS,
+    RETRY_ON,
+    DatabaseStalled,
+    database_unavailable,
+    retrying,
+    transaction_once,
+)
 from mesh.kit.deadlines import call_timeout
 from mesh.kit.pagination import Cursor
 from mesh.services.queue.batching import GroupCommit
@@ -126,23 +133,6 @@ class NewJob:
     traceparent: str = ""
     tracestate: str = ""
     id: uuid.UUID = field(default_factory=uuid.uuid4)
-
-
-@dataclass(frozen=True)
-class _Due(Generic[T]):
-    """An item waiting for its batch (:class:`GroupCommit`: a submit, a claim, an outcome), with the
-    ``time.monotonic()`` instant by which its caller is answered: its window starts when it arrives, not when
-    its batch starts. Given a window of its own once the batch ahead of it gave up on a silent PostgreSQL, an
-    item answered after two windows, and one more per further batch."""
-
-    item: T
-    deadline: float
-
-
-def _earliest_deadline(batch: Sequence[_Due[Any]]) -> float:
-    """Until when a batch tries: its earliest item's deadline, so that every caller of the batch is answered
-    within its own window (and a batch that starts with that window spent fails at once, sending nothing)."""
-    return min(due.deadline for due in batch)
 
 
 @dataclass(frozen=True)
@@ -292,14 +282,35 @@ RETURNING *
 """
 
 
+LEAST_BATCH_SHARE = 0.1
+"""A batch of submits, claims or outcomes gets at least this share of a window: an item left with less when its
+batch starts is answered at once (UNAVAILABLE; nothing sent), a tenth of its window early at most."""
+
+
+def _spent_unavailable() -> errors.Unavailable:
+    """A submit whose window passed while it waited for its batch (PostgreSQL silent or slow): nothing was sent."""
+    return database_unavailable(
+        "the job database", DatabaseStalled("its time was spent waiting behind other submits"), retried=True
+    )
+
+
+def _spent_stalled() -> DatabaseStalled:
+    """A claim or an outcome whose window passed while it waited for its batch: nothing was sent; the worker
+    treats it as PostgreSQL away (``RETRY_ON``)."""
+    return DatabaseStalled("PostgreSQL did not answer within the window, spent waiting behind other work")
+
+
 class JobRepository:
     """The queue service's access to jobs and the outbox."""
 
     def __init__(self, pool: JobPool, *, submit_batch: int = 128, retry_timeout: float = 10.0) -> None:
         self.pool = pool
         self.retry_timeout = retry_timeout
-        self._submits: GroupCommit[_Due[NewJob], Row | None] = GroupCommit(
-            self._submit_many, max_batch=submit_batch
+        self._submits: GroupCommit[NewJob, Row | None] = GroupCommit(
+            self._submit_many,
+            max_batch=submit_batch,
+            spent=_spent_unavailable,
+            least_seconds=LEAST_BATCH_SHARE * retry_timeout,
         )
 
     def call_deadline(self) -> float:
@@ -345,7 +356,7 @@ class JobRepository:
         starts: a submit that waited behind a batch PostgreSQL left unanswered is not given a window of its
         own after it (it answered after 19.9 s of a 10 s window)."""
         deadline = self.call_deadline() if deadline is None else deadline
-        row = await self._submits.run(_Due(new, deadline))
+        row = await self._submits.run(new, deadline=deadline)
         if row is not None:
             return Submitted(row, existing=False, position=int(row.pop("position")))
         # A conflict: our own earlier try (an ambiguous commit) or another job with the same key.
@@ -360,9 +371,8 @@ class JobRepository:
         position = await self.position(found, deadline=deadline)
         return Submitted(found, existing=found["id"] != new.id, position=position)
 
-    async def _submit_many(self, submits: Sequence[_Due[NewJob]]) -> list[Row | None]:
-        """One statement for the batch, retried until the window of its earliest submit ends."""
-        batch = [submit.item for submit in submits]
+    async def _submit_many(self, batch: Sequence[NewJob], deadline: float | None) -> list[Row | None]:
+        """One statement for the batch, retried until ``deadline`` (its earliest submit's window ends)."""
         params = {
             "id": [n.id for n in batch],
             "queue": [n.queue for n in batch],
@@ -377,7 +387,7 @@ class JobRepository:
             "traceparent": [n.traceparent for n in batch],
             "tracestate": [n.tracestate for n in batch],
         }
-        rows = await self._fetchall(_SUBMIT_MANY, params, deadline=_earliest_deadline(submits))
+        rows = await self._fetchall(_SUBMIT_MANY, params, deadline=deadline)
         inserted = {row["id"]: row for row in rows}
         return [inserted.get(n.id) for n in batch]
 
@@ -845,26 +855,32 @@ class ClaimStore:
 
     Each operation is retried for ``retry_timeout`` while PostgreSQL drops connections or stays silent, then
     raises (one of ``RETRY_ON``). For a claim or an outcome that window starts when it is asked for, not when
-    its batch starts (:class:`_Due`)."""
+    its batch starts (:class:`~mesh.services.queue.batching.GroupCommit`'s deadlines)."""
 
     def __init__(self, pool: JobPool, *, retry_timeout: float = 30.0, max_batch: int = 128) -> None:
         self.pool = pool
         self.retry_timeout = retry_timeout
-        self._claims: GroupCommit[_Due[_Claim], Row | None] = GroupCommit(
-            self._claim_many, max_batch=max_batch
+        self._claims: GroupCommit[_Claim, Row | None] = GroupCommit(
+            self._claim_many,
+            max_batch=max_batch,
+            spent=_spent_stalled,
+            least_seconds=LEAST_BATCH_SHARE * retry_timeout,
         )
-        self._finishes: GroupCommit[_Due[_Finish], str | None] = GroupCommit(
-            self._finish_many, max_batch=max_batch
+        self._finishes: GroupCommit[_Finish, str | None] = GroupCommit(
+            self._finish_many,
+            max_batch=max_batch,
+            spent=_spent_stalled,
+            least_seconds=LEAST_BATCH_SHARE * retry_timeout,
         )
 
-    def _due(self, item: T) -> _Due[T]:
-        """``item`` with its window, ``retry_timeout`` from now."""
-        return _Due(item, time.monotonic() + self.retry_timeout)
+    def _deadline(self) -> float:
+        """The window of a claim or an outcome asked for now: ``retry_timeout`` from now."""
+        return time.monotonic() + self.retry_timeout
 
     async def _fetchone(self, query: str, params: Params) -> Row | None:
         return await retrying(lambda: _fetch_one(self.pool, query, params), timeout=self.retry_timeout)
 
-    async def _fetchall(self, query: str, params: Params, *, deadline: float) -> list[Row]:
+    async def _fetchall(self, query: str, params: Params, *, deadline: float | None) -> list[Row]:
         """The rows of one statement of a batch, retried (a deadlock too) until ``deadline``."""
         return await retrying(
             lambda: _fetch_all(self.pool, query, params),
@@ -876,11 +892,12 @@ class ClaimStore:
         self, job_id: uuid.UUID, attempt: int, token: uuid.UUID, *, redelivered: bool, lease_seconds: float
     ) -> Row | None:
         """QUEUED -> RUNNING for this attempt (or take over a redelivered RUNNING one); None: drop it."""
-        return await self._claims.run(self._due(_Claim(job_id, attempt, token, redelivered, lease_seconds)))
+        return await self._claims.run(
+            _Claim(job_id, attempt, token, redelivered, lease_seconds), deadline=self._deadline()
+        )
 
-    async def _claim_many(self, claims: Sequence[_Due[_Claim]]) -> list[Row | None]:
-        """One statement for the batch, retried until the window of its earliest claim ends."""
-        batch = [claim.item for claim in claims]
+    async def _claim_many(self, batch: Sequence[_Claim], deadline: float | None) -> list[Row | None]:
+        """One statement for the batch, retried until ``deadline`` (its earliest claim's window ends)."""
         rows = await self._fetchall(
             _CLAIM_MANY,
             {
@@ -890,7 +907,7 @@ class ClaimStore:
                 "redelivered": [c.redelivered for c in batch],
                 "lease": [c.lease for c in batch],
             },
-            deadline=_earliest_deadline(claims),
+            deadline=deadline,
         )
         claimed = {row["lease_owner"]: row for row in rows}
         return [claimed.get(c.token) for c in batch]
@@ -918,13 +935,11 @@ class ClaimStore:
 
     async def finish(self, job_id: uuid.UUID, token: uuid.UUID, outcome: Outcome) -> str | None:
         """Commit the attempt's outcome; returns the state written, or None when fenced out."""
-        return await self._finishes.run(self._due(_Finish(job_id, token, outcome)))
+        return await self._finishes.run(_Finish(job_id, token, outcome), deadline=self._deadline())
 
-    async def _finish_many(self, finishes: Sequence[_Due[_Finish]]) -> list[str | None]:
+    async def _finish_many(self, batch: Sequence[_Finish], deadline: float | None) -> list[str | None]:
         """One statement for the batch, and the look-up of outcomes an earlier try of it committed, both
-        within the window of its earliest outcome."""
-        batch = [finish.item for finish in finishes]
-        deadline = _earliest_deadline(finishes)
+        by ``deadline`` (its earliest outcome's window ends)."""
         outcomes = [f.outcome for f in batch]
         params = {
             "id": [f.id for f in batch],
