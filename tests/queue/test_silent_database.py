@@ -108,6 +108,23 @@ async def test_a_submit_and_a_read_are_unavailable_within_the_window(silenced: S
         assert await seconds_to_unavailable(api.GetJob(get, NO_CONTEXT)) < WINDOW + SLACK
 
 
+async def test_a_submit_left_unanswered_says_its_outcome_is_unknown_and_how_to_retry(
+    silenced: Silenced,
+) -> None:
+    """A submit whose statement PostgreSQL left unanswered may still commit: the answer says so, and how to
+    retry without a second job (with its idempotency key; without one, that a plain retry may queue it twice).
+    It said only "unavailable; retry shortly"."""
+    keyed = queue_service_pb2.SubmitJobRequest()
+    keyed.CopyFrom(SUBMIT)
+    keyed.idempotency_key = "silent-key"
+    async with silenced.api() as api:
+        with pytest.raises(errors.Unavailable, match="whether the job was queued is unknown") as failed:
+            await asyncio.wait_for(api.SubmitJob(keyed, NO_CONTEXT), 4 * WINDOW)
+        assert "same idempotency_key" in str(failed.value)
+        with pytest.raises(errors.Unavailable, match="give submits an idempotency_key"):
+            await asyncio.wait_for(api.SubmitJob(SUBMIT, NO_CONTEXT), 4 * WINDOW)
+
+
 async def test_a_submit_behind_an_unanswered_one_is_unavailable_within_its_own_window(
     silenced: Silenced,
 ) -> None:

@@ -294,6 +294,22 @@ def _spent_unavailable() -> errors.Unavailable:
     )
 
 
+def _submit_outcome_unknown(new: NewJob) -> errors.Unavailable:
+    """A submit whose statement PostgreSQL left unanswered: it may still commit, so the caller is told how to
+    retry without queueing the job twice."""
+    how = (
+        "submit again with the same idempotency_key, which returns the job if it was"
+        if new.idempotency_key
+        else "a plain retry may queue it twice: give submits an idempotency_key to make retries safe"
+    )
+    return errors.Unavailable(
+        f"the job database is unavailable (it did not answer in time), and whether the job was queued is "
+        f"unknown: {how}",
+        retry_after_seconds=1.0,
+        retries_spent=True,
+    )
+
+
 def _spent_stalled() -> DatabaseStalled:
     """A claim or an outcome whose window passed while it waited for its batch: nothing was sent; the worker
     treats it as PostgreSQL away (``RETRY_ON``)."""
@@ -356,7 +372,12 @@ class JobRepository:
         starts: a submit that waited behind a batch PostgreSQL left unanswered is not given a window of its
         own after it (it answered after 19.9 s of a 10 s window)."""
         deadline = self.call_deadline() if deadline is None else deadline
-        row = await self._submits.run(new, deadline=deadline)
+        try:
+            row = await self._submits.run(new, deadline=deadline)
+        except errors.Unavailable as error:
+            if isinstance(error.__cause__, DatabaseStalled):
+                raise _submit_outcome_unknown(new) from error
+            raise
         if row is not None:
             return Submitted(row, existing=False, position=int(row.pop("position")))
         # A conflict: our own earlier try (an ambiguous commit) or another job with the same key.
