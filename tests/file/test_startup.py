@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+from tests.processes import reason, refused_start
 
 # The process as ``python -m mesh.services.file`` runs it, with file creation in the blob directory refused as
 # on a volume owned by another uid (the tests run as root, whom a read-only mode does not stop).
@@ -39,12 +40,7 @@ def test_a_blob_directory_it_may_not_write_to_stops_the_start_with_a_message(tmp
         "MESH_HTTP_PORT": "0",
         "MESH_GRPC_PORT": "0",
     }
-    done = subprocess.run(
-        [sys.executable, "-c", REFUSED_BLOB_DIR], env=env, capture_output=True, text=True, timeout=20
-    )
-    assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr
-    last = done.stderr.strip().splitlines()[-1]
+    last = reason(refused_start([sys.executable, "-c", REFUSED_BLOB_DIR], env, timeout=20))
     assert last.startswith(f"file: cannot start: the blob directory {blob_dir} (MESH_BLOB_DIR")
     assert f"uid {os.geteuid()}" in last
     assert "docs/deploy.md" in last

@@ -4,8 +4,9 @@ other service (it was a traceback and exit 1). Its start and SIGTERM: ``tests/ki
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+
+from tests.processes import reason, refused_start
 
 # The process as ``python -m mesh.services.queue`` runs it, its start refused as a StartupError would refuse it,
 # and its app's close() announced on stdout.
@@ -40,12 +41,8 @@ def test_a_startup_error_while_the_queue_service_is_wired_exits_2_with_one_line(
         "MESH_GRPC_PORT": "0",
         "MESH_HTTP_PORT": "0",
     }
-    done = subprocess.run(
-        [sys.executable, "-c", REFUSED_START], env=env, capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1] == (
+    done = refused_start([sys.executable, "-c", REFUSED_START], env)
+    assert reason(done) == (
         "queue: cannot start: the queue's volume is read-only; give uid 10001 write access"
     )
     assert done.stdout.splitlines() == ["queue app closed"]
