@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -167,19 +165,12 @@ def docs_policy(page: bytes) -> str:
 
 
 def create_app(ctx: GatewayContext) -> FastAPI:
-    """The gateway's ASGI app around ``ctx`` (whose backends it closes on shutdown)."""
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        await ctx.http.aclose()
-        await ctx.backends.close()
-
+    """The gateway's ASGI app around ``ctx``; whoever made ``ctx`` closes it (the process's wiring,
+    ``gateway_service``)."""
     app = FastAPI(
         title="Image analysis mesh",
         version="1.0.0",
         description=DESCRIPTION,
-        lifespan=lifespan,
         # The gateway makes its own server span (ObservedRequests), which also returns the traceparent;
         # FastAPI's native one would be a second server span per request.
         telemetry={"tracing": False, "metrics": False, "logs": False},
