@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from mesh.tools.k8s_check.memory import check_memory_limits
+from mesh.tools.k8s_check.memory import check_inference_memory, check_memory_limits
 from mesh.tools.k8s_check.network import check_network_calls
 from mesh.tools.k8s_check.policy import (
     Overlay,
@@ -42,6 +42,7 @@ CHECKS: tuple[Callable[[Overlay], Iterator[Violation]], ...] = (
     check_blob_store,
     check_network_calls,
     check_memory_limits,
+    check_inference_memory,
 )
 
 
