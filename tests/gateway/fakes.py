@@ -416,8 +416,17 @@ def strip_reading(width: float, height: float) -> inference_pb.StripReading:
     )
 
 
+VERSION_STATUS = [
+    inference_pb.ModelVersionStatus(version="1", ready=True, state="READY", reason="ready"),
+    inference_pb.ModelVersionStatus(
+        version="2", ready=False, state="UNAVAILABLE", reason="load failed: RuntimeError: weights are corrupt"
+    ),
+]
+"""The fake model's versions: 1 (the default) serves, 2 failed to load."""
+
+
 class FakeInferenceService(inference_grpc.InferenceServiceServicer):
-    """One model, ``strip-reader``, that always reads POSITIVE."""
+    """One model, ``strip-reader``, that always reads POSITIVE (version 1; its version 2 failed to load)."""
 
     def __init__(self, files: FakeFileService) -> None:
         self.files = files
@@ -434,10 +443,11 @@ class FakeInferenceService(inference_grpc.InferenceServiceServicer):
             models=[
                 inference_pb.ModelSummary(
                     name="strip-reader",
-                    versions=["1"],
+                    versions=["1", "2"],
                     default_version="1",
                     ready=True,
                     description="Reads lateral-flow tests.",
+                    version_status=VERSION_STATUS,
                 )
             ]
         )
@@ -448,7 +458,7 @@ class FakeInferenceService(inference_grpc.InferenceServiceServicer):
         self._check(request.name)
         return inference_pb.GetModelMetadataResponse(
             name=request.name,
-            versions=["1"],
+            versions=["1", "2"],
             version="1",
             platform="python",
             inputs=[inference_pb.TensorSpec(name="image", datatype="image", shape=[-1, -1, 3])],
@@ -456,6 +466,9 @@ class FakeInferenceService(inference_grpc.InferenceServiceServicer):
             parameters={"min_confidence": params_pb2.ParamValue(number_value=0.5)},
             max_batch_size=8,
             device=image_pb2.DEVICE_CPU,
+            status=VERSION_STATUS[0],
+            default_version="1",
+            version_status=VERSION_STATUS,
         )
 
     async def ModelReady(
@@ -486,6 +499,7 @@ class FakeInferenceService(inference_grpc.InferenceServiceServicer):
             strip_reading=strip_reading(width, height),
             device=image_pb2.DEVICE_CPU,
             compute_seconds=0.002,
+            batch_size=1,
         )
 
     async def StreamInference(

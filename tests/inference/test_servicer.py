@@ -25,7 +25,7 @@ from mesh.kit.runtime import RESTARTING, ServiceRuntime
 from mesh.services.inference.checks import models_check
 from mesh.services.inference.client import InferenceClient
 from mesh.services.inference.images import ImageDecoder
-from mesh.services.inference.predictor import Predictor
+from mesh.services.inference.predictor import REQUEST_ID_KEY, Predictor
 from mesh.services.inference.repository import ModelRepository
 from mesh.services.inference.servicer import InferenceServicer
 from mesh.services.inference.settings import SERVICE_NAME, InferenceSettings
@@ -135,6 +135,21 @@ async def test_metadata_describes_a_version(served: Served) -> None:
     assert meta.device == image_pb2.DEVICE_CPU
     assert meta.platform == "python"
     assert meta.status.ready
+
+
+async def test_metadata_lists_every_versions_state_and_the_default(served: Served) -> None:
+    """Metadata of one version also says which version is the default and every version's state, so that the
+    REST detail can show them all (it showed the described version's readiness only)."""
+    meta = await served.stub.GetModelMetadata(pb.GetModelMetadataRequest(name="fake", version="1"))
+    assert (meta.version, meta.default_version) == ("1", "2")
+    assert [(s.version, s.state, s.ready) for s in meta.version_status] == [
+        ("1", "READY", True),
+        ("2", "READY", True),
+    ]
+    broken = await served.stub.GetModelMetadata(pb.GetModelMetadataRequest(name="broken"))
+    [status] = broken.version_status
+    assert (broken.default_version, status.state, status.ready) == ("1", "UNAVAILABLE", False)
+    assert "weights are corrupt" in status.reason
 
 
 async def test_unknown_model_and_version_are_not_found(served: Served) -> None:
@@ -402,6 +417,34 @@ async def test_a_call_cancelled_at_its_deadline_is_counted_as_the_deadline(serve
         before = after
 
 
+async def test_a_call_cancelled_just_before_its_deadline_counts_as_the_deadline(served: Served) -> None:
+    """The client's cancel at its own deadline reaches the server a little before the server's deadline (which
+    started when the call's headers arrived): a cancellation with no more than the slack left counts as
+    DEADLINE_EXCEEDED, one long before the deadline still as CANCELLED. Under load, expired calls were counted
+    CANCELLED."""
+    predictor = Predictor(served.repository, ImageDecoder(max_pixels=1_000_000))
+
+    async def slow_fetch(progress: float, stage: str) -> None:
+        await asyncio.sleep(10)
+
+    def failures() -> dict[str, int]:
+        return dict(served.repository.get("fake", "1").stats.failures_by_reason)
+
+    before = failures()
+    for allowed, cancel_after, reason in ((0.5, 0.42, "DEADLINE_EXCEEDED"), (5.0, 0.1, "CANCELLED")):
+        request = pb.PredictRequest(model_name="fake", model_version="1", input=raw(9))
+        deadline = time.monotonic() + allowed
+        call = asyncio.ensure_future(predictor.predict(request, deadline=deadline, on_stage=slow_fetch))
+        await asyncio.sleep(cancel_after)
+        assert time.monotonic() < deadline  # before the deadline, as the client's cancel comes
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        after = failures()
+        assert after.get(reason, 0) == before.get(reason, 0) + 1, (reason, after)
+        before = after
+
+
 async def test_cancelled_stream_drops_its_queued_requests(served: Served) -> None:
     """When a client abandons a stream, its requests still queued are never computed."""
     model = served.repository.get("slow").model
@@ -536,6 +579,37 @@ async def test_stream_answers_each_request_and_survives_a_bad_one(served: Served
     assert responses[4].response.request_id == responses[4].request_id
 
 
+async def test_a_failed_predict_names_its_request_id_as_a_failed_stream_item_does(served: Served) -> None:
+    """A unary Predict that fails carries the request's id (the client's, or the one the server gave it) in its
+    ErrorInfo metadata, whatever failed: the model lookup, a parameter, the model itself; and a stream's failed
+    item carries it there too. Only the stream's response named it, so a client could not tell which of its
+    unary calls a logged failure was."""
+    bad_parameter = {"threshold": params_pb2.ParamValue(number_value=-1)}
+    failing = [
+        pb.PredictRequest(model_name="nope", input=raw(1), request_id="u-1"),
+        pb.PredictRequest(model_name="fake", input=raw(1), request_id="u-2", parameters=bad_parameter),
+        pb.PredictRequest(model_name="fake", input=raw(POISON), request_id="u-3"),
+    ]
+    codes = []
+    for request in failing:
+        error = await _error(served.stub.Predict(request))
+        codes.append(error.code)
+        assert error.metadata[REQUEST_ID_KEY] == request.request_id, error
+    assert codes == [grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL]
+    generated = await _error(served.stub.Predict(pb.PredictRequest(model_name="nope", input=raw(1))))
+    assert len(generated.metadata[REQUEST_ID_KEY]) == 32
+
+    async def produce() -> AsyncIterator[pb.StreamInferenceRequest]:
+        for request in failing:
+            yield pb.StreamInferenceRequest(request=request)
+        yield pb.StreamInferenceRequest(request=pb.PredictRequest(model_name="nope", input=raw(1)))
+
+    answers = [a async for a in served.stub.StreamInference(produce())]
+    assert [a.request_id for a in answers[:3]] == ["u-1", "u-2", "u-3"]
+    for answer in answers:
+        assert errors.from_status(answer.error).metadata[REQUEST_ID_KEY] == answer.request_id
+
+
 async def test_statistics_count_requests_outcomes_and_batches(served: Served) -> None:
     """Requests, successes, failures by reason, queue and compute time and batch sizes are counted."""
     stub = served.stub
@@ -563,6 +637,56 @@ async def test_statistics_count_requests_outcomes_and_batches(served: Served) ->
     }
     assert isinstance(
         await _error(stub.GetModelStatistics(pb.GetModelStatisticsRequest(name="x"))), errors.NotFound
+    )
+
+
+async def _statistics(served: Served, name: str) -> pb.ModelStatistics:
+    [stats] = (await served.stub.GetModelStatistics(pb.GetModelStatisticsRequest(name=name))).statistics
+    return stats
+
+
+async def test_statistics_count_the_queue_time_of_requests_that_got_no_answer(served: Served) -> None:
+    """A request that expired or was cancelled while queued counts its wait in queue_seconds_total and in
+    queued_count; only answered requests were counted, which made a saturated queue look short. Compute time is
+    counted per batch, with batch_count."""
+    before = await _statistics(served, "slow")
+    busy = asyncio.ensure_future(served.stub.Predict(pb.PredictRequest(model_name="slow", input=raw(200))))
+    await asyncio.sleep(0.05)  # computing now, for 0.3 s: the next two wait in the queue
+    expired = asyncio.ensure_future(
+        served.stub.Predict(pb.PredictRequest(model_name="slow", input=raw(100)), timeout=0.15)
+    )
+    cancelled = served.stub.Predict(pb.PredictRequest(model_name="slow", input=raw(101)))
+    await asyncio.sleep(0.15)
+    cancelled.cancel()
+    answered = await busy
+    assert (await _error(expired)).code == grpc.StatusCode.DEADLINE_EXCEEDED
+    await asyncio.sleep(0.05)
+    after = await _statistics(served, "slow")
+    assert after.queued_count - before.queued_count == 3
+    waited = after.queue_seconds_total - before.queue_seconds_total
+    assert 0.2 < waited < 0.2 + 0.3, (
+        waited
+    )  # the two that waited about 0.15 s each, and nothing of the computing
+    assert after.batch_count - before.batch_count == 1
+    assert answered.batch_size == 1
+    assert after.compute_seconds_total - before.compute_seconds_total == pytest.approx(
+        answered.compute_seconds
+    )
+
+
+async def test_statistics_sum_compute_time_once_per_batch(served: Served) -> None:
+    """compute_seconds_total adds each batch's time once and batch_count counts the batches: a response's
+    compute_seconds is its batch's, shared by batch_size requests, so the shares add up to the total."""
+    before = await _statistics(served, "counted")
+    responses = await asyncio.gather(
+        *(served.stub.Predict(pb.PredictRequest(model_name="counted", input=raw(i))) for i in range(6))
+    )
+    after = await _statistics(served, "counted")
+    batches = after.batch_count - before.batch_count
+    assert batches == sum(after.batch_size_counts.values()) - sum(before.batch_size_counts.values())
+    assert sum(1 / r.batch_size for r in responses) == pytest.approx(batches)
+    assert after.compute_seconds_total - before.compute_seconds_total == pytest.approx(
+        sum(r.compute_seconds / r.batch_size for r in responses)
     )
 
 

@@ -47,7 +47,8 @@ SWAGGER_UI = "/static/vendor/swagger-ui"
 DESCRIPTION = """REST and JSON in front of the image analysis mesh's gRPC services.
 
 Errors are `{"error": {"code", "message", "details"}}` with the gRPC status code name in `code`.
-Every response carries the W3C `traceparent` of its trace. Authentication (when turned on) is an
+Every response carries the W3C `traceparent` of its trace; a prediction takes an `X-Request-Id` and returns it
+(or the one it was given) on every answer. Authentication (when turned on) is an
 `X-API-Key` header or a JWT bearer token; rate-limited routes send `RateLimit-Limit`,
 `RateLimit-Remaining` and `RateLimit-Reset`, and a 429 carries `Retry-After`.
 """
@@ -233,6 +234,7 @@ def create_app(ctx: GatewayContext) -> FastAPI:
                 "Last-Event-ID",
                 "Idempotency-Key",
                 "If-None-Match",
+                "X-Request-Id",
                 "traceparent",
                 "tracestate",
             ],
@@ -246,6 +248,7 @@ def create_app(ctx: GatewayContext) -> FastAPI:
                 "X-Image-Width",
                 "X-Image-Height",
                 "X-Device",
+                "X-Request-Id",
                 "ETag",
                 "Content-Disposition",
             ],

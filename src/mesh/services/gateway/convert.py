@@ -98,6 +98,13 @@ def filter_spec(spec: image_pb.FilterSpec) -> schemas.FilterOut:
     )
 
 
+def version_status(status: inference_pb.ModelVersionStatus) -> schemas.VersionStatusOut:
+    """One version's load state."""
+    return schemas.VersionStatusOut(
+        version=status.version, ready=status.ready, state=status.state, reason=status.reason
+    )
+
+
 def model_summary(summary: inference_pb.ModelSummary) -> schemas.ModelOut:
     """A model in the list."""
     return schemas.ModelOut(
@@ -106,11 +113,12 @@ def model_summary(summary: inference_pb.ModelSummary) -> schemas.ModelOut:
         default_version=summary.default_version,
         ready=summary.ready,
         description=summary.description,
+        version_status=[version_status(s) for s in summary.version_status],
     )
 
 
-def model_detail(meta: inference_pb.GetModelMetadataResponse, ready: bool) -> schemas.ModelDetail:
-    """A model's metadata."""
+def model_detail(meta: inference_pb.GetModelMetadataResponse) -> schemas.ModelDetail:
+    """A model's metadata, with the readiness of the version described and of every other."""
 
     def tensors(specs: list[inference_pb.TensorSpec]) -> list[schemas.TensorSpecOut]:
         return [
@@ -130,7 +138,9 @@ def model_detail(meta: inference_pb.GetModelMetadataResponse, ready: bool) -> sc
         parameters={k: param_value(v) for k, v in meta.parameters.items()},
         max_batch_size=meta.max_batch_size,
         device=device(meta.device),
-        ready=ready,
+        ready=meta.status.ready,
+        default_version=meta.default_version,
+        version_status=[version_status(s) for s in meta.version_status],
     )
 
 
@@ -180,6 +190,7 @@ def prediction(response: inference_pb.PredictResponse) -> schemas.PredictionOut:
         device=device(response.device),
         queue_seconds=response.queue_seconds,
         compute_seconds=response.compute_seconds,
+        batch_size=response.batch_size,
         strip_reading=reading,
     )
 

@@ -9,7 +9,7 @@ their 404/405 in the same shape.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,12 +19,14 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Match, Mount
 from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
 
 from mesh.kit import errors
 from mesh.kit.logging import get_logger
 from mesh.services.gateway.bodies import not_json
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before the answer
+ERROR_METADATA_KEY = "mesh.error_metadata"
 
 log = get_logger(__name__)
 
@@ -41,6 +43,29 @@ _CODES_BY_HTTP = {
     503: errors.Unavailable,
     504: errors.DeadlineExceeded,
 }
+
+
+def add_error_metadata(scope: Scope, metadata: Mapping[str, str]) -> None:
+    """Have every error answer of this request carry ``metadata`` in its ErrorInfo (a prediction's request id),
+    whatever raised it: the route, a dependency, request validation or a service behind the gateway. What the
+    error says itself under the same key is kept."""
+    state: MutableMapping[str, Any] = scope.setdefault("state", {})
+    state.setdefault(ERROR_METADATA_KEY, {}).update(metadata)
+
+
+def _answer(
+    request: Request,
+    error: errors.MeshError,
+    *,
+    status: int | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    """:func:`error_response` for an error raised while serving ``request``, with the ErrorInfo metadata that
+    :func:`add_error_metadata` asked for it."""
+    extra: Mapping[str, str] = request.scope.get("state", {}).get(ERROR_METADATA_KEY, {})
+    for key, value in extra.items():
+        error.metadata.setdefault(key, value)
+    return error_response(error, status=status, headers=headers)
 
 
 def error_response(
@@ -110,9 +135,9 @@ def _http_exception(request: Request, exc: HTTPException) -> tuple[errors.MeshEr
     return cls(str(exc.detail)), status
 
 
-async def _on_mesh_error(_: Request, exc: Exception) -> Response:
+async def _on_mesh_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.MeshError)
-    return error_response(exc)
+    return _answer(request, exc)
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> Response:
@@ -122,8 +147,8 @@ async def _on_validation_error(request: Request, exc: Exception) -> Response:
         # as the routes that parse JSON themselves do (415).
         refused = not_json(request)
         if refused is not None:
-            return error_response(refused)
-    return error_response(_validation_error(exc), status=400)
+            return _answer(request, refused)
+    return _answer(request, _validation_error(exc), status=400)
 
 
 async def _on_http_exception(request: Request, exc: Exception) -> Response:
@@ -135,9 +160,9 @@ async def _on_http_exception(request: Request, exc: Exception) -> Response:
             f"{_method(request)} is not allowed on {request.url.path}; it allows {allowed or 'no method'}",
             reason="METHOD_NOT_ALLOWED",
         )
-        return error_response(refused, status=405, headers={"Allow": allowed})
+        return _answer(request, refused, status=405, headers={"Allow": allowed})
     error, status = _http_exception(request, exc)
-    return error_response(error, status=status, headers=exc.headers)
+    return _answer(request, error, status=status, headers=exc.headers)
 
 
 _METHODS = ("DELETE", "GET", "PATCH", "POST", "PUT")

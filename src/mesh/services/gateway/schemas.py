@@ -227,14 +227,24 @@ class ProcessOut(BaseModel):
     timings: list[StepTimingOut]
 
 
+class VersionStatusOut(BaseModel):
+    """The load state of one model version."""
+
+    version: str
+    ready: bool = Field(description="True when it serves.")
+    state: str = Field(description="LOADING, READY or UNAVAILABLE.")
+    reason: str = Field(description='Why it is not ready ("ready" when it is).')
+
+
 class ModelOut(BaseModel):
     """A model's versions and readiness."""
 
     name: str
     versions: list[str]
-    default_version: str
-    ready: bool
+    default_version: str = Field(description="The version used when a request names none.")
+    ready: bool = Field(description="True when the default version is ready.")
     description: str
+    version_status: list[VersionStatusOut] = Field(description="Every version's load state, ascending.")
 
 
 class ModelList(BaseModel):
@@ -257,14 +267,18 @@ class ModelDetail(BaseModel):
 
     name: str
     versions: list[str]
-    version: str
+    version: str = Field(description="The version described (the default one when the request named none).")
     platform: str
     inputs: list[TensorSpecOut]
     outputs: list[TensorSpecOut]
     parameters: dict[str, ParamScalar | None]
     max_batch_size: int
     device: str
-    ready: bool
+    ready: bool = Field(description="True when the described version is ready.")
+    default_version: str = Field(description="The version used when a request names none.")
+    version_status: list[VersionStatusOut] = Field(
+        description="Every version's load state, ascending: a version that is not ready says why."
+    )
 
 
 class PredictIn(Strict):
@@ -319,10 +333,17 @@ class PredictionOut(BaseModel):
 
     model_name: str
     model_version: str
-    request_id: str
+    request_id: str = Field(
+        description="The request's id: the X-Request-Id header's, or the one the gateway gave it (also in the "
+        "response's X-Request-Id header)."
+    )
     device: str
-    queue_seconds: float
-    compute_seconds: float
+    queue_seconds: float = Field(description="Seconds this request waited for its batch to start computing.")
+    compute_seconds: float = Field(
+        description="Wall seconds of the batch computation this request took part in, shared by the batch_size "
+        "requests of that batch (not this request's share)."
+    )
+    batch_size: int = Field(description="Requests in the batch this one was computed in.")
     strip_reading: StripReadingOut | None
 
 

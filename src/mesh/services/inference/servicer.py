@@ -90,6 +90,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             max_queue_delay_seconds=config.max_queue_delay_ms / 1000.0,
             instance_count=version.instances,
             instance_kind=config.instance_kind,
+            default_version=entry.default().version,
+            version_status=[version_status(v) for v in entry.versions.values()],
         )
 
     @override

@@ -21,13 +21,14 @@ BATCH_SIZE = Histogram(
 )
 QUEUE_SECONDS = Histogram(
     "mesh_inference_queue_seconds",
-    "Time a request waited for its batch to start computing.",
+    "Time a request waited in the batch queue: until its batch started computing, or until it got no output "
+    "(expired, cancelled, failed).",
     ["model", "version"],
     buckets=_LATENCY_BUCKETS,
 )
 COMPUTE_SECONDS = Histogram(
     "mesh_inference_compute_seconds",
-    "Wall time of one batch computation.",
+    "Wall time of one batch computation (one observation per batch, not per request).",
     ["model", "version"],
     buckets=_LATENCY_BUCKETS,
 )
@@ -45,7 +46,9 @@ MODEL_READY = Gauge("mesh_inference_model_ready", "1 when the model version is r
 
 @dataclass
 class VersionStats:
-    """Counters of one model version; also the batcher's observer."""
+    """Counters of one model version; also the batcher's observer. Queue time is summed per queued request
+    (``queued_count`` of them), compute time per batch (``batch_count`` of them): a batch's time is counted once,
+    however many requests shared it."""
 
     name: str
     version: str
@@ -53,7 +56,9 @@ class VersionStats:
     success_count: int = 0
     failures_by_reason: collections.Counter[str] = field(default_factory=collections.Counter)
     queue_seconds_total: float = 0.0
+    queued_count: int = 0
     compute_seconds_total: float = 0.0
+    batch_count: int = 0
     batch_size_counts: collections.Counter[int] = field(default_factory=collections.Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -62,12 +67,19 @@ class VersionStats:
         with self._lock:
             self.request_count += 1
 
-    def request_succeeded(self, operation: str, queue_seconds: float, total_seconds: float) -> None:
-        """A request was answered."""
+    def request_dequeued(self, queue_seconds: float) -> None:
+        """A request left the batch queue after ``queue_seconds``: its batch started, or it left with no output
+        (expired, cancelled, failed). Counted for every queued request, so that the requests a slow queue made
+        give up are not missing from its total."""
         with self._lock:
-            self.success_count += 1
+            self.queued_count += 1
             self.queue_seconds_total += queue_seconds
         QUEUE_SECONDS.labels(self.name, self.version).observe(queue_seconds)
+
+    def request_succeeded(self, operation: str, total_seconds: float) -> None:
+        """A request was answered (its queue time is counted by :meth:`request_dequeued`)."""
+        with self._lock:
+            self.success_count += 1
         REQUEST_SECONDS.labels(self.name, self.version, operation).observe(total_seconds)
         REQUESTS.labels(self.name, self.version, "OK").inc()
 
@@ -80,6 +92,7 @@ class VersionStats:
     def batch_executed(self, size: int, compute_seconds: float) -> None:
         """A batch of ``size`` items took ``compute_seconds`` (BatchObserver)."""
         with self._lock:
+            self.batch_count += 1
             self.batch_size_counts[size] += 1
             self.compute_seconds_total += compute_seconds
         BATCH_SIZE.labels(self.name, self.version).observe(size)
@@ -103,6 +116,8 @@ class VersionStats:
                 success_count=self.success_count,
                 failures_by_reason=dict(self.failures_by_reason),
                 queue_seconds_total=self.queue_seconds_total,
+                queued_count=self.queued_count,
                 compute_seconds_total=self.compute_seconds_total,
+                batch_count=self.batch_count,
                 batch_size_counts=dict(self.batch_size_counts),
             )

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Annotated
 
-import grpc
 from fastapi import APIRouter, Query, Request
 
 from mesh.inference.v1 import inference_service_pb2 as inference_pb
@@ -16,6 +14,7 @@ from mesh.services.gateway.backends import rpc
 from mesh.services.gateway.bodies import json_request_body, media_type, parse_json
 from mesh.services.gateway.context import Caller, Context
 from mesh.services.gateway.image_input import serialize_with_image
+from mesh.services.gateway.request_ids import OPENAPI_PARAMETER, RESPONSE_HEADER, RequestId
 from mesh.services.gateway.routes.images import ACCEPTED_TYPES, ERRORS
 from mesh.services.gateway.spans import annotate
 
@@ -31,6 +30,8 @@ PREDICT_BODY["requestBody"]["description"] = (
     " `precheck_only` may come from the query with either body; with JSON, also from the body (a version given"
     " in both must be the same)."
 )
+# Read by the RequestId dependency itself (so that its refusal names the header), hence declared here.
+PREDICT_BODY["parameters"] = [OPENAPI_PARAMETER]
 
 
 async def _predict_input(request: Request) -> schemas.PredictIn | list[bytes]:
@@ -52,7 +53,7 @@ async def _predict_input(request: Request) -> schemas.PredictIn | list[bytes]:
 @router.post(
     "/{name}:predict",
     response_model=schemas.PredictionOut,
-    responses=ERRORS,
+    responses={**ERRORS, 200: {"headers": RESPONSE_HEADER}},
     openapi_extra=PREDICT_BODY,
     summary="Run a prediction",
 )
@@ -60,6 +61,8 @@ async def predict(
     name: str,
     request: Request,
     ctx: Context,
+    # Before the caller's check: a 401 or 429 then names the request too.
+    request_id: RequestId,
     _: Caller,
     version: Annotated[
         str,
@@ -70,9 +73,11 @@ async def predict(
     ] = "",
     precheck_only: Annotated[bool, Query(description="Only the fast quality pre-check.")] = False,
 ) -> schemas.PredictionOut:
-    """Run the model on a stored (``image_id``) or inline (``image``, base64) image, or on raw image bytes."""
+    """Run the model on a stored (``image_id``) or inline (``image``, base64) image, or on raw image bytes. The
+    request's id (``X-Request-Id``, or one made up) comes back in that header of every answer, and in an error's
+    ErrorInfo metadata."""
     given = await _predict_input(request)
-    message = inference_pb.PredictRequest(model_name=name, request_id=str(uuid.uuid4()))
+    message = inference_pb.PredictRequest(model_name=name, request_id=request_id)
     if isinstance(given, list):
         image_id, inline = "", given
         message.model_version, message.precheck_only = version, precheck_only
@@ -105,11 +110,8 @@ async def list_models(ctx: Context, _: Caller) -> schemas.ModelList:
     "/{name:name}", response_model=schemas.ModelDetail, responses=ERRORS, summary="A model's metadata"
 )
 async def get_model(name: str, ctx: Context, _: Caller, version: str = "") -> schemas.ModelDetail:
-    """Versions, inputs, outputs, parameters and readiness of one model."""
-    stub = ctx.backends.inference_stub
-    meta = await rpc(stub.GetModelMetadata(inference_pb.GetModelMetadataRequest(name=name, version=version)))
-    try:
-        ready = (await stub.ModelReady(inference_pb.ModelReadyRequest(name=name, version=version))).ready
-    except grpc.aio.AioRpcError:
-        ready = False  # metadata answered, readiness did not: report not ready rather than fail the call
-    return convert.model_detail(meta, ready)
+    """Versions, inputs, outputs, parameters and readiness of one model: of the version described and, with the
+    reason of one that is not ready, of every other; and which version is the default."""
+    request = inference_pb.GetModelMetadataRequest(name=name, version=version)
+    # One answer holds every version's state: readiness and metadata cannot disagree, as two calls could.
+    return convert.model_detail(await rpc(ctx.backends.inference_stub.GetModelMetadata(request)))
