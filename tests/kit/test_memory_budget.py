@@ -8,8 +8,9 @@ import time
 import pytest
 from prometheus_client import REGISTRY
 
+from mesh.kit import memory
 from mesh.kit.errors import DeadlineExceeded, PayloadTooLarge, ResourceExhausted
-from mesh.kit.memory_budget import MemoryBudget
+from mesh.kit.memory_budget import RETURN_MEMORY_AFTER_BYTES, MemoryBudget
 
 
 async def test_shares_are_granted_in_arrival_order_within_the_budget() -> None:
@@ -193,3 +194,25 @@ async def test_waiters_carry_at_most_max_carried_bytes_of_input_together() -> No
     held.release()
     (await first).release()
     assert (budget.carried, carried_on_metrics()) == (0, 0)
+
+
+async def test_a_budget_that_emptied_after_holding_many_megabytes_gives_the_free_memory_back_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The decoders' buffers of the images it held were freed into malloc's heaps, which glibc keeps: once the
+    last hold is given back after RETURN_MEMORY_AFTER_BYTES or more were held at once, the process returns its
+    free memory (once, not while a hold remains, and not after a budget that only ever held a little)."""
+    returned: list[None] = []
+    monkeypatch.setattr(memory, "return_free_memory_soon", lambda: returned.append(None))
+    large = RETURN_MEMORY_AFTER_BYTES
+    budget = MemoryBudget(4 * large, name="budget")
+    first = await budget.acquire(large // 2, what="a")
+    second = await budget.acquire(large // 2, what="b")
+    first.release()
+    assert not returned  # the second image is still held
+    second.release()
+    assert len(returned) == 1
+    (await budget.acquire(large // 4, what="c")).release()
+    assert len(returned) == 1  # a small image alone leaves the heap for the next one
+    (await budget.acquire(large, what="d")).release()
+    assert len(returned) == 2

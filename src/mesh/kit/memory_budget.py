@@ -15,6 +15,10 @@ budget cannot take the process past its memory limit before the budget refuses a
 Each budget shows on ``/metrics`` by its ``label``: its limit, the bytes held and the requests waiting, read at
 scrape time (nothing is counted on the request path). Requests waiting for long mean the budget, not the CPU
 or the GPU, bounds the service's throughput.
+
+When a budget empties after holding ``RETURN_MEMORY_AFTER_BYTES`` or more at once, the process gives its free
+memory back to the system (:func:`mesh.kit.memory.return_free_memory_soon`): the decoders' buffers for those
+images were freed into malloc's heaps, which glibc would otherwise keep (see :mod:`mesh.kit.memory`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import time
 
 from prometheus_client import Gauge
 
-from mesh.kit import errors
+from mesh.kit import errors, memory
 from mesh.kit.units import binary_size
 
 BUDGET_LIMIT = Gauge("mesh_memory_budget_limit_bytes", "The memory budget's size.", ["budget"])
@@ -45,6 +49,10 @@ BUDGET_CARRIED = Gauge(
 
 SHED_RETRY_SECONDS = 0.5
 """The retry delay a request shed by a busy budget is told to wait."""
+
+RETURN_MEMORY_AFTER_BYTES = 64 * 1024 * 1024
+"""A budget that held this much at once gives the process's free memory back when it empties: less is not
+worth the page faults of taking it again (a few 1080p photos at a time keep their buffers for the next)."""
 
 
 class MemoryHold:
@@ -83,6 +91,8 @@ class MemoryBudget:
         self.held = 0
         self.holds = 0
         """Holds granted and not given back yet."""
+        self._peak = 0
+        """The most bytes held at once since the budget last emptied and gave memory back."""
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
         self.label = name if label is None else label
         """The ``budget`` label of its metrics (a later budget of the same label takes its series over)."""
@@ -174,11 +184,15 @@ class MemoryBudget:
     def _take(self, size: int) -> None:
         self.held += size
         self.holds += 1
+        self._peak = max(self._peak, self.held)
 
     def _give_back(self, size: int) -> None:
         self.held -= size
         self.holds -= 1
         self._grant()
+        if self.holds == 0 and self._peak >= RETURN_MEMORY_AFTER_BYTES:
+            self._peak = 0
+            memory.return_free_memory_soon()
 
     def _grant(self) -> None:
         while self._waiters:

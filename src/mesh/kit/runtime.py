@@ -46,7 +46,7 @@ from mesh.kit import errors, tracing
 from mesh.kit.health import DependencyCheck, HealthMonitor
 from mesh.kit.interceptors import ServerInterceptor, preinitialise_metrics
 from mesh.kit.logging import configure_logging, get_logger
-from mesh.kit.memory import tune_allocator
+from mesh.kit.memory import limit_arenas, tune_allocator
 from mesh.kit.settings import CommonSettings, ServerSettings, load_settings
 from mesh.kit.supervision import stop_with_supervisor
 from mesh.kit.tls import server_credentials
@@ -157,9 +157,11 @@ ServiceSettingsT = TypeVar("ServiceSettingsT", bound=CommonSettings)
 def start_service(
     service: str, settings_type: type[ServiceSettingsT], *, large_messages: bool = False
 ) -> ServiceSettingsT:
-    """The first steps of every service's process: its settings from the environment (exit 2 naming each bad
-    variable), logs, traces and metrics, a stop when the ``make up`` supervisor that started it dies, and for
-    a service that moves frames of megabytes (``large_messages``), their buffers kept in the heap."""
+    """The first steps of every service's process: few malloc arenas (:func:`~mesh.kit.memory.limit_arenas`,
+    before any thread of its own), its settings from the environment (exit 2 naming each bad variable), logs,
+    traces and metrics, a stop when the ``make up`` supervisor that started it dies, and for a service that
+    moves frames of megabytes (``large_messages``), their buffers kept in the heap."""
+    limit_arenas()
     settings = load_settings(settings_type)
     configure_observability(service, settings)
     # Which service answers on a metrics port, for dashboards and for MeshProcessDown, which tells the mesh's
