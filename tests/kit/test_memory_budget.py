@@ -8,7 +8,7 @@ import time
 import pytest
 from prometheus_client import REGISTRY
 
-from mesh.kit import memory
+from mesh.kit import memory, memory_budget
 from mesh.kit.errors import DeadlineExceeded, PayloadTooLarge, ResourceExhausted
 from mesh.kit.memory_budget import RETURN_MEMORY_AFTER_BYTES, MemoryBudget
 
@@ -196,23 +196,88 @@ async def test_waiters_carry_at_most_max_carried_bytes_of_input_together() -> No
     assert (budget.carried, carried_on_metrics()) == (0, 0)
 
 
-async def test_a_budget_that_emptied_after_holding_many_megabytes_gives_the_free_memory_back_once(
-    monkeypatch: pytest.MonkeyPatch,
+IDLE = 0.05
+"""The idle delay the tests set (the service's is seconds)."""
+
+
+@pytest.fixture
+def returned(monkeypatch: pytest.MonkeyPatch) -> list[None]:
+    """The times the process gave its free memory back, with the idle delay shortened to IDLE."""
+    calls: list[None] = []
+    monkeypatch.setattr(memory, "return_free_memory_soon", lambda: calls.append(None))
+    monkeypatch.setattr(memory_budget, "IDLE_BEFORE_RETURN_SECONDS", IDLE)
+    return calls
+
+
+async def test_a_budget_that_emptied_after_holding_many_megabytes_gives_the_free_memory_back_once_idle(
+    returned: list[None],
 ) -> None:
     """The decoders' buffers of the images it held were freed into malloc's heaps, which glibc keeps: once the
-    last hold is given back after RETURN_MEMORY_AFTER_BYTES or more were held at once, the process returns its
-    free memory (once, not while a hold remains, and not after a budget that only ever held a little)."""
-    returned: list[None] = []
-    monkeypatch.setattr(memory, "return_free_memory_soon", lambda: returned.append(None))
+    last hold is given back after RETURN_MEMORY_AFTER_BYTES or more were held at once and the budget then stays
+    empty for IDLE_BEFORE_RETURN_SECONDS, the process returns its free memory, once (not at the release itself,
+    whose trim would stall the next request's allocations, not while a hold remains, and not after a budget
+    that only ever held a little)."""
     large = RETURN_MEMORY_AFTER_BYTES
     budget = MemoryBudget(4 * large, name="budget")
     first = await budget.acquire(large // 2, what="a")
     second = await budget.acquire(large // 2, what="b")
     first.release()
+    await asyncio.sleep(3 * IDLE)
     assert not returned  # the second image is still held
     second.release()
+    await asyncio.sleep(0)
+    assert not returned  # not yet idle for long
+    await asyncio.sleep(3 * IDLE)
     assert len(returned) == 1
+    await asyncio.sleep(3 * IDLE)
+    assert len(returned) == 1  # once per emptying
     (await budget.acquire(large // 4, what="c")).release()
+    await asyncio.sleep(3 * IDLE)
     assert len(returned) == 1  # a small image alone leaves the heap for the next one
     (await budget.acquire(large, what="d")).release()
+    await asyncio.sleep(3 * IDLE)
     assert len(returned) == 2
+
+
+async def test_a_hold_taken_before_the_idle_delay_passes_means_no_memory_is_given_back_then(
+    returned: list[None],
+) -> None:
+    """The next request arriving soon after a large one reuses its freed buffers: its hold cancels the pending
+    return, which waits until the budget is empty and idle again (the large peak is not forgotten)."""
+    large = RETURN_MEMORY_AFTER_BYTES
+    budget = MemoryBudget(4 * large, name="budget")
+    (await budget.acquire(large, what="a")).release()
+    next_one = await budget.acquire(large // 4, what="b")
+    await asyncio.sleep(3 * IDLE)
+    assert not returned
+    next_one.release()
+    await asyncio.sleep(3 * IDLE)
+    assert len(returned) == 1
+
+
+async def test_a_stream_of_requests_one_at_a_time_gives_no_memory_back_until_it_stops(
+    returned: list[None],
+) -> None:
+    """Under continuous load the budget empties between every two requests, yet nothing is given back then (the
+    trim would stall each next request's allocations; the freed buffers serve the next images anyway): only
+    once the stream stops and the budget has stayed idle."""
+    large = RETURN_MEMORY_AFTER_BYTES
+    budget = MemoryBudget(4 * large, name="budget")
+    started = time.monotonic()
+    while time.monotonic() - started < 4 * IDLE:
+        hold = await budget.acquire(large, what="image")
+        await asyncio.sleep(IDLE / 5)
+        hold.release()
+        await asyncio.sleep(0)  # the next request arrives a turn of the loop later
+    assert not returned
+    await asyncio.sleep(3 * IDLE)
+    assert len(returned) == 1
+
+
+def test_a_hold_released_with_no_event_loop_running_is_given_back_without_error(returned: list[None]) -> None:
+    """A release at shutdown, after the loop has stopped, finds no loop to wait for idleness on: the bytes are
+    still given back, and no memory is returned (nobody is left to need it)."""
+    budget = MemoryBudget(2 * RETURN_MEMORY_AFTER_BYTES, name="budget")
+    hold = asyncio.run(budget.acquire(RETURN_MEMORY_AFTER_BYTES, what="a"))
+    hold.release()
+    assert (budget.held, budget.holds, returned) == (0, 0, [])

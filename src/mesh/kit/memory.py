@@ -25,8 +25,8 @@ two arenas, free memory given back     1.9 / 0.35 GB   2.1 / 0.19 GB   2.1 / 0.4
 (peak / kept). Under glibc's defaults 30-odd arena heaps held 1.6 GB of the 1.8 GB kept, and a reviewer saw
 3.2 GB peak and 2.6-2.9 GB kept after about 1500 requests; with the fix the peak is reached in the first rounds
 and no longer grows. Two arenas alone still keep what was freed inside their heaps (glibc gives back only a
-heap's free top, and only above the trim threshold), hence the trim when a memory budget empties
-(:mod:`mesh.kit.memory_budget`). The image processing service, same
+heap's free top, and only above the trim threshold), hence the trim once a memory budget has emptied and stayed
+empty for a while (:mod:`mesh.kit.memory_budget`). The image processing service, same
 images to JPEG: 1.5-1.6 GB peak and 0.47 GB kept before, 1.5 GB and 0.19 GB after.
 """
 
@@ -83,8 +83,9 @@ def limit_arenas(arenas: int = MALLOC_ARENAS) -> bool:
 
 def return_free_memory() -> bool:
     """Give the free pages of every arena back to the system (glibc's ``malloc_trim(0)``), wherever they lie
-    in its heaps; False where there is no such call. It takes each arena's lock in turn: about 150 ms after a
-    burst of large images, so not on the event loop."""
+    in its heaps; False where there is no such call. It holds each arena's lock while it trims that arena: about
+    150-200 ms for the main one after a burst of large images (1 GiB freed), during which every allocation from
+    that arena waits, the event loop's included. Call it only when the process is idle."""
     trim = getattr(linux_libc(), "malloc_trim", None)
     if trim is None:
         return False
@@ -95,7 +96,9 @@ def return_free_memory() -> bool:
 
 
 def return_free_memory_soon() -> None:
-    """:func:`return_free_memory` in a thread of its own, unless one is at it already."""
+    """:func:`return_free_memory` in a thread of its own, unless one is at it already. The thread spares the
+    caller the call itself, not the stall: allocations on the event loop still wait for the arena locks the trim
+    holds, so call it only when idle (as :class:`mesh.kit.memory_budget.MemoryBudget` does)."""
     if not _returning.acquire(blocking=False):
         return
     try:

@@ -16,9 +16,13 @@ Each budget shows on ``/metrics`` by its ``label``: its limit, the bytes held an
 scrape time (nothing is counted on the request path). Requests waiting for long mean the budget, not the CPU
 or the GPU, bounds the service's throughput.
 
-When a budget empties after holding ``RETURN_MEMORY_AFTER_BYTES`` or more at once, the process gives its free
-memory back to the system (:func:`mesh.kit.memory.return_free_memory_soon`): the decoders' buffers for those
-images were freed into malloc's heaps, which glibc would otherwise keep (see :mod:`mesh.kit.memory`).
+When a budget that held ``RETURN_MEMORY_AFTER_BYTES`` or more at once empties and then stays empty for
+``IDLE_BEFORE_RETURN_SECONDS``, the process gives its free memory back to the system
+(:func:`mesh.kit.memory.return_free_memory_soon`): the decoders' buffers for those images were freed into malloc's
+heaps, which glibc would otherwise keep (see :mod:`mesh.kit.memory`). Not at once: the trim holds each arena's
+lock while it works, stalling every allocation meanwhile, the event loop's included (up to about 200 ms after
+1 GiB was freed), so it waits for the process to be idle. Under continuous load it never runs, and need not: the
+next images reuse the freed buffers, and the peak does not grow.
 """
 
 from __future__ import annotations
@@ -51,8 +55,14 @@ SHED_RETRY_SECONDS = 0.5
 """The retry delay a request shed by a busy budget is told to wait."""
 
 RETURN_MEMORY_AFTER_BYTES = 64 * 1024 * 1024
-"""A budget that held this much at once gives the process's free memory back when it empties: less is not
+"""A budget that held this much at once gives the process's free memory back once it has emptied and stayed idle: less is not
 worth the page faults of taking it again (a few 1080p photos at a time keep their buffers for the next)."""
+
+IDLE_BEFORE_RETURN_SECONDS = 2.0
+"""How long such a budget stays empty before the process gives its free memory back. The trim stalls allocations
+for up to about 200 ms, which must not land on a request: a client sending one image at a time leaves the budget
+empty for milliseconds between two (its round trip), far below this, while a budget empty for seconds serves
+nobody. Memory kept meanwhile is at most the peak the process has just held anyway."""
 
 
 class MemoryHold:
@@ -76,7 +86,8 @@ class MemoryHold:
 
 class MemoryBudget:
     """``limit`` bytes that requests hold at once, granted in arrival order (a large request is not passed over
-    by small ones for ever). Used from the event loop only."""
+    by small ones for ever). Used from the event loop only: work in other threads releases its holds through
+    ``loop.call_soon_threadsafe``."""
 
     def __init__(
         self, limit: int, *, name: str, label: str | None = None, max_carried: int | None = None
@@ -92,7 +103,9 @@ class MemoryBudget:
         self.holds = 0
         """Holds granted and not given back yet."""
         self._peak = 0
-        """The most bytes held at once since the budget last emptied and gave memory back."""
+        """The most bytes held at once since the budget last gave memory back."""
+        self._idle_timer: asyncio.TimerHandle | None = None
+        """The pending return of free memory, once the budget has been empty for long enough."""
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
         self.label = name if label is None else label
         """The ``budget`` label of its metrics (a later budget of the same label takes its series over)."""
@@ -185,14 +198,30 @@ class MemoryBudget:
         self.held += size
         self.holds += 1
         self._peak = max(self._peak, self.held)
+        if self._idle_timer is not None:  # not idle after all: the next request reuses the freed buffers
+            self._idle_timer.cancel()
+            self._idle_timer = None
 
     def _give_back(self, size: int) -> None:
         self.held -= size
         self.holds -= 1
         self._grant()
         if self.holds == 0 and self._peak >= RETURN_MEMORY_AFTER_BYTES:
-            self._peak = 0
-            memory.return_free_memory_soon()
+            self._return_memory_when_idle()
+
+    def _return_memory_when_idle(self) -> None:
+        if self._idle_timer is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # released with no loop running (shutdown): no request left to serve either
+            return
+        self._idle_timer = loop.call_later(IDLE_BEFORE_RETURN_SECONDS, self._return_memory)
+
+    def _return_memory(self) -> None:
+        self._idle_timer = None
+        self._peak = 0
+        memory.return_free_memory_soon()
 
     def _grant(self) -> None:
         while self._waiters:
