@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from mesh.kit.errors import DeadlineExceeded, PayloadTooLarge, ResourceExhausted, Unavailable
-from mesh.services.inference.batching import DynamicBatcher, ModelMemory, ModelScheduler
+from mesh.services.inference.batching import DynamicBatcher, ModelMemory, ModelScheduler, NotQueued
 
 
 class Recorder:
@@ -347,3 +347,29 @@ async def test_a_batch_keeps_its_images_memory_until_it_is_done() -> None:
     assert scheduler.memory.held == 0
     assert await request(2) == 2
     await scheduler.close()
+
+
+async def test_refusals_before_the_queue_are_marked_not_queued(executor: ThreadPoolExecutor) -> None:
+    """A deadline already past, a closed batcher and a full queue refuse the item before it is queued, with
+    their usual codes, marked NotQueued (so the predictor leaves them out of queued_count); an item that
+    waited in the queue and expired there is not marked."""
+    recorder = Recorder()
+    batcher = _batcher(recorder, executor, size=1, delay=0, queue=1)
+    with pytest.raises(DeadlineExceeded) as expired:
+        await batcher.submit(1, deadline=time.monotonic() - 1)
+    recorder.gate.clear()
+    computing = asyncio.ensure_future(batcher.submit(2))
+    await asyncio.sleep(0.05)
+    with pytest.raises(DeadlineExceeded) as waited:
+        await batcher.submit(3, deadline=time.monotonic() + 0.05)
+    queued = asyncio.ensure_future(batcher.submit(4))
+    await asyncio.sleep(0.01)
+    with pytest.raises(ResourceExhausted) as full:
+        await batcher.submit(5)
+    recorder.gate.set()
+    await asyncio.gather(computing, queued)
+    await batcher.close()
+    with pytest.raises(Unavailable) as closed:
+        await batcher.submit(6)
+    assert [isinstance(info.value, NotQueued) for info in (expired, full, closed)] == [True, True, True]
+    assert not isinstance(waited.value, NotQueued)

@@ -24,7 +24,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from mesh.kit import errors
-from mesh.kit.interceptors import RESPONSE_UNARY, ended_code, rewrapped
+from mesh.kit.interceptors import RESPONSE_UNARY, CallClock, rewrapped
 
 SERVER_FAULTS = frozenset(
     {
@@ -78,13 +78,14 @@ class ServerSpans(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
 def _unary(behavior: Any, method: str) -> Any:
     async def traced(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        clock = CallClock.start(context)
         with _server_span(method, context) as span:
             try:
                 response = await behavior(request, context)
             except BaseException as error:
-                _end(span, context, error)
+                _end(span, context, clock, error)
                 raise
-            _end(span, context, None)
+            _end(span, context, clock, None)
             return response
 
     return traced
@@ -92,14 +93,15 @@ def _unary(behavior: Any, method: str) -> Any:
 
 def _stream(behavior: Any, method: str) -> Any:
     async def traced(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        clock = CallClock.start(context)
         with _server_span(method, context) as span:
             try:
                 async for response in behavior(request, context):
                     yield response
             except BaseException as error:
-                _end(span, context, error)
+                _end(span, context, clock, error)
                 raise
-            _end(span, context, None)
+            _end(span, context, clock, None)
 
     return traced
 
@@ -134,7 +136,12 @@ def _peer(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
     return {"net.peer.ip": unquote(ip), "net.peer.port": port}
 
 
-def _end(span: trace.Span, context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> None:
+def _end(
+    span: trace.Span,
+    context: grpc.aio.ServicerContext[Any, Any],
+    clock: CallClock,
+    error: BaseException | None,
+) -> None:
     """Record the status the call ends with: the one the handler (or the kit's interceptor) set or aborted
     with; else OK, UNKNOWN for an exception that escaped (gRPC answers it so) or how a cancelled call ended."""
     code = context.code()
@@ -146,6 +153,6 @@ def _end(span: trace.Span, context: grpc.aio.ServicerContext[Any, Any], error: B
             code, message = grpc.StatusCode.UNKNOWN, f"{type(error).__name__}: {error}"
             span.record_exception(error)
         else:
-            code = ended_code(context)
+            code = clock.ended_code()
     span.set_attribute("rpc.grpc.status_code", code.value[0])
     record_outcome(span, code, message)

@@ -48,9 +48,9 @@ DESCRIPTION = """REST and JSON in front of the image analysis mesh's gRPC servic
 
 Errors are `{"error": {"code", "message", "details"}}` with the gRPC status code name in `code`.
 Every response carries the W3C `traceparent` of its trace; a prediction takes an `X-Request-Id` and returns it
-(or the one it was given) on every answer. Authentication (when turned on) is an
-`X-API-Key` header or a JWT bearer token; rate-limited routes send `RateLimit-Limit`,
-`RateLimit-Remaining` and `RateLimit-Reset`, and a 429 carries `Retry-After`.
+(or the one it was given) on its answers, all but a 400 refusing that header and a 413 refused by
+Content-Length. Authentication (when turned on) is an `X-API-Key` header or a JWT bearer token; rate-limited
+routes send `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`, and a 429 carries `Retry-After`.
 """
 
 

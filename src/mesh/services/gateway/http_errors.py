@@ -47,10 +47,27 @@ _CODES_BY_HTTP = {
 
 def add_error_metadata(scope: Scope, metadata: Mapping[str, str]) -> None:
     """Have every error answer of this request carry ``metadata`` in its ErrorInfo (a prediction's request id),
-    whatever raised it: the route, a dependency, request validation or a service behind the gateway. What the
-    error says itself under the same key is kept."""
+    whatever gave it once this was asked: the route, a dependency, request validation, a service behind the
+    gateway, a bug (the safety net's 500) or a body limit while the body is read (all answer through
+    :func:`answer`). What the error says itself under the same key is kept."""
     state: MutableMapping[str, Any] = scope.setdefault("state", {})
     state.setdefault(ERROR_METADATA_KEY, {}).update(metadata)
+
+
+def answer(
+    scope: Scope,
+    error: errors.MeshError,
+    *,
+    status: int | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    """:func:`error_response` for an error met while serving the request of ``scope``, with the ErrorInfo
+    metadata that :func:`add_error_metadata` asked for it: the one way every error answer is made, whether an
+    exception handler, the safety net's 500 or a body limit's refusal gives it."""
+    extra: Mapping[str, str] = scope.get("state", {}).get(ERROR_METADATA_KEY, {})
+    for key, value in extra.items():
+        error.metadata.setdefault(key, value)
+    return error_response(error, status=status, headers=headers)
 
 
 def _answer(
@@ -60,12 +77,7 @@ def _answer(
     status: int | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    """:func:`error_response` for an error raised while serving ``request``, with the ErrorInfo metadata that
-    :func:`add_error_metadata` asked for it."""
-    extra: Mapping[str, str] = request.scope.get("state", {}).get(ERROR_METADATA_KEY, {})
-    for key, value in extra.items():
-        error.metadata.setdefault(key, value)
-    return error_response(error, status=status, headers=headers)
+    return answer(request.scope, error, status=status, headers=headers)
 
 
 def error_response(
@@ -193,10 +205,11 @@ def _route_methods(route: BaseRoute, scope: Mapping[str, Any]) -> list[str]:
     return [method for method in _METHODS if route.matches({**scope, "method": method})[0] == Match.FULL]
 
 
-def internal_error_response(exc: BaseException) -> JSONResponse:
-    """The 500 for an unexpected exception (logged with its stack; the body says nothing internal)."""
+def internal_error_response(exc: BaseException, scope: Scope) -> JSONResponse:
+    """The 500 for an unexpected exception met serving the request of ``scope`` (logged with its stack; the
+    body says nothing internal), with the ErrorInfo metadata asked for the request (:func:`answer`)."""
     log.error("unhandled error", exc_info=exc)
-    return error_response(errors.Internal("internal error"))
+    return answer(scope, errors.Internal("internal error"))
 
 
 async def _on_client_disconnect(_: Request, exc: Exception) -> Response:

@@ -24,7 +24,7 @@ from mesh.kit import errors, tracing
 from mesh.kit.logging import get_logger
 from mesh.kit.units import binary_size
 from mesh.services.gateway import metrics
-from mesh.services.gateway.http_errors import CLIENT_CLOSED_REQUEST, error_response, internal_error_response
+from mesh.services.gateway.http_errors import CLIENT_CLOSED_REQUEST, answer, internal_error_response
 
 _tracer = tracing.tracer(__name__)
 log = get_logger("mesh.services.gateway.access")
@@ -373,7 +373,7 @@ class SafetyNet(HttpMiddleware):
             if response_started:
                 raise
             trace.get_current_span().record_exception(exc)
-            await internal_error_response(exc)(scope, receive, send)
+            await internal_error_response(exc, scope)(scope, receive, send)
 
 
 MAX_JSON_VALUES = 20_000
@@ -431,7 +431,8 @@ class BodyLimit(HttpMiddleware):
         )
         for key, value in scope["headers"]:
             if key == b"content-length" and value.isdigit() and int(value) > limit:
-                await error_response(too_large)(scope, receive, send)
+                # Before the route runs: nothing asked this answer to carry metadata (a prediction's id) yet.
+                await answer(scope, too_large)(scope, receive, send)
                 return
         # n commas separate n + 1 values (or more, as a one-value array has none).
         commas_left = MAX_JSON_VALUES - 1 if is_json(scope) else None
@@ -471,7 +472,8 @@ class BodyLimit(HttpMiddleware):
             if refusal is None:
                 raise
         if refusal is not None and not sent_start:
-            await error_response(refusal)(scope, receive, send)
+            # With the ErrorInfo metadata the route asked for before it read the body (a prediction's id).
+            await answer(scope, refusal)(scope, receive, send)
 
 
 def too_many_values() -> errors.InvalidArgument:

@@ -1,11 +1,17 @@
 """A prediction's ``X-Request-Id``: the client's, checked here so that a bad one is named as the header the client
 sent, or one the gateway makes up. It travels to the inference service as the PredictRequest's ``request_id``
-and comes back on every answer of the route, success or error: in the ``X-Request-Id`` header and, in an error's
-body, in its ErrorInfo metadata (``request_id``, as the inference service names it in its own errors)."""
+and comes back on the route's answers, success or error: in the ``X-Request-Id`` header and, in an error's
+body, in its ErrorInfo metadata (``request_id``, as the inference service names it in its own errors).
+
+Every answer given once the route has started carries it (a 401 or 429, a bad body or query, a body found too
+large while it is read, the safety net's 500). Two answers do not, as no id is taken for them: the 400 that
+refuses the header itself (a bad value, or the header sent more than once), and the 413 that
+``middleware.BodyLimit`` gives by Content-Length before the route runs (nothing of the request is read then)."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -27,8 +33,9 @@ OPENAPI_PARAMETER: dict[str, Any] = {
     "in": "header",
     "required": False,
     "description": f"The request's id (printable ASCII, at most {MAX_REQUEST_ID_CHARS} characters); the "
-    "gateway makes one up when it is absent. Sent to the model as the prediction's request_id and returned in "
-    "the X-Request-Id header of every answer and in an error's ErrorInfo metadata (request_id).",
+    "gateway makes one up when it is absent; send it once. Sent to the model as the prediction's request_id "
+    "and returned in the X-Request-Id header of the answer and in an error's ErrorInfo metadata (request_id), "
+    "except on a 400 that refuses this header and on a 413 refused by Content-Length before the body is read.",
     "schema": {"type": "string", "maxLength": MAX_REQUEST_ID_CHARS},
 }
 RESPONSE_HEADER: dict[str, Any] = {
@@ -37,6 +44,24 @@ RESPONSE_HEADER: dict[str, Any] = {
         "schema": {"type": "string"},
     }
 }
+ERROR_RESPONSE_HEADER: dict[str, Any] = {
+    HEADER: {
+        "description": "The request's id (the one sent, or the one made up), also in the ErrorInfo metadata "
+        "(request_id); absent from a 400 refusing this header and from a 413 refused by Content-Length.",
+        "schema": {"type": "string"},
+    }
+}
+
+
+def with_request_id_header(
+    responses: Mapping[int | str, dict[str, object]],
+) -> dict[int | str, dict[str, object]]:
+    """``responses`` (a route's OpenAPI answers) with the X-Request-Id header declared on each: the 200's
+    (``RESPONSE_HEADER``) where 200 is listed, the errors' (``ERROR_RESPONSE_HEADER``) on the rest."""
+    return {
+        code: {**spec, "headers": RESPONSE_HEADER if code in (200, "200") else ERROR_RESPONSE_HEADER}
+        for code, spec in responses.items()
+    }
 
 
 def _problem(value: str) -> str | None:
@@ -48,10 +73,23 @@ def _problem(value: str) -> str | None:
     return problem
 
 
+def _given(request: Request) -> str:
+    """The client's id ("" when it sent none); INVALID_ARGUMENT naming the header when it sent several, of
+    which taking the first without a word would return an id the client may not be looking for."""
+    given = request.headers.getlist(HEADER)
+    if len(given) > 1:
+        problem = f"is sent {len(given)} times; send one {HEADER}"
+        raise errors.InvalidArgument(
+            f"the {HEADER} header {problem}", field_violations=[errors.FieldViolation(FIELD, problem)]
+        )
+    return given[0] if given else ""
+
+
 async def request_id(request: Request) -> str:
-    """The request's id (the header's, else a new UUID), set to come back on its every answer; INVALID_ARGUMENT
-    naming the header when the client's is not printable ASCII of at most ``MAX_REQUEST_ID_CHARS``."""
-    given = request.headers.get(HEADER, "")
+    """The request's id (the header's, else a new UUID), set to come back on its answers (see the module's
+    words for the two that cannot); INVALID_ARGUMENT naming the header when the client's is not printable ASCII
+    of at most ``MAX_REQUEST_ID_CHARS``, or was sent more than once."""
+    given = _given(request)
     problem = _problem(given)
     if problem:
         raise errors.InvalidArgument(

@@ -73,9 +73,26 @@ class BatchObserver(Protocol):
         ...
 
 
-def queue_full(name: str, size: int) -> ResourceExhausted:
+class NotQueued(Exception):
+    """Marks a scheduler's refusal of a request before it entered the batch queue (a full queue, a deadline
+    already past, a closing batcher): it never waited there, so the queue's statistics leave it out."""
+
+
+class QueueFull(ResourceExhausted, NotQueued):
+    """The queue holds as many requests as it may."""
+
+
+class ExpiredBeforeQueue(DeadlineExceeded, NotQueued):
+    """The request's deadline passed before it could be queued."""
+
+
+class Closing(Unavailable, NotQueued):
+    """The batcher is shutting down and takes no more requests."""
+
+
+def queue_full(name: str, size: int) -> QueueFull:
     """The refusal of a request that finds ``size`` requests queued already: one wording for every bound."""
-    return ResourceExhausted(f"{name}: {size} requests are queued already", retry_after_seconds=0.1)
+    return QueueFull(f"{name}: {size} requests are queued already", retry_after_seconds=0.1)
 
 
 def _mib(size: int) -> str:
@@ -180,15 +197,16 @@ class DynamicBatcher(Generic[ItemT, OutputT]):
         """Queue ``item`` and wait for its output; ``deadline`` is a ``time.monotonic()`` instant.
 
         Raises DeadlineExceeded when the deadline passes first, ResourceExhausted when the queue is full,
-        Unavailable when the batcher is closing, and whatever the batch function raised for this item.
+        Unavailable when the batcher is closing, and whatever the batch function raised for this item; a
+        refusal before the item was queued is also a :class:`NotQueued`.
         Cancelling the caller drops the item if it has not started computing. ``hold``, the memory the item
         holds, is shared by the batch that computes it until that batch is done.
         """
         if self._closed:
-            raise Unavailable(f"{self._name} is shutting down")
+            raise Closing(f"{self._name} is shutting down")
         now = time.monotonic()
         if deadline is not None and deadline <= now:
-            raise DeadlineExceeded("deadline exceeded before the request was queued")
+            raise ExpiredBeforeQueue("deadline exceeded before the request was queued")
         if len(self._queue) >= self._max_queue:
             self.sweep(now)
             if len(self._queue) >= self._max_queue:

@@ -23,18 +23,17 @@ from mesh.kit.errors import (
     InvalidArgument,
     InvalidData,
     MeshError,
-    ResourceExhausted,
     Unavailable,
 )
 from mesh.kit.image_bytes import check_declared_format
 from mesh.kit.image_header import read_header
-from mesh.kit.interceptors import DEADLINE_SLACK_SECONDS
+from mesh.kit.interceptors import cancelled_code
 from mesh.kit.jobs import JobInterrupted
 from mesh.kit.logging import get_logger
 from mesh.kit.raw_pixels import CHANNELS
 from mesh.kit.tracing import internal_span, tracer
 from mesh.services.file.ids import parse_image_id
-from mesh.services.inference.batching import BatchResult
+from mesh.services.inference.batching import BatchResult, NotQueued
 from mesh.services.inference.images import ImageDecoder, ImageFetcher, Pixels
 from mesh.services.inference.models import Operation
 from mesh.services.inference.parameters import resolve_parameters
@@ -64,27 +63,6 @@ def assign_request_id(request: pb.PredictRequest) -> str:
     if not request.request_id:
         request.request_id = uuid.uuid4().hex
     return request.request_id
-
-
-DEADLINE_SLACK_FRACTION = 0.1
-"""The share of a call's time, at its end, in which a cancellation counts as its deadline (at least
-``DEADLINE_SLACK_SECONDS``, the interceptor's, so that statistics never say CANCELLED where the call's own status
-says DEADLINE_EXCEEDED). The server's deadline starts when the call's headers arrive, later than the client's;
-the cancel that the client's expiry sends therefore lands while the server still sees time left, the more so
-the busier it is (headers wait behind other calls' frames and the loop). A client rarely gives up by hand in the
-last tenth of the time it gave itself: there, its deadline is by far the likelier cause. The call's time is
-what it had left when the prediction began: under load that is less than the client gave it (64 calls of
-0.3 s at once, 1080p JPEGs, 2 cores: 0 to 0.22 s left at the start), which the floor covers."""
-
-
-def cancelled_reason(deadline: float | None, arrived: float, now: float) -> str:
-    """The status name statistics count for a call cancelled at ``now`` that arrived at ``arrived`` with
-    ``deadline`` (``time.monotonic()`` instants): DEADLINE_EXCEEDED when it had no more than its slack left,
-    CANCELLED otherwise (or with no deadline)."""
-    if deadline is None:
-        return "CANCELLED"
-    slack = max(DEADLINE_SLACK_SECONDS, DEADLINE_SLACK_FRACTION * (deadline - arrived))
-    return "DEADLINE_EXCEEDED" if deadline - now <= slack else "CANCELLED"
 
 
 # A raw frame is copied (8-bit) or narrowed (16-bit) before a model sees it. Narrowing an 80 MB 16-bit frame on
@@ -146,9 +124,9 @@ class Predictor:
                 raise
             except (asyncio.CancelledError, JobInterrupted):
                 # gRPC cancels the handler when the client's deadline passes, racing our own deadline check:
-                # a cancellation at (or just before, see DEADLINE_SLACK_FRACTION) the deadline is counted as
-                # the deadline it is.
-                version.stats.request_failed(cancelled_reason(deadline, arrived, time.monotonic()))
+                # a cancellation at (or just before) the deadline is counted as the deadline it is, by the rule
+                # the call's own status follows (grpc_server_handled_total, the access log).
+                version.stats.request_failed(cancelled_code(deadline, arrived, time.monotonic()).name)
                 raise
             except Exception as exc:
                 version.stats.request_failed("INTERNAL")
@@ -268,12 +246,12 @@ class Predictor:
 
 async def _queued(version: ModelVersion, submitted: Awaitable[BatchResult[object]]) -> BatchResult[object]:
     """``submitted``'s result, its wait counted in ``version``'s queue time: until its batch started, or, where
-    it got no output (expired, cancelled, failed), until then; a request the scheduler refused at once (a full
-    queue) never waited in it."""
+    it got no output (expired, cancelled, failed), until then; a request the scheduler refused before queueing
+    it (a full queue, a deadline already past, a scheduler shutting down) never waited there and is left out."""
     entered = time.monotonic()
     try:
         result = await submitted
-    except ResourceExhausted:
+    except NotQueued:
         raise
     except BaseException:
         version.stats.request_dequeued(time.monotonic() - entered)

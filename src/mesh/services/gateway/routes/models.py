@@ -14,7 +14,7 @@ from mesh.services.gateway.backends import rpc
 from mesh.services.gateway.bodies import json_request_body, media_type, parse_json
 from mesh.services.gateway.context import Caller, Context
 from mesh.services.gateway.image_input import serialize_with_image
-from mesh.services.gateway.request_ids import OPENAPI_PARAMETER, RESPONSE_HEADER, RequestId
+from mesh.services.gateway.request_ids import OPENAPI_PARAMETER, RequestId, with_request_id_header
 from mesh.services.gateway.routes.images import ACCEPTED_TYPES, ERRORS
 from mesh.services.gateway.spans import annotate
 
@@ -53,7 +53,7 @@ async def _predict_input(request: Request) -> schemas.PredictIn | list[bytes]:
 @router.post(
     "/{name}:predict",
     response_model=schemas.PredictionOut,
-    responses={**ERRORS, 200: {"headers": RESPONSE_HEADER}},
+    responses=with_request_id_header({**ERRORS, 200: {}}),
     openapi_extra=PREDICT_BODY,
     summary="Run a prediction",
 )
@@ -74,8 +74,9 @@ async def predict(
     precheck_only: Annotated[bool, Query(description="Only the fast quality pre-check.")] = False,
 ) -> schemas.PredictionOut:
     """Run the model on a stored (``image_id``) or inline (``image``, base64) image, or on raw image bytes. The
-    request's id (``X-Request-Id``, or one made up) comes back in that header of every answer, and in an error's
-    ErrorInfo metadata."""
+    request's id (``X-Request-Id``, or one made up) comes back in that header and in an error's ErrorInfo
+    metadata; not on a 400 refusing that header, nor on a 413 refused by Content-Length before the body is
+    read."""
     given = await _predict_input(request)
     message = inference_pb.PredictRequest(model_name=name, request_id=request_id)
     if isinstance(given, list):
