@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +44,38 @@ async def probe_service(settings):
     yield Runtime()
 
 run_service("probe", ServerSettings, probe_service)
+"""
+
+# Limits the arenas as a service does, then spawns a child (a new interpreter, as the inference workers are) in
+# which eight threads allocate at once; the child's malloc_stats() lists its arenas on stderr.
+SPAWNED_CHILD = """
+import ctypes, multiprocessing, threading
+from mesh.kit.memory import limit_arenas
+
+def child():
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    together = threading.Barrier(8)
+
+    def allocate():
+        block = libc.malloc(1 << 20)
+        together.wait()
+        libc.free(block)
+
+    threads = [threading.Thread(target=allocate) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    libc.malloc_stats()
+
+if __name__ == "__main__":
+    assert limit_arenas()
+    process = multiprocessing.get_context("spawn").Process(target=child)
+    process.start()
+    process.join()
+    assert process.exitcode == 0
 """
 
 # Frees 96 MiB of 1 MiB blocks allocated in a thread (an arena's heaps, as a decode thread's buffers), keeping
@@ -101,6 +134,21 @@ def test_every_service_process_has_at_most_two_malloc_arenas_however_many_thread
     thread freed (the inference service's RSS grew past 3 GiB under large images)."""
     done = subprocess.run(
         [sys.executable, "-c", ARENAS_SERVICE], env=_clean_env(), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    arenas = [line for line in done.stderr.splitlines() if line.startswith("Arena ")]
+    assert 1 <= len(arenas) <= MALLOC_ARENAS, done.stderr
+
+
+@pytest.mark.skipif(not GLIBC, reason="malloc arenas are glibc's")
+def test_a_process_spawned_by_a_service_has_at_most_two_malloc_arenas_too(tmp_path: Path) -> None:
+    """The limit reaches spawned children (the inference service's worker processes): mallopt's does not outlive
+    the program, so the limit travels in the environment; without it the child's eight threads had eight
+    arenas."""
+    script = tmp_path / "spawn_child.py"
+    script.write_text(SPAWNED_CHILD)
+    done = subprocess.run(
+        [sys.executable, str(script)], env=_clean_env(), capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
     arenas = [line for line in done.stderr.splitlines() if line.startswith("Arena ")]

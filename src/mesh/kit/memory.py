@@ -72,13 +72,20 @@ def tune_allocator(mmap_threshold: int = 256 * 1024 * 1024, trim_threshold: int 
 
 
 def limit_arenas(arenas: int = MALLOC_ARENAS) -> bool:
-    """At most ``arenas`` glibc malloc arenas in this process; call it before the process starts threads (arenas
-    made already stay). False where it is not applied: not glibc, or the environment chose a number already
-    (``MALLOC_ARENA_MAX``, or ``glibc.malloc.arena_max`` in ``GLIBC_TUNABLES``), which then stands."""
+    """At most ``arenas`` glibc malloc arenas in this process and in the processes it spawns; call it before the
+    process starts threads (arenas made already stay). False where it is not applied: not glibc, or the
+    environment chose a number already (``MALLOC_ARENA_MAX``, or ``glibc.malloc.arena_max`` in
+    ``GLIBC_TUNABLES``), which then stands, here and in the children alike.
+
+    The limit also goes into the environment: ``mallopt`` does not outlive the program, and the inference
+    service's workers are spawned (a new interpreter), each with OpenCV's threads allocating beside its own."""
     if "MALLOC_ARENA_MAX" in os.environ or "glibc.malloc.arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     mallopt = _mallopt()
-    return mallopt is not None and bool(mallopt(M_ARENA_MAX, arenas))
+    if mallopt is None or not mallopt(M_ARENA_MAX, arenas):
+        return False
+    os.environ["MALLOC_ARENA_MAX"] = str(arenas)
+    return True
 
 
 def return_free_memory() -> bool:
