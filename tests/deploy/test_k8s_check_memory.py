@@ -134,7 +134,7 @@ def test_memory_quantities_are_read_as_kubernetes_does(quantity: object, expecte
 
 
 INFERENCE_VERSION_TERMS = (
-    "model strip-reader version {version} with max_image_memory_mb 256: 6 times it (1.5 GiB: 5.5 for the images "
+    "model strip-reader version {version} with max_image_memory_mb 256: 8 times it (2.0 GiB: 7.5 for the images "
     "in progress (the decoder's buffers, the pixels, a batch's copy shared with a worker) and 0.5 for the inputs "
     "of the requests waiting for it) and {workers} worker processes (instance_count auto: one per CPU of the "
     "limit {cpus}, at most 8) of {each} each (160.0 MiB for the process and its copy of the model, 1.75 times its "
@@ -160,41 +160,41 @@ def _models_copy(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("overlay", ["dev", "prod-gpu"])
 def test_committed_inference_limits_hold_the_shipped_models(overlay: str) -> None:
-    """The inference pods' limits hold the strip reader's 256 MiB budget 6 times (1.5 GiB) with its workers:
-    dev's 3 GiB holds 2 (one per CPU of its limit, 576 MiB each; 2935 MiB in all), prod-gpu's 8 GiB holds 8
-    (with their pinned buffers, 640 MiB each; 6903 MiB in all)."""
+    """The inference pods' limits hold the strip reader's 256 MiB budget 8 times (2.0 GiB) with its workers:
+    dev's 3.5 GiB holds 2 (one per CPU of its limit, 576 MiB each; 3447 MiB in all), prod-gpu's 8 GiB holds 8
+    (with their pinned buffers, 640 MiB each; 7415 MiB in all)."""
     assert _inference_limits(render(K8S / "overlays" / overlay), gpu=overlay == "prod-gpu") == []
 
 
 def test_inference_limit_below_its_models_is_caught(k8s_copy: Path) -> None:
-    """A 2 GiB limit for inference is below the 2.9 GiB that the shipped strip reader (version 1, 256 MiB of
+    """A 2 GiB limit for inference is below the 3.4 GiB that the shipped strip reader (version 1, 256 MiB of
     decoded images, two worker processes at the 2-CPU limit) lets the process hold: the message names the
     version, its max_image_memory_mb, the factor, each worker's share and the least limit."""
     path = k8s_copy / "base" / "inference.yaml"
     text = path.read_text()
-    assert text.count("memory: 3Gi") == 1
-    path.write_text(text.replace("memory: 3Gi", "memory: 2Gi"))
+    assert text.count("memory: 3584Mi") == 1
+    path.write_text(text.replace("memory: 3584Mi", "memory: 2Gi"))
     messages = [str(v) for v in check_directory(k8s_copy / "overlays" / "dev", kubernetes_version=VERSION)]
     assert messages == [
-        "Deployment/inference container inference: memory limit 2.0 GiB is below the 2.9 GiB that its models let "
+        "Deployment/inference container inference: memory limit 2.0 GiB is below the 3.4 GiB that its models let "
         f"the process hold: {INFERENCE_VERSION_TERMS.format(version=1, workers=2, cpus=2, each='576.1 MiB')}); "
-        f"{INFERENCE_FIXED_TERMS}; raise the limit to at least 2935Mi or lower max_image_memory_mb"
+        f"{INFERENCE_FIXED_TERMS}; raise the limit to at least 3447Mi or lower max_image_memory_mb"
     ]
 
 
 def test_each_model_version_counts_on_its_own(tmp_path: Path, dev: list[Manifest]) -> None:
-    """A second version of the strip reader brings its own budget and its own workers: 2 x (1.5 GiB + 2 x 576
-    MiB) and the fixed 246 MiB need 5623 MiB, beyond dev's 3 GiB; the message names both versions."""
+    """A second version of the strip reader brings its own budget and its own workers: 2 x (2.0 GiB + 2 x 576
+    MiB) and the fixed 246 MiB need 6647 MiB, beyond dev's 3.5 GiB; the message names both versions."""
     models = _models_copy(tmp_path)
     shutil.copytree(models / "strip-reader" / "1", models / "strip-reader" / "2")
     (message,) = _inference_limits(dev, models)
     for version in (1, 2):
         assert INFERENCE_VERSION_TERMS.format(version=version, workers=2, cpus=2, each="576.1 MiB") in message
-    assert message.endswith("raise the limit to at least 5623Mi or lower max_image_memory_mb")
+    assert message.endswith("raise the limit to at least 6647Mi or lower max_image_memory_mb")
 
 
 def test_a_larger_budget_in_a_models_config_is_caught(tmp_path: Path, dev: list[Manifest]) -> None:
-    """max_image_memory_mb 512 in the strip reader's config needs 3 GiB for the budget alone, beyond dev's
+    """max_image_memory_mb 512 in the strip reader's config needs 4 GiB for the budget alone, beyond dev's
     limit; its workers' largest image stays the decoder's largest (40 M pixels RGBA), not the budget."""
     models = _models_copy(tmp_path)
     config = models / "strip-reader" / "1" / "config.yaml"
@@ -202,7 +202,7 @@ def test_a_larger_budget_in_a_models_config_is_caught(tmp_path: Path, dev: list[
     assert text.count("max_image_memory_mb: 256") == 1
     config.write_text(text.replace("max_image_memory_mb: 256", "max_image_memory_mb: 512"))
     (message,) = _inference_limits(dev, models)
-    assert "model strip-reader version 1 with max_image_memory_mb 512: 6 times it (3.0 GiB" in message
+    assert "model strip-reader version 1 with max_image_memory_mb 512: 8 times it (4.0 GiB" in message
     assert "largest image of 152.6 MiB (MESH_MAX_IMAGE_PIXELS 40000000 (the default)" in message
     config.write_text(text.replace("max_image_memory_mb: 256", "max_image_memory_mb: 64"))
     assert _inference_limits(dev, models) == [], "a smaller budget needs less"
@@ -210,13 +210,13 @@ def test_a_larger_budget_in_a_models_config_is_caught(tmp_path: Path, dev: list[
 
 def test_auto_instances_follow_the_cpu_limit(dev: list[Manifest]) -> None:
     """``instance_count: auto`` starts a worker per CPU of the limit (rounded up, as the cgroup quota is), each
-    with its own copy of its memory: 4 CPUs need 4 workers (4087 MiB), beyond dev's 3 GiB; 1500m is 2, as
+    with its own copy of its memory: 4 CPUs need 4 workers (4599 MiB), beyond dev's 3.5 GiB; 1500m is 2, as
     committed; without a CPU limit the count is the most auto takes, 8."""
     limits = _container(dev, "inference")["resources"]["limits"]
     limits["cpu"] = "4"
     (message,) = _inference_limits(dev)
     assert INFERENCE_VERSION_TERMS.format(version=1, workers=4, cpus=4, each="576.1 MiB") in message
-    assert message.endswith("raise the limit to at least 4087Mi or lower max_image_memory_mb")
+    assert message.endswith("raise the limit to at least 4599Mi or lower max_image_memory_mb")
     limits["cpu"] = "1500m"
     assert _inference_limits(dev) == []
     del limits["cpu"]
@@ -225,7 +225,7 @@ def test_auto_instances_follow_the_cpu_limit(dev: list[Manifest]) -> None:
 
 
 def test_gpu_workers_count_their_pinned_buffers(prod_gpu: list[Manifest]) -> None:
-    """On a GPU each of prod-gpu's 8 workers also pins a 64 MiB staging buffer for uploads: 6903 MiB in all,
+    """On a GPU each of prod-gpu's 8 workers also pins a 64 MiB staging buffer for uploads: 7415 MiB in all,
     beyond a 6 GiB limit."""
     _container(prod_gpu, "inference")["resources"]["limits"]["memory"] = "6Gi"
     (message,) = _inference_limits(prod_gpu, gpu=True)
@@ -234,7 +234,7 @@ def test_gpu_workers_count_their_pinned_buffers(prod_gpu: list[Manifest]) -> Non
         in message
     )
     assert "64.0 MiB of pinned memory for uploads to the GPU" in message
-    assert message.endswith("raise the limit to at least 6903Mi or lower max_image_memory_mb")
+    assert message.endswith("raise the limit to at least 7415Mi or lower max_image_memory_mb")
 
 
 @pytest.mark.parametrize(

@@ -51,7 +51,7 @@ AUTO_INSTANCES = 8
 # The largest image the service takes by default (40 M pixels, RGBA) is 153 MiB decoded, and a request's peak is
 # about six times its image (the decoder's buffers, the copy shared with a worker process, the model's arrays): 8
 # concurrent such PNGs took the service from 0.3 to 4.9 GB with no bound, and to 1.5 GB with this one; rounds of
-# mixed 9-36 Mpx PNGs to 2.1 GB (mesh.kit.memory), inside the deployment's 3 GiB limit
+# mixed 9-36 Mpx PNGs to 2.1 GB (mesh.kit.memory), inside the deployment's 3.5 GiB limit
 # (deploy/k8s/base/inference.yaml, which `make k8s-check` holds to this budget).
 DEFAULT_IMAGE_MEMORY_MB = 256
 
