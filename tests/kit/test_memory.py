@@ -13,46 +13,12 @@ from mesh.kit.memory import MALLOC_ARENAS, limit_arenas, tune_allocator
 
 GLIBC = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
 
-# A service whose run() starts eight threads that each allocate while all are alive, as the decode threads of a
-# busy service do; then glibc's malloc_stats() lists the process's arenas on stderr, one "Arena N:" line each.
-ARENAS_SERVICE = """
-import contextlib, ctypes, threading
-from mesh.kit.runtime import run_service
-from mesh.kit.settings import ServerSettings
+# Eight threads that each allocate while all are alive, as the decode threads of a busy service do; then glibc's
+# malloc_stats() lists the process's arenas on stderr, one "Arena N:" line each.
+ALLOCATE_TOGETHER = """
+import ctypes, threading
 
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
-together = threading.Barrier(8)
-
-def allocate():
-    block = libc.malloc(1 << 20)
-    together.wait()
-    libc.free(block)
-
-class Runtime:
-    async def run(self):
-        threads = [threading.Thread(target=allocate) for _ in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        libc.malloc_stats()
-
-@contextlib.asynccontextmanager
-async def probe_service(settings):
-    yield Runtime()
-
-run_service("probe", ServerSettings, probe_service)
-"""
-
-# Limits the arenas as a service does, then spawns a child (a new interpreter, as the inference workers are) in
-# which eight threads allocate at once; the child's malloc_stats() lists its arenas on stderr.
-SPAWNED_CHILD = """
-import ctypes, multiprocessing, threading
-from mesh.kit.memory import limit_arenas
-
-def child():
+def allocate_together():
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
@@ -69,14 +35,44 @@ def child():
     for thread in threads:
         thread.join()
     libc.malloc_stats()
+"""
+
+# A service whose run() allocates so.
+ARENAS_SERVICE = (
+    ALLOCATE_TOGETHER
+    + """
+import contextlib
+from mesh.kit.runtime import run_service
+from mesh.kit.settings import ServerSettings
+
+class Runtime:
+    async def run(self):
+        allocate_together()
+
+@contextlib.asynccontextmanager
+async def probe_service(settings):
+    yield Runtime()
+
+run_service("probe", ServerSettings, probe_service)
+"""
+)
+
+# Limits the arenas as a service does, then spawns a child (a new interpreter, as the inference workers are) that
+# allocates so.
+SPAWNED_CHILD = (
+    ALLOCATE_TOGETHER
+    + """
+import multiprocessing
+from mesh.kit.memory import limit_arenas
 
 if __name__ == "__main__":
     assert limit_arenas()
-    process = multiprocessing.get_context("spawn").Process(target=child)
+    process = multiprocessing.get_context("spawn").Process(target=allocate_together)
     process.start()
     process.join()
     assert process.exitcode == 0
 """
+)
 
 # Frees 96 MiB of 1 MiB blocks allocated in a thread (an arena's heaps, as a decode thread's buffers), keeping
 # the last block so that the heaps stay; prints the RSS (KiB) before and after return_free_memory().
