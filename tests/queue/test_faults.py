@@ -321,12 +321,17 @@ async def test_a_dispatch_waiting_in_the_broker_is_not_copied_and_a_lost_one_is_
 ) -> None:
     """With no worker consuming, a QUEUED job past ``stale_queued_seconds`` keeps its one dispatch in
     RabbitMQ (a copy per period piled up before); once that message is lost (a purged queue), the
-    reconciler dispatches the job again, once."""
-    settings = fast_settings(database_url, amqp_url, unique_name, stale_queued_seconds=0.3)
+    reconciler dispatches the job again, once.
+
+    A second apart, not less: a sweep that reads the broker's count before the relay's first publish lands and
+    the database after it copies a dispatch that is a stale period old (0.3 s did on a loaded CI machine; in
+    service the period is 300 s, and the copy is dropped at its claim)."""
+    stale = 1.0
+    settings = fast_settings(database_url, amqp_url, unique_name, stale_queued_seconds=stale)
     async with running_queue(settings) as queue:
         job = await queue.submit()
         assert await _ready(queue, 1) == 1
-        await asyncio.sleep(2.0)  # several stale periods and reconciler sweeps
+        await asyncio.sleep(3 * stale)  # several stale periods and reconciler sweeps
         assert await _ready(queue, 1, seconds=0) == 1
 
         connection = await aio_pika.connect_robust(amqp_url)
@@ -335,7 +340,7 @@ async def test_a_dispatch_waiting_in_the_broker_is_not_copied_and_a_lost_one_is_
             lane = await channel.declare_queue(lanes(queue.inference_queue)[0], passive=True)
             await lane.purge()
         assert await _ready(queue, 1) == 1
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(2 * stale)
         assert await _ready(queue, 1, seconds=0) == 1
         rows = await queue.sql("SELECT state, state_reason FROM jobs WHERE id = %s", job.id)
         assert rows == [{"state": "QUEUED", "state_reason": "re-dispatched: no worker took it"}]
