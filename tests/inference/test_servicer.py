@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import threading
 import time
@@ -81,6 +82,20 @@ async def start(
     return runtime, task, repository
 
 
+@contextlib.asynccontextmanager
+async def serving(root: Path, factory: FakeFactory) -> AsyncIterator[Served]:
+    """A server on the models under ``root`` with a stub on it, stopped and its models closed on exit."""
+    runtime, task, repository = await start(root, factory)
+    channel = grpc.aio.insecure_channel(f"localhost:{runtime.grpc_port}")
+    try:
+        yield Served(pb_grpc.InferenceServiceStub(channel), channel, runtime, repository)
+    finally:
+        await channel.close(None)
+        runtime.stopping.set()
+        await asyncio.wait_for(task, 10)
+        await repository.close()
+
+
 @pytest.fixture(scope="module")
 async def served(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Served]:
     root = tmp_path_factory.mktemp("models")
@@ -89,14 +104,8 @@ async def served(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Serv
     write_model(root, name="counted", max_queue_delay_ms=0)
     write_model(root, name="broken", options={"fail_warm_up": True})
     write_model(root, name="slow", max_batch_size=1, max_queue_delay_ms=0, options={"delay_seconds": 0.3})
-    factory = FakeFactory()
-    runtime, task, repository = await start(root, factory)
-    channel = grpc.aio.insecure_channel(f"localhost:{runtime.grpc_port}")
-    yield Served(pb_grpc.InferenceServiceStub(channel), channel, runtime, repository)
-    await channel.close(None)
-    runtime.stopping.set()
-    await asyncio.wait_for(task, 10)
-    await repository.close()
+    async with serving(root, FakeFactory()) as served:
+        yield served
 
 
 async def _error(call: object) -> errors.MeshError:

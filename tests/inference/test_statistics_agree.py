@@ -7,17 +7,15 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-import grpc
 import pytest
 from prometheus_client import REGISTRY
 
 from mesh.inference.v1 import inference_service_pb2 as pb
-from mesh.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from mesh.kit.errors import DeadlineExceeded
 from mesh.services.inference.images import ImageDecoder
 from mesh.services.inference.predictor import Predictor
 from tests.inference.fakes import FakeFactory, write_model
-from tests.inference.test_servicer import Served, raw, start
+from tests.inference.test_servicer import Served, raw, serving
 
 SLOW = "slow3"
 CODES = ("CANCELLED", "DEADLINE_EXCEEDED")
@@ -35,13 +33,8 @@ async def served(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Serv
         options={"delay_seconds": 3.0},
     )
     write_model(root, name="fake")
-    runtime, task, repository = await start(root, FakeFactory())
-    channel = grpc.aio.insecure_channel(f"localhost:{runtime.grpc_port}")
-    yield Served(pb_grpc.InferenceServiceStub(channel), channel, runtime, repository)
-    await channel.close(None)
-    runtime.stopping.set()
-    await asyncio.wait_for(task, 10)
-    await repository.close()
+    async with serving(root, FakeFactory()) as served:
+        yield served
 
 
 def _counts() -> dict[str, float]:
