@@ -21,10 +21,9 @@ NO_SERVICES = {
 }
 
 
-async def test_process_starts_logs_auth_mode_and_stops_on_sigterm() -> None:
-    """The process serves /healthz on its port, logs that authentication is off, and exits 0 on SIGTERM."""
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
+async def _gateway(port: int) -> asyncio.subprocess.Process:
+    """The gateway as a process on ``port`` of 127.0.0.1, every service it calls away; its stderr piped."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "mesh.services.gateway",
@@ -32,6 +31,12 @@ async def test_process_starts_logs_auth_mode_and_stops_on_sigterm() -> None:
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+async def test_process_starts_logs_auth_mode_and_stops_on_sigterm() -> None:
+    """The process serves /healthz on its port, logs that authentication is off, and exits 0 on SIGTERM."""
+    port = free_port()
+    process = await _gateway(port)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
             for _ in range(150):
@@ -80,14 +85,7 @@ async def test_a_port_in_use_stops_the_start_with_one_line() -> None:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "mesh.services.gateway",
-            env={**os.environ, **NO_SERVICES, "MESH_HTTP_PORT": str(port), "MESH_HTTP_HOST": "127.0.0.1"},
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        process = await _gateway(port)
         _, stderr = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 2, stderr.decode()
     last = stderr.decode().strip().splitlines()[-1]

@@ -24,7 +24,7 @@ from mesh.kit.runtime import HTTP_STOP_SECONDS, ServiceRuntime
 from mesh.kit.settings import WorkerSettings
 from mesh.queue.v1 import job_pb2, queue_service_pb2
 from mesh.services.queue.scripted import scripted_handler
-from mesh.services.queue.worker import attach_worker, drain_seconds_within
+from mesh.services.queue.worker import JobWorker, attach_worker, drain_seconds_within
 from tests.queue.harness import FAST_OPTIONS, Harness, fast_settings, running_queue
 
 pytestmark = pytest.mark.integration
@@ -229,6 +229,23 @@ def _service_settings(queue: Harness, **changes: Any) -> WorkerSettings:
     )
 
 
+async def _attached(
+    queue: Harness,
+    resources: contextlib.AsyncExitStack,
+    handler: JobHandler = scripted_handler,
+    **changes: Any,
+) -> tuple[ServiceRuntime, JobWorker]:
+    """A service runtime (not started) with a worker for ``queue``'s inference jobs attached, as a service's
+    wiring does; ``changes`` are its settings."""
+    settings = _service_settings(queue, **changes)
+    runtime = ServiceRuntime("worker-service", settings, service_names=["test.Worker"])
+    worker = await attach_worker(
+        runtime, settings, resources, queue=INFERENCE_JOBS_QUEUE, handler=handler, name="worker-service"
+    )
+    assert worker is not None
+    return runtime, worker
+
+
 async def test_attached_worker_consumes_the_prefixed_queue_the_service_submits_to(
     queue: Harness, resources: contextlib.AsyncExitStack
 ) -> None:
@@ -236,17 +253,7 @@ async def test_attached_worker_consumes_the_prefixed_queue_the_service_submits_t
     name with the deployment's ``MESH_QUEUE_PREFIX`` and declares it with its ``MESH_DELIVERY_LIMIT``, as
     the queue service does, so a prefixed queue service's jobs do run."""
     assert queue.settings.queue_prefix, "the harness isolates its queues with a prefix"
-    settings = _service_settings(queue, job_concurrency=2)
-    runtime = ServiceRuntime("worker-service", settings, service_names=["test.Worker"])
-    worker = await attach_worker(
-        runtime,
-        settings,
-        resources,
-        queue=INFERENCE_JOBS_QUEUE,
-        handler=scripted_handler,
-        name="worker-service",
-    )
-    assert worker is not None
+    runtime, worker = await _attached(queue, resources, job_concurrency=2)
     assert worker.queue == queue.inference_queue
     serving = asyncio.create_task(runtime.run())
     try:
@@ -316,12 +323,7 @@ async def test_a_service_s_worker_drains_within_the_service_s_grace(
     The worker had a fixed 10 s whatever the grace, and the runtime cancelled it at the grace, in the middle
     of its drain, which left the job RUNNING for its lease to expire and skipped the cleanup."""
     grace = 2.0
-    settings = _service_settings(queue, job_concurrency=1, grace_seconds=grace)
-    runtime = ServiceRuntime("worker-service", settings, service_names=["test.Worker"])
-    worker = await attach_worker(
-        runtime, settings, resources, queue=INFERENCE_JOBS_QUEUE, handler=_never_ends, name="worker-service"
-    )
-    assert worker is not None
+    runtime, worker = await _attached(queue, resources, _never_ends, job_concurrency=1, grace_seconds=grace)
     assert worker.options.drain_seconds == drain_seconds_within(grace) < grace
     serving = asyncio.create_task(runtime.run())
     job = await queue.submit()
@@ -383,17 +385,7 @@ async def test_a_services_worker_takes_its_attempt_limit_from_the_settings(
     assert WorkerSettings().job_attempt_seconds == 600.0
     with pytest.raises(ValueError, match="job_attempt_seconds"):
         WorkerSettings(job_attempt_seconds=0)
-    settings = _service_settings(queue, job_concurrency=1, job_attempt_seconds=42)
-    runtime = ServiceRuntime("worker-service", settings, service_names=["test.Worker"])
-    worker = await attach_worker(
-        runtime,
-        settings,
-        resources,
-        queue=INFERENCE_JOBS_QUEUE,
-        handler=scripted_handler,
-        name="worker-service",
-    )
-    assert worker is not None
+    _, worker = await _attached(queue, resources, job_concurrency=1, job_attempt_seconds=42)
     assert worker.options.attempt_seconds == 42.0
 
 
