@@ -70,16 +70,6 @@ def answer(
     return error_response(error, status=status, headers=headers)
 
 
-def _answer(
-    request: Request,
-    error: errors.MeshError,
-    *,
-    status: int | None = None,
-    headers: Mapping[str, str] | None = None,
-) -> JSONResponse:
-    return answer(request.scope, error, status=status, headers=headers)
-
-
 def error_response(
     error: errors.MeshError, *, status: int | None = None, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
@@ -149,7 +139,7 @@ def _http_exception(request: Request, exc: HTTPException) -> tuple[errors.MeshEr
 
 async def _on_mesh_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.MeshError)
-    return _answer(request, exc)
+    return answer(request.scope, exc)
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> Response:
@@ -159,8 +149,8 @@ async def _on_validation_error(request: Request, exc: Exception) -> Response:
         # as the routes that parse JSON themselves do (415).
         refused = not_json(request)
         if refused is not None:
-            return _answer(request, refused)
-    return _answer(request, _validation_error(exc), status=400)
+            return answer(request.scope, refused)
+    return answer(request.scope, _validation_error(exc), status=400)
 
 
 async def _on_http_exception(request: Request, exc: Exception) -> Response:
@@ -172,9 +162,9 @@ async def _on_http_exception(request: Request, exc: Exception) -> Response:
             f"{_method(request)} is not allowed on {request.url.path}; it allows {allowed or 'no method'}",
             reason="METHOD_NOT_ALLOWED",
         )
-        return _answer(request, refused, status=405, headers={"Allow": allowed})
+        return answer(request.scope, refused, status=405, headers={"Allow": allowed})
     error, status = _http_exception(request, exc)
-    return _answer(request, error, status=status, headers=exc.headers)
+    return answer(request.scope, error, status=status, headers=exc.headers)
 
 
 _METHODS = ("DELETE", "GET", "PATCH", "POST", "PUT")
