@@ -73,15 +73,19 @@ def _problem(value: str) -> str | None:
     return problem
 
 
+def _refusal(problem: str) -> errors.InvalidArgument:
+    """The 400 for a header that ``problem`` says is wrong, naming it as the field."""
+    return errors.InvalidArgument(
+        f"the {HEADER} header {problem}", field_violations=[errors.FieldViolation(FIELD, problem)]
+    )
+
+
 def _given(request: Request) -> str:
     """The client's id ("" when it sent none); INVALID_ARGUMENT naming the header when it sent several, of
     which taking the first without a word would return an id the client may not be looking for."""
     given = request.headers.getlist(HEADER)
     if len(given) > 1:
-        problem = f"is sent {len(given)} times; send one {HEADER}"
-        raise errors.InvalidArgument(
-            f"the {HEADER} header {problem}", field_violations=[errors.FieldViolation(FIELD, problem)]
-        )
+        raise _refusal(f"is sent {len(given)} times; send one {HEADER}")
     return given[0] if given else ""
 
 
@@ -92,9 +96,7 @@ async def request_id(request: Request) -> str:
     given = _given(request)
     problem = _problem(given)
     if problem:
-        raise errors.InvalidArgument(
-            f"the {HEADER} header {problem}", field_violations=[errors.FieldViolation(FIELD, problem)]
-        )
+        raise _refusal(problem)
     chosen = given or str(uuid.uuid4())
     add_response_headers(request.scope, {HEADER: chosen})
     add_error_metadata(request.scope, {METADATA_KEY: chosen})
