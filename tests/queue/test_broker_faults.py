@@ -366,9 +366,12 @@ class Jobs:
         self.calls.append("stale_queues")
         return self.stale
 
-    async def redispatch_stale(self, seconds: float, queues: list[str], limit: int = 200) -> list[Any]:
+    async def stale_jobs(self, seconds: float, queues: list[str], limit: int = 200) -> list[Any]:
+        return [{"id": queue, "queue": queue} for queue in queues if queue in self.stale]
+
+    async def redispatch_stale(self, seconds: float, job_ids: list[str]) -> list[Any]:
         self.calls.append("redispatch_stale")
-        self.redispatched.append(list(queues))
+        self.redispatched.append(list(job_ids))
         return []
 
     async def redispatch_overtaken(

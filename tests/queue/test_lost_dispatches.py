@@ -196,3 +196,36 @@ async def test_a_job_dispatched_again_is_not_sent_once_more_without_a_later_clai
 
     await _claimed(queue, 0, LOST_AGO - 200)
     assert _ids(await sweeper.redispatch_stale()) == [lost.id]
+
+
+async def test_a_quiet_queue_is_asked_again_once_its_stale_jobs_are_found(quiet_service: Harness) -> None:
+    """Pins the recount: the broker's count, read before the relay's publish of a stale job landed, says 0,
+    and the database, read after the relay confirmed it, shows no dispatch pending. Asked again once the job
+    is found, the broker holds its message, so nothing is sent (before, a copy was). Once the message is
+    really gone (its lane purged), the job is sent again."""
+    queue = quiet_service
+    job = await queue.submit()
+    await _published(queue, job.id)
+    await _age(queue, {job.id: LOST_AGO})
+    assert await _lane_ready(queue, 0, 1) == 1
+    asked: list[str] = []
+
+    async def first_before_the_publish(name: str) -> int:
+        asked.append(name)
+        return 0 if len(asked) == 1 else await queue.app.broker.ready_count(name)
+
+    sweeper = Reconciler(
+        queue.app.repository,
+        ready_count=first_before_the_publish,
+        queues=[queue.inference_queue],
+        stale_queued_seconds=STALE_SECONDS,
+    )
+    assert await sweeper.redispatch_stale() == []
+    assert asked == [queue.inference_queue] * 2
+    assert await _lane_ready(queue, 0, 1) == 1
+    assert await _reasons(queue, [job]) == ["submitted"]
+
+    await _purge(queue, lane_for(queue.inference_queue, 0))
+    assert _ids(await sweeper.redispatch_stale()) == [job.id]
+    assert await _lane_ready(queue, 0, 1) == 1
+    assert await _reasons(queue, [job]) == ["re-dispatched: no worker took it"]

@@ -4,12 +4,12 @@ Every interval it moves RETRY_WAIT jobs whose backoff elapsed back to QUEUED (ne
 moves RUNNING jobs whose lease ran out (their worker died or hung: a SYSTEM error of the attempt) to
 RETRY_WAIT with backoff, or fails them when their attempts are spent, and dispatches again QUEUED jobs
 nobody claimed for a long time with no dispatch pending (a message lost outside the guarantees, e.g. a
-purged queue). Where the broker holds no message ready for their queue, all of them. Where it does, a
-dispatch waiting behind the backlog, or while no worker consumes, is not lost, and a copy of it every
-``stale_queued_seconds`` would only pile up in RabbitMQ; so only those whose dispatch a claim overtook: each
-lane is FIFO and the relay publishes by priority, then in dispatch order, so once a worker claimed (RUNNING)
-a job of the same lane, at the stale job's priority or below, dispatched over ``overtaken_margin_seconds``
-after it, nothing of the stale job waits ahead of it in the broker. Its message was lost, or a worker holds it
+purged queue). Where the broker holds no message ready for their queue (asked again once they are found),
+all of them. Where it does, a dispatch waiting behind the backlog, or while no worker consumes, is not lost,
+and a copy of it every ``stale_queued_seconds`` would only pile up in RabbitMQ; so only those whose dispatch a
+claim overtook: each lane is FIFO and the relay publishes by priority, then in dispatch order, so once a
+worker claimed (RUNNING) a job of the same lane, at the stale job's priority or below, dispatched over
+``overtaken_margin_seconds`` after it, nothing of the stale job waits ahead of it in the broker. Its message was lost, or a worker holds it
 unclaimed behind higher priorities: that one gets one duplicate (dropped at its claim), and since the
 re-dispatch moves its dispatch time to now, another copy needs a later claimed dispatch: at most one copy
 per stale period per held job, bounded by the workers' prefetch. Unconfirmed outbox rows are taken again by
@@ -149,12 +149,29 @@ class Reconciler:
         backlogged = [queue for queue, count in counts.items() if count > 0]
         moved: list[Row] = []
         if quiet:
-            moved += await self.repository.redispatch_stale(self.stale_queued_seconds, quiet)
+            moved += await self._redispatch_quiet(quiet)
         if backlogged:
             moved += await self.repository.redispatch_overtaken(
                 self.stale_queued_seconds, backlogged, margin_seconds=self.overtaken_margin_seconds
             )
         return moved
+
+    async def _redispatch_quiet(self, queues: Sequence[str]) -> list[Row]:
+        """The stale jobs of ``queues``, which held no ready message, dispatched again where their queue
+        still holds none once they were found.
+
+        A count can be read before the relay's publish of a stale job lands, and the database after the
+        relay confirmed it (deleting its outbox row): the job would look lost while its message waits. A job
+        found without an outbox row was confirmed before the second count, so that count holds its message
+        unless it is gone (or a worker holds it unclaimed: one duplicate, dropped at its claim)."""
+        found = await self.repository.stale_jobs(self.stale_queued_seconds, queues)
+        if not found:
+            return []
+        names = sorted({str(row["queue"]) for row in found})
+        counts = await asyncio.gather(*(self._ready(queue) for queue in names))
+        still_quiet = {queue for queue, count in zip(names, counts, strict=True) if count == 0}
+        ids = [row["id"] for row in found if row["queue"] in still_quiet]
+        return await self.repository.redispatch_stale(self.stale_queued_seconds, ids) if ids else []
 
     async def _ready(self, queue: str) -> int:
         """The broker's ready count of ``queue``; -1 (unknown) when it fails or takes longer than

@@ -233,9 +233,14 @@ _STALE = """
 
 _STALE_QUEUES = f"SELECT DISTINCT j.queue {_STALE}"
 
+_STALE_JOBS = (
+    f"SELECT j.id, j.queue {_STALE} AND j.queue = ANY(%(queues)s) ORDER BY j.dispatched_at LIMIT %(limit)s"
+)
+
+# The same conditions again: a job claimed, cancelled or dispatched anew since it was found is left alone.
 _REDISPATCH_STALE = f"""
 UPDATE jobs SET dispatched_at = clock_timestamp(), state_reason = 're-dispatched: no worker took it'
- WHERE id IN (SELECT j.id {_STALE} AND j.queue = ANY(%(queues)s) LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+ WHERE id IN (SELECT j.id {_STALE} AND j.id = ANY(%(ids)s) FOR UPDATE SKIP LOCKED)
 RETURNING id
 """
 
@@ -667,13 +672,17 @@ class JobRepository:
         """The queues holding QUEUED jobs that nobody claimed for a long time, with no dispatch pending."""
         return [row["queue"] for row in await self._fetchall(_STALE_QUEUES, {"age": older_than_seconds})]
 
-    async def redispatch_stale(
+    async def stale_jobs(
         self, older_than_seconds: float, queues: Sequence[str], limit: int = 200
     ) -> list[Row]:
-        """Those jobs of ``queues`` -> dispatched again."""
+        """Those jobs of ``queues`` (``id``, ``queue``), the oldest dispatches first."""
         return await self._fetchall(
-            _REDISPATCH_STALE, {"age": older_than_seconds, "queues": list(queues), "limit": limit}
+            _STALE_JOBS, {"age": older_than_seconds, "queues": list(queues), "limit": limit}
         )
+
+    async def redispatch_stale(self, older_than_seconds: float, job_ids: Sequence[uuid.UUID]) -> list[Row]:
+        """Those of ``job_ids`` that are still stale -> dispatched again."""
+        return await self._fetchall(_REDISPATCH_STALE, {"age": older_than_seconds, "ids": list(job_ids)})
 
     async def redispatch_overtaken(
         self, older_than_seconds: float, queues: Sequence[str], *, margin_seconds: float, limit: int = 200
