@@ -35,7 +35,7 @@ def test_thumbnail_is_png_with_alpha_else_jpeg_and_fits_256(
     data: bytes, content_type: str, mode: str
 ) -> None:
     """The longest side becomes 256 px (aspect kept); alpha sources give PNG, others JPEG."""
-    thumb = make_thumbnail(validate_image(data).image, 256)
+    thumb = make_thumbnail(validate_image(data), 256)
     assert thumb.content_type == content_type
     decoded = Image.open(io.BytesIO(thumb.data))
     assert decoded.size == (thumb.width, thumb.height) == (256, 128)
@@ -44,7 +44,7 @@ def test_thumbnail_is_png_with_alpha_else_jpeg_and_fits_256(
 
 def test_small_images_are_not_upscaled() -> None:
     """An image already smaller than the thumbnail keeps its size."""
-    thumb = make_thumbnail(validate_image(corpus.png("RGB", 40, 30)).image, 256)
+    thumb = make_thumbnail(validate_image(corpus.png("RGB", 40, 30)), 256)
     assert (thumb.width, thumb.height) == (40, 30)
 
 
@@ -54,9 +54,9 @@ def test_16bit_images_are_scaled_not_clipped() -> None:
         (np.arange(512, dtype=np.uint32) * 128).astype(np.uint16).reshape(1, 512).repeat(8, 0)
     )
     data = corpus.encode(gradient, "PNG")
-    image = validate_image(data).image
-    assert image.mode.startswith("I")
-    thumb = make_thumbnail(image, 256)
+    decoded = validate_image(data)
+    assert decoded.image.mode.startswith("I")
+    thumb = make_thumbnail(decoded, 256)
     pixels = np.asarray(Image.open(io.BytesIO(thumb.data)).convert("L"), dtype=np.int32)
     assert pixels[:, 0].mean() < 20
     assert pixels[:, -1].mean() > 230
@@ -64,15 +64,16 @@ def test_16bit_images_are_scaled_not_clipped() -> None:
 
 def test_16bit_colour_png_gets_a_thumbnail() -> None:
     """A 16-bit RGB PNG gives a JPEG thumbnail of its size."""
-    thumb = make_thumbnail(validate_image(corpus.png_16bit_rgb()).image, 256)
+    thumb = make_thumbnail(validate_image(corpus.png_16bit_rgb()), 256)
     assert thumb.content_type == "image/jpeg"
     assert (thumb.width, thumb.height) == (32, 16)
 
 
 def test_source_image_is_left_untouched() -> None:
     """Making a thumbnail does not shrink the caller's decoded image."""
-    image = validate_image(corpus.png("RGB", 600, 300)).image
-    make_thumbnail(image, 64)
+    decoded = validate_image(corpus.png("RGB", 600, 300))
+    image = decoded.image
+    make_thumbnail(decoded, 64)
     assert image.size == (600, 300)
 
 
@@ -140,7 +141,7 @@ def test_thumbnail_is_the_whole_image_turned_converted_and_thumbnailed(
     monkeypatch.setattr(thumbnails, "_STRIP_PIXELS", 20_000)
     make, eight_bit, content_type, mode = KINDS[kind]
     decoded = validate_image(make(orientation))
-    thumb = make_thumbnail(decoded.image, 256)
+    thumb = make_thumbnail(decoded, 256)
     expected = Image.fromarray(orient(np.asarray(eight_bit(decoded.image)), orientation))
     expected.thumbnail((256, 256), Image.Resampling.LANCZOS, reducing_gap=3.0)
     sideways = orientation in (5, 6, 7, 8)
@@ -158,9 +159,10 @@ def test_thumbnail_is_the_whole_image_turned_converted_and_thumbnailed(
 def test_the_decoded_image_is_read_in_strips_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """No whole-image copy is made (a 50-megapixel RGBA image is 200 MB; each copy was another 200 MB): the
     decoded image is only cropped, in strips of about ``_STRIP_PIXELS``."""
-    image = validate_image(
+    decoded = validate_image(
         corpus.encode(corpus.pixels("RGBA", 1500, 1000), "PNG", exif=_exif_orientation(6))
-    ).image
+    )
+    image = decoded.image
     monkeypatch.setattr(thumbnails, "_STRIP_PIXELS", 100_000)
     calls: list[tuple[str, int]] = []
     for name in ("copy", "convert", "crop", "reduce", "resize", "transpose", "getdata", "tobytes"):
@@ -176,7 +178,7 @@ def test_the_decoded_image_is_read_in_strips_only(monkeypatch: pytest.MonkeyPatc
             return result
 
         monkeypatch.setattr(Image.Image, name, spy)
-    make_thumbnail(image, 256)
+    make_thumbnail(decoded, 256)
     assert {name for name, _ in calls} == {"crop"}
     assert max(pixels for _, pixels in calls) <= 100_000
 
@@ -185,7 +187,7 @@ def test_16bit_grey_is_turned_by_its_exif_orientation() -> None:
     """A 16-bit grey PNG with EXIF orientation 6 is reported 100x200, and its thumbnail is turned too (it was
     not: the 8-bit conversion dropped the EXIF before it was applied): the dark left edge is now the top."""
     decoded = validate_image(corpus.encode(_grey_16bit(200, 100), "PNG", exif=_exif_orientation(6)))
-    thumb = make_thumbnail(decoded.image, 256)
+    thumb = make_thumbnail(decoded, 256)
     assert (decoded.info.width, decoded.info.height) == (thumb.width, thumb.height) == (100, 200)
     pixels = np.asarray(Image.open(io.BytesIO(thumb.data)), dtype=np.int32)
     assert pixels[:5].mean() < 20
@@ -209,7 +211,7 @@ def test_an_orientation_in_xmp_only_is_ignored_like_the_reported_size(fmt: str) 
         data = corpus.encode(image, "JPEG", xmp=xmp.encode())
     decoded = validate_image(data)
     assert "xmp" in decoded.image.info or "XML:com.adobe.xmp" in decoded.image.info
-    thumb = make_thumbnail(decoded.image, 256)
+    thumb = make_thumbnail(decoded, 256)
     assert (decoded.info.width, decoded.info.height) == (thumb.width, thumb.height) == (200, 100)
 
 
@@ -227,7 +229,7 @@ def test_the_icc_profile_is_kept(mode: str, fmt: str) -> None:
     lost it)."""
     profile = _profile(b"RGB ")
     thumb = make_thumbnail(
-        validate_image(corpus.encode(corpus.pixels(mode, 600, 300), fmt, icc_profile=profile)).image
+        validate_image(corpus.encode(corpus.pixels(mode, 600, 300), fmt, icc_profile=profile))
     )
     assert Image.open(io.BytesIO(thumb.data)).info.get("icc_profile") == profile
 
@@ -237,7 +239,7 @@ def test_a_cmyk_profile_is_not_given_to_the_rgb_thumbnail() -> None:
     cmyk = corpus.encode(
         corpus.pixels("RGB", 600, 300).convert("CMYK"), "JPEG", icc_profile=_profile(b"CMYK")
     )
-    thumb = make_thumbnail(validate_image(cmyk).image)
+    thumb = make_thumbnail(validate_image(cmyk))
     received = Image.open(io.BytesIO(thumb.data))
     assert received.mode == "RGB"
     assert "icc_profile" not in received.info
@@ -250,7 +252,7 @@ def test_16bit_grey_with_a_colour_key_gets_an_alpha_thumbnail() -> None:
     pixels[:, :100] = 300
     decoded = validate_image(corpus.encode(Image.fromarray(pixels), "PNG", transparency=300))
     assert decoded.info.channels == 2
-    thumb = make_thumbnail(decoded.image, 256)
+    thumb = make_thumbnail(decoded, 256)
     assert thumb.content_type == "image/png"
     received = np.asarray(Image.open(io.BytesIO(thumb.data)))
     assert received.shape == (100, 200, 2)

@@ -12,7 +12,9 @@ from PIL import Image
 
 from mesh.kit import errors
 from mesh.kit.image_bytes import sniff_format
+from mesh.kit.image_header import read_header
 from mesh.kit.orientation import ORIENTATION_TAG
+from mesh.services.file.thumbnails import make_thumbnail
 from mesh.services.file.validation import (
     DEFAULT_LIMITS,
     Limits,
@@ -20,6 +22,7 @@ from mesh.services.file.validation import (
     validate_image,
 )
 from tests.file import corpus
+from tests.kit.test_orientation import png_with_exif_block
 
 
 def _orientation(value: int) -> bytes:
@@ -311,3 +314,25 @@ def test_size_guard_stops_a_stream_as_soon_as_it_passes_the_limit() -> None:
 def test_magic_bytes(data: bytes, expected: str | None) -> None:
     """Magic bytes name PNG, JPEG and WebP, and nothing else (a RIFF WAVE is not a WebP)."""
     assert sniff_format(data) == expected
+
+
+def test_an_image_with_a_damaged_exif_block_is_accepted_upright() -> None:
+    """A PNG whose eXIf chunk Pillow cannot parse is accepted as stored, and its thumbnail made: the pixels
+    are whole (the parse's SyntaxError escaped as INTERNAL, REST 500)."""
+    decoded = validate_image(png_with_exif_block(b"garbage-not-tiff"))
+    assert (decoded.info.width, decoded.info.height, decoded.orientation) == (6, 4, 1)
+    assert (make_thumbnail(decoded).width, make_thumbnail(decoded).height) == (6, 4)
+
+
+def test_a_late_exif_chunk_turns_neither_the_size_nor_the_thumbnail() -> None:
+    """A PNG's eXIf chunk after its pixel data is not what the header held, so the file service reports the
+    stored size as the other services' header reader does (it reported the turned one, and turned the
+    thumbnail, where image processing did not)."""
+    exif = Image.Exif()
+    exif[ORIENTATION_TAG] = 6
+    data = png_with_exif_block(exif.tobytes(), after_pixels=True)
+    decoded = validate_image(data)
+    header = read_header(data)
+    assert header is not None
+    assert (decoded.info.width, decoded.info.height) == header.shown_size == (6, 4)
+    assert (make_thumbnail(decoded).width, make_thumbnail(decoded).height) == (6, 4)

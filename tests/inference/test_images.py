@@ -15,6 +15,7 @@ from mesh.kit.deadlines import deadline_in
 from mesh.kit.errors import InvalidArgument, InvalidData, PayloadTooLarge, UnsupportedMediaType, http_status
 from mesh.services.inference.images import FileServiceFetcher, ImageDecoder
 from tests.file.corpus import png_declaring
+from tests.kit.test_orientation import png_with_exif_block
 
 STRIP_PHOTO = (Path(__file__).parents[1] / "data" / "strips" / "hd_positive.jpg").read_bytes()
 
@@ -227,3 +228,15 @@ def test_a_jpeg_decodes_to_pillows_very_pixels_turned_as_its_exif_says(mode: str
     expected = _pillows_pixels(data)
     assert decoded.shape == expected.shape
     assert np.array_equal(decoded, expected)
+
+
+def test_a_png_is_turned_by_its_header_exif_and_read_upright_with_a_damaged_one() -> None:
+    """Pillow's path (PNG) turns by the orientation its header held; a damaged EXIF block reads as upright (it
+    was refused as "truncated or damaged", while the pixels are whole) and a late one is not applied, as the
+    file service and image processing read them."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    assert DECODER.decode_encoded(png_with_exif_block(exif.tobytes())).shape == (6, 4, 3)
+    assert DECODER.decode_encoded(png_with_exif_block(b"garbage-not-tiff")).shape == (4, 6, 3)
+    late = png_with_exif_block(exif.tobytes(), after_pixels=True)
+    assert DECODER.decode_encoded(late).shape == (4, 6, 3)

@@ -152,7 +152,7 @@ class ImageStore:
                 limits=self.limits,
                 field=field,
             )
-            thumbnail = await asyncio.to_thread(make_thumbnail, decoded.image, self.thumbnail_size)
+            thumbnail = await asyncio.to_thread(make_thumbnail, decoded, self.thumbnail_size)
         info = decoded.info
         del decoded  # the decoded pixels are not kept while the blobs and the row are written
         thumbnail_sha256 = hashlib.sha256(thumbnail.data).hexdigest()

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from mesh.kit.orientation import SIDEWAYS, exif_orientation, orient
+from mesh.kit.orientation import SIDEWAYS, orient
+from mesh.services.file.validation import DecodedImage
 
 JPEG_QUALITY = 85
 # The final Lanczos step shrinks at least this much after the integer reduction, which is then
@@ -42,15 +43,15 @@ class Thumbnail:
     height: int
 
 
-def make_thumbnail(image: Image.Image, size: int = 256) -> Thumbnail:
-    """Encode a thumbnail of ``image`` no larger than ``size`` on its longest side (never upscaled).
+def make_thumbnail(decoded: DecodedImage, size: int = 256) -> Thumbnail:
+    """Encode a thumbnail of an accepted image no larger than ``size`` on its longest side (never upscaled).
 
     16-bit images are scaled to 8 bits (not clipped), colour keys and palette transparency become alpha,
-    the ICC profile is kept, and the EXIF orientation is applied by the rule the reported width and height
-    follow (:mod:`mesh.kit.orientation`), so that the thumbnail shows what a viewer shows. ``image`` is
+    the ICC profile is kept, and the EXIF orientation the reported width and height follow is applied
+    (:mod:`mesh.kit.orientation`), so that the thumbnail shows what a viewer shows. The decoded image is
     left untouched.
     """
-    orientation = exif_orientation(image)
+    image, orientation = decoded.image, decoded.orientation
     stored = (image.width, image.height)
     shown_target = _fit(*(stored[::-1] if orientation in SIDEWAYS else stored), size)
     target = shown_target[::-1] if orientation in SIDEWAYS else shown_target

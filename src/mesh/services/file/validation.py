@@ -75,6 +75,8 @@ class DecodedImage:
 
     info: ImageInfo
     image: Image.Image
+    orientation: int
+    """The EXIF orientation its header held (``kit.orientation``), which ``info``'s width and height follow."""
 
 
 class UploadSizeGuard:
@@ -161,7 +163,7 @@ def validate_image(
     _check_shape(fmt, container, limits, field)
     if fmt == "JPEG":  # Pillow decodes image data cut short (its end marker put back) with no error
         check_jpeg_data(data, field)
-    image = _decode(fmt, data, field)
+    image, orientation = _decode(fmt, data, field)
     if image.size != (container.width, container.height):
         raise errors.InvalidData(
             f"the {fmt} is corrupted: its header says {container.width}x{container.height} but it decodes "
@@ -169,9 +171,9 @@ def validate_image(
             field_violations=_on(field, f"a {fmt} whose pixels match its header"),
         )
     channels, bit_depth = _channels_and_depth(image, container)
-    width, height = displayed_size(image.width, image.height, exif_orientation(image))
+    width, height = displayed_size(image.width, image.height, orientation)
     info = ImageInfo(fmt, real_type, width, height, channels, bit_depth, size, sha256)
-    return DecodedImage(info, image)
+    return DecodedImage(info, image, orientation)
 
 
 # What the bytes' field must hold instead, by the container's problem.
@@ -229,9 +231,12 @@ def _check_shape(fmt: Format, container: ContainerInfo, limits: Limits, field: s
         )
 
 
-def _decode(fmt: Format, data: bytes, field: str | None) -> Image.Image:
+def _decode(fmt: Format, data: bytes, field: str | None) -> tuple[Image.Image, int]:
+    """The decoded image and the EXIF orientation its header held (read before the pixels: a late eXIf
+    chunk, which loading the pixels reveals, is not what the other services read)."""
     try:
         image = Image.open(io.BytesIO(data), formats=[fmt])
+        orientation = exif_orientation(image)
         image.load()
     except Image.DecompressionBombError as error:  # only when max_pixels is set above Pillow's own limit
         raise errors.PayloadTooLarge(
@@ -251,7 +256,7 @@ def _decode(fmt: Format, data: bytes, field: str | None) -> Image.Image:
             field_violations=_on(field, _CONTAINER_VIOLATIONS["corrupt"].format(fmt=fmt)),
             metadata={"problem": "corrupt"},
         ) from None
-    return image
+    return image, orientation
 
 
 def _channels_and_depth(image: Image.Image, container: ContainerInfo) -> tuple[int, int]:

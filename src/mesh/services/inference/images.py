@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, ImageOps
+from PIL import Image
 
 from mesh.common.v1 import image_pb2
 from mesh.kit.deadlines import call_timeout
@@ -22,7 +22,7 @@ from mesh.kit.image_bytes import empty_image, undecodable, unreadable_header
 from mesh.kit.image_header import read_header
 from mesh.kit.image_limits import check_pixels, too_many_pixels
 from mesh.kit.jpeg_data import check_jpeg_data, decode_jpeg
-from mesh.kit.orientation import exif_orientation, orient
+from mesh.kit.orientation import exif_orientation, orient, orient_image
 from mesh.kit.raw_pixels import read_raw
 from mesh.services.file.client import FileClient
 
@@ -83,12 +83,12 @@ class ImageDecoder:
                 return orient(stored, exif_orientation(image))
             if image.format == "JPEG":  # CMYK: Pillow's decode and colour conversion, after the strict check
                 check_jpeg_data(data, field)
+            orientation = exif_orientation(image)
             try:
                 image.load()
-                oriented = ImageOps.exif_transpose(image)
             except (OSError, ValueError, SyntaxError):
                 raise undecodable(image.format or "encoded", field) from None
-            return _to_pixels(oriented)
+            return _to_pixels(orient_image(image, orientation))
 
     def _over_pillows_limit(self, data: bytes, field: str) -> PayloadTooLarge:
         """The refusal of an image that Pillow would not open, being over its own pixel limit: with its size,
