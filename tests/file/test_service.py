@@ -10,7 +10,7 @@ import itertools
 import os
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -376,6 +376,22 @@ async def test_missing_blob_is_written_again_on_upload(file_client: FileClient, 
     assert (await file_client.download(image.id))[2] == data
 
 
+async def test_a_damaged_blob_is_not_served_and_is_written_again_on_upload(
+    file_client: FileClient, blob_dir: Path
+) -> None:
+    """A blob cut short on disk is refused as damaged (it was served short with no error, and REST broke off
+    below its Content-Length), and uploading the same bytes replaces it (the short file was taken for the blob)."""
+    data = unique_png()
+    blobs = BlobStore.opened(blob_dir)
+    image = (await file_client.upload(data, filename="damaged.png")).image
+    os.truncate(blobs.path(image.sha256), len(data) // 2)
+    with pytest.raises(errors.Internal, match=f"damaged \\({len(data) // 2} bytes in the blob store"):
+        await file_client.download(image.id)
+    again = await file_client.upload(data, filename="damaged-again.png")
+    assert again.deduplicated is False
+    assert (await file_client.download(image.id))[2] == data
+
+
 async def test_a_full_blob_store_is_resource_exhausted_and_stores_nothing(
     file_client: FileClient, blob_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -525,3 +541,36 @@ async def test_concurrent_uploads_with_one_idempotency_key_store_one_image(
     loser = hashlib.sha256(second if winner == hashlib.sha256(first).hexdigest() else first).hexdigest()
     assert blobs.exists(winner)
     assert not blobs.exists(loser)
+
+
+class _ReleaseFailsOnce(PostgresImageRepository):
+    """A repository whose first blob release fails as PostgreSQL going away between two transactions does."""
+
+    failed = False
+
+    async def release_blobs(
+        self, digests: Sequence[str], *, remove: Callable[[str], Awaitable[bool]]
+    ) -> list[str]:
+        if not self.failed:
+            self.failed = True
+            raise errors.Unavailable("the image database is unavailable; retry shortly")
+        return await super().release_blobs(digests, remove=remove)
+
+
+async def test_a_delete_whose_blob_release_fails_still_succeeds_and_the_sweep_removes_the_blob(
+    file_server: ServiceRuntime, database_url: str, blob_dir: Path
+) -> None:
+    """Once the row's delete committed, a failure to release its blobs does not fail the call (UNAVAILABLE,
+    which clients retry, made the retry NOT_FOUND for an image that was deleted): the delete answers with
+    ``blob_removed`` false, and the orphan sweep removes the blob."""
+    data = unique_png()
+    blobs = BlobStore.opened(blob_dir)
+    async with create_pool(database_url, name="release-fails-test", max_size=4) as pool:
+        store = ImageStore(_ReleaseFailsOnce(pool), blobs)
+        uploaded = await store.upload(data, UploadRequest(filename="kept.png"))
+        assert await store.delete(str(uploaded.image.id)) is False
+        with pytest.raises(errors.NotFound):
+            await store.open(str(uploaded.image.id))
+        assert blobs.exists(uploaded.image.sha256)
+        assert await store.sweep_orphans() >= 1
+        assert not blobs.exists(uploaded.image.sha256)

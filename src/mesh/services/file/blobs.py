@@ -77,10 +77,14 @@ class BlobStore:
         return self.path(sha256).is_file()
 
     def write(self, sha256: str, data: bytes) -> bool:
-        """Store ``data`` (whose digest the caller computed) unless present; True when it was written."""
+        """Store ``data`` (whose digest the caller computed) unless present whole; True when it was written.
+
+        A blob of another size is damaged (cut short on disk), and is replaced: an upload of the same bytes is
+        how a damaged image is restored."""
         target = self.path(sha256)
-        if target.is_file():
-            return False
+        with contextlib.suppress(FileNotFoundError):
+            if target.stat().st_size == len(data):
+                return False
         if not (self.root / MARKER).is_file():
             # Not the store's volume (unmounted under a running service): a blob written here would vanish
             # from view when the volume came back, leaving its row without bytes.

@@ -237,6 +237,16 @@ class ImageStore:
         except OSError as error:
             raise _blob_store_unavailable(error) from error
         size = await asyncio.to_thread(_file_size, handle)
+        if variant == "original" and size != record.size_bytes:
+            # Served as it is, a client got a body short of its Content-Length and no error.
+            handle.close()
+            log.error(
+                "blob damaged", image_id=str(record.id), sha256=digest, size=size, recorded=record.size_bytes
+            )
+            raise errors.Internal(
+                f"the stored bytes of image {record.id} are damaged ({size} bytes in the blob store, "
+                f"{record.size_bytes} recorded); upload the image again to restore them"
+            )
         return OpenedBlob(record, content_type, size, handle)
 
     async def delete(self, image_id: str) -> bool:
@@ -257,7 +267,13 @@ class ImageStore:
                 log.warning("blob not removed", sha256=digest, error=str(error))
                 return False
 
-        removed = await self.repository.release_blobs(digests, remove=remove)
+        try:
+            removed = await self.repository.release_blobs(digests, remove=remove)
+        except errors.MeshError as error:
+            # The delete is committed: an error now would be retried (UNAVAILABLE is) into NOT_FOUND. The
+            # blobs stay behind until the orphan sweep.
+            log.warning("blobs not released after a delete", image_id=str(parsed), error=error.message)
+            return False
         BLOBS_REMOVED.inc(len(removed))
         log.info("image deleted", image_id=str(parsed), blobs_removed=len(removed))
         return record.sha256 in removed
