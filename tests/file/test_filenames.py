@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mesh.kit.image_bytes import Format
 from mesh.services.file.validation import MAX_FILENAME_CHARS, sanitise_filename
 
 
@@ -15,7 +16,7 @@ from mesh.services.file.validation import MAX_FILENAME_CHARS, sanitise_filename
         ("strip.png", "strip.png"),
         ("../../etc/passwd", "passwd.png"),
         ("..\\..\\windows\\system32\\evil.png", "evil.png"),
-        ("/abs/path/photo.jpg", "photo.jpg"),
+        ("/abs/path/photo.png", "photo.png"),
         ("", "image.png"),
         ("..", "image.png"),
         ("...", "image.png"),
@@ -32,6 +33,24 @@ from mesh.services.file.validation import MAX_FILENAME_CHARS, sanitise_filename
 def test_examples(raw: str, expected: str) -> None:
     """Path parts, control and bidi characters and reserved characters go; a usable name stays."""
     assert sanitise_filename(raw, "PNG") == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "fmt", "expected"),
+    [
+        ("photo.jpg", "PNG", "photo.png"),
+        ("photo.JPEG", "JPEG", "photo.JPEG"),
+        ("scan.jfif", "JPEG", "scan.jfif"),
+        ("picture.gif", "WEBP", "picture.webp"),
+        ("\u202egnp.exe", "PNG", "gnp.exe.png"),
+        ("report.2024", "JPEG", "report.2024.jpg"),
+    ],
+)
+def test_a_name_gets_the_real_formats_extension(raw: str, fmt: Format, expected: str) -> None:
+    """A name whose extension is not the real format's gets the real one: in place of another image format's,
+    after anything else (PNG bytes named photo.jpg were stored and downloaded as photo.jpg, and a name ending
+    in .exe kept it), so that a saved download opens as what it is."""
+    assert sanitise_filename(raw, fmt) == expected
 
 
 def test_fallback_uses_the_real_format() -> None:

@@ -28,6 +28,7 @@ from mesh.services.file.client import FileClient
 from mesh.services.file.postgres import PostgresImageRepository
 from mesh.services.file.servicer import MAX_CHUNK_BYTES
 from mesh.services.file.store import ImageStore, UploadRequest
+from mesh.services.file.validation import DEFAULT_LIMITS
 from tests.file import corpus
 
 pytestmark = pytest.mark.integration
@@ -196,12 +197,16 @@ async def test_a_refusal_of_the_bytes_names_the_request_field_that_carried_them(
     file_client: FileClient,
 ) -> None:
     """Over gRPC, an error about the image bytes names where they were: UploadImage's ``chunk``, CreateImage's
-    ``data`` (it named no field)."""
+    ``data`` (it named no field), a refusal of their size too (neither named one)."""
     for call, field in ((file_client.upload, "chunk"), (file_client.create, "data")):
         for data in (b"plain text, not a picture\n", unique_png(200, 200)[:500]):
             with pytest.raises(errors.MeshError) as caught:
                 await call(data, filename="bad.png")
             assert [v.field for v in caught.value.field_violations] == [field], caught.value
+        too_large = b"\x89PNG\r\n\x1a\n" + bytes(DEFAULT_LIMITS.max_bytes)
+        with pytest.raises(errors.ResourceExhausted, match="over the limit") as caught:
+            await call(too_large, filename="large.png")
+        assert [v.field for v in caught.value.field_violations] == [field], caught.value
 
 
 async def test_upload_stream_passes_chunks_on_as_they_come(file_client: FileClient) -> None:

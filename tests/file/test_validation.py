@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -336,3 +338,38 @@ def test_a_late_exif_chunk_turns_neither_the_size_nor_the_thumbnail() -> None:
     assert header is not None
     assert (decoded.info.width, decoded.info.height) == header.shown_size == (6, 4)
     assert (make_thumbnail(decoded).width, make_thumbnail(decoded).height) == (6, 4)
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _whole_png(depth: int, colour_type: int, scanlines: bytes) -> bytes:
+    """A 4x4 PNG whose chunks are all whole and checksummed, with this header and pixel data."""
+    header = struct.pack(">IIBBBBB", 4, 4, depth, colour_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(scanlines))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(_whole_png(3, 0, bytes(12)), id="bit-depth-3"),
+        pytest.param(_whole_png(8, 2, bytes(10)), id="pixel-data-short-in-a-whole-file"),
+    ],
+)
+def test_a_whole_file_whose_pixels_do_not_decode_is_called_damaged_in_our_words(data: bytes) -> None:
+    """A PNG whose every chunk is whole but whose header or pixel data Pillow refuses is damaged: the message
+    says so in our words (it quoted Pillow, "cannot identify image file <_io.BytesIO object at 0x...>") and
+    does not ask for the file to be sent again (it said "the upload was cut off" of data short inside a
+    complete file)."""
+    with pytest.raises(errors.InvalidData) as refused:
+        validate_image(data, field="data")
+    assert refused.value.message == (
+        "the PNG could not be decoded: its image data is damaged; re-export the image from its source"
+    )
+    assert refused.value.metadata == {"problem": "corrupt"}

@@ -20,7 +20,24 @@ _DECLARABLE: Final[dict[int, Format]] = {
     image_pb2.IMAGE_FORMAT_WEBP: "WEBP",
 }
 
-IMAGE_CONTENT_TYPES: Final = ("image/png", "image/jpeg", "image/webp")
+CONTENT_TYPES: Final[dict[Format, str]] = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+IMAGE_CONTENT_TYPES: Final = tuple(CONTENT_TYPES.values())
+EXTENSIONS: Final[dict[Format, tuple[str, ...]]] = {
+    "PNG": (".png",),
+    "JPEG": (".jpg", ".jpeg", ".jpe", ".jfif"),
+    "WEBP": (".webp",),
+}
+"""Each format's file name extensions, the usual one first."""
+
+
+def extension_of(content_type: str) -> str:
+    """The usual file name extension of an image content type; empty for another type."""
+    for fmt, known in CONTENT_TYPES.items():
+        if known == content_type:
+            return EXTENSIONS[fmt][0]
+    return ""
+
+
 # Types that declare nothing (the format is detected from the bytes), and aliases that clients send.
 _UNDECLARED: Final = frozenset({"", "application/octet-stream", "binary/octet-stream"})
 _ALIASES: Final = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "image/x-png": "image/png"}

@@ -25,7 +25,7 @@ from typing import BinaryIO
 
 from mesh.kit.errors import StartupError
 
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 MARKER = ".mesh-blob-store"
 """The file in the root that says this directory is the blob store (and its volume is mounted)."""
@@ -68,7 +68,7 @@ class BlobStore:
 
     def path(self, sha256: str) -> Path:
         """Where the blob with this digest lives (the digest is checked, so no path can escape root)."""
-        if not _SHA256_HEX.fullmatch(sha256):
+        if not SHA256_HEX.fullmatch(sha256):
             raise ValueError(f"not a lower-case hex SHA-256: {sha256!r}")
         return self.root / sha256[:2] / sha256[2:4] / sha256
 
@@ -131,7 +131,7 @@ class BlobStore:
         """Every stored blob's digest (walks the tree)."""
         if not self.root.is_dir():
             return []
-        return [p.name for p in self.root.glob("*/*/*") if _SHA256_HEX.fullmatch(p.name)]
+        return [p.name for p in self.root.glob("*/*/*") if SHA256_HEX.fullmatch(p.name)]
 
     def remove_stale_temporaries(self, older_than_seconds: float) -> int:
         """Delete temporary files left by writes that crashed; returns how many."""
@@ -150,7 +150,7 @@ class BlobStore:
         """How many blobs are stored (for tests and diagnostics; walks the tree)."""
         if not self.root.is_dir():
             return 0
-        return sum(1 for p in self.root.glob("*/*/*") if _SHA256_HEX.fullmatch(p.name))
+        return sum(1 for p in self.root.glob("*/*/*") if SHA256_HEX.fullmatch(p.name))
 
 
 def _create_and_remove_a_file(directory: Path) -> None:

@@ -97,7 +97,7 @@ class FileServicer(file_service_pb2_grpc.FileServiceServicer):
         self, request_iterator: AsyncIterator[pb.UploadImageRequest], context: Context
     ) -> pb.UploadImageResponse:
         metadata: pb.UploadMetadata | None = None
-        guard = UploadSizeGuard(self.store.limits.max_bytes)
+        guard = UploadSizeGuard(self.store.limits.max_bytes, field="chunk")
         chunks: list[bytes] = []
         ended = False
         async for part in request_iterator:
@@ -150,13 +150,15 @@ class FileServicer(file_service_pb2_grpc.FileServiceServicer):
                 " may be incomplete; nothing was stored. Send `end` after the last chunk",
                 field_violations=[errors.FieldViolation("end", "missing after the last chunk")],
             )
-        result = await self.store.upload(b"".join(chunks), _upload_request(metadata), field="chunk")
+        data = b"".join(chunks)
+        del chunks  # held through the upload, the parts doubled the memory each upload takes
+        result = await self.store.upload(data, _upload_request(metadata), field="chunk")
         return pb.UploadImageResponse(image=image_to_proto(result.image), deduplicated=result.deduplicated)
 
     @override
     async def CreateImage(self, request: pb.CreateImageRequest, context: Context) -> pb.CreateImageResponse:
         if len(request.data) > self.store.limits.max_bytes:
-            raise too_large(len(request.data), self.store.limits.max_bytes)
+            raise too_large(len(request.data), self.store.limits.max_bytes, field="data")
         result = await self.store.upload(request.data, _upload_request(request.metadata), field="data")
         return pb.CreateImageResponse(image=image_to_proto(result.image), deduplicated=result.deduplicated)
 

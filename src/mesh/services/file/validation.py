@@ -18,10 +18,19 @@ from typing import Final
 from PIL import Image
 
 from mesh.kit import errors
-from mesh.kit.image_bytes import Format, no_pixels, normalise_content_type, not_an_image, sniff_format
+from mesh.kit.image_bytes import (
+    CONTENT_TYPES,
+    EXTENSIONS,
+    Format,
+    no_pixels,
+    normalise_content_type,
+    not_an_image,
+    sniff_format,
+)
 from mesh.kit.jpeg_data import check_jpeg_data
 from mesh.kit.orientation import displayed_size, exif_orientation
 from mesh.kit.units import binary_size
+from mesh.services.file.blobs import SHA256_HEX
 from mesh.services.file.containers import (
     ContainerError,
     ContainerInfo,
@@ -31,10 +40,11 @@ from mesh.services.file.containers import (
 )
 
 FORMATS: Final[tuple[Format, ...]] = ("PNG", "JPEG", "WEBP")
-CONTENT_TYPES: Final[dict[Format, str]] = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
-EXTENSIONS: Final[dict[Format, str]] = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
-# Declared types that mean "I don't know"; they are not compared with the real type.
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# Extensions a name may carry that say it is some image (of another format, it is replaced by the real one's).
+_IMAGE_SUFFIXES: Final = frozenset(
+    {ext.removeprefix(".") for exts in EXTENSIONS.values() for ext in exts}
+    | {"gif", "bmp", "tif", "tiff", "heic", "heif", "avif", "jxl", "ico", "svg"}
+)
 MAX_FILENAME_CHARS: Final = 200
 
 
@@ -82,15 +92,16 @@ class DecodedImage:
 class UploadSizeGuard:
     """Counts the bytes of a streamed upload and stops it as soon as it passes the limit."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, field: str | None = None) -> None:
         self.max_bytes = max_bytes
+        self.field = field
         self.received = 0
 
     def add(self, count: int) -> None:
-        """Account for ``count`` more bytes; raises PayloadTooLarge once over the limit."""
+        """Account for ``count`` more bytes; raises PayloadTooLarge (naming ``field``) once over the limit."""
         self.received += count
         if self.received > self.max_bytes:
-            raise too_large(self.received, self.max_bytes, complete=False)
+            raise too_large(self.received, self.max_bytes, complete=False, field=self.field)
 
 
 def too_large(
@@ -114,7 +125,7 @@ def _on(field: str | None, description: str) -> list[errors.FieldViolation]:
 def check_sha256_syntax(value: str) -> str:
     """The declared SHA-256 in lower case; InvalidArgument unless it is 64 hex digits (or empty)."""
     normal = value.strip().lower()
-    if normal and not _SHA256_HEX.fullmatch(normal):
+    if normal and not SHA256_HEX.fullmatch(normal):
         raise errors.InvalidArgument(
             f"sha256 {value[:80]!r} is not a SHA-256 digest; send 64 hexadecimal digits or leave it empty",
             field_violations=[errors.FieldViolation("metadata.sha256", "must be 64 hexadecimal digits")],
@@ -243,16 +254,12 @@ def _decode(fmt: Format, data: bytes, field: str | None) -> tuple[Image.Image, i
             f"the {fmt} is too large to decode safely: {error}",
             field_violations=_on(field, "fewer pixels"),
         ) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        text = str(error) or type(error).__name__
-        if "truncated" in text.lower():
-            raise errors.InvalidData(
-                f"the {fmt} is truncated ({text}); the upload was cut off, send the complete file",
-                field_violations=_on(field, _CONTAINER_VIOLATIONS["truncated"].format(fmt=fmt)),
-                metadata={"problem": "truncated"},
-            ) from None
+    except (OSError, SyntaxError, ValueError, EOFError):
+        # The container walk found the file whole, so what stops the decoder lies inside its image data. Its
+        # own text names Python objects ("cannot identify image file <_io.BytesIO ...>"), or says "truncated"
+        # of data that is short inside a complete file, which no resend mends.
         raise errors.InvalidData(
-            f"the {fmt} could not be decoded ({text}); it is corrupted, re-export the image from its source",
+            f"the {fmt} could not be decoded: its image data is damaged; re-export the image from its source",
             field_violations=_on(field, _CONTAINER_VIOLATIONS["corrupt"].format(fmt=fmt)),
             metadata={"problem": "corrupt"},
         ) from None
@@ -280,8 +287,10 @@ def _channels_and_depth(image: Image.Image, container: ContainerInfo) -> tuple[i
 def sanitise_filename(name: str, fmt: Format) -> str:
     """A safe display name: the base name only, no control or path characters, bounded length.
 
-    Falls back to ``image`` plus the real format's extension when nothing usable is left, and adds that
-    extension when the name has none.
+    Falls back to ``image`` plus the real format's extension when nothing usable is left; a name whose
+    extension is not one of the real format's gets the real one, in place of another image format's (PNG
+    bytes named ``photo.jpg`` are ``photo.png``) and added to any other (``notes.exe`` is ``notes.exe.png``),
+    so that a saved download opens as what it is.
     """
     text = unicodedata.normalize("NFC", name)
     text = text.replace("\\", "/").rsplit("/", 1)[-1]
@@ -289,11 +298,14 @@ def sanitise_filename(name: str, fmt: Format) -> str:
     text = "".join(ch for ch in text if ch.isprintable() or ch.isspace())
     text = re.sub(r'[<>:"|?*]', "_", text)
     text = re.sub(r"\s+", " ", text).strip().lstrip(".").strip()
-    extension = EXTENSIONS[fmt]
+    extension = EXTENSIONS[fmt][0]
     if not text or set(text) <= {".", " "}:
         return f"image{extension}"
     stem, dot, suffix = text.rpartition(".")
-    if not dot or not stem or not suffix.isalnum() or len(suffix) > 5:
+    if not dot or not stem:
         stem, suffix = text, extension.removeprefix(".")
+    elif f".{suffix.lower()}" not in EXTENSIONS[fmt]:
+        stem = stem if suffix.lower() in _IMAGE_SUFFIXES else text
+        suffix = extension.removeprefix(".")
     stem = stem[: MAX_FILENAME_CHARS - len(suffix) - 1].rstrip()
     return f"{stem}.{suffix}"

@@ -14,7 +14,7 @@ from starlette.responses import StreamingResponse
 
 from mesh.file.v1 import file_service_pb2
 from mesh.kit import errors
-from mesh.kit.image_bytes import IMAGE_CONTENT_TYPES, declared_image_type
+from mesh.kit.image_bytes import IMAGE_CONTENT_TYPES, declared_image_type, extension_of
 from mesh.kit.pagination import DEFAULT_PAGE_SIZE
 from mesh.services.gateway import convert, idempotency, schemas
 from mesh.services.gateway.bodies import media_type
@@ -24,7 +24,6 @@ from mesh.services.gateway.spans import annotate
 router = APIRouter(prefix="/v1/images", tags=["images"])
 
 ACCEPTED_TYPES = IMAGE_CONTENT_TYPES
-_EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 UPLOAD_BODY = {
     "requestBody": {
@@ -126,7 +125,7 @@ async def _read_upload(request: Request) -> Upload:
             ) from None
     else:
         declared = declared_image_type(kind)
-        filename = request.query_params.get("filename") or f"upload{_EXTENSIONS.get(declared, '')}"
+        filename = request.query_params.get("filename") or f"upload{extension_of(declared)}"
         rest = request.stream()
         first = b""
         async for chunk in rest:
@@ -248,7 +247,7 @@ def _thumbnail_name(name: str, served_type: str) -> str:
     """``photo.png``'s thumbnail served as a JPEG is ``photo.thumbnail.jpg``: a thumbnail's type is its own
     (JPEG, or PNG for an image with alpha), so the original's extension would mislabel it."""
     stem = name.rpartition(".")[0] or name or "image"
-    return f"{stem}.thumbnail{_EXTENSIONS.get(served_type, '')}"
+    return f"{stem}.thumbnail{extension_of(served_type)}"
 
 
 def _content_disposition(name: str) -> str:
