@@ -4,11 +4,18 @@ Pillow decodes happily past the end of an image: bytes appended after a PNG's IE
 classic polyglot) are ignored, and a cut-off file can fail with a vague message. Walking the container
 first gives precise answers (truncated, trailing data, corrupted chunk) and the declared pixel size, so
 that decompression bombs are refused before a decoder allocates anything.
+
+Phones write a few well-known structures after a JPEG's end-of-image marker, and those are accepted when they
+are well formed: the further images an MPF segment declares (MPO, Ultra HDR gain maps), Samsung's SEF trailer
+(records, then a SEFH directory, then its length and "SEFT"), and the motion photo's video (and other items)
+that the XMP declares by length (Google's Camera/Container namespaces, as Pixel and Samsung phones write them).
+Anything else after the image, or a declaration that does not account for the bytes, is trailing data.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -28,6 +35,22 @@ _JPEG_SOI = b"\xff\xd8"
 # APP2 segment that opens with this identifier; they follow the first image's end-of-image marker.
 _MPF_IDENTIFIER = b"MPF\x00"
 _MPF_ENTRIES = 0xB002  # the MP Index IFD's MP Entry tag: 16 bytes an image (attribute, size, offset, links)
+# The standard XMP packet sits in one APP1 segment (at most 64 KiB) that opens with this namespace.
+_XMP_IDENTIFIER = b"http://ns.adobe.com/xap/1.0/\x00"
+# Samsung's trailer (exiftool's Samsung.pm): records, each "\0\0" + its type (2 bytes) + the length of its name
+# (4 bytes) + name + data; then the directory: "SEFH", version, count (4 bytes each), and per record 12 bytes
+# ("\0\0" + type, its distance back from the directory's start, its length); then the directory's length and
+# "SEFT". All little-endian.
+_SEF_END = b"SEFT"
+_SEF_DIRECTORY = b"SEFH"
+_SEF_ENTRY = struct.Struct("<4sII")
+# Micro Video (Pixel 2/3, Samsung): the appended video's start, counted back from the end of the file.
+_MICRO_VIDEO_OFFSET = re.compile(rb"(?<![\w:])G?Camera:MicroVideoOffset(?:\s*=\s*[\"']|>)\s*(\d{1,15})")
+# Motion Photo 1.0 (Pixel, Samsung): a Container:Directory of items, the primary image first; each further
+# item's bytes follow in order and the last one ends the file (how Android's media3 finds them).
+_CONTAINER_ITEM = re.compile(rb"<G?Container:Item\b([^>]*)>")
+_ITEM_ATTRIBUTE = re.compile(rb"(?<![\w:])(?:Item|GContainerItem):(\w+)\s*=\s*([\"'])(.*?)\2")
+_DECIMAL = re.compile(rb"\d{1,15}")
 
 
 class ContainerError(Exception):
@@ -102,25 +125,52 @@ def inspect_png(data: bytes) -> ContainerInfo:
     return ContainerInfo(info.width, info.height, channels, info.bit_depth, animated)
 
 
+@dataclass(frozen=True)
+class _JpegLayout:
+    """What walking a JPEG found: its frame, where it ends, and what its header declares about what follows."""
+
+    frame: ContainerInfo
+    end: int
+    """The offset just after the EOI marker."""
+    declared_images: list[int]
+    """Where the further images that its MPF segment lists start."""
+    xmp: bytes
+    """Its standard XMP packet (the APP1 segment's payload), empty when it has none."""
+
+
+@dataclass(frozen=True)
+class _DeclaredItems:
+    """Items that the XMP declares after the primary image: (MIME type, length) each, in file order, the last
+    one ending the file; ``padding`` is the room the primary image declares between its end and the first."""
+
+    padding: int
+    items: list[tuple[bytes, int]]
+
+
 def inspect_jpeg(data: bytes) -> ContainerInfo:
     """Walk the marker segments and entropy-coded scans up to EOI; nothing but padding may follow, except
-    the further images of a multi-picture file (MPF) that the first image declares."""
-    frame, end, declared = _walk_jpeg(data)
-    trailing = data[end:]
-    if trailing.strip(b"\x00") and not _holds_declared_images(data, end, declared):
+    the further images of a multi-picture file (MPF) that the first image declares, and a phone's trailer."""
+    layout = _walk_jpeg(data)
+    trailing = len(data) - layout.end
+    if (
+        data.count(0, layout.end) != trailing
+        and not _holds_declared_images(data, layout.end, layout.declared_images)
+        and not _holds_phone_trailer(data, layout)
+    ):
         raise ContainerError(
-            "trailing", f"the JPEG has {len(trailing)} bytes of extra data after its end-of-image marker"
+            "trailing", f"the JPEG has {trailing} bytes of extra data after its end-of-image marker"
         )
-    return frame
+    return layout.frame
 
 
-def _walk_jpeg(data: bytes) -> tuple[ContainerInfo, int, list[int]]:
-    """The frame of the JPEG at the start of ``data``, the offset after its EOI marker, and the offsets of the
-    further images its MPF segment declares."""
+def _walk_jpeg(data: bytes) -> _JpegLayout:
+    """The layout of the JPEG at the start of ``data``: its frame, the offset after its EOI marker, the offsets
+    of the further images its MPF segment declares and its XMP packet."""
     size = len(data)
     pos = 2
     frame: ContainerInfo | None = None
     declared: list[int] = []
+    xmp = b""
     while True:
         if pos >= size:
             raise ContainerError(
@@ -160,12 +210,14 @@ def _walk_jpeg(data: bytes) -> tuple[ContainerInfo, int, list[int]]:
             frame = ContainerInfo(width, height, components, 16 if precision > 8 else 8)
         if marker == 0xE2 and not declared and data[pos + 2 : pos + 6] == _MPF_IDENTIFIER:
             declared = _mpf_images(data, pos + 6, pos + length)
+        if marker == 0xE1 and not xmp and data[pos + 2 : pos + 2 + len(_XMP_IDENTIFIER)] == _XMP_IDENTIFIER:
+            xmp = data[pos + 2 + len(_XMP_IDENTIFIER) : pos + length]
         pos += length
         if marker == 0xDA:
             pos = _skip_entropy_coded(data, pos)
     if frame is None:
         raise ContainerError("corrupt", "the JPEG is corrupted: it has no frame header (SOF)")
-    return frame, pos, declared
+    return _JpegLayout(frame, pos, declared, xmp)
 
 
 def _mpf_images(data: bytes, header: int, end: int) -> list[int]:
@@ -204,7 +256,7 @@ def _holds_declared_images(data: bytes, end: int, starts: list[int]) -> bool:
         if image[:2] != _JPEG_SOI:
             return False
         try:
-            _, image_end, _ = _walk_jpeg(image)
+            image_end = _walk_jpeg(image).end
         except ContainerError as error:
             if error.problem == "truncated" and following == len(data):
                 raise ContainerError(
@@ -215,6 +267,159 @@ def _holds_declared_images(data: bytes, end: int, starts: list[int]) -> bool:
             return False
         position = start + image_end
     return not data[position:].strip(b"\x00")
+
+
+def _holds_phone_trailer(data: bytes, layout: _JpegLayout) -> bool:
+    """Whether everything after the image is what phones write there, each part well formed: Samsung's SEF
+    trailer, the items (a motion photo's video) that the XMP declares, the images that MPF declares, and zero
+    padding between them. A file that ends in "SEFT" with a directory that does not hold is refused outright."""
+    samsung = _samsung_trailer(data, layout.end)
+    if samsung is None and data.endswith(_SEF_END):
+        return False
+    found = [*(samsung or []), *_mpf_spans(data, layout.end, layout.declared_images)]
+    placed = [_place_items(data, layout.end, declared) for declared in _xmp_declarations(layout.xmp)]
+    candidates = [spans for spans in placed if spans is not None]
+    if samsung:
+        candidates.append([])  # the Samsung trailer alone may hold everything (its video in a record)
+    return any(_covers(data, layout.end, found + spans) for spans in candidates)
+
+
+def _samsung_trailer(data: bytes, end: int) -> list[tuple[int, int]] | None:
+    """The spans (start, stop) of the records and the directory of the Samsung trailer that ends ``data``, or
+    None when it ends in none, or in one whose directory does not hold: every record it lists must lie between
+    the image's end (``end``) and the directory, and start with the type its entry gives."""
+    size = len(data)
+    # The least a trailer holds: a record's header, a one-entry directory, then its length and "SEFT".
+    if size - end < 8 + 24 + 8 or not data.endswith(_SEF_END):
+        return None
+    (directory_length,) = struct.unpack_from("<I", data, size - 8)
+    directory = size - 8 - directory_length
+    if directory < end or directory_length < 12 or data[directory : directory + 4] != _SEF_DIRECTORY:
+        return None
+    (count,) = struct.unpack_from("<I", data, directory + 8)
+    if count == 0 or 12 + _SEF_ENTRY.size * count > directory_length:
+        return None
+    spans = [(directory, size)]
+    for index in range(count):
+        kind, back, length = _SEF_ENTRY.unpack_from(data, directory + 12 + _SEF_ENTRY.size * index)
+        start = directory - back
+        if not kind.startswith(b"\x00\x00") or not 8 <= length <= back or start < end:
+            return None
+        (name_length,) = struct.unpack_from("<I", data, start + 4)
+        if data[start : start + 4] != kind or 8 + name_length > length:
+            return None
+        spans.append((start, start + length))
+    return spans
+
+
+def _mpf_spans(data: bytes, end: int, starts: list[int]) -> list[tuple[int, int]]:
+    """The spans of the whole JPEGs found where the MPF segment declares further images (after ``end``)."""
+    spans = []
+    for start in sorted(set(starts)):
+        if start < end or data[start : start + 2] != _JPEG_SOI:
+            continue
+        try:
+            spans.append((start, start + _walk_jpeg(data[start:]).end))
+        except ContainerError:
+            continue
+    return spans
+
+
+def _xmp_declarations(xmp: bytes) -> list[_DeclaredItems]:
+    """What the XMP packet declares after the primary image: a Micro Video's offset, a Container directory's
+    further items (those with a length)."""
+    declarations = []
+    offset = _MICRO_VIDEO_OFFSET.search(xmp)
+    if offset and int(offset[1]):
+        declarations.append(_DeclaredItems(0, [(b"video/mp4", int(offset[1]))]))
+    directory = _container_items(xmp)
+    if directory is not None:
+        declarations.append(directory)
+    return declarations
+
+
+def _container_items(xmp: bytes) -> _DeclaredItems | None:
+    """The items after the primary image (the directory's first item) that a Container directory lists with a
+    length (a length of 0 shares the bytes of the item before it); None when it lists none, or an item without a
+    MIME type or with a length or padding that is not a number."""
+    items = [
+        {match[1]: match[3] for match in _ITEM_ATTRIBUTE.finditer(item[1])}
+        for item in _CONTAINER_ITEM.finditer(xmp)
+    ]
+    if len(items) < 2 or not all(_is_readable_item(item) for item in items):
+        return None
+    primary, *further = items
+    declared = [(item[b"Mime"].strip(), int(item.get(b"Length", b"0"))) for item in further]
+    declared = [(mime, length) for mime, length in declared if length]
+    return _DeclaredItems(int(primary.get(b"Padding", b"0")), declared) if declared else None
+
+
+def _is_readable_item(attributes: dict[bytes, bytes]) -> bool:
+    """Whether a Container item has a MIME type, and its length and padding (where given) are numbers."""
+    numbers = (attributes.get(name, b"0").strip() for name in (b"Length", b"Padding"))
+    return b"Mime" in attributes and all(_DECIMAL.fullmatch(number) for number in numbers)
+
+
+def _place_items(data: bytes, end: int, declared: _DeclaredItems) -> list[tuple[int, int]] | None:
+    """The spans of the declared items, laid out back from the end of the file, each as far as its content is
+    well formed; None when they would reach into the image or an item is not of its declared type. The
+    primary image's padding is only room: what lies there must be accounted for otherwise (Samsung's record
+    headers) or be zeros, as must what lies in an item after its content (Samsung's SEF directory)."""
+    start = len(data) - sum(length for _, length in declared.items)
+    if start - declared.padding < end:
+        return None
+    spans = []
+    for mime, length in declared.items:
+        content_end = _content_end(data, start, start + length, mime)
+        if content_end is None:
+            return None
+        spans.append((start, content_end))
+        start += length
+    return spans
+
+
+def _content_end(data: bytes, start: int, stop: int, mime: bytes) -> int | None:
+    """Where the file of type ``mime`` at ``start`` ends (at most ``stop``): after the last whole top-level box
+    of a video, after the EOI of a JPEG; None when no such file starts there (or the type is not one phones
+    append)."""
+    if mime in (b"video/mp4", b"video/quicktime"):
+        if data[start + 4 : start + 8] != b"ftyp":  # an ISO BMFF file opens with its ftyp box
+            return None
+        return _boxes_end(data, start, stop)
+    if mime == b"image/jpeg" and data[start : start + 2] == _JPEG_SOI:
+        try:
+            return start + _walk_jpeg(data[start:stop]).end
+        except ContainerError:
+            return None
+    return None
+
+
+def _boxes_end(data: bytes, start: int, stop: int) -> int:
+    """The offset after the last whole ISO BMFF top-level box (size, four-character type) from ``start`` that
+    ends by ``stop``."""
+    position = start
+    while position + 8 <= stop:
+        size, kind = struct.unpack_from(">I4s", data, position)
+        header = 8
+        if size == 0:  # the last box runs to the end
+            size = stop - position
+        elif size == 1 and position + 16 <= stop:  # a 64-bit size follows the type
+            (size,) = struct.unpack_from(">Q", data, position + 8)
+            header = 16
+        if size < header or position + size > stop or not all(0x20 <= byte < 0x7F for byte in kind):
+            break
+        position += size
+    return position
+
+
+def _covers(data: bytes, end: int, spans: list[tuple[int, int]]) -> bool:
+    """Whether every byte after ``end`` lies in one of ``spans`` or is zero padding."""
+    position = end
+    for start, stop in sorted(spans):
+        if start > position and data.count(0, position, start) != start - position:
+            return False
+        position = max(position, stop)
+    return data.count(0, position) == max(len(data) - position, 0)
 
 
 def _skip_entropy_coded(data: bytes, pos: int) -> int:
