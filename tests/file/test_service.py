@@ -12,6 +12,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import cast
 
 import grpc
 import pytest
@@ -26,7 +27,7 @@ from mesh.kit.runtime import ServiceRuntime
 from mesh.services.file.blobs import BlobStore
 from mesh.services.file.client import FileClient
 from mesh.services.file.postgres import PostgresImageRepository
-from mesh.services.file.servicer import MAX_CHUNK_BYTES
+from mesh.services.file.servicer import MAX_CHUNK_BYTES, Context, FileServicer
 from mesh.services.file.store import ImageStore, UploadRequest
 from mesh.services.file.validation import DEFAULT_LIMITS
 from tests.file import corpus
@@ -579,3 +580,36 @@ async def test_a_delete_whose_blob_release_fails_still_succeeds_and_the_sweep_re
         assert blobs.exists(uploaded.image.sha256)
         assert await store.sweep_orphans() >= 1
         assert not blobs.exists(uploaded.image.sha256)
+
+
+async def test_uploads_past_the_limit_wait_unread_until_one_is_stored(
+    file_server: ServiceRuntime, database_url: str, blob_dir: Path
+) -> None:
+    """With one upload received at a time, a second waits before its first message is read (its bytes stay
+    with its client, held back by gRPC's flow control), and is stored once the first is: uploads received at
+    once were unbounded, and a burst of large ones took the process past its memory limit."""
+    read: list[str] = []
+    first_may_end = asyncio.Event()
+
+    async def stream(name: str, hold: asyncio.Event | None = None) -> AsyncIterator[pb.UploadImageRequest]:
+        read.append(name)
+        yield pb.UploadImageRequest(metadata=pb.UploadMetadata(filename=f"{name}.png"))
+        if hold is not None:
+            await hold.wait()
+        yield pb.UploadImageRequest(chunk=unique_png())
+        yield pb.UploadImageRequest(end=pb.UploadEnd())
+
+    async with create_pool(database_url, name="upload-limit-test", max_size=4) as pool:
+        servicer = FileServicer(
+            ImageStore(PostgresImageRepository(pool), BlobStore.opened(blob_dir)), max_concurrent_uploads=1
+        )
+        context = cast(Context, None)
+        first = asyncio.create_task(servicer.UploadImage(stream("first", first_may_end), context))
+        await asyncio.sleep(0.1)
+        second = asyncio.create_task(servicer.UploadImage(stream("second"), context))
+        await asyncio.sleep(0.3)
+        assert (read, second.done()) == (["first"], False)
+        first_may_end.set()
+        stored = await asyncio.wait_for(asyncio.gather(first, second), 10)
+        assert read == ["first", "second"]
+        assert [response.image.filename for response in stored] == ["first.png", "second.png"]

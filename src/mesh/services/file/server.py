@@ -98,6 +98,10 @@ async def file_service(settings: FileSettings) -> AsyncIterator[ServiceRuntime]:
                     store, migrations, runtime.stopping, settings.blob_sweep_interval_seconds
                 )
             )
-        servicer = FileServicer(store, default_chunk_bytes=settings.download_chunk_bytes)
+        servicer = FileServicer(
+            store,
+            default_chunk_bytes=settings.download_chunk_bytes,
+            max_concurrent_uploads=settings.max_concurrent_uploads,
+        )
         file_service_pb2_grpc.add_FileServiceServicer_to_server(servicer, runtime.server)
         yield runtime

@@ -88,13 +88,23 @@ def chunk_size(requested: int, default: int) -> int:
 class FileServicer(file_service_pb2_grpc.FileServiceServicer):
     """Implements ``mesh.file.v1.FileService`` on an :class:`ImageStore`."""
 
-    def __init__(self, store: ImageStore, *, default_chunk_bytes: int = 1024 * 1024) -> None:
+    def __init__(
+        self, store: ImageStore, *, default_chunk_bytes: int = 1024 * 1024, max_concurrent_uploads: int = 8
+    ) -> None:
         self.store = store
         self.default_chunk_bytes = default_chunk_bytes
+        self._receiving = asyncio.Semaphore(max_concurrent_uploads)
 
     @override
     async def UploadImage(
         self, request_iterator: AsyncIterator[pb.UploadImageRequest], context: Context
+    ) -> pb.UploadImageResponse:
+        # Taken before the first message is read: a waiting upload's bytes stay with its client.
+        async with self._receiving:
+            return await self._receive_upload(request_iterator)
+
+    async def _receive_upload(
+        self, request_iterator: AsyncIterator[pb.UploadImageRequest]
     ) -> pb.UploadImageResponse:
         metadata: pb.UploadMetadata | None = None
         guard = UploadSizeGuard(self.store.limits.max_bytes, field="chunk")

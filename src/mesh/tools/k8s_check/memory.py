@@ -26,6 +26,8 @@ PROCESS_BASELINE_BYTES = 150 * 2**20
 as the file and image processing settings state."""
 THUMBNAIL_BYTES = 10 * 10**6
 """What making an upload's thumbnail adds to its decoded image (FileSettings.max_concurrent_decodes)."""
+UPLOAD_COPIES = 2
+"""An upload received holds its bytes, twice while its parts are joined (FileSettings.max_concurrent_uploads)."""
 DECODED_BYTES_PER_PIXEL = 4
 """An upload is decoded to 8-bit RGBA (FileSettings.max_concurrent_decodes)."""
 IMAGE_BUDGET_PEAK = 2.5
@@ -118,6 +120,10 @@ class MemoryBound:
     per_unit: float
     why: str
     """What each unit holds, for messages."""
+    besides: float = 0.0
+    """Bytes held besides, bounded by other settings."""
+    besides_why: str = ""
+    """What ``besides`` holds, for messages."""
 
 
 def memory_bytes(quantity: object) -> float | None:
@@ -166,14 +172,19 @@ def _file_memory(overlay: Overlay, container: Manifest, cls: type[CommonSettings
     decodes = int_setting(overlay, container, cls, "max_concurrent_decodes")
     pixels = int_setting(overlay, container, cls, "max_image_pixels")
     upload = int_setting(overlay, container, cls, "max_upload_bytes")
-    if decodes is None or pixels is None or upload is None:
+    uploads = int_setting(overlay, container, cls, "max_concurrent_uploads")
+    if decodes is None or pixels is None or upload is None or uploads is None:
         return None
-    per_decode = pixels.value * DECODED_BYTES_PER_PIXEL + THUMBNAIL_BYTES + upload.value
+    per_decode = pixels.value * DECODED_BYTES_PER_PIXEL + THUMBNAIL_BYTES
     why = (
-        f"{binary_size(per_decode)} a decode: the image of {pixels} at {DECODED_BYTES_PER_PIXEL} bytes a pixel, "
-        f"its thumbnail (~{THUMBNAIL_BYTES // 10**6} MB) and its upload ({upload})"
+        f"{binary_size(per_decode)} a decode: the image of {pixels} at {DECODED_BYTES_PER_PIXEL} bytes a pixel "
+        f"and its thumbnail (~{THUMBNAIL_BYTES // 10**6} MB)"
     )
-    return MemoryBound(decodes, per_decode, why)
+    received = uploads.value * UPLOAD_COPIES * upload.value
+    received_why = (
+        f"{binary_size(received)} for the uploads received at once ({uploads}, {upload}, twice each)"
+    )
+    return MemoryBound(decodes, per_decode, why, received, received_why)
 
 
 MEMORY_BOUNDS: dict[str, Callable[[Overlay, Manifest, type[CommonSettings]], MemoryBound | None]] = {
@@ -186,7 +197,8 @@ MEMORY_BOUNDS: dict[str, Callable[[Overlay, Manifest, type[CommonSettings]], Mem
 def check_memory_limits(overlay: Overlay) -> Iterator[Violation]:
     """A container's memory limit holds what its service's own bound lets the process hold: the image
     processing service's ``MESH_IMAGE_MEMORY_BUDGET_BYTES`` (3 times it: see IMAGE_BUDGET_PEAK and
-    IMAGE_BUDGET_CARRIED), the file service's ``MESH_MAX_CONCURRENT_DECODES`` decodes, plus one gRPC message of
+    IMAGE_BUDGET_CARRIED), the file service's ``MESH_MAX_CONCURRENT_DECODES`` decodes and
+    ``MESH_MAX_CONCURRENT_UPLOADS`` uploads, plus one gRPC message of
     ``MESH_MAX_MESSAGE_BYTES`` (gRPC receives each message whole before the service, and its budget, see it)
     and the process itself (PROCESS_BASELINE_BYTES). Settings the manifests do not set count at their defaults.
     Below that, the kernel kills the pod under load before the bound sheds any."""
@@ -201,7 +213,7 @@ def check_memory_limits(overlay: Overlay) -> Iterator[Violation]:
             message = int_setting(overlay, container, cls, "max_message_bytes")
             if limit is None or bound is None or message is None:
                 continue
-            fixed = message.value + PROCESS_BASELINE_BYTES
+            fixed = message.value + PROCESS_BASELINE_BYTES + bound.besides
             needed = bound.setting.value * bound.per_unit + fixed
             if limit >= needed:
                 continue
@@ -210,7 +222,8 @@ def check_memory_limits(overlay: Overlay) -> Iterator[Violation]:
             yield Violation(
                 f"{ref(deployment)} container {container.get('name')}",
                 f"memory limit {binary_size(int(limit))} is below the {binary_size(int(needed))} that "
-                f"{bound.setting} lets the process hold ({bound.why}), with one gRPC message of {message} and "
+                f"{bound.setting} lets the process hold ({bound.why}), with "
+                f"{bound.besides_why + ', ' if bound.besides_why else ''}one gRPC message of {message} and "
                 f"{binary_size(PROCESS_BASELINE_BYTES)} for the process itself: the kernel kills the pod before "
                 f"the bound sheds load; raise the limit to at least {-(-int(needed) // 2**20)}Mi{lower}",
             )
