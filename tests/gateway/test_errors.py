@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from mesh.services.image_processing.registry import MAX_PIPELINE_STEPS
 from tests.gateway.fakes import strip_png
 from tests.gateway.harness import FakeMesh, GatewayFactory, build_gateway, close_gateway, serve_app
 
@@ -202,10 +203,10 @@ async def test_too_many_parameters_are_a_quick_400_naming_the_field_and_the_limi
 
 
 async def test_a_body_of_thousands_of_bad_values_gets_a_bounded_400(client: httpx.AsyncClient) -> None:
-    """4096 bad parameter values (64 steps of 64) give one violation each, not one per type a value may have,
-    and the 400 lists 20 of them and counts the rest: a few KB, where it listed 16 384."""
+    """2048 bad parameter values (the most steps a pipeline has, 32, of 64) give one violation each, not one per
+    type a value may have, and the 400 lists 20 of them and counts the rest: a few KB, where it listed 8192."""
     step = {"filter": "blur", "params": {f"p{i}": {} for i in range(64)}}
-    response = await client.post("/v1/jobs", json={"image_id": "x", "pipeline": [step] * 64})
+    response = await client.post("/v1/jobs", json={"image_id": "x", "pipeline": [step] * MAX_PIPELINE_STEPS})
     assert response.status_code == 400
     assert len(response.content) < 4000
     violations = violations_of(assert_error_shape(response.json(), "INVALID_ARGUMENT"))
@@ -214,7 +215,7 @@ async def test_a_body_of_thousands_of_bad_values_gets_a_bounded_400(client: http
         {"field": "pipeline.0.params.p0", "description": "must be a boolean, a number or a string"},
         {"field": "pipeline.0.params.p1", "description": "must be a boolean, a number or a string"},
     ]
-    assert violations[-1] == {"field": "body", "description": "and 4076 more problems left out here"}
+    assert violations[-1] == {"field": "body", "description": "and 2028 more problems left out here"}
 
 
 async def test_a_violation_cuts_a_long_field_name(client: httpx.AsyncClient) -> None:

@@ -180,7 +180,8 @@ async def test_a_request_larger_than_the_budget_is_refused_before_decoding_namin
     """The budget is checked from the header, before a pixel is decoded, and applies to an empty pipeline
     too (it skipped admission): RESOURCE_EXHAUSTED (413, retrying will not help) naming what it needs and
     the budget."""
-    processor = Processor(CpuBackend(), store=None, limits=LIMITS, memory_budget_bytes=MiB)
+    processor = Processor(CpuBackend(), store=None, limits=LIMITS, memory_budget_bytes=2 * MiB)
+    raw = pb.OutputSpec(format=image_pb2.IMAGE_FORMAT_RAW)
     image = noise(300, 400, 4, np.uint16)  # 960,000 bytes decoded
     decoded: list[bytes] = []
 
@@ -190,24 +191,22 @@ async def test_a_request_larger_than_the_budget_is_refused_before_decoding_namin
 
     monkeypatch.setattr(codec, "decode", decode)
     try:
-        (await processor.process(_png_input(image[:, :200]), [], pb.OutputSpec())).release()
-        assert len(decoded) == 1  # 480,000 bytes fit
+        (await processor.process(_png_input(image[:, :200]), [], raw)).release()
+        assert len(decoded) == 1  # 480,000 bytes decoded fit, with their file and the reply's copy
         decoded.clear()
         with pytest.raises(errors.PayloadTooLarge) as caught:
-            await processor.process(
-                _png_input(image), validate_pipeline([("resize", {"scale": 1.5})]), pb.OutputSpec()
-            )
-        with pytest.raises(errors.PayloadTooLarge, match=r"the 500x300 input .* needs 1200000 bytes"):
-            await processor.process(_png_input(noise(300, 500, 4, np.uint16)), [], pb.OutputSpec())
+            await processor.process(_png_input(image), validate_pipeline([("resize", {"scale": 1.5})]), raw)
+        with pytest.raises(errors.PayloadTooLarge, match=r"the 500x300 input .* needs \d+ bytes"):
+            await processor.process(_png_input(noise(300, 500, 4, np.uint16)), [], raw)
     finally:
         processor.close()
     assert not decoded
     assert errors.http_status(caught.value) == 413
     message = caught.value.message
+    assert "the 400x300 input (4 channels of 16 bits) when its 600x450x4 result is delivered," in message
     assert (
-        "the 400x300 input (4 channels of 16 bits) through pipeline[0], whose output is 600x450x4," in message
+        f"needs 6244124 bytes of memory, more than this server's whole budget of {2 * MiB} bytes" in message
     )
-    assert f"needs 2160000 bytes of memory, more than this server's whole budget of {MiB} bytes" in message
     assert processor.admission.pending == 0
 
 
@@ -271,7 +270,9 @@ async def test_a_pipeline_whose_output_is_over_the_pixel_limit_is_refused_before
     backend.gate.set()
     processor = Processor(backend, store=None, limits=codec.Limits(max_pixels=10_000))
     try:
-        with pytest.raises(errors.PayloadTooLarge, match="pipeline output is 141x141 = 19881 pixels"):
+        with pytest.raises(
+            errors.PayloadTooLarge, match=r"pipeline\[0\] \(rotate\) output is 141x141 = 19881 pixels"
+        ):
             await processor.process(
                 _png_input(smooth(100, 100, 3)),
                 validate_pipeline([("rotate", {"angle": 45.0})]),
@@ -324,7 +325,8 @@ async def test_a_raw_reply_keeps_its_admission_until_it_is_serialised() -> None:
     try:
         reply = await servicer.ProcessImage(RAW_INPUT.parse(request.SerializeToString()), CallContext())  # type: ignore[arg-type]
         assert processor.admission.pending == 1
-        assert processor.admission.free_bytes == processor.admission.memory_budget_bytes - image.nbytes
+        # The request's samples, the result, and the result's copy in the serialised reply.
+        assert processor.admission.free_bytes == processor.admission.memory_budget_bytes - 3 * image.nbytes
         parsed = pb.ProcessImageResponse.FromString(serialize_reply(reply))
         assert parsed.raw.pixels == (255 - image).tobytes()
         assert processor.admission.pending == 0
@@ -454,22 +456,23 @@ async def test_requests_waiting_for_memory_hold_at_most_half_the_budget_in_their
     from prometheus_client import REGISTRY
 
     backend = GatedBackend()
-    processor = Processor(backend, store=None, limits=LIMITS, workers=1, memory_budget_bytes=20_000)
+    processor = Processor(backend, store=None, limits=LIMITS, workers=1, memory_budget_bytes=40_000)
     steps = validate_pipeline([("invert", {})])
     try:
-        running = asyncio.create_task(processor.run(noise(80, 80, 3), steps))  # 19 200 of 20 000 bytes
+        # 38 400 of 40 000 bytes: its input and its output.
+        running = asyncio.create_task(processor.run(noise(80, 80, 3), steps))
         await asyncio.to_thread(backend.entered.wait, 10)
-        waiting = asyncio.create_task(processor.run(noise(40, 40, 3), steps))  # carries 4 800 bytes
-        await _until(lambda: processor.admission.memory.carried == 4_800)
+        waiting = asyncio.create_task(processor.run(noise(60, 60, 3), steps))  # carries 10 800 bytes
+        await _until(lambda: processor.admission.memory.carried == 10_800)
         before = REGISTRY.get_sample_value("mesh_image_pipelines_rejected_total", {"device": "cpu"}) or 0.0
-        with pytest.raises(errors.ResourceExhausted, match=r"hold 4\.7 KiB of input already") as shed:
-            await processor.run(noise(50, 50, 3), steps)  # 7 500 more: past 10 000
+        with pytest.raises(errors.ResourceExhausted, match=r"hold 10\.5 KiB of input already") as shed:
+            await processor.run(noise(60, 80, 3), steps)  # 14 400 more: past 20 000
         assert shed.value.retry_after_seconds
         assert (
             REGISTRY.get_sample_value("mesh_image_pipelines_rejected_total", {"device": "cpu"}) == before + 1
         )
-        small = asyncio.create_task(processor.run(noise(30, 30, 3), steps))  # 2 700 more: it may wait
-        await _until(lambda: processor.admission.memory.carried == 7_500)
+        small = asyncio.create_task(processor.run(noise(50, 50, 3), steps))  # 7 500 more: it may wait
+        await _until(lambda: processor.admission.memory.carried == 18_300)
         backend.gate.set()
         for task in (running, waiting, small):
             await asyncio.wait_for(task, 10)

@@ -280,9 +280,10 @@ def test_resize_nearest_area_bilinear() -> None:
 
 
 def test_resize_too_large_is_rejected() -> None:
-    """A resize beyond the pixel bound names its parameter."""
-    with pytest.raises(errors.InvalidArgument) as caught:
-        _run("resize", noise(4000, 4000, 1), scale=16.0)
+    """A resize beyond the pixel bound is refused in the plan (the backends no longer check sizes themselves),
+    naming its parameter."""
+    with pytest.raises(errors.PayloadTooLarge) as caught:
+        filter_math.output_shapes(4000, 4000, 1, validate_pipeline([("resize", {"scale": 16.0})]), 50_000_000)
     assert caught.value.field_violations[0].field == "pipeline[0].params.scale"
 
 
@@ -308,10 +309,10 @@ def test_resize_of_a_thin_image_keeps_a_derived_side_of_at_least_one_pixel(
 
 def test_resize_too_large_from_height_alone_names_height() -> None:
     """When only height was set, the error names params.height, the one the client gave (it named width)."""
-    with pytest.raises(errors.InvalidArgument) as caught:
-        _run("resize", noise(1, 1000, 1), height=16384)
+    with pytest.raises(errors.PayloadTooLarge) as caught:
+        filter_math.output_shapes(1, 1000, 1, validate_pipeline([("resize", {"height": 16384})]), 50_000_000)
     assert [v.field for v in caught.value.field_violations] == ["pipeline[0].params.height"]
-    assert "gives 16384000x16384" in caught.value.message
+    assert "16384000x16384" in caught.value.message
 
 
 def test_crop_and_its_bounds() -> None:

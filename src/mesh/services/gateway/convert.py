@@ -95,6 +95,7 @@ def filter_spec(spec: image_pb.FilterSpec) -> schemas.FilterOut:
         params=params,
         devices=[device(d) for d in spec.devices],
         output_channels=spec.output_channels,
+        tolerance=spec.tolerance,
     )
 
 

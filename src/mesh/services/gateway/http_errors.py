@@ -35,6 +35,7 @@ _CODES_BY_HTTP = {
     401: errors.Unauthenticated,
     403: errors.PermissionDenied,
     404: errors.NotFound,
+    406: errors.Unimplemented,
     409: errors.Aborted,
     413: errors.PayloadTooLarge,
     415: errors.UnsupportedMediaType,
@@ -42,6 +43,11 @@ _CODES_BY_HTTP = {
     501: errors.Unimplemented,
     503: errors.Unavailable,
     504: errors.DeadlineExceeded,
+}
+# Statuses that HTTP has and gRPC has not: their ErrorInfo reason names the HTTP status (as 405's
+# METHOD_NOT_ALLOWED does), where the code alone would say 501.
+_REASONS_BY_HTTP = {
+    406: "NOT_ACCEPTABLE",
 }
 
 
@@ -134,7 +140,7 @@ def _http_exception(request: Request, exc: HTTPException) -> tuple[errors.MeshEr
             reason="NO_SUCH_ROUTE",
         ), 404
     cls = _CODES_BY_HTTP.get(status, errors.Internal if status >= 500 else errors.InvalidArgument)
-    return cls(str(exc.detail)), status
+    return cls(str(exc.detail), reason=_REASONS_BY_HTTP.get(status, "")), status
 
 
 async def _on_mesh_error(request: Request, exc: Exception) -> Response:

@@ -21,6 +21,7 @@ from pydantic_core import PydanticCustomError
 from mesh.kit.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from mesh.kit.param_values import ParamScalar
 from mesh.kit.text_fields import MAX_IDEMPOTENCY_KEY_CHARS
+from mesh.services.image_processing.registry import MAX_PIPELINE_STEPS
 
 # Ids are UUIDs: documented so (clients and fuzzers generate real ones), checked by the services, whose
 # refusals say what an id looks like.
@@ -155,6 +156,10 @@ class FilterOut(BaseModel):
     params: list[ParamSpecOut]
     devices: list[str] = Field(description="cpu and/or gpu.")
     output_channels: str
+    tolerance: str = Field(
+        description='How closely the GPU result matches the CPU result for the same input ("exact", "within 1'
+        ' LSB", ...).'
+    )
 
 
 class FilterList(BaseModel):
@@ -203,7 +208,7 @@ class ProcessIn(Strict):
     # Absent is "" (never null), so the document's oneOf says exactly what is accepted.
     image_id: str = Field(default="", min_length=1, max_length=200, json_schema_extra=UUID_FORMAT)
     image: InlineImage = b""
-    pipeline: list[PipelineStepIn] = Field(default_factory=list, max_length=64)
+    pipeline: list[PipelineStepIn] = Field(default_factory=list, max_length=MAX_PIPELINE_STEPS)
     output_format: Literal["png", "jpeg", "webp"] = "png"
     quality: int | None = Field(default=None, ge=1, le=100, description="JPEG/WebP quality.")
 
@@ -351,7 +356,7 @@ class JobIn(Strict):
     """A job to submit."""
 
     image_id: str = Field(min_length=1, max_length=200, json_schema_extra=UUID_FORMAT)
-    pipeline: list[PipelineStepIn] = Field(default_factory=list, max_length=64)
+    pipeline: list[PipelineStepIn] = Field(default_factory=list, max_length=MAX_PIPELINE_STEPS)
     model: str = Field(
         default="",
         max_length=200,

@@ -1,7 +1,8 @@
 """Admission of requests to the backend: a bound on how many wait, and a memory budget they share.
 
-A request is admitted before its image is decoded, weighted by the bytes of the largest image it will hold
-(the decoded input, or a step's output), known from the header and the steps' parameters. Requests wait in
+A request is admitted before its image is decoded, weighted by the most memory it will hold at once
+(``processor.weigh``: the codec's copies, each step's input, output and working memory beside the decoded
+input, the encoded file), known from the header and the steps' parameters. Requests wait in
 turn (first come, first served) for their share of the budget, each within its deadline; a request larger
 than the whole budget is refused at once, and beyond ``max_pending`` admitted or waiting requests new ones
 are shed with RESOURCE_EXHAUSTED and a retry delay, as are those that would wait while the waiting ones hold
@@ -116,7 +117,7 @@ class Admission:
     async def admit(
         self, nbytes: int, what: str, deadline: float | None = None, *, carried: int = 0
     ) -> Ticket:
-        """A ticket for a request whose largest image is ``nbytes`` (``what`` describes it in a refusal),
+        """A ticket for a request that will hold ``nbytes`` at most (``what`` describes it in a refusal),
         once its share is free; ``deadline`` (``time.monotonic()``) bounds the wait (DEADLINE_EXCEEDED);
         ``carried``: the bytes of its input as received, held while it waits (shed when the waiters' are
         too many already)."""

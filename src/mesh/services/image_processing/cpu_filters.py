@@ -66,17 +66,17 @@ def grey_of(image: Image, method: str) -> Image:
     return as_image(cv2.transform(image, weights))
 
 
-def apply_lut(image: Image, lut: Image, keep_alpha: bool = True) -> Image:
-    """Map every colour sample through ``lut`` (alpha unchanged when ``keep_alpha``)."""
+def apply_lut(image: Image, lut: Image) -> Image:
+    """Map every colour sample through ``lut``; alpha is left unchanged."""
     channels = image.shape[2]
     if image.dtype == np.uint8:
-        if channels == 4 and keep_alpha:
+        if channels == 4:
             identity = np.arange(256, dtype=np.uint8)
             table = np.stack([lut, lut, lut, identity], axis=1).reshape(256, 1, 4)
             return as_image(cv2.LUT(image, table))
         return as_image(cv2.LUT(image, lut))
     out: Image = np.take(lut, image)
-    if channels == 4 and keep_alpha:
+    if channels == 4:
         out[:, :, 3] = image[:, :, 3]
     return out
 
@@ -143,16 +143,22 @@ def sobel(image: Image, step: Step) -> Image:
     ksize = step.as_int("ksize")
     direction = step.as_str("direction")
     border = cv2.BORDER_REFLECT_101
+    # Float work arrays are 4 bytes a sample: every one is computed in place where it can be, so that the step
+    # holds two of them at most (registry's working memory for sobel counts them).
     if direction == "magnitude":
-        dx = cv2.Sobel(image, cv2.CV_32F, 1, 0, ksize=ksize, borderType=border)
+        values = cv2.Sobel(image, cv2.CV_32F, 1, 0, ksize=ksize, borderType=border)
         dy = cv2.Sobel(image, cv2.CV_32F, 0, 1, ksize=ksize, borderType=border)
-        values = cv2.magnitude(dx, dy)
+        cv2.magnitude(values, dy, values)
+        del dy
     else:
         order = (1, 0) if direction == "x" else (0, 1)
         values = cv2.Sobel(image, cv2.CV_32F, *order, ksize=ksize, borderType=border)
     if image.dtype == np.uint8:
         return as_image(cv2.convertScaleAbs(values))
-    return as_image(np.clip(np.rint(np.abs(values)), 0, 65535).astype(np.uint16))
+    np.abs(values, out=values)
+    np.rint(values, out=values)
+    np.clip(values, 0, 65535, out=values)
+    return as_image(values.astype(np.uint16))
 
 
 def to_grey(image: Image) -> Image:
@@ -241,8 +247,6 @@ def rotate(image: Image, step: Step) -> Image:
     if turns is not None:
         return image.copy() if turns == 0 else as_image(cv2.rotate(image, ROTATE_CODES[turns]))
     matrix, out_w, out_h = fm.rotation(image.shape[0], image.shape[1], angle, step.as_bool("expand"))
-    if out_w * out_h > fm.MAX_RESULT_PIXELS:
-        raise step.invalid("angle", f"gives {out_w}x{out_h}, more than {fm.MAX_RESULT_PIXELS} pixels")
     mode = cv2.INTER_NEAREST if step.as_str("interpolation") == "nearest" else cv2.INTER_LINEAR
     return as_image(
         cv2.warpAffine(
@@ -293,15 +297,22 @@ def convert_color(image: Image, step: Step) -> Image:
 
 
 def _convert_16(rgb: Image, conversion: str) -> Image:
-    """16-bit HSV through float32 (OpenCV has no 16-bit HSV); hue 0..360 maps to 0..65535."""
+    """16-bit HSV through float32 (OpenCV has no 16-bit HSV); hue 0..360 maps to 0..65535. Scaled and rounded in
+    place: two float arrays at most at once (registry's working memory for convert_color counts them)."""
     scale = np.float32(1.0 / 65535.0)
+    values = rgb.astype(np.float32)
     if conversion == "rgb_to_hsv":
-        hsv = cv2.cvtColor(rgb.astype(np.float32) * scale, cv2.COLOR_RGB2HSV)
-        hsv *= np.array([65535.0 / 360.0, 65535.0, 65535.0], dtype=np.float32)
-        return np.clip(np.rint(hsv), 0, 65535).astype(np.uint16)
-    hsv = rgb.astype(np.float32) * np.array([360.0 / 65535.0, scale, scale], dtype=np.float32)
-    out: Image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB) * np.float32(65535.0)
-    return np.clip(np.rint(out), 0, 65535).astype(np.uint16)
+        values *= scale
+        converted: Image = cv2.cvtColor(values, cv2.COLOR_RGB2HSV)
+        converted *= np.array([65535.0 / 360.0, 65535.0, 65535.0], dtype=np.float32)
+    else:
+        values *= np.array([360.0 / 65535.0, scale, scale], dtype=np.float32)
+        converted = cv2.cvtColor(values, cv2.COLOR_HSV2RGB)
+        np.multiply(converted, np.float32(65535.0), out=converted)
+    del values
+    np.rint(converted, out=converted)
+    np.clip(converted, 0, 65535, out=converted)
+    return converted.astype(np.uint16)
 
 
 FilterFn = Callable[[Image, Step], Image]

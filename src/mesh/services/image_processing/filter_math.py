@@ -2,20 +2,24 @@
 
 Lookup tables (adjust, equalisation), Otsu's threshold from a histogram, fixed-point grey weights, Gaussian
 coefficients, and the output geometry of resize, crop and rotate are computed here once, in NumPy, and handed
-to the CPU or the GPU code; :func:`output_shapes` chains that geometry over a pipeline before it runs.
+to the CPU or the GPU code; :func:`output_shapes` chains that geometry over a pipeline before it runs, bounding
+every step's output, and :func:`plan_steps` adds the memory each step works in.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 
-from mesh.services.image_processing.registry import FILTERS, Step
+from mesh.kit import errors
+from mesh.services.image_processing.registry import FILTERS, Shape, Step, StepImages
+from mesh.services.image_processing.registry import gaussian_ksize as gaussian_ksize
 
 Image = npt.NDArray[Any]
 """Pixels as (height, width, channels), channels 1, 3 or 4, RGB(A) order, uint8 or uint16."""
@@ -28,8 +32,6 @@ GRAY_WEIGHTS: dict[str, tuple[int, int, int]] = {
 }
 # BT.601 is OpenCV's cvtColor: 15-bit weights summing to 1 << 15, rounded half up, at 8 and 16 bits.
 BT601_WEIGHTS = (9798, 19235, 3735)
-MAX_RESULT_PIXELS = 100_000_000
-"""Upper bound on the pixels a resize or rotate may produce."""
 
 
 def max_value(dtype: npt.DTypeLike) -> int:
@@ -42,11 +44,6 @@ def as_image(array: npt.NDArray[Any]) -> Image:
     if array.ndim == 2:
         array = array[:, :, None]
     return array
-
-
-def gaussian_ksize(sigma: float, ksize: int) -> int:
-    """The kernel size used for ``sigma`` when the request leaves it 0."""
-    return ksize if ksize else 2 * math.ceil(3 * sigma) + 1
 
 
 def gaussian_kernel(ksize: int, sigma: float) -> npt.NDArray[Any]:
@@ -105,8 +102,9 @@ def equalize_lut(hist: npt.NDArray[np.integer], dtype: npt.DTypeLike) -> Image:
     return np.clip(np.rint(lut), 0, top).astype(dtype)
 
 
-def resize_shape(height: int, width: int, step: Step) -> tuple[int, int]:
-    """The (height, width) a resize step produces from an image of the given size."""
+def resize_shape(height: int, width: int, step: Step, max_pixels: int | None = None) -> tuple[int, int]:
+    """The (height, width) a resize step produces from an image of the given size; over ``max_pixels``
+    (given when the pipeline is planned, :func:`output_shapes`) RESOURCE_EXHAUSTED naming the parameter."""
     scale = step.as_float("scale")
     target_w, target_h = step.as_int("width"), step.as_int("height")
     # A side derived from a ratio is at least 1 pixel: a thin image (1000x1 to width 100) keeps its one row
@@ -127,8 +125,8 @@ def resize_shape(height: int, width: int, step: Step) -> tuple[int, int]:
     else:
         given = "height"
         new_w, new_h = max(1, round(width * target_h / height)), target_h
-    if new_w * new_h > MAX_RESULT_PIXELS:
-        raise step.invalid(given, f"gives {new_w}x{new_h}, more than {MAX_RESULT_PIXELS} pixels")
+    if max_pixels is not None:
+        check_step_pixels(step, given, new_w, new_h, max_pixels)
     return new_h, new_w
 
 
@@ -163,15 +161,18 @@ def crop_bounds(height: int, width: int, step: Step) -> tuple[int, int, int, int
 
 
 def output_shapes(
-    height: int, width: int, channels: int, steps: Sequence[Step]
-) -> list[tuple[int, int, int]]:
+    height: int, width: int, channels: int, steps: Sequence[Step], max_pixels: int | None = None
+) -> list[Shape]:
     """The (height, width, channels) after each step, from the parameters alone: what a pipeline will make,
-    known before it runs. A step whose parameters do not fit the image it will get (a crop outside it, a
-    result over MAX_RESULT_PIXELS) raises the INVALID_ARGUMENT it would raise when run."""
+    known before it runs. A step whose parameters do not fit the image it will get (a crop outside it) raises
+    the INVALID_ARGUMENT it would raise when run, and a resize or rotation whose output would be over
+    ``max_pixels`` (the service's limit on every image; None: no bound) RESOURCE_EXHAUSTED with reason
+    PAYLOAD_TOO_LARGE, as an input over it is (no other step makes a larger image than it gets). This is the
+    only bound on a step's size: the backends run what was planned here."""
     shapes = []
     for step in steps:
         if step.filter == "resize":
-            height, width = resize_shape(height, width, step)
+            height, width = resize_shape(height, width, step, max_pixels)
         elif step.filter == "crop":
             top, bottom, left, right = crop_bounds(height, width, step)
             height, width = bottom - top, right - left
@@ -179,18 +180,62 @@ def output_shapes(
             angle, expand = step.as_float("angle"), step.as_bool("expand")
             turns = right_angle_turns(angle, height, width, expand)
             if turns is None:
-                _, out_w, out_h = rotation(height, width, angle, expand)
-                if out_w * out_h > MAX_RESULT_PIXELS:
-                    raise step.invalid(
-                        "angle", f"gives {out_w}x{out_h}, more than {MAX_RESULT_PIXELS} pixels"
-                    )
-                height, width = out_h, out_w
+                _, width, height = rotation(height, width, angle, expand)
+                if max_pixels is not None:
+                    check_step_pixels(step, "angle", width, height, max_pixels)
             elif turns % 2:
                 height, width = width, height
         if FILTERS[step.filter].output_channels == "1":
             channels = 1
         shapes.append((height, width, channels))
     return shapes
+
+
+def check_step_pixels(step: Step, param: str, width: int, height: int, max_pixels: int) -> None:
+    """RESOURCE_EXHAUSTED (reason PAYLOAD_TOO_LARGE, as for an input or a result over the limit) naming the
+    step and its ``param`` when the step's ``width`` x ``height`` output is over ``max_pixels``: a 10x10 input
+    resized to 10000x10000 and back is refused, not run through a 100-megapixel middle."""
+    pixels = width * height
+    if pixels <= max_pixels:
+        return
+    field = step.field(param)
+    description = f"gives {width}x{height} = {pixels} pixels; a step's output may have at most {max_pixels}"
+    raise errors.PayloadTooLarge(
+        f"pipeline[{step.index}] ({step.filter}) output is {width}x{height} = {pixels} pixels; the limit is "
+        f"{max_pixels}, for every step's output as for the input ({field})",
+        field_violations=[errors.FieldViolation(field, description)],
+    )
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    """A step as planned before it runs: the images it takes and makes, and the memory its CPU code works in."""
+
+    step: Step
+    images: StepImages
+
+    @property
+    def working_bytes(self) -> int:
+        """Its temporaries besides its input and output (the filter's ``working_memory``)."""
+        return FILTERS[self.step.filter].working_memory(self.step, self.images)
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes it holds at its peak on the CPU: its input, its output and its temporaries."""
+        return self.images.input_bytes + self.images.output_bytes + self.working_bytes
+
+
+def plan_steps(
+    shape: Shape, itemsize: int, steps: Sequence[Step], max_pixels: int | None = None
+) -> list[PlannedStep]:
+    """Every step of a pipeline over an image of ``shape`` with ``itemsize``-byte samples, planned as
+    :func:`output_shapes` plans them (and refused as it refuses them)."""
+    after = output_shapes(*shape, steps, max_pixels)
+    before = [shape, *after][: len(after)]
+    return [
+        PlannedStep(step, StepImages(taken, made, itemsize))
+        for step, taken, made in zip(steps, before, after, strict=True)
+    ]
 
 
 def right_angle_turns(angle: float, height: int, width: int, expand: bool) -> int | None:

@@ -32,7 +32,7 @@ from mesh.services.image_processing import filter_math as fm
 from mesh.services.image_processing.backend import stop_if_cancelled
 from mesh.services.image_processing.filter_math import Image
 from mesh.services.image_processing.gpu_kernels import SEPARABLE_RADII, SOURCE, SPIN_SOURCE
-from mesh.services.image_processing.registry import FILTERS, Device, Step, validate_pipeline
+from mesh.services.image_processing.registry import FILTERS, Device, Step, runs_on_host, validate_pipeline
 
 log = get_logger(__name__)
 
@@ -290,8 +290,7 @@ class GpuSession:
     def _run_group(self, group: Sequence[Step]) -> None:
         if len(group) == 1 and not point_wise(group[0], int(self.image.shape[2])):
             step = group[0]
-            definition = FILTERS[step.filter]
-            if definition.gpu and not (step.filter == "equalize" and step.as_str("method") == "clahe"):
+            if not runs_on_host(step):
                 self.image = GPU_FILTERS[step.filter](self, self.image, step)
             else:
                 self.image = cp.asarray(
@@ -642,8 +641,6 @@ def _rotate(s: GpuSession, image: Any, step: Step) -> Any:
         return cp.ascontiguousarray(cp.rot90(image, turns, axes=(0, 1)))
     h, w, c = image.shape
     matrix, out_w, out_h = fm.rotation(h, w, angle, step.as_bool("expand"))
-    if out_w * out_h > fm.MAX_RESULT_PIXELS:
-        raise step.invalid("angle", f"gives {out_w}x{out_h}, more than {fm.MAX_RESULT_PIXELS} pixels")
     inverse = cv2.invertAffineTransform(matrix).ravel()
     out = s.empty((out_h, out_w, c))
     s.kernels["warp_affine"](

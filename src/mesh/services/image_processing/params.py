@@ -69,20 +69,28 @@ class ParamSpec:
             if isinstance(value, str) and value in self.options:
                 return value
             return Violation(f"must be {self.allowed()}, got {_got(value)}")
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not self._admits(value):
+            # Every refusal quotes the value as the client sent it, cut: float() of it made 2**63 - 1 read as
+            # 9223372036854775808 and 1e308 as its 309 digits.
             return Violation(f"must be {self.allowed()}, got {_got(value)}")
-        number = float(value)
-        if not math.isfinite(number):
-            return Violation(f"must be {self.allowed()}, got {_got(value)}")
-        if self.type is ParamType.INT and not number.is_integer():
-            return Violation(f"must be {self.allowed()}, got {_got(value)}")
-        if (self.min is not None and number < self.min) or (self.max is not None and number > self.max):
-            return Violation(f"must be {self.allowed()}, got {_fmt(number)}")
         if self.type is ParamType.INT:
-            if self.step > 1 and (number - (self.min or 0)) % self.step:
-                return Violation(f"must be {self.allowed()}, got {_fmt(number)}")
-            return int(number)
-        return number
+            return int(value)
+        return float(value)
+
+    def _admits(self, number: int | float) -> bool:
+        """Whether a number is finite, of this spec's type (integral for INT), within its bounds and on its step.
+
+        Compared as given, never through ``float()``: an int is compared exactly, and one past float's range
+        (``10**400``) is out of bounds rather than an OverflowError."""
+        if isinstance(number, float) and not math.isfinite(number):
+            return False
+        if self.type is ParamType.INT and isinstance(number, float) and not number.is_integer():
+            return False
+        if (self.min is not None and number < self.min) or (self.max is not None and number > self.max):
+            return False
+        if self.type is ParamType.INT and self.step > 1:
+            return (number - (self.min or 0)) % self.step == 0
+        return True
 
 
 def _got(value: ParamScalar) -> str:

@@ -5,7 +5,8 @@ It speaks the protobuf messages of the contract but no gRPC: the file service is
 settings' ``rpc_timeout_seconds`` and the caller's deadline.
 
 A request's input is read to its header, the sizes of every step's output are worked out from the
-parameters, and only then is it admitted (:mod:`.admission`, by the bytes of its largest image) and decoded.
+parameters (each bounded by the pixel limit), and only then is it admitted (:mod:`.admission`, by the most
+memory it will hold at once: :func:`weigh`) and decoded.
 Decoding and encoding run in a bounded thread pool of their own, pipelines in the backend's: asyncio's
 default pool stays free for the rest of the process (the health checks, above all).
 """
@@ -35,9 +36,9 @@ from mesh.services.file.ids import parse_image_id
 from mesh.services.image_processing import codec
 from mesh.services.image_processing.admission import Admission, Ticket
 from mesh.services.image_processing.backend import Backend, PipelineOutput, run_pipeline
-from mesh.services.image_processing.filter_math import Image, output_shapes
+from mesh.services.image_processing.filter_math import Image, PlannedStep, plan_steps
 from mesh.services.image_processing.params import ParamType
-from mesh.services.image_processing.registry import FILTERS, Device, Step
+from mesh.services.image_processing.registry import FILTERS, Device, Step, runs_on_host
 
 STEP_SECONDS = Histogram(
     "mesh_image_step_seconds",
@@ -76,8 +77,8 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-def _nothing() -> None:
-    pass
+def nothing_to_release() -> None:
+    """The release of a reply that holds no admission (a stream frame's error)."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class Delivered:
 
     response: pb.ProcessImageResponse
     pixels: memoryview | None = None
-    release: Callable[[], None] = _nothing
+    release: Callable[[], None] = nothing_to_release
     """Gives the request's admission back: call it once the reply is serialised (or will not be)."""
 
 
@@ -106,6 +107,22 @@ class Input:
     header: codec.Header | None = None
     pixels: Image | None = None
     """A raw input's samples, ready as they are."""
+    inline: bool = False
+    """Whether the encoded file came in the request's message, which keeps a copy of its own (reading the
+    field copies it) until the call ends."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its decoded pixels."""
+        return self.height * self.width * self.channels * self.itemsize
+
+    @property
+    def encoded_bytes(self) -> int:
+        """Bytes of the encoded file, held until the request ends: twice when it came inline (0 for a raw input,
+        whose samples are the decoded pixels)."""
+        if self.pixels is not None:
+            return 0
+        return len(self.encoded) * (2 if self.inline else 1)
 
     @property
     def carried(self) -> int:
@@ -118,9 +135,11 @@ class Input:
         return cls(height, width, channels, image.dtype.itemsize, where, pixels=image)
 
     @classmethod
-    def of_encoded(cls, data: bytes, limits: codec.Limits, where: str) -> Input:
+    def of_encoded(cls, data: bytes, limits: codec.Limits, where: str, *, inline: bool = False) -> Input:
         header = codec.probe(data, limits, where)
-        return cls(header.height, header.width, header.channels, header.itemsize, where, data, header)
+        return cls(
+            header.height, header.width, header.channels, header.itemsize, where, data, header, inline=inline
+        )
 
 
 class ImageStore(Protocol):
@@ -281,7 +300,7 @@ class Processor:
             return Input.of_encoded(data, self.limits, field)
         if kind == "encoded":
             check_declared_format(source.encoded.format, source.encoded.data, f"{where}.encoded")
-            return Input.of_encoded(source.encoded.data, self.limits, f"{where}.encoded.data")
+            return Input.of_encoded(source.encoded.data, self.limits, f"{where}.encoded.data", inline=True)
         if kind == "raw":
             pixels = read_raw(
                 source.raw,
@@ -296,23 +315,21 @@ class Processor:
             field_violations=[errors.FieldViolation(where, "set image_id, encoded or raw")],
         )
 
-    async def admit(self, source: Input, steps: Sequence[Step], deadline: float | None = None) -> Ticket:
-        """Admission for ``source`` through ``steps``, before anything is decoded or run: a pipeline whose
-        output would be over the pixel limit is refused here, and the request waits (within ``deadline``)
-        for the memory its largest image needs."""
-        shapes = [(source.height, source.width, source.channels)]
-        shapes.extend(output_shapes(source.height, source.width, source.channels, steps))
-        height, width, _ = shapes[-1]
-        check_pixels(width, height, self.limits.max_pixels, "pipeline output")
-        index, (height, width, channels) = max(enumerate(shapes), key=lambda item: _samples(item[1]))
-        what = f"the {source.width}x{source.height} input ({source.channels} channels of {source.itemsize * 8} bits)"
-        if index:
-            what += (
-                f" through pipeline[{steps[index - 1].index}], whose output is {width}x{height}x{channels},"
-            )
-        return await self.admission.admit(
-            _samples(shapes[index]) * source.itemsize, what, deadline, carried=source.carried
-        )
+    async def admit(
+        self,
+        source: Input,
+        steps: Sequence[Step],
+        deadline: float | None = None,
+        output: codec.Format | None = None,
+    ) -> Ticket:
+        """Admission for ``source`` through ``steps``, delivered as ``output`` (None: as pixels), before
+        anything is decoded or run: a pipeline with a step whose output would be over the pixel limit is
+        refused here, and the request waits (within ``deadline``) for the most memory it will hold at once
+        (:func:`weigh`)."""
+        shape = (source.height, source.width, source.channels)
+        planned = plan_steps(shape, source.itemsize, steps, self.limits.max_pixels)
+        weight = weigh(source, planned, self.backend.device, output)
+        return await self.admission.admit(weight.nbytes, weight.what, deadline, carried=source.carried)
 
     async def _offload(
         self,
@@ -368,7 +385,7 @@ class Processor:
         """Encoded bytes through a pipeline step by step (the image stays on the device), awaiting
         ``on_step`` after each, and encoded again: a job's work, admitted as a request's is."""
         source = Input.of_encoded(data, self.limits, where)
-        ticket = await self.admit(source, steps)
+        ticket = await self.admit(source, steps, output=fmt)
         try:
             image = await self._decode(source, ticket)
             session = await self._offload(self._executor, ticket, self.backend.start, image)
@@ -470,12 +487,12 @@ class Processor:
         ``raw_pixels``: see open_input; ``where`` and ``output_where`` name the input and the spec in errors;
         ``deadline``: the caller's, a ``time.monotonic()`` instant). The caller calls ``release`` on what
         it gets once the reply is serialised."""
-        self.check_output(spec, output_where)
+        fmt = self.check_output(spec, output_where)
         with tracing.internal_span(
             _tracer, "image.load", attributes={"image.source": source.WhichOneof("source") or ""}
         ):
             opened = await self.open_input(source, where, raw_pixels, deadline)
-            ticket = await self.admit(opened, steps, deadline)
+            ticket = await self.admit(opened, steps, deadline, fmt)
             try:
                 image = await self._decode(opened, ticket)
             except BaseException:
@@ -496,6 +513,107 @@ class Processor:
             raise
 
 
-def _samples(shape: tuple[int, int, int]) -> int:
-    height, width, channels = shape
-    return height * width * channels
+@dataclass(frozen=True)
+class Weight:
+    """The most host memory a request will hold at once, and what holds it then (for a refusal's message)."""
+
+    nbytes: int
+    what: str
+
+
+def weigh(
+    source: Input, planned: Sequence[PlannedStep], device: Device, output: codec.Format | None = None
+) -> Weight:
+    """Admission's weight of ``source`` through the ``planned`` steps on ``device``, delivered as ``output``
+    (None: handed to the caller as pixels): its heaviest stage, plus the encoded file it came in, which is
+    held throughout.
+
+    Decoding holds the codec's copies (:func:`decoding_bytes`). The decoded input is kept until the reply is
+    made (the caller holds it), so every later stage holds it besides its own images. On the CPU a step holds
+    its input, its output and its filter's working memory (``PlannedStep.nbytes``). On the GPU a step that runs
+    on the device holds no host memory (the device's pool has a bound of its own, ``gpu_memory_limit_bytes``),
+    and one whose CPU code runs on a host copy (:func:`runs_on_host`) what it holds on the CPU; the pinned
+    staging buffer is the backend's, not a request's. Last, the result is delivered beside the input
+    (:func:`delivery_bytes`).
+    """
+    described = (
+        f"the {source.width}x{source.height} input ({source.channels} channels of {source.itemsize * 8} bits)"
+    )
+    heaviest = Weight(source.nbytes, described)
+    if source.pixels is None:
+        heaviest = Weight(decoding_bytes(source), f"{described} while it is decoded")
+    for position, planned_step in enumerate(planned):
+        if device is Device.GPU and not runs_on_host(planned_step.step):
+            continue
+        kept = source.nbytes if position or device is Device.GPU else 0
+        if kept + planned_step.nbytes > heaviest.nbytes:
+            heaviest = Weight(kept + planned_step.nbytes, f"{described} at {_holding(planned_step, kept)}")
+    result = planned[-1].images.after if planned else (source.height, source.width, source.channels)
+    delivered = delivery_bytes(source, result, output, copied=bool(planned))
+    if delivered > heaviest.nbytes:
+        height, width, channels = result
+        heaviest = Weight(delivered, f"{described} when its {width}x{height}x{channels} result is delivered")
+    if source.encoded_bytes:
+        return Weight(
+            heaviest.nbytes + source.encoded_bytes,
+            f"{heaviest.what}, with {source.encoded_bytes} bytes of the file it came in,",
+        )
+    return heaviest
+
+
+def _holding(planned: PlannedStep, kept: int) -> str:
+    """What a step holds, in a refusal's words."""
+    images = planned.images
+    before = "x".join(str(side) for side in (images.before[1], images.before[0], images.before[2]))
+    after = "x".join(str(side) for side in (images.after[1], images.after[0], images.after[2]))
+    text = (
+        f"pipeline[{planned.step.index}] ({planned.step.filter}: its {before} input, {after} output and "
+        f"{planned.working_bytes} bytes of working memory"
+    )
+    return text + ", besides the decoded input)" if kept else text + ")"
+
+
+def decoding_bytes(source: Input) -> int:
+    """What :func:`codec.decode` holds at once: libjpeg-turbo decodes a YCbCr or grey JPEG straight into its
+    pixels, OpenCV decodes the rest as BGR(A) and converts them to RGB(A) (two images of the decoded size),
+    and an EXIF orientation turns a copy."""
+    header = source.header
+    direct = header is not None and header.kind == "JPEG" and header.channels in (1, 3)
+    turned = header is not None and header.orientation not in (0, 1)
+    return source.nbytes * ((1 if direct else 2) + (1 if turned else 0))
+
+
+PNG_OVERHEAD = 1.01
+"""Stored (incompressible) PNG data is at most this many times its samples, plus a few kilobytes of headers."""
+LOSSY_BYTES_PER_PIXEL = 3
+"""JPEG and WebP of noise at quality 100 take about 2 bytes a pixel (WebP with alpha 2.1): a bound on either."""
+
+
+def delivery_bytes(
+    source: Input, result: tuple[int, int, int], output: codec.Format | None, *, copied: bool
+) -> int:
+    """What delivering a result of shape ``result`` as ``output`` holds besides the encoded input: the decoded
+    input, kept until the reply is made, and the result (the input itself when no step ``copied`` it). RAW
+    samples are joined to the serialised reply once the handler has returned (a decoded file is gone by then,
+    a raw input's samples are the request's); an encoded reply holds :func:`codec.encode`'s converted copy and
+    the encoded bytes twice (the encoder's buffer and its bytes, then those and the reply's copy), whose size
+    is not known before: it is bounded by incompressible data."""
+    height, width, channels = result
+    itemsize = source.itemsize
+    result_bytes = height * width * channels * itemsize
+    held = source.nbytes + (result_bytes if copied else 0)
+    if output is None:
+        return held
+    if output is codec.Format.RAW:
+        request = source.nbytes if source.pixels is not None else 0
+        return max(held, request + (result_bytes if copied else 0) + result_bytes)
+    if output is codec.Format.PNG:
+        converted = result_bytes if channels > 1 else 0
+        conversion = converted
+        encoded = int(result_bytes * PNG_OVERHEAD) + REPLY_HEADROOM_BYTES
+    else:
+        # 16-bit samples are shifted (a 16-bit copy) and narrowed before the colour order is swapped.
+        converted = height * width * channels
+        conversion = result_bytes + converted if itemsize == 2 else converted
+        encoded = height * width * LOSSY_BYTES_PER_PIXEL
+    return held + max(conversion, converted + 2 * encoded)

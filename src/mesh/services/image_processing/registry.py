@@ -7,12 +7,15 @@ bad field (``pipeline[1].params.sigma``) and its allowed range.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 from mesh.common.v1 import params_pb2
 from mesh.kit import errors
+from mesh.kit.cpus import usable_cpus
 from mesh.kit.param_values import ParamScalar, param_value
 from mesh.kit.text_fields import shown
 from mesh.services.image_processing.params import (
@@ -118,6 +121,49 @@ class Step:
 
 
 CrossCheck = Callable[[Mapping[str, ParamScalar]], list[tuple[str, str]]]
+Shape = tuple[int, int, int]
+"""(height, width, channels) of an image."""
+
+
+@dataclass(frozen=True)
+class StepImages:
+    """The images of one step, as planned before it runs: what a filter's working memory is worked out from."""
+
+    before: Shape
+    after: Shape
+    itemsize: int
+    """Bytes per sample (1 or 2), the same before and after."""
+
+    @property
+    def pixels(self) -> int:
+        """Pixels of the input."""
+        return self.before[0] * self.before[1]
+
+    @property
+    def plane(self) -> int:
+        """Bytes of one channel of the input (a grey image of its size)."""
+        return self.pixels * self.itemsize
+
+    @property
+    def input_bytes(self) -> int:
+        return self.plane * self.before[2]
+
+    @property
+    def output_bytes(self) -> int:
+        height, width, channels = self.after
+        return height * width * channels * self.itemsize
+
+
+WorkingMemory = Callable[[Step, StepImages], int]
+"""Bytes a filter's CPU code holds at its peak besides the step's input and output: its temporaries (a float copy,
+a padded copy, a mask, OpenCV's row buffers). Admission weighs a step as input + output + this; each model
+follows what its function in ``cpu_filters`` allocates, and ``tests/image_processing/test_step_memory.py``
+holds it against the measured peak of every filter."""
+
+
+def no_working_memory(step: Step, images: StepImages) -> int:
+    """A filter that writes its output and nothing else (OpenCV's own buffers of a few kilobytes aside)."""
+    return 0
 
 
 @dataclass(frozen=True)
@@ -133,6 +179,8 @@ class FilterDefinition:
     """Whether the GPU backend runs it on the device (otherwise that step runs on the host CPU)."""
     check: CrossCheck | None = field(default=None, compare=False)
     """Checks between parameters; returns (param, problem) pairs."""
+    working_memory: WorkingMemory = field(default=no_working_memory, compare=False)
+    """Its CPU code's temporaries (see :data:`WorkingMemory`)."""
 
     @property
     def devices(self) -> tuple[Device, ...]:
@@ -165,6 +213,162 @@ def _check_resize(p: Mapping[str, ParamScalar]) -> list[tuple[str, str]]:
     return []
 
 
+def gaussian_ksize(sigma: float, ksize: int) -> int:
+    """The kernel size used for ``sigma`` when the request leaves it 0."""
+    return ksize if ksize else 2 * math.ceil(3 * sigma) + 1
+
+
+# --- working memory (see WorkingMemory) ----------------------------------------------------------------
+FLOAT_BYTES = 4
+INDEX_BYTES = 8
+"""NumPy's ``take`` and ``bincount`` turn 16-bit samples into 8-byte indices first."""
+
+
+@functools.cache
+def opencv_threads() -> int:
+    """Threads OpenCV splits a filter between (its default, the cores this process may use): some filters hold
+    buffers per thread."""
+    return usable_cpus()
+
+
+def _blur_rows(images: StepImages, ksize: int, width: int) -> int:
+    """OpenCV's Gaussian: per thread, a ring of ``ksize`` rows of fixed-point sums (2 bytes a sample at 8 bits,
+    4 at 16)."""
+    return opencv_threads() * ksize * (width + ksize) * images.before[2] * 2 * images.itemsize
+
+
+def _box_rows(images: StepImages, ksize: int, width: int, channels: int = 0) -> int:
+    """OpenCV's box filter: one ring of ``ksize`` + 3 rows of 32-bit sums (it does not split the image)."""
+    return (ksize + 3) * (width + ksize) * (channels or images.before[2]) * 4
+
+
+def _bordered(step: Step, images: StepImages, ksize: int, rows: Callable[[StepImages, int, int], int]) -> int:
+    """A blur's rows; with a wrap border (``cpu_filters._with_border``) the padded input and the padded result
+    besides, the output then cut from the latter."""
+    height, width, channels = images.before
+    if step.as_str("border") != "wrap":
+        return rows(images, ksize, width)
+    radius = ksize // 2
+    padded = (height + 2 * radius) * (width + 2 * radius) * channels * images.itemsize
+    return 2 * padded + rows(images, ksize, width + 2 * radius)
+
+
+def _gaussian_memory(step: Step, images: StepImages) -> int:
+    ksize = gaussian_ksize(step.as_float("sigma"), step.as_int("ksize"))
+    return _bordered(step, images, ksize, _blur_rows)
+
+
+def _box_memory(step: Step, images: StepImages) -> int:
+    return _bordered(step, images, step.as_int("ksize"), _box_rows)
+
+
+def _unsharp_memory(step: Step, images: StepImages) -> int:
+    """The blurred copy (with the blur's rows while it is made), then the sharpened one (the output, without a
+    threshold); with a threshold their difference and its boolean mask besides, and then the output chosen
+    from them."""
+    ksize = gaussian_ksize(step.as_float("sigma"), 0)
+    blurred = images.input_bytes + _blur_rows(images, ksize, images.before[1])
+    sharpened = 2 * images.input_bytes
+    if step.as_int("threshold"):
+        sharpened += images.input_bytes + images.pixels * images.before[2]
+    return max(blurred, sharpened) - images.output_bytes
+
+
+def _grayscale_memory(step: Step, images: StepImages) -> int:
+    """``lightness`` takes the maximum and the minimum of the colour channels as two grey planes first."""
+    return 2 * images.plane if images.before[2] > 1 and step.as_str("method") == "lightness" else 0
+
+
+def _sobel_memory(step: Step, images: StepImages) -> int:
+    """float32 derivatives: one for x or y, two for the magnitude (computed into the first); then the first
+    beside the output made from it."""
+    floats = images.pixels * images.before[2] * FLOAT_BYTES
+    derivatives = 2 * floats if step.as_str("direction") == "magnitude" else floats
+    return max(derivatives, floats + images.output_bytes) - images.output_bytes
+
+
+def _grey_copy(images: StepImages) -> int:
+    """The BT.601 grey image that the one-channel filters (Canny, threshold) work on: the input itself when it is grey."""
+    return images.plane if images.before[2] > 1 else 0
+
+
+CANNY_BYTES_PER_PIXEL = 8
+"""OpenCV's Canny: 16-bit x and y derivatives, the edge map, and its threads' stacks of candidate edges (7.1
+bytes a pixel measured on 2 threads)."""
+
+
+def _canny_memory(step: Step, images: StepImages) -> int:
+    """The grey copy and, at 16 bits, its 8-bit reduction, beside OpenCV's own arrays and the 8-bit edges, then
+    the edges widened to 16 bits (twice: ``astype`` and the product) when the output is made."""
+    pixels = images.pixels
+    held = _grey_copy(images) + (pixels if images.itemsize == 2 else 0)
+    canny = CANNY_BYTES_PER_PIXEL * pixels + pixels
+    widened = pixels + 4 * pixels if images.itemsize == 2 else 0
+    return max(held + canny, held + widened) - images.output_bytes
+
+
+def _threshold_memory(step: Step, images: StepImages) -> int:
+    """The grey copy; Otsu at 16 bits counts the samples through a 64-bit copy of them; adaptive takes the
+    window mean with the box filter's rows (OpenCV's 8-bit one into the output), and at 16 bits holds the mean
+    and compares through three 32-bit arrays and a boolean mask, then makes the output through a 64-bit
+    product of that mask."""
+    grey, output = _grey_copy(images), images.output_bytes
+    method, pixels = step.as_str("method"), images.pixels
+    if method == "otsu" and images.itemsize == 2:
+        return grey + max(INDEX_BYTES * pixels - output, 0)
+    if method != "adaptive":
+        return grey
+    rows = _box_rows(images, step.as_int("block_size"), images.before[1], 1)
+    if images.itemsize == 1:
+        return grey + rows
+    compared = 3 * 4 * pixels + pixels
+    multiplied = pixels + INDEX_BYTES * pixels + output
+    return grey + images.plane + max(rows, compared - output, multiplied - output)
+
+
+def _adjust_memory(step: Step, images: StepImages) -> int:
+    """A lookup table at 16 bits is ``np.take``, which makes 64-bit indices of every sample."""
+    return INDEX_BYTES * images.pixels * images.before[2] if images.itemsize == 2 else 0
+
+
+def _equalize_memory(step: Step, images: StepImages) -> int:
+    """``cv2.split``'s copy of every channel and the new colour planes, made before the old ones go, with the
+    work of one plane (at 16 bits the 64-bit indices of ``np.take``), then the planes merged into the output.
+    CLAHE keeps its tables (a row of every possible sample value per tile) and, where the tiles do not divide
+    the sides, a padded plane, until the object goes, after the merge."""
+    height, width, channels = images.before
+    planes = images.input_bytes
+    colours = images.plane * min(channels, 3)
+    kept = 0
+    if step.as_str("method") == "clahe":
+        tiles = step.as_int("tiles")
+        tables = tiles * tiles * (1 << (8 * images.itemsize)) * images.itemsize
+        padded = -(-height // tiles) * tiles * -(-width // tiles) * tiles * images.itemsize
+        kept = tables + (padded if height % tiles or width % tiles else 0)
+        one_plane = 0
+    else:
+        one_plane = INDEX_BYTES * images.pixels if images.itemsize == 2 else 0
+    peak = kept + max(planes + colours + one_plane, planes + images.output_bytes)
+    return peak - images.output_bytes
+
+
+def _convert_memory(step: Step, images: StepImages) -> int:
+    """The colour channels of an RGBA image are converted on their own (a contiguous copy of them, a
+    three-channel result that alpha then joins); 16-bit HSV goes through float32 (the scaled input and the
+    converted image, then the latter beside the 16-bit result)."""
+    rgb, output = 3 * images.plane, images.output_bytes
+    with_alpha = images.before[2] == 4
+    copy = rgb if with_alpha and step.as_str("conversion") != "rgb_to_bgr" else 0
+    converted = rgb if with_alpha else output
+    phases = [copy + converted]
+    if images.itemsize == 2 and step.as_str("conversion") != "rgb_to_bgr":
+        floats = 3 * images.pixels * FLOAT_BYTES
+        phases += [copy + 2 * floats, copy + floats + converted]
+    if with_alpha:
+        phases.append(converted + output)
+    return max(phases) - output
+
+
 FILTERS: dict[str, FilterDefinition] = {
     f.name: f
     for f in (
@@ -185,16 +389,20 @@ FILTERS: dict[str, FilterDefinition] = {
             Tolerance(
                 0, note="16-bit bt709 and luminosity go through float on the CPU", max_abs_diff_16bit=1
             ),
+            working_memory=_grayscale_memory,
         ),
         FilterDefinition(
             "gaussian_blur",
             "Separable Gaussian blur of every channel.",
             (
                 float_param("sigma", 1.0, "Standard deviation in pixels.", min=0.1, max=20.0),
+                # 0 or odd: min, max and step cannot say it (step 2 from 1 would put the default, 0, out of
+                # range and the web page's form would refuse it), so the description does, for every client.
                 int_param(
                     "ksize",
                     0,
-                    "Kernel size (odd); 0 derives it from sigma as 2 * ceil(3 * sigma) + 1.",
+                    "Kernel size: 0, which derives it from sigma as 2 * ceil(3 * sigma) + 1, or an odd number"
+                    " from 1 to 129 (even sizes are refused).",
                     min=0,
                     max=129,
                 ),
@@ -212,6 +420,7 @@ FILTERS: dict[str, FilterDefinition] = {
                 if isinstance(p["ksize"], int) and p["ksize"] and p["ksize"] % 2 == 0
                 else []
             ),
+            working_memory=_gaussian_memory,
         ),
         FilterDefinition(
             "box_blur",
@@ -219,6 +428,7 @@ FILTERS: dict[str, FilterDefinition] = {
             (int_param("ksize", 3, "Window size (odd).", min=1, max=129, step=2), _border()),
             "same",
             ONE_LSB,
+            working_memory=_box_memory,
         ),
         FilterDefinition(
             "median",
@@ -237,6 +447,7 @@ FILTERS: dict[str, FilterDefinition] = {
             ),
             "same",
             Tolerance(2, note="blur rounding is amplified by amount; 2 LSB at amount <= 1"),
+            working_memory=_unsharp_memory,
         ),
         FilterDefinition(
             "sobel",
@@ -247,6 +458,7 @@ FILTERS: dict[str, FilterDefinition] = {
             ),
             "same",
             Tolerance(1, note="x and y exact on 8-bit; magnitude within 1 LSB"),
+            working_memory=_sobel_memory,
         ),
         FilterDefinition(
             "canny",
@@ -262,6 +474,7 @@ FILTERS: dict[str, FilterDefinition] = {
             EXACT,
             gpu=False,
             check=_check_canny,
+            working_memory=_canny_memory,
         ),
         FilterDefinition(
             "threshold",
@@ -281,6 +494,7 @@ FILTERS: dict[str, FilterDefinition] = {
                 note="16-bit adaptive windows whose sums pass 2^24 may flip pixels at the threshold",
                 fraction_16bit=0.999,
             ),
+            working_memory=_threshold_memory,
         ),
         FilterDefinition(
             "resize",
@@ -350,6 +564,7 @@ FILTERS: dict[str, FilterDefinition] = {
             ),
             "same",
             EXACT,
+            working_memory=_adjust_memory,
         ),
         FilterDefinition(
             "invert",
@@ -369,6 +584,7 @@ FILTERS: dict[str, FilterDefinition] = {
             ),
             "same",
             Tolerance(0, note="global; CLAHE runs the CPU code on both"),
+            working_memory=_equalize_memory,
         ),
         FilterDefinition(
             "convert_color",
@@ -384,9 +600,16 @@ FILTERS: dict[str, FilterDefinition] = {
             ),
             "same",
             Tolerance(1, note="rgb_to_bgr exact"),
+            working_memory=_convert_memory,
         ),
     )
 }
+
+
+def runs_on_host(step: Step) -> bool:
+    """Whether the GPU backend runs this step's CPU code on a host copy of its image: a filter the GPU does not
+    implement (Canny), or CLAHE inside ``equalize``."""
+    return not FILTERS[step.filter].gpu or (step.filter == "equalize" and step.as_str("method") == "clahe")
 
 
 def validate_pipeline(

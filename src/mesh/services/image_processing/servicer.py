@@ -23,7 +23,12 @@ from mesh.kit.logging import get_logger
 from mesh.kit.runtime import until_stopping
 from mesh.kit.stream_items import item_error
 from mesh.kit.wire import NestedBytesField, Parted, Spliced, serialize_reply
-from mesh.services.image_processing.processor import Delivered, Processor, filter_catalogue
+from mesh.services.image_processing.processor import (
+    Delivered,
+    Processor,
+    filter_catalogue,
+    nothing_to_release,
+)
 from mesh.services.image_processing.registry import Step, steps_from_proto
 from mesh.services.image_processing.settings import SERVICE_NAME
 
@@ -35,10 +40,6 @@ RAW_INPUT = NestedBytesField.of(pb.ProcessImageRequest, "input.raw.pixels")
 FRAME_RAW_INPUT = NestedBytesField.of(pb.StreamProcessRequest, "frame.image.raw.pixels")
 RAW_PIXELS = NestedBytesField.of(pb.ProcessImageResponse, "raw.pixels")
 FRAME_RAW_PIXELS = NestedBytesField.of(pb.StreamProcessResponse, "result.raw.pixels")
-
-
-def _nothing() -> None:
-    pass
 
 
 def _reply(message: M, field: NestedBytesField[M], delivered: Delivered) -> M | Spliced[M]:
@@ -157,7 +158,7 @@ class ImageProcessingServicer:
                 f"each message after the config must be a frame; this one is {said}",
                 field_violations=[errors.FieldViolation(part or "frame", "send a frame")],
             )
-            return pb.StreamProcessResponse(error=error.to_status()), _nothing
+            return pb.StreamProcessResponse(error=error.to_status()), nothing_to_release
         frame = message.frame
         response = pb.StreamProcessResponse(sequence=frame.sequence)
         try:
@@ -175,7 +176,7 @@ class ImageProcessingServicer:
         except Exception as error:
             response.ClearField("result")
             response.error.CopyFrom(item_error(error, log, "stream frame crashed", sequence=frame.sequence))
-            return response, _nothing
+            return response, nothing_to_release
         return _reply(response, FRAME_RAW_PIXELS, delivered), delivered.release
 
 

@@ -45,12 +45,13 @@ class ImageSettings(DeviceSettings, FileServiceAddress, InferenceServiceAddress,
     RESOURCE_EXHAUSTED and a retry delay."""
 
     image_memory_budget_bytes: int = Field(default=1024**3, gt=0)
-    """Bytes of decoded images the requests in progress may hold together, each counted by its largest image
-    (the input, or a step's output: width x height x channels x bytes per sample, known before decoding).
-    A request waits, within its deadline, for its share; one larger than the whole budget is refused. The
-    process peaks at about 2.5 times this (a step's input and output, the codec's copies), plus the inputs of
-    the requests waiting for it (at most half of it: more are shed), plus ~150 MB: 1 GiB suits the 4 GiB pod;
-    raise both together."""
+    """Bytes the requests in progress may hold together, each counted by the most it will hold at once (known
+    before decoding, from the header and the steps' parameters): the codec's copies, each step's input, output
+    and working memory (a sobel's float copies, a wrap border's padded ones) beside the decoded input, the
+    encoded file. A request waits, within its deadline, for its share; one larger than the whole budget is
+    refused. The process peaks at about this, plus the inputs of the requests waiting for it (at most half of
+    it: more are shed), plus gRPC's messages still arriving, plus ~150 MB: 1 GiB suits the 4 GiB pod; raise
+    both together."""
 
     stream_queue_frames: int = Field(default=2, ge=1, le=64)
     """Frames of a StreamProcess call read ahead of the one being processed (backpressure beyond)."""
