@@ -20,6 +20,7 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("median", {"ksize": 5}),
     ("unsharp_mask", {"sigma": 1.5, "amount": 1.0}),
     ("unsharp_mask", {"sigma": 1.0, "amount": 0.5, "threshold": 4}),
+    ("unsharp_mask", {"sigma": 1.5, "amount": 1.0, "threshold": 8}),
     *[("sobel", {"direction": d, "ksize": k}) for d in ("x", "y", "magnitude") for k in (1, 3, 5)],
     ("canny", {}),
     ("threshold", {"method": "binary", "value": 100.0}),

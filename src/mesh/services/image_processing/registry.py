@@ -446,7 +446,16 @@ FILTERS: dict[str, FilterDefinition] = {
                 int_param("threshold", 0, "Minimum difference that is sharpened.", min=0, max=65535),
             ),
             "same",
-            Tolerance(2, note="blur rounding is amplified by amount; 2 LSB at amount <= 1"),
+            # The backends' blurs round differently (OpenCV's fixed-point taps, float32 on the device), so
+            # with a threshold a pixel whose difference from the blur lies at it may be sharpened on one
+            # only, by about threshold x amount: on 8-bit noise 99.88 % of samples stayed within 2 LSB at
+            # threshold 8 (emulated CuPy), all of them without a threshold.
+            Tolerance(
+                2,
+                fraction=0.995,
+                note="blur rounding is amplified by amount; 2 LSB at amount <= 1, for all samples without a "
+                "threshold; with one, a pixel at the threshold may be sharpened on one backend only",
+            ),
             working_memory=_unsharp_memory,
         ),
         FilterDefinition(
