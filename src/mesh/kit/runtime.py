@@ -242,7 +242,10 @@ class ServiceRuntime:
         service_names: Sequence[str],
         checks: Sequence[DependencyCheck] = (),
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),  # type: ignore[type-arg]
+        options: Sequence[tuple[str, int]] = (),
     ) -> None:
+        """``options``: the service's own gRPC server options, besides the kit's (message limits, keepalive),
+        which they do not override (gRPC takes the first of a repeated key)."""
         self.name = name
         self.settings = settings
         self.stopping = asyncio.Event()
@@ -250,7 +253,7 @@ class ServiceRuntime:
         self.health = health_aio.HealthServicer()
         self.server = grpc.aio.server(
             interceptors=[tracing.server_interceptor(), ServerInterceptor(), *interceptors],
-            options=[*message_limit_options(settings.max_message_bytes), *KEEPALIVE_OPTIONS],
+            options=[*message_limit_options(settings.max_message_bytes), *KEEPALIVE_OPTIONS, *options],
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names = list(service_names)

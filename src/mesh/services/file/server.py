@@ -21,6 +21,15 @@ from mesh.services.file.validation import Limits
 
 MIGRATIONS = "mesh.services.file.migrations"
 
+SERVER_OPTIONS = [("grpc.http2.bdp_probe", 0)]
+"""gRPC server options of the file service. Without BDP probing, the HTTP/2 window that a stream's client may
+fill before the service reads it stays at gRPC's 64 KiB, rather than growing with the connection's measured
+bandwidth-delay product: the bytes of an upload waiting for a slot (``max_concurrent_uploads``) then stay with
+its client, as the wait means them to. With probing, 48 concurrent 22.4 MiB uploads on one connection took the
+process to 1504-1514 MiB (each waiting one held most of its file in gRPC's buffers); without it, to 582 MiB, and
+100 to 595 MiB. A stream being read still gets each requested message's size as its window, so one upload on
+localhost is as fast without it (0.30-0.35 s stored, 370-560 MiB/s over the bare transport, either way)."""
+
 log = get_logger(__name__)
 
 
@@ -89,6 +98,7 @@ async def file_service(settings: FileSettings) -> AsyncIterator[ServiceRuntime]:
                 migrations,
             ],
             interceptors=[migrations.gate([SERVICE_NAME])],
+            options=SERVER_OPTIONS,
         )
         if not migrated:
             runtime.add_background(lambda: migrations.run_until_applied(runtime.stopping))
@@ -102,6 +112,7 @@ async def file_service(settings: FileSettings) -> AsyncIterator[ServiceRuntime]:
             store,
             default_chunk_bytes=settings.download_chunk_bytes,
             max_concurrent_uploads=settings.max_concurrent_uploads,
+            max_waiting_uploads=settings.max_waiting_uploads,
         )
         file_service_pb2_grpc.add_FileServiceServicer_to_server(servicer, runtime.server)
         yield runtime

@@ -7,12 +7,14 @@ from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import grpc
+from prometheus_client import Gauge
 from typing_extensions import override
 
 from mesh.common.v1 import image_pb2
 from mesh.file.v1 import file_service_pb2 as pb
 from mesh.file.v1 import file_service_pb2_grpc
 from mesh.kit import errors
+from mesh.kit.memory_budget import SHED_RETRY_SECONDS
 from mesh.services.file.models import ImageRecord
 from mesh.services.file.store import ImageStore, UploadRequest, Variant
 from mesh.services.file.validation import UploadSizeGuard, too_large
@@ -23,6 +25,11 @@ MAX_CHUNK_BYTES: Final = 4 * 1024 * 1024 - 1024
 MIN_CHUNK_BYTES: Final = 1024
 # How much of a refused upload is still read (and dropped) so that the client hears why; see _drain.
 DRAIN_BYTES: Final = 16 * 1024 * 1024
+
+UPLOADS_WAITING = Gauge(
+    "mesh_file_uploads_waiting",
+    "Streamed uploads waiting, unread, for one of the slots of those received at once.",
+)
 
 _FORMATS: Final = {
     "PNG": image_pb2.IMAGE_FORMAT_PNG,
@@ -89,19 +96,51 @@ class FileServicer(file_service_pb2_grpc.FileServiceServicer):
     """Implements ``mesh.file.v1.FileService`` on an :class:`ImageStore`."""
 
     def __init__(
-        self, store: ImageStore, *, default_chunk_bytes: int = 1024 * 1024, max_concurrent_uploads: int = 8
+        self,
+        store: ImageStore,
+        *,
+        default_chunk_bytes: int = 1024 * 1024,
+        max_concurrent_uploads: int = 8,
+        max_waiting_uploads: int = 32,
     ) -> None:
         self.store = store
         self.default_chunk_bytes = default_chunk_bytes
+        self.max_concurrent_uploads = max_concurrent_uploads
+        self.max_waiting_uploads = max_waiting_uploads
         self._receiving = asyncio.Semaphore(max_concurrent_uploads)
+        self.waiting = 0
+        """Uploads waiting, unread, for a slot of ``_receiving``."""
+        UPLOADS_WAITING.set_function(lambda: self.waiting)
 
     @override
     async def UploadImage(
         self, request_iterator: AsyncIterator[pb.UploadImageRequest], context: Context
     ) -> pb.UploadImageResponse:
-        # Taken before the first message is read: a waiting upload's bytes stay with its client.
-        async with self._receiving:
+        # Taken before the first message is read: a waiting upload's bytes stay with its client. Each waiting
+        # stream still costs the service memory (its call, and what flow control lets its client send ahead),
+        # so past ``max_waiting_uploads`` one is turned away at once, unread, to be retried.
+        if self._receiving.locked():
+            if self.waiting >= self.max_waiting_uploads:
+                raise self._busy()
+            self.waiting += 1
+            try:
+                await self._receiving.acquire()
+            finally:
+                self.waiting -= 1
+        else:
+            await self._receiving.acquire()
+        try:
             return await self._receive_upload(request_iterator)
+        finally:
+            self._receiving.release()
+
+    def _busy(self) -> errors.ResourceExhausted:
+        return errors.ResourceExhausted(
+            f"the file service is busy: {self.max_concurrent_uploads} uploads are being received and "
+            f"{self.waiting} more are waiting (at most {self.max_waiting_uploads}); nothing of this upload was "
+            "read or stored, retry it shortly",
+            retry_after_seconds=SHED_RETRY_SECONDS,
+        )
 
     async def _receive_upload(
         self, request_iterator: AsyncIterator[pb.UploadImageRequest]

@@ -49,9 +49,16 @@ class FileSettings(BlobSettings, ServerSettings):
 
     max_concurrent_uploads: int = Field(default=8, ge=1)
     """How many streamed uploads are received at once, each holding up to ``max_upload_bytes`` until it is
-    stored (twice that while its parts are joined). Further ones wait, their bytes unread: gRPC's flow control
-    keeps them at the client, within their deadline. Unbounded, a burst of large uploads took the process past
-    its memory limit (12 concurrent 22 MiB uploads: 831 MiB held, from 190)."""
+    stored (twice that while its parts are joined). Further ones wait (up to ``max_waiting_uploads``), their
+    bytes unread: gRPC's flow control keeps them at the client, within their deadline. Unbounded, a burst of large
+    uploads took the process past its memory limit (12 concurrent 22 MiB uploads: 831 MiB held, from 190)."""
+
+    max_waiting_uploads: int = Field(default=32, ge=0)
+    """How many streamed uploads may wait, unread, for one of the ``max_concurrent_uploads``; a further one is
+    refused at once, nothing of it read, with RESOURCE_EXHAUSTED and a retry delay (HTTP 429 at the gateway).
+    A waiting upload holds about 0.1 MiB (its call, and the 64 KiB its client may send ahead). Eight received and
+    32 waiting 22 MiB uploads were all stored within 11 s on 2 cores, well within a 30 s call deadline; many more
+    would wait only to time out."""
 
     max_concurrent_decodes: int = Field(default=4, ge=1)
     """How many uploads may be decoded at once: a 50-megapixel image holds about 200 MB while it is decoded and

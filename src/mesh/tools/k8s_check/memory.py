@@ -28,6 +28,12 @@ THUMBNAIL_BYTES = 10 * 10**6
 """What making an upload's thumbnail adds to its decoded image (FileSettings.max_concurrent_decodes)."""
 UPLOAD_COPIES = 2
 """An upload received holds its bytes, twice while its parts are joined (FileSettings.max_concurrent_uploads)."""
+WAITING_UPLOAD_BYTES = 256 * 2**10
+"""What an upload waiting, unread, for a slot of those received at once holds in the file service
+(FileSettings.max_waiting_uploads): its call and the 64 KiB its client may send ahead (BDP probing is off,
+mesh.services.file.server.SERVER_OPTIONS). Measured (2026-12-07, 22.4 MiB PNGs on one connection, VmRSS/VmHWM):
+100 waiting behind one stalled upload added 9 MiB; 100 concurrent uploads peaked at 595 MiB against 577 for 8.
+With BDP probing on, each held most of its file (48 concurrent: 1504 MiB)."""
 DECODED_BYTES_PER_PIXEL = 4
 """An upload is decoded to 8-bit RGBA (FileSettings.max_concurrent_decodes)."""
 IMAGE_BUDGET_PEAK = 2.5
@@ -173,7 +179,8 @@ def _file_memory(overlay: Overlay, container: Manifest, cls: type[CommonSettings
     pixels = int_setting(overlay, container, cls, "max_image_pixels")
     upload = int_setting(overlay, container, cls, "max_upload_bytes")
     uploads = int_setting(overlay, container, cls, "max_concurrent_uploads")
-    if decodes is None or pixels is None or upload is None or uploads is None:
+    waiting = int_setting(overlay, container, cls, "max_waiting_uploads")
+    if decodes is None or pixels is None or upload is None or uploads is None or waiting is None:
         return None
     per_decode = pixels.value * DECODED_BYTES_PER_PIXEL + THUMBNAIL_BYTES
     why = (
@@ -181,10 +188,12 @@ def _file_memory(overlay: Overlay, container: Manifest, cls: type[CommonSettings
         f"and its thumbnail (~{THUMBNAIL_BYTES // 10**6} MB)"
     )
     received = uploads.value * UPLOAD_COPIES * upload.value
+    held_waiting = waiting.value * WAITING_UPLOAD_BYTES
     received_why = (
-        f"{binary_size(received)} for the uploads received at once ({uploads}, {upload}, twice each)"
+        f"{binary_size(received)} for the uploads received at once ({uploads}, {upload}, twice each), "
+        f"{binary_size(held_waiting)} for those waiting ({waiting}, {binary_size(WAITING_UPLOAD_BYTES)} each)"
     )
-    return MemoryBound(decodes, per_decode, why, received, received_why)
+    return MemoryBound(decodes, per_decode, why, received + held_waiting, received_why)
 
 
 MEMORY_BOUNDS: dict[str, Callable[[Overlay, Manifest, type[CommonSettings]], MemoryBound | None]] = {
@@ -197,8 +206,8 @@ MEMORY_BOUNDS: dict[str, Callable[[Overlay, Manifest, type[CommonSettings]], Mem
 def check_memory_limits(overlay: Overlay) -> Iterator[Violation]:
     """A container's memory limit holds what its service's own bound lets the process hold: the image
     processing service's ``MESH_IMAGE_MEMORY_BUDGET_BYTES`` (3 times it: see IMAGE_BUDGET_PEAK and
-    IMAGE_BUDGET_CARRIED), the file service's ``MESH_MAX_CONCURRENT_DECODES`` decodes and
-    ``MESH_MAX_CONCURRENT_UPLOADS`` uploads, plus one gRPC message of
+    IMAGE_BUDGET_CARRIED), the file service's ``MESH_MAX_CONCURRENT_DECODES`` decodes,
+    ``MESH_MAX_CONCURRENT_UPLOADS`` uploads and ``MESH_MAX_WAITING_UPLOADS`` waiting ones, plus one gRPC message of
     ``MESH_MAX_MESSAGE_BYTES`` (gRPC receives each message whole before the service, and its budget, see it)
     and the process itself (PROCESS_BASELINE_BYTES). Settings the manifests do not set count at their defaults.
     Below that, the kernel kills the pod under load before the bound sheds any."""
