@@ -8,6 +8,7 @@ import math
 import types
 from typing import Any
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -54,6 +55,24 @@ def test_never_a_verdict_without_a_strip_on_generated_images() -> None:
         reading = READER.read(generate(seed).image)
         if QualityFlag.STRIP_NOT_FOUND in reading.quality_flags:
             assert reading.verdict is Verdict.INVALID
+
+
+def test_a_squat_object_without_a_cassette_window_is_not_read_as_a_bare_strip() -> None:
+    """A pale ellipse crossed by a dark stroke is no test: too squat for a bare strip and without a cassette's
+    window, it is INVALID with STRIP_NOT_FOUND (its stroke was read as C, and the picture as NEGATIVE)."""
+    image = np.full((480, 640, 3), 70, np.uint8)
+    cv2.ellipse(image, (320, 240), (170, 60), -8, 0, 360, (245, 215, 228), -1)
+    cv2.line(image, (285, 140), (270, 340), (60, 50, 45), 9)
+    reading = READER.read(cv2.GaussianBlur(image, (0, 0), 1.2))
+    assert reading.verdict is Verdict.INVALID
+    assert reading.quality_flags == (QualityFlag.STRIP_NOT_FOUND,)
+
+
+def test_a_thin_bare_strip_is_still_read() -> None:
+    """The squatness rule leaves bare strips alone: a generated negative bare strip reads NEGATIVE."""
+    overrides = Overrides(cls="negative", kind="strip", c_contrast=0.6, image_format="png")
+    reading = READER.read(generate_with(7, overrides, GeneratorOptions(size=(640, 480))).image)
+    assert reading.verdict is Verdict.NEGATIVE
 
 
 def test_input_forms_agree() -> None:

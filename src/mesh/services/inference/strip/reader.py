@@ -62,6 +62,11 @@ MIN_IMAGE_SIDE = 16
 # (and downscaling it to nothing crashed).
 MIN_WORKING_SIDE = 3
 
+# A bare strip is at most this wide for its length (train seeds 0-1999: bare strips 0.04-0.133 as found,
+# cassettes 0.239 and up): an object squatter than that in which no cassette's window shows is neither, and is
+# not read as a bare strip (a pale ellipse crossed by a dark stroke read NEGATIVE, its stroke taken for C).
+MAX_BARE_STRIP_ASPECT = 0.2
+
 # Where no C passes, a line left of the middle this many noise deviations above the profile is template enough
 # to search for a weak C beside it.
 TEMPLATE_LINE_SNR = 6.0
@@ -157,14 +162,25 @@ class StripReader:
         geometry = _crop_geometry(placement, factor, crop_length)
         crop = self.backend.rectify(image, geometry)
         margin = ACROSS_MARGIN * placement.width * factor * geometry.scale
-        return self.read_crop(crop, margin, geometry, width, precheck)
+        aspect = placement.width / max(placement.length, 1e-6)
+        return self.read_crop(crop, margin, geometry, width, precheck, aspect)
 
     def read_crop(
-        self, crop: FloatImage, margin: float, geometry: CropGeometry, image_width: int, precheck: bool
+        self,
+        crop: FloatImage,
+        margin: float,
+        geometry: CropGeometry,
+        image_width: int,
+        precheck: bool,
+        aspect: float,
     ) -> tuple[StripReading, Scores]:
-        """Everything after the rectified crop (float 0..1): window, profile, lines, flags, verdict."""
+        """Everything after the rectified crop (float 0..1): window, profile, lines, flags, verdict.
+
+        ``aspect`` is the object's width over its length as the locator found it."""
         grey = crop if crop.ndim == 2 else cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)
         box = find_window(grey, margin)
+        if not box.framed and aspect > MAX_BARE_STRIP_ASPECT:
+            return _not_found(precheck), Scores(found=False)
         profile = window_profile(crop, box, self.config.noise_floor)
         lines = self._lines(profile, box.framed)
         flags = self._quality(grey, margin, geometry, image_width, profile)
