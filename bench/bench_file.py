@@ -1,7 +1,8 @@
 """File service throughput over gRPC: streamed upload (validation, thumbnail, blob write, row insert)
 and streamed download, against a server in this process on the local PostgreSQL.
 
-Also reports validation alone and a small-image upload latency, so a regression can be placed.
+Also reports validation alone and a small-image upload latency, so a regression can be placed, and the memory a
+burst of large uploads takes (more at once than the service receives and lets wait).
 Needs PostgreSQL at ``MESH_BENCH_ADMIN_DATABASE_URL`` (default ``postgresql://localhost/postgres``);
 a scratch database is created and dropped.
 """
@@ -12,9 +13,12 @@ import asyncio
 import io
 import os
 import statistics
+import struct
 import tempfile
 import time
 import uuid
+import zlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,7 @@ from PIL import Image
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from mesh.kit import errors
 from mesh.kit.logging import configure_logging
 from mesh.kit.settings import FileServiceAddress
 from mesh.services.file.client import FileClient
@@ -41,6 +46,67 @@ def _noise_png(width: int, height: int, seed: int) -> bytes:
         buffer, "PNG", compress_level=1
     )
     return buffer.getvalue()
+
+
+def _tagged(png: bytes, tag: str) -> AsyncIterator[bytes]:
+    """``png`` made distinct by a tEXt chunk after its header (so dedup does not store it once), in 1 MiB
+    pieces as they are sent: the client holds one file, not one per upload."""
+
+    async def pieces() -> AsyncIterator[bytes]:
+        text = b"bench\0" + tag.encode()
+        chunk = struct.pack(">I", len(text)) + b"tEXt" + text + struct.pack(">I", zlib.crc32(b"tEXt" + text))
+        yield png[:33] + chunk  # the signature and IHDR take 33 bytes
+        for start in range(33, len(png), MIB):
+            yield png[start : start + MIB]
+
+    return pieces()
+
+
+def _reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+
+
+def _peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def _burst(client: FileClient, settings: FileSettings, count: int) -> dict[str, object]:
+    """``count`` distinct ~22 MiB PNGs uploaded at once on one channel: how many were stored or refused as busy
+    (RESOURCE_EXHAUSTED, or UNAVAILABLE where gRPC lost that answer: see FileClient.upload), and how far the
+    process's peak RSS rose (service and client share it)."""
+    png = _noise_png(3200, 2446, 7)
+    _reset_peak_rss()  # so the peak is this burst's
+    before = _peak_rss_mib()
+    outcomes: list[str] = []
+
+    async def one(index: int) -> None:
+        try:
+            await client.upload(
+                _tagged(png, f"{index}-{uuid.uuid4().hex}"), filename="burst.png", timeout=300
+            )
+            outcomes.append("stored")
+        except errors.MeshError as error:
+            outcomes.append(error.code.name)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(index) for index in range(count)))
+    return {
+        "benchmark": "file_upload_burst_memory",
+        "uploads": count,
+        "bytes_each": len(png),
+        "received_at_once": settings.max_concurrent_uploads,
+        "may_wait": settings.max_waiting_uploads,
+        "stored": outcomes.count("stored"),
+        "refused_to_retry": outcomes.count("RESOURCE_EXHAUSTED") + outcomes.count("UNAVAILABLE"),
+        "other_errors": len(
+            [o for o in outcomes if o not in ("stored", "RESOURCE_EXHAUSTED", "UNAVAILABLE")]
+        ),
+        "peak_rss_rise_mib": round(_peak_rss_mib() - before),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def _jpeg(width: int, height: int, seed: int) -> bytes:
@@ -121,6 +187,8 @@ async def _measure(blob_dir: Path, database_url: str) -> list[dict[str, object]]
                     "p95_ms": round(latencies[int(0.95 * (len(latencies) - 1))] * 1000, 2),
                 }
             )
+            if os.access("/proc/self/clear_refs", os.W_OK):  # Linux's resettable peak RSS
+                results.append(await _burst(client, settings, 48))
         finally:
             await client.close()
             runtime.stopping.set()

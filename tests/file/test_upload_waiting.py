@@ -17,7 +17,10 @@ from prometheus_client import REGISTRY
 
 from mesh.file.v1 import file_service_pb2 as pb
 from mesh.file.v1 import file_service_pb2_grpc
+from mesh.kit import errors
 from mesh.kit.memory_budget import SHED_RETRY_SECONDS
+from mesh.kit.settings import FileServiceAddress
+from mesh.services.file.client import FileClient
 from mesh.services.file.server import file_service
 from mesh.services.file.settings import FileSettings
 from tests.file import corpus
@@ -101,3 +104,46 @@ def test_the_waiting_limit_is_read_from_the_environment(monkeypatch: pytest.Monk
     monkeypatch.setenv("MESH_MAX_WAITING_UPLOADS", "-1")
     with pytest.raises(ValueError, match="max_waiting_uploads"):
         FileSettings()
+
+
+async def test_a_busy_refusal_reaches_the_file_client_as_one_to_retry_even_while_it_is_still_sending(
+    database_url: str, tmp_path: Path
+) -> None:
+    """An upload refused while its client is still writing (8 MiB in 1 MiB chunks, none allowed to wait) is
+    reported to FileClient's caller as RESOURCE_EXHAUSTED or UNAVAILABLE with a retry delay, never INTERNAL:
+    grpcio's asyncio client lets the failed write overwrite the server's early answer with 'Internal error from
+    Core' (grpc/grpc#36066), which the gateway answered as a 500."""
+    settings = make_settings(database_url, tmp_path, max_concurrent_uploads=1, max_waiting_uploads=0)
+    release = asyncio.Event()
+    big = corpus.noise_png(1700, 1700, seed=uuid.uuid4().int % 2**32)  # about 8 MiB
+
+    async def held() -> AsyncIterator[bytes]:
+        await release.wait()
+        yield corpus.noise_png(40, 30, seed=uuid.uuid4().int % 2**32)
+
+    async with file_service(settings) as runtime:
+        served = asyncio.create_task(runtime.run())
+        await asyncio.wait_for(runtime.started.wait(), 30)
+        client = FileClient.connect(FileServiceAddress(file_service_address=f"127.0.0.1:{runtime.grpc_port}"))
+        try:
+            holder = asyncio.ensure_future(client.upload(held(), filename="held.png", timeout=30))
+            async with asyncio.timeout(10):
+                while REGISTRY.get_sample_value("mesh_file_uploads_receiving") != 1:
+                    await asyncio.sleep(0.02)
+            # Many at once, so that the service turns most of them away while their writes are under way.
+            refusals = await asyncio.gather(
+                *(client.upload(big, filename="big.png", timeout=30) for _ in range(12)),
+                return_exceptions=True,
+            )
+            assert all(isinstance(refusal, errors.MeshError) for refusal in refusals), refusals
+            codes = {refusal.code for refusal in refusals if isinstance(refusal, errors.MeshError)}
+            assert codes <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE}, refusals
+            assert all(
+                refusal.retry_after_seconds for refusal in refusals if isinstance(refusal, errors.MeshError)
+            )
+            release.set()
+            assert (await asyncio.wait_for(holder, 20)).image.filename == "held.png"
+        finally:
+            await client.close()
+            runtime.stopping.set()
+            await asyncio.wait_for(served, 15)

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping
+from typing import Any
 
 import grpc
 
 from mesh.file.v1 import file_service_pb2, file_service_pb2_grpc
 from mesh.kit import errors
 from mesh.kit.channels import open_channel
+from mesh.kit.memory_budget import SHED_RETRY_SECONDS
 from mesh.kit.settings import FileServiceAddress
 from mesh.services.file.settings import SERVICE_NAME
 
@@ -30,6 +32,26 @@ async def upload_messages(
         for start in range(0, len(chunk), UPLOAD_CHUNK_BYTES):
             yield file_service_pb2.UploadImageRequest(chunk=chunk[start : start + UPLOAD_CHUNK_BYTES])
     yield file_service_pb2.UploadImageRequest(end=file_service_pb2.UploadEnd())
+
+
+# What grpcio's asyncio client reports when the server answered a client stream before the client had sent it
+# all: a write that fails after the stream closed overwrites the server's status (grpc/grpc#36066, open in
+# grpcio 1.85). The file service answers an upload early only to refuse it (busy, too large, out of order),
+# before storing anything, so the lost answer is reported as one that may be retried.
+_LOST_ANSWER_DETAILS = "Internal error from Core"
+
+
+def _ended_early() -> errors.Unavailable:
+    return errors.Unavailable(
+        "the file service ended the upload before it was sent whole, most likely because it was busy with "
+        "other uploads (gRPC lost its answer); nothing was stored, retry shortly",
+        retry_after_seconds=SHED_RETRY_SECONDS,
+    )
+
+
+def _answer_lost(error: grpc.RpcError) -> bool:
+    call: Any = error  # AioRpcError has code() and details()
+    return bool(call.code() == grpc.StatusCode.INTERNAL and call.details() == _LOST_ANSWER_DETAILS)
 
 
 DownloadCall = grpc.aio.UnaryStreamCall[
@@ -108,6 +130,7 @@ class FileClient:
         chunks = _one(data) if isinstance(data, bytes) else data
         metadata = _metadata(filename, content_type, labels, idempotency_key, sha256)
         failed: list[Exception] = []
+        sent_whole: list[bool] = []
 
         async def parts() -> AsyncIterator[file_service_pb2.UploadImageRequest]:
             try:
@@ -116,17 +139,21 @@ class FileClient:
             except Exception as exc:
                 failed.append(exc)
                 raise
+            sent_whole.append(True)
 
         try:
-            with errors.rpc_errors():
-                response: file_service_pb2.UploadImageResponse = await self._stub.UploadImage(
-                    parts(), timeout=timeout
-                )
-        except (asyncio.CancelledError, errors.MeshError):
+            response: file_service_pb2.UploadImageResponse = await self._stub.UploadImage(
+                parts(), timeout=timeout
+            )
+        except (asyncio.CancelledError, grpc.RpcError) as error:
             # gRPC cancels the call when the request iterator fails and reports only the cancellation:
             # the caller gets the iterator's own error (a client that went away, a body over the limit).
             if failed:
                 raise failed[0] from None
+            if isinstance(error, grpc.RpcError):
+                if not sent_whole and _answer_lost(error):
+                    raise _ended_early() from None
+                raise errors.from_rpc_error(error) from None
             raise
         return response
 

@@ -26,6 +26,9 @@ MIN_CHUNK_BYTES: Final = 1024
 # How much of a refused upload is still read (and dropped) so that the client hears why; see _drain.
 DRAIN_BYTES: Final = 16 * 1024 * 1024
 
+UPLOADS_RECEIVING = Gauge(
+    "mesh_file_uploads_receiving", "Streamed uploads being received (at most MESH_MAX_CONCURRENT_UPLOADS)."
+)
 UPLOADS_WAITING = Gauge(
     "mesh_file_uploads_waiting",
     "Streamed uploads waiting, unread, for one of the slots of those received at once.",
@@ -108,8 +111,11 @@ class FileServicer(file_service_pb2_grpc.FileServiceServicer):
         self.max_concurrent_uploads = max_concurrent_uploads
         self.max_waiting_uploads = max_waiting_uploads
         self._receiving = asyncio.Semaphore(max_concurrent_uploads)
+        self.receiving = 0
+        """Uploads holding a slot of ``_receiving``."""
         self.waiting = 0
         """Uploads waiting, unread, for a slot of ``_receiving``."""
+        UPLOADS_RECEIVING.set_function(lambda: self.receiving)
         UPLOADS_WAITING.set_function(lambda: self.waiting)
 
     @override
@@ -129,9 +135,11 @@ class FileServicer(file_service_pb2_grpc.FileServiceServicer):
                 self.waiting -= 1
         else:
             await self._receiving.acquire()
+        self.receiving += 1
         try:
             return await self._receive_upload(request_iterator)
         finally:
+            self.receiving -= 1
             self._receiving.release()
 
     def _busy(self) -> errors.ResourceExhausted:
