@@ -73,9 +73,10 @@ async def test_an_upload_past_the_waiting_limit_is_refused_unread_and_the_others
         await asyncio.wait_for(runtime.started.wait(), 30)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc_port}") as channel:
             stub = file_service_pb2_grpc.FileServiceStub(channel)
-            # Either of the two may take the slot; the held one keeps it or waits, so one of them waits.
+            # Either of the two may take the slot; both are held, so it keeps it and the other waits (one that
+            # was not held could end, and hand the slot on, leaving none waiting when the third arrives).
             first = asyncio.ensure_future(stub.UploadImage(stream(0, release), timeout=30))
-            second = asyncio.ensure_future(stub.UploadImage(stream(1, None), timeout=30))
+            second = asyncio.ensure_future(stub.UploadImage(stream(1, release), timeout=30))
             await waiting_uploads(1)
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 # Its stream never ends: only a refusal before reading it answers within the timeout.
