@@ -127,6 +127,8 @@ async def _measure(blob_dir: Path, database_url: str) -> list[dict[str, object]]
         http_host="127.0.0.1",
         http_port=0,
         grace_seconds=1,
+        # Fewer than the default may wait, so that the burst of 48 has some refused as well as stored.
+        max_waiting_uploads=32,
     )
     results: list[dict[str, object]] = []
     async with file_service(settings) as runtime:

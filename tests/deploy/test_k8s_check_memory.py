@@ -92,19 +92,19 @@ def test_budget_raised_by_a_setting_is_checked_against_each_overlays_limit(
 
 def test_file_decodes_beyond_the_limit_are_caught(dev: list[Manifest]) -> None:
     """Eight concurrent decodes of 50-megapixel uploads (200 MiB each) beside eight uploads received at once
-    (twice 25 MiB each) and 32 waiting (256 KiB each) need 2.2 GiB, more than the file service's 1536 MiB; more
+    (twice 25 MiB each) and 256 waiting (256 KiB each) need 2.3 GiB, more than the file service's 1536 MiB; more
     uploads received at once, more waiting and larger uploads count too, and a setting from a Secret is not known,
     so not checked."""
     container = _container(dev, "file")
     _set_env(container, "MESH_MAX_CONCURRENT_DECODES", "8")
     assert _limits(dev) == [
-        "Deployment/file container file: memory limit 1.5 GiB is below the 2.2 GiB that MESH_MAX_CONCURRENT_DECODES "
+        "Deployment/file container file: memory limit 1.5 GiB is below the 2.3 GiB that MESH_MAX_CONCURRENT_DECODES "
         "8 (env) lets the process hold (200.3 MiB a decode: the image of MESH_MAX_IMAGE_PIXELS 50000000 (the "
         "default) at 4 bytes a pixel and its thumbnail (~10 MB)), with 400.0 MiB for the uploads received at once "
         "(MESH_MAX_CONCURRENT_UPLOADS 8 (the default), MESH_MAX_UPLOAD_BYTES 26214400 (the default), twice each), "
-        "8.0 MiB for those waiting (MESH_MAX_WAITING_UPLOADS 32 (the default), 256.0 KiB each), "
+        "64.0 MiB for those waiting (MESH_MAX_WAITING_UPLOADS 256 (the default), 256.0 KiB each), "
         "one gRPC message of MESH_MAX_MESSAGE_BYTES 100663296 (the default) and 150.0 MiB for the process itself: "
-        "the kernel kills the pod before the bound sheds load; raise the limit to at least 2257Mi or lower "
+        "the kernel kills the pod before the bound sheds load; raise the limit to at least 2313Mi or lower "
         "MESH_MAX_CONCURRENT_DECODES to 4"
     ]
     _set_env(container, "MESH_MAX_CONCURRENT_DECODES", "4")
@@ -114,7 +114,7 @@ def test_file_decodes_beyond_the_limit_are_caught(dev: list[Manifest]) -> None:
     _set_env(container, "MESH_MAX_CONCURRENT_UPLOADS", "8")
     _set_env(container, "MESH_MAX_WAITING_UPLOADS", "1000")
     assert len(_limits(dev)) == 1, "a thousand uploads waiting (250 MiB) no longer fit"
-    _set_env(container, "MESH_MAX_WAITING_UPLOADS", "32")
+    _set_env(container, "MESH_MAX_WAITING_UPLOADS", "256")
     _set_env(container, "MESH_MAX_UPLOAD_BYTES", str(100 * 2**20))
     assert len(_limits(dev)) == 1, "eight uploads of 100 MiB received at once no longer fit"
     container["env"] = [e for e in container["env"] if e["name"] != "MESH_MAX_CONCURRENT_DECODES"] + [

@@ -97,9 +97,9 @@ async def test_an_upload_past_the_waiting_limit_is_refused_unread_and_the_others
 
 
 def test_the_waiting_limit_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """MESH_MAX_WAITING_UPLOADS sets the bound (0: none may wait); 32 by default; a negative one is refused."""
+    """MESH_MAX_WAITING_UPLOADS sets the bound (0: none may wait); 256 by default; a negative one is refused."""
     monkeypatch.delenv("MESH_MAX_WAITING_UPLOADS", raising=False)
-    assert FileSettings().max_waiting_uploads == 32
+    assert FileSettings().max_waiting_uploads == 256
     monkeypatch.setenv("MESH_MAX_WAITING_UPLOADS", "0")
     assert FileSettings().max_waiting_uploads == 0
     monkeypatch.setenv("MESH_MAX_WAITING_UPLOADS", "-1")

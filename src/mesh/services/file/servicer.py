@@ -104,7 +104,7 @@ class FileServicer(file_service_pb2_grpc.FileServiceServicer):
         *,
         default_chunk_bytes: int = 1024 * 1024,
         max_concurrent_uploads: int = 8,
-        max_waiting_uploads: int = 32,
+        max_waiting_uploads: int = 256,
     ) -> None:
         self.store = store
         self.default_chunk_bytes = default_chunk_bytes
