@@ -228,7 +228,11 @@ async def test_a_callers_error_leaves_the_server_span_unset_with_its_code_and_me
     ("request_", "code", "description"),
     [
         (b"down", grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE: the file service is unavailable; retry shortly"),
-        (b"crash", grpc.StatusCode.INTERNAL, "INTERNAL: internal error in Fail; the server logged the cause"),
+        (
+            b"crash",
+            grpc.StatusCode.INTERNAL,
+            "INTERNAL: internal error in Fail; the server logged the cause under trace ",
+        ),
     ],
 )
 async def test_a_server_fault_makes_the_server_span_an_error_without_abort_events(
@@ -243,7 +247,8 @@ async def test_a_server_fault_makes_the_server_span_an_error_without_abort_event
     spans.clear()
     assert await _fail(kit_channel, request_) == code
     span = await _server_span(spans, "/test.Kit/Fail")
-    assert (span.status.status_code, span.status.description) == (StatusCode.ERROR, description)
+    trace_id = f"{span.context.trace_id:032x}" if code == grpc.StatusCode.INTERNAL else ""
+    assert (span.status.status_code, span.status.description) == (StatusCode.ERROR, description + trace_id)
     assert span.events == ()
     assert span.attributes is not None
     assert span.attributes["rpc.grpc.status_code"] == code.value[0]
@@ -292,6 +297,42 @@ async def test_the_server_span_continues_the_callers_trace_with_its_baggage(
     assert server.attributes is not None
     assert server.attributes["rpc.grpc.status_code"] == 0
     assert "mesh.error.code" not in server.attributes
+
+
+def _trailing_traceparent(metadata: Any) -> str:
+    [value] = [value for key, value in metadata if key == "traceparent"]
+    return str(value)
+
+
+@pytest.mark.parametrize("request_", [b"fine", b"missing", b"crash"])
+async def test_every_answer_names_its_trace_in_the_trailing_metadata(
+    kit_channel: grpc.aio.Channel, spans: InMemorySpanExporter, request_: bytes
+) -> None:
+    """A call's trailing metadata carries the server span's ``traceparent``, whether it succeeded or failed,
+    as every REST answer carries it in a header: a caller that sent no trace context can still name the trace
+    whose log lines tell what happened."""
+    spans.clear()
+    call = kit_channel.unary_unary("/test.Kit/Fail", None, None)(request_)
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        await call
+    server = await _server_span(spans, "/test.Kit/Fail")
+    assert _trailing_traceparent(await call.trailing_metadata()) == (
+        f"00-{server.context.trace_id:032x}-{server.context.span_id:016x}-{server.context.trace_flags:02x}"
+    )
+
+
+async def test_a_failed_streams_trailing_metadata_names_its_trace(
+    kit_channel: grpc.aio.Channel, spans: InMemorySpanExporter
+) -> None:
+    """A server stream that fails after items still ends with the trace's ``traceparent`` beside its status."""
+    spans.clear()
+    call = kit_channel.unary_stream("/test.Kit/Items", None, None)(b"")
+    assert await call.read() == b"one"
+    assert await call.code() == grpc.StatusCode.NOT_FOUND
+    server = await _server_span(spans, "/test.Kit/Items")
+    assert _trailing_traceparent(await call.trailing_metadata()).split("-")[1] == (
+        f"{server.context.trace_id:032x}"
+    )
 
 
 async def test_a_span_stays_small_whatever_a_request_holds(

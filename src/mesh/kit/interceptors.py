@@ -26,6 +26,7 @@ from mesh.kit.deadlines import deadline_in
 from mesh.kit.errors import Internal, InvalidArgument, MeshError
 from mesh.kit.logging import get_logger
 from mesh.kit.text_fields import shown
+from mesh.kit.trace_ids import TRACEPARENT, current_traceparent
 
 log = get_logger(__name__)
 
@@ -188,7 +189,7 @@ def _wrap_unary(behavior: Any, service: str, method: str, kind: str) -> Any:
     check = _checker(kind)
 
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        started, clock = _start(service, method, kind), CallClock.start(context)
+        started, clock = _start(service, method, kind, context), CallClock.start(context)
         try:
             response = await behavior(check(request), context)
         except BaseException as exc:
@@ -204,7 +205,7 @@ def _wrap_stream(behavior: Any, service: str, method: str, kind: str) -> Any:
     check = _checker(kind)
 
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        started, clock = _start(service, method, kind), CallClock.start(context)
+        started, clock = _start(service, method, kind, context), CallClock.start(context)
         try:
             async for response in behavior(check(request), context):
                 yield response
@@ -216,9 +217,17 @@ def _wrap_stream(behavior: Any, service: str, method: str, kind: str) -> Any:
     return wrapper
 
 
-def _start(service: str, method: str, kind: str) -> float:
+def _start(service: str, method: str, kind: str, context: grpc.aio.ServicerContext[Any, Any]) -> float:
     RPC_STARTED.labels(service, method, kind).inc()
+    context.set_trailing_metadata(_trace_metadata())
     return time.perf_counter()
+
+
+def _trace_metadata() -> tuple[tuple[str, str], ...]:
+    """The call's ``traceparent`` for its trailing metadata, as REST answers carry it in a header: a caller
+    that sent none can still name the trace whose log lines hold what went wrong."""
+    current = current_traceparent()
+    return () if current is None else ((TRACEPARENT, current),)
 
 
 def _finish(
@@ -315,8 +324,16 @@ async def _fail(
         return
     else:
         log.exception("rpc crashed", rpc=f"{service}/{method}")
-        error = Internal(f"internal error in {method}; the server logged the cause")
+        error = Internal(f"internal error in {method}; the server logged the cause{_under_trace()}")
     RPC_HANDLED.labels(service, method, kind, error.code.name).inc()
     RPC_SECONDS.labels(service, method, kind).observe(time.perf_counter() - started)
     status = error.grpc_status()
-    await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
+    await context.abort(
+        status.code, status.details, trailing_metadata=(*status.trailing_metadata, *_trace_metadata())
+    )
+
+
+def _under_trace() -> str:
+    """Where an operator finds a crash's log lines: `` under trace <id>``, or nothing outside a span."""
+    current = current_traceparent()
+    return "" if current is None else f" under trace {current.split('-')[1]}"

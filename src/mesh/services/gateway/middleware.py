@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mesh.kit import errors, tracing
 from mesh.kit.logging import get_logger
+from mesh.kit.trace_ids import traceparent
 from mesh.kit.units import binary_size
 from mesh.services.gateway import metrics
 from mesh.services.gateway.http_errors import CLIENT_CLOSED_REQUEST, answer, internal_error_response
@@ -31,12 +32,6 @@ log = get_logger("mesh.services.gateway.access")
 # Probes and scrapes arrive every few seconds; their successes are not worth a log line each.
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics", "/v1/health", "/static"})
 EXTRA_HEADERS_KEY = "mesh.response_headers"
-
-
-def traceparent(span: trace.Span) -> str:
-    """The W3C traceparent of ``span``."""
-    ctx = span.get_span_context()
-    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
 
 
 def route_template(scope: Scope, as_received: Scope | None = None) -> str:
