@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from mesh.services.inference.strip.config import ReaderConfig
-from mesh.services.inference.strip.locate import _rows, find_object
+from mesh.services.inference.strip.locate import _rows, find_object, find_objects
 
 
 def _scene(
@@ -78,6 +78,57 @@ def test_a_strip_whose_bright_membrane_alone_passes_the_levels_is_found_whole() 
     assert abs(placement.center_y - 191.5) < 3
     assert 285 < placement.length < 315
     assert abs(placement.center_x - 255.5) < 8
+
+
+def test_following_a_strip_steps_over_a_strong_line() -> None:
+    """As above, with a strong C (3 px, darker than the table) across the membrane: following the strip
+    along its axis stopped at the line, so the strip was read short of its pad (train seed 212 read INVALID:
+    its window was the membrane and the wick)."""
+    image = np.full((384, 512), 0.3, np.float32)
+    cv2.rectangle(image, (106, 184), (405, 199), 0.5, -1)
+    cv2.rectangle(image, (196, 184), (315, 199), 0.85, -1)
+    cv2.rectangle(image, (230, 184), (232, 199), 0.25, -1)
+    image += np.random.default_rng(1).normal(0, 0.01, image.shape).astype(np.float32)
+    pixels = np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)
+    placement = find_object(pixels, ReaderConfig().min_object_area)
+    assert placement is not None
+    assert 285 < placement.length < 315
+    assert abs(placement.center_x - 255.5) < 8
+
+
+def test_a_strip_running_off_a_corner_is_found() -> None:
+    """A strip whose wick runs out of the picture at its bottom right corner touches two sides of the frame:
+    found (train seed 289 read STRIP_NOT_FOUND), while a light band across the whole picture, touching two
+    opposite sides, is still the background between other things, not an object."""
+    image = np.full((300, 400), 0.12, np.float32)
+    box = cv2.boxPoints(((330, 262), (260, 40), -14.0))
+    cv2.fillConvexPoly(image, np.round(box).astype(np.int32), 0.75, cv2.LINE_AA)
+    image += np.random.default_rng(2).normal(0, 0.01, image.shape).astype(np.float32)
+    pixels = np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)
+    placement = find_object(pixels, ReaderConfig().min_object_area)
+    assert placement is not None
+    assert abs(placement.angle_rad - math.radians(-14)) < math.radians(3)
+    band = np.full((300, 400), 0.12, np.float32)
+    band[120:170] = 0.75
+    band += np.random.default_rng(3).normal(0, 0.01, band.shape).astype(np.float32)
+    assert find_object(np.clip(band * 255 + 0.5, 0, 255).astype(np.uint8), 0.0025) is None
+
+
+def test_the_objects_found_are_distinct_and_the_most_strip_like_first() -> None:
+    """A box and a strip, each passing several brightness levels: two objects, not copies of one, in the order
+    of their scores, the first being what find_object picks."""
+    image = _scene(400, 300, 150, 10, background=0.12).astype(np.float32) / 255
+    box = cv2.boxPoints(((95, 70), (100, 40), 20.0))
+    cv2.fillConvexPoly(image, np.round(box).astype(np.int32), 0.42, cv2.LINE_AA)
+    pixels = np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)
+    found = find_objects(pixels, ReaderConfig().min_object_area, 3)
+    assert len(found) == 2
+    assert found[0].score >= found[1].score
+    assert found[0] == find_object(pixels, ReaderConfig().min_object_area)
+    centres = sorted((p.center_x, p.center_y) for p in found)
+    for (x, y), (want_x, want_y) in zip(centres, [(95, 70), (200, 150)], strict=True):
+        assert abs(x - want_x) < 5
+        assert abs(y - want_y) < 5
 
 
 def test_the_bands_beside_an_object_hold_a_row_even_where_they_round_to_none() -> None:

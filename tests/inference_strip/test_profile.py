@@ -280,6 +280,26 @@ def test_a_bare_strip_whose_wick_does_not_show_takes_its_window_from_the_strips_
     assert 0.5 < (230 - box.x0) / (box.x1 - box.x0) < 0.82
 
 
+def test_a_bare_strip_seen_from_its_membrane_on_starts_its_window_there() -> None:
+    """The sample pad too dim beside the background to count as strip (train seed 488): the strip as seen
+    starts at the membrane, whose wick lies 0.56 of the way along. A window placed by the strip's proportions
+    began 0.46 of that length before the wick, past C, and the test read INVALID; with no room for a pad
+    before the wick's border, the window starts where the strip does."""
+    rng = np.random.default_rng(19)
+    rows, length, margin = 40, 400, 6
+    grey = np.full((rows, length), 0.3, np.float32)  # background, also in the margins above and below
+    strip = grey[margin : rows - margin]
+    strip[:, 60:] = 0.8  # the membrane, from the strip's visible start
+    strip[:, :60] = 0.38  # the pad: brighter than the background, but not 1.4 times
+    strip[:, 250:] *= 0.88  # the wick: 0.56 of the strip as seen (60-400)
+    strip[:, 126:131] *= 0.55  # C, 0.36 along the membrane
+    grey += rng.normal(0, 0.004, grey.shape).astype(np.float32)
+    box = find_window(grey, across_margin=float(margin))
+    assert not box.framed
+    assert abs(box.x0 - 60) < 5
+    assert abs(box.x1 - 250) < 8
+
+
 def test_texture_that_rises_just_before_c_is_not_taken_for_the_wick() -> None:
     """A JPEG rings around a strong C, so the membrane's texture rises just before it; where the wick shows
     neither a step nor fibres, that rise was taken for the wick and the window ended at C. The window ends

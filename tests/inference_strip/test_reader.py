@@ -75,6 +75,21 @@ def test_a_thin_bare_strip_is_still_read() -> None:
     assert reading.verdict is Verdict.NEGATIVE
 
 
+def test_a_bare_strip_beside_a_larger_squat_box_is_read() -> None:
+    """A brown box larger than the bare strip beside it is the most strip-like object, but too squat for a bare
+    strip and without a cassette's window: the reader goes on to the next object, the strip, and reads it
+    (train seed 866 read INVALID with STRIP_NOT_FOUND)."""
+    overrides = Overrides(cls="negative", kind="strip", c_contrast=0.6, image_format="png")
+    image = generate_with(7, overrides, GeneratorOptions(size=(640, 480))).image.copy()
+    box = cv2.boxPoints(((170, 400), (260, 90), -5.0))
+    cv2.fillConvexPoly(image, np.round(box).astype(np.int32), (150, 120, 95), cv2.LINE_AA)
+    reading = READER.read(image)
+    assert reading.verdict is Verdict.NEGATIVE
+    assert reading.window is not None
+    assert abs(reading.window.center_x - 382) < 10
+    assert abs(reading.window.center_y - 265) < 10
+
+
 def test_input_forms_agree() -> None:
     """RGB, opaque RGBA, uint16 and a trailing single channel give the same reading."""
     rgb = _positive()
