@@ -121,7 +121,7 @@ def test_the_objects_found_are_distinct_and_the_most_strip_like_first() -> None:
     box = cv2.boxPoints(((95, 70), (100, 40), 20.0))
     cv2.fillConvexPoly(image, np.round(box).astype(np.int32), 0.42, cv2.LINE_AA)
     pixels = np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)
-    found = find_objects(pixels, ReaderConfig().min_object_area, 3)
+    found = list(find_objects(pixels, ReaderConfig().min_object_area, 3))
     assert len(found) == 2
     assert found[0].score >= found[1].score
     assert found[0] == find_object(pixels, ReaderConfig().min_object_area)

@@ -10,7 +10,7 @@ brighter than its surroundings and bright against the whole picture.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -62,14 +62,14 @@ def _local_max(feature: FloatImage, tiny: FloatImage, fraction: float) -> FloatI
 def find_object(small: npt.NDArray[np.uint8], min_area: float) -> Placement | None:
     """The most strip-like object in ``small`` (8-bit grey or RGB) covering at least ``min_area`` times the
     image's width squared, or None."""
-    found = find_objects(small, min_area, 1)
-    return found[0] if found else None
+    return next(find_objects(small, min_area, 1), None)
 
 
-def find_objects(small: npt.NDArray[np.uint8], min_area: float, limit: int) -> list[Placement]:
+def find_objects(small: npt.NDArray[np.uint8], min_area: float, limit: int) -> Iterator[Placement]:
     """Up to ``limit`` distinct objects of ``small`` as :func:`find_object` judges them, the most strip-like
     first: the reader tries the next where the best turns out to be no test (a squat box with no cassette's
-    window beside a bare strip, train seed 866)."""
+    window beside a bare strip, train seed 866). Each is followed along its axis only when asked for (half a
+    millisecond each at 1080p)."""
     feature = brightness(small)
     height, width = feature.shape
     tiny = cv2.resize(feature, (max(1, width // 4), max(1, height // 4)), interpolation=cv2.INTER_AREA)
@@ -115,7 +115,8 @@ def find_objects(small: npt.NDArray[np.uint8], min_area: float, limit: int) -> l
             distinct.append(candidate)
             if len(distinct) == limit:
                 break
-    return [_extend(feature, candidate) for candidate in distinct]
+    for candidate in distinct:
+        yield _extend(feature, candidate)
 
 
 def _within(candidate: Placement, other: Placement) -> bool:
