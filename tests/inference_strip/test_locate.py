@@ -64,16 +64,24 @@ def test_a_grey_box_larger_than_the_strip_does_not_win() -> None:
     assert abs(placement.center_y - 150) < 3
 
 
+def _dim_ended_strip(line_at: int | None = None) -> npt.NDArray[Any]:
+    """A bare strip 300 px long on a table (0.3): pad and wick at 0.5, the membrane (0.85) the middle 120 px,
+    and a 3 px line darker than the table across the membrane from column ``line_at``, if given."""
+    image = np.full((384, 512), 0.3, np.float32)
+    cv2.rectangle(image, (106, 184), (405, 199), 0.5, -1)
+    cv2.rectangle(image, (196, 184), (315, 199), 0.85, -1)
+    if line_at is not None:
+        cv2.rectangle(image, (line_at, 184), (line_at + 2, 199), 0.25, -1)
+    image += np.random.default_rng(1).normal(0, 0.01, image.shape).astype(np.float32)
+    pixels: npt.NDArray[Any] = np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)
+    return pixels
+
+
 def test_a_strip_whose_bright_membrane_alone_passes_the_levels_is_found_whole() -> None:
     """A bare strip 300 px long whose pad and wick (0.5) are much darker than its membrane (0.85, the middle
     120 px) but still brighter than the table (0.3): the levels take in the membrane alone, and following the
     strip along its axis must reach both ends, though they lie 2.5 times the membrane's length apart."""
-    image = np.full((384, 512), 0.3, np.float32)
-    cv2.rectangle(image, (106, 184), (405, 199), 0.5, -1)
-    cv2.rectangle(image, (196, 184), (315, 199), 0.85, -1)
-    image += np.random.default_rng(1).normal(0, 0.01, image.shape).astype(np.float32)
-    pixels = np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)
-    placement = find_object(pixels, ReaderConfig().min_object_area)
+    placement = find_object(_dim_ended_strip(), ReaderConfig().min_object_area)
     assert placement is not None
     assert abs(placement.center_y - 191.5) < 3
     assert 285 < placement.length < 315
@@ -84,13 +92,7 @@ def test_following_a_strip_steps_over_a_strong_line() -> None:
     """As above, with a strong C (3 px, darker than the table) across the membrane: following the strip
     along its axis stopped at the line, so the strip was read short of its pad (train seed 212 read INVALID:
     its window was the membrane and the wick)."""
-    image = np.full((384, 512), 0.3, np.float32)
-    cv2.rectangle(image, (106, 184), (405, 199), 0.5, -1)
-    cv2.rectangle(image, (196, 184), (315, 199), 0.85, -1)
-    cv2.rectangle(image, (230, 184), (232, 199), 0.25, -1)
-    image += np.random.default_rng(1).normal(0, 0.01, image.shape).astype(np.float32)
-    pixels = np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)
-    placement = find_object(pixels, ReaderConfig().min_object_area)
+    placement = find_object(_dim_ended_strip(line_at=230), ReaderConfig().min_object_area)
     assert placement is not None
     assert 285 < placement.length < 315
     assert abs(placement.center_x - 255.5) < 8
