@@ -2,7 +2,9 @@
 
 1. Downscale by an integer factor to about ``work_size`` pixels and find the strip (``locate``).
 2. Resample a rotated crop of the strip from the full image, flow axis horizontal (``backend``).
-3. Find the read window in it and build the background-corrected profile (``profile``).
+3. Find the read window in it and build the background-corrected profile (``profile``). An object that turns out
+   to be neither a cassette nor a bare strip (too squat, no window) makes way for the next most strip-like one;
+   such a runner-up, or an object in a corner of the picture, is the test only where it shows a control line.
 4. C is the strongest line in the window's right half, short of its rim (flow runs left to right); T is the
    strongest response of a C-shaped, C-coloured matched filter at the expected spacing left of C, its
    signal-to-noise ratio discounted where its own colour differs from C's. A line counts when its contrast and
