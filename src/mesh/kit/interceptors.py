@@ -26,7 +26,7 @@ from mesh.kit.deadlines import deadline_in
 from mesh.kit.errors import Internal, InvalidArgument, MeshError
 from mesh.kit.logging import get_logger
 from mesh.kit.text_fields import shown
-from mesh.kit.trace_ids import TRACEPARENT, current_traceparent
+from mesh.kit.trace_ids import TRACEPARENT, current_trace_id, current_traceparent
 
 log = get_logger(__name__)
 
@@ -335,5 +335,5 @@ async def _fail(
 
 def _under_trace() -> str:
     """Where an operator finds a crash's log lines: `` under trace <id>``, or nothing outside a span."""
-    current = current_traceparent()
-    return "" if current is None else f" under trace {current.split('-')[1]}"
+    trace_id = current_trace_id()
+    return "" if trace_id is None else f" under trace {trace_id}"

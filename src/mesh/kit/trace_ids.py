@@ -18,3 +18,9 @@ def current_traceparent() -> str | None:
     """The traceparent of the current span; None outside any span."""
     span = trace.get_current_span()
     return traceparent(span) if span.get_span_context().is_valid else None
+
+
+def current_trace_id() -> str | None:
+    """The current trace's id as log lines carry it (32 hex digits); None outside any span."""
+    ctx = trace.get_current_span().get_span_context()
+    return f"{ctx.trace_id:032x}" if ctx.is_valid else None
